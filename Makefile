@@ -1,0 +1,43 @@
+# moshimoshi: `make run` installs and runs the service, `make test` installs and runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.installed
+TORCH_VERSION ?= 2.13.0
+MOSHI_VERSION ?= 0.2.13
+
+RUN_PACKAGES := redis-server
+TEST_PACKAGES := redis-server sip-tester baresip-core chromium
+
+.PHONY: install install-test run test lint bench clean
+
+install: $(STAMP)
+	@ops/tools/system-packages.sh $(RUN_PACKAGES)
+
+install-test: $(STAMP)
+	@ops/tools/system-packages.sh $(TEST_PACKAGES)
+	@ops/tools/install-helm.sh .tools
+
+# torch first so that the pinned build is the one every later step sees; moshi without
+# its declared deps (it pins torch<2.10 but runs on 2.13): its real needs are in [worker].
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install "torch==$(TORCH_VERSION)"
+	$(PIP) install --no-deps "moshi==$(MOSHI_VERSION)"
+	$(PIP) install -e ".[gateway,worker,dev]"
+	touch $(STAMP)
+
+run: install
+	$(VENV)/bin/moshimoshi serve
+
+test: install-test
+	$(VENV)/bin/ruff check sip service tests ops
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: install
+	@for b in ops/bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .tools
