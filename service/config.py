@@ -1,0 +1,155 @@
+"""Settings for every role, read from ``MOSHIMOSHI_*`` environment variables and CLI flags.
+
+Each settings class is a dataclass whose fields carry their own help, bounds and choices.
+``load`` validates everything at start-up and raises ``ConfigError`` naming the bad setting
+(``MOSHIMOSHI_SIP_PORT='abc': not an integer``), so a misconfigured pod fails at once with a
+message instead of misbehaving later. CLI flags override the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing as tp
+from collections.abc import Mapping
+
+ENV_PREFIX = "MOSHIMOSHI_"
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message names it."""
+
+
+def setting(
+    default: tp.Any,
+    help: str,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    choices: tp.Sequence[str] | None = None,
+    env: str | None = None,
+    secret: bool = False,
+) -> tp.Any:
+    """Declare a settings field: its default, help text and validation."""
+    meta = {"help": help, "min": min, "max": max, "choices": choices, "env": env, "secret": secret}
+    if isinstance(default, list | dict):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def env_name(field: dataclasses.Field) -> str:
+    return field.metadata.get("env") or ENV_PREFIX + field.name.upper()
+
+
+def flag_name(field: dataclasses.Field) -> str:
+    return "--" + field.name.replace("_", "-")
+
+
+def _field_type(cls: type, field: dataclasses.Field) -> tp.Any:
+    hints = tp.get_type_hints(cls)
+    return hints[field.name]
+
+
+def _base_type(annotation: tp.Any) -> tuple[type, bool]:
+    """(scalar type, optional) for ``int``, ``str | None``, ``list[str]``..."""
+    args = tp.get_args(annotation)
+    optional = type(None) in args
+    if args and tp.get_origin(annotation) is not list:
+        non_none = [a for a in args if a is not type(None)]
+        annotation = non_none[0]
+    return annotation, optional
+
+
+def _parse(value: str, annotation: tp.Any, label: str) -> tp.Any:
+    base, optional = _base_type(annotation)
+    text = value.strip()
+    if optional and text == "":
+        return None
+    if tp.get_origin(base) is list:
+        return [item.strip() for item in text.split(",") if item.strip()]
+    if base is bool:
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{label}={value!r}: not a boolean (use true or false)")
+    if base is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{label}={value!r}: not an integer") from None
+    if base is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{label}={value!r}: not a number") from None
+    return text
+
+
+def _check(value: tp.Any, field: dataclasses.Field, label: str) -> None:
+    meta = field.metadata
+    if value is None:
+        return
+    shown = "***" if meta.get("secret") else repr(value)
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        raise ConfigError(f"{label}={shown}: must be one of {', '.join(meta['choices'])}")
+    if meta.get("min") is not None and value < meta["min"]:
+        raise ConfigError(f"{label}={shown}: must be at least {meta['min']}")
+    if meta.get("max") is not None and value > meta["max"]:
+        raise ConfigError(f"{label}={shown}: must be at most {meta['max']}")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one CLI flag per field of ``cls`` (``sip_port`` → ``--sip-port``)."""
+    for field in dataclasses.fields(cls):
+        base, _ = _base_type(_field_type(cls, field))
+        help_text = f"{field.metadata['help']} [env {env_name(field)}]"
+        if base is bool:
+            parser.add_argument(
+                flag_name(field), dest=field.name, default=None,
+                action=argparse.BooleanOptionalAction, help=help_text,
+            )
+        else:
+            parser.add_argument(flag_name(field), dest=field.name, default=None, metavar="VALUE", help=help_text)
+
+
+T = tp.TypeVar("T")
+
+
+def load(cls: type[T], args: argparse.Namespace | None = None,
+         environ: Mapping[str, str] | None = None, **overrides: tp.Any) -> T:
+    """Build ``cls`` from defaults < environment < CLI flags < keyword overrides, validated."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, tp.Any] = {}
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        annotation = _field_type(cls, field)
+        value: tp.Any = dataclasses.MISSING
+        label = env_name(field)
+        if label in environ:
+            value = _parse(environ[label], annotation, label)
+        cli_value = getattr(args, field.name, None) if args is not None else None
+        if cli_value is not None:
+            label = flag_name(field)
+            value = cli_value if isinstance(cli_value, bool) else _parse(str(cli_value), annotation, label)
+        if field.name in overrides:
+            value = overrides[field.name]
+        if value is dataclasses.MISSING:
+            continue
+        _check(value, field, label)
+        values[field.name] = value
+    instance = cls(**values)
+    validate = getattr(instance, "validate", None)
+    if validate is not None:
+        validate()
+    return instance
+
+
+def describe(instance: tp.Any) -> dict[str, tp.Any]:
+    """The settings as a dict, secrets masked: safe to log or serve."""
+    out = {}
+    for field in dataclasses.fields(instance):
+        value = getattr(instance, field.name)
+        out[field.name] = "***" if field.metadata.get("secret") and value else value
+    return out

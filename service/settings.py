@@ -1,0 +1,88 @@
+"""The settings of each role. Every field is ``MOSHIMOSHI_<NAME>`` and ``--<name>``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service.config import ConfigError, setting
+
+DEFAULT_MODEL = "llm-jp/llm-jp-moshi-v1"
+
+
+@dataclass
+class WorkerSettings:
+    """One inference worker: one model, B slots, one batched step every 80 ms."""
+
+    model: str | None = setting(
+        None, "Hugging Face repo id, local checkpoint directory, 'demo' or 'echo' "
+        f"(default: {DEFAULT_MODEL} when CUDA is present, else demo)")
+    hf_revision: str | None = setting(None, "Hugging Face revision (branch, tag or commit) of --model")
+    device: str | None = setting(None, "torch device (default: cuda when present, else cpu)")
+    dtype: str = setting("bfloat16", "weights dtype on GPU (CPU always runs float32)",
+                         choices=["bfloat16", "float16", "float32"])
+    slots: int | None = setting(None, "concurrent calls B (default: what fits the GPU's memory; 4 on CPU)",
+                                min=1, max=1024)
+    host: str = setting("0.0.0.0", "address the worker's HTTP/WebSocket server binds")
+    port: int = setting(8081, "port of the worker's HTTP/WebSocket server (0 picks a free one)", min=0, max=65535)
+    advertise_url: str | None = setting(
+        None, "ws:// URL gateways use to reach this worker (default: ws://<host ip>:<port>)")
+    temp: float | None = setting(None, "audio sampling temperature (default: the checkpoint's or 0.8)", min=0.0)
+    temp_text: float | None = setting(None, "text sampling temperature (default: the checkpoint's or 0.7)",
+                                      min=0.0)
+    top_k: int | None = setting(None, "audio top-k (default: the checkpoint's or 250)", min=1)
+    top_k_text: int | None = setting(None, "text top-k (default: the checkpoint's or 25)", min=1)
+    greedy: bool = setting(False, "greedy decoding (argmax) instead of sampling: reproducible output")
+    seed: int = setting(42424242, "random seed for sampling")
+    cuda_graphs: bool = setting(True, "capture the step in CUDA graphs on GPU")
+    max_call_seconds: float = setting(1800.0, "a call that reaches this length is ended cleanly", min=1.0)
+    echo_delay_ms: int = setting(0, "with --model echo: how long the echo lags behind the caller",
+                                 min=0, max=10_000)
+    worker_id: str | None = setting(None, "this worker's id in the pool (default: hostname-port)")
+    redis_url: str | None = setting(None, "Redis for the pool (default: none, single-gateway mode)",
+                                    env="REDIS_URL")
+    heartbeat_seconds: float = setting(1.0, "registry heartbeat interval; the key's TTL is 3x this",
+                                       min=0.1, max=60.0)
+    drain_grace_seconds: float = setting(300.0, "on SIGTERM, how long calls may go on before exit",
+                                         min=0.0)
+    log_level: str = setting("info", "log level", choices=["debug", "info", "warning", "error"])
+
+
+@dataclass
+class GatewaySettings:
+    """The telephony edge and control plane: SIP/RTP (and WebRTC) in, workers out."""
+
+    sip_host: str = setting("0.0.0.0", "address SIP binds (UDP and TCP); '::' for IPv6")
+    sip_port: int = setting(5060, "SIP port, UDP and TCP (0 picks a free one)", min=0, max=65535)
+    public_host: str | None = setting(
+        None, "address announced in Contact and SDP (default: the local address toward each peer)")
+    rtp_port_min: int = setting(20000, "lowest RTP port (even)", min=1024, max=65534)
+    rtp_port_max: int = setting(30000, "highest RTP port", min=1025, max=65535)
+    codecs: list[str] = setting(["PCMU", "PCMA"], "codecs in order of preference")
+    jitter_min_ms: int = setting(20, "jitter buffer playout delay floor", min=0, max=200)
+    jitter_max_ms: int = setting(200, "jitter buffer playout delay ceiling", min=20, max=1000)
+    session_expires: int = setting(1800, "RFC 4028 session interval offered to peers, seconds", min=90)
+    http_host: str = setting("0.0.0.0", "address of the HTTP API, metrics and dashboard")
+    http_port: int = setting(8080, "port of the HTTP API, metrics and dashboard (0 picks one)",
+                             min=0, max=65535)
+    worker_url: str | None = setting(None, "ws:// URL of a worker to use without a pool")
+    model: str | None = setting(None, "model id calls ask the pool for (default: any)")
+    redis_url: str | None = setting(None, "Redis for the pool (default: embedded redis-server)",
+                                    env="REDIS_URL")
+    queue_seconds: float = setting(5.0, "how long a call may wait (ringing) for a free slot before 503",
+                                   min=0.0, max=120.0)
+    retry_after_seconds: int = setting(30, "Retry-After sent with 503", min=1)
+    drain_grace_seconds: float = setting(300.0, "on SIGTERM, how long calls may go on before exit",
+                                         min=0.0)
+    log_level: str = setting("info", "log level", choices=["debug", "info", "warning", "error"])
+
+    def validate(self) -> None:
+        if self.rtp_port_min >= self.rtp_port_max:
+            raise ConfigError(
+                f"MOSHIMOSHI_RTP_PORT_MIN={self.rtp_port_min} must be below "
+                f"MOSHIMOSHI_RTP_PORT_MAX={self.rtp_port_max}")
+        if self.jitter_min_ms > self.jitter_max_ms:
+            raise ConfigError("MOSHIMOSHI_JITTER_MIN_MS must not exceed MOSHIMOSHI_JITTER_MAX_MS")
+        unknown = [c for c in self.codecs if c.upper() not in ("PCMU", "PCMA")]
+        if unknown or not self.codecs:
+            raise ConfigError(f"MOSHIMOSHI_CODECS={','.join(self.codecs)}: supported are PCMU and PCMA")
+        self.codecs = [c.upper() for c in self.codecs]
