@@ -1,0 +1,218 @@
+"""Egress pacing: one packet every ptime on the monotonic clock, aligned to model frames.
+
+The model delivers 80 ms frames on its own clock, with some jitter in when they arrive
+(step time varies; on a GPU with CUDA graphs it barely does, on a CPU it does a lot). The
+pacer treats the frames as a stream with a playout deadline, like a jitter buffer:
+
+* it estimates the grid frames arrive on (the earliest arrivals; frame k is due at
+  ``grid + k·80 ms``) and how late frames run behind it;
+* each packet is due at ``grid + k·80 ms + j·ptime + cushion``, where the cushion follows
+  the 95th percentile of lateness (up at once, down slowly), so a jittery worker causes no
+  gaps and a steady one adds ~1 ms;
+* its ticks slew toward that phase by at most a tenth of a ptime per tick, so the
+  packet spacing never jumps (no bursts), and a packet whose slot has passed is dropped
+  and counted rather than delaying everything after it;
+* a tick with nothing due sends silence: the stream to the caller never stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+import typing as tp
+from dataclasses import dataclass
+
+import numpy as np
+
+WINDOW_FRAMES = 64
+SEND_EARLY_LIMIT = 0.5  # a packet may go out up to half a ptime before its due time
+
+
+@dataclass
+class PacerStats:
+    """What the pacer did, for metrics and the call record."""
+
+    ticks: int = 0
+    model_packets: int = 0
+    silence_packets: int = 0
+    late_dropped: int = 0
+    skipped_ticks: int = 0
+    frames: int = 0
+    resyncs: int = 0
+    max_lateness_s: float = 0.0
+
+
+class EgressPacer:
+    """Sends a call's outbound packets on time; ``push`` model frames, it does the rest.
+
+    ``send(pcm, ticks)`` is called once per tick with the packet (int16) or None for
+    silence; ``ticks`` is 1 unless the event loop stalled and ticks were skipped, so the
+    RTP timestamp can account for the gap. ``on_lateness(seconds)`` observes how late
+    each tick fired (the pacing error).
+    """
+
+    def __init__(
+        self,
+        send: tp.Callable[[np.ndarray | None, int], None],
+        packet_ms: float = 20.0,
+        frame_ms: float = 80.0,
+        *,
+        margin_ms: float = 1.0,
+        max_cushion_ms: float = 120.0,
+        on_lateness: tp.Callable[[float], None] | None = None,
+        clock: tp.Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._send = send
+        self.packet_s = packet_ms / 1000
+        self.frame_s = frame_ms / 1000
+        self._margin = margin_ms / 1000
+        self._max_cushion = max_cushion_ms / 1000
+        self._on_lateness = on_lateness
+        self._clock = clock
+        self._slew = self.packet_s / 10
+        self._queue: collections.deque[tuple[int, int, np.ndarray]] = collections.deque()
+        self._lateness: collections.deque[float] = collections.deque(maxlen=WINDOW_FRAMES)
+        self._grid: float | None = None
+        self._frame_index = 0
+        self.cushion = self._margin
+        self._next_tick = 0.0
+        self._last_tick: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.stats = PacerStats()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._next_tick = self._clock()
+        self._schedule()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._loop = None
+
+    @property
+    def running(self) -> bool:
+        return self._loop is not None
+
+    @property
+    def queued_packets(self) -> int:
+        return len(self._queue)
+
+    # -- input -------------------------------------------------------------------------
+
+    def push(self, packets: list[np.ndarray], arrival: float | None = None) -> None:
+        """Queue one model frame's packets, which arrived at ``arrival`` (default: now)."""
+        now = self._clock() if arrival is None else arrival
+        first = self._grid is None
+        if first:
+            self._grid = now
+            self._frame_index = 0
+        else:
+            self._frame_index += 1
+        self._track(now)
+        for j, pcm in enumerate(packets):
+            self._queue.append((self._frame_index, j, pcm))
+        self.stats.frames += 1
+        if first and self._last_tick is not None:
+            # Only silence went out so far: bring the model's cadence forward at once, with
+            # one interval shortened to no less than half a ptime.
+            earliest = max(self._clock(), self._last_tick + self.packet_s / 2)
+            self._next_tick = min(self._next_tick, max(earliest, self._due(0, 0) - self._slew))
+            self._schedule()
+
+    def _track(self, arrival: float) -> None:
+        assert self._grid is not None
+        late = arrival - (self._grid + self._frame_index * self.frame_s)
+        if late > self._max_cushion + self.frame_s:
+            # A stall (worker hiccup, failover): start a new grid rather than carry the delay.
+            self.stats.resyncs += 1
+            self._grid = arrival - self._frame_index * self.frame_s
+            self._lateness.clear()
+            self._queue.clear()
+            late = 0.0
+        elif late < 0:
+            # Earlier than ever: the grid was estimated late. Move it; others grow later.
+            self._grid += late
+            self._lateness = collections.deque((x - late for x in self._lateness), maxlen=WINDOW_FRAMES)
+            late = 0.0
+        self._lateness.append(late)
+        if len(self._lateness) == WINDOW_FRAMES and self._frame_index % WINDOW_FRAMES == 0:
+            # Let the grid drift later with the worker's clock.
+            floor = min(self._lateness)
+            if floor > 0:
+                self._grid += floor
+                self._lateness = collections.deque((x - floor for x in self._lateness), maxlen=WINDOW_FRAMES)
+        ordered = sorted(self._lateness)
+        target = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))] + self._margin
+        target = min(max(target, self._margin), self._max_cushion)
+        if target > self.cushion:
+            self.cushion = target
+        else:
+            self.cushion = max(target, self.cushion - 0.00025)
+
+    def _due(self, frame_index: int, packet_index: int) -> float:
+        assert self._grid is not None
+        return self._grid + frame_index * self.frame_s + packet_index * self.packet_s + self.cushion
+
+    # -- output ------------------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        if self._loop is None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(self._next_tick, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        now = self._clock()
+        scheduled = self._next_tick
+        lateness = now - scheduled
+        ticks = 1
+        if lateness >= self.packet_s:
+            # The loop stalled past whole ticks: skip them instead of bursting.
+            skipped = int(lateness // self.packet_s)
+            ticks += skipped
+            scheduled += skipped * self.packet_s
+            self.stats.skipped_ticks += skipped
+            lateness = now - scheduled
+        self.stats.ticks += 1
+        self._last_tick = scheduled
+        self.stats.max_lateness_s = max(self.stats.max_lateness_s, lateness)
+        if self._on_lateness is not None:
+            self._on_lateness(lateness)
+        pcm = self._take(scheduled)
+        if pcm is None:
+            self.stats.silence_packets += 1
+        else:
+            self.stats.model_packets += 1
+        self._next_tick = scheduled + self.packet_s + self._phase_correction(scheduled + self.packet_s)
+        self._schedule()
+        self._send(pcm, ticks)
+
+    def _take(self, tick: float) -> np.ndarray | None:
+        while self._queue:
+            frame_index, packet_index, pcm = self._queue[0]
+            due = self._due(frame_index, packet_index)
+            if due < tick - self.packet_s * SEND_EARLY_LIMIT:
+                self._queue.popleft()
+                self.stats.late_dropped += 1
+                continue
+            if due > tick + self.packet_s * SEND_EARLY_LIMIT:
+                return None
+            self._queue.popleft()
+            return pcm
+        return None
+
+    def _phase_correction(self, next_tick: float) -> float:
+        if self._grid is None:
+            return 0.0
+        offset = (self._grid + self.cushion - next_tick) % self.packet_s
+        if offset > self.packet_s / 2:
+            offset -= self.packet_s
+        return max(-self._slew, min(self._slew, offset))

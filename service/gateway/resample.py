@@ -1,0 +1,112 @@
+"""Streaming resamplers between the telephone's 8 kHz and the model's 24 kHz.
+
+The ratio is exactly 3, so the default is a short linear-phase polyphase FIR: a
+Kaiser-windowed sinc, 4 kHz cutoff, ≥ 60 dB stopband from 4.6 kHz, flat to 3.4 kHz. It
+holds back 1.5 ms each way where soxr's HQ holds back 21 ms (see ops/bench/latency.py);
+the 24→8 kHz direction still gets a real anti-aliasing filter. soxr's ``ResampleStream``
+stays selectable by name for comparison.
+
+Each resampler takes and returns float32 mono arrays, keeps its own state between chunks
+(one instance per call per direction) and says what it holds back.
+"""
+
+from __future__ import annotations
+
+import typing as tp
+
+import numpy as np
+
+TELEPHONE_RATE = 8000
+MODEL_RATE = 24000
+RATIO = MODEL_RATE // TELEPHONE_RATE
+
+
+class StreamResampler(tp.Protocol):
+    name: str
+    held_back_ms: float
+
+    def process(self, samples: np.ndarray) -> np.ndarray: ...
+
+
+def lowpass_taps(num_taps: int = 73, cutoff_hz: float = 4000.0, rate: int = MODEL_RATE,
+                 beta: float = 5.65) -> np.ndarray:
+    """Kaiser-windowed sinc low-pass, unity DC gain (beta 5.65 ≈ 60 dB stopband)."""
+    n = np.arange(num_taps) - (num_taps - 1) / 2
+    taps = np.sinc(2 * cutoff_hz / rate * n) * np.kaiser(num_taps, beta)
+    return (taps / taps.sum()).astype(np.float32)
+
+
+class FirUpsampler:
+    """8 → 24 kHz: zero-stuffing by 3 and the low-pass, computed as 3 polyphase branches."""
+
+    name = "fir73"
+
+    def __init__(self, taps: np.ndarray | None = None) -> None:
+        taps = lowpass_taps() if taps is None else taps
+        padded = np.zeros(-(-len(taps) // RATIO) * RATIO, dtype=np.float32)
+        padded[: len(taps)] = taps * RATIO  # zero-stuffing loses a factor RATIO of energy
+        self._branches = [padded[phase::RATIO].copy() for phase in range(RATIO)]
+        self._history = np.zeros(len(self._branches[0]) - 1, dtype=np.float32)
+        self.held_back_ms = (len(taps) - 1) / 2 / MODEL_RATE * 1000
+
+    def process(self, samples: np.ndarray) -> np.ndarray:
+        if len(samples) == 0:  # np.convolve would swap its arguments
+            return np.zeros(0, dtype=np.float32)
+        joined = np.concatenate((self._history, samples.astype(np.float32, copy=False)))
+        out = np.empty((len(samples), RATIO), dtype=np.float32)
+        for phase, branch in enumerate(self._branches):
+            out[:, phase] = np.convolve(joined, branch, "valid")
+        self._history = joined[len(samples):]
+        return out.reshape(-1)
+
+
+class FirDownsampler:
+    """24 → 8 kHz: the anti-aliasing low-pass, kept at every third sample."""
+
+    name = "fir73"
+
+    def __init__(self, taps: np.ndarray | None = None) -> None:
+        self._taps = lowpass_taps() if taps is None else taps
+        self._history = np.zeros(len(self._taps) - 1, dtype=np.float32)
+        self._phase = 0  # input samples to skip before the next output sample
+        self.held_back_ms = (len(self._taps) - 1) / 2 / MODEL_RATE * 1000
+
+    def process(self, samples: np.ndarray) -> np.ndarray:
+        if len(samples) == 0:
+            return np.zeros(0, dtype=np.float32)
+        joined = np.concatenate((self._history, samples.astype(np.float32, copy=False)))
+        out = np.convolve(joined, self._taps, "valid")[self._phase::RATIO]
+        self._phase = (self._phase - len(samples)) % RATIO
+        self._history = joined[len(samples):]
+        return out
+
+
+class SoxrResampler:
+    """soxr's streaming resampler at a given quality (QQ, LQ, MQ, HQ, VHQ)."""
+
+    def __init__(self, in_rate: int, out_rate: int, quality: str = "HQ") -> None:
+        import soxr
+
+        self._stream = soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32", quality=quality)
+        self.name = f"soxr-{quality.lower()}"
+        self.held_back_ms = SOXR_HELD_BACK_MS.get(quality.upper(), float("nan"))
+
+    def process(self, samples: np.ndarray) -> np.ndarray:
+        return self._stream.resample_chunk(samples.astype(np.float32, copy=False))
+
+
+# Measured with 20 ms chunks at 8↔24 kHz (ops/bench/latency.py prints them again).
+SOXR_HELD_BACK_MS = {"QQ": 0.2, "LQ": 25.0, "MQ": 15.0, "HQ": 21.3, "VHQ": 37.5}
+
+RESAMPLERS = ("fir", "soxr-qq", "soxr-lq", "soxr-mq", "soxr-hq", "soxr-vhq")
+
+
+def make_pair(kind: str = "fir") -> tuple[StreamResampler, StreamResampler]:
+    """(8→24 kHz upsampler, 24→8 kHz downsampler) of the named kind, for one call."""
+    if kind == "fir":
+        return FirUpsampler(), FirDownsampler()
+    if kind.startswith("soxr-"):
+        quality = kind.removeprefix("soxr-").upper()
+        return (SoxrResampler(TELEPHONE_RATE, MODEL_RATE, quality),
+                SoxrResampler(MODEL_RATE, TELEPHONE_RATE, quality))
+    raise ValueError(f"unknown resampler {kind!r}; choose one of {', '.join(RESAMPLERS)}")

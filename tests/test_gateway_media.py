@@ -1,0 +1,191 @@
+"""Resampling, framing and pacing of the gateway's media bridge."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.gateway.bridge import MODEL_FRAME_BYTES, MediaBridge
+from service.gateway.pacer import EgressPacer
+from service.gateway.resample import FirDownsampler, FirUpsampler, make_pair
+
+
+def tone(freq: float, rate: int, seconds: float, amplitude: float = 0.5) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    return (amplitude * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def level_db(x: np.ndarray) -> float:
+    return 20 * np.log10(np.sqrt(2) * np.std(x) + 1e-12)
+
+
+def stream(resampler, x: np.ndarray, chunk: int) -> np.ndarray:
+    return np.concatenate([resampler.process(x[i:i + chunk]) for i in range(0, len(x), chunk)])
+
+
+@pytest.mark.parametrize("freq", [300, 1000, 3000, 3400])
+def test_upsampler_passes_the_telephone_band_and_rejects_images(freq):
+    y = stream(FirUpsampler(), tone(freq, 8000, 1.0), 160)[2400:]
+    spectrum = np.abs(np.fft.rfft(y * np.hanning(len(y))))
+    freqs = np.fft.rfftfreq(len(y), 1 / 24000)
+
+    def at(f):
+        return spectrum[np.argmin(np.abs(freqs - f))]
+
+    assert abs(level_db(y) - level_db(tone(freq, 8000, 1.0))) < 0.1
+    assert 20 * np.log10(at(8000 - freq) / at(freq)) < -55
+    assert 20 * np.log10(at(8000 + freq) / at(freq)) < -55
+
+
+@pytest.mark.parametrize(("freq", "max_db"), [(300, 0.1), (3400, 0.1), (4600, -55), (6000, -60), (11000, -60)])
+def test_downsampler_filters_before_decimating(freq, max_db):
+    y = stream(FirDownsampler(), tone(freq, 24000, 1.0), 1920)[800:]
+    if max_db > 0:
+        assert abs(level_db(y) - level_db(tone(freq, 24000, 1.0))) < max_db
+    else:
+        assert level_db(y) - level_db(tone(freq, 24000, 1.0)) < max_db
+
+
+def test_fir_delay_is_what_it_claims():
+    up, down = FirUpsampler(), FirDownsampler()
+    x = np.zeros(160, np.float32)
+    x[10] = 1
+    assert np.argmax(up.process(x)) == 30 + round(up.held_back_ms * 24)
+    x = np.zeros(1920, np.float32)
+    x[300] = 1
+    assert np.argmax(down.process(x)) == (300 + round(down.held_back_ms * 24)) // 3
+    assert up.held_back_ms == down.held_back_ms == 1.5
+
+
+@pytest.mark.parametrize("chunks", [[160] * 12, [7, 300, 1, 90, 500, 62], [480, 480, 960]])
+def test_streaming_equals_one_shot_whatever_the_chunking(chunks):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(sum(chunks)).astype(np.float32)
+    for make in (FirUpsampler, FirDownsampler):
+        whole = make().process(x)
+        r = make()
+        parts, pos = [], 0
+        for n in chunks:
+            parts.append(r.process(x[pos:pos + n]))
+            pos += n
+        np.testing.assert_allclose(np.concatenate(parts), whole, atol=1e-5)
+
+
+def test_empty_chunks_are_harmless():
+    for make in (FirUpsampler, FirDownsampler):
+        assert len(make().process(np.zeros(0, np.float32))) == 0
+
+
+def test_unknown_resampler_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown resampler"):
+        make_pair("nope")
+    up, down = make_pair("soxr-hq")
+    assert up.name == "soxr-hq" and up.held_back_ms > 20
+
+
+def test_bridge_frames_caller_audio_into_80ms_model_frames():
+    bridge = MediaBridge()
+    pcm = (tone(1000, 8000, 0.2) * 32767).astype(np.int16)
+    frames = [bridge.caller_audio(pcm[i:i + 160]) for i in range(0, len(pcm), 160)]
+    produced = [f for f in frames if f is not None]
+    assert [i for i, f in enumerate(frames) if f is not None] == [3, 7]
+    assert all(len(f) == MODEL_FRAME_BYTES for f in produced)
+    out = np.frombuffer(b"".join(produced), dtype="<i2")
+    assert abs(level_db(out[200:] / 32768) - level_db(tone(1000, 8000, 0.2))) < 0.2
+
+
+@pytest.mark.parametrize(("ptime", "packets"), [(10, [8, 8, 8]), (20, [4, 4, 4]), (30, [2, 3, 3]), (40, [2, 2, 2])])
+def test_bridge_cuts_model_frames_into_packets_of_the_ptime(ptime, packets):
+    bridge = MediaBridge(packet_samples=ptime * 8)
+    frame = (tone(500, 24000, 0.08) * 20000).astype(np.int16).tobytes()
+    counts = []
+    for _ in range(3):
+        out = bridge.model_audio(frame)
+        assert all(len(p) == ptime * 8 for p in out)
+        counts.append(len(out))
+    assert counts == packets
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def drive(pacer: EgressPacer, clock: FakeClock, arrivals: dict[int, float], seconds: float):
+    """Run ticks on a fake clock, pushing frame k at arrivals[k]; returns what was sent."""
+    sent: list[tuple[float, int | None]] = []
+    pacer._send = lambda pcm, ticks: sent.append((clock.now, None if pcm is None else int(pcm[0])))
+    pacer._next_tick = clock.now
+    pending = sorted(arrivals.items(), key=lambda kv: kv[1])
+    end = clock.now + seconds
+    while clock.now < end:
+        next_tick = pacer._next_tick
+        if pending and pending[0][1] <= next_tick:
+            k, at = pending.pop(0)
+            clock.now = max(clock.now, at)
+            pacer.push([np.full(160, k * 4 + j, np.int16) for j in range(4)], arrival=at)
+            continue
+        clock.now = max(clock.now, next_tick)
+        pacer._tick()
+    return sent
+
+
+def test_pacer_sends_every_frame_in_order_without_gaps_on_a_steady_worker():
+    clock = FakeClock()
+    pacer = EgressPacer(lambda *_: None, clock=clock)
+    arrivals = {k: 100.013 + 0.08 * k for k in range(50)}
+    sent = drive(pacer, clock, arrivals, 4.2)
+    model = [v for _, v in sent if v is not None]
+    assert model == list(range(200))
+    times = [t for t, v in sent]
+    gaps = np.diff(times)
+    assert gaps.max() <= 0.0221  # never a hole: at most a slew of a tenth of a ptime
+    assert sorted(gaps)[1] >= 0.0179 and gaps.min() >= 0.01  # no burst; one shortened interval at most
+    first_sent = next(t for t, v in sent if v == 0)
+    assert first_sent - 100.013 < 0.003
+    assert pacer.stats.late_dropped == 0
+
+
+def test_pacer_cushion_absorbs_a_jittery_worker():
+    rng = np.random.default_rng(0)
+    clock = FakeClock()
+    pacer = EgressPacer(lambda *_: None, clock=clock)
+    arrivals = {k: 100.02 + 0.08 * k + float(rng.uniform(0, 0.03)) for k in range(200)}
+    sent = drive(pacer, clock, arrivals, 16.5)
+    model = [v for _, v in sent if v is not None]
+    assert pacer.cushion > 0.02
+    assert model == sorted(model)
+    # after the cushion has grown, everything is sent: no more than a few early losses
+    assert len(model) >= 800 - 12
+    gaps = np.diff([t for t, _ in sent])
+    assert gaps.max() <= 0.0221 and sorted(gaps)[1] >= 0.0179 and gaps.min() >= 0.01
+
+
+def test_pacer_sends_silence_when_the_model_is_late_and_drops_what_missed_its_slot():
+    clock = FakeClock()
+    pacer = EgressPacer(lambda *_: None, clock=clock, max_cushion_ms=60)
+    arrivals = {k: 100.01 + 0.08 * k for k in range(10)}
+    arrivals.update({k: 100.01 + 0.08 * k + 0.5 for k in range(10, 20)})  # a stall: resync
+    sent = drive(pacer, clock, arrivals, 2.2)
+    assert pacer.stats.resyncs == 1
+    assert pacer.stats.silence_packets >= 20
+    model = [v for _, v in sent if v is not None]
+    assert model[:40] == list(range(40)) and model[-1] == 79
+    gaps = np.diff([t for t, _ in sent])
+    assert gaps.max() <= 0.0221 and sorted(gaps)[1] >= 0.0179 and gaps.min() >= 0.01
+
+
+def test_pacer_skips_ticks_after_a_loop_stall_instead_of_bursting():
+    clock = FakeClock()
+    ticks_seen = []
+    pacer = EgressPacer(lambda pcm, ticks: ticks_seen.append(ticks), clock=clock)
+    pacer._next_tick = clock.now
+    pacer._tick()
+    clock.now += 0.075  # the next tick was due at +20 ms; the loop woke at +75 ms
+    pacer._tick()
+    assert ticks_seen == [1, 3]
+    assert pacer.stats.skipped_ticks == 2
+    assert pacer._next_tick > clock.now
