@@ -86,3 +86,26 @@ class GatewaySettings:
         if unknown or not self.codecs:
             raise ConfigError(f"MOSHIMOSHI_CODECS={','.join(self.codecs)}: supported are PCMU and PCMA")
         self.codecs = [c.upper() for c in self.codecs]
+
+
+@dataclass
+class CallSettings:
+    """``moshimoshi call``: a test call from the command line (UAC)."""
+
+    uri: str = setting("", "SIP URI to call")
+    play: str | None = setting(None, "WAV file to play to the callee (any rate, mono or stereo)")
+    record: str | None = setting(
+        None, "stereo WAV to write: what we sent on the left, what came back on the right (8 kHz)")
+    transcript: str | None = setting(None, "file for the agent's words (default: <record>.txt if --record)")
+    seconds: float = setting(10.0, "hang up after this many seconds of call", min=0.1)
+    dtmf: str | None = setting(None, "DTMF digits to send (RFC 4733) one second into the call")
+    username: str | None = setting(None, "digest auth user")
+    password: str | None = setting(None, "digest auth password", secret=True)
+    codec: str = setting("PCMU", "codec to offer first", choices=["PCMU", "PCMA"])
+    ptime: int = setting(20, "packet time to offer, ms", min=10, max=40)
+    local_host: str = setting("0.0.0.0", "local address for SIP and RTP")
+    local_port: int = setting(0, "local SIP port (0 picks one)", min=0, max=65535)
+    transport: str = setting("udp", "SIP transport", choices=["udp", "tcp"])
+    api: str | None = setting(None, "gateway API base URL to read the transcript from after the call")
+    api_token: str | None = setting(None, "bearer token for --api", secret=True)
+    log_level: str = setting("warning", "log level", choices=["debug", "info", "warning", "error"])

@@ -1,0 +1,92 @@
+"""``moshimoshi`` command line: serve, gateway, worker, call."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+from service import __version__
+from service.config import ConfigError, add_arguments, load
+from service.settings import CallSettings, GatewaySettings, WorkerSettings
+
+
+def _add_union(parser: argparse.ArgumentParser, *classes: type) -> None:
+    """Flags for several settings classes at once; a field they share gets one flag."""
+    seen: set[str] = set()
+    for cls in classes:
+        fields = [f for f in dataclasses.fields(cls) if f.name not in seen]
+        seen.update(f.name for f in fields)
+        subset = dataclasses.make_dataclass(cls.__name__, [(f.name, f.type, f) for f in fields])
+        subset.__module__ = cls.__module__
+        add_arguments(parser, subset)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moshimoshi",
+        description="Telephony service for full-duplex speech models (Moshi, LLM-jp-Moshi, J-Moshi).")
+    parser.add_argument("--version", action="version", version=f"moshimoshi {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="gateway + worker + embedded Redis in one command",
+                           description="Run a gateway, one worker and (without REDIS_URL) an embedded "
+                                       "redis-server: a whole system on one machine.")
+    _add_union(serve, GatewaySettings, WorkerSettings)
+
+    gateway = sub.add_parser("gateway", help="the SIP/WebRTC gateway and control plane",
+                             description="Answer SIP (and WebRTC) calls and route them to workers.")
+    add_arguments(gateway, GatewaySettings)
+
+    worker = sub.add_parser("worker", help="an inference worker (one model, B slots)",
+                            description="Serve a model to gateways: B concurrent calls, one batched step "
+                                        "every 80 ms.")
+    add_arguments(worker, WorkerSettings)
+
+    call = sub.add_parser("call", help="place a test call and record what comes back",
+                          description="Place a SIP call (UAC), play a WAV file, record the answer.")
+    call.add_argument("uri", help="SIP URI to call, e.g. sip:agent@127.0.0.1:5060")
+    add_arguments(call, CallSettings)
+    return parser
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "worker":
+            worker_settings = load(WorkerSettings, args)
+            _setup_logging(worker_settings.log_level)
+            from service.worker.main import run_worker
+
+            return run_worker(worker_settings)
+        if args.command == "gateway":
+            gateway_settings = load(GatewaySettings, args)
+            _setup_logging(gateway_settings.log_level)
+            from service.gateway.main import run_gateway
+
+            return run_gateway(gateway_settings)
+        if args.command == "serve":
+            gateway_settings = load(GatewaySettings, args)
+            worker_settings = load(WorkerSettings, args)
+            _setup_logging(gateway_settings.log_level)
+            from service.serve import run_serve
+
+            return run_serve(gateway_settings, worker_settings)
+        if args.command == "call":
+            call_settings = load(CallSettings, args, uri=args.uri)
+            _setup_logging(call_settings.log_level)
+            from service.call import run_call
+
+            return run_call(call_settings)
+    except ConfigError as exc:
+        print(f"moshimoshi: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 2
