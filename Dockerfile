@@ -21,7 +21,9 @@ FROM ${PYTHON_IMAGE} AS gateway-build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 RUN python -m venv /opt/moshimoshi
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# The package needs only these (README.md is just its long description: left out, so that
+# documentation edits do not invalidate the layers).
+COPY pyproject.toml ./
 COPY sip ./sip
 COPY service ./service
 # The [gateway] extra deliberately has no torch: this image stays small and CPU-only.
@@ -75,7 +77,7 @@ RUN /opt/moshimoshi/bin/pip install "torch==${TORCH_VERSION}"
 # hadolint ignore=DL3059
 RUN /opt/moshimoshi/bin/pip install --no-deps "moshi==${MOSHI_VERSION}"
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 COPY sip ./sip
 COPY service ./service
 RUN /opt/moshimoshi/bin/pip install ".[worker]"
