@@ -73,6 +73,8 @@ class GatewaySettings:
     retry_after_seconds: int = setting(30, "Retry-After sent with 503", min=1)
     drain_grace_seconds: float = setting(300.0, "on SIGTERM, how long calls may go on before exit",
                                          min=0.0)
+    api_tokens: list[str] = setting(
+        [], "API bearer tokens as token:scope pairs, comma-separated; scope read or admin", secret=True)
     log_level: str = setting("info", "log level", choices=["debug", "info", "warning", "error"])
 
     def validate(self) -> None:

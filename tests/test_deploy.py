@@ -837,8 +837,6 @@ def test_chart_env_is_valid_settings(rendered, role):
 
     cls = GatewaySettings if role == "gateway" else WorkerSettings
     known = {env_name(f) for f in dataclasses.fields(cls)}
-    # Named by the deployment contract; accepted here until the setting lands in service/.
-    known |= {"MOSHIMOSHI_API_TOKENS"} if role == "gateway" else set()
     for values, docs in rendered.items():
         c = gateway(docs) if role == "gateway" else worker(docs)
         env = resolved_env(docs, c)
