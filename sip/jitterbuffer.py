@@ -323,12 +323,23 @@ class JitterBuffer:
         if error < -self._half_frame:
             self.frames_idle += 1
             return None  # too early: hold (the offset grows by one frame)
-        skip = int((error + self._half_frame) // self.frame_seconds)
-        if skip:
-            cursor += skip * step
-            for stale in [ext for ext in slots if ext < cursor]:
-                del slots[stale]
-                self.packets_discarded += 1
+        frame = self.frame_seconds
+        skip = int((error + self._half_frame) // frame)
+        if skip > 0 and slots:
+            # skip empty slots freely, but audio only when over 1.5 frames late: a frame just
+            # confirmed by a resync plays, and the talking state trims the rest later
+            last = max(slots)
+            while skip > 0 and cursor <= last:
+                if cursor in slots:
+                    if error < frame + self._half_frame:
+                        skip = 0
+                        break
+                    del slots[cursor]
+                    self.packets_discarded += 1
+                cursor += step
+                error -= frame
+                skip -= 1
+        cursor += skip * step
         self._delay = now - cursor / self.clock_rate - self._sorted[0]
         payload = slots.pop(cursor, None)
         self._cursor = cursor + step
