@@ -36,6 +36,7 @@ import random
 import socket
 import struct
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -194,6 +195,7 @@ class RtpSession:
         self._remote_rtcp: Address | None = None
         self._latched: Address | None = None
         self._latched_ssrc: int | None = None
+        self._retired_ssrcs: deque[int] = deque(maxlen=8)
         self._rtcp_latched: Address | None = None
         self._peer_muxes = False
         self._dest: tuple | None = None
@@ -331,14 +333,21 @@ class RtpSession:
         if latched is None:
             ok = self.allow_nat_any_ip or (signalled is not None and source[0] == signalled[0])
         else:
-            ok = source == signalled or (source[0] == latched[0] and ssrc != self._latched_ssrc)
+            ok = source == signalled or (source[0] == latched[0] and ssrc != self._latched_ssrc
+                                         and ssrc not in self._retired_ssrcs)
         if ok:
             if latched is not None:
                 self.relatches += 1
+                self._retire(ssrc)
             self._latched = source
             self._latched_ssrc = ssrc
             self._set_destination(source)
         return ok
+
+    def _retire(self, new_ssrc: int) -> None:
+        if self._latched_ssrc is not None and self._latched_ssrc != new_ssrc:
+            self._retired_ssrcs.append(self._latched_ssrc)
+        self._latched_ssrc = new_ssrc
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -378,7 +387,8 @@ class RtpSession:
         if not latched and not self._try_latch(source, packet.ssrc):
             self.packets_stray += 1
             return
-        self._latched_ssrc = packet.ssrc
+        if packet.ssrc != self._latched_ssrc:
+            self._retire(packet.ssrc)
         arrival = self._loop.time()
         payload_type = packet.payload_type
         self.packets_received += 1
