@@ -90,7 +90,7 @@ class JitterBuffer:
     """Reorders, de-duplicates and times one RTP audio stream; see the module docstring."""
 
     def __init__(self, *, clock_rate: int = 8000, ptime_ms: float = 20.0, min_delay_ms: float = 20.0,
-                 max_delay_ms: float = 200.0, max_depth_ms: float | None = None, quantile: float = 0.98,
+                 max_delay_ms: float = 200.0, max_depth_ms: float | None = None, quantile: float = 0.99,
                  window: int = 500, resync_after_ms: float = 1000.0, shrink_patience_ms: float = 2000.0,
                  idle_after_ms: float = 400.0, is_silent: Callable[[bytes], bool] | None = None) -> None:
         if clock_rate <= 0:

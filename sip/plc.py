@@ -81,15 +81,13 @@ class PacketLossConcealer:
         reference = history[-window:]
         if not reference.any():
             return self._min_lag
-        lags = np.arange(self._min_lag, self._max_lag + 1)
-        start = len(history) - window - self._max_lag
-        segments = np.lib.stride_tricks.sliding_window_view(history[start:start + window + self._max_lag - self._min_lag], window)
-        # segments[k] starts at start + k, i.e. lag = max_lag - k
-        products = segments @ reference
-        energies = np.einsum("ij,ij->i", segments, segments) + 1e-3
-        scores = products / np.sqrt(energies)
-        best = int(np.argmax(scores[::-1]))
-        return int(lags[best])
+        # candidates[k:k + window] lies max_lag - k samples before the reference
+        candidates = history[len(history) - window - self._max_lag:len(history) - self._min_lag]
+        products = np.correlate(candidates, reference, mode="valid")
+        squares = np.concatenate(([0.0], np.cumsum(candidates.astype(np.float64) ** 2)))
+        energies = squares[window:] - squares[:-window] + 1e-3
+        best = int(np.argmax(products / np.sqrt(energies)))
+        return self._max_lag - best
 
     def _synthesize(self, samples: int, advance: bool = True) -> np.ndarray:
         """The next ``samples`` of the repeated, fading pitch buffer (int16)."""
