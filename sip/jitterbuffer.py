@@ -22,14 +22,18 @@ actual offset moves by whole frames only, and only where it costs nothing or lit
 * grow (hold the slot one frame, returning :data:`CONCEAL`) when the slot's packet is
   missing anyway, when the frame is silent, or when the offset is over 1.5 frames short;
 * shrink (skip a slot) when the slot's packet is missing and the next one is here, when the
-  frame is silent, or at most once per ``shrink_patience`` otherwise;
+  frame is silent, or otherwise by dropping one frame per ``shrink_patience`` divided by the
+  whole frames of excess (2 s for one frame too many, 0.25 s for eight);
 * while the stream is idle (before the first frame, after ``idle_after`` of nothing) the
   offset is set freely, so a new talkspurt starts exactly at the target.
 
 Resync: a new SSRC restarts the buffer at once (packets of the SSRC it replaced are
-discarded); a timestamp jump (transit off by more than ``resync_after``, or a timestamp off
-the frame grid) restarts it when the next packet confirms the jump, so one corrupt packet
-cannot derail a call. Each packet holds one frame of ``frame_samples`` samples (the
+discarded); a timestamp jump restarts it when the next packet confirms the jump, so one
+corrupt packet cannot derail a call. A jump is a timestamp off the frame grid, or a transit
+off the fastest recent one by more than ``resync_after`` (default: the buffer's span,
+``max_depth``) and by more than twice the current jitter spread: a packet that far ahead could not be held, one that far behind is older than
+anything the buffer still waits for. (A network stall longer than that, followed by a burst,
+also resyncs; the stale part of the burst is then discarded, just as it would be as late.) Each packet holds one frame of ``frame_samples`` samples (the
 negotiated ptime); the buffer never looks inside payloads. Depth is bounded: beyond
 ``max_depth`` frames the oldest is dropped and counted as overflow.
 """
@@ -91,7 +95,7 @@ class JitterBuffer:
 
     def __init__(self, *, clock_rate: int = 8000, ptime_ms: float = 20.0, min_delay_ms: float = 20.0,
                  max_delay_ms: float = 200.0, max_depth_ms: float | None = None, quantile: float = 0.99,
-                 window: int = 500, resync_after_ms: float = 1000.0, shrink_patience_ms: float = 2000.0,
+                 window: int = 500, resync_after_ms: float | None = None, shrink_patience_ms: float = 2000.0,
                  idle_after_ms: float = 400.0, is_silent: Callable[[bytes], bool] | None = None) -> None:
         if clock_rate <= 0:
             raise ValueError(f"clock_rate must be positive, got {clock_rate}")
@@ -113,7 +117,7 @@ class JitterBuffer:
         self.max_depth = max(2, math.ceil(max_depth_ms / ptime_ms))
         self.quantile = quantile
         self.window = window
-        self.resync_after = resync_after_ms / 1000
+        self.resync_after = (self.max_depth * ptime_ms if resync_after_ms is None else resync_after_ms) / 1000
         self.shrink_patience = shrink_patience_ms / 1000
         self.idle_frames = max(1, math.ceil(idle_after_ms / ptime_ms))
         self.is_silent = is_silent
@@ -154,7 +158,10 @@ class JitterBuffer:
         self._candidate: tuple[RtpPacket, float] | None = None
 
     def reset(self) -> None:
-        """Forget the stream (keeps the counters)."""
+        """Forget the stream; what it held counts as discarded."""
+        self._discard_held()
+        if self._candidate is not None:
+            self.packets_discarded += 1
         self._restart(None)
 
     def _begin(self, packet: RtpPacket, arrival: float) -> None:
@@ -177,14 +184,19 @@ class JitterBuffer:
                 self._stale_ssrcs.append(self._ssrc)
                 self.resyncs += 1
                 self._discard_held()
+                if self._candidate is not None:
+                    self.packets_discarded += 1
             self._begin(packet, arrival)
             return
         ext = self._last_ext + (((packet.timestamp - self._last_ts + 0x80000000) & 0xFFFFFFFF) - 0x80000000)
         transit = arrival - ext / self.clock_rate
         cursor = self._cursor
         assert cursor is not None
-        fastest = self._sorted[0]
-        if abs(transit - fastest) > self.resync_after or (ext - cursor) % self.frame_samples:
+        ordered = self._sorted
+        fastest = ordered[0]
+        # under extreme jitter a jump must also stand out from the jitter itself
+        spread = ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))] - fastest
+        if abs(transit - fastest) > max(self.resync_after, 2 * spread) or (ext - cursor) % self.frame_samples:
             self._on_jump(packet, arrival)
             return
         if self._candidate is not None:
@@ -277,6 +289,7 @@ class JitterBuffer:
         if not self._talking:
             return self._pop_idle(now, cursor, error)
         step = self.frame_samples
+        frame_s = self.frame_seconds
         slots = self._slots
         payload = slots.get(cursor)
         if error < -half:
@@ -295,7 +308,7 @@ class JitterBuffer:
                     cursor += step
                     payload = following
                     self._last_shrink = now
-                elif self._silent(payload) or now - self._last_shrink >= self.shrink_patience:
+                elif self._silent(payload) or (now - self._last_shrink) * max(1.0, error // frame_s) >= self.shrink_patience:
                     del slots[cursor]
                     self.frames_dropped += 1
                     cursor += step
@@ -365,7 +378,8 @@ class JitterBuffer:
 
     @property
     def depth(self) -> int:
-        return len(self._slots)
+        """Packets held: frames waiting for their slot, plus an unconfirmed jump."""
+        return len(self._slots) + (self._candidate is not None)
 
     def stats(self) -> JitterBufferStats:
         target = self.target_offset() - self._sorted[0] if self._sorted else self.min_delay
@@ -382,7 +396,7 @@ class JitterBuffer:
             frames_dropped=self.frames_dropped,
             slots_skipped=self.slots_skipped,
             resyncs=self.resyncs,
-            depth=len(self._slots),
+            depth=self.depth,
             delay_ms=self._delay * 1000,
             target_delay_ms=target * 1000,
         )

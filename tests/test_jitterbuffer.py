@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sip.jitterbuffer import CONCEAL, JitterBuffer
 from sip.rtp import RtpPacket
@@ -337,3 +339,72 @@ def test_pop_before_any_packet_is_idle() -> None:
     jb = JitterBuffer()
     assert jb.pop(0.0) is None
     assert jb.stats().frames_played == 0
+
+
+def test_resync_when_timestamps_jump_backwards_beyond_the_window() -> None:
+    before = steady(100)
+    # the sender's timestamps go 600 ms back in time (a restarted encoder, same SSRC)
+    after = [(i * PTIME + 0.030, packet(i, ts0=1000 - 4800)) for i in range(100, 200)]
+    jb = JitterBuffer()
+    run = simulate(jb, before + after, until=4.2)
+    assert jb.resyncs == 1
+    assert run.played[:100] == list(range(100))
+    assert run.played[100:] == list(range(100, 200))  # the confirming pair plays too
+    # playing the pair that confirmed the jump costs at most one frame of delay, for a while
+    assert 0.010 - 1e-9 <= run.play_time(150) - run.arrivals[150] < 0.030 + PTIME + 1e-9
+
+
+def test_a_network_stall_and_burst_raises_the_delay_for_a_while_only() -> None:
+    arrivals = steady(1500)
+    burst_at = 200 * PTIME + 0.030 + 0.500  # 500 ms of silence on the wire, then everything at once
+    for i in range(200, 226):
+        arrivals[i] = (max(arrivals[i][0], burst_at + (i - 200) * 1e-5), arrivals[i][1])
+    jb = JitterBuffer()
+    run = simulate(jb, arrivals, until=30.2)
+    # after the burst frames play in order, never later than the ceiling allows; the only
+    # ones missing were dropped one at a time to bring the delay back down
+    tail = run.played[run.played.index(230):]
+    assert tail == sorted(tail) and tail[-1] == 1499
+    assert 1270 - len(tail) <= jb.frames_dropped and jb.packets_late == 0
+    assert all(run.play_time(f) - run.arrivals[f] <= 0.200 + PTIME for f in tail)
+    # a stall is evidence of jitter: the delay stays up while it is in the window (10 s),
+    # then comes back down to the floor
+    assert run.play_time(400) - run.arrivals[400] > 0.100
+    assert all(run.play_time(f) - run.arrivals[f] < 0.030 + 1e-9 for f in tail if f >= 1100)
+
+
+@st.composite
+def hostile_traces(draw):
+    """Packets of up to two SSRCs with jitter, loss, duplicates, wild timestamps and bursts."""
+    count = draw(st.integers(1, 150))
+    arrivals = []
+    for i in range(count):
+        if draw(st.integers(0, 9)) == 0:
+            continue  # lost
+        ssrc = 0x1234 if i < count // 2 or not draw(st.booleans()) else 0x5678
+        pkt = packet(i, ssrc=ssrc)
+        kind = draw(st.integers(0, 19))
+        if kind == 0:
+            pkt.timestamp = draw(st.integers(0, 0xFFFFFFFF))
+        elif kind == 1:
+            pkt.timestamp = (pkt.timestamp + draw(st.integers(-3, 3))) & 0xFFFFFFFF
+        at = i * PTIME + draw(st.floats(0, 0.6 if kind == 2 else 0.08))
+        arrivals.append((at, pkt))
+        if kind == 3:
+            arrivals.append((at + draw(st.floats(0, 0.3)), pkt))  # duplicate
+    return arrivals
+
+
+@settings(max_examples=300, deadline=None)
+@given(hostile_traces(), st.floats(0, PTIME))
+def test_any_trace_is_played_in_order_and_every_packet_is_accounted_for(arrivals, phase) -> None:
+    jb = JitterBuffer()
+    run = simulate(jb, arrivals, until=4.5, pop_phase=phase)
+    # without a resync, frames play strictly in order, each at most once
+    if jb.resyncs == 0:
+        assert run.played == sorted(set(run.played))
+    stats = jb.stats()
+    assert stats.frames_played + stats.packets_late + stats.packets_duplicate + stats.packets_discarded \
+        + stats.packets_overflow + stats.frames_dropped + stats.depth == stats.packets_received == len(arrivals)
+    assert stats.depth <= jb.max_depth + 1
+    assert 0 <= stats.target_delay_ms <= 200 + 1e-6
