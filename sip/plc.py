@@ -39,6 +39,10 @@ class PacketLossConcealer:
         self._lost_samples = 0  # samples concealed in the current loss, 0 when not in a loss
         self._position = 0  # read position in the repeated pitch buffer
         self._buffer = self._history[-3 * self._pitch:].copy()
+        # gain per sample since the loss began: 1, then a linear fade to 0 at silent_after
+        at = np.arange(self._silent_after, dtype=np.float32)
+        self._envelope = np.clip(1.0 - (at - self._full_level) / (self._silent_after - self._full_level), 0.0, 1.0)
+        self._counting = np.arange(2048)
         self.frames_concealed = 0
 
     @property
@@ -95,32 +99,28 @@ class PacketLossConcealer:
         lost = self._lost_samples
         position = self._position
         buffer = self._buffer
+        counting = self._counting
+        audible = max(0, min(samples, self._silent_after - lost))
         done = 0
         # piecewise: within a piece the repeated span (1, 2 or 3 pitch periods) is constant
-        while done < samples:
-            at = lost + done
-            if at >= self._silent_after:
-                break
-            periods = min(3, 1 + at // self._widen_every)
-            piece_end = samples if periods == 3 else min(samples, periods * self._widen_every - lost)
-            piece_end = min(piece_end, self._silent_after - lost)
+        while done < audible:
+            periods = min(3, 1 + (lost + done) // self._widen_every)
+            piece_end = audible if periods == 3 else min(audible, periods * self._widen_every - lost)
             count = piece_end - done
             span = periods * self._pitch
             # the buffer is the last `span` samples; widening it keeps the phase
-            indices = (position + np.arange(count)) % span
+            indices = position + (counting[:count] if count <= len(counting) else np.arange(count))
+            indices %= span
             out[done:piece_end] = buffer[len(buffer) - span + indices]
             position = (position + count) % span
             done = piece_end
-        out *= self._gain(lost, samples)
+        if audible:
+            out[:audible] *= self._envelope[lost:lost + audible]
         if advance:
             self._lost_samples = lost + samples
             self._position = position
-        return np.clip(out, -32768, 32767).astype(np.int16)
-
-    def _gain(self, lost: int, samples: int) -> np.ndarray:
-        at = np.arange(lost, lost + samples, dtype=np.float32)
-        ramp = 1.0 - (at - self._full_level) / (self._silent_after - self._full_level)
-        return np.clip(ramp, 0.0, 1.0)
+        # gains are at most 1, so the result stays within int16
+        return out.astype(np.int16)
 
     def _fade_in(self, frame: np.ndarray) -> np.ndarray:
         lost_ms = self._lost_samples * 1000 / self.sample_rate
@@ -128,9 +128,10 @@ class PacketLossConcealer:
         overlap = min(len(frame), int(self.sample_rate * overlap_ms / 1000))
         if overlap == 0:
             return frame
-        tail = self._synthesize(overlap, advance=False).astype(np.float32)
-        ramp = (np.arange(1, overlap + 1, dtype=np.float32)) / (overlap + 1)
+        tail = self._synthesize(overlap, advance=False)
+        ramp = (self._counting[1:overlap + 1] if overlap < len(self._counting)
+                else np.arange(1, overlap + 1)).astype(np.float32) / (overlap + 1)
         out = np.array(frame, dtype=np.int16, copy=True)
-        mixed = tail * (1.0 - ramp) + frame[:overlap].astype(np.float32) * ramp
-        out[:overlap] = np.clip(mixed, -32768, 32767).astype(np.int16)
+        # a convex mix of two int16 signals stays within int16
+        out[:overlap] = (tail + (frame[:overlap] - tail.astype(np.float32)) * ramp).astype(np.int16)
         return out

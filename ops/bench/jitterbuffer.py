@@ -27,13 +27,15 @@ application reads. Here that queue is a FIFO read by the same 20 ms playout cloc
 that finds the FIFO empty counts as concealed. The packets are aiortc ``RtpPacket`` objects
 with ``_data`` set to the payload as aiortc's receiver does. Nothing else is changed.
 
-Then a micro-benchmark of the per-packet receive cost: parse + put + pop + G.711 decode.
+Then a micro-benchmark of the per-packet receive cost: parse + put + pop + G.711 decode, its
+parts, PLC per loss event, and RtpSession's datagram handler up to the jitter buffer's put.
 
 The last line of output is one JSON object with every figure.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import statistics
@@ -50,6 +52,7 @@ from sip.g711 import G711Decoder  # noqa: E402
 from sip.jitterbuffer import JitterBuffer  # noqa: E402
 from sip.plc import PacketLossConcealer  # noqa: E402
 from sip.rtp import RtpPacket, build_rtp  # noqa: E402
+from sip.rtpsession import PortAllocator  # noqa: E402
 
 PTIME = 0.020
 SAMPLES = 160
@@ -239,6 +242,27 @@ def per_packet_cost(iterations: int = 20000) -> dict[str, float]:
             plc.conceal(SAMPLES)
         return (time.perf_counter() - start) / n * 1e6
 
+    def session_receive() -> float:
+        """RtpSession's datagram handler: source check, parse, RFC 3550 stats, dispatch to put."""
+        from sip.rtpsession import RtpSession
+
+        async def measure() -> float:
+            ports = PortAllocator(40000, 65534)
+            session = await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=3600)
+            try:
+                session.update_remote("127.0.0.1", 9)
+                jb = JitterBuffer()
+                session.attach_jitter_buffer(jb)
+                source = ("127.0.0.1", 9)
+                start = time.perf_counter()
+                for data in wire:
+                    session._on_rtp(data, source)
+                return (time.perf_counter() - start) / iterations * 1e6
+            finally:
+                session.close(send_bye=False)
+
+        return asyncio.run(measure())
+
     def median(fn) -> float:
         return statistics.median(fn() for _ in range(5))
 
@@ -248,6 +272,7 @@ def per_packet_cost(iterations: int = 20000) -> dict[str, float]:
         "build_us": median(build_only),
         "g711_decode_us": median(decode_only),
         "plc_good_plus_conceal_us": median(conceal_only),
+        "session_receive_to_put_us": median(session_receive),
     }
 
 
