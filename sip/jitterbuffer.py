@@ -255,7 +255,7 @@ class JitterBuffer:
             first, first_arrival = candidate
             step = ((packet.timestamp - first.timestamp + 0x80000000) & 0xFFFFFFFF) - 0x80000000
             drift = (arrival - first_arrival) - step / self.clock_rate
-            if step % self.frame_samples == 0 and abs(drift) < self.resync_after / 2:
+            if step and step % self.frame_samples == 0 and abs(drift) < self.resync_after / 2:
                 self.resyncs += 1
                 self._discard_held()
                 self._begin(first, first_arrival)

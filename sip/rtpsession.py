@@ -33,6 +33,7 @@ import ipaddress
 import logging
 import os
 import random
+import secrets
 import socket
 import struct
 import time
@@ -200,8 +201,9 @@ class RtpSession:
         self._peer_muxes = False
         self._dest: tuple | None = None
         # sending
-        self._sequence = random.getrandbits(16)
-        self.timestamp = random.getrandbits(32)
+        # unpredictable starting points (RFC 3550 §5.1) make blind injection harder
+        self._sequence = secrets.randbits(16)
+        self.timestamp = secrets.randbits(32)
         self._sender = SenderStatistics(clock_rate)
         self._sent_at_reports = [0, 0]
         # receiving
@@ -236,14 +238,17 @@ class RtpSession:
                    bind_attempts: int = 64) -> RtpSession:
         """Bind a port pair from ``ports`` on ``host`` and start RTCP; the peer may follow later."""
         loop = asyncio.get_running_loop()
-        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        try:
+            family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        except ValueError:
+            raise ValueError(f"RTP bind address {host!r} is not an IP address") from None
         for _ in range(min(bind_attempts, ports.capacity)):
             port = ports.acquire()
             session = cls(loop=loop, ports=ports, port=port, family=family, payload_type=payload_type,
                           clock_rate=clock_rate, ptime_ms=ptime_ms, allow_nat_any_ip=allow_nat_any_ip,
                           rtcp_mux=rtcp_mux, rtcp_interval=rtcp_interval,
-                          cname=cname or f"moshimoshi-{os.getpid()}-{random.getrandbits(32):08x}",
-                          ssrc=random.getrandbits(32) if ssrc is None else ssrc)
+                          cname=cname or f"moshimoshi-{os.getpid()}-{secrets.token_hex(4)}",
+                          ssrc=secrets.randbits(32) if ssrc is None else ssrc)
             try:
                 await session._bind(host)
             except OSError:
@@ -252,10 +257,14 @@ class RtpSession:
             except BaseException:
                 session.close(send_bye=False)
                 raise
-            if remote is not None:
-                session.update_remote(remote[0], remote[1], None if remote_rtcp is None else remote_rtcp[1],
-                                      rtcp_host=None if remote_rtcp is None else remote_rtcp[0])
-            session._rtcp_task = loop.create_task(session._rtcp_loop(), name=f"rtcp-{port}")
+            try:
+                if remote is not None:
+                    session.update_remote(remote[0], remote[1], None if remote_rtcp is None else remote_rtcp[1],
+                                          rtcp_host=None if remote_rtcp is None else remote_rtcp[0])
+                session._rtcp_task = loop.create_task(session._rtcp_loop(), name=f"rtcp-{port}")
+            except BaseException:
+                session.close(send_bye=False)
+                raise
             return session
         raise PortsExhausted(f"no bindable RTP port pair on {host} after {bind_attempts} attempts")
 

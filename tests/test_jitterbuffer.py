@@ -408,3 +408,15 @@ def test_any_trace_is_played_in_order_and_every_packet_is_accounted_for(arrivals
         + stats.packets_overflow + stats.frames_dropped + stats.depth == stats.packets_received == len(arrivals)
     assert stats.depth <= jb.max_depth + 1
     assert 0 <= stats.target_delay_ms <= 200 + 1e-6
+
+
+def test_a_duplicated_wild_packet_does_not_count_as_confirmation() -> None:
+    arrivals = steady(200)
+    wild = packet(100)
+    wild.timestamp = (wild.timestamp + 5_000_000) & 0xFFFFFFFF
+    arrivals[100] = (arrivals[100][0], wild)
+    arrivals.append((arrivals[100][0] + 0.001, wild))
+    jb = JitterBuffer()
+    run = simulate(jb, arrivals, until=4.2)
+    assert jb.resyncs == 0
+    assert run.played == [i for i in range(200) if i != 100]

@@ -358,3 +358,11 @@ async def test_remote_must_be_an_ip_address(ports) -> None:
             session.update_remote("example.com", 4000)
         with pytest.raises(ValueError, match="out of range"):
             session.update_remote("127.0.0.1", 70000)
+
+
+async def test_bad_addresses_at_open_are_refused_without_leaking(ports) -> None:
+    with pytest.raises(ValueError, match="bind address"):
+        await RtpSession.open(ports, host="localhost")
+    with pytest.raises(ValueError, match="not an IP address"):
+        await RtpSession.open(ports, host="127.0.0.1", remote=("peer.example", 4000))
+    assert ports.in_use == 0
