@@ -192,7 +192,7 @@ async def place_call(settings: CallSettings) -> dict:
         }
         if settings.record:
             sent = np.concatenate(call.sent) if call.sent else np.zeros(0, np.int16)
-            write_stereo_wav(settings.record, sent, received)
+            await asyncio.to_thread(write_stereo_wav, settings.record, sent, received)
             summary["recording"] = settings.record
         transcript_path = settings.transcript or (
             str(Path(settings.record).with_suffix(".txt")) if settings.record else None)
@@ -201,7 +201,8 @@ async def place_call(settings: CallSettings) -> dict:
             transcript = await fetch_transcript(api, settings.api_token or os.environ.get(
                 "MOSHIMOSHI_API_TOKEN"), gateway_call_id)
             if transcript is not None:
-                Path(transcript_path).write_text(format_transcript(transcript), encoding="utf-8")
+                await asyncio.to_thread(Path(transcript_path).write_text, format_transcript(transcript),
+                                        encoding="utf-8")
                 summary["transcript"] = transcript_path
                 summary["transcript_events"] = len(transcript.get("events", []))
         return summary
