@@ -549,3 +549,33 @@ def reanswer(previous: SessionDescription, offer: SessionDescription) -> tuple[S
     if str(answer) != str(previous):
         answer.origin.session_version = previous.origin.session_version + 1
     return answer, negotiated
+
+
+def negotiated_as_answerer(offer: SessionDescription, answer: SessionDescription) -> NegotiatedMedia:
+    """What an answer *we* gave to the peer's ``offer`` agreed on (for answers that
+    ``answer_offer`` did not build, e.g. from an application's ``on_reoffer``)."""
+    for index, media in enumerate(answer.media):
+        if media.media != "audio" or media.port == 0 or index >= len(offer.media):
+            continue
+        offered = offer.media[index]
+        maps = media.rtpmaps()
+        codec = next((maps[int(f)] for f in media.formats if f.isdigit() and int(f) in maps
+                      and maps[int(f)].encoding.lower() not in ("telephone-event", "cn")), None)
+        if codec is None:
+            raise SdpError("the answer's audio stream has no usable codec")
+        connection = offer.connection_of(offered)
+        if connection is None:
+            raise SdpError("the offer's audio stream has no c= line")
+        dtmf = _telephone_event(media)
+        return NegotiatedMedia(
+            remote_address=None if connection.is_hold else connection.host,
+            remote_port=offered.port,
+            remote_rtcp_port=offered.rtcp_port,
+            codec=codec.encoding.upper(),
+            payload_type=codec.payload_type,
+            clock_rate=codec.clock_rate,
+            ptime=media.ptime or offered.ptime or 20,
+            dtmf_payload_type=dtmf.payload_type if dtmf else None,
+            direction=answer.direction_of(media),
+        )
+    raise NoCommonCodec("the answer rejected every audio stream")
