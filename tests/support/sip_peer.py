@@ -12,6 +12,7 @@ import time
 
 from sip.framing import StreamFramer
 from sip.message import Request, Response, parse_message
+from sip.uri import format_host
 
 
 def branch() -> str:
@@ -135,12 +136,13 @@ def options(target: str, peer: RawPeer, *, call_id: str | None = None, transport
             via_port: int | None = None, rport: bool = True, extra: str = "") -> bytes:
     """A well-formed OPTIONS from ``peer``."""
     call_id = call_id or f"probe-{secrets.token_hex(6)}"
+    host = format_host(peer.host)
     rport_param = ";rport" if rport else ""
     return (
         f"OPTIONS {target} SIP/2.0\r\n"
-        f"Via: SIP/2.0/{transport or peer.transport} {peer.host}:{via_port or peer.port};branch={branch()}{rport_param}\r\n"
+        f"Via: SIP/2.0/{transport or peer.transport} {host}:{via_port or peer.port};branch={branch()}{rport_param}\r\n"
         f"Max-Forwards: 70\r\n"
-        f"From: <sip:probe@{peer.host}>;tag={secrets.token_hex(4)}\r\n"
+        f"From: <sip:probe@{host}>;tag={secrets.token_hex(4)}\r\n"
         f"To: <{target}>\r\n"
         f"Call-ID: {call_id}\r\n"
         f"CSeq: 1 OPTIONS\r\n"
