@@ -29,6 +29,7 @@ from sip.status import reason_phrase
 
 log = logging.getLogger("sip.transport")
 
+UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
 MessageHandler = Callable[[Request | Response, "Flow"], None]
 
 
@@ -245,6 +246,11 @@ class Transport:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if self.host == "::" else 1)
         if kind == socket.SOCK_STREAM:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        else:
+            # Bursts (hundreds of INVITEs at once) must not overflow the receive queue;
+            # the kernel caps this at net.core.rmem_max.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
         sock.setblocking(False)
         return sock
 
