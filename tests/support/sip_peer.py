@@ -10,8 +10,10 @@ import asyncio
 import secrets
 import time
 
+from sip.errors import SipParseError
 from sip.framing import StreamFramer
-from sip.message import Request, Response, parse_message
+from sip.headers import Headers
+from sip.message import Request, Response, parse_message, split_head
 from sip.uri import format_host
 
 
@@ -63,9 +65,15 @@ class RawPeer:
     def _deliver(self, data: bytes) -> None:
         self.raw.append(data)
         try:
-            self.queue.put_nowait(parse_message(data))
-        except Exception:
-            self.unparsable.append(data)
+            message = parse_message(data)
+        except SipParseError:
+            # A server may echo malformed headers (a 400 copies what it got); keep the
+            # status and the raw headers so that tests can still look at it.
+            message = _unvalidated(data)
+            if message is None:
+                self.unparsable.append(data)
+                return
+        self.queue.put_nowait(message)
 
     def send(self, data: bytes | Request | Response, address: tuple[str, int] | None = None) -> None:
         payload = data if isinstance(data, bytes) else data.to_bytes()
@@ -148,3 +156,17 @@ def options(target: str, peer: RawPeer, *, call_id: str | None = None, transport
         f"CSeq: 1 OPTIONS\r\n"
         f"{extra}"
         f"Content-Length: 0\r\n\r\n").encode()
+
+
+def _unvalidated(data: bytes) -> Response | None:
+    parts = split_head(data)
+    head = (parts[0] if parts else data).decode("utf-8", "replace").split("\r\n")
+    status_line = head[0].split(" ", 2)
+    if len(status_line) < 2 or not status_line[0].startswith("SIP/") or not status_line[1].isdigit():
+        return None
+    headers = Headers()
+    for line in head[1:]:
+        name, colon, value = line.partition(":")
+        if colon:
+            headers.add(name.strip(), value.strip())
+    return Response(int(status_line[1]), status_line[2] if len(status_line) > 2 else "", headers)
