@@ -12,7 +12,6 @@ from sip.errors import SipParseError
 
 ALPHANUM = frozenset(string.ascii_letters + string.digits)
 TOKEN_CHARS = ALPHANUM | frozenset("-.!%*_+`'~")
-WORD_CHARS = TOKEN_CHARS | frozenset("()<>:\\\"/[]?{}")
 MARK = frozenset("-_.!~*'()")
 UNRESERVED = ALPHANUM | MARK
 USER_CHARS = UNRESERVED | frozenset("&=+$,;?/")

@@ -24,7 +24,7 @@ from sip.grammar import (
     split_list,
     unquote,
 )
-from sip.uri import AbsoluteUri, SipUri, Uri, check_host, format_host, parse_port, parse_uri
+from sip.uri import AbsoluteUri, Uri, check_host, format_host, parse_port, parse_uri
 
 COMPACT_FORMS = {
     "a": "Accept-Contact", "b": "Referred-By", "c": "Content-Type", "d": "Request-Disposition",
@@ -170,11 +170,6 @@ class Headers:
 
     def __repr__(self) -> str:
         return f"Headers({list(self)!r})"
-
-
-def token_list(values: Iterable[str]) -> list[str]:
-    """The tokens of list headers such as Supported or Require (already split)."""
-    return [v.strip() for v in values if v.strip()]
 
 
 # --- name-addr / addr-spec -------------------------------------------------------------
@@ -412,12 +407,8 @@ def check_date(text: str) -> None:
         raise SipParseError(f"Date: {shown(text)} is not an RFC 1123 date in GMT")
 
 
-def is_sip_uri(uri: Uri) -> bool:
-    return isinstance(uri, SipUri)
-
-
 __all__ = [
     "AbsoluteUri", "Address", "CANONICAL_NAMES", "COMPACT_FORMS", "CSeq", "Headers", "LIST_HEADERS",
     "MAGIC_COOKIE", "SINGLE_HEADERS", "STRICT_LIST_HEADERS", "Via", "canonical_name", "check_date",
-    "lenient_via", "parse_media_type", "parse_uint", "split_list", "token_list",
+    "lenient_via", "parse_media_type", "parse_uint", "split_list",
 ]

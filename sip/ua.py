@@ -110,6 +110,8 @@ class IncomingCall:
         if not self._pending():
             return
         response = self.ua._response(self.request, status, reason, headers=headers, to_tag=self.local_tag)
+        for route in self.request.headers.get_all("Record-Route"):  # an early dialog's route set
+            response.headers.add("Record-Route", route)
         response.headers.add("Contact", self.ua._contact(self.flow))
         if sdp is not None:
             response.headers.add("Content-Type", "application/sdp")
