@@ -5,6 +5,7 @@ The scanner raises ``SipParseError`` naming the header (``where``) and showing t
 
 from __future__ import annotations
 
+import re
 import string
 from collections.abc import Iterable, Iterator
 
@@ -25,8 +26,26 @@ WS = " \t"
 HEX = frozenset(string.hexdigits)
 
 
+_CLASS_PATTERNS: dict[tuple[frozenset[str], bool], re.Pattern[str]] = {}
+
+
+def char_run(chars: frozenset[str], negate: bool = False) -> re.Pattern[str]:
+    """A compiled ``[chars]*`` (``[^chars]*`` when ``negate``), cached: scanning with
+    regular expressions is an order of magnitude faster than a Python loop per character."""
+    key = (chars, negate)
+    pattern = _CLASS_PATTERNS.get(key)
+    if pattern is None:
+        body = "".join(re.escape(c) for c in sorted(chars))
+        pattern = _CLASS_PATTERNS[key] = re.compile(f"[{'^' if negate else ''}{body}]*")
+    return pattern
+
+
+_TOKEN = char_run(TOKEN_CHARS)
+_WS = char_run(frozenset(WS))
+
+
 def is_token(text: str) -> bool:
-    return bool(text) and all(c in TOKEN_CHARS for c in text)
+    return bool(text) and _TOKEN.fullmatch(text) is not None
 
 
 def shown(text: str, limit: int = 80) -> str:
@@ -58,6 +77,11 @@ def split_list(value: str, where: str) -> list[str]:
     """Split a comma-separated header value at top-level commas: commas inside quoted
     strings and ``<...>`` do not split. Elements are stripped; empty ones are kept so that
     the caller can decide whether they are an error."""
+    if '"' not in value:
+        if "," not in value:
+            return [value.strip()]
+        if "<" not in value:
+            return [part.strip() for part in value.split(",")]
     parts: list[str] = []
     start = 0
     in_quote = False
@@ -173,9 +197,7 @@ class Scanner:
 
     def skip_ws(self) -> bool:
         start = self.pos
-        text = self.text
-        while self.pos < len(text) and text[self.pos] in WS:
-            self.pos += 1
+        self.pos = _WS.match(self.text, start).end()
         return self.pos > start
 
     def accept(self, char: str) -> bool:
@@ -191,17 +213,13 @@ class Scanner:
 
     def read_while(self, chars: frozenset[str]) -> str:
         start = self.pos
-        text = self.text
-        while self.pos < len(text) and text[self.pos] in chars:
-            self.pos += 1
-        return text[start:self.pos]
+        self.pos = char_run(chars).match(self.text, start).end()
+        return self.text[start:self.pos]
 
     def read_until(self, stops: str) -> str:
         start = self.pos
-        text = self.text
-        while self.pos < len(text) and text[self.pos] not in stops:
-            self.pos += 1
-        return text[start:self.pos]
+        self.pos = char_run(frozenset(stops), negate=True).match(self.text, start).end()
+        return self.text[start:self.pos]
 
     def token(self, what: str = "a token") -> str:
         value = self.read_while(TOKEN_CHARS)

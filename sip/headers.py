@@ -7,6 +7,7 @@ Header names are normalised on the way in: compact forms become full names (``i`
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ SINGLE_HEADERS = frozenset(("call-id", "cseq", "from", "to", "max-forwards", "co
                             "content-type"))
 
 
+@functools.lru_cache(maxsize=4096)
 def canonical_name(name: str) -> str:
     """The full, canonically spelt form of a header name (unknown names unchanged)."""
     lowered = name.lower()

@@ -11,11 +11,21 @@ import re
 from collections.abc import Iterable, Mapping
 
 from sip.errors import SipParseError
-from sip.grammar import HEADER_CHARS, HEX, HOSTNAME_CHARS, PARAM_CHARS, PASSWORD_CHARS, USER_CHARS, shown
+from sip.grammar import (
+    HEADER_CHARS,
+    HEX,
+    HOSTNAME_CHARS,
+    PARAM_CHARS,
+    PASSWORD_CHARS,
+    USER_CHARS,
+    char_run,
+    shown,
+)
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*):")
 _FORBIDDEN = frozenset(' \t\r\n<>"') | frozenset(chr(c) for c in range(32)) | {"\x7f"}
 _DEFAULT_PORTS = {"sip": 5060, "sips": 5061}
+_DIGITS_AND_DOTS = re.compile(r"[0-9.]+")
 
 ParamItems = Iterable[tuple[str, str | None]] | Mapping[str, str | None]
 
@@ -58,9 +68,9 @@ def unescape(text: str, where: str) -> str:
 
 
 def _check_chars(text: str, allowed: frozenset[str], what: str, where: str) -> str:
-    for c in text:
-        if c not in allowed and c != "%":
-            raise SipParseError(f"{where}: character {c!r} not allowed in the {what} of {shown(text)}")
+    run = char_run(allowed | {"%"}).match(text).end()
+    if run != len(text):
+        raise SipParseError(f"{where}: character {text[run]!r} not allowed in the {what} of {shown(text)}")
     return unescape(text, where)
 
 
@@ -74,15 +84,14 @@ def check_host(host: str, where: str) -> str:
         except ValueError:
             raise SipParseError(f"{where}: {host!r} is not an IPv6 address") from None
         return host
-    if all(c.isdigit() or c == "." for c in host):
-        try:
-            ipaddress.IPv4Address(host)
-        except ValueError:
-            raise SipParseError(f"{where}: {host!r} is not an IPv4 address") from None
+    if _DIGITS_AND_DOTS.fullmatch(host):
+        parts = host.split(".")
+        if len(parts) != 4 or not all(p and len(p) <= 3 and int(p) <= 255 for p in parts):
+            raise SipParseError(f"{where}: {host!r} is not an IPv4 address")
         return host
-    for c in host:
-        if c not in HOSTNAME_CHARS:
-            raise SipParseError(f"{where}: character {c!r} not allowed in host {shown(host)}")
+    run = char_run(HOSTNAME_CHARS).match(host).end()
+    if run != len(host):
+        raise SipParseError(f"{where}: character {host[run]!r} not allowed in host {shown(host)}")
     if ".." in host or host.startswith("."):
         raise SipParseError(f"{where}: empty label in host {shown(host)}")
     return host

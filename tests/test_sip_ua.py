@@ -404,3 +404,35 @@ async def test_digest_challenge_from_a_proxy_is_answered_once(make_ua, peer):
     assert failed.value.status == 407
     acks = [m for m in peer.drain() if isinstance(m, Request) and m.method == "ACK"]
     assert acks  # each 407 was ACKed by the transaction layer
+
+
+def _has_ipv6() -> bool:
+    import socket
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback")
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_call_over_ipv6(transport):
+    app = AnsweringApp()
+    uas = UserAgent("::", 0, on_invite=app, timers=TIMERS)
+    uac = UserAgent("::1", 0, timers=TIMERS)
+    await uas.start()
+    await uac.start()
+    try:
+        dialog = await uac.invite(f"sip:echo@[::1]:{uas.port};transport={transport}",
+                                  str(build_offer(PREFS, "::1", 30000)))
+        answered = await app.dialog()
+        assert app.calls[0].source[0] == "::1"
+        assert app.calls[0].request.top_via.host == "::1"
+        assert str(answered.remote_target).startswith("sip:moshimoshi@[::1]:")
+        await dialog.bye()
+        assert await asyncio.wait_for(answered.terminated, 5) == "remote-bye"
+    finally:
+        await uac.stop()
+        await uas.stop()
