@@ -198,7 +198,19 @@ class _OutgoingInvite:
 
 class UserAgent:
     """A SIP user agent (UAS and UAC) over UDP and TCP on one port. See the module
-    docstring for the API; ``counts()`` exposes its live objects for leak checks."""
+    docstring for the API; ``counts()`` exposes its live objects for leak checks and
+    ``transport.counters`` what the transport dropped or refused.
+
+    - ``host``/``port``: where to bind (``::`` is dual-stack; port 0 picks one, see ``port``).
+    - ``public_host``: the address put in Via and Contact (default: the local address
+      that routes toward each peer).
+    - ``session_expires``: the RFC 4028 interval we ask for and impose (0: none unless the
+      peer asks); ``min_se``: the shortest interval we accept (422 below it).
+    - ``timers``: T1/T2/T4 (shrink them in tests).
+    - ``force_rport``: answer UDP requests at their source port even without ``;rport``
+      (for clients behind NAT that do not ask for RFC 3581).
+    - ``max_message_size``, ``tcp_idle_timeout``, ``max_tcp_connections``: transport limits.
+    """
 
     def __init__(self, host: str = "0.0.0.0", port: int = 0, *, public_host: str | None = None,
                  on_invite: InviteHandler | None = None, user_agent: str = "moshimoshi/0.1",

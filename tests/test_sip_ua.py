@@ -231,14 +231,16 @@ async def test_info_reaches_the_application(make_ua):
 
 async def test_session_timer_refresh_and_422_negotiation(make_ua):
     app = AnsweringApp()
-    uas = await make_ua(on_invite=app, min_se=2, session_expires=2)
-    uac = await make_ua(min_se=1, session_expires=1)  # 1 s is too small for the UAS: 422, then 2 s
+    # 3 s is too small for the UAS (Min-SE 6): 422, then 6 s. The UAC refreshes every 3 s;
+    # the UAS would give up at 6 - 6/3 = 4 s without a refresh: a margin of a second.
+    uas = await make_ua(on_invite=app, min_se=6, session_expires=6)
+    uac = await make_ua(min_se=1, session_expires=3)
     dialog = await uac.invite(f"sip:echo@127.0.0.1:{uas.port}", offer())
     answered = await app.dialog()
-    assert dialog.session_timer.interval == 2 and dialog.session_timer.refresher == "local"
+    assert dialog.session_timer.interval == 6 and dialog.session_timer.refresher == "local"
     assert answered.session_timer.refresher == "remote"
-    await wait_until(lambda: uac.session_refreshes >= 2)  # UPDATE every interval/2
-    assert not answered.is_terminated  # each refresh pushed the UAS's expiry back
+    await wait_until(lambda: uac.session_refreshes >= 1)  # an UPDATE after interval/2
+    assert not answered.is_terminated and answered.session_timer.interval == 6
     await dialog.bye()
     await drained(uas, uac)
 
