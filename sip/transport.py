@@ -397,7 +397,7 @@ class Transport:
             self.counters.messages_sent += 1
         except (OSError, TransportError) as exc:
             self.counters.send_errors += 1
-            log.warning("cannot send to %r: %s", flow, exc)
+            log.info("cannot send to %r: %s", flow, exc)
 
     async def _connect_and_send(self, data: bytes, flow: Flow) -> None:
         try:
@@ -407,7 +407,7 @@ class Transport:
             self.counters.messages_sent += 1
         except (OSError, TransportError) as exc:
             self.counters.send_errors += 1
-            log.warning("cannot send to %r: %s", flow, exc)
+            log.info("cannot send to %r: %s", flow, exc)
 
     def _live_connection(self, flow: Flow) -> TcpConnection | None:
         connection = flow.connection

@@ -63,11 +63,11 @@ class Case:
 def frames_cleanly(data: bytes) -> bool:
     """Whether the message can be sent on a stream: exactly one valid Content-Length that
     matches the body (the others are datagram-only tests)."""
-    end = data.find(b"\r\n\r\n")
-    if end < 0:
+    head_end = re.search(rb"\r?\n\r?\n", data)  # where sip.framing sees the blank line
+    if head_end is None or data[:1] in (b"\r", b"\n"):
         return False
-    lengths = re.findall(rb"^(?:content-length|l)[ \t]*:[ \t]*(\S*)", data[:end], re.I | re.M)
-    return len(lengths) == 1 and lengths[0].isdigit() and end + 4 + int(lengths[0]) == len(data)
+    lengths = re.findall(rb"^(?:content-length|l)[ \t]*:[ \t]*(\S*)", data[:head_end.start()], re.I | re.M)
+    return len(lengths) == 1 and lengths[0].isdigit() and head_end.end() + int(lengths[0]) == len(data)
 
 
 def rfc4475_cases() -> list[Case]:
@@ -260,3 +260,55 @@ def test_own_cases_cover_every_rfc4475_section():
     sections = {entry["section"] for entry in manifest["case"]}
     assert sections == {"3.1.1", "3.1.2", "3.2", "3.3", "3.4"}
     assert len(manifest["case"]) >= 40
+
+
+FUZZ_SEEDS = [name for name in ("escaped-uris.sip", "tortured-whitespace.sip", "long-everything.sip",
+                                "ipv6-everywhere.sip", "require-unknown.sip", "unknown-content-type.sip",
+                                "cancel-without-invite.sip", "bye-without-dialog.sip", "semicolon-user.sip")]
+SPECIAL_BYTES = b'<>;,"\\:@ \t\r\n=/?%[]\x00\xff'
+
+
+def mutate(data: bytes, rng) -> bytes:
+    out = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        if not out:
+            break
+        at = rng.randrange(len(out))
+        kind = rng.choice(["delete", "insert", "replace", "duplicate-line"])
+        if kind == "delete":
+            del out[at:at + rng.randint(1, 12)]
+        elif kind == "insert":
+            out[at:at] = bytes(rng.choice(SPECIAL_BYTES) for _ in range(rng.randint(1, 4)))
+        elif kind == "replace":
+            out[at] = rng.choice(SPECIAL_BYTES)
+        else:
+            start = out.rfind(b"\n", 0, at) + 1
+            end = out.find(b"\n", at)
+            if end > start:
+                out[end + 1:end + 1] = out[start:end + 1]
+    return bytes(out)
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_fuzzed_requests_never_crash_or_leak(server, transport):
+    """Seeded mutations of valid requests: whatever comes back, the UA keeps answering,
+    logs no error and, once the timers have run, holds no call, dialog or transaction."""
+    import random
+
+    rng = random.Random(20240607)
+    seeds = [(OWN_CASES / name).read_bytes() for name in FUZZ_SEEDS]
+    peer = await connect(server, transport)
+    try:
+        for i in range(200):
+            data = mutate(rng.choice(seeds), rng)
+            if transport == "tcp" and not frames_cleanly(data):
+                continue  # a broken stream only tests the framer, which has its own tests
+            send(peer, server, data)
+            if i % 20 == 19:
+                await probe(peer, server)
+        await probe(peer, server)
+    finally:
+        await peer.close()
+    counts = await wait_until_idle(server)
+    assert counts["dialogs"] == counts["pending_calls"] == counts["server_transactions"] == 0, counts
+    assert counts["client_transactions"] == counts["tasks"] == 0, counts
