@@ -191,6 +191,9 @@ async def test_hold_and_resume_with_the_default_reoffer_answer(make_ua):
     resumed = await dialog.reinvite(offer())
     assert resumed.status == 200 and dialog.media.direction == "sendrecv"
     await wait_until(lambda: answered.media.direction == "sendrecv")
+    update = await dialog.request("UPDATE", body=offer(direction="inactive"), content_type="application/sdp")
+    assert update.status == 200 and SessionDescription.parse(update.body).media[0].direction == "inactive"
+    await wait_until(lambda: answered.media.direction == "inactive")
     await dialog.bye()
     await drained(uas, uac)
 
@@ -438,3 +441,14 @@ async def test_call_over_ipv6(transport):
     finally:
         await uac.stop()
         await uas.stop()
+
+
+async def test_refresh_to_a_vanished_peer_ends_with_transport_error(make_ua):
+    app = AnsweringApp()
+    uas = await make_ua(on_invite=app, min_se=1, session_expires=2)
+    uac = await make_ua(min_se=1, session_expires=2)
+    dialog = await uac.invite(f"sip:echo@127.0.0.1:{uas.port};transport=tcp", offer())
+    await app.dialog()
+    assert dialog.session_timer.refresher == "local"
+    await uas.stop()  # the peer is gone: the refresh after 1 s cannot even connect
+    assert await asyncio.wait_for(dialog.terminated, 15) == "transport-error"
