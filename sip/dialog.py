@@ -83,6 +83,7 @@ class Dialog:
         self.local_sdp = local_sdp
         self.remote_sdp = remote_sdp
         self.media: NegotiatedMedia | None = None
+        self.answer_response: Response | None = None  # UAC: the 2xx that created the dialog
         self.session_timer: SessionTimer | None = None
         self.peer_allow = peer_allow
         self.credentials = credentials

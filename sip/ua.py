@@ -219,6 +219,8 @@ class UserAgent:
                  tcp_idle_timeout: float = 120.0, max_tcp_connections: int = 1024,
                  force_rport: bool = False) -> None:
         self.on_invite = on_invite
+        # Out-of-dialog OPTIONS get 503 while this says False (draining, no capacity).
+        self.available: Callable[[], bool] | None = None
         self.user_agent = user_agent
         self.session_expires = session_expires
         self.min_se = min_se
@@ -404,6 +406,9 @@ class UserAgent:
             dialog.handle_request(request, transaction)
             return
         if method == "OPTIONS":
+            if self.available is not None and not self.available():
+                # Dispatchers and SBCs probe with OPTIONS: tell them to route elsewhere.
+                raise SipError(503, headers={"Retry-After": "10"})
             transaction.respond(self._capabilities(request))
         elif method == "INVITE":
             self._on_invite(request, transaction, flow)
@@ -562,6 +567,7 @@ class UserAgent:
             route_set=list(reversed(response.headers.get_all("Record-Route"))), flow=state.flow,
             local_sdp=offer, remote_sdp=None,
             peer_allow={m.upper() for m in response.values("Allow")} or None, credentials=state.credentials)
+        dialog.answer_response = response
         self._add_dialog(dialog)
         try:
             ack_flow = await dialog._next_hop()

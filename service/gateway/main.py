@@ -67,6 +67,7 @@ class Gateway:
         self.ua = UserAgent(settings.sip_host, settings.sip_port, public_host=settings.public_host,
                             on_invite=self._on_invite, session_expires=settings.session_expires,
                             user_agent="moshimoshi-gateway")
+        self.ua.available = self.accepting
         self.pool: PoolClient | None = None
         self.records: CallRecords | None = None
         self.registry: RegistryReader | None = None

@@ -14,6 +14,7 @@ import logging
 import socket
 import typing as tp
 
+from service.call import CALL_ID_HEADER
 from service.gateway import metrics
 from service.gateway.call import PLAYOUT_GRACE_SECONDS, Call, TranscriptEvent
 from service.gateway.media import CallMedia
@@ -128,7 +129,7 @@ class SipCallHandler:
             call.end("cancelled")
             return
         self._start_media(negotiated)
-        dialog = await incoming.accept(str(answer))
+        dialog = await incoming.accept(str(answer), headers={CALL_ID_HEADER: call.id})
         metrics.SIP_RESPONSES.labels("200").inc()
         self.dialog = dialog
         dialog.on_media_update = self._on_media_update
