@@ -35,6 +35,8 @@ class WorkerSettings:
     seed: int = setting(42424242, "random seed for sampling")
     cuda_graphs: bool = setting(True, "capture the step in CUDA graphs on GPU")
     max_call_seconds: float = setting(1800.0, "a call that reaches this length is ended cleanly", min=1.0)
+    input_queue_frames: int = setting(4, "80 ms input frames a slot may queue before the oldest is dropped",
+                                      min=1, max=1000)
     echo_delay_ms: int = setting(0, "with --model echo: how long the echo lags behind the caller",
                                  min=0, max=10_000)
     worker_id: str | None = setting(None, "this worker's id in the pool (default: hostname-port)")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import tempfile
 import typing as tp
 from pathlib import Path
@@ -62,23 +63,18 @@ def license_for(model_id: str) -> str:
 
 
 def is_research_only(license_text: str) -> bool:
-    return "NC" in license_text.split()
+    """Non-commercial licences (CC BY-NC and the like)."""
+    return re.search(r"(^|[\s-])NC([\s-]|$)", license_text) is not None
 
 
 def _parse_version(text: str) -> tuple[int, ...]:
-    parts = []
-    for piece in text.split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        if not digits:
-            break
-        parts.append(int(digits))
-        if len(digits) != len(piece):
-            break
-    return tuple(parts)
+    """Leading numeric release of a version string: "0.2.4rc1" -> (0, 2, 4)."""
+    match = re.match(r"\d+(\.\d+)*", text.strip())
+    return tuple(int(part) for part in match.group(0).split(".")) if match else ()
 
 
 def check_moshi_version() -> str:
-    """Return moshi's version, or raise :class:`MoshiVersionError` if it is below 0.2.5."""
+    """Return the installed moshi's version; raise :class:`MoshiVersionError` below 0.2.5."""
     from importlib import metadata
 
     try:
@@ -87,6 +83,11 @@ def check_moshi_version() -> str:
         raise MoshiVersionError(
             "the moshi package is not installed: the worker needs moshi >= 0.2.5 "
             "(install the [worker] extra and moshi, see the Makefile)") from None
+    return require_moshi_version(version)
+
+
+def require_moshi_version(version: str) -> str:
+    """Return ``version`` if it supports per-slot batching, else raise MoshiVersionError."""
     if _parse_version(version) < MIN_MOSHI_VERSION:
         raise MoshiVersionError(
             f"moshi {version} is installed but the worker needs moshi >= 0.2.5: older releases "
@@ -170,6 +171,8 @@ class _HubSource:
         except LocalEntryNotFoundError:
             # Offline and not cached. (A subclass of EntryNotFoundError: test it first, or an
             # unreachable Hub would read as "this repo has no such file".)
+            if not required and self._cached_without(name):
+                return None
             raise CheckpointError(
                 f"checkpoint {self.label}: cannot fetch {name}: Hugging Face is unreachable and the "
                 "file is not in the local cache (download it once, or set HF_HOME to a cache "
@@ -180,6 +183,20 @@ class _HubSource:
             return None
         except (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError) as exc:
             raise CheckpointError(f"checkpoint {self.label}: {exc}") from None
+
+    def _cached_without(self, name: str) -> bool:
+        """Offline: does the cache know that this revision has no ``name``?
+
+        Either the Hub said so once (a ``.no_exist`` marker), or the revision's snapshot is
+        cached (``huggingface-cli download`` fetches whole repos) and lacks the file.
+        """
+        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.file_download import _CACHED_NO_EXIST
+
+        if try_to_load_from_cache(self.repo_id, name, revision=self.revision) is _CACHED_NO_EXIST:
+            return True
+        weights = try_to_load_from_cache(self.repo_id, MOSHI_NAME, revision=self.revision)
+        return isinstance(weights, str)
 
 
 def _is_repo_id(text: str) -> bool:

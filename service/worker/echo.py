@@ -24,12 +24,13 @@ class EchoEngine:
     tokenizer = None
     text_padding_ids: frozenset[int] = frozenset()
 
-    def __init__(self, batch_size: int, delay_ms: int = 0) -> None:
+    def __init__(self, batch_size: int, delay_ms: int = 0, *, clocked: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if delay_ms < 0:
             raise ValueError(f"delay_ms must not be negative, got {delay_ms}")
         self.batch_size = batch_size
+        self.clocked = clocked  # True: stepped by the batch clock (tests the clock without a model)
         self.delay_seconds = delay_ms / 1000.0
         self.info = ModelInfo(model="echo", license="n/a (no model: echoes the caller)", source="echo")
         self._delay_frames = math.ceil(self.delay_seconds / FRAME_SECONDS - 1e-9)

@@ -80,7 +80,8 @@ class WorkerRuntime:
             engine.warm_up()
             warm = time.monotonic() - started
             skip = skipped_ids(engine.tokenizer, engine.text_padding_ids) if engine.tokenizer else frozenset()
-            clock = BatchClock(engine, self.metrics, loop) if engine.clocked else None
+            clock = (BatchClock(engine, self.metrics, loop, queue_frames=self.settings.input_queue_frames)
+                     if engine.clocked else None)
         except BaseException as exc:  # noqa: BLE001 - reported to the loop, which exits non-zero
             loop.call_soon_threadsafe(self._failed, exc)
             self._thread_done.set()

@@ -8,6 +8,11 @@ back to its session on the event loop, in order. A step that ends after the next
 an overrun: the clock skips the missed ticks rather than running them back to back, and
 counts both.
 
+A slot's stream starts at its first input frame, so that the model's time 0 is the
+caller's first audio and a session is not charged an underrun for the moments between
+``started`` and its first frame; a slot that gets no frame at all starts anyway after
+``start_grace_ticks`` (then every tick without a frame is an underrun).
+
 :class:`ImmediateDriver` serves unclocked engines (echo): each input frame is answered as
 it arrives. Both expose the same ``attach`` / ``detach`` / ``push`` to the sessions.
 """
@@ -38,6 +43,7 @@ from service.worker.metrics import WorkerMetrics
 log = logging.getLogger(__name__)
 
 DEFAULT_QUEUE_FRAMES = 4  # 320 ms of caller audio may wait for the clock; older frames are dropped
+DEFAULT_START_GRACE_TICKS = 25  # a bound slot waits up to 2 s for its first frame before stepping
 
 # Called on the event loop with (step index since the slot's reset, PCM16 frame, text token).
 OutputSink = tp.Callable[[int, bytes, int], None]
@@ -51,6 +57,8 @@ class SlotBinding:
     sink: OutputSink
     queue: collections.deque[bytes]
     fresh: bool = True
+    started: bool = False
+    waited: int = 0
     steps: int = 0
     underruns: int = 0
     dropped: int = 0
@@ -72,9 +80,11 @@ class BatchClock:
 
     def __init__(self, engine: Engine, metrics: WorkerMetrics, loop: asyncio.AbstractEventLoop, *,
                  period: float = FRAME_SECONDS, queue_frames: int = DEFAULT_QUEUE_FRAMES,
+                 start_grace_ticks: int = DEFAULT_START_GRACE_TICKS,
                  clock: tp.Callable[[], float] = time.monotonic) -> None:
         if queue_frames < 1:
             raise ValueError("queue_frames must be at least 1")
+        self.start_grace_ticks = start_grace_ticks
         self.engine = engine
         self.metrics = metrics
         self.loop = loop
@@ -156,6 +166,11 @@ class BatchClock:
             for slot, binding in enumerate(self._bindings):
                 if binding is None:
                     continue
+                if not binding.started:
+                    if not binding.queue and binding.waited < self.start_grace_ticks:
+                        binding.waited += 1
+                        continue
+                    binding.started = True
                 active[slot] = True
                 fresh[slot] = binding.fresh
                 binding.fresh = False

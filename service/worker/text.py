@@ -6,12 +6,14 @@ over several steps (``<0xE9>``, ``<0xAC>``, ``<0xB1>`` = 鬱); decoding each pie
 would give U+FFFD fragments. :class:`TextStream` therefore keeps the recent token list,
 decodes it whole, and emits only the new suffix, holding back a trailing incomplete
 character until its last byte arrives. Bytes that can never complete are dropped and
-counted, never emitted as U+FFFD.
+counted, never emitted as U+FFFD. Control characters (a babbling model can spell them
+with byte pieces) are not transcript text and are removed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import unicodedata
 
 from service.worker.engine_api import FRAME_SECONDS, NO_TOKEN, TextTokenizer
 
@@ -68,6 +70,8 @@ class TextStream:
         self._consumed += len(ready)
         clean = ready.replace(REPLACEMENT, "")
         self.dropped_bytes += len(ready) - len(clean)
+        if any(unicodedata.category(ch) == "Cc" for ch in clean):
+            clean = "".join(ch for ch in clean if unicodedata.category(ch) != "Cc")
         if held == 0 and len(self._window) > WINDOW_TOKENS:
             # Keep the last token as context: it decides whether the next piece's "▁" is a space.
             self._window = self._window[-1:]

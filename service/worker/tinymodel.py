@@ -99,21 +99,24 @@ def lm_config(text_card: int, context: int) -> dict:
 
 
 def train_tokenizer(out_file: Path, vocab_size: int = VOCAB_SIZE) -> None:
-    """Train a small SentencePiece model with byte fallback (any text round-trips)."""
+    """Train a small SentencePiece model with byte fallback (any text round-trips).
+
+    Trained from an iterator into memory, so that no temporary path ends up in the model's
+    trainer spec: the file is a pure function of the text and the options.
+    """
+    import io
+
     import sentencepiece as spm
 
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "corpus.txt"
-        corpus.write_text(TRAINING_TEXT, encoding="utf-8")
-        prefix = Path(tmp) / "spm"
-        spm.SentencePieceTrainer.train(
-            input=str(corpus), model_prefix=str(prefix), vocab_size=vocab_size,
-            model_type="unigram", byte_fallback=True, character_coverage=0.98,
-            unk_id=END_OF_TEXT_PADDING_ID, bos_id=1, eos_id=2, pad_id=TEXT_PADDING_ID,
-            hard_vocab_limit=False, num_threads=1, minloglevel=2,
-            split_digits=True, remove_extra_whitespaces=False,
-        )
-        out_file.write_bytes(prefix.with_suffix(".model").read_bytes())
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TRAINING_TEXT.splitlines()), model_writer=model,
+        vocab_size=vocab_size, model_type="unigram", byte_fallback=True, character_coverage=0.98,
+        unk_id=END_OF_TEXT_PADDING_ID, bos_id=1, eos_id=2, pad_id=TEXT_PADDING_ID,
+        hard_vocab_limit=False, num_threads=1, minloglevel=2,
+        split_digits=True, remove_extra_whitespaces=False,
+    )
+    out_file.write_bytes(model.getvalue())
 
 
 def _randomise_codebooks(mimi, generator) -> None:
