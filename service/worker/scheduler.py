@@ -81,7 +81,8 @@ class BatchClock:
     def __init__(self, engine: Engine, metrics: WorkerMetrics, loop: asyncio.AbstractEventLoop, *,
                  period: float = FRAME_SECONDS, queue_frames: int = DEFAULT_QUEUE_FRAMES,
                  start_grace_ticks: int = DEFAULT_START_GRACE_TICKS,
-                 clock: tp.Callable[[], float] = time.monotonic) -> None:
+                 clock: tp.Callable[[], float] = time.monotonic,
+                 wait: tp.Callable[[float], bool] | None = None) -> None:
         if queue_frames < 1:
             raise ValueError("queue_frames must be at least 1")
         self.start_grace_ticks = start_grace_ticks
@@ -94,6 +95,8 @@ class BatchClock:
         self._lock = threading.Lock()
         self._bindings: list[SlotBinding | None] = [None] * engine.batch_size
         self._stop = threading.Event()
+        # Sleeps up to the given seconds; True when stopped. Injectable to test on virtual time.
+        self._wait = wait or self._stop.wait
         self.steps = 0
         self.ticks = 0
         self.overruns = 0
@@ -141,7 +144,9 @@ class BatchClock:
         next_tick = self._clock()
         while not self._stop.is_set():
             delay = next_tick - self._clock()
-            if delay > 0 and self._stop.wait(delay):
+            if delay > 0 and self._wait(delay):
+                break
+            if self._stop.is_set():
                 break
             self.ticks += 1
             self.tick()
