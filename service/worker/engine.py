@@ -85,10 +85,19 @@ class MoshiEngine:
         self._first_frame = torch.zeros(batch_size, dtype=torch.bool, device=self.device)
 
     def _graphs(self) -> contextlib.AbstractContextManager:
-        if self.cuda_graphs:
-            return contextlib.nullcontext()
-        from moshi.utils.compile import no_cuda_graph
-        return no_cuda_graph()
+        """CUDA graphs only where asked for; no torch.compile on CPU.
+
+        moshi compiles a few small kernels lazily (RMS norm, RoPE); on CPU that buys nothing
+        and costs seconds at the first step and again for every new batch size.
+        """
+        from moshi.utils.compile import no_compile, no_cuda_graph
+
+        stack = contextlib.ExitStack()
+        if not self.cuda_graphs:
+            stack.enter_context(no_cuda_graph())
+        if self.device.type == "cpu":
+            stack.enter_context(no_compile())
+        return stack
 
     def _mask(self, values: np.ndarray) -> torch.Tensor:
         mask = torch.from_numpy(np.ascontiguousarray(values, dtype=np.bool_))
