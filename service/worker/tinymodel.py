@@ -16,7 +16,11 @@ import json
 import logging
 import os
 import tempfile
+import typing as tp
 from pathlib import Path
+
+if tp.TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -119,17 +123,41 @@ def train_tokenizer(out_file: Path, vocab_size: int = VOCAB_SIZE) -> None:
     out_file.write_bytes(model.getvalue())
 
 
-def _randomise_codebooks(mimi, generator) -> None:
-    """Random codebooks: a fresh Mimi's are all zeros, which would make every code 0."""
+def _calibration_audio(generator, seconds: float = 1.6) -> torch.Tensor:
+    """[8, 1, T] clips of varied sound (noise, tones, chirps, bursts) at 24 kHz."""
+    import math
+
     import torch
 
-    for name, buf in mimi.named_buffers():
-        if name.endswith("embedding_sum"):
-            buf.copy_(torch.randn(buf.shape, generator=generator) * 0.5)
-        elif name.endswith("cluster_usage"):
-            buf.fill_(1.0)
-        elif name.endswith("_initialized"):
-            buf.fill_(1.0)
+    n = int(24000 * seconds)
+    t = torch.arange(n) / 24000
+    clips = []
+    for i in range(8):
+        amplitude = 0.02 * (2 ** (i % 4))
+        noise = torch.randn(n, generator=generator) * amplitude
+        tone = amplitude * torch.sin(2 * math.pi * (150 + 90 * i) * t * (1 + 0.5 * t * (i % 3)))
+        gate = (torch.sin(2 * math.pi * (1.5 + i) * t) > 0).float()
+        clips.append(noise * (i % 2) + tone * gate + noise * 0.2)
+    return torch.stack(clips)[:, None, :]
+
+
+def _fit_codebooks(mimi, generator) -> None:
+    """Fit Mimi's random codebooks to what its random encoder outputs (moshi's own k-means).
+
+    A fresh Mimi's codebooks are all zeros, and random ones do not match the scale of the
+    latent: every frame would get the same codes and the LM would never hear the caller.
+    In training mode each RVQ layer initialises itself by k-means on its first batch, one
+    layer per pass; a few passes over the latents of varied audio fit all of them.
+    """
+    import torch
+
+    audio = _calibration_audio(generator)
+    with torch.no_grad():
+        latent = mimi._to_framerate(mimi.encoder_transformer(mimi.encoder(audio))[0])
+        mimi.quantizer.train()
+        for _ in range(mimi.quantizer.total_codebooks + 2):
+            mimi.quantizer(latent, mimi.frame_rate)
+    mimi.eval()
 
 
 def build_tiny_checkpoint(directory: str | os.PathLike, seed: int = 0, context: int = 3000) -> Path:
@@ -155,8 +183,7 @@ def build_tiny_checkpoint(directory: str | os.PathLike, seed: int = 0, context: 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         mimi = loaders.get_mimi(None, mimi_cfg, device="cpu", num_codebooks=8)
-        with torch.no_grad():
-            _randomise_codebooks(mimi, generator)
+        _fit_codebooks(mimi, generator)
         lm = loaders.get_moshi_lm(None, lm_kwargs=lm_cfg, device="cpu", dtype=torch.float32)
 
     def tensors(module) -> dict:
