@@ -143,8 +143,9 @@ async def test_a_dropped_socket_frees_the_slot_at_once():
         await again.close()
 
 
-async def test_max_call_seconds_ends_the_session_cleanly():
-    async with echo_worker(max_call_seconds=1.0) as worker:
+@pytest.mark.parametrize("clocked", [False, True])
+async def test_max_call_seconds_ends_the_session_cleanly(clocked):
+    async with echo_worker(max_call_seconds=1.0, clocked=clocked) as worker:
         ws, started = await open_session(worker)
         assert started["max_call_seconds"] == 1.0
         for frame in pcm_frames(4, 20):

@@ -101,3 +101,24 @@ async def test_concurrent_sessions_are_independent(tiny_dir):
         outputs.append(audio)
     # Different callers, different answers (the comparison above is not vacuous).
     assert outputs[0] != outputs[1] != outputs[2]
+
+
+async def test_a_call_runs_past_the_context_until_max_call_seconds(tmp_path):
+    """Context 20 steps (1.6 s); the call goes on past it and ends cleanly at 3 s."""
+    path = build_tiny_checkpoint(tmp_path / "short", seed=3, context=20)
+    settings = worker_settings(model=str(path), slots=2, greedy=True, input_queue_frames=64,
+                               max_call_seconds=3.0)
+    async with running_worker(settings) as worker:
+        async with connect(worker.url) as ws:
+            await ws.send(start_message(call_id="long"))
+            started = json.loads(await ws.recv())
+            assert started["context_seconds"] == 1.6
+            for frame in pcm_frames(9, 45):
+                await ws.send(frame)
+            result = await collect(ws, started=started)
+        assert len(result.frames) == round(3.0 / 0.08)
+        assert any(np.frombuffer(frame, "<i2").any() for frame in result.frames[-5:])
+        assert result.events[-1] == {"type": "end", "reason": "max_duration"}
+        assert all(e["type"] == "text" for e in result.events[:-1])
+        assert (result.close_code, result.close_reason) == (1000, "max_duration")
+        await worker.wait_free(2)
