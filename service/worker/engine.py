@@ -78,9 +78,11 @@ class MoshiEngine:
         self.sampling = sampling
         self.lm_gen = LMGen(self.lm, use_sampling=not greedy, support_out_of_sync=True, **sampling)
         self._codebooks = self.lm.dep_q
+        # Streaming for the engine's whole life; close() leaves it so the modules can be reused.
+        self._streaming = contextlib.ExitStack()
         with self._graphs(), torch.no_grad():
-            self.mimi.streaming_forever(batch_size)
-            self.lm_gen.streaming_forever(batch_size)
+            self._streaming.enter_context(self.mimi.streaming(batch_size))
+            self._streaming.enter_context(self.lm_gen.streaming(batch_size))
         # Slots whose next encoded frame is their stream's first (Kyutai's first-frame rule).
         self._first_frame = torch.zeros(batch_size, dtype=torch.bool, device=self.device)
 
@@ -163,7 +165,8 @@ class MoshiEngine:
         return time.monotonic() - start
 
     def close(self) -> None:
-        pass
+        """Leave streaming mode (the models can then back another engine)."""
+        self._streaming.close()
 
 
 def build_moshi_engine(model: LoadedModel, batch_size: int, **kwargs) -> MoshiEngine:

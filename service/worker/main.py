@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -50,6 +51,11 @@ def resolve_model(settings: WorkerSettings) -> str:
     return DEFAULT_MODEL if cuda_available() else "demo"
 
 
+def default_cpu_threads() -> int:
+    """Half the cores: OpenMP steps stall badly when their threads lose their cores."""
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
 def estimate_gpu_slots(lm: tp.Any, device: str) -> int:
     """How many slots fit the GPU's free memory, the weights being loaded already.
 
@@ -79,6 +85,12 @@ def build_engine(settings: WorkerSettings) -> Engine:
     from service.worker.engine import MoshiEngine
 
     device = resolve_device(settings)
+    if device == "cpu":
+        import torch
+
+        threads = settings.cpu_threads or default_cpu_threads()
+        torch.set_num_threads(threads)
+        log.info("CPU inference on %d torch thread(s)", threads)
     if model == "demo":
         from service.worker.tinymodel import demo_checkpoint
         log.warning(DEMO_BANNER)
