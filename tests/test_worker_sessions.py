@@ -1,18 +1,21 @@
 """Concurrent calls on one worker running the tiny model, over real WebSockets.
 
 Each session's audio and transcript must equal its single-stream reference: the same
-checkpoint stepped alone, in the same slot of an engine of the same batch size, greedy.
-(Same batch size: see tests/test_worker_engine.py for why a batch of 1 differs in the last
-float bits on CPU.)
+checkpoint stepped alone, in the same slot of an engine of the same batch size, greedy, on
+as many torch threads. (Same batch size and threads: see tests/test_worker_engine.py for
+why a batch of 1 differs in the last float bits on CPU; the thread count splits GEMMs too.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import typing as tp
 
 import numpy as np
 import pytest
+import torch
 from websockets.asyncio.client import connect
 
 from service.worker.checkpoint import load_checkpoint
@@ -24,6 +27,7 @@ from tests.support.worker import collect, pcm_frames, running_worker, start_mess
 
 SLOTS = 4
 FRAMES = 25  # 2 s of caller audio per session
+THREADS = 1
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +35,24 @@ def tiny_dir(tmp_path_factory):
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=0)
 
 
+@contextlib.contextmanager
+def torch_threads(count: int) -> tp.Iterator[None]:
+    """Run with the worker's thread count: float results depend on how GEMMs are split."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def reference(path, slot: int, frames: list[bytes]) -> tuple[list[bytes], list[dict]]:
     """The session's output when its stream runs alone in ``slot`` of a fresh engine."""
+    with torch_threads(THREADS):
+        return _reference(path, slot, frames)
+
+
+def _reference(path, slot: int, frames: list[bytes]) -> tuple[list[bytes], list[dict]]:
     loaded = load_checkpoint(str(path), device="cpu")
     engine = MoshiEngine(loaded, SLOTS, greedy=True)
     text = TextStream(loaded.tokenizer, skipped_ids(loaded.tokenizer, loaded.text_padding_ids))
@@ -74,7 +94,8 @@ async def call(url: str, frames: list[bytes], bound: asyncio.Event, go: asyncio.
 
 
 async def test_concurrent_sessions_are_independent(tiny_dir):
-    settings = worker_settings(model=str(tiny_dir), slots=SLOTS, greedy=True, input_queue_frames=64)
+    settings = worker_settings(model=str(tiny_dir), slots=SLOTS, greedy=True, input_queue_frames=64,
+                               cpu_threads=THREADS)
     inputs = {f"call-{i}": pcm_frames(100 + i, FRAMES, amplitude=0.05 * (i + 1)) for i in range(3)}
     async with running_worker(settings) as worker:
         go = asyncio.Event()
