@@ -136,9 +136,13 @@ async def serve_worker(settings: WorkerSettings, *, validator: TokenValidator | 
 
     from service.worker.server import create_app
 
+    try:
+        sock = _listen_socket(settings.host, settings.port)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror or exc)
+        return 2
     runtime = WorkerRuntime(settings, engine_factory or (lambda: build_engine(settings)), validator=validator)
     app = create_app(runtime)
-    sock = _listen_socket(settings.host, settings.port)
     port = sock.getsockname()[1]
     config = uvicorn.Config(app, log_level=settings.log_level, lifespan="off", access_log=False,
                             timeout_graceful_shutdown=5)

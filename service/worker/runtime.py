@@ -167,11 +167,11 @@ class WorkerRuntime:
         names = {self.info.model, self.info.path, self.settings.model}
         return model in {name for name in names if name}
 
-    async def bind(self, slot: int | None, token: int | None, call_id: str) -> int:
+    async def bind(self, slot: int | None, token: int | None, call_id: str, session: Session) -> int:
         if self.table is None or self.state != "ready":
             reason = "the worker is loading its model" if self.state == "loading" else f"the worker is {self.state}"
             raise NotAccepting(reason)
-        return await self.table.bind(slot, token, call_id)
+        return await self.table.bind(slot, token, call_id, owner=session)
 
     def attach(self, slot: int, sink: OutputSink, session: Session) -> None:
         assert self.driver is not None and self.table is not None
@@ -194,8 +194,7 @@ class WorkerRuntime:
                 self.driver.detach(slot)
             if not self.sessions:
                 self._idle.set()
-        if self.table.holder(slot) is not None and (slot not in self.sessions):
-            self.table.release(slot)
+        self.table.release(slot, owner=session)
         self.metrics.slots_busy.set(self.table.busy)
 
     def describe(self) -> dict[str, tp.Any]:

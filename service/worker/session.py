@@ -131,7 +131,7 @@ class Session:
         try:
             try:
                 start = await self._handshake()
-                self.slot = await self.runtime.bind(start.get("slot"), start.get("token"), self.call_id)
+                self.slot = await self.runtime.bind(start.get("slot"), start.get("token"), self.call_id, self)
             except ProtocolViolation as exc:
                 await self._refuse(exc.code, exc.reason, "protocol_error")
                 return
@@ -142,6 +142,8 @@ class Session:
                 self.outcome = "disconnected"
                 return
             await self._serve()
+        except WebSocketDisconnect:  # the gateway went away while we were sending
+            self.outcome = "disconnected"
         except Exception:
             log.exception("session %s (slot %s) failed", self.call_id or "?", self.slot)
             self.outcome = "error"

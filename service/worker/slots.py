@@ -61,6 +61,7 @@ class SlotTable:
         self.accepting = False
         self.not_accepting_reason = "the worker is loading its model"
         self._calls: list[str | None] = [None] * size
+        self._owners: list[object | None] = [None] * size
 
     @property
     def busy(self) -> int:
@@ -77,10 +78,13 @@ class SlotTable:
         self.accepting = False
         self.not_accepting_reason = reason
 
-    async def bind(self, slot: int | None, token: int | None, call_id: str = "") -> int:
+    async def bind(self, slot: int | None, token: int | None, call_id: str = "",
+                   owner: object | None = None) -> int:
         """Claim ``slot`` (or any free one when None) for ``call_id``; return the slot.
 
-        Raises an :class:`AdmissionError` whose ``code`` is the close code to use.
+        ``owner`` (the session) is what :meth:`release` may be given to make sure that only
+        the holder frees a slot. Raises an :class:`AdmissionError` whose ``code`` is the
+        close code to use.
         """
         if not self.accepting:
             raise NotAccepting(self.not_accepting_reason)
@@ -95,19 +99,27 @@ class SlotTable:
             raise SlotBusy(f"slot {slot} is busy")
         # Reserve before awaiting the validator, so that two sessions never share a slot.
         self._calls[slot] = call_id or f"slot-{slot}"
+        self._owners[slot] = owner
         try:
             verdict = self.validator(slot, token, call_id)
             if inspect.isawaitable(verdict):
                 verdict = await verdict
         except BaseException:
-            self._calls[slot] = None
+            self._free(slot)
             raise
         if not verdict:
-            self._calls[slot] = None
+            self._free(slot)
             raise LeaseRefused(f"lease for slot {slot} refused: missing, unknown or stale token {token!r}")
         return slot
 
-    def release(self, slot: int) -> None:
-        """Free ``slot``; releasing a free slot is harmless."""
-        if 0 <= slot < self.size:
-            self._calls[slot] = None
+    def release(self, slot: int, owner: object | None = None) -> None:
+        """Free ``slot`` (only if ``owner`` holds it, when given); freeing a free slot is harmless."""
+        if not 0 <= slot < self.size:
+            return
+        if owner is not None and self._owners[slot] is not owner:
+            return
+        self._free(slot)
+
+    def _free(self, slot: int) -> None:
+        self._calls[slot] = None
+        self._owners[slot] = None
