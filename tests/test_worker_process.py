@@ -78,3 +78,25 @@ async def test_demo_worker_serves_and_drains_on_sigterm(tmp_path):
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def run_to_exit(*args: str, within: float = 120.0) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service.worker", *args, env=python_env(),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    _, stderr = await asyncio.wait_for(proc.communicate(), within)
+    return proc.returncode, stderr.decode()
+
+
+async def test_a_checkpoint_that_cannot_load_exits_2_naming_the_file(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    status, stderr = await run_to_exit("--model", str(tmp_path / "ckpt"), "--host", "127.0.0.1",
+                                       "--port", str(free_port()))
+    assert status == 2
+    assert f"checkpoint {tmp_path / 'ckpt'}: missing model.safetensors" in stderr
+
+
+async def test_a_bad_setting_exits_2_naming_it():
+    status, stderr = await run_to_exit("--slots", "0")
+    assert status == 2
+    assert "--slots=0: must be at least 1" in stderr
