@@ -224,25 +224,27 @@ def _name_in_config(source: _FileSource, config: dict, key: str, default: str | 
     return value
 
 
+def _source_for(model: str, revision: str | None) -> _LocalSource | _HubSource:
+    local = Path(model).expanduser()
+    if local.is_dir():
+        return _LocalSource(local.resolve())
+    if _is_repo_id(model) and not local.exists():
+        return _HubSource(model, revision)
+    raise CheckpointError(f"checkpoint {model}: not a directory and not a Hugging Face repo id (owner/name)")
+
+
 def resolve_checkpoint(model: str, revision: str | None = None):
     """Fetch every file of ``model`` (repo id or directory) and return moshi's CheckpointInfo.
 
     Raises :class:`CheckpointError` naming the file that is missing or malformed.
     """
+    return _resolve(_source_for(model, revision), revision)
+
+
+def _resolve(source: _LocalSource | _HubSource, revision: str | None):
     from moshi.models import loaders
 
-    local = Path(model).expanduser()
-    source: _FileSource
-    if local.is_dir():
-        source = _LocalSource(local.resolve())
-        hf_repo = str(local.resolve())
-    elif _is_repo_id(model) and not local.exists():
-        source = _HubSource(model, revision)
-        hf_repo = model
-    else:
-        raise CheckpointError(
-            f"checkpoint {model}: not a directory and not a Hugging Face repo id (owner/name)")
-
+    hf_repo = str(source.directory) if isinstance(source, _LocalSource) else source.repo_id
     config_path = source.get(CONFIG_NAME, required=False)
     config: dict = {}
     if config_path is not None:
@@ -279,7 +281,6 @@ def resolve_checkpoint(model: str, revision: str | None = None):
             lora_weights=lora_weights,
             revision=revision,
         )
-    info.__dict__["_moshimoshi_label"] = source.label
     return info
 
 
@@ -309,9 +310,10 @@ def load_checkpoint(model: str, *, revision: str | None = None, device: str = "c
     import torch
 
     check_moshi_version()
-    info = resolve_checkpoint(model, revision)
-    label = info.__dict__.get("_moshimoshi_label", model)
-    local = Path(model).expanduser().is_dir()
+    source = _source_for(model, revision)
+    info = _resolve(source, revision)
+    label = source.label
+    local = isinstance(source, _LocalSource)
     torch_dtype = torch.float32 if device == "cpu" else getattr(torch, dtype)
 
     try:

@@ -168,7 +168,3 @@ class MoshiEngine:
         """Leave streaming mode (the models can then back another engine)."""
         self._streaming.close()
 
-
-def build_moshi_engine(model: LoadedModel, batch_size: int, **kwargs) -> MoshiEngine:
-    """A :class:`MoshiEngine` (kept as a function so callers need not import the class)."""
-    return MoshiEngine(model, batch_size, **kwargs)

@@ -233,6 +233,7 @@ class Session:
             self.metrics.protocol_errors.labels(str(error.code)).inc()
             log.info("session %s slot %d: protocol violation %d %s", self.call_id, self.slot,
                      error.code, error.reason)
+            self._release()
             await self._send_error(error.code, error.reason)
             await self._close(error.code, error.reason)
         elif isinstance(error, WebSocketDisconnect):
@@ -318,8 +319,3 @@ class Session:
             await self.ws.close(code, _close_reason(reason))
         except Exception:  # already closed by the peer, or by us
             pass
-
-    def report(self) -> dict[str, tp.Any]:
-        dropped = self._text.dropped_bytes if self._text is not None else 0
-        return {"call_id": self.call_id, "slot": self.slot, "steps": self.steps,
-                "text_bytes_dropped": dropped}
