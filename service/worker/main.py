@@ -9,12 +9,15 @@ A second signal ends the remaining calls at once. A model that fails to load exi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import socket
 import sys
 import typing as tp
+
+import uvicorn
 
 from service.settings import DEFAULT_MODEL, WorkerSettings
 from service.worker.checkpoint import CheckpointError, MoshiVersionError
@@ -118,7 +121,7 @@ def configure_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _listen_socket(host: str, port: int) -> socket.socket:
+def listen_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -132,12 +135,10 @@ async def serve_worker(settings: WorkerSettings, *, validator: TokenValidator | 
                        engine_factory: tp.Callable[[], Engine] | None = None,
                        on_listening: tp.Callable[[int], None] | None = None) -> int:
     """Run a worker on the current event loop until it has drained; return the exit status."""
-    import uvicorn
-
     from service.worker.server import create_app
 
     try:
-        sock = _listen_socket(settings.host, settings.port)
+        sock = listen_socket(settings.host, settings.port)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror or exc)
         return 2
@@ -146,21 +147,24 @@ async def serve_worker(settings: WorkerSettings, *, validator: TokenValidator | 
     port = sock.getsockname()[1]
     config = uvicorn.Config(app, log_level=settings.log_level, lifespan="off", access_log=False,
                             timeout_graceful_shutdown=5)
-    server = _Server(config)
+    server = UvicornServer(config)
     loop = asyncio.get_running_loop()
     signals = 0
+    drains: set[asyncio.Task] = set()  # referenced until done
 
     def on_signal(sig: signal.Signals) -> None:
         nonlocal signals
         signals += 1
         if signals == 1:
             log.info("%s: draining (grace %.0f s)", sig.name, settings.drain_grace_seconds)
-            loop.create_task(runtime.drain(settings.drain_grace_seconds))
+            drain = loop.create_task(runtime.drain(settings.drain_grace_seconds))
         else:
             log.info("%s again: ending calls now", sig.name)
-            loop.create_task(runtime.drain(0.0))
+            drain = loop.create_task(runtime.drain(0.0))
             for session in list(runtime.sessions.values()):
                 session.end("shutdown")
+        drains.add(drain)
+        drain.add_done_callback(drains.discard)
 
     installed = []
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -200,20 +204,12 @@ def _describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-class _Server:
-    """uvicorn's server, without its own signal handling (the worker drains first)."""
+class UvicornServer(uvicorn.Server):
+    """uvicorn's server without its own signal handling: the worker drains first."""
 
-    def __new__(cls, config: tp.Any) -> tp.Any:
-        import contextlib
-
-        import uvicorn
-
-        class Server(uvicorn.Server):
-            @contextlib.contextmanager
-            def capture_signals(self) -> tp.Iterator[None]:
-                yield
-
-        return Server(config)
+    @contextlib.contextmanager
+    def capture_signals(self) -> tp.Iterator[None]:
+        yield
 
 
 def run_worker(settings: WorkerSettings) -> int:

@@ -80,14 +80,14 @@ async def running_worker(settings: WorkerSettings, engine_factory: tp.Callable[[
     """Serve a worker in this event loop; stop it (and its inference thread) at exit."""
     import uvicorn
 
-    from service.worker.main import _listen_socket, _Server, build_engine
+    from service.worker.main import UvicornServer, build_engine, listen_socket
     from service.worker.runtime import WorkerRuntime
     from service.worker.server import create_app
 
     runtime = WorkerRuntime(settings, engine_factory or (lambda: build_engine(settings)), validator=validator)
-    sock = _listen_socket("127.0.0.1", 0)
+    sock = listen_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]
-    server = _Server(uvicorn.Config(create_app(runtime), log_level="warning", lifespan="off",
+    server = UvicornServer(uvicorn.Config(create_app(runtime), log_level="warning", lifespan="off",
                                     timeout_graceful_shutdown=2))
     await runtime.start()
     serving = asyncio.create_task(server.serve(sockets=[sock]))
