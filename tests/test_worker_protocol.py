@@ -222,3 +222,25 @@ async def test_metrics_expose_the_documented_names():
         ws, _ = await open_session(worker)
         assert await worker.metric("moshimoshi_worker_slots_busy") == 1
         await ws.close()
+
+
+async def test_closing_while_loading_never_starts_the_clock():
+    release = threading.Event()
+    engines = []
+
+    def slow_factory():
+        release.wait(30)
+        engines.append(EchoEngine(SLOTS, clocked=True))
+        return engines[-1]
+
+    async with running_worker(worker_settings(model="echo", slots=SLOTS), slow_factory,
+                              wait_ready=False) as worker:
+        runtime = worker.runtime
+        closing = asyncio.create_task(runtime.close())
+        await asyncio.sleep(0)  # close() runs up to its wait for the thread
+        assert runtime._closing.is_set()
+        release.set()  # the model finishes loading after the worker began to close
+        await asyncio.wait_for(closing, 30)
+    assert runtime._thread_done.is_set()
+    assert len(engines) == 1 and runtime._thread_clock is not None
+    assert runtime._thread_clock.ticks == 0 and runtime.state == "stopped"

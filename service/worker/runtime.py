@@ -56,6 +56,8 @@ class WorkerRuntime:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._thread_done = threading.Event()
+        self._thread_clock: BatchClock | None = None
+        self._closing = threading.Event()
 
     # --- life cycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -73,31 +75,41 @@ class WorkerRuntime:
 
     def _inference_thread(self) -> None:
         assert self._loop is not None
-        loop = self._loop
+        engine: Engine | None = None
         try:
             engine = self._factory()
             started = time.monotonic()
             engine.warm_up()
             warm = time.monotonic() - started
             skip = skipped_ids(engine.tokenizer, engine.text_padding_ids) if engine.tokenizer else frozenset()
-            clock = (BatchClock(engine, self.metrics, loop, queue_frames=self.settings.input_queue_frames)
+            clock = (BatchClock(engine, self.metrics, self._loop, queue_frames=self.settings.input_queue_frames)
                      if engine.clocked else None)
-        except BaseException as exc:  # noqa: BLE001 - reported to the loop, which exits non-zero
-            loop.call_soon_threadsafe(self._failed, exc)
-            self._thread_done.set()
-            return
-        loop.call_soon_threadsafe(self._ready, engine, clock, skip, warm)
-        try:
+            # close() sets _closing, then stops _thread_clock: whatever the interleaving,
+            # a clock is either stopped by close() or never started.
+            self._thread_clock = clock
+            if self._closing.is_set():
+                return
+            self._post(self._ready, engine, clock, skip, warm)
             if clock is not None:
                 clock.run()
-        except BaseException as exc:  # noqa: BLE001
-            log.exception("the inference thread failed")
-            loop.call_soon_threadsafe(self._failed, exc)
+        except BaseException as exc:  # noqa: BLE001 - reported to the loop, which exits non-zero
+            if engine is not None:
+                log.exception("the inference thread failed")
+            self._post(self._failed, exc)
         finally:
             try:
-                engine.close()
+                if engine is not None:
+                    engine.close()
             finally:
                 self._thread_done.set()
+
+    def _post(self, callback: tp.Callable[..., None], *args: tp.Any) -> None:
+        """Run ``callback`` on the event loop (dropped if the loop is gone: we are exiting)."""
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            pass
 
     def _ready(self, engine: Engine, clock: BatchClock | None, skip: frozenset[int], warm: float) -> None:
         self.engine = engine
@@ -157,8 +169,9 @@ class WorkerRuntime:
         """Stop the clock and wait for the inference thread (it may still be loading)."""
         self.state = "stopped"
         self.metrics.ready.set(0)
-        if self.clock is not None:
-            self.clock.stop()
+        self._closing.set()
+        if self._thread_clock is not None:
+            self._thread_clock.stop()
         if self._thread is not None:
             await asyncio.to_thread(self._thread_done.wait, 30.0)
 
