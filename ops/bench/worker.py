@@ -111,9 +111,18 @@ def time_batch(make_model, batch_size: int, steps: int, cuda_graphs: bool) -> di
 def bench_engine(make_model, batch_sizes: list[int], steps: int, cuda_graphs: bool) -> list[dict]:
     print(f"\nbatched engine: {steps} steps per batch size after warm-up; real time = p99 < {FRAME_MS:.0f} ms")
     print(f"{'B':>5} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9} {'ms/call':>9}  real time")
+    import torch
+
     rows = []
     for batch_size in batch_sizes:
-        row = time_batch(make_model, batch_size, steps, cuda_graphs)
+        try:
+            row = time_batch(make_model, batch_size, steps, cuda_graphs)
+        except torch.OutOfMemoryError:
+            print(f"{batch_size:>5}  out of device memory: larger batches skipped")
+            break
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         rows.append(row)
         print(f"{row['B']:>5} {row['p50_ms']:>9.1f} {row['p99_ms']:>9.1f} {row['max_ms']:>9.1f} "
               f"{row['per_call_ms']:>9.2f}  {'yes' if row['realtime'] else 'no'}", flush=True)
