@@ -34,7 +34,12 @@ class WorkerSettings:
     greedy: bool = setting(False, "greedy decoding (argmax) instead of sampling: reproducible output")
     seed: int = setting(42424242, "random seed for sampling")
     cuda_graphs: bool = setting(True, "capture the step in CUDA graphs on GPU")
+    cpu_threads: int | None = setting(
+        None, "torch threads for inference on CPU (default: half the cores, at least 1: the rest "
+        "serve the sockets; more threads than free cores gives long stalls)", min=1, max=1024)
     max_call_seconds: float = setting(1800.0, "a call that reaches this length is ended cleanly", min=1.0)
+    input_queue_frames: int = setting(4, "80 ms input frames a slot may queue before the oldest is dropped",
+                                      min=1, max=1000)
     echo_delay_ms: int = setting(0, "with --model echo: how long the echo lags behind the caller",
                                  min=0, max=10_000)
     worker_id: str | None = setting(None, "this worker's id in the pool (default: hostname-port)")
