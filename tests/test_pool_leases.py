@@ -8,7 +8,7 @@ import pytest
 
 from service.pool import RenewResult, SlotLeases, WorkerRegistration, connect
 from service.pool.leases import Lease
-from tests.support.pool import eventually, lease_keys, worker
+from tests.support.pool import eventually, expire_lease, lease_keys, worker
 
 B = 4
 
@@ -27,14 +27,7 @@ async def two_workers(client):
 
 
 async def expire(client, lease: Lease) -> None:
-    """Make ``lease`` run out now, the way a TTL does."""
-    key = client.keys.lease(lease.worker_id, lease.slot)
-    await client.redis.pexpire(key, 1)
-    await eventually(lambda: _absent(client, key), what="lease expiry")
-
-
-async def _absent(client, key: str) -> bool:
-    return not await client.redis.exists(key)
+    await expire_lease(client, lease.worker_id, lease.slot)
 
 
 async def test_two_workers_fill_alternately_then_none(client, two_workers):
@@ -101,6 +94,11 @@ async def test_renew_resets_the_ttl(client, two_workers):
     key = client.keys.lease(lease.worker_id, lease.slot)
     assert await leases.renew(lease, ttl_ms=60_000) is RenewResult.RENEWED
     assert 5_000 < await client.redis.pttl(key) <= 60_000
+    # the free-slot index follows: the slot stays counted as busy as long as the key lives
+    seconds, micros = await client.redis.time()
+    now_ms = seconds * 1000 + micros // 1000
+    expiry = await client.redis.zscore(client.keys.held(lease.worker_id), str(lease.slot))
+    assert now_ms + 30_000 < expiry <= now_ms + 60_000
 
 
 async def test_renew_recreates_an_expired_lease_nobody_took(client, two_workers):
@@ -167,3 +165,23 @@ async def test_bad_arguments_are_refused(client, two_workers):
         await two_workers.claim(ttl_ms=0)
     with pytest.raises(ValueError):
         await two_workers.claim("bad model")
+
+
+async def test_claims_check_lease_keys_even_when_the_index_is_lost(client):
+    await WorkerRegistration(client, worker("solo", capacity=2), interval=30).heartbeat()
+    leases = SlotLeases(client)
+    first, second = await leases.claim(ttl_ms=60_000), await leases.claim(ttl_ms=60_000)
+    await client.redis.delete(client.keys.held("solo"))  # the free-slot index says: all free
+    assert await leases.claim() is None  # the lease keys say otherwise, and they win
+    assert sorted(await client.redis.zrange(client.keys.held("solo"), 0, -1)) == ["0", "1"]  # repaired
+    assert await leases.release(second)
+    again = await leases.claim()
+    assert again.slot == second.slot and await leases.validate("solo", first.slot, first.token)
+
+
+async def test_a_lease_deleted_by_hand_frees_its_slot_by_its_expiry_at_the_latest(client):
+    await WorkerRegistration(client, worker("solo", capacity=1), interval=30).heartbeat()
+    leases = SlotLeases(client)
+    lease = await leases.claim(ttl_ms=300)
+    await client.redis.delete(client.keys.lease("solo", lease.slot))  # not released: removed behind our back
+    await eventually(leases.claim, what="slot free again")

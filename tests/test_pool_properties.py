@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from service.pool import Admission, PoolClient, RenewResult, SlotLeases, WorkerRegistration, connect
 from service.pool.leases import Lease
-from tests.support.pool import eventually, lease_keys, worker
+from tests.support.pool import eventually, expire_lease, lease_keys, worker
 
 MODELS = ("m1", "m2")
 
@@ -132,9 +132,7 @@ async def run_against_model(client: PoolClient, workers: dict[str, tuple[int, st
             lease = holders[-1 - arg % len(holders)]
             where = (lease.worker_id, lease.slot)
             if where in model.held:
-                key = client.keys.lease(*where)
-                await client.redis.pexpire(key, 1)
-                await eventually(lambda key=key: _absent(client, key), what="lease expiry")
+                await expire_lease(client, *where)
                 del model.held[where]
         elif op == "validate":
             lease = holders[-1 - arg % len(holders)]
@@ -156,10 +154,11 @@ async def run_against_model(client: PoolClient, workers: dict[str, tuple[int, st
         in_redis = {key: int(value.partition("|")[0]) for key, value in (await lease_keys(client)).items()}
         assert in_redis == {client.keys.lease(*where): token for where, token in model.held.items()}
         assert int(await client.redis.get(client.keys.fence) or 0) == model.fence
-
-
-async def _absent(client: PoolClient, key: str) -> bool:
-    return not await client.redis.exists(key)
+        # and the free-slot index counts exactly those as busy
+        now_ms = (await client.redis.time())[0] * 1000
+        for worker_id in workers:
+            busy = await client.redis.zrangebyscore(client.keys.held(worker_id), now_ms, "+inf")
+            assert sorted(int(slot) for slot in busy) == sorted(s for w, s in model.held if w == worker_id)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

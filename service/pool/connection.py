@@ -225,9 +225,11 @@ def connect(url: str, *, prefix: str = DEFAULT_PREFIX, socket_timeout: float = D
         return PoolClient(redis, prefix=prefix, operation_timeout=operation_timeout, location=redacted(url))
     if scheme == SENTINEL_SCHEME:
         address = parse_sentinel_url(url)
+        # each Sentinel is asked once: a dead one is skipped at once, not retried
         sentinel_kwargs: dict[str, tp.Any] = {"socket_timeout": socket_timeout,
                                               "socket_connect_timeout": socket_timeout,
-                                              "decode_responses": True}
+                                              "decode_responses": True,
+                                              "retry": Retry(NoBackoff(), 0)}
         if address.sentinel_password:
             sentinel_kwargs["password"] = address.sentinel_password
         sentinel = Sentinel(address.sentinels, sentinel_kwargs=sentinel_kwargs)

@@ -9,6 +9,7 @@ place both follow:
 | ``{p}workers`` | zset | worker id → last heartbeat (ms, Redis clock); dead ones kept a while for display |
 | ``{p}worker:{id}`` | hash | the worker's registration; PX = 3 heartbeats, so it vanishes with the worker |
 | ``{p}lease:{id}:{slot}`` | string | ``"<token>|<owner>"`` with PX = lease TTL; the slot is free iff absent |
+| ``{p}held:{id}`` | zset | slot → its lease's expiry (ms): an index to count a worker's free slots fast |
 | ``{p}issued:{id}`` | hash | slot → newest token ever issued for it (renew never resurrects an older one) |
 | ``{p}fence`` | string | the fencing counter (INCR) |
 | ``{p}call:{call_id}`` | hash | one call's record, PX = retention |
@@ -48,6 +49,9 @@ class Keys:
 
     def lease(self, worker_id: str, slot: int) -> str:
         return f"{self.prefix}lease:{worker_id}:{slot}"
+
+    def held(self, worker_id: str) -> str:
+        return f"{self.prefix}held:{worker_id}"
 
     def issued(self, worker_id: str) -> str:
         return f"{self.prefix}issued:{worker_id}"

@@ -1,8 +1,11 @@
 """Slot leases: claim a free slot on a worker, renew it, release it, validate it.
 
 One Lua script does the whole claim atomically (lua/claim.lua), so two gateways can never
-be given the same slot. The lease key is the truth: a slot is free iff it has no lease,
-so an expired lease frees its slot by itself and no slot can be stuck or double-booked.
+be given the same slot. The lease key is the truth: a slot is given only if it has no
+lease key, and an expired lease frees its slot by itself, so no slot can be stuck or
+double-booked. (Free slots are counted from a per-worker index of lease expiries, so a
+claim costs O(workers) rather than O(slots); a lease key deleted by hand instead of
+released keeps its slot counted as busy until the lease's own expiry time.)
 Each lease carries a fencing token from one counter; the worker admits a session only
 when the slot's current lease carries exactly its token (see ``fencing.SlotFence``).
 """
@@ -24,8 +27,9 @@ from service.pool.keys import check_id
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_TTL_MS = 15_000
-# How long the per-worker record of issued tokens lives after the last claim on that worker.
-ISSUED_TTL_MS = 24 * 3600 * 1000
+# How long per-worker bookkeeping (the held-slot index, the issued tokens) lives after the
+# last claim or renew on that worker.
+BOOKKEEPING_TTL_MS = 24 * 3600 * 1000
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,7 @@ class SlotLeases:
         async with self.client.guard("claim"):
             reply = await self.client.script("claim")(
                 keys=[self.keys.workers, self.keys.fence],
-                args=[self.keys.prefix, model or "", ttl_ms, owner, ISSUED_TTL_MS])
+                args=[self.keys.prefix, model or "", ttl_ms, owner, BOOKKEEPING_TTL_MS])
         if reply is None:
             return None
         worker_id, url, slot, token, worker_model = reply
@@ -96,7 +100,8 @@ class SlotLeases:
         """Give the slot back; False when the lease was already gone or fenced out."""
         async with self.client.guard("release"):
             released = await self.client.script("release")(
-                keys=[self.keys.lease(lease.worker_id, lease.slot), self.keys.issued(lease.worker_id)],
+                keys=[self.keys.lease(lease.worker_id, lease.slot), self.keys.issued(lease.worker_id),
+                      self.keys.held(lease.worker_id)],
                 args=[lease.token, lease.slot])
         return bool(released)
 
@@ -108,8 +113,8 @@ class SlotLeases:
         async with self.client.guard("renew"):
             code = await self.client.script("renew")(
                 keys=[self.keys.lease(lease.worker_id, lease.slot), self.keys.issued(lease.worker_id),
-                      self.keys.fence],
-                args=[lease.token, ttl, lease.owner, lease.slot, ISSUED_TTL_MS])
+                      self.keys.fence, self.keys.held(lease.worker_id)],
+                args=[lease.token, ttl, lease.owner, lease.slot, BOOKKEEPING_TTL_MS])
         return _RENEW_RESULTS[int(code)]
 
     async def validate(self, worker_id: str, slot: int, token: int) -> bool:
