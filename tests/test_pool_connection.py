@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import shutil
 import subprocess
 import time
 
 import pytest
 
-from service.pool import EmbeddedRedis, PoolUnavailable, SlotLeases, WorkerRegistration, connect, redacted
+from service.pool import (
+    EmbeddedRedis,
+    PoolUnavailable,
+    RenewResult,
+    SlotLeases,
+    WorkerRegistration,
+    connect,
+    redacted,
+)
 from service.pool.connection import parse_sentinel_url
-from tests.support.pool import worker
+from tests.support.pool import eventually, worker
 from tests.support.procs import free_port, wait_for_tcp
 
 
@@ -110,19 +117,23 @@ async def test_tls(tls_redis):
         assert time.monotonic() - start < 1.5
 
 
-@pytest.fixture
-def sentinel(redis_server, tmp_path):
-    """A real Redis Sentinel (redis-server --sentinel) watching ``redis_server`` as mymaster."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
+def start_sentinel(tmp_path, primary_port: int, *settings: str) -> tuple[subprocess.Popen, int]:
+    """A real Redis Sentinel (redis-server --sentinel) watching 127.0.0.1:primary_port as mymaster."""
     port = free_port()
-    conf = tmp_path / "sentinel.conf"
+    conf = tmp_path / f"sentinel-{port}.conf"
     conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
-                    f"sentinel monitor mymaster 127.0.0.1 {redis_server.port} 1\n")
+                    f"sentinel monitor mymaster 127.0.0.1 {primary_port} 1\n"
+                    + "".join(f"{line}\n" for line in settings))
     proc = subprocess.Popen(["redis-server", str(conf), "--sentinel"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_tcp("127.0.0.1", port, proc=proc)
+    return proc, port
+
+
+@pytest.fixture
+def sentinel(redis_server, tmp_path):
+    proc, port = start_sentinel(tmp_path, redis_server.port)
     try:
-        wait_for_tcp("127.0.0.1", port, proc=proc)
         yield port
     finally:
         proc.terminate()
@@ -145,3 +156,59 @@ async def test_sentinel_unknown_service_is_unavailable(sentinel):
         with pytest.raises(PoolUnavailable, match="nosuchmaster"):
             await client.ping()
         assert time.monotonic() - start < 1.5
+
+
+def start_redis(tmp_path, name: str, *extra: str) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    directory = tmp_path / name
+    directory.mkdir()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(directory), *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_tcp("127.0.0.1", port, proc=proc)
+    return proc, port
+
+
+async def test_sentinel_failover_is_followed(tmp_path):
+    """Primary + replica + Sentinel: kill the primary, the client ends up on the promoted replica."""
+    procs: list[subprocess.Popen] = []
+    try:
+        primary, primary_port = start_redis(tmp_path, "primary")
+        procs.append(primary)
+        replica, replica_port = start_redis(tmp_path, "replica", "--replicaof", "127.0.0.1", str(primary_port))
+        procs.append(replica)
+        async with connect(f"redis://127.0.0.1:{replica_port}/0") as direct:
+            await eventually(lambda: _link_up(direct), what="replica in sync")
+        sentinel, sentinel_port = start_sentinel(tmp_path, primary_port,
+                                                 "sentinel down-after-milliseconds mymaster 300",
+                                                 "sentinel failover-timeout mymaster 2000")
+        procs.append(sentinel)
+
+        async with connect(f"redis+sentinel://127.0.0.1:{sentinel_port}/mymaster/0", prefix="f:") as client:
+            await WorkerRegistration(client, worker("w1", capacity=2), interval=60).heartbeat()
+            leases = SlotLeases(client)
+            lease = await leases.claim(ttl_ms=120_000)
+            await client.redis.execute_command("WAIT", 1, 2000)  # replicated before the crash
+            primary.kill()
+
+            async def claims_again() -> bool:
+                try:
+                    return await leases.claim(ttl_ms=120_000) is not None
+                except PoolUnavailable:
+                    return False
+
+            await eventually(claims_again, timeout=60, interval=0.2, what="failover to the replica")
+            # the lease survived on the promoted replica and still renews
+            assert await leases.validate("w1", lease.slot, lease.token)
+            assert await leases.renew(lease) is RenewResult.RENEWED
+            assert client.errors_total > 0  # the outage was seen and counted
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(10)
+
+
+async def _link_up(client) -> bool:
+    info = await client.redis.info("replication")
+    return info.get("master_link_status") == "up"

@@ -164,7 +164,8 @@ async def test_bad_arguments_are_refused(client, two_workers):
     with pytest.raises(ValueError):
         await two_workers.claim(ttl_ms=0)
     with pytest.raises(ValueError):
-        await two_workers.claim("bad model")
+        await two_workers.claim("")
+    assert await two_workers.claim("/models/a local checkpoint") is None  # any model id; none serves it
 
 
 async def test_claims_check_lease_keys_even_when_the_index_is_lost(client):

@@ -33,6 +33,13 @@ def check_id(kind: str, value: str) -> str:
     return value
 
 
+def check_model(value: str) -> str:
+    """A model id (a repo id or a local path; it never goes into a key name)."""
+    if not isinstance(value, str) or not value or len(value) > 1000:
+        raise ValueError("model must be a non-empty string of at most 1000 characters")
+    return value
+
+
 class Keys:
     """Key names under ``prefix``."""
 

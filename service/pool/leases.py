@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from service.pool.connection import PoolClient, PoolError
-from service.pool.keys import check_id
+from service.pool.keys import check_model
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class SlotLeases:
         if ttl_ms < 1:
             raise ValueError("ttl_ms must be at least 1")
         if model is not None:
-            check_id("model", model)
+            check_model(model)
         async with self.client.guard("claim"):
             reply = await self.client.script("claim")(
                 keys=[self.keys.workers, self.keys.fence],
@@ -173,7 +173,10 @@ class LeaseHolder:
                             self.lease.slot, self.lease.token)
                 self.lost.set()
                 if self.on_lost is not None:
-                    self.on_lost(self.lease)
+                    try:
+                        self.on_lost(self.lease)
+                    except Exception:
+                        log.exception("on_lost callback failed")
                 return
             self.renewals += 1
             if result is RenewResult.RECREATED:

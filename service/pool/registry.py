@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from service import __version__
 from service.pool.connection import PoolClient, PoolError
 from service.pool.fencing import Admission, SlotFence
-from service.pool.keys import check_id
+from service.pool.keys import check_id, check_model
 from service.pool.leases import SlotLeases, parse_lease_value
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class WorkerInfo:
 
     def __post_init__(self) -> None:
         check_id("worker_id", self.worker_id)
-        check_id("model", self.model)
+        check_model(self.model)
         if not self.url:
             raise ValueError("url must not be empty")
         if not 1 <= self.capacity <= MAX_CAPACITY:
