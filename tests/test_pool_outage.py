@@ -174,3 +174,18 @@ async def test_a_recreated_lease_lifts_the_fence_even_before_any_worker_heartbea
         assert await RegistryReader(client).fence() == newest.token
         fresh = await leases.claim()
         assert fresh.token > newest.token and fresh.slot != newest.slot
+
+
+async def test_the_deadline_cuts_a_slow_reply_without_desynchronising_the_connection(redis_server):
+    async with connect(redis_server.url, prefix="o:", socket_timeout=5.0, operation_timeout=0.3,
+                       max_connections=1) as client:
+        start = time.monotonic()
+        with pytest.raises(PoolUnavailable, match="no answer within 0.3 s"):
+            async with client.guard("slow read"):
+                await client.redis.blpop(["o:never"], timeout=2)
+        assert time.monotonic() - start < 1.0
+        # the late BLPOP reply must not be read as the answer to the next command
+        await client.redis.rpush("o:never", "late")
+        await client.redis.set("o:probe", "fresh")
+        assert await client.redis.get("o:probe") == "fresh"
+        assert await client.redis.lrange("o:never", 0, -1) == ["late"]
