@@ -1,0 +1,296 @@
+"""The worker registry: workers announce themselves and heartbeat; anyone can list them.
+
+A worker's registration is a hash whose TTL is ``ttl_factor`` (3) heartbeat intervals, so
+a worker that dies or is cut off from Redis disappears from claims within three intervals.
+Every heartbeat re-asserts the whole registration (a Redis that restarted empty is
+repopulated at once) and carries the highest fencing token the worker has seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+import typing as tp
+from dataclasses import dataclass, field
+
+from service import __version__
+from service.pool.connection import PoolClient, PoolError
+from service.pool.fencing import Admission, SlotFence
+from service.pool.keys import check_id, check_model
+from service.pool.leases import SlotLeases, parse_lease_value
+
+log = logging.getLogger(__name__)
+
+READY = "ready"
+DRAINING = "draining"
+STATES = (READY, DRAINING)
+MAX_CAPACITY = 1024
+DEFAULT_HEARTBEAT_SECONDS = 1.0
+DEFAULT_FORGET_AFTER_SECONDS = 600.0
+
+
+@dataclass
+class WorkerInfo:
+    """What a worker registers: who it is, where to reach it, what it serves."""
+
+    worker_id: str
+    url: str  # ws:// URL gateways use to reach the worker
+    model: str
+    capacity: int  # B slots, numbered 0..B-1
+    license: str = ""
+    version: str = __version__
+    started_at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        check_id("worker_id", self.worker_id)
+        check_model(self.model)
+        if not self.url:
+            raise ValueError("url must not be empty")
+        if not 1 <= self.capacity <= MAX_CAPACITY:
+            raise ValueError(f"capacity must be between 1 and {MAX_CAPACITY}, got {self.capacity}")
+
+
+class WorkerRegistration:
+    """One worker's presence in the pool: heartbeats, state, and admission of sessions.
+
+    ``start()`` registers and heartbeats every ``interval`` seconds until ``stop()``, which
+    deregisters. ``admit(slot, token)`` is the check a worker runs on each session's
+    ``start`` message. Redis outages are ridden out: heartbeats keep trying and re-register
+    the worker as soon as Redis answers again.
+    """
+
+    def __init__(self, client: PoolClient, info: WorkerInfo, *,
+                 interval: float = DEFAULT_HEARTBEAT_SECONDS, ttl_factor: float = 3.0,
+                 forget_after: float = DEFAULT_FORGET_AFTER_SECONDS) -> None:
+        if interval <= 0:
+            raise ValueError("interval must be positive")
+        if ttl_factor < 1.5:
+            raise ValueError("ttl_factor must be at least 1.5 (the key would expire between heartbeats)")
+        self.client = client
+        self.info = info
+        self.interval = interval
+        self.ttl_ms = max(1, round(interval * ttl_factor * 1000))
+        self.forget_after_ms = max(self.ttl_ms, round(forget_after * 1000))
+        self.state = READY
+        self.free_slots = info.capacity
+        self.fence = SlotFence(info.capacity)
+        self.leases = SlotLeases(client)
+        self.heartbeats = 0
+        self.heartbeat_failures = 0
+        self.registered = False  # whether the last heartbeat reached Redis
+        self._task: asyncio.Task | None = None
+
+    def _fields(self) -> list[tp.Any]:
+        info = self.info
+        pairs = {
+            "worker_id": info.worker_id, "url": info.url, "model": info.model, "capacity": info.capacity,
+            "free_slots": self.free_slots, "state": self.state, "license": info.license,
+            "version": info.version, "started_at": repr(info.started_at), "highest_token": self.fence.highest,
+        }
+        return [item for pair in pairs.items() for item in pair]
+
+    async def heartbeat(self) -> int:
+        """Register (or refresh) now; returns the fencing counter. Raises PoolUnavailable."""
+        keys = self.client.keys
+        async with self.client.guard("heartbeat"):
+            fence = await self.client.script("register")(
+                keys=[keys.workers, keys.worker(self.info.worker_id), keys.fence],
+                args=[self.info.worker_id, self.ttl_ms, self.fence.highest, self.forget_after_ms,
+                      *self._fields()])
+        self.heartbeats += 1
+        if not self.registered:
+            log.info("worker %s registered (%s, %d slots, %s)", self.info.worker_id, self.info.model,
+                     self.info.capacity, self.state)
+        self.registered = True
+        return int(fence)
+
+    async def start(self) -> bool:
+        """Register and start heartbeating; False if Redis did not answer yet (the
+        heartbeats keep trying)."""
+        if self._task is not None:
+            raise RuntimeError("registration already started")
+        ok = await self._beat()
+        self._task = asyncio.create_task(self._run(), name=f"heartbeat-{self.info.worker_id}")
+        return ok
+
+    async def _beat(self) -> bool:
+        try:
+            await self.heartbeat()
+            return True
+        except PoolError as exc:
+            self.heartbeat_failures += 1
+            if self.registered:
+                log.warning("worker %s heartbeat failed: %s", self.info.worker_id, exc)
+            self.registered = False
+            return False
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time() + self.interval
+        while True:
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            await self._beat()
+            next_at = max(next_at + self.interval, loop.time())
+
+    def report_free(self, free_slots: int) -> None:
+        """The worker's own count of idle slots, sent with the next heartbeat (for display;
+        claims count lease keys)."""
+        self.free_slots = max(0, min(self.info.capacity, free_slots))
+
+    async def set_state(self, state: str) -> None:
+        """``ready`` or ``draining`` (takes no new claims); announced at once if Redis answers."""
+        if state not in STATES:
+            raise ValueError(f"state must be one of {', '.join(STATES)}")
+        self.state = state
+        await self._beat()
+
+    async def drain(self) -> None:
+        await self.set_state(DRAINING)
+
+    async def admit(self, slot: int, token: int) -> Admission:
+        """May a session with this (slot, token) start? Checks the slot, this worker's own
+        highest admitted token, then the lease in Redis. Raises PoolUnavailable."""
+        if not self.fence.has_slot(slot):
+            return Admission.BAD_SLOT
+        self.fence.observe(token)
+        if self.fence.is_stale(slot, token):
+            self.fence.refused_stale += 1
+            return Admission.STALE
+        if not await self.leases.validate(self.info.worker_id, slot, token):
+            return Admission.NOT_LEASED
+        if not self.fence.admit(slot, token):  # a newer token was admitted while we asked Redis
+            return Admission.STALE
+        return Admission.ADMITTED
+
+    async def stop(self, *, deregister: bool = True) -> None:
+        """Stop heartbeating and (by default) remove the registration at once."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait([self._task])
+            self._task = None
+        if not deregister:
+            return
+        keys = self.client.keys
+        try:
+            async with self.client.guard("deregister"):
+                async with self.client.redis.pipeline(transaction=True) as pipe:
+                    pipe.delete(keys.worker(self.info.worker_id))
+                    pipe.zrem(keys.workers, self.info.worker_id)
+                    await pipe.execute()
+            self.registered = False
+        except PoolError as exc:
+            log.warning("worker %s not deregistered (its registration expires): %s",
+                        self.info.worker_id, exc)
+
+    async def __aenter__(self) -> WorkerRegistration:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+
+@dataclass
+class SlotLease:
+    """One held slot as the registry reader sees it."""
+
+    slot: int
+    token: int
+    owner: str
+    ttl_ms: int  # remaining
+
+
+@dataclass
+class WorkerStatus:
+    """A worker as listed by the registry reader."""
+
+    worker_id: str
+    alive: bool  # its registration has not expired
+    last_seen: float  # wall clock of the last heartbeat (Redis clock)
+    url: str = ""
+    model: str = ""
+    capacity: int = 0
+    state: str = ""
+    license: str = ""
+    version: str = ""
+    started_at: float | None = None
+    reported_free: int | None = None  # the worker's own count
+    free_slots: int = 0  # capacity minus lease keys: what claims see
+    highest_token: int = 0
+    leases: list[SlotLease] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, tp.Any]:
+        return dataclasses.asdict(self)
+
+
+class RegistryReader:
+    """Lists registered workers, live and recently dead, with their slots' leases."""
+
+    def __init__(self, client: PoolClient) -> None:
+        self.client = client
+        self.keys = client.keys
+
+    async def workers(self) -> list[WorkerStatus]:
+        """Every worker seen recently, sorted by id: alive or not, and for live ones the
+        lease on each held slot."""
+        redis = self.client.redis
+        async with self.client.guard("list workers"):
+            members = await redis.zrange(self.keys.workers, 0, -1, withscores=True)
+            ids = sorted((str(member), float(score)) for member, score in members)
+            async with redis.pipeline(transaction=False) as pipe:
+                for worker_id, _ in ids:
+                    pipe.hgetall(self.keys.worker(worker_id))
+                registrations = await pipe.execute()
+            statuses = [self._status(worker_id, score, reg) for (worker_id, score), reg in zip(ids, registrations, strict=True)]
+            live = [s for s in statuses if s.alive and s.capacity > 0]
+            async with redis.pipeline(transaction=False) as pipe:
+                for status in live:
+                    for slot in range(status.capacity):
+                        key = self.keys.lease(status.worker_id, slot)
+                        pipe.get(key)
+                        pipe.pttl(key)
+                replies = await pipe.execute()
+        position = 0
+        for status in live:
+            for slot in range(status.capacity):
+                parsed = parse_lease_value(replies[position])
+                ttl = replies[position + 1]
+                position += 2
+                if parsed is not None:
+                    status.leases.append(SlotLease(slot, parsed[0], parsed[1], max(0, int(ttl))))
+            status.free_slots = status.capacity - len(status.leases)
+        return statuses
+
+    @staticmethod
+    def _status(worker_id: str, score: float, reg: dict[str, str]) -> WorkerStatus:
+        status = WorkerStatus(worker_id=worker_id, alive=bool(reg), last_seen=score / 1000)
+        if not reg:
+            return status
+
+        def number(name: str, kind: tp.Callable[[str], tp.Any]) -> tp.Any:
+            with contextlib.suppress(KeyError, ValueError):
+                return kind(reg[name])
+            return None
+
+        status.url = reg.get("url", "")
+        status.model = reg.get("model", "")
+        status.capacity = number("capacity", int) or 0
+        status.state = reg.get("state", "")
+        status.license = reg.get("license", "")
+        status.version = reg.get("version", "")
+        status.started_at = number("started_at", float)
+        status.reported_free = number("free_slots", int)
+        status.highest_token = number("highest_token", int) or 0
+        last_seen_ms = number("last_seen_ms", int)
+        if last_seen_ms is not None:
+            status.last_seen = last_seen_ms / 1000
+        return status
+
+    async def fence(self) -> int:
+        """The fencing counter: the last token issued."""
+        async with self.client.guard("read fence"):
+            value = await self.client.redis.get(self.keys.fence)
+        return int(value or 0)

@@ -1,0 +1,191 @@
+"""Redis outages: restart with data loss, Redis down, Redis hung."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from service.pool import (
+    Admission,
+    CallRecord,
+    CallRecords,
+    PoolUnavailable,
+    RegistryReader,
+    RenewResult,
+    SlotLeases,
+    WorkerRegistration,
+    connect,
+)
+from tests.support.pool import eventually, lease_keys, worker
+
+FAST = 1.5  # seconds: an outage must be reported at least this fast
+
+
+async def test_restart_without_persistence_reconciles_leases_registry_and_fence(redis_server):
+    async with connect(redis_server.url, prefix="o:") as client:
+        registration = WorkerRegistration(client, worker("w1", capacity=4), interval=0.1)
+        await registration.start()
+        leases = SlotLeases(client)
+        first = await leases.claim(ttl_ms=60_000, owner="call-1")
+        second = await leases.claim(ttl_ms=60_000, owner="call-2")
+        third = await leases.claim(ttl_ms=60_000, owner="call-3")
+        for lease in (first, second, third):
+            assert await registration.admit(lease.slot, lease.token) is Admission.ADMITTED
+        assert await leases.release(third)
+        assert (first.slot, second.slot, third.slot) == (0, 1, 2)
+        highest = third.token
+
+        async with leases.hold(first, renew_every=0.05) as holder:
+            redis_server.stop()
+            await eventually(lambda: holder.renew_failures > 0, what="a failed renew while Redis is down")
+            redis_server.start()  # same port, empty: everything in Redis is gone
+
+            # the worker's heartbeats repopulate the registry and lift the fence above every token seen
+            reader = RegistryReader(client)
+
+            async def registered() -> bool:
+                try:
+                    return any(w.alive for w in await reader.workers())
+                except PoolUnavailable:
+                    return False
+
+            await eventually(registered, what="re-registration")
+            assert registration.heartbeat_failures > 0
+            assert await reader.fence() >= highest
+            # the held lease comes back with the same token
+            await eventually(lambda: holder.recreations == 1, what="lease re-created by its holder")
+            assert await leases.validate("w1", first.slot, first.token)
+            # a gateway that renews by hand gets the same
+            assert await leases.renew(second) is RenewResult.RECREATED
+            assert await leases.renew(second) is RenewResult.RENEWED
+            assert await registration.admit(second.slot, second.token) is Admission.ADMITTED
+
+            # new claims get larger tokens and the free slots only: no double booking
+            fresh = await leases.claim(ttl_ms=60_000)
+            assert fresh.token > highest and fresh.slot == 2
+            assert await registration.admit(fresh.slot, fresh.token) is Admission.ADMITTED
+            assert set(await lease_keys(client)) == {client.keys.lease("w1", s) for s in (0, 1, 2)}
+            assert not holder.lost.is_set()
+        assert holder.released is True
+
+        # nothing stuck, nothing left over
+        assert await leases.release(second) and await leases.release(fresh)
+        assert await lease_keys(client) == {}
+        refill = [await leases.claim() for _ in range(4)]
+        assert sorted(lease.slot for lease in refill) == [0, 1, 2, 3]
+        assert min(lease.token for lease in refill) > fresh.token
+        await registration.stop()
+
+
+async def test_operations_fail_fast_and_are_counted_when_redis_is_down(redis_server):
+    async with connect(redis_server.url, prefix="o:") as client:
+        registration = WorkerRegistration(client, worker("w1"), interval=30)
+        await registration.heartbeat()
+        leases = SlotLeases(client)
+        lease = await leases.claim()
+        records = CallRecords(client)
+        redis_server.stop()
+
+        operations = {
+            "ping": client.ping,
+            "claim": leases.claim,
+            "renew": lambda: leases.renew(lease),
+            "release": lambda: leases.release(lease),
+            "validate": lambda: leases.validate("w1", 0, lease.token),
+            "heartbeat": registration.heartbeat,
+            "admit": lambda: registration.admit(lease.slot, lease.token),
+            "list workers": RegistryReader(client).workers,
+            "create call": lambda: records.create(CallRecord("c1")),
+            "list calls": records.list,
+        }
+        errors_before = client.errors_total
+        for name, operation in operations.items():
+            start = time.monotonic()
+            with pytest.raises(PoolUnavailable, match="Redis unavailable"):
+                await operation()
+            assert time.monotonic() - start < FAST, name
+        assert client.errors_total == errors_before + len(operations)
+        assert client.last_error is not None
+
+        # the heartbeat loop rides the outage out instead of dying
+        beating = WorkerRegistration(client, worker("w2"), interval=0.05)
+        assert await beating.start() is False
+        await eventually(lambda: beating.heartbeat_failures >= 3, what="heartbeats retried")
+        redis_server.start()
+        await eventually(lambda: beating.registered, what="registered again")
+        await beating.stop()
+
+
+@pytest.fixture
+async def hung_redis():
+    """A TCP server that accepts connections and never answers: a hung or partitioned Redis."""
+    connections: list[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        while await reader.read(65536):
+            pass
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    yield f"redis://127.0.0.1:{port}/0"
+    server.close()
+    for writer in connections:
+        writer.close()
+    await server.wait_closed()
+
+
+async def test_a_hung_redis_is_reported_within_the_deadline(hung_redis):
+    async with connect(hung_redis, prefix="o:") as client:
+        leases = SlotLeases(client)
+        for _ in range(2):
+            start = time.monotonic()
+            with pytest.raises(PoolUnavailable):
+                await leases.claim()
+            elapsed = time.monotonic() - start
+            assert 0.5 < elapsed < FAST + 0.5  # the socket timeout (1 s) fired, nothing hung
+        assert client.errors_total == 2
+
+
+async def test_an_unreachable_url_is_reported_fast():
+    from tests.support.procs import free_port
+
+    async with connect(f"redis://127.0.0.1:{free_port()}/0") as client:
+        start = time.monotonic()
+        with pytest.raises(PoolUnavailable):
+            await client.ping()
+        assert time.monotonic() - start < FAST
+
+
+async def test_a_recreated_lease_lifts_the_fence_even_before_any_worker_heartbeat(redis_server):
+    async with connect(redis_server.url, prefix="o:") as client:
+        leases = SlotLeases(client)
+        await WorkerRegistration(client, worker("w1", capacity=8), interval=30).heartbeat()
+        claimed = [await leases.claim(ttl_ms=60_000) for _ in range(5)]
+        newest = claimed[-1]
+        redis_server.stop()
+        redis_server.start()  # empty
+        # a worker that never admitted anything comes back first: it cannot lift the counter
+        await WorkerRegistration(client, worker("w1", capacity=8), interval=30).heartbeat()
+        assert await RegistryReader(client).fence() == 0
+        assert await leases.renew(newest) is RenewResult.RECREATED
+        assert await RegistryReader(client).fence() == newest.token
+        fresh = await leases.claim()
+        assert fresh.token > newest.token and fresh.slot != newest.slot
+
+
+async def test_the_deadline_cuts_a_slow_reply_without_desynchronising_the_connection(redis_server):
+    async with connect(redis_server.url, prefix="o:", socket_timeout=5.0, operation_timeout=0.3,
+                       max_connections=1) as client:
+        start = time.monotonic()
+        with pytest.raises(PoolUnavailable, match="no answer within 0.3 s"):
+            async with client.guard("slow read"):
+                await client.redis.blpop(["o:never"], timeout=2)
+        assert time.monotonic() - start < 1.0
+        # the late BLPOP reply must not be read as the answer to the next command
+        await client.redis.rpush("o:never", "late")
+        await client.redis.set("o:probe", "fresh")
+        assert await client.redis.get("o:probe") == "fresh"
+        assert await client.redis.lrange("o:never", 0, -1) == ["late"]
