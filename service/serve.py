@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 
-from service.config import env_name
+from service.config import ENV_PREFIX, env_name
 from service.gateway.main import Gateway, install_event_loop
 from service.pool import EmbeddedRedis, EmbeddedRedisError
 from service.settings import GatewaySettings, WorkerSettings
@@ -39,6 +39,8 @@ def worker_environment(settings: WorkerSettings, redis_url: str) -> dict[str, st
         else:
             env[name] = str(value).lower() if isinstance(value, bool) else str(value)
     env["REDIS_URL"] = redis_url
+    if settings.advertise_url is None and settings.host in ("0.0.0.0", "::", "127.0.0.1"):
+        env[ENV_PREFIX + "ADVERTISE_URL"] = f"ws://127.0.0.1:{settings.port}"  # same machine
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

@@ -82,7 +82,7 @@ class Gateway:
             assert settings.worker_url
             self.router = FixedRouter(settings.worker_url, model=self.model)
         self.workers_ready = 0
-        self.redis_ok = self.pool is None
+        self.redis_ok: bool | None = True if self.pool is None else None  # None: not checked yet
         self._stop = asyncio.Event()
         self.no_calls = asyncio.Event()
         self.no_calls.set()
@@ -96,7 +96,7 @@ class Gateway:
 
     def accepting(self) -> bool:
         """True when a new call can be taken: not draining, pool reachable, a worker ready."""
-        return not self.draining and self.router.ready() and self.redis_ok and self.workers_ready > 0
+        return not self.draining and self.router.ready() and bool(self.redis_ok) and self.workers_ready > 0
 
     def readiness(self) -> dict[str, tp.Any]:
         return {"ready": self.accepting(), "draining": self.draining, "redis": self.redis_ok,
@@ -219,7 +219,7 @@ class Gateway:
             metrics.REDIS_ERRORS.labels("registry").inc()
             metrics.READY.set(0)
             return
-        if not self.redis_ok:
+        if self.redis_ok is False:
             log.info("Redis reachable again")
         self.redis_ok = True
         live = [w for w in workers if w.alive]

@@ -142,9 +142,15 @@ async def serve_worker(settings: WorkerSettings, *, validator: TokenValidator | 
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror or exc)
         return 2
-    runtime = WorkerRuntime(settings, engine_factory or (lambda: build_engine(settings)), validator=validator)
-    app = create_app(runtime)
     port = sock.getsockname()[1]
+    runtime = WorkerRuntime(settings, engine_factory or (lambda: build_engine(settings)), validator=validator)
+    membership = None
+    if settings.redis_url and validator is None:
+        from service.worker.membership import PoolMembership
+
+        membership = PoolMembership(settings, runtime, port)
+        runtime.validator = membership.validate  # read when the slot table is built
+    app = create_app(runtime)
     config = uvicorn.Config(app, log_level=settings.log_level, lifespan="off", access_log=False,
                             timeout_graceful_shutdown=5)
     server = UvicornServer(config)
@@ -152,19 +158,30 @@ async def serve_worker(settings: WorkerSettings, *, validator: TokenValidator | 
     signals = 0
     drains: set[asyncio.Task] = set()  # referenced until done
 
+    def start_drain(why: str) -> None:
+        log.info("%s: draining (grace %.0f s)", why, settings.drain_grace_seconds)
+        drain = loop.create_task(runtime.drain(settings.drain_grace_seconds))
+        drains.add(drain)
+        drain.add_done_callback(drains.discard)
+        if membership is not None:
+            announce = loop.create_task(membership.drain())
+            drains.add(announce)
+            announce.add_done_callback(drains.discard)
+
+    runtime.request_drain = start_drain
+
     def on_signal(sig: signal.Signals) -> None:
         nonlocal signals
         signals += 1
         if signals == 1:
-            log.info("%s: draining (grace %.0f s)", sig.name, settings.drain_grace_seconds)
-            drain = loop.create_task(runtime.drain(settings.drain_grace_seconds))
+            start_drain(sig.name)
         else:
             log.info("%s again: ending calls now", sig.name)
             drain = loop.create_task(runtime.drain(0.0))
             for session in list(runtime.sessions.values()):
                 session.end("shutdown")
-        drains.add(drain)
-        drain.add_done_callback(drains.discard)
+            drains.add(drain)
+            drain.add_done_callback(drains.discard)
 
     installed = []
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -175,6 +192,8 @@ async def serve_worker(settings: WorkerSettings, *, validator: TokenValidator | 
             pass
 
     await runtime.start()
+    if membership is not None:
+        membership.start()
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     log.info("worker listening on %s:%d", settings.host, port)
     if on_listening is not None:
@@ -190,6 +209,8 @@ async def serve_worker(settings: WorkerSettings, *, validator: TokenValidator | 
     finally:
         server.should_exit = True
         await asyncio.gather(serving, return_exceptions=True)
+        if membership is not None:
+            await membership.stop()
         await runtime.close()
         for sig in installed:
             loop.remove_signal_handler(sig)

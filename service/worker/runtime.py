@@ -38,7 +38,7 @@ class WorkerRuntime:
         self.settings = settings
         self.metrics = metrics or WorkerMetrics()
         self._factory = engine_factory
-        self._validator = validator
+        self.validator = validator
         self.state = "loading"
         self.error: BaseException | None = None
         self.engine: Engine | None = None
@@ -58,6 +58,10 @@ class WorkerRuntime:
         self._thread_done = threading.Event()
         self._thread_clock: BatchClock | None = None
         self._closing = threading.Event()
+        # Starts draining (set by serve_worker: also announces it to the pool).
+        self.request_drain: tp.Callable[[str], None] | None = None
+        # Told (slot, token) whenever a session gives its slot back (the pool releases the lease).
+        self.on_slot_released: tp.Callable[[int, int | None], None] | None = None
 
     # --- life cycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -118,7 +122,9 @@ class WorkerRuntime:
         self.driver = clock if clock is not None else ImmediateDriver(engine, asyncio.get_running_loop())
         self.skip_text_ids = skip
         self.warm_up_seconds = warm
-        self.table = SlotTable(engine.batch_size, self._validator)
+        self.table = SlotTable(engine.batch_size, self.validator)
+        if self.validator is not None:
+            self.table.on_preempt = self._preempt
         self.metrics.slots.set(engine.batch_size)
         self.metrics.info.labels(engine.info.model, engine.info.license).set(1)
         if self.state == "loading":
@@ -201,7 +207,9 @@ class WorkerRuntime:
         """Free ``slot`` if ``session`` holds it (idempotent)."""
         if self.table is None:
             return
-        if self.sessions.get(slot) is session:
+        token = self.table.token(slot) if self.table.holder(slot) is not None else None
+        held = self.sessions.get(slot) is session
+        if held:
             del self.sessions[slot]
             if self.driver is not None:
                 self.driver.detach(slot)
@@ -209,6 +217,20 @@ class WorkerRuntime:
                 self._idle.set()
         self.table.release(slot, owner=session)
         self.metrics.slots_busy.set(self.table.busy)
+        if held and self.on_slot_released is not None:
+            self.on_slot_released(slot, token)
+
+    def _preempt(self, slot: int, owner: object | None) -> None:
+        """A newer lease took ``slot``: its old session ends with 4003 (fenced out)."""
+        session = self.sessions.get(slot)
+        if session is not None and session is owner:
+            del self.sessions[slot]
+            if self.driver is not None:
+                self.driver.detach(slot)
+            if not self.sessions:
+                self._idle.set()
+            session.fence_out()
+        log.warning("slot %d: fenced out its session for a newer lease", slot)
 
     def describe(self) -> dict[str, tp.Any]:
         """The /v1/info document."""

@@ -38,6 +38,13 @@ def create_app(runtime: WorkerRuntime) -> FastAPI:
             runtime.metrics.slots_busy.set(runtime.table.busy)
         return Response(runtime.metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
 
+    @app.post("/v1/drain", status_code=202)
+    async def drain() -> JSONResponse:
+        """Start draining (as SIGTERM does): no new sessions; calls finish within the grace."""
+        if runtime.request_drain is not None and runtime.state in ("loading", "ready"):
+            runtime.request_drain("POST /v1/drain")
+        return JSONResponse({"state": runtime.state, "sessions": len(runtime.sessions)}, status_code=202)
+
     @app.get("/v1/info")
     async def info() -> JSONResponse:
         return JSONResponse(runtime.describe())

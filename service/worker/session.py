@@ -33,6 +33,7 @@ CLOSE_NORMAL = 1000
 CLOSE_INTERNAL = 1011
 CLOSE_VIOLATION = 4000
 CLOSE_VERSION = 4001
+CLOSE_FENCED = 4003
 CLOSE_MODEL = 4004
 
 
@@ -46,10 +47,12 @@ class ProtocolViolation(Exception):
 
 
 class _End:
-    """Outbox marker: the worker ends the session with an ``end`` event."""
+    """Outbox marker: the worker ends the session, with an ``end`` event and close 1000, or
+    with an ``error`` event and close ``code``."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, code: int = 1000) -> None:
         self.reason = reason
+        self.code = code
 
 
 class Outbox:
@@ -160,6 +163,12 @@ class Session:
         if not self._ending:
             self._ending = True
             self._outbox.put(_End(reason))
+
+    def fence_out(self) -> None:
+        """A newer lease took this session's slot (its gateway lost the lease): close 4003."""
+        if not self._ending:
+            self._ending = True
+            self._outbox.put(_End("fenced", code=CLOSE_FENCED))
 
     # --- handshake ----------------------------------------------------------------------
     async def _handshake(self) -> dict:
@@ -274,9 +283,14 @@ class Session:
             item = await self._outbox.get()
             if isinstance(item, _End):
                 self.outcome = item.reason
-                await self.ws.send_text(json.dumps({"type": "end", "reason": item.reason}))
                 self._release()
-                await self._close(CLOSE_NORMAL, item.reason)
+                if item.code == CLOSE_NORMAL:
+                    await self.ws.send_text(json.dumps({"type": "end", "reason": item.reason}))
+                    await self._close(CLOSE_NORMAL, item.reason)
+                else:
+                    reason = "fenced out: another session holds a newer lease on this slot"
+                    await self._send_error(item.code, reason)
+                    await self._close(item.code, reason)
                 return
             if isinstance(item, bytes):
                 await self.ws.send_bytes(item)

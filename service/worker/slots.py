@@ -62,6 +62,11 @@ class SlotTable:
         self.not_accepting_reason = "the worker is loading its model"
         self._calls: list[str | None] = [None] * size
         self._owners: list[object | None] = [None] * size
+        self._tokens: list[int | None] = [None] * size
+        # With a pool: a session presenting a newer valid lease for a busy slot takes it over;
+        # this is told the slot and the old owner, which must end its session.
+        self.on_preempt: tp.Callable[[int, object | None], None] | None = None
+        self.preempted = 0
 
     @property
     def busy(self) -> int:
@@ -96,10 +101,11 @@ class SlotTable:
         elif not 0 <= slot < self.size:
             raise SlotOutOfRange(f"slot {slot} is out of range (this worker has slots 0..{self.size - 1})")
         elif self._calls[slot] is not None:
-            raise SlotBusy(f"slot {slot} is busy")
+            await self._preempt(slot, token, call_id)
         # Reserve before awaiting the validator, so that two sessions never share a slot.
         self._calls[slot] = call_id or f"slot-{slot}"
         self._owners[slot] = owner
+        self._tokens[slot] = token
         try:
             verdict = self.validator(slot, token, call_id)
             if inspect.isawaitable(verdict):
@@ -112,6 +118,27 @@ class SlotTable:
             raise LeaseRefused(f"lease for slot {slot} refused: missing, unknown or stale token {token!r}")
         return slot
 
+    async def _preempt(self, slot: int, token: int | None, call_id: str) -> None:
+        """A busy slot: refuse, unless ``token`` is a newer lease than the holder's and the
+        validator confirms it is the slot's current one (the holder was fenced out)."""
+        held, owner = self._tokens[slot], self._owners[slot]
+        if token is None or held is None or token <= held or self.on_preempt is None:
+            raise SlotBusy(f"slot {slot} is busy")
+        verdict = self.validator(slot, token, call_id)
+        if inspect.isawaitable(verdict):
+            verdict = await verdict
+        if not verdict:
+            raise LeaseRefused(f"lease for slot {slot} refused: token {token!r} is not the current lease")
+        if self._owners[slot] is owner and self._calls[slot] is not None:
+            self._free(slot)
+            self.preempted += 1
+            self.on_preempt(slot, owner)
+        elif self._calls[slot] is not None:
+            raise SlotBusy(f"slot {slot} is busy")
+
+    def token(self, slot: int) -> int | None:
+        return self._tokens[slot] if 0 <= slot < self.size else None
+
     def release(self, slot: int, owner: object | None = None) -> None:
         """Free ``slot`` (only if ``owner`` holds it, when given); freeing a free slot is harmless."""
         if not 0 <= slot < self.size:
@@ -123,3 +150,4 @@ class SlotTable:
     def _free(self, slot: int) -> None:
         self._calls[slot] = None
         self._owners[slot] = None
+        self._tokens[slot] = None
