@@ -39,7 +39,7 @@ def worker_environment(settings: WorkerSettings, redis_url: str) -> dict[str, st
         else:
             env[name] = str(value).lower() if isinstance(value, bool) else str(value)
     env["REDIS_URL"] = redis_url
-    if settings.advertise_url is None and settings.host in ("0.0.0.0", "::", "127.0.0.1"):
+    if settings.advertise_url is None and settings.port and settings.host in ("0.0.0.0", "::", "127.0.0.1"):
         env[ENV_PREFIX + "ADVERTISE_URL"] = f"ws://127.0.0.1:{settings.port}"  # same machine
     env["PYTHONUNBUFFERED"] = "1"
     return env
