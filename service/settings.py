@@ -89,6 +89,15 @@ class GatewaySettings:
     api_tokens: list[str] = setting(
         [], "API bearer tokens as token:scope pairs, comma-separated; scope read or admin", secret=True)
     log_level: str = setting("info", "log level", choices=["debug", "info", "warning", "error"])
+    webhook_url: str | None = setting(
+        None, "URL that gets a POST with the call's record, quality and transcript when a call ends")
+    webhook_secret: str | None = setting(
+        None, "key of the HMAC-SHA256 signature of each webhook body (X-Moshimoshi-Signature header)",
+        secret=True)
+    webhook_attempts: int = setting(5, "webhook delivery attempts before giving up", min=1, max=20)
+    webhook_backoff_seconds: float = setting(1.0, "wait before the first webhook retry; doubles each time",
+                                             min=0.01, max=300.0)
+    webhook_timeout_seconds: float = setting(5.0, "timeout of one webhook POST", min=0.1, max=120.0)
 
     def validate(self) -> None:
         if self.rtp_port_min >= self.rtp_port_max:

@@ -1,4 +1,7 @@
-"""FastAPI application of the gateway (probes and metrics; the calls API grows here)."""
+"""FastAPI application of the gateway: probes, metrics, the /v1 API and the dashboard.
+
+Each part lives in its own router module; this file only puts them together.
+"""
 
 from __future__ import annotations
 
@@ -7,29 +10,73 @@ import typing as tp
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
 from service import __version__
+from service.api import calls, dashboard, http_metrics, pool, transcripts
+from service.api.auth import ApiTokens
+from service.api.directory import CallDirectory
 
 if tp.TYPE_CHECKING:
     from service.gateway.main import Gateway
 
+DESCRIPTION = """The moshimoshi gateway's control plane.
+
+`/v1` needs a bearer token (`Authorization: Bearer <token>`; tokens and their scopes come
+from `MOSHIMOSHI_API_TOKENS`, `token:read` or `token:admin`). Read scope lists calls, pool
+and transcripts; admin scope also hangs up calls and drains workers. The live transcript
+WebSocket takes the token as `?token=` since browsers cannot set headers on WebSockets.
+Probes, `/metrics` and the dashboard page itself need no token.
+"""
+
+TAGS = [
+    {"name": "calls", "description": "Active and recent calls of every gateway replica, with their quality."},
+    {"name": "transcripts", "description": "The agent's words and the caller's DTMF, stored and live."},
+    {"name": "pool", "description": "Workers, their slots and leases; draining a worker."},
+    {"name": "probes", "description": "Kubernetes probes and Prometheus metrics."},
+    {"name": "dashboard", "description": "The operator dashboard page."},
+]
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    draining: bool
+    redis: bool | None
+    workers_ready: int
+    calls: int
+
 
 def create_app(gateway: Gateway) -> FastAPI:
-    app = FastAPI(title="moshimoshi gateway", version=__version__)
+    app = FastAPI(title="moshimoshi gateway", version=__version__, description=DESCRIPTION, openapi_tags=TAGS)
+    app.state.gateway = gateway
+    app.state.api_tokens = getattr(gateway, "api_tokens", None) or ApiTokens.parse(gateway.settings.api_tokens)
+    app.state.directory = CallDirectory(gateway)
+    http_metrics.install(app)
 
-    @app.get("/healthz", tags=["probes"])
+    @app.get("/healthz", tags=["probes"], summary="Liveness", response_model=Health)
     async def healthz() -> dict[str, str]:
         """Alive: the process answers."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["probes"])
+    @app.get("/readyz", tags=["probes"], summary="Readiness", response_model=Readiness,
+             responses={503: {"model": Readiness, "description": "not ready"}})
     async def readyz() -> JSONResponse:
-        """Ready: Redis reachable, a worker ready, not draining."""
+        """Ready to take calls: Redis reachable, a worker ready, not draining (503 otherwise)."""
         state = gateway.readiness()
         return JSONResponse(state, status_code=200 if state["ready"] else 503)
 
-    @app.get("/metrics", tags=["probes"])
+    @app.get("/metrics", tags=["probes"], summary="Prometheus metrics", response_class=Response,
+             responses={200: {"content": {"text/plain": {}}}})
     async def prometheus_metrics() -> Response:
+        """The gateway's metrics in the Prometheus text format (workers serve their own)."""
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    app.include_router(calls.router)
+    app.include_router(transcripts.router)
+    app.include_router(pool.router)
+    app.include_router(dashboard.router)
     return app

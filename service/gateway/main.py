@@ -14,11 +14,16 @@ import typing as tp
 
 import uvicorn
 
+from service.api.auth import ApiTokens
 from service.config import ConfigError
 from service.gateway import metrics
 from service.gateway.call import Call, TranscriptEvent
+from service.gateway.hangups import HangupChannel
 from service.gateway.routing import FixedRouter, PoolRouter, Router
+from service.gateway.sampler import sample_forever
 from service.gateway.sip_ingress import SipCallHandler
+from service.gateway.transcripts import TranscriptStore
+from service.gateway.webhook import WebhookSender, call_ended_payload
 from service.pool import (
     DRAINING,
     READY,
@@ -91,6 +96,14 @@ class Gateway:
         self.http_port = settings.http_port
         self.call_stats = metrics.install_call_stats(self._live_counters)
         self.transcript_listeners: dict[str, set[asyncio.Queue]] = {}
+        # control plane: API tokens, transcripts in Redis, hang-ups across replicas, webhook
+        self.api_tokens = ApiTokens.parse(settings.api_tokens)
+        self.webhook = WebhookSender.from_settings(settings)
+        self.transcripts: TranscriptStore | None = None
+        self.hangups: HangupChannel | None = None
+        if self.pool is not None:
+            self.transcripts = TranscriptStore(self.pool, retention=settings.call_retention_seconds)
+            self.hangups = HangupChannel(self.pool, self.hangup)
 
     # -- readiness ---------------------------------------------------------------------
 
@@ -139,6 +152,10 @@ class Gateway:
         self.recent.insert(0, summary)
         del self.recent[200:]
         self.record_end(call)
+        if self.transcripts is not None:
+            self.transcripts.end(call.id, call.end_reason or "unknown")
+        if self.webhook is not None and call.answered_at is not None:
+            self.webhook.submit(call.id, call_ended_payload(summary))
         for queue in self.transcript_listeners.pop(call.id, set()):
             queue.put_nowait(None)
         log.info("call %s ended: %s (%.1fs, %d transcript pieces)", call.id, call.end_reason,
@@ -159,7 +176,8 @@ class Gateway:
     def _on_transcript(self, call: Call, event: TranscriptEvent) -> None:
         for queue in self.transcript_listeners.get(call.id, ()):
             queue.put_nowait(event)
-        metrics.TRANSCRIPT_PIECES.inc()
+        if self.transcripts is not None:
+            self.transcripts.append(call.id, len(call.transcript) - 1, event)
 
     # -- call records (best effort: Redis may be down; media never waits for it) --------
 
@@ -283,6 +301,8 @@ class Gateway:
         self.http_port = self._http.servers[0].sockets[0].getsockname()[1] if self._http.servers else 0
         await self.refresh_pool_once()
         refresher = asyncio.create_task(self._refresh_pool(), name="pool-refresh")
+        sampler = asyncio.create_task(sample_forever(self), name="quality-sampler")
+        self._start_control_plane()
         where = redacted(self.settings.redis_url) if self.settings.redis_url else self.settings.worker_url
         log.info("gateway %s: SIP on %s:%d (UDP+TCP), HTTP on %s:%d, workers via %s", self.gateway_id,
                  self.settings.sip_host, self.ua.port, self.settings.http_host, self.http_port, where)
@@ -292,8 +312,19 @@ class Gateway:
             await self._stop.wait()
         finally:
             refresher.cancel()
+            sampler.cancel()
             await self._shutdown(http_task)
         return self.exit_code
+
+    def _start_control_plane(self) -> None:
+        for weak in self.api_tokens.weak_entries():
+            log.warning("MOSHIMOSHI_API_TOKENS entry %d is short (under 16 characters): easy to guess", weak)
+        if not self.api_tokens:
+            log.warning("no API tokens configured: /v1 refuses every request (set MOSHIMOSHI_API_TOKENS)")
+        if self.transcripts is not None:
+            self.transcripts.start()
+        if self.hangups is not None:
+            self.hangups.start()
 
     async def _shutdown(self, http_task: asyncio.Task) -> None:
         for call in list(self.calls.values()):
@@ -307,9 +338,20 @@ class Gateway:
                 await asyncio.wait_for(http_task, 5)
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=2)
+        await self._stop_control_plane()
         if self.pool is not None:
             with contextlib.suppress(Exception):
                 await self.pool.close()
+
+
+    async def _stop_control_plane(self) -> None:
+        """After the calls: store the last transcript pieces, deliver the last webhooks."""
+        if self.hangups is not None:
+            await self.hangups.close()
+        if self.transcripts is not None:
+            await self.transcripts.close(timeout=2.0)
+        if self.webhook is not None:
+            await self.webhook.close(timeout=3.0)
 
 
 def run_gateway(settings: GatewaySettings) -> int:

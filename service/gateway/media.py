@@ -71,6 +71,7 @@ class CallMedia:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.last_rtp_at = time.monotonic()
         self._last_received = 0
+        self.added_latency: float | None = None  # seconds, as of the last frame sent
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -146,7 +147,8 @@ class CallMedia:
 
     def _on_frame_sent(self, waited: float) -> None:
         added = (self.jitter.delay + waited + self.bridge.held_back_ms / 1000)
-        metrics.GATEWAY_LATENCY.observe(max(0.0, added))
+        self.added_latency = max(0.0, added)
+        metrics.GATEWAY_LATENCY.observe(self.added_latency)
 
     # -- reporting ---------------------------------------------------------------------
 
@@ -189,5 +191,6 @@ class CallMedia:
             "egress_cushion_ms": round(self.pacer.cushion * 1000, 1),
             "egress_underruns": self.egress_underruns,
             "pacer_max_lateness_ms": round(self.pacer.stats.max_lateness_s * 1000, 2),
+            "gateway_latency_ms": None if self.added_latency is None else round(self.added_latency * 1000, 1),
             "resampler": self.bridge.resampler,
         }

@@ -57,7 +57,12 @@ READY = Gauge("moshimoshi_gateway_ready", "1 when this gateway takes calls (Redi
 REDIS_ERRORS = Counter("moshimoshi_redis_errors_total", "Redis operations that failed.", ["operation"])
 HTTP_REQUESTS = Counter("moshimoshi_http_requests_total", "API requests by route and status code.",
                         ["method", "route", "code"])
-TRANSCRIPT_PIECES = Counter("moshimoshi_transcript_pieces_total", "Transcript pieces stored.")
+TRANSCRIPT_PIECES = Counter("moshimoshi_transcript_pieces_total", "Transcript pieces stored in Redis.")
+TRANSCRIPT_PIECES_DROPPED = Counter(
+    "moshimoshi_transcript_pieces_dropped_total",
+    "Transcript pieces never stored: the in-memory queue overflowed during a Redis outage, or the "
+    "gateway stopped before Redis answered; by reason.", ["reason"])
+TRANSCRIPT_VIEWERS = Gauge("moshimoshi_transcript_viewers", "Open live-transcript WebSockets.")
 DTMF_DIGITS = Counter("moshimoshi_dtmf_digits_total", "DTMF digits received (RFC 4733).")
 WEBHOOK_DELIVERIES = Counter("moshimoshi_webhook_deliveries_total", "Call-end webhook POSTs by outcome.",
                              ["outcome"])

@@ -1,0 +1,125 @@
+"""The API's documents (pydantic models: they are the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class CallQuality(BaseModel):
+    """A call's audio quality: live for a call on the answering gateway, else as last stored
+    (gateways store it every few seconds during the call and once at its end)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    codec: str | None = Field(None, description="negotiated codec (PCMU, PCMA, opus)")
+    ptime_ms: int | None = Field(None, description="packet time")
+    jitter_ms: float | None = Field(None, description="interarrival jitter of the caller's RTP (RFC 3550)")
+    loss_fraction: float | None = Field(None, description="fraction of the caller's packets lost")
+    packets_lost: int | None = None
+    rtt_ms: float | None = Field(None, description="round trip to the caller from RTCP (null until known)")
+    concealed_frames: int | None = Field(None, description="inbound frames concealed (lost or late)")
+    egress_underruns: int | None = Field(None, description="20 ms ticks with no model audio while it talked")
+    gateway_latency_ms: float | None = Field(
+        None, description="latency the gateway adds: jitter buffer, resampling, framing, pacing")
+    jitter_buffer_ms: float | None = Field(None, description="current playout delay of the jitter buffer")
+    packets_received: int | None = None
+    packets_sent: int | None = None
+    packets_late: int | None = None
+    packets_stray: int | None = None
+    failovers: int | None = Field(None, description="times the call moved to another worker")
+
+
+class CallInfo(BaseModel):
+    """One call: where it runs, who called, how it went."""
+
+    id: str = Field(description="the gateway's call id (X-Moshimoshi-Call-Id of the 200 OK)")
+    state: str = Field(description="ringing, queued (waiting for a slot), active or ended")
+    ingress: str = Field("", description="sip or webrtc")
+    from_uri: str = Field("", description="the caller")
+    to_uri: str = ""
+    codec: str = ""
+    worker_id: str = ""
+    slot: int | None = None
+    model: str = ""
+    license: str = ""
+    gateway_id: str = Field("", description="the gateway replica that answered the call")
+    started_at: float = Field(description="arrival of the INVITE, epoch seconds")
+    answered_at: float | None = None
+    ended_at: float | None = None
+    end_reason: str = Field("", description="remote-bye, api-hangup, rtp-timeout, rejected-busy, ...")
+    duration_s: float = Field(0.0, description="seconds since (or until the end from) the answer")
+    on_this_gateway: bool = Field(False, description="the answering gateway is the one serving this request")
+    quality: CallQuality | None = None
+
+
+class CallList(BaseModel):
+    calls: list[CallInfo]
+    partial: bool = Field(False, description="true when Redis could not be read: only this gateway's calls")
+
+
+class HangupResult(BaseModel):
+    call_id: str
+    status: str = Field(description="hanging-up: the call ends with a BYE from its gateway")
+    on_this_gateway: bool
+
+
+class TranscriptPiece(BaseModel):
+    seq: int = Field(description="index of the piece in the call's transcript")
+    t: float = Field(description="seconds since the call was answered")
+    kind: str = Field(description="agent (the model's words) or dtmf (a digit the caller pressed)")
+    text: str
+    duration_ms: float | None = Field(None, description="for dtmf: how long the key was held")
+
+
+class Transcript(BaseModel):
+    """A call's transcript; agent pieces concatenate to the agent's words."""
+
+    call_id: str
+    complete: bool = Field(description="the call has ended and every piece is here")
+    end_reason: str = ""
+    events: list[TranscriptPiece]
+    text: str = Field(description="the agent's words, all pieces joined")
+
+
+class SlotState(BaseModel):
+    slot: int
+    state: str = Field(description="free or leased")
+    call_id: str | None = Field(None, description="the call holding the lease")
+    token: int | None = Field(None, description="the lease's fencing token")
+    ttl_ms: int | None = Field(None, description="time left on the lease (renewed every third of its TTL)")
+
+
+class WorkerState(BaseModel):
+    worker_id: str
+    url: str = Field("", description="WebSocket URL gateways stream to")
+    http_url: str = Field("", description="the worker's own HTTP API (health, metrics, drain)")
+    model: str = ""
+    license: str = ""
+    version: str = ""
+    state: str = Field("", description="ready or draining (empty when no longer alive)")
+    alive: bool = Field(description="its registration has not expired (it heartbeats)")
+    capacity: int = 0
+    busy_slots: int = 0
+    free_slots: int = 0
+    last_seen: float | None = None
+    started_at: float | None = None
+    slots: list[SlotState] = []
+
+
+class PoolState(BaseModel):
+    mode: str = Field(description="pool (workers in Redis) or single-worker (MOSHIMOSHI_WORKER_URL)")
+    workers: list[WorkerState]
+    workers_ready: int
+    slots_total: int = Field(description="capacity of ready workers")
+    slots_busy: int = Field(description="slots holding a lease")
+    slots_free: int
+
+
+class DrainResult(BaseModel):
+    worker_id: str
+    status: int = Field(description="the worker's HTTP status")
+    answer: dict = Field(description="the worker's own answer (state, sessions)")
+
+
+class Problem(BaseModel):
+    detail: str

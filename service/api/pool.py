@@ -1,0 +1,129 @@
+"""``/v1/pool`` (workers, slots and their state) and ``/v1/workers/{id}/drain``."""
+
+from __future__ import annotations
+
+import logging
+import typing as tp
+from urllib.parse import urlsplit
+
+import httpx
+from fastapi import APIRouter, Depends, HTTPException, Request
+
+from service.api.auth import require_admin, require_read
+from service.api.calls import AUTH_RESPONSES
+from service.api.models import DrainResult, PoolState, Problem, SlotState, WorkerState
+from service.pool import READY, PoolError, WorkerStatus
+
+if tp.TYPE_CHECKING:
+    from service.gateway.main import Gateway
+
+log = logging.getLogger("moshimoshi.api")
+
+WORKER_HTTP_TIMEOUT = 3.0
+
+router = APIRouter(prefix="/v1", tags=["pool"], responses=AUTH_RESPONSES)
+
+
+def http_base(url: str) -> str:
+    """A worker's HTTP base from its WebSocket URL: ws://h:p/... → http://h:p."""
+    parts = urlsplit(url)
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    return f"{scheme}://{parts.netloc}"
+
+
+def worker_state(worker: WorkerStatus) -> WorkerState:
+    leases = {lease.slot: lease for lease in worker.leases}
+    slots = []
+    for slot in range(worker.capacity):
+        lease = leases.get(slot)
+        if lease is None:
+            slots.append(SlotState(slot=slot, state="free"))
+        else:
+            slots.append(SlotState(slot=slot, state="leased", call_id=lease.owner or None, token=lease.token,
+                                   ttl_ms=lease.ttl_ms))
+    return WorkerState(
+        worker_id=worker.worker_id, url=worker.url, http_url=http_base(worker.url) if worker.url else "",
+        model=worker.model, license=worker.license, version=worker.version, state=worker.state,
+        alive=worker.alive, capacity=worker.capacity, busy_slots=len(worker.leases),
+        free_slots=worker.free_slots if worker.alive else 0, last_seen=worker.last_seen,
+        started_at=worker.started_at, slots=slots)
+
+
+async def _single_worker(gateway: Gateway) -> PoolState:
+    """Without a pool: the one configured worker, as its /v1/info describes it."""
+    url = gateway.settings.worker_url or ""
+    worker = WorkerState(worker_id=url, url=url, http_url=http_base(url), alive=False)
+    try:
+        async with httpx.AsyncClient(timeout=WORKER_HTTP_TIMEOUT) as client:
+            info = (await client.get(worker.http_url + "/v1/info")).json()
+        worker.alive = True
+        worker.state = str(info.get("state", ""))
+        worker.model = str(info.get("model", ""))
+        worker.license = str(info.get("license", ""))
+        worker.capacity = int(info.get("slots") or 0)
+        worker.busy_slots = int(info.get("busy") or 0)
+        worker.free_slots = int(info.get("free") or 0)
+        worker.slots = [SlotState(slot=i, state="unknown") for i in range(worker.capacity)]
+    except (httpx.HTTPError, ValueError, TypeError, AttributeError) as exc:
+        log.info("worker %s: no /v1/info (%s)", url, exc)
+    ready = worker.alive and worker.state == READY
+    return PoolState(mode="single-worker", workers=[worker], workers_ready=int(ready),
+                     slots_total=worker.capacity if ready else 0, slots_busy=worker.busy_slots,
+                     slots_free=worker.free_slots if ready else 0)
+
+
+@router.get("/pool", summary="Workers, slots and their state", response_model=PoolState,
+            dependencies=[Depends(require_read)],
+            responses={503: {"model": Problem, "description": "Redis unreachable"}})
+async def pool_state(request: Request) -> PoolState:
+    """Every worker seen recently (live, or dead and not yet forgotten) with each slot's
+    lease: the call holding it, its fencing token and the time left on it."""
+    gateway: Gateway = request.app.state.gateway
+    if gateway.registry is None:
+        return await _single_worker(gateway)
+    try:
+        workers = await gateway.registry.workers()
+    except PoolError:
+        raise HTTPException(503, "the pool is unavailable (Redis unreachable)") from None
+    states = [worker_state(w) for w in workers]
+    ready = [w for w in states if w.alive and w.state == READY]
+    total = sum(w.capacity for w in ready)
+    busy = sum(w.busy_slots for w in states if w.alive)
+    return PoolState(mode="pool", workers=states, workers_ready=len(ready), slots_total=total,
+                     slots_busy=busy, slots_free=sum(w.free_slots for w in ready))
+
+
+@router.post("/workers/{worker_id}/drain", summary="Drain a worker", status_code=202,
+             response_model=DrainResult, dependencies=[Depends(require_admin)],
+             responses={404: {"model": Problem, "description": "no such live worker"},
+                        502: {"model": Problem, "description": "the worker did not answer"},
+                        503: {"model": Problem, "description": "Redis unreachable"}})
+async def drain_worker(request: Request, worker_id: str) -> DrainResult:
+    """Ask a worker to drain (admin scope), as its SIGTERM would: it takes no new calls,
+    its calls go on for up to its drain grace, then it exits. Goes to the worker's own
+    ``POST /v1/drain``."""
+    gateway: Gateway = request.app.state.gateway
+    if gateway.registry is None:
+        url = gateway.settings.worker_url or ""
+        if worker_id != url:
+            raise HTTPException(404, f"no worker {worker_id!r}")
+    else:
+        try:
+            workers = await gateway.registry.workers()
+        except PoolError:
+            raise HTTPException(503, "the pool is unavailable (Redis unreachable)") from None
+        found = next((w for w in workers if w.worker_id == worker_id and w.alive), None)
+        if found is None:
+            raise HTTPException(404, f"no live worker {worker_id!r}")
+        url = found.url
+    target = http_base(url) + "/v1/drain"
+    try:
+        async with httpx.AsyncClient(timeout=WORKER_HTTP_TIMEOUT) as client:
+            response = await client.post(target)
+        answer = response.json() if response.content else {}
+    except (httpx.HTTPError, ValueError) as exc:
+        raise HTTPException(502, f"worker {worker_id} did not answer at {target}: {exc}") from None
+    log.info("worker %s: drain requested through the API (worker answered %d)", worker_id,
+             response.status_code)
+    return DrainResult(worker_id=worker_id, status=response.status_code,
+                       answer=answer if isinstance(answer, dict) else {"answer": answer})

@@ -1,0 +1,82 @@
+"""Hang-up requests across gateway replicas, over a Redis pub/sub channel.
+
+The API of any replica can hang up any call: when the call is not its own, it publishes
+the call id on ``{prefix}hangup``; every gateway subscribes, and the one that has the
+call ends it (with a BYE). The subscription reconnects by itself after a Redis outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import typing as tp
+
+from redis.exceptions import RedisError
+
+from service.gateway import metrics
+from service.pool import PoolClient
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.5  # below the pool's 1 s socket timeout
+RETRY_FIRST_SECONDS = 0.5
+RETRY_MAX_SECONDS = 5.0
+
+
+class HangupChannel:
+    """Publishes hang-up requests and hands the ones for any call to ``on_request``
+    (which returns True when it had the call)."""
+
+    def __init__(self, client: PoolClient, on_request: tp.Callable[[str], bool]) -> None:
+        self.client = client
+        self.channel = client.keys.prefix + "hangup"
+        self.on_request = on_request
+        self.subscribed = asyncio.Event()
+        self.received = 0
+        self._task: asyncio.Task | None = None
+
+    async def publish(self, call_id: str) -> int:
+        """Ask every gateway to hang up ``call_id``; returns how many gateways listened.
+        Raises PoolError."""
+        async with self.client.guard("publish hang-up"):
+            return int(await self.client.redis.publish(self.channel, call_id))
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="hangup-subscriber")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        delay = RETRY_FIRST_SECONDS
+        while True:
+            pubsub = self.client.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                self.subscribed.set()
+                delay = RETRY_FIRST_SECONDS
+                while True:
+                    message = await pubsub.get_message(timeout=POLL_SECONDS)
+                    if message is not None and message.get("type") == "message":
+                        self._handle(message.get("data"))
+            except (RedisError, OSError, TimeoutError) as exc:
+                self.subscribed.clear()
+                metrics.REDIS_ERRORS.labels("hangup-subscribe").inc()
+                log.warning("hang-up channel lost (%s); resubscribing in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(RETRY_MAX_SECONDS, delay * 2)
+            finally:
+                with contextlib.suppress(RedisError, OSError, TimeoutError):
+                    await pubsub.aclose()
+
+    def _handle(self, data: tp.Any) -> None:
+        call_id = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+        self.received += 1
+        if self.on_request(call_id):
+            log.info("call %s: hang-up requested through another gateway's API", call_id)

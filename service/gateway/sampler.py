@@ -1,0 +1,47 @@
+"""Every few seconds: each live call's quality into the jitter and loss histograms and into
+its call record (so that every gateway replica can show it), and retention of the ended
+calls kept in memory (their transcripts are personal data: they go when the retention
+says so, as the Redis copies do)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import typing as tp
+
+from service.gateway import metrics
+
+if tp.TYPE_CHECKING:
+    from service.gateway.main import Gateway
+
+SAMPLE_SECONDS = 5.0
+
+
+def sample_once(gateway: Gateway) -> None:
+    for call in list(gateway.calls.values()):
+        if call.media is None or call.state != "active":
+            continue
+        quality = call.media.quality()
+        if quality.get("packets_received"):
+            metrics.RTP_JITTER.observe(max(0.0, quality.get("jitter_ms") or 0.0) / 1000)
+            metrics.RTP_LOSS.observe(max(0.0, quality.get("loss_fraction") or 0.0))
+        stored = {k: v for k, v in quality.items() if v is not None}
+        stored["failovers"] = call.failovers
+        gateway.record_update(call, quality=stored)
+    forget_expired(gateway)
+
+
+def forget_expired(gateway: Gateway, now: float | None = None) -> int:
+    """Drop ended calls older than the retention from memory; returns how many."""
+    cutoff = (time.time() if now is None else now) - gateway.settings.call_retention_seconds
+    kept = [s for s in gateway.recent if (s.get("ended_at") or 0.0) >= cutoff]
+    dropped = len(gateway.recent) - len(kept)
+    if dropped:
+        gateway.recent[:] = kept
+    return dropped
+
+
+async def sample_forever(gateway: Gateway, period: float = SAMPLE_SECONDS) -> None:
+    while True:
+        await asyncio.sleep(period)
+        sample_once(gateway)

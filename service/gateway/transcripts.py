@@ -1,0 +1,266 @@
+"""Transcripts in Redis Streams: one stream per call, written behind the media path.
+
+The gateway appends each piece (the agent's words, or a caller's DTMF digit) as it
+arrives; ``append`` only queues it in memory, and one writer task sends the queue to Redis
+in batches (XADD with an approximate MAXLEN, then PEXPIRE: the stream lives
+``retention`` seconds after its last entry). So media never waits on Redis, and a Redis
+outage loses no call: pieces wait in memory (up to ``max_pending``, the oldest dropped and
+counted beyond that) and go out when Redis answers again. When the call ends an ``end``
+entry closes the stream, so a reader on any gateway replica knows the transcript is whole.
+
+Each entry carries the piece's ``seq`` (its index in the call's transcript). A batch that
+is retried after a lost reply may store a piece twice; readers drop repeated seqs.
+
+Entry fields: ``seq``, ``t`` (seconds since answer), ``kind`` (``agent``/``dtmf``),
+``text`` and optionally ``duration_ms``; the end entry is ``kind=end``, ``text=<reason>``.
+Transcript text is personal data: nothing here logs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import typing as tp
+from dataclasses import dataclass, field
+
+from service.gateway import metrics
+from service.gateway.call import TranscriptEvent
+from service.pool import PoolClient, PoolError
+
+log = logging.getLogger(__name__)
+
+END_KIND = "end"
+MAX_PIECES_PER_CALL = 30_000  # a 40-minute call at one piece per 80 ms step
+MAX_PENDING = 50_000
+BATCH = 256
+RETRY_FIRST_SECONDS = 0.25
+RETRY_MAX_SECONDS = 5.0
+FOLLOW_BLOCK_MS = 500  # below the pool's 1 s socket timeout
+
+
+def transcript_key(client: PoolClient, call_id: str) -> str:
+    return f"{client.keys.prefix}transcript:{call_id}"
+
+
+def event_fields(seq: int, event: TranscriptEvent) -> dict[str, str]:
+    fields = {"seq": str(seq), "t": repr(round(event.t, 3)), "kind": event.kind, "text": event.text}
+    if event.duration_ms is not None:
+        fields["duration_ms"] = repr(round(event.duration_ms, 1))
+    return fields
+
+
+@dataclass
+class StreamEntry:
+    """One parsed stream entry: a piece (``event``) or the end of the call (``end_reason``)."""
+
+    entry_id: str
+    seq: int = -1
+    event: TranscriptEvent | None = None
+    end_reason: str | None = None
+
+
+def parse_entry(entry_id: str, fields: dict[str, str]) -> StreamEntry | None:
+    """A stream entry, or None when it is malformed (skipped by readers)."""
+    kind = fields.get("kind", "")
+    if kind == END_KIND:
+        return StreamEntry(entry_id, end_reason=fields.get("text", ""))
+    try:
+        seq = int(fields["seq"])
+        t = float(fields["t"])
+        duration = float(fields["duration_ms"]) if "duration_ms" in fields else None
+    except (KeyError, ValueError):
+        return None
+    return StreamEntry(entry_id, seq, TranscriptEvent(t=t, kind=kind, text=fields.get("text", ""),
+                                                      duration_ms=duration))
+
+
+@dataclass
+class StoredTranscript:
+    """A call's transcript as read back from its stream."""
+
+    call_id: str
+    pieces: list[tuple[int, TranscriptEvent]] = field(default_factory=list)
+    ended: bool = False
+    end_reason: str = ""
+    last_id: str = "0-0"  # follow from here
+
+
+class TranscriptStore:
+    """Write-behind appends to per-call Redis Streams, and reads of them (any replica)."""
+
+    def __init__(self, client: PoolClient, *, retention: float, max_len: int = MAX_PIECES_PER_CALL,
+                 max_pending: int = MAX_PENDING, batch: int = BATCH) -> None:
+        if retention <= 0:
+            raise ValueError("retention must be positive")
+        self.client = client
+        self.retention_ms = max(1, round(retention * 1000))
+        self.max_len = max_len
+        self.max_pending = max_pending
+        self.batch = batch
+        self._pending: collections.deque[tuple[str, dict[str, str]]] = collections.deque()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task | None = None
+        self.stored = 0
+        self.dropped = 0
+        self.write_failures = 0
+
+    # -- writing (never blocks) --------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def append(self, call_id: str, seq: int, event: TranscriptEvent) -> None:
+        """Queue one piece for the call's stream (returns at once)."""
+        self._enqueue(call_id, event_fields(seq, event))
+
+    def end(self, call_id: str, reason: str) -> None:
+        """Queue the end entry: the call is over and its transcript complete."""
+        self._enqueue(call_id, {"kind": END_KIND, "text": reason})
+
+    def _enqueue(self, call_id: str, fields: dict[str, str]) -> None:
+        self._pending.append((call_id, fields))
+        self._trim()
+        self._idle.clear()
+        self._wake.set()
+
+    def _trim(self, reason: str = "overflow") -> None:
+        while len(self._pending) > self.max_pending:
+            _, fields = self._pending.popleft()
+            self._count_dropped(fields, reason)
+
+    def _count_dropped(self, fields: dict[str, str], reason: str) -> None:
+        if fields.get("kind") != END_KIND:
+            self.dropped += 1
+            metrics.TRANSCRIPT_PIECES_DROPPED.labels(reason).inc()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="transcript-writer")
+
+    async def _run(self) -> None:
+        delay = RETRY_FIRST_SECONDS
+        while True:
+            if not self._pending:
+                self._idle.set()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = [self._pending.popleft() for _ in range(min(self.batch, len(self._pending)))]
+            try:
+                await self._write(batch)
+            except asyncio.CancelledError:
+                self._pending.extendleft(reversed(batch))
+                raise
+            except PoolError as exc:
+                self._pending.extendleft(reversed(batch))
+                self._trim()
+                self.write_failures += 1
+                metrics.REDIS_ERRORS.labels("transcript-append").inc()
+                if self.write_failures == 1 or delay >= RETRY_MAX_SECONDS:
+                    log.warning("transcript pieces not stored yet (%d waiting, retry in %.2fs): %s",
+                                len(self._pending), delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(RETRY_MAX_SECONDS, delay * 2)
+                continue
+            delay = RETRY_FIRST_SECONDS
+            pieces = sum(1 for _, fields in batch if fields.get("kind") != END_KIND)
+            self.stored += pieces
+            metrics.TRANSCRIPT_PIECES.inc(pieces)
+
+    async def _write(self, batch: list[tuple[str, dict[str, str]]]) -> None:
+        keys = []
+        async with self.client.guard("append transcript"):
+            async with self.client.redis.pipeline(transaction=True) as pipe:
+                for call_id, fields in batch:
+                    key = transcript_key(self.client, call_id)
+                    pipe.xadd(key, fields, maxlen=self.max_len, approximate=True)
+                    if key not in keys:
+                        keys.append(key)
+                for key in keys:
+                    pipe.pexpire(key, self.retention_ms)
+                await pipe.execute()
+
+    async def flush(self, timeout: float) -> bool:
+        """Wait until every queued piece is stored; False if that took longer than ``timeout``."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+            return True
+        except TimeoutError:
+            return False
+
+    async def close(self, timeout: float = 2.0) -> None:
+        """Store what is queued (for up to ``timeout``), then stop; the rest is counted dropped."""
+        if self._task is not None:
+            await self.flush(timeout)
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        while self._pending:
+            _, fields = self._pending.popleft()
+            self._count_dropped(fields, "shutdown")
+        self._idle.set()
+
+    # -- reading (any replica) ---------------------------------------------------------
+
+    async def read(self, call_id: str) -> StoredTranscript | None:
+        """The call's stored transcript, or None when there is none (never stored, or expired).
+        Raises PoolError."""
+        key = transcript_key(self.client, call_id)
+        async with self.client.guard("read transcript"):
+            entries = await self.client.redis.xrange(key)
+        if not entries:
+            return None
+        transcript = StoredTranscript(call_id)
+        seen: set[int] = set()
+        for entry_id, fields in entries:
+            self._add(transcript, parse_entry(entry_id, fields), seen)
+        return transcript
+
+    @staticmethod
+    def _add(transcript: StoredTranscript, entry: StreamEntry | None, seen: set[int]) -> None:
+        if entry is None:
+            return
+        transcript.last_id = entry.entry_id
+        if entry.end_reason is not None:
+            transcript.ended = True
+            transcript.end_reason = entry.end_reason
+        elif entry.event is not None and entry.seq not in seen:
+            seen.add(entry.seq)
+            transcript.pieces.append((entry.seq, entry.event))
+
+    async def follow(self, call_id: str, after_id: str,
+                     block_ms: int = FOLLOW_BLOCK_MS) -> tp.AsyncIterator[StreamEntry]:
+        """Entries added after ``after_id``, as they come, until the end entry (yielded last)
+        or until the stream disappears. Raises PoolError."""
+        key = transcript_key(self.client, call_id)
+        last = after_id
+        redis = self.client.redis
+        while True:
+            async with self.client.guard("follow transcript"):
+                reply = await redis.xread({key: last}, count=self.batch, block=block_ms)
+                if not reply:
+                    exists = await redis.exists(key)
+            if not reply:
+                if not exists:
+                    return
+                continue
+            for _, entries in reply:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    entry = parse_entry(entry_id, fields)
+                    if entry is None:
+                        continue
+                    yield entry
+                    if entry.end_reason is not None:
+                        return
+
+    async def exists(self, call_id: str) -> bool:
+        async with self.client.guard("read transcript"):
+            return bool(await self.client.redis.exists(transcript_key(self.client, call_id)))
