@@ -290,7 +290,9 @@ class Gateway:
         config = uvicorn.Config(app, host=self.settings.http_host, port=self.settings.http_port,
                                 log_level="warning", lifespan="off", access_log=False)
         self._http = uvicorn.Server(config)
-        self._http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        # Signals are the gateway's (SIGTERM drains while HTTP keeps answering probes);
+        # uvicorn would otherwise take SIGINT/SIGTERM over and stop serving at once.
+        self._http.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
         http_task = asyncio.create_task(self._http.serve(), name="http")
         while not self._http.started and not http_task.done():  # noqa: ASYNC110 (uvicorn has no event)
             await asyncio.sleep(0.02)
@@ -302,7 +304,7 @@ class Gateway:
         await self.refresh_pool_once()
         refresher = asyncio.create_task(self._refresh_pool(), name="pool-refresh")
         sampler = asyncio.create_task(sample_forever(self), name="quality-sampler")
-        self._start_control_plane()
+        self.start_control_plane()
         where = redacted(self.settings.redis_url) if self.settings.redis_url else self.settings.worker_url
         log.info("gateway %s: SIP on %s:%d (UDP+TCP), HTTP on %s:%d, workers via %s", self.gateway_id,
                  self.settings.sip_host, self.ua.port, self.settings.http_host, self.http_port, where)
@@ -316,7 +318,7 @@ class Gateway:
             await self._shutdown(http_task)
         return self.exit_code
 
-    def _start_control_plane(self) -> None:
+    def start_control_plane(self) -> None:
         for weak in self.api_tokens.weak_entries():
             log.warning("MOSHIMOSHI_API_TOKENS entry %d is short (under 16 characters): easy to guess", weak)
         if not self.api_tokens:
@@ -338,13 +340,13 @@ class Gateway:
                 await asyncio.wait_for(http_task, 5)
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=2)
-        await self._stop_control_plane()
+        await self.stop_control_plane()
         if self.pool is not None:
             with contextlib.suppress(Exception):
                 await self.pool.close()
 
 
-    async def _stop_control_plane(self) -> None:
+    async def stop_control_plane(self) -> None:
         """After the calls: store the last transcript pieces, deliver the last webhooks."""
         if self.hangups is not None:
             await self.hangups.close()

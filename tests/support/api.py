@@ -1,0 +1,115 @@
+"""Helpers for the API tests: a real Gateway (no SIP started) with its real app served by
+uvicorn on a free port, and calls driven through the Gateway's own call-table methods."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import typing as tp
+from collections.abc import AsyncIterator
+
+import uvicorn
+
+from service.api.app import create_app
+from service.gateway.call import Call, TranscriptEvent
+from service.gateway.main import Gateway
+from service.settings import GatewaySettings
+
+READ_TOKEN = "unit-read-token-0123456789"
+ADMIN_TOKEN = "unit-admin-token-0123456789"
+TOKENS = [f"{READ_TOKEN}:read", f"{ADMIN_TOKEN}:admin"]
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+READ = auth(READ_TOKEN)
+ADMIN = auth(ADMIN_TOKEN)
+
+
+class ApiGateway:
+    """A Gateway with its control plane running and its app on ``base`` (http://...)."""
+
+    def __init__(self, gateway: Gateway, port: int) -> None:
+        self.gateway = gateway
+        self.port = port
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_base(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def start_call(self, *, from_uri: str = "sip:alice@192.0.2.10", worker_id: str = "w-test",
+                   slot: int = 0) -> Call:
+        """A call arriving, getting a slot and answered, as the SIP ingress runs it."""
+        call = Call(ingress="sip", from_uri=from_uri, to_uri="sip:agent@gateway.test", sip_call_id="sip-1",
+                    source="192.0.2.10:5060")
+        call.codec = "PCMU"
+        self.gateway.track(call)
+        self.gateway.record_create(call)
+        call.worker_id, call.slot = worker_id, slot
+        call.mark_answered()
+        self.gateway.record_update(call, answered_at=call.answered_at, worker_id=worker_id, slot=slot)
+        return call
+
+    @staticmethod
+    def say(call: Call, text: str, t: float | None = None) -> None:
+        call.add_transcript(TranscriptEvent(t=call.call_seconds if t is None else t, kind="agent", text=text))
+
+    @staticmethod
+    def dtmf(call: Call, digit: str, t: float = 0.0) -> None:
+        call.add_transcript(TranscriptEvent(t=t, kind="dtmf", text=digit, duration_ms=120.0))
+
+    def end_call(self, call: Call, reason: str = "remote-bye") -> None:
+        call.end(reason)
+        self.gateway.untrack(call)
+
+    async def settle(self, timeout: float = 5.0) -> None:
+        """Wait for the gateway's background writes (records, transcript pieces)."""
+        tasks = list(self.gateway._tasks)
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        if self.gateway.transcripts is not None:
+            assert await self.gateway.transcripts.flush(timeout)
+
+
+def gateway_settings(redis_url: str | None, **overrides: tp.Any) -> GatewaySettings:
+    values: dict[str, tp.Any] = {"sip_host": "127.0.0.1", "sip_port": 0, "http_host": "127.0.0.1",
+                                 "http_port": 0, "redis_url": redis_url, "api_tokens": list(TOKENS),
+                                 "log_level": "warning"}
+    values.update(overrides)
+    return GatewaySettings(**values)
+
+
+@contextlib.asynccontextmanager
+async def api_gateway(redis_url: str | None, **overrides: tp.Any) -> AsyncIterator[ApiGateway]:
+    """A Gateway (control plane started, SIP not) and its app served on a free port."""
+    gateway = Gateway(gateway_settings(redis_url, **overrides))
+    gateway.start_control_plane()
+    app = create_app(gateway)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                           lifespan="off", access_log=False))
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve())
+    while not server.started:  # noqa: ASYNC110 (uvicorn has no event)
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield ApiGateway(gateway, port)
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+        for call in list(gateway.calls.values()):
+            call.end("test-over")
+            gateway.untrack(call)
+        if gateway._tasks:
+            await asyncio.wait(list(gateway._tasks), timeout=5)
+        await gateway.stop_control_plane()
+        if gateway.pool is not None:
+            await gateway.pool.close()
