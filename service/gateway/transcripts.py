@@ -100,6 +100,7 @@ class TranscriptStore:
         self.max_pending = max_pending
         self.batch = batch
         self._pending: collections.deque[tuple[str, dict[str, str]]] = collections.deque()
+        self._in_flight = 0
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -112,7 +113,8 @@ class TranscriptStore:
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        """Entries not stored yet (queued, or being written now)."""
+        return len(self._pending) + self._in_flight
 
     def append(self, call_id: str, seq: int, event: TranscriptEvent) -> None:
         """Queue one piece for the call's stream (returns at once)."""
@@ -151,19 +153,25 @@ class TranscriptStore:
                 await self._wake.wait()
                 continue
             batch = [self._pending.popleft() for _ in range(min(self.batch, len(self._pending)))]
+            self._in_flight = len(batch)
+            failure: PoolError | None = None
             try:
                 await self._write(batch)
+            except PoolError as exc:
+                failure = exc
             except asyncio.CancelledError:
                 self._pending.extendleft(reversed(batch))
                 raise
-            except PoolError as exc:
+            finally:
+                self._in_flight = 0
+            if failure is not None:
                 self._pending.extendleft(reversed(batch))
                 self._trim()
                 self.write_failures += 1
                 metrics.REDIS_ERRORS.labels("transcript-append").inc()
                 if self.write_failures == 1 or delay >= RETRY_MAX_SECONDS:
                     log.warning("transcript pieces not stored yet (%d waiting, retry in %.2fs): %s",
-                                len(self._pending), delay, exc)
+                                len(self._pending), delay, failure)
                 await asyncio.sleep(delay)
                 delay = min(RETRY_MAX_SECONDS, delay * 2)
                 continue

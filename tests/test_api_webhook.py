@@ -1,0 +1,97 @@
+"""The call-end webhook against a real local HTTP server: retries with backoff, signature,
+final refusals, and the payload a real Gateway sends when a call ends."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import time
+
+import pytest
+
+from service.config import ConfigError, load
+from service.gateway import metrics
+from service.gateway.webhook import DELIVERY_HEADER, SIGNATURE_HEADER, WebhookSender
+from service.settings import GatewaySettings
+from tests.support.api import api_gateway
+from tests.support.http_sink import HttpSink
+from tests.support.procs import free_port
+
+
+def outcome(name: str) -> float:
+    return metrics.WEBHOOK_DELIVERIES.labels(name)._value.get()
+
+
+async def test_a_failed_attempt_is_retried_with_backoff_and_the_same_delivery_id():
+    before = {name: outcome(name) for name in ("delivered", "retry")}
+    with HttpSink(statuses=[500, 503]) as sink:
+        sender = WebhookSender(sink.url, secret="hook-secret", attempts=4, backoff=0.2)
+        started = time.monotonic()
+        assert await sender.deliver("c-1", {"call": "c-1", "text": "もしもし"}) == "delivered"
+        elapsed = time.monotonic() - started
+        await sender.close()
+    first, second, third = sink.received
+    assert elapsed >= 0.2 + 0.4 - 0.05  # backoff 0.2 s, then 0.4 s
+    assert first.body == second.body == third.body
+    assert json.loads(third.body) == {"call": "c-1", "text": "もしもし"}
+    assert first.headers[DELIVERY_HEADER] == third.headers[DELIVERY_HEADER]
+    expected = "sha256=" + hmac.new(b"hook-secret", third.body, hashlib.sha256).hexdigest()
+    assert third.headers[SIGNATURE_HEADER] == expected
+    assert third.headers["Content-Type"] == "application/json; charset=utf-8"
+    assert outcome("retry") == before["retry"] + 2
+    assert outcome("delivered") == before["delivered"] + 1
+
+
+async def test_a_client_error_is_final_and_an_unreachable_url_gives_up():
+    with HttpSink(statuses=[400]) as sink:
+        sender = WebhookSender(sink.url, attempts=3, backoff=0.01)
+        rejected = outcome("rejected")
+        assert await sender.deliver("c-2", {}) == "rejected"
+        assert len(sink.received) == 1 and SIGNATURE_HEADER not in sink.received[0].headers
+        assert outcome("rejected") == rejected + 1
+    sender = WebhookSender(f"http://127.0.0.1:{free_port()}/hook", attempts=3, backoff=0.01, timeout=1.0)
+    failed = outcome("failed")
+    assert await sender.deliver("c-3", {}) == "failed"
+    assert outcome("failed") == failed + 1
+    await sender.close()
+
+
+async def test_close_abandons_what_is_still_retrying():
+    with HttpSink(default=503) as sink:
+        sender = WebhookSender(sink.url, attempts=5, backoff=30.0)
+        abandoned = outcome("abandoned")
+        sender.submit("c-4", {})
+        await asyncio.to_thread(sink.wait_for, 1)
+        await sender.close(timeout=0.1)
+        assert sender.in_flight == 0 and outcome("abandoned") == abandoned + 1
+
+
+def test_a_webhook_url_that_is_not_http_is_a_configuration_error():
+    settings = load(GatewaySettings, environ={"MOSHIMOSHI_WEBHOOK_URL": "ftp://crm.example/hook"})
+    with pytest.raises(ConfigError, match="MOSHIMOSHI_WEBHOOK_URL"):
+        WebhookSender.from_settings(settings)
+    assert WebhookSender.from_settings(load(GatewaySettings, environ={})) is None
+
+
+async def test_the_gateway_posts_record_quality_and_transcript_when_a_call_ends(redis_server):
+    with HttpSink(statuses=[502]) as sink:
+        async with api_gateway(redis_server.url, webhook_url=sink.url, webhook_secret="s3cr3t-key",
+                               webhook_backoff_seconds=0.05) as api:
+            call = api.start_call(from_uri="sip:carol@192.0.2.12", worker_id="w-9", slot=2)
+            api.say(call, "承知しました", t=1.5)
+            api.dtmf(call, "9", t=2.0)
+            api.end_call(call, "remote-bye")
+            requests = await asyncio.to_thread(sink.wait_for, 2)
+    body = json.loads(requests[1].body)
+    assert body["event"] == "call.ended"
+    record = body["record"]
+    assert (record["id"], record["from"], record["worker_id"], record["slot"], record["end_reason"]) == (
+        call.id, "sip:carol@192.0.2.12", "w-9", 2, "remote-bye")
+    assert record["state"] == "ended" and record["ended_at"] >= record["answered_at"]
+    assert body["transcript"] == {"call_id": call.id, "events": [
+        {"t": 1.5, "kind": "agent", "text": "承知しました"}, {"t": 2.0, "kind": "dtmf", "text": "9", "duration_ms": 120.0}]}
+    assert isinstance(body["quality"], dict)
+    assert requests[1].headers[SIGNATURE_HEADER] == (
+        "sha256=" + hmac.new(b"s3cr3t-key", requests[1].body, hashlib.sha256).hexdigest())
