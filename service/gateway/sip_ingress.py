@@ -141,6 +141,7 @@ class SipCallHandler:
         assert self.rtp is not None
         if negotiated.remote_address is not None:
             self.rtp.update_remote(negotiated.remote_address, negotiated.remote_port, negotiated.remote_rtcp_port)
+        self.rtp.trust_ip(self.incoming.source[0])
         settings = self.gateway.settings
         self.media = CallMedia(self.rtp, negotiated, to_model=self.call.send_to_model, on_dtmf=self._on_dtmf,
                                jitter_min_ms=settings.jitter_min_ms, jitter_max_ms=settings.jitter_max_ms,
