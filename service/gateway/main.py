@@ -17,7 +17,8 @@ import uvicorn
 from service.config import ConfigError
 from service.gateway import metrics
 from service.gateway.call import Call, TranscriptEvent
-from service.gateway.routing import FixedRouter, PoolRouter, Router
+from service.gateway.loopback import LOOPBACK_URL
+from service.gateway.routing import FixedRouter, LoopbackRouter, PoolRouter, Router
 from service.gateway.sip_ingress import SipCallHandler
 from service.pool import (
     DRAINING,
@@ -78,6 +79,8 @@ class Gateway:
             self.registry = RegistryReader(self.pool)
             self.router = PoolRouter(SlotLeases(self.pool), model=self.model, gateway_id=self.gateway_id,
                                      lease_ttl_ms=int(settings.lease_ttl_seconds * 1000))
+        elif settings.worker_url == LOOPBACK_URL:
+            self.router = LoopbackRouter(settings.echo_delay_ms)
         else:
             assert settings.worker_url
             self.router = FixedRouter(settings.worker_url, model=self.model)
