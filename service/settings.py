@@ -34,7 +34,12 @@ class WorkerSettings:
     greedy: bool = setting(False, "greedy decoding (argmax) instead of sampling: reproducible output")
     seed: int = setting(42424242, "random seed for sampling")
     cuda_graphs: bool = setting(True, "capture the step in CUDA graphs on GPU")
+    cpu_threads: int | None = setting(
+        None, "torch threads for inference on CPU (default: half the cores, at least 1: the rest "
+        "serve the sockets; more threads than free cores gives long stalls)", min=1, max=1024)
     max_call_seconds: float = setting(1800.0, "a call that reaches this length is ended cleanly", min=1.0)
+    input_queue_frames: int = setting(4, "80 ms input frames a slot may queue before the oldest is dropped",
+                                      min=1, max=1000)
     echo_delay_ms: int = setting(0, "with --model echo: how long the echo lags behind the caller",
                                  min=0, max=10_000)
     worker_id: str | None = setting(None, "this worker's id in the pool (default: hostname-port)")
@@ -60,12 +65,20 @@ class GatewaySettings:
     codecs: list[str] = setting(["PCMU", "PCMA"], "codecs in order of preference")
     jitter_min_ms: int = setting(20, "jitter buffer playout delay floor", min=0, max=200)
     jitter_max_ms: int = setting(200, "jitter buffer playout delay ceiling", min=20, max=1000)
+    resampler: str = setting("fir", "8↔24 kHz resampler: fir (1.5 ms each way) or soxr-qq/lq/mq/hq/vhq",
+                             choices=["fir", "soxr-qq", "soxr-lq", "soxr-mq", "soxr-hq", "soxr-vhq"])
+    rtp_timeout_seconds: float = setting(30.0, "hang up when the caller's RTP stops this long (0: never)",
+                                         min=0.0)
     session_expires: int = setting(1800, "RFC 4028 session interval offered to peers, seconds", min=90)
     http_host: str = setting("0.0.0.0", "address of the HTTP API, metrics and dashboard")
     http_port: int = setting(8080, "port of the HTTP API, metrics and dashboard (0 picks one)",
                              min=0, max=65535)
     worker_url: str | None = setting(None, "ws:// URL of a worker to use without a pool")
     model: str | None = setting(None, "model id calls ask the pool for (default: any)")
+    gateway_id: str | None = setting(None, "this gateway's id in call records (default: hostname-sipport)")
+    lease_ttl_seconds: float = setting(15.0, "slot lease TTL; renewed every third of it", min=1.0, max=300.0)
+    call_retention_seconds: float = setting(7 * 24 * 3600.0, "how long call records and transcripts "
+                                            "are kept after the call", min=60.0)
     redis_url: str | None = setting(None, "Redis for the pool (default: embedded redis-server)",
                                     env="REDIS_URL")
     queue_seconds: float = setting(5.0, "how long a call may wait (ringing) for a free slot before 503",
@@ -73,6 +86,8 @@ class GatewaySettings:
     retry_after_seconds: int = setting(30, "Retry-After sent with 503", min=1)
     drain_grace_seconds: float = setting(300.0, "on SIGTERM, how long calls may go on before exit",
                                          min=0.0)
+    api_tokens: list[str] = setting(
+        [], "API bearer tokens as token:scope pairs, comma-separated; scope read or admin", secret=True)
     log_level: str = setting("info", "log level", choices=["debug", "info", "warning", "error"])
 
     def validate(self) -> None:

@@ -49,7 +49,8 @@ class EgressPacer:
     ``send(pcm, ticks)`` is called once per tick with the packet (int16) or None for
     silence; ``ticks`` is 1 unless the event loop stalled and ticks were skipped, so the
     RTP timestamp can account for the gap. ``on_lateness(seconds)`` observes how late
-    each tick fired (the pacing error).
+    each tick fired (the pacing error); ``on_frame_sent(seconds)`` how long each frame
+    waited between its arrival and its first packet leaving.
     """
 
     def __init__(
@@ -61,6 +62,7 @@ class EgressPacer:
         margin_ms: float = 1.0,
         max_cushion_ms: float = 120.0,
         on_lateness: tp.Callable[[float], None] | None = None,
+        on_frame_sent: tp.Callable[[float], None] | None = None,
         clock: tp.Callable[[], float] = time.monotonic,
     ) -> None:
         self._send = send
@@ -69,9 +71,10 @@ class EgressPacer:
         self._margin = margin_ms / 1000
         self._max_cushion = max_cushion_ms / 1000
         self._on_lateness = on_lateness
+        self._on_frame_sent = on_frame_sent
         self._clock = clock
         self._slew = self.packet_s / 10
-        self._queue: collections.deque[tuple[int, int, np.ndarray]] = collections.deque()
+        self._queue: collections.deque[tuple[int, int, np.ndarray, float]] = collections.deque()
         self._lateness: collections.deque[float] = collections.deque(maxlen=WINDOW_FRAMES)
         self._grid: float | None = None
         self._frame_index = 0
@@ -116,7 +119,7 @@ class EgressPacer:
             self._frame_index += 1
         self._track(now)
         for j, pcm in enumerate(packets):
-            self._queue.append((self._frame_index, j, pcm))
+            self._queue.append((self._frame_index, j, pcm, now))
         self.stats.frames += 1
         if first and self._last_tick is not None:
             # Only silence went out so far: bring the model's cadence forward at once, with
@@ -186,7 +189,7 @@ class EgressPacer:
         self.stats.max_lateness_s = max(self.stats.max_lateness_s, lateness)
         if self._on_lateness is not None:
             self._on_lateness(lateness)
-        pcm = self._take(scheduled)
+        pcm = self._take(scheduled, now)
         if pcm is None:
             self.stats.silence_packets += 1
         else:
@@ -195,9 +198,9 @@ class EgressPacer:
         self._schedule()
         self._send(pcm, ticks)
 
-    def _take(self, tick: float) -> np.ndarray | None:
+    def _take(self, tick: float, now: float) -> np.ndarray | None:
         while self._queue:
-            frame_index, packet_index, pcm = self._queue[0]
+            frame_index, packet_index, pcm, arrival = self._queue[0]
             due = self._due(frame_index, packet_index)
             if due < tick - self.packet_s * SEND_EARLY_LIMIT:
                 self._queue.popleft()
@@ -206,6 +209,8 @@ class EgressPacer:
             if due > tick + self.packet_s * SEND_EARLY_LIMIT:
                 return None
             self._queue.popleft()
+            if packet_index == 0 and self._on_frame_sent is not None:
+                self._on_frame_sent(now - arrival)
             return pcm
         return None
 

@@ -1,0 +1,315 @@
+"""Benchmark: how many real-time calls one worker process carries, against Kyutai's moshi.server.
+
+    python ops/bench/worker.py                        # tiny random Moshi on this CPU
+    python ops/bench/worker.py --size 7b --device cuda  # the full 7B architecture, random bf16
+
+Part 1, the batched engine: for B = 1, 2, 4, 8, ... the real MoshiEngine step (Mimi encode
++ LMGen step + Mimi decode for all B slots, sampling as in production, on noise) is timed
+over --steps steps after warm-up. A batch holds real time when the step's p99 is under the
+80 ms frame. Real-time calls per process = the largest such B.
+
+Part 2, Kyutai's server: ``python -m moshi.server`` with the SAME checkpoint files
+(--moshi-weight/--mimi-weight/--tokenizer/--config-path, --device cpu, --static none) serves
+one conversation at a time. A client streams Opus (sphn) to it at real time and the server's
+own "frame handled in X ms" log gives its per-frame handling time. It carries 1 real-time
+call if its p99 is under 80 ms, else 0. It gets the same number of torch threads as the
+worker (OMP_NUM_THREADS), so both run on the same CPU budget. Two shims, both outside moshi: moshi.server's warm-up
+calls torch.cuda.synchronize(), which fails on a CPU-only torch, so
+ops/bench/moshi_server_shim/sitecustomize.py (first on its PYTHONPATH) makes that a no-op
+without a GPU; and since moshi.server has no --mimi-config flag, the config it is given
+names the tiny Mimi's config as a file:// path. Note that moshi.server always runs the LM in
+bfloat16 (float16 with --half), while the worker runs float32 on CPU.
+
+--size 7b builds the Moshi 7B architecture (moshi's own _lm_kwargs and stock Mimi) with
+random weights in bfloat16 directly on the device: no download, no checkpoint files, so
+part 2 is skipped there. Readable figures first; the last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from service.worker.checkpoint import LoadedModel, ModelInfo, load_checkpoint  # noqa: E402
+from service.worker.engine_api import FRAME_SAMPLES, FRAME_SECONDS  # noqa: E402
+from service.worker.tinymodel import build_tiny_checkpoint  # noqa: E402
+
+FRAME_MS = FRAME_SECONDS * 1000
+SHIM_DIR = Path(__file__).resolve().parent / "moshi_server_shim"
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+# --- part 1: the batched engine ---------------------------------------------------------
+def tiny_model_factory(checkpoint: Path, device: str):
+    def make() -> LoadedModel:
+        return load_checkpoint(str(checkpoint), device=device)
+    return make
+
+
+def random_7b_factory(device: str, dtype: str):
+    """The Moshi 7B LM and the stock Mimi, random weights, built once on ``device``."""
+    import torch
+    from moshi.models import loaders
+
+    torch_dtype = getattr(torch, dtype)
+    print(f"building the 7B architecture with random {dtype} weights on {device} ...", flush=True)
+    started = time.monotonic()
+    with torch.device(device):
+        lm = loaders.get_moshi_lm(None, lm_kwargs=loaders._lm_kwargs, device=device, dtype=torch_dtype)
+        mimi = loaders.get_mimi(None, loaders._mimi_config, device=device, num_codebooks=8)
+    params = sum(p.numel() for p in lm.parameters()) / 1e9
+    print(f"  {params:.2f} B LM parameters, built in {time.monotonic() - started:.0f} s", flush=True)
+    info = ModelInfo(model="random-moshi-7b", license="n/a (random weights)", source="benchmark",
+                     context_steps=lm.context)
+    model = LoadedModel(checkpoint=types.SimpleNamespace(lm_gen_config={}), mimi=mimi, lm=lm,
+                        tokenizer=None, info=info)
+    return lambda: model  # the engine leaves streaming on close: the modules are reused
+
+
+def time_batch(make_model, batch_size: int, steps: int, cuda_graphs: bool) -> dict:
+    from service.worker.engine import MoshiEngine
+
+    engine = MoshiEngine(make_model(), batch_size, greedy=False, cuda_graphs=cuda_graphs)
+    try:
+        warm = engine.warm_up()
+        rng = np.random.default_rng(batch_size)
+        active = np.ones(batch_size, dtype=bool)
+        fresh = np.zeros(batch_size, dtype=bool)
+        frames = (rng.standard_normal((8, batch_size, FRAME_SAMPLES)) * 0.05).astype(np.float32)
+        durations = []
+        for i in range(steps):
+            started = time.perf_counter()
+            engine.step(frames[i % len(frames)], active, fresh)  # returns host arrays: synchronised
+            durations.append((time.perf_counter() - started) * 1000)
+    finally:
+        engine.close()
+    p50, p99 = percentile(durations, 50), percentile(durations, 99)
+    return {"B": batch_size, "p50_ms": round(p50, 2), "p99_ms": round(p99, 2),
+            "max_ms": round(max(durations), 2), "warm_up_s": round(warm, 2),
+            "realtime": p99 < FRAME_MS, "per_call_ms": round(p50 / batch_size, 2)}
+
+
+def bench_engine(make_model, batch_sizes: list[int], steps: int, cuda_graphs: bool) -> list[dict]:
+    print(f"\nbatched engine: {steps} steps per batch size after warm-up; real time = p99 < {FRAME_MS:.0f} ms")
+    print(f"{'B':>5} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9} {'ms/call':>9}  real time")
+    import torch
+
+    rows = []
+    for batch_size in batch_sizes:
+        try:
+            row = time_batch(make_model, batch_size, steps, cuda_graphs)
+        except torch.OutOfMemoryError:
+            print(f"{batch_size:>5}  out of device memory: larger batches skipped")
+            break
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        rows.append(row)
+        print(f"{row['B']:>5} {row['p50_ms']:>9.1f} {row['p99_ms']:>9.1f} {row['max_ms']:>9.1f} "
+              f"{row['per_call_ms']:>9.2f}  {'yes' if row['realtime'] else 'no'}", flush=True)
+        if row["p50_ms"] > 2 * FRAME_MS:
+            print("  (p50 is past twice the frame: larger batches skipped)")
+            break
+    return rows
+
+
+# --- part 2: Kyutai's moshi.server ------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def moshi_server_config(checkpoint: Path, out: Path) -> Path:
+    """The checkpoint's config.json, with the Mimi config as a local file:// path."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    if config.get("mimi_config_name"):
+        config["mimi_config_name"] = "file://" + str(checkpoint / config["mimi_config_name"])
+    out.write_text(json.dumps(config))
+    return out
+
+
+async def drive_moshi_server(port: int, seconds: float) -> dict:
+    """Stream Opus at real time to moshi.server; count what comes back."""
+    import aiohttp
+    import sphn
+
+    writer = sphn.OpusStreamWriter(24000)
+    rng = np.random.default_rng(0)
+    sent = received_audio = received_text = 0
+    async with aiohttp.ClientSession() as session, session.ws_connect(
+            f"http://127.0.0.1:{port}/api/chat") as ws:
+        handshake = await ws.receive()
+        assert handshake.data == b"\x00", handshake
+
+        async def reader() -> None:
+            nonlocal received_audio, received_text
+            async for message in ws:
+                if message.type != aiohttp.WSMsgType.BINARY:
+                    break
+                if message.data[:1] == b"\x01":
+                    received_audio += 1
+                elif message.data[:1] == b"\x02":
+                    received_text += 1
+
+        reading = asyncio.create_task(reader())
+        frames = int(seconds / FRAME_SECONDS)
+        start = time.monotonic()
+        for i in range(frames):
+            pcm = (rng.standard_normal(FRAME_SAMPLES) * 0.05).astype(np.float32)
+            opus = writer.append_pcm(pcm)
+            if opus:
+                await ws.send_bytes(b"\x01" + opus)
+            sent += 1
+            await asyncio.sleep(max(0.0, start + (i + 1) * FRAME_SECONDS - time.monotonic()))
+        await asyncio.sleep(1.0)  # let the last frames come back
+        await ws.close()
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+    return {"frames_sent": sent, "audio_messages": received_audio, "text_messages": received_text}
+
+
+def bench_moshi_server(checkpoint: Path, seconds: float, skip_frames: int, threads: int) -> dict:
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="moshi-server-bench-") as tmp:
+        config = moshi_server_config(checkpoint, Path(tmp) / "config.json")
+        log_path = Path(tmp) / "moshi-server.log"
+        env = dict(os.environ, PYTHONUNBUFFERED="1", NO_COLOR="1",
+                   PYTHONPATH=os.pathsep.join([str(SHIM_DIR), os.environ.get("PYTHONPATH", "")]),
+                   HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads))
+        cmd = [sys.executable, "-m", "moshi.server", "--host", "127.0.0.1", "--port", str(port),
+               "--device", "cpu", "--static", "none",
+               "--moshi-weight", str(checkpoint / "model.safetensors"),
+               "--mimi-weight", str(checkpoint / "tokenizer-e351c8d8-checkpoint125.safetensors"),
+               "--tokenizer", str(checkpoint / "tokenizer_spm_32k_3.model"),
+               "--config-path", str(config)]
+        print(f"\nmoshi.server: {' '.join(cmd[1:3])} ... (one conversation per process, "
+              f"{threads} torch thread(s), {seconds:.0f} s of Opus at real time)", flush=True)
+        with log_path.open("w") as log:
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while "Access the Web UI" not in log_path.read_text():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("moshi.server did not start:\n" + log_path.read_text()[-3000:])
+                time.sleep(0.2)
+            client = asyncio.run(drive_moshi_server(port, seconds))
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        text = re.sub(r"\x1b\[[0-9;]*m", "", log_path.read_text())
+    handled = [float(ms) for ms in re.findall(r"frame handled in ([0-9.]+)ms", text)]
+    measured = handled[skip_frames:]
+    if not measured:
+        raise RuntimeError("moshi.server logged no frame timings:\n" + text[-3000:])
+    p50, p99 = percentile(measured, 50), percentile(measured, 99)
+    keeps_up = p99 < FRAME_MS
+    result = {"frames_handled": len(handled), "p50_ms": round(p50, 2), "p99_ms": round(p99, 2),
+              "max_ms": round(max(measured), 2), "keeps_up": keeps_up, "lm_dtype": "bfloat16",
+              "realtime_calls_per_process": 1 if keeps_up else 0, **client}
+    print(f"  per-frame handling over {len(measured)} frames (first {skip_frames} skipped): "
+          f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {max(measured):.1f} ms -> "
+          f"{'keeps up' if keeps_up else 'does NOT keep up'} with real time")
+    print(f"  client: sent {client['frames_sent']} frames, got {client['audio_messages']} Opus "
+          f"and {client['text_messages']} text messages")
+    return result
+
+
+# --- main -----------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=["tiny", "7b"], default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="bfloat16", help="7B weights dtype (tiny runs float32)")
+    parser.add_argument("--batch-sizes", default=None, help="comma-separated (default: powers of two)")
+    parser.add_argument("--steps", type=int, default=100, help="timed steps per batch size")
+    parser.add_argument("--no-cuda-graphs", action="store_true")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads on CPU (default: the worker's, half the cores)")
+    parser.add_argument("--moshi-server-seconds", type=float, default=20.0)
+    parser.add_argument("--skip-moshi-server", action="store_true")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    if args.device == "cpu":
+        from service.worker.main import default_cpu_threads
+        torch.set_num_threads(args.threads or default_cpu_threads())
+    default_sizes = [1, 2, 4, 8, 16, 32, 64] if args.size == "tiny" else [1, 2, 4, 8, 16, 24, 32, 48, 64]
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else default_sizes
+
+    device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else (
+        f"CPU, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
+    print(f"worker benchmark: {args.size} model on {args.device} ({device_name}), torch {torch.__version__}")
+
+    tmp = tempfile.TemporaryDirectory(prefix="worker-bench-")
+    checkpoint: Path | None = None
+    if args.size == "tiny":
+        checkpoint = build_tiny_checkpoint(Path(tmp.name) / "tiny", seed=0)
+        make_model = tiny_model_factory(checkpoint, args.device)
+    else:
+        make_model = random_7b_factory(args.device, args.dtype)
+
+    rows = bench_engine(make_model, batch_sizes, args.steps, cuda_graphs=not args.no_cuda_graphs)
+    realtime = [row["B"] for row in rows if row["realtime"]]
+    best = max(realtime) if realtime else 0
+    print(f"\nlargest batch holding real time (p99 < {FRAME_MS:.0f} ms): B = {best}"
+          f" -> {best} real-time call(s) per worker process")
+
+    server: dict | None = None
+    if args.size == "tiny" and not args.skip_moshi_server and args.device == "cpu":
+        assert checkpoint is not None
+        try:
+            server = bench_moshi_server(checkpoint, args.moshi_server_seconds, skip_frames=5,
+                                        threads=torch.get_num_threads())
+        except Exception as exc:  # report it, keep the engine figures
+            print(f"  moshi.server run failed: {exc}")
+            server = {"error": str(exc)[-500:]}
+    elif args.size != "tiny":
+        print("\nmoshi.server comparison skipped: the random 7B has no checkpoint files to give it")
+
+    ratio = None
+    if server and "realtime_calls_per_process" in server:
+        theirs = server["realtime_calls_per_process"]
+        ratio = (best / theirs) if theirs else None
+        print(f"\nreal-time calls per process: worker {best}, moshi.server {theirs}"
+              + (f" -> {ratio:.0f}x" if ratio else " (moshi.server does not keep up: ratio undefined)"))
+    tmp.cleanup()
+    print(json.dumps({
+        "bench": "worker", "size": args.size, "device": args.device, "device_name": device_name,
+        "torch": torch.__version__, "steps": args.steps, "batches": rows,
+        "max_realtime_batch": best, "realtime_calls_per_process": best,
+        "moshi_server": server, "ratio_vs_moshi_server": ratio,
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

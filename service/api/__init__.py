@@ -1,0 +1,1 @@
+"""The gateway's HTTP control plane: calls API, transcripts, metrics, probes, dashboard."""

@@ -1,0 +1,271 @@
+"""``moshimoshi call URI``: place a test call, play a WAV, record what comes back.
+
+Engineers use it to try a line end to end. The recording is stereo at 8 kHz, the
+caller (what we sent) on the left and the far end (the model) on the right, sample-aligned
+on the call's own 20 ms clock, so the model's timing against the caller can be read off it.
+The transcript comes from the gateway's API once the call ends (the gateway names its call
+id in the X-Moshimoshi-Call-Id header of its 200 OK).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+import wave
+from pathlib import Path
+
+import numpy as np
+
+from service.settings import CallSettings
+from sip import g711
+from sip.dtmf import DtmfDigit, DtmfReceiver
+from sip.errors import CallFailed, SipError, SipParseError
+from sip.jitterbuffer import CONCEAL, JitterBuffer
+from sip.plc import PacketLossConcealer
+from sip.rtpsession import PortAllocator, RtpSession
+from sip.sdp import MediaPreferences, build_offer
+from sip.ua import UserAgent
+from sip.uri import SipUri
+
+log = logging.getLogger("moshimoshi.call")
+
+CALL_ID_HEADER = "X-Moshimoshi-Call-Id"
+TELEPHONE_RATE = 8000
+DTMF_AT_SECONDS = 1.0
+
+
+def read_wav(path: str | Path, rate: int = TELEPHONE_RATE) -> np.ndarray:
+    """A WAV file (PCM 8/16/32-bit, any rate, mono or stereo) as mono int16 at ``rate``."""
+    with wave.open(str(path), "rb") as wav:
+        channels, width, source_rate = wav.getnchannels(), wav.getsampwidth(), wav.getframerate()
+        raw = wav.readframes(wav.getnframes())
+    if width == 1:
+        samples = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128) / 128
+    elif width == 2:
+        samples = np.frombuffer(raw, "<i2").astype(np.float32) / 32768
+    elif width == 4:
+        samples = np.frombuffer(raw, "<i4").astype(np.float32) / 2**31
+    else:
+        raise ValueError(f"{path}: {8 * width}-bit WAV is not supported (use 8, 16 or 32-bit PCM)")
+    samples = samples.reshape(-1, channels).mean(axis=1)
+    if source_rate != rate:
+        import soxr
+
+        samples = soxr.resample(samples, source_rate, rate, quality="HQ")
+    return np.clip(np.rint(samples * 32767), -32768, 32767).astype(np.int16)
+
+
+def write_stereo_wav(path: str | Path, left: np.ndarray, right: np.ndarray, rate: int = TELEPHONE_RATE) -> None:
+    length = max(len(left), len(right))
+    frames = np.zeros((length, 2), dtype="<i2")
+    frames[: len(left), 0] = left
+    frames[: len(right), 1] = right
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(2)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes(frames.tobytes())
+
+
+class TestCall:
+    """One outgoing call's media: send the WAV on the 20 ms clock, record both directions."""
+
+    def __init__(self, rtp: RtpSession, codec: str, ptime_ms: int, audio: np.ndarray,
+                 dtmf_payload_type: int | None, payload_type: int) -> None:
+        self.rtp = rtp
+        self.samples = TELEPHONE_RATE * ptime_ms // 1000
+        self.period = ptime_ms / 1000
+        self.audio = audio
+        self.encoder = g711.G711Encoder(codec)
+        self.decoder = g711.G711Decoder(codec)
+        self.jitter = JitterBuffer(clock_rate=TELEPHONE_RATE, ptime_ms=ptime_ms)
+        self.plc = PacketLossConcealer(TELEPHONE_RATE)
+        self.digits: list[DtmfDigit] = []
+        self.dtmf = DtmfReceiver(TELEPHONE_RATE, on_digit=self.digits.append)
+        rtp.attach_jitter_buffer(self.jitter, payload_type)
+        rtp.route(payload_type, self._on_audio_packet)
+        self.arrivals: list[float] = []
+        self.sequences: list[int] = []
+        if dtmf_payload_type is not None:
+            rtp.route(dtmf_payload_type, self.dtmf.receive)
+        self.sent: list[np.ndarray] = []
+        self.received: list[np.ndarray] = []
+        self.ticks = 0
+
+    def _on_audio_packet(self, packet, arrival: float) -> None:
+        self.arrivals.append(arrival)
+        self.sequences.append(packet.sequence)
+        self.jitter.put(packet, arrival)
+
+    def arrival_stats(self) -> dict[str, float | int]:
+        """How steadily the far end's packets came: rate, spacing, sequence gaps."""
+        if len(self.arrivals) < 2:
+            return {"packets": len(self.arrivals)}
+        times = np.asarray(self.arrivals)
+        gaps = np.diff(times) * 1000
+        seqs = np.asarray(self.sequences, dtype=np.int64)
+        steps = (np.diff(seqs) + 65536) % 65536
+        span = times[-1] - times[0]
+        return {"packets": len(times), "packets_per_second": round((len(times) - 1) / span, 2) if span else 0.0,
+                "spacing_p50_ms": round(float(np.percentile(gaps, 50)), 2),
+                "spacing_p99_ms": round(float(np.percentile(gaps, 99)), 2),
+                "spacing_max_ms": round(float(gaps.max()), 2),
+                "sequence_gaps": int(np.sum(steps != 1))}
+
+    async def run(self, seconds: float, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        silence = np.zeros(self.samples, np.int16)
+        total = int(round(seconds / self.period))
+        for tick in range(total):
+            if stop.is_set():
+                break
+            delay = start + tick * self.period - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            offset = tick * self.samples
+            chunk = self.audio[offset:offset + self.samples]
+            if len(chunk) < self.samples:
+                chunk = np.concatenate((chunk, silence[: self.samples - len(chunk)]))
+            self.rtp.send(self.encoder.encode(chunk))
+            self.sent.append(chunk)
+            popped = self.jitter.pop(loop.time())
+            if isinstance(popped, bytes):
+                self.received.append(self.plc.good(self.decoder.decode(popped)))
+            elif popped is CONCEAL:
+                self.received.append(self.plc.conceal(self.samples))
+            else:
+                self.received.append(silence)
+            self.dtmf.poll(loop.time())
+            self.ticks += 1
+
+
+async def fetch_transcript(api: str, token: str | None, call_id: str) -> dict | None:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    url = f"{api.rstrip('/')}/v1/calls/{call_id}/transcript"
+    async with httpx.AsyncClient(timeout=5) as client:
+        for _ in range(20):
+            try:
+                response = await client.get(url, headers=headers)
+            except httpx.HTTPError as exc:
+                log.warning("no transcript: %s unreachable (%s); pass --api", api, exc)
+                return None
+            if response.status_code == 200:
+                return response.json()
+            if response.status_code in (401, 403):
+                log.warning("transcript refused (%d): pass --api-token", response.status_code)
+                return None
+            await asyncio.sleep(0.25)
+    return None
+
+
+async def place_call(settings: CallSettings) -> dict:
+    """Run the call; returns its summary (also written next to the recording)."""
+    target = SipUri.parse(settings.uri, "URI")
+    if settings.transport == "tcp" and not target.transport:
+        target = SipUri.parse(f"{settings.uri};transport=tcp", "URI")
+    audio = read_wav(settings.play) if settings.play else np.zeros(0, np.int16)
+    ua = UserAgent(settings.local_host, settings.local_port, user_agent="moshimoshi-call")
+    await ua.start()
+    rtp: RtpSession | None = None
+    try:
+        target_ip = await ua.transport.resolve(target.host)
+        local_ip = ua.transport.local_host_for(target_ip)
+        ports = PortAllocator(40000, 49998)
+        rtp = await RtpSession.open(ports, host=settings.local_host if settings.local_host not in ("0.0.0.0", "::")
+                                    else ("::" if ":" in local_ip else "0.0.0.0"))
+        codecs = [settings.codec] + [c for c in ("PCMU", "PCMA") if c != settings.codec]
+        offer = build_offer(MediaPreferences(codecs=codecs, ptime=settings.ptime), local_ip, rtp.local_port)
+        started = time.time()
+        dialog = await ua.invite(target, str(offer), username=settings.username, password=settings.password)
+        answered = time.time()
+        media = dialog.media
+        if media is None or media.remote_address is None:
+            await dialog.bye()
+            raise CallFailed(488, "the answer has no usable audio stream")
+        rtp.payload_type = media.payload_type
+        rtp.update_remote(media.remote_address, media.remote_port, media.remote_rtcp_port)
+        rtp.trust_ip(target_ip)
+        call = TestCall(rtp, media.codec, media.ptime, audio, media.dtmf_payload_type, media.payload_type)
+        stop = asyncio.Event()
+        dialog.terminated.add_done_callback(lambda _f: stop.set())
+        tasks = [asyncio.create_task(call.run(settings.seconds, stop))]
+        if settings.dtmf and media.dtmf_payload_type is not None:
+            tasks.append(asyncio.create_task(_send_digits(rtp, settings.dtmf, media.dtmf_payload_type)))
+        await tasks[0]
+        for task in tasks[1:]:
+            task.cancel()
+        ended_by = "remote-bye" if dialog.is_terminated else "local-bye"
+        if not dialog.is_terminated:
+            with contextlib.suppress(SipError, OSError):
+                await dialog.bye()
+        stats = rtp.stats()
+        response = getattr(dialog, "answer_response", None)
+        gateway_call_id = response.headers.get(CALL_ID_HEADER) if response is not None else None
+        received = np.concatenate(call.received) if call.received else np.zeros(0, np.int16)
+        summary = {
+            "uri": settings.uri, "codec": media.codec, "ptime_ms": media.ptime,
+            "answer_seconds": round(answered - started, 3), "call_seconds": round(call.ticks * call.period, 2),
+            "ended_by": ended_by, "gateway_call_id": gateway_call_id,
+            "packets_sent": stats.packets_sent, "packets_received": stats.packets_received,
+            "packets_lost": max(0, stats.packets_lost), "jitter_ms": round(stats.jitter_ms, 2),
+            "rtt_ms": stats.rtt_ms, "frames_concealed": call.jitter.frames_concealed,
+            "received_rms": float(np.sqrt(np.mean(received.astype(np.float64) ** 2))) if len(received) else 0.0,
+            "dtmf_received": [d.digit for d in call.digits],
+            "arrivals": call.arrival_stats(),
+        }
+        if settings.record:
+            sent = np.concatenate(call.sent) if call.sent else np.zeros(0, np.int16)
+            await asyncio.to_thread(write_stereo_wav, settings.record, sent, received)
+            summary["recording"] = settings.record
+        transcript_path = settings.transcript or (
+            str(Path(settings.record).with_suffix(".txt")) if settings.record else None)
+        if transcript_path and gateway_call_id:
+            api = settings.api or f"http://{target.host}:8080"
+            transcript = await fetch_transcript(api, settings.api_token or os.environ.get(
+                "MOSHIMOSHI_API_TOKEN"), gateway_call_id)
+            if transcript is not None:
+                await asyncio.to_thread(Path(transcript_path).write_text, format_transcript(transcript),
+                                        encoding="utf-8")
+                summary["transcript"] = transcript_path
+                summary["transcript_events"] = len(transcript.get("events", []))
+        return summary
+    finally:
+        if rtp is not None:
+            rtp.close()
+        await ua.stop()
+
+
+def format_transcript(transcript: dict) -> str:
+    lines = []
+    for event in transcript.get("events", []):
+        who = "DTMF" if event.get("kind") == "dtmf" else "agent"
+        lines.append(f"[{event.get('t', 0):8.2f}] {who}: {event.get('text', '')}")
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+async def _send_digits(rtp: RtpSession, digits: str, payload_type: int) -> None:
+    await asyncio.sleep(DTMF_AT_SECONDS)
+    for digit in digits:
+        await rtp.send_dtmf(digit, 120.0, payload_type=payload_type)
+        await asyncio.sleep(0.1)
+
+
+def run_call(settings: CallSettings) -> int:
+    try:
+        summary = asyncio.run(place_call(settings))
+    except CallFailed as exc:
+        print(f"moshimoshi call: {exc.status} {exc.reason}", file=sys.stderr)
+        return 1
+    except (SipParseError, ValueError, OSError) as exc:
+        print(f"moshimoshi call: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, ensure_ascii=False))
+    return 0

@@ -1,0 +1,329 @@
+"""The gateway process: SIP user agent, call table, routing to workers, HTTP control plane."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import typing as tp
+
+import uvicorn
+
+from service.config import ConfigError
+from service.gateway import metrics
+from service.gateway.call import Call, TranscriptEvent
+from service.gateway.routing import FixedRouter, PoolRouter, Router
+from service.gateway.sip_ingress import SipCallHandler
+from service.pool import (
+    DRAINING,
+    READY,
+    CallRecord,
+    CallRecords,
+    PoolClient,
+    PoolError,
+    RegistryReader,
+    SlotLeases,
+    connect,
+    redacted,
+)
+from service.settings import GatewaySettings
+from sip.rtpsession import PortAllocator
+from sip.ua import IncomingCall, UserAgent
+
+log = logging.getLogger("moshimoshi.gateway")
+
+POOL_REFRESH_SECONDS = 1.0
+STOP_CALLS_SECONDS = 3.0
+
+
+def install_event_loop() -> None:
+    """Use uvloop when it is installed: the media path runs thousands of timers a second."""
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+class Gateway:
+    """One gateway: answers calls, routes them to worker slots, serves the control plane."""
+
+    def __init__(self, settings: GatewaySettings, *, model: str | None = None) -> None:
+        if not settings.redis_url and not settings.worker_url:
+            raise ConfigError("set REDIS_URL (a pool of workers) or MOSHIMOSHI_WORKER_URL (one worker)")
+        self.settings = settings
+        self.model = model or settings.model
+        self.gateway_id = settings.gateway_id or f"{socket.gethostname()}-{settings.sip_port}-{os.getpid()}"
+        self.calls: dict[str, Call] = {}
+        self.recent: list[dict[str, tp.Any]] = []
+        self.draining = False
+        self.started_at = time.time()
+        self.exit_code = 0
+        self.ports = PortAllocator(settings.rtp_port_min, settings.rtp_port_max)
+        self.ua = UserAgent(settings.sip_host, settings.sip_port, public_host=settings.public_host,
+                            on_invite=self._on_invite, session_expires=settings.session_expires,
+                            user_agent="moshimoshi-gateway")
+        self.ua.available = self.accepting
+        self.pool: PoolClient | None = None
+        self.records: CallRecords | None = None
+        self.registry: RegistryReader | None = None
+        self.router: Router
+        if settings.redis_url:
+            self.pool = connect(settings.redis_url)
+            self.records = CallRecords(self.pool, retention=settings.call_retention_seconds)
+            self.registry = RegistryReader(self.pool)
+            self.router = PoolRouter(SlotLeases(self.pool), model=self.model, gateway_id=self.gateway_id,
+                                     lease_ttl_ms=int(settings.lease_ttl_seconds * 1000))
+        else:
+            assert settings.worker_url
+            self.router = FixedRouter(settings.worker_url, model=self.model)
+        self.workers_ready = 0
+        self.redis_ok: bool | None = True if self.pool is None else None  # None: not checked yet
+        self._stop = asyncio.Event()
+        self.no_calls = asyncio.Event()
+        self.no_calls.set()
+        self._tasks: set[asyncio.Task] = set()
+        self._http: uvicorn.Server | None = None
+        self.http_port = settings.http_port
+        self.call_stats = metrics.install_call_stats(self._live_counters)
+        self.transcript_listeners: dict[str, set[asyncio.Queue]] = {}
+
+    # -- readiness ---------------------------------------------------------------------
+
+    def accepting(self) -> bool:
+        """True when a new call can be taken: not draining, pool reachable, a worker ready."""
+        return not self.draining and self.router.ready() and bool(self.redis_ok) and self.workers_ready > 0
+
+    def readiness(self) -> dict[str, tp.Any]:
+        return {"ready": self.accepting(), "draining": self.draining, "redis": self.redis_ok,
+                "workers_ready": self.workers_ready, "calls": len(self.calls)}
+
+    # -- calls -------------------------------------------------------------------------
+
+    def rtp_bind_host(self, local_ip: str) -> str:
+        host = self.settings.sip_host
+        if host in ("0.0.0.0", "::"):
+            return "::" if ":" in local_ip and host == "::" else host
+        return host
+
+    async def _on_invite(self, incoming: IncomingCall) -> None:
+        await SipCallHandler(self, incoming).run()
+
+    def track(self, call: Call) -> None:
+        self.calls[call.id] = call
+        self.no_calls.clear()
+        call.on_transcript = self._on_transcript
+        metrics.CALLS_ACTIVE.labels(call.ingress).inc()
+
+    def untrack(self, call: Call) -> None:
+        if self.calls.pop(call.id, None) is None:
+            return
+        if not self.calls:
+            self.no_calls.set()
+        call.ended_at = time.time()
+        call.state = "ended"
+        metrics.CALLS_ACTIVE.labels(call.ingress).dec()
+        metrics.CALLS_TOTAL.labels(call.ingress, call.end_reason or "unknown").inc()
+        if call.answered_at is not None:
+            metrics.CALL_DURATION.observe(call.ended_at - call.answered_at)
+        if call.media is not None:
+            self.call_stats.add_ended(call.media.counters())
+        summary = call.record()
+        if call.media is not None:
+            summary["quality"] = call.media.quality()
+        summary["transcript"] = [e.to_dict() for e in call.transcript]
+        self.recent.insert(0, summary)
+        del self.recent[200:]
+        self.record_end(call)
+        for queue in self.transcript_listeners.pop(call.id, set()):
+            queue.put_nowait(None)
+        log.info("call %s ended: %s (%.1fs, %d transcript pieces)", call.id, call.end_reason,
+                 summary["duration_s"], len(call.transcript))
+
+    def hangup(self, call_id: str) -> bool:
+        call = self.calls.get(call_id)
+        if call is None:
+            return False
+        call.end("api-hangup")
+        return True
+
+    def _live_counters(self) -> tp.Iterator[dict[str, int]]:
+        for call in list(self.calls.values()):
+            if call.media is not None:
+                yield call.media.counters()
+
+    def _on_transcript(self, call: Call, event: TranscriptEvent) -> None:
+        for queue in self.transcript_listeners.get(call.id, ()):
+            queue.put_nowait(event)
+        metrics.TRANSCRIPT_PIECES.inc()
+
+    # -- call records (best effort: Redis may be down; media never waits for it) --------
+
+    def _background(self, coro: tp.Coroutine) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _guarded(self, what: str, coro: tp.Awaitable) -> None:
+        try:
+            await coro
+        except PoolError as exc:
+            metrics.REDIS_ERRORS.labels(what).inc()
+            log.warning("%s failed: %s", what, exc)
+
+    def record_create(self, call: Call) -> None:
+        if self.records is None:
+            return
+        record = CallRecord(call_id=call.id, sip_call_id=call.sip_call_id, from_uri=call.from_uri,
+                            to_uri=call.to_uri, codec=call.codec, started_at=call.started_at,
+                            quality={"ingress": call.ingress, "gateway": self.gateway_id})
+        self._background(self._guarded("record-create", self.records.create(record)))
+
+    def record_update(self, call: Call, **fields: tp.Any) -> None:
+        if self.records is None:
+            return
+        fields = {k: v for k, v in fields.items() if v is not None}
+        self._background(self._guarded("record-update", self.records.update(call.id, **fields)))
+
+    def record_end(self, call: Call) -> None:
+        if self.records is None:
+            return
+        quality = call.media.quality() if call.media is not None else {}
+        quality = {k: v for k, v in quality.items() if v is not None}
+        quality["failovers"] = call.failovers
+        self._background(self._guarded("record-end", self.records.end(
+            call.id, call.end_reason or "unknown", ended_at=call.ended_at, quality=quality)))
+
+    # -- pool state --------------------------------------------------------------------
+
+    async def _refresh_pool(self) -> None:
+        while True:
+            await self.refresh_pool_once()
+            await asyncio.sleep(POOL_REFRESH_SECONDS)
+
+    async def refresh_pool_once(self) -> None:
+        if self.registry is None:
+            self.workers_ready = 1 if self.router.ready() else 0
+            metrics.READY.set(1 if self.accepting() else 0)
+            return
+        try:
+            workers = await self.registry.workers()
+        except PoolError as exc:
+            if self.redis_ok:
+                log.warning("Redis unreachable: new calls get 503 until it is back (%s)", exc)
+            self.redis_ok = False
+            metrics.REDIS_ERRORS.labels("registry").inc()
+            metrics.READY.set(0)
+            return
+        if self.redis_ok is False:
+            log.info("Redis reachable again")
+        self.redis_ok = True
+        live = [w for w in workers if w.alive]
+        ready = [w for w in live if w.state == READY and (self.model is None or w.model == self.model)]
+        self.workers_ready = len(ready)
+        capacity: dict[str, int] = {}
+        busy: dict[str, int] = {}
+        for w in live:
+            if w.state == READY:
+                capacity[w.model] = capacity.get(w.model, 0) + w.capacity
+            busy[w.model] = busy.get(w.model, 0) + (w.capacity - w.free_slots)
+        for model in set(capacity) | set(busy):
+            metrics.POOL_SLOTS.labels(model).set(capacity.get(model, 0))
+            metrics.POOL_SLOTS_BUSY.labels(model).set(busy.get(model, 0))
+        metrics.POOL_WORKERS.labels(READY).set(sum(1 for w in live if w.state == READY))
+        metrics.POOL_WORKERS.labels(DRAINING).set(sum(1 for w in live if w.state == DRAINING))
+        metrics.READY.set(1 if self.accepting() else 0)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Take no new calls (503); stop once the calls in progress end or the grace runs out."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("draining: %d calls in progress, grace %.0fs", len(self.calls),
+                 self.settings.drain_grace_seconds)
+        self._background(self._drain())
+
+    async def _drain(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.no_calls.wait(), self.settings.drain_grace_seconds)
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def on_local_worker_exit(self) -> None:
+        """``serve``: the worker child exited. Unless we are shutting down, that is fatal."""
+        if not self._stop.is_set() and not self.draining:
+            log.error("the worker process exited; stopping")
+            self.exit_code = 1
+            self.stop()
+
+    async def run(self) -> int:
+        from service.api.app import create_app
+
+        await self.ua.start()
+        app = create_app(self)
+        config = uvicorn.Config(app, host=self.settings.http_host, port=self.settings.http_port,
+                                log_level="warning", lifespan="off", access_log=False)
+        self._http = uvicorn.Server(config)
+        self._http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        http_task = asyncio.create_task(self._http.serve(), name="http")
+        while not self._http.started and not http_task.done():  # noqa: ASYNC110 (uvicorn has no event)
+            await asyncio.sleep(0.02)
+        if http_task.done():
+            await self.ua.stop()
+            http_task.result()
+            return 1
+        self.http_port = self._http.servers[0].sockets[0].getsockname()[1] if self._http.servers else 0
+        await self.refresh_pool_once()
+        refresher = asyncio.create_task(self._refresh_pool(), name="pool-refresh")
+        where = redacted(self.settings.redis_url) if self.settings.redis_url else self.settings.worker_url
+        log.info("gateway %s: SIP on %s:%d (UDP+TCP), HTTP on %s:%d, workers via %s", self.gateway_id,
+                 self.settings.sip_host, self.ua.port, self.settings.http_host, self.http_port, where)
+        print(f"moshimoshi gateway ready: sip:{self.settings.public_host or self.settings.sip_host}:{self.ua.port} "
+              f"http://{self.settings.http_host}:{self.http_port}/dashboard", flush=True)
+        try:
+            await self._stop.wait()
+        finally:
+            refresher.cancel()
+            await self._shutdown(http_task)
+        return self.exit_code
+
+    async def _shutdown(self, http_task: asyncio.Task) -> None:
+        for call in list(self.calls.values()):
+            call.end("gateway-stopped")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.no_calls.wait(), STOP_CALLS_SECONDS)
+        await self.ua.stop()
+        if self._http is not None:
+            self._http.should_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(http_task, 5)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=2)
+        if self.pool is not None:
+            with contextlib.suppress(Exception):
+                await self.pool.close()
+
+
+def run_gateway(settings: GatewaySettings) -> int:
+    install_event_loop()
+
+    async def main() -> int:
+        try:
+            gateway = Gateway(settings)
+        except ConfigError as exc:
+            print(f"moshimoshi: configuration error: {exc}", file=sys.stderr)
+            return 2
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, gateway.drain)
+        loop.add_signal_handler(signal.SIGINT, gateway.stop)
+        return await gateway.run()
+
+    return asyncio.run(main())

@@ -1,0 +1,196 @@
+"""One SIP call's media: RTP in through the jitter buffer to model frames, model frames out
+through the pacer to RTP.
+
+Inbound, a playout tick every ptime pops the jitter buffer (never waiting: a missing packet
+is concealed on time), decodes G.711, and hands the audio to the bridge, which emits an
+80 ms model frame every fourth tick. Outbound, each model frame is cut into packets that
+the pacer sends on its own clock. Telephone-events go to the DTMF receiver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import typing as tp
+
+import numpy as np
+
+from service.gateway import metrics
+from service.gateway.bridge import MediaBridge
+from service.gateway.pacer import EgressPacer
+from sip import g711
+from sip.dtmf import DtmfDigit, DtmfReceiver
+from sip.jitterbuffer import CONCEAL, JitterBuffer
+from sip.plc import PacketLossConcealer
+from sip.rtpsession import RtpSession
+from sip.sdp import NegotiatedMedia
+
+
+class CallMedia:
+    """Runs a call's audio both ways between an RtpSession and a model session."""
+
+    def __init__(
+        self,
+        rtp: RtpSession,
+        negotiated: NegotiatedMedia,
+        *,
+        to_model: tp.Callable[[bytes], None],
+        on_dtmf: tp.Callable[[DtmfDigit], None] | None = None,
+        jitter_min_ms: float = 20.0,
+        jitter_max_ms: float = 200.0,
+        resampler: str = "fir",
+    ) -> None:
+        self.rtp = rtp
+        self.negotiated = negotiated
+        self.codec = negotiated.codec
+        self.ptime_ms = negotiated.ptime
+        self.packet_samples = int(8000 * self.ptime_ms / 1000)
+        self._to_model = to_model
+        self._encoder = g711.G711Encoder(self.codec)
+        self._decoder = g711.G711Decoder(self.codec)
+        self._silence = g711.silence(self.codec, self.packet_samples)
+        self._silence_pcm = np.zeros(self.packet_samples, dtype=np.int16)
+        self.jitter = JitterBuffer(clock_rate=8000, ptime_ms=self.ptime_ms, min_delay_ms=jitter_min_ms,
+                                   max_delay_ms=jitter_max_ms, is_silent=g711.quiet_detector(self.codec))
+        self.plc = PacketLossConcealer(8000)
+        self.bridge = MediaBridge(resampler, packet_samples=self.packet_samples)
+        self.pacer = EgressPacer(self._send_packet, packet_ms=self.ptime_ms,
+                                 on_lateness=metrics.PACER_LATENESS.observe,
+                                 on_frame_sent=self._on_frame_sent)
+        self.dtmf = DtmfReceiver(8000, on_digit=on_dtmf)
+        rtp.attach_jitter_buffer(self.jitter, negotiated.payload_type)
+        if negotiated.dtmf_payload_type is not None:
+            rtp.route(negotiated.dtmf_payload_type, self.dtmf.receive)
+        self.sending = negotiated.sends
+        self.frames_to_model = 0
+        self.frames_from_model = 0
+        self.egress_underruns = 0
+        self._model_talking = False
+        self._tick_timer: asyncio.TimerHandle | None = None
+        self._next_tick = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.last_rtp_at = time.monotonic()
+        self._last_received = 0
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._next_tick = self._loop.time() + self.ptime_ms / 1000
+        self._tick_timer = self._loop.call_at(self._next_tick, self._tick)
+        self.pacer.start()
+
+    def stop(self) -> None:
+        if self._tick_timer is not None:
+            self._tick_timer.cancel()
+            self._tick_timer = None
+        self.pacer.stop()
+        self._loop = None
+
+    def update(self, negotiated: NegotiatedMedia) -> None:
+        """A re-INVITE changed the peer's address or direction (hold/unhold)."""
+        previous = self.negotiated
+        self.negotiated = negotiated
+        self.sending = negotiated.sends
+        moved = (negotiated.remote_address, negotiated.remote_port) != (previous.remote_address,
+                                                                       previous.remote_port)
+        if negotiated.remote_address is not None and moved:
+            self.rtp.update_remote(negotiated.remote_address, negotiated.remote_port,
+                                   negotiated.remote_rtcp_port)
+        self.last_rtp_at = time.monotonic()
+
+    # -- inbound -----------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        now = loop.time()
+        period = self.ptime_ms / 1000
+        self._next_tick += period
+        if self._next_tick <= now:  # the loop stalled: keep cadence, skip what was missed
+            self._next_tick = now + period - (now - self._next_tick) % period
+        self._tick_timer = loop.call_at(self._next_tick, self._tick)
+        popped = self.jitter.pop(now)
+        if isinstance(popped, bytes):
+            pcm = self.plc.good(self._decoder.decode(popped))
+        elif popped is CONCEAL:
+            pcm = self.plc.conceal(self.packet_samples)
+        else:
+            pcm = self._silence_pcm
+        frame = self.bridge.caller_audio(pcm)
+        if frame is not None:
+            self.frames_to_model += 1
+            self._to_model(frame)
+        self.dtmf.poll(now)
+        if self.rtp.packets_received != self._last_received:
+            self._last_received = self.rtp.packets_received
+            self.last_rtp_at = time.monotonic()
+
+    # -- outbound ----------------------------------------------------------------------
+
+    def from_model(self, frame: bytes) -> None:
+        """One 80 ms frame of the model's voice arrived from the worker."""
+        self.frames_from_model += 1
+        self._model_talking = True
+        self.pacer.push(self.bridge.model_audio(frame))
+
+    def _send_packet(self, pcm: np.ndarray | None, ticks: int) -> None:
+        if pcm is None and self._model_talking and self.frames_from_model:
+            self.egress_underruns += 1
+        if not self.sending:
+            self.rtp.timestamp = (self.rtp.timestamp + ticks * self.packet_samples) & 0xFFFFFFFF
+            return
+        payload = self._silence if pcm is None else self._encoder.encode(pcm)
+        self.rtp.send(payload, timestamp_increment=ticks * self.packet_samples)
+
+    def _on_frame_sent(self, waited: float) -> None:
+        added = (self.jitter.delay + waited + self.bridge.held_back_ms / 1000)
+        metrics.GATEWAY_LATENCY.observe(max(0.0, added))
+
+    # -- reporting ---------------------------------------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        """Integer counters for the scrape-time metrics collector."""
+        stats = self.rtp.stats()
+        jb = self.jitter
+        return {
+            "packets_received": stats.packets_received,
+            "packets_sent": stats.packets_sent,
+            "packets_lost": max(0, stats.packets_lost),
+            "packets_late": jb.packets_late,
+            "packets_stray": stats.packets_stray,
+            "packets_malformed": stats.packets_malformed,
+            "packets_duplicate": jb.packets_duplicate,
+            "frames_concealed": jb.frames_concealed,
+            "model_frames_dropped": self.pacer.stats.late_dropped,
+            "egress_underruns": self.egress_underruns,
+        }
+
+    def quality(self) -> dict[str, tp.Any]:
+        """What the API shows for the call's audio quality."""
+        stats = self.rtp.stats()
+        jb = self.jitter.stats()
+        return {
+            "codec": self.codec,
+            "ptime_ms": self.ptime_ms,
+            "jitter_ms": round(stats.jitter_ms, 2),
+            "loss_fraction": round(stats.fraction_lost, 4),
+            "packets_lost": max(0, stats.packets_lost),
+            "rtt_ms": None if stats.rtt_ms is None else round(stats.rtt_ms, 2),
+            "remote_loss_fraction": stats.remote_fraction_lost,
+            "remote_jitter_ms": stats.remote_jitter_ms,
+            "packets_received": stats.packets_received,
+            "packets_sent": stats.packets_sent,
+            "packets_stray": stats.packets_stray,
+            "packets_late": jb.packets_late,
+            "concealed_frames": jb.frames_concealed,
+            "jitter_buffer_ms": round(jb.delay_ms, 1),
+            "egress_cushion_ms": round(self.pacer.cushion * 1000, 1),
+            "egress_underruns": self.egress_underruns,
+            "model_frames": self.frames_from_model,
+            "model_packets": self.pacer.stats.model_packets,
+            "model_packets_late": self.pacer.stats.late_dropped,
+            "pacer_max_lateness_ms": round(self.pacer.stats.max_lateness_s * 1000, 2),
+            "resampler": self.bridge.resampler,
+        }

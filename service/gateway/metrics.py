@@ -1,0 +1,116 @@
+"""The gateway's Prometheus metrics. Every name carries its unit.
+
+Per-packet RTP counts are not incremented packet by packet: each call keeps plain integer
+counters, and ``CallStatsCollector`` adds up the live calls plus the totals of ended calls
+at scrape time, so the hot path pays nothing for metrics.
+"""
+
+from __future__ import annotations
+
+import typing as tp
+
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import REGISTRY, Collector
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0)
+PACING_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.02)
+DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+
+CALLS_ACTIVE = Gauge("moshimoshi_calls_active", "Calls in progress on this gateway.", ["ingress"])
+CALLS_TOTAL = Counter("moshimoshi_calls_total", "Calls by outcome.", ["ingress", "outcome"])
+CALL_DURATION = Histogram("moshimoshi_call_duration_seconds", "Answered call length.",
+                          buckets=DURATION_BUCKETS)
+SIP_RESPONSES = Counter("moshimoshi_sip_responses_total", "SIP responses sent, by status code.", ["code"])
+SIP_DROPPED = Counter("moshimoshi_sip_messages_dropped_total",
+                      "SIP messages dropped without an answer, by reason.", ["reason"])
+RTP_JITTER = Histogram("moshimoshi_rtp_jitter_seconds",
+                       "Interarrival jitter of callers' RTP, sampled every few seconds per call.",
+                       buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2))
+RTP_LOSS = Histogram("moshimoshi_rtp_loss_ratio",
+                     "Fraction of callers' RTP lost, sampled every few seconds per call.",
+                     buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5))
+PACER_LATENESS = Histogram("moshimoshi_rtp_pacer_lateness_seconds",
+                           "How late each egress packet left against its schedule.",
+                           buckets=PACING_BUCKETS)
+GATEWAY_LATENCY = Histogram(
+    "moshimoshi_gateway_added_latency_seconds",
+    "Latency the gateway adds to the conversation: jitter buffer, resampling both ways, "
+    "framing hand-off and egress pacing (the model's frame and step excluded).",
+    buckets=LATENCY_BUCKETS)
+CLAIM_LATENCY = Histogram("moshimoshi_pool_claim_duration_seconds", "Time to claim a slot in Redis.",
+                          buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0))
+QUEUE_WAIT = Histogram("moshimoshi_pool_queue_wait_seconds",
+                       "Time calls waited (ringing) for a free slot.",
+                       buckets=(0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60))
+QUEUED_CALLS = Counter("moshimoshi_pool_queued_calls_total", "Calls that had to wait for a slot.")
+REJECTED_CALLS = Counter("moshimoshi_pool_rejected_calls_total",
+                         "Calls refused for want of a slot (503), by reason.", ["reason"])
+FAILOVERS = Counter("moshimoshi_pool_failovers_total", "Calls moved to another worker mid-call.",
+                    ["outcome"])
+POOL_SLOTS = Gauge("moshimoshi_pool_slots", "Slots of ready workers in the pool (capacity), by model.",
+                   ["model"])
+POOL_SLOTS_BUSY = Gauge("moshimoshi_pool_slots_busy", "Slots holding a lease, by model.", ["model"])
+POOL_WORKERS = Gauge("moshimoshi_pool_workers", "Live workers in the pool, by state.", ["state"])
+READY = Gauge("moshimoshi_gateway_ready", "1 when this gateway takes calls (Redis up, a worker ready, "
+              "not draining).")
+REDIS_ERRORS = Counter("moshimoshi_redis_errors_total", "Redis operations that failed.", ["operation"])
+HTTP_REQUESTS = Counter("moshimoshi_http_requests_total", "API requests by route and status code.",
+                        ["method", "route", "code"])
+TRANSCRIPT_PIECES = Counter("moshimoshi_transcript_pieces_total", "Transcript pieces stored.")
+DTMF_DIGITS = Counter("moshimoshi_dtmf_digits_total", "DTMF digits received (RFC 4733).")
+WEBHOOK_DELIVERIES = Counter("moshimoshi_webhook_deliveries_total", "Call-end webhook POSTs by outcome.",
+                             ["outcome"])
+
+# Summed from per-call counters at scrape time (see CallStatsCollector).
+RTP_COUNTERS = {
+    "packets_received": ("moshimoshi_rtp_packets_received", "RTP packets received from callers."),
+    "packets_sent": ("moshimoshi_rtp_packets_sent", "RTP packets sent to callers."),
+    "packets_lost": ("moshimoshi_rtp_packets_lost", "Callers' RTP packets lost in the network."),
+    "packets_late": ("moshimoshi_rtp_packets_late", "RTP packets that missed their playout deadline."),
+    "packets_stray": ("moshimoshi_rtp_packets_stray",
+                      "RTP packets from other than the negotiated peer, dropped."),
+    "packets_malformed": ("moshimoshi_rtp_packets_malformed", "Malformed RTP/RTCP packets, dropped."),
+    "packets_duplicate": ("moshimoshi_rtp_packets_duplicate", "Duplicate RTP packets, dropped."),
+    "frames_concealed": ("moshimoshi_rtp_concealed_frames", "Inbound frames concealed (PLC)."),
+    "model_frames_dropped": ("moshimoshi_model_frames_dropped",
+                             "Model frames dropped: worker link backed up or past their slot."),
+    "egress_underruns": ("moshimoshi_egress_underruns",
+                         "Egress ticks with no model audio due while the model was talking."),
+}
+
+
+class CallStatsCollector(Collector):
+    """Sums per-call integer counters (live calls + ended calls) into Prometheus counters."""
+
+    def __init__(self, live: tp.Callable[[], tp.Iterable[dict[str, int]]]) -> None:
+        self._live = live
+        self.ended: dict[str, int] = dict.fromkeys(RTP_COUNTERS, 0)
+
+    def add_ended(self, counts: dict[str, int]) -> None:
+        for key in RTP_COUNTERS:
+            self.ended[key] += counts.get(key, 0)
+
+    def collect(self) -> tp.Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        totals = dict(self.ended)
+        for counts in self._live():
+            for key in RTP_COUNTERS:
+                totals[key] += counts.get(key, 0)
+        for key, (name, doc) in RTP_COUNTERS.items():
+            family = CounterMetricFamily(name, doc)
+            family.add_metric([], totals[key])
+            yield family
+
+
+_collector: CallStatsCollector | None = None
+
+
+def install_call_stats(live: tp.Callable[[], tp.Iterable[dict[str, int]]]) -> CallStatsCollector:
+    """Register (once per process) the collector over the live calls' counters."""
+    global _collector
+    if _collector is None:
+        _collector = CallStatsCollector(live)
+        REGISTRY.register(_collector)
+    else:
+        _collector._live = live
+    return _collector

@@ -1,0 +1,221 @@
+"""Routing a call to a worker slot: a fixed worker, or a fenced lease from the Redis pool.
+
+``open`` returns a ``WorkerSession``: the open WebSocket link plus whatever must be given
+back when the call ends (the lease, renewed in the background meanwhile). Its owner calls
+``close`` on every exit path.
+
+Calls that find no free slot wait in FIFO order on this gateway (the caller hears
+ringing) for up to ``wait`` seconds; only the head of the queue polls Redis, so a queue
+of a hundred calls costs a few claims a second, not a hundred.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+import typing as tp
+from dataclasses import dataclass
+
+from service.gateway import metrics
+from service.gateway.worker_link import WorkerLink, WorkerRefused
+from service.pool import Lease, LeaseHolder, PoolUnavailable, SlotLeases
+
+log = logging.getLogger(__name__)
+
+CLAIM_POLL_SECONDS = 0.1
+HANDSHAKE_SECONDS = 5.0
+
+
+class NoCapacity(Exception):
+    """No slot became free within the wait (answer 503 with Retry-After)."""
+
+
+class RoutingUnavailable(Exception):
+    """The pool cannot be reached (Redis down): no new calls until it is back (503)."""
+
+
+class LinkCallbacks(tp.NamedTuple):
+    on_frame: tp.Callable[[bytes], None]
+    on_text: tp.Callable[[str, float], None]
+    on_end: tp.Callable[[str], None]
+
+
+@dataclass
+class WorkerSession:
+    """A call's current session on a worker, and what to give back when it ends."""
+
+    link: WorkerLink
+    worker_id: str
+    lease: Lease | None = None
+    holder: LeaseHolder | None = None
+
+    @property
+    def slot(self) -> int | None:
+        return self.link.slot
+
+    async def close(self) -> None:
+        """Stop the session and release the lease (idempotent, never raises)."""
+        with contextlib.suppress(Exception):
+            await self.link.close()
+        if self.holder is not None:
+            with contextlib.suppress(Exception):
+                await self.holder.close()
+            self.holder = None
+
+
+class Router(tp.Protocol):
+    async def open(self, call_id: str, callbacks: LinkCallbacks, *, wait: float,
+                   on_queued: tp.Callable[[], tp.Awaitable[None]] | None = None,
+                   exclude: tp.Collection[str] = ()) -> WorkerSession: ...
+
+    def ready(self) -> bool: ...
+
+
+def _link(url: str, call_id: str, callbacks: LinkCallbacks, **kwargs: tp.Any) -> WorkerLink:
+    return WorkerLink(url, call_id, on_frame=callbacks.on_frame, on_text=callbacks.on_text,
+                      on_end=callbacks.on_end, **kwargs)
+
+
+class FixedRouter:
+    """Every call goes to one configured worker, which picks the slot (no pool)."""
+
+    def __init__(self, url: str, model: str | None = None) -> None:
+        self.url = url
+        self.model = model
+        self.worker_ok = True
+
+    def ready(self) -> bool:
+        return self.worker_ok
+
+    async def open(self, call_id: str, callbacks: LinkCallbacks, *, wait: float,
+                   on_queued: tp.Callable[[], tp.Awaitable[None]] | None = None,
+                   exclude: tp.Collection[str] = ()) -> WorkerSession:
+        if self.url in exclude:
+            raise NoCapacity("the only worker failed")
+        deadline = time.monotonic() + wait
+        queued = False
+        while True:
+            link = _link(self.url, call_id, callbacks, model=self.model)
+            try:
+                await link.open(timeout=HANDSHAKE_SECONDS)
+                self.worker_ok = True
+                return WorkerSession(link=link, worker_id=self.url)
+            except WorkerRefused as exc:
+                if exc.code != 4029 or time.monotonic() >= deadline:
+                    raise NoCapacity(str(exc)) from None
+            except (OSError, TimeoutError) as exc:
+                self.worker_ok = False
+                raise NoCapacity(f"worker {self.url} unreachable: {exc}") from None
+            if not queued:
+                queued = True
+                metrics.QUEUED_CALLS.inc()
+                if on_queued is not None:
+                    await on_queued()
+            await asyncio.sleep(CLAIM_POLL_SECONDS)
+
+
+class PoolRouter:
+    """Claims a fenced lease on the least loaded worker through Redis, then connects."""
+
+    def __init__(self, leases: SlotLeases, *, model: str | None, gateway_id: str,
+                 lease_ttl_ms: int = 15_000) -> None:
+        self.leases = leases
+        self.model = model
+        self.gateway_id = gateway_id
+        self.lease_ttl_ms = lease_ttl_ms
+        self.redis_ok = True
+        self._tickets = itertools.count()
+        self._queue: list[int] = []
+        self._queue_changed = asyncio.Condition()
+        self._full = False  # the last claim found no free slot
+
+    def ready(self) -> bool:
+        return self.redis_ok
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    async def open(self, call_id: str, callbacks: LinkCallbacks, *, wait: float,
+                   on_queued: tp.Callable[[], tp.Awaitable[None]] | None = None,
+                   exclude: tp.Collection[str] = ()) -> WorkerSession:
+        started = time.monotonic()
+        deadline = started + wait
+        ticket = next(self._tickets)
+        self._queue.append(ticket)
+        queued = False
+        try:
+            while True:
+                if self._queue[0] == ticket:
+                    session = await self._try_claim(call_id, callbacks, exclude)
+                    if session is not None:
+                        self._full = False
+                        if queued:
+                            metrics.QUEUE_WAIT.observe(time.monotonic() - started)
+                        return session
+                    self._full = True
+                if self._full and not queued:
+                    # Only a call that found every slot taken is queued (and hears ringing);
+                    # the others just wait their turn to claim, for milliseconds.
+                    queued = True
+                    metrics.QUEUED_CALLS.inc()
+                    if on_queued is not None:
+                        await on_queued()
+                if time.monotonic() >= deadline:
+                    if queued:
+                        metrics.QUEUE_WAIT.observe(time.monotonic() - started)
+                    raise NoCapacity(f"no free slot within {wait:.1f}s")
+                async with self._queue_changed:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(min(CLAIM_POLL_SECONDS, max(0.0, deadline - time.monotonic()))):
+                            await self._queue_changed.wait()
+        finally:
+            self._queue.remove(ticket)
+            async with self._queue_changed:
+                self._queue_changed.notify_all()
+
+    async def _try_claim(self, call_id: str, callbacks: LinkCallbacks,
+                         exclude: tp.Collection[str]) -> WorkerSession | None:
+        """One claim; a worker that fails its handshake is skipped and its lease released."""
+        refused: list[Lease] = []
+        try:
+            for _ in range(4):
+                lease = await self._claim(call_id)
+                if lease is None:
+                    return None
+                if lease.worker_id in exclude:
+                    refused.append(lease)
+                    continue
+                link = _link(lease.url, call_id, callbacks, slot=lease.slot, token=lease.token,
+                             model=self.model)
+                try:
+                    await link.open(timeout=HANDSHAKE_SECONDS)
+                except (WorkerRefused, OSError, TimeoutError) as exc:
+                    log.warning("call %s: worker %s slot %d refused or unreachable: %s", call_id,
+                                lease.worker_id, lease.slot, exc)
+                    refused.append(lease)
+                    continue
+                holder = LeaseHolder(self.leases, lease,
+                                     on_lost=lambda _lease, link=link: asyncio.ensure_future(link.close()))
+                holder.start()
+                return WorkerSession(link=link, worker_id=lease.worker_id, lease=lease, holder=holder)
+            return None
+        finally:
+            for lease in refused:
+                with contextlib.suppress(PoolUnavailable):
+                    await self.leases.release(lease)
+
+    async def _claim(self, call_id: str) -> Lease | None:
+        started = time.perf_counter()
+        try:
+            lease = await self.leases.claim(self.model, ttl_ms=self.lease_ttl_ms, owner=call_id)
+        except PoolUnavailable as exc:
+            self.redis_ok = False
+            metrics.REDIS_ERRORS.labels("claim").inc()
+            raise RoutingUnavailable(str(exc)) from None
+        self.redis_ok = True
+        metrics.CLAIM_LATENCY.observe(time.perf_counter() - started)
+        return lease

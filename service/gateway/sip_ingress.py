@@ -1,0 +1,208 @@
+"""SIP ingress: an INVITE becomes a Call with RTP media, or a clear SIP error.
+
+The order matters for the caller: a slot on a worker is secured *before* the call is
+answered (the caller hears ringing while it waits in the queue), so a call is never
+answered only to be dropped; an unusable offer gets 488, no capacity 503 with
+Retry-After, no RTP port 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import typing as tp
+
+from service.call import CALL_ID_HEADER
+from service.gateway import metrics
+from service.gateway.call import PLAYOUT_GRACE_SECONDS, Call, TranscriptEvent
+from service.gateway.media import CallMedia
+from service.gateway.routing import NoCapacity, RoutingUnavailable
+from sip.dtmf import DtmfDigit
+from sip.errors import CallCancelled
+from sip.rtpsession import PortsExhausted, RtpSession
+from sip.sdp import MediaPreferences, NegotiatedMedia, NoCommonCodec, SdpError, answer_offer
+from sip.ua import IncomingCall
+
+if tp.TYPE_CHECKING:
+    from service.gateway.main import Gateway
+
+log = logging.getLogger(__name__)
+
+RTP_TIMEOUT_CHECK_SECONDS = 1.0
+
+
+def local_address_toward(remote_ip: str) -> str:
+    """The local IP the kernel would use to reach ``remote_ip`` (no packet is sent)."""
+    family = socket.AF_INET6 if ":" in remote_ip else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((remote_ip, 9))
+            return probe.getsockname()[0]
+        except OSError:
+            return "::1" if family == socket.AF_INET6 else "127.0.0.1"
+
+
+class SipCallHandler:
+    """Runs one incoming SIP call for the gateway, from INVITE to BYE."""
+
+    def __init__(self, gateway: Gateway, incoming: IncomingCall) -> None:
+        self.gateway = gateway
+        self.incoming = incoming
+        settings = gateway.settings
+        self.prefs = MediaPreferences(codecs=list(settings.codecs), telephone_event=True)
+        self.call = Call(ingress="sip", from_uri=str(incoming.from_uri), to_uri=str(incoming.to_uri),
+                         sip_call_id=incoming.call_id, source=f"{incoming.source[0]}:{incoming.source[1]}")
+        self.rtp: RtpSession | None = None
+        self.media: CallMedia | None = None
+
+    async def reject(self, status: int, reason: str, outcome: str, retry_after: bool = False) -> None:
+        headers = {"Retry-After": str(self.gateway.settings.retry_after_seconds)} if retry_after else None
+        await self.incoming.reject(status, reason, headers=headers)
+        metrics.SIP_RESPONSES.labels(str(status)).inc()
+        self.call.end(outcome)
+
+    async def run(self) -> None:
+        call = self.call
+        gateway = self.gateway
+        gateway.track(call)
+        try:
+            await self._answer()
+            if call.state == "active":
+                await self._converse()
+        except CallCancelled:
+            call.end("cancelled")
+        except asyncio.CancelledError:
+            call.end("gateway-stopped")
+            raise
+        except Exception:
+            log.exception("call %s failed", call.id)
+            call.end("error")
+            with contextlib.suppress(Exception):
+                await self.incoming.reject(500, "Server Internal Error")
+        finally:
+            await self._cleanup()
+
+    async def _answer(self) -> None:
+        call, incoming, gateway = self.call, self.incoming, self.gateway
+        if not gateway.accepting():
+            await self.reject(503, "Service Unavailable", "rejected-draining" if gateway.draining else
+                              "rejected-unready", retry_after=True)
+            metrics.REJECTED_CALLS.labels("draining" if gateway.draining else "unready").inc()
+            return
+        if incoming.offer is None:
+            await self.reject(488, "Not Acceptable Here (an SDP offer is required in the INVITE)",
+                              "rejected-no-offer")
+            return
+        local_ip = gateway.settings.public_host or local_address_toward(incoming.source[0])
+        try:
+            self.rtp = await RtpSession.open(gateway.ports, host=gateway.rtp_bind_host(local_ip))
+        except PortsExhausted:
+            metrics.REJECTED_CALLS.labels("rtp-ports").inc()
+            await self.reject(503, "Service Unavailable (no RTP port)", "rejected-ports", retry_after=True)
+            return
+        try:
+            answer, negotiated = answer_offer(incoming.offer, self.prefs, local_ip, self.rtp.local_port)
+        except NoCommonCodec as exc:
+            await self.reject(488, "Not Acceptable Here", "rejected-codec")
+            log.info("call %s: %s", call.id, exc)
+            return
+        except SdpError as exc:
+            await self.reject(488, f"Not Acceptable Here ({exc})"[:120], "rejected-sdp")
+            return
+        call.codec = negotiated.codec
+        await self._record_start()
+        try:
+            await call.connect(gateway.router, wait=gateway.settings.queue_seconds, on_queued=incoming.ringing)
+        except NoCapacity as exc:
+            metrics.REJECTED_CALLS.labels("no-slot").inc()
+            log.info("call %s: no capacity: %s", call.id, exc)
+            await self.reject(503, "Service Unavailable (all agents busy)", "rejected-busy", retry_after=True)
+            return
+        except RoutingUnavailable as exc:
+            metrics.REJECTED_CALLS.labels("pool-unavailable").inc()
+            log.warning("call %s: pool unavailable: %s", call.id, exc)
+            await self.reject(503, "Service Unavailable (pool unavailable)", "rejected-pool", retry_after=True)
+            return
+        if incoming.cancelled.is_set():
+            call.end("cancelled")
+            return
+        self._start_media(negotiated)
+        dialog = await incoming.accept(str(answer), headers={CALL_ID_HEADER: call.id})
+        metrics.SIP_RESPONSES.labels("200").inc()
+        self.dialog = dialog
+        dialog.on_media_update = self._on_media_update
+        call.mark_answered()
+        gateway.record_update(call, answered_at=call.answered_at, worker_id=call.worker_id,
+                              slot=call.slot, codec=call.codec)
+
+    def _start_media(self, negotiated: NegotiatedMedia) -> None:
+        assert self.rtp is not None
+        if negotiated.remote_address is not None:
+            self.rtp.update_remote(negotiated.remote_address, negotiated.remote_port, negotiated.remote_rtcp_port)
+        self.rtp.trust_ip(self.incoming.source[0])
+        settings = self.gateway.settings
+        self.media = CallMedia(self.rtp, negotiated, to_model=self.call.send_to_model, on_dtmf=self._on_dtmf,
+                               jitter_min_ms=settings.jitter_min_ms, jitter_max_ms=settings.jitter_max_ms,
+                               resampler=settings.resampler)
+        self.call.media = self.media
+        self.media.start()
+
+    def _on_media_update(self, negotiated: NegotiatedMedia) -> None:
+        if self.media is not None:
+            self.media.update(negotiated)
+
+    def _on_dtmf(self, digit: DtmfDigit) -> None:
+        metrics.DTMF_DIGITS.inc()
+        self.call.add_transcript(TranscriptEvent(t=self.call.call_seconds, kind="dtmf", text=digit.digit,
+                                                 duration_ms=digit.duration_ms))
+
+    async def _converse(self) -> None:
+        call, gateway = self.call, self.gateway
+        supervisor = asyncio.create_task(call.supervise(gateway.router), name=f"supervise-{call.id}")
+        def on_terminated(future: asyncio.Future) -> None:
+            call.end(future.result() if not future.cancelled() and not future.exception() else "dialog-error")
+
+        # The dialog's own future: never cancel it, only stop listening.
+        self.dialog.terminated.add_done_callback(on_terminated)
+        rtp_watch = asyncio.create_task(self._watch_rtp(), name=f"rtp-watch-{call.id}")
+        try:
+            await call.ended.wait()
+        finally:
+            for task in (supervisor, rtp_watch):
+                task.cancel()
+            self.dialog.terminated.remove_done_callback(on_terminated)
+            await asyncio.gather(supervisor, rtp_watch, return_exceptions=True)
+        if not self.dialog.is_terminated:
+            if call.end_reason in ("max_duration", "worker-ended") and self.media is not None:
+                await asyncio.sleep(min(PLAYOUT_GRACE_SECONDS, 0.02 * self.media.pacer.queued_packets))
+            with contextlib.suppress(Exception):
+                await self.dialog.bye()
+
+    async def _watch_rtp(self) -> None:
+        timeout = self.gateway.settings.rtp_timeout_seconds
+        if timeout <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(RTP_TIMEOUT_CHECK_SECONDS)
+            media = self.media
+            if media is None or not media.negotiated.receives:
+                continue
+            if loop.time() - media.last_rtp_at > timeout:
+                log.warning("call %s: no RTP for %.0fs, hanging up", self.call.id, timeout)
+                self.call.end("rtp-timeout")
+                return
+
+    async def _record_start(self) -> None:
+        self.gateway.record_create(self.call)
+
+    async def _cleanup(self) -> None:
+        call = self.call
+        if self.media is not None:
+            self.media.stop()
+        await call.release()
+        if self.rtp is not None:
+            self.rtp.close()
+        self.gateway.untrack(call)

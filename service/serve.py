@@ -1,0 +1,94 @@
+"""``moshimoshi serve``: a whole system on one machine.
+
+Starts an embedded redis-server (unless REDIS_URL is set), one worker as a child process,
+and the gateway in this process; they find each other through Redis exactly as separate
+deployments do. SIGTERM drains (no new calls; calls in progress may finish within the
+grace period), SIGINT stops at once; either way the worker and Redis go down with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import sys
+
+from service.config import ENV_PREFIX, env_name
+from service.gateway.main import Gateway, install_event_loop
+from service.pool import EmbeddedRedis, EmbeddedRedisError
+from service.settings import GatewaySettings, WorkerSettings
+
+log = logging.getLogger("moshimoshi.serve")
+
+WORKER_STOP_SECONDS = 10.0
+
+
+def worker_environment(settings: WorkerSettings, redis_url: str) -> dict[str, str]:
+    """The child worker's environment: every worker setting as its MOSHIMOSHI_* variable."""
+    env = dict(os.environ)
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        name = env_name(field)
+        if value is None:
+            env.pop(name, None)
+        elif isinstance(value, list):
+            env[name] = ",".join(value)
+        else:
+            env[name] = str(value).lower() if isinstance(value, bool) else str(value)
+    env["REDIS_URL"] = redis_url
+    if settings.advertise_url is None and settings.port and settings.host in ("0.0.0.0", "::", "127.0.0.1"):
+        env[ENV_PREFIX + "ADVERTISE_URL"] = f"ws://127.0.0.1:{settings.port}"  # same machine
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_serve(gateway_settings: GatewaySettings, worker_settings: WorkerSettings) -> int:
+    install_event_loop()
+    return asyncio.run(_serve(gateway_settings, worker_settings))
+
+
+async def _serve(gateway_settings: GatewaySettings, worker_settings: WorkerSettings) -> int:
+    embedded: EmbeddedRedis | None = None
+    redis_url = gateway_settings.redis_url or worker_settings.redis_url
+    if not redis_url:
+        embedded = EmbeddedRedis()
+        try:
+            redis_url = await embedded.start()
+        except EmbeddedRedisError as exc:
+            print(f"moshimoshi: {exc}", file=sys.stderr)
+            return 1
+        log.info("embedded redis-server at %s", redis_url)
+    worker: asyncio.subprocess.Process | None = None
+    try:
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "service", "worker",
+            env=worker_environment(worker_settings, redis_url))
+        gateway = Gateway(dataclasses.replace(gateway_settings, redis_url=redis_url),
+                          model=gateway_settings.model)
+        loop = asyncio.get_running_loop()
+
+        def drain() -> None:
+            log.info("SIGTERM: draining")
+            gateway.drain()
+            if worker is not None and worker.returncode is None:
+                worker.send_signal(signal.SIGTERM)
+
+        loop.add_signal_handler(signal.SIGTERM, drain)
+        loop.add_signal_handler(signal.SIGINT, gateway.stop)
+        worker_exit = asyncio.create_task(worker.wait())
+        worker_exit.add_done_callback(lambda _task: gateway.on_local_worker_exit())
+        return await gateway.run()
+    finally:
+        if worker is not None and worker.returncode is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(worker.wait(), WORKER_STOP_SECONDS)
+            except TimeoutError:
+                worker.kill()
+                await worker.wait()
+        if embedded is not None:
+            with contextlib.suppress(Exception):
+                await embedded.stop()

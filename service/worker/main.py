@@ -1,0 +1,242 @@
+"""``run_worker``: load the model, warm it up, serve sessions, drain on SIGTERM.
+
+The HTTP server starts first (``/healthz`` answers while a 7B checkpoint loads; ``/readyz``
+says 503 until the model is warm). SIGTERM or SIGINT starts draining: no new sessions,
+calls go on until they end or ``drain_grace_seconds`` pass, then the process exits 0.
+A second signal ends the remaining calls at once. A model that fails to load exits 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import typing as tp
+
+import uvicorn
+
+from service.settings import DEFAULT_MODEL, WorkerSettings
+from service.worker.checkpoint import CheckpointError, MoshiVersionError
+from service.worker.engine_api import Engine
+from service.worker.runtime import WorkerRuntime
+from service.worker.slots import TokenValidator
+
+log = logging.getLogger("service.worker")
+
+CPU_DEFAULT_SLOTS = 4
+GPU_MEMORY_HEADROOM = 0.9  # keep 10% of free memory for activations, graphs and the allocator
+PER_SLOT_OVERHEAD = 1.15  # KV cache plus Mimi, depformer and activation buffers per slot
+DEMO_BANNER = ("model 'demo': a TINY RANDOM-WEIGHT Moshi built locally for trying the pipeline; "
+               "it babbles, it does not converse. Use --model llm-jp/llm-jp-moshi-v1 for the real one.")
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def resolve_device(settings: WorkerSettings) -> str:
+    if settings.device:
+        return settings.device
+    return "cuda" if cuda_available() else "cpu"
+
+
+def resolve_model(settings: WorkerSettings) -> str:
+    if settings.model:
+        return settings.model
+    return DEFAULT_MODEL if cuda_available() else "demo"
+
+
+def default_cpu_threads() -> int:
+    """Half the cores: OpenMP steps stall badly when their threads lose their cores."""
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+def estimate_gpu_slots(lm: tp.Any, device: str) -> int:
+    """How many slots fit the GPU's free memory, the weights being loaded already.
+
+    Per slot: the main transformer's KV cache, 2 (k, v) x layers x context x dim x bytes
+    (1.5 GiB for the 7B at context 3000 in bf16), plus a margin for the rest.
+    """
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    layers = len(lm.transformer.layers)
+    itemsize = torch.finfo(lm.dtype).bits // 8
+    per_slot = 2 * layers * (lm.context or 3000) * lm.dim * itemsize * PER_SLOT_OVERHEAD
+    slots = int(free * GPU_MEMORY_HEADROOM // per_slot)
+    log.info("GPU: %.1f GiB free after loading, %.2f GiB per slot -> %d slots",
+             free / 2**30, per_slot / 2**30, slots)
+    return max(1, min(1024, slots))
+
+
+def build_engine(settings: WorkerSettings) -> Engine:
+    """The engine ``settings`` ask for (runs in the inference thread: it may take minutes)."""
+    model = resolve_model(settings)
+    if model == "echo":
+        from service.worker.echo import EchoEngine
+        return EchoEngine(settings.slots or CPU_DEFAULT_SLOTS, settings.echo_delay_ms)
+
+    from service.worker.checkpoint import load_checkpoint
+    from service.worker.engine import MoshiEngine
+
+    device = resolve_device(settings)
+    if device == "cpu":
+        import torch
+
+        threads = settings.cpu_threads or default_cpu_threads()
+        torch.set_num_threads(threads)
+        log.info("CPU inference on %d torch thread(s)", threads)
+    if model == "demo":
+        from service.worker.tinymodel import demo_checkpoint
+        log.warning(DEMO_BANNER)
+        loaded = load_checkpoint(str(demo_checkpoint()), device=device, dtype=settings.dtype,
+                                 model_id="demo", source_kind="demo",
+                                 license="n/a (random weights generated locally)")
+    else:
+        loaded = load_checkpoint(model, revision=settings.hf_revision, device=device, dtype=settings.dtype)
+    banner = loaded.info.banner()
+    if loaded.info.research_only:
+        log.warning(banner)
+    else:
+        log.info(banner)
+    slots = settings.slots
+    if slots is None:
+        slots = estimate_gpu_slots(loaded.lm, device) if device.startswith("cuda") else CPU_DEFAULT_SLOTS
+    return MoshiEngine(
+        loaded, slots, greedy=settings.greedy, temp=settings.temp, temp_text=settings.temp_text,
+        top_k=settings.top_k, top_k_text=settings.top_k_text, seed=settings.seed,
+        cuda_graphs=settings.cuda_graphs)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+async def serve_worker(settings: WorkerSettings, *, validator: TokenValidator | None = None,
+                       engine_factory: tp.Callable[[], Engine] | None = None,
+                       on_listening: tp.Callable[[int], None] | None = None) -> int:
+    """Run a worker on the current event loop until it has drained; return the exit status."""
+    from service.worker.server import create_app
+
+    try:
+        sock = listen_socket(settings.host, settings.port)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror or exc)
+        return 2
+    port = sock.getsockname()[1]
+    runtime = WorkerRuntime(settings, engine_factory or (lambda: build_engine(settings)), validator=validator)
+    membership = None
+    if settings.redis_url and validator is None:
+        from service.worker.membership import PoolMembership
+
+        membership = PoolMembership(settings, runtime, port)
+        runtime.validator = membership.validate  # read when the slot table is built
+    app = create_app(runtime)
+    config = uvicorn.Config(app, log_level=settings.log_level, lifespan="off", access_log=False,
+                            timeout_graceful_shutdown=5)
+    server = UvicornServer(config)
+    loop = asyncio.get_running_loop()
+    signals = 0
+    drains: set[asyncio.Task] = set()  # referenced until done
+
+    def start_drain(why: str) -> None:
+        log.info("%s: draining (grace %.0f s)", why, settings.drain_grace_seconds)
+        drain = loop.create_task(runtime.drain(settings.drain_grace_seconds))
+        drains.add(drain)
+        drain.add_done_callback(drains.discard)
+        if membership is not None:
+            announce = loop.create_task(membership.drain())
+            drains.add(announce)
+            announce.add_done_callback(drains.discard)
+
+    runtime.request_drain = start_drain
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            start_drain(sig.name)
+        else:
+            log.info("%s again: ending calls now", sig.name)
+            drain = loop.create_task(runtime.drain(0.0))
+            for session in list(runtime.sessions.values()):
+                session.end("shutdown")
+            drains.add(drain)
+            drain.add_done_callback(drains.discard)
+
+    installed = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, on_signal, sig)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+            pass
+
+    await runtime.start()
+    if membership is not None:
+        membership.start()
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    log.info("worker listening on %s:%d", settings.host, port)
+    if on_listening is not None:
+        on_listening(port)
+    status = 0
+    try:
+        stopped = asyncio.create_task(runtime.stopped_event.wait())
+        await asyncio.wait({serving, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if runtime.error is not None:
+            log.error("worker failed: %s", _describe_error(runtime.error))
+            status = 2
+        stopped.cancel()
+    finally:
+        server.should_exit = True
+        await asyncio.gather(serving, return_exceptions=True)
+        if membership is not None:
+            await membership.stop()
+        await runtime.close()
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        sock.close()
+    log.info("worker stopped")
+    return status
+
+
+def _describe_error(exc: BaseException) -> str:
+    if isinstance(exc, (CheckpointError, MoshiVersionError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+class UvicornServer(uvicorn.Server):
+    """uvicorn's server without its own signal handling: the worker drains first."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> tp.Iterator[None]:
+        yield
+
+
+def run_worker(settings: WorkerSettings) -> int:
+    """Entry point of the worker role: serve until drained; return the process exit status."""
+    configure_logging(settings.log_level)
+    try:
+        return asyncio.run(serve_worker(settings))
+    except KeyboardInterrupt:
+        return 130

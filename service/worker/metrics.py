@@ -1,0 +1,56 @@
+"""The worker's Prometheus metrics, in a registry of their own (one per worker instance)."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST as PROMETHEUS_CONTENT_TYPE
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["PROMETHEUS_CONTENT_TYPE", "WorkerMetrics"]
+
+STEP_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.1, 0.15, 0.2, 0.5, 1.0)
+
+
+class WorkerMetrics:
+    """Counters and gauges of one worker; safe to update from the inference thread."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.step_duration = Histogram(
+            "moshimoshi_worker_step_duration_seconds",
+            "Duration of one batched model step (encode + LM + decode for all slots)",
+            buckets=STEP_BUCKETS, registry=r)
+        self.slots = Gauge("moshimoshi_worker_slots", "Concurrent call capacity B of this worker", registry=r)
+        self.slots_busy = Gauge("moshimoshi_worker_slots_busy", "Slots bound to a session (batch occupancy)",
+                                registry=r)
+        self.ready = Gauge("moshimoshi_worker_ready", "1 when the model is loaded, warm and not draining",
+                           registry=r)
+        self.info = Gauge("moshimoshi_worker_model_info", "The model this worker serves (value 1)",
+                          ["model", "license"], registry=r)
+        self.underruns = Counter(
+            "moshimoshi_worker_slot_underruns_total",
+            "Steps at which a busy slot had no input frame and was fed silence", ["slot"], registry=r)
+        self.input_dropped = Counter(
+            "moshimoshi_worker_input_dropped_total",
+            "Input frames dropped because a slot's queue was full (oldest first)", registry=r)
+        self.output_dropped = Counter(
+            "moshimoshi_worker_output_dropped_total",
+            "Output messages dropped because a gateway did not read them fast enough", registry=r)
+        self.step_overruns = Counter(
+            "moshimoshi_worker_step_overruns_total",
+            "Steps that ended after the next 80 ms tick (the clock then skips ahead)", registry=r)
+        self.skipped_ticks = Counter(
+            "moshimoshi_worker_skipped_ticks_total", "80 ms ticks skipped after overruns", registry=r)
+        self.sessions = Counter("moshimoshi_worker_sessions_total", "Sessions by how they ended",
+                                ["outcome"], registry=r)
+        self.protocol_errors = Counter("moshimoshi_worker_protocol_errors_total",
+                                       "Sessions closed for a protocol violation or refusal, by close code",
+                                       ["code"], registry=r)
+        self.text_pieces = Counter("moshimoshi_worker_text_pieces_total", "Transcript pieces sent",
+                                   registry=r)
+        self.text_bytes_dropped = Counter(
+            "moshimoshi_worker_text_bytes_dropped_total",
+            "Byte-fallback text pieces that never formed a character (dropped, not sent)", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,50 @@
+"""Exceptions of the sip package.
+
+``SipParseError`` is the only exception the parsers raise: its message names the fault
+(which header, what is wrong) and ``status`` is the response a server should answer
+with (400, 505 for a wrong version, 513 for an oversized message).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from sip.status import reason_phrase
+
+
+class SipParseError(ValueError):
+    """A SIP message, header or URI is malformed; the message says where and how."""
+
+    def __init__(self, message: str, *, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class SipError(Exception):
+    """Answer the request at hand with ``status``: raise it from an application callback
+    (``on_reoffer``) to reject, e.g. ``SipError(488, "Not Acceptable Here")``."""
+
+    def __init__(self, status: int, reason: str | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
+        self.status = status
+        self.reason = reason or reason_phrase(status)
+        self.headers = dict(headers or {})
+        super().__init__(f"{status} {self.reason}")
+
+
+class CallFailed(SipError):
+    """An outgoing INVITE ended without a dialog: a final non-2xx, a timeout (408) or a
+    transport failure (503). ``response`` is the final response when one arrived."""
+
+    def __init__(self, status: int, reason: str | None = None, response=None) -> None:
+        super().__init__(status, reason)
+        self.response = response
+
+
+class CallCancelled(Exception):
+    """The caller cancelled (CANCEL) before the call was answered; the UA already sent
+    200 to the CANCEL and 487 to the INVITE."""
+
+
+class TransportError(OSError):
+    """A message could not be sent (no route, connection refused or closed)."""

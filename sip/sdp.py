@@ -1,0 +1,581 @@
+"""SDP (RFC 4566) parsing and serialisation, and offer/answer for audio (RFC 3264).
+
+``SessionDescription.parse`` keeps every line it does not interpret, in order, so a
+description survives a parse/serialise round trip. ``answer_offer`` answers an offer
+with our codec preferences; ``build_offer`` makes one for outgoing calls;
+``negotiated_from_answer`` reads the answer to our offer; ``reanswer`` answers a
+re-offer (hold, unhold, refresh) the way the previous answer did. Each yields a
+``NegotiatedMedia``: what the RTP side needs to know.
+
+Codec choice: by default the first codec of *our* preference list that the offer
+contains (the gateway's preference, e.g. PCMU before PCMA, wins); with
+``MediaPreferences(offerer_order=True)`` the first offered codec that we support.
+"""
+
+from __future__ import annotations
+
+import copy
+import secrets
+from dataclasses import dataclass, field
+
+DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
+MIRRORED_DIRECTION = {"sendrecv": "sendrecv", "sendonly": "recvonly", "recvonly": "sendonly",
+                      "inactive": "inactive"}
+_SESSION_ORDER = {"i": 1, "u": 2, "e": 3, "p": 4, "c": 5, "b": 6, "t": 7, "r": 8, "z": 9, "k": 10, "a": 11}
+_MEDIA_ORDER = {"i": 1, "c": 2, "b": 3, "k": 4, "a": 5}
+
+
+class SdpError(ValueError):
+    """A session description is malformed or cannot be used; the message says why."""
+
+
+class NoCommonCodec(SdpError):
+    """The offer has no audio stream with a codec we support: answer 488."""
+
+
+@dataclass
+class Origin:
+    username: str = "-"
+    session_id: str = "0"
+    session_version: int = 0
+    nettype: str = "IN"
+    addrtype: str = "IP4"
+    address: str = "0.0.0.0"
+
+    @classmethod
+    def parse(cls, value: str) -> Origin:
+        parts = value.split()
+        if len(parts) != 6:
+            raise SdpError(f"o=: expected 6 fields, got {value!r}")
+        if not parts[2].isdigit():
+            raise SdpError(f"o=: session version {parts[2]!r} is not a number")
+        return cls(parts[0], parts[1], int(parts[2]), parts[3], parts[4], parts[5])
+
+    def __str__(self) -> str:
+        return (f"{self.username} {self.session_id} {self.session_version} {self.nettype} "
+                f"{self.addrtype} {self.address}")
+
+
+@dataclass
+class Connection:
+    address: str
+    addrtype: str = "IP4"
+    nettype: str = "IN"
+
+    @property
+    def host(self) -> str:
+        """The address without a multicast ``/ttl`` suffix."""
+        return self.address.split("/")[0]
+
+    @property
+    def is_hold(self) -> bool:
+        """RFC 2543-style hold: ``c=IN IP4 0.0.0.0`` (RFC 3264 §8.4)."""
+        return self.host in ("0.0.0.0", "::")
+
+    @classmethod
+    def parse(cls, value: str) -> Connection:
+        parts = value.split()
+        if len(parts) != 3:
+            raise SdpError(f"c=: expected 'IN IP4 address', got {value!r}")
+        return cls(parts[2], parts[1].upper(), parts[0].upper())
+
+    def __str__(self) -> str:
+        return f"{self.nettype} {self.addrtype} {self.address}"
+
+
+@dataclass(frozen=True)
+class RtpMap:
+    payload_type: int
+    encoding: str
+    clock_rate: int
+    channels: int = 1
+
+    @classmethod
+    def parse(cls, value: str) -> RtpMap | None:
+        """``a=rtpmap`` value, or None when it is malformed (such lines are ignored)."""
+        pt, _, rest = value.strip().partition(" ")
+        parts = rest.strip().split("/")
+        if not pt.isdigit() or len(parts) < 2 or not parts[0] or not parts[1].isdigit():
+            return None
+        channels = int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else 1
+        return cls(int(pt), parts[0], int(parts[1]), channels)
+
+    def __str__(self) -> str:
+        suffix = f"/{self.channels}" if self.channels != 1 else ""
+        return f"{self.payload_type} {self.encoding}/{self.clock_rate}{suffix}"
+
+
+STATIC_PAYLOAD_TYPES = {
+    0: RtpMap(0, "PCMU", 8000), 3: RtpMap(3, "GSM", 8000), 4: RtpMap(4, "G723", 8000),
+    8: RtpMap(8, "PCMA", 8000), 9: RtpMap(9, "G722", 8000), 13: RtpMap(13, "CN", 8000),
+    18: RtpMap(18, "G729", 8000),
+}
+_STATIC_BY_NAME = {rm.encoding: pt for pt, rm in STATIC_PAYLOAD_TYPES.items()}
+
+
+def _order(lines: list[tuple[str, str]], rank: dict[str, int]) -> list[tuple[str, str]]:
+    return sorted(lines, key=lambda line: rank.get(line[0], 12))
+
+
+@dataclass
+class MediaDescription:
+    """One ``m=`` section with its ``c=`` and attributes; other lines kept in ``lines``."""
+
+    media: str
+    port: int
+    proto: str
+    formats: list[str]
+    port_count: int | None = None
+    connection: Connection | None = None
+    attributes: list[tuple[str, str | None]] = field(default_factory=list)
+    lines: list[tuple[str, str]] = field(default_factory=list)
+
+    def attribute(self, name: str) -> str | None:
+        """The value of the first ``a=name:value`` (``""`` for a flag), or None."""
+        for key, value in self.attributes:
+            if key == name:
+                return value if value is not None else ""
+        return None
+
+    def attribute_values(self, name: str) -> list[str]:
+        return [value or "" for key, value in self.attributes if key == name]
+
+    def rtpmaps(self) -> dict[int, RtpMap]:
+        """Payload type → RtpMap for every format, static types filled in."""
+        maps: dict[int, RtpMap] = {}
+        for fmt in self.formats:
+            if fmt.isdigit() and int(fmt) in STATIC_PAYLOAD_TYPES:
+                maps[int(fmt)] = STATIC_PAYLOAD_TYPES[int(fmt)]
+        for value in self.attribute_values("rtpmap"):
+            rtpmap = RtpMap.parse(value)
+            if rtpmap is not None:
+                maps[rtpmap.payload_type] = rtpmap
+        return maps
+
+    def fmtp(self, payload_type: int) -> str | None:
+        for value in self.attribute_values("fmtp"):
+            pt, _, params = value.partition(" ")
+            if pt == str(payload_type):
+                return params.strip()
+        return None
+
+    @property
+    def direction(self) -> str | None:
+        for key, _ in self.attributes:
+            if key in DIRECTIONS:
+                return key
+        return None
+
+    def set_direction(self, direction: str) -> None:
+        self.attributes = [(k, v) for k, v in self.attributes if k not in DIRECTIONS]
+        self.attributes.append((direction, None))
+
+    @property
+    def ptime(self) -> int | None:
+        value = self.attribute("ptime")
+        try:
+            return int(float(value)) if value else None
+        except ValueError:
+            return None
+
+    @property
+    def rtcp_port(self) -> int:
+        value = self.attribute("rtcp")
+        if value:
+            first = value.split()[0]
+            if first.isdigit():
+                return int(first)
+        return self.port + 1
+
+    def to_lines(self) -> list[str]:
+        port = f"{self.port}/{self.port_count}" if self.port_count is not None else str(self.port)
+        out = [f"m={' '.join([self.media, port, self.proto, *self.formats])}"]
+        extra = list(self.lines)
+        if self.connection is not None:
+            extra.append(("c", str(self.connection)))
+        extra.extend(("a", k if v is None else f"{k}:{v}") for k, v in self.attributes)
+        out.extend(f"{kind}={value}" for kind, value in _order(extra, _MEDIA_ORDER))
+        return out
+
+
+@dataclass
+class SessionDescription:
+    """A whole SDP body."""
+
+    origin: Origin = field(default_factory=Origin)
+    session_name: str = "-"
+    connection: Connection | None = None
+    timing: list[str] = field(default_factory=lambda: ["0 0"])
+    attributes: list[tuple[str, str | None]] = field(default_factory=list)
+    media: list[MediaDescription] = field(default_factory=list)
+    lines: list[tuple[str, str]] = field(default_factory=list)
+    version: int = 0
+
+    @classmethod
+    def parse(cls, data: str | bytes) -> SessionDescription:
+        text = data.decode("utf-8", "surrogateescape") if isinstance(data, bytes) else data
+        rows = [row.rstrip("\r") for row in text.split("\n")]
+        while rows and not rows[-1].strip():
+            rows.pop()
+        if not rows:
+            raise SdpError("empty session description")
+        sdp = cls(timing=[])
+        media: MediaDescription | None = None
+        seen_origin = False
+        for number, row in enumerate(rows, start=1):
+            if len(row) < 2 or row[1] != "=" or not row[0].isalpha():
+                raise SdpError(f"line {number}: {row[:60]!r} is not 'x=value'")
+            kind, value = row[0], row[2:]
+            if number == 1:
+                if kind != "v" or value.strip() != "0":
+                    raise SdpError(f"line 1: expected 'v=0', got {row[:60]!r}")
+                continue
+            if kind == "m":
+                media = _parse_media(value, number)
+                sdp.media.append(media)
+            elif kind == "c":
+                connection = Connection.parse(value)
+                if media is None:
+                    sdp.connection = connection
+                else:
+                    media.connection = connection
+            elif kind == "a":
+                name, colon, attr = value.partition(":")
+                item = (name, attr if colon else None)
+                (sdp.attributes if media is None else media.attributes).append(item)
+            elif media is not None:
+                media.lines.append((kind, value))
+            elif kind == "o":
+                sdp.origin = Origin.parse(value)
+                seen_origin = True
+            elif kind == "s":
+                sdp.session_name = value
+            elif kind == "t":
+                sdp.timing.append(value)
+            elif kind == "v":
+                raise SdpError(f"line {number}: a second v= line")
+            else:
+                sdp.lines.append((kind, value))
+        if not seen_origin:
+            raise SdpError("missing o= line")
+        return sdp
+
+    def direction_of(self, media: MediaDescription) -> str:
+        """The stream's direction attribute, else the session's, else sendrecv."""
+        if media.direction:
+            return media.direction
+        for key, _ in self.attributes:
+            if key in DIRECTIONS:
+                return key
+        return "sendrecv"
+
+    def connection_of(self, media: MediaDescription) -> Connection | None:
+        return media.connection or self.connection
+
+    def first_audio(self) -> MediaDescription | None:
+        for media in self.media:
+            if media.media == "audio" and media.port != 0:
+                return media
+        return None
+
+    def copy(self) -> SessionDescription:
+        return copy.deepcopy(self)
+
+    def __str__(self) -> str:
+        out = [f"v={self.version}", f"o={self.origin}", f"s={self.session_name}"]
+        extra = list(self.lines)
+        if self.connection is not None:
+            extra.append(("c", str(self.connection)))
+        extra.extend(("t", t) for t in (self.timing or ["0 0"]))
+        extra.extend(("a", k if v is None else f"{k}:{v}") for k, v in self.attributes)
+        out.extend(f"{kind}={value}" for kind, value in _order(extra, _SESSION_ORDER))
+        for media in self.media:
+            out.extend(media.to_lines())
+        return "\r\n".join(out) + "\r\n"
+
+    def to_bytes(self) -> bytes:
+        return str(self).encode("utf-8", "surrogateescape")
+
+
+def _parse_media(value: str, number: int) -> MediaDescription:
+    parts = value.split()
+    if len(parts) < 3:
+        raise SdpError(f"line {number}: m= needs 'media port proto formats', got {value!r}")
+    port_text, _, count_text = parts[1].partition("/")
+    if not port_text.isdigit() or int(port_text) > 65535:
+        raise SdpError(f"line {number}: bad port {parts[1]!r} in m=")
+    if count_text and not count_text.isdigit():
+        raise SdpError(f"line {number}: bad port count {parts[1]!r} in m=")
+    return MediaDescription(parts[0], int(port_text), parts[2], parts[3:],
+                            int(count_text) if count_text else None)
+
+
+# --- offer / answer --------------------------------------------------------------------
+
+
+@dataclass
+class MediaPreferences:
+    """What we accept and prefer when answering or offering audio."""
+
+    codecs: list[str] = field(default_factory=lambda: ["PCMU", "PCMA"])
+    telephone_event: bool = True
+    ptime: int = 20
+    min_ptime: int = 10
+    max_ptime: int = 40
+    offerer_order: bool = False
+
+
+@dataclass(frozen=True)
+class NegotiatedMedia:
+    """The outcome of offer/answer for the audio stream, as the RTP side needs it.
+
+    ``direction`` is *ours*, the answer to the peer's: ``sendrecv``; ``recvonly`` (the peer
+    put the call on hold: do not send); ``sendonly`` (the peer only listens); or
+    ``inactive``. ``remote_address`` is None when the peer gave ``c=0.0.0.0`` (old-style
+    hold), so ``sends`` is False then too.
+    """
+
+    remote_address: str | None
+    remote_port: int
+    remote_rtcp_port: int | None
+    codec: str
+    payload_type: int
+    clock_rate: int
+    ptime: int
+    dtmf_payload_type: int | None
+    direction: str
+
+    @property
+    def sends(self) -> bool:
+        return self.direction in ("sendrecv", "sendonly") and self.remote_address is not None
+
+    @property
+    def receives(self) -> bool:
+        return self.direction in ("sendrecv", "recvonly")
+
+
+def _addrtype(address: str) -> str:
+    return "IP6" if ":" in address else "IP4"
+
+
+def _session_id() -> str:
+    return str(secrets.randbelow(10**12) + 10**11)
+
+
+def _choose_codec(media: MediaDescription, prefs: MediaPreferences) -> RtpMap | None:
+    maps = media.rtpmaps()
+    ours = [c.upper() for c in prefs.codecs]
+    candidates = []
+    for fmt in media.formats:
+        rtpmap = maps.get(int(fmt)) if fmt.isdigit() else None
+        if (rtpmap is not None and rtpmap.encoding.upper() in ours and rtpmap.clock_rate == 8000
+                and rtpmap.channels == 1):
+            candidates.append(rtpmap)
+    if not candidates:
+        return None
+    if prefs.offerer_order:
+        return candidates[0]
+    return min(candidates, key=lambda rm: ours.index(rm.encoding.upper()))
+
+
+def _telephone_event(media: MediaDescription) -> RtpMap | None:
+    maps = media.rtpmaps()
+    for fmt in media.formats:
+        rtpmap = maps.get(int(fmt)) if fmt.isdigit() else None
+        if rtpmap is not None and rtpmap.encoding.lower() == "telephone-event" and rtpmap.clock_rate == 8000:
+            return rtpmap
+    return None
+
+
+def _offered_direction(offer: SessionDescription, media: MediaDescription) -> str:
+    direction = offer.direction_of(media)
+    connection = offer.connection_of(media)
+    if connection is not None and connection.is_hold:
+        # c=0.0.0.0: the offerer will not receive (RFC 3264 §8.4).
+        direction = {"sendrecv": "sendonly", "recvonly": "inactive"}.get(direction, direction)
+    return direction
+
+
+def answer_offer(offer: SessionDescription, prefs: MediaPreferences, local_address: str, local_port: int,
+                 *, username: str = "moshimoshi", session_id: str | None = None,
+                 session_version: int | None = None) -> tuple[SessionDescription, NegotiatedMedia]:
+    """Answer ``offer``: the first audio RTP/AVP stream with a codec we support is
+    accepted on ``local_address:local_port``; every other stream is rejected with port 0.
+    Raises ``NoCommonCodec`` when no stream can be accepted."""
+    chosen: tuple[int, RtpMap] | None = None
+    for index, media in enumerate(offer.media):
+        if media.media == "audio" and media.port != 0 and media.proto.upper() == "RTP/AVP":
+            rtpmap = _choose_codec(media, prefs)
+            if rtpmap is not None:
+                chosen = (index, rtpmap)
+                break
+    if chosen is None:
+        offered = [f"{m.media} {m.proto} {' '.join(m.formats)}" for m in offer.media if m.port != 0]
+        raise NoCommonCodec(f"no audio stream offers {' or '.join(prefs.codecs)} at 8000 Hz "
+                            f"(offered: {'; '.join(offered) or 'nothing'})")
+    index, codec = chosen
+    offered_media = offer.media[index]
+    connection = offer.connection_of(offered_media)
+    if connection is None:
+        raise SdpError("the audio stream has no c= line (neither media nor session level)")
+    dtmf = _telephone_event(offered_media) if prefs.telephone_event else None
+    ptime = offered_media.ptime
+    if ptime is None or not prefs.min_ptime <= ptime <= prefs.max_ptime:
+        ptime = prefs.ptime
+    direction = MIRRORED_DIRECTION[_offered_direction(offer, offered_media)]
+
+    name = codec.encoding.upper()
+    formats = [str(codec.payload_type)]
+    attributes: list[tuple[str, str | None]] = [("rtpmap", f"{codec.payload_type} {name}/8000")]
+    if dtmf is not None:
+        formats.append(str(dtmf.payload_type))
+        attributes.append(("rtpmap", f"{dtmf.payload_type} telephone-event/8000"))
+        attributes.append(("fmtp", f"{dtmf.payload_type} {offered_media.fmtp(dtmf.payload_type) or '0-16'}"))
+    attributes.append(("ptime", str(ptime)))
+    attributes.append((direction, None))
+    media_lines = []
+    for i, media in enumerate(offer.media):
+        if i == index:
+            media_lines.append(MediaDescription("audio", local_port, offered_media.proto, formats,
+                                                attributes=attributes))
+        else:
+            media_lines.append(MediaDescription(media.media, 0, media.proto, list(media.formats[:1]) or ["0"]))
+    sid = session_id or _session_id()
+    answer = SessionDescription(
+        origin=Origin(username, sid, session_version if session_version is not None else int(sid) % 10**9,
+                      "IN", _addrtype(local_address), local_address),
+        session_name="-",
+        connection=Connection(local_address, _addrtype(local_address)),
+        timing=list(offer.timing) or ["0 0"],
+        media=media_lines,
+    )
+    negotiated = NegotiatedMedia(
+        remote_address=None if connection.is_hold else connection.host,
+        remote_port=offered_media.port,
+        remote_rtcp_port=offered_media.rtcp_port,
+        codec=name,
+        payload_type=codec.payload_type,
+        clock_rate=codec.clock_rate,
+        ptime=ptime,
+        dtmf_payload_type=dtmf.payload_type if dtmf else None,
+        direction=direction,
+    )
+    return answer, negotiated
+
+
+def build_offer(prefs: MediaPreferences, local_address: str, local_port: int, *, username: str = "moshimoshi",
+                session_id: str | None = None, direction: str = "sendrecv",
+                dtmf_payload_type: int = 101) -> SessionDescription:
+    """An audio offer with our codecs in preference order (+ telephone-event)."""
+    formats: list[str] = []
+    attributes: list[tuple[str, str | None]] = []
+    for codec in prefs.codecs:
+        pt = _STATIC_BY_NAME.get(codec.upper())
+        if pt is None:
+            raise SdpError(f"codec {codec!r} has no static payload type; supported: PCMU, PCMA")
+        formats.append(str(pt))
+        attributes.append(("rtpmap", f"{pt} {codec.upper()}/8000"))
+    if prefs.telephone_event:
+        formats.append(str(dtmf_payload_type))
+        attributes.append(("rtpmap", f"{dtmf_payload_type} telephone-event/8000"))
+        attributes.append(("fmtp", f"{dtmf_payload_type} 0-16"))
+    attributes.append(("ptime", str(prefs.ptime)))
+    attributes.append((direction, None))
+    sid = session_id or _session_id()
+    return SessionDescription(
+        origin=Origin(username, sid, int(sid) % 10**9, "IN", _addrtype(local_address), local_address),
+        connection=Connection(local_address, _addrtype(local_address)),
+        media=[MediaDescription("audio", local_port, "RTP/AVP", formats, attributes=attributes)],
+    )
+
+
+def negotiated_from_answer(offer: SessionDescription, answer: SessionDescription) -> NegotiatedMedia:
+    """What the answer to our ``offer`` agreed on. Raises ``SdpError`` when the answer
+    rejects the audio stream or picks a codec that was not offered."""
+    for index, media in enumerate(answer.media):
+        if media.media != "audio" or media.port == 0:
+            continue
+        offered = offer.media[index] if index < len(offer.media) else None
+        offered_formats = set(offered.formats) if offered is not None else set(media.formats)
+        maps = media.rtpmaps()
+        codec = None
+        for fmt in media.formats:
+            rtpmap = maps.get(int(fmt)) if fmt.isdigit() else None
+            if rtpmap is not None and rtpmap.encoding.lower() not in ("telephone-event", "cn"):
+                codec = rtpmap
+                break
+        if codec is None:
+            raise SdpError("the answer's audio stream has no usable codec")
+        if str(codec.payload_type) not in offered_formats:
+            raise SdpError(f"the answer chose payload type {codec.payload_type}, which was not offered")
+        connection = answer.connection_of(media)
+        if connection is None:
+            raise SdpError("the answer's audio stream has no c= line")
+        dtmf = _telephone_event(media)
+        ptime = media.ptime or (offered.ptime if offered is not None else None) or 20
+        return NegotiatedMedia(
+            remote_address=None if connection.is_hold else connection.host,
+            remote_port=media.port,
+            remote_rtcp_port=media.rtcp_port,
+            codec=codec.encoding.upper(),
+            payload_type=codec.payload_type,
+            clock_rate=codec.clock_rate,
+            ptime=ptime,
+            dtmf_payload_type=dtmf.payload_type if dtmf else None,
+            direction=MIRRORED_DIRECTION[_offered_direction(answer, media)],
+        )
+    raise NoCommonCodec("the answer rejected every audio stream")
+
+
+def reanswer(previous: SessionDescription, offer: SessionDescription) -> tuple[SessionDescription, NegotiatedMedia]:
+    """Answer a re-offer in the same dialog as ``previous`` (our last answer) did: same
+    address, port and codec, direction mirrored from the new offer (hold/unhold), the
+    o= version bumped only when the answer changed (RFC 3264 §8)."""
+    ours = previous.first_audio()
+    if ours is None:
+        raise NoCommonCodec("the previous answer has no active audio stream")
+    maps = ours.rtpmaps()
+    codec = next((maps[int(f)] for f in ours.formats if f.isdigit() and int(f) in maps
+                  and maps[int(f)].encoding.lower() != "telephone-event"), None)
+    if codec is None:
+        raise NoCommonCodec("the previous answer has no codec")
+    prefs = MediaPreferences(codecs=[codec.encoding.upper()], telephone_event=_telephone_event(ours) is not None,
+                             ptime=ours.ptime or 20)
+    connection = previous.connection_of(ours)
+    address = connection.host if connection is not None else previous.origin.address
+    answer, negotiated = answer_offer(offer, prefs, address, ours.port, username=previous.origin.username,
+                                      session_id=previous.origin.session_id,
+                                      session_version=previous.origin.session_version)
+    if str(answer) != str(previous):
+        answer.origin.session_version = previous.origin.session_version + 1
+    return answer, negotiated
+
+
+def negotiated_as_answerer(offer: SessionDescription, answer: SessionDescription) -> NegotiatedMedia:
+    """What an answer *we* gave to the peer's ``offer`` agreed on (for answers that
+    ``answer_offer`` did not build, e.g. from an application's ``on_reoffer``)."""
+    for index, media in enumerate(answer.media):
+        if media.media != "audio" or media.port == 0 or index >= len(offer.media):
+            continue
+        offered = offer.media[index]
+        maps = media.rtpmaps()
+        codec = next((maps[int(f)] for f in media.formats if f.isdigit() and int(f) in maps
+                      and maps[int(f)].encoding.lower() not in ("telephone-event", "cn")), None)
+        if codec is None:
+            raise SdpError("the answer's audio stream has no usable codec")
+        connection = offer.connection_of(offered)
+        if connection is None:
+            raise SdpError("the offer's audio stream has no c= line")
+        dtmf = _telephone_event(media)
+        return NegotiatedMedia(
+            remote_address=None if connection.is_hold else connection.host,
+            remote_port=offered.port,
+            remote_rtcp_port=offered.rtcp_port,
+            codec=codec.encoding.upper(),
+            payload_type=codec.payload_type,
+            clock_rate=codec.clock_rate,
+            ptime=media.ptime or offered.ptime or 20,
+            dtmf_payload_type=dtmf.payload_type if dtmf else None,
+            direction=answer.direction_of(media),
+        )
+    raise NoCommonCodec("the answer rejected every audio stream")

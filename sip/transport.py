@@ -1,0 +1,511 @@
+"""SIP over UDP and TCP on one port, IPv4 and IPv6 (RFC 3261 §18, RFC 3581).
+
+``Transport`` binds UDP and TCP on the same port (``::`` gives a dual-stack socket),
+parses what arrives and hands each message with its ``Flow`` (where it came from) to
+``on_message``. On requests it stamps the top Via with ``received`` and fills ``rport``
+(RFC 3581), so that ``response_flow`` can route the answer per §18.2.2: UDP responses go
+to received:rport when the client asked for rport, else to the sent-by port; TCP
+responses go back on the connection the request came on.
+
+Malformed input is answered with 400 (505, 513) when enough can be read to route a
+response, and is otherwise dropped; both are counted in ``counters``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+from collections.abc import Callable, Coroutine
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sip.errors import SipParseError, TransportError
+from sip.framing import StreamFramer
+from sip.message import DEFAULT_MAX_MESSAGE_SIZE, Request, Response, parse_message, stateless_response
+from sip.status import reason_phrase
+
+log = logging.getLogger("sip.transport")
+
+UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
+MessageHandler = Callable[[Request | Response, "Flow"], None]
+
+
+@dataclass
+class TransportCounters:
+    """What the transport saw; the application reads (and may export) these."""
+
+    messages_received: int = 0
+    messages_sent: int = 0
+    parse_errors: int = 0          # malformed messages (answered or dropped)
+    bad_requests_answered: int = 0  # malformed requests answered statelessly (400/505/513)
+    dropped: int = 0               # malformed input that no response could be formed for
+    oversized: int = 0             # messages over max_message_size
+    keepalives: int = 0            # CRLF keep-alives (and empty datagrams)
+    send_errors: int = 0
+    tcp_accepted: int = 0
+    tcp_rejected: int = 0          # refused because max_tcp_connections was reached
+    tcp_idle_closed: int = 0
+    tcp_open: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, eq=False)
+class Flow:
+    """Where a message came from or goes to: transport, address and, for TCP, the
+    connection to prefer (a new one to host:port is opened when it has closed)."""
+
+    transport: str
+    host: str
+    port: int
+    connection: TcpConnection | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    def __repr__(self) -> str:
+        return f"Flow({self.transport} {self.host}:{self.port})"
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _normalise(address: tuple) -> tuple[str, int]:
+    host, port = address[0], address[1]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return host, port
+
+
+def _same_host(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return a.lower() == b.lower()
+
+
+def _reason(exc: SipParseError) -> str:
+    detail = "".join(c if 32 <= ord(c) < 127 else "?" for c in str(exc))
+    if len(detail) > 160:
+        detail = detail[:157] + "..."
+    return f"{reason_phrase(exc.status)} ({detail})"
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, owner: Transport) -> None:
+        self.owner = owner
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        self.owner._on_datagram(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        self.owner.counters.send_errors += 1
+        log.debug("UDP error: %s", exc)
+
+
+class TcpConnection(asyncio.Protocol):
+    """One TCP connection, either direction: frames the stream and tracks idleness.
+
+    A connection is closed after ``tcp_idle_timeout`` without traffic unless something
+    (a transaction, a dialog) holds it.
+    """
+
+    def __init__(self, owner: Transport) -> None:
+        self.owner = owner
+        self.framer = StreamFramer(owner.max_message_size)
+        self.transport: asyncio.Transport | None = None
+        self.remote: tuple[str, int] = ("", 0)
+        self.closed = False
+        self.holds = 0
+        self.last_activity = 0.0
+        self._idle: asyncio.TimerHandle | None = None
+        self._keepalives_seen = 0
+        self._registered = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.remote = _normalise(transport.get_extra_info("peername"))
+        self.last_activity = self.owner._loop.time()
+        if not self.owner._register(self):
+            self.closed = True
+            transport.abort()
+            return
+        self._registered = True
+        self._arm_idle(self.owner.tcp_idle_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = self.owner._loop.time()
+        try:
+            messages = self.framer.feed(data)
+        except SipParseError as exc:
+            self.owner._on_stream_error(self, exc)
+            return
+        if self.framer.keepalives != self._keepalives_seen:
+            self.owner.counters.keepalives += self.framer.keepalives - self._keepalives_seen
+            self._keepalives_seen = self.framer.keepalives
+            self.write(b"\r\n")  # RFC 5626 pong
+        for message in messages:
+            self.owner._on_stream_message(message, self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._idle is not None:
+            self._idle.cancel()
+        if self._registered:
+            self._registered = False
+            self.owner._unregister(self)
+
+    def write(self, data: bytes) -> None:
+        if self.closed or self.transport is None or self.transport.is_closing():
+            raise TransportError(f"TCP connection to {self.remote[0]}:{self.remote[1]} is closed")
+        self.transport.write(data)
+        self.last_activity = self.owner._loop.time()
+
+    def hold(self) -> None:
+        self.holds += 1
+
+    def release(self) -> None:
+        self.holds = max(0, self.holds - 1)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.closed = True
+            self.transport.abort()
+
+    def _arm_idle(self, delay: float) -> None:
+        self._idle = self.owner._loop.call_later(max(delay, 0.01), self._check_idle)
+
+    def _check_idle(self) -> None:
+        if self.closed:
+            return
+        timeout = self.owner.tcp_idle_timeout
+        idle = self.owner._loop.time() - self.last_activity
+        if idle >= timeout and self.holds == 0:
+            self.owner.counters.tcp_idle_closed += 1
+            log.debug("closing idle TCP connection to %s:%d", *self.remote)
+            self.close()
+        else:
+            self._arm_idle(timeout - idle if idle < timeout else timeout)
+
+
+class Transport:
+    """UDP and TCP listeners on one port; see the module docstring."""
+
+    def __init__(self, host: str = "0.0.0.0", port: int = 0, *, on_message: MessageHandler | None = None,
+                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, tcp_idle_timeout: float = 120.0,
+                 max_tcp_connections: int = 1024, tcp_connect_timeout: float = 5.0,
+                 force_rport: bool = False, public_host: str | None = None) -> None:
+        self.host = host
+        self.port = port
+        self.on_message = on_message
+        self.max_message_size = max_message_size
+        self.tcp_idle_timeout = tcp_idle_timeout
+        self.max_tcp_connections = max_tcp_connections
+        self.tcp_connect_timeout = tcp_connect_timeout
+        self.force_rport = force_rport
+        self.public_host = public_host
+        self.counters = TransportCounters()
+        self._family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._udp: asyncio.DatagramTransport | None = None
+        self._server: asyncio.Server | None = None
+        self._connections: dict[tuple[str, int], TcpConnection] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._local_hosts: dict[str, str] = {}
+        self._loop = asyncio.get_event_loop()
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        udp_sock, tcp_sock = self._bind()
+        self.port = udp_sock.getsockname()[1]
+        self._udp, _ = await self._loop.create_datagram_endpoint(lambda: _UdpProtocol(self), sock=udp_sock)
+        self._server = await self._loop.create_server(lambda: TcpConnection(self), sock=tcp_sock)
+        log.info("SIP listening on %s port %d (UDP and TCP)", self.host, self.port)
+
+    def _new_socket(self, kind: int) -> socket.socket:
+        sock = socket.socket(self._family, kind)
+        if self._family == socket.AF_INET6:
+            # '::' serves IPv4 too (mapped addresses); a specific v6 address only v6.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if self.host == "::" else 1)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        else:
+            # Bursts (hundreds of INVITEs at once) must not overflow the receive queue;
+            # the kernel caps this at net.core.rmem_max.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
+        sock.setblocking(False)
+        return sock
+
+    def _bind(self) -> tuple[socket.socket, socket.socket]:
+        last_error: OSError | None = None
+        for _ in range(50):
+            udp = self._new_socket(socket.SOCK_DGRAM)
+            try:
+                udp.bind((self.host, self.port))
+            except OSError:
+                udp.close()
+                raise
+            port = udp.getsockname()[1]
+            tcp = self._new_socket(socket.SOCK_STREAM)
+            try:
+                tcp.bind((self.host, port))
+                tcp.listen(128)
+            except OSError as exc:
+                udp.close()
+                tcp.close()
+                if self.port != 0:
+                    raise
+                last_error = exc
+                continue
+            return udp, tcp
+        raise OSError(f"no port free for both UDP and TCP on {self.host}: {last_error}")
+
+    async def stop(self) -> None:
+        for connection in list(self._connections.values()):
+            connection.abort()
+        self._connections.clear()
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+            self._server = None
+        if self._udp is not None:
+            self._udp.close()
+            self._udp = None
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- receiving ----------------------------------------------------------------------
+
+    def _on_datagram(self, data: bytes, addr: tuple) -> None:
+        host, port = _normalise(addr)
+        if not data.strip(b"\r\n\t \x00"):
+            self.counters.keepalives += 1
+            return
+        self._handle(data, Flow("UDP", host, port))
+
+    def _on_stream_message(self, data: bytes, connection: TcpConnection) -> None:
+        self._handle(data, Flow("TCP", connection.remote[0], connection.remote[1], connection))
+
+    def _on_stream_error(self, connection: TcpConnection, exc: SipParseError) -> None:
+        head = connection.framer.error_head
+        flow = Flow("TCP", connection.remote[0], connection.remote[1], connection)
+        self._reject(head + b"\r\n\r\n" if head is not None else b"", exc, flow)
+        log.info("closing TCP connection from %s:%d: %s", *connection.remote, exc)
+        connection.close()
+
+    def _handle(self, data: bytes, flow: Flow) -> None:
+        self.counters.messages_received += 1
+        try:
+            message = parse_message(data, max_size=self.max_message_size)
+        except SipParseError as exc:
+            self._reject(data, exc, flow)
+            return
+        if isinstance(message, Request):
+            self._stamp_via(message, flow)
+        if self.on_message is None:
+            return
+        try:
+            self.on_message(message, flow)
+        except Exception:
+            log.exception("error handling %r from %r", message, flow)
+
+    def _reject(self, data: bytes, exc: SipParseError, flow: Flow) -> None:
+        if exc.status == 513:
+            self.counters.oversized += 1
+        else:
+            self.counters.parse_errors += 1
+        salvage = stateless_response(data[:self.max_message_size], exc.status, _reason(exc)) if data else None
+        if salvage is None:
+            self.counters.dropped += 1
+            log.debug("dropped malformed message from %r: %s", flow, exc)
+            return
+        response, via = salvage
+        if flow.transport == "TCP":
+            target = flow
+        else:
+            port = flow.port if (via.has_rport or self.force_rport) else (via.port or 5060)
+            target = Flow("UDP", flow.host, port)
+        log.debug("answering malformed request from %r with %d: %s", flow, exc.status, exc)
+        self.counters.bad_requests_answered += 1
+        self.send(response.to_bytes(), target)
+
+    def _stamp_via(self, request: Request, flow: Flow) -> None:
+        via = request.top_via
+        changed = False
+        if not _same_host(via.host, flow.host):
+            via.params.set("received", flow.host)
+            changed = True
+        if via.has_rport or self.force_rport:
+            via.params.set("rport", str(flow.port))
+            changed = True
+        if changed:
+            request.headers.replace_first("Via", str(via))
+
+    # -- routing and sending ------------------------------------------------------------
+
+    def response_flow(self, request: Request, flow: Flow) -> Flow:
+        """Where responses to ``request`` (received on ``flow``) go (RFC 3261 §18.2.2)."""
+        via = request.top_via
+        if flow.transport == "TCP":
+            # Back on the connection; if it closes, a new one to received:sent-by-port.
+            return Flow("TCP", via.received or flow.host, via.port or 5060, flow.connection)
+        maddr = via.maddr
+        host = maddr if maddr and is_ip(maddr) else (via.received or via.host)
+        port = via.rport if via.rport is not None else (via.port or 5060)
+        return Flow("UDP", host, port)
+
+    def send(self, data: bytes, flow: Flow) -> None:
+        """Send ``data`` on ``flow`` now. A TCP flow whose connection has gone is
+        reconnected in the background. Failures are counted and logged, never raised."""
+        try:
+            if flow.transport == "TCP":
+                connection = self._live_connection(flow)
+                if connection is None:
+                    self._spawn(self._connect_and_send(data, flow))
+                    return
+                connection.write(data)
+            else:
+                if self._udp is None:
+                    raise TransportError("transport is stopped")
+                self._udp.sendto(data, self._udp_address(flow.host, flow.port))
+            self.counters.messages_sent += 1
+        except (OSError, TransportError) as exc:
+            self.counters.send_errors += 1
+            log.info("cannot send to %r: %s", flow, exc)
+
+    async def _connect_and_send(self, data: bytes, flow: Flow) -> None:
+        try:
+            connected = await self.connect(flow)
+            assert connected.connection is not None
+            connected.connection.write(data)
+            self.counters.messages_sent += 1
+        except (OSError, TransportError) as exc:
+            self.counters.send_errors += 1
+            log.info("cannot send to %r: %s", flow, exc)
+
+    def _live_connection(self, flow: Flow) -> TcpConnection | None:
+        connection = flow.connection
+        if connection is not None and not connection.closed:
+            return connection
+        connection = self._connections.get((flow.host, flow.port))
+        if connection is not None and not connection.closed:
+            return connection
+        return None
+
+    def _udp_address(self, host: str, port: int) -> tuple:
+        if not is_ip(host):
+            raise TransportError(f"{host!r} is not an IP address (resolve it first)")
+        if ":" in host:
+            if self._family != socket.AF_INET6:
+                raise TransportError(f"cannot reach IPv6 {host} from an IPv4 socket")
+            return (host, port, 0, 0)
+        if self._family == socket.AF_INET6:
+            if self.host != "::":
+                raise TransportError(f"cannot reach IPv4 {host} from an IPv6-only socket")
+            return ("::ffff:" + host, port, 0, 0)
+        return (host, port)
+
+    async def connect(self, flow: Flow) -> Flow:
+        """``flow`` ready to send: for TCP, with a live connection (reused or opened)."""
+        if flow.transport != "TCP":
+            return flow
+        connection = self._live_connection(flow)
+        if connection is None:
+            if len(self._connections) >= self.max_tcp_connections:
+                raise TransportError(f"max_tcp_connections ({self.max_tcp_connections}) reached")
+            try:
+                _, protocol = await asyncio.wait_for(
+                    self._loop.create_connection(lambda: TcpConnection(self), flow.host, flow.port),
+                    self.tcp_connect_timeout)
+            except (TimeoutError, OSError) as exc:
+                raise TransportError(f"cannot connect to {flow.host}:{flow.port} over TCP: {exc}") from exc
+            connection = protocol
+            if connection.closed:
+                raise TransportError(f"connection to {flow.host}:{flow.port} refused locally (limit)")
+        return Flow("TCP", flow.host, flow.port, connection)
+
+    def _register(self, connection: TcpConnection) -> bool:
+        if len(self._connections) >= self.max_tcp_connections:
+            self.counters.tcp_rejected += 1
+            log.warning("refusing TCP connection from %s:%d: max_tcp_connections reached", *connection.remote)
+            return False
+        self._connections[connection.remote] = connection
+        self.counters.tcp_accepted += 1
+        self.counters.tcp_open = len(self._connections)
+        return True
+
+    def _unregister(self, connection: TcpConnection) -> None:
+        if self._connections.get(connection.remote) is connection:
+            del self._connections[connection.remote]
+        self.counters.tcp_open = len(self._connections)
+
+    @property
+    def tcp_connections(self) -> int:
+        return len(self._connections)
+
+    # -- addresses ----------------------------------------------------------------------
+
+    async def resolve(self, host: str) -> str:
+        """An IP address for ``host`` (a literal is returned as is); non-blocking."""
+        host = host.strip("[]")
+        if is_ip(host):
+            return host
+        family = socket.AF_INET if self._family == socket.AF_INET else socket.AF_UNSPEC
+        try:
+            infos = await self._loop.getaddrinfo(host, None, family=family, type=socket.SOCK_DGRAM)
+        except OSError as exc:
+            raise TransportError(f"cannot resolve {host!r}: {exc}") from exc
+        if self._family == socket.AF_INET6 and self.host != "::":
+            infos = [i for i in infos if i[0] == socket.AF_INET6] or infos
+        if not infos:
+            raise TransportError(f"cannot resolve {host!r}: no address")
+        return _normalise(infos[0][4])[0]
+
+    def local_host_for(self, remote_host: str) -> str:
+        """The address to put in Via, Contact and SDP toward ``remote_host``:
+        ``public_host``, else the bound address, else the interface that routes there."""
+        if self.public_host:
+            return self.public_host
+        if self.host not in ("0.0.0.0", "::"):
+            return self.host
+        cached = self._local_hosts.get(remote_host)
+        if cached is not None:
+            return cached
+        family = socket.AF_INET6 if ":" in remote_host else socket.AF_INET
+        local = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                probe.connect((remote_host, 9))  # no packet is sent; the kernel picks a route
+                local = _normalise(probe.getsockname())[0]
+        except OSError:
+            pass
+        if len(self._local_hosts) > 4096:
+            self._local_hosts.clear()
+        self._local_hosts[remote_host] = local
+        return local

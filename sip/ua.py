@@ -1,0 +1,637 @@
+"""The user agent: the application-facing API of the sip package.
+
+```python
+ua = UserAgent(host="0.0.0.0", port=5060, on_invite=handle_call)
+await ua.start()                      # ua.port: the bound port, UDP and TCP
+
+async def handle_call(call: IncomingCall) -> None:   # awaited in its own task
+    await call.ringing()
+    answer, media = answer_offer(call.offer, prefs, my_ip, rtp_port)   # NoCommonCodec → 488
+    dialog = await call.accept(str(answer))           # CallCancelled if CANCEL came first
+    reason = await dialog.terminated                  # "remote-bye", "local-bye", ...
+
+dialog = await ua.invite("sip:echo@192.0.2.7", str(offer), username="u", password="p")
+await dialog.bye()
+await ua.stop()                       # closes sockets, cancels timers; sends no BYE
+```
+
+``on_invite`` must answer (accept or reject) before it returns; a call it leaves
+unanswered is rejected with 500. Requests the UA does not serve are answered here:
+OPTIONS 200, REGISTER/SUBSCRIBE/... 405, unknown methods 501, unknown dialogs 481,
+unsupported Require 420, non-SIP Request-URIs 416, Max-Forwards 0 483, non-SDP bodies 415,
+unacceptable Accept 406, too short Session-Expires 422.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import secrets
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sip.auth import DigestChallenge, authorization
+from sip.dialog import Dialog, DialogId, SdpLike
+from sip.errors import CallCancelled, CallFailed, SipError, SipParseError, TransportError
+from sip.headers import Address, Headers, parse_media_type
+from sip.message import DEFAULT_MAX_MESSAGE_SIZE, Request, Response, make_response, new_tag
+from sip.sdp import SdpError, SessionDescription, negotiated_as_answerer, negotiated_from_answer
+from sip.session_timer import SessionTimer, answer_session_timer, min_se_of, timer_from_response
+from sip.transaction import ServerTransaction, Timers, TransactionLayer
+from sip.transport import Flow, Transport
+from sip.uri import SipUri, format_host
+
+log = logging.getLogger("sip.ua")
+
+ALLOWED_METHODS = ("INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "UPDATE", "INFO")
+KNOWN_METHODS = frozenset(ALLOWED_METHODS) | {"REGISTER", "SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE",
+                                              "PUBLISH", "PRACK"}
+SUPPORTED_OPTIONS = frozenset({"timer"})
+_ACCEPTS_SDP = frozenset({"application/sdp", "application/*", "*/*"})
+
+InviteHandler = Callable[["IncomingCall"], Awaitable[None]]
+
+
+def new_branch() -> str:
+    return "z9hG4bK" + secrets.token_hex(8)
+
+
+class IncomingCall:
+    """An INVITE waiting for the application's answer.
+
+    ``request`` (the INVITE), ``offer`` (its SDP, parsed, or None for an offerless
+    INVITE: then the SDP given to ``accept`` is our offer and the answer comes in the
+    ACK), ``source`` (ip, port), ``transport`` ("UDP"/"TCP"), ``call_id``, ``from_uri``,
+    ``to_uri`` (and ``from_addr``/``to_addr`` with display names), ``cancelled`` (set
+    when the caller cancelled; the UA already answered 200 to the CANCEL and 487).
+    """
+
+    def __init__(self, ua: UserAgent, request: Request, transaction: ServerTransaction, flow: Flow,
+                 offer: SessionDescription | None, timer: SessionTimer | None,
+                 timer_headers: list[tuple[str, str]]) -> None:
+        self.ua = ua
+        self.request = request
+        self.transaction = transaction
+        self.flow = flow
+        self.offer = offer
+        self.source = (flow.host, flow.port)
+        self.transport = flow.transport
+        self.call_id = request.call_id
+        self.from_addr = request.from_addr
+        self.to_addr = request.to_addr
+        self.from_uri = self.from_addr.uri
+        self.to_uri = self.to_addr.uri
+        self.local_tag = new_tag()
+        self.cancelled = asyncio.Event()
+        self.state = "pending"
+        self.dialog: Dialog | None = None
+        self._timer = timer
+        self._timer_headers = timer_headers
+
+    def __repr__(self) -> str:
+        return f"<IncomingCall {self.call_id} from {self.from_uri} {self.state}>"
+
+    def _pending(self) -> bool:
+        return self.state == "pending" and not self.cancelled.is_set() and self.transaction.final_status is None
+
+    async def ringing(self) -> None:
+        """Send 180 Ringing."""
+        await self.provisional(180)
+
+    async def provisional(self, status: int = 180, reason: str | None = None, *, sdp: SdpLike | None = None,
+                          headers: Mapping[str, str] | None = None) -> None:
+        """Send a provisional response (183 with ``sdp`` for early media). A no-op once
+        the call is answered or cancelled."""
+        if not 101 <= status <= 199:
+            raise ValueError(f"{status} is not a provisional status (101-199)")
+        if not self._pending():
+            return
+        response = self.ua._response(self.request, status, reason, headers=headers, to_tag=self.local_tag)
+        for route in self.request.headers.get_all("Record-Route"):  # an early dialog's route set
+            response.headers.add("Record-Route", route)
+        response.headers.add("Contact", self.ua._contact(self.flow))
+        if sdp is not None:
+            response.headers.add("Content-Type", "application/sdp")
+            response.body = str(sdp).encode()
+        self.transaction.respond(response)
+
+    async def accept(self, answer_sdp: SdpLike, *, headers: Mapping[str, str] | None = None) -> Dialog:
+        """Answer 200 with ``answer_sdp`` and return the dialog. The 200 is retransmitted
+        until the ACK (``dialog.confirmed``); without one, the dialog ends "ack-timeout".
+        Raises ``CallCancelled`` when the caller cancelled first."""
+        if self.cancelled.is_set():
+            raise CallCancelled(f"call {self.call_id} was cancelled by the caller")
+        if not self._pending():
+            raise RuntimeError(f"call {self.call_id} is already {self.state}")
+        text = str(answer_sdp)
+        local_sdp = SessionDescription.parse(text)
+        request = self.request
+        response = self.ua._response(request, 200, headers=headers, to_tag=self.local_tag)
+        for route in request.headers.get_all("Record-Route"):
+            response.headers.add("Record-Route", route)
+        response.headers.add("Contact", self.ua._contact(self.flow))
+        response.headers.add("Allow", self.ua.allow)
+        response.headers.add("Supported", "timer")
+        response.headers.extend(self._timer_headers)
+        response.headers.add("Content-Type", "application/sdp")
+        response.body = text.encode()
+        contacts = request.contacts
+        to_value = response.headers.get("To") or ""
+        dialog = Dialog(
+            self.ua, role="uas", call_id=self.call_id, local_tag=self.local_tag,
+            remote_tag=self.from_addr.tag or "", local_header=to_value,
+            remote_header=request.headers.get("From") or "", local_seq=random.randint(1, 2**16),
+            remote_seq=request.cseq.seq, remote_target=contacts[0].uri if contacts else self.from_uri,
+            route_set=request.headers.get_all("Record-Route"), flow=self.flow, local_sdp=local_sdp,
+            remote_sdp=self.offer, peer_allow={m.upper() for m in request.values("Allow")} or None)
+        if self.offer is not None:
+            with contextlib.suppress(SdpError):
+                dialog.media = negotiated_as_answerer(self.offer, local_sdp)
+        self.ua._add_dialog(dialog)
+        dialog._send_2xx(response, self.transaction)
+        dialog._apply_timer(self._timer)
+        self.state = "answered"
+        self.dialog = dialog
+        self.ua._calls.pop(self.transaction.key, None)
+        self.ua.calls_answered += 1
+        return dialog
+
+    async def reject(self, status: int = 486, reason: str | None = None, *,
+                     headers: Mapping[str, str] | None = None) -> None:
+        """Answer with a final error, e.g. ``reject(503, headers={"Retry-After": "30"})``.
+        A no-op when the call was cancelled or already answered."""
+        if not 300 <= status <= 699:
+            raise ValueError(f"{status} is not a final error status (300-699)")
+        if not self._pending():
+            return
+        self.transaction.respond(self.ua._response(self.request, status, reason, headers=headers,
+                                                   to_tag=self.local_tag))
+        self.state = "rejected"
+        self.ua._calls.pop(self.transaction.key, None)
+
+    def _on_cancel(self) -> None:
+        self.state = "cancelled"
+        self.cancelled.set()
+        self.ua._calls.pop(self.transaction.key, None)
+
+
+@dataclass
+class _OutgoingInvite:
+    """The state of one INVITE we send (across auth and 422 retries)."""
+
+    uri: SipUri
+    flow: Flow
+    call_id: str
+    local_tag: str
+    from_value: str
+    to_value: str
+    offer_text: str
+    credentials: tuple[str, str] | None
+    cseq: int = 1
+    auth: list[tuple[str, str]] = field(default_factory=list)
+    tried_nonces: set[str] = field(default_factory=set)
+    transaction: Any = None
+
+
+class UserAgent:
+    """A SIP user agent (UAS and UAC) over UDP and TCP on one port. See the module
+    docstring for the API; ``counts()`` exposes its live objects for leak checks and
+    ``transport.counters`` what the transport dropped or refused.
+
+    - ``host``/``port``: where to bind (``::`` is dual-stack; port 0 picks one, see ``port``).
+    - ``public_host``: the address put in Via and Contact (default: the local address
+      that routes toward each peer).
+    - ``session_expires``: the RFC 4028 interval we ask for and impose (0: none unless the
+      peer asks); ``min_se``: the shortest interval we accept (422 below it).
+    - ``timers``: T1/T2/T4 (shrink them in tests).
+    - ``force_rport``: answer UDP requests at their source port even without ``;rport``
+      (for clients behind NAT that do not ask for RFC 3581).
+    - ``max_message_size``, ``tcp_idle_timeout``, ``max_tcp_connections``: transport limits.
+    """
+
+    def __init__(self, host: str = "0.0.0.0", port: int = 0, *, public_host: str | None = None,
+                 on_invite: InviteHandler | None = None, user_agent: str = "moshimoshi/0.1",
+                 session_expires: int = 1800, min_se: int = 90, timers: Timers | None = None,
+                 user: str = "moshimoshi", max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+                 tcp_idle_timeout: float = 120.0, max_tcp_connections: int = 1024,
+                 force_rport: bool = False) -> None:
+        self.on_invite = on_invite
+        # Out-of-dialog OPTIONS get 503 while this says False (draining, no capacity).
+        self.available: Callable[[], bool] | None = None
+        self.user_agent = user_agent
+        self.session_expires = session_expires
+        self.min_se = min_se
+        self.timers = timers or Timers()
+        self.user = user
+        self.allow = ", ".join(ALLOWED_METHODS)
+        self.transport = Transport(host, port, on_message=self._on_message, max_message_size=max_message_size,
+                                   tcp_idle_timeout=tcp_idle_timeout, max_tcp_connections=max_tcp_connections,
+                                   force_rport=force_rport, public_host=public_host)
+        self.transactions = TransactionLayer(self.transport, self.timers, self)
+        self.dialogs: dict[DialogId, Dialog] = {}
+        self._calls: dict[tuple, IncomingCall] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self.loop = asyncio.get_event_loop()
+        self.calls_received = 0
+        self.calls_answered = 0
+        self.stray_acks = 0
+        self.ack_timeouts = 0
+        self.session_refreshes = 0
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        return self.transport.port
+
+    @property
+    def host(self) -> str:
+        return self.transport.host
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.transactions.start()
+        await self.transport.start()
+
+    async def stop(self) -> None:
+        """Close the sockets and cancel every timer and task. Sends nothing (no BYE);
+        live dialogs end with reason "stopped"."""
+        for dialog in list(self.dialogs.values()):
+            dialog._terminate("stopped")
+        self._calls.clear()
+        self.transactions.stop()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.transport.stop()
+
+    def counts(self) -> dict[str, int]:
+        """Live objects and event counters (for tests, metrics and leak checks)."""
+        return {
+            "dialogs": len(self.dialogs),
+            "pending_calls": len(self._calls),
+            **self.transactions.counts(),
+            "tasks": len(self._tasks),
+            "tcp_connections": self.transport.tcp_connections,
+            "calls_received": self.calls_received,
+            "calls_answered": self.calls_answered,
+            "stray_acks": self.stray_acks,
+            "stray_responses": self.transactions.stray_responses,
+            "merged_requests": self.transactions.merged_requests,
+            "ack_timeouts": self.ack_timeouts + self.transactions.ack_timeouts,
+            "session_refreshes": self.session_refreshes,
+        }
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+    # -- helpers shared with dialogs and calls -----------------------------------------------
+
+    def _via(self, flow: Flow) -> str:
+        host = self.transport.local_host_for(flow.host)
+        return f"SIP/2.0/{flow.transport} {format_host(host)}:{self.port};branch={new_branch()};rport"
+
+    def _contact(self, flow: Flow) -> str:
+        host = self.transport.local_host_for(flow.host)
+        suffix = ";transport=tcp" if flow.transport == "TCP" else ""
+        return f"<sip:{self.user}@{format_host(host)}:{self.port}{suffix}>"
+
+    def _response(self, request: Request, status: int, reason: str | None = None, *,
+                  headers: Mapping[str, str] | None = None, to_tag: str | None = None) -> Response:
+        response = make_response(request, status, reason, to_tag=to_tag or new_tag(), headers=headers)
+        response.headers.add("Server", self.user_agent)
+        return response
+
+    def _capabilities(self, request: Request) -> Response:
+        return self._response(request, 200, headers={
+            "Allow": self.allow, "Accept": "application/sdp", "Accept-Encoding": "identity",
+            "Supported": "timer"})
+
+    def _add_dialog(self, dialog: Dialog) -> None:
+        self.dialogs[dialog.id] = dialog
+
+    def _forget_dialog(self, dialog: Dialog) -> None:
+        if self.dialogs.get(dialog.id) is dialog:
+            del self.dialogs[dialog.id]
+
+    def _authorization(self, request: Request, response: Response, credentials: tuple[str, str],
+                       tried_nonces: set[str]) -> list[tuple[str, str]]:
+        """Authorization headers answering a 401/407, or [] when we cannot (unknown
+        scheme, or the same nonce failed already: wrong credentials)."""
+        proxy = response.status == 407
+        challenge_header = "Proxy-Authenticate" if proxy else "WWW-Authenticate"
+        out_header = "Proxy-Authorization" if proxy else "Authorization"
+        for value in response.headers.get_all(challenge_header):
+            try:
+                challenge = DigestChallenge.parse(value, challenge_header)
+            except SipParseError:
+                continue
+            if not challenge.supported:
+                continue
+            if challenge.nonce in tried_nonces and not challenge.stale:
+                return []
+            tried_nonces.add(challenge.nonce)
+            username, password = credentials
+            return [(out_header, authorization(challenge, method=request.method, uri=str(request.uri),
+                                               username=username, password=password, body=request.body))]
+        return []
+
+    # -- the transaction user -----------------------------------------------------------
+
+    def _on_message(self, message: Request | Response, flow: Flow) -> None:
+        self.transactions.receive(message, flow)
+
+    def on_request(self, request: Request, transaction: ServerTransaction | None, flow: Flow) -> None:
+        if transaction is None:
+            dialog = self.dialogs.get((request.call_id, request.to_addr.tag or "", request.from_addr.tag or ""))
+            if dialog is not None:
+                dialog.on_ack(request)
+            else:
+                self.stray_acks += 1
+            return
+        try:
+            self._dispatch(request, transaction, flow)
+        except SipError as exc:
+            transaction.respond(self._response(request, exc.status, exc.reason, headers=exc.headers))
+        except SipParseError as exc:
+            transaction.respond(self._response(request, 400, f"Bad Request ({exc})"))
+        except Exception:
+            log.exception("error handling %r", request)
+            transaction.respond(self._response(request, 500))
+
+    def on_stray_response(self, response: Response, flow: Flow) -> None:
+        if response.is_success and response.cseq.method == "INVITE":
+            self.on_invite_2xx_retransmission(response)
+
+    def on_invite_2xx_retransmission(self, response: Response) -> None:
+        key = (response.call_id, response.from_addr.tag or "", response.to_addr.tag or "")
+        dialog = self.dialogs.get(key)
+        if dialog is not None:
+            dialog.on_2xx_retransmission(response)
+
+    def _dispatch(self, request: Request, transaction: ServerTransaction, flow: Flow) -> None:
+        method = request.method
+        max_forwards = request.headers.get("Max-Forwards")
+        if max_forwards is not None and int(max_forwards) == 0:
+            raise SipError(483)
+        if method not in ALLOWED_METHODS:
+            if method in KNOWN_METHODS:
+                raise SipError(405, headers={"Allow": self.allow})
+            raise SipError(501)
+        if not isinstance(request.uri, SipUri):
+            raise SipError(416)
+        if method == "CANCEL":
+            self._on_cancel(request, transaction)
+            return
+        unsupported = request.option_tags("Require") - SUPPORTED_OPTIONS
+        if unsupported:
+            raise SipError(420, headers={"Unsupported": ", ".join(sorted(unsupported))})
+        to_tag = request.to_addr.tag
+        if to_tag is not None:
+            dialog = self.dialogs.get((request.call_id, to_tag, request.from_addr.tag or ""))
+            if dialog is None:
+                raise SipError(481)
+            dialog.handle_request(request, transaction)
+            return
+        if method == "OPTIONS":
+            if self.available is not None and not self.available():
+                # Dispatchers and SBCs probe with OPTIONS: tell them to route elsewhere.
+                raise SipError(503, headers={"Retry-After": "10"})
+            transaction.respond(self._capabilities(request))
+        elif method == "INVITE":
+            self._on_invite(request, transaction, flow)
+        else:
+            raise SipError(481)  # BYE, UPDATE, INFO outside any dialog
+
+    def _on_cancel(self, request: Request, transaction: ServerTransaction) -> None:
+        invite = self.transactions.find_invite(request)
+        if invite is None:
+            raise SipError(481)
+        call = self._calls.get(invite.key)
+        tag = call.local_tag if call is not None else new_tag()
+        transaction.respond(self._response(request, 200, to_tag=tag))
+        if invite.final_status is None:
+            invite.respond(self._response(invite.request, 487, to_tag=tag))
+            if call is not None:
+                call._on_cancel()
+
+    def _on_invite(self, request: Request, transaction: ServerTransaction, flow: Flow) -> None:
+        accepted = request.values("Accept")
+        if accepted and not {parse_media_type(v)[0] for v in accepted} & _ACCEPTS_SDP:
+            raise SipError(406, headers={"Accept": "application/sdp"})
+        if request.option_tags("Content-Encoding") - {"identity"}:
+            raise SipError(415, headers={"Accept-Encoding": "identity", "Accept": "application/sdp"})
+        offer = None
+        if request.body:
+            if request.content_type != "application/sdp":
+                raise SipError(415, headers={"Accept": "application/sdp"})
+            try:
+                offer = SessionDescription.parse(request.body)
+            except SdpError as exc:
+                raise SipError(400, f"Bad Request (SDP: {exc})") from exc
+        timer, timer_headers = answer_session_timer(request, preferred=self.session_expires, min_se=self.min_se)
+        call = IncomingCall(self, request, transaction, flow, offer, timer, timer_headers)
+        self._calls[transaction.key] = call
+        self.calls_received += 1
+        if self.on_invite is None:
+            call.state = "rejected"
+            self._calls.pop(transaction.key, None)
+            transaction.respond(self._response(request, 480, to_tag=call.local_tag))
+            return
+        self._spawn(self._run_application(call))
+
+    async def _run_application(self, call: IncomingCall) -> None:
+        assert self.on_invite is not None
+        try:
+            await self.on_invite(call)
+        except CallCancelled:
+            return
+        except Exception:
+            log.exception("on_invite failed for %r", call)
+            await call.reject(500)
+            return
+        if call._pending():
+            log.warning("on_invite returned without answering %r: answering 500", call)
+            await call.reject(500, "Server Internal Error (call not answered)")
+
+    # -- placing calls ------------------------------------------------------------------
+
+    async def invite(self, target: str | SipUri, offer_sdp: SdpLike, *, username: str | None = None,
+                     password: str | None = None, timeout: float = 32.0,  # noqa: ASYNC109 - CANCELs on expiry
+                     on_provisional: Callable[[Response], None] | None = None,
+                     from_uri: str | SipUri | None = None, display_name: str | None = None,
+                     headers: Mapping[str, str] | None = None) -> Dialog:
+        """Call ``target`` with ``offer_sdp`` and return the dialog once answered (ACK
+        sent). Answers 401/407 with digest credentials and 422 with a longer
+        Session-Expires. Raises ``CallFailed(status, reason)`` for a final error, no answer
+        within ``timeout`` seconds (408, after CANCEL) or an unusable answer (488, after
+        ACK and BYE). Cancelling the awaiting task sends CANCEL."""
+        uri = SipUri.parse(target, "target") if isinstance(target, str) else target
+        transport = uri.transport or "UDP"
+        if transport not in ("UDP", "TCP"):
+            raise ValueError(f"transport {transport} is not supported (UDP or TCP)")
+        try:
+            address = await self.transport.resolve(uri.param("maddr") or uri.host)
+        except TransportError as exc:
+            raise CallFailed(503, f"Service Unavailable ({exc})") from exc
+        flow = Flow(transport, address, uri.port or 5060)
+        local_host = self.transport.local_host_for(address)
+        tag = new_tag()
+        if from_uri is None:
+            from_uri = SipUri(local_host, user=self.user)
+        elif isinstance(from_uri, str):
+            from_uri = SipUri.parse(from_uri, "from_uri")
+        offer_text = str(offer_sdp)
+        SessionDescription.parse(offer_text)  # refuse to send an offer we could not read back
+        state = _OutgoingInvite(
+            uri=uri, flow=flow, call_id=f"{secrets.token_hex(10)}@{format_host(local_host)}", local_tag=tag,
+            from_value=f"{Address(from_uri, display_name)};tag={tag}", to_value=f"<{uri.without_headers()}>",
+            offer_text=offer_text, credentials=(username, password or "") if username is not None else None)
+        try:
+            async with asyncio.timeout(timeout):
+                response = await self._invite_until_final(state, on_provisional, headers)
+        except TimeoutError:
+            self._spawn(self._abandon_invite(state))
+            raise CallFailed(408, f"Request Timeout (no answer within {timeout:g} s)") from None
+        except asyncio.CancelledError:
+            self._spawn(self._abandon_invite(state))
+            raise
+        return await self._dialog_from_2xx(state, response)
+
+    def _build_invite(self, state: _OutgoingInvite, session_expires: int,
+                      extra: Mapping[str, str] | None) -> Request:
+        out = Headers()
+        out.add("Via", self._via(state.flow))
+        out.add("Max-Forwards", "70")
+        out.add("From", state.from_value)
+        out.add("To", state.to_value)
+        out.add("Call-ID", state.call_id)
+        out.add("CSeq", f"{state.cseq} INVITE")
+        out.add("Contact", self._contact(state.flow))
+        out.add("Allow", self.allow)
+        out.add("Supported", "timer")
+        if session_expires > 0:
+            out.add("Session-Expires", str(session_expires))
+            out.add("Min-SE", str(self.min_se))
+        out.add("User-Agent", self.user_agent)
+        for name, value in (extra or {}).items():
+            out.add(name, value)
+        out.extend(state.auth)
+        out.add("Content-Type", "application/sdp")
+        return Request("INVITE", state.uri, out, state.offer_text)
+
+    async def _invite_until_final(self, state: _OutgoingInvite, on_provisional: Callable[[Response], None] | None,
+                                  extra: Mapping[str, str] | None) -> Response:
+        session_expires = self.session_expires
+        while True:
+            request = self._build_invite(state, session_expires, extra)
+            transaction = await self.transactions.send_request(request, state.flow, on_provisional)
+            state.transaction = transaction
+            response = await asyncio.shield(transaction.response)
+            if response.is_success:
+                state.flow = transaction.flow
+                return response
+            if response.status in (401, 407) and state.credentials is not None and state.cseq < 10:
+                auth = self._authorization(request, response, state.credentials, state.tried_nonces)
+                if auth:
+                    state.auth = auth
+                    state.cseq += 1
+                    continue
+            demanded = min_se_of(response) if response.status == 422 else None
+            if demanded is not None and demanded > session_expires and state.cseq < 10:
+                session_expires = demanded
+                state.cseq += 1
+                continue
+            raise CallFailed(response.status, response.reason, response)
+
+    async def _dialog_from_2xx(self, state: _OutgoingInvite, response: Response) -> Dialog:
+        contacts = response.contacts
+        offer = SessionDescription.parse(state.offer_text)
+        dialog = Dialog(
+            self, role="uac", call_id=state.call_id, local_tag=state.local_tag,
+            remote_tag=response.to_addr.tag or "", local_header=state.from_value,
+            remote_header=response.headers.get("To") or state.to_value, local_seq=state.cseq, remote_seq=None,
+            remote_target=contacts[0].uri if contacts else state.uri,
+            route_set=list(reversed(response.headers.get_all("Record-Route"))), flow=state.flow,
+            local_sdp=offer, remote_sdp=None,
+            peer_allow={m.upper() for m in response.values("Allow")} or None, credentials=state.credentials)
+        dialog.answer_response = response
+        self._add_dialog(dialog)
+        try:
+            ack_flow = await dialog._next_hop()
+        except TransportError:
+            ack_flow = state.flow
+        dialog._send_ack(state.cseq, ack_flow, state.auth)
+        problem = None
+        if response.body and response.content_type == "application/sdp":
+            try:
+                dialog.remote_sdp = SessionDescription.parse(response.body)
+                dialog.media = negotiated_from_answer(offer, dialog.remote_sdp)
+            except SdpError as exc:
+                problem = str(exc)
+        else:
+            problem = "the 2xx carries no SDP answer"
+        if problem is not None:
+            # §13.2.2.4: ACK, then BYE when the answer is unacceptable.
+            self._spawn(dialog._bye("local-bye"))
+            raise CallFailed(488, f"Not Acceptable Here ({problem})", response)
+        try:
+            dialog._apply_timer(timer_from_response(response))
+        except SipParseError:
+            pass
+        return dialog
+
+    async def _abandon_invite(self, state: _OutgoingInvite) -> None:
+        """The application gave up on an INVITE (cancelled the task, or timeout): CANCEL
+        it once a provisional response came (§9.1); if a 2xx still arrives, ACK and BYE."""
+        transaction = state.transaction
+        if transaction is None:
+            return
+        if not transaction.response.done():
+            waiter = self.loop.create_task(transaction.provisional.wait())
+            try:
+                await asyncio.wait([waiter, transaction.response], timeout=self.timers.timeout,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+            if not transaction.response.done() and transaction.provisional.is_set():
+                cancel = self._build_cancel(transaction.request)
+                cancel_transaction = await self.transactions.send_request(cancel, transaction.flow)
+                await asyncio.shield(cancel_transaction.response)
+            try:
+                await asyncio.wait_for(asyncio.shield(transaction.response), self.timers.timeout)
+            except TimeoutError:
+                transaction.fail(408, "Request Timeout")
+                return
+        response = transaction.response.result()
+        if response.is_success:
+            log.info("INVITE %s answered after it was abandoned: ACK and BYE", state.call_id)
+            state.flow = transaction.flow
+            with contextlib.suppress(CallFailed):
+                dialog = await self._dialog_from_2xx(state, response)
+                await dialog._bye("local-bye")
+
+    @staticmethod
+    def _build_cancel(invite: Request) -> Request:
+        """§9.1: same Request-URI, Call-ID, To, From, CSeq number and top Via as the INVITE."""
+        out = Headers()
+        out.add("Via", invite.headers.get_all("Via")[0])
+        out.add("Max-Forwards", "70")
+        for name in ("From", "To", "Call-ID"):
+            out.add(name, invite.headers.get(name) or "")
+        out.add("CSeq", f"{invite.cseq.seq} CANCEL")
+        for route in invite.headers.get_all("Route"):
+            out.add("Route", route)
+        return Request("CANCEL", invite.uri, out)

@@ -1,0 +1,385 @@
+"""RtpSession over real UDP sockets: latching, strays, routing, RTCP between two sessions, close."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from sip.dtmf import DtmfReceiver
+from sip.jitterbuffer import JitterBuffer
+from sip.rtcp import Bye, ReceiverReport, SenderReport, parse_compound
+from sip.rtp import RtpPacket, is_rtcp
+from sip.rtpsession import PortAllocator, PortsExhausted, RtpSession
+from tests.support.udp import Relay, UdpPeer, port_allocator
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def rtp(seq: int, ssrc: int = 0xAAAA, pt: int = 0, payload: bytes = b"\xff" * 160) -> bytes:
+    return RtpPacket(pt, seq & 0xFFFF, seq * 160, ssrc, payload).build()
+
+
+async def eventually(condition, within: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.packets: list[RtpPacket] = []
+
+    def __call__(self, packet: RtpPacket, arrival: float) -> None:
+        self.packets.append(packet)
+
+
+@pytest.fixture
+async def ports():
+    allocator = port_allocator()
+    yield allocator
+    assert allocator.in_use == 0, "a test leaked an RTP port pair"
+
+
+@pytest.fixture
+async def peers():
+    opened: list[UdpPeer] = []
+
+    async def open_peer(host: str = "127.0.0.1") -> UdpPeer:
+        peer = await UdpPeer.open(host)
+        opened.append(peer)
+        return peer
+
+    yield open_peer
+    for peer in opened:
+        peer.close()
+
+
+async def test_symmetric_latching_behind_nat(ports, peers) -> None:
+    peer = await peers()
+    async with await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=60) as session:
+        assert session.local_port % 2 == 0 and session.local_rtcp_port == session.local_port + 1
+        # the SDP says port 4000 on 127.0.0.1; a NAT made it the peer's real port instead
+        session.update_remote("127.0.0.1", 4000)
+        got = Collector()
+        session.route(0, got)
+        peer.send(rtp(1), ("127.0.0.1", session.local_port))
+        await eventually(lambda: len(got.packets) == 1)
+        assert session.remote_address == peer.address
+        assert session.send(b"\xd5" * 160)
+        data, source = await peer.receive()
+        assert source[1] == session.local_port
+        sent = RtpPacket.parse(data)
+        assert sent.ssrc == session.ssrc and sent.payload == b"\xd5" * 160 and sent.payload_type == 0
+
+
+async def test_stray_packets_from_other_ports_and_ips_are_dropped_and_counted(ports, peers) -> None:
+    peer, other_port, other_ip = await peers(), await peers(), await peers("127.0.0.2")
+    async with await RtpSession.open(ports, host="0.0.0.0", rtcp_interval=60) as session:
+        session.update_remote(*peer.address)
+        got = Collector()
+        session.route(0, got)
+        target = ("127.0.0.1", session.local_port)
+        other_ip.send(rtp(1, ssrc=0xBAD), target)  # before anything is latched: wrong IP
+        peer.send(rtp(2), target)
+        await eventually(lambda: len(got.packets) == 1)
+        other_port.send(rtp(3), target)  # same IP, another port, same SSRC: bleed
+        other_ip.send(rtp(4), target)
+        other_ip.send(b"garbage", target)
+        peer.send(rtp(5), target)
+        await eventually(lambda: len(got.packets) == 2)
+        await eventually(lambda: session.stats().packets_stray == 4)
+        assert [p.sequence for p in got.packets] == [2, 5]
+        stats = session.stats()
+        assert stats.packets_received == 2 and stats.packets_malformed == 0
+        assert stats.remote_address == peer.address
+
+
+async def test_no_latch_onto_a_foreign_ip_unless_allowed(ports, peers) -> None:
+    foreign = await peers("127.0.0.2")
+    async with await RtpSession.open(ports, host="0.0.0.0", rtcp_interval=60) as strict, \
+            await RtpSession.open(ports, host="0.0.0.0", rtcp_interval=60, allow_nat_any_ip=True) as lenient:
+        for session in (strict, lenient):
+            session.update_remote("127.0.0.1", 4000)
+            session.route(0, Collector())
+            foreign.send(rtp(1), ("127.0.0.1", session.local_port))
+        await eventually(lambda: strict.packets_stray == 1 and lenient.packets_received == 1)
+        assert strict.remote_address == ("127.0.0.1", 4000)
+        assert lenient.remote_address == foreign.address
+
+
+async def test_media_from_the_signalling_source_latches_when_sdp_names_another_address(ports, peers) -> None:
+    """A NATed phone names its private address in SDP and sends from its public one."""
+    public = await peers("127.0.0.2")
+    stranger = await peers("127.0.0.3")
+    async with await RtpSession.open(ports, host="0.0.0.0", rtcp_interval=60) as session:
+        session.update_remote("10.1.2.3", 4000)  # the private address in the SDP
+        session.trust_ip("127.0.0.2")  # where the INVITE came from
+        collector = Collector()
+        session.route(0, collector)
+        stranger.send(rtp(1, ssrc=7), ("127.0.0.1", session.local_port))
+        public.send(rtp(1), ("127.0.0.1", session.local_port))
+        await eventually(lambda: session.packets_received == 1 and session.packets_stray == 1)
+        assert session.remote_address == public.address
+        stranger.send(rtp(2, ssrc=7), ("127.0.0.1", session.local_port))  # latched: still stray
+        await eventually(lambda: session.packets_stray == 2)
+
+
+async def test_relatch_only_on_an_ssrc_change_from_the_latched_ip(ports, peers) -> None:
+    first, second = await peers(), await peers()
+    async with await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=60) as session:
+        session.update_remote("127.0.0.1", 4000)
+        got = Collector()
+        session.route(0, got)
+        target = ("127.0.0.1", session.local_port)
+        first.send(rtp(1, ssrc=1), target)
+        await eventually(lambda: len(got.packets) == 1)
+        second.send(rtp(2, ssrc=1), target)  # same SSRC from a new port: not the peer
+        await eventually(lambda: session.packets_stray == 1)
+        second.send(rtp(100, ssrc=2), target)  # the peer restarted media behind its NAT
+        await eventually(lambda: len(got.packets) == 2)
+        assert session.remote_address == second.address
+        first.send(rtp(3, ssrc=1), target)  # the old source is now the stray one
+        await eventually(lambda: session.packets_stray == 2)
+        stats = session.stats()
+        assert stats.relatches == 1 and stats.ssrc_changes == 1
+
+
+async def test_malformed_and_unknown_payload_types_are_counted(ports, peers) -> None:
+    peer = await peers()
+    async with await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=60) as session:
+        session.update_remote(*peer.address)
+        got = Collector()
+        session.route(0, got)
+        target = ("127.0.0.1", session.local_port)
+        peer.send(rtp(1), target)
+        peer.send(b"\x80\x00", target)  # too short
+        peer.send(b"\x40" + bytes(20), target)  # version 1
+        peer.send(rtp(2, pt=96), target)
+        peer.send(rtp(3), target)
+        await eventually(lambda: len(got.packets) == 2)
+        await eventually(lambda: session.stats().packets_unknown_payload_type == 1)
+        assert session.stats().packets_malformed == 2
+
+
+async def test_jitter_buffer_and_dtmf_routing_between_two_sessions(ports) -> None:
+    async with await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=60) as caller, \
+            await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=60) as callee:
+        caller.update_remote("127.0.0.1", callee.local_port)
+        callee.update_remote("127.0.0.1", caller.local_port)
+        jitter_buffer = JitterBuffer()
+        digits = []
+        receiver = DtmfReceiver(on_digit=digits.append)
+        callee.attach_jitter_buffer(jitter_buffer)
+        callee.route(101, receiver.receive)
+        for _ in range(5):
+            caller.send(b"\xff" * 160)
+        await caller.send_dtmf("5", duration_ms=100)
+        await eventually(lambda: len(digits) == 1)
+        await eventually(lambda: jitter_buffer.packets_received == 5)
+        # audio, then the digit: start, one update, three ends
+        await eventually(lambda: callee.stats().packets_received == 5 + 5)
+        assert digits[0].digit == "5" and digits[0].duration_ms == 100
+        assert receiver.digits_received == 1
+        stats = callee.stats()
+        assert stats.packets_unknown_payload_type == 0
+        assert stats.packets_duplicate == 0 and stats.packets_late == 0
+
+
+async def test_rtcp_between_two_sessions_gives_loss_jitter_and_round_trip(ports) -> None:
+    """A --relay (25 ms each way, drops every 10th RTP packet A->B)--> B, RTCP muxed through it."""
+
+    def drop(data: bytes, direction: str) -> bool:
+        if direction != "a->b" or is_rtcp(data):
+            return False
+        return RtpPacket.parse(data).sequence % 10 == 3
+
+    async with await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=0.3, rtcp_mux=True) as a, \
+            await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=0.3, rtcp_mux=True) as b:
+        relay = await Relay.open(delay=0.025, drop=drop, b_target=("127.0.0.1", b.local_port))
+        try:
+            a.update_remote(*relay.a_side)
+            b.update_remote(*relay.b_side)
+            a.route(0, Collector())
+            b.route(0, Collector())
+            for _ in range(100):
+                a.send(b"\xff" * 160)
+                b.send(b"\xff" * 160)
+                await asyncio.sleep(0.02)
+
+            def both_informed() -> bool:
+                sa, sb = a.stats(), b.stats()
+                return (sa.rtt_ms is not None and sb.rtt_ms is not None and sa.remote_packets_lost is not None
+                        and sa.remote_packets_lost >= relay.dropped - 1 and sb.remote_packets_lost is not None)
+
+            await eventually(both_informed)
+            sa, sb = a.stats(), b.stats()
+            assert relay.dropped >= 9
+            # B measured the loss itself, and told A about it in its reports
+            assert sb.packets_lost >= relay.dropped - 1
+            assert sa.remote_packets_lost >= relay.dropped - 1 and sa.remote_fraction_lost is not None
+            assert sb.remote_packets_lost == 0  # nothing was lost B->A
+            # 25 ms each way: the round trip is at least 50 ms (and loopback adds little)
+            for measured in (sa.rtt_ms, sb.rtt_ms):
+                assert 45 <= measured < 1000
+            assert sa.rtcp_sent > 0 and sa.rtcp_received > 0 and sb.rtcp_received > 0
+            assert sb.jitter_ms >= 0
+        finally:
+            await relay.close()
+
+
+async def test_rtcp_on_separate_ports_reaches_the_peer_session(ports) -> None:
+    async with await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=0.2) as a, \
+            await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=0.2) as b:
+        a.update_remote("127.0.0.1", b.local_port)
+        b.update_remote("127.0.0.1", a.local_port)
+        a.route(0, Collector())
+        b.route(0, Collector())
+        for _ in range(10):
+            a.send(b"\xff" * 160)
+            b.send(b"\xff" * 160)
+            await asyncio.sleep(0.02)
+        await eventually(lambda: a.stats().rtt_ms is not None and b.stats().rtt_ms is not None)
+        assert a.stats().remote_packets_lost == 0 and a.stats().remote_fraction_lost == 0
+        assert a.stats().rtt_ms < 1000
+
+
+async def test_reports_are_sr_when_sending_and_rr_otherwise_and_bye_on_close(ports, peers) -> None:
+    peer_rtp, peer_rtcp = await peers(), await peers()
+    session = await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=60, cname="test@moshimoshi")
+    session.update_remote("127.0.0.1", peer_rtp.address[1], peer_rtcp.address[1])
+    session.send_report()
+    data, source = await peer_rtcp.receive()
+    assert source[1] == session.local_rtcp_port
+    rr, sdes = parse_compound(data)
+    assert isinstance(rr, ReceiverReport) and rr.ssrc == session.ssrc
+    assert sdes.chunks[0].cname == "test@moshimoshi"
+    session.send(b"\xff" * 160)
+    await peer_rtp.receive()
+    session.send_report()
+    sr = parse_compound((await peer_rtcp.receive())[0])[0]
+    assert isinstance(sr, SenderReport) and sr.packet_count == 1 and sr.octet_count == 160
+    port = session.local_port
+    session.close("bye now")
+    session.close()  # idempotent
+    packets = parse_compound((await peer_rtcp.receive())[0])
+    assert isinstance(packets[-1], Bye) and packets[-1].ssrcs == [session.ssrc]
+    assert packets[-1].reason == "bye now"
+    assert not session.send(b"\xff")
+    await asyncio.sleep(0.05)
+    assert ports.in_use == 0
+    for p in (port, port + 1):  # the sockets are really closed
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.1", p))
+
+
+async def test_remote_bye_is_noticed(ports) -> None:
+    async with await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=60) as a:
+        b = await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=60)
+        a.update_remote("127.0.0.1", b.local_port)
+        b.update_remote("127.0.0.1", a.local_port)
+        reasons = []
+        a.on_bye = reasons.append
+        b.close("hangup")
+        await eventually(lambda: a.stats().remote_bye)
+        assert reasons == ["hangup"]
+
+
+async def test_update_remote_moves_the_media(ports, peers) -> None:
+    old, new = await peers(), await peers()
+    async with await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=60) as session:
+        got = Collector()
+        session.route(0, got)
+        session.update_remote(*old.address)
+        old.send(rtp(1), ("127.0.0.1", session.local_port))
+        await eventually(lambda: len(got.packets) == 1)
+        session.update_remote(*new.address)  # re-INVITE
+        session.send(b"\xff" * 160)
+        await new.receive()
+        new.send(rtp(2), ("127.0.0.1", session.local_port))
+        await eventually(lambda: len(got.packets) == 2)
+        assert session.remote_address == new.address
+        assert old.drain() == []
+
+
+async def test_ipv6_sessions_talk(ports) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    async with await RtpSession.open(ports, host="::1", rtcp_interval=0.2) as a, \
+            await RtpSession.open(ports, host="::1", rtcp_interval=0.2) as b:
+        a.update_remote("::1", b.local_port)
+        b.update_remote("0:0:0:0:0:0:0:1", a.local_port)  # any spelling of the address
+        got = Collector()
+        b.route(0, got)
+        a.route(0, Collector())
+        a.send(b"\xff" * 160)
+        b.send(b"\xff" * 160)
+        await eventually(lambda: len(got.packets) == 1 and a.packets_received == 1)
+        await eventually(lambda: a.stats().rtt_ms is not None)
+        assert b.remote_address == ("::1", a.local_port)
+
+
+async def test_port_allocator_never_hands_out_a_held_port() -> None:
+    allocator = PortAllocator(30000, 30009)
+    assert allocator.capacity == 5
+    held = [allocator.acquire() for _ in range(5)]
+    assert sorted(held) == [30000, 30002, 30004, 30006, 30008]
+    with pytest.raises(PortsExhausted):
+        allocator.acquire()
+    allocator.release(30004)
+    assert allocator.acquire() == 30004
+    allocator.release(30000)
+    allocator.release(30002)
+    assert allocator.acquire() == 30000  # round robin: the oldest free first
+    with pytest.raises(ValueError):
+        PortAllocator(100, 200)
+    with pytest.raises(ValueError):
+        PortAllocator(40000, 40000)
+
+
+async def test_busy_ports_are_skipped_without_leaking(ports) -> None:
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        blocker.bind(("127.0.0.1", ports.first + 1))  # the first pair's RTCP port is taken
+        async with await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=60) as session:
+            assert session.local_port != ports.first
+            assert ports.in_use == 1
+    finally:
+        blocker.close()
+
+
+async def test_cancelled_open_releases_its_ports(ports) -> None:
+    for _ in range(20):
+        task = asyncio.create_task(RtpSession.open(ports, host="127.0.0.1", rtcp_interval=60))
+        await asyncio.sleep(0)
+        task.cancel()
+        try:
+            session = await task
+        except asyncio.CancelledError:
+            continue
+        session.close()
+    assert ports.in_use == 0
+
+
+async def test_remote_must_be_an_ip_address(ports) -> None:
+    async with await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=60) as session:
+        with pytest.raises(ValueError, match="not an IP address"):
+            session.update_remote("example.com", 4000)
+        with pytest.raises(ValueError, match="out of range"):
+            session.update_remote("127.0.0.1", 70000)
+
+
+async def test_bad_addresses_at_open_are_refused_without_leaking(ports) -> None:
+    with pytest.raises(ValueError, match="bind address"):
+        await RtpSession.open(ports, host="localhost")
+    with pytest.raises(ValueError, match="not an IP address"):
+        await RtpSession.open(ports, host="127.0.0.1", remote=("peer.example", 4000))
+    assert ports.in_use == 0

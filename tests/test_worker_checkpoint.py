@@ -1,0 +1,167 @@
+"""Loading checkpoints: the tiny model through the same loader as a real one, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from service.worker.checkpoint import (
+    APACHE,
+    CC_BY_NC,
+    UNKNOWN_LICENSE,
+    CheckpointError,
+    MoshiVersionError,
+    check_moshi_version,
+    license_for,
+    load_checkpoint,
+    require_moshi_version,
+)
+from service.worker.tinymodel import build_tiny_checkpoint
+from tests.support.worker import lay_out_hf_cache
+
+LAYOUT = ["model.safetensors", "tokenizer_spm_32k_3.model",
+          "tokenizer-e351c8d8-checkpoint125.safetensors", "config.json", "mimi_config.json"]
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+@pytest.fixture
+def tiny_copy(tiny_dir, tmp_path) -> Path:
+    target = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, target)
+    return target
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face cache, offline: nothing is ever fetched from the network."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_tiny_checkpoint_has_the_real_layout(tiny_dir):
+    assert sorted(p.name for p in tiny_dir.iterdir()) == sorted(LAYOUT)
+    config = json.loads((tiny_dir / "config.json").read_text())
+    assert config["mimi_config_name"] == "mimi_config.json"
+    assert config["delays"] == [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1]
+
+
+def test_tiny_checkpoint_is_reproducible(tiny_dir, tmp_path):
+    again = build_tiny_checkpoint(tmp_path / "again", seed=0)
+    for name in LAYOUT:
+        assert (again / name).read_bytes() == (tiny_dir / name).read_bytes(), name
+
+
+def test_local_directory_loads(tiny_dir):
+    loaded = load_checkpoint(str(tiny_dir), device="cpu")
+    assert loaded.info.source == "local"
+    assert loaded.info.license == UNKNOWN_LICENSE
+    assert loaded.info.context_steps == 3000 and loaded.info.context_seconds == 240.0
+    assert loaded.mimi.frame_size == 1920
+    assert loaded.lm.text_card == loaded.tokenizer.vocab_size()
+    assert loaded.text_padding_ids == {0, 3}
+    assert loaded.tokenizer.pad_id() == 3
+
+
+def test_hub_repo_loads_from_the_cache_with_its_licence(tiny_dir, offline_hub):
+    lay_out_hf_cache(offline_hub, "nu-dialogue/j-moshi-ext", [tiny_dir / n for n in LAYOUT])
+    loaded = load_checkpoint("nu-dialogue/j-moshi-ext", device="cpu")
+    assert loaded.info.model == "nu-dialogue/j-moshi-ext"
+    assert loaded.info.source == "huggingface"
+    assert loaded.info.license == CC_BY_NC
+    assert loaded.info.research_only
+    assert "RESEARCH USE ONLY" in loaded.info.banner()
+    assert loaded.info.to_dict()["license"] == CC_BY_NC
+
+
+def test_hub_repo_not_cached_offline_is_a_clear_error(offline_hub):
+    with pytest.raises(CheckpointError, match=r"llm-jp/llm-jp-moshi-v1: cannot fetch config\.json: Hugging Face is unreachable"):
+        load_checkpoint("llm-jp/llm-jp-moshi-v1", device="cpu")
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "tokenizer_spm_32k_3.model",
+                                  "tokenizer-e351c8d8-checkpoint125.safetensors", "mimi_config.json"])
+def test_missing_file_is_named(tiny_copy, name):
+    (tiny_copy / name).unlink()
+    with pytest.raises(CheckpointError, match=rf"checkpoint {tiny_copy}: missing {name}"):
+        load_checkpoint(str(tiny_copy), device="cpu")
+
+
+def test_missing_file_in_the_hub_cache_is_named(tiny_dir, offline_hub):
+    files = [tiny_dir / n for n in LAYOUT if n != "tokenizer_spm_32k_3.model"]
+    lay_out_hf_cache(offline_hub, "llm-jp/llm-jp-moshi-v1", files)
+    with pytest.raises(CheckpointError, match=r"llm-jp/llm-jp-moshi-v1: cannot fetch tokenizer_spm_32k_3\.model"):
+        load_checkpoint("llm-jp/llm-jp-moshi-v1", device="cpu")
+
+
+def test_garbage_config_is_a_clear_error(tiny_copy):
+    (tiny_copy / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"config\.json is not valid JSON"):
+        load_checkpoint(str(tiny_copy), device="cpu")
+
+
+def test_config_that_is_not_an_object_is_a_clear_error(tiny_copy):
+    (tiny_copy / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"config\.json must hold a JSON object"):
+        load_checkpoint(str(tiny_copy), device="cpu")
+
+
+def test_weights_of_the_wrong_shape_are_a_clear_error(tiny_copy):
+    config = json.loads((tiny_copy / "config.json").read_text())
+    config["dim"] = 128
+    (tiny_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"cannot load the LM from model\.safetensors.*size mismatch"):
+        load_checkpoint(str(tiny_copy), device="cpu")
+
+
+def test_corrupt_weights_are_a_clear_error(tiny_copy):
+    (tiny_copy / "tokenizer-e351c8d8-checkpoint125.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError, match=r"cannot load Mimi from tokenizer-e351c8d8-checkpoint125"):
+        load_checkpoint(str(tiny_copy), device="cpu")
+
+
+def test_corrupt_tokenizer_is_a_clear_error(tiny_copy):
+    (tiny_copy / "tokenizer_spm_32k_3.model").write_bytes(b"not a sentencepiece model")
+    with pytest.raises(CheckpointError, match=r"tokenizer_spm_32k_3\.model is not a SentencePiece model"):
+        load_checkpoint(str(tiny_copy), device="cpu")
+
+
+def test_neither_directory_nor_repo_id(tmp_path):
+    with pytest.raises(CheckpointError, match="not a directory and not a Hugging Face repo id"):
+        load_checkpoint(str(tmp_path / "nowhere" / "deep"), device="cpu")
+
+
+def test_licence_table():
+    assert license_for("llm-jp/llm-jp-moshi-v1") == APACHE
+    assert license_for("nu-dialogue/j-moshi") == CC_BY_NC
+    assert license_for("nu-dialogue/j-moshi-ext") == CC_BY_NC
+    assert license_for("kyutai/moshiko-pytorch-bf16") == UNKNOWN_LICENSE
+
+
+def test_moshi_version_check():
+    assert check_moshi_version()  # the installed one is new enough
+    assert require_moshi_version("0.2.5") == "0.2.5"
+    assert require_moshi_version("0.10.0") == "0.10.0"
+    for old in ("0.2.4", "0.1.0", "0.2.4rc1"):
+        with pytest.raises(MoshiVersionError, match=r"needs moshi >= 0\.2\.5"):
+            require_moshi_version(old)
+
+
+def test_repo_without_config_is_read_as_moshi_7b(tiny_dir, offline_hub):
+    """Like J-Moshi and LLM-jp-Moshi: no config.json means the stock 7B Moshi and stock Mimi."""
+    files = [tiny_dir / n for n in LAYOUT if n not in ("config.json", "mimi_config.json")]
+    lay_out_hf_cache(offline_hub, "nu-dialogue/j-moshi", files)
+    # The tiny weights do not fit the stock architecture: proof that it was the one built.
+    with pytest.raises(CheckpointError, match=r"nu-dialogue/j-moshi: cannot load Mimi from .*Error\(s\) in loading state_dict"):
+        load_checkpoint("nu-dialogue/j-moshi", device="cpu")
