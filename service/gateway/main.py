@@ -254,7 +254,8 @@ class Gateway:
 
     async def _drain(self) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.no_calls.wait(), self.settings.drain_grace_seconds)
+            async with asyncio.timeout(self.settings.drain_grace_seconds):
+                await self.no_calls.wait()
         self.stop()
 
     def stop(self) -> None:
@@ -302,12 +303,14 @@ class Gateway:
         for call in list(self.calls.values()):
             call.end("gateway-stopped")
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.no_calls.wait(), STOP_CALLS_SECONDS)
+            async with asyncio.timeout(STOP_CALLS_SECONDS):
+                await self.no_calls.wait()
         await self.ua.stop()
         if self._http is not None:
             self._http.should_exit = True
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(http_task, 5)
+                async with asyncio.timeout(5):
+                    await http_task
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=2)
         if self.pool is not None:
