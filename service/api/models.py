@@ -107,7 +107,8 @@ class WorkerState(BaseModel):
 
 
 class PoolState(BaseModel):
-    mode: str = Field(description="pool (workers in Redis) or single-worker (MOSHIMOSHI_WORKER_URL)")
+    mode: str = Field(description="pool (workers in Redis), single-worker (MOSHIMOSHI_WORKER_URL) or "
+                                  "loopback (--worker-url echo:, calls echoed in the gateway; no slot limit)")
     workers: list[WorkerState]
     workers_ready: int
     slots_total: int = Field(description="capacity of ready workers")

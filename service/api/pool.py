@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from service.api.auth import require_admin, require_read
 from service.api.calls import AUTH_RESPONSES
 from service.api.models import DrainResult, PoolState, Problem, SlotState, WorkerState
+from service.gateway.loopback import LOOPBACK_URL
 from service.pool import READY, PoolError, WorkerStatus
 
 if tp.TYPE_CHECKING:
@@ -49,9 +50,20 @@ def worker_state(worker: WorkerStatus) -> WorkerState:
         started_at=worker.started_at, slots=slots)
 
 
+def _loopback(gateway: Gateway) -> PoolState:
+    """``--worker-url echo:``: calls are echoed inside the gateway; no slot limit."""
+    busy = len(gateway.calls)
+    worker = WorkerState(worker_id="loopback", url=LOOPBACK_URL, model="echo", license="n/a (loopback)",
+                         state=READY, alive=True, busy_slots=busy)
+    return PoolState(mode="loopback", workers=[worker], workers_ready=1, slots_total=0, slots_busy=busy,
+                     slots_free=0)
+
+
 async def _single_worker(gateway: Gateway) -> PoolState:
     """Without a pool: the one configured worker, as its /v1/info describes it."""
     url = gateway.settings.worker_url or ""
+    if url == LOOPBACK_URL:
+        return _loopback(gateway)
     worker = WorkerState(worker_id=url, url=url, http_url=http_base(url), alive=False)
     try:
         async with httpx.AsyncClient(timeout=WORKER_HTTP_TIMEOUT) as client:
@@ -105,7 +117,7 @@ async def drain_worker(request: Request, worker_id: str) -> DrainResult:
     gateway: Gateway = request.app.state.gateway
     if gateway.registry is None:
         url = gateway.settings.worker_url or ""
-        if worker_id != url:
+        if worker_id != url or url == LOOPBACK_URL:
             raise HTTPException(404, f"no worker {worker_id!r}")
     else:
         try:

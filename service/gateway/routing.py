@@ -20,6 +20,7 @@ import typing as tp
 from dataclasses import dataclass
 
 from service.gateway import metrics
+from service.gateway.loopback import LoopbackLink
 from service.gateway.worker_link import WorkerLink, WorkerRefused
 from service.pool import Lease, LeaseHolder, PoolUnavailable, SlotLeases
 
@@ -117,6 +118,22 @@ class FixedRouter:
             await asyncio.sleep(CLAIM_POLL_SECONDS)
 
 
+class LoopbackRouter:
+    """Every call is echoed inside the gateway (``--worker-url echo:``): a line check."""
+
+    def __init__(self, delay_ms: int = 0) -> None:
+        self.delay_ms = delay_ms
+
+    def ready(self) -> bool:
+        return True
+
+    async def open(self, call_id: str, callbacks: LinkCallbacks, *, wait: float,
+                   on_queued: tp.Callable[[], tp.Awaitable[None]] | None = None,
+                   exclude: tp.Collection[str] = ()) -> WorkerSession:
+        link = LoopbackLink(call_id, callbacks.on_frame, self.delay_ms)
+        return WorkerSession(link=link, worker_id="loopback")  # type: ignore[arg-type]
+
+
 class PoolRouter:
     """Claims a fenced lease on the least loaded worker through Redis, then connects."""
 
@@ -130,6 +147,7 @@ class PoolRouter:
         self._tickets = itertools.count()
         self._queue: list[int] = []
         self._queue_changed = asyncio.Condition()
+        self._full = False  # the last claim found no free slot
 
     def ready(self) -> bool:
         return self.redis_ok
@@ -151,18 +169,22 @@ class PoolRouter:
                 if self._queue[0] == ticket:
                     session = await self._try_claim(call_id, callbacks, exclude)
                     if session is not None:
+                        self._full = False
                         if queued:
                             metrics.QUEUE_WAIT.observe(time.monotonic() - started)
                         return session
-                if time.monotonic() >= deadline:
-                    if queued:
-                        metrics.QUEUE_WAIT.observe(time.monotonic() - started)
-                    raise NoCapacity(f"no free slot within {wait:.1f}s")
-                if not queued:
+                    self._full = True
+                if self._full and not queued:
+                    # Only a call that found every slot taken is queued (and hears ringing);
+                    # the others just wait their turn to claim, for milliseconds.
                     queued = True
                     metrics.QUEUED_CALLS.inc()
                     if on_queued is not None:
                         await on_queued()
+                if time.monotonic() >= deadline:
+                    if queued:
+                        metrics.QUEUE_WAIT.observe(time.monotonic() - started)
+                    raise NoCapacity(f"no free slot within {wait:.1f}s")
                 async with self._queue_changed:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(min(CLAIM_POLL_SECONDS, max(0.0, deadline - time.monotonic()))):
