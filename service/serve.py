@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import secrets
 import signal
 import sys
 
@@ -45,9 +46,20 @@ def worker_environment(settings: WorkerSettings, redis_url: str) -> dict[str, st
     return env
 
 
+def with_api_token(settings: GatewaySettings) -> GatewaySettings:
+    """``serve`` is the one-machine setup: without configured API tokens it makes one admin
+    token for this run and prints it once, on stdout (never in the log). The ``gateway``
+    command never does this: without tokens its /v1 API refuses everything."""
+    if settings.api_tokens:
+        return settings
+    token = secrets.token_urlsafe(24)
+    print(f"moshimoshi: no MOSHIMOSHI_API_TOKENS set; API token for this run (admin scope): {token}", flush=True)
+    return dataclasses.replace(settings, api_tokens=[f"{token}:admin"])
+
+
 def run_serve(gateway_settings: GatewaySettings, worker_settings: WorkerSettings) -> int:
     install_event_loop()
-    return asyncio.run(_serve(gateway_settings, worker_settings))
+    return asyncio.run(_serve(with_api_token(gateway_settings), worker_settings))
 
 
 async def _serve(gateway_settings: GatewaySettings, worker_settings: WorkerSettings) -> int:

@@ -1,0 +1,156 @@
+"""The operator dashboard in real headless Chromium (Debian's /usr/bin/chromium through the
+playwright package): during a real SIP call to ``serve --model demo`` it shows the call
+(caller, worker, quality), pool capacity and the transcript arriving live; with a
+controlled transcript it renders Japanese and never interprets text as HTML."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+import typing as tp
+
+import httpx
+import pytest
+
+from tests.support.api import READ_TOKEN, api_gateway
+from tests.support.system import RunningSystem, running_system
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+pytestmark = pytest.mark.skipif(shutil.which(CHROMIUM) is None,
+                                reason="Debian's chromium is not installed: run the tests through `make test`")
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory) -> tp.Iterator[RunningSystem]:
+    with running_system(tmp_path_factory.mktemp("dashboard-system"), model="demo") as running:
+        yield running
+
+
+@pytest.fixture
+def browser():  # per test: sync playwright must be gone before an async test runs its loop
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def words_shown(page) -> str:
+    return "".join(page.locator("#transcript .words").all_text_contents())
+
+
+def until(page, expression: str, timeout: float = 15.0) -> None:
+    """Poll a JS expression until it is truthy (page.wait_for_function would need the
+    'unsafe-eval' that the page's Content-Security-Policy rightly refuses)."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{expression} still false after {timeout}s")
+        time.sleep(0.1)
+
+
+async def until_async(page, expression: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await page.evaluate(expression):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{expression} still false after {timeout}s")
+        await asyncio.sleep(0.1)
+
+
+WORDS_LENGTH = "[...document.querySelectorAll('#transcript .words')].map(e => e.textContent).join('').length"
+
+
+def test_the_dashboard_shows_a_live_call_its_transcript_and_the_pool(system, browser):
+    call = system.call(seconds=10)
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(system.api + "/")  # redirects to /dashboard
+    assert page.url.endswith("/dashboard")
+    assert page.evaluate("document.characterSet") == "UTF-8"
+
+    # a wrong token is refused, with the server's reason
+    page.fill("#token", "not-the-token")
+    page.click("#login-form button[type=submit]")
+    page.wait_for_selector("#login-error:has-text('invalid bearer token')")
+    assert page.is_visible("#login") and not page.is_visible("#main")
+
+    page.fill("#token", system.tokens["read"])
+    page.click("#login-form button[type=submit]")
+    row = page.wait_for_selector("#calls tbody tr[data-call-id]", timeout=15_000)
+    call_id = row.get_attribute("data-call-id")
+    with httpx.Client(base_url=system.api, headers=system.headers("read")) as client:
+        listed = client.get(f"/v1/calls/{call_id}").json()
+        pool = client.get("/v1/pool").json()
+    assert listed["state"] == "active"
+    cells = {name: page.text_content(f"#calls tr[data-call-id='{call_id}'] td.{name}")
+             for name in ("caller", "worker", "codec", "jitter", "loss", "latency", "state", "duration")}
+    assert cells["caller"] == "moshimoshi@127.0.0.1"
+    assert cells["worker"] == f"{listed['worker_id']} / {listed['slot']}"
+    assert cells["codec"] == "PCMU" and cells["state"] == "active"
+    assert cells["jitter"].endswith(" ms") and cells["loss"].endswith(" %")
+    [worker] = pool["workers"]
+    page.wait_for_selector(f"#workers tr[data-worker-id='{worker['worker_id']}']")
+    until(page, "document.querySelector('#pool-summary').textContent.includes('1/2 slots busy')")
+    assert page.text_content("#pool-summary").startswith("1 worker ready · 1/2 slots busy")
+
+    # the newest call is followed: its transcript arrives while the call goes on
+    until(page, "document.querySelector('#transcript-status').textContent === 'live'")
+    until(page, f"{WORDS_LENGTH} >= 3")
+    early = words_shown(page)
+    until(page, f"{WORDS_LENGTH} > {len(early)}")
+    assert call.proc.poll() is None, "the transcript should grow during the call"
+    duration = page.text_content(f"#calls tr[data-call-id='{call_id}'] td.duration")
+    time.sleep(1.2)  # the page polls every second: the duration moves without reloading
+    assert page.text_content(f"#calls tr[data-call-id='{call_id}'] td.duration") != duration
+
+    summary = call.result()
+    assert summary["gateway_call_id"] == call_id
+    page.wait_for_selector("#transcript .end", timeout=15_000)
+    assert page.text_content("#transcript-status") == "call ended (remote-bye)"
+    with httpx.Client(base_url=system.api, headers=system.headers("read")) as client:
+        transcript = client.get(f"/v1/calls/{call_id}/transcript").json()
+    assert words_shown(page) == transcript["text"]  # every piece, in order, as the API has it
+    page.wait_for_selector(f"#recent tr[data-call-id='{call_id}']")
+    page.wait_for_selector("#no-calls", state="visible")
+    assert not errors, errors
+    page.close()
+
+
+async def test_untrusted_text_is_shown_as_text_and_japanese_renders(redis_server):
+    from playwright.async_api import async_playwright
+
+    hostile = "<img src=x onerror=\"document.body.dataset.pwned='1'\">"
+    async with api_gateway(redis_server.url) as api, async_playwright() as playwright:
+        call = api.start_call(from_uri="sip:<b>mallory</b>@192.0.2.66")
+        api.say(call, "お電話ありがとうございます。", t=0.2)
+        api.say(call, hostile, t=0.4)
+        chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = await chromium.new_page()
+        await page.goto(api.base + "/dashboard")
+        await page.fill("#token", READ_TOKEN)
+        await page.click("#login-form button[type=submit]")
+        await page.wait_for_selector(f"#calls tr[data-call-id='{call.id}']")
+        await until_async(page, f"document.querySelector('#transcript .words')?.textContent.endsWith("
+                                f"{json.dumps(hostile)})")
+        api.dtmf(call, "5", t=0.6)
+        await page.wait_for_selector("#transcript .dtmf:has-text('DTMF 5')")
+        assert await page.text_content("#transcript .words") == "お電話ありがとうございます。" + hostile
+        assert await page.text_content(f"#calls tr[data-call-id='{call.id}'] td.caller") == "<b>mallory</b>@192.0.2.66"
+        assert await page.evaluate("document.querySelectorAll('#transcript img, #calls b').length") == 0
+        assert await page.evaluate("document.body.dataset.pwned") is None
+        # the token stays in this tab's sessionStorage; a reload keeps the session
+        await page.reload()
+        await page.wait_for_selector(f"#calls tr[data-call-id='{call.id}']")
+        # the operator picks a call from the table
+        api.end_call(call, "remote-bye")
+        await page.wait_for_selector(f"#recent tr[data-call-id='{call.id}']")
+        await page.click(f"#recent tr[data-call-id='{call.id}']")
+        await page.wait_for_selector("#transcript .end")
+        await chromium.close()
