@@ -86,12 +86,15 @@ async def test_the_gateway_posts_record_quality_and_transcript_when_a_call_ends(
             requests = await asyncio.to_thread(sink.wait_for, 2)
     body = json.loads(requests[1].body)
     assert body["event"] == "call.ended"
-    record = body["record"]
-    assert (record["id"], record["from"], record["worker_id"], record["slot"], record["end_reason"]) == (
+    record = body["record"]  # as GET /v1/calls/{id} shows it
+    assert (record["id"], record["from_uri"], record["worker_id"], record["slot"], record["end_reason"]) == (
         call.id, "sip:carol@192.0.2.12", "w-9", 2, "remote-bye")
     assert record["state"] == "ended" and record["ended_at"] >= record["answered_at"]
-    assert body["transcript"] == {"call_id": call.id, "events": [
-        {"t": 1.5, "kind": "agent", "text": "承知しました"}, {"t": 2.0, "kind": "dtmf", "text": "9", "duration_ms": 120.0}]}
+    assert record["gateway_id"] == api.gateway.gateway_id and "quality" not in record
+    assert body["transcript"] == {  # as GET /v1/calls/{id}/transcript shows it
+        "call_id": call.id, "complete": True, "end_reason": "remote-bye", "text": "承知しました",
+        "events": [{"seq": 0, "t": 1.5, "kind": "agent", "text": "承知しました"},
+                   {"seq": 1, "t": 2.0, "kind": "dtmf", "text": "9", "duration_ms": 120.0}]}
     assert isinstance(body["quality"], dict)
     assert requests[1].headers[SIGNATURE_HEADER] == (
         "sha256=" + hmac.new(b"s3cr3t-key", requests[1].body, hashlib.sha256).hexdigest())

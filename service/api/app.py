@@ -27,6 +27,11 @@ from `MOSHIMOSHI_API_TOKENS`, `token:read` or `token:admin`). Read scope lists c
 and transcripts; admin scope also hangs up calls and drains workers. The live transcript
 WebSocket takes the token as `?token=` since browsers cannot set headers on WebSockets.
 Probes, `/metrics` and the dashboard page itself need no token.
+
+**Live transcript** (WebSocket, not listed below): `GET /v1/calls/{call_id}/transcript/live?token=…`
+replays the pieces so far, then sends each new one as
+`{"type": "piece", "seq", "t", "kind", "text"}`; at the end `{"type": "end", "reason"}` and
+close 1000. Refusals close with 4401, 4403, 4404 (unknown call) or 4503 (Redis unreachable).
 """
 
 TAGS = [

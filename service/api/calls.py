@@ -8,7 +8,7 @@ import typing as tp
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 
 from service.api.auth import require_admin, require_read
-from service.api.directory import CallDirectory
+from service.api.directory import CallDirectory, redis_failed
 from service.api.models import CallInfo, CallList, HangupResult, Problem
 from service.pool import ACTIVE, ENDED, PoolError
 
@@ -64,6 +64,7 @@ async def get_call(request: Request, call_id: str) -> CallInfo:
     try:
         found = await directory(request).get(call_id)
     except PoolError:
+        redis_failed()
         raise HTTPException(503, "call records unavailable (Redis unreachable)") from None
     if found is None:
         raise HTTPException(404, f"no call {call_id!r} (unknown, or past its retention)")
@@ -83,6 +84,7 @@ async def hangup(request: Request, call_id: str) -> HangupResult:
     try:
         found = await directory(request).get(call_id)
     except PoolError:
+        redis_failed()
         raise HTTPException(503, "call records unavailable (Redis unreachable)") from None
     if found is None:
         raise HTTPException(404, f"no call {call_id!r}")
@@ -91,6 +93,7 @@ async def hangup(request: Request, call_id: str) -> HangupResult:
     try:
         await gateway.hangups.publish(call_id)
     except PoolError:
+        redis_failed()
         raise HTTPException(503, "cannot reach the call's gateway (Redis unreachable)") from None
     log.info("call %s: hang-up requested through the API, sent to gateway %s", call_id,
              found.gateway_id or "(unknown)")

@@ -16,6 +16,7 @@ import time
 import typing as tp
 
 from service.api.models import CallInfo, CallQuality
+from service.gateway import metrics
 from service.pool import ACTIVE, ENDED, CallRecord, PoolError
 
 if tp.TYPE_CHECKING:
@@ -67,6 +68,11 @@ def from_record(record: CallRecord) -> CallInfo:
         answered_at=record.answered_at, ended_at=record.ended_at, end_reason=record.end_reason,
         duration_s=_duration(record.answered_at, record.ended_at if record.state == ENDED else None),
         quality=CallQuality(**quality) if quality else None)
+
+
+def redis_failed() -> None:
+    """Count a Redis operation of the API that failed (the answer then says so: 503 or partial)."""
+    metrics.REDIS_ERRORS.labels("api").inc()
 
 
 def is_active(info: CallInfo) -> bool:
@@ -126,6 +132,7 @@ class CallDirectory:
                 if state in (None, ACTIVE):
                     merged.update(await self._remote_active(exclude=set(merged) | set(gateway.calls)))
             except PoolError:
+                redis_failed()
                 partial = True
         for summary in self._recent():
             merged[summary["id"]] = from_summary(summary, gateway.gateway_id)

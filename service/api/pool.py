@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 
 from service.api.auth import require_admin, require_read
 from service.api.calls import AUTH_RESPONSES
+from service.api.directory import redis_failed
 from service.api.models import DrainResult, PoolState, Problem, SlotState, WorkerState
 from service.gateway.loopback import LOOPBACK_URL
 from service.pool import READY, PoolError, WorkerStatus
@@ -96,6 +97,7 @@ async def pool_state(request: Request) -> PoolState:
     try:
         workers = await gateway.registry.workers()
     except PoolError:
+        redis_failed()
         raise HTTPException(503, "the pool is unavailable (Redis unreachable)") from None
     states = [worker_state(w) for w in workers]
     ready = [w for w in states if w.alive and w.state == READY]
@@ -123,6 +125,7 @@ async def drain_worker(request: Request, worker_id: str) -> DrainResult:
         try:
             workers = await gateway.registry.workers()
         except PoolError:
+            redis_failed()
             raise HTTPException(503, "the pool is unavailable (Redis unreachable)") from None
         found = next((w for w in workers if w.worker_id == worker_id and w.alive), None)
         if found is None:

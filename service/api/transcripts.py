@@ -26,7 +26,7 @@ from fastapi.responses import PlainTextResponse
 
 from service.api.auth import AuthError, Scope, check_websocket, require_read
 from service.api.calls import AUTH_RESPONSES, NOT_FOUND, UNAVAILABLE
-from service.api.directory import CallDirectory
+from service.api.directory import CallDirectory, redis_failed
 from service.api.models import Transcript, TranscriptPiece
 from service.gateway import metrics
 from service.gateway.call import TranscriptEvent
@@ -127,6 +127,7 @@ async def get_transcript(
     try:
         transcript = await load(gateway, request.app.state.directory, call_id)
     except PoolError:
+        redis_failed()
         raise HTTPException(503, "transcripts unavailable (Redis unreachable)") from None
     if transcript is None:
         raise HTTPException(404, f"no transcript for call {call_id!r} (unknown, or past its retention)")
@@ -204,6 +205,7 @@ async def _stream(ws: WebSocket, gateway: Gateway, directory: CallDirectory, cal
         except ValueError:
             reason = None
         except PoolError:
+            redis_failed()
             await ws.close(4503, "transcripts unavailable (Redis unreachable)")
             return
     if reason is None:

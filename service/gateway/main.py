@@ -158,7 +158,7 @@ class Gateway:
         if self.transcripts is not None:
             self.transcripts.end(call.id, call.end_reason or "unknown")
         if self.webhook is not None and call.answered_at is not None:
-            self.webhook.submit(call.id, call_ended_payload(summary))
+            self.webhook.submit(call.id, call_ended_payload(summary, self.gateway_id))
         for queue in self.transcript_listeners.pop(call.id, set()):
             queue.put_nowait(None)
         log.info("call %s ended: %s (%.1fs, %d transcript pieces)", call.id, call.end_reason,

@@ -28,8 +28,11 @@ import uuid
 import httpx
 
 from service import __version__
+from service.api.directory import from_summary
+from service.api.transcripts import build
 from service.config import ConfigError
 from service.gateway import metrics
+from service.gateway.call import TranscriptEvent
 from service.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -42,15 +45,20 @@ DELIVERY_HEADER = "X-Moshimoshi-Delivery"
 EVENT_HEADER = "X-Moshimoshi-Event"
 
 
-def call_ended_payload(summary: dict[str, tp.Any]) -> dict[str, tp.Any]:
-    """The webhook body for an ended call from its summary (``Call.record()`` plus
-    ``quality`` and ``transcript``): ``{"event", "record", "quality", "transcript"}``."""
-    record = {k: v for k, v in summary.items() if k not in ("quality", "transcript")}
+def call_ended_payload(summary: dict[str, tp.Any], gateway_id: str) -> dict[str, tp.Any]:
+    """The webhook body for an ended call, from its summary (``Call.record()`` plus
+    ``quality`` and ``transcript``), in the API's own shapes: ``record`` as
+    ``GET /v1/calls/{id}`` (without quality), ``quality`` as its quality, ``transcript`` as
+    ``GET /v1/calls/{id}/transcript``."""
+    info = from_summary(summary, gateway_id)
+    events = [TranscriptEvent(**event) for event in summary.get("transcript", [])]
+    transcript = build(info.id, enumerate(events), complete=True, end_reason=info.end_reason)
+    record = info.model_dump(exclude={"quality", "on_this_gateway"})
     return {
         "event": "call.ended",
         "record": record,
         "quality": summary.get("quality") or {},
-        "transcript": {"call_id": summary["id"], "events": list(summary.get("transcript", []))},
+        "transcript": transcript.model_dump(exclude_none=True),
     }
 
 
