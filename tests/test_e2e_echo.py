@@ -88,8 +88,10 @@ async def test_sipp_audio_is_echoed_and_its_dtmf_digit_reported(echo_gateway, tm
     status, detail = echo_gateway.get(f"/v1/calls/{call['id']}")
     assert status == 200, detail
     quality = detail["quality"]
-    # sipp's A-law speech came in and the echo went back out as model audio
-    assert quality["packets_received"] > 150
+    # sipp's A-law speech came in and the echo went back out as model audio. The pcap holds
+    # a packet every 30 ms and sipp plays it for the scenario's 3 s pause, until the DTMF
+    # pcap replaces it: about 100 packets.
+    assert quality["packets_received"] > 90
     assert quality["model_packets"] > 100
     status, transcript = echo_gateway.get(f"/v1/calls/{call['id']}/transcript")
     assert status == 200, transcript
