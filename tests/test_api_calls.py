@@ -203,3 +203,18 @@ async def test_openapi_documents_every_route(redis_server):
     assert {"401", "403"} <= set(listed["responses"])
     assert document["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     assert "text/plain" in paths["/v1/calls/{call_id}/transcript"]["get"]["responses"]["200"]["content"]
+
+
+async def test_record_writes_reach_redis_in_order_even_back_to_back(redis_server):
+    """Create, update and end of a short call are issued within microseconds: each waits
+    for the previous one, so no end is lost before its create (the record staying active)."""
+    async with api_gateway(redis_server.url, gateway_id="gw-a") as a, \
+            api_gateway(redis_server.url, gateway_id="gw-b") as b:
+        calls = [a.start_call(from_uri=f"sip:caller{i}@192.0.2.1") for i in range(20)]
+        for call in calls:
+            a.end_call(call, "rejected-busy")
+        await a.settle()
+        assert not a.gateway._record_writes
+        seen_from_b = (await get(b.base, "/v1/calls", limit=100)).json()["calls"]
+        assert {c["id"]: (c["state"], c["end_reason"]) for c in seen_from_b} == {
+            call.id: ("ended", "rejected-busy") for call in calls}

@@ -95,6 +95,7 @@ class Gateway:
         self.no_calls = asyncio.Event()
         self.no_calls.set()
         self._tasks: set[asyncio.Task] = set()
+        self._record_writes: dict[str, asyncio.Task] = {}  # call id → its latest record write
         self._http: uvicorn.Server | None = None
         self.http_port = settings.http_port
         self.call_stats = metrics.install_call_stats(self._live_counters)
@@ -196,19 +197,40 @@ class Gateway:
             metrics.REDIS_ERRORS.labels(what).inc()
             log.warning("%s failed: %s", what, exc)
 
+    def _record_write(self, call_id: str, what: str, coro: tp.Coroutine) -> None:
+        """Write a call's record after its previous write: in order, or an update or the end
+        could reach Redis before the create and be lost (the record staying "active")."""
+        previous = self._record_writes.get(call_id)
+
+        async def write() -> None:
+            if previous is not None:
+                await asyncio.wait([previous])
+            await self._guarded(what, coro)
+
+        task = asyncio.create_task(write())
+        self._tasks.add(task)
+        self._record_writes[call_id] = task
+
+        def done(finished: asyncio.Task) -> None:
+            self._tasks.discard(finished)
+            if self._record_writes.get(call_id) is finished:
+                del self._record_writes[call_id]
+
+        task.add_done_callback(done)
+
     def record_create(self, call: Call) -> None:
         if self.records is None:
             return
         record = CallRecord(call_id=call.id, sip_call_id=call.sip_call_id, from_uri=call.from_uri,
                             to_uri=call.to_uri, codec=call.codec, started_at=call.started_at,
                             quality={"ingress": call.ingress, "gateway": self.gateway_id})
-        self._background(self._guarded("record-create", self.records.create(record)))
+        self._record_write(call.id, "record-create", self.records.create(record))
 
     def record_update(self, call: Call, **fields: tp.Any) -> None:
         if self.records is None:
             return
         fields = {k: v for k, v in fields.items() if v is not None}
-        self._background(self._guarded("record-update", self.records.update(call.id, **fields)))
+        self._record_write(call.id, "record-update", self.records.update(call.id, **fields))
 
     def record_end(self, call: Call) -> None:
         if self.records is None:
@@ -216,8 +238,8 @@ class Gateway:
         quality = call.media.quality() if call.media is not None else {}
         quality = {k: v for k, v in quality.items() if v is not None}
         quality["failovers"] = call.failovers
-        self._background(self._guarded("record-end", self.records.end(
-            call.id, call.end_reason or "unknown", ended_at=call.ended_at, quality=quality)))
+        self._record_write(call.id, "record-end", self.records.end(
+            call.id, call.end_reason or "unknown", ended_at=call.ended_at, quality=quality))
 
     # -- pool state --------------------------------------------------------------------
 
