@@ -88,11 +88,34 @@ class TestCall:
         self.digits: list[DtmfDigit] = []
         self.dtmf = DtmfReceiver(TELEPHONE_RATE, on_digit=self.digits.append)
         rtp.attach_jitter_buffer(self.jitter, payload_type)
+        rtp.route(payload_type, self._on_audio_packet)
+        self.arrivals: list[float] = []
+        self.sequences: list[int] = []
         if dtmf_payload_type is not None:
             rtp.route(dtmf_payload_type, self.dtmf.receive)
         self.sent: list[np.ndarray] = []
         self.received: list[np.ndarray] = []
         self.ticks = 0
+
+    def _on_audio_packet(self, packet, arrival: float) -> None:
+        self.arrivals.append(arrival)
+        self.sequences.append(packet.sequence)
+        self.jitter.put(packet, arrival)
+
+    def arrival_stats(self) -> dict[str, float | int]:
+        """How steadily the far end's packets came: rate, spacing, sequence gaps."""
+        if len(self.arrivals) < 2:
+            return {"packets": len(self.arrivals)}
+        times = np.asarray(self.arrivals)
+        gaps = np.diff(times) * 1000
+        seqs = np.asarray(self.sequences, dtype=np.int64)
+        steps = (np.diff(seqs) + 65536) % 65536
+        span = times[-1] - times[0]
+        return {"packets": len(times), "packets_per_second": round((len(times) - 1) / span, 2) if span else 0.0,
+                "spacing_p50_ms": round(float(np.percentile(gaps, 50)), 2),
+                "spacing_p99_ms": round(float(np.percentile(gaps, 99)), 2),
+                "spacing_max_ms": round(float(gaps.max()), 2),
+                "sequence_gaps": int(np.sum(steps != 1))}
 
     async def run(self, seconds: float, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
@@ -153,7 +176,8 @@ async def place_call(settings: CallSettings) -> dict:
     await ua.start()
     rtp: RtpSession | None = None
     try:
-        local_ip = ua.transport.local_host_for(await ua.transport.resolve(target.host))
+        target_ip = await ua.transport.resolve(target.host)
+        local_ip = ua.transport.local_host_for(target_ip)
         ports = PortAllocator(40000, 49998)
         rtp = await RtpSession.open(ports, host=settings.local_host if settings.local_host not in ("0.0.0.0", "::")
                                     else ("::" if ":" in local_ip else "0.0.0.0"))
@@ -168,6 +192,7 @@ async def place_call(settings: CallSettings) -> dict:
             raise CallFailed(488, "the answer has no usable audio stream")
         rtp.payload_type = media.payload_type
         rtp.update_remote(media.remote_address, media.remote_port, media.remote_rtcp_port)
+        rtp.trust_ip(target_ip)
         call = TestCall(rtp, media.codec, media.ptime, audio, media.dtmf_payload_type, media.payload_type)
         stop = asyncio.Event()
         dialog.terminated.add_done_callback(lambda _f: stop.set())
@@ -194,6 +219,7 @@ async def place_call(settings: CallSettings) -> dict:
             "rtt_ms": stats.rtt_ms, "frames_concealed": call.jitter.frames_concealed,
             "received_rms": float(np.sqrt(np.mean(received.astype(np.float64) ** 2))) if len(received) else 0.0,
             "dtmf_received": [d.digit for d in call.digits],
+            "arrivals": call.arrival_stats(),
         }
         if settings.record:
             sent = np.concatenate(call.sent) if call.sent else np.zeros(0, np.int16)

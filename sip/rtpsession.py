@@ -4,7 +4,9 @@ Who may send us media (the "RTP bleed" defence), in order:
 
 1. Before anything is latched, the first packet from the *signalled* address (the SDP's),
    or from any port at the signalled IP (a NAT rewrote the port), or, with
-   ``allow_nat_any_ip``, from anywhere, latches the session onto its source.
+   ``allow_nat_any_ip``, from anywhere, latches the session onto its source. So does a
+   packet from an IP given to ``trust_ip`` (the call's SIP source: a peer behind NAT often
+   names its private address in SDP but sends from the address it signals from).
 2. Once latched, only that exact source is accepted, with two exceptions that re-latch:
    a packet from the exact signalled address (signalling is the stronger evidence), and a
    packet from another port of the latched IP carrying a *different SSRC* than the latched
@@ -195,6 +197,7 @@ class RtpSession:
         self._remote: Address | None = None
         self._remote_rtcp: Address | None = None
         self._latched: Address | None = None
+        self._trusted_ips: set[str] = set()
         self._latched_ssrc: int | None = None
         self._retired_ssrcs: deque[int] = deque(maxlen=8)
         self._rtcp_latched: Address | None = None
@@ -331,16 +334,23 @@ class RtpSession:
             return ("::ffff:" + host, port)
         return (host, port)
 
+    def trust_ip(self, host: str) -> None:
+        """Also latch onto media from ``host``: typically the address the call's signalling
+        came from, for peers behind NAT whose SDP names a private address."""
+        self._trusted_ips.add(_canonical_ip(host))
+
     def _admissible_ip(self, ip: str) -> bool:
         if self.allow_nat_any_ip:
             return True
         remote, latched = self._remote, self._latched
-        return (remote is not None and ip == remote[0]) or (latched is not None and ip == latched[0])
+        return ((remote is not None and ip == remote[0]) or (latched is not None and ip == latched[0])
+                or (latched is None and ip in self._trusted_ips))
 
     def _try_latch(self, source: Address, ssrc: int) -> bool:
         latched, signalled = self._latched, self._remote
         if latched is None:
-            ok = self.allow_nat_any_ip or (signalled is not None and source[0] == signalled[0])
+            ok = (self.allow_nat_any_ip or (signalled is not None and source[0] == signalled[0])
+                  or source[0] in self._trusted_ips)
         else:
             ok = source == signalled or (source[0] == latched[0] and ssrc != self._latched_ssrc
                                          and ssrc not in self._retired_ssrcs)

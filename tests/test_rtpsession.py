@@ -111,6 +111,23 @@ async def test_no_latch_onto_a_foreign_ip_unless_allowed(ports, peers) -> None:
         assert lenient.remote_address == foreign.address
 
 
+async def test_media_from_the_signalling_source_latches_when_sdp_names_another_address(ports, peers) -> None:
+    """A NATed phone names its private address in SDP and sends from its public one."""
+    public = await peers("127.0.0.2")
+    stranger = await peers("127.0.0.3")
+    async with await RtpSession.open(ports, host="0.0.0.0", rtcp_interval=60) as session:
+        session.update_remote("10.1.2.3", 4000)  # the private address in the SDP
+        session.trust_ip("127.0.0.2")  # where the INVITE came from
+        collector = Collector()
+        session.route(0, collector)
+        stranger.send(rtp(1, ssrc=7), ("127.0.0.1", session.local_port))
+        public.send(rtp(1), ("127.0.0.1", session.local_port))
+        await eventually(lambda: session.packets_received == 1 and session.packets_stray == 1)
+        assert session.remote_address == public.address
+        stranger.send(rtp(2, ssrc=7), ("127.0.0.1", session.local_port))  # latched: still stray
+        await eventually(lambda: session.packets_stray == 2)
+
+
 async def test_relatch_only_on_an_ssrc_change_from_the_latched_ip(ports, peers) -> None:
     first, second = await peers(), await peers()
     async with await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=60) as session:

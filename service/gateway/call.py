@@ -170,7 +170,7 @@ class Call:
             session = self.session
             if session is None:
                 return
-            closed = asyncio.ensure_future(session.link.closed)
+            closed = session.link.closed  # the link's own future: waited on, never cancelled here
             ended = asyncio.ensure_future(self.ended.wait())
             try:
                 while not self.ended.is_set():
@@ -185,7 +185,6 @@ class Call:
             finally:
                 ended.cancel()
             if self.ended.is_set():
-                closed.cancel()
                 return
             code, reason = closed.result() if closed.done() else (None, "stalled")
             if code == 1000 and reason and not self.ended.is_set():

@@ -188,6 +188,9 @@ class CallMedia:
             "jitter_buffer_ms": round(jb.delay_ms, 1),
             "egress_cushion_ms": round(self.pacer.cushion * 1000, 1),
             "egress_underruns": self.egress_underruns,
+            "model_frames": self.frames_from_model,
+            "model_packets": self.pacer.stats.model_packets,
+            "model_packets_late": self.pacer.stats.late_dropped,
             "pacer_max_lateness_ms": round(self.pacer.stats.max_lateness_s * 1000, 2),
             "resampler": self.bridge.resampler,
         }

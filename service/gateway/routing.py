@@ -130,6 +130,7 @@ class PoolRouter:
         self._tickets = itertools.count()
         self._queue: list[int] = []
         self._queue_changed = asyncio.Condition()
+        self._full = False  # the last claim found no free slot
 
     def ready(self) -> bool:
         return self.redis_ok
@@ -151,18 +152,22 @@ class PoolRouter:
                 if self._queue[0] == ticket:
                     session = await self._try_claim(call_id, callbacks, exclude)
                     if session is not None:
+                        self._full = False
                         if queued:
                             metrics.QUEUE_WAIT.observe(time.monotonic() - started)
                         return session
-                if time.monotonic() >= deadline:
-                    if queued:
-                        metrics.QUEUE_WAIT.observe(time.monotonic() - started)
-                    raise NoCapacity(f"no free slot within {wait:.1f}s")
-                if not queued:
+                    self._full = True
+                if self._full and not queued:
+                    # Only a call that found every slot taken is queued (and hears ringing);
+                    # the others just wait their turn to claim, for milliseconds.
                     queued = True
                     metrics.QUEUED_CALLS.inc()
                     if on_queued is not None:
                         await on_queued()
+                if time.monotonic() >= deadline:
+                    if queued:
+                        metrics.QUEUE_WAIT.observe(time.monotonic() - started)
+                    raise NoCapacity(f"no free slot within {wait:.1f}s")
                 async with self._queue_changed:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(min(CLAIM_POLL_SECONDS, max(0.0, deadline - time.monotonic()))):

@@ -141,6 +141,7 @@ class SipCallHandler:
         assert self.rtp is not None
         if negotiated.remote_address is not None:
             self.rtp.update_remote(negotiated.remote_address, negotiated.remote_port, negotiated.remote_rtcp_port)
+        self.rtp.trust_ip(self.incoming.source[0])
         settings = self.gateway.settings
         self.media = CallMedia(self.rtp, negotiated, to_model=self.call.send_to_model, on_dtmf=self._on_dtmf,
                                jitter_min_ms=settings.jitter_min_ms, jitter_max_ms=settings.jitter_max_ms,
@@ -160,16 +161,18 @@ class SipCallHandler:
     async def _converse(self) -> None:
         call, gateway = self.call, self.gateway
         supervisor = asyncio.create_task(call.supervise(gateway.router), name=f"supervise-{call.id}")
-        terminated = asyncio.ensure_future(self.dialog.terminated)
-        terminated.add_done_callback(lambda f: call.end(f.result() if not f.cancelled() and not f.exception()
-                                                        else "dialog-error"))
+        def on_terminated(future: asyncio.Future) -> None:
+            call.end(future.result() if not future.cancelled() and not future.exception() else "dialog-error")
+
+        # The dialog's own future: never cancel it, only stop listening.
+        self.dialog.terminated.add_done_callback(on_terminated)
         rtp_watch = asyncio.create_task(self._watch_rtp(), name=f"rtp-watch-{call.id}")
         try:
             await call.ended.wait()
         finally:
             for task in (supervisor, rtp_watch):
                 task.cancel()
-            terminated.cancel()
+            self.dialog.terminated.remove_done_callback(on_terminated)
             await asyncio.gather(supervisor, rtp_watch, return_exceptions=True)
         if not self.dialog.is_terminated:
             if call.end_reason in ("max_duration", "worker-ended") and self.media is not None:

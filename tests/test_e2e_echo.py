@@ -1,0 +1,193 @@
+"""`moshimoshi serve --model echo` answers real SIP peers and echoes their audio.
+
+Peers: sipp (its built-in uac scenario, and a scenario playing Debian's PCMA and RFC 4733
+captures), baresip (an independent SIP stack playing a WAV and recording what it hears),
+and our own `moshimoshi call`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.call import place_call, read_wav
+from service.settings import CallSettings
+from tests.support.procs import free_port
+from tests.support.services import start_serve, wait_until
+from tests.support.sipp import SCENARIOS, Sipp
+
+SIPP_AUDIO = Path("/usr/share/sip-tester/g711a.pcap")
+
+
+def tone_wav(path: Path, seconds: float = 4.0, rate: int = 8000) -> Path:
+    """A 440 Hz tone switched on and off at 1.5 Hz: easy to find again in an echo."""
+    t = np.arange(int(rate * seconds)) / rate
+    pcm = 0.3 * np.sin(2 * np.pi * 440 * t) * (np.sin(2 * np.pi * 1.5 * t) > 0)
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes((pcm * 32767).astype("<i2").tobytes())
+    return path
+
+
+def echo_delay(sent: np.ndarray, received: np.ndarray) -> tuple[float, float]:
+    """(delay in ms, normalised correlation) of ``received`` as an echo of ``sent``."""
+    a, b = sent.astype(np.float64), received.astype(np.float64)
+    n = len(a) + len(b)
+    corr = np.fft.irfft(np.fft.rfft(b, n) * np.conj(np.fft.rfft(a, n)), n)[: len(b)]
+    lag = int(np.argmax(corr))
+    norm = np.sqrt(np.sum(a ** 2) * np.sum(b ** 2)) or 1.0
+    return lag / 8.0, float(corr[lag] / norm)
+
+
+@pytest.fixture(scope="module")
+def echo_gateway(tmp_path_factory):
+    log_dir = tmp_path_factory.mktemp("echo-serve")
+    gateway = start_serve(log_dir, "echo")
+    try:
+        gateway.wait_ready()
+        yield gateway
+    finally:
+        code = gateway.proc.stop()
+        assert code in (0, -2, 130), f"serve exited {code}:\n{gateway.proc.log()[-3000:]}"
+
+
+def ended_calls(gateway) -> list[dict]:
+    status, body = gateway.get("/v1/calls?state=ended&limit=50")
+    assert status == 200, body
+    return body["calls"] if isinstance(body, dict) else body
+
+
+async def test_sipp_builtin_uac_calls_complete(echo_gateway, tmp_path):
+    sipp = Sipp(tmp_path, "-sn", "uac", f"127.0.0.1:{echo_gateway.sip_port}", "-mp", str(free_port()),
+                "-d", "1000")
+    sipp.args[sipp.args.index("-m") + 1] = "3"
+    await sipp.start()
+    await sipp.finished(within=60)
+
+
+@pytest.mark.skipif(not SIPP_AUDIO.exists(), reason="sip-tester's pcaps are not installed")
+async def test_sipp_audio_is_echoed_and_its_dtmf_digit_reported(echo_gateway, tmp_path):
+    before = {c["id"] for c in ended_calls(echo_gateway)}
+    sipp = Sipp(tmp_path, "-sf", str(SCENARIOS / "uac_pcma_dtmf.xml"), f"127.0.0.1:{echo_gateway.sip_port}",
+                "-mp", str(free_port()))
+    await sipp.start()
+    await sipp.finished(within=60)
+    new = wait_until(lambda: [c for c in ended_calls(echo_gateway) if c["id"] not in before], 10,
+                     "the sipp call's record")
+    call = new[0]
+    assert call["codec"] == "PCMA"
+    assert call["end_reason"] == "remote-bye"
+    status, detail = echo_gateway.get(f"/v1/calls/{call['id']}")
+    assert status == 200, detail
+    quality = detail["quality"]
+    # sipp's A-law speech came in and the echo went back out as model audio
+    assert quality["packets_received"] > 150
+    assert quality["model_packets"] > 100
+    status, transcript = echo_gateway.get(f"/v1/calls/{call['id']}/transcript")
+    assert status == 200, transcript
+    digits = [e for e in transcript["events"] if e["kind"] == "dtmf"]
+    assert [d["text"] for d in digits] == ["1"], transcript
+    assert digits[0]["duration_ms"] > 50
+
+
+async def test_moshimoshi_call_hears_its_own_audio_back(echo_gateway, tmp_path):
+    wav = tone_wav(tmp_path / "tone.wav")
+    settings = CallSettings(uri=echo_gateway.uri, play=str(wav), record=str(tmp_path / "out.wav"),
+                            seconds=4.0, local_host="127.0.0.1")
+    summary = await place_call(settings)
+    assert summary["ended_by"] == "local-bye"
+    assert summary["gateway_call_id"]
+    with wave.open(summary["recording"]) as rec:
+        frames = np.frombuffer(rec.readframes(rec.getnframes()), "<i2").reshape(-1, 2)
+    delay_ms, correlation = echo_delay(frames[:, 0], frames[:, 1])
+    assert correlation > 0.6, (delay_ms, correlation)  # noise would give ~0; G.711 twice, PLC, edges
+    assert 40 < delay_ms < 250, delay_ms  # 80 ms model frame + buffers on both sides
+    arrivals = summary["arrivals"]
+    assert arrivals["packets_per_second"] == pytest.approx(50, abs=1.5)
+    assert arrivals["sequence_gaps"] == 0
+
+
+@pytest.mark.skipif(shutil.which("baresip") is None, reason="baresip is not installed")
+def test_baresip_calls_and_hears_the_echo(echo_gateway, tmp_path):
+    wav = tone_wav(tmp_path / "tone.wav", seconds=4.0)
+    config = tmp_path / "baresip"
+    config.mkdir()
+    (config / "config").write_text("\n".join([
+        "poll_method epoll",
+        f"sip_listen 127.0.0.1:{free_port()}",
+        f"audio_source aufile,{wav}",
+        f"audio_player aufile,{tmp_path / 'played.wav'}",
+        f"audio_alert aufile,{tmp_path / 'alert.wav'}",
+        "audio_srate 8000",
+        "audio_channels 1",
+        "rtp_ports 31000-31999",
+        f"snd_path {tmp_path}",
+        "module_path /usr/lib/baresip/modules",
+        "module stdio.so", "module g711.so", "module aufile.so", "module sndfile.so",
+        "module_app account.so", "module_app contact.so", "module_app menu.so", ""]))
+    (config / "accounts").write_text("<sip:baresip@127.0.0.1>;regint=0\n")
+    (config / "contacts").write_text("")
+    result = subprocess.run(["baresip", "-f", str(config), "-e", f"/dial {echo_gateway.uri}", "-t", "10"],
+                            capture_output=True, text=True, timeout=40)
+    output = result.stdout + result.stderr
+    assert "Call established" in output, output[-3000:]
+    received = sorted(tmp_path.glob("dump-*-dec.wav"))
+    sent = sorted(tmp_path.glob("dump-*-enc.wav"))
+    assert received and sent, output[-3000:]
+    heard = read_wav(received[0])
+    spoken = read_wav(sent[0])
+    delay_ms, correlation = echo_delay(spoken, heard)
+    assert correlation > 0.7, (delay_ms, correlation, output[-2000:])
+    assert 40 < delay_ms < 400, delay_ms
+
+
+def sip_options(port: int) -> str:
+    """Send an out-of-dialog OPTIONS over UDP; return the status line of the answer."""
+    import socket
+    import uuid
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(5)
+        local = sock.getsockname()[1]
+        message = (f"OPTIONS sip:agent@127.0.0.1:{port} SIP/2.0\r\n"
+                   f"Via: SIP/2.0/UDP 127.0.0.1:{local};branch=z9hG4bK{uuid.uuid4().hex};rport\r\n"
+                   f"From: <sip:probe@127.0.0.1>;tag=p1\r\nTo: <sip:agent@127.0.0.1>\r\n"
+                   f"Call-ID: {uuid.uuid4().hex}\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\n"
+                   f"Content-Length: 0\r\n\r\n")
+        sock.sendto(message.encode(), ("127.0.0.1", port))
+        return sock.recv(65536).decode().split("\r\n", 1)[0]
+
+
+async def test_concurrent_calls_each_hear_their_own_echo(echo_gateway, tmp_path):
+    """As many calls as the worker has slots, at once: each hears its own audio back."""
+    settings = []
+    for i, freq in enumerate((300, 500, 700, 900)):
+        t = np.arange(8000 * 3) / 8000
+        path = tmp_path / f"tone{i}.wav"
+        with wave.open(str(path), "wb") as wav:
+            wav.setnchannels(1)
+            wav.setsampwidth(2)
+            wav.setframerate(8000)
+            wav.writeframes((0.3 * np.sin(2 * np.pi * freq * t) * 32767).astype("<i2").tobytes())
+        settings.append(CallSettings(uri=echo_gateway.uri, play=str(path), record=str(tmp_path / f"out{i}.wav"),
+                                     seconds=3.0, local_host="127.0.0.1"))
+    summaries = await asyncio.gather(*(place_call(s) for s in settings))
+    for summary, freq in zip(summaries, (300, 500, 700, 900), strict=True):
+        with wave.open(summary["recording"]) as rec:
+            heard = np.frombuffer(rec.readframes(rec.getnframes()), "<i2").reshape(-1, 2)[4000:, 1]
+        spectrum = np.abs(np.fft.rfft(heard.astype(np.float64)))
+        peak_hz = np.argmax(spectrum) * 8000 / len(heard)
+        assert abs(peak_hz - freq) < 10, (freq, peak_hz)  # its own tone, nobody else's
+
+
+def test_options_probe_is_answered(echo_gateway):
+    assert sip_options(echo_gateway.sip_port) == "SIP/2.0 200 OK"
