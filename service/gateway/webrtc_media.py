@@ -309,6 +309,9 @@ class WebRtcMedia:
             "egress_cushion_ms": round(self.pacer.cushion * 1000, 1),
             "egress_underruns": self.egress_underruns,
             "egress_dropped": self.track.dropped,
+            "model_frames": self.frames_from_model,
+            "model_packets": self.pacer.stats.model_packets,
+            "model_packets_late": self.pacer.stats.late_dropped,
             "pacer_max_lateness_ms": round(self.pacer.stats.max_lateness_s * 1000, 2),
             "resampler": self.resampler,
         }
