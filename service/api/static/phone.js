@@ -159,7 +159,7 @@
       const [track] = micStream.getAudioTracks();
       connection.addTransceiver(track, { direction: "sendrecv", streams: [micStream] });
       const channel = connection.createDataChannel("events");
-      channel.onmessage = (event) => onServerMessage(event.data);
+      channel.onmessage = (event) => { if (connection === pc) onServerMessage(event.data); };
       connection.ontrack = (event) => playAgent(event.streams[0] || new MediaStream([event.track]));
       connection.onconnectionstatechange = () => {
         if (connection !== pc) return;
@@ -206,6 +206,7 @@
   }
 
   async function hangUp(message) {
+    if (phone.state === "idle" && !pc) return;
     const session = phone.session;
     const connection = pc;
     pc = null;
