@@ -85,7 +85,8 @@ async def _serve(gateway_settings: GatewaySettings, worker_settings: WorkerSetti
         if worker is not None and worker.returncode is None:
             worker.send_signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(worker.wait(), WORKER_STOP_SECONDS)
+                async with asyncio.timeout(WORKER_STOP_SECONDS):
+                    await worker.wait()
             except TimeoutError:
                 worker.kill()
                 await worker.wait()

@@ -73,7 +73,11 @@ class GatewaySettings:
     http_host: str = setting("0.0.0.0", "address of the HTTP API, metrics and dashboard")
     http_port: int = setting(8080, "port of the HTTP API, metrics and dashboard (0 picks one)",
                              min=0, max=65535)
-    worker_url: str | None = setting(None, "ws:// URL of a worker to use without a pool")
+    worker_url: str | None = setting(
+        None, "ws:// URL of a worker to use without a pool; 'echo:' echoes calls inside the gateway "
+        "(a line check that needs no worker)")
+    echo_delay_ms: int = setting(0, "with --worker-url echo: how long the echo lags behind the caller",
+                                 min=0, max=10_000)
     model: str | None = setting(None, "model id calls ask the pool for (default: any)")
     gateway_id: str | None = setting(None, "this gateway's id in call records (default: hostname-sipport)")
     lease_ttl_seconds: float = setting(15.0, "slot lease TTL; renewed every third of it", min=1.0, max=300.0)

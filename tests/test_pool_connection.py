@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
+import random
 import subprocess
 import time
 
@@ -212,3 +214,29 @@ async def test_sentinel_failover_is_followed(tmp_path):
 async def _link_up(client) -> bool:
     info = await client.redis.info("replication")
     return info.get("master_link_status") == "up"
+
+
+async def test_a_cancelled_operation_always_cancels_its_task(redis_server):
+    """Python 3.11's asyncio.wait_for (which redis-py uses with a socket timeout) can swallow
+    a cancellation; the pool's clients must never let a cancelled task carry on."""
+    async with connect(redis_server.url, prefix="c:") as client:
+        await WorkerRegistration(client, worker("w1", capacity=1), interval=60).heartbeat()
+        leases = SlotLeases(client)
+        lease = await leases.claim(ttl_ms=60_000)
+        rng = random.Random(7)
+        for _ in range(300):
+            async def renew_forever() -> None:
+                while True:
+                    await leases.renew(lease)
+
+            task = asyncio.create_task(renew_forever())
+            await asyncio.sleep(rng.random() * 0.003)
+            task.cancel()
+            done, _ = await asyncio.wait([task], timeout=5)
+            assert done and task.cancelled(), "the cancellation was swallowed"
+        # and a holder always stops when closed
+        for _ in range(100):
+            async with leases.hold(lease, renew_every=0) as holder:
+                await asyncio.sleep(rng.random() * 0.003)
+            assert holder.released is True
+            lease = await leases.claim(ttl_ms=60_000)

@@ -145,7 +145,7 @@ async def test_a_hung_redis_is_reported_within_the_deadline(hung_redis):
             with pytest.raises(PoolUnavailable):
                 await leases.claim()
             elapsed = time.monotonic() - start
-            assert 0.5 < elapsed < FAST + 0.5  # the socket timeout (1 s) fired, nothing hung
+            assert 1.0 < elapsed < FAST + 0.5  # the operation deadline (1.25 s) fired, nothing hung
         assert client.errors_total == 2
 
 
@@ -177,7 +177,7 @@ async def test_a_recreated_lease_lifts_the_fence_even_before_any_worker_heartbea
 
 
 async def test_the_deadline_cuts_a_slow_reply_without_desynchronising_the_connection(redis_server):
-    async with connect(redis_server.url, prefix="o:", socket_timeout=5.0, operation_timeout=0.3,
+    async with connect(redis_server.url, prefix="o:", operation_timeout=0.3,
                        max_connections=1) as client:
         start = time.monotonic()
         with pytest.raises(PoolUnavailable, match="no answer within 0.3 s"):

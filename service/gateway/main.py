@@ -17,7 +17,8 @@ import uvicorn
 from service.config import ConfigError
 from service.gateway import metrics
 from service.gateway.call import Call, TranscriptEvent
-from service.gateway.routing import FixedRouter, PoolRouter, Router
+from service.gateway.loopback import LOOPBACK_URL
+from service.gateway.routing import FixedRouter, LoopbackRouter, PoolRouter, Router
 from service.gateway.sip_ingress import SipCallHandler
 from service.pool import (
     DRAINING,
@@ -78,6 +79,8 @@ class Gateway:
             self.registry = RegistryReader(self.pool)
             self.router = PoolRouter(SlotLeases(self.pool), model=self.model, gateway_id=self.gateway_id,
                                      lease_ttl_ms=int(settings.lease_ttl_seconds * 1000))
+        elif settings.worker_url == LOOPBACK_URL:
+            self.router = LoopbackRouter(settings.echo_delay_ms)
         else:
             assert settings.worker_url
             self.router = FixedRouter(settings.worker_url, model=self.model)
@@ -251,7 +254,8 @@ class Gateway:
 
     async def _drain(self) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.no_calls.wait(), self.settings.drain_grace_seconds)
+            async with asyncio.timeout(self.settings.drain_grace_seconds):
+                await self.no_calls.wait()
         self.stop()
 
     def stop(self) -> None:
@@ -299,12 +303,14 @@ class Gateway:
         for call in list(self.calls.values()):
             call.end("gateway-stopped")
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.no_calls.wait(), STOP_CALLS_SECONDS)
+            async with asyncio.timeout(STOP_CALLS_SECONDS):
+                await self.no_calls.wait()
         await self.ua.stop()
         if self._http is not None:
             self._http.should_exit = True
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(http_task, 5)
+                async with asyncio.timeout(5):
+                    await http_task
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=2)
         if self.pool is not None:

@@ -20,6 +20,7 @@ import typing as tp
 from dataclasses import dataclass
 
 from service.gateway import metrics
+from service.gateway.loopback import LoopbackLink
 from service.gateway.worker_link import WorkerLink, WorkerRefused
 from service.pool import Lease, LeaseHolder, PoolUnavailable, SlotLeases
 
@@ -115,6 +116,22 @@ class FixedRouter:
                 if on_queued is not None:
                     await on_queued()
             await asyncio.sleep(CLAIM_POLL_SECONDS)
+
+
+class LoopbackRouter:
+    """Every call is echoed inside the gateway (``--worker-url echo:``): a line check."""
+
+    def __init__(self, delay_ms: int = 0) -> None:
+        self.delay_ms = delay_ms
+
+    def ready(self) -> bool:
+        return True
+
+    async def open(self, call_id: str, callbacks: LinkCallbacks, *, wait: float,
+                   on_queued: tp.Callable[[], tp.Awaitable[None]] | None = None,
+                   exclude: tp.Collection[str] = ()) -> WorkerSession:
+        link = LoopbackLink(call_id, callbacks.on_frame, self.delay_ms)
+        return WorkerSession(link=link, worker_id="loopback")  # type: ignore[arg-type]
 
 
 class PoolRouter:

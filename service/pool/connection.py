@@ -14,10 +14,17 @@
 The pool's scripts build key names at run time, so they need one primary that holds every
 key: a standalone Redis or a Sentinel-managed one, not Redis Cluster.
 
-Every operation runs under a deadline (``operation_timeout``, 1.25 s by default) on top
-of a 1 s socket timeout and at most one immediate retry on a broken connection (the usual
+Every operation runs under one deadline (``operation_timeout``, 1.25 s by default), with
+a 1 s connect timeout and at most one immediate retry on a broken connection (the usual
 case after a Redis restart): callers get ``PoolUnavailable`` quickly instead of a hang,
 and each failure is counted in ``PoolClient.errors_total``.
+
+The deadline is an ``asyncio.timeout`` around the whole operation rather than redis-py's
+``socket_timeout``: with a socket timeout set, redis-py sends through ``asyncio.wait_for``,
+which on Python 3.11 can swallow a cancellation that arrives as the send completes (the
+cancelled task then carries on as if nothing happened). ``asyncio.timeout`` does not, and
+redis-py drops a connection whose reply was cut off, so no late reply is ever read as the
+answer to the next command.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from service.pool.keys import DEFAULT_PREFIX, Keys
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SOCKET_TIMEOUT = 1.0
+DEFAULT_CONNECT_TIMEOUT = 1.0
 DEFAULT_OPERATION_TIMEOUT = 1.25
 SENTINEL_SCHEME = "redis+sentinel"
 
@@ -203,18 +210,22 @@ def parse_sentinel_url(url: str) -> SentinelAddress:
     return SentinelAddress(sentinels, unquote(path[0]), db, username, password, sentinel_password)
 
 
-def connect(url: str, *, prefix: str = DEFAULT_PREFIX, socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
+def connect(url: str, *, prefix: str = DEFAULT_PREFIX, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
             operation_timeout: float = DEFAULT_OPERATION_TIMEOUT,
             max_connections: int | None = None) -> PoolClient:
     """A PoolClient for ``url`` (see the module docstring for the forms).
 
-    Nothing is sent yet: the first operation connects (``await client.ping()`` to check).
-    Raises ValueError for a URL that is not one of the supported forms.
+    ``connect_timeout`` bounds opening a connection (and each question to a Sentinel, at
+    half of it); ``operation_timeout`` bounds every operation as a whole. Nothing is sent
+    yet: the first operation connects (``await client.ping()`` to check). Raises ValueError
+    for a URL that is not one of the supported forms.
     """
+    if connect_timeout <= 0 or operation_timeout <= 0:
+        raise ValueError("timeouts must be positive")
     scheme = urlsplit(url).scheme
     common: dict[str, tp.Any] = {
-        "socket_timeout": socket_timeout,
-        "socket_connect_timeout": socket_timeout,
+        "socket_timeout": None,  # the operation deadline bounds reads and writes (see above)
+        "socket_connect_timeout": connect_timeout,
         "decode_responses": True,
         "retry": _retry(),
     }
@@ -225,9 +236,10 @@ def connect(url: str, *, prefix: str = DEFAULT_PREFIX, socket_timeout: float = D
         return PoolClient(redis, prefix=prefix, operation_timeout=operation_timeout, location=redacted(url))
     if scheme == SENTINEL_SCHEME:
         address = parse_sentinel_url(url)
-        # each Sentinel is asked once: a dead one is skipped at once, not retried
-        sentinel_kwargs: dict[str, tp.Any] = {"socket_timeout": socket_timeout,
-                                              "socket_connect_timeout": socket_timeout,
+        # each Sentinel is asked once, briefly: a dead or hung one is skipped within the
+        # deadline (a discovery happens only when connecting, so wait_for's flaw hardly matters)
+        sentinel_kwargs: dict[str, tp.Any] = {"socket_timeout": connect_timeout / 2,
+                                              "socket_connect_timeout": connect_timeout / 2,
                                               "decode_responses": True,
                                               "retry": Retry(NoBackoff(), 0)}
         if address.sentinel_password:

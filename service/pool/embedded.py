@@ -133,17 +133,18 @@ class EmbeddedRedis:
     async def _wait_ready(self, url: str) -> None:
         assert self.proc is not None and self._dir is not None
         deadline = time.monotonic() + self.start_timeout
-        client = aioredis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        client = aioredis.Redis.from_url(url, socket_connect_timeout=1.0)
         try:
             while True:
                 if self.proc.returncode is not None:
                     raise EmbeddedRedisError(f"redis-server exited with {self.proc.returncode}: {self._log_tail()}")
                 try:
                     # answering is not enough: it must be our server, not another on a reused port
-                    info = await client.info("server")
+                    async with asyncio.timeout(1.0):
+                        info = await client.info("server")
                     if int(info.get("process_id", -1)) == self.proc.pid:
                         return
-                except (RedisError, OSError):
+                except (RedisError, OSError, TimeoutError):
                     pass
                 if time.monotonic() > deadline:
                     raise EmbeddedRedisError(

@@ -154,13 +154,18 @@ class LeaseHolder:
         self.renew_failures = 0  # renews that could not reach Redis
         self.released: bool | None = None  # None: not released (yet, or Redis was down)
         self._task: asyncio.Task | None = None
+        self._closing = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"lease-{self.lease.worker_id}-{self.lease.slot}")
 
     async def _run(self) -> None:
-        while True:
+        # the flag as well as the cancel: a cancellation swallowed somewhere below (asyncio
+        # on 3.11 can) must not leave this loop renewing a lease that is being released
+        while not self._closing:
             await asyncio.sleep(self.renew_every)
+            if self._closing:
+                return
             try:
                 result = await self.leases.renew(self.lease)
             except PoolError as exc:
@@ -186,6 +191,7 @@ class LeaseHolder:
 
     async def close(self) -> None:
         """Stop renewing and release the lease (best effort: if Redis is down it expires)."""
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait([self._task])

@@ -82,6 +82,7 @@ class WorkerRegistration:
         self.heartbeat_failures = 0
         self.registered = False  # whether the last heartbeat reached Redis
         self._task: asyncio.Task | None = None
+        self._stopping = False
 
     def _fields(self) -> list[tp.Any]:
         info = self.info
@@ -112,6 +113,7 @@ class WorkerRegistration:
         heartbeats keep trying)."""
         if self._task is not None:
             raise RuntimeError("registration already started")
+        self._stopping = False
         ok = await self._beat()
         self._task = asyncio.create_task(self._run(), name=f"heartbeat-{self.info.worker_id}")
         return ok
@@ -130,8 +132,10 @@ class WorkerRegistration:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         next_at = loop.time() + self.interval
-        while True:
+        while not self._stopping:  # the flag as well as the cancel: see LeaseHolder._run
             await asyncio.sleep(max(0.0, next_at - loop.time()))
+            if self._stopping:
+                return
             await self._beat()
             next_at = max(next_at + self.interval, loop.time())
 
@@ -167,6 +171,7 @@ class WorkerRegistration:
 
     async def stop(self, *, deregister: bool = True) -> None:
         """Stop heartbeating and (by default) remove the registration at once."""
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait([self._task])

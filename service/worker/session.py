@@ -173,7 +173,8 @@ class Session:
     # --- handshake ----------------------------------------------------------------------
     async def _handshake(self) -> dict:
         try:
-            message = await asyncio.wait_for(self.ws.receive(), START_TIMEOUT_SECONDS)
+            async with asyncio.timeout(START_TIMEOUT_SECONDS):
+                message = await self.ws.receive()
         except TimeoutError:
             raise ProtocolViolation(CLOSE_VIOLATION, f"no start message within {START_TIMEOUT_SECONDS:g} s") from None
         if message["type"] == "websocket.disconnect":

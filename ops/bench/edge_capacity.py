@@ -1,0 +1,220 @@
+"""Edge capacity: how many concurrent echo calls one gateway carries on ONE core.
+
+The gateway runs as its own process pinned to one CPU core, with the in-gateway loopback
+(``--worker-url echo:``: every call goes through SIP, RTP, the jitter buffer, G.711, the
+8↔24 kHz resamplers, 80 ms framing and the egress pacer; only the worker hop is left out).
+This script, pinned to another core, places N calls with the project's own SIP stack,
+sends 50 RTP packets a second on each and counts what comes back. For each N it measures,
+over a steady window:
+
+* the gateway's egress pacing error (how late each packet left against its schedule, from
+  the gateway's moshimoshi_rtp_pacer_lateness_seconds histogram);
+* packets lost inbound (the gateway's counters) and outbound (sequence gaps seen here);
+* the gateway's CPU use (from /proc), packets per second, and CPU per call.
+
+A step passes when the pacing p99 is under 2 ms and no packet was lost either way. Target:
+at least 200 concurrent calls per core. The last line printed is a JSON object.
+
+    python ops/bench/edge_capacity.py [--steps 50,100,150,200,250,300] [--hold 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from sip import g711  # noqa: E402
+from sip.rtp import RtpPacket  # noqa: E402
+from sip.rtpsession import PortAllocator, RtpSession  # noqa: E402
+from sip.sdp import MediaPreferences, build_offer  # noqa: E402
+from sip.ua import UserAgent  # noqa: E402
+from tests.support.procs import free_port, wait_for_tcp  # noqa: E402
+
+TARGET_CALLS = 200
+PACING_LIMIT_S = 0.002
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def scrape(url: str) -> dict[str, dict]:
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    out: dict[str, dict] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = sample.name + (json.dumps(sample.labels, sort_keys=True) if sample.labels else "")
+            out[key] = sample.value
+    return out
+
+
+def bucket_quantile(before: dict, after: dict, name: str, q: float) -> tuple[float, float, int]:
+    """(q-quantile upper bound, fraction within PACING_LIMIT_S, count) of a histogram's delta."""
+    buckets = []
+    for key, value in after.items():
+        if key.startswith(name + "_bucket"):
+            le = json.loads(key[len(name + "_bucket"):])["le"]
+            bound = float("inf") if le == "+Inf" else float(le)
+            buckets.append((bound, value - before.get(key, 0.0)))
+    buckets.sort()
+    total = buckets[-1][1] if buckets else 0
+    if not total:
+        return 0.0, 1.0, 0
+    quantile = next(bound for bound, count in buckets if count >= q * total)
+    within = next((count for bound, count in buckets if bound >= PACING_LIMIT_S), total) / total
+    return quantile, within, int(total)
+
+
+class LoadCall:
+    """One benchmark call: its dialog, RTP session and what came back."""
+
+    def __init__(self, rtp: RtpSession) -> None:
+        self.rtp = rtp
+        self.dialog = None
+        self.received = 0
+        self.gaps = 0
+        self._last_seq: int | None = None
+        rtp.route(0, self.on_packet)
+
+    def on_packet(self, packet: RtpPacket, arrival: float) -> None:
+        self.received += 1
+        if self._last_seq is not None and (packet.sequence - self._last_seq) & 0xFFFF != 1:
+            self.gaps += 1
+        self._last_seq = packet.sequence
+
+
+async def place(ua: UserAgent, ports: PortAllocator, uri: str) -> LoadCall:
+    rtp = await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=5.0)
+    call = LoadCall(rtp)
+    offer = build_offer(MediaPreferences(codecs=["PCMU"]), "127.0.0.1", rtp.local_port)
+    call.dialog = await ua.invite(uri, str(offer), timeout=20)
+    media = call.dialog.media
+    rtp.update_remote(media.remote_address, media.remote_port, media.remote_rtcp_port)
+    return call
+
+
+async def send_loop(calls: list[LoadCall], stop: asyncio.Event) -> None:
+    """50 packets/s on every call, a tone so the echo carries audio."""
+    import numpy as np
+
+    t = np.arange(160) / 8000
+    payload = g711.encode("PCMU", (3000 * np.sin(2 * np.pi * 400 * t)).astype(np.int16))
+    loop = asyncio.get_running_loop()
+    tick = loop.time()
+    while not stop.is_set():
+        for call in list(calls):
+            call.rtp.send(payload)
+        tick += 0.02
+        await asyncio.sleep(max(0.0, tick - loop.time()))
+
+
+async def run(args: argparse.Namespace) -> dict:
+    sip_port, http_port = free_port(), free_port()
+    cores = sorted(os.sched_getaffinity(0))
+    gateway_core, load_cores = cores[0], cores[1:] or cores
+    command = [sys.executable, "-m", "service", "gateway", "--worker-url", "echo:", "--sip-host", "127.0.0.1",
+               "--sip-port", str(sip_port), "--http-host", "127.0.0.1", "--http-port", str(http_port),
+               "--rtp-port-min", "20000", "--rtp-port-max", "29999", "--log-level", "warning",
+               "--rtp-timeout-seconds", "0"]
+    gateway = subprocess.Popen(command,  # noqa: ASYNC220 - started once, before any load env=python_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                               preexec_fn=lambda: os.sched_setaffinity(0, {gateway_core}))
+    os.sched_setaffinity(0, set(load_cores))
+    metrics_url = f"http://127.0.0.1:{http_port}/metrics"
+    uri = f"sip:agent@127.0.0.1:{sip_port}"
+    results = []
+    calls: list[LoadCall] = []
+    ua = UserAgent("127.0.0.1", 0, user_agent="edge-bench", session_expires=0)
+    ports = PortAllocator(40000, 49998)
+    stop = asyncio.Event()
+    sender: asyncio.Task | None = None
+    try:
+        await asyncio.to_thread(wait_for_tcp, "127.0.0.1", http_port, 30.0, gateway)
+        await ua.start()
+        sender = asyncio.create_task(send_loop(calls, stop))
+        print(f"gateway pinned to core {gateway_core}, load generator on {load_cores}; "
+              f"{args.hold:.0f} s per step\n")
+        print(f"{'calls':>6} {'gw CPU':>7} {'CPU/call':>9} {'pkt/s':>7} {'pacing p50':>11} {'p99':>7} "
+              f"{'<=2ms':>7} {'lost in':>8} {'lost out':>9}  verdict")
+        for target in args.steps:
+            while len(calls) < target:
+                batch = min(25, target - len(calls))
+                calls.extend(await asyncio.gather(*(place(ua, ports, uri) for _ in range(batch))))
+            await asyncio.sleep(args.settle)
+            before = await asyncio.to_thread(scrape, metrics_url)
+            cpu_before = cpu_seconds(gateway.pid)
+            received_before = [c.received for c in calls]
+            gaps_before = sum(c.gaps for c in calls)
+            started = time.monotonic()
+            await asyncio.sleep(args.hold)
+            elapsed = time.monotonic() - started
+            cpu = (cpu_seconds(gateway.pid) - cpu_before) / elapsed
+            after = await asyncio.to_thread(scrape, metrics_url)
+            p50, _, _ = bucket_quantile(before, after, "moshimoshi_rtp_pacer_lateness_seconds", 0.50)
+            p99, within, _ = bucket_quantile(before, after, "moshimoshi_rtp_pacer_lateness_seconds", 0.99)
+            lost_in = after.get("moshimoshi_rtp_packets_lost_total", 0) - before.get(
+                "moshimoshi_rtp_packets_lost_total", 0)
+            lost_out = sum(c.gaps for c in calls) - gaps_before
+            rx = sum(c.received - b for c, b in zip(calls, received_before, strict=True)) / elapsed
+            pps = (after.get("moshimoshi_rtp_packets_received_total", 0)
+                   - before.get("moshimoshi_rtp_packets_received_total", 0)) / elapsed + rx
+            ok = within >= 0.99 and lost_in == 0 and lost_out == 0
+            row = {"calls": target, "gateway_cpu": round(cpu, 3), "cpu_ms_per_call_per_s": round(1000 * cpu / target, 3),
+                   "packets_per_second": round(pps), "pacing_p50_le_s": p50, "pacing_p99_le_s": p99,
+                   "pacing_within_2ms": round(within, 5), "lost_in": int(lost_in), "lost_out": int(lost_out),
+                   "ok": ok}
+            results.append(row)
+            print(f"{target:>6} {cpu * 100:>6.0f}% {1000 * cpu / target:>7.2f}ms {pps:>7.0f} "
+                  f"{'≤' + format(p50 * 1000, '.2g') + 'ms':>11} {'≤' + format(p99 * 1000, '.2g') + 'ms':>7} "
+                  f"{within * 100:>6.2f}% {int(lost_in):>8} {lost_out:>9}  {'ok' if ok else 'FAIL'}")
+            if cpu > 0.97 and not ok:
+                break
+    finally:
+        stop.set()
+        if sender is not None:
+            await asyncio.gather(sender, return_exceptions=True)
+        for call in calls:
+            call.rtp.close(send_bye=False)
+        await ua.stop()
+        gateway.send_signal(signal.SIGINT)  # SIGTERM would drain for the grace period
+        await asyncio.to_thread(gateway.wait, 20)
+    passing = [r["calls"] for r in results if r["ok"]]
+    best = max(passing) if passing else 0
+    print(f"\nlargest load meeting pacing p99 < 2 ms with no lost packets: {best} calls on one core "
+          f"(target ≥ {TARGET_CALLS}: {'met' if best >= TARGET_CALLS else 'NOT met'})")
+    return {"benchmark": "edge_capacity", "max_calls_one_core": best, "target": TARGET_CALLS,
+            "target_met": best >= TARGET_CALLS, "steps": results}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", default="50,100,150,200,250,300",
+                        type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--hold", type=float, default=10.0, help="seconds measured per step")
+    parser.add_argument("--settle", type=float, default=2.0, help="seconds after adding calls")
+    args = parser.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    print(json.dumps(asyncio.run(run(args))))
+
+
+if __name__ == "__main__":
+    main()
