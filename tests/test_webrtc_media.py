@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from service.gateway.aiortc_tap import tap_receiver
 from service.gateway.bridge import MODEL_FRAME_BYTES
 from service.gateway.opus import OpusMonoDecoder, OpusPacketError, opus_packet_samples
-from service.gateway.resample_48k import Decimator48to24, Interpolator24to48
+from service.gateway.resample_48k import Decimator48to24, Interpolator24to48, wideband_taps
 from service.gateway.webrtc_media import PACKET_SAMPLES_48K, TRACK_QUEUE_PACKETS, ModelAudioTrack, WebRtcMedia
 from service.gateway.webrtc_sdp import OfferError, check_offer
 
@@ -128,6 +128,19 @@ def test_interpolator_keeps_the_band_and_suppresses_the_image():
     image = spectrum[np.argmin(np.abs(freqs - 21000))]
     assert rms(out) == pytest.approx(1 / np.sqrt(2), rel=0.02)
     assert 20 * np.log10(image / wanted) < -50
+
+
+def test_the_matrix_filters_compute_the_plain_convolutions():
+    taps = wideband_taps()
+    signal = np.random.default_rng(1).normal(size=5001).astype(np.float32)
+    decimated = np.convolve(np.concatenate((np.zeros(len(taps) - 1, np.float32), signal)), taps, "valid")[::2]
+    np.testing.assert_allclose(Decimator48to24().process(signal), decimated, atol=1e-5)
+    padded = np.zeros(len(taps) + 1, np.float32)
+    padded[:len(taps)] = taps * 2
+    history = np.zeros(len(padded) // 2 - 1, np.float32)
+    branches = [np.convolve(np.concatenate((history, signal)), padded[phase::2], "valid") for phase in (0, 1)]
+    np.testing.assert_allclose(Interpolator24to48().process(signal), np.stack(branches, axis=1).reshape(-1),
+                               atol=1e-5)
 
 
 @settings(max_examples=40, deadline=None)

@@ -3,7 +3,7 @@
 The ratio is exactly 2, so each direction is one short linear-phase FIR (a Kaiser-windowed
 sinc: flat to 10 kHz, ≥ 60 dB down from 12 kHz, the model's Nyquist frequency): the
 decimator filters and keeps every second sample, the interpolator zero-stuffs and filters
-as two polyphase branches. 95 taps at 48 kHz hold back 0.98 ms each way, where soxr's HQ
+as two polyphase branches, each a matrix product. 95 taps at 48 kHz hold back 0.98 ms each way, where soxr's HQ
 holds back several milliseconds. Each instance keeps its filter state between chunks (one
 per call per direction); input and output are float32 mono arrays.
 """
@@ -25,22 +25,32 @@ def wideband_taps() -> np.ndarray:
     return lowpass_taps(TAPS, CUTOFF_HZ, WEBRTC_RATE)
 
 
+def sliding_windows(samples: np.ndarray, width: int, step: int = 1) -> np.ndarray:
+    """Every ``step``-th run of ``width`` consecutive samples as the rows of one contiguous
+    matrix, so that a FIR filter is a single BLAS matrix product (np.convolve is a plain loop)."""
+    count = max(0, (len(samples) - width) // step + 1)
+    view = np.lib.stride_tricks.as_strided(samples, (count, width), (step * samples.strides[0], samples.strides[0]),
+                                           writeable=False)
+    return np.ascontiguousarray(view)
+
+
 class Decimator48to24:
-    """48 → 24 kHz: the anti-aliasing low-pass, kept at every second sample."""
+    """48 → 24 kHz: the anti-aliasing low-pass, evaluated at every second sample only."""
 
     name = f"fir{TAPS}"
 
     def __init__(self) -> None:
-        self._taps = wideband_taps()
-        self._history = np.zeros(len(self._taps) - 1, dtype=np.float32)
+        taps = wideband_taps()
+        self._taps = np.ascontiguousarray(taps[::-1])  # reversed to meet oldest-first windows
+        self._history = np.zeros(len(taps) - 1, dtype=np.float32)
         self._phase = 0  # input samples to skip before the next output sample
-        self.held_back_ms = (len(self._taps) - 1) / 2 / WEBRTC_RATE * 1000
+        self.held_back_ms = (len(taps) - 1) / 2 / WEBRTC_RATE * 1000
 
     def process(self, samples: np.ndarray) -> np.ndarray:
-        if len(samples) == 0:  # np.convolve would swap its arguments
+        if len(samples) == 0:
             return np.zeros(0, dtype=np.float32)
         joined = np.concatenate((self._history, samples.astype(np.float32, copy=False)))
-        out = np.convolve(joined, self._taps, "valid")[self._phase::RATIO]
+        out = sliding_windows(joined[self._phase:], len(self._taps), RATIO) @ self._taps
         self._phase = (self._phase - len(samples)) % RATIO
         self._history = joined[len(samples):]
         return out
@@ -55,16 +65,15 @@ class Interpolator24to48:
         taps = wideband_taps()
         padded = np.zeros(-(-len(taps) // RATIO) * RATIO, dtype=np.float32)
         padded[: len(taps)] = taps * RATIO  # zero-stuffing loses a factor RATIO of energy
-        self._branches = [padded[phase::RATIO].copy() for phase in range(RATIO)]
-        self._history = np.zeros(len(self._branches[0]) - 1, dtype=np.float32)
+        # column p holds branch p (taps p, p+2, ...) reversed, to meet oldest-first windows
+        self._branches = np.ascontiguousarray(padded.reshape(-1, RATIO)[::-1])
+        self._history = np.zeros(len(self._branches) - 1, dtype=np.float32)
         self.held_back_ms = (len(taps) - 1) / 2 / WEBRTC_RATE * 1000
 
     def process(self, samples: np.ndarray) -> np.ndarray:
         if len(samples) == 0:
             return np.zeros(0, dtype=np.float32)
         joined = np.concatenate((self._history, samples.astype(np.float32, copy=False)))
-        out = np.empty((len(samples), RATIO), dtype=np.float32)
-        for phase, branch in enumerate(self._branches):
-            out[:, phase] = np.convolve(joined, branch, "valid")
+        out = sliding_windows(joined, len(self._branches)) @ self._branches  # [input sample, phase]
         self._history = joined[len(samples):]
         return out.reshape(-1)

@@ -139,6 +139,7 @@ class WebRtcMedia:
         self.ptime_changes = 0
         self.packets_malformed = 0
         self.decode_errors = 0
+        self.latency_samples: collections.deque[float] = collections.deque(maxlen=2000)
         self.frames_to_model = 0
         self.frames_from_model = 0
         self.egress_underruns = 0
@@ -252,7 +253,9 @@ class WebRtcMedia:
 
     def _on_frame_sent(self, waited: float) -> None:
         jitter_delay = self.jitter.delay if self.jitter is not None else 0.0
-        metrics.GATEWAY_LATENCY.observe(max(0.0, jitter_delay + waited + self.held_back_ms / 1000))
+        added = max(0.0, jitter_delay + waited + self.held_back_ms / 1000)
+        metrics.GATEWAY_LATENCY.observe(added)
+        self.latency_samples.append(added)
 
     def _send_packet(self, pcm: np.ndarray | None, ticks: int) -> None:
         if pcm is None and self._model_talking:
@@ -285,6 +288,18 @@ class WebRtcMedia:
             "egress_underruns": self.egress_underruns,
         }
 
+    def _latency_summary(self) -> dict[str, float] | None:
+        """Gateway-added latency over the call's recent frames, as the SIP call reports it:
+        jitter buffer, resampling both ways and egress wait (Opus's own delay excluded)."""
+        if not self.latency_samples:
+            return None
+        values = np.asarray(self.latency_samples) * 1000
+        return {"p50": round(float(np.percentile(values, 50)), 2),
+                "p99": round(float(np.percentile(values, 99)), 2),
+                "jitter_buffer": round(self.jitter.delay * 1000, 2) if self.jitter is not None else 0.0,
+                "resampling": round(self.held_back_ms, 2),
+                "egress_cushion": round(self.pacer.cushion * 1000, 2)}
+
     def quality(self) -> dict[str, tp.Any]:
         """What the API shows for the call's audio quality (the SIP call's keys, plus Opus's)."""
         jb = self._jitter_counts()
@@ -309,6 +324,7 @@ class WebRtcMedia:
             "egress_cushion_ms": round(self.pacer.cushion * 1000, 1),
             "egress_underruns": self.egress_underruns,
             "egress_dropped": self.track.dropped,
+            "gateway_latency_ms": self._latency_summary(),
             "model_frames": self.frames_from_model,
             "model_packets": self.pacer.stats.model_packets,
             "model_packets_late": self.pacer.stats.late_dropped,
