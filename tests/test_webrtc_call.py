@@ -8,6 +8,7 @@ path as a SIP call, and the echo worker sends each 80 ms frame straight back.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import socket
 import time
@@ -245,3 +246,31 @@ async def test_webrtc_calls_queue_for_the_slot_and_get_503_when_none_frees(echo)
     finally:
         for client in (first, second, third):
             await client.close()
+
+
+def process_resources(pid: int) -> tuple[int, int]:
+    """(threads, open file descriptors) of a process."""
+    return len(os.listdir(f"/proc/{pid}/task")), len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def test_calls_leave_no_threads_or_sockets_behind(echo):
+    pid = echo.gateway.proc.pid
+
+    async def call(hang_up: bool) -> None:
+        client = await connected_client(echo, speech_like(0.5))
+        try:
+            await asyncio.sleep(0.5)
+            if hang_up:
+                assert (await client.hang_up()).status_code == 200
+        finally:
+            await client.close()  # without a DELETE first: the gateway sees the peer go
+        await slot_released(echo)
+
+    await call(hang_up=True)  # warm: the encoder's thread pool starts with the first call
+    threads, fds = process_resources(pid)
+    for hang_up in (True, False, True, False):
+        await call(hang_up)
+    assert await metric(echo, "moshimoshi_calls_total", ingress="webrtc", outcome="peer-gone") >= 2
+    after_threads, after_fds = process_resources(pid)
+    assert after_threads <= threads, (threads, after_threads)
+    assert after_fds <= fds + 2, (fds, after_fds)  # slack for HTTP connections closing
