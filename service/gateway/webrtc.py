@@ -77,7 +77,7 @@ def ice_servers(settings: GatewaySettings) -> list[RTCIceServer]:
     return servers
 
 
-def opus_capability() -> tp.Any:
+def opus_codecs() -> list[tp.Any]:
     capabilities = RTCRtpSender.getCapabilities("audio")
     return [c for c in capabilities.codecs if c.mimeType.lower() == "audio/opus"]
 
@@ -181,7 +181,7 @@ class WebRtcSession:
         call, gateway = self.call, self.gateway
         pc = self.pc = RTCPeerConnection(RTCConfiguration(iceServers=self.ingress.ice_servers))
         transceiver = pc.addTransceiver(self.media.track, direction="sendrecv")
-        transceiver.setCodecPreferences(opus_capability())
+        transceiver.setCodecPreferences(opus_codecs())
         pc.on("connectionstatechange", self._on_connection_state)
         pc.on("datachannel", self._on_datachannel)
         try:
