@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import __version__
+from service.api.webrtc import webrtc_router
 
 if tp.TYPE_CHECKING:
     from service.gateway.main import Gateway
@@ -32,4 +33,5 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    app.include_router(webrtc_router(gateway))
     return app
