@@ -23,7 +23,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 
 from service.gateway import metrics
-from service.gateway.bridge import MODEL_FRAME_SAMPLES, float_to_pcm16, pcm16_to_float
+from service.gateway.bridge import MODEL_FRAME_SAMPLES, to_pcm16
 from service.gateway.opus import OPUS_RATE, OpusMonoDecoder, OpusPacketError, opus_packet_samples
 from service.gateway.pacer import EgressPacer
 from service.gateway.resample_48k import MODEL_RATE, Decimator48to24, Interpolator24to48
@@ -230,7 +230,7 @@ class WebRtcMedia:
                 self.decode_errors += 1
                 popped = CONCEAL
             else:
-                pcm = self.plc.good(float_to_pcm16(self._down.process(pcm16_to_float(decoded))))
+                pcm = self.plc.good(to_pcm16(self._down.process(decoded.astype(np.float32))))
         if pcm is None:
             if popped is CONCEAL:
                 pcm = self.plc.conceal(samples_24k)
@@ -247,7 +247,7 @@ class WebRtcMedia:
         """One 80 ms frame of the model's voice arrived from the worker."""
         self.frames_from_model += 1
         self._model_talking = True
-        pcm48 = float_to_pcm16(self._up.process(pcm16_to_float(np.frombuffer(frame, dtype="<i2"))))
+        pcm48 = to_pcm16(self._up.process(np.frombuffer(frame, dtype="<i2").astype(np.float32)))
         count = len(pcm48) // PACKET_SAMPLES_48K
         self.pacer.push([pcm48[i * PACKET_SAMPLES_48K:(i + 1) * PACKET_SAMPLES_48K] for i in range(count)])
 
