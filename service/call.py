@@ -145,7 +145,7 @@ class TestCall:
             self.ticks += 1
 
 
-async def fetch_transcript(api: str, token: str | None, call_id: str) -> dict | None:
+async def fetch_transcript(api: str, token: str | None, call_id: str, *, guessed: bool = False) -> dict | None:
     import httpx
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -155,7 +155,7 @@ async def fetch_transcript(api: str, token: str | None, call_id: str) -> dict | 
             try:
                 response = await client.get(url, headers=headers)
             except httpx.HTTPError as exc:
-                log.warning("no transcript: %s unreachable (%s); pass --api", api, exc)
+                (log.info if guessed else log.warning)("no transcript: %s unreachable (%s); pass --api", api, exc)
                 return None
             if response.status_code == 200:
                 return response.json()
@@ -230,7 +230,7 @@ async def place_call(settings: CallSettings) -> dict:
         if transcript_path and gateway_call_id:
             api = settings.api or f"http://{target.host}:8080"
             transcript = await fetch_transcript(api, settings.api_token or os.environ.get(
-                "MOSHIMOSHI_API_TOKEN"), gateway_call_id)
+                "MOSHIMOSHI_API_TOKEN"), gateway_call_id, guessed=settings.api is None)
             if transcript is not None:
                 await asyncio.to_thread(Path(transcript_path).write_text, format_transcript(transcript),
                                         encoding="utf-8")

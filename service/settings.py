@@ -93,6 +93,15 @@ class GatewaySettings:
     api_tokens: list[str] = setting(
         [], "API bearer tokens as token:scope pairs, comma-separated; scope read or admin", secret=True)
     log_level: str = setting("info", "log level", choices=["debug", "info", "warning", "error"])
+    webrtc_ice_servers: list[str] = setting(
+        [], "STUN/TURN servers for WebRTC calls, comma-separated URLs (stun:host:3478, "
+        "turn:host:3478?transport=udp); empty: host candidates only")
+    webrtc_turn_username: str | None = setting(None, "username for the TURN servers in --webrtc-ice-servers")
+    webrtc_turn_password: str | None = setting(None, "password for the TURN servers in --webrtc-ice-servers",
+                                               secret=True)
+    webrtc_connect_seconds: float = setting(
+        15.0, "a WebRTC peer whose ICE and DTLS are not up this long after its offer is dropped and its "
+        "slot released", min=1.0, max=300.0)
     webhook_url: str | None = setting(
         None, "URL that gets a POST with the call's record, quality and transcript when a call ends")
     webhook_secret: str | None = setting(
@@ -104,6 +113,7 @@ class GatewaySettings:
     webhook_timeout_seconds: float = setting(5.0, "timeout of one webhook POST", min=0.1, max=120.0)
 
     def validate(self) -> None:
+        self._validate_webrtc()
         if self.rtp_port_min >= self.rtp_port_max:
             raise ConfigError(
                 f"MOSHIMOSHI_RTP_PORT_MIN={self.rtp_port_min} must be below "
@@ -114,6 +124,15 @@ class GatewaySettings:
         if unknown or not self.codecs:
             raise ConfigError(f"MOSHIMOSHI_CODECS={','.join(self.codecs)}: supported are PCMU and PCMA")
         self.codecs = [c.upper() for c in self.codecs]
+
+    def _validate_webrtc(self) -> None:
+        for url in self.webrtc_ice_servers:
+            scheme = url.split(":", 1)[0].lower()
+            if scheme not in ("stun", "turn", "turns") or not url.split(":", 1)[1]:
+                raise ConfigError(f"MOSHIMOSHI_WEBRTC_ICE_SERVERS: {url!r} is not a stun:, turn: or turns: URL")
+            if scheme.startswith("turn") and not (self.webrtc_turn_username and self.webrtc_turn_password):
+                raise ConfigError(f"MOSHIMOSHI_WEBRTC_ICE_SERVERS: {url!r} needs MOSHIMOSHI_WEBRTC_TURN_USERNAME "
+                                  "and MOSHIMOSHI_WEBRTC_TURN_PASSWORD")
 
 
 @dataclass

@@ -91,9 +91,10 @@ def test_a_call_in_the_api_live_transcript_metrics_and_webhook(system, webhook_s
         detail = client.get(f"/v1/calls/{call_id}").json()
         quality = detail["quality"]
         assert detail["state"] == "active" and quality["codec"] == "PCMU"
-        for key in ("jitter_ms", "loss_fraction", "concealed_frames", "egress_underruns", "gateway_latency_ms",
-                    "packets_received", "packets_sent"):
+        for key in ("jitter_ms", "loss_fraction", "concealed_frames", "egress_underruns", "packets_received",
+                    "packets_sent"):
             assert quality[key] is not None and quality[key] >= 0, key
+        assert quality["gateway_latency_ms"]["p50"] > 0 and quality["gateway_latency_ms"]["jitter_buffer"] >= 0
         assert "rtt_ms" in quality
         assert quality["packets_received"] > 0
 

@@ -16,6 +16,7 @@ from service import __version__
 from service.api import calls, dashboard, http_metrics, pool, transcripts
 from service.api.auth import ApiTokens
 from service.api.directory import CallDirectory
+from service.api.webrtc import webrtc_router
 
 if tp.TYPE_CHECKING:
     from service.gateway.main import Gateway
@@ -84,4 +85,5 @@ def create_app(gateway: Gateway) -> FastAPI:
     app.include_router(transcripts.router)
     app.include_router(pool.router)
     app.include_router(dashboard.router)
+    app.include_router(webrtc_router(gateway))
     return app

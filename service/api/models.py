@@ -5,6 +5,19 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class GatewayLatency(BaseModel):
+    """Latency the gateway adds over the call's recent frames (the model's frame and step
+    excluded), in milliseconds."""
+
+    model_config = ConfigDict(extra="allow")
+
+    p50: float | None = None
+    p99: float | None = None
+    jitter_buffer: float | None = Field(None, description="current playout delay of the jitter buffer")
+    resampling: float | None = Field(None, description="held back by the resamplers, both ways")
+    egress_cushion: float | None = Field(None, description="model audio queued ahead of the pacer")
+
+
 class CallQuality(BaseModel):
     """A call's audio quality: live for a call on the answering gateway, else as last stored
     (gateways store it every few seconds during the call and once at its end)."""
@@ -19,7 +32,7 @@ class CallQuality(BaseModel):
     rtt_ms: float | None = Field(None, description="round trip to the caller from RTCP (null until known)")
     concealed_frames: int | None = Field(None, description="inbound frames concealed (lost or late)")
     egress_underruns: int | None = Field(None, description="20 ms ticks with no model audio while it talked")
-    gateway_latency_ms: float | None = Field(
+    gateway_latency_ms: GatewayLatency | None = Field(
         None, description="latency the gateway adds: jitter buffer, resampling, framing, pacing")
     jitter_buffer_ms: float | None = Field(None, description="current playout delay of the jitter buffer")
     packets_received: int | None = None

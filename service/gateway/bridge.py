@@ -17,23 +17,25 @@ MODEL_FRAME_BYTES = MODEL_FRAME_SAMPLES * 2
 TELEPHONE_FRAME_SAMPLES = MODEL_FRAME_SAMPLES // RATIO  # 640: 80 ms at 8 kHz
 
 
-def pcm16_to_float(pcm: np.ndarray) -> np.ndarray:
-    return pcm.astype(np.float32) * (1.0 / 32768.0)
-
-
-def float_to_pcm16(samples: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(samples * 32768.0), -32768, 32767).astype(np.int16)
+def to_pcm16(samples: np.ndarray) -> np.ndarray:
+    """Float samples on the int16 scale → int16, saturating (clips in place)."""
+    return np.clip(samples, -32768.0, 32767.0, out=samples).astype(np.int16)
 
 
 class MediaBridge:
-    """Resampling and framing for one call, both directions."""
+    """Resampling and framing for one call, both directions.
+
+    Samples stay on the int16 scale as float32 throughout (the filters are linear), so
+    each direction costs one conversion in and one out per 80 ms frame.
+    """
 
     def __init__(self, resampler: str = "fir", packet_samples: int = 160) -> None:
         self._up, self._down = make_pair(resampler)
         self.resampler = self._up.name
         self.packet_samples = packet_samples
-        self._caller_pending: list[np.ndarray] = []
-        self._caller_pending_len = 0
+        # room for one frame plus what a packet size that does not divide 80 ms leaves over
+        self._caller = np.zeros(TELEPHONE_FRAME_SAMPLES + packet_samples, dtype=np.float32)
+        self._caller_fill = 0
         self._model_pending = np.zeros(0, dtype=np.int16)
         self.held_back_ms = self._up.held_back_ms + self._down.held_back_ms
 
@@ -42,15 +44,20 @@ class MediaBridge:
 
         Upsampling waits for the whole 80 ms so the resampler runs once per model frame.
         """
-        self._caller_pending.append(pcm8k)
-        self._caller_pending_len += len(pcm8k)
-        if self._caller_pending_len < TELEPHONE_FRAME_SAMPLES:
+        fill = self._caller_fill
+        end = fill + len(pcm8k)
+        if end > len(self._caller):
+            self._caller = np.concatenate((self._caller, np.zeros(end - len(self._caller), np.float32)))
+        self._caller[fill:end] = pcm8k
+        if end < TELEPHONE_FRAME_SAMPLES:
+            self._caller_fill = end
             return None
-        joined = np.concatenate(self._caller_pending)
-        frame8k, rest = joined[:TELEPHONE_FRAME_SAMPLES], joined[TELEPHONE_FRAME_SAMPLES:]
-        self._caller_pending = [rest] if len(rest) else []
-        self._caller_pending_len = len(rest)
-        return float_to_pcm16(self._up.process(pcm16_to_float(frame8k))).tobytes()
+        frame = self._up.process(self._caller[:TELEPHONE_FRAME_SAMPLES])
+        rest = end - TELEPHONE_FRAME_SAMPLES
+        if rest:
+            self._caller[:rest] = self._caller[TELEPHONE_FRAME_SAMPLES:end]
+        self._caller_fill = rest
+        return to_pcm16(frame).tobytes()
 
     def model_audio(self, frame: bytes) -> list[np.ndarray]:
         """One 80 ms model frame → the packets (int16, 8 kHz) it fills, in order.
@@ -58,10 +65,10 @@ class MediaBridge:
         With a ptime that does not divide 80 ms (30 ms), the remainder waits for the next
         frame, so the packet cadence never breaks.
         """
-        pcm24k = np.frombuffer(frame, dtype="<i2")
-        pcm8k = float_to_pcm16(self._down.process(pcm16_to_float(pcm24k)))
+        pcm8k = to_pcm16(self._down.process(np.frombuffer(frame, dtype="<i2").astype(np.float32)))
         pending = np.concatenate((self._model_pending, pcm8k)) if len(self._model_pending) else pcm8k
-        count = len(pending) // self.packet_samples
-        packets = [pending[i * self.packet_samples:(i + 1) * self.packet_samples] for i in range(count)]
-        self._model_pending = pending[count * self.packet_samples:]
+        size = self.packet_samples
+        count = len(pending) // size
+        packets = [pending[i * size:(i + 1) * size] for i in range(count)]
+        self._model_pending = pending[count * size:]
         return packets

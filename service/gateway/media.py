@@ -4,12 +4,16 @@ through the pacer to RTP.
 Inbound, a playout tick every ptime pops the jitter buffer (never waiting: a missing packet
 is concealed on time), decodes G.711, and hands the audio to the bridge, which emits an
 80 ms model frame every fourth tick. Outbound, each model frame is cut into packets that
-the pacer sends on its own clock. Telephone-events go to the DTMF receiver.
+the pacer sends on its own clock, phased to when model frames arrive. The two ticks are
+separate timers on purpose: sharing one would tie the egress phase to the ingress phase,
+and an answer that comes back within the tick (an echo, a fast worker) would wait a whole
+ptime for the next one. Telephone-events go to the DTMF receiver.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 import typing as tp
 
@@ -62,29 +66,29 @@ class CallMedia:
         if negotiated.dtmf_payload_type is not None:
             rtp.route(negotiated.dtmf_payload_type, self.dtmf.receive)
         self.sending = negotiated.sends
+        self.latency_samples: collections.deque[float] = collections.deque(maxlen=2000)
         self.frames_to_model = 0
         self.frames_from_model = 0
         self.egress_underruns = 0
         self._model_talking = False
-        self._tick_timer: asyncio.TimerHandle | None = None
-        self._next_tick = 0.0
+        self._playout_timer: asyncio.TimerHandle | None = None
+        self._next_playout = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.last_rtp_at = time.monotonic()
+        self.last_rtp_at = time.monotonic()  # the event loop's clock (monotonic) once started
         self._last_received = 0
-        self.added_latency: float | None = None  # seconds, as of the last frame sent
 
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._next_tick = self._loop.time() + self.ptime_ms / 1000
-        self._tick_timer = self._loop.call_at(self._next_tick, self._tick)
+        self._next_playout = self._loop.time() + self.ptime_ms / 1000
+        self._playout_timer = self._loop.call_at(self._next_playout, self._playout_tick)
         self.pacer.start()
 
     def stop(self) -> None:
-        if self._tick_timer is not None:
-            self._tick_timer.cancel()
-            self._tick_timer = None
+        if self._playout_timer is not None:
+            self._playout_timer.cancel()
+            self._playout_timer = None
         self.pacer.stop()
         self._loop = None
 
@@ -98,20 +102,24 @@ class CallMedia:
         if negotiated.remote_address is not None and moved:
             self.rtp.update_remote(negotiated.remote_address, negotiated.remote_port,
                                    negotiated.remote_rtcp_port)
-        self.last_rtp_at = time.monotonic()
+        self.last_rtp_at = self._loop.time() if self._loop is not None else time.monotonic()
 
     # -- inbound -----------------------------------------------------------------------
 
-    def _tick(self) -> None:
+    def _playout_tick(self) -> None:
         loop = self._loop
         if loop is None:
             return
         now = loop.time()
         period = self.ptime_ms / 1000
-        self._next_tick += period
-        if self._next_tick <= now:  # the loop stalled: keep cadence, skip what was missed
-            self._next_tick = now + period - (now - self._next_tick) % period
-        self._tick_timer = loop.call_at(self._next_tick, self._tick)
+        self._next_playout += period
+        if self._next_playout <= now:  # the loop stalled: keep the cadence, skip what was missed
+            self._next_playout = now + period - (now - self._next_playout) % period
+        self._playout_timer = loop.call_at(self._next_playout, self._playout_tick)
+        self._play_out(now)
+
+    def _play_out(self, now: float) -> None:
+        """Inbound, once per tick: the jitter buffer's next slot to the bridge."""
         popped = self.jitter.pop(now)
         if isinstance(popped, bytes):
             pcm = self.plc.good(self._decoder.decode(popped))
@@ -123,10 +131,11 @@ class CallMedia:
         if frame is not None:
             self.frames_to_model += 1
             self._to_model(frame)
-        self.dtmf.poll(now)
+        if self.dtmf.active:
+            self.dtmf.poll(now)
         if self.rtp.packets_received != self._last_received:
             self._last_received = self.rtp.packets_received
-            self.last_rtp_at = time.monotonic()
+            self.last_rtp_at = now
 
     # -- outbound ----------------------------------------------------------------------
 
@@ -146,9 +155,9 @@ class CallMedia:
         self.rtp.send(payload, timestamp_increment=ticks * self.packet_samples)
 
     def _on_frame_sent(self, waited: float) -> None:
-        added = (self.jitter.delay + waited + self.bridge.held_back_ms / 1000)
-        self.added_latency = max(0.0, added)
-        metrics.GATEWAY_LATENCY.observe(self.added_latency)
+        added = max(0.0, self.jitter.delay + waited + self.bridge.held_back_ms / 1000)
+        metrics.GATEWAY_LATENCY.observe(added)
+        self.latency_samples.append(added)
 
     # -- reporting ---------------------------------------------------------------------
 
@@ -168,6 +177,18 @@ class CallMedia:
             "model_frames_dropped": self.pacer.stats.late_dropped,
             "egress_underruns": self.egress_underruns,
         }
+
+    def _latency_summary(self) -> dict[str, float] | None:
+        """Gateway-added latency over the call's recent frames: jitter buffer, resampling both
+        ways and egress wait (the model's frame and step excluded)."""
+        if not self.latency_samples:
+            return None
+        values = np.asarray(self.latency_samples) * 1000
+        return {"p50": round(float(np.percentile(values, 50)), 2),
+                "p99": round(float(np.percentile(values, 99)), 2),
+                "jitter_buffer": round(self.jitter.delay * 1000, 2),
+                "resampling": round(self.bridge.held_back_ms, 2),
+                "egress_cushion": round(self.pacer.cushion * 1000, 2)}
 
     def quality(self) -> dict[str, tp.Any]:
         """What the API shows for the call's audio quality."""
@@ -190,10 +211,10 @@ class CallMedia:
             "jitter_buffer_ms": round(jb.delay_ms, 1),
             "egress_cushion_ms": round(self.pacer.cushion * 1000, 1),
             "egress_underruns": self.egress_underruns,
+            "gateway_latency_ms": self._latency_summary(),
             "model_frames": self.frames_from_model,
             "model_packets": self.pacer.stats.model_packets,
             "model_packets_late": self.pacer.stats.late_dropped,
             "pacer_max_lateness_ms": round(self.pacer.stats.max_lateness_s * 1000, 2),
-            "gateway_latency_ms": None if self.added_latency is None else round(self.added_latency * 1000, 1),
             "resampler": self.bridge.resampler,
         }

@@ -119,3 +119,10 @@ def install_call_stats(live: tp.Callable[[], tp.Iterable[dict[str, int]]]) -> Ca
     else:
         _collector._live = live
     return _collector
+
+# WebRTC ingress
+WEBRTC_OFFERS = Counter("moshimoshi_webrtc_offers_total",
+                        "WebRTC offers by outcome: answered, bad-sdp, unavailable, busy, error.", ["outcome"])
+WEBRTC_CONNECT = Histogram("moshimoshi_webrtc_connect_seconds",
+                           "Time from the SDP answer to ICE and DTLS connected (slow: TURN or firewalls).",
+                           buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))

@@ -36,47 +36,57 @@ def lowpass_taps(num_taps: int = 73, cutoff_hz: float = 4000.0, rate: int = MODE
     return (taps / taps.sum()).astype(np.float32)
 
 
+def sliding_windows(samples: np.ndarray, width: int, step: int = 1) -> np.ndarray:
+    """Every ``step``-th run of ``width`` consecutive samples as the rows of one contiguous
+    matrix, so that a FIR filter is a single BLAS matrix product (np.convolve is a plain loop)."""
+    count = max(0, (len(samples) - width) // step + 1)
+    view = np.lib.stride_tricks.as_strided(
+        samples, (count, width), (step * samples.strides[0], samples.strides[0]), writeable=False)
+    return np.ascontiguousarray(view)
+
+
 class FirUpsampler:
-    """8 → 24 kHz: zero-stuffing by 3 and the low-pass, computed as 3 polyphase branches."""
+    """Up by an integer ``ratio``: zero-stuffing and a low-pass, as ``ratio`` polyphase
+    branches (default: 8 → 24 kHz with the telephone filter)."""
 
-    name = "fir73"
-
-    def __init__(self, taps: np.ndarray | None = None) -> None:
+    def __init__(self, taps: np.ndarray | None = None, *, ratio: int = RATIO, rate: int = MODEL_RATE) -> None:
         taps = lowpass_taps() if taps is None else taps
-        padded = np.zeros(-(-len(taps) // RATIO) * RATIO, dtype=np.float32)
-        padded[: len(taps)] = taps * RATIO  # zero-stuffing loses a factor RATIO of energy
-        self._branches = [padded[phase::RATIO].copy() for phase in range(RATIO)]
-        self._history = np.zeros(len(self._branches[0]) - 1, dtype=np.float32)
-        self.held_back_ms = (len(taps) - 1) / 2 / MODEL_RATE * 1000
-
-    def process(self, samples: np.ndarray) -> np.ndarray:
-        if len(samples) == 0:  # np.convolve would swap its arguments
-            return np.zeros(0, dtype=np.float32)
-        joined = np.concatenate((self._history, samples.astype(np.float32, copy=False)))
-        out = np.empty((len(samples), RATIO), dtype=np.float32)
-        for phase, branch in enumerate(self._branches):
-            out[:, phase] = np.convolve(joined, branch, "valid")
-        self._history = joined[len(samples):]
-        return out.reshape(-1)
-
-
-class FirDownsampler:
-    """24 → 8 kHz: the anti-aliasing low-pass, kept at every third sample."""
-
-    name = "fir73"
-
-    def __init__(self, taps: np.ndarray | None = None) -> None:
-        self._taps = lowpass_taps() if taps is None else taps
-        self._history = np.zeros(len(self._taps) - 1, dtype=np.float32)
-        self._phase = 0  # input samples to skip before the next output sample
-        self.held_back_ms = (len(self._taps) - 1) / 2 / MODEL_RATE * 1000
+        padded = np.zeros(-(-len(taps) // ratio) * ratio, dtype=np.float32)
+        padded[: len(taps)] = taps * ratio  # zero-stuffing loses a factor ``ratio`` of energy
+        # column p holds branch p (taps p, p+ratio, ...) reversed, to meet oldest-first windows
+        self._branches = np.ascontiguousarray(padded.reshape(-1, ratio)[::-1])
+        self._history = np.zeros(len(self._branches) - 1, dtype=np.float32)
+        self.name = f"fir{len(taps)}"
+        self.held_back_ms = (len(taps) - 1) / 2 / rate * 1000
 
     def process(self, samples: np.ndarray) -> np.ndarray:
         if len(samples) == 0:
             return np.zeros(0, dtype=np.float32)
         joined = np.concatenate((self._history, samples.astype(np.float32, copy=False)))
-        out = np.convolve(joined, self._taps, "valid")[self._phase::RATIO]
-        self._phase = (self._phase - len(samples)) % RATIO
+        out = sliding_windows(joined, len(self._branches)) @ self._branches  # [input sample, phase]
+        self._history = joined[len(samples):]
+        return out.reshape(-1)
+
+
+class FirDownsampler:
+    """Down by an integer ``ratio``: the anti-aliasing low-pass, evaluated at every
+    ``ratio``-th sample only (default: 24 → 8 kHz with the telephone filter)."""
+
+    def __init__(self, taps: np.ndarray | None = None, *, ratio: int = RATIO, rate: int = MODEL_RATE) -> None:
+        taps = lowpass_taps() if taps is None else taps
+        self._taps = np.ascontiguousarray(taps[::-1])
+        self._ratio = ratio
+        self._history = np.zeros(len(taps) - 1, dtype=np.float32)
+        self._phase = 0  # input samples to skip before the next output sample
+        self.name = f"fir{len(taps)}"
+        self.held_back_ms = (len(taps) - 1) / 2 / rate * 1000
+
+    def process(self, samples: np.ndarray) -> np.ndarray:
+        if len(samples) == 0:
+            return np.zeros(0, dtype=np.float32)
+        joined = np.concatenate((self._history, samples.astype(np.float32, copy=False)))
+        out = sliding_windows(joined[self._phase:], len(self._taps), self._ratio) @ self._taps
+        self._phase = (self._phase - len(samples)) % self._ratio
         self._history = joined[len(samples):]
         return out
 

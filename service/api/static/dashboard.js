@@ -175,8 +175,9 @@
       if ((q.loss_fraction || 0) >= 0.05) loss.classList.add("bad");
       else if ((q.loss_fraction || 0) >= 0.01) loss.classList.add("warn");
       cell(row, q.concealed_frames ?? "–", "concealed num");
-      const latency = cell(row, ms(q.gateway_latency_ms), "latency num");
-      if ((q.gateway_latency_ms || 0) > 30) latency.classList.add("warn");
+      const added = q.gateway_latency_ms || {}; // p50 over the call's recent frames
+      const latency = cell(row, ms(added.p50), "latency num", added.p99 != null ? `p99 ${ms(added.p99)}` : "");
+      if ((added.p50 || 0) > 30) latency.classList.add("warn");
       cell(row, call.state, "state");
       rows.push(row);
     }

@@ -1,0 +1,117 @@
+"""HTTP side of the WebRTC ingress: WHIP-style offer/answer, hang-up, and the softphone page.
+
+* ``POST /v1/webrtc/offer`` — body ``application/sdp`` (the offer, all candidates in it);
+  ``201`` with the answer (``application/sdp``), ``Location`` of the session, the call id
+  in ``X-Moshimoshi-Call-Id`` and the ICE servers as WHIP ``Link`` headers. ``400`` with
+  the reason for an unusable offer, ``503`` with ``Retry-After`` when no agent is free.
+* ``DELETE /v1/webrtc/sessions/{id}`` — hang up. ``PATCH`` (trickle ICE) is not supported.
+* ``GET /v1/webrtc/config`` — the ICE servers for a browser peer.
+* ``GET /phone`` — the softphone page (its script and style under ``/phone/``).
+
+Every ``/v1`` route takes the API's bearer tokens (``GatewaySettings.api_tokens``, any
+scope); with no tokens configured the API is closed. The page itself needs no token: it
+asks for one and keeps it in the tab's sessionStorage.
+"""
+
+from __future__ import annotations
+
+import typing as tp
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi.responses import FileResponse, JSONResponse
+
+from service.api.auth import require_read
+from service.call import CALL_ID_HEADER
+from service.gateway.webrtc import OfferRejected, WebRtcIngress
+from service.gateway.webrtc_sdp import MAX_OFFER_BYTES
+
+if tp.TYPE_CHECKING:
+    from service.gateway.main import Gateway
+
+STATIC = Path(__file__).parent / "static"
+PHONE_FILES = {"phone.js": "text/javascript", "phone.css": "text/css"}
+SESSION_PATH = "/v1/webrtc/sessions/"
+
+
+def _link_headers(ingress: WebRtcIngress) -> list[str]:
+    links = []
+    for server in ingress.ice_servers:
+        link = f'<{server.urls}>; rel="ice-server"'
+        if server.username:
+            link += f'; username="{server.username}"; credential="{server.credential}"; credential-type="password"'
+        links.append(link)
+    return links
+
+
+def webrtc_router(gateway: Gateway) -> APIRouter:
+    """The WebRTC routes of ``gateway`` (its ingress is created here)."""
+    ingress = WebRtcIngress(gateway)
+    auth = Depends(require_read)  # read scope is enough to place a call
+    router = APIRouter()
+
+    @router.post("/v1/webrtc/offer", tags=["webrtc"], dependencies=[auth], status_code=201,
+                 response_class=Response)
+    async def offer(request: Request) -> Response:
+        """WHIP-style: an SDP offer in, the SDP answer out (201), the session at ``Location``."""
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != "application/sdp":
+            raise HTTPException(415, "send the offer as Content-Type: application/sdp")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_OFFER_BYTES:
+                raise HTTPException(413, f"offer larger than {MAX_OFFER_BYTES} bytes")
+        try:
+            sdp = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise HTTPException(400, "the offer is not UTF-8 text") from None
+        client = request.client
+        source = f"{client.host}:{client.port}" if client is not None else "unknown"
+        try:
+            session = await ingress.offer(sdp, source)
+        except OfferRejected as exc:
+            headers = {"Retry-After": str(gateway.settings.retry_after_seconds)} if exc.retry_after else None
+            return JSONResponse({"detail": exc.reason}, status_code=exc.status, headers=headers)
+        response = Response(session.answer_sdp, status_code=201, media_type="application/sdp",
+                            headers={"Location": SESSION_PATH + session.id, CALL_ID_HEADER: session.call.id})
+        for link in _link_headers(ingress):
+            response.headers.append("Link", link)
+        return response
+
+    @router.delete(SESSION_PATH + "{session_id}", tags=["webrtc"], dependencies=[auth])
+    async def hang_up(session_id: str) -> dict[str, str]:
+        """Hang up a WebRTC call."""
+        if not ingress.hangup(session_id):
+            raise HTTPException(404, "no such WebRTC session")
+        return {"status": "ending", "call_id": session_id}
+
+    @router.patch(SESSION_PATH + "{session_id}", tags=["webrtc"], dependencies=[auth])
+    async def trickle(session_id: str) -> Response:
+        """Trickle ICE is not supported: put every candidate in the offer."""
+        return JSONResponse({"detail": "trickle ICE is not supported; send all candidates in the offer"},
+                            status_code=405, headers={"Allow": "DELETE"})
+
+    @router.get("/v1/webrtc/config", tags=["webrtc"], dependencies=[auth])
+    async def config() -> dict[str, tp.Any]:
+        """ICE servers for browser peers (RTCConfiguration.iceServers)."""
+        servers = []
+        for server in ingress.ice_servers:
+            entry: dict[str, tp.Any] = {"urls": server.urls}
+            if server.username:
+                entry.update(username=server.username, credential=server.credential)
+            servers.append(entry)
+        return {"ice_servers": servers, "connect_seconds": gateway.settings.webrtc_connect_seconds}
+
+    @router.get("/phone", tags=["webrtc"], include_in_schema=False)
+    async def phone() -> FileResponse:
+        return FileResponse(STATIC / "phone.html", media_type="text/html",
+                            headers={"Cache-Control": "no-cache"})
+
+    @router.get("/phone/{name}", include_in_schema=False)
+    async def phone_asset(name: str) -> FileResponse:
+        if name not in PHONE_FILES:
+            raise HTTPException(404, "not found")
+        return FileResponse(STATIC / name, media_type=PHONE_FILES[name], headers={"Cache-Control": "no-cache"})
+
+    return router
