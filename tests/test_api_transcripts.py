@@ -195,10 +195,12 @@ async def test_live_transcript_on_another_replica_follows_the_stream(redis_serve
     async with api_gateway(redis_server.url, gateway_id="gw-a") as a, \
             api_gateway(redis_server.url, gateway_id="gw-b") as b:
         call = a.start_call()
-        a.say(call, "一")
-        await a.settle()
+        await a.settle()  # its record is in Redis; it has said nothing yet: no stream
         async with ws_connect(f"{b.ws_base}/v1/calls/{call.id}/transcript/live?token={READ_TOKEN}") as ws:
-            assert json.loads(await ws.recv())["text"] == "一"
+            a.say(call, "一")
+            assert json.loads(await asyncio.wait_for(ws.recv(), 5))["text"] == "一"
+        async with ws_connect(f"{b.ws_base}/v1/calls/{call.id}/transcript/live?token={READ_TOKEN}") as ws:
+            assert json.loads(await ws.recv())["text"] == "一"  # replayed from the stream
             for text in ("二", "三"):
                 a.say(call, text)
                 message = json.loads(await asyncio.wait_for(ws.recv(), 5))
@@ -218,3 +220,21 @@ async def test_a_viewer_that_leaves_is_let_go(redis_server):
             assert metrics.TRANSCRIPT_VIEWERS._value.get() == viewers + 1
         await eventually(lambda: call.id not in api.gateway.transcript_listeners, what="the viewer let go")
         await eventually(lambda: metrics.TRANSCRIPT_VIEWERS._value.get() == viewers, what="the gauge back")
+
+
+async def test_following_a_stream_that_never_ends_stops_when_the_call_is_gone(store):
+    """The call's gateway died without writing the end entry: the follower asks whether
+    the call still goes on, and stops when it does not."""
+    answers = iter([True, False])
+    asked = []
+
+    async def still_on() -> bool:
+        asked.append(True)
+        return next(answers)
+
+    store.append("c-orphan", 0, piece("最後"))
+    assert await store.flush(5)
+    entries = [e async for e in store.follow("c-orphan", still_on=still_on, block_ms=100, check_every=0.2)]
+    assert [e.event.text for e in entries if e.event] == ["最後"] and len(asked) == 2
+    # without still_on, a stream that does not exist ends the follow at once
+    assert [e async for e in store.follow("c-never")] == []

@@ -30,7 +30,8 @@ from service.api.directory import CallDirectory, redis_failed
 from service.api.models import Transcript, TranscriptPiece
 from service.gateway import metrics
 from service.gateway.call import TranscriptEvent
-from service.pool import PoolError
+from service.gateway.transcripts import StoredTranscript
+from service.pool import ENDED, PoolError
 
 if tp.TYPE_CHECKING:
     from service.gateway.main import Gateway
@@ -170,25 +171,36 @@ async def _follow_local(ws: WebSocket, gateway: Gateway, call_id: str) -> str | 
 
 
 async def _follow_stored(ws: WebSocket, gateway: Gateway, call_id: str) -> str | None:
-    """Replay and follow a call's Redis stream; returns its end reason (None: no stream)."""
-    store = gateway.transcripts
-    if store is None:
+    """Replay and follow a call's Redis stream; returns its end reason (None: unknown call).
+    A call of another replica that has said nothing yet has no stream: it is waited for
+    while the call's record says it goes on."""
+    store, records = gateway.transcripts, gateway.records
+    if store is None or records is None:
         return None
     stored = await store.read(call_id)
+    still_on: tp.Callable[[], tp.Awaitable[bool]] | None = None
     if stored is None:
-        return None
+        record = await records.get(call_id)
+        if record is None or record.state == ENDED:
+            return None
+
+        async def still_on() -> bool:
+            current = await records.get(call_id)
+            return current is not None and current.state != ENDED
+
+        stored = StoredTranscript(call_id)
     seen = {seq for seq, _ in stored.pieces}
     for seq, event in stored.pieces:
         await ws.send_json(_piece_message(seq, event))
     if stored.ended:
         return stored.end_reason
-    async for entry in store.follow(call_id, stored.last_id):
+    async for entry in store.follow(call_id, stored.last_id, still_on=still_on):
         if entry.end_reason is not None:
             return entry.end_reason
         if entry.event is not None and entry.seq not in seen:
             seen.add(entry.seq)
             await ws.send_json(_piece_message(entry.seq, entry.event))
-    return "expired"
+    return "gone"  # expired, or its gateway went away without ending it
 
 
 async def _stream(ws: WebSocket, gateway: Gateway, directory: CallDirectory, call_id: str) -> None:

@@ -243,22 +243,35 @@ class TranscriptStore:
             seen.add(entry.seq)
             transcript.pieces.append((entry.seq, entry.event))
 
-    async def follow(self, call_id: str, after_id: str,
-                     block_ms: int = FOLLOW_BLOCK_MS) -> tp.AsyncIterator[StreamEntry]:
-        """Entries added after ``after_id``, as they come, until the end entry (yielded last)
-        or until the stream disappears. Raises PoolError."""
+    async def follow(self, call_id: str, after_id: str = "0-0", *, block_ms: int = FOLLOW_BLOCK_MS,
+                     still_on: tp.Callable[[], tp.Awaitable[bool]] | None = None,
+                     check_every: float = 5.0) -> tp.AsyncIterator[StreamEntry]:
+        """Entries added after ``after_id``, as they come, until the end entry (yielded last).
+
+        Without ``still_on`` it also stops when the stream disappears (expired). With it,
+        a stream that does not exist yet is waited for, and every ``check_every`` seconds of
+        silence ``still_on()`` is asked whether the call goes on (its gateway may have died
+        without writing the end). Raises PoolError."""
         key = transcript_key(self.client, call_id)
         last = after_id
         redis = self.client.redis
+        loop = asyncio.get_running_loop()
+        quiet_since = loop.time()
         while True:
             async with self.client.guard("follow transcript"):
                 reply = await redis.xread({key: last}, count=self.batch, block=block_ms)
-                if not reply:
+                if not reply and still_on is None:
                     exists = await redis.exists(key)
             if not reply:
-                if not exists:
-                    return
+                if still_on is None:
+                    if not exists:
+                        return
+                elif loop.time() - quiet_since >= check_every:
+                    if not await still_on():
+                        return
+                    quiet_since = loop.time()
                 continue
+            quiet_since = loop.time()
             for _, entries in reply:
                 for entry_id, fields in entries:
                     last = entry_id
