@@ -139,6 +139,9 @@ def test_a_call_in_the_api_live_transcript_metrics_and_webhook(system, webhook_s
     assert value(after, "moshimoshi_http_requests_total", method="GET", route="/v1/calls/{call_id}/transcript",
                  code="200") >= 2
     assert value(after, "moshimoshi_gateway_added_latency_seconds_count") > 0
+    # each live call's jitter and loss are sampled every 5 s: a 7 s call is sampled at least once
+    assert value(after, "moshimoshi_rtp_jitter_seconds_count") > value(before, "moshimoshi_rtp_jitter_seconds_count")
+    assert value(after, "moshimoshi_rtp_loss_ratio_count") > value(before, "moshimoshi_rtp_loss_ratio_count")
 
     # the webhook got the record, the quality and the same transcript
     delivered = wait_for(lambda: [json.loads(r.body) for r in webhook_sink.received
