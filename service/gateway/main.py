@@ -373,7 +373,6 @@ class Gateway:
             with contextlib.suppress(Exception):
                 await self.pool.close()
 
-
     async def stop_control_plane(self) -> None:
         """After the calls: store the last transcript pieces, deliver the last webhooks."""
         if self.hangups is not None:
