@@ -109,17 +109,20 @@ async def place(ua: UserAgent, ports: PortAllocator, uri: str) -> LoadCall:
 
 
 async def send_loop(calls: list[LoadCall], stop: asyncio.Event) -> None:
-    """50 packets/s on every call, a tone so the echo carries audio."""
+    """50 packets/s on every call, a tone so the echo carries audio. Calls are spread over
+    20 phases 1 ms apart, as independent callers would be, rather than sent in one burst."""
     import numpy as np
 
     t = np.arange(160) / 8000
     payload = g711.encode("PCMU", (3000 * np.sin(2 * np.pi * 400 * t)).astype(np.int16))
     loop = asyncio.get_running_loop()
     tick = loop.time()
+    phase = 0
     while not stop.is_set():
-        for call in list(calls):
+        for call in calls[phase::20]:
             call.rtp.send(payload)
-        tick += 0.02
+        phase = (phase + 1) % 20
+        tick += 0.001
         await asyncio.sleep(max(0.0, tick - loop.time()))
 
 

@@ -23,7 +23,7 @@ from service.gateway.routing import LinkCallbacks, NoCapacity, Router, RoutingUn
 log = logging.getLogger(__name__)
 
 FRAME_WATCHDOG_SECONDS = 1.0  # no frame from the worker for this long: the worker is gone
-WATCHDOG_PERIOD = 0.2
+WATCHDOG_PERIOD = 0.2  # how often the gateway's watchdog looks at every call
 PLAYOUT_GRACE_SECONDS = 0.5  # let queued model audio go out before hanging up
 
 
@@ -80,6 +80,7 @@ class Call:
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     on_transcript: tp.Callable[[Call, TranscriptEvent], None] | None = None
     last_frame_at: float = field(default_factory=time.monotonic)
+    stalled: asyncio.Event = field(default_factory=asyncio.Event)
     _answered_mono: float | None = None
 
     # -- state -------------------------------------------------------------------------
@@ -134,7 +135,19 @@ class Call:
     def _on_worker_end(self, reason: str) -> None:
         self.end(reason or "worker-ended")
 
+    def check_stall(self, now: float) -> bool:
+        """Called now and then by the gateway's watchdog: flags a session from which no frame
+        came for a second (a hung worker), so that ``supervise`` fails over."""
+        stale = now - self.last_frame_at > FRAME_WATCHDOG_SECONDS
+        if self.session is not None and stale and not self.stalled.is_set():
+            log.warning("call %s: no audio from worker %s for %.1fs", self.id, self.session.worker_id,
+                        now - self.last_frame_at)
+            self.stalled.set()
+            return True
+        return False
+
     def _adopt(self, session: WorkerSession) -> None:
+        self.stalled.clear()
         self.session = session
         self.worker_id = session.worker_id
         self.slot = session.slot
@@ -172,18 +185,12 @@ class Call:
                 return
             closed = session.link.closed  # the link's own future: waited on, never cancelled here
             ended = asyncio.ensure_future(self.ended.wait())
+            stalled = asyncio.ensure_future(self.stalled.wait())
             try:
-                while not self.ended.is_set():
-                    done, _ = await asyncio.wait({closed, ended}, timeout=WATCHDOG_PERIOD,
-                                                 return_when=asyncio.FIRST_COMPLETED)
-                    if done:
-                        break
-                    if time.monotonic() - self.last_frame_at > FRAME_WATCHDOG_SECONDS:
-                        log.warning("call %s: no audio from worker %s for %.1fs", self.id, session.worker_id,
-                                    time.monotonic() - self.last_frame_at)
-                        break
+                await asyncio.wait({closed, ended, stalled}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 ended.cancel()
+                stalled.cancel()
             if self.ended.is_set():
                 return
             code, reason = closed.result() if closed.done() else (None, "stalled")

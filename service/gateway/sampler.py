@@ -17,17 +17,22 @@ if tp.TYPE_CHECKING:
 SAMPLE_SECONDS = 5.0
 
 
+def sample_call(gateway: Gateway, call) -> None:
+    """One live call's quality into the histograms and its record."""
+    if call.media is None or call.state != "active":
+        return
+    quality = call.media.quality()
+    if quality.get("packets_received"):
+        metrics.RTP_JITTER.observe(max(0.0, quality.get("jitter_ms") or 0.0) / 1000)
+        metrics.RTP_LOSS.observe(max(0.0, quality.get("loss_fraction") or 0.0))
+    stored = {k: v for k, v in quality.items() if v is not None}
+    stored["failovers"] = call.failovers
+    gateway.record_update(call, quality=stored)
+
+
 def sample_once(gateway: Gateway) -> None:
     for call in list(gateway.calls.values()):
-        if call.media is None or call.state != "active":
-            continue
-        quality = call.media.quality()
-        if quality.get("packets_received"):
-            metrics.RTP_JITTER.observe(max(0.0, quality.get("jitter_ms") or 0.0) / 1000)
-            metrics.RTP_LOSS.observe(max(0.0, quality.get("loss_fraction") or 0.0))
-        stored = {k: v for k, v in quality.items() if v is not None}
-        stored["failovers"] = call.failovers
-        gateway.record_update(call, quality=stored)
+        sample_call(gateway, call)
     forget_expired(gateway)
 
 
@@ -42,6 +47,16 @@ def forget_expired(gateway: Gateway, now: float | None = None) -> int:
 
 
 async def sample_forever(gateway: Gateway, period: float = SAMPLE_SECONDS) -> None:
+    """Calls are sampled one at a time, spread over the period: sampling them all at once
+    would hold the event loop for milliseconds at a few hundred calls, and every packet
+    due meanwhile would leave late."""
     while True:
-        await asyncio.sleep(period)
-        sample_once(gateway)
+        calls = list(gateway.calls.values())
+        gap = period / max(1, len(calls))
+        for call in calls:
+            await asyncio.sleep(gap)
+            if call.id in gateway.calls:
+                sample_call(gateway, call)
+        if not calls:
+            await asyncio.sleep(period)
+        forget_expired(gateway)
