@@ -350,8 +350,11 @@ class Gateway:
         where = redacted(self.settings.redis_url) if self.settings.redis_url else self.settings.worker_url
         log.info("gateway %s: SIP on %s:%d (UDP+TCP), HTTP on %s:%d, workers via %s", self.gateway_id,
                  self.settings.sip_host, self.ua.port, self.settings.http_host, self.http_port, where)
-        print(f"moshimoshi gateway ready: sip:{self.settings.public_host or self.settings.sip_host}:{self.ua.port} "
-              f"http://{self.settings.http_host}:{self.http_port}/dashboard", flush=True)
+        web = self.settings.http_host if self.settings.http_host not in ("0.0.0.0", "::") else "localhost"
+        sip_host = self.settings.public_host or self.settings.sip_host
+        print(f"moshimoshi gateway ready: SIP sip:agent@{sip_host}:{self.ua.port}  "
+              f"dashboard http://{web}:{self.http_port}/dashboard  softphone http://{web}:{self.http_port}/phone",
+              flush=True)
         try:
             await self._stop.wait()
         finally:
