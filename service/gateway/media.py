@@ -29,6 +29,8 @@ from sip.plc import PacketLossConcealer
 from sip.rtpsession import RtpSession
 from sip.sdp import NegotiatedMedia
 
+MODEL_FRAME_MS = 80
+
 
 class CallMedia:
     """Runs a call's audio both ways between an RtpSession and a model session."""
@@ -72,6 +74,8 @@ class CallMedia:
         self.egress_underruns = 0
         self._model_talking = False
         self._playout_timer: asyncio.TimerHandle | None = None
+        # slots per model frame, played together (1 when the ptime does not divide 80 ms)
+        self._playout_slots = MODEL_FRAME_MS // self.ptime_ms if MODEL_FRAME_MS % self.ptime_ms == 0 else 1
         self._next_playout = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self.last_rtp_at = time.monotonic()  # the event loop's clock (monotonic) once started
@@ -81,7 +85,7 @@ class CallMedia:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._next_playout = self._loop.time() + self.ptime_ms / 1000
+        self._next_playout = self._loop.time() + self._playout_slots * self.ptime_ms / 1000
         self._playout_timer = self._loop.call_at(self._next_playout, self._playout_tick)
         self.pacer.start()
 
@@ -107,16 +111,23 @@ class CallMedia:
     # -- inbound -----------------------------------------------------------------------
 
     def _playout_tick(self) -> None:
+        """Plays out the slots of one model frame at once, when its last slot is due.
+
+        The model can use a frame only once all of it is in, so popping its slots one by
+        one as they fall due would add nothing but timer wake-ups; each slot is popped at
+        its own nominal time, so the jitter buffer's timing is exactly per slot."""
         loop = self._loop
         if loop is None:
             return
         now = loop.time()
-        period = self.ptime_ms / 1000
+        period = self._playout_slots * self.ptime_ms / 1000
         self._next_playout += period
         if self._next_playout <= now:  # the loop stalled: keep the cadence, skip what was missed
             self._next_playout = now + period - (now - self._next_playout) % period
         self._playout_timer = loop.call_at(self._next_playout, self._playout_tick)
-        self._play_out(now)
+        step = self.ptime_ms / 1000
+        for slot in range(self._playout_slots - 1, -1, -1):
+            self._play_out(now - slot * step)
 
     def _play_out(self, now: float) -> None:
         """Inbound, once per tick: the jitter buffer's next slot to the bridge."""
