@@ -36,13 +36,15 @@ def lowpass_taps(num_taps: int = 73, cutoff_hz: float = 4000.0, rate: int = MODE
     return (taps / taps.sum()).astype(np.float32)
 
 
-def sliding_windows(samples: np.ndarray, width: int, step: int = 1) -> np.ndarray:
-    """Every ``step``-th run of ``width`` consecutive samples as the rows of one contiguous
-    matrix, so that a FIR filter is a single BLAS matrix product (np.convolve is a plain loop)."""
+def sliding_windows(samples: np.ndarray, width: int, step: int = 1, *, copy: bool = True) -> np.ndarray:
+    """Every ``step``-th run of ``width`` consecutive samples of a contiguous float32 array,
+    as the rows of a matrix: a FIR filter is then one BLAS product (np.convolve is a plain
+    loop). The strided view is built with the ndarray constructor (numpy's as_strided costs
+    several times more); ``copy`` makes it contiguous, which pays when the rows are long."""
     count = max(0, (len(samples) - width) // step + 1)
-    view = np.lib.stride_tricks.as_strided(
-        samples, (count, width), (step * samples.strides[0], samples.strides[0]), writeable=False)
-    return np.ascontiguousarray(view)
+    itemsize = samples.itemsize
+    view = np.ndarray((count, width), samples.dtype, buffer=samples, strides=(step * itemsize, itemsize))
+    return np.ascontiguousarray(view) if copy else view
 
 
 class FirUpsampler:
@@ -63,7 +65,8 @@ class FirUpsampler:
         if len(samples) == 0:
             return np.zeros(0, dtype=np.float32)
         joined = np.concatenate((self._history, samples.astype(np.float32, copy=False)))
-        out = sliding_windows(joined, len(self._branches)) @ self._branches  # [input sample, phase]
+        # short rows: a product on the strided view beats copying it first
+        out = np.dot(sliding_windows(joined, len(self._branches), copy=False), self._branches)
         self._history = joined[len(samples):]
         return out.reshape(-1)
 
@@ -85,7 +88,8 @@ class FirDownsampler:
         if len(samples) == 0:
             return np.zeros(0, dtype=np.float32)
         joined = np.concatenate((self._history, samples.astype(np.float32, copy=False)))
-        out = sliding_windows(joined[self._phase:], len(self._taps), self._ratio) @ self._taps
+        usable = joined[self._phase:] if self._phase else joined
+        out = sliding_windows(np.ascontiguousarray(usable), len(self._taps), self._ratio) @ self._taps
         self._phase = (self._phase - len(samples)) % self._ratio
         self._history = joined[len(samples):]
         return out
