@@ -20,6 +20,7 @@ METRIC_CONSTRUCTORS = {
     "Info": "info", "Enum": "stateset",
     "CounterMetricFamily": "counter", "GaugeMetricFamily": "gauge",
     "HistogramMetricFamily": "histogram", "SummaryMetricFamily": "summary",
+    "LoopHistogram": "histogram",  # service/gateway/metrics.py: the lock-free per-packet histogram
 }
 SUFFIXES = {
     "counter": ("_total",),
