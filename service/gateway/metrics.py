@@ -58,7 +58,8 @@ class LoopHistogram(Collector):
 
 
 PACER_LATENESS = LoopHistogram("moshimoshi_rtp_pacer_lateness_seconds",
-                               "How late each egress packet left against its schedule.", PACING_BUCKETS)
+                               "How far from its schedule each egress packet left (early or late).",
+                               PACING_BUCKETS)
 GATEWAY_LATENCY = Histogram(
     "moshimoshi_gateway_added_latency_seconds",
     "Latency the gateway adds to the conversation: jitter buffer, resampling both ways, "

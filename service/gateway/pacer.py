@@ -48,8 +48,8 @@ class EgressPacer:
 
     ``send(pcm, ticks)`` is called once per tick with the packet (int16) or None for
     silence; ``ticks`` is 1 unless the event loop stalled and ticks were skipped, so the
-    RTP timestamp can account for the gap. ``on_lateness(seconds)`` observes how late
-    each tick fired (the pacing error); ``on_frame_sent(seconds)`` how long each frame
+    RTP timestamp can account for the gap. ``on_lateness(seconds)`` observes how far
+    from its schedule each tick fired, early or late (the pacing error); ``on_frame_sent(seconds)`` how long each frame
     waited between its arrival and its first packet leaving.
     """
 
@@ -186,9 +186,12 @@ class EgressPacer:
             lateness = now - scheduled
         self.stats.ticks += 1
         self._last_tick = scheduled
-        self.stats.max_lateness_s = max(self.stats.max_lateness_s, lateness)
+        # uvloop's timers run on a millisecond clock cached per loop iteration: they can fire
+        # early as well as late, and an early packet is as much a pacing error as a late one
+        error = abs(lateness)
+        self.stats.max_lateness_s = max(self.stats.max_lateness_s, error)
         if self._on_lateness is not None:
-            self._on_lateness(lateness)
+            self._on_lateness(error)
         pcm = self._take(scheduled, now)
         if pcm is None:
             self.stats.silence_packets += 1
