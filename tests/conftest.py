@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.procs import free_port, wait_for_tcp
+from tests.support.services import Gateway, start_serve
 
 
 class RedisServer:
@@ -47,3 +48,16 @@ def redis_server(tmp_path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_gateway(tmp_path_factory) -> Iterator[Gateway]:
+    """``moshimoshi serve --model demo --greedy``: the tiny random Moshi through the real
+    loader, shared by the tests that only call it (SIP and the browser softphone)."""
+    gateway = start_serve(tmp_path_factory.mktemp("demo-serve"), "demo", "--greedy")
+    try:
+        gateway.wait_ready(timeout=240)  # the first start builds the demo checkpoint
+        yield gateway
+    finally:
+        code = gateway.proc.stop()
+        assert code in (0, -2, 130), f"serve exited {code}:\n{gateway.proc.log()[-3000:]}"

@@ -10,19 +10,8 @@ import pytest
 
 from service.call import place_call
 from service.settings import CallSettings
-from tests.support.services import start_serve, wait_until
+from tests.support.services import wait_until
 from tests.test_e2e_echo import tone_wav
-
-
-@pytest.fixture(scope="module")
-def demo_gateway(tmp_path_factory):
-    log_dir = tmp_path_factory.mktemp("demo-serve")
-    gateway = start_serve(log_dir, "demo", "--greedy")
-    try:
-        gateway.wait_ready(timeout=240)  # the first start builds the demo checkpoint
-        yield gateway
-    finally:
-        gateway.proc.stop()
 
 
 async def test_sip_call_reaches_the_model_and_its_audio_returns_steadily(demo_gateway, tmp_path):

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from playwright.async_api import Page, async_playwright
 
-from tests.support.services import READ_TOKEN, start_serve
+from tests.support.services import READ_TOKEN
 from tests.support.webrtc_client import speech_like, write_wav
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -26,16 +26,10 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(demo_gateway):
     if not CHROMIUM.exists():
         raise RuntimeError("chromium is not installed: run the tests through `make test`")
-    log_dir = tmp_path_factory.mktemp("webrtc-demo")
-    gateway = start_serve(log_dir, "demo", "--greedy")
-    try:
-        gateway.wait_ready(timeout=240)  # the first start builds the demo checkpoint
-        yield gateway
-    finally:
-        gateway.proc.stop()
+    return demo_gateway
 
 
 async def wait_for(page: Page, expression: str, within: float, what: str) -> None:

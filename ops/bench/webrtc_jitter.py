@@ -36,12 +36,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fractions
 import json
 import random
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,11 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 from aiortc import RTCConfiguration, RTCPeerConnection  # noqa: E402
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack  # noqa: E402
-from av import AudioFrame  # noqa: E402
+from aiortc.mediastreams import MediaStreamError  # noqa: E402
 
 from service.gateway.aiortc_tap import tap_receiver  # noqa: E402
 from service.gateway.webrtc_media import WebRtcMedia  # noqa: E402
+from tests.support.webrtc_client import PcmTrack  # noqa: E402
 
 RATE = 48000
 PACKET = 960
@@ -94,32 +92,6 @@ def speech_like(seconds: float, seed: int = 7) -> np.ndarray:
     return (signal / np.max(np.abs(signal)) * 12000).astype(np.int16)
 
 
-class PacedTrack(MediaStreamTrack):
-    kind = "audio"
-
-    def __init__(self, pcm: np.ndarray) -> None:
-        super().__init__()
-        self.pcm = pcm
-        self.sent = 0
-        self.t0: float | None = None
-
-    async def recv(self) -> AudioFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        if self.t0 is None:
-            self.t0 = time.monotonic()
-        await asyncio.sleep(max(0.0, self.t0 + self.sent / RATE - time.monotonic()))
-        chunk = self.pcm[self.sent % len(self.pcm):][:PACKET]
-        if len(chunk) < PACKET:
-            chunk = np.concatenate((chunk, np.zeros(PACKET - len(chunk), dtype=np.int16)))
-        frame = AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = RATE
-        frame.time_base = fractions.Fraction(1, RATE)
-        frame.pts = self.sent
-        self.sent += PACKET
-        return frame
-
-
 @dataclass
 class PathResult:
     frames_out: int = 0
@@ -143,7 +115,7 @@ async def run_scenario(scenario: Scenario, seed: int) -> tuple[PathResult, PathR
     rng = random.Random(seed)
     sender = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     receiver = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    sender.addTransceiver(PacedTrack(speech_like(4.0)), direction="sendonly")
+    sender.addTransceiver(PcmTrack(speech_like(4.0), loop=True), direction="sendonly")
     await sender.setLocalDescription(await sender.createOffer())
     await receiver.setRemoteDescription(sender.localDescription)
     transceiver = receiver.getTransceivers()[0]

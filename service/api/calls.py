@@ -56,11 +56,8 @@ async def list_calls(
     return CallList(calls=calls, partial=partial)
 
 
-@router.get("/{call_id}", summary="One call with its quality", response_model=CallInfo,
-            responses={**NOT_FOUND, **UNAVAILABLE}, dependencies=[Depends(require_read)])
-async def get_call(request: Request, call_id: str) -> CallInfo:
-    """The call record plus its quality: codec, jitter, loss, round trip, concealed frames,
-    underruns and gateway-added latency (live when the call runs on this gateway)."""
+async def _find(request: Request, call_id: str) -> CallInfo:
+    """A call from any gateway: 404 if unknown (or past its retention), 503 if Redis is down."""
     try:
         found = await directory(request).get(call_id)
     except PoolError:
@@ -69,6 +66,14 @@ async def get_call(request: Request, call_id: str) -> CallInfo:
     if found is None:
         raise HTTPException(404, f"no call {call_id!r} (unknown, or past its retention)")
     return found
+
+
+@router.get("/{call_id}", summary="One call with its quality", response_model=CallInfo,
+            responses={**NOT_FOUND, **UNAVAILABLE}, dependencies=[Depends(require_read)])
+async def get_call(request: Request, call_id: str) -> CallInfo:
+    """The call record plus its quality: codec, jitter, loss, round trip, concealed frames,
+    underruns and gateway-added latency (live when the call runs on this gateway)."""
+    return await _find(request, call_id)
 
 
 @router.post("/{call_id}/hangup", summary="Hang up a call", status_code=202, response_model=HangupResult,
@@ -81,13 +86,7 @@ async def hangup(request: Request, call_id: str) -> HangupResult:
     if gateway.hangup(call_id):
         log.info("call %s: hang-up requested through the API", call_id)
         return HangupResult(call_id=call_id, status="hanging-up", on_this_gateway=True)
-    try:
-        found = await directory(request).get(call_id)
-    except PoolError:
-        redis_failed()
-        raise HTTPException(503, "call records unavailable (Redis unreachable)") from None
-    if found is None:
-        raise HTTPException(404, f"no call {call_id!r}")
+    found = await _find(request, call_id)
     if found.state == ENDED or gateway.hangups is None:
         raise HTTPException(409, f"call {call_id!r} has ended")
     try:

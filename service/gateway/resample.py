@@ -47,7 +47,21 @@ def sliding_windows(samples: np.ndarray, width: int, step: int = 1, *, copy: boo
     return np.ascontiguousarray(view) if copy else view
 
 
-class FirUpsampler:
+class _StreamingFir:
+    """The filter state both directions keep: the input samples the next chunk's first
+    outputs still need."""
+
+    def __init__(self, history: int) -> None:
+        self._history = np.zeros(history, dtype=np.float32)
+
+    def _join(self, samples: np.ndarray) -> np.ndarray:
+        """The kept history followed by ``samples``; keeps the new history for next time."""
+        joined = np.concatenate((self._history, samples.astype(np.float32, copy=False)))
+        self._history = joined[len(samples):]
+        return joined
+
+
+class FirUpsampler(_StreamingFir):
     """Up by an integer ``ratio``: zero-stuffing and a low-pass, as ``ratio`` polyphase
     branches (default: 8 → 24 kHz with the telephone filter)."""
 
@@ -57,21 +71,20 @@ class FirUpsampler:
         padded[: len(taps)] = taps * ratio  # zero-stuffing loses a factor ``ratio`` of energy
         # column p holds branch p (taps p, p+ratio, ...) reversed, to meet oldest-first windows
         self._branches = np.ascontiguousarray(padded.reshape(-1, ratio)[::-1])
-        self._history = np.zeros(len(self._branches) - 1, dtype=np.float32)
+        super().__init__(len(self._branches) - 1)
         self.name = f"fir{len(taps)}"
         self.held_back_ms = (len(taps) - 1) / 2 / rate * 1000
 
     def process(self, samples: np.ndarray) -> np.ndarray:
         if len(samples) == 0:
             return np.zeros(0, dtype=np.float32)
-        joined = np.concatenate((self._history, samples.astype(np.float32, copy=False)))
+        joined = self._join(samples)
         # short rows: a product on the strided view beats copying it first
         out = np.dot(sliding_windows(joined, len(self._branches), copy=False), self._branches)
-        self._history = joined[len(samples):]
         return out.reshape(-1)
 
 
-class FirDownsampler:
+class FirDownsampler(_StreamingFir):
     """Down by an integer ``ratio``: the anti-aliasing low-pass, evaluated at every
     ``ratio``-th sample only (default: 24 → 8 kHz with the telephone filter)."""
 
@@ -79,7 +92,7 @@ class FirDownsampler:
         taps = lowpass_taps() if taps is None else taps
         self._taps = np.ascontiguousarray(taps[::-1])
         self._ratio = ratio
-        self._history = np.zeros(len(taps) - 1, dtype=np.float32)
+        super().__init__(len(taps) - 1)
         self._phase = 0  # input samples to skip before the next output sample
         self.name = f"fir{len(taps)}"
         self.held_back_ms = (len(taps) - 1) / 2 / rate * 1000
@@ -87,11 +100,10 @@ class FirDownsampler:
     def process(self, samples: np.ndarray) -> np.ndarray:
         if len(samples) == 0:
             return np.zeros(0, dtype=np.float32)
-        joined = np.concatenate((self._history, samples.astype(np.float32, copy=False)))
+        joined = self._join(samples)
         usable = joined[self._phase:] if self._phase else joined
         out = sliding_windows(np.ascontiguousarray(usable), len(self._taps), self._ratio) @ self._taps
         self._phase = (self._phase - len(samples)) % self._ratio
-        self._history = joined[len(samples):]
         return out
 
 

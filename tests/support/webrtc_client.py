@@ -50,13 +50,15 @@ def write_wav(path: Path, pcm: np.ndarray, rate: int = RATE) -> Path:
 
 
 class PcmTrack(MediaStreamTrack):
-    """Plays int16 mono 48 kHz PCM in real time (20 ms frames), then silence."""
+    """Plays int16 mono 48 kHz PCM in real time (20 ms frames), then silence (or, with
+    ``loop``, the PCM again and again)."""
 
     kind = "audio"
 
-    def __init__(self, pcm: np.ndarray | None = None) -> None:
+    def __init__(self, pcm: np.ndarray | None = None, *, loop: bool = False) -> None:
         super().__init__()
         self.pcm = np.zeros(0, dtype=np.int16) if pcm is None else pcm.astype(np.int16)
+        self.loop = loop and len(self.pcm) > 0
         self.sent = 0
         self.started_at: float | None = None
 
@@ -67,7 +69,8 @@ class PcmTrack(MediaStreamTrack):
             self.started_at = time.monotonic()
         due = self.started_at + self.sent / RATE
         await asyncio.sleep(max(0.0, due - time.monotonic()))
-        chunk = self.pcm[self.sent:self.sent + PACKET]
+        start = self.sent % len(self.pcm) if self.loop else self.sent
+        chunk = self.pcm[start:start + PACKET]
         if len(chunk) < PACKET:
             chunk = np.concatenate((chunk, np.zeros(PACKET - len(chunk), dtype=np.int16)))
         frame = AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
