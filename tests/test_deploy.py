@@ -369,6 +369,15 @@ def test_external_redis(external):
         assert secret_value(external, env_of(c)["REDIS_URL"]) == url
 
 
+def test_call_retention_and_webhook_reach_the_gateway(external, default):
+    env = env_of(gateway(external))
+    assert env["MOSHIMOSHI_CALL_RETENTION_SECONDS"]["value"] == "86400"
+    assert env["MOSHIMOSHI_WEBHOOK_URL"].get("value") == "https://crm.example.com/hooks/calls"
+    assert env["MOSHIMOSHI_WEBHOOK_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": "crm-webhook",
+                                                                             "key": "webhook-secret"}
+    assert "MOSHIMOSHI_WEBHOOK_URL" not in env_of(gateway(default))
+
+
 def test_external_redis_from_an_existing_secret():
     docs = render(None, "redis.enabled=false", "redis.existingSecret=redis-creds", "redis.existingSecretKey=url")
     assert not find(docs, "StatefulSet", f"{FULLNAME}-redis")
