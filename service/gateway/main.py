@@ -282,6 +282,11 @@ class Gateway:
         self.redis_ok = True
         live = [w for w in workers if w.alive]
         ready = [w for w in live if w.state == READY and (self.model is None or w.model == self.model)]
+        if ready and not self.workers_ready:
+            print(f"moshimoshi: {len(ready)} worker(s) ready ({', '.join(sorted({w.model for w in ready}))}): "
+                  "calls are answered", flush=True)
+        elif self.workers_ready and not ready:
+            log.warning("no worker ready: new calls get 503 until one is")
         self.workers_ready = len(ready)
         capacity: dict[str, int] = {}
         busy: dict[str, int] = {}
@@ -352,7 +357,7 @@ class Gateway:
                  self.settings.sip_host, self.ua.port, self.settings.http_host, self.http_port, where)
         web = self.settings.http_host if self.settings.http_host not in ("0.0.0.0", "::") else "localhost"
         sip_host = self.settings.public_host or self.settings.sip_host
-        print(f"moshimoshi gateway ready: SIP sip:agent@{sip_host}:{self.ua.port}  "
+        print(f"moshimoshi gateway up: SIP sip:agent@{sip_host}:{self.ua.port}  "
               f"dashboard http://{web}:{self.http_port}/dashboard  softphone http://{web}:{self.http_port}/phone",
               flush=True)
         try:
