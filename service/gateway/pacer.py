@@ -18,6 +18,7 @@ pacer treats the frames as a stream with a playout deadline, like a jitter buffe
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import time
 import typing as tp
@@ -75,7 +76,8 @@ class EgressPacer:
         self._clock = clock
         self._slew = self.packet_s / 10
         self._queue: collections.deque[tuple[int, int, np.ndarray, float]] = collections.deque()
-        self._lateness: collections.deque[float] = collections.deque(maxlen=WINDOW_FRAMES)
+        self._offsets: collections.deque[float] = collections.deque()
+        self._sorted_offsets: list[float] = []
         self._grid: float | None = None
         self._frame_index = 0
         self.cushion = self._margin
@@ -129,30 +131,29 @@ class EgressPacer:
             self._schedule()
 
     def _track(self, arrival: float) -> None:
-        assert self._grid is not None
-        late = arrival - (self._grid + self._frame_index * self.frame_s)
-        if late > self._max_cushion + self.frame_s:
+        """Update the grid and the cushion with one frame's arrival, in O(log window).
+
+        Frame k's offset ``arrival - k·frame`` would be constant on a perfect clock; the grid
+        is the smallest offset in the window (the earliest frames were on time, so it moves
+        earlier at once and later as old minima leave the window: it follows the worker's
+        clock drift), and lateness is an offset's distance above it.
+        """
+        offset = arrival - self._frame_index * self.frame_s
+        if self._offsets and offset - self._sorted_offsets[0] > self._max_cushion + self.frame_s:
             # A stall (worker hiccup, failover): start a new grid rather than carry the delay.
             self.stats.resyncs += 1
-            self._grid = arrival - self._frame_index * self.frame_s
-            self._lateness.clear()
+            self._offsets.clear()
+            self._sorted_offsets.clear()
             self._queue.clear()
-            late = 0.0
-        elif late < 0:
-            # Earlier than ever: the grid was estimated late. Move it; others grow later.
-            self._grid += late
-            self._lateness = collections.deque((x - late for x in self._lateness), maxlen=WINDOW_FRAMES)
-            late = 0.0
-        self._lateness.append(late)
-        if len(self._lateness) == WINDOW_FRAMES and self._frame_index % WINDOW_FRAMES == 0:
-            # Let the grid drift later with the worker's clock.
-            floor = min(self._lateness)
-            if floor > 0:
-                self._grid += floor
-                self._lateness = collections.deque((x - floor for x in self._lateness), maxlen=WINDOW_FRAMES)
-        ordered = sorted(self._lateness)
-        target = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))] + self._margin
-        target = min(max(target, self._margin), self._max_cushion)
+        if len(self._offsets) == WINDOW_FRAMES:
+            old = self._offsets.popleft()
+            del self._sorted_offsets[bisect.bisect_left(self._sorted_offsets, old)]
+        self._offsets.append(offset)
+        bisect.insort(self._sorted_offsets, offset)
+        ordered = self._sorted_offsets
+        self._grid = ordered[0]
+        spread = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))] - ordered[0]
+        target = min(max(spread + self._margin, self._margin), self._max_cushion)
         if target > self.cushion:
             self.cushion = target
         else:
