@@ -130,6 +130,7 @@ class ServerTransaction(Transaction):
     def _send(self, response: Response) -> None:
         self.last_response = response
         self._last_bytes = response.to_bytes()
+        self.layer.transport.counters.count_response(response.status)
         self.layer.transport.send(self._last_bytes, self.response_flow)
 
     def _resend(self) -> None:

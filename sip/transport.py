@@ -19,7 +19,7 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Callable, Coroutine
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sip.errors import SipParseError, TransportError
@@ -49,8 +49,12 @@ class TransportCounters:
     tcp_rejected: int = 0          # refused because max_tcp_connections was reached
     tcp_idle_closed: int = 0
     tcp_open: int = 0
+    responses_sent: dict[int, int] = field(default_factory=dict)  # by status, retransmissions not counted
 
-    def as_dict(self) -> dict[str, int]:
+    def count_response(self, status: int) -> None:
+        self.responses_sent[status] = self.responses_sent.get(status, 0) + 1
+
+    def as_dict(self) -> dict[str, int | dict[int, int]]:
         return asdict(self)
 
 
@@ -353,6 +357,7 @@ class Transport:
             target = Flow("UDP", flow.host, port)
         log.debug("answering malformed request from %r with %d: %s", flow, exc.status, exc)
         self.counters.bad_requests_answered += 1
+        self.counters.count_response(response.status)
         self.send(response.to_bytes(), target)
 
     def _stamp_via(self, request: Request, flow: Flow) -> None:

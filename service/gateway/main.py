@@ -106,6 +106,7 @@ class Gateway:
         self._http: uvicorn.Server | None = None
         self.http_port = settings.http_port
         self.call_stats = metrics.install_call_stats(self._live_counters)
+        metrics.install_sip_stats(lambda: self.ua.transport.counters)
         self.transcript_listeners: dict[str, set[asyncio.Queue]] = {}
         # control plane: API tokens, transcripts in Redis, hang-ups across replicas, webhook
         self.api_tokens = ApiTokens.parse(settings.api_tokens)

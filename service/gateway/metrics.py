@@ -22,9 +22,6 @@ CALLS_ACTIVE = Gauge("moshimoshi_calls_active", "Calls in progress on this gatew
 CALLS_TOTAL = Counter("moshimoshi_calls_total", "Calls by outcome.", ["ingress", "outcome"])
 CALL_DURATION = Histogram("moshimoshi_call_duration_seconds", "Answered call length.",
                           buckets=DURATION_BUCKETS)
-SIP_RESPONSES = Counter("moshimoshi_sip_responses_total", "SIP responses sent, by status code.", ["code"])
-SIP_DROPPED = Counter("moshimoshi_sip_messages_dropped_total",
-                      "SIP messages dropped without an answer, by reason.", ["reason"])
 RTP_JITTER = Histogram("moshimoshi_rtp_jitter_seconds",
                        "Interarrival jitter of callers' RTP, sampled every few seconds per call.",
                        buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2))
@@ -73,6 +70,8 @@ QUEUE_WAIT = Histogram("moshimoshi_pool_queue_wait_seconds",
 QUEUED_CALLS = Counter("moshimoshi_pool_queued_calls_total", "Calls that had to wait for a slot.")
 REJECTED_CALLS = Counter("moshimoshi_pool_rejected_calls_total",
                          "Calls refused for want of a slot (503), by reason.", ["reason"])
+WORKER_LINK_DROPPED = Counter("moshimoshi_worker_link_frames_dropped",
+                              "Caller frames dropped because the WebSocket to the worker was backed up.")
 FAILOVERS = Counter("moshimoshi_pool_failovers_total", "Calls moved to another worker mid-call.",
                     ["outcome"])
 POOL_SLOTS = Gauge("moshimoshi_pool_slots", "Slots of ready workers in the pool (capacity), by model.",
@@ -153,3 +152,38 @@ WEBRTC_OFFERS = Counter("moshimoshi_webrtc_offers_total",
 WEBRTC_CONNECT = Histogram("moshimoshi_webrtc_connect_seconds",
                            "Time from the SDP answer to ICE and DTLS connected (slow: TURN or firewalls).",
                            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
+
+
+class SipStatsCollector(Collector):
+    """SIP responses by status code and SIP messages dropped, read from the SIP stack's own
+    counters at scrape time (every response it sends, automatic ones included)."""
+
+    def __init__(self, counters: tp.Callable[[], tp.Any]) -> None:
+        self._counters = counters
+
+    def collect(self) -> tp.Iterator[CounterMetricFamily]:
+        counters = self._counters()
+        responses = CounterMetricFamily("moshimoshi_sip_responses", "SIP responses sent, by status code "
+                                        "(retransmissions not counted).", labels=["code"])
+        for status, count in sorted(counters.responses_sent.items()):
+            responses.add_metric([str(status)], count)
+        yield responses
+        dropped = CounterMetricFamily("moshimoshi_sip_messages_dropped",
+                                      "SIP messages dropped without an answer, by reason.", labels=["reason"])
+        dropped.add_metric(["malformed"], counters.dropped)
+        dropped.add_metric(["oversized"], counters.oversized)
+        dropped.add_metric(["tcp-refused"], counters.tcp_rejected)
+        yield dropped
+
+
+_sip_collector: SipStatsCollector | None = None
+
+
+def install_sip_stats(counters: tp.Callable[[], tp.Any]) -> None:
+    """Register (once per process) the collector over the SIP stack's counters."""
+    global _sip_collector
+    if _sip_collector is None:
+        _sip_collector = SipStatsCollector(counters)
+        REGISTRY.register(_sip_collector)
+    else:
+        _sip_collector._counters = counters

@@ -15,6 +15,7 @@ if tp.TYPE_CHECKING:
     from service.gateway.main import Gateway
 
 SAMPLE_SECONDS = 5.0
+IDLE_POLL_SECONDS = 0.5
 
 
 def sample_call(gateway: Gateway, call) -> None:
@@ -52,11 +53,11 @@ async def sample_forever(gateway: Gateway, period: float = SAMPLE_SECONDS) -> No
     due meanwhile would leave late."""
     while True:
         calls = list(gateway.calls.values())
+        if not calls:
+            await asyncio.sleep(IDLE_POLL_SECONDS)  # a new call is sampled soon after it starts
         gap = period / max(1, len(calls))
         for call in calls:
             await asyncio.sleep(gap)
             if call.id in gateway.calls:
                 sample_call(gateway, call)
-        if not calls:
-            await asyncio.sleep(period)
         forget_expired(gateway)

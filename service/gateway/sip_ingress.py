@@ -60,7 +60,6 @@ class SipCallHandler:
     async def reject(self, status: int, reason: str, outcome: str, retry_after: bool = False) -> None:
         headers = {"Retry-After": str(self.gateway.settings.retry_after_seconds)} if retry_after else None
         await self.incoming.reject(status, reason, headers=headers)
-        metrics.SIP_RESPONSES.labels(str(status)).inc()
         self.call.end(outcome)
 
     async def run(self) -> None:
@@ -130,7 +129,6 @@ class SipCallHandler:
             return
         self._start_media(negotiated)
         dialog = await incoming.accept(str(answer), headers={CALL_ID_HEADER: call.id})
-        metrics.SIP_RESPONSES.labels("200").inc()
         self.dialog = dialog
         dialog.on_media_update = self._on_media_update
         call.mark_answered()

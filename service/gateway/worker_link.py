@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
+from service.gateway import metrics
 from service.gateway.bridge import MODEL_FRAME_BYTES
 
 PROTOCOL_VERSION = 1
@@ -116,6 +117,7 @@ class WorkerLink:
         while self._outbox.qsize() >= SEND_QUEUE_FRAMES:
             self._outbox.get_nowait()
             self.frames_dropped += 1
+            metrics.WORKER_LINK_DROPPED.inc()
         self._outbox.put_nowait(frame)
 
     async def close(self) -> None:
