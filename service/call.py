@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from service.realtime import quiet_gc
 from service.settings import CallSettings
 from sip import g711
 from sip.dtmf import DtmfDigit, DtmfReceiver
@@ -83,7 +84,8 @@ class TestCall:
         self.audio = audio
         self.encoder = g711.G711Encoder(codec)
         self.decoder = g711.G711Decoder(codec)
-        self.jitter = JitterBuffer(clock_rate=TELEPHONE_RATE, ptime_ms=ptime_ms)
+        self.jitter = JitterBuffer(clock_rate=TELEPHONE_RATE, ptime_ms=ptime_ms,
+                                   is_silent=g711.quiet_detector(codec))  # adapt in pauses, not in speech
         self.plc = PacketLossConcealer(TELEPHONE_RATE)
         self.digits: list[DtmfDigit] = []
         self.dtmf = DtmfReceiver(TELEPHONE_RATE, on_digit=self.digits.append)
@@ -183,6 +185,7 @@ async def place_call(settings: CallSettings) -> dict:
                                     else ("::" if ":" in local_ip else "0.0.0.0"))
         codecs = [settings.codec] + [c for c in ("PCMU", "PCMA") if c != settings.codec]
         offer = build_offer(MediaPreferences(codecs=codecs, ptime=settings.ptime), local_ip, rtp.local_port)
+        quiet_gc()  # before the call: a collection pause during it would be a glitch in the recording
         started = time.time()
         dialog = await ua.invite(target, str(offer), username=settings.username, password=settings.password)
         answered = time.time()

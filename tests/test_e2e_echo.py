@@ -56,30 +56,46 @@ def noise_bursts_wav(path: Path, seconds: float = 4.0, rate: int = 8000) -> Path
     return path
 
 
-def echo_delay(sent: np.ndarray, received: np.ndarray) -> tuple[float, float]:
-    """(typical delay in ms, share of windows that came back) for ``received`` as an echo
-    of ``sent``. Each 250 ms window of sound in ``sent`` is looked for in ``received`` 20 to
-    400 ms later; it came back when the best match correlates above 0.9. Windows are
-    matched one by one because the delay may move by a frame or two during a call (the
-    jitter buffer adapts)."""
-    a, b = sent.astype(np.float64), received.astype(np.float64)
-    width, lo, hi = 2000, 160, 3200
-    delays, found, windows = [], 0, 0
-    for start in range(0, len(a) - width - hi, width):
-        window = a[start:start + width]
-        if window.std() < 500:
+def sound_segments(pcm: np.ndarray, rate: int = 8000) -> list[tuple[int, int]]:
+    """(start, end) sample indices of the stretches of sound in ``pcm``: 10 ms blocks louder
+    than a quiet floor, joined across gaps shorter than 30 ms, kept when at least 100 ms."""
+    block = rate // 100
+    loud = [np.abs(pcm[i:i + block].astype(np.float64)).mean() > 300 for i in range(0, len(pcm) - block, block)]
+    segments: list[tuple[int, int]] = []
+    for i, is_loud in enumerate(loud):
+        if not is_loud:
             continue
-        windows += 1
-        span = b[start + lo:start + hi + width]
+        if segments and i * block - segments[-1][1] < 3 * block:
+            segments[-1] = (segments[-1][0], (i + 1) * block)
+        else:
+            segments.append((i * block, (i + 1) * block))
+    return [(a, b) for a, b in segments if b - a >= 10 * block]
+
+
+def echo_delay(sent: np.ndarray, received: np.ndarray) -> tuple[float, float]:
+    """(typical delay in ms, share of sounds that came back) for ``received`` as an echo of
+    ``sent``. Each stretch of sound in ``sent`` is looked for in ``received`` 20 to 400 ms
+    later; it came back when the best match correlates above 0.9. Sounds are matched one
+    by one because the delay may move by a frame or two in the pauses between them (the
+    jitter buffers on both sides adapt in silence), but never within one."""
+    a, b = sent.astype(np.float64), received.astype(np.float64)
+    lo, hi = 160, 3200
+    delays, found, sounds = [], 0, 0
+    for start, end in sound_segments(sent):
+        window = a[start:end]
+        span = b[start + lo:end + hi]
+        if len(span) < len(window) + hi - lo:
+            continue  # too close to the end of the recording to be heard back in it
+        sounds += 1
         scores = np.correlate(span, window, mode="valid")
         lag = int(np.argmax(scores))
-        match = span[lag:lag + width]
+        match = span[lag:lag + len(window)]
         if match.std() > 0 and np.corrcoef(window, match)[0, 1] > 0.9:
             found += 1
             delays.append((lag + lo) / 8.0)
-    if not windows:
+    if not sounds:
         return 0.0, 0.0
-    return (float(np.median(delays)) if delays else 0.0), found / windows
+    return (float(np.median(delays)) if delays else 0.0), found / sounds
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import signal
@@ -38,6 +37,7 @@ from service.pool import (
     connect,
     redacted,
 )
+from service.realtime import quiet_gc
 from service.settings import GatewaySettings
 from sip.rtpsession import PortAllocator
 from sip.ua import IncomingCall, UserAgent
@@ -50,16 +50,13 @@ STOP_CALLS_SECONDS = 3.0
 
 def install_event_loop() -> None:
     """Set up the process for real-time media: uvloop when it is installed (the media path
-    runs thousands of timers a second), and a garbage collector that does not stop the
-    world every few hundred allocations (a full collection costs milliseconds of pacing)."""
+    runs thousands of timers a second), and a garbage collector kept out of the media path."""
     if os.environ.get("MOSHIMOSHI_EVENT_LOOP", "uvloop") == "uvloop":
         with contextlib.suppress(ImportError):
             import uvloop
 
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    gc.collect()
-    gc.freeze()  # what is loaded at start-up is never garbage: keep it out of every collection
-    gc.set_threshold(20_000, 50, 50)
+    quiet_gc()
 
 
 class Gateway:
