@@ -77,16 +77,23 @@ class PortAllocator:
     """Hands out even RTP ports from ``[first, last]`` (RTCP is port + 1), never one that is held.
 
     Ports are handed out round robin, so a just-released port is the last to be reused and
-    late packets of an ended call rarely reach the next one.
+    late packets of an ended call rarely reach the next one. The round starts at ``start``,
+    by default a random pair: two processes sharing a range (a gateway restarted while its
+    old ports drain, several test callers) do not all begin on the same port, and an
+    attacker cannot guess the next call's port from the range alone.
     """
 
-    def __init__(self, first: int = 16384, last: int = 32767) -> None:
+    def __init__(self, first: int = 16384, last: int = 32767, start: int | None = None) -> None:
         first += first & 1
         if not 1024 <= first < last <= 65535:
             raise ValueError(f"RTP port range {first}-{last} must lie within 1024-65535 and hold a pair")
         self.first = first
         self.last = last
-        self._next = first
+        if start is None:
+            start = first + 2 * secrets.randbelow(self.capacity)
+        if not first <= start <= last - 1 or (start - first) % 2:
+            raise ValueError(f"RTP start port {start} is not an even pair within {first}-{last}")
+        self._next = start
         self._held: set[int] = set()
 
     @property

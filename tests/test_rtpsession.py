@@ -328,7 +328,7 @@ async def test_ipv6_sessions_talk(ports) -> None:
 
 
 async def test_port_allocator_never_hands_out_a_held_port() -> None:
-    allocator = PortAllocator(30000, 30009)
+    allocator = PortAllocator(30000, 30009, start=30000)
     assert allocator.capacity == 5
     held = [allocator.acquire() for _ in range(5)]
     assert sorted(held) == [30000, 30002, 30004, 30006, 30008]
@@ -343,6 +343,13 @@ async def test_port_allocator_never_hands_out_a_held_port() -> None:
         PortAllocator(100, 200)
     with pytest.raises(ValueError):
         PortAllocator(40000, 40000)
+    with pytest.raises(ValueError):
+        PortAllocator(30000, 30009, start=30003)
+
+
+async def test_port_allocator_starts_its_round_at_a_random_pair() -> None:
+    starts = {PortAllocator(30000, 39999).acquire() for _ in range(20)}
+    assert len(starts) > 10 and all(p % 2 == 0 and 30000 <= p < 40000 for p in starts)
 
 
 async def test_busy_ports_are_skipped_without_leaking(ports) -> None:

@@ -16,7 +16,7 @@ def port_allocator(pairs: int = 50) -> PortAllocator:
         base = free_port(socket.SOCK_DGRAM)
         base += base & 1
         if base + 2 * pairs < 65535:
-            return PortAllocator(base, base + 2 * pairs - 1)
+            return PortAllocator(base, base + 2 * pairs - 1, start=base)
 
 
 class UdpPeer(asyncio.DatagramProtocol):
