@@ -12,6 +12,7 @@ from sip.jitterbuffer import JitterBuffer
 from sip.rtcp import Bye, ReceiverReport, SenderReport, parse_compound
 from sip.rtp import RtpPacket, is_rtcp
 from sip.rtpsession import PortAllocator, PortsExhausted, RtpSession
+from tests.support.procs import has_ipv6
 from tests.support.udp import Relay, UdpPeer, port_allocator
 
 pytestmark = pytest.mark.timeout(60)
@@ -305,14 +306,8 @@ async def test_update_remote_moves_the_media(ports, peers) -> None:
         assert old.drain() == []
 
 
+@pytest.mark.skipif(not has_ipv6(), reason="no IPv6 loopback")
 async def test_ipv6_sessions_talk(ports) -> None:
-    if not socket.has_ipv6:
-        pytest.skip("no IPv6")
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        pytest.skip("no IPv6 loopback")
     async with await RtpSession.open(ports, host="::1", rtcp_interval=0.2) as a, \
             await RtpSession.open(ports, host="::1", rtcp_interval=0.2) as b:
         a.update_remote("::1", b.local_port)

@@ -4,12 +4,12 @@ malformed input, TCP framing, idle connections and the connection limit."""
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
 
 from sip.message import Request, make_response
 from sip.transport import Flow, Transport
+from tests.support.procs import has_ipv6
 from tests.support.sip_peer import RawPeer, branch, options
 
 
@@ -32,15 +32,6 @@ async def server():
     transport.received = received
     yield transport
     await transport.stop()
-
-
-def has_ipv6() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
 async def test_udp_and_tcp_share_one_port(server):

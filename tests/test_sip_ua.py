@@ -14,6 +14,7 @@ from sip.message import Request, Response, make_response
 from sip.sdp import MediaPreferences, NoCommonCodec, SessionDescription, answer_offer, build_offer
 from sip.transaction import Timers
 from sip.ua import IncomingCall, UserAgent
+from tests.support.procs import has_ipv6
 from tests.support.sip_peer import RawPeer, branch
 
 TIMERS = Timers(t1=0.02, t2=0.08, t4=0.1)
@@ -411,17 +412,7 @@ async def test_digest_challenge_from_a_proxy_is_answered_once(make_ua, peer):
     assert acks  # each 407 was ACKed by the transaction layer
 
 
-def _has_ipv6() -> bool:
-    import socket
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback")
+@pytest.mark.skipif(not has_ipv6(), reason="no IPv6 loopback")
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
 async def test_call_over_ipv6(transport):
     app = AnsweringApp()

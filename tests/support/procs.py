@@ -28,6 +28,16 @@ def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
         return port
 
 
+def has_ipv6() -> bool:
+    """Whether this machine has an IPv6 loopback to bind (containers often have none)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
 def python_env(**extra: str) -> dict[str, str]:
     """Environment for a child ``python -m service ...`` that imports this checkout."""
     env = dict(os.environ)
