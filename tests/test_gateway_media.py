@@ -189,3 +189,35 @@ def test_pacer_skips_ticks_after_a_loop_stall_instead_of_bursting():
     assert ticks_seen == [1, 3]
     assert pacer.stats.skipped_ticks == 2
     assert pacer._next_tick > clock.now
+
+
+def test_media_clock_runs_due_egress_before_other_work_and_skips_cancelled_entries():
+    import asyncio
+    import time
+
+    from service.gateway.mediaclock import media_clock
+
+    async def scenario() -> list[str]:
+        clock = media_clock()
+        ran: list[str] = []
+        at = time.monotonic() + 0.01
+        clock.call_at(at, lambda: ran.append("work-1"))
+        # egress falling due while work runs goes next, ahead of the rest of the work
+        clock.call_at(at, lambda: clock.call_at(time.monotonic(), lambda: ran.append("egress-2"), urgent=True))
+        clock.call_at(at, lambda: ran.append("work-2"))
+        clock.call_at(at + 0.0001, lambda: ran.append("egress-1"), urgent=True)
+        cancelled = clock.call_at(at, lambda: ran.append("cancelled"), urgent=True)
+        clock.cancel(cancelled)
+        failing = clock.call_at(at, lambda: 1 / 0)  # logged; the others still run
+        assert failing
+        await asyncio.sleep(0.05)
+        assert len(clock) == 0
+        return ran
+
+    loop = asyncio.new_event_loop()
+    loop.set_exception_handler(lambda *_: None)
+    try:
+        ran = loop.run_until_complete(scenario())
+    finally:
+        loop.close()
+    assert ran == ["egress-1", "work-1", "egress-2", "work-2"]

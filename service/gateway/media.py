@@ -5,9 +5,11 @@ Inbound, a playout tick every ptime pops the jitter buffer (never waiting: a mis
 is concealed on time), decodes G.711, and hands the audio to the bridge, which emits an
 80 ms model frame every fourth tick. Outbound, each model frame is cut into packets that
 the pacer sends on its own clock, phased to when model frames arrive. The two ticks are
-separate timers on purpose: sharing one would tie the egress phase to the ingress phase,
+separate entries on purpose: sharing one would tie the egress phase to the ingress phase,
 and an answer that comes back within the tick (an echo, a fast worker) would wait a whole
-ptime for the next one. Telephone-events go to the DTMF receiver.
+ptime for the next one. Both run on the loop's shared media clock (one loop timer for all
+calls), where egress ticks go before playout work that falls due at the same time.
+Telephone-events go to the DTMF receiver.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 
 from service.gateway import metrics
 from service.gateway.bridge import MediaBridge
+from service.gateway.mediaclock import MediaClock, media_clock
 from service.gateway.pacer import EgressPacer
 from sip import g711
 from sip.dtmf import DtmfDigit, DtmfReceiver
@@ -73,7 +76,8 @@ class CallMedia:
         self.frames_from_model = 0
         self.egress_underruns = 0
         self._model_talking = False
-        self._playout_timer: asyncio.TimerHandle | None = None
+        self._playout_timer: list | None = None  # our entry on the loop's shared media clock
+        self._media_clock: MediaClock | None = None
         # slots per model frame, played together (1 when the ptime does not divide 80 ms)
         self._playout_slots = MODEL_FRAME_MS // self.ptime_ms if MODEL_FRAME_MS % self.ptime_ms == 0 else 1
         self._next_playout = 0.0
@@ -85,16 +89,18 @@ class CallMedia:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._media_clock = media_clock(self._loop)
         self._next_playout = self._loop.time() + self._playout_slots * self.ptime_ms / 1000
-        self._playout_timer = self._loop.call_at(self._next_playout, self._playout_tick)
+        self._playout_timer = self._media_clock.call_at(self._next_playout, self._playout_tick)
         self.pacer.start()
 
     def stop(self) -> None:
         if self._playout_timer is not None:
-            self._playout_timer.cancel()
+            MediaClock.cancel(self._playout_timer)
             self._playout_timer = None
         self.pacer.stop()
         self._loop = None
+        self._media_clock = None
 
     def update(self, negotiated: NegotiatedMedia) -> None:
         """A re-INVITE changed the peer's address or direction (hold/unhold)."""
@@ -117,14 +123,15 @@ class CallMedia:
         one as they fall due would add nothing but timer wake-ups; each slot is popped at
         its own nominal time, so the jitter buffer's timing is exactly per slot."""
         loop = self._loop
-        if loop is None:
+        if loop is None or self._media_clock is None:
             return
         now = loop.time()
         period = self._playout_slots * self.ptime_ms / 1000
         self._next_playout += period
         if self._next_playout <= now:  # the loop stalled: keep the cadence, skip what was missed
             self._next_playout = now + period - (now - self._next_playout) % period
-        self._playout_timer = loop.call_at(self._next_playout, self._playout_tick)
+        # ordinary work on the shared media clock: egress ticks that fall due go first
+        self._playout_timer = self._media_clock.call_at(self._next_playout, self._playout_tick)
         step = self.ptime_ms / 1000
         for slot in range(self._playout_slots - 1, -1, -1):
             self._play_out(now - slot * step)

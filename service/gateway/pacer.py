@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.gateway.mediaclock import MediaClock, media_clock
+
 WINDOW_FRAMES = 64
 SEND_EARLY_LIMIT = 0.5  # a packet may go out up to half a ptime before its due time
 
@@ -83,22 +85,25 @@ class EgressPacer:
         self.cushion = self._margin
         self._next_tick = 0.0
         self._last_tick: float | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: list | None = None  # our entry on the loop's shared media clock
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._media_clock: MediaClock | None = None
         self.stats = PacerStats()
 
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._media_clock = media_clock(self._loop)
         self._next_tick = self._clock()
         self._schedule()
 
     def stop(self) -> None:
         if self._timer is not None:
-            self._timer.cancel()
+            MediaClock.cancel(self._timer)
             self._timer = None
         self._loop = None
+        self._media_clock = None
 
     @property
     def running(self) -> bool:
@@ -166,11 +171,13 @@ class EgressPacer:
     # -- output ------------------------------------------------------------------------
 
     def _schedule(self) -> None:
-        if self._loop is None:
+        """Ticks run on the loop's shared media clock, ahead of any other media work."""
+        clock = self._media_clock
+        if clock is None:
             return
         if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._loop.call_at(self._next_tick, self._tick)
+            MediaClock.cancel(self._timer)
+        self._timer = clock.call_at(self._next_tick, self._tick, urgent=True)
 
     def _tick(self) -> None:
         self._timer = None

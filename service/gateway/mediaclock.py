@@ -1,0 +1,118 @@
+"""One media clock per event loop: a single timer that runs every call's media ticks.
+
+Every call needs two periodic ticks: the egress pacer's (one packet every ptime, where
+lateness is audible and measured) and the inbound playout (one model frame's worth of
+jitter-buffer slots every 80 ms, which takes longer but only has to happen in time).
+With one loop timer per tick, a gateway carrying hundreds of calls creates and cancels
+thousands of loop timers a second, and runs due callbacks in whatever order they
+happen to be due: a pacer tick can wait behind a whole cluster of playout work.
+
+:class:`MediaClock` keeps the ticks of all calls in two heaps on the monotonic clock
+and holds one loop timer, armed for the earliest entry. When it fires it sends every
+egress tick that is due, then runs due *work* (playout) entries one at a time, looking
+at the egress heap again after each, so an egress packet never waits for more than one
+unit of other work. Entries run at most ``EARLY_S`` before their time: the loop's timers
+have a millisecond resolution, so a tick may run a little early as well as late, and
+each pacer measures and reports that error itself, as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import time
+import typing as tp
+import weakref
+
+log = logging.getLogger(__name__)
+
+EARLY_S = 0.0005  # run an entry at most half a millisecond before it is due
+
+Callback = tp.Callable[[], object]
+
+
+class MediaClock:
+    """Runs scheduled media callbacks for one event loop; get it with :func:`media_clock`."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, clock: tp.Callable[[], float] = time.monotonic) -> None:
+        self._loop = loop
+        self._clock = clock
+        self._urgent: list[list] = []  # [when, seq, callback or None when cancelled]
+        self._work: list[list] = []
+        self._seq = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._armed_at = float("inf")
+        self._running = False
+
+    def __len__(self) -> int:
+        return len(self._urgent) + len(self._work)
+
+    def call_at(self, when: float, callback: Callback, *, urgent: bool = False) -> list:
+        """Run ``callback()`` at ``when`` (monotonic seconds); returns an entry for :meth:`cancel`.
+        ``urgent`` entries (egress) run before any due work entry."""
+        self._seq += 1
+        entry = [when, self._seq, callback]
+        heapq.heappush(self._urgent if urgent else self._work, entry)
+        if not self._running and when < self._armed_at:
+            self._arm(when)
+        return entry
+
+    @staticmethod
+    def cancel(entry: list) -> None:
+        entry[2] = None
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._armed_at = when
+        self._timer = self._loop.call_later(max(0.0, when - self._clock()), self._run)
+
+    def _run(self) -> None:
+        self._timer = None
+        self._armed_at = float("inf")
+        self._running = True
+        urgent, work, clock = self._urgent, self._work, self._clock
+        heappop = heapq.heappop
+        try:
+            while True:
+                horizon = clock() + EARLY_S
+                while urgent and urgent[0][0] <= horizon:
+                    callback = heappop(urgent)[2]
+                    if callback is not None:
+                        self._call(callback)
+                if work and work[0][0] <= horizon:
+                    callback = heappop(work)[2]
+                    if callback is not None:
+                        self._call(callback)
+                    continue
+                break
+        finally:
+            self._running = False
+            # drop cancelled entries at the top so they do not wake the loop
+            while urgent and urgent[0][2] is None:
+                heappop(urgent)
+            while work and work[0][2] is None:
+                heappop(work)
+            nxt = min(urgent[0][0] if urgent else float("inf"), work[0][0] if work else float("inf"))
+            if nxt != float("inf"):
+                self._arm(nxt)
+
+    def _call(self, callback: Callback) -> None:
+        try:
+            callback()
+        except Exception as exc:  # one call's failure must not stop every other call's media
+            self._loop.call_exception_handler({"message": "media clock callback failed", "exception": exc,
+                                               "callback": callback})
+
+
+_clocks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, MediaClock] = weakref.WeakKeyDictionary()
+
+
+def media_clock(loop: asyncio.AbstractEventLoop | None = None) -> MediaClock:
+    """The running (or given) loop's media clock, created on first use."""
+    loop = loop or asyncio.get_running_loop()
+    found = _clocks.get(loop)
+    if found is None:
+        found = _clocks[loop] = MediaClock(loop)
+    return found
