@@ -221,3 +221,18 @@ def test_media_clock_runs_due_egress_before_other_work_and_skips_cancelled_entri
     finally:
         loop.close()
     assert ran == ["egress-1", "work-1", "egress-2", "work-2"]
+
+
+def test_bridge_gives_the_same_audio_for_a_whole_frame_as_packet_by_packet():
+    rng = np.random.default_rng(1)
+    whole, by_packet = MediaBridge(), MediaBridge()
+    for _ in range(5):
+        pcm = (rng.standard_normal(640) * 8000).astype(np.int16)
+        frames = [f for f in (by_packet.caller_audio(pcm[i:i + 160]) for i in range(0, 640, 160)) if f]
+        assert frames == [whole.caller_audio(pcm)]
+    model = (rng.standard_normal(1920) * 8000).astype(np.int16).tobytes()
+    a, b = MediaBridge(packet_samples=240), MediaBridge(packet_samples=240)
+    for _ in range(3):
+        packets = a.model_audio(model)
+        joined = b.model_audio_pcm(model)
+        assert np.array_equal(np.concatenate(packets), joined) and len(joined) % 240 == 0

@@ -17,9 +17,13 @@ MODEL_FRAME_BYTES = MODEL_FRAME_SAMPLES * 2
 TELEPHONE_FRAME_SAMPLES = MODEL_FRAME_SAMPLES // RATIO  # 640: 80 ms at 8 kHz
 
 
+# the clip ufunc itself: np.clip's Python wrapper costs more than clipping 2000 samples
+_clip = getattr(getattr(getattr(np, "_core", None), "umath", None), "clip", None) or np.clip
+
+
 def to_pcm16(samples: np.ndarray) -> np.ndarray:
     """Float samples on the int16 scale → int16, saturating (clips in place)."""
-    return np.clip(samples, -32768.0, 32767.0, out=samples).astype(np.int16)
+    return _clip(samples, -32768.0, 32767.0, out=samples).astype(np.int16)
 
 
 class MediaBridge:
@@ -45,6 +49,8 @@ class MediaBridge:
         Upsampling waits for the whole 80 ms so the resampler runs once per model frame.
         """
         fill = self._caller_fill
+        if fill == 0 and len(pcm8k) == TELEPHONE_FRAME_SAMPLES:  # a whole frame at once
+            return to_pcm16(self._up.process(pcm8k)).tobytes()
         end = fill + len(pcm8k)
         if end > len(self._caller):
             self._caller = np.concatenate((self._caller, np.zeros(end - len(self._caller), np.float32)))
@@ -65,10 +71,15 @@ class MediaBridge:
         With a ptime that does not divide 80 ms (30 ms), the remainder waits for the next
         frame, so the packet cadence never breaks.
         """
+        pcm = self.model_audio_pcm(frame)
+        size = self.packet_samples
+        return [pcm[i:i + size] for i in range(0, len(pcm), size)]
+
+    def model_audio_pcm(self, frame: bytes) -> np.ndarray:
+        """Like :meth:`model_audio`, as one array of the packets' samples back to back (a
+        whole number of packets; the remainder waits for the next frame)."""
         pcm8k = to_pcm16(self._down.process(np.frombuffer(frame, dtype="<i2").astype(np.float32)))
         pending = np.concatenate((self._model_pending, pcm8k)) if len(self._model_pending) else pcm8k
-        size = self.packet_samples
-        count = len(pending) // size
-        packets = [pending[i * size:(i + 1) * size] for i in range(count)]
-        self._model_pending = pending[count * size:]
-        return packets
+        whole = len(pending) - len(pending) % self.packet_samples
+        self._model_pending = pending[whole:]
+        return pending[:whole]

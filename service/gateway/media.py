@@ -133,22 +133,40 @@ class CallMedia:
         # ordinary work on the shared media clock: egress ticks that fall due go first
         self._playout_timer = self._media_clock.call_at(self._next_playout, self._playout_tick)
         step = self.ptime_ms / 1000
+        pop = self.jitter.pop
+        popped = []
         for slot in range(self._playout_slots - 1, -1, -1):
-            self._play_out(now - slot * step)
+            at = now - slot * step
+            popped.append(pop(at))
+            self._after_slot(at)
+        size = self.packet_samples
+        if len(popped) > 1 and not self.plc.in_loss and all(type(p) is bytes and len(p) == size for p in popped):
+            # the common case, every slot's packet is here: one decode for the whole frame
+            # (the concealer only remembers what was played, which is the same either way)
+            self._to_bridge(self.plc.good(self._decoder.decode(b"".join(popped))))
+        else:
+            for p in popped:
+                self._to_bridge(self._slot_pcm(p))
 
     def _play_out(self, now: float) -> None:
-        """Inbound, once per tick: the jitter buffer's next slot to the bridge."""
-        popped = self.jitter.pop(now)
+        """Inbound, one slot: the jitter buffer's next slot to the bridge."""
+        self._to_bridge(self._slot_pcm(self.jitter.pop(now)))
+        self._after_slot(now)
+
+    def _slot_pcm(self, popped: bytes | object | None) -> np.ndarray:
         if isinstance(popped, bytes):
-            pcm = self.plc.good(self._decoder.decode(popped))
-        elif popped is CONCEAL:
-            pcm = self.plc.conceal(self.packet_samples)
-        else:
-            pcm = self._silence_pcm
+            return self.plc.good(self._decoder.decode(popped))
+        if popped is CONCEAL:
+            return self.plc.conceal(self.packet_samples)
+        return self._silence_pcm
+
+    def _to_bridge(self, pcm: np.ndarray) -> None:
         frame = self.bridge.caller_audio(pcm)
         if frame is not None:
             self.frames_to_model += 1
             self._to_model(frame)
+
+    def _after_slot(self, now: float) -> None:
         if self.dtmf.active:
             self.dtmf.poll(now)
         if self.rtp.packets_received != self._last_received:
@@ -161,16 +179,18 @@ class CallMedia:
         """One 80 ms frame of the model's voice arrived from the worker."""
         self.frames_from_model += 1
         self._model_talking = True
-        self.pacer.push(self.bridge.model_audio(frame))
+        # encoded here, once per frame: the pacer's ticks only send
+        encoded = self._encoder.encode(self.bridge.model_audio_pcm(frame))
+        size = self.packet_samples
+        self.pacer.push([encoded[i:i + size] for i in range(0, len(encoded), size)])
 
-    def _send_packet(self, pcm: np.ndarray | None, ticks: int) -> None:
-        if pcm is None and self._model_talking and self.frames_from_model:
+    def _send_packet(self, payload: bytes | None, ticks: int) -> None:
+        if payload is None and self._model_talking and self.frames_from_model:
             self.egress_underruns += 1
         if not self.sending:
             self.rtp.timestamp = (self.rtp.timestamp + ticks * self.packet_samples) & 0xFFFFFFFF
             return
-        payload = self._silence if pcm is None else self._encoder.encode(pcm)
-        self.rtp.send(payload, timestamp_increment=ticks * self.packet_samples)
+        self.rtp.send(self._silence if payload is None else payload, timestamp_increment=ticks * self.packet_samples)
 
     def _on_frame_sent(self, waited: float) -> None:
         added = max(0.0, self.jitter.delay + waited + self.bridge.held_back_ms / 1000)
