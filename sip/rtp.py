@@ -58,6 +58,8 @@ class RtpPacket:
         if size < RTP_HEADER_SIZE:
             raise RtpParseError(f"packet too short: {size} bytes, an RTP header needs {RTP_HEADER_SIZE}")
         first, second, sequence, timestamp, ssrc = _HEADER.unpack_from(data)
+        if first == 0x80:  # the common packet: version 2, no padding, extension or CSRC
+            return cls(second & 0x7F, sequence, timestamp, ssrc, bytes(data[RTP_HEADER_SIZE:]), second > 0x7F)
         version = first >> 6
         if version != RTP_VERSION:
             raise RtpParseError(f"bad RTP version {version}, expected {RTP_VERSION}")

@@ -139,6 +139,8 @@ class _Datagrams(asyncio.DatagramProtocol):
     def __init__(self, on_datagram: Callable[[bytes, tuple], None], on_error: Callable[[Exception], None]) -> None:
         self.on_datagram = on_datagram
         self.on_error = on_error
+        # the loop looks the handler up on every datagram: hand it the session's directly
+        self.datagram_received = on_datagram  # type: ignore[method-assign]
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
         self.on_datagram(data, addr)

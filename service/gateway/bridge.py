@@ -78,7 +78,7 @@ class MediaBridge:
     def model_audio_pcm(self, frame: bytes) -> np.ndarray:
         """Like :meth:`model_audio`, as one array of the packets' samples back to back (a
         whole number of packets; the remainder waits for the next frame)."""
-        pcm8k = to_pcm16(self._down.process(np.frombuffer(frame, dtype="<i2").astype(np.float32)))
+        pcm8k = to_pcm16(self._down.process(np.frombuffer(frame, dtype="<i2")))
         pending = np.concatenate((self._model_pending, pcm8k)) if len(self._model_pending) else pcm8k
         whole = len(pending) - len(pending) % self.packet_samples
         self._model_pending = pending[whole:]

@@ -80,11 +80,17 @@ class MediaClock:
                 while urgent and urgent[0][0] <= horizon:
                     callback = heappop(urgent)[2]
                     if callback is not None:
-                        self._call(callback)
+                        try:
+                            callback()
+                        except Exception as exc:
+                            self._failed(callback, exc)
                 if work and work[0][0] <= horizon:
                     callback = heappop(work)[2]
                     if callback is not None:
-                        self._call(callback)
+                        try:
+                            callback()
+                        except Exception as exc:
+                            self._failed(callback, exc)
                     continue
                 break
         finally:
@@ -98,12 +104,10 @@ class MediaClock:
             if nxt != float("inf"):
                 self._arm(nxt)
 
-    def _call(self, callback: Callback) -> None:
-        try:
-            callback()
-        except Exception as exc:  # one call's failure must not stop every other call's media
-            self._loop.call_exception_handler({"message": "media clock callback failed", "exception": exc,
-                                               "callback": callback})
+    def _failed(self, callback: Callback, exc: Exception) -> None:
+        # one call's failure must not stop every other call's media
+        self._loop.call_exception_handler({"message": "media clock callback failed", "exception": exc,
+                                           "callback": callback})
 
 
 _clocks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, MediaClock] = weakref.WeakKeyDictionary()

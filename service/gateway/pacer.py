@@ -184,42 +184,53 @@ class EgressPacer:
         now = self._clock()
         scheduled = self._next_tick
         lateness = now - scheduled
+        packet_s = self.packet_s
+        stats = self.stats
         ticks = 1
-        if lateness >= self.packet_s:
+        if lateness >= packet_s:
             # The loop stalled past whole ticks: skip them instead of bursting.
-            skipped = int(lateness // self.packet_s)
+            skipped = int(lateness // packet_s)
             ticks += skipped
-            scheduled += skipped * self.packet_s
-            self.stats.skipped_ticks += skipped
+            scheduled += skipped * packet_s
+            stats.skipped_ticks += skipped
             lateness = now - scheduled
-        self.stats.ticks += 1
+        stats.ticks += 1
         self._last_tick = scheduled
         # uvloop's timers run on a millisecond clock cached per loop iteration: they can fire
         # early as well as late, and an early packet is as much a pacing error as a late one
-        error = abs(lateness)
-        self.stats.max_lateness_s = max(self.stats.max_lateness_s, error)
+        error = lateness if lateness >= 0.0 else -lateness
+        if error > stats.max_lateness_s:
+            stats.max_lateness_s = error
         if self._on_lateness is not None:
             self._on_lateness(error)
-        pcm = self._take(scheduled, now)
+        pcm = self._take(scheduled, now) if self._queue else None
         if pcm is None:
-            self.stats.silence_packets += 1
+            stats.silence_packets += 1
         else:
-            self.stats.model_packets += 1
-        self._next_tick = scheduled + self.packet_s + self._phase_correction(scheduled + self.packet_s)
-        self._schedule()
+            stats.model_packets += 1
+        following = scheduled + packet_s
+        self._next_tick = following + self._phase_correction(following)
+        media_clock = self._media_clock
+        if media_clock is not None:
+            self._timer = media_clock.call_at(self._next_tick, self._tick, urgent=True)
         self._send(pcm, ticks)
 
     def _take(self, tick: float, now: float) -> np.ndarray | None:
-        while self._queue:
-            frame_index, packet_index, pcm, arrival = self._queue[0]
-            due = self._due(frame_index, packet_index)
-            if due < tick - self.packet_s * SEND_EARLY_LIMIT:
-                self._queue.popleft()
+        queue = self._queue
+        early = self.packet_s * SEND_EARLY_LIMIT
+        grid, cushion = self._grid, self.cushion
+        assert grid is not None or not queue  # frames are queued only once there is a grid
+        frame_s, packet_s = self.frame_s, self.packet_s
+        while queue:
+            frame_index, packet_index, pcm, arrival = queue[0]
+            due = grid + frame_index * frame_s + packet_index * packet_s + cushion  # _due(), inline
+            if due < tick - early:
+                queue.popleft()
                 self.stats.late_dropped += 1
                 continue
-            if due > tick + self.packet_s * SEND_EARLY_LIMIT:
+            if due > tick + early:
                 return None
-            self._queue.popleft()
+            queue.popleft()
             if packet_index == 0 and self._on_frame_sent is not None:
                 self._on_frame_sent(now - arrival)
             return pcm

@@ -49,16 +49,33 @@ def sliding_windows(samples: np.ndarray, width: int, step: int = 1, *, copy: boo
 
 class _StreamingFir:
     """The filter state both directions keep: the input samples the next chunk's first
-    outputs still need."""
+    outputs still need. They live at the front of a buffer that is reused while the chunk
+    size stays the same (it does: one 80 ms frame at a time), so joining them to a chunk
+    costs one conversion into place rather than two new arrays."""
 
     def __init__(self, history: int) -> None:
-        self._history = np.zeros(history, dtype=np.float32)
+        self._kept = history
+        self._buffer = np.zeros(history, dtype=np.float32)
 
     def _join(self, samples: np.ndarray) -> np.ndarray:
-        """The kept history followed by ``samples``; keeps the new history for next time."""
-        joined = np.concatenate((self._history, samples.astype(np.float32, copy=False)))
-        self._history = joined[len(samples):]
-        return joined
+        """The kept history followed by ``samples``; keeps the new history for next time.
+        The result is valid until the next call."""
+        kept, buffer = self._kept, self._buffer
+        if len(buffer) != kept + len(samples):
+            grown = np.empty(kept + len(samples), dtype=np.float32)
+            grown[:kept] = buffer[:kept]
+            buffer = self._buffer = grown
+            self._resized()
+        buffer[kept:] = samples
+        return buffer
+
+    def _keep_tail(self) -> None:
+        """After the chunk was filtered: its last samples become the history."""
+        buffer = self._buffer
+        buffer[:self._kept] = buffer[len(buffer) - self._kept:]
+
+    def _resized(self) -> None:
+        """The buffer changed; views of it must be rebuilt."""
 
 
 class FirUpsampler(_StreamingFir):
@@ -75,12 +92,21 @@ class FirUpsampler(_StreamingFir):
         self.name = f"fir{len(taps)}"
         self.held_back_ms = (len(taps) - 1) / 2 / rate * 1000
 
+        self._windows: np.ndarray | None = None
+
+    def _resized(self) -> None:
+        self._windows = None
+
     def process(self, samples: np.ndarray) -> np.ndarray:
         if len(samples) == 0:
             return np.zeros(0, dtype=np.float32)
         joined = self._join(samples)
+        windows = self._windows
+        if windows is None:  # a view of the reused buffer: built once per chunk size
+            windows = self._windows = sliding_windows(joined, len(self._branches), copy=False)
         # short rows: a product on the strided view beats copying it first
-        out = np.dot(sliding_windows(joined, len(self._branches), copy=False), self._branches)
+        out = np.dot(windows, self._branches)
+        self._keep_tail()
         return out.reshape(-1)
 
 
@@ -102,7 +128,8 @@ class FirDownsampler(_StreamingFir):
             return np.zeros(0, dtype=np.float32)
         joined = self._join(samples)
         usable = joined[self._phase:] if self._phase else joined
-        out = sliding_windows(np.ascontiguousarray(usable), len(self._taps), self._ratio) @ self._taps
+        out = sliding_windows(usable, len(self._taps), self._ratio) @ self._taps
+        self._keep_tail()
         self._phase = (self._phase - len(samples)) % self._ratio
         return out
 
