@@ -236,3 +236,28 @@ def test_bridge_gives_the_same_audio_for_a_whole_frame_as_packet_by_packet():
         packets = a.model_audio(model)
         joined = b.model_audio_pcm(model)
         assert np.array_equal(np.concatenate(packets), joined) and len(joined) % 240 == 0
+
+
+def test_media_clock_run_due_sends_due_egress_between_other_work():
+    import asyncio
+    import time
+
+    from service.gateway.mediaclock import media_clock
+
+    async def scenario() -> list[str]:
+        clock = media_clock()
+        ran: list[str] = []
+        now = time.monotonic()
+        clock.call_at(now - 0.001, lambda: ran.append("due"), urgent=True)
+        clock.call_at(now + 0.05, lambda: ran.append("later"), urgent=True)
+        clock.call_at(now - 0.001, lambda: ran.append("work"))  # not egress: left to the timer
+        clock.run_due()
+        assert ran == ["due"]
+        await asyncio.sleep(0.08)
+        return ran
+
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(scenario()) == ["due", "work", "later"]
+    finally:
+        loop.close()

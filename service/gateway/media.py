@@ -29,6 +29,7 @@ from sip import g711
 from sip.dtmf import DtmfDigit, DtmfReceiver
 from sip.jitterbuffer import CONCEAL, JitterBuffer
 from sip.plc import PacketLossConcealer
+from sip.rtp import RtpPacket
 from sip.rtpsession import RtpSession
 from sip.sdp import NegotiatedMedia
 
@@ -68,6 +69,7 @@ class CallMedia:
                                  on_frame_sent=self._on_frame_sent)
         self.dtmf = DtmfReceiver(8000, on_digit=on_dtmf)
         rtp.attach_jitter_buffer(self.jitter, negotiated.payload_type)
+        rtp.route(negotiated.payload_type, self._on_audio)
         if negotiated.dtmf_payload_type is not None:
             rtp.route(negotiated.dtmf_payload_type, self.dtmf.receive)
         self.sending = negotiated.sends
@@ -115,6 +117,13 @@ class CallMedia:
         self.last_rtp_at = self._loop.time() if self._loop is not None else time.monotonic()
 
     # -- inbound -----------------------------------------------------------------------
+
+    def _on_audio(self, packet: RtpPacket, arrival: float) -> None:
+        """An audio packet to the jitter buffer; then any egress packet that fell due while
+        the loop was busy with inbound packets goes out before the next one is read."""
+        self.jitter.put(packet, arrival)
+        if self._media_clock is not None:
+            self._media_clock.run_due()
 
     def _playout_tick(self) -> None:
         """Plays out the slots of one model frame at once, when its last slot is due.

@@ -62,6 +62,30 @@ class MediaClock:
     def cancel(entry: list) -> None:
         entry[2] = None
 
+    def run_due(self) -> None:
+        """Run the egress ticks due now, from between other pieces of work (an inbound
+        packet): a burst of those, processed in one go by the loop, would otherwise hold
+        back every packet that falls due meanwhile. The loop timer stays armed; if what it
+        was armed for has run, it finds the next entry when it fires."""
+        urgent = self._urgent
+        if not urgent or self._running or urgent[0][0] > self._clock() + EARLY_S:
+            return
+        self._running = True
+        heappop = heapq.heappop
+        try:
+            horizon = self._clock() + EARLY_S
+            while urgent and urgent[0][0] <= horizon:
+                callback = heappop(urgent)[2]
+                if callback is not None:
+                    try:
+                        callback()
+                    except Exception as exc:
+                        self._failed(callback, exc)
+        finally:
+            self._running = False
+            if urgent and urgent[0][0] < self._armed_at:
+                self._arm(urgent[0][0])
+
     def _arm(self, when: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
