@@ -83,8 +83,7 @@ class MediaClock:
                         self._failed(callback, exc)
         finally:
             self._running = False
-            if urgent and urgent[0][0] < self._armed_at:
-                self._arm(urgent[0][0])
+            self._arm_for_next()
 
     def _arm(self, when: float) -> None:
         if self._timer is not None:
@@ -124,9 +123,13 @@ class MediaClock:
                 heappop(urgent)
             while work and work[0][2] is None:
                 heappop(work)
-            nxt = min(urgent[0][0] if urgent else float("inf"), work[0][0] if work else float("inf"))
-            if nxt != float("inf"):
-                self._arm(nxt)
+            self._arm_for_next()
+
+    def _arm_for_next(self) -> None:
+        urgent, work = self._urgent, self._work
+        nxt = min(urgent[0][0] if urgent else float("inf"), work[0][0] if work else float("inf"))
+        if nxt < self._armed_at:
+            self._arm(nxt)
 
     def _failed(self, callback: Callback, exc: Exception) -> None:
         # one call's failure must not stop every other call's media
