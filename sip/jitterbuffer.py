@@ -194,9 +194,12 @@ class JitterBuffer:
         assert cursor is not None
         ordered = self._sorted
         fastest = ordered[0]
-        # under extreme jitter a jump must also stand out from the jitter itself
-        spread = ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))] - fastest
-        if abs(transit - fastest) > max(self.resync_after, 2 * spread) or (ext - cursor) % self.frame_samples:
+        off = abs(transit - fastest)
+        # under extreme jitter a jump must also stand out from the jitter itself (the spread
+        # is only looked up for a packet off by more than resync_after: rarely)
+        if ((off > self.resync_after
+             and off > 2 * (ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))] - fastest))
+                or (ext - cursor) % self.frame_samples):
             self._on_jump(packet, arrival)
             return
         if self._candidate is not None:
