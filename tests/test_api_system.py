@@ -181,7 +181,7 @@ def test_drain_through_the_api_and_sigterm_keep_the_probes_answering(tmp_path):
     with running_system(tmp_path, model="echo") as system:
         client = httpx.Client(base_url=system.api, timeout=10)
         assert client.get("/readyz").json()["ready"] is True
-        call = system.call(seconds=6)
+        call = system.call(seconds=15)  # outlasts the drain steps below on a slow machine
         active_call(system, httpx.Client(base_url=system.api, headers=system.headers("read")))
         [worker] = client.get("/v1/pool", headers=system.headers("read")).json()["workers"]
         assert client.post(f"/v1/workers/{worker['worker_id']}/drain", headers=system.headers("read")).status_code == 403
