@@ -11,13 +11,17 @@ over a steady window:
   the gateway's moshimoshi_rtp_pacer_lateness_seconds histogram);
 * audio lost inbound: packets lost on the way in or too late for their playout deadline
   (the gateway's counters; a late packet is concealed, so the model never hears it);
-* audio lost outbound: sequence gaps seen here, and egress ticks that had no model audio
-  while the model was talking (the gateway's underrun counter: the caller hears silence);
-* the gateway's CPU use (from /proc), packets per second, and CPU per call.
+* packets lost outbound (sequence gaps seen here), and egress underruns: ticks that had no
+  model audio ready while the model was talking, so the caller heard 20 ms of silence;
+* the gateway's CPU use (from /proc), packets per second, and CPU per call;
+* the gateway core's steal time: on a virtual machine the hypervisor may stop the core
+  for milliseconds at a time, which shows as lateness that no code change can remove.
 
-A step passes when the pacing p99 is under 2 ms and no audio was lost either way: an
-overloaded gateway may still send on time while it falls behind on what it receives, so
-pacing alone is not the criterion. Target:
+A step passes when the pacing p99 is under 2 ms, no packet was lost either way (a packet
+too late for its playout deadline counts as lost: an overloaded gateway may still send on
+time while it falls behind on what it receives), and under 0.1 % of egress ticks
+underran. The underrun share is the pacer's latency trade-off: its cushion covers the
+usual spread of frame arrivals, not every scheduling hiccup. Target:
 at least 200 concurrent calls per core. The last line printed is a JSON object.
 
     python ops/bench/edge_capacity.py [--steps 50,100,150,200,250,300] [--hold 10]
@@ -46,10 +50,11 @@ from sip.rtp import RtpPacket  # noqa: E402
 from sip.rtpsession import PortAllocator, RtpSession  # noqa: E402
 from sip.sdp import MediaPreferences, build_offer  # noqa: E402
 from sip.ua import UserAgent  # noqa: E402
-from tests.support.procs import free_port, wait_for_tcp  # noqa: E402
+from tests.support.procs import free_port, python_env, wait_for_tcp  # noqa: E402
 
 TARGET_CALLS = 200
 PACING_LIMIT_S = 0.002
+UNDERRUN_LIMIT = 0.001
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -66,6 +71,15 @@ def scrape(url: str) -> dict[str, dict]:
             key = sample.name + (json.dumps(sample.labels, sort_keys=True) if sample.labels else "")
             out[key] = sample.value
     return out
+
+
+def steal_seconds(core: int) -> float:
+    """Time the hypervisor ran something else while ``core`` wanted to run (virtual machines)."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{core} "):
+            fields = line.split()
+            return int(fields[8]) / CLOCK_TICKS if len(fields) > 8 else 0.0
+    return 0.0
 
 
 def counter_delta(before: dict, after: dict, name: str) -> int:
@@ -143,8 +157,9 @@ async def run(args: argparse.Namespace) -> dict:
                "--sip-port", str(sip_port), "--http-host", "127.0.0.1", "--http-port", str(http_port),
                "--rtp-port-min", "20000", "--rtp-port-max", "29999", "--log-level", "warning",
                "--rtp-timeout-seconds", "0"]
-    gateway = subprocess.Popen(command,  # noqa: ASYNC220 - started once, before any load env=python_env(), cwd=REPO, stdout=subprocess.DEVNULL,
-                               preexec_fn=lambda: os.sched_setaffinity(0, {gateway_core}))
+    gateway = subprocess.Popen(  # noqa: ASYNC220 - started once, before any load
+        command, env=python_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+        preexec_fn=lambda: os.sched_setaffinity(0, {gateway_core}))
     os.sched_setaffinity(0, set(load_cores))
     metrics_url = f"http://127.0.0.1:{http_port}/metrics"
     uri = f"sip:agent@127.0.0.1:{sip_port}"
@@ -161,7 +176,7 @@ async def run(args: argparse.Namespace) -> dict:
         print(f"gateway pinned to core {gateway_core}, load generator on {load_cores}; "
               f"{args.hold:.0f} s per step\n")
         print(f"{'calls':>6} {'gw CPU':>7} {'CPU/call':>9} {'pkt/s':>7} {'pacing p50':>11} {'p99':>7} "
-              f"{'<=2ms':>7} {'lost in':>8} {'lost out':>9}  verdict")
+              f"{'<=2ms':>7} {'lost in':>8} {'lost out':>9} {'underruns':>10} {'steal':>6}  verdict")
         for target in args.steps:
             while len(calls) < target:
                 batch = min(25, target - len(calls))
@@ -169,31 +184,35 @@ async def run(args: argparse.Namespace) -> dict:
             await asyncio.sleep(args.settle)
             before = await asyncio.to_thread(scrape, metrics_url)
             cpu_before = cpu_seconds(gateway.pid)
+            steal_before = steal_seconds(gateway_core)
             received_before = [c.received for c in calls]
             gaps_before = sum(c.gaps for c in calls)
             started = time.monotonic()
             await asyncio.sleep(args.hold)
             elapsed = time.monotonic() - started
             cpu = (cpu_seconds(gateway.pid) - cpu_before) / elapsed
+            steal = (steal_seconds(gateway_core) - steal_before) / elapsed
             after = await asyncio.to_thread(scrape, metrics_url)
             p50, _, _ = bucket_quantile(before, after, "moshimoshi_rtp_pacer_lateness_seconds", 0.50)
             p99, within, _ = bucket_quantile(before, after, "moshimoshi_rtp_pacer_lateness_seconds", 0.99)
             lost_in = (counter_delta(before, after, "moshimoshi_rtp_packets_lost_total")
                        + counter_delta(before, after, "moshimoshi_rtp_packets_late_total"))
-            lost_out = (sum(c.gaps for c in calls) - gaps_before
-                        + counter_delta(before, after, "moshimoshi_egress_underruns_total"))
+            lost_out = sum(c.gaps for c in calls) - gaps_before
+            sent = counter_delta(before, after, "moshimoshi_rtp_packets_sent_total")
+            underruns = counter_delta(before, after, "moshimoshi_egress_underruns_total") / max(1, sent)
             rx = sum(c.received - b for c, b in zip(calls, received_before, strict=True)) / elapsed
             pps = (after.get("moshimoshi_rtp_packets_received_total", 0)
                    - before.get("moshimoshi_rtp_packets_received_total", 0)) / elapsed + rx
-            ok = within >= 0.99 and lost_in == 0 and lost_out == 0
+            ok = within >= 0.99 and lost_in == 0 and lost_out == 0 and underruns < UNDERRUN_LIMIT
             row = {"calls": target, "gateway_cpu": round(cpu, 3), "cpu_ms_per_call_per_s": round(1000 * cpu / target, 3),
                    "packets_per_second": round(pps), "pacing_p50_le_s": p50, "pacing_p99_le_s": p99,
                    "pacing_within_2ms": round(within, 5), "lost_in": int(lost_in), "lost_out": int(lost_out),
+                   "underrun_share": round(underruns, 6), "core_steal": round(steal, 3),
                    "ok": ok}
             results.append(row)
             print(f"{target:>6} {cpu * 100:>6.0f}% {1000 * cpu / target:>7.2f}ms {pps:>7.0f} "
                   f"{'≤' + format(p50 * 1000, '.2g') + 'ms':>11} {'≤' + format(p99 * 1000, '.2g') + 'ms':>7} "
-                  f"{within * 100:>6.2f}% {int(lost_in):>8} {lost_out:>9}  {'ok' if ok else 'FAIL'}")
+                  f"{within * 100:>6.2f}% {int(lost_in):>8} {lost_out:>9} {underruns * 100:>9.3f}% {steal * 100:>5.1f}%  {'ok' if ok else 'FAIL'}")
             if cpu > 0.97 and not ok:
                 break
     finally:
@@ -207,7 +226,7 @@ async def run(args: argparse.Namespace) -> dict:
         await asyncio.to_thread(gateway.wait, 20)
     passing = [r["calls"] for r in results if r["ok"]]
     best = max(passing) if passing else 0
-    print(f"\nlargest load meeting pacing p99 < 2 ms with no audio lost: {best} calls on one core "
+    print(f"\nlargest load meeting pacing p99 < 2 ms with no lost packet: {best} calls on one core "
           f"(target ≥ {TARGET_CALLS}: {'met' if best >= TARGET_CALLS else 'NOT met'})")
     return {"benchmark": "edge_capacity", "max_calls_one_core": best, "target": TARGET_CALLS,
             "target_met": best >= TARGET_CALLS, "steps": results}
