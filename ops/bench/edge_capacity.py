@@ -55,6 +55,7 @@ from tests.support.procs import free_port, python_env, wait_for_tcp  # noqa: E40
 TARGET_CALLS = 200
 PACING_LIMIT_S = 0.002
 UNDERRUN_LIMIT = 0.001
+STEAL_NOTICE = 0.01  # a step whose core was stolen more than this says so
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -71,6 +72,12 @@ def scrape(url: str) -> dict[str, dict]:
             key = sample.name + (json.dumps(sample.labels, sort_keys=True) if sample.labels else "")
             out[key] = sample.value
     return out
+
+
+def verdict(ok: bool, steal: float) -> str:
+    if ok:
+        return "ok"
+    return "FAIL (core stolen: rerun)" if steal > STEAL_NOTICE else "FAIL"
 
 
 def steal_seconds(core: int) -> float:
@@ -212,7 +219,7 @@ async def run(args: argparse.Namespace) -> dict:
             results.append(row)
             print(f"{target:>6} {cpu * 100:>6.0f}% {1000 * cpu / target:>7.2f}ms {pps:>7.0f} "
                   f"{'≤' + format(p50 * 1000, '.2g') + 'ms':>11} {'≤' + format(p99 * 1000, '.2g') + 'ms':>7} "
-                  f"{within * 100:>6.2f}% {int(lost_in):>8} {lost_out:>9} {underruns * 100:>9.3f}% {steal * 100:>5.1f}%  {'ok' if ok else 'FAIL'}")
+                  f"{within * 100:>6.2f}% {int(lost_in):>8} {lost_out:>9} {underruns * 100:>9.3f}% {steal * 100:>5.1f}%  {verdict(ok, steal)}")
             if cpu > 0.97 and not ok:
                 break
     finally:
@@ -224,10 +231,12 @@ async def run(args: argparse.Namespace) -> dict:
         await ua.stop()
         gateway.send_signal(signal.SIGINT)  # SIGTERM would drain for the grace period
         await asyncio.to_thread(gateway.wait, 20)
-    passing = [r["calls"] for r in results if r["ok"]]
-    best = max(passing) if passing else 0
-    print(f"\nlargest load meeting pacing p99 < 2 ms with no lost packet: {best} calls on one core "
-          f"(target ≥ {TARGET_CALLS}: {'met' if best >= TARGET_CALLS else 'NOT met'})")
+    passing = [r for r in results if r["ok"]]
+    best = max(passing, key=lambda r: r["calls"]) if passing else {"calls": 0, "gateway_cpu": 0.0}
+    print(f"\nlargest load meeting pacing p99 < 2 ms with no lost packet: {best['calls']} calls on one core "
+          f"at {best['gateway_cpu'] * 100:.0f}% CPU (target ≥ {TARGET_CALLS}: "
+          f"{'met' if best['calls'] >= TARGET_CALLS else 'NOT met'})")
+    best = best["calls"]
     return {"benchmark": "edge_capacity", "max_calls_one_core": best, "target": TARGET_CALLS,
             "target_met": best >= TARGET_CALLS, "steps": results}
 
