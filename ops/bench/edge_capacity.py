@@ -45,6 +45,7 @@ sys.path.insert(0, str(REPO))
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
+from ops.bench.machine import StealMeter  # noqa: E402
 from sip import g711  # noqa: E402
 from sip.rtp import RtpPacket  # noqa: E402
 from sip.rtpsession import PortAllocator, RtpSession  # noqa: E402
@@ -78,15 +79,6 @@ def verdict(ok: bool, steal: float) -> str:
     if ok:
         return "ok"
     return "FAIL (core stolen: rerun)" if steal > STEAL_NOTICE else "FAIL"
-
-
-def steal_seconds(core: int) -> float:
-    """Time the hypervisor ran something else while ``core`` wanted to run (virtual machines)."""
-    for line in Path("/proc/stat").read_text().splitlines():
-        if line.startswith(f"cpu{core} "):
-            fields = line.split()
-            return int(fields[8]) / CLOCK_TICKS if len(fields) > 8 else 0.0
-    return 0.0
 
 
 def counter_delta(before: dict, after: dict, name: str) -> int:
@@ -191,14 +183,14 @@ async def run(args: argparse.Namespace) -> dict:
             await asyncio.sleep(args.settle)
             before = await asyncio.to_thread(scrape, metrics_url)
             cpu_before = cpu_seconds(gateway.pid)
-            steal_before = steal_seconds(gateway_core)
+            stolen = StealMeter(gateway_core).start()
             received_before = [c.received for c in calls]
             gaps_before = sum(c.gaps for c in calls)
             started = time.monotonic()
             await asyncio.sleep(args.hold)
             elapsed = time.monotonic() - started
             cpu = (cpu_seconds(gateway.pid) - cpu_before) / elapsed
-            steal = (steal_seconds(gateway_core) - steal_before) / elapsed
+            steal = stolen.share()
             after = await asyncio.to_thread(scrape, metrics_url)
             p50, _, _ = bucket_quantile(before, after, "moshimoshi_rtp_pacer_lateness_seconds", 0.50)
             p99, within, _ = bucket_quantile(before, after, "moshimoshi_rtp_pacer_lateness_seconds", 0.99)

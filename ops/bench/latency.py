@@ -34,6 +34,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from ops.bench.machine import StealMeter  # noqa: E402
 from service.gateway.resample import RESAMPLERS, make_pair  # noqa: E402
 from sip import g711  # noqa: E402
 from sip.rtp import RtpPacket  # noqa: E402
@@ -166,17 +167,22 @@ async def run(args: argparse.Namespace) -> dict:
         print(f"  {row['resampler']:10} {row['held_back_ms_each_way']:>17.2f} ms {row['us_per_80ms_both_ways']:>21.1f} µs"
               f"{marker}")
     with tempfile.TemporaryDirectory() as tmp:
+        stolen = StealMeter().start()
         echo = await echo_latency(args.seconds, Path(tmp))
+        echo["steal"] = round(stolen.share(), 3)
         result["echo"] = echo
         print(f"\n--model echo, measured outside the gateway over {echo['echoes']} clicks: "
-              f"p50 {echo['p50_ms']:.1f} ms, p99 {echo['p99_ms']:.1f} ms, max {echo['max_ms']:.1f} ms")
+              f"p50 {echo['p50_ms']:.1f} ms, p99 {echo['p99_ms']:.1f} ms, max {echo['max_ms']:.1f} ms "
+              f"({echo['steal'] * 100:.1f} % of the machine stolen by the hypervisor meanwhile)")
         if not args.skip_demo:
+            stolen = StealMeter().start()
             demo = await demo_latency(args.seconds, Path(tmp))
+            demo["steal"] = round(stolen.share(), 3)
             result["demo"] = demo
             print(f"--model demo, the gateway's own per-frame measurement: p50 {demo['p50']:.1f} ms, "
                   f"p99 {demo['p99']:.1f} ms (at the end of the call: jitter buffer {demo['jitter_buffer']:.1f} ms, "
                   f"resampling {demo['resampling']:.1f} ms, egress cushion for worker jitter "
-                  f"{demo['egress_cushion']:.1f} ms)")
+                  f"{demo['egress_cushion']:.1f} ms; {demo['steal'] * 100:.1f} % stolen)")
     for name in ("echo", "demo"):
         if name in result:
             p50 = result[name].get("p50_ms", result[name].get("p50"))
