@@ -19,7 +19,6 @@ import typing as tp
 
 import uvicorn
 
-from service.realtime import quiet_gc
 from service.settings import DEFAULT_MODEL, WorkerSettings
 from service.worker.checkpoint import CheckpointError, MoshiVersionError
 from service.worker.engine_api import Engine
@@ -237,7 +236,6 @@ class UvicornServer(uvicorn.Server):
 def run_worker(settings: WorkerSettings) -> int:
     """Entry point of the worker role: serve until drained; return the process exit status."""
     configure_logging(settings.log_level)
-    quiet_gc()
     try:
         return asyncio.run(serve_worker(settings))
     except KeyboardInterrupt:
