@@ -71,19 +71,23 @@ class MediaClock:
         if not urgent or self._running or urgent[0][0] > self._clock() + EARLY_S:
             return
         self._running = True
-        heappop = heapq.heappop
         try:
-            horizon = self._clock() + EARLY_S
-            while urgent and urgent[0][0] <= horizon:
-                callback = heappop(urgent)[2]
-                if callback is not None:
-                    try:
-                        callback()
-                    except Exception as exc:
-                        self._failed(callback, exc)
+            self._run_urgent(self._clock() + EARLY_S)
         finally:
             self._running = False
             self._arm_for_next()
+
+    def _run_urgent(self, horizon: float) -> None:
+        urgent, heappop = self._urgent, heapq.heappop
+        while urgent and urgent[0][0] <= horizon:
+            self._call(heappop(urgent)[2])
+
+    def _call(self, callback: tp.Callable[[], None] | None) -> None:
+        if callback is not None:  # None: cancelled
+            try:
+                callback()
+            except Exception as exc:
+                self._failed(callback, exc)
 
     def _arm(self, when: float) -> None:
         if self._timer is not None:
@@ -100,20 +104,9 @@ class MediaClock:
         try:
             while True:
                 horizon = clock() + EARLY_S
-                while urgent and urgent[0][0] <= horizon:
-                    callback = heappop(urgent)[2]
-                    if callback is not None:
-                        try:
-                            callback()
-                        except Exception as exc:
-                            self._failed(callback, exc)
+                self._run_urgent(horizon)
                 if work and work[0][0] <= horizon:
-                    callback = heappop(work)[2]
-                    if callback is not None:
-                        try:
-                            callback()
-                        except Exception as exc:
-                            self._failed(callback, exc)
+                    self._call(heappop(work)[2])
                     continue
                 break
         finally:
