@@ -10,6 +10,7 @@ import sys
 import httpx
 from websockets.asyncio.client import connect
 
+from service.worker.tinymodel import TINY_VERSION
 from tests.support.procs import free_port, python_env
 from tests.support.worker import collect, pcm_frames, start_message
 
@@ -41,7 +42,7 @@ async def test_demo_worker_serves_and_drains_on_sigterm(tmp_path):
             stdout=asyncio.subprocess.DEVNULL, stderr=stderr)
     try:
         await wait_ready(port, proc)
-        assert (tmp_path / "cache" / "moshimoshi" / "demo-v1" / "config.json").exists()
+        assert (tmp_path / "cache" / "moshimoshi" / f"demo-v{TINY_VERSION}" / "config.json").exists()
         url = f"ws://127.0.0.1:{port}/v1/session"
         async with connect(url) as ws:
             await ws.send(start_message(call_id="before-sigterm"))

@@ -25,7 +25,7 @@ if tp.TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Bump when the architecture or the training text changes: the demo cache is keyed on it.
-TINY_VERSION = 1
+TINY_VERSION = 2  # 2: built on one torch thread, so the bytes no longer depend on the caller
 
 TEXT_PADDING_ID = 3      # the tokenizer's <pad>: the model's "no word this step"
 END_OF_TEXT_PADDING_ID = 0  # the tokenizer's <unk>, never produced by encoding with byte fallback
@@ -180,11 +180,18 @@ def build_tiny_checkpoint(directory: str | os.PathLike, seed: int = 0, context: 
     mimi_cfg = mimi_config()
     lm_cfg = lm_config(text_card, context)
     generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        mimi = loaders.get_mimi(None, mimi_cfg, device="cpu", num_codebooks=8)
-        _fit_codebooks(mimi, generator)
-        lm = loaders.get_moshi_lm(None, lm_kwargs=lm_cfg, device="cpu", dtype=torch.float32)
+    threads = torch.get_num_threads()
+    # one thread: the k-means fit sums in an order that depends on the thread count, and
+    # the file must not depend on what the process set it to before
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            mimi = loaders.get_mimi(None, mimi_cfg, device="cpu", num_codebooks=8)
+            _fit_codebooks(mimi, generator)
+            lm = loaders.get_moshi_lm(None, lm_kwargs=lm_cfg, device="cpu", dtype=torch.float32)
+    finally:
+        torch.set_num_threads(threads)
 
     def tensors(module) -> dict:
         return {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
