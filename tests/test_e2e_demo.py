@@ -10,10 +10,12 @@ import pytest
 
 from service.call import place_call
 from service.settings import CallSettings
+from tests.support.realtime import steal_tolerant
 from tests.support.services import wait_until
 from tests.test_e2e_echo import tone_wav
 
 
+@steal_tolerant()
 async def test_sip_call_reaches_the_model_and_its_audio_returns_steadily(demo_gateway, tmp_path):
     settings = CallSettings(uri=demo_gateway.uri, play=str(tone_wav(tmp_path / "in.wav", 6.0)),
                             record=str(tmp_path / "out.wav"), seconds=6.0, local_host="127.0.0.1")

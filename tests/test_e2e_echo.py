@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
+import tempfile
 import wave
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import pytest
 from service.call import place_call, read_wav
 from service.settings import CallSettings
 from tests.support.procs import free_port
+from tests.support.realtime import steal_tolerant
 from tests.support.services import start_serve, wait_until
 from tests.support.sipp import SCENARIOS, Sipp
 
@@ -151,6 +153,7 @@ async def test_sipp_audio_is_echoed_and_its_dtmf_digit_reported(echo_gateway, tm
     assert digits[0]["duration_ms"] > 50
 
 
+@steal_tolerant()
 async def test_moshimoshi_call_hears_its_own_audio_back(echo_gateway, tmp_path):
     wav = noise_bursts_wav(tmp_path / "bursts.wav")
     settings = CallSettings(uri=echo_gateway.uri, play=str(wav), record=str(tmp_path / "out.wav"),
@@ -169,7 +172,9 @@ async def test_moshimoshi_call_hears_its_own_audio_back(echo_gateway, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("baresip") is None, reason="baresip is not installed")
+@steal_tolerant()
 def test_baresip_calls_and_hears_the_echo(echo_gateway, tmp_path):
+    tmp_path = Path(tempfile.mkdtemp(dir=tmp_path))  # a fresh folder per attempt
     wav = noise_bursts_wav(tmp_path / "bursts.wav", seconds=4.0)
     config = tmp_path / "baresip"
     config.mkdir()
@@ -220,6 +225,7 @@ def sip_options(port: int) -> str:
         return sock.recv(65536).decode().split("\r\n", 1)[0]
 
 
+@steal_tolerant()
 async def test_concurrent_calls_each_hear_their_own_echo(echo_gateway, tmp_path):
     """As many calls as the worker has slots, at once: each hears its own audio back."""
     settings = []

@@ -20,6 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.procs import free_port
+from tests.support.realtime import steal_tolerant
 from tests.support.services import READ_TOKEN, TOKENS, Gateway, Process, gateway_args, wait_until
 from tests.support.webrtc_client import WebRtcClient, speech_like
 
@@ -104,6 +105,7 @@ async def connected_client(system: EchoSystem, pcm: np.ndarray | None = None) ->
     return client
 
 
+@steal_tolerant()
 async def test_a_call_echoes_the_caller_and_hanging_up_frees_the_slot(echo):
     pcm = np.concatenate((np.zeros(24000, dtype=np.int16), speech_like(3.0)))
     received_before = await metric(echo, "moshimoshi_rtp_packets_received_total")
