@@ -24,10 +24,10 @@ def test_a_failure_on_an_unstolen_machine_stands_at_once(monkeypatch):
     assert len(calls) == 1
 
 
-def test_a_failure_while_stolen_is_tried_again_then_stands(monkeypatch):
+def test_a_failure_while_stolen_is_tried_again_then_reported_skipped(monkeypatch):
     monkeypatch.setattr(StealMeter, "share", lambda self: 0.5)
     calls: list = []
-    with pytest.raises(AssertionError, match="late packets"):
+    with pytest.raises(pytest.skip.Exception, match="stole 50% of the cores.*late packets"):
         failing_test(calls)()
     assert len(calls) == 3
 
