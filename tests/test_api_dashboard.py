@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from tests.support.api import READ_TOKEN, api_gateway
+from tests.support.realtime import steal_tolerant
 from tests.support.system import RunningSystem, running_system
 
 CHROMIUM = "/usr/bin/chromium"
@@ -66,6 +67,7 @@ async def until_async(page, expression: str, timeout: float = 15.0) -> None:
 WORDS_LENGTH = "[...document.querySelectorAll('#transcript .words')].map(e => e.textContent).join('').length"
 
 
+@steal_tolerant()
 def test_the_dashboard_shows_a_live_call_its_transcript_and_the_pool(system, browser):
     call = system.call(seconds=10)
     page = browser.new_page()
