@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from ops.bench.machine import StealMeter  # noqa: E402
+from ops.bench.machine import StealMeter, cpu_seconds  # noqa: E402
 from sip import g711  # noqa: E402
 from sip.rtp import RtpPacket  # noqa: E402
 from sip.rtpsession import PortAllocator, RtpSession  # noqa: E402
@@ -57,12 +57,6 @@ TARGET_CALLS = 200
 PACING_LIMIT_S = 0.002
 UNDERRUN_LIMIT = 0.001
 STEAL_NOTICE = 0.01  # a step whose core was stolen more than this says so
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def scrape(url: str) -> dict[str, dict]:

@@ -1,4 +1,4 @@
-"""What the machine took from a benchmark: the hypervisor's steal time.
+"""CPU accounting for benchmarks: a process's CPU time and the hypervisor's steal time.
 
 On a virtual machine the host may stop a virtual core for milliseconds at a time to run
 someone else. Real-time figures (pacing, latency) taken while that happens measure the
@@ -8,9 +8,16 @@ host, not the code, so the benchmarks print the share of time stolen beside them
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def steal_seconds(core: int | None = None) -> float:
@@ -33,13 +40,9 @@ class StealMeter:
         self._wall = 0.0
 
     def start(self) -> StealMeter:
-        import time
-
         self._steal, self._wall = steal_seconds(self.core), time.monotonic()
         return self
 
     def share(self) -> float:
-        import time
-
         elapsed = max(1e-9, time.monotonic() - self._wall)
         return (steal_seconds(self.core) - self._steal) / elapsed / self.cores

@@ -210,9 +210,7 @@ class EgressPacer:
             stats.model_packets += 1
         following = scheduled + packet_s
         self._next_tick = following + self._phase_correction(following)
-        media_clock = self._media_clock
-        if media_clock is not None:
-            self._timer = media_clock.call_at(self._next_tick, self._tick, urgent=True)
+        self._schedule()
         self._send(pcm, ticks)
 
     def _take(self, tick: float, now: float) -> np.ndarray | None:
