@@ -7,7 +7,8 @@ import pytest
 
 from service.gateway.bridge import MODEL_FRAME_BYTES, MediaBridge
 from service.gateway.pacer import EgressPacer
-from service.gateway.resample import FirDownsampler, FirUpsampler, make_pair
+from service.gateway.resample import RESAMPLERS, SOXR_HELD_BACK_MS, FirDownsampler, FirUpsampler, make_pair
+from service.gateway.resample_delay import measure_pair
 
 
 def tone(freq: float, rate: int, seconds: float, amplitude: float = 0.5) -> np.ndarray:
@@ -74,6 +75,26 @@ def test_streaming_equals_one_shot_whatever_the_chunking(chunks):
 def test_empty_chunks_are_harmless():
     for make in (FirUpsampler, FirDownsampler):
         assert len(make().process(np.zeros(0, np.float32))) == 0
+
+
+@pytest.mark.parametrize("kind", RESAMPLERS)
+def test_each_resampler_holds_back_what_it_says_measured_in_the_gateways_80ms_frames(kind):
+    up, down = measure_pair(kind, chunk_ms=80)
+    claimed = make_pair(kind)[0].held_back_ms
+    for measured in (up, down):
+        assert measured.mean_ms == pytest.approx(claimed, abs=1.0), measured
+        assert measured.lag_min_ms <= measured.lag_mean_ms <= measured.lag_max_ms
+    if kind == "fir":  # a linear-phase FIR shifts the signal and gives every sample back at once
+        assert (up.lag_max_ms, down.lag_max_ms) == (0.0, 0.0)
+        assert up.shift_ms == pytest.approx(1.5, abs=0.05)
+
+
+def test_soxr_vhq_in_20ms_chunks_holds_back_17_to_152_ms_mean_85():
+    """pipecat's stream resampler (soxr VHQ), as pipecat feeds it: 20 ms chunks."""
+    for measured in measure_pair("soxr-vhq", chunk_ms=20):
+        assert abs(measured.shift_ms) < 0.1
+        assert 15 < measured.lag_min_ms < 20 and 80 < measured.lag_mean_ms < 90 and 145 < measured.lag_max_ms < 160
+    assert SOXR_HELD_BACK_MS["VHQ"] > 80
 
 
 def test_unknown_resampler_is_a_clear_error():

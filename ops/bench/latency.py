@@ -2,8 +2,10 @@
 leaving with its answer, the model's own 80 ms frame excluded. Targets: p50 ≤ 30 ms,
 p99 ≤ 50 ms.
 
-1. The resamplers: what each holds back at 8↔24 kHz and what it costs per 80 ms frame,
-   and which one the gateway runs.
+1. The resamplers: what each holds back at 8↔24 kHz, measured (an impulse gives the shift
+   of the signal; Little's law on the input held after each chunk gives the mean wait,
+   its range the worst), streamed in 20 ms chunks (as pipecat feeds soxr) and in the
+   gateway's 80 ms frames; what each costs per 80 ms frame; which one the gateway runs.
 2. ``--model echo``, measured from outside: ``moshimoshi serve --model echo`` (the whole
    path: SIP, RTP, jitter buffer, G.711, resampling, framing, the WebSocket hop to an echo
    worker that answers each frame at once, pacing). A caller sends a click every 300 ms and
@@ -36,6 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from ops.bench.machine import StealMeter  # noqa: E402
 from service.gateway.resample import RESAMPLERS, make_pair  # noqa: E402
+from service.gateway.resample_delay import measure_pair  # noqa: E402
 from sip import g711  # noqa: E402
 from sip.rtp import RtpPacket  # noqa: E402
 from sip.rtpsession import PortAllocator, RtpSession  # noqa: E402
@@ -61,9 +64,30 @@ def resampler_table() -> list[dict]:
             up.process(x8)
             down.process(x24)
         cost = (time.perf_counter() - started) / 500 * 1e6
-        rows.append({"resampler": kind, "held_back_ms_each_way": round(up.held_back_ms, 2),
-                     "us_per_80ms_both_ways": round(cost, 1)})
+        row: dict = {"resampler": kind, "us_per_80ms_both_ways": round(cost, 1),
+                     "claimed_ms_each_way": round(up.held_back_ms, 2)}
+        for chunk_ms in (20, 80):
+            measured_up, measured_down = measure_pair(kind, chunk_ms)
+            row[f"chunks_{chunk_ms}ms"] = {"8k_to_24k": measured_up.to_dict(), "24k_to_8k": measured_down.to_dict()}
+        rows.append(row)
     return rows
+
+
+def print_resampler_table(table: list[dict]) -> None:
+    apart = max(abs(row[f"chunks_{ms}ms"]["8k_to_24k"][key] - row[f"chunks_{ms}ms"]["24k_to_8k"][key])
+                for row in table for ms in (20, 80) for key in ("mean_ms", "max_ms"))
+    print("8↔24 kHz resamplers, measured: shift = impulse out vs in; lag = input held after each chunk")
+    print(f"(min / Little's-law mean / max); a sample waits shift + lag. 8→24 kHz shown; 24→8 kHz "
+          f"differs by at most {apart:.2f} ms.")
+    print(f"  {'resampler':10} {'chunk':>6} {'shift':>7} {'lag min':>8} {'mean':>7} {'max':>7}"
+          f" {'delay mean':>11} {'worst':>7} {'CPU both ways/80 ms':>21}")
+    for row in table:
+        for chunk_ms in (20, 80):
+            d = row[f"chunks_{chunk_ms}ms"]["8k_to_24k"]
+            marker = "  ← runs (the default)" if row["resampler"] == "fir" and chunk_ms == 80 else ""
+            print(f"  {row['resampler']:10} {chunk_ms:>4} ms {d['shift_ms']:>7.2f} {d['lag_min_ms']:>8.1f}"
+                  f" {d['lag_mean_ms']:>7.1f} {d['lag_max_ms']:>7.1f} {d['mean_ms']:>8.1f} ms {d['max_ms']:>7.1f}"
+                  f" {row['us_per_80ms_both_ways']:>18.1f} µs{marker}")
 
 
 class ClickCaller:
@@ -160,12 +184,9 @@ async def run(args: argparse.Namespace) -> dict:
     result: dict = {"benchmark": "latency", "targets_ms": {"p50": TARGET_P50_MS, "p99": TARGET_P99_MS}}
     table = resampler_table()
     result["resamplers"] = table
-    print("8↔24 kHz resamplers (20 ms = 160/480 samples; one 80 ms frame each way):")
-    print(f"  {'resampler':10} {'held back each way':>20} {'CPU both ways / 80 ms':>24}")
-    for row in table:
-        marker = "  ← runs (the default)" if row["resampler"] == "fir" else ""
-        print(f"  {row['resampler']:10} {row['held_back_ms_each_way']:>17.2f} ms {row['us_per_80ms_both_ways']:>21.1f} µs"
-              f"{marker}")
+    print_resampler_table(table)
+    if args.resamplers_only:
+        return result
     with tempfile.TemporaryDirectory() as tmp:
         stolen = StealMeter().start()
         echo = await echo_latency(args.seconds, Path(tmp))
@@ -198,6 +219,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=30.0, help="length of each measured call")
     parser.add_argument("--skip-demo", action="store_true", help="only the echo measurement")
+    parser.add_argument("--resamplers-only", action="store_true", help="only the resampler table")
     args = parser.parse_args()
     print(json.dumps(asyncio.run(run(args))))
 

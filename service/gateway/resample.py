@@ -2,7 +2,8 @@
 
 The ratio is exactly 3, so the default is a short linear-phase polyphase FIR: a
 Kaiser-windowed sinc, 4 kHz cutoff, ≥ 60 dB stopband from 4.6 kHz, flat to 3.4 kHz. It
-holds back 1.5 ms each way where soxr's HQ holds back 21 ms (see ops/bench/latency.py);
+holds back 1.5 ms each way where soxr's HQ holds back 43 ms on average and up to 73 ms
+(measured: :mod:`service.gateway.resample_delay`, printed by ops/bench/latency.py);
 the 24→8 kHz direction still gets a real anti-aliasing filter. soxr's ``ResampleStream``
 stays selectable by name for comparison.
 
@@ -157,8 +158,12 @@ class SoxrResampler:
         return self._stream.resample_chunk(samples.astype(np.float32, copy=False))
 
 
-# Measured with 20 ms chunks at 8↔24 kHz (ops/bench/latency.py prints them again).
-SOXR_HELD_BACK_MS = {"QQ": 0.2, "LQ": 25.0, "MQ": 15.0, "HQ": 21.3, "VHQ": 37.5}
+# Mean delay of soxr's stream at 8↔24 kHz in the gateway's 80 ms frames, either way (the
+# same both ways): by Little's law on what it holds after each frame, plus the impulse's
+# shift (~0: soxr withholds output instead). Its output comes in bursts, so the worst case
+# is about twice the mean (VHQ 17.5-152.5 ms). Measured by service.gateway.resample_delay;
+# tests/test_gateway_media.py checks this table against it.
+SOXR_HELD_BACK_MS = {"QQ": 0.2, "LQ": 22.3, "MQ": 43.7, "HQ": 42.7, "VHQ": 84.8}
 
 RESAMPLERS = ("fir", "soxr-qq", "soxr-lq", "soxr-mq", "soxr-hq", "soxr-vhq")
 
