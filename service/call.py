@@ -193,7 +193,7 @@ async def place_call(settings: CallSettings) -> dict:
         if media is None or media.remote_address is None:
             await dialog.bye()
             raise CallFailed(488, "the answer has no usable audio stream")
-        rtp.payload_type = media.payload_type
+        rtp.set_format(media.payload_type, media.clock_rate, media.ptime)
         rtp.update_remote(media.remote_address, media.remote_port, media.remote_rtcp_port)
         rtp.trust_ip(target_ip)
         call = TestCall(rtp, media.codec, media.ptime, audio, media.dtmf_payload_type, media.payload_type)

@@ -377,6 +377,24 @@ class RtpSession:
             self._retired_ssrcs.append(self._latched_ssrc)
         self._latched_ssrc = new_ssrc
 
+    def set_format(self, payload_type: int, clock_rate: int, ptime_ms: float) -> None:
+        """The negotiated audio format: the payload type media goes out with (and whose
+        packets the jitter is measured on), its RTP clock rate and packet time. The session
+        is opened before offer/answer picks them (the answer names its port), so the owner
+        of the call's media sets them once they are known."""
+        if not 0 <= payload_type <= 127:
+            raise ValueError(f"payload type {payload_type} is not in 0..127")
+        if clock_rate <= 0 or ptime_ms <= 0:
+            raise ValueError(f"clock rate {clock_rate} and ptime {ptime_ms} must be positive")
+        self.payload_type = payload_type
+        self.samples_per_packet = int(clock_rate * ptime_ms / 1000)
+        if clock_rate != self.clock_rate:
+            self.clock_rate = clock_rate
+            self._sender.clock_rate = clock_rate
+            self._receiver.clock_rate = clock_rate
+            if self._receiver.source is not None:
+                self._receiver.source.clock_rate = clock_rate
+
     # -- receiving -----------------------------------------------------------------------------
 
     def route(self, payload_type: int, handler: PacketHandler | None) -> None:

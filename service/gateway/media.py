@@ -68,6 +68,7 @@ class CallMedia:
                                  on_lateness=metrics.PACER_LATENESS.observe,
                                  on_frame_sent=self._on_frame_sent)
         self.dtmf = DtmfReceiver(8000, on_digit=on_dtmf)
+        rtp.set_format(negotiated.payload_type, negotiated.clock_rate, self.ptime_ms)
         rtp.attach_jitter_buffer(self.jitter, negotiated.payload_type)
         rtp.route(negotiated.payload_type, self._on_audio)
         if negotiated.dtmf_payload_type is not None:

@@ -1,0 +1,238 @@
+"""Each codec end to end against `moshimoshi serve --model echo`.
+
+Two independent peers: baresip with only the codec module under test loaded (it drops
+packets whose payload type it did not negotiate), and a raw RTP socket that decodes what
+comes back by the payload type each packet carries. The echo must be the caller's own
+audio, on the negotiated payload type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import audioop
+import secrets
+import shutil
+import struct
+import subprocess
+import tempfile
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.call import read_wav
+from sip.ua import UserAgent
+from tests.support.procs import free_port
+from tests.support.realtime import steal_tolerant
+from tests.support.services import start_serve, wait_until
+from tests.support.udp import UdpPeer
+from tests.test_e2e_echo import echo_delay, noise_bursts_wav
+
+BARESIP_MODULES = Path("/usr/lib/baresip/modules")
+
+
+@pytest.fixture(scope="module")
+def echo_gateway(tmp_path_factory):
+    gateway = start_serve(tmp_path_factory.mktemp("codec-echo-serve"), "echo")
+    try:
+        gateway.wait_ready()
+        yield gateway
+    finally:
+        code = gateway.proc.stop()
+        assert code in (0, -2, 130), f"serve exited {code}:\n{gateway.proc.log()[-3000:]}"
+
+
+def ended_calls(gateway) -> list[dict]:
+    status, body = gateway.get("/v1/calls?state=ended&limit=50")
+    assert status == 200, body
+    return body["calls"]
+
+
+def new_call(gateway, before: set[str]) -> dict:
+    calls = wait_until(lambda: [c for c in ended_calls(gateway) if c["id"] not in before], 10, "the call's record")
+    return calls[0]
+
+
+def wideband_bursts_wav(path: Path, rate: int, seconds: float = 4.0, top_hz: float = 7000.0) -> Path:
+    """Noise from 300 Hz to ``top_hz`` in 200 ms bursts with 100 ms gaps, at ``rate``."""
+    rng = np.random.default_rng(11)
+    n = int(rate * seconds)
+    spectrum = np.fft.rfft(rng.standard_normal(n))
+    freqs = np.fft.rfftfreq(n, 1 / rate)
+    spectrum[(freqs < 300) | (freqs > top_hz)] = 0
+    noise = np.fft.irfft(spectrum, n)
+    noise *= 0.2 / noise.std()
+    envelope = (np.arange(n) % int(0.3 * rate)) < int(0.2 * rate)
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes((np.clip(noise * envelope, -1, 1) * 32767).astype("<i2").tobytes())
+    return path
+
+
+def band_share(pcm: np.ndarray, rate: int, lo: float, hi: float) -> float:
+    """The share of the signal's energy (above 300 Hz) that lies in [lo, hi) Hz."""
+    spectrum = np.abs(np.fft.rfft(pcm.astype(np.float64))) ** 2
+    freqs = np.fft.rfftfreq(len(pcm), 1 / rate)
+    total = spectrum[freqs >= 300].sum()
+    return float(spectrum[(freqs >= lo) & (freqs < hi)].sum() / total) if total else 0.0
+
+
+def read_wav_native(path: Path) -> tuple[np.ndarray, int]:
+    with wave.open(str(path), "rb") as wav:
+        rate, channels = wav.getframerate(), wav.getnchannels()
+        pcm = np.frombuffer(wav.readframes(wav.getnframes()), "<i2").reshape(-1, channels)[:, 0]
+    return pcm, rate
+
+
+def run_baresip(tmp_path: Path, uri: str, wav: Path, modules: list[str], codecs: str,
+                srate: int = 8000) -> tuple[str, Path | None, Path | None]:
+    """Call ``uri`` from baresip with only ``modules`` as codecs and the account's
+    ``audio_codecs`` set to ``codecs``; returns (output, what it sent, what it heard)."""
+    config = tmp_path / "baresip"
+    config.mkdir()
+    (config / "config").write_text("\n".join([
+        "poll_method epoll",
+        f"sip_listen 127.0.0.1:{free_port()}",
+        f"audio_source aufile,{wav}",
+        f"audio_player aufile,{tmp_path / 'played.wav'}",
+        f"audio_alert aufile,{tmp_path / 'alert.wav'}",
+        f"audio_srate {srate}",
+        "audio_channels 1",
+        "rtp_ports 31000-31999",
+        f"snd_path {tmp_path}",
+        f"module_path {BARESIP_MODULES}",
+        "module stdio.so", *(f"module {m}.so" for m in modules), "module aufile.so", "module sndfile.so",
+        "module_app account.so", "module_app contact.so", "module_app menu.so", ""]))
+    (config / "accounts").write_text(f"<sip:baresip@127.0.0.1>;regint=0;audio_codecs={codecs}\n")
+    (config / "contacts").write_text("")
+    result = subprocess.run(["baresip", "-f", str(config), "-e", f"/dial {uri}", "-t", "10"],
+                            capture_output=True, text=True, timeout=40)
+    output = result.stdout + result.stderr
+    sent = sorted(tmp_path.glob("dump-*-enc.wav"))
+    heard = sorted(tmp_path.glob("dump-*-dec.wav"))
+    return output, sent[0] if sent else None, heard[0] if heard else None
+
+
+needs_baresip = pytest.mark.skipif(shutil.which("baresip") is None, reason="baresip is not installed")
+
+
+@needs_baresip
+@steal_tolerant()
+def test_baresip_pcma_only_hears_the_echo(echo_gateway, tmp_path):
+    """A PCMA-only caller (baresip drops any payload type it did not negotiate) hears
+    its own audio back: the gateway sends A-law as payload type 8, not 0."""
+    tmp_path = Path(tempfile.mkdtemp(dir=tmp_path))
+    before = {c["id"] for c in ended_calls(echo_gateway)}
+    wav = noise_bursts_wav(tmp_path / "bursts.wav")
+    output, sent, heard = run_baresip(tmp_path, echo_gateway.uri, wav, ["g711"], "PCMA")
+    assert "Call established" in output, output[-3000:]
+    assert "audio encoder: PCMA" in output, output[-3000:]
+    assert sent and heard, output[-3000:]
+    delay_ms, correlation = echo_delay(read_wav(sent), read_wav(heard))
+    assert correlation > 0.8, (delay_ms, correlation, output[-2000:])
+    assert 40 < delay_ms < 400, delay_ms
+    assert new_call(echo_gateway, before)["codec"] == "PCMA"
+
+
+# -- raw RTP ------------------------------------------------------------------------------
+
+RTP_HEADER = struct.Struct("!BBHII")
+DECODERS = {0: audioop.ulaw2lin, 8: audioop.alaw2lin}
+
+
+def offer_sdp(port: int, formats: str, rtpmaps: list[str]) -> str:
+    return "\r\n".join([
+        "v=0", f"o=raw {secrets.randbelow(10**9)} 1 IN IP4 127.0.0.1", "s=-", "c=IN IP4 127.0.0.1", "t=0 0",
+        f"m=audio {port} RTP/AVP {formats}", *(f"a={line}" for line in rtpmaps), "a=ptime:20",
+        "a=sendrecv", ""])
+
+
+def rtp_packet(payload_type: int, sequence: int, timestamp: int, ssrc: int, payload: bytes,
+               marker: bool = False) -> bytes:
+    return RTP_HEADER.pack(0x80, (0x80 if marker else 0) | payload_type, sequence & 0xFFFF,
+                           timestamp & 0xFFFFFFFF, ssrc) + payload
+
+
+def dtmf_packets(digit: int, start_ts: int, step: int, updates: int = 6) -> list[tuple[bytes, bool]]:
+    """RFC 4733 payloads (and marker bits) of one event: start, updates, three ends."""
+    out = []
+    for i in range(1, updates + 1):
+        out.append((struct.pack("!BBH", digit, 10, i * step), i == 1))
+    out += [(struct.pack("!BBH", digit, 0x80 | 10, updates * step), False)] * 3
+    return out
+
+
+@steal_tolerant()
+async def test_raw_rtp_pcma_echo_comes_back_as_pcma_and_dtmf_on_pt_96(echo_gateway, tmp_path):
+    """Offer only PCMA (8) and telephone-event on the dynamic type 96, play A-law noise
+    bursts and two digits from a bare socket; decode what comes back by the payload type
+    each packet carries."""
+    before = {c["id"] for c in ended_calls(echo_gateway)}
+    rate = 8000
+    sent_pcm = read_wav(noise_bursts_wav(tmp_path / "bursts.wav", seconds=3.0))
+    rtp = await UdpPeer.open()
+    ua = UserAgent("127.0.0.1", 0, user_agent="raw-rtp-test")
+    await ua.start()
+    try:
+        offer = offer_sdp(rtp.address[1], "8 96", ["rtpmap:8 PCMA/8000", "rtpmap:96 telephone-event/8000",
+                                                   "fmtp:96 0-15"])
+        dialog = await ua.invite(echo_gateway.uri, offer)
+        answer = dialog.remote_sdp
+        assert answer is not None
+        media_line = next(line for line in str(answer).splitlines() if line.startswith("m=audio"))
+        assert media_line.split()[3:] == ["8", "96"], str(answer)
+        remote = (answer.connection_of(answer.media[0]).host, answer.media[0].port)
+        ssrc, seq, ts = secrets.randbits(32), secrets.randbits(16), secrets.randbits(32)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        received: list[bytes] = []
+        samples = rate // 50
+        ticks = len(sent_pcm) // samples
+        for tick in range(ticks + 40):  # 800 ms more to hear the end of the echo
+            delay = start + tick * 0.02 - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            chunk = sent_pcm[tick * samples:(tick + 1) * samples]
+            if len(chunk) < samples:
+                chunk = np.zeros(samples, np.int16)
+            rtp.send(rtp_packet(8, seq, ts, ssrc, audioop.lin2alaw(chunk.tobytes(), 2)), remote)
+            seq, ts = seq + 1, ts + samples
+            received += [data for data, _ in rtp.drain()]
+        for digit in (5, 11):  # "5", "#"
+            event_ts = ts
+            for payload, marker in dtmf_packets(digit, event_ts, samples):
+                rtp.send(rtp_packet(96, seq, event_ts, ssrc, payload, marker), remote)
+                seq += 1
+                await asyncio.sleep(0.02)
+            ts += 8 * samples
+        await asyncio.sleep(0.3)
+        received += [data for data, _ in rtp.drain()]
+        await dialog.bye()
+    finally:
+        await ua.stop()
+        rtp.close()
+
+    audio = [p for p in received if len(p) >= 12 and not 192 <= p[1] <= 223]  # RTCP muxed or not
+    types = {p[1] & 0x7F for p in audio}
+    assert types == {8}, f"payload types received: {sorted(types)} (offered and answered: PCMA = 8)"
+    first_ts = None
+    timeline = np.zeros(0, np.int16)
+    for packet in audio:
+        pt, timestamp = packet[1] & 0x7F, RTP_HEADER.unpack_from(packet)[3]
+        first_ts = timestamp if first_ts is None else first_ts
+        at = (timestamp - first_ts) & 0xFFFFFFFF
+        pcm = np.frombuffer(DECODERS[pt](packet[12:], 2), "<i2")
+        if at + len(pcm) > len(timeline):
+            timeline = np.concatenate((timeline, np.zeros(at + len(pcm) - len(timeline), np.int16)))
+        timeline[at:at + len(pcm)] = pcm
+    # the echo's timeline starts with the gateway's first packet, about when ours did
+    delay_ms, correlation = echo_delay(sent_pcm, timeline)
+    assert correlation > 0.8, (delay_ms, correlation)
+    call = new_call(echo_gateway, before)
+    assert call["codec"] == "PCMA"
+    status, transcript = echo_gateway.get(f"/v1/calls/{call['id']}/transcript")
+    assert status == 200, transcript
+    assert [e["text"] for e in transcript["events"] if e["kind"] == "dtmf"] == ["5", "#"], transcript
