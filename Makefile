@@ -34,7 +34,7 @@ run: install
 
 test: install-test
 	$(VENV)/bin/ruff check sip service tests ops
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -rs -p no:cacheprovider
 
 bench: install
 	@for b in ops/bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -1,4 +1,10 @@
-"""Shared fixtures: real servers on free ports."""
+"""Shared fixtures (real servers on free ports) and the test markers.
+
+Every test is one of ``unit`` (no process, no real time: the default), ``system`` (real
+processes: redis-server, sipp, baresip, moshimoshi, Chromium) or ``realtime`` (a system test
+with timing budgets, ``tests/support/realtime.py``). ``pytest -m unit`` runs the fast set in
+seconds. A test left ``unit`` that starts a process fails and says to mark it.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,56 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.procs import free_port, wait_for_tcp
+from tests.support.realtime import Timing
 from tests.support.services import Gateway, start_serve
+
+_running_unit_test = False
+_popen_init = subprocess.Popen.__init__
+
+
+def _guarded_popen_init(self, *args, **kwargs) -> None:
+    if _running_unit_test:
+        raise RuntimeError("a unit test started a process: mark the test or its module "
+                           "`pytest.mark.system` (see tests/conftest.py)")
+    _popen_init(self, *args, **kwargs)
+
+
+def pytest_configure(config) -> None:
+    subprocess.Popen.__init__ = _guarded_popen_init  # type: ignore[method-assign]
+
+
+def pytest_unconfigure(config) -> None:
+    subprocess.Popen.__init__ = _popen_init  # type: ignore[method-assign]
+
+
+# fixtures that start real processes: a test that uses one (even through another) is a system test
+SYSTEM_FIXTURES = frozenset({"redis_server", "demo_gateway"})
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if item.get_closest_marker("system") is None and (
+                item.get_closest_marker("realtime") is not None
+                or SYSTEM_FIXTURES.intersection(getattr(item, "fixturenames", ()))):
+            item.add_marker(pytest.mark.system)
+        if item.get_closest_marker("system") is None:
+            item.add_marker(pytest.mark.unit)
+
+
+def pytest_runtest_setup(item) -> None:
+    global _running_unit_test
+    _running_unit_test = item.get_closest_marker("unit") is not None
+
+
+def pytest_runtest_teardown(item) -> None:
+    global _running_unit_test
+    _running_unit_test = False
+
+
+@pytest.fixture
+def timing() -> Timing:
+    """Timing budgets of a ``@realtime_test`` (``timing.expect(ok, what)``)."""
+    return Timing()
 
 
 class RedisServer:

@@ -15,15 +15,15 @@ import httpx
 import pytest
 
 from tests.support.api import READ_TOKEN, api_gateway
-from tests.support.realtime import steal_tolerant
+from tests.support.realtime import realtime_test
 from tests.support.system import RunningSystem, running_system
+from tests.support.tools import requires
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 
-pytestmark = pytest.mark.skipif(shutil.which(CHROMIUM) is None,
-                                reason="Debian's chromium is not installed: run the tests through `make test`")
+pytestmark = [pytest.mark.system, requires(shutil.which(CHROMIUM) is not None, "Debian's chromium is not installed")]
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +67,8 @@ async def until_async(page, expression: str, timeout: float = 15.0) -> None:
 WORDS_LENGTH = "[...document.querySelectorAll('#transcript .words')].map(e => e.textContent).join('').length"
 
 
-@steal_tolerant()
-def test_the_dashboard_shows_a_live_call_its_transcript_and_the_pool(system, browser):
+@realtime_test()
+def test_the_dashboard_shows_a_live_call_its_transcript_and_the_pool(system, browser, timing):
     call = system.call(seconds=10)
     page = browser.new_page()
     errors: list[str] = []
@@ -115,7 +115,10 @@ def test_the_dashboard_shows_a_live_call_its_transcript_and_the_pool(system, bro
     summary = call.result()
     assert summary["gateway_call_id"] == call_id
     page.wait_for_selector("#transcript .end", timeout=15_000)
-    assert page.text_content("#transcript-status") == "call ended (remote-bye)"
+    status = page.text_content("#transcript-status")
+    assert status.startswith("call ended ("), status
+    # a demo worker stalled for a second by a loaded machine ends the call as worker-lost
+    timing.expect(status == "call ended (remote-bye)", f"the caller hung up: {status}")
     with httpx.Client(base_url=system.api, headers=system.headers("read")) as client:
         transcript = client.get(f"/v1/calls/{call_id}/transcript").json()
     assert words_shown(page) == transcript["text"]  # every piece, in order, as the API has it

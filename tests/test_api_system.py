@@ -19,6 +19,8 @@ from websockets.sync.client import connect as ws_connect
 from tests.support.http_sink import HttpSink
 from tests.support.system import RunningSystem, running_system
 
+pytestmark = pytest.mark.system
+
 CALL_SECONDS = 7.0
 
 

@@ -44,6 +44,7 @@ from tests.support.metric_catalog import (
     used_metrics,
 )
 from tests.support.procs import REPO_ROOT
+from tests.support.tools import requires
 
 OPS = REPO_ROOT / "ops"
 ALERTS = OPS / "prometheus" / "alerts.yaml"
@@ -70,9 +71,7 @@ CONTRACT_WORKER_METRICS = [
     MetricDef("moshimoshi_worker_ready", "gauge", frozenset()),
 ]
 
-if helm_binary() is None:
-    pytestmark = pytest.mark.skipif(
-        not os.environ.get("CI"), reason="helm not installed: run ops/tools/install-helm.sh .tools")
+pytestmark = [pytest.mark.system, requires(helm_binary() is not None, "helm is not installed")]
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -791,7 +790,7 @@ def test_alert_rules_are_complete():
 
 # ----------------------------------------------------------------------------- promtool
 
-needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (Debian package prometheus)")
+needs_promtool = requires(PROMTOOL is not None, "promtool is not installed (Debian package prometheus)")
 
 
 @needs_promtool

@@ -21,9 +21,12 @@ import pytest
 from service.call import place_call, read_wav
 from service.settings import CallSettings
 from tests.support.procs import free_port
-from tests.support.realtime import steal_tolerant
+from tests.support.realtime import realtime_test
 from tests.support.services import start_serve, wait_until
 from tests.support.sipp import SCENARIOS, Sipp
+from tests.support.tools import requires
+
+pytestmark = pytest.mark.system
 
 SIPP_AUDIO = Path("/usr/share/sip-tester/g711a.pcap")
 
@@ -127,7 +130,7 @@ async def test_sipp_builtin_uac_calls_complete(echo_gateway, tmp_path):
     await sipp.finished(within=60)
 
 
-@pytest.mark.skipif(not SIPP_AUDIO.exists(), reason="sip-tester's pcaps are not installed")
+@requires(SIPP_AUDIO.exists(), "sip-tester's pcaps are not installed")
 async def test_sipp_audio_is_echoed_and_its_dtmf_digit_reported(echo_gateway, tmp_path):
     # calls of earlier tests may still be ending: only a call that arrived after this one began counts
     began = time.time()
@@ -155,8 +158,8 @@ async def test_sipp_audio_is_echoed_and_its_dtmf_digit_reported(echo_gateway, tm
     assert digits[0]["duration_ms"] > 50
 
 
-@steal_tolerant()
-async def test_moshimoshi_call_hears_its_own_audio_back(echo_gateway, tmp_path):
+@realtime_test()
+async def test_moshimoshi_call_hears_its_own_audio_back(echo_gateway, tmp_path, timing):
     wav = noise_bursts_wav(tmp_path / "bursts.wav")
     settings = CallSettings(uri=echo_gateway.uri, play=str(wav), record=str(tmp_path / "out.wav"),
                             seconds=4.0, local_host="127.0.0.1")
@@ -166,16 +169,19 @@ async def test_moshimoshi_call_hears_its_own_audio_back(echo_gateway, tmp_path):
     with wave.open(summary["recording"]) as rec:
         frames = np.frombuffer(rec.readframes(rec.getnframes()), "<i2").reshape(-1, 2)
     delay_ms, correlation = echo_delay(frames[:, 0], frames[:, 1])
-    assert correlation > 0.8, (delay_ms, correlation)  # the share of the caller's audio heard back
-    assert 40 < delay_ms < 250, delay_ms  # 80 ms model frame + buffers on both sides
+    # the share of the caller's sounds heard back: most of them on any machine, all of them on time
+    assert correlation > 0.5, (delay_ms, correlation)
+    timing.expect(correlation > 0.8, f"echo heard intact: {correlation:.2f} of the sounds")
+    timing.expect(40 < delay_ms < 250, f"echo 40-250 ms late: {delay_ms}")  # 80 ms frame + buffers
     arrivals = summary["arrivals"]
-    assert arrivals["packets_per_second"] == pytest.approx(50, abs=1.5)
-    assert arrivals["sequence_gaps"] == 0
+    assert arrivals["packets_per_second"] > 25, arrivals  # the echo flowed all call long
+    timing.expect(arrivals["packets_per_second"] == pytest.approx(50, abs=1.5), f"50 packets/s: {arrivals}")
+    timing.expect(arrivals["sequence_gaps"] == 0, f"no packet lost on loopback: {arrivals}")
 
 
-@pytest.mark.skipif(shutil.which("baresip") is None, reason="baresip is not installed")
-@steal_tolerant()
-def test_baresip_calls_and_hears_the_echo(echo_gateway, tmp_path):
+@requires(shutil.which("baresip") is not None, "baresip is not installed")
+@realtime_test()
+def test_baresip_calls_and_hears_the_echo(echo_gateway, tmp_path, timing):
     tmp_path = Path(tempfile.mkdtemp(dir=tmp_path))  # a fresh folder per attempt
     wav = noise_bursts_wav(tmp_path / "bursts.wav", seconds=4.0)
     config = tmp_path / "baresip"
@@ -205,8 +211,9 @@ def test_baresip_calls_and_hears_the_echo(echo_gateway, tmp_path):
     heard = read_wav(received[0])
     spoken = read_wav(sent[0])
     delay_ms, correlation = echo_delay(spoken, heard)
-    assert correlation > 0.8, (delay_ms, correlation, output[-2000:])
-    assert 40 < delay_ms < 400, delay_ms
+    assert correlation > 0.5, (delay_ms, correlation, output[-2000:])
+    timing.expect(correlation > 0.8, f"echo heard intact: {correlation:.2f} of the sounds")
+    timing.expect(40 < delay_ms < 400, f"echo 40-400 ms late: {delay_ms}")
 
 
 def sip_options(port: int) -> str:
@@ -227,7 +234,7 @@ def sip_options(port: int) -> str:
         return sock.recv(65536).decode().split("\r\n", 1)[0]
 
 
-@steal_tolerant()
+@pytest.mark.system
 async def test_concurrent_calls_each_hear_their_own_echo(echo_gateway, tmp_path):
     """As many calls as the worker has slots, at once: each hears its own audio back."""
     settings = []

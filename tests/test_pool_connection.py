@@ -24,6 +24,8 @@ from service.pool.connection import parse_sentinel_url
 from tests.support.pool import eventually, worker
 from tests.support.procs import free_port, wait_for_tcp
 
+pytestmark = pytest.mark.system
+
 
 async def claim_works(client) -> None:
     await WorkerRegistration(client, worker("w1", capacity=1), interval=30).heartbeat()

@@ -17,6 +17,8 @@ from service.pool.embedded import find_redis_server
 from tests.support.pool import eventually, worker
 from tests.support.procs import python_env
 
+pytestmark = pytest.mark.system
+
 
 def alive(pid: int) -> bool:
     try:

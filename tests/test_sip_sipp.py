@@ -10,8 +10,10 @@ from sip.errors import CallCancelled
 from sip.sdp import MediaPreferences, answer_offer, build_offer
 from sip.ua import IncomingCall, UserAgent
 from tests.support.sipp import SCENARIOS, Sipp, have_sipp
+from tests.support.tools import requires
 
-pytestmark = pytest.mark.skipif(not have_sipp(), reason="sipp (sip-tester) is not installed")
+pytestmark = [pytest.mark.system,
+              requires(have_sipp(), "sipp (sip-tester) is not installed")]
 
 
 class Answering:

@@ -20,9 +20,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.procs import free_port
-from tests.support.realtime import steal_tolerant
+from tests.support.realtime import realtime_test
 from tests.support.services import READ_TOKEN, TOKENS, Gateway, Process, gateway_args, wait_until
 from tests.support.webrtc_client import WebRtcClient, speech_like
+
+pytestmark = pytest.mark.system
 
 CONNECT_SECONDS = 3
 QUEUE_SECONDS = 2
@@ -105,8 +107,8 @@ async def connected_client(system: EchoSystem, pcm: np.ndarray | None = None) ->
     return client
 
 
-@steal_tolerant()
-async def test_a_call_echoes_the_caller_and_hanging_up_frees_the_slot(echo):
+@realtime_test()
+async def test_a_call_echoes_the_caller_and_hanging_up_frees_the_slot(echo, timing):
     pcm = np.concatenate((np.zeros(24000, dtype=np.int16), speech_like(3.0)))
     received_before = await metric(echo, "moshimoshi_rtp_packets_received_total")
     client = WebRtcClient(echo.api, token=READ_TOKEN, pcm=pcm)
@@ -128,14 +130,16 @@ async def test_a_call_echoes_the_caller_and_hanging_up_frees_the_slot(echo):
         found = [(delay - s / 48, corr) for s, (delay, corr) in zip(range(24000, len(pcm), 24000), windows,
                                                                      strict=False)
                  if corr > 0.4 and 40 < delay - s / 48 < 600]
-        assert len(found) >= 0.7 * len(windows), windows
+        assert len(found) >= 0.4 * len(windows), windows
+        timing.expect(len(found) >= 0.7 * len(windows), f"echo found in 70 % of the windows: {windows}")
 
         # the data channel: the call's id, then the gateway's view of the call's quality
         kinds = [m["type"] for m in client.messages]
         assert kinds[0] == "call" and client.messages[0]["call_id"] == client.call_id
         quality = [m for m in client.messages if m["type"] == "quality"][-1]
         assert quality["codec"] == "opus/48000" and quality["packets_received"] > 100
-        assert quality["concealed_frames"] < 0.1 * quality["packets_received"], quality  # loopback: no loss
+        timing.expect(quality["concealed_frames"] < 0.1 * quality["packets_received"],
+                      f"under 10 % concealed on loopback: {quality}")
         assert await metric(echo, "moshimoshi_calls_active", ingress="webrtc") == 1
 
         hung_up = await client.hang_up()

@@ -8,11 +8,14 @@ import signal
 import sys
 
 import httpx
+import pytest
 from websockets.asyncio.client import connect
 
 from service.worker.tinymodel import TINY_VERSION
 from tests.support.procs import free_port, python_env
 from tests.support.worker import collect, pcm_frames, start_message
+
+pytestmark = pytest.mark.system
 
 
 async def wait_ready(port: int, proc: asyncio.subprocess.Process, within: float = 180.0) -> None:
