@@ -1,8 +1,8 @@
 """``moshimoshi call URI``: place a test call, play a WAV, record what comes back.
 
-Engineers use it to try a line end to end. The recording is stereo at 8 kHz, the
-caller (what we sent) on the left and the far end (the model) on the right, sample-aligned
-on the call's own 20 ms clock, so the model's timing against the caller can be read off it.
+Engineers use it to try a line end to end. The recording is stereo at the codec's audio
+rate (8 kHz for G.711, 16 kHz for G.722, 48 kHz for Opus), the caller (what we sent) on
+the left and the far end (the model) on the right, sample-aligned on the call's own clock, so the model's timing against the caller can be read off it.
 The transcript comes from the gateway's API once the call ends (the gateway names its call
 id in the X-Moshimoshi-Call-Id header of its 200 OK).
 """
@@ -23,13 +23,13 @@ import numpy as np
 
 from service.realtime import quiet_gc
 from service.settings import CallSettings
-from sip import g711
-from sip.dtmf import DtmfDigit, DtmfReceiver
+from sip import codecs
+from sip.dtmf import DtmfDigit, DtmfReceiver, DtmfSender
 from sip.errors import CallFailed, SipError, SipParseError
 from sip.jitterbuffer import CONCEAL, JitterBuffer
 from sip.plc import PacketLossConcealer
 from sip.rtpsession import PortAllocator, RtpSession
-from sip.sdp import MediaPreferences, build_offer
+from sip.sdp import MediaPreferences, NegotiatedMedia, build_offer
 from sip.ua import UserAgent
 from sip.uri import SipUri
 
@@ -74,27 +74,29 @@ def write_stereo_wav(path: str | Path, left: np.ndarray, right: np.ndarray, rate
 
 
 class TestCall:
-    """One outgoing call's media: send the WAV on the 20 ms clock, record both directions."""
+    """One outgoing call's media: send the WAV on the ptime clock, record both directions,
+    at the negotiated codec's audio rate."""
 
-    def __init__(self, rtp: RtpSession, codec: str, ptime_ms: int, audio: np.ndarray,
-                 dtmf_payload_type: int | None, payload_type: int) -> None:
+    def __init__(self, rtp: RtpSession, media: NegotiatedMedia, audio: np.ndarray) -> None:
+        spec = codecs.spec(media.codec)
         self.rtp = rtp
-        self.samples = TELEPHONE_RATE * ptime_ms // 1000
-        self.period = ptime_ms / 1000
+        self.rate = spec.sample_rate
+        self.samples = spec.samples(media.ptime)
+        self.period = media.ptime / 1000
         self.audio = audio
-        self.encoder = g711.G711Encoder(codec)
-        self.decoder = g711.G711Decoder(codec)
-        self.jitter = JitterBuffer(clock_rate=TELEPHONE_RATE, ptime_ms=ptime_ms,
-                                   is_silent=g711.quiet_detector(codec))  # adapt in pauses, not in speech
-        self.plc = PacketLossConcealer(TELEPHONE_RATE)
+        self.encoder = codecs.encoder(spec, media.ptime, media.fmtp)
+        self.decoder = codecs.decoder(spec)
+        self.jitter = JitterBuffer(clock_rate=spec.clock_rate, ptime_ms=media.ptime,
+                                   is_silent=codecs.quiet_detector(spec))  # adapt in pauses, not in speech
+        self.plc = PacketLossConcealer(spec.sample_rate)
         self.digits: list[DtmfDigit] = []
-        self.dtmf = DtmfReceiver(TELEPHONE_RATE, on_digit=self.digits.append)
-        rtp.attach_jitter_buffer(self.jitter, payload_type)
-        rtp.route(payload_type, self._on_audio_packet)
+        self.dtmf = DtmfReceiver(media.dtmf_clock_rate, on_digit=self.digits.append)
+        rtp.attach_jitter_buffer(self.jitter, media.payload_type)
+        rtp.route(media.payload_type, self._on_audio_packet)
         self.arrivals: list[float] = []
         self.sequences: list[int] = []
-        if dtmf_payload_type is not None:
-            rtp.route(dtmf_payload_type, self.dtmf.receive)
+        if media.dtmf_payload_type is not None:
+            rtp.route(media.dtmf_payload_type, self.dtmf.receive)
         self.sent: list[np.ndarray] = []
         self.received: list[np.ndarray] = []
         self.ticks = 0
@@ -138,7 +140,10 @@ class TestCall:
             self.sent.append(chunk)
             popped = self.jitter.pop(loop.time())
             if isinstance(popped, bytes):
-                self.received.append(self.plc.good(self.decoder.decode(popped)))
+                try:
+                    self.received.append(self.plc.good(self.decoder.decode(popped)))
+                except ValueError:  # a payload the codec rejects: concealed like a lost one
+                    self.received.append(self.plc.conceal(self.samples))
             elif popped is CONCEAL:
                 self.received.append(self.plc.conceal(self.samples))
             else:
@@ -173,7 +178,6 @@ async def place_call(settings: CallSettings) -> dict:
     target = SipUri.parse(settings.uri, "URI")
     if settings.transport == "tcp" and not target.transport:
         target = SipUri.parse(f"{settings.uri};transport=tcp", "URI")
-    audio = read_wav(settings.play) if settings.play else np.zeros(0, np.int16)
     ua = UserAgent(settings.local_host, settings.local_port, user_agent="moshimoshi-call")
     await ua.start()
     rtp: RtpSession | None = None
@@ -183,8 +187,9 @@ async def place_call(settings: CallSettings) -> dict:
         ports = PortAllocator(40000, 49998)
         rtp = await RtpSession.open(ports, host=settings.local_host if settings.local_host not in ("0.0.0.0", "::")
                                     else ("::" if ":" in local_ip else "0.0.0.0"))
-        codecs = [settings.codec] + [c for c in ("PCMU", "PCMA") if c != settings.codec]
-        offer = build_offer(MediaPreferences(codecs=codecs, ptime=settings.ptime), local_ip, rtp.local_port)
+        first = codecs.spec(settings.codec).name
+        offered = [first] + [c for c in ("PCMU", "PCMA") if c != first]
+        offer = build_offer(MediaPreferences(codecs=offered, ptime=settings.ptime), local_ip, rtp.local_port)
         quiet_gc()  # before the call: a collection pause during it would be a glitch in the recording
         started = time.time()
         dialog = await ua.invite(target, str(offer), username=settings.username, password=settings.password)
@@ -196,12 +201,15 @@ async def place_call(settings: CallSettings) -> dict:
         rtp.set_format(media.payload_type, media.clock_rate, media.ptime)
         rtp.update_remote(media.remote_address, media.remote_port, media.remote_rtcp_port)
         rtp.trust_ip(target_ip)
-        call = TestCall(rtp, media.codec, media.ptime, audio, media.dtmf_payload_type, media.payload_type)
+        rate = codecs.spec(media.codec).sample_rate
+        audio = (await asyncio.to_thread(read_wav, settings.play, rate)) if settings.play else np.zeros(0, np.int16)
+        call = TestCall(rtp, media, audio)
         stop = asyncio.Event()
         dialog.terminated.add_done_callback(lambda _f: stop.set())
         tasks = [asyncio.create_task(call.run(settings.seconds, stop))]
         if settings.dtmf and media.dtmf_payload_type is not None:
-            tasks.append(asyncio.create_task(_send_digits(rtp, settings.dtmf, media.dtmf_payload_type)))
+            tasks.append(asyncio.create_task(_send_digits(rtp, settings.dtmf, media.dtmf_payload_type,
+                                                          media.dtmf_clock_rate)))
         await tasks[0]
         for task in tasks[1:]:
             task.cancel()
@@ -214,7 +222,7 @@ async def place_call(settings: CallSettings) -> dict:
         gateway_call_id = response.headers.get(CALL_ID_HEADER) if response is not None else None
         received = np.concatenate(call.received) if call.received else np.zeros(0, np.int16)
         summary = {
-            "uri": settings.uri, "codec": media.codec, "ptime_ms": media.ptime,
+            "uri": settings.uri, "codec": media.codec, "sample_rate": call.rate, "ptime_ms": media.ptime,
             "answer_seconds": round(answered - started, 3), "call_seconds": round(call.ticks * call.period, 2),
             "ended_by": ended_by, "gateway_call_id": gateway_call_id,
             "packets_sent": stats.packets_sent, "packets_received": stats.packets_received,
@@ -226,7 +234,7 @@ async def place_call(settings: CallSettings) -> dict:
         }
         if settings.record:
             sent = np.concatenate(call.sent) if call.sent else np.zeros(0, np.int16)
-            await asyncio.to_thread(write_stereo_wav, settings.record, sent, received)
+            await asyncio.to_thread(write_stereo_wav, settings.record, sent, received, call.rate)
             summary["recording"] = settings.record
         transcript_path = settings.transcript or (
             str(Path(settings.record).with_suffix(".txt")) if settings.record else None)
@@ -254,10 +262,11 @@ def format_transcript(transcript: dict) -> str:
     return "\n".join(lines) + ("\n" if lines else "")
 
 
-async def _send_digits(rtp: RtpSession, digits: str, payload_type: int) -> None:
+async def _send_digits(rtp: RtpSession, digits: str, payload_type: int, clock_rate: int) -> None:
     await asyncio.sleep(DTMF_AT_SECONDS)
+    sender = DtmfSender(clock_rate)
     for digit in digits:
-        await rtp.send_dtmf(digit, 120.0, payload_type=payload_type)
+        await rtp.send_dtmf(digit, 120.0, payload_type=payload_type, sender=sender)
         await asyncio.sleep(0.1)
 
 

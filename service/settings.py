@@ -62,7 +62,9 @@ class GatewaySettings:
         None, "address announced in Contact and SDP (default: the local address toward each peer)")
     rtp_port_min: int = setting(20000, "lowest RTP port (even)", min=1024, max=65534)
     rtp_port_max: int = setting(30000, "highest RTP port", min=1025, max=65535)
-    codecs: list[str] = setting(["PCMU", "PCMA"], "codecs in order of preference")
+    codecs: list[str] = setting(
+        [], "codecs to answer with, in order of preference (opus, G722, PCMU, PCMA); empty: the best "
+        "audio the peer offers (Opus, then G.722, then G.711 in the offer's order)")
     jitter_min_ms: int = setting(20, "jitter buffer playout delay floor", min=0, max=200)
     jitter_max_ms: int = setting(200, "jitter buffer playout delay ceiling", min=20, max=1000)
     resampler: str = setting("fir", "8↔24 kHz resampler: fir (1.5 ms each way) or soxr-qq/lq/mq/hq/vhq",
@@ -120,10 +122,7 @@ class GatewaySettings:
                 f"MOSHIMOSHI_RTP_PORT_MAX={self.rtp_port_max}")
         if self.jitter_min_ms > self.jitter_max_ms:
             raise ConfigError("MOSHIMOSHI_JITTER_MIN_MS must not exceed MOSHIMOSHI_JITTER_MAX_MS")
-        unknown = [c for c in self.codecs if c.upper() not in ("PCMU", "PCMA")]
-        if unknown or not self.codecs:
-            raise ConfigError(f"MOSHIMOSHI_CODECS={','.join(self.codecs)}: supported are PCMU and PCMA")
-        self.codecs = [c.upper() for c in self.codecs]
+        self.codecs = _codec_names("MOSHIMOSHI_CODECS", self.codecs)
 
     def _validate_webrtc(self) -> None:
         for url in self.webrtc_ice_servers:
@@ -133,6 +132,24 @@ class GatewaySettings:
             if scheme.startswith("turn") and not (self.webrtc_turn_username and self.webrtc_turn_password):
                 raise ConfigError(f"MOSHIMOSHI_WEBRTC_ICE_SERVERS: {url!r} needs MOSHIMOSHI_WEBRTC_TURN_USERNAME "
                                   "and MOSHIMOSHI_WEBRTC_TURN_PASSWORD")
+
+
+def _codec_names(variable: str, names: list[str]) -> list[str]:
+    """Codec names as SDP spells them, each one that can run here, no repeats."""
+    from sip import codecs
+
+    out: list[str] = []
+    for name in names:
+        try:
+            spec = codecs.spec(name)
+        except ValueError:
+            raise ConfigError(f"{variable}={','.join(names)}: {name!r} is not a codec; supported are "
+                              f"{', '.join(codecs.available())}") from None
+        if spec.name not in codecs.available():
+            raise ConfigError(f"{variable}: {spec.name} cannot run here (its package is not installed)")
+        if spec.name not in out:
+            out.append(spec.name)
+    return out
 
 
 @dataclass
@@ -148,7 +165,8 @@ class CallSettings:
     dtmf: str | None = setting(None, "DTMF digits to send (RFC 4733) one second into the call")
     username: str | None = setting(None, "digest auth user")
     password: str | None = setting(None, "digest auth password", secret=True)
-    codec: str = setting("PCMU", "codec to offer first", choices=["PCMU", "PCMA"])
+    codec: str = setting("PCMU", "codec to offer first (PCMU and PCMA follow it in the offer)",
+                         choices=["PCMU", "PCMA", "G722", "opus"])
     ptime: int = setting(20, "packet time to offer, ms", min=10, max=40)
     local_host: str = setting("0.0.0.0", "local address for SIP and RTP")
     local_port: int = setting(0, "local SIP port (0 picks one)", min=0, max=65535)

@@ -7,9 +7,12 @@ with our codec preferences; ``build_offer`` makes one for outgoing calls;
 re-offer (hold, unhold, refresh) the way the previous answer did. Each yields a
 ``NegotiatedMedia``: what the RTP side needs to know.
 
-Codec choice: by default the first codec of *our* preference list that the offer
-contains (the gateway's preference, e.g. PCMU before PCMA, wins); with
-``MediaPreferences(offerer_order=True)`` the first offered codec that we support.
+Codec choice (``MediaPreferences.order``): by default (``"quality"``) the best audio the
+offer holds among our codecs: Opus, then G.722, then G.711, and among equals (PCMU and
+PCMA) the one offered first. ``"ours"`` takes the first codec of our list that the offer
+holds (a configured order), ``"offerer"`` the first offered one we support. An entry that
+names a codec with the wrong clock rate or channels (``opus/8000``, ``G722/16000``) is not
+that codec and is passed over.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import copy
 import secrets
 from dataclasses import dataclass, field
+
+from sip import codecs
 
 DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
 MIRRORED_DIRECTION = {"sendrecv": "sendrecv", "sendonly": "recvonly", "recvonly": "sendonly",
@@ -110,7 +115,6 @@ STATIC_PAYLOAD_TYPES = {
     8: RtpMap(8, "PCMA", 8000), 9: RtpMap(9, "G722", 8000), 13: RtpMap(13, "CN", 8000),
     18: RtpMap(18, "G729", 8000),
 }
-_STATIC_BY_NAME = {rm.encoding: pt for pt, rm in STATIC_PAYLOAD_TYPES.items()}
 
 
 def _order(lines: list[tuple[str, str]], rank: dict[str, int]) -> list[tuple[str, str]]:
@@ -317,12 +321,12 @@ def _parse_media(value: str, number: int) -> MediaDescription:
 class MediaPreferences:
     """What we accept and prefer when answering or offering audio."""
 
-    codecs: list[str] = field(default_factory=lambda: ["PCMU", "PCMA"])
+    codecs: list[str] = field(default_factory=lambda: list(codecs.available()))
     telephone_event: bool = True
     ptime: int = 20
     min_ptime: int = 10
     max_ptime: int = 40
-    offerer_order: bool = False
+    order: str = "quality"  # or "ours", "offerer": see the module docstring
 
 
 @dataclass(frozen=True)
@@ -344,6 +348,8 @@ class NegotiatedMedia:
     ptime: int
     dtmf_payload_type: int | None
     direction: str
+    fmtp: str | None = None  # the peer's format parameters for the codec (Opus: what it wants)
+    dtmf_clock_rate: int = 8000
 
     @property
     def sends(self) -> bool:
@@ -362,29 +368,51 @@ def _session_id() -> str:
     return str(secrets.randbelow(10**12) + 10**11)
 
 
-def _choose_codec(media: MediaDescription, prefs: MediaPreferences) -> RtpMap | None:
+def codec_of(rtpmap: RtpMap) -> codecs.CodecSpec | None:
+    """The codec an rtpmap entry names, if we know it at that clock rate and channel count."""
+    found = codecs.SPECS.get(rtpmap.encoding.upper())
+    return found if found is not None and found.matches(rtpmap.encoding, rtpmap.clock_rate,
+                                                         rtpmap.channels) else None
+
+
+def _offered_rtpmaps(media: MediaDescription) -> list[RtpMap]:
     maps = media.rtpmaps()
+    return [maps[int(fmt)] for fmt in media.formats if fmt.isdigit() and int(fmt) in maps and int(fmt) <= 127]
+
+
+def _choose_codec(media: MediaDescription, prefs: MediaPreferences) -> tuple[RtpMap, codecs.CodecSpec] | None:
     ours = [c.upper() for c in prefs.codecs]
     candidates = []
-    for fmt in media.formats:
-        rtpmap = maps.get(int(fmt)) if fmt.isdigit() else None
-        if (rtpmap is not None and rtpmap.encoding.upper() in ours and rtpmap.clock_rate == 8000
-                and rtpmap.channels == 1):
-            candidates.append(rtpmap)
+    for rtpmap in _offered_rtpmaps(media):
+        codec = codec_of(rtpmap)
+        if codec is not None and codec.name.upper() in ours:
+            candidates.append((rtpmap, codec))
     if not candidates:
         return None
-    if prefs.offerer_order:
+    if prefs.order == "offerer":
         return candidates[0]
-    return min(candidates, key=lambda rm: ours.index(rm.encoding.upper()))
+    if prefs.order == "ours":
+        return min(candidates, key=lambda c: ours.index(c[1].name.upper()))
+    # max() keeps the first of equals: the offerer's order among codecs of one rank
+    return max(candidates, key=lambda c: c[1].rank)
 
 
-def _telephone_event(media: MediaDescription) -> RtpMap | None:
-    maps = media.rtpmaps()
-    for fmt in media.formats:
-        rtpmap = maps.get(int(fmt)) if fmt.isdigit() else None
-        if rtpmap is not None and rtpmap.encoding.lower() == "telephone-event" and rtpmap.clock_rate == 8000:
-            return rtpmap
+def _telephone_event(media: MediaDescription, clock_rate: int = 8000) -> RtpMap | None:
+    """The offered telephone-event at the audio's clock rate (RFC 4733 §2.1), else at 8000."""
+    events = [rm for rm in _offered_rtpmaps(media) if rm.encoding.lower() == "telephone-event"]
+    for wanted in (clock_rate, 8000):
+        for rtpmap in events:
+            if rtpmap.clock_rate == wanted:
+                return rtpmap
     return None
+
+
+def _ptime(offered: int | None, codec: codecs.CodecSpec, prefs: MediaPreferences) -> int:
+    """The offered ptime if we and the codec can do it, else ours (else the codec's nearest)."""
+    for ptime in (offered, prefs.ptime):
+        if ptime is not None and prefs.min_ptime <= ptime <= prefs.max_ptime and ptime in codec.ptimes:
+            return ptime
+    return min(codec.ptimes, key=lambda p: abs(p - prefs.ptime))
 
 
 def _offered_direction(offer: SessionDescription, media: MediaDescription) -> str:
@@ -402,35 +430,34 @@ def answer_offer(offer: SessionDescription, prefs: MediaPreferences, local_addre
     """Answer ``offer``: the first audio RTP/AVP stream with a codec we support is
     accepted on ``local_address:local_port``; every other stream is rejected with port 0.
     Raises ``NoCommonCodec`` when no stream can be accepted."""
-    chosen: tuple[int, RtpMap] | None = None
+    chosen: tuple[int, RtpMap, codecs.CodecSpec] | None = None
     for index, media in enumerate(offer.media):
         if media.media == "audio" and media.port != 0 and media.proto.upper() == "RTP/AVP":
-            rtpmap = _choose_codec(media, prefs)
-            if rtpmap is not None:
-                chosen = (index, rtpmap)
+            found = _choose_codec(media, prefs)
+            if found is not None:
+                chosen = (index, *found)
                 break
     if chosen is None:
         offered = [f"{m.media} {m.proto} {' '.join(m.formats)}" for m in offer.media if m.port != 0]
-        raise NoCommonCodec(f"no audio stream offers {' or '.join(prefs.codecs)} at 8000 Hz "
-                            f"(offered: {'; '.join(offered) or 'nothing'})")
-    index, codec = chosen
+        raise NoCommonCodec(f"no audio stream offers {' or '.join(prefs.codecs)} "
+                            f"(offered: {'; '.join(offered)[:200] or 'nothing'})")
+    index, codec, spec = chosen
     offered_media = offer.media[index]
     connection = offer.connection_of(offered_media)
     if connection is None:
         raise SdpError("the audio stream has no c= line (neither media nor session level)")
-    dtmf = _telephone_event(offered_media) if prefs.telephone_event else None
-    ptime = offered_media.ptime
-    if ptime is None or not prefs.min_ptime <= ptime <= prefs.max_ptime:
-        ptime = prefs.ptime
+    dtmf = _telephone_event(offered_media, spec.clock_rate) if prefs.telephone_event else None
+    ptime = _ptime(offered_media.ptime, spec, prefs)
     direction = MIRRORED_DIRECTION[_offered_direction(offer, offered_media)]
 
-    name = codec.encoding.upper()
     formats = [str(codec.payload_type)]
-    attributes: list[tuple[str, str | None]] = [("rtpmap", f"{codec.payload_type} {name}/8000")]
+    attributes: list[tuple[str, str | None]] = [("rtpmap", spec.rtpmap(codec.payload_type))]
+    if codecs.fmtp(spec):
+        attributes.append(("fmtp", f"{codec.payload_type} {codecs.fmtp(spec)}"))
     if dtmf is not None:
         formats.append(str(dtmf.payload_type))
-        attributes.append(("rtpmap", f"{dtmf.payload_type} telephone-event/8000"))
-        attributes.append(("fmtp", f"{dtmf.payload_type} {offered_media.fmtp(dtmf.payload_type) or '0-16'}"))
+        attributes.append(("rtpmap", f"{dtmf.payload_type} telephone-event/{dtmf.clock_rate}"))
+        attributes.append(("fmtp", f"{dtmf.payload_type} {_dtmf_events(offered_media.fmtp(dtmf.payload_type))}"))
     attributes.append(("ptime", str(ptime)))
     attributes.append((direction, None))
     media_lines = []
@@ -453,28 +480,43 @@ def answer_offer(offer: SessionDescription, prefs: MediaPreferences, local_addre
         remote_address=None if connection.is_hold else connection.host,
         remote_port=offered_media.port,
         remote_rtcp_port=offered_media.rtcp_port,
-        codec=name,
+        codec=spec.name,
         payload_type=codec.payload_type,
-        clock_rate=codec.clock_rate,
+        clock_rate=spec.clock_rate,
         ptime=ptime,
         dtmf_payload_type=dtmf.payload_type if dtmf else None,
         direction=direction,
+        fmtp=offered_media.fmtp(codec.payload_type),
+        dtmf_clock_rate=dtmf.clock_rate if dtmf else 8000,
     )
     return answer, negotiated
+
+
+def _dtmf_events(offered: str | None) -> str:
+    """The events we answer: the offer's list when it is a plain one, else 0-15 (the digits)."""
+    text = (offered or "").replace(" ", "")
+    allowed = set("0123456789-,")
+    return text if text and len(text) <= 40 and set(text) <= allowed else "0-16"
 
 
 def build_offer(prefs: MediaPreferences, local_address: str, local_port: int, *, username: str = "moshimoshi",
                 session_id: str | None = None, direction: str = "sendrecv",
                 dtmf_payload_type: int = 101) -> SessionDescription:
-    """An audio offer with our codecs in preference order (+ telephone-event)."""
+    """An audio offer with our codecs in preference order (+ telephone-event); codecs
+    without a static payload type get dynamic ones from 96 up."""
     formats: list[str] = []
     attributes: list[tuple[str, str | None]] = []
-    for codec in prefs.codecs:
-        pt = _STATIC_BY_NAME.get(codec.upper())
-        if pt is None:
-            raise SdpError(f"codec {codec!r} has no static payload type; supported: PCMU, PCMA")
+    dynamic = (pt for pt in range(96, 128) if pt != dtmf_payload_type)
+    for name in prefs.codecs:
+        try:
+            spec = codecs.spec(name)
+        except ValueError as exc:
+            raise SdpError(str(exc)) from None
+        pt = spec.static_payload_type if spec.static_payload_type is not None else next(dynamic)
         formats.append(str(pt))
-        attributes.append(("rtpmap", f"{pt} {codec.upper()}/8000"))
+        attributes.append(("rtpmap", spec.rtpmap(pt)))
+        if codecs.fmtp(spec):
+            attributes.append(("fmtp", f"{pt} {codecs.fmtp(spec)}"))
     if prefs.telephone_event:
         formats.append(str(dtmf_payload_type))
         attributes.append(("rtpmap", f"{dtmf_payload_type} telephone-event/8000"))
@@ -497,32 +539,34 @@ def negotiated_from_answer(offer: SessionDescription, answer: SessionDescription
             continue
         offered = offer.media[index] if index < len(offer.media) else None
         offered_formats = set(offered.formats) if offered is not None else set(media.formats)
-        maps = media.rtpmaps()
-        codec = None
-        for fmt in media.formats:
-            rtpmap = maps.get(int(fmt)) if fmt.isdigit() else None
-            if rtpmap is not None and rtpmap.encoding.lower() not in ("telephone-event", "cn"):
-                codec = rtpmap
-                break
+        codec = next((rm for rm in _offered_rtpmaps(media)
+                      if rm.encoding.lower() not in ("telephone-event", "cn")), None)
         if codec is None:
             raise SdpError("the answer's audio stream has no usable codec")
         if str(codec.payload_type) not in offered_formats:
             raise SdpError(f"the answer chose payload type {codec.payload_type}, which was not offered")
+        spec = codec_of(codec)
+        if spec is None:
+            raise SdpError(f"the answer chose {codec.encoding}/{codec.clock_rate}, a codec we cannot run")
         connection = answer.connection_of(media)
         if connection is None:
             raise SdpError("the answer's audio stream has no c= line")
-        dtmf = _telephone_event(media)
+        dtmf = _telephone_event(media, spec.clock_rate)
         ptime = media.ptime or (offered.ptime if offered is not None else None) or 20
+        if ptime not in spec.ptimes:
+            ptime = 20
         return NegotiatedMedia(
             remote_address=None if connection.is_hold else connection.host,
             remote_port=media.port,
             remote_rtcp_port=media.rtcp_port,
-            codec=codec.encoding.upper(),
+            codec=spec.name,
             payload_type=codec.payload_type,
-            clock_rate=codec.clock_rate,
+            clock_rate=spec.clock_rate,
             ptime=ptime,
             dtmf_payload_type=dtmf.payload_type if dtmf else None,
             direction=MIRRORED_DIRECTION[_offered_direction(answer, media)],
+            fmtp=media.fmtp(codec.payload_type),
+            dtmf_clock_rate=dtmf.clock_rate if dtmf else 8000,
         )
     raise NoCommonCodec("the answer rejected every audio stream")
 
@@ -534,13 +578,12 @@ def reanswer(previous: SessionDescription, offer: SessionDescription) -> tuple[S
     ours = previous.first_audio()
     if ours is None:
         raise NoCommonCodec("the previous answer has no active audio stream")
-    maps = ours.rtpmaps()
-    codec = next((maps[int(f)] for f in ours.formats if f.isdigit() and int(f) in maps
-                  and maps[int(f)].encoding.lower() != "telephone-event"), None)
-    if codec is None:
+    codec = next((rm for rm in _offered_rtpmaps(ours) if rm.encoding.lower() != "telephone-event"), None)
+    spec = codec_of(codec) if codec is not None else None
+    if spec is None:
         raise NoCommonCodec("the previous answer has no codec")
-    prefs = MediaPreferences(codecs=[codec.encoding.upper()], telephone_event=_telephone_event(ours) is not None,
-                             ptime=ours.ptime or 20)
+    prefs = MediaPreferences(codecs=[spec.name], telephone_event=_telephone_event(ours, spec.clock_rate) is not None,
+                             ptime=ours.ptime or 20, order="ours")
     connection = previous.connection_of(ours)
     address = connection.host if connection is not None else previous.origin.address
     answer, negotiated = answer_offer(offer, prefs, address, ours.port, username=previous.origin.username,
@@ -558,24 +601,26 @@ def negotiated_as_answerer(offer: SessionDescription, answer: SessionDescription
         if media.media != "audio" or media.port == 0 or index >= len(offer.media):
             continue
         offered = offer.media[index]
-        maps = media.rtpmaps()
-        codec = next((maps[int(f)] for f in media.formats if f.isdigit() and int(f) in maps
-                      and maps[int(f)].encoding.lower() not in ("telephone-event", "cn")), None)
-        if codec is None:
+        codec = next((rm for rm in _offered_rtpmaps(media)
+                      if rm.encoding.lower() not in ("telephone-event", "cn")), None)
+        spec = codec_of(codec) if codec is not None else None
+        if codec is None or spec is None:
             raise SdpError("the answer's audio stream has no usable codec")
         connection = offer.connection_of(offered)
         if connection is None:
             raise SdpError("the offer's audio stream has no c= line")
-        dtmf = _telephone_event(media)
+        dtmf = _telephone_event(media, spec.clock_rate)
         return NegotiatedMedia(
             remote_address=None if connection.is_hold else connection.host,
             remote_port=offered.port,
             remote_rtcp_port=offered.rtcp_port,
-            codec=codec.encoding.upper(),
+            codec=spec.name,
             payload_type=codec.payload_type,
-            clock_rate=codec.clock_rate,
+            clock_rate=spec.clock_rate,
             ptime=media.ptime or offered.ptime or 20,
             dtmf_payload_type=dtmf.payload_type if dtmf else None,
             direction=answer.direction_of(media),
+            fmtp=offered.fmtp(codec.payload_type),
+            dtmf_clock_rate=dtmf.clock_rate if dtmf else 8000,
         )
     raise NoCommonCodec("the answer rejected every audio stream")

@@ -25,9 +25,9 @@ from service.call import read_wav
 from sip.ua import UserAgent
 from tests.support.procs import free_port
 from tests.support.realtime import steal_tolerant
-from tests.support.services import start_serve, wait_until
+from tests.support.services import ADMIN_TOKEN, start_serve, wait_until
 from tests.support.udp import UdpPeer
-from tests.test_e2e_echo import echo_delay, noise_bursts_wav
+from tests.test_e2e_echo import echo_delay, noise_bursts_wav, sound_segments
 
 BARESIP_MODULES = Path("/usr/lib/baresip/modules")
 
@@ -88,7 +88,7 @@ def read_wav_native(path: Path) -> tuple[np.ndarray, int]:
 
 
 def run_baresip(tmp_path: Path, uri: str, wav: Path, modules: list[str], codecs: str,
-                srate: int = 8000) -> tuple[str, Path | None, Path | None]:
+                srate: int = 8000, extra: list[str] | None = None) -> tuple[str, Path | None, Path | None]:
     """Call ``uri`` from baresip with only ``modules`` as codecs and the account's
     ``audio_codecs`` set to ``codecs``; returns (output, what it sent, what it heard)."""
     config = tmp_path / "baresip"
@@ -105,7 +105,7 @@ def run_baresip(tmp_path: Path, uri: str, wav: Path, modules: list[str], codecs:
         f"snd_path {tmp_path}",
         f"module_path {BARESIP_MODULES}",
         "module stdio.so", *(f"module {m}.so" for m in modules), "module aufile.so", "module sndfile.so",
-        "module_app account.so", "module_app contact.so", "module_app menu.so", ""]))
+        "module_app account.so", "module_app contact.so", "module_app menu.so", *(extra or []), ""]))
     (config / "accounts").write_text(f"<sip:baresip@127.0.0.1>;regint=0;audio_codecs={codecs}\n")
     (config / "contacts").write_text("")
     result = subprocess.run(["baresip", "-f", str(config), "-e", f"/dial {uri}", "-t", "10"],
@@ -236,3 +236,104 @@ async def test_raw_rtp_pcma_echo_comes_back_as_pcma_and_dtmf_on_pt_96(echo_gatew
     status, transcript = echo_gateway.get(f"/v1/calls/{call['id']}/transcript")
     assert status == 200, transcript
     assert [e["text"] for e in transcript["events"] if e["kind"] == "dtmf"] == ["5", "#"], transcript
+
+
+def tone_bursts_wav(path: Path, rate: int, tones: tuple[int, ...], seconds: float = 4.0) -> Path:
+    """200 ms tones with 100 ms gaps, cycling through ``tones`` (Hz), at ``rate``."""
+    burst, gap = int(0.2 * rate), int(0.1 * rate)
+    t = np.arange(burst) / rate
+    pieces = []
+    for i in range(int(seconds / 0.3)):
+        pieces += [0.3 * np.sin(2 * np.pi * tones[i % len(tones)] * t) * np.hanning(burst), np.zeros(gap)]
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes((np.concatenate(pieces) * 32767).astype("<i2").tobytes())
+    return path
+
+
+def tone_sequence(pcm: np.ndarray, rate: int, tones: tuple[int, ...]) -> list[int]:
+    """For each stretch of sound in ``pcm``: the index of the tone it is (-1: none of them)."""
+    out = []
+    for start, end in sound_segments(pcm, rate):
+        middle = pcm[start + (end - start) // 4:end - (end - start) // 4].astype(np.float64)
+        peak = np.argmax(np.abs(np.fft.rfft(middle))) * rate / len(middle)
+        out.append(next((i for i, tone in enumerate(tones) if abs(peak - tone) < 40), -1))
+    return out
+
+
+WIDEBAND_TONES = (700, 2500, 5000, 6500)  # two of them above what G.711 carries
+
+
+@needs_baresip
+@steal_tolerant()
+@pytest.mark.parametrize("module, codec, baresip_codec, rate, extra", [
+    ("g722", "G722", "G722/16000/1", 16000, []),
+    ("opus", "opus", "opus/48000/1", 48000, ["opus_stereo no", "opus_sprop_stereo no"]),
+])
+def test_baresip_wideband_call_is_answered_with_its_codec_and_hears_the_band_back(
+        echo_gateway, tmp_path, module, codec, baresip_codec, rate, extra):
+    """baresip offering G.722 or Opus besides G.711 gets the wideband codec and hears its own
+    audio back, 5 and 6.5 kHz tones included (G.711 stops at 4 kHz): the tones come back in
+    the order they were played, and noise bursts up to 7 kHz keep their 4-7 kHz share."""
+    tmp_path = Path(tempfile.mkdtemp(dir=tmp_path))
+    before = {c["id"] for c in ended_calls(echo_gateway)}
+    tones_dir, noise_dir = tmp_path / "tones", tmp_path / "noise"
+    tones_dir.mkdir()
+    noise_dir.mkdir()
+    wav = tone_bursts_wav(tones_dir / "tones.wav", rate, WIDEBAND_TONES)
+    output, sent, heard = run_baresip(tones_dir, echo_gateway.uri, wav, [module, "g711"],
+                                      f"{baresip_codec},PCMU,PCMA", srate=rate, extra=extra)
+    assert "Call established" in output, output[-3000:]
+    assert f"audio encoder: {codec}" in output, output[-3000:]
+    assert sent and heard, output[-3000:]
+    spoken, spoken_rate = read_wav_native(sent)
+    echoed, echoed_rate = read_wav_native(heard)
+    said = tone_sequence(spoken, spoken_rate, WIDEBAND_TONES)
+    echo = tone_sequence(echoed, echoed_rate, WIDEBAND_TONES)
+    assert len(said) >= 12 and -1 not in said, said
+    assert len(echo) >= 8 and -1 not in echo, echo  # every tone came back, at its frequency
+    assert all((b - a) % len(WIDEBAND_TONES) == 1 for a, b in zip(echo, echo[1:], strict=False)), echo
+    assert new_call(echo_gateway, before)["codec"] == codec
+
+    wav = wideband_bursts_wav(noise_dir / "noise.wav", rate)
+    output, sent, heard = run_baresip(noise_dir, echo_gateway.uri, wav, [module, "g711"],
+                                      f"{baresip_codec},PCMU,PCMA", srate=rate, extra=extra)
+    assert sent and heard, output[-3000:]
+    spoken, spoken_rate = read_wav_native(sent)
+    echoed, echoed_rate = read_wav_native(heard)
+    sent_share = band_share(spoken, spoken_rate, 4000, 7000)
+    heard_share = band_share(echoed, echoed_rate, 4000, 7000)
+    assert sent_share > 0.3, sent_share
+    assert heard_share > 0.7 * sent_share, (heard_share, sent_share)
+    if codec == "G722":  # a waveform coder: the echo is the same waveform (Opus is perceptual)
+        delay_ms, correlation = echo_delay(read_wav(sent), read_wav(heard))
+        assert correlation > 0.8, (delay_ms, correlation)
+        assert 40 < delay_ms < 400, delay_ms
+
+
+@steal_tolerant()
+@pytest.mark.parametrize("codec, rate", [("PCMA", 8000), ("G722", 16000), ("opus", 48000)])
+async def test_moshimoshi_call_offers_its_codec_first_and_hears_it_back(echo_gateway, tmp_path, codec, rate):
+    """`moshimoshi call --codec X` offers X, then G.711: the gateway takes X, the recording is
+    at X's rate, tones come back in order, and DTMF digits arrive on the negotiated type."""
+    from service.call import place_call
+    from service.settings import CallSettings
+
+    tones = WIDEBAND_TONES if rate > 8000 else (500, 1200, 2500, 3300)
+    wav = tone_bursts_wav(tmp_path / "tones.wav", rate, tones, seconds=3.0)
+    settings = CallSettings(uri=echo_gateway.uri, play=str(wav), record=str(tmp_path / "out.wav"), seconds=3.6,
+                            local_host="127.0.0.1", codec=codec, dtmf="7*", api=echo_gateway.api,
+                            api_token=ADMIN_TOKEN)
+    summary = await place_call(settings)
+    assert (summary["codec"], summary["sample_rate"]) == (codec, rate)
+    with wave.open(summary["recording"]) as rec:
+        assert rec.getframerate() == rate
+        frames = np.frombuffer(rec.readframes(rec.getnframes()), "<i2").reshape(-1, 2)
+    echo = tone_sequence(np.ascontiguousarray(frames[:, 1]), rate, tones)
+    assert len(echo) >= 6 and -1 not in echo, echo
+    assert all((b - a) % len(tones) == 1 for a, b in zip(echo, echo[1:], strict=False)), echo
+    status, transcript = echo_gateway.get(f"/v1/calls/{summary['gateway_call_id']}/transcript")
+    assert status == 200, transcript
+    assert [e["text"] for e in transcript["events"] if e["kind"] == "dtmf"] == ["7", "*"], transcript

@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 
 from service.gateway.aiortc_tap import tap_receiver
 from service.gateway.bridge import MODEL_FRAME_BYTES
-from service.gateway.opus import OpusMonoDecoder, OpusPacketError, opus_packet_samples
 from service.gateway.resample_48k import Decimator48to24, Interpolator24to48, wideband_taps
 from service.gateway.webrtc_media import PACKET_SAMPLES_48K, TRACK_QUEUE_PACKETS, ModelAudioTrack, WebRtcMedia
 from service.gateway.webrtc_sdp import OfferError, check_offer
+from sip.opus import OpusMonoDecoder, OpusPacketError, opus_packet_samples
 
 
 def opus_packets(pcm: np.ndarray, frame_ms: int = 20) -> list[bytes]:

@@ -1,8 +1,8 @@
-"""Per-call audio bridge: telephone packets at 8 kHz ↔ model frames at 24 kHz.
+"""Per-call audio bridge: codec audio (8, 16 or 48 kHz) ↔ model frames at 24 kHz.
 
-Inbound, decoded caller audio (one packet's worth at a time) is upsampled and cut into
-80 ms model frames of 1920 samples. Outbound, a model frame is downsampled and cut into
-packet-sized pieces for the pacer. One resampler per direction per call keeps its
+Inbound, decoded caller audio (one packet's worth at a time) is resampled to 24 kHz and
+cut into 80 ms model frames of 1920 samples. Outbound, a model frame is resampled to the
+codec's rate and cut into packet-sized pieces for the pacer. One resampler per direction per call keeps its
 filter state across frames, so there are no clicks at frame joints.
 """
 
@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.gateway.resample import RATIO, make_pair
+from service.gateway.resample import RATIO, TELEPHONE_RATE, make_pair
 
 MODEL_FRAME_SAMPLES = 1920  # 80 ms at 24 kHz
 MODEL_FRAME_BYTES = MODEL_FRAME_SAMPLES * 2
 TELEPHONE_FRAME_SAMPLES = MODEL_FRAME_SAMPLES // RATIO  # 640: 80 ms at 8 kHz
+MODEL_FRAME_MS = 80
 
 
 # the clip ufunc itself: np.clip's Python wrapper costs more than clipping 2000 samples
@@ -33,40 +34,43 @@ class MediaBridge:
     each direction costs one conversion in and one out per 80 ms frame.
     """
 
-    def __init__(self, resampler: str = "fir", packet_samples: int = 160) -> None:
-        self._up, self._down = make_pair(resampler)
+    def __init__(self, resampler: str = "fir", packet_samples: int = 160, rate: int = TELEPHONE_RATE) -> None:
+        self._up, self._down = make_pair(resampler, rate)
         self.resampler = self._up.name
+        self.rate = rate
         self.packet_samples = packet_samples
+        self.frame_samples = rate * MODEL_FRAME_MS // 1000  # one model frame at the codec's rate
         # room for one frame plus what a packet size that does not divide 80 ms leaves over
-        self._caller = np.zeros(TELEPHONE_FRAME_SAMPLES + packet_samples, dtype=np.float32)
+        self._caller = np.zeros(self.frame_samples + packet_samples, dtype=np.float32)
         self._caller_fill = 0
         self._model_pending = np.zeros(0, dtype=np.int16)
         self.held_back_ms = self._up.held_back_ms + self._down.held_back_ms
 
-    def caller_audio(self, pcm8k: np.ndarray) -> bytes | None:
-        """Add caller audio (int16, 8 kHz); returns a 3840-byte model frame once 80 ms are in.
+    def caller_audio(self, pcm: np.ndarray) -> bytes | None:
+        """Add caller audio (int16 at the codec's rate); returns a 3840-byte model frame
+        once 80 ms are in.
 
-        Upsampling waits for the whole 80 ms so the resampler runs once per model frame.
+        Resampling waits for the whole 80 ms so the resampler runs once per model frame.
         """
-        fill = self._caller_fill
-        if fill == 0 and len(pcm8k) == TELEPHONE_FRAME_SAMPLES:  # a whole frame at once
-            return to_pcm16(self._up.process(pcm8k)).tobytes()
-        end = fill + len(pcm8k)
+        fill, frame_samples = self._caller_fill, self.frame_samples
+        if fill == 0 and len(pcm) == frame_samples:  # a whole frame at once
+            return to_pcm16(self._up.process(pcm)).tobytes()
+        end = fill + len(pcm)
         if end > len(self._caller):
             self._caller = np.concatenate((self._caller, np.zeros(end - len(self._caller), np.float32)))
-        self._caller[fill:end] = pcm8k
-        if end < TELEPHONE_FRAME_SAMPLES:
+        self._caller[fill:end] = pcm
+        if end < frame_samples:
             self._caller_fill = end
             return None
-        frame = self._up.process(self._caller[:TELEPHONE_FRAME_SAMPLES])
-        rest = end - TELEPHONE_FRAME_SAMPLES
+        frame = self._up.process(self._caller[:frame_samples])
+        rest = end - frame_samples
         if rest:
-            self._caller[:rest] = self._caller[TELEPHONE_FRAME_SAMPLES:end]
+            self._caller[:rest] = self._caller[frame_samples:end]
         self._caller_fill = rest
         return to_pcm16(frame).tobytes()
 
     def model_audio(self, frame: bytes) -> list[np.ndarray]:
-        """One 80 ms model frame → the packets (int16, 8 kHz) it fills, in order.
+        """One 80 ms model frame → the packets (int16, codec rate) it fills, in order.
 
         With a ptime that does not divide 80 ms (30 ms), the remainder waits for the next
         frame, so the packet cadence never breaks.
@@ -78,8 +82,8 @@ class MediaBridge:
     def model_audio_pcm(self, frame: bytes) -> np.ndarray:
         """Like :meth:`model_audio`, as one array of the packets' samples back to back (a
         whole number of packets; the remainder waits for the next frame)."""
-        pcm8k = to_pcm16(self._down.process(np.frombuffer(frame, dtype="<i2")))
-        pending = np.concatenate((self._model_pending, pcm8k)) if len(self._model_pending) else pcm8k
+        pcm = to_pcm16(self._down.process(np.frombuffer(frame, dtype="<i2")))
+        pending = np.concatenate((self._model_pending, pcm)) if len(self._model_pending) else pcm
         whole = len(pending) - len(pending) % self.packet_samples
         self._model_pending = pending[whole:]
         return pending[:whole]

@@ -2,9 +2,13 @@
 through the pacer to RTP.
 
 Inbound, a playout tick every ptime pops the jitter buffer (never waiting: a missing packet
-is concealed on time), decodes G.711, and hands the audio to the bridge, which emits an
-80 ms model frame every fourth tick. Outbound, each model frame is cut into packets that
-the pacer sends on its own clock, phased to when model frames arrive. The two ticks are
+is concealed on time), decodes the codec (G.711, G.722 or Opus, at its own rate), and hands
+the audio to the bridge, which resamples it to 24 kHz and emits an 80 ms model frame every
+fourth tick. Outbound, each model frame is resampled to the codec's rate and cut into
+packets that the pacer sends on its own clock, phased to when model frames arrive. G.711
+is encoded a frame at a time as it arrives; codecs that keep state between packets (G.722,
+Opus) are encoded packet by packet as they are sent, silence included, so the far end's
+decoder sees exactly the sequence our encoder produced. The two ticks are
 separate entries on purpose: sharing one would tie the egress phase to the ingress phase,
 and an answer that comes back within the tick (an echo, a fast worker) would wait a whole
 ptime for the next one. Both run on the loop's shared media clock (one loop timer for all
@@ -22,18 +26,16 @@ import typing as tp
 import numpy as np
 
 from service.gateway import metrics
-from service.gateway.bridge import MediaBridge
+from service.gateway.bridge import MODEL_FRAME_MS, MediaBridge
 from service.gateway.mediaclock import MediaClock, media_clock
 from service.gateway.pacer import EgressPacer
-from sip import g711
+from sip import codecs, g711
 from sip.dtmf import DtmfDigit, DtmfReceiver
 from sip.jitterbuffer import CONCEAL, JitterBuffer
 from sip.plc import PacketLossConcealer
 from sip.rtp import RtpPacket
 from sip.rtpsession import RtpSession
 from sip.sdp import NegotiatedMedia
-
-MODEL_FRAME_MS = 80
 
 
 class CallMedia:
@@ -52,22 +54,26 @@ class CallMedia:
     ) -> None:
         self.rtp = rtp
         self.negotiated = negotiated
-        self.codec = negotiated.codec
+        spec = self.spec = codecs.spec(negotiated.codec)
+        self.codec = spec.name
         self.ptime_ms = negotiated.ptime
-        self.packet_samples = int(8000 * self.ptime_ms / 1000)
+        self.packet_samples = spec.samples(self.ptime_ms)  # PCM samples at the codec's rate
+        self.timestamp_step = spec.timestamp_step(self.ptime_ms)  # RTP clock ticks per packet
         self._to_model = to_model
-        self._encoder = g711.G711Encoder(self.codec)
-        self._decoder = g711.G711Decoder(self.codec)
-        self._silence = g711.silence(self.codec, self.packet_samples)
+        self._encoder = codecs.encoder(spec, self.ptime_ms, negotiated.fmtp)
+        self._decoder = codecs.decoder(spec)
+        # G.711: one decode for a whole frame of packets, silence a constant payload
+        self._g711 = not spec.stateful and spec.sample_rate == 8000
+        self._silence = g711.silence(self.codec, self.packet_samples) if self._g711 else None
         self._silence_pcm = np.zeros(self.packet_samples, dtype=np.int16)
-        self.jitter = JitterBuffer(clock_rate=8000, ptime_ms=self.ptime_ms, min_delay_ms=jitter_min_ms,
-                                   max_delay_ms=jitter_max_ms, is_silent=g711.quiet_detector(self.codec))
-        self.plc = PacketLossConcealer(8000)
-        self.bridge = MediaBridge(resampler, packet_samples=self.packet_samples)
+        self.jitter = JitterBuffer(clock_rate=spec.clock_rate, ptime_ms=self.ptime_ms, min_delay_ms=jitter_min_ms,
+                                   max_delay_ms=jitter_max_ms, is_silent=codecs.quiet_detector(spec))
+        self.plc = PacketLossConcealer(spec.sample_rate)
+        self.bridge = MediaBridge(resampler, packet_samples=self.packet_samples, rate=spec.sample_rate)
         self.pacer = EgressPacer(self._send_packet, packet_ms=self.ptime_ms,
                                  on_lateness=metrics.PACER_LATENESS.observe,
                                  on_frame_sent=self._on_frame_sent)
-        self.dtmf = DtmfReceiver(8000, on_digit=on_dtmf)
+        self.dtmf = DtmfReceiver(negotiated.dtmf_clock_rate, on_digit=on_dtmf)
         rtp.set_format(negotiated.payload_type, negotiated.clock_rate, self.ptime_ms)
         rtp.attach_jitter_buffer(self.jitter, negotiated.payload_type)
         rtp.route(negotiated.payload_type, self._on_audio)
@@ -78,6 +84,7 @@ class CallMedia:
         self.frames_to_model = 0
         self.frames_from_model = 0
         self.egress_underruns = 0
+        self.decode_errors = 0
         self._model_talking = False
         self._playout_timer: list | None = None  # our entry on the loop's shared media clock
         self._media_clock: MediaClock | None = None
@@ -150,7 +157,8 @@ class CallMedia:
             popped.append(pop(at))
             self._after_slot(at)
         size = self.packet_samples
-        if len(popped) > 1 and not self.plc.in_loss and all(type(p) is bytes and len(p) == size for p in popped):
+        if (self._g711 and len(popped) > 1 and not self.plc.in_loss
+                and all(type(p) is bytes and len(p) == size for p in popped)):
             # the common case, every slot's packet is here: one decode for the whole frame
             # (the concealer only remembers what was played, which is the same either way)
             self._to_bridge(self.plc.good(self._decoder.decode(b"".join(popped))))
@@ -165,7 +173,14 @@ class CallMedia:
 
     def _slot_pcm(self, popped: bytes | object | None) -> np.ndarray:
         if isinstance(popped, bytes):
-            return self.plc.good(self._decoder.decode(popped))
+            try:
+                pcm = self._decoder.decode(popped)
+            except ValueError:  # a payload the codec rejects (Opus): lost, as far as we can tell
+                pcm = None
+            if pcm is None or not len(pcm):  # nothing decodable: counted and concealed
+                self.decode_errors += 1
+                return self.plc.conceal(self.packet_samples)
+            return self.plc.good(pcm)
         if popped is CONCEAL:
             return self.plc.conceal(self.packet_samples)
         return self._silence_pcm
@@ -189,18 +204,26 @@ class CallMedia:
         """One 80 ms frame of the model's voice arrived from the worker."""
         self.frames_from_model += 1
         self._model_talking = True
-        # encoded here, once per frame: the pacer's ticks only send
-        encoded = self._encoder.encode(self.bridge.model_audio_pcm(frame))
+        pcm = self.bridge.model_audio_pcm(frame)
         size = self.packet_samples
-        self.pacer.push([encoded[i:i + size] for i in range(0, len(encoded), size)])
+        if self._g711:  # encoded here, once per frame: the pacer's ticks only send
+            encoded = self._encoder.encode(pcm)
+            self.pacer.push([encoded[i:i + size] for i in range(0, len(encoded), size)])
+        else:  # encoded as sent, in order (see the module docstring)
+            self.pacer.push([pcm[i:i + size] for i in range(0, len(pcm), size)])
 
-    def _send_packet(self, payload: bytes | None, ticks: int) -> None:
-        if payload is None and self._model_talking and self.frames_from_model:
+    def _send_packet(self, packet: bytes | np.ndarray | None, ticks: int) -> None:
+        if packet is None and self._model_talking and self.frames_from_model:
             self.egress_underruns += 1
+        step = ticks * self.timestamp_step
         if not self.sending:
-            self.rtp.timestamp = (self.rtp.timestamp + ticks * self.packet_samples) & 0xFFFFFFFF
+            self.rtp.timestamp = (self.rtp.timestamp + step) & 0xFFFFFFFF
             return
-        self.rtp.send(self._silence if payload is None else payload, timestamp_increment=ticks * self.packet_samples)
+        if self._g711:
+            payload = self._silence if packet is None else packet
+        else:
+            payload = self._encoder.encode(self._silence_pcm if packet is None else packet)
+        self.rtp.send(payload, timestamp_increment=step)
 
     def _on_frame_sent(self, waited: float) -> None:
         added = max(0.0, self.jitter.delay + waited + self.bridge.held_back_ms / 1000)
@@ -219,7 +242,7 @@ class CallMedia:
             "packets_lost": max(0, stats.packets_lost),
             "packets_late": jb.packets_late,
             "packets_stray": stats.packets_stray,
-            "packets_malformed": stats.packets_malformed,
+            "packets_malformed": stats.packets_malformed + self.decode_errors,
             "packets_duplicate": jb.packets_duplicate,
             "frames_concealed": jb.frames_concealed,
             "model_frames_dropped": self.pacer.stats.late_dropped,
@@ -244,6 +267,7 @@ class CallMedia:
         jb = self.jitter.stats()
         return {
             "codec": self.codec,
+            "sample_rate_hz": self.spec.sample_rate,
             "ptime_ms": self.ptime_ms,
             "jitter_ms": round(stats.jitter_ms, 2),
             "loss_fraction": round(stats.fraction_lost, 4),

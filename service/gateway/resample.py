@@ -168,12 +168,84 @@ SOXR_HELD_BACK_MS = {"QQ": 0.2, "LQ": 22.3, "MQ": 43.7, "HQ": 42.7, "VHQ": 84.8}
 RESAMPLERS = ("fir", "soxr-qq", "soxr-lq", "soxr-mq", "soxr-hq", "soxr-vhq")
 
 
-def make_pair(kind: str = "fir") -> tuple[StreamResampler, StreamResampler]:
-    """(8→24 kHz upsampler, 24→8 kHz downsampler) of the named kind, for one call."""
-    if kind == "fir":
+# G.722's 16 kHz ↔ 24 kHz is 3/2: through 48 kHz, where one low-pass serves as both the
+# anti-imaging and the anti-aliasing filter. Flat to 7 kHz (G.722's band), ≥ 60 dB down
+# from 8.6 kHz, so what the model says above 8 kHz cannot fold back into G.722's band.
+WIDEBAND_RATE = 16000
+INTERMEDIATE_RATE = 48000
+
+
+def wideband_16k_taps() -> np.ndarray:
+    # 121 taps: a 60-sample delay at 48 kHz is whole at 24 kHz and at 16 kHz both, so a round
+    # trip shifts the audio by whole samples (40 at 16 kHz) and an echo lines up exactly
+    return lowpass_taps(121, 7750.0, INTERMEDIATE_RATE)
+
+
+class Decimate:
+    """Keeps every ``ratio``-th sample of an already band-limited stream (chunks of any size)."""
+
+    def __init__(self, ratio: int) -> None:
+        self._ratio = ratio
+        self._phase = 0  # samples to skip before the next kept one
+        self.name = f"every{ratio}"
+        self.held_back_ms = 0.0
+
+    def process(self, samples: np.ndarray) -> np.ndarray:
+        out = samples[self._phase::self._ratio]
+        self._phase = (self._phase - len(samples)) % self._ratio
+        return out
+
+
+class ZeroStuff:
+    """Inserts ``ratio - 1`` zeros after each sample (gain ``ratio``, keeping the level after
+    the low-pass that must follow)."""
+
+    def __init__(self, ratio: int) -> None:
+        self._ratio = ratio
+        self.name = f"stuff{ratio}"
+        self.held_back_ms = 0.0
+
+    def process(self, samples: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(samples) * self._ratio, dtype=np.float32)
+        out[::self._ratio] = samples
+        out *= self._ratio
+        return out
+
+
+class Cascade:
+    """Resampling stages run one after the other (a rational ratio via an intermediate rate)."""
+
+    def __init__(self, *stages: StreamResampler) -> None:
+        self._stages = stages
+        self.name = "+".join(stage.name for stage in stages if not isinstance(stage, Decimate | ZeroStuff))
+        self.held_back_ms = sum(stage.held_back_ms for stage in stages)
+
+    def process(self, samples: np.ndarray) -> np.ndarray:
+        for stage in self._stages:
+            samples = stage.process(samples)
+        return samples
+
+
+def _fir_pair(rate: int) -> tuple[StreamResampler, StreamResampler]:
+    if rate == TELEPHONE_RATE:
         return FirUpsampler(), FirDownsampler()
+    if rate == WIDEBAND_RATE:
+        taps = wideband_16k_taps()
+        return (Cascade(FirUpsampler(taps, ratio=3, rate=INTERMEDIATE_RATE), Decimate(2)),
+                Cascade(ZeroStuff(2), FirDownsampler(taps, ratio=3, rate=INTERMEDIATE_RATE)))
+    if rate == 48000:
+        from service.gateway.resample_48k import Decimator48to24, Interpolator24to48
+
+        return Decimator48to24(), Interpolator24to48()
+    raise ValueError(f"no resampler between {rate} Hz and the model's {MODEL_RATE} Hz")
+
+
+def make_pair(kind: str = "fir", rate: int = TELEPHONE_RATE) -> tuple[StreamResampler, StreamResampler]:
+    """(``rate`` → 24 kHz, 24 kHz → ``rate``) resamplers of the named kind, for one call;
+    ``rate`` is the codec's audio rate (8, 16 or 48 kHz)."""
+    if kind == "fir":
+        return _fir_pair(rate)
     if kind.startswith("soxr-"):
         quality = kind.removeprefix("soxr-").upper()
-        return (SoxrResampler(TELEPHONE_RATE, MODEL_RATE, quality),
-                SoxrResampler(MODEL_RATE, TELEPHONE_RATE, quality))
+        return SoxrResampler(rate, MODEL_RATE, quality), SoxrResampler(MODEL_RATE, rate, quality)
     raise ValueError(f"unknown resampler {kind!r}; choose one of {', '.join(RESAMPLERS)}")

@@ -19,6 +19,7 @@ from service.gateway import metrics
 from service.gateway.call import PLAYOUT_GRACE_SECONDS, Call, TranscriptEvent
 from service.gateway.media import CallMedia
 from service.gateway.routing import NoCapacity, RoutingUnavailable
+from sip import codecs
 from sip.dtmf import DtmfDigit
 from sip.errors import CallCancelled
 from sip.rtpsession import PortsExhausted, RtpSession
@@ -44,6 +45,14 @@ def local_address_toward(remote_ip: str) -> str:
             return "::1" if family == socket.AF_INET6 else "127.0.0.1"
 
 
+def media_preferences(configured: list[str]) -> MediaPreferences:
+    """No configured codecs: the best audio the peer offers (Opus, G.722, then G.711 in the
+    offer's order). A configured list: those codecs only, in that order."""
+    if not configured:
+        return MediaPreferences(codecs=list(codecs.available()), order="quality")
+    return MediaPreferences(codecs=list(configured), order="ours")
+
+
 class SipCallHandler:
     """Runs one incoming SIP call for the gateway, from INVITE to BYE."""
 
@@ -51,7 +60,7 @@ class SipCallHandler:
         self.gateway = gateway
         self.incoming = incoming
         settings = gateway.settings
-        self.prefs = MediaPreferences(codecs=list(settings.codecs), telephone_event=True)
+        self.prefs = media_preferences(settings.codecs)
         self.call = Call(ingress="sip", from_uri=str(incoming.from_uri), to_uri=str(incoming.to_uri),
                          sip_call_id=incoming.call_id, source=f"{incoming.source[0]}:{incoming.source[1]}")
         self.rtp: RtpSession | None = None

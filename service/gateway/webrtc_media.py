@@ -24,10 +24,10 @@ from av import AudioFrame
 
 from service.gateway import metrics
 from service.gateway.bridge import MODEL_FRAME_SAMPLES, to_pcm16
-from service.gateway.opus import OPUS_RATE, OpusMonoDecoder, OpusPacketError, opus_packet_samples
 from service.gateway.pacer import EgressPacer
 from service.gateway.resample_48k import MODEL_RATE, Decimator48to24, Interpolator24to48
 from sip.jitterbuffer import CONCEAL, JitterBuffer
+from sip.opus import OPUS_RATE, OpusMonoDecoder, OpusPacketError, is_quiet_packet, opus_packet_samples
 from sip.plc import PacketLossConcealer
 from sip.rtp import RtpPacket
 from sip.rtpstats import ReceiverStatistics
@@ -35,7 +35,6 @@ from sip.rtpstats import ReceiverStatistics
 PACKET_MS = 20
 PACKET_SAMPLES_48K = OPUS_RATE * PACKET_MS // 1000  # 960
 TRACK_QUEUE_PACKETS = 10  # 200 ms: past this the sender is stuck and the oldest is dropped
-SILENT_OPUS_BYTES = 3  # a DTX or comfort-noise Opus packet (TOC plus at most two bytes)
 TIME_BASE = fractions.Fraction(1, OPUS_RATE)
 
 
@@ -111,8 +110,7 @@ class ModelFramer:
         return frames
 
 
-def is_silent_opus(payload: bytes) -> bool:
-    return len(payload) <= SILENT_OPUS_BYTES
+is_silent_opus = is_quiet_packet
 
 
 class WebRtcMedia:
