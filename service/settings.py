@@ -67,7 +67,7 @@ class GatewaySettings:
         "audio the peer offers (Opus, then G.722, then G.711 in the offer's order)")
     jitter_min_ms: int = setting(20, "jitter buffer playout delay floor", min=0, max=200)
     jitter_max_ms: int = setting(200, "jitter buffer playout delay ceiling", min=20, max=1000)
-    resampler: str = setting("fir", "8↔24 kHz resampler: fir (1.5 ms each way) or soxr-qq/lq/mq/hq/vhq",
+    resampler: str = setting("fir", "codec rate ↔ 24 kHz resampler: fir (1-1.5 ms each way) or soxr-qq/lq/mq/hq/vhq",
                              choices=["fir", "soxr-qq", "soxr-lq", "soxr-mq", "soxr-hq", "soxr-vhq"])
     rtp_timeout_seconds: float = setting(30.0, "hang up when the caller's RTP stops this long (0: never)",
                                          min=0.0)

@@ -19,6 +19,7 @@ from sip import codecs, g722
 from sip.opus import OpusEncoder, OpusMonoDecoder, OpusParams
 from sip.rtpsession import RtpSession
 from sip.sdp import NegotiatedMedia, SessionDescription, answer_offer
+from tests.support.realtime import steal_tolerant
 from tests.support.udp import UdpPeer, port_allocator
 
 
@@ -135,6 +136,7 @@ def test_bridge_frames_g722_audio_at_16k_into_80ms_model_frames():
 # -- a call's media path per codec ------------------------------------------------------------
 
 
+@steal_tolerant()
 @pytest.mark.parametrize("name, payload_type, ptime", [("G722", 9, 20), ("opus", 111, 20), ("PCMA", 8, 30)])
 async def test_call_media_sends_the_negotiated_payload_type_on_the_codecs_clock(name, payload_type, ptime):
     spec = codecs.spec(name)
@@ -168,7 +170,9 @@ async def test_call_media_sends_the_negotiated_payload_type_on_the_codecs_clock(
     assert len(received) > 20
     assert {data[1] & 0x7F for data in received} == {payload_type}
     stamps = [struct.unpack_from("!I", data, 4)[0] for data in received]
-    assert {(b - a) & 0xFFFFFFFF for a, b in zip(stamps, stamps[1:], strict=False)} == {step}
+    steps = [(b - a) & 0xFFFFFFFF for a, b in zip(stamps, stamps[1:], strict=False)]
+    # one packet time each (more only where a stalled loop skipped ticks: the clock runs on)
+    assert all(d > 0 and d % step == 0 for d in steps) and steps.count(step) > 0.8 * len(steps), steps
     decoder = codecs.decoder(spec)
     out = np.concatenate([decoder.decode(data[12:]) for data in received])
     assert len(out) == len(received) * samples

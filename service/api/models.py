@@ -24,7 +24,8 @@ class CallQuality(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    codec: str | None = Field(None, description="negotiated codec (PCMU, PCMA, opus)")
+    codec: str | None = Field(None, description="negotiated codec (opus, G722, PCMU, PCMA; WebRTC: opus/48000)")
+    sample_rate_hz: int | None = Field(None, description="the codec's audio rate (8000, 16000, 48000)")
     ptime_ms: int | None = Field(None, description="packet time")
     jitter_ms: float | None = Field(None, description="interarrival jitter of the caller's RTP (RFC 3550)")
     loss_fraction: float | None = Field(None, description="fraction of the caller's packets lost")
