@@ -19,7 +19,7 @@ from sip import codecs, g722
 from sip.opus import OpusEncoder, OpusMonoDecoder, OpusParams
 from sip.rtpsession import RtpSession
 from sip.sdp import NegotiatedMedia, SessionDescription, answer_offer
-from tests.support.realtime import steal_tolerant
+from tests.support.realtime import realtime_test
 from tests.support.udp import UdpPeer, port_allocator
 
 
@@ -136,9 +136,9 @@ def test_bridge_frames_g722_audio_at_16k_into_80ms_model_frames():
 # -- a call's media path per codec ------------------------------------------------------------
 
 
-@steal_tolerant()
+@realtime_test()
 @pytest.mark.parametrize("name, payload_type, ptime", [("G722", 9, 20), ("opus", 111, 20), ("PCMA", 8, 30)])
-async def test_call_media_sends_the_negotiated_payload_type_on_the_codecs_clock(name, payload_type, ptime):
+async def test_call_media_sends_the_negotiated_payload_type_on_the_codecs_clock(name, payload_type, ptime, timing):
     spec = codecs.spec(name)
     rtp = await RtpSession.open(port_allocator(), host="127.0.0.1")
     peer = await UdpPeer.open()
@@ -172,14 +172,16 @@ async def test_call_media_sends_the_negotiated_payload_type_on_the_codecs_clock(
     stamps = [struct.unpack_from("!I", data, 4)[0] for data in received]
     steps = [(b - a) & 0xFFFFFFFF for a, b in zip(stamps, stamps[1:], strict=False)]
     # one packet time each (more only where a stalled loop skipped ticks: the clock runs on)
-    assert all(d > 0 and d % step == 0 for d in steps) and steps.count(step) > 0.8 * len(steps), steps
+    assert all(d > 0 and d % step == 0 for d in steps), steps
+    timing.expect(steps.count(step) > 0.8 * len(steps), f"one packet per tick: {steps}")
     decoder = codecs.decoder(spec)
     out = np.concatenate([decoder.decode(data[12:]) for data in received])
     assert len(out) == len(received) * samples
     sent_freq = 6000 if spec.sample_rate > 8000 else 2000
     assert abs(peak_hz(out, spec.sample_rate) - sent_freq) < 20  # the model's tone, wideband where it can be
     heard = np.frombuffer(b"".join(to_model[3:]), "<i2")
-    assert abs(peak_hz(heard, 24000) - 1000) < 10 and level(heard) > 3000
+    assert abs(peak_hz(heard, 24000) - 1000) < 10 and level(heard) > 500  # the caller's tone reached the model
+    timing.expect(level(heard) > 3000, f"the caller's tone whole (not concealed): level {level(heard):.0f}")
 
 
 # -- the gateway's order ----------------------------------------------------------------------

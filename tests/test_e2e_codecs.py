@@ -24,10 +24,13 @@ import pytest
 from service.call import read_wav
 from sip.ua import UserAgent
 from tests.support.procs import free_port
-from tests.support.realtime import steal_tolerant
+from tests.support.realtime import realtime_test
 from tests.support.services import ADMIN_TOKEN, start_serve, wait_until
+from tests.support.tools import requires
 from tests.support.udp import UdpPeer
 from tests.test_e2e_echo import echo_delay, noise_bursts_wav, sound_segments
+
+pytestmark = pytest.mark.system
 
 BARESIP_MODULES = Path("/usr/lib/baresip/modules")
 
@@ -116,12 +119,12 @@ def run_baresip(tmp_path: Path, uri: str, wav: Path, modules: list[str], codecs:
     return output, sent[0] if sent else None, heard[0] if heard else None
 
 
-needs_baresip = pytest.mark.skipif(shutil.which("baresip") is None, reason="baresip is not installed")
+needs_baresip = requires(shutil.which("baresip") is not None, "baresip is not installed")
 
 
 @needs_baresip
-@steal_tolerant()
-def test_baresip_pcma_only_hears_the_echo(echo_gateway, tmp_path):
+@realtime_test()
+def test_baresip_pcma_only_hears_the_echo(echo_gateway, tmp_path, timing):
     """A PCMA-only caller (baresip drops any payload type it did not negotiate) hears
     its own audio back: the gateway sends A-law as payload type 8, not 0."""
     tmp_path = Path(tempfile.mkdtemp(dir=tmp_path))
@@ -132,8 +135,9 @@ def test_baresip_pcma_only_hears_the_echo(echo_gateway, tmp_path):
     assert "audio encoder: PCMA" in output, output[-3000:]
     assert sent and heard, output[-3000:]
     delay_ms, correlation = echo_delay(read_wav(sent), read_wav(heard))
-    assert correlation > 0.8, (delay_ms, correlation, output[-2000:])
-    assert 40 < delay_ms < 400, delay_ms
+    assert correlation > 0.5, (delay_ms, correlation, output[-2000:])  # the echo came back, as A-law
+    timing.expect(correlation > 0.8, f"echo heard intact: {correlation:.2f} of the sounds")
+    timing.expect(40 < delay_ms < 400, f"echo 40-400 ms late: {delay_ms}")
     assert new_call(echo_gateway, before)["codec"] == "PCMA"
 
 
@@ -165,8 +169,8 @@ def dtmf_packets(digit: int, start_ts: int, step: int, updates: int = 6) -> list
     return out
 
 
-@steal_tolerant()
-async def test_raw_rtp_pcma_echo_comes_back_as_pcma_and_dtmf_on_pt_96(echo_gateway, tmp_path):
+@realtime_test()
+async def test_raw_rtp_pcma_echo_comes_back_as_pcma_and_dtmf_on_pt_96(echo_gateway, tmp_path, timing):
     """Offer only PCMA (8) and telephone-event on the dynamic type 96, play A-law noise
     bursts and two digits from a bare socket; decode what comes back by the payload type
     each packet carries."""
@@ -230,7 +234,8 @@ async def test_raw_rtp_pcma_echo_comes_back_as_pcma_and_dtmf_on_pt_96(echo_gatew
         timeline[at:at + len(pcm)] = pcm
     # the echo's timeline starts with the gateway's first packet, about when ours did
     delay_ms, correlation = echo_delay(sent_pcm, timeline)
-    assert correlation > 0.8, (delay_ms, correlation)
+    assert correlation > 0.5, (delay_ms, correlation)
+    timing.expect(correlation > 0.8, f"echo heard intact: {correlation:.2f} of the sounds")
     call = new_call(echo_gateway, before)
     assert call["codec"] == "PCMA"
     status, transcript = echo_gateway.get(f"/v1/calls/{call['id']}/transcript")
@@ -267,13 +272,13 @@ WIDEBAND_TONES = (700, 2500, 5000, 6500)  # two of them above what G.711 carries
 
 
 @needs_baresip
-@steal_tolerant()
+@realtime_test()
 @pytest.mark.parametrize("module, codec, baresip_codec, rate, extra", [
     ("g722", "G722", "G722/16000/1", 16000, []),
     ("opus", "opus", "opus/48000/1", 48000, ["opus_stereo no", "opus_sprop_stereo no"]),
 ])
 def test_baresip_wideband_call_is_answered_with_its_codec_and_hears_the_band_back(
-        echo_gateway, tmp_path, module, codec, baresip_codec, rate, extra):
+        echo_gateway, tmp_path, timing, module, codec, baresip_codec, rate, extra):
     """baresip offering G.722 or Opus besides G.711 gets the wideband codec and hears its own
     audio back, 5 and 6.5 kHz tones included (G.711 stops at 4 kHz): the tones come back in
     the order they were played, and noise bursts up to 7 kHz keep their 4-7 kHz share."""
@@ -293,8 +298,11 @@ def test_baresip_wideband_call_is_answered_with_its_codec_and_hears_the_band_bac
     said = tone_sequence(spoken, spoken_rate, WIDEBAND_TONES)
     echo = tone_sequence(echoed, echoed_rate, WIDEBAND_TONES)
     assert len(said) >= 12 and -1 not in said, said
-    assert len(echo) >= 8 and -1 not in echo, echo  # every tone came back, at its frequency
-    assert all((b - a) % len(WIDEBAND_TONES) == 1 for a, b in zip(echo, echo[1:], strict=False)), echo
+    # every tone came back at its frequency, 5 and 6.5 kHz included
+    assert len(echo) >= 6 and {2, 3} <= set(echo) and echo.count(-1) <= 1, echo
+    timing.expect(-1 not in echo and all((b - a) % len(WIDEBAND_TONES) == 1 for a, b in zip(echo, echo[1:],
+                                                                                               strict=False)),
+                  f"the tones came back whole and in order: {echo}")
     assert new_call(echo_gateway, before)["codec"] == codec
 
     wav = wideband_bursts_wav(noise_dir / "noise.wav", rate)
@@ -309,13 +317,15 @@ def test_baresip_wideband_call_is_answered_with_its_codec_and_hears_the_band_bac
     assert heard_share > 0.7 * sent_share, (heard_share, sent_share)
     if codec == "G722":  # a waveform coder: the echo is the same waveform (Opus is perceptual)
         delay_ms, correlation = echo_delay(read_wav(sent), read_wav(heard))
-        assert correlation > 0.8, (delay_ms, correlation)
-        assert 40 < delay_ms < 400, delay_ms
+        assert correlation > 0.5, (delay_ms, correlation)
+        timing.expect(correlation > 0.8, f"echo heard intact: {correlation:.2f} of the sounds")
+        timing.expect(40 < delay_ms < 400, f"echo 40-400 ms late: {delay_ms}")
 
 
-@steal_tolerant()
+@realtime_test()
 @pytest.mark.parametrize("codec, rate", [("PCMA", 8000), ("G722", 16000), ("opus", 48000)])
-async def test_moshimoshi_call_offers_its_codec_first_and_hears_it_back(echo_gateway, tmp_path, codec, rate):
+async def test_moshimoshi_call_offers_its_codec_first_and_hears_it_back(echo_gateway, tmp_path, timing, codec,
+                                                                        rate):
     """`moshimoshi call --codec X` offers X, then G.711: the gateway takes X, the recording is
     at X's rate, tones come back in order, and DTMF digits arrive on the negotiated type."""
     from service.call import place_call
@@ -332,8 +342,9 @@ async def test_moshimoshi_call_offers_its_codec_first_and_hears_it_back(echo_gat
         assert rec.getframerate() == rate
         frames = np.frombuffer(rec.readframes(rec.getnframes()), "<i2").reshape(-1, 2)
     echo = tone_sequence(np.ascontiguousarray(frames[:, 1]), rate, tones)
-    assert len(echo) >= 6 and -1 not in echo, echo
-    assert all((b - a) % len(tones) == 1 for a, b in zip(echo, echo[1:], strict=False)), echo
+    assert len(echo) >= 5 and {2, 3} <= set(echo) and echo.count(-1) <= 1, echo
+    timing.expect(-1 not in echo and all((b - a) % len(tones) == 1 for a, b in zip(echo, echo[1:], strict=False)),
+                  f"the tones came back whole and in order: {echo}")
     status, transcript = echo_gateway.get(f"/v1/calls/{summary['gateway_call_id']}/transcript")
     assert status == 200, transcript
     assert [e["text"] for e in transcript["events"] if e["kind"] == "dtmf"] == ["7", "*"], transcript
