@@ -71,6 +71,8 @@ class OpusMonoDecoder:
 
     def decode(self, payload: bytes) -> np.ndarray:
         """One packet's audio; raises OpusPacketError when libopus rejects it."""
+        if not payload:  # to FFmpeg an empty packet means end of stream: the decoder would stop
+            raise OpusPacketError("empty Opus packet")
         try:
             frames = self._codec.decode(self._av.Packet(payload))
         except self._av.FFmpegError as exc:

@@ -85,6 +85,10 @@ def test_opus_fmtp_is_read_leniently():
 
 def test_opus_decoder_rejects_garbage_with_a_value_error_never_a_crash():
     decoder = OpusMonoDecoder()
+    with pytest.raises(ValueError):
+        decoder.decode(b"")  # an empty packet is an error, not FFmpeg's end of stream
+    encoder = OpusEncoder(20)
+    assert len(decoder.decode(encoder.encode(np.zeros(960, np.int16)))) == 960  # and decoding goes on
     # whatever libopus makes of random bytes, it is a ValueError or audio, never a crash
     rng = np.random.default_rng(3)
     for _ in range(200):
@@ -137,7 +141,8 @@ def test_bridge_frames_g722_audio_at_16k_into_80ms_model_frames():
 
 
 @realtime_test()
-@pytest.mark.parametrize("name, payload_type, ptime", [("G722", 9, 20), ("opus", 111, 20), ("PCMA", 8, 30)])
+@pytest.mark.parametrize("name, payload_type, ptime", [("G722", 9, 20), ("G722", 9, 10), ("opus", 111, 20),
+                                                       ("opus", 111, 40), ("PCMA", 8, 30)])
 async def test_call_media_sends_the_negotiated_payload_type_on_the_codecs_clock(name, payload_type, ptime, timing):
     spec = codecs.spec(name)
     rtp = await RtpSession.open(port_allocator(), host="127.0.0.1")
@@ -156,6 +161,8 @@ async def test_call_media_sends_the_negotiated_payload_type_on_the_codecs_clock(
         pcm = tone(1000, spec.sample_rate, 1.2)
         for i in range(len(pcm) // samples):
             payload = encoder.encode(pcm[i * samples:(i + 1) * samples])
+            if i % 10 == 9:
+                payload = b""  # nothing to decode: counted and concealed, never a crash
             header = struct.pack("!BBHII", 0x80, payload_type, i, 1000 + i * step, 0x1234)
             peer.send(header + payload, ("127.0.0.1", rtp.local_port))
             media.from_model(tone(6000 if spec.sample_rate > 8000 else 2000, 24000, 0.08).tobytes()
@@ -179,6 +186,7 @@ async def test_call_media_sends_the_negotiated_payload_type_on_the_codecs_clock(
     assert len(out) == len(received) * samples
     sent_freq = 6000 if spec.sample_rate > 8000 else 2000
     assert abs(peak_hz(out, spec.sample_rate) - sent_freq) < 20  # the model's tone, wideband where it can be
+    assert media.decode_errors > 0 and media.counters()["packets_malformed"] >= media.decode_errors
     heard = np.frombuffer(b"".join(to_model[3:]), "<i2")
     assert abs(peak_hz(heard, 24000) - 1000) < 10 and level(heard) > 500  # the caller's tone reached the model
     timing.expect(level(heard) > 3000, f"the caller's tone whole (not concealed): level {level(heard):.0f}")

@@ -253,3 +253,13 @@ def test_reanswer_keeps_opus_and_its_fmtp():
     first, media = answer_offer(offer, MediaPreferences(), "10.0.0.2", 6000)
     again, media_again = reanswer(first, offer)
     assert str(again) == str(first) and media_again == media
+
+
+def test_the_answers_telephone_event_type_is_the_one_used_both_ways():
+    """A peer that answers telephone-event on another dynamic type (96 for our 101): we send
+    and receive digits on 96, at its clock."""
+    offer = build_offer(MediaPreferences(codecs=["PCMU"]), "192.0.2.20", 30000)
+    answer = sdp("v=0\no=- 1 1 IN IP4 h\ns=-\nc=IN IP4 192.0.2.30\nt=0 0\nm=audio 31000 RTP/AVP 0 96\n"
+                 "a=rtpmap:96 telephone-event/8000\na=fmtp:96 0-15\n")
+    media = negotiated_from_answer(offer, answer)
+    assert (media.codec, media.dtmf_payload_type, media.dtmf_clock_rate) == ("PCMU", 96, 8000)
