@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 MOSHI_VERSION ?= 0.2.13
 
 RUN_PACKAGES := redis-server
-TEST_PACKAGES := redis-server sip-tester baresip-core chromium prometheus
+TEST_PACKAGES := redis-server sip-tester baresip-core chromium prometheus kamailio
 
 .PHONY: install install-test run test lint bench clean
 
