@@ -20,8 +20,20 @@ class WorkerSettings:
     device: str | None = setting(None, "torch device (default: cuda when present, else cpu)")
     dtype: str = setting("bfloat16", "weights dtype on GPU (CPU always runs float32)",
                          choices=["bfloat16", "float16", "float32"])
-    slots: int | None = setting(None, "concurrent calls B (default: what fits the GPU's memory; 4 on CPU)",
-                                min=1, max=1024)
+    slots: int | None = setting(
+        None, "concurrent calls B, forced (default: measured at warm-up: the largest B that fits memory "
+        "and whose step p99 holds --step-budget-ms)", min=1, max=1024)
+    max_slots: int | None = setting(
+        None, "upper bound for the measured B (default: what fits memory; on CPU at most 64)", min=1, max=1024)
+    step_budget_ms: float = setting(
+        70.0, "step time budget, ms of the 80 ms frame: B is sized so that the step p99 stays under it, "
+        "and a worker whose p99 over the last minute exceeds it takes no new calls until it recovers",
+        min=1.0, max=80.0)
+    overload_window_seconds: float = setting(
+        60.0, "the window of the serving-time step p99 check (--step-budget-ms)", min=2.0, max=3600.0)
+    context_seconds: float | None = setting(
+        None, "seconds of call the model keeps in mind (its KV ring; default: the checkpoint's, 240 s); "
+        "shorter fits more slots in memory and forgets sooner", min=1.0, max=3600.0)
     host: str = setting("0.0.0.0", "address the worker's HTTP/WebSocket server binds")
     port: int = setting(8081, "port of the worker's HTTP/WebSocket server (0 picks a free one)", min=0, max=65535)
     advertise_url: str | None = setting(

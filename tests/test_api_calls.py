@@ -112,7 +112,10 @@ async def test_pool_shows_workers_slots_and_leases_and_readiness_follows_redis(r
     async with api_gateway(redis_server.url) as api:
         assert (await get(api.base, "/readyz", headers={})).status_code == 503  # no worker yet
         client = connect(redis_server.url)
-        registration = WorkerRegistration(client, worker("w-1", capacity=3))
+        registration = WorkerRegistration(client, worker("w-1", capacity=3, slots_reason="time", memory_slots=34,
+                                                         step_budget_ms=70.0, warmup_p50_ms=40.0,
+                                                         warmup_p99_ms=61.0, context_seconds=240.0),
+                                          live=lambda: {"step_p99_ms": 58.0})
         await registration.heartbeat()
         lease = await SlotLeases(client).claim(ttl_ms=30_000, owner="c-holder")
         assert lease is not None
@@ -126,6 +129,9 @@ async def test_pool_shows_workers_slots_and_leases_and_readiness_follows_redis(r
         [w] = pool["workers"]
         assert (w["worker_id"], w["url"], w["http_url"], w["state"], w["alive"], w["license"]) == (
             "w-1", "ws://w-1.test:8081", "http://w-1.test:8081", "ready", True, "Apache-2.0")
+        assert (w["capacity"], w["slots_reason"], w["memory_slots"], w["step_budget_ms"], w["warmup_p50_ms"],
+                w["warmup_p99_ms"], w["step_p99_ms"], w["context_seconds"]) == (3, "time", 34, 70.0, 40.0, 61.0,
+                                                                                58.0, 240.0)
         slots = {s["slot"]: s for s in w["slots"]}
         assert slots[lease.slot]["state"] == "leased" and slots[lease.slot]["call_id"] == "c-holder"
         assert slots[lease.slot]["token"] == lease.token and 0 < slots[lease.slot]["ttl_ms"] <= 30_000
@@ -135,6 +141,11 @@ async def test_pool_shows_workers_slots_and_leases_and_readiness_follows_redis(r
         drained = await post(api.base, "/v1/workers/w-1/drain")
         assert drained.status_code == 502 and "w-1" in drained.json()["detail"]
 
+        await registration.set_state("overloaded")  # its step p99 is over budget: no capacity for new calls
+        await api.gateway.refresh_pool_once()
+        assert (await get(api.base, "/readyz", headers={})).json()["ready"] is False
+        pool = (await get(api.base, "/v1/pool")).json()
+        assert (pool["workers_ready"], pool["slots_total"], pool["workers"][0]["state"]) == (0, 0, "overloaded")
         await registration.drain()
         await api.gateway.refresh_pool_once()
         assert (await get(api.base, "/readyz", headers={})).json()["ready"] is False

@@ -8,6 +8,7 @@ import pytest
 
 from service.pool import (
     DRAINING,
+    OVERLOADED,
     READY,
     Admission,
     RegistryReader,
@@ -105,6 +106,32 @@ async def test_draining_worker_takes_no_new_claims(client):
     assert again is not None and again.worker_id == "a" and again.slot == 1
     with pytest.raises(ValueError):
         await a.set_state("asleep")
+
+
+async def test_an_overloaded_worker_takes_no_new_claims_and_shows_its_sizing(client):
+    step_p99 = {"step_p99_ms": 91.5}
+    a = WorkerRegistration(client, worker("a", capacity=2, slots_reason="time", memory_slots=34,
+                                          step_budget_ms=70.0, warmup_p50_ms=41.0, warmup_p99_ms=66.5,
+                                          context_seconds=120.0),
+                           interval=30, live=lambda: step_p99)
+    b = WorkerRegistration(client, worker("b", capacity=1), interval=30)
+    await a.heartbeat()
+    await b.heartbeat()
+    await a.set_state(OVERLOADED)
+    listed = await by_id(RegistryReader(client))
+    assert listed["a"].state == OVERLOADED
+    assert (listed["a"].slots_reason, listed["a"].memory_slots, listed["a"].step_budget_ms,
+            listed["a"].warmup_p50_ms, listed["a"].warmup_p99_ms, listed["a"].step_p99_ms,
+            listed["a"].context_seconds) == ("time", 34, 70.0, 41.0, 66.5, 91.5, 120.0)
+    assert (listed["b"].slots_reason, listed["b"].step_p99_ms) == ("", None)  # not measured: absent
+    leases = SlotLeases(client)
+    claimed = [await leases.claim() for _ in range(2)]
+    assert [lease.worker_id if lease else None for lease in claimed] == ["b", None]
+    step_p99["step_p99_ms"] = 40.0
+    await a.set_state(READY)
+    assert (await by_id(RegistryReader(client)))["a"].step_p99_ms == 40.0  # live: read at each heartbeat
+    again = await leases.claim()
+    assert again is not None and again.worker_id == "a"
 
 
 async def test_claims_respect_the_model(client):

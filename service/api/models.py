@@ -110,13 +110,24 @@ class WorkerState(BaseModel):
     model: str = ""
     license: str = ""
     version: str = ""
-    state: str = Field("", description="ready or draining (empty when no longer alive)")
+    state: str = Field("", description="ready, draining, or overloaded (its step p99 over the last minute "
+                                       "exceeds its budget: it takes no new calls until it recovers); empty "
+                                       "when no longer alive")
     alive: bool = Field(description="its registration has not expired (it heartbeats)")
-    capacity: int = 0
+    capacity: int = Field(0, description="B: the slots it serves")
     busy_slots: int = 0
     free_slots: int = 0
     last_seen: float | None = None
     started_at: float | None = None
+    slots_reason: str = Field("", description="why B is what it is: memory (what fits), limit (--max-slots), "
+                                              "time (lowered until the step p99 held the budget) or forced "
+                                              "(--slots)")
+    memory_slots: int | None = Field(None, description="slots that fit its memory")
+    step_budget_ms: float | None = Field(None, description="the step time budget B is sized for")
+    warmup_p50_ms: float | None = Field(None, description="step time p50 measured at warm-up at B")
+    warmup_p99_ms: float | None = Field(None, description="step time p99 measured at warm-up at B")
+    step_p99_ms: float | None = Field(None, description="step time p99 over its last minute of serving")
+    context_seconds: float | None = Field(None, description="seconds of call its model keeps in mind")
     slots: list[SlotState] = []
 
 

@@ -14,7 +14,7 @@ from service.api.calls import AUTH_RESPONSES
 from service.api.directory import redis_failed
 from service.api.models import DrainResult, PoolState, Problem, SlotState, WorkerState
 from service.gateway.loopback import LOOPBACK_URL
-from service.pool import READY, PoolError, WorkerStatus
+from service.pool import OVERLOADED, READY, PoolError, WorkerStatus
 
 if tp.TYPE_CHECKING:
     from service.gateway.main import Gateway
@@ -48,7 +48,10 @@ def worker_state(worker: WorkerStatus) -> WorkerState:
         model=worker.model, license=worker.license, version=worker.version, state=worker.state,
         alive=worker.alive, capacity=worker.capacity, busy_slots=len(worker.leases),
         free_slots=worker.free_slots if worker.alive else 0, last_seen=worker.last_seen,
-        started_at=worker.started_at, slots=slots)
+        started_at=worker.started_at, slots_reason=worker.slots_reason, memory_slots=worker.memory_slots,
+        step_budget_ms=worker.step_budget_ms, warmup_p50_ms=worker.warmup_p50_ms,
+        warmup_p99_ms=worker.warmup_p99_ms, step_p99_ms=worker.step_p99_ms,
+        context_seconds=worker.context_seconds, slots=slots)
 
 
 def _loopback(gateway: Gateway) -> PoolState:
@@ -71,18 +74,39 @@ async def _single_worker(gateway: Gateway) -> PoolState:
             info = (await client.get(worker.http_url + "/v1/info")).json()
         worker.alive = True
         worker.state = str(info.get("state", ""))
+        if worker.state == READY and info.get("overloaded"):
+            worker.state = OVERLOADED
         worker.model = str(info.get("model", ""))
         worker.license = str(info.get("license", ""))
         worker.capacity = int(info.get("slots") or 0)
         worker.busy_slots = int(info.get("busy") or 0)
         worker.free_slots = int(info.get("free") or 0)
         worker.slots = [SlotState(slot=i, state="unknown") for i in range(worker.capacity)]
+        _sizing_from_info(worker, info)
     except (httpx.HTTPError, ValueError, TypeError, AttributeError) as exc:
         log.info("worker %s: no /v1/info (%s)", url, exc)
     ready = worker.alive and worker.state == READY
     return PoolState(mode="single-worker", workers=[worker], workers_ready=int(ready),
                      slots_total=worker.capacity if ready else 0, slots_busy=worker.busy_slots,
                      slots_free=worker.free_slots if ready else 0)
+
+
+def _number(value: tp.Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _sizing_from_info(worker: WorkerState, info: dict) -> None:
+    """The sizing figures of a worker's /v1/info (no pool: nothing in Redis to read them from)."""
+    sizing = info.get("sizing") if isinstance(info.get("sizing"), dict) else {}
+    worker.slots_reason = str(sizing.get("reason") or "")
+    memory = _number(sizing.get("memory_slots"))
+    worker.memory_slots = int(memory) if memory is not None else None
+    worker.warmup_p50_ms = _number(sizing.get("p50_ms"))
+    worker.warmup_p99_ms = _number(sizing.get("p99_ms"))
+    worker.step_budget_ms = _number(info.get("step_budget_ms"))
+    worker.step_p99_ms = _number(info.get("step_p99_ms"))
+    model_info = info.get("model_info") if isinstance(info.get("model_info"), dict) else {}
+    worker.context_seconds = _number(model_info.get("context_seconds"))
 
 
 @router.get("/pool", summary="Workers, slots and their state", response_model=PoolState,

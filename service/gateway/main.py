@@ -27,6 +27,7 @@ from service.gateway.transcripts import TranscriptStore
 from service.gateway.webhook import WebhookSender, call_ended_payload
 from service.pool import (
     DRAINING,
+    OVERLOADED,
     READY,
     CallRecord,
     CallRecords,
@@ -297,6 +298,7 @@ class Gateway:
             metrics.POOL_SLOTS_BUSY.labels(model).set(busy.get(model, 0))
         metrics.POOL_WORKERS.labels(READY).set(sum(1 for w in live if w.state == READY))
         metrics.POOL_WORKERS.labels(DRAINING).set(sum(1 for w in live if w.state == DRAINING))
+        metrics.POOL_WORKERS.labels(OVERLOADED).set(sum(1 for w in live if w.state == OVERLOADED))
         metrics.READY.set(1 if self.accepting() else 0)
 
     # -- lifecycle ---------------------------------------------------------------------

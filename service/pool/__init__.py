@@ -20,6 +20,7 @@ from service.pool.keys import DEFAULT_PREFIX, Keys
 from service.pool.leases import DEFAULT_LEASE_TTL_MS, Lease, LeaseHolder, RenewResult, SlotLeases
 from service.pool.registry import (
     DRAINING,
+    OVERLOADED,
     READY,
     RegistryReader,
     SlotLease,
@@ -29,7 +30,7 @@ from service.pool.registry import (
 )
 
 __all__ = [
-    "ACTIVE", "DEFAULT_LEASE_TTL_MS", "DEFAULT_PREFIX", "DRAINING", "ENDED", "READY",
+    "ACTIVE", "DEFAULT_LEASE_TTL_MS", "DEFAULT_PREFIX", "DRAINING", "ENDED", "OVERLOADED", "READY",
     "Admission", "CallRecord", "CallRecords", "EmbeddedRedis", "EmbeddedRedisError", "Keys", "Lease",
     "LeaseHolder", "PoolClient", "PoolError", "PoolUnavailable", "RegistryReader", "RenewResult",
     "SlotFence", "SlotLease", "SlotLeases", "WorkerInfo", "WorkerRegistration", "WorkerStatus",

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 READY = "ready"
 DRAINING = "draining"
-STATES = (READY, DRAINING)
+OVERLOADED = "overloaded"  # its step p99 is over budget: no new claims until it recovers
+STATES = (READY, DRAINING, OVERLOADED)
 MAX_CAPACITY = 1024
 DEFAULT_HEARTBEAT_SECONDS = 1.0
 DEFAULT_FORGET_AFTER_SECONDS = 600.0
@@ -43,6 +44,13 @@ class WorkerInfo:
     license: str = ""
     version: str = __version__
     started_at: float = field(default_factory=time.time)
+    # How B was chosen (service.worker.sizing), for the pool view; None where not measured.
+    slots_reason: str = ""
+    memory_slots: int | None = None
+    step_budget_ms: float | None = None
+    warmup_p50_ms: float | None = None
+    warmup_p99_ms: float | None = None
+    context_seconds: float | None = None
 
     def __post_init__(self) -> None:
         check_id("worker_id", self.worker_id)
@@ -64,7 +72,8 @@ class WorkerRegistration:
 
     def __init__(self, client: PoolClient, info: WorkerInfo, *,
                  interval: float = DEFAULT_HEARTBEAT_SECONDS, ttl_factor: float = 3.0,
-                 forget_after: float = DEFAULT_FORGET_AFTER_SECONDS) -> None:
+                 forget_after: float = DEFAULT_FORGET_AFTER_SECONDS,
+                 live: tp.Callable[[], dict[str, tp.Any]] | None = None) -> None:
         if interval <= 0:
             raise ValueError("interval must be positive")
         if ttl_factor < 1.5:
@@ -76,6 +85,7 @@ class WorkerRegistration:
         self.forget_after_ms = max(self.ttl_ms, round(forget_after * 1000))
         self.state = READY
         self.free_slots = info.capacity
+        self.live = live  # figures that change (e.g. step_p99_ms), read at each heartbeat
         self.fence = SlotFence(info.capacity)
         self.leases = SlotLeases(client)
         self.heartbeats = 0
@@ -90,8 +100,13 @@ class WorkerRegistration:
             "worker_id": info.worker_id, "url": info.url, "model": info.model, "capacity": info.capacity,
             "free_slots": self.free_slots, "state": self.state, "license": info.license,
             "version": info.version, "started_at": repr(info.started_at), "highest_token": self.fence.highest,
+            "slots_reason": info.slots_reason, "memory_slots": info.memory_slots,
+            "step_budget_ms": info.step_budget_ms, "warmup_p50_ms": info.warmup_p50_ms,
+            "warmup_p99_ms": info.warmup_p99_ms, "context_seconds": info.context_seconds,
         }
-        return [item for pair in pairs.items() for item in pair]
+        if self.live is not None:
+            pairs.update({key: value for key, value in self.live().items() if key not in pairs})
+        return [item for pair in pairs.items() if pair[1] is not None for item in pair]
 
     async def heartbeat(self) -> int:
         """Register (or refresh) now; returns the fencing counter. Raises PoolUnavailable."""
@@ -145,7 +160,8 @@ class WorkerRegistration:
         self.free_slots = max(0, min(self.info.capacity, free_slots))
 
     async def set_state(self, state: str) -> None:
-        """``ready`` or ``draining`` (takes no new claims); announced at once if Redis answers."""
+        """``ready``, ``draining`` or ``overloaded`` (both take no new claims); announced at
+        once if Redis answers."""
         if state not in STATES:
             raise ValueError(f"state must be one of {', '.join(STATES)}")
         self.state = state
@@ -226,6 +242,13 @@ class WorkerStatus:
     free_slots: int = 0  # capacity minus lease keys: what claims see
     highest_token: int = 0
     leases: list[SlotLease] = field(default_factory=list)
+    slots_reason: str = ""
+    memory_slots: int | None = None
+    step_budget_ms: float | None = None
+    warmup_p50_ms: float | None = None
+    warmup_p99_ms: float | None = None
+    step_p99_ms: float | None = None  # over the worker's last minute, as of its last heartbeat
+    context_seconds: float | None = None
 
     def to_dict(self) -> dict[str, tp.Any]:
         return dataclasses.asdict(self)
@@ -289,6 +312,10 @@ class RegistryReader:
         status.started_at = number("started_at", float)
         status.reported_free = number("free_slots", int)
         status.highest_token = number("highest_token", int) or 0
+        status.slots_reason = reg.get("slots_reason", "")
+        status.memory_slots = number("memory_slots", int)
+        for name in ("step_budget_ms", "warmup_p50_ms", "warmup_p99_ms", "step_p99_ms", "context_seconds"):
+            setattr(status, name, number(name, float))
         last_seen_ms = number("last_seen_ms", int)
         if last_seen_ms is not None:
             status.last_seen = last_seen_ms / 1000

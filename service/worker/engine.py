@@ -26,6 +26,7 @@ import time
 import numpy as np
 import torch
 
+from service.worker.capacity import kv_bytes_per_slot
 from service.worker.checkpoint import LoadedModel, ModelInfo, check_moshi_version
 from service.worker.engine_api import FRAME_SAMPLES, NO_TOKEN, StepOutput, TextTokenizer
 
@@ -78,6 +79,7 @@ class MoshiEngine:
         self.sampling = sampling
         self.lm_gen = LMGen(self.lm, use_sampling=not greedy, support_out_of_sync=True, **sampling)
         self._codebooks = self.lm.dep_q
+        self.kv_bytes_per_slot = kv_bytes_per_slot(self.lm)
         # Streaming for the engine's whole life; close() leaves it so the modules can be reused.
         self._streaming = contextlib.ExitStack()
         with self._graphs(), torch.no_grad():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -20,6 +21,7 @@ import typing as tp
 import uvicorn
 
 from service.settings import DEFAULT_MODEL, WorkerSettings
+from service.worker.capacity import FRAME_RATE, ContextError
 from service.worker.checkpoint import CheckpointError, MoshiVersionError
 from service.worker.engine_api import Engine
 from service.worker.runtime import WorkerRuntime
@@ -27,9 +29,7 @@ from service.worker.slots import TokenValidator
 
 log = logging.getLogger("service.worker")
 
-CPU_DEFAULT_SLOTS = 4
-GPU_MEMORY_HEADROOM = 0.9  # keep 10% of free memory for activations, graphs and the allocator
-PER_SLOT_OVERHEAD = 1.15  # KV cache plus Mimi, depformer and activation buffers per slot
+CPU_DEFAULT_SLOTS = 4  # echo; and on CPU the measured B starts here (--max-slots raises it)
 DEMO_BANNER = ("model 'demo': a TINY RANDOM-WEIGHT Moshi built locally for trying the pipeline; "
                "it babbles, it does not converse. Use --model llm-jp/llm-jp-moshi-v1 for the real one.")
 
@@ -59,33 +59,22 @@ def default_cpu_threads() -> int:
     return max(1, (os.cpu_count() or 2) // 2)
 
 
-def estimate_gpu_slots(lm: tp.Any, device: str) -> int:
-    """How many slots fit the GPU's free memory, the weights being loaded already.
+def build_engine(settings: WorkerSettings, make_engine: tp.Callable[..., Engine] | None = None) -> Engine:
+    """The engine ``settings`` ask for (runs in the inference thread: it may take minutes).
 
-    Per slot: the main transformer's KV cache, 2 (k, v) x layers x context x dim x bytes
-    (1.5 GiB for the 7B at context 3000 in bf16), plus a margin for the rest.
+    A model engine is sized here: B from memory and the measured step time
+    (:mod:`service.worker.sizing`); ``make_engine(loaded, batch_size, **sampling)`` builds
+    one at a given B (default :class:`MoshiEngine`).
     """
-    import torch
-
-    free, _ = torch.cuda.mem_get_info(torch.device(device))
-    layers = len(lm.transformer.layers)
-    itemsize = torch.finfo(lm.dtype).bits // 8
-    per_slot = 2 * layers * (lm.context or 3000) * lm.dim * itemsize * PER_SLOT_OVERHEAD
-    slots = int(free * GPU_MEMORY_HEADROOM // per_slot)
-    log.info("GPU: %.1f GiB free after loading, %.2f GiB per slot -> %d slots",
-             free / 2**30, per_slot / 2**30, slots)
-    return max(1, min(1024, slots))
-
-
-def build_engine(settings: WorkerSettings) -> Engine:
-    """The engine ``settings`` ask for (runs in the inference thread: it may take minutes)."""
     model = resolve_model(settings)
     if model == "echo":
         from service.worker.echo import EchoEngine
         return EchoEngine(settings.slots or CPU_DEFAULT_SLOTS, settings.echo_delay_ms)
 
+    from service.worker.capacity import memory_slots, set_context
     from service.worker.checkpoint import load_checkpoint
     from service.worker.engine import MoshiEngine
+    from service.worker.sizing import LIMIT, MEMORY, size_batch
 
     device = resolve_device(settings)
     if device == "cpu":
@@ -107,13 +96,38 @@ def build_engine(settings: WorkerSettings) -> Engine:
         log.warning(banner)
     else:
         log.info(banner)
-    slots = settings.slots
-    if slots is None:
-        slots = estimate_gpu_slots(loaded.lm, device) if device.startswith("cuda") else CPU_DEFAULT_SLOTS
-    return MoshiEngine(
-        loaded, slots, greedy=settings.greedy, temp=settings.temp, temp_text=settings.temp_text,
-        top_k=settings.top_k, top_k_text=settings.top_k_text, seed=settings.seed,
-        cuda_graphs=settings.cuda_graphs)
+    context = set_context(loaded.lm, settings.context_seconds)
+    loaded.info = dataclasses.replace(loaded.info, context_steps=context)
+    bound = memory_slots(loaded.lm, device)
+    log.info("context %.0f s (%d steps); %s", context / FRAME_RATE, context, bound.describe())
+    upper, upper_reason = bound.slots, MEMORY
+    limit = settings.max_slots or (CPU_DEFAULT_SLOTS if device == "cpu" else None)
+    if limit is not None and limit < upper:
+        upper, upper_reason = limit, LIMIT
+    make = make_engine or MoshiEngine
+
+    def build(batch_size: int) -> Engine:
+        return make(loaded, batch_size, greedy=settings.greedy, temp=settings.temp, temp_text=settings.temp_text,
+                    top_k=settings.top_k, top_k_text=settings.top_k_text, seed=settings.seed,
+                    cuda_graphs=settings.cuda_graphs)
+
+    if settings.slots is not None and settings.slots > bound.slots:
+        log.warning("--slots %d: only %d fit in memory by the estimate; the KV rings may not fit",
+                    settings.slots, bound.slots)
+    engine, sizing = size_batch(build, budget_ms=settings.step_budget_ms, upper=upper, upper_reason=upper_reason,
+                                memory_slots=bound.slots, forced=settings.slots)
+    log.info("slots: %s", sizing.describe())
+    _reseed(settings.seed)  # the timing steps drew from the RNG, as many as they took
+    engine.sizing = sizing  # type: ignore[attr-defined]  # read by the runtime for /v1/info and the pool
+    return engine
+
+
+def _reseed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
 
 
 def configure_logging(level: str) -> None:
@@ -220,7 +234,7 @@ async def serve_worker(settings: WorkerSettings, *, validator: TokenValidator | 
 
 
 def _describe_error(exc: BaseException) -> str:
-    if isinstance(exc, (CheckpointError, MoshiVersionError)):
+    if isinstance(exc, (CheckpointError, MoshiVersionError, ContextError)):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
 

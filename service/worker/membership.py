@@ -15,8 +15,12 @@ import contextlib
 import logging
 import socket
 import time
+import typing as tp
 
 from service.pool import (
+    DRAINING,
+    OVERLOADED,
+    READY,
     Admission,
     Lease,
     PoolClient,
@@ -75,6 +79,7 @@ class PoolMembership:
 
     def start(self) -> None:
         self.runtime.on_slot_released = self._on_slot_released
+        self.runtime.on_overload = self._on_overload
         self._task = asyncio.create_task(self._register_when_ready(), name="pool-membership")
 
     async def _register_when_ready(self) -> None:
@@ -82,15 +87,39 @@ class PoolMembership:
         if self.runtime.error is not None or self.runtime.table is None:
             return
         info = self.runtime.info
+        sizing = self.runtime.sizing
         self.registration = WorkerRegistration(
             self.client,
             WorkerInfo(worker_id=self.worker_id, url=self.url, model=info.model,
-                       capacity=self.runtime.table.size, license=info.license, started_at=time.time()),
-            interval=self.settings.heartbeat_seconds)
-        if self.runtime.state == "draining":
-            self.registration.state = "draining"
+                       capacity=self.runtime.table.size, license=info.license, started_at=time.time(),
+                       slots_reason=sizing.reason if sizing else "",
+                       memory_slots=sizing.memory_slots if sizing else None,
+                       step_budget_ms=self.settings.step_budget_ms,
+                       warmup_p50_ms=_rounded(sizing.p50_ms) if sizing else None,
+                       warmup_p99_ms=_rounded(sizing.p99_ms) if sizing else None,
+                       context_seconds=info.context_seconds),
+            interval=self.settings.heartbeat_seconds, live=self._live_fields)
+        self.registration.state = self._state()
         await self.registration.start()
         log.info("in the pool as %s at %s", self.worker_id, self.url)
+
+    def _state(self) -> str:
+        if self.runtime.state == "draining":
+            return DRAINING
+        return OVERLOADED if self.runtime.overloaded else READY
+
+    def _live_fields(self) -> dict[str, tp.Any]:
+        watch = self.runtime.watch
+        return {"step_p99_ms": _rounded(watch.p99_ms) if watch is not None else None}
+
+    def _on_overload(self, overloaded: bool) -> None:
+        """Announce at once: gateways stop (or resume) claiming this worker's slots."""
+        registration = self.registration
+        if registration is None or registration.state == DRAINING:
+            return
+        task = asyncio.create_task(registration.set_state(self._state()))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
 
     def _on_slot_released(self, slot: int, token: int | None) -> None:
         registration = self.registration
@@ -125,3 +154,7 @@ class PoolMembership:
             await self.registration.stop()
         with contextlib.suppress(Exception):
             await self.client.close()
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)

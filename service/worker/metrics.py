@@ -21,6 +21,28 @@ class WorkerMetrics:
             "Duration of one batched model step (encode + LM + decode for all slots)",
             buckets=STEP_BUCKETS, registry=r)
         self.slots = Gauge("moshimoshi_worker_slots", "Concurrent call capacity B of this worker", registry=r)
+        self.memory_slots = Gauge("moshimoshi_worker_memory_slots",
+                                  "Slots that fit this worker's memory (the upper bound of B)", registry=r)
+        self.slots_reason = Gauge(
+            "moshimoshi_worker_slots_reason",
+            "Why B is what it is (value 1): memory, limit (--max-slots), time (lowered for the step "
+            "budget) or forced (--slots)", ["reason"], registry=r)
+        self.step_budget = Gauge("moshimoshi_worker_step_budget_seconds",
+                                 "Step time budget: B is sized so that the step p99 stays under it", registry=r)
+        self.warmup_step = Gauge("moshimoshi_worker_warmup_step_seconds",
+                                 "Step time measured at warm-up at the chosen B, by quantile", ["quantile"],
+                                 registry=r)
+        self.step_p99 = Gauge("moshimoshi_worker_step_p99_seconds",
+                              "Step time p99 over the last minute while serving (0 without steps)", registry=r)
+        self.overloaded = Gauge(
+            "moshimoshi_worker_overloaded",
+            "1 while the step p99 over the last minute exceeds the budget: no new calls are taken", registry=r)
+        self.overloads = Counter("moshimoshi_worker_overloads_total",
+                                 "Times the step p99 went over the budget while serving", registry=r)
+        self.context = Gauge("moshimoshi_worker_context_seconds",
+                             "Seconds of call the model keeps in mind (its KV ring)", registry=r)
+        self.slot_kv_bytes = Gauge("moshimoshi_worker_slot_kv_bytes",
+                                      "Bytes of KV ring per slot (the bulk of a slot's memory)", registry=r)
         self.slots_busy = Gauge("moshimoshi_worker_slots_busy", "Slots bound to a session (batch occupancy)",
                                 registry=r)
         self.ready = Gauge("moshimoshi_worker_ready", "1 when the model is loaded, warm and not draining",

@@ -3,7 +3,9 @@
 The inference thread builds the engine (loading the checkpoint), warms it up, and then
 runs the :class:`~service.worker.scheduler.BatchClock` in that same thread, so that every
 torch call (and every CUDA graph) lives on one thread. The event loop only moves bytes.
-States: ``loading`` -> ``ready`` -> ``draining`` -> ``stopped`` (or ``failed``).
+States: ``loading`` -> ``ready`` -> ``draining`` -> ``stopped`` (or ``failed``). Apart from
+the state, a ready worker whose step p99 over the last minute exceeds the step budget is
+``overloaded``: it takes no new sessions until the p99 is back under the budget.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from service.worker.checkpoint import ModelInfo
 from service.worker.engine_api import Engine
 from service.worker.metrics import WorkerMetrics
 from service.worker.scheduler import BatchClock, Driver, ImmediateDriver, OutputSink
+from service.worker.sizing import SlotSizing
 from service.worker.slots import NotAccepting, SlotTable, TokenValidator
+from service.worker.stepwatch import StepWatch
 from service.worker.text import skipped_ids
 
 if tp.TYPE_CHECKING:
@@ -49,6 +53,11 @@ class WorkerRuntime:
         self.skip_text_ids: frozenset[int] = frozenset()
         self.sessions: dict[int, Session] = {}
         self.warm_up_seconds: float | None = None
+        self.sizing: SlotSizing | None = None
+        self.overloaded = False
+        self.watch: StepWatch | None = None
+        # Told True/False when the worker becomes overloaded or recovers (the pool announces it).
+        self.on_overload: tp.Callable[[bool], None] | None = None
         self.ready_event = asyncio.Event()
         self._idle = asyncio.Event()  # set while no session holds a slot
         self._idle.set()
@@ -86,8 +95,11 @@ class WorkerRuntime:
             engine.warm_up()
             warm = time.monotonic() - started
             skip = skipped_ids(engine.tokenizer, engine.text_padding_ids) if engine.tokenizer else frozenset()
-            clock = (BatchClock(engine, self.metrics, self._loop, queue_frames=self.settings.input_queue_frames)
-                     if engine.clocked else None)
+            clock = None
+            if engine.clocked:
+                self.watch = StepWatch(self.settings.step_budget_ms, self.settings.overload_window_seconds)
+                clock = BatchClock(engine, self.metrics, self._loop, queue_frames=self.settings.input_queue_frames,
+                                   watch=self.watch, on_overload=self._overload_changed)
             # close() sets _closing, then stops _thread_clock: whatever the interleaving,
             # a clock is either stopped by close() or never started.
             self._thread_clock = clock
@@ -127,12 +139,49 @@ class WorkerRuntime:
             self.table.on_preempt = self._preempt
         self.metrics.slots.set(engine.batch_size)
         self.metrics.info.labels(engine.info.model, engine.info.license).set(1)
+        self._publish_sizing(getattr(engine, "sizing", None))
         if self.state == "loading":
             self.state = "ready"
             self.table.accepting = True
             self.metrics.ready.set(1)
         log.info("worker ready: %s, %d slots, warm-up %.1f s", engine.info.banner(), engine.batch_size, warm)
         self.ready_event.set()
+
+    def _publish_sizing(self, sizing: SlotSizing | None) -> None:
+        metrics = self.metrics
+        metrics.step_budget.set(self.settings.step_budget_ms / 1000)
+        if self.info.context_seconds is not None:
+            metrics.context.set(self.info.context_seconds)
+        kv_bytes = getattr(self.engine, "kv_bytes_per_slot", None)
+        if kv_bytes:
+            metrics.slot_kv_bytes.set(kv_bytes)
+        self.sizing = sizing
+        if sizing is None:
+            return
+        if sizing.memory_slots is not None:
+            metrics.memory_slots.set(sizing.memory_slots)
+        metrics.slots_reason.labels(sizing.reason).set(1)
+        if sizing.p50_ms is not None and sizing.p99_ms is not None:
+            metrics.warmup_step.labels("0.5").set(sizing.p50_ms / 1000)
+            metrics.warmup_step.labels("0.99").set(sizing.p99_ms / 1000)
+
+    def _overload_changed(self, overloaded: bool, p99_ms: float | None) -> None:
+        """On the loop: the step p99 over the window crossed the budget, one way or the other."""
+        if overloaded == self.overloaded:
+            return
+        self.overloaded = overloaded
+        budget = self.settings.step_budget_ms
+        window = self.settings.overload_window_seconds
+        if overloaded:
+            log.warning("step p99 %.1f ms over the last %.0f s exceeds the %g ms budget: taking no new "
+                        "calls until it recovers (%d call(s) go on)", p99_ms or 0.0, window, budget,
+                        len(self.sessions))
+        else:
+            shown = f"{p99_ms:.1f} ms" if p99_ms is not None else "no steps"
+            log.info("step p99 over the last %.0f s is back under the %g ms budget (%s): taking calls again",
+                     window, budget, shown)
+        if self.on_overload is not None:
+            self.on_overload(overloaded)
 
     def _failed(self, exc: BaseException) -> None:
         if self.state in ("stopped",):
@@ -182,6 +231,12 @@ class WorkerRuntime:
         if self._thread is not None:
             await asyncio.to_thread(self._thread_done.wait, 30.0)
 
+    @property
+    def accepting(self) -> bool:
+        """Takes new sessions: ready, not overloaded, a slot free."""
+        return (self.state == "ready" and not self.overloaded and self.table is not None
+                and self.table.accepting and self.table.free > 0)
+
     # --- what sessions use --------------------------------------------------------------
     def serves_model(self, model: str) -> bool:
         names = {self.info.model, self.info.path, self.settings.model}
@@ -191,6 +246,11 @@ class WorkerRuntime:
         if self.table is None or self.state != "ready":
             reason = "the worker is loading its model" if self.state == "loading" else f"the worker is {self.state}"
             raise NotAccepting(reason)
+        if self.overloaded:
+            p99 = self.watch.p99_ms if self.watch is not None else None
+            raise NotAccepting(f"the worker is overloaded: its step p99 ({p99 or 0:.0f} ms over the last "
+                               f"{self.settings.overload_window_seconds:.0f} s) exceeds the "
+                               f"{self.settings.step_budget_ms:g} ms budget")
         return await self.table.bind(slot, token, call_id, owner=session)
 
     def attach(self, slot: int, sink: OutputSink, session: Session) -> None:
@@ -250,6 +310,13 @@ class WorkerRuntime:
             "sample_rate": 24000,
             "max_call_seconds": self.settings.max_call_seconds,
             "warm_up_seconds": self.warm_up_seconds,
+            "accepting": self.accepting,
+            "overloaded": self.overloaded,
+            "step_budget_ms": self.settings.step_budget_ms,
+            "step_p99_ms": (None if self.watch is None or self.watch.p99_ms is None
+                            else round(self.watch.p99_ms, 2)),
+            "step_window_seconds": self.settings.overload_window_seconds,
+            "sizing": self.sizing.to_dict() if self.sizing is not None else None,
         }
         if self.clock is not None:
             out["clock"] = {"steps": self.clock.steps, "overruns": self.clock.overruns,

@@ -8,6 +8,10 @@ back to its session on the event loop, in order. A step that ends after the next
 an overrun: the clock skips the missed ticks rather than running them back to back, and
 counts both.
 
+Every step's duration also goes to a :class:`~service.worker.stepwatch.StepWatch`, checked
+about once a second on this thread; when its verdict (step p99 over the last minute above
+the budget) changes, ``on_overload(overloaded, p99_ms)`` is called on the event loop.
+
 A slot's stream starts at its first input frame, so that the model's time 0 is the
 caller's first audio and a session is not charged an underrun for the moments between
 ``started`` and its first frame; a slot that gets no frame at all starts anyway after
@@ -39,6 +43,7 @@ from service.worker.engine_api import (
     pcm16_to_float,
 )
 from service.worker.metrics import WorkerMetrics
+from service.worker.stepwatch import StepWatch
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +87,9 @@ class BatchClock:
                  period: float = FRAME_SECONDS, queue_frames: int = DEFAULT_QUEUE_FRAMES,
                  start_grace_ticks: int = DEFAULT_START_GRACE_TICKS,
                  clock: tp.Callable[[], float] = time.monotonic,
-                 wait: tp.Callable[[float], bool] | None = None) -> None:
+                 wait: tp.Callable[[float], bool] | None = None,
+                 watch: StepWatch | None = None,
+                 on_overload: tp.Callable[[bool, float | None], None] | None = None) -> None:
         if queue_frames < 1:
             raise ValueError("queue_frames must be at least 1")
         self.start_grace_ticks = start_grace_ticks
@@ -104,6 +111,8 @@ class BatchClock:
         self.underruns = 0
         self.dropped = 0
         self._slot_labels = [str(i) for i in range(engine.batch_size)]
+        self.watch = watch
+        self.on_overload = on_overload
 
     # --- called on the event loop -------------------------------------------------------
     def attach(self, slot: int, sink: OutputSink) -> SlotBinding:
@@ -150,6 +159,7 @@ class BatchClock:
                 break
             self.ticks += 1
             self.tick()
+            self._check_steps()
             next_tick += self.period
             late = self._clock() - next_tick
             if late >= 0:
@@ -159,6 +169,20 @@ class BatchClock:
                 self.metrics.step_overruns.inc()
                 self.metrics.skipped_ticks.inc(skipped)
                 next_tick += skipped * self.period
+
+    def _check_steps(self) -> None:
+        watch = self.watch
+        if watch is None:
+            return
+        verdict = watch.check(self._clock())
+        self.metrics.step_p99.set((watch.p99_ms or 0.0) / 1000)
+        if verdict is None:
+            return
+        self.metrics.overloaded.set(int(verdict))
+        if verdict:
+            self.metrics.overloads.inc()
+        if self.on_overload is not None:
+            self.loop.call_soon_threadsafe(self.on_overload, verdict, watch.p99_ms)
 
     def tick(self) -> None:
         """One step: gather inputs, step the engine, hand the outputs to the sessions."""
@@ -190,7 +214,10 @@ class BatchClock:
             return
         started = time.perf_counter()
         output = self.engine.step(inputs, active, fresh)
-        self.metrics.step_duration.observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self.metrics.step_duration.observe(elapsed)
+        if self.watch is not None:
+            self.watch.observe(self._clock(), elapsed)
         self.steps += 1
         deliveries = []
         for binding in stepped:

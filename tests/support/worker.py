@@ -87,9 +87,17 @@ async def running_worker(settings: WorkerSettings, engine_factory: tp.Callable[[
     runtime = WorkerRuntime(settings, engine_factory or (lambda: build_engine(settings)), validator=validator)
     sock = listen_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]
+    membership = None
+    if settings.redis_url and validator is None:  # in the pool, as serve_worker does it
+        from service.worker.membership import PoolMembership
+
+        membership = PoolMembership(settings, runtime, port)
+        runtime.validator = membership.validate
     server = UvicornServer(uvicorn.Config(create_app(runtime), log_level="warning", lifespan="off",
                                     timeout_graceful_shutdown=2))
     await runtime.start()
+    if membership is not None:
+        membership.start()
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         if wait_ready:
@@ -98,6 +106,8 @@ async def running_worker(settings: WorkerSettings, engine_factory: tp.Callable[[
     finally:
         server.should_exit = True
         await asyncio.gather(serving, return_exceptions=True)
+        if membership is not None:
+            await membership.stop()
         await runtime.close()
         sock.close()
 
@@ -155,3 +165,22 @@ def lay_out_hf_cache(cache: Path, repo_id: str, files: tp.Iterable[Path],
     for path in files:
         shutil.copyfile(path, snapshot / path.name)
     return snapshot
+
+
+def delayed_engine(delay_ms: tp.Callable[[int], float]) -> tp.Callable[..., tp.Any]:
+    """A ``make_engine`` for ``build_engine``: the real MoshiEngine, each step followed by an
+    artificial delay of ``delay_ms(B)`` (a slower device, as it would look to the worker).
+    The engine's ``extra_ms`` adds to it while serving."""
+    import time
+
+    from service.worker.engine import MoshiEngine
+
+    class DelayedEngine(MoshiEngine):
+        extra_ms = 0.0
+
+        def step(self, inputs, active, fresh):  # type: ignore[override]
+            output = super().step(inputs, active, fresh)
+            time.sleep((delay_ms(self.batch_size) + self.extra_ms) / 1000)
+            return output
+
+    return DelayedEngine

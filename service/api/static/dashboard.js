@@ -201,6 +201,19 @@
     $("recent").querySelector("tbody").replaceChildren(...rows);
   }
 
+  function sizingNote(w) {
+    if (!w.slots_reason) return "";
+    const warm = w.warmup_p99_ms != null ? `; warm-up step p50 ${w.warmup_p50_ms} ms, p99 ${w.warmup_p99_ms} ms` : "";
+    const memory = w.memory_slots != null ? `; memory allows ${w.memory_slots}` : "";
+    return `B = ${w.capacity} (${w.slots_reason})${memory}${warm}`;
+  }
+
+  function stepText(w) {
+    if (w.step_budget_ms == null) return "–";
+    const p99 = w.step_p99_ms != null ? `${Math.round(w.step_p99_ms)}` : "–";
+    return `${p99} / ${Math.round(w.step_budget_ms)} ms`;
+  }
+
   function renderPool(pool) {
     const workers = pool.workers.filter((w) => w.alive);
     const noun = pool.workers_ready === 1 ? "worker" : "workers";
@@ -218,7 +231,8 @@
       cell(row, w.model || "–", "model", w.license);
       cell(row, w.state || "–", "state");
       cell(row, w.busy_slots, "busy num");
-      cell(row, w.capacity, "capacity num");
+      cell(row, w.capacity, "capacity num", sizingNote(w));
+      cell(row, stepText(w), "step num", "step p99 over the last minute / the budget B is sized for");
       return row;
     });
     $("workers").querySelector("tbody").replaceChildren(...rows);
