@@ -104,6 +104,31 @@ def test_a_tight_budget_is_searched_by_bisection_on_the_real_step(tiny_dir):
         engine.close()
 
 
+def test_a_b_that_runs_out_of_device_memory_is_ruled_out_and_memory_is_the_reason(tiny_dir):
+    """A GPU whose memory ends before the estimate does (activations, graph pools): the
+    engine's allocation fails with torch's OutOfMemoryError (raised here in its place, as
+    the CPU never runs out), and the search goes on below it."""
+    import torch
+
+    from service.worker.engine import MoshiEngine
+
+    def make(loaded, batch_size, **kwargs):
+        if batch_size > 5:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return MoshiEngine(loaded, batch_size, **kwargs)
+
+    engine = build_engine(worker_settings(model=str(tiny_dir), max_slots=8, step_budget_ms=BUDGET_MS),
+                          make_engine=make)
+    try:
+        sizing = engine.sizing
+        assert (engine.batch_size, sizing.reason) == (5, "memory")
+        assert [t.to_dict() for t in sizing.trials if t.out_of_memory] == [
+            {"B": 8, "steps": 0, "over_budget": True, "out_of_memory": True},
+            {"B": 6, "steps": 0, "over_budget": True, "out_of_memory": True}]
+    finally:
+        engine.close()
+
+
 def test_forced_slots_are_timed_and_warn_when_over_the_budget(tiny_dir, caplog):
     settings = worker_settings(model=str(tiny_dir), slots=4, step_budget_ms=1.0)
     with caplog.at_level(logging.WARNING, logger="service.worker.sizing"):

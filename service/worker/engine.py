@@ -82,9 +82,14 @@ class MoshiEngine:
         self.kv_bytes_per_slot = kv_bytes_per_slot(self.lm)
         # Streaming for the engine's whole life; close() leaves it so the modules can be reused.
         self._streaming = contextlib.ExitStack()
-        with self._graphs(), torch.no_grad():
-            self._streaming.enter_context(self.mimi.streaming(batch_size))
-            self._streaming.enter_context(self.lm_gen.streaming(batch_size))
+        try:
+            with self._graphs(), torch.no_grad():
+                self._streaming.enter_context(self.mimi.streaming(batch_size))
+                self._streaming.enter_context(self.lm_gen.streaming(batch_size))
+        except BaseException:  # out of device memory, say: leave the modules reusable
+            self._streaming.close()
+            _drop_streaming_states(self.mimi, self.lm_gen, self.lm)
+            raise
         # Slots whose next encoded frame is their stream's first (Kyutai's first-frame rule).
         self._first_frame = torch.zeros(batch_size, dtype=torch.bool, device=self.device)
 
@@ -170,3 +175,13 @@ class MoshiEngine:
         """Leave streaming mode (the models can then back another engine)."""
         self._streaming.close()
 
+
+
+def _drop_streaming_states(*modules: torch.nn.Module) -> None:
+    """Take every submodule out of streaming, also those a failed ``streaming()`` left in it."""
+    from moshi.modules.streaming import StreamingModule
+
+    for module in modules:
+        for sub in module.modules():
+            if isinstance(sub, StreamingModule):
+                sub._streaming_state = None

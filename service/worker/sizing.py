@@ -40,10 +40,15 @@ class StepTimes:
     p99_ms: float
     steps: int
     over_budget: bool
+    out_of_memory: bool = False  # the engine could not be built or stepped at this B
 
     def to_dict(self) -> dict[str, tp.Any]:
-        return {"B": self.batch_size, "p50_ms": round(self.p50_ms, 2), "p99_ms": round(self.p99_ms, 2),
-                "steps": self.steps, "over_budget": self.over_budget}
+        out: dict[str, tp.Any] = {"B": self.batch_size, "steps": self.steps, "over_budget": self.over_budget}
+        if self.out_of_memory:
+            out["out_of_memory"] = True
+        else:
+            out.update(p50_ms=round(self.p50_ms, 2), p99_ms=round(self.p99_ms, 2))
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +137,21 @@ class _Trials:
         return self.engine
 
     def time(self, batch_size: int) -> StepTimes:
-        """Time ``batch_size``; a result over the budget is timed once more, the better kept."""
+        """Time ``batch_size``; a result over the budget is timed once more, the better kept.
+        A B whose engine runs out of device memory is over the budget too."""
+        try:
+            return self._time(batch_size)
+        except Exception as exc:
+            if type(exc).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch
+                raise
+            self.close()
+            _release_device_memory()
+            log.info("B=%d does not fit the device's memory (%s)", batch_size, str(exc).split("\n")[0][:200])
+            result = StepTimes(batch_size, math.inf, math.inf, 0, over_budget=True, out_of_memory=True)
+            self.done.append(result)
+            return result
+
+    def _time(self, batch_size: int) -> StepTimes:
         engine = self.engine_for(batch_size)
         result = time_steps(engine, self.budget_ms, self.steps)
         self.done.append(result)
@@ -178,6 +197,8 @@ def size_batch(build: tp.Callable[[int], Engine], *, budget_ms: float, upper: in
         if forced is not None:
             chosen, reason = forced, FORCED
             timing = trials.time(forced)
+            if timing.out_of_memory:
+                raise RuntimeError(f"--slots {forced}: the engine does not fit the device's memory")
         else:
             chosen, timing, reason = _search(trials, upper, upper_reason)
         engine = trials.engine_for(chosen)
@@ -185,7 +206,7 @@ def size_batch(build: tp.Callable[[int], Engine], *, budget_ms: float, upper: in
     except BaseException:
         trials.close()
         raise
-    sizing = SlotSizing(chosen, reason, budget_ms, memory_slots, timing.p50_ms, timing.p99_ms,
+    sizing = SlotSizing(chosen, reason, budget_ms, memory_slots, _finite(timing.p50_ms), _finite(timing.p99_ms),
                         tuple(trials.done), time.monotonic() - started)
     if forced is not None and sizing.over_budget:
         log.warning("--slots %d: the measured step p99 %.1f ms exceeds the %g ms budget: calls on this "
@@ -197,24 +218,31 @@ def size_batch(build: tp.Callable[[int], Engine], *, budget_ms: float, upper: in
     return engine, sizing
 
 
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
 def _search(trials: _Trials, upper: int, upper_reason: str) -> tuple[int, StepTimes, str]:
-    """Largest B <= upper whose p99 holds the budget (B=1 when none does)."""
+    """Largest B <= upper whose p99 holds the budget (B=1 when none does). The reason is
+    MEMORY when the smallest B ruled out did not fit the device's memory after all."""
     top = trials.time(upper)
     if not top.over_budget:
         return upper, top, upper_reason
     if upper == 1:
-        return 1, top, TIME
+        return 1, top, MEMORY if top.out_of_memory else TIME
     good: StepTimes | None = None
-    low, high = 0, upper  # B <= low holds (0: none known), B >= high does not
+    low, high, high_oom = 0, upper, top.out_of_memory  # B <= low holds (0: none known), B >= high does not
     while high - low > 1:
         # halve towards 1 until one holds, then bisect between the two
         middle = max(1, high // 2) if good is None else (low + high) // 2
         timing = trials.time(middle)
         if timing.over_budget:
-            high = middle
+            high, high_oom = middle, timing.out_of_memory
             if middle == 1:
+                if timing.out_of_memory:
+                    raise RuntimeError("one slot does not fit the device's memory")
                 return 1, timing, TIME
         else:
             low, good = middle, timing
     assert good is not None
-    return low, good, TIME
+    return low, good, MEMORY if high_oom else TIME
