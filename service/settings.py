@@ -46,6 +46,9 @@ class WorkerSettings:
     greedy: bool = setting(False, "greedy decoding (argmax) instead of sampling: reproducible output")
     seed: int = setting(42424242, "random seed for sampling")
     cuda_graphs: bool = setting(True, "capture the step in CUDA graphs on GPU")
+    filled_kv: bool = setting(
+        False, "attend only over the part of each slot's KV ring its call has filled (exact; flex attention, "
+        "compiled: seconds more warm-up per batch size; tested on CPU only)")
     cpu_threads: int | None = setting(
         None, "torch threads for inference on CPU (default: half the cores, at least 1: the rest "
         "serve the sockets; more threads than free cores gives long stalls)", min=1, max=1024)

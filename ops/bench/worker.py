@@ -1,12 +1,17 @@
 """Benchmark: how many real-time calls one worker process carries, against Kyutai's moshi.server.
 
-    python ops/bench/worker.py                        # tiny random Moshi on this CPU
-    python ops/bench/worker.py --size 7b --device cuda  # the full 7B architecture, random bf16
+    python ops/bench/worker.py                          # tiny random Moshi on this CPU
+    python ops/bench/worker.py --size 7b --device cuda  # the full 7B architecture, random bf16, CUDA graphs
+    python ops/bench/worker.py --size 7b --device meta  # the 7B's memory per slot, no device needed
 
-Part 1, the batched engine: for B = 1, 2, 4, 8, ... the real MoshiEngine step (Mimi encode
-+ LMGen step + Mimi decode for all B slots, sampling as in production, on noise) is timed
-over --steps steps after warm-up. A batch holds real time when the step's p99 is under the
-80 ms frame. Real-time calls per process = the largest such B.
+Part 1, the batched engine, for each context (default: the checkpoint's 240 s, then 120 s):
+memory per slot (the KV ring, and every streaming-state tensor measured at B=1), then for
+B = 1, 8, 16, 24, 32, 48, 64 (tiny on CPU: 1, 2, 4, ... 64) the real MoshiEngine step
+(Mimi encode + LMGen step + Mimi decode for all B slots, sampling as in production, on
+noise) timed over --steps steps after warm-up; a batch holds real time when its p99 is
+under the 80 ms frame. Then the B the worker chooses by itself: service.worker.sizing's
+search from the memory bound (on CPU at most 64) down to the largest B whose p99 holds the
+step budget (--step-budget-ms, the worker's default 70 ms).
 
 Part 2, Kyutai's server: ``python -m moshi.server`` with the SAME checkpoint files
 (--moshi-weight/--mimi-weight/--tokenizer/--config-path, --device cpu, --static none) serves
@@ -22,7 +27,8 @@ bfloat16 (float16 with --half), while the worker runs float32 on CPU.
 
 --size 7b builds the Moshi 7B architecture (moshi's own _lm_kwargs and stock Mimi) with
 random weights in bfloat16 directly on the device: no download, no checkpoint files, so
-part 2 is skipped there. Readable figures first; the last line is one JSON object.
+part 2 is skipped there. On the meta device only the memory figures are computed. Readable
+figures first; the last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -46,11 +52,21 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from service.worker.capacity import (  # noqa: E402
+    FRAME_RATE,
+    GPU_MEMORY_HEADROOM,
+    PER_SLOT_OVERHEAD,
+    kv_bytes_per_slot,
+    memory_slots,
+    set_context,
+    streaming_state_bytes,
+)
 from service.worker.checkpoint import LoadedModel, ModelInfo, load_checkpoint  # noqa: E402
 from service.worker.engine_api import FRAME_SAMPLES, FRAME_SECONDS  # noqa: E402
 from service.worker.tinymodel import build_tiny_checkpoint  # noqa: E402
 
 FRAME_MS = FRAME_SECONDS * 1000
+GPU_SIZES_GIB = (79.2, 139.8)  # what an H100 80 GB and an H200 report as total memory
 SHIM_DIR = Path(__file__).resolve().parent / "moshi_server_shim"
 
 
@@ -60,8 +76,12 @@ def percentile(values: list[float], q: float) -> float:
 
 # --- part 1: the batched engine ---------------------------------------------------------
 def tiny_model_factory(checkpoint: Path, device: str):
-    def make() -> LoadedModel:
-        return load_checkpoint(str(checkpoint), device=device)
+    loaded: list[LoadedModel] = []
+
+    def make() -> LoadedModel:  # loaded once: the context is set on it between parts
+        if not loaded:
+            loaded.append(load_checkpoint(str(checkpoint), device=device))
+        return loaded[0]
     return make
 
 
@@ -85,12 +105,50 @@ def random_7b_factory(device: str, dtype: str):
     return lambda: model  # the engine leaves streaming on close: the modules are reused
 
 
-def time_batch(make_model, batch_size: int, steps: int, cuda_graphs: bool) -> dict:
+def memory_figures(model: LoadedModel, device: str) -> dict:
+    """Per slot: the KV ring by its shapes, and every streaming-state tensor measured at B=1."""
+    from moshi.models import LMGen
+
+    kv = kv_bytes_per_slot(model.lm)
+    measured = streaming_state_bytes(LMGen(model.lm, support_out_of_sync=True)) + streaming_state_bytes(model.mimi)
+    out = {"context_steps": model.lm.context, "context_seconds": model.lm.context / FRAME_RATE,
+           "kv_bytes_per_slot": kv, "state_bytes_per_slot_measured": measured}
+    if device != "meta":
+        bound = memory_slots(model.lm, device)
+        out.update(memory_slots=bound.slots, free_bytes=bound.free_bytes)
+    else:  # what the worker's estimate would give on the GPUs a 7B is served on, weights loaded
+        weights = sum(p.numel() * p.element_size() for p in model.lm.parameters())
+        weights += sum(p.numel() * 4 for p in model.mimi.parameters())  # Mimi runs float32
+        per_slot = kv * PER_SLOT_OVERHEAD
+        out["weights_bytes"] = weights
+        out["slots_if_gpu_gib"] = {str(gib): int(max(0.0, gib * 2**30 - weights) * GPU_MEMORY_HEADROOM // per_slot)
+                                   for gib in GPU_SIZES_GIB}
+    return out
+
+
+def print_memory(figures: dict) -> None:
+    unit, scale = ("GiB", 2**30) if figures["kv_bytes_per_slot"] > 2**30 else ("MiB", 2**20)
+    line = (f"memory per slot at context {figures['context_seconds']:.0f} s ({figures['context_steps']} steps): "
+            f"KV ring {figures['kv_bytes_per_slot'] / scale:.3f} {unit}, all streaming state (measured at B=1) "
+            f"{figures['state_bytes_per_slot_measured'] / scale:.3f} {unit}")
+    if "memory_slots" in figures:
+        free = figures.get("free_bytes")
+        line += (f"; {figures['memory_slots']} slot(s) fit"
+                 + (f" ({free / 2**30:.1f} GiB free)" if free else ""))
+    print(line, flush=True)
+    if "slots_if_gpu_gib" in figures:
+        print(f"  weights {figures['weights_bytes'] / 2**30:.1f} GiB; the worker's memory bound (90 % of what is "
+              "left / (KV x 1.15)): " + ", ".join(f"{n} slots on a {gib} GiB GPU"
+                                                 for gib, n in figures["slots_if_gpu_gib"].items()), flush=True)
+
+
+def time_batch(make_model, batch_size: int, steps: int, cuda_graphs: bool, filled_kv: bool = False) -> dict:
     from service.worker.engine import MoshiEngine
 
-    engine = MoshiEngine(make_model(), batch_size, greedy=False, cuda_graphs=cuda_graphs)
+    engine = MoshiEngine(make_model(), batch_size, greedy=False, cuda_graphs=cuda_graphs, filled_kv=filled_kv)
     try:
         warm = engine.warm_up()
+        engine.fill_rings()  # every call past its context: the worst case (matters with --filled-kv)
         rng = np.random.default_rng(batch_size)
         active = np.ones(batch_size, dtype=bool)
         fresh = np.zeros(batch_size, dtype=bool)
@@ -108,15 +166,16 @@ def time_batch(make_model, batch_size: int, steps: int, cuda_graphs: bool) -> di
             "realtime": p99 < FRAME_MS, "per_call_ms": round(p50 / batch_size, 2)}
 
 
-def bench_engine(make_model, batch_sizes: list[int], steps: int, cuda_graphs: bool) -> list[dict]:
-    print(f"\nbatched engine: {steps} steps per batch size after warm-up; real time = p99 < {FRAME_MS:.0f} ms")
+def bench_engine(make_model, batch_sizes: list[int], steps: int, cuda_graphs: bool,
+                 filled_kv: bool = False) -> list[dict]:
+    print(f"batched engine: {steps} steps per batch size after warm-up; real time = p99 < {FRAME_MS:.0f} ms")
     print(f"{'B':>5} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9} {'ms/call':>9}  real time")
     import torch
 
     rows = []
     for batch_size in batch_sizes:
         try:
-            row = time_batch(make_model, batch_size, steps, cuda_graphs)
+            row = time_batch(make_model, batch_size, steps, cuda_graphs, filled_kv)
         except torch.OutOfMemoryError:
             print(f"{batch_size:>5}  out of device memory: larger batches skipped")
             break
@@ -130,6 +189,33 @@ def bench_engine(make_model, batch_sizes: list[int], steps: int, cuda_graphs: bo
             print("  (p50 is past twice the frame: larger batches skipped)")
             break
     return rows
+
+
+def chosen_batch(make_model, device: str, budget_ms: float, steps: int, cuda_graphs: bool,
+                 filled_kv: bool = False) -> dict:
+    """The worker's own choice: service.worker.sizing from the memory bound (CPU: at most 64)."""
+    import torch
+
+    from service.worker.engine import MoshiEngine
+    from service.worker.sizing import MEMORY, size_batch
+
+    model = make_model()
+    bound = memory_slots(model.lm, device)
+
+    def build(batch_size: int):
+        return MoshiEngine(model, batch_size, greedy=False, cuda_graphs=cuda_graphs, filled_kv=filled_kv)
+
+    engine, sizing = size_batch(build, budget_ms=budget_ms, upper=bound.slots, upper_reason=MEMORY,
+                                memory_slots=bound.slots, steps=steps)
+    engine.close()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    print(f"the worker's own choice: {sizing.describe()}", flush=True)
+    print("  timing runs: " + ", ".join(
+        f"B={t.batch_size} " + ("out of memory" if t.out_of_memory else
+                                f"p99 {t.p99_ms:.1f}{' (stopped early)' if t.steps < steps else ''}")
+        for t in sizing.trials), flush=True)
+    return sizing.to_dict()
 
 
 # --- part 2: Kyutai's moshi.server ------------------------------------------------------
@@ -244,11 +330,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=["tiny", "7b"], default="tiny")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, or meta (7b: memory figures only)")
     parser.add_argument("--dtype", default="bfloat16", help="7B weights dtype (tiny runs float32)")
-    parser.add_argument("--batch-sizes", default=None, help="comma-separated (default: powers of two)")
+    parser.add_argument("--batch-sizes", default=None, help="comma-separated (default: see above)")
     parser.add_argument("--steps", type=int, default=100, help="timed steps per batch size")
+    parser.add_argument("--context-seconds", default="240,120",
+                        help="comma-separated contexts to measure, each a full part 1 (default: 240,120)")
+    parser.add_argument("--step-budget-ms", type=float, default=70.0,
+                        help="the budget of the worker's own choice of B (its default: 70)")
+    parser.add_argument("--skip-choice", action="store_true", help="no search for the worker's own B")
     parser.add_argument("--no-cuda-graphs", action="store_true")
+    parser.add_argument("--filled-kv", action="store_true",
+                        help="the worker's --filled-kv attention (timed at full rings, as the worker "
+                             "sizes B; ops/bench/filled_kv.py times other call ages)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads on CPU (default: the worker's, half the cores)")
     parser.add_argument("--moshi-server-seconds", type=float, default=20.0)
@@ -259,13 +353,18 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
+    if args.device == "meta" and args.size != "7b":
+        parser.error("--device meta is for --size 7b (memory figures only)")
     if args.device == "cpu":
         from service.worker.main import default_cpu_threads
         torch.set_num_threads(args.threads or default_cpu_threads())
-    default_sizes = [1, 2, 4, 8, 16, 32, 64] if args.size == "tiny" else [1, 2, 4, 8, 16, 24, 32, 48, 64]
+    default_sizes = [1, 2, 4, 8, 16, 32, 64] if args.size == "tiny" else [1, 8, 16, 24, 32, 48, 64]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else default_sizes
+    contexts = [float(c) for c in args.context_seconds.split(",") if c.strip()]
+    timed = args.device != "meta"
 
     device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else (
+        "meta device (shapes only)" if args.device == "meta" else
         f"CPU, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
     print(f"worker benchmark: {args.size} model on {args.device} ({device_name}), torch {torch.__version__}")
 
@@ -277,11 +376,28 @@ def main(argv: list[str] | None = None) -> int:
     else:
         make_model = random_7b_factory(args.device, args.dtype)
 
-    rows = bench_engine(make_model, batch_sizes, args.steps, cuda_graphs=not args.no_cuda_graphs)
-    realtime = [row["B"] for row in rows if row["realtime"]]
-    best = max(realtime) if realtime else 0
-    print(f"\nlargest batch holding real time (p99 < {FRAME_MS:.0f} ms): B = {best}"
-          f" -> {best} real-time call(s) per worker process")
+    parts = []
+    for context in contexts:
+        set_context(make_model().lm, context)
+        print(f"\n== context {context:g} s ==", flush=True)
+        part: dict = {"context_seconds": context, "memory": memory_figures(make_model(), args.device)}
+        print_memory(part["memory"])
+        if timed:
+            rows = bench_engine(make_model, batch_sizes, args.steps, cuda_graphs=not args.no_cuda_graphs,
+                                filled_kv=args.filled_kv)
+            realtime = [row["B"] for row in rows if row["realtime"]]
+            part["batches"] = rows
+            part["max_realtime_batch"] = max(realtime) if realtime else 0
+            print(f"largest batch holding real time (p99 < {FRAME_MS:.0f} ms): B = {part['max_realtime_batch']}")
+            if not args.skip_choice:
+                part["chosen"] = chosen_batch(make_model, args.device, args.step_budget_ms, args.steps,
+                                              cuda_graphs=not args.no_cuda_graphs, filled_kv=args.filled_kv)
+        parts.append(part)
+
+    first = parts[0]
+    best = first.get("max_realtime_batch", 0)
+    if timed:
+        print_summary(parts, batch_sizes)
 
     server: dict | None = None
     if args.size == "tiny" and not args.skip_moshi_server and args.device == "cpu":
@@ -304,11 +420,33 @@ def main(argv: list[str] | None = None) -> int:
     tmp.cleanup()
     print(json.dumps({
         "bench": "worker", "size": args.size, "device": args.device, "device_name": device_name,
-        "torch": torch.__version__, "steps": args.steps, "batches": rows,
-        "max_realtime_batch": best, "realtime_calls_per_process": best,
-        "moshi_server": server, "ratio_vs_moshi_server": ratio,
+        "torch": torch.__version__, "steps": args.steps, "step_budget_ms": args.step_budget_ms,
+        "filled_kv": args.filled_kv,
+        "contexts": parts, "batches": first.get("batches"), "max_realtime_batch": best,
+        "realtime_calls_per_process": best, "moshi_server": server, "ratio_vs_moshi_server": ratio,
     }))
     return 0
+
+
+def print_summary(parts: list[dict], batch_sizes: list[int]) -> None:
+    """One table: step p50/p99 per B, a column pair per context, and the worker's choice."""
+    print("\nsummary (step ms, p50/p99; '-' not run):")
+    titles = ["ctx {:g} s".format(part["context_seconds"]) for part in parts]
+    header = f"{'B':>5}" + "".join(f" {title:>17}" for title in titles)
+    print(header)
+    for batch_size in batch_sizes:
+        cells = []
+        for part in parts:
+            row = next((r for r in part.get("batches", []) if r["B"] == batch_size), None)
+            cells.append(f"{row['p50_ms']:7.1f}/{row['p99_ms']:<7.1f}" if row else f"{'-':>15}")
+        print(f"{batch_size:>5}" + "".join(f" {c:>17}" for c in cells))
+    chosen = []
+    for part in parts:
+        c = part.get("chosen")
+        chosen.append(f"B={c['slots']} ({c['reason']})" if c else "-")
+    print(f"{'own':>5}" + "".join(f" {c:>17}" for c in chosen))
+    mem = [f"{p['memory']['kv_bytes_per_slot'] / 2**20:.1f} MiB" for p in parts]
+    print(f"{'KV':>5}" + "".join(f" {m:>17}" for m in mem) + "  per slot")
 
 
 if __name__ == "__main__":

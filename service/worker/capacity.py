@@ -41,16 +41,17 @@ def _attentions(lm: tp.Any) -> list[tp.Any]:
 
 
 def set_context(lm: tp.Any, seconds: float | None) -> int:
-    """Give the LM's KV ring ``seconds`` of context (None: the checkpoint's); return the steps.
+    """Give the LM's KV ring ``seconds`` of context (None: the checkpoint's own); return the steps.
 
     Call before any engine enters streaming: the ring is sized when streaming starts.
     Raises :class:`ContextError` past the checkpoint's own context: the model never
     attended further than that in training.
     """
-    trained = lm.context
-    if seconds is None:
-        return trained
-    steps = context_steps(seconds)
+    trained = getattr(lm, "_moshimoshi_trained_context", lm.context)
+    lm._moshimoshi_trained_context = trained  # what the checkpoint came with, across calls
+    steps = trained if seconds is None else context_steps(seconds)
+    if steps is None:
+        return steps
     if trained is not None and steps > trained:
         raise ContextError(f"MOSHIMOSHI_CONTEXT_SECONDS={seconds:g} exceeds this checkpoint's context of "
                            f"{trained / FRAME_RATE:g} s ({trained} steps); choose at most that")
@@ -58,6 +59,18 @@ def set_context(lm: tp.Any, seconds: float | None) -> int:
         attention.context = steps
     lm.context = steps
     return steps
+
+
+def fill_rings(lm: tp.Any) -> None:
+    """Mark every slot's KV ring full, as after a call past its context: the step then reads
+    whole rings, its worst case (what the contents are does not matter for timing). For
+    timing runs only: a session's first step resets its slot."""
+    for attention in _attentions(lm):
+        state = attention._streaming_state
+        if state is not None and state.kv_cache is not None:
+            capacity = state.kv_cache.capacity
+            state.kv_cache.end_offset.fill_(capacity)
+            state.offset.fill_(capacity)
 
 
 def kv_bytes_per_slot(lm: tp.Any) -> int:

@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from service.worker.capacity import kv_bytes_per_slot
+from service.worker.capacity import fill_rings, kv_bytes_per_slot
 from service.worker.checkpoint import LoadedModel, ModelInfo, check_moshi_version
 from service.worker.engine_api import FRAME_SAMPLES, NO_TOKEN, StepOutput, TextTokenizer
 
@@ -54,6 +54,7 @@ class MoshiEngine:
         top_k_text: int | None = None,
         seed: int = 42424242,
         cuda_graphs: bool = True,
+        filled_kv: bool = False,
     ) -> None:
         from moshi.models import LMGen
 
@@ -90,6 +91,15 @@ class MoshiEngine:
             self._streaming.close()
             _drop_streaming_states(self.mimi, self.lm_gen, self.lm)
             raise
+        self._filled_kv = None
+        if filled_kv:
+            from service.worker.filled_kv import FilledKV
+
+            try:
+                self._filled_kv = FilledKV(self.lm, batch_size)
+            except BaseException:
+                self.close()
+                raise
         # Slots whose next encoded frame is their stream's first (Kyutai's first-frame rule).
         self._first_frame = torch.zeros(batch_size, dtype=torch.bool, device=self.device)
 
@@ -171,8 +181,15 @@ class MoshiEngine:
             torch.cuda.synchronize()
         return time.monotonic() - start
 
+    def fill_rings(self) -> None:
+        """Before a timing run: every slot's KV ring full (the step's worst case)."""
+        fill_rings(self.lm)
+
     def close(self) -> None:
         """Leave streaming mode (the models can then back another engine)."""
+        if self._filled_kv is not None:
+            self._filled_kv.close()
+            self._filled_kv = None
         self._streaming.close()
 
 

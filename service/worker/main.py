@@ -109,7 +109,7 @@ def build_engine(settings: WorkerSettings, make_engine: tp.Callable[..., Engine]
     def build(batch_size: int) -> Engine:
         return make(loaded, batch_size, greedy=settings.greedy, temp=settings.temp, temp_text=settings.temp_text,
                     top_k=settings.top_k, top_k_text=settings.top_k_text, seed=settings.seed,
-                    cuda_graphs=settings.cuda_graphs)
+                    cuda_graphs=settings.cuda_graphs, filled_kv=settings.filled_kv)
 
     if settings.slots is not None and settings.slots > bound.slots:
         log.warning("--slots %d: only %d fit in memory by the estimate; the KV rings may not fit",

@@ -92,11 +92,15 @@ def certainly_over(steps: int, quantile: float = 0.99) -> int:
 
 
 def time_steps(engine: Engine, budget_ms: float, steps: int = DEFAULT_STEPS, seed: int = 0) -> StepTimes:
-    """Time ``steps`` steps of ``engine`` with every slot active, on noise.
+    """Time ``steps`` steps of ``engine`` with every slot active, on noise, every KV ring
+    full where the engine can say so (``fill_rings``: the worst case, calls past their context).
 
     Stops early once more steps exceeded the budget than a p99 under it allows.
     """
     B = engine.batch_size
+    fill = getattr(engine, "fill_rings", None)
+    if fill is not None:
+        fill()
     rng = np.random.default_rng(seed)
     frames = (rng.standard_normal((4, B, FRAME_SAMPLES)) * 0.05).astype(np.float32)
     active = np.ones(B, dtype=bool)
