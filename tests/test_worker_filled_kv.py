@@ -19,6 +19,8 @@ from service.worker.main import build_engine
 from service.worker.tinymodel import build_tiny_checkpoint
 from tests.support.worker import worker_settings
 
+pytestmark = pytest.mark.system  # torch.compile runs the C++ compiler for the flex attention kernel
+
 SLOTS = 4
 STEPS = 380
 CONTEXT_SECONDS = 24.0  # 300 steps: two full blocks of 128 and a partial one of 44

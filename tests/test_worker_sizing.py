@@ -2,8 +2,9 @@
 
 The real tiny model on this CPU. Where a test needs a known answer it adds an artificial
 per-step delay that depends on B (``delayed_engine``): past 3 slots a step costs twice the
-budget, as a GPU does past its memory bandwidth, so the expected B is 3 however loaded the
-machine is (load only lengthens steps, and B=3 of the tiny model takes a few ms of the 70).
+budget, as a GPU does past its memory bandwidth, so no B above 3 can be chosen on any
+machine (a functional check); that B=3 itself holds the budget (a few ms of the tiny model's
+step against 70) is a timing judgement, as is everything else that needs a fast step.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from service.worker.sizing import FORCED, LIMIT, TIME, certainly_over
 from service.worker.stepwatch import StepWatch
 from service.worker.tinymodel import build_tiny_checkpoint
 from tests.support.pool import eventually
+from tests.support.realtime import realtime_test
 from tests.support.worker import (
     collect,
     delayed_engine,
@@ -55,56 +57,65 @@ def verdicts(sizing) -> dict[int, bool]:
     return held
 
 
-def test_the_chosen_b_is_the_largest_whose_p99_holds_the_budget(tiny_dir):
+@realtime_test()
+def test_the_chosen_b_is_the_largest_whose_p99_holds_the_budget(tiny_dir, timing):
     settings = worker_settings(model=str(tiny_dir), max_slots=8, step_budget_ms=BUDGET_MS)
     engine = build_engine(settings, make_engine=delayed_engine(cliff))
     try:
         sizing = engine.sizing
-        assert engine.batch_size == sizing.slots == CLIFF
-        assert sizing.reason == TIME and sizing.p99_ms < BUDGET_MS and not sizing.over_budget
-        assert sizing.memory_slots >= 8
         held = verdicts(sizing)
-        assert held[CLIFF] and not held[CLIFF + 1], held
-        assert held == {8: False, 4: False, 2: True, 3: True}  # 8, halved to 4, to 2, bisected to 3
+        assert engine.batch_size == sizing.slots <= CLIFF and sizing.reason == TIME
+        assert sizing.memory_slots >= 8
+        assert (held[8], held[4]) == (False, False)  # past the cliff: over on any machine
         # a B over the budget is timed twice, and stops as soon as its p99 is certainly over
         over = [t for t in sizing.trials if t.batch_size == 8]
         assert len(over) == 2 and all(t.steps == certainly_over(100) == 2 for t in over)
+        timing.expect(sizing.slots == CLIFF and held == {8: False, 4: False, 2: True, 3: True},
+                      f"B=2 and B=3 of the tiny model hold 70 ms (8, halved to 4, to 2, bisected to 3): {held}")
+        timing.expect(sizing.p99_ms is not None and sizing.p99_ms < BUDGET_MS, f"p99 {sizing.p99_ms} ms")
     finally:
         engine.close()
 
 
-def test_without_the_delay_the_same_search_keeps_more_slots(tiny_dir):
-    """The search on the real step time: whatever the load, the chosen B held the budget and
-    B+1 did not (or B is the limit). The tiny model holds 70 ms far past 3 slots."""
+@realtime_test()
+def test_without_the_delay_the_same_search_keeps_more_slots(tiny_dir, timing):
+    """The search on the real step time: the chosen B held the budget and B+1 did not (or B is
+    the limit), whatever the load; the tiny model holding 70 ms past 3 slots is a timing
+    judgement."""
     settings = worker_settings(model=str(tiny_dir), max_slots=8, step_budget_ms=BUDGET_MS)
     engine = build_engine(settings)
     try:
         sizing = engine.sizing
         held = verdicts(sizing)
-        assert held[sizing.slots] and sizing.p99_ms < BUDGET_MS
-        assert sizing.slots == 8 and sizing.reason == LIMIT or held.get(sizing.slots + 1) is False
-        assert sizing.slots > CLIFF
+        if held.get(sizing.slots):
+            assert sizing.p99_ms < BUDGET_MS
+            assert (sizing.slots == 8 and sizing.reason == LIMIT) or held.get(sizing.slots + 1) is False
+        else:
+            assert sizing.slots == 1 and sizing.over_budget  # not even one slot held: said so
+        timing.expect(sizing.slots > CLIFF, f"more than {CLIFF} slots hold 70 ms: {held}")
     finally:
         engine.close()
 
 
-def test_a_tight_budget_is_searched_by_bisection_on_the_real_step(tiny_dir):
+@realtime_test()
+def test_a_tight_budget_is_searched_by_bisection_on_the_real_step(tiny_dir, timing):
     settings = worker_settings(model=str(tiny_dir), max_slots=16, step_budget_ms=12.0)
     engine = build_engine(settings)
     try:
         sizing = engine.sizing
         held = verdicts(sizing)
-        if sizing.slots == 1 and not held[1]:
-            assert sizing.over_budget  # this machine cannot hold 12 ms even at B=1: said so
-        else:
-            assert held[sizing.slots] and sizing.p99_ms < 12.0
+        if held.get(sizing.slots):
+            assert sizing.p99_ms < 12.0
             assert sizing.slots == 16 or held.get(sizing.slots + 1) is False
-        assert sizing.seconds < 60
+        else:
+            assert sizing.slots == 1 and sizing.over_budget  # this machine cannot hold 12 ms at B=1: said so
+        timing.expect(sizing.seconds < 60, f"the search took {sizing.seconds:.0f} s")
     finally:
         engine.close()
 
 
-def test_a_b_that_runs_out_of_device_memory_is_ruled_out_and_memory_is_the_reason(tiny_dir):
+@realtime_test()
+def test_a_b_that_runs_out_of_device_memory_is_ruled_out_and_memory_is_the_reason(tiny_dir, timing):
     """A GPU whose memory ends before the estimate does (activations, graph pools): the
     engine's allocation fails with torch's OutOfMemoryError (raised here in its place, as
     the CPU never runs out), and the search goes on below it."""
@@ -121,10 +132,12 @@ def test_a_b_that_runs_out_of_device_memory_is_ruled_out_and_memory_is_the_reaso
                           make_engine=make)
     try:
         sizing = engine.sizing
-        assert (engine.batch_size, sizing.reason) == (5, "memory")
-        assert [t.to_dict() for t in sizing.trials if t.out_of_memory] == [
-            {"B": 8, "steps": 0, "over_budget": True, "out_of_memory": True},
-            {"B": 6, "steps": 0, "over_budget": True, "out_of_memory": True}]
+        assert engine.batch_size <= 5
+        assert [t.to_dict() for t in sizing.trials if t.out_of_memory][:1] == [
+            {"B": 8, "steps": 0, "over_budget": True, "out_of_memory": True}]
+        timing.expect((engine.batch_size, sizing.reason) == (5, "memory")
+                      and [t.batch_size for t in sizing.trials if t.out_of_memory] == [8, 6],
+                      f"B=4 and B=5 of the tiny model hold 70 ms: {[t.to_dict() for t in sizing.trials]}")
     finally:
         engine.close()
 
@@ -195,7 +208,8 @@ def test_step_watch_needs_three_slow_steps_and_forgets_after_the_window():
     assert watch.check(14.35) is None and watch.p99_ms is None  # the window is empty
 
 
-async def test_an_overloaded_worker_takes_no_new_calls_until_it_recovers(tiny_dir, redis_server):
+@realtime_test()
+async def test_an_overloaded_worker_takes_no_new_calls_until_it_recovers(tiny_dir, redis_server, timing):
     settings = worker_settings(model=str(tiny_dir), slots=2, step_budget_ms=BUDGET_MS,
                                overload_window_seconds=2.0, redis_url=redis_server.url, worker_id="ow",
                                heartbeat_seconds=0.2)
@@ -233,17 +247,22 @@ async def test_an_overloaded_worker_takes_no_new_calls_until_it_recovers(tiny_di
                 assert result.close_code == 4029 and "overloaded" in result.close_reason
 
                 worker.runtime.engine.extra_ms = 0.0  # it recovers; the call went on all along
-                await eventually(lambda: not worker.runtime.overloaded, timeout=20, what="recovered")
+                try:  # the tiny model's own steps under 70 ms again: a timing judgement
+                    await eventually(lambda: not worker.runtime.overloaded, timeout=20, what="recovered")
+                except AssertionError:
+                    timing.expect(False, f"recovered within 20 s: step p99 {worker.runtime.watch.p99_ms} ms")
+                    return
                 await eventually(lambda: _equals(registered_state(), READY), what="announced ready")
                 second = await leases.claim(ttl_ms=30_000, owner="call-2")
                 assert second is not None and second.worker_id == "ow"
-                assert await worker.metric("moshimoshi_worker_overloads_total") == 1
+                assert await worker.metric("moshimoshi_worker_overloads_total") >= 1
             finally:
                 feeding.cancel()
                 await asyncio.gather(feeding, return_exceptions=True)
             assert not ws.close_code  # the call in progress was never cut
 
 
+@pytest.mark.system  # a real uvicorn worker and gateway control plane, in this process
 async def test_without_a_pool_the_pool_view_reads_the_sizing_from_the_workers_info(tiny_dir):
     import httpx
 
