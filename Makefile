@@ -7,6 +7,8 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 MOSHI_VERSION ?= 0.2.13
+# moshi 0.2.2 (what LLM-jp-Moshi-v1 and J-Moshi were saved with), for the compatibility tests
+MOSHI022_VENV ?= .venv-moshi022
 
 RUN_PACKAGES := redis-server
 TEST_PACKAGES := redis-server sip-tester baresip-core chromium prometheus kamailio
@@ -19,6 +21,7 @@ install: $(STAMP)
 install-test: $(STAMP)
 	@ops/tools/system-packages.sh $(TEST_PACKAGES)
 	@ops/tools/install-helm.sh .tools
+	@PYTHON=$(PYTHON) TORCH_VERSION=$(TORCH_VERSION) ops/tools/moshi022-venv.sh $(MOSHI022_VENV)
 
 # torch first so that the pinned build is the one every later step sees; moshi without
 # its declared deps (it pins torch<2.10 but runs on 2.13): its real needs are in [worker].
@@ -40,4 +43,4 @@ bench: install
 	@for b in ops/bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) .tools
+	rm -rf $(VENV) $(MOSHI022_VENV) .tools

@@ -83,9 +83,11 @@ def test_local_directory_loads(tiny_dir):
 
 
 def test_hub_repo_loads_from_the_cache_with_its_licence(tiny_dir, offline_hub):
-    lay_out_hf_cache(offline_hub, "nu-dialogue/j-moshi-ext", [tiny_dir / n for n in LAYOUT])
-    loaded = load_checkpoint("nu-dialogue/j-moshi-ext", device="cpu")
-    assert loaded.info.model == "nu-dialogue/j-moshi-ext"
+    # (a J-Moshi repo without published sizes: the tiny files would not pass j-moshi-ext's)
+    lay_out_hf_cache(offline_hub, "nu-dialogue/j-moshi-tiny", [tiny_dir / n for n in LAYOUT])
+    loaded = load_checkpoint("nu-dialogue/j-moshi-tiny", device="cpu")
+    assert loaded.info.model == "nu-dialogue/j-moshi-tiny"
+    assert loaded.info.architecture == "config.json"
     assert loaded.info.source == "huggingface"
     assert loaded.info.license == CC_BY_NC
     assert loaded.info.research_only
@@ -129,13 +131,15 @@ def test_weights_of_the_wrong_shape_are_a_clear_error(tiny_copy):
     config = json.loads((tiny_copy / "config.json").read_text())
     config["dim"] = 128
     (tiny_copy / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"cannot load the LM from model\.safetensors.*size mismatch"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors does not fit the LM of its config\.json: "
+                       r"tensors \d+ of another shape \(emb\.0\.weight \[65, 64\] in the file, \[65, 128\]"):
         load_checkpoint(str(tiny_copy), device="cpu")
 
 
 def test_corrupt_weights_are_a_clear_error(tiny_copy):
     (tiny_copy / "tokenizer-e351c8d8-checkpoint125.safetensors").write_bytes(b"\x00garbage" * 10)
-    with pytest.raises(CheckpointError, match=r"cannot load Mimi from tokenizer-e351c8d8-checkpoint125"):
+    with pytest.raises(CheckpointError, match=r"tokenizer-e351c8d8-checkpoint125\.safetensors is not a "
+                       r"safetensors file"):
         load_checkpoint(str(tiny_copy), device="cpu")
 
 
@@ -167,9 +171,49 @@ def test_moshi_version_check():
 
 
 def test_repo_without_config_is_read_as_moshi_7b(tiny_dir, offline_hub):
-    """Like J-Moshi and LLM-jp-Moshi: no config.json means the stock 7B Moshi and stock Mimi."""
+    """Like J-Moshi and LLM-jp-Moshi: no config.json (and no moshi_lm_kwargs.json) means the
+    stock 7B Moshi and stock Mimi (tests/test_worker_legacy_checkpoints.py has the real
+    format; this is the Hub path)."""
     files = [tiny_dir / n for n in LAYOUT if n not in ("config.json", "mimi_config.json")]
-    lay_out_hf_cache(offline_hub, "nu-dialogue/j-moshi", files)
+    lay_out_hf_cache(offline_hub, "someone/legacy-moshi", files)
     # The tiny weights do not fit the stock architecture: proof that it was the one built.
-    with pytest.raises(CheckpointError, match=r"nu-dialogue/j-moshi: cannot load Mimi from .*Error\(s\) in loading state_dict"):
-        load_checkpoint("nu-dialogue/j-moshi", device="cpu")
+    with pytest.raises(CheckpointError, match=r"^checkpoint someone/legacy-moshi: tokenizer-e351c8d8-checkpoint125"
+                       r"\.safetensors does not fit the stock Mimi: tensors \d+ missing \(.*\); \d+ of another shape"):
+        load_checkpoint("someone/legacy-moshi", device="cpu")
+
+
+def test_sampling_is_moshis_unless_the_checkpoint_or_a_flag_says_otherwise(tiny_dir, tmp_path):
+    from service.worker.engine import MoshiEngine
+
+    moshi_defaults = {"greedy": False, "temp": 0.8, "temp_text": 0.7, "top_k": 250, "top_k_text": 25}
+    loaded = load_checkpoint(str(tiny_dir), device="cpu")
+    engine = MoshiEngine(loaded, 1)
+    assert engine.info.sampling == moshi_defaults
+    assert engine.info.to_dict()["sampling"] == moshi_defaults  # /v1/info's model_info
+    assert loaded.info.sampling is None  # the loader's info is not the engine's
+    engine.close()
+    engine = MoshiEngine(loaded, 1, greedy=True, temp=0.5, top_k_text=10)
+    assert engine.info.sampling == {**moshi_defaults, "greedy": True, "temp": 0.5, "top_k_text": 10}
+    assert (engine.lm_gen.temp, engine.lm_gen.top_k_text, engine.lm_gen.use_sampling) == (0.5, 10, False)
+    engine.close()
+    # A checkpoint's own lm_gen_config (config.json) comes before moshi's defaults, flags before it.
+    ckpt = shutil.copytree(tiny_dir, tmp_path / "tuned")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["lm_gen_config"] = {"temp": 0.6, "top_k": 100}
+    (ckpt / "config.json").write_text(json.dumps(config))
+    engine = MoshiEngine(load_checkpoint(str(ckpt), device="cpu"), 1, top_k=50)
+    assert engine.info.sampling == {**moshi_defaults, "temp": 0.6, "top_k": 50}
+    engine.close()
+
+
+def test_legacy_kwargs_are_translated_to_the_installed_moshis():
+    from service.worker.architecture import MOSHI_7B_LM_KWARGS, ArchitectureError, lm_kwargs_from_legacy
+
+    written = {**MOSHI_7B_LM_KWARGS, "depformer_causal": True, "llama_name_or_path": None}
+    kwargs, notes = lm_kwargs_from_legacy(written)
+    assert kwargs == MOSHI_7B_LM_KWARGS and notes == ["ignored 'llama_name_or_path' (not a Moshi LM argument)"]
+    kwargs, notes = lm_kwargs_from_legacy({k: v for k, v in MOSHI_7B_LM_KWARGS.items()
+                                           if k != "existing_text_padding_id"})
+    assert (kwargs["existing_text_padding_id"], kwargs["text_card_out"]) == (32000, 32001)
+    with pytest.raises(ArchitectureError, match="depformer_causal=False"):
+        lm_kwargs_from_legacy({**MOSHI_7B_LM_KWARGS, "depformer_causal": False})

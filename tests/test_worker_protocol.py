@@ -46,7 +46,7 @@ async def test_started_message_and_echo():
         assert started == {
             "type": "started", "version": 1, "slot": 2, "sample_rate": 24000, "frame_samples": 1920,
             "frame_ms": 80, "model": "echo", "license": "n/a (no model: echoes the caller)",
-            "research_only": False, "max_call_seconds": 1800.0, "context_seconds": None,
+            "research_only": False, "max_call_seconds": 1800.0, "context_seconds": None, "sampling": None,
         }
         frames = pcm_frames(1, 5)
         for frame in frames:

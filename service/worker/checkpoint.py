@@ -6,6 +6,14 @@ from the Hub through its cache), checked, and handed to moshi's own
 built exactly the way Kyutai's ``moshi.server`` builds it. A missing file or a broken one
 is a :class:`CheckpointError` that names the checkpoint and the file.
 
+The architecture comes from the repo's ``config.json``; a repo without one (LLM-jp-Moshi-v1,
+J-Moshi: saved by moshi 0.2.2) gets its ``moshi_lm_kwargs.json`` when it has one, else the
+Moshi 7B defaults, applied here and said in the log and :class:`ModelInfo`
+(:mod:`service.worker.architecture`). Before any weight is read, each file is checked:
+a known repo's files against their documented sizes (:mod:`service.worker.known_repos`),
+every safetensors file against its own header (a partial download), and its tensors
+against the model built on the meta device (:mod:`service.worker.weights_check`).
+
 This module imports torch and moshi lazily: importing it costs nothing, so the licence
 table and :func:`check_moshi_version` are usable from the CLI and the echo worker.
 """
@@ -20,26 +28,27 @@ import tempfile
 import typing as tp
 from pathlib import Path
 
+from service.worker import architecture as arch
+from service.worker.architecture import CONFIG_NAME, LEGACY_KWARGS_NAME, Architecture, ArchitectureError
+from service.worker.known_repos import (
+    APACHE,
+    CC_BY_NC,
+    KNOWN_REPOS,
+    MIMI_NAME,
+    MOSHI_NAME,
+    TOKENIZER_NAME,
+    check_download,
+)
+from service.worker.weights_check import WeightsError, match_tensors, read_header
+
 log = logging.getLogger(__name__)
 
 MIN_MOSHI_VERSION = (0, 2, 5)  # first release with per-slot reset_streaming(reset_mask)
 
-CONFIG_NAME = "config.json"
-# moshi.models.loaders' names, repeated here so that no torch import is needed to read them.
-MOSHI_NAME = "model.safetensors"
-MIMI_NAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
-TOKENIZER_NAME = "tokenizer_spm_32k_3.model"
-
-APACHE = "Apache-2.0"
-CC_BY_NC = "CC BY-NC 4.0 (research use only, no commercial use)"
 UNKNOWN_LICENSE = "unknown (see the checkpoint's own licence)"
 
 # Hugging Face repo id -> licence of its weights.
-KNOWN_LICENSES: dict[str, str] = {
-    "llm-jp/llm-jp-moshi-v1": APACHE,
-    "nu-dialogue/j-moshi": CC_BY_NC,
-    "nu-dialogue/j-moshi-ext": CC_BY_NC,
-}
+KNOWN_LICENSES: dict[str, str] = {repo_id: repo.license for repo_id, repo in KNOWN_REPOS.items()}
 
 
 class CheckpointError(RuntimeError):
@@ -107,6 +116,8 @@ class ModelInfo:
     revision: str | None = None
     context_steps: int | None = None
     frame_rate: float = 12.5
+    architecture: str | None = None  # where the LM's architecture came from (architecture.FROM_*)
+    sampling: dict[str, tp.Any] | None = None  # what the engine samples with (set by the engine)
 
     @property
     def research_only(self) -> bool:
@@ -238,10 +249,38 @@ def resolve_checkpoint(model: str, revision: str | None = None):
 
     Raises :class:`CheckpointError` naming the file that is missing or malformed.
     """
-    return _resolve(_source_for(model, revision), revision)
+    return _resolve(_source_for(model, revision), revision).info
 
 
-def _resolve(source: _LocalSource | _HubSource, revision: str | None):
+@dataclasses.dataclass
+class _Resolved:
+    info: tp.Any  # moshi.models.loaders.CheckpointInfo
+    architecture: Architecture
+
+
+def _architecture(source: _LocalSource | _HubSource, config_path: Path | None) -> Architecture:
+    """Where the LM's kwargs come from when the repo has no config.json (see architecture)."""
+    if config_path is not None:
+        return Architecture(arch.FROM_CONFIG, None)
+    kwargs_path = source.get(LEGACY_KWARGS_NAME, required=False)
+    if kwargs_path is None:
+        log.info("checkpoint %s has no %s and no %s: applying the Moshi 7B defaults (the "
+                 "architecture moshi 0.2.2 assumed for such repos)", source.label, CONFIG_NAME,
+                 LEGACY_KWARGS_NAME)
+        return arch.moshi_7b()
+    raw = _read_json(source, kwargs_path, LEGACY_KWARGS_NAME)
+    try:
+        kwargs, notes = arch.lm_kwargs_from_legacy(raw)
+    except ArchitectureError as exc:
+        raise CheckpointError(f"checkpoint {source.label}: {LEGACY_KWARGS_NAME}: {exc}") from None
+    changed = arch.differences(kwargs, arch.MOSHI_7B_LM_KWARGS)
+    log.info("checkpoint %s has no %s: LM architecture from its %s (%s)%s", source.label, CONFIG_NAME,
+             LEGACY_KWARGS_NAME, "the Moshi 7B's" if not changed else "differs from the Moshi 7B in "
+             + "; ".join(changed), "".join(f"; {note}" for note in notes))
+    return Architecture(arch.FROM_LEGACY_KWARGS, kwargs)
+
+
+def _resolve(source: _LocalSource | _HubSource, revision: str | None) -> _Resolved:
     from moshi.models import loaders
 
     hf_repo = str(source.directory) if isinstance(source, _LocalSource) else source.repo_id
@@ -263,14 +302,20 @@ def _resolve(source: _LocalSource | _HubSource, revision: str | None):
     if mimi_config_path is not None:
         _read_json(source, mimi_config_path, mimi_config_name or "")
     lora_weights = source.get(lora_name, required=True) if lora_name else None
+    assert moshi_weights and mimi_weights and tokenizer
+    if isinstance(source, _HubSource):
+        problem = check_download(source.repo_id, {moshi_name: moshi_weights, mimi_name: mimi_weights,
+                                                  tokenizer_name: tokenizer})
+        if problem:
+            raise CheckpointError(f"checkpoint {source.label}: {problem}")
+    architecture = _architecture(source, config_path)
 
     with tempfile.TemporaryDirectory(prefix="moshimoshi-ckpt-") as tmp:
-        if config_path is None:
-            # A legacy checkpoint (J-Moshi, LLM-jp-Moshi): the Moshi 7B architecture. Give it the
-            # 7B config explicitly, else from_hf_repo would ask the Hub for config.json again.
-            log.info("checkpoint %s has no config.json: assuming the Moshi 7B architecture", source.label)
+        if architecture.lm_kwargs is not None:
+            # Given explicitly, else from_hf_repo would ask the Hub for config.json again and
+            # fall back on moshi's own (deprecated) 7B defaults.
             config_path = Path(tmp) / CONFIG_NAME
-            config_path.write_text(json.dumps(loaders._lm_kwargs))
+            config_path.write_text(json.dumps(architecture.lm_kwargs))
         info = loaders.CheckpointInfo.from_hf_repo(
             hf_repo,
             moshi_weights=moshi_weights,
@@ -281,7 +326,41 @@ def _resolve(source: _LocalSource | _HubSource, revision: str | None):
             lora_weights=lora_weights,
             revision=revision,
         )
-    return info
+    return _Resolved(info, architecture)
+
+
+def _check_weights(label: str, info: tp.Any, architecture: Architecture, torch_dtype: tp.Any) -> None:
+    """Both weight files complete on disk and holding the tensors their models expect."""
+    import torch
+    from moshi.models import loaders
+
+    try:
+        mimi_header = read_header(info.mimi_weights)
+        lm_header = read_header(info.moshi_weights)
+    except WeightsError as exc:
+        raise CheckpointError(f"checkpoint {label}: {exc}") from None
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {label}: cannot read the weights ({exc})") from None
+    try:
+        with torch.device("meta"):
+            mimi = loaders.get_mimi(None, info.mimi_config, device="meta")
+            lm = None if info.lora_weights else info.get_moshi(device="meta", dtype=torch_dtype,
+                                                               load_weight=False)
+    except Exception as exc:  # moshi raises TypeError, AssertionError... for kwargs it cannot build
+        raise CheckpointError(f"checkpoint {label}: moshi cannot build the LM that "
+                              f"{architecture.describe()} describes: {_first_line(exc)}") from None
+    mimi_layout = "its mimi config's" if info.mimi_config else "the stock"
+    try:
+        match_tensors(mimi, mimi_header)
+    except WeightsError as exc:
+        raise CheckpointError(f"checkpoint {label}: {info.mimi_weights.name} does not fit {mimi_layout} "
+                              f"Mimi: {exc}") from None
+    if lm is not None:  # (a LoRA checkpoint's adapters are in another file: loaded as moshi does)
+        try:
+            match_tensors(lm, lm_header)
+        except WeightsError as exc:
+            raise CheckpointError(f"checkpoint {label}: {info.moshi_weights.name} does not fit the LM "
+                                  f"of {architecture.describe()}: {exc}") from None
 
 
 @dataclasses.dataclass
@@ -311,10 +390,12 @@ def load_checkpoint(model: str, *, revision: str | None = None, device: str = "c
 
     check_moshi_version()
     source = _source_for(model, revision)
-    info = _resolve(source, revision)
+    resolved = _resolve(source, revision)
+    info = resolved.info
     label = source.label
     local = isinstance(source, _LocalSource)
     torch_dtype = torch.float32 if device == "cpu" else getattr(torch, dtype)
+    _check_weights(label, info, resolved.architecture, torch_dtype)
 
     try:
         tokenizer = info.get_text_tokenizer()
@@ -330,7 +411,7 @@ def load_checkpoint(model: str, *, revision: str | None = None, device: str = "c
         lm = info.get_moshi(device=device, dtype=torch_dtype)
     except Exception as exc:
         raise CheckpointError(f"checkpoint {label}: cannot load the LM from {info.moshi_weights.name} "
-                              f"with {CONFIG_NAME}: {_first_line(exc)}") from None
+                              f"with {resolved.architecture.describe()}: {_first_line(exc)}") from None
 
     if info.model_type != "moshi":
         raise CheckpointError(f"checkpoint {label}: model_type {info.model_type!r} is not a "
@@ -354,6 +435,7 @@ def load_checkpoint(model: str, *, revision: str | None = None, device: str = "c
         revision=revision,
         context_steps=lm.context,
         frame_rate=float(mimi.frame_rate),
+        architecture=resolved.architecture.source,
     )
     return LoadedModel(checkpoint=info, mimi=mimi, lm=lm, tokenizer=tokenizer, info=model_info)
 

@@ -20,6 +20,7 @@ live step has run before the worker reports ready.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 
@@ -78,6 +79,8 @@ class MoshiEngine:
         overrides = {"temp": temp, "temp_text": temp_text, "top_k": top_k, "top_k_text": top_k_text}
         sampling.update({k: v for k, v in overrides.items() if v is not None})
         self.sampling = sampling
+        # What each call is sampled with: in /v1/info and each session's "started" message.
+        self.info = dataclasses.replace(self.info, sampling={"greedy": greedy, **sampling})
         self.lm_gen = LMGen(self.lm, use_sampling=not greedy, support_out_of_sync=True, **sampling)
         self._codebooks = self.lm.dep_q
         self.kv_bytes_per_slot = kv_bytes_per_slot(self.lm)

@@ -224,7 +224,7 @@ class Session:
             "frame_ms": round(FRAME_SECONDS * 1000), "model": info.model, "license": info.license,
             "research_only": info.research_only,
             "max_call_seconds": self.runtime.settings.max_call_seconds,
-            "context_seconds": info.context_seconds,
+            "context_seconds": info.context_seconds, "sampling": info.sampling,
         }))
         receiver = asyncio.create_task(self._receive_loop(), name=f"recv-{self.call_id}")
         sender = asyncio.create_task(self._send_loop(), name=f"send-{self.call_id}")
