@@ -23,6 +23,9 @@ pytestmark = pytest.mark.system
 
 CALL_SECONDS = 7.0
 
+# moshi's defaults: `serve --model demo` sets no sampling flag
+MOSHI_SAMPLING = {"greedy": False, "temp": 0.8, "temp_text": 0.7, "top_k": 250, "top_k_text": 25}
+
 
 def metric_values(system: RunningSystem) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of /metrics, parsed with prometheus_client's own parser."""
@@ -79,6 +82,7 @@ def test_a_call_in_the_api_live_transcript_metrics_and_webhook(system, webhook_s
     call_id = listed["id"]
     assert listed["from_uri"].startswith("sip:moshimoshi@127.0.0.1") and listed["on_this_gateway"]
     assert listed["worker_id"] and listed["slot"] in (0, 1) and listed["model"] == "demo"
+    assert listed["sampling"] == MOSHI_SAMPLING  # what the worker said it samples this call with
 
     # the live transcript delivers pieces while the call goes on
     pieces: list[dict] = []
@@ -128,6 +132,7 @@ def test_a_call_in_the_api_live_transcript_metrics_and_webhook(system, webhook_s
     assert agent_words.replace(" ", "")[:8] in text.replace(" ", "")
     ended = client.get(f"/v1/calls/{call_id}").json()
     assert (ended["state"], ended["end_reason"]) == ("ended", "remote-bye")
+    assert ended["sampling"] == MOSHI_SAMPLING
     assert ended["duration_s"] == pytest.approx(CALL_SECONDS, abs=2.0)
     assert call_id in [c["id"] for c in client.get("/v1/calls", params={"state": "ended"}).json()["calls"]]
 
@@ -150,6 +155,7 @@ def test_a_call_in_the_api_live_transcript_metrics_and_webhook(system, webhook_s
                                   if json.loads(r.body)["record"]["id"] == call_id], what="the webhook")
     payload = delivered[0]
     assert payload["record"]["end_reason"] == "remote-bye" and payload["quality"]["codec"] == "PCMU"
+    assert payload["record"]["sampling"] == MOSHI_SAMPLING
     assert [e["text"] for e in payload["transcript"]["events"]] == [e["text"] for e in transcript["events"]]
 
     # transcripts are personal data: no stretch of the agent's words is in the logs

@@ -23,13 +23,17 @@ if tp.TYPE_CHECKING:
     from service.gateway.call import Call
     from service.gateway.main import Gateway
 
-RECORD_ONLY_QUALITY = ("ingress", "gateway")
+RECORD_ONLY_QUALITY = ("ingress", "gateway", "sampling")
 
 
 def _duration(answered_at: float | None, ended_at: float | None) -> float:
     if not answered_at:
         return 0.0
     return round(max(0.0, (ended_at or time.time()) - answered_at), 3)
+
+
+def _sampling(value: tp.Any) -> dict[str, tp.Any] | None:
+    return value if isinstance(value, dict) else None
 
 
 def from_call(call: Call, gateway_id: str) -> CallInfo:
@@ -40,7 +44,7 @@ def from_call(call: Call, gateway_id: str) -> CallInfo:
     return CallInfo(
         id=call.id, state=call.state, ingress=call.ingress, from_uri=call.from_uri, to_uri=call.to_uri,
         codec=call.codec, worker_id=call.worker_id, slot=call.slot, model=call.model, license=call.license,
-        gateway_id=gateway_id, started_at=call.started_at, answered_at=call.answered_at,
+        sampling=call.sampling, gateway_id=gateway_id, started_at=call.started_at, answered_at=call.answered_at,
         ended_at=call.ended_at, end_reason=call.end_reason, duration_s=record["duration_s"],
         on_this_gateway=True, quality=CallQuality(**quality) if quality else None)
 
@@ -52,7 +56,8 @@ def from_summary(summary: dict[str, tp.Any], gateway_id: str) -> CallInfo:
         id=summary["id"], state="ended", ingress=summary.get("ingress", ""), from_uri=summary.get("from", ""),
         to_uri=summary.get("to", ""), codec=summary.get("codec", ""), worker_id=summary.get("worker_id", ""),
         slot=summary.get("slot"), model=summary.get("model", ""), license=summary.get("license", ""),
-        gateway_id=gateway_id, started_at=summary.get("started_at", 0.0), answered_at=summary.get("answered_at"),
+        sampling=_sampling(summary.get("sampling")), gateway_id=gateway_id,
+        started_at=summary.get("started_at", 0.0), answered_at=summary.get("answered_at"),
         ended_at=summary.get("ended_at"), end_reason=summary.get("end_reason", ""),
         duration_s=summary.get("duration_s", 0.0), on_this_gateway=True,
         quality=CallQuality(**quality, failovers=summary.get("failovers")) if quality else None)
@@ -64,7 +69,8 @@ def from_record(record: CallRecord) -> CallInfo:
     return CallInfo(
         id=record.call_id, state=record.state, ingress=str(record.quality.get("ingress", "")),
         from_uri=record.from_uri, to_uri=record.to_uri, codec=record.codec, worker_id=record.worker_id,
-        slot=record.slot, gateway_id=str(record.quality.get("gateway", "")), started_at=record.started_at,
+        slot=record.slot, gateway_id=str(record.quality.get("gateway", "")),
+        sampling=_sampling(record.quality.get("sampling")), started_at=record.started_at,
         answered_at=record.answered_at, ended_at=record.ended_at, end_reason=record.end_reason,
         duration_s=_duration(record.answered_at, record.ended_at if record.state == ENDED else None),
         quality=CallQuality(**quality) if quality else None)

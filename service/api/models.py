@@ -56,6 +56,9 @@ class CallInfo(BaseModel):
     slot: int | None = None
     model: str = ""
     license: str = ""
+    sampling: dict[str, float | int | bool] | None = Field(
+        None, description="what the worker samples the model with for this call: greedy, temp, temp_text, "
+        "top_k, top_k_text")
     gateway_id: str = Field("", description="the gateway replica that answered the call")
     started_at: float = Field(description="arrival of the INVITE, epoch seconds")
     answered_at: float | None = None

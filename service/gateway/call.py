@@ -73,6 +73,7 @@ class Call:
     slot: int | None = None
     model: str = ""
     license: str = ""
+    sampling: dict[str, tp.Any] | None = None  # what the worker samples this call with
     failovers: int = 0
     media: MediaSide | None = None
     session: WorkerSession | None = None
@@ -107,6 +108,7 @@ class Call:
             "id": self.id, "ingress": self.ingress, "state": self.state, "from": self.from_uri,
             "to": self.to_uri, "sip_call_id": self.sip_call_id, "source": self.source, "codec": self.codec,
             "worker_id": self.worker_id, "slot": self.slot, "model": self.model, "license": self.license,
+            "sampling": self.sampling,
             "started_at": self.started_at, "answered_at": self.answered_at, "ended_at": self.ended_at,
             "end_reason": self.end_reason, "failovers": self.failovers,
             "duration_s": round(end - self.answered_at, 3) if self.answered_at else 0.0,
@@ -154,6 +156,7 @@ class Call:
         if session.link.info is not None:
             self.model = session.link.info.model
             self.license = session.link.info.license
+            self.sampling = session.link.info.sampling
         self.last_frame_at = time.monotonic()
 
     async def connect(self, router: Router, *, wait: float,

@@ -38,6 +38,7 @@ class SessionInfo:
     model: str
     license: str
     max_call_seconds: float
+    sampling: dict | None = None  # the worker's sampling settings (temperatures, top-k, greedy)
     raw: dict = field(default_factory=dict)
 
 
@@ -102,7 +103,7 @@ class WorkerLink:
         self.info = SessionInfo(slot=int(message["slot"]), model=str(message.get("model", "")),
                                 license=str(message.get("license", "")),
                                 max_call_seconds=float(message.get("max_call_seconds", 0) or 0),
-                                raw=message)
+                                sampling=_sampling(message.get("sampling")), raw=message)
         self.slot = self.info.slot
         self._tasks = [asyncio.create_task(self._reader(), name=f"worker-read-{self.call_id}"),
                        asyncio.create_task(self._writer(), name=f"worker-write-{self.call_id}")]
@@ -188,3 +189,12 @@ class WorkerLink:
             for task in self._tasks:
                 if task is not asyncio.current_task():
                     task.cancel()
+
+
+def _sampling(value: tp.Any) -> dict | None:
+    """The ``sampling`` object of a ``started`` message: numbers and booleans only, kept small
+    (it goes into call records and webhooks)."""
+    if not isinstance(value, dict):
+        return None
+    return {str(k)[:32]: v for k, v in list(value.items())[:16]
+            if isinstance(v, (bool, int, float)) and not isinstance(v, str)}
