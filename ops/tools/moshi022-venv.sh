@@ -22,8 +22,8 @@ rm -rf "$VENV"
 "$PYTHON" -m venv "$VENV"
 pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${pip[@]}" install "torch==$TORCH_VERSION"
-"${pip[@]}" install --no-deps "moshi==0.2.2"
 "${pip[@]}" install "numpy>=1.26,<2.3" "safetensors>=0.4.0,<0.6" "huggingface-hub>=0.24,<0.29" \
   "einops>=0.7,<0.9" "sentencepiece==0.2.0" "bitsandbytes>=0.45,<0.46"
+"${pip[@]}" install --no-deps "moshi==0.2.2"  # last: its torch pin is not checked again
 "$VENV/bin/python" -c "import moshi, torch; assert moshi.__version__ == '0.2.2', moshi.__version__"
 touch "$STAMP"
