@@ -32,6 +32,8 @@ from service.worker.engine import MoshiEngine
 from service.worker.weights_check import read_header
 from tests.support.legacy import LEGACY_FILES, Reference, build_legacy_checkpoint, link_copy, reference
 
+pytestmark = pytest.mark.system  # moshi 0.2.2 runs in its own environment, in a child process
+
 STEPS = 60
 SLOTS = 4
 UNGENERATED = -2  # LMGen(support_out_of_sync=True) before a stream's first output
