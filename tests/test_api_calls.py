@@ -12,6 +12,8 @@ from service.pool import SlotLeases, WorkerRegistration, connect
 from tests.support.api import ADMIN, READ, api_gateway
 from tests.support.pool import eventually, worker
 
+SAMPLING = {"greedy": False, "temp": 0.8, "temp_text": 0.7, "top_k": 250, "top_k_text": 25}
+
 
 @contextlib.asynccontextmanager
 async def two_replicas(redis_url: str):
@@ -35,7 +37,7 @@ async def test_any_replica_lists_every_call_with_filters(redis_server):
         registration = WorkerRegistration(client, worker("w-1", capacity=2))
         await registration.heartbeat()
         leases = SlotLeases(client)
-        on_a = a.start_call(from_uri="sip:alice@192.0.2.10", worker_id="w-1", slot=0)
+        on_a = a.start_call(from_uri="sip:alice@192.0.2.10", worker_id="w-1", slot=0, sampling=SAMPLING)
         lease = await leases.claim(ttl_ms=30_000, owner=on_a.id)  # the slot A's call holds
         assert lease is not None
         ended_on_b = b.start_call(from_uri="sip:bob@192.0.2.11", worker_id="w-2", slot=1)
@@ -52,6 +54,7 @@ async def test_any_replica_lists_every_call_with_filters(redis_server):
         assert (remote["state"], remote["from_uri"], remote["worker_id"], remote["slot"]) == (
             "active", "sip:alice@192.0.2.10", "w-1", 0)
         assert (remote["gateway_id"], remote["on_this_gateway"]) == ("gw-a", False)
+        assert remote["sampling"] == SAMPLING  # from A's record in Redis
         own = by_id[ended_on_b.id]
         assert (own["state"], own["end_reason"], own["on_this_gateway"]) == ("ended", "remote-bye", True)
         assert [c["id"] for c in listed["calls"]] == [ended_on_b.id, on_a.id]  # newest first

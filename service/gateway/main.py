@@ -238,6 +238,11 @@ class Gateway:
         fields = {k: v for k, v in fields.items() if v is not None}
         self._record_write(call.id, "record-update", self.records.update(call.id, **fields))
 
+    def record_answer(self, call: Call) -> None:
+        """An answered call's worker, slot, codec and sampling, into its record."""
+        self.record_update(call, answered_at=call.answered_at, worker_id=call.worker_id, slot=call.slot,
+                           codec=call.codec, quality={"sampling": call.sampling} if call.sampling else None)
+
     def record_end(self, call: Call) -> None:
         if self.records is None:
             return

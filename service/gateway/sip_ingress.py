@@ -141,9 +141,7 @@ class SipCallHandler:
         self.dialog = dialog
         dialog.on_media_update = self._on_media_update
         call.mark_answered()
-        gateway.record_update(call, answered_at=call.answered_at, worker_id=call.worker_id,
-                              slot=call.slot, codec=call.codec,
-                              quality={"sampling": call.sampling} if call.sampling else None)
+        gateway.record_answer(call)
 
     def _start_media(self, negotiated: NegotiatedMedia) -> None:
         assert self.rtp is not None

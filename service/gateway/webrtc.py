@@ -234,9 +234,7 @@ class WebRtcSession:
             return
         metrics.WEBRTC_CONNECT.observe(asyncio.get_running_loop().time() - self._answered_at)
         call.mark_answered()
-        self.gateway.record_update(call, answered_at=call.answered_at, worker_id=call.worker_id,
-                                   slot=call.slot, codec=call.codec,
-                                   quality={"sampling": call.sampling} if call.sampling else None)
+        self.gateway.record_answer(call)
         self.media.start()
         self._send({"type": "call", "call_id": call.id, "model": call.model, "license": call.license,
                     "worker_id": call.worker_id})

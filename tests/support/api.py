@@ -44,16 +44,16 @@ class ApiGateway:
         return f"ws://127.0.0.1:{self.port}"
 
     def start_call(self, *, from_uri: str = "sip:alice@192.0.2.10", worker_id: str = "w-test",
-                   slot: int = 0) -> Call:
+                   slot: int = 0, sampling: dict | None = None) -> Call:
         """A call arriving, getting a slot and answered, as the SIP ingress runs it."""
         call = Call(ingress="sip", from_uri=from_uri, to_uri="sip:agent@gateway.test", sip_call_id="sip-1",
                     source="192.0.2.10:5060")
         call.codec = "PCMU"
         self.gateway.track(call)
         self.gateway.record_create(call)
-        call.worker_id, call.slot = worker_id, slot
+        call.worker_id, call.slot, call.sampling = worker_id, slot, sampling
         call.mark_answered()
-        self.gateway.record_update(call, answered_at=call.answered_at, worker_id=worker_id, slot=slot)
+        self.gateway.record_answer(call)
         return call
 
     @staticmethod
