@@ -24,7 +24,8 @@ class WorkerSettings:
         None, "concurrent calls B, forced (default: measured at warm-up: the largest B that fits memory "
         "and whose step p99 holds --step-budget-ms)", min=1, max=1024)
     max_slots: int | None = setting(
-        None, "upper bound for the measured B (default: what fits memory; on CPU at most 64)", min=1, max=1024)
+        None, "upper bound for the measured B (default: what fits memory; on CPU 4: there the step shares "
+        "the cores with the gateway)", min=1, max=1024)
     step_budget_ms: float = setting(
         70.0, "step time budget, ms of the 80 ms frame: B is sized so that the step p99 stays under it, "
         "and a worker whose p99 over the last minute exceeds it takes no new calls until it recovers",

@@ -6,12 +6,12 @@
 
 Part 1, the batched engine, for each context (default: the checkpoint's 240 s, then 120 s):
 memory per slot (the KV ring, and every streaming-state tensor measured at B=1), then for
-B = 1, 8, 16, 24, 32, 48, 64 (tiny on CPU: 1, 2, 4, ... 64) the real MoshiEngine step
+B = 1, 8, 16, 24, 32, 48, 64 (tiny on CPU: 1, 2, 4, ... 64, 96, 128) the real MoshiEngine step
 (Mimi encode + LMGen step + Mimi decode for all B slots, sampling as in production, on
 noise) timed over --steps steps after warm-up; a batch holds real time when its p99 is
 under the 80 ms frame. Then the B the worker chooses by itself: service.worker.sizing's
-search from the memory bound (on CPU at most 64) down to the largest B whose p99 holds the
-step budget (--step-budget-ms, the worker's default 70 ms).
+search from the memory bound (on CPU from 128: --max-slots) down to the largest B whose p99
+holds the step budget (--step-budget-ms, the worker's default 70 ms).
 
 Part 2, Kyutai's server: ``python -m moshi.server`` with the SAME checkpoint files
 (--moshi-weight/--mimi-weight/--tokenizer/--config-path, --device cpu, --static none) serves
@@ -191,21 +191,60 @@ def bench_engine(make_model, batch_sizes: list[int], steps: int, cuda_graphs: bo
     return rows
 
 
+def context_ab(make_model, contexts: list[float], batch_sizes: list[int], steps: int, rounds: int,
+               cuda_graphs: bool) -> list[dict]:
+    """The contexts side by side: alternating rounds at each B, so that both see the same machine."""
+    from service.worker.engine import MoshiEngine
+
+    print(f"\ncontexts side by side ({rounds} alternating rounds of {steps} steps, every ring full):")
+    rows = []
+    for batch_size in batch_sizes:
+        times: dict[float, list[float]] = {c: [] for c in contexts}
+        for round_ in range(rounds):
+            for context in (contexts if round_ % 2 == 0 else contexts[::-1]):
+                model = make_model()
+                set_context(model.lm, context)
+                engine = MoshiEngine(model, batch_size, greedy=False, cuda_graphs=cuda_graphs)
+                try:
+                    engine.warm_up()
+                    engine.fill_rings()
+                    frames = (np.random.default_rng(round_).standard_normal((4, batch_size, FRAME_SAMPLES))
+                              * 0.05).astype(np.float32)
+                    active, fresh = np.ones(batch_size, dtype=bool), np.zeros(batch_size, dtype=bool)
+                    for i in range(steps):
+                        started = time.perf_counter()
+                        engine.step(frames[i % 4], active, fresh)
+                        times[context].append((time.perf_counter() - started) * 1000)
+                finally:
+                    engine.close()
+        row = {"B": batch_size}
+        for context in contexts:
+            row[f"p50_ms_{context:g}s"] = round(percentile(times[context], 50), 2)
+            row[f"p99_ms_{context:g}s"] = round(percentile(times[context], 99), 2)
+        rows.append(row)
+        print(f"  B={batch_size:<4} " + "; ".join(
+            f"context {c:g} s: p50 {row[f'p50_ms_{c:g}s']:.1f} ms, p99 {row[f'p99_ms_{c:g}s']:.1f} ms"
+            for c in contexts), flush=True)
+    set_context(make_model().lm, None)
+    return rows
+
+
 def chosen_batch(make_model, device: str, budget_ms: float, steps: int, cuda_graphs: bool,
-                 filled_kv: bool = False) -> dict:
-    """The worker's own choice: service.worker.sizing from the memory bound (CPU: at most 64)."""
+                 filled_kv: bool = False, max_slots: int | None = None) -> dict:
+    """The worker's own choice: service.worker.sizing from the memory bound (or ``max_slots``)."""
     import torch
 
     from service.worker.engine import MoshiEngine
-    from service.worker.sizing import MEMORY, size_batch
+    from service.worker.sizing import LIMIT, MEMORY, size_batch
 
     model = make_model()
     bound = memory_slots(model.lm, device)
+    upper, reason = (max_slots, LIMIT) if max_slots is not None and max_slots < bound.slots else (bound.slots, MEMORY)
 
     def build(batch_size: int):
         return MoshiEngine(model, batch_size, greedy=False, cuda_graphs=cuda_graphs, filled_kv=filled_kv)
 
-    engine, sizing = size_batch(build, budget_ms=budget_ms, upper=bound.slots, upper_reason=MEMORY,
+    engine, sizing = size_batch(build, budget_ms=budget_ms, upper=upper, upper_reason=reason,
                                 memory_slots=bound.slots, steps=steps)
     engine.close()
     if torch.cuda.is_available():
@@ -339,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-budget-ms", type=float, default=70.0,
                         help="the budget of the worker's own choice of B (its default: 70)")
     parser.add_argument("--skip-choice", action="store_true", help="no search for the worker's own B")
+    parser.add_argument("--max-slots", type=int, default=None,
+                        help="where the worker's own search starts if below the memory bound (the worker's "
+                             "--max-slots; default: the memory bound on a GPU, 128 on CPU)")
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--filled-kv", action="store_true",
                         help="the worker's --filled-kv attention (timed at full rings, as the worker "
@@ -358,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cpu":
         from service.worker.main import default_cpu_threads
         torch.set_num_threads(args.threads or default_cpu_threads())
-    default_sizes = [1, 2, 4, 8, 16, 32, 64] if args.size == "tiny" else [1, 8, 16, 24, 32, 48, 64]
+    default_sizes = [1, 2, 4, 8, 16, 32, 64, 96, 128] if args.size == "tiny" else [1, 8, 16, 24, 32, 48, 64]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else default_sizes
     contexts = [float(c) for c in args.context_seconds.split(",") if c.strip()]
     timed = args.device != "meta"
@@ -390,12 +432,18 @@ def main(argv: list[str] | None = None) -> int:
             part["max_realtime_batch"] = max(realtime) if realtime else 0
             print(f"largest batch holding real time (p99 < {FRAME_MS:.0f} ms): B = {part['max_realtime_batch']}")
             if not args.skip_choice:
-                part["chosen"] = chosen_batch(make_model, args.device, args.step_budget_ms, args.steps,
-                                              cuda_graphs=not args.no_cuda_graphs, filled_kv=args.filled_kv)
+                part["chosen"] = chosen_batch(
+                    make_model, args.device, args.step_budget_ms, args.steps, cuda_graphs=not args.no_cuda_graphs,
+                    filled_kv=args.filled_kv, max_slots=args.max_slots or (128 if args.device == "cpu" else None))
         parts.append(part)
 
     first = parts[0]
     best = first.get("max_realtime_batch", 0)
+    side_by_side = None
+    if timed and len(contexts) > 1 and args.device == "cpu":  # a shared CPU drifts between parts; a GPU does not
+        ab_sizes = [b for b in (32, 64) if b in batch_sizes] or batch_sizes[-1:]
+        side_by_side = context_ab(make_model, contexts, ab_sizes, steps=max(20, args.steps // 2), rounds=4,
+                                  cuda_graphs=not args.no_cuda_graphs)
     if timed:
         print_summary(parts, batch_sizes)
 
@@ -422,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "worker", "size": args.size, "device": args.device, "device_name": device_name,
         "torch": torch.__version__, "steps": args.steps, "step_budget_ms": args.step_budget_ms,
         "filled_kv": args.filled_kv,
-        "contexts": parts, "batches": first.get("batches"), "max_realtime_batch": best,
+        "contexts": parts, "contexts_side_by_side": side_by_side, "batches": first.get("batches"), "max_realtime_batch": best,
         "realtime_calls_per_process": best, "moshi_server": server, "ratio_vs_moshi_server": ratio,
     }))
     return 0

@@ -19,7 +19,6 @@ FRAME_RATE = 12.5  # model steps per second
 GPU_MEMORY_HEADROOM = 0.9  # keep 10% of free memory for activations, graphs and the allocator
 PER_SLOT_OVERHEAD = 1.15  # KV cache plus Mimi, depformer and activation buffers per slot
 CPU_MEMORY_SHARE = 0.5  # on CPU: at most half the available memory goes to slot state
-CPU_MAX_SLOTS = 64  # on CPU the step time bounds B long before memory does
 MAX_SLOTS = 1024
 
 
@@ -157,5 +156,5 @@ def memory_slots(lm: tp.Any, device: str) -> MemoryBound:
         slots = int(free * GPU_MEMORY_HEADROOM // per_slot)
         return MemoryBound(max(1, min(MAX_SLOTS, slots)), per_slot, free, "gpu")
     available = _cpu_available_bytes()
-    slots = CPU_MAX_SLOTS if available is None else int(available * CPU_MEMORY_SHARE // per_slot)
-    return MemoryBound(max(1, min(CPU_MAX_SLOTS, slots)), per_slot, available, "cpu")
+    slots = MAX_SLOTS if available is None else int(available * CPU_MEMORY_SHARE // per_slot)
+    return MemoryBound(max(1, min(MAX_SLOTS, slots)), per_slot, available, "cpu")
