@@ -181,6 +181,9 @@ def bench_engine(make_model, batch_sizes: list[int], steps: int, cuda_graphs: bo
             break
         finally:
             if torch.cuda.is_available():
+                import gc
+
+                gc.collect()  # the engine's CUDA graph pools may sit in reference cycles
                 torch.cuda.empty_cache()
         rows.append(row)
         print(f"{row['B']:>5} {row['p50_ms']:>9.1f} {row['p99_ms']:>9.1f} {row['max_ms']:>9.1f} "

@@ -182,6 +182,9 @@ def _release_device_memory() -> None:
     except ImportError:
         return
     if torch.cuda.is_available():
+        import gc
+
+        gc.collect()  # the closed engine's CUDA graphs (and their memory pools) may sit in cycles
         torch.cuda.empty_cache()
 
 
