@@ -1,4 +1,4 @@
-"""``moshimoshi`` command line: serve, gateway, worker, call."""
+"""``moshimoshi`` command line: serve, gateway, worker, asr, call."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 from service import __version__
 from service.config import ConfigError, add_arguments, load
-from service.settings import CallSettings, GatewaySettings, WorkerSettings
+from service.settings import AsrSettings, CallSettings, GatewaySettings, ServeSettings, WorkerSettings
 
 
 def _add_union(parser: argparse.ArgumentParser, *classes: type) -> None:
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="gateway + worker + embedded Redis in one command",
                            description="Run a gateway, one worker and (without REDIS_URL) an embedded "
                                        "redis-server: a whole system on one machine.")
-    _add_union(serve, GatewaySettings, WorkerSettings)
+    _add_union(serve, GatewaySettings, WorkerSettings, ServeSettings)
 
     gateway = sub.add_parser("gateway", help="the SIP/WebRTC gateway and control plane",
                              description="Answer SIP (and WebRTC) calls and route them to workers.")
@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Serve a model to gateways: B concurrent calls, one batched step "
                                         "every 80 ms.")
     add_arguments(worker, WorkerSettings)
+
+    asr = sub.add_parser("asr", help="an ASR worker (the callers' transcript)",
+                         description="Transcribe callers' utterances for gateways: many calls, batched "
+                                     "(faster-whisper, or an OpenAI-compatible endpoint).")
+    add_arguments(asr, AsrSettings)
 
     call = sub.add_parser("call", help="place a test call and record what comes back",
                           description="Place a SIP call (UAC), play a WAV file, record the answer.")
@@ -71,13 +76,19 @@ def main(argv: list[str] | None = None) -> int:
             from service.gateway.main import run_gateway
 
             return run_gateway(gateway_settings)
+        if args.command == "asr":
+            asr_settings = load(AsrSettings, args)
+            from service.asr.main import run_asr
+
+            return run_asr(asr_settings)
         if args.command == "serve":
             gateway_settings = load(GatewaySettings, args)
             worker_settings = load(WorkerSettings, args)
+            serve_settings = load(ServeSettings, args)
             _setup_logging(gateway_settings.log_level)
             from service.serve import run_serve
 
-            return run_serve(gateway_settings, worker_settings)
+            return run_serve(gateway_settings, worker_settings, serve_settings)
         if args.command == "call":
             call_settings = load(CallSettings, args, uri=args.uri)
             _setup_logging(call_settings.log_level)

@@ -1,8 +1,8 @@
 """``moshimoshi serve``: a whole system on one machine.
 
-Starts an embedded redis-server (unless REDIS_URL is set), one worker as a child process,
-and the gateway in this process; they find each other through Redis exactly as separate
-deployments do. SIGTERM drains (no new calls; calls in progress may finish within the
+Starts an embedded redis-server (unless REDIS_URL is set), one worker and one ASR worker
+(``--asr off``: none) as child processes, and the gateway in this process; they find each
+other through Redis exactly as separate deployments do. SIGTERM drains (no new calls; calls in progress may finish within the
 grace period), SIGINT stops at once; either way the worker and Redis go down with it.
 """
 
@@ -20,7 +20,7 @@ import sys
 from service.config import ENV_PREFIX, env_name
 from service.gateway.main import Gateway, install_event_loop
 from service.pool import EmbeddedRedis, EmbeddedRedisError
-from service.settings import GatewaySettings, WorkerSettings
+from service.settings import ASR_ENV, GatewaySettings, ServeSettings, WorkerSettings
 
 log = logging.getLogger("moshimoshi.serve")
 
@@ -46,6 +46,19 @@ def worker_environment(settings: WorkerSettings, redis_url: str) -> dict[str, st
     return env
 
 
+def asr_environment(settings: ServeSettings, redis_url: str) -> dict[str, str]:
+    """The child ASR worker's environment: on this machine, on a free port, unless the
+    MOSHIMOSHI_ASR_* variables say otherwise."""
+    env = dict(os.environ)
+    env["REDIS_URL"] = redis_url
+    env.setdefault(ASR_ENV + "HOST", "127.0.0.1")
+    env.setdefault(ASR_ENV + "PORT", "0")
+    if settings.asr_model:
+        env[ASR_ENV + "MODEL"] = settings.asr_model
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
 def with_api_token(settings: GatewaySettings) -> GatewaySettings:
     """``serve`` is the one-machine setup: without configured API tokens it makes one admin
     token for this run and prints it once, on stdout (never in the log). The ``gateway``
@@ -57,12 +70,26 @@ def with_api_token(settings: GatewaySettings) -> GatewaySettings:
     return dataclasses.replace(settings, api_tokens=[f"{token}:admin"])
 
 
-def run_serve(gateway_settings: GatewaySettings, worker_settings: WorkerSettings) -> int:
+def run_serve(gateway_settings: GatewaySettings, worker_settings: WorkerSettings,
+              serve_settings: ServeSettings | None = None) -> int:
     install_event_loop()
-    return asyncio.run(_serve(with_api_token(gateway_settings), worker_settings))
+    return asyncio.run(_serve(with_api_token(gateway_settings), worker_settings, serve_settings or ServeSettings()))
 
 
-async def _serve(gateway_settings: GatewaySettings, worker_settings: WorkerSettings) -> int:
+async def _stop(process: asyncio.subprocess.Process | None) -> None:
+    if process is None or process.returncode is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        async with asyncio.timeout(WORKER_STOP_SECONDS):
+            await process.wait()
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+
+
+async def _serve(gateway_settings: GatewaySettings, worker_settings: WorkerSettings,
+                 serve_settings: ServeSettings) -> int:
     embedded: EmbeddedRedis | None = None
     redis_url = gateway_settings.redis_url or worker_settings.redis_url
     if not redis_url:
@@ -74,10 +101,14 @@ async def _serve(gateway_settings: GatewaySettings, worker_settings: WorkerSetti
             return 1
         log.info("embedded redis-server at %s", redis_url)
     worker: asyncio.subprocess.Process | None = None
+    asr: asyncio.subprocess.Process | None = None
     try:
         worker = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "service", "worker",
             env=worker_environment(worker_settings, redis_url))
+        if serve_settings.asr == "on":
+            asr = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "service", "asr", env=asr_environment(serve_settings, redis_url))
         gateway = Gateway(dataclasses.replace(gateway_settings, redis_url=redis_url),
                           model=gateway_settings.model)
         loop = asyncio.get_running_loop()
@@ -85,8 +116,9 @@ async def _serve(gateway_settings: GatewaySettings, worker_settings: WorkerSetti
         def drain() -> None:
             log.info("SIGTERM: draining")
             gateway.drain()
-            if worker is not None and worker.returncode is None:
-                worker.send_signal(signal.SIGTERM)
+            for child in (worker, asr):
+                if child is not None and child.returncode is None:
+                    child.send_signal(signal.SIGTERM)
 
         loop.add_signal_handler(signal.SIGTERM, drain)
         loop.add_signal_handler(signal.SIGINT, gateway.stop)
@@ -94,14 +126,7 @@ async def _serve(gateway_settings: GatewaySettings, worker_settings: WorkerSetti
         worker_exit.add_done_callback(lambda _task: gateway.on_local_worker_exit())
         return await gateway.run()
     finally:
-        if worker is not None and worker.returncode is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(WORKER_STOP_SECONDS):
-                    await worker.wait()
-            except TimeoutError:
-                worker.kill()
-                await worker.wait()
+        await asyncio.gather(_stop(worker), _stop(asr))
         if embedded is not None:
             with contextlib.suppress(Exception):
                 await embedded.stop()

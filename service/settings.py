@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from service.config import ConfigError, setting
 
 DEFAULT_MODEL = "llm-jp/llm-jp-moshi-v1"
+DEFAULT_ASR_MODEL = "kotoba-tech/kotoba-whisper-v2.0-faster"
+ASR_ENV = "MOSHIMOSHI_ASR_"
 
 
 @dataclass
@@ -66,6 +68,79 @@ class WorkerSettings:
     drain_grace_seconds: float = setting(300.0, "on SIGTERM, how long calls may go on before exit",
                                          min=0.0)
     log_level: str = setting("info", "log level", choices=["debug", "info", "warning", "error"])
+
+
+@dataclass
+class AsrSettings:
+    """One ASR worker: the callers' utterances of many calls, transcribed in batches."""
+
+    backend: str = setting("faster-whisper", "faster-whisper (a Whisper-family model here) or openai (an "
+                           "OpenAI-compatible /v1/audio/transcriptions endpoint)",
+                           choices=["faster-whisper", "openai"], env=ASR_ENV + "BACKEND")
+    model: str | None = setting(
+        None, "faster-whisper: a CTranslate2 Whisper repo id, a local directory or 'demo' (default: "
+        f"{DEFAULT_ASR_MODEL} when CUDA is present, else demo); openai: the model name sent",
+        env=ASR_ENV + "MODEL")
+    hf_revision: str | None = setting(None, "Hugging Face revision of --model", env=ASR_ENV + "HF_REVISION")
+    device: str | None = setting(None, "cpu or cuda (default: cuda when present)", choices=["cpu", "cuda"],
+                                 env=ASR_ENV + "DEVICE")
+    compute_type: str = setting("default", "CTranslate2 compute type (default: the weights' own; int8, "
+                                "int8_float16, float16, float32...)", env=ASR_ENV + "COMPUTE_TYPE")
+    cpu_threads: int | None = setting(None, "CTranslate2 threads on CPU (default: half the cores)", min=1,
+                                      max=256, env=ASR_ENV + "CPU_THREADS")
+    language: str = setting("ja", "the callers' language (a Whisper language code)", env=ASR_ENV + "LANGUAGE")
+    beam_size: int = setting(1, "beam size (1: greedy, the fastest)", min=1, max=10, env=ASR_ENV + "BEAM_SIZE")
+    max_batch: int = setting(8, "utterances transcribed at once", min=1, max=256, env=ASR_ENV + "MAX_BATCH")
+    batch_wait_ms: int = setting(20, "how long a batch waits for more utterances once one is queued",
+                                 min=0, max=2000, env=ASR_ENV + "BATCH_WAIT_MS")
+    max_queue: int = setting(256, "utterances that may wait; beyond that they fail at once (overloaded)",
+                             min=1, max=100_000, env=ASR_ENV + "MAX_QUEUE")
+    max_sessions: int = setting(512, "concurrent call sessions", min=1, max=1024, env=ASR_ENV + "MAX_SESSIONS")
+    openai_base_url: str | None = setting(
+        None, "with --backend openai: the API base, e.g. http://asr.internal:8000/v1 (POSTs go to "
+        "<base>/audio/transcriptions)", env=ASR_ENV + "OPENAI_BASE_URL")
+    openai_api_key: str | None = setting(None, "with --backend openai: bearer token", secret=True,
+                                         env=ASR_ENV + "OPENAI_API_KEY")
+    openai_timeout_seconds: float = setting(30.0, "with --backend openai: timeout of one request", min=0.1,
+                                            max=600.0, env=ASR_ENV + "OPENAI_TIMEOUT_SECONDS")
+    openai_concurrency: int = setting(8, "with --backend openai: requests in flight at once", min=1, max=256,
+                                      env=ASR_ENV + "OPENAI_CONCURRENCY")
+    host: str = setting("0.0.0.0", "address the ASR worker's HTTP/WebSocket server binds", env=ASR_ENV + "HOST")
+    port: int = setting(8082, "port of the ASR worker's HTTP/WebSocket server (0 picks a free one)",
+                        min=0, max=65535, env=ASR_ENV + "PORT")
+    advertise_url: str | None = setting(
+        None, "ws:// URL gateways use to reach this ASR worker (default: ws://<host ip>:<port>)",
+        env=ASR_ENV + "ADVERTISE_URL")
+    worker_id: str | None = setting(None, "this ASR worker's id in the pool (default: asr-hostname-port)",
+                                    env=ASR_ENV + "WORKER_ID")
+    redis_url: str | None = setting(None, "Redis for the pool (default: none: reachable only by URL)",
+                                    env="REDIS_URL")
+    heartbeat_seconds: float = setting(1.0, "registry heartbeat interval; the key's TTL is 3x this",
+                                       min=0.1, max=60.0, env=ASR_ENV + "HEARTBEAT_SECONDS")
+    drain_grace_seconds: float = setting(60.0, "on SIGTERM, how long sessions may go on before exit",
+                                         min=0.0, env=ASR_ENV + "DRAIN_GRACE_SECONDS")
+    log_level: str = setting("info", "log level", choices=["debug", "info", "warning", "error"],
+                             env=ASR_ENV + "LOG_LEVEL")
+
+    def validate(self) -> None:
+        if self.backend == "openai":
+            if not self.openai_base_url:
+                raise ConfigError("MOSHIMOSHI_ASR_BACKEND=openai needs MOSHIMOSHI_ASR_OPENAI_BASE_URL")
+            if not self.openai_base_url.startswith(("http://", "https://")):
+                raise ConfigError("MOSHIMOSHI_ASR_OPENAI_BASE_URL must be an http:// or https:// URL")
+            if not self.model:
+                raise ConfigError("MOSHIMOSHI_ASR_BACKEND=openai needs MOSHIMOSHI_ASR_MODEL (the model name "
+                                  "the endpoint serves, e.g. whisper-1)")
+
+
+@dataclass
+class ServeSettings:
+    """What only ``moshimoshi serve`` decides: which roles it starts beside the gateway."""
+
+    asr: str = setting("on", "start an ASR worker for the callers' transcript (on) or not (off)",
+                       choices=["on", "off"])
+    asr_model: str | None = setting(None, "the ASR worker's model (default: kotoba-whisper-v2.0 with CUDA, "
+                                    "else demo)", env=ASR_ENV + "MODEL")
 
 
 @dataclass

@@ -7,7 +7,9 @@ import time
 import pytest
 
 from service.pool import (
+    ASR_ROLE,
     DRAINING,
+    MODEL_ROLE,
     OVERLOADED,
     READY,
     Admission,
@@ -148,6 +150,33 @@ async def test_claims_respect_the_model(client):
     assert anything is not None and anything.worker_id == "ja"
 
 
+async def test_asr_workers_are_listed_with_their_role_and_never_claimed(client):
+    model = "test/model"
+    await WorkerRegistration(client, worker("asr-1", capacity=64, model=model, role=ASR_ROLE),
+                             interval=30).heartbeat()
+    leases = SlotLeases(client)
+    assert await leases.claim(None) is None  # the only worker is an ASR worker
+    assert await leases.claim(model) is None  # even one registered under the asked-for model name
+    await WorkerRegistration(client, worker("moshi-1", capacity=1, model=model), interval=30).heartbeat()
+    lease = await leases.claim(None)
+    assert lease is not None and lease.worker_id == "moshi-1"
+    assert await leases.claim(None) is None
+    statuses = {w.worker_id: w for w in await RegistryReader(client).workers()}
+    assert (statuses["asr-1"].role, statuses["asr-1"].sessions, statuses["asr-1"].capacity) == (ASR_ROLE, 64, 0)
+    assert (statuses["moshi-1"].role, statuses["moshi-1"].sessions) == (MODEL_ROLE, 0)
+    # a gateway that predates roles reads the hash's capacity: 0 slots, never claimed
+    assert await client.redis.hget(client.keys.worker("asr-1"), "capacity") == "0"
+
+
+async def test_a_registration_without_a_role_is_a_model_worker(client):
+    """Workers that predate roles write no ``role`` field: they stay claimable model workers."""
+    await WorkerRegistration(client, worker("old", capacity=1), interval=30).heartbeat()
+    await client.redis.hdel(client.keys.worker("old"), "role")
+    [status] = await RegistryReader(client).workers()
+    assert status.role == MODEL_ROLE
+    assert (await SlotLeases(client).claim(None)).worker_id == "old"
+
+
 async def test_reader_shows_per_slot_leases(client):
     await WorkerRegistration(client, worker("w1", capacity=3), interval=30).heartbeat()
     leases = SlotLeases(client)
@@ -188,3 +217,5 @@ def test_worker_info_is_validated():
         WorkerInfo("has space", "ws://w", "m", 1)
     with pytest.raises(ValueError, match="url"):
         WorkerInfo("w", "", "m", 1)
+    with pytest.raises(ValueError, match="role"):
+        WorkerInfo("w", "ws://w", "m", 1, role="gpu")

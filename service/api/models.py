@@ -132,13 +132,17 @@ class WorkerState(BaseModel):
     step_p99_ms: float | None = Field(None, description="step time p99 over its last minute of serving")
     context_seconds: float | None = Field(None, description="seconds of call its model keeps in mind")
     slots: list[SlotState] = []
+    role: str = Field("model", description="model (B slots, leased to calls) or asr (transcribes callers' "
+                                           "utterances; no slots)")
+    sessions: int = Field(0, description="an ASR worker's concurrent call sessions (0 for model workers)")
+    free_sessions: int = Field(0, description="an ASR worker's sessions free, as it last reported")
 
 
 class PoolState(BaseModel):
     mode: str = Field(description="pool (workers in Redis), single-worker (MOSHIMOSHI_WORKER_URL) or "
                                   "loopback (--worker-url echo:, calls echoed in the gateway; no slot limit)")
     workers: list[WorkerState]
-    workers_ready: int
+    workers_ready: int = Field(description="model workers ready for calls (ASR workers not counted)")
     slots_total: int = Field(description="capacity of ready workers")
     slots_busy: int = Field(description="slots holding a lease")
     slots_free: int

@@ -14,7 +14,7 @@ from service.api.calls import AUTH_RESPONSES
 from service.api.directory import redis_failed
 from service.api.models import DrainResult, PoolState, Problem, SlotState, WorkerState
 from service.gateway.loopback import LOOPBACK_URL
-from service.pool import OVERLOADED, READY, PoolError, WorkerStatus
+from service.pool import MODEL_ROLE, OVERLOADED, READY, PoolError, WorkerStatus
 
 if tp.TYPE_CHECKING:
     from service.gateway.main import Gateway
@@ -51,7 +51,8 @@ def worker_state(worker: WorkerStatus) -> WorkerState:
         started_at=worker.started_at, slots_reason=worker.slots_reason, memory_slots=worker.memory_slots,
         step_budget_ms=worker.step_budget_ms, warmup_p50_ms=worker.warmup_p50_ms,
         warmup_p99_ms=worker.warmup_p99_ms, step_p99_ms=worker.step_p99_ms,
-        context_seconds=worker.context_seconds, slots=slots)
+        context_seconds=worker.context_seconds, slots=slots, role=worker.role, sessions=worker.sessions,
+        free_sessions=(worker.reported_free or 0) if worker.alive and worker.role != MODEL_ROLE else 0)
 
 
 def _loopback(gateway: Gateway) -> PoolState:
@@ -124,7 +125,7 @@ async def pool_state(request: Request) -> PoolState:
         redis_failed()
         raise HTTPException(503, "the pool is unavailable (Redis unreachable)") from None
     states = [worker_state(w) for w in workers]
-    ready = [w for w in states if w.alive and w.state == READY]
+    ready = [w for w in states if w.alive and w.state == READY and w.role == MODEL_ROLE]
     total = sum(w.capacity for w in ready)
     busy = sum(w.busy_slots for w in states if w.alive)
     return PoolState(mode="pool", workers=states, workers_ready=len(ready), slots_total=total,

@@ -27,6 +27,7 @@ from service.gateway.transcripts import TranscriptStore
 from service.gateway.webhook import WebhookSender, call_ended_payload
 from service.pool import (
     DRAINING,
+    MODEL_ROLE,
     OVERLOADED,
     READY,
     CallRecord,
@@ -284,7 +285,7 @@ class Gateway:
         if self.redis_ok is False:
             log.info("Redis reachable again")
         self.redis_ok = True
-        live = [w for w in workers if w.alive]
+        live = [w for w in workers if w.alive and w.role == MODEL_ROLE]  # ASR workers take no calls
         ready = [w for w in live if w.state == READY and (self.model is None or w.model == self.model)]
         if ready and not self.workers_ready:
             print(f"moshimoshi: {len(ready)} worker(s) ready ({', '.join(sorted({w.model for w in ready}))}): "

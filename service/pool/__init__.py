@@ -19,7 +19,9 @@ from service.pool.fencing import Admission, SlotFence
 from service.pool.keys import DEFAULT_PREFIX, Keys
 from service.pool.leases import DEFAULT_LEASE_TTL_MS, Lease, LeaseHolder, RenewResult, SlotLeases
 from service.pool.registry import (
+    ASR_ROLE,
     DRAINING,
+    MODEL_ROLE,
     OVERLOADED,
     READY,
     RegistryReader,
@@ -30,7 +32,8 @@ from service.pool.registry import (
 )
 
 __all__ = [
-    "ACTIVE", "DEFAULT_LEASE_TTL_MS", "DEFAULT_PREFIX", "DRAINING", "ENDED", "OVERLOADED", "READY",
+    "ACTIVE", "ASR_ROLE", "DEFAULT_LEASE_TTL_MS", "DEFAULT_PREFIX", "DRAINING", "ENDED", "MODEL_ROLE",
+    "OVERLOADED", "READY",
     "Admission", "CallRecord", "CallRecords", "EmbeddedRedis", "EmbeddedRedisError", "Keys", "Lease",
     "LeaseHolder", "PoolClient", "PoolError", "PoolUnavailable", "RegistryReader", "RenewResult",
     "SlotFence", "SlotLease", "SlotLeases", "WorkerInfo", "WorkerRegistration", "WorkerStatus",

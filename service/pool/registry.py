@@ -28,6 +28,9 @@ READY = "ready"
 DRAINING = "draining"
 OVERLOADED = "overloaded"  # its step p99 is over budget: no new claims until it recovers
 STATES = (READY, DRAINING, OVERLOADED)
+MODEL_ROLE = "model"  # a Moshi worker: B slots, claimed through fenced leases
+ASR_ROLE = "asr"  # an ASR worker: call sessions without slots (never claimed)
+ROLES = (MODEL_ROLE, ASR_ROLE)
 MAX_CAPACITY = 1024
 DEFAULT_HEARTBEAT_SECONDS = 1.0
 DEFAULT_FORGET_AFTER_SECONDS = 600.0
@@ -35,12 +38,17 @@ DEFAULT_FORGET_AFTER_SECONDS = 600.0
 
 @dataclass
 class WorkerInfo:
-    """What a worker registers: who it is, where to reach it, what it serves."""
+    """What a worker registers: who it is, where to reach it, what it serves.
+
+    ``role`` is ``model`` (B slots, leased to calls) or ``asr`` (``capacity`` call sessions,
+    not leased). An ASR worker's hash says ``capacity`` 0 and its sessions in ``sessions``,
+    so that no claim, not even one by a gateway that predates roles, picks it; a
+    registration without a ``role`` (an older worker) is a model worker."""
 
     worker_id: str
     url: str  # ws:// URL gateways use to reach the worker
     model: str
-    capacity: int  # B slots, numbered 0..B-1
+    capacity: int  # model: B slots, numbered 0..B-1; asr: concurrent sessions
     license: str = ""
     version: str = __version__
     started_at: float = field(default_factory=time.time)
@@ -51,14 +59,22 @@ class WorkerInfo:
     warmup_p50_ms: float | None = None
     warmup_p99_ms: float | None = None
     context_seconds: float | None = None
+    role: str = MODEL_ROLE
 
     def __post_init__(self) -> None:
         check_id("worker_id", self.worker_id)
         check_model(self.model)
         if not self.url:
             raise ValueError("url must not be empty")
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
         if not 1 <= self.capacity <= MAX_CAPACITY:
             raise ValueError(f"capacity must be between 1 and {MAX_CAPACITY}, got {self.capacity}")
+
+    @property
+    def slots(self) -> int:
+        """Slots that leases may claim: none on an ASR worker."""
+        return self.capacity if self.role == MODEL_ROLE else 0
 
 
 class WorkerRegistration:
@@ -97,13 +113,16 @@ class WorkerRegistration:
     def _fields(self) -> list[tp.Any]:
         info = self.info
         pairs = {
-            "worker_id": info.worker_id, "url": info.url, "model": info.model, "capacity": info.capacity,
+            "worker_id": info.worker_id, "url": info.url, "model": info.model, "capacity": info.slots,
             "free_slots": self.free_slots, "state": self.state, "license": info.license,
             "version": info.version, "started_at": repr(info.started_at), "highest_token": self.fence.highest,
             "slots_reason": info.slots_reason, "memory_slots": info.memory_slots,
             "step_budget_ms": info.step_budget_ms, "warmup_p50_ms": info.warmup_p50_ms,
             "warmup_p99_ms": info.warmup_p99_ms, "context_seconds": info.context_seconds,
+            "role": info.role,
         }
+        if info.role != MODEL_ROLE:
+            pairs["sessions"] = info.capacity
         if self.live is not None:
             pairs.update({key: value for key, value in self.live().items() if key not in pairs})
         return [item for pair in pairs.items() if pair[1] is not None for item in pair]
@@ -118,8 +137,9 @@ class WorkerRegistration:
                       *self._fields()])
         self.heartbeats += 1
         if not self.registered:
-            log.info("worker %s registered (%s, %d slots, %s)", self.info.worker_id, self.info.model,
-                     self.info.capacity, self.state)
+            log.info("%s worker %s registered (%s, %d %s, %s)", self.info.role, self.info.worker_id,
+                     self.info.model, self.info.capacity,
+                     "slots" if self.info.role == MODEL_ROLE else "sessions", self.state)
         self.registered = True
         return int(fence)
 
@@ -238,7 +258,7 @@ class WorkerStatus:
     license: str = ""
     version: str = ""
     started_at: float | None = None
-    reported_free: int | None = None  # the worker's own count
+    reported_free: int | None = None  # the worker's own count (of free sessions, for ASR)
     free_slots: int = 0  # capacity minus lease keys: what claims see
     highest_token: int = 0
     leases: list[SlotLease] = field(default_factory=list)
@@ -249,6 +269,8 @@ class WorkerStatus:
     warmup_p99_ms: float | None = None
     step_p99_ms: float | None = None  # over the worker's last minute, as of its last heartbeat
     context_seconds: float | None = None
+    role: str = MODEL_ROLE
+    sessions: int = 0  # an ASR worker's session capacity (0 for model workers)
 
     def to_dict(self) -> dict[str, tp.Any]:
         return dataclasses.asdict(self)
@@ -316,6 +338,8 @@ class RegistryReader:
         status.memory_slots = number("memory_slots", int)
         for name in ("step_budget_ms", "warmup_p50_ms", "warmup_p99_ms", "step_p99_ms", "context_seconds"):
             setattr(status, name, number(name, float))
+        status.role = reg.get("role") or MODEL_ROLE
+        status.sessions = number("sessions", int) or 0
         last_seen_ms = number("last_seen_ms", int)
         if last_seen_ms is not None:
             status.last_seen = last_seen_ms / 1000

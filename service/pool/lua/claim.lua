@@ -1,5 +1,5 @@
--- Claim one free slot, atomically: pick a live, ready worker serving the model (any model
--- when ARGV[2] is empty) with the most free slots (ties: smallest worker id), take its
+-- Claim one free slot, atomically: pick a live, ready model worker (role 'model', or no
+-- role: registered before roles existed) serving the model (any model when ARGV[2] is empty) with the most free slots (ties: smallest worker id), take its
 -- lowest free slot and write a fenced lease with a TTL.
 --
 -- The lease key is the truth: a slot is given only after checking that it has no lease
@@ -20,9 +20,10 @@ local live = '(' .. now
 
 local candidates = {}
 for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local w = redis.call('HMGET', prefix .. 'worker:' .. id, 'state', 'model', 'capacity', 'url')
+  local w = redis.call('HMGET', prefix .. 'worker:' .. id, 'state', 'model', 'capacity', 'url', 'role')
   local capacity = tonumber(w[3]) or 0
-  if w[1] == 'ready' and (want_model == '' or w[2] == want_model) and capacity > 0 then
+  local model_worker = (not w[5]) or w[5] == 'model'  -- an ASR worker is never claimed
+  if model_worker and w[1] == 'ready' and (want_model == '' or w[2] == want_model) and capacity > 0 then
     local free = capacity - redis.call('ZCOUNT', prefix .. 'held:' .. id, live, '+inf')
     if free > 0 then
       candidates[#candidates + 1] = {id = id, free = free, capacity = capacity, url = w[4], model = w[2]}

@@ -1,0 +1,214 @@
+"""``moshimoshi asr``: load an ASR backend, register in the pool as an ASR worker, serve.
+
+The HTTP server starts first (``/healthz`` answers while a model loads or downloads;
+``/readyz`` says 503 until it is loaded). Once ready the worker registers in the pool with
+role ``asr`` (gateways find it there; model routing never claims it) and heartbeats.
+SIGTERM or SIGINT drains: no new sessions, open ones go on until they end or
+``drain_grace_seconds`` pass; a second signal ends them at once. A backend that fails to
+load exits 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+import time
+import typing as tp
+
+import uvicorn
+
+from service.asr.backends import Backend
+from service.asr.runtime import AsrRuntime
+from service.settings import DEFAULT_ASR_MODEL, AsrSettings
+
+log = logging.getLogger("service.asr")
+
+WS_MAX_BYTES = 2**20 + 4096  # one 30 s utterance of PCM16 at 16 kHz is 960 000 bytes
+
+
+def cuda_available() -> bool:
+    try:
+        import ctranslate2
+    except ImportError:
+        return False
+    return ctranslate2.get_cuda_device_count() > 0
+
+
+def resolve_device(settings: AsrSettings) -> str:
+    return settings.device or ("cuda" if cuda_available() else "cpu")
+
+
+def resolve_model(settings: AsrSettings) -> str:
+    if settings.model:
+        return settings.model
+    return DEFAULT_ASR_MODEL if resolve_device(settings) == "cuda" else "demo"
+
+
+def build_backend(settings: AsrSettings) -> Backend:
+    """The backend the settings ask for (blocking: loading may download a model)."""
+    if settings.backend == "openai":
+        from service.asr.backends import OpenAIBackend
+
+        assert settings.openai_base_url and settings.model  # AsrSettings.validate
+        return OpenAIBackend(settings.openai_base_url, settings.model, api_key=settings.openai_api_key,
+                             language=settings.language, timeout=settings.openai_timeout_seconds,
+                             concurrency=settings.openai_concurrency)
+    from service.asr.backends import FasterWhisperBackend
+
+    device = resolve_device(settings)
+    threads = settings.cpu_threads or max(1, (_cpu_count() or 2) // 2)
+    return FasterWhisperBackend(resolve_model(settings), device=device, compute_type=settings.compute_type,
+                                cpu_threads=threads, language=settings.language, beam_size=settings.beam_size,
+                                revision=settings.hf_revision)
+
+
+def _cpu_count() -> int | None:
+    import os
+
+    return os.cpu_count()
+
+
+class AsrMembership:
+    """Registers the ready ASR worker in the pool (role ``asr``) and reports its free sessions."""
+
+    def __init__(self, settings: AsrSettings, runtime: AsrRuntime, port: int) -> None:
+        from service.pool import connect
+        from service.worker.membership import default_advertise_url
+
+        assert settings.redis_url
+        self.settings = settings
+        self.runtime = runtime
+        self.url = settings.advertise_url or default_advertise_url(settings.host, port)
+        self.worker_id = settings.worker_id or f"asr-{socket.gethostname()}-{port}"
+        self.client = connect(settings.redis_url)
+        self.registration = None
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.runtime.on_sessions_changed = self._report
+        self._task = asyncio.create_task(self._register_when_ready(), name="asr-membership")
+
+    def _report(self, free: int) -> None:
+        if self.registration is not None:
+            self.registration.report_free(free)
+
+    async def _register_when_ready(self) -> None:
+        from service.pool import ASR_ROLE, WorkerInfo, WorkerRegistration
+
+        await self.runtime.ready_event.wait()
+        if self.runtime.error is not None:
+            return
+        info = WorkerInfo(worker_id=self.worker_id, url=self.url, model=self.runtime.model,
+                          capacity=self.settings.max_sessions, license="", started_at=time.time(),
+                          role=ASR_ROLE)
+        self.registration = WorkerRegistration(self.client, info, interval=self.settings.heartbeat_seconds)
+        self.registration.report_free(self.settings.max_sessions - len(self.runtime.sessions))
+        if self.runtime.state == "draining":
+            self.registration.state = "draining"
+        await self.registration.start()
+        log.info("in the pool as ASR worker %s at %s", self.worker_id, self.url)
+
+    async def drain(self) -> None:
+        if self.registration is not None:
+            await self.registration.drain()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self.registration is not None:
+            await self.registration.stop()
+        with contextlib.suppress(Exception):
+            await self.client.close()
+
+
+async def serve_asr(settings: AsrSettings, *, backend_factory: tp.Callable[[], Backend] | None = None,
+                    on_listening: tp.Callable[[int], None] | None = None) -> int:
+    """Run an ASR worker on the current event loop until it has drained; the exit status."""
+    from service.asr.server import create_app
+    from service.worker.main import UvicornServer, listen_socket
+
+    try:
+        sock = listen_socket(settings.host, settings.port)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror or exc)
+        return 2
+    port = sock.getsockname()[1]
+    runtime = AsrRuntime(settings, backend_factory or (lambda: build_backend(settings)))
+    membership = AsrMembership(settings, runtime, port) if settings.redis_url else None
+    config = uvicorn.Config(create_app(runtime), log_level=settings.log_level, lifespan="off", access_log=False,
+                            timeout_graceful_shutdown=5, ws_max_size=WS_MAX_BYTES)
+    server = UvicornServer(config)
+    loop = asyncio.get_running_loop()
+    signals = 0
+    drains: set[asyncio.Task] = set()
+
+    def start_drain(why: str) -> None:
+        log.info("%s: draining (grace %.0f s)", why, settings.drain_grace_seconds)
+        for coroutine in (runtime.drain(settings.drain_grace_seconds),
+                          *((membership.drain(),) if membership is not None else ())):
+            task = loop.create_task(coroutine)
+            drains.add(task)
+            task.add_done_callback(drains.discard)
+
+    runtime.request_drain = start_drain
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            start_drain(sig.name)
+        else:
+            log.info("%s again: ending sessions now", sig.name)
+            for session in list(runtime.sessions):
+                session.shutdown()
+            task = loop.create_task(runtime.drain(0.0))
+            drains.add(task)
+            task.add_done_callback(drains.discard)
+
+    installed = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, on_signal, sig)
+            installed.append(sig)
+
+    await runtime.start()
+    if membership is not None:
+        membership.start()
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    log.info("ASR worker listening on %s:%d", settings.host, port)
+    if on_listening is not None:
+        on_listening(port)
+    status = 0
+    try:
+        stopped = asyncio.create_task(runtime.stopped_event.wait())
+        await asyncio.wait({serving, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if runtime.error is not None:
+            log.error("ASR worker failed: %s: %s", type(runtime.error).__name__, runtime.error)
+            status = 2
+    finally:
+        server.should_exit = True
+        await asyncio.gather(serving, return_exceptions=True)
+        if membership is not None:
+            await membership.stop()
+        await runtime.close()
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        sock.close()
+    log.info("ASR worker stopped")
+    return status
+
+
+def run_asr(settings: AsrSettings) -> int:
+    """Entry point of the ``asr`` role: serve until drained; the process exit status."""
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(serve_asr(settings))
+    except KeyboardInterrupt:
+        return 130
