@@ -37,6 +37,7 @@ DEMO_BANNER = ("ASR model 'demo': a TINY RANDOM-WEIGHT Whisper built locally for
                "for real transcripts.")
 MAX_NEW_TOKENS_BASE = 16
 MAX_NEW_TOKENS_PER_SECOND = 12  # Japanese speech is about 8 characters a second; more is a loop
+MAX_DECODER_POSITIONS = 448
 NO_SPEECH_PROBABILITY = 0.6
 NO_SPEECH_LOGPROB = -1.0
 
@@ -109,6 +110,12 @@ class FasterWhisperBackend:
 
         return pad_or_trim(self.whisper.feature_extractor(audio), self.frames)
 
+    def _max_length(self, seconds: float) -> int:
+        # CTranslate2's Whisper stops at about half of ``max_length`` new tokens (measured on
+        # 4.8: 2 tokens at 5, 202 at 404), so the bound asked for is twice the one wanted,
+        # within the decoder's 448 positions; each result is then cut to its own bound.
+        return min(MAX_DECODER_POSITIONS, 2 * (len(self.prompt) + max_new_tokens(seconds)))
+
     def transcribe_sync(self, batch: list[np.ndarray]) -> list[Transcription]:
         """One batch through the model (blocking; the model's thread)."""
         import ctranslate2
@@ -119,11 +126,13 @@ class FasterWhisperBackend:
         longest = max(len(audio) for audio in batch) / SAMPLE_RATE
         results = self.whisper.model.generate(
             ctranslate2.StorageView.from_array(features), [self.prompt] * len(batch),
-            beam_size=self.beam_size, max_length=len(self.prompt) + max_new_tokens(longest),
+            beam_size=self.beam_size, max_length=self._max_length(longest),
             return_scores=True, return_no_speech_prob=True, suppress_blank=True, suppress_tokens=[-1])
         out = []
-        for result in results:
-            tokens = [token for token in result.sequences_ids[0] if token < self.eot]
+        for audio, result in zip(batch, results, strict=True):
+            # each utterance's own bound, whatever the longest in its batch allowed
+            tokens = result.sequences_ids[0][:max_new_tokens(len(audio) / SAMPLE_RATE)]
+            tokens = [token for token in tokens if token < self.eot]
             avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1) if result.scores else 0.0
             if result.no_speech_prob > NO_SPEECH_PROBABILITY and avg_logprob < NO_SPEECH_LOGPROB:
                 out.append(Transcription(""))  # Whisper's own rule: this was not speech
