@@ -54,9 +54,7 @@ async def serving(app: tp.Any) -> tp.AsyncIterator[int]:
     server = UvicornServer(uvicorn.Config(app, log_level="warning", lifespan="off"))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
-        while not server.started:
-            await asyncio.sleep(0.01)
-        yield sock.getsockname()[1]
+        yield sock.getsockname()[1]  # the socket listens already: connections wait for the server
     finally:
         server.should_exit = True
         await asyncio.gather(task, return_exceptions=True)
