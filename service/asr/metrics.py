@@ -29,7 +29,7 @@ class AsrMetrics:
         self.wait_seconds = Histogram("moshimoshi_asr_queue_wait_seconds",
                                       "Time an utterance waited for its batch to start",
                                       buckets=BATCH_BUCKETS, registry=r)
-        self.sessions = Gauge("moshimoshi_asr_sessions", "Open call sessions", registry=r)
+        self.sessions = Gauge("moshimoshi_asr_sessions_open", "Open call sessions", registry=r)
         self.sessions_total = Counter("moshimoshi_asr_sessions_total", "Sessions by how they ended",
                                       ["outcome"], registry=r)
         self.protocol_errors = Counter("moshimoshi_asr_protocol_errors_total",
