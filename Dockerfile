@@ -14,6 +14,7 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu22.04
 ARG TORCH_VERSION=2.13.0
 ARG MOSHI_VERSION=0.2.13
+ARG SILERO_VAD_VERSION=6.2.3
 
 # ---------------------------------------------------------------- gateway
 
@@ -28,6 +29,11 @@ COPY sip ./sip
 COPY service ./service
 # The [gateway] extra deliberately has no torch: this image stays small and CPU-only.
 RUN /opt/moshimoshi/bin/pip install ".[gateway]"
+# Silero VAD's weights for the callers' transcript (run on onnxruntime): the package
+# without its declared dependencies, which would bring torch.
+ARG SILERO_VAD_VERSION
+# hadolint ignore=DL3059
+RUN /opt/moshimoshi/bin/pip install --no-deps "silero-vad==${SILERO_VAD_VERSION}"
 
 FROM ${PYTHON_IMAGE} AS gateway
 LABEL org.opencontainers.image.title="moshimoshi-gateway" \
@@ -81,6 +87,11 @@ COPY pyproject.toml ./
 COPY sip ./sip
 COPY service ./service
 RUN /opt/moshimoshi/bin/pip install ".[worker]"
+# The ASR role (`moshimoshi asr`) runs from this image too: faster-whisper on CTranslate2,
+# whose CUDA build finds cuBLAS and cuDNN in the nvidia-* wheels torch brought (see
+# LD_LIBRARY_PATH below).
+# hadolint ignore=DL3059
+RUN /opt/moshimoshi/bin/pip install ".[asr]"
 
 FROM worker-base AS worker
 LABEL org.opencontainers.image.title="moshimoshi-worker" \
@@ -99,12 +110,14 @@ ENV PATH=/opt/moshimoshi/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HF_HOME=/cache/huggingface \
     HF_HUB_DISABLE_TELEMETRY=1 \
-    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    LD_LIBRARY_PATH=/opt/moshimoshi/lib/python3.11/site-packages/nvidia/cublas/lib:/opt/moshimoshi/lib/python3.11/site-packages/nvidia/cudnn/lib
 VOLUME ["/cache"]
 WORKDIR /home/moshimoshi
 USER 10001:10001
-# HTTP + WebSocket: /healthz, /readyz, /metrics, /v1/info, /v1/session, POST /v1/drain.
-EXPOSE 8081/tcp
+# HTTP + WebSocket: /healthz, /readyz, /metrics, /v1/info, /v1/session, POST /v1/drain
+# (8082: the same for `moshimoshi asr`, the ASR role, with /v1/asr).
+EXPOSE 8081/tcp 8082/tcp
 # Loading and warming a 7B model takes minutes; /healthz answers while it loads.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('MOSHIMOSHI_PORT', '8081'), timeout=4)"]

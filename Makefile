@@ -9,9 +9,10 @@ TORCH_VERSION ?= 2.13.0
 MOSHI_VERSION ?= 0.2.13
 # moshi 0.2.2 (what LLM-jp-Moshi-v1 and J-Moshi were saved with), for the compatibility tests
 MOSHI022_VENV ?= .venv-moshi022
+SILERO_VAD_VERSION ?= 6.2.3
 
 RUN_PACKAGES := redis-server
-TEST_PACKAGES := redis-server sip-tester baresip-core chromium prometheus kamailio
+TEST_PACKAGES := redis-server sip-tester baresip-core chromium prometheus kamailio espeak-ng
 
 .PHONY: install install-test run test lint bench clean
 
@@ -24,12 +25,13 @@ install-test: $(STAMP)
 	@PYTHON=$(PYTHON) TORCH_VERSION=$(TORCH_VERSION) ops/tools/moshi022-venv.sh $(MOSHI022_VENV)
 
 # torch first so that the pinned build is the one every later step sees; moshi without
-# its declared deps (it pins torch<2.10 but runs on 2.13): its real needs are in [worker].
+# its declared deps (it pins torch<2.10 but runs on 2.13): its real needs are in [worker];
+# silero-vad for its ONNX weights only (it declares torch; the gateway runs it on onnxruntime).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install "torch==$(TORCH_VERSION)"
-	$(PIP) install --no-deps "moshi==$(MOSHI_VERSION)"
-	$(PIP) install -e ".[gateway,worker,dev]"
+	$(PIP) install --no-deps "moshi==$(MOSHI_VERSION)" "silero-vad==$(SILERO_VAD_VERSION)"
+	$(PIP) install -e ".[gateway,worker,asr,dev]"
 	touch $(STAMP)
 
 run: install

@@ -43,7 +43,8 @@ class EchoSystem(tp.NamedTuple):
 def echo(tmp_path_factory) -> tp.Iterator[EchoSystem]:
     log_dir = tmp_path_factory.mktemp("webrtc-echo")
     sip_port, http_port, worker_port = free_port(), free_port(), free_port()
-    proc = Process("serve", ["serve", "--model", "echo", *gateway_args(sip_port, http_port), "--host", "127.0.0.1",
+    proc = Process("serve", ["serve", "--model", "echo", "--asr", "off", *gateway_args(sip_port, http_port),
+                             "--host", "127.0.0.1",
                              "--port", str(worker_port), "--slots", "1", "--queue-seconds", str(QUEUE_SECONDS),
                              "--webrtc-connect-seconds", str(CONNECT_SECONDS)],
                    log_dir, env={"MOSHIMOSHI_API_TOKENS": TOKENS})

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import websockets
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 from websockets.asyncio.client import ClientConnection, connect
 
 from service.asr.segmenter import SegmenterConfig, Utterance, UtteranceSegmenter
@@ -49,6 +49,9 @@ RESUMED = "caller transcript resumed"
 UTTERANCES = Counter("moshimoshi_gateway_caller_utterances_total",
                      "Callers' utterances by outcome: transcribed, failed (the ASR worker could not), "
                      "lost (no ASR worker, or the queue overflowed)", ["outcome"])
+TEXT_DELAY = Histogram("moshimoshi_gateway_caller_text_delay_seconds",
+                       "From the end of a caller's utterance (as the VAD saw it end) to its text",
+                       buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0))
 ASR_SESSIONS = Counter("moshimoshi_gateway_asr_sessions_total",
                        "Sessions opened to ASR workers, by outcome (opened, refused, unreachable, lost)",
                        ["outcome"])
@@ -120,6 +123,7 @@ class _Pending:
     id: int
     utterance: Utterance
     retried: bool = False
+    queued_at: float = 0.0  # monotonic time the segmenter gave the utterance
 
 
 class _Lost(Exception):
@@ -140,6 +144,7 @@ class CallerTranscriber:
         self.failed = 0
         self.lost = 0
         self.sessions = 0
+        self.text_delays: collections.deque[float] = collections.deque(maxlen=1000)
         self._queue: collections.deque[_Pending] = collections.deque()
         self._wake = asyncio.Event()
         self._in_flight: dict[int, _Pending] = {}
@@ -160,7 +165,7 @@ class CallerTranscriber:
 
     def _enqueue(self, utterance: Utterance) -> None:
         self._ids += 1
-        self._queue.append(_Pending(self._ids, utterance))
+        self._queue.append(_Pending(self._ids, utterance, queued_at=time.monotonic()))
         while len(self._queue) > MAX_QUEUED_UTTERANCES:
             self._lose(self._queue.popleft(), "the ASR queue overflowed")
         self._wake.set()
@@ -343,6 +348,9 @@ class CallerTranscriber:
             return
         self.transcribed += 1
         UTTERANCES.labels("transcribed").inc()
+        delay = time.monotonic() - pending.queued_at
+        TEXT_DELAY.observe(delay)
+        self.text_delays.append(delay)
         self._set_available(True, utterance.start)
         text_value = message.get("text")
         if isinstance(text_value, str) and text_value:

@@ -134,11 +134,13 @@ def gateway_args(sip_port: int, http_port: int) -> list[str]:
 
 
 def start_serve(log_dir: Path, model: str = "echo", *extra: str, env: dict[str, str] | None = None,
-                name: str = "serve") -> Gateway:
-    """``moshimoshi serve`` (embedded Redis, one worker, the gateway) on free ports."""
+                name: str = "serve", asr: bool = False) -> Gateway:
+    """``moshimoshi serve`` (embedded Redis, one worker, the gateway) on free ports; with
+    ``asr`` also its ASR worker (off by default here: the tests that do not look at the
+    callers' transcript leave the two cores to the calls)."""
     sip_port, http_port, worker_port = free_port(), free_port(), free_port()
     args = ["serve", "--model", model, *gateway_args(sip_port, http_port), "--host", "127.0.0.1",
-            "--port", str(worker_port), *extra]
+            "--port", str(worker_port), "--asr", "on" if asr else "off", *extra]
     proc = Process(name, args, log_dir, env={"MOSHIMOSHI_API_TOKENS": TOKENS, **(env or {})})
     return Gateway(proc, sip_port, http_port)
 
