@@ -7,7 +7,7 @@ place both follow:
 | key | type | holds |
 | --- | --- | --- |
 | ``{p}workers`` | zset | worker id → last heartbeat (ms, Redis clock); dead ones kept a while for display |
-| ``{p}worker:{id}`` | hash | the worker's registration; PX = 3 heartbeats, so it vanishes with the worker |
+| ``{p}worker:{id}`` | hash | the worker's registration (``role`` model or asr); PX = 3 heartbeats, so it vanishes with the worker |
 | ``{p}lease:{id}:{slot}`` | string | ``"<token>|<owner>"`` with PX = lease TTL; the slot is free iff absent |
 | ``{p}held:{id}`` | zset | slot → its lease's expiry (ms): an index to count a worker's free slots fast |
 | ``{p}issued:{id}`` | hash | slot → newest token ever issued for it (renew never resurrects an older one) |
