@@ -56,8 +56,9 @@ async def asr_worker(config: AsrSettings) -> tp.AsyncIterator[str]:
         yield base
     finally:
         if not task.done():
-            async with httpx.AsyncClient() as client:
-                await client.post(base + "/v1/drain")
+            with contextlib.suppress(httpx.HTTPError):  # a drained worker may be stopping already
+                async with httpx.AsyncClient() as client:
+                    await client.post(base + "/v1/drain")
         await asyncio.wait_for(task, 30)
 
 
