@@ -204,3 +204,27 @@ def test_caller_events_serialise_rounded():
     event = CallerEvent("caller", 1.23456, 2.5, "はい")
     assert event.to_dict() == {"kind": "caller", "start": 1.235, "end": 2.5, "text": "はい"}
     assert np.isfinite(event.start)
+
+
+async def test_a_server_that_is_not_an_asr_worker_loses_nothing_silently(speech):
+    """A WebSocket server that answers the start with something else: the utterance is lost
+    and counted, the call's transcript says so, and the transcriber keeps working."""
+    from websockets.asyncio.server import serve
+
+    async def impostor(ws) -> None:
+        await ws.recv()
+        await ws.send("hello, I am a chat server")
+        await ws.wait_closed()
+
+    async with serve(impostor, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        events: list[CallerEvent] = []
+        transcriber = CallerTranscriber("c-impostor", AsrWorkerFinder(url=f"ws://127.0.0.1:{port}"),
+                                        events.append, rate=RATE)
+        feeder = Feeder(transcriber, speech, speed=8.0)
+        await feeder.until(speech.spans[0][1] + 0.7)
+        await eventually(lambda: transcriber.lost == 1, what="the first sentence lost")
+        await feeder.rest()
+        await transcriber.close()
+    assert transcriber.lost == 3 and transcriber.transcribed == 0 and not transcriber._task.exception()
+    assert [e.kind for e in events] == ["caller-note"] and events[0].text.startswith(UNAVAILABLE)

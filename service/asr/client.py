@@ -229,14 +229,23 @@ class CallerTranscriber:
                 if self._closing:
                     return
                 continue
-            await self._session(*target)
+            try:
+                await self._session(*target)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug must not stop this call's transcript for good
+                log.exception("call %s: ASR session with %s failed", self.call_id, target[0])
+                self._failed_workers[target[0]] = time.monotonic()
+                self._requeue_in_flight()
 
     async def _session(self, worker_id: str, url: str) -> None:
         """One WebSocket to one worker, until the call's utterances are done or it is lost."""
         ws_url = url.rstrip("/") + SESSION_PATH if not url.endswith(SESSION_PATH) else url
         try:
             ws = await self._open(ws_url)
-        except (OSError, TimeoutError, websockets.InvalidHandshake, websockets.ConnectionClosed, _Lost) as exc:
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # unreachable, not a WebSocket, refused, or a reply that is not ours
             ASR_SESSIONS.labels("refused" if isinstance(exc, _Lost) else "unreachable").inc()
             log.warning("call %s: ASR worker %s unusable: %s", self.call_id, worker_id, exc)
             self._failed_workers[worker_id] = time.monotonic()
@@ -275,7 +284,11 @@ class CallerTranscriber:
                                ping_interval=5, ping_timeout=5)
             try:
                 await ws.send(json.dumps({"type": "start", "version": PROTOCOL_VERSION, "call_id": self.call_id}))
-                reply = json.loads(await ws.recv())
+                answer = await ws.recv()
+                try:
+                    reply = json.loads(answer)
+                except ValueError:
+                    raise _Lost(f"not an ASR worker: it answered {str(answer)[:60]!r}") from None
             except BaseException:
                 await ws.close()
                 raise
