@@ -94,6 +94,13 @@ class RedisServer:
             self.proc.wait(10)
         self.proc = None
 
+    def kill(self) -> None:
+        """SIGKILL: a crash (nothing is saved either way: no persistence)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
 
 @pytest.fixture
 def redis_server(tmp_path) -> Iterator[RedisServer]:

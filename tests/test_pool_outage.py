@@ -11,6 +11,8 @@ from service.pool import (
     Admission,
     CallRecord,
     CallRecords,
+    LeaseHolder,
+    LiveSession,
     PoolUnavailable,
     RegistryReader,
     RenewResult,
@@ -189,3 +191,71 @@ async def test_the_deadline_cuts_a_slow_reply_without_desynchronising_the_connec
         await client.redis.set("o:probe", "fresh")
         assert await client.redis.get("o:probe") == "fresh"
         assert await client.redis.lrange("o:never", 0, -1) == ["late"]
+
+
+async def test_an_empty_restart_gives_no_live_session_s_slot_away(redis_server):
+    """A full worker, Redis back empty: its first heartbeat re-asserts every live session's lease
+    before it is claimable again, so no claim takes a live slot and no holder is fenced out."""
+    async with connect(redis_server.url, prefix="o:") as client:
+        live: dict[int, LiveSession] = {}
+        registration = WorkerRegistration(client, worker("w1", capacity=4), interval=30,
+                                          sessions=lambda: list(live.values()))
+        await registration.heartbeat()
+        leases = SlotLeases(client)
+        claimed = [await leases.claim(ttl_ms=15_000, owner=f"call-{i}") for i in range(4)]
+        for lease in claimed:
+            assert await registration.admit(lease.slot, lease.token) is Admission.ADMITTED
+            live[lease.slot] = LiveSession(lease.slot, lease.token, lease.owner)
+        holders = [LeaseHolder(leases, lease) for lease in claimed]  # renewing every 5 s
+        for holder in holders:
+            holder.start()
+
+        redis_server.kill()
+        redis_server.start()  # empty
+        assert await leases.claim() is None  # no worker registered yet: nothing to give
+        await registration.heartbeat()
+        assert registration.leases_recreated == 4
+        for _ in range(8):
+            assert await leases.claim(ttl_ms=15_000) is None  # the pool is still full
+        in_redis = await lease_keys(client)
+        assert in_redis == {client.keys.lease("w1", x.slot): f"{x.token}|{x.owner}" for x in claimed}
+        assert await RegistryReader(client).fence() == claimed[-1].token
+        # the gateways' next renewals find their own leases
+        for lease in claimed:
+            assert await leases.renew(lease) is RenewResult.RENEWED
+        assert not any(holder.lost.is_set() for holder in holders)
+
+        # a session that ends gives its slot back; a heartbeat that still listed it (it was
+        # read before the end) cannot bring the lease back
+        ended = claimed[0]
+        await holders[0].close()
+        assert holders[0].released is True
+        await registration.heartbeat()  # `live` still lists the ended session
+        assert client.keys.lease("w1", ended.slot) not in await lease_keys(client)
+        assert registration.lease_conflicts == 1
+        fresh = await leases.claim()
+        assert fresh is not None and fresh.slot == ended.slot and fresh.token > claimed[-1].token
+        for holder in holders[1:]:
+            await holder.close()
+
+
+async def test_a_live_session_keeps_its_lease_while_its_gateway_cannot_renew(redis_server):
+    """The worker co-holds the lease of a session it serves: a gateway cut off from Redis for
+    longer than the lease TTL keeps its call; once the session ends, the slot is free."""
+    async with connect(redis_server.url, prefix="o:") as client:
+        live: list[LiveSession] = []
+        registration = WorkerRegistration(client, worker("w1", capacity=1), interval=0.05,
+                                          sessions=lambda: list(live))
+        await registration.start()
+        leases = SlotLeases(client)
+        lease = await leases.claim(ttl_ms=200, owner="call-1")  # never renewed by its gateway
+        assert await registration.admit(lease.slot, lease.token) is Admission.ADMITTED
+        live.append(LiveSession(lease.slot, lease.token, lease.owner))
+        await asyncio.sleep(0.6)  # three lease TTLs
+        assert await leases.validate("w1", 0, lease.token)
+        assert await leases.claim() is None
+        live.clear()  # the session ends; the worker releases its lease
+        assert await leases.release(lease)
+        fresh = await leases.claim()
+        assert fresh is not None and fresh.slot == 0
+        await registration.stop()

@@ -1,9 +1,10 @@
 """No slot is ever given to two calls, and stale tokens are refused: property tests.
 
 1. A differential test: hypothesis draws sequences of claim / release / renew / expire /
-   validate / admit / drain against a real redis-server, and a plain-Python model of the
-   pool predicts every answer exactly (which worker and slot, which token, what renew
-   says); after every step the lease keys in Redis must equal the model's.
+   validate / admit / end of a session / drain / heartbeat / Redis restarted empty against a
+   real redis-server, and a plain-Python model of the pool predicts every answer exactly
+   (which worker and slot, which token, what renew says); after every step the lease keys
+   in Redis must equal the model's.
 2. Many asyncio claimers over several connections race for slots, with and without
    leases running out under them; every confirmation (claim, renew) is checked against
    the history of tokens issued per slot.
@@ -19,7 +20,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.pool import Admission, PoolClient, RenewResult, SlotLeases, WorkerRegistration, connect
+from service.pool import (
+    Admission,
+    LiveSession,
+    PoolClient,
+    RenewResult,
+    SlotLeases,
+    WorkerRegistration,
+    connect,
+)
 from service.pool.leases import Lease
 from tests.support.pool import eventually, expire_lease, lease_keys, worker
 
@@ -35,13 +44,18 @@ class Model:
     held: dict[tuple[str, int], int] = field(default_factory=dict)  # slot -> token of its lease
     issued: dict[tuple[str, int], tuple[int, bool]] = field(default_factory=dict)  # newest, released
     fence: int = 0
-    admitted: dict[tuple[str, int], int] = field(default_factory=dict)  # worker-side memory
+    # worker-side memory, kept across Redis restarts
+    admitted: dict[tuple[str, int], int] = field(default_factory=dict)  # highest admitted per slot
+    seen: dict[str, int] = field(default_factory=dict)  # highest token each worker was shown
+    live: dict[tuple[str, int], int] = field(default_factory=dict)  # sessions served: slot -> token
+    registered: set[str] = field(default_factory=set)
 
     def claim(self, model: str | None) -> tuple[str, int, int] | None:
         best: tuple[int, str] | None = None
         for worker_id in sorted(self.workers):
             capacity, served = self.workers[worker_id]
-            if worker_id in self.draining or (model is not None and served != model):
+            if worker_id not in self.registered or worker_id in self.draining or (
+                    model is not None and served != model):
                 continue
             free = sum((worker_id, s) not in self.held for s in range(capacity))
             if free > 0 and (best is None or free > best[0]):
@@ -57,7 +71,7 @@ class Model:
 
     def release(self, lease: Lease) -> bool:
         where = (lease.worker_id, lease.slot)
-        if self.issued.get(where, (0, False))[0] == lease.token:
+        if where not in self.issued or self.issued[where][0] == lease.token:
             self.issued[where] = (lease.token, True)  # even if it had run out: no renew brings it back
         if self.held.get(where) != lease.token:
             return False
@@ -78,12 +92,43 @@ class Model:
 
     def admit(self, lease: Lease) -> Admission:
         where = (lease.worker_id, lease.slot)
+        self.seen[lease.worker_id] = max(self.seen.get(lease.worker_id, 0), lease.token)
         if lease.token < self.admitted.get(where, 0):
             return Admission.STALE
         if self.held.get(where) != lease.token:
             return Admission.NOT_LEASED
         self.admitted[where] = lease.token
+        self.live[where] = lease.token  # the session starts (a newer one fences out the old)
         return Admission.ADMITTED
+
+    def end_session(self, where: tuple[str, int]) -> Lease:
+        """The worker's session on ``where`` ends: it releases its lease."""
+        token = self.live.pop(where)
+        lease = Lease(worker_id=where[0], url="", slot=where[1], token=token, model="", ttl_ms=1, owner="",
+                      expires_at=0.0)
+        return lease
+
+    def heartbeat(self, worker_id: str) -> None:
+        """Re-assert the worker's live sessions' leases, register it, lift the fence."""
+        for (w, slot), token in self.live.items():
+            if w != worker_id:
+                continue
+            where = (w, slot)
+            if where in self.held:
+                continue  # kept if it is ours; left alone if another token holds it
+            newest, released = self.issued.get(where, (0, False))
+            if newest > token or (newest == token and released):
+                continue
+            self.held[where] = token
+            self.issued[where] = (token, False)
+        self.registered.add(worker_id)
+        self.fence = max(self.fence, self.seen.get(worker_id, 0))
+
+    def restart_empty(self) -> None:
+        self.held.clear()
+        self.issued.clear()
+        self.fence = 0
+        self.registered.clear()
 
 
 workers_strategy = st.dictionaries(
@@ -93,12 +138,16 @@ workers_strategy = st.dictionaries(
 
 op_strategy = st.one_of(
     st.tuples(st.just("claim"), st.sampled_from([None, *MODELS])),
+    st.tuples(st.just("call"), st.sampled_from([None, *MODELS])),  # claim, then the worker admits it
     st.tuples(st.just("release"), st.integers(0, 4)),
     st.tuples(st.just("renew"), st.integers(0, 4)),
     st.tuples(st.just("expire"), st.integers(0, 4)),
     st.tuples(st.just("validate"), st.integers(0, 4)),
     st.tuples(st.just("admit"), st.integers(0, 4)),
     st.tuples(st.just("drain"), st.integers(0, 2)),
+    st.tuples(st.just("end"), st.integers(0, 4)),
+    st.tuples(st.just("heartbeat"), st.integers(0, 2)),
+    st.tuples(st.just("restart"), st.just(0)),
 )
 
 
@@ -106,22 +155,44 @@ async def run_against_model(client: PoolClient, workers: dict[str, tuple[int, st
     await client.redis.flushdb()
     model = Model(workers)
     registrations = {}
+
+    def sessions_of(worker_id: str):
+        return lambda: [LiveSession(slot, token, f"call-{token}") for (w, slot), token in model.live.items()
+                        if w == worker_id]
+
     for worker_id, (capacity, served) in workers.items():
-        registrations[worker_id] = WorkerRegistration(client, worker(worker_id, capacity, served), interval=60)
+        registrations[worker_id] = WorkerRegistration(client, worker(worker_id, capacity, served), interval=60,
+                                                      sessions=sessions_of(worker_id))
         await registrations[worker_id].heartbeat()
+        model.heartbeat(worker_id)
     leases = SlotLeases(client)
     holders: list[Lease] = []  # every lease ever handed out, stale ones included; ops pick recent ones
 
     for op, arg in ops:
-        if op == "claim":
+        if op == "call":
+            lease = await leases.claim(arg, ttl_ms=600_000)
+            expected = model.claim(arg)
+            assert (None if lease is None else (lease.worker_id, lease.slot, lease.token)) == expected
+            if lease is not None:
+                holders.append(lease)
+                assert await registrations[lease.worker_id].admit(lease.slot, lease.token) is model.admit(lease)
+            op = "check"
+        if op == "restart":
+            await client.redis.flushdb()  # what a restart without persistence leaves
+            model.restart_empty()
+        elif op == "heartbeat":
+            worker_id = sorted(workers)[arg % len(workers)]
+            await registrations[worker_id].heartbeat()
+            model.heartbeat(worker_id)
+        elif op == "claim":
             lease = await leases.claim(arg, ttl_ms=600_000)
             expected = model.claim(arg)
             got = None if lease is None else (lease.worker_id, lease.slot, lease.token)
             assert got == expected, f"claim({arg}) gave {got}, model says {expected}"
             if lease is not None:
                 holders.append(lease)
-        elif not holders:
-            continue
+        elif op == "check" or not holders:
+            pass
         elif op == "release":
             lease = holders[-1 - arg % len(holders)]
             assert await leases.release(lease) == model.release(lease)
@@ -141,7 +212,12 @@ async def run_against_model(client: PoolClient, workers: dict[str, tuple[int, st
         elif op == "admit":
             lease = holders[-1 - arg % len(holders)]
             assert await registrations[lease.worker_id].admit(lease.slot, lease.token) is model.admit(lease)
-        elif op == "drain":
+        elif op == "end":
+            if model.live:
+                where = sorted(model.live)[arg % len(model.live)]
+                ended = model.end_session(where)
+                assert await leases.release(ended) == model.release(ended)
+        elif op == "drain":  # announced with a heartbeat
             worker_id = sorted(workers)[arg % len(workers)]
             if worker_id in model.draining:
                 model.draining.discard(worker_id)
@@ -149,6 +225,7 @@ async def run_against_model(client: PoolClient, workers: dict[str, tuple[int, st
             else:
                 model.draining.add(worker_id)
                 await registrations[worker_id].drain()
+            model.heartbeat(worker_id)
 
         # the lease keys are exactly the model's: one token per slot, no ghost, none missing
         in_redis = {key: int(value.partition("|")[0]) for key, value in (await lease_keys(client)).items()}

@@ -102,7 +102,7 @@ class SlotLeases:
             released = await self.client.script("release")(
                 keys=[self.keys.lease(lease.worker_id, lease.slot), self.keys.issued(lease.worker_id),
                       self.keys.held(lease.worker_id)],
-                args=[lease.token, lease.slot])
+                args=[lease.token, lease.slot, BOOKKEEPING_TTL_MS])
         return bool(released)
 
     async def renew(self, lease: Lease, ttl_ms: int | None = None) -> RenewResult:

@@ -3,7 +3,9 @@
 A worker's registration is a hash whose TTL is ``ttl_factor`` (3) heartbeat intervals, so
 a worker that dies or is cut off from Redis disappears from claims within three intervals.
 Every heartbeat re-asserts the whole registration (a Redis that restarted empty is
-repopulated at once) and carries the highest fencing token the worker has seen.
+repopulated at once), carries the highest fencing token the worker has seen, and re-asserts
+the lease of every session the worker serves, in the same atomic step (lua/register.lua):
+a worker becomes claimable again only with its live slots already taken.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from service import __version__
 from service.pool.connection import PoolClient, PoolError
 from service.pool.fencing import Admission, SlotFence
 from service.pool.keys import check_id, check_model
-from service.pool.leases import SlotLeases, parse_lease_value
+from service.pool.leases import BOOKKEEPING_TTL_MS, SlotLeases, parse_lease_value
 
 log = logging.getLogger(__name__)
 
@@ -77,19 +79,30 @@ class WorkerInfo:
         return self.capacity if self.role == MODEL_ROLE else 0
 
 
+class LiveSession(tp.NamedTuple):
+    """A session the worker serves: its slot, the token it was admitted with, its owner (call id)."""
+
+    slot: int
+    token: int
+    owner: str
+
+
 class WorkerRegistration:
     """One worker's presence in the pool: heartbeats, state, and admission of sessions.
 
     ``start()`` registers and heartbeats every ``interval`` seconds until ``stop()``, which
     deregisters. ``admit(slot, token)`` is the check a worker runs on each session's
     ``start`` message. Redis outages are ridden out: heartbeats keep trying and re-register
-    the worker as soon as Redis answers again.
+    the worker as soon as Redis answers again. ``sessions()`` lists the sessions the worker
+    serves: each heartbeat keeps their leases for at least the registration's TTL and
+    re-creates any that Redis lost, before the worker is claimable.
     """
 
     def __init__(self, client: PoolClient, info: WorkerInfo, *,
                  interval: float = DEFAULT_HEARTBEAT_SECONDS, ttl_factor: float = 3.0,
                  forget_after: float = DEFAULT_FORGET_AFTER_SECONDS,
-                 live: tp.Callable[[], dict[str, tp.Any]] | None = None) -> None:
+                 live: tp.Callable[[], dict[str, tp.Any]] | None = None,
+                 sessions: tp.Callable[[], tp.Iterable[LiveSession]] | None = None) -> None:
         if interval <= 0:
             raise ValueError("interval must be positive")
         if ttl_factor < 1.5:
@@ -102,10 +115,13 @@ class WorkerRegistration:
         self.state = READY
         self.free_slots = info.capacity
         self.live = live  # figures that change (e.g. step_p99_ms), read at each heartbeat
+        self.sessions = sessions
         self.fence = SlotFence(info.capacity)
         self.leases = SlotLeases(client)
         self.heartbeats = 0
         self.heartbeat_failures = 0
+        self.leases_recreated = 0  # live sessions' leases put back after Redis lost them
+        self.lease_conflicts = 0  # live sessions whose slot another token holds or has held
         self.registered = False  # whether the last heartbeat reached Redis
         self._task: asyncio.Task | None = None
         self._stopping = False
@@ -127,14 +143,29 @@ class WorkerRegistration:
             pairs.update({key: value for key, value in self.live().items() if key not in pairs})
         return [item for pair in pairs.items() if pair[1] is not None for item in pair]
 
+    def _live_sessions(self) -> list[tp.Any]:
+        flat: list[tp.Any] = []
+        for session in self.sessions() if self.sessions is not None else ():
+            if self.fence.has_slot(session.slot) and session.token > 0:
+                flat += [session.slot, session.token, session.owner]
+        return flat
+
     async def heartbeat(self) -> int:
-        """Register (or refresh) now; returns the fencing counter. Raises PoolUnavailable."""
+        """Register (or refresh) now, re-asserting the live sessions' leases; returns the
+        fencing counter. Raises PoolUnavailable."""
         keys = self.client.keys
+        sessions = self._live_sessions()
         async with self.client.guard("heartbeat"):
-            fence = await self.client.script("register")(
+            fence, recreated, _kept, conflicts = await self.client.script("register")(
                 keys=[keys.workers, keys.worker(self.info.worker_id), keys.fence],
                 args=[self.info.worker_id, self.ttl_ms, self.fence.highest, self.forget_after_ms,
+                      keys.prefix, self.ttl_ms, BOOKKEEPING_TTL_MS, len(sessions) // 3, *sessions,
                       *self._fields()])
+        if recreated:
+            self.leases_recreated += int(recreated)
+            log.warning("worker %s: re-created %d lease(s) of live sessions that Redis had lost",
+                        self.info.worker_id, int(recreated))
+        self.lease_conflicts += int(conflicts)
         self.heartbeats += 1
         if not self.registered:
             log.info("%s worker %s registered (%s, %d %s, %s)", self.info.role, self.info.worker_id,

@@ -2,7 +2,8 @@
 
 Once the model is warm the worker registers (address, model, capacity, licence) and
 heartbeats; every session's ``start`` must present the slot's current lease token, or it
-is refused with 4003. When a session ends the worker releases its lease at once
+is refused with 4003. Each heartbeat also re-asserts the lease of every session in progress
+(so a Redis that restarted empty cannot give a live call's slot away). When a session ends the worker releases its lease at once
 (compare-and-delete on the token), so a gateway that died gives its slots back as its
 sockets drop instead of after the lease TTL. Draining is announced in the registry, so
 gateways stop claiming this worker's slots.
@@ -23,6 +24,7 @@ from service.pool import (
     READY,
     Admission,
     Lease,
+    LiveSession,
     PoolClient,
     PoolError,
     SlotLeases,
@@ -98,7 +100,7 @@ class PoolMembership:
                        warmup_p50_ms=_rounded(sizing.p50_ms) if sizing else None,
                        warmup_p99_ms=_rounded(sizing.p99_ms) if sizing else None,
                        context_seconds=info.context_seconds),
-            interval=self.settings.heartbeat_seconds, live=self._live_fields)
+            interval=self.settings.heartbeat_seconds, live=self._live_fields, sessions=self._live_sessions)
         self.registration.state = self._state()
         await self.registration.start()
         log.info("in the pool as %s at %s", self.worker_id, self.url)
@@ -111,6 +113,18 @@ class PoolMembership:
     def _live_fields(self) -> dict[str, tp.Any]:
         watch = self.runtime.watch
         return {"step_p99_ms": _rounded(watch.p99_ms) if watch is not None else None}
+
+    def _live_sessions(self) -> list[LiveSession]:
+        """The sessions this worker serves, for their leases to be re-asserted with each heartbeat."""
+        table = self.runtime.table
+        if table is None:
+            return []
+        live = []
+        for slot, session in list(self.runtime.sessions.items()):
+            token = table.token(slot)
+            if token is not None:
+                live.append(LiveSession(slot, token, session.call_id))
+        return live
 
     def _on_overload(self, overloaded: bool) -> None:
         """Announce at once: gateways stop (or resume) claiming this worker's slots."""
