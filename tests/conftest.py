@@ -38,7 +38,7 @@ def pytest_unconfigure(config) -> None:
 
 
 # fixtures that start real processes: a test that uses one (even through another) is a system test
-SYSTEM_FIXTURES = frozenset({"redis_server", "demo_gateway"})
+SYSTEM_FIXTURES = frozenset({"redis_server", "small_redis_server", "demo_gateway"})
 
 
 def pytest_collection_modifyitems(items) -> None:
@@ -70,11 +70,12 @@ def timing() -> Timing:
 class RedisServer:
     """A real redis-server on a free loopback port, stopped at teardown."""
 
-    def __init__(self, tmp_path) -> None:
+    def __init__(self, tmp_path, *extra_args: str) -> None:
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not installed: run the tests through `make test`")
         self.port = free_port()
         self.dir = tmp_path
+        self.extra_args = list(extra_args)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -84,7 +85,7 @@ class RedisServer:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.dir)],
+             "--appendonly", "no", "--dir", str(self.dir), *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_tcp("127.0.0.1", self.port, proc=self.proc)
 
@@ -105,6 +106,17 @@ class RedisServer:
 @pytest.fixture
 def redis_server(tmp_path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def small_redis_server(tmp_path) -> Iterator[RedisServer]:
+    """A real redis-server with a tiny ``maxmemory`` and ``noeviction``: it refuses writes once full."""
+    server = RedisServer(tmp_path, "--maxmemory", "8mb", "--maxmemory-policy", "noeviction")
     server.start()
     try:
         yield server

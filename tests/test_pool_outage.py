@@ -9,6 +9,7 @@ import pytest
 
 from service.pool import (
     Admission,
+    Backoff,
     CallRecord,
     CallRecords,
     LeaseHolder,
@@ -259,3 +260,118 @@ async def test_a_live_session_keeps_its_lease_while_its_gateway_cannot_renew(red
         fresh = await leases.claim()
         assert fresh is not None and fresh.slot == 0
         await registration.stop()
+
+
+async def fill_to_maxmemory(client) -> None:
+    """Write junk until Redis refuses writes, then set maxmemory under what it holds (it stays full)."""
+    from redis.exceptions import OutOfMemoryError
+
+    count = 0
+    with pytest.raises(OutOfMemoryError):
+        while True:
+            await client.redis.set(f"junk:{count}", b"x" * 65536)
+            count += 1
+    used = int((await client.redis.info("memory"))["used_memory"])
+    await client.redis.config_set("maxmemory", used - 256 * 1024)
+
+
+async def test_a_full_redis_is_unavailable_yet_releases_and_heartbeats_still_work(small_redis_server):
+    async with connect(small_redis_server.url, prefix="o:") as client:
+        live: list[LiveSession] = []
+        registration = WorkerRegistration(client, worker("w1", capacity=3), interval=30, sessions=lambda: live)
+        await registration.heartbeat()
+        leases = SlotLeases(client)
+        first = await leases.claim(owner="call-1")
+        second = await leases.claim(owner="call-2")
+        assert await registration.admit(first.slot, first.token) is Admission.ADMITTED
+        live.append(LiveSession(first.slot, first.token, "call-1"))
+        await client.check_writable("gw1")
+        await fill_to_maxmemory(client)
+
+        # what needs memory says "unavailable" (a 503 for a call), not a bare error (a 500)
+        with pytest.raises(PoolUnavailable, match="full"):
+            await client.check_writable("gw1")
+        with pytest.raises(PoolUnavailable, match="full"):
+            await CallRecords(client).create(CallRecord("c1"))
+        with pytest.raises(PoolUnavailable, match="full"):
+            await leases.claim()  # a slot is free, but Redis cannot write its lease
+        # what frees memory or keeps the pool running still works when full
+        assert await leases.release(second) is True
+        assert await leases.renew(first) is RenewResult.RENEWED
+        await registration.heartbeat()  # the worker does not drop out of the pool
+        assert [w.alive for w in await RegistryReader(client).workers()] == [True]
+        assert await leases.release(first) is True
+        assert await lease_keys(client) == {}
+        await registration.stop()
+
+
+async def test_retries_back_off_until_the_write_succeeds_and_are_counted():
+    from service.pool import Backoff, PoolError, Retries
+
+    events: list[tuple[str, str]] = []
+    retries = Retries(retry_on=(PoolError,), backoff=Backoff(first=0.01, factor=2.0, most=0.04))
+    retries.listeners.append(lambda what, event: events.append((what, event)))
+    attempts: list[float] = []
+
+    async def flaky() -> str:
+        attempts.append(time.monotonic())
+        if len(attempts) < 5:
+            raise PoolUnavailable("down")
+        return "done"
+
+    assert await retries.run("record-end", flaky, give_up_after=5.0) == "done"
+    gaps = [round(b - a, 3) for a, b in zip(attempts, attempts[1:], strict=False)]
+    assert [g >= d for g, d in zip(gaps, (0.01, 0.02, 0.04, 0.04), strict=True)] == [True] * 4, gaps
+    assert retries.retried["record-end"] == 4 and retries.recovered["record-end"] == 1
+    assert events == [("record-end", "retried")] * 4 + [("record-end", "recovered")]
+
+    async def never() -> None:
+        raise PoolUnavailable("still down")
+
+    started = time.monotonic()
+    with pytest.raises(PoolUnavailable):
+        await retries.run("lease-release", never, give_up_after=0.2)
+    assert time.monotonic() - started < 0.5  # bounded
+    assert retries.abandoned["lease-release"] == 1 and events[-1] == ("lease-release", "abandoned")
+
+    async def bad() -> None:
+        raise ValueError("a bug is not retried")
+
+    with pytest.raises(ValueError):
+        await retries.run("record-end", bad, give_up_after=5.0)
+
+    # in the background: owned by the Retries object, waited for (then cancelled) at close
+    done = asyncio.Event()
+    state = {"calls": 0}
+
+    async def later() -> None:
+        state["calls"] += 1
+        if state["calls"] < 3:
+            raise PoolUnavailable("down")
+        done.set()
+
+    retries.submit("lease-release", later, give_up_after=5.0)
+    assert retries.pending == 1
+    await asyncio.wait_for(done.wait(), 2)
+    retries.submit("lease-release", never, give_up_after=60.0)
+    await retries.close(timeout=0.05)
+    assert retries.pending == 0
+
+
+async def test_a_release_refused_by_redis_is_retried_until_it_succeeds(redis_server):
+    async with connect(redis_server.url, prefix="o:") as client:
+        client.retries.backoff = Backoff(first=0.05, factor=2.0, most=0.2)
+        await WorkerRegistration(client, worker("w1", capacity=1), interval=30).heartbeat()
+        leases = SlotLeases(client)
+        lease = await leases.claim(ttl_ms=60_000)
+        holder = LeaseHolder(leases, lease)
+        holder.start()
+        redis_server.stop()
+        await holder.close()  # cannot release now: retried in the background
+        assert holder.released is None and client.retries.pending == 1
+        await eventually(lambda: client.retries.retried["lease-release"] >= 2, what="retries while down")
+        redis_server.start()  # empty: the release finds nothing to delete, and notes the token given back
+        await eventually(lambda: client.retries.pending == 0, what="the release retried")
+        assert client.retries.recovered["lease-release"] == 1
+        assert client.retries.retried["lease-release"] >= 1
+        assert await leases.renew(lease) is RenewResult.LOST  # released: no renew brings it back

@@ -35,6 +35,7 @@ from service.pool import (
     PoolClient,
     PoolError,
     RegistryReader,
+    Retries,
     SlotLeases,
     connect,
     redacted,
@@ -48,6 +49,7 @@ log = logging.getLogger("moshimoshi.gateway")
 
 POOL_REFRESH_SECONDS = 1.0
 STOP_CALLS_SECONDS = 3.0
+RECORD_END_RETRY_SECONDS = 300.0  # a call's end is retried this long if Redis refuses it
 
 
 def install_event_loop() -> None:
@@ -86,6 +88,7 @@ class Gateway:
         self.router: Router
         if settings.redis_url:
             self.pool = connect(settings.redis_url)
+            self.pool.retries.listeners.append(metrics.count_pool_retry)
             self.records = CallRecords(self.pool, retention=settings.call_retention_seconds)
             self.registry = RegistryReader(self.pool)
             self.router = PoolRouter(SlotLeases(self.pool), model=self.model, gateway_id=self.gateway_id,
@@ -115,6 +118,10 @@ class Gateway:
         if self.pool is not None:
             self.transcripts = TranscriptStore(self.pool, retention=settings.call_retention_seconds)
             self.hangups = HangupChannel(self.pool, self.hangup)
+
+    @property
+    def pool_retries(self) -> Retries | None:
+        return self.pool.retries if self.pool is not None else None
 
     # -- readiness ---------------------------------------------------------------------
 
@@ -250,8 +257,10 @@ class Gateway:
         quality = call.media.quality() if call.media is not None else {}
         quality = {k: v for k, v in quality.items() if v is not None}
         quality["failovers"] = call.failovers
-        self._record_write(call.id, "record-end", self.records.end(
-            call.id, call.end_reason or "unknown", ended_at=call.ended_at, quality=quality))
+        records, reason, ended_at = self.records, call.end_reason or "unknown", call.ended_at
+        self._record_write(call.id, "record-end", self.pool_retries.run(  # type: ignore[union-attr]
+            "record-end", lambda: records.end(call.id, reason, ended_at=ended_at, quality=quality),
+            give_up_after=RECORD_END_RETRY_SECONDS))
 
     async def _watch_calls(self) -> None:
         """One watchdog for every call (not a timer per call): flags stalled worker sessions."""
@@ -274,16 +283,18 @@ class Gateway:
             metrics.READY.set(1 if self.accepting() else 0)
             return
         try:
+            # a write, not just a read: a full (maxmemory) or read-only Redis takes no calls
+            await self.pool.check_writable(self.gateway_id)  # type: ignore[union-attr]
             workers = await self.registry.workers()
         except PoolError as exc:
             if self.redis_ok:
-                log.warning("Redis unreachable: new calls get 503 until it is back (%s)", exc)
+                log.warning("Redis unavailable: new calls get 503 until it is back (%s)", exc)
             self.redis_ok = False
             metrics.REDIS_ERRORS.labels("registry").inc()
             metrics.READY.set(0)
             return
         if self.redis_ok is False:
-            log.info("Redis reachable again")
+            log.info("Redis available again")
         self.redis_ok = True
         live = [w for w in workers if w.alive and w.role == MODEL_ROLE]  # ASR workers take no calls
         ready = [w for w in live if w.state == READY and (self.model is None or w.model == self.model)]

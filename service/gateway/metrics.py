@@ -81,6 +81,21 @@ POOL_WORKERS = Gauge("moshimoshi_pool_workers", "Live workers in the pool, by st
 READY = Gauge("moshimoshi_gateway_ready", "1 when this gateway takes calls (Redis up, a worker ready, "
               "not draining).")
 REDIS_ERRORS = Counter("moshimoshi_redis_errors_total", "Redis operations that failed.", ["operation"])
+REDIS_WRITE_RETRIES = Counter(
+    "moshimoshi_redis_write_retries_total",
+    "Retries of must-happen Redis writes (call record ends, lease releases) after Redis refused them.",
+    ["operation"])
+REDIS_WRITES_ABANDONED = Counter(
+    "moshimoshi_redis_writes_abandoned_total",
+    "Must-happen Redis writes given up after retrying to their bound.", ["operation"])
+
+
+def count_pool_retry(operation: str, event: str) -> None:
+    """A listener for the pool client's retried writes (``PoolClient.retries``)."""
+    if event == "retried":
+        REDIS_WRITE_RETRIES.labels(operation).inc()
+    elif event == "abandoned":
+        REDIS_WRITES_ABANDONED.labels(operation).inc()
 HTTP_REQUESTS = Counter("moshimoshi_http_requests_total", "API requests by route and status code.",
                         ["method", "route", "code"])
 TRANSCRIPT_PIECES = Counter("moshimoshi_transcript_pieces_total", "Transcript pieces stored in Redis.")

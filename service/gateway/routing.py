@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from service.gateway import metrics
 from service.gateway.loopback import LoopbackLink
 from service.gateway.worker_link import WorkerLink, WorkerRefused
-from service.pool import Lease, LeaseHolder, PoolUnavailable, SlotLeases
+from service.pool import Lease, LeaseHolder, PoolError, SlotLeases
 
 log = logging.getLogger(__name__)
 
 CLAIM_POLL_SECONDS = 0.1
 HANDSHAKE_SECONDS = 5.0
+CLAIM_FAILURE_BACKOFF_SECONDS = 1.0  # after a claim Redis refused, calls get 503 this long
 
 
 class NoCapacity(Exception):
@@ -144,13 +145,16 @@ class PoolRouter:
         self.gateway_id = gateway_id
         self.lease_ttl_ms = lease_ttl_ms
         self.redis_ok = True
+        self._claim_failed_at = -CLAIM_FAILURE_BACKOFF_SECONDS
         self._tickets = itertools.count()
         self._queue: list[int] = []
         self._queue_changed = asyncio.Condition()
         self._full = False  # the last claim found no free slot
 
     def ready(self) -> bool:
-        return self.redis_ok
+        # not latched: the next call tries again after the backoff (the gateway's own Redis
+        # check keeps it unready for as long as Redis refuses writes)
+        return self.redis_ok or time.monotonic() - self._claim_failed_at >= CLAIM_FAILURE_BACKOFF_SECONDS
 
     @property
     def queued(self) -> int:
@@ -222,15 +226,18 @@ class PoolRouter:
             return None
         finally:
             for lease in refused:
-                with contextlib.suppress(PoolUnavailable):
+                try:
                     await self.leases.release(lease)
+                except PoolError:
+                    self.leases.release_eventually(lease)
 
     async def _claim(self, call_id: str) -> Lease | None:
         started = time.perf_counter()
         try:
             lease = await self.leases.claim(self.model, ttl_ms=self.lease_ttl_ms, owner=call_id)
-        except PoolUnavailable as exc:
+        except PoolError as exc:  # down, failing over, full (maxmemory): 503, never 500
             self.redis_ok = False
+            self._claim_failed_at = time.monotonic()
             metrics.REDIS_ERRORS.labels("claim").inc()
             raise RoutingUnavailable(str(exc)) from None
         self.redis_ok = True

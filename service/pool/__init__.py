@@ -31,12 +31,13 @@ from service.pool.registry import (
     WorkerRegistration,
     WorkerStatus,
 )
+from service.pool.retry import Backoff, Retries
 
 __all__ = [
     "ACTIVE", "ASR_ROLE", "DEFAULT_LEASE_TTL_MS", "DEFAULT_PREFIX", "DRAINING", "ENDED", "MODEL_ROLE",
     "OVERLOADED", "READY",
-    "Admission", "CallRecord", "CallRecords", "EmbeddedRedis", "EmbeddedRedisError", "Keys", "Lease",
-    "LiveSession",
+    "Admission", "Backoff", "CallRecord", "CallRecords", "EmbeddedRedis", "EmbeddedRedisError", "Keys", "Lease",
+    "LiveSession", "Retries",
     "LeaseHolder", "PoolClient", "PoolError", "PoolUnavailable", "RegistryReader", "RenewResult",
     "SlotFence", "SlotLease", "SlotLeases", "WorkerInfo", "WorkerRegistration", "WorkerStatus",
     "connect", "redacted",

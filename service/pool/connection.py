@@ -43,11 +43,19 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import (
+    ClusterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.pool.keys import DEFAULT_PREFIX, Keys
+from service.pool.retry import Retries
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +63,12 @@ DEFAULT_CONNECT_TIMEOUT = 1.0
 DEFAULT_OPERATION_TIMEOUT = 1.25
 SENTINEL_SCHEME = "redis+sentinel"
 
-# Server replies that mean "cannot serve now", as opposed to a bad command.
+# Server replies that mean "cannot serve now", as opposed to a bad command: redis-py turns
+# some into classes of their own (dropping the prefix from the message), others it leaves.
 _UNAVAILABLE_REPLIES = ("LOADING", "READONLY", "MASTERDOWN", "BUSY", "OOM", "NOREPLICAS",
                         "CLUSTERDOWN", "TRYAGAIN", "NOAUTH", "WRONGPASS")
+_UNAVAILABLE_CLASSES = (OutOfMemoryError, ReadOnlyError, TryAgainError, ClusterDownError)
+PROBE_TTL_MS = 10_000
 
 
 class PoolError(Exception):
@@ -84,6 +95,7 @@ class PoolClient:
         self.location = location
         self.errors_total = 0
         self.last_error: str | None = None
+        self.retries = Retries(retry_on=(PoolError,))  # must-happen writes (record ends, releases)
         self._sentinel = sentinel
         self._scripts: dict[str, AsyncScript] = {}
 
@@ -104,8 +116,8 @@ class PoolClient:
         except (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError) as exc:
             raise self._failed(what, exc, PoolUnavailable) from exc
         except ResponseError as exc:
-            kind = PoolUnavailable if str(exc).startswith(_UNAVAILABLE_REPLIES) else PoolError
-            raise self._failed(what, exc, kind) from exc
+            unavailable = isinstance(exc, _UNAVAILABLE_CLASSES) or str(exc).startswith(_UNAVAILABLE_REPLIES)
+            raise self._failed(what, exc, PoolUnavailable if unavailable else PoolError) from exc
         except RedisError as exc:
             raise self._failed(what, exc, PoolError) from exc
 
@@ -115,6 +127,8 @@ class PoolClient:
         if isinstance(exc, TimeoutError) and not str(exc):
             detail = f"no answer within {self.operation_timeout:g} s"
         self.last_error = f"{what}: {detail}"
+        if isinstance(exc, OutOfMemoryError):
+            detail = f"Redis is full (maxmemory): {detail}"
         if kind is PoolUnavailable:
             return PoolUnavailable(f"Redis unavailable at {self.location} during {what}: {detail}")
         return PoolError(f"Redis error at {self.location} during {what}: {detail}")
@@ -126,7 +140,16 @@ class PoolClient:
             await self.redis.ping()
         return time.perf_counter() - start
 
+    async def check_writable(self, name: str) -> None:
+        """Write a small key (``{p}probe:{name}``, expiring by itself): raises PoolUnavailable
+        when Redis cannot take writes (down, read-only replica, full at maxmemory), which a
+        read such as a ping does not show."""
+        async with self.guard("write probe"):
+            await self.redis.set(self.keys.probe(name), str(round(time.time() * 1000)), px=PROBE_TTL_MS)
+
     async def close(self) -> None:
+        """Give pending retried writes a moment (``retries.close``), then disconnect."""
+        await self.retries.close(timeout=2.0)
         with contextlib.suppress(RedisError, OSError):
             await self.redis.aclose()
         if self._sentinel is not None:

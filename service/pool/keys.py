@@ -14,6 +14,7 @@ place both follow:
 | ``{p}fence`` | string | the fencing counter (INCR) |
 | ``{p}call:{call_id}`` | hash | one call's record, PX = retention |
 | ``{p}calls`` | zset | call id → start time (ms): the time-ordered index of call records |
+| ``{p}probe:{name}`` | string | a gateway's write probe (readiness), PX 10 s |
 """
 
 from __future__ import annotations
@@ -65,3 +66,6 @@ class Keys:
 
     def call(self, call_id: str) -> str:
         return f"{self.prefix}call:{call_id}"
+
+    def probe(self, name: str) -> str:
+        return f"{self.prefix}probe:{name}"

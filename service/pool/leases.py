@@ -27,6 +27,7 @@ from service.pool.keys import check_model
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_TTL_MS = 15_000
+RELEASE = "lease-release"  # the operation's name in retry counts
 # How long per-worker bookkeeping (the held-slot index, the issued tokens) lives after the
 # last claim or renew on that worker.
 BOOKKEEPING_TTL_MS = 24 * 3600 * 1000
@@ -104,6 +105,12 @@ class SlotLeases:
                       self.keys.held(lease.worker_id)],
                 args=[lease.token, lease.slot, BOOKKEEPING_TTL_MS])
         return bool(released)
+
+    def release_eventually(self, lease: Lease, give_up_after: float | None = None) -> None:
+        """Release in the background, retried with backoff (``client.retries``) for at most
+        ``give_up_after`` seconds (default: the lease's TTL, after which it has expired)."""
+        bound = lease.ttl_ms / 1000 if give_up_after is None else give_up_after
+        self.client.retries.submit(RELEASE, lambda: self.release(lease), give_up_after=max(bound, 1.0))
 
     async def renew(self, lease: Lease, ttl_ms: int | None = None) -> RenewResult:
         """Extend the lease by ``ttl_ms`` (default: its own TTL); see RenewResult."""
@@ -190,7 +197,9 @@ class LeaseHolder:
                          self.lease.worker_id, self.lease.slot, self.lease.token)
 
     async def close(self) -> None:
-        """Stop renewing and release the lease (best effort: if Redis is down it expires)."""
+        """Stop renewing and release the lease. If Redis cannot take it now (down, failing
+        over, full), the release is retried in the background until it succeeds or the
+        lease has expired by itself (``client.retries``)."""
         self._closing = True
         if self._task is not None:
             self._task.cancel()
@@ -201,5 +210,6 @@ class LeaseHolder:
         try:
             self.released = await self.leases.release(self.lease)
         except PoolError as exc:
-            log.warning("lease %s/%d (token %d) not released, it will expire: %s",
+            log.warning("lease %s/%d (token %d) not released yet, retrying: %s",
                         self.lease.worker_id, self.lease.slot, self.lease.token, exc)
+            self.leases.release_eventually(self.lease)

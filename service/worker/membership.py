@@ -37,6 +37,8 @@ from service.worker.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
 
+RELEASE_RETRY_SECONDS = 60.0  # a session's lease release is retried this long if Redis refuses it
+
 
 def default_advertise_url(host: str, port: int) -> str:
     """ws://<an address gateways can reach>:<port>: the bind address unless it is a wildcard."""
@@ -60,6 +62,7 @@ class PoolMembership:
         self.url = settings.advertise_url or default_advertise_url(settings.host, port)
         self.worker_id = settings.worker_id or f"{socket.gethostname()}-{port}"
         self.client: PoolClient = connect(settings.redis_url)
+        self.client.retries.listeners.append(self._count_retry)
         self.leases = SlotLeases(self.client)
         self.registration: WorkerRegistration | None = None
         self._task: asyncio.Task | None = None
@@ -126,6 +129,13 @@ class PoolMembership:
                 live.append(LiveSession(slot, token, session.call_id))
         return live
 
+    def _count_retry(self, operation: str, event: str) -> None:
+        metrics = self.runtime.metrics
+        if event == "retried":
+            metrics.redis_write_retries.labels(operation).inc()
+        elif event == "abandoned":
+            metrics.redis_writes_abandoned.labels(operation).inc()
+
     def _on_overload(self, overloaded: bool) -> None:
         """Announce at once: gateways stop (or resume) claiming this worker's slots."""
         registration = self.registration
@@ -145,13 +155,7 @@ class PoolMembership:
             return
         lease = Lease(worker_id=self.worker_id, url=self.url, slot=slot, token=token, model="",
                       ttl_ms=1, owner="", expires_at=0.0)
-        task = asyncio.create_task(self._release(lease))
-        self._releases.add(task)
-        task.add_done_callback(self._releases.discard)
-
-    async def _release(self, lease: Lease) -> None:
-        with contextlib.suppress(PoolError):
-            await self.leases.release(lease)
+        self.leases.release_eventually(lease, give_up_after=RELEASE_RETRY_SECONDS)
 
     async def drain(self) -> None:
         """Announce draining: gateways claim no more of this worker's slots."""

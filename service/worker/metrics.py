@@ -74,5 +74,17 @@ class WorkerMetrics:
             "moshimoshi_worker_text_bytes_dropped_total",
             "Byte-fallback text pieces that never formed a character (dropped, not sent)", registry=r)
 
+        self.redis_write_retries = Counter(
+            "moshimoshi_worker_redis_write_retries_total",
+            "Retries of must-happen Redis writes (lease releases) after Redis refused them", ["operation"],
+            registry=r)
+        self.redis_writes_abandoned = Counter(
+            "moshimoshi_worker_redis_writes_abandoned_total",
+            "Must-happen Redis writes given up after retrying to their bound", ["operation"], registry=r)
+        self.auth_refused = Counter(
+            "moshimoshi_worker_auth_refused_total",
+            "Requests to /v1 refused for a missing or wrong worker secret, by endpoint", ["endpoint"],
+            registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -28,6 +28,11 @@ local hold_ms, keep_ms = tonumber(ARGV[6]), ARGV[7]
 local held_index = prefix .. 'held:' .. id
 local issued_key = prefix .. 'issued:' .. id
 
+-- The registration is rewritten whole; deleting it first also makes this script's later
+-- writes allowed when Redis is at maxmemory (a script that has written may go on), so a
+-- full Redis does not drop a live worker from the pool.
+redis.call('DEL', KEYS[2])
+
 local seen = tonumber(ARGV[3])
 local fence = tonumber(redis.call('GET', KEYS[3]) or '0')
 local recreated, kept, conflicts = 0, 0, 0
@@ -75,7 +80,6 @@ end
 fields[#fields + 1] = 'last_seen_ms'
 fields[#fields + 1] = now
 
-redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], unpack(fields))
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 redis.call('ZADD', KEYS[1], now, id)
