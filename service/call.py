@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from service import realtime
 from service.realtime import quiet_gc
 from service.settings import CallSettings
 from sip import codecs
@@ -272,7 +273,7 @@ async def _send_digits(rtp: RtpSession, digits: str, payload_type: int, clock_ra
 
 def run_call(settings: CallSettings) -> int:
     try:
-        summary = asyncio.run(place_call(settings))
+        summary = realtime.run(place_call(settings))
     except CallFailed as exc:
         print(f"moshimoshi call: {exc.status} {exc.reason}", file=sys.stderr)
         return 1

@@ -17,9 +17,11 @@ import secrets
 import signal
 import sys
 
+from service import realtime
 from service.config import ENV_PREFIX, env_name
-from service.gateway.main import Gateway, install_event_loop
+from service.gateway.main import Gateway
 from service.pool import EmbeddedRedis, EmbeddedRedisError
+from service.realtime import quiet_gc
 from service.settings import ASR_ENV, GatewaySettings, ServeSettings, WorkerSettings
 
 log = logging.getLogger("moshimoshi.serve")
@@ -72,8 +74,8 @@ def with_api_token(settings: GatewaySettings) -> GatewaySettings:
 
 def run_serve(gateway_settings: GatewaySettings, worker_settings: WorkerSettings,
               serve_settings: ServeSettings | None = None) -> int:
-    install_event_loop()
-    return asyncio.run(_serve(with_api_token(gateway_settings), worker_settings, serve_settings or ServeSettings()))
+    quiet_gc()
+    return realtime.run(_serve(with_api_token(gateway_settings), worker_settings, serve_settings or ServeSettings()))
 
 
 async def _stop(process: asyncio.subprocess.Process | None) -> None:

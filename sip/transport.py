@@ -18,6 +18,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
+import typing
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -137,8 +138,9 @@ class TcpConnection(asyncio.Protocol):
         self._registered = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport, but not necessarily an asyncio.Transport subclass: uvloop's
+        # TCPTransport is not one (and an isinstance check refused every uvloop connection).
+        self.transport = typing.cast(asyncio.Transport, transport)
         self.remote = _normalise(transport.get_extra_info("peername"))
         self.last_activity = self.owner._loop.time()
         if not self.owner._register(self):

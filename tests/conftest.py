@@ -1,4 +1,5 @@
-"""Shared fixtures (real servers on free ports) and the test markers.
+"""Shared fixtures (real servers on free ports), the test markers, and the event loops the
+async tests run on.
 
 Every test is one of ``unit`` (no process, no real time: the default), ``system`` (real
 processes: redis-server, sipp, baresip, moshimoshi, Chromium) or ``realtime`` (a system test
@@ -10,13 +11,29 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
+from service.realtime import EVENT_LOOPS, event_loop_name, loop_factory
 from tests.support.procs import free_port, wait_for_tcp
 from tests.support.realtime import Timing
 from tests.support.services import Gateway, start_serve
+
+# In-process tests of the SIP and RTP stacks run on every event loop the service supports;
+# every other async test runs on the production loop (uvloop unless MOSHIMOSHI_EVENT_LOOP
+# says otherwise). Tests of real moshimoshi processes choose the process's loop themselves
+# (tests/test_e2e_echo.py runs its gateway on each).
+ALL_LOOP_MODULES = ("test_sip_", "test_rtpsession", "test_gateway_media", "test_webrtc_media")
+
+
+def pytest_asyncio_loop_factories(config, item) -> dict[str, Callable]:
+    module = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else ""
+    if module.startswith(ALL_LOOP_MODULES):
+        return {name: loop_factory(name) for name in EVENT_LOOPS}
+    name = event_loop_name()
+    return {name: loop_factory(name)}
+
 
 _running_unit_test = False
 _popen_init = subprocess.Popen.__init__

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from service.call import place_call, read_wav
+from service.realtime import EVENT_LOOPS
 from service.settings import CallSettings
 from tests.support.procs import free_port
 from tests.support.realtime import realtime_test
@@ -104,12 +105,15 @@ def echo_delay(sent: np.ndarray, received: np.ndarray) -> tuple[float, float]:
     return (float(np.median(delays)) if delays else 0.0), found / sounds
 
 
-@pytest.fixture(scope="module")
-def echo_gateway(tmp_path_factory):
+@pytest.fixture(scope="module", params=EVENT_LOOPS)
+def echo_gateway(request, tmp_path_factory):
+    """``moshimoshi serve --model echo`` on each event loop the service supports (uvloop, the
+    production default, and asyncio), chosen the way an operator would: MOSHIMOSHI_EVENT_LOOP."""
     log_dir = tmp_path_factory.mktemp("echo-serve")
-    gateway = start_serve(log_dir, "echo")
+    gateway = start_serve(log_dir, "echo", env={"MOSHIMOSHI_EVENT_LOOP": request.param})
     try:
         gateway.wait_ready()
+        assert f"event loop {request.param}" in gateway.proc.log(), gateway.proc.log()[-3000:]
         yield gateway
     finally:
         code = gateway.proc.stop()
@@ -131,11 +135,12 @@ async def test_sipp_builtin_uac_calls_complete(echo_gateway, tmp_path):
 
 
 @requires(SIPP_AUDIO.exists(), "sip-tester's pcaps are not installed")
-async def test_sipp_audio_is_echoed_and_its_dtmf_digit_reported(echo_gateway, tmp_path):
+@pytest.mark.parametrize("transport", ["u1", "t1"])
+async def test_sipp_audio_is_echoed_and_its_dtmf_digit_reported(echo_gateway, tmp_path, transport):
     # calls of earlier tests may still be ending: only a call that arrived after this one began counts
     began = time.time()
     sipp = Sipp(tmp_path, "-sf", str(SCENARIOS / "uac_pcma_dtmf.xml"), f"127.0.0.1:{echo_gateway.sip_port}",
-                "-mp", str(free_port()))
+                "-mp", str(free_port()), transport=transport)
     await sipp.start()
     await sipp.finished(within=60)
     new = wait_until(lambda: [c for c in ended_calls(echo_gateway) if c["started_at"] >= began], 10,
@@ -180,9 +185,11 @@ async def test_moshimoshi_call_hears_its_own_audio_back(echo_gateway, tmp_path, 
 
 
 @requires(shutil.which("baresip") is not None, "baresip is not installed")
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
 @realtime_test()
-def test_baresip_calls_and_hears_the_echo(echo_gateway, tmp_path, timing):
+def test_baresip_calls_and_hears_the_echo(echo_gateway, tmp_path, timing, transport):
     tmp_path = Path(tempfile.mkdtemp(dir=tmp_path))  # a fresh folder per attempt
+    began = time.time()
     wav = noise_bursts_wav(tmp_path / "bursts.wav", seconds=4.0)
     config = tmp_path / "baresip"
     config.mkdir()
@@ -201,10 +208,14 @@ def test_baresip_calls_and_hears_the_echo(echo_gateway, tmp_path, timing):
         "module_app account.so", "module_app contact.so", "module_app menu.so", ""]))
     (config / "accounts").write_text("<sip:baresip@127.0.0.1>;regint=0\n")
     (config / "contacts").write_text("")
-    result = subprocess.run(["baresip", "-f", str(config), "-e", f"/dial {echo_gateway.uri}", "-t", "10"],
+    target = echo_gateway.uri + (";transport=tcp" if transport == "tcp" else "")
+    result = subprocess.run(["baresip", "-f", str(config), "-e", f"/dial {target}", "-t", "10"],
                             capture_output=True, text=True, timeout=40)
     output = result.stdout + result.stderr
     assert "Call established" in output, output[-3000:]
+    calls = wait_until(lambda: [c for c in ended_calls(echo_gateway) if "baresip@" in c["from_uri"]
+                                and c["started_at"] >= began], 10, "baresip's call record")
+    assert calls[0]["end_reason"] == "remote-bye", calls[0]
     received = sorted(tmp_path.glob("dump-*-dec.wav"))
     sent = sorted(tmp_path.glob("dump-*-enc.wav"))
     assert received and sent, output[-3000:]

@@ -212,7 +212,7 @@ def test_pacer_skips_ticks_after_a_loop_stall_instead_of_bursting():
     assert pacer._next_tick > clock.now
 
 
-def test_media_clock_runs_due_egress_before_other_work_and_skips_cancelled_entries():
+async def test_media_clock_runs_due_egress_before_other_work_and_skips_cancelled_entries():
     import asyncio
     import time
 
@@ -235,13 +235,8 @@ def test_media_clock_runs_due_egress_before_other_work_and_skips_cancelled_entri
         assert len(clock) == 0
         return ran
 
-    loop = asyncio.new_event_loop()
-    loop.set_exception_handler(lambda *_: None)
-    try:
-        ran = loop.run_until_complete(scenario())
-    finally:
-        loop.close()
-    assert ran == ["egress-1", "work-1", "egress-2", "work-2"]
+    asyncio.get_running_loop().set_exception_handler(lambda *_: None)
+    assert await scenario() == ["egress-1", "work-1", "egress-2", "work-2"]
 
 
 def test_bridge_gives_the_same_audio_for_a_whole_frame_as_packet_by_packet():
@@ -259,7 +254,7 @@ def test_bridge_gives_the_same_audio_for_a_whole_frame_as_packet_by_packet():
         assert np.array_equal(np.concatenate(packets), joined) and len(joined) % 240 == 0
 
 
-def test_media_clock_run_due_sends_due_egress_between_other_work():
+async def test_media_clock_run_due_sends_due_egress_between_other_work():
     import asyncio
     import time
 
@@ -277,8 +272,4 @@ def test_media_clock_run_due_sends_due_egress_between_other_work():
         await asyncio.sleep(0.08)
         return ran
 
-    loop = asyncio.new_event_loop()
-    try:
-        assert loop.run_until_complete(scenario()) == ["due", "work", "later"]
-    finally:
-        loop.close()
+    assert await scenario() == ["due", "work", "later"]

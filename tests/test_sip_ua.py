@@ -330,6 +330,7 @@ async def ask(peer: RawPeer, ua: UserAgent, data: bytes) -> Response:
 ])
 async def test_requests_the_ua_answers_itself(make_ua, peer, kwargs, status, header):
     ua = await make_ua(on_invite=AnsweringApp())
+    kwargs = dict(kwargs)  # the parameters are shared by every event loop's run
     method = kwargs.pop("method")
     via_branch = branch()
     data = raw(method, ua, peer, branch_id=via_branch, **kwargs)

@@ -14,6 +14,7 @@ import typing as tp
 
 import uvicorn
 
+from service import realtime
 from service.api.auth import ApiTokens
 from service.config import ConfigError
 from service.gateway import metrics
@@ -44,6 +45,7 @@ from service.realtime import quiet_gc
 from service.settings import GatewaySettings
 from sip.rtpsession import PortAllocator
 from sip.ua import IncomingCall, UserAgent
+from sip.uri import format_host
 
 log = logging.getLogger("moshimoshi.gateway")
 
@@ -52,15 +54,13 @@ STOP_CALLS_SECONDS = 3.0
 RECORD_END_RETRY_SECONDS = 300.0  # a call's end is retried this long if Redis refuses it
 
 
-def install_event_loop() -> None:
-    """Set up the process for real-time media: uvloop when it is installed (the media path
-    runs thousands of timers a second), and a garbage collector kept out of the media path."""
-    if os.environ.get("MOSHIMOSHI_EVENT_LOOP", "uvloop") == "uvloop":
-        with contextlib.suppress(ImportError):
-            import uvloop
-
-            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    quiet_gc()
+def banner(settings: GatewaySettings, sip_port: int, http_port: int) -> str:
+    """The line printed once the gateway is up: where to call it and where to watch it."""
+    web = settings.http_host if settings.http_host not in ("0.0.0.0", "::") else "localhost"
+    sip_host = format_host(settings.public_host or settings.sip_host)
+    web = format_host(web)
+    return (f"moshimoshi gateway up: SIP sip:agent@{sip_host}:{sip_port}  "
+            f"dashboard http://{web}:{http_port}/dashboard  softphone http://{web}:{http_port}/phone")
 
 
 class Gateway:
@@ -370,13 +370,10 @@ class Gateway:
         watchdog = asyncio.create_task(self._watch_calls(), name="call-watchdog")
         self.start_control_plane()
         where = redacted(self.settings.redis_url) if self.settings.redis_url else self.settings.worker_url
-        log.info("gateway %s: SIP on %s:%d (UDP+TCP), HTTP on %s:%d, workers via %s", self.gateway_id,
-                 self.settings.sip_host, self.ua.port, self.settings.http_host, self.http_port, where)
-        web = self.settings.http_host if self.settings.http_host not in ("0.0.0.0", "::") else "localhost"
-        sip_host = self.settings.public_host or self.settings.sip_host
-        print(f"moshimoshi gateway up: SIP sip:agent@{sip_host}:{self.ua.port}  "
-              f"dashboard http://{web}:{self.http_port}/dashboard  softphone http://{web}:{self.http_port}/phone",
-              flush=True)
+        log.info("gateway %s: SIP on %s:%d (UDP+TCP), HTTP on %s:%d, workers via %s, event loop %s",
+                 self.gateway_id, self.settings.sip_host, self.ua.port, self.settings.http_host, self.http_port,
+                 where, realtime.running_loop_name())
+        print(banner(self.settings, self.ua.port, self.http_port), flush=True)
         try:
             await self._stop.wait()
         finally:
@@ -426,7 +423,7 @@ class Gateway:
 
 
 def run_gateway(settings: GatewaySettings) -> int:
-    install_event_loop()
+    quiet_gc()
 
     async def main() -> int:
         try:
@@ -439,4 +436,4 @@ def run_gateway(settings: GatewaySettings) -> int:
         loop.add_signal_handler(signal.SIGINT, gateway.stop)
         return await gateway.run()
 
-    return asyncio.run(main())
+    return realtime.run(main())

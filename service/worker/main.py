@@ -20,6 +20,7 @@ import typing as tp
 
 import uvicorn
 
+from service import realtime
 from service.settings import DEFAULT_MODEL, WorkerSettings
 from service.worker.capacity import FRAME_RATE, ContextError
 from service.worker.checkpoint import CheckpointError, MoshiVersionError
@@ -251,6 +252,6 @@ def run_worker(settings: WorkerSettings) -> int:
     """Entry point of the worker role: serve until drained; return the process exit status."""
     configure_logging(settings.log_level)
     try:
-        return asyncio.run(serve_worker(settings))
+        return realtime.run(serve_worker(settings))
     except KeyboardInterrupt:
         return 130
