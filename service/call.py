@@ -31,8 +31,9 @@ from sip.jitterbuffer import CONCEAL, JitterBuffer
 from sip.plc import PacketLossConcealer
 from sip.rtpsession import PortAllocator, RtpSession
 from sip.sdp import MediaPreferences, NegotiatedMedia, build_offer
+from sip.transport import is_ip
 from sip.ua import UserAgent
-from sip.uri import SipUri
+from sip.uri import SipUri, format_host
 
 log = logging.getLogger("moshimoshi.call")
 
@@ -174,19 +175,29 @@ async def fetch_transcript(api: str, token: str | None, call_id: str, *, guessed
     return None
 
 
+def local_host_for_target(local_host: str, target_host: str) -> str:
+    """Where to bind: ``local_host``, except that the IPv4 wildcard (the default) becomes
+    the dual-stack ``::`` when the target is an IPv6 address, which it could not reach."""
+    host = target_host.strip("[]")
+    if local_host == "0.0.0.0" and ":" in host and is_ip(host):
+        return "::"
+    return local_host
+
+
 async def place_call(settings: CallSettings) -> dict:
     """Run the call; returns its summary (also written next to the recording)."""
     target = SipUri.parse(settings.uri, "URI")
     if settings.transport == "tcp" and not target.transport:
         target = SipUri.parse(f"{settings.uri};transport=tcp", "URI")
-    ua = UserAgent(settings.local_host, settings.local_port, user_agent="moshimoshi-call")
+    local_host = local_host_for_target(settings.local_host, target.host)
+    ua = UserAgent(local_host, settings.local_port, user_agent="moshimoshi-call")
     await ua.start()
     rtp: RtpSession | None = None
     try:
         target_ip = await ua.transport.resolve(target.host)
         local_ip = ua.transport.local_host_for(target_ip)
-        ports = PortAllocator(40000, 49998)
-        rtp = await RtpSession.open(ports, host=settings.local_host if settings.local_host not in ("0.0.0.0", "::")
+        ports = PortAllocator(settings.rtp_port_min, settings.rtp_port_max)
+        rtp = await RtpSession.open(ports, host=local_host if local_host not in ("0.0.0.0", "::")
                                     else ("::" if ":" in local_ip else "0.0.0.0"))
         first = codecs.spec(settings.codec).name
         offered = [first] + [c for c in ("PCMU", "PCMA") if c != first]
@@ -225,7 +236,7 @@ async def place_call(settings: CallSettings) -> dict:
         summary = {
             "uri": settings.uri, "codec": media.codec, "sample_rate": call.rate, "ptime_ms": media.ptime,
             "answer_seconds": round(answered - started, 3), "call_seconds": round(call.ticks * call.period, 2),
-            "ended_by": ended_by, "gateway_call_id": gateway_call_id,
+            "ended_by": ended_by, "gateway_call_id": gateway_call_id, "local_rtp_port": rtp.local_port,
             "packets_sent": stats.packets_sent, "packets_received": stats.packets_received,
             "packets_lost": max(0, stats.packets_lost), "jitter_ms": round(stats.jitter_ms, 2),
             "rtt_ms": stats.rtt_ms, "frames_concealed": call.jitter.frames_concealed,
@@ -240,7 +251,7 @@ async def place_call(settings: CallSettings) -> dict:
         transcript_path = settings.transcript or (
             str(Path(settings.record).with_suffix(".txt")) if settings.record else None)
         if transcript_path and gateway_call_id:
-            api = settings.api or f"http://{target.host}:8080"
+            api = settings.api or f"http://{format_host(target.host)}:8080"
             transcript = await fetch_transcript(api, settings.api_token or os.environ.get(
                 "MOSHIMOSHI_API_TOKEN"), gateway_call_id, guessed=settings.api is None)
             if transcript is not None:

@@ -259,9 +259,17 @@ class CallSettings:
     codec: str = setting("PCMU", "codec to offer first (PCMU and PCMA follow it in the offer)",
                          choices=["PCMU", "PCMA", "G722", "opus"])
     ptime: int = setting(20, "packet time to offer, ms", min=10, max=40)
-    local_host: str = setting("0.0.0.0", "local address for SIP and RTP")
+    local_host: str = setting("0.0.0.0", "local address for SIP and RTP (0.0.0.0 becomes :: for an IPv6 URI)")
     local_port: int = setting(0, "local SIP port (0 picks one)", min=0, max=65535)
+    rtp_port_min: int = setting(40000, "lowest local RTP port", min=1024, max=65534)
+    rtp_port_max: int = setting(49999, "highest local RTP port", min=1025, max=65535)
     transport: str = setting("udp", "SIP transport", choices=["udp", "tcp"])
     api: str | None = setting(None, "gateway API base URL to read the transcript from after the call")
     api_token: str | None = setting(None, "bearer token for --api", secret=True)
     log_level: str = setting("warning", "log level", choices=["debug", "info", "warning", "error"])
+
+    def validate(self) -> None:
+        first = self.rtp_port_min + (self.rtp_port_min & 1)  # RTP on an even port, RTCP above it
+        if first >= self.rtp_port_max:
+            raise ConfigError(f"MOSHIMOSHI_RTP_PORT_MIN={self.rtp_port_min}..MOSHIMOSHI_RTP_PORT_MAX="
+                              f"{self.rtp_port_max} holds no RTP/RTCP port pair")

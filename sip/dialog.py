@@ -8,6 +8,9 @@ A ``Dialog`` is created by the ``UserAgent`` (``IncomingCall.accept`` or
 - ``ack-timeout``: the ACK for our 2xx never came (we sent BYE);
 - ``session-expired``: the session timer ran out, or a refresh failed (we sent BYE);
 - ``transport-error``: the peer could not be reached for a refresh;
+- ``ack-without-answer`` / ``unacceptable-answer``: we made the offer in our 2xx (the INVITE
+  had no SDP: a delayed offer) and the ACK carried no answer, or one we cannot use (we sent
+  BYE with a ``Reason`` header; ``end_detail`` says what was wrong);
 - ``stopped``: the user agent was stopped.
 """
 
@@ -46,7 +49,9 @@ SdpLike = str | SessionDescription
 ReofferHandler = Callable[[SessionDescription], SdpLike | Awaitable[SdpLike]]
 InfoHandler = Callable[[Request], None | Awaitable[None]]
 MediaHandler = Callable[[NegotiatedMedia], None]
-TERMINATION_REASONS = ("remote-bye", "local-bye", "ack-timeout", "session-expired", "transport-error", "stopped")
+MediaCheck = Callable[[NegotiatedMedia], str | None]
+TERMINATION_REASONS = ("remote-bye", "local-bye", "ack-timeout", "session-expired", "transport-error",
+                       "ack-without-answer", "unacceptable-answer", "stopped")
 
 
 class Dialog:
@@ -59,7 +64,11 @@ class Dialog:
       default answers like the previous answer, direction mirrored (hold/unhold).
     - ``on_info(request)``: an INFO request (e.g. ``application/dtmf-relay``); 200 is sent
       after it returns; raising ``SipError`` answers that status instead.
-    - ``on_media_update(media)``: the negotiated media changed (re-offer accepted).
+    - ``on_media_update(media)``: the negotiated media changed (re-offer accepted, or the
+      answer to our offer arrived in the ACK).
+    - ``check_media(media) -> problem``: a reason the media cannot be used (an address the
+      RTP socket cannot reach), or None. A re-offer it refuses gets 488; an answer in the
+      ACK it refuses ends the dialog ("unacceptable-answer").
     """
 
     def __init__(self, ua: UserAgent, *, role: str, call_id: str, local_tag: str, remote_tag: str,
@@ -90,6 +99,9 @@ class Dialog:
         self.on_reoffer: ReofferHandler | None = None
         self.on_info: InfoHandler | None = None
         self.on_media_update: MediaHandler | None = None
+        self.check_media: MediaCheck | None = None
+        self.end_detail = ""  # why the dialog ended, in words, when its reason alone does not say
+        self._awaiting_answer = False  # our offer went in the 2xx: the ACK must answer it
         self.confirmed = asyncio.Event()
         self.terminated: asyncio.Future[str] = ua.loop.create_future()
         self._timers: dict[str, asyncio.TimerHandle] = {}
@@ -160,17 +172,17 @@ class Dialog:
                 pass
         await self._bye("local-bye")
 
-    async def _bye(self, reason: str) -> None:
+    async def _bye(self, reason: str, headers: Mapping[str, str] | None = None) -> None:
         if self.is_terminated:
             return
         self._terminate(reason)
-        response = await self.request("BYE")
+        response = await self.request("BYE", headers=headers)
         if not response.is_success:
             log.info("BYE in %s answered %d %s", self.call_id, response.status, response.reason)
 
-    def _bye_soon(self, reason: str) -> None:
+    def _bye_soon(self, reason: str, headers: Mapping[str, str] | None = None) -> None:
         if not self.is_terminated:
-            self.ua._spawn(self._bye(reason))
+            self.ua._spawn(self._bye(reason, headers))
 
     # -- sending requests -----------------------------------------------------------------
 
@@ -357,14 +369,40 @@ class Dialog:
         self._clear_timer("2xx")
         self._clear_timer("ack")
         self.confirmed.set()
-        if ack.body and ack.content_type == "application/sdp":
-            # The answer to the offer we made in the 2xx (offerless INVITE).
+        awaiting, self._awaiting_answer = self._awaiting_answer, False
+        if not ack.body:
+            if awaiting:
+                self._refuse_answer("ack-without-answer", "the ACK carried no SDP answer to our offer")
+            return
+        # The answer to the offer we made in the 2xx (offerless INVITE or re-INVITE).
+        problem = None
+        if ack.content_type != "application/sdp":
+            problem = f"the ACK's body is {ack.content_type or 'untyped'}, not application/sdp"
+        else:
             try:
-                self.remote_sdp = SessionDescription.parse(ack.body)
-                if self.local_sdp is not None:
-                    self._set_media(negotiated_from_answer(self.local_sdp, self.remote_sdp))
+                remote = SessionDescription.parse(ack.body)
+                if self.local_sdp is None:
+                    raise SdpError("we made no offer")
+                media = negotiated_from_answer(self.local_sdp, remote)
+                problem = self.check_media(media) if self.check_media is not None else None
             except SdpError as exc:
-                log.warning("dialog %s: bad SDP in ACK: %s", self.call_id, exc)
+                problem = f"SDP: {exc}"
+            else:
+                if problem is None:
+                    self.remote_sdp = remote
+                    self._set_media(media)
+                    return
+        if awaiting:
+            self._refuse_answer("unacceptable-answer", problem)
+        else:
+            log.warning("dialog %s: unusable answer in ACK: %s", self.call_id, problem)
+
+    def _refuse_answer(self, reason: str, detail: str) -> None:
+        """§13.2.1 left unfulfilled: no usable answer to the offer in our 2xx. Hang up."""
+        log.info("dialog %s: %s; hanging up", self.call_id, detail)
+        self.end_detail = detail
+        text = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "?" for c in detail)[:120]
+        self._bye_soon(reason, {"Reason": f'SIP ;cause=488 ;text="{text}"'})
 
     # -- requests from the peer -----------------------------------------------------------
 
@@ -394,6 +432,10 @@ class Dialog:
             self.ua._spawn(self._on_info(request, transaction))
         elif method == "OPTIONS":
             transaction.respond(self.ua._capabilities(request))
+        elif method == "PRACK":
+            # Every reliable provisional was acknowledged before our 2xx went out.
+            transaction.respond(self.ua._response(request, 481, "Call/Transaction Does Not Exist "
+                                                  "(no unacknowledged provisional response)"))
         else:
             transaction.respond(self.ua._response(request, 405, headers={"Allow": self.ua.allow}))
 
@@ -417,11 +459,15 @@ class Dialog:
                 media = negotiated_as_answerer(offer, SessionDescription.parse(text))
             except SdpError:
                 media = None
-            return text, media
-        if self.local_sdp is None:
-            raise SipError(488, "Not Acceptable Here (no previous answer to build on)")
-        answer, media = reanswer(self.local_sdp, offer)
-        return str(answer), media
+        else:
+            if self.local_sdp is None:
+                raise SipError(488, "Not Acceptable Here (no previous answer to build on)")
+            answer, media = reanswer(self.local_sdp, offer)
+            text = str(answer)
+        problem = self.check_media(media) if media is not None and self.check_media is not None else None
+        if problem is not None:
+            raise SipError(488, f"Not Acceptable Here ({problem})"[:160])
+        return text, media
 
     async def _negotiate(self, request: Request) -> tuple[SessionTimer | None, list[tuple[str, str]], SessionDescription | None, str, NegotiatedMedia | None]:
         timer, timer_headers = answer_session_timer(request, preferred=self.ua.session_expires,

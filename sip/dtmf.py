@@ -5,6 +5,8 @@ grows with each update, and the end of the event is sent (usually three times) w
 bit set. :class:`DtmfReceiver` reports each digit exactly once, when its end packet arrives,
 or, when every end packet is lost, when a new event begins or nothing has been heard of the
 event for ``timeout``. :class:`DtmfSender` produces the packet sequence for a digit.
+:func:`parse_info_dtmf` reads a digit sent in a SIP INFO body instead (Cisco's
+``application/dtmf-relay``, or ``application/dtmf``).
 """
 
 from __future__ import annotations
@@ -197,3 +199,68 @@ class DtmfSender:
             offset = total / self.clock_rate + repeat * self.end_spacing_ms / 1000
             packets.append(DtmfPacket(offset, end, False, True))
         return packets
+
+
+# --- DTMF in SIP INFO ------------------------------------------------------------------
+
+INFO_DTMF_TYPES = ("application/dtmf-relay", "application/dtmf")
+MAX_INFO_BODY = 256
+MAX_INFO_DURATION_MS = 60_000
+
+
+@dataclass(frozen=True, slots=True)
+class InfoDigit:
+    """A digit from a SIP INFO body; ``duration_ms`` is None when the body gives none
+    (``application/dtmf`` never does)."""
+
+    digit: str
+    duration_ms: float | None
+
+
+def _info_signal(text: str) -> str:
+    value = text.strip()
+    if len(value) == 1 and value.upper() in EVENT_CODES:
+        return value.upper()
+    if value == "!":  # hook flash, as some gateways write it
+        return event_name(EVENT_FLASH)
+    if value.isascii() and value.isdigit() and int(value) <= EVENT_FLASH:
+        return event_name(int(value))  # "10" is *, "11" is #, "16" a flash
+    shown = value if len(value) <= 16 else value[:13] + "..."
+    raise DtmfParseError(f"Signal {shown!r} is not a DTMF digit (0-9, *, #, A-D, or an event 0-16)")
+
+
+def parse_info_dtmf(content_type: str, body: bytes) -> InfoDigit:
+    """The digit in an INFO body: ``application/dtmf-relay`` (``Signal=5`` and an optional
+    ``Duration=160`` in milliseconds, one per line; other keys ignored) or
+    ``application/dtmf`` (the digit alone). Raises ``DtmfParseError`` saying what is wrong."""
+    if content_type not in INFO_DTMF_TYPES:
+        raise DtmfParseError(f"{content_type!r} is not a DTMF body type ({', '.join(INFO_DTMF_TYPES)})")
+    if len(body) > MAX_INFO_BODY:
+        raise DtmfParseError(f"the body is {len(body)} bytes; a DTMF body has at most {MAX_INFO_BODY}")
+    try:
+        text = body.decode("ascii")
+    except UnicodeDecodeError:
+        raise DtmfParseError("the body is not ASCII text") from None
+    if not text.strip():
+        raise DtmfParseError("the body is empty")
+    if content_type == "application/dtmf" and "=" not in text:
+        return InfoDigit(_info_signal(text), None)
+    fields: dict[str, str] = {}
+    for line in text.replace("\r\n", "\n").split("\n"):
+        if not line.strip():
+            continue
+        key, equals, value = line.partition("=")
+        if not equals:
+            raise DtmfParseError(f"line {line[:20]!r} is not 'Key=value'")
+        fields.setdefault(key.strip().lower(), value.strip())
+    if "signal" not in fields:
+        raise DtmfParseError("no Signal= line")
+    digit = _info_signal(fields["signal"])
+    duration: float | None = None
+    if "duration" in fields:
+        value = fields["duration"]
+        if not value.isascii() or not value.isdigit() or not 0 < int(value) <= MAX_INFO_DURATION_MS:
+            raise DtmfParseError(f"Duration {value[:16]!r} is not a whole number of milliseconds "
+                                 f"(1-{MAX_INFO_DURATION_MS})")
+        duration = float(int(value))
+    return InfoDigit(digit, duration)

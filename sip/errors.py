@@ -46,5 +46,15 @@ class CallCancelled(Exception):
     200 to the CANCEL and 487 to the INVITE."""
 
 
+class CallAborted(Exception):
+    """An incoming call ended before it was answered for a reason other than CANCEL:
+    ``reason`` is a short token (``no-prack``: a reliable provisional response was never
+    acknowledged, and the UA rejected the INVITE with 500)."""
+
+    def __init__(self, reason: str, message: str | None = None) -> None:
+        super().__init__(message or reason)
+        self.reason = reason
+
+
 class TransportError(OSError):
     """A message could not be sent (no route, connection refused or closed)."""

@@ -128,6 +128,32 @@ def _canonical_ip(host: str) -> str:
     return str(address)
 
 
+def media_address_problem(host: str, *, ipv4: bool, ipv6: bool) -> str | None:
+    """Why RTP cannot be sent to ``host`` (a peer's SDP ``c=`` address) from a socket that
+    reaches IPv4 and/or IPv6, or None when it can. Unicast IP literals only: a name
+    (``c=IN IP4 localhost``), a multicast, broadcast or unspecified address, or the other
+    family than the socket's is refused. (``0.0.0.0`` as RFC 2543 hold is the SDP layer's
+    business: it never gets here as an address.)"""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        shown = host if len(host) <= 64 else host[:61] + "..."
+        return f"c= address {shown!r} is not an IP address"
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address.is_multicast:
+        return f"c= address {address} is multicast (unicast RTP only)"
+    if address.is_unspecified:
+        return f"c= address {address} is unspecified"
+    if address.version == 4 and address == ipaddress.IPv4Address("255.255.255.255"):
+        return f"c= address {address} is broadcast"
+    if address.version == 6 and not ipv6:
+        return f"c= address {address} is IPv6, but this RTP socket is IPv4-only"
+    if address.version == 4 and not ipv4:
+        return f"c= address {address} is IPv4, but this RTP socket is IPv6-only"
+    return None
+
+
 def _source(addr: tuple) -> Address:
     host = addr[0]
     if host.startswith("::ffff:") and "." in host:
@@ -190,6 +216,7 @@ class RtpSession:
         self.local_port = port
         self.local_rtcp_port = port + 1
         self._family = family
+        self._dual_stack = False
         self.payload_type = payload_type
         self.clock_rate = clock_rate
         self.samples_per_packet = int(clock_rate * ptime_ms / 1000)
@@ -281,6 +308,7 @@ class RtpSession:
         raise PortsExhausted(f"no bindable RTP port pair on {host} after {bind_attempts} attempts")
 
     async def _bind(self, host: str) -> None:
+        self._dual_stack = host == "::"  # '::' also reaches IPv4 peers (mapped addresses)
         self._rtp_transport, _ = await self._loop.create_datagram_endpoint(
             lambda: _Datagrams(self._on_rtp, self._on_socket_error), local_addr=(host, self.local_port),
             family=self._family)
@@ -315,6 +343,12 @@ class RtpSession:
         self.close()
 
     # -- peer ----------------------------------------------------------------------------------
+
+    def remote_problem(self, host: str) -> str | None:
+        """Why media cannot go to ``host`` from this session's socket (see
+        :func:`media_address_problem`), or None."""
+        ipv6 = self._family == socket.AF_INET6
+        return media_address_problem(host, ipv4=not ipv6 or self._dual_stack, ipv6=ipv6)
 
     def update_remote(self, host: str, port: int, rtcp_port: int | None = None, *,
                       rtcp_host: str | None = None) -> None:

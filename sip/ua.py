@@ -20,6 +20,13 @@ unanswered is rejected with 500. Requests the UA does not serve are answered her
 OPTIONS 200, REGISTER/SUBSCRIBE/... 405, unknown methods 501, unknown dialogs 481,
 unsupported Require 420, non-SIP Request-URIs 416, Max-Forwards 0 483, non-SDP bodies 415,
 unacceptable Accept 406, too short Session-Expires 422.
+
+Reliable provisional responses (RFC 3262): when the INVITE requires ``100rel`` every
+provisional response but 100 is sent reliably (``Require: 100rel``, ``RSeq``,
+retransmitted from T1 doubling until its PRACK, the call rejected with 500 after 64*T1
+without one); when it only supports it, a provisional carrying SDP is. A PRACK is
+matched to the unacknowledged response by its ``RAck`` (481 when none matches). The
+next reliable provisional, and the 200, wait for the PRACK of the previous one.
 """
 
 from __future__ import annotations
@@ -34,9 +41,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sip.auth import DigestChallenge, authorization
-from sip.dialog import Dialog, DialogId, SdpLike
-from sip.errors import CallCancelled, CallFailed, SipError, SipParseError, TransportError
-from sip.headers import Address, Headers, parse_media_type
+from sip.dialog import Dialog, DialogId, MediaCheck, SdpLike
+from sip.errors import CallAborted, CallCancelled, CallFailed, SipError, SipParseError, TransportError
+from sip.headers import Address, Headers, parse_media_type, parse_uint
 from sip.message import DEFAULT_MAX_MESSAGE_SIZE, Request, Response, make_response, new_tag
 from sip.sdp import SdpError, SessionDescription, negotiated_as_answerer, negotiated_from_answer
 from sip.session_timer import SessionTimer, answer_session_timer, min_se_of, timer_from_response
@@ -46,10 +53,11 @@ from sip.uri import SipUri, format_host
 
 log = logging.getLogger("sip.ua")
 
-ALLOWED_METHODS = ("INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "UPDATE", "INFO")
+ALLOWED_METHODS = ("INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "UPDATE", "INFO", "PRACK")
 KNOWN_METHODS = frozenset(ALLOWED_METHODS) | {"REGISTER", "SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE",
-                                              "PUBLISH", "PRACK"}
-SUPPORTED_OPTIONS = frozenset({"timer"})
+                                              "PUBLISH"}
+SUPPORTED_OPTIONS = frozenset({"timer", "100rel"})
+SUPPORTED = "100rel, timer"  # what our responses and OPTIONS advertise (requests we send: "timer")
 _ACCEPTS_SDP = frozenset({"application/sdp", "application/*", "*/*"})
 
 InviteHandler = Callable[["IncomingCall"], Awaitable[None]]
@@ -63,10 +71,14 @@ class IncomingCall:
     """An INVITE waiting for the application's answer.
 
     ``request`` (the INVITE), ``offer`` (its SDP, parsed, or None for an offerless
-    INVITE: then the SDP given to ``accept`` is our offer and the answer comes in the
-    ACK), ``source`` (ip, port), ``transport`` ("UDP"/"TCP"), ``call_id``, ``from_uri``,
-    ``to_uri`` (and ``from_addr``/``to_addr`` with display names), ``cancelled`` (set
-    when the caller cancelled; the UA already answered 200 to the CANCEL and 487).
+    INVITE, a *delayed offer*: then the SDP given to ``accept`` is our offer and the answer
+    comes in the ACK; the dialog checks it, see ``Dialog.on_ack``), ``source`` (ip, port),
+    ``transport`` ("UDP"/"TCP"), ``call_id``, ``from_uri``, ``to_uri`` (and
+    ``from_addr``/``to_addr`` with display names), ``cancelled`` (set when the caller
+    cancelled, by CANCEL or by BYE on the early dialog; the UA already answered 487),
+    ``aborted`` (set with ``abort_reason`` when the call ended before an answer for any
+    reason: cancelled, or ``no-prack``), ``reliable_provisionals`` (the caller requires or
+    supports RFC 3262 reliable provisional responses).
     """
 
     def __init__(self, ua: UserAgent, request: Request, transaction: ServerTransaction, flow: Flow,
@@ -86,16 +98,36 @@ class IncomingCall:
         self.to_uri = self.to_addr.uri
         self.local_tag = new_tag()
         self.cancelled = asyncio.Event()
+        self.aborted = asyncio.Event()
+        self.abort_reason = ""
         self.state = "pending"
         self.dialog: Dialog | None = None
         self._timer = timer
         self._timer_headers = timer_headers
+        self.requires_100rel = "100rel" in request.option_tags("Require")
+        self.reliable_provisionals = self.requires_100rel or "100rel" in request.option_tags("Supported")
+        self._rseq = random.randint(1, 2**31 - 1)  # RFC 3262 §3: the first RSeq is random
+        self._unacked: tuple[int, bytes] | None = None  # (RSeq, bytes) of the reliable provisional in flight
+        self._acked = asyncio.Event()
+        self._acked.set()
+        self._retransmit: asyncio.TimerHandle | None = None
+        self._remote_seq = request.cseq.seq  # the highest CSeq seen in the early dialog (PRACKs)
 
     def __repr__(self) -> str:
         return f"<IncomingCall {self.call_id} from {self.from_uri} {self.state}>"
 
+    @property
+    def early_id(self) -> DialogId:
+        return (self.call_id, self.local_tag, self.from_addr.tag or "")
+
     def _pending(self) -> bool:
-        return self.state == "pending" and not self.cancelled.is_set() and self.transaction.final_status is None
+        return self.state == "pending" and not self.aborted.is_set() and self.transaction.final_status is None
+
+    def _raise_if_aborted(self) -> None:
+        if self.cancelled.is_set():
+            raise CallCancelled(f"call {self.call_id} was cancelled by the caller")
+        if self.aborted.is_set():
+            raise CallAborted(self.abort_reason, f"call {self.call_id} ended before an answer: {self.abort_reason}")
 
     async def ringing(self) -> None:
         """Send 180 Ringing."""
@@ -103,29 +135,123 @@ class IncomingCall:
 
     async def provisional(self, status: int = 180, reason: str | None = None, *, sdp: SdpLike | None = None,
                           headers: Mapping[str, str] | None = None) -> None:
-        """Send a provisional response (183 with ``sdp`` for early media). A no-op once
-        the call is answered or cancelled."""
+        """Send a provisional response (183 with ``sdp`` for early media). Sent reliably
+        (RFC 3262) when the caller requires 100rel, or supports it and ``sdp`` is given;
+        a reliable one waits for the PRACK of the one before. A no-op once the call is
+        answered or cancelled."""
         if not 101 <= status <= 199:
             raise ValueError(f"{status} is not a provisional status (101-199)")
         if not self._pending():
             return
+        reliable = self.requires_100rel or (sdp is not None and self.reliable_provisionals)
+        if not self._acked.is_set():
+            with contextlib.suppress(CallCancelled, CallAborted):
+                await self._wait_acknowledged()
+            if not self._pending():
+                return
         response = self.ua._response(self.request, status, reason, headers=headers, to_tag=self.local_tag)
         for route in self.request.headers.get_all("Record-Route"):  # an early dialog's route set
             response.headers.add("Record-Route", route)
         response.headers.add("Contact", self.ua._contact(self.flow))
+        if reliable:
+            self._rseq += 1
+            response.headers.add("Require", "100rel")
+            response.headers.add("RSeq", str(self._rseq))
+            response.headers.add("Allow", self.ua.allow)
         if sdp is not None:
             response.headers.add("Content-Type", "application/sdp")
             response.body = str(sdp).encode()
+        self.ua._early[self.early_id] = self
         self.transaction.respond(response)
+        if reliable:
+            self._unacked = (self._rseq, response.to_bytes())
+            self._acked.clear()
+            self._schedule_retransmit(self.ua.timers.t1, 0.0)
 
-    async def accept(self, answer_sdp: SdpLike, *, headers: Mapping[str, str] | None = None) -> Dialog:
-        """Answer 200 with ``answer_sdp`` and return the dialog. The 200 is retransmitted
-        until the ACK (``dialog.confirmed``); without one, the dialog ends "ack-timeout".
-        Raises ``CallCancelled`` when the caller cancelled first."""
-        if self.cancelled.is_set():
-            raise CallCancelled(f"call {self.call_id} was cancelled by the caller")
+    # -- reliable provisional responses (RFC 3262) ----------------------------------------
+
+    def _schedule_retransmit(self, interval: float, elapsed: float) -> None:
+        self._retransmit = self.ua.loop.call_later(interval, self._retransmit_provisional, interval,
+                                                   elapsed + interval)
+
+    def _retransmit_provisional(self, interval: float, elapsed: float) -> None:
+        self._retransmit = None
+        if self._unacked is None or not self._pending():
+            return
+        if elapsed >= self.ua.timers.timeout:
+            log.warning("call %s: no PRACK for reliable provisional RSeq %d within 64*T1; rejecting",
+                        self.call_id, self._unacked[0])
+            self.ua.unacknowledged_provisionals += 1
+            self.transaction.respond(self.ua._response(
+                self.request, 500, "Server Internal Error (no PRACK for a reliable provisional response)",
+                to_tag=self.local_tag))
+            self.state = "rejected"
+            self._end("no-prack")
+            return
+        self.ua.transport.send(self._unacked[1], self.transaction.response_flow)
+        self._schedule_retransmit(2 * interval, elapsed)
+
+    async def _wait_acknowledged(self) -> None:
+        """Until the reliable provisional in flight is PRACKed; raises when the call ends first."""
+        aborted = asyncio.ensure_future(self.aborted.wait())
+        acked = asyncio.ensure_future(self._acked.wait())
+        try:
+            await asyncio.wait({aborted, acked}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            aborted.cancel()
+            acked.cancel()
+        self._raise_if_aborted()
+
+    def on_prack(self, request: Request, transaction: ServerTransaction) -> None:
+        """A PRACK in the early dialog: 200 when its RAck names the unacknowledged reliable
+        provisional response (RSeq, the INVITE's CSeq number and method), else 481."""
+        try:
+            rseq_text, cseq_text, method = (request.headers.get("RAck") or "").split()
+            rseq, cseq = parse_uint(rseq_text, "RAck", 2**32 - 1), parse_uint(cseq_text, "RAck", 2**32 - 1)
+        except ValueError:
+            raise SipError(400, "Bad Request (RAck: expected 'response-num CSeq-num method')") from None
+        if request.cseq.seq <= self._remote_seq:
+            raise SipError(500, "Server Internal Error (CSeq out of order)", headers={"Retry-After": "1"})
+        self._remote_seq = request.cseq.seq
+        unacked = self._unacked
+        if (unacked is None or rseq != unacked[0] or cseq != self.request.cseq.seq
+                or method.upper() != self.request.cseq.method):
+            raise SipError(481, "Call/Transaction Does Not Exist (no unacknowledged provisional matches RAck)")
+        if request.body:
+            # An offer in a PRACK (RFC 3262 §5) is not supported: the 183 carried our answer.
+            self.ua.prack_bodies_ignored += 1
+            log.info("call %s: PRACK carries a body (%s); ignored", self.call_id, request.content_type)
+        self._unacked = None
+        if self._retransmit is not None:
+            self._retransmit.cancel()
+            self._retransmit = None
+        self._acked.set()
+        transaction.respond(self.ua._response(request, 200, to_tag=self.local_tag))
+
+    def on_early_bye(self, request: Request, transaction: ServerTransaction) -> None:
+        """A BYE in the early dialog (RFC 3261 §15): the caller gives up, as with CANCEL."""
+        transaction.respond(self.ua._response(request, 200, to_tag=self.local_tag))
+        if self.transaction.final_status is None:
+            self.transaction.respond(self.ua._response(self.request, 487, to_tag=self.local_tag))
+        self._on_cancel()
+
+    # -- answers --------------------------------------------------------------------------
+
+    async def accept(self, answer_sdp: SdpLike, *, headers: Mapping[str, str] | None = None,
+                     check_media: MediaCheck | None = None) -> Dialog:
+        """Answer 200 with ``answer_sdp`` (our offer, for a delayed-offer INVITE) and
+        return the dialog. The 200 waits for the PRACK of a reliable provisional still in
+        flight, and is retransmitted until the ACK (``dialog.confirmed``); without one, the
+        dialog ends "ack-timeout". ``check_media`` (see ``Dialog``) judges the answer an ACK
+        brings. Raises ``CallCancelled`` when the caller cancelled first, ``CallAborted``
+        when the call ended otherwise (no PRACK)."""
+        self._raise_if_aborted()
         if not self._pending():
             raise RuntimeError(f"call {self.call_id} is already {self.state}")
+        if not self._acked.is_set():
+            await self._wait_acknowledged()
+            if not self._pending():
+                raise RuntimeError(f"call {self.call_id} is already {self.state}")
         text = str(answer_sdp)
         local_sdp = SessionDescription.parse(text)
         request = self.request
@@ -134,7 +260,7 @@ class IncomingCall:
             response.headers.add("Record-Route", route)
         response.headers.add("Contact", self.ua._contact(self.flow))
         response.headers.add("Allow", self.ua.allow)
-        response.headers.add("Supported", "timer")
+        response.headers.add("Supported", SUPPORTED)
         response.headers.extend(self._timer_headers)
         response.headers.add("Content-Type", "application/sdp")
         response.body = text.encode()
@@ -144,18 +270,21 @@ class IncomingCall:
             self.ua, role="uas", call_id=self.call_id, local_tag=self.local_tag,
             remote_tag=self.from_addr.tag or "", local_header=to_value,
             remote_header=request.headers.get("From") or "", local_seq=random.randint(1, 2**16),
-            remote_seq=request.cseq.seq, remote_target=contacts[0].uri if contacts else self.from_uri,
+            remote_seq=self._remote_seq, remote_target=contacts[0].uri if contacts else self.from_uri,
             route_set=request.headers.get_all("Record-Route"), flow=self.flow, local_sdp=local_sdp,
             remote_sdp=self.offer, peer_allow={m.upper() for m in request.values("Allow")} or None)
+        dialog.check_media = check_media
         if self.offer is not None:
             with contextlib.suppress(SdpError):
                 dialog.media = negotiated_as_answerer(self.offer, local_sdp)
+        else:
+            dialog._awaiting_answer = True  # §13.2.1: the answer to our offer comes in the ACK
         self.ua._add_dialog(dialog)
         dialog._send_2xx(response, self.transaction)
         dialog._apply_timer(self._timer)
         self.state = "answered"
         self.dialog = dialog
-        self.ua._calls.pop(self.transaction.key, None)
+        self._finish()
         self.ua.calls_answered += 1
         return dialog
 
@@ -170,12 +299,28 @@ class IncomingCall:
         self.transaction.respond(self.ua._response(self.request, status, reason, headers=headers,
                                                    to_tag=self.local_tag))
         self.state = "rejected"
-        self.ua._calls.pop(self.transaction.key, None)
+        self._finish()
 
     def _on_cancel(self) -> None:
         self.state = "cancelled"
         self.cancelled.set()
+        self._end("cancelled")
+
+    def _end(self, reason: str) -> None:
+        if not self.aborted.is_set():
+            self.abort_reason = reason
+            self.aborted.set()
+        self._finish()
+
+    def _finish(self) -> None:
+        """The INVITE has its final answer: forget the pending call and its early dialog."""
+        if self._retransmit is not None:
+            self._retransmit.cancel()
+            self._retransmit = None
+        self._unacked = None
         self.ua._calls.pop(self.transaction.key, None)
+        if self.ua._early.get(self.early_id) is self:
+            del self.ua._early[self.early_id]
 
 
 @dataclass
@@ -233,6 +378,7 @@ class UserAgent:
         self.transactions = TransactionLayer(self.transport, self.timers, self)
         self.dialogs: dict[DialogId, Dialog] = {}
         self._calls: dict[tuple, IncomingCall] = {}
+        self._early: dict[DialogId, IncomingCall] = {}  # calls that sent a provisional with our tag
         self._tasks: set[asyncio.Task] = set()
         self.loop = asyncio.get_event_loop()
         self.calls_received = 0
@@ -240,6 +386,8 @@ class UserAgent:
         self.stray_acks = 0
         self.ack_timeouts = 0
         self.session_refreshes = 0
+        self.unacknowledged_provisionals = 0  # calls rejected for want of a PRACK
+        self.prack_bodies_ignored = 0
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -261,7 +409,10 @@ class UserAgent:
         live dialogs end with reason "stopped"."""
         for dialog in list(self.dialogs.values()):
             dialog._terminate("stopped")
+        for call in list(self._calls.values()):
+            call._finish()
         self._calls.clear()
+        self._early.clear()
         self.transactions.stop()
         for task in list(self._tasks):
             task.cancel()
@@ -274,6 +425,7 @@ class UserAgent:
         return {
             "dialogs": len(self.dialogs),
             "pending_calls": len(self._calls),
+            "early_dialogs": len(self._early),
             **self.transactions.counts(),
             "tasks": len(self._tasks),
             "tcp_connections": self.transport.tcp_connections,
@@ -284,6 +436,8 @@ class UserAgent:
             "merged_requests": self.transactions.merged_requests,
             "ack_timeouts": self.ack_timeouts + self.transactions.ack_timeouts,
             "session_refreshes": self.session_refreshes,
+            "unacknowledged_provisionals": self.unacknowledged_provisionals,
+            "prack_bodies_ignored": self.prack_bodies_ignored,
         }
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
@@ -317,7 +471,7 @@ class UserAgent:
     def _capabilities(self, request: Request) -> Response:
         return self._response(request, 200, headers={
             "Allow": self.allow, "Accept": "application/sdp", "Accept-Encoding": "identity",
-            "Supported": "timer"})
+            "Supported": SUPPORTED})
 
     def _add_dialog(self, dialog: Dialog) -> None:
         self.dialogs[dialog.id] = dialog
@@ -400,10 +554,18 @@ class UserAgent:
             raise SipError(420, headers={"Unsupported": ", ".join(sorted(unsupported))})
         to_tag = request.to_addr.tag
         if to_tag is not None:
-            dialog = self.dialogs.get((request.call_id, to_tag, request.from_addr.tag or ""))
-            if dialog is None:
+            key = (request.call_id, to_tag, request.from_addr.tag or "")
+            dialog = self.dialogs.get(key)
+            if dialog is not None:
+                dialog.handle_request(request, transaction)
+                return
+            early = self._early.get(key)
+            if early is not None and method == "PRACK":
+                early.on_prack(request, transaction)
+            elif early is not None and method == "BYE":
+                early.on_early_bye(request, transaction)
+            else:
                 raise SipError(481)
-            dialog.handle_request(request, transaction)
             return
         if method == "OPTIONS":
             if self.available is not None and not self.available():
@@ -413,7 +575,7 @@ class UserAgent:
         elif method == "INVITE":
             self._on_invite(request, transaction, flow)
         else:
-            raise SipError(481)  # BYE, UPDATE, INFO outside any dialog
+            raise SipError(481)  # BYE, UPDATE, INFO, PRACK outside any dialog
 
     def _on_cancel(self, request: Request, transaction: ServerTransaction) -> None:
         invite = self.transactions.find_invite(request)
@@ -456,7 +618,7 @@ class UserAgent:
         assert self.on_invite is not None
         try:
             await self.on_invite(call)
-        except CallCancelled:
+        except (CallCancelled, CallAborted):
             return
         except Exception:
             log.exception("on_invite failed for %r", call)

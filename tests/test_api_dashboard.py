@@ -14,7 +14,7 @@ import typing as tp
 import httpx
 import pytest
 
-from tests.support.api import READ_TOKEN, api_gateway
+from tests.support.api import READ_TOKEN, api_gateway, identity_of
 from tests.support.realtime import realtime_test
 from tests.support.system import RunningSystem, running_system
 from tests.support.tools import requires
@@ -158,4 +158,35 @@ async def test_untrusted_text_is_shown_as_text_and_japanese_renders(redis_server
         await page.wait_for_selector(f"#recent tr[data-call-id='{call.id}']")
         await page.click(f"#recent tr[data-call-id='{call.id}']")
         await page.wait_for_selector("#transcript .end")
+        await chromium.close()
+
+
+async def test_the_dashboard_shows_the_asserted_caller_the_dialled_number_and_withholds_private_ones(redis_server):
+    from playwright.async_api import async_playwright
+
+    async with api_gateway(redis_server.url) as api, async_playwright() as playwright:
+        shown = api.start_call(from_uri="sip:anonymous@anonymous.invalid", identity=identity_of(
+            'P-Asserted-Identity: "Yamada Taro" <sip:+81312345678@trunk.example>', dialled="0501234567"))
+        private = api.start_call(from_uri="sip:+81398765432@trunk.example", identity=identity_of(
+            "P-Asserted-Identity: <sip:+81398765432@trunk.example>", "Privacy: id", dialled="0507654321"))
+        chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = await chromium.new_page()
+        await page.goto(api.base + "/dashboard")
+        await page.fill("#token", READ_TOKEN)
+        await page.click("#login-form button[type=submit]")
+        for call in (shown, private):
+            await page.wait_for_selector(f"#calls tr[data-call-id='{call.id}']")
+
+        async def cells(call_id: str) -> tuple[str | None, str | None, str | None]:
+            row = f"#calls tr[data-call-id='{call_id}']"
+            return (await page.text_content(f"{row} td.caller"), await page.get_attribute(f"{row} td.caller", "title"),
+                    await page.text_content(f"{row} td.dialled"))
+
+        who, title, dialled = await cells(shown.id)
+        assert (who, dialled) == ("+81312345678", "0501234567") and "Yamada Taro" in title
+        who, title, dialled = await cells(private.id)
+        assert (who, dialled) == ("withheld", "0507654321") and "Privacy: id" in title
+        assert "98765432" not in await page.content()
+        api.end_call(private, "remote-bye")
+        await page.wait_for_selector(f"#recent tr[data-call-id='{private.id}'] td.caller:has-text('withheld')")
         await chromium.close()

@@ -9,13 +9,14 @@ import hmac
 import json
 import time
 
+import httpx
 import pytest
 
 from service.config import ConfigError, load
 from service.gateway import metrics
 from service.gateway.webhook import DELIVERY_HEADER, SIGNATURE_HEADER, WebhookSender
 from service.settings import GatewaySettings
-from tests.support.api import api_gateway
+from tests.support.api import ADMIN, READ, api_gateway, identity_of
 from tests.support.http_sink import HttpSink
 from tests.support.procs import free_port
 
@@ -98,3 +99,38 @@ async def test_the_gateway_posts_record_quality_and_transcript_when_a_call_ends(
     assert isinstance(body["quality"], dict)
     assert requests[1].headers[SIGNATURE_HEADER] == (
         "sha256=" + hmac.new(b"s3cr3t-key", requests[1].body, hashlib.sha256).hexdigest())
+
+
+@pytest.mark.parametrize("privacy", ["none", "id"])
+async def test_caller_identity_in_the_api_and_the_webhook_honours_privacy_the_record_keeps_it(
+        redis_server, privacy):
+    identity = identity_of('P-Asserted-Identity: "Yamada Taro" <sip:+81312345678@trunk.example>',
+                           f"Privacy: {privacy}", "Diversion: <sip:0312340000@pbx.example>;reason=no-answer")
+    with HttpSink() as sink:
+        async with api_gateway(redis_server.url, webhook_url=sink.url) as api:
+            call = api.start_call(from_uri="sip:+81312345678@trunk.example", identity=identity)
+            await api.settle()
+            async with httpx.AsyncClient(base_url=api.base) as client:
+                shown = [(await client.get(f"/v1/calls/{call.id}", headers=h)).json() for h in (READ, ADMIN)]
+            api.end_call(call, "remote-bye")
+            [request] = await asyncio.to_thread(sink.wait_for, 1)
+            await api.settle()
+            stored = await api.gateway.records.get(call.id)
+            async with httpx.AsyncClient(base_url=api.base) as client:
+                listed = (await client.get("/v1/calls", headers=READ)).json()["calls"]
+    record = json.loads(request.body)["record"]
+    [ended] = [c for c in listed if c["id"] == call.id]
+    for seen in (*shown, record, ended):  # read and admin tokens, the webhook, the list: all alike
+        assert seen["dialled"] == "0501234567"
+        if privacy == "id":
+            assert seen["caller"]["withheld"] and seen["caller"]["number"] is None
+            assert seen["from_uri"] == "sip:anonymous@anonymous.invalid"
+            assert "81312345678" not in json.dumps(seen) and "Yamada" not in json.dumps(seen)
+        else:
+            assert seen["caller"]["number"] == "+81312345678" and seen["caller"]["name"] == "Yamada Taro"
+        # Privacy: id withholds who called, not where the call was diverted from (Privacy: header would)
+        assert seen["redirects"] == [{"header": "diversion", "number": "0312340000",
+                                      "uri": "sip:0312340000@pbx.example", "reason": "no-answer"}]
+    # the stored record keeps the identity whole (for the operator's own audit, never the API)
+    assert stored.identity["asserted"][0]["number"] == "+81312345678"
+    assert stored.identity["privacy"] == [privacy]

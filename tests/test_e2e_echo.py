@@ -24,7 +24,7 @@ from service.settings import CallSettings
 from tests.support.procs import free_port
 from tests.support.realtime import realtime_test
 from tests.support.services import start_serve, wait_until
-from tests.support.sipp import SCENARIOS, Sipp
+from tests.support.sipp import SCENARIOS, Sipp, media_port
 from tests.support.tools import requires
 
 pytestmark = pytest.mark.system
@@ -140,7 +140,7 @@ async def test_sipp_audio_is_echoed_and_its_dtmf_digit_reported(echo_gateway, tm
     # calls of earlier tests may still be ending: only a call that arrived after this one began counts
     began = time.time()
     sipp = Sipp(tmp_path, "-sf", str(SCENARIOS / "uac_pcma_dtmf.xml"), f"127.0.0.1:{echo_gateway.sip_port}",
-                "-mp", str(free_port()), transport=transport)
+                "-mp", str(media_port()), transport=transport)
     await sipp.start()
     await sipp.finished(within=60)
     new = wait_until(lambda: [c for c in ended_calls(echo_gateway) if c["started_at"] >= began], 10,

@@ -385,3 +385,37 @@ async def test_bad_addresses_at_open_are_refused_without_leaking(ports) -> None:
     with pytest.raises(ValueError, match="not an IP address"):
         await RtpSession.open(ports, host="127.0.0.1", remote=("peer.example", 4000))
     assert ports.in_use == 0
+
+
+@pytest.mark.parametrize("host, ipv4, ipv6, problem", [
+    ("192.0.2.7", True, False, None),
+    ("2001:db8::7", True, True, None),
+    ("::ffff:192.0.2.7", True, False, None),
+    ("2001:db8::7", True, False, "IPv6, but this RTP socket is IPv4-only"),
+    ("192.0.2.7", False, True, "IPv4, but this RTP socket is IPv6-only"),
+    ("localhost", True, True, "not an IP address"),
+    ("x" * 500, True, True, "not an IP address"),
+    ("224.0.1.9", True, True, "multicast"),
+    ("ff02::1", True, True, "multicast"),
+    ("255.255.255.255", True, True, "broadcast"),
+    ("0.0.0.0", True, True, "unspecified"),
+])
+def test_media_addresses_rtp_cannot_use_are_named(host, ipv4, ipv6, problem):
+    from sip.rtpsession import media_address_problem
+
+    found = media_address_problem(host, ipv4=ipv4, ipv6=ipv6)
+    assert (found is None) if problem is None else (problem in found and len(found) < 120)
+
+
+async def test_a_session_knows_which_addresses_its_socket_reaches():
+    v4 = await RtpSession.open(PortAllocator(41000, 41099), host="127.0.0.1")
+    try:
+        assert v4.remote_problem("127.0.0.1") is None and "IPv6" in v4.remote_problem("::1")
+    finally:
+        v4.close()
+    if has_ipv6():
+        dual = await RtpSession.open(PortAllocator(41100, 41199), host="::")
+        try:
+            assert dual.remote_problem("127.0.0.1") is None and dual.remote_problem("::1") is None
+        finally:
+            dual.close()

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from sip.errors import CallCancelled, CallFailed, SipError
+from sip.errors import CallAborted, CallCancelled, CallFailed, SipError
 from sip.message import Request, Response, make_response
 from sip.sdp import MediaPreferences, NoCommonCodec, SessionDescription, answer_offer, build_offer
 from sip.transaction import Timers
@@ -315,7 +315,7 @@ async def ask(peer: RawPeer, ua: UserAgent, data: bytes) -> Response:
 @pytest.mark.parametrize("kwargs, status, header", [
     (dict(method="BYE", to_tag="nope"), 481, None),
     (dict(method="INFO", to_tag=None), 481, None),
-    (dict(method="REGISTER"), 405, ("Allow", "INVITE, ACK, BYE, CANCEL, OPTIONS, UPDATE, INFO")),
+    (dict(method="REGISTER"), 405, ("Allow", "INVITE, ACK, BYE, CANCEL, OPTIONS, UPDATE, INFO, PRACK")),
     (dict(method="SUBSCRIBE"), 405, None),
     (dict(method="FROBNICATE"), 501, None),
     (dict(method="OPTIONS", headers="Require: foo, timer\r\n"), 420, ("Unsupported", "foo")),
@@ -444,3 +444,162 @@ async def test_refresh_to_a_vanished_peer_ends_with_transport_error(make_ua):
     assert dialog.session_timer.refresher == "local"
     await uas.stop()  # the peer is gone: the refresh after 1 s cannot even connect
     assert await asyncio.wait_for(dialog.terminated, 15) == "transport-error"
+
+
+# --- delayed offer: the answer comes in the ACK (RFC 3261 §13.2.1) ----------------------
+
+
+def _not_offered_answer(ok: Response) -> str:
+    """An answer choosing a payload type our offer did not contain."""
+    answer, _ = answer_offer(SessionDescription.parse(ok.body), PREFS, "127.0.0.1", 50000)
+    return str(answer).replace("RTP/AVP 0", "RTP/AVP 18").replace("a=rtpmap:0 PCMU/8000", "a=rtpmap:18 G729/8000")
+
+
+@pytest.mark.parametrize("ack_body, content_type, reason, detail", [
+    (None, "application/sdp", "ack-without-answer", "no SDP answer"),
+    ("v=0\r\nnot sdp\r\n", "application/sdp", "unacceptable-answer", "SDP:"),
+    ("hello", "text/plain", "unacceptable-answer", "text/plain"),
+    (_not_offered_answer, "application/sdp", "unacceptable-answer", "not offered"),
+    ("checked", "application/sdp", "unacceptable-answer", "refused by the check"),
+])
+async def test_a_delayed_offer_whose_ack_brings_no_usable_answer_ends_with_bye_and_a_reason(
+        make_ua, peer, ack_body, content_type, reason, detail):
+    app = AnsweringApp(behaviour=None)
+
+    async def accept_with_check(call: IncomingCall) -> None:
+        dialog = await call.accept(str(build_offer(PREFS, "127.0.0.1", 40000)),
+                                   check_media=lambda media: "refused by the check" if ack_body == "checked" else None)
+        app.dialogs.put_nowait(dialog)
+    app.behaviour = accept_with_check
+    ua = await make_ua(on_invite=app)
+    peer.send(raw("INVITE", ua, peer, call_id="late-bad"), ("127.0.0.1", ua.port))
+    ok = await peer.final_response()
+    dialog = await app.dialog()
+    if callable(ack_body):
+        body = ack_body(ok)
+    elif ack_body == "checked":
+        body = str(answer_offer(SessionDescription.parse(ok.body), PREFS, "127.0.0.1", 50000)[0])
+    else:
+        body = ack_body or ""
+    peer.send(raw("ACK", ua, peer, call_id="late-bad", to_tag=ok.to_addr.tag, body=body, content_type=content_type),
+              ("127.0.0.1", ua.port))
+    bye = await peer.expect(lambda m: isinstance(m, Request) and m.method == "BYE", within=5)
+    assert await dialog.terminated == reason
+    assert detail in dialog.end_detail
+    assert bye.headers.get("Reason").startswith("SIP ;cause=488 ;text=")
+    assert dialog.media is None
+    peer.send(make_response(bye, 200), ("127.0.0.1", ua.port))
+    await drained(ua)
+
+
+# --- reliable provisional responses (RFC 3262) ------------------------------------------
+
+
+def prack(ua: UserAgent, peer: RawPeer, provisional: Response, *, call_id: str, cseq: int = 2,
+          rack: str | None = None) -> bytes:
+    return raw("PRACK", ua, peer, call_id=call_id, cseq=cseq, to_tag=provisional.to_addr.tag,
+               headers=f"RAck: {rack or provisional.headers.get('RSeq') + ' 1 INVITE'}\r\n")
+
+
+async def test_required_100rel_gets_a_reliable_ringing_retransmitted_until_its_prack(make_ua, peer):
+    ringing_sent = asyncio.Event()
+
+    async def ring_then_answer(call: IncomingCall) -> None:
+        await call.ringing()
+        ringing_sent.set()
+        app.dialogs.put_nowait(await call.accept(str(answer_offer(call.offer, PREFS, "127.0.0.1", 40000)[0])))
+    app = AnsweringApp(ring_then_answer)
+    ua = await make_ua(on_invite=app)
+    peer.send(raw("INVITE", ua, peer, call_id="rel", body=offer(), headers="Require: 100rel\r\n"),
+              ("127.0.0.1", ua.port))
+    first = await peer.expect(lambda m: isinstance(m, Response) and m.status == 180)
+    assert first.headers.get("Require") == "100rel" and "PRACK" in first.values("Allow")
+    rseq = int(first.headers.get("RSeq"))
+    assert 1 <= rseq < 2**31
+    again = await peer.expect(lambda m: isinstance(m, Response) and m.status == 180, within=1)
+    assert again.headers.get("RSeq") == str(rseq)  # retransmitted while no PRACK came
+    # a PRACK that names another response is refused, and the 200 still waits
+    wrong = prack(ua, peer, first, call_id="rel", rack=f"{rseq + 1} 1 INVITE")
+    assert (await ask(peer, ua, wrong)).status == 481
+    assert not [m for m in peer.drain() if isinstance(m, Response) and m.status == 200]
+    assert (await ask(peer, ua, prack(ua, peer, first, call_id="rel", cseq=3))).status == 200
+    ok = await peer.expect(lambda m: isinstance(m, Response) and m.status == 200 and m.cseq.method == "INVITE")
+    assert "100rel" in ok.values("Supported")
+    await asyncio.sleep(4 * TIMERS.t1)
+    assert not [m for m in peer.drain() if isinstance(m, Response) and m.status == 180]  # retransmission stopped
+    dialog = await app.dialog()
+    peer.send(raw("ACK", ua, peer, call_id="rel", to_tag=ok.to_addr.tag), ("127.0.0.1", ua.port))
+    late = prack(ua, peer, first, call_id="rel", cseq=4)
+    assert (await ask(peer, ua, late)).status == 481  # acknowledged already: none unacknowledged
+    assert (await ask(peer, ua, raw("BYE", ua, peer, call_id="rel", to_tag=ok.to_addr.tag, cseq=5))).status == 200
+    assert await dialog.terminated == "remote-bye"
+    await drained(ua)
+
+
+async def test_supported_100rel_makes_a_183_with_sdp_reliable_and_the_next_provisional_waits_for_its_prack(
+        make_ua, peer):
+    async def early_media(call: IncomingCall) -> None:
+        assert call.reliable_provisionals and not call.requires_100rel
+        answer = answer_offer(call.offer, PREFS, "127.0.0.1", 40000)[0]
+        await call.provisional(183, sdp=answer)
+        await call.ringing()  # unreliable (only supported, no SDP), but only after the 183's PRACK
+        app.dialogs.put_nowait(await call.accept(str(answer)))
+    app = AnsweringApp(early_media)
+    ua = await make_ua(on_invite=app)
+    peer.send(raw("INVITE", ua, peer, call_id="early", body=offer(), headers="Supported: timer, 100rel\r\n"),
+              ("127.0.0.1", ua.port))
+    progress = await peer.expect(lambda m: isinstance(m, Response) and m.status == 183)
+    assert progress.headers.get("Require") == "100rel" and progress.content_type == "application/sdp"
+    await asyncio.sleep(3 * TIMERS.t1)
+    assert {m.status for m in peer.drain() if isinstance(m, Response)} - {100} == {183}  # nothing else until PRACK
+    assert (await ask(peer, ua, prack(ua, peer, progress, call_id="early"))).status == 200
+    ringing = await peer.expect(lambda m: isinstance(m, Response) and m.status == 180)
+    assert ringing.headers.get("RSeq") is None
+    ok = await peer.expect(lambda m: isinstance(m, Response) and m.status == 200 and m.cseq.method == "INVITE")
+    assert SessionDescription.parse(ok.body).media[0].port == 40000
+    await app.dialog()
+    peer.send(raw("ACK", ua, peer, call_id="early", to_tag=ok.to_addr.tag), ("127.0.0.1", ua.port))
+    assert (await ask(peer, ua, raw("BYE", ua, peer, call_id="early", to_tag=ok.to_addr.tag, cseq=3))).status == 200
+    await drained(ua)
+
+
+async def test_no_prack_for_a_reliable_provisional_rejects_the_call_with_500(make_ua, peer):
+    outcome: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def ring_then_answer(call: IncomingCall) -> None:
+        await call.ringing()
+        try:
+            await call.accept(str(answer_offer(call.offer, PREFS, "127.0.0.1", 40000)[0]))
+        except CallAborted as exc:
+            outcome.set_result(exc)
+    ua = await make_ua(on_invite=ring_then_answer)
+    peer.send(raw("INVITE", ua, peer, call_id="noprack", body=offer(), headers="Require: 100rel\r\n"),
+              ("127.0.0.1", ua.port))
+    final = await peer.final_response(call_id="noprack", within=10)
+    assert final.status == 500 and "PRACK" in final.reason
+    assert (await asyncio.wait_for(outcome, 5)).reason == "no-prack"
+    assert ua.counts()["unacknowledged_provisionals"] == 1
+    peer.send(raw("ACK", ua, peer, call_id="noprack", to_tag=final.to_addr.tag), ("127.0.0.1", ua.port))
+    await drained(ua)
+    assert ua.counts()["early_dialogs"] == 0
+
+
+async def test_bye_in_the_early_dialog_ends_a_ringing_call_like_cancel(make_ua, peer):
+    outcome: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def ring_forever(call: IncomingCall) -> None:
+        await call.ringing()
+        await call.cancelled.wait()
+        with pytest.raises(CallCancelled):
+            await call.accept(offer())
+        outcome.set_result(call.abort_reason)
+    ua = await make_ua(on_invite=ring_forever)
+    peer.send(raw("INVITE", ua, peer, call_id="earlybye", body=offer()), ("127.0.0.1", ua.port))
+    ringing = await peer.expect(lambda m: isinstance(m, Response) and m.status == 180)
+    bye = raw("BYE", ua, peer, call_id="earlybye", cseq=2, to_tag=ringing.to_addr.tag)
+    assert (await ask(peer, ua, bye)).status == 200
+    assert (await peer.final_response(call_id="earlybye")).status == 487
+    assert await asyncio.wait_for(outcome, 5) == "cancelled"
+    peer.send(raw("ACK", ua, peer, call_id="earlybye", to_tag=ringing.to_addr.tag), ("127.0.0.1", ua.port))
+    await drained(ua)
+    assert ua.counts()["early_dialogs"] == 0

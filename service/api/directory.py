@@ -15,9 +15,10 @@ import asyncio
 import time
 import typing as tp
 
-from service.api.models import CallInfo, CallQuality
+from service.api.models import CallerId, CallInfo, CallQuality, Redirect
 from service.gateway import metrics
 from service.pool import ACTIVE, ENDED, CallRecord, PoolError
+from sip.identity import ANONYMOUS_URI, CallerIdentity
 
 if tp.TYPE_CHECKING:
     from service.gateway.call import Call
@@ -36,31 +37,57 @@ def _sampling(value: tp.Any) -> dict[str, tp.Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def shown_identity(identity: CallerIdentity | dict[str, tp.Any] | None, from_uri: str) -> dict[str, tp.Any]:
+    """The identity fields of a CallInfo, the caller's privacy honoured: a withheld caller
+    shows no number, name or URI (and an anonymous ``from_uri``), for every token scope."""
+    if identity is None:
+        return {"from_uri": from_uri}
+    if isinstance(identity, dict):
+        identity = CallerIdentity.from_dict(identity)
+    withheld = identity.withheld
+    party = identity.caller
+    caller = CallerId(
+        number=None if withheld else party.number or None,
+        name=None if identity.name_withheld else party.name or None,
+        uri=None if withheld else party.uri or None, source=identity.caller_source, withheld=withheld,
+        privacy=list(identity.privacy))
+    redirects: list[Redirect] = []
+    if not identity.redirects_withheld:
+        for header, parties in (("diversion", identity.diversion), ("history-info", identity.history_info)):
+            for entry in parties:
+                redirects.append(Redirect(header=header, number=entry.number or None, uri=entry.uri or None,
+                                          reason=entry.params.get("reason")))
+    return {"from_uri": ANONYMOUS_URI if withheld else from_uri, "dialled": identity.dialled, "caller": caller,
+            "redirects": redirects}
+
+
 def from_call(call: Call, gateway_id: str) -> CallInfo:
     """A live call of this gateway, with live quality."""
     record = call.record()
     quality = dict(call.media.quality()) if call.media is not None else {}
     quality["failovers"] = call.failovers
     return CallInfo(
-        id=call.id, state=call.state, ingress=call.ingress, from_uri=call.from_uri, to_uri=call.to_uri,
+        id=call.id, state=call.state, ingress=call.ingress, to_uri=call.to_uri,
         codec=call.codec, worker_id=call.worker_id, slot=call.slot, model=call.model, license=call.license,
         sampling=call.sampling, gateway_id=gateway_id, started_at=call.started_at, answered_at=call.answered_at,
-        ended_at=call.ended_at, end_reason=call.end_reason, duration_s=record["duration_s"],
-        on_this_gateway=True, quality=CallQuality(**quality) if quality else None)
+        ended_at=call.ended_at, end_reason=call.end_reason, end_detail=call.end_detail,
+        duration_s=record["duration_s"], on_this_gateway=True, quality=CallQuality(**quality) if quality else None,
+        **shown_identity(call.identity, call.from_uri))
 
 
 def from_summary(summary: dict[str, tp.Any], gateway_id: str) -> CallInfo:
     """An ended call of this gateway (``Gateway.recent``)."""
     quality = summary.get("quality")
     return CallInfo(
-        id=summary["id"], state="ended", ingress=summary.get("ingress", ""), from_uri=summary.get("from", ""),
+        id=summary["id"], state="ended", ingress=summary.get("ingress", ""),
         to_uri=summary.get("to", ""), codec=summary.get("codec", ""), worker_id=summary.get("worker_id", ""),
         slot=summary.get("slot"), model=summary.get("model", ""), license=summary.get("license", ""),
         sampling=_sampling(summary.get("sampling")), gateway_id=gateway_id,
         started_at=summary.get("started_at", 0.0), answered_at=summary.get("answered_at"),
         ended_at=summary.get("ended_at"), end_reason=summary.get("end_reason", ""),
-        duration_s=summary.get("duration_s", 0.0), on_this_gateway=True,
-        quality=CallQuality(**quality, failovers=summary.get("failovers")) if quality else None)
+        end_detail=summary.get("end_detail", ""), duration_s=summary.get("duration_s", 0.0), on_this_gateway=True,
+        quality=CallQuality(**quality, failovers=summary.get("failovers")) if quality else None,
+        **shown_identity(summary.get("identity"), summary.get("from", "")))
 
 
 def from_record(record: CallRecord) -> CallInfo:
@@ -68,12 +95,13 @@ def from_record(record: CallRecord) -> CallInfo:
     quality = {k: v for k, v in record.quality.items() if k not in RECORD_ONLY_QUALITY}
     return CallInfo(
         id=record.call_id, state=record.state, ingress=str(record.quality.get("ingress", "")),
-        from_uri=record.from_uri, to_uri=record.to_uri, codec=record.codec, worker_id=record.worker_id,
+        to_uri=record.to_uri, codec=record.codec, worker_id=record.worker_id,
         slot=record.slot, gateway_id=str(record.quality.get("gateway", "")),
         sampling=_sampling(record.quality.get("sampling")), started_at=record.started_at,
         answered_at=record.answered_at, ended_at=record.ended_at, end_reason=record.end_reason,
+        end_detail=record.end_detail,
         duration_s=_duration(record.answered_at, record.ended_at if record.state == ENDED else None),
-        quality=CallQuality(**quality) if quality else None)
+        quality=CallQuality(**quality) if quality else None, **shown_identity(record.identity, record.from_uri))
 
 
 def redis_failed() -> None:

@@ -43,14 +43,44 @@ class CallQuality(BaseModel):
     failovers: int | None = Field(None, description="times the call moved to another worker")
 
 
+class CallerId(BaseModel):
+    """Who called, with the caller's privacy honoured (RFC 3323, RFC 3325): when the caller
+    asked for it (``Privacy: id``, ``user`` or ``header``, or a Remote-Party-ID with
+    ``privacy=full|uri``) ``withheld`` is true and ``number``, ``name`` and ``uri`` are
+    null, for every token scope. Only the stored record (Redis) keeps them."""
+
+    number: str | None = Field(None, description="the caller's number (the user part of the identity's URI)")
+    name: str | None = Field(None, description="the display name")
+    uri: str | None = None
+    source: str = Field("from", description="p-asserted-identity, remote-party-id or from")
+    withheld: bool = Field(False, description="the caller asked that the identity not be shown")
+    privacy: list[str] = Field([], description="the values of the INVITE's Privacy header")
+
+
+class Redirect(BaseModel):
+    """A redirection the call went through before it reached us (Diversion, History-Info)."""
+
+    header: str = Field(description="diversion or history-info")
+    number: str | None = None
+    uri: str | None = None
+    reason: str | None = Field(None, description="Diversion's reason parameter")
+
+
 class CallInfo(BaseModel):
     """One call: where it runs, who called, how it went."""
 
     id: str = Field(description="the gateway's call id (X-Moshimoshi-Call-Id of the 200 OK)")
     state: str = Field(description="ringing, queued (waiting for a slot), active or ended")
     ingress: str = Field("", description="sip or webrtc")
-    from_uri: str = Field("", description="the caller")
+    from_uri: str = Field("", description="the caller (the From header); sip:anonymous@anonymous.invalid "
+                                          "when the caller's identity is withheld")
     to_uri: str = ""
+    dialled: str = Field("", description="SIP: the number dialled, the Request-URI's user part (behind a "
+                                         "proxy or trunk it differs from to_uri)")
+    caller: CallerId | None = Field(None, description="SIP: who called (P-Asserted-Identity, Remote-Party-ID "
+                                                      "or From), privacy honoured")
+    redirects: list[Redirect] = Field([], description="SIP: Diversion and History-Info entries, oldest first "
+                                                      "(empty when the caller's privacy withholds them)")
     codec: str = ""
     worker_id: str = ""
     slot: int | None = None
@@ -63,7 +93,9 @@ class CallInfo(BaseModel):
     started_at: float = Field(description="arrival of the INVITE, epoch seconds")
     answered_at: float | None = None
     ended_at: float | None = None
-    end_reason: str = Field("", description="remote-bye, api-hangup, rtp-timeout, rejected-busy, ...")
+    end_reason: str = Field("", description="remote-bye, api-hangup, rtp-timeout, rejected-busy, cancelled, ...")
+    end_detail: str = Field("", description="the end reason in words, when it alone does not say what went "
+                                            "wrong (e.g. why the answer in an ACK was unusable)")
     duration_s: float = Field(0.0, description="seconds since (or until the end from) the answer")
     on_this_gateway: bool = Field(False, description="the answering gateway is the one serving this request")
     quality: CallQuality | None = None

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from service.gateway import metrics
 from service.gateway.routing import LinkCallbacks, NoCapacity, Router, RoutingUnavailable, WorkerSession
+from sip.identity import CallerIdentity
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +63,14 @@ class Call:
     to_uri: str = ""
     sip_call_id: str = ""
     source: str = ""
+    identity: CallerIdentity | None = None  # SIP: identity headers and the dialled number, as received
     id: str = field(default_factory=new_call_id)
     state: str = "ringing"  # ringing → queued → active → ended
     started_at: float = field(default_factory=time.time)
     answered_at: float | None = None
     ended_at: float | None = None
     end_reason: str = ""
+    end_detail: str = ""  # the end reason in words, when the reason alone does not say what went wrong
     codec: str = ""
     worker_id: str = ""
     slot: int | None = None
@@ -110,8 +113,9 @@ class Call:
             "worker_id": self.worker_id, "slot": self.slot, "model": self.model, "license": self.license,
             "sampling": self.sampling,
             "started_at": self.started_at, "answered_at": self.answered_at, "ended_at": self.ended_at,
-            "end_reason": self.end_reason, "failovers": self.failovers,
+            "end_reason": self.end_reason, "end_detail": self.end_detail, "failovers": self.failovers,
             "duration_s": round(end - self.answered_at, 3) if self.answered_at else 0.0,
+            "identity": self.identity.to_dict() if self.identity is not None else None,
         }
 
     # -- transcript --------------------------------------------------------------------

@@ -237,6 +237,7 @@ class Gateway:
             return
         record = CallRecord(call_id=call.id, sip_call_id=call.sip_call_id, from_uri=call.from_uri,
                             to_uri=call.to_uri, codec=call.codec, started_at=call.started_at,
+                            identity=call.identity.to_dict() if call.identity is not None else None,
                             quality={"ingress": call.ingress, "gateway": self.gateway_id})
         self._record_write(call.id, "record-create", self.records.create(record))
 
@@ -257,9 +258,9 @@ class Gateway:
         quality = call.media.quality() if call.media is not None else {}
         quality = {k: v for k, v in quality.items() if v is not None}
         quality["failovers"] = call.failovers
-        records, reason, ended_at = self.records, call.end_reason or "unknown", call.ended_at
+        records, reason, ended_at, detail = self.records, call.end_reason or "unknown", call.ended_at, call.end_detail
         self._record_write(call.id, "record-end", self.pool_retries.run(  # type: ignore[union-attr]
-            "record-end", lambda: records.end(call.id, reason, ended_at=ended_at, quality=quality),
+            "record-end", lambda: records.end(call.id, reason, ended_at=ended_at, quality=quality, detail=detail),
             give_up_after=RECORD_END_RETRY_SECONDS))
 
     async def _watch_calls(self) -> None:

@@ -104,7 +104,12 @@ TRANSCRIPT_PIECES_DROPPED = Counter(
     "Transcript pieces never stored: the in-memory queue overflowed during a Redis outage, or the "
     "gateway stopped before Redis answered; by reason.", ["reason"])
 TRANSCRIPT_VIEWERS = Gauge("moshimoshi_transcript_viewers", "Open live-transcript WebSockets.")
-DTMF_DIGITS = Counter("moshimoshi_dtmf_digits_total", "DTMF digits received (RFC 4733).")
+DTMF_DIGITS = Counter("moshimoshi_dtmf_digits_total", "DTMF digits received (RFC 4733 or SIP INFO).")
+SIP_INFO = Counter("moshimoshi_sip_info_requests_total",
+                   "In-dialog SIP INFO requests by outcome: dtmf (a digit reported), empty (keep-alive), "
+                   "bad-body (400), unsupported-type (415).", ["outcome"])
+ABANDONED_CALLS = Counter("moshimoshi_pool_abandoned_calls_total",
+                          "Calls whose caller hung up (CANCEL) while they waited for a slot.")
 WEBHOOK_DELIVERIES = Counter("moshimoshi_webhook_deliveries_total", "Call-end webhook POSTs by outcome.",
                              ["outcome"])
 

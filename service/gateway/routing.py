@@ -7,6 +7,11 @@ back when the call ends (the lease, renewed in the background meanwhile). Its ow
 Calls that find no free slot wait in FIFO order on this gateway (the caller hears
 ringing) for up to ``wait`` seconds; only the head of the queue polls Redis, so a queue
 of a hundred calls costs a few claims a second, not a hundred.
+
+``open`` may be cancelled at any point (the caller hung up while queued): it leaves the
+queue at once. A claim or handshake already under way is never cut short (that could
+leave a lease taken in Redis, or a slot reserved on a worker, with no owner): it runs to
+its end in the background and whatever it got is closed and released.
 """
 
 from __future__ import annotations
@@ -76,6 +81,33 @@ class Router(tp.Protocol):
     def ready(self) -> bool: ...
 
 
+_orphans: set[asyncio.Future] = set()  # sessions being closed after their caller was cancelled
+
+
+async def _to_the_end(work: tp.Awaitable[WorkerSession | None]) -> WorkerSession | None:
+    """Await ``work`` (a claim, a handshake); when the awaiting task is cancelled meanwhile,
+    let ``work`` finish anyway and close the session it yields (see the module docstring)."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        def release(done: asyncio.Future) -> None:
+            if done.cancelled() or done.exception() is not None:
+                return
+            session = done.result()
+            if session is not None:
+                closing = asyncio.ensure_future(session.close())
+                _orphans.add(closing)
+                closing.add_done_callback(_orphans.discard)
+        task.add_done_callback(release)
+        raise
+
+
+async def _opened(link: WorkerLink, **session: tp.Any) -> WorkerSession:
+    await link.open(timeout=HANDSHAKE_SECONDS)
+    return WorkerSession(link=link, **session)
+
+
 def _link(url: str, call_id: str, callbacks: LinkCallbacks, **kwargs: tp.Any) -> WorkerLink:
     return WorkerLink(url, call_id, on_frame=callbacks.on_frame, on_text=callbacks.on_text,
                       on_end=callbacks.on_end, **kwargs)
@@ -102,9 +134,10 @@ class FixedRouter:
         while True:
             link = _link(self.url, call_id, callbacks, model=self.model)
             try:
-                await link.open(timeout=HANDSHAKE_SECONDS)
+                session = await _to_the_end(_opened(link, worker_id=self.url))
+                assert session is not None
                 self.worker_ok = True
-                return WorkerSession(link=link, worker_id=self.url)
+                return session
             except WorkerRefused as exc:
                 if exc.code != 4029 or time.monotonic() >= deadline:
                     raise NoCapacity(str(exc)) from None
@@ -171,7 +204,7 @@ class PoolRouter:
         try:
             while True:
                 if self._queue[0] == ticket:
-                    session = await self._try_claim(call_id, callbacks, exclude)
+                    session = await _to_the_end(self._try_claim(call_id, callbacks, exclude))
                     if session is not None:
                         self._full = False
                         if queued:

@@ -3,7 +3,14 @@
 The order matters for the caller: a slot on a worker is secured *before* the call is
 answered (the caller hears ringing while it waits in the queue), so a call is never
 answered only to be dropped; an unusable offer gets 488, no capacity 503 with
-Retry-After, no RTP port 503.
+Retry-After, no RTP port 503. A caller who hangs up (CANCEL) while queued leaves the
+queue at once and never takes a slot.
+
+Offers: an INVITE with SDP is answered in the 200 (and first, reliably, in a 183 Session
+Progress when the caller supports RFC 3262 100rel); an INVITE without SDP (a delayed
+offer, the default of Cisco CUCM and Avaya trunks) gets our offer in the 200, and the
+media starts with the answer the ACK brings; an ACK without a usable answer ends the call
+with BYE (end reason ``ack-without-answer`` or ``unacceptable-answer``).
 """
 
 from __future__ import annotations
@@ -20,10 +27,13 @@ from service.gateway.call import PLAYOUT_GRACE_SECONDS, Call, TranscriptEvent
 from service.gateway.media import CallMedia
 from service.gateway.routing import NoCapacity, RoutingUnavailable
 from sip import codecs
-from sip.dtmf import DtmfDigit
-from sip.errors import CallCancelled
+from sip.dialog import Dialog
+from sip.dtmf import INFO_DTMF_TYPES, DtmfDigit, DtmfParseError, parse_info_dtmf
+from sip.errors import CallAborted, CallCancelled, SipError
+from sip.identity import CallerIdentity
+from sip.message import Request
 from sip.rtpsession import PortsExhausted, RtpSession
-from sip.sdp import MediaPreferences, NegotiatedMedia, NoCommonCodec, SdpError, answer_offer
+from sip.sdp import MediaPreferences, NegotiatedMedia, NoCommonCodec, SdpError, answer_offer, build_offer
 from sip.ua import IncomingCall
 
 if tp.TYPE_CHECKING:
@@ -62,9 +72,12 @@ class SipCallHandler:
         settings = gateway.settings
         self.prefs = media_preferences(settings.codecs)
         self.call = Call(ingress="sip", from_uri=str(incoming.from_uri), to_uri=str(incoming.to_uri),
-                         sip_call_id=incoming.call_id, source=f"{incoming.source[0]}:{incoming.source[1]}")
+                         sip_call_id=incoming.call_id, source=f"{incoming.source[0]}:{incoming.source[1]}",
+                         identity=CallerIdentity.from_request(incoming.request))
         self.rtp: RtpSession | None = None
         self.media: CallMedia | None = None
+        self.dialog: Dialog | None = None
+        self._ringing: asyncio.Task | None = None
 
     async def reject(self, status: int, reason: str, outcome: str, retry_after: bool = False) -> None:
         headers = {"Retry-After": str(self.gateway.settings.retry_after_seconds)} if retry_after else None
@@ -81,6 +94,8 @@ class SipCallHandler:
                 await self._converse()
         except CallCancelled:
             call.end("cancelled")
+        except CallAborted as exc:
+            call.end(exc.reason)
         except asyncio.CancelledError:
             call.end("gateway-stopped")
             raise
@@ -99,10 +114,6 @@ class SipCallHandler:
                               "rejected-unready", retry_after=True)
             metrics.REJECTED_CALLS.labels("draining" if gateway.draining else "unready").inc()
             return
-        if incoming.offer is None:
-            await self.reject(488, "Not Acceptable Here (an SDP offer is required in the INVITE)",
-                              "rejected-no-offer")
-            return
         local_ip = gateway.settings.public_host or local_address_toward(incoming.source[0])
         try:
             self.rtp = await RtpSession.open(gateway.ports, host=gateway.rtp_bind_host(local_ip))
@@ -110,38 +121,86 @@ class SipCallHandler:
             metrics.REJECTED_CALLS.labels("rtp-ports").inc()
             await self.reject(503, "Service Unavailable (no RTP port)", "rejected-ports", retry_after=True)
             return
-        try:
-            answer, negotiated = answer_offer(incoming.offer, self.prefs, local_ip, self.rtp.local_port)
-        except NoCommonCodec as exc:
-            await self.reject(488, "Not Acceptable Here", "rejected-codec")
-            log.info("call %s: %s", call.id, exc)
-            return
-        except SdpError as exc:
-            await self.reject(488, f"Not Acceptable Here ({exc})"[:120], "rejected-sdp")
-            return
-        call.codec = negotiated.codec
+        negotiated: NegotiatedMedia | None = None
+        if incoming.offer is None:
+            # A delayed offer: ours goes in the 200, the answer comes in the ACK.
+            local_sdp = build_offer(self.prefs, local_ip, self.rtp.local_port)
+        else:
+            try:
+                local_sdp, negotiated = answer_offer(incoming.offer, self.prefs, local_ip, self.rtp.local_port)
+            except NoCommonCodec as exc:
+                await self.reject(488, "Not Acceptable Here", "rejected-codec")
+                log.info("call %s: %s", call.id, exc)
+                return
+            except SdpError as exc:
+                await self.reject(488, f"Not Acceptable Here ({exc})"[:120], "rejected-sdp")
+                return
+            problem = self._media_problem(negotiated)
+            if problem is not None:
+                log.info("call %s: %s", call.id, problem)
+                await self.reject(488, f"Not Acceptable Here ({problem})"[:160], "rejected-sdp")
+                return
+            call.codec = negotiated.codec
         await self._record_start()
+        if negotiated is not None and incoming.reliable_provisionals:
+            # RFC 3262 peers (carriers, SBCs) expect the answer early and reliably.
+            await incoming.provisional(183, "Session Progress", sdp=local_sdp)
+        if not await self._connect():
+            call.end(incoming.abort_reason or "cancelled")
+            return
+        if negotiated is not None:
+            self._start_media(negotiated)
+        dialog = await incoming.accept(str(local_sdp), headers={CALL_ID_HEADER: call.id},
+                                       check_media=self._media_problem)
+        self.dialog = dialog
+        dialog.on_media_update = self._on_media_update
+        dialog.on_info = self._on_info
+        call.mark_answered()
+        gateway.record_answer(call)
+
+    async def _connect(self) -> bool:
+        """Get a worker slot, waiting in the queue (ringing) for up to the queue time. False
+        when the caller hung up (CANCEL) or the call ended otherwise first: the call left the
+        queue at once and holds no slot. Raises NoCapacity, RoutingUnavailable (answered here)."""
+        call, incoming, gateway = self.call, self.incoming, self.gateway
+        connect = asyncio.create_task(call.connect(gateway.router, wait=gateway.settings.queue_seconds,
+                                                   on_queued=self._queued), name=f"connect-{call.id}")
+        aborted = asyncio.create_task(incoming.aborted.wait())
         try:
-            await call.connect(gateway.router, wait=gateway.settings.queue_seconds, on_queued=incoming.ringing)
+            await asyncio.wait({connect, aborted}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            aborted.cancel()
+            if not connect.done():
+                connect.cancel()  # leaves the queue; a claim under way is released (routing.py)
+                await asyncio.gather(connect, return_exceptions=True)
+        if connect.cancelled():
+            metrics.ABANDONED_CALLS.inc()
+            log.info("call %s: the caller hung up while waiting for a slot", call.id)
+            return False
+        try:
+            connect.result()
         except NoCapacity as exc:
             metrics.REJECTED_CALLS.labels("no-slot").inc()
             log.info("call %s: no capacity: %s", call.id, exc)
             await self.reject(503, "Service Unavailable (all agents busy)", "rejected-busy", retry_after=True)
-            return
+            return False
         except RoutingUnavailable as exc:
             metrics.REJECTED_CALLS.labels("pool-unavailable").inc()
             log.warning("call %s: pool unavailable: %s", call.id, exc)
             await self.reject(503, "Service Unavailable (pool unavailable)", "rejected-pool", retry_after=True)
-            return
-        if incoming.cancelled.is_set():
-            call.end("cancelled")
-            return
-        self._start_media(negotiated)
-        dialog = await incoming.accept(str(answer), headers={CALL_ID_HEADER: call.id})
-        self.dialog = dialog
-        dialog.on_media_update = self._on_media_update
-        call.mark_answered()
-        gateway.record_answer(call)
+            return False
+        return not incoming.aborted.is_set()
+
+    async def _queued(self) -> None:
+        # Ringing in the background: a reliable 180 may wait for a PRACK, the queue must not.
+        if self._ringing is None:
+            self._ringing = asyncio.create_task(self.incoming.ringing(), name=f"ringing-{self.call.id}")
+
+    def _media_problem(self, negotiated: NegotiatedMedia) -> str | None:
+        """Why RTP cannot flow to what the peer's SDP names (c= address), or None."""
+        if negotiated.remote_address is None or self.rtp is None:  # c=0.0.0.0: on hold
+            return None
+        return self.rtp.remote_problem(negotiated.remote_address)
 
     def _start_media(self, negotiated: NegotiatedMedia) -> None:
         assert self.rtp is not None
@@ -158,33 +217,63 @@ class SipCallHandler:
     def _on_media_update(self, negotiated: NegotiatedMedia) -> None:
         if self.media is not None:
             self.media.update(negotiated)
+        elif self.call.state == "active" and not self.call.ended.is_set():
+            # The answer to our offer (delayed offer) arrived in the ACK: media starts now.
+            self.call.codec = negotiated.codec
+            self._start_media(negotiated)
+            self.gateway.record_update(self.call, codec=negotiated.codec)
 
     def _on_dtmf(self, digit: DtmfDigit) -> None:
         metrics.DTMF_DIGITS.inc()
         self.call.add_transcript(TranscriptEvent(t=self.call.call_seconds, kind="dtmf", text=digit.digit,
                                                  duration_ms=digit.duration_ms))
 
+    def _on_info(self, request: Request) -> None:
+        """SIP INFO in the dialog: DTMF (application/dtmf-relay, application/dtmf) is reported
+        like RFC 4733 digits; an empty INFO (a keep-alive) is answered 200; other bodies get
+        415, unreadable DTMF bodies 400."""
+        content_type = request.content_type
+        if not request.body and content_type is None:
+            metrics.SIP_INFO.labels("empty").inc()
+            return
+        if content_type not in INFO_DTMF_TYPES:
+            metrics.SIP_INFO.labels("unsupported-type").inc()
+            raise SipError(415, headers={"Accept": ", ".join(INFO_DTMF_TYPES)})
+        try:
+            digit = parse_info_dtmf(content_type, request.body)
+        except DtmfParseError as exc:
+            metrics.SIP_INFO.labels("bad-body").inc()
+            raise SipError(400, f"Bad Request ({exc})"[:160]) from None
+        metrics.SIP_INFO.labels("dtmf").inc()
+        metrics.DTMF_DIGITS.inc()
+        self.call.add_transcript(TranscriptEvent(t=self.call.call_seconds, kind="dtmf", text=digit.digit,
+                                                 duration_ms=digit.duration_ms))
+
     async def _converse(self) -> None:
-        call, gateway = self.call, self.gateway
+        call, gateway, dialog = self.call, self.gateway, self.dialog
+        assert dialog is not None
         supervisor = asyncio.create_task(call.supervise(gateway.router), name=f"supervise-{call.id}")
+
         def on_terminated(future: asyncio.Future) -> None:
+            if dialog.end_detail and not call.ended.is_set():
+                call.end_detail = dialog.end_detail
             call.end(future.result() if not future.cancelled() and not future.exception() else "dialog-error")
 
         # The dialog's own future: never cancel it, only stop listening.
-        self.dialog.terminated.add_done_callback(on_terminated)
+        dialog.terminated.add_done_callback(on_terminated)
         rtp_watch = asyncio.create_task(self._watch_rtp(), name=f"rtp-watch-{call.id}")
         try:
             await call.ended.wait()
         finally:
             for task in (supervisor, rtp_watch):
                 task.cancel()
-            self.dialog.terminated.remove_done_callback(on_terminated)
+            dialog.terminated.remove_done_callback(on_terminated)
             await asyncio.gather(supervisor, rtp_watch, return_exceptions=True)
-        if not self.dialog.is_terminated:
+        if not dialog.is_terminated:
             if call.end_reason in ("max_duration", "worker-ended") and self.media is not None:
                 await asyncio.sleep(min(PLAYOUT_GRACE_SECONDS, 0.02 * self.media.pacer.queued_packets))
             with contextlib.suppress(Exception):
-                await self.dialog.bye()
+                await dialog.bye()
 
     async def _watch_rtp(self) -> None:
         timeout = self.gateway.settings.rtp_timeout_seconds
@@ -206,6 +295,9 @@ class SipCallHandler:
 
     async def _cleanup(self) -> None:
         call = self.call
+        if self._ringing is not None:
+            self._ringing.cancel()
+            await asyncio.gather(self._ringing, return_exceptions=True)
         if self.media is not None:
             self.media.stop()
         await call.release()

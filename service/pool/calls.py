@@ -25,11 +25,18 @@ QUALITY_PREFIX = "q."
 TRIM_BATCH = 100
 MAX_SCAN = 20_000  # most index entries one listing looks at
 
+def _json_object(text: str) -> dict[str, tp.Any]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
+
+
 # field name → parser of its stored text
 _FIELDS: dict[str, tp.Callable[[str], tp.Any]] = {
     "call_id": str, "state": str, "sip_call_id": str, "from_uri": str, "to_uri": str, "codec": str,
     "worker_id": str, "slot": int, "started_at": float, "answered_at": float, "ended_at": float,
-    "end_reason": str,
+    "end_reason": str, "end_detail": str, "identity": _json_object,
 }
 UPDATABLE = frozenset(_FIELDS) - {"call_id", "state", "started_at"}
 
@@ -50,6 +57,10 @@ class CallRecord:
     answered_at: float | None = None
     ended_at: float | None = None
     end_reason: str = ""
+    end_detail: str = ""
+    # SIP identity headers and the dialled number as received (sip.identity.CallerIdentity);
+    # the API shows them with the caller's Privacy honoured, the record keeps them whole.
+    identity: dict[str, tp.Any] | None = None
     quality: dict[str, tp.Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, tp.Any]:
@@ -57,6 +68,8 @@ class CallRecord:
 
 
 def _encode(value: tp.Any) -> str:
+    if isinstance(value, dict):
+        return json.dumps(value, ensure_ascii=False)
     return repr(value) if isinstance(value, float) else str(value)
 
 
@@ -122,9 +135,13 @@ class CallRecords:
         return await self._update(call_id, fields, quality)
 
     async def end(self, call_id: str, reason: str, *, ended_at: float | None = None,
-                  quality: dict[str, tp.Any] | None = None) -> bool:
-        """Mark the call ended (its record then lives ``retention`` seconds)."""
-        fields = {"state": ENDED, "end_reason": reason, "ended_at": time.time() if ended_at is None else ended_at}
+                  quality: dict[str, tp.Any] | None = None, detail: str = "") -> bool:
+        """Mark the call ended (its record then lives ``retention`` seconds); ``detail``
+        says why in words when the reason alone does not."""
+        fields: dict[str, tp.Any] = {"state": ENDED, "end_reason": reason,
+                                     "ended_at": time.time() if ended_at is None else ended_at}
+        if detail:
+            fields["end_detail"] = detail
         return await self._update(call_id, fields, quality)
 
     async def _update(self, call_id: str, fields: dict[str, tp.Any], quality: dict[str, tp.Any] | None) -> bool:

@@ -14,6 +14,7 @@ from service.api.app import create_app
 from service.gateway.call import Call, TranscriptEvent
 from service.gateway.main import Gateway
 from service.settings import GatewaySettings
+from sip.identity import CallerIdentity
 
 READ_TOKEN = "unit-read-token-0123456789"
 ADMIN_TOKEN = "unit-admin-token-0123456789"
@@ -44,10 +45,10 @@ class ApiGateway:
         return f"ws://127.0.0.1:{self.port}"
 
     def start_call(self, *, from_uri: str = "sip:alice@192.0.2.10", worker_id: str = "w-test",
-                   slot: int = 0, sampling: dict | None = None) -> Call:
+                   slot: int = 0, sampling: dict | None = None, identity: CallerIdentity | None = None) -> Call:
         """A call arriving, getting a slot and answered, as the SIP ingress runs it."""
         call = Call(ingress="sip", from_uri=from_uri, to_uri="sip:agent@gateway.test", sip_call_id="sip-1",
-                    source="192.0.2.10:5060")
+                    source="192.0.2.10:5060", identity=identity)
         call.codec = "PCMU"
         self.gateway.track(call)
         self.gateway.record_create(call)
@@ -75,6 +76,16 @@ class ApiGateway:
             await asyncio.wait(tasks, timeout=timeout)
         if self.gateway.transcripts is not None:
             assert await self.gateway.transcripts.flush(timeout)
+
+
+def identity_of(*headers: str, dialled: str = "0501234567") -> CallerIdentity:
+    """The identity a SIP INVITE to ``dialled`` with ``headers`` carries."""
+    from sip.message import parse_message
+
+    text = (f"INVITE sip:{dialled}@gateway.test SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.10;branch=z9hG4bK1\r\n"
+            "From: <sip:anonymous@anonymous.invalid>;tag=1\r\nTo: <sip:agent@gateway.test>\r\nCall-ID: i-1\r\n"
+            "CSeq: 1 INVITE\r\n" + "".join(h + "\r\n" for h in headers) + "Content-Length: 0\r\n\r\n")
+    return CallerIdentity.from_request(parse_message(text.encode()))
 
 
 def gateway_settings(redis_url: str | None, **overrides: tp.Any) -> GatewaySettings:

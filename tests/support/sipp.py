@@ -17,6 +17,25 @@ def have_sipp() -> bool:
     return shutil.which("sipp") is not None
 
 
+def media_port() -> int:
+    """A port for sipp's ``-mp``: sipp binds it and the three above it (RTCP, video RTP and
+    RTCP), so all four must be free."""
+    while True:
+        base = free_port(socket.SOCK_DGRAM)
+        sockets: list[socket.socket] = []
+        try:
+            for port in range(base, base + 4):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+        return base
+
+
 class Sipp:
     """One sipp process on 127.0.0.1 with its own free port, one call (-m 1), a global
     timeout, and unexpected messages traced into ``tmp_path``."""

@@ -49,6 +49,18 @@
     return String(uri || "").replace(/^<|>$/g, "").replace(/^sips?:/, "") || "(unknown)";
   }
 
+  // Who called: the asserted number (P-Asserted-Identity, Remote-Party-ID) when the network
+  // gave one, else the From URI; "withheld" when the caller asked for privacy (the API then
+  // holds no number at all). Returns [text, tooltip].
+  function callerCell(call) {
+    const id = call.caller;
+    if (id && id.withheld) return ["withheld", `the caller asked for privacy (Privacy: ${id.privacy.join("; ")})`];
+    if (id && id.number && id.source !== "from") {
+      return [id.number, `${id.name ? id.name + " " : ""}${id.uri || ""} (${id.source})`];
+    }
+    return [caller(call.from_uri), call.from_uri];
+  }
+
   function setStatus(text, isError) {
     const status = $("status");
     status.textContent = text;
@@ -165,7 +177,9 @@
       row.dataset.callId = call.id;
       if (call.id === selected) row.classList.add("selected");
       row.addEventListener("click", () => pick(call.id));
-      cell(row, caller(call.from_uri), "caller", call.from_uri);
+      const [who, whoTitle] = callerCell(call);
+      cell(row, who, "caller", whoTitle);
+      cell(row, call.dialled || "–", "dialled", call.to_uri);
       cell(row, clock(call.duration_s), "duration num");
       const where = call.worker_id ? `${call.worker_id} / ${call.slot ?? "–"}` : "–";
       cell(row, where, "worker", call.gateway_id ? `gateway ${call.gateway_id}` : "");
@@ -190,7 +204,9 @@
     const rows = calls.map((call) => {
       const row = el("tr");
       row.dataset.callId = call.id;
-      cell(row, caller(call.from_uri), "caller", call.from_uri);
+      const [who, whoTitle] = callerCell(call);
+      cell(row, who, "caller", whoTitle);
+      cell(row, call.dialled || "–", "dialled", call.to_uri);
       cell(row, new Date(call.started_at * 1000).toLocaleTimeString(), "started");
       cell(row, clock(call.duration_s), "duration num");
       cell(row, call.worker_id || "–", "worker");
