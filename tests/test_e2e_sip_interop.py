@@ -25,12 +25,13 @@ from service.settings import CallSettings
 from tests.support.procs import free_port, has_ipv6, moshimoshi_cmd, python_env
 from tests.support.services import READ_TOKEN, Process, start_serve, wait_until
 from tests.support.sipp import SCENARIOS, Sipp, have_sipp, media_port
+from tests.support.tools import requires
 
 SIPP_AUDIO = Path("/usr/share/sip-tester/g711a.pcap")
 QUEUE_SECONDS = 8
 
-pytestmark = [pytest.mark.skipif(not have_sipp(), reason="sipp (sip-tester) is not installed"),
-              pytest.mark.skipif(not SIPP_AUDIO.exists(), reason="sip-tester's pcaps are not installed")]
+pytestmark = [pytest.mark.system, requires(have_sipp(), "sipp (sip-tester) is not installed"),
+              requires(SIPP_AUDIO.exists(), "sip-tester's pcaps are not installed")]
 
 
 @pytest.fixture(scope="module", params=EVENT_LOOPS)
@@ -289,7 +290,7 @@ def test_an_offer_on_hold_with_an_unspecified_address_is_still_answered(gateway)
 # -- moshimoshi call: an IPv6 target, and its RTP port range ----------------------------
 
 
-@pytest.mark.skipif(not has_ipv6(), reason="no IPv6 loopback")
+@pytest.mark.skipif(not has_ipv6(), reason="no IPv6 loopback on this machine")
 def test_moshimoshi_call_reaches_an_ipv6_gateway_from_its_own_rtp_port_range(tmp_path):
     sip_port, http_port = free_port(), free_port()
     gateway = Process("gateway-v6", ["gateway", "--worker-url", "echo:", "--sip-host", "::", "--sip-port",

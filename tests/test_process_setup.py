@@ -39,6 +39,7 @@ async def test_the_suite_runs_async_tests_on_the_production_loop():
     assert running_loop_name() == event_loop_name()
 
 
+@pytest.mark.system
 def test_a_bad_event_loop_setting_stops_the_process_with_a_clear_message():
     result = subprocess.run(moshimoshi_cmd("gateway", "--worker-url", "echo:"), capture_output=True, text=True,
                             timeout=60, env=python_env(MOSHIMOSHI_EVENT_LOOP="twisted"))
