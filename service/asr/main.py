@@ -21,6 +21,7 @@ import typing as tp
 
 import uvicorn
 
+from service import realtime
 from service.asr.backends import Backend
 from service.asr.runtime import AsrRuntime
 from service.settings import DEFAULT_ASR_MODEL, AsrSettings
@@ -209,6 +210,6 @@ def run_asr(settings: AsrSettings) -> int:
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return asyncio.run(serve_asr(settings))
+        return realtime.run(serve_asr(settings))
     except KeyboardInterrupt:
         return 130
