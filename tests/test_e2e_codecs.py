@@ -23,7 +23,7 @@ import pytest
 
 from service.call import read_wav
 from sip.ua import UserAgent
-from tests.support.procs import free_port
+from tests.support.procs import free_port_pair
 from tests.support.realtime import realtime_test
 from tests.support.services import ADMIN_TOKEN, start_serve, wait_until
 from tests.support.tools import requires
@@ -98,7 +98,7 @@ def run_baresip(tmp_path: Path, uri: str, wav: Path, modules: list[str], codecs:
     config.mkdir()
     (config / "config").write_text("\n".join([
         "poll_method epoll",
-        f"sip_listen 127.0.0.1:{free_port()}",
+        f"sip_listen 127.0.0.1:{free_port_pair()}",
         f"audio_source aufile,{wav}",
         f"audio_player aufile,{tmp_path / 'played.wav'}",
         f"audio_alert aufile,{tmp_path / 'alert.wav'}",

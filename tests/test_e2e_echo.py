@@ -21,7 +21,7 @@ import pytest
 from service.call import place_call, read_wav
 from service.realtime import EVENT_LOOPS
 from service.settings import CallSettings
-from tests.support.procs import free_port
+from tests.support.procs import free_port, free_port_pair
 from tests.support.realtime import realtime_test
 from tests.support.services import start_serve, wait_until
 from tests.support.sipp import SCENARIOS, Sipp, media_port
@@ -195,7 +195,7 @@ def test_baresip_calls_and_hears_the_echo(echo_gateway, tmp_path, timing, transp
     config.mkdir()
     (config / "config").write_text("\n".join([
         "poll_method epoll",
-        f"sip_listen 127.0.0.1:{free_port()}",
+        f"sip_listen 127.0.0.1:{free_port_pair()}",
         f"audio_source aufile,{wav}",
         f"audio_player aufile,{tmp_path / 'played.wav'}",
         f"audio_alert aufile,{tmp_path / 'alert.wav'}",

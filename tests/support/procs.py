@@ -28,6 +28,21 @@ def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
         return port
 
 
+def free_port_pair(host: str = "127.0.0.1") -> int:
+    """A port P with P and P+1 free for UDP and TCP: baresip listens for SIP on P (UDP and TCP)
+    and for SIP over TLS on P+1, and fails at start when P+1 is taken."""
+    while True:
+        port = free_port(host=host)
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp, \
+                    socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                tcp.bind((host, port + 1))
+                udp.bind((host, port + 1))
+        except OSError:
+            continue
+        return port
+
+
 def has_ipv6() -> bool:
     """Whether this machine has an IPv6 loopback to bind (containers often have none)."""
     try:
