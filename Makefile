@@ -10,11 +10,13 @@ MOSHI_VERSION ?= 0.2.13
 # moshi 0.2.2 (what LLM-jp-Moshi-v1 and J-Moshi were saved with), for the compatibility tests
 MOSHI022_VENV ?= .venv-moshi022
 SILERO_VAD_VERSION ?= 6.2.3
+EXTRAS := gateway,worker,asr,dev
+LOCK := requirements.lock
 
 RUN_PACKAGES := redis-server
 TEST_PACKAGES := redis-server sip-tester baresip-core chromium prometheus kamailio espeak-ng
 
-.PHONY: install install-test run test lint bench clean
+.PHONY: install install-test run test lint bench clean lock
 
 install: $(STAMP)
 	@ops/tools/system-packages.sh $(RUN_PACKAGES)
@@ -27,12 +29,16 @@ install-test: $(STAMP)
 # torch first so that the pinned build is the one every later step sees; moshi without
 # its declared deps (it pins torch<2.10 but runs on 2.13): its real needs are in [worker];
 # silero-vad for its ONNX weights only (it declares torch; the gateway runs it on onnxruntime).
-$(STAMP): pyproject.toml
+# Every other version comes from the lock file ($(LOCK), written by `make lock`).
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install "torch==$(TORCH_VERSION)"
+	$(PIP) install -c $(LOCK) "torch==$(TORCH_VERSION)"
 	$(PIP) install --no-deps "moshi==$(MOSHI_VERSION)" "silero-vad==$(SILERO_VAD_VERSION)"
-	$(PIP) install -e ".[gateway,worker,asr,dev]"
+	$(PIP) install -c $(LOCK) -e ".[$(EXTRAS)]"
 	touch $(STAMP)
+
+lock:
+	PYTHON=$(PYTHON) TORCH_VERSION=$(TORCH_VERSION) EXTRAS=$(EXTRAS) ops/tools/lock.sh $(LOCK)
 
 run: install
 	$(VENV)/bin/moshimoshi serve

