@@ -462,7 +462,7 @@ class Dialog:
         else:
             if self.local_sdp is None:
                 raise SipError(488, "Not Acceptable Here (no previous answer to build on)")
-            answer, media = reanswer(self.local_sdp, offer)
+            answer, media = reanswer(self.local_sdp, offer, srtp=self.media.srtp if self.media else None)
             text = str(answer)
         problem = self.check_media(media) if media is not None and self.check_media is not None else None
         if problem is not None:

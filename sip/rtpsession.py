@@ -22,6 +22,11 @@ RTCP onto the RTP port (RFC 5761) so do we. Every ``rtcp_interval`` (randomised 
 per RFC 3550 §6.3.1) we send an SR (if we sent media since the report before last) or an
 RR, with SDES CNAME; :meth:`RtpSession.close` sends BYE and releases the ports.
 
+With SRTP (:meth:`RtpSession.set_srtp`, SDES keys from offer/answer) everything sent is
+protected and everything received is authenticated before it is parsed or may latch: a
+replayed packet (``packets_srtp_replayed``) or one whose tag does not verify (forged,
+corrupted, a stranger's: ``packets_srtp_auth_failed``) is dropped and counted, RTCP too.
+
 Received RTP goes to the handler routed for its payload type (:meth:`RtpSession.route`):
 the audio type to a jitter buffer's ``put``, telephone-event to a DTMF receiver's
 ``receive``. Handlers run on the event loop and must not block.
@@ -60,6 +65,7 @@ from sip.rtcp import (
 )
 from sip.rtp import RtpPacket, RtpParseError
 from sip.rtpstats import ReceiverStatistics, SenderStatistics
+from sip.srtp import SrtpContext, SrtpError, SrtpKeys, SrtpReplayed
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +208,9 @@ class RtpSessionStats:
     send_errors: int
     remote_address: Address | None
     remote_bye: bool
+    srtp: bool = False
+    packets_srtp_replayed: int = 0
+    packets_srtp_auth_failed: int = 0
 
 
 class RtpSession:
@@ -259,6 +268,9 @@ class RtpSession:
         self.send_errors = 0
         self.rtcp_sent = 0
         self.rtcp_received = 0
+        self._srtp: SrtpContext | None = None
+        self.packets_srtp_replayed = 0
+        self.packets_srtp_auth_failed = 0
         self.remote_bye = False
         self.on_bye: Callable[[str | None], object] | None = None
         self._remote_report = None
@@ -429,6 +441,27 @@ class RtpSession:
             if self._receiver.source is not None:
                 self._receiver.source.clock_rate = clock_rate
 
+    def set_srtp(self, keys: SrtpKeys | None) -> None:
+        """Protect media with SRTP under ``keys`` (None: plain RTP). New keys on a session
+        that has some (a re-INVITE) rekey it: see :meth:`SrtpContext.rekeyed`."""
+        if keys is None:
+            self._srtp = None
+        elif self._srtp is None:
+            self._srtp = SrtpContext(keys)
+        else:
+            self._srtp = self._srtp.rekeyed(keys)
+
+    @property
+    def srtp(self) -> bool:
+        """Whether media is SRTP."""
+        return self._srtp is not None
+
+    def _srtp_failed(self, exc: SrtpError) -> None:
+        if isinstance(exc, SrtpReplayed):
+            self.packets_srtp_replayed += 1
+        else:
+            self.packets_srtp_auth_failed += 1
+
     # -- receiving -----------------------------------------------------------------------------
 
     def route(self, payload_type: int, handler: PacketHandler | None) -> None:
@@ -456,9 +489,16 @@ class RtpSession:
             self.packets_stray += 1
             return
         if len(data) >= 2 and 192 <= data[1] <= 223:
-            self._peer_muxes = True
-            self._handle_rtcp(data)
+            if self._handle_rtcp(data):
+                self._peer_muxes = True
             return
+        srtp = self._srtp
+        if srtp is not None:
+            try:
+                data = srtp.unprotect(data)
+            except SrtpError as exc:
+                self._srtp_failed(exc)
+                return
         try:
             packet = RtpPacket.parse(data)
         except RtpParseError:
@@ -489,19 +529,26 @@ class RtpSession:
         if self._closed:
             return
         source = _source(addr)
-        if source != self._rtcp_latched:
-            if not self._admissible_ip(source[0]):
-                self.packets_stray += 1
-                return
-            self._rtcp_latched = source
-        self._handle_rtcp(data)
+        if source == self._rtcp_latched:
+            self._handle_rtcp(data)
+        elif not self._admissible_ip(source[0]):
+            self.packets_stray += 1
+        elif self._handle_rtcp(data):
+            self._rtcp_latched = source  # only a packet that parsed (and authenticated) latches
 
-    def _handle_rtcp(self, data: bytes) -> None:
+    def _handle_rtcp(self, data: bytes) -> bool:
+        srtp = self._srtp
+        if srtp is not None:
+            try:
+                data = srtp.unprotect_rtcp(data)
+            except SrtpError as exc:
+                self._srtp_failed(exc)
+                return False
         try:
             packets = parse_compound(data)
         except RtcpParseError:
             self.packets_malformed += 1
-            return
+            return False
         now = self._loop.time()
         self.rtcp_received += 1
         for packet in packets:
@@ -522,6 +569,7 @@ class RtpSession:
                     except Exception:
                         self.handler_errors += 1
                         log.exception("RTCP BYE handler failed")
+        return True
 
     def _on_socket_error(self, exc: Exception) -> None:
         # ICMP errors (port unreachable while the peer is not listening yet) are not fatal
@@ -549,8 +597,10 @@ class RtpSession:
                                 self._sequence, stamp, self.ssrc) + payload
         assert self._rtp_transport is not None
         try:
+            if self._srtp is not None:
+                data = self._srtp.protect(data)
             self._rtp_transport.sendto(data, dest)
-        except OSError:
+        except (OSError, SrtpError):
             self.send_errors += 1
             return False
         self._sequence = (self._sequence + 1) & 0xFFFF
@@ -607,8 +657,10 @@ class RtpSession:
         if transport is None or dest is None:
             return
         try:
+            if self._srtp is not None:
+                data = self._srtp.protect_rtcp(data)
             transport.sendto(data, dest)
-        except OSError:
+        except (OSError, SrtpError):
             self.send_errors += 1
             return
         self.rtcp_sent += 1
@@ -656,4 +708,7 @@ class RtpSession:
             send_errors=self.send_errors,
             remote_address=self.remote_address,
             remote_bye=self.remote_bye,
+            srtp=self._srtp is not None,
+            packets_srtp_replayed=self.packets_srtp_replayed,
+            packets_srtp_auth_failed=self.packets_srtp_auth_failed,
         )

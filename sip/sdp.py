@@ -13,15 +13,26 @@ PCMA) the one offered first. ``"ours"`` takes the first codec of our list that t
 holds (a configured order), ``"offerer"`` the first offered one we support. An entry that
 names a codec with the wrong clock rate or channels (``opus/8000``, ``G722/16000``) is not
 that codec and is passed over.
+
+Encryption (``MediaPreferences.srtp``): ``"off"`` answers ``RTP/AVP`` streams only;
+``"optional"`` answers an ``RTP/SAVP`` stream with SRTP (SDES keys, RFC 4568: the first
+``a=crypto`` line we can run, answered under its tag with a fresh key of ours) and an
+``RTP/AVP`` one with plain RTP; ``"required"`` answers ``RTP/SAVP`` only
+(``EncryptionMismatch``, a 488, for a plain offer). Offers are ``RTP/SAVP`` with one
+``a=crypto`` line per suite unless the policy is ``"off"``. The agreed keys travel in
+``NegotiatedMedia.srtp``; whether keys may be exchanged at all (only over TLS) is the
+caller's decision, made before it picks the policy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import secrets
 from dataclasses import dataclass, field
 
 from sip import codecs
+from sip.srtp import DEFAULT_SUITES, SUITES, CryptoAttribute, CryptoError, SrtpKeys, new_crypto
 
 DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
 MIRRORED_DIRECTION = {"sendrecv": "sendrecv", "sendonly": "recvonly", "recvonly": "sendonly",
@@ -36,6 +47,14 @@ class SdpError(ValueError):
 
 class NoCommonCodec(SdpError):
     """The offer has no audio stream with a codec we support: answer 488."""
+
+
+class EncryptionMismatch(NoCommonCodec):
+    """The offer's media encryption does not meet the policy (plain RTP where SRTP is
+    required, SRTP where it is off, no ``a=crypto`` line we can run): answer 488."""
+
+
+SRTP_POLICIES = ("off", "optional", "required")
 
 
 @dataclass
@@ -327,6 +346,8 @@ class MediaPreferences:
     min_ptime: int = 10
     max_ptime: int = 40
     order: str = "quality"  # or "ours", "offerer": see the module docstring
+    srtp: str = "off"  # or "optional", "required": see the module docstring
+    srtp_suites: tuple[str, ...] = DEFAULT_SUITES
 
 
 @dataclass(frozen=True)
@@ -350,6 +371,7 @@ class NegotiatedMedia:
     direction: str
     fmtp: str | None = None  # the peer's format parameters for the codec (Opus: what it wants)
     dtmf_clock_rate: int = 8000
+    srtp: SrtpKeys | None = None  # SDES-SRTP keys; None: plain RTP
 
     @property
     def sends(self) -> bool:
@@ -424,24 +446,77 @@ def _offered_direction(offer: SessionDescription, media: MediaDescription) -> st
     return direction
 
 
+def _choose_crypto(media: MediaDescription, suites: tuple[str, ...]) -> tuple[CryptoAttribute | None, str]:
+    """The first offered ``a=crypto`` line we can run (RFC 4568 §6.1), or None and why not."""
+    why = "the RTP/SAVP stream has no a=crypto line"
+    for value in media.attribute_values("crypto"):
+        try:
+            crypto = CryptoAttribute.parse(value)
+        except CryptoError as exc:
+            why = str(exc)
+            continue
+        if crypto.suite in suites:
+            return crypto, ""
+        why = f"crypto: suite {crypto.suite} is not enabled here"
+    return None, why
+
+
+def _stream_encryption(media: MediaDescription, prefs: MediaPreferences) -> tuple[bool, CryptoAttribute | None, str]:
+    """Whether we may answer this audio stream under the encryption policy, with the
+    offered crypto line to use (SRTP) or None (plain RTP), else why not."""
+    proto = media.proto.upper()
+    if proto == "RTP/AVP":
+        if prefs.srtp == "required":
+            return False, None, "SRTP is required here and the offer is plain RTP/AVP"
+        return True, None, ""
+    if proto == "RTP/SAVP":
+        if prefs.srtp == "off":
+            return False, None, "SRTP (RTP/SAVP) is not accepted here"
+        crypto, why = _choose_crypto(media, prefs.srtp_suites)
+        return crypto is not None, crypto, why
+    return False, None, f"transport protocol {media.proto[:40]} is not supported"
+
+
+def _srtp_keys(offered: CryptoAttribute, keep: SrtpKeys | None) -> tuple[CryptoAttribute, SrtpKeys]:
+    """Our answering crypto line under the offered tag: a fresh key, or ``keep``'s when the
+    peer's key and suite are unchanged (a re-offer that does not rekey)."""
+    if keep is not None and keep.suite == offered.suite and keep.remote_key == offered.key:
+        local = CryptoAttribute(offered.tag, offered.suite, keep.local_key)
+    else:
+        local = new_crypto(offered.tag, offered.suite)
+    return local, SrtpKeys(offered.suite, local.key, offered.key, offered.window_size_hint)
+
+
 def answer_offer(offer: SessionDescription, prefs: MediaPreferences, local_address: str, local_port: int,
                  *, username: str = "moshimoshi", session_id: str | None = None,
-                 session_version: int | None = None) -> tuple[SessionDescription, NegotiatedMedia]:
-    """Answer ``offer``: the first audio RTP/AVP stream with a codec we support is
-    accepted on ``local_address:local_port``; every other stream is rejected with port 0.
-    Raises ``NoCommonCodec`` when no stream can be accepted."""
-    chosen: tuple[int, RtpMap, codecs.CodecSpec] | None = None
+                 session_version: int | None = None,
+                 keep_srtp: SrtpKeys | None = None) -> tuple[SessionDescription, NegotiatedMedia]:
+    """Answer ``offer``: the first audio stream the encryption policy admits (RTP/AVP,
+    RTP/SAVP with a crypto line we run) with a codec we support is accepted on
+    ``local_address:local_port``; every other stream is rejected with port 0. Raises
+    ``EncryptionMismatch`` when a stream had a codec but not the encryption we need,
+    ``NoCommonCodec`` when no stream can be accepted. ``keep_srtp``: the keys in force
+    (a re-offer), reused when the peer did not change its own."""
+    chosen: tuple[int, RtpMap, codecs.CodecSpec, CryptoAttribute | None] | None = None
+    refusal = ""
     for index, media in enumerate(offer.media):
-        if media.media == "audio" and media.port != 0 and media.proto.upper() == "RTP/AVP":
-            found = _choose_codec(media, prefs)
-            if found is not None:
-                chosen = (index, *found)
-                break
+        if media.media != "audio" or media.port == 0:
+            continue
+        found = _choose_codec(media, prefs)
+        if found is None:
+            continue
+        admitted, crypto, why = _stream_encryption(media, prefs)
+        if admitted:
+            chosen = (index, *found, crypto)
+            break
+        refusal = refusal or why
     if chosen is None:
+        if refusal:
+            raise EncryptionMismatch(refusal)
         offered = [f"{m.media} {m.proto} {' '.join(m.formats)}" for m in offer.media if m.port != 0]
         raise NoCommonCodec(f"no audio stream offers {' or '.join(prefs.codecs)} "
                             f"(offered: {'; '.join(offered)[:200] or 'nothing'})")
-    index, codec, spec = chosen
+    index, codec, spec, offered_crypto = chosen
     offered_media = offer.media[index]
     connection = offer.connection_of(offered_media)
     if connection is None:
@@ -458,6 +533,10 @@ def answer_offer(offer: SessionDescription, prefs: MediaPreferences, local_addre
         formats.append(str(dtmf.payload_type))
         attributes.append(("rtpmap", f"{dtmf.payload_type} telephone-event/{dtmf.clock_rate}"))
         attributes.append(("fmtp", f"{dtmf.payload_type} {_dtmf_events(offered_media.fmtp(dtmf.payload_type))}"))
+    srtp = None
+    if offered_crypto is not None:
+        local_crypto, srtp = _srtp_keys(offered_crypto, keep_srtp)
+        attributes.append(("crypto", str(local_crypto)))
     attributes.append(("ptime", str(ptime)))
     attributes.append((direction, None))
     media_lines = []
@@ -488,6 +567,7 @@ def answer_offer(offer: SessionDescription, prefs: MediaPreferences, local_addre
         direction=direction,
         fmtp=offered_media.fmtp(codec.payload_type),
         dtmf_clock_rate=dtmf.clock_rate if dtmf else 8000,
+        srtp=srtp,
     )
     return answer, negotiated
 
@@ -503,7 +583,8 @@ def build_offer(prefs: MediaPreferences, local_address: str, local_port: int, *,
                 session_id: str | None = None, direction: str = "sendrecv",
                 dtmf_payload_type: int = 101) -> SessionDescription:
     """An audio offer with our codecs in preference order (+ telephone-event); codecs
-    without a static payload type get dynamic ones from 96 up."""
+    without a static payload type get dynamic ones from 96 up. Unless ``prefs.srtp`` is
+    "off" the stream is RTP/SAVP with a fresh key for each of ``prefs.srtp_suites``."""
     formats: list[str] = []
     attributes: list[tuple[str, str | None]] = []
     dynamic = (pt for pt in range(96, 128) if pt != dtmf_payload_type)
@@ -521,14 +602,45 @@ def build_offer(prefs: MediaPreferences, local_address: str, local_port: int, *,
         formats.append(str(dtmf_payload_type))
         attributes.append(("rtpmap", f"{dtmf_payload_type} telephone-event/8000"))
         attributes.append(("fmtp", f"{dtmf_payload_type} 0-16"))
+    proto = "RTP/AVP"
+    if prefs.srtp != "off":
+        proto = "RTP/SAVP"
+        for tag, suite in enumerate(prefs.srtp_suites, start=1):
+            attributes.append(("crypto", str(new_crypto(tag, suite))))
     attributes.append(("ptime", str(prefs.ptime)))
     attributes.append((direction, None))
     sid = session_id or _session_id()
     return SessionDescription(
         origin=Origin(username, sid, int(sid) % 10**9, "IN", _addrtype(local_address), local_address),
         connection=Connection(local_address, _addrtype(local_address)),
-        media=[MediaDescription("audio", local_port, "RTP/AVP", formats, attributes=attributes)],
+        media=[MediaDescription("audio", local_port, proto, formats, attributes=attributes)],
     )
+
+
+def _answered_srtp(offered: MediaDescription | None, answered: MediaDescription) -> SrtpKeys | None:
+    """The keys an answer to our offer agreed on: its crypto line must name the tag and
+    suite of one of ours (RFC 4568 §7.1.2). Raises ``SdpError`` when the answer does not
+    match the offer's encryption."""
+    offered_proto = (offered.proto if offered is not None else answered.proto).upper()
+    if answered.proto.upper() != offered_proto:
+        raise SdpError(f"the answer's transport protocol {answered.proto[:40]} is not the offer's {offered_proto}")
+    if offered_proto != "RTP/SAVP":
+        return None
+    assert offered is not None
+    values = answered.attribute_values("crypto")
+    if len(values) != 1:
+        raise SdpError(f"the SRTP answer has {len(values)} a=crypto lines, not one")
+    try:
+        theirs = CryptoAttribute.parse(values[0])
+    except CryptoError as exc:
+        raise SdpError(str(exc)) from None
+    for value in offered.attribute_values("crypto"):
+        ours = CryptoAttribute.parse(value)
+        if ours.tag == theirs.tag:
+            if ours.suite != theirs.suite:
+                raise SdpError(f"the answer's crypto tag {theirs.tag} names {theirs.suite}, we offered {ours.suite}")
+            return SrtpKeys(ours.suite, ours.key, theirs.key, theirs.window_size_hint)
+    raise SdpError(f"the answer's crypto tag {theirs.tag} was not offered")
 
 
 def negotiated_from_answer(offer: SessionDescription, answer: SessionDescription) -> NegotiatedMedia:
@@ -555,6 +667,7 @@ def negotiated_from_answer(offer: SessionDescription, answer: SessionDescription
         ptime = media.ptime or (offered.ptime if offered is not None else None) or 20
         if ptime not in spec.ptimes:
             ptime = 20
+        srtp = _answered_srtp(offered, media)
         return NegotiatedMedia(
             remote_address=None if connection.is_hold else connection.host,
             remote_port=media.port,
@@ -567,14 +680,38 @@ def negotiated_from_answer(offer: SessionDescription, answer: SessionDescription
             direction=MIRRORED_DIRECTION[_offered_direction(answer, media)],
             fmtp=media.fmtp(codec.payload_type),
             dtmf_clock_rate=dtmf.clock_rate if dtmf else 8000,
+            srtp=srtp,
         )
     raise NoCommonCodec("the answer rejected every audio stream")
 
 
-def reanswer(previous: SessionDescription, offer: SessionDescription) -> tuple[SessionDescription, NegotiatedMedia]:
+def _srtp_of_our_answer(offered: MediaDescription, answered: MediaDescription) -> SrtpKeys | None:
+    """The keys an answer we gave (one crypto line, ours) agreed on with the offer's line of its tag."""
+    if answered.proto.upper() != "RTP/SAVP":
+        return None
+    values = answered.attribute_values("crypto")
+    if len(values) != 1:
+        raise SdpError(f"the SRTP answer has {len(values)} a=crypto lines, not one")
+    try:
+        ours = CryptoAttribute.parse(values[0])
+    except CryptoError as exc:
+        raise SdpError(str(exc)) from None
+    for value in offered.attribute_values("crypto"):
+        with contextlib.suppress(CryptoError):
+            theirs = CryptoAttribute.parse(value)
+            if theirs.tag == ours.tag and theirs.suite == ours.suite:
+                return SrtpKeys(ours.suite, ours.key, theirs.key, theirs.window_size_hint)
+    raise SdpError(f"the answer's crypto tag {ours.tag} ({ours.suite}) matches no usable offered line")
+
+
+def reanswer(previous: SessionDescription, offer: SessionDescription, *,
+             srtp: SrtpKeys | None = None) -> tuple[SessionDescription, NegotiatedMedia]:
     """Answer a re-offer in the same dialog as ``previous`` (our last answer) did: same
     address, port and codec, direction mirrored from the new offer (hold/unhold), the
-    o= version bumped only when the answer changed (RFC 3264 §8)."""
+    o= version bumped only when the answer changed (RFC 3264 §8). An SRTP call stays SRTP
+    (a plain re-offer gets ``EncryptionMismatch``) and a plain one plain; ``srtp`` (the keys
+    in force) is kept unless the peer changed its key or suite (a rekey: we answer with a
+    fresh key too)."""
     ours = previous.first_audio()
     if ours is None:
         raise NoCommonCodec("the previous answer has no active audio stream")
@@ -582,13 +719,15 @@ def reanswer(previous: SessionDescription, offer: SessionDescription) -> tuple[S
     spec = codec_of(codec) if codec is not None else None
     if spec is None:
         raise NoCommonCodec("the previous answer has no codec")
+    secure = ours.proto.upper() == "RTP/SAVP"
     prefs = MediaPreferences(codecs=[spec.name], telephone_event=_telephone_event(ours, spec.clock_rate) is not None,
-                             ptime=ours.ptime or 20, order="ours")
+                             ptime=ours.ptime or 20, order="ours", srtp="required" if secure else "off",
+                             srtp_suites=tuple(SUITES))
     connection = previous.connection_of(ours)
     address = connection.host if connection is not None else previous.origin.address
     answer, negotiated = answer_offer(offer, prefs, address, ours.port, username=previous.origin.username,
                                       session_id=previous.origin.session_id,
-                                      session_version=previous.origin.session_version)
+                                      session_version=previous.origin.session_version, keep_srtp=srtp)
     if str(answer) != str(previous):
         answer.origin.session_version = previous.origin.session_version + 1
     return answer, negotiated
@@ -610,6 +749,7 @@ def negotiated_as_answerer(offer: SessionDescription, answer: SessionDescription
         if connection is None:
             raise SdpError("the offer's audio stream has no c= line")
         dtmf = _telephone_event(media, spec.clock_rate)
+        srtp = _srtp_of_our_answer(offered, media)
         return NegotiatedMedia(
             remote_address=None if connection.is_hold else connection.host,
             remote_port=offered.port,
@@ -622,5 +762,6 @@ def negotiated_as_answerer(offer: SessionDescription, answer: SessionDescription
             direction=answer.direction_of(media),
             fmtp=offered.fmtp(codec.payload_type),
             dtmf_clock_rate=dtmf.clock_rate if dtmf else 8000,
+            srtp=srtp,
         )
     raise NoCommonCodec("the answer rejected every audio stream")

@@ -12,6 +12,7 @@ from sip.jitterbuffer import JitterBuffer
 from sip.rtcp import Bye, ReceiverReport, SenderReport, parse_compound
 from sip.rtp import RtpPacket, is_rtcp
 from sip.rtpsession import PortAllocator, PortsExhausted, RtpSession
+from sip.srtp import SrtpContext, SrtpKeys, new_crypto
 from tests.support.procs import has_ipv6
 from tests.support.udp import Relay, UdpPeer, port_allocator
 
@@ -419,3 +420,80 @@ async def test_a_session_knows_which_addresses_its_socket_reaches():
             assert dual.remote_problem("127.0.0.1") is None and dual.remote_problem("::1") is None
         finally:
             dual.close()
+
+
+# -- SRTP ------------------------------------------------------------------------------------------
+
+
+def srtp_keys(suite: str = "AES_CM_128_HMAC_SHA1_80") -> tuple[SrtpKeys, SrtpKeys]:
+    """(ours, the peer's) for one call: each sends with its key and checks the other's."""
+    a, b = new_crypto(1, suite).key, new_crypto(1, suite).key
+    return SrtpKeys(suite, a, b), SrtpKeys(suite, b, a)
+
+
+async def test_srtp_session_sends_srtp_and_drops_replayed_forged_and_plain_packets(ports, peers) -> None:
+    peer, other_port = await peers(), await peers()
+    ours, theirs = srtp_keys()
+    far_end = SrtpContext(theirs)
+    async with await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=60) as session:
+        session.set_srtp(ours)
+        session.update_remote("127.0.0.1", 4000)  # a NAT will rewrite the port
+        got = Collector()
+        session.route(0, got)
+        target = ("127.0.0.1", session.local_port)
+        # a forged packet from the signalled IP cannot latch (it would, as plain RTP)
+        stranger = SrtpContext(srtp_keys()[1])
+        other_port.send(stranger.protect(rtp(1)), target)
+        await eventually(lambda: session.packets_srtp_auth_failed == 1)
+        assert session.remote_address == ("127.0.0.1", 4000) and not got.packets
+        first = far_end.protect(rtp(2))
+        peer.send(first, target)
+        await eventually(lambda: len(got.packets) == 1)
+        assert session.remote_address == peer.address and got.packets[0].payload == b"\xff" * 160
+        peer.send(first, target)  # replayed
+        tampered = bytearray(far_end.protect(rtp(3)))
+        tampered[30] ^= 0x04
+        peer.send(bytes(tampered), target)  # a flipped bit
+        peer.send(rtp(4), target)  # plain RTP
+        peer.send(far_end.protect(rtp(5)), target)
+        await eventually(lambda: len(got.packets) == 2)
+        stats = session.stats()
+        assert [p.sequence for p in got.packets] == [2, 5]  # the call goes on
+        assert stats.srtp and stats.packets_srtp_replayed == 1 and stats.packets_srtp_auth_failed == 3
+        assert stats.packets_received == 2 and stats.packets_malformed == 0
+        # what goes out is SRTP: the far end's key opens it, its payload is not ours in clear
+        assert session.send(b"\xd5" * 160)
+        data, _ = await peer.receive()
+        assert data[12:172] != b"\xd5" * 160 and len(data) == 12 + 160 + 10
+        assert RtpPacket.parse(far_end.unprotect(data)).payload == b"\xd5" * 160
+
+
+async def test_srtcp_both_ways_between_two_srtp_sessions_and_a_rekey(ports) -> None:
+    ours, theirs = srtp_keys()
+    async with await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=60) as a, \
+            await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=60) as b:
+        a.set_srtp(ours)
+        b.set_srtp(theirs)
+        a.update_remote("127.0.0.1", b.local_port)
+        b.update_remote("127.0.0.1", a.local_port)
+        got_a, got_b = Collector(), Collector()
+        a.route(0, got_a)
+        b.route(0, got_b)
+        for _ in range(3):
+            a.send(b"\x01" * 160)
+            b.send(b"\x02" * 160)
+        await eventually(lambda: len(got_a.packets) == 3 and len(got_b.packets) == 3)
+        a.send_report()
+        b.send_report()
+        await eventually(lambda: a.rtcp_received == 1 and b.rtcp_received == 1)
+        # b rekeys (a re-INVITE with a new key of its own, and a fresh one of ours in the answer)
+        ours2, theirs2 = srtp_keys("AEAD_AES_128_GCM")
+        b.set_srtp(theirs2)
+        a.set_srtp(ours2)
+        a.send(b"\x03" * 160)
+        b.send(b"\x04" * 160)
+        await eventually(lambda: len(got_a.packets) == 4 and len(got_b.packets) == 4)
+        assert got_b.packets[-1].payload == b"\x03" * 160 and got_a.packets[-1].payload == b"\x04" * 160
+        assert a.packets_srtp_auth_failed == b.packets_srtp_auth_failed == 0
+        a.close()  # an SRTCP BYE
+        await eventually(lambda: b.remote_bye)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
 from sip.sdp import (
+    EncryptionMismatch,
     MediaPreferences,
     NoCommonCodec,
     SdpError,
@@ -15,6 +18,7 @@ from sip.sdp import (
     negotiated_from_answer,
     reanswer,
 )
+from sip.srtp import DEFAULT_SUITES, CryptoAttribute, SrtpKeys
 
 OFFER = """v=0
 o=alice 2890844526 2890844526 IN IP4 198.51.100.1
@@ -263,3 +267,115 @@ def test_the_answers_telephone_event_type_is_the_one_used_both_ways():
                  "a=rtpmap:96 telephone-event/8000\na=fmtp:96 0-15\n")
     media = negotiated_from_answer(offer, answer)
     assert (media.codec, media.dtmf_payload_type, media.dtmf_clock_rate) == ("PCMU", 96, 8000)
+
+
+# -- SDES-SRTP (RFC 4568) ----------------------------------------------------------------------
+
+KEY_80 = "PS1uQCVeeCFCanVmcjkpPywjNWhcYD0mXXtxaVBR"
+KEY_GCM = "MTIzNDU2Nzg5MDEyMzQ1Njc4OTAxMjM0NTY3OA"  # 28 bytes
+
+
+def srtp_offer(*crypto: str, proto: str = "RTP/SAVP", extra: str = "") -> SessionDescription:
+    lines = "".join(f"a=crypto:{c}\n" for c in crypto)
+    return sdp("v=0\no=- 1 1 IN IP4 198.51.100.1\ns=-\nc=IN IP4 198.51.100.1\nt=0 0\n"
+               f"m=audio 5000 {proto} 0 101\na=rtpmap:101 telephone-event/8000\n{lines}{extra}")
+
+
+def test_an_srtp_offer_is_answered_with_the_first_usable_crypto_line_and_a_fresh_key():
+    offer = srtp_offer(f"1 AES_CM_128_HMAC_SHA1_80 inline:{KEY_80}|1:4",  # MKI: passed over
+                       "2 F8_128_HMAC_SHA1_80 inline:" + KEY_80,          # unknown suite
+                       f"3 AEAD_AES_128_GCM inline:{KEY_GCM}",
+                       f"4 AES_CM_128_HMAC_SHA1_32 inline:{KEY_80}")
+    answer, media = answer_offer(offer, MediaPreferences(codecs=["PCMU"], srtp="optional"), "192.0.2.10", 40000)
+    audio = answer.media[0]
+    assert audio.proto == "RTP/SAVP"
+    [line] = audio.attribute_values("crypto")
+    ours = CryptoAttribute.parse(line)
+    assert (ours.tag, ours.suite) == (3, "AEAD_AES_128_GCM")
+    assert media.srtp == SrtpKeys("AEAD_AES_128_GCM", ours.key, base64.b64decode(KEY_GCM + "=="))
+    again, _ = answer_offer(offer, MediaPreferences(codecs=["PCMU"], srtp="optional"), "192.0.2.10", 40000)
+    assert CryptoAttribute.parse(again.media[0].attribute_values("crypto")[0]).key != ours.key
+    assert negotiated_as_answerer(offer, answer) == media
+
+
+@pytest.mark.parametrize("policy, proto, answered", [
+    ("off", "RTP/AVP", "RTP/AVP"), ("off", "RTP/SAVP", None),
+    ("optional", "RTP/AVP", "RTP/AVP"), ("optional", "RTP/SAVP", "RTP/SAVP"),
+    ("required", "RTP/AVP", None), ("required", "RTP/SAVP", "RTP/SAVP"),
+    ("optional", "RTP/SAVPF", None), ("optional", "UDP/TLS/RTP/SAVP", None),
+])
+def test_the_srtp_policy_decides_which_offers_are_answered(policy, proto, answered):
+    offer = srtp_offer(f"1 AES_CM_128_HMAC_SHA1_80 inline:{KEY_80}", proto=proto)
+    prefs = MediaPreferences(codecs=["PCMU"], srtp=policy)
+    if answered is None:
+        with pytest.raises(EncryptionMismatch):
+            answer_offer(offer, prefs, "192.0.2.10", 40000)
+        return
+    answer, media = answer_offer(offer, prefs, "192.0.2.10", 40000)
+    assert answer.media[0].proto == answered
+    assert (media.srtp is not None) == (answered == "RTP/SAVP")
+    if answered == "RTP/AVP":
+        assert not answer.media[0].attribute_values("crypto")  # a=crypto in RTP/AVP means nothing
+
+
+def test_an_srtp_stream_we_cannot_run_falls_to_the_plain_alternative_when_optional():
+    offer = sdp("v=0\no=- 1 1 IN IP4 198.51.100.1\ns=-\nc=IN IP4 198.51.100.1\nt=0 0\n"
+                f"m=audio 5000 RTP/SAVP 0\na=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:{KEY_80}|1:4\n"
+                "m=audio 5002 RTP/AVP 0\n")
+    answer, media = answer_offer(offer, MediaPreferences(codecs=["PCMU"], srtp="optional"), "192.0.2.10", 40000)
+    assert [m.port for m in answer.media] == [0, 40000] and media.srtp is None and media.remote_port == 5002
+    with pytest.raises(EncryptionMismatch, match="MKI"):
+        answer_offer(offer, MediaPreferences(codecs=["PCMU"], srtp="required"), "192.0.2.10", 40000)
+    plain_codec_mismatch = srtp_offer(f"1 AES_CM_128_HMAC_SHA1_80 inline:{KEY_80}").copy()
+    with pytest.raises(NoCommonCodec) as caught:
+        answer_offer(plain_codec_mismatch, MediaPreferences(codecs=["PCMA"], srtp="required"), "h", 1)
+    assert not isinstance(caught.value, EncryptionMismatch)  # the codec, not the encryption
+
+
+def test_our_srtp_offer_and_the_answer_to_it_agree_on_keys_both_ways():
+    prefs = MediaPreferences(codecs=["PCMU"], srtp="required")
+    offer = build_offer(prefs, "192.0.2.20", 30000)
+    audio = offer.media[0]
+    lines = [CryptoAttribute.parse(v) for v in audio.attribute_values("crypto")]
+    assert audio.proto == "RTP/SAVP" and [c.suite for c in lines] == list(DEFAULT_SUITES)
+    assert [c.tag for c in lines] == [1, 2, 3]
+    answer, answered = answer_offer(SessionDescription.parse(str(offer)), prefs, "192.0.2.30", 31000)
+    ours = negotiated_from_answer(offer, answer)
+    assert ours.srtp.local_key == answered.srtp.remote_key and ours.srtp.remote_key == answered.srtp.local_key
+    assert ours.srtp.suite == "AES_CM_128_HMAC_SHA1_80"
+    assert build_offer(MediaPreferences(codecs=["PCMU"]), "h", 1).media[0].proto == "RTP/AVP"
+
+
+@pytest.mark.parametrize("change, fault", [
+    (lambda a: a.replace("a=crypto:1 ", "a=crypto:9 "), "tag 9 was not offered"),
+    (lambda a: a.replace("a=crypto:1 AES_CM_128_HMAC_SHA1_80", "a=crypto:1 AES_CM_128_HMAC_SHA1_32"), "we offered"),
+    (lambda a: a.replace("RTP/SAVP", "RTP/AVP"), "not the offer's"),
+    (lambda a: "\r\n".join(line for line in a.split("\r\n") if "crypto" not in line), "0 a=crypto lines"),
+])
+def test_an_answer_that_does_not_match_our_srtp_offer_is_refused(change, fault):
+    prefs = MediaPreferences(codecs=["PCMU"], srtp="required")
+    offer = build_offer(prefs, "192.0.2.20", 30000)
+    answer, _ = answer_offer(SessionDescription.parse(str(offer)), prefs, "192.0.2.30", 31000)
+    with pytest.raises(SdpError, match=fault):
+        negotiated_from_answer(offer, SessionDescription.parse(change(str(answer))))
+
+
+def test_a_reoffer_keeps_our_key_unless_the_peer_rekeys_and_may_not_drop_srtp():
+    offer = srtp_offer(f"1 AES_CM_128_HMAC_SHA1_80 inline:{KEY_80}")
+    first, media = answer_offer(offer, MediaPreferences(codecs=["PCMU"], srtp="optional"), "192.0.2.10", 40000)
+    same, again = reanswer(first, offer, srtp=media.srtp)
+    assert str(same) == str(first) and again.srtp == media.srtp  # a refresh changes nothing
+    hold = offer.copy()
+    hold.media[0].set_direction("sendonly")
+    held, held_media = reanswer(first, hold, srtp=media.srtp)
+    assert held_media.srtp == media.srtp and held.media[0].direction == "recvonly"
+    rekey = srtp_offer(f"2 AEAD_AES_128_GCM inline:{KEY_GCM}")
+    rekeyed, new = reanswer(first, rekey, srtp=media.srtp)
+    assert new.srtp.suite == "AEAD_AES_128_GCM" and new.srtp.local_key != media.srtp.local_key
+    assert CryptoAttribute.parse(rekeyed.media[0].attribute_values("crypto")[0]).tag == 2
+    assert rekeyed.origin.session_version == first.origin.session_version + 1
+    with pytest.raises(EncryptionMismatch):
+        reanswer(first, srtp_offer(proto="RTP/AVP"), srtp=media.srtp)
+    plain, _ = answer_offer(srtp_offer(proto="RTP/AVP"), MediaPreferences(codecs=["PCMU"]), "192.0.2.10", 40000)
+    with pytest.raises(EncryptionMismatch):  # nor may a plain call turn SRTP by re-INVITE
+        reanswer(plain, offer)
