@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "call":
             call_settings = load(CallSettings, args, uri=args.uri)
             _setup_logging(call_settings.log_level)
-            from service.call import run_call
+            from service.tools.call import run_call
 
             return run_call(call_settings)
     except ConfigError as exc:

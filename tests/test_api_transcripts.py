@@ -12,9 +12,9 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 
 from service.gateway import metrics
-from service.gateway.call import TranscriptEvent
-from service.gateway.sampler import forget_expired
-from service.gateway.transcripts import TranscriptStore, event_fields, transcript_key
+from service.gateway.calls.call import TranscriptEvent
+from service.gateway.control.sampler import forget_expired
+from service.gateway.control.transcripts import TranscriptStore, event_fields, transcript_key
 from service.pool import connect
 from tests.support.api import READ, READ_TOKEN, api_gateway
 from tests.support.pool import eventually

@@ -14,7 +14,7 @@ import pytest
 
 from service.config import ConfigError, load
 from service.gateway import metrics
-from service.gateway.webhook import DELIVERY_HEADER, SIGNATURE_HEADER, WebhookSender
+from service.gateway.control.webhook import DELIVERY_HEADER, SIGNATURE_HEADER, WebhookSender
 from service.settings import GatewaySettings
 from tests.support.api import ADMIN, READ, api_gateway, identity_of
 from tests.support.http_sink import HttpSink

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from service.config import ConfigError, load
-from service.gateway.bridge import MediaBridge
-from service.gateway.media import CallMedia
-from service.gateway.resample import make_pair
-from service.gateway.sip_ingress import media_preferences
+from service.gateway.ingress.sip import media_preferences
+from service.gateway.media.bridge import MediaBridge
+from service.gateway.media.resample import make_pair
+from service.gateway.media.rtp_media import CallMedia
 from service.settings import GatewaySettings
 from sip import codecs, g722
 from sip.opus import OpusEncoder, OpusMonoDecoder, OpusParams

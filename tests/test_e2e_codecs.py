@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.call import read_wav
+from service.tools.call import read_wav
 from sip.ua import UserAgent
 from tests.support.procs import free_port_pair
 from tests.support.realtime import realtime_test
@@ -328,8 +328,8 @@ async def test_moshimoshi_call_offers_its_codec_first_and_hears_it_back(echo_gat
                                                                         rate):
     """`moshimoshi call --codec X` offers X, then G.711: the gateway takes X, the recording is
     at X's rate, tones come back in order, and DTMF digits arrive on the negotiated type."""
-    from service.call import place_call
     from service.settings import CallSettings
+    from service.tools.call import place_call
 
     tones = WIDEBAND_TONES if rate > 8000 else (500, 1200, 2500, 3300)
     wav = tone_bursts_wav(tmp_path / "tones.wav", rate, tones, seconds=3.0)

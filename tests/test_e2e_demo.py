@@ -8,8 +8,8 @@ import wave
 import numpy as np
 import pytest
 
-from service.call import place_call
 from service.settings import CallSettings
+from service.tools.call import place_call
 from tests.support.realtime import realtime_test
 from tests.support.services import wait_until
 from tests.test_e2e_echo import tone_wav

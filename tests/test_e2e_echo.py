@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.call import place_call, read_wav
 from service.realtime import EVENT_LOOPS
 from service.settings import CallSettings
+from service.tools.call import place_call, read_wav
 from tests.support.procs import free_port, free_port_pair
 from tests.support.realtime import realtime_test
 from tests.support.services import start_serve, wait_until

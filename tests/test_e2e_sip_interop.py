@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from service.call import place_call
 from service.realtime import EVENT_LOOPS
 from service.settings import CallSettings
+from service.tools.call import place_call
 from tests.support.procs import free_port, has_ipv6, moshimoshi_cmd, python_env
 from tests.support.services import READ_TOKEN, Process, start_serve, wait_until
 from tests.support.sipp import SCENARIOS, Sipp, have_sipp, media_port

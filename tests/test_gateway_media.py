@@ -5,10 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.gateway.bridge import MODEL_FRAME_BYTES, MediaBridge
-from service.gateway.pacer import EgressPacer
-from service.gateway.resample import RESAMPLERS, SOXR_HELD_BACK_MS, FirDownsampler, FirUpsampler, make_pair
-from service.gateway.resample_delay import measure_pair
+from service.gateway.media.bridge import MODEL_FRAME_BYTES, MediaBridge
+from service.gateway.media.pacer import EgressPacer
+from service.gateway.media.resample import (
+    RESAMPLERS,
+    SOXR_HELD_BACK_MS,
+    FirDownsampler,
+    FirUpsampler,
+    make_pair,
+)
+from service.gateway.media.resample_delay import measure_pair
 
 
 def tone(freq: float, rate: int, seconds: float, amplitude: float = 0.5) -> np.ndarray:
@@ -216,7 +222,7 @@ async def test_media_clock_runs_due_egress_before_other_work_and_skips_cancelled
     import asyncio
     import time
 
-    from service.gateway.mediaclock import media_clock
+    from service.gateway.media.mediaclock import media_clock
 
     async def scenario() -> list[str]:
         clock = media_clock()
@@ -258,7 +264,7 @@ async def test_media_clock_run_due_sends_due_egress_between_other_work():
     import asyncio
     import time
 
-    from service.gateway.mediaclock import media_clock
+    from service.gateway.media.mediaclock import media_clock
 
     async def scenario() -> list[str]:
         clock = media_clock()

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.call import place_call
 from service.pool import RegistryReader, connect
 from service.settings import CallSettings
+from service.tools.call import place_call
 from sip.errors import CallFailed
 from tests.support.services import start_gateway, start_worker, wait_until
 

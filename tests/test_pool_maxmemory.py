@@ -15,8 +15,8 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import OutOfMemoryError
 
-from service.call import place_call
 from service.pool import CallRecords, connect
+from service.tools.call import place_call
 from sip.errors import CallFailed
 from tests.support.pool import eventually
 from tests.support.services import start_gateway, start_worker

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from service.call import place_call
+from service.tools.call import place_call
 from sip.errors import CallFailed
 from tests.support.services import start_gateway, start_worker
 from tests.test_pool_e2e import call_settings, silent_run_ms, wait_pool

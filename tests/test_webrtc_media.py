@@ -15,11 +15,16 @@ from aiortc.rtp import RtpPacket
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.gateway.aiortc_tap import tap_receiver
-from service.gateway.bridge import MODEL_FRAME_BYTES
-from service.gateway.resample_48k import Decimator48to24, Interpolator24to48, wideband_taps
-from service.gateway.webrtc_media import PACKET_SAMPLES_48K, TRACK_QUEUE_PACKETS, ModelAudioTrack, WebRtcMedia
-from service.gateway.webrtc_sdp import OfferError, check_offer
+from service.gateway.ingress.aiortc_tap import tap_receiver
+from service.gateway.ingress.webrtc_sdp import OfferError, check_offer
+from service.gateway.media.bridge import MODEL_FRAME_BYTES
+from service.gateway.media.resample_48k import Decimator48to24, Interpolator24to48, wideband_taps
+from service.gateway.media.webrtc_media import (
+    PACKET_SAMPLES_48K,
+    TRACK_QUEUE_PACKETS,
+    ModelAudioTrack,
+    WebRtcMedia,
+)
 from sip.opus import OpusMonoDecoder, OpusPacketError, opus_packet_samples
 
 
@@ -319,7 +324,7 @@ async def test_model_frames_go_out_as_paced_20ms_packets():
 
 def test_ice_server_settings_are_checked_and_passed_to_aiortc():
     from service.config import ConfigError, load
-    from service.gateway.webrtc import ice_servers
+    from service.gateway.ingress.webrtc import ice_servers
     from service.settings import GatewaySettings
 
     assert ice_servers(load(GatewaySettings, environ={})) == []  # host candidates only, no public STUN

@@ -3,7 +3,7 @@
 For PCMU, PCMA, G.722 and Opus, a wideband test signal goes the way a caller's audio goes:
 the caller's phone resamples it to the codec's rate (soxr HQ) and encodes it; the gateway
 decodes it with the codec it runs and resamples it to the model's 24 kHz with the bridge it
-runs (service.gateway.bridge.MediaBridge). What comes out is what the worker hears.
+runs (service.gateway.media.bridge.MediaBridge). What comes out is what the worker hears.
 
 Signals: a linear chirp 100 Hz – 11.9 kHz (equal energy per Hz: the band shares show the
 codec's passband directly), and espeak-ng speech (its voice reaches about 11 kHz) when
@@ -41,7 +41,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from service.gateway.bridge import MediaBridge  # noqa: E402
+from service.gateway.media.bridge import MediaBridge  # noqa: E402
 from sip import codecs  # noqa: E402
 
 MODEL_RATE = 24000

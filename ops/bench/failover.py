@@ -27,9 +27,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from service.call import place_call  # noqa: E402
 from service.pool import EmbeddedRedis, RegistryReader, connect  # noqa: E402
 from service.settings import CallSettings  # noqa: E402
+from service.tools.call import place_call  # noqa: E402
 from tests.support.services import start_gateway, start_worker  # noqa: E402
 
 TARGET_GAP_MS = 1000.0

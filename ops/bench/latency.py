@@ -37,8 +37,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from ops.bench.machine import StealMeter  # noqa: E402
-from service.gateway.resample import RESAMPLERS, make_pair  # noqa: E402
-from service.gateway.resample_delay import measure_pair  # noqa: E402
+from service.gateway.media.resample import RESAMPLERS, make_pair  # noqa: E402
+from service.gateway.media.resample_delay import measure_pair  # noqa: E402
 from sip import g711  # noqa: E402
 from sip.rtp import RtpPacket  # noqa: E402
 from sip.rtpsession import PortAllocator, RtpSession  # noqa: E402
@@ -156,8 +156,8 @@ async def echo_latency(seconds: float, log_dir: Path) -> dict:
 
 
 async def demo_latency(seconds: float, log_dir: Path) -> dict:
-    from service.call import place_call
     from service.settings import CallSettings
+    from service.tools.call import place_call
     from tests.test_e2e_echo import tone_wav
 
     gateway = start_serve(log_dir, "demo", name="serve-demo")

@@ -11,7 +11,7 @@ dropped or delayed before the receiver sees it (seeded, so every run impairs the
 * jitter J ms: each packet delayed uniformly in [0, J] ms, independently (packets overtake);
 * loss + jitter.
 
-The gateway's receiver is tapped (service.gateway.aiortc_tap with ``keep_stock``) so both
+The gateway's receiver is tapped (service.gateway.ingress.aiortc_tap with ``keep_stock``) so both
 receive paths see the very same packets at the same instants:
 
 * **aiortc**: its jitter buffer (``JitterBuffer(capacity=16, prefetch=4)``), its decoder
@@ -49,8 +49,8 @@ import numpy as np  # noqa: E402
 from aiortc import RTCConfiguration, RTCPeerConnection  # noqa: E402
 from aiortc.mediastreams import MediaStreamError  # noqa: E402
 
-from service.gateway.aiortc_tap import tap_receiver  # noqa: E402
-from service.gateway.webrtc_media import WebRtcMedia  # noqa: E402
+from service.gateway.ingress.aiortc_tap import tap_receiver  # noqa: E402
+from service.gateway.media.webrtc_media import WebRtcMedia  # noqa: E402
 from tests.support.webrtc_client import PcmTrack  # noqa: E402
 
 RATE = 48000

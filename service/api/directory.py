@@ -21,7 +21,7 @@ from service.pool import ACTIVE, ENDED, CallRecord, PoolError
 from sip.identity import ANONYMOUS_URI, CallerIdentity
 
 if tp.TYPE_CHECKING:
-    from service.gateway.call import Call
+    from service.gateway.calls.call import Call
     from service.gateway.main import Gateway
 
 RECORD_ONLY_QUALITY = ("ingress", "gateway", "sampling")

@@ -13,7 +13,7 @@ from service.api.auth import require_admin, require_read
 from service.api.calls import AUTH_RESPONSES
 from service.api.directory import redis_failed
 from service.api.models import DrainResult, PoolState, Problem, SlotState, WorkerState
-from service.gateway.loopback import LOOPBACK_URL
+from service.gateway.routing.loopback import LOOPBACK_URL
 from service.pool import MODEL_ROLE, OVERLOADED, READY, PoolError, WorkerStatus
 
 if tp.TYPE_CHECKING:

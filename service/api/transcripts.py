@@ -29,8 +29,8 @@ from service.api.calls import AUTH_RESPONSES, NOT_FOUND, UNAVAILABLE
 from service.api.directory import CallDirectory, redis_failed
 from service.api.models import Transcript, TranscriptPiece
 from service.gateway import metrics
-from service.gateway.call import TranscriptEvent
-from service.gateway.transcripts import StoredTranscript
+from service.gateway.calls.call import TranscriptEvent
+from service.gateway.control.transcripts import StoredTranscript
 from service.pool import ENDED, PoolError
 
 if tp.TYPE_CHECKING:

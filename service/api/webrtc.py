@@ -22,9 +22,9 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 
 from service.api.auth import require_read
-from service.call import CALL_ID_HEADER
-from service.gateway.webrtc import OfferRejected, WebRtcIngress
-from service.gateway.webrtc_sdp import MAX_OFFER_BYTES
+from service.api.control import CALL_ID_HEADER
+from service.gateway.ingress.webrtc import OfferRejected, WebRtcIngress
+from service.gateway.ingress.webrtc_sdp import MAX_OFFER_BYTES
 
 if tp.TYPE_CHECKING:
     from service.gateway.main import Gateway

@@ -18,14 +18,14 @@ from service import realtime
 from service.api.auth import ApiTokens
 from service.config import ConfigError
 from service.gateway import metrics
-from service.gateway.call import WATCHDOG_PERIOD, Call, TranscriptEvent
-from service.gateway.hangups import HangupChannel
-from service.gateway.loopback import LOOPBACK_URL
-from service.gateway.routing import FixedRouter, LoopbackRouter, PoolRouter, Router
-from service.gateway.sampler import sample_forever
-from service.gateway.sip_ingress import SipCallHandler
-from service.gateway.transcripts import TranscriptStore
-from service.gateway.webhook import WebhookSender, call_ended_payload
+from service.gateway.calls.call import WATCHDOG_PERIOD, Call, TranscriptEvent
+from service.gateway.control.hangups import HangupChannel
+from service.gateway.control.sampler import sample_forever
+from service.gateway.control.transcripts import TranscriptStore
+from service.gateway.control.webhook import WebhookSender, call_ended_payload
+from service.gateway.ingress.sip import SipCallHandler
+from service.gateway.routing.loopback import LOOPBACK_URL
+from service.gateway.routing.router import FixedRouter, LoopbackRouter, PoolRouter, Router
 from service.pool import (
     DRAINING,
     MODEL_ROLE,

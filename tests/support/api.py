@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import uvicorn
 
 from service.api.app import create_app
-from service.gateway.call import Call, TranscriptEvent
+from service.gateway.calls.call import Call, TranscriptEvent
 from service.gateway.main import Gateway
 from service.settings import GatewaySettings
 from sip.identity import CallerIdentity

@@ -18,7 +18,13 @@ import typing as tp
 from dataclasses import dataclass, field
 
 from service.gateway import metrics
-from service.gateway.routing import LinkCallbacks, NoCapacity, Router, RoutingUnavailable, WorkerSession
+from service.gateway.routing.router import (
+    LinkCallbacks,
+    NoCapacity,
+    Router,
+    RoutingUnavailable,
+    WorkerSession,
+)
 from sip.identity import CallerIdentity
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 The ratio is exactly 3, so the default is a short linear-phase polyphase FIR: a
 Kaiser-windowed sinc, 4 kHz cutoff, ≥ 60 dB stopband from 4.6 kHz, flat to 3.4 kHz. It
 holds back 1.5 ms each way where soxr's HQ holds back 43 ms on average and up to 73 ms
-(measured: :mod:`service.gateway.resample_delay`, printed by ops/bench/latency.py);
+(measured: :mod:`service.gateway.media.resample_delay`, printed by ops/bench/latency.py);
 the 24→8 kHz direction still gets a real anti-aliasing filter. soxr's ``ResampleStream``
 stays selectable by name for comparison.
 
@@ -161,7 +161,7 @@ class SoxrResampler:
 # Mean delay of soxr's stream at 8↔24 kHz in the gateway's 80 ms frames, either way (the
 # same both ways): by Little's law on what it holds after each frame, plus the impulse's
 # shift (~0: soxr withholds output instead). Its output comes in bursts, so the worst case
-# is about twice the mean (VHQ 17.5-152.5 ms). Measured by service.gateway.resample_delay;
+# is about twice the mean (VHQ 17.5-152.5 ms). Measured by service.gateway.media.resample_delay;
 # tests/test_gateway_media.py checks this table against it.
 SOXR_HELD_BACK_MS = {"QQ": 0.2, "LQ": 22.3, "MQ": 43.7, "HQ": 42.7, "VHQ": 84.8}
 
@@ -234,7 +234,7 @@ def _fir_pair(rate: int) -> tuple[StreamResampler, StreamResampler]:
         return (Cascade(FirUpsampler(taps, ratio=3, rate=INTERMEDIATE_RATE), Decimate(2)),
                 Cascade(ZeroStuff(2), FirDownsampler(taps, ratio=3, rate=INTERMEDIATE_RATE)))
     if rate == 48000:
-        from service.gateway.resample_48k import Decimator48to24, Interpolator24to48
+        from service.gateway.media.resample_48k import Decimator48to24, Interpolator24to48
 
         return Decimator48to24(), Interpolator24to48()
     raise ValueError(f"no resampler between {rate} Hz and the model's {MODEL_RATE} Hz")

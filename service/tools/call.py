@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from service import realtime
+from service.api.control import CALL_ID_HEADER
 from service.realtime import quiet_gc
 from service.settings import CallSettings
 from sip import codecs
@@ -37,7 +38,6 @@ from sip.uri import SipUri, format_host
 
 log = logging.getLogger("moshimoshi.call")
 
-CALL_ID_HEADER = "X-Moshimoshi-Call-Id"
 TELEPHONE_RATE = 8000
 DTMF_AT_SECONDS = 1.0
 

@@ -29,11 +29,11 @@ from aiortc.rtcicetransport import parse_stun_turn_uri
 
 from service.config import ConfigError
 from service.gateway import metrics
-from service.gateway.aiortc_tap import tap_receiver
-from service.gateway.call import PLAYOUT_GRACE_SECONDS, Call, TranscriptEvent
-from service.gateway.routing import NoCapacity, RoutingUnavailable
-from service.gateway.webrtc_media import WebRtcMedia
-from service.gateway.webrtc_sdp import OfferError, OfferSummary, check_offer
+from service.gateway.calls.call import PLAYOUT_GRACE_SECONDS, Call, TranscriptEvent
+from service.gateway.ingress.aiortc_tap import tap_receiver
+from service.gateway.ingress.webrtc_sdp import OfferError, OfferSummary, check_offer
+from service.gateway.media.webrtc_media import WebRtcMedia
+from service.gateway.routing.router import NoCapacity, RoutingUnavailable
 from service.settings import GatewaySettings
 
 if tp.TYPE_CHECKING:

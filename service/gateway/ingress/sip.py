@@ -21,11 +21,11 @@ import logging
 import socket
 import typing as tp
 
-from service.call import CALL_ID_HEADER
+from service.api.control import CALL_ID_HEADER
 from service.gateway import metrics
-from service.gateway.call import PLAYOUT_GRACE_SECONDS, Call, TranscriptEvent
-from service.gateway.media import CallMedia
-from service.gateway.routing import NoCapacity, RoutingUnavailable
+from service.gateway.calls.call import PLAYOUT_GRACE_SECONDS, Call, TranscriptEvent
+from service.gateway.media.rtp_media import CallMedia
+from service.gateway.routing.router import NoCapacity, RoutingUnavailable
 from sip import codecs
 from sip.dialog import Dialog
 from sip.dtmf import INFO_DTMF_TYPES, DtmfDigit, DtmfParseError, parse_info_dtmf

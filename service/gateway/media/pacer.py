@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.gateway.mediaclock import MediaClock, media_clock
+from service.gateway.media.mediaclock import MediaClock, media_clock
 
 WINDOW_FRAMES = 64
 SEND_EARLY_LIMIT = 0.5  # a packet may go out up to half a ptime before its due time

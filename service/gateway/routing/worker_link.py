@@ -13,7 +13,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from service.gateway import metrics
-from service.gateway.bridge import MODEL_FRAME_BYTES
+from service.gateway.media.bridge import MODEL_FRAME_BYTES
 
 PROTOCOL_VERSION = 1
 SEND_QUEUE_FRAMES = 4

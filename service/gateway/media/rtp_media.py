@@ -26,9 +26,9 @@ import typing as tp
 import numpy as np
 
 from service.gateway import metrics
-from service.gateway.bridge import MODEL_FRAME_MS, MediaBridge
-from service.gateway.mediaclock import MediaClock, media_clock
-from service.gateway.pacer import EgressPacer
+from service.gateway.media.bridge import MODEL_FRAME_MS, MediaBridge
+from service.gateway.media.mediaclock import MediaClock, media_clock
+from service.gateway.media.pacer import EgressPacer
 from sip import codecs, g711
 from sip.dtmf import DtmfDigit, DtmfReceiver
 from sip.jitterbuffer import CONCEAL, JitterBuffer

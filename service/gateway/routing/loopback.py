@@ -12,7 +12,7 @@ import asyncio
 import collections
 import typing as tp
 
-from service.gateway.worker_link import SessionInfo
+from service.gateway.routing.worker_link import SessionInfo
 
 LOOPBACK_URL = "echo:"
 

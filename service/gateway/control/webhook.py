@@ -32,7 +32,7 @@ from service.api.directory import from_summary
 from service.api.transcripts import build
 from service.config import ConfigError
 from service.gateway import metrics
-from service.gateway.call import TranscriptEvent
+from service.gateway.calls.call import TranscriptEvent
 from service.settings import GatewaySettings
 
 log = logging.getLogger(__name__)

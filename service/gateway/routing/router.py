@@ -25,8 +25,8 @@ import typing as tp
 from dataclasses import dataclass
 
 from service.gateway import metrics
-from service.gateway.loopback import LoopbackLink
-from service.gateway.worker_link import WorkerLink, WorkerRefused
+from service.gateway.routing.loopback import LoopbackLink
+from service.gateway.routing.worker_link import WorkerLink, WorkerRefused
 from service.pool import Lease, LeaseHolder, PoolError, SlotLeases
 
 log = logging.getLogger(__name__)

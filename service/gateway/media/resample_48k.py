@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.gateway.resample import FirDownsampler, FirUpsampler, lowpass_taps
+from service.gateway.media.resample import FirDownsampler, FirUpsampler, lowpass_taps
 
 WEBRTC_RATE = 48000
 MODEL_RATE = 24000

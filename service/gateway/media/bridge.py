@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.gateway.resample import RATIO, TELEPHONE_RATE, make_pair
+from service.gateway.media.resample import RATIO, TELEPHONE_RATE, make_pair
 
 MODEL_FRAME_SAMPLES = 1920  # 80 ms at 24 kHz
 MODEL_FRAME_BYTES = MODEL_FRAME_SAMPLES * 2

@@ -19,7 +19,7 @@ import typing as tp
 
 import numpy as np
 
-from service.gateway.resample import MODEL_RATE, TELEPHONE_RATE, StreamResampler, make_pair
+from service.gateway.media.resample import MODEL_RATE, TELEPHONE_RATE, StreamResampler, make_pair
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""A call's life on this gateway: its state, record and transcript."""

@@ -1,0 +1,1 @@
+"""Ingresses: each translates one kind of signalling (SIP, WebRTC) into the call lifecycle."""

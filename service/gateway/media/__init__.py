@@ -1,0 +1,1 @@
+"""Per-call media: jitter buffer to model frames, model frames through the pacer, resampling."""
