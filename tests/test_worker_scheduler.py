@@ -6,8 +6,9 @@ import asyncio
 
 import numpy as np
 
+from service.wire import FRAME_BYTES
 from service.worker.echo import EchoEngine
-from service.worker.engine_api import FRAME_BYTES, NO_TOKEN
+from service.worker.engine_api import NO_TOKEN
 from service.worker.metrics import WorkerMetrics
 from service.worker.scheduler import BatchClock
 from tests.support.worker import pcm_frames

@@ -31,10 +31,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from service.wire import FRAME_SAMPLES  # noqa: E402
 from service.worker.capacity import FRAME_RATE, set_context  # noqa: E402
 from service.worker.checkpoint import load_checkpoint  # noqa: E402
 from service.worker.engine import MoshiEngine  # noqa: E402
-from service.worker.engine_api import FRAME_SAMPLES  # noqa: E402
 from service.worker.filled_kv import _attentions  # noqa: E402
 from service.worker.tinymodel import build_tiny_checkpoint  # noqa: E402
 

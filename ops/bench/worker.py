@@ -52,6 +52,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from service.wire import FRAME_SAMPLES, FRAME_SECONDS  # noqa: E402
 from service.worker.capacity import (  # noqa: E402
     FRAME_RATE,
     GPU_MEMORY_HEADROOM,
@@ -62,7 +63,6 @@ from service.worker.capacity import (  # noqa: E402
     streaming_state_bytes,
 )
 from service.worker.checkpoint import LoadedModel, ModelInfo, load_checkpoint  # noqa: E402
-from service.worker.engine_api import FRAME_SAMPLES, FRAME_SECONDS  # noqa: E402
 from service.worker.tinymodel import build_tiny_checkpoint  # noqa: E402
 
 FRAME_MS = FRAME_SECONDS * 1000

@@ -13,8 +13,9 @@ import math
 
 import numpy as np
 
+from service.wire import FRAME_SAMPLES, FRAME_SECONDS
 from service.worker.checkpoint import ModelInfo
-from service.worker.engine_api import FRAME_SAMPLES, FRAME_SECONDS, NO_TOKEN, StepOutput
+from service.worker.engine_api import NO_TOKEN, StepOutput
 
 
 class EchoEngine:

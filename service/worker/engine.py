@@ -27,9 +27,10 @@ import time
 import numpy as np
 import torch
 
+from service.wire import FRAME_SAMPLES
 from service.worker.capacity import fill_rings, kv_bytes_per_slot
 from service.worker.checkpoint import LoadedModel, ModelInfo, check_moshi_version
-from service.worker.engine_api import FRAME_SAMPLES, NO_TOKEN, StepOutput, TextTokenizer
+from service.worker.engine_api import NO_TOKEN, StepOutput, TextTokenizer
 
 log = logging.getLogger(__name__)
 

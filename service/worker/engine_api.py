@@ -9,11 +9,6 @@ import numpy as np
 
 from service.worker.checkpoint import ModelInfo
 
-SAMPLE_RATE = 24000
-FRAME_SAMPLES = 1920  # 80 ms at 24 kHz: one Mimi frame, one model step
-FRAME_SECONDS = FRAME_SAMPLES / SAMPLE_RATE
-FRAME_BYTES = FRAME_SAMPLES * 2  # PCM16 on the wire
-
 NO_TOKEN = -1  # text token of a slot that produced none this step (idle, or not yet generating)
 
 

@@ -17,6 +17,7 @@ import time
 import typing as tp
 
 from service.settings import WorkerSettings
+from service.wire import FRAME_MS, SAMPLE_RATE
 from service.worker.checkpoint import ModelInfo
 from service.worker.engine_api import Engine
 from service.worker.metrics import WorkerMetrics
@@ -306,8 +307,8 @@ class WorkerRuntime:
             "state": self.state,
             "model_info": self.info.to_dict(),
             "worker_id": self.settings.worker_id,
-            "frame_ms": 80,
-            "sample_rate": 24000,
+            "frame_ms": FRAME_MS,
+            "sample_rate": SAMPLE_RATE,
             "max_call_seconds": self.settings.max_call_seconds,
             "warm_up_seconds": self.warm_up_seconds,
             "accepting": self.accepting,

@@ -33,15 +33,8 @@ import typing as tp
 
 import numpy as np
 
-from service.worker.engine_api import (
-    FRAME_BYTES,
-    FRAME_SAMPLES,
-    FRAME_SECONDS,
-    NO_TOKEN,
-    Engine,
-    float_to_pcm16,
-    pcm16_to_float,
-)
+from service.wire import FRAME_BYTES, FRAME_SAMPLES, FRAME_SECONDS
+from service.worker.engine_api import NO_TOKEN, Engine, float_to_pcm16, pcm16_to_float
 from service.worker.metrics import WorkerMetrics
 from service.worker.stepwatch import StepWatch
 

@@ -15,7 +15,15 @@ import typing as tp
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from service.worker.engine_api import FRAME_BYTES, FRAME_SAMPLES, FRAME_SECONDS, SAMPLE_RATE
+from service.wire import (
+    FRAME_BYTES,
+    FRAME_MS,
+    FRAME_SAMPLES,
+    FRAME_SECONDS,
+    PROTOCOL_VERSION,
+    SAMPLE_RATE,
+    CloseCode,
+)
 from service.worker.slots import AdmissionError
 from service.worker.text import TextStream
 
@@ -24,17 +32,10 @@ if tp.TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
 START_TIMEOUT_SECONDS = 10.0
 OUTBOX_MESSAGES = 64  # ~5 s of output frames may wait for a slow gateway; older ones are dropped
 MAX_TEXT_MESSAGE = 4096
 
-CLOSE_NORMAL = 1000
-CLOSE_INTERNAL = 1011
-CLOSE_VIOLATION = 4000
-CLOSE_VERSION = 4001
-CLOSE_FENCED = 4003
-CLOSE_MODEL = 4004
 
 
 class ProtocolViolation(Exception):
@@ -91,15 +92,15 @@ def _close_reason(text: str) -> str:
 
 def _parse_json(text: str) -> dict:
     if len(text) > MAX_TEXT_MESSAGE:
-        raise ProtocolViolation(CLOSE_VIOLATION, f"text message of {len(text)} characters is too long")
+        raise ProtocolViolation(CloseCode.VIOLATION, f"text message of {len(text)} characters is too long")
     try:
         message = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ProtocolViolation(CLOSE_VIOLATION, f"bad JSON: {exc.msg} at position {exc.pos}") from None
+        raise ProtocolViolation(CloseCode.VIOLATION, f"bad JSON: {exc.msg} at position {exc.pos}") from None
     if not isinstance(message, dict):
-        raise ProtocolViolation(CLOSE_VIOLATION, "a text message must be a JSON object")
+        raise ProtocolViolation(CloseCode.VIOLATION, "a text message must be a JSON object")
     if not isinstance(message.get("type"), str):
-        raise ProtocolViolation(CLOSE_VIOLATION, "a text message needs a string 'type'")
+        raise ProtocolViolation(CloseCode.VIOLATION, "a text message needs a string 'type'")
     return message
 
 
@@ -108,7 +109,7 @@ def _optional_int(message: dict, key: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ProtocolViolation(CLOSE_VIOLATION, f"'{key}' must be an integer or null, got {value!r}"[:120])
+        raise ProtocolViolation(CloseCode.VIOLATION, f"'{key}' must be an integer or null, got {value!r}"[:120])
     return value
 
 
@@ -150,7 +151,7 @@ class Session:
         except Exception:
             log.exception("session %s (slot %s) failed", self.call_id or "?", self.slot)
             self.outcome = "error"
-            await self._close(CLOSE_INTERNAL, "worker internal error")
+            await self._close(CloseCode.INTERNAL, "worker internal error")
         finally:
             self._release()
             self.metrics.sessions.labels(self.outcome).inc()
@@ -168,7 +169,7 @@ class Session:
         """A newer lease took this session's slot (its gateway lost the lease): close 4003."""
         if not self._ending:
             self._ending = True
-            self._outbox.put(_End("fenced", code=CLOSE_FENCED))
+            self._outbox.put(_End("fenced", code=CloseCode.FENCED))
 
     # --- handshake ----------------------------------------------------------------------
     async def _handshake(self) -> dict:
@@ -176,30 +177,30 @@ class Session:
             async with asyncio.timeout(START_TIMEOUT_SECONDS):
                 message = await self.ws.receive()
         except TimeoutError:
-            raise ProtocolViolation(CLOSE_VIOLATION, f"no start message within {START_TIMEOUT_SECONDS:g} s") from None
+            raise ProtocolViolation(CloseCode.VIOLATION, f"no start message within {START_TIMEOUT_SECONDS:g} s") from None
         if message["type"] == "websocket.disconnect":
             raise WebSocketDisconnect(message.get("code", 1000))
         if message.get("bytes") is not None:
-            raise ProtocolViolation(CLOSE_VIOLATION, "media before start")
+            raise ProtocolViolation(CloseCode.VIOLATION, "media before start")
         start = _parse_json(message.get("text") or "")
         if start["type"] != "start":
-            raise ProtocolViolation(CLOSE_VIOLATION, f"expected a start message, got {start['type']!r}"[:120])
+            raise ProtocolViolation(CloseCode.VIOLATION, f"expected a start message, got {start['type']!r}"[:120])
         version = start.get("version")
         if version != PROTOCOL_VERSION or isinstance(version, bool):
-            raise ProtocolViolation(CLOSE_VERSION, f"unsupported protocol version {version!r}; "
+            raise ProtocolViolation(CloseCode.VERSION, f"unsupported protocol version {version!r}; "
                                                    f"this worker speaks {PROTOCOL_VERSION}"[:120])
         call_id = start.get("call_id")
         if not isinstance(call_id, str) or not call_id or len(call_id) > 200:
-            raise ProtocolViolation(CLOSE_VIOLATION, "'call_id' must be a non-empty string (at most 200 characters)")
+            raise ProtocolViolation(CloseCode.VIOLATION, "'call_id' must be a non-empty string (at most 200 characters)")
         self.call_id = call_id
         _optional_int(start, "slot")
         _optional_int(start, "token")
         model = start.get("model")
         if model is not None:
             if not isinstance(model, str):
-                raise ProtocolViolation(CLOSE_VIOLATION, "'model' must be a string")
+                raise ProtocolViolation(CloseCode.VIOLATION, "'model' must be a string")
             if not self.runtime.serves_model(model):
-                raise ProtocolViolation(CLOSE_MODEL, f"this worker serves {self.runtime.info.model}, "
+                raise ProtocolViolation(CloseCode.MODEL, f"this worker serves {self.runtime.info.model}, "
                                                      f"not {model}"[:120])
         return start
 
@@ -221,7 +222,7 @@ class Session:
         await self.ws.send_text(json.dumps({
             "type": "started", "version": PROTOCOL_VERSION, "slot": self.slot,
             "sample_rate": SAMPLE_RATE, "frame_samples": FRAME_SAMPLES,
-            "frame_ms": round(FRAME_SECONDS * 1000), "model": info.model, "license": info.license,
+            "frame_ms": FRAME_MS, "model": info.model, "license": info.license,
             "research_only": info.research_only,
             "max_call_seconds": self.runtime.settings.max_call_seconds,
             "context_seconds": info.context_seconds, "sampling": info.sampling,
@@ -252,7 +253,7 @@ class Session:
             raise error
         elif finished is receiver and self.outcome == "completed":
             self._release()  # free the slot before the close reaches the gateway
-            await self._close(CLOSE_NORMAL, "stop")
+            await self._close(CloseCode.NORMAL, "stop")
 
     async def _receive_loop(self) -> None:
         assert self.slot is not None
@@ -266,7 +267,7 @@ class Session:
             if data is not None:
                 if len(data) != FRAME_BYTES:
                     raise ProtocolViolation(
-                        CLOSE_VIOLATION, f"binary frame of {len(data)} bytes; media frames are exactly "
+                        CloseCode.VIOLATION, f"binary frame of {len(data)} bytes; media frames are exactly "
                                          f"{FRAME_BYTES} bytes (80 ms of PCM16 at 24 kHz)")
                 if not self._ending:
                     self.runtime.push(self.slot, data)
@@ -276,8 +277,8 @@ class Session:
                 self.outcome = "completed"
                 return
             if request["type"] == "start":
-                raise ProtocolViolation(CLOSE_VIOLATION, "duplicate start message")
-            raise ProtocolViolation(CLOSE_VIOLATION, f"unknown message type {request['type']!r}"[:120])
+                raise ProtocolViolation(CloseCode.VIOLATION, "duplicate start message")
+            raise ProtocolViolation(CloseCode.VIOLATION, f"unknown message type {request['type']!r}"[:120])
 
     async def _send_loop(self) -> None:
         while True:
@@ -285,9 +286,9 @@ class Session:
             if isinstance(item, _End):
                 self.outcome = item.reason
                 self._release()
-                if item.code == CLOSE_NORMAL:
+                if item.code == CloseCode.NORMAL:
                     await self.ws.send_text(json.dumps({"type": "end", "reason": item.reason}))
-                    await self._close(CLOSE_NORMAL, item.reason)
+                    await self._close(CloseCode.NORMAL, item.reason)
                 else:
                     reason = "fenced out: another session holds a newer lease on this slot"
                     await self._send_error(item.code, reason)

@@ -19,7 +19,8 @@ import typing as tp
 
 import numpy as np
 
-from service.worker.engine_api import FRAME_SAMPLES, Engine
+from service.wire import FRAME_SAMPLES
+from service.worker.engine_api import Engine
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import inspect
 import typing as tp
 
+from service.wire import CloseCode
+
 # (slot, token, call_id) -> accepted? May be a coroutine function.
 TokenValidator = tp.Callable[[int, "int | None", str], "bool | tp.Awaitable[bool]"]
 
@@ -17,7 +19,7 @@ TokenValidator = tp.Callable[[int, "int | None", str], "bool | tp.Awaitable[bool
 class AdmissionError(Exception):
     """A session cannot have a slot; ``code`` is the close code of PROTOCOL.md."""
 
-    code = 4029
+    code: int = CloseCode.NO_SLOT
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -25,25 +27,25 @@ class AdmissionError(Exception):
 
 
 class SlotBusy(AdmissionError):
-    code = 4009
+    code = CloseCode.SLOT_BUSY
 
 
 class SlotOutOfRange(AdmissionError):
-    code = 4009
+    code = CloseCode.SLOT_BUSY
 
 
 class NoFreeSlot(AdmissionError):
-    code = 4029
+    code = CloseCode.NO_SLOT
 
 
 class NotAccepting(AdmissionError):
     """The worker is loading, or draining before shutdown."""
 
-    code = 4029
+    code = CloseCode.NO_SLOT
 
 
 class LeaseRefused(AdmissionError):
-    code = 4003
+    code = CloseCode.FENCED
 
 
 def accept_any_token(slot: int, token: int | None, call_id: str) -> bool:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import dataclasses
 import unicodedata
 
-from service.worker.engine_api import FRAME_SECONDS, NO_TOKEN, TextTokenizer
+from service.wire import FRAME_SECONDS
+from service.worker.engine_api import NO_TOKEN, TextTokenizer
 
 REPLACEMENT = "\ufffd"
 MAX_PENDING_BYTES = 3  # a UTF-8 character is at most 4 bytes: at most 3 can wait for the 4th

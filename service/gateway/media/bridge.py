@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.gateway.media.resample import RATIO, TELEPHONE_RATE, make_pair
+from service.gateway.media.resample import TELEPHONE_RATE, make_pair
+from service.wire import FRAME_BYTES, FRAME_MS, FRAME_SAMPLES
 
-MODEL_FRAME_SAMPLES = 1920  # 80 ms at 24 kHz
-MODEL_FRAME_BYTES = MODEL_FRAME_SAMPLES * 2
-TELEPHONE_FRAME_SAMPLES = MODEL_FRAME_SAMPLES // RATIO  # 640: 80 ms at 8 kHz
-MODEL_FRAME_MS = 80
+MODEL_FRAME_SAMPLES = FRAME_SAMPLES
+MODEL_FRAME_BYTES = FRAME_BYTES
+MODEL_FRAME_MS = FRAME_MS
 
 
 # the clip ufunc itself: np.clip's Python wrapper costs more than clipping 2000 samples

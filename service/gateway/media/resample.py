@@ -17,8 +17,10 @@ import typing as tp
 
 import numpy as np
 
+from service.wire import SAMPLE_RATE
+
 TELEPHONE_RATE = 8000
-MODEL_RATE = 24000
+MODEL_RATE = SAMPLE_RATE  # the model's rate (service.wire)
 RATIO = MODEL_RATE // TELEPHONE_RATE
 
 

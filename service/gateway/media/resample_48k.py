@@ -13,9 +13,10 @@ from __future__ import annotations
 import numpy as np
 
 from service.gateway.media.resample import FirDownsampler, FirUpsampler, lowpass_taps
+from service.wire import SAMPLE_RATE
 
 WEBRTC_RATE = 48000
-MODEL_RATE = 24000
+MODEL_RATE = SAMPLE_RATE  # the model's rate (service.wire)
 RATIO = WEBRTC_RATE // MODEL_RATE
 TAPS = 95
 CUTOFF_HZ = 11000.0

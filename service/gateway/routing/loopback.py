@@ -12,7 +12,7 @@ import asyncio
 import collections
 import typing as tp
 
-from service.gateway.routing.worker_link import SessionInfo
+from service.wire import FRAME_MS, Started
 
 LOOPBACK_URL = "echo:"
 
@@ -24,9 +24,9 @@ class LoopbackLink:
         self.call_id = call_id
         self.on_frame = on_frame
         self.slot: int | None = 0
-        self.info = SessionInfo(slot=0, model="echo", license="n/a (loopback)", max_call_seconds=0.0)
+        self.info = Started(slot=0, model="echo", license="n/a (loopback)", max_call_seconds=0.0)
         self.closed: asyncio.Future[tuple[int | None, str]] = asyncio.get_running_loop().create_future()
-        self._delay_frames = max(0, round(delay_ms / 80))
+        self._delay_frames = max(0, round(delay_ms / FRAME_MS))
         self._held: collections.deque[bytes] = collections.deque()
 
     def send_frame(self, frame: bytes) -> None:

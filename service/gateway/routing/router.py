@@ -28,6 +28,7 @@ from service.gateway import metrics
 from service.gateway.routing.loopback import LoopbackLink
 from service.gateway.routing.worker_link import WorkerLink, WorkerRefused
 from service.pool import Lease, LeaseHolder, PoolError, SlotLeases
+from service.wire import CloseCode
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class FixedRouter:
                 self.worker_ok = True
                 return session
             except WorkerRefused as exc:
-                if exc.code != 4029 or time.monotonic() >= deadline:
+                if exc.code != CloseCode.NO_SLOT or time.monotonic() >= deadline:
                     raise NoCapacity(str(exc)) from None
             except (OSError, TimeoutError) as exc:
                 self.worker_ok = False

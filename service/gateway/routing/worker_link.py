@@ -7,15 +7,13 @@ import contextlib
 import json
 import logging
 import typing as tp
-from dataclasses import dataclass, field
 
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from service.gateway import metrics
-from service.gateway.media.bridge import MODEL_FRAME_BYTES
+from service.wire import FRAME_BYTES, SESSION_PATH, Started, start_message
 
-PROTOCOL_VERSION = 1
 SEND_QUEUE_FRAMES = 4
 
 log = logging.getLogger(__name__)
@@ -28,18 +26,6 @@ class WorkerRefused(Exception):
         super().__init__(f"worker refused the session: {code} {reason}")
         self.code = code
         self.reason = reason
-
-
-@dataclass
-class SessionInfo:
-    """What the worker said in its ``started`` message."""
-
-    slot: int
-    model: str
-    license: str
-    max_call_seconds: float
-    sampling: dict | None = None  # the worker's sampling settings (temperatures, top-k, greedy)
-    raw: dict = field(default_factory=dict)
 
 
 class WorkerLink:
@@ -61,7 +47,7 @@ class WorkerLink:
         on_text: tp.Callable[[str, float], None] | None = None,
         on_end: tp.Callable[[str], None] | None = None,
     ) -> None:
-        self.url = url.rstrip("/") + "/v1/session" if not url.endswith("/v1/session") else url
+        self.url = url if url.endswith(SESSION_PATH) else url.rstrip("/") + SESSION_PATH
         self.call_id = call_id
         self.slot = slot
         self.token = token
@@ -69,7 +55,7 @@ class WorkerLink:
         self.on_frame = on_frame
         self.on_text = on_text
         self.on_end = on_end
-        self.info: SessionInfo | None = None
+        self.info: Started | None = None
         self.frames_sent = 0
         self.frames_dropped = 0
         self.frames_received = 0
@@ -78,16 +64,14 @@ class WorkerLink:
         self._tasks: list[asyncio.Task] = []
         self.closed: asyncio.Future[tuple[int | None, str]] = asyncio.get_running_loop().create_future()
 
-    async def open(self, timeout: float = 10.0) -> SessionInfo:
+    async def open(self, timeout: float = 10.0) -> Started:
         """Connect and handshake; raises WorkerRefused or OSError/TimeoutError."""
         try:
             async with asyncio.timeout(timeout):
                 self._ws = await connect(self.url, max_size=2**20, compression=None,
                                          open_timeout=timeout, ping_interval=5, ping_timeout=5)
-                await self._ws.send(json.dumps({
-                    "type": "start", "version": PROTOCOL_VERSION, "call_id": self.call_id,
-                    "slot": self.slot, "token": self.token, "model": self.model,
-                }))
+                await self._ws.send(json.dumps(start_message(self.call_id, slot=self.slot, token=self.token,
+                                                             model=self.model)))
                 reply = await self._ws.recv()
         except websockets.ConnectionClosed as exc:
             await self._abort()
@@ -96,14 +80,14 @@ class WorkerLink:
         except BaseException:
             await self._abort()
             raise
-        message = json.loads(reply) if isinstance(reply, str) else {}
-        if message.get("type") != "started":
+        try:
+            message = json.loads(reply) if isinstance(reply, str) else {}
+            if not isinstance(message, dict) or message.get("type") != "started":
+                raise ValueError("not a started message")
+            self.info = Started.from_message(message)
+        except (KeyError, TypeError, ValueError):
             await self._abort()
-            raise WorkerRefused(None, f"unexpected handshake reply {str(reply)[:80]!r}")
-        self.info = SessionInfo(slot=int(message["slot"]), model=str(message.get("model", "")),
-                                license=str(message.get("license", "")),
-                                max_call_seconds=float(message.get("max_call_seconds", 0) or 0),
-                                sampling=_sampling(message.get("sampling")), raw=message)
+            raise WorkerRefused(None, f"unexpected handshake reply {str(reply)[:80]!r}") from None
         self.slot = self.info.slot
         self._tasks = [asyncio.create_task(self._reader(), name=f"worker-read-{self.call_id}"),
                        asyncio.create_task(self._writer(), name=f"worker-write-{self.call_id}")]
@@ -111,8 +95,8 @@ class WorkerLink:
 
     def send_frame(self, frame: bytes) -> None:
         """Queue one 80 ms frame; if the socket is backed up, the oldest frame is dropped."""
-        if len(frame) != MODEL_FRAME_BYTES:
-            raise ValueError(f"a model frame is {MODEL_FRAME_BYTES} bytes, got {len(frame)}")
+        if len(frame) != FRAME_BYTES:
+            raise ValueError(f"a model frame is {FRAME_BYTES} bytes, got {len(frame)}")
         if self.closed.done():
             return
         while self._outbox.qsize() >= SEND_QUEUE_FRAMES:
@@ -189,12 +173,3 @@ class WorkerLink:
             for task in self._tasks:
                 if task is not asyncio.current_task():
                     task.cancel()
-
-
-def _sampling(value: tp.Any) -> dict | None:
-    """The ``sampling`` object of a ``started`` message: numbers and booleans only, kept small
-    (it goes into call records and webhooks)."""
-    if not isinstance(value, dict):
-        return None
-    return {str(k)[:32]: v for k, v in list(value.items())[:16]
-            if isinstance(v, (bool, int, float)) and not isinstance(v, str)}
