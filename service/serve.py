@@ -23,6 +23,7 @@ from service.gateway.main import Gateway
 from service.pool import EmbeddedRedis, EmbeddedRedisError
 from service.realtime import quiet_gc
 from service.settings import ASR_ENV, GatewaySettings, ServeSettings, WorkerSettings
+from service.worker.auth import SECRET_ENV, SECRET_FILE_ENV
 
 log = logging.getLogger("moshimoshi.serve")
 
@@ -48,11 +49,14 @@ def worker_environment(settings: WorkerSettings, redis_url: str) -> dict[str, st
     return env
 
 
-def asr_environment(settings: ServeSettings, redis_url: str) -> dict[str, str]:
+def asr_environment(settings: ServeSettings, redis_url: str, worker_secret: str | None = None) -> dict[str, str]:
     """The child ASR worker's environment: on this machine, on a free port, unless the
-    MOSHIMOSHI_ASR_* variables say otherwise."""
+    MOSHIMOSHI_ASR_* variables say otherwise; the workers' secret."""
     env = dict(os.environ)
     env["REDIS_URL"] = redis_url
+    env.pop(SECRET_FILE_ENV, None)
+    if worker_secret:
+        env[SECRET_ENV] = worker_secret
     env.setdefault(ASR_ENV + "HOST", "127.0.0.1")
     env.setdefault(ASR_ENV + "PORT", "0")
     if settings.asr_model:
@@ -72,10 +76,20 @@ def with_api_token(settings: GatewaySettings) -> GatewaySettings:
     return dataclasses.replace(settings, api_tokens=[f"{token}:admin"])
 
 
+def with_worker_secret(gateway_settings: GatewaySettings,
+                       worker_settings: WorkerSettings) -> tuple[GatewaySettings, WorkerSettings]:
+    """One secret for the gateway and the workers ``serve`` starts: the configured one, or
+    without one a random secret for this run (never printed: only these processes need it)."""
+    secret = gateway_settings.worker_secret or worker_settings.worker_secret or secrets.token_urlsafe(32)
+    return (dataclasses.replace(gateway_settings, worker_secret=secret),
+            dataclasses.replace(worker_settings, worker_secret=secret))
+
+
 def run_serve(gateway_settings: GatewaySettings, worker_settings: WorkerSettings,
               serve_settings: ServeSettings | None = None) -> int:
     quiet_gc()
-    return realtime.run(_serve(with_api_token(gateway_settings), worker_settings, serve_settings or ServeSettings()))
+    gateway_settings, worker_settings = with_worker_secret(with_api_token(gateway_settings), worker_settings)
+    return realtime.run(_serve(gateway_settings, worker_settings, serve_settings or ServeSettings()))
 
 
 async def _stop(process: asyncio.subprocess.Process | None) -> None:
@@ -110,7 +124,8 @@ async def _serve(gateway_settings: GatewaySettings, worker_settings: WorkerSetti
             env=worker_environment(worker_settings, redis_url))
         if serve_settings.asr == "on":
             asr = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "service", "asr", env=asr_environment(serve_settings, redis_url))
+                sys.executable, "-m", "service", "asr",
+                env=asr_environment(serve_settings, redis_url, worker_settings.worker_secret))
         gateway = Gateway(dataclasses.replace(gateway_settings, redis_url=redis_url),
                           model=gateway_settings.model)
         loop = asyncio.get_running_loop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from service.config import ConfigError, setting
+from service.worker.auth import INSECURE_ENV, SECRET_ENV, SECRET_FILE_ENV, resolve_secret
 
 DEFAULT_MODEL = "llm-jp/llm-jp-moshi-v1"
 DEFAULT_ASR_MODEL = "kotoba-tech/kotoba-whisper-v2.0-faster"
@@ -67,7 +68,19 @@ class WorkerSettings:
                                        min=0.1, max=60.0)
     drain_grace_seconds: float = setting(300.0, "on SIGTERM, how long calls may go on before exit",
                                          min=0.0)
+    worker_secret: str | None = setting(
+        None, "shared secret gateways must present to use this worker's /v1 API (sessions, drain, info); "
+        "required unless --host is loopback or --insecure-no-worker-secret", secret=True, env=SECRET_ENV)
+    worker_secret_file: str | None = setting(
+        None, "file holding the worker secret (e.g. a mounted Kubernetes Secret)", env=SECRET_FILE_ENV)
+    insecure_no_worker_secret: bool = setting(
+        False, "serve /v1 without a worker secret on a non-loopback address (only where nothing but the "
+        "gateways can reach the worker)", env=INSECURE_ENV)
     log_level: str = setting("info", "log level", choices=["debug", "info", "warning", "error"])
+
+    def validate(self) -> None:
+        self.worker_secret = resolve_secret(self.worker_secret, self.worker_secret_file)
+        self.worker_secret_file = None  # read once: the secret itself is what is passed on
 
 
 @dataclass
@@ -119,10 +132,19 @@ class AsrSettings:
                                        min=0.1, max=60.0, env=ASR_ENV + "HEARTBEAT_SECONDS")
     drain_grace_seconds: float = setting(60.0, "on SIGTERM, how long sessions may go on before exit",
                                          min=0.0, env=ASR_ENV + "DRAIN_GRACE_SECONDS")
+    worker_secret: str | None = setting(
+        None, "shared secret gateways must present to use this ASR worker's /v1 API (the same as the "
+        "model workers')", secret=True, env=SECRET_ENV)
+    worker_secret_file: str | None = setting(
+        None, "file holding the worker secret (e.g. a mounted Kubernetes Secret)", env=SECRET_FILE_ENV)
+    insecure_no_worker_secret: bool = setting(
+        False, "serve /v1 without a worker secret on a non-loopback address", env=INSECURE_ENV)
     log_level: str = setting("info", "log level", choices=["debug", "info", "warning", "error"],
                              env=ASR_ENV + "LOG_LEVEL")
 
     def validate(self) -> None:
+        self.worker_secret = resolve_secret(self.worker_secret, self.worker_secret_file)
+        self.worker_secret_file = None
         if self.backend == "openai":
             if not self.openai_base_url:
                 raise ConfigError("MOSHIMOSHI_ASR_BACKEND=openai needs MOSHIMOSHI_ASR_OPENAI_BASE_URL")
@@ -204,8 +226,14 @@ class GatewaySettings:
     webhook_backoff_seconds: float = setting(1.0, "wait before the first webhook retry; doubles each time",
                                              min=0.01, max=300.0)
     webhook_timeout_seconds: float = setting(5.0, "timeout of one webhook POST", min=0.1, max=120.0)
+    worker_secret: str | None = setting(
+        None, "shared secret presented to workers (their MOSHIMOSHI_WORKER_SECRET)", secret=True, env=SECRET_ENV)
+    worker_secret_file: str | None = setting(
+        None, "file holding the worker secret (e.g. a mounted Kubernetes Secret)", env=SECRET_FILE_ENV)
 
     def validate(self) -> None:
+        self.worker_secret = resolve_secret(self.worker_secret, self.worker_secret_file)
+        self.worker_secret_file = None
         self._validate_webrtc()
         if self.rtp_port_min >= self.rtp_port_max:
             raise ConfigError(

@@ -15,6 +15,7 @@ from service.pool import RegistryReader
 from service.pool import connect as pool_connect
 from tests.support.asr import AsrWorkerProcess
 from tests.support.pool import eventually
+from tests.support.procs import WORKER_SECRET
 from tests.support.speech import Speech, chunks, sentences_with_silences
 
 pytestmark = pytest.mark.system
@@ -67,7 +68,7 @@ async def test_three_sentences_become_three_caller_events_on_the_call_clock(tmp_
         async with pool_connect(redis_server.url) as client:
             await worker.wait_registered(client)
             events: list[CallerEvent] = []
-            transcriber = CallerTranscriber("c-e2e", AsrWorkerFinder(RegistryReader(client)), events.append,
+            transcriber = CallerTranscriber("c-e2e", AsrWorkerFinder(RegistryReader(client), secret=WORKER_SECRET), events.append,
                                             rate=RATE)
             await Feeder(transcriber, speech).rest()
             # live: the first two sentences' text came while the call went on
@@ -86,7 +87,7 @@ async def test_without_an_asr_worker_the_transcript_says_so_and_the_call_goes_on
                                                                               redis_server):
     async with pool_connect(redis_server.url) as client:
         events: list[CallerEvent] = []
-        transcriber = CallerTranscriber("c-none", AsrWorkerFinder(RegistryReader(client)), events.append,
+        transcriber = CallerTranscriber("c-none", AsrWorkerFinder(RegistryReader(client), secret=WORKER_SECRET), events.append,
                                         rate=RATE)
         feeder = Feeder(transcriber, speech, speed=8.0)
         await feeder.until(speech.spans[1][1] + 0.7)  # two sentences, nobody to transcribe them
@@ -119,7 +120,7 @@ async def test_an_asr_worker_killed_mid_call_is_replaced_for_later_utterances(tm
         async with pool_connect(redis_server.url) as client:
             await first.wait_registered(client)
             events: list[CallerEvent] = []
-            transcriber = CallerTranscriber("c-kill", AsrWorkerFinder(RegistryReader(client)), events.append,
+            transcriber = CallerTranscriber("c-kill", AsrWorkerFinder(RegistryReader(client), secret=WORKER_SECRET), events.append,
                                             rate=RATE)
             feeder = Feeder(transcriber, speech)
             await feeder.until(speech.spans[0][1] + 0.7)
@@ -162,7 +163,7 @@ async def test_an_utterance_in_flight_when_its_worker_dies_goes_to_the_next_work
             await slow.wait_registered(client)
             await spare.wait_registered(client)
             events: list[CallerEvent] = []
-            transcriber = CallerTranscriber("c-retry", AsrWorkerFinder(RegistryReader(client)), events.append,
+            transcriber = CallerTranscriber("c-retry", AsrWorkerFinder(RegistryReader(client), secret=WORKER_SECRET), events.append,
                                             rate=RATE)
             feeder = Feeder(transcriber, speech)
             await feeder.until(speech.spans[0][1] + 0.7)
@@ -185,11 +186,11 @@ async def test_a_fixed_url_finder_and_a_worker_that_refuses(tmp_path, tiny_model
     try:
         await worker.wait_ready()
         events: list[CallerEvent] = []
-        first = CallerTranscriber("c-1", AsrWorkerFinder(url=worker.url), events.append, rate=RATE)
+        first = CallerTranscriber("c-1", AsrWorkerFinder(url=worker.url, secret=WORKER_SECRET), events.append, rate=RATE)
         await Feeder(first, speech, speed=8.0).until(speech.spans[0][1] + 0.7)
         await eventually(lambda: first.transcribed == 1, what="the first call's sentence transcribed")
         refused: list[CallerEvent] = []
-        second = CallerTranscriber("c-2", AsrWorkerFinder(url=worker.url), refused.append, rate=RATE)
+        second = CallerTranscriber("c-2", AsrWorkerFinder(url=worker.url, secret=WORKER_SECRET), refused.append, rate=RATE)
         await Feeder(second, speech, speed=8.0).until(speech.spans[0][1] + 0.7)
         await eventually(lambda: second.lost == 1, what="the second call's sentence lost")
         await first.close()

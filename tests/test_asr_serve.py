@@ -10,6 +10,7 @@ import json
 import pytest
 from websockets.asyncio.client import connect
 
+from tests.support.procs import worker_headers
 from tests.support.services import start_serve, wait_until
 
 pytestmark = pytest.mark.system
@@ -33,7 +34,7 @@ def test_serve_starts_a_demo_asr_worker_that_takes_no_calls(tmp_path):
         assert (tmp_path / "cache" / "moshimoshi").exists()
 
         async def session() -> dict:
-            async with connect(asr["url"] + "/v1/asr") as ws:
+            async with connect(asr["url"] + "/v1/asr", additional_headers=worker_headers()) as ws:
                 await ws.send(json.dumps({"type": "start", "version": 1, "call_id": "c-serve"}))
                 return json.loads(await ws.recv())
 

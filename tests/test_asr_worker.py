@@ -21,6 +21,7 @@ from service.pool import ASR_ROLE, RegistryReader, SlotLeases
 from service.pool import connect as pool_connect
 from service.settings import AsrSettings
 from tests.support.asr import AsrWorkerProcess
+from tests.support.procs import worker_headers
 
 SECOND = np.zeros(16000, dtype="<i2")
 
@@ -184,7 +185,7 @@ async def test_the_asr_process_registers_as_an_asr_worker_that_no_call_is_routed
             [status] = await RegistryReader(client).workers()
             assert (status.role, status.capacity, status.sessions, status.url) == (ASR_ROLE, 0, 512, worker.url[:-7])
             assert await SlotLeases(client).claim(None) is None
-            async with connect(worker.url) as ws:
+            async with connect(worker.url, additional_headers=worker_headers()) as ws:
                 assert (await start(ws))["type"] == "started"
                 await asyncio.sleep(1.2)  # two heartbeats
                 [status] = await RegistryReader(client).workers()

@@ -332,6 +332,71 @@ def test_gateway_reads_tokens_and_redis_from_secrets(default, external, loadbala
     assert key_ref == {"name": "moshimoshi-api", "key": "api-tokens"}
 
 
+def test_gateways_and_workers_share_one_worker_secret(default, external, loadbalancer):
+    for docs in (default, external, loadbalancer):
+        refs = [env_of(c)["MOSHIMOSHI_WORKER_SECRET"]["valueFrom"]["secretKeyRef"] for c in (gateway(docs), worker(docs))]
+        assert refs[0] == refs[1] == {"name": f"{FULLNAME}-worker-secret", "key": "worker-secret"}
+        assert re.fullmatch(r"[A-Za-z0-9]{48}", secret_value(docs, env_of(worker(docs))["MOSHIMOSHI_WORKER_SECRET"]))
+    given = render(None, "workerSecret.value=0123456789abcdef-given")
+    assert secret_value(given, env_of(gateway(given))["MOSHIMOSHI_WORKER_SECRET"]) == "0123456789abcdef-given"
+    existing = render(None, "workerSecret.existingSecret=moshimoshi-workers", "workerSecret.existingSecretKey=s")
+    assert not find(existing, "Secret", f"{FULLNAME}-worker-secret")
+    for c in (gateway(existing), worker(existing)):
+        assert env_of(c)["MOSHIMOSHI_WORKER_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": "moshimoshi-workers",
+                                                                                     "key": "s"}
+
+
+def policy_ports(policy: dict) -> list[set]:
+    return [{p["port"] for p in rule["ports"]} for rule in policy["spec"]["ingress"]]
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector["matchLabels"].items())
+
+
+def test_network_policies_let_only_gateways_and_prometheus_reach_workers(loadbalancer):
+    docs = loadbalancer  # gateways as pods (no hostNetwork): a pod selector finds them
+    pod_labels = {name: spec["metadata"]["labels"] for name, spec in (
+        ("gateway", one(docs, "Deployment", f"{FULLNAME}-gateway")["spec"]["template"]),
+        ("worker", one(docs, "StatefulSet", f"{FULLNAME}-worker")["spec"]["template"]),
+        ("redis", one(docs, "StatefulSet", f"{FULLNAME}-redis")["spec"]["template"]))}
+    workers = one(docs, "NetworkPolicy", f"{FULLNAME}-worker")["spec"]
+    assert workers["policyTypes"] == ["Ingress"]
+    assert selects(workers["podSelector"], pod_labels["worker"])
+    assert not selects(workers["podSelector"], pod_labels["gateway"])
+    gateways, prometheus = workers["ingress"]
+    assert len(gateways["from"]) == 1 and selects(gateways["from"][0]["podSelector"], pod_labels["gateway"])
+    assert not selects(gateways["from"][0]["podSelector"], pod_labels["worker"])  # not worker to worker
+    assert prometheus["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+                                   "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]
+    # the named port is the worker's only port: sessions, drain, info and /metrics
+    assert [p["name"] for p in worker(docs)["ports"]] == ["http"]
+    assert policy_ports(one(docs, "NetworkPolicy", f"{FULLNAME}-worker")) == [{"http"}, {"http"}]
+
+    redis = one(docs, "NetworkPolicy", f"{FULLNAME}-redis")["spec"]
+    assert selects(redis["podSelector"], pod_labels["redis"])
+    [rule] = redis["ingress"]
+    peers = [peer["podSelector"] for peer in rule["from"]]
+    assert [selects(p, pod_labels["gateway"]) for p in peers] == [True, False]
+    assert [selects(p, pod_labels["worker"]) for p in peers] == [False, True]
+    assert {p["port"] for p in rule["ports"]} == {"redis"}
+    assert "redis" in [p["name"] for p in container(docs, "StatefulSet", f"{FULLNAME}-redis")["ports"]]
+
+
+def test_network_policies_with_host_network_gateways(default, external):
+    # hostNetwork gateways send from their nodes: without the nodes' CIDRs no policy can let
+    # them through, so none is rendered (and NOTES.txt says so) rather than cut calls off
+    assert not find(default, "NetworkPolicy")
+    workers = one(external, "NetworkPolicy", f"{FULLNAME}-worker")["spec"]
+    assert workers["ingress"][0]["from"][1:] == [{"ipBlock": {"cidr": "10.0.0.0/24"}},
+                                                 {"ipBlock": {"cidr": "10.0.1.0/24"}}]
+    assert workers["ingress"][1]["from"][0]["namespaceSelector"] == {}  # Prometheus in any namespace
+    assert workers["ingress"][2]["from"] == [{"namespaceSelector": {"matchLabels": {"team": "telephony-ops"}}}]
+    assert not find(external, "NetworkPolicy", f"{FULLNAME}-redis")  # no bundled Redis
+    off = render(None, "networkPolicy.enabled=false", "networkPolicy.gatewayNodeCIDRs={10.0.0.0/24}")
+    assert not find(off, "NetworkPolicy")
+
+
 # ----------------------------------------------------------------------------- redis
 
 
@@ -435,11 +500,14 @@ class _FakeWorker(BaseHTTPRequestHandler):
     busy_after_drain: list[int] = []
     drained = threading.Event()
     scrapes = 0
+    secret = "drain-hook-secret-0123456789"
 
     def do_POST(self):  # noqa: N802
-        if self.path == "/v1/drain":
+        if self.path == "/v1/drain" and self.headers.get("Authorization") == f"Bearer {self.secret}":
             type(self).drained.set()
             self.send_response(202)
+        elif self.path == "/v1/drain":
+            self.send_response(401)  # as the worker answers without its secret
         else:
             self.send_response(404)
         self.send_header("Content-Length", "0")
@@ -471,7 +539,7 @@ def _run_drain_hook(default, busy: list[int], grace: float) -> tuple[float, type
     try:
         command = worker(default)["lifecycle"]["preStop"]["exec"]["command"]
         env = dict(os.environ, MOSHIMOSHI_PORT=str(server.server_address[1]),
-                   MOSHIMOSHI_DRAIN_GRACE_SECONDS=str(grace))
+                   MOSHIMOSHI_DRAIN_GRACE_SECONDS=str(grace), MOSHIMOSHI_WORKER_SECRET=_FakeWorker.secret)
         start = time.monotonic()
         proc = subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True, text=True,
                               timeout=60)
@@ -522,6 +590,7 @@ def test_worker_prestop_returns_when_the_worker_is_gone(default):
     (["gateway.rtp.portMin=30000", "gateway.rtp.portMax=20000"], "must be below gateway.rtp.portMax"),
     (["redis.enabled=false"], "set redis.externalUrl or redis.existingSecret"),
     (["redis.enabled=false", "redis.externalUrl=http://redis:6379"], "must start with redis://"),
+    (["workerSecret.value=too-short"], "workerSecret.value must have at least 16 characters"),
 ])
 def test_bad_values_fail_with_a_clear_message(sets, message):
     with pytest.raises(HelmError, match=re.escape(message)):
@@ -548,8 +617,10 @@ def test_notes(tmp_path):
     notes = render_notes(tmp_path, by_name["default-values"])
     assert "sip:<node IP>:5060" in notes and "UDP 20000-20999" in notes
     assert "get secret t-moshimoshi-api-tokens" in notes
+    assert "WARNING: no NetworkPolicy" in notes and "networkPolicy.gatewayNodeCIDRs" in notes
     notes = render_notes(tmp_path / "lb", by_name["loadbalancer-no-operator-values"])
     assert "sip:203.0.113.10:5060" in notes and "No ServiceMonitor" in notes
+    assert "NetworkPolicies t-moshimoshi-worker and t-moshimoshi-redis" in notes
     notes = render_notes(tmp_path / "ext", by_name["external-redis-values"])
     assert "CC BY-NC 4.0" in notes
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.procs import free_port
+from tests.support.procs import free_port, worker_headers
 from tests.support.realtime import realtime_test
 from tests.support.services import READ_TOKEN, TOKENS, Gateway, Process, gateway_args, wait_until
 from tests.support.webrtc_client import WebRtcClient, speech_like
@@ -60,7 +60,8 @@ def echo(tmp_path_factory) -> tp.Iterator[EchoSystem]:
 
 async def free_slots(system: EchoSystem) -> int:
     async with httpx.AsyncClient() as client:
-        return (await client.get(f"http://127.0.0.1:{system.worker_port}/v1/info", timeout=5)).json()["free"]
+        return (await client.get(f"http://127.0.0.1:{system.worker_port}/v1/info", timeout=5,
+                                 headers=worker_headers())).json()["free"]
 
 
 async def metric(system: EchoSystem, name: str, **labels: str) -> float:

@@ -10,13 +10,15 @@ import pytest
 import websockets
 
 from service.pool import SlotLeases, connect
+from tests.support.procs import worker_headers
 from tests.support.services import start_worker
 
 FRAME = bytes(3840)
 
 
 async def open_session(port: int, slot: int, token: int | None, call_id: str):
-    ws = await websockets.connect(f"ws://127.0.0.1:{port}/v1/session", max_size=2**20)
+    ws = await websockets.connect(f"ws://127.0.0.1:{port}/v1/session", max_size=2**20,
+                                  additional_headers=worker_headers())
     await ws.send(json.dumps({"type": "start", "version": 1, "call_id": call_id, "slot": slot, "token": token}))
     return ws
 

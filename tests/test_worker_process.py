@@ -12,7 +12,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from service.worker.tinymodel import TINY_VERSION
-from tests.support.procs import free_port, python_env
+from tests.support.procs import free_port, python_env, worker_headers
 from tests.support.worker import collect, pcm_frames, start_message
 
 pytestmark = pytest.mark.system
@@ -47,7 +47,7 @@ async def test_demo_worker_serves_and_drains_on_sigterm(tmp_path):
         await wait_ready(port, proc)
         assert (tmp_path / "cache" / "moshimoshi" / f"demo-v{TINY_VERSION}" / "config.json").exists()
         url = f"ws://127.0.0.1:{port}/v1/session"
-        async with connect(url) as ws:
+        async with connect(url, additional_headers=worker_headers()) as ws:
             await ws.send(start_message(call_id="before-sigterm"))
             started = json.loads(await ws.recv())
             assert (started["model"], started["context_seconds"]) == ("demo", 240.0)
@@ -63,7 +63,7 @@ async def test_demo_worker_serves_and_drains_on_sigterm(tmp_path):
                     await asyncio.sleep(0.05)
                 else:
                     raise AssertionError("/readyz still 200 after SIGTERM")
-            async with connect(url) as late:  # no new calls while draining
+            async with connect(url, additional_headers=worker_headers()) as late:  # no new calls while draining
                 await late.send(start_message(call_id="after-sigterm"))
                 refused = await collect(late)
             assert refused.close_code == 4029

@@ -15,6 +15,7 @@ from service.api.directory import redis_failed
 from service.api.models import DrainResult, PoolState, Problem, SlotState, WorkerState
 from service.gateway.routing.loopback import LOOPBACK_URL
 from service.pool import MODEL_ROLE, OVERLOADED, READY, PoolError, WorkerStatus
+from service.worker.auth import authorization
 
 if tp.TYPE_CHECKING:
     from service.gateway.main import Gateway
@@ -71,7 +72,8 @@ async def _single_worker(gateway: Gateway) -> PoolState:
         return _loopback(gateway)
     worker = WorkerState(worker_id=url, url=url, http_url=http_base(url), alive=False)
     try:
-        async with httpx.AsyncClient(timeout=WORKER_HTTP_TIMEOUT) as client:
+        async with httpx.AsyncClient(timeout=WORKER_HTTP_TIMEOUT,
+                                     headers=authorization(gateway.settings.worker_secret)) as client:
             info = (await client.get(worker.http_url + "/v1/info")).json()
         worker.alive = True
         worker.state = str(info.get("state", ""))
@@ -158,7 +160,8 @@ async def drain_worker(request: Request, worker_id: str) -> DrainResult:
         url = found.url
     target = http_base(url) + "/v1/drain"
     try:
-        async with httpx.AsyncClient(timeout=WORKER_HTTP_TIMEOUT) as client:
+        async with httpx.AsyncClient(timeout=WORKER_HTTP_TIMEOUT,
+                                     headers=authorization(gateway.settings.worker_secret)) as client:
             response = await client.post(target)
         answer = response.json() if response.content else {}
     except (httpx.HTTPError, ValueError) as exc:

@@ -34,6 +34,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from service.asr.segmenter import SegmenterConfig, Utterance, UtteranceSegmenter
 from service.asr.vad import SileroVad
+from service.worker.auth import authorization
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +80,13 @@ class AsrWorkerFinder:
 
     The registry is read at most once a second per finder (shared by a gateway's calls)."""
 
-    def __init__(self, registry: tp.Any | None = None, *, url: str | None = None) -> None:
+    def __init__(self, registry: tp.Any | None = None, *, url: str | None = None,
+                 secret: str | None = None) -> None:
         if (registry is None) == (url is None):
             raise ValueError("give a registry or a url")
         self.registry = registry
         self.url = url
+        self.headers = authorization(secret)  # the workers' shared secret (service.worker.auth)
         self._cache: list[tuple[int, str, str]] = []
         self._read_at = -FINDER_CACHE_SECONDS
         self._lock = asyncio.Lock()
@@ -281,7 +284,8 @@ class CallerTranscriber:
     async def _open(self, url: str) -> ClientConnection:
         async with asyncio.timeout(HANDSHAKE_SECONDS):
             ws = await connect(url, max_size=2**16, compression=None, open_timeout=HANDSHAKE_SECONDS,
-                               ping_interval=5, ping_timeout=5)
+                               ping_interval=5, ping_timeout=5,
+                               additional_headers=getattr(self.finder, "headers", None))
             try:
                 await ws.send(json.dumps({"type": "start", "version": PROTOCOL_VERSION, "call_id": self.call_id}))
                 answer = await ws.recv()

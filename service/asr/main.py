@@ -24,6 +24,7 @@ import uvicorn
 from service import realtime
 from service.asr.backends import Backend
 from service.asr.runtime import AsrRuntime
+from service.config import ConfigError
 from service.settings import DEFAULT_ASR_MODEL, AsrSettings
 
 log = logging.getLogger("service.asr")
@@ -131,8 +132,14 @@ async def serve_asr(settings: AsrSettings, *, backend_factory: tp.Callable[[], B
                     on_listening: tp.Callable[[int], None] | None = None) -> int:
     """Run an ASR worker on the current event loop until it has drained; the exit status."""
     from service.asr.server import create_app
+    from service.worker.auth import check_exposure
     from service.worker.main import UvicornServer, listen_socket
 
+    try:
+        check_exposure(settings.host, settings.worker_secret, settings.insecure_no_worker_secret)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
     try:
         sock = listen_socket(settings.host, settings.port)
     except OSError as exc:

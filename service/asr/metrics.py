@@ -36,6 +36,9 @@ class AsrMetrics:
                                        "Sessions closed for a protocol violation or refusal, by close code",
                                        ["code"], registry=r)
         self.ready = Gauge("moshimoshi_asr_ready", "1 when the model is loaded and not draining", registry=r)
+        self.auth_refused = Counter(
+            "moshimoshi_asr_auth_refused_total",
+            "Requests to /v1 refused for a missing or wrong worker secret, by endpoint", ["endpoint"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,6 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.asr.runtime import AsrRuntime
 from service.asr.session import AsrSession
+from service.worker.auth import WorkerAuth
 
 SESSION_PATH = "/v1/asr"
 
@@ -16,6 +17,8 @@ def create_app(runtime: AsrRuntime) -> FastAPI:
     """The ASR worker's ASGI app; ``runtime`` is started by the caller."""
     app = FastAPI(title="moshimoshi ASR worker", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.runtime = runtime
+    app.add_middleware(WorkerAuth, secret=runtime.settings.worker_secret,  # /v1/* only with the secret
+                       on_refused=lambda endpoint: runtime.metrics.auth_refused.labels(endpoint).inc())
 
     @app.websocket(SESSION_PATH)
     async def session(ws: WebSocket) -> None:

@@ -92,12 +92,13 @@ class Gateway:
             self.records = CallRecords(self.pool, retention=settings.call_retention_seconds)
             self.registry = RegistryReader(self.pool)
             self.router = PoolRouter(SlotLeases(self.pool), model=self.model, gateway_id=self.gateway_id,
-                                     lease_ttl_ms=int(settings.lease_ttl_seconds * 1000))
+                                     lease_ttl_ms=int(settings.lease_ttl_seconds * 1000),
+                                     secret=settings.worker_secret)
         elif settings.worker_url == LOOPBACK_URL:
             self.router = LoopbackRouter(settings.echo_delay_ms)
         else:
             assert settings.worker_url
-            self.router = FixedRouter(settings.worker_url, model=self.model)
+            self.router = FixedRouter(settings.worker_url, model=self.model, secret=settings.worker_secret)
         self.workers_ready = 0
         self.redis_ok: bool | None = True if self.pool is None else None  # None: not checked yet
         self._stop = asyncio.Event()

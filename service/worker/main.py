@@ -21,6 +21,7 @@ import typing as tp
 import uvicorn
 
 from service import realtime
+from service.config import ConfigError
 from service.settings import DEFAULT_MODEL, WorkerSettings
 from service.worker.capacity import FRAME_RATE, ContextError
 from service.worker.checkpoint import CheckpointError, MoshiVersionError
@@ -150,8 +151,17 @@ async def serve_worker(settings: WorkerSettings, *, validator: TokenValidator | 
                        engine_factory: tp.Callable[[], Engine] | None = None,
                        on_listening: tp.Callable[[int], None] | None = None) -> int:
     """Run a worker on the current event loop until it has drained; return the exit status."""
+    from service.worker.auth import check_exposure, is_loopback
     from service.worker.server import create_app
 
+    try:
+        check_exposure(settings.host, settings.worker_secret, settings.insecure_no_worker_secret)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    if not settings.worker_secret:
+        log.warning("no worker secret: /v1 (sessions, drain, info) is open to %s",
+                    "every local process" if is_loopback(settings.host) else f"anyone who can reach {settings.host}")
     try:
         sock = listen_socket(settings.host, settings.port)
     except OSError as exc:

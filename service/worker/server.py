@@ -5,15 +5,19 @@ from __future__ import annotations
 from fastapi import FastAPI, WebSocket
 from fastapi.responses import JSONResponse, Response
 
+from service.worker.auth import WorkerAuth
 from service.worker.metrics import PROMETHEUS_CONTENT_TYPE
 from service.worker.runtime import WorkerRuntime
 from service.worker.session import Session
 
 
 def create_app(runtime: WorkerRuntime) -> FastAPI:
-    """The worker's ASGI app; ``runtime`` must be started by the caller."""
+    """The worker's ASGI app; ``runtime`` must be started by the caller. ``/v1/*`` requires
+    the worker secret when one is set (service.worker.auth); probes and metrics stay open."""
     app = FastAPI(title="moshimoshi worker", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.runtime = runtime
+    app.add_middleware(WorkerAuth, secret=runtime.settings.worker_secret,
+                       on_refused=lambda endpoint: runtime.metrics.auth_refused.labels(endpoint).inc())
 
     @app.websocket("/v1/session")
     async def session(ws: WebSocket) -> None:

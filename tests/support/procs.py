@@ -53,11 +53,23 @@ def has_ipv6() -> bool:
         return False
 
 
+# The secret every gateway and worker of a deployment shares (as from one Kubernetes Secret):
+# the child processes of the tests get it, as production pods do.
+WORKER_SECRET = "test-worker-secret-0123456789abcdef"
+
+
+def worker_headers(secret: str = WORKER_SECRET) -> dict[str, str]:
+    """What a gateway sends to a worker's /v1 API."""
+    return {"Authorization": f"Bearer {secret}"}
+
+
 def python_env(**extra: str) -> dict[str, str]:
-    """Environment for a child ``python -m service ...`` that imports this checkout."""
+    """Environment for a child ``python -m service ...`` that imports this checkout (with the
+    deployment's worker secret, unless ``extra`` says otherwise)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("MOSHIMOSHI_WORKER_SECRET", WORKER_SECRET)
     env.update(extra)
     return env
 

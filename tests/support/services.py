@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.support.procs import free_port, moshimoshi_cmd, python_env
+from tests.support.procs import WORKER_SECRET, free_port, moshimoshi_cmd, python_env
 
 ADMIN_TOKEN = "test-admin-token"
 READ_TOKEN = "test-read-token"
@@ -20,6 +20,7 @@ TOKENS = f"{ADMIN_TOKEN}:admin,{READ_TOKEN}:read"
 
 def http_json(url: str, token: str | None = ADMIN_TOKEN, method: str = "GET",
               timeout: float = 5.0) -> tuple[int, dict | list | str]:
+    """A request with ``Authorization: Bearer <token>`` (a worker's /v1: the worker secret)."""
     request = urllib.request.Request(url, method=method)
     if token:
         request.add_header("Authorization", f"Bearer {token}")
@@ -160,7 +161,7 @@ class Worker:
         self.worker_id = worker_id
 
     def info(self) -> dict:
-        status, body = http_json(f"http://127.0.0.1:{self.port}/v1/info", token=None)
+        status, body = http_json(f"http://127.0.0.1:{self.port}/v1/info", token=WORKER_SECRET)
         return body if status == 200 and isinstance(body, dict) else {}
 
     def wait_ready(self, timeout: float = 60.0) -> None:

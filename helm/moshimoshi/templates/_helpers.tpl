@@ -75,6 +75,40 @@ redis-url
 {{- default (printf "%s-api-tokens" (include "moshimoshi.fullname" .)) .Values.apiTokens.existingSecret -}}
 {{- end -}}
 
+{{- define "moshimoshi.workerSecretName" -}}
+{{- default (printf "%s-worker-secret" (include "moshimoshi.fullname" .)) .Values.workerSecret.existingSecret -}}
+{{- end -}}
+
+{{/* The env entry that gives a gateway or a worker the shared worker secret. */}}
+{{- define "moshimoshi.workerSecretEnv" -}}
+- name: MOSHIMOSHI_WORKER_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "moshimoshi.workerSecretName" . }}
+      key: {{ if .Values.workerSecret.existingSecret }}{{ .Values.workerSecret.existingSecretKey }}{{ else }}worker-secret{{ end }}
+{{- end -}}
+
+{{/* Whether the worker and Redis NetworkPolicies can be rendered: hostNetwork gateways need
+the nodes' CIDRs (their traffic carries the node's address). */}}
+{{- define "moshimoshi.networkPolicies" -}}
+{{- if and .Values.networkPolicy.enabled (or (ne .Values.gateway.networking.mode "hostNetwork") .Values.networkPolicy.gatewayNodeCIDRs) -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* NetworkPolicyPeers of the gateways: their pods, and with hostNetwork their nodes. */}}
+{{- define "moshimoshi.gatewayPeers" -}}
+- podSelector:
+    matchLabels:
+      {{- include "moshimoshi.selectorLabels" (dict "ctx" . "component" "gateway") | nindent 6 }}
+{{- if eq .Values.gateway.networking.mode "hostNetwork" }}
+{{- range .Values.networkPolicy.gatewayNodeCIDRs }}
+- ipBlock:
+    cidr: {{ . | quote }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
 {{- define "moshimoshi.hfTokenSecret" -}}
 {{- default (printf "%s-hf-token" (include "moshimoshi.fullname" .)) .Values.worker.hfToken.existingSecret -}}
 {{- end -}}
@@ -102,14 +136,16 @@ else a fresh random string. (dict "ctx" $ "secret" NAME "key" KEY "length" N)
 {{- end -}}
 
 {{/*
-The worker's preStop hook: ask the worker to drain (POST /v1/drain: no new claims, readiness
-off), then wait until its last call has ended or the drain grace is over. SIGTERM follows.
+The worker's preStop hook: ask the worker to drain (POST /v1/drain with the worker secret: no
+new claims, readiness off), then wait until its last call has ended or the drain grace is over. SIGTERM follows.
 */}}
 {{- define "moshimoshi.workerDrainScript" -}}
 import os, re, time, urllib.request
 base = "http://127.0.0.1:" + os.environ.get("MOSHIMOSHI_PORT", "8081")
+secret = os.environ.get("MOSHIMOSHI_WORKER_SECRET", "")
+headers = {"Authorization": "Bearer " + secret} if secret else {}
 try:
-    urllib.request.urlopen(urllib.request.Request(base + "/v1/drain", data=b"", method="POST"), timeout=10)
+    urllib.request.urlopen(urllib.request.Request(base + "/v1/drain", data=b"", method="POST", headers=headers), timeout=10)
 except Exception as exc:
     print("preStop: drain request failed:", exc, flush=True)
 deadline = time.monotonic() + float(os.environ.get("MOSHIMOSHI_DRAIN_GRACE_SECONDS", "300"))

@@ -117,9 +117,10 @@ def _link(url: str, call_id: str, callbacks: LinkCallbacks, **kwargs: tp.Any) ->
 class FixedRouter:
     """Every call goes to one configured worker, which picks the slot (no pool)."""
 
-    def __init__(self, url: str, model: str | None = None) -> None:
+    def __init__(self, url: str, model: str | None = None, secret: str | None = None) -> None:
         self.url = url
         self.model = model
+        self.secret = secret
         self.worker_ok = True
 
     def ready(self) -> bool:
@@ -133,7 +134,7 @@ class FixedRouter:
         deadline = time.monotonic() + wait
         queued = False
         while True:
-            link = _link(self.url, call_id, callbacks, model=self.model)
+            link = _link(self.url, call_id, callbacks, model=self.model, secret=self.secret)
             try:
                 session = await _to_the_end(_opened(link, worker_id=self.url))
                 assert session is not None
@@ -173,9 +174,10 @@ class PoolRouter:
     """Claims a fenced lease on the least loaded worker through Redis, then connects."""
 
     def __init__(self, leases: SlotLeases, *, model: str | None, gateway_id: str,
-                 lease_ttl_ms: int = 15_000) -> None:
+                 lease_ttl_ms: int = 15_000, secret: str | None = None) -> None:
         self.leases = leases
         self.model = model
+        self.secret = secret  # the workers' shared secret
         self.gateway_id = gateway_id
         self.lease_ttl_ms = lease_ttl_ms
         self.redis_ok = True
@@ -245,7 +247,7 @@ class PoolRouter:
                     refused.append(lease)
                     continue
                 link = _link(lease.url, call_id, callbacks, slot=lease.slot, token=lease.token,
-                             model=self.model)
+                             model=self.model, secret=self.secret)
                 try:
                     await link.open(timeout=HANDSHAKE_SECONDS)
                 except (WorkerRefused, OSError, TimeoutError) as exc:

@@ -10,9 +10,11 @@ import typing as tp
 
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidHandshake, InvalidStatus
 
 from service.gateway import metrics
 from service.wire import FRAME_BYTES, SESSION_PATH, Started, start_message
+from service.worker.auth import authorization
 
 SEND_QUEUE_FRAMES = 4
 
@@ -43,6 +45,7 @@ class WorkerLink:
         slot: int | None = None,
         token: int | None = None,
         model: str | None = None,
+        secret: str | None = None,
         on_frame: tp.Callable[[bytes], None] | None = None,
         on_text: tp.Callable[[str, float], None] | None = None,
         on_end: tp.Callable[[str], None] | None = None,
@@ -52,6 +55,7 @@ class WorkerLink:
         self.slot = slot
         self.token = token
         self.model = model
+        self.headers = authorization(secret)  # the workers' shared secret (service.worker.auth)
         self.on_frame = on_frame
         self.on_text = on_text
         self.on_end = on_end
@@ -68,8 +72,8 @@ class WorkerLink:
         """Connect and handshake; raises WorkerRefused or OSError/TimeoutError."""
         try:
             async with asyncio.timeout(timeout):
-                self._ws = await connect(self.url, max_size=2**20, compression=None,
-                                         open_timeout=timeout, ping_interval=5, ping_timeout=5)
+                self._ws = await connect(self.url, max_size=2**20, compression=None, open_timeout=timeout,
+                                         ping_interval=5, ping_timeout=5, additional_headers=self.headers)
                 await self._ws.send(json.dumps(start_message(self.call_id, slot=self.slot, token=self.token,
                                                              model=self.model)))
                 reply = await self._ws.recv()
@@ -77,6 +81,15 @@ class WorkerLink:
             await self._abort()
             raise WorkerRefused(exc.rcvd.code if exc.rcvd else None,
                                 exc.rcvd.reason if exc.rcvd else "connection closed") from None
+        except InvalidStatus as exc:  # refused before the upgrade: 401/403 is a wrong or missing secret
+            await self._abort()
+            status = exc.response.status_code
+            hint = " (the worker secret is missing or wrong: MOSHIMOSHI_WORKER_SECRET)" if status in (401, 403) else ""
+            log.error("worker %s refused the session with HTTP %d%s", self.url, status, hint)
+            raise WorkerRefused(status, f"HTTP {status}{hint}") from None
+        except InvalidHandshake as exc:  # not a WebSocket server at all
+            await self._abort()
+            raise WorkerRefused(None, f"no WebSocket handshake: {exc}"[:200]) from None
         except BaseException:
             await self._abort()
             raise
