@@ -20,7 +20,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from service.gateway.worker_link import WorkerLink, WorkerRefused
+from service.gateway.routing.worker_link import WorkerLink, WorkerRefused
 from service.worker.auth import WorkerAuth, check_exposure, is_loopback, resolve_secret
 from tests.support.procs import WORKER_SECRET, free_port, moshimoshi_cmd, python_env
 from tests.support.services import http_json, start_gateway, start_serve, start_worker, wait_until
@@ -217,7 +217,7 @@ def test_a_worker_reads_its_secret_from_a_mounted_file_or_runs_open_only_when_to
 
 @pytest.mark.system
 async def test_a_gateway_with_the_wrong_secret_gets_no_session_and_says_so(redis_server, tmp_path):
-    from service.call import place_call
+    from service.tools.call import place_call
     from sip.errors import CallFailed
     from tests.test_pool_e2e import call_settings, wait_pool
 
@@ -242,7 +242,7 @@ async def test_a_gateway_with_the_wrong_secret_gets_no_session_and_says_so(redis
 
 @pytest.mark.system
 async def test_serve_makes_a_secret_of_its_own_when_none_is_set(tmp_path):
-    from service.call import place_call
+    from service.tools.call import place_call
     from tests.test_pool_e2e import call_settings
 
     gateway = start_serve(tmp_path, "echo", env={"MOSHIMOSHI_WORKER_SECRET": ""})
