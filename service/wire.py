@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 PROTOCOL_VERSION = 1
 SESSION_PATH = "/v1/session"
+AUTH_PREFIX = "/v1/"  # every request under it carries the deployment's worker secret
 
 SAMPLE_RATE = 24000  # the model's audio rate, both ways
 FRAME_MS = 80  # one Mimi frame, one model step
@@ -77,3 +78,9 @@ def _sampling(value: tp.Any) -> dict[str, float | int | bool] | None:
     if not isinstance(value, dict):
         return None
     return {str(k)[:32]: v for k, v in list(value.items())[:16] if isinstance(v, (bool, int, float))}
+
+
+def authorization(secret: str | None) -> dict[str, str]:
+    """The header every gateway request to a worker's /v1 carries (PROTOCOL.md,
+    "Authentication"): the deployment's shared worker secret as a bearer token; none without one."""
+    return {"Authorization": f"Bearer {secret}"} if secret else {}

@@ -15,7 +15,7 @@ from service.api.directory import redis_failed
 from service.api.models import DrainResult, PoolState, Problem, SlotState, WorkerState
 from service.gateway.routing.loopback import LOOPBACK_URL
 from service.pool import MODEL_ROLE, OVERLOADED, READY, PoolError, WorkerStatus
-from service.worker.auth import authorization
+from service.wire import authorization
 
 if tp.TYPE_CHECKING:
     from service.gateway.main import Gateway

@@ -34,7 +34,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from service.asr.segmenter import SegmenterConfig, Utterance, UtteranceSegmenter
 from service.asr.vad import SileroVad
-from service.worker.auth import authorization
+from service.wire import authorization
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class AsrWorkerFinder:
             raise ValueError("give a registry or a url")
         self.registry = registry
         self.url = url
-        self.headers = authorization(secret)  # the workers' shared secret (service.worker.auth)
+        self.headers = authorization(secret)  # the workers' shared secret (PROTOCOL.md)
         self._cache: list[tuple[int, str, str]] = []
         self._read_at = -FINDER_CACHE_SECONDS
         self._lock = asyncio.Lock()

@@ -23,10 +23,13 @@ import typing as tp
 from pathlib import Path
 
 from service.config import ConfigError
+from service.wire import AUTH_PREFIX, authorization
+
+__all__ = ["WorkerAuth", "authorization", "check_exposure", "is_loopback", "resolve_secret"]
 
 log = logging.getLogger(__name__)
 
-PROTECTED_PREFIX = "/v1/"
+PROTECTED_PREFIX = AUTH_PREFIX
 MIN_SECRET_LENGTH = 16
 MAX_SECRET_LENGTH = 4096
 SECRET_ENV = "MOSHIMOSHI_WORKER_SECRET"
@@ -79,11 +82,6 @@ def check_exposure(host: str, secret: str | None, insecure: bool) -> None:
         f"the worker would serve its sessions and /v1/drain to anyone who can reach {host}: set "
         f"{SECRET_ENV} (or {SECRET_FILE_ENV}, a mounted secret file) to the secret its gateways use, bind "
         "--host 127.0.0.1, or pass --insecure-no-worker-secret on a network where only gateways reach it")
-
-
-def authorization(secret: str | None) -> dict[str, str]:
-    """The header a gateway sends to a worker (none without a secret)."""
-    return {"Authorization": f"Bearer {secret}"} if secret else {}
 
 
 class WorkerAuth:

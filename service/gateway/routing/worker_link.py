@@ -13,8 +13,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus
 
 from service.gateway import metrics
-from service.wire import FRAME_BYTES, SESSION_PATH, Started, start_message
-from service.worker.auth import authorization
+from service.wire import FRAME_BYTES, SESSION_PATH, Started, authorization, start_message
 
 SEND_QUEUE_FRAMES = 4
 
@@ -55,7 +54,7 @@ class WorkerLink:
         self.slot = slot
         self.token = token
         self.model = model
-        self.headers = authorization(secret)  # the workers' shared secret (service.worker.auth)
+        self.headers = authorization(secret)  # the workers' shared secret (PROTOCOL.md)
         self.on_frame = on_frame
         self.on_text = on_text
         self.on_end = on_end
