@@ -390,6 +390,9 @@ class Gateway:
             log.warning("MOSHIMOSHI_API_TOKENS entry %d is short (under 16 characters): easy to guess", weak)
         if not self.api_tokens:
             log.warning("no API tokens configured: /v1 refuses every request (set MOSHIMOSHI_API_TOKENS)")
+        if not self.settings.worker_secret and self.settings.worker_url != LOOPBACK_URL:
+            log.warning("no worker secret: workers that require one refuse this gateway's sessions "
+                        "(set MOSHIMOSHI_WORKER_SECRET to theirs)")
         if self.transcripts is not None:
             self.transcripts.start()
         if self.hangups is not None:
