@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import socket
+import time
+import typing as tp
 from pathlib import Path
 
 import pytest
 
+from service.worker import checkpoint
 from service.worker.checkpoint import (
     APACHE,
     CC_BY_NC,
@@ -93,6 +98,44 @@ def test_hub_repo_loads_from_the_cache_with_its_licence(tiny_dir, offline_hub):
     assert loaded.info.research_only
     assert "RESEARCH USE ONLY" in loaded.info.banner()
     assert loaded.info.to_dict()["license"] == CC_BY_NC
+
+
+@pytest.fixture
+def unreachable_hub(tmp_path, monkeypatch) -> tp.Callable[[str], None]:
+    """An empty cache and a Hub at ``endpoint`` (not offline mode: the loader must find out)."""
+    from huggingface_hub import constants
+
+    from service.worker import checkpoint
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(checkpoint, "_hub_probes", {})
+
+    def point_at(endpoint: str) -> None:
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    return point_at
+
+
+@pytest.mark.parametrize("hub", ["refusing", "silent"])
+def test_an_unreachable_hub_fails_fast_once_without_retries(unreachable_hub, hub, caplog):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        if hub == "silent":
+            listener.listen(1)  # accepts the connection, never answers
+        else:
+            listener.close()  # nothing listens: refused
+        unreachable_hub(f"http://127.0.0.1:{port}")
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING), pytest.raises(
+                CheckpointError, match=rf"nobody/nothing-here: cannot fetch config\.json: Hugging Face is "
+                                       rf"unreachable \(http://127\.0\.0\.1:{port}: \w+\)"):
+            load_checkpoint("nobody/nothing-here", device="cpu")
+    took = time.monotonic() - started
+    assert took < checkpoint.HUB_PROBE_SECONDS + 3, took  # not huggingface_hub's ~26 s of retries
+    assert not [r for r in caplog.records if "Retry" in r.getMessage()]
 
 
 def test_hub_repo_not_cached_offline_is_a_clear_error(offline_hub):

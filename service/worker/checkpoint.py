@@ -161,6 +161,38 @@ class _LocalSource:
         return None
 
 
+HUB_PROBE_SECONDS = 5.0  # one look at the Hub before any download; its client retries for ~30 s
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be reached (None when it answers), asked once.
+
+    huggingface_hub retries a refused or unresolvable host five times with backoff (~26 s)
+    for each file; one quick look first lets an offline machine use its cache at once, and
+    fail at once, in one line, when the cache lacks a file.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    endpoint = constants.ENDPOINT
+    if endpoint not in _hub_probes:
+        import requests
+
+        try:
+            requests.head(endpoint, timeout=HUB_PROBE_SECONDS, allow_redirects=False)
+            _hub_probes[endpoint] = None
+        except requests.RequestException as exc:
+            reason = type(exc).__name__
+            if isinstance(exc, requests.ConnectionError) and "resolve" in str(exc).lower():
+                reason = "its name does not resolve"
+            _hub_probes[endpoint] = f"{endpoint}: {reason}"
+    return _hub_probes[endpoint]
+
+
+_hub_probes: dict[str, str | None] = {}
+
+
 class _HubSource:
     def __init__(self, repo_id: str, revision: str | None) -> None:
         self.repo_id = repo_id
@@ -177,17 +209,19 @@ class _HubSource:
             RevisionNotFoundError,
         )
 
+        unreachable = hub_unreachable()
         try:
-            return Path(hf_hub_download(self.repo_id, name, revision=self.revision))
+            return Path(hf_hub_download(self.repo_id, name, revision=self.revision,
+                                        local_files_only=unreachable is not None))
         except LocalEntryNotFoundError:
             # Offline and not cached. (A subclass of EntryNotFoundError: test it first, or an
             # unreachable Hub would read as "this repo has no such file".)
             if not required and self._cached_without(name):
                 return None
             raise CheckpointError(
-                f"checkpoint {self.label}: cannot fetch {name}: Hugging Face is unreachable and the "
-                "file is not in the local cache (download it once, or set HF_HOME to a cache "
-                "that has it)") from None
+                f"checkpoint {self.label}: cannot fetch {name}: Hugging Face is unreachable "
+                f"({unreachable or 'offline'}) and the file is not in the local cache (download it "
+                "once, or set HF_HOME to a cache that has it)") from None
         except EntryNotFoundError:
             if required:
                 raise CheckpointError(f"checkpoint {self.label}: missing {name}") from None
