@@ -1,18 +1,28 @@
-"""HTTP Digest authentication for SIP clients (RFC 3261 §22, RFC 2617, RFC 8760).
+"""HTTP Digest authentication for SIP (RFC 3261 §22, RFC 2617, RFC 8760), both sides.
 
-``DigestChallenge.parse`` reads a WWW-Authenticate / Proxy-Authenticate value;
+Client: ``DigestChallenge.parse`` reads a WWW-Authenticate / Proxy-Authenticate value;
 ``authorization`` answers it. MD5, MD5-sess, SHA-256 and SHA-256-sess; qop ``auth``
 (preferred) or ``auth-int``, or none for RFC 2069-style challenges.
+
+Server: ``DigestAuthenticator`` challenges (SHA-256 and MD5, qop=auth) and verifies, with
+stateless nonces bound to the client, expiry (``stale=true``) and ``nc`` replay refusal.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import secrets
+import struct
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from sip.errors import SipParseError
 from sip.grammar import Scanner, quote, unquote
+from sip.uri import SipUri
 
 _HASHES = {"MD5": hashlib.md5, "SHA-256": hashlib.sha256, "SHA-512-256": lambda: hashlib.new("sha512_256")}
 
@@ -108,3 +118,190 @@ def authorization(challenge: DigestChallenge, *, method: str, uri: str, username
     if challenge.opaque is not None:
         parts.append(f"opaque={quote(challenge.opaque)}")
     return "Digest " + ", ".join(parts)
+
+
+# --- the server side ---------------------------------------------------------------------
+
+CHALLENGE_ALGORITHMS = ("SHA-256", "MD5")  # RFC 8760 §2.4: in order of preference
+_NONCE = struct.Struct("!Q8s")  # issue time (ms since the epoch), random
+_NONCE_MAC_BYTES = 16
+
+
+def parse_credentials(text: str, where: str = "credentials") -> dict[str, str]:
+    """``user:password`` entries, comma- or newline-separated (a password may hold ':'
+    but not ','). Raises ValueError naming the bad entry, never showing a password."""
+    out: dict[str, str] = {}
+    for number, entry in enumerate(text.replace("\n", ",").split(","), 1):
+        entry = entry.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        user, colon, password = entry.partition(":")
+        user = user.strip()
+        if not colon or not user or not password:
+            raise ValueError(f"{where}: entry {number} is not user:password")
+        if any(c in user for c in '"\\ \t') or not user.isprintable():
+            raise ValueError(f"{where}: user {user[:32]!r} holds a quote, backslash, space or control character")
+        if user in out:
+            raise ValueError(f"{where}: user {user!r} is listed twice")
+        out[user] = password
+    return out
+
+
+@dataclass(frozen=True)
+class AuthResult:
+    """What ``DigestAuthenticator.verify`` found: ``ok`` with ``username``, or the reason
+    it failed (``missing``, ``malformed``, ``failed``, ``stale``, ``replayed``) and whether the
+    fresh challenge says ``stale=true`` (the credentials were right, the nonce too old)."""
+
+    ok: bool
+    reason: str
+    username: str | None = None
+    stale: bool = False
+
+
+class DigestAuthenticator:
+    """Digest authentication of requests we receive (RFC 3261 §22, RFC 8760), qop=auth.
+
+    ``challenge(source)`` gives the WWW-Authenticate values of a 401 (SHA-256, then MD5), each
+    with a fresh nonce; ``verify(request, source)`` checks a request's Authorization.
+
+    Nonces carry their issue time and are bound to the client: an HMAC (with a key made
+    per process) over the time, a random part and the source address. So a nonce needs no
+    state until it is used; once a request authenticates with it, its highest ``nc`` is kept
+    (a bounded table) and a request that repeats an ``nc`` is refused as a replay. A nonce
+    older than ``nonce_seconds`` is stale: a correct answer to it gets a new challenge with
+    ``stale=true``. Passwords are turned into their HA1 hashes at once and never kept or
+    shown; an unknown user costs the same hashing as a known one and gets the same answer.
+    """
+
+    def __init__(self, credentials: Mapping[str, str], *, realm: str = "moshimoshi", nonce_seconds: float = 300.0,
+                 key: bytes | None = None, max_tracked_nonces: int = 65536,
+                 clock: Callable[[], float] = time.time) -> None:
+        if not credentials:
+            raise ValueError("digest authentication needs at least one user:password")
+        if nonce_seconds <= 0 or max_tracked_nonces < 1:
+            raise ValueError("nonce_seconds and max_tracked_nonces must be positive")
+        self.realm = realm
+        self.nonce_seconds = nonce_seconds
+        self.max_tracked_nonces = max_tracked_nonces
+        self.clock = clock
+        self._key = key or secrets.token_bytes(32)
+        self._ha1 = {user: {algorithm: _hash(algorithm, f"{user}:{realm}:{password}")
+                            for algorithm in CHALLENGE_ALGORITHMS}
+                     for user, password in credentials.items()}
+        self._decoy = {algorithm: secrets.token_hex(32) for algorithm in CHALLENGE_ALGORITHMS}
+        self._used: OrderedDict[str, tuple[float, int]] = OrderedDict()  # nonce → (issued, highest nc)
+        self._forgotten_before = 0.0  # nonces issued before this and no longer tracked count as stale
+
+    def __repr__(self) -> str:
+        return f"<DigestAuthenticator realm={self.realm!r} users={len(self._ha1)}>"
+
+    @property
+    def users(self) -> int:
+        return len(self._ha1)
+
+    # -- nonces ---------------------------------------------------------------------------
+
+    def _mac(self, body: bytes, source: str) -> bytes:
+        return hmac.new(self._key, body + source.encode(), hashlib.sha256).digest()[:_NONCE_MAC_BYTES]
+
+    def new_nonce(self, source: str) -> str:
+        body = _NONCE.pack(int(self.clock() * 1000), secrets.token_bytes(8))
+        return base64.urlsafe_b64encode(body + self._mac(body, source)).rstrip(b"=").decode()
+
+    def _nonce_issued(self, nonce: str, source: str) -> float | None:
+        """When ``nonce`` was issued to ``source``, or None when we did not issue it to it."""
+        try:
+            raw = base64.urlsafe_b64decode(nonce + "=" * (-len(nonce) % 4))
+        except (ValueError, TypeError):
+            return None
+        if len(raw) != _NONCE.size + _NONCE_MAC_BYTES:
+            return None
+        body, mac = raw[:_NONCE.size], raw[_NONCE.size:]
+        if not hmac.compare_digest(mac, self._mac(body, source)):
+            return None
+        return _NONCE.unpack(body)[0] / 1000
+
+    def challenge(self, source: str, *, stale: bool = False) -> list[str]:
+        """WWW-Authenticate values for a 401 to ``source``: one per algorithm, best first."""
+        nonce = self.new_nonce(source)
+        suffix = ", stale=true" if stale else ""
+        return [f'Digest realm={quote(self.realm)}, nonce="{nonce}", algorithm={algorithm}, qop="auth"{suffix}'
+                for algorithm in CHALLENGE_ALGORITHMS]
+
+    # -- verification ---------------------------------------------------------------------
+
+    def verify(self, method: str, uri: str, authorizations: list[str], source: str) -> AuthResult:
+        """Check the Authorization values of a request (``method``, Request-URI ``uri``)
+        from ``source`` (its IP address)."""
+        params: dict[str, str] | None = None
+        for value in authorizations:
+            try:
+                scheme, candidate = parse_auth_params(value, "Authorization")
+            except SipParseError:
+                return AuthResult(False, "malformed")
+            if scheme.lower() == "digest" and candidate.get("realm") == self.realm:
+                params = candidate
+                break
+        if params is None:
+            return AuthResult(False, "missing")
+        try:
+            username, nonce, digest_uri, response = (params[k] for k in ("username", "nonce", "uri", "response"))
+            qop, nc_text, cnonce = params["qop"].lower(), params["nc"], params["cnonce"]
+        except KeyError:
+            return AuthResult(False, "malformed")
+        algorithm = params.get("algorithm", "MD5").upper()
+        if algorithm not in CHALLENGE_ALGORITHMS or qop != "auth" or len(nc_text) != 8:
+            return AuthResult(False, "malformed")
+        try:
+            nc = int(nc_text, 16)
+        except ValueError:
+            return AuthResult(False, "malformed")
+        issued = self._nonce_issued(nonce, source)
+        if issued is None or nc < 1:
+            return AuthResult(False, "failed")
+        if not _same_uri(digest_uri, uri):
+            return AuthResult(False, "failed")
+        ha1 = self._ha1.get(username, self._decoy)[algorithm]
+        ha2 = _hash(algorithm, f"{method}:{digest_uri}")
+        expected = _hash(algorithm, f"{ha1}:{nonce}:{nc_text}:{cnonce}:auth:{ha2}")
+        if not hmac.compare_digest(expected.encode(), response.lower().encode()) or username not in self._ha1:
+            return AuthResult(False, "failed")
+        now = self.clock()
+        if now - issued > self.nonce_seconds:
+            return AuthResult(False, "stale", username, stale=True)
+        used = self._used.get(nonce)
+        if used is None:
+            if issued < self._forgotten_before:
+                return AuthResult(False, "stale", username, stale=True)
+            self._remember(nonce, issued, nc, now)
+        elif nc <= used[1]:
+            return AuthResult(False, "replayed", username)
+        else:
+            self._used[nonce] = (issued, nc)
+        return AuthResult(True, "ok", username)
+
+    def _remember(self, nonce: str, issued: float, nc: int, now: float) -> None:
+        used = self._used
+        while used:
+            oldest_nonce, (oldest_issued, _) = next(iter(used.items()))
+            if now - oldest_issued <= self.nonce_seconds and len(used) < self.max_tracked_nonces:
+                break
+            used.popitem(last=False)
+            if now - oldest_issued <= self.nonce_seconds:
+                # Forgotten while still fresh: refuse what it would have allowed (a replay).
+                self._forgotten_before = max(self._forgotten_before, oldest_issued + 0.001)
+        used[nonce] = (issued, nc)
+
+    @property
+    def tracked_nonces(self) -> int:
+        return len(self._used)
+
+
+def _same_uri(digest_uri: str, request_uri: str) -> bool:
+    if digest_uri == request_uri:
+        return True
+    try:  # the digest-uri names the Request-URI; spellings may differ
+        return SipUri.parse(digest_uri) == SipUri.parse(request_uri)
+    except SipParseError:
+        return False

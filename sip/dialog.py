@@ -23,6 +23,7 @@ import random
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
+from sip.acl import canonical_ip
 from sip.errors import SipError, SipParseError, TransportError
 from sip.headers import Address, Headers
 from sip.message import Request, Response, make_response
@@ -52,6 +53,21 @@ MediaHandler = Callable[[NegotiatedMedia], None]
 MediaCheck = Callable[[NegotiatedMedia], str | None]
 TERMINATION_REASONS = ("remote-bye", "local-bye", "ack-timeout", "session-expired", "transport-error",
                        "ack-without-answer", "unacceptable-answer", "stopped")
+
+
+def uri_ip(uri: Uri | None) -> str | None:
+    """The IP address a SIP URI names (its maddr, else its host), or None for a name."""
+    if not isinstance(uri, SipUri):
+        return None
+    return canonical_ip(uri.param("maddr") or uri.host)
+
+
+def peer_hosts(source: str, route_set: list[Address], target: Uri | None) -> frozenset[str]:
+    """Where a dialog's peer may send its in-dialog requests from: the address the dialog's
+    first request came from (or went to), the first hop of its route set, and its remote
+    target (Contact), each when an IP address is known."""
+    hosts = {canonical_ip(source), uri_ip(route_set[0].uri) if route_set else None, uri_ip(target)}
+    return frozenset(host for host in hosts if host is not None)
 
 
 class Dialog:
@@ -89,6 +105,7 @@ class Dialog:
         self.route_set = [Address.parse(value, "Record-Route") for value in route_set]
         self._route_values = list(route_set)
         self.flow = flow
+        self._first_hops = peer_hosts(flow.host, self.route_set, None)
         self.local_sdp = local_sdp
         self.remote_sdp = remote_sdp
         self.media: NegotiatedMedia | None = None
@@ -128,6 +145,17 @@ class Dialog:
     @property
     def is_terminated(self) -> bool:
         return self.terminated.done()
+
+    @property
+    def peer_hosts(self) -> frozenset[str]:
+        """The IP addresses this dialog's peer may send from (see ``peer_hosts``)."""
+        target = uri_ip(self.remote_target)
+        return self._first_hops if target is None else self._first_hops | {target}
+
+    def is_peer(self, host: str) -> bool:
+        """Whether a request from ``host`` may come from this dialog's peer."""
+        ip = canonical_ip(host)
+        return ip in self._first_hops or (ip is not None and ip == uri_ip(self.remote_target))
 
     def __repr__(self) -> str:
         return f"<Dialog {self.role} {self.call_id} {'terminated' if self.is_terminated else 'active'}>"

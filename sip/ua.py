@@ -40,14 +40,16 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from sip.acl import canonical_ip
 from sip.auth import DigestChallenge, authorization
-from sip.dialog import Dialog, DialogId, MediaCheck, SdpLike
+from sip.dialog import Dialog, DialogId, MediaCheck, SdpLike, peer_hosts
 from sip.errors import CallAborted, CallCancelled, CallFailed, SipError, SipParseError, TransportError
+from sip.guard import NOT_PEER, Refusal, RequestGuard
 from sip.headers import Address, Headers, parse_media_type, parse_uint
-from sip.message import DEFAULT_MAX_MESSAGE_SIZE, Request, Response, make_response, new_tag
+from sip.message import DEFAULT_MAX_MESSAGE_SIZE, HeaderItems, Request, Response, make_response, new_tag
 from sip.sdp import SdpError, SessionDescription, negotiated_as_answerer, negotiated_from_answer
 from sip.session_timer import SessionTimer, answer_session_timer, min_se_of, timer_from_response
-from sip.transaction import ServerTransaction, Timers, TransactionLayer
+from sip.transaction import ServerTransaction, Timers, TransactionLayer, server_key
 from sip.transport import Flow, Transport
 from sip.uri import SipUri, format_host
 
@@ -119,6 +121,12 @@ class IncomingCall:
     @property
     def early_id(self) -> DialogId:
         return (self.call_id, self.local_tag, self.from_addr.tag or "")
+
+    def is_peer(self, host: str) -> bool:
+        """Whether a request in this call's early dialog (PRACK, BYE) may come from ``host``."""
+        contacts = self.request.contacts
+        hosts = peer_hosts(self.flow.host, self.request.record_routes, contacts[0].uri if contacts else None)
+        return canonical_ip(host) in hosts
 
     def _pending(self) -> bool:
         return self.state == "pending" and not self.aborted.is_set() and self.transaction.final_status is None
@@ -355,6 +363,9 @@ class UserAgent:
     - ``force_rport``: answer UDP requests at their source port even without ``;rport``
       (for clients behind NAT that do not ask for RFC 3581).
     - ``max_message_size``, ``tcp_idle_timeout``, ``max_tcp_connections``: transport limits.
+    - ``guard``: a ``RequestGuard`` (sip.guard): who may send requests outside a dialog,
+      digest authentication of INVITEs, per-source rate limits, scanner user agents, and
+      in-dialog requests only from the dialog's peer. Its refusals create no state.
     """
 
     def __init__(self, host: str = "0.0.0.0", port: int = 0, *, public_host: str | None = None,
@@ -362,8 +373,9 @@ class UserAgent:
                  session_expires: int = 1800, min_se: int = 90, timers: Timers | None = None,
                  user: str = "moshimoshi", max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
                  tcp_idle_timeout: float = 120.0, max_tcp_connections: int = 1024,
-                 force_rport: bool = False) -> None:
+                 force_rport: bool = False, guard: RequestGuard | None = None) -> None:
         self.on_invite = on_invite
+        self.guard = guard
         # Out-of-dialog OPTIONS get 503 while this says False (draining, no capacity).
         self.available: Callable[[], bool] | None = None
         self.user_agent = user_agent
@@ -463,7 +475,7 @@ class UserAgent:
         return f"<sip:{self.user}@{format_host(host)}:{self.port}{suffix}>"
 
     def _response(self, request: Request, status: int, reason: str | None = None, *,
-                  headers: Mapping[str, str] | None = None, to_tag: str | None = None) -> Response:
+                  headers: HeaderItems | None = None, to_tag: str | None = None) -> Response:
         response = make_response(request, status, reason, to_tag=to_tag or new_tag(), headers=headers)
         response.headers.add("Server", self.user_agent)
         return response
@@ -483,7 +495,8 @@ class UserAgent:
     def _authorization(self, request: Request, response: Response, credentials: tuple[str, str],
                        tried_nonces: set[str]) -> list[tuple[str, str]]:
         """Authorization headers answering a 401/407, or [] when we cannot (unknown
-        scheme, or the same nonce failed already: wrong credentials)."""
+        scheme, or an answer to the same realm was refused without ``stale``: wrong
+        credentials)."""
         proxy = response.status == 407
         challenge_header = "Proxy-Authenticate" if proxy else "WWW-Authenticate"
         out_header = "Proxy-Authorization" if proxy else "Authorization"
@@ -494,9 +507,10 @@ class UserAgent:
                 continue
             if not challenge.supported:
                 continue
-            if challenge.nonce in tried_nonces and not challenge.stale:
-                return []
-            tried_nonces.add(challenge.nonce)
+            realm_tried = f"realm:{challenge.realm}"
+            if not challenge.stale and (challenge.nonce in tried_nonces or realm_tried in tried_nonces):
+                return []  # our answer to this realm was refused, not for staleness: wrong credentials
+            tried_nonces.update((challenge.nonce, realm_tried))
             username, password = credentials
             return [(out_header, authorization(challenge, method=request.method, uri=str(request.uri),
                                                username=username, password=password, body=request.body))]
@@ -505,7 +519,48 @@ class UserAgent:
     # -- the transaction user -----------------------------------------------------------
 
     def _on_message(self, message: Request | Response, flow: Flow) -> None:
+        if isinstance(message, Request) and self.guard is not None:
+            refusal = self._screen(message, flow)
+            if refusal is not None:
+                self._refuse(message, flow, refusal)
+                return
         self.transactions.receive(message, flow)
+
+    # -- the guard: who may talk to us (sip.guard) ---------------------------------------------
+
+    def _screen(self, request: Request, flow: Flow) -> Refusal | None:
+        """The guard's verdict on a request, before any state is created for it."""
+        guard = self.guard
+        assert guard is not None
+        if guard.is_scanner(request):
+            return Refusal("scanner")
+        host = flow.host
+        transaction = self.transactions.server.get(server_key(request))
+        if transaction is not None:  # a retransmission, or the ACK of our non-2xx
+            return None if canonical_ip(transaction.flow.host) == canonical_ip(host) else Refusal(NOT_PEER, 403)
+        to_tag = request.to_addr.tag
+        if to_tag is not None:
+            key = (request.call_id, to_tag, request.from_addr.tag or "")
+            owner: Dialog | IncomingCall | None = self.dialogs.get(key) or self._early.get(key)
+            if owner is not None:
+                return None if owner.is_peer(host) else Refusal(NOT_PEER, 403)
+        if request.method == "CANCEL":
+            invite = self.transactions.find_invite(request)
+            if invite is not None:
+                return None if canonical_ip(invite.flow.host) == canonical_ip(host) else Refusal(NOT_PEER, 403)
+        if request.method == "ACK":
+            return None  # matches nothing: counted as a stray ACK and absorbed
+        return guard.screen(request, host)
+
+    def _refuse(self, request: Request, flow: Flow, refusal: Refusal) -> None:
+        """Answer (or drop) a refused request statelessly: no transaction, no dialog."""
+        assert self.guard is not None
+        self.guard.counters.count(refusal.reason)
+        if refusal.status is None or request.method == "ACK":
+            return
+        response = self._response(request, refusal.status, headers=refusal.headers or None)
+        self.transport.counters.count_response(refusal.status)
+        self.transport.send(response.to_bytes(), self.transport.response_flow(request, flow))
 
     def on_request(self, request: Request, transaction: ServerTransaction | None, flow: Flow) -> None:
         if transaction is None:
