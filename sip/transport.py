@@ -26,11 +26,16 @@ from typing import Any
 from sip.errors import SipParseError, TransportError
 from sip.framing import StreamFramer
 from sip.message import DEFAULT_MAX_MESSAGE_SIZE, Request, Response, parse_message, stateless_response
+from sip.ratelimit import source_key
 from sip.status import reason_phrase
+from sip.streamlimits import IDLE, ConnectionClock, StreamLimits
 
 log = logging.getLogger("sip.transport")
 
 UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
+# A connection flood fills the accept queue; what waits there is accepted (and refused past
+# the limits) at once, instead of the kernel dropping SYNs, legitimate ones among them.
+LISTEN_BACKLOG = 1024
 MessageHandler = Callable[[Request | Response, "Flow"], None]
 
 
@@ -47,8 +52,9 @@ class TransportCounters:
     keepalives: int = 0            # CRLF keep-alives (and empty datagrams)
     send_errors: int = 0
     tcp_accepted: int = 0
-    tcp_rejected: int = 0          # refused because max_tcp_connections was reached
+    tcp_rejected: int = 0          # refused: max_connections in all, or max_per_source from one address
     tcp_idle_closed: int = 0
+    tcp_slow_closed: int = 0       # closed for a first message, message or handshake too slow (slowloris)
     tcp_open: int = 0
     responses_sent: dict[int, int] = field(default_factory=dict)  # by status, retransmissions not counted
 
@@ -119,21 +125,20 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 
 
 class TcpConnection(asyncio.Protocol):
-    """One TCP connection, either direction: frames the stream and tracks idleness.
+    """One TCP connection, either direction: frames the stream and keeps its deadlines
+    (``StreamLimits``, applied by a ``ConnectionClock``). It is closed when idle unless
+    something (a transaction, a dialog) holds it."""
 
-    A connection is closed after ``tcp_idle_timeout`` without traffic unless something
-    (a transaction, a dialog) holds it.
-    """
-
-    def __init__(self, owner: Transport) -> None:
+    def __init__(self, owner: Transport, *, inbound: bool = True) -> None:
         self.owner = owner
-        self.framer = StreamFramer(owner.max_message_size)
+        self.inbound = inbound
+        self.framer = StreamFramer(owner.max_message_size, owner.stream_limits.max_header_bytes)
         self.transport: asyncio.Transport | None = None
         self.remote: tuple[str, int] = ("", 0)
+        self.source = ""
         self.closed = False
         self.holds = 0
-        self.last_activity = 0.0
-        self._idle: asyncio.TimerHandle | None = None
+        self.clock: ConnectionClock | None = None
         self._keepalives_seen = 0
         self._registered = False
 
@@ -142,32 +147,37 @@ class TcpConnection(asyncio.Protocol):
         # TCPTransport is not one (and an isinstance check refused every uvloop connection).
         self.transport = typing.cast(asyncio.Transport, transport)
         self.remote = _normalise(transport.get_extra_info("peername"))
-        self.last_activity = self.owner._loop.time()
+        self.source = source_key(self.remote[0])
         if not self.owner._register(self):
             self.closed = True
             transport.abort()
             return
         self._registered = True
-        self._arm_idle(self.owner.tcp_idle_timeout)
+        self.clock = ConnectionClock(self.owner.stream_limits, self.owner._loop, self._expired,
+                                     inbound=self.inbound, held=lambda: self.holds > 0)
 
     def data_received(self, data: bytes) -> None:
-        self.last_activity = self.owner._loop.time()
+        if self.closed:
+            return
         try:
             messages = self.framer.feed(data)
         except SipParseError as exc:
             self.owner._on_stream_error(self, exc)
             return
-        if self.framer.keepalives != self._keepalives_seen:
-            self.owner.counters.keepalives += self.framer.keepalives - self._keepalives_seen
+        pings = self.framer.keepalives - self._keepalives_seen
+        if pings:
+            self.owner.counters.keepalives += pings
             self._keepalives_seen = self.framer.keepalives
             self.write(b"\r\n")  # RFC 5626 pong
+        if self.clock is not None:
+            self.clock.received(len(messages) + pings, self.framer.buffered > 0)
         for message in messages:
             self.owner._on_stream_message(message, self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._idle is not None:
-            self._idle.cancel()
+        if self.clock is not None:
+            self.clock.cancel()
         if self._registered:
             self._registered = False
             self.owner._unregister(self)
@@ -176,7 +186,8 @@ class TcpConnection(asyncio.Protocol):
         if self.closed or self.transport is None or self.transport.is_closing():
             raise TransportError(f"TCP connection to {self.remote[0]}:{self.remote[1]} is closed")
         self.transport.write(data)
-        self.last_activity = self.owner._loop.time()
+        if self.clock is not None:
+            self.clock.sent()
 
     def hold(self) -> None:
         self.holds += 1
@@ -194,35 +205,31 @@ class TcpConnection(asyncio.Protocol):
             self.closed = True
             self.transport.abort()
 
-    def _arm_idle(self, delay: float) -> None:
-        self._idle = self.owner._loop.call_later(max(delay, 0.01), self._check_idle)
-
-    def _check_idle(self) -> None:
+    def _expired(self, reason: str) -> None:
         if self.closed:
             return
-        timeout = self.owner.tcp_idle_timeout
-        idle = self.owner._loop.time() - self.last_activity
-        if idle >= timeout and self.holds == 0:
+        if reason == IDLE:
             self.owner.counters.tcp_idle_closed += 1
             log.debug("closing idle TCP connection to %s:%d", *self.remote)
             self.close()
         else:
-            self._arm_idle(timeout - idle if idle < timeout else timeout)
+            self.owner.counters.tcp_slow_closed += 1
+            log.info("closing TCP connection from %s:%d: %s deadline passed", *self.remote, reason)
+            self.abort()
 
 
 class Transport:
     """UDP and TCP listeners on one port; see the module docstring."""
 
     def __init__(self, host: str = "0.0.0.0", port: int = 0, *, on_message: MessageHandler | None = None,
-                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, tcp_idle_timeout: float = 120.0,
-                 max_tcp_connections: int = 1024, tcp_connect_timeout: float = 5.0,
-                 force_rport: bool = False, public_host: str | None = None) -> None:
+                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, stream_limits: StreamLimits | None = None,
+                 tcp_connect_timeout: float = 5.0, force_rport: bool = False,
+                 public_host: str | None = None) -> None:
         self.host = host
         self.port = port
         self.on_message = on_message
         self.max_message_size = max_message_size
-        self.tcp_idle_timeout = tcp_idle_timeout
-        self.max_tcp_connections = max_tcp_connections
+        self.stream_limits = stream_limits or StreamLimits()
         self.tcp_connect_timeout = tcp_connect_timeout
         self.force_rport = force_rport
         self.public_host = public_host
@@ -231,6 +238,7 @@ class Transport:
         self._udp: asyncio.DatagramTransport | None = None
         self._server: asyncio.Server | None = None
         self._connections: dict[tuple[str, int], TcpConnection] = {}
+        self._by_source: dict[str, set[TcpConnection]] = {}  # inbound connections per source
         self._tasks: set[asyncio.Task] = set()
         self._local_hosts: dict[str, str] = {}
         self._loop = asyncio.get_event_loop()
@@ -242,7 +250,8 @@ class Transport:
         udp_sock, tcp_sock = self._bind()
         self.port = udp_sock.getsockname()[1]
         self._udp, _ = await self._loop.create_datagram_endpoint(lambda: _UdpProtocol(self), sock=udp_sock)
-        self._server = await self._loop.create_server(lambda: TcpConnection(self), sock=tcp_sock)
+        self._server = await self._loop.create_server(lambda: TcpConnection(self, inbound=True), sock=tcp_sock,
+                                                      backlog=LISTEN_BACKLOG)
         log.info("SIP listening on %s port %d (UDP and TCP)", self.host, self.port)
 
     def _new_socket(self, kind: int) -> socket.socket:
@@ -273,7 +282,7 @@ class Transport:
             tcp = self._new_socket(socket.SOCK_STREAM)
             try:
                 tcp.bind((self.host, port))
-                tcp.listen(128)
+                tcp.listen(LISTEN_BACKLOG)
             except OSError as exc:
                 udp.close()
                 tcp.close()
@@ -288,6 +297,7 @@ class Transport:
         for connection in list(self._connections.values()):
             connection.abort()
         self._connections.clear()
+        self._by_source.clear()
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
@@ -444,11 +454,12 @@ class Transport:
             return flow
         connection = self._live_connection(flow)
         if connection is None:
-            if len(self._connections) >= self.max_tcp_connections:
-                raise TransportError(f"max_tcp_connections ({self.max_tcp_connections}) reached")
+            limit = self.stream_limits.max_connections
+            if len(self._connections) >= limit:
+                raise TransportError(f"the TCP connection limit ({limit}) is reached")
             try:
                 _, protocol = await asyncio.wait_for(
-                    self._loop.create_connection(lambda: TcpConnection(self), flow.host, flow.port),
+                    self._loop.create_connection(lambda: TcpConnection(self, inbound=False), flow.host, flow.port),
                     self.tcp_connect_timeout)
             except (TimeoutError, OSError) as exc:
                 raise TransportError(f"cannot connect to {flow.host}:{flow.port} over TCP: {exc}") from exc
@@ -458,18 +469,39 @@ class Transport:
         return Flow("TCP", flow.host, flow.port, connection)
 
     def _register(self, connection: TcpConnection) -> bool:
-        if len(self._connections) >= self.max_tcp_connections:
-            self.counters.tcp_rejected += 1
-            log.warning("refusing TCP connection from %s:%d: max_tcp_connections reached", *connection.remote)
-            return False
+        """Admit a new connection within ``stream_limits``: the total, and for one we
+        accepted, the connections from its source that carry nothing (no transaction or
+        dialog holds them: a trunk's calls never count against it)."""
+        limits = self.stream_limits
+        if len(self._connections) >= limits.max_connections:
+            return self._refuse(connection, "the TCP connection limit")
+        if connection.inbound:
+            same_source = self._by_source.setdefault(connection.source, set())
+            if sum(1 for other in same_source if other.holds == 0) >= limits.max_per_source:
+                if not same_source:
+                    del self._by_source[connection.source]
+                return self._refuse(connection, "the per-source TCP connection limit")
+            same_source.add(connection)
         self._connections[connection.remote] = connection
         self.counters.tcp_accepted += 1
         self.counters.tcp_open = len(self._connections)
         return True
 
+    def _refuse(self, connection: TcpConnection, limit: str) -> bool:
+        self.counters.tcp_rejected += 1
+        if self.counters.tcp_rejected & (self.counters.tcp_rejected - 1) == 0:  # 1st, 2nd, 4th, 8th...
+            log.warning("refusing TCP connection from %s:%d: %s is reached (%d refused so far)",
+                        *connection.remote, limit, self.counters.tcp_rejected)
+        return False
+
     def _unregister(self, connection: TcpConnection) -> None:
         if self._connections.get(connection.remote) is connection:
             del self._connections[connection.remote]
+        same_source = self._by_source.get(connection.source)
+        if same_source is not None:
+            same_source.discard(connection)
+            if not same_source:
+                del self._by_source[connection.source]
         self.counters.tcp_open = len(self._connections)
 
     @property

@@ -49,6 +49,7 @@ from sip.headers import Address, Headers, parse_media_type, parse_uint
 from sip.message import DEFAULT_MAX_MESSAGE_SIZE, HeaderItems, Request, Response, make_response, new_tag
 from sip.sdp import SdpError, SessionDescription, negotiated_as_answerer, negotiated_from_answer
 from sip.session_timer import SessionTimer, answer_session_timer, min_se_of, timer_from_response
+from sip.streamlimits import StreamLimits
 from sip.transaction import ServerTransaction, Timers, TransactionLayer, server_key
 from sip.transport import Flow, Transport
 from sip.uri import SipUri, format_host
@@ -362,7 +363,8 @@ class UserAgent:
     - ``timers``: T1/T2/T4 (shrink them in tests).
     - ``force_rport``: answer UDP requests at their source port even without ``;rport``
       (for clients behind NAT that do not ask for RFC 3581).
-    - ``max_message_size``, ``tcp_idle_timeout``, ``max_tcp_connections``: transport limits.
+    - ``max_message_size``; ``stream_limits`` (sip.streamlimits): TCP connection caps, in all
+      and per source, and the deadlines of each connection (first message, each message, idle).
     - ``guard``: a ``RequestGuard`` (sip.guard): who may send requests outside a dialog,
       digest authentication of INVITEs, per-source rate limits, scanner user agents, and
       in-dialog requests only from the dialog's peer. Its refusals create no state.
@@ -372,8 +374,8 @@ class UserAgent:
                  on_invite: InviteHandler | None = None, user_agent: str = "moshimoshi/0.1",
                  session_expires: int = 1800, min_se: int = 90, timers: Timers | None = None,
                  user: str = "moshimoshi", max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-                 tcp_idle_timeout: float = 120.0, max_tcp_connections: int = 1024,
-                 force_rport: bool = False, guard: RequestGuard | None = None) -> None:
+                 stream_limits: StreamLimits | None = None, force_rport: bool = False,
+                 guard: RequestGuard | None = None) -> None:
         self.on_invite = on_invite
         self.guard = guard
         # Out-of-dialog OPTIONS get 503 while this says False (draining, no capacity).
@@ -385,8 +387,7 @@ class UserAgent:
         self.user = user
         self.allow = ", ".join(ALLOWED_METHODS)
         self.transport = Transport(host, port, on_message=self._on_message, max_message_size=max_message_size,
-                                   tcp_idle_timeout=tcp_idle_timeout, max_tcp_connections=max_tcp_connections,
-                                   force_rport=force_rport, public_host=public_host)
+                                   stream_limits=stream_limits, force_rport=force_rport, public_host=public_host)
         self.transactions = TransactionLayer(self.transport, self.timers, self)
         self.dialogs: dict[DialogId, Dialog] = {}
         self._calls: dict[tuple, IncomingCall] = {}

@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from sip.message import Request, make_response
+from sip.streamlimits import StreamLimits
 from sip.transport import Flow, Transport
 from tests.support.procs import has_ipv6
 from tests.support.sip_peer import RawPeer, branch, options
@@ -27,7 +28,8 @@ class Received:
 @pytest.fixture
 async def server():
     received = Received()
-    transport = Transport("127.0.0.1", 0, on_message=received, max_message_size=4096, tcp_idle_timeout=60)
+    transport = Transport("127.0.0.1", 0, on_message=received, max_message_size=4096,
+                          stream_limits=StreamLimits(idle_seconds=60))
     await transport.start()
     transport.received = received
     yield transport
@@ -198,11 +200,13 @@ async def test_tcp_keepalive_ping_gets_a_pong(server):
 
 async def test_idle_tcp_connections_are_closed_unless_held():
     received = Received()
-    transport = Transport("127.0.0.1", 0, on_message=received, tcp_idle_timeout=0.3)
+    transport = Transport("127.0.0.1", 0, on_message=received, stream_limits=StreamLimits(idle_seconds=0.3))
     await transport.start()
     idle = await RawPeer.tcp("127.0.0.1", transport.port)
     held = await RawPeer.tcp("127.0.0.1", transport.port)
     try:
+        idle.send(options("sip:a@b", idle))
+        await received.get()
         held.send(options("sip:a@b", held))
         _, flow = await received.get()
         flow.connection.hold()
@@ -219,7 +223,7 @@ async def test_idle_tcp_connections_are_closed_unless_held():
 
 
 async def test_tcp_connections_are_bounded():
-    transport = Transport("127.0.0.1", 0, on_message=Received(), max_tcp_connections=2)
+    transport = Transport("127.0.0.1", 0, on_message=Received(), stream_limits=StreamLimits(max_connections=2))
     await transport.start()
     peers = [await RawPeer.tcp("127.0.0.1", transport.port) for _ in range(3)]
     try:
