@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from service.config import ConfigError, setting
 from service.worker.auth import INSECURE_ENV, SECRET_ENV, SECRET_FILE_ENV, resolve_secret
+from sip.acl import PRIVATE_NETWORKS, AddressList
+from sip.auth import DigestAuthenticator, parse_credentials
+from sip.guard import SCANNER_USER_AGENTS, RequestGuard
+from sip.ratelimit import SourceRateLimiter
+from sip.streamlimits import StreamLimits
 
 DEFAULT_MODEL = "llm-jp/llm-jp-moshi-v1"
 DEFAULT_ASR_MODEL = "kotoba-tech/kotoba-whisper-v2.0-faster"
@@ -185,6 +191,41 @@ class GatewaySettings:
     rtp_timeout_seconds: float = setting(30.0, "hang up when the caller's RTP stops this long (0: never)",
                                          min=0.0)
     session_expires: int = setting(1800, "RFC 4028 session interval offered to peers, seconds", min=90)
+    # Who may talk to the SIP port, and how much (README "Security"; sip/guard.py).
+    sip_allow: list[str] = setting(
+        list(PRIVATE_NETWORKS), "CIDRs allowed to send SIP requests outside a dialog (INVITE and every other "
+        "method; OPTIONS too with --sip-restrict-options); anyone else gets 403. Default: loopback and private "
+        "ranges only. 0.0.0.0/0,::/0 allows anyone")
+    sip_restrict_options: bool = setting(
+        False, "answer out-of-dialog OPTIONS only from --sip-allow (default: from anyone, for load balancers)")
+    sip_auth: list[str] = setting(
+        [], "user:password pairs, comma-separated: INVITEs must then carry digest credentials (SHA-256 or MD5)",
+        secret=True)
+    sip_auth_file: str | None = setting(
+        None, "a file of user:password lines for digest authentication (e.g. a mounted Kubernetes Secret)")
+    sip_auth_realm: str = setting("moshimoshi", "the digest realm")
+    sip_auth_nonce_seconds: float = setting(300.0, "how long a digest nonce is good for (then stale=true)",
+                                            min=1.0, max=86400.0)
+    sip_rate_limit: int = setting(
+        16, "SIP requests outside a dialog one source may send per --sip-rate-window-seconds before it is "
+        "banned (0: no limit)", min=0, max=1_000_000)
+    sip_rate_window_seconds: float = setting(2.0, "the window of --sip-rate-limit", min=0.1, max=3600.0)
+    sip_rate_ban_seconds: float = setting(300.0, "how long a source over --sip-rate-limit is ignored",
+                                          min=1.0, max=86400.0)
+    sip_scanner_agents: list[str] = setting(
+        list(SCANNER_USER_AGENTS), "User-Agent substrings (case-insensitive) whose requests are dropped "
+        "unanswered; empty: none")
+    sip_tcp_max_connections: int = setting(1024, "SIP TCP connections in all", min=1, max=1_000_000)
+    sip_tcp_max_per_source: int = setting(
+        32, "SIP TCP connections one address (IPv6: one /64) may hold that carry no call", min=1, max=1_000_000)
+    sip_tcp_first_message_seconds: float = setting(
+        5.0, "a new SIP TCP connection must deliver a whole first message within this", min=0.1, max=600.0)
+    sip_tcp_message_seconds: float = setting(
+        10.0, "every SIP message on TCP must be complete within this of its first byte", min=0.1, max=600.0)
+    sip_tcp_idle_seconds: float = setting(
+        120.0, "a SIP TCP connection carrying no call and no message for this long is closed", min=1.0)
+    sip_tcp_max_header_bytes: int = setting(32768, "the largest SIP header section accepted on TCP",
+                                            min=1024, max=65536)
     http_host: str = setting("0.0.0.0", "address of the HTTP API, metrics and dashboard")
     http_port: int = setting(8080, "port of the HTTP API, metrics and dashboard (0 picks one)",
                              min=0, max=65535)
@@ -242,6 +283,55 @@ class GatewaySettings:
         if self.jitter_min_ms > self.jitter_max_ms:
             raise ConfigError("MOSHIMOSHI_JITTER_MIN_MS must not exceed MOSHIMOSHI_JITTER_MAX_MS")
         self.codecs = _codec_names("MOSHIMOSHI_CODECS", self.codecs)
+        self.sip_guard()  # every SIP policy setting is read now, so a bad one stops the start
+
+    def sip_guard(self) -> RequestGuard:
+        """The SIP request guard these settings describe (raises ConfigError naming a bad setting)."""
+        try:
+            allow = AddressList.parse(self.sip_allow)
+        except ValueError as exc:
+            raise ConfigError(f"MOSHIMOSHI_SIP_ALLOW: {exc}") from None
+        if not allow:
+            raise ConfigError("MOSHIMOSHI_SIP_ALLOW is empty: nobody could call (0.0.0.0/0,::/0 allows anyone)")
+        credentials = self.sip_credentials()
+        authenticator = None
+        if credentials:
+            authenticator = DigestAuthenticator(credentials, realm=self.sip_auth_realm,
+                                                nonce_seconds=self.sip_auth_nonce_seconds)
+        rate = None
+        if self.sip_rate_limit:
+            rate = SourceRateLimiter(self.sip_rate_limit, self.sip_rate_window_seconds, self.sip_rate_ban_seconds)
+        return RequestGuard(allow=allow, restrict_options=self.sip_restrict_options, authenticator=authenticator,
+                            rate=rate, scanner_agents=self.sip_scanner_agents)
+
+    def sip_credentials(self) -> dict[str, str]:
+        """Digest users from --sip-auth and --sip-auth-file (never shown in an error)."""
+        try:
+            credentials = parse_credentials(",".join(self.sip_auth), "MOSHIMOSHI_SIP_AUTH")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.sip_auth_file:
+            try:
+                text = Path(self.sip_auth_file).read_text()
+            except OSError as exc:
+                raise ConfigError(f"MOSHIMOSHI_SIP_AUTH_FILE={self.sip_auth_file}: {exc.strerror}") from None
+            try:
+                from_file = parse_credentials(text, f"MOSHIMOSHI_SIP_AUTH_FILE={self.sip_auth_file}")
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            twice = sorted(from_file.keys() & credentials.keys())
+            if twice:
+                raise ConfigError(f"digest user {twice[0]!r} is in both MOSHIMOSHI_SIP_AUTH and "
+                                  "MOSHIMOSHI_SIP_AUTH_FILE")
+            credentials.update(from_file)
+        return credentials
+
+    def sip_stream_limits(self) -> StreamLimits:
+        return StreamLimits(max_connections=self.sip_tcp_max_connections,
+                            max_per_source=self.sip_tcp_max_per_source,
+                            first_message_seconds=self.sip_tcp_first_message_seconds,
+                            message_seconds=self.sip_tcp_message_seconds, idle_seconds=self.sip_tcp_idle_seconds,
+                            max_header_bytes=self.sip_tcp_max_header_bytes)
 
     def _validate_webrtc(self) -> None:
         for url in self.webrtc_ice_servers:

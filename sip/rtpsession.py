@@ -13,12 +13,18 @@ Who may send us media (the "RTP bleed" defence), in order:
    stream (the peer restarted its media behind the same NAT).
 3. Everything else is a stray packet: dropped unparsed and counted. Malformed packets from
    an admissible source are dropped and counted too. ``update_remote`` (re-INVITE) clears
-   the latch.
+   the latch (so a re-INVITE moves our media only to a verified address, or to one whose
+   media has arrived).
 
-Media goes back to where the latched peer's packets come from (symmetric RTP), or to the
-signalled address until something is latched. RTCP follows the same idea: accepted from the
-signalled or latched IP, sent to where the peer's RTCP comes from; if the peer multiplexes
-RTCP onto the RTP port (RFC 5761) so do we. Every ``rtcp_interval`` (randomised ×0.5–1.5
+Where we send (the "reflection" defence: an INVITE naming a third party's address in its SDP
+must not make us stream at it): media goes back to where the latched peer's packets come
+from (symmetric RTP). Until something is latched it goes to the signalled address only when
+that address is *verified*: it is an IP given to ``trust_ip`` (the address the call's
+signalling came from), or one this session's media came from before (a re-INVITE moving the
+peer's port). Otherwise nothing is sent (the packets are counted as withheld) until
+media arrives from the peer. RTCP follows the same idea: accepted from the signalled or
+latched IP, sent to where the peer's RTCP comes from, or to a verified address; if the peer
+multiplexes RTCP onto the RTP port (RFC 5761) so do we. Every ``rtcp_interval`` (randomised ×0.5–1.5
 per RFC 3550 §6.3.1) we send an SR (if we sent media since the report before last) or an
 RR, with SDES CNAME; :meth:`RtpSession.close` sends BYE and releases the ports.
 
@@ -194,6 +200,7 @@ class RtpSessionStats:
     packets_late: int
     packets_duplicate: int
     packets_stray: int
+    packets_withheld: int
     packets_malformed: int
     packets_unknown_payload_type: int
     rtcp_sent: int
@@ -243,6 +250,7 @@ class RtpSession:
         self._remote_rtcp: Address | None = None
         self._latched: Address | None = None
         self._trusted_ips: set[str] = set()
+        self._media_ips: deque[str] = deque(maxlen=8)  # where this session's media came from
         self._latched_ssrc: int | None = None
         self._retired_ssrcs: deque[int] = deque(maxlen=8)
         self._rtcp_latched: Address | None = None
@@ -261,6 +269,7 @@ class RtpSession:
         self.packets_received = 0
         self.octets_received = 0
         self.packets_stray = 0
+        self.packets_withheld = 0  # media not sent: no verified peer to send it to yet
         self.packets_malformed = 0
         self.packets_unknown_payload_type = 0
         self.handler_errors = 0
@@ -373,7 +382,7 @@ class RtpSession:
         self._latched = None
         self._latched_ssrc = None
         self._rtcp_latched = None
-        self._set_destination(self._remote)
+        self._set_destination(self._remote if self._verified_ip(self._remote[0]) else None)
 
     @property
     def remote_address(self) -> Address | None:
@@ -390,9 +399,21 @@ class RtpSession:
         return (host, port)
 
     def trust_ip(self, host: str) -> None:
-        """Also latch onto media from ``host``: typically the address the call's signalling
-        came from, for peers behind NAT whose SDP names a private address."""
-        self._trusted_ips.add(_canonical_ip(host))
+        """``host`` is the call's signalling peer (the address its INVITE came from, or the
+        one we called): media may be sent to it before any arrives from it, and media from
+        it is latched onto (peers behind NAT often name a private address in their SDP)."""
+        ip = _canonical_ip(host)
+        self._trusted_ips.add(ip)
+        if self._latched is None and self._remote is not None and self._remote[0] == ip:
+            self._set_destination(self._remote)
+
+    @property
+    def verified(self) -> bool:
+        """Whether media goes out: to a latched source, or a signalled address given to ``trust_ip``."""
+        return self._dest is not None
+
+    def _verified_ip(self, ip: str) -> bool:
+        return ip in self._trusted_ips or ip in self._media_ips
 
     def _admissible_ip(self, ip: str) -> bool:
         if self.allow_nat_any_ip:
@@ -413,6 +434,8 @@ class RtpSession:
             if latched is not None:
                 self.relatches += 1
                 self._retire(ssrc)
+            if source[0] not in self._media_ips:
+                self._media_ips.append(source[0])
             self._latched = source
             self._latched_ssrc = ssrc
             self._set_destination(source)
@@ -580,7 +603,9 @@ class RtpSession:
 
     def send(self, payload: bytes, *, marker: bool = False, timestamp_increment: int | None = None,
              payload_type: int | None = None, timestamp: int | None = None) -> bool:
-        """Send one RTP packet now; the caller's clock decides when. False if there is no peer yet.
+        """Send one RTP packet now; the caller's clock decides when. False if there is no
+        verified peer yet (see the module docstring): the packet is withheld and counted, and
+        a media packet still advances the media timestamp.
 
         By default the packet carries the media timestamp, which then advances by
         ``timestamp_increment`` (default: one ptime of samples). An explicit ``timestamp``
@@ -589,6 +614,11 @@ class RtpSession:
         """
         dest = self._dest
         if dest is None or self._closed:
+            if dest is None and not self._closed:  # withheld until the peer is verified
+                self.packets_withheld += 1
+                if timestamp is None:  # the media clock runs on regardless
+                    self.timestamp = (self.timestamp + (self.samples_per_packet if timestamp_increment is None
+                                                        else timestamp_increment)) & 0xFFFFFFFF
             return False
         media = timestamp is None
         stamp = self.timestamp if media else timestamp
@@ -650,8 +680,10 @@ class RtpSession:
             transport, dest = self._rtp_transport, self._dest
         else:
             transport = self._rtcp_transport
-            address = self._rtcp_latched or self._remote_rtcp
-            if address is None and self.remote_address is not None:
+            address = self._rtcp_latched
+            if address is None and self._remote_rtcp is not None and self._verified_ip(self._remote_rtcp[0]):
+                address = self._remote_rtcp
+            if address is None and self._dest is not None and self.remote_address is not None:
                 address = (self.remote_address[0], self.remote_address[1] + 1)
             dest = None if address is None else self._sockaddr(address)
         if transport is None or dest is None:
@@ -694,6 +726,7 @@ class RtpSession:
             packets_late=sum(jb.packets_late for jb in self._jitter_buffers),
             packets_duplicate=sum(jb.packets_duplicate for jb in self._jitter_buffers),
             packets_stray=self.packets_stray,
+            packets_withheld=self.packets_withheld,
             packets_malformed=self.packets_malformed,
             packets_unknown_payload_type=self.packets_unknown_payload_type,
             rtcp_sent=self.rtcp_sent,

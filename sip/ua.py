@@ -60,6 +60,13 @@ ALLOWED_METHODS = ("INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "UPDATE", "INFO"
 KNOWN_METHODS = frozenset(ALLOWED_METHODS) | {"REGISTER", "SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE",
                                               "PUBLISH"}
 SUPPORTED_OPTIONS = frozenset({"timer", "100rel"})
+# Responses copy these from the request; what we add ourselves (Contact, Allow, an SDP
+# answer...) stays well within RESPONSE_RESERVE bytes.
+_COPIED_INTO_RESPONSES = frozenset({"Via", "From", "To", "Call-ID", "CSeq", "Record-Route"})
+RESPONSE_RESERVE = 4096
+MAX_UDP_PAYLOAD = 65507  # the largest IPv4 UDP datagram
+MAX_TCP_FALLBACKS = 64  # UDP requests waiting for a TCP connection for their responses
+TCP_FALLBACK_CONNECT_SECONDS = 2.0
 SUPPORTED = "100rel, timer"  # what our responses and OPTIONS advertise (requests we send: "timer")
 _ACCEPTS_SDP = frozenset({"application/sdp", "application/*", "*/*"})
 
@@ -365,6 +372,9 @@ class UserAgent:
       (for clients behind NAT that do not ask for RFC 3581).
     - ``max_message_size``; ``stream_limits`` (sip.streamlimits): TCP connection caps, in all
       and per source, and the deadlines of each connection (first message, each message, idle).
+    - ``max_udp_response``: a UDP request whose responses could be larger than this (a
+      huge Via list) is served over TCP to its sender (RFC 3261 §18.2.2), or answered 513
+      when no connection can be opened; never left to fail silently.
     - ``guard``: a ``RequestGuard`` (sip.guard): who may send requests outside a dialog,
       digest authentication of INVITEs, per-source rate limits, scanner user agents, and
       in-dialog requests only from the dialog's peer. Its refusals create no state.
@@ -375,9 +385,13 @@ class UserAgent:
                  session_expires: int = 1800, min_se: int = 90, timers: Timers | None = None,
                  user: str = "moshimoshi", max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
                  stream_limits: StreamLimits | None = None, force_rport: bool = False,
-                 guard: RequestGuard | None = None) -> None:
+                 guard: RequestGuard | None = None, max_udp_response: int = MAX_UDP_PAYLOAD) -> None:
         self.on_invite = on_invite
         self.guard = guard
+        self.max_udp_response = max_udp_response
+        self._tcp_fallbacks: set[tuple] = set()
+        self.responses_over_tcp = 0  # UDP requests served over TCP: their responses were too big
+        self.responses_too_big = 0  # UDP requests answered 513: too big for UDP, and no TCP to the sender
         # Out-of-dialog OPTIONS get 503 while this says False (draining, no capacity).
         self.available: Callable[[], bool] | None = None
         self.user_agent = user_agent
@@ -451,6 +465,8 @@ class UserAgent:
             "session_refreshes": self.session_refreshes,
             "unacknowledged_provisionals": self.unacknowledged_provisionals,
             "prack_bodies_ignored": self.prack_bodies_ignored,
+            "responses_over_tcp": self.responses_over_tcp,
+            "responses_too_big": self.responses_too_big,
         }
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
@@ -520,12 +536,64 @@ class UserAgent:
     # -- the transaction user -----------------------------------------------------------
 
     def _on_message(self, message: Request | Response, flow: Flow) -> None:
-        if isinstance(message, Request) and self.guard is not None:
-            refusal = self._screen(message, flow)
-            if refusal is not None:
-                self._refuse(message, flow, refusal)
+        if isinstance(message, Request):
+            if self.guard is not None:
+                refusal = self._screen(message, flow)
+                if refusal is not None:
+                    self._refuse(message, flow, refusal)
+                    return
+            if (flow.transport == "UDP" and message.method not in ("ACK", "CANCEL")
+                    and self._udp_response_too_big(message)
+                    and self.transactions.server.get(server_key(message)) is None):
+                self._answer_over_tcp(message, flow)
                 return
         self.transactions.receive(message, flow)
+
+    # -- responses too big for a datagram (RFC 3261 §18.2.2) -----------------------------------
+
+    def _udp_response_too_big(self, request: Request) -> bool:
+        """Whether our responses to ``request`` could exceed ``max_udp_response``: they copy
+        its Via, From, To, Call-ID, CSeq and Record-Route, and add at most RESPONSE_RESERVE."""
+        size = RESPONSE_RESERVE
+        for name, value in request.headers:
+            if name in _COPIED_INTO_RESPONSES:
+                size += len(name) + len(value) + 4
+        return size > self.max_udp_response
+
+    def _answer_over_tcp(self, request: Request, flow: Flow) -> None:
+        """Serve a UDP request whose responses would not fit in a datagram over a TCP
+        connection to its sender (received address, sent-by port: §18.2.2 for reliable
+        transports); when that cannot be opened, answer 513 over UDP. Retransmissions that
+        arrive meanwhile are absorbed."""
+        key = server_key(request)
+        if key in self._tcp_fallbacks:
+            return
+        if len(self._tcp_fallbacks) >= MAX_TCP_FALLBACKS:
+            self._reply_too_big(request, flow)
+            return
+        via = request.top_via
+        target = Flow("TCP", via.received or flow.host, via.port or 5060)
+        self._tcp_fallbacks.add(key)
+        self._spawn(self._serve_over_tcp(request, flow, target, key))
+
+    async def _serve_over_tcp(self, request: Request, flow: Flow, target: Flow, key: tuple) -> None:
+        try:
+            tcp = await asyncio.wait_for(self.transport.connect(target), TCP_FALLBACK_CONNECT_SECONDS)
+        except (TransportError, TimeoutError) as exc:
+            log.info("%r from %r: its responses need TCP, and %r failed: %s; answering 513", request, flow, target, exc)
+            self._reply_too_big(request, flow)
+            return
+        finally:
+            self._tcp_fallbacks.discard(key)
+        self.responses_over_tcp += 1
+        self.transactions.receive(request, tcp)
+
+    def _reply_too_big(self, request: Request, flow: Flow) -> None:
+        self.responses_too_big += 1
+        response = self._response(request, 513, "Message Too Large (the response would not fit in a UDP "
+                                                "datagram; send the request over TCP)")
+        self.transport.counters.count_response(513)
+        self.transport.send(response.to_bytes(), self.transport.response_flow(request, flow))
 
     # -- the guard: who may talk to us (sip.guard) ---------------------------------------------
 

@@ -172,6 +172,8 @@ async def test_jitter_buffer_and_dtmf_routing_between_two_sessions(ports) -> Non
             await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=60) as callee:
         caller.update_remote("127.0.0.1", callee.local_port)
         callee.update_remote("127.0.0.1", caller.local_port)
+        caller.trust_ip("127.0.0.1")  # each is the other's signalling peer
+        callee.trust_ip("127.0.0.1")
         jitter_buffer = JitterBuffer()
         digits = []
         receiver = DtmfReceiver(on_digit=digits.append)
@@ -205,6 +207,8 @@ async def test_rtcp_between_two_sessions_gives_loss_jitter_and_round_trip(ports)
         try:
             a.update_remote(*relay.a_side)
             b.update_remote(*relay.b_side)
+            a.trust_ip("127.0.0.1")
+            b.trust_ip("127.0.0.1")
             a.route(0, Collector())
             b.route(0, Collector())
             for _ in range(100):
@@ -238,6 +242,8 @@ async def test_rtcp_on_separate_ports_reaches_the_peer_session(ports) -> None:
             await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=0.2) as b:
         a.update_remote("127.0.0.1", b.local_port)
         b.update_remote("127.0.0.1", a.local_port)
+        a.trust_ip("127.0.0.1")
+        b.trust_ip("127.0.0.1")
         a.route(0, Collector())
         b.route(0, Collector())
         for _ in range(10):
@@ -253,6 +259,7 @@ async def test_reports_are_sr_when_sending_and_rr_otherwise_and_bye_on_close(por
     peer_rtp, peer_rtcp = await peers(), await peers()
     session = await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=60, cname="test@moshimoshi")
     session.update_remote("127.0.0.1", peer_rtp.address[1], peer_rtcp.address[1])
+    session.trust_ip("127.0.0.1")
     session.send_report()
     data, source = await peer_rtcp.receive()
     assert source[1] == session.local_rtcp_port
@@ -283,6 +290,7 @@ async def test_remote_bye_is_noticed(ports) -> None:
         b = await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=60)
         a.update_remote("127.0.0.1", b.local_port)
         b.update_remote("127.0.0.1", a.local_port)
+        b.trust_ip("127.0.0.1")
         reasons = []
         a.on_bye = reasons.append
         b.close("hangup")
@@ -307,12 +315,65 @@ async def test_update_remote_moves_the_media(ports, peers) -> None:
         assert old.drain() == []
 
 
+async def test_no_media_goes_to_an_unverified_address(ports, peers) -> None:
+    """The reflection attack: an INVITE from 127.0.0.1 whose SDP names a third party
+    (127.0.0.3) must not make us stream at it, RTP or RTCP."""
+    victim_rtp, victim_rtcp, caller = await peers("127.0.0.3"), await peers("127.0.0.3"), await peers()
+    async with await RtpSession.open(ports, host="0.0.0.0", rtcp_interval=60) as session:
+        session.update_remote("127.0.0.3", victim_rtp.address[1], victim_rtcp.address[1])
+        session.trust_ip("127.0.0.1")  # where the INVITE came from
+        assert not session.verified
+        stamp = session.timestamp
+        for _ in range(50):
+            assert not session.send(b"\xff" * 160)
+        session.send_report()
+        await asyncio.sleep(0.2)
+        assert victim_rtp.drain() == [] and victim_rtcp.drain() == []
+        assert session.stats().packets_withheld == 50 and session.stats().packets_sent == 0
+        assert session.timestamp == (stamp + 50 * 160) & 0xFFFFFFFF  # the media clock ran on
+        # media from the signalling source's IP latches, and media goes back there only
+        caller.send(rtp(1), ("127.0.0.1", session.local_port))
+        await eventually(lambda: session.verified)
+        assert session.send(b"\xff" * 160)
+        await caller.receive()
+        assert victim_rtp.drain() == []
+
+
+async def test_the_signalled_address_gets_media_at_once_when_it_is_the_signalling_source(ports, peers) -> None:
+    peer = await peers()
+    async with await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=60) as session:
+        session.trust_ip("127.0.0.1")
+        session.update_remote(*peer.address)
+        assert session.send(b"\xff" * 160)
+        await peer.receive()
+
+
+async def test_a_reinvite_to_a_third_party_moves_media_only_once_it_sends(ports, peers) -> None:
+    caller, elsewhere = await peers(), await peers("127.0.0.3")
+    async with await RtpSession.open(ports, host="0.0.0.0", rtcp_interval=60) as session:
+        session.route(0, Collector())
+        session.trust_ip("127.0.0.1")
+        session.update_remote(*caller.address)
+        assert session.send(b"\xff" * 160)
+        await caller.receive()
+        session.update_remote(*elsewhere.address)  # a re-INVITE naming another host
+        assert not session.send(b"\xff" * 160)
+        await asyncio.sleep(0.1)
+        assert elsewhere.drain() == []
+        elsewhere.send(rtp(1), ("127.0.0.1", session.local_port))  # its media proves it is the peer
+        await eventually(lambda: session.verified)
+        assert session.send(b"\xff" * 160)
+        await elsewhere.receive()
+
+
 @pytest.mark.skipif(not has_ipv6(), reason="no IPv6 loopback")
 async def test_ipv6_sessions_talk(ports) -> None:
     async with await RtpSession.open(ports, host="::1", rtcp_interval=0.2) as a, \
             await RtpSession.open(ports, host="::1", rtcp_interval=0.2) as b:
         a.update_remote("::1", b.local_port)
         b.update_remote("0:0:0:0:0:0:0:1", a.local_port)  # any spelling of the address
+        a.trust_ip("::1")
+        b.trust_ip("0::1")
         got = Collector()
         b.route(0, got)
         a.route(0, Collector())

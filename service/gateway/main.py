@@ -80,7 +80,8 @@ class Gateway:
         self.ports = PortAllocator(settings.rtp_port_min, settings.rtp_port_max)
         self.ua = UserAgent(settings.sip_host, settings.sip_port, public_host=settings.public_host,
                             on_invite=self._on_invite, session_expires=settings.session_expires,
-                            user_agent="moshimoshi-gateway")
+                            user_agent="moshimoshi-gateway", guard=settings.sip_guard(),
+                            stream_limits=settings.sip_stream_limits())
         self.ua.available = self.accepting
         self.pool: PoolClient | None = None
         self.records: CallRecords | None = None
@@ -109,7 +110,7 @@ class Gateway:
         self._http: uvicorn.Server | None = None
         self.http_port = settings.http_port
         self.call_stats = metrics.install_call_stats(self._live_counters)
-        metrics.install_sip_stats(lambda: self.ua.transport.counters)
+        metrics.install_sip_stats(lambda: self.ua.transport.counters, lambda: self.ua.guard)
         self.transcript_listeners: dict[str, set[asyncio.Queue]] = {}
         # control plane: API tokens, transcripts in Redis, hang-ups across replicas, webhook
         self.api_tokens = ApiTokens.parse(settings.api_tokens)

@@ -121,6 +121,9 @@ RTP_COUNTERS = {
     "packets_late": ("moshimoshi_rtp_packets_late", "RTP packets that missed their playout deadline."),
     "packets_stray": ("moshimoshi_rtp_packets_stray",
                       "RTP packets from other than the negotiated peer, dropped."),
+    "packets_withheld": ("moshimoshi_rtp_packets_withheld",
+                         "RTP packets not sent: the peer's address was neither the call's signalling source "
+                         "nor where its media came from (yet)."),
     "packets_malformed": ("moshimoshi_rtp_packets_malformed", "Malformed RTP/RTCP packets, dropped."),
     "packets_duplicate": ("moshimoshi_rtp_packets_duplicate", "Duplicate RTP packets, dropped."),
     "frames_concealed": ("moshimoshi_rtp_concealed_frames", "Inbound frames concealed (PLC)."),
@@ -175,13 +178,28 @@ WEBRTC_CONNECT = Histogram("moshimoshi_webrtc_connect_seconds",
 
 
 class SipStatsCollector(Collector):
-    """SIP responses by status code and SIP messages dropped, read from the SIP stack's own
-    counters at scrape time (every response it sends, automatic ones included)."""
+    """SIP responses by status code, SIP messages dropped, requests the guard refused and
+    sources it banned, read from the SIP stack's own counters at scrape time (every
+    response it sends, automatic ones included)."""
 
-    def __init__(self, counters: tp.Callable[[], tp.Any]) -> None:
+    def __init__(self, counters: tp.Callable[[], tp.Any], guard: tp.Callable[[], tp.Any] | None = None) -> None:
         self._counters = counters
+        self._guard = guard
 
-    def collect(self) -> tp.Iterator[CounterMetricFamily]:
+    def collect(self) -> tp.Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        guard = self._guard() if self._guard is not None else None
+        if guard is not None:
+            refused = CounterMetricFamily(
+                "moshimoshi_sip_requests_refused", "SIP requests refused before any state was created, by reason: "
+                "not-allowed (403), auth-missing/-failed/-stale/-replayed/-malformed (401), rate-limited (503), "
+                "banned and scanner (dropped), not-dialog-peer (403).", labels=["reason"])
+            for reason, count in sorted(guard.counters.refused.items()):
+                refused.add_metric([reason], count)
+            yield refused
+            banned = GaugeMetricFamily("moshimoshi_sip_banned_sources",
+                                       "Sources (IPv6: /64s) banned now for going over the SIP rate limit.")
+            banned.add_metric([], guard.rate.banned_sources() if guard.rate is not None else 0)
+            yield banned
         counters = self._counters()
         responses = CounterMetricFamily("moshimoshi_sip_responses", "SIP responses sent, by status code "
                                         "(retransmissions not counted).", labels=["code"])
@@ -193,17 +211,19 @@ class SipStatsCollector(Collector):
         dropped.add_metric(["malformed"], counters.dropped)
         dropped.add_metric(["oversized"], counters.oversized)
         dropped.add_metric(["tcp-refused"], counters.tcp_rejected)
+        dropped.add_metric(["tcp-too-slow"], counters.tcp_slow_closed)
         yield dropped
 
 
 _sip_collector: SipStatsCollector | None = None
 
 
-def install_sip_stats(counters: tp.Callable[[], tp.Any]) -> None:
-    """Register (once per process) the collector over the SIP stack's counters."""
+def install_sip_stats(counters: tp.Callable[[], tp.Any], guard: tp.Callable[[], tp.Any] | None = None) -> None:
+    """Register (once per process) the collector over the SIP stack's counters and guard."""
     global _sip_collector
     if _sip_collector is None:
-        _sip_collector = SipStatsCollector(counters)
+        _sip_collector = SipStatsCollector(counters, guard)
         REGISTRY.register(_sip_collector)
     else:
         _sip_collector._counters = counters
+        _sip_collector._guard = guard

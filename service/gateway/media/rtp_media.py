@@ -242,6 +242,7 @@ class CallMedia:
             "packets_lost": max(0, stats.packets_lost),
             "packets_late": jb.packets_late,
             "packets_stray": stats.packets_stray,
+            "packets_withheld": stats.packets_withheld,
             "packets_malformed": stats.packets_malformed + self.decode_errors,
             "packets_duplicate": jb.packets_duplicate,
             "frames_concealed": jb.frames_concealed,
