@@ -204,6 +204,9 @@ class GatewaySettings:
     sip_auth_file: str | None = setting(
         None, "a file of user:password lines for digest authentication (e.g. a mounted Kubernetes Secret)")
     sip_auth_realm: str = setting("moshimoshi", "the digest realm")
+    sip_auth_algorithms: list[str] = setting(
+        ["SHA-256", "MD5"], "digest algorithms challenged with, the preferred first (RFC 8760); MD5 alone for "
+        "clients that answer only the first challenge and know no SHA-256 (sipp 3.6, old PBXs)")
     sip_auth_nonce_seconds: float = setting(300.0, "how long a digest nonce is good for (then stale=true)",
                                             min=1.0, max=86400.0)
     sip_rate_limit: int = setting(
@@ -296,8 +299,12 @@ class GatewaySettings:
         credentials = self.sip_credentials()
         authenticator = None
         if credentials:
-            authenticator = DigestAuthenticator(credentials, realm=self.sip_auth_realm,
-                                                nonce_seconds=self.sip_auth_nonce_seconds)
+            try:
+                authenticator = DigestAuthenticator(credentials, realm=self.sip_auth_realm,
+                                                    nonce_seconds=self.sip_auth_nonce_seconds,
+                                                    algorithms=tuple(self.sip_auth_algorithms))
+            except ValueError as exc:
+                raise ConfigError(f"MOSHIMOSHI_SIP_AUTH_ALGORITHMS: {exc}") from None
         rate = None
         if self.sip_rate_limit:
             rate = SourceRateLimiter(self.sip_rate_limit, self.sip_rate_window_seconds, self.sip_rate_ban_seconds)

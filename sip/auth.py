@@ -122,7 +122,7 @@ def authorization(challenge: DigestChallenge, *, method: str, uri: str, username
 
 # --- the server side ---------------------------------------------------------------------
 
-CHALLENGE_ALGORITHMS = ("SHA-256", "MD5")  # RFC 8760 §2.4: in order of preference
+CHALLENGE_ALGORITHMS = ("SHA-256", "MD5")  # RFC 8760: one challenge each, the preferred first
 _NONCE = struct.Struct("!Q8s")  # issue time (ms since the epoch), random
 _NONCE_MAC_BYTES = 16
 
@@ -162,8 +162,8 @@ class AuthResult:
 class DigestAuthenticator:
     """Digest authentication of requests we receive (RFC 3261 §22, RFC 8760), qop=auth.
 
-    ``challenge(source)`` gives the WWW-Authenticate values of a 401 (SHA-256, then MD5), each
-    with a fresh nonce; ``verify(request, source)`` checks a request's Authorization.
+    ``challenge(source)`` gives the WWW-Authenticate values of a 401 (one per algorithm of
+    ``algorithms``, by default SHA-256 then MD5) with a fresh nonce; ``verify(request, source)`` checks a request's Authorization.
 
     Nonces carry their issue time and are bound to the client: an HMAC (with a key made
     per process) over the time, a random part and the source address. So a nonce needs no
@@ -175,10 +175,16 @@ class DigestAuthenticator:
     """
 
     def __init__(self, credentials: Mapping[str, str], *, realm: str = "moshimoshi", nonce_seconds: float = 300.0,
-                 key: bytes | None = None, max_tracked_nonces: int = 65536,
-                 clock: Callable[[], float] = time.time) -> None:
+                 algorithms: tuple[str, ...] = CHALLENGE_ALGORITHMS, key: bytes | None = None,
+                 max_tracked_nonces: int = 65536, clock: Callable[[], float] = time.time) -> None:
         if not credentials:
             raise ValueError("digest authentication needs at least one user:password")
+        algorithms = tuple(dict.fromkeys(a.strip().upper() for a in algorithms if a.strip()))
+        unknown = [a for a in algorithms if a not in CHALLENGE_ALGORITHMS]
+        if unknown or not algorithms:
+            raise ValueError(f"digest algorithms must be among {', '.join(CHALLENGE_ALGORITHMS)}, not "
+                             f"{', '.join(unknown) or 'none'}")
+        self.algorithms = algorithms
         if nonce_seconds <= 0 or max_tracked_nonces < 1:
             raise ValueError("nonce_seconds and max_tracked_nonces must be positive")
         self.realm = realm
@@ -186,10 +192,9 @@ class DigestAuthenticator:
         self.max_tracked_nonces = max_tracked_nonces
         self.clock = clock
         self._key = key or secrets.token_bytes(32)
-        self._ha1 = {user: {algorithm: _hash(algorithm, f"{user}:{realm}:{password}")
-                            for algorithm in CHALLENGE_ALGORITHMS}
+        self._ha1 = {user: {algorithm: _hash(algorithm, f"{user}:{realm}:{password}") for algorithm in algorithms}
                      for user, password in credentials.items()}
-        self._decoy = {algorithm: secrets.token_hex(32) for algorithm in CHALLENGE_ALGORITHMS}
+        self._decoy = {algorithm: secrets.token_hex(32) for algorithm in algorithms}
         self._used: OrderedDict[str, tuple[float, int]] = OrderedDict()  # nonce → (issued, highest nc)
         self._forgotten_before = 0.0  # nonces issued before this and no longer tracked count as stale
 
@@ -223,11 +228,12 @@ class DigestAuthenticator:
         return _NONCE.unpack(body)[0] / 1000
 
     def challenge(self, source: str, *, stale: bool = False) -> list[str]:
-        """WWW-Authenticate values for a 401 to ``source``: one per algorithm, best first."""
+        """WWW-Authenticate values for a 401 to ``source``: one per algorithm, in the order
+        given (RFC 8760: the preferred first; a client takes the first it supports)."""
         nonce = self.new_nonce(source)
         suffix = ", stale=true" if stale else ""
         return [f'Digest realm={quote(self.realm)}, nonce="{nonce}", algorithm={algorithm}, qop="auth"{suffix}'
-                for algorithm in CHALLENGE_ALGORITHMS]
+                for algorithm in self.algorithms]
 
     # -- verification ---------------------------------------------------------------------
 
@@ -251,7 +257,7 @@ class DigestAuthenticator:
         except KeyError:
             return AuthResult(False, "malformed")
         algorithm = params.get("algorithm", "MD5").upper()
-        if algorithm not in CHALLENGE_ALGORITHMS or qop != "auth" or len(nc_text) != 8:
+        if algorithm not in self.algorithms or qop != "auth" or len(nc_text) != 8:
             return AuthResult(False, "malformed")
         try:
             nc = int(nc_text, 16)
@@ -299,9 +305,13 @@ class DigestAuthenticator:
 
 
 def _same_uri(digest_uri: str, request_uri: str) -> bool:
+    """Whether an Authorization's digest-uri names the request's target: the same URI, or
+    the same host and port (clients such as sipp leave the user part out)."""
     if digest_uri == request_uri:
         return True
-    try:  # the digest-uri names the Request-URI; spellings may differ
-        return SipUri.parse(digest_uri) == SipUri.parse(request_uri)
+    try:
+        ours, theirs = SipUri.parse(request_uri), SipUri.parse(digest_uri)
     except SipParseError:
         return False
+    return (ours.host.lower() == theirs.host.lower() and (ours.port or 5060) == (theirs.port or 5060)
+            and theirs.user in (None, ours.user))
