@@ -313,13 +313,46 @@ def test_gateway_load_balancer(loadbalancer):
     assert lb["type"] == "LoadBalancer"
     assert lb["externalTrafficPolicy"] == "Local"
     assert lb["publishNotReadyAddresses"] is True
-    assert lb["loadBalancerSourceRanges"] == ["198.51.100.0/24"]
+    # the gateway's own allow list, plus the addresses that only send RTP
+    assert lb["loadBalancerSourceRanges"] == ["198.51.100.0/25", "10.0.0.0/8", "198.51.100.128/25"]
+    assert env["MOSHIMOSHI_SIP_ALLOW"]["value"] == "198.51.100.0/25,10.0.0.0/8"
     ports = {(p["port"], p["protocol"]) for p in lb["ports"]}
     assert {(5060, "UDP"), (5060, "TCP")} <= ports
     rtp = sorted(p["port"] for p in lb["ports"] if p["name"].startswith("rtp-"))
     assert rtp == list(range(20000, 20100))
     assert all(p["protocol"] == "UDP" and p["targetPort"] == p["port"]
                for p in lb["ports"] if p["name"].startswith("rtp-"))
+
+
+def test_gateway_sip_allow_list_and_rate_limit_default_to_private_ranges_and_pike(default):
+    from sip.acl import PRIVATE_NETWORKS
+
+    env = env_of(gateway(default))
+    assert env["MOSHIMOSHI_SIP_ALLOW"]["value"].split(",") == list(PRIVATE_NETWORKS)
+    assert [env[f"MOSHIMOSHI_SIP_RATE_{k}"]["value"] for k in ("LIMIT", "WINDOW_SECONDS", "BAN_SECONDS")] == [
+        "16", "2", "300"]
+    assert "MOSHIMOSHI_SIP_AUTH_FILE" not in env  # no digest unless a Secret is named
+
+
+def test_load_balancer_source_ranges_leave_loopback_out():
+    docs = render(None, "gateway.networking.mode=loadBalancer", "gateway.replicas=1",
+                  "gateway.networking.publicHost=192.0.2.1", "gateway.rtp.portMax=20099")
+    lb = one(docs, "Service", f"{FULLNAME}-sip")["spec"]
+    assert lb["loadBalancerSourceRanges"] == ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"]
+
+
+def test_sip_digest_users_come_from_a_mounted_secret():
+    docs = render(None, "gateway.sip.auth.existingSecret=trunk-users", "gateway.sip.auth.algorithms={MD5}")
+    pod = one(docs, "Deployment", f"{FULLNAME}-gateway")["spec"]["template"]["spec"]
+    env = env_of(pod["containers"][0])
+    assert env["MOSHIMOSHI_SIP_AUTH_FILE"]["value"] == "/etc/moshimoshi/sip-auth/sip-users"
+    assert env["MOSHIMOSHI_SIP_AUTH_ALGORITHMS"]["value"] == "MD5"
+    assert "MOSHIMOSHI_SIP_AUTH" not in env  # never in the environment
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "sip-auth")
+    assert mount["mountPath"] == "/etc/moshimoshi/sip-auth" and mount["readOnly"] is True
+    volume = next(v for v in pod["volumes"] if v["name"] == "sip-auth")
+    assert volume["secret"]["secretName"] == "trunk-users"
+    assert volume["secret"]["items"] == [{"key": "sip-users", "path": "sip-users"}]
 
 
 def test_gateway_reads_tokens_and_redis_from_secrets(default, external, loadbalancer):
