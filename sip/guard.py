@@ -6,7 +6,8 @@ request before it creates any state for it.
 - ``scanner_agents``: User-Agent substrings of known SIP scanners (``friendly-scanner``,
   ``sipvicious``...); their requests are dropped without an answer.
 - ``rate``: a ``SourceRateLimiter`` (Kamailio ``pike``): a source over its limit gets one
-  503 with Retry-After, then nothing until its ban ends.
+  503 with Retry-After, then nothing until its ban ends. Every request outside a dialog
+  counts, except an INVITE with valid digest credentials (its count is refunded).
 - ``allow``: an ``AddressList`` of sources that may send requests outside a dialog
   (INVITE and every other method; OPTIONS too with ``restrict_options``). Anyone else gets
   403 ``Forbidden``, the same answer whatever the user or the method, so nothing can be
@@ -116,4 +117,6 @@ class RequestGuard:
                 challenges = authenticator.challenge(source, stale=result.stale)
                 return Refusal(f"auth-{result.reason}", 401,
                                tuple(("WWW-Authenticate", value) for value in challenges))
+            if rate is not None:
+                rate.refund(source)  # an authenticated INVITE does not count against the limit
         return None

@@ -10,6 +10,9 @@ for ``ban`` seconds. ``hit(host)`` counts one request and says what to do with i
 - ``BANNED``: the source is banned; the request is dropped unanswered, as pike does (an
   answer per flood packet would make the limiter a reflector).
 
+``refund(host)`` takes one count back, for a request that turned out to carry valid
+credentials: with digest authentication a trunk's calls are not what the limit is for.
+
 IPv6 sources are counted per /64: one host there owns 2^64 addresses. The table holds at
 most ``max_sources`` entries, the least recently seen evicted first, so an attacker spoofing
 many source addresses cannot grow it without bound, and a source that keeps flooding keeps
@@ -93,6 +96,13 @@ class SourceRateLimiter:
             self.bans += 1
             return RateOutcome.TRIPPED
         return RateOutcome.ALLOW
+
+    def refund(self, host: str) -> None:
+        """Take back the count of a request that proved itself (valid digest credentials): the
+        limit is for requests nobody vouches for, not for a trunk's authenticated calls."""
+        entry = self._table.get(source_key(host))
+        if entry is not None and entry.count > 0 and not entry.banned_until:
+            entry.count -= 1
 
     def banned(self, host: str) -> bool:
         entry = self._table.get(source_key(host))

@@ -287,6 +287,20 @@ async def test_the_ban_leaves_the_banned_peers_own_dialogs_alone(make_ua, peers)
     assert (await trunk.final_response("kept")).status == 200
 
 
+async def test_authenticated_invites_do_not_count_against_the_rate_limit(make_ua):
+    """A trunk placing a burst of calls with digest: each call costs one count (its first,
+    challenged INVITE), not two, so 10 calls at once stay within 16 per window."""
+    rate = SourceRateLimiter(limit=16, window=60.0, ban=300.0)
+    app = AnsweringApp()
+    ua = await make_ua(RequestGuard(rate=rate, authenticator=DigestAuthenticator({"alice": "s3cret"})),
+                       on_invite=app)
+    uac = await make_ua(None)
+    dialogs = await asyncio.gather(*(uac.invite(f"sip:echo@127.0.0.1:{ua.port}", offer(), username="alice",
+                                                password="s3cret", timeout=10) for _ in range(10)))
+    assert len(app.calls) == 10 and not rate.banned("127.0.0.1")
+    await asyncio.gather(*(dialog.bye() for dialog in dialogs))
+
+
 async def test_scanner_user_agents_are_dropped_without_an_answer(make_ua, peers):
     ua = await make_ua(RequestGuard())
     scanner = await peers("127.0.0.1")
