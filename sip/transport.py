@@ -50,6 +50,7 @@ class TransportCounters:
     dropped: int = 0               # malformed input that no response could be formed for
     oversized: int = 0             # messages over max_message_size
     keepalives: int = 0            # CRLF keep-alives (and empty datagrams)
+    filtered: int = 0              # datagrams and connections from sources ``source_filter`` refused, unread
     send_errors: int = 0
     tcp_accepted: int = 0
     tcp_rejected: int = 0          # refused: max_connections in all, or max_per_source from one address
@@ -234,6 +235,9 @@ class Transport:
         self.force_rport = force_rport
         self.public_host = public_host
         self.counters = TransportCounters()
+        # Called with each datagram's (and each new connection's) source address before
+        # anything is parsed: False drops it unread (a banned flooder costs a lookup).
+        self.source_filter: Callable[[str], bool] | None = None
         self._family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._udp: asyncio.DatagramTransport | None = None
         self._server: asyncio.Server | None = None
@@ -320,6 +324,9 @@ class Transport:
 
     def _on_datagram(self, data: bytes, addr: tuple) -> None:
         host, port = _normalise(addr)
+        if self.source_filter is not None and not self.source_filter(host):
+            self.counters.filtered += 1
+            return
         if not data.strip(b"\r\n\t \x00"):
             self.counters.keepalives += 1
             return
@@ -473,6 +480,9 @@ class Transport:
         accepted, the connections from its source that carry nothing (no transaction or
         dialog holds them: a trunk's calls never count against it)."""
         limits = self.stream_limits
+        if connection.inbound and self.source_filter is not None and not self.source_filter(connection.remote[0]):
+            self.counters.filtered += 1
+            return False
         if len(self._connections) >= limits.max_connections:
             return self._refuse(connection, "the TCP connection limit")
         if connection.inbound:

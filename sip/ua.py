@@ -334,7 +334,8 @@ class IncomingCall:
             self._retransmit.cancel()
             self._retransmit = None
         self._unacked = None
-        self.ua._calls.pop(self.transaction.key, None)
+        if self.ua._calls.pop(self.transaction.key, None) is not None:
+            self.ua._peer_removed(self.flow.host)
         if self.ua._early.get(self.early_id) is self:
             del self.ua._early[self.early_id]
 
@@ -403,6 +404,11 @@ class UserAgent:
         self.transport = Transport(host, port, on_message=self._on_message, max_message_size=max_message_size,
                                    stream_limits=stream_limits, force_rport=force_rport, public_host=public_host)
         self.transactions = TransactionLayer(self.transport, self.timers, self)
+        # How many live dialogs and pending calls each peer address has: a banned source's
+        # datagrams are dropped unread, except a peer's within its own calls.
+        self._peer_calls: dict[str, int] = {}
+        if guard is not None and guard.rate is not None:
+            self.transport.source_filter = self._source_admitted
         self.dialogs: dict[DialogId, Dialog] = {}
         self._calls: dict[tuple, IncomingCall] = {}
         self._early: dict[DialogId, IncomingCall] = {}  # calls that sent a provisional with our tag
@@ -465,6 +471,7 @@ class UserAgent:
             "session_refreshes": self.session_refreshes,
             "unacknowledged_provisionals": self.unacknowledged_provisionals,
             "prack_bodies_ignored": self.prack_bodies_ignored,
+            "peer_addresses": len(self._peer_calls),
             "responses_over_tcp": self.responses_over_tcp,
             "responses_too_big": self.responses_too_big,
         }
@@ -504,10 +511,31 @@ class UserAgent:
 
     def _add_dialog(self, dialog: Dialog) -> None:
         self.dialogs[dialog.id] = dialog
+        self._peer_added(dialog.flow.host)
 
     def _forget_dialog(self, dialog: Dialog) -> None:
         if self.dialogs.get(dialog.id) is dialog:
             del self.dialogs[dialog.id]
+            self._peer_removed(dialog.flow.host)
+
+    def _peer_added(self, host: str) -> None:
+        ip = canonical_ip(host) or host
+        self._peer_calls[ip] = self._peer_calls.get(ip, 0) + 1
+
+    def _peer_removed(self, host: str) -> None:
+        ip = canonical_ip(host) or host
+        left = self._peer_calls.get(ip, 0) - 1
+        if left > 0:
+            self._peer_calls[ip] = left
+        else:
+            self._peer_calls.pop(ip, None)
+
+    def _source_admitted(self, host: str) -> bool:
+        """The transport's pre-parse check: everything but a banned source that has no call here."""
+        guard = self.guard
+        if guard is None or guard.rate is None or not guard.rate.banned(host):
+            return True
+        return (canonical_ip(host) or host) in self._peer_calls
 
     def _authorization(self, request: Request, response: Response, credentials: tuple[str, str],
                        tried_nonces: set[str]) -> list[tuple[str, str]]:
@@ -730,10 +758,11 @@ class UserAgent:
         timer, timer_headers = answer_session_timer(request, preferred=self.session_expires, min_se=self.min_se)
         call = IncomingCall(self, request, transaction, flow, offer, timer, timer_headers)
         self._calls[transaction.key] = call
+        self._peer_added(flow.host)
         self.calls_received += 1
         if self.on_invite is None:
             call.state = "rejected"
-            self._calls.pop(transaction.key, None)
+            call._finish()
             transaction.respond(self._response(request, 480, to_tag=call.local_tag))
             return
         self._spawn(self._run_application(call))

@@ -212,6 +212,7 @@ class SipStatsCollector(Collector):
         dropped.add_metric(["oversized"], counters.oversized)
         dropped.add_metric(["tcp-refused"], counters.tcp_rejected)
         dropped.add_metric(["tcp-too-slow"], counters.tcp_slow_closed)
+        dropped.add_metric(["banned-source"], counters.filtered)
         yield dropped
 
 
