@@ -39,9 +39,9 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from ops.bench.machine import StealMeter, cpu_seconds  # noqa: E402
-from service.call import place_call  # noqa: E402
 from service.pool import EmbeddedRedis  # noqa: E402
 from service.settings import CallSettings  # noqa: E402
+from service.tools.call import place_call  # noqa: E402
 from tests.support.services import start_gateway, start_worker  # noqa: E402
 
 USER, PASSWORD = "bench", "b3nch-secret"
