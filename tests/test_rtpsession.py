@@ -537,6 +537,8 @@ async def test_srtcp_both_ways_between_two_srtp_sessions_and_a_rekey(ports) -> N
         b.set_srtp(theirs)
         a.update_remote("127.0.0.1", b.local_port)
         b.update_remote("127.0.0.1", a.local_port)
+        a.trust_ip("127.0.0.1")  # each is the other's signalling peer
+        b.trust_ip("127.0.0.1")
         got_a, got_b = Collector(), Collector()
         a.route(0, got_a)
         b.route(0, got_b)
