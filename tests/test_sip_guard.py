@@ -386,3 +386,28 @@ async def test_without_a_guard_nothing_is_refused(make_ua, peers):
     outsider.send(request("INVITE", ua, outsider, body=offer()), ("127.0.0.1", ua.port))
     assert (await outsider.final_response()).status == 200
 
+
+
+async def test_fuzzed_requests_through_the_guard_never_crash_or_leak(make_ua, peers, caplog):
+    """The torture suite's seeded mutations, against a UA whose guard authenticates and
+    limits: every one is answered or dropped, nothing is logged as an error, nothing leaks."""
+    import logging
+    import random
+
+    from tests.test_sip_torture import FUZZ_SEEDS, OWN_CASES, mutate
+
+    caplog.set_level(logging.WARNING)
+    guard = RequestGuard(allow=LOCAL_ONLY, authenticator=DigestAuthenticator({"alice": "s3cret"}),
+                         rate=SourceRateLimiter(limit=10_000, window=1.0, ban=1.0))
+    ua = await make_ua(guard, on_invite=AnsweringApp())
+    rng = random.Random(20241206)
+    seeds = [(OWN_CASES / name).read_bytes() for name in FUZZ_SEEDS]
+    inside, outside = await peers("127.0.0.1"), await peers("127.0.0.2")
+    for i in range(300):
+        (inside if i % 2 else outside).send(mutate(rng.choice(seeds), rng), ("127.0.0.1", ua.port))
+    inside.send(request("OPTIONS", ua, inside, call_id="probe"), ("127.0.0.1", ua.port))
+    assert (await inside.final_response("probe")).status == 200
+    await wait_until(lambda: no_state(ua), 20)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors
+    assert sum(guard.counters.refused.values()) > 0
