@@ -205,8 +205,9 @@ class GatewaySettings:
         None, "a file of user:password lines for digest authentication (e.g. a mounted Kubernetes Secret)")
     sip_auth_realm: str = setting("moshimoshi", "the digest realm")
     sip_auth_algorithms: list[str] = setting(
-        ["SHA-256", "MD5"], "digest algorithms challenged with, the preferred first (RFC 8760); MD5 alone for "
-        "clients that answer only the first challenge and know no SHA-256 (sipp 3.6, old PBXs)")
+        ["MD5"], "digest algorithms challenged with, the preferred first (RFC 8760: SHA-256,MD5 for peers "
+        "that pick the strongest); MD5 alone by default because many UAs fail on any SHA-256 challenge "
+        "(sipp 3.6 answers only the first, baresip 1.0 gives up)")
     sip_auth_nonce_seconds: float = setting(300.0, "how long a digest nonce is good for (then stale=true)",
                                             min=1.0, max=86400.0)
     sip_rate_limit: int = setting(

@@ -3,7 +3,7 @@ the internet would make them: sources are other loopback addresses (127.0.0.2 is
 the allow list, 127.0.0.3 inside it without credentials), peers are sipp, baresip and raw
 sockets.
 
-The gateway: ``--sip-allow 127.0.0.1/32,127.0.0.3/32``, digest user alice (MD5 challenges:
+The gateway: ``--sip-allow 127.0.0.1/32,127.0.0.3/32``, digest user alice (MD5 challenges, the default:
 sipp 3.6 and baresip 1.0 know no SHA-256; the SHA-256 path is tested in test_sip_guard),
 nonces good for NONCE_SECONDS, 30 requests per 2 s per source, TCP deadlines of 2 and 3 s.
 """
@@ -50,7 +50,7 @@ def secured(tmp_path_factory):
     worker = start_worker(log_dir, redis_server.url, "sec-worker", slots=2)
     gateway = start_gateway(
         log_dir, redis_server.url, "--sip-allow", "127.0.0.1/32,127.0.0.3/32", "--sip-auth", f"{USER}:{PASSWORD}",
-        "--sip-auth-algorithms", "MD5", "--sip-auth-nonce-seconds", str(NONCE_SECONDS),
+        "--sip-auth-nonce-seconds", str(NONCE_SECONDS),
         "--sip-rate-limit", str(RATE_LIMIT), "--sip-rate-window-seconds", "2", "--sip-rate-ban-seconds", "5",
         "--sip-tcp-first-message-seconds", "2", "--sip-tcp-message-seconds", "3")
     try:
