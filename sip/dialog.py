@@ -108,6 +108,8 @@ class Dialog:
         self._first_hops = peer_hosts(flow.host, self.route_set, None)
         self.local_sdp = local_sdp
         self.remote_sdp = remote_sdp
+        # RFC 3261 §12.1: a sips: dialog over TLS; its Contacts are sips: URIs
+        self.secure = False
         self.media: NegotiatedMedia | None = None
         self.answer_response: Response | None = None  # UAC: the 2xx that created the dialog
         self.session_timer: SessionTimer | None = None
@@ -218,15 +220,15 @@ class Dialog:
         target = self.route_set[0].uri if self.route_set else self.remote_target
         if not isinstance(target, SipUri):
             raise TransportError(f"cannot route a request to {target}")
-        transport = target.transport or self.flow.transport
-        if transport not in ("UDP", "TCP"):
+        transport = target.wire_transport or self.flow.transport
+        if transport not in ("UDP", "TCP", "TLS"):
             raise TransportError(f"transport {transport} is not supported")
         connection = self.flow.connection
-        if transport == "TCP" and self.flow.transport == "TCP" and connection is not None and not connection.closed:
-            return self.flow
+        if transport == self.flow.transport and connection is not None and not connection.closed:
+            return self.flow  # the dialog's connection (RFC 5923 reuse), while it lasts
         host = target.param("maddr") or target.host
         address = await self.ua.transport.resolve(host)
-        return Flow(transport, address, target.port or 5060)
+        return Flow(transport, address, target.port_for(transport), server_name=host)
 
     def _target_and_routes(self) -> tuple[Uri, list[str]]:
         """Request-URI and Route set per §12.2.1.1 (loose or strict routing)."""
@@ -254,7 +256,7 @@ class Dialog:
         for route in routes:
             out.add("Route", route)
         if method in ("INVITE", "UPDATE"):
-            out.add("Contact", self.ua._contact(flow))
+            out.add("Contact", self.ua._contact(flow, secure=self.secure))
             out.add("Allow", self.ua.allow)
         if method in ("INVITE", "UPDATE") and "Supported" not in (headers or {}):
             out.add("Supported", "timer")
@@ -575,7 +577,7 @@ class Dialog:
 
     def _ok(self, request: Request, body: str, extra: list[tuple[str, str]]) -> Response:
         response = self.ua._response(request, 200)
-        response.headers.add("Contact", self.ua._contact(self.flow))
+        response.headers.add("Contact", self.ua._contact(self.flow, secure=self.secure))
         response.headers.add("Allow", self.ua.allow)
         response.headers.add("Supported", "timer")
         response.headers.extend(extra)

@@ -78,7 +78,7 @@ class Transaction:
         self.key = key
         self.request = request
         self.flow = flow
-        self.reliable = flow.transport == "TCP"
+        self.reliable = flow.is_stream
         self.state = "init"
         self._timers: list[asyncio.TimerHandle] = []
         if flow.connection is not None:

@@ -1,11 +1,22 @@
-"""SIP over UDP and TCP on one port, IPv4 and IPv6 (RFC 3261 §18, RFC 3581).
+"""SIP over UDP and TCP on one port, and TLS on another, IPv4 and IPv6 (RFC 3261 §18,
+§26.3.1, RFC 3581).
 
-``Transport`` binds UDP and TCP on the same port (``::`` gives a dual-stack socket),
-parses what arrives and hands each message with its ``Flow`` (where it came from) to
-``on_message``. On requests it stamps the top Via with ``received`` and fills ``rport``
-(RFC 3581), so that ``response_flow`` can route the answer per §18.2.2: UDP responses go
-to received:rport when the client asked for rport, else to the sent-by port; TCP
-responses go back on the connection the request came on.
+``Transport`` binds UDP and TCP on the same port (``::`` gives a dual-stack socket), and,
+given server certificates, TLS on ``tls_port``; it parses what arrives and hands each
+message with its ``Flow`` (where it came from) to ``on_message``. On requests it stamps
+the top Via with ``received`` and fills ``rport`` (RFC 3581), so that ``response_flow``
+can route the answer per §18.2.2: UDP responses go to received:rport when the client
+asked for rport, else to the sent-by port; TCP and TLS responses go back on the
+connection the request came on.
+
+A TLS connection is a TCP connection that runs TLS (``sip.tls.TlsSession``) over its bytes:
+the same ``StreamLimits`` (connection caps, per source too, and deadlines) plus the
+handshake deadline (``StreamLimits.handshake_seconds``): a peer that connects and does not
+finish the handshake in time is cut off and counted, so half-open handshakes cannot hold
+connections. Each new connection takes the server context ``ServerCertificates`` holds at
+that moment (a renewed certificate is used from the next connection on). A request whose
+top Via carries ``alias`` (RFC 5923) makes its connection reusable for requests *to* the
+sent-by address too, when that is the connection's own peer IP.
 
 Malformed input is answered with 400 (505, 513) when enough can be read to route a
 response, and is otherwise dropped; both are counted in ``counters``.
@@ -18,6 +29,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
+import ssl
 import typing
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
@@ -28,7 +40,8 @@ from sip.framing import StreamFramer
 from sip.message import DEFAULT_MAX_MESSAGE_SIZE, Request, Response, parse_message, stateless_response
 from sip.ratelimit import source_key
 from sip.status import reason_phrase
-from sip.streamlimits import IDLE, ConnectionClock, StreamLimits
+from sip.streamlimits import HANDSHAKE, IDLE, ConnectionClock, StreamLimits
+from sip.tls import ServerCertificates, TlsError, TlsSession, client_context
 
 log = logging.getLogger("sip.transport")
 
@@ -37,6 +50,7 @@ UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
 # the limits) at once, instead of the kernel dropping SYNs, legitimate ones among them.
 LISTEN_BACKLOG = 1024
 MessageHandler = Callable[[Request | Response, "Flow"], None]
+STREAM_TRANSPORTS = frozenset({"TCP", "TLS"})
 
 
 @dataclass
@@ -56,7 +70,11 @@ class TransportCounters:
     tcp_rejected: int = 0          # refused: max_connections in all, or max_per_source from one address
     tcp_idle_closed: int = 0
     tcp_slow_closed: int = 0       # closed for a first message, message or handshake too slow (slowloris)
-    tcp_open: int = 0
+    tcp_open: int = 0              # TCP and TLS connections open now
+    tls_handshakes: int = 0        # TLS handshakes completed (either side)
+    tls_handshake_failures: int = 0  # refused: protocol version, ciphers, certificates, garbage; or the peer gave up
+    tls_handshake_timeouts: int = 0  # connected, but no finished handshake in time (also in tcp_slow_closed)
+    tls_errors: int = 0            # TLS record errors after the handshake
     responses_sent: dict[int, int] = field(default_factory=dict)  # by status, retransmissions not counted
 
     def count_response(self, status: int) -> None:
@@ -68,13 +86,20 @@ class TransportCounters:
 
 @dataclass(frozen=True, eq=False)
 class Flow:
-    """Where a message came from or goes to: transport, address and, for TCP, the
-    connection to prefer (a new one to host:port is opened when it has closed)."""
+    """Where a message came from or goes to: transport, address and, for TCP and TLS, the
+    connection to prefer (a new one to host:port is opened when it has closed);
+    ``server_name``: the name a new TLS connection checks the server's certificate
+    against (default: ``host``)."""
 
     transport: str
     host: str
     port: int
     connection: TcpConnection | None = None
+    server_name: str | None = None
+
+    @property
+    def is_stream(self) -> bool:
+        return self.transport in STREAM_TRANSPORTS
 
     @property
     def address(self) -> tuple[str, int]:
@@ -126,13 +151,19 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 
 
 class TcpConnection(asyncio.Protocol):
-    """One TCP connection, either direction: frames the stream and keeps its deadlines
-    (``StreamLimits``, applied by a ``ConnectionClock``). It is closed when idle unless
-    something (a transaction, a dialog) holds it."""
+    """One TCP or TLS connection, either direction: frames the stream and keeps its
+    deadlines (``StreamLimits``, applied by a ``ConnectionClock``). It is closed when idle
+    unless something (a transaction, a dialog) holds it. With ``tls`` it runs TLS over the
+    stream: a server (``inbound``) or a client checking ``server_hostname``; ``ready``
+    resolves when the handshake is done (at once for TCP)."""
 
-    def __init__(self, owner: Transport, *, inbound: bool = True) -> None:
+    def __init__(self, owner: Transport, tls: ssl.SSLContext | None = None, *, inbound: bool = True,
+                 server_hostname: str | None = None) -> None:
         self.owner = owner
         self.inbound = inbound
+        self.name = "TLS" if tls is not None else "TCP"
+        self.tls = TlsSession(tls, server_side=inbound, server_hostname=server_hostname) if tls else None
+        self.ready: asyncio.Future[None] = owner._loop.create_future()
         self.framer = StreamFramer(owner.max_message_size, owner.stream_limits.max_header_bytes)
         self.transport: asyncio.Transport | None = None
         self.remote: tuple[str, int] = ("", 0)
@@ -152,14 +183,74 @@ class TcpConnection(asyncio.Protocol):
         if not self.owner._register(self):
             self.closed = True
             transport.abort()
+            self._fail_ready(TransportError("connection refused locally (limit)"))
             return
         self._registered = True
         self.clock = ConnectionClock(self.owner.stream_limits, self.owner._loop, self._expired,
                                      inbound=self.inbound, held=lambda: self.holds > 0)
+        if self.tls is None:
+            self.ready.set_result(None)
+            return
+        self.clock.start_handshake()
+        try:
+            hello = self.tls.start()
+        except TlsError as exc:
+            self._tls_failed(exc)
+            return
+        if hello:
+            self.transport.write(hello)
+
+    def _tls_failed(self, exc: TlsError) -> None:
+        assert self.tls is not None
+        if self.tls.established:
+            self.owner.counters.tls_errors += 1
+        else:
+            self.owner.counters.tls_handshake_failures += 1
+        log.info("TLS with %s:%d failed: %s", *self.remote, exc)
+        self._fail_ready(TransportError(f"TLS with {self.remote[0]}:{self.remote[1]}: {exc}"))
+        self.abort()
+
+    def _fail_ready(self, exc: Exception) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(exc)
+            self.ready.exception()  # retrieved: nobody may be waiting (a server-side connection)
+
+    def _decrypt(self, data: bytes) -> bytes | None:
+        """TLS records in, application data out (None: the connection is being closed)."""
+        tls = self.tls
+        assert tls is not None and self.transport is not None
+        was_established = tls.established
+        try:
+            data, reply = tls.feed(data)
+        except TlsError as exc:
+            self._tls_failed(exc)
+            return None
+        if reply:
+            self.transport.write(reply)
+        if tls.established and not was_established:
+            if self.clock is not None:
+                self.clock.handshake_done()
+            self.owner.counters.tls_handshakes += 1
+            if not self.ready.done():
+                self.ready.set_result(None)
+        if tls.closed:
+            self.close()
+            return None
+        return data
+
+    @property
+    def peer_certificate(self) -> dict | None:
+        """The peer's verified certificate (mutual TLS), else None."""
+        return self.tls.peer.certificate if self.tls is not None and self.tls.peer is not None else None
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        if self.tls is not None:
+            decrypted = self._decrypt(data)
+            if not decrypted:
+                return
+            data = decrypted
         try:
             messages = self.framer.feed(data)
         except SipParseError as exc:
@@ -179,13 +270,21 @@ class TcpConnection(asyncio.Protocol):
         self.closed = True
         if self.clock is not None:
             self.clock.cancel()
+        if self.tls is not None and not self.tls.established and not self.ready.done() and self._registered:
+            self.owner.counters.tls_handshake_failures += 1  # the peer gave up (e.g. it refused our certificate)
+        self._fail_ready(TransportError(f"connection to {self.remote[0]}:{self.remote[1]} closed"))
         if self._registered:
             self._registered = False
             self.owner._unregister(self)
 
     def write(self, data: bytes) -> None:
         if self.closed or self.transport is None or self.transport.is_closing():
-            raise TransportError(f"TCP connection to {self.remote[0]}:{self.remote[1]} is closed")
+            raise TransportError(f"{self.name} connection to {self.remote[0]}:{self.remote[1]} is closed")
+        if self.tls is not None:
+            try:
+                data = self.tls.encrypt(data)
+            except TlsError as exc:
+                raise TransportError(f"TLS connection to {self.remote[0]}:{self.remote[1]}: {exc}") from None
         self.transport.write(data)
         if self.clock is not None:
             self.clock.sent()
@@ -199,6 +298,9 @@ class TcpConnection(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None and not self.closed:
             self.closed = True
+            if self.tls is not None:
+                with contextlib.suppress(TlsError, OSError):
+                    self.transport.write(self.tls.close())
             self.transport.close()
 
     def abort(self) -> None:
@@ -211,21 +313,30 @@ class TcpConnection(asyncio.Protocol):
             return
         if reason == IDLE:
             self.owner.counters.tcp_idle_closed += 1
-            log.debug("closing idle TCP connection to %s:%d", *self.remote)
+            log.debug("closing idle %s connection to %s:%d", self.name, *self.remote)
             self.close()
         else:
             self.owner.counters.tcp_slow_closed += 1
-            log.info("closing TCP connection from %s:%d: %s deadline passed", *self.remote, reason)
+            if reason == HANDSHAKE:
+                self.owner.counters.tls_handshake_timeouts += 1
+                self._fail_ready(TransportError(f"TLS handshake with {self.remote[0]}:{self.remote[1]} timed out"))
+            log.info("closing %s connection from %s:%d: %s deadline passed", self.name, *self.remote, reason)
             self.abort()
 
 
 class Transport:
-    """UDP and TCP listeners on one port; see the module docstring."""
+    """UDP and TCP listeners on one port, TLS on another; see the module docstring.
+
+    ``tls_certificates``: the server certificates (None: no TLS listener); ``tls_port``
+    (0: any free port); ``tls_client_context``: how connections we open check TLS servers
+    (default: the system's CAs).
+    """
 
     def __init__(self, host: str = "0.0.0.0", port: int = 0, *, on_message: MessageHandler | None = None,
                  max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, stream_limits: StreamLimits | None = None,
                  tcp_connect_timeout: float = 5.0, force_rport: bool = False,
-                 public_host: str | None = None) -> None:
+                 public_host: str | None = None, tls_certificates: ServerCertificates | None = None,
+                 tls_port: int = 5061, tls_client_context: ssl.SSLContext | None = None) -> None:
         self.host = host
         self.port = port
         self.on_message = on_message
@@ -234,6 +345,9 @@ class Transport:
         self.tcp_connect_timeout = tcp_connect_timeout
         self.force_rport = force_rport
         self.public_host = public_host
+        self.tls_certificates = tls_certificates
+        self.tls_port = tls_port if tls_certificates is not None else None
+        self._tls_client_context = tls_client_context
         self.counters = TransportCounters()
         # Called with each datagram's (and each new connection's) source address before
         # anything is parsed: False drops it unread (a banned flooder costs a lookup).
@@ -241,7 +355,9 @@ class Transport:
         self._family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._udp: asyncio.DatagramTransport | None = None
         self._server: asyncio.Server | None = None
-        self._connections: dict[tuple[str, int], TcpConnection] = {}
+        self._tls_server: asyncio.Server | None = None
+        self._connections: dict[tuple[str, int, str], TcpConnection] = {}
+        self._aliases: dict[tuple[str, int, str], TcpConnection] = {}  # RFC 5923
         self._by_source: dict[str, set[TcpConnection]] = {}  # inbound connections per source
         self._tasks: set[asyncio.Task] = set()
         self._local_hosts: dict[str, str] = {}
@@ -257,6 +373,24 @@ class Transport:
         self._server = await self._loop.create_server(lambda: TcpConnection(self, inbound=True), sock=tcp_sock,
                                                       backlog=LISTEN_BACKLOG)
         log.info("SIP listening on %s port %d (UDP and TCP)", self.host, self.port)
+        if self.tls_certificates is not None:
+            assert self.tls_port is not None
+            tls_sock = self._new_socket(socket.SOCK_STREAM)
+            try:
+                tls_sock.bind((self.host, self.tls_port))
+                tls_sock.listen(LISTEN_BACKLOG)
+            except OSError:
+                tls_sock.close()
+                await self.stop()
+                raise
+            self.tls_port = tls_sock.getsockname()[1]
+            self._tls_server = await self._loop.create_server(self._accept_tls, sock=tls_sock,
+                                                              backlog=LISTEN_BACKLOG)
+            log.info("SIP listening on %s port %d (TLS)", self.host, self.tls_port)
+
+    def _accept_tls(self) -> TcpConnection:
+        assert self.tls_certificates is not None
+        return TcpConnection(self, self.tls_certificates.context(), inbound=True)
 
     def _new_socket(self, kind: int) -> socket.socket:
         sock = socket.socket(self._family, kind)
@@ -301,12 +435,14 @@ class Transport:
         for connection in list(self._connections.values()):
             connection.abort()
         self._connections.clear()
+        self._aliases.clear()
         self._by_source.clear()
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2.0)
-            self._server = None
+        for server in (self._server, self._tls_server):
+            if server is not None:
+                server.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(server.wait_closed(), 2.0)
+        self._server = self._tls_server = None
         if self._udp is not None:
             self._udp.close()
             self._udp = None
@@ -333,13 +469,13 @@ class Transport:
         self._handle(data, Flow("UDP", host, port))
 
     def _on_stream_message(self, data: bytes, connection: TcpConnection) -> None:
-        self._handle(data, Flow("TCP", connection.remote[0], connection.remote[1], connection))
+        self._handle(data, Flow(connection.name, connection.remote[0], connection.remote[1], connection))
 
     def _on_stream_error(self, connection: TcpConnection, exc: SipParseError) -> None:
         head = connection.framer.error_head
-        flow = Flow("TCP", connection.remote[0], connection.remote[1], connection)
+        flow = Flow(connection.name, connection.remote[0], connection.remote[1], connection)
         self._reject(head + b"\r\n\r\n" if head is not None else b"", exc, flow)
-        log.info("closing TCP connection from %s:%d: %s", *connection.remote, exc)
+        log.info("closing %s connection from %s:%d: %s", connection.name, *connection.remote, exc)
         connection.close()
 
     def _handle(self, data: bytes, flow: Flow) -> None:
@@ -351,6 +487,8 @@ class Transport:
             return
         if isinstance(message, Request):
             self._stamp_via(message, flow)
+            if flow.connection is not None and "alias" in message.top_via.params:
+                self._alias(message, flow.connection)
         if self.on_message is None:
             return
         try:
@@ -369,7 +507,7 @@ class Transport:
             log.debug("dropped malformed message from %r: %s", flow, exc)
             return
         response, via = salvage
-        if flow.transport == "TCP":
+        if flow.is_stream:
             target = flow
         else:
             port = flow.port if (via.has_rport or self.force_rport) else (via.port or 5060)
@@ -391,14 +529,26 @@ class Transport:
         if changed:
             request.headers.replace_first("Via", str(via))
 
+    def _alias(self, request: Request, connection: TcpConnection) -> None:
+        """RFC 5923: the client offers its connection for requests to its Via sent-by. Only
+        for its own IP (an alias for another host would let it capture that host's traffic)."""
+        via = request.top_via
+        port = via.port or (5061 if connection.name == "TLS" else 5060)
+        if not _same_host(via.host, connection.remote[0]) and not _same_host(via.received or "", connection.remote[0]):
+            return
+        key = (connection.remote[0], port, connection.name)
+        if key not in self._connections and self._aliases.get(key) is not connection:
+            self._aliases[key] = connection
+
     # -- routing and sending ------------------------------------------------------------
 
     def response_flow(self, request: Request, flow: Flow) -> Flow:
         """Where responses to ``request`` (received on ``flow``) go (RFC 3261 §18.2.2)."""
         via = request.top_via
-        if flow.transport == "TCP":
+        if flow.is_stream:
             # Back on the connection; if it closes, a new one to received:sent-by-port.
-            return Flow("TCP", via.received or flow.host, via.port or 5060, flow.connection)
+            default_port = 5061 if flow.transport == "TLS" else 5060
+            return Flow(flow.transport, via.received or flow.host, via.port or default_port, flow.connection)
         maddr = via.maddr
         host = maddr if maddr and is_ip(maddr) else (via.received or via.host)
         port = via.rport if via.rport is not None else (via.port or 5060)
@@ -408,7 +558,7 @@ class Transport:
         """Send ``data`` on ``flow`` now. A TCP flow whose connection has gone is
         reconnected in the background. Failures are counted and logged, never raised."""
         try:
-            if flow.transport == "TCP":
+            if flow.is_stream:
                 connection = self._live_connection(flow)
                 if connection is None:
                     self._spawn(self._connect_and_send(data, flow))
@@ -435,11 +585,13 @@ class Transport:
 
     def _live_connection(self, flow: Flow) -> TcpConnection | None:
         connection = flow.connection
-        if connection is not None and not connection.closed:
+        if connection is not None and not connection.closed and connection.ready.done():
             return connection
-        connection = self._connections.get((flow.host, flow.port))
-        if connection is not None and not connection.closed:
-            return connection
+        key = (flow.host, flow.port, flow.transport)
+        for table in (self._connections, self._aliases):
+            connection = table.get(key)
+            if connection is not None and not connection.closed and connection.ready.done():
+                return connection
         return None
 
     def _udp_address(self, host: str, port: int) -> tuple:
@@ -455,25 +607,35 @@ class Transport:
             return ("::ffff:" + host, port, 0, 0)
         return (host, port)
 
+    def tls_client_context(self) -> ssl.SSLContext:
+        """How connections we open check TLS servers (the system's CAs unless configured)."""
+        if self._tls_client_context is None:
+            self._tls_client_context = client_context()
+        return self._tls_client_context
+
     async def connect(self, flow: Flow) -> Flow:
-        """``flow`` ready to send: for TCP, with a live connection (reused or opened)."""
-        if flow.transport != "TCP":
+        """``flow`` ready to send: for TCP and TLS, with a live connection (reused or
+        opened; a TLS one with its handshake done)."""
+        if not flow.is_stream:
             return flow
         connection = self._live_connection(flow)
         if connection is None:
             limit = self.stream_limits.max_connections
             if len(self._connections) >= limit:
                 raise TransportError(f"the TCP connection limit ({limit}) is reached")
+            tls = self.tls_client_context() if flow.transport == "TLS" else None
+            server_name = flow.server_name or flow.host
             try:
-                _, protocol = await asyncio.wait_for(
-                    self._loop.create_connection(lambda: TcpConnection(self, inbound=False), flow.host, flow.port),
+                _, connection = await asyncio.wait_for(
+                    self._loop.create_connection(
+                        lambda: TcpConnection(self, tls, inbound=False, server_hostname=server_name),
+                        flow.host, flow.port),
                     self.tcp_connect_timeout)
             except (TimeoutError, OSError) as exc:
-                raise TransportError(f"cannot connect to {flow.host}:{flow.port} over TCP: {exc}") from exc
-            connection = protocol
-            if connection.closed:
-                raise TransportError(f"connection to {flow.host}:{flow.port} refused locally (limit)")
-        return Flow("TCP", flow.host, flow.port, connection)
+                raise TransportError(f"cannot connect to {flow.host}:{flow.port} over {flow.transport}: "
+                                     f"{exc}") from exc
+            await connection.ready  # TransportError: refused locally, handshake failed or timed out
+        return Flow(flow.transport, flow.host, flow.port, connection, flow.server_name)
 
     def _register(self, connection: TcpConnection) -> bool:
         """Admit a new connection within ``stream_limits``: the total, and for one we
@@ -492,7 +654,7 @@ class Transport:
                     del self._by_source[connection.source]
                 return self._refuse(connection, "the per-source TCP connection limit")
             same_source.add(connection)
-        self._connections[connection.remote] = connection
+        self._connections[(*connection.remote, connection.name)] = connection
         self.counters.tcp_accepted += 1
         self.counters.tcp_open = len(self._connections)
         return True
@@ -500,13 +662,16 @@ class Transport:
     def _refuse(self, connection: TcpConnection, limit: str) -> bool:
         self.counters.tcp_rejected += 1
         if self.counters.tcp_rejected & (self.counters.tcp_rejected - 1) == 0:  # 1st, 2nd, 4th, 8th...
-            log.warning("refusing TCP connection from %s:%d: %s is reached (%d refused so far)",
-                        *connection.remote, limit, self.counters.tcp_rejected)
+            log.warning("refusing %s connection from %s:%d: %s is reached (%d refused so far)",
+                        connection.name, *connection.remote, limit, self.counters.tcp_rejected)
         return False
 
     def _unregister(self, connection: TcpConnection) -> None:
-        if self._connections.get(connection.remote) is connection:
-            del self._connections[connection.remote]
+        key = (*connection.remote, connection.name)
+        if self._connections.get(key) is connection:
+            del self._connections[key]
+        for alias in [k for k, c in self._aliases.items() if c is connection]:
+            del self._aliases[alias]
         same_source = self._by_source.get(connection.source)
         if same_source is not None:
             same_source.discard(connection)

@@ -36,6 +36,7 @@ import contextlib
 import logging
 import random
 import secrets
+import ssl
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +51,7 @@ from sip.message import DEFAULT_MAX_MESSAGE_SIZE, HeaderItems, Request, Response
 from sip.sdp import SdpError, SessionDescription, negotiated_as_answerer, negotiated_from_answer
 from sip.session_timer import SessionTimer, answer_session_timer, min_se_of, timer_from_response
 from sip.streamlimits import StreamLimits
+from sip.tls import ServerCertificates
 from sip.transaction import ServerTransaction, Timers, TransactionLayer, server_key
 from sip.transport import Flow, Transport
 from sip.uri import SipUri, format_host
@@ -83,7 +85,7 @@ class IncomingCall:
     ``request`` (the INVITE), ``offer`` (its SDP, parsed, or None for an offerless
     INVITE, a *delayed offer*: then the SDP given to ``accept`` is our offer and the answer
     comes in the ACK; the dialog checks it, see ``Dialog.on_ack``), ``source`` (ip, port),
-    ``transport`` ("UDP"/"TCP"), ``call_id``, ``from_uri``, ``to_uri`` (and
+    ``transport`` ("UDP"/"TCP"/"TLS"), ``secure`` (a sips: request over TLS), ``call_id``, ``from_uri``, ``to_uri`` (and
     ``from_addr``/``to_addr`` with display names), ``cancelled`` (set when the caller
     cancelled, by CANCEL or by BYE on the early dialog; the UA already answered 487),
     ``aborted`` (set with ``abort_reason`` when the call ended before an answer for any
@@ -101,6 +103,7 @@ class IncomingCall:
         self.offer = offer
         self.source = (flow.host, flow.port)
         self.transport = flow.transport
+        self.secure = flow.transport == "TLS" and isinstance(request.uri, SipUri) and request.uri.scheme == "sips"
         self.call_id = request.call_id
         self.from_addr = request.from_addr
         self.to_addr = request.to_addr
@@ -168,7 +171,7 @@ class IncomingCall:
         response = self.ua._response(self.request, status, reason, headers=headers, to_tag=self.local_tag)
         for route in self.request.headers.get_all("Record-Route"):  # an early dialog's route set
             response.headers.add("Record-Route", route)
-        response.headers.add("Contact", self.ua._contact(self.flow))
+        response.headers.add("Contact", self.ua._contact(self.flow, secure=self.secure))
         if reliable:
             self._rseq += 1
             response.headers.add("Require", "100rel")
@@ -274,7 +277,7 @@ class IncomingCall:
         response = self.ua._response(request, 200, headers=headers, to_tag=self.local_tag)
         for route in request.headers.get_all("Record-Route"):
             response.headers.add("Record-Route", route)
-        response.headers.add("Contact", self.ua._contact(self.flow))
+        response.headers.add("Contact", self.ua._contact(self.flow, secure=self.secure))
         response.headers.add("Allow", self.ua.allow)
         response.headers.add("Supported", SUPPORTED)
         response.headers.extend(self._timer_headers)
@@ -295,6 +298,7 @@ class IncomingCall:
                 dialog.media = negotiated_as_answerer(self.offer, local_sdp)
         else:
             dialog._awaiting_answer = True  # §13.2.1: the answer to our offer comes in the ACK
+        dialog.secure = self.secure
         self.ua._add_dialog(dialog)
         dialog._send_2xx(response, self.transaction)
         dialog._apply_timer(self._timer)
@@ -371,14 +375,17 @@ class UserAgent:
     - ``timers``: T1/T2/T4 (shrink them in tests).
     - ``force_rport``: answer UDP requests at their source port even without ``;rport``
       (for clients behind NAT that do not ask for RFC 3581).
-    - ``max_message_size``; ``stream_limits`` (sip.streamlimits): TCP connection caps, in all
-      and per source, and the deadlines of each connection (first message, each message, idle).
+    - ``max_message_size``; ``stream_limits`` (sip.streamlimits): TCP and TLS connection caps,
+      in all and per source, and the deadlines of each connection (TLS handshake, first
+      message, each message, idle).
     - ``max_udp_response``: a UDP request whose responses could be larger than this (a
       huge Via list) is served over TCP to its sender (RFC 3261 §18.2.2), or answered 513
       when no connection can be opened; never left to fail silently.
     - ``guard``: a ``RequestGuard`` (sip.guard): who may send requests outside a dialog,
       digest authentication of INVITEs, per-source rate limits, scanner user agents, and
       in-dialog requests only from the dialog's peer. Its refusals create no state.
+    - ``tls_certificates``: serve SIP over TLS on ``tls_port`` with these (``sip.tls``);
+      ``tls_client_context``: how TLS servers we connect to are checked.
     """
 
     def __init__(self, host: str = "0.0.0.0", port: int = 0, *, public_host: str | None = None,
@@ -386,7 +393,9 @@ class UserAgent:
                  session_expires: int = 1800, min_se: int = 90, timers: Timers | None = None,
                  user: str = "moshimoshi", max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
                  stream_limits: StreamLimits | None = None, force_rport: bool = False,
-                 guard: RequestGuard | None = None, max_udp_response: int = MAX_UDP_PAYLOAD) -> None:
+                 guard: RequestGuard | None = None, max_udp_response: int = MAX_UDP_PAYLOAD,
+                 tls_certificates: ServerCertificates | None = None, tls_port: int = 5061,
+                 tls_client_context: ssl.SSLContext | None = None) -> None:
         self.on_invite = on_invite
         self.guard = guard
         self.max_udp_response = max_udp_response
@@ -402,7 +411,9 @@ class UserAgent:
         self.user = user
         self.allow = ", ".join(ALLOWED_METHODS)
         self.transport = Transport(host, port, on_message=self._on_message, max_message_size=max_message_size,
-                                   stream_limits=stream_limits, force_rport=force_rport, public_host=public_host)
+                                   stream_limits=stream_limits, force_rport=force_rport, public_host=public_host,
+                                   tls_certificates=tls_certificates, tls_port=tls_port,
+                                   tls_client_context=tls_client_context)
         self.transactions = TransactionLayer(self.transport, self.timers, self)
         # How many live dialogs and pending calls each peer address has: a banned source's
         # datagrams are dropped unread, except a peer's within its own calls.
@@ -431,6 +442,11 @@ class UserAgent:
     @property
     def host(self) -> str:
         return self.transport.host
+
+    @property
+    def tls_port(self) -> int | None:
+        """The bound TLS port (None: no TLS)."""
+        return self.transport.tls_port
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -489,14 +505,27 @@ class UserAgent:
 
     # -- helpers shared with dialogs and calls -----------------------------------------------
 
+    def _port_for(self, transport: str) -> int:
+        if transport == "TLS" and self.transport.tls_port is not None:
+            return self.transport.tls_port
+        return self.port
+
     def _via(self, flow: Flow) -> str:
         host = self.transport.local_host_for(flow.host)
-        return f"SIP/2.0/{flow.transport} {format_host(host)}:{self.port};branch={new_branch()};rport"
+        # RFC 5923: over TLS we offer our connection for the peer's requests back to us
+        alias = ";alias" if flow.transport == "TLS" else ""
+        return (f"SIP/2.0/{flow.transport} {format_host(host)}:{self._port_for(flow.transport)};"
+                f"branch={new_branch()};rport{alias}")
 
-    def _contact(self, flow: Flow) -> str:
-        host = self.transport.local_host_for(flow.host)
-        suffix = ";transport=tcp" if flow.transport == "TCP" else ""
-        return f"<sip:{self.user}@{format_host(host)}:{self.port}{suffix}>"
+    def _contact(self, flow: Flow, *, secure: bool = False) -> str:
+        """Our Contact toward ``flow``: ``sips:`` in a secure (sips:) dialog, else ``sip:``
+        with the transport named for TCP and TLS."""
+        host = format_host(self.transport.local_host_for(flow.host))
+        port = self._port_for(flow.transport)
+        if secure:
+            return f"<sips:{self.user}@{host}:{port}>"
+        suffix = {"TCP": ";transport=tcp", "TLS": ";transport=tls"}.get(flow.transport, "")
+        return f"<sip:{self.user}@{host}:{port}{suffix}>"
 
     def _response(self, request: Request, status: int, reason: str | None = None, *,
                   headers: HeaderItems | None = None, to_tag: str | None = None) -> Response:
@@ -698,6 +727,9 @@ class UserAgent:
             raise SipError(501)
         if not isinstance(request.uri, SipUri):
             raise SipError(416)
+        if request.uri.scheme == "sips" and flow.transport != "TLS":
+            # RFC 3261 §26.2.2, RFC 5630: a sips: request must have come over TLS
+            raise SipError(416, "Unsupported URI Scheme (sips: requires TLS)")
         if method == "CANCEL":
             self._on_cancel(request, transaction)
             return
@@ -794,14 +826,15 @@ class UserAgent:
         within ``timeout`` seconds (408, after CANCEL) or an unusable answer (488, after
         ACK and BYE). Cancelling the awaiting task sends CANCEL."""
         uri = SipUri.parse(target, "target") if isinstance(target, str) else target
-        transport = uri.transport or "UDP"
-        if transport not in ("UDP", "TCP"):
-            raise ValueError(f"transport {transport} is not supported (UDP or TCP)")
+        transport = uri.wire_transport or "UDP"
+        if transport not in ("UDP", "TCP", "TLS"):
+            raise ValueError(f"transport {transport} is not supported (UDP, TCP or TLS)")
+        host = uri.param("maddr") or uri.host
         try:
-            address = await self.transport.resolve(uri.param("maddr") or uri.host)
+            address = await self.transport.resolve(host)
         except TransportError as exc:
             raise CallFailed(503, f"Service Unavailable ({exc})") from exc
-        flow = Flow(transport, address, uri.port or 5060)
+        flow = Flow(transport, address, uri.port_for(transport), server_name=host)
         local_host = self.transport.local_host_for(address)
         tag = new_tag()
         if from_uri is None:
@@ -834,7 +867,7 @@ class UserAgent:
         out.add("To", state.to_value)
         out.add("Call-ID", state.call_id)
         out.add("CSeq", f"{state.cseq} INVITE")
-        out.add("Contact", self._contact(state.flow))
+        out.add("Contact", self._contact(state.flow, secure=state.uri.scheme == "sips"))
         out.add("Allow", self.allow)
         out.add("Supported", "timer")
         if session_expires > 0:
@@ -883,6 +916,7 @@ class UserAgent:
             local_sdp=offer, remote_sdp=None,
             peer_allow={m.upper() for m in response.values("Allow")} or None, credentials=state.credentials)
         dialog.answer_response = response
+        dialog.secure = state.uri.scheme == "sips" and state.flow.transport == "TLS"
         self._add_dialog(dialog)
         try:
             ack_flow = await dialog._next_hop()

@@ -179,6 +179,18 @@ class SipUri:
         return value.upper() if value else None
 
     @property
+    def wire_transport(self) -> str | None:
+        """The transport a request to this URI takes: TLS for ``sips:`` (RFC 3261 §26.2.2)
+        and ``transport=tls``, else the transport parameter, else None (the caller's default)."""
+        if self.scheme == "sips":
+            return "TLS"
+        return self.transport
+
+    def port_for(self, transport: str) -> int:
+        """The port to reach this URI on over ``transport`` (5061 for TLS, else 5060, unless given)."""
+        return self.port if self.port is not None else (5061 if transport == "TLS" else 5060)
+
+    @property
     def host_port(self) -> str:
         return format_host(self.host) + (f":{self.port}" if self.port is not None else "")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import ssl
 import time
 
 from sip.errors import SipParseError
@@ -34,6 +35,7 @@ class RawPeer:
         self._reader_task: asyncio.Task | None = None
         self.host = "127.0.0.1"
         self.port = 0
+        self.ssl_object: ssl.SSLObject | None = None
         self.closed = asyncio.Event()
 
     @classmethod
@@ -53,12 +55,27 @@ class RawPeer:
         peer._reader_task = asyncio.create_task(peer._read(reader))
         return peer
 
+    @classmethod
+    async def tls(cls, host: str, port: int, context: ssl.SSLContext, server_hostname: str | None = "localhost",
+                  *, via_host: str | None = None) -> RawPeer:
+        """A TLS client (the event loop's own TLS, not the stack under test's)."""
+        peer = cls("TLS")
+        reader, writer = await asyncio.open_connection(host, port, ssl=context, server_hostname=server_hostname,
+                                                       ssl_handshake_timeout=10)
+        peer._writer = writer
+        peer.host, peer.port = writer.get_extra_info("sockname")[:2]
+        peer.ssl_object = writer.get_extra_info("ssl_object")
+        peer._reader_task = asyncio.create_task(peer._read(reader))
+        return peer
+
     async def _read(self, reader: asyncio.StreamReader) -> None:
         framer = StreamFramer()
         try:
             while data := await reader.read(65536):
                 for message in framer.feed(data):
                     self._deliver(message)
+        except (ConnectionError, OSError):  # a reset, a TLS alert: the peer is closed
+            pass
         finally:
             self.closed.set()
 
