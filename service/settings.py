@@ -175,8 +175,24 @@ class ServeSettings:
 class GatewaySettings:
     """The telephony edge and control plane: SIP/RTP (and WebRTC) in, workers out."""
 
-    sip_host: str = setting("0.0.0.0", "address SIP binds (UDP and TCP); '::' for IPv6")
+    sip_host: str = setting("0.0.0.0", "address SIP binds (UDP, TCP and TLS); '::' for IPv6")
     sip_port: int = setting(5060, "SIP port, UDP and TCP (0 picks a free one)", min=0, max=65535)
+    sip_tls_port: int = setting(5061, "SIP over TLS port (0 picks a free one); TLS is on with "
+                                "--sip-tls-cert and --sip-tls-key", min=0, max=65535)
+    sip_tls_cert: str | None = setting(
+        None, "PEM file with the TLS certificate chain (leaf first); reloaded when it changes")
+    sip_tls_key: str | None = setting(None, "PEM file with the TLS certificate's private key")
+    sip_tls_client_ca: str | None = setting(
+        None, "PEM CA bundle: TLS clients must present a certificate it signed (mutual TLS); also "
+        "trusted, beside the system's CAs, for TLS connections the gateway opens")
+    sip_tls_handshake_seconds: float = setting(10.0, "a TLS connection must finish its handshake this "
+                                               "soon or is closed", min=0.5, max=120.0)
+    srtp: str = setting("optional", "SRTP (SDES) policy: off; optional (RTP/SAVP offers get SRTP, "
+                        "RTP/AVP plain RTP); required (488 for plain offers). Keys travel only over TLS",
+                        choices=["off", "optional", "required"])
+    srtp_allow_plaintext_keys: bool = setting(
+        False, "also exchange SRTP keys over UDP/TCP signalling, where anyone on the path reads them "
+        "(tests only)")
     public_host: str | None = setting(
         None, "address announced in Contact and SDP (default: the local address toward each peer)")
     rtp_port_min: int = setting(20000, "lowest RTP port (even)", min=1024, max=65534)
@@ -287,6 +303,12 @@ class GatewaySettings:
         if self.jitter_min_ms > self.jitter_max_ms:
             raise ConfigError("MOSHIMOSHI_JITTER_MIN_MS must not exceed MOSHIMOSHI_JITTER_MAX_MS")
         self.codecs = _codec_names("MOSHIMOSHI_CODECS", self.codecs)
+        if bool(self.sip_tls_cert) != bool(self.sip_tls_key):
+            raise ConfigError("MOSHIMOSHI_SIP_TLS_CERT and MOSHIMOSHI_SIP_TLS_KEY go together: set both for "
+                              "SIP over TLS, or neither")
+        if self.sip_tls_client_ca and not self.sip_tls_cert:
+            raise ConfigError("MOSHIMOSHI_SIP_TLS_CLIENT_CA needs MOSHIMOSHI_SIP_TLS_CERT and "
+                              "MOSHIMOSHI_SIP_TLS_KEY (mutual TLS is a TLS setting)")
         self.sip_guard()  # every SIP policy setting is read now, so a bad one stops the start
 
     def sip_guard(self) -> RequestGuard:
@@ -339,7 +361,13 @@ class GatewaySettings:
                             max_per_source=self.sip_tcp_max_per_source,
                             first_message_seconds=self.sip_tcp_first_message_seconds,
                             message_seconds=self.sip_tcp_message_seconds, idle_seconds=self.sip_tcp_idle_seconds,
-                            max_header_bytes=self.sip_tcp_max_header_bytes)
+                            max_header_bytes=self.sip_tcp_max_header_bytes,
+                            handshake_seconds=self.sip_tls_handshake_seconds)
+
+    @property
+    def sip_tls(self) -> bool:
+        """Whether SIP over TLS is on."""
+        return bool(self.sip_tls_cert and self.sip_tls_key)
 
     def _validate_webrtc(self) -> None:
         for url in self.webrtc_ice_servers:
@@ -389,7 +417,15 @@ class CallSettings:
     local_port: int = setting(0, "local SIP port (0 picks one)", min=0, max=65535)
     rtp_port_min: int = setting(40000, "lowest local RTP port", min=1024, max=65534)
     rtp_port_max: int = setting(49999, "highest local RTP port", min=1025, max=65535)
-    transport: str = setting("udp", "SIP transport", choices=["udp", "tcp"])
+    transport: str = setting("udp", "SIP transport (tls: to port 5061 unless the URI names one; a sips: URI "
+                             "is always TLS)", choices=["udp", "tcp", "tls"])
+    srtp: bool = setting(False, "offer SRTP (RTP/SAVP, SDES keys); the call fails if the callee does not "
+                         "take it. Use it with --transport tls: otherwise the keys travel in clear text")
+    tls_ca: str | None = setting(None, "PEM CA file trusted for the callee's TLS certificate, besides the "
+                                 "system's CAs")
+    tls_insecure: bool = setting(False, "do not check the callee's TLS certificate (a test server only)")
+    tls_cert: str | None = setting(None, "PEM certificate chain to present to a callee that wants mutual TLS")
+    tls_key: str | None = setting(None, "the private key of --tls-cert")
     api: str | None = setting(None, "gateway API base URL to read the transcript from after the call")
     api_token: str | None = setting(None, "bearer token for --api", secret=True)
     log_level: str = setting("warning", "log level", choices=["debug", "info", "warning", "error"])
@@ -399,3 +435,5 @@ class CallSettings:
         if first >= self.rtp_port_max:
             raise ConfigError(f"MOSHIMOSHI_RTP_PORT_MIN={self.rtp_port_min}..MOSHIMOSHI_RTP_PORT_MAX="
                               f"{self.rtp_port_max} holds no RTP/RTCP port pair")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("MOSHIMOSHI_TLS_CERT and MOSHIMOSHI_TLS_KEY go together")

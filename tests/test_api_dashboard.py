@@ -92,10 +92,11 @@ def test_the_dashboard_shows_a_live_call_its_transcript_and_the_pool(system, bro
         pool = client.get("/v1/pool").json()
     assert listed["state"] == "active"
     cells = {name: page.text_content(f"#calls tr[data-call-id='{call_id}'] td.{name}")
-             for name in ("caller", "worker", "codec", "jitter", "loss", "latency", "state", "duration")}
+             for name in ("caller", "worker", "codec", "security", "jitter", "loss", "latency", "state", "duration")}
     assert cells["caller"] == "moshimoshi@127.0.0.1"
     assert cells["worker"] == f"{listed['worker_id']} / {listed['slot']}"
     assert cells["codec"] == "PCMU" and cells["state"] == "active"
+    assert cells["security"] == "UDP / RTP"  # moshimoshi call: plain SIP over UDP
     assert cells["jitter"].endswith(" ms") and cells["loss"].endswith(" %")
     [worker] = pool["workers"]
     page.wait_for_selector(f"#workers tr[data-worker-id='{worker['worker_id']}']")

@@ -68,7 +68,8 @@ def from_call(call: Call, gateway_id: str) -> CallInfo:
     quality["failovers"] = call.failovers
     return CallInfo(
         id=call.id, state=call.state, ingress=call.ingress, to_uri=call.to_uri,
-        codec=call.codec, worker_id=call.worker_id, slot=call.slot, model=call.model, license=call.license,
+        codec=call.codec, sip_transport=call.sip_transport, media_encryption=call.media_encryption,
+        worker_id=call.worker_id, slot=call.slot, model=call.model, license=call.license,
         sampling=call.sampling, gateway_id=gateway_id, started_at=call.started_at, answered_at=call.answered_at,
         ended_at=call.ended_at, end_reason=call.end_reason, end_detail=call.end_detail,
         duration_s=record["duration_s"], on_this_gateway=True, quality=CallQuality(**quality) if quality else None,
@@ -81,6 +82,7 @@ def from_summary(summary: dict[str, tp.Any], gateway_id: str) -> CallInfo:
     return CallInfo(
         id=summary["id"], state="ended", ingress=summary.get("ingress", ""),
         to_uri=summary.get("to", ""), codec=summary.get("codec", ""), worker_id=summary.get("worker_id", ""),
+        sip_transport=summary.get("sip_transport", ""), media_encryption=summary.get("media_encryption", ""),
         slot=summary.get("slot"), model=summary.get("model", ""), license=summary.get("license", ""),
         sampling=_sampling(summary.get("sampling")), gateway_id=gateway_id,
         started_at=summary.get("started_at", 0.0), answered_at=summary.get("answered_at"),
@@ -96,6 +98,7 @@ def from_record(record: CallRecord) -> CallInfo:
     return CallInfo(
         id=record.call_id, state=record.state, ingress=str(record.quality.get("ingress", "")),
         to_uri=record.to_uri, codec=record.codec, worker_id=record.worker_id,
+        sip_transport=record.sip_transport, media_encryption=record.media_encryption,
         slot=record.slot, gateway_id=str(record.quality.get("gateway", "")),
         sampling=_sampling(record.quality.get("sampling")), started_at=record.started_at,
         answered_at=record.answered_at, ended_at=record.ended_at, end_reason=record.end_reason,

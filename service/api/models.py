@@ -40,6 +40,10 @@ class CallQuality(BaseModel):
     packets_sent: int | None = None
     packets_late: int | None = None
     packets_stray: int | None = None
+    srtp_suite: str | None = Field(None, description="the SRTP crypto suite (SDES-SRTP calls)")
+    packets_srtp_replayed: int | None = Field(None, description="SRTP packets dropped as replays")
+    packets_srtp_auth_failed: int | None = Field(None, description="SRTP packets dropped: authentication "
+                                                                   "failed (forged or corrupted)")
     failovers: int | None = Field(None, description="times the call moved to another worker")
 
 
@@ -82,6 +86,10 @@ class CallInfo(BaseModel):
     redirects: list[Redirect] = Field([], description="SIP: Diversion and History-Info entries, oldest first "
                                                       "(empty when the caller's privacy withholds them)")
     codec: str = ""
+    sip_transport: str = Field("", description="how the call's SIP signalling came: UDP, TCP or TLS "
+                                               "(empty for WebRTC)")
+    media_encryption: str = Field("", description="none, SDES-SRTP (SIP with a=crypto keys over TLS) or "
+                                                  "DTLS-SRTP (WebRTC); empty until the media is agreed")
     worker_id: str = ""
     slot: int | None = None
     model: str = ""

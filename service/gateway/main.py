@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 import typing as tp
@@ -44,6 +45,7 @@ from service.pool import (
 from service.realtime import quiet_gc
 from service.settings import GatewaySettings
 from sip.rtpsession import PortAllocator
+from sip.tls import ServerCertificates, client_context
 from sip.ua import IncomingCall, UserAgent
 from sip.uri import format_host
 
@@ -54,13 +56,32 @@ STOP_CALLS_SECONDS = 3.0
 RECORD_END_RETRY_SECONDS = 300.0  # a call's end is retried this long if Redis refuses it
 
 
-def banner(settings: GatewaySettings, sip_port: int, http_port: int) -> str:
+def banner(settings: GatewaySettings, sip_port: int, http_port: int, tls_port: int | None = None) -> str:
     """The line printed once the gateway is up: where to call it and where to watch it."""
     web = settings.http_host if settings.http_host not in ("0.0.0.0", "::") else "localhost"
     sip_host = format_host(settings.public_host or settings.sip_host)
     web = format_host(web)
-    return (f"moshimoshi gateway up: SIP sip:agent@{sip_host}:{sip_port}  "
+    tls = f"  sips:agent@{sip_host}:{tls_port}" if tls_port is not None else ""
+    return (f"moshimoshi gateway up: SIP sip:agent@{sip_host}:{sip_port}{tls}  "
             f"dashboard http://{web}:{http_port}/dashboard  softphone http://{web}:{http_port}/phone")
+
+
+def tls_settings(settings: GatewaySettings) -> tuple[ServerCertificates | None, ssl.SSLContext | None]:
+    """The TLS server certificates (None: TLS off) and how servers we connect to are checked.
+    A certificate or key that does not load stops the gateway with a message naming it."""
+    if not settings.sip_tls:
+        return None, None
+    assert settings.sip_tls_cert and settings.sip_tls_key
+    try:
+        certificates = ServerCertificates(settings.sip_tls_cert, settings.sip_tls_key, settings.sip_tls_client_ca)
+        verify = client_context(settings.sip_tls_client_ca)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"MOSHIMOSHI_SIP_TLS_CERT={settings.sip_tls_cert}, MOSHIMOSHI_SIP_TLS_KEY="
+                          f"{settings.sip_tls_key}"
+                          + (f", MOSHIMOSHI_SIP_TLS_CLIENT_CA={settings.sip_tls_client_ca}"
+                             if settings.sip_tls_client_ca else "")
+                          + f": {exc}") from None
+    return certificates, verify
 
 
 class Gateway:
@@ -78,10 +99,12 @@ class Gateway:
         self.started_at = time.time()
         self.exit_code = 0
         self.ports = PortAllocator(settings.rtp_port_min, settings.rtp_port_max)
+        tls_certificates, tls_verify = tls_settings(settings)
         self.ua = UserAgent(settings.sip_host, settings.sip_port, public_host=settings.public_host,
                             on_invite=self._on_invite, session_expires=settings.session_expires,
                             user_agent="moshimoshi-gateway", guard=settings.sip_guard(),
-                            stream_limits=settings.sip_stream_limits())
+                            stream_limits=settings.sip_stream_limits(), tls_certificates=tls_certificates,
+                            tls_port=settings.sip_tls_port, tls_client_context=tls_verify)
         self.ua.available = self.accepting
         self.pool: PoolClient | None = None
         self.records: CallRecords | None = None
@@ -110,7 +133,8 @@ class Gateway:
         self._http: uvicorn.Server | None = None
         self.http_port = settings.http_port
         self.call_stats = metrics.install_call_stats(self._live_counters)
-        metrics.install_sip_stats(lambda: self.ua.transport.counters, lambda: self.ua.guard)
+        metrics.install_sip_stats(lambda: self.ua.transport.counters, lambda: self.ua.guard,
+                                  lambda: self.ua.transport.tls_certificates)
         self.transcript_listeners: dict[str, set[asyncio.Queue]] = {}
         # control plane: API tokens, transcripts in Redis, hang-ups across replicas, webhook
         self.api_tokens = ApiTokens.parse(settings.api_tokens)
@@ -239,6 +263,7 @@ class Gateway:
             return
         record = CallRecord(call_id=call.id, sip_call_id=call.sip_call_id, from_uri=call.from_uri,
                             to_uri=call.to_uri, codec=call.codec, started_at=call.started_at,
+                            sip_transport=call.sip_transport, media_encryption=call.media_encryption,
                             identity=call.identity.to_dict() if call.identity is not None else None,
                             quality={"ingress": call.ingress, "gateway": self.gateway_id})
         self._record_write(call.id, "record-create", self.records.create(record))
@@ -250,9 +275,10 @@ class Gateway:
         self._record_write(call.id, "record-update", self.records.update(call.id, **fields))
 
     def record_answer(self, call: Call) -> None:
-        """An answered call's worker, slot, codec and sampling, into its record."""
+        """An answered call's worker, slot, codec, encryption and sampling, into its record."""
         self.record_update(call, answered_at=call.answered_at, worker_id=call.worker_id, slot=call.slot,
-                           codec=call.codec, quality={"sampling": call.sampling} if call.sampling else None)
+                           codec=call.codec, media_encryption=call.media_encryption or None,
+                           quality={"sampling": call.sampling} if call.sampling else None)
 
     def record_end(self, call: Call) -> None:
         if self.records is None:
@@ -373,10 +399,11 @@ class Gateway:
         watchdog = asyncio.create_task(self._watch_calls(), name="call-watchdog")
         self.start_control_plane()
         where = redacted(self.settings.redis_url) if self.settings.redis_url else self.settings.worker_url
-        log.info("gateway %s: SIP on %s:%d (UDP+TCP), HTTP on %s:%d, workers via %s, event loop %s",
-                 self.gateway_id, self.settings.sip_host, self.ua.port, self.settings.http_host, self.http_port,
-                 where, realtime.running_loop_name())
-        print(banner(self.settings, self.ua.port, self.http_port), flush=True)
+        tls = f", TLS on {self.ua.tls_port}" if self.ua.tls_port is not None else ""
+        log.info("gateway %s: SIP on %s:%d (UDP+TCP%s), SRTP %s, HTTP on %s:%d, workers via %s, event loop %s",
+                 self.gateway_id, self.settings.sip_host, self.ua.port, tls, self.settings.srtp,
+                 self.settings.http_host, self.http_port, where, realtime.running_loop_name())
+        print(banner(self.settings, self.ua.port, self.http_port, self.ua.tls_port), flush=True)
         try:
             await self._stop.wait()
         finally:

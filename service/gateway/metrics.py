@@ -126,6 +126,11 @@ RTP_COUNTERS = {
                          "nor where its media came from (yet)."),
     "packets_malformed": ("moshimoshi_rtp_packets_malformed", "Malformed RTP/RTCP packets, dropped."),
     "packets_duplicate": ("moshimoshi_rtp_packets_duplicate", "Duplicate RTP packets, dropped."),
+    "packets_srtp_replayed": ("moshimoshi_srtp_packets_replayed",
+                              "SRTP/SRTCP packets replayed (an index seen before or too old), dropped."),
+    "packets_srtp_auth_failed": ("moshimoshi_srtp_packets_auth_failed",
+                                 "SRTP/SRTCP packets whose authentication failed (forged, corrupted, plain), "
+                                 "dropped."),
     "frames_concealed": ("moshimoshi_rtp_concealed_frames", "Inbound frames concealed (PLC)."),
     "model_frames_dropped": ("moshimoshi_model_frames_dropped",
                              "Model frames dropped: worker link backed up or past their slot."),
@@ -182,9 +187,11 @@ class SipStatsCollector(Collector):
     sources it banned, read from the SIP stack's own counters at scrape time (every
     response it sends, automatic ones included)."""
 
-    def __init__(self, counters: tp.Callable[[], tp.Any], guard: tp.Callable[[], tp.Any] | None = None) -> None:
+    def __init__(self, counters: tp.Callable[[], tp.Any], guard: tp.Callable[[], tp.Any] | None = None,
+                 certificates: tp.Callable[[], tp.Any] = lambda: None) -> None:
         self._counters = counters
         self._guard = guard
+        self._certificates = certificates
 
     def collect(self) -> tp.Iterator[CounterMetricFamily | GaugeMetricFamily]:
         guard = self._guard() if self._guard is not None else None
@@ -214,17 +221,35 @@ class SipStatsCollector(Collector):
         dropped.add_metric(["tcp-too-slow"], counters.tcp_slow_closed)
         dropped.add_metric(["banned-source"], counters.filtered)
         yield dropped
+        handshakes = CounterMetricFamily(
+            "moshimoshi_sip_tls_handshakes", "SIP over TLS handshakes by outcome: ok, failed (protocol version, "
+            "ciphers, certificates, not TLS), timeout (not finished in time).", labels=["outcome"])
+        handshakes.add_metric(["ok"], counters.tls_handshakes)
+        handshakes.add_metric(["failed"], counters.tls_handshake_failures)
+        handshakes.add_metric(["timeout"], counters.tls_handshake_timeouts)
+        yield handshakes
+        certificates = self._certificates()
+        if certificates is not None:
+            reloads = CounterMetricFamily(
+                "moshimoshi_sip_tls_certificate_reloads", "Reloads of the TLS certificate after its files "
+                "changed, by outcome (failed: the previous certificate stays in use).", labels=["outcome"])
+            reloads.add_metric(["ok"], certificates.reloads)
+            reloads.add_metric(["failed"], certificates.reload_failures)
+            yield reloads
 
 
 _sip_collector: SipStatsCollector | None = None
 
 
-def install_sip_stats(counters: tp.Callable[[], tp.Any], guard: tp.Callable[[], tp.Any] | None = None) -> None:
-    """Register (once per process) the collector over the SIP stack's counters and guard."""
+def install_sip_stats(counters: tp.Callable[[], tp.Any], guard: tp.Callable[[], tp.Any] | None = None,
+                      certificates: tp.Callable[[], tp.Any] = lambda: None) -> None:
+    """Register (once per process) the collector over the SIP stack's counters, guard and
+    TLS certificates."""
     global _sip_collector
     if _sip_collector is None:
-        _sip_collector = SipStatsCollector(counters, guard)
+        _sip_collector = SipStatsCollector(counters, guard, certificates)
         REGISTRY.register(_sip_collector)
     else:
         _sip_collector._counters = counters
         _sip_collector._guard = guard
+        _sip_collector._certificates = certificates

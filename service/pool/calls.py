@@ -35,6 +35,7 @@ def _json_object(text: str) -> dict[str, tp.Any]:
 # field name → parser of its stored text
 _FIELDS: dict[str, tp.Callable[[str], tp.Any]] = {
     "call_id": str, "state": str, "sip_call_id": str, "from_uri": str, "to_uri": str, "codec": str,
+    "sip_transport": str, "media_encryption": str,
     "worker_id": str, "slot": int, "started_at": float, "answered_at": float, "ended_at": float,
     "end_reason": str, "end_detail": str, "identity": _json_object,
 }
@@ -51,6 +52,8 @@ class CallRecord:
     from_uri: str = ""
     to_uri: str = ""
     codec: str = ""
+    sip_transport: str = ""  # UDP, TCP, TLS (SIP calls; empty for WebRTC)
+    media_encryption: str = ""  # none, SDES-SRTP, DTLS-SRTP
     worker_id: str = ""
     slot: int | None = None
     started_at: float = field(default_factory=time.time)

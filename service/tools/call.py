@@ -32,6 +32,7 @@ from sip.jitterbuffer import CONCEAL, JitterBuffer
 from sip.plc import PacketLossConcealer
 from sip.rtpsession import PortAllocator, RtpSession
 from sip.sdp import MediaPreferences, NegotiatedMedia, build_offer
+from sip.tls import client_context
 from sip.transport import is_ip
 from sip.ua import UserAgent
 from sip.uri import SipUri, format_host
@@ -187,10 +188,15 @@ def local_host_for_target(local_host: str, target_host: str) -> str:
 async def place_call(settings: CallSettings) -> dict:
     """Run the call; returns its summary (also written next to the recording)."""
     target = SipUri.parse(settings.uri, "URI")
-    if settings.transport == "tcp" and not target.transport:
-        target = SipUri.parse(f"{settings.uri};transport=tcp", "URI")
+    if settings.transport in ("tcp", "tls") and not target.wire_transport:
+        target = target.with_params(transport=settings.transport)
+    secure_signalling = target.wire_transport == "TLS"
+    if settings.srtp and not secure_signalling:
+        print("moshimoshi call: warning: --srtp without TLS: the SRTP keys travel in clear text", file=sys.stderr)
+    tls = client_context(settings.tls_ca, verify=not settings.tls_insecure, cert_file=settings.tls_cert,
+                         key_file=settings.tls_key) if secure_signalling else None
     local_host = local_host_for_target(settings.local_host, target.host)
-    ua = UserAgent(local_host, settings.local_port, user_agent="moshimoshi-call")
+    ua = UserAgent(local_host, settings.local_port, user_agent="moshimoshi-call", tls_client_context=tls)
     await ua.start()
     rtp: RtpSession | None = None
     try:
@@ -201,7 +207,8 @@ async def place_call(settings: CallSettings) -> dict:
                                     else ("::" if ":" in local_ip else "0.0.0.0"))
         first = codecs.spec(settings.codec).name
         offered = [first] + [c for c in ("PCMU", "PCMA") if c != first]
-        offer = build_offer(MediaPreferences(codecs=offered, ptime=settings.ptime), local_ip, rtp.local_port)
+        prefs = MediaPreferences(codecs=offered, ptime=settings.ptime, srtp="required" if settings.srtp else "off")
+        offer = build_offer(prefs, local_ip, rtp.local_port)
         quiet_gc()  # before the call: a collection pause during it would be a glitch in the recording
         started = time.time()
         dialog = await ua.invite(target, str(offer), username=settings.username, password=settings.password)
@@ -211,6 +218,7 @@ async def place_call(settings: CallSettings) -> dict:
             await dialog.bye()
             raise CallFailed(488, "the answer has no usable audio stream")
         rtp.set_format(media.payload_type, media.clock_rate, media.ptime)
+        rtp.set_srtp(media.srtp)
         rtp.update_remote(media.remote_address, media.remote_port, media.remote_rtcp_port)
         rtp.trust_ip(target_ip)
         rate = codecs.spec(media.codec).sample_rate
@@ -240,6 +248,11 @@ async def place_call(settings: CallSettings) -> dict:
             "packets_sent": stats.packets_sent, "packets_received": stats.packets_received,
             "packets_lost": max(0, stats.packets_lost), "jitter_ms": round(stats.jitter_ms, 2),
             "rtt_ms": stats.rtt_ms, "frames_concealed": call.jitter.frames_concealed,
+            "sip_transport": dialog.flow.transport,
+            "media_encryption": "SDES-SRTP" if media.srtp is not None else "none",
+            "srtp_suite": media.srtp.suite if media.srtp is not None else None,
+            "packets_srtp_replayed": stats.packets_srtp_replayed,
+            "packets_srtp_auth_failed": stats.packets_srtp_auth_failed,
             "received_rms": float(np.sqrt(np.mean(received.astype(np.float64) ** 2))) if len(received) else 0.0,
             "dtmf_received": [d.digit for d in call.digits],
             "arrivals": call.arrival_stats(),

@@ -61,6 +61,19 @@
     return [caller(call.from_uri), call.from_uri];
   }
 
+  // How the call is protected: signalling (UDP, TCP, TLS; WebRTC) and media (RTP, SRTP,
+  // DTLS-SRTP). Returns [text, tooltip, encrypted end to end at this hop].
+  function securityCell(call) {
+    const signalling = call.sip_transport || (call.ingress === "webrtc" ? "WebRTC" : "");
+    const media = {"SDES-SRTP": "SRTP", "DTLS-SRTP": "DTLS-SRTP", "none": "RTP"}[call.media_encryption] || "";
+    if (!signalling && !media) return ["–", "", false];
+    const text = [signalling, media].filter(Boolean).join(" / ");
+    const encrypted = (call.sip_transport === "TLS" || call.ingress === "webrtc") && media !== "RTP" && media !== "";
+    const suite = (call.quality || {}).srtp_suite;
+    return [text, `signalling ${signalling || "?"}, media ${call.media_encryption || "?"}${suite ? " (" + suite + ")" : ""}`,
+            encrypted];
+  }
+
   function setStatus(text, isError) {
     const status = $("status");
     status.textContent = text;
@@ -184,6 +197,9 @@
       const where = call.worker_id ? `${call.worker_id} / ${call.slot ?? "–"}` : "–";
       cell(row, where, "worker", call.gateway_id ? `gateway ${call.gateway_id}` : "");
       cell(row, q.codec || call.codec || "–", "codec");
+      const [security, securityTitle, encrypted] = securityCell(call);
+      const secured = cell(row, security, "security", securityTitle);
+      if (encrypted) secured.classList.add("encrypted");
       cell(row, ms(q.jitter_ms), "jitter num");
       const loss = cell(row, percent(q.loss_fraction), "loss num");
       if ((q.loss_fraction || 0) >= 0.05) loss.classList.add("bad");

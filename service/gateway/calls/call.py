@@ -78,6 +78,8 @@ class Call:
     end_reason: str = ""
     end_detail: str = ""  # the end reason in words, when the reason alone does not say what went wrong
     codec: str = ""
+    sip_transport: str = ""  # UDP, TCP or TLS: how the call's signalling came (SIP calls)
+    media_encryption: str = ""  # none, SDES-SRTP or DTLS-SRTP (WebRTC), once the media is agreed
     worker_id: str = ""
     slot: int | None = None
     model: str = ""
@@ -116,6 +118,7 @@ class Call:
         return {
             "id": self.id, "ingress": self.ingress, "state": self.state, "from": self.from_uri,
             "to": self.to_uri, "sip_call_id": self.sip_call_id, "source": self.source, "codec": self.codec,
+            "sip_transport": self.sip_transport, "media_encryption": self.media_encryption,
             "worker_id": self.worker_id, "slot": self.slot, "model": self.model, "license": self.license,
             "sampling": self.sampling,
             "started_at": self.started_at, "answered_at": self.answered_at, "ended_at": self.ended_at,

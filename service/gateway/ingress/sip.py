@@ -11,6 +11,11 @@ Progress when the caller supports RFC 3262 100rel); an INVITE without SDP (a del
 offer, the default of Cisco CUCM and Avaya trunks) gets our offer in the 200, and the
 media starts with the answer the ACK brings; an ACK without a usable answer ends the call
 with BYE (end reason ``ack-without-answer`` or ``unacceptable-answer``).
+
+Encryption: ``--srtp`` decides which offers are answered (``sip.sdp``), but SDES keys only
+travel over TLS: on UDP/TCP the policy ``optional`` becomes ``off`` (an RTP/SAVP offer there
+gets 488 unless it also offers RTP/AVP) and ``required`` refuses the call with 488, unless
+``--srtp-allow-plaintext-keys`` (tests). Refusals for encryption end as ``rejected-srtp``.
 """
 
 from __future__ import annotations
@@ -33,7 +38,15 @@ from sip.errors import CallAborted, CallCancelled, SipError
 from sip.identity import CallerIdentity
 from sip.message import Request
 from sip.rtpsession import PortsExhausted, RtpSession
-from sip.sdp import MediaPreferences, NegotiatedMedia, NoCommonCodec, SdpError, answer_offer, build_offer
+from sip.sdp import (
+    EncryptionMismatch,
+    MediaPreferences,
+    NegotiatedMedia,
+    NoCommonCodec,
+    SdpError,
+    answer_offer,
+    build_offer,
+)
 from sip.ua import IncomingCall
 
 if tp.TYPE_CHECKING:
@@ -55,12 +68,26 @@ def local_address_toward(remote_ip: str) -> str:
             return "::1" if family == socket.AF_INET6 else "127.0.0.1"
 
 
-def media_preferences(configured: list[str]) -> MediaPreferences:
+def media_preferences(configured: list[str], srtp: str = "off") -> MediaPreferences:
     """No configured codecs: the best audio the peer offers (Opus, G.722, then G.711 in the
-    offer's order). A configured list: those codecs only, in that order."""
+    offer's order). A configured list: those codecs only, in that order. ``srtp``: the
+    encryption policy for this call (see :func:`srtp_policy`)."""
     if not configured:
-        return MediaPreferences(codecs=list(codecs.available()), order="quality")
-    return MediaPreferences(codecs=list(configured), order="ours")
+        return MediaPreferences(codecs=list(codecs.available()), order="quality", srtp=srtp)
+    return MediaPreferences(codecs=list(configured), order="ours", srtp=srtp)
+
+
+def srtp_policy(configured: str, transport: str, allow_plaintext_keys: bool) -> str | None:
+    """The SRTP policy for a call whose signalling came over ``transport``: the configured
+    one over TLS (or anywhere with ``allow_plaintext_keys``); elsewhere keys would travel in
+    clear text, so ``optional`` is ``off``, and ``required`` is None: the call cannot be taken."""
+    if configured == "off" or transport == "TLS" or allow_plaintext_keys:
+        return configured
+    return "off" if configured == "optional" else None
+
+
+def media_encryption(negotiated: NegotiatedMedia) -> str:
+    return "SDES-SRTP" if negotiated.srtp is not None else "none"
 
 
 class SipCallHandler:
@@ -70,10 +97,11 @@ class SipCallHandler:
         self.gateway = gateway
         self.incoming = incoming
         settings = gateway.settings
-        self.prefs = media_preferences(settings.codecs)
+        self.srtp = srtp_policy(settings.srtp, incoming.transport, settings.srtp_allow_plaintext_keys)
+        self.prefs = media_preferences(settings.codecs, self.srtp or "required")
         self.call = Call(ingress="sip", from_uri=str(incoming.from_uri), to_uri=str(incoming.to_uri),
                          sip_call_id=incoming.call_id, source=f"{incoming.source[0]}:{incoming.source[1]}",
-                         identity=CallerIdentity.from_request(incoming.request))
+                         identity=CallerIdentity.from_request(incoming.request), sip_transport=incoming.transport)
         self.rtp: RtpSession | None = None
         self.media: CallMedia | None = None
         self.dialog: Dialog | None = None
@@ -114,6 +142,11 @@ class SipCallHandler:
                               "rejected-unready", retry_after=True)
             metrics.REJECTED_CALLS.labels("draining" if gateway.draining else "unready").inc()
             return
+        if self.srtp is None:
+            metrics.REJECTED_CALLS.labels("srtp").inc()
+            await self.reject(488, f"Not Acceptable Here (SRTP is required and its keys travel only over TLS, "
+                              f"not {incoming.transport})", "rejected-srtp")
+            return
         local_ip = gateway.settings.public_host or local_address_toward(incoming.source[0])
         try:
             self.rtp = await RtpSession.open(gateway.ports, host=gateway.rtp_bind_host(local_ip))
@@ -128,6 +161,11 @@ class SipCallHandler:
         else:
             try:
                 local_sdp, negotiated = answer_offer(incoming.offer, self.prefs, local_ip, self.rtp.local_port)
+            except EncryptionMismatch as exc:
+                metrics.REJECTED_CALLS.labels("srtp").inc()
+                await self.reject(488, f"Not Acceptable Here ({exc})"[:160], "rejected-srtp")
+                log.info("call %s: %s", call.id, exc)
+                return
             except NoCommonCodec as exc:
                 await self.reject(488, "Not Acceptable Here", "rejected-codec")
                 log.info("call %s: %s", call.id, exc)
@@ -141,6 +179,7 @@ class SipCallHandler:
                 await self.reject(488, f"Not Acceptable Here ({problem})"[:160], "rejected-sdp")
                 return
             call.codec = negotiated.codec
+            call.media_encryption = media_encryption(negotiated)
         await self._record_start()
         if negotiated is not None and incoming.reliable_provisionals:
             # RFC 3262 peers (carriers, SBCs) expect the answer early and reliably.
@@ -220,8 +259,9 @@ class SipCallHandler:
         elif self.call.state == "active" and not self.call.ended.is_set():
             # The answer to our offer (delayed offer) arrived in the ACK: media starts now.
             self.call.codec = negotiated.codec
+            self.call.media_encryption = media_encryption(negotiated)
             self._start_media(negotiated)
-            self.gateway.record_update(self.call, codec=negotiated.codec)
+            self.gateway.record_update(self.call, codec=negotiated.codec, media_encryption=self.call.media_encryption)
 
     def _on_dtmf(self, digit: DtmfDigit) -> None:
         metrics.DTMF_DIGITS.inc()

@@ -131,7 +131,8 @@ class WebRtcSession:
         self.ingress = ingress
         self.gateway = ingress.gateway
         self.offer = offer
-        self.call = Call(ingress="webrtc", from_uri=f"webrtc:{source}", source=source, codec="opus/48000")
+        self.call = Call(ingress="webrtc", from_uri=f"webrtc:{source}", source=source, codec="opus/48000",
+                         media_encryption="DTLS-SRTP")  # WebRTC media is always DTLS-SRTP (aiortc)
         self.id = self.call.id
         settings = self.gateway.settings
         self.media = WebRtcMedia(to_model=self.call.send_to_model, jitter_min_ms=settings.jitter_min_ms,

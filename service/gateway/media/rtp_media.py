@@ -75,6 +75,7 @@ class CallMedia:
                                  on_frame_sent=self._on_frame_sent)
         self.dtmf = DtmfReceiver(negotiated.dtmf_clock_rate, on_digit=on_dtmf)
         rtp.set_format(negotiated.payload_type, negotiated.clock_rate, self.ptime_ms)
+        rtp.set_srtp(negotiated.srtp)
         rtp.attach_jitter_buffer(self.jitter, negotiated.payload_type)
         rtp.route(negotiated.payload_type, self._on_audio)
         if negotiated.dtmf_payload_type is not None:
@@ -117,6 +118,8 @@ class CallMedia:
         previous = self.negotiated
         self.negotiated = negotiated
         self.sending = negotiated.sends
+        if negotiated.srtp != previous.srtp:
+            self.rtp.set_srtp(negotiated.srtp)  # a rekey (sip.sdp.reanswer keeps SRTP calls SRTP)
         moved = (negotiated.remote_address, negotiated.remote_port) != (previous.remote_address,
                                                                        previous.remote_port)
         if negotiated.remote_address is not None and moved:
@@ -245,6 +248,8 @@ class CallMedia:
             "packets_withheld": stats.packets_withheld,
             "packets_malformed": stats.packets_malformed + self.decode_errors,
             "packets_duplicate": jb.packets_duplicate,
+            "packets_srtp_replayed": stats.packets_srtp_replayed,
+            "packets_srtp_auth_failed": stats.packets_srtp_auth_failed,
             "frames_concealed": jb.frames_concealed,
             "model_frames_dropped": self.pacer.stats.late_dropped,
             "egress_underruns": self.egress_underruns,
@@ -280,6 +285,9 @@ class CallMedia:
             "packets_sent": stats.packets_sent,
             "packets_stray": stats.packets_stray,
             "packets_late": jb.packets_late,
+            "srtp_suite": self.negotiated.srtp.suite if self.negotiated.srtp is not None else None,
+            "packets_srtp_replayed": stats.packets_srtp_replayed,
+            "packets_srtp_auth_failed": stats.packets_srtp_auth_failed,
             "concealed_frames": jb.frames_concealed,
             "jitter_buffer_ms": round(jb.delay_ms, 1),
             "egress_cushion_ms": round(self.pacer.cushion * 1000, 1),
