@@ -317,7 +317,7 @@ def test_gateway_load_balancer(loadbalancer):
     assert lb["loadBalancerSourceRanges"] == ["198.51.100.0/25", "10.0.0.0/8", "198.51.100.128/25"]
     assert env["MOSHIMOSHI_SIP_ALLOW"]["value"] == "198.51.100.0/25,10.0.0.0/8"
     ports = {(p["port"], p["protocol"]) for p in lb["ports"]}
-    assert {(5060, "UDP"), (5060, "TCP")} <= ports
+    assert {(5060, "UDP"), (5060, "TCP"), (5061, "TCP")} <= ports  # SIP over TLS on its own port
     rtp = sorted(p["port"] for p in lb["ports"] if p["name"].startswith("rtp-"))
     assert rtp == list(range(20000, 20100))
     assert all(p["protocol"] == "UDP" and p["targetPort"] == p["port"]
@@ -353,6 +353,41 @@ def test_sip_digest_users_come_from_a_mounted_secret():
     volume = next(v for v in pod["volumes"] if v["name"] == "sip-auth")
     assert volume["secret"]["secretName"] == "trunk-users"
     assert volume["secret"]["items"] == [{"key": "sip-users", "path": "sip-users"}]
+
+
+def test_sip_over_tls_mounts_the_certificate_secret_and_sets_the_srtp_policy(default, external):
+    plain = gateway(default)
+    env = env_of(plain)
+    assert env["MOSHIMOSHI_SRTP"]["value"] == "optional"
+    assert not [name for name in env if name.startswith("MOSHIMOSHI_SIP_TLS")]
+    assert not [p for p in plain["ports"] if p["name"] == "sip-tls"]
+    secured = gateway(external)
+    env = env_of(secured)
+    assert env["MOSHIMOSHI_SRTP"]["value"] == "required"
+    assert {name: env[name]["value"] for name in env if name.startswith("MOSHIMOSHI_SIP_TLS")} == {
+        "MOSHIMOSHI_SIP_TLS_PORT": "5061", "MOSHIMOSHI_SIP_TLS_CERT": "/etc/moshimoshi/sip-tls/tls.crt",
+        "MOSHIMOSHI_SIP_TLS_KEY": "/etc/moshimoshi/sip-tls/tls.key",
+        "MOSHIMOSHI_SIP_TLS_HANDSHAKE_SECONDS": "10",
+        "MOSHIMOSHI_SIP_TLS_CLIENT_CA": "/etc/moshimoshi/sip-tls-client-ca/ca.crt"}
+    assert {"name": "sip-tls", "containerPort": 5061, "protocol": "TCP"} in secured["ports"]
+    mounts = {m["name"]: m for m in secured["volumeMounts"]}
+    # a directory mount (no subPath): the kubelet swaps a renewed certificate in place
+    assert mounts["sip-tls"] == {"name": "sip-tls", "mountPath": "/etc/moshimoshi/sip-tls", "readOnly": True}
+    assert "subPath" not in mounts["sip-tls-client-ca"]
+    pod = one(external, "Deployment", f"{FULLNAME}-gateway")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["sip-tls"]["secret"] == {"secretName": "sip-gateway-tls", "defaultMode": 0o440}
+    assert volumes["sip-tls-client-ca"]["secret"]["secretName"] == "trunk-client-ca"
+
+
+@pytest.mark.parametrize("sets, message", [
+    (("gateway.sip.tls.clientCaSecretName=ca",), "needs gateway.sip.tls.secretName"),
+    (("gateway.sip.tls.secretName=s", "gateway.sip.tls.port=5060"), "must differ from gateway.sip.port"),
+    (("gateway.srtp=always",), "must be off, optional or required"),
+])
+def test_bad_tls_and_srtp_values_stop_the_render_with_the_reason(sets, message):
+    with pytest.raises(HelmError, match=message):
+        render(None, *sets)
 
 
 def test_gateway_reads_tokens_and_redis_from_secrets(default, external, loadbalancer):
