@@ -24,7 +24,13 @@ underran. The underrun share is the pacer's latency trade-off: its cushion cover
 usual spread of frame arrivals, not every scheduling hiccup. Target:
 at least 200 concurrent calls per core. The last line printed is a JSON object.
 
-    python ops/bench/edge_capacity.py [--steps 50,100,150,200,250,300] [--hold 10]
+``--srtp``: each step runs twice on the same gateway, first N calls with plain RTP, then
+(after hanging those up) N calls with SRTP (SDES, AES_CM_128_HMAC_SHA1_80, SRTCP too), and
+prints the gateway's CPU per call-second of both and their ratio: what encryption costs.
+The SRTP keys travel over UDP here (the gateway runs with --srtp-allow-plaintext-keys):
+this measures media, and TLS signalling has its own benchmark (ops/bench/tls_handshakes.py).
+
+    python ops/bench/edge_capacity.py [--steps 50,100,150,200,250,300] [--hold 10] [--srtp]
 """
 
 from __future__ import annotations
@@ -114,15 +120,29 @@ class LoadCall:
         self._last_seq = packet.sequence
 
 
-async def place(ua: UserAgent, ports: PortAllocator, uri: str) -> LoadCall:
+async def place(ua: UserAgent, ports: PortAllocator, uri: str, srtp: bool = False) -> LoadCall:
     rtp = await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=5.0)
     call = LoadCall(rtp)
-    offer = build_offer(MediaPreferences(codecs=["PCMU"]), "127.0.0.1", rtp.local_port)
+    prefs = MediaPreferences(codecs=["PCMU"], srtp="required" if srtp else "off",
+                             srtp_suites=("AES_CM_128_HMAC_SHA1_80",))
+    offer = build_offer(prefs, "127.0.0.1", rtp.local_port)
     call.dialog = await ua.invite(uri, str(offer), timeout=20)
     media = call.dialog.media
+    if srtp and media.srtp is None:
+        raise RuntimeError("the gateway answered without SRTP")
+    rtp.set_srtp(media.srtp)
     rtp.update_remote(media.remote_address, media.remote_port, media.remote_rtcp_port)
     rtp.trust_ip("127.0.0.1")  # the gateway we called: media may go there at once
     return call
+
+
+async def hang_up(calls: list[LoadCall]) -> None:
+    """BYE every call (the gateway frees them), then close their RTP."""
+    for start in range(0, len(calls), 50):
+        await asyncio.gather(*(c.dialog.bye() for c in calls[start:start + 50]), return_exceptions=True)
+    for call in calls:
+        call.rtp.close(send_bye=False)
+    calls.clear()
 
 
 async def send_loop(calls: list[LoadCall], stop: asyncio.Event) -> None:
@@ -151,6 +171,8 @@ async def run(args: argparse.Namespace) -> dict:
                "--sip-port", str(sip_port), "--http-host", "127.0.0.1", "--http-port", str(http_port),
                "--rtp-port-min", "20000", "--rtp-port-max", "29999", "--log-level", "warning",
                "--rtp-timeout-seconds", "0", "--sip-rate-limit", "0"]  # hundreds of calls from one address
+    if args.srtp:
+        command += ["--srtp", "optional", "--srtp-allow-plaintext-keys"]
     gateway = subprocess.Popen(  # noqa: ASYNC220 - started once, before any load
         command, env=python_env(), cwd=REPO, stdout=subprocess.DEVNULL,
         preexec_fn=lambda: os.sched_setaffinity(0, {gateway_core}))
@@ -169,12 +191,17 @@ async def run(args: argparse.Namespace) -> dict:
         sender = asyncio.create_task(send_loop(calls, stop))
         print(f"gateway pinned to core {gateway_core}, load generator on {load_cores}; "
               f"{args.hold:.0f} s per step\n")
-        print(f"{'calls':>6} {'gw CPU':>7} {'CPU/call':>9} {'pkt/s':>7} {'pacing p50':>11} {'p99':>7} "
+        print(f"{'calls':>6} {'media':>5} {'gw CPU':>7} {'CPU/call':>9} {'pkt/s':>7} {'pacing p50':>11} {'p99':>7} "
               f"{'<=2ms':>7} {'lost in':>8} {'lost out':>9} {'underruns':>10} {'steal':>6}  verdict")
-        for target in args.steps:
+        plan = [(n, media) for n in args.steps for media in (("rtp", "srtp") if args.srtp else ("rtp",))]
+        for target, media in plan:
+            if args.srtp and calls:
+                await hang_up(calls)  # each row starts from zero calls of its own kind
+                await asyncio.sleep(1.0)
             while len(calls) < target:
                 batch = min(25, target - len(calls))
-                calls.extend(await asyncio.gather(*(place(ua, ports, uri) for _ in range(batch))))
+                calls.extend(await asyncio.gather(*(place(ua, ports, uri, media == "srtp")
+                                                    for _ in range(batch))))
             await asyncio.sleep(args.settle)
             before = await asyncio.to_thread(scrape, metrics_url)
             cpu_before = cpu_seconds(gateway.pid)
@@ -198,16 +225,21 @@ async def run(args: argparse.Namespace) -> dict:
             pps = (after.get("moshimoshi_rtp_packets_received_total", 0)
                    - before.get("moshimoshi_rtp_packets_received_total", 0)) / elapsed + rx
             ok = within >= 0.99 and lost_in == 0 and lost_out == 0 and underruns < UNDERRUN_LIMIT
-            row = {"calls": target, "gateway_cpu": round(cpu, 3), "cpu_ms_per_call_per_s": round(1000 * cpu / target, 3),
+            row = {"calls": target, "media": media, "gateway_cpu": round(cpu, 3),
+                   "cpu_ms_per_call_per_s": round(1000 * cpu / target, 3),
                    "packets_per_second": round(pps), "pacing_p50_le_s": p50, "pacing_p99_le_s": p99,
                    "pacing_within_2ms": round(within, 5), "lost_in": int(lost_in), "lost_out": int(lost_out),
                    "underrun_share": round(underruns, 6), "core_steal": round(steal, 3),
                    "ok": ok}
             results.append(row)
-            print(f"{target:>6} {cpu * 100:>6.0f}% {1000 * cpu / target:>7.2f}ms {pps:>7.0f} "
+            print(f"{target:>6} {media:>5} {cpu * 100:>6.0f}% {1000 * cpu / target:>7.2f}ms {pps:>7.0f} "
                   f"{'≤' + format(p50 * 1000, '.2g') + 'ms':>11} {'≤' + format(p99 * 1000, '.2g') + 'ms':>7} "
                   f"{within * 100:>6.2f}% {int(lost_in):>8} {lost_out:>9} {underruns * 100:>9.3f}% {steal * 100:>5.1f}%  {verdict(ok, steal)}")
-            if cpu > 0.97 and not ok:
+            if media == "srtp":
+                plain = next(r for r in results if r["calls"] == target and r["media"] == "rtp")
+                row["srtp_cpu_ratio"] = round(cpu / plain["gateway_cpu"], 3) if plain["gateway_cpu"] else None
+                print(f"{'':>6} SRTP/RTP CPU per call-second at {target} calls: {row['srtp_cpu_ratio']}")
+            if cpu > 0.97 and not ok and (not args.srtp or media == "srtp"):
                 break
     finally:
         stop.set()
@@ -218,14 +250,21 @@ async def run(args: argparse.Namespace) -> dict:
         await ua.stop()
         gateway.send_signal(signal.SIGINT)  # SIGTERM would drain for the grace period
         await asyncio.to_thread(gateway.wait, 20)
-    passing = [r for r in results if r["ok"]]
-    best = max(passing, key=lambda r: r["calls"]) if passing else {"calls": 0, "gateway_cpu": 0.0}
-    print(f"\nlargest load meeting pacing p99 < 2 ms with no lost packet: {best['calls']} calls on one core "
-          f"at {best['gateway_cpu'] * 100:.0f}% CPU (target ≥ {TARGET_CALLS}: "
-          f"{'met' if best['calls'] >= TARGET_CALLS else 'NOT met'})")
-    best = best["calls"]
-    return {"benchmark": "edge_capacity", "max_calls_one_core": best, "target": TARGET_CALLS,
-            "target_met": best >= TARGET_CALLS, "steps": results}
+    summary: dict = {"benchmark": "edge_capacity", "target": TARGET_CALLS, "steps": results}
+    for media in (("rtp", "srtp") if args.srtp else ("rtp",)):
+        passing = [r for r in results if r["ok"] and r["media"] == media]
+        best = max(passing, key=lambda r: r["calls"]) if passing else {"calls": 0, "gateway_cpu": 0.0}
+        print(f"\n{media.upper()}: largest load meeting pacing p99 < 2 ms with no lost packet: {best['calls']} "
+              f"calls on one core at {best['gateway_cpu'] * 100:.0f}% CPU (target ≥ {TARGET_CALLS}: "
+              f"{'met' if best['calls'] >= TARGET_CALLS else 'NOT met'})")
+        key = "max_calls_one_core" if media == "rtp" else "max_srtp_calls_one_core"
+        summary[key] = best["calls"]
+    summary["target_met"] = summary["max_calls_one_core"] >= TARGET_CALLS
+    if args.srtp:
+        ratios = [r["srtp_cpu_ratio"] for r in results if r.get("srtp_cpu_ratio")]
+        summary["srtp_cpu_ratio_median"] = sorted(ratios)[len(ratios) // 2] if ratios else None
+        print(f"SRTP/RTP gateway CPU per call-second, per step: {ratios} (median {summary['srtp_cpu_ratio_median']})")
+    return summary
 
 
 def main() -> None:
@@ -234,6 +273,8 @@ def main() -> None:
                         type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--hold", type=float, default=10.0, help="seconds measured per step")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds after adding calls")
+    parser.add_argument("--srtp", action="store_true",
+                        help="run each step with plain RTP and again with SRTP, and compare the CPU")
     args = parser.parse_args()
     try:
         import uvloop

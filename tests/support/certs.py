@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
@@ -17,7 +17,7 @@ def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
+def _write_key(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, path: Path) -> None:
     path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                        serialization.NoEncryption()))
     path.chmod(0o600)
@@ -56,10 +56,13 @@ class TestCa:
 
     def issue(self, common_name: str, *, stem: str | None = None, dns: tuple[str, ...] = ("localhost",),
               ips: tuple[str, ...] = ("127.0.0.1", "::1"), client: bool = False,
-              expired: bool = False) -> Issued:
+              expired: bool = False, rsa_key: bool = False) -> Issued:
         """A certificate for ``common_name`` (server, or ``client``), written as
-        ``<stem>.pem`` (with the CA after it) and ``<stem>.key``."""
-        key = ec.generate_private_key(ec.SECP256R1())
+        ``<stem>.pem`` (with the CA after it) and ``<stem>.key``; an ECDSA P-256 key, or
+        RSA 2048 with ``rsa_key``."""
+        key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey = (
+            rsa.generate_private_key(public_exponent=65537, key_size=2048) if rsa_key
+            else ec.generate_private_key(ec.SECP256R1()))
         now = datetime.datetime.now(datetime.UTC)
         start, end = ((now - datetime.timedelta(days=3), now - datetime.timedelta(days=1)) if expired
                       else (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1)))
