@@ -192,15 +192,23 @@ def build() -> dict:
              (rate("moshimoshi_rtp_packets_late_total"), "late"),
              (rate("moshimoshi_rtp_packets_stray_total"), "stray"),
              (rate("moshimoshi_rtp_packets_duplicate_total"), "duplicate"),
-             (rate("moshimoshi_rtp_packets_malformed_total"), "malformed")],
+             (rate("moshimoshi_rtp_packets_malformed_total"), "malformed"),
+             (rate("moshimoshi_srtp_packets_replayed_total"), "SRTP replayed"),
+             (rate("moshimoshi_srtp_packets_auth_failed_total"), "SRTP forged")],
             "Per second: frames concealed (PLC), packets past their playout deadline, from an "
-            "unexpected source, duplicated or malformed.", unit="pps")
+            "unexpected source, duplicated or malformed; SRTP packets dropped as replays or because "
+            "their authentication failed (forged, corrupted).", unit="pps")
     g.graph("RTP packets", [(rate("moshimoshi_rtp_packets_received_total"), "received"),
                             (rate("moshimoshi_rtp_packets_sent_total"), "sent")],
             "RTP packets per second to and from callers (50 per second per call each way).",
             unit="pps", w=12)
     g.graph("Egress pacer lateness", quantiles("moshimoshi_rtp_pacer_lateness_seconds", qs=(0.5, 0.99)),
             "How late each packet to the caller left against its 20 ms schedule.", unit="s", w=12)
+    g.graph("SIP over TLS handshakes", [(rate("moshimoshi_sip_tls_handshakes_total", "outcome"), "{{outcome}}"),
+                                        (rate("moshimoshi_sip_tls_certificate_reloads_total", "outcome"),
+                                         "certificate reload {{outcome}}")],
+            "TLS handshakes per second by outcome: ok, failed (old TLS versions, unknown certificates, "
+            "plain SIP on the TLS port) and timeout; certificate reloads after renewals.", unit="ops", w=12)
 
     g.row("Workers")
     g.graph("Step duration", quantiles("moshimoshi_worker_step_duration_seconds", by="pod", qs=(0.5, 0.99)),
