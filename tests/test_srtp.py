@@ -168,3 +168,15 @@ def test_new_keys_are_random_and_of_the_suites_length():
     keys = {new_crypto(1, "AEAD_AES_128_GCM").key for _ in range(20)}
     assert len(keys) == 20 and {len(k) for k in keys} == {28}
     assert pylibsrtp.Policy.SRTP_PROFILE_AEAD_AES_128_GCM == SUITES["AEAD_AES_128_GCM"].profile
+
+
+@pytest.mark.parametrize("configured, transport, plaintext, policy", [
+    ("optional", "TLS", False, "optional"), ("required", "TLS", False, "required"),
+    ("optional", "UDP", False, "off"), ("optional", "TCP", False, "off"),
+    ("required", "UDP", False, None),  # no way to take the call: 488
+    ("required", "UDP", True, "required"), ("optional", "TCP", True, "optional"),
+    ("off", "TLS", False, "off"),
+])
+def test_the_gateway_exchanges_srtp_keys_only_over_tls(configured, transport, plaintext, policy):
+    from service.gateway.ingress.sip import srtp_policy
+    assert srtp_policy(configured, transport, plaintext) == policy
