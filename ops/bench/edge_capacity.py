@@ -75,6 +75,19 @@ def scrape(url: str) -> dict[str, dict]:
     return out
 
 
+def wait_ready(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if urllib.request.urlopen(url, timeout=2).status == 200:
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} not ready within {timeout:.0f} s")
+        time.sleep(0.1)
+
+
 def verdict(ok: bool, steal: float) -> str:
     if ok:
         return "ok"
@@ -187,6 +200,7 @@ async def run(args: argparse.Namespace) -> dict:
     sender: asyncio.Task | None = None
     try:
         await asyncio.to_thread(wait_for_tcp, "127.0.0.1", http_port, 30.0, gateway)
+        await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{http_port}/readyz")  # else the first INVITEs get 503
         await ua.start()
         sender = asyncio.create_task(send_loop(calls, stop))
         print(f"gateway pinned to core {gateway_core}, load generator on {load_cores}; "
