@@ -122,7 +122,7 @@ async def test_pool_shows_workers_slots_and_leases_and_readiness_follows_redis(r
         await registration.heartbeat()
         lease = await SlotLeases(client).claim(ttl_ms=30_000, owner="c-holder")
         assert lease is not None
-        await api.gateway.refresh_pool_once()
+        await api.gateway.pool_watch.refresh_once()
         ready = await get(api.base, "/readyz", headers={})
         assert ready.status_code == 200 and ready.json()["workers_ready"] == 1
 
@@ -145,22 +145,22 @@ async def test_pool_shows_workers_slots_and_leases_and_readiness_follows_redis(r
         assert drained.status_code == 502 and "w-1" in drained.json()["detail"]
 
         await registration.set_state("overloaded")  # its step p99 is over budget: no capacity for new calls
-        await api.gateway.refresh_pool_once()
+        await api.gateway.pool_watch.refresh_once()
         assert (await get(api.base, "/readyz", headers={})).json()["ready"] is False
         pool = (await get(api.base, "/v1/pool")).json()
         assert (pool["workers_ready"], pool["slots_total"], pool["workers"][0]["state"]) == (0, 0, "overloaded")
         await registration.drain()
-        await api.gateway.refresh_pool_once()
+        await api.gateway.pool_watch.refresh_once()
         assert (await get(api.base, "/readyz", headers={})).json()["ready"] is False
         await registration.set_state("ready")
-        await api.gateway.refresh_pool_once()
+        await api.gateway.pool_watch.refresh_once()
         assert (await get(api.base, "/readyz", headers={})).status_code == 200
 
         # Redis down: not ready; pool 503; calls listed from this gateway only, flagged partial
         local = api.start_call()
         await api.settle()
         redis_server.stop()
-        await api.gateway.refresh_pool_once()
+        await api.gateway.pool_watch.refresh_once()
         down = await get(api.base, "/readyz", headers={})
         assert down.status_code == 503 and down.json()["redis"] is False
         assert (await get(api.base, "/healthz", headers={})).status_code == 200
@@ -175,7 +175,7 @@ async def test_draining_gateway_is_not_ready_but_alive(redis_server):
     async with api_gateway(redis_server.url) as api:
         client = connect(redis_server.url)
         await WorkerRegistration(client, worker("w-1")).heartbeat()
-        await api.gateway.refresh_pool_once()
+        await api.gateway.pool_watch.refresh_once()
         assert (await get(api.base, "/readyz", headers={})).status_code == 200
         api.start_call()  # keeps the drain from finishing
         api.gateway.drain()
@@ -228,7 +228,7 @@ async def test_record_writes_reach_redis_in_order_even_back_to_back(redis_server
         for call in calls:
             a.end_call(call, "rejected-busy")
         await a.settle()
-        assert not a.gateway._record_writes
+        assert a.gateway.recorder.writing == 0
         seen_from_b = (await get(b.base, "/v1/calls", limit=100)).json()["calls"]
         assert {c["id"]: (c["state"], c["end_reason"]) for c in seen_from_b} == {
             call.id: ("ended", "rejected-busy") for call in calls}

@@ -11,10 +11,10 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect as ws_connect
 
+from service.api.transcripts import TRANSCRIPT_VIEWERS
 from service.gateway import metrics
-from service.gateway.calls.call import TranscriptEvent
-from service.gateway.control.sampler import forget_expired
-from service.gateway.control.transcripts import TranscriptStore, event_fields, transcript_key
+from service.gateway.calls.transcript import TranscriptEvent
+from service.gateway.control.transcript_store import TranscriptStore, event_fields, transcript_key
 from service.pool import connect
 from tests.support.api import READ, READ_TOKEN, api_gateway
 from tests.support.pool import eventually
@@ -150,8 +150,8 @@ async def test_ended_transcripts_leave_memory_and_redis_after_the_retention(redi
             return transcript.status_code == record.status_code == 404
 
         await eventually(expired, timeout=6, what="the transcript and record gone after their retention")
-        assert forget_expired(api.gateway) == 1  # and the sampler drops it from memory
-        assert api.gateway.recent == []
+        assert api.gateway.table.forget_expired() == 1  # and the sampler drops it from memory
+        assert api.gateway.table.recent == []
 
 
 async def receive_until_end(ws) -> list[dict]:
@@ -179,7 +179,7 @@ async def test_live_transcript_replays_then_follows_on_the_calls_gateway(redis_s
         assert rest[1]["kind"] == "dtmf" and rest[1]["duration_ms"] == 120.0
         assert rest[-1] == {"type": "end", "reason": "api-hangup"}
         assert ws.close_code == 1000
-        assert not api.gateway.transcript_listeners  # no listener left behind
+        assert not api.gateway.transcripts.listeners  # no listener left behind
 
         # an ended call: the whole transcript, then the end
         async with ws_connect(f"{api.ws_base}/v1/calls/{call.id}/transcript/live?token={READ_TOKEN}") as ws:
@@ -214,12 +214,12 @@ async def test_live_transcript_on_another_replica_follows_the_stream(redis_serve
 async def test_a_viewer_that_leaves_is_let_go(redis_server):
     async with api_gateway(redis_server.url) as api:
         call = api.start_call()
-        viewers = metrics.TRANSCRIPT_VIEWERS._value.get()
+        viewers = TRANSCRIPT_VIEWERS._value.get()
         async with ws_connect(f"{api.ws_base}/v1/calls/{call.id}/transcript/live?token={READ_TOKEN}"):
-            await eventually(lambda: call.id in api.gateway.transcript_listeners, what="the viewer subscribed")
-            assert metrics.TRANSCRIPT_VIEWERS._value.get() == viewers + 1
-        await eventually(lambda: call.id not in api.gateway.transcript_listeners, what="the viewer let go")
-        await eventually(lambda: metrics.TRANSCRIPT_VIEWERS._value.get() == viewers, what="the gauge back")
+            await eventually(lambda: call.id in api.gateway.transcripts.listeners, what="the viewer subscribed")
+            assert TRANSCRIPT_VIEWERS._value.get() == viewers + 1
+        await eventually(lambda: call.id not in api.gateway.transcripts.listeners, what="the viewer let go")
+        await eventually(lambda: TRANSCRIPT_VIEWERS._value.get() == viewers, what="the gauge back")
 
 
 async def test_following_a_stream_that_never_ends_stops_when_the_call_is_gone(store):

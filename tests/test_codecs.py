@@ -12,6 +12,7 @@ import pytest
 from service.config import ConfigError, load
 from service.gateway.ingress.sip import media_preferences
 from service.gateway.media.bridge import MediaBridge
+from service.gateway.media.pipeline import CallerAudio
 from service.gateway.media.resample import make_pair
 from service.gateway.media.rtp_media import CallMedia
 from service.settings import GatewaySettings
@@ -153,6 +154,8 @@ async def test_call_media_sends_the_negotiated_payload_type_on_the_codecs_clock(
                                  ptime=ptime, dtmf_payload_type=None, direction="sendrecv")
     rtp.update_remote("127.0.0.1", peer.address[1])
     media = CallMedia(rtp, negotiated, to_model=to_model.append)
+    tapped: list[CallerAudio] = []
+    media.taps.caller.attach(tapped.append)  # the caller at the codec's rate, before resampling
     media.start()
     try:
         # caller side: a 1 kHz tone, encoded by an encoder of our own, at the codec's clock
@@ -189,6 +192,10 @@ async def test_call_media_sends_the_negotiated_payload_type_on_the_codecs_clock(
     assert media.decode_errors > 0 and media.counters()["packets_malformed"] >= media.decode_errors
     heard = np.frombuffer(b"".join(to_model[3:]), "<i2")
     assert abs(peak_hz(heard, 24000) - 1000) < 10 and level(heard) > 500  # the caller's tone reached the model
+    assert {a.rate for a in tapped} == {spec.sample_rate}
+    caller = np.concatenate([a.pcm for a in tapped])
+    assert abs(len(caller) * 24000 / spec.sample_rate - len(to_model) * 1920) < 1920  # what the frames came from
+    assert abs(peak_hz(caller[len(caller) // 4:], spec.sample_rate) - 1000) < 10
     timing.expect(level(heard) > 3000, f"the caller's tone whole (not concealed): level {level(heard):.0f}")
 
 

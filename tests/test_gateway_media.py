@@ -7,6 +7,7 @@ import pytest
 
 from service.gateway.media.bridge import MODEL_FRAME_BYTES, MediaBridge
 from service.gateway.media.pacer import EgressPacer
+from service.gateway.media.pipeline import MediaPipeline
 from service.gateway.media.resample import (
     RESAMPLERS,
     SOXR_HELD_BACK_MS,
@@ -279,3 +280,29 @@ async def test_media_clock_run_due_sends_due_egress_between_other_work():
         return ran
 
     assert await scenario() == ["due", "work", "later"]
+
+
+def test_pipeline_taps_attach_and_detach_at_runtime():
+    sent: list[bytes] = []
+    pipeline = MediaPipeline(to_model=sent.append)
+    seen: list[bytes] = []
+    detach = pipeline.taps.caller_model.attach(seen.append)
+    pipeline.to_model(b"a")
+    detach()
+    pipeline.to_model(b"b")
+    assert sent == [b"a", b"b"] and seen == [b"a"]  # the model gets every frame, the tap what it listened to
+
+    heard: list[bytes] = []
+
+    def once(frame: bytes) -> None:  # a subscriber may detach itself while being called
+        heard.append(frame)
+        stop()
+
+    stop = pipeline.taps["agent"].attach(once)
+    pipeline.taps.agent.attach(heard.append)
+    pipeline.from_model(b"x")  # no media edge yet: tapped, played nowhere
+    pipeline.from_model(b"y")
+    assert heard == [b"x", b"x", b"y"]
+    with pytest.raises(KeyError):
+        pipeline.taps["microphone"]
+    assert pipeline.quality() is None and pipeline.silent_seconds() is None and pipeline.queued_packets == 0

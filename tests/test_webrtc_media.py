@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from service.gateway.ingress.aiortc_tap import tap_receiver
 from service.gateway.ingress.webrtc_sdp import OfferError, check_offer
 from service.gateway.media.bridge import MODEL_FRAME_BYTES
+from service.gateway.media.pipeline import CallerAudio
 from service.gateway.media.resample_48k import Decimator48to24, Interpolator24to48, wideband_taps
 from service.gateway.media.webrtc_media import (
     PACKET_SAMPLES_48K,
@@ -230,6 +231,8 @@ def test_damaged_offers_pass_or_fail_with_offer_error(data):
 def test_receive_path_plays_on_time_conceals_a_loss_and_frames_for_the_model():
     frames: list[bytes] = []
     media = WebRtcMedia(to_model=frames.append)
+    heard: list[CallerAudio] = []
+    media.taps.caller.attach(heard.append)  # the caller tap: what the model's frames are cut from
     packets = opus_packets(voice(2.0))
     lost = {30, 61}
     t0 = 100.0
@@ -249,7 +252,10 @@ def test_receive_path_plays_on_time_conceals_a_loss_and_frames_for_the_model():
     assert counters["packets_lost"] == 2
     assert counters["frames_concealed"] == 2
     quality = media.quality()
-    assert quality["codec"] == "opus/48000" and quality["ptime_ms"] == 20.0
+    assert quality.codec == "opus/48000" and quality.ptime_ms == 20.0
+    assert {a.rate for a in heard} == {24000} and len(heard) == len(packets)
+    tapped = np.concatenate([a.pcm for a in heard])
+    assert np.array_equal(tapped[:len(audio)], audio)
 
 
 def test_bad_packets_are_counted_and_a_ptime_change_restarts_the_buffer():

@@ -5,8 +5,6 @@ Each part lives in its own router module; this file only puts them together.
 
 from __future__ import annotations
 
-import typing as tp
-
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -15,11 +13,9 @@ from pydantic import BaseModel
 from service import __version__
 from service.api import calls, dashboard, http_metrics, pool, transcripts
 from service.api.auth import ApiTokens
-from service.api.directory import CallDirectory
+from service.api.control import CallControl
+from service.api.models import Readiness
 from service.api.webrtc import webrtc_router
-
-if tp.TYPE_CHECKING:
-    from service.gateway.main import Gateway
 
 DESCRIPTION = """The moshimoshi gateway's control plane.
 
@@ -48,19 +44,11 @@ class Health(BaseModel):
     status: str
 
 
-class Readiness(BaseModel):
-    ready: bool
-    draining: bool
-    redis: bool | None
-    workers_ready: int
-    calls: int
-
-
-def create_app(gateway: Gateway) -> FastAPI:
+def create_app(control: CallControl, api_tokens: ApiTokens) -> FastAPI:
+    """The control plane's app, serving ``control`` to holders of ``api_tokens``."""
     app = FastAPI(title="moshimoshi gateway", version=__version__, description=DESCRIPTION, openapi_tags=TAGS)
-    app.state.gateway = gateway
-    app.state.api_tokens = getattr(gateway, "api_tokens", None) or ApiTokens.parse(gateway.settings.api_tokens)
-    app.state.directory = CallDirectory(gateway)
+    app.state.control = control
+    app.state.api_tokens = api_tokens
     http_metrics.install(app)
 
     @app.get("/healthz", tags=["probes"], summary="Liveness", response_model=Health)
@@ -72,8 +60,8 @@ def create_app(gateway: Gateway) -> FastAPI:
              responses={503: {"model": Readiness, "description": "not ready"}})
     async def readyz() -> JSONResponse:
         """Ready to take calls: Redis reachable, a worker ready, not draining (503 otherwise)."""
-        state = gateway.readiness()
-        return JSONResponse(state, status_code=200 if state["ready"] else 503)
+        state = control.readiness()
+        return JSONResponse(state.model_dump(), status_code=200 if state.ready else 503)
 
     @app.get("/metrics", tags=["probes"], summary="Prometheus metrics", response_class=Response,
              responses={200: {"content": {"text/plain": {}}}})
@@ -85,5 +73,5 @@ def create_app(gateway: Gateway) -> FastAPI:
     app.include_router(transcripts.router)
     app.include_router(pool.router)
     app.include_router(dashboard.router)
-    app.include_router(webrtc_router(gateway))
+    app.include_router(webrtc_router(control))
     return app

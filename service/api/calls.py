@@ -1,21 +1,15 @@
-"""``/v1/calls``: list calls, one call with its quality, hang up."""
+"""``/v1/calls``: list calls, one call with its quality, hang up, transfer."""
 
 from __future__ import annotations
 
-import logging
 import typing as tp
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from pydantic import BaseModel, Field
 
 from service.api.auth import require_admin, require_read
-from service.api.directory import CallDirectory, redis_failed
+from service.api.control import CallControl, ControlError
 from service.api.models import CallInfo, CallList, HangupResult, Problem
-from service.pool import ACTIVE, ENDED, PoolError
-
-if tp.TYPE_CHECKING:
-    from service.gateway.main import Gateway
-
-log = logging.getLogger("moshimoshi.api")
 
 MAX_LIMIT = 1000
 AUTH_RESPONSES: dict[int | str, dict[str, tp.Any]] = {
@@ -29,12 +23,18 @@ UNAVAILABLE: dict[int | str, dict[str, tp.Any]] = {
 router = APIRouter(prefix="/v1/calls", tags=["calls"], responses=AUTH_RESPONSES)
 
 
-def gateway_of(request: Request) -> Gateway:
-    return request.app.state.gateway
+def control_of(request: Request) -> CallControl:
+    return tp.cast(CallControl, request.app.state.control)
 
 
-def directory(request: Request) -> CallDirectory:
-    return request.app.state.directory
+def failed(exc: ControlError) -> HTTPException:
+    """A ControlError as the HTTP answer."""
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+    return HTTPException(exc.status, exc.detail, headers=headers)
+
+
+class TransferRequest(BaseModel):
+    to: str = Field(description="where the call goes: a SIP URI (sip:agent@pbx.example) or a number")
 
 
 @router.get("", summary="List active and recent calls", response_model=CallList,
@@ -50,22 +50,7 @@ async def list_calls(
     """Calls of every gateway, newest first: this gateway's live calls with live quality,
     other replicas' active calls (those holding a worker slot) and ended calls from Redis
     within the retention. ``partial`` is true when Redis could not be read."""
-    calls, partial = await directory(request).list(
-        state=ACTIVE if state == "active" else ENDED if state == "ended" else None,
-        since=since, worker_id=worker, limit=limit)
-    return CallList(calls=calls, partial=partial)
-
-
-async def _find(request: Request, call_id: str) -> CallInfo:
-    """A call from any gateway: 404 if unknown (or past its retention), 503 if Redis is down."""
-    try:
-        found = await directory(request).get(call_id)
-    except PoolError:
-        redis_failed()
-        raise HTTPException(503, "call records unavailable (Redis unreachable)") from None
-    if found is None:
-        raise HTTPException(404, f"no call {call_id!r} (unknown, or past its retention)")
-    return found
+    return await control_of(request).list_calls(state=state, since=since, worker_id=worker, limit=limit)
 
 
 @router.get("/{call_id}", summary="One call with its quality", response_model=CallInfo,
@@ -73,7 +58,10 @@ async def _find(request: Request, call_id: str) -> CallInfo:
 async def get_call(request: Request, call_id: str) -> CallInfo:
     """The call record plus its quality: codec, jitter, loss, round trip, concealed frames,
     underruns and gateway-added latency (live when the call runs on this gateway)."""
-    return await _find(request, call_id)
+    try:
+        return await control_of(request).get_call(call_id)
+    except ControlError as exc:
+        raise failed(exc) from None
 
 
 @router.post("/{call_id}/hangup", summary="Hang up a call", status_code=202, response_model=HangupResult,
@@ -82,18 +70,18 @@ async def get_call(request: Request, call_id: str) -> CallInfo:
 async def hangup(request: Request, call_id: str) -> HangupResult:
     """End the call with a BYE (admin scope). A call on another gateway replica is hung up
     by that replica: the request goes to it over Redis pub/sub."""
-    gateway = gateway_of(request)
-    if gateway.hangup(call_id):
-        log.info("call %s: hang-up requested through the API", call_id)
-        return HangupResult(call_id=call_id, status="hanging-up", on_this_gateway=True)
-    found = await _find(request, call_id)
-    if found.state == ENDED or gateway.hangups is None:
-        raise HTTPException(409, f"call {call_id!r} has ended")
     try:
-        await gateway.hangups.publish(call_id)
-    except PoolError:
-        redis_failed()
-        raise HTTPException(503, "cannot reach the call's gateway (Redis unreachable)") from None
-    log.info("call %s: hang-up requested through the API, sent to gateway %s", call_id,
-             found.gateway_id or "(unknown)")
-    return HangupResult(call_id=call_id, status="hanging-up", on_this_gateway=False)
+        return await control_of(request).hang_up(call_id)
+    except ControlError as exc:
+        raise failed(exc) from None
+
+
+@router.post("/{call_id}/transfer", summary="Transfer a call (not implemented yet)", status_code=202,
+             responses={**NOT_FOUND, 501: {"model": Problem, "description": "transfer is not implemented yet"}},
+             dependencies=[Depends(require_admin)])
+async def transfer(request: Request, call_id: str, body: TransferRequest) -> None:
+    """Hand the call to a human (admin scope). Not implemented yet: answers 501."""
+    try:
+        await control_of(request).transfer(call_id, body.to)
+    except ControlError as exc:
+        raise failed(exc) from None

@@ -1,5 +1,116 @@
-"""What the API needs of the gateway it runs in (the control-plane interface)."""
+"""What the API needs of the gateway it serves: the control-plane interface.
+
+The routes of this package depend on :class:`CallControl` only, never on the gateway's
+parts; the gateway implements it (``service/gateway/control/plane.py``) and hands it to
+``create_app``. A request the control plane cannot serve raises :class:`ControlError`,
+which the routes answer with its status.
+"""
 
 from __future__ import annotations
 
+import typing as tp
+from dataclasses import dataclass, field
+
+if tp.TYPE_CHECKING:
+    from service.api.models import (
+        CallInfo,
+        CallList,
+        DrainResult,
+        HangupResult,
+        PoolState,
+        Readiness,
+        Transcript,
+        TranscriptPiece,
+    )
+
 CALL_ID_HEADER = "X-Moshimoshi-Call-Id"  # the gateway's call id, in a SIP 200 OK and a WebRTC answer
+MAX_OFFER_BYTES = 64 * 1024  # a WebRTC offer with every candidate in it is a few kB
+
+
+class ControlError(Exception):
+    """A request the control plane refuses: the HTTP ``status`` and why; ``retry_after``
+    (seconds) when asking again later may work."""
+
+    def __init__(self, status: int, detail: str, *, retry_after: int | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class TranscriptEnd:
+    """The last item of a followed transcript: the call ended (``gone``: its record or
+    stream expired, or its gateway went away without ending it)."""
+
+    reason: str
+
+
+@dataclass
+class IceServer:
+    urls: str | list[str]
+    username: str | None = None
+    credential: str | None = None
+
+
+@dataclass
+class WebRtcConfig:
+    ice_servers: list[IceServer] = field(default_factory=list)
+    connect_seconds: float = 0.0
+
+
+@dataclass
+class WebRtcAnswer:
+    session_id: str
+    call_id: str
+    sdp: str
+
+
+class CallControl(tp.Protocol):
+    """The gateway as the control plane sees it."""
+
+    def readiness(self) -> Readiness:
+        """Whether new calls are taken, and why not."""
+
+    # -- calls -------------------------------------------------------------------------
+
+    async def list_calls(self, *, state: str | None, since: float | None, worker_id: str | None,
+                         limit: int) -> CallList:
+        """Calls of every gateway replica, newest first (partial when Redis is down)."""
+
+    async def get_call(self, call_id: str) -> CallInfo:
+        """One call with its quality; ControlError 404 (unknown) or 503 (Redis down)."""
+
+    async def hang_up(self, call_id: str) -> HangupResult:
+        """End a call on whichever replica runs it; ControlError 404, 409 (ended) or 503."""
+
+    async def transfer(self, call_id: str, target: str) -> None:
+        """Hand a call to a human at ``target``; ControlError 501 until transfer exists."""
+
+    # -- transcripts -------------------------------------------------------------------
+
+    async def transcript(self, call_id: str) -> Transcript:
+        """A live or ended call's transcript; ControlError 404 or 503."""
+
+    def follow_transcript(self, call_id: str) -> tp.AsyncIterator[TranscriptPiece | TranscriptEnd]:
+        """The pieces so far, then new ones as they come, then the end; ControlError 404 or
+        503 (raised by the iteration)."""
+
+    # -- the pool ----------------------------------------------------------------------
+
+    async def pool(self) -> PoolState:
+        """Workers, their slots and leases; ControlError 503 when Redis is down."""
+
+    async def drain_worker(self, worker_id: str) -> DrainResult:
+        """Ask a worker to drain; ControlError 404, 502 (it did not answer) or 503."""
+
+    # -- WebRTC ------------------------------------------------------------------------
+
+    async def webrtc_offer(self, sdp: str, source: str) -> WebRtcAnswer:
+        """Answer a WebRTC offer; ControlError 400 (unusable offer), 503 (no agent) or 500."""
+
+    def webrtc_hang_up(self, session_id: str) -> bool:
+        """End a WebRTC session; False when there is no such session."""
+
+    def webrtc_config(self) -> WebRtcConfig:
+        """The ICE servers browser peers use, and how long they have to connect."""

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import typing as tp
 
+from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.gateway import metrics
-
+HTTP_REQUESTS = Counter("moshimoshi_http_requests_total", "API requests by route and status code.",
+                        ["method", "route", "code"])
 UNMATCHED = "unmatched"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -45,7 +46,7 @@ class HttpMetricsMiddleware:
         finally:
             method = scope.get("method", "GET")
             code = status.get("code", 500)
-            metrics.HTTP_REQUESTS.labels(method if method in METHODS else "other", route_template(scope),
+            HTTP_REQUESTS.labels(method if method in METHODS else "other", route_template(scope),
                                          str(code)).inc()
 
 

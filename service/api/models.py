@@ -1,50 +1,17 @@
-"""The API's documents (pydantic models: they are the OpenAPI schema)."""
+"""The API's documents (pydantic models: they are the OpenAPI schema).
+
+A call is shown from its one record type (``CallRecord``) and quality type (``CallQuality``,
+``service/call_record.py``) by :meth:`CallInfo.of`, the caller's privacy honoured.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+import typing as tp
 
+from pydantic import BaseModel, Field
 
-class GatewayLatency(BaseModel):
-    """Latency the gateway adds over the call's recent frames (the model's frame and step
-    excluded), in milliseconds."""
-
-    model_config = ConfigDict(extra="allow")
-
-    p50: float | None = None
-    p99: float | None = None
-    jitter_buffer: float | None = Field(None, description="current playout delay of the jitter buffer")
-    resampling: float | None = Field(None, description="held back by the resamplers, both ways")
-    egress_cushion: float | None = Field(None, description="model audio queued ahead of the pacer")
-
-
-class CallQuality(BaseModel):
-    """A call's audio quality: live for a call on the answering gateway, else as last stored
-    (gateways store it every few seconds during the call and once at its end)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    codec: str | None = Field(None, description="negotiated codec (opus, G722, PCMU, PCMA; WebRTC: opus/48000)")
-    sample_rate_hz: int | None = Field(None, description="the codec's audio rate (8000, 16000, 48000)")
-    ptime_ms: int | None = Field(None, description="packet time")
-    jitter_ms: float | None = Field(None, description="interarrival jitter of the caller's RTP (RFC 3550)")
-    loss_fraction: float | None = Field(None, description="fraction of the caller's packets lost")
-    packets_lost: int | None = None
-    rtt_ms: float | None = Field(None, description="round trip to the caller from RTCP (null until known)")
-    concealed_frames: int | None = Field(None, description="inbound frames concealed (lost or late)")
-    egress_underruns: int | None = Field(None, description="20 ms ticks with no model audio while it talked")
-    gateway_latency_ms: GatewayLatency | None = Field(
-        None, description="latency the gateway adds: jitter buffer, resampling, framing, pacing")
-    jitter_buffer_ms: float | None = Field(None, description="current playout delay of the jitter buffer")
-    packets_received: int | None = None
-    packets_sent: int | None = None
-    packets_late: int | None = None
-    packets_stray: int | None = None
-    srtp_suite: str | None = Field(None, description="the SRTP crypto suite (SDES-SRTP calls)")
-    packets_srtp_replayed: int | None = Field(None, description="SRTP packets dropped as replays")
-    packets_srtp_auth_failed: int | None = Field(None, description="SRTP packets dropped: authentication "
-                                                                   "failed (forged or corrupted)")
-    failovers: int | None = Field(None, description="times the call moved to another worker")
+from service.call_record import ENDED, CallQuality, CallRecord
+from sip.identity import ANONYMOUS_URI, CallerIdentity
 
 
 class CallerId(BaseModel):
@@ -108,10 +75,58 @@ class CallInfo(BaseModel):
     on_this_gateway: bool = Field(False, description="the answering gateway is the one serving this request")
     quality: CallQuality | None = None
 
+    @classmethod
+    def of(cls, record: CallRecord, *, on_this_gateway: bool = False) -> CallInfo:
+        """The record as the API shows it: the caller's privacy honoured (see ``CallerId``)."""
+        shared = {name: getattr(record, name) for name in _SHARED_FIELDS}
+        return cls(id=record.call_id, **shared, duration_s=record.duration_s(),
+                   on_this_gateway=on_this_gateway, **shown_identity(record.identity, record.from_uri))
+
+    @property
+    def active(self) -> bool:
+        return self.state != ENDED
+
+
+def shown_identity(identity: CallerIdentity | dict[str, tp.Any] | None, from_uri: str) -> dict[str, tp.Any]:
+    """The identity fields of a CallInfo, the caller's privacy honoured: a withheld caller
+    shows no number, name or URI (and an anonymous ``from_uri``), for every token scope."""
+    if identity is None:
+        return {"from_uri": from_uri}
+    if isinstance(identity, dict):
+        identity = CallerIdentity.from_dict(identity)
+    withheld = identity.withheld
+    party = identity.caller
+    caller = CallerId(
+        number=None if withheld else party.number or None,
+        name=None if identity.name_withheld else party.name or None,
+        uri=None if withheld else party.uri or None, source=identity.caller_source, withheld=withheld,
+        privacy=list(identity.privacy))
+    redirects: list[Redirect] = []
+    if not identity.redirects_withheld:
+        for header, parties in (("diversion", identity.diversion), ("history-info", identity.history_info)):
+            for entry in parties:
+                redirects.append(Redirect(header=header, number=entry.number or None, uri=entry.uri or None,
+                                          reason=entry.params.get("reason")))
+    return {"from_uri": ANONYMOUS_URI if withheld else from_uri, "dialled": identity.dialled, "caller": caller,
+            "redirects": redirects}
+
+
+# the record's fields the API shows as they are (identity, from_uri and the id are shown above)
+_SHARED_FIELDS = tuple(name for name in CallRecord.__dataclass_fields__
+                       if name in CallInfo.model_fields and name not in ("from_uri", "identity"))
+
 
 class CallList(BaseModel):
     calls: list[CallInfo]
     partial: bool = Field(False, description="true when Redis could not be read: only this gateway's calls")
+
+
+class Readiness(BaseModel):
+    ready: bool
+    draining: bool
+    redis: bool | None
+    workers_ready: int
+    calls: int
 
 
 class HangupResult(BaseModel):

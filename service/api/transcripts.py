@@ -18,41 +18,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import typing as tp
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Depends, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import PlainTextResponse
+from prometheus_client import Gauge
 
 from service.api.auth import AuthError, Scope, check_websocket, require_read
-from service.api.calls import AUTH_RESPONSES, NOT_FOUND, UNAVAILABLE
-from service.api.directory import CallDirectory, redis_failed
-from service.api.models import Transcript, TranscriptPiece
-from service.gateway import metrics
-from service.gateway.calls.call import TranscriptEvent
-from service.gateway.control.transcripts import StoredTranscript
-from service.pool import ENDED, PoolError
-
-if tp.TYPE_CHECKING:
-    from service.gateway.main import Gateway
-
-log = logging.getLogger("moshimoshi.api")
+from service.api.calls import AUTH_RESPONSES, NOT_FOUND, UNAVAILABLE, control_of, failed
+from service.api.control import CallControl, ControlError, TranscriptEnd
+from service.api.models import Transcript
 
 UTTERANCE_GAP_SECONDS = 1.0  # plain text starts a new line after a pause this long
+LIVE_CLOSE_CODES = {404: 4404, 503: 4503}
+TRANSCRIPT_VIEWERS = Gauge("moshimoshi_transcript_viewers", "Open live-transcript WebSockets.")
 
 router = APIRouter(prefix="/v1/calls", tags=["transcripts"])
-
-
-def piece(seq: int, event: TranscriptEvent) -> TranscriptPiece:
-    return TranscriptPiece(seq=seq, t=round(event.t, 3), kind=event.kind, text=event.text,
-                           duration_ms=event.duration_ms)
-
-
-def build(call_id: str, pieces: tp.Iterable[tuple[int, TranscriptEvent]], *, complete: bool,
-          end_reason: str = "") -> Transcript:
-    events = [piece(seq, event) for seq, event in pieces]
-    text = "".join(e.text for e in events if e.kind == "agent")
-    return Transcript(call_id=call_id, complete=complete, end_reason=end_reason, events=events, text=text)
 
 
 def _clock(t: float) -> str:
@@ -90,27 +71,6 @@ def plain_text(transcript: Transcript) -> str:
     return "\n".join([header, *lines]) + "\n"
 
 
-async def load(gateway: Gateway, directory: CallDirectory, call_id: str) -> Transcript | None:
-    """The transcript from the best source; None when unknown. Raises PoolError when only
-    Redis could have it and Redis is down."""
-    call = gateway.calls.get(call_id)
-    if call is not None:
-        return build(call_id, enumerate(list(call.transcript)), complete=False)
-    summary = directory.recent_summary(call_id)
-    if summary is not None and "transcript" in summary:
-        events = [TranscriptEvent(**e) for e in summary["transcript"]]
-        return build(call_id, enumerate(events), complete=True, end_reason=summary.get("end_reason", ""))
-    if gateway.transcripts is None:
-        return None
-    try:
-        stored = await gateway.transcripts.read(call_id)
-    except ValueError:
-        return None
-    if stored is None:
-        return None
-    return build(call_id, stored.pieces, complete=stored.ended, end_reason=stored.end_reason)
-
-
 @router.get(
     "/{call_id}/transcript", summary="A call's transcript (JSON or plain text)", response_model=Transcript,
     dependencies=[Depends(require_read)],
@@ -124,14 +84,10 @@ async def get_transcript(
 ) -> tp.Any:
     """The agent's words with their timestamps, plus the caller's DTMF digits, of a live or
     ended call (within the retention), from whichever gateway replica handled it."""
-    gateway: Gateway = request.app.state.gateway
     try:
-        transcript = await load(gateway, request.app.state.directory, call_id)
-    except PoolError:
-        redis_failed()
-        raise HTTPException(503, "transcripts unavailable (Redis unreachable)") from None
-    if transcript is None:
-        raise HTTPException(404, f"no transcript for call {call_id!r} (unknown, or past its retention)")
+        transcript = await control_of(request).transcript(call_id)
+    except ControlError as exc:
+        raise failed(exc) from None
     wants_text = format == "text" or (format is None and "text/plain" in request.headers.get("accept", "")
                                       and "application/json" not in request.headers.get("accept", ""))
     if wants_text:
@@ -142,89 +98,16 @@ async def get_transcript(
 # -- live ---------------------------------------------------------------------------------
 
 
-def _piece_message(seq: int, event: TranscriptEvent) -> dict[str, tp.Any]:
-    return {"type": "piece", **piece(seq, event).model_dump(exclude_none=True)}
-
-
-async def _follow_local(ws: WebSocket, gateway: Gateway, call_id: str) -> str | None:
-    """Replay and follow a call of this gateway; returns its end reason (None: not here)."""
-    call = gateway.calls.get(call_id)
-    if call is None:
-        return None
-    # Snapshot and subscribe with no await in between: no piece is missed or repeated.
-    replay = list(call.transcript)
-    queue: asyncio.Queue[TranscriptEvent | None] = asyncio.Queue()
-    listeners = gateway.transcript_listeners.setdefault(call_id, set())
-    listeners.add(queue)
+async def _stream(ws: WebSocket, control: CallControl, call_id: str) -> None:
     try:
-        for seq, event in enumerate(replay):
-            await ws.send_json(_piece_message(seq, event))
-        seq = len(replay)
-        while (event := await queue.get()) is not None:
-            await ws.send_json(_piece_message(seq, event))
-            seq += 1
-        return call.end_reason or "ended"
-    finally:
-        listeners.discard(queue)
-        if not listeners and gateway.transcript_listeners.get(call_id) is listeners:
-            del gateway.transcript_listeners[call_id]
-
-
-async def _follow_stored(ws: WebSocket, gateway: Gateway, call_id: str) -> str | None:
-    """Replay and follow a call's Redis stream; returns its end reason (None: unknown call).
-    A call of another replica that has said nothing yet has no stream: it is waited for
-    while the call's record says it goes on."""
-    store, records = gateway.transcripts, gateway.records
-    if store is None or records is None:
-        return None
-    stored = await store.read(call_id)
-    still_on: tp.Callable[[], tp.Awaitable[bool]] | None = None
-    if stored is None:
-        record = await records.get(call_id)
-        if record is None or record.state == ENDED:
-            return None
-
-        async def still_on() -> bool:
-            current = await records.get(call_id)
-            return current is not None and current.state != ENDED
-
-        stored = StoredTranscript(call_id)
-    seen = {seq for seq, _ in stored.pieces}
-    for seq, event in stored.pieces:
-        await ws.send_json(_piece_message(seq, event))
-    if stored.ended:
-        return stored.end_reason
-    async for entry in store.follow(call_id, stored.last_id, still_on=still_on):
-        if entry.end_reason is not None:
-            return entry.end_reason
-        if entry.event is not None and entry.seq not in seen:
-            seen.add(entry.seq)
-            await ws.send_json(_piece_message(entry.seq, entry.event))
-    return "gone"  # expired, or its gateway went away without ending it
-
-
-async def _stream(ws: WebSocket, gateway: Gateway, directory: CallDirectory, call_id: str) -> None:
-    reason = await _follow_local(ws, gateway, call_id)
-    if reason is None:
-        summary = directory.recent_summary(call_id)
-        if summary is not None and "transcript" in summary:
-            for seq, event in enumerate(summary["transcript"]):
-                await ws.send_json({"type": "piece", "seq": seq, **event})
-            reason = summary.get("end_reason") or "ended"
-    if reason is None:
-        try:
-            reason = await _follow_stored(ws, gateway, call_id)
-        except ValueError:
-            reason = None
-        except PoolError:
-            redis_failed()
-            await ws.close(4503, "transcripts unavailable (Redis unreachable)")
-            return
-    if reason is None:
-        await ws.close(4404, "unknown call, or past its retention")
-        return
-    await ws.send_json({"type": "end", "reason": reason})
-    await ws.close(1000, "call ended")
+        async for item in control.follow_transcript(call_id):
+            if isinstance(item, TranscriptEnd):
+                await ws.send_json({"type": "end", "reason": item.reason})
+                await ws.close(1000, "call ended")
+                return
+            await ws.send_json({"type": "piece", **item.model_dump(exclude_none=True)})
+    except ControlError as exc:
+        await ws.close(LIVE_CLOSE_CODES.get(exc.status, 4500), exc.detail[:120])
 
 
 async def _until_disconnect(ws: WebSocket) -> None:
@@ -243,14 +126,13 @@ async def live_transcript(ws: WebSocket, call_id: str) -> None:
     except AuthError as exc:
         await ws.close(4000 + exc.status, exc.message[:120])  # 4401 or 4403
         return
-    gateway: Gateway = ws.app.state.gateway
-    metrics.TRANSCRIPT_VIEWERS.inc()
-    sender = asyncio.ensure_future(_stream(ws, gateway, ws.app.state.directory, call_id))
+    TRANSCRIPT_VIEWERS.inc()
+    sender = asyncio.ensure_future(_stream(ws, tp.cast(CallControl, ws.app.state.control), call_id))
     watcher = asyncio.ensure_future(_until_disconnect(ws))
     try:
         await asyncio.wait({sender, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        metrics.TRANSCRIPT_VIEWERS.dec()
+        TRANSCRIPT_VIEWERS.dec()
         for task in (sender, watcher):
             task.cancel()
         for task in (sender, watcher):

@@ -22,21 +22,16 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 
 from service.api.auth import require_read
-from service.api.control import CALL_ID_HEADER
-from service.gateway.ingress.webrtc import OfferRejected, WebRtcIngress
-from service.gateway.ingress.webrtc_sdp import MAX_OFFER_BYTES
-
-if tp.TYPE_CHECKING:
-    from service.gateway.main import Gateway
+from service.api.control import CALL_ID_HEADER, MAX_OFFER_BYTES, CallControl, ControlError, WebRtcConfig
 
 STATIC = Path(__file__).parent / "static"
 PHONE_FILES = {"phone.js": "text/javascript", "phone.css": "text/css"}
 SESSION_PATH = "/v1/webrtc/sessions/"
 
 
-def _link_headers(ingress: WebRtcIngress) -> list[str]:
+def _link_headers(config: WebRtcConfig) -> list[str]:
     links = []
-    for server in ingress.ice_servers:
+    for server in config.ice_servers:
         link = f'<{server.urls}>; rel="ice-server"'
         if server.username:
             link += f'; username="{server.username}"; credential="{server.credential}"; credential-type="password"'
@@ -44,9 +39,8 @@ def _link_headers(ingress: WebRtcIngress) -> list[str]:
     return links
 
 
-def webrtc_router(gateway: Gateway) -> APIRouter:
-    """The WebRTC routes of ``gateway`` (its ingress is created here)."""
-    ingress = WebRtcIngress(gateway)
+def webrtc_router(control: CallControl) -> APIRouter:
+    """The WebRTC routes, served by ``control``."""
     auth = Depends(require_read)  # read scope is enough to place a call
     router = APIRouter()
 
@@ -69,20 +63,20 @@ def webrtc_router(gateway: Gateway) -> APIRouter:
         client = request.client
         source = f"{client.host}:{client.port}" if client is not None else "unknown"
         try:
-            session = await ingress.offer(sdp, source)
-        except OfferRejected as exc:
-            headers = {"Retry-After": str(gateway.settings.retry_after_seconds)} if exc.retry_after else None
-            return JSONResponse({"detail": exc.reason}, status_code=exc.status, headers=headers)
-        response = Response(session.answer_sdp, status_code=201, media_type="application/sdp",
-                            headers={"Location": SESSION_PATH + session.id, CALL_ID_HEADER: session.call.id})
-        for link in _link_headers(ingress):
+            answer = await control.webrtc_offer(sdp, source)
+        except ControlError as exc:
+            headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=headers)
+        response = Response(answer.sdp, status_code=201, media_type="application/sdp",
+                            headers={"Location": SESSION_PATH + answer.session_id, CALL_ID_HEADER: answer.call_id})
+        for link in _link_headers(control.webrtc_config()):
             response.headers.append("Link", link)
         return response
 
     @router.delete(SESSION_PATH + "{session_id}", tags=["webrtc"], dependencies=[auth])
     async def hang_up(session_id: str) -> dict[str, str]:
         """Hang up a WebRTC call."""
-        if not ingress.hangup(session_id):
+        if not control.webrtc_hang_up(session_id):
             raise HTTPException(404, "no such WebRTC session")
         return {"status": "ending", "call_id": session_id}
 
@@ -95,13 +89,14 @@ def webrtc_router(gateway: Gateway) -> APIRouter:
     @router.get("/v1/webrtc/config", tags=["webrtc"], dependencies=[auth])
     async def config() -> dict[str, tp.Any]:
         """ICE servers for browser peers (RTCConfiguration.iceServers)."""
+        config = control.webrtc_config()
         servers = []
-        for server in ingress.ice_servers:
+        for server in config.ice_servers:
             entry: dict[str, tp.Any] = {"urls": server.urls}
             if server.username:
                 entry.update(username=server.username, credential=server.credential)
             servers.append(entry)
-        return {"ice_servers": servers, "connect_seconds": gateway.settings.webrtc_connect_seconds}
+        return {"ice_servers": servers, "connect_seconds": config.connect_seconds}
 
     @router.get("/phone", tags=["webrtc"], include_in_schema=False)
     async def phone() -> FileResponse:

@@ -96,14 +96,11 @@ def count_pool_retry(operation: str, event: str) -> None:
         REDIS_WRITE_RETRIES.labels(operation).inc()
     elif event == "abandoned":
         REDIS_WRITES_ABANDONED.labels(operation).inc()
-HTTP_REQUESTS = Counter("moshimoshi_http_requests_total", "API requests by route and status code.",
-                        ["method", "route", "code"])
 TRANSCRIPT_PIECES = Counter("moshimoshi_transcript_pieces_total", "Transcript pieces stored in Redis.")
 TRANSCRIPT_PIECES_DROPPED = Counter(
     "moshimoshi_transcript_pieces_dropped_total",
     "Transcript pieces never stored: the in-memory queue overflowed during a Redis outage, or the "
     "gateway stopped before Redis answered; by reason.", ["reason"])
-TRANSCRIPT_VIEWERS = Gauge("moshimoshi_transcript_viewers", "Open live-transcript WebSockets.")
 DTMF_DIGITS = Counter("moshimoshi_dtmf_digits_total", "DTMF digits received (RFC 4733 or SIP INFO).")
 SIP_INFO = Counter("moshimoshi_sip_info_requests_total",
                    "In-dialog SIP INFO requests by outcome: dtmf (a digit reported), empty (keep-alive), "

@@ -1,5 +1,7 @@
 """Call records: one hash per call with a retention TTL, and a time-ordered index.
 
+The record itself (its fields and their stored form) is ``service.call_record``.
+
 A record lives for ``active_ttl`` seconds after its last update while the call is active
 (long enough for the longest call: a gateway that dies cannot leave one forever) and for
 ``retention`` seconds once it has ended. The index (a zset scored by start time) is
@@ -8,99 +10,24 @@ trimmed of entries whose record has expired, on every create and every listing.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import time
 import typing as tp
-from dataclasses import dataclass, field
 
+from service.call_record import ACTIVE, ENDED, CallQuality, CallRecord, quality_fields
 from service.pool.connection import PoolClient
 from service.pool.keys import check_id
 
-ACTIVE = "active"
-ENDED = "ended"
+__all__ = ["ACTIVE", "ENDED", "CallRecord", "CallRecords"]
+
 DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600.0
 DEFAULT_ACTIVE_TTL_SECONDS = 6 * 3600.0
-QUALITY_PREFIX = "q."
 TRIM_BATCH = 100
 MAX_SCAN = 20_000  # most index entries one listing looks at
-
-def _json_object(text: str) -> dict[str, tp.Any]:
-    value = json.loads(text)
-    if not isinstance(value, dict):
-        raise ValueError("not a JSON object")
-    return value
+NOT_UPDATABLE = frozenset({"call_id", "started_at", "quality"})  # quality is merged, through ``quality=``
 
 
-# field name → parser of its stored text
-_FIELDS: dict[str, tp.Callable[[str], tp.Any]] = {
-    "call_id": str, "state": str, "sip_call_id": str, "from_uri": str, "to_uri": str, "codec": str,
-    "sip_transport": str, "media_encryption": str,
-    "worker_id": str, "slot": int, "started_at": float, "answered_at": float, "ended_at": float,
-    "end_reason": str, "end_detail": str, "identity": _json_object,
-}
-UPDATABLE = frozenset(_FIELDS) - {"call_id", "state", "started_at"}
-
-
-@dataclass
-class CallRecord:
-    """One call as stored. ``quality`` holds free-form fields (MOS, loss, jitter...)."""
-
-    call_id: str
-    state: str = ACTIVE
-    sip_call_id: str = ""
-    from_uri: str = ""
-    to_uri: str = ""
-    codec: str = ""
-    sip_transport: str = ""  # UDP, TCP, TLS (SIP calls; empty for WebRTC)
-    media_encryption: str = ""  # none, SDES-SRTP, DTLS-SRTP
-    worker_id: str = ""
-    slot: int | None = None
-    started_at: float = field(default_factory=time.time)
-    answered_at: float | None = None
-    ended_at: float | None = None
-    end_reason: str = ""
-    end_detail: str = ""
-    # SIP identity headers and the dialled number as received (sip.identity.CallerIdentity);
-    # the API shows them with the caller's Privacy honoured, the record keeps them whole.
-    identity: dict[str, tp.Any] | None = None
-    quality: dict[str, tp.Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, tp.Any]:
-        return dataclasses.asdict(self)
-
-
-def _encode(value: tp.Any) -> str:
-    if isinstance(value, dict):
-        return json.dumps(value, ensure_ascii=False)
-    return repr(value) if isinstance(value, float) else str(value)
-
-
-def _encode_fields(values: dict[str, tp.Any], quality: dict[str, tp.Any] | None) -> list[str]:
-    flat: list[str] = []
-    for name, value in values.items():
-        if value is not None:
-            flat += [name, _encode(value)]
-    for name, value in (quality or {}).items():
-        flat += [QUALITY_PREFIX + name, json.dumps(value, ensure_ascii=False)]
-    return flat
-
-
-def _decode(raw: dict[str, str]) -> CallRecord:
-    values: dict[str, tp.Any] = {}
-    quality: dict[str, tp.Any] = {}
-    for name, text in raw.items():
-        if name.startswith(QUALITY_PREFIX):
-            try:
-                quality[name[len(QUALITY_PREFIX):]] = json.loads(text)
-            except ValueError:
-                quality[name[len(QUALITY_PREFIX):]] = text
-        elif name in _FIELDS:
-            try:
-                values[name] = _FIELDS[name](text)
-            except ValueError:
-                continue
-    return CallRecord(**values, quality=quality)
+def _flat(fields: dict[str, str]) -> list[str]:
+    return [item for pair in fields.items() for item in pair]
 
 
 class CallRecords:
@@ -118,38 +45,35 @@ class CallRecords:
     async def create(self, record: CallRecord) -> bool:
         """Store a new record; False if one with that call id exists already."""
         check_id("call_id", record.call_id)
-        values = {name: getattr(record, name) for name in _FIELDS}
-        values["state"] = record.state if record.state in (ACTIVE, ENDED) else ACTIVE
         cutoff_ms = round((time.time() * 1000) - self.retention_ms)
         async with self.client.guard("create call record"):
             created = await self.client.script("call_create")(
                 keys=[self.keys.call(record.call_id), self.keys.calls],
                 args=[self.keys.prefix, record.call_id, round(record.started_at * 1000), self.active_ttl_ms,
-                      self.retention_ms, cutoff_ms, TRIM_BATCH, *_encode_fields(values, record.quality)])
+                      self.retention_ms, cutoff_ms, TRIM_BATCH, *_flat(record.to_fields())])
         return bool(created)
 
-    async def update(self, call_id: str, *, quality: dict[str, tp.Any] | None = None,
-                     **fields: tp.Any) -> bool:
-        """Set some fields (``answered_at=...``, ``worker_id=...``) and merge ``quality``;
-        False if the record does not exist (never created, or expired)."""
-        unknown = set(fields) - UPDATABLE
+    async def update(self, call_id: str, *, quality: CallQuality | None = None, **fields: tp.Any) -> bool:
+        """Set some fields (``answered_at=...``, ``worker_id=...``; None values are left as
+        they are) and merge ``quality``'s measured fields; False if the record does not
+        exist (never created, or expired)."""
+        unknown = set(fields) - set(CallRecord.__dataclass_fields__) | set(fields) & NOT_UPDATABLE
         if unknown:
             raise ValueError(f"not updatable call record fields: {', '.join(sorted(unknown))}")
-        return await self._update(call_id, fields, quality)
+        return await self._update(call_id, CallRecord(call_id, **fields).to_fields(only=fields), quality)
 
     async def end(self, call_id: str, reason: str, *, ended_at: float | None = None,
-                  quality: dict[str, tp.Any] | None = None, detail: str = "") -> bool:
+                  quality: CallQuality | None = None, detail: str = "") -> bool:
         """Mark the call ended (its record then lives ``retention`` seconds); ``detail``
         says why in words when the reason alone does not."""
-        fields: dict[str, tp.Any] = {"state": ENDED, "end_reason": reason,
-                                     "ended_at": time.time() if ended_at is None else ended_at}
-        if detail:
-            fields["end_detail"] = detail
-        return await self._update(call_id, fields, quality)
+        ended = CallRecord(call_id, state=ENDED, end_reason=reason, end_detail=detail,
+                           ended_at=time.time() if ended_at is None else ended_at)
+        names = ["state", "end_reason", "ended_at"] + (["end_detail"] if detail else [])
+        return await self._update(call_id, ended.to_fields(only=names), quality)
 
-    async def _update(self, call_id: str, fields: dict[str, tp.Any], quality: dict[str, tp.Any] | None) -> bool:
+    async def _update(self, call_id: str, fields: dict[str, str], quality: CallQuality | None) -> bool:
         check_id("call_id", call_id)
-        flat = _encode_fields(fields, quality)
+        flat = _flat({**fields, **quality_fields(quality)})
         if not flat:
             return await self.get(call_id) is not None
         async with self.client.guard("update call record"):
@@ -161,12 +85,13 @@ class CallRecords:
         check_id("call_id", call_id)
         async with self.client.guard("get call record"):
             raw = await self.client.redis.hgetall(self.keys.call(call_id))
-        return _decode(raw) if raw else None
+        return CallRecord.from_fields(raw) if raw else None
 
     async def list(self, *, state: str | None = None, since: float | None = None,
                    worker_id: str | None = None, limit: int = 100) -> list[CallRecord]:
-        """Records newest first (by start time), optionally only ``state`` (active/ended),
-        started at or after ``since`` (epoch seconds), or on ``worker_id``."""
+        """Records newest first (by start time), optionally only ``state`` (active: in
+        progress, in any state but ended; ended), started at or after ``since`` (epoch
+        seconds), or on ``worker_id``."""
         if state not in (None, ACTIVE, ENDED):
             raise ValueError(f"state must be {ACTIVE!r} or {ENDED!r}")
         if limit < 1:
@@ -191,8 +116,11 @@ class CallRecords:
                     if not raw:
                         gone.append(call_id)
                         continue
-                    record = _decode(raw)
-                    if state is not None and record.state != state:
+                    try:
+                        record = CallRecord.from_fields(raw)
+                    except ValueError:
+                        continue
+                    if state is not None and record.ended != (state == ENDED):
                         continue
                     if worker_id is not None and record.worker_id != worker_id:
                         continue

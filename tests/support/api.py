@@ -1,5 +1,6 @@
 """Helpers for the API tests: a real Gateway (no SIP started) with its real app served by
-uvicorn on a free port, and calls driven through the Gateway's own call-table methods."""
+uvicorn on a free port, and calls driven through the steps of the gateway's own call
+lifecycle (begin, answered, finish), as an ingress's leg would."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from collections.abc import AsyncIterator
 import uvicorn
 
 from service.api.app import create_app
-from service.gateway.calls.call import Call, TranscriptEvent
+from service.gateway.calls.call import Call
+from service.gateway.calls.transcript import TranscriptEvent
 from service.gateway.main import Gateway
 from service.settings import GatewaySettings
 from sip.identity import CallerIdentity
@@ -47,14 +49,13 @@ class ApiGateway:
     def start_call(self, *, from_uri: str = "sip:alice@192.0.2.10", worker_id: str = "w-test",
                    slot: int = 0, sampling: dict | None = None, identity: CallerIdentity | None = None) -> Call:
         """A call arriving, getting a slot and answered, as the SIP ingress runs it."""
-        call = Call(ingress="sip", from_uri=from_uri, to_uri="sip:agent@gateway.test", sip_call_id="sip-1",
-                    source="192.0.2.10:5060", identity=identity)
-        call.codec = "PCMU"
-        self.gateway.track(call)
-        self.gateway.record_create(call)
-        call.worker_id, call.slot, call.sampling = worker_id, slot, sampling
-        call.mark_answered()
-        self.gateway.record_answer(call)
+        gateway = self.gateway
+        call = Call("sip", from_uri=from_uri, to_uri="sip:agent@gateway.test", sip_call_id="sip-1",
+                    source="192.0.2.10:5060", codec="PCMU", identity=identity, gateway_id=gateway.gateway_id)
+        gateway.lifecycle.begin(call)
+        gateway.recorder.create(call)
+        call.record.worker_id, call.record.slot, call.record.sampling = worker_id, slot, sampling
+        gateway.lifecycle.answered(call)
         return call
 
     @staticmethod
@@ -67,15 +68,13 @@ class ApiGateway:
 
     def end_call(self, call: Call, reason: str = "remote-bye") -> None:
         call.end(reason)
-        self.gateway.untrack(call)
+        self.gateway.lifecycle.finish(call)
 
     async def settle(self, timeout: float = 5.0) -> None:
         """Wait for the gateway's background writes (records, transcript pieces)."""
-        tasks = list(self.gateway._tasks)
-        if tasks:
-            await asyncio.wait(tasks, timeout=timeout)
-        if self.gateway.transcripts is not None:
-            assert await self.gateway.transcripts.flush(timeout)
+        await self.gateway.recorder.settle(timeout)
+        if self.gateway.transcript_store is not None:
+            assert await self.gateway.transcript_store.flush(timeout)
 
 
 def identity_of(*headers: str, dialled: str = "0501234567") -> CallerIdentity:
@@ -101,7 +100,7 @@ async def api_gateway(redis_url: str | None, **overrides: tp.Any) -> AsyncIterat
     """A Gateway (control plane started, SIP not) and its app served on a free port."""
     gateway = Gateway(gateway_settings(redis_url, **overrides))
     gateway.start_control_plane()
-    app = create_app(gateway)
+    app = create_app(gateway.control, gateway.api_tokens)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
                                            lifespan="off", access_log=False))
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
@@ -116,11 +115,10 @@ async def api_gateway(redis_url: str | None, **overrides: tp.Any) -> AsyncIterat
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 10)
-        for call in list(gateway.calls.values()):
+        for call in list(gateway.table.live.values()):
             call.end("test-over")
-            gateway.untrack(call)
-        if gateway._tasks:
-            await asyncio.wait(list(gateway._tasks), timeout=5)
+            gateway.lifecycle.finish(call)
+        await gateway.recorder.settle(timeout=5)
         await gateway.stop_control_plane()
         if gateway.pool is not None:
             await gateway.pool.close()

@@ -1,10 +1,10 @@
-"""A call from arrival to hang-up: its record, its worker session, failover, and its end.
+"""One call on this gateway: its record, its media pipeline, its worker session, its end.
 
-``Call`` is what every ingress (SIP, WebRTC) shares: it owns the worker session and
-decides when the call ends. An ingress supplies the media side (something with
-``from_model(frame)``, ``start()``, ``stop()``, ``quality()`` and ``counters()``) and the
-hang-up (BYE, or closing a peer connection). Every resource has one owner that releases
-it on every exit path: the call releases its worker session; the ingress its media.
+``Call`` holds what every ingress shares; the lifecycle (``lifecycle.py``) drives it.
+The call owns its worker session: it opens one through the router, feeds it the
+pipeline's frames, fails over to another worker when the session is lost, and closes it
+in ``release`` (the lifecycle calls that on every exit path). ``end(reason)`` may be
+called from anywhere, once or more: the first reason stands.
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ import logging
 import secrets
 import time
 import typing as tp
-from dataclasses import dataclass, field
 
+from service.call_record import ACTIVE, ENDED, QUEUED, CallQuality, CallRecord
 from service.gateway import metrics
+from service.gateway.calls.transcript import TranscriptEvent
+from service.gateway.media.pipeline import MediaPipeline
 from service.gateway.routing.router import (
     LinkCallbacks,
     NoCapacity,
@@ -25,107 +27,91 @@ from service.gateway.routing.router import (
     RoutingUnavailable,
     WorkerSession,
 )
+from service.wire import CloseCode
 from sip.identity import CallerIdentity
 
 log = logging.getLogger(__name__)
 
-FRAME_WATCHDOG_SECONDS = 1.0  # no frame from the worker for this long: the worker is gone
-WATCHDOG_PERIOD = 0.2  # how often the gateway's watchdog looks at every call
-PLAYOUT_GRACE_SECONDS = 0.5  # let queued model audio go out before hanging up
-
-
-class MediaSide(tp.Protocol):
-    def from_model(self, frame: bytes) -> None: ...
-    def quality(self) -> dict[str, tp.Any]: ...
-    def counters(self) -> dict[str, int]: ...
+FRAME_WATCHDOG_SECONDS = 1.0  # no frame from the worker for this long: the worker is hung
 
 
 def new_call_id() -> str:
     return "c-" + secrets.token_hex(8)
 
 
-@dataclass
-class TranscriptEvent:
-    """One line of a call's transcript: the agent's words, or a DTMF digit from the caller."""
-
-    t: float  # seconds since the call was answered
-    kind: str  # "agent" or "dtmf"
-    text: str
-    duration_ms: float | None = None
-
-    def to_dict(self) -> dict[str, tp.Any]:
-        out: dict[str, tp.Any] = {"t": round(self.t, 3), "kind": self.kind, "text": self.text}
-        if self.duration_ms is not None:
-            out["duration_ms"] = round(self.duration_ms, 1)
-        return out
-
-
-@dataclass
 class Call:
-    """One call on this gateway. ``end(reason)`` may be called from anywhere, once or more."""
+    """One call. ``record`` is kept current as the call goes (state, worker, times, end)."""
 
-    ingress: str
-    from_uri: str = ""
-    to_uri: str = ""
-    sip_call_id: str = ""
-    source: str = ""
-    identity: CallerIdentity | None = None  # SIP: identity headers and the dialled number, as received
-    id: str = field(default_factory=new_call_id)
-    state: str = "ringing"  # ringing → queued → active → ended
-    started_at: float = field(default_factory=time.time)
-    answered_at: float | None = None
-    ended_at: float | None = None
-    end_reason: str = ""
-    end_detail: str = ""  # the end reason in words, when the reason alone does not say what went wrong
-    codec: str = ""
-    sip_transport: str = ""  # UDP, TCP or TLS: how the call's signalling came (SIP calls)
-    media_encryption: str = ""  # none, SDES-SRTP or DTLS-SRTP (WebRTC), once the media is agreed
-    worker_id: str = ""
-    slot: int | None = None
-    model: str = ""
-    license: str = ""
-    sampling: dict[str, tp.Any] | None = None  # what the worker samples this call with
-    failovers: int = 0
-    media: MediaSide | None = None
-    session: WorkerSession | None = None
-    transcript: list[TranscriptEvent] = field(default_factory=list)
-    ended: asyncio.Event = field(default_factory=asyncio.Event)
-    on_transcript: tp.Callable[[Call, TranscriptEvent], None] | None = None
-    last_frame_at: float = field(default_factory=time.monotonic)
-    stalled: asyncio.Event = field(default_factory=asyncio.Event)
-    _answered_mono: float | None = None
+    def __init__(self, ingress: str, *, from_uri: str = "", to_uri: str = "", sip_call_id: str = "",
+                 source: str = "", codec: str = "", sip_transport: str = "", media_encryption: str = "",
+                 identity: CallerIdentity | None = None, gateway_id: str = "") -> None:
+        self.record = CallRecord(call_id=new_call_id(), ingress=ingress, gateway_id=gateway_id,
+                                 sip_call_id=sip_call_id, from_uri=from_uri, to_uri=to_uri, source=source,
+                                 codec=codec, sip_transport=sip_transport, media_encryption=media_encryption,
+                                 identity=identity.to_dict() if identity is not None else None)
+        self.identity = identity  # SIP: the identity headers and the dialled number, as received
+        self.pipeline = MediaPipeline(to_model=self.send_to_model)
+        self.session: WorkerSession | None = None
+        self.failovers = 0
+        self.transcript: list[TranscriptEvent] = []
+        self.on_transcript: tp.Callable[[Call, TranscriptEvent], None] | None = None
+        self.ended = asyncio.Event()
+        self.stalled = asyncio.Event()
+        self.last_frame_at = time.monotonic()
+        self._answered_mono: float | None = None
+
+    @property
+    def id(self) -> str:
+        return self.record.call_id
+
+    @property
+    def ingress(self) -> str:
+        return self.record.ingress
+
+    @property
+    def state(self) -> str:
+        return self.record.state
+
+    @property
+    def end_reason(self) -> str:
+        return self.record.end_reason
 
     # -- state -------------------------------------------------------------------------
 
-    def end(self, reason: str) -> None:
+    def end(self, reason: str, detail: str = "") -> None:
         if not self.ended.is_set():
-            self.end_reason = reason
+            self.record.end_reason = reason
+            if detail:
+                self.record.end_detail = detail
             self.ended.set()
 
     def mark_answered(self) -> None:
-        self.state = "active"
-        self.answered_at = time.time()
+        self.record.state = ACTIVE
+        self.record.answered_at = time.time()
         self._answered_mono = time.monotonic()
+
+    def mark_ended(self) -> None:
+        self.record.state = ENDED
+        self.record.ended_at = time.time()
+
+    @property
+    def answered(self) -> bool:
+        return self._answered_mono is not None
 
     @property
     def call_seconds(self) -> float:
         """Seconds since the call was answered (0 before)."""
         return 0.0 if self._answered_mono is None else time.monotonic() - self._answered_mono
 
-    def record(self) -> dict[str, tp.Any]:
-        """The call as the API shows it."""
-        end = self.ended_at or time.time()
-        return {
-            "id": self.id, "ingress": self.ingress, "state": self.state, "from": self.from_uri,
-            "to": self.to_uri, "sip_call_id": self.sip_call_id, "source": self.source, "codec": self.codec,
-            "sip_transport": self.sip_transport, "media_encryption": self.media_encryption,
-            "worker_id": self.worker_id, "slot": self.slot, "model": self.model, "license": self.license,
-            "sampling": self.sampling,
-            "started_at": self.started_at, "answered_at": self.answered_at, "ended_at": self.ended_at,
-            "end_reason": self.end_reason, "end_detail": self.end_detail, "failovers": self.failovers,
-            "duration_s": round(end - self.answered_at, 3) if self.answered_at else 0.0,
-            "identity": self.identity.to_dict() if self.identity is not None else None,
-        }
+    def quality(self) -> CallQuality:
+        """The media's quality now (empty before there is media), with the call's failovers."""
+        quality = self.pipeline.quality() or CallQuality()
+        quality.failovers = self.failovers
+        return quality
+
+    def snapshot(self) -> CallRecord:
+        """The record as of now, with live quality."""
+        return self.record.copy(quality=self.quality())
 
     # -- transcript --------------------------------------------------------------------
 
@@ -141,8 +127,7 @@ class Call:
 
     def _on_frame(self, frame: bytes) -> None:
         self.last_frame_at = time.monotonic()
-        if self.media is not None:
-            self.media.from_model(frame)
+        self.pipeline.from_model(frame)
 
     def _on_text(self, text: str, t: float) -> None:
         self.add_transcript(TranscriptEvent(t=self.call_seconds, kind="agent", text=text))
@@ -150,9 +135,13 @@ class Call:
     def _on_worker_end(self, reason: str) -> None:
         self.end(reason or "worker-ended")
 
+    def send_to_model(self, frame: bytes) -> None:
+        if self.session is not None:
+            self.session.link.send_frame(frame)
+
     def check_stall(self, now: float) -> bool:
-        """Called now and then by the gateway's watchdog: flags a session from which no frame
-        came for a second (a hung worker), so that ``supervise`` fails over."""
+        """Called now and then by the lifecycle's watchdog: flags a session from which no
+        frame came for a second (a hung worker), so that ``supervise`` fails over."""
         stale = now - self.last_frame_at > FRAME_WATCHDOG_SECONDS
         if self.session is not None and stale and not self.stalled.is_set():
             log.warning("call %s: no audio from worker %s for %.1fs", self.id, self.session.worker_id,
@@ -164,12 +153,13 @@ class Call:
     def _adopt(self, session: WorkerSession) -> None:
         self.stalled.clear()
         self.session = session
-        self.worker_id = session.worker_id
-        self.slot = session.slot
+        record = self.record
+        record.worker_id = session.worker_id
+        record.slot = session.slot
         if session.link.info is not None:
-            self.model = session.link.info.model
-            self.license = session.link.info.license
-            self.sampling = session.link.info.sampling
+            record.model = session.link.info.model
+            record.license = session.link.info.license
+            record.sampling = session.link.info.sampling
         self.last_frame_at = time.monotonic()
 
     async def connect(self, router: Router, *, wait: float,
@@ -178,15 +168,11 @@ class Call:
         RoutingUnavailable."""
 
         async def queued() -> None:
-            self.state = "queued"
+            self.record.state = QUEUED
             if on_queued is not None:
                 await on_queued()
 
         self._adopt(await router.open(self.id, self._callbacks(), wait=wait, on_queued=queued))
-
-    def send_to_model(self, frame: bytes) -> None:
-        if self.session is not None:
-            self.session.link.send_frame(frame)
 
     async def supervise(self, router: Router) -> None:
         """Until the call ends: watch the worker session and fail over when it is lost.
@@ -202,15 +188,16 @@ class Call:
             closed = session.link.closed  # the link's own future: waited on, never cancelled here
             ended = asyncio.ensure_future(self.ended.wait())
             stalled = asyncio.ensure_future(self.stalled.wait())
+            waits: set[asyncio.Future[tp.Any]] = {closed, ended, stalled}
             try:
-                await asyncio.wait({closed, ended, stalled}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 ended.cancel()
                 stalled.cancel()
             if self.ended.is_set():
                 return
             code, reason = closed.result() if closed.done() else (None, "stalled")
-            if code == 1000 and reason and not self.ended.is_set():
+            if code == CloseCode.NORMAL and reason and not self.ended.is_set():
                 # A clean close from the worker is an end of session, not a failure.
                 self.end("worker-ended")
                 return

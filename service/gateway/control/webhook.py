@@ -28,11 +28,12 @@ import uuid
 import httpx
 
 from service import __version__
-from service.api.directory import from_summary
-from service.api.transcripts import build
+from service.api.models import CallInfo
+from service.call_record import CallRecord
 from service.config import ConfigError
 from service.gateway import metrics
-from service.gateway.calls.call import TranscriptEvent
+from service.gateway.calls.transcript import TranscriptEvent
+from service.gateway.control.transcript_reader import build
 from service.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -45,20 +46,17 @@ DELIVERY_HEADER = "X-Moshimoshi-Delivery"
 EVENT_HEADER = "X-Moshimoshi-Event"
 
 
-def call_ended_payload(summary: dict[str, tp.Any], gateway_id: str) -> dict[str, tp.Any]:
-    """The webhook body for an ended call, from its summary (``Call.record()`` plus
-    ``quality`` and ``transcript``), in the API's own shapes: ``record`` as
+def call_ended_payload(record: CallRecord, transcript: list[TranscriptEvent]) -> dict[str, tp.Any]:
+    """The webhook body for an ended call, in the API's own shapes: ``record`` as
     ``GET /v1/calls/{id}`` (without quality), ``quality`` as its quality, ``transcript`` as
     ``GET /v1/calls/{id}/transcript``."""
-    info = from_summary(summary, gateway_id)
-    events = [TranscriptEvent(**event) for event in summary.get("transcript", [])]
-    transcript = build(info.id, enumerate(events), complete=True, end_reason=info.end_reason)
-    record = info.model_dump(exclude={"quality", "on_this_gateway"})
+    info = CallInfo.of(record, on_this_gateway=True)
+    whole = build(info.id, enumerate(transcript), complete=True, end_reason=info.end_reason)
     return {
         "event": "call.ended",
-        "record": record,
-        "quality": summary.get("quality") or {},
-        "transcript": transcript.model_dump(exclude_none=True),
+        "record": info.model_dump(exclude={"quality", "on_this_gateway"}),
+        "quality": record.quality.measured() if record.quality is not None else {},
+        "transcript": whole.model_dump(exclude_none=True),
     }
 
 

@@ -1,12 +1,11 @@
-"""WebRTC ingress: an SDP offer (WHIP style) becomes a Call with Opus media, or a clear error.
+"""WebRTC ingress: an SDP offer (WHIP style) becomes a call with Opus media, run by the call
+lifecycle, or a clear error.
 
-The same order as a SIP call: the offer is checked (400 with the reason), admission is
-the gateway's (503 with Retry-After while it is not accepting or when no slot frees within
-the queue wait), and a slot on a worker is held *before* the answer goes back, so a peer
-that gets an answer has an agent. The peer then has ``webrtc_connect_seconds`` to bring up
-ICE and DTLS; one that does not is dropped and its slot released. Each session is run by
-one task that owns its peer connection, media and call from offer to hang-up and releases
-them on every exit path.
+The same order as a SIP call: the offer is checked (400 with the reason; an offer the
+gateway is not taking gets 503 with Retry-After before any state is made), and a slot on
+a worker is held *before* the answer goes back, so a peer that gets an answer has an
+agent. The peer then has ``webrtc_connect_seconds`` to bring up ICE and DTLS; one that
+does not is dropped and its slot released.
 
 Hang-up: DELETE on the session's URL (``remote-hangup``), the peer connection failing or
 closing (``peer-gone``), no RTP for ``rtp_timeout_seconds`` (``rtp-timeout``), the worker
@@ -18,9 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
-import time
 import typing as tp
 
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
@@ -29,22 +28,20 @@ from aiortc.rtcicetransport import parse_stun_turn_uri
 
 from service.config import ConfigError
 from service.gateway import metrics
-from service.gateway.calls.call import PLAYOUT_GRACE_SECONDS, Call, TranscriptEvent
+from service.gateway.calls.call import Call
+from service.gateway.calls.lifecycle import CallLifecycle, Refusal, Refused
+from service.gateway.calls.transcript import TranscriptEvent, TranscriptFeed
 from service.gateway.ingress.aiortc_tap import tap_receiver
 from service.gateway.ingress.webrtc_sdp import OfferError, OfferSummary, check_offer
 from service.gateway.media.webrtc_media import WebRtcMedia
-from service.gateway.routing.router import NoCapacity, RoutingUnavailable
 from service.settings import GatewaySettings
-
-if tp.TYPE_CHECKING:
-    from service.gateway.main import Gateway
 
 log = logging.getLogger(__name__)
 
 STATS_SECONDS = 1.0
-RTP_TIMEOUT_CHECK_SECONDS = 1.0
 CLOSE_SECONDS = 5.0
 PENDING_MESSAGES = 200  # data channel messages kept until the channel opens
+OFFER_OUTCOMES = {"rejected-busy": "busy", "rejected-sdp": "bad-sdp", "error": "error"}  # else "unavailable"
 
 
 class OfferRejected(Exception):
@@ -85,191 +82,155 @@ def opus_codecs() -> list[tp.Any]:
 class WebRtcIngress:
     """The gateway's WebRTC sessions: offers in, answers out, hang-ups by session id."""
 
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
-        self.ice_servers = ice_servers(gateway.settings)
+    def __init__(self, lifecycle: CallLifecycle, transcripts: TranscriptFeed, settings: GatewaySettings, *,
+                 gateway_id: str) -> None:
+        self.lifecycle = lifecycle
+        self.transcripts = transcripts
+        self.settings = settings
+        self.gateway_id = gateway_id
+        self.ice_servers = ice_servers(settings)
         if not logging.getLogger("aioice").level:
             logging.getLogger("aioice").setLevel(logging.WARNING)  # a line per candidate pair otherwise
-        self.sessions: dict[str, WebRtcSession] = {}
-        self._tasks: set[asyncio.Task] = set()
+        self.sessions: dict[str, WebRtcLeg] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
-    async def offer(self, sdp: str, source: str) -> WebRtcSession:
+    async def offer(self, sdp: str, source: str) -> WebRtcLeg:
         """Answer an offer: the session, with ``answer_sdp`` set, or raise OfferRejected."""
-        gateway = self.gateway
         try:
             summary = check_offer(sdp)
         except OfferError as exc:
             metrics.WEBRTC_OFFERS.labels("bad-sdp").inc()
             raise OfferRejected(400, str(exc)) from None
-        if not gateway.accepting():
-            reason = "draining" if gateway.draining else "unready"
+        refusal = self.lifecycle.refusal()
+        if refusal is not None:  # refused before any state is made
             metrics.WEBRTC_OFFERS.labels("unavailable").inc()
-            metrics.REJECTED_CALLS.labels(reason).inc()
-            raise OfferRejected(503, f"not taking calls ({reason})", retry_after=True)
-        session = WebRtcSession(self, source, summary)
-        self.sessions[session.id] = session
-        task = asyncio.create_task(session.run(sdp), name=f"webrtc-{session.id}")
+            metrics.REJECTED_CALLS.labels(refusal.outcome.removeprefix("rejected-")).inc()
+            raise OfferRejected(refusal.status, f"not taking calls ({refusal.detail})", retry_after=refusal.retry_after)
+        call = Call("webrtc", from_uri=f"webrtc:{source}", source=source, codec="opus/48000",
+                    media_encryption="DTLS-SRTP", gateway_id=self.gateway_id)  # WebRTC media: always DTLS-SRTP
+        leg = WebRtcLeg(self, call, sdp, summary)
+        self.sessions[leg.id] = leg
+        task = asyncio.create_task(self.lifecycle.run(call, leg), name=f"webrtc-{leg.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         # The session owns itself from here: if this request is cancelled (the peer went
         # away before its answer), the session still ends by its connect timeout.
-        await asyncio.shield(session.answer)
-        return session
+        await asyncio.shield(leg.answer_sdp)
+        return leg
 
     def hangup(self, session_id: str) -> bool:
-        session = self.sessions.get(session_id)
-        if session is None:
+        leg = self.sessions.get(session_id)
+        if leg is None:
             return False
-        session.call.end("remote-hangup")
+        leg.call.end("remote-hangup")
         return True
 
 
-class WebRtcSession:
-    """One WebRTC call, from offer to hang-up; ``run`` owns and releases everything."""
+class WebRtcLeg:
+    """One WebRTC call as a leg of the lifecycle: its peer connection, data channel and media."""
 
-    def __init__(self, ingress: WebRtcIngress, source: str, offer: OfferSummary) -> None:
+    def __init__(self, ingress: WebRtcIngress, call: Call, offer_sdp: str, offer: OfferSummary) -> None:
         self.ingress = ingress
-        self.gateway = ingress.gateway
+        self.settings = ingress.settings
+        self.call = call
+        self.offer_sdp = offer_sdp
         self.offer = offer
-        self.call = Call(ingress="webrtc", from_uri=f"webrtc:{source}", source=source, codec="opus/48000",
-                         media_encryption="DTLS-SRTP")  # WebRTC media is always DTLS-SRTP (aiortc)
-        self.id = self.call.id
-        settings = self.gateway.settings
-        self.media = WebRtcMedia(to_model=self.call.send_to_model, jitter_min_ms=settings.jitter_min_ms,
-                                 jitter_max_ms=settings.jitter_max_ms)
-        self.call.media = self.media
-        self.answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self.answer.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, even if unawaited
+        self.id = call.id
+        self.media = WebRtcMedia(to_model=call.pipeline.to_model, taps=call.pipeline.taps,
+                                 jitter_min_ms=self.settings.jitter_min_ms, jitter_max_ms=self.settings.jitter_max_ms,
+                                 receives=offer.direction in ("sendrecv", "sendonly"))
+        call.pipeline.attach_edge(self.media)
+        self.answer_sdp: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.answer_sdp.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, even if unawaited
         self.pc: RTCPeerConnection | None = None
         self.channel: RTCDataChannel | None = None
         self.connected = asyncio.Event()
         self._pending: list[str] = []
-        self._answered_at = 0.0
 
-    @property
-    def answer_sdp(self) -> str:
-        return self.answer.result()
+    # -- before the answer -------------------------------------------------------------
 
-    # -- lifecycle ---------------------------------------------------------------------
-
-    async def run(self, offer_sdp: str) -> None:
-        call = self.call
-        self.gateway.track(call)
-        try:
-            await self._negotiate(offer_sdp)
-            if self.answer.done() and not self.answer.exception() and not call.ended.is_set():
-                await self._await_connection()
-            if call.state == "active":
-                await self._converse()
-        except asyncio.CancelledError:
-            call.end("gateway-stopped")
-            self._reject(503, "the gateway is stopping", "gateway-stopped", retry_after=True)
-            raise
-        except Exception:
-            log.exception("webrtc call %s failed", call.id)
-            metrics.WEBRTC_OFFERS.labels("error").inc()
-            self._reject(500, "internal error", "error")
-            call.end("error")
-        finally:
-            await self._cleanup()
-
-    def _reject(self, status: int, reason: str, outcome: str, *, retry_after: bool = False) -> None:
-        if not self.answer.done():
-            self.answer.set_exception(OfferRejected(status, reason, retry_after=retry_after))
-        self.call.end(outcome)
-
-    async def _negotiate(self, offer_sdp: str) -> None:
-        call, gateway = self.call, self.gateway
+    async def prepare(self, call: Call) -> None:
         pc = self.pc = RTCPeerConnection(RTCConfiguration(iceServers=self.ingress.ice_servers))
         transceiver = pc.addTransceiver(self.media.track, direction="sendrecv")
         transceiver.setCodecPreferences(opus_codecs())
         pc.on("connectionstatechange", self._on_connection_state)
         pc.on("datachannel", self._on_datachannel)
         try:
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=self.offer_sdp, type="offer"))
         except Exception as exc:  # aiortc's parser raises anything from AssertionError to KeyError
-            metrics.WEBRTC_OFFERS.labels("bad-sdp").inc()
             detail = str(exc) or type(exc).__name__
-            self._reject(400, f"the WebRTC stack cannot use this offer: {detail}"[:300], "rejected-sdp")
-            return
+            raise Refused(Refusal(400, f"the WebRTC stack cannot use this offer: {detail}"[:300],
+                                  "rejected-sdp")) from None
         tap_receiver(transceiver.receiver, self.media.on_rtp, asyncio.get_running_loop().time)
-        gateway.record_create(call)
-        try:
-            await call.connect(gateway.router, wait=gateway.settings.queue_seconds)
-        except NoCapacity as exc:
-            metrics.WEBRTC_OFFERS.labels("busy").inc()
-            metrics.REJECTED_CALLS.labels("no-slot").inc()
-            log.info("webrtc call %s: no capacity: %s", call.id, exc)
-            self._reject(503, "all agents busy", "rejected-busy", retry_after=True)
-            return
-        except RoutingUnavailable as exc:
-            metrics.WEBRTC_OFFERS.labels("unavailable").inc()
-            metrics.REJECTED_CALLS.labels("pool-unavailable").inc()
-            log.warning("webrtc call %s: pool unavailable: %s", call.id, exc)
-            self._reject(503, "pool unavailable", "rejected-pool", retry_after=True)
-            return
-        if call.ended.is_set():
-            self._reject(503, "the call ended while waiting for an agent", call.end_reason, retry_after=True)
-            return
-        await pc.setLocalDescription(await pc.createAnswer())
-        self._answered_at = asyncio.get_running_loop().time()
-        metrics.WEBRTC_OFFERS.labels("answered").inc()
-        self.answer.set_result(pc.localDescription.sdp)
 
-    async def _await_connection(self) -> None:
-        call = self.call
+    async def queued(self, call: Call) -> None:
+        pass  # the peer waits for its HTTP answer meanwhile
+
+    async def left(self) -> str:
+        await asyncio.get_running_loop().create_future()  # a peer that leaves ends the call itself
+        return ""
+
+    async def refuse(self, refusal: Refusal) -> None:
+        metrics.WEBRTC_OFFERS.labels(OFFER_OUTCOMES.get(refusal.outcome, "unavailable")).inc()
+        self._reject(refusal.status, refusal.detail, retry_after=refusal.retry_after)
+
+    def _reject(self, status: int, reason: str, *, retry_after: bool = False) -> None:
+        if not self.answer_sdp.done():
+            self.answer_sdp.set_exception(OfferRejected(status, reason, retry_after=retry_after))
+
+    # -- the answer and after ----------------------------------------------------------
+
+    async def answer(self, call: Call) -> bool:
+        assert self.pc is not None
+        loop = asyncio.get_running_loop()
+        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        answered_at = loop.time()
+        metrics.WEBRTC_OFFERS.labels("answered").inc()
+        self.answer_sdp.set_result(self.pc.localDescription.sdp)
         connected = asyncio.ensure_future(self.connected.wait())
         ended = asyncio.ensure_future(call.ended.wait())
         try:
-            await asyncio.wait({connected, ended}, timeout=self.gateway.settings.webrtc_connect_seconds,
+            await asyncio.wait({connected, ended}, timeout=self.settings.webrtc_connect_seconds,
                                return_when=asyncio.FIRST_COMPLETED)
         finally:
             connected.cancel()
             ended.cancel()
         if call.ended.is_set():
-            return
+            return False
         if not self.connected.is_set():
             log.info("webrtc call %s: the peer did not connect within %.0fs", call.id,
-                     self.gateway.settings.webrtc_connect_seconds)
+                     self.settings.webrtc_connect_seconds)
             call.end("connect-timeout")
-            return
-        metrics.WEBRTC_CONNECT.observe(asyncio.get_running_loop().time() - self._answered_at)
-        call.mark_answered()
-        self.gateway.record_answer(call)
+            return False
+        metrics.WEBRTC_CONNECT.observe(loop.time() - answered_at)
         self.media.start()
-        self._send({"type": "call", "call_id": call.id, "model": call.model, "license": call.license,
-                    "worker_id": call.worker_id})
+        record = call.record
+        self._send({"type": "call", "call_id": call.id, "model": record.model, "license": record.license,
+                    "worker_id": record.worker_id})
+        return True
 
-    async def _converse(self) -> None:
-        call = self.call
-        tasks = [
-            asyncio.create_task(call.supervise(self.gateway.router), name=f"supervise-{call.id}"),
-            asyncio.create_task(self._poll_stats(), name=f"stats-{call.id}"),
-            asyncio.create_task(self._forward_transcript(), name=f"transcript-{call.id}"),
-        ]
-        if self.offer.direction in ("sendrecv", "sendonly"):
-            tasks.append(asyncio.create_task(self._watch_rtp(), name=f"rtp-watch-{call.id}"))
+    async def watch(self, call: Call) -> None:
+        tasks = [asyncio.create_task(self._poll_stats(), name=f"stats-{call.id}"),
+                 asyncio.create_task(self._forward_transcript(call), name=f"transcript-{call.id}")]
         try:
-            await call.ended.wait()
+            await asyncio.gather(*tasks)
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        if call.end_reason in ("max_duration", "worker-ended"):
-            await asyncio.sleep(min(PLAYOUT_GRACE_SECONDS, 0.02 * self.media.pacer.queued_packets))
+
+    async def hang_up(self, call: Call) -> None:
         self._send({"type": "end", "reason": call.end_reason})
 
-    async def _cleanup(self) -> None:
-        call = self.call
-        if not self.answer.done():
-            self._reject(503, "the call ended before it was answered", call.end_reason or "error",
-                         retry_after=True)
+    async def close(self, call: Call) -> None:
+        if call.end_reason == "gateway-stopped":
+            self._reject(503, "the gateway is stopping", retry_after=True)
+        else:
+            self._reject(503, "the call ended before it was answered", retry_after=True)
         self.media.stop()
         if self.pc is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.pc.close(), CLOSE_SECONDS)
-        await call.release()
-        self.gateway.untrack(call)
         self.ingress.sessions.pop(self.id, None)
 
     # -- peer connection events --------------------------------------------------------
@@ -312,17 +273,17 @@ class WebRtcSession:
 
     # -- while connected ---------------------------------------------------------------
 
-    async def _forward_transcript(self) -> None:
-        queue: asyncio.Queue[TranscriptEvent | None] = asyncio.Queue()
-        listeners = self.gateway.transcript_listeners.setdefault(self.call.id, set())
-        listeners.add(queue)
+    async def _forward_transcript(self, call: Call) -> None:
+        feed = self.ingress.transcripts
+        queue = feed.subscribe(call.id)
         try:
-            for event in list(self.call.transcript):
+            for event in list(call.transcript):
                 self._send({"type": "transcript", **event.to_dict()})
-            while (event := await queue.get()) is not None:
-                self._send({"type": "transcript", **event.to_dict()})
+            item: TranscriptEvent | None
+            while (item := await queue.get()) is not None:
+                self._send({"type": "transcript", **item.to_dict()})
         finally:
-            listeners.discard(queue)
+            feed.unsubscribe(call.id, queue)
 
     async def _poll_stats(self) -> None:
         """aiortc's RTCP view (round trip, what the peer reports of our stream) into the quality,
@@ -337,16 +298,5 @@ class WebRtcSession:
                             self.media.rtt_ms = stats.roundTripTime * 1000
                         self.media.remote_loss_fraction = round(stats.fractionLost / 256, 4)
                         self.media.remote_jitter_ms = round(stats.jitter / 48, 2)
-            self._send({"type": "quality", **self.media.quality()})
+            self._send({"type": "quality", **dataclasses.asdict(self.media.quality())})
             await asyncio.sleep(STATS_SECONDS)
-
-    async def _watch_rtp(self) -> None:
-        timeout = self.gateway.settings.rtp_timeout_seconds
-        if timeout <= 0:
-            return
-        while True:
-            await asyncio.sleep(RTP_TIMEOUT_CHECK_SECONDS)
-            if time.monotonic() - self.media.last_rtp_at > timeout:
-                log.warning("webrtc call %s: no RTP for %.0fs, hanging up", self.call.id, timeout)
-                self.call.end("rtp-timeout")
-                return

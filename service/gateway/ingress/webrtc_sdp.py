@@ -12,7 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-MAX_OFFER_BYTES = 64 * 1024
+from service.api.control import MAX_OFFER_BYTES
+
 MAX_SECTIONS = 8
 _LINE = re.compile(r"^([a-z])=(.*)$")
 _RTPMAP = re.compile(r"^rtpmap:(\d+) ([^/\s]+)/(\d+)(?:/(\d+))?$", re.IGNORECASE)

@@ -13,24 +13,27 @@ separate entries on purpose: sharing one would tie the egress phase to the ingre
 and an answer that comes back within the tick (an echo, a fast worker) would wait a whole
 ptime for the next one. Both run on the loop's shared media clock (one loop timer for all
 calls), where egress ticks go before playout work that falls due at the same time.
-Telephone-events go to the DTMF receiver.
+Telephone-events go to the DTMF receiver. The caller's audio and DTMF digits are offered
+on the call's taps (media/pipeline.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import time
 import typing as tp
 
 import numpy as np
 
+from service.call_record import CallQuality
 from service.gateway import metrics
 from service.gateway.media.bridge import MODEL_FRAME_MS, MediaBridge
+from service.gateway.media.latency import LatencyMeter
 from service.gateway.media.mediaclock import MediaClock, media_clock
 from service.gateway.media.pacer import EgressPacer
+from service.gateway.media.pipeline import CallerAudio, MediaTaps
 from sip import codecs, g711
-from sip.dtmf import DtmfDigit, DtmfReceiver
+from sip.dtmf import DtmfReceiver
 from sip.jitterbuffer import CONCEAL, JitterBuffer
 from sip.plc import PacketLossConcealer
 from sip.rtp import RtpPacket
@@ -47,7 +50,7 @@ class CallMedia:
         negotiated: NegotiatedMedia,
         *,
         to_model: tp.Callable[[bytes], None],
-        on_dtmf: tp.Callable[[DtmfDigit], None] | None = None,
+        taps: MediaTaps | None = None,
         jitter_min_ms: float = 20.0,
         jitter_max_ms: float = 200.0,
         resampler: str = "fir",
@@ -60,6 +63,8 @@ class CallMedia:
         self.packet_samples = spec.samples(self.ptime_ms)  # PCM samples at the codec's rate
         self.timestamp_step = spec.timestamp_step(self.ptime_ms)  # RTP clock ticks per packet
         self._to_model = to_model
+        self.taps = taps or MediaTaps()
+        self._caller_tap = self.taps.caller
         self._encoder = codecs.encoder(spec, self.ptime_ms, negotiated.fmtp)
         self._decoder = codecs.decoder(spec)
         # G.711: one decode for a whole frame of packets, silence a constant payload
@@ -73,7 +78,7 @@ class CallMedia:
         self.pacer = EgressPacer(self._send_packet, packet_ms=self.ptime_ms,
                                  on_lateness=metrics.PACER_LATENESS.observe,
                                  on_frame_sent=self._on_frame_sent)
-        self.dtmf = DtmfReceiver(negotiated.dtmf_clock_rate, on_digit=on_dtmf)
+        self.dtmf = DtmfReceiver(negotiated.dtmf_clock_rate, on_digit=self.taps.dtmf.emit)
         rtp.set_format(negotiated.payload_type, negotiated.clock_rate, self.ptime_ms)
         rtp.set_srtp(negotiated.srtp)
         rtp.attach_jitter_buffer(self.jitter, negotiated.payload_type)
@@ -81,8 +86,7 @@ class CallMedia:
         if negotiated.dtmf_payload_type is not None:
             rtp.route(negotiated.dtmf_payload_type, self.dtmf.receive)
         self.sending = negotiated.sends
-        self.latency_samples: collections.deque[float] = collections.deque(maxlen=2000)
-        self.frames_to_model = 0
+        self.latency = LatencyMeter()
         self.frames_from_model = 0
         self.egress_underruns = 0
         self.decode_errors = 0
@@ -104,6 +108,16 @@ class CallMedia:
         self._next_playout = self._loop.time() + self._playout_slots * self.ptime_ms / 1000
         self._playout_timer = self._media_clock.call_at(self._next_playout, self._playout_tick)
         self.pacer.start()
+
+    @property
+    def queued_packets(self) -> int:
+        return self.pacer.queued_packets
+
+    def silent_seconds(self) -> float | None:
+        """Seconds since the caller's last RTP packet; None while none is expected (on hold)."""
+        if not self.negotiated.receives:
+            return None
+        return (self._loop.time() if self._loop is not None else time.monotonic()) - self.last_rtp_at
 
     def stop(self) -> None:
         if self._playout_timer is not None:
@@ -169,11 +183,6 @@ class CallMedia:
             for p in popped:
                 self._to_bridge(self._slot_pcm(p))
 
-    def _play_out(self, now: float) -> None:
-        """Inbound, one slot: the jitter buffer's next slot to the bridge."""
-        self._to_bridge(self._slot_pcm(self.jitter.pop(now)))
-        self._after_slot(now)
-
     def _slot_pcm(self, popped: bytes | object | None) -> np.ndarray:
         if isinstance(popped, bytes):
             try:
@@ -189,9 +198,10 @@ class CallMedia:
         return self._silence_pcm
 
     def _to_bridge(self, pcm: np.ndarray) -> None:
+        if self._caller_tap.subscribers:
+            self._caller_tap.emit(CallerAudio(pcm, self.spec.sample_rate))
         frame = self.bridge.caller_audio(pcm)
         if frame is not None:
-            self.frames_to_model += 1
             self._to_model(frame)
 
     def _after_slot(self, now: float) -> None:
@@ -229,9 +239,7 @@ class CallMedia:
         self.rtp.send(payload, timestamp_increment=step)
 
     def _on_frame_sent(self, waited: float) -> None:
-        added = max(0.0, self.jitter.delay + waited + self.bridge.held_back_ms / 1000)
-        metrics.GATEWAY_LATENCY.observe(added)
-        self.latency_samples.append(added)
+        self.latency.frame_sent(self.jitter.delay, waited, self.bridge.held_back_ms)
 
     # -- reporting ---------------------------------------------------------------------
 
@@ -255,47 +263,26 @@ class CallMedia:
             "egress_underruns": self.egress_underruns,
         }
 
-    def _latency_summary(self) -> dict[str, float] | None:
-        """Gateway-added latency over the call's recent frames: jitter buffer, resampling both
-        ways and egress wait (the model's frame and step excluded)."""
-        if not self.latency_samples:
-            return None
-        values = np.asarray(self.latency_samples) * 1000
-        return {"p50": round(float(np.percentile(values, 50)), 2),
-                "p99": round(float(np.percentile(values, 99)), 2),
-                "jitter_buffer": round(self.jitter.delay * 1000, 2),
-                "resampling": round(self.bridge.held_back_ms, 2),
-                "egress_cushion": round(self.pacer.cushion * 1000, 2)}
-
-    def quality(self) -> dict[str, tp.Any]:
-        """What the API shows for the call's audio quality."""
+    def quality(self) -> CallQuality:
+        """The call's audio quality, as the API shows it."""
         stats = self.rtp.stats()
         jb = self.jitter.stats()
-        return {
-            "codec": self.codec,
-            "sample_rate_hz": self.spec.sample_rate,
-            "ptime_ms": self.ptime_ms,
-            "jitter_ms": round(stats.jitter_ms, 2),
-            "loss_fraction": round(stats.fraction_lost, 4),
-            "packets_lost": max(0, stats.packets_lost),
-            "rtt_ms": None if stats.rtt_ms is None else round(stats.rtt_ms, 2),
-            "remote_loss_fraction": stats.remote_fraction_lost,
-            "remote_jitter_ms": stats.remote_jitter_ms,
-            "packets_received": stats.packets_received,
-            "packets_sent": stats.packets_sent,
-            "packets_stray": stats.packets_stray,
-            "packets_late": jb.packets_late,
-            "srtp_suite": self.negotiated.srtp.suite if self.negotiated.srtp is not None else None,
-            "packets_srtp_replayed": stats.packets_srtp_replayed,
-            "packets_srtp_auth_failed": stats.packets_srtp_auth_failed,
-            "concealed_frames": jb.frames_concealed,
-            "jitter_buffer_ms": round(jb.delay_ms, 1),
-            "egress_cushion_ms": round(self.pacer.cushion * 1000, 1),
-            "egress_underruns": self.egress_underruns,
-            "gateway_latency_ms": self._latency_summary(),
-            "model_frames": self.frames_from_model,
-            "model_packets": self.pacer.stats.model_packets,
-            "model_packets_late": self.pacer.stats.late_dropped,
-            "pacer_max_lateness_ms": round(self.pacer.stats.max_lateness_s * 1000, 2),
-            "resampler": self.bridge.resampler,
-        }
+        return CallQuality(
+            codec=self.codec, sample_rate_hz=self.spec.sample_rate, ptime_ms=self.ptime_ms,
+            jitter_ms=round(stats.jitter_ms, 2), loss_fraction=round(stats.fraction_lost, 4),
+            packets_lost=max(0, stats.packets_lost),
+            rtt_ms=None if stats.rtt_ms is None else round(stats.rtt_ms, 2),
+            remote_loss_fraction=stats.remote_fraction_lost, remote_jitter_ms=stats.remote_jitter_ms,
+            packets_received=stats.packets_received, packets_sent=stats.packets_sent,
+            packets_stray=stats.packets_stray, packets_malformed=stats.packets_malformed,
+            decode_errors=self.decode_errors, packets_late=jb.packets_late,
+            srtp_suite=self.negotiated.srtp.suite if self.negotiated.srtp is not None else None,
+            packets_srtp_replayed=stats.packets_srtp_replayed, packets_srtp_auth_failed=stats.packets_srtp_auth_failed,
+            concealed_frames=jb.frames_concealed,
+            jitter_buffer_ms=round(jb.delay_ms, 1), jitter_buffer_target_ms=round(jb.target_delay_ms, 1),
+            egress_cushion_ms=round(self.pacer.cushion * 1000, 1), egress_underruns=self.egress_underruns,
+            gateway_latency_ms=self.latency.summary(self.jitter.delay, self.bridge.held_back_ms, self.pacer.cushion),
+            model_frames=self.frames_from_model,
+            model_packets=self.pacer.stats.model_packets, model_packets_late=self.pacer.stats.late_dropped,
+            pacer_max_lateness_ms=round(self.pacer.stats.max_lateness_s * 1000, 2),
+            resampler=self.bridge.resampler)

@@ -8,6 +8,8 @@ time). A playout tick every ptime pops it, decodes Opus at 48 kHz, decimates to 
 frame every fourth 20 ms tick. Outbound, each model frame is interpolated to 48 kHz and
 cut into 20 ms packets that the egress pacer releases on its monotonic clock into
 ``ModelAudioTrack``, the track aiortc's sender encodes; a tick with nothing due is silence.
+The caller's audio (at 24 kHz, after concealment) is offered on the call's ``caller`` tap
+(media/pipeline.py).
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 
+from service.call_record import CallQuality
 from service.gateway import metrics
 from service.gateway.media.bridge import MODEL_FRAME_SAMPLES, to_pcm16
+from service.gateway.media.latency import LatencyMeter
 from service.gateway.media.pacer import EgressPacer
+from service.gateway.media.pipeline import CallerAudio, MediaTaps
 from service.gateway.media.resample_48k import MODEL_RATE, Decimator48to24, Interpolator24to48
 from sip.jitterbuffer import CONCEAL, JitterBuffer
 from sip.opus import OPUS_RATE, OpusMonoDecoder, OpusPacketError, is_quiet_packet, opus_packet_samples
@@ -116,9 +121,11 @@ is_silent_opus = is_quiet_packet
 class WebRtcMedia:
     """Runs a WebRTC call's audio both ways between aiortc and a model session."""
 
-    def __init__(self, *, to_model: tp.Callable[[bytes], None], jitter_min_ms: float = 20.0,
-                 jitter_max_ms: float = 200.0) -> None:
+    def __init__(self, *, to_model: tp.Callable[[bytes], None], taps: MediaTaps | None = None,
+                 jitter_min_ms: float = 20.0, jitter_max_ms: float = 200.0, receives: bool = True) -> None:
         self._to_model = to_model
+        self.taps = taps or MediaTaps()
+        self._caller_tap = self.taps.caller
         self.jitter_min_ms = jitter_min_ms
         self.jitter_max_ms = jitter_max_ms
         self.track = ModelAudioTrack()
@@ -137,14 +144,14 @@ class WebRtcMedia:
         self.ptime_changes = 0
         self.packets_malformed = 0
         self.decode_errors = 0
-        self.latency_samples: collections.deque[float] = collections.deque(maxlen=2000)
-        self.frames_to_model = 0
+        self.latency = LatencyMeter()
         self.frames_from_model = 0
         self.egress_underruns = 0
         self.rtt_ms: float | None = None  # set by the session from aiortc's RTCP statistics
         self.remote_loss_fraction: float | None = None
         self.remote_jitter_ms: float | None = None
         self.last_rtp_at = time.monotonic()
+        self.receives = receives  # the peer offered to send audio
         self._model_talking = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tick_timer: asyncio.TimerHandle | None = None
@@ -172,6 +179,14 @@ class WebRtcMedia:
     @property
     def running(self) -> bool:
         return self._loop is not None
+
+    @property
+    def queued_packets(self) -> int:
+        return self.pacer.queued_packets
+
+    def silent_seconds(self) -> float | None:
+        """Seconds since the peer's last RTP packet; None when it does not send audio."""
+        return time.monotonic() - self.last_rtp_at if self.receives else None
 
     # -- inbound -----------------------------------------------------------------------
 
@@ -234,8 +249,9 @@ class WebRtcMedia:
                 pcm = self.plc.conceal(samples_24k)
             else:
                 pcm = np.zeros(samples_24k, dtype=np.int16)
+        if self._caller_tap.subscribers:
+            self._caller_tap.emit(CallerAudio(pcm, MODEL_RATE))
         for frame in self.framer.add(pcm):
-            self.frames_to_model += 1
             self._to_model(frame)
         return pcm
 
@@ -250,10 +266,7 @@ class WebRtcMedia:
         self.pacer.push([pcm48[i * PACKET_SAMPLES_48K:(i + 1) * PACKET_SAMPLES_48K] for i in range(count)])
 
     def _on_frame_sent(self, waited: float) -> None:
-        jitter_delay = self.jitter.delay if self.jitter is not None else 0.0
-        added = max(0.0, jitter_delay + waited + self.held_back_ms / 1000)
-        metrics.GATEWAY_LATENCY.observe(added)
-        self.latency_samples.append(added)
+        self.latency.frame_sent(self.jitter.delay if self.jitter is not None else 0.0, waited, self.held_back_ms)
 
     def _send_packet(self, pcm: np.ndarray | None, ticks: int) -> None:
         if pcm is None and self._model_talking:
@@ -286,46 +299,24 @@ class WebRtcMedia:
             "egress_underruns": self.egress_underruns,
         }
 
-    def _latency_summary(self) -> dict[str, float] | None:
-        """Gateway-added latency over the call's recent frames, as the SIP call reports it:
-        jitter buffer, resampling both ways and egress wait (Opus's own delay excluded)."""
-        if not self.latency_samples:
-            return None
-        values = np.asarray(self.latency_samples) * 1000
-        return {"p50": round(float(np.percentile(values, 50)), 2),
-                "p99": round(float(np.percentile(values, 99)), 2),
-                "jitter_buffer": round(self.jitter.delay * 1000, 2) if self.jitter is not None else 0.0,
-                "resampling": round(self.held_back_ms, 2),
-                "egress_cushion": round(self.pacer.cushion * 1000, 2)}
-
-    def quality(self) -> dict[str, tp.Any]:
-        """What the API shows for the call's audio quality (the SIP call's keys, plus Opus's)."""
+    def quality(self) -> CallQuality:
+        """The call's audio quality, as the API shows it (the SIP call's fields, plus Opus's)."""
         jb = self._jitter_counts()
-        return {
-            "codec": "opus/48000",
-            "ptime_ms": self.ptime_ms,
-            "jitter_ms": round(self.rtp_stats.jitter_seconds * 1000, 2),
-            "loss_fraction": round(self.rtp_stats.fraction_lost, 4),
-            "packets_lost": max(0, self.rtp_stats.packets_lost),
-            "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 2),
-            "remote_loss_fraction": self.remote_loss_fraction,
-            "remote_jitter_ms": self.remote_jitter_ms,
-            "packets_received": self.rtp_stats.packets_received,
-            "packets_sent": self.track.frames_sent,
-            "packets_stray": 0,
-            "packets_malformed": self.packets_malformed,
-            "decode_errors": self.decode_errors,
-            "packets_late": jb.get("packets_late", 0),
-            "concealed_frames": jb.get("frames_concealed", 0),
-            "jitter_buffer_ms": round(self.jitter.delay * 1000, 1) if self.jitter is not None else 0.0,
-            "jitter_buffer_target_ms": round(self.jitter.stats().target_delay_ms, 1) if self.jitter else 0.0,
-            "egress_cushion_ms": round(self.pacer.cushion * 1000, 1),
-            "egress_underruns": self.egress_underruns,
-            "egress_dropped": self.track.dropped,
-            "gateway_latency_ms": self._latency_summary(),
-            "model_frames": self.frames_from_model,
-            "model_packets": self.pacer.stats.model_packets,
-            "model_packets_late": self.pacer.stats.late_dropped,
-            "pacer_max_lateness_ms": round(self.pacer.stats.max_lateness_s * 1000, 2),
-            "resampler": self.resampler,
-        }
+        jitter = self.jitter
+        return CallQuality(
+            codec="opus/48000", sample_rate_hz=OPUS_RATE, ptime_ms=self.ptime_ms,
+            jitter_ms=round(self.rtp_stats.jitter_seconds * 1000, 2),
+            loss_fraction=round(self.rtp_stats.fraction_lost, 4), packets_lost=max(0, self.rtp_stats.packets_lost),
+            rtt_ms=None if self.rtt_ms is None else round(self.rtt_ms, 2),
+            remote_loss_fraction=self.remote_loss_fraction, remote_jitter_ms=self.remote_jitter_ms,
+            packets_received=self.rtp_stats.packets_received, packets_sent=self.track.frames_sent, packets_stray=0,
+            packets_malformed=self.packets_malformed, decode_errors=self.decode_errors,
+            packets_late=jb.get("packets_late", 0), concealed_frames=jb.get("frames_concealed", 0),
+            jitter_buffer_ms=round(jitter.delay * 1000, 1) if jitter is not None else 0.0,
+            jitter_buffer_target_ms=round(jitter.stats().target_delay_ms, 1) if jitter is not None else 0.0,
+            egress_cushion_ms=round(self.pacer.cushion * 1000, 1), egress_underruns=self.egress_underruns,
+            egress_dropped=self.track.dropped, gateway_latency_ms=self.latency.summary(
+                jitter.delay if jitter is not None else 0.0, self.held_back_ms, self.pacer.cushion),
+            model_frames=self.frames_from_model, model_packets=self.pacer.stats.model_packets,
+            model_packets_late=self.pacer.stats.late_dropped,
+            pacer_max_lateness_ms=round(self.pacer.stats.max_lateness_s * 1000, 2), resampler=self.resampler)

@@ -26,7 +26,7 @@ import typing as tp
 from dataclasses import dataclass, field
 
 from service.gateway import metrics
-from service.gateway.calls.call import TranscriptEvent
+from service.gateway.calls.transcript import TranscriptEvent
 from service.pool import PoolClient, PoolError
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,319 @@
+"""The life of a call, from arrival to release: the one owner of every call on this gateway.
+
+An ingress (``ingress/sip.py``, ``ingress/webrtc.py``) turns its signalling into a
+:class:`Leg` and hands it, with a new :class:`Call`, to :meth:`CallLifecycle.run`::
+
+    begin ─▶ admission ─▶ leg.prepare ─▶ record ─▶ slot claim ─▶ leg.answer ─▶ answered ─▶ converse
+    (table,   (503 when    (offer, media    (Redis)   (queue; leg.queued:  (200 OK, or     (record)    (supervision,
+     taps,    draining or  resources:                  180 ringing; caller  SDP answer                  failover,
+     transcript) unready)  488/400, 503)               may leave: CANCEL)   and ICE)                    leg.watch)
+                                                                                                              │
+    finish ◀── call.release ◀── leg.close ◀───────────── (every exit path) ◀────── leg.hang_up ◀── play out ◀─┘
+    (record end, transcript end, metrics, on_end hooks: webhook, call stats)
+
+A slot is claimed before the call is answered (the caller hears ringing while queued), so
+a call is never answered only to be dropped. Whatever ends the call (a refusal, the
+caller leaving, an error, the gateway stopping, cancellation) the leg's resources, the
+worker session with its lease, and the call's record and transcript are released and
+closed, in that order, once.
+
+Where the next features attach (none of them touches an ingress's signalling code):
+
+* **Transfer to a human (B2BUA)**: a transfer is a second :class:`Leg` (an outbound SIP leg
+  placed by the gateway's UAC) bridged to this call's pipeline: the caller's ``caller``
+  tap feeds the new leg, its audio replaces ``from_model`` on the pipeline's edge, and
+  ``call.release()`` gives the model slot back mid-call while the call goes on; going back
+  to the AI is ``call.connect`` again (a fresh slot) and detaching the human leg.
+  ``CallControl.transfer`` (the API's 501 today) starts it.
+* **Outbound calls** (``POST /v1/calls``): an outbound ingress whose leg *places* the call
+  (``UserAgent.invite``) in ``prepare``/``answer``; the rest of ``run`` is unchanged.
+* **Queue announcements as early media**: ``Leg.queued`` (SIP: today a background 180)
+  becomes a 183 with SDP and an announcement played into the edge's pacer until the
+  claim succeeds.
+* **Recording**: a subscriber of the pipeline's ``caller`` and ``agent`` taps attached in
+  ``begin`` (when the route asks for it), detached for a pause and attached again to
+  resume, finalised by an ``on_end`` hook.
+* **Caller ASR**: a subscriber of the ``caller`` tap that resamples to 16 kHz and streams
+  to ``service.asr.client.CallerTranscriber``; its utterances come back as transcript
+  events of kind ``caller`` through ``call.add_transcript``.
+* **Hung-worker detector on the frame stream**: ``Call._on_frame`` stamps every frame
+  from the worker; the watchdog here (``watch_stalls``) flags a call whose worker sent
+  nothing for ``FRAME_WATCHDOG_SECONDS`` and ``call.supervise`` fails over at once; the
+  per-frame detector (no frame for ~3 frame periods) replaces that period and threshold.
+* **Per-route policy** (model, limits, recording, transcription by the dialled number or
+  trunk): resolved in ``begin`` from ``call.identity``/``call.record.to_uri`` and applied
+  to the claim (the router's model), the admission and the taps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import typing as tp
+from dataclasses import dataclass
+
+from service.gateway import metrics
+from service.gateway.calls.call import Call
+from service.gateway.calls.recorder import CallRecorder
+from service.gateway.calls.table import CallTable
+from service.gateway.calls.transcript import TranscriptEvent, TranscriptFeed
+from service.gateway.media.pipeline import Digit
+from service.gateway.routing.router import NoCapacity, Router, RoutingUnavailable
+
+log = logging.getLogger(__name__)
+
+WATCHDOG_PERIOD = 0.2  # how often the watchdog looks at every call
+RTP_TIMEOUT_CHECK_SECONDS = 1.0
+PLAYOUT_GRACE_SECONDS = 0.5  # queued model audio goes out before a hang-up of ours, for at most this long
+PLAY_OUT_REASONS = frozenset({"max_duration", "worker-ended"})  # ends whose last words are worth hearing
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A call refused before its answer: ``status`` (SIP 488/503/500; the WebRTC ingress
+    answers the same codes in HTTP, 400 for an offer it cannot use), ``detail`` for the
+    peer, ``outcome`` the call's end reason, ``retry_after`` whether to ask for a retry."""
+
+    status: int
+    detail: str
+    outcome: str
+    retry_after: bool = False
+
+
+INTERNAL_ERROR = Refusal(500, "internal error", "error")
+
+
+class Refused(Exception):
+    """Raised by a leg that cannot take the call (its refusal is answered by the lifecycle)."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.detail)
+        self.refusal = refusal
+
+
+class PeerLeft(Exception):
+    """Raised by a leg when the caller went away (CANCEL, a dialog that could not start)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Leg(tp.Protocol):
+    """An ingress's side of one call: its signalling and its media edge. The lifecycle
+    calls these in order (``refuse`` instead of the rest when the call is refused), and
+    ``close`` last, on every path."""
+
+    async def prepare(self, call: Call) -> None:
+        """Check the offer and take media resources; raise :class:`Refused`."""
+
+    async def queued(self, call: Call) -> None:
+        """The call waits for a slot (SIP: ringing). Must return at once."""
+
+    async def left(self) -> str:
+        """Returns (with the end reason) when the caller leaves before the answer."""
+
+    async def answer(self, call: Call) -> bool:
+        """A slot is held: answer and start the media. False when the call ended meanwhile
+        (the leg has said why, with ``call.end``); :class:`PeerLeft` when the caller left."""
+
+    async def watch(self, call: Call) -> None:
+        """While the call is up: end it (``call.end``) when the peer hangs up. Cancelled
+        when the call ends."""
+
+    async def hang_up(self, call: Call) -> None:
+        """The call ended on our side: tell the peer (BYE, an end message)."""
+
+    async def refuse(self, refusal: Refusal) -> None:
+        """Answer the offer with an error."""
+
+    async def close(self, call: Call) -> None:
+        """Stop the media and release the leg's resources. Never raises."""
+
+
+class CallLifecycle:
+    """Runs every call of this gateway (see the module docstring)."""
+
+    def __init__(self, *, router: Router, table: CallTable, recorder: CallRecorder, transcripts: TranscriptFeed,
+                 queue_seconds: float, rtp_timeout_seconds: float, admission: tp.Callable[[], str | None]) -> None:
+        self.router = router
+        self.table = table
+        self.recorder = recorder
+        self.transcripts = transcripts
+        self.queue_seconds = queue_seconds
+        self.rtp_timeout_seconds = rtp_timeout_seconds  # 0: never hang up on a silent caller
+        self.admission = admission  # None when new calls are taken, else why not (draining, unready)
+        self.on_end: list[tp.Callable[[Call], None]] = []  # after a call's record is final
+
+    # -- the whole life ----------------------------------------------------------------
+
+    def refusal(self) -> Refusal | None:
+        """Why a new call would be refused now (503), or None."""
+        reason = self.admission()
+        if reason is None:
+            return None
+        return Refusal(503, reason, f"rejected-{reason}", retry_after=True)
+
+    async def run(self, call: Call, leg: Leg) -> None:
+        """The call from arrival to release (returns when everything is released)."""
+        self.begin(call)
+        try:
+            refusal = self.refusal()
+            if refusal is not None:
+                metrics.REJECTED_CALLS.labels(refusal.outcome.removeprefix("rejected-")).inc()
+                raise Refused(refusal)
+            await leg.prepare(call)
+            self.recorder.create(call)
+            if not await self._claim(call, leg):
+                return
+            if not await leg.answer(call):
+                return
+            self.answered(call)
+            await self._converse(call, leg)
+        except Refused as exc:
+            with contextlib.suppress(PeerLeft):
+                await leg.refuse(exc.refusal)
+            call.end(exc.refusal.outcome)
+        except PeerLeft as exc:
+            call.end(exc.reason)
+        except asyncio.CancelledError:
+            call.end("gateway-stopped")
+            raise
+        except Exception:
+            log.exception("call %s failed", call.id)
+            call.end("error")
+            with contextlib.suppress(Exception):
+                await leg.refuse(INTERNAL_ERROR)
+        finally:
+            await leg.close(call)
+            await call.release()
+            self.finish(call)
+
+    # -- steps -------------------------------------------------------------------------
+
+    def begin(self, call: Call) -> None:
+        """A new call: in the table, its transcript to the feed, its DTMF into the transcript."""
+        self.table.add(call)
+        call.on_transcript = self._on_transcript
+        call.pipeline.taps.dtmf.attach(lambda digit: self._on_dtmf(call, digit))
+        metrics.CALLS_ACTIVE.labels(call.ingress).inc()
+
+    async def _claim(self, call: Call, leg: Leg) -> bool:
+        """A worker slot, waiting in the queue for up to the queue time. False when the call
+        ended first (it left the queue at once and holds no slot), or no slot came (refused
+        here: 503)."""
+        claim = asyncio.create_task(call.connect(self.router, wait=self.queue_seconds,
+                                                 on_queued=lambda: leg.queued(call)), name=f"claim-{call.id}")
+        left = asyncio.ensure_future(leg.left())
+        ended = asyncio.ensure_future(call.ended.wait())
+        try:
+            await asyncio.wait({claim, left, ended}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            left.cancel()
+            ended.cancel()
+            if not claim.done():
+                claim.cancel()  # leaves the queue; a claim under way is released (routing/router.py)
+                await asyncio.gather(claim, return_exceptions=True)
+        if left.done() and not left.cancelled() and left.exception() is None:
+            call.end(left.result())
+            if claim.cancelled():
+                metrics.ABANDONED_CALLS.inc()
+                log.info("call %s: the caller hung up while waiting for a slot", call.id)
+        if claim.cancelled():
+            return False
+        try:
+            claim.result()
+        except NoCapacity as exc:
+            metrics.REJECTED_CALLS.labels("no-slot").inc()
+            log.info("call %s: no capacity: %s", call.id, exc)
+            raise Refused(Refusal(503, "all agents busy", "rejected-busy", retry_after=True)) from None
+        except RoutingUnavailable as exc:
+            metrics.REJECTED_CALLS.labels("pool-unavailable").inc()
+            log.warning("call %s: pool unavailable: %s", call.id, exc)
+            raise Refused(Refusal(503, "pool unavailable", "rejected-pool", retry_after=True)) from None
+        return not call.ended.is_set()
+
+    def answered(self, call: Call) -> None:
+        call.mark_answered()
+        self.recorder.answered(call)
+
+    def media_changed(self, call: Call) -> None:
+        """The call's media was agreed after the answer (SIP: the answer came in the ACK)."""
+        self.recorder.update(call, "codec", "media_encryption")
+
+    async def _converse(self, call: Call, leg: Leg) -> None:
+        tasks = [asyncio.create_task(call.supervise(self.router), name=f"supervise-{call.id}"),
+                 asyncio.create_task(leg.watch(call), name=f"watch-{call.id}"),
+                 asyncio.create_task(self._watch_rtp(call), name=f"rtp-watch-{call.id}")]
+        try:
+            await call.ended.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if call.end_reason in PLAY_OUT_REASONS:
+            await asyncio.sleep(min(PLAYOUT_GRACE_SECONDS, 0.02 * call.pipeline.queued_packets))
+        await leg.hang_up(call)
+
+    async def _watch_rtp(self, call: Call) -> None:
+        """Hang up on a caller whose packets stopped coming for the RTP timeout."""
+        timeout = self.rtp_timeout_seconds
+        if timeout <= 0:
+            return
+        while True:
+            await asyncio.sleep(RTP_TIMEOUT_CHECK_SECONDS)
+            silent = call.pipeline.silent_seconds()
+            if silent is not None and silent > timeout:
+                log.warning("call %s: no RTP for %.0fs, hanging up", call.id, timeout)
+                call.end("rtp-timeout")
+                return
+
+    def finish(self, call: Call) -> None:
+        """The call is over and released: its final record and transcript, metrics, hooks."""
+        if self.table.get(call.id) is not call:
+            return
+        call.mark_ended()
+        call.record.quality = call.quality()
+        self.table.remove(call)
+        record = call.record
+        metrics.CALLS_ACTIVE.labels(call.ingress).dec()
+        metrics.CALLS_TOTAL.labels(call.ingress, record.end_reason or "unknown").inc()
+        if record.answered_at is not None and record.ended_at is not None:
+            metrics.CALL_DURATION.observe(record.ended_at - record.answered_at)
+        self.recorder.end(call)
+        self.transcripts.end(call.id, record.end_reason or "unknown")
+        for hook in self.on_end:
+            try:
+                hook(call)
+            except Exception:
+                log.exception("call %s: an end hook failed", call.id)
+        log.info("call %s ended: %s (%.1fs, %d transcript pieces)", call.id, record.end_reason,
+                 record.duration_s(), len(call.transcript))
+
+    # -- while calls run ---------------------------------------------------------------
+
+    def _on_transcript(self, call: Call, event: TranscriptEvent) -> None:
+        self.transcripts.publish(call.id, len(call.transcript) - 1, event)
+
+    def _on_dtmf(self, call: Call, digit: Digit) -> None:
+        metrics.DTMF_DIGITS.inc()
+        call.add_transcript(TranscriptEvent(t=call.call_seconds, kind="dtmf", text=digit.digit,
+                                            duration_ms=digit.duration_ms))
+
+    async def watch_stalls(self) -> None:
+        """One watchdog for every call (not a timer per call): flags stalled worker sessions."""
+        while True:
+            await asyncio.sleep(WATCHDOG_PERIOD)
+            now = time.monotonic()
+            for call in list(self.table.live.values()):
+                call.check_stall(now)
+
+    def hang_up(self, call_id: str, reason: str = "api-hangup") -> bool:
+        """End a call of this gateway (its leg hangs up); False when it is not here."""
+        call = self.table.get(call_id)
+        if call is None:
+            return False
+        call.end(reason)
+        return True

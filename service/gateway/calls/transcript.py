@@ -1,0 +1,71 @@
+"""A call's transcript: its pieces, and who hears them as they come.
+
+Pieces are the agent's words (from the worker's text events) and the caller's DTMF digits
+(from the ``dtmf`` tap); the caller's words (caller ASR) will be pieces of kind ``caller``.
+Each piece goes to the call's live listeners (the API's live WebSocket, a WebRTC peer's
+data channel) and to the Redis stream behind them (``control/transcript_store.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import typing as tp
+from dataclasses import dataclass
+
+
+@dataclass
+class TranscriptEvent:
+    """One line of a call's transcript: the agent's words, or a DTMF digit from the caller."""
+
+    t: float  # seconds since the call was answered
+    kind: str  # "agent" or "dtmf"
+    text: str
+    duration_ms: float | None = None
+
+    def to_dict(self) -> dict[str, tp.Any]:
+        out: dict[str, tp.Any] = {"t": round(self.t, 3), "kind": self.kind, "text": self.text}
+        if self.duration_ms is not None:
+            out["duration_ms"] = round(self.duration_ms, 1)
+        return out
+
+
+class TranscriptSink(tp.Protocol):
+    """Where pieces are kept beyond the call (``control/transcript_store.py``: Redis Streams)."""
+
+    def append(self, call_id: str, seq: int, event: TranscriptEvent) -> None: ...
+    def end(self, call_id: str, reason: str) -> None: ...
+
+
+class TranscriptFeed:
+    """Hands each call's pieces to its live listeners and to the store (if any)."""
+
+    def __init__(self, store: TranscriptSink | None = None) -> None:
+        self.store = store
+        self.listeners: dict[str, set[asyncio.Queue[TranscriptEvent | None]]] = {}
+
+    def publish(self, call_id: str, seq: int, event: TranscriptEvent) -> None:
+        for queue in self.listeners.get(call_id, ()):
+            queue.put_nowait(event)
+        if self.store is not None:
+            self.store.append(call_id, seq, event)
+
+    def subscribe(self, call_id: str) -> asyncio.Queue[TranscriptEvent | None]:
+        """A queue of the call's pieces from now on (None once it ended). Snapshot the
+        pieces so far and subscribe with no await in between, and none is missed."""
+        queue: asyncio.Queue[TranscriptEvent | None] = asyncio.Queue()
+        self.listeners.setdefault(call_id, set()).add(queue)
+        return queue
+
+    def unsubscribe(self, call_id: str, queue: asyncio.Queue[TranscriptEvent | None]) -> None:
+        listeners = self.listeners.get(call_id)
+        if listeners is not None:
+            listeners.discard(queue)
+            if not listeners:
+                del self.listeners[call_id]
+
+    def end(self, call_id: str, reason: str) -> None:
+        """The call is over: listeners get None, the store its end entry."""
+        for queue in self.listeners.pop(call_id, set()):
+            queue.put_nowait(None)
+        if self.store is not None:
+            self.store.end(call_id, reason)

@@ -1,0 +1,125 @@
+"""The gateway's side of the control plane: what the API's ``CallControl`` asks, answered
+from the call table, the Redis records and streams, the pool and the WebRTC ingress."""
+
+from __future__ import annotations
+
+import logging
+import typing as tp
+
+from service.api.control import (
+    ControlError,
+    IceServer,
+    TranscriptEnd,
+    WebRtcAnswer,
+    WebRtcConfig,
+)
+from service.api.models import (
+    CallInfo,
+    CallList,
+    DrainResult,
+    HangupResult,
+    PoolState,
+    Readiness,
+    Transcript,
+    TranscriptPiece,
+)
+from service.gateway.calls.lifecycle import CallLifecycle
+from service.gateway.control.directory import CallDirectory, redis_failed
+from service.gateway.control.hangups import HangupChannel
+from service.gateway.control.pool_view import PoolView
+from service.gateway.control.transcript_reader import TranscriptReader
+from service.gateway.ingress.webrtc import OfferRejected, WebRtcIngress
+from service.pool import ENDED, PoolError
+
+log = logging.getLogger("moshimoshi.api")
+
+
+class GatewayControl:
+    """Implements ``service.api.control.CallControl`` for one gateway."""
+
+    def __init__(self, *, lifecycle: CallLifecycle, directory: CallDirectory, transcripts: TranscriptReader,
+                 pool: PoolView, webrtc: WebRtcIngress, hangups: HangupChannel | None,
+                 readiness: tp.Callable[[], Readiness], retry_after_seconds: int) -> None:
+        self.lifecycle = lifecycle
+        self.directory = directory
+        self.transcripts = transcripts
+        self.pool_view = pool
+        self.webrtc = webrtc
+        self.hangups = hangups
+        self._readiness = readiness
+        self.retry_after_seconds = retry_after_seconds
+
+    def readiness(self) -> Readiness:
+        return self._readiness()
+
+    # -- calls -------------------------------------------------------------------------
+
+    async def list_calls(self, *, state: str | None, since: float | None, worker_id: str | None,
+                         limit: int) -> CallList:
+        calls, partial = await self.directory.list(state=state, since=since, worker_id=worker_id, limit=limit)
+        return CallList(calls=calls, partial=partial)
+
+    async def get_call(self, call_id: str) -> CallInfo:
+        """A call from any gateway: 404 if unknown (or past its retention), 503 if Redis is down."""
+        try:
+            found = await self.directory.get(call_id)
+        except PoolError:
+            redis_failed()
+            raise ControlError(503, "call records unavailable (Redis unreachable)") from None
+        if found is None:
+            raise ControlError(404, f"no call {call_id!r} (unknown, or past its retention)")
+        return found
+
+    async def hang_up(self, call_id: str) -> HangupResult:
+        if self.lifecycle.hang_up(call_id):
+            log.info("call %s: hang-up requested through the API", call_id)
+            return HangupResult(call_id=call_id, status="hanging-up", on_this_gateway=True)
+        found = await self.get_call(call_id)
+        if found.state == ENDED or self.hangups is None:
+            raise ControlError(409, f"call {call_id!r} has ended")
+        try:
+            await self.hangups.publish(call_id)
+        except PoolError:
+            redis_failed()
+            raise ControlError(503, "cannot reach the call's gateway (Redis unreachable)") from None
+        log.info("call %s: hang-up requested through the API, sent to gateway %s", call_id,
+                 found.gateway_id or "(unknown)")
+        return HangupResult(call_id=call_id, status="hanging-up", on_this_gateway=False)
+
+    async def transfer(self, call_id: str, target: str) -> None:
+        await self.get_call(call_id)  # 404 first: a transfer of an unknown call is not "not implemented"
+        raise ControlError(501, "transfer is not implemented yet")
+
+    # -- transcripts -------------------------------------------------------------------
+
+    async def transcript(self, call_id: str) -> Transcript:
+        return await self.transcripts.load(call_id)
+
+    def follow_transcript(self, call_id: str) -> tp.AsyncIterator[TranscriptPiece | TranscriptEnd]:
+        return self.transcripts.follow(call_id)
+
+    # -- the pool ----------------------------------------------------------------------
+
+    async def pool(self) -> PoolState:
+        return await self.pool_view.state()
+
+    async def drain_worker(self, worker_id: str) -> DrainResult:
+        return await self.pool_view.drain(worker_id)
+
+    # -- WebRTC ------------------------------------------------------------------------
+
+    async def webrtc_offer(self, sdp: str, source: str) -> WebRtcAnswer:
+        try:
+            leg = await self.webrtc.offer(sdp, source)
+        except OfferRejected as exc:
+            raise ControlError(exc.status, exc.reason,
+                               retry_after=self.retry_after_seconds if exc.retry_after else None) from None
+        return WebRtcAnswer(session_id=leg.id, call_id=leg.call.id, sdp=leg.answer_sdp.result())
+
+    def webrtc_hang_up(self, session_id: str) -> bool:
+        return self.webrtc.hangup(session_id)
+
+    def webrtc_config(self) -> WebRtcConfig:
+        servers = [IceServer(urls=s.urls, username=s.username, credential=s.credential)
+                   for s in self.webrtc.ice_servers]
+        return WebRtcConfig(ice_servers=servers, connect_seconds=self.webrtc.settings.webrtc_connect_seconds)

@@ -1,0 +1,148 @@
+"""A call's media pipeline and its named taps.
+
+Every call has one pipeline between its ingress's media edge (RTP, or WebRTC through
+aiortc) and its worker session. The edge does the transport and codec work; the pipeline
+carries the model frames and offers four taps, points where anyone may listen without
+touching the ingress, the edge or the pacer::
+
+    caller ──RTP/SRTP or WebRTC──▶ jitter buffer ─▶ decode ─▶ PLC ──(caller)──▶ resample to 24 kHz,
+                                                                               cut into 80 ms frames
+                                                                                      │
+                                                                              (caller_model)
+                                                                                      ▼
+                                                                             worker session (model)
+                                                                                      │
+                                                                                  (agent)
+                                                                                      ▼
+    caller ◀─────────── RTP or WebRTC track ◀── pacer ◀── encode ◀── resample to the codec's rate
+    caller ──telephone-event (RFC 4733) or SIP INFO──▶ (dtmf) ──▶ transcript, metrics
+
+* ``caller``: the caller's audio after the jitter buffer and loss concealment, at the
+  edge's audio rate (8 or 16 kHz for SIP G.711/G.722, 24 kHz for Opus after its
+  decimation): :class:`CallerAudio`, one playout slot or one model frame's worth at a time.
+  Caller ASR attaches here (resampled to 16 kHz), recording too.
+* ``caller_model``: the caller's audio as the model gets it, 80 ms frames of PCM16 at
+  24 kHz (``service.wire.FRAME_BYTES``), in order, one per 80 ms.
+* ``agent``: the model's voice, the 80 ms frames at 24 kHz the worker sent, as they go to
+  the edge to be resampled, paced and sent to the caller (a frame the pacer finds too late
+  is still dropped there, and counted). Recording attaches here and to ``caller``.
+* ``dtmf``: each digit the caller pressed (:data:`Digit`: RFC 4733 or SIP INFO).
+
+A tap with no subscriber costs one truth test of a list per emission. Subscribers are
+called synchronously on the event loop, in the media path: they must return at once
+(queue the work, never block). ``attach`` returns the function that detaches.
+"""
+
+from __future__ import annotations
+
+import typing as tp
+
+import numpy as np
+
+from service.call_record import CallQuality
+from sip.dtmf import DtmfDigit, InfoDigit
+
+T = tp.TypeVar("T")
+Digit = DtmfDigit | InfoDigit  # RFC 4733 telephone-event, or SIP INFO: ``digit`` and ``duration_ms``
+TAP_NAMES = ("caller", "caller_model", "agent", "dtmf")
+
+
+class CallerAudio(tp.NamedTuple):
+    """Caller audio on the ``caller`` tap: int16 samples at ``rate`` Hz."""
+
+    pcm: np.ndarray
+    rate: int
+
+
+class Tap(tp.Generic[T]):
+    """One named point of the pipeline that subscribers listen to."""
+
+    __slots__ = ("name", "subscribers")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.subscribers: list[tp.Callable[[T], None]] = []
+
+    def attach(self, subscriber: tp.Callable[[T], None]) -> tp.Callable[[], None]:
+        """Start calling ``subscriber`` with each item; returns the detach function."""
+        self.subscribers = [*self.subscribers, subscriber]  # copy on write: emit never sees a change mid-loop
+
+        def detach() -> None:
+            self.subscribers = [s for s in self.subscribers if s is not subscriber]
+
+        return detach
+
+    def emit(self, item: T) -> None:
+        for subscriber in self.subscribers:
+            subscriber(item)
+
+
+class MediaTaps:
+    """The four taps of one call (see the module docstring)."""
+
+    __slots__ = ("caller", "caller_model", "agent", "dtmf")
+
+    def __init__(self) -> None:
+        self.caller: Tap[CallerAudio] = Tap("caller")
+        self.caller_model: Tap[bytes] = Tap("caller_model")
+        self.agent: Tap[bytes] = Tap("agent")
+        self.dtmf: Tap[Digit] = Tap("dtmf")
+
+    def __getitem__(self, name: str) -> Tap[tp.Any]:
+        if name not in TAP_NAMES:
+            raise KeyError(f"no tap {name!r} (taps: {', '.join(TAP_NAMES)})")
+        return tp.cast(Tap[tp.Any], getattr(self, name))
+
+
+class MediaEdge(tp.Protocol):
+    """An ingress's media: what the pipeline needs of RTP or WebRTC media."""
+
+    def from_model(self, frame: bytes) -> None: ...
+    def quality(self) -> CallQuality: ...
+    def counters(self) -> dict[str, int]: ...
+    @property
+    def queued_packets(self) -> int: ...
+    def silent_seconds(self) -> float | None: ...
+
+
+class MediaPipeline:
+    """One call's pipeline: frames between its media edge and its model, and the taps."""
+
+    def __init__(self, to_model: tp.Callable[[bytes], None]) -> None:
+        self.taps = MediaTaps()
+        self.edge: MediaEdge | None = None
+        self._to_model = to_model
+
+    def attach_edge(self, edge: MediaEdge) -> None:
+        """The ingress's media, once it exists (SIP: with the answer; WebRTC: with the offer)."""
+        self.edge = edge
+
+    def to_model(self, frame: bytes) -> None:
+        """An 80 ms frame of the caller from the edge, on its way to the worker."""
+        tap = self.taps.caller_model
+        if tap.subscribers:
+            tap.emit(frame)
+        self._to_model(frame)
+
+    def from_model(self, frame: bytes) -> None:
+        """An 80 ms frame of the model from the worker, on its way to the caller."""
+        tap = self.taps.agent
+        if tap.subscribers:
+            tap.emit(frame)
+        if self.edge is not None:
+            self.edge.from_model(frame)
+
+    def quality(self) -> CallQuality | None:
+        return self.edge.quality() if self.edge is not None else None
+
+    def counters(self) -> dict[str, int] | None:
+        return self.edge.counters() if self.edge is not None else None
+
+    @property
+    def queued_packets(self) -> int:
+        """Model audio waiting in the edge's pacer (what a hang-up lets play out first)."""
+        return self.edge.queued_packets if self.edge is not None else 0
+
+    def silent_seconds(self) -> float | None:
+        """Seconds since the caller's last packet; None without media, or none expected."""
+        return self.edge.silent_seconds() if self.edge is not None else None
