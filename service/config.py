@@ -16,6 +16,29 @@ from collections.abc import Mapping
 
 ENV_PREFIX = "MOSHIMOSHI_"
 
+# The sections of ``--help``, in the order shown; every setting names one (``group=``).
+GROUPS: dict[str, str] = {
+    "sip": "SIP",
+    "sip-security": "who may call: allowed addresses, digest, rate and TCP limits",
+    "encryption": "encryption: SIP over TLS, SRTP",
+    "media": "media: RTP, codecs, jitter buffer, resampling",
+    "pool": "calls and the pool: Redis, workers, queue, retention",
+    "api": "HTTP: API, dashboard, softphone",
+    "webrtc": "WebRTC (browser calls)",
+    "webhook": "webhook (a POST for each ended call)",
+    "model": "model and sampling",
+    "inference": "inference and capacity",
+    "worker": "worker server and pool membership",
+    "asr": "ASR worker (the callers' transcript)",
+    "asr-openai": "ASR through an OpenAI-compatible endpoint",
+    "secrets": "secrets between gateways and workers",
+    "call": "the call",
+    "call-media": "media",
+    "call-tls": "encryption",
+    "call-api": "transcript from the gateway's API",
+    "logging": "logging",
+}
+
 
 class ConfigError(ValueError):
     """A setting is missing or invalid; the message names it."""
@@ -30,9 +53,14 @@ def setting(
     choices: tp.Sequence[str] | None = None,
     env: str | None = None,
     secret: bool = False,
+    group: str = "",
+    positional: bool = False,
 ) -> tp.Any:
-    """Declare a settings field: its default, help text and validation."""
-    meta = {"help": help, "min": min, "max": max, "choices": choices, "env": env, "secret": secret}
+    """Declare a settings field: its default, help text and validation; ``group`` is its
+    section of ``--help`` (a key of :data:`GROUPS`); a ``positional`` one is a command's
+    argument, not a flag."""
+    meta = {"help": help, "min": min, "max": max, "choices": choices, "env": env, "secret": secret,
+            "group": group, "positional": positional}
     if isinstance(default, list | dict):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -101,18 +129,77 @@ def _check(value: tp.Any, field: dataclasses.Field, label: str) -> None:
         raise ConfigError(f"{label}={shown}: must be at most {meta['max']}")
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one CLI flag per field of ``cls`` (``sip_port`` → ``--sip-port``)."""
-    for field in dataclasses.fields(cls):
-        base, _ = _base_type(_field_type(cls, field))
-        help_text = f"{field.metadata['help']} [env {env_name(field)}]"
-        if base is bool:
-            parser.add_argument(
-                flag_name(field), dest=field.name, default=None,
-                action=argparse.BooleanOptionalAction, help=help_text,
-            )
+def _metavar(field: dataclasses.Field, base: tp.Any) -> str:
+    if field.metadata.get("choices"):
+        return "{" + ",".join(field.metadata["choices"]) + "}"
+    if tp.get_origin(base) is list:
+        return "A,B,..."
+    if base is int:
+        return "N"
+    if base is float:
+        return "SECONDS" if field.name.endswith("_seconds") else "MS" if field.name.endswith("_ms") else "NUMBER"
+    if field.name.endswith(("_file", "_cert", "_key", "_ca")) or field.name in ("play", "record", "transcript"):
+        return "FILE"
+    return "TEXT"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def help_text(field: dataclasses.Field) -> str:
+    """A flag's help: what it does, its default (unless the text says it), its range, its variable."""
+    meta = field.metadata
+    text = meta["help"]
+    notes = []
+    default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+    if "default" not in text.lower() and default not in (None, "", [], dataclasses.MISSING):
+        if meta.get("secret"):
+            pass
+        elif isinstance(default, bool):
+            notes.append("default: " + ("on" if default else "off"))
+        elif isinstance(default, list):
+            notes.append("default: " + ",".join(str(item) for item in default))
         else:
-            parser.add_argument(flag_name(field), dest=field.name, default=None, metavar="VALUE", help=help_text)
+            notes.append(f"default: {_number(default) if isinstance(default, float) else default}")
+    if meta.get("min") is not None and meta.get("max") is not None:
+        notes.append(f"{_number(meta['min'])} to {_number(meta['max'])}")
+    elif meta.get("min") is not None:
+        notes.append(f"at least {_number(meta['min'])}")
+    if notes:
+        text += " (" + "; ".join(notes) + ")"
+    # argparse formats help with %: a literal percent sign must be doubled
+    return f"{text} [env {env_name(field)}]".replace("%", "%%")
+
+
+def add_sections(parser: argparse.ArgumentParser, classes: tp.Sequence[type],
+                 sections: dict[str, argparse._ArgumentGroup] | None = None) -> dict[str, argparse._ArgumentGroup]:
+    """The ``--help`` sections the fields of ``classes`` need, made in :data:`GROUPS` order."""
+    sections = {} if sections is None else sections
+    order = list(GROUPS)
+    groups = {f.metadata.get("group", "") for cls in classes for f in dataclasses.fields(cls)}
+    for group in sorted(groups, key=lambda g: order.index(g) if g in order else len(order)):
+        if group not in sections:
+            sections[group] = parser.add_argument_group(GROUPS.get(group, "other settings"))
+    return sections
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, *,
+                  sections: dict[str, argparse._ArgumentGroup] | None = None) -> None:
+    """Add one CLI flag per field of ``cls`` (``sip_port`` → ``--sip-port``), each in the
+    ``--help`` section its ``group`` names. ``sections`` (group → argument group) lets
+    several classes share sections; new ones are made in :data:`GROUPS` order."""
+    fields = [f for f in dataclasses.fields(cls) if not f.metadata.get("positional")]
+    sections = add_sections(parser, [cls], sections)
+    for field in fields:
+        base, _ = _base_type(_field_type(cls, field))
+        target = sections[field.metadata.get("group", "")]
+        if base is bool:
+            target.add_argument(flag_name(field), dest=field.name, default=None,
+                                action=argparse.BooleanOptionalAction, help=help_text(field))
+        else:
+            target.add_argument(flag_name(field), dest=field.name, default=None, metavar=_metavar(field, base),
+                                help=help_text(field))
 
 
 T = tp.TypeVar("T")
