@@ -111,6 +111,15 @@ async def test_a_full_redis_refuses_new_calls_with_503_and_loses_no_call_end(sma
     await wait_pool(url, lambda s: s["w0"]["leases"] == 0 and s["w0"]["free"] == 2, 15, "its lease released")
     after = await place_call(call_settings(gateway, tmp_path, "after", 1.0))
     assert after["received_rms"] > 1000
+    # the calls refused as unready stored nothing, not even a transcript's end (they did before)
+    async with connect(url) as client:
+        async def transcripts_ended() -> bool:
+            keys = {k async for k in client.redis.scan_iter("mm:transcript:*")}
+            return keys == {f"mm:transcript:{summary['gateway_call_id']}", f"mm:transcript:{after['gateway_call_id']}"}
+
+        await eventually(transcripts_ended, timeout=10, what="only the answered calls' transcripts in Redis")
+        assert {k async for k in client.redis.scan_iter("mm:call:*")} == {
+            f"mm:call:{summary['gateway_call_id']}", f"mm:call:{after['gateway_call_id']}"}
     status, text = gateway.get("/metrics", token=None)
     assert metric_sum(text, "moshimoshi_redis_writes_abandoned_total") == 0
     assert metric_sum(text, "moshimoshi_calls_total", outcome="error") == 0

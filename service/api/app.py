@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from service import __version__
-from service.api import calls, dashboard, http_metrics, pool, transcripts
+from service.api import calls, dashboard, http_metrics, pool, refusals, transcripts
 from service.api.auth import ApiTokens
 from service.api.control import CallControl
 from service.api.models import Readiness
@@ -70,6 +70,7 @@ def create_app(control: CallControl, api_tokens: ApiTokens) -> FastAPI:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(calls.router)
+    app.include_router(refusals.router)
     app.include_router(transcripts.router)
     app.include_router(pool.router)
     app.include_router(dashboard.router)

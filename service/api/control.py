@@ -19,6 +19,7 @@ if tp.TYPE_CHECKING:
         HangupResult,
         PoolState,
         Readiness,
+        RefusalList,
         Transcript,
         TranscriptPiece,
     )
@@ -86,6 +87,10 @@ class CallControl(tp.Protocol):
 
     async def transfer(self, call_id: str, target: str) -> None:
         """Hand a call to a human at ``target``; ControlError 501 until transfer exists."""
+
+    async def refusals(self, *, limit: int) -> RefusalList:
+        """Calls refused within the last hour on every replica: counts by reason and the
+        latest ``limit`` (partial when Redis is down)."""
 
     # -- transcripts -------------------------------------------------------------------
 

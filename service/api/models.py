@@ -121,6 +121,37 @@ class CallList(BaseModel):
     partial: bool = Field(False, description="true when Redis could not be read: only this gateway's calls")
 
 
+class RefusedCallInfo(BaseModel):
+    """A call that ended before its answer: refused (488, 503, 500...) or left by its caller
+    (CANCEL). Nothing of it is stored beyond the record of refusals (an hour at most)."""
+
+    id: str = Field(description="the gateway's call id")
+    ended_at: float = Field(description="when it was refused, epoch seconds")
+    started_at: float = Field(description="arrival of the INVITE (or offer), epoch seconds")
+    reason: str = Field(description="why: the call's end reason (rejected-busy, rejected-codec, rejected-sdp, "
+                                    "rejected-srtp, rejected-unready, rejected-draining, cancelled, error, ...)")
+    status: int | None = Field(None, description="the status the caller got (SIP; WebRTC: HTTP), null if none")
+    detail: str = Field("", description="the reason in words, as the caller was told")
+    ingress: str = Field("", description="sip or webrtc")
+    sip_transport: str = ""
+    caller: str = Field("", description="the caller's number masked but for its last four digits (empty when "
+                                        "withheld or unknown)")
+    dialled: str = Field("", description="SIP: the number dialled")
+    source: str = Field("", description="SIP: the address the INVITE came from (the trunk)")
+    gateway_id: str = Field("", description="the gateway replica that refused it")
+
+
+class RefusalList(BaseModel):
+    """Calls refused within the window (an hour): how many by reason, and the latest."""
+
+    window_seconds: float = Field(description="how far back this looks")
+    total: int = Field(description="calls refused within the window, every gateway")
+    by_reason: dict[str, int] = Field(description="those calls by reason")
+    refusals: list[RefusedCallInfo] = Field(description="the latest of them, newest first (the record keeps the "
+                                                        "last 1000 at most)")
+    partial: bool = Field(False, description="true when Redis could not be read: only this gateway's")
+
+
 class Readiness(BaseModel):
     ready: bool
     draining: bool

@@ -30,6 +30,7 @@ from service.gateway import metrics
 from service.gateway.calls.call import Call
 from service.gateway.calls.lifecycle import CallLifecycle
 from service.gateway.calls.recorder import CallRecorder
+from service.gateway.calls.refusals import WINDOW_SECONDS, RefusalLog
 from service.gateway.calls.sampler import sample_forever
 from service.gateway.calls.table import CallTable
 from service.gateway.calls.transcript import TranscriptFeed
@@ -37,6 +38,7 @@ from service.gateway.control.directory import CallDirectory
 from service.gateway.control.hangups import HangupChannel
 from service.gateway.control.plane import GatewayControl
 from service.gateway.control.pool_view import PoolView
+from service.gateway.control.refusal_store import RefusalStore
 from service.gateway.control.transcript_reader import TranscriptReader
 from service.gateway.control.transcript_store import TranscriptStore
 from service.gateway.control.webhook import WebhookSender, call_ended_payload
@@ -56,6 +58,7 @@ from sip.uri import format_host
 log = logging.getLogger("moshimoshi.gateway")
 
 STOP_CALLS_SECONDS = 3.0
+REFUSALS_WINDOW = WINDOW_SECONDS  # how long refused calls are kept (an hour)
 
 
 def banner(settings: GatewaySettings, sip_port: int, http_port: int, tls_port: int | None = None) -> str:
@@ -130,9 +133,12 @@ class Gateway:
                                  if self.pool is not None else None)
         self.transcripts = TranscriptFeed(self.transcript_store)
         self.recorder = CallRecorder(self.records, self.pool.retries if self.pool is not None else None)
+        self.refusal_store = RefusalStore(self.pool, window=REFUSALS_WINDOW) if self.pool is not None else None
+        self.refusals = RefusalLog(self.refusal_store, window=REFUSALS_WINDOW)
         self.lifecycle = CallLifecycle(router=self.router, table=self.table, recorder=self.recorder,
                                        transcripts=self.transcripts, queue_seconds=settings.queue_seconds,
-                                       rtp_timeout_seconds=settings.rtp_timeout_seconds, admission=self.admission)
+                                       rtp_timeout_seconds=settings.rtp_timeout_seconds, admission=self.admission,
+                                       refusals=self.refusals)
         self.call_stats = metrics.install_call_stats(self._live_counters)
         self.webhook = WebhookSender.from_settings(settings)
         self.lifecycle.on_end.append(self._on_call_end)
@@ -155,7 +161,8 @@ class Gateway:
         self.api_tokens = ApiTokens.parse(settings.api_tokens)
         self.hangups = HangupChannel(self.pool, self.lifecycle.hang_up) if self.pool is not None else None
         self.control = GatewayControl(
-            lifecycle=self.lifecycle, directory=CallDirectory(self.table, self.records, self.registry),
+            lifecycle=self.lifecycle,
+            directory=CallDirectory(self.table, self.records, self.registry, self.refusals),
             transcripts=TranscriptReader(self.table, self.transcripts, self.transcript_store, self.records),
             pool=PoolView(self.registry, worker_url=settings.worker_url, worker_secret=settings.worker_secret,
                           live_calls=lambda: len(self.table)),
@@ -275,6 +282,8 @@ class Gateway:
                         "(set MOSHIMOSHI_WORKER_SECRET to theirs)")
         if self.transcript_store is not None:
             self.transcript_store.start()
+        if self.refusal_store is not None:
+            self.refusal_store.start()
         if self.hangups is not None:
             self.hangups.start()
 
@@ -304,6 +313,8 @@ class Gateway:
             await self.hangups.close()
         if self.transcript_store is not None:
             await self.transcript_store.close(timeout=2.0)
+        if self.refusal_store is not None:
+            await self.refusal_store.close(timeout=1.0)
         if self.webhook is not None:
             await self.webhook.close(timeout=3.0)
 

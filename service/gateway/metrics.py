@@ -101,6 +101,11 @@ TRANSCRIPT_PIECES_DROPPED = Counter(
     "moshimoshi_transcript_pieces_dropped_total",
     "Transcript pieces never stored: the in-memory queue overflowed during a Redis outage, or the "
     "gateway stopped before Redis answered; by reason.", ["reason"])
+REFUSALS_NOT_STORED = Counter(
+    "moshimoshi_refused_calls_not_stored_total",
+    "Refused calls (ended before their answer) left out of the shared record of refusals: its queue "
+    "overflowed while Redis refused writes, or the gateway stopped first; by reason. They are still "
+    "counted in moshimoshi_calls_total.", ["reason"])
 DTMF_DIGITS = Counter("moshimoshi_dtmf_digits_total", "DTMF digits received (RFC 4733 or SIP INFO).")
 SIP_INFO = Counter("moshimoshi_sip_info_requests_total",
                    "In-dialog SIP INFO requests by outcome: dtmf (a digit reported), empty (keep-alive), "

@@ -53,9 +53,21 @@ class ApiGateway:
         call = Call("sip", from_uri=from_uri, to_uri="sip:agent@gateway.test", sip_call_id="sip-1",
                     source="192.0.2.10:5060", codec="PCMU", identity=identity, gateway_id=gateway.gateway_id)
         gateway.lifecycle.begin(call)
-        gateway.recorder.create(call)
         call.record.worker_id, call.record.slot, call.record.sampling = worker_id, slot, sampling
         gateway.lifecycle.answered(call)
+        return call
+
+    def refuse_call(self, reason: str = "rejected-busy", status: int | None = 503, *,
+                    identity: CallerIdentity | None = None, detail: str = "all agents busy") -> Call:
+        """A call arriving and refused before its answer, as the lifecycle ends one."""
+        gateway = self.gateway
+        call = Call("sip", from_uri="sip:+819012345678@192.0.2.10", to_uri="sip:agent@gateway.test",
+                    sip_call_id="sip-r", source="192.0.2.10:5060", sip_transport="UDP",
+                    identity=identity, gateway_id=gateway.gateway_id)
+        gateway.lifecycle.begin(call)
+        call.refused_status = status
+        call.end(reason, detail)
+        gateway.lifecycle.finish(call)
         return call
 
     @staticmethod
@@ -75,6 +87,8 @@ class ApiGateway:
         await self.gateway.recorder.settle(timeout)
         if self.gateway.transcript_store is not None:
             assert await self.gateway.transcript_store.flush(timeout)
+        if self.gateway.refusal_store is not None:
+            assert await self.gateway.refusal_store.flush(timeout)
 
 
 def identity_of(*headers: str, dialled: str = "0501234567") -> CallerIdentity:

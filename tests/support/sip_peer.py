@@ -187,3 +187,75 @@ def _unvalidated(data: bytes) -> Response | None:
         if colon:
             headers.add(name.strip(), value.strip())
     return Response(int(status_line[1]), status_line[2] if len(status_line) > 2 else "", headers)
+
+
+# -- many INVITE transactions over one socket (refused-call floods) ----------------------------
+
+
+def _offer(media: str) -> str:
+    return f"v=0\r\no=peer 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n{media}\r\n"
+
+
+PCMU_OFFER = _offer("m=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000")
+G729_OFFER = _offer("m=audio 40000 RTP/AVP 18\r\na=rtpmap:18 G729/8000")  # no codec in common: 488
+CALLER_NUMBER = "+819012345678"
+DIALLED_NUMBER = "0312345678"
+
+
+class InviteCaller:
+    """One UDP socket, many INVITE transactions at once (responses routed by Call-ID): each
+    INVITE is sent, optionally CANCELled once it rings, and its final response ACKed.
+    From ``CALLER_NUMBER`` to ``DIALLED_NUMBER``."""
+
+    def __init__(self, peer: RawPeer, port: int, host: str = "127.0.0.1") -> None:
+        self.peer = peer
+        self.target = (host, port)
+        self.waiting: dict[str, asyncio.Queue[Response]] = {}
+        self.reader = asyncio.create_task(self._route())
+
+    def request(self, method: str, call_id: str, via: str, *, body: str = "", to_tag: str = "") -> bytes:
+        peer = self.peer
+        uri = f"sip:{DIALLED_NUMBER}@{format_host(self.target[0])}:{self.target[1]}"
+        typed = "Content-Type: application/sdp\r\n" if body else ""
+        to = f"<{uri}>" + (f";tag={to_tag}" if to_tag else "")
+        return (f"{method} {uri} SIP/2.0\r\nVia: SIP/2.0/UDP {peer.host}:{peer.port};branch={via};rport\r\n"
+                f"Max-Forwards: 70\r\nFrom: <sip:{CALLER_NUMBER}@{peer.host}>;tag=t{call_id[:8]}\r\nTo: {to}\r\n"
+                f"Call-ID: {call_id}\r\nCSeq: 1 {method}\r\nContact: <sip:caller@{peer.host}:{peer.port}>\r\n"
+                f"{typed}Content-Length: {len(body.encode())}\r\n\r\n{body}").encode()
+
+    async def _route(self) -> None:
+        while True:
+            message = await self.peer.queue.get()
+            if isinstance(message, Response):
+                queue = self.waiting.get(message.call_id)
+                if queue is not None:
+                    queue.put_nowait(message)
+
+    @staticmethod
+    async def _next(queue: asyncio.Queue[Response], predicate, within: float) -> Response:
+        while True:
+            response = await asyncio.wait_for(queue.get(), within)
+            if response.headers.get("CSeq", "").endswith("INVITE") and predicate(response.status):
+                return response
+
+    async def call(self, offer: str, *, cancel: bool = False, within: float = 30.0) -> int:
+        """One INVITE: its final status (after the CANCEL when ``cancel``: 487)."""
+        call_id = secrets.token_hex(10)
+        via = branch()
+        queue: asyncio.Queue[Response] = asyncio.Queue()
+        self.waiting[call_id] = queue
+        try:
+            self.peer.send(self.request("INVITE", call_id, via, body=offer), self.target)
+            if cancel:
+                await self._next(queue, lambda status: status == 180, within)  # ringing: queued for a slot
+                self.peer.send(self.request("CANCEL", call_id, via), self.target)
+            final = await self._next(queue, lambda status: status >= 200, within)
+            to_tag = (final.headers.get("To") or "").partition("tag=")[2]
+            self.peer.send(self.request("ACK", call_id, via, to_tag=to_tag), self.target)
+            return final.status
+        finally:
+            del self.waiting[call_id]
+
+    async def close(self) -> None:
+        self.reader.cancel()
+        await self.peer.close()

@@ -53,6 +53,7 @@ class Call:
         self.pipeline = MediaPipeline(to_model=self.send_to_model)
         self.session: WorkerSession | None = None
         self.failovers = 0
+        self.refused_status: int | None = None  # ended before its answer: the status its caller got
         self.transcript: list[TranscriptEvent] = []
         self.on_transcript: tp.Callable[[Call, TranscriptEvent], None] | None = None
         self.ended = asyncio.Event()

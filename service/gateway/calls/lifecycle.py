@@ -3,19 +3,24 @@
 An ingress (``ingress/sip.py``, ``ingress/webrtc.py``) turns its signalling into a
 :class:`Leg` and hands it, with a new :class:`Call`, to :meth:`CallLifecycle.run`::
 
-    begin ─▶ admission ─▶ leg.prepare ─▶ record ─▶ slot claim ─▶ leg.answer ─▶ answered ─▶ converse
-    (table,   (503 when    (offer, media    (Redis)   (queue; leg.queued:  (200 OK, or     (record)    (supervision,
-     taps,    draining or  resources:                  180 ringing; caller  SDP answer                  failover,
-     transcript) unready)  488/400, 503)               may leave: CANCEL)   and ICE)                    leg.watch)
-                                                                                                              │
-    finish ◀── call.release ◀── leg.close ◀───────────── (every exit path) ◀────── leg.hang_up ◀── play out ◀─┘
-    (record end, transcript end, metrics, on_end hooks: webhook, call stats)
+    begin ─▶ admission ─▶ leg.prepare ─▶ slot claim ─▶ leg.answer ─▶ answered ─▶ converse
+    (table,   (503 when    (offer, media    (queue; leg.queued:  (200 OK, or     (record and   (supervision,
+     taps,    draining or  resources:       180 ringing; caller  SDP answer      transcript    failover,
+     transcript) unready)  488/400, 503)    may leave: CANCEL)   and ICE)        in Redis)     leg.watch)
+                                                                                                    │
+    finish ◀── call.release ◀── leg.close ◀─────── (every exit path) ◀────── leg.hang_up ◀── play out ◀─┘
+    (answered: record end, transcript end; else: the record of refusals; metrics, on_end hooks)
 
 A slot is claimed before the call is answered (the caller hears ringing while queued), so
 a call is never answered only to be dropped. Whatever ends the call (a refusal, the
 caller leaving, an error, the gateway stopping, cancellation) the leg's resources, the
 worker session with its lease, and the call's record and transcript are released and
 closed, in that order, once.
+
+Only an answered call is stored: its record and transcript go to Redis from its answer on
+(they live for the retention). A call that ends before its answer (refused, or left by
+its caller) creates nothing there: it is counted and kept, bounded and short-lived, in the
+record of refusals (``refusals.py``), which ``GET /v1/refusals`` and ``GET /v1/calls`` show.
 
 Where the next features attach (none of them touches an ingress's signalling code):
 
@@ -54,9 +59,11 @@ import time
 import typing as tp
 from dataclasses import dataclass
 
+from service.call_record import CallRecord
 from service.gateway import metrics
-from service.gateway.calls.call import Call
+from service.gateway.calls.call import Call, new_call_id
 from service.gateway.calls.recorder import CallRecorder
+from service.gateway.calls.refusals import RefusalLog, RefusedCall
 from service.gateway.calls.table import CallTable
 from service.gateway.calls.transcript import TranscriptEvent, TranscriptFeed
 from service.gateway.media.pipeline import Digit
@@ -137,11 +144,13 @@ class CallLifecycle:
     """Runs every call of this gateway (see the module docstring)."""
 
     def __init__(self, *, router: Router, table: CallTable, recorder: CallRecorder, transcripts: TranscriptFeed,
-                 queue_seconds: float, rtp_timeout_seconds: float, admission: tp.Callable[[], str | None]) -> None:
+                 queue_seconds: float, rtp_timeout_seconds: float, admission: tp.Callable[[], str | None],
+                 refusals: RefusalLog | None = None) -> None:
         self.router = router
         self.table = table
         self.recorder = recorder
         self.transcripts = transcripts
+        self.refusals = refusals if refusals is not None else RefusalLog()
         self.queue_seconds = queue_seconds
         self.rtp_timeout_seconds = rtp_timeout_seconds  # 0: never hang up on a silent caller
         self.admission = admission  # None when new calls are taken, else why not (draining, unready)
@@ -156,6 +165,15 @@ class CallLifecycle:
             return None
         return Refusal(503, reason, f"rejected-{reason}", retry_after=True)
 
+    def refused_before_call(self, ingress: str, refusal: Refusal, *, gateway_id: str = "") -> None:
+        """An ingress refused an offer before making a call of it (``refusal()`` said no):
+        counted, and kept in the record of refusals like a refused call."""
+        now = time.time()
+        record = CallRecord(call_id=new_call_id(), ingress=ingress, gateway_id=gateway_id, started_at=now,
+                            ended_at=now, end_reason=refusal.outcome, end_detail=refusal.detail)
+        metrics.CALLS_TOTAL.labels(ingress, refusal.outcome).inc()
+        self.refusals.add(RefusedCall.of(record, refusal.status))
+
     async def run(self, call: Call, leg: Leg) -> None:
         """The call from arrival to release (returns when everything is released)."""
         self.begin(call)
@@ -165,7 +183,6 @@ class CallLifecycle:
                 metrics.REJECTED_CALLS.labels(refusal.outcome.removeprefix("rejected-")).inc()
                 raise Refused(refusal)
             await leg.prepare(call)
-            self.recorder.create(call)
             if not await self._claim(call, leg):
                 return
             if not await leg.answer(call):
@@ -173,10 +190,14 @@ class CallLifecycle:
             self.answered(call)
             await self._converse(call, leg)
         except Refused as exc:
+            refusal = exc.refusal
             with contextlib.suppress(PeerLeft):
-                await leg.refuse(exc.refusal)
-            call.end(exc.refusal.outcome)
+                await leg.refuse(refusal)
+                call.refused_status = refusal.status
+            call.end(refusal.outcome, refusal.detail)
         except PeerLeft as exc:
+            if exc.reason == "cancelled":
+                call.refused_status = 487  # the SIP stack's answer to a CANCEL
             call.end(exc.reason)
         except asyncio.CancelledError:
             call.end("gateway-stopped")
@@ -186,6 +207,7 @@ class CallLifecycle:
             call.end("error")
             with contextlib.suppress(Exception):
                 await leg.refuse(INTERNAL_ERROR)
+                call.refused_status = INTERNAL_ERROR.status
         finally:
             await leg.close(call)
             await call.release()
@@ -236,8 +258,12 @@ class CallLifecycle:
         return not call.ended.is_set()
 
     def answered(self, call: Call) -> None:
+        """The call is answered: from now on it is stored (its record, and its transcript
+        with the pieces that came before the answer)."""
         call.mark_answered()
-        self.recorder.answered(call)
+        self.recorder.create(call)
+        for seq, event in enumerate(list(call.transcript)):
+            self.transcripts.store(call.id, seq, event)
 
     def media_changed(self, call: Call) -> None:
         """The call's media was agreed after the answer (SIP: the answer came in the ACK)."""
@@ -276,14 +302,18 @@ class CallLifecycle:
             return
         call.mark_ended()
         call.record.quality = call.quality()
-        self.table.remove(call)
+        self.table.remove(call, keep=call.answered)
         record = call.record
         metrics.CALLS_ACTIVE.labels(call.ingress).dec()
         metrics.CALLS_TOTAL.labels(call.ingress, record.end_reason or "unknown").inc()
-        if record.answered_at is not None and record.ended_at is not None:
-            metrics.CALL_DURATION.observe(record.ended_at - record.answered_at)
-        self.recorder.end(call)
-        self.transcripts.end(call.id, record.end_reason or "unknown")
+        if call.answered:
+            if record.answered_at is not None and record.ended_at is not None:
+                metrics.CALL_DURATION.observe(record.ended_at - record.answered_at)
+            self.recorder.end(call)
+            self.transcripts.end(call.id, record.end_reason or "unknown")
+        else:  # never a call the center had: nothing stored, a short-lived entry at most
+            self.refusals.add(RefusedCall.of(record, call.refused_status, call.identity))
+            self.transcripts.end(call.id, record.end_reason or "unknown", store=False)
         for hook in self.on_end:
             try:
                 hook(call)
@@ -295,7 +325,8 @@ class CallLifecycle:
     # -- while calls run ---------------------------------------------------------------
 
     def _on_transcript(self, call: Call, event: TranscriptEvent) -> None:
-        self.transcripts.publish(call.id, len(call.transcript) - 1, event)
+        # stored from the answer on (``answered`` stores what came before)
+        self.transcripts.publish(call.id, len(call.transcript) - 1, event, store=call.answered)
 
     def _on_dtmf(self, call: Call, digit: Digit) -> None:
         metrics.DTMF_DIGITS.inc()

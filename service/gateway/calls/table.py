@@ -48,12 +48,15 @@ class CallTable:
         self.live[call.id] = call
         self.idle.clear()
 
-    def remove(self, call: Call) -> bool:
-        """Move an ended call to the recent ones; False if it was not live."""
+    def remove(self, call: Call, *, keep: bool = True) -> bool:
+        """Move an ended call to the recent ones (just drop it unless ``keep``: a call never
+        answered is kept in the record of refusals instead); False if it was not live."""
         if self.live.pop(call.id, None) is None:
             return False
         if not self.live:
             self.idle.set()
+        if not keep:
+            return True
         self.recent.insert(0, EndedCall(call.record.copy(), list(call.transcript)))
         del self.recent[RECENT_CALLS:]
         return True

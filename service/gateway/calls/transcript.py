@@ -40,14 +40,21 @@ class TranscriptFeed:
     """Hands each call's pieces to its live listeners and to the store (if any)."""
 
     def __init__(self, store: TranscriptSink | None = None) -> None:
-        self.store = store
+        self._store = store
         self.listeners: dict[str, set[asyncio.Queue[TranscriptEvent | None]]] = {}
 
-    def publish(self, call_id: str, seq: int, event: TranscriptEvent) -> None:
+    def publish(self, call_id: str, seq: int, event: TranscriptEvent, *, store: bool = True) -> None:
+        """A new piece to the call's listeners, and to the store unless ``store`` is false
+        (a call not answered yet: see ``store``)."""
         for queue in self.listeners.get(call_id, ()):
             queue.put_nowait(event)
-        if self.store is not None:
-            self.store.append(call_id, seq, event)
+        if store:
+            self.store(call_id, seq, event)
+
+    def store(self, call_id: str, seq: int, event: TranscriptEvent) -> None:
+        """A piece to the store only (a piece that came before the call's answer)."""
+        if self._store is not None:
+            self._store.append(call_id, seq, event)
 
     def subscribe(self, call_id: str) -> asyncio.Queue[TranscriptEvent | None]:
         """A queue of the call's pieces from now on (None once it ended). Snapshot the
@@ -63,9 +70,10 @@ class TranscriptFeed:
             if not listeners:
                 del self.listeners[call_id]
 
-    def end(self, call_id: str, reason: str) -> None:
-        """The call is over: listeners get None, the store its end entry."""
+    def end(self, call_id: str, reason: str, *, store: bool = True) -> None:
+        """The call is over: listeners get None, the store its end entry (unless ``store``
+        is false: a call never answered has nothing stored)."""
         for queue in self.listeners.pop(call_id, set()):
             queue.put_nowait(None)
-        if self.store is not None:
-            self.store.end(call_id, reason)
+        if store and self._store is not None:
+            self._store.end(call_id, reason)

@@ -20,11 +20,13 @@ from service.api.models import (
     HangupResult,
     PoolState,
     Readiness,
+    RefusalList,
+    RefusedCallInfo,
     Transcript,
     TranscriptPiece,
 )
 from service.gateway.calls.lifecycle import CallLifecycle
-from service.gateway.control.directory import CallDirectory, redis_failed
+from service.gateway.control.directory import CallDirectory, redis_failed, refused_fields
 from service.gateway.control.hangups import HangupChannel
 from service.gateway.control.pool_view import PoolView
 from service.gateway.control.transcript_reader import TranscriptReader
@@ -85,6 +87,14 @@ class GatewayControl:
         log.info("call %s: hang-up requested through the API, sent to gateway %s", call_id,
                  found.gateway_id or "(unknown)")
         return HangupResult(call_id=call_id, status="hanging-up", on_this_gateway=False)
+
+    async def refusals(self, *, limit: int) -> RefusalList:
+        summary = await self.directory.refusals.summary(limit=limit)
+        if summary.partial:
+            redis_failed()
+        return RefusalList(window_seconds=summary.window_seconds, total=summary.total, by_reason=summary.by_reason,
+                           refusals=[RefusedCallInfo(id=r.call_id, **refused_fields(r)) for r in summary.latest],
+                           partial=summary.partial)
 
     async def transfer(self, call_id: str, target: str) -> None:
         await self.get_call(call_id)  # 404 first: a transfer of an unknown call is not "not implemented"

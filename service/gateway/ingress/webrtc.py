@@ -105,6 +105,7 @@ class WebRtcIngress:
         if refusal is not None:  # refused before any state is made
             metrics.WEBRTC_OFFERS.labels("unavailable").inc()
             metrics.REJECTED_CALLS.labels(refusal.outcome.removeprefix("rejected-")).inc()
+            self.lifecycle.refused_before_call("webrtc", refusal, gateway_id=self.gateway_id)
             raise OfferRejected(refusal.status, f"not taking calls ({refusal.detail})", retry_after=refusal.retry_after)
         call = Call("webrtc", from_uri=f"webrtc:{source}", source=source, codec="opus/48000",
                     media_encryption="DTLS-SRTP", gateway_id=self.gateway_id)  # WebRTC media: always DTLS-SRTP

@@ -1,0 +1,192 @@
+"""Refused calls in Redis: one capped stream shared by every gateway, and counts per minute.
+
+What a flood of refused INVITEs can make Redis hold is bounded whatever its size:
+
+* ``<prefix>refusals``: a stream of the latest refused calls (``RefusedCall.to_fields``),
+  XADD with an approximate MAXLEN (``max_len``), entries older than the window trimmed
+  (XTRIM MINID), the key expiring ``window`` after its last write;
+* ``<prefix>refusals:count:<minute>``: a hash per minute, reason → count (HINCRBY), each
+  expiring once its minute has left the window: at most ``window / 60 + 2`` small keys.
+  These keep the counts exact when the stream holds only the latest ``max_len``.
+
+Writes are behind, batched, like the transcripts' (``transcript_store.py``): ``append``
+returns at once; while Redis refuses writes (down, or full) entries wait in memory, at most
+``max_pending`` of them, the oldest dropped and counted beyond that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+
+from service.gateway import metrics
+from service.gateway.calls.refusals import RefusedCall
+from service.pool import PoolClient, PoolError
+
+log = logging.getLogger(__name__)
+
+STREAM_MAX_LEN = 1000
+MAX_PENDING = 1000
+BATCH = 200
+RETRY_FIRST_SECONDS = 0.25
+RETRY_MAX_SECONDS = 5.0
+MINUTE = 60
+
+
+class RefusalStore:
+    """Write-behind appends of refused calls to Redis, and reads of them (any replica)."""
+
+    def __init__(self, client: PoolClient, *, window: float, max_len: int = STREAM_MAX_LEN,
+                 max_pending: int = MAX_PENDING, batch: int = BATCH) -> None:
+        if window <= 0:
+            raise ValueError("window must be positive")
+        self.client = client
+        self.window = window
+        self.max_len = max_len
+        self.max_pending = max_pending
+        self.batch = batch
+        self.key = f"{client.keys.prefix}refusals"
+        self._pending: collections.deque[RefusedCall] = collections.deque()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+        self.stored = 0
+        self.dropped = 0
+
+    def count_key(self, minute: int) -> str:
+        return f"{self.key}:count:{minute}"
+
+    # -- writing (never blocks) --------------------------------------------------------
+
+    def append(self, refused: RefusedCall) -> None:
+        self._pending.append(refused)
+        while len(self._pending) > self.max_pending:
+            self._pending.popleft()
+            self._drop("overflow")
+        self._idle.clear()
+        self._wake.set()
+
+    def _drop(self, reason: str, count: int = 1) -> None:
+        self.dropped += count
+        metrics.REFUSALS_NOT_STORED.labels(reason).inc(count)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="refusal-writer")
+
+    async def _run(self) -> None:
+        delay = RETRY_FIRST_SECONDS
+        failures = 0
+        while True:
+            if not self._pending:
+                self._idle.set()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = [self._pending.popleft() for _ in range(min(self.batch, len(self._pending)))]
+            try:
+                await self._write(batch)
+            except PoolError as exc:
+                self._pending.extendleft(reversed(batch))
+                while len(self._pending) > self.max_pending:
+                    self._pending.popleft()
+                    self._drop("overflow")
+                failures += 1
+                metrics.REDIS_ERRORS.labels("refusal-log").inc()
+                if failures == 1 or delay >= RETRY_MAX_SECONDS:
+                    log.warning("refused calls not stored yet (%d waiting, retry in %.2fs): %s",
+                                len(self._pending), delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(RETRY_MAX_SECONDS, delay * 2)
+                continue
+            except asyncio.CancelledError:
+                self._pending.extendleft(reversed(batch))
+                raise
+            delay, failures = RETRY_FIRST_SECONDS, 0
+            self.stored += len(batch)
+
+    async def _write(self, batch: list[RefusedCall]) -> None:
+        window_ms = round(self.window * 1000)
+        counts: dict[int, collections.Counter[str]] = {}
+        for refused in batch:
+            counts.setdefault(int(refused.ended_at // MINUTE), collections.Counter())[refused.reason] += 1
+        oldest_ms = round((time.time() - self.window) * 1000)
+        async with self.client.guard("store refused calls"):
+            async with self.client.redis.pipeline(transaction=False) as pipe:
+                for refused in batch:
+                    pipe.xadd(self.key, refused.to_fields(), maxlen=self.max_len, approximate=True)
+                pipe.xtrim(self.key, minid=f"{max(0, oldest_ms)}-0", approximate=True)
+                pipe.pexpire(self.key, window_ms)
+                for minute, by_reason in counts.items():
+                    key = self.count_key(minute)
+                    for reason, count in by_reason.items():
+                        pipe.hincrby(key, reason, count)
+                    pipe.pexpireat(key, round(((minute + 1) * MINUTE + self.window) * 1000))
+                await pipe.execute()
+
+    async def flush(self, timeout: float) -> bool:
+        """Wait until every queued entry is stored; False if that took longer than ``timeout``."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+            return True
+        except TimeoutError:
+            return False
+
+    async def close(self, timeout: float = 2.0) -> None:
+        """Store what is queued (for up to ``timeout``), then stop; the rest is counted dropped."""
+        if self._task is not None:
+            await self.flush(timeout)
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._pending:
+            self._drop("shutdown", len(self._pending))
+            self._pending.clear()
+        self._idle.set()
+
+    # -- reading (any replica) ---------------------------------------------------------
+
+    async def latest(self, *, since: float, limit: int) -> list[RefusedCall]:
+        """Refused calls of every gateway that ended at or after ``since``, newest first.
+        Raises PoolError."""
+        low = f"{max(0, round(since * 1000))}-0"
+        async with self.client.guard("read refused calls"):
+            entries = await self.client.redis.xrevrange(self.key, "+", low, count=limit)
+        found = []
+        for _, fields in entries:
+            refused = RefusedCall.from_fields(fields)
+            if refused is not None and refused.ended_at >= since:
+                found.append(refused)
+        return found
+
+    async def find(self, call_id: str) -> RefusedCall | None:
+        """One refused call by its id, among those the stream still holds. Raises PoolError."""
+        async with self.client.guard("read refused calls"):
+            entries = await self.client.redis.xrevrange(self.key, "+", "-", count=self.max_len * 2)
+        for _, fields in entries:
+            if fields.get("call_id") == call_id:
+                return RefusedCall.from_fields(fields)
+        return None
+
+    async def counts(self, *, since: float, now: float | None = None) -> dict[str, int]:
+        """Refused calls of every gateway by reason, in the minutes from ``since``'s to now's.
+        Raises PoolError."""
+        now = time.time() if now is None else now
+        minutes = range(int(since // MINUTE), int(now // MINUTE) + 1)
+        async with self.client.guard("read refused calls"):
+            async with self.client.redis.pipeline(transaction=False) as pipe:
+                for minute in minutes:
+                    pipe.hgetall(self.count_key(minute))
+                replies = await pipe.execute()
+        total: collections.Counter[str] = collections.Counter()
+        for reply in replies:
+            for reason, count in reply.items():
+                with contextlib.suppress(ValueError):
+                    total[reason] += int(count)
+        return dict(total)
