@@ -164,7 +164,7 @@ class Dialog:
 
     # -- timers ---------------------------------------------------------------------------
 
-    def _set_timer(self, name: str, delay: float, callback: Callable[[], None]) -> None:
+    def _set_timer(self, name: str, delay: float, callback: Callable[[], object]) -> None:
         self._clear_timer(name)
         self._timers[name] = self.ua.loop.call_later(delay, callback)
 

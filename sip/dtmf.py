@@ -188,7 +188,7 @@ class DtmfSender:
         if not 0 < total <= MAX_DURATION:
             raise ValueError(f"duration {duration_ms} ms does not fit one event (1..{MAX_DURATION} samples)")
         step = self.update_ms * self.clock_rate / 1000
-        packets = []
+        packets: list[DtmfPacket] = []
         elapsed = 0.0
         while elapsed < total:
             event = TelephoneEvent(code, False, self.volume, int(elapsed))

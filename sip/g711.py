@@ -36,7 +36,7 @@ PCMA = G711Codec("PCMA", 8, 0xD5)
 CODECS: dict[str, G711Codec] = {PCMU.name: PCMU, PCMA.name: PCMA}
 CODECS_BY_PAYLOAD_TYPE: dict[int, G711Codec] = {PCMU.payload_type: PCMU, PCMA.payload_type: PCMA}
 
-_ENCODE: dict[str, Callable[[PcmLike, int], bytes]] = {"PCMU": audioop.lin2ulaw, "PCMA": audioop.lin2alaw}
+_ENCODE: dict[str, Callable[[bytes | bytearray | memoryview, int], bytes]] = {"PCMU": audioop.lin2ulaw, "PCMA": audioop.lin2alaw}
 _DECODE: dict[str, Callable[[bytes, int], bytes]] = {"PCMU": audioop.ulaw2lin, "PCMA": audioop.alaw2lin}
 
 
@@ -55,13 +55,13 @@ def codec_for_payload_type(payload_type: int) -> G711Codec:
     return found
 
 
-def _pcm_buffer(pcm: PcmLike) -> PcmLike:
+def _pcm_buffer(pcm: PcmLike) -> bytes | bytearray | memoryview:
     if isinstance(pcm, np.ndarray):
         if pcm.dtype != np.int16:
             raise TypeError(f"PCM must be int16, got {pcm.dtype}")
         if pcm.ndim != 1:
             raise ValueError(f"PCM must be mono (1-D), got shape {pcm.shape}")
-        return np.ascontiguousarray(pcm)
+        return np.ascontiguousarray(pcm).data
     if len(pcm) % 2:
         raise ValueError(f"PCM16 bytes must have an even length, got {len(pcm)}")
     return pcm

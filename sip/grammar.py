@@ -40,6 +40,13 @@ def char_run(chars: frozenset[str], negate: bool = False) -> re.Pattern[str]:
     return pattern
 
 
+def run_end(pattern: re.Pattern[str], text: str, start: int = 0) -> int:
+    """Where the run that ``pattern`` (a :func:`char_run`) matches at ``start`` ends."""
+    match = pattern.match(text, start)
+    assert match is not None  # a [chars]* pattern matches every text, if only emptily
+    return match.end()
+
+
 _TOKEN = char_run(TOKEN_CHARS)
 _WS = char_run(frozenset(WS))
 
@@ -197,7 +204,7 @@ class Scanner:
 
     def skip_ws(self) -> bool:
         start = self.pos
-        self.pos = _WS.match(self.text, start).end()
+        self.pos = run_end(_WS, self.text, start)
         return self.pos > start
 
     def accept(self, char: str) -> bool:
@@ -213,12 +220,12 @@ class Scanner:
 
     def read_while(self, chars: frozenset[str]) -> str:
         start = self.pos
-        self.pos = char_run(chars).match(self.text, start).end()
+        self.pos = run_end(char_run(chars), self.text, start)
         return self.text[start:self.pos]
 
     def read_until(self, stops: str) -> str:
         start = self.pos
-        self.pos = char_run(frozenset(stops), negate=True).match(self.text, start).end()
+        self.pos = run_end(char_run(frozenset(stops), negate=True), self.text, start)
         return self.text[start:self.pos]
 
     def token(self, what: str = "a token") -> str:

@@ -59,6 +59,7 @@ from sip.jitterbuffer import JitterBuffer
 from sip.rtcp import (
     Bye,
     ReceiverReport,
+    ReportBlock,
     RtcpPacket,
     RtcpParseError,
     SenderReport,
@@ -177,8 +178,9 @@ class _Datagrams(asyncio.DatagramProtocol):
     def __init__(self, on_datagram: Callable[[bytes, tuple], None], on_error: Callable[[Exception], None]) -> None:
         self.on_datagram = on_datagram
         self.on_error = on_error
-        # the loop looks the handler up on every datagram: hand it the session's directly
-        self.datagram_received = on_datagram  # type: ignore[method-assign]
+        # the loop looks the handler up on every datagram: hand it the session's directly (an
+        # attribute shadowing the method on purpose, which mypy cannot express)
+        self.datagram_received = on_datagram  # type: ignore[method-assign,assignment]
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
         self.on_datagram(data, addr)
@@ -282,7 +284,7 @@ class RtpSession:
         self.packets_srtp_auth_failed = 0
         self.remote_bye = False
         self.on_bye: Callable[[str | None], object] | None = None
-        self._remote_report = None
+        self._remote_report: ReportBlock | None = None
         self._rtt: float | None = None
         # our NTP clock: wall time at start, advanced by the monotonic loop clock
         self._wall_origin = time.time()
@@ -621,7 +623,7 @@ class RtpSession:
                                                         else timestamp_increment)) & 0xFFFFFFFF
             return False
         media = timestamp is None
-        stamp = self.timestamp if media else timestamp
+        stamp = self.timestamp if timestamp is None else timestamp
         data = _RTP_HEADER.pack(0x80, (0x80 if marker else 0) | (self.payload_type if payload_type is None
                                                                    else payload_type),
                                 self._sequence, stamp, self.ssrc) + payload

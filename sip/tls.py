@@ -72,8 +72,8 @@ def client_context(ca_file: str | None = None, *, verify: bool = True, cert_file
     return context
 
 
-def _signature(paths: tuple[str, ...]) -> tuple:
-    out = []
+def _signature(paths: tuple[str, ...]) -> tuple[tuple[int, int, int] | None, ...]:
+    out: list[tuple[int, int, int] | None] = []
     for path in paths:
         try:
             st = os.stat(path)

@@ -493,8 +493,8 @@ class TransactionLayer:
     def stop(self) -> None:
         for transaction in list(self.server.values()):
             transaction.terminate()
-        for transaction in list(self.client.values()):
-            transaction.fail(503, "Service Unavailable (stopping)")
+        for client in list(self.client.values()):
+            client.fail(503, "Service Unavailable (stopping)")
 
     def counts(self) -> dict[str, int]:
         return {"server_transactions": len(self.server), "client_transactions": len(self.client)}

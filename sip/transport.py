@@ -182,7 +182,7 @@ class TcpConnection(asyncio.Protocol):
         self.source = source_key(self.remote[0])
         if not self.owner._register(self):
             self.closed = True
-            transport.abort()
+            self.transport.abort()
             self._fail_ready(TransportError("connection refused locally (limit)"))
             return
         self._registered = True
@@ -626,7 +626,7 @@ class Transport:
             tls = self.tls_client_context() if flow.transport == "TLS" else None
             server_name = flow.server_name or flow.host
             try:
-                _, connection = await asyncio.wait_for(
+                _, opened = await asyncio.wait_for(
                     self._loop.create_connection(
                         lambda: TcpConnection(self, tls, inbound=False, server_hostname=server_name),
                         flow.host, flow.port),
@@ -634,7 +634,8 @@ class Transport:
             except (TimeoutError, OSError) as exc:
                 raise TransportError(f"cannot connect to {flow.host}:{flow.port} over {flow.transport}: "
                                      f"{exc}") from exc
-            await connection.ready  # TransportError: refused locally, handshake failed or timed out
+            await opened.ready  # TransportError: refused locally, handshake failed or timed out
+            connection = opened
         return Flow(flow.transport, flow.host, flow.port, connection, flow.server_name)
 
     def _register(self, connection: TcpConnection) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from sip.errors import SipParseError
 from sip.grammar import (
@@ -19,6 +20,7 @@ from sip.grammar import (
     PASSWORD_CHARS,
     USER_CHARS,
     char_run,
+    run_end,
     shown,
 )
 
@@ -68,7 +70,7 @@ def unescape(text: str, where: str) -> str:
 
 
 def _check_chars(text: str, allowed: frozenset[str], what: str, where: str) -> str:
-    run = char_run(allowed | {"%"}).match(text).end()
+    run = run_end(char_run(allowed | {"%"}), text)
     if run != len(text):
         raise SipParseError(f"{where}: character {text[run]!r} not allowed in the {what} of {shown(text)}")
     return unescape(text, where)
@@ -89,7 +91,7 @@ def check_host(host: str, where: str) -> str:
         if len(parts) != 4 or not all(p and len(p) <= 3 and int(p) <= 255 for p in parts):
             raise SipParseError(f"{where}: {host!r} is not an IPv4 address")
         return host
-    run = char_run(HOSTNAME_CHARS).match(host).end()
+    run = run_end(char_run(HOSTNAME_CHARS), host)
     if run != len(host):
         raise SipParseError(f"{where}: character {host[run]!r} not allowed in host {shown(host)}")
     if ".." in host or host.startswith("."):
@@ -210,8 +212,8 @@ class SipUri:
     def without_headers(self) -> SipUri:
         return self if not self._headers else self._copy(headers=())
 
-    def _copy(self, **changes) -> SipUri:
-        fields = dict(host=self.host, user=self.user, password=self.password, port=self.port,
+    def _copy(self, **changes: Any) -> SipUri:
+        fields: dict[str, Any] = dict(host=self.host, user=self.user, password=self.password, port=self.port,
                       scheme=self.scheme, params=self._params, headers=self._headers)
         fields.update(changes)
         return SipUri(**fields)
