@@ -14,6 +14,9 @@ import os
 import typing as tp
 from collections.abc import Mapping
 
+if tp.TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 ENV_PREFIX = "MOSHIMOSHI_"
 
 # The sections of ``--help``, in the order shown; every setting names one (``group=``).
@@ -202,7 +205,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *,
                                 help=help_text(field))
 
 
-T = tp.TypeVar("T")
+T = tp.TypeVar("T", bound="DataclassInstance")
 
 
 def load(cls: type[T], args: argparse.Namespace | None = None,
@@ -210,7 +213,7 @@ def load(cls: type[T], args: argparse.Namespace | None = None,
     """Build ``cls`` from defaults < environment < CLI flags < keyword overrides, validated."""
     environ = os.environ if environ is None else environ
     values: dict[str, tp.Any] = {}
-    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+    for field in dataclasses.fields(cls):
         annotation = _field_type(cls, field)
         value: tp.Any = dataclasses.MISSING
         label = env_name(field)

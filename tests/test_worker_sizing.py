@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
 
 import pytest
 from websockets.asyncio.client import connect
@@ -191,6 +192,23 @@ def test_context_seconds_sets_the_kv_ring_and_memory_per_slot(tiny_dir):
 def test_a_context_longer_than_the_checkpoints_is_refused_naming_the_setting(tiny_dir):
     with pytest.raises(ContextError, match=r"MOSHIMOSHI_CONTEXT_SECONDS=300 exceeds this checkpoint's context of 240 s"):
         build_engine(worker_settings(model=str(tiny_dir), slots=1, context_seconds=300))
+
+
+def test_a_checkpoint_without_a_context_needs_the_setting(tiny_dir, tmp_path):
+    # moshi streams only with a bounded KV ring: a config.json without "context" must name
+    # the setting that bounds it, not fail later on the missing number
+    bare = tmp_path / "no-context"
+    shutil.copytree(tiny_dir, bare)
+    config = json.loads((bare / "config.json").read_text())
+    del config["context"]
+    (bare / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ContextError, match=r"declares no context length.*MOSHIMOSHI_CONTEXT_SECONDS"):
+        build_engine(worker_settings(model=str(bare), slots=1))
+    engine = build_engine(worker_settings(model=str(bare), slots=1, context_seconds=10))
+    try:
+        assert engine.info.context_steps == 125
+    finally:
+        engine.close()
 
 
 def test_step_watch_needs_three_slow_steps_and_forgets_after_the_window():

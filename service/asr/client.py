@@ -97,6 +97,7 @@ class AsrWorkerFinder:
         async with self._lock:
             if time.monotonic() - self._read_at < FINDER_CACHE_SECONDS:
                 return self._cache
+            assert self.registry is not None  # asked only without a fixed URL
             try:
                 workers = await self.registry.workers()
             except PoolError as exc:

@@ -27,6 +27,9 @@ from service.asr.runtime import AsrRuntime
 from service.config import ConfigError
 from service.settings import DEFAULT_ASR_MODEL, AsrSettings
 
+if tp.TYPE_CHECKING:
+    from service.pool import WorkerRegistration
+
 log = logging.getLogger("service.asr")
 
 WS_MAX_BYTES = 2**20 + 4096  # one 30 s utterance of PCM16 at 16 kHz is 960 000 bytes
@@ -87,7 +90,7 @@ class AsrMembership:
         self.url = settings.advertise_url or default_advertise_url(settings.host, port)
         self.worker_id = settings.worker_id or f"asr-{socket.gethostname()}-{port}"
         self.client = connect(settings.redis_url)
-        self.registration = None
+        self.registration: WorkerRegistration | None = None
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:

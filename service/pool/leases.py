@@ -128,12 +128,12 @@ class SlotLeases:
         """True only if the slot's current lease carries exactly ``token``."""
         async with self.client.guard("validate"):
             value = await self.client.redis.get(self.keys.lease(worker_id, slot))
-        parsed = parse_lease_value(value)
+        parsed = parse_lease_value(tp.cast(str | None, value))  # str: the client decodes replies
         return parsed is not None and parsed[0] == token
 
     @contextlib.asynccontextmanager
     async def hold(self, lease: Lease, *, renew_every: float | None = None,
-                   on_lost: tp.Callable[[Lease], None] | None = None) -> AsyncIterator[LeaseHolder]:
+                   on_lost: tp.Callable[[Lease], object] | None = None) -> AsyncIterator[LeaseHolder]:
         """Keep ``lease`` alive for the body (renewing every TTL/3) and release it on exit,
         however the body ends (cancellation included). ``on_lost`` runs once if the lease is
         fenced out; Redis outages are ridden out (renew re-creates the lease afterwards).
@@ -150,7 +150,7 @@ class LeaseHolder:
     """Renews one lease in the background until closed; then releases it."""
 
     def __init__(self, leases: SlotLeases, lease: Lease, *, renew_every: float | None = None,
-                 on_lost: tp.Callable[[Lease], None] | None = None) -> None:
+                 on_lost: tp.Callable[[Lease], object] | None = None) -> None:
         self.leases = leases
         self.lease = lease
         self.renew_every = renew_every if renew_every is not None else lease.ttl_ms / 3000

@@ -319,7 +319,8 @@ class RegistryReader:
         lease on each held slot."""
         redis = self.client.redis
         async with self.client.guard("list workers"):
-            members = await redis.zrange(self.keys.workers, 0, -1, withscores=True)
+            members = tp.cast(list[tuple[str, float]],  # decoded replies
+                              await redis.zrange(self.keys.workers, 0, -1, withscores=True))
             ids = sorted((str(member), float(score)) for member, score in members)
             async with redis.pipeline(transaction=False) as pipe:
                 for worker_id, _ in ids:

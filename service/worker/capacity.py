@@ -44,13 +44,15 @@ def set_context(lm: tp.Any, seconds: float | None) -> int:
 
     Call before any engine enters streaming: the ring is sized when streaming starts.
     Raises :class:`ContextError` past the checkpoint's own context: the model never
-    attended further than that in training.
+    attended further than that in training; and without ``seconds`` for a checkpoint that
+    declares none: moshi streams only with a bounded KV ring.
     """
     trained = getattr(lm, "_moshimoshi_trained_context", lm.context)
     lm._moshimoshi_trained_context = trained  # what the checkpoint came with, across calls
     steps = trained if seconds is None else context_steps(seconds)
     if steps is None:
-        return steps
+        raise ContextError('this checkpoint declares no context length (no "context" in its config.json): '
+                           "set MOSHIMOSHI_CONTEXT_SECONDS")
     if trained is not None and steps > trained:
         raise ContextError(f"MOSHIMOSHI_CONTEXT_SECONDS={seconds:g} exceeds this checkpoint's context of "
                            f"{trained / FRAME_RATE:g} s ({trained} steps); choose at most that")

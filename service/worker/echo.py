@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import collections
 import math
+import typing as tp
 
 import numpy as np
 
 from service.wire import FRAME_SAMPLES, FRAME_SECONDS
 from service.worker.checkpoint import ModelInfo
-from service.worker.engine_api import NO_TOKEN, StepOutput
+from service.worker.engine_api import NO_TOKEN, StepOutput, TextTokenizer
+
+if tp.TYPE_CHECKING:
+    from service.worker.sizing import SlotSizing
 
 
 class EchoEngine:
     """Each input frame comes back as output after ``delay_ms``."""
 
     clocked = False
-    tokenizer = None
+    tokenizer: TextTokenizer | None = None
+    sizing: SlotSizing | None = None
     text_padding_ids: frozenset[int] = frozenset()
 
     def __init__(self, batch_size: int, delay_ms: int = 0, *, clocked: bool = False) -> None:

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+import typing as tp
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from service.wire import FRAME_SAMPLES
 from service.worker.capacity import fill_rings, kv_bytes_per_slot
 from service.worker.checkpoint import LoadedModel, ModelInfo, check_moshi_version
 from service.worker.engine_api import NO_TOKEN, StepOutput, TextTokenizer
+
+if tp.TYPE_CHECKING:
+    from service.worker.sizing import SlotSizing
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,7 @@ class MoshiEngine:
     """B slots of one Moshi checkpoint; see the module docstring for the per-slot rules."""
 
     clocked = True
+    sizing: SlotSizing | None = None
 
     def __init__(
         self,
@@ -75,7 +80,7 @@ class MoshiEngine:
         if self.device.type == "cuda":
             torch.cuda.manual_seed_all(seed)
 
-        sampling = dict(DEFAULT_SAMPLING)
+        sampling: dict[str, tp.Any] = dict(DEFAULT_SAMPLING)  # LMGen's keyword arguments, some from JSON
         sampling.update({k: v for k, v in model.checkpoint.lm_gen_config.items() if k in sampling})
         overrides = {"temp": temp, "temp_text": temp_text, "top_k": top_k, "top_k_text": top_k_text}
         sampling.update({k: v for k, v in overrides.items() if v is not None})

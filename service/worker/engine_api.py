@@ -9,6 +9,9 @@ import numpy as np
 
 from service.worker.checkpoint import ModelInfo
 
+if tp.TYPE_CHECKING:
+    from service.worker.sizing import SlotSizing
+
 NO_TOKEN = -1  # text token of a slot that produced none this step (idle, or not yet generating)
 
 
@@ -41,8 +44,11 @@ class Engine(tp.Protocol):
     clocked: bool
     tokenizer: TextTokenizer | None
     text_padding_ids: frozenset[int]
+    sizing: SlotSizing | None  # how B was chosen, when it was measured (set by build_engine)
 
-    def warm_up(self) -> None: ...
+    def warm_up(self) -> float:
+        """Run every code path once before the first call; the seconds it took."""
+        ...
 
     def step(self, inputs: np.ndarray, active: np.ndarray, fresh: np.ndarray) -> StepOutput:
         """Step every slot: ``inputs`` [B, 1920] float32, ``active`` [B] bool (slots with a

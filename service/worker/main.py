@@ -120,7 +120,7 @@ def build_engine(settings: WorkerSettings, make_engine: tp.Callable[..., Engine]
                                 memory_slots=bound.slots, forced=settings.slots)
     log.info("slots: %s", sizing.describe())
     _reseed(settings.seed)  # the timing steps drew from the RNG, as many as they took
-    engine.sizing = sizing  # type: ignore[attr-defined]  # read by the runtime for /v1/info and the pool
+    engine.sizing = sizing  # read by the runtime for /v1/info and the pool
     return engine
 
 

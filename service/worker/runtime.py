@@ -140,7 +140,7 @@ class WorkerRuntime:
             self.table.on_preempt = self._preempt
         self.metrics.slots.set(engine.batch_size)
         self.metrics.info.labels(engine.info.model, engine.info.license).set(1)
-        self._publish_sizing(getattr(engine, "sizing", None))
+        self._publish_sizing(engine.sizing)
         if self.state == "loading":
             self.state = "ready"
             self.table.accepting = True

@@ -93,7 +93,8 @@ def _number(value: tp.Any) -> float | None:
 
 def _sizing_from_info(worker: WorkerState, info: dict) -> None:
     """The sizing figures of a worker's /v1/info (no pool: nothing in Redis to read them from)."""
-    sizing = info.get("sizing") if isinstance(info.get("sizing"), dict) else {}
+    sizing = info.get("sizing")
+    sizing = sizing if isinstance(sizing, dict) else {}
     worker.slots_reason = str(sizing.get("reason") or "")
     memory = _number(sizing.get("memory_slots"))
     worker.memory_slots = int(memory) if memory is not None else None
@@ -101,7 +102,8 @@ def _sizing_from_info(worker: WorkerState, info: dict) -> None:
     worker.warmup_p99_ms = _number(sizing.get("p99_ms"))
     worker.step_budget_ms = _number(info.get("step_budget_ms"))
     worker.step_p99_ms = _number(info.get("step_p99_ms"))
-    model_info = info.get("model_info") if isinstance(info.get("model_info"), dict) else {}
+    model_info = info.get("model_info")
+    model_info = model_info if isinstance(model_info, dict) else {}
     worker.context_seconds = _number(model_info.get("context_seconds"))
 
 

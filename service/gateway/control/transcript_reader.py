@@ -68,8 +68,8 @@ class TranscriptReader:
             replay = list(call.transcript)
             queue = self.feed.subscribe(call_id)
             try:
-                for seq, event in enumerate(replay):
-                    yield piece(seq, event)
+                for seq, past in enumerate(replay):
+                    yield piece(seq, past)
                 seq = len(replay)
                 while (event := await queue.get()) is not None:
                     yield piece(seq, event)

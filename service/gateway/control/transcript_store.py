@@ -25,9 +25,15 @@ import logging
 import typing as tp
 from dataclasses import dataclass, field
 
+from redis.typing import EncodableT, FieldT
+
 from service.gateway import metrics
 from service.gateway.calls.transcript import TranscriptEvent
 from service.pool import PoolClient, PoolError
+
+# A stream's entries as the pool's client returns them (it decodes replies to str, which
+# redis-py's types cannot know): (entry id, fields), oldest first.
+StreamEntries = list[tuple[str, dict[str, str]]]
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +192,9 @@ class TranscriptStore:
             async with self.client.redis.pipeline(transaction=True) as pipe:
                 for call_id, fields in batch:
                     key = transcript_key(self.client, call_id)
-                    pipe.xadd(key, fields, maxlen=self.max_len, approximate=True)
+                    # redis-py asks for a dict of its own key and value types (a Mapping would do)
+                    pipe.xadd(key, tp.cast(dict[FieldT, EncodableT], fields), maxlen=self.max_len,
+                              approximate=True)
                     if key not in keys:
                         keys.append(key)
                 for key in keys:
@@ -222,7 +230,7 @@ class TranscriptStore:
         Raises PoolError."""
         key = transcript_key(self.client, call_id)
         async with self.client.guard("read transcript"):
-            entries = await self.client.redis.xrange(key)
+            entries = tp.cast(StreamEntries, await self.client.redis.xrange(key))
         if not entries:
             return None
         transcript = StoredTranscript(call_id)
@@ -259,7 +267,8 @@ class TranscriptStore:
         quiet_since = loop.time()
         while True:
             async with self.client.guard("follow transcript"):
-                reply = await redis.xread({key: last}, count=self.batch, block=block_ms)
+                reply = tp.cast(list[tuple[str, StreamEntries]],
+                                await redis.xread({key: last}, count=self.batch, block=block_ms))
                 if not reply and still_on is None:
                     exists = await redis.exists(key)
             if not reply:

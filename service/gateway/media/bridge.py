@@ -41,9 +41,9 @@ class MediaBridge:
         self.packet_samples = packet_samples
         self.frame_samples = rate * MODEL_FRAME_MS // 1000  # one model frame at the codec's rate
         # room for one frame plus what a packet size that does not divide 80 ms leaves over
-        self._caller = np.zeros(self.frame_samples + packet_samples, dtype=np.float32)
+        self._caller: np.ndarray = np.zeros(self.frame_samples + packet_samples, dtype=np.float32)
         self._caller_fill = 0
-        self._model_pending = np.zeros(0, dtype=np.int16)
+        self._model_pending: np.ndarray = np.zeros(0, dtype=np.int16)
         self.held_back_ms = self._up.held_back_ms + self._down.held_back_ms
 
     def caller_audio(self, pcm: np.ndarray) -> bytes | None:

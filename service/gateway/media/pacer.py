@@ -24,12 +24,12 @@ import time
 import typing as tp
 from dataclasses import dataclass
 
-import numpy as np
-
 from service.gateway.media.mediaclock import MediaClock, media_clock
 
 WINDOW_FRAMES = 64
 SEND_EARLY_LIMIT = 0.5  # a packet may go out up to half a ptime before its due time
+
+PacketT = tp.TypeVar("PacketT")  # what a packet is to the caller: PCM, or a payload encoded ahead
 
 
 @dataclass
@@ -46,11 +46,11 @@ class PacerStats:
     max_lateness_s: float = 0.0
 
 
-class EgressPacer:
+class EgressPacer(tp.Generic[PacketT]):
     """Sends a call's outbound packets on time; ``push`` model frames, it does the rest.
 
-    ``send(pcm, ticks)`` is called once per tick with the packet (int16) or None for
-    silence; ``ticks`` is 1 unless the event loop stalled and ticks were skipped, so the
+    ``send(packet, ticks)`` is called once per tick with a packet as ``push`` queued it (int16
+    PCM, or a payload already encoded) or None for silence; ``ticks`` is 1 unless the event loop stalled and ticks were skipped, so the
     RTP timestamp can account for the gap. ``on_lateness(seconds)`` observes how far
     from its schedule each tick fired, early or late (the pacing error); ``on_frame_sent(seconds)`` how long each frame
     waited between its arrival and its first packet leaving.
@@ -58,7 +58,7 @@ class EgressPacer:
 
     def __init__(
         self,
-        send: tp.Callable[[np.ndarray | None, int], None],
+        send: tp.Callable[[PacketT | None, int], None],
         packet_ms: float = 20.0,
         frame_ms: float = 80.0,
         *,
@@ -77,7 +77,7 @@ class EgressPacer:
         self._on_frame_sent = on_frame_sent
         self._clock = clock
         self._slew = self.packet_s / 10
-        self._queue: collections.deque[tuple[int, int, np.ndarray, float]] = collections.deque()
+        self._queue: collections.deque[tuple[int, int, PacketT, float]] = collections.deque()
         self._offsets: collections.deque[float] = collections.deque()
         self._sorted_offsets: list[float] = []
         self._grid: float | None = None
@@ -115,7 +115,7 @@ class EgressPacer:
 
     # -- input -------------------------------------------------------------------------
 
-    def push(self, packets: list[np.ndarray], arrival: float | None = None) -> None:
+    def push(self, packets: tp.Sequence[PacketT], arrival: float | None = None) -> None:
         """Queue one model frame's packets, which arrived at ``arrival`` (default: now)."""
         now = self._clock() if arrival is None else arrival
         first = self._grid is None
@@ -213,11 +213,11 @@ class EgressPacer:
         self._schedule()
         self._send(pcm, ticks)
 
-    def _take(self, tick: float, now: float) -> np.ndarray | None:
+    def _take(self, tick: float, now: float) -> PacketT | None:
         queue = self._queue
         early = self.packet_s * SEND_EARLY_LIMIT
         grid, cushion = self._grid, self.cushion
-        assert grid is not None or not queue  # frames are queued only once there is a grid
+        assert grid is not None  # called with frames queued, and frames come with a grid
         frame_s, packet_s = self.frame_s, self.packet_s
         while queue:
             frame_index, packet_index, pcm, arrival = queue[0]

@@ -46,7 +46,7 @@ def sliding_windows(samples: np.ndarray, width: int, step: int = 1, *, copy: boo
     several times more); ``copy`` makes it contiguous, which pays when the rows are long."""
     count = max(0, (len(samples) - width) // step + 1)
     itemsize = samples.itemsize
-    view = np.ndarray((count, width), samples.dtype, buffer=samples, strides=(step * itemsize, itemsize))
+    view: np.ndarray = np.ndarray((count, width), samples.dtype, buffer=samples, strides=(step * itemsize, itemsize))
     return np.ascontiguousarray(view) if copy else view
 
 

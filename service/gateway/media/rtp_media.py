@@ -75,7 +75,8 @@ class CallMedia:
                                    max_delay_ms=jitter_max_ms, is_silent=codecs.quiet_detector(spec))
         self.plc = PacketLossConcealer(spec.sample_rate)
         self.bridge = MediaBridge(resampler, packet_samples=self.packet_samples, rate=spec.sample_rate)
-        self.pacer = EgressPacer(self._send_packet, packet_ms=self.ptime_ms,
+        # G.711 payloads are encoded a frame at a time, other codecs' packets as sent (PCM queued)
+        self.pacer: EgressPacer[bytes | np.ndarray] = EgressPacer(self._send_packet, packet_ms=self.ptime_ms,
                                  on_lateness=metrics.PACER_LATENESS.observe,
                                  on_frame_sent=self._on_frame_sent)
         self.dtmf = DtmfReceiver(negotiated.dtmf_clock_rate, on_digit=self.taps.dtmf.emit)
@@ -178,7 +179,7 @@ class CallMedia:
                 and all(type(p) is bytes and len(p) == size for p in popped)):
             # the common case, every slot's packet is here: one decode for the whole frame
             # (the concealer only remembers what was played, which is the same either way)
-            self._to_bridge(self.plc.good(self._decoder.decode(b"".join(popped))))
+            self._to_bridge(self.plc.good(self._decoder.decode(b"".join(tp.cast(list[bytes], popped)))))
         else:
             for p in popped:
                 self._to_bridge(self._slot_pcm(p))
@@ -232,8 +233,10 @@ class CallMedia:
         if not self.sending:
             self.rtp.timestamp = (self.rtp.timestamp + step) & 0xFFFFFFFF
             return
-        if self._g711:
-            payload = self._silence if packet is None else packet
+        if isinstance(packet, bytes):  # G.711, encoded with its frame
+            payload = packet
+        elif packet is None and self._silence is not None:  # G.711 silence: a constant payload
+            payload = self._silence
         else:
             payload = self._encoder.encode(self._silence_pcm if packet is None else packet)
         self.rtp.send(payload, timestamp_increment=step)

@@ -55,7 +55,7 @@ class LinkCallbacks(tp.NamedTuple):
 class WorkerSession:
     """A call's current session on a worker, and what to give back when it ends."""
 
-    link: WorkerLink
+    link: WorkerLink | LoopbackLink
     worker_id: str
     lease: Lease | None = None
     holder: LeaseHolder | None = None
@@ -114,6 +114,11 @@ def _link(url: str, call_id: str, callbacks: LinkCallbacks, **kwargs: tp.Any) ->
                       on_end=callbacks.on_end, **kwargs)
 
 
+def _closing(link: WorkerLink) -> tp.Callable[[Lease], object]:
+    """A lease holder's ``on_lost``: the link to the worker goes with the lease."""
+    return lambda _lease: asyncio.ensure_future(link.close())
+
+
 class FixedRouter:
     """Every call goes to one configured worker, which picks the slot (no pool)."""
 
@@ -167,7 +172,7 @@ class LoopbackRouter:
                    on_queued: tp.Callable[[], tp.Awaitable[None]] | None = None,
                    exclude: tp.Collection[str] = ()) -> WorkerSession:
         link = LoopbackLink(call_id, callbacks.on_frame, self.delay_ms)
-        return WorkerSession(link=link, worker_id="loopback")  # type: ignore[arg-type]
+        return WorkerSession(link=link, worker_id="loopback")
 
 
 class PoolRouter:
@@ -255,8 +260,7 @@ class PoolRouter:
                                 lease.worker_id, lease.slot, exc)
                     refused.append(lease)
                     continue
-                holder = LeaseHolder(self.leases, lease,
-                                     on_lost=lambda _lease, link=link: asyncio.ensure_future(link.close()))
+                holder = LeaseHolder(self.leases, lease, on_lost=_closing(link))
                 holder.start()
                 return WorkerSession(link=link, worker_id=lease.worker_id, lease=lease, holder=holder)
             return None
