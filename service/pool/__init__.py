@@ -13,7 +13,7 @@ Every operation raises ``PoolUnavailable`` quickly when Redis is unreachable.
 """
 
 from service.pool.calls import ACTIVE, ENDED, CallRecord, CallRecords
-from service.pool.connection import PoolClient, PoolError, PoolUnavailable, connect, redacted
+from service.pool.connection import PoolClient, PoolError, PoolUnavailable, StreamEntries, connect, redacted
 from service.pool.embedded import EmbeddedRedis, EmbeddedRedisError
 from service.pool.fencing import Admission, SlotFence
 from service.pool.keys import DEFAULT_PREFIX, Keys
@@ -39,6 +39,6 @@ __all__ = [
     "Admission", "Backoff", "CallRecord", "CallRecords", "EmbeddedRedis", "EmbeddedRedisError", "Keys", "Lease",
     "LiveSession", "Retries",
     "LeaseHolder", "PoolClient", "PoolError", "PoolUnavailable", "RegistryReader", "RenewResult",
-    "SlotFence", "SlotLease", "SlotLeases", "WorkerInfo", "WorkerRegistration", "WorkerStatus",
+    "SlotFence", "SlotLease", "SlotLeases", "StreamEntries", "WorkerInfo", "WorkerRegistration", "WorkerStatus",
     "connect", "redacted",
 ]

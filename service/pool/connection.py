@@ -70,6 +70,10 @@ _UNAVAILABLE_REPLIES = ("LOADING", "READONLY", "MASTERDOWN", "BUSY", "OOM", "NOR
 _UNAVAILABLE_CLASSES = (OutOfMemoryError, ReadOnlyError, TryAgainError, ClusterDownError)
 PROBE_TTL_MS = 10_000
 
+# A stream's entries, (entry id, fields), as this client returns them: it decodes replies to
+# str (decode_responses), which redis-py's types cannot know (they say bytes | str).
+StreamEntries = list[tuple[str, dict[str, str]]]
+
 
 class PoolError(Exception):
     """Base of the pool's errors."""

@@ -21,10 +21,13 @@ import collections
 import contextlib
 import logging
 import time
+import typing as tp
+
+from redis.typing import EncodableT, FieldT
 
 from service.gateway import metrics
 from service.gateway.calls.refusals import RefusedCall
-from service.pool import PoolClient, PoolError
+from service.pool import PoolClient, PoolError, StreamEntries
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +121,9 @@ class RefusalStore:
         async with self.client.guard("store refused calls"):
             async with self.client.redis.pipeline(transaction=False) as pipe:
                 for refused in batch:
-                    pipe.xadd(self.key, refused.to_fields(), maxlen=self.max_len, approximate=True)
+                    # redis-py asks for a dict of its own key and value types (a Mapping would do)
+                    pipe.xadd(self.key, tp.cast(dict[FieldT, EncodableT], refused.to_fields()),
+                              maxlen=self.max_len, approximate=True)
                 pipe.xtrim(self.key, minid=f"{max(0, oldest_ms)}-0", approximate=True)
                 pipe.pexpire(self.key, window_ms)
                 for minute, by_reason in counts.items():
@@ -157,7 +162,7 @@ class RefusalStore:
         Raises PoolError."""
         low = f"{max(0, round(since * 1000))}-0"
         async with self.client.guard("read refused calls"):
-            entries = await self.client.redis.xrevrange(self.key, "+", low, count=limit)
+            entries = tp.cast(StreamEntries, await self.client.redis.xrevrange(self.key, "+", low, count=limit))
         found = []
         for _, fields in entries:
             refused = RefusedCall.from_fields(fields)
@@ -168,7 +173,8 @@ class RefusalStore:
     async def find(self, call_id: str) -> RefusedCall | None:
         """One refused call by its id, among those the stream still holds. Raises PoolError."""
         async with self.client.guard("read refused calls"):
-            entries = await self.client.redis.xrevrange(self.key, "+", "-", count=self.max_len * 2)
+            entries = tp.cast(StreamEntries,
+                              await self.client.redis.xrevrange(self.key, "+", "-", count=self.max_len * 2))
         for _, fields in entries:
             if fields.get("call_id") == call_id:
                 return RefusedCall.from_fields(fields)

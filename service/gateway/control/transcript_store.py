@@ -29,11 +29,7 @@ from redis.typing import EncodableT, FieldT
 
 from service.gateway import metrics
 from service.gateway.calls.transcript import TranscriptEvent
-from service.pool import PoolClient, PoolError
-
-# A stream's entries as the pool's client returns them (it decodes replies to str, which
-# redis-py's types cannot know): (entry id, fields), oldest first.
-StreamEntries = list[tuple[str, dict[str, str]]]
+from service.pool import PoolClient, PoolError, StreamEntries
 
 log = logging.getLogger(__name__)
 
