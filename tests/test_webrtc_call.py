@@ -21,7 +21,17 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.procs import free_port, worker_headers
 from tests.support.realtime import realtime_test
-from tests.support.services import READ_TOKEN, TOKENS, Gateway, Process, gateway_args, wait_until
+from tests.support.services import (
+    ADMIN_TOKEN,
+    CALL_TOKEN,
+    OTHER_CALL_TOKEN,
+    READ_TOKEN,
+    TOKENS,
+    Gateway,
+    Process,
+    gateway_args,
+    wait_until,
+)
 from tests.support.webrtc_client import WebRtcClient, speech_like
 
 pytestmark = pytest.mark.system
@@ -102,7 +112,7 @@ def echo_delay(sent: np.ndarray, received: np.ndarray) -> tuple[float, float]:
 
 
 async def connected_client(system: EchoSystem, pcm: np.ndarray | None = None) -> WebRtcClient:
-    client = WebRtcClient(system.api, token=READ_TOKEN, pcm=pcm)
+    client = WebRtcClient(system.api, token=CALL_TOKEN, pcm=pcm)
     response = await client.call()
     assert response.status_code == 201, response.text
     await client.wait_connected()
@@ -113,7 +123,7 @@ async def connected_client(system: EchoSystem, pcm: np.ndarray | None = None) ->
 async def test_a_call_echoes_the_caller_and_hanging_up_frees_the_slot(echo, timing):
     pcm = np.concatenate((np.zeros(24000, dtype=np.int16), speech_like(3.0)))
     received_before = await metric(echo, "moshimoshi_rtp_packets_received_total")
-    client = WebRtcClient(echo.api, token=READ_TOKEN, pcm=pcm)
+    client = WebRtcClient(echo.api, token=CALL_TOKEN, pcm=pcm)
     try:
         response = await client.call()
         assert response.status_code == 201, response.text
@@ -156,7 +166,7 @@ async def test_a_call_echoes_the_caller_and_hanging_up_frees_the_slot(echo, timi
 
 
 async def test_bad_offers_get_400_with_the_reason_and_hold_no_slot(echo):
-    client = WebRtcClient(echo.api, token=READ_TOKEN)
+    client = WebRtcClient(echo.api, token=CALL_TOKEN)
     try:
         good = await client.offer_sdp()
     finally:
@@ -172,14 +182,14 @@ async def test_bad_offers_get_400_with_the_reason_and_hold_no_slot(echo):
         # past the structural check, refused by aiortc itself
         good.replace("a=setup:actpass", "a=setup:sideways"): "WebRTC stack cannot use this offer",
     }
-    headers = {"Authorization": f"Bearer {READ_TOKEN}", "Content-Type": "application/sdp"}
+    headers = {"Authorization": f"Bearer {CALL_TOKEN}", "Content-Type": "application/sdp"}
     async with httpx.AsyncClient(base_url=echo.api) as http:
         for offer, reason in cases.items():
             response = await http.post("/v1/webrtc/offer", content=offer.encode(), headers=headers)
             assert response.status_code == 400, (reason, response.text)
             assert reason in response.json()["detail"], response.text
         wrong_type = await http.post("/v1/webrtc/offer", json={"type": "offer", "sdp": good},
-                                     headers={"Authorization": f"Bearer {READ_TOKEN}"})
+                                     headers={"Authorization": f"Bearer {CALL_TOKEN}"})
         assert wrong_type.status_code == 415
         too_big = await http.post("/v1/webrtc/offer", content=b"v=0\r\n" + b"a=x\r\n" * 20000, headers=headers)
         assert too_big.status_code == 413
@@ -200,7 +210,7 @@ async def test_a_peer_that_never_connects_is_dropped_and_its_slot_released(echo)
     # A real offer whose only candidate is a UDP socket that never answers.
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as black_hole:
         black_hole.bind(("127.0.0.1", 0))
-        client = WebRtcClient(echo.api, token=READ_TOKEN)
+        client = WebRtcClient(echo.api, token=CALL_TOKEN)
         try:
             sdp = await client.offer_sdp()
         finally:
@@ -212,7 +222,7 @@ async def test_a_peer_that_never_connects_is_dropped_and_its_slot_released(echo)
         async with httpx.AsyncClient(base_url=echo.api) as http:
             started = time.monotonic()
             response = await http.post("/v1/webrtc/offer", content=sdp.encode(), timeout=10,
-                                       headers={"Authorization": f"Bearer {READ_TOKEN}",
+                                       headers={"Authorization": f"Bearer {CALL_TOKEN}",
                                                 "Content-Type": "application/sdp"})
             assert response.status_code == 201, response.text
             assert await free_slots(echo) == 0  # the slot is held from the answer on
@@ -224,14 +234,14 @@ async def test_a_peer_that_never_connects_is_dropped_and_its_slot_released(echo)
             assert time.monotonic() - started >= CONNECT_SECONDS - 0.5
             await slot_released(echo)
             gone = await http.delete(response.headers["location"],
-                                     headers={"Authorization": f"Bearer {READ_TOKEN}"})
+                                     headers={"Authorization": f"Bearer {CALL_TOKEN}"})
             assert gone.status_code == 404
 
 
 async def test_webrtc_calls_queue_for_the_slot_and_get_503_when_none_frees(echo):
     first = await connected_client(echo)
-    second = WebRtcClient(echo.api, token=READ_TOKEN)
-    third = WebRtcClient(echo.api, token=READ_TOKEN)
+    second = WebRtcClient(echo.api, token=CALL_TOKEN)
+    third = WebRtcClient(echo.api, token=CALL_TOKEN)
     try:
         # the second call waits in the queue (no slot) and gets the first one's when it hangs up
         waiting = asyncio.ensure_future(second.call())
@@ -259,6 +269,29 @@ async def test_webrtc_calls_queue_for_the_slot_and_get_503_when_none_frees(echo)
 def process_resources(pid: int) -> tuple[int, int]:
     """(threads, open file descriptors) of a process."""
     return len(os.listdir(f"/proc/{pid}/task")), len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def test_a_call_token_ends_only_its_own_calls_and_a_read_token_none(echo):
+    """Before: a read token placed and ended WebRTC calls (any call, by its session URL)."""
+    reader = WebRtcClient(echo.api, token=READ_TOKEN)
+    try:
+        refused = await reader.call()
+    finally:
+        await reader.close()
+    assert refused.status_code == 403 and "needs call" in refused.text
+    client = await connected_client(echo)
+    try:
+        session = echo.api + client.location
+        async with httpx.AsyncClient() as http:
+            for token, status in ((READ_TOKEN, 403), (OTHER_CALL_TOKEN, 404)):
+                response = await http.delete(session, headers={"Authorization": f"Bearer {token}"})
+                assert response.status_code == status, (token, response.text)
+            assert await free_slots(echo) == 0  # the call goes on
+            ended = await http.delete(session, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+            assert ended.status_code == 200  # an admin ends any call
+        await slot_released(echo)
+    finally:
+        await client.close()
 
 
 async def test_calls_leave_no_threads_or_sockets_behind(echo):

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from playwright.async_api import Page, async_playwright
 
-from tests.support.services import READ_TOKEN
+from tests.support.services import CALL_TOKEN
 from tests.support.webrtc_client import speech_like, write_wav
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -56,7 +56,7 @@ async def test_the_softphone_calls_the_model_plays_its_audio_and_shows_its_words
             # the token is asked for once, and kept for the tab
             await page.wait_for_selector("#token", state="visible", timeout=15000)
             assert await page.is_disabled("#call")
-            await page.fill("#token", READ_TOKEN)
+            await page.fill("#token", CALL_TOKEN)
             await page.click("#token-save")
             await wait_for(page, "!document.getElementById('call').disabled", 15, "the call button")
             await page.reload()

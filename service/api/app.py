@@ -20,8 +20,9 @@ from service.api.webrtc import webrtc_router
 DESCRIPTION = """The moshimoshi gateway's control plane.
 
 `/v1` needs a bearer token (`Authorization: Bearer <token>`; tokens and their scopes come
-from `MOSHIMOSHI_API_TOKENS`, `token:read` or `token:admin`). Read scope lists calls, pool
-and transcripts; admin scope also hangs up calls and drains workers. The live transcript
+from `MOSHIMOSHI_API_TOKENS`, `token:read`, `token:call` or `token:admin`). Read scope lists
+calls, refusals, pool and transcripts; call scope places WebRTC calls (the softphone) and ends
+its own, and reads nothing; admin scope may all of it, and hangs up any call and drains workers. The live transcript
 WebSocket takes the token as `?token=` since browsers cannot set headers on WebSockets.
 Probes, `/metrics` and the dashboard page itself need no token.
 

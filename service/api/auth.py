@@ -1,8 +1,14 @@
-"""Bearer-token auth of the ``/v1`` API: read and admin scopes.
+"""Bearer-token auth of the ``/v1`` API: read, call and admin scopes.
 
-Tokens come from ``MOSHIMOSHI_API_TOKENS`` as ``token:scope`` pairs (scope ``read`` or
-``admin``; admin may do everything read may). HTTP clients send ``Authorization: Bearer
-<token>``. Browsers cannot set headers on a WebSocket, so the live transcript socket takes
+Tokens come from ``MOSHIMOSHI_API_TOKENS`` as ``token:scope`` pairs:
+
+* ``read``: list and read calls, transcripts, the pool, refusals (an operator's view:
+  callers' numbers and transcripts are personal data);
+* ``call``: place and end WebRTC calls (the softphone), and nothing else: a token for
+  people who test the agent from a browser, that reads no one else's calls;
+* ``admin``: everything read and call may, and hang up any call, drain workers.
+
+HTTP clients send ``Authorization: Bearer <token>``. Browsers cannot set headers on a WebSocket, so the live transcript socket takes
 the token in its ``token`` query parameter instead (the header works there too).
 
 With no token configured the API is closed, not open: every ``/v1`` request gets 401 with
@@ -23,16 +29,28 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from service.config import ConfigError
 
 SETTING = "MOSHIMOSHI_API_TOKENS"
-NO_TOKENS_MESSAGE = (f"the API has no tokens configured: set {SETTING}=<token>:admin (or <token>:read), "
-                     "comma-separated for several")
+NO_TOKENS_MESSAGE = (f"the API has no tokens configured: set {SETTING}=<token>:admin (or <token>:read, "
+                     "<token>:call), comma-separated for several")
 WEAK_TOKEN_LENGTH = 16
 
 
 class Scope(enum.IntEnum):
-    """What a token may do; a higher scope includes the lower."""
+    """What a token may do: a scope allows what ``GRANTS`` says (admin: every other scope's)."""
 
     READ = 1
-    ADMIN = 2
+    CALL = 2
+    ADMIN = 3
+
+    def allows(self, needed: Scope) -> bool:
+        return needed in GRANTS[self]
+
+
+GRANTS: dict[Scope, frozenset[Scope]] = {
+    Scope.READ: frozenset({Scope.READ}),
+    Scope.CALL: frozenset({Scope.CALL}),
+    Scope.ADMIN: frozenset(Scope),
+}
+SCOPE_NAMES = ", ".join(scope.name.lower() for scope in Scope)
 
 
 class AuthError(Exception):
@@ -59,11 +77,11 @@ class ApiTokens:
             token, sep, scope = entry.strip().rpartition(":")
             where = f"{SETTING} entry {position}"
             if not sep or not token:
-                raise ConfigError(f"{where}: expected token:scope (scope read or admin)")
+                raise ConfigError(f"{where}: expected token:scope (scope {SCOPE_NAMES})")
             try:
                 parsed = Scope[scope.strip().upper()]
             except KeyError:
-                raise ConfigError(f"{where}: scope must be read or admin") from None
+                raise ConfigError(f"{where}: scope must be one of {SCOPE_NAMES}") from None
             if any(ch.isspace() for ch in token):
                 raise ConfigError(f"{where}: the token must not contain whitespace")
             tokens.append((token.encode(), parsed))
@@ -76,29 +94,31 @@ class ApiTokens:
         """Positions (from 1) of tokens short enough to guess: worth a warning at start-up."""
         return [i for i, (token, _) in enumerate(self.tokens, start=1) if len(token) < WEAK_TOKEN_LENGTH]
 
-    def scope_of(self, presented: str) -> Scope | None:
-        """The scope of a presented token, or None. Every configured token is compared (in
-        constant time), so timing tells nothing about which one nearly matched."""
+    def scopes_of(self, presented: str) -> list[Scope]:
+        """The scopes of a presented token (one token may be listed with several), empty if
+        unknown. Every configured token is compared (in constant time), so timing tells
+        nothing about which one nearly matched."""
         candidate = presented.encode()
-        found: Scope | None = None
-        for token, scope in self.tokens:
-            if hmac.compare_digest(token, candidate) and (found is None or scope > found):
-                found = scope
-        return found
+        return [scope for token, scope in self.tokens if hmac.compare_digest(token, candidate)]
+
+    def scope_of(self, presented: str) -> Scope | None:
+        """The widest scope of a presented token, or None."""
+        return max(self.scopes_of(presented), default=None)
 
     def check(self, presented: str | None, needed: Scope) -> Scope:
-        """The presented token's scope if it allows ``needed``; raises AuthError otherwise."""
+        """The presented token's scope that allows ``needed``; raises AuthError otherwise."""
         if not self.tokens:
             raise AuthError(401, NO_TOKENS_MESSAGE)
         if not presented:
             raise AuthError(401, "missing bearer token: send Authorization: Bearer <token>")
-        scope = self.scope_of(presented)
-        if scope is None:
+        scopes = self.scopes_of(presented)
+        if not scopes:
             raise AuthError(401, "invalid bearer token")
-        if scope < needed:
-            raise AuthError(403, f"this token has the {scope.name.lower()} scope; "
-                                 f"this operation needs {needed.name.lower()}")
-        return scope
+        allowing = [scope for scope in scopes if scope.allows(needed)]
+        if not allowing:
+            names = " and ".join(sorted(scope.name.lower() for scope in set(scopes)))
+            raise AuthError(403, f"this token has the {names} scope; this operation needs {needed.name.lower()}")
+        return max(allowing)
 
 
 bearer = HTTPBearer(auto_error=False, description="An API token: `Authorization: Bearer <token>`")
@@ -121,6 +141,7 @@ def _require(needed: Scope) -> tp.Callable[..., tp.Awaitable[Scope]]:
 
 
 require_read = _require(Scope.READ)
+require_call = _require(Scope.CALL)
 require_admin = _require(Scope.ADMIN)
 
 

@@ -12,6 +12,7 @@ from service.api.control import CallControl, ControlError
 from service.api.models import CallInfo, CallList, HangupResult, Problem
 
 MAX_LIMIT = 1000
+MAX_EPOCH_SECONDS = 1e11  # a time parameter beyond this (the year 5138) is no time: 422
 AUTH_RESPONSES: dict[int | str, dict[str, tp.Any]] = {
     401: {"model": Problem, "description": "no token, or an unknown one"},
     403: {"model": Problem, "description": "the token's scope does not allow this"},
@@ -43,7 +44,8 @@ async def list_calls(
     request: Request,
     state: tp.Literal["active", "ended"] | None = Query(
         None, description="active: in progress (ringing, queued or active); ended: over"),
-    since: float | None = Query(None, description="only calls started at or after this time (epoch seconds)"),
+    since: float | None = Query(None, ge=0, le=MAX_EPOCH_SECONDS, allow_inf_nan=False,
+                                description="only calls started at or after this time (epoch seconds)"),
     worker: str | None = Query(None, description="only calls on this worker id"),
     limit: int = Query(100, ge=1, le=MAX_LIMIT, description="at most this many, newest first"),
 ) -> CallList:

@@ -111,11 +111,13 @@ class CallControl(tp.Protocol):
 
     # -- WebRTC ------------------------------------------------------------------------
 
-    async def webrtc_offer(self, sdp: str, source: str) -> WebRtcAnswer:
-        """Answer a WebRTC offer; ControlError 400 (unusable offer), 503 (no agent) or 500."""
+    async def webrtc_offer(self, sdp: str, source: str, owner: str = "") -> WebRtcAnswer:
+        """Answer a WebRTC offer; ControlError 400 (unusable offer), 503 (no agent) or 500.
+        ``owner`` names who placed it (a fingerprint of the token)."""
 
-    def webrtc_hang_up(self, session_id: str) -> bool:
-        """End a WebRTC session; False when there is no such session."""
+    def webrtc_hang_up(self, session_id: str, owner: str | None = None) -> bool:
+        """End a WebRTC session (only ``owner``'s, unless None: any); False when there is no
+        such session (of that owner)."""
 
     def webrtc_config(self) -> WebRtcConfig:
         """The ICE servers browser peers use, and how long they have to connect."""

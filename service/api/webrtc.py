@@ -8,20 +8,24 @@
 * ``GET /v1/webrtc/config`` — the ICE servers for a browser peer.
 * ``GET /phone`` — the softphone page (its script and style under ``/phone/``).
 
-Every ``/v1`` route takes the API's bearer tokens (``GatewaySettings.api_tokens``, any
-scope); with no tokens configured the API is closed. The page itself needs no token: it
-asks for one and keeps it in the tab's sessionStorage.
+Every ``/v1`` route here needs a token of the ``call`` scope (or ``admin``): placing a call
+takes a worker slot and talks to the model, which a ``read`` token (an operator's view) may
+not do; the ICE configuration holds TURN credentials. A ``call`` token ends only the calls
+it placed (an ``admin`` token any). With no tokens configured the API is closed. The page
+itself needs no token: it asks for one and keeps it in the tab's sessionStorage.
 """
 
 from __future__ import annotations
 
+import hashlib
 import typing as tp
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials
 
-from service.api.auth import require_read
+from service.api.auth import Scope, bearer, require_call
 from service.api.control import CALL_ID_HEADER, MAX_OFFER_BYTES, CallControl, ControlError, WebRtcConfig
 
 STATIC = Path(__file__).parent / "static"
@@ -39,14 +43,23 @@ def _link_headers(config: WebRtcConfig) -> list[str]:
     return links
 
 
+def owner_of(credentials: HTTPAuthorizationCredentials | None) -> str:
+    """Who placed a call, as kept with it: a fingerprint of the token, never the token."""
+    token = credentials.credentials if credentials is not None else ""
+    return hashlib.sha256(b"moshimoshi-webrtc-owner:" + token.encode()).hexdigest()[:32]
+
+
+Credentials = tp.Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
 def webrtc_router(control: CallControl) -> APIRouter:
     """The WebRTC routes, served by ``control``."""
-    auth = Depends(require_read)  # read scope is enough to place a call
+    auth = Depends(require_call)
     router = APIRouter()
 
     @router.post("/v1/webrtc/offer", tags=["webrtc"], dependencies=[auth], status_code=201,
                  response_class=Response)
-    async def offer(request: Request) -> Response:
+    async def offer(request: Request, credentials: Credentials) -> Response:
         """WHIP-style: an SDP offer in, the SDP answer out (201), the session at ``Location``."""
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type != "application/sdp":
@@ -63,7 +76,7 @@ def webrtc_router(control: CallControl) -> APIRouter:
         client = request.client
         source = f"{client.host}:{client.port}" if client is not None else "unknown"
         try:
-            answer = await control.webrtc_offer(sdp, source)
+            answer = await control.webrtc_offer(sdp, source, owner=owner_of(credentials))
         except ControlError as exc:
             headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
             return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=headers)
@@ -73,10 +86,12 @@ def webrtc_router(control: CallControl) -> APIRouter:
             response.headers.append("Link", link)
         return response
 
-    @router.delete(SESSION_PATH + "{session_id}", tags=["webrtc"], dependencies=[auth])
-    async def hang_up(session_id: str) -> dict[str, str]:
-        """Hang up a WebRTC call."""
-        if not control.webrtc_hang_up(session_id):
+    @router.delete(SESSION_PATH + "{session_id}", tags=["webrtc"])
+    async def hang_up(session_id: str, credentials: Credentials,
+                      scope: tp.Annotated[Scope, Depends(require_call)]) -> dict[str, str]:
+        """Hang up a WebRTC call: one this token placed (an admin token: any)."""
+        owner = None if scope is Scope.ADMIN else owner_of(credentials)
+        if not control.webrtc_hang_up(session_id, owner=owner):
             raise HTTPException(404, "no such WebRTC session")
         return {"status": "ending", "call_id": session_id}
 

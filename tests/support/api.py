@@ -20,7 +20,8 @@ from sip.identity import CallerIdentity
 
 READ_TOKEN = "unit-read-token-0123456789"
 ADMIN_TOKEN = "unit-admin-token-0123456789"
-TOKENS = [f"{READ_TOKEN}:read", f"{ADMIN_TOKEN}:admin"]
+CALL_TOKEN = "unit-call-token-0123456789"
+TOKENS = [f"{READ_TOKEN}:read", f"{ADMIN_TOKEN}:admin", f"{CALL_TOKEN}:call"]
 
 
 def auth(token: str) -> dict[str, str]:
@@ -29,6 +30,7 @@ def auth(token: str) -> dict[str, str]:
 
 READ = auth(READ_TOKEN)
 ADMIN = auth(ADMIN_TOKEN)
+CALL = auth(CALL_TOKEN)
 
 
 class ApiGateway:

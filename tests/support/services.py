@@ -15,7 +15,9 @@ from tests.support.procs import WORKER_SECRET, free_port, moshimoshi_cmd, python
 
 ADMIN_TOKEN = "test-admin-token"
 READ_TOKEN = "test-read-token"
-TOKENS = f"{ADMIN_TOKEN}:admin,{READ_TOKEN}:read"
+CALL_TOKEN = "test-call-token"
+OTHER_CALL_TOKEN = "test-other-call-token"
+TOKENS = f"{ADMIN_TOKEN}:admin,{READ_TOKEN}:read,{CALL_TOKEN}:call,{OTHER_CALL_TOKEN}:call"
 
 
 def http_json(url: str, token: str | None = ADMIN_TOKEN, method: str = "GET",

@@ -31,7 +31,8 @@ from tests.support.procs import free_port, moshimoshi_cmd, python_env
 
 READ_TOKEN = "test-read-token-0123456789"
 ADMIN_TOKEN = "test-admin-token-0123456789"
-DEFAULT_TOKENS = {"read": READ_TOKEN, "admin": ADMIN_TOKEN}
+CALL_TOKEN = "test-call-token-0123456789"
+DEFAULT_TOKENS = {"read": READ_TOKEN, "admin": ADMIN_TOKEN, "call": CALL_TOKEN}
 
 
 class SystemFailed(AssertionError):

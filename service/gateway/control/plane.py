@@ -118,16 +118,16 @@ class GatewayControl:
 
     # -- WebRTC ------------------------------------------------------------------------
 
-    async def webrtc_offer(self, sdp: str, source: str) -> WebRtcAnswer:
+    async def webrtc_offer(self, sdp: str, source: str, owner: str = "") -> WebRtcAnswer:
         try:
-            leg = await self.webrtc.offer(sdp, source)
+            leg = await self.webrtc.offer(sdp, source, owner=owner)
         except OfferRejected as exc:
             raise ControlError(exc.status, exc.reason,
                                retry_after=self.retry_after_seconds if exc.retry_after else None) from None
         return WebRtcAnswer(session_id=leg.id, call_id=leg.call.id, sdp=leg.answer_sdp.result())
 
-    def webrtc_hang_up(self, session_id: str) -> bool:
-        return self.webrtc.hangup(session_id)
+    def webrtc_hang_up(self, session_id: str, owner: str | None = None) -> bool:
+        return self.webrtc.hangup(session_id, owner=owner)
 
     def webrtc_config(self) -> WebRtcConfig:
         servers = [IceServer(urls=s.urls, username=s.username, credential=s.credential)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hmac
 import json
 import logging
 import typing as tp
@@ -94,8 +95,9 @@ class WebRtcIngress:
         self.sessions: dict[str, WebRtcLeg] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def offer(self, sdp: str, source: str) -> WebRtcLeg:
-        """Answer an offer: the session, with ``answer_sdp`` set, or raise OfferRejected."""
+    async def offer(self, sdp: str, source: str, *, owner: str = "") -> WebRtcLeg:
+        """Answer an offer: the session, with ``answer_sdp`` set, or raise OfferRejected.
+        ``owner``: who placed it (only they, or an admin, may end it)."""
         try:
             summary = check_offer(sdp)
         except OfferError as exc:
@@ -110,6 +112,7 @@ class WebRtcIngress:
         call = Call("webrtc", from_uri=f"webrtc:{source}", source=source, codec="opus/48000",
                     media_encryption="DTLS-SRTP", gateway_id=self.gateway_id)  # WebRTC media: always DTLS-SRTP
         leg = WebRtcLeg(self, call, sdp, summary)
+        leg.owner = owner
         self.sessions[leg.id] = leg
         task = asyncio.create_task(self.lifecycle.run(call, leg), name=f"webrtc-{leg.id}")
         self._tasks.add(task)
@@ -119,9 +122,10 @@ class WebRtcIngress:
         await asyncio.shield(leg.answer_sdp)
         return leg
 
-    def hangup(self, session_id: str) -> bool:
+    def hangup(self, session_id: str, *, owner: str | None = None) -> bool:
+        """End a session: ``owner``'s only (None: any); False when there is none."""
         leg = self.sessions.get(session_id)
-        if leg is None:
+        if leg is None or (owner is not None and not hmac.compare_digest(leg.owner, owner)):
             return False
         leg.call.end("remote-hangup")
         return True
@@ -137,6 +141,7 @@ class WebRtcLeg:
         self.offer_sdp = offer_sdp
         self.offer = offer
         self.id = call.id
+        self.owner = ""  # who placed the call: a fingerprint of the API token
         self.media = WebRtcMedia(to_model=call.pipeline.to_model, taps=call.pipeline.taps,
                                  jitter_min_ms=self.settings.jitter_min_ms, jitter_max_ms=self.settings.jitter_max_ms,
                                  receives=offer.direction in ("sendrecv", "sendonly"))
