@@ -7,9 +7,13 @@ with (400, 505 for a wrong version, 513 for an oversized message).
 
 from __future__ import annotations
 
+import typing as tp
 from collections.abc import Mapping
 
 from sip.status import reason_phrase
+
+if tp.TYPE_CHECKING:
+    from sip.message import Response
 
 
 class SipParseError(ValueError):
@@ -36,7 +40,7 @@ class CallFailed(SipError):
     """An outgoing INVITE ended without a dialog: a final non-2xx, a timeout (408) or a
     transport failure (503). ``response`` is the final response when one arrived."""
 
-    def __init__(self, status: int, reason: str | None = None, response=None) -> None:
+    def __init__(self, status: int, reason: str | None = None, response: Response | None = None) -> None:
         super().__init__(status, reason)
         self.response = response
 

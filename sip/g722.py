@@ -10,6 +10,8 @@ so one instance per direction per call, fed in order.
 
 from __future__ import annotations
 
+import typing as tp
+
 import numpy as np
 
 SAMPLE_RATE = 16000
@@ -26,7 +28,7 @@ def available() -> bool:
     return True
 
 
-def _codec():  # noqa: ANN202 - the binding has no type information
+def _codec() -> tp.Any:  # the binding has no type information
     try:
         import G722
     except ImportError:

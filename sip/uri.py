@@ -218,7 +218,7 @@ class SipUri:
         fields.update(changes)
         return SipUri(**fields)
 
-    def _compare_key(self):
+    def _compare_key(self) -> tuple[str, str | None, str | None, str, int | None]:
         # RFC 3261 §19.1.4: user, password, headers exact; scheme, host and params
         # case-insensitive; user/ttl/method/maddr/transport must match when either has them.
         return (self.scheme, self.user, self.password, self.host.lower(), self.port)

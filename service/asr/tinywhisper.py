@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import tempfile
+import typing as tp
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -86,7 +87,7 @@ def special_tokens() -> list[str]:
             + TASK_TOKENS + [f"<|{i * 0.02:.2f}|>" for i in range(TIMESTAMPS)])
 
 
-def build_tokenizer(vocab_size: int):
+def build_tokenizer(vocab_size: int) -> tp.Any:  # a tokenizers.Tokenizer (untyped)
     """A Whisper-style tokenizer: byte-level BPE over the text tokens, then the specials.
 
     Returns a ``tokenizers.Tokenizer`` with exactly ``vocab_size`` tokens."""
@@ -136,12 +137,12 @@ class _Init:
         return np.ones(shape, dtype=self.dtype)
 
 
-def _layer_norm(spec, init: _Init, d: int) -> None:
+def _layer_norm(spec: tp.Any, init: _Init, d: int) -> None:  # specs: CTranslate2's (untyped)
     spec.gamma = init.ones(d)
     spec.beta = init.zeros(d)
 
 
-def _linear(spec, init: _Init, out_dim: int, in_dim: int, *, zero_bias_rows: slice | None = None) -> None:
+def _linear(spec: tp.Any, init: _Init, out_dim: int, in_dim: int, *, zero_bias_rows: slice | None = None) -> None:
     spec.weight = init.normal(out_dim, in_dim)
     bias = init.normal(out_dim)
     if zero_bias_rows is not None:  # Whisper's key projections have no bias: the converter fuses zeros
@@ -149,7 +150,7 @@ def _linear(spec, init: _Init, out_dim: int, in_dim: int, *, zero_bias_rows: sli
     spec.bias = bias
 
 
-def _attention(spec, init: _Init, d: int, *, cross: bool) -> None:
+def _attention(spec: tp.Any, init: _Init, d: int, *, cross: bool) -> None:
     _layer_norm(spec.layer_norm, init, d)
     if cross:  # query alone, then keys and values fused
         _linear(spec.linear[0], init, d, d)
@@ -159,13 +160,13 @@ def _attention(spec, init: _Init, d: int, *, cross: bool) -> None:
     _linear(spec.linear[-1], init, d, d)
 
 
-def _ffn(spec, init: _Init, shape: WhisperShape) -> None:
+def _ffn(spec: tp.Any, init: _Init, shape: WhisperShape) -> None:
     _layer_norm(spec.layer_norm, init, shape.d_model)
     _linear(spec.linear_0, init, shape.ffn_dim, shape.d_model)
     _linear(spec.linear_1, init, shape.d_model, shape.ffn_dim)
 
 
-def whisper_spec(shape: WhisperShape, tokens: list[str], *, seed: int = 0, dtype: str = "float32"):
+def whisper_spec(shape: WhisperShape, tokens: list[str], *, seed: int = 0, dtype: str = "float32") -> tp.Any:
     """CTranslate2's ``WhisperSpec`` filled with random weights (what the converter fills
     from a Hugging Face model), its vocabulary and its config."""
     from ctranslate2.specs import whisper_spec as ct2_whisper

@@ -30,6 +30,7 @@ from sip.dtmf import DtmfDigit, DtmfReceiver, DtmfSender
 from sip.errors import CallFailed, SipError, SipParseError
 from sip.jitterbuffer import CONCEAL, JitterBuffer
 from sip.plc import PacketLossConcealer
+from sip.rtp import RtpPacket
 from sip.rtpsession import PortAllocator, RtpSession
 from sip.sdp import MediaPreferences, NegotiatedMedia, build_offer
 from sip.tls import client_context
@@ -104,7 +105,7 @@ class TestCall:
         self.received: list[np.ndarray] = []
         self.ticks = 0
 
-    def _on_audio_packet(self, packet, arrival: float) -> None:
+    def _on_audio_packet(self, packet: RtpPacket, arrival: float) -> None:
         self.arrivals.append(arrival)
         self.sequences.append(packet.sequence)
         self.jitter.put(packet, arrival)

@@ -63,7 +63,7 @@ class MoshiEngine:
         cuda_graphs: bool = True,
         filled_kv: bool = False,
     ) -> None:
-        from moshi.models import LMGen
+        from moshi.models.lm import LMGen
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 if tp.TYPE_CHECKING:
     import torch
+    from moshi.models.compression import MimiModel
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def train_tokenizer(out_file: Path, vocab_size: int = VOCAB_SIZE) -> None:
     out_file.write_bytes(model.getvalue())
 
 
-def _calibration_audio(generator, seconds: float = 1.6) -> torch.Tensor:
+def _calibration_audio(generator: torch.Generator, seconds: float = 1.6) -> torch.Tensor:
     """[8, 1, T] clips of varied sound (noise, tones, chirps, bursts) at 24 kHz."""
     import math
 
@@ -141,7 +142,7 @@ def _calibration_audio(generator, seconds: float = 1.6) -> torch.Tensor:
     return torch.stack(clips)[:, None, :]
 
 
-def _fit_codebooks(mimi, generator) -> None:
+def _fit_codebooks(mimi: MimiModel, generator: torch.Generator) -> None:
     """Fit Mimi's random codebooks to what its random encoder outputs (moshi's own k-means).
 
     A fresh Mimi's codebooks are all zeros, and random ones do not match the scale of the
@@ -152,6 +153,7 @@ def _fit_codebooks(mimi, generator) -> None:
     import torch
 
     audio = _calibration_audio(generator)
+    assert mimi.encoder_transformer is not None  # mimi_config() has one
     with torch.no_grad():
         latent = mimi._to_framerate(mimi.encoder_transformer(mimi.encoder(audio))[0])
         mimi.quantizer.train()
@@ -193,7 +195,7 @@ def build_tiny_checkpoint(directory: str | os.PathLike, seed: int = 0, context: 
     finally:
         torch.set_num_threads(threads)
 
-    def tensors(module) -> dict:
+    def tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
 
     save_file(tensors(mimi), str(out / loaders.MIMI_NAME))
