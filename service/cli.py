@@ -10,6 +10,7 @@ import sys
 from service import __version__
 from service.config import ConfigError, add_arguments, add_sections, load
 from service.settings import AsrSettings, CallSettings, GatewaySettings, ServeSettings, WorkerSettings
+from service.startup import StartupError
 
 
 def _add_union(parser: argparse.ArgumentParser, *classes: type) -> None:
@@ -100,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"moshimoshi: configuration error: {exc}", file=sys.stderr)
         return 2
+    except StartupError as exc:
+        print(f"moshimoshi: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 2

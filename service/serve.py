@@ -23,6 +23,7 @@ from service.gateway.main import Gateway
 from service.pool import EmbeddedRedis, EmbeddedRedisError
 from service.realtime import quiet_gc
 from service.settings import ASR_ENV, GatewaySettings, ServeSettings, WorkerSettings
+from service.startup import Listener, check_free, gateway_listeners, worker_listener
 from service.worker.auth import SECRET_ENV, SECRET_FILE_ENV
 
 log = logging.getLogger("moshimoshi.serve")
@@ -88,8 +89,10 @@ def with_worker_secret(gateway_settings: GatewaySettings,
 def run_serve(gateway_settings: GatewaySettings, worker_settings: WorkerSettings,
               serve_settings: ServeSettings | None = None) -> int:
     quiet_gc()
+    serve_settings = serve_settings or ServeSettings()
+    check_free(listeners(gateway_settings, worker_settings, serve_settings))  # before anything starts
     gateway_settings, worker_settings = with_worker_secret(with_api_token(gateway_settings), worker_settings)
-    return realtime.run(_serve(gateway_settings, worker_settings, serve_settings or ServeSettings()))
+    return realtime.run(_serve(gateway_settings, worker_settings, serve_settings))
 
 
 async def _stop(process: asyncio.subprocess.Process | None) -> None:
@@ -102,6 +105,20 @@ async def _stop(process: asyncio.subprocess.Process | None) -> None:
     except TimeoutError:
         process.kill()
         await process.wait()
+
+
+def listeners(gateway_settings: GatewaySettings, worker_settings: WorkerSettings,
+              serve_settings: ServeSettings) -> list[Listener]:
+    """Every port ``serve`` and its children listen on: checked before anything starts."""
+    found = [*gateway_listeners(gateway_settings), worker_listener(worker_settings)]
+    if serve_settings.asr == "on":
+        try:
+            port = int(os.environ.get(ASR_ENV + "PORT", "0"))
+        except ValueError:
+            port = 0  # the ASR worker names its bad setting itself
+        found.append(Listener("ASR worker", os.environ.get(ASR_ENV + "HOST", "127.0.0.1"), port, ("tcp",),
+                              ASR_ENV + "PORT"))
+    return found
 
 
 async def _serve(gateway_settings: GatewaySettings, worker_settings: WorkerSettings,

@@ -135,19 +135,16 @@ async def serve_asr(settings: AsrSettings, *, backend_factory: tp.Callable[[], B
                     on_listening: tp.Callable[[int], None] | None = None) -> int:
     """Run an ASR worker on the current event loop until it has drained; the exit status."""
     from service.asr.server import create_app
+    from service.startup import asr_listener, listen
     from service.worker.auth import check_exposure
-    from service.worker.main import UvicornServer, listen_socket
+    from service.worker.main import UvicornServer
 
     try:
         check_exposure(settings.host, settings.worker_secret, settings.insecure_no_worker_secret)
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
-    try:
-        sock = listen_socket(settings.host, settings.port)
-    except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror or exc)
-        return 2
+    sock = listen(asr_listener(settings))
     port = sock.getsockname()[1]
     runtime = AsrRuntime(settings, backend_factory or (lambda: build_backend(settings)))
     membership = AsrMembership(settings, runtime, port) if settings.redis_url else None

@@ -50,6 +50,7 @@ from service.gateway.routing.router import FixedRouter, LoopbackRouter, PoolRout
 from service.pool import CallRecords, PoolClient, RegistryReader, SlotLeases, connect, redacted
 from service.realtime import quiet_gc
 from service.settings import GatewaySettings
+from service.startup import StartupError, check_free, gateway_listeners, listen
 from sip.rtpsession import PortAllocator
 from sip.tls import ServerCertificates, client_context
 from sip.ua import UserAgent
@@ -104,6 +105,7 @@ class Gateway:
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._http: uvicorn.Server | None = None
+        self._http_socket: socket.socket | None = None
         self.http_port = settings.http_port
 
         # routing: a pool of workers through Redis, one worker, or the in-gateway echo
@@ -235,23 +237,37 @@ class Gateway:
             self.exit_code = 1
             self.stop()
 
+    async def _listen(self) -> socket.socket:
+        """SIP (UDP, TCP, TLS) and the HTTP socket, or StartupError naming the port taken."""
+        listeners = gateway_listeners(self.settings)
+        check_free(listeners)
+        try:
+            await self.ua.start()
+        except OSError as exc:  # taken since the check
+            check_free(listeners[:-1])
+            raise StartupError(f"cannot listen for SIP on {self.settings.sip_host}: {exc.strerror or exc}") from None
+        try:
+            return listen(listeners[-1])
+        except StartupError:
+            await self.ua.stop()
+            raise
+
     async def run(self) -> int:
-        await self.ua.start()
+        http_socket = self._http_socket = await self._listen()
         app = create_app(self.control, self.api_tokens)
-        config = uvicorn.Config(app, host=self.settings.http_host, port=self.settings.http_port,
-                                log_level="warning", lifespan="off", access_log=False)
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, log_config=None)
         self._http = uvicorn.Server(config)
         # Signals are the gateway's (SIGTERM drains while HTTP keeps answering probes);
         # uvicorn would otherwise take SIGINT/SIGTERM over and stop serving at once.
         self._http.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
-        http_task = asyncio.create_task(self._http.serve(), name="http")
+        http_task = asyncio.create_task(self._http.serve(sockets=[http_socket]), name="http")
         while not self._http.started and not http_task.done():  # noqa: ASYNC110 (uvicorn has no event)
             await asyncio.sleep(0.02)
         if http_task.done():
             await self.ua.stop()
             http_task.result()
             return 1
-        self.http_port = self._http.servers[0].sockets[0].getsockname()[1] if self._http.servers else 0
+        self.http_port = http_socket.getsockname()[1]
         await self.pool_watch.refresh_once()
         refresher = asyncio.create_task(self.pool_watch.run(), name="pool-refresh")
         sampler = asyncio.create_task(sample_forever(self.table, self.recorder), name="quality-sampler")
@@ -299,6 +315,8 @@ class Gateway:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(5):
                     await http_task
+        if self._http_socket is not None:
+            self._http_socket.close()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=2)
         await self.recorder.settle(timeout=2)

@@ -23,6 +23,7 @@ import uvicorn
 from service import realtime
 from service.config import ConfigError
 from service.settings import DEFAULT_MODEL, WorkerSettings
+from service.startup import Listener, listen, setting_of, worker_listener
 from service.worker.capacity import FRAME_RATE, ContextError
 from service.worker.checkpoint import CheckpointError, MoshiVersionError
 from service.worker.engine_api import Engine
@@ -138,13 +139,8 @@ def configure_logging(level: str) -> None:
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(128)
-    sock.set_inheritable(True)
-    return sock
+    """The worker's listening socket; StartupError (one line: who holds the port) when taken."""
+    return listen(Listener("worker", host, port, ("tcp",), setting_of("--port")))
 
 
 async def serve_worker(settings: WorkerSettings, *, validator: TokenValidator | None = None,
@@ -162,11 +158,7 @@ async def serve_worker(settings: WorkerSettings, *, validator: TokenValidator | 
     if not settings.worker_secret:
         log.warning("no worker secret: /v1 (sessions, drain, info) is open to %s",
                     "every local process" if is_loopback(settings.host) else f"anyone who can reach {settings.host}")
-    try:
-        sock = listen_socket(settings.host, settings.port)
-    except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror or exc)
-        return 2
+    sock = listen(worker_listener(settings))
     port = sock.getsockname()[1]
     runtime = WorkerRuntime(settings, engine_factory or (lambda: build_engine(settings)), validator=validator)
     membership = None

@@ -1,0 +1,134 @@
+"""The first things that go wrong, as a new user meets them: each is one line on stderr, a
+non-zero exit, no traceback, and nothing left running (the real commands, started here)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import typing as tp
+from dataclasses import dataclass
+
+import pytest
+
+from tests.support.certs import TestCa
+from tests.support.procs import free_port, moshimoshi_cmd, python_env
+
+pytestmark = pytest.mark.system
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+    leftovers: bool  # a process of the command's session still runs
+
+
+def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> Result:
+    """The command in its own session; afterwards, whether anything of that session is left."""
+    proc = subprocess.Popen(moshimoshi_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=python_env(**(env or {})), start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError(f"{args[0]} did not exit within {timeout}s") from None
+    try:
+        os.killpg(proc.pid, 0)
+        left = True
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        left = False
+    return Result(proc.returncode, stdout, stderr, left)
+
+
+def one_line(result: Result) -> str:
+    """The command's only line on stderr (asserts it is one, without a traceback)."""
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@contextlib.contextmanager
+def holding(port: int, *kinds: str) -> tp.Iterator[None]:
+    """This process holds ``port`` on 127.0.0.1 (TCP listening, UDP bound)."""
+    socks = []
+    try:
+        for kind in kinds:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM)
+            sock.bind(("127.0.0.1", port))
+            if kind == "tcp":
+                sock.listen()
+            socks.append(sock)
+        yield
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def serve_args(sip: int, http: int, worker: int) -> list[str]:
+    return ["serve", "--model", "echo", "--asr", "off", "--sip-host", "127.0.0.1", "--sip-port", str(sip),
+            "--http-host", "127.0.0.1", "--http-port", str(http), "--host", "127.0.0.1", "--port", str(worker)]
+
+
+HELD_BY_US = f"in use by pid {os.getpid()} ("
+
+
+@pytest.mark.parametrize("taken, kinds, what, setting", [
+    ("sip", ("udp",), "SIP port {port} (UDP)", "--sip-port / MOSHIMOSHI_SIP_PORT"),
+    ("sip", ("tcp",), "SIP port {port} (TCP)", "--sip-port / MOSHIMOSHI_SIP_PORT"),
+    ("http", ("tcp",), "HTTP (API and dashboard) port {port} (TCP)", "--http-port / MOSHIMOSHI_HTTP_PORT"),
+    ("worker", ("tcp",), "worker port {port} (TCP)", "--port / MOSHIMOSHI_PORT"),
+])
+def test_serve_names_the_port_taken_its_setting_and_its_holder_and_starts_nothing(taken, kinds, what, setting):
+    ports = {"sip": free_port(), "http": free_port(), "worker": free_port()}
+    with holding(ports[taken], *kinds):
+        result = run(*serve_args(ports["sip"], ports["http"], ports["worker"]))
+    line = one_line(result)
+    assert result.returncode == 1
+    assert line.startswith(f"moshimoshi: {what.format(port=ports[taken])} on 127.0.0.1 is {HELD_BY_US}"), line
+    assert line.endswith(f"): stop it, or choose another port with {setting}"), line
+    assert not result.leftovers, "serve left a process running"
+    assert "API token" not in result.stdout  # it failed before it started anything
+
+
+def test_serve_names_the_tls_port_taken(tmp_path):
+    issued = TestCa(tmp_path).issue("gateway")
+    tls = free_port()
+    with holding(tls, "tcp"):
+        result = run(*serve_args(free_port(), free_port(), free_port()), "--sip-tls-cert", str(issued.cert),
+                     "--sip-tls-key", str(issued.key), "--sip-tls-port", str(tls))
+    line = one_line(result)
+    assert result.returncode == 1 and not result.leftovers
+    assert line.startswith(f"moshimoshi: SIP over TLS port {tls} (TCP) on 127.0.0.1 is {HELD_BY_US}"), line
+    assert line.endswith("--sip-tls-port / MOSHIMOSHI_SIP_TLS_PORT"), line
+
+
+def test_the_gateway_alone_names_the_http_port_taken():
+    http = free_port()
+    with holding(http, "tcp"):
+        result = run("gateway", "--worker-url", "echo:", "--sip-host", "127.0.0.1", "--sip-port", str(free_port()),
+                     "--http-host", "127.0.0.1", "--http-port", str(http))
+    line = one_line(result)
+    assert result.returncode == 1 and not result.leftovers
+    assert line.startswith(f"moshimoshi: HTTP (API and dashboard) port {http} (TCP) on 127.0.0.1 is {HELD_BY_US}")
+
+
+@pytest.mark.parametrize("command, extra, what, setting", [
+    ("worker", ("--model", "echo"), "worker", "--port / MOSHIMOSHI_PORT"),
+    ("asr", ("--model", "demo"), "ASR worker", "--port / MOSHIMOSHI_ASR_PORT"),
+])
+def test_a_worker_names_its_port_taken(command, extra, what, setting):
+    port = free_port()
+    with holding(port, "tcp"):
+        result = run(command, "--host", "127.0.0.1", "--port", str(port), *extra)
+    line = one_line(result)
+    assert result.returncode == 1 and not result.leftovers
+    assert line == (f"moshimoshi: {what} port {port} (TCP) on 127.0.0.1 is {HELD_BY_US}"
+                    f"{line.split(HELD_BY_US, 1)[1].split(')', 1)[0]}): stop it, or choose another port with "
+                    f"{setting}"), line
