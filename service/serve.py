@@ -23,7 +23,7 @@ from service.gateway.main import Gateway
 from service.pool import EmbeddedRedis, EmbeddedRedisError
 from service.realtime import quiet_gc
 from service.settings import ASR_ENV, GatewaySettings, ServeSettings, WorkerSettings
-from service.startup import Listener, check_free, gateway_listeners, worker_listener
+from service.startup import Listener, check_free, gateway_listeners, wait_for_redis, worker_listener
 from service.worker.auth import SECRET_ENV, SECRET_FILE_ENV
 
 log = logging.getLogger("moshimoshi.serve")
@@ -125,7 +125,9 @@ async def _serve(gateway_settings: GatewaySettings, worker_settings: WorkerSetti
                  serve_settings: ServeSettings) -> int:
     embedded: EmbeddedRedis | None = None
     redis_url = gateway_settings.redis_url or worker_settings.redis_url
-    if not redis_url:
+    if redis_url:
+        await wait_for_redis(redis_url, gateway_settings.redis_connect_seconds)
+    else:
         embedded = EmbeddedRedis()
         try:
             redis_url = await embedded.start()

@@ -70,6 +70,9 @@ class WorkerSettings:
     worker_id: str | None = setting(None, "this worker's id in the pool (default: hostname-port)", group="worker")
     redis_url: str | None = setting(None, "Redis for the pool (default: none, the worker is reached by its URL only; serve: an embedded redis-server)",
                                     env="REDIS_URL", group="pool")
+    redis_connect_seconds: float = setting(
+        10.0, "at start, how long to wait for Redis to answer before giving up (exit 1)", min=0.0, max=3600.0,
+        group="pool")
     heartbeat_seconds: float = setting(1.0, "registry heartbeat interval; the key's TTL is 3x this",
                                        min=0.1, max=60.0, group="worker")
     drain_grace_seconds: float = setting(300.0, "on SIGTERM, how long calls may go on before exit",
@@ -134,6 +137,9 @@ class AsrSettings:
                                     env=ASR_ENV + "WORKER_ID", group="worker")
     redis_url: str | None = setting(None, "Redis for the pool (default: none: reachable only by URL)",
                                     env="REDIS_URL", group="pool")
+    redis_connect_seconds: float = setting(
+        10.0, "at start, how long to wait for Redis to answer before giving up (exit 1)", min=0.0, max=3600.0,
+        group="pool")
     heartbeat_seconds: float = setting(1.0, "registry heartbeat interval; the key's TTL is 3x this",
                                        min=0.1, max=60.0, env=ASR_ENV + "HEARTBEAT_SECONDS", group="worker")
     drain_grace_seconds: float = setting(60.0, "on SIGTERM, how long sessions may go on before exit",
@@ -261,6 +267,9 @@ class GatewaySettings:
                                             "are kept after the call", min=60.0, group="pool")
     redis_url: str | None = setting(None, "Redis for the pool (default: embedded redis-server)",
                                     env="REDIS_URL", group="pool")
+    redis_connect_seconds: float = setting(
+        10.0, "at start, how long to wait for Redis to answer before giving up (exit 1)", min=0.0, max=3600.0,
+        group="pool")
     queue_seconds: float = setting(5.0, "how long a call may wait (ringing) for a free slot before 503",
                                    min=0.0, max=120.0, group="pool")
     retry_after_seconds: int = setting(30, "Retry-After sent with 503", min=1, group="pool")

@@ -1,4 +1,5 @@
-"""What stops a process at start, said in one line: a port another process holds.
+"""What stops a process at start, said in one line: a port another process holds, a Redis
+that does not answer.
 
 Every listening port of a process is a :class:`Listener` that knows its setting. Before
 anything starts, :func:`check_free` tries each one and raises :class:`StartupError` for the
@@ -10,11 +11,15 @@ holding it::
 
 The command prints the message and exits 1, without a traceback and with nothing left
 running (``moshimoshi serve`` checks every port of its children before it starts one).
+Likewise a pool whose Redis does not answer within ``--redis-connect-seconds``
+(:func:`wait_for_redis`): a gateway or worker without its pool would only refuse calls.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import logging
 import os
 import socket
 import typing as tp
@@ -191,3 +196,43 @@ def worker_listener(settings: WorkerSettings) -> Listener:
 
 def asr_listener(settings: AsrSettings) -> Listener:
     return Listener("ASR worker", settings.host, settings.port, ("tcp",), setting_of("--port", "MOSHIMOSHI_ASR_PORT"))
+
+
+# -- Redis at start ------------------------------------------------------------------------
+
+REDIS_RETRY_SECONDS = 0.5
+
+
+async def wait_for_redis(url: str, seconds: float, *, setting: str = "REDIS_URL / --redis-url") -> None:
+    """Return once Redis at ``url`` takes a write; StartupError when it has not within
+    ``seconds`` (a process that cannot reach its pool says so and exits, instead of
+    serving nothing)."""
+    from service.pool import PoolError, connect, redacted
+
+    log = logging.getLogger("moshimoshi.startup")
+    try:
+        client = connect(url)
+    except ValueError as exc:
+        raise StartupError(f"{setting}: {exc}") from None
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    waited = False
+    try:
+        while True:
+            try:
+                await client.check_writable("startup")
+                if waited:
+                    log.info("Redis at %s answers", redacted(url))
+                return
+            except PoolError as exc:
+                detail = str(exc).split(": ", 1)[-1] if ": " in str(exc) else str(exc)
+                if loop.time() >= deadline:
+                    raise StartupError(
+                        f"Redis at {redacted(url)} did not answer within {seconds:g} s ({detail}): start it, or "
+                        f"set {setting} to one that runs (--redis-connect-seconds waits longer)") from None
+                if not waited:
+                    log.info("waiting up to %g s for Redis at %s (%s)", seconds, redacted(url), detail)
+                    waited = True
+            await asyncio.sleep(min(REDIS_RETRY_SECONDS, max(0.0, deadline - loop.time())))
+    finally:
+        await client.close()

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
+import time
 import typing as tp
 from dataclasses import dataclass
 
@@ -52,6 +54,14 @@ def one_line(result: Result) -> str:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     return lines[0]
+
+
+def last_line(result: Result) -> str:
+    """The command's failure: its last line on stderr; before it only log lines below ERROR."""
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert all(" INFO " in line or " WARNING " in line for line in lines[:-1]), result.stderr
+    return lines[-1]
 
 
 @contextlib.contextmanager
@@ -132,3 +142,76 @@ def test_a_worker_names_its_port_taken(command, extra, what, setting):
     assert line == (f"moshimoshi: {what} port {port} (TCP) on 127.0.0.1 is {HELD_BY_US}"
                     f"{line.split(HELD_BY_US, 1)[1].split(')', 1)[0]}): stop it, or choose another port with "
                     f"{setting}"), line
+
+
+# -- Redis --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command, extra", [
+    ("serve", ("--model", "echo", "--asr", "off", "--sip-host", "127.0.0.1", "--http-host", "127.0.0.1")),
+    ("gateway", ("--sip-host", "127.0.0.1", "--http-host", "127.0.0.1")),
+    ("worker", ("--model", "echo", "--host", "127.0.0.1")),
+    ("asr", ("--model", "demo", "--host", "127.0.0.1")),
+])
+def test_an_unreachable_redis_stops_the_start_after_the_wait(command, extra):
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    ports = ["--sip-port", str(free_port()), "--http-port", str(free_port())] if command in ("serve", "gateway") \
+        else []
+    if command != "gateway":
+        ports += ["--port", str(free_port())]
+    started = time.monotonic()
+    result = run(command, *extra, *ports, "--redis-connect-seconds", "1.5",
+                 env={"REDIS_URL": url, "MOSHIMOSHI_API_TOKENS": "t-0123456789abcdef:admin"})
+    took = time.monotonic() - started
+    line = last_line(result)
+    assert result.returncode == 1 and not result.leftovers
+    assert line.startswith(f"moshimoshi: Redis at {url} did not answer within 1.5 s ("), line
+    assert line.endswith("): start it, or set REDIS_URL / --redis-url to one that runs (--redis-connect-seconds "
+                         "waits longer)"), line
+    assert "Connection refused" in line
+    assert took < 30, f"{command} took {took:.0f} s to give up"
+
+
+def sip_options_status(port: int) -> int | None:
+    """The status a gateway answers an OPTIONS with (None: no answer within 2 s)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(2.0)
+        local = sock.getsockname()[1]
+        sock.sendto((f"OPTIONS sip:agent@127.0.0.1:{port} SIP/2.0\r\n"
+                     f"Via: SIP/2.0/UDP 127.0.0.1:{local};branch=z9hG4bK{secrets.token_hex(6)};rport\r\n"
+                     f"Max-Forwards: 70\r\nFrom: <sip:probe@127.0.0.1>;tag={secrets.token_hex(4)}\r\n"
+                     f"To: <sip:agent@127.0.0.1:{port}>\r\nCall-ID: {secrets.token_hex(8)}\r\n"
+                     "CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n").encode(), ("127.0.0.1", port))
+        try:
+            data, _ = sock.recvfrom(65535)
+        except TimeoutError:
+            return None
+    return int(data.split(b" ", 2)[1])
+
+
+def test_a_redis_outage_after_start_is_loud_and_refuses_calls_until_redis_is_back(redis_server, tmp_path):
+    import httpx
+
+    from tests.support.system import running_system
+
+    def until(predicate: tp.Callable[[], bool], what: str, within: float = 20.0) -> None:
+        deadline = time.monotonic() + within
+        while not predicate():
+            assert time.monotonic() < deadline, f"{what}: not within {within}s:\n{system.output()[-3000:]}"
+            time.sleep(0.2)
+
+    with running_system(tmp_path, model="echo", env={"REDIS_URL": redis_server.url}) as system:
+        assert sip_options_status(system.sip_port) == 200
+        redis_server.stop()
+        until(lambda: httpx.get(system.api + "/readyz").status_code == 503, "/readyz 503")
+        assert httpx.get(system.api + "/readyz").json()["redis"] is False
+        assert sip_options_status(system.sip_port) == 503
+        until(lambda: "out of the pool until Redis answers again" in system.output(), "the worker leaves the pool")
+        output = system.output()
+        assert "ERROR moshimoshi.gateway: Redis unreachable: new calls are refused (503) until it is back" in output
+        assert output.count("Redis unreachable: new calls are refused") == 1  # said once, not every second
+        redis_server.start()
+        until(lambda: httpx.get(system.api + "/readyz").status_code == 200, "ready again")
+        assert sip_options_status(system.sip_port) == 200
+        assert "Redis is back: new calls are taken again" in system.output()

@@ -114,8 +114,11 @@ class AsrMembership:
         self.registration.report_free(self.settings.max_sessions - len(self.runtime.sessions))
         if self.runtime.state == "draining":
             self.registration.state = "draining"
-        await self.registration.start()
-        log.info("in the pool as ASR worker %s at %s", self.worker_id, self.url)
+        if await self.registration.start():
+            log.info("in the pool as ASR worker %s at %s", self.worker_id, self.url)
+        else:
+            log.error("not in the pool: Redis at %s does not answer; ASR worker %s registers as soon as it does",
+                      self.client.location, self.worker_id)
 
     async def drain(self) -> None:
         if self.registration is not None:
@@ -135,7 +138,7 @@ async def serve_asr(settings: AsrSettings, *, backend_factory: tp.Callable[[], B
                     on_listening: tp.Callable[[int], None] | None = None) -> int:
     """Run an ASR worker on the current event loop until it has drained; the exit status."""
     from service.asr.server import create_app
-    from service.startup import asr_listener, listen
+    from service.startup import asr_listener, listen, wait_for_redis
     from service.worker.auth import check_exposure
     from service.worker.main import UvicornServer
 
@@ -144,6 +147,8 @@ async def serve_asr(settings: AsrSettings, *, backend_factory: tp.Callable[[], B
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
+    if settings.redis_url:
+        await wait_for_redis(settings.redis_url, settings.redis_connect_seconds)
     sock = listen(asr_listener(settings))
     port = sock.getsockname()[1]
     runtime = AsrRuntime(settings, backend_factory or (lambda: build_backend(settings)))

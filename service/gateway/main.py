@@ -50,7 +50,7 @@ from service.gateway.routing.router import FixedRouter, LoopbackRouter, PoolRout
 from service.pool import CallRecords, PoolClient, RegistryReader, SlotLeases, connect, redacted
 from service.realtime import quiet_gc
 from service.settings import GatewaySettings
-from service.startup import StartupError, check_free, gateway_listeners, listen
+from service.startup import StartupError, check_free, gateway_listeners, listen, wait_for_redis
 from sip.rtpsession import PortAllocator
 from sip.tls import ServerCertificates, client_context
 from sip.ua import UserAgent
@@ -253,6 +253,8 @@ class Gateway:
             raise
 
     async def run(self) -> int:
+        if self.settings.redis_url:
+            await wait_for_redis(self.settings.redis_url, self.settings.redis_connect_seconds)
         http_socket = self._http_socket = await self._listen()
         app = create_app(self.control, self.api_tokens)
         config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, log_config=None)

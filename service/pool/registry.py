@@ -191,7 +191,8 @@ class WorkerRegistration:
         except PoolError as exc:
             self.heartbeat_failures += 1
             if self.registered:
-                log.warning("worker %s heartbeat failed: %s", self.info.worker_id, exc)
+                log.error("worker %s is out of the pool until Redis answers again (heartbeat failed: %s)",
+                          self.info.worker_id, exc)
             self.registered = False
             return False
 

@@ -23,7 +23,7 @@ import uvicorn
 from service import realtime
 from service.config import ConfigError
 from service.settings import DEFAULT_MODEL, WorkerSettings
-from service.startup import Listener, listen, setting_of, worker_listener
+from service.startup import Listener, listen, setting_of, wait_for_redis, worker_listener
 from service.worker.capacity import FRAME_RATE, ContextError
 from service.worker.checkpoint import CheckpointError, MoshiVersionError
 from service.worker.engine_api import Engine
@@ -158,6 +158,8 @@ async def serve_worker(settings: WorkerSettings, *, validator: TokenValidator | 
     if not settings.worker_secret:
         log.warning("no worker secret: /v1 (sessions, drain, info) is open to %s",
                     "every local process" if is_loopback(settings.host) else f"anyone who can reach {settings.host}")
+    if settings.redis_url and validator is None:
+        await wait_for_redis(settings.redis_url, settings.redis_connect_seconds)
     sock = listen(worker_listener(settings))
     port = sock.getsockname()[1]
     runtime = WorkerRuntime(settings, engine_factory or (lambda: build_engine(settings)), validator=validator)

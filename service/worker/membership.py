@@ -105,8 +105,11 @@ class PoolMembership:
                        context_seconds=info.context_seconds),
             interval=self.settings.heartbeat_seconds, live=self._live_fields, sessions=self._live_sessions)
         self.registration.state = self._state()
-        await self.registration.start()
-        log.info("in the pool as %s at %s", self.worker_id, self.url)
+        if await self.registration.start():
+            log.info("in the pool as %s at %s", self.worker_id, self.url)
+        else:
+            log.error("not in the pool: Redis at %s does not answer; %s registers as soon as it does",
+                      self.client.location, self.worker_id)
 
     def _state(self) -> str:
         if self.runtime.state == "draining":

@@ -66,9 +66,11 @@ class HangupChannel:
                     if message is not None and message.get("type") == "message":
                         self._handle(message.get("data"))
             except (RedisError, OSError, TimeoutError) as exc:
+                # said once per outage (the pool's check says Redis is down, loudly)
+                (log.warning if self.subscribed.is_set() else log.debug)(
+                    "hang-up channel lost (%s); resubscribing in %.1fs", exc, delay)
                 self.subscribed.clear()
                 metrics.REDIS_ERRORS.labels("hangup-subscribe").inc()
-                log.warning("hang-up channel lost (%s); resubscribing in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(RETRY_MAX_SECONDS, delay * 2)
             finally:

@@ -49,14 +49,14 @@ class PoolWatch:
             await self.pool.check_writable(self.gateway_id)
             workers = await self.registry.workers()
         except PoolError as exc:
-            if self.redis_ok:
-                log.warning("Redis unavailable: new calls get 503 until it is back (%s)", exc)
+            if self.redis_ok is not False:
+                log.error("Redis unreachable: new calls are refused (503) until it is back (%s)", exc)
             self.redis_ok = False
             metrics.REDIS_ERRORS.labels("registry").inc()
             metrics.READY.set(0)
             return
         if self.redis_ok is False:
-            log.info("Redis available again")
+            log.info("Redis is back: new calls are taken again")
         self.redis_ok = True
         live = [w for w in workers if w.alive and w.role == MODEL_ROLE]  # ASR workers take no calls
         ready = [w for w in live if w.state == READY and (self.model is None or w.model == self.model)]
