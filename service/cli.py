@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
 
-from service import __version__
+from service import __version__, logs
 from service.config import ConfigError, add_arguments, add_sections, load
 from service.settings import AsrSettings, CallSettings, GatewaySettings, ServeSettings, WorkerSettings
 from service.startup import StartupError
@@ -59,23 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "worker":
             worker_settings = load(WorkerSettings, args)
-            _setup_logging(worker_settings.log_level)
+            logs.setup(worker_settings.log_level)
             from service.worker.main import run_worker
 
             return run_worker(worker_settings)
         if args.command == "gateway":
             gateway_settings = load(GatewaySettings, args)
-            _setup_logging(gateway_settings.log_level)
+            logs.setup(gateway_settings.log_level)
             from service.gateway.main import run_gateway
 
             return run_gateway(gateway_settings)
@@ -88,13 +82,13 @@ def main(argv: list[str] | None = None) -> int:
             gateway_settings = load(GatewaySettings, args)
             worker_settings = load(WorkerSettings, args)
             serve_settings = load(ServeSettings, args)
-            _setup_logging(gateway_settings.log_level)
+            logs.setup(gateway_settings.log_level)
             from service.serve import run_serve
 
             return run_serve(gateway_settings, worker_settings, serve_settings)
         if args.command == "call":
             call_settings = load(CallSettings, args, uri=args.uri)
-            _setup_logging(call_settings.log_level)
+            logs.setup(call_settings.log_level)
             from service.tools.call import run_call
 
             return run_call(call_settings)

@@ -4,6 +4,9 @@ Starts an embedded redis-server (unless REDIS_URL is set), one worker and one AS
 (``--asr off``: none) as child processes, and the gateway in this process; they find each
 other through Redis exactly as separate deployments do. SIGTERM drains (no new calls; calls in progress may finish within the
 grace period), SIGINT stops at once; either way the worker and Redis go down with it.
+``serve`` supervises its workers as Kubernetes would (service/supervisor.py): one drained
+through the API, or crashed while serving, is replaced by a fresh one; one that fails
+before it is ready (a bad ``--model``) stops ``serve`` with its error.
 """
 
 from __future__ import annotations
@@ -23,12 +26,18 @@ from service.gateway.main import Gateway
 from service.pool import EmbeddedRedis, EmbeddedRedisError
 from service.realtime import quiet_gc
 from service.settings import ASR_ENV, GatewaySettings, ServeSettings, WorkerSettings
-from service.startup import Listener, check_free, gateway_listeners, wait_for_redis, worker_listener
+from service.startup import (
+    Listener,
+    StartupError,
+    check_free,
+    gateway_listeners,
+    wait_for_redis,
+    worker_listener,
+)
+from service.supervisor import Supervised
 from service.worker.auth import SECRET_ENV, SECRET_FILE_ENV
 
 log = logging.getLogger("moshimoshi.serve")
-
-WORKER_STOP_SECONDS = 10.0
 
 
 def worker_environment(settings: WorkerSettings, redis_url: str) -> dict[str, str]:
@@ -95,18 +104,6 @@ def run_serve(gateway_settings: GatewaySettings, worker_settings: WorkerSettings
     return realtime.run(_serve(gateway_settings, worker_settings, serve_settings))
 
 
-async def _stop(process: asyncio.subprocess.Process | None) -> None:
-    if process is None or process.returncode is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        async with asyncio.timeout(WORKER_STOP_SECONDS):
-            await process.wait()
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-
-
 def listeners(gateway_settings: GatewaySettings, worker_settings: WorkerSettings,
               serve_settings: ServeSettings) -> list[Listener]:
     """Every port ``serve`` and its children listen on: checked before anything starts."""
@@ -132,37 +129,43 @@ async def _serve(gateway_settings: GatewaySettings, worker_settings: WorkerSetti
         try:
             redis_url = await embedded.start()
         except EmbeddedRedisError as exc:
-            print(f"moshimoshi: {exc}", file=sys.stderr)
-            return 1
+            raise StartupError(str(exc)) from None
         log.info("embedded redis-server at %s", redis_url)
-    worker: asyncio.subprocess.Process | None = None
-    asr: asyncio.subprocess.Process | None = None
+    children: list[Supervised] = []
+    failure: list[str] = []
     try:
-        worker = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "service", "worker",
-            env=worker_environment(worker_settings, redis_url))
+        gateway = Gateway(dataclasses.replace(gateway_settings, redis_url=redis_url), model=gateway_settings.model)
+
+        def failed(why: str) -> None:
+            failure.append(why)
+            gateway.exit_code = 1
+            gateway.stop()
+
+        children.append(Supervised("worker", [sys.executable, "-m", "service", "worker"],
+                                   worker_environment(worker_settings, redis_url), required=True,
+                                   on_failed=failed))
         if serve_settings.asr == "on":
-            asr = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "service", "asr",
-                env=asr_environment(serve_settings, redis_url, worker_settings.worker_secret))
-        gateway = Gateway(dataclasses.replace(gateway_settings, redis_url=redis_url),
-                          model=gateway_settings.model)
+            children.append(Supervised("ASR worker", [sys.executable, "-m", "service", "asr"],
+                                       asr_environment(serve_settings, redis_url, worker_settings.worker_secret),
+                                       required=False, on_failed=failed))
+        for child in children:
+            await child.start()
         loop = asyncio.get_running_loop()
 
         def drain() -> None:
             log.info("SIGTERM: draining")
             gateway.drain()
-            for child in (worker, asr):
-                if child is not None and child.returncode is None:
-                    child.send_signal(signal.SIGTERM)
+            for child in children:
+                child.drain()
 
         loop.add_signal_handler(signal.SIGTERM, drain)
         loop.add_signal_handler(signal.SIGINT, gateway.stop)
-        worker_exit = asyncio.create_task(worker.wait())
-        worker_exit.add_done_callback(lambda _task: gateway.on_local_worker_exit())
-        return await gateway.run()
+        status = await gateway.run()
     finally:
-        await asyncio.gather(_stop(worker), _stop(asr))
+        await asyncio.gather(*(child.stop() for child in children))
         if embedded is not None:
             with contextlib.suppress(Exception):
                 await embedded.stop()
+    if failure:
+        raise StartupError(failure[0])
+    return status

@@ -417,6 +417,8 @@ class CallSettings:
     transcript: str | None = setting(None, "file for the agent's words (default: <record>.txt if --record)", group="call")
     seconds: float = setting(10.0, "hang up after this many seconds of call", min=0.1, group="call")
     dtmf: str | None = setting(None, "DTMF digits to send (RFC 4733) one second into the call", group="call")
+    caller: str = setting("moshimoshi", "the user part of the From URI: the number (or name) to call as",
+                          group="call")
     username: str | None = setting(None, "digest auth user", group="call")
     password: str | None = setting(None, "digest auth password", secret=True, group="call")
     codec: str = setting("PCMU", "codec to offer first (PCMU and PCMA follow it in the offer)",

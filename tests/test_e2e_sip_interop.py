@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from service.gateway.banner import outbound_address
 from service.realtime import EVENT_LOOPS
 from service.settings import CallSettings
 from service.tools.call import place_call
+from sip.uri import format_host
 from tests.support.procs import free_port, has_ipv6, moshimoshi_cmd, python_env
 from tests.support.services import READ_TOKEN, Process, start_serve, wait_until
 from tests.support.sipp import SCENARIOS, Sipp, have_sipp, media_port
@@ -297,8 +299,9 @@ def test_moshimoshi_call_reaches_an_ipv6_gateway_from_its_own_rtp_port_range(tmp
                                      str(sip_port), "--http-host", "127.0.0.1", "--http-port", str(http_port)],
                       tmp_path)
     try:
-        wait_until(lambda: "gateway up" in gateway.log(), 60, "the gateway's banner", gateway)
-        assert f"SIP sip:agent@[::]:{sip_port} " in gateway.log()  # bracketed, as a URI must be
+        wait_until(lambda: "moshimoshi ready" in gateway.log(), 60, "the gateway's banner", gateway)
+        shown = format_host(outbound_address(ipv6=True))
+        assert f"sip:agent@{shown}:{sip_port}\n" in gateway.log() and shown.startswith("[")  # as a URI must be
         port = media_port()
         port += port & 1
         result = subprocess.run(moshimoshi_cmd("call", f"sip:agent@[::1]:{sip_port}", "--seconds", "2",

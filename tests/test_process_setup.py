@@ -7,9 +7,11 @@ import subprocess
 import pytest
 
 from service.config import ConfigError
-from service.gateway.main import banner, tls_settings
+from service.gateway.banner import outbound_address, ready_banner
+from service.gateway.main import tls_settings
 from service.realtime import event_loop_name, loop_factory, run, running_loop_name
 from service.settings import GatewaySettings
+from sip.uri import format_host
 from tests.support.certs import TestCa
 from tests.support.procs import moshimoshi_cmd, python_env
 
@@ -48,21 +50,32 @@ def test_a_bad_event_loop_setting_stops_the_process_with_a_clear_message():
     assert "MOSHIMOSHI_EVENT_LOOP='twisted'" in result.stderr
 
 
-@pytest.mark.parametrize("sip_host, http_host, public, expected", [
-    ("0.0.0.0", "0.0.0.0", None, "SIP sip:agent@0.0.0.0:5092  dashboard http://localhost:8080/dashboard"),
-    ("::", "::", None, "SIP sip:agent@[::]:5092  dashboard http://localhost:8080/dashboard"),
-    ("::1", "::1", None, "SIP sip:agent@[::1]:5092  dashboard http://[::1]:8080/dashboard"),
-    ("::", "127.0.0.1", "2001:db8::7", "SIP sip:agent@[2001:db8::7]:5092  dashboard http://127.0.0.1:8080/"),
+@pytest.mark.parametrize("sip_host, http_host, public, call, dashboard, phone", [
+    ("127.0.0.1", "127.0.0.1", None, "sip:agent@127.0.0.1:5092", "http://127.0.0.1:8080/dashboard",
+     "http://localhost:8080/phone"),
+    ("::1", "::1", None, "sip:agent@[::1]:5092", "http://[::1]:8080/dashboard", "http://localhost:8080/phone"),
+    ("::", "127.0.0.1", "2001:db8::7", "sip:agent@[2001:db8::7]:5092", "http://127.0.0.1:8080/dashboard",
+     "http://localhost:8080/phone"),
+    ("10.1.2.3", "10.1.2.3", None, "sip:agent@10.1.2.3:5092", "http://10.1.2.3:8080/dashboard",
+     "http://10.1.2.3:8080/phone"),
 ])
-def test_the_banner_brackets_ipv6_hosts(sip_host, http_host, public, expected):
-    settings = GatewaySettings(sip_host=sip_host, http_host=http_host, public_host=public, worker_url="echo:")
-    assert expected in banner(settings, 5092, 8080)
+def test_the_ready_banner_shows_addresses_to_dial_and_open(sip_host, http_host, public, call, dashboard, phone):
+    text = ready_banner(sip_host=sip_host, public_host=public, sip_port=5092, tls_port=None, http_host=http_host,
+                        http_port=8080, workers="1 worker (demo)")
+    assert text.splitlines()[0] == "moshimoshi ready: 1 worker (demo): calls are answered"
+    assert f"  call       {call}\n" in text and f"  dashboard  {dashboard}\n" in text
+    assert f"  softphone  {phone}\n" in text
 
 
-def test_the_banner_names_the_tls_uri_when_tls_is_on():
-    settings = GatewaySettings(sip_host="127.0.0.1", http_host="127.0.0.1", worker_url="echo:")
-    assert "SIP sip:agent@127.0.0.1:5092  sips:agent@127.0.0.1:5093  dashboard" in banner(settings, 5092, 8080, 5093)
-    assert "sips:" not in banner(settings, 5092, 8080)
+@pytest.mark.parametrize("bind, ipv6", [("0.0.0.0", False), ("::", True)])
+def test_a_wildcard_bind_is_shown_as_an_address_of_this_machine(bind, ipv6):
+    text = ready_banner(sip_host=bind, public_host=None, sip_port=5092, tls_port=5093, http_host=bind,
+                        http_port=8080, workers="echo in the gateway")
+    assert "0.0.0.0" not in text and "[::]" not in text
+    shown = outbound_address(ipv6)
+    assert f"sip:agent@{format_host(shown)}:5092" in text and f"sips:agent@{format_host(shown)}:5093" in text
+    assert f"http://{format_host(shown)}:8080/dashboard" in text
+    assert "http://localhost:8080/phone" in text  # browsers give the microphone to localhost
 
 
 def test_tls_settings_that_cannot_work_stop_the_gateway_with_the_setting_named(tmp_path):

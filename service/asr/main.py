@@ -15,13 +15,12 @@ import contextlib
 import logging
 import signal
 import socket
-import sys
 import time
 import typing as tp
 
 import uvicorn
 
-from service import realtime
+from service import logs, realtime
 from service.asr.backends import Backend
 from service.asr.runtime import AsrRuntime
 from service.config import ConfigError
@@ -91,6 +90,7 @@ class AsrMembership:
         self.worker_id = settings.worker_id or f"asr-{socket.gethostname()}-{port}"
         self.client = connect(settings.redis_url)
         self.registration: WorkerRegistration | None = None
+        self._created = asyncio.Event()  # the registration exists (the backend is loaded)
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -114,11 +114,18 @@ class AsrMembership:
         self.registration.report_free(self.settings.max_sessions - len(self.runtime.sessions))
         if self.runtime.state == "draining":
             self.registration.state = "draining"
+        self._created.set()
         if await self.registration.start():
             log.info("in the pool as ASR worker %s at %s", self.worker_id, self.url)
         else:
             log.error("not in the pool: Redis at %s does not answer; ASR worker %s registers as soon as it does",
                       self.client.location, self.worker_id)
+
+    async def wait_registered(self) -> None:
+        """Returns once this ASR worker is in the pool (a heartbeat reached Redis)."""
+        await self._created.wait()
+        assert self.registration is not None
+        await self.registration.joined.wait()
 
     async def drain(self) -> None:
         if self.registration is not None:
@@ -140,7 +147,7 @@ async def serve_asr(settings: AsrSettings, *, backend_factory: tp.Callable[[], B
     from service.asr.server import create_app
     from service.startup import asr_listener, listen, wait_for_redis
     from service.worker.auth import check_exposure
-    from service.worker.main import UvicornServer
+    from service.worker.main import UvicornServer, announce_ready
 
     try:
         check_exposure(settings.host, settings.worker_secret, settings.insecure_no_worker_secret)
@@ -154,6 +161,7 @@ async def serve_asr(settings: AsrSettings, *, backend_factory: tp.Callable[[], B
     runtime = AsrRuntime(settings, backend_factory or (lambda: build_backend(settings)))
     membership = AsrMembership(settings, runtime, port) if settings.redis_url else None
     config = uvicorn.Config(create_app(runtime), log_level=settings.log_level, lifespan="off", access_log=False,
+                            log_config=None,
                             timeout_graceful_shutdown=5, ws_max_size=WS_MAX_BYTES)
     server = UvicornServer(config)
     loop = asyncio.get_running_loop()
@@ -193,6 +201,8 @@ async def serve_asr(settings: AsrSettings, *, backend_factory: tp.Callable[[], B
     if membership is not None:
         membership.start()
     serving = asyncio.create_task(server.serve(sockets=[sock]))
+    announce = asyncio.create_task(announce_ready(runtime.ready_event, lambda: runtime.error, membership),
+                                   name="ready-notify")
     log.info("ASR worker listening on %s:%d", settings.host, port)
     if on_listening is not None:
         on_listening(port)
@@ -205,8 +215,9 @@ async def serve_asr(settings: AsrSettings, *, backend_factory: tp.Callable[[], B
             log.error("ASR worker failed: %s: %s", type(runtime.error).__name__, runtime.error)
             status = 2
     finally:
+        announce.cancel()
         server.should_exit = True
-        await asyncio.gather(serving, return_exceptions=True)
+        await asyncio.gather(serving, announce, return_exceptions=True)
         if membership is not None:
             await membership.stop()
         await runtime.close()
@@ -219,8 +230,7 @@ async def serve_asr(settings: AsrSettings, *, backend_factory: tp.Callable[[], B
 
 def run_asr(settings: AsrSettings) -> int:
     """Entry point of the ``asr`` role: serve until drained; the process exit status."""
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(settings.log_level)
     try:
         return realtime.run(serve_asr(settings))
     except KeyboardInterrupt:

@@ -27,6 +27,7 @@ from service.api.auth import ApiTokens
 from service.api.models import Readiness
 from service.config import ConfigError
 from service.gateway import metrics
+from service.gateway.banner import ready_banner
 from service.gateway.calls.call import Call
 from service.gateway.calls.lifecycle import CallLifecycle
 from service.gateway.calls.recorder import CallRecorder
@@ -54,22 +55,11 @@ from service.startup import StartupError, check_free, gateway_listeners, listen,
 from sip.rtpsession import PortAllocator
 from sip.tls import ServerCertificates, client_context
 from sip.ua import UserAgent
-from sip.uri import format_host
 
 log = logging.getLogger("moshimoshi.gateway")
 
 STOP_CALLS_SECONDS = 3.0
 REFUSALS_WINDOW = WINDOW_SECONDS  # how long refused calls are kept (an hour)
-
-
-def banner(settings: GatewaySettings, sip_port: int, http_port: int, tls_port: int | None = None) -> str:
-    """The line printed once the gateway is up: where to call it and where to watch it."""
-    web = settings.http_host if settings.http_host not in ("0.0.0.0", "::") else "localhost"
-    sip_host = format_host(settings.public_host or settings.sip_host)
-    web = format_host(web)
-    tls = f"  sips:agent@{sip_host}:{tls_port}" if tls_port is not None else ""
-    return (f"moshimoshi gateway up: SIP sip:agent@{sip_host}:{sip_port}{tls}  "
-            f"dashboard http://{web}:{http_port}/dashboard  softphone http://{web}:{http_port}/phone")
 
 
 def tls_settings(settings: GatewaySettings) -> tuple[ServerCertificates | None, ssl.SSLContext | None]:
@@ -106,6 +96,7 @@ class Gateway:
         self._tasks: set[asyncio.Task[None]] = set()
         self._http: uvicorn.Server | None = None
         self._http_socket: socket.socket | None = None
+        self._announced = False  # the ready banner was printed
         self.http_port = settings.http_port
 
         # routing: a pool of workers through Redis, one worker, or the in-gateway echo
@@ -190,6 +181,22 @@ class Gateway:
         return Readiness(ready=self.accepting(), draining=self.draining, redis=self.pool_watch.redis_ok,
                          workers_ready=self.pool_watch.workers_ready, calls=len(self.table))
 
+    def _on_workers(self, ready: int, models: list[str]) -> None:
+        """The first time workers are ready the banner says where to call; later, the log."""
+        if not ready:
+            log.warning("no worker ready: new calls get 503 until one is")
+            return
+        what = (f"{ready} worker{'s' if ready != 1 else ''} ({', '.join(models)})" if self.pool is not None
+                else "echo in the gateway" if self.settings.worker_url == LOOPBACK_URL
+                else f"the worker at {self.settings.worker_url}")
+        if self._announced:
+            log.info("%s ready: calls are answered again", what)
+            return
+        self._announced = True
+        print(ready_banner(sip_host=self.settings.sip_host, public_host=self.settings.public_host,
+                           sip_port=self.ua.port, tls_port=self.ua.tls_port, http_host=self.settings.http_host,
+                           http_port=self.http_port, workers=what), flush=True)
+
     # -- calls -------------------------------------------------------------------------
 
     def _live_counters(self) -> tp.Iterator[dict[str, int]]:
@@ -230,13 +237,6 @@ class Gateway:
     def stop(self) -> None:
         self._stop.set()
 
-    def on_local_worker_exit(self) -> None:
-        """``serve``: the worker child exited. Unless we are shutting down, that is fatal."""
-        if not self._stop.is_set() and not self.draining:
-            log.error("the worker process exited; stopping")
-            self.exit_code = 1
-            self.stop()
-
     async def _listen(self) -> socket.socket:
         """SIP (UDP, TCP, TLS) and the HTTP socket, or StartupError naming the port taken."""
         listeners = gateway_listeners(self.settings)
@@ -270,6 +270,7 @@ class Gateway:
             http_task.result()
             return 1
         self.http_port = http_socket.getsockname()[1]
+        self.pool_watch.on_workers = self._on_workers
         await self.pool_watch.refresh_once()
         refresher = asyncio.create_task(self.pool_watch.run(), name="pool-refresh")
         sampler = asyncio.create_task(sample_forever(self.table, self.recorder), name="quality-sampler")
@@ -280,7 +281,8 @@ class Gateway:
         log.info("gateway %s: SIP on %s:%d (UDP+TCP%s), SRTP %s, HTTP on %s:%d, workers via %s, event loop %s",
                  self.gateway_id, self.settings.sip_host, self.ua.port, tls, self.settings.srtp,
                  self.settings.http_host, self.http_port, where, realtime.running_loop_name())
-        print(banner(self.settings, self.ua.port, self.http_port, self.ua.tls_port), flush=True)
+        if not self.pool_watch.workers_ready:
+            log.info("calls get 503 until a worker is ready (a worker loading its model takes a while)")
         try:
             await self._stop.wait()
         finally:

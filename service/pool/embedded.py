@@ -116,6 +116,9 @@ class EmbeddedRedis:
                 self.proc = await asyncio.create_subprocess_exec(
                     *self._command(executable, self._dir, port), stdin=asyncio.subprocess.DEVNULL,
                     stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                    # its own session: a terminal's Ctrl-C reaches serve, which stops Redis after
+                    # the workers have left the pool (it still dies with its parent)
+                    start_new_session=True,
                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
                 await self._wait_ready(url)
             except EmbeddedRedisError as exc:

@@ -123,6 +123,7 @@ class WorkerRegistration:
         self.leases_recreated = 0  # live sessions' leases put back after Redis lost them
         self.lease_conflicts = 0  # live sessions whose slot another token holds or has held
         self.registered = False  # whether the last heartbeat reached Redis
+        self.joined = asyncio.Event()  # set while registered (for whoever waits to be in the pool)
         self._task: asyncio.Task | None = None
         self._stopping = False
 
@@ -172,6 +173,7 @@ class WorkerRegistration:
                      self.info.model, self.info.capacity,
                      "slots" if self.info.role == MODEL_ROLE else "sessions", self.state)
         self.registered = True
+        self.joined.set()
         return int(fence)
 
     async def start(self) -> bool:
@@ -194,6 +196,7 @@ class WorkerRegistration:
                 log.error("worker %s is out of the pool until Redis answers again (heartbeat failed: %s)",
                           self.info.worker_id, exc)
             self.registered = False
+            self.joined.clear()
             return False
 
     async def _run(self) -> None:

@@ -197,7 +197,8 @@ async def place_call(settings: CallSettings) -> dict:
     tls = client_context(settings.tls_ca, verify=not settings.tls_insecure, cert_file=settings.tls_cert,
                          key_file=settings.tls_key) if secure_signalling else None
     local_host = local_host_for_target(settings.local_host, target.host)
-    ua = UserAgent(local_host, settings.local_port, user_agent="moshimoshi-call", tls_client_context=tls)
+    ua = UserAgent(local_host, settings.local_port, user_agent="moshimoshi-call", tls_client_context=tls,
+                   user=settings.caller)
     await ua.start()
     rtp: RtpSession | None = None
     try:

@@ -15,13 +15,13 @@ import logging
 import os
 import signal
 import socket
-import sys
 import typing as tp
 
 import uvicorn
 
-from service import realtime
+from service import logs, realtime
 from service.config import ConfigError
+from service.notify import notify
 from service.settings import DEFAULT_MODEL, WorkerSettings
 from service.startup import Listener, listen, setting_of, wait_for_redis, worker_listener
 from service.worker.capacity import FRAME_RATE, ContextError
@@ -134,8 +134,7 @@ def _reseed(seed: int) -> None:
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(level)
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -170,7 +169,7 @@ async def serve_worker(settings: WorkerSettings, *, validator: TokenValidator | 
         membership = PoolMembership(settings, runtime, port)
         runtime.validator = membership.validate  # read when the slot table is built
     app = create_app(runtime)
-    config = uvicorn.Config(app, log_level=settings.log_level, lifespan="off", access_log=False,
+    config = uvicorn.Config(app, log_level=settings.log_level, lifespan="off", access_log=False, log_config=None,
                             timeout_graceful_shutdown=5)
     server = UvicornServer(config)
     loop = asyncio.get_running_loop()
@@ -179,6 +178,7 @@ async def serve_worker(settings: WorkerSettings, *, validator: TokenValidator | 
 
     def start_drain(why: str) -> None:
         log.info("%s: draining (grace %.0f s)", why, settings.drain_grace_seconds)
+        runtime.begin_drain(settings.drain_grace_seconds)  # at once: the answer to POST /v1/drain says so
         drain = loop.create_task(runtime.drain(settings.drain_grace_seconds))
         drains.add(drain)
         drain.add_done_callback(drains.discard)
@@ -214,6 +214,8 @@ async def serve_worker(settings: WorkerSettings, *, validator: TokenValidator | 
     if membership is not None:
         membership.start()
     serving = asyncio.create_task(server.serve(sockets=[sock]))
+    announce = asyncio.create_task(announce_ready(runtime.ready_event, lambda: runtime.error, membership),
+                                   name="ready-notify")
     log.info("worker listening on %s:%d", settings.host, port)
     if on_listening is not None:
         on_listening(port)
@@ -223,11 +225,13 @@ async def serve_worker(settings: WorkerSettings, *, validator: TokenValidator | 
         await asyncio.wait({serving, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if runtime.error is not None:
             log.error("worker failed: %s", _describe_error(runtime.error))
+            notify(f"STATUS=failed: {_describe_error(runtime.error)}")  # serve says it in its last line
             status = 2
         stopped.cancel()
     finally:
+        announce.cancel()
         server.should_exit = True
-        await asyncio.gather(serving, return_exceptions=True)
+        await asyncio.gather(serving, announce, return_exceptions=True)
         if membership is not None:
             await membership.stop()
         await runtime.close()
@@ -236,6 +240,22 @@ async def serve_worker(settings: WorkerSettings, *, validator: TokenValidator | 
         sock.close()
     log.info("worker stopped")
     return status
+
+
+class Registered(tp.Protocol):
+    async def wait_registered(self) -> None: ...
+
+
+async def announce_ready(ready: asyncio.Event, error: tp.Callable[[], BaseException | None],
+                         membership: Registered | None) -> None:
+    """Tell a supervisor (``serve``, systemd) that the worker serves: warm, and in the pool
+    when it has one (service/notify.py)."""
+    await ready.wait()
+    if error() is not None:
+        return
+    if membership is not None:
+        await membership.wait_registered()
+    notify("READY=1", "STATUS=serving")
 
 
 def _describe_error(exc: BaseException) -> str:

@@ -65,6 +65,7 @@ class PoolMembership:
         self.client.retries.listeners.append(self._count_retry)
         self.leases = SlotLeases(self.client)
         self.registration: WorkerRegistration | None = None
+        self._created = asyncio.Event()  # the registration exists (the model is warm)
         self._task: asyncio.Task | None = None
         self._releases: set[asyncio.Task] = set()
 
@@ -105,11 +106,18 @@ class PoolMembership:
                        context_seconds=info.context_seconds),
             interval=self.settings.heartbeat_seconds, live=self._live_fields, sessions=self._live_sessions)
         self.registration.state = self._state()
+        self._created.set()
         if await self.registration.start():
             log.info("in the pool as %s at %s", self.worker_id, self.url)
         else:
             log.error("not in the pool: Redis at %s does not answer; %s registers as soon as it does",
                       self.client.location, self.worker_id)
+
+    async def wait_registered(self) -> None:
+        """Returns once this worker is in the pool (a heartbeat reached Redis)."""
+        await self._created.wait()
+        assert self.registration is not None
+        await self.registration.joined.wait()
 
     def _state(self) -> str:
         if self.runtime.state == "draining":

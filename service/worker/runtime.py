@@ -45,6 +45,7 @@ class WorkerRuntime:
         self._factory = engine_factory
         self.validator = validator
         self.state = "loading"
+        self._draining = False  # drain() under way
         self.error: BaseException | None = None
         self.engine: Engine | None = None
         self.info = ModelInfo(model=settings.model or "?", license="?", source="loading")
@@ -197,8 +198,8 @@ class WorkerRuntime:
         self.ready_event.set()
         self.stopped_event.set()
 
-    async def drain(self, grace_seconds: float) -> None:
-        """Stop taking sessions; let calls go on until idle or ``grace_seconds``; end the rest."""
+    def begin_drain(self, grace_seconds: float) -> None:
+        """Stop taking sessions now (``drain`` lets the calls finish)."""
         if self.state in ("draining", "stopped"):
             return
         log.info("draining: no new sessions; %d call(s) may go on for up to %.0f s",
@@ -207,6 +208,13 @@ class WorkerRuntime:
         self.metrics.ready.set(0)
         if self.table is not None:
             self.table.stop_accepting("the worker is draining")
+
+    async def drain(self, grace_seconds: float) -> None:
+        """Stop taking sessions; let calls go on until idle or ``grace_seconds``; end the rest."""
+        if self.state == "stopped" or self._draining:
+            return
+        self._draining = True
+        self.begin_drain(grace_seconds)
         if not await self._wait_idle(grace_seconds):
             log.info("grace period over: ending %d call(s)", len(self.sessions))
             for session in list(self.sessions.values()):

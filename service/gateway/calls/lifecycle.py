@@ -61,6 +61,7 @@ from dataclasses import dataclass
 
 from service.call_record import CallRecord
 from service.gateway import metrics
+from service.gateway.calls import story
 from service.gateway.calls.call import Call, new_call_id
 from service.gateway.calls.recorder import CallRecorder
 from service.gateway.calls.refusals import RefusalLog, RefusedCall
@@ -218,6 +219,7 @@ class CallLifecycle:
     def begin(self, call: Call) -> None:
         """A new call: in the table, its transcript to the feed, its DTMF into the transcript."""
         self.table.add(call)
+        log.info("%s", story.arrived(call))
         call.on_transcript = self._on_transcript
         call.pipeline.taps.dtmf.attach(lambda digit: self._on_dtmf(call, digit))
         metrics.CALLS_ACTIVE.labels(call.ingress).inc()
@@ -319,8 +321,7 @@ class CallLifecycle:
                 hook(call)
             except Exception:
                 log.exception("call %s: an end hook failed", call.id)
-        log.info("call %s ended: %s (%.1fs, %d transcript pieces)", call.id, record.end_reason,
-                 record.duration_s(), len(call.transcript))
+        log.info("%s", story.ended(call))
 
     # -- while calls run ---------------------------------------------------------------
 

@@ -33,6 +33,14 @@ class PoolWatch:
         self.accepting = accepting  # the gateway's whole answer (draining included), for the gauge
         self.workers_ready = 0
         self.redis_ok: bool | None = True if pool is None else None  # None: not checked yet
+        # told (count, their models) when workers become ready, and (0, []) when none is left
+        self.on_workers: tp.Callable[[int, list[str]], None] | None = None
+
+    def _workers(self, ready: int, models: list[str]) -> None:
+        was = self.workers_ready
+        self.workers_ready = ready
+        if bool(ready) != bool(was) and self.on_workers is not None:
+            self.on_workers(ready, models)
 
     async def run(self) -> None:
         while True:
@@ -41,7 +49,7 @@ class PoolWatch:
 
     async def refresh_once(self) -> None:
         if self.registry is None or self.pool is None:
-            self.workers_ready = 1 if self.router.ready() else 0
+            self._workers(1 if self.router.ready() else 0, [self.model or "echo"])
             metrics.READY.set(1 if self.accepting() else 0)
             return
         try:
@@ -60,12 +68,7 @@ class PoolWatch:
         self.redis_ok = True
         live = [w for w in workers if w.alive and w.role == MODEL_ROLE]  # ASR workers take no calls
         ready = [w for w in live if w.state == READY and (self.model is None or w.model == self.model)]
-        if ready and not self.workers_ready:
-            print(f"moshimoshi: {len(ready)} worker(s) ready ({', '.join(sorted({w.model for w in ready}))}): "
-                  "calls are answered", flush=True)
-        elif self.workers_ready and not ready:
-            log.warning("no worker ready: new calls get 503 until one is")
-        self.workers_ready = len(ready)
+        self._workers(len(ready), sorted({w.model for w in ready}))
         capacity: dict[str, int] = {}
         busy: dict[str, int] = {}
         for w in live:
