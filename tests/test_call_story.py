@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import logging
 
-import pytest
-
 from service import logs
 from service.call_record import CallQuality, GatewayLatency
 from service.gateway.calls.story import quality_summary
