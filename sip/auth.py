@@ -225,7 +225,8 @@ class DigestAuthenticator:
         body, mac = raw[:_NONCE.size], raw[_NONCE.size:]
         if not hmac.compare_digest(mac, self._mac(body, source)):
             return None
-        return _NONCE.unpack(body)[0] / 1000
+        issued_ms: int = _NONCE.unpack(body)[0]
+        return issued_ms / 1000
 
     def challenge(self, source: str, *, stale: bool = False) -> list[str]:
         """WWW-Authenticate values for a 401 to ``source``: one per algorithm, in the order

@@ -47,7 +47,8 @@ class G722Encoder:
             raise ValueError(f"G.722 encodes mono int16 PCM, got {pcm.dtype} {pcm.shape}")
         if len(pcm) % 2:
             raise ValueError(f"G.722 encodes pairs of samples, got {len(pcm)}")
-        return self._state.encode(np.ascontiguousarray(pcm))
+        encoded: bytes = self._state.encode(np.ascontiguousarray(pcm))
+        return encoded
 
 
 class G722Decoder:

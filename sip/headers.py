@@ -11,7 +11,7 @@ import functools
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from sip.errors import SipParseError
 from sip.grammar import (
@@ -61,6 +61,8 @@ LIST_HEADERS = frozenset(n.lower() for n in (
 # List headers in which an empty element is an error rather than noise.
 STRICT_LIST_HEADERS = frozenset(("via", "contact", "route", "record-route", "path", "service-route"))
 # Headers that must not appear more than once in a message.
+_T = TypeVar("_T")
+
 SINGLE_HEADERS = frozenset(("call-id", "cseq", "from", "to", "max-forwards", "content-length",
                             "content-type"))
 
@@ -83,7 +85,7 @@ class Headers:
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
         self._items: list[tuple[str, str, str]] = []
-        self._cache: dict[Any, Any] = {}
+        self._cache: dict[str, Any] = {}
         for name, value in items:
             self.add(name, value)
 
@@ -150,10 +152,11 @@ class Headers:
         clone._items = list(self._items)
         return clone
 
-    def cached(self, key: Any, compute: Callable[[], Any]) -> Any:
-        """A value derived from the headers, computed once until the headers change."""
+    def cached(self, key: str, compute: Callable[[], _T]) -> _T:
+        """A value derived from the headers, computed once until the headers change (``key``
+        names what ``compute`` derives: one key, one type)."""
         try:
-            return self._cache[key]
+            return cast(_T, self._cache[key])
         except KeyError:
             value = self._cache[key] = compute()
             return value

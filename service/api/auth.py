@@ -125,7 +125,8 @@ bearer = HTTPBearer(auto_error=False, description="An API token: `Authorization:
 
 
 def _tokens(request: Request) -> ApiTokens:
-    return request.app.state.api_tokens
+    tokens: ApiTokens = request.app.state.api_tokens
+    return tokens
 
 
 def _require(needed: Scope) -> tp.Callable[..., tp.Awaitable[Scope]]:

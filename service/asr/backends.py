@@ -108,7 +108,8 @@ class FasterWhisperBackend:
     def features(self, audio: np.ndarray) -> np.ndarray:
         from faster_whisper.audio import pad_or_trim
 
-        return pad_or_trim(self.whisper.feature_extractor(audio), self.frames)
+        features: np.ndarray = pad_or_trim(self.whisper.feature_extractor(audio), self.frames)
+        return features
 
     def _max_length(self, seconds: float) -> int:
         # CTranslate2's Whisper stops at about half of ``max_length`` new tokens (measured on

@@ -39,7 +39,8 @@ def cuda_available() -> bool:
         import ctranslate2
     except ImportError:
         return False
-    return ctranslate2.get_cuda_device_count() > 0
+    devices: int = ctranslate2.get_cuda_device_count()
+    return devices > 0
 
 
 def resolve_device(settings: AsrSettings) -> str:

@@ -117,7 +117,8 @@ def _sinusoids(length: int, channels: int) -> np.ndarray:
     increment = np.log(10000) / (channels // 2 - 1)
     inv = np.exp(-increment * np.arange(channels // 2))
     scaled = np.arange(length)[:, None] * inv[None, :]
-    return np.concatenate([np.sin(scaled), np.cos(scaled)], axis=1).astype(np.float32)
+    table: np.ndarray = np.concatenate([np.sin(scaled), np.cos(scaled)], axis=1).astype(np.float32)
+    return table
 
 
 class _Init:

@@ -62,7 +62,8 @@ def read_wav(path: str | Path, rate: int = TELEPHONE_RATE) -> np.ndarray:
         import soxr
 
         samples = soxr.resample(samples, source_rate, rate, quality="HQ")
-    return np.clip(np.rint(samples * 32767), -32768, 32767).astype(np.int16)
+    pcm: np.ndarray = np.clip(np.rint(samples * 32767), -32768, 32767).astype(np.int16)
+    return pcm
 
 
 def write_stereo_wav(path: str | Path, left: np.ndarray, right: np.ndarray, rate: int = TELEPHONE_RATE) -> None:
@@ -169,7 +170,8 @@ async def fetch_transcript(api: str, token: str | None, call_id: str, *, guessed
                 (log.info if guessed else log.warning)("no transcript: %s unreachable (%s); pass --api", api, exc)
                 return None
             if response.status_code == 200:
-                return response.json()
+                transcript: dict = response.json()
+                return transcript
             if response.status_code in (401, 403):
                 log.warning("transcript refused (%d): pass --api-token", response.status_code)
                 return None

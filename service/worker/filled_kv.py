@@ -114,7 +114,8 @@ def _forward(self: tp.Any, query: torch.Tensor, key: torch.Tensor, value: torch.
     state = self._streaming_state
     blocks: FilledBlocks | None = getattr(self, "_filled_blocks", None)
     if state is None or state.kv_cache is None or query.shape[1] != 1 or blocks is None:
-        return type(self).forward(self, query, key, value)
+        plain: torch.Tensor = type(self).forward(self, query, key, value)
+        return plain
     offset = state.offset
     projected = self.in_projs[0](query)
     q, k, v = rearrange(projected, "b t (p h d) -> p b h t d", p=3, h=self.num_heads)
@@ -122,7 +123,7 @@ def _forward(self: tp.Any, query: torch.Tensor, key: torch.Tensor, value: torch.
         q, k = self.rope(q, k, offset, time_before_heads=False)
     keys, values, _ = self._complete_kv(k, v)
     block_mask = blocks.update(state.kv_cache.end_offset)
-    x = _flex()(q, keys, values, block_mask=block_mask)
+    x: torch.Tensor = _flex()(q, keys, values, block_mask=block_mask)
     x = rearrange(x, "b h t d -> b t (h d)")
     x = self.out_projs[0](x)
     state.offset[:] = torch.where(state.exec_mask, state.offset + 1, state.offset)

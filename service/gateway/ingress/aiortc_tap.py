@@ -44,7 +44,8 @@ class ReceiverTap:
         self.packets += 1
         self._on_packet(packet, self._clock())
         if self.passthrough is not None:
-            return self.passthrough.add(packet)
+            passed: tuple[bool, tp.Any] = self.passthrough.add(packet)
+            return passed
         return False, None
 
 

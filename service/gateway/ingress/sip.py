@@ -62,7 +62,8 @@ def local_address_toward(remote_ip: str) -> str:
     with socket.socket(family, socket.SOCK_DGRAM) as probe:
         try:
             probe.connect((remote_ip, 9))
-            return probe.getsockname()[0]
+            address: str = probe.getsockname()[0]
+            return address
         except OSError:
             return "::1" if family == socket.AF_INET6 else "127.0.0.1"
 

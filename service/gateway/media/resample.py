@@ -35,8 +35,9 @@ def lowpass_taps(num_taps: int = 73, cutoff_hz: float = 4000.0, rate: int = MODE
                  beta: float = 5.65) -> np.ndarray:
     """Kaiser-windowed sinc low-pass, unity DC gain (beta 5.65 ≈ 60 dB stopband)."""
     n = np.arange(num_taps) - (num_taps - 1) / 2
-    taps = np.sinc(2 * cutoff_hz / rate * n) * np.kaiser(num_taps, beta)
-    return (taps / taps.sum()).astype(np.float32)
+    taps: np.ndarray = np.sinc(2 * cutoff_hz / rate * n) * np.kaiser(num_taps, beta)
+    unity: np.ndarray = (taps / taps.sum()).astype(np.float32)
+    return unity
 
 
 def sliding_windows(samples: np.ndarray, width: int, step: int = 1, *, copy: bool = True) -> np.ndarray:
@@ -108,7 +109,7 @@ class FirUpsampler(_StreamingFir):
         if windows is None:  # a view of the reused buffer: built once per chunk size
             windows = self._windows = sliding_windows(joined, len(self._branches), copy=False)
         # short rows: a product on the strided view beats copying it first
-        out = np.dot(windows, self._branches)
+        out: np.ndarray = np.dot(windows, self._branches)
         self._keep_tail()
         return out.reshape(-1)
 
@@ -140,7 +141,7 @@ class FirDownsampler(_StreamingFir):
             windows = self._windows[self._phase] = sliding_windows(usable, len(self._taps), self._ratio, copy=False)
         # on the strided view: a contiguous copy of the windows would be 73 times the
         # input (190 kB a frame, a fresh mapping every time) for the same result
-        out = np.dot(windows, self._taps)
+        out: np.ndarray = np.dot(windows, self._taps)
         self._keep_tail()
         self._phase = (self._phase - len(samples)) % self._ratio
         return out
@@ -157,7 +158,8 @@ class SoxrResampler:
         self.held_back_ms = SOXR_HELD_BACK_MS.get(quality.upper(), float("nan"))
 
     def process(self, samples: np.ndarray) -> np.ndarray:
-        return self._stream.resample_chunk(samples.astype(np.float32, copy=False))
+        resampled: np.ndarray = self._stream.resample_chunk(samples.astype(np.float32, copy=False))
+        return resampled
 
 
 # Mean delay of soxr's stream at 8↔24 kHz in the gateway's 80 ms frames, either way (the

@@ -53,7 +53,7 @@ def band_limited_click(rate: int, at: int, length: int, cutoff_hz: float = 3000.
     """A Hann-windowed sinc pulse centred on sample ``at``: an impulse that survives 24 → 8 kHz."""
     n = np.arange(length) - at
     width = int(rate * 0.004)
-    pulse = np.sinc(2 * cutoff_hz / rate * n) * np.where(np.abs(n) <= width, np.hanning(2 * width + 1)[
+    pulse: np.ndarray = np.sinc(2 * cutoff_hz / rate * n) * np.where(np.abs(n) <= width, np.hanning(2 * width + 1)[
         np.clip(n + width, 0, 2 * width)], 0.0)
     return (0.5 * pulse).astype(np.float32)
 
@@ -65,7 +65,7 @@ def _peak_seconds(signal: np.ndarray, rate: int) -> float:
         a, b, c = np.abs(signal[k - 1:k + 2]).astype(np.float64)
         denominator = a - 2 * b + c
         if denominator != 0:
-            return (k + 0.5 * (a - c) / denominator) / rate
+            return float((k + 0.5 * (a - c) / denominator) / rate)
     return k / rate
 
 
