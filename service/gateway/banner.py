@@ -25,7 +25,8 @@ def outbound_address(ipv6: bool = False) -> str:
     try:
         with socket.socket(family, socket.SOCK_DGRAM) as sock:
             sock.connect((probe, 9))
-            return sock.getsockname()[0]
+            address: str = sock.getsockname()[0]
+            return address
     except OSError:
         return fallback
 
