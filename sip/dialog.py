@@ -2,7 +2,8 @@
 re-offers (hold, unhold, refresh) and session timers (RFC 4028).
 
 A ``Dialog`` is created by the ``UserAgent`` (``IncomingCall.accept`` or
-``UserAgent.invite``) and lives until ``terminated`` resolves with its reason:
+``UserAgent.invite``), sees it only through :class:`DialogUA`, and lives until
+``terminated`` resolves with its reason:
 
 - ``remote-bye``: the peer hung up; ``local-bye``: we did (``await dialog.bye()``);
 - ``ack-timeout``: the ACK for our 2xx never came (we sent BYE);
@@ -20,13 +21,13 @@ import asyncio
 import inspect
 import logging
 import random
-from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING
+import typing as tp
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 
 from sip.acl import canonical_ip
 from sip.errors import SipError, SipParseError, TransportError
 from sip.headers import Address, Headers
-from sip.message import Request, Response, make_response
+from sip.message import HeaderItems, Request, Response, make_response
 from sip.sdp import (
     NegotiatedMedia,
     SdpError,
@@ -36,12 +37,9 @@ from sip.sdp import (
     reanswer,
 )
 from sip.session_timer import SessionTimer, answer_session_timer, min_se_of, timer_from_response
-from sip.transaction import ServerTransaction
-from sip.transport import Flow
+from sip.transaction import ServerTransaction, Timers, TransactionLayer
+from sip.transport import Flow, Transport
 from sip.uri import SipUri, Uri
-
-if TYPE_CHECKING:
-    from sip.ua import UserAgent
 
 log = logging.getLogger("sip.dialog")
 
@@ -51,6 +49,35 @@ ReofferHandler = Callable[[SessionDescription], SdpLike | Awaitable[SdpLike]]
 InfoHandler = Callable[[Request], None | Awaitable[None]]
 MediaHandler = Callable[[NegotiatedMedia], None]
 MediaCheck = Callable[[NegotiatedMedia], str | None]
+
+
+class DialogUA(tp.Protocol):
+    """What a dialog needs of its user agent (``sip.ua.UserAgent`` is one): where it runs
+    and sends, how its headers and responses are made, where its background work goes, and
+    the agent's session-timer settings and counters. A dialog knows nothing else of it."""
+
+    loop: asyncio.AbstractEventLoop
+    timers: Timers
+    transport: Transport
+    transactions: TransactionLayer
+    allow: str  # the Allow header's value
+    user_agent: str
+    session_expires: int
+    min_se: int
+    ack_timeouts: int
+    session_refreshes: int
+
+    def response(self, request: Request, status: int, reason: str | None = None, *,
+                 headers: HeaderItems | None = None, to_tag: str | None = None) -> Response: ...
+    def capabilities(self, request: Request) -> Response: ...
+    def via(self, flow: Flow) -> str: ...
+    def contact(self, flow: Flow, *, secure: bool = False) -> str: ...
+    def authorization_headers(self, request: Request, response: Response, credentials: tuple[str, str],
+                              tried_nonces: set[str]) -> list[tuple[str, str]]: ...
+    def spawn(self, coro: Coroutine[tp.Any, tp.Any, tp.Any]) -> asyncio.Task[tp.Any]: ...
+    def forget_dialog(self, dialog: Dialog) -> None: ...
+
+
 TERMINATION_REASONS = ("remote-bye", "local-bye", "ack-timeout", "session-expired", "transport-error",
                        "ack-without-answer", "unacceptable-answer", "stopped")
 
@@ -87,7 +114,7 @@ class Dialog:
       ACK it refuses ends the dialog ("unacceptable-answer").
     """
 
-    def __init__(self, ua: UserAgent, *, role: str, call_id: str, local_tag: str, remote_tag: str,
+    def __init__(self, ua: DialogUA, *, role: str, call_id: str, local_tag: str, remote_tag: str,
                  local_header: str, remote_header: str, local_seq: int, remote_seq: int | None,
                  remote_target: Uri, route_set: list[str], flow: Flow,
                  local_sdp: SessionDescription | None, remote_sdp: SessionDescription | None,
@@ -187,7 +214,7 @@ class Dialog:
         self.confirmed.set()
         if self.flow.connection is not None:
             self.flow.connection.release()
-        self.ua._forget_dialog(self)
+        self.ua.forget_dialog(self)
 
     async def bye(self) -> None:
         """Hang up: send BYE (after the ACK, if ours is the answering side and it is still
@@ -212,7 +239,7 @@ class Dialog:
 
     def _bye_soon(self, reason: str, headers: Mapping[str, str] | None = None) -> None:
         if not self.is_terminated:
-            self.ua._spawn(self._bye(reason, headers))
+            self.ua.spawn(self._bye(reason, headers))
 
     # -- sending requests -----------------------------------------------------------------
 
@@ -247,7 +274,7 @@ class Dialog:
             cseq = self.local_seq
         uri, routes = self._target_and_routes()
         out = Headers()
-        out.add("Via", self.ua._via(flow))
+        out.add("Via", self.ua.via(flow))
         out.add("Max-Forwards", "70")
         out.add("From", self.local_header)
         out.add("To", self.remote_header)
@@ -256,7 +283,7 @@ class Dialog:
         for route in routes:
             out.add("Route", route)
         if method in ("INVITE", "UPDATE"):
-            out.add("Contact", self.ua._contact(flow, secure=self.secure))
+            out.add("Contact", self.ua.contact(flow, secure=self.secure))
             out.add("Allow", self.ua.allow)
         if method in ("INVITE", "UPDATE") and "Supported" not in (headers or {}):
             out.add("Supported", "timer")
@@ -290,7 +317,7 @@ class Dialog:
             transaction = await self.ua.transactions.send_request(request, flow)
             response = await transaction.response
             if response.status in (401, 407) and self.credentials is not None and attempt < 2:
-                auth = self.ua._authorization(request, response, self.credentials, tried)
+                auth = self.ua.authorization_headers(request, response, self.credentials, tried)
                 if auth:
                     continue
             if method == "INVITE" and response.is_success:
@@ -445,29 +472,29 @@ class Dialog:
             return
         self.remote_seq = seq
         if method == "BYE":
-            transaction.respond(self.ua._response(request, 200))
+            transaction.respond(self.ua.response(request, 200))
             pending = self._incoming_invite
             if pending is not None and pending.final_status is None:
                 pending.respond(make_response(pending.request, 487))
             self._terminate("remote-bye")
         elif method == "INVITE":
             if self._incoming_invite is not None:
-                transaction.respond(self.ua._response(request, 500, headers={"Retry-After": str(random.randint(1, 10))}))
+                transaction.respond(self.ua.response(request, 500, headers={"Retry-After": str(random.randint(1, 10))}))
                 return
             self._incoming_invite = transaction
-            self.ua._spawn(self._on_reinvite(request, transaction))
+            self.ua.spawn(self._on_reinvite(request, transaction))
         elif method == "UPDATE":
-            self.ua._spawn(self._on_update(request, transaction))
+            self.ua.spawn(self._on_update(request, transaction))
         elif method == "INFO":
-            self.ua._spawn(self._on_info(request, transaction))
+            self.ua.spawn(self._on_info(request, transaction))
         elif method == "OPTIONS":
-            transaction.respond(self.ua._capabilities(request))
+            transaction.respond(self.ua.capabilities(request))
         elif method == "PRACK":
             # Every reliable provisional was acknowledged before our 2xx went out.
-            transaction.respond(self.ua._response(request, 481, "Call/Transaction Does Not Exist "
+            transaction.respond(self.ua.response(request, 481, "Call/Transaction Does Not Exist "
                                                   "(no unacknowledged provisional response)"))
         else:
-            transaction.respond(self.ua._response(request, 405, headers={"Allow": self.ua.allow}))
+            transaction.respond(self.ua.response(request, 405, headers={"Allow": self.ua.allow}))
 
     def _offer_of(self, request: Request) -> SessionDescription | None:
         if not request.body:
@@ -513,20 +540,20 @@ class Dialog:
 
     def _error_response(self, request: Request, exc: BaseException) -> Response:
         if isinstance(exc, SipError):
-            return self.ua._response(request, exc.status, exc.reason, headers=exc.headers)
+            return self.ua.response(request, exc.status, exc.reason, headers=exc.headers)
         if isinstance(exc, SipParseError):
-            return self.ua._response(request, 400, f"Bad Request ({exc})")
+            return self.ua.response(request, 400, f"Bad Request ({exc})")
         log.error("dialog %s: answering %s failed", self.call_id, request.method, exc_info=exc)
-        return self.ua._response(request, 500)
+        return self.ua.response(request, 500)
 
     async def _on_reinvite(self, request: Request, transaction: ServerTransaction) -> None:
         if self._outgoing_offer:
             self._incoming_invite = None
-            transaction.respond(self.ua._response(request, 491))
+            transaction.respond(self.ua.response(request, 491))
             return
         if self._pending_2xx is not None:
             self._incoming_invite = None
-            transaction.respond(self.ua._response(request, 500, headers={"Retry-After": str(random.randint(1, 10))}))
+            transaction.respond(self.ua.response(request, 500, headers={"Retry-After": str(random.randint(1, 10))}))
             return
         try:
             timer, timer_headers, offer, answer_text, media = await self._negotiate(request)
@@ -554,7 +581,7 @@ class Dialog:
 
     async def _on_update(self, request: Request, transaction: ServerTransaction) -> None:
         if request.body and (self._outgoing_offer or self._incoming_invite is not None):
-            transaction.respond(self.ua._response(request, 491))
+            transaction.respond(self.ua.response(request, 491))
             return
         try:
             timer, timer_headers, offer, answer_text, media = await self._negotiate(request)
@@ -576,8 +603,8 @@ class Dialog:
         self._apply_timer(timer)
 
     def _ok(self, request: Request, body: str, extra: list[tuple[str, str]]) -> Response:
-        response = self.ua._response(request, 200)
-        response.headers.add("Contact", self.ua._contact(self.flow, secure=self.secure))
+        response = self.ua.response(request, 200)
+        response.headers.add("Contact", self.ua.contact(self.flow, secure=self.secure))
         response.headers.add("Allow", self.ua.allow)
         response.headers.add("Supported", "timer")
         response.headers.extend(extra)
@@ -595,7 +622,7 @@ class Dialog:
         except Exception as exc:
             transaction.respond(self._error_response(request, exc))
             return
-        transaction.respond(self.ua._response(request, 200))
+        transaction.respond(self.ua.response(request, 200))
 
     # -- session timer --------------------------------------------------------------------
 
@@ -613,7 +640,7 @@ class Dialog:
         if timer is None or self.is_terminated:
             return
         if timer.refresher == "local":
-            self._set_timer("refresh", timer.refresh_after, lambda: self.ua._spawn(self._refresh()))
+            self._set_timer("refresh", timer.refresh_after, lambda: self.ua.spawn(self._refresh()))
             self._set_timer("expire", timer.interval, self._expired)
         else:
             self._set_timer("expire", timer.expire_after, self._expired)
@@ -629,7 +656,7 @@ class Dialog:
         if timer is None or self.is_terminated:
             return
         if self._outgoing_offer or self._incoming_invite is not None or self._pending_2xx is not None:
-            self._set_timer("refresh", max(timer.interval / 8, 0.05), lambda: self.ua._spawn(self._refresh()))
+            self._set_timer("refresh", max(timer.interval / 8, 0.05), lambda: self.ua.spawn(self._refresh()))
             return
         use_update = self.peer_allow is not None and "UPDATE" in self.peer_allow
         method = "UPDATE" if use_update else "INVITE"

@@ -168,10 +168,10 @@ class IncomingCall:
                 await self._wait_acknowledged()
             if not self._pending():
                 return
-        response = self.ua._response(self.request, status, reason, headers=headers, to_tag=self.local_tag)
+        response = self.ua.response(self.request, status, reason, headers=headers, to_tag=self.local_tag)
         for route in self.request.headers.get_all("Record-Route"):  # an early dialog's route set
             response.headers.add("Record-Route", route)
-        response.headers.add("Contact", self.ua._contact(self.flow, secure=self.secure))
+        response.headers.add("Contact", self.ua.contact(self.flow, secure=self.secure))
         if reliable:
             self._rseq += 1
             response.headers.add("Require", "100rel")
@@ -201,7 +201,7 @@ class IncomingCall:
             log.warning("call %s: no PRACK for reliable provisional RSeq %d within 64*T1; rejecting",
                         self.call_id, self._unacked[0])
             self.ua.unacknowledged_provisionals += 1
-            self.transaction.respond(self.ua._response(
+            self.transaction.respond(self.ua.response(
                 self.request, 500, "Server Internal Error (no PRACK for a reliable provisional response)",
                 to_tag=self.local_tag))
             self.state = "rejected"
@@ -245,13 +245,13 @@ class IncomingCall:
             self._retransmit.cancel()
             self._retransmit = None
         self._acked.set()
-        transaction.respond(self.ua._response(request, 200, to_tag=self.local_tag))
+        transaction.respond(self.ua.response(request, 200, to_tag=self.local_tag))
 
     def on_early_bye(self, request: Request, transaction: ServerTransaction) -> None:
         """A BYE in the early dialog (RFC 3261 §15): the caller gives up, as with CANCEL."""
-        transaction.respond(self.ua._response(request, 200, to_tag=self.local_tag))
+        transaction.respond(self.ua.response(request, 200, to_tag=self.local_tag))
         if self.transaction.final_status is None:
-            self.transaction.respond(self.ua._response(self.request, 487, to_tag=self.local_tag))
+            self.transaction.respond(self.ua.response(self.request, 487, to_tag=self.local_tag))
         self._on_cancel()
 
     # -- answers --------------------------------------------------------------------------
@@ -274,10 +274,10 @@ class IncomingCall:
         text = str(answer_sdp)
         local_sdp = SessionDescription.parse(text)
         request = self.request
-        response = self.ua._response(request, 200, headers=headers, to_tag=self.local_tag)
+        response = self.ua.response(request, 200, headers=headers, to_tag=self.local_tag)
         for route in request.headers.get_all("Record-Route"):
             response.headers.add("Record-Route", route)
-        response.headers.add("Contact", self.ua._contact(self.flow, secure=self.secure))
+        response.headers.add("Contact", self.ua.contact(self.flow, secure=self.secure))
         response.headers.add("Allow", self.ua.allow)
         response.headers.add("Supported", SUPPORTED)
         response.headers.extend(self._timer_headers)
@@ -316,7 +316,7 @@ class IncomingCall:
             raise ValueError(f"{status} is not a final error status (300-699)")
         if not self._pending():
             return
-        self.transaction.respond(self.ua._response(self.request, status, reason, headers=headers,
+        self.transaction.respond(self.ua.response(self.request, status, reason, headers=headers,
                                                    to_tag=self.local_tag))
         self.state = "rejected"
         self._finish()
@@ -492,7 +492,8 @@ class UserAgent:
             "responses_too_big": self.responses_too_big,
         }
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
+        """Run ``coro`` in the background, owned (and cancelled at ``stop``) by this agent."""
         task = self.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -503,21 +504,21 @@ class UserAgent:
         if not task.cancelled() and task.exception() is not None:
             log.error("background task failed", exc_info=task.exception())
 
-    # -- helpers shared with dialogs and calls -----------------------------------------------
+    # -- what dialogs and calls use (sip.dialog.DialogUA) ----------------------------------
 
     def _port_for(self, transport: str) -> int:
         if transport == "TLS" and self.transport.tls_port is not None:
             return self.transport.tls_port
         return self.port
 
-    def _via(self, flow: Flow) -> str:
+    def via(self, flow: Flow) -> str:
         host = self.transport.local_host_for(flow.host)
         # RFC 5923: over TLS we offer our connection for the peer's requests back to us
         alias = ";alias" if flow.transport == "TLS" else ""
         return (f"SIP/2.0/{flow.transport} {format_host(host)}:{self._port_for(flow.transport)};"
                 f"branch={new_branch()};rport{alias}")
 
-    def _contact(self, flow: Flow, *, secure: bool = False) -> str:
+    def contact(self, flow: Flow, *, secure: bool = False) -> str:
         """Our Contact toward ``flow``: ``sips:`` in a secure (sips:) dialog, else ``sip:``
         with the transport named for TCP and TLS."""
         host = format_host(self.transport.local_host_for(flow.host))
@@ -527,14 +528,16 @@ class UserAgent:
         suffix = {"TCP": ";transport=tcp", "TLS": ";transport=tls"}.get(flow.transport, "")
         return f"<sip:{self.user}@{host}:{port}{suffix}>"
 
-    def _response(self, request: Request, status: int, reason: str | None = None, *,
-                  headers: HeaderItems | None = None, to_tag: str | None = None) -> Response:
+    def response(self, request: Request, status: int, reason: str | None = None, *,
+                 headers: HeaderItems | None = None, to_tag: str | None = None) -> Response:
+        """A response to ``request`` from this agent (``Server`` header, a To tag)."""
         response = make_response(request, status, reason, to_tag=to_tag or new_tag(), headers=headers)
         response.headers.add("Server", self.user_agent)
         return response
 
-    def _capabilities(self, request: Request) -> Response:
-        return self._response(request, 200, headers={
+    def capabilities(self, request: Request) -> Response:
+        """The 200 to an OPTIONS: what this agent allows, accepts and supports."""
+        return self.response(request, 200, headers={
             "Allow": self.allow, "Accept": "application/sdp", "Accept-Encoding": "identity",
             "Supported": SUPPORTED})
 
@@ -542,7 +545,8 @@ class UserAgent:
         self.dialogs[dialog.id] = dialog
         self._peer_added(dialog.flow.host)
 
-    def _forget_dialog(self, dialog: Dialog) -> None:
+    def forget_dialog(self, dialog: Dialog) -> None:
+        """A terminated dialog leaves the agent's table."""
         if self.dialogs.get(dialog.id) is dialog:
             del self.dialogs[dialog.id]
             self._peer_removed(dialog.flow.host)
@@ -566,8 +570,8 @@ class UserAgent:
             return True
         return (canonical_ip(host) or host) in self._peer_calls
 
-    def _authorization(self, request: Request, response: Response, credentials: tuple[str, str],
-                       tried_nonces: set[str]) -> list[tuple[str, str]]:
+    def authorization_headers(self, request: Request, response: Response, credentials: tuple[str, str],
+                              tried_nonces: set[str]) -> list[tuple[str, str]]:
         """Authorization headers answering a 401/407, or [] when we cannot (unknown
         scheme, or an answer to the same realm was refused without ``stale``: wrong
         credentials)."""
@@ -631,7 +635,7 @@ class UserAgent:
         via = request.top_via
         target = Flow("TCP", via.received or flow.host, via.port or 5060)
         self._tcp_fallbacks.add(key)
-        self._spawn(self._serve_over_tcp(request, flow, target, key))
+        self.spawn(self._serve_over_tcp(request, flow, target, key))
 
     async def _serve_over_tcp(self, request: Request, flow: Flow, target: Flow, key: tuple) -> None:
         try:
@@ -647,7 +651,7 @@ class UserAgent:
 
     def _reply_too_big(self, request: Request, flow: Flow) -> None:
         self.responses_too_big += 1
-        response = self._response(request, 513, "Message Too Large (the response would not fit in a UDP "
+        response = self.response(request, 513, "Message Too Large (the response would not fit in a UDP "
                                                 "datagram; send the request over TCP)")
         self.transport.counters.count_response(513)
         self.transport.send(response.to_bytes(), self.transport.response_flow(request, flow))
@@ -684,7 +688,7 @@ class UserAgent:
         self.guard.counters.count(refusal.reason)
         if refusal.status is None or request.method == "ACK":
             return
-        response = self._response(request, refusal.status, headers=refusal.headers or None)
+        response = self.response(request, refusal.status, headers=refusal.headers or None)
         self.transport.counters.count_response(refusal.status)
         self.transport.send(response.to_bytes(), self.transport.response_flow(request, flow))
 
@@ -699,12 +703,12 @@ class UserAgent:
         try:
             self._dispatch(request, transaction, flow)
         except SipError as exc:
-            transaction.respond(self._response(request, exc.status, exc.reason, headers=exc.headers))
+            transaction.respond(self.response(request, exc.status, exc.reason, headers=exc.headers))
         except SipParseError as exc:
-            transaction.respond(self._response(request, 400, f"Bad Request ({exc})"))
+            transaction.respond(self.response(request, 400, f"Bad Request ({exc})"))
         except Exception:
             log.exception("error handling %r", request)
-            transaction.respond(self._response(request, 500))
+            transaction.respond(self.response(request, 500))
 
     def on_stray_response(self, response: Response, flow: Flow) -> None:
         if response.is_success and response.cseq.method == "INVITE":
@@ -755,7 +759,7 @@ class UserAgent:
             if self.available is not None and not self.available():
                 # Dispatchers and SBCs probe with OPTIONS: tell them to route elsewhere.
                 raise SipError(503, headers={"Retry-After": "10"})
-            transaction.respond(self._capabilities(request))
+            transaction.respond(self.capabilities(request))
         elif method == "INVITE":
             self._on_invite(request, transaction, flow)
         else:
@@ -767,9 +771,9 @@ class UserAgent:
             raise SipError(481)
         call = self._calls.get(invite.key)
         tag = call.local_tag if call is not None else new_tag()
-        transaction.respond(self._response(request, 200, to_tag=tag))
+        transaction.respond(self.response(request, 200, to_tag=tag))
         if invite.final_status is None:
-            invite.respond(self._response(invite.request, 487, to_tag=tag))
+            invite.respond(self.response(invite.request, 487, to_tag=tag))
             if call is not None:
                 call._on_cancel()
 
@@ -795,9 +799,9 @@ class UserAgent:
         if self.on_invite is None:
             call.state = "rejected"
             call._finish()
-            transaction.respond(self._response(request, 480, to_tag=call.local_tag))
+            transaction.respond(self.response(request, 480, to_tag=call.local_tag))
             return
-        self._spawn(self._run_application(call))
+        self.spawn(self._run_application(call))
 
     async def _run_application(self, call: IncomingCall) -> None:
         assert self.on_invite is not None
@@ -851,23 +855,23 @@ class UserAgent:
             async with asyncio.timeout(timeout):
                 response = await self._invite_until_final(state, on_provisional, headers)
         except TimeoutError:
-            self._spawn(self._abandon_invite(state))
+            self.spawn(self._abandon_invite(state))
             raise CallFailed(408, f"Request Timeout (no answer within {timeout:g} s)") from None
         except asyncio.CancelledError:
-            self._spawn(self._abandon_invite(state))
+            self.spawn(self._abandon_invite(state))
             raise
         return await self._dialog_from_2xx(state, response)
 
     def _build_invite(self, state: _OutgoingInvite, session_expires: int,
                       extra: Mapping[str, str] | None) -> Request:
         out = Headers()
-        out.add("Via", self._via(state.flow))
+        out.add("Via", self.via(state.flow))
         out.add("Max-Forwards", "70")
         out.add("From", state.from_value)
         out.add("To", state.to_value)
         out.add("Call-ID", state.call_id)
         out.add("CSeq", f"{state.cseq} INVITE")
-        out.add("Contact", self._contact(state.flow, secure=state.uri.scheme == "sips"))
+        out.add("Contact", self.contact(state.flow, secure=state.uri.scheme == "sips"))
         out.add("Allow", self.allow)
         out.add("Supported", "timer")
         if session_expires > 0:
@@ -892,7 +896,7 @@ class UserAgent:
                 state.flow = transaction.flow
                 return response
             if response.status in (401, 407) and state.credentials is not None and state.cseq < 10:
-                auth = self._authorization(request, response, state.credentials, state.tried_nonces)
+                auth = self.authorization_headers(request, response, state.credentials, state.tried_nonces)
                 if auth:
                     state.auth = auth
                     state.cseq += 1
@@ -934,7 +938,7 @@ class UserAgent:
             problem = "the 2xx carries no SDP answer"
         if problem is not None:
             # §13.2.2.4: ACK, then BYE when the answer is unacceptable.
-            self._spawn(dialog._bye("local-bye"))
+            self.spawn(dialog._bye("local-bye"))
             raise CallFailed(488, f"Not Acceptable Here ({problem})", response)
         try:
             dialog._apply_timer(timer_from_response(response))

@@ -19,7 +19,7 @@ from service.gateway.ingress.aiortc_tap import tap_receiver
 from service.gateway.ingress.webrtc_sdp import OfferError, check_offer
 from service.gateway.media.bridge import MODEL_FRAME_BYTES
 from service.gateway.media.pipeline import CallerAudio
-from service.gateway.media.resample_48k import Decimator48to24, Interpolator24to48, wideband_taps
+from service.gateway.media.resample import Decimator48to24, Interpolator24to48, wideband_taps
 from service.gateway.media.webrtc_media import (
     PACKET_SAMPLES_48K,
     TRACK_QUEUE_PACKETS,

@@ -30,7 +30,7 @@ from service.gateway.media.bridge import MODEL_FRAME_SAMPLES, to_pcm16
 from service.gateway.media.latency import LatencyMeter
 from service.gateway.media.pacer import EgressPacer
 from service.gateway.media.pipeline import CallerAudio, MediaTaps
-from service.gateway.media.resample_48k import MODEL_RATE, Decimator48to24, Interpolator24to48
+from service.gateway.media.resample import MODEL_RATE, Decimator48to24, Interpolator24to48
 from sip.jitterbuffer import CONCEAL, JitterBuffer
 from sip.opus import OPUS_RATE, OpusMonoDecoder, OpusPacketError, is_quiet_packet, opus_packet_samples
 from sip.plc import PacketLossConcealer
