@@ -416,6 +416,9 @@ class CallSettings:
         None, "stereo WAV to write: what we sent on the left, what came back on the right (8 kHz)", group="call")
     transcript: str | None = setting(None, "file for the agent's words (default: <record>.txt if --record)", group="call")
     seconds: float = setting(10.0, "hang up after this many seconds of call", min=0.1, group="call")
+    response_seconds: float = setting(
+        5.0, "give up when the callee sends no SIP response at all (not even 100 Trying) within this",
+        min=0.5, max=64.0, group="call")
     dtmf: str | None = setting(None, "DTMF digits to send (RFC 4733) one second into the call", group="call")
     caller: str = setting("moshimoshi", "the user part of the From URI: the number (or name) to call as",
                           group="call")
@@ -437,8 +440,12 @@ class CallSettings:
     tls_insecure: bool = setting(False, "do not check the callee's TLS certificate (a test server only)", group="call-tls")
     tls_cert: str | None = setting(None, "PEM certificate chain to present to a callee that wants mutual TLS", group="call-tls")
     tls_key: str | None = setting(None, "the private key of --tls-cert", group="call-tls")
-    api: str | None = setting(None, "gateway API base URL to read the transcript from after the call", group="call-api")
-    api_token: str | None = setting(None, "bearer token for --api", secret=True, group="call-api")
+    api: str | None = setting(
+        None, "the gateway's API, where the transcript is read after the call (default: http://<the URI's "
+        "host>:8080). The transcript file is written either way: without a transcript it says why",
+        group="call-api")
+    api_token: str | None = setting(None, "a read token for --api (moshimoshi serve prints one at start)",
+                                    secret=True, group="call-api")
     log_level: str = setting("warning", "log level", choices=["debug", "info", "warning", "error"], group="logging")
 
     def validate(self) -> None:

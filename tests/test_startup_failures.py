@@ -215,3 +215,51 @@ def test_a_redis_outage_after_start_is_loud_and_refuses_calls_until_redis_is_bac
         until(lambda: httpx.get(system.api + "/readyz").status_code == 200, "ready again")
         assert sip_options_status(system.sip_port) == 200
         assert "Redis is back: new calls are taken again" in system.output()
+
+
+# -- moshimoshi call ----------------------------------------------------------------------
+
+
+def test_a_call_to_where_nothing_answers_fails_fast():
+    port = free_port(socket.SOCK_DGRAM)  # nothing listens there
+    started = time.monotonic()
+    result = run("call", f"sip:agent@127.0.0.1:{port}", "--response-seconds", "2", "--local-host", "127.0.0.1")
+    took = time.monotonic() - started
+    assert result.returncode == 1 and not result.leftovers
+    assert one_line(result) == (f"moshimoshi call: nothing answered at 127.0.0.1:{port} over UDP within 2 s: "
+                                "is a gateway running there?")
+    assert took < 15, f"{took:.0f} s (Timer B would wait 32 s)"
+
+
+def test_a_call_writes_its_transcript_file_and_says_invalid_token_when_the_token_was_refused(tmp_path):
+    from tests.support.services import Process, wait_until
+
+    sip, http = free_port(), free_port()
+    gateway = Process("gateway", ["gateway", "--worker-url", "echo:", "--sip-host", "127.0.0.1", "--sip-port",
+                                  str(sip), "--http-host", "127.0.0.1", "--http-port", str(http)], tmp_path,
+                      env={"MOSHIMOSHI_API_TOKENS": "good-token-0123456789:read"})
+    try:
+        wait_until(lambda: "moshimoshi ready" in gateway.log(), 60, "the gateway ready", gateway)
+        uri = f"sip:agent@127.0.0.1:{sip}"
+        api = f"http://127.0.0.1:{http}"
+        common = ("--seconds", "2.5", "--local-host", "127.0.0.1", "--dtmf", "5")  # DTMF 1 s in
+        cases = {
+            "refused": (("--api", api, "--api-token", "not-the-token"),
+                        f"the API at {api} refused the token: invalid token"),
+            "no token": (("--api", api), f"the API at {api} needs a token: pass --api-token (or "
+                                         "MOSHIMOSHI_API_TOKEN; moshimoshi serve prints one at start)"),
+            "unreachable": (("--api", f"http://127.0.0.1:{free_port()}", "--api-token", "x"), "is unreachable: "),
+        }
+        for name, (extra, said) in cases.items():
+            path = tmp_path / f"{name}.txt"
+            result = run("call", uri, *common, "--transcript", str(path), *extra)
+            assert result.returncode == 0, result.stderr  # the call itself went well
+            assert said in one_line(result) and one_line(result).startswith("moshimoshi call: no transcript: ")
+            assert path.read_text() == f"# no transcript: {one_line(result).split('no transcript: ', 1)[1]}\n"
+        path = tmp_path / "good.txt"
+        result = run("call", uri, *common, "--transcript", str(path), "--api", api, "--api-token",
+                     "good-token-0123456789")
+        assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+        assert "DTMF: 5" in path.read_text()
+    finally:
+        gateway.stop()

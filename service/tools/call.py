@@ -4,7 +4,10 @@ Engineers use it to try a line end to end. The recording is stereo at the codec'
 rate (8 kHz for G.711, 16 kHz for G.722, 48 kHz for Opus), the caller (what we sent) on
 the left and the far end (the model) on the right, sample-aligned on the call's own clock, so the model's timing against the caller can be read off it.
 The transcript comes from the gateway's API once the call ends (the gateway names its call
-id in the X-Moshimoshi-Call-Id header of its 200 OK).
+id in the X-Moshimoshi-Call-Id header of its 200 OK); the transcript file is written either
+way, with one line saying why when the API could not give it (unreachable, no token, the
+token refused). A callee that sends no SIP response at all within ``--response-seconds``
+fails the call at once instead of after Timer B's 32 s.
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import sys
 import time
+import typing as tp
 import wave
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from service.api.control import CALL_ID_HEADER
 from service.realtime import quiet_gc
 from service.settings import CallSettings
 from sip import codecs
+from sip.dialog import Dialog
 from sip.dtmf import DtmfDigit, DtmfReceiver, DtmfSender
 from sip.errors import CallFailed, SipError, SipParseError
 from sip.jitterbuffer import CONCEAL, JitterBuffer
@@ -157,26 +161,57 @@ class TestCall:
             self.ticks += 1
 
 
-async def fetch_transcript(api: str, token: str | None, call_id: str, *, guessed: bool = False) -> dict | None:
+class Unanswered(Exception):
+    """Nothing answered the INVITE: no SIP response at all within ``--response-seconds``."""
+
+
+async def fetch_transcript(api: str, token: str | None, call_id: str, *,
+                           guessed: bool = False) -> tuple[dict[str, tp.Any] | None, str]:
+    """The call's transcript from the gateway's API, or None and why not (one line)."""
     import httpx
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     url = f"{api.rstrip('/')}/v1/calls/{call_id}/transcript"
+    status = 0
     async with httpx.AsyncClient(timeout=5) as client:
         for _ in range(20):
             try:
                 response = await client.get(url, headers=headers)
             except httpx.HTTPError as exc:
-                (log.info if guessed else log.warning)("no transcript: %s unreachable (%s); pass --api", api, exc)
-                return None
-            if response.status_code == 200:
-                transcript: dict = response.json()
-                return transcript
-            if response.status_code in (401, 403):
-                log.warning("transcript refused (%d): pass --api-token", response.status_code)
-                return None
-            await asyncio.sleep(0.25)
-    return None
+                hint = " (pass --api: the gateway's API base URL)" if guessed else ""
+                return None, f"the gateway's API at {api} is unreachable: {exc or type(exc).__name__}{hint}"
+            status = response.status_code
+            if status == 200:
+                return response.json(), ""
+            if status == 401 and token:
+                return None, f"the API at {api} refused the token: invalid token"
+            if status == 401:
+                return None, (f"the API at {api} needs a token: pass --api-token (or MOSHIMOSHI_API_TOKEN; "
+                              "moshimoshi serve prints one at start)")
+            if status == 403:
+                return None, f"the API at {api} refused the token: it may not read transcripts"
+            await asyncio.sleep(0.25)  # 404: the gateway may not have written the call yet
+    return None, f"the API at {api} has no transcript of call {call_id} (HTTP {status})"
+
+
+async def invite_or_give_up(ua: UserAgent, target: SipUri, offer: str, settings: CallSettings) -> Dialog:
+    """The answered call; Unanswered when no SIP response at all came within
+    ``--response-seconds`` (nothing listens there: no need to wait out the 32 s of Timer B)."""
+    responded = asyncio.Event()
+    invite = asyncio.create_task(ua.invite(target, offer, username=settings.username, password=settings.password,
+                                           on_provisional=lambda _response: responded.set()))
+    heard = asyncio.create_task(responded.wait())
+    try:
+        await asyncio.wait({invite, heard}, timeout=settings.response_seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        heard.cancel()
+    if not invite.done() and not responded.is_set():
+        invite.cancel()
+        await asyncio.gather(invite, return_exceptions=True)
+        transport = target.wire_transport or "UDP"
+        raise Unanswered(f"nothing answered at {format_host(target.host)}:{target.port_for(transport)} over "
+                         f"{transport} within {settings.response_seconds:g} s: is a gateway running there?")
+    return await invite
 
 
 def local_host_for_target(local_host: str, target_host: str) -> str:
@@ -215,7 +250,7 @@ async def place_call(settings: CallSettings) -> dict:
         offer = build_offer(prefs, local_ip, rtp.local_port)
         quiet_gc()  # before the call: a collection pause during it would be a glitch in the recording
         started = time.time()
-        dialog = await ua.invite(target, str(offer), username=settings.username, password=settings.password)
+        dialog = await invite_or_give_up(ua, target, str(offer), settings)
         answered = time.time()
         media = dialog.media
         if media is None or media.remote_address is None:
@@ -267,15 +302,8 @@ async def place_call(settings: CallSettings) -> dict:
             summary["recording"] = settings.record
         transcript_path = settings.transcript or (
             str(Path(settings.record).with_suffix(".txt")) if settings.record else None)
-        if transcript_path and gateway_call_id:
-            api = settings.api or f"http://{format_host(target.host)}:8080"
-            transcript = await fetch_transcript(api, settings.api_token or os.environ.get(
-                "MOSHIMOSHI_API_TOKEN"), gateway_call_id, guessed=settings.api is None)
-            if transcript is not None:
-                await asyncio.to_thread(Path(transcript_path).write_text, format_transcript(transcript),
-                                        encoding="utf-8")
-                summary["transcript"] = transcript_path
-                summary["transcript_events"] = len(transcript.get("events", []))
+        if transcript_path:
+            await write_transcript(settings, transcript_path, target, gateway_call_id, summary)
         return summary
     finally:
         if rtp is not None:
@@ -283,7 +311,26 @@ async def place_call(settings: CallSettings) -> dict:
         await ua.stop()
 
 
-def format_transcript(transcript: dict) -> str:
+async def write_transcript(settings: CallSettings, path: str, target: SipUri, call_id: str | None,
+                           summary: dict[str, tp.Any]) -> None:
+    """The transcript file, written whatever happens: the agent's words and DTMF from the
+    gateway's API, or one line saying why there are none (also said on stderr)."""
+    if call_id is None:
+        transcript, problem = None, "the callee named no call id (X-Moshimoshi-Call-Id): not a moshimoshi gateway"
+    else:
+        api = settings.api or f"http://{format_host(target.host)}:8080"
+        transcript, problem = await fetch_transcript(api, settings.api_token, call_id, guessed=settings.api is None)
+    text = format_transcript(transcript) if transcript is not None else f"# no transcript: {problem}\n"
+    await asyncio.to_thread(Path(path).write_text, text, encoding="utf-8")
+    summary["transcript"] = path
+    if transcript is not None:
+        summary["transcript_events"] = len(transcript.get("events", []))
+    else:
+        summary["transcript_problem"] = problem
+        print(f"moshimoshi call: no transcript: {problem}", file=sys.stderr)
+
+
+def format_transcript(transcript: dict[str, tp.Any]) -> str:
     lines = []
     for event in transcript.get("events", []):
         who = "DTMF" if event.get("kind") == "dtmf" else "agent"
@@ -304,6 +351,9 @@ def run_call(settings: CallSettings) -> int:
         summary = realtime.run(place_call(settings))
     except CallFailed as exc:
         print(f"moshimoshi call: {exc.status} {exc.reason}", file=sys.stderr)
+        return 1
+    except Unanswered as exc:
+        print(f"moshimoshi call: {exc}", file=sys.stderr)
         return 1
     except (SipParseError, ValueError, OSError) as exc:
         print(f"moshimoshi call: {exc}", file=sys.stderr)
