@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
@@ -47,7 +48,10 @@ class Health(BaseModel):
 
 def create_app(control: CallControl, api_tokens: ApiTokens) -> FastAPI:
     """The control plane's app, serving ``control`` to holders of ``api_tokens``."""
-    app = FastAPI(title="moshimoshi gateway", version=__version__, description=DESCRIPTION, openapi_tags=TAGS)
+    # /docs serves Swagger UI from the fastapi-offline package (no CDN): the API reference
+    # works in an air-gapped call center. No /redoc: ReDoc's page still asks its CDN for a logo.
+    app = FastAPIOffline(title="moshimoshi gateway", version=__version__, description=DESCRIPTION,
+                         openapi_tags=TAGS, static_url="/docs/assets", redoc_url=None)
     app.state.control = control
     app.state.api_tokens = api_tokens
     http_metrics.install(app)
