@@ -98,6 +98,50 @@ class CallQuality:
 
 
 @dataclass
+class CallPhase:
+    """One part of a call: with the AI (``kind`` ai, on ``worker``), or with a human after a
+    transfer (``kind`` human: ``target``, ``mode`` refer or bridge). A bridged human part
+    ends with the call and has its leg's ``quality``; after a REFER the human part goes on
+    without us: its ``end`` stays null."""
+
+    kind: tp.Annotated[str, _doc("ai (the model) or human (after a transfer)")]
+    start: tp.Annotated[float, _doc("epoch seconds")]
+    end: tp.Annotated[float | None, _doc("epoch seconds; null while it lasts, and for a REFER's human part")] = None
+    worker: tp.Annotated[str | None, _doc("ai: the worker that served it (the last one, after failovers)")] = None
+    target: tp.Annotated[str | None, _doc("human: where the call went (sip:, sips: or tel: URI)")] = None
+    mode: tp.Annotated[str | None, _doc("human: refer (blind transfer by the peer) or bridge (the gateway "
+                                        "relays the media)")] = None
+    quality: tp.Annotated[CallQuality | None, _doc("human, bridged: the human leg's media quality")] = None
+
+    @classmethod
+    def from_dict(cls, values: dict[str, tp.Any]) -> CallPhase:
+        known = {k: v for k, v in values.items() if k in _PHASE_FIELDS}
+        quality = known.get("quality")
+        known["quality"] = CallQuality.from_dict(quality) if isinstance(quality, dict) else None
+        return cls(**known)
+
+
+@dataclass
+class TransferAttempt:
+    """One transfer asked for: by whom (``by``: api, dtmf, overflow), to where, how it went."""
+
+    target: str
+    by: str
+    mode: tp.Annotated[str, _doc("refer or bridge: how it was tried (auto tries refer, then bridge when the "
+                                 "peer will not take a REFER)")]
+    requested_at: float
+    outcome: tp.Annotated[str, _doc("pending, transferred or failed (the caller stayed with the AI)")] = "pending"
+    status: tp.Annotated[int | None, _doc("the SIP status that decided it (the REFER's, a NOTIFY's, the "
+                                          "target's answer); 408 for no answer in time")] = None
+    reason: tp.Annotated[str, _doc("why it failed, or how it went, in words")] = ""
+    seconds: tp.Annotated[float | None, _doc("from the request to the hand-over (or the failure)")] = None
+
+    @classmethod
+    def from_dict(cls, values: dict[str, tp.Any]) -> TransferAttempt:
+        return cls(**{k: v for k, v in values.items() if k in _TRANSFER_FIELDS})
+
+
+@dataclass
 class CallRecord:
     """One call: where it runs, who called, how it went. ``identity`` keeps the SIP identity
     headers and the dialled number whole (``sip.identity.CallerIdentity.to_dict``); only
@@ -128,6 +172,10 @@ class CallRecord:
     end_reason: str = ""
     end_detail: str = ""  # the end reason in words, when the reason alone does not say what went wrong
     quality: CallQuality | None = None
+    phases: tp.Annotated[list[CallPhase], _doc("the AI part and, after a transfer, the human part, with their "
+                                                "times")] = field(default_factory=list)
+    transfers: tp.Annotated[list[TransferAttempt], _doc("every transfer asked for, and how it went")] = field(
+        default_factory=list)
 
     @property
     def ended(self) -> bool:
@@ -141,6 +189,8 @@ class CallRecord:
         return round(max(0.0, end - self.answered_at), 3)
 
     def copy(self, **changes: tp.Any) -> CallRecord:
+        changes.setdefault("phases", list(self.phases))
+        changes.setdefault("transfers", list(self.transfers))
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, tp.Any]:
@@ -157,6 +207,10 @@ class CallRecord:
             value = getattr(self, name)
             if name == "quality":
                 out.update(quality_fields(value))
+            elif name in _LIST_FIELDS:
+                if value or only is not None:
+                    out[name] = json.dumps([_measured(dataclasses.asdict(item)) for item in value],
+                                           ensure_ascii=False)
             elif value is not None:
                 out[name] = _encode(value)
         return out
@@ -171,6 +225,12 @@ class CallRecord:
                 try:
                     quality[name[len(QUALITY_PREFIX):]] = json.loads(text)
                 except ValueError:
+                    continue
+            elif name in _LIST_FIELDS:
+                try:
+                    values[name] = [_LIST_FIELDS[name].from_dict(item) for item in json.loads(text)
+                                    if isinstance(item, dict)]
+                except (ValueError, TypeError):
                     continue
             elif name in _PARSERS:
                 try:
@@ -191,6 +251,11 @@ def quality_fields(quality: CallQuality | None) -> dict[str, str]:
     if quality is None:
         return {}
     return {QUALITY_PREFIX + k: json.dumps(v, ensure_ascii=False) for k, v in quality.measured().items()}
+
+
+def _measured(values: dict[str, tp.Any]) -> dict[str, tp.Any]:
+    """A dataclass's dict without its null fields (nested dicts too)."""
+    return {k: _measured(v) if isinstance(v, dict) else v for k, v in values.items() if v is not None}
 
 
 def _encode(value: tp.Any) -> str:
@@ -219,5 +284,9 @@ def _parser(hint: tp.Any) -> tp.Callable[[str], tp.Any]:
 _RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(CallRecord))
 _QUALITY_FIELDS = frozenset(f.name for f in dataclasses.fields(CallQuality))
 _LATENCY_FIELDS = frozenset(f.name for f in dataclasses.fields(GatewayLatency))
+_PHASE_FIELDS = frozenset(f.name for f in dataclasses.fields(CallPhase))
+_TRANSFER_FIELDS = frozenset(f.name for f in dataclasses.fields(TransferAttempt))
+_LIST_FIELDS: dict[str, tp.Any] = {"phases": CallPhase, "transfers": TransferAttempt}
 _PARSERS: dict[str, tp.Callable[[str], tp.Any]] = {
-    name: _parser(hint) for name, hint in tp.get_type_hints(CallRecord).items() if name != "quality"}
+    name: _parser(hint) for name, hint in tp.get_type_hints(CallRecord).items()
+    if name != "quality" and name not in _LIST_FIELDS}

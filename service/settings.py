@@ -273,6 +273,9 @@ class GatewaySettings:
     queue_seconds: float = setting(5.0, "how long a call may wait (ringing) for a free slot before 503",
                                    min=0.0, max=120.0, group="pool")
     retry_after_seconds: int = setting(30, "Retry-After sent with 503", min=1, group="pool")
+    transfer_ring_seconds: float = setting(30.0, "a transfer to a human: how long the target may take to answer "
+                                           "(bridge) or the peer to report success (REFER) before the caller "
+                                           "stays with the AI", min=1.0, max=300.0, group="pool")
     drain_grace_seconds: float = setting(300.0, "on SIGTERM, how long calls may go on before exit",
                                          min=0.0, group="pool")
     api_tokens: list[str] = setting(

@@ -1,5 +1,6 @@
 """Dialogs (RFC 3261 §12-§15): in-dialog requests both ways, the 2xx/ACK handshake,
-re-offers (hold, unhold, refresh) and session timers (RFC 4028).
+re-offers (hold, unhold, refresh), session timers (RFC 4028) and blind transfer by REFER
+(RFC 3515, ``dialog.refer(target)``: its NOTIFYs are answered here, see ``sip/refer.py``).
 
 A ``Dialog`` is created by the ``UserAgent`` (``IncomingCall.accept`` or
 ``UserAgent.invite``), sees it only through :class:`DialogUA`, and lives until
@@ -28,6 +29,7 @@ from sip.acl import canonical_ip
 from sip.errors import SipError, SipParseError, TransportError
 from sip.headers import Address, Headers
 from sip.message import HeaderItems, Request, Response, make_response
+from sip.refer import SIPFRAG, Referral, ReferStatus, event_package, parse_sipfrag, subscription_terminated
 from sip.sdp import (
     NegotiatedMedia,
     SdpError,
@@ -39,7 +41,7 @@ from sip.sdp import (
 from sip.session_timer import SessionTimer, answer_session_timer, min_se_of, timer_from_response
 from sip.transaction import ServerTransaction, Timers, TransactionLayer
 from sip.transport import Flow, Transport
-from sip.uri import SipUri, Uri
+from sip.uri import SipUri, Uri, parse_uri
 
 log = logging.getLogger("sip.dialog")
 
@@ -156,6 +158,8 @@ class Dialog:
         self._ack: tuple[int, bytes, Flow] | None = None
         self._outgoing_offer = False
         self._incoming_invite: ServerTransaction | None = None
+        self._referral: Referral | None = None  # the REFER we sent last (sip/refer.py)
+        self._referral_seqs = (0, 0)  # the CSeq numbers its REFER may have used (auth retries)
         if flow.connection is not None:
             flow.connection.hold()
 
@@ -212,6 +216,8 @@ class Dialog:
         self._timers.clear()
         self._pending_2xx = None
         self.confirmed.set()
+        if self._referral is not None:
+            self._referral.finish(ReferStatus(487, f"the dialog ended ({reason}) before the transfer did", local=True))
         if self.flow.connection is not None:
             self.flow.connection.release()
         self.ua.forget_dialog(self)
@@ -282,7 +288,7 @@ class Dialog:
         out.add("CSeq", f"{cseq} {method}")
         for route in routes:
             out.add("Route", route)
-        if method in ("INVITE", "UPDATE"):
+        if method in ("INVITE", "UPDATE", "REFER"):
             out.add("Contact", self.ua.contact(flow, secure=self.secure))
             out.add("Allow", self.ua.allow)
         if method in ("INVITE", "UPDATE") and "Supported" not in (headers or {}):
@@ -366,6 +372,38 @@ class Dialog:
         if response.is_success:
             self._after_offer_accepted(body, response)
         return response
+
+    async def refer(self, target: str | Uri, *, referred_by: str | None = None,
+                    headers: Mapping[str, str] | None = None) -> Referral:
+        """Ask the peer to call ``target`` (a blind transfer, RFC 3515): send REFER with
+        ``Refer-To`` and ``Referred-By`` (default: our URI in this dialog) and return the
+        :class:`~sip.refer.Referral` once the REFER has its final response. When that is a
+        2xx the peer's NOTIFYs report the transfer's progress (``referral.outcome()``); any
+        other response finishes the referral with its status (405, 603, 501: the peer does
+        not take transfers). Raises ``SipParseError`` for a target that is no URI, and
+        ``RuntimeError`` when the dialog ended or a referral is still under way."""
+        uri = parse_uri(str(target), "Refer-To")
+        if self.is_terminated:
+            raise RuntimeError(f"{self!r} is terminated")
+        if self._referral is not None and not self._referral.done:
+            raise RuntimeError("a transfer is already under way in this dialog")
+        first = self.local_seq + 1
+        referral = Referral(event_id=str(first))
+        self._referral = referral
+        self._referral_seqs = (first, first)
+        extra = {"Refer-To": f"<{uri}>", "Referred-By": referred_by or f"<{self.local_uri}>"}
+        extra.update(headers or {})
+        try:
+            response = await self.request("REFER", headers=extra)
+        except BaseException:
+            referral.finish(ReferStatus(500, "the REFER could not be sent", local=True))
+            raise
+        self._referral_seqs = (first, response.cseq.seq if response.headers.get("CSeq") else self.local_seq)
+        referral.event_id = str(self._referral_seqs[1])
+        referral.response = response
+        if not response.is_success:
+            referral.finish(ReferStatus(response.status, response.reason, local=response.local))
+        return referral
 
     def _after_offer_accepted(self, offer_text: str, response: Response) -> None:
         try:
@@ -487,6 +525,8 @@ class Dialog:
             self.ua.spawn(self._on_update(request, transaction))
         elif method == "INFO":
             self.ua.spawn(self._on_info(request, transaction))
+        elif method == "NOTIFY":
+            self._on_notify(request, transaction)
         elif method == "OPTIONS":
             transaction.respond(self.ua.capabilities(request))
         elif method == "PRACK":
@@ -623,6 +663,33 @@ class Dialog:
             transaction.respond(self._error_response(request, exc))
             return
         transaction.respond(self.ua.response(request, 200))
+
+    def _on_notify(self, request: Request, transaction: ServerTransaction) -> None:
+        """A NOTIFY of the implicit subscription of our REFER (sip/refer.py): 200, and its
+        sipfrag status to the referral; 489 for another event package, 481 when it matches
+        no referral under way, 400 for a body that is no sipfrag."""
+        package, event_id = event_package(request.headers.get("Event"))
+        if package != "refer":
+            transaction.respond(self.ua.response(request, 489, headers={"Allow-Events": "refer"}))
+            return
+        referral = self._referral
+        first, last = self._referral_seqs
+        if (referral is None or referral.done
+                or (event_id is not None and not (event_id.isdigit() and first <= int(event_id) <= max(last, first)))):
+            transaction.respond(self.ua.response(request, 481, "Subscription Does Not Exist"))
+            return
+        if request.content_type != SIPFRAG:
+            transaction.respond(self.ua.response(request, 415 if request.body else 400,
+                                                  None if request.body else "Bad Request (no sipfrag body)",
+                                                  headers={"Accept": SIPFRAG}))
+            return
+        try:
+            status = parse_sipfrag(request.body)
+        except SipParseError as exc:
+            transaction.respond(self.ua.response(request, 400, f"Bad Request ({exc})"[:160]))
+            return
+        transaction.respond(self.ua.response(request, 200))
+        referral.notified(status, terminated=subscription_terminated(request.headers.get("Subscription-State")))
 
     # -- session timer --------------------------------------------------------------------
 

@@ -58,7 +58,7 @@ from sip.uri import SipUri, format_host
 
 log = logging.getLogger("sip.ua")
 
-ALLOWED_METHODS = ("INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "UPDATE", "INFO", "PRACK")
+ALLOWED_METHODS = ("INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "UPDATE", "INFO", "PRACK", "NOTIFY")
 KNOWN_METHODS = frozenset(ALLOWED_METHODS) | {"REGISTER", "SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE",
                                               "PUBLISH"}
 SUPPORTED_OPTIONS = frozenset({"timer", "100rel"})

@@ -315,7 +315,7 @@ async def ask(peer: RawPeer, ua: UserAgent, data: bytes) -> Response:
 @pytest.mark.parametrize("kwargs, status, header", [
     (dict(method="BYE", to_tag="nope"), 481, None),
     (dict(method="INFO", to_tag=None), 481, None),
-    (dict(method="REGISTER"), 405, ("Allow", "INVITE, ACK, BYE, CANCEL, OPTIONS, UPDATE, INFO, PRACK")),
+    (dict(method="REGISTER"), 405, ("Allow", "INVITE, ACK, BYE, CANCEL, OPTIONS, UPDATE, INFO, PRACK, NOTIFY")),
     (dict(method="SUBSCRIBE"), 405, None),
     (dict(method="FROBNICATE"), 501, None),
     (dict(method="OPTIONS", headers="Require: foo, timer\r\n"), 420, ("Unsupported", "foo")),

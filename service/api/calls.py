@@ -5,11 +5,12 @@ from __future__ import annotations
 import typing as tp
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from service.api.auth import require_admin, require_read
 from service.api.control import CallControl, ControlError
-from service.api.models import CallInfo, CallList, HangupResult, Problem
+from service.api.models import CallInfo, CallList, HangupResult, Problem, TransferOutcome
 
 MAX_LIMIT = 1000
 MAX_EPOCH_SECONDS = 1e11  # a time parameter beyond this (the year 5138) is no time: 422
@@ -35,7 +36,12 @@ def failed(exc: ControlError) -> HTTPException:
 
 
 class TransferRequest(BaseModel):
-    to: str = Field(description="where the call goes: a SIP URI (sip:agent@pbx.example) or a number")
+    target: str = Field(max_length=256, description="where the call goes: a SIP URI (sip:queue@pbx.example) "
+                                                    "or a number (tel:+81312345678)")
+    mode: tp.Literal["auto", "refer", "bridge"] = Field(
+        "auto", description="refer: ask the caller's side to take the call there (REFER); bridge: the gateway "
+        "calls the target and relays the audio; auto: refer, and bridge when the caller's side will not take a "
+        "REFER")
 
 
 @router.get("", summary="List active and recent calls", response_model=CallList,
@@ -78,12 +84,26 @@ async def hangup(request: Request, call_id: str) -> HangupResult:
         raise failed(exc) from None
 
 
-@router.post("/{call_id}/transfer", summary="Transfer a call (not implemented yet)", status_code=202,
-             responses={**NOT_FOUND, 501: {"model": Problem, "description": "transfer is not implemented yet"}},
+@router.post("/{call_id}/transfer", summary="Transfer a call to a human", response_model=TransferOutcome,
+             responses={**NOT_FOUND, **UNAVAILABLE,
+                        409: {"model": Problem, "description": "the call is not answered, has ended, is with a "
+                                                               "person already or being transferred"},
+                        422: {"model": Problem, "description": "the target is no sip:, sips: or tel: URI"},
+                        502: {"model": TransferOutcome, "description": "the transfer was tried and failed: the "
+                                                                       "caller stays with the AI"}},
              dependencies=[Depends(require_admin)])
-async def transfer(request: Request, call_id: str, body: TransferRequest) -> None:
-    """Hand the call to a human (admin scope). Not implemented yet: answers 501."""
+async def transfer(request: Request, call_id: str, body: TransferRequest) -> tp.Any:
+    """Hand the call to a person (admin scope) and answer once it is done: 200 when the
+    caller is with the person, 502 (with the same document and the reason) when the
+    transfer failed and the caller stays with the AI. By REFER the caller's side takes the
+    call elsewhere and the gateway hangs up; bridged, the gateway calls the target and
+    relays the audio until either side hangs up. The model's slot is released at the
+    hand-over. A call on another gateway replica is transferred by that replica (the
+    request goes to it over Redis)."""
     try:
-        await control_of(request).transfer(call_id, body.to)
+        outcome = await control_of(request).transfer(call_id, body.target, body.mode)
     except ControlError as exc:
         raise failed(exc) from None
+    if outcome.outcome != "transferred":
+        return JSONResponse(outcome.model_dump(), status_code=502)
+    return outcome

@@ -22,6 +22,7 @@ if tp.TYPE_CHECKING:
         RefusalList,
         Transcript,
         TranscriptPiece,
+        TransferOutcome,
     )
 
 CALL_ID_HEADER = "X-Moshimoshi-Call-Id"  # the gateway's call id, in a SIP 200 OK and a WebRTC answer
@@ -85,8 +86,11 @@ class CallControl(tp.Protocol):
     async def hang_up(self, call_id: str) -> HangupResult:
         """End a call on whichever replica runs it; ControlError 404, 409 (ended) or 503."""
 
-    async def transfer(self, call_id: str, target: str) -> None:
-        """Hand a call to a human at ``target``; ControlError 501 until transfer exists."""
+    async def transfer(self, call_id: str, target: str, mode: str) -> TransferOutcome:
+        """Hand a call to a human at ``target`` (``mode`` auto, refer or bridge) on whichever
+        replica runs it and say how it went (a failure leaves the caller with the AI);
+        ControlError 404 (unknown), 409 (not answered, ended, already with a person or
+        being transferred; no gateway has it), 422 (a bad target), 503 (Redis down)."""
 
     async def refusals(self, *, limit: int) -> RefusalList:
         """Calls refused within the last hour on every replica: counts by reason and the

@@ -10,7 +10,7 @@ import typing as tp
 
 from pydantic import BaseModel, Field
 
-from service.call_record import ENDED, CallQuality, CallRecord
+from service.call_record import ENDED, CallPhase, CallQuality, CallRecord, TransferAttempt
 from sip.identity import ANONYMOUS_URI, CallerIdentity
 
 
@@ -74,6 +74,11 @@ class CallInfo(BaseModel):
     duration_s: float = Field(0.0, description="seconds since (or until the end from) the answer")
     on_this_gateway: bool = Field(False, description="the answering gateway is the one serving this request")
     quality: CallQuality | None = None
+    phases: list[CallPhase] = Field([], description="who the caller talked to: the AI (ai: start, end, worker), "
+                                                    "then after a transfer a person (human: target, mode, start, "
+                                                    "end; a bridged leg's quality)")
+    transfers: list[TransferAttempt] = Field([], description="every transfer asked for: target, by, mode, "
+                                                             "outcome, SIP status, reason, seconds")
 
     @classmethod
     def of(cls, record: CallRecord, *, on_this_gateway: bool = False) -> CallInfo:
@@ -166,10 +171,28 @@ class HangupResult(BaseModel):
     on_this_gateway: bool
 
 
+class TransferOutcome(BaseModel):
+    """How a transfer to a human went (``POST /v1/calls/{id}/transfer``)."""
+
+    call_id: str
+    target: str = Field(description="where the call was to go, as used (sip:, sips: or tel: URI)")
+    outcome: str = Field(description="transferred, or failed: the caller stays with the AI")
+    mode: str = Field(description="refer (the caller's side took the call elsewhere) or bridge (the gateway "
+                                  "called the target and relays the audio); for a failure, the last tried")
+    status: int | None = Field(None, description="the SIP status that decided it: the REFER's answer, the final "
+                                                 "NOTIFY's, the target's answer; 408 nobody answered in time")
+    reason: str = Field("", description="how it went, in words (the reason it failed)")
+    seconds: float = Field(description="from the request to the hand-over (or the failure)")
+    by: str = Field("api", description="who asked: api, dtmf or overflow")
+    on_this_gateway: bool = Field(True, description="the call runs on the gateway that served this request")
+    detail: str | None = Field(None, description="for a failure: the same as reason (as in every error answer)")
+
+
 class TranscriptPiece(BaseModel):
     seq: int = Field(description="index of the piece in the call's transcript")
     t: float = Field(description="seconds since the call was answered")
-    kind: str = Field(description="agent (the model's words) or dtmf (a digit the caller pressed)")
+    kind: str = Field(description="agent (the model's words), dtmf (a digit the caller pressed) or transfer (a "
+                                  "transfer to a human: where, how, and whether it worked)")
     text: str
     duration_ms: float | None = Field(None, description="for dtmf: how long the key was held")
 

@@ -42,8 +42,10 @@ from service.gateway.control.pool_view import PoolView
 from service.gateway.control.refusal_store import RefusalStore
 from service.gateway.control.transcript_reader import TranscriptReader
 from service.gateway.control.transcript_store import TranscriptStore
+from service.gateway.control.transfers import TransferChannel
 from service.gateway.control.webhook import WebhookSender, call_ended_payload
 from service.gateway.ingress.sip import SipIngress
+from service.gateway.ingress.sip_dialer import SipDialer
 from service.gateway.ingress.webrtc import WebRtcIngress
 from service.gateway.routing.loopback import LOOPBACK_URL
 from service.gateway.routing.pool_watch import PoolWatch
@@ -131,7 +133,7 @@ class Gateway:
         self.lifecycle = CallLifecycle(router=self.router, table=self.table, recorder=self.recorder,
                                        transcripts=self.transcripts, queue_seconds=settings.queue_seconds,
                                        rtp_timeout_seconds=settings.rtp_timeout_seconds, admission=self.admission,
-                                       refusals=self.refusals)
+                                       refusals=self.refusals, transfer_ring_seconds=settings.transfer_ring_seconds)
         self.call_stats = metrics.install_call_stats(self._live_counters)
         self.webhook = WebhookSender.from_settings(settings)
         self.lifecycle.on_end.append(self._on_call_end)
@@ -146,6 +148,7 @@ class Gateway:
                             stream_limits=settings.sip_stream_limits(), tls_certificates=tls_certificates,
                             tls_port=settings.sip_tls_port, tls_client_context=tls_verify)
         self.ua.available = self.accepting
+        self.lifecycle.transfers.dialer = SipDialer(self.ua, self.ports, settings, self.sip.rtp_bind_host)
         metrics.install_sip_stats(lambda: self.ua.transport.counters, lambda: self.ua.guard,
                                   lambda: self.ua.transport.tls_certificates)
         self.webrtc = WebRtcIngress(self.lifecycle, self.transcripts, settings, gateway_id=self.gateway_id)
@@ -161,6 +164,10 @@ class Gateway:
                           live_calls=lambda: len(self.table)),
             webrtc=self.webrtc, hangups=self.hangups, readiness=self.readiness,
             retry_after_seconds=settings.retry_after_seconds)
+        # transfers across replicas: the API of one replica, the call on another
+        self.transfer_channel = (TransferChannel(self.pool, self.control.start_transfer)
+                                 if self.pool is not None else None)
+        self.control.transfers = self.transfer_channel
 
     # -- readiness ---------------------------------------------------------------------
 
@@ -306,6 +313,8 @@ class Gateway:
             self.refusal_store.start()
         if self.hangups is not None:
             self.hangups.start()
+        if self.transfer_channel is not None:
+            self.transfer_channel.start()
 
     async def _shutdown(self, http_task: asyncio.Task) -> None:
         for call in list(self.table.live.values()):
@@ -333,6 +342,8 @@ class Gateway:
         """After the calls: store the last transcript pieces, deliver the last webhooks."""
         if self.hangups is not None:
             await self.hangups.close()
+        if self.transfer_channel is not None:
+            await self.transfer_channel.close()
         if self.transcript_store is not None:
             await self.transcript_store.close(timeout=2.0)
         if self.refusal_store is not None:

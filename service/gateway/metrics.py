@@ -110,6 +110,12 @@ DTMF_DIGITS = Counter("moshimoshi_dtmf_digits_total", "DTMF digits received (RFC
 SIP_INFO = Counter("moshimoshi_sip_info_requests_total",
                    "In-dialog SIP INFO requests by outcome: dtmf (a digit reported), empty (keep-alive), "
                    "bad-body (400), unsupported-type (415).", ["outcome"])
+TRANSFERS = Counter("moshimoshi_transfers_total",
+                    "Transfers to a human by how they were tried (refer, bridge) and their outcome "
+                    "(transferred, failed: the caller stayed with the AI).", ["mode", "outcome"])
+TRANSFER_SECONDS = Histogram("moshimoshi_transfer_seconds",
+                             "From a transfer request to the hand-over (REFER: the final NOTIFY; bridge: the "
+                             "person's answer).", ["mode"], buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60))
 ABANDONED_CALLS = Counter("moshimoshi_pool_abandoned_calls_total",
                           "Calls whose caller hung up (CANCEL) while they waited for a slot.")
 WEBHOOK_DELIVERIES = Counter("moshimoshi_webhook_deliveries_total", "Call-end webhook POSTs by outcome.",

@@ -63,12 +63,16 @@ class CallRecords:
         return await self._update(call_id, CallRecord(call_id, **fields).to_fields(only=fields), quality)
 
     async def end(self, call_id: str, reason: str, *, ended_at: float | None = None,
-                  quality: CallQuality | None = None, detail: str = "") -> bool:
+                  quality: CallQuality | None = None, detail: str = "", **fields: tp.Any) -> bool:
         """Mark the call ended (its record then lives ``retention`` seconds); ``detail``
-        says why in words when the reason alone does not."""
+        says why in words when the reason alone does not; ``fields`` are set with it (as
+        in ``update``)."""
+        unknown = set(fields) - set(CallRecord.__dataclass_fields__) | set(fields) & NOT_UPDATABLE
+        if unknown:
+            raise ValueError(f"not updatable call record fields: {', '.join(sorted(unknown))}")
         ended = CallRecord(call_id, state=ENDED, end_reason=reason, end_detail=detail,
-                           ended_at=time.time() if ended_at is None else ended_at)
-        names = ["state", "end_reason", "ended_at"] + (["end_detail"] if detail else [])
+                           ended_at=time.time() if ended_at is None else ended_at, **fields)
+        names = ["state", "end_reason", "ended_at", *fields] + (["end_detail"] if detail else [])
         return await self._update(call_id, ended.to_fields(only=names), quality)
 
     async def _update(self, call_id: str, fields: dict[str, str], quality: CallQuality | None) -> bool:

@@ -3,8 +3,12 @@
 ``Call`` holds what every ingress shares; the lifecycle (``lifecycle.py``) drives it.
 The call owns its worker session: it opens one through the router, feeds it the
 pipeline's frames, fails over to another worker when the session is lost, and closes it
-in ``release`` (the lifecycle calls that on every exit path). ``end(reason)`` may be
+in ``release`` (the lifecycle calls that on every exit path, and a transfer mid-call: the
+call goes on without a model, and ``connect`` may give it one again). ``end(reason)`` may be
 called from anywhere, once or more: the first reason stands.
+
+The record's ``phases`` follow who the caller talks to: an ``ai`` phase from the answer
+(``begin_phase``), a ``human`` one after a transfer; ``mark_ended`` closes the last.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import secrets
 import time
 import typing as tp
 
-from service.call_record import ACTIVE, ENDED, QUEUED, CallQuality, CallRecord
+from service.call_record import ACTIVE, ENDED, QUEUED, CallPhase, CallQuality, CallRecord
 from service.gateway import metrics
 from service.gateway.calls.transcript import TranscriptEvent
 from service.gateway.media.pipeline import MediaPipeline
@@ -60,6 +64,8 @@ class Call:
         self.stalled = asyncio.Event()
         self.last_frame_at = time.monotonic()
         self._answered_mono: float | None = None
+        self._session_generation = 0  # bumped by release: a released session's late callbacks are ignored
+        self.phase: CallPhase | None = None  # the phase under way (the last of record.phases)
 
     @property
     def id(self) -> str:
@@ -90,10 +96,25 @@ class Call:
         self.record.state = ACTIVE
         self.record.answered_at = time.time()
         self._answered_mono = time.monotonic()
+        if self.session is not None:
+            self.begin_phase(CallPhase("ai", start=self.record.answered_at, worker=self.session.worker_id))
 
     def mark_ended(self) -> None:
         self.record.state = ENDED
         self.record.ended_at = time.time()
+        self.end_phase(self.record.ended_at)
+
+    def begin_phase(self, phase: CallPhase) -> None:
+        """Who the caller talks to changed: the phase under way ends when ``phase`` starts."""
+        self.end_phase(phase.start)
+        self.record.phases.append(phase)
+        self.phase = phase
+
+    def end_phase(self, at: float) -> None:
+        """The phase under way ends at ``at`` (a REFER's human phase goes on without us: no end)."""
+        phase, self.phase = self.phase, None
+        if phase is not None and phase.end is None and phase.mode != "refer":
+            phase.end = at
 
     @property
     def answered(self) -> bool:
@@ -124,7 +145,21 @@ class Call:
     # -- worker session ----------------------------------------------------------------
 
     def _callbacks(self) -> LinkCallbacks:
-        return LinkCallbacks(on_frame=self._on_frame, on_text=self._on_text, on_end=self._on_worker_end)
+        generation = self._session_generation
+
+        def on_frame(frame: bytes) -> None:
+            if generation == self._session_generation:
+                self._on_frame(frame)
+
+        def on_text(text: str, t: float) -> None:
+            if generation == self._session_generation:
+                self._on_text(text, t)
+
+        def on_end(reason: str) -> None:
+            if generation == self._session_generation:
+                self._on_worker_end(reason)
+
+        return LinkCallbacks(on_frame=on_frame, on_text=on_text, on_end=on_end)
 
     def _on_frame(self, frame: bytes) -> None:
         self.last_frame_at = time.monotonic()
@@ -162,6 +197,8 @@ class Call:
             record.license = session.link.info.license
             record.sampling = session.link.info.sampling
         self.last_frame_at = time.monotonic()
+        if self.phase is not None and self.phase.kind == "ai":
+            self.phase.worker = session.worker_id
 
     async def connect(self, router: Router, *, wait: float,
                       on_queued: tp.Callable[[], tp.Awaitable[None]] | None = None) -> None:
@@ -197,6 +234,8 @@ class Call:
                 stalled.cancel()
             if self.ended.is_set():
                 return
+            if self.session is not session:
+                continue  # released (a transfer) or replaced meanwhile: not a loss
             code, reason = closed.result() if closed.done() else (None, "stalled")
             if code == CloseCode.NORMAL and reason and not self.ended.is_set():
                 # A clean close from the worker is an end of session, not a failure.
@@ -223,9 +262,18 @@ class Call:
         log.info("call %s: moved to worker %s slot %s in %.0f ms", self.id, session.worker_id, session.slot,
                  (time.monotonic() - started) * 1000)
 
+    def detach_model(self) -> WorkerSession | None:
+        """Stop listening to the worker session at once (its frames, words and end are
+        ignored from now on) and hand it over, to be closed: ``release`` in two steps, for
+        a hand-over that must not wait for the socket's close."""
+        self._session_generation += 1
+        session, self.session = self.session, None
+        self.stalled.clear()
+        return session
+
     async def release(self) -> None:
         """Close the worker session and release its lease (idempotent)."""
-        session, self.session = self.session, None
+        session = self.detach_model()
         if session is not None:
             with contextlib.suppress(Exception):
                 await session.close()

@@ -24,12 +24,15 @@ record of refusals (``refusals.py``), which ``GET /v1/refusals`` and ``GET /v1/c
 
 Where the next features attach (none of them touches an ingress's signalling code):
 
-* **Transfer to a human (B2BUA)**: a transfer is a second :class:`Leg` (an outbound SIP leg
-  placed by the gateway's UAC) bridged to this call's pipeline: the caller's ``caller``
-  tap feeds the new leg, its audio replaces ``from_model`` on the pipeline's edge, and
-  ``call.release()`` gives the model slot back mid-call while the call goes on; going back
-  to the AI is ``call.connect`` again (a fresh slot) and detaching the human leg.
-  ``CallControl.transfer`` (the API's 501 today) starts it.
+* **Transfer to a human** (``calls/transfer.py``): :meth:`CallLifecycle.transfer` (or
+  :meth:`~CallLifecycle.start_transfer` from a synchronous callback such as a DTMF tap
+  subscriber) is the one entry point: the API (``CallControl.transfer``), a route's DTMF
+  action and its overflow rule all call it. By REFER, the leg's peer takes the call and
+  ours ends; bridged, a second leg (``ingress/sip_dialer.py``, placed by the gateway's
+  UAC) is joined to this call's pipeline (``MediaPipeline.bridge``) and the model's slot
+  is given back mid-call (``call.detach_model``) while the call goes on; the human leg is
+  closed here with the call. Going back to the AI would be ``call.connect`` again (a
+  fresh slot) and ``pipeline.unbridge``.
 * **Outbound calls** (``POST /v1/calls``): an outbound ingress whose leg *places* the call
   (``UserAgent.invite``) in ``prepare``/``answer``; the rest of ``run`` is unchanged.
 * **Queue announcements as early media**: ``Leg.queued`` (SIP: today a background 180)
@@ -67,6 +70,14 @@ from service.gateway.calls.recorder import CallRecorder
 from service.gateway.calls.refusals import RefusalLog, RefusedCall
 from service.gateway.calls.table import CallTable
 from service.gateway.calls.transcript import TranscriptEvent, TranscriptFeed
+from service.gateway.calls.transfer import (
+    Dialer,
+    TransferDesk,
+    TransferError,
+    TransferResult,
+    check_mode,
+    check_target,
+)
 from service.gateway.media.pipeline import Digit
 from service.gateway.routing.router import NoCapacity, Router, RoutingUnavailable
 
@@ -146,7 +157,8 @@ class CallLifecycle:
 
     def __init__(self, *, router: Router, table: CallTable, recorder: CallRecorder, transcripts: TranscriptFeed,
                  queue_seconds: float, rtp_timeout_seconds: float, admission: tp.Callable[[], str | None],
-                 refusals: RefusalLog | None = None) -> None:
+                 refusals: RefusalLog | None = None, transfer_ring_seconds: float = 30.0,
+                 dialer: Dialer | None = None) -> None:
         self.router = router
         self.table = table
         self.recorder = recorder
@@ -156,6 +168,10 @@ class CallLifecycle:
         self.rtp_timeout_seconds = rtp_timeout_seconds  # 0: never hang up on a silent caller
         self.admission = admission  # None when new calls are taken, else why not (draining, unready)
         self.on_end: list[tp.Callable[[Call], None]] = []  # after a call's record is final
+        # transfers: the desk runs them and owns bridged human legs (dialer: set once the UA exists)
+        self.transfers = TransferDesk(recorder=recorder, dialer=dialer, ring_seconds=transfer_ring_seconds)
+        self._legs: dict[str, Leg] = {}
+        self._transferring: dict[str, asyncio.Task[TransferResult]] = {}
 
     # -- the whole life ----------------------------------------------------------------
 
@@ -178,6 +194,7 @@ class CallLifecycle:
     async def run(self, call: Call, leg: Leg) -> None:
         """The call from arrival to release (returns when everything is released)."""
         self.begin(call)
+        self._legs[call.id] = leg
         try:
             refusal = self.refusal()
             if refusal is not None:
@@ -210,6 +227,8 @@ class CallLifecycle:
                 await leg.refuse(INTERNAL_ERROR)
                 call.refused_status = INTERNAL_ERROR.status
         finally:
+            await self._stop_transfer(call)
+            self._legs.pop(call.id, None)
             await leg.close(call)
             await call.release()
             self.finish(call)
@@ -341,6 +360,60 @@ class CallLifecycle:
             now = time.monotonic()
             for call in list(self.table.live.values()):
                 call.check_stall(now)
+
+    # -- transfer to a human (calls/transfer.py) -----------------------------------------
+
+    def start_transfer(self, call: Call, target: str, *, mode: str = "auto", by: str = "api",
+                       ring_seconds: float | None = None) -> asyncio.Task[TransferResult]:
+        """Start handing ``call`` to a person at ``target`` (``sip:``, ``sips:`` or ``tel:``);
+        ``mode`` auto, refer or bridge; ``by`` who asked (api, dtmf, overflow: recorded);
+        ``ring_seconds`` how long the person may take to answer (default: the gateway's
+        ``--transfer-ring-seconds``; a route's own time). Returns the running transfer,
+        whose result says how it went (:class:`TransferResult`; a failure leaves the caller
+        with the AI). Raises :class:`TransferError` at once, with nothing recorded, when it
+        cannot be tried: 422 a bad target or mode, 409 the call is not answered, has ended,
+        is with a human already or is being transferred."""
+        target, mode = check_target(target), check_mode(mode)
+        if self.table.get(call.id) is not call or call.ended.is_set():
+            raise TransferError(409, f"call {call.id} has ended")
+        if not call.answered:
+            raise TransferError(409, f"call {call.id} is not answered yet")
+        if call.phase is not None and call.phase.kind == "human":
+            raise TransferError(409, f"call {call.id} is with a person already")
+        running = self._transferring.get(call.id)
+        if running is not None and not running.done():
+            raise TransferError(409, f"a transfer of call {call.id} is under way")
+        leg = self._legs.get(call.id)
+        if leg is None:
+            raise TransferError(409, f"call {call.id} has no leg to transfer")
+        self.transfers.plan(leg, mode)  # a mode this call cannot use is refused now (409)
+        task = asyncio.create_task(self.transfers.run(call, leg, target, mode=mode, by=by, ring_seconds=ring_seconds),
+                                   name=f"transfer-{call.id}")
+        self._transferring[call.id] = task
+        task.add_done_callback(lambda done: self._transfer_done(call.id, done))
+        return task
+
+    async def transfer(self, call: Call, target: str, *, mode: str = "auto", by: str = "api",
+                       ring_seconds: float | None = None) -> TransferResult:
+        """:meth:`start_transfer`, awaited: the transfer's result. Cancelling the caller of
+        this does not stop the transfer (the call owns it)."""
+        task = self.start_transfer(call, target, mode=mode, by=by, ring_seconds=ring_seconds)
+        return await asyncio.shield(task)
+
+    def _transfer_done(self, call_id: str, task: asyncio.Task[TransferResult]) -> None:
+        if self._transferring.get(call_id) is task:
+            del self._transferring[call_id]
+        if not task.cancelled() and task.exception() is not None:
+            log.error("call %s: the transfer failed", call_id, exc_info=task.exception())
+
+    async def _stop_transfer(self, call: Call) -> None:
+        """The call is over: a transfer under way stops (a ringing person's call is
+        cancelled) and a bridged person gets a BYE."""
+        task = self._transferring.get(call.id)
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await self.transfers.close(call)
 
     def hang_up(self, call_id: str, reason: str = "api-hangup") -> bool:
         """End a call of this gateway (its leg hangs up); False when it is not here."""

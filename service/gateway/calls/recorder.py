@@ -50,9 +50,9 @@ class CallRecorder:
         self._write(call.id, "record-update", self.records.update(call.id, **values))
 
     def answered(self, call: Call) -> None:
-        """An answered call's state, worker, slot, model, codec, encryption and sampling."""
+        """An answered call's state, worker, slot, model, codec, encryption, sampling and phases."""
         self.update(call, "state", "answered_at", "worker_id", "slot", "model", "license", "codec",
-                    "media_encryption", "sampling")
+                    "media_encryption", "sampling", "phases")
 
     def quality(self, call: Call, quality: CallQuality) -> None:
         """Merge a live call's quality into its record."""
@@ -66,9 +66,10 @@ class CallRecorder:
         record = call.record
         reason, ended_at, detail, quality = record.end_reason or "unknown", record.ended_at, record.end_detail, \
             record.quality
+        phases = {"phases": list(record.phases)} if record.phases else {}
 
         async def end() -> bool:
-            return await records.end(call.id, reason, ended_at=ended_at, quality=quality, detail=detail)
+            return await records.end(call.id, reason, ended_at=ended_at, quality=quality, detail=detail, **phases)
 
         write = end() if self.retries is None else self.retries.run(
             "record-end", end, give_up_after=RECORD_END_RETRY_SECONDS)

@@ -24,12 +24,15 @@ from service.api.models import (
     RefusedCallInfo,
     Transcript,
     TranscriptPiece,
+    TransferOutcome,
 )
 from service.gateway.calls.lifecycle import CallLifecycle
+from service.gateway.calls.transfer import TransferError, TransferResult, check_mode, check_target
 from service.gateway.control.directory import CallDirectory, redis_failed, refused_fields
 from service.gateway.control.hangups import HangupChannel
 from service.gateway.control.pool_view import PoolView
 from service.gateway.control.transcript_reader import TranscriptReader
+from service.gateway.control.transfers import NoGateway, TransferChannel
 from service.gateway.ingress.webrtc import OfferRejected, WebRtcIngress
 from service.pool import ENDED, PoolError
 
@@ -41,13 +44,15 @@ class GatewayControl:
 
     def __init__(self, *, lifecycle: CallLifecycle, directory: CallDirectory, transcripts: TranscriptReader,
                  pool: PoolView, webrtc: WebRtcIngress, hangups: HangupChannel | None,
-                 readiness: tp.Callable[[], Readiness], retry_after_seconds: int) -> None:
+                 readiness: tp.Callable[[], Readiness], retry_after_seconds: int,
+                 transfers: TransferChannel | None = None) -> None:
         self.lifecycle = lifecycle
         self.directory = directory
         self.transcripts = transcripts
         self.pool_view = pool
         self.webrtc = webrtc
         self.hangups = hangups
+        self.transfers = transfers
         self._readiness = readiness
         self.retry_after_seconds = retry_after_seconds
 
@@ -96,9 +101,35 @@ class GatewayControl:
                            refusals=[RefusedCallInfo(id=r.call_id, **refused_fields(r)) for r in summary.latest],
                            partial=summary.partial)
 
-    async def transfer(self, call_id: str, target: str) -> None:
-        await self.get_call(call_id)  # 404 first: a transfer of an unknown call is not "not implemented"
-        raise ControlError(501, "transfer is not implemented yet")
+    async def transfer(self, call_id: str, target: str, mode: str) -> TransferOutcome:
+        call = self.lifecycle.table.get(call_id)
+        try:
+            target, mode = check_target(target), check_mode(mode)  # 422 before anything is looked up
+            if call is not None:
+                return _outcome(await self.lifecycle.transfer(call, target, mode=mode, by="api"), True)
+            found = await self.get_call(call_id)
+            if found.state == ENDED:
+                raise ControlError(409, f"call {call_id!r} has ended")
+            if self.transfers is None:
+                raise ControlError(409, f"call {call_id!r} is not on this gateway")
+            try:
+                result = await self.transfers.request(call_id, target, mode)
+            except NoGateway as exc:
+                raise ControlError(409, str(exc)) from None
+            except PoolError:
+                redis_failed()
+                raise ControlError(503, "cannot reach the call's gateway (Redis unreachable)") from None
+            return _outcome(result, False)
+        except TransferError as exc:
+            raise ControlError(exc.status, exc.detail) from None
+
+    def start_transfer(self, call_id: str, target: str, mode: str) -> tuple[float, tp.Any] | None:
+        """For another replica's API (``TransferChannel``): start transferring our call."""
+        call = self.lifecycle.table.get(call_id)
+        if call is None:
+            return None
+        task = self.lifecycle.start_transfer(call, target, mode=mode, by="api")
+        return self.lifecycle.transfers.ring_seconds, task
 
     # -- transcripts -------------------------------------------------------------------
 
@@ -133,3 +164,8 @@ class GatewayControl:
         servers = [IceServer(urls=s.urls, username=s.username, credential=s.credential)
                    for s in self.webrtc.ice_servers]
         return WebRtcConfig(ice_servers=servers, connect_seconds=self.webrtc.settings.webrtc_connect_seconds)
+
+
+def _outcome(result: TransferResult, here: bool) -> TransferOutcome:
+    return TransferOutcome(**result.to_dict(), on_this_gateway=here,
+                           detail=None if result.transferred else result.reason or result.outcome)

@@ -4,7 +4,8 @@
 is claimed (488 for an unusable one, 503 when no RTP port is free), the caller hears
 ringing while the call waits in the queue, a CANCEL while queued leaves the queue at
 once, and the answer is a 200 OK naming the call id (``X-Moshimoshi-Call-Id``); a BYE
-from either side ends the call.
+from either side ends the call. A transfer may ask the caller's side to take the call
+elsewhere by REFER (``refer``; ``calls/transfer.py``).
 
 Offers: an INVITE with SDP is answered in the 200 (and first, reliably, in a 183 Session
 Progress when the caller supports RFC 3262 100rel); an INVITE without SDP (a delayed
@@ -38,6 +39,7 @@ from sip.dtmf import INFO_DTMF_TYPES, DtmfParseError, parse_info_dtmf
 from sip.errors import CallAborted, CallCancelled, SipError
 from sip.identity import CallerIdentity
 from sip.message import Request
+from sip.refer import Referral
 from sip.rtpsession import PortAllocator, PortsExhausted, RtpSession
 from sip.sdp import (
     EncryptionMismatch,
@@ -231,6 +233,19 @@ class SipLeg:
         if self.dialog is not None and not self.dialog.is_terminated:
             with contextlib.suppress(Exception):
                 await self.dialog.bye()
+
+    # -- transfer (calls/transfer.py: ReferringLeg) -------------------------------------
+
+    def refer_allowed(self) -> bool:
+        """False when the caller's side listed its methods (Allow) without REFER."""
+        dialog = self.dialog
+        return dialog is not None and (dialog.peer_allow is None or "REFER" in dialog.peer_allow)
+
+    async def refer(self, target: str) -> Referral:
+        dialog = self.dialog
+        if dialog is None or dialog.is_terminated:
+            raise RuntimeError("the call's dialog is not up")
+        return await dialog.refer(target)
 
     async def close(self, call: Call) -> None:
         if self._ringing is not None:

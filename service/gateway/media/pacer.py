@@ -113,6 +113,17 @@ class EgressPacer(tp.Generic[PacketT]):
     def queued_packets(self) -> int:
         return len(self._queue)
 
+    def restart(self) -> None:
+        """A new source (a human after a transfer): drop what is queued and learn the new
+        stream's grid and cushion from scratch, as for a call's first frame. Silence goes
+        out until its first frame; the tick cadence never breaks."""
+        self._queue.clear()
+        self._offsets.clear()
+        self._sorted_offsets.clear()
+        self._grid = None
+        self._frame_index = 0
+        self.cushion = self._margin
+
     # -- input -------------------------------------------------------------------------
 
     def push(self, packets: tp.Sequence[PacketT], arrival: float | None = None) -> None:

@@ -23,10 +23,17 @@ touching the ingress, the edge or the pacer::
   Caller ASR attaches here (resampled to 16 kHz), recording too.
 * ``caller_model``: the caller's audio as the model gets it, 80 ms frames of PCM16 at
   24 kHz (``service.wire.FRAME_BYTES``), in order, one per 80 ms.
-* ``agent``: the model's voice, the 80 ms frames at 24 kHz the worker sent, as they go to
-  the edge to be resampled, paced and sent to the caller (a frame the pacer finds too late
-  is still dropped there, and counted). Recording attaches here and to ``caller``.
+* ``agent``: the voice the caller hears, 80 ms frames at 24 kHz as they go to the edge to
+  be resampled, paced and sent to the caller (a frame the pacer finds too late is still
+  dropped there, and counted): the model's, as the worker sent them, or, after a bridged
+  transfer, the human's (see below). Recording attaches here and to ``caller``.
 * ``dtmf``: each digit the caller pressed (:data:`Digit`: RFC 4733 or SIP INFO).
+
+A bridged transfer (``calls/transfer.py``) joins a second leg to the pipeline with
+``bridge(peer)``: from then on the caller's frames go to ``peer.send_frame`` instead of
+the model (the ``caller`` and ``caller_model`` taps go on as before), the peer's decoded
+audio comes back through ``from_model`` (so the ``agent`` tap carries the human's voice),
+and the edge's pacer starts over on the new stream's timing (``MediaEdge.new_source``).
 
 A tap with no subscriber costs one truth test of a list per emission. Subscribers are
 called synchronously on the event loop, in the media path: they must return at once
@@ -103,6 +110,13 @@ class MediaEdge(tp.Protocol):
     @property
     def queued_packets(self) -> int: ...
     def silent_seconds(self) -> float | None: ...
+    def new_source(self) -> None: ...
+
+
+class BridgePeer(tp.Protocol):
+    """The far side of a bridged transfer: takes the caller's 80 ms frames at 24 kHz."""
+
+    def send_frame(self, frame: bytes) -> None: ...
 
 
 class MediaPipeline:
@@ -111,11 +125,30 @@ class MediaPipeline:
     def __init__(self, to_model: tp.Callable[[bytes], None]) -> None:
         self.taps = MediaTaps()
         self.edge: MediaEdge | None = None
+        self.peer: BridgePeer | None = None  # a bridged human leg (see the module docstring)
+        self._model_sink = to_model
         self._to_model = to_model
 
     def attach_edge(self, edge: MediaEdge) -> None:
         """The ingress's media, once it exists (SIP: with the answer; WebRTC: with the offer)."""
         self.edge = edge
+
+    def bridge(self, peer: BridgePeer) -> None:
+        """The caller talks to ``peer`` from now on: their frames go to it, not to the model,
+        and the edge follows the timing of what ``peer`` sends back (via ``from_model``)."""
+        self.peer = peer
+        self._to_model = peer.send_frame
+        if self.edge is not None:
+            self.edge.new_source()
+
+    def unbridge(self) -> None:
+        """Back to the model (a fresh session's frames come through ``from_model``)."""
+        if self.peer is None:
+            return
+        self.peer = None
+        self._to_model = self._model_sink
+        if self.edge is not None:
+            self.edge.new_source()
 
     def to_model(self, frame: bytes) -> None:
         """An 80 ms frame of the caller from the edge, on its way to the worker."""
@@ -125,7 +158,7 @@ class MediaPipeline:
         self._to_model(frame)
 
     def from_model(self, frame: bytes) -> None:
-        """An 80 ms frame of the model from the worker, on its way to the caller."""
+        """An 80 ms frame for the caller (the model's, or a bridged human's), on its way out."""
         tap = self.taps.agent
         if tap.subscribers:
             tap.emit(frame)

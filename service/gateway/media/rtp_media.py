@@ -114,6 +114,11 @@ class CallMedia:
     def queued_packets(self) -> int:
         return self.pacer.queued_packets
 
+    def new_source(self) -> None:
+        """The caller's audio comes from someone else from now on (a transfer): the pacer
+        drops what it queued and follows the new stream's timing."""
+        self.pacer.restart()
+
     def silent_seconds(self) -> float | None:
         """Seconds since the caller's last RTP packet; None while none is expected (on hold)."""
         if not self.negotiated.receives:

@@ -184,6 +184,11 @@ class WebRtcMedia:
     def queued_packets(self) -> int:
         return self.pacer.queued_packets
 
+    def new_source(self) -> None:
+        """The caller's audio comes from someone else from now on (a transfer): the pacer
+        drops what it queued and follows the new stream's timing."""
+        self.pacer.restart()
+
     def silent_seconds(self) -> float | None:
         """Seconds since the peer's last RTP packet; None when it does not send audio."""
         return time.monotonic() - self.last_rtp_at if self.receives else None
