@@ -14,20 +14,25 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import subprocess
 import time
 import urllib.error
 import urllib.request
-import wave
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from service.settings import CallSettings
 from service.tools.call import place_call
-from tests.support.procs import free_port_pair
-from tests.support.services import ADMIN_TOKEN, READ_TOKEN, Gateway, start_serve, wait_until
+from tests.support.person import Person, dominant_hz, first_heard, heard, longest_silence_ms, tone_wav
+from tests.support.services import (
+    ADMIN_TOKEN,
+    READ_TOKEN,
+    Gateway,
+    start_gateway,
+    start_serve,
+    start_worker,
+    wait_until,
+)
 from tests.support.sipp import SCENARIOS, Sipp, have_sipp
 from tests.support.tools import requires
 
@@ -35,8 +40,8 @@ pytestmark = pytest.mark.system
 needs_sipp = requires(have_sipp(), "sipp (sip-tester) is not installed")
 needs_baresip = requires(shutil.which("baresip") is not None, "baresip is not installed")
 
-TONE_HZ = 1000.0
-BARESIP_RTP_PORTS = (36000, 36999)
+TONE_HZ = 1000.0  # the person's voice
+CALLER_HZ = 440.0  # the caller's, and the AI's (the echo worker plays it back)
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +178,152 @@ async def test_transfers_that_cannot_be_tried_are_refused_and_leave_nothing(gate
         assert status == 422, (target, body)
     status, body = transfer(gateway, "c-0123456789abcdef", "sip:queue@pbx.example", mode="warm")
     assert status == 422, body
+
+
+# -- bridged: the gateway calls the person (baresip) and relays the audio -----------------
+
+def caller_settings(gateway: Gateway, folder: Path, seconds: float) -> CallSettings:
+    """``moshimoshi call`` playing a steady 440 Hz tone (the echo worker plays it back: that
+    is the AI's voice here) and recording what it hears."""
+    wav = tone_wav(folder / "caller.wav", CALLER_HZ, seconds + 1)
+    return CallSettings(uri=gateway.uri, play=str(wav), record=str(folder / "caller.wav.out.wav"), seconds=seconds,
+                        local_host="127.0.0.1")
+
+
+@needs_baresip
+async def test_the_caller_hears_the_person_and_gets_a_bye_when_the_person_hangs_up(gateway, tmp_path):
+    person = await Person(tmp_path / "person", tone_hz=TONE_HZ, quit_after=9).start()
+    try:
+        began = time.time()
+        calling = asyncio.create_task(place_call(caller_settings(gateway, tmp_path, seconds=20)))
+        call = await asyncio.to_thread(active_call, gateway, began)
+        await asyncio.sleep(1.5)
+        asked = time.time()
+        status, outcome = await asyncio.to_thread(transfer, gateway, call["id"], person.uri)
+        assert status == 200, (outcome, person.output())
+        # our caller's Allow has no REFER: auto goes straight to the bridge
+        assert (outcome["outcome"], outcome["mode"], outcome["status"]) == ("transferred", "bridge", 200)
+        assert call["id"] not in leases(gateway)  # the slot went back when the person answered
+        summary = await asyncio.wait_for(calling, 30)
+    finally:
+        await person.stop()
+    assert summary["ended_by"] == "remote-bye", summary  # the person hung up: the caller got a BYE
+    pcm = heard(summary["recording"])
+    offset = asked - summary["recording_started_at"]
+    assert dominant_hz(pcm[int(0.5 * 8000):int((offset - 0.2) * 8000)]) == pytest.approx(CALLER_HZ, abs=10)
+    through = first_heard(pcm, TONE_HZ, after_s=offset)
+    assert through is not None, "the person's tone never reached the caller"
+    assert dominant_hz(pcm[int((through + 0.2) * 8000):-int(0.5 * 8000)]) == pytest.approx(TONE_HZ, abs=10)
+    record = await asyncio.to_thread(ended_call, gateway, call["id"])
+    assert record["end_reason"] == "human-bye"
+    ai, human = record["phases"]
+    assert (ai["kind"], human["kind"], human["mode"], human["target"]) == ("ai", "human", "bridge", person.uri)
+    assert ai["end"] == human["start"] and human["end"] is not None and human["end"] >= human["start"]
+    assert human["quality"]["packets_received"] > 100 and human["quality"]["codec"] in ("PCMU", "PCMA")
+    [attempt] = record["transfers"]
+    assert (attempt["outcome"], attempt["mode"]) == ("transferred", "bridge")
+
+
+@needs_baresip
+async def test_the_caller_hanging_up_hangs_up_the_person(gateway, tmp_path):
+    person = await Person(tmp_path / "person", tone_hz=TONE_HZ, quit_after=30).start()
+    try:
+        began = time.time()
+        calling = asyncio.create_task(place_call(caller_settings(gateway, tmp_path, seconds=5)))
+        call = await asyncio.to_thread(active_call, gateway, began)
+        status, outcome = await asyncio.to_thread(transfer, gateway, call["id"], person.uri, "bridge")
+        assert status == 200, outcome
+        summary = await asyncio.wait_for(calling, 30)
+        assert summary["ended_by"] == "local-bye"
+        record = await asyncio.to_thread(ended_call, gateway, call["id"])
+        assert record["end_reason"] == "remote-bye"
+        wait_until(lambda: "terminated" in person.output(), 10, "baresip's call ended by the gateway's BYE")
+    finally:
+        await person.stop()
+
+
+@needs_sipp
+@needs_baresip
+@pytest.mark.parametrize("refusal", ["603", "405"])
+async def test_a_trunk_that_refuses_the_refer_is_bridged(gateway, tmp_path, refusal):
+    person = await Person(tmp_path / "person", tone_hz=TONE_HZ, quit_after=5).start()
+    sipp = await Sipp(tmp_path, "-sf", str(SCENARIOS / "uac_refer_refused.xml"), "-s", "agent", "-set",
+                      "refusal", refusal, f"127.0.0.1:{gateway.sip_port}").start()
+    try:
+        began = time.time()
+        call = await asyncio.to_thread(active_call, gateway, began)
+        status, outcome = await asyncio.to_thread(transfer, gateway, call["id"], person.uri)
+        assert status == 200, (outcome, person.output())
+        assert (outcome["outcome"], outcome["mode"]) == ("transferred", "bridge")
+        assert call["id"] not in leases(gateway)
+        await sipp.finished(within=30)  # the person hung up: the trunk got the gateway's BYE
+    finally:
+        await sipp.stop()
+        await person.stop()
+    record = await asyncio.to_thread(ended_call, gateway, call["id"])
+    assert record["end_reason"] == "human-bye"
+    [attempt] = record["transfers"]
+    assert (attempt["outcome"], attempt["mode"], attempt["status"]) == ("transferred", "bridge", 200)
+    expected = "603 Decline" if refusal == "603" else "405 Method Not Allowed"
+    assert attempt["reason"] == f"answered (the REFER was refused ({expected}))"
+
+
+@needs_baresip
+async def test_nobody_answering_leaves_the_caller_with_the_ai_without_dead_air(gateway, tmp_path):
+    person = await Person(tmp_path / "person", answer=False, quit_after=30).start()
+    try:
+        began = time.time()
+        calling = asyncio.create_task(place_call(caller_settings(gateway, tmp_path, seconds=9)))
+        call = await asyncio.to_thread(active_call, gateway, began)
+        await asyncio.sleep(1.0)
+        asked = time.time()
+        status, outcome = await asyncio.to_thread(transfer, gateway, call["id"], person.uri)
+        assert status == 502, outcome
+        assert (outcome["outcome"], outcome["mode"], outcome["status"]) == ("failed", "bridge", 408)
+        assert outcome["reason"] == "no answer within 4 s" and 3.5 < outcome["seconds"] < 8
+        assert call["id"] in leases(gateway)  # still with the AI
+        summary = await asyncio.wait_for(calling, 30)
+    finally:
+        await person.stop()
+    assert summary["ended_by"] == "local-bye"
+    pcm = heard(summary["recording"])
+    offset = asked - summary["recording_started_at"]
+    # the AI (the echo) went on all along: through the ringing and after it
+    assert longest_silence_ms(pcm, 0.5, len(pcm) / 8000 - 0.3) < 300
+    assert dominant_hz(pcm[int((offset + 4.5) * 8000):int((offset + 6) * 8000)]) == pytest.approx(CALLER_HZ, abs=10)
+    assert "session closed" in person.output(), person.output()  # the ringing call was cancelled
+    record = await asyncio.to_thread(ended_call, gateway, call["id"])
+    assert [p["kind"] for p in record["phases"]] == ["ai"]
+    assert [(t["outcome"], t["status"]) for t in record["transfers"]] == [("failed", 408)]
+
+
+# -- across replicas -------------------------------------------------------------------------
+
+@needs_sipp
+async def test_any_replica_transfers_a_call_of_another_and_answers_its_outcome(redis_server, tmp_path):
+    """Two gateways on one Redis and one echo worker: the call is on A, the request on B."""
+    worker = start_worker(tmp_path, redis_server.url, "w-transfer", slots=2)
+    a = start_gateway(tmp_path, redis_server.url, name="gateway-a")
+    b = start_gateway(tmp_path, redis_server.url, name="gateway-b")
+    sipp = None
+    try:
+        for process in (worker, a, b):
+            process.wait_ready()
+        began = time.time()
+        sipp = await refer_sipp(tmp_path, a, "200 OK").start()
+        call = await asyncio.to_thread(active_call, a, began)
+        status, outcome = await asyncio.to_thread(transfer, b, call["id"], "sip:queue@pbx.example")
+        assert status == 200, outcome
+        assert (outcome["outcome"], outcome["mode"], outcome["on_this_gateway"]) == ("transferred", "refer", False)
+        assert call["id"] not in leases(b)
+        await sipp.finished(within=20)
+        record = await asyncio.to_thread(ended_call, b, call["id"])
+        assert (record["end_reason"], record["gateway_id"]) == ("transferred", call["gateway_id"])
+        status, body = await asyncio.to_thread(transfer, b, call["id"], "sip:queue@pbx.example")
+        assert status == 409, body  # ended
+    finally:
+        if sipp is not None:
+            await sipp.stop()
+        for process in (b, a):
+            process.proc.stop()
+        worker.proc.stop()

@@ -109,6 +109,7 @@ class TestCall:
         self.sent: list[np.ndarray] = []
         self.received: list[np.ndarray] = []
         self.ticks = 0
+        self.started_at: float | None = None  # wall clock of the recording's first sample
 
     def _on_audio_packet(self, packet: RtpPacket, arrival: float) -> None:
         self.arrivals.append(arrival)
@@ -133,6 +134,7 @@ class TestCall:
     async def run(self, seconds: float, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         start = loop.time()
+        self.started_at = time.time()
         silence = np.zeros(self.samples, np.int16)
         total = int(round(seconds / self.period))
         for tick in range(total):
@@ -283,6 +285,7 @@ async def place_call(settings: CallSettings) -> dict:
         summary = {
             "uri": settings.uri, "codec": media.codec, "sample_rate": call.rate, "ptime_ms": media.ptime,
             "answer_seconds": round(answered - started, 3), "call_seconds": round(call.ticks * call.period, 2),
+            "recording_started_at": call.started_at,
             "ended_by": ended_by, "gateway_call_id": gateway_call_id, "local_rtp_port": rtp.local_port,
             "packets_sent": stats.packets_sent, "packets_received": stats.packets_received,
             "packets_lost": max(0, stats.packets_lost), "jitter_ms": round(stats.jitter_ms, 2),

@@ -224,6 +224,7 @@ class TransferDesk:
                     return self._failed(call, attempt, status, reason, started)
                 log.info("call %s: the peer will not take a REFER (%d %s): bridging", call.id, status, reason)
                 attempt.mode = "bridge"
+                attempt.reason = f"the REFER was refused ({status} {reason}); bridging"
                 self.recorder.update(call, "transfers")
             return await self._bridge(call, target, attempt, ring, started)
         except asyncio.CancelledError:
@@ -282,7 +283,9 @@ class TransferDesk:
                      "" if reason == "remote-bye" else f"the person's leg ended: {reason}")
 
         human.ended.add_done_callback(human_ended)
-        result = self._handed_over(call, attempt, "bridge", 200, "answered", started)
+        refused = attempt.reason.partition(";")[0]
+        result = self._handed_over(call, attempt, "bridge", 200, f"answered ({refused})" if refused else "answered",
+                                   started)
         await self._release(session)
         return result
 
