@@ -278,14 +278,6 @@ def _source_for(model: str, revision: str | None) -> _LocalSource | _HubSource:
     raise CheckpointError(f"checkpoint {model}: not a directory and not a Hugging Face repo id (owner/name)")
 
 
-def resolve_checkpoint(model: str, revision: str | None = None) -> tp.Any:  # moshi's CheckpointInfo
-    """Fetch every file of ``model`` (repo id or directory) and return moshi's CheckpointInfo.
-
-    Raises :class:`CheckpointError` naming the file that is missing or malformed.
-    """
-    return _resolve(_source_for(model, revision), revision).info
-
-
 @dataclasses.dataclass
 class _Resolved:
     info: tp.Any  # moshi.models.loaders.CheckpointInfo
