@@ -306,3 +306,89 @@ def test_pipeline_taps_attach_and_detach_at_runtime():
     with pytest.raises(KeyError):
         pipeline.taps["microphone"]
     assert pipeline.quality() is None and pipeline.silent_seconds() is None and pipeline.queued_packets == 0
+
+
+def test_pacer_restart_follows_a_new_source_at_once_without_breaking_the_tick_cadence():
+    """A transfer: the model's stream stops, a person's starts 37 ms off its grid. Without
+    the restart the new frames would look late against the old grid (or be dropped)."""
+    clock = FakeClock()
+    pacer = EgressPacer(lambda *_: None, clock=clock)
+    sent: list[tuple[float, int | None]] = []
+    pacer._send = lambda pcm, ticks: sent.append((clock.now, None if pcm is None else int(pcm[0])))
+    pacer._next_tick = clock.now
+    model = [(100.013 + 0.08 * k, k) for k in range(10)]
+    switch_at = 100.013 + 0.08 * 10 - 0.03  # the person answers; one model frame is still queued
+    person = [(switch_at + 0.037 + 0.08 * n, 100 + n) for n in range(10)]
+    pending = model + [(switch_at, None)] + person
+    restarted = False
+    while clock.now < 102.0:
+        if pending and pending[0][0] <= pacer._next_tick:
+            at, k = pending.pop(0)
+            clock.now = max(clock.now, at)
+            if k is None:
+                pacer.restart()  # the first frame of the new source
+                restarted = True
+                assert pacer.queued_packets == 0 and pacer.cushion == pytest.approx(0.001)
+            else:
+                pacer.push([np.full(160, k * 4 + j, np.int16) for j in range(4)], arrival=at)
+            continue
+        clock.now = max(clock.now, pacer._next_tick)
+        pacer._tick()
+    assert restarted
+    played = [v for _, v in sent if v is not None]
+    assert played[-40:] == list(range(400, 440))  # all of the person, from its first packet
+    first = next(t for t, v in sent if v == 400)
+    assert first - person[0][0] < 0.011  # out within half a ptime (no burst), not held to the old grid
+    assert pacer.stats.late_dropped == 0
+    gaps = np.diff([t for t, _ in sent])
+    # no hole, no burst: the call's start and the switch may each shorten one interval, to half a ptime at least
+    assert gaps.max() <= 0.0221 and sorted(gaps)[2] >= 0.0179 and gaps.min() >= 0.01
+
+
+class RecordingEdge:
+    """A MediaEdge that keeps what the pipeline hands it (the pipeline's contract, nothing more)."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.new_sources = 0
+
+    def from_model(self, frame: bytes) -> None:
+        self.frames.append(frame)
+
+    def new_source(self) -> None:
+        self.new_sources += 1
+
+
+class Person:
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+
+    def send_frame(self, frame: bytes) -> None:
+        self.frames.append(frame)
+
+
+def test_a_bridged_pipeline_sends_the_caller_to_the_peer_and_restarts_the_edge_with_its_first_frame():
+    to_model: list[bytes] = []
+    pipeline = MediaPipeline(to_model=to_model.append)
+    edge = RecordingEdge()
+    pipeline.attach_edge(edge)  # type: ignore[arg-type]
+    tapped: list[bytes] = []
+    pipeline.taps.caller_model.attach(tapped.append)
+    heard: list[bytes] = []
+    pipeline.taps.agent.attach(heard.append)
+    pipeline.to_model(b"caller-1")
+    pipeline.from_model(b"model-1")
+    person = Person()
+    pipeline.bridge(person)  # the model is detached: what it queued in the edge plays out
+    assert edge.new_sources == 0
+    pipeline.to_model(b"caller-2")
+    pipeline.from_model(b"person-1")  # the new source's first frame restarts the edge's pacing
+    assert edge.new_sources == 1
+    pipeline.from_model(b"person-2")
+    assert edge.new_sources == 1
+    assert to_model == [b"caller-1"] and person.frames == [b"caller-2"]
+    assert tapped == [b"caller-1", b"caller-2"]  # the taps go on through the switch
+    assert heard == edge.frames == [b"model-1", b"person-1", b"person-2"]
+    pipeline.unbridge()
+    pipeline.to_model(b"caller-3")
+    assert to_model == [b"caller-1", b"caller-3"]

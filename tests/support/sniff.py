@@ -7,6 +7,7 @@ import math
 import socket
 import struct
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ class Datagram:
     source: tuple[str, int]
     destination: tuple[str, int]
     payload: bytes
+    at: float = 0.0  # wall clock when the capture thread read it
 
 
 def can_sniff() -> bool:
@@ -53,7 +55,8 @@ class LoopbackSniffer:
                 return
             if address[2] == PACKET_OUTGOING:  # loopback shows each packet twice
                 continue
-            datagram = _udp(frame[14:])  # lo frames carry an Ethernet header of zeros
+            at = time.time()
+            datagram = _udp(frame[14:], at)  # lo frames carry an Ethernet header of zeros
             if datagram is not None and (datagram.source[1] in self.ports or datagram.destination[1] in self.ports):
                 self.datagrams.append(datagram)
 
@@ -71,7 +74,7 @@ class LoopbackSniffer:
             self.stop()
 
 
-def _udp(packet: bytes) -> Datagram | None:
+def _udp(packet: bytes, at: float = 0.0) -> Datagram | None:
     if len(packet) < 20:
         return None
     version = packet[0] >> 4
@@ -90,7 +93,7 @@ def _udp(packet: bytes) -> Datagram | None:
     if len(udp) < 8:
         return None
     sport, dport = struct.unpack_from("!HH", udp)
-    return Datagram((src, sport), (dst, dport), udp[8:])
+    return Datagram((src, sport), (dst, dport), udp[8:], at)
 
 
 def entropy_bits_per_byte(data: bytes) -> float:

@@ -33,7 +33,9 @@ A bridged transfer (``calls/transfer.py``) joins a second leg to the pipeline wi
 ``bridge(peer)``: from then on the caller's frames go to ``peer.send_frame`` instead of
 the model (the ``caller`` and ``caller_model`` taps go on as before), the peer's decoded
 audio comes back through ``from_model`` (so the ``agent`` tap carries the human's voice),
-and the edge's pacer starts over on the new stream's timing (``MediaEdge.new_source``).
+and with its first frame the edge's pacer starts over on the new stream's timing
+(``MediaEdge.new_source``): until then the model's last queued words play out, so the
+caller hears no more silence than the new stream takes to come.
 
 A tap with no subscriber costs one truth test of a list per emission. Subscribers are
 called synchronously on the event loop, in the media path: they must return at once
@@ -126,6 +128,7 @@ class MediaPipeline:
         self.taps = MediaTaps()
         self.edge: MediaEdge | None = None
         self.peer: BridgePeer | None = None  # a bridged human leg (see the module docstring)
+        self._source_changed = False  # the next frame out starts a new stream at the edge
         self._model_sink = to_model
         self._to_model = to_model
 
@@ -138,8 +141,7 @@ class MediaPipeline:
         and the edge follows the timing of what ``peer`` sends back (via ``from_model``)."""
         self.peer = peer
         self._to_model = peer.send_frame
-        if self.edge is not None:
-            self.edge.new_source()
+        self._source_changed = True
 
     def unbridge(self) -> None:
         """Back to the model (a fresh session's frames come through ``from_model``)."""
@@ -147,8 +149,7 @@ class MediaPipeline:
             return
         self.peer = None
         self._to_model = self._model_sink
-        if self.edge is not None:
-            self.edge.new_source()
+        self._source_changed = True
 
     def to_model(self, frame: bytes) -> None:
         """An 80 ms frame of the caller from the edge, on its way to the worker."""
@@ -163,6 +164,9 @@ class MediaPipeline:
         if tap.subscribers:
             tap.emit(frame)
         if self.edge is not None:
+            if self._source_changed:
+                self._source_changed = False
+                self.edge.new_source()
             self.edge.from_model(frame)
 
     def quality(self) -> CallQuality | None:
