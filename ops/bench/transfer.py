@@ -3,7 +3,7 @@ silence the caller hears meanwhile, by REFER and bridged.
 
 ``moshimoshi serve --model echo`` (embedded Redis, an echo worker: the "AI" plays the
 caller's own 440 Hz tone back) and a person: baresip answering by itself and playing a
-1 kHz tone. Each round calls the gateway, lets the AI talk for a while, asks
+1 kHz tone in bursts (200 ms on, 300 ms off). Each round calls the gateway, lets the AI talk for a while, asks
 ``POST /v1/calls/{id}/transfer`` and watches, on the loopback wire (a raw capture of the
 RTP going to the caller), when the first packet carrying the person's tone reaches the
 caller:
@@ -11,7 +11,8 @@ caller:
 * **bridge**: the caller is ``moshimoshi call``'s engine (it has no REFER in its Allow, so
   the gateway bridges): request → the gateway calls the person → answer → the person's
   audio relayed through the gateway. Also measured from the caller's own recording (its
-  jitter buffer included).
+  jitter buffer included), and, per burst of the person's tone, how long it takes through
+  the relay (its first packet out of the person to its first packet into the caller).
 * **refer**: the caller is baresip (it takes the REFER and calls the person itself):
   request → REFER → 202 → baresip's INVITE to the person → answer → NOTIFY 200 → BYE.
 
@@ -28,6 +29,7 @@ import json
 import sys
 import tempfile
 import time
+import typing as tp
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -77,9 +79,15 @@ def active_call(gateway: Gateway, since: float) -> dict:
 
 def to_caller(datagrams: list[Datagram], since: float) -> list[tuple[float, float, float]]:
     """(arrival, RMS, share of the person's tone) of each RTP packet to a caller port."""
+    return decoded(datagrams, since, lambda d: CALLER_PORTS[0] <= d.destination[1] <= CALLER_PORTS[1])
+
+
+def decoded(datagrams: list[Datagram], since: float,
+            chosen: tp.Callable[[Datagram], bool]) -> list[tuple[float, float, float]]:
+    """(arrival, RMS, share of the person's tone) of the chosen PCMU packets, in time order."""
     out = []
-    for datagram in datagrams:
-        if datagram.at < since or not CALLER_PORTS[0] <= datagram.destination[1] <= CALLER_PORTS[1]:
+    for datagram in list(datagrams):
+        if datagram.at < since or not chosen(datagram):
             continue
         try:
             packet = RtpPacket.parse(datagram.payload)
@@ -96,6 +104,34 @@ def to_caller(datagrams: list[Datagram], since: float) -> list[tuple[float, floa
         out.append((datagram.at, rms, share))
     out.sort()
     return out
+
+
+def onsets(packets: list[tuple[float, float, float]]) -> list[float]:
+    """When the person's tone bursts start: a loud tone packet after at least 60 ms without."""
+    out, quiet_since = [], None
+    for at, rms, share in packets:
+        loud = rms > LOUD and share > 0.6
+        if not loud:
+            quiet_since = at if quiet_since is None else quiet_since
+        elif quiet_since is not None and at - quiet_since >= 0.06:
+            out.append(at)
+            quiet_since = None
+        elif quiet_since is not None:
+            quiet_since = None
+    return out
+
+
+def relay_delays(datagrams: list[Datagram], since: float) -> list[float]:
+    """Per burst of the person's tone, from its first packet leaving the person to its first
+    packet reaching the caller through the gateway (one way through the relay)."""
+    sent = onsets(decoded(datagrams, since, lambda d: PERSON_PORTS[0] <= d.source[1] <= PERSON_PORTS[1]))
+    arrived = onsets(to_caller(datagrams, since))
+    delays = []
+    for at in sent:
+        later = [a for a in arrived if at <= a < at + 0.4]
+        if later:
+            delays.append(later[0] - at)
+    return delays
 
 
 def wire_figures(packets: list[tuple[float, float, float]], asked: float) -> tuple[float | None, float]:
@@ -129,9 +165,11 @@ async def bridge_round(gateway: Gateway, person: Person, folder: Path, sniffer: 
     wire_s, silence_s = wire_figures(to_caller(sniffer.datagrams, began), asked)
     offset = asked - summary["recording_started_at"]
     at = first_heard(heard(summary["recording"]), PERSON_HZ, after_s=max(0.0, offset))
+    relay = relay_delays(sniffer.datagrams, asked)
     return {"mode": "bridge", "status": status, "outcome": outcome.get("outcome"), "api_s": round(answered, 3),
             "handover_s": outcome.get("seconds"), "wire_s": wire_s, "silence_s": silence_s,
-            "recorded_s": None if at is None else round(at - offset, 3)}
+            "recorded_s": None if at is None else round(at - offset, 3),
+            "relay_ms": [round(d * 1000, 1) for d in relay]}
 
 
 async def refer_round(gateway: Gateway, person: Person, folder: Path, sniffer: LoopbackSniffer) -> dict:
@@ -182,19 +220,25 @@ def summary(rounds: list[dict], mode: str) -> dict:
     if mode == "bridge":
         recorded = [r["recorded_s"] * 1000 for r in done if r.get("recorded_s") is not None]
         out["heard_in_recording_p50_ms"] = percentile(recorded, 50)
+        relay = [d for r in done for d in r.get("relay_ms", [])]
+        out["relay_one_way_p50_ms"] = percentile(relay, 50)
+        out["relay_one_way_p99_ms"] = percentile(relay, 99)
+        out["relay_bursts"] = len(relay)
     return {k: round(v, 1) if isinstance(v, float) else v for k, v in out.items()}
 
 
 async def run(args: argparse.Namespace) -> dict:
     folder = Path(tempfile.mkdtemp(prefix="transfer-bench-"))
     gateway = start_serve(folder, "echo", "--transfer-ring-seconds", "10", "--slots", "2")
-    person = Person(folder / "person", tone_hz=PERSON_HZ, quit_after=args.rounds * 30 + 60, rtp_ports=PERSON_PORTS)
+    person = Person(folder / "person", tone_hz=PERSON_HZ, quit_after=args.rounds * 30 + 60, rtp_ports=PERSON_PORTS,
+                    bursts=(0.2, 0.3))
     rounds: list[dict] = []
     try:
         await asyncio.to_thread(gateway.wait_ready)
         await person.start()
         modes = ["bridge", "refer"] if args.mode == "both" else [args.mode]
-        with LoopbackSniffer(set(range(CALLER_PORTS[0], CALLER_PORTS[1] + 1))) as sniffer:
+        ports = set(range(CALLER_PORTS[0], CALLER_PORTS[1] + 1)) | set(range(PERSON_PORTS[0], PERSON_PORTS[1] + 1))
+        with LoopbackSniffer(ports) as sniffer:
             for i in range(args.rounds):
                 for mode in modes:
                     where = folder / f"{mode}-{i}"
@@ -229,6 +273,10 @@ def main() -> int:
               f"p50 {figures['heard_p50_ms']} ms, p99 {figures['heard_p99_ms']} ms after the request (the API "
               f"answered p50 {figures['api_answer_p50_ms']} ms); silence the caller heard p50 "
               f"{figures['silence_p50_ms']} ms, max {figures['silence_max_ms']} ms")
+        if mode == "bridge":
+            print(f"bridge: the person's voice through the relay, one way (first packet out of the person to first "
+                  f"packet into the caller, {figures['relay_bursts']} tone bursts): p50 "
+                  f"{figures['relay_one_way_p50_ms']} ms, p99 {figures['relay_one_way_p99_ms']} ms")
     print(json.dumps({"benchmark": "transfer", **result["by_mode"], "rounds": result["rounds"]}))
     return 0
 

@@ -21,13 +21,19 @@ from tests.support.procs import free_port_pair
 RATE = 8000
 
 
-def tone_wav(path: Path, hz: float, seconds: float, rate: int = RATE, level: float = 0.3) -> Path:
+def tone_wav(path: Path, hz: float, seconds: float, rate: int = RATE, level: float = 0.3,
+             bursts: tuple[float, float] | None = None) -> Path:
+    """A tone, steady or in ``bursts`` (seconds on, seconds off)."""
     t = np.arange(int(rate * seconds)) / rate
+    pcm = level * np.sin(2 * np.pi * hz * t)
+    if bursts is not None:
+        on, off = bursts
+        pcm *= (t % (on + off)) < on
     with wave.open(str(path), "wb") as wav:
         wav.setnchannels(1)
         wav.setsampwidth(2)
         wav.setframerate(rate)
-        wav.writeframes((level * np.sin(2 * np.pi * hz * t) * 32767).astype("<i2").tobytes())
+        wav.writeframes((pcm * 32767).astype("<i2").tobytes())
     return path
 
 
@@ -35,12 +41,12 @@ class Person:
     """baresip on 127.0.0.1 answering ``uri`` (see the module docstring)."""
 
     def __init__(self, folder: Path, *, tone_hz: float = 1000.0, answer: bool = True, quit_after: float = 30.0,
-                 rtp_ports: tuple[int, int] = (36000, 36999)) -> None:
+                 rtp_ports: tuple[int, int] = (36000, 36999), bursts: tuple[float, float] | None = None) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
         self.port = free_port_pair()
         self.uri = f"sip:human@127.0.0.1:{self.port}"
-        wav = tone_wav(folder / "person.wav", tone_hz, quit_after + 5)
+        wav = tone_wav(folder / "person.wav", tone_hz, quit_after + 5, bursts=bursts)
         config = folder / "baresip"
         config.mkdir(exist_ok=True)
         (config / "config").write_text("\n".join([
