@@ -270,6 +270,9 @@ class GatewaySettings:
     redis_connect_seconds: float = setting(
         10.0, "at start, how long to wait for Redis to answer before giving up (exit 1)", min=0.0, max=3600.0,
         group="pool")
+    worker_stall_ms: int = setting(240, "a worker session that owes the call frames this long is stalled (a hung "
+                                   "worker): the call moves to another worker at once", min=80, max=5000,
+                                   group="pool")
     queue_seconds: float = setting(5.0, "how long a call may wait (ringing) for a free slot before 503",
                                    min=0.0, max=120.0, group="pool")
     retry_after_seconds: int = setting(30, "Retry-After sent with 503", min=1, group="pool")

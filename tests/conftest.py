@@ -78,6 +78,40 @@ def pytest_runtest_teardown(item) -> None:
     _running_unit_test = False
 
 
+STALL_LOG = "stalled: no frame for"  # service/gateway/calls/call.py STALL_LOG (not imported: a unit test's import cost)
+
+
+@pytest.fixture(autouse=True)
+def no_needless_worker_stall(request, tmp_path_factory) -> Iterator[None]:
+    """A system test fails when a gateway it ran judged a worker stalled (and moved or ended
+    a call for it), unless the test stops a worker on purpose (``stall_expected``): a worker
+    that is merely slow on a loaded machine must not be abandoned (issue 13, item 9). The
+    logs under the session's temporary directory are read from where they were before the test."""
+    if request.node.get_closest_marker("system") is None:
+        yield
+        return
+    base = tmp_path_factory.getbasetemp()
+    before = {path: path.stat().st_size for path in base.rglob("*.log")}
+    yield
+    if request.node.get_closest_marker("stall_expected") is not None:
+        return
+    stalls = []
+    for path in base.rglob("*.log"):
+        start = before.get(path, 0)
+        try:
+            if path.stat().st_size <= start:
+                continue
+            with path.open("rb") as log:
+                log.seek(start)
+                added = log.read().decode(errors="replace")
+        except OSError:
+            continue
+        stalls += [f"{path.name}: {line.strip()}" for line in added.splitlines() if STALL_LOG in line]
+    if stalls:
+        pytest.fail("a gateway judged a worker stalled in a test that stops none (a needless failover):\n"
+                    + "\n".join(stalls[:10]), pytrace=False)
+
+
 @pytest.fixture
 def timing() -> Timing:
     """Timing budgets of a ``@realtime_test`` (``timing.expect(ok, what)``)."""

@@ -118,7 +118,7 @@ def test_the_dashboard_shows_a_live_call_its_transcript_and_the_pool(system, bro
     page.wait_for_selector("#transcript .end", timeout=15_000)
     status = page.text_content("#transcript-status")
     assert status.startswith("call ended ("), status
-    # a demo worker stalled for a second by a loaded machine ends the call as worker-lost
+    # a demo worker silent for 5 s on a starved machine (no slot elsewhere) ends the call as worker-lost
     timing.expect(status == "call ended (remote-bye)", f"the caller hung up: {status}")
     with httpx.Client(base_url=system.api, headers=system.headers("read")) as client:
         transcript = client.get(f"/v1/calls/{call_id}/transcript").json()

@@ -7,6 +7,8 @@ model so that what comes back can be checked.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 import wave
 from pathlib import Path
@@ -18,6 +20,7 @@ from service.pool import RegistryReader, connect
 from service.settings import CallSettings
 from service.tools.call import place_call
 from sip.errors import CallFailed
+from tests.support.realtime import realtime_test
 from tests.support.services import start_gateway, start_worker, wait_until
 
 
@@ -147,6 +150,89 @@ async def test_worker_killed_mid_call_moves_its_call_to_the_other_worker(redis_s
                     and (not s.get("w0") or not s["w0"]["alive"]), 10, "slot counts back to full")
     status, text = gateway.get("/metrics", token=None)
     assert 'moshimoshi_pool_failovers_total{outcome="moved"} 1.0' in text
+
+
+def heard_from(recording: str, start_s: float) -> float:
+    """The RMS of what came back from ``start_s`` on (the caller's right channel)."""
+    with wave.open(recording) as rec:
+        heard = np.frombuffer(rec.readframes(rec.getnframes()), "<i2").reshape(-1, 2)[:, 1]
+    tail = heard[int(start_s * 8000):].astype(np.float64)
+    return float(np.sqrt((tail ** 2).mean())) if len(tail) else 0.0
+
+
+@realtime_test()
+@pytest.mark.stall_expected
+async def test_a_stopped_worker_is_left_within_a_second(redis_server, tmp_path, timing):
+    """SIGSTOP: the worker's socket stays open and silent. Before: the gateway noticed after a
+    second without frames and then waited for the old socket's close handshake (2 s) before
+    it claimed a slot elsewhere; the caller heard about 3 s of silence."""
+    url = redis_server.url
+    run = tmp_path / f"run-{time.monotonic_ns()}"  # a fresh set of processes for each try
+    run.mkdir()
+    workers = {f"w{i}": start_worker(run, url, f"w{i}-{run.name[-6:]}", slots=2) for i in range(2)}
+    gateway = start_gateway(run, url)
+    stopped = None
+    try:
+        for w in workers.values():
+            w.wait_ready()
+        gateway.wait_ready()
+        names = {w.worker_id for w in workers.values()}
+        await wait_pool(url, lambda s: names <= {k for k, v in s.items() if v["alive"]}, 10, "both workers up")
+        call = asyncio.create_task(place_call(call_settings(gateway, run, "stopped", 7.0)))
+        state = await wait_pool(url, lambda s: sum(s[n]["leases"] for n in names) == 1, 15, "the call placed")
+        stopped = next(w for w in workers.values() if state[w.worker_id]["leases"] == 1)
+        await asyncio.sleep(2.5)
+        os.kill(stopped.proc.pid, signal.SIGSTOP)
+        summary = await call
+        assert summary["ended_by"] == "local-bye", summary  # the call went on
+        assert heard_from(summary["recording"], 5.0) > 1000  # the echo came back, from the other worker
+        status, text = gateway.get("/metrics", token=None)
+        assert 'moshimoshi_pool_failovers_total{outcome="moved"} 1.0' in text
+        gap = silent_run_ms(summary["recording"])
+        timing.expect(gap <= 1000, f"the caller heard {gap:.0f} ms of silence when its worker stopped (≤ 1 s)")
+    finally:
+        if stopped is not None:
+            os.kill(stopped.proc.pid, signal.SIGCONT)
+        gateway.proc.stop()
+        for w in workers.values():
+            w.proc.stop()
+
+
+@pytest.mark.stall_expected
+async def test_a_stalled_worker_with_no_slot_elsewhere_keeps_its_call_until_it_is_lost(redis_server, tmp_path,
+                                                                                      cluster):
+    """One worker: a pause (SIGSTOP, then SIGCONT 1.5 s later) costs the call a gap, not the
+    call (before: it ended after a second, "worker-lost"); a worker that stays stopped is
+    given up after WORKER_LOST_SECONDS and the call ends with a BYE."""
+    from service.gateway.calls.call import WORKER_LOST_SECONDS
+
+    url = redis_server.url
+    worker = cluster(start_worker(tmp_path, url, "w0", slots=2))
+    gateway = cluster(start_gateway(tmp_path, url))
+    worker.wait_ready()
+    gateway.wait_ready()
+    await wait_pool(url, lambda s: "w0" in s, 10, "the worker up")
+    call = asyncio.create_task(place_call(call_settings(gateway, tmp_path, "paused", 16.0)))
+    await wait_pool(url, lambda s: s["w0"]["leases"] == 1, 15, "the call placed")
+    try:
+        await asyncio.sleep(2.0)
+        os.kill(worker.proc.pid, signal.SIGSTOP)
+        await asyncio.sleep(1.5)
+        os.kill(worker.proc.pid, signal.SIGCONT)
+        await asyncio.sleep(2.5)
+        status, body = gateway.get("/v1/calls?state=active")
+        assert [c["worker_id"] for c in body["calls"]] == ["w0"], body  # the call goes on, on w0
+        os.kill(worker.proc.pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        summary = await call
+        lasted = time.monotonic() - stopped_at
+    finally:
+        os.kill(worker.proc.pid, signal.SIGCONT)
+    assert summary["ended_by"] == "remote-bye", summary
+    assert heard_from(summary["recording"], 4.0) > 1000  # the echo came back after the pause
+    assert WORKER_LOST_SECONDS - 0.5 < lasted < WORKER_LOST_SECONDS + 3, lasted
+    status, record = gateway.get(f"/v1/calls/{summary['gateway_call_id']}")
+    assert record["end_reason"] == "worker-lost" and record["quality"]["failovers"] == 0, record
 
 
 async def test_worker_killed_with_no_slot_elsewhere_ends_the_call_with_bye(redis_server, tmp_path, cluster):

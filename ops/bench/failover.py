@@ -1,11 +1,13 @@
-"""Failover gap: the audio a caller loses when the worker serving the call is killed (kill -9).
+"""Failover gap: the audio a caller loses when the worker serving the call is killed (kill -9)
+or hangs (``--signal stop``: SIGSTOP, its socket stays open and silent).
 
 A real Redis (embedded redis-server), two echo workers and one gateway run as separate
-processes. Each round places a call that plays a continuous tone, kills the worker holding
-its slot two seconds in, and measures the longest stretch of silence in what comes back
-after the kill: the time for the gateway to notice (the socket drops), claim a slot on the
-other worker, connect, and for the echo to flow again through a fresh model context. The
-killed worker is restarted between rounds. Target: a gap under 1 s.
+processes. Each round places a call that plays a continuous tone, kills (or stops) the
+worker holding its slot two seconds in, and measures the longest stretch of silence in what
+comes back after it: the time for the gateway to notice (the socket drops; for a stopped
+worker, the frames it owes stop coming: ``--worker-stall-ms``), claim a slot on the other
+worker, connect, and for the echo to flow again through a fresh model context. The worker
+is restarted between rounds. Target: a gap under 1 s.
 
 The claim latency figures of the same issue come from ops/bench/pool.py.
 The last line printed is a JSON object.
@@ -16,6 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import signal
 import sys
 import tempfile
 import time
@@ -93,13 +97,19 @@ async def run(args: argparse.Namespace) -> dict:
                     victim = await holder_of(redis_url)
                     if victim is None:
                         raise RuntimeError("no worker holds the call's slot")
-                    await asyncio.to_thread(workers[victim].proc.kill9)
+                    if args.signal == "stop":
+                        os.kill(workers[victim].proc.pid, signal.SIGSTOP)
+                    else:
+                        await asyncio.to_thread(workers[victim].proc.kill9)
                     killed_at = time.monotonic() - started
                     summary = await call
                     gap = silence_after(summary["recording"], killed_at - 0.2)
                     gaps.append(gap)
-                    print(f"round {round_number + 1}: killed {victim} at {killed_at:.2f} s; "
-                          f"caller heard a {gap:.0f} ms gap; call ended by {summary['ended_by']}")
+                    print(f"round {round_number + 1}: {'stopped' if args.signal == 'stop' else 'killed'} {victim} "
+                          f"at {killed_at:.2f} s; caller heard a {gap:.0f} ms gap; call ended by "
+                          f"{summary['ended_by']}")
+                    if args.signal == "stop":
+                        os.kill(workers[victim].proc.pid, signal.SIGCONT)
                     workers[victim].proc.stop()
                     workers[victim] = start_worker(log_dir, redis_url, victim, slots=2)
                     await asyncio.to_thread(workers[victim].wait_ready)
@@ -108,10 +118,10 @@ async def run(args: argparse.Namespace) -> dict:
                 for worker in workers.values():
                     worker.proc.stop()
     values = np.asarray(gaps)
-    result = {"benchmark": "failover", "rounds": len(gaps), "gap_ms": [round(g) for g in gaps],
+    result = {"benchmark": "failover", "signal": args.signal, "rounds": len(gaps), "gap_ms": [round(g) for g in gaps],
               "gap_p50_ms": float(np.percentile(values, 50)), "gap_max_ms": float(values.max()),
               "target_ms": TARGET_GAP_MS, "target_met": bool(values.max() < TARGET_GAP_MS)}
-    print(f"\naudio gap after kill -9 of the serving worker: p50 {result['gap_p50_ms']:.0f} ms, "
+    print(f"\naudio gap after {'SIGSTOP' if args.signal == 'stop' else 'kill -9'} of the serving worker: p50 {result['gap_p50_ms']:.0f} ms, "
           f"max {result['gap_max_ms']:.0f} ms (target < {TARGET_GAP_MS:.0f} ms: "
           f"{'met' if result['target_met'] else 'NOT met'})")
     return result
@@ -120,6 +130,8 @@ async def run(args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--signal", choices=["kill", "stop"], default="kill",
+                        help="kill -9 the serving worker, or SIGSTOP it (a hung worker)")
     args = parser.parse_args()
     print(json.dumps(asyncio.run(run(args))))
 

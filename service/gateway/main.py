@@ -133,7 +133,8 @@ class Gateway:
         self.lifecycle = CallLifecycle(router=self.router, table=self.table, recorder=self.recorder,
                                        transcripts=self.transcripts, queue_seconds=settings.queue_seconds,
                                        rtp_timeout_seconds=settings.rtp_timeout_seconds, admission=self.admission,
-                                       refusals=self.refusals, transfer_ring_seconds=settings.transfer_ring_seconds)
+                                       refusals=self.refusals, transfer_ring_seconds=settings.transfer_ring_seconds,
+                                       stall_seconds=settings.worker_stall_ms / 1000)
         self.call_stats = metrics.install_call_stats(self._live_counters)
         self.webhook = WebhookSender.from_settings(settings)
         self.lifecycle.on_end.append(self._on_call_end)

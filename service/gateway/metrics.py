@@ -72,8 +72,13 @@ REJECTED_CALLS = Counter("moshimoshi_pool_rejected_calls_total",
                          "Calls refused for want of a slot (503), by reason.", ["reason"])
 WORKER_LINK_DROPPED = Counter("moshimoshi_worker_link_frames_dropped",
                               "Caller frames dropped because the WebSocket to the worker was backed up.")
-FAILOVERS = Counter("moshimoshi_pool_failovers_total", "Calls moved to another worker mid-call.",
-                    ["outcome"])
+FAILOVERS = Counter("moshimoshi_pool_failovers_total", "Calls moved to another worker mid-call "
+                    "(its socket closed, or it stalled: it owed frames past --worker-stall-ms), by outcome: "
+                    "moved, or no-slot (the call ended: worker-lost).", ["outcome"])
+STALL_CHECKS_SKIPPED = Counter(
+    "moshimoshi_worker_stall_checks_skipped_total",
+    "Rounds of the hung-worker watchdog skipped because the gateway's own event loop woke them late "
+    "(frames may have been waiting unread): no worker is blamed for the gateway's own lag.")
 POOL_SLOTS = Gauge("moshimoshi_pool_slots", "Slots of ready workers in the pool (capacity), by model.",
                    ["model"])
 POOL_SLOTS_BUSY = Gauge("moshimoshi_pool_slots_busy", "Slots holding a lease, by model.", ["model"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import secrets
 import time
@@ -22,6 +23,7 @@ import typing as tp
 
 from service.call_record import ACTIVE, ENDED, QUEUED, CallPhase, CallQuality, CallRecord
 from service.gateway import metrics
+from service.gateway.calls.frame_watch import FrameWatch
 from service.gateway.calls.transcript import TranscriptEvent
 from service.gateway.media.pipeline import MediaPipeline
 from service.gateway.routing.router import (
@@ -36,7 +38,11 @@ from sip.identity import CallerIdentity
 
 log = logging.getLogger(__name__)
 
-FRAME_WATCHDOG_SECONDS = 1.0  # no frame from the worker for this long: the worker is hung
+STALL_LOG = "stalled: no frame for"  # how the log says it (tests look for it: tests/conftest.py)
+MOVE_RETRY_SECONDS = 0.5  # a stalled session with no slot elsewhere: how often to look again
+WORKER_LOST_SECONDS = 5.0  # ... and how long it may stay silent before the call ends
+
+_closing: set[asyncio.Future[None]] = set()  # lost sessions being closed in the background
 
 
 def new_call_id() -> str:
@@ -62,9 +68,10 @@ class Call:
         self.on_transcript: tp.Callable[[Call, TranscriptEvent], None] | None = None
         self.ended = asyncio.Event()
         self.stalled = asyncio.Event()
-        self.last_frame_at = time.monotonic()
+        self.frame_watch = FrameWatch()  # the lifecycle sets the configured threshold
         self._answered_mono: float | None = None
-        self._session_generation = 0  # bumped by release: a released session's late callbacks are ignored
+        self._generations = itertools.count(1)
+        self._session_generation = 0  # changed by release and failover: a left session's late callbacks are ignored
         self.phase: CallPhase | None = None  # the phase under way (the last of record.phases)
 
     @property
@@ -144,8 +151,11 @@ class Call:
 
     # -- worker session ----------------------------------------------------------------
 
-    def _callbacks(self) -> LinkCallbacks:
-        generation = self._session_generation
+    def _callbacks(self, generation: int | None = None) -> LinkCallbacks:
+        """Callbacks for one session, valid while the call's session generation is
+        ``generation`` (the current one by default): what a session sends once the call has
+        moved on from it (released, handed over, failed over) is ignored."""
+        generation = self._session_generation if generation is None else generation
 
         def on_frame(frame: bytes) -> None:
             if generation == self._session_generation:
@@ -162,7 +172,7 @@ class Call:
         return LinkCallbacks(on_frame=on_frame, on_text=on_text, on_end=on_end)
 
     def _on_frame(self, frame: bytes) -> None:
-        self.last_frame_at = time.monotonic()
+        self.frame_watch.received(time.monotonic())
         self.pipeline.from_model(frame)
 
     def _on_text(self, text: str, t: float) -> None:
@@ -174,17 +184,25 @@ class Call:
     def send_to_model(self, frame: bytes) -> None:
         if self.session is not None:
             self.session.link.send_frame(frame)
+            self.frame_watch.sent(time.monotonic())
+
+    @property
+    def last_frame_at(self) -> float:
+        """When the worker session last sent a frame (or was opened), monotonic seconds."""
+        return self.frame_watch.last_frame_at
 
     def check_stall(self, now: float) -> bool:
-        """Called now and then by the lifecycle's watchdog: flags a session from which no
-        frame came for a second (a hung worker), so that ``supervise`` fails over."""
-        stale = now - self.last_frame_at > FRAME_WATCHDOG_SECONDS
-        if self.session is not None and stale and not self.stalled.is_set():
-            log.warning("call %s: no audio from worker %s for %.1fs", self.id, self.session.worker_id,
-                        now - self.last_frame_at)
-            self.stalled.set()
-            return True
-        return False
+        """Called every few tens of milliseconds by the lifecycle's watchdog: flags a session
+        that owes frames past its threshold (``frame_watch.py``: a hung worker), so that
+        ``supervise`` moves the call."""
+        if self.session is None or self.stalled.is_set():
+            return False
+        silent = self.frame_watch.stalled(now)
+        if silent is None:
+            return False
+        log.warning("call %s: worker %s %s %.0f ms", self.id, self.session.worker_id, STALL_LOG, silent * 1000)
+        self.stalled.set()
+        return True
 
     def _adopt(self, session: WorkerSession) -> None:
         self.stalled.clear()
@@ -196,7 +214,7 @@ class Call:
             record.model = session.link.info.model
             record.license = session.link.info.license
             record.sampling = session.link.info.sampling
-        self.last_frame_at = time.monotonic()
+        self.frame_watch.reset(time.monotonic())
         if self.phase is not None and self.phase.kind == "ai":
             self.phase.worker = session.worker_id
 
@@ -213,16 +231,24 @@ class Call:
         self._adopt(await router.open(self.id, self._callbacks(), wait=wait, on_queued=queued))
 
     async def supervise(self, router: Router) -> None:
-        """Until the call ends: watch the worker session and fail over when it is lost.
+        """Until the call ends: watch the worker session and move the call when it is lost.
 
-        A session is lost when its socket closes without the call ending, or when no frame
-        arrived for a second (a hung worker). The call then gets a slot elsewhere with a
-        fresh model context; with none anywhere, it ends ("worker-lost").
+        A session is lost when its socket closes without the call ending: the call gets a
+        slot elsewhere with a fresh model context, or with none anywhere it ends
+        ("worker-lost"). A session that is stalled (it owes frames: a hung worker) is left
+        for a slot elsewhere at once, without waiting for its socket to close (it is closed
+        in the background); with no slot elsewhere the call keeps it, tries again every
+        ``MOVE_RETRY_SECONDS``, and ends ("worker-lost") once the worker has sent nothing
+        for ``WORKER_LOST_SECONDS``.
         """
+        retries = 0  # tries to move off the current stalled session
+        previous: WorkerSession | None = None
         while not self.ended.is_set():
             session = self.session
             if session is None:
                 return
+            if session is not previous:
+                retries, previous = 0, session
             closed = session.link.closed  # the link's own future: waited on, never cancelled here
             ended = asyncio.ensure_future(self.ended.wait())
             stalled = asyncio.ensure_future(self.stalled.wait())
@@ -236,37 +262,81 @@ class Call:
                 return
             if self.session is not session:
                 continue  # released (a transfer) or replaced meanwhile: not a loss
-            code, reason = closed.result() if closed.done() else (None, "stalled")
-            if code == CloseCode.NORMAL and reason and not self.ended.is_set():
-                # A clean close from the worker is an end of session, not a failure.
-                self.end("worker-ended")
+            if closed.done():
+                code, reason = closed.result()
+                if code == CloseCode.NORMAL and reason:
+                    # A clean close from the worker is an end of session, not a failure.
+                    self.end("worker-ended")
+                    return
+                retries = 0
+                if not await self._move(router, session, f"{code} {reason}"):
+                    metrics.FAILOVERS.labels("no-slot").inc()
+                    self.end("worker-lost")
+                    return
+                continue
+            first_try = retries == 0
+            if await self._move(router, session, "stalled", quiet=not first_try):
+                retries = 0
+                continue
+            retries += 1
+            silent = time.monotonic() - self.last_frame_at
+            if silent >= WORKER_LOST_SECONDS:
+                metrics.FAILOVERS.labels("no-slot").inc()
+                log.warning("call %s: worker %s sent nothing for %.1fs and no slot is free elsewhere; ending the call",
+                            self.id, session.worker_id, silent)
+                self.end("worker-lost")
                 return
-            await self._fail_over(router, session, code, reason)
+            # keep the session: it may recover (a frame clears the stall); try again soon
+            ended = asyncio.ensure_future(self.ended.wait())
+            retry: set[asyncio.Future[tp.Any]] = {closed, ended}
+            try:
+                await asyncio.wait(retry, timeout=MOVE_RETRY_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                ended.cancel()
+            self.stalled.clear()
 
-    async def _fail_over(self, router: Router, lost: WorkerSession, code: int | None, reason: str) -> None:
-        log.warning("call %s: lost worker %s slot %s (%s %s); failing over", self.id, lost.worker_id,
-                    lost.slot, code, reason)
+    async def _move(self, router: Router, lost: WorkerSession, why: str, *, quiet: bool = False) -> bool:
+        """Open a session on another worker and adopt it; the lost one is closed in the
+        background (a hung worker's close handshake never ends: the call does not wait for
+        it). False when no slot is free elsewhere (a stalled session is then kept).
+        ``quiet``: a retry, logged only when it succeeds."""
+        if not quiet:
+            log.warning("call %s: leaving worker %s slot %s (%s)", self.id, lost.worker_id, lost.slot, why)
         started = time.monotonic()
-        await lost.close()
-        self.session = None
+        stalled = not lost.link.closed.done()
+        generation = next(self._generations)  # the new session's, current once it is adopted
         try:
-            session = await router.open(self.id, self._callbacks(), wait=0.0, exclude={lost.worker_id})
+            session = await router.open(self.id, self._callbacks(generation), wait=0.0, exclude={lost.worker_id})
         except (NoCapacity, RoutingUnavailable) as exc:
-            metrics.FAILOVERS.labels("no-slot").inc()
-            log.warning("call %s: no slot to fail over to (%s); ending the call", self.id, exc)
-            self.end("worker-lost")
-            return
+            if not quiet:
+                log.warning("call %s: no slot to move to (%s)%s", self.id, exc,
+                            "; keeping the stalled worker for now" if stalled else "")
+            if not stalled:
+                self.session = None
+                self._close_in_background(lost)
+            return False
+        if self.session is not lost or self.ended.is_set():  # released meanwhile (a transfer, the end)
+            self._close_in_background(session)
+            return True
+        self._session_generation = generation  # from now on the lost session is not heard
         self.failovers += 1
         metrics.FAILOVERS.labels("moved").inc()
         self._adopt(session)
+        self._close_in_background(lost)
         log.info("call %s: moved to worker %s slot %s in %.0f ms", self.id, session.worker_id, session.slot,
                  (time.monotonic() - started) * 1000)
+        return True
+
+    def _close_in_background(self, session: WorkerSession) -> None:
+        closing = asyncio.ensure_future(session.close())
+        _closing.add(closing)
+        closing.add_done_callback(_closing.discard)
 
     def detach_model(self) -> WorkerSession | None:
         """Stop listening to the worker session at once (its frames, words and end are
         ignored from now on) and hand it over, to be closed: ``release`` in two steps, for
         a hand-over that must not wait for the socket's close."""
-        self._session_generation += 1
+        self._session_generation = next(self._generations)
         session, self.session = self.session, None
         self.stalled.clear()
         return session

@@ -44,10 +44,10 @@ Where the next features attach (none of them touches an ingress's signalling cod
 * **Caller ASR**: a subscriber of the ``caller`` tap that resamples to 16 kHz and streams
   to ``service.asr.client.CallerTranscriber``; its utterances come back as transcript
   events of kind ``caller`` through ``call.add_transcript``.
-* **Hung-worker detector on the frame stream**: ``Call._on_frame`` stamps every frame
-  from the worker; the watchdog here (``watch_stalls``) flags a call whose worker sent
-  nothing for ``FRAME_WATCHDOG_SECONDS`` and ``call.supervise`` fails over at once; the
-  per-frame detector (no frame for ~3 frame periods) replaces that period and threshold.
+* **Hung workers** are found from the frame stream (``frame_watch.py``: a session that
+  owes frames for ``--worker-stall-ms``); the watchdog here (``watch_stalls``, one for
+  every call, a few times per threshold) flags them and ``call.supervise`` moves the call
+  to another worker at once, closing the hung session in the background.
 * **Per-route policy** (model, limits, recording, transcription by the dialled number or
   trunk): resolved in ``begin`` from ``call.identity``/``call.record.to_uri`` and applied
   to the claim (the router's model), the admission and the taps.
@@ -66,6 +66,7 @@ from service.call_record import CallRecord
 from service.gateway import metrics
 from service.gateway.calls import story
 from service.gateway.calls.call import Call, new_call_id
+from service.gateway.calls.frame_watch import DEFAULT_STALL_SECONDS, FrameWatch
 from service.gateway.calls.recorder import CallRecorder
 from service.gateway.calls.refusals import RefusalLog, RefusedCall
 from service.gateway.calls.table import CallTable
@@ -83,7 +84,7 @@ from service.gateway.routing.router import NoCapacity, Router, RoutingUnavailabl
 
 log = logging.getLogger(__name__)
 
-WATCHDOG_PERIOD = 0.2  # how often the watchdog looks at every call
+WATCHDOG_CHECKS = 4  # the stall watchdog looks at every call this many times per stall threshold
 RTP_TIMEOUT_CHECK_SECONDS = 1.0
 PLAYOUT_GRACE_SECONDS = 0.5  # queued model audio goes out before a hang-up of ours, for at most this long
 PLAY_OUT_REASONS = frozenset({"max_duration", "worker-ended"})  # ends whose last words are worth hearing
@@ -158,12 +159,13 @@ class CallLifecycle:
     def __init__(self, *, router: Router, table: CallTable, recorder: CallRecorder, transcripts: TranscriptFeed,
                  queue_seconds: float, rtp_timeout_seconds: float, admission: tp.Callable[[], str | None],
                  refusals: RefusalLog | None = None, transfer_ring_seconds: float = 30.0,
-                 dialer: Dialer | None = None) -> None:
+                 dialer: Dialer | None = None, stall_seconds: float = DEFAULT_STALL_SECONDS) -> None:
         self.router = router
         self.table = table
         self.recorder = recorder
         self.transcripts = transcripts
         self.refusals = refusals if refusals is not None else RefusalLog()
+        self.stall_seconds = stall_seconds  # a worker session owing frames this long is stalled
         self.queue_seconds = queue_seconds
         self.rtp_timeout_seconds = rtp_timeout_seconds  # 0: never hang up on a silent caller
         self.admission = admission  # None when new calls are taken, else why not (draining, unready)
@@ -239,6 +241,7 @@ class CallLifecycle:
         """A new call: in the table, its transcript to the feed, its DTMF into the transcript."""
         self.table.add(call)
         log.info("%s", story.arrived(call))
+        call.frame_watch = FrameWatch(self.stall_seconds)
         call.on_transcript = self._on_transcript
         call.pipeline.taps.dtmf.attach(lambda digit: self._on_dtmf(call, digit))
         metrics.CALLS_ACTIVE.labels(call.ingress).inc()
@@ -354,9 +357,17 @@ class CallLifecycle:
                                             duration_ms=digit.duration_ms))
 
     async def watch_stalls(self) -> None:
-        """One watchdog for every call (not a timer per call): flags stalled worker sessions."""
+        """One watchdog for every call (not a timer per call): flags stalled worker sessions.
+        A round that wakes late skips its judgement: the gateway's own loop was held up,
+        and frames the workers sent meanwhile may still wait unread in the sockets."""
+        period = self.stall_seconds / WATCHDOG_CHECKS
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(WATCHDOG_PERIOD)
+            due = loop.time() + period
+            await asyncio.sleep(period)
+            if loop.time() - due > period:
+                metrics.STALL_CHECKS_SKIPPED.inc()
+                continue
             now = time.monotonic()
             for call in list(self.table.live.values()):
                 call.check_stall(now)
