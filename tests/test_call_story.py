@@ -31,7 +31,8 @@ def test_the_quality_summary_says_whether_the_line_was_good():
 def test_uvicorn_per_connection_lines_are_debug(caplog):
     logs.setup("info")
     server = logging.getLogger("uvicorn.error")
-    with caplog.at_level(logging.INFO):
+    # at_level on the logger itself: an in-process uvicorn earlier in the run leaves its level at WARNING
+    with caplog.at_level(logging.INFO, logger="uvicorn.error"):
         server.info('%s - "WebSocket %s" [accepted]', "127.0.0.1:5000", "/v1/session")
         server.info("connection open")
         server.info("Started server process [%d]", 42)
