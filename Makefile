@@ -14,7 +14,7 @@ EXTRAS := gateway,worker,asr,dev
 LOCK := requirements.lock
 
 RUN_PACKAGES := redis-server
-TEST_PACKAGES := redis-server sip-tester baresip-core chromium prometheus kamailio espeak-ng
+TEST_PACKAGES := redis-server sip-tester baresip-core chromium prometheus kamailio espeak-ng fonts-ipaexfont-gothic
 
 .PHONY: install install-test run test lint bench clean lock
 

@@ -5,7 +5,9 @@ Each part lives in its own router module; this file only puts them together.
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Response
+import typing as tp
+
+from fastapi import Depends, FastAPI, Response
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -13,9 +15,9 @@ from pydantic import BaseModel
 
 from service import __version__
 from service.api import calls, dashboard, http_metrics, pool, refusals, transcripts
-from service.api.auth import ApiTokens
+from service.api.auth import ApiTokens, Scope, require_read
 from service.api.control import CallControl
-from service.api.models import Readiness
+from service.api.models import Readiness, TokenInfo
 from service.api.webrtc import webrtc_router
 
 DESCRIPTION = """The moshimoshi gateway's control plane.
@@ -39,6 +41,7 @@ TAGS = [
     {"name": "pool", "description": "Workers, their slots and leases; draining a worker."},
     {"name": "probes", "description": "Kubernetes probes and Prometheus metrics."},
     {"name": "dashboard", "description": "The operator dashboard page."},
+    {"name": "token", "description": "What the presented token may do."},
 ]
 
 
@@ -73,6 +76,12 @@ def create_app(control: CallControl, api_tokens: ApiTokens) -> FastAPI:
     async def prometheus_metrics() -> Response:
         """The gateway's metrics in the Prometheus text format (workers serve their own)."""
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/token", tags=["token"], summary="The presented token's scope", response_model=TokenInfo,
+             responses={401: {"description": "no token, or an unknown one"}})
+    async def token_scope(scope: tp.Annotated[Scope, Depends(require_read)]) -> TokenInfo:
+        """What the presented token may do (the dashboard shows admin actions to admin tokens only)."""
+        return TokenInfo(scope=scope.name.lower())
 
     app.include_router(calls.router)
     app.include_router(refusals.router)

@@ -17,6 +17,7 @@ if tp.TYPE_CHECKING:
         CallList,
         DrainResult,
         HangupResult,
+        PoolHistory,
         PoolState,
         Readiness,
         RefusalList,
@@ -109,6 +110,9 @@ class CallControl(tp.Protocol):
 
     async def pool(self) -> PoolState:
         """Workers, their slots and leases; ControlError 503 when Redis is down."""
+
+    def pool_history(self) -> PoolHistory:
+        """Concurrent calls and capacity over the last hour (one sample per interval)."""
 
     async def drain_worker(self, worker_id: str) -> DrainResult:
         """Ask a worker to drain; ControlError 404, 502 (it did not answer) or 503."""

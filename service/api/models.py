@@ -11,6 +11,7 @@ import typing as tp
 from pydantic import BaseModel, Field
 
 from service.call_record import ENDED, CallPhase, CallQuality, CallRecord, TransferAttempt
+from service.privacy import masked_caller
 from sip.identity import ANONYMOUS_URI, CallerIdentity
 
 
@@ -52,6 +53,8 @@ class CallInfo(BaseModel):
                                                       "or From), privacy honoured")
     redirects: list[Redirect] = Field([], description="SIP: Diversion and History-Info entries, oldest first "
                                                       "(empty when the caller's privacy withholds them)")
+    caller_masked: str = Field("", description="the caller's number masked but for its last four digits, as "
+                                               "the logs and the dashboard show it; withheld or unknown")
     codec: str = ""
     sip_transport: str = Field("", description="how the call's SIP signalling came: UDP, TCP or TLS "
                                                "(empty for WebRTC)")
@@ -96,7 +99,7 @@ def shown_identity(identity: CallerIdentity | dict[str, tp.Any] | None, from_uri
     """The identity fields of a CallInfo, the caller's privacy honoured: a withheld caller
     shows no number, name or URI (and an anonymous ``from_uri``), for every token scope."""
     if identity is None:
-        return {"from_uri": from_uri}
+        return {"from_uri": from_uri, "caller_masked": masked_caller(None, from_uri)}
     if isinstance(identity, dict):
         identity = CallerIdentity.from_dict(identity)
     withheld = identity.withheld
@@ -113,7 +116,7 @@ def shown_identity(identity: CallerIdentity | dict[str, tp.Any] | None, from_uri
                 redirects.append(Redirect(header=header, number=entry.number or None, uri=entry.uri or None,
                                           reason=entry.params.get("reason")))
     return {"from_uri": ANONYMOUS_URI if withheld else from_uri, "dialled": identity.dialled, "caller": caller,
-            "redirects": redirects}
+            "redirects": redirects, "caller_masked": masked_caller(identity)}
 
 
 # the record's fields the API shows as they are (identity, from_uri and the id are shown above)
@@ -255,6 +258,23 @@ class PoolState(BaseModel):
     slots_total: int = Field(description="capacity of ready workers")
     slots_busy: int = Field(description="slots holding a lease")
     slots_free: int
+
+
+class PoolSample(BaseModel):
+    t: float = Field(description="the start of the sample's interval, epoch seconds")
+    calls: int = Field(description="the most calls holding a worker slot during the interval (every gateway's)")
+    capacity: int = Field(description="the slots of ready workers then")
+
+
+class PoolHistory(BaseModel):
+    """Concurrent calls over the last hour, one sample per interval (the dashboard's sparkline)."""
+
+    interval_seconds: float
+    samples: list[PoolSample] = Field(description="oldest first; a gateway that started recently has fewer")
+
+
+class TokenInfo(BaseModel):
+    scope: str = Field(description="read, call or admin: what the presented token may do")
 
 
 class DrainResult(BaseModel):

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, Request
 from service.api.auth import require_admin, require_read
 from service.api.calls import AUTH_RESPONSES, control_of, failed
 from service.api.control import ControlError
-from service.api.models import DrainResult, PoolState, Problem
+from service.api.models import DrainResult, PoolHistory, PoolState, Problem
 
 router = APIRouter(prefix="/v1", tags=["pool"], responses=AUTH_RESPONSES)
 
@@ -22,6 +22,15 @@ async def pool_state(request: Request) -> PoolState:
         return await control_of(request).pool()
     except ControlError as exc:
         raise failed(exc) from None
+
+
+@router.get("/pool/history", summary="Concurrent calls over the last hour", response_model=PoolHistory,
+            dependencies=[Depends(require_read)])
+async def pool_history(request: Request) -> PoolHistory:
+    """Calls holding a worker slot (every gateway's) and the capacity of the ready workers,
+    the busiest moment of each interval over the last hour, oldest first: what the
+    dashboard's sparkline draws. Kept in the gateway's memory (360 samples at most)."""
+    return control_of(request).pool_history()
 
 
 @router.post("/workers/{worker_id}/drain", summary="Drain a worker", status_code=202,

@@ -35,6 +35,7 @@ from service.gateway.calls.refusals import WINDOW_SECONDS, RefusalLog
 from service.gateway.calls.sampler import sample_forever
 from service.gateway.calls.table import CallTable
 from service.gateway.calls.transcript import TranscriptFeed
+from service.gateway.control.concurrency import ConcurrencyHistory
 from service.gateway.control.directory import CallDirectory
 from service.gateway.control.hangups import HangupChannel
 from service.gateway.control.plane import GatewayControl
@@ -121,9 +122,12 @@ class Gateway:
             self.router = FixedRouter(settings.worker_url, model=self.model, secret=settings.worker_secret)
         self.pool_watch = PoolWatch(self.router, self.pool, self.registry, model=self.model,
                                     gateway_id=self.gateway_id, accepting=self.accepting)
+        self.concurrency = ConcurrencyHistory()  # the dashboard's sparkline, sampled by the pool's check
+        self.pool_watch.on_sample = self.concurrency.add
 
         # calls: their table, records, transcripts and the lifecycle that runs each one
         self.table = CallTable(settings.call_retention_seconds)
+        self.pool_watch.live_calls = lambda: len(self.table)
         self.transcript_store = (TranscriptStore(self.pool, retention=settings.call_retention_seconds)
                                  if self.pool is not None else None)
         self.transcripts = TranscriptFeed(self.transcript_store)
@@ -164,7 +168,7 @@ class Gateway:
             pool=PoolView(self.registry, worker_url=settings.worker_url, worker_secret=settings.worker_secret,
                           live_calls=lambda: len(self.table)),
             webrtc=self.webrtc, hangups=self.hangups, readiness=self.readiness,
-            retry_after_seconds=settings.retry_after_seconds)
+            retry_after_seconds=settings.retry_after_seconds, concurrency=self.concurrency)
         # transfers across replicas: the API of one replica, the call on another
         self.transfer_channel = (TransferChannel(self.pool, self.control.start_transfer)
                                  if self.pool is not None else None)

@@ -1,4 +1,6 @@
-// moshimoshi operator dashboard: live calls, pool capacity, the live transcript of a call.
+// moshimoshi operator dashboard: the floor at a glance (calls now, capacity, refusals, workers,
+// concurrent calls over the hour), live calls with their quality, pool capacity, the live
+// transcript of a call; for an admin token, actions (hang up a call, drain a worker).
 // Plain JS, no dependencies. Every value from the API is put into the page as text
 // (textContent), never as HTML: transcripts and caller ids are untrusted.
 "use strict";
@@ -7,6 +9,10 @@
   const TOKEN_KEY = "moshimoshi.apiToken";
   const CALLS_EVERY_MS = 1000;
   const POOL_EVERY_MS = 2000;
+  const GLANCE_EVERY_MS = 5000;
+  const SPARK_SPAN_S = 3600;
+  // good / fair / poor: [fair from, poor from]
+  const LIMITS = {loss: [0.01, 0.05], jitter: [20, 50], latency: [30, 60], concealed: [0.01, 0.05]};
   const UTTERANCE_GAP_S = 1.0;
   const RECENT_SHOWN = 10;
 
@@ -19,6 +25,8 @@
   let socket = null;
   let lastPieceT = null;
   let currentLine = null;
+  let scope = ""; // the token's scope: admin sees the actions
+  const pending = new Set(); // call ids being hung up, worker ids being drained
 
   // -- helpers ---------------------------------------------------------------------------
 
@@ -49,16 +57,26 @@
     return String(uri || "").replace(/^<|>$/g, "").replace(/^sips?:/, "") || "(unknown)";
   }
 
-  // Who called: the asserted number (P-Asserted-Identity, Remote-Party-ID) when the network
-  // gave one, else the From URI; "withheld" when the caller asked for privacy (the API then
-  // holds no number at all). Returns [text, tooltip].
+  // Who called: the caller's number masked but for its last four digits, as the logs show it
+  // (asserted identity first, else From); "withheld" when the caller asked for privacy.
+  // The number itself never reaches the page. Returns [text, tooltip].
   function callerCell(call) {
     const id = call.caller;
     if (id && id.withheld) return ["withheld", `the caller asked for privacy (Privacy: ${id.privacy.join("; ")})`];
-    if (id && id.number && id.source !== "from") {
-      return [id.number, `${id.name ? id.name + " " : ""}${id.uri || ""} (${id.source})`];
-    }
-    return [caller(call.from_uri), call.from_uri];
+    return [call.caller_masked || "unknown", id ? `from ${id.source}` : ""];
+  }
+
+  function routeCell(call) {
+    const model = call.model || "";
+    if (call.route) return [`${call.route} · ${model || "–"}`, `route ${call.route}, model ${model}`];
+    return [model || "–", call.license ? `licence: ${call.license}` : ""];
+  }
+
+  // good, fair or poor, by the limits above
+  function grade(kind, value) {
+    if (value === null || value === undefined) return "";
+    const [fair, poor] = LIMITS[kind];
+    return value >= poor ? "poor" : value >= fair ? "fair" : "good";
   }
 
   // How the call is protected: signalling (UDP, TCP, TLS; WebRTC) and media (RTP, SRTP,
@@ -82,17 +100,22 @@
 
   class AuthFailed extends Error {}
 
-  async function api(path) {
+  async function api(path, method = "GET") {
     const response = await fetch(path, {
+      method,
       headers: { Authorization: `Bearer ${token}`, Accept: "application/json" },
       cache: "no-store",
     });
-    if (response.status === 401 || response.status === 403) {
+    if (response.status === 401) {
       let detail = `${response.status}`;
       try { detail = (await response.json()).detail || detail; } catch (_) { /* keep the status */ }
       throw new AuthFailed(detail);
     }
-    if (!response.ok) throw new Error(`${path}: HTTP ${response.status}`);
+    if (!response.ok) {
+      let detail = `HTTP ${response.status}`;
+      try { detail = (await response.json()).detail || detail; } catch (_) { /* keep the status */ }
+      throw new Error(`${path}: ${detail}`);
+    }
     return response.json();
   }
 
@@ -108,16 +131,30 @@
     $("token").focus();
   }
 
-  function showMain() {
+  async function showMain() {
+    try {
+      scope = (await api("/v1/token")).scope;
+    } catch (error) {
+      if (error instanceof AuthFailed) return authFailed(error);
+      scope = "";
+      setStatus(`token: ${error.message}`, true);
+    }
+    document.body.classList.toggle("admin", scope === "admin");
+    $("scope").textContent = scope ? `${scope} token` : "";
+    $("scope").hidden = !scope;
     $("login").hidden = true;
     $("main").hidden = false;
     $("logout").hidden = false;
     startPolling();
+    followHash();
   }
 
   function authFailed(error) {
     sessionStorage.removeItem(TOKEN_KEY);
     token = "";
+    scope = "";
+    document.body.classList.remove("admin");
+    $("scope").hidden = true;
     showLogin(`Refused: ${error.message}`);
   }
 
@@ -137,7 +174,8 @@
 
   function startPolling() {
     stopPolling();
-    pollers = [poller(refreshCalls, CALLS_EVERY_MS), poller(refreshPool, POOL_EVERY_MS)];
+    pollers = [poller(refreshCalls, CALLS_EVERY_MS), poller(refreshPool, POOL_EVERY_MS),
+               poller(refreshGlance, GLANCE_EVERY_MS)];
   }
 
   function stopPolling() {
@@ -152,6 +190,7 @@
       const ended = data.calls.filter((c) => c.state === "ended").slice(0, RECENT_SHOWN);
       renderCalls(live);
       renderRecent(ended);
+      $("calls-now").textContent = String(live.length);
       const partial = data.partial ? " (Redis unreachable: this gateway only)" : "";
       setStatus(`updated ${new Date().toLocaleTimeString()}${partial}`, Boolean(data.partial));
       if (following && live.length && (!selected || selectedEnded) && live[0].id !== selected) {
@@ -172,13 +211,50 @@
     }
   }
 
+  async function refreshGlance() {
+    try {
+      const [refused, history] = await Promise.all([api("/v1/refusals?limit=0"), api("/v1/pool/history")]);
+      renderRefused(refused);
+      renderSparkline(history);
+    } catch (error) {
+      if (error instanceof AuthFailed) return authFailed(error);
+      $("spark-note").textContent = `(${error.message})`;
+    }
+  }
+
   // -- rendering ---------------------------------------------------------------------------
 
+  // a cell; its column's name rides along for the narrow layout (each row a card)
   function cell(row, text, className, title) {
     const td = el("td", text, className);
     if (title) td.title = title;
+    td.dataset.label = row.dataset.labels ? row.dataset.labels.split("|")[row.children.length] || "" : "";
     row.appendChild(td);
     return td;
+  }
+
+  function labelled(tableId) {
+    const row = el("tr");
+    row.dataset.labels = [...document.querySelectorAll(`#${tableId} thead th`)].map((th) => th.textContent).join("|");
+    return row;
+  }
+
+  function transcriptLink(row, callId, answered = true) {
+    const td = cell(row, answered ? null : "–", "transcript", answered ? "" : "never answered: no transcript");
+    if (!answered) return td;
+    const link = el("a", "transcript");
+    link.href = `#call=${encodeURIComponent(callId)}`;
+    link.addEventListener("click", (event) => event.stopPropagation());
+    td.appendChild(link);
+    return td;
+  }
+
+  function actionButton(td, text, className, onClick) {
+    const button = el("button", text, `action ${className}`);
+    button.type = "button";
+    button.addEventListener("click", (event) => { event.stopPropagation(); onClick(button); });
+    td.appendChild(button);
+    return button;
   }
 
   function renderCalls(calls) {
@@ -186,29 +262,39 @@
     const rows = [];
     for (const call of calls) {
       const q = call.quality || {};
-      const row = el("tr");
+      const row = labelled("calls");
       row.dataset.callId = call.id;
       if (call.id === selected) row.classList.add("selected");
       row.addEventListener("click", () => pick(call.id));
+      cell(row, call.dialled || "–", "dialled", call.to_uri);
       const [who, whoTitle] = callerCell(call);
       cell(row, who, "caller", whoTitle);
-      cell(row, call.dialled || "–", "dialled", call.to_uri);
-      cell(row, clock(call.duration_s), "duration num");
+      const [route, routeTitle] = routeCell(call);
+      cell(row, route, "route", routeTitle);
       const where = call.worker_id ? `${call.worker_id} / ${call.slot ?? "–"}` : "–";
       cell(row, where, "worker", call.gateway_id ? `gateway ${call.gateway_id}` : "");
+      cell(row, clock(call.duration_s), "duration num");
       cell(row, q.codec || call.codec || "–", "codec");
       const [security, securityTitle, encrypted] = securityCell(call);
       const secured = cell(row, security, "security", securityTitle);
       if (encrypted) secured.classList.add("encrypted");
-      cell(row, ms(q.jitter_ms), "jitter num");
-      const loss = cell(row, percent(q.loss_fraction), "loss num");
-      if ((q.loss_fraction || 0) >= 0.05) loss.classList.add("bad");
-      else if ((q.loss_fraction || 0) >= 0.01) loss.classList.add("warn");
-      cell(row, q.concealed_frames ?? "–", "concealed num");
+      cell(row, percent(q.loss_fraction), `loss num ${grade("loss", q.loss_fraction)}`);
+      cell(row, ms(q.jitter_ms), `jitter num ${grade("jitter", q.jitter_ms)}`);
       const added = q.gateway_latency_ms || {}; // p50 over the call's recent frames
-      const latency = cell(row, ms(added.p50), "latency num", added.p99 != null ? `p99 ${ms(added.p99)}` : "");
-      if ((added.p50 || 0) > 30) latency.classList.add("warn");
+      cell(row, ms(added.p50), `latency num ${grade("latency", added.p50)}`,
+           added.p99 != null ? `p99 ${ms(added.p99)}` : "");
+      const concealedShare = q.concealed_frames != null && q.packets_received
+        ? q.concealed_frames / q.packets_received : null;
+      cell(row, q.concealed_frames ?? "–", `concealed num ${grade("concealed", concealedShare)}`,
+           concealedShare != null ? `${(concealedShare * 100).toFixed(1)} % of the frames` : "");
       cell(row, call.state, "state");
+      transcriptLink(row, call.id);
+      const actions = cell(row, null, "actions admin-only");
+      if (scope === "admin") {
+        const hangUp = actionButton(actions, pending.has(call.id) ? "hanging up…" : "Hang up", "hangup",
+                                    (button) => hangUpCall(call.id, button));
+        hangUp.disabled = pending.has(call.id);
+      }
       rows.push(row);
     }
     body.replaceChildren(...rows);
@@ -218,19 +304,53 @@
 
   function renderRecent(calls) {
     const rows = calls.map((call) => {
-      const row = el("tr");
+      const row = labelled("recent");
       row.dataset.callId = call.id;
+      cell(row, call.dialled || "–", "dialled", call.to_uri);
       const [who, whoTitle] = callerCell(call);
       cell(row, who, "caller", whoTitle);
-      cell(row, call.dialled || "–", "dialled", call.to_uri);
       cell(row, new Date(call.started_at * 1000).toLocaleTimeString(), "started");
       cell(row, clock(call.duration_s), "duration num");
       cell(row, call.worker_id || "–", "worker");
       cell(row, call.end_reason || "–", "reason");
+      transcriptLink(row, call.id, call.answered_at != null);
       row.addEventListener("click", () => pick(call.id));
       return row;
     });
     $("recent").querySelector("tbody").replaceChildren(...rows);
+  }
+
+  // -- actions (admin) ---------------------------------------------------------------------
+
+  async function hangUpCall(callId, button) {
+    if (!window.confirm(`Hang up call ${callId}? The caller hears the line close.`)) return;
+    pending.add(callId);
+    button.disabled = true;
+    button.textContent = "hanging up…";
+    try {
+      await api(`/v1/calls/${encodeURIComponent(callId)}/hangup`, "POST");
+      $("action-error").textContent = "";
+    } catch (error) {
+      pending.delete(callId);
+      if (error instanceof AuthFailed) return authFailed(error);
+      $("action-error").textContent = `hang up ${callId}: ${error.message}`;
+    }
+  }
+
+  async function drainWorker(workerId, button) {
+    if (!window.confirm(`Drain worker ${workerId}? It takes no new calls; its calls go on until they end.`)) return;
+    pending.add(workerId);
+    button.disabled = true;
+    button.textContent = "draining…";
+    try {
+      const result = await api(`/v1/workers/${encodeURIComponent(workerId)}/drain`, "POST");
+      $("action-error").textContent = "";
+      button.textContent = (result.answer && result.answer.state) || "draining";
+    } catch (error) {
+      pending.delete(workerId);
+      if (error instanceof AuthFailed) return authFailed(error);
+      $("action-error").textContent = `drain ${workerId}: ${error.message}`;
+    }
   }
 
   function sizingNote(w) {
@@ -252,12 +372,24 @@
     $("pool-summary").textContent =
       `${pool.workers_ready} ${noun} ready · ${pool.slots_busy}/${pool.slots_total} slots busy · ` +
       `${pool.slots_free} free`;
-    const fill = $("pool-bar-fill");
     const used = pool.slots_total ? Math.min(1, pool.slots_busy / pool.slots_total) : 0;
-    fill.style.width = `${Math.round(used * 100)}%`;
-    fill.classList.toggle("full", used >= 0.9);
+    for (const id of ["pool-bar-fill", "capacity-fill"]) {
+      $(id).style.width = `${Math.round(used * 100)}%`;
+      $(id).classList.toggle("full", used >= 0.9);
+    }
+    $("capacity").textContent = pool.slots_total
+      ? `${Math.round(used * 100)} %` : (pool.mode === "loopback" ? "no limit" : "no capacity");
+    $("capacity").title = `${pool.slots_busy} of ${pool.slots_total} slots busy`;
+    const states = {};
+    for (const w of workers.filter((w) => w.role !== "asr")) states[w.state || "down"] = (states[w.state || "down"] || 0) + 1;
+    const down = pool.workers.filter((w) => !w.alive && w.role !== "asr").length;
+    if (down) states.down = down;
+    const order = ["ready", "overloaded", "draining", "down"];
+    const shown = order.filter((s) => states[s]).map((s) => `${states[s]} ${s}`);
+    $("worker-states").textContent = shown.length ? shown.join(" · ") : "none";
+    $("worker-states").classList.add("small");
     const rows = workers.map((w) => {
-      const row = el("tr");
+      const row = labelled("workers");
       row.dataset.workerId = w.worker_id;
       cell(row, w.worker_id, "worker-id", w.url);
       cell(row, w.model || "–", "model", w.license);
@@ -265,9 +397,39 @@
       cell(row, w.busy_slots, "busy num");
       cell(row, w.capacity, "capacity num", sizingNote(w));
       cell(row, stepText(w), "step num", "step p99 over the last minute / the budget B is sized for");
+      const actions = cell(row, null, "actions admin-only");
+      if (scope === "admin" && w.role !== "asr" && pool.mode === "pool" && (w.state === "ready" || w.state === "overloaded")) {
+        const drain = actionButton(actions, pending.has(w.worker_id) ? "draining…" : "Drain", "drain",
+                                   (button) => drainWorker(w.worker_id, button));
+        drain.disabled = pending.has(w.worker_id);
+      }
+      if (w.state === "draining") pending.delete(w.worker_id); // done: a fresh worker of that id may come
       return row;
     });
     $("workers").querySelector("tbody").replaceChildren(...rows);
+  }
+
+  function renderRefused(data) {
+    $("refused").textContent = String(data.total);
+    $("refused").title = data.partial ? "Redis unreachable: this gateway's only" : "every gateway";
+    const reasons = Object.entries(data.by_reason).sort((a, b) => b[1] - a[1]).slice(0, 4);
+    $("refused-reasons").replaceChildren(...reasons.map(([reason, count]) => {
+      const item = el("li", `${reason.replace(/^rejected-/, "")} ${count}`);
+      item.dataset.reason = reason;
+      return item;
+    }));
+  }
+
+  function renderSparkline(history) {
+    const now = Date.now() / 1000;
+    const samples = history.samples.filter((s) => s.t >= now - SPARK_SPAN_S);
+    const top = Math.max(1, ...samples.map((s) => Math.max(s.calls, s.capacity)));
+    const x = (t) => (Math.max(0, t - (now - SPARK_SPAN_S)) / SPARK_SPAN_S * 360).toFixed(1);
+    const y = (v) => (46 - (v / top) * 42).toFixed(1);
+    $("spark-calls").setAttribute("points", samples.map((s) => `${x(s.t)},${y(s.calls)}`).join(" "));
+    $("spark-capacity").setAttribute("points", samples.map((s) => `${x(s.t)},${y(s.capacity)}`).join(" "));
+    const peak = Math.max(0, ...samples.map((s) => s.calls));
+    $("spark-note").textContent = samples.length ? `(peak ${peak}, capacity dashed)` : "(no samples yet)";
   }
 
   // -- live transcript ---------------------------------------------------------------------
@@ -283,6 +445,14 @@
   function pick(callId) {
     following = false;
     selectCall(callId);
+  }
+
+  // #call=<id>: a link to a call's transcript (each row has one)
+  function followHash() {
+    const match = /^#call=(.+)$/.exec(location.hash);
+    if (!match || $("main").hidden) return;
+    pick(decodeURIComponent(match[1]));
+    $("transcript-panel").scrollIntoView({block: "nearest"});
   }
 
   function selectCall(callId) {
@@ -367,6 +537,7 @@
       following = true;
       showLogin("");
     });
+    window.addEventListener("hashchange", followHash);
     if (token) showMain();
     else showLogin("");
   });

@@ -35,6 +35,7 @@ def refused_info(refused: RefusedCall, *, on_this_gateway: bool = False) -> Call
     """A refused call as ``/v1/calls`` lists it: ended, never answered, the caller masked."""
     return CallInfo(id=refused.call_id, state=ENDED, ingress=refused.ingress, dialled=refused.dialled,
                     caller=CallerId(number=refused.caller or None) if refused.caller else None,
+                    caller_masked=refused.caller or "unknown",
                     sip_transport=refused.sip_transport, gateway_id=refused.gateway_id,
                     started_at=refused.started_at, ended_at=refused.ended_at, end_reason=refused.reason,
                     end_detail=refused.detail, on_this_gateway=on_this_gateway)

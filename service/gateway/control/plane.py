@@ -18,6 +18,8 @@ from service.api.models import (
     CallList,
     DrainResult,
     HangupResult,
+    PoolHistory,
+    PoolSample,
     PoolState,
     Readiness,
     RefusalList,
@@ -28,6 +30,7 @@ from service.api.models import (
 )
 from service.gateway.calls.lifecycle import CallLifecycle
 from service.gateway.calls.transfer import TransferError, TransferResult, check_mode, check_target
+from service.gateway.control.concurrency import ConcurrencyHistory
 from service.gateway.control.directory import CallDirectory, redis_failed, refused_fields
 from service.gateway.control.hangups import HangupChannel
 from service.gateway.control.pool_view import PoolView
@@ -45,7 +48,8 @@ class GatewayControl:
     def __init__(self, *, lifecycle: CallLifecycle, directory: CallDirectory, transcripts: TranscriptReader,
                  pool: PoolView, webrtc: WebRtcIngress, hangups: HangupChannel | None,
                  readiness: tp.Callable[[], Readiness], retry_after_seconds: int,
-                 transfers: TransferChannel | None = None) -> None:
+                 transfers: TransferChannel | None = None,
+                 concurrency: ConcurrencyHistory | None = None) -> None:
         self.lifecycle = lifecycle
         self.directory = directory
         self.transcripts = transcripts
@@ -55,6 +59,7 @@ class GatewayControl:
         self.transfers = transfers
         self._readiness = readiness
         self.retry_after_seconds = retry_after_seconds
+        self.concurrency = concurrency or ConcurrencyHistory()
 
     def readiness(self) -> Readiness:
         return self._readiness()
@@ -143,6 +148,11 @@ class GatewayControl:
 
     async def pool(self) -> PoolState:
         return await self.pool_view.state()
+
+    def pool_history(self) -> PoolHistory:
+        return PoolHistory(interval_seconds=self.concurrency.bucket_seconds,
+                           samples=[PoolSample(t=s.t, calls=s.calls, capacity=s.capacity)
+                                    for s in self.concurrency.samples()])
 
     async def drain_worker(self, worker_id: str) -> DrainResult:
         return await self.pool_view.drain(worker_id)

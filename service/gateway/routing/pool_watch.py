@@ -35,6 +35,10 @@ class PoolWatch:
         self.redis_ok: bool | None = True if pool is None else None  # None: not checked yet
         # told (count, their models) when workers become ready, and (0, []) when none is left
         self.on_workers: tp.Callable[[int, list[str]], None] | None = None
+        # told (calls holding a slot, capacity of ready workers) at each check; without a pool,
+        # ``live_calls`` (this gateway's calls) stands for the calls
+        self.on_sample: tp.Callable[[int, int], None] | None = None
+        self.live_calls: tp.Callable[[], int] = lambda: 0
 
     def _workers(self, ready: int, models: list[str]) -> None:
         was = self.workers_ready
@@ -50,6 +54,8 @@ class PoolWatch:
     async def refresh_once(self) -> None:
         if self.registry is None or self.pool is None:
             self._workers(1 if self.router.ready() else 0, [self.model or "echo"])
+            if self.on_sample is not None:
+                self.on_sample(self.live_calls(), 0)
             metrics.READY.set(1 if self.accepting() else 0)
             return
         try:
@@ -78,6 +84,8 @@ class PoolWatch:
         for model in set(capacity) | set(busy):
             metrics.POOL_SLOTS.labels(model).set(capacity.get(model, 0))
             metrics.POOL_SLOTS_BUSY.labels(model).set(busy.get(model, 0))
+        if self.on_sample is not None:
+            self.on_sample(sum(busy.values()), sum(capacity.values()))
         metrics.POOL_WORKERS.labels(READY).set(sum(1 for w in live if w.state == READY))
         metrics.POOL_WORKERS.labels(DRAINING).set(sum(1 for w in live if w.state == DRAINING))
         metrics.POOL_WORKERS.labels(OVERLOADED).set(sum(1 for w in live if w.state == OVERLOADED))
