@@ -16,7 +16,7 @@ LOCK := requirements.lock
 RUN_PACKAGES := redis-server
 TEST_PACKAGES := redis-server sip-tester baresip-core chromium prometheus kamailio espeak-ng fonts-ipaexfont-gothic
 
-.PHONY: install install-test run test lint bench clean lock
+.PHONY: install install-test run test lint bench clean lock screenshots
 
 install: $(STAMP)
 	@ops/tools/system-packages.sh $(RUN_PACKAGES)
@@ -47,6 +47,10 @@ test: install-test
 	$(VENV)/bin/ruff check sip service tests ops
 	$(VENV)/bin/mypy sip service
 	$(PY) -m pytest -q -rs -p no:cacheprovider
+
+# the README's pictures of the dashboard and the softphone, from a live demo call in Chromium
+screenshots: install-test
+	$(PY) ops/tools/screenshots.py
 
 bench: install
 	@for b in ops/bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

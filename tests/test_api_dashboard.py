@@ -341,3 +341,17 @@ def test_an_admin_hangs_up_a_live_call_from_the_page_and_the_caller_gets_bye(sys
     assert summary["gateway_call_id"] == call_id
     page.wait_for_selector(f"#recent tr[data-call-id='{call_id}'] td.reason:has-text('api-hangup')")
     page.close()
+
+
+@pytest.mark.parametrize("width, height", VIEWPORTS)
+async def test_the_softphone_never_scrolls_sideways(redis_server, width, height):
+    from playwright.async_api import async_playwright
+
+    async with api_gateway(redis_server.url) as api, async_playwright() as playwright:
+        chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = await chromium.new_page(viewport={"width": width, "height": height})
+        await page.goto(api.base + "/phone")
+        await page.wait_for_selector("#levels")
+        assert await page.evaluate(NO_SIDEWAYS_SCROLL), await page.evaluate(
+            "[document.documentElement.scrollWidth, window.innerWidth]")
+        await chromium.close()

@@ -377,9 +377,15 @@
       $(id).style.width = `${Math.round(used * 100)}%`;
       $(id).classList.toggle("full", used >= 0.9);
     }
-    $("capacity").textContent = pool.slots_total
-      ? `${Math.round(used * 100)} %` : (pool.mode === "loopback" ? "no limit" : "no capacity");
-    $("capacity").title = `${pool.slots_busy} of ${pool.slots_total} slots busy`;
+    // every live model worker's slots: one overloaded or draining is busy, not gone
+    const models = workers.filter((w) => w.role !== "asr");
+    const slots = models.reduce((sum, w) => sum + w.capacity, 0);
+    const busy = models.reduce((sum, w) => sum + w.busy_slots, 0);
+    $("capacity").textContent = pool.mode === "loopback" ? "no limit"
+      : slots ? `${Math.round(Math.min(1, busy / slots) * 100)} %` : "no worker";
+    const closed = models.filter((w) => w.state !== "ready").length;
+    $("capacity").title = `${busy} of ${slots} slots busy` +
+      (closed ? `; ${closed} worker(s) take no new calls (${pool.slots_free} slots free for new calls)` : "");
     const states = {};
     for (const w of workers.filter((w) => w.role !== "asr")) states[w.state || "down"] = (states[w.state || "down"] || 0) + 1;
     const down = pool.workers.filter((w) => !w.alive && w.role !== "asr").length;
@@ -394,8 +400,7 @@
       cell(row, w.worker_id, "worker-id", w.url);
       cell(row, w.model || "–", "model", w.license);
       cell(row, w.state || "–", "state");
-      cell(row, w.busy_slots, "busy num");
-      cell(row, w.capacity, "capacity num", sizingNote(w));
+      cell(row, `${w.busy_slots} / ${w.capacity}`, "busy num", sizingNote(w));
       cell(row, stepText(w), "step num", "step p99 over the last minute / the budget B is sized for");
       const actions = cell(row, null, "actions admin-only");
       if (scope === "admin" && w.role !== "asr" && pool.mode === "pool" && (w.state === "ready" || w.state === "overloaded")) {
@@ -423,8 +428,11 @@
   function renderSparkline(history) {
     const now = Date.now() / 1000;
     const samples = history.samples.filter((s) => s.t >= now - SPARK_SPAN_S);
+    // the last hour; a gateway up for less draws the time it has (at least 5 minutes)
+    const span = Math.min(SPARK_SPAN_S, Math.max(300, samples.length ? now - samples[0].t : 0));
+    $("spark-span").textContent = span >= SPARK_SPAN_S ? "last hour" : `last ${Math.round(span / 60)} min`;
     const top = Math.max(1, ...samples.map((s) => Math.max(s.calls, s.capacity)));
-    const x = (t) => (Math.max(0, t - (now - SPARK_SPAN_S)) / SPARK_SPAN_S * 360).toFixed(1);
+    const x = (t) => (Math.max(0, t - (now - span)) / span * 360).toFixed(1);
     const y = (v) => (46 - (v / top) * 42).toFixed(1);
     $("spark-calls").setAttribute("points", samples.map((s) => `${x(s.t)},${y(s.calls)}`).join(" "));
     $("spark-capacity").setAttribute("points", samples.map((s) => `${x(s.t)},${y(s.capacity)}`).join(" "));
