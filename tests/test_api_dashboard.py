@@ -276,13 +276,19 @@ async def test_admin_actions_are_offered_to_an_admin_token_only(redis_server):
         await sign_in(page, api.base, READ_TOKEN)
         await page.wait_for_selector(f"#calls tr[data-call-id='{call.id}']")
         await page.wait_for_selector("#workers tr[data-worker-id='w-1']")
-        assert await page.locator("button.action").count() == 0
+        assert await page.locator("button.action").count() == 0  # no hang up, transfer or drain
         assert not await page.is_visible("#calls th.admin-only")
         await page.click("#logout")
         await sign_in(page, api.base, ADMIN_TOKEN)
         await page.wait_for_selector(f"#calls tr[data-call-id='{call.id}'] button.hangup")
         await page.wait_for_selector("#workers tr[data-worker-id='w-1'] button.drain")
         assert await page.text_content("#scope") == "admin token"
+        # transfer asks where to, and says what the API answered (here: not a SIP or tel: URI)
+        page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept("not-a-uri")))
+        await page.click(f"#calls tr[data-call-id='{call.id}'] button.transfer")
+        await page.wait_for_selector(f"#action-error:has-text('transfer {call.id}: ')")
+        assert "[object" not in await page.text_content("#action-error")
+        assert not call.ended.is_set()
         # hanging up asks first; declined, the call goes on
         page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.dismiss()))
         await page.click(f"#calls tr[data-call-id='{call.id}'] button.hangup")
@@ -324,8 +330,16 @@ async def test_at_a_glance_calls_capacity_refusals_and_the_hour_of_concurrent_ca
         await chromium.close()
 
 
+@pytest.fixture(scope="module")
+def echo_system(tmp_path_factory) -> tp.Iterator[RunningSystem]:
+    """Calls that a loaded machine cannot end early (the demo model's may stall: worker-lost)."""
+    with running_system(tmp_path_factory.mktemp("dashboard-echo"), model="echo") as running:
+        yield running
+
+
 @pytest.mark.parametrize("width, height", VIEWPORTS)
-def test_an_admin_hangs_up_a_live_call_from_the_page_and_the_caller_gets_bye(system, browser, width, height):
+def test_an_admin_hangs_up_a_live_call_from_the_page_and_the_caller_gets_bye(echo_system, browser, width, height):
+    system = echo_system
     call = system.call(seconds=30)
     page = browser.new_page(viewport={"width": width, "height": height})
     page.goto(system.api + "/dashboard")

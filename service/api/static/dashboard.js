@@ -1,6 +1,6 @@
 // moshimoshi operator dashboard: the floor at a glance (calls now, capacity, refusals, workers,
 // concurrent calls over the hour), live calls with their quality, pool capacity, the live
-// transcript of a call; for an admin token, actions (hang up a call, drain a worker).
+// transcript of a call; for an admin token, actions (hang up or transfer a call, drain a worker).
 // Plain JS, no dependencies. Every value from the API is put into the page as text
 // (textContent), never as HTML: transcripts and caller ids are untrusted.
 "use strict";
@@ -26,6 +26,7 @@
   let lastPieceT = null;
   let currentLine = null;
   let scope = ""; // the token's scope: admin sees the actions
+  let lastTarget = ""; // the last transfer target, offered again
   const pending = new Set(); // call ids being hung up, worker ids being drained
 
   // -- helpers ---------------------------------------------------------------------------
@@ -100,11 +101,11 @@
 
   class AuthFailed extends Error {}
 
-  async function api(path, method = "GET") {
+  async function api(path, method = "GET", body = undefined) {
+    const headers = { Authorization: `Bearer ${token}`, Accept: "application/json" };
+    if (body !== undefined) headers["Content-Type"] = "application/json";
     const response = await fetch(path, {
-      method,
-      headers: { Authorization: `Bearer ${token}`, Accept: "application/json" },
-      cache: "no-store",
+      method, headers, cache: "no-store", body: body === undefined ? undefined : JSON.stringify(body),
     });
     if (response.status === 401) {
       let detail = `${response.status}`;
@@ -114,7 +115,7 @@
     if (!response.ok) {
       let detail = `HTTP ${response.status}`;
       try { detail = (await response.json()).detail || detail; } catch (_) { /* keep the status */ }
-      throw new Error(`${path}: ${detail}`);
+      throw new Error(typeof detail === "string" ? detail : JSON.stringify(detail));
     }
     return response.json();
   }
@@ -291,9 +292,11 @@
       transcriptLink(row, call.id);
       const actions = cell(row, null, "actions admin-only");
       if (scope === "admin") {
-        const hangUp = actionButton(actions, pending.has(call.id) ? "hanging up…" : "Hang up", "hangup",
-                                    (button) => hangUpCall(call.id, button));
-        hangUp.disabled = pending.has(call.id);
+        const busy = pending.has(call.id);
+        if (call.state === "active") {
+          actionButton(actions, "Transfer", "transfer", (button) => transferCall(call.id, button)).disabled = busy;
+        }
+        actionButton(actions, busy ? "…" : "Hang up", "hangup", (button) => hangUpCall(call.id, button)).disabled = busy;
       }
       rows.push(row);
     }
@@ -330,10 +333,33 @@
     try {
       await api(`/v1/calls/${encodeURIComponent(callId)}/hangup`, "POST");
       $("action-error").textContent = "";
+      $("action-note").textContent = `${callId}: hanging up`;
     } catch (error) {
       pending.delete(callId);
       if (error instanceof AuthFailed) return authFailed(error);
       $("action-error").textContent = `hang up ${callId}: ${error.message}`;
+    }
+  }
+
+  async function transferCall(callId, button) {
+    const target = window.prompt(`Transfer call ${callId} to a person at (a sip: URI or a tel: number):`, lastTarget);
+    if (!target || !target.trim()) return;
+    lastTarget = target.trim();
+    pending.add(callId);
+    button.disabled = true;
+    button.textContent = "transferring…";
+    $("action-note").textContent = `transferring ${callId} to ${lastTarget}…`;
+    try {
+      const outcome = await api(`/v1/calls/${encodeURIComponent(callId)}/transfer`, "POST",
+                                {target: lastTarget, mode: "auto"});
+      $("action-error").textContent = "";
+      $("action-note").textContent = `${callId}: transferred to ${outcome.target} (${outcome.mode})`;
+    } catch (error) {
+      if (error instanceof AuthFailed) return authFailed(error);
+      $("action-note").textContent = "";
+      $("action-error").textContent = `transfer ${callId}: ${error.message}`;
+    } finally {
+      pending.delete(callId);
     }
   }
 
