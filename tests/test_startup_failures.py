@@ -81,8 +81,8 @@ def holding(port: int, *kinds: str) -> tp.Iterator[None]:
             sock.close()
 
 
-def serve_args(sip: int, http: int, worker: int) -> list[str]:
-    return ["serve", "--model", "echo", "--asr", "off", "--sip-host", "127.0.0.1", "--sip-port", str(sip),
+def serve_args(sip: int, http: int, worker: int, model: str = "echo") -> list[str]:
+    return ["serve", "--model", model, "--asr", "off", "--sip-host", "127.0.0.1", "--sip-port", str(sip),
             "--http-host", "127.0.0.1", "--http-port", str(http), "--host", "127.0.0.1", "--port", str(worker)]
 
 
@@ -215,6 +215,58 @@ def test_a_redis_outage_after_start_is_loud_and_refuses_calls_until_redis_is_bac
         until(lambda: httpx.get(system.api + "/readyz").status_code == 200, "ready again")
         assert sip_options_status(system.sip_port) == 200
         assert "Redis is back: new calls are taken again" in system.output()
+
+
+# -- an unknown Hugging Face repo, the Hub out of reach ------------------------------------
+
+
+def out_of_reach_hub(tmp_path, how: str) -> dict[str, str]:
+    """An empty Hugging Face cache, and the Hub either refusing connections or switched off."""
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"),
+           "MOSHIMOSHI_API_TOKENS": "t-0123456789abcdef:admin"}
+    if how == "refused":  # an air-gapped machine: nothing answers where the Hub should be
+        return {**env, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+    return {**env, "HF_HUB_OFFLINE": "1"}
+
+
+HUB_WHY = {"refused": "Hugging Face is unreachable (http://127.0.0.1:{port}: ConnectionError)",
+           "offline": "Hugging Face is unreachable (HF_HUB_OFFLINE is set)"}
+NOT_CACHED = ("and the file is not in the local cache (download it once, or set HF_HOME to a cache that "
+              "has it)")
+
+
+@pytest.mark.parametrize("how", ["refused", "offline"])
+def test_serve_with_an_unknown_repo_and_no_hub_fails_fast_in_one_line(tmp_path, how):
+    env = out_of_reach_hub(tmp_path, how)
+    started = time.monotonic()
+    result = run(*serve_args(free_port(), free_port(), free_port(), model="nobody/nothing-here"), env=env)
+    took = time.monotonic() - started
+    assert result.returncode == 1 and not result.leftovers
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "Retry" not in result.stderr and "retry" not in result.stderr  # huggingface_hub's own, ~26 s of them
+    last = result.stderr.strip().splitlines()[-1]
+    port = env.get("HF_ENDPOINT", ":0").rsplit(":", 1)[1]
+    assert last == ("moshimoshi: the worker exited (status 2) before it was ready: checkpoint nobody/nothing-here: "
+                    f"cannot fetch config.json: {HUB_WHY[how].format(port=port)} {NOT_CACHED}"), last
+    assert "moshimoshi ready" not in result.stdout
+    assert took < 30, f"{took:.0f} s to give up"
+
+
+def test_a_worker_with_an_unknown_repo_and_no_hub_says_so_once_and_exits(tmp_path):
+    env = out_of_reach_hub(tmp_path, "refused")
+    started = time.monotonic()
+    result = run("worker", "--model", "nobody/nothing-here", "--host", "127.0.0.1", "--port", str(free_port()),
+                 env=env)
+    took = time.monotonic() - started
+    assert result.returncode == 2 and not result.leftovers
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line or " WARNING " in line
+              and "no worker secret" not in line]
+    port = env["HF_ENDPOINT"].rsplit(":", 1)[1]
+    assert len(errors) == 1 and errors[0].endswith(
+        f"ERROR service.worker: worker failed: checkpoint nobody/nothing-here: cannot fetch config.json: "
+        f"{HUB_WHY['refused'].format(port=port)} {NOT_CACHED}"), result.stderr
+    assert took < 30, f"{took:.0f} s to give up"
 
 
 # -- moshimoshi call ----------------------------------------------------------------------
