@@ -5,7 +5,6 @@ controlled transcript it renders Japanese and never interprets text as HTML."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import time
@@ -15,6 +14,7 @@ import httpx
 import pytest
 
 from tests.support.api import READ_TOKEN, api_gateway, identity_of
+from tests.support.polling import eventually, wait_until
 from tests.support.realtime import realtime_test
 from tests.support.system import RunningSystem, running_system
 from tests.support.tools import requires
@@ -49,19 +49,11 @@ def words_shown(page) -> str:
 def until(page, expression: str, timeout: float = 15.0) -> None:
     """Poll a JS expression until it is truthy (page.wait_for_function would need the
     'unsafe-eval' that the page's Content-Security-Policy rightly refuses)."""
-    deadline = time.monotonic() + timeout
-    while not page.evaluate(expression):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{expression} still false after {timeout}s")
-        time.sleep(0.1)
+    wait_until(lambda: page.evaluate(expression), timeout, f"{expression} true")
 
 
 async def until_async(page, expression: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await page.evaluate(expression):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{expression} still false after {timeout}s")
-        await asyncio.sleep(0.1)
+    await eventually(lambda: page.evaluate(expression), timeout, f"{expression} true", interval=0.1)
 
 
 WORDS_LENGTH = "[...document.querySelectorAll('#transcript .words')].map(e => e.textContent).join('').length"

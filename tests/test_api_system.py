@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect as ws_connect
 
 from tests.support.http_sink import HttpSink
+from tests.support.polling import wait_until
 from tests.support.system import RunningSystem, running_system
 
 pytestmark = pytest.mark.system
@@ -41,22 +42,12 @@ def value(values: dict, name: str, **labels: str) -> float:
     return values.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def wait_for(check: tp.Callable[[], tp.Any], timeout: float = 15.0, what: str = "condition") -> tp.Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not reached within {timeout}s")
-
-
 def active_call(system: RunningSystem, client: httpx.Client) -> dict:
     def find() -> dict | None:
         calls = client.get("/v1/calls", params={"state": "active"}).json()["calls"]
         return next((c for c in calls if c["state"] == "active"), None)
 
-    return wait_for(find, what="the call listed as active")
+    return wait_until(find, what="the call listed as active")
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +142,7 @@ def test_a_call_in_the_api_live_transcript_metrics_and_webhook(system, webhook_s
     assert value(after, "moshimoshi_rtp_loss_ratio_count") > value(before, "moshimoshi_rtp_loss_ratio_count")
 
     # the webhook got the record, the quality and the same transcript
-    delivered = wait_for(lambda: [json.loads(r.body) for r in webhook_sink.received
+    delivered = wait_until(lambda: [json.loads(r.body) for r in webhook_sink.received
                                   if json.loads(r.body)["record"]["id"] == call_id], what="the webhook")
     payload = delivered[0]
     assert payload["record"]["end_reason"] == "remote-bye" and payload["quality"]["codec"] == "PCMU"
@@ -181,7 +172,7 @@ def test_hangup_through_the_api_sends_bye(system):
     took = time.monotonic() - started
     assert summary["ended_by"] == "remote-bye", summary
     assert took < 10, f"the BYE came {took:.1f} s after the hang-up"
-    record = wait_for(lambda: (r := client.get(f"/v1/calls/{call_id}", headers=system.headers("read")).json())
+    record = wait_until(lambda: (r := client.get(f"/v1/calls/{call_id}", headers=system.headers("read")).json())
                       and r["state"] == "ended" and r, what="the call ended")
     assert record["end_reason"] == "api-hangup"
     client.close()
@@ -198,12 +189,12 @@ def test_drain_through_the_api_and_sigterm_keep_the_probes_answering(tmp_path):
         drained = client.post(f"/v1/workers/{worker['worker_id']}/drain", headers=system.headers("admin"))
         assert drained.status_code == 202
         assert drained.json()["status"] == 202 and "sessions" in drained.json()["answer"]  # the worker's own answer
-        wait_for(lambda: client.get("/v1/pool", headers=system.headers("read")).json()["workers"][0]["state"]
+        wait_until(lambda: client.get("/v1/pool", headers=system.headers("read")).json()["workers"][0]["state"]
                  == "draining", what="the worker draining in the pool")
-        wait_for(lambda: client.get("/readyz").status_code == 503, what="not ready without a ready worker")
+        wait_until(lambda: client.get("/readyz").status_code == 503, what="not ready without a ready worker")
 
         system.proc.send_signal(signal.SIGTERM)  # the gateway drains too; its probes keep answering
-        wait_for(lambda: client.get("/readyz").json()["draining"], what="the gateway draining")
+        wait_until(lambda: client.get("/readyz").json()["draining"], what="the gateway draining")
         assert client.get("/healthz").status_code == 200
         assert client.get("/v1/calls", params={"state": "active"},
                           headers=system.headers("read")).json()["calls"], "the call goes on"

@@ -17,7 +17,6 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from sip.errors import CallCancelled, CallFailed
 from sip.sdp import MediaPreferences, answer_offer, build_offer
 from sip.ua import IncomingCall, UserAgent
 from tests.support.kamailio import CONFIG, Kamailio, have_kamailio
+from tests.support.polling import eventually as _eventually
 from tests.support.procs import REPO_ROOT, free_port
 from tests.support.realtime import Timing, realtime_test
 from tests.support.services import TOKENS, Gateway, Process, gateway_args, start_worker
@@ -66,14 +66,8 @@ def test_deploy_md_documents_the_tested_config():
     assert "route(MOSHIMOSHI)" in config and "failure_route[MOSHIMOSHI_NEXT]" in config
 
 
-async def poll(predicate: Callable[[], object], timeout: float, what: str, detail: Callable[[], str] = str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}: {detail()}")
+# the checks ask the gateways over HTTP: poll them at 10 Hz
+eventually = functools.partial(_eventually, interval=0.1)
 
 
 class Gateways:
@@ -283,9 +277,9 @@ async def no_worker_no_gateway(system: Failover) -> None:
     tm makes of a relayed 503."""
     proxy, gateways = system.proxy, system.gateways
     assert proxy is not None
-    await poll(lambda: all(gateways.readiness(n).get("ready") is False for n in NAMES), 60,
+    await eventually(lambda: all(gateways.readiness(n).get("ready") is False for n in NAMES), 60,
                "both gateways up and unready")
-    await poll(lambda: system.states() == BOTH_OUT, 30, "both gateways out", system.states)
+    await eventually(lambda: system.states() == BOTH_OUT, 30, "both gateways out", system.states)
     failed = await refused(system.ua, proxy)
     assert (failed.status, failed.reason) == (503, "No moshimoshi gateway available")
     assert failed.response.headers.get("Retry-After") == "30"
@@ -303,7 +297,7 @@ async def no_worker_no_gateway(system: Failover) -> None:
 
 async def options_bring_both_up(system: Failover) -> None:
     system.worker = worker = start_worker(system.tmp_path, system.redis_url, f"w-{system.tmp_path.name}", "echo", 2)
-    await poll(lambda: system.states() == BOTH_UP, 90, "OPTIONS to mark both gateways up",
+    await eventually(lambda: system.states() == BOTH_UP, 90, "OPTIONS to mark both gateways up",
                lambda: f"{system.states()}\n{worker.proc.log()[-2000:]}")
 
 
@@ -326,14 +320,14 @@ async def busy_pool_is_not_retried(system: Failover) -> None:
         await sipp.start()
         long_calls.append((sipp, log, time.monotonic()))
         system.picks += 1
-        await poll(functools.partial(system.has_active_calls, active), 20, f"{active} calls active")
+        await eventually(functools.partial(system.has_active_calls, active), 20, f"{active} calls active")
     busy_gateway = system.next_pick()
     ended_before = {c["id"] for c in gateways.ended_calls()}
     failed = await refused(system.ua, system.proxy)
     system.picks += 1
     assert failed.status == 503 and "all agents busy" in (failed.reason or ""), (failed.status, failed.reason)
     assert failed.response.headers.get("Retry-After") == "30"
-    new = await poll(lambda: [c for c in gateways.ended_calls()
+    new = await eventually(lambda: [c for c in gateways.ended_calls()
                               if c["id"] not in ended_before and c["end_reason"] != "remote-bye"], 10,
                      "the busy call's record")
     assert [(c["end_reason"], c["gateway_id"]) for c in new] == [("rejected-busy", busy_gateway)], new
@@ -347,7 +341,7 @@ async def busy_pool_is_not_retried(system: Failover) -> None:
         finally:
             await sipp.stop()
     if HAVE_SIPP_AUDIO:  # its record is written just after the BYE
-        pcma = await poll(lambda: [c for c in gateways.ended_calls()
+        pcma = await eventually(lambda: [c for c in gateways.ended_calls()
                                    if c["codec"] == "PCMA" and c["id"] not in ended_before], 10,
                           "the PCMA call's record")
         assert len(pcma) == 1 and pcma[0]["end_reason"] == "remote-bye", pcma
@@ -372,7 +366,7 @@ async def crashed_gateway_costs_one_invite_timer(system: Failover) -> None:
     assert system.states()[victim] == "IP"
     gateways.retire(victim)
     gateways.start(victim)
-    await poll(lambda: system.states() == BOTH_UP, 60, f"OPTIONS to mark {victim} up again", system.states)
+    await eventually(lambda: system.states() == BOTH_UP, 60, f"OPTIONS to mark {victim} up again", system.states)
 
 
 async def drained_gateway_takes_no_new_call_and_finishes_its_own(system: Failover) -> None:
@@ -385,14 +379,14 @@ async def drained_gateway_takes_no_new_call_and_finishes_its_own(system: Failove
     long_started = time.monotonic()
     await long_sipp.start()
     try:
-        holder = await poll(lambda: next((n for n in NAMES if gateways.readiness(n).get("calls") == 1), None),
+        holder = await eventually(lambda: next((n for n in NAMES if gateways.readiness(n).get("calls") == 1), None),
                             20, "the long call answered")
         other = "gw-b" if holder == "gw-a" else "gw-a"
         assert (await caller.call()).gateway == other  # the round robin now points at holder
         proxy.probing(False)
         draining = gateways.running[holder]
         draining.proc.signal(signal.SIGTERM)
-        await poll(lambda: gateways.readiness(holder).get("draining") is True, 20, f"{holder} draining")
+        await eventually(lambda: gateways.readiness(holder).get("draining") is True, 20, f"{holder} draining")
         answered = await caller.calls(3)
         proxy.probing(True)
         assert [a.gateway for a in answered] == [other] * 3, answered
@@ -406,7 +400,7 @@ async def drained_gateway_takes_no_new_call_and_finishes_its_own(system: Failove
     finally:
         await long_sipp.stop()
     assert long_call.gateway == holder
-    await poll(lambda: not draining.proc.alive(), 30, f"{holder} to exit once its call ended",
+    await eventually(lambda: not draining.proc.alive(), 30, f"{holder} to exit once its call ended",
                lambda: draining.proc.log()[-2000:])
     assert draining.proc.proc.returncode == 0, draining.proc.log()[-3000:]
     gateways.retire(holder)

@@ -20,6 +20,7 @@ from service.pool import RegistryReader, connect
 from service.settings import CallSettings
 from service.tools.call import place_call
 from sip.errors import CallFailed
+from tests.support.polling import eventually
 from tests.support.realtime import realtime_test
 from tests.support.services import start_gateway, start_worker, wait_until
 
@@ -45,14 +46,12 @@ async def pool_state(redis_url: str) -> dict[str, dict]:
 
 
 async def wait_pool(redis_url: str, predicate, timeout: float, what: str) -> dict:
-    deadline = time.monotonic() + timeout
-    state: dict = {}
-    while time.monotonic() < deadline:
-        state = await pool_state(redis_url)
-        if predicate(state):
-            return state
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{what}: pool is {state}")
+    seen: list[dict] = [{}]
+
+    async def check() -> dict | None:
+        seen[0] = await pool_state(redis_url)
+        return seen[0] if predicate(seen[0]) else None
+    return await eventually(check, timeout, what, lambda: f"pool is {seen[0]}", interval=0.1)
 
 
 def call_settings(gateway, tmp_path: Path, name: str, seconds: float, freq: float = 440.0) -> CallSettings:

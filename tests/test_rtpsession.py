@@ -13,6 +13,7 @@ from sip.rtcp import Bye, ReceiverReport, SenderReport, parse_compound
 from sip.rtp import RtpPacket, is_rtcp
 from sip.rtpsession import PortAllocator, PortsExhausted, RtpSession
 from sip.srtp import SrtpContext, SrtpKeys, new_crypto
+from tests.support.polling import eventually
 from tests.support.procs import has_ipv6
 from tests.support.udp import Relay, UdpPeer, port_allocator
 
@@ -21,14 +22,6 @@ pytestmark = pytest.mark.timeout(60)
 
 def rtp(seq: int, ssrc: int = 0xAAAA, pt: int = 0, payload: bytes = b"\xff" * 160) -> bytes:
     return RtpPacket(pt, seq & 0xFFFF, seq * 160, ssrc, payload).build()
-
-
-async def eventually(condition, within: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 class Collector:

@@ -9,26 +9,15 @@ import os
 import re
 import signal
 import subprocess
-import time
 
 import httpx
 import pytest
 
+from tests.support.polling import wait_until
 from tests.support.procs import free_port, moshimoshi_cmd, python_env
 from tests.support.system import running_system
 
 pytestmark = pytest.mark.system
-
-
-def wait_for(predicate, what: str, within: float = 30.0, output=None):
-    deadline = time.monotonic() + within
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {within}s" + (f"\n{output()[-3000:]}" if output else ""))
-        time.sleep(0.2)
 
 
 def test_the_banner_comes_once_a_worker_is_ready_and_names_addresses_to_dial(tmp_path):
@@ -48,11 +37,9 @@ def test_a_worker_drained_through_the_api_is_replaced_by_a_fresh_one(tmp_path):
         drained = client.post(f"/v1/workers/{worker['worker_id']}/drain")
         assert drained.status_code == 202
         assert drained.json()["answer"]["state"] == "draining"  # what it does now, not what it did
-        wait_for(lambda: "exited after draining; starting a fresh one" in system.output(), "the replacement",
-                 output=system.output)
-        wait_for(lambda: re.search(r"the fresh worker \(pid \d+\) is ready", system.output()), "the fresh worker",
-                 output=system.output)
-        wait_for(lambda: client.get("/readyz").status_code == 200, "ready again", output=system.output)
+        wait_until(lambda: "exited after draining; starting a fresh one" in system.output(), 30, "the replacement", detail=system.output)
+        wait_until(lambda: re.search(r"the fresh worker \(pid \d+\) is ready", system.output()), 30, "the fresh worker", detail=system.output)
+        wait_until(lambda: client.get("/readyz").status_code == 200, 30, "ready again", detail=system.output)
         assert system.proc.poll() is None, "serve must go on"
         summary = system.call(seconds=2).result()
         assert summary["packets_received"] > 50  # the fresh worker answers
@@ -90,7 +77,7 @@ def test_the_log_tells_the_story_of_a_call_and_keeps_the_caller_number_masked(tm
                                 capture_output=True, text=True, timeout=60, env=python_env())
         assert result.returncode == 0, result.stderr
         call_id = json.loads(result.stdout.strip().splitlines()[-1])["gateway_call_id"]
-        wait_for(lambda: f"call {call_id} ended" in system.output(), "the end line", output=system.output)
+        wait_until(lambda: f"call {call_id} ended" in system.output(), 30, "the end line", detail=system.output)
         lines = [line for line in system.output().splitlines() if call_id in line and "lifecycle" in line]
         assert re.search(rf"INFO \S+: call {call_id} arrived: SIP/UDP from 127\.0\.0\.1:\d+, dialled 0501234567, "
                          r"caller \*{8}5678$", lines[0]), lines

@@ -17,8 +17,9 @@ from sip.guard import RequestGuard
 from sip.message import Response
 from sip.ratelimit import SourceRateLimiter
 from sip.ua import UserAgent
+from tests.support.polling import eventually
 from tests.support.sip_peer import RawPeer, branch
-from tests.test_sip_ua import TIMERS, AnsweringApp, drained, offer, wait_until
+from tests.test_sip_ua import TIMERS, AnsweringApp, drained, offer
 
 LOCAL_ONLY = AddressList.parse("127.0.0.1/32")
 STATE_KEYS = ("dialogs", "pending_calls", "early_dialogs", "server_transactions", "client_transactions", "tasks")
@@ -130,7 +131,7 @@ async def test_a_flood_of_refused_invites_builds_no_state(make_ua, peers):
     body = offer()
     for _ in range(500):
         flood.send(request("INVITE", ua, flood, body=body), ("127.0.0.1", ua.port))
-    await wait_until(lambda: ua.guard.counters.refused.get("not-allowed", 0) == 500, 20)
+    await eventually(lambda: ua.guard.counters.refused.get("not-allowed", 0) == 500, 20)
     assert no_state(ua), stateless(ua)
     assert ua.transport.counters.responses_sent == {403: 500}
 
@@ -264,7 +265,7 @@ async def test_a_source_over_its_rate_gets_one_503_then_nothing_and_others_are_u
     flood, other = await peers("127.0.0.2"), await peers("127.0.0.1")
     for _ in range(40):
         flood.send(request("OPTIONS", ua, flood), ("127.0.0.1", ua.port))
-    await wait_until(lambda: ua.transport.counters.filtered == 23)
+    await eventually(lambda: ua.transport.counters.filtered == 23)
     statuses = sorted(message.status for message in await silence(flood))
     assert statuses == [200] * 16 + [503]
     # the ban is checked before parsing: a banned flooder costs a lookup per datagram
@@ -283,12 +284,12 @@ async def test_the_ban_leaves_the_banned_peers_own_dialogs_alone(make_ua, peers)
     trunk.send(request("ACK", ua, trunk, call_id="kept", to_tag=ok.to_addr.tag), ("127.0.0.1", ua.port))
     for _ in range(5):
         trunk.send(request("OPTIONS", ua, trunk), ("127.0.0.1", ua.port))
-    await wait_until(lambda: ua.guard.counters.refused.get("banned", 0) == 2)
+    await eventually(lambda: ua.guard.counters.refused.get("banned", 0) == 2)
     trunk.send(request("BYE", ua, trunk, call_id="kept", to_tag=ok.to_addr.tag, cseq=2), ("127.0.0.1", ua.port))
     assert (await trunk.final_response("kept")).status == 200
-    await wait_until(lambda: ua.counts()["peer_addresses"] == 0)
+    await eventually(lambda: ua.counts()["peer_addresses"] == 0)
     trunk.send(request("OPTIONS", ua, trunk), ("127.0.0.1", ua.port))  # no call left: dropped unread
-    await wait_until(lambda: ua.transport.counters.filtered == 1)
+    await eventually(lambda: ua.transport.counters.filtered == 1)
 
 
 async def test_authenticated_invites_do_not_count_against_the_rate_limit(make_ua):
@@ -329,7 +330,7 @@ async def test_forged_in_dialog_requests_from_another_address_end_nothing(make_u
     ok = await caller.final_response("victim")
     dialog = await app.dialog()
     caller.send(request("ACK", ua, caller, call_id="victim", to_tag=ok.to_addr.tag), ("127.0.0.1", ua.port))
-    await wait_until(dialog.confirmed.is_set)
+    await eventually(dialog.confirmed.is_set)
     tag = ok.to_addr.tag
     for cseq, method in enumerate(("BYE", "INVITE", "UPDATE", "INFO", "PRACK", "OPTIONS"), 10):
         body = offer(port=40404) if method in ("INVITE", "UPDATE") else ""
@@ -407,7 +408,7 @@ async def test_fuzzed_requests_through_the_guard_never_crash_or_leak(make_ua, pe
         (inside if i % 2 else outside).send(mutate(rng.choice(seeds), rng), ("127.0.0.1", ua.port))
     inside.send(request("OPTIONS", ua, inside, call_id="probe"), ("127.0.0.1", ua.port))
     assert (await inside.final_response("probe")).status == 200
-    await wait_until(lambda: no_state(ua), 20)
+    await eventually(lambda: no_state(ua), 20)
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, errors
     assert sum(guard.counters.refused.values()) > 0

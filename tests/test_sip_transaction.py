@@ -7,13 +7,13 @@ happen and to stop, not to happen at particular instants.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
 from sip.message import Request, Response, make_response
 from sip.transaction import Timers, TransactionLayer
 from sip.transport import Flow, Transport
+from tests.support.polling import eventually
 from tests.support.sip_peer import RawPeer, branch
 
 TIMERS = Timers(t1=0.02, t2=0.08, t4=0.1)  # 64*T1 = 1.28 s
@@ -88,14 +88,6 @@ def ack_for(invite: bytes, response: Response) -> bytes:
     return "\r\n".join(out).encode()
 
 
-async def wait_until(condition, within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
-
-
 async def quiet_for(peer: RawPeer, seconds: float) -> list:
     await asyncio.sleep(seconds)
     return peer.drain()
@@ -113,10 +105,10 @@ async def test_invite_server_sends_100_at_once_and_retransmits_non_2xx_until_ack
     busy = [await peer.receive() for _ in range(3)]  # the 486 and at least two retransmissions (timer G)
     assert [r.status for r in busy] == [486, 486, 486]
     peer.send(ack_for(invite, busy[0]), ("127.0.0.1", stack.transport.port))
-    await wait_until(lambda: transaction.state in ("confirmed", "terminated"))
+    await eventually(lambda: transaction.state in ("confirmed", "terminated"))
     peer.drain()
     assert await quiet_for(peer, 4 * TIMERS.t2) == []
-    await wait_until(lambda: transaction.terminated)
+    await eventually(lambda: transaction.terminated)
     assert stack.app.requests.empty() and stack.app.acks == [] and stack.counts()["server_transactions"] == 0
 
 
@@ -124,7 +116,7 @@ async def test_invite_server_gives_up_without_ack_timer_h(stack, peer):
     peer.send(request("INVITE", peer, stack.transport.port), ("127.0.0.1", stack.transport.port))
     received, transaction = await stack.app.next()
     transaction.respond(make_response(received, 480, to_tag="t"))
-    await wait_until(lambda: transaction.terminated)
+    await eventually(lambda: transaction.terminated)
     assert transaction.ack_timed_out and stack.ack_timeouts == 1
 
 
@@ -138,7 +130,7 @@ async def test_invite_server_accepted_state_absorbs_retransmissions_with_the_2xx
     statuses = [(await peer.receive()).status for _ in range(3)]
     assert statuses == [100, 200, 200]
     assert stack.app.requests.empty()
-    await wait_until(lambda: transaction.terminated)  # timer L
+    await eventually(lambda: transaction.terminated)  # timer L
 
 
 async def test_non_invite_server_replays_the_final_response_until_timer_j(stack, peer):
@@ -151,7 +143,7 @@ async def test_non_invite_server_replays_the_final_response_until_timer_j(stack,
     assert [(await peer.receive()).status for _ in range(3)] == [200, 200, 200]
     assert stack.app.requests.empty() and stack.absorbed_retransmissions == 2
     assert not transaction.respond(make_response(received, 500))  # a second final response is refused
-    await wait_until(lambda: transaction.terminated)
+    await eventually(lambda: transaction.terminated)
 
 
 async def test_non_invite_server_over_tcp_terminates_at_once(stack):
@@ -161,7 +153,7 @@ async def test_non_invite_server_over_tcp_terminates_at_once(stack):
         received, transaction = await stack.app.next()
         transaction.respond(make_response(received, 200, to_tag="t"))
         assert (await tcp.receive()).status == 200
-        await wait_until(lambda: transaction.terminated)  # timer J is 0 on reliable transports
+        await eventually(lambda: transaction.terminated)  # timer J is 0 on reliable transports
     finally:
         await tcp.close()
 
@@ -174,7 +166,7 @@ async def test_rfc2543_requests_without_branch_are_matched(stack, peer):
     transaction.respond(make_response(received, 404, to_tag="t"))
     final = await peer.final_response()
     peer.send(ack_for(invite, final), ("127.0.0.1", stack.transport.port))
-    await wait_until(lambda: transaction.state in ("confirmed", "terminated"))
+    await eventually(lambda: transaction.state in ("confirmed", "terminated"))
     assert stack.app.requests.empty() and stack.app.acks == []
 
 
@@ -212,7 +204,7 @@ async def test_non_invite_client_completes_and_absorbs_response_retransmissions(
     peer.send(ok, ("127.0.0.1", stack.transport.port))
     assert (await asyncio.wait_for(transaction.response, 5)).status == 200
     peer.send(ok, ("127.0.0.1", stack.transport.port))
-    await wait_until(lambda: transaction.terminated)  # timer K
+    await eventually(lambda: transaction.terminated)  # timer K
     assert stack.app.stray == []
 
 
@@ -222,7 +214,7 @@ async def test_invite_client_acks_a_non_2xx_itself(stack, peer):
                                            on_provisional=provisional.append)
     invite = await peer.receive()
     peer.send(make_response(invite, 180, to_tag="theirs"), ("127.0.0.1", stack.transport.port))
-    await wait_until(lambda: transaction.state == "proceeding")
+    await eventually(lambda: transaction.state == "proceeding")
     peer.drain()
     assert await quiet_for(peer, 4 * TIMERS.t1) == []  # timer A stopped by the 1xx
     busy = make_response(invite, 486, to_tag="theirs")
@@ -246,14 +238,14 @@ async def test_invite_client_times_out_timer_b_and_hands_2xx_retransmissions_to_
     peer.send(ok, ("127.0.0.1", stack.transport.port))
     assert (await answered.response).status == 200 and answered.state == "accepted"
     peer.send(ok, ("127.0.0.1", stack.transport.port))
-    await wait_until(lambda: len(stack.app.retransmitted_2xx) == 1)
+    await eventually(lambda: len(stack.app.retransmitted_2xx) == 1)
 
 
 async def test_unmatched_responses_go_to_the_tu_as_strays(stack, peer):
     data = (f"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 127.0.0.1:{stack.transport.port};branch={branch()}\r\n"
             "From: <sip:a@b>;tag=1\r\nTo: <sip:c@d>;tag=2\r\nCall-ID: nobody\r\nCSeq: 9 BYE\r\n\r\n").encode()
     peer.send(data, ("127.0.0.1", stack.transport.port))
-    await wait_until(lambda: stack.stray_responses == 1)
+    await eventually(lambda: stack.stray_responses == 1)
     assert stack.app.stray[0].call_id == "nobody"
 
 

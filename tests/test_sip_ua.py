@@ -4,7 +4,6 @@ for what a well-behaved UA would never send."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -14,6 +13,7 @@ from sip.message import Request, Response, make_response
 from sip.sdp import MediaPreferences, NoCommonCodec, SessionDescription, answer_offer, build_offer
 from sip.transaction import Timers
 from sip.ua import IncomingCall, UserAgent
+from tests.support.polling import eventually
 from tests.support.procs import has_ipv6
 from tests.support.sip_peer import RawPeer, branch
 
@@ -25,14 +25,6 @@ def offer(port: int = 30000, direction: str = "sendrecv") -> str:
     return str(build_offer(PREFS, "127.0.0.1", port, direction=direction))
 
 
-async def wait_until(condition: Callable[[], bool], within: float = 15.0) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
-
-
 async def drained(*uas: UserAgent, within: float = 15.0, transactions: bool = True) -> None:
     """Every dialog and call gone, and (unless ``transactions`` is False) every
     transaction too: with shrunk timers that takes about 64*T1."""
@@ -40,7 +32,7 @@ async def drained(*uas: UserAgent, within: float = 15.0, transactions: bool = Tr
 
     def idle() -> bool:
         return all(ua.counts()[key] == 0 for ua in uas for key in keys)
-    await wait_until(idle, within)
+    await eventually(idle, within)
 
 
 class AnsweringApp:
@@ -101,7 +93,7 @@ async def test_call_answered_and_hung_up_by_the_caller(make_ua, transport):
     assert answered.media.remote_port == 30000 and answered.media.dtmf_payload_type == 101
     call = app.calls[0]
     assert call.transport == transport.upper() and call.to_uri.user == "echo" and call.source[0] == "127.0.0.1"
-    await wait_until(answered.confirmed.is_set)
+    await eventually(answered.confirmed.is_set)
     assert uas.counts()["dialogs"] == 1 and uac.counts()["dialogs"] == 1
     await dialog.bye()
     assert await dialog.terminated == "local-bye"
@@ -187,14 +179,14 @@ async def test_hold_and_resume_with_the_default_reoffer_answer(make_ua):
     held = await dialog.reinvite(offer(direction="sendonly"))
     assert held.status == 200
     assert dialog.remote_sdp.media[0].direction == "recvonly" and dialog.media.direction == "sendonly"
-    await wait_until(lambda: answered.media.direction == "recvonly")
+    await eventually(lambda: answered.media.direction == "recvonly")
     assert answered.local_sdp.origin.session_version == version + 1 and updates[-1].direction == "recvonly"
     resumed = await dialog.reinvite(offer())
     assert resumed.status == 200 and dialog.media.direction == "sendrecv"
-    await wait_until(lambda: answered.media.direction == "sendrecv")
+    await eventually(lambda: answered.media.direction == "sendrecv")
     update = await dialog.request("UPDATE", body=offer(direction="inactive"), content_type="application/sdp")
     assert update.status == 200 and SessionDescription.parse(update.body).media[0].direction == "inactive"
-    await wait_until(lambda: answered.media.direction == "inactive")
+    await eventually(lambda: answered.media.direction == "inactive")
     await dialog.bye()
     await drained(uas, uac)
 
@@ -243,7 +235,7 @@ async def test_session_timer_refresh_and_422_negotiation(make_ua):
     answered = await app.dialog()
     assert dialog.session_timer.interval == 6 and dialog.session_timer.refresher == "local"
     assert answered.session_timer.refresher == "remote"
-    await wait_until(lambda: uac.session_refreshes >= 1)  # an UPDATE after interval/2
+    await eventually(lambda: uac.session_refreshes >= 1)  # an UPDATE after interval/2
     assert not answered.is_terminated and answered.session_timer.interval == 6
     await dialog.bye()
     await drained(uas, uac)
@@ -369,7 +361,7 @@ async def test_offerless_invite_gets_our_offer_and_the_answer_comes_in_the_ack(m
     answer, _ = answer_offer(SessionDescription.parse(ok.body), PREFS, "127.0.0.1", 50000)
     ack = raw("ACK", ua, peer, call_id="late-offer", to_tag=ok.to_addr.tag, body=str(answer))
     peer.send(ack, ("127.0.0.1", ua.port))
-    await wait_until(dialog.confirmed.is_set)
+    await eventually(dialog.confirmed.is_set)
     assert dialog.remote_sdp.media[0].port == 50000 and dialog.media.remote_port == 50000
     bye = raw("BYE", ua, peer, call_id="late-offer", to_tag=ok.to_addr.tag, cseq=2)
     assert (await ask(peer, ua, bye)).status == 200

@@ -193,13 +193,11 @@ def sip_options_status(port: int) -> int | None:
 def test_a_redis_outage_after_start_is_loud_and_refuses_calls_until_redis_is_back(redis_server, tmp_path):
     import httpx
 
+    from tests.support.polling import wait_until
     from tests.support.system import running_system
 
     def until(predicate: tp.Callable[[], bool], what: str, within: float = 20.0) -> None:
-        deadline = time.monotonic() + within
-        while not predicate():
-            assert time.monotonic() < deadline, f"{what}: not within {within}s:\n{system.output()[-3000:]}"
-            time.sleep(0.2)
+        wait_until(predicate, within, what, detail=system.output, interval=0.2)
 
     with running_system(tmp_path, model="echo", env={"REDIS_URL": redis_server.url}) as system:
         assert sip_options_status(system.sip_port) == 200

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.polling import eventually
 from tests.support.procs import free_port, worker_headers
 from tests.support.realtime import realtime_test
 from tests.support.services import (
@@ -83,14 +84,6 @@ async def metric(system: EchoSystem, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value
     return total
-
-
-async def eventually(check: tp.Callable[[], tp.Awaitable[bool]], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within}s: {what}")
-        await asyncio.sleep(0.1)
 
 
 async def slot_released(system: EchoSystem) -> None:

@@ -10,6 +10,7 @@ import pytest
 import websockets
 
 from service.pool import SlotLeases, connect
+from tests.support.polling import eventually
 from tests.support.procs import worker_headers
 from tests.support.services import start_worker
 
@@ -41,11 +42,8 @@ async def pool(redis_server):
 
 
 async def wait_registered(pool_client, worker_id: str) -> None:
-    for _ in range(100):
-        if await pool_client.redis.exists(pool_client.keys.worker(worker_id)):
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{worker_id} never registered")
+    await eventually(lambda: pool_client.redis.exists(pool_client.keys.worker(worker_id)), 10,
+                     f"{worker_id} registered", interval=0.1)
 
 
 async def test_only_the_current_lease_is_admitted_and_a_newer_one_fences_out_the_old(redis_server, pool, tmp_path):

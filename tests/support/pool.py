@@ -2,28 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import inspect
-import time
 import typing as tp
 
 from service.pool import WorkerInfo
-
-
-async def eventually(check: tp.Callable[[], bool | tp.Awaitable[bool]], timeout: float = 10.0,
-                     interval: float = 0.02, what: str = "condition") -> float:
-    """Wait until ``check()`` (awaited if need be) is true; returns the seconds it took.
-    Fails after ``timeout``."""
-    start = time.monotonic()
-    while True:
-        result = check()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return time.monotonic() - start
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"{what} not reached within {timeout} s")
-        await asyncio.sleep(interval)
+from tests.support.polling import eventually
 
 
 def worker(worker_id: str, capacity: int = 4, model: str = "test/model", **extra: tp.Any) -> WorkerInfo:

@@ -6,11 +6,11 @@ import json
 import os
 import signal
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+from tests.support import polling
 from tests.support.procs import WORKER_SECRET, free_port, moshimoshi_cmd, python_env
 
 ADMIN_TOKEN = "test-admin-token"
@@ -82,17 +82,15 @@ class Process:
 
 
 def wait_until(predicate, timeout: float, what: str, proc: Process | None = None, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """``polling.wait_until``, failing at once, with its log, if ``proc`` exits meanwhile."""
+    def check():
         if proc is not None and not proc.alive():
-            raise RuntimeError(f"{proc.name} exited ({proc.proc.returncode}) while waiting for {what}:\n"
-                               f"{proc.log()[-4000:]}")
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    tail = f"\n{proc.name} log:\n{proc.log()[-4000:]}" if proc is not None else ""
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}{tail}")
+            raise AssertionError(f"{proc.name} exited ({proc.proc.returncode}) while waiting for {what}:\n"
+                                 f"{proc.log()[-4000:]}")
+        return predicate()
+
+    detail = (lambda: f"{proc.name} log:\n{proc.log()}") if proc is not None else None
+    return polling.wait_until(check, timeout, what, detail, interval=interval)
 
 
 class Gateway:
