@@ -16,6 +16,9 @@ import secrets
 import socket
 
 ENV = "NOTIFY_SOCKET"
+# set by ``moshimoshi serve`` for its children: it prints a child's ``STATUS=failed: ...`` as its
+# own last line, so a child that fails before it was ready need not log the same error too
+SUPERVISOR_SAYS_FAILURE_ENV = "MOSHIMOSHI_SUPERVISOR_SAYS_FAILURE"
 
 
 def notify(*lines: str) -> bool:
@@ -29,6 +32,12 @@ def notify(*lines: str) -> bool:
         sock.sendto("\n".join(lines).encode(), address)
         return True
     return False
+
+
+def tell_failure(reason: str) -> bool:
+    """Tell the supervisor why this process fails; True when that supervisor says a failure
+    before readiness to the user itself (``moshimoshi serve``)."""
+    return notify(f"STATUS=failed: {reason}") and os.environ.get(SUPERVISOR_SAYS_FAILURE_ENV) == "1"
 
 
 class ReadyListener:

@@ -3,7 +3,7 @@
 A child that exits after it was ready (drained through ``POST /v1/workers/{id}/drain``, or
 crashed while serving) is replaced by a fresh one, and the log says so. A child that exits
 before it was ever ready (a bad ``--model``, a port taken since the check) would only
-fail again: a required child then stops ``serve`` (its own error is above in the output),
+fail again: a required child then stops ``serve`` with the child's error as its last line,
 an optional one (the ASR worker) is left out with an ERROR. Readiness comes from the
 child's ``READY=1`` on its notify socket (service/notify.py).
 """
@@ -17,7 +17,7 @@ import signal
 import typing as tp
 
 from service.notify import ENV as NOTIFY_ENV
-from service.notify import ReadyListener
+from service.notify import SUPERVISOR_SAYS_FAILURE_ENV, ReadyListener
 
 log = logging.getLogger("moshimoshi.serve")
 
@@ -35,6 +35,8 @@ class Supervised:
         self.on_failed = on_failed  # told why serve cannot go on (a required child failed)
         self.listener = ReadyListener()
         self.env = {**env, NOTIFY_ENV: self.listener.address}
+        if required:  # its failure before it was ready is serve's last line (on_failed)
+            self.env[SUPERVISOR_SAYS_FAILURE_ENV] = "1"
         self.process: asyncio.subprocess.Process | None = None
         self.started = 0  # processes started, the first included
         self.stopping = False

@@ -65,6 +65,7 @@ def test_a_worker_that_cannot_load_its_model_stops_serve_with_its_error_in_one_l
     assert last == (f"moshimoshi: the worker exited (status 2) before it was ready: checkpoint "
                     f"{tmp_path / 'no-such-checkpoint'}: not a directory and not a Hugging Face repo id "
                     "(owner/name)"), last
+    assert stderr.count("not a directory and not a Hugging Face repo id") == 1, stderr  # serve says it, once
     with pytest.raises(ProcessLookupError):
         os.killpg(proc.pid, 0)  # nothing left running
 

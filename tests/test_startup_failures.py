@@ -246,6 +246,7 @@ def test_serve_with_an_unknown_repo_and_no_hub_fails_fast_in_one_line(tmp_path, 
     port = env.get("HF_ENDPOINT", ":0").rsplit(":", 1)[1]
     assert last == ("moshimoshi: the worker exited (status 2) before it was ready: checkpoint nobody/nothing-here: "
                     f"cannot fetch config.json: {HUB_WHY[how].format(port=port)} {NOT_CACHED}"), last
+    assert result.stderr.count("cannot fetch config.json") == 1, result.stderr  # serve says it, the worker not too
     assert "moshimoshi ready" not in result.stdout
     assert took < 30, f"{took:.0f} s to give up"
 

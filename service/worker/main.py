@@ -21,7 +21,7 @@ import uvicorn
 
 from service import logs, realtime
 from service.config import ConfigError
-from service.notify import notify
+from service.notify import notify, tell_failure
 from service.settings import DEFAULT_MODEL, WorkerSettings
 from service.startup import Listener, listen, setting_of, wait_for_redis, worker_listener
 from service.worker.capacity import FRAME_RATE, ContextError
@@ -224,8 +224,9 @@ async def serve_worker(settings: WorkerSettings, *, validator: TokenValidator | 
         stopped = asyncio.create_task(runtime.stopped_event.wait())
         await asyncio.wait({serving, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if runtime.error is not None:
-            log.error("worker failed: %s", _describe_error(runtime.error))
-            notify(f"STATUS=failed: {_describe_error(runtime.error)}")  # serve says it in its last line
+            why = _describe_error(runtime.error)
+            if not tell_failure(why) or announced_ready(announce):  # else serve's last line says it
+                log.error("worker failed: %s", why)
             status = 2
         stopped.cancel()
     finally:
@@ -247,15 +248,20 @@ class Registered(tp.Protocol):
 
 
 async def announce_ready(ready: asyncio.Event, error: tp.Callable[[], BaseException | None],
-                         membership: Registered | None) -> None:
+                         membership: Registered | None) -> bool:
     """Tell a supervisor (``serve``, systemd) that the worker serves: warm, and in the pool
-    when it has one (service/notify.py)."""
+    when it has one (service/notify.py); True once told."""
     await ready.wait()
     if error() is not None:
-        return
+        return False
     if membership is not None:
         await membership.wait_registered()
     notify("READY=1", "STATUS=serving")
+    return True
+
+
+def announced_ready(announce: asyncio.Task[bool]) -> bool:
+    return announce.done() and not announce.cancelled() and announce.exception() is None and announce.result()
 
 
 def _describe_error(exc: BaseException) -> str:
