@@ -5,6 +5,7 @@ controlled transcript it renders Japanese and never interprets text as HTML."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import time
