@@ -45,11 +45,19 @@ class StartMessage(tp.TypedDict):
     slot: int | None  # the slot the gateway holds a lease on; None lets the worker pick
     token: int | None  # the lease's fencing token
     model: str | None  # the model the gateway expects (4004 otherwise)
+    sampling: tp.NotRequired[dict[str, float | int | bool]]  # overrides for this session (its route's)
 
 
-def start_message(call_id: str, *, slot: int | None, token: int | None, model: str | None) -> StartMessage:
-    return {"type": "start", "version": PROTOCOL_VERSION, "call_id": call_id, "slot": slot, "token": token,
-            "model": model}
+SAMPLING_KEYS = ("temp", "temp_text", "top_k", "top_k_text", "greedy")
+
+
+def start_message(call_id: str, *, slot: int | None, token: int | None, model: str | None,
+                  sampling: tp.Mapping[str, float | int | bool] | None = None) -> StartMessage:
+    message: StartMessage = {"type": "start", "version": PROTOCOL_VERSION, "call_id": call_id, "slot": slot,
+                             "token": token, "model": model}
+    if sampling:
+        message["sampling"] = {k: v for k, v in sampling.items() if k in SAMPLING_KEYS}
+    return message
 
 
 @dataclass

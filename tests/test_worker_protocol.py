@@ -71,6 +71,11 @@ async def test_started_message_and_echo():
     ([start_message(slot="one")], 4000, "'slot' must be an integer"),
     ([start_message(slot=SLOTS)], 4009, f"slot {SLOTS} is out of range"),
     ([start_message(model="llm-jp/llm-jp-moshi-v1")], 4004, "this worker serves echo"),
+    ([start_message(sampling={"temp": "hot"})], 4000, "'sampling': bad 'temp'"),
+    ([start_message(sampling={"top_k": 0})], 4000, "'sampling': bad 'top_k'"),
+    ([start_message(sampling={"top_k": 2.5})], 4000, "'sampling': bad 'top_k'"),
+    ([start_message(sampling={"seed": 1})], 4000, "'sampling': bad 'seed'"),
+    ([start_message(sampling=[0.5])], 4000, "'sampling' must be an object"),
 ])
 async def test_handshake_violations_close_with_the_documented_code(messages, code, reason):
     async with echo_worker() as worker:

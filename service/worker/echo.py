@@ -45,6 +45,9 @@ class EchoEngine:
     def warm_up(self) -> float:
         return 0.0
 
+    def set_slot_sampling(self, slot: int, overrides: dict[str, tp.Any] | None) -> dict[str, tp.Any] | None:
+        return None  # nothing is sampled: the caller's audio comes back
+
     def step(self, inputs: np.ndarray, active: np.ndarray, fresh: np.ndarray) -> StepOutput:
         B = self.batch_size
         if inputs.shape != (B, FRAME_SAMPLES):

@@ -32,6 +32,8 @@ from service.wire import FRAME_SAMPLES
 from service.worker.capacity import fill_rings, kv_bytes_per_slot
 from service.worker.checkpoint import LoadedModel, ModelInfo, check_moshi_version
 from service.worker.engine_api import NO_TOKEN, StepOutput, TextTokenizer
+from service.worker.sampling import SlotSampling
+from service.worker.sampling import install as install_slot_sampling
 
 if tp.TYPE_CHECKING:
     from service.worker.sizing import SlotSizing
@@ -88,6 +90,13 @@ class MoshiEngine:
         # What each call is sampled with: in /v1/info and each session's "started" message.
         self.info = dataclasses.replace(self.info, sampling={"greedy": greedy, **sampling})
         self.lm_gen = LMGen(self.lm, use_sampling=not greedy, support_out_of_sync=True, **sampling)
+        # each call may sample its own way (its route's settings): service/worker/sampling.py
+        self.slot_sampling: SlotSampling | None = None
+        if not greedy:
+            install_slot_sampling()
+            self.slot_sampling = SlotSampling(sampling, batch_size, self.device)
+            self.lm_gen.temp = self.slot_sampling.audio  # type: ignore[assignment]
+            self.lm_gen.temp_text = self.slot_sampling.text  # type: ignore[assignment]
         self._codebooks = self.lm.dep_q
         self.kv_bytes_per_slot = kv_bytes_per_slot(self.lm)
         # Streaming for the engine's whole life; close() leaves it so the modules can be reused.
@@ -139,7 +148,16 @@ class MoshiEngine:
         with self._graphs():
             return self._step(inputs, active, fresh)
 
+    def set_slot_sampling(self, slot: int, overrides: dict[str, tp.Any] | None) -> dict[str, tp.Any] | None:
+        """How ``slot`` samples from its next step on: the worker's settings with the call's
+        ``overrides`` (a greedy worker samples every call greedily). Returns the settings."""
+        if self.slot_sampling is None:
+            return self.info.sampling
+        return self.slot_sampling.set(slot, overrides)
+
     def _step(self, inputs: np.ndarray, active_np: np.ndarray, fresh_np: np.ndarray) -> StepOutput:
+        if self.slot_sampling is not None:
+            self.slot_sampling.apply()
         active = self._mask(active_np)
         fresh = self._mask(np.asarray(fresh_np) & np.asarray(active_np))
         if bool(np.any(fresh_np)):

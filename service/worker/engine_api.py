@@ -58,6 +58,11 @@ class Engine(tp.Protocol):
 
     def close(self) -> None: ...
 
+    def set_slot_sampling(self, slot: int, overrides: dict[str, tp.Any] | None) -> dict[str, tp.Any] | None:
+        """A new session on ``slot`` samples with the worker's settings and ``overrides``
+        (its route's); returns what it samples with (None: the engine does not sample)."""
+        ...
+
 
 def pcm16_to_float(frame: bytes) -> np.ndarray:
     """3840 bytes of PCM16 LE -> 1920 float32 samples in [-1, 1)."""

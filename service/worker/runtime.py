@@ -262,6 +262,14 @@ class WorkerRuntime:
                                f"{self.settings.step_budget_ms:g} ms budget")
         return await self.table.bind(slot, token, call_id, owner=session)
 
+    def slot_sampling(self, slot: int, overrides: dict[str, tp.Any] | None) -> dict[str, tp.Any] | None:
+        """Have ``slot``'s new session sample with ``overrides`` (before it is attached);
+        returns the settings it samples with (what its ``started`` message says)."""
+        engine = self.engine
+        if engine is None:
+            return self.info.sampling
+        return engine.set_slot_sampling(slot, overrides)
+
     def attach(self, slot: int, sink: OutputSink, session: Session) -> None:
         assert self.driver is not None and self.table is not None
         self.driver.attach(slot, sink)

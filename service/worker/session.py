@@ -104,6 +104,31 @@ def _parse_json(text: str) -> dict:
     return message
 
 
+SAMPLING_LIMITS: dict[str, tuple[type, float, float]] = {
+    "temp": (float, 0.0, 10.0), "temp_text": (float, 0.0, 10.0), "top_k": (int, 1, 4096), "top_k_text": (int, 1, 4096)}
+
+
+def _sampling_overrides(value: tp.Any) -> dict[str, tp.Any] | None:
+    """The ``sampling`` of a start message (PROTOCOL.md): known keys with values in range."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) > len(SAMPLING_LIMITS) + 1:
+        raise ProtocolViolation(CloseCode.VIOLATION, "'sampling' must be an object of temp, temp_text, top_k, "
+                                                     "top_k_text, greedy")
+    out: dict[str, tp.Any] = {}
+    for key, item in value.items():
+        if key == "greedy" and isinstance(item, bool):
+            out[key] = item
+            continue
+        kind, low, high = SAMPLING_LIMITS.get(key, (None, 0, 0))
+        ok = (kind is not None and not isinstance(item, bool) and isinstance(item, (int, float))
+              and (kind is float or isinstance(item, int)) and low <= item <= high)
+        if not ok:
+            raise ProtocolViolation(CloseCode.VIOLATION, f"'sampling': bad {str(key)[:20]!r}: {str(item)[:20]!r}")
+        out[key] = kind(item) if kind is not None else item
+    return out
+
+
 def _optional_int(message: dict, key: str) -> int | None:
     value = message.get(key)
     if value is None:
@@ -121,6 +146,7 @@ class Session:
         self.runtime = runtime
         self.metrics = runtime.metrics
         self.call_id = ""
+        self.sampling: dict[str, tp.Any] | None = None  # the call's overrides (start message)
         self.slot: int | None = None
         self.outcome = "disconnected"
         self.steps = 0
@@ -195,6 +221,7 @@ class Session:
         self.call_id = call_id
         _optional_int(start, "slot")
         _optional_int(start, "token")
+        self.sampling = _sampling_overrides(start.get("sampling"))
         model = start.get("model")
         if model is not None:
             if not isinstance(model, str):
@@ -217,6 +244,7 @@ class Session:
         engine = self.runtime.engine
         if engine is not None and engine.tokenizer is not None:
             self._text = TextStream(engine.tokenizer, self.runtime.skip_text_ids)
+        sampling = self.runtime.slot_sampling(self.slot, self.sampling)  # before its first step
         self.runtime.attach(self.slot, self._on_output, self)
         info = self.runtime.info
         await self.ws.send_text(json.dumps({
@@ -225,7 +253,7 @@ class Session:
             "frame_ms": FRAME_MS, "model": info.model, "license": info.license,
             "research_only": info.research_only,
             "max_call_seconds": self.runtime.settings.max_call_seconds,
-            "context_seconds": info.context_seconds, "sampling": info.sampling,
+            "context_seconds": info.context_seconds, "sampling": sampling,
         }))
         receiver = asyncio.create_task(self._receive_loop(), name=f"recv-{self.call_id}")
         sender = asyncio.create_task(self._send_loop(), name=f"send-{self.call_id}")
