@@ -161,6 +161,7 @@ class CallRecord:
                                           "WebRTC)")] = ""
     media_encryption: tp.Annotated[str, _doc("none, SDES-SRTP (SIP with a=crypto keys over TLS) or DTLS-SRTP "
                                              "(WebRTC); empty until the media is agreed")] = ""
+    route: tp.Annotated[str, _doc("the route the call took (routes file; 'default' without one)")] = ""
     worker_id: str = ""
     slot: int | None = None
     model: str = ""

@@ -26,6 +26,7 @@ GROUPS: dict[str, str] = {
     "encryption": "encryption: SIP over TLS, SRTP",
     "media": "media: RTP, codecs, jitter buffer, resampling",
     "pool": "calls and the pool: Redis, workers, queue, retention",
+    "routes": "routes (which model and policy each number gets) and outbound calls",
     "api": "HTTP: API, dashboard, softphone",
     "webrtc": "WebRTC (browser calls)",
     "webhook": "webhook (a POST for each ended call)",

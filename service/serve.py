@@ -160,6 +160,7 @@ async def _serve(gateway_settings: GatewaySettings, worker_settings: WorkerSetti
 
         loop.add_signal_handler(signal.SIGTERM, drain)
         loop.add_signal_handler(signal.SIGINT, gateway.stop)
+        loop.add_signal_handler(signal.SIGHUP, gateway.reload_routes)
         status = await gateway.run()
     finally:
         await asyncio.gather(*(child.stop() for child in children))

@@ -279,6 +279,17 @@ class GatewaySettings:
     transfer_ring_seconds: float = setting(30.0, "a transfer to a human: how long the target may take to answer "
                                            "(bridge) or the peer to report success (REFER) before the caller "
                                            "stays with the AI", min=1.0, max=300.0, group="pool")
+    routes: str | None = setting(
+        None, "routes file (YAML): which model, fallback, DTMF actions, queue announcement, overflow and limits "
+        "each dialled number gets; reloaded on SIGHUP and when it changes (default: one route for every number)",
+        group="routes")
+    outbound_trunk: str | None = setting(
+        None, "SIP URI that outbound calls (POST /v1/calls) to a number go through: +81312345678 is called as "
+        "sip:+81312345678@<its host:port;transport> (default: only sip: targets can be called)", group="routes")
+    outbound_auth: str | None = setting(
+        None, "user:password answering the outbound trunk's digest challenges", secret=True, group="routes")
+    outbound_ring_seconds: float = setting(30.0, "how long an outbound call may ring before it is given up "
+                                           "(no-answer)", min=1.0, max=300.0, group="routes")
     drain_grace_seconds: float = setting(300.0, "on SIGTERM, how long calls may go on before exit",
                                          min=0.0, group="pool")
     api_tokens: list[str] = setting(
@@ -325,6 +336,27 @@ class GatewaySettings:
             raise ConfigError("MOSHIMOSHI_SIP_TLS_CLIENT_CA needs MOSHIMOSHI_SIP_TLS_CERT and "
                               "MOSHIMOSHI_SIP_TLS_KEY (mutual TLS is a TLS setting)")
         self.sip_guard()  # every SIP policy setting is read now, so a bad one stops the start
+        self._validate_outbound()
+        if self.routes:
+            from service.gateway.routes.schema import RoutesError
+            from service.gateway.routes.table import load_file
+
+            try:
+                load_file(self.routes, digest_users=bool(self.sip_credentials()))
+            except RoutesError as exc:
+                raise ConfigError(f"MOSHIMOSHI_ROUTES: {exc.where(self.routes)}") from None
+
+    def _validate_outbound(self) -> None:
+        if self.outbound_trunk:
+            from sip.errors import SipParseError
+            from sip.uri import SipUri
+
+            try:
+                SipUri.parse(self.outbound_trunk, "MOSHIMOSHI_OUTBOUND_TRUNK")
+            except SipParseError as exc:
+                raise ConfigError(f"MOSHIMOSHI_OUTBOUND_TRUNK: {exc}") from None
+        if self.outbound_auth is not None and ":" not in self.outbound_auth:
+            raise ConfigError("MOSHIMOSHI_OUTBOUND_AUTH must be user:password")
 
     def sip_guard(self) -> RequestGuard:
         """The SIP request guard these settings describe (raises ConfigError naming a bad setting)."""

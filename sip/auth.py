@@ -288,6 +288,19 @@ class DigestAuthenticator:
             self._used[nonce] = (issued, nc)
         return AuthResult(True, "ok", username)
 
+    def username_in(self, authorizations: list[str]) -> str | None:
+        """The user named by the Digest credentials for this realm among a request's
+        Authorization values (as ``verify`` picks them), unverified: only a request that
+        ``verify`` accepted has proved it is that user."""
+        for value in authorizations:
+            try:
+                scheme, params = parse_auth_params(value, "Authorization")
+            except SipParseError:
+                return None
+            if scheme.lower() == "digest" and params.get("realm") == self.realm:
+                return params.get("username")
+        return None
+
     def _remember(self, nonce: str, issued: float, nc: int, now: float) -> None:
         used = self._used
         while used:

@@ -90,7 +90,8 @@ class IncomingCall:
     cancelled, by CANCEL or by BYE on the early dialog; the UA already answered 487),
     ``aborted`` (set with ``abort_reason`` when the call ended before an answer for any
     reason: cancelled, or ``no-prack``), ``reliable_provisionals`` (the caller requires or
-    supports RFC 3262 reliable provisional responses).
+    supports RFC 3262 reliable provisional responses), ``digest_user`` (the user the INVITE
+    authenticated as, when the UA's guard demands digest authentication; else None).
     """
 
     def __init__(self, ua: UserAgent, request: Request, transaction: ServerTransaction, flow: Flow,
@@ -119,6 +120,10 @@ class IncomingCall:
         self._timer_headers = timer_headers
         self.requires_100rel = "100rel" in request.option_tags("Require")
         self.reliable_provisionals = self.requires_100rel or "100rel" in request.option_tags("Supported")
+        authenticator = ua.guard.authenticator if ua.guard is not None else None
+        # the guard let this INVITE in only if these credentials verified
+        self.digest_user = (authenticator.username_in(request.headers.get_all("Authorization"))
+                            if authenticator is not None else None)
         self._rseq = random.randint(1, 2**31 - 1)  # RFC 3262 §3: the first RSeq is random
         self._unacked: tuple[int, bytes] | None = None  # (RSeq, bytes) of the reliable provisional in flight
         self._acked = asyncio.Event()
@@ -823,12 +828,13 @@ class UserAgent:
                      password: str | None = None, timeout: float = 32.0,  # noqa: ASYNC109 - CANCELs on expiry
                      on_provisional: Callable[[Response], None] | None = None,
                      from_uri: str | SipUri | None = None, display_name: str | None = None,
-                     headers: Mapping[str, str] | None = None) -> Dialog:
+                     headers: Mapping[str, str] | None = None, from_user: str | None = None) -> Dialog:
         """Call ``target`` with ``offer_sdp`` and return the dialog once answered (ACK
         sent). Answers 401/407 with digest credentials and 422 with a longer
         Session-Expires. Raises ``CallFailed(status, reason)`` for a final error, no answer
         within ``timeout`` seconds (408, after CANCEL) or an unusable answer (488, after
-        ACK and BYE). Cancelling the awaiting task sends CANCEL."""
+        ACK and BYE). Cancelling the awaiting task sends CANCEL. Our From is ``from_uri``,
+        else ``sip:<from_user or the UA's user>@<our address toward the target>``."""
         uri = SipUri.parse(target, "target") if isinstance(target, str) else target
         transport = uri.wire_transport or "UDP"
         if transport not in ("UDP", "TCP", "TLS"):
@@ -842,7 +848,7 @@ class UserAgent:
         local_host = self.transport.local_host_for(address)
         tag = new_tag()
         if from_uri is None:
-            from_uri = SipUri(local_host, user=self.user)
+            from_uri = SipUri(local_host, user=from_user or self.user)
         elif isinstance(from_uri, str):
             from_uri = SipUri.parse(from_uri, "from_uri")
         offer_text = str(offer_sdp)

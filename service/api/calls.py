@@ -1,4 +1,4 @@
-"""``/v1/calls``: list calls, one call with its quality, hang up, transfer."""
+"""``/v1/calls``: list calls, place one, one call with its quality, hang up, transfer."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from service.api.auth import require_admin, require_read
 from service.api.control import CallControl, ControlError
-from service.api.models import CallInfo, CallList, HangupResult, Problem, TransferOutcome
+from service.api.models import CallInfo, CallList, HangupResult, PlacedCall, Problem, TransferOutcome
 
 MAX_LIMIT = 1000
 MAX_EPOCH_SECONDS = 1e11  # a time parameter beyond this (the year 5138) is no time: 422
@@ -42,6 +42,35 @@ class TransferRequest(BaseModel):
         "auto", description="refer: ask the caller's side to take the call there (REFER); bridge: the gateway "
         "calls the target and relays the audio; auto: refer, and bridge when the caller's side will not take a "
         "REFER")
+
+
+class PlaceCallRequest(BaseModel):
+    model_config = {"populate_by_name": True}
+
+    to: str = Field(max_length=512, description="whom to call: a sip: or sips: URI, or a number (+81312345678, "
+                    "tel:+81..., 03-1234-5678) through the outbound trunk (MOSHIMOSHI_OUTBOUND_TRUNK)")
+    caller_id: str | None = Field(None, alias="from", max_length=256,
+                                  description="the caller ID: a number or a sip: URI (our From)")
+    route: str | None = Field(None, max_length=64, description="the route to run the call on (its model, limits, "
+                              "maximum length...); default: the route the caller ID matches, else the unmatched "
+                              "route")
+
+
+@router.post("", summary="Place a call from the AI", status_code=202, response_model=PlacedCall,
+             responses={404: {"model": Problem, "description": "no route of that name"},
+                        422: {"model": Problem, "description": "a target or caller ID that cannot be used"},
+                        503: {"model": Problem, "description": "no slot free (Retry-After), or not taking calls"}},
+             dependencies=[Depends(require_admin)])
+async def place_call(request: Request, body: PlaceCallRequest) -> PlacedCall:
+    """The AI calls someone (admin scope): a worker slot is claimed first (503 with
+    Retry-After when none is free, and no call is placed), then the INVITE goes out and
+    this answers with the call's id. Follow the call with ``GET /v1/calls/{id}``: a callee
+    that is busy, does not answer or refuses ends it with ``end_reason`` outbound-busy,
+    outbound-no-answer or outbound-failed (the SIP status in ``end_detail``)."""
+    try:
+        return await control_of(request).place_call(body.to, body.caller_id, body.route)
+    except ControlError as exc:
+        raise failed(exc) from None
 
 
 @router.get("", summary="List active and recent calls", response_model=CallList,

@@ -17,6 +17,7 @@ if tp.TYPE_CHECKING:
         CallList,
         DrainResult,
         HangupResult,
+        PlacedCall,
         PoolHistory,
         PoolState,
         Readiness,
@@ -86,6 +87,10 @@ class CallControl(tp.Protocol):
 
     async def hang_up(self, call_id: str) -> HangupResult:
         """End a call on whichever replica runs it; ControlError 404, 409 (ended) or 503."""
+
+    async def place_call(self, to: str, caller_id: str | None, route: str | None) -> PlacedCall:
+        """Have the AI call ``to`` (a sip: URI or a number) from ``caller_id`` on ``route``;
+        ControlError 422 (a target it cannot call), 404 (no such route) or 503 (no slot)."""
 
     async def transfer(self, call_id: str, target: str, mode: str) -> TransferOutcome:
         """Hand a call to a human at ``target`` (``mode`` auto, refer or bridge) on whichever

@@ -60,6 +60,7 @@ class CallInfo(BaseModel):
                                                "(empty for WebRTC)")
     media_encryption: str = Field("", description="none, SDES-SRTP (SIP with a=crypto keys over TLS) or "
                                                   "DTLS-SRTP (WebRTC); empty until the media is agreed")
+    route: str = Field("", description="the route the call took (routes file; default without one)")
     worker_id: str = ""
     slot: int | None = None
     model: str = ""
@@ -166,6 +167,14 @@ class Readiness(BaseModel):
     redis: bool | None
     workers_ready: int
     calls: int
+
+
+class PlacedCall(BaseModel):
+    """An outbound call, its slot held and its INVITE on the way."""
+
+    call_id: str = Field(description="the call's id: follow it with GET /v1/calls/{id}")
+    route: str = Field(description="the route it runs on")
+    state: str = Field("ringing", description="ringing: the INVITE is on its way to the callee")
 
 
 class HangupResult(BaseModel):

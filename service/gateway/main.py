@@ -45,9 +45,12 @@ from service.gateway.control.transcript_reader import TranscriptReader
 from service.gateway.control.transcript_store import TranscriptStore
 from service.gateway.control.transfers import TransferChannel
 from service.gateway.control.webhook import WebhookSender, call_ended_payload
+from service.gateway.ingress.outbound import OutboundCalls
 from service.gateway.ingress.sip import SipIngress
 from service.gateway.ingress.sip_dialer import SipDialer
 from service.gateway.ingress.webrtc import WebRtcIngress
+from service.gateway.routes.schema import RoutesError
+from service.gateway.routes.table import RouteTable
 from service.gateway.routing.loopback import LOOPBACK_URL
 from service.gateway.routing.pool_watch import PoolWatch
 from service.gateway.routing.router import FixedRouter, LoopbackRouter, PoolRouter, Router
@@ -125,6 +128,13 @@ class Gateway:
         self.concurrency = ConcurrencyHistory()  # the dashboard's sparkline, sampled by the pool's check
         self.pool_watch.on_sample = self.concurrency.add
 
+        # routes: which model, limits and announcements each dialled number gets
+        try:
+            self.routes = RouteTable.open(settings.routes, model=self.model,
+                                          digest_users=bool(settings.sip_credentials()))
+        except RoutesError as exc:
+            raise ConfigError(f"MOSHIMOSHI_ROUTES: {exc.where(settings.routes or '')}") from None
+
         # calls: their table, records, transcripts and the lifecycle that runs each one
         self.table = CallTable(settings.call_retention_seconds)
         self.pool_watch.live_calls = lambda: len(self.table)
@@ -138,7 +148,7 @@ class Gateway:
                                        transcripts=self.transcripts, queue_seconds=settings.queue_seconds,
                                        rtp_timeout_seconds=settings.rtp_timeout_seconds, admission=self.admission,
                                        refusals=self.refusals, transfer_ring_seconds=settings.transfer_ring_seconds,
-                                       stall_seconds=settings.worker_stall_ms / 1000)
+                                       stall_seconds=settings.worker_stall_ms / 1000, routes=self.routes)
         self.call_stats = metrics.install_call_stats(self._live_counters)
         self.webhook = WebhookSender.from_settings(settings)
         self.lifecycle.on_end.append(self._on_call_end)
@@ -157,6 +167,7 @@ class Gateway:
         metrics.install_sip_stats(lambda: self.ua.transport.counters, lambda: self.ua.guard,
                                   lambda: self.ua.transport.tls_certificates)
         self.webrtc = WebRtcIngress(self.lifecycle, self.transcripts, settings, gateway_id=self.gateway_id)
+        self.outbound = OutboundCalls(self.lifecycle, settings, self.ports, self.ua, gateway_id=self.gateway_id)
 
         # control plane: API tokens, hang-ups across replicas, what the API asks of the gateway
         self.api_tokens = ApiTokens.parse(settings.api_tokens)
@@ -167,7 +178,7 @@ class Gateway:
             transcripts=TranscriptReader(self.table, self.transcripts, self.transcript_store, self.records),
             pool=PoolView(self.registry, worker_url=settings.worker_url, worker_secret=settings.worker_secret,
                           live_calls=lambda: len(self.table)),
-            webrtc=self.webrtc, hangups=self.hangups, readiness=self.readiness,
+            webrtc=self.webrtc, outbound=self.outbound, hangups=self.hangups, readiness=self.readiness,
             retry_after_seconds=settings.retry_after_seconds, concurrency=self.concurrency)
         # transfers across replicas: the API of one replica, the call on another
         self.transfer_channel = (TransferChannel(self.pool, self.control.start_transfer)
@@ -221,7 +232,7 @@ class Gateway:
         counters = call.pipeline.counters()
         if counters is not None:
             self.call_stats.add_ended(counters)
-        if self.webhook is not None and call.answered:
+        if self.webhook is not None and call.stored:
             self.webhook.submit(call.id, call_ended_payload(call.record, call.transcript))
 
     def _background(self, coro: tp.Coroutine[tp.Any, tp.Any, None]) -> None:
@@ -248,6 +259,15 @@ class Gateway:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def reload_routes(self) -> None:
+        """SIGHUP: read the routes file again (calls in progress keep their routes)."""
+        if self.settings.routes:
+            log.info("SIGHUP: reloading the routes from %s", self.settings.routes)
+            self._background(self._reload_routes())
+
+    async def _reload_routes(self) -> None:
+        await self.routes.reload()
 
     async def _listen(self) -> socket.socket:
         """SIP (UDP, TCP, TLS) and the HTTP socket, or StartupError naming the port taken."""
@@ -287,6 +307,7 @@ class Gateway:
         refresher = asyncio.create_task(self.pool_watch.run(), name="pool-refresh")
         sampler = asyncio.create_task(sample_forever(self.table, self.recorder), name="quality-sampler")
         watchdog = asyncio.create_task(self.lifecycle.watch_stalls(), name="call-watchdog")
+        routes_watch = asyncio.create_task(self.routes.watch(), name="routes-watch") if self.settings.routes else None
         self.start_control_plane()
         where = redacted(self.settings.redis_url) if self.settings.redis_url else self.settings.worker_url
         tls = f", TLS on {self.ua.tls_port}" if self.ua.tls_port is not None else ""
@@ -301,6 +322,8 @@ class Gateway:
             refresher.cancel()
             sampler.cancel()
             watchdog.cancel()
+            if routes_watch is not None:
+                routes_watch.cancel()
             await self._shutdown(http_task)
         return self.exit_code
 
@@ -369,6 +392,7 @@ def run_gateway(settings: GatewaySettings) -> int:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, gateway.drain)
         loop.add_signal_handler(signal.SIGINT, gateway.stop)
+        loop.add_signal_handler(signal.SIGHUP, gateway.reload_routes)
         return await gateway.run()
 
     return realtime.run(main())

@@ -70,6 +70,18 @@ QUEUE_WAIT = Histogram("moshimoshi_pool_queue_wait_seconds",
 QUEUED_CALLS = Counter("moshimoshi_pool_queued_calls_total", "Calls that had to wait for a slot.")
 REJECTED_CALLS = Counter("moshimoshi_pool_rejected_calls_total",
                          "Calls refused for want of a slot (503), by reason.", ["reason"])
+ROUTE_CALLS = Counter("moshimoshi_route_calls_total", "Calls taken on each route (routes file).", ["route"])
+ROUTE_CALLS_ACTIVE = Gauge("moshimoshi_route_calls_active", "Calls in progress on each route.", ["route"])
+ROUTE_LIMITED = Counter("moshimoshi_route_limited_calls_total",
+                        "Calls refused (or sent to the overflow) because their route was at max_calls.", ["route"])
+ROUTE_UNMATCHED = Counter("moshimoshi_route_unmatched_calls_total",
+                          "Calls whose number no route matched (404).")
+ROUTE_OVERFLOWS = Counter("moshimoshi_route_overflows_total",
+                          "Calls that found no slot (or their route full) and took the route's overflow, by action.",
+                          ["route", "action"])
+ROUTE_RELOADS = Counter("moshimoshi_routes_reloads_total", "Reloads of the routes file, by outcome.", ["outcome"])
+OUTBOUND_CALLS = Counter("moshimoshi_outbound_calls_total", "Calls placed through POST /v1/calls, by outcome.",
+                         ["outcome"])
 WORKER_LINK_DROPPED = Counter("moshimoshi_worker_link_frames_dropped",
                               "Caller frames dropped because the WebSocket to the worker was backed up.")
 FAILOVERS = Counter("moshimoshi_pool_failovers_total", "Calls moved to another worker mid-call "

@@ -33,10 +33,18 @@ from sip.dialog import Dialog
 from sip.dtmf import DtmfDigit, DtmfReceiver, DtmfSender
 from sip.errors import CallFailed, SipError, SipParseError
 from sip.jitterbuffer import CONCEAL, JitterBuffer
+from sip.message import Response
 from sip.plc import PacketLossConcealer
 from sip.rtp import RtpPacket
 from sip.rtpsession import PortAllocator, RtpSession
-from sip.sdp import MediaPreferences, NegotiatedMedia, build_offer
+from sip.sdp import (
+    MediaPreferences,
+    NegotiatedMedia,
+    SdpError,
+    SessionDescription,
+    build_offer,
+    negotiated_from_answer,
+)
 from sip.tls import client_context
 from sip.transport import is_ip
 from sip.ua import UserAgent
@@ -108,6 +116,7 @@ class TestCall:
             rtp.route(media.dtmf_payload_type, self.dtmf.receive)
         self.sent: list[np.ndarray] = []
         self.received: list[np.ndarray] = []
+        self.early: list[np.ndarray] = []  # what came before the answer (early media)
         self.ticks = 0
         self.started_at: float | None = None  # wall clock of the recording's first sample
 
@@ -130,6 +139,22 @@ class TestCall:
                 "spacing_p99_ms": round(float(np.percentile(gaps, 99)), 2),
                 "spacing_max_ms": round(float(gaps.max()), 2),
                 "sequence_gaps": int(np.sum(steps != 1))}
+
+    async def receive_early(self, answered: asyncio.Event) -> None:
+        """Before the answer: play out what the callee sends (a queue announcement, a
+        ringback tone) on the ptime clock, sending nothing."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        tick = 0
+        while not answered.is_set():
+            tick += 1
+            await asyncio.sleep(max(0.0, start + tick * self.period - loop.time()))
+            popped = self.jitter.pop(loop.time())
+            if isinstance(popped, bytes):
+                with contextlib.suppress(ValueError):
+                    self.early.append(self.plc.good(self.decoder.decode(popped)))
+                    continue
+            self.early.append(np.zeros(self.samples, np.int16))
 
     async def run(self, seconds: float, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
@@ -196,12 +221,20 @@ async def fetch_transcript(api: str, token: str | None, call_id: str, *,
     return None, f"the API at {api} has no transcript of call {call_id} (HTTP {status})"
 
 
-async def invite_or_give_up(ua: UserAgent, target: SipUri, offer: str, settings: CallSettings) -> Dialog:
+async def invite_or_give_up(ua: UserAgent, target: SipUri, offer: str, settings: CallSettings, *,
+                            on_provisional: tp.Callable[[Response], None] | None = None) -> Dialog:
     """The answered call; Unanswered when no SIP response at all came within
-    ``--response-seconds`` (nothing listens there: no need to wait out the 32 s of Timer B)."""
+    ``--response-seconds`` (nothing listens there: no need to wait out the 32 s of Timer B).
+    ``on_provisional`` sees each provisional response (early media)."""
     responded = asyncio.Event()
+
+    def provisional(response: Response) -> None:
+        responded.set()
+        if on_provisional is not None:
+            on_provisional(response)
+
     invite = asyncio.create_task(ua.invite(target, offer, username=settings.username, password=settings.password,
-                                           on_provisional=lambda _response: responded.set()))
+                                           on_provisional=provisional))
     heard = asyncio.create_task(responded.wait())
     try:
         await asyncio.wait({invite, heard}, timeout=settings.response_seconds, return_when=asyncio.FIRST_COMPLETED)
@@ -252,19 +285,26 @@ async def place_call(settings: CallSettings) -> dict:
         offer = build_offer(prefs, local_ip, rtp.local_port)
         quiet_gc()  # before the call: a collection pause during it would be a glitch in the recording
         started = time.time()
-        dialog = await invite_or_give_up(ua, target, str(offer), settings)
+        early = EarlyMedia(rtp, offer, target_ip)
+        try:
+            dialog = await invite_or_give_up(ua, target, str(offer), settings, on_provisional=early.on_provisional)
+        finally:
+            early.answered.set()
         answered = time.time()
         media = dialog.media
         if media is None or media.remote_address is None:
             await dialog.bye()
             raise CallFailed(488, "the answer has no usable audio stream")
-        rtp.set_format(media.payload_type, media.clock_rate, media.ptime)
-        rtp.set_srtp(media.srtp)
-        rtp.update_remote(media.remote_address, media.remote_port, media.remote_rtcp_port)
-        rtp.trust_ip(target_ip)
         rate = codecs.spec(media.codec).sample_rate
         audio = (await asyncio.to_thread(read_wav, settings.play, rate)) if settings.play else np.zeros(0, np.int16)
-        call = TestCall(rtp, media, audio)
+        if early.call is not None and early.media == media:
+            call = early.call  # the same stream goes on
+            await early.stop()
+            call.audio = audio
+        else:
+            await early.stop()
+            _start_rtp(rtp, media, target_ip)
+            call = TestCall(rtp, media, audio)
         stop = asyncio.Event()
         dialog.terminated.add_done_callback(lambda _f: stop.set())
         tasks = [asyncio.create_task(call.run(settings.seconds, stop))]
@@ -298,11 +338,19 @@ async def place_call(settings: CallSettings) -> dict:
             "received_rms": float(np.sqrt(np.mean(received.astype(np.float64) ** 2))) if len(received) else 0.0,
             "dtmf_received": [d.digit for d in call.digits],
             "arrivals": call.arrival_stats(),
+            "early_media_seconds": round(len(call.early) * call.period, 2) if early.call is call else 0.0,
+            "first_provisional_seconds": (round(early.first_at - started, 3) if early.first_at is not None
+                                          else None),
         }
         if settings.record:
             sent = np.concatenate(call.sent) if call.sent else np.zeros(0, np.int16)
             await asyncio.to_thread(write_stereo_wav, settings.record, sent, received, call.rate)
             summary["recording"] = settings.record
+            if call.early and early.call is call:
+                early_path = str(Path(settings.record).with_name(Path(settings.record).stem + "-early.wav"))
+                heard = np.concatenate(call.early)
+                await asyncio.to_thread(write_stereo_wav, early_path, np.zeros(len(heard), np.int16), heard, call.rate)
+                summary["early_media_recording"] = early_path
         transcript_path = settings.transcript or (
             str(Path(settings.record).with_suffix(".txt")) if settings.record else None)
         if transcript_path:
@@ -331,6 +379,52 @@ async def write_transcript(settings: CallSettings, path: str, target: SipUri, ca
     else:
         summary["transcript_problem"] = problem
         print(f"moshimoshi call: no transcript: {problem}", file=sys.stderr)
+
+
+def _start_rtp(rtp: RtpSession, media: NegotiatedMedia, target_ip: str) -> None:
+    rtp.set_format(media.payload_type, media.clock_rate, media.ptime)
+    rtp.set_srtp(media.srtp)
+    if media.remote_address is not None:
+        rtp.update_remote(media.remote_address, media.remote_port, media.remote_rtcp_port)
+    rtp.trust_ip(target_ip)
+
+
+class EarlyMedia:
+    """Early media (RFC 3960): a provisional response with an SDP answer (a 183 Session
+    Progress) starts receiving what the callee plays before it answers; the 200's answer
+    normally repeats it and the same stream goes on."""
+
+    def __init__(self, rtp: RtpSession, offer: SessionDescription, target_ip: str) -> None:
+        self.rtp = rtp
+        self.offer = offer
+        self.target_ip = target_ip
+        self.answered = asyncio.Event()
+        self.first_at: float | None = None
+        self.media: NegotiatedMedia | None = None
+        self.call: TestCall | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def on_provisional(self, response: Response) -> None:
+        if self.first_at is None and response.status > 100:
+            self.first_at = time.time()
+        if self.call is not None or not response.body or response.content_type != "application/sdp":
+            return
+        try:
+            media = negotiated_from_answer(self.offer, SessionDescription.parse(response.body))
+        except SdpError as exc:
+            log.warning("early media: unusable SDP in %d: %s", response.status, exc)
+            return
+        if media.remote_address is None:
+            return
+        self.media = media
+        _start_rtp(self.rtp, media, self.target_ip)
+        self.call = TestCall(self.rtp, media, np.zeros(0, np.int16))
+        self._task = asyncio.get_running_loop().create_task(self.call.receive_early(self.answered))
+
+    async def stop(self) -> None:
+        self.answered.set()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
 
 
 def format_transcript(transcript: dict[str, tp.Any]) -> str:

@@ -26,11 +26,15 @@ from service.gateway import metrics
 from service.gateway.calls.frame_watch import FrameWatch
 from service.gateway.calls.transcript import TranscriptEvent
 from service.gateway.media.pipeline import MediaPipeline
+from service.gateway.routes.schema import Route
+from service.gateway.routes.table import Trunk
 from service.gateway.routing.router import (
+    ANY,
     LinkCallbacks,
     NoCapacity,
     Router,
     RoutingUnavailable,
+    SessionNeeds,
     WorkerSession,
 )
 from service.wire import CloseCode
@@ -60,10 +64,13 @@ class Call:
                                  codec=codec, sip_transport=sip_transport, media_encryption=media_encryption,
                                  identity=identity.to_dict() if identity is not None else None)
         self.identity = identity  # SIP: the identity headers and the dialled number, as received
+        self.trunk = Trunk()  # SIP: the signalling source and digest user, which routes may match
+        self.route: Route | None = None  # chosen by the lifecycle; kept for the call's whole life
         self.pipeline = MediaPipeline(to_model=self.send_to_model)
         self.session: WorkerSession | None = None
         self.failovers = 0
         self.refused_status: int | None = None  # ended before its answer: the status its caller got
+        self.stored = False  # kept in Redis (from its answer; an outbound call from its admission)
         self.transcript: list[TranscriptEvent] = []
         self.on_transcript: tp.Callable[[Call, TranscriptEvent], None] | None = None
         self.ended = asyncio.Event()
@@ -89,6 +96,23 @@ class Call:
     @property
     def end_reason(self) -> str:
         return self.record.end_reason
+
+    @property
+    def dialled(self) -> str:
+        """The number dialled (SIP: the Request-URI's user part; empty for WebRTC)."""
+        return self.identity.dialled if self.identity is not None else ""
+
+    @property
+    def needs(self) -> SessionNeeds:
+        """What the call's worker session must be: its route's model and sampling."""
+        route = self.route
+        if route is None:
+            return ANY
+        return SessionNeeds(model=route.model, sampling=route.sampling or None)
+
+    def take_route(self, route: Route) -> None:
+        self.route = route
+        self.record.route = route.name
 
     # -- state -------------------------------------------------------------------------
 
@@ -228,7 +252,7 @@ class Call:
             if on_queued is not None:
                 await on_queued()
 
-        self._adopt(await router.open(self.id, self._callbacks(), wait=wait, on_queued=queued))
+        self._adopt(await router.open(self.id, self._callbacks(), wait=wait, on_queued=queued, needs=self.needs))
 
     async def supervise(self, router: Router) -> None:
         """Until the call ends: watch the worker session and move the call when it is lost.
@@ -306,7 +330,8 @@ class Call:
         stalled = not lost.link.closed.done()
         generation = next(self._generations)  # the new session's, current once it is adopted
         try:
-            session = await router.open(self.id, self._callbacks(generation), wait=0.0, exclude={lost.worker_id})
+            session = await router.open(self.id, self._callbacks(generation), wait=0.0, exclude={lost.worker_id},
+                                        needs=self.needs)
         except (NoCapacity, RoutingUnavailable) as exc:
             if not quiet:
                 log.warning("call %s: no slot to move to (%s)%s", self.id, exc,

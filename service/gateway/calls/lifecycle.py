@@ -3,13 +3,14 @@
 An ingress (``ingress/sip.py``, ``ingress/webrtc.py``) turns its signalling into a
 :class:`Leg` and hands it, with a new :class:`Call`, to :meth:`CallLifecycle.run`::
 
-    begin ─▶ admission ─▶ leg.prepare ─▶ slot claim ─▶ leg.answer ─▶ answered ─▶ converse
-    (table,   (503 when    (offer, media    (queue; leg.queued:  (200 OK, or     (record and   (supervision,
-     taps,    draining or  resources:       180 ringing; caller  SDP answer      transcript    failover,
-     transcript) unready)  488/400, 503)    may leave: CANCEL)   and ICE)        in Redis)     leg.watch)
-                                                                                                    │
-    finish ◀── call.release ◀── leg.close ◀─────── (every exit path) ◀────── leg.hang_up ◀── play out ◀─┘
-    (answered: record end, transcript end; else: the record of refusals; metrics, on_end hooks)
+    begin ─▶ admission ─▶ route ─▶ leg.prepare ─▶ route limit ─▶ slot claim ─▶ leg.answer ─▶ answered ─▶ converse
+    (table,   (503 when    (404     (offer, media    (max_calls:    (queue; leg.queued:  (200 OK, or     (record and   (supervision,
+     taps,    draining or  when     resources:       overflow)      the announcement;    SDP answer      transcript    failover,
+     transcript) unready)  none)    488/400, 503)                   caller may leave;    and ICE)        in Redis)     leg.watch,
+                                                                    no slot: overflow)                               max length)
+                                                                                                                          │
+    finish ◀── call.release ◀── leg.close ◀─────── (every exit path) ◀────────────── leg.hang_up ◀── play out ◀───────────┘
+    (stored: record end, transcript end; else: the record of refusals; metrics, on_end hooks)
 
 A slot is claimed before the call is answered (the caller hears ringing while queued), so
 a call is never answered only to be dropped. Whatever ends the call (a refusal, the
@@ -18,7 +19,8 @@ worker session with its lease, and the call's record and transcript are released
 closed, in that order, once.
 
 Only an answered call is stored: its record and transcript go to Redis from its answer on
-(they live for the retention). A call that ends before its answer (refused, or left by
+(they live for the retention); an outbound call from its admission, when the API hands out
+its id. A call that ends before its answer (refused, or left by
 its caller) creates nothing there: it is counted and kept, bounded and short-lived, in the
 record of refusals (``refusals.py``), which ``GET /v1/refusals`` and ``GET /v1/calls`` show.
 
@@ -33,11 +35,12 @@ Where the next features attach (none of them touches an ingress's signalling cod
   is given back mid-call (``call.detach_model``) while the call goes on; the human leg is
   closed here with the call. Going back to the AI would be ``call.connect`` again (a
   fresh slot) and ``pipeline.unbridge``.
-* **Outbound calls** (``POST /v1/calls``): an outbound ingress whose leg *places* the call
-  (``UserAgent.invite``) in ``prepare``/``answer``; the rest of ``run`` is unchanged.
-* **Queue announcements as early media**: ``Leg.queued`` (SIP: today a background 180)
-  becomes a 183 with SDP and an announcement played into the edge's pacer until the
-  claim succeeds.
+* **Outbound calls** (``POST /v1/calls``, ``ingress/outbound.py``): a leg that *places*
+  the call (``UserAgent.invite``) in ``answer``, once the slot is held; ``run(...,
+  outbound=True)``: no queue and no overflow (503 at once), stored from its admission.
+* **Queue announcements as early media**: ``Leg.queued(call, prompt)`` (SIP: a 183 with
+  SDP and the route's prompt played into the edge's pacer, ``media/prompts.py``) until the
+  claim succeeds; the model's first frame ends the prompt on the same stream.
 * **Recording**: a subscriber of the pipeline's ``caller`` and ``agent`` taps attached in
   ``begin`` (when the route asks for it), detached for a pause and attached again to
   resume, finalised by an ``on_end`` hook.
@@ -48,9 +51,14 @@ Where the next features attach (none of them touches an ingress's signalling cod
   owes frames for ``--worker-stall-ms``); the watchdog here (``watch_stalls``, one for
   every call, a few times per threshold) flags them and ``call.supervise`` moves the call
   to another worker at once, closing the hung session in the background.
-* **Per-route policy** (model, limits, recording, transcription by the dialled number or
-  trunk): resolved in ``begin`` from ``call.identity``/``call.record.to_uri`` and applied
-  to the claim (the router's model), the admission and the taps.
+* **Per-route policy** (``routes/``): the call's route is chosen before anything else
+  (``RouteTable.resolve``: the dialled number and the trunk; 404 when none matches) and
+  kept for the call's life. It gives the claim its model and sampling (``call.needs``), the
+  queue time and what a queued caller hears (``Leg.queued``: early media), the per-route
+  limit (``RouteTable.admit``), the overflow when no slot frees (503, a message then BYE,
+  or a transfer), the maximum length, and DTMF actions. Recording and the caller's
+  transcript read ``call.route`` (``recording``, ``transcription``, ``dtmf_clear``,
+  ``consent_announcement``).
 """
 
 from __future__ import annotations
@@ -80,6 +88,9 @@ from service.gateway.calls.transfer import (
     check_target,
 )
 from service.gateway.media.pipeline import Digit
+from service.gateway.media.prompts import Prompt, PromptPlayer
+from service.gateway.routes.schema import Overflow, Route
+from service.gateway.routes.table import RouteTable
 from service.gateway.routing.router import NoCapacity, Router, RoutingUnavailable
 
 log = logging.getLogger(__name__)
@@ -129,8 +140,10 @@ class Leg(tp.Protocol):
     async def prepare(self, call: Call) -> None:
         """Check the offer and take media resources; raise :class:`Refused`."""
 
-    async def queued(self, call: Call) -> None:
-        """The call waits for a slot (SIP: ringing). Must return at once."""
+    async def queued(self, call: Call, prompt: Prompt | None) -> None:
+        """The call waits for a slot: the caller hears ``prompt`` as early media (SIP: a 183
+        with SDP, then the prompt on the call's RTP stream), or ringing (a 180) without
+        one. Must return at once."""
 
     async def left(self) -> str:
         """Returns (with the end reason) when the caller leaves before the answer."""
@@ -159,8 +172,10 @@ class CallLifecycle:
     def __init__(self, *, router: Router, table: CallTable, recorder: CallRecorder, transcripts: TranscriptFeed,
                  queue_seconds: float, rtp_timeout_seconds: float, admission: tp.Callable[[], str | None],
                  refusals: RefusalLog | None = None, transfer_ring_seconds: float = 30.0,
-                 dialer: Dialer | None = None, stall_seconds: float = DEFAULT_STALL_SECONDS) -> None:
+                 dialer: Dialer | None = None, stall_seconds: float = DEFAULT_STALL_SECONDS,
+                 routes: RouteTable | None = None) -> None:
         self.router = router
+        self.routes = routes if routes is not None else RouteTable.open(None)
         self.table = table
         self.recorder = recorder
         self.transcripts = transcripts
@@ -193,18 +208,34 @@ class CallLifecycle:
         metrics.CALLS_TOTAL.labels(ingress, refusal.outcome).inc()
         self.refusals.add(RefusedCall.of(record, refusal.status))
 
-    async def run(self, call: Call, leg: Leg) -> None:
-        """The call from arrival to release (returns when everything is released)."""
+    async def run(self, call: Call, leg: Leg, *, route: Route | None = None, outbound: bool = False) -> None:
+        """The call from arrival to release (returns when everything is released). ``route``:
+        the call's route when it was chosen for it (an outbound call), else it is resolved
+        here. ``outbound``: the gateway places the call, so no slot means 503 at once (no
+        queue, no overflow)."""
         self.begin(call)
         self._legs[call.id] = leg
+        counted: Route | None = None
         try:
             refusal = self.refusal()
             if refusal is not None:
                 metrics.REJECTED_CALLS.labels(refusal.outcome.removeprefix("rejected-")).inc()
                 raise Refused(refusal)
+            route = route or self.route_of(call)
+            call.take_route(route)
             await leg.prepare(call)
-            if not await self._claim(call, leg):
+            if not self.routes.admit(route):
+                log.info("call %s: route %s is at its limit of %s calls", call.id, route.name, route.max_calls)
+                await self._overflow(call, leg, route, "rejected-route-limit", outbound)
                 return
+            counted = route
+            wait = 0.0 if outbound else self.queue_seconds if route.queue_seconds is None else route.queue_seconds
+            if not await self._claim(call, leg, wait):
+                if not call.ended.is_set():
+                    await self._overflow(call, leg, route, "rejected-busy", outbound)
+                return
+            if outbound:
+                self.store(call)
             if not await leg.answer(call):
                 return
             self.answered(call)
@@ -233,6 +264,8 @@ class CallLifecycle:
             self._legs.pop(call.id, None)
             await leg.close(call)
             await call.release()
+            if counted is not None:
+                self.routes.release(counted)
             self.finish(call)
 
     # -- steps -------------------------------------------------------------------------
@@ -246,12 +279,23 @@ class CallLifecycle:
         call.pipeline.taps.dtmf.attach(lambda digit: self._on_dtmf(call, digit))
         metrics.CALLS_ACTIVE.labels(call.ingress).inc()
 
-    async def _claim(self, call: Call, leg: Leg) -> bool:
-        """A worker slot, waiting in the queue for up to the queue time. False when the call
-        ended first (it left the queue at once and holds no slot), or no slot came (refused
-        here: 503)."""
-        claim = asyncio.create_task(call.connect(self.router, wait=self.queue_seconds,
-                                                 on_queued=lambda: leg.queued(call)), name=f"claim-{call.id}")
+    def route_of(self, call: Call) -> Route:
+        """The call's route (browsers take the ``webrtc`` route); Refused 404 when none fits."""
+        routes = self.routes
+        route = routes.for_webrtc() if call.ingress == "webrtc" else routes.resolve(call.dialled, call.trunk)
+        if route is None:
+            metrics.ROUTE_UNMATCHED.inc()
+            log.info("call %s: no route for the number dialled", call.id)
+            raise Refused(Refusal(404, "no route for this number", "rejected-no-route"))
+        return route
+
+    async def _claim(self, call: Call, leg: Leg, wait: float) -> bool:
+        """A worker slot, waiting in the queue for up to ``wait`` seconds (the caller hears
+        the route's announcement meanwhile). False when no slot came (NoCapacity), or the
+        call ended first (it left the queue at once and holds no slot: ``call.ended`` set)."""
+        prompt = self.routes.prompt(call.route.announcement) if call.route is not None else None
+        claim = asyncio.create_task(call.connect(self.router, wait=wait, on_queued=lambda: leg.queued(call, prompt)),
+                                    name=f"claim-{call.id}")
         left = asyncio.ensure_future(leg.left())
         ended = asyncio.ensure_future(call.ended.wait())
         try:
@@ -274,17 +318,116 @@ class CallLifecycle:
         except NoCapacity as exc:
             metrics.REJECTED_CALLS.labels("no-slot").inc()
             log.info("call %s: no capacity: %s", call.id, exc)
-            raise Refused(Refusal(503, "all agents busy", "rejected-busy", retry_after=True)) from None
+            return False
         except RoutingUnavailable as exc:
             metrics.REJECTED_CALLS.labels("pool-unavailable").inc()
             log.warning("call %s: pool unavailable: %s", call.id, exc)
             raise Refused(Refusal(503, "pool unavailable", "rejected-pool", retry_after=True)) from None
         return not call.ended.is_set()
 
+    async def _overflow(self, call: Call, leg: Leg, route: Route, outcome: str, outbound: bool = False) -> None:
+        """No slot for the call (``outcome``: rejected-busy, or rejected-route-limit): the
+        route's overflow. ``reject`` (and a transfer that cannot be made, and any outbound
+        call) answers 503."""
+        overflow = route.overflow
+        if outbound:
+            overflow = Overflow()
+        metrics.ROUTE_OVERFLOWS.labels(route.name, overflow.action).inc()
+        if overflow.action == "message":
+            await self._play_message(call, leg, self.routes.prompt(overflow.message), "overflow-message")
+            return
+        target = route.transfer_target(overflow.target) if overflow.action == "transfer" else None
+        if target is not None:
+            await self._overflow_transfer(call, leg, route, target)
+            return
+        detail = "all agents busy" if outcome == "rejected-busy" else "too many calls on this line"
+        raise Refused(Refusal(503, detail, outcome, retry_after=True))
+
+    async def _overflow_transfer(self, call: Call, leg: Leg, route: Route, target: str) -> None:
+        """No AI for the caller: answer, and hand the call to the humans (the transfer's one
+        entry point, ``by="overflow"``) while the route's announcement plays. Bridged, the
+        call goes on with the person; if nobody takes it, the caller hears the route's
+        message, if it has one, and the call ends (``overflow-transfer-failed``)."""
+        if not await leg.answer(call):
+            return
+        self.answered(call)
+        prompt = self.routes.prompt(route.announcement)
+        player = PromptPlayer(prompt, call.pipeline.play, keep_going=lambda: not call.pipeline.model_frames) \
+            if prompt is not None else None
+        if player is not None:
+            player.start()
+        watch = asyncio.create_task(leg.watch(call), name=f"watch-{call.id}")
+        ended = asyncio.ensure_future(call.ended.wait())
+        try:
+            task = self.start_transfer(call, target, by="overflow")
+            await asyncio.wait({task, ended}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():  # the caller hung up: the transfer stops with the call (run's finally)
+                return
+            result = task.result()
+            problem = "" if result.transferred else f"{result.status or ''} {result.reason}".strip()
+        except TransferError as exc:
+            problem = exc.detail
+        finally:
+            ended.cancel()
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+            if player is not None:
+                await player.stop()
+        if not problem:
+            call.pipeline.stop_prompt()
+            await self._converse(call, leg)  # with the person now (or handed over by REFER: it ends)
+            return
+        log.info("call %s: the overflow transfer to %s failed: %s", call.id, target, problem)
+        call.pipeline.stop_prompt()
+        message = self.routes.prompt(route.overflow.message)
+        if message is not None and not call.ended.is_set():
+            await self._play_prompt(call, message)
+        call.end("overflow-transfer-failed", problem)
+        await leg.hang_up(call)
+
+    async def _play_message(self, call: Call, leg: Leg, prompt: Prompt | None, reason: str) -> None:
+        """Answer without an AI, play ``prompt`` to its end, hang up (end reason ``reason``)."""
+        if not await leg.answer(call):
+            return
+        self.answered(call)
+        watch = asyncio.create_task(leg.watch(call), name=f"watch-{call.id}")
+        try:
+            if prompt is not None:
+                await self._play_prompt(call, prompt)
+            call.end(reason)
+        finally:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+        await leg.hang_up(call)
+
+    async def _play_prompt(self, call: Call, prompt: Prompt) -> None:
+        """Play ``prompt`` to the caller to its end (and let it play out), or until the call ends."""
+        player = PromptPlayer(prompt, call.pipeline.play)
+        player.start()
+        done = asyncio.ensure_future(player.done.wait())
+        ended = asyncio.ensure_future(call.ended.wait())
+        try:
+            await asyncio.wait({done, ended}, return_when=asyncio.FIRST_COMPLETED)
+            if not call.ended.is_set():
+                await asyncio.sleep(min(PLAYOUT_GRACE_SECONDS, 0.02 * call.pipeline.queued_packets + 0.1))
+        finally:
+            done.cancel()
+            ended.cancel()
+            await player.stop()
+
     def answered(self, call: Call) -> None:
         """The call is answered: from now on it is stored (its record, and its transcript
         with the pieces that came before the answer)."""
         call.mark_answered()
+        self.store(call)
+
+    def store(self, call: Call) -> None:
+        """From now on the call is kept (Redis): its record, and the transcript so far. An
+        inbound call from its answer; an outbound call from its admission, when the API
+        hands out its id (so a callee that is busy or does not answer is on record)."""
+        if call.stored:
+            return
+        call.stored = True
         self.recorder.create(call)
         for seq, event in enumerate(list(call.transcript)):
             self.transcripts.store(call.id, seq, event)
@@ -297,6 +440,9 @@ class CallLifecycle:
         tasks = [asyncio.create_task(call.supervise(self.router), name=f"supervise-{call.id}"),
                  asyncio.create_task(leg.watch(call), name=f"watch-{call.id}"),
                  asyncio.create_task(self._watch_rtp(call), name=f"rtp-watch-{call.id}")]
+        limit = call.route.max_call_seconds if call.route is not None else None
+        if limit is not None:
+            tasks.append(asyncio.create_task(self._limit_length(call, limit), name=f"max-length-{call.id}"))
         try:
             await call.ended.wait()
         finally:
@@ -306,6 +452,12 @@ class CallLifecycle:
         if call.end_reason in PLAY_OUT_REASONS:
             await asyncio.sleep(min(PLAYOUT_GRACE_SECONDS, 0.02 * call.pipeline.queued_packets))
         await leg.hang_up(call)
+
+    async def _limit_length(self, call: Call, seconds: float) -> None:
+        """End the call cleanly at its route's maximum length."""
+        await asyncio.sleep(max(0.0, seconds - call.call_seconds))
+        log.info("call %s: reached its route's maximum length (%.0f s)", call.id, seconds)
+        call.end("max_duration")
 
     async def _watch_rtp(self, call: Call) -> None:
         """Hang up on a caller whose packets stopped coming for the RTP timeout."""
@@ -326,11 +478,11 @@ class CallLifecycle:
             return
         call.mark_ended()
         call.record.quality = call.quality()
-        self.table.remove(call, keep=call.answered)
+        self.table.remove(call, keep=call.stored)
         record = call.record
         metrics.CALLS_ACTIVE.labels(call.ingress).dec()
         metrics.CALLS_TOTAL.labels(call.ingress, record.end_reason or "unknown").inc()
-        if call.answered:
+        if call.stored:
             if record.answered_at is not None and record.ended_at is not None:
                 metrics.CALL_DURATION.observe(record.ended_at - record.answered_at)
             self.recorder.end(call)
@@ -349,12 +501,27 @@ class CallLifecycle:
 
     def _on_transcript(self, call: Call, event: TranscriptEvent) -> None:
         # stored from the answer on (``answered`` stores what came before)
-        self.transcripts.publish(call.id, len(call.transcript) - 1, event, store=call.answered)
+        self.transcripts.publish(call.id, len(call.transcript) - 1, event, store=call.stored)
 
     def _on_dtmf(self, call: Call, digit: Digit) -> None:
         metrics.DTMF_DIGITS.inc()
         call.add_transcript(TranscriptEvent(t=call.call_seconds, kind="dtmf", text=digit.digit,
                                             duration_ms=digit.duration_ms))
+        route = call.route
+        action = route.dtmf.get(digit.digit.upper()) if route is not None else None
+        if action is None or route is None or not call.answered or call.ended.is_set():
+            return
+        if action.action == "hangup":
+            log.info("call %s: the caller pressed %s: hang up", call.id, digit.digit)
+            call.end("dtmf-hangup")
+            return
+        target = route.transfer_target(action.target)
+        if target is not None:
+            log.info("call %s: the caller pressed %s: transfer", call.id, digit.digit)
+            try:
+                self.start_transfer(call, target, by="dtmf")
+            except TransferError as exc:  # under way already, with a person already: the key does nothing
+                log.info("call %s: no transfer: %s", call.id, exc.detail)
 
     async def watch_stalls(self) -> None:
         """One watchdog for every call (not a timer per call): flags stalled worker sessions.

@@ -18,6 +18,7 @@ from service.api.models import (
     CallList,
     DrainResult,
     HangupResult,
+    PlacedCall,
     PoolHistory,
     PoolSample,
     PoolState,
@@ -36,6 +37,7 @@ from service.gateway.control.hangups import HangupChannel
 from service.gateway.control.pool_view import PoolView
 from service.gateway.control.transcript_reader import TranscriptReader
 from service.gateway.control.transfers import NoGateway, TransferChannel
+from service.gateway.ingress.outbound import OutboundCalls
 from service.gateway.ingress.webrtc import OfferRejected, WebRtcIngress
 from service.pool import ENDED, PoolError
 
@@ -46,7 +48,7 @@ class GatewayControl:
     """Implements ``service.api.control.CallControl`` for one gateway."""
 
     def __init__(self, *, lifecycle: CallLifecycle, directory: CallDirectory, transcripts: TranscriptReader,
-                 pool: PoolView, webrtc: WebRtcIngress, hangups: HangupChannel | None,
+                 pool: PoolView, webrtc: WebRtcIngress, outbound: OutboundCalls, hangups: HangupChannel | None,
                  readiness: tp.Callable[[], Readiness], retry_after_seconds: int,
                  transfers: TransferChannel | None = None,
                  concurrency: ConcurrencyHistory | None = None) -> None:
@@ -55,6 +57,7 @@ class GatewayControl:
         self.transcripts = transcripts
         self.pool_view = pool
         self.webrtc = webrtc
+        self.outbound = outbound
         self.hangups = hangups
         self.transfers = transfers
         self._readiness = readiness
@@ -105,6 +108,11 @@ class GatewayControl:
         return RefusalList(window_seconds=summary.window_seconds, total=summary.total, by_reason=summary.by_reason,
                            refusals=[RefusedCallInfo(id=r.call_id, **refused_fields(r)) for r in summary.latest],
                            partial=summary.partial)
+
+    async def place_call(self, to: str, caller_id: str | None, route: str | None) -> PlacedCall:
+        call = await self.outbound.place(to, caller_id, route)
+        log.info("call %s: outbound call placed through the API (route %s)", call.id, call.record.route)
+        return PlacedCall(call_id=call.id, route=call.record.route)
 
     async def transfer(self, call_id: str, target: str, mode: str) -> TransferOutcome:
         call = self.lifecycle.table.get(call_id)

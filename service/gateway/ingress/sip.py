@@ -1,11 +1,14 @@
 """SIP ingress: an INVITE becomes a call with RTP media, run by the call lifecycle.
 
 ``SipLeg`` translates SIP into the lifecycle's steps: the offer is checked before a slot
-is claimed (488 for an unusable one, 503 when no RTP port is free), the caller hears
-ringing while the call waits in the queue, a CANCEL while queued leaves the queue at
-once, and the answer is a 200 OK naming the call id (``X-Moshimoshi-Call-Id``); a BYE
-from either side ends the call. A transfer may ask the caller's side to take the call
-elsewhere by REFER (``refer``; ``calls/transfer.py``).
+is claimed (488 for an unusable one, 503 when no RTP port is free), the caller hears the
+route's announcement while the call waits in the queue (early media: a 183 Session
+Progress with the SDP answer, reliable when the caller supports 100rel, then the prompt
+on the call's RTP stream; or a plain 180 Ringing for the route announcement ``ringing``
+or an offerless INVITE), a CANCEL while queued leaves the queue at once, and the answer
+is a 200 OK naming the call id (``X-Moshimoshi-Call-Id``), the media going on on the same
+RTP stream; a BYE from either side ends the call. A transfer may ask the caller's side to
+take the call elsewhere by REFER (``refer``; ``calls/transfer.py``).
 
 Offers: an INVITE with SDP is answered in the 200 (and first, reliably, in a 183 Session
 Progress when the caller supports RFC 3262 100rel); an INVITE without SDP (a delayed
@@ -31,7 +34,9 @@ from service.api.control import CALL_ID_HEADER
 from service.gateway import metrics
 from service.gateway.calls.call import Call
 from service.gateway.calls.lifecycle import CallLifecycle, PeerLeft, Refusal, Refused
+from service.gateway.media.prompts import Prompt, PromptPlayer
 from service.gateway.media.rtp_media import CallMedia
+from service.gateway.routes.table import Trunk
 from service.settings import GatewaySettings
 from sip import codecs
 from sip.dialog import Dialog
@@ -54,7 +59,7 @@ from sip.ua import IncomingCall
 
 log = logging.getLogger(__name__)
 
-REASON_PHRASES = {400: "Bad Request", 488: "Not Acceptable Here", 500: "Server Internal Error",
+REASON_PHRASES = {400: "Bad Request", 404: "Not Found", 488: "Not Acceptable Here", 500: "Server Internal Error",
                   503: "Service Unavailable"}
 
 
@@ -113,6 +118,7 @@ class SipIngress:
                     sip_call_id=incoming.call_id, source=f"{incoming.source[0]}:{incoming.source[1]}",
                     sip_transport=incoming.transport, identity=CallerIdentity.from_request(incoming.request),
                     gateway_id=self.gateway_id)
+        call.trunk = Trunk(source=incoming.source[0], digest_user=incoming.digest_user)
         await self.lifecycle.run(call, SipLeg(self, incoming))
 
 
@@ -127,22 +133,117 @@ def _peer_errors() -> tp.Iterator[None]:
         raise PeerLeft(exc.reason) from None
 
 
-class SipLeg:
-    """One incoming SIP call as a leg of the lifecycle, from INVITE to BYE."""
+class SipDialogLeg:
+    """What an incoming and an outgoing SIP call share once there is a dialog: the RTP
+    media (started on the negotiated SDP, moved by re-INVITEs), SIP INFO DTMF, the peer's
+    BYE, ours. ``peer_ip`` is the signalling peer, whose address media may latch from."""
 
-    def __init__(self, ingress: SipIngress, incoming: IncomingCall) -> None:
-        self.ingress = ingress
-        self.settings = ingress.settings
-        self.incoming = incoming
-        self.srtp = srtp_policy(self.settings.srtp, incoming.transport, self.settings.srtp_allow_plaintext_keys)
-        self.prefs = media_preferences(self.settings.codecs, self.srtp or "required")
+    def __init__(self, settings: GatewaySettings, lifecycle: CallLifecycle, peer_ip: str) -> None:
+        self.settings = settings
+        self.lifecycle = lifecycle
+        self.peer_ip = peer_ip
         self.call: Call | None = None
         self.rtp: RtpSession | None = None
         self.local_sdp = ""
         self.negotiated: NegotiatedMedia | None = None
         self.media: CallMedia | None = None
         self.dialog: Dialog | None = None
+
+    def _attach_dialog(self, dialog: Dialog) -> None:
+        self.dialog = dialog
+        dialog.on_media_update = self._on_media_update
+        dialog.on_info = self._on_info
+
+    async def watch(self, call: Call) -> None:
+        dialog = self.dialog
+        assert dialog is not None
+
+        def on_terminated(future: asyncio.Future[str]) -> None:
+            reason = future.result() if not future.cancelled() and not future.exception() else "dialog-error"
+            call.end(reason, dialog.end_detail)
+
+        # The dialog's own future: never cancel it, only stop listening.
+        dialog.terminated.add_done_callback(on_terminated)
+        try:
+            await asyncio.get_running_loop().create_future()  # until cancelled
+        finally:
+            dialog.terminated.remove_done_callback(on_terminated)
+
+    async def hang_up(self, call: Call) -> None:
+        if self.dialog is not None and not self.dialog.is_terminated:
+            with contextlib.suppress(Exception):
+                await self.dialog.bye()
+
+    def _stop_media(self) -> None:
+        if self.media is not None:
+            self.media.stop()
+        if self.rtp is not None:
+            self.rtp.close()
+
+    # -- media -------------------------------------------------------------------------
+
+    def _media_problem(self, negotiated: NegotiatedMedia) -> str | None:
+        """Why RTP cannot flow to what the peer's SDP names (c= address), or None."""
+        if negotiated.remote_address is None or self.rtp is None:  # c=0.0.0.0: on hold
+            return None
+        return self.rtp.remote_problem(negotiated.remote_address)
+
+    def _start_media(self, call: Call, negotiated: NegotiatedMedia) -> None:
+        assert self.rtp is not None
+        if negotiated.remote_address is not None:
+            self.rtp.update_remote(negotiated.remote_address, negotiated.remote_port, negotiated.remote_rtcp_port)
+        self.rtp.trust_ip(self.peer_ip)
+        settings = self.settings
+        self.media = CallMedia(self.rtp, negotiated, to_model=call.pipeline.to_model, taps=call.pipeline.taps,
+                               jitter_min_ms=settings.jitter_min_ms, jitter_max_ms=settings.jitter_max_ms,
+                               resampler=settings.resampler)
+        call.pipeline.attach_edge(self.media)
+        self.media.start()
+
+    def _on_media_update(self, negotiated: NegotiatedMedia) -> None:
+        call = self.call
+        if self.media is not None:
+            self.media.update(negotiated)
+        elif call is not None and call.answered and not call.ended.is_set():
+            # The answer to our offer (delayed offer) arrived in the ACK: media starts now.
+            call.record.codec = negotiated.codec
+            call.record.media_encryption = media_encryption(negotiated)
+            self._start_media(call, negotiated)
+            self.lifecycle.media_changed(call)
+
+    def _on_info(self, request: Request) -> None:
+        """SIP INFO in the dialog: DTMF (application/dtmf-relay, application/dtmf) goes to
+        the call's ``dtmf`` tap like RFC 4733 digits; an empty INFO (a keep-alive) is
+        answered 200; other bodies get 415, unreadable DTMF bodies 400."""
+        content_type = request.content_type
+        if not request.body and content_type is None:
+            metrics.SIP_INFO.labels("empty").inc()
+            return
+        if content_type not in INFO_DTMF_TYPES:
+            metrics.SIP_INFO.labels("unsupported-type").inc()
+            raise SipError(415, headers={"Accept": ", ".join(INFO_DTMF_TYPES)})
+        try:
+            digit = parse_info_dtmf(content_type, request.body)
+        except DtmfParseError as exc:
+            metrics.SIP_INFO.labels("bad-body").inc()
+            raise SipError(400, f"Bad Request ({exc})"[:160]) from None
+        metrics.SIP_INFO.labels("dtmf").inc()
+        if self.call is not None:
+            self.call.pipeline.taps.dtmf.emit(digit)
+
+
+class SipLeg(SipDialogLeg):
+    """One incoming SIP call as a leg of the lifecycle, from INVITE to BYE."""
+
+    def __init__(self, ingress: SipIngress, incoming: IncomingCall) -> None:
+        super().__init__(ingress.settings, ingress.lifecycle, incoming.source[0])
+        self.ingress = ingress
+        self.incoming = incoming
+        self.srtp = srtp_policy(self.settings.srtp, incoming.transport, self.settings.srtp_allow_plaintext_keys)
+        self.prefs = media_preferences(self.settings.codecs, self.srtp or "required")
         self._ringing: asyncio.Task[None] | None = None
+        self._early_sdp_sent = False  # our answer went in a 183 (early media may flow)
+        self._announcement: PromptPlayer | None = None
 
     # -- before the answer -------------------------------------------------------------
 
@@ -185,11 +286,27 @@ class SipLeg:
             # RFC 3262 peers (carriers, SBCs) expect the answer early and reliably.
             with _peer_errors():
                 await incoming.provisional(183, "Session Progress", sdp=local_sdp)
+            self._early_sdp_sent = True
 
-    async def queued(self, call: Call) -> None:
-        # Ringing in the background: a reliable 180 may wait for a PRACK, the queue must not.
-        if self._ringing is None:
+    async def queued(self, call: Call, prompt: Prompt | None) -> None:
+        # In the background: a reliable provisional may wait for a PRACK, the queue must not.
+        if self._ringing is not None:
+            return
+        if prompt is None or self.negotiated is None:  # no early media without our answer
             self._ringing = asyncio.create_task(self.incoming.ringing(), name=f"ringing-{call.id}")
+            return
+        self._start_media(call, self.negotiated)
+        self._announcement = PromptPlayer(prompt, call.pipeline.play,
+                                          keep_going=lambda: not (call.answered or call.pipeline.model_frames))
+        self._ringing = asyncio.create_task(self._early_media(), name=f"early-media-{call.id}")
+
+    async def _early_media(self) -> None:
+        """A 183 with our answer (unless one went already), then the announcement."""
+        if not self._early_sdp_sent:
+            await self.incoming.provisional(183, "Session Progress", sdp=self.local_sdp)
+            self._early_sdp_sent = True
+        if self._announcement is not None:
+            self._announcement.start()
 
     async def left(self) -> str:
         await self.incoming.aborted.wait()
@@ -204,35 +321,14 @@ class SipLeg:
     # -- the answer and after ----------------------------------------------------------
 
     async def answer(self, call: Call) -> bool:
-        if self.negotiated is not None:
+        await self._stop_announcement(call)
+        if self.negotiated is not None and self.media is None:
             self._start_media(call, self.negotiated)
         with _peer_errors():
             dialog = await self.incoming.accept(self.local_sdp, headers={CALL_ID_HEADER: call.id},
                                                 check_media=self._media_problem)
-        self.dialog = dialog
-        dialog.on_media_update = self._on_media_update
-        dialog.on_info = self._on_info
+        self._attach_dialog(dialog)
         return True
-
-    async def watch(self, call: Call) -> None:
-        dialog = self.dialog
-        assert dialog is not None
-
-        def on_terminated(future: asyncio.Future[str]) -> None:
-            reason = future.result() if not future.cancelled() and not future.exception() else "dialog-error"
-            call.end(reason, dialog.end_detail)
-
-        # The dialog's own future: never cancel it, only stop listening.
-        dialog.terminated.add_done_callback(on_terminated)
-        try:
-            await asyncio.get_running_loop().create_future()  # until cancelled
-        finally:
-            dialog.terminated.remove_done_callback(on_terminated)
-
-    async def hang_up(self, call: Call) -> None:
-        if self.dialog is not None and not self.dialog.is_terminated:
-            with contextlib.suppress(Exception):
-                await self.dialog.bye()
 
     # -- transfer (calls/transfer.py: ReferringLeg) -------------------------------------
 
@@ -247,66 +343,19 @@ class SipLeg:
             raise RuntimeError("the call's dialog is not up")
         return await dialog.refer(target)
 
-    async def close(self, call: Call) -> None:
+    async def _stop_announcement(self, call: Call) -> None:
         if self._ringing is not None:
             self._ringing.cancel()
             await asyncio.gather(self._ringing, return_exceptions=True)
-        if self.media is not None:
-            self.media.stop()
-        if self.rtp is not None:
-            self.rtp.close()
+        if self._announcement is not None:
+            await self._announcement.stop()
+            self._announcement = None
+            call.pipeline.stop_prompt()
+
+    async def close(self, call: Call) -> None:
+        await self._stop_announcement(call)
+        self._stop_media()
         if self.dialog is None:  # ended before its answer (a hang-up while queued): say so
             retry = call.end_reason == "gateway-stopped"
             with contextlib.suppress(Exception):
                 await self.refuse(Refusal(503, call.end_reason, call.end_reason, retry_after=retry))
-
-    # -- media -------------------------------------------------------------------------
-
-    def _media_problem(self, negotiated: NegotiatedMedia) -> str | None:
-        """Why RTP cannot flow to what the peer's SDP names (c= address), or None."""
-        if negotiated.remote_address is None or self.rtp is None:  # c=0.0.0.0: on hold
-            return None
-        return self.rtp.remote_problem(negotiated.remote_address)
-
-    def _start_media(self, call: Call, negotiated: NegotiatedMedia) -> None:
-        assert self.rtp is not None
-        if negotiated.remote_address is not None:
-            self.rtp.update_remote(negotiated.remote_address, negotiated.remote_port, negotiated.remote_rtcp_port)
-        self.rtp.trust_ip(self.incoming.source[0])
-        settings = self.settings
-        self.media = CallMedia(self.rtp, negotiated, to_model=call.pipeline.to_model, taps=call.pipeline.taps,
-                               jitter_min_ms=settings.jitter_min_ms, jitter_max_ms=settings.jitter_max_ms,
-                               resampler=settings.resampler)
-        call.pipeline.attach_edge(self.media)
-        self.media.start()
-
-    def _on_media_update(self, negotiated: NegotiatedMedia) -> None:
-        call = self.call
-        if self.media is not None:
-            self.media.update(negotiated)
-        elif call is not None and call.answered and not call.ended.is_set():
-            # The answer to our offer (delayed offer) arrived in the ACK: media starts now.
-            call.record.codec = negotiated.codec
-            call.record.media_encryption = media_encryption(negotiated)
-            self._start_media(call, negotiated)
-            self.ingress.lifecycle.media_changed(call)
-
-    def _on_info(self, request: Request) -> None:
-        """SIP INFO in the dialog: DTMF (application/dtmf-relay, application/dtmf) goes to
-        the call's ``dtmf`` tap like RFC 4733 digits; an empty INFO (a keep-alive) is
-        answered 200; other bodies get 415, unreadable DTMF bodies 400."""
-        content_type = request.content_type
-        if not request.body and content_type is None:
-            metrics.SIP_INFO.labels("empty").inc()
-            return
-        if content_type not in INFO_DTMF_TYPES:
-            metrics.SIP_INFO.labels("unsupported-type").inc()
-            raise SipError(415, headers={"Accept": ", ".join(INFO_DTMF_TYPES)})
-        try:
-            digit = parse_info_dtmf(content_type, request.body)
-        except DtmfParseError as exc:
-            metrics.SIP_INFO.labels("bad-body").inc()
-            raise SipError(400, f"Bad Request ({exc})"[:160]) from None
-        metrics.SIP_INFO.labels("dtmf").inc()
-        if self.call is not None:
-            self.call.pipeline.taps.dtmf.emit(digit)

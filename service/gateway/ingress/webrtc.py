@@ -34,6 +34,7 @@ from service.gateway.calls.lifecycle import CallLifecycle, Refusal, Refused
 from service.gateway.calls.transcript import TranscriptEvent, TranscriptFeed
 from service.gateway.ingress.aiortc_tap import tap_receiver
 from service.gateway.ingress.webrtc_sdp import OfferError, OfferSummary, check_offer
+from service.gateway.media.prompts import Prompt
 from service.gateway.media.webrtc_media import WebRtcMedia
 from service.settings import GatewaySettings
 
@@ -42,7 +43,8 @@ log = logging.getLogger(__name__)
 STATS_SECONDS = 1.0
 CLOSE_SECONDS = 5.0
 PENDING_MESSAGES = 200  # data channel messages kept until the channel opens
-OFFER_OUTCOMES = {"rejected-busy": "busy", "rejected-sdp": "bad-sdp", "error": "error"}  # else "unavailable"
+OFFER_OUTCOMES = {"rejected-busy": "busy", "rejected-route-limit": "busy", "rejected-sdp": "bad-sdp",
+                  "rejected-no-route": "no-route", "error": "error"}  # else "unavailable"
 
 
 class OfferRejected(Exception):
@@ -169,8 +171,8 @@ class WebRtcLeg:
                                   "rejected-sdp")) from None
         tap_receiver(transceiver.receiver, self.media.on_rtp, asyncio.get_running_loop().time)
 
-    async def queued(self, call: Call) -> None:
-        pass  # the peer waits for its HTTP answer meanwhile
+    async def queued(self, call: Call, prompt: Prompt | None) -> None:
+        pass  # the peer waits for its HTTP answer meanwhile (no media before it)
 
     async def left(self) -> str:
         await asyncio.get_running_loop().create_future()  # a peer that leaves ends the call itself

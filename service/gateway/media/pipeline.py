@@ -37,6 +37,12 @@ and with its first frame the edge's pacer starts over on the new stream's timing
 (``MediaEdge.new_source``): until then the model's last queued words play out, so the
 caller hears no more silence than the new stream takes to come.
 
+The gateway's own prompts (a queue announcement, a ringback tone, a message: see
+``media/prompts.py``) go to the caller through :meth:`MediaPipeline.play`, the same way as
+the model's voice but not on the ``agent`` tap. The first frame from the model ends a
+prompt: the edge drops what is left of it and starts the model's audio on a fresh timeline
+(``MediaEdge.new_source``), on the same RTP stream.
+
 A tap with no subscriber costs one truth test of a list per emission. Subscribers are
 called synchronously on the event loop, in the media path: they must return at once
 (queue the work, never block). ``attach`` returns the function that detaches.
@@ -107,6 +113,8 @@ class MediaEdge(tp.Protocol):
     """An ingress's media: what the pipeline needs of RTP or WebRTC media."""
 
     def from_model(self, frame: bytes) -> None: ...
+    def play_prompt(self, frame: bytes) -> None:
+        """A frame of the gateway's own audio (a prompt), paced like the model's."""
     def quality(self) -> CallQuality: ...
     def counters(self) -> dict[str, int]: ...
     @property
@@ -131,6 +139,8 @@ class MediaPipeline:
         self._source_changed = False  # the next frame out starts a new stream at the edge
         self._model_sink = to_model
         self._to_model = to_model
+        self.prompting = False  # a prompt is playing (until stop_prompt or the model's first frame)
+        self.model_frames = 0  # frames from the model so far (the first one ends a prompt)
 
     def attach_edge(self, edge: MediaEdge) -> None:
         """The ingress's media, once it exists (SIP: with the answer; WebRTC: with the offer)."""
@@ -158,8 +168,28 @@ class MediaPipeline:
             tap.emit(frame)
         self._to_model(frame)
 
+    def play(self, frame: bytes) -> None:
+        """An 80 ms frame of a prompt (24 kHz PCM16, ``FRAME_BYTES``) to the caller."""
+        if self.edge is None:
+            return
+        if not self.prompting:
+            self.prompting = True
+            self.edge.new_source()
+        self.edge.play_prompt(frame)
+
+    def stop_prompt(self) -> None:
+        """End a prompt now: what is queued of it is dropped (the caller hears it stop)."""
+        if self.prompting:
+            self.prompting = False
+            if self.edge is not None:
+                self.edge.new_source()
+
     def from_model(self, frame: bytes) -> None:
-        """An 80 ms frame for the caller (the model's, or a bridged human's), on its way out."""
+        """An 80 ms frame for the caller (the model's, or a bridged human's), on its way out;
+        the first one ends a prompt."""
+        self.model_frames += 1
+        if self.prompting:
+            self.stop_prompt()
         tap = self.taps.agent
         if tap.subscribers:
             tap.emit(frame)

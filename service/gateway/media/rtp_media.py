@@ -223,6 +223,13 @@ class CallMedia:
         """One 80 ms frame of the model's voice arrived from the worker."""
         self.frames_from_model += 1
         self._model_talking = True
+        self._to_caller(frame)
+
+    def play_prompt(self, frame: bytes) -> None:
+        """One 80 ms frame of a prompt (the gateway's own audio, not counted as the model's)."""
+        self._to_caller(frame)
+
+    def _to_caller(self, frame: bytes) -> None:
         pcm = self.bridge.model_audio_pcm(frame)
         size = self.packet_samples
         if self._g711:  # encoded here, once per frame: the pacer's ticks only send

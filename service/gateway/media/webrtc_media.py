@@ -266,6 +266,13 @@ class WebRtcMedia:
         """One 80 ms frame of the model's voice arrived from the worker."""
         self.frames_from_model += 1
         self._model_talking = True
+        self._to_caller(frame)
+
+    def play_prompt(self, frame: bytes) -> None:
+        """One 80 ms frame of a prompt (the gateway's own audio, not counted as the model's)."""
+        self._to_caller(frame)
+
+    def _to_caller(self, frame: bytes) -> None:
         pcm48 = to_pcm16(self._up.process(np.frombuffer(frame, dtype="<i2").astype(np.float32)))
         count = len(pcm48) // PACKET_SAMPLES_48K
         self.pacer.push([pcm48[i * PACKET_SAMPLES_48K:(i + 1) * PACKET_SAMPLES_48K] for i in range(count)])

@@ -74,10 +74,22 @@ class WorkerSession:
             self.holder = None
 
 
+@dataclass(frozen=True)
+class SessionNeeds:
+    """What a call asks of its worker session: the ``model`` (None: the gateway's own
+    ``--model``, or any) and ``sampling`` overrides for the session (its route's)."""
+
+    model: str | None = None
+    sampling: tp.Mapping[str, float | int | bool] | None = None
+
+
+ANY = SessionNeeds()
+
+
 class Router(tp.Protocol):
     async def open(self, call_id: str, callbacks: LinkCallbacks, *, wait: float,
                    on_queued: tp.Callable[[], tp.Awaitable[None]] | None = None,
-                   exclude: tp.Collection[str] = ()) -> WorkerSession: ...
+                   exclude: tp.Collection[str] = (), needs: SessionNeeds = ANY) -> WorkerSession: ...
 
     def ready(self) -> bool: ...
 
@@ -133,13 +145,14 @@ class FixedRouter:
 
     async def open(self, call_id: str, callbacks: LinkCallbacks, *, wait: float,
                    on_queued: tp.Callable[[], tp.Awaitable[None]] | None = None,
-                   exclude: tp.Collection[str] = ()) -> WorkerSession:
+                   exclude: tp.Collection[str] = (), needs: SessionNeeds = ANY) -> WorkerSession:
         if self.url in exclude:
             raise NoCapacity("the only worker failed")
         deadline = time.monotonic() + wait
         queued = False
         while True:
-            link = _link(self.url, call_id, callbacks, model=self.model, secret=self.secret)
+            link = _link(self.url, call_id, callbacks, model=needs.model or self.model, secret=self.secret,
+                         sampling=needs.sampling)
             try:
                 session = await _to_the_end(_opened(link, worker_id=self.url))
                 assert session is not None
@@ -170,27 +183,39 @@ class LoopbackRouter:
 
     async def open(self, call_id: str, callbacks: LinkCallbacks, *, wait: float,
                    on_queued: tp.Callable[[], tp.Awaitable[None]] | None = None,
-                   exclude: tp.Collection[str] = ()) -> WorkerSession:
+                   exclude: tp.Collection[str] = (), needs: SessionNeeds = ANY) -> WorkerSession:
         link = LoopbackLink(call_id, callbacks.on_frame, self.delay_ms)
         return WorkerSession(link=link, worker_id="loopback")
 
 
+class _ModelQueue:
+    """The calls of one model waiting on this gateway, in order, and whether its last
+    claim found every slot taken."""
+
+    __slots__ = ("tickets", "full")
+
+    def __init__(self) -> None:
+        self.tickets: list[int] = []
+        self.full = False
+
+
 class PoolRouter:
-    """Claims a fenced lease on the least loaded worker through Redis, then connects."""
+    """Claims a fenced lease on the least loaded worker serving the call's model through
+    Redis, then connects. Each model has its own queue: calls for a model whose workers
+    are all busy never hold up calls for another."""
 
     def __init__(self, leases: SlotLeases, *, model: str | None, gateway_id: str,
                  lease_ttl_ms: int = 15_000, secret: str | None = None) -> None:
         self.leases = leases
-        self.model = model
+        self.model = model  # the gateway's --model: what calls whose route names none ask for
         self.secret = secret  # the workers' shared secret
         self.gateway_id = gateway_id
         self.lease_ttl_ms = lease_ttl_ms
         self.redis_ok = True
         self._claim_failed_at = -CLAIM_FAILURE_BACKOFF_SECONDS
         self._tickets = itertools.count()
-        self._queue: list[int] = []
+        self._queues: dict[str | None, _ModelQueue] = {}
         self._queue_changed = asyncio.Condition()
-        self._full = False  # the last claim found no free slot
 
     def ready(self) -> bool:
         # not latched: the next call tries again after the backoff (the gateway's own Redis
@@ -199,27 +224,29 @@ class PoolRouter:
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        return sum(len(q.tickets) for q in self._queues.values())
 
     async def open(self, call_id: str, callbacks: LinkCallbacks, *, wait: float,
                    on_queued: tp.Callable[[], tp.Awaitable[None]] | None = None,
-                   exclude: tp.Collection[str] = ()) -> WorkerSession:
+                   exclude: tp.Collection[str] = (), needs: SessionNeeds = ANY) -> WorkerSession:
         started = time.monotonic()
         deadline = started + wait
+        model = needs.model or self.model
+        queue = self._queues.setdefault(model, _ModelQueue())
         ticket = next(self._tickets)
-        self._queue.append(ticket)
+        queue.tickets.append(ticket)
         queued = False
         try:
             while True:
-                if self._queue[0] == ticket:
-                    session = await _to_the_end(self._try_claim(call_id, callbacks, exclude))
+                if queue.tickets[0] == ticket:
+                    session = await _to_the_end(self._try_claim(call_id, callbacks, exclude, model, needs.sampling))
                     if session is not None:
-                        self._full = False
+                        queue.full = False
                         if queued:
                             metrics.QUEUE_WAIT.observe(time.monotonic() - started)
                         return session
-                    self._full = True
-                if self._full and not queued:
+                    queue.full = True
+                if queue.full and not queued:
                     # Only a call that found every slot taken is queued (and hears ringing);
                     # the others just wait their turn to claim, for milliseconds.
                     queued = True
@@ -229,30 +256,33 @@ class PoolRouter:
                 if time.monotonic() >= deadline:
                     if queued:
                         metrics.QUEUE_WAIT.observe(time.monotonic() - started)
-                    raise NoCapacity(f"no free slot within {wait:.1f}s")
+                    raise NoCapacity(f"no free slot within {wait:.1f}s" + (f" for model {model}" if model else ""))
                 async with self._queue_changed:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(min(CLAIM_POLL_SECONDS, max(0.0, deadline - time.monotonic()))):
                             await self._queue_changed.wait()
         finally:
-            self._queue.remove(ticket)
+            queue.tickets.remove(ticket)
+            if not queue.tickets and self._queues.get(model) is queue:
+                del self._queues[model]
             async with self._queue_changed:
                 self._queue_changed.notify_all()
 
-    async def _try_claim(self, call_id: str, callbacks: LinkCallbacks,
-                         exclude: tp.Collection[str]) -> WorkerSession | None:
+    async def _try_claim(self, call_id: str, callbacks: LinkCallbacks, exclude: tp.Collection[str],
+                         model: str | None, sampling: tp.Mapping[str, float | int | bool] | None,
+                         ) -> WorkerSession | None:
         """One claim; a worker that fails its handshake is skipped and its lease released."""
         refused: list[Lease] = []
         try:
             for _ in range(4):
-                lease = await self._claim(call_id)
+                lease = await self._claim(call_id, model)
                 if lease is None:
                     return None
                 if lease.worker_id in exclude:
                     refused.append(lease)
                     continue
                 link = _link(lease.url, call_id, callbacks, slot=lease.slot, token=lease.token,
-                             model=self.model, secret=self.secret)
+                             model=model, secret=self.secret, sampling=sampling)
                 try:
                     await link.open(timeout=HANDSHAKE_SECONDS)
                 except (WorkerRefused, OSError, TimeoutError) as exc:
@@ -271,10 +301,10 @@ class PoolRouter:
                 except PoolError:
                     self.leases.release_eventually(lease)
 
-    async def _claim(self, call_id: str) -> Lease | None:
+    async def _claim(self, call_id: str, model: str | None) -> Lease | None:
         started = time.perf_counter()
         try:
-            lease = await self.leases.claim(self.model, ttl_ms=self.lease_ttl_ms, owner=call_id)
+            lease = await self.leases.claim(model, ttl_ms=self.lease_ttl_ms, owner=call_id)
         except PoolError as exc:  # down, failing over, full (maxmemory): 503, never 500
             self.redis_ok = False
             self._claim_failed_at = time.monotonic()

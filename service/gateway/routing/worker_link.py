@@ -45,6 +45,7 @@ class WorkerLink:
         token: int | None = None,
         model: str | None = None,
         secret: str | None = None,
+        sampling: tp.Mapping[str, float | int | bool] | None = None,
         on_frame: tp.Callable[[bytes], None] | None = None,
         on_text: tp.Callable[[str, float], None] | None = None,
         on_end: tp.Callable[[str], None] | None = None,
@@ -54,6 +55,7 @@ class WorkerLink:
         self.slot = slot
         self.token = token
         self.model = model
+        self.sampling = sampling
         self.headers = authorization(secret)  # the workers' shared secret (PROTOCOL.md)
         self.on_frame = on_frame
         self.on_text = on_text
@@ -74,7 +76,7 @@ class WorkerLink:
                 self._ws = await connect(self.url, max_size=2**20, compression=None, open_timeout=timeout,
                                          ping_interval=5, ping_timeout=5, additional_headers=self.headers)
                 await self._ws.send(json.dumps(start_message(self.call_id, slot=self.slot, token=self.token,
-                                                             model=self.model)))
+                                                             model=self.model, sampling=self.sampling)))
                 reply = await self._ws.recv()
         except websockets.ConnectionClosed as exc:
             await self._abort()

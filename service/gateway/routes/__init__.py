@@ -1,0 +1,1 @@
+"""Routes: which model and policy each dialled number gets (see ``schema.py``)."""
