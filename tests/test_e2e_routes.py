@@ -24,6 +24,7 @@ from service.settings import CallSettings
 from service.tools.call import place_call
 from sip.errors import CallFailed
 from tests.conftest import RedisServer
+from tests.support.person import Person
 from tests.support.procs import free_port_pair, moshimoshi_cmd, python_env
 from tests.support.services import ADMIN_TOKEN, Gateway, start_gateway, start_worker, wait_until
 from tests.support.sipp import SCENARIOS, Sipp, have_sipp
@@ -34,6 +35,7 @@ pytestmark = pytest.mark.system
 
 ECHO, DEMO, QUEUE, FULL, LIMITED, SHORT, SWITCH = ("0311110000", "0322220000", "0344440000", "0355550000",
                                                   "0366660000", "0388880000", "0377770000")
+PBX = "0391910000"  # a PBX's line: pressing 0 hands the call back to it by REFER
 ROUTES = f"""\
 # one number per behaviour under test
 unmatched: reject
@@ -67,6 +69,11 @@ routes:
   - name: switch-line
     match: {{number: "{SWITCH}"}}
     model: echo
+  - name: pbx-line
+    match: {{number: "{PBX}"}}
+    model: echo
+    fallback: "sip:queue@pbx.example"
+    dtmf: {{"0": transfer}}
 """
 
 
@@ -153,6 +160,18 @@ def settings(cluster: Cluster, number: str, name: str, seconds: float, freq: flo
                         play=str(tone_wav(cluster.dir / f"{name}.wav", seconds, freq)),
                         record=str(cluster.dir / f"{name}-heard.wav"), seconds=seconds, local_host="127.0.0.1",
                         api=cluster.gateway.api, api_token=ADMIN_TOKEN, **extra)
+
+
+def reloads(gateway: Gateway) -> int:
+    return gateway.proc.log().count("routes reloaded")
+
+
+async def reload(cluster: Cluster, text: str) -> None:
+    """The routes file rewritten and read again (SIGHUP)."""
+    before = reloads(cluster.gateway)
+    cluster.routes.write_text(text)
+    cluster.gateway.proc.signal(signal.SIGHUP)
+    await asyncio.to_thread(wait_until, lambda: reloads(cluster.gateway) > before, 10, "the routes reloaded")
 
 
 def metric(gateway: Gateway, line_start: str) -> float | None:
@@ -252,11 +271,12 @@ async def test_sighup_reloads_the_routes_and_a_call_in_progress_keeps_its_route(
     gateway = cluster.gateway
     talking = asyncio.create_task(place_call(settings(cluster, SWITCH, "during-reload", 5.0, 440.0)))
     await asyncio.to_thread(wait_until, lambda: pool_free(gateway) == 2, 10, "the call up")
+    before = reloads(gateway)
     cluster.routes.write_text(ROUTES.replace("  - name: switch-line\n    match: {number: \"0377770000\"}\n"
                                              "    model: echo", "  - name: switch-line\n    match: {number: "
                                              "\"0377770000\"}\n    model: demo"))
     gateway.proc.signal(signal.SIGHUP)
-    await asyncio.to_thread(wait_until, lambda: gateway.proc.log().count("routes reloaded") >= 1, 10, "the reload")
+    await asyncio.to_thread(wait_until, lambda: reloads(gateway) > before, 10, "the reload")
     assert "SIGHUP: reloading the routes" in gateway.proc.log()
     during = await talking
     pcm, rate = heard(during["recording"])
@@ -274,9 +294,120 @@ async def test_sighup_reloads_the_routes_and_a_call_in_progress_keeps_its_route(
     assert f"{cluster.routes}:{line}: route 'limited-line': 'max_calls' must be" in gateway.proc.log()
     kept = await place_call(settings(cluster, SWITCH, "kept", 1.5))
     assert ended(gateway, kept["gateway_call_id"])["model"] == "demo"
-    cluster.routes.write_text(ROUTES)
-    gateway.proc.signal(signal.SIGHUP)
-    await asyncio.to_thread(wait_until, lambda: gateway.proc.log().count("routes reloaded") >= 2, 10, "restored")
+    await reload(cluster, ROUTES)
+
+
+def leases(gateway: Gateway) -> dict[str, str]:
+    """Call id → worker, for every slot leased in the pool."""
+    status, pool = gateway.get("/v1/pool")
+    assert status == 200 and isinstance(pool, dict), pool
+    return {slot["call_id"]: worker["worker_id"] for worker in pool["workers"] for slot in worker["slots"]
+            if slot["state"] == "leased"}
+
+
+def live_call(gateway: Gateway, route: str) -> dict | None:
+    status, body = gateway.get("/v1/calls?state=active")
+    assert status == 200 and isinstance(body, dict), body
+    calls = [c for c in body["calls"] if c.get("route") == route]
+    return calls[0] if calls else None
+
+
+@requires(have_sipp(), "sipp is not installed")
+async def test_dtmf_0_hands_the_call_back_to_the_pbx_by_refer_and_frees_the_slot_at_once(cluster, tmp_path):
+    """sipp plays the PBX (``uac_refer_dtmf.xml``): its caller presses 0 (SIP INFO) on a
+    route whose DTMF action is ``0 → transfer``; the gateway REFERs the call to the route's
+    fallback, the PBX takes it (202, NOTIFY 100 then 200) and the gateway's leg ends with
+    BYE. sipp holds its answer to that BYE for 1.5 s: the slot is already free in
+    /v1/pool while the gateway's leg is still hanging up."""
+    gateway = cluster.gateway
+    log_file = tmp_path / "sipp-pbx.log"
+    sipp = await Sipp(tmp_path, "-sf", str(SCENARIOS / "uac_refer_dtmf.xml"), "-s", PBX, "-trace_logs",
+                      "-log_file", str(log_file), f"127.0.0.1:{gateway.sip_port}").start()
+    try:
+        call = await asyncio.to_thread(wait_until, lambda: live_call(gateway, "pbx-line"), 10, "the call answered",
+                                       gateway.proc)
+        assert leases(gateway).get(call["id"]) == "w-echo"
+
+        def handed_over() -> bool:
+            return [p["kind"] for p in record(gateway, call["id"])["phases"]] == ["ai", "human"]
+
+        await asyncio.to_thread(wait_until, handed_over, 10, "the hand-over", gateway.proc, 0.02)
+        assert call["id"] not in leases(gateway)  # free at once, not when the leg has ended
+        assert pool_free(gateway) == 3
+        assert sipp.proc is not None and sipp.proc.returncode is None  # the BYE is still unanswered
+        await sipp.finished(within=20)  # it got the REFER, the BYE, and answered them
+    finally:
+        await sipp.stop()
+    assert "REFER to <sip:queue@pbx.example> by <sip:" in log_file.read_text()
+    done = ended(gateway, call["id"])
+    assert done["end_reason"] == "transferred", done
+    [attempt] = done["transfers"]
+    assert (attempt["by"], attempt["mode"], attempt["outcome"], attempt["status"], attempt["target"]) == (
+        "dtmf", "refer", "transferred", 200, "sip:queue@pbx.example"), attempt
+    ai, human = done["phases"]
+    assert ai["end"] == human["start"] and (human["mode"], human["target"]) == ("refer", "sip:queue@pbx.example")
+    status, transcript = gateway.get(f"/v1/calls/{call['id']}/transcript")
+    assert status == 200 and isinstance(transcript, dict), transcript
+    assert [(e["kind"], e["text"]) for e in transcript["events"] if e["kind"] in ("dtmf", "transfer")] == [
+        ("dtmf", "0"), ("transfer", "transferred to sip:queue@pbx.example (refer)")]
+
+
+TRANSFER_LINES = """\
+  - name: dtmf-transfer-line
+    match: {{number: "0312120000"}}
+    model: echo
+    fallback: {person}
+    dtmf: {{"0": transfer}}
+  - name: overflow-transfer-line
+    match: {{number: "0313130000"}}
+    model: demo
+    queue_seconds: 1
+    fallback: {person}
+    overflow: transfer
+"""
+
+
+@requires(shutil.which("baresip") is not None, "baresip is not installed")
+async def test_dtmf_0_hands_the_caller_to_the_routes_fallback(cluster, tmp_path):
+    """The route's DTMF action calls the transfer's entry point: the caller presses 0 one
+    second in, the person (baresip, a 1 kHz tone) answers, the AI's slot goes back."""
+    person = await Person(tmp_path / "person", tone_hz=1000.0, quit_after=20).start()
+    try:
+        await reload(cluster, ROUTES + TRANSFER_LINES.format(person=person.uri))
+        summary = await place_call(settings(cluster, "0312120000", "presses-0", 7.0, 440.0, dtmf="0"))
+    finally:
+        await person.stop()
+        await reload(cluster, ROUTES)
+    pcm, rate = heard(summary["recording"])
+    assert abs(peak_hz(pcm[int(0.3 * rate):int(0.9 * rate)], rate) - 440) < 10  # the AI (the echo) first
+    assert abs(peak_hz(pcm[5 * rate:], rate) - 1000) < 10  # then the person
+    call = ended(cluster.gateway, summary["gateway_call_id"])
+    [attempt] = call["transfers"]
+    assert (attempt["by"], attempt["outcome"], attempt["target"]) == ("dtmf", "transferred", person.uri), attempt
+    assert [phase["kind"] for phase in call["phases"]] == ["ai", "human"]
+
+
+@requires(shutil.which("baresip") is not None, "baresip is not installed")
+async def test_no_slot_hands_the_caller_to_the_humans_by_the_routes_overflow(cluster, tmp_path):
+    """The demo slot is busy and the route overflows to its fallback: the call is answered
+    without an AI and bridged to the person."""
+    person = await Person(tmp_path / "person", tone_hz=1000.0, quit_after=20).start()
+    holder = asyncio.create_task(place_call(settings(cluster, DEMO, "holds-demo-3", 7.0)))
+    try:
+        await reload(cluster, ROUTES + TRANSFER_LINES.format(person=person.uri))
+        await asyncio.to_thread(wait_until, lambda: pool_free(cluster.gateway) == 2, 10, "the demo slot taken")
+        summary = await place_call(settings(cluster, "0313130000", "overflows", 5.0, 440.0))
+        await holder
+    finally:
+        await person.stop()
+        await reload(cluster, ROUTES)
+    assert summary["answer_seconds"] > 0.9, summary  # it waited its queue time first
+    pcm, rate = heard(summary["recording"])
+    assert abs(peak_hz(pcm[2 * rate:], rate) - 1000) < 10  # the person
+    call = ended(cluster.gateway, summary["gateway_call_id"])
+    [attempt] = call["transfers"]
+    assert (attempt["by"], attempt["outcome"]) == ("overflow", "transferred"), attempt
+    assert call["worker_id"] == "" and [phase["kind"] for phase in call["phases"]] == ["human"], call
 
 
 def test_an_invalid_routes_file_stops_the_gateway_with_one_line_naming_the_line(tmp_path):

@@ -95,6 +95,7 @@ class RouteTable:
         self.active: dict[str, int] = {}
         self.reloads = 0
         self._stat: tuple[int, int, int] | None = self._file_stat()
+        self._reloading = asyncio.Lock()  # one reload at a time: the last to run read the file last
 
     @classmethod
     def open(cls, path: str | None, *, model: str | None = None, digest_users: bool = False) -> RouteTable:
@@ -174,21 +175,22 @@ class RouteTable:
         in force. A file that does not check leaves the routes as they were."""
         if not self.path:
             return False
-        self._stat = self._file_stat()
-        try:
-            loaded = await asyncio.to_thread(load_file, self.path, digest_users=self.digest_users)
-        except RoutesError as exc:
-            metrics.ROUTE_RELOADS.labels("error").inc()
-            log.error("routes not reloaded, the routes in force stay: %s", exc.where(self.path))
-            return False
-        if loaded.fingerprint == self.loaded.fingerprint:
-            metrics.ROUTE_RELOADS.labels("unchanged").inc()
+        async with self._reloading:
+            self._stat = self._file_stat()
+            try:
+                loaded = await asyncio.to_thread(load_file, self.path, digest_users=self.digest_users)
+            except RoutesError as exc:
+                metrics.ROUTE_RELOADS.labels("error").inc()
+                log.error("routes not reloaded, the routes in force stay: %s", exc.where(self.path))
+                return False
+            if loaded.fingerprint == self.loaded.fingerprint:
+                metrics.ROUTE_RELOADS.labels("unchanged").inc()
+                return True
+            self.loaded = loaded
+            self.reloads += 1
+            metrics.ROUTE_RELOADS.labels("ok").inc()
+            self._log_loaded("reloaded")
             return True
-        self.loaded = loaded
-        self.reloads += 1
-        metrics.ROUTE_RELOADS.labels("ok").inc()
-        self._log_loaded("reloaded")
-        return True
 
     async def watch(self, interval: float = WATCH_SECONDS) -> None:
         """Reload whenever the file changes (checked every ``interval`` seconds)."""
