@@ -9,8 +9,9 @@ after its slot was played is dropped and counted as late.
 Timing model. Every packet has a *transit* ``arrival - timestamp / clock_rate`` (seconds,
 up to a constant). A frame slot with timestamp ``ts`` popped at ``now`` has the *playout
 offset* ``now - ts / clock_rate``: its packet was on time iff its transit is at most that
-offset. The buffer keeps the transits of the last ``window`` packets, sorted, and aims the
-playout offset at::
+offset. The buffer keeps the minimum and a high quantile of the transits of the last
+``window`` packets (give or take a tenth: :class:`TransitWindow`), and aims the playout
+offset at::
 
     target = max(fastest + min_delay, quantile(transit) + frame / 2),  capped at fastest + max_delay
 
@@ -90,6 +91,68 @@ class JitterBufferStats:
     target_delay_ms: float
 
 
+class TransitWindow:
+    """The transits of a stream's recent packets: their minimum and a high quantile, exact,
+    for O(1) work per packet (this runs for every packet of every call).
+
+    The window moves a block (a tenth of it) at a time: it holds the block being filled and
+    the whole blocks of ``block`` packets before it, up to ``blocks × block`` packets in all
+    (``size`` rounded down to whole blocks; at least a block fewer plus one once full). Each whole block keeps its minimum and its largest few
+    values (as many as the quantile can reach down to); the window's are merged from those
+    when a block leaves, and a new packet only updates them if it goes below the minimum or
+    among the largest. A high quantile of the window is the k-th largest value for a small k,
+    which the merged largest values of the blocks always contain.
+    """
+
+    __slots__ = ("quantile", "block", "blocks", "_reach", "_full", "_current", "fastest", "_top", "count")
+
+    def __init__(self, size: int, quantile: float) -> None:
+        self.quantile = quantile
+        self.block = max(1, size // 10)
+        self.blocks = size // self.block  # the block being filled included
+        most = self.blocks * self.block
+        self._reach = most - int(quantile * most) + 1  # the most largest values a lookup can need
+        self._full: deque[tuple[int, float, list[float]]] = deque()  # (count, minimum, largest ascending)
+        self._current: list[float] = []
+        self.fastest = math.inf  # the smallest transit in the window
+        self._top: list[float] = []  # the window's largest values, ascending
+        self.count = 0
+
+    def add(self, transit: float) -> None:
+        current = self._current
+        if len(current) == self.block:
+            self._roll()
+            current = self._current
+        current.append(transit)
+        self.count += 1
+        if transit < self.fastest:
+            self.fastest = transit
+        top = self._top
+        if len(top) < self._reach:
+            bisect.insort(top, transit)
+        elif transit > top[0]:
+            bisect.insort(top, transit)
+            del top[0]
+
+    def _roll(self) -> None:
+        """The block being filled is whole: it joins the window, and the oldest may leave."""
+        current = self._current
+        ordered = sorted(current)
+        full = self._full
+        full.append((len(current), ordered[0], ordered[-self._reach:]))
+        self._current = []
+        if len(full) >= self.blocks:
+            self.count -= full.popleft()[0]
+            self.fastest = min((entry[1] for entry in full), default=math.inf)
+            self._top = sorted(value for entry in full for value in entry[2])[-self._reach:]
+
+    def high(self) -> float:
+        """The window's ``quantile``: the value at index ``int(quantile * count)`` (at most the
+        last) of the window sorted."""
+        count = self.count
+        return self._top[min(count - 1, int(self.quantile * count)) - count]
+
+
 class JitterBuffer:
     """Reorders, de-duplicates and times one RTP audio stream; see the module docstring."""
 
@@ -144,10 +207,10 @@ class JitterBuffer:
     def _restart(self, ssrc: int | None) -> None:
         self._ssrc = ssrc
         self._slots: dict[int, bytes] = {}  # extended timestamp -> payload
-        self._seen: set[int] = set()
-        self._seen_order: deque[int] = deque()
-        self._transits: deque[float] = deque()
-        self._sorted: list[float] = []
+        # the timestamps of the last frames stored or found late, by frame number modulo the
+        # ring's size: a duplicate is a packet whose timestamp its frame's entry still holds
+        self._seen: list[int | None] = [None] * self._seen_limit
+        self._transits = TransitWindow(self.window, self.quantile)
         self._cursor: int | None = None  # extended timestamp of the next slot to play
         self._last_ts = 0
         self._last_ext = 0
@@ -155,7 +218,7 @@ class JitterBuffer:
         self._stream_played = False  # a frame of this stream was played
         self._misses = 0
         self._last_shrink = -math.inf
-        self._candidate: tuple[RtpPacket, float] | None = None
+        self._candidate: tuple[int, bytes, float] | None = None  # timestamp, payload, arrival
 
     def reset(self) -> None:
         """Forget the stream; what it held counts as discarded."""
@@ -164,20 +227,25 @@ class JitterBuffer:
             self.packets_discarded += 1
         self._restart(None)
 
-    def _begin(self, packet: RtpPacket, arrival: float) -> None:
-        self._restart(packet.ssrc)
-        self._last_ts = self._last_ext = packet.timestamp
-        self._cursor = packet.timestamp
-        self._store(packet.timestamp, packet.payload)
-        self._record_transit(arrival - packet.timestamp / self.clock_rate)
+    def _begin(self, ssrc: int, timestamp: int, payload: bytes, arrival: float) -> None:
+        self._restart(ssrc)
+        self._last_ts = self._last_ext = timestamp
+        self._cursor = timestamp
+        self._store(timestamp, payload)
+        self._transits.add(arrival - timestamp / self.clock_rate)
 
     # -- input ---------------------------------------------------------------------------------
 
     def put(self, packet: RtpPacket, arrival: float) -> None:
         """Accept one RTP packet of this stream that arrived at ``arrival`` (seconds, pop's clock)."""
+        self.put_payload(packet.ssrc, packet.timestamp, packet.payload, arrival)
+
+    def put_payload(self, ssrc: int, timestamp: int, payload: bytes, arrival: float) -> None:
+        """:meth:`put` for the fields the buffer uses: what the RTP session's fast path hands
+        over without building a packet object."""
         self.packets_received += 1
-        if packet.ssrc != self._ssrc:
-            if packet.ssrc in self._stale_ssrcs:
+        if ssrc != self._ssrc:
+            if ssrc in self._stale_ssrcs:
                 self.packets_discarded += 1
                 return
             if self._ssrc is not None:
@@ -186,21 +254,20 @@ class JitterBuffer:
                 self._discard_held()
                 if self._candidate is not None:
                     self.packets_discarded += 1
-            self._begin(packet, arrival)
+            self._begin(ssrc, timestamp, payload, arrival)
             return
-        ext = self._last_ext + (((packet.timestamp - self._last_ts + 0x80000000) & 0xFFFFFFFF) - 0x80000000)
+        ext = self._last_ext + (((timestamp - self._last_ts + 0x80000000) & 0xFFFFFFFF) - 0x80000000)
         transit = arrival - ext / self.clock_rate
         cursor = self._cursor
         assert cursor is not None
-        ordered = self._sorted
-        fastest = ordered[0]
+        transits = self._transits
+        fastest = transits.fastest
         off = abs(transit - fastest)
         # under extreme jitter a jump must also stand out from the jitter itself (the spread
         # is only looked up for a packet off by more than resync_after: rarely)
-        if ((off > self.resync_after
-             and off > 2 * (ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))] - fastest))
+        if ((off > self.resync_after and off > 2 * (transits.high() - fastest))
                 or (ext - cursor) % self.frame_samples):
-            self._on_jump(packet, arrival)
+            self._on_jump(timestamp, payload, arrival)
             return
         if self._candidate is not None:
             # the stream went on as before: the jump was a one-off
@@ -208,65 +275,61 @@ class JitterBuffer:
             self.packets_discarded += 1
         if ext > self._last_ext:
             self._last_ext = ext
-            self._last_ts = packet.timestamp
-        if ext in self._seen:
+            self._last_ts = timestamp
+        seen = self._seen
+        entry = (ext // self.frame_samples) % self._seen_limit
+        if seen[entry] == ext:
             self.packets_duplicate += 1
             return
-        self._record_transit(transit)
+        seen[entry] = ext
+        transits.add(transit)
         if ext < cursor:
             if not self._stream_played:
                 # nothing played yet: an earlier packet overtaken at the start moves the start back
                 self._cursor = ext
             else:
-                self._mark_seen(ext)
                 self.packets_late += 1
                 return
-        self._store(ext, packet.payload)
+        slots = self._slots
+        slots[ext] = payload
+        if len(slots) > self.max_depth:
+            self._overflow()
 
     def _store(self, ext: int, payload: bytes) -> None:
         slots = self._slots
         slots[ext] = payload
-        self._mark_seen(ext)
+        self._seen[(ext // self.frame_samples) % self._seen_limit] = ext
         if len(slots) > self.max_depth:
-            oldest = min(slots)
-            del slots[oldest]
-            self.packets_overflow += 1
-            assert self._cursor is not None
-            if oldest >= self._cursor:
-                self._cursor = oldest + self.frame_samples
+            self._overflow()
 
-    def _mark_seen(self, ext: int) -> None:
-        self._seen.add(ext)
-        order = self._seen_order
-        order.append(ext)
-        if len(order) > self._seen_limit:
-            self._seen.discard(order.popleft())
+    def _overflow(self) -> None:
+        """More frames held than ``max_depth``: the oldest goes."""
+        slots = self._slots
+        oldest = min(slots)
+        del slots[oldest]
+        self.packets_overflow += 1
+        assert self._cursor is not None
+        if oldest >= self._cursor:
+            self._cursor = oldest + self.frame_samples
 
-    def _record_transit(self, transit: float) -> None:
-        transits = self._transits
-        ordered = self._sorted
-        transits.append(transit)
-        bisect.insort(ordered, transit)
-        if len(transits) > self.window:
-            old = transits.popleft()
-            del ordered[bisect.bisect_left(ordered, old)]
-
-    def _on_jump(self, packet: RtpPacket, arrival: float) -> None:
+    def _on_jump(self, timestamp: int, payload: bytes, arrival: float) -> None:
         """A packet off the current timeline: resync if it is the second in a row that agrees."""
         candidate = self._candidate
         if candidate is not None:
-            first, first_arrival = candidate
-            step = ((packet.timestamp - first.timestamp + 0x80000000) & 0xFFFFFFFF) - 0x80000000
+            first_timestamp, first_payload, first_arrival = candidate
+            step = ((timestamp - first_timestamp + 0x80000000) & 0xFFFFFFFF) - 0x80000000
             drift = (arrival - first_arrival) - step / self.clock_rate
             if step and step % self.frame_samples == 0 and abs(drift) < self.resync_after / 2:
                 self.resyncs += 1
                 self._discard_held()
-                self._begin(first, first_arrival)
-                self.packets_received -= 1  # put() counts this packet again
-                self.put(packet, arrival)
+                ssrc = self._ssrc
+                assert ssrc is not None
+                self._begin(ssrc, first_timestamp, first_payload, first_arrival)
+                self.packets_received -= 1  # put_payload() counts this packet again
+                self.put_payload(ssrc, timestamp, payload, arrival)
                 return
             self.packets_discarded += 1
-        self._candidate = (packet, arrival)
+        self._candidate = (timestamp, payload, arrival)
 
     def _discard_held(self) -> None:
         self.packets_discarded += len(self._slots)
@@ -276,11 +339,9 @@ class JitterBuffer:
 
     def target_offset(self) -> float:
         """The playout offset (seconds, transit domain) the buffer is steering towards."""
-        ordered = self._sorted
-        count = len(ordered)
-        fastest = ordered[0]
-        high = ordered[min(count - 1, int(self.quantile * count))]
-        return min(max(fastest + self.min_delay, high + self._half_frame), fastest + self.max_delay)
+        transits = self._transits
+        fastest = transits.fastest
+        return min(max(fastest + self.min_delay, transits.high() + self._half_frame), fastest + self.max_delay)
 
     def pop(self, now: float) -> bytes | Conceal | None:
         """The payload for the next frame slot, :data:`CONCEAL`, or None when idle. Never waits."""
@@ -300,7 +361,7 @@ class JitterBuffer:
                 # hold this slot one more frame: the delay grows by one frame
                 self.frames_inserted += 1
                 self.frames_concealed += 1
-                self._delay = now - cursor / self.clock_rate - self._sorted[0]
+                self._delay = now - cursor / self.clock_rate - self._transits.fastest
                 return CONCEAL
         elif error >= half:
             following = slots.get(cursor + step)
@@ -317,7 +378,7 @@ class JitterBuffer:
                     cursor += step
                     payload = following
                     self._last_shrink = now
-        self._delay = now - cursor / self.clock_rate - self._sorted[0]
+        self._delay = now - cursor / self.clock_rate - self._transits.fastest
         self._cursor = cursor + step
         if payload is None:
             self._misses += 1
@@ -356,7 +417,7 @@ class JitterBuffer:
                 error -= frame
                 skip -= 1
         cursor += skip * step
-        self._delay = now - cursor / self.clock_rate - self._sorted[0]
+        self._delay = now - cursor / self.clock_rate - self._transits.fastest
         payload = slots.pop(cursor, None)
         self._cursor = cursor + step
         if payload is None:
@@ -385,7 +446,7 @@ class JitterBuffer:
         return len(self._slots) + (self._candidate is not None)
 
     def stats(self) -> JitterBufferStats:
-        target = self.target_offset() - self._sorted[0] if self._sorted else self.min_delay
+        target = self.target_offset() - self._transits.fastest if self._transits.count else self.min_delay
         return JitterBufferStats(
             packets_received=self.packets_received,
             frames_played=self.frames_played,

@@ -34,8 +34,11 @@ replayed packet (``packets_srtp_replayed``) or one whose tag does not verify (fo
 corrupted, a stranger's: ``packets_srtp_auth_failed``) is dropped and counted, RTCP too.
 
 Received RTP goes to the handler routed for its payload type (:meth:`RtpSession.route`):
-the audio type to a jitter buffer's ``put``, telephone-event to a DTMF receiver's
-``receive``. Handlers run on the event loop and must not block.
+telephone-event to a DTMF receiver's ``receive``. The audio type goes to a payload handler
+(:meth:`RtpSession.route_payload`: a jitter buffer's ``put_payload``), which takes the
+fields a jitter buffer needs rather than a packet object: a packet in the stream's common
+form (version 2, no padding, extension or CSRC, from the latched source and SSRC) is then
+delivered without being parsed into one. Handlers run on the event loop and must not block.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ from sip.rtcp import (
     round_trip_time,
     sdes_cname,
 )
-from sip.rtp import RtpPacket, RtpParseError
+from sip.rtp import RTP_HEADER_SIZE, RtpPacket, RtpParseError
 from sip.rtpstats import ReceiverStatistics, SenderStatistics
 from sip.srtp import SrtpContext, SrtpError, SrtpKeys, SrtpReplayed
 
@@ -78,6 +81,7 @@ log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
 PacketHandler = Callable[[RtpPacket, float], object]
+PayloadHandler = Callable[[int, int, bytes, float], object]  # (ssrc, timestamp, payload, arrival)
 
 _RTP_HEADER = struct.Struct("!BBHII")
 
@@ -251,6 +255,7 @@ class RtpSession:
         self._remote: Address | None = None
         self._remote_rtcp: Address | None = None
         self._latched: Address | None = None
+        self._latched_addr: tuple | None = None  # the latched source as the socket reports it
         self._trusted_ips: set[str] = set()
         self._media_ips: deque[str] = deque(maxlen=8)  # where this session's media came from
         self._latched_ssrc: int | None = None
@@ -267,6 +272,7 @@ class RtpSession:
         # receiving
         self._receiver = ReceiverStatistics(clock_rate)
         self._handlers: dict[int, PacketHandler] = {}
+        self._payload_handlers: dict[int, PayloadHandler] = {}
         self._jitter_buffers: list[JitterBuffer] = []
         self.packets_received = 0
         self.octets_received = 0
@@ -344,6 +350,7 @@ class RtpSession:
         if self._closed:
             return
         self._closed = True
+        self._latched_addr = None
         try:
             if self._rtcp_task is not None:
                 self._rtcp_task.cancel()
@@ -382,6 +389,7 @@ class RtpSession:
         rtcp_port = port + 1 if rtcp_port is None else rtcp_port
         self._remote_rtcp = (_canonical_ip(rtcp_host or host), rtcp_port)
         self._latched = None
+        self._latched_addr = None
         self._latched_ssrc = None
         self._rtcp_latched = None
         self._set_destination(self._remote if self._verified_ip(self._remote[0]) else None)
@@ -491,14 +499,24 @@ class RtpSession:
 
     def route(self, payload_type: int, handler: PacketHandler | None) -> None:
         """Deliver received packets of ``payload_type`` to ``handler(packet, arrival)``; None unroutes."""
+        self._payload_handlers.pop(payload_type, None)
         if handler is None:
             self._handlers.pop(payload_type, None)
         else:
             self._handlers[payload_type] = handler
 
+    def route_payload(self, payload_type: int, handler: PayloadHandler | None) -> None:
+        """Deliver received packets of ``payload_type`` as ``handler(ssrc, timestamp, payload,
+        arrival)``, on the fast path where they have the common form; None unroutes."""
+        self._handlers.pop(payload_type, None)
+        if handler is None:
+            self._payload_handlers.pop(payload_type, None)
+        else:
+            self._payload_handlers[payload_type] = handler
+
     def attach_jitter_buffer(self, jitter_buffer: JitterBuffer, payload_type: int | None = None) -> None:
         """Route the audio payload type to ``jitter_buffer`` and report its late/duplicate counts."""
-        self.route(self.payload_type if payload_type is None else payload_type, jitter_buffer.put)
+        self.route_payload(self.payload_type if payload_type is None else payload_type, jitter_buffer.put_payload)
         self._jitter_buffers.append(jitter_buffer)
 
     def now(self) -> float:
@@ -506,6 +524,37 @@ class RtpSession:
         return self._loop.time()
 
     def _on_rtp(self, data: bytes, addr: tuple) -> None:
+        # The fast path: from the latched source (None once closed), the common header form
+        # (version 2, no padding, extension or CSRC), a payload type with a payload handler,
+        # not RTCP, the latched SSRC. No packet object; statistics and delivery as below.
+        if addr == self._latched_addr and len(data) >= RTP_HEADER_SIZE and data[0] == 0x80:
+            second = data[1]
+            handler = self._payload_handlers.get(second & 0x7F)
+            if handler is not None and not 192 <= second <= 223:
+                srtp = self._srtp
+                if srtp is not None:
+                    try:
+                        data = srtp.unprotect(data)
+                    except SrtpError as exc:
+                        self._srtp_failed(exc)
+                        return
+                _, _, sequence, timestamp, ssrc = _RTP_HEADER.unpack_from(data)
+                if ssrc != self._latched_ssrc:  # authenticated (if SRTP): the general path goes on from here
+                    self._on_clear_rtp(data, _source(addr), True)
+                    return
+                arrival = self._loop.time()
+                payload = data[RTP_HEADER_SIZE:]
+                size = len(payload)
+                self.packets_received += 1
+                self.octets_received += size
+                self._receiver.update(ssrc, sequence, timestamp, arrival, size,
+                                      (second & 0x7F) == self.payload_type)
+                try:
+                    handler(ssrc, timestamp, payload, arrival)
+                except Exception:
+                    self.handler_errors += 1
+                    log.exception("RTP handler for payload type %d failed", second & 0x7F)
+                return
         if self._closed:
             return
         source = _source(addr)
@@ -524,14 +573,20 @@ class RtpSession:
             except SrtpError as exc:
                 self._srtp_failed(exc)
                 return
+        if self._on_clear_rtp(data, source, latched):
+            self._latched_addr = addr  # accepted: from the latched source, now or from here on
+
+    def _on_clear_rtp(self, data: bytes, source: Address, latched: bool) -> bool:
+        """An admitted RTP packet, authenticated and decrypted if SRTP: parse, latch,
+        account and deliver it. False when it was dropped (malformed or stray)."""
         try:
             packet = RtpPacket.parse(data)
         except RtpParseError:
             self.packets_malformed += 1
-            return
+            return False
         if not latched and not self._try_latch(source, packet.ssrc):
             self.packets_stray += 1
-            return
+            return False
         if packet.ssrc != self._latched_ssrc:
             self._retire(packet.ssrc)
         arrival = self._loop.time()
@@ -541,14 +596,19 @@ class RtpSession:
         self._receiver.update(packet.ssrc, packet.sequence, packet.timestamp, arrival, len(packet.payload),
                               measure_jitter=payload_type == self.payload_type)
         handler = self._handlers.get(payload_type)
-        if handler is None:
+        payload_handler = self._payload_handlers.get(payload_type) if handler is None else None
+        if handler is None and payload_handler is None:
             self.packets_unknown_payload_type += 1
-            return
+            return True
         try:
-            handler(packet, arrival)
+            if handler is not None:
+                handler(packet, arrival)
+            elif payload_handler is not None:
+                payload_handler(packet.ssrc, packet.timestamp, packet.payload, arrival)
         except Exception:
             self.handler_errors += 1
             log.exception("RTP handler for payload type %d failed", payload_type)
+        return True
 
     def _on_rtcp(self, data: bytes, addr: tuple) -> None:
         if self._closed:
@@ -643,6 +703,27 @@ class RtpSession:
                                        else timestamp_increment)) & 0xFFFFFFFF
         else:
             self._sender.on_sent(len(payload), now)
+        return True
+
+    def send_media(self, payload: bytes, timestamp_increment: int) -> bool:
+        """:meth:`send` for the next packet of the media stream (its payload type, the media
+        timestamp, no marker): the egress pacer's path, 50 times a second per call."""
+        dest = self._dest
+        transport = self._rtp_transport
+        if dest is None or transport is None or self._closed:
+            return self.send(payload, timestamp_increment=timestamp_increment)
+        stamp = self.timestamp
+        data = _RTP_HEADER.pack(0x80, self.payload_type, self._sequence, stamp, self.ssrc) + payload
+        try:
+            if self._srtp is not None:
+                data = self._srtp.protect(data)
+            transport.sendto(data, dest)
+        except (OSError, SrtpError):
+            self.send_errors += 1
+            return False
+        self._sequence = (self._sequence + 1) & 0xFFFF
+        self.timestamp = (stamp + timestamp_increment) & 0xFFFFFFFF
+        self._sender.on_sent(len(payload), self._loop.time(), stamp)
         return True
 
     async def send_dtmf(self, digit: str, duration_ms: float = 100.0, *, payload_type: int = 101,

@@ -175,10 +175,31 @@ class ReceiverStatistics:
                 self._lost_before += max(0, source.cumulative_lost)
                 self._received_before += source.received
             source = self.source = SourceStatistics(ssrc, sequence, self.clock_rate)
+        self.octets += payload_size
+        # every packet of a call passes here: the usual one, the next in sequence after
+        # probation, is counted inline (what update_sequence and update_jitter do for it)
+        if sequence == ((source.max_seq + 1) & 0xFFFF) and not source.probation:
+            if sequence == 0:
+                source.cycles += RTP_SEQ_MOD
+            source.max_seq = sequence
+            source.received += 1
+            if measure_jitter:
+                transit = arrival * source.clock_rate - rtp_timestamp
+                previous = source.transit
+                source.transit = transit
+                if previous is not None:
+                    d = transit - previous
+                    if d > 0x80000000:
+                        d -= 0x100000000
+                    elif d < -0x80000000:
+                        d += 0x100000000
+                    if d < 0:
+                        d = -d
+                    source.jitter += (d - source.jitter) / 16.0
+            return True
         valid = source.update_sequence(sequence)
         if measure_jitter:
             source.update_jitter(rtp_timestamp, arrival)
-        self.octets += payload_size
         return valid
 
     @property

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from service.gateway.media.bridge import MODEL_FRAME_BYTES, MediaBridge
+from service.gateway.media.latency import WINDOW_FRAMES, LatencyMeter, percentiles
 from service.gateway.media.pacer import EgressPacer
 from service.gateway.media.pipeline import MediaPipeline
 from service.gateway.media.resample import (
@@ -392,3 +393,23 @@ def test_a_bridged_pipeline_sends_the_caller_to_the_peer_and_restarts_the_edge_w
     pipeline.unbridge()
     pipeline.to_model(b"caller-3")
     assert to_model == [b"caller-1", b"caller-3"]
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 10, 1999, 2000])
+def test_percentiles_from_one_partial_sort_are_numpys(count: int) -> None:
+    values = np.random.default_rng(count).random(count)
+    assert percentiles(values, (50, 99, 100, 0)) == pytest.approx(
+        [float(np.percentile(values, q)) for q in (50, 99, 100, 0)], rel=0, abs=1e-15)
+
+
+def test_the_latency_summary_covers_the_recent_frames_only() -> None:
+    meter = LatencyMeter()
+    assert meter.summary(0.02, 3.0, 0.001) is None
+    for _ in range(WINDOW_FRAMES):
+        meter.frame_sent(0.5, 0.0, 0.0)  # old frames, 500 ms each
+    for index in range(WINDOW_FRAMES):
+        meter.frame_sent(0.010 + index % 10 * 0.001, 0.002, 3.0)  # 15–24 ms
+    summary = meter.summary(0.02, 3.0, 0.001)
+    assert summary is not None and len(meter.samples) == WINDOW_FRAMES
+    assert summary.p50 == pytest.approx(19.5) and summary.p99 == pytest.approx(24.0)
+    assert (summary.jitter_buffer, summary.resampling, summary.egress_cushion) == (20.0, 3.0, 1.0)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sip.jitterbuffer import CONCEAL, JitterBuffer
+from sip.jitterbuffer import CONCEAL, JitterBuffer, TransitWindow
 from sip.rtp import RtpPacket
 from tests.support.pcap import read_udp
 
@@ -420,3 +420,21 @@ def test_a_duplicated_wild_packet_does_not_count_as_confirmation() -> None:
     run = simulate(jb, arrivals, until=4.2)
     assert jb.resyncs == 0
     assert run.played == [i for i in range(200) if i != 100]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 120), st.sampled_from([0.5, 0.9, 0.99, 1.0]),
+       st.lists(st.floats(-1.0, 1.0, allow_nan=False), min_size=1, max_size=400))
+def test_the_transit_window_is_exact_over_the_packets_it_holds(size, quantile, transits) -> None:
+    window = TransitWindow(size, quantile)
+    for seen, transit in enumerate(transits, 1):
+        window.add(transit)
+        held = transits[seen - window.count:seen]
+        # the last packets, up to `size` rounded down to whole blocks, and at most a block
+        # fewer once that many came
+        most = window.blocks * window.block
+        assert window.count == len(held) <= most <= size and most > size - window.block
+        assert window.count >= min(seen, most - window.block + 1)
+        ordered = sorted(held)
+        assert window.fastest == ordered[0]
+        assert window.high() == ordered[min(len(held) - 1, int(quantile * len(held)))]

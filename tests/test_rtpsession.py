@@ -31,6 +31,25 @@ class Collector:
     def __call__(self, packet: RtpPacket, arrival: float) -> None:
         self.packets.append(packet)
 
+    def payload(self, ssrc: int, timestamp: int, payload: bytes, arrival: float) -> None:
+        """A payload handler's delivery (the fast path); the packets of these tests carry
+        timestamp = sequence × 160, so the sequence is known from it."""
+        self.packets.append(RtpPacket(0, timestamp // 160 & 0xFFFF, timestamp, ssrc, payload))
+
+
+@pytest.fixture(params=["packet", "payload"])
+def delivery(request) -> str:
+    """How the audio reaches its handler: a packet object (``route``), or the fields of a
+    packet in the common form without one (``route_payload``, the fast path)."""
+    return request.param
+
+
+def route(session: RtpSession, payload_type: int, collector: Collector, delivery: str) -> None:
+    if delivery == "packet":
+        session.route(payload_type, collector)
+    else:
+        session.route_payload(payload_type, collector.payload)
+
 
 @pytest.fixture
 async def ports():
@@ -53,14 +72,14 @@ async def peers():
         peer.close()
 
 
-async def test_symmetric_latching_behind_nat(ports, peers) -> None:
+async def test_symmetric_latching_behind_nat(ports, peers, delivery) -> None:
     peer = await peers()
     async with await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=60) as session:
         assert session.local_port % 2 == 0 and session.local_rtcp_port == session.local_port + 1
         # the SDP says port 4000 on 127.0.0.1; a NAT made it the peer's real port instead
         session.update_remote("127.0.0.1", 4000)
         got = Collector()
-        session.route(0, got)
+        route(session, 0, got, delivery)
         peer.send(rtp(1), ("127.0.0.1", session.local_port))
         await eventually(lambda: len(got.packets) == 1)
         assert session.remote_address == peer.address
@@ -71,12 +90,12 @@ async def test_symmetric_latching_behind_nat(ports, peers) -> None:
         assert sent.ssrc == session.ssrc and sent.payload == b"\xd5" * 160 and sent.payload_type == 0
 
 
-async def test_stray_packets_from_other_ports_and_ips_are_dropped_and_counted(ports, peers) -> None:
+async def test_stray_packets_from_other_ports_and_ips_are_dropped_and_counted(ports, peers, delivery) -> None:
     peer, other_port, other_ip = await peers(), await peers(), await peers("127.0.0.2")
     async with await RtpSession.open(ports, host="0.0.0.0", rtcp_interval=60) as session:
         session.update_remote(*peer.address)
         got = Collector()
-        session.route(0, got)
+        route(session, 0, got, delivery)
         target = ("127.0.0.1", session.local_port)
         other_ip.send(rtp(1, ssrc=0xBAD), target)  # before anything is latched: wrong IP
         peer.send(rtp(2), target)
@@ -123,12 +142,12 @@ async def test_media_from_the_signalling_source_latches_when_sdp_names_another_a
         await eventually(lambda: session.packets_stray == 2)
 
 
-async def test_relatch_only_on_an_ssrc_change_from_the_latched_ip(ports, peers) -> None:
+async def test_relatch_only_on_an_ssrc_change_from_the_latched_ip(ports, peers, delivery) -> None:
     first, second = await peers(), await peers()
     async with await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=60) as session:
         session.update_remote("127.0.0.1", 4000)
         got = Collector()
-        session.route(0, got)
+        route(session, 0, got, delivery)
         target = ("127.0.0.1", session.local_port)
         first.send(rtp(1, ssrc=1), target)
         await eventually(lambda: len(got.packets) == 1)
@@ -143,12 +162,44 @@ async def test_relatch_only_on_an_ssrc_change_from_the_latched_ip(ports, peers) 
         assert stats.relatches == 1 and stats.ssrc_changes == 1
 
 
-async def test_malformed_and_unknown_payload_types_are_counted(ports, peers) -> None:
+async def test_every_form_of_packet_from_the_latched_peer_reaches_the_handler(ports, peers, delivery) -> None:
+    """The common form goes the fast way with a payload handler; a marker, CSRCs, an
+    extension, padding or a new SSRC take the general path: the handler sees the same."""
+    peer, other_port = await peers(), await peers()
+    async with await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=60) as session:
+        session.update_remote(*peer.address)
+        got = Collector()
+        route(session, 0, got, delivery)
+        target = ("127.0.0.1", session.local_port)
+        forms = [RtpPacket(0, 1, 160, 0xAAAA, b"\x01" * 160),
+                 RtpPacket(0, 2, 320, 0xAAAA, b"\x02" * 160, marker=True),
+                 RtpPacket(0, 3, 480, 0xAAAA, b"\x03" * 160, csrc=(5, 6)),
+                 RtpPacket(0, 4, 640, 0xAAAA, b"\x04" * 160, padding=4),
+                 RtpPacket(0, 5, 800, 0xAAAA, b"\x05" * 160),
+                 RtpPacket(0, 6, 960, 0xBBBB, b"\x06" * 160),  # the peer's media restarted
+                 RtpPacket(0, 7, 1120, 0xBBBB, b"\x07" * 160)]
+        for count, form in enumerate(forms, 1):
+            peer.send(form.build(), target)
+            await eventually(lambda count=count: len(got.packets) == count)
+        assert [(p.ssrc, p.timestamp, p.payload) for p in got.packets] == \
+            [(p.ssrc, p.timestamp, p.payload) for p in forms]
+        stats = session.stats()
+        assert stats.packets_received == 7 and stats.octets_received == 7 * 160
+        assert stats.ssrc_changes == 1 and stats.packets_lost == 0 and stats.relatches == 0
+        assert stats.packets_stray == stats.packets_malformed == 0
+        # the stream the session follows now is the new SSRC's: that SSRC from another port
+        # is bleed, not a restart
+        other_port.send(RtpPacket(0, 8, 1280, 0xBBBB, b"\x08" * 160).build(), target)
+        await eventually(lambda: session.packets_stray == 1)
+        assert session.remote_address == peer.address and len(got.packets) == 7
+
+
+async def test_malformed_and_unknown_payload_types_are_counted(ports, peers, delivery) -> None:
     peer = await peers()
     async with await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=60) as session:
         session.update_remote(*peer.address)
         got = Collector()
-        session.route(0, got)
+        route(session, 0, got, delivery)
         target = ("127.0.0.1", session.local_port)
         peer.send(rtp(1), target)
         peer.send(b"\x80\x00", target)  # too short
@@ -485,7 +536,7 @@ def srtp_keys(suite: str = "AES_CM_128_HMAC_SHA1_80") -> tuple[SrtpKeys, SrtpKey
     return SrtpKeys(suite, a, b), SrtpKeys(suite, b, a)
 
 
-async def test_srtp_session_sends_srtp_and_drops_replayed_forged_and_plain_packets(ports, peers) -> None:
+async def test_srtp_session_sends_srtp_and_drops_replayed_forged_and_plain_packets(ports, peers, delivery) -> None:
     peer, other_port = await peers(), await peers()
     ours, theirs = srtp_keys()
     far_end = SrtpContext(theirs)
@@ -493,7 +544,7 @@ async def test_srtp_session_sends_srtp_and_drops_replayed_forged_and_plain_packe
         session.set_srtp(ours)
         session.update_remote("127.0.0.1", 4000)  # a NAT will rewrite the port
         got = Collector()
-        session.route(0, got)
+        route(session, 0, got, delivery)
         target = ("127.0.0.1", session.local_port)
         # a forged packet from the signalled IP cannot latch (it would, as plain RTP)
         stranger = SrtpContext(srtp_keys()[1])

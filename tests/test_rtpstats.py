@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sip.rtcp import (
     ReceiverReport,
@@ -175,3 +177,31 @@ def test_sender_statistics_extrapolate_the_media_clock() -> None:
     sender.on_sent(4, now=10.01)  # an event packet: counted, not a clock reference
     assert sender.packet_count == 2 and sender.octet_count == 164
     assert sender.rtp_timestamp_at(10.1) == (0xFFFFFF00 + 800) & 0xFFFFFFFF
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.integers(0xFFF8, 0xFFFF), st.integers(0, 0xFFFF)),
+       st.lists(st.tuples(st.sampled_from([1, 1, 1, 1, 1, 0, 2, -1, 3, -3]), st.integers(0, 19), st.booleans(),
+                          st.floats(0.0, 0.05)), max_size=150))
+def test_the_receivers_inline_path_keeps_the_reference_accounting(first, steps) -> None:
+    """ReceiverStatistics counts the usual packet (the next in sequence) inline: whatever
+    comes, its state stays what A.1's update_seq and A.8's jitter make of the same packets."""
+    stats = ReceiverStatistics(8000)
+    reference: SourceStatistics | None = None
+    sequence, timestamp, arrival = first, 1000, 0.0
+    for step, jump, jitter, delay in steps:
+        if jump == 0:
+            step += 4000  # beyond MAX_DROPOUT: a jump to be confirmed
+        sequence = (sequence + step) & 0xFFFF
+        timestamp = (timestamp + 160 * step) & 0xFFFFFFFF
+        arrival += 0.02 * max(step, 0) + delay
+        valid = stats.update(7, sequence, timestamp, arrival, 160, measure_jitter=jitter)
+        if reference is None:  # the receiver starts a source at its first packet
+            reference = SourceStatistics(7, sequence, 8000)
+        assert valid == reference.update_sequence(sequence)
+        if jitter:
+            reference.update_jitter(timestamp, arrival)
+        source = stats.source
+        assert source is not None
+        assert [getattr(source, name) for name in SourceStatistics.__slots__] == \
+            [getattr(reference, name) for name in SourceStatistics.__slots__]

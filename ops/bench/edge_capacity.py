@@ -15,7 +15,10 @@ over a steady window:
   model audio ready while the model was talking, so the caller heard 20 ms of silence;
 * the gateway's CPU use (from /proc), packets per second, and CPU per call;
 * the gateway core's steal time: on a virtual machine the hypervisor may stop the core
-  for milliseconds at a time, which shows as lateness that no code change can remove.
+  for milliseconds at a time, which shows as lateness that no code change can remove;
+* the load generator's own CPU use and how late its sending ran ("gen lag", the worst
+  phase): a generator that falls behind sends in bursts, and packets then reach the
+  gateway late through no fault of its own.
 
 A step passes when the pacing p99 is under 2 ms, no packet was lost either way (a packet
 too late for its playout deadline counts as lost: an overloaded gateway may still send on
@@ -158,7 +161,25 @@ async def hang_up(calls: list[LoadCall]) -> None:
     calls.clear()
 
 
-async def send_loop(calls: list[LoadCall], stop: asyncio.Event) -> None:
+class SendLag:
+    """How late the load generator's own sending ran (its phases against their schedule): a
+    generator that falls behind sends in bursts, and the gateway then sees late packets that
+    are not its fault."""
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+        self.over_5ms = 0
+
+    def reset(self) -> None:
+        self.worst = 0.0
+        self.over_5ms = 0
+
+    def add(self, lag: float) -> None:
+        self.worst = max(self.worst, lag)
+        self.over_5ms += lag > 0.005
+
+
+async def send_loop(calls: list[LoadCall], stop: asyncio.Event, lag: SendLag) -> None:
     """50 packets/s on every call, a tone so the echo carries audio. Calls are spread over
     20 phases 1 ms apart, as independent callers would be, rather than sent in one burst."""
     import numpy as np
@@ -166,9 +187,11 @@ async def send_loop(calls: list[LoadCall], stop: asyncio.Event) -> None:
     t = np.arange(160) / 8000
     payload = g711.encode("PCMU", (3000 * np.sin(2 * np.pi * 400 * t)).astype(np.int16))
     loop = asyncio.get_running_loop()
+    clock = time.monotonic
     tick = loop.time()
     phase = 0
     while not stop.is_set():
+        lag.add(clock() - tick)
         for call in calls[phase::20]:
             call.rtp.send(payload)
         phase = (phase + 1) % 20
@@ -202,11 +225,13 @@ async def run(args: argparse.Namespace) -> dict:
         await asyncio.to_thread(wait_for_tcp, "127.0.0.1", http_port, 30.0, gateway)
         await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{http_port}/readyz")  # else the first INVITEs get 503
         await ua.start()
-        sender = asyncio.create_task(send_loop(calls, stop))
+        lag = SendLag()
+        sender = asyncio.create_task(send_loop(calls, stop, lag))
         print(f"gateway pinned to core {gateway_core}, load generator on {load_cores}; "
               f"{args.hold:.0f} s per step\n")
         print(f"{'calls':>6} {'media':>5} {'gw CPU':>7} {'CPU/call':>9} {'pkt/s':>7} {'pacing p50':>11} {'p99':>7} "
-              f"{'<=2ms':>7} {'lost in':>8} {'lost out':>9} {'underruns':>10} {'steal':>6}  verdict")
+              f"{'<=2ms':>7} {'lost in':>8} {'lost out':>9} {'underruns':>10} {'steal':>6} {'gen CPU':>8} "
+              f"{'gen lag':>8}  verdict")
         plan = [(n, media) for n in args.steps for media in (("rtp", "srtp") if args.srtp else ("rtp",))]
         for target, media in plan:
             if args.srtp and calls:
@@ -220,6 +245,8 @@ async def run(args: argparse.Namespace) -> dict:
             before = await asyncio.to_thread(scrape, metrics_url)
             cpu_before = cpu_seconds(gateway.pid)
             stolen = StealMeter(gateway_core).start()
+            own_cpu_before = cpu_seconds(os.getpid())
+            lag.reset()
             received_before = [c.received for c in calls]
             gaps_before = sum(c.gaps for c in calls)
             started = time.monotonic()
@@ -227,6 +254,7 @@ async def run(args: argparse.Namespace) -> dict:
             elapsed = time.monotonic() - started
             cpu = (cpu_seconds(gateway.pid) - cpu_before) / elapsed
             steal = stolen.share()
+            generator_cpu = (cpu_seconds(os.getpid()) - own_cpu_before) / elapsed
             after = await asyncio.to_thread(scrape, metrics_url)
             p50, _, _ = bucket_quantile(before, after, "moshimoshi_rtp_pacer_lateness_seconds", 0.50)
             p99, within, _ = bucket_quantile(before, after, "moshimoshi_rtp_pacer_lateness_seconds", 0.99)
@@ -244,11 +272,13 @@ async def run(args: argparse.Namespace) -> dict:
                    "packets_per_second": round(pps), "pacing_p50_le_s": p50, "pacing_p99_le_s": p99,
                    "pacing_within_2ms": round(within, 5), "lost_in": int(lost_in), "lost_out": int(lost_out),
                    "underrun_share": round(underruns, 6), "core_steal": round(steal, 3),
-                   "ok": ok}
+                   "generator_cpu": round(generator_cpu, 3), "generator_lag_max_s": round(lag.worst, 4),
+                   "generator_lag_over_5ms": lag.over_5ms, "ok": ok}
             results.append(row)
             print(f"{target:>6} {media:>5} {cpu * 100:>6.0f}% {1000 * cpu / target:>7.2f}ms {pps:>7.0f} "
                   f"{'≤' + format(p50 * 1000, '.2g') + 'ms':>11} {'≤' + format(p99 * 1000, '.2g') + 'ms':>7} "
-                  f"{within * 100:>6.2f}% {int(lost_in):>8} {lost_out:>9} {underruns * 100:>9.3f}% {steal * 100:>5.1f}%  {verdict(ok, steal)}")
+                  f"{within * 100:>6.2f}% {int(lost_in):>8} {lost_out:>9} {underruns * 100:>9.3f}% {steal * 100:>5.1f}% "
+                  f"{generator_cpu * 100:>7.0f}% {lag.worst * 1000:>6.1f}ms  {verdict(ok, steal)}")
             if media == "srtp":
                 plain = next(r for r in results if r["calls"] == target and r["media"] == "rtp")
                 row["srtp_cpu_ratio"] = round(cpu / plain["gateway_cpu"], 3) if plain["gateway_cpu"] else None

@@ -57,11 +57,11 @@ class LoopHistogram(Collector):
 PACER_LATENESS = LoopHistogram("moshimoshi_rtp_pacer_lateness_seconds",
                                "How far from its schedule each egress packet left (early or late).",
                                PACING_BUCKETS)
-GATEWAY_LATENCY = Histogram(
+GATEWAY_LATENCY = LoopHistogram(  # one observation per model frame sent, on the event loop
     "moshimoshi_gateway_added_latency_seconds",
     "Latency the gateway adds to the conversation: jitter buffer, resampling both ways, "
     "framing hand-off and egress pacing (the model's frame and step excluded).",
-    buckets=LATENCY_BUCKETS)
+    LATENCY_BUCKETS)
 CLAIM_LATENCY = Histogram("moshimoshi_pool_claim_duration_seconds", "Time to claim a slot in Redis.",
                           buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0))
 QUEUE_WAIT = Histogram("moshimoshi_pool_queue_wait_seconds",

@@ -51,9 +51,20 @@ class MediaClock:
     def call_at(self, when: float, callback: Callback, *, urgent: bool = False) -> list:
         """Run ``callback()`` at ``when`` (monotonic seconds); returns an entry for :meth:`cancel`.
         ``urgent`` entries (egress) run before any due work entry."""
+        if urgent:
+            return self.call_urgent_at(when, callback)
         self._seq += 1
         entry = [when, self._seq, callback]
-        heapq.heappush(self._urgent if urgent else self._work, entry)
+        heapq.heappush(self._work, entry)
+        if not self._running and when < self._armed_at:
+            self._arm(when)
+        return entry
+
+    def call_urgent_at(self, when: float, callback: Callback) -> list:
+        """``call_at(when, callback, urgent=True)``: the egress pacers' way, once per packet."""
+        self._seq += 1
+        entry = [when, self._seq, callback]
+        heapq.heappush(self._urgent, entry)
         if not self._running and when < self._armed_at:
             self._arm(when)
         return entry
@@ -80,7 +91,12 @@ class MediaClock:
     def _run_urgent(self, horizon: float) -> None:
         urgent, heappop = self._urgent, heapq.heappop
         while urgent and urgent[0][0] <= horizon:
-            self._call(heappop(urgent)[2])
+            callback = heappop(urgent)[2]
+            if callback is not None:  # None: cancelled (_call, inline)
+                try:
+                    callback()
+                except Exception as exc:
+                    self._failed(callback, exc)
 
     def _call(self, callback: tp.Callable[[], None] | None) -> None:
         if callback is not None:  # None: cancelled

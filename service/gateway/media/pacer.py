@@ -32,7 +32,7 @@ SEND_EARLY_LIMIT = 0.5  # a packet may go out up to half a ptime before its due 
 PacketT = tp.TypeVar("PacketT")  # what a packet is to the caller: PCM, or a payload encoded ahead
 
 
-@dataclass
+@dataclass(slots=True)
 class PacerStats:
     """What the pacer did, for metrics and the call record."""
 
@@ -88,6 +88,7 @@ class EgressPacer(tp.Generic[PacketT]):
         self._timer: list | None = None  # our entry on the loop's shared media clock
         self._loop: asyncio.AbstractEventLoop | None = None
         self._media_clock: MediaClock | None = None
+        self._tick_callback = self._tick  # bound once: scheduled 50 times a second
         self.stats = PacerStats()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -188,9 +189,11 @@ class EgressPacer(tp.Generic[PacketT]):
             return
         if self._timer is not None:
             MediaClock.cancel(self._timer)
-        self._timer = clock.call_at(self._next_tick, self._tick, urgent=True)
+        self._timer = clock.call_urgent_at(self._next_tick, self._tick_callback)
 
     def _tick(self) -> None:
+        """One packet (or silence) out; the next tick scheduled. Runs 50 times a second per
+        call: the phase correction and the scheduling are inline."""
         self._timer = None
         now = self._clock()
         scheduled = self._next_tick
@@ -220,8 +223,17 @@ class EgressPacer(tp.Generic[PacketT]):
         else:
             stats.model_packets += 1
         following = scheduled + packet_s
-        self._next_tick = following + self._phase_correction(following)
-        self._schedule()
+        grid = self._grid
+        if grid is not None:  # _phase_correction(following), inline
+            offset = (grid + self.cushion - following) % packet_s
+            if offset > packet_s / 2:
+                offset -= packet_s
+            slew = self._slew
+            following += slew if offset > slew else -slew if offset < -slew else offset
+        self._next_tick = following
+        clock = self._media_clock
+        if clock is not None:  # _schedule(), inline (our entry has just run)
+            self._timer = clock.call_urgent_at(following, self._tick_callback)
         self._send(pcm, ticks)
 
     def _take(self, tick: float, now: float) -> PacketT | None:
@@ -244,11 +256,3 @@ class EgressPacer(tp.Generic[PacketT]):
                 self._on_frame_sent(now - arrival)
             return pcm
         return None
-
-    def _phase_correction(self, next_tick: float) -> float:
-        if self._grid is None:
-            return 0.0
-        offset = (self._grid + self.cushion - next_tick) % self.packet_s
-        if offset > self.packet_s / 2:
-            offset -= self.packet_s
-        return max(-self._slew, min(self._slew, offset))

@@ -36,7 +36,6 @@ from sip import codecs, g711
 from sip.dtmf import DtmfReceiver
 from sip.jitterbuffer import CONCEAL, JitterBuffer
 from sip.plc import PacketLossConcealer
-from sip.rtp import RtpPacket
 from sip.rtpsession import RtpSession
 from sip.sdp import NegotiatedMedia
 
@@ -83,7 +82,7 @@ class CallMedia:
         rtp.set_format(negotiated.payload_type, negotiated.clock_rate, self.ptime_ms)
         rtp.set_srtp(negotiated.srtp)
         rtp.attach_jitter_buffer(self.jitter, negotiated.payload_type)
-        rtp.route(negotiated.payload_type, self._on_audio)
+        rtp.route_payload(negotiated.payload_type, self._on_audio)
         if negotiated.dtmf_payload_type is not None:
             rtp.route(negotiated.dtmf_payload_type, self.dtmf.receive)
         self.sending = negotiated.sends
@@ -149,10 +148,10 @@ class CallMedia:
 
     # -- inbound -----------------------------------------------------------------------
 
-    def _on_audio(self, packet: RtpPacket, arrival: float) -> None:
+    def _on_audio(self, ssrc: int, timestamp: int, payload: bytes, arrival: float) -> None:
         """An audio packet to the jitter buffer; then any egress packet that fell due while
         the loop was busy with inbound packets goes out before the next one is read."""
-        self.jitter.put(packet, arrival)
+        self.jitter.put_payload(ssrc, timestamp, payload, arrival)
         if self._media_clock is not None:
             self._media_clock.run_due()
 
@@ -251,7 +250,7 @@ class CallMedia:
             payload = self._silence
         else:
             payload = self._encoder.encode(self._silence_pcm if packet is None else packet)
-        self.rtp.send(payload, timestamp_increment=step)
+        self.rtp.send_media(payload, step)
 
     def _on_frame_sent(self, waited: float) -> None:
         self.latency.frame_sent(self.jitter.delay, waited, self.bridge.held_back_ms)
