@@ -33,7 +33,12 @@ prints the gateway's CPU per call-second of both and their ratio: what encryptio
 The SRTP keys travel over UDP here (the gateway runs with --srtp-allow-plaintext-keys):
 this measures media, and TLS signalling has its own benchmark (ops/bench/tls_handshakes.py).
 
+``--gateway-checkout DIR``: the gateway runs the code of another checkout (say, a
+``git worktree`` of the commit before a change) while the load generator stays this one's:
+a before/after ladder that measures the gateway alone, run back to back.
+
     python ops/bench/edge_capacity.py [--steps 50,100,150,200,250,300] [--hold 10] [--srtp]
+                                      [--gateway-checkout DIR]
 """
 
 from __future__ import annotations
@@ -209,8 +214,9 @@ async def run(args: argparse.Namespace) -> dict:
                "--rtp-timeout-seconds", "0", "--sip-rate-limit", "0"]  # hundreds of calls from one address
     if args.srtp:
         command += ["--srtp", "optional", "--srtp-allow-plaintext-keys"]
+    checkout = args.gateway_checkout or REPO
     gateway = subprocess.Popen(  # noqa: ASYNC220 - started once, before any load
-        command, env=python_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+        command, env=python_env(PYTHONPATH=str(checkout)), cwd=checkout, stdout=subprocess.DEVNULL,
         preexec_fn=lambda: os.sched_setaffinity(0, {gateway_core}))
     os.sched_setaffinity(0, set(load_cores))
     metrics_url = f"http://127.0.0.1:{http_port}/metrics"
@@ -294,7 +300,8 @@ async def run(args: argparse.Namespace) -> dict:
         await ua.stop()
         gateway.send_signal(signal.SIGINT)  # SIGTERM would drain for the grace period
         await asyncio.to_thread(gateway.wait, 20)
-    summary: dict = {"benchmark": "edge_capacity", "target": TARGET_CALLS, "steps": results}
+    summary: dict = {"benchmark": "edge_capacity", "target": TARGET_CALLS, "gateway_checkout": str(checkout),
+                     "steps": results}
     for media in (("rtp", "srtp") if args.srtp else ("rtp",)):
         passing = [r for r in results if r["ok"] and r["media"] == media]
         best = max(passing, key=lambda r: r["calls"]) if passing else {"calls": 0, "gateway_cpu": 0.0}
@@ -319,6 +326,8 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=2.0, help="seconds after adding calls")
     parser.add_argument("--srtp", action="store_true",
                         help="run each step with plain RTP and again with SRTP, and compare the CPU")
+    parser.add_argument("--gateway-checkout", metavar="DIR", type=lambda s: Path(s).resolve(),
+                        help="run the gateway from this checkout (default: this one), the load generator from this one")
     args = parser.parse_args()
     try:
         import uvloop
