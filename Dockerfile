@@ -29,11 +29,6 @@ COPY sip ./sip
 COPY service ./service
 # The [gateway] extra deliberately has no torch: this image stays small and CPU-only.
 RUN /opt/moshimoshi/bin/pip install ".[gateway]"
-# Silero VAD's weights for the callers' transcript (run on onnxruntime): the package
-# without its declared dependencies, which would bring torch.
-ARG SILERO_VAD_VERSION
-# hadolint ignore=DL3059
-RUN /opt/moshimoshi/bin/pip install --no-deps "silero-vad==${SILERO_VAD_VERSION}"
 
 FROM ${PYTHON_IMAGE} AS gateway
 LABEL org.opencontainers.image.title="moshimoshi-gateway" \
@@ -92,6 +87,11 @@ RUN /opt/moshimoshi/bin/pip install ".[worker]"
 # LD_LIBRARY_PATH below).
 # hadolint ignore=DL3059
 RUN /opt/moshimoshi/bin/pip install ".[asr]"
+# Silero VAD's weights for the ASR role's voice activity detection (run on onnxruntime):
+# the package without its declared dependencies (torch is here anyway, but not needed).
+ARG SILERO_VAD_VERSION
+# hadolint ignore=DL3059
+RUN /opt/moshimoshi/bin/pip install --no-deps "silero-vad==${SILERO_VAD_VERSION}"
 
 FROM worker-base AS worker
 LABEL org.opencontainers.image.title="moshimoshi-worker" \

@@ -28,7 +28,7 @@ install-test: $(STAMP)
 
 # torch first so that the pinned build is the one every later step sees; moshi without
 # its declared deps (it pins torch<2.10 but runs on 2.13): its real needs are in [worker];
-# silero-vad for its ONNX weights only (it declares torch; the gateway runs it on onnxruntime).
+# silero-vad for its ONNX weights only (it declares torch; the ASR worker runs it on onnxruntime).
 # Every other version comes from the lock file ($(LOCK), written by `make lock`).
 $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)

@@ -172,6 +172,7 @@ class CallRecord:
     ended_at: float | None = None
     end_reason: str = ""
     end_detail: str = ""  # the end reason in words, when the reason alone does not say what went wrong
+    recording: dict[str, tp.Any] | None = None  # format, state, pauses; once stored: location, bytes, duration_s
     quality: CallQuality | None = None
     phases: tp.Annotated[list[CallPhase], _doc("the AI part and, after a transfer, the human part, with their "
                                                 "times")] = field(default_factory=list)

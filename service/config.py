@@ -30,6 +30,7 @@ GROUPS: dict[str, str] = {
     "api": "HTTP: API, dashboard, softphone",
     "webrtc": "WebRTC (browser calls)",
     "webhook": "webhook (a POST for each ended call)",
+    "record": "the call's record: callers' transcript, recordings, DTMF, consent",
     "model": "model and sampling",
     "inference": "inference and capacity",
     "worker": "worker server and pool membership",

@@ -134,7 +134,12 @@ async def _serve(gateway_settings: GatewaySettings, worker_settings: WorkerSetti
     children: list[Supervised] = []
     failure: list[str] = []
     try:
-        gateway = Gateway(dataclasses.replace(gateway_settings, redis_url=redis_url), model=gateway_settings.model)
+        # --asr off with the embedded Redis: no ASR worker can ever join, so the calls'
+        # transcripts hold the agent's side alone (no note, no audio kept for one)
+        transcription = gateway_settings.transcription and (serve_settings.asr == "on" or embedded is None
+                                                             or gateway_settings.asr_url is not None)
+        gateway = Gateway(dataclasses.replace(gateway_settings, redis_url=redis_url, transcription=transcription),
+                          model=gateway_settings.model)
 
         def failed(why: str) -> None:
             failure.append(why)

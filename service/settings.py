@@ -293,7 +293,8 @@ class GatewaySettings:
     drain_grace_seconds: float = setting(300.0, "on SIGTERM, how long calls may go on before exit",
                                          min=0.0, group="pool")
     api_tokens: list[str] = setting(
-        [], "API bearer tokens as token:scope pairs, comma-separated; scope read or admin", secret=True, group="api")
+        [], "API bearer tokens as token:scope pairs, comma-separated; scope read, call, recordings (read and the "
+        "recordings) or admin", secret=True, group="api")
     log_level: str = setting("info", "log level", choices=["debug", "info", "warning", "error"], group="logging")
     webrtc_ice_servers: list[str] = setting(
         [], "STUN/TURN servers for WebRTC calls, comma-separated URLs (stun:host:3478, "
@@ -317,11 +318,43 @@ class GatewaySettings:
         None, "shared secret presented to workers (their MOSHIMOSHI_WORKER_SECRET)", secret=True, env=SECRET_ENV, group="secrets")
     worker_secret_file: str | None = setting(
         None, "file holding the worker secret (e.g. a mounted Kubernetes Secret)", env=SECRET_FILE_ENV, group="secrets")
+    # The call's record (README "Transcripts, recording and compliance"); a route will choose these per call.
+    transcription: bool = setting(
+        True, "transcribe the caller's side of each call on an ASR worker (from the pool, or --asr-url); with "
+        "none up the call goes on and its transcript says so", group="record")
+    asr_url: str | None = setting(
+        None, "ws:// URL of an ASR worker for the callers' transcript (default: the pool's ASR workers)", group="record")
+    recording: str = setting(
+        "off", "record calls in stereo (the caller left, the agent right): off, wav, or ogg (Opus in Ogg, "
+        "~1/16 the size)", choices=["off", "wav", "ogg"], group="record")
+    recording_transfer: bool = setting(True, "also record a transferred call's part with a human", group="record")
+    recording_dir: str = setting(
+        "recordings", "directory the recordings are kept in (with an S3 bucket: where they are written "
+        "before the upload)", group="record")
+    recording_s3_bucket: str | None = setting(
+        None, "keep recordings in this S3-compatible bucket (credentials: the usual AWS_* variables, a web "
+        "identity or an instance profile)", group="record")
+    recording_s3_prefix: str = setting("recordings/", "key prefix of the recordings in the bucket", group="record")
+    recording_s3_endpoint_url: str | None = setting(
+        None, "the S3 API's URL for a bucket not on AWS (MinIO, Ceph, ...), e.g. http://minio:9000", group="record")
+    recording_s3_region: str | None = setting(None, "the bucket's region (default: the AWS_REGION variable)", group="record")
+    dtmf_clear: bool = setting(
+        False, "keep DTMF digits as pressed in transcripts, the API and webhooks (default: each digit is "
+        "stored as '*': digits may be card numbers or PINs)", group="record")
+    consent_announcement: str | None = setting(
+        None, "WAV file played to every caller before the AI speaks (e.g. この通話は品質向上のため録音させて"
+        "いただきます)", group="record")
 
     def validate(self) -> None:
         self.worker_secret = resolve_secret(self.worker_secret, self.worker_secret_file)
         self.worker_secret_file = None
         self._validate_webrtc()
+        if self.asr_url is not None and not self.asr_url.startswith(("ws://", "wss://")):
+            raise ConfigError(f"MOSHIMOSHI_ASR_URL={self.asr_url}: not a ws:// or wss:// URL")
+        if self.recording_s3_endpoint_url is not None and not self.recording_s3_endpoint_url.startswith(
+                ("http://", "https://")):
+            raise ConfigError(f"MOSHIMOSHI_RECORDING_S3_ENDPOINT_URL={self.recording_s3_endpoint_url}: not an "
+                              "http:// or https:// URL")
         if self.rtp_port_min >= self.rtp_port_max:
             raise ConfigError(
                 f"MOSHIMOSHI_RTP_PORT_MIN={self.rtp_port_min} must be below "
@@ -452,7 +485,8 @@ class CallSettings:
     play: str | None = setting(None, "WAV file to play to the callee (any rate, mono or stereo)", group="call")
     record: str | None = setting(
         None, "stereo WAV to write: what we sent on the left, what came back on the right (8 kHz)", group="call")
-    transcript: str | None = setting(None, "file for the agent's words (default: <record>.txt if --record)", group="call")
+    transcript: str | None = setting(None, "file for the call's transcript, both sides (default: <record>.txt "
+                                     "if --record)", group="call")
     seconds: float = setting(10.0, "hang up after this many seconds of call", min=0.1, group="call")
     response_seconds: float = setting(
         5.0, "give up when the callee sends no SIP response at all (not even 100 Trying) within this",

@@ -42,7 +42,7 @@ def test_the_call_scope_places_calls_only_and_admin_may_everything():
 
 @pytest.mark.parametrize("entries, message", [
     (["no-scope-here"], "entry 1: expected token:scope"),
-    (["good-token-0001:read", "secret-value:owner"], "entry 2: scope must be one of read, call, admin"),
+    (["good-token-0001:read", "secret-value:owner"], "entry 2: scope must be one of read, call, recordings, admin"),
     ([":admin"], "entry 1: expected token:scope"),
     (["has space:read"], "entry 1: the token must not contain whitespace"),
 ])

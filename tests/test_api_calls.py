@@ -88,8 +88,8 @@ async def test_any_replica_lists_every_call_with_filters(redis_server):
 
 async def test_hangup_here_and_on_another_replica(redis_server):
     async with two_replicas(redis_server.url) as (a, b):
-        assert b.gateway.hangups is not None
-        await eventually(b.gateway.hangups.subscribed.is_set, what="B subscribed to hang-ups")
+        assert b.gateway.commands is not None
+        await eventually(b.gateway.commands.subscribed.is_set, what="B subscribed to call requests")
         local = a.start_call()
         answer = await post(a.base, f"/v1/calls/{local.id}/hangup")
         assert answer.status_code == 202

@@ -93,7 +93,7 @@ async def test_the_gateway_posts_record_quality_and_transcript_when_a_call_ends(
     assert record["state"] == "ended" and record["ended_at"] >= record["answered_at"]
     assert record["gateway_id"] == api.gateway.gateway_id and "quality" not in record
     assert body["transcript"] == {  # as GET /v1/calls/{id}/transcript shows it
-        "call_id": call.id, "complete": True, "end_reason": "remote-bye", "text": "承知しました",
+        "call_id": call.id, "complete": True, "end_reason": "remote-bye", "text": "承知しました", "caller_text": "",
         "events": [{"seq": 0, "t": 1.5, "kind": "agent", "text": "承知しました"},
                    {"seq": 1, "t": 2.0, "kind": "dtmf", "text": "9", "duration_ms": 120.0}]}
     assert isinstance(body["quality"], dict)

@@ -35,7 +35,7 @@ def test_serve_starts_a_demo_asr_worker_that_takes_no_calls(tmp_path):
 
         async def session() -> dict:
             async with connect(asr["url"] + "/v1/asr", additional_headers=worker_headers()) as ws:
-                await ws.send(json.dumps({"type": "start", "version": 1, "call_id": "c-serve"}))
+                await ws.send(json.dumps({"type": "start", "version": 2, "call_id": "c-serve"}))
                 return json.loads(await ws.recv())
 
         started = asyncio.run(session())

@@ -45,11 +45,13 @@ def test_serve_help_groups_its_flags_in_sections():
     text = command_help("serve")
     shown = sections(text)
     titles = [GROUPS[key] for key in ("sip", "sip-security", "encryption", "media", "pool", "api", "webrtc",
-                                      "webhook", "model", "inference", "worker", "asr", "secrets", "logging")]
+                                      "webhook", "record", "model", "inference", "worker", "asr", "secrets",
+                                      "logging")]
     assert [t for t in shown if t in titles] == titles  # each once, in GROUPS order
     assert "--sip-port" in shown["SIP"] and "--sip-allow" in shown[GROUPS["sip-security"]]
     assert "--webhook-url" in shown[GROUPS["webhook"]] and "--model" in shown[GROUPS["model"]]
     assert "--asr" in shown[GROUPS["asr"]]
+    assert "--recording" in shown[GROUPS["record"]] and "--dtmf-clear" in shown[GROUPS["record"]]
     flags = sum(len(v) for v in shown.values())
     assert flags > 60
     assert text.startswith("usage: moshimoshi serve [options]\n")  # not 40 lines of flags

@@ -510,6 +510,37 @@ def test_call_retention_and_webhook_reach_the_gateway(external, default):
     assert "MOSHIMOSHI_WEBHOOK_URL" not in env_of(gateway(default))
 
 
+def test_recordings_on_a_shared_volume_or_in_a_bucket_and_the_consent_announcement(default):
+    env = env_of(gateway(default))
+    assert (env["MOSHIMOSHI_RECORDING"]["value"], env["MOSHIMOSHI_TRANSCRIPTION"]["value"],
+            env["MOSHIMOSHI_DTMF_CLEAR"]["value"]) == ("off", "true", "false")
+    assert not find(default, "PersistentVolumeClaim", f"{FULLNAME}-recordings")  # nothing recorded: no volume
+    docs = render(None, "gateway.record.recording=ogg", "gateway.record.consentAnnouncement.existingConfigMap=consent")
+    claim = one(docs, "PersistentVolumeClaim", f"{FULLNAME}-recordings")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # any replica serves any recording
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    pod = one(docs, "Deployment", f"{FULLNAME}-gateway")["spec"]["template"]["spec"]
+    env = env_of(pod["containers"][0])
+    assert env["MOSHIMOSHI_RECORDING"]["value"] == "ogg"
+    assert env["MOSHIMOSHI_RECORDING_DIR"]["value"] == "/var/lib/moshimoshi/recordings"
+    assert env["MOSHIMOSHI_CONSENT_ANNOUNCEMENT"]["value"] == "/etc/moshimoshi/announcements/consent.wav"
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["recordings"] == "/var/lib/moshimoshi/recordings"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["recordings"]["persistentVolumeClaim"]["claimName"] == f"{FULLNAME}-recordings"
+    assert volumes["announcements"]["configMap"]["name"] == "consent"
+    docs = render(None, "gateway.record.recording=wav", "gateway.record.s3.bucket=calls",
+                  "gateway.record.s3.existingSecret=s3-keys", "gateway.record.persistence.enabled=false")
+    assert not find(docs, "PersistentVolumeClaim", f"{FULLNAME}-recordings")
+    env = env_of(gateway(docs))
+    assert env["MOSHIMOSHI_RECORDING_S3_BUCKET"]["value"] == "calls"
+    assert env["MOSHIMOSHI_RECORDING_DIR"]["value"] == "/tmp/recordings"  # only the files being written
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "s3-keys",
+                                                                         "key": "AWS_SECRET_ACCESS_KEY"}
+    with pytest.raises(HelmError, match="must be off, wav or ogg"):
+        render(None, "gateway.record.recording=mp3")
+
+
 def test_external_redis_from_an_existing_secret():
     docs = render(None, "redis.enabled=false", "redis.existingSecret=redis-creds", "redis.existingSecretKey=url")
     assert not find(docs, "StatefulSet", f"{FULLNAME}-redis")

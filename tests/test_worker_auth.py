@@ -285,7 +285,7 @@ async def test_an_asr_worker_with_a_secret_refuses_everyone_else(tmp_path):
                 pass
         finder = AsrWorkerFinder(url=base.replace("http", "ws"), secret=SECRET)
         async with connect(base.replace("http", "ws") + "/v1/asr", additional_headers=finder.headers) as ws:
-            await ws.send(json.dumps({"type": "start", "version": 1, "call_id": "c-auth"}))
+            await ws.send(json.dumps({"type": "start", "version": 2, "call_id": "c-auth"}))
             assert json.loads(await ws.recv())["type"] == "started"
         async with httpx.AsyncClient(base_url=base) as client:
             metrics = (await client.get("/metrics")).text

@@ -7,10 +7,15 @@ from the end of a caller's utterance to its text, through the real path.
    is the call-seconds one worker can keep up with).
 2. **Delay.** An ASR worker serves C simulated calls on loopback; each call's caller says
    three sentences separated by 1 s silences, fed at real time in 20 ms packets at 8 kHz
-   through the gateway-side ``CallerTranscriber`` (Silero VAD, then the session). Measured:
-   from the moment the VAD ends an utterance to its text at the gateway (``end → text``,
-   p50/p99), and from the true end of the speech (adds the VAD's 400 ms of silence that ends
-   an utterance). Also the gateway side's CPU per call-second (VAD + resampling).
+   through the gateway-side ``CallerTranscriber`` (resampled to 16 kHz and streamed; the
+   worker's batched Silero VAD cuts the utterances). Measured: from the end of the speech
+   as the worker's VAD placed it to its text at the gateway (``VAD end → text``, p50/p99),
+   and from the true end of the speech (adds the VAD's 400 ms of silence that ends an
+   utterance); the gateway side's CPU per call-second (resampling, queueing, the socket),
+   and the worker's VAD CPU per call-second.
+3. **VAD.** Silero VAD over C calls' audio: run per call (each call its own model run per
+   32 ms window, as a gateway running it would) and batched across the calls (one run per
+   window of every call, as the worker runs it): CPU per call-second and their ratio.
 
 Models: ``--model tiny`` (default: the tiny random Whisper of the tests and ``demo``),
 ``--model kotoba-v2`` (kotoba-whisper-v2.0's real architecture, Whisper large-v3's encoder
@@ -102,16 +107,59 @@ def bench_batches(backend, sizes: list[int], repeats: int, utterances: list[np.n
     return rows
 
 
+def bench_vad(calls: list[int], speech: np.ndarray, seconds: float = 10.0) -> list[dict]:
+    """CPU per call-second of Silero VAD per call vs batched across the calls."""
+    import soxr
+
+    from service.asr.vad import WINDOW_SAMPLES, SileroVad, batch_inputs, commit_batch
+
+    model = SileroVad()
+    audio = soxr.resample(np.resize(speech, int(seconds * RATE)), RATE, 16000).astype(np.float32)
+    chunk = 16000 * 80 // 1000  # the 80 ms a gateway's tap gives at a time
+    rows = []
+    for count in calls:
+        streams = [model.stream() for _ in range(count)]
+        started = time.thread_time()
+        for k in range(0, len(audio), chunk):
+            for stream in streams:
+                stream.process(audio[k:k + chunk])
+        per_call = time.thread_time() - started
+        streams = [model.stream() for _ in range(count)]
+        started = time.thread_time()
+        for k in range(0, len(audio), chunk):
+            for stream in streams:
+                stream.push(audio[k:k + chunk])
+            while streams[0].pending:
+                windows, states = batch_inputs(streams)
+                probabilities, new_states = model.run(windows, states)
+                commit_batch(streams, probabilities, new_states)
+            for stream in streams:
+                stream.take()
+        batched = time.thread_time() - started
+        call_seconds = count * len(audio) / 16000
+        rows.append({"calls": count, "windows": count * (len(audio) // WINDOW_SAMPLES),
+                     "per_call_cpu_ms_per_call_s": round(per_call * 1000 / call_seconds, 2),
+                     "batched_cpu_ms_per_call_s": round(batched * 1000 / call_seconds, 2),
+                     "ratio": round(per_call / batched, 1) if batched else None})
+    return rows
+
+
+def metric_value(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
+               or line.startswith(name + "{"))
+
+
 async def one_call(index: int, url: str, speech: np.ndarray, spans: list[tuple[float, float]],
                    results: dict) -> None:
     from service.asr.client import AsrWorkerFinder, CallerEvent, CallerTranscriber
 
     arrivals: list[tuple[float, CallerEvent]] = []
+    started = time.monotonic() + index * 0.037 % 1.0  # calls do not speak in lockstep
     transcriber = CallerTranscriber(f"bench-{index}", AsrWorkerFinder(url=url),
-                                    lambda e: arrivals.append((time.monotonic(), e)), rate=RATE)
+                                    lambda e: arrivals.append((time.monotonic(), e)), rate=RATE,
+                                    clock=lambda: time.monotonic() - started)
     size = RATE * CHUNK_MS // 1000
-    await asyncio.sleep(index * 0.037 % 1.0)  # calls do not speak in lockstep
-    started = time.monotonic()
+    await asyncio.sleep(max(0.0, started - time.monotonic()))
     cpu = 0.0
     for k in range(0, len(speech) - size + 1, size):
         pcm = (speech[k:k + size] * 32767).astype("<i2").tobytes()
@@ -125,7 +173,8 @@ async def one_call(index: int, url: str, speech: np.ndarray, spans: list[tuple[f
     results["gateway_cpu_s"] += cpu
     results["call_s"] += len(speech) / RATE
     results["end_to_text"].extend(transcriber.text_delays)
-    results["lost"] += transcriber.lost + transcriber.failed
+    results["lost"] += transcriber.failed
+    results["lost_s"] += transcriber.lost_seconds
     results["texts"] += transcriber.transcribed
     for arrived, event in arrivals:
         if event.kind != "caller":
@@ -149,11 +198,16 @@ async def bench_delay(settings, model_path: str, calls: int, speech: np.ndarray,
             if (await client.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200:
                 break
         await asyncio.sleep(0.1)
-    results: dict = {"end_to_text": [], "speech_end_to_text": [], "lost": 0, "texts": 0, "gateway_cpu_s": 0.0,
-                     "call_s": 0.0}
+    results: dict = {"end_to_text": [], "speech_end_to_text": [], "lost": 0, "lost_s": 0.0, "texts": 0,
+                     "gateway_cpu_s": 0.0, "call_s": 0.0}
     url = f"ws://127.0.0.1:{port}/v1/asr"
+    async with httpx.AsyncClient() as client:
+        before = metric_value((await client.get(f"http://127.0.0.1:{port}/metrics")).text,
+                              "moshimoshi_asr_vad_cpu_seconds_total")
     await asyncio.gather(*(one_call(i, url, speech, spans, results) for i in range(calls)))
     async with httpx.AsyncClient() as client:
+        after = metric_value((await client.get(f"http://127.0.0.1:{port}/metrics")).text,
+                             "moshimoshi_asr_vad_cpu_seconds_total")
         await client.post(f"http://127.0.0.1:{port}/v1/drain")
     with contextlib.suppress(Exception):
         await asyncio.wait_for(server, 30)
@@ -163,7 +217,9 @@ async def bench_delay(settings, model_path: str, calls: int, speech: np.ndarray,
             "end_to_text_ms_p50": round(percentile(ms, 50), 1), "end_to_text_ms_p99": round(percentile(ms, 99), 1),
             "speech_end_to_text_ms_p50": round(percentile(speech_ms, 50), 1),
             "speech_end_to_text_ms_p99": round(percentile(speech_ms, 99), 1),
-            "gateway_cpu_ms_per_call_s": round(results["gateway_cpu_s"] * 1000 / max(results["call_s"], 1e-9), 2)}
+            "audio_lost_s": round(results["lost_s"], 2),
+            "gateway_cpu_ms_per_call_s": round(results["gateway_cpu_s"] * 1000 / max(results["call_s"], 1e-9), 2),
+            "worker_vad_cpu_ms_per_call_s": round((after - before) * 1000 / max(results["call_s"], 1e-9), 2)}
 
 
 def main() -> int:
@@ -176,6 +232,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--calls", default="1,8", help="concurrent calls for the delay measurement")
     parser.add_argument("--max-batch", type=int, default=8, help="the worker's batch limit for the delay run")
+    parser.add_argument("--vad-calls", default="1,16,64", help="calls for the VAD comparison")
     args = parser.parse_args()
 
     from service.asr.backends import FasterWhisperBackend
@@ -201,6 +258,7 @@ def main() -> int:
                                max_batch=args.max_batch, drain_grace_seconds=60.0)
         delay_rows = [asyncio.run(bench_delay(settings, model_path, int(c), call_audio, spans))
                       for c in args.calls.split(",")]
+    vad_rows = bench_vad([int(c) for c in args.vad_calls.split(",")], call_audio)
 
     device = args.device
     if device == "cuda":
@@ -217,15 +275,20 @@ def main() -> int:
         print(f"{row['batch']:5d} | {row['audio_s']:7.1f} | {row['batch_ms_p50']:12.1f} | {row['batch_ms_max']:6.1f} |"
               f" {row['per_utterance_ms']:16.1f} | {row['rtf']:.4f}")
     print()
-    print("calls | utterances | lost | VAD end → text ms p50 / p99 | speech end → text ms p50 / p99 | "
-          "gateway CPU ms per call-s")
+    print("calls | utterances | failed | lost s | VAD end → text ms p50 / p99 | speech end → text ms p50 / p99 | "
+          "gateway CPU ms per call-s | worker VAD CPU ms per call-s")
     for row in delay_rows:
-        print(f"{row['calls']:5d} | {row['utterances']:10d} | {row['lost']:4d} | "
+        print(f"{row['calls']:5d} | {row['utterances']:10d} | {row['lost']:6d} | {row['audio_lost_s']:6.2f} | "
               f"{row['end_to_text_ms_p50']:8.1f} / {row['end_to_text_ms_p99']:8.1f} | "
               f"{row['speech_end_to_text_ms_p50']:8.1f} / {row['speech_end_to_text_ms_p99']:8.1f} | "
-              f"{row['gateway_cpu_ms_per_call_s']:.2f}")
+              f"{row['gateway_cpu_ms_per_call_s']:.2f} | {row['worker_vad_cpu_ms_per_call_s']:.2f}")
+    print()
+    print("Silero VAD, CPU ms per call-second: per call (a run per call) | batched (a run per window of all calls)")
+    for row in vad_rows:
+        print(f"{row['calls']:5d} calls | {row['per_call_cpu_ms_per_call_s']:6.2f} | "
+              f"{row['batched_cpu_ms_per_call_s']:6.2f} | ×{row['ratio']}")
     print(json.dumps({"bench": "asr", "model": args.model, "device": device, "batches": batch_rows,
-                      "delay": delay_rows}))
+                      "delay": delay_rows, "vad": vad_rows}))
     return 0
 
 

@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from service import __version__
-from service.api import calls, dashboard, http_metrics, pool, refusals, transcripts
+from service.api import calls, dashboard, http_metrics, pool, recordings, refusals, transcripts
 from service.api.auth import ApiTokens, Scope, require_read
 from service.api.control import CallControl
 from service.api.models import Readiness, TokenInfo
@@ -23,9 +23,11 @@ from service.api.webrtc import webrtc_router
 DESCRIPTION = """The moshimoshi gateway's control plane.
 
 `/v1` needs a bearer token (`Authorization: Bearer <token>`; tokens and their scopes come
-from `MOSHIMOSHI_API_TOKENS`, `token:read`, `token:call` or `token:admin`). Read scope lists
-calls, refusals, pool and transcripts; call scope places WebRTC calls (the softphone) and ends
-its own, and reads nothing; admin scope may all of it, and hangs up any call and drains workers. The live transcript
+from `MOSHIMOSHI_API_TOKENS`, `token:read`, `token:call`, `token:recordings` or `token:admin`).
+Read scope lists calls, refusals, pool and transcripts; call scope places WebRTC calls (the
+softphone) and ends its own, and reads nothing; recordings scope reads as read does and
+downloads calls' recordings; admin scope may all of it, and hangs up any call, pauses
+recordings and drains workers. The live transcript
 WebSocket takes the token as `?token=` since browsers cannot set headers on WebSockets.
 Probes, `/metrics` and the dashboard page itself need no token.
 
@@ -37,7 +39,8 @@ close 1000. Refusals close with 4401, 4403, 4404 (unknown call) or 4503 (Redis u
 
 TAGS = [
     {"name": "calls", "description": "Active and recent calls of every gateway replica, with their quality."},
-    {"name": "transcripts", "description": "The agent's words and the caller's DTMF, stored and live."},
+    {"name": "transcripts", "description": "Both sides' words, the caller's DTMF and notes, stored and live."},
+    {"name": "recordings", "description": "Calls' stereo recordings (recordings scope), pause and resume (admin)."},
     {"name": "pool", "description": "Workers, their slots and leases; draining a worker."},
     {"name": "probes", "description": "Kubernetes probes and Prometheus metrics."},
     {"name": "dashboard", "description": "The operator dashboard page."},
@@ -86,6 +89,7 @@ def create_app(control: CallControl, api_tokens: ApiTokens) -> FastAPI:
     app.include_router(calls.router)
     app.include_router(refusals.router)
     app.include_router(transcripts.router)
+    app.include_router(recordings.router)
     app.include_router(pool.router)
     app.include_router(dashboard.router)
     app.include_router(webrtc_router(control))

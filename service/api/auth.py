@@ -1,4 +1,4 @@
-"""Bearer-token auth of the ``/v1`` API: read, call and admin scopes.
+"""Bearer-token auth of the ``/v1`` API: read, call, recordings and admin scopes.
 
 Tokens come from ``MOSHIMOSHI_API_TOKENS`` as ``token:scope`` pairs:
 
@@ -6,7 +6,10 @@ Tokens come from ``MOSHIMOSHI_API_TOKENS`` as ``token:scope`` pairs:
   callers' numbers and transcripts are personal data);
 * ``call``: place and end WebRTC calls (the softphone), and nothing else: a token for
   people who test the agent from a browser, that reads no one else's calls;
-* ``admin``: everything read and call may, and hang up any call, drain workers.
+* ``recordings``: what read may, and download calls' recordings (QA, compliance); a read
+  token never gets a recording;
+* ``admin``: everything the others may, and hang up any call, pause recordings, drain
+  workers.
 
 HTTP clients send ``Authorization: Bearer <token>``. Browsers cannot set headers on a WebSocket, so the live transcript socket takes
 the token in its ``token`` query parameter instead (the header works there too).
@@ -30,7 +33,7 @@ from service.config import ConfigError
 
 SETTING = "MOSHIMOSHI_API_TOKENS"
 NO_TOKENS_MESSAGE = (f"the API has no tokens configured: set {SETTING}=<token>:admin (or <token>:read, "
-                     "<token>:call), comma-separated for several")
+                     "<token>:call, <token>:recordings), comma-separated for several")
 WEAK_TOKEN_LENGTH = 16
 
 
@@ -39,7 +42,8 @@ class Scope(enum.IntEnum):
 
     READ = 1
     CALL = 2
-    ADMIN = 3
+    RECORDINGS = 3
+    ADMIN = 4  # the widest: a token listed with several scopes counts as its widest
 
     def allows(self, needed: Scope) -> bool:
         return needed in GRANTS[self]
@@ -48,6 +52,7 @@ class Scope(enum.IntEnum):
 GRANTS: dict[Scope, frozenset[Scope]] = {
     Scope.READ: frozenset({Scope.READ}),
     Scope.CALL: frozenset({Scope.CALL}),
+    Scope.RECORDINGS: frozenset({Scope.READ, Scope.RECORDINGS}),
     Scope.ADMIN: frozenset(Scope),
 }
 SCOPE_NAMES = ", ".join(scope.name.lower() for scope in Scope)
@@ -143,6 +148,7 @@ def _require(needed: Scope) -> tp.Callable[..., tp.Awaitable[Scope]]:
 
 require_read = _require(Scope.READ)
 require_call = _require(Scope.CALL)
+require_recordings = _require(Scope.RECORDINGS)
 require_admin = _require(Scope.ADMIN)
 
 

@@ -21,6 +21,8 @@ if tp.TYPE_CHECKING:
         PoolHistory,
         PoolState,
         Readiness,
+        RecordingControl,
+        RecordingInfo,
         RefusalList,
         Transcript,
         TranscriptPiece,
@@ -48,6 +50,15 @@ class TranscriptEnd:
     stream expired, or its gateway went away without ending it)."""
 
     reason: str
+
+
+@dataclass
+class RecordingStream:
+    """A stored recording being read: its description, size and content."""
+
+    info: RecordingInfo
+    size: int
+    chunks: tp.AsyncIterator[bytes]
 
 
 @dataclass
@@ -110,6 +121,19 @@ class CallControl(tp.Protocol):
     def follow_transcript(self, call_id: str) -> tp.AsyncIterator[TranscriptPiece | TranscriptEnd]:
         """The pieces so far, then new ones as they come, then the end; ControlError 404 or
         503 (raised by the iteration)."""
+
+    # -- recordings --------------------------------------------------------------------
+
+    async def recording(self, call_id: str) -> RecordingStream:
+        """A call's stored recording; ControlError 404 (unknown call, not recorded, or
+        expired), 409 (not stored yet) or 503."""
+
+    async def pause_recording(self, call_id: str) -> RecordingControl:
+        """Silence in the call's recording from now; ControlError 404, 409 (not recorded,
+        paused already, ended) or 503."""
+
+    async def resume_recording(self, call_id: str) -> RecordingControl:
+        """Record again from now; ControlError 404, 409 or 503."""
 
     # -- the pool ----------------------------------------------------------------------
 

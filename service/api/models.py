@@ -38,6 +38,35 @@ class Redirect(BaseModel):
     reason: str | None = Field(None, description="Diversion's reason parameter")
 
 
+class RecordingPause(BaseModel):
+    start: float = Field(description="seconds since the answer: silence from here")
+    end: float | None = Field(None, description="where recording resumed (null while paused)")
+
+
+class RecordingInfo(BaseModel):
+    """A call's recording: stereo, the caller on the left (as the model heard them), the
+    agent on the right (as sent to the caller), sample-aligned on the call's clock."""
+
+    format: str = Field(description="wav (PCM16) or ogg (Opus in Ogg), 16 kHz stereo")
+    state: str = Field(description="recording, paused, storing (the call ended; being written out), stored "
+                                   "(GET /v1/calls/{id}/recording, recordings scope) or failed")
+    pauses: list[RecordingPause] = Field([], description="spans recorded as silence (POST …/recording/pause)")
+    location: str | None = Field(None, description="where it is kept: s3://bucket/key or file:///path")
+    bytes: int | None = None
+    duration_s: float | None = Field(None, description="equals the call's duration")
+    dropped_s: float | None = Field(None, description="audio the gateway could not write in time (silence "
+                                                      "in its place); 0 normally")
+    error: str | None = Field(None, description="why it failed")
+
+
+class RecordingControl(BaseModel):
+    call_id: str
+    state: str = Field(description="paused or recording (requested: the call is on another gateway replica)")
+    at: float | None = Field(None, description="seconds since the answer where the pause or resume took "
+                                               "effect (null when another replica carries it out)")
+    on_this_gateway: bool
+
+
 class CallInfo(BaseModel):
     """One call: where it runs, who called, how it went."""
 
@@ -77,6 +106,7 @@ class CallInfo(BaseModel):
                                             "wrong (e.g. why the answer in an ACK was unusable)")
     duration_s: float = Field(0.0, description="seconds since (or until the end from) the answer")
     on_this_gateway: bool = Field(False, description="the answering gateway is the one serving this request")
+    recording: RecordingInfo | None = Field(None, description="the call's recording, when its route records")
     quality: CallQuality | None = None
     phases: list[CallPhase] = Field([], description="who the caller talked to: the AI (ai: start, end, worker), "
                                                     "then after a transfer a person (human: target, mode, start, "
@@ -201,22 +231,29 @@ class TransferOutcome(BaseModel):
 
 
 class TranscriptPiece(BaseModel):
-    seq: int = Field(description="index of the piece in the call's transcript")
-    t: float = Field(description="seconds since the call was answered")
-    kind: str = Field(description="agent (the model's words), dtmf (a digit the caller pressed) or transfer (a "
-                                  "transfer to a human: where, how, and whether it worked)")
+    seq: int = Field(description="index of the piece in the call's transcript (the order pieces came in: a "
+                                 "caller's words come once the utterance ended, so sort by t for time order)")
+    t: float = Field(description="seconds since the call was answered (caller: where the speech began)")
+    kind: str = Field(description="agent (the model's words), caller (the caller's words, from ASR), dtmf (a "
+                                  "key the caller pressed: '*' unless the route stores digits in clear), transfer "
+                                  "(a transfer to a human: where, how, and whether it worked) or note (the "
+                                  "caller's transcript unavailable or resumed, the recording paused or resumed, "
+                                  "the consent announcement played)")
     text: str
     duration_ms: float | None = Field(None, description="for dtmf: how long the key was held")
+    start: float | None = Field(None, description="for caller: where the utterance began (= t)")
+    end: float | None = Field(None, description="for caller: where the utterance ended")
 
 
 class Transcript(BaseModel):
-    """A call's transcript; agent pieces concatenate to the agent's words."""
+    """A call's transcript, both sides; agent pieces concatenate to the agent's words."""
 
     call_id: str
     complete: bool = Field(description="the call has ended and every piece is here")
     end_reason: str = ""
     events: list[TranscriptPiece]
     text: str = Field(description="the agent's words, all pieces joined")
+    caller_text: str = Field("", description="the caller's utterances in time order, one a line")
 
 
 class SlotState(BaseModel):
@@ -283,7 +320,7 @@ class PoolHistory(BaseModel):
 
 
 class TokenInfo(BaseModel):
-    scope: str = Field(description="read, call or admin: what the presented token may do")
+    scope: str = Field(description="read, call, recordings or admin: what the presented token may do")
 
 
 class DrainResult(BaseModel):

@@ -8,8 +8,9 @@ one). Transcript text is personal data: it is served only with a token and never
 Live WebSocket protocol: authenticate with ``?token=<token>`` (browsers cannot set an
 Authorization header on a WebSocket; the header works too). The server first replays the
 pieces so far, then sends new ones as they come, each a JSON text message
-``{"type": "piece", "seq": 0, "t": 1.28, "kind": "agent", "text": "こんにちは"}`` (DTMF:
-``"kind": "dtmf"`` and ``duration_ms``); when the call ends, ``{"type": "end", "reason":
+``{"type": "piece", "seq": 0, "t": 1.28, "kind": "agent", "text": "こんにちは"}`` (the caller:
+``"kind": "caller"`` with ``start`` and ``end``, sent once the utterance ended; DTMF:
+``"kind": "dtmf"`` and ``duration_ms``; notes: ``"kind": "note"``); when the call ends, ``{"type": "end", "reason":
 "remote-bye"}`` and a close with 1000. Refusals close with 4401 (no or unknown token), 4403
 (scope), 4404 (unknown call) or 4503 (transcripts unreachable), the reason in the close.
 """
@@ -42,7 +43,8 @@ def _clock(t: float) -> str:
 
 
 def plain_text(transcript: Transcript) -> str:
-    """One line per utterance (agent pieces run together until a pause) and per DTMF digit."""
+    """Both sides in time order: one line per utterance (the agent's pieces run together
+    until a pause or the caller's turn), per DTMF digit and per note."""
     lines: list[str] = []
     current: list[str] = []
     started = last = 0.0
@@ -53,7 +55,7 @@ def plain_text(transcript: Transcript) -> str:
             lines.append(f"[{_clock(started)}] agent: {words}")
         current.clear()
 
-    for event in transcript.events:
+    for event in sorted(transcript.events, key=lambda e: (e.t, e.seq)):
         if event.kind == "agent":
             if current and event.t - last > UTTERANCE_GAP_SECONDS:
                 flush()
@@ -61,8 +63,11 @@ def plain_text(transcript: Transcript) -> str:
                 started = event.t
             current.append(event.text)
             last = event.t
+            continue
+        flush()
+        if event.kind in ("caller", "note"):
+            lines.append(f"[{_clock(event.t)}] {event.kind}: {event.text}")
         else:
-            flush()
             held = f" ({event.duration_ms:.0f} ms)" if event.duration_ms is not None else ""
             lines.append(f"[{_clock(event.t)}] {event.kind.upper()}: {event.text}{held}")
     flush()
@@ -75,15 +80,18 @@ def plain_text(transcript: Transcript) -> str:
     "/{call_id}/transcript", summary="A call's transcript (JSON or plain text)", response_model=Transcript,
     dependencies=[Depends(require_read)],
     responses={**AUTH_RESPONSES, **NOT_FOUND, **UNAVAILABLE,
-               200: {"content": {"application/json": {}, "text/plain": {"example": "[00:01.20] agent: はい"}},
+               200: {"content": {"application/json": {}, "text/plain": {
+                   "example": "[00:01.20] agent: はい、お電話ありがとうございます\n[00:03.48] caller: 予約の確認をお願いします"}},
                      "description": "the transcript; text/plain with ?format=text or Accept: text/plain"}})
 async def get_transcript(
     request: Request, call_id: str,
     format: tp.Literal["json", "text"] | None = Query(
         None, description="json (default) or text; without it, Accept: text/plain asks for text"),
 ) -> tp.Any:
-    """The agent's words with their timestamps, plus the caller's DTMF digits, of a live or
-    ended call (within the retention), from whichever gateway replica handled it."""
+    """Both sides' words with their timestamps (the agent's from the model, the caller's
+    from ASR), the caller's DTMF digits and notes, of a live or ended call (within the
+    retention), from whichever gateway replica handled it. The plain-text form puts them in
+    time order."""
     try:
         transcript = await control_of(request).transcript(call_id)
     except ControlError as exc:

@@ -1,19 +1,23 @@
-"""The gateway's side of the callers' transcript: segment a call's audio, transcribe it on
-an ASR worker (PROTOCOL.md in this folder), deliver the text.
+"""The gateway's side of the callers' transcript: stream a call's audio to an ASR worker
+(PROTOCOL.md in this folder), which cuts it into utterances and transcribes them; deliver
+the text.
 
-``CallerTranscriber`` is one call's: ``feed(chunk, t)`` from the media path (it only runs
-the VAD and queues; it never waits on the network), ``close()`` when the call ends. A task
-of its own owns the WebSocket to an ASR worker that ``AsrWorkerFinder`` picks from the pool
-(role ``asr``, ready, the most free sessions). Events reach ``on_event``:
+``CallerTranscriber`` is one call's: ``feed(chunk, t)`` from the media path (it resamples
+to 16 kHz and queues; it never waits on the network), ``close()`` when the call ends. A
+task of its own owns the WebSocket to an ASR worker that ``AsrWorkerFinder`` picks from the
+pool (role ``asr``, ready, the most free sessions). Events reach ``on_event``:
 
 - ``CallerEvent("caller", start, end, text)``: what the caller said, times on the call clock;
 - ``CallerEvent("caller-note", t, t, text)``: the caller's side became unavailable (no ASR
   worker, or it died or failed an utterance), or is back. The call is never affected.
 
-When the worker dies mid-call, the utterances it had not answered are sent once more to the
-next worker the finder gives; later utterances go there too. With no worker, utterances are
-counted lost (``moshimoshi_gateway_caller_utterances_total{outcome="lost"}``) and one note
-says so until a worker answers again.
+The audio sent is kept until the worker says it is settled (answered, or silence), at most
+``RETAIN_SECONDS``: when the worker dies mid-call, the next worker the finder gives gets
+that audio again, so an utterance in progress is not lost (a repeat of one already
+delivered is dropped), and later audio goes there too. With no worker, audio older than
+``RETAIN_SECONDS`` is dropped and counted
+(``moshimoshi_gateway_caller_audio_lost_seconds_total``), and one note says so until a
+worker takes the call again.
 """
 
 from __future__ import annotations
@@ -32,26 +36,32 @@ import websockets
 from prometheus_client import Counter, Histogram
 from websockets.asyncio.client import ClientConnection, connect
 
-from service.asr.segmenter import SegmenterConfig, Utterance, UtteranceSegmenter
-from service.asr.vad import SileroVad
+from service.asr.segmenter import to_float
 from service.wire import authorization
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 SESSION_PATH = "/v1/asr"
+SAMPLE_RATE = 16000
 HANDSHAKE_SECONDS = 5.0
 FINDER_CACHE_SECONDS = 1.0
-MAX_QUEUED_UTTERANCES = 32  # per call; beyond that the oldest are lost (counted)
+RETAIN_SECONDS = 30.0  # audio kept for a resend to another worker (an utterance is at most 20 s)
+MESSAGE_SECONDS = 0.1  # audio is sent in messages of this much (the last one of a call shorter)
+GAP_SECONDS = 0.1  # a chunk later than the audio before it by more than this starts after a gap
+RETRY_SECONDS = 1.0  # with no ASR worker, look again this often
 FAILED_WORKER_SECONDS = 5.0  # a worker that failed this call is not picked again for this long
 UNAVAILABLE = "caller transcript unavailable"
 RESUMED = "caller transcript resumed"
 
 UTTERANCES = Counter("moshimoshi_gateway_caller_utterances_total",
-                     "Callers' utterances by outcome: transcribed, failed (the ASR worker could not), "
-                     "lost (no ASR worker, or the queue overflowed)", ["outcome"])
+                     "Callers' utterances by outcome: transcribed, failed (the ASR worker could not)",
+                     ["outcome"])
+AUDIO_LOST = Counter("moshimoshi_gateway_caller_audio_lost_seconds_total",
+                     "Callers' audio no ASR worker heard (none up, or lost before it settled)")
 TEXT_DELAY = Histogram("moshimoshi_gateway_caller_text_delay_seconds",
-                       "From the end of a caller's utterance (as the VAD saw it end) to its text",
+                       "From the end of a caller's speech to its text at the gateway (includes the "
+                       "VAD's silence that ends an utterance)",
                        buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0))
 ASR_SESSIONS = Counter("moshimoshi_gateway_asr_sessions_total",
                        "Sessions opened to ASR workers, by outcome (opened, refused, unreachable, lost)",
@@ -123,11 +133,13 @@ class AsrWorkerFinder:
 
 
 @dataclass
-class _Pending:
-    id: int
-    utterance: Utterance
-    retried: bool = False
-    queued_at: float = 0.0  # monotonic time the segmenter gave the utterance
+class _Chunk:
+    t: float  # call time of the first sample
+    pcm: bytes  # PCM16 at 16 kHz
+
+    @property
+    def end(self) -> float:
+        return self.t + len(self.pcm) / 2 / SAMPLE_RATE
 
 
 class _Lost(Exception):
@@ -135,51 +147,94 @@ class _Lost(Exception):
 
 
 class CallerTranscriber:
-    """One call's caller transcript: VAD segmentation here, ASR on a worker."""
+    """One call's caller transcript, on an ASR worker (see the module docstring)."""
 
     def __init__(self, call_id: str, finder: WorkerPicker, on_event: tp.Callable[[CallerEvent], None], *,
-                 rate: int, config: SegmenterConfig | None = None, vad: SileroVad | None = None) -> None:
+                 rate: int = SAMPLE_RATE, clock: tp.Callable[[], float] | None = None) -> None:
+        if rate < 8000 or rate > 192000:
+            raise ValueError(f"unsupported sample rate {rate}")
         self.call_id = call_id
         self.finder = finder
         self.on_event = on_event
-        self.segmenter = UtteranceSegmenter(rate, config, vad)
+        self.rate = rate
+        self.clock = clock  # the call clock now (seconds since answer), for the text delay
+        self._resampler: tp.Any = None
+        if rate != SAMPLE_RATE:
+            import soxr
+
+            self._resampler = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
         self.worker_id: str | None = None
         self.transcribed = 0
         self.failed = 0
-        self.lost = 0
+        self.lost_seconds = 0.0
         self.sessions = 0
         self.text_delays: collections.deque[float] = collections.deque(maxlen=1000)
-        self._queue: collections.deque[_Pending] = collections.deque()
+        self._in_t: float | None = None  # call time the next input sample is expected at
+        self._out_t = 0.0  # call time of the first sample in ``_building``
+        self._building: list[np.ndarray] = []  # 16 kHz float audio not yet in a message
+        self._building_samples = 0
+        self._audio: collections.deque[_Chunk] = collections.deque()  # unsettled audio, oldest first
+        self._sent = 0  # chunks at the head of ``_audio`` sent in this session
         self._wake = asyncio.Event()
-        self._in_flight: dict[int, _Pending] = {}
-        self._ids = 0
         self._closing = False
-        self._available: bool | None = None  # None until the first utterance
+        self._available: bool | None = None  # None until a worker was first looked for
+        self._delivered_end = -1.0  # end of the last caller event delivered
         self._failed_workers: dict[str, float] = {}  # worker id -> when it failed this call
         self._task = asyncio.create_task(self._run(), name=f"caller-asr-{call_id}")
 
     # -- media side (never blocks) -----------------------------------------------------
 
     def feed(self, chunk: bytes | np.ndarray, t: float) -> None:
-        """Caller audio whose first sample is at call time ``t`` (seconds since answer)."""
+        """Caller audio (PCM16 or float at ``rate``) whose first sample is at call time ``t``
+        (seconds since answer)."""
         if self._closing:
             return
-        for utterance in self.segmenter.feed(chunk, t):
-            self._enqueue(utterance)
+        samples = to_float(chunk)
+        if not len(samples):
+            return
+        expected = self._in_t
+        if expected is None or t - expected > GAP_SECONDS:
+            self._cut()  # a new stretch (the first, or after a gap): its own clock
+            self._out_t = t
+        self._in_t = (t if expected is None or t - expected > GAP_SECONDS else expected) + len(samples) / self.rate
+        out = samples if self._resampler is None else self._resampler.resample_chunk(samples)
+        if len(out):
+            self._building.append(out)
+            self._building_samples += len(out)
+        if self._building_samples >= MESSAGE_SECONDS * SAMPLE_RATE:
+            self._cut()
 
-    def _enqueue(self, utterance: Utterance) -> None:
-        self._ids += 1
-        self._queue.append(_Pending(self._ids, utterance, queued_at=time.monotonic()))
-        while len(self._queue) > MAX_QUEUED_UTTERANCES:
-            self._lose(self._queue.popleft(), "the ASR queue overflowed")
+    def _cut(self) -> None:
+        """The audio gathered so far becomes one message."""
+        if not self._building_samples:
+            return
+        audio = np.concatenate(self._building) if len(self._building) > 1 else self._building[0]
+        pcm = (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+        self._audio.append(_Chunk(self._out_t, pcm))
+        self._out_t += len(audio) / SAMPLE_RATE
+        self._building, self._building_samples = [], 0
+        self._trim()
         self._wake.set()
+
+    def _trim(self) -> None:
+        """Keep at most ``RETAIN_SECONDS`` of unsettled audio; what falls off unsent is lost."""
+        audio = self._audio
+        while audio and audio[-1].end - audio[0].t > RETAIN_SECONDS:
+            chunk = audio.popleft()
+            if self._sent:
+                self._sent -= 1
+            else:
+                self._lose(len(chunk.pcm) / 2 / SAMPLE_RATE)
+
+    def _lose(self, seconds: float) -> None:
+        self.lost_seconds += seconds
+        AUDIO_LOST.inc(seconds)
 
     async def close(self, timeout: float = 10.0) -> None:
         """The call ended: transcribe what is left (for up to ``timeout``), then stop."""
         if self._closing:
             return
-        for utterance in self.segmenter.flush():
-            self._enqueue(utterance)
+        self._cut()
         self._closing = True
         self._wake.set()
         try:
@@ -189,10 +244,11 @@ class CallerTranscriber:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for pending in [*self._in_flight.values(), *self._queue]:
-            self._lose(pending, "the call ended before its text came")
-        self._in_flight.clear()
-        self._queue.clear()
+        unsent = sum(len(c.pcm) for c in list(self._audio)[self._sent:]) / 2 / SAMPLE_RATE
+        if unsent:
+            self._lose(unsent)
+        self._audio.clear()
+        self._sent = 0
 
     # -- events ------------------------------------------------------------------------
 
@@ -209,29 +265,36 @@ class CallerTranscriber:
         self._available = available
         self._emit(CallerEvent("caller-note", t, t, RESUMED if available else f"{UNAVAILABLE} ({why})"))
 
-    def _lose(self, pending: _Pending, why: str) -> None:
-        self.lost += 1
-        UTTERANCES.labels("lost").inc()
-        self._set_available(False, pending.utterance.start, why)
+    def _now(self) -> float:
+        """The latest call time this transcriber has audio for."""
+        return self._in_t if self._in_t is not None else 0.0
+
+    def _first_unsent(self) -> float:
+        return self._audio[self._sent].t if self._sent < len(self._audio) else self._now()
 
     # -- the session -------------------------------------------------------------------
 
     async def _run(self) -> None:
         while True:
-            while not self._queue and not self._closing:
+            while self._sent >= len(self._audio) and not self._closing:
                 self._wake.clear()
                 await self._wake.wait()
-            if not self._queue and not self._in_flight:
+            if self._closing and not self._audio:
                 return  # closing, nothing left
             now = time.monotonic()
             self._failed_workers = {w: at for w, at in self._failed_workers.items()
                                     if now - at < FAILED_WORKER_SECONDS}
             target = await self.finder.pick(self._failed_workers)
             if target is None:
-                while self._queue:
-                    self._lose(self._queue.popleft(), "no ASR worker")
+                self._set_available(False, self._first_unsent(), "no ASR worker")
                 if self._closing:
                     return
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(RETRY_SECONDS):
+                        while not self._closing:
+                            self._wake.clear()
+                            await self._wake.wait()
                 continue
             try:
                 await self._session(*target)
@@ -240,10 +303,10 @@ class CallerTranscriber:
             except Exception:  # a bug must not stop this call's transcript for good
                 log.exception("call %s: ASR session with %s failed", self.call_id, target[0])
                 self._failed_workers[target[0]] = time.monotonic()
-                self._requeue_in_flight()
+                self._sent = 0
 
     async def _session(self, worker_id: str, url: str) -> None:
-        """One WebSocket to one worker, until the call's utterances are done or it is lost."""
+        """One WebSocket to one worker, until the call's audio is done or it is lost."""
         ws_url = url.rstrip("/") + SESSION_PATH if not url.endswith(SESSION_PATH) else url
         try:
             ws = await self._open(ws_url)
@@ -253,22 +316,27 @@ class CallerTranscriber:
             ASR_SESSIONS.labels("refused" if isinstance(exc, _Lost) else "unreachable").inc()
             log.warning("call %s: ASR worker %s unusable: %s", self.call_id, worker_id, exc)
             self._failed_workers[worker_id] = time.monotonic()
+            self._set_available(False, self._first_unsent(), "ASR worker unusable")
             self._forget()
             return
         ASR_SESSIONS.labels("opened").inc()
         self.sessions += 1
         self.worker_id = worker_id
+        self._sent = 0  # a new worker hears every unsettled chunk
+        self._set_available(True, self._first_unsent())
         reader = asyncio.create_task(self._read(ws))
         try:
-            ended = await self._write(ws, reader)
-            if ended:
-                await reader  # the worker answers what is in flight, then closes
+            if await self._write(ws, reader):
+                await reader  # the worker answers what it has, then closes
+                self._audio.clear()
+                self._sent = 0
         except _Lost as exc:
             ASR_SESSIONS.labels("lost").inc()
             log.warning("call %s: lost ASR worker %s: %s", self.call_id, worker_id, exc)
             self._failed_workers[worker_id] = time.monotonic()
+            self._set_available(False, self._now(), "ASR worker lost")
             self._forget()
-            self._requeue_in_flight()
+            self._sent = 0
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, _Lost):
@@ -303,16 +371,13 @@ class CallerTranscriber:
         return ws
 
     async def _write(self, ws: ClientConnection, reader: asyncio.Task) -> bool:
-        """Send queued utterances until closing (then ``end``: True) or the socket is lost."""
+        """Send the audio not sent yet until closing (then ``end``: True) or the socket is lost."""
         while True:
-            while self._queue:
-                pending = self._queue.popleft()
-                self._in_flight[pending.id] = pending
-                utterance = pending.utterance
+            while self._sent < len(self._audio):
+                chunk = self._audio[self._sent]
+                self._sent += 1
                 try:
-                    await ws.send(json.dumps({"type": "utterance", "id": pending.id, "start": utterance.start,
-                                              "end": utterance.end}))
-                    await ws.send(utterance.pcm)
+                    await ws.send(np.float64(chunk.t).astype("<f8").tobytes() + chunk.pcm)
                 except websockets.ConnectionClosed as exc:
                     raise _Lost(f"closed while sending: {exc}") from None
             if self._closing:
@@ -337,11 +402,11 @@ class CallerTranscriber:
                 if isinstance(message, str):
                     self._on_message(message)
         except websockets.ConnectionClosed as exc:
-            if not (self._closing and not self._in_flight and exc.rcvd is not None and exc.rcvd.code == 1000):
+            if not (self._closing and exc.rcvd is not None and exc.rcvd.code == 1000):
                 raise _Lost(f"closed: {exc}") from None
             return
-        if self._in_flight or not self._closing:
-            raise _Lost(f"closed with {len(self._in_flight)} utterances unanswered")
+        if not self._closing:
+            raise _Lost("closed before the call ended")
 
     def _on_message(self, text: str) -> None:
         try:
@@ -353,35 +418,38 @@ class CallerTranscriber:
         if kind == "error":
             log.warning("call %s: ASR worker error %s", self.call_id, str(message.get("message", ""))[:200])
             return
+        if kind == "settled":
+            self._settle(message.get("t"))
+            return
         if kind not in ("caller", "failed"):
             return
-        pending = self._in_flight.pop(message.get("id"), None)
-        if pending is None:
+        start, end = message.get("start"), message.get("end")
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v) for v in (start, end)):
+            log.warning("call %s: an ASR event without valid times", self.call_id)
             return
-        utterance = pending.utterance
+        if start < self._delivered_end:
+            return  # a repeat, from audio resent after a worker was lost
         if kind == "failed":
             self.failed += 1
             UTTERANCES.labels("failed").inc()
-            self._set_available(False, utterance.start, str(message.get("reason", "failed"))[:100])
+            self._set_available(False, start, str(message.get("reason", "failed"))[:100])
             return
         self.transcribed += 1
         UTTERANCES.labels("transcribed").inc()
-        delay = time.monotonic() - pending.queued_at
-        TEXT_DELAY.observe(delay)
-        self.text_delays.append(delay)
-        self._set_available(True, utterance.start)
+        self._delivered_end = end
+        if self.clock is not None:
+            delay = self.clock() - end
+            TEXT_DELAY.observe(max(0.0, delay))
+            self.text_delays.append(delay)
+        self._set_available(True, start)
         text_value = message.get("text")
         if isinstance(text_value, str) and text_value:
-            self._emit(CallerEvent("caller", utterance.start, utterance.end, text_value))
+            self._emit(CallerEvent("caller", float(start), float(end), text_value))
 
-    def _requeue_in_flight(self) -> None:
-        """Utterances the lost worker never answered go once more to the next one."""
-        retry = []
-        for pending in sorted(self._in_flight.values(), key=lambda p: p.id):
-            if pending.retried:
-                self._lose(pending, "its ASR worker was lost twice")
-            else:
-                pending.retried = True
-                retry.append(pending)
-        self._in_flight.clear()
-        self._queue.extendleft(reversed(retry))
+    def _settle(self, t: tp.Any) -> None:
+        """The worker needs no audio before ``t`` any more (sent chunks only are dropped)."""
+        if not isinstance(t, int | float) or isinstance(t, bool):
+            return
+        while self._sent and self._audio and self._audio[0].end <= t:
+            self._audio.popleft()
+            self._sent -= 1

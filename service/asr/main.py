@@ -31,7 +31,7 @@ if tp.TYPE_CHECKING:
 
 log = logging.getLogger("service.asr")
 
-WS_MAX_BYTES = 2**20 + 4096  # one 30 s utterance of PCM16 at 16 kHz is 960 000 bytes
+WS_MAX_BYTES = 2**16 + 4096  # an audio message is at most 2 s of PCM16 at 16 kHz (64 008 bytes)
 
 
 def cuda_available() -> bool:

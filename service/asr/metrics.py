@@ -35,6 +35,14 @@ class AsrMetrics:
         self.protocol_errors = Counter("moshimoshi_asr_protocol_errors_total",
                                        "Sessions closed for a protocol violation or refusal, by close code",
                                        ["code"], registry=r)
+        self.vad_batch_windows = Histogram("moshimoshi_asr_vad_batch_windows",
+                                           "32 ms windows (one per call) in each batched VAD run",
+                                           buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
+        self.vad_cpu_seconds = Counter("moshimoshi_asr_vad_cpu_seconds_total",
+                                       "CPU time of the VAD's thread (every call's voice activity detection)",
+                                       registry=r)
+        self.vad_dropped_seconds = Counter("moshimoshi_asr_vad_dropped_seconds_total",
+                                           "Caller audio dropped because the VAD fell behind", registry=r)
         self.ready = Gauge("moshimoshi_asr_ready", "1 when the model is loaded and not draining", registry=r)
         self.auth_refused = Counter(
             "moshimoshi_asr_auth_refused_total",

@@ -1,4 +1,5 @@
-"""The ASR worker's state: its backend (loaded in a thread), the batching queue, sessions.
+"""The ASR worker's state: its backend and the VAD (loaded in a thread), the batching
+queues (utterances for the backend, audio windows for the VAD), sessions.
 
 States: ``loading`` -> ``ready`` -> ``draining`` -> ``stopped`` (or ``failed``). Sessions
 are accepted only while ``ready`` and below ``max_sessions``.
@@ -13,6 +14,7 @@ import typing as tp
 from service.asr.backends import Backend
 from service.asr.batcher import UtteranceBatcher
 from service.asr.metrics import AsrMetrics
+from service.asr.vad_batcher import VadBatcher
 from service.settings import AsrSettings
 
 if tp.TYPE_CHECKING:
@@ -38,6 +40,7 @@ class AsrRuntime:
         self.error: BaseException | None = None
         self.backend: Backend | None = None
         self.batcher: UtteranceBatcher | None = None
+        self.vad: VadBatcher | None = None
         self.sessions: set[AsrSession] = set()
         self.ready_event = asyncio.Event()
         self.stopped_event = asyncio.Event()
@@ -56,8 +59,11 @@ class AsrRuntime:
         self._loader = asyncio.create_task(self._load(), name="asr-load")
 
     async def _load(self) -> None:
+        from service.asr.vad import SileroVad
+
         try:
             self.backend = await asyncio.to_thread(self._factory)
+            vad_model = await asyncio.to_thread(SileroVad)
         except Exception as exc:  # a bad model path, a failed download: the process exits 2
             self.error = exc
             self.state = "failed"
@@ -71,6 +77,10 @@ class AsrRuntime:
                                         max_queue=max(settings.max_queue, settings.max_batch),
                                         metrics=self.metrics)
         self.batcher.start()
+        metrics = self.metrics
+        self.vad = VadBatcher(vad_model, on_dropped=metrics.vad_dropped_seconds.inc,
+                              on_round=metrics.vad_batch_windows.observe, on_cpu=metrics.vad_cpu_seconds.inc)
+        self.vad.start()
         if self.state == "loading":
             self.state = "ready"
             self.metrics.ready.set(1)
@@ -131,6 +141,8 @@ class AsrRuntime:
         if self._loader is not None:
             self._loader.cancel()
             await asyncio.gather(self._loader, return_exceptions=True)
+        if self.vad is not None:
+            await self.vad.stop()
         if self.batcher is not None:
             await self.batcher.close()
         if self.backend is not None:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.asr.vad import SAMPLE_RATE, WINDOW_SAMPLES, SileroVad
+from service.asr.vad import SAMPLE_RATE, WINDOW_SAMPLES, SileroVad, VadStream
 
 GAP_TOLERANCE_S = 0.1  # later than expected by more than this: the missing audio is silence
 MAX_GAP_S = 5.0  # a bigger jump restarts the clock at the new time instead of filling it
@@ -123,7 +123,8 @@ class _Audio:
 
 class UtteranceSegmenter:
     """Per call: ``feed(chunk, t)`` returns the utterances that chunk finished; ``flush()``
-    at the end of the call returns the one in progress (if long enough)."""
+    at the end of the call returns the one in progress (if long enough). A worker that
+    batches the VAD of many calls uses ``push``, runs ``vad``'s windows, then ``advance``."""
 
     # the stream's clock and the utterance in progress, (re)set by _reset_stream
     _t0: float | None
@@ -147,7 +148,16 @@ class UtteranceSegmenter:
     # -- input -------------------------------------------------------------------------
 
     def feed(self, chunk: bytes | np.ndarray, t: float) -> list[Utterance]:
-        """Take one chunk whose first sample is at call time ``t``; the utterances it ended."""
+        """Take one chunk whose first sample is at call time ``t``; the utterances it ended
+        (the VAD runs at once, on this stream alone)."""
+        done = self.push(chunk, t)
+        self._vad.run_pending()
+        return done + self.advance()
+
+    def push(self, chunk: bytes | np.ndarray, t: float) -> list[Utterance]:
+        """Take one chunk without running the VAD: whoever batches the VAD of many streams
+        runs ``self.vad``'s pending windows, then calls :meth:`advance`. Returns what a jump
+        in time closed (usually nothing)."""
         samples = to_float(chunk)
         if self._t0 is None:
             self._t0 = t
@@ -161,16 +171,34 @@ class UtteranceSegmenter:
                 return self._restart(samples, t)
         self._in_samples += len(samples)
         resampled = samples if self._resampler is None else self._resampler.resample_chunk(samples)
-        return self._take(resampled)
+        self._audio.append(resampled)
+        self._vad.push(resampled)
+        return []
+
+    @property
+    def vad(self) -> VadStream:
+        """This stream's VAD (its pending windows are run by ``feed`` or by a batcher)."""
+        return self._vad
 
     def flush(self) -> list[Utterance]:
-        """The call ended: the utterance in progress, if it is long enough."""
-        done: list[Utterance] = []
+        """The call ended: the utterance in progress, if it is long enough (after the
+        windows already run)."""
+        done = self.advance()
         if self._triggered:
             end = self._silence_start if self._silence_start is not None else self._vad_samples
             self._emit(done, self._speech_start, end, forced=False)
             self._triggered = False
         return done
+
+    @property
+    def needed_from(self) -> float | None:
+        """The call time from which this stream's audio is still needed (the utterance in
+        progress and its padding, or the audio the VAD has not judged yet); None before any
+        audio. A segmenter started afresh at this time finds every utterance not yet ended."""
+        if self._t0 is None:
+            return None
+        start = self._speech_start if self._triggered else self._vad_samples
+        return self._t0 + max(0, start - self.config.pad_ms * self._ms) / SAMPLE_RATE
 
     def _reset_stream(self) -> None:
         """A new stream: no audio, no clock, fresh VAD and resampler state."""
@@ -191,22 +219,24 @@ class UtteranceSegmenter:
         self._split: tuple[int, int] | None = None  # the last long-enough pause: (start, resume)
 
     def _restart(self, samples: np.ndarray, t: float) -> list[Utterance]:
-        """A jump in time too big to fill: close what is open, restart the clock at ``t``."""
+        """A jump in time too big to fill: close what is open, restart the clock at ``t``.
+        The windows not run yet are run first, here (this stream alone)."""
+        self._vad.run_pending()
         done = self.flush()
         self.gaps_filled += 1
         self._reset_stream()
-        return done + self.feed(samples, t)
+        return done + self.push(samples, t)
 
     # -- segmentation ------------------------------------------------------------------
 
-    def _take(self, samples: np.ndarray) -> list[Utterance]:
-        self._audio.append(samples)
-        probabilities = self._vad.process(samples)
+    def advance(self) -> list[Utterance]:
+        """Step through the probabilities the VAD computed since the last call; the
+        utterances they ended."""
         done: list[Utterance] = []
-        for prob in probabilities:
+        for prob in self._vad.take():
             begin = self._vad_samples
             self._vad_samples += WINDOW_SAMPLES
-            self._step(float(prob), begin, self._vad_samples, done)
+            self._step(prob, begin, self._vad_samples, done)
         keep_from = (self._speech_start if self._triggered else self._vad_samples) - self.config.pad_ms * self._ms
         self._audio.drop_before(keep_from)
         return done

@@ -1,14 +1,18 @@
-"""One call's session over ``/v1/asr``: the ASR worker's side of PROTOCOL.md, version 1.
+"""One call's session over ``/v1/asr``: the ASR worker's side of PROTOCOL.md, version 2.
 
-The receive loop validates every message; each utterance becomes a task that waits for
-its batch and sends the caller event. Whatever ends the session (``end``, a dropped
-socket, a violation, shutdown, cancellation), the ``finally`` clause cancels its pending
-utterances and gives its place back. A violation closes only this socket.
+The receive loop validates every message and hands the caller's audio to the worker's VAD
+batcher (``vad_batcher.py``), which cuts it into utterances; each utterance becomes a task
+that waits for its ASR batch and sends the caller event. ``settled`` messages tell the
+gateway how far back it must keep audio to resend to another worker. Whatever ends the
+session (``end``, a dropped socket, a violation, shutdown, cancellation), the ``finally``
+clause cancels its pending utterances and gives its place back. A violation closes only
+this socket.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -19,18 +23,22 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from service.asr.batcher import Overloaded
 from service.asr.runtime import NotAccepting
+from service.asr.segmenter import Utterance
 
 if tp.TYPE_CHECKING:
     from service.asr.runtime import AsrRuntime
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 SAMPLE_RATE = 16000
-MAX_UTTERANCE_SECONDS = 30.0
-MAX_AUDIO_BYTES = int(MAX_UTTERANCE_SECONDS * SAMPLE_RATE) * 2
+HEADER_BYTES = 8  # an audio message's call time: float64, little-endian
+MAX_CHUNK_SECONDS = 2.0
+MAX_AUDIO_BYTES = HEADER_BYTES + int(MAX_CHUNK_SECONDS * SAMPLE_RATE) * 2
+SETTLED_STEP_SECONDS = 1.0  # a settled message when the settled time moved on this much
 MAX_TEXT_MESSAGE = 4096
 START_TIMEOUT_SECONDS = 10.0
+END_SECONDS = 30.0  # after ``end``, the VAD's last turn comes within this
 MAX_PENDING_PER_SESSION = 16  # utterances of one call waiting for text; more fail as overloaded
 MAX_CALL_SECONDS = 7 * 24 * 3600.0  # times beyond this are nonsense, not a long call
 
@@ -73,22 +81,17 @@ def _time(message: dict, key: str) -> float:
     return float(value)
 
 
-class _Header(tp.NamedTuple):
-    id: int
-    start: float
-    end: float
-
-
-def parse_utterance(message: dict) -> _Header:
-    """An ``utterance`` message's fields, checked."""
-    utterance_id = message.get("id")
-    if isinstance(utterance_id, bool) or not isinstance(utterance_id, int) or not 0 <= utterance_id < 2**53:
-        raise ProtocolViolation(CLOSE_VIOLATION, f"'id' must be a non-negative integer, got {utterance_id!r}")
-    start, end = _time(message, "start"), _time(message, "end")
-    if end < start or end - start > MAX_UTTERANCE_SECONDS:
-        raise ProtocolViolation(CLOSE_VIOLATION, f"an utterance spans 0 to {MAX_UTTERANCE_SECONDS:g} s "
-                                                 f"(start {start}, end {end})")
-    return _Header(utterance_id, start, end)
+def parse_audio(data: bytes) -> tuple[float, np.ndarray]:
+    """An audio message: (call time of its first sample, 16 kHz float32 samples)."""
+    if len(data) < HEADER_BYTES + 2 or (len(data) - HEADER_BYTES) % 2 or len(data) > MAX_AUDIO_BYTES:
+        raise ProtocolViolation(CLOSE_VIOLATION, f"audio message of {len(data)} bytes; it is an 8-byte time, then "
+                                                 f"PCM16 at 16 kHz: {HEADER_BYTES + 2} to {MAX_AUDIO_BYTES} bytes "
+                                                 "with an even count of audio bytes")
+    t = float(np.frombuffer(data, dtype="<f8", count=1)[0])
+    if not math.isfinite(t) or not 0 <= t <= MAX_CALL_SECONDS:
+        raise ProtocolViolation(CLOSE_VIOLATION, f"an audio message's time must be seconds >= 0, got {t!r}")
+    samples = np.frombuffer(data, dtype="<i2", offset=HEADER_BYTES).astype(np.float32) / 32768.0
+    return t, samples
 
 
 class AsrSession:
@@ -102,6 +105,11 @@ class AsrSession:
         self.outcome = "disconnected"
         self.utterances = 0
         self._pending: set[asyncio.Task] = set()
+        self._in_flight: dict[int, Utterance] = {}  # utterance id → utterance waiting for its text
+        self._next_id = 0
+        self._settled = 0.0
+        self._vad_done = asyncio.Event()
+        self._vad_open = False
         self._send_lock = asyncio.Lock()
         self._shutdown = asyncio.Event()
         self._admitted = False
@@ -137,6 +145,8 @@ class AsrSession:
                 task.cancel()
             if self._pending:
                 await asyncio.gather(*self._pending, return_exceptions=True)
+            if self._vad_open and self.runtime.vad is not None:
+                self.runtime.vad.close(self)
             if self._admitted:
                 self.runtime.leave(self)
             self.metrics.sessions_total.labels(self.outcome).inc()
@@ -158,7 +168,7 @@ class AsrSession:
         if start["type"] != "start":
             raise ProtocolViolation(CLOSE_VIOLATION, f"expected a start message, got {start['type']!r}")
         version = start.get("version")
-        if version != PROTOCOL_VERSION or isinstance(version, bool):
+        if version != PROTOCOL_VERSION or isinstance(version, bool):  # 1 sent utterances: gateways cut them
             raise ProtocolViolation(CLOSE_VERSION, f"unsupported protocol version {version!r}; "
                                                    f"this worker speaks {PROTOCOL_VERSION}")
         call_id = start.get("call_id")
@@ -177,11 +187,17 @@ class AsrSession:
         runtime = self.runtime
         backend = runtime.backend
         assert backend is not None
+        vad = runtime.vad
+        assert vad is not None
+        config = vad.config
         await self._send({
             "type": "started", "version": PROTOCOL_VERSION, "model": backend.name,
             "backend": runtime.settings.backend, "language": runtime.settings.language,
-            "sample_rate": SAMPLE_RATE, "max_utterance_seconds": MAX_UTTERANCE_SECONDS,
+            "sample_rate": SAMPLE_RATE, "max_utterance_seconds": config.max_utterance_s,
+            "min_silence_ms": config.min_silence_ms, "pad_ms": config.pad_ms,
             "random_weights": backend.random_weights})
+        vad.open(self)
+        self._vad_open = True
         receiver = asyncio.create_task(self._receive_loop(), name=f"asr-recv-{self.call_id}")
         shutdown = asyncio.create_task(self._shutdown.wait())
         try:
@@ -204,13 +220,19 @@ class AsrSession:
         elif error is not None:
             raise error
         elif self.outcome == "completed":
-            # ``end``: answer every utterance still in flight, then close.
-            if self._pending:
+            # ``end``: the VAD ends the utterance in progress; every utterance gets its
+            # answer; then close.
+            vad.finish(self)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(END_SECONDS):
+                    await self._vad_done.wait()
+            while self._pending:
                 await asyncio.gather(*list(self._pending), return_exceptions=True)
             await self._close(CLOSE_NORMAL, "done")
 
     async def _receive_loop(self) -> None:
-        header: _Header | None = None
+        vad = self.runtime.vad
+        assert vad is not None
         while True:
             message = await self.ws.receive()
             if message["type"] == "websocket.disconnect":
@@ -218,56 +240,81 @@ class AsrSession:
                 raise WebSocketDisconnect(message.get("code", 1000))
             data = message.get("bytes")
             if data is not None:
-                if header is None:
-                    raise ProtocolViolation(CLOSE_VIOLATION, "audio without an utterance message before it")
-                if not data or len(data) % 2 or len(data) > MAX_AUDIO_BYTES:
-                    raise ProtocolViolation(CLOSE_VIOLATION, f"utterance audio of {len(data)} bytes; it is PCM16 "
-                                                             f"at 16 kHz, 2 to {MAX_AUDIO_BYTES} bytes")
-                self._transcribe(header, data)
-                header = None
+                t, samples = parse_audio(data)
+                vad.feed(self, samples, t)
                 continue
             request = _parse_json(message.get("text") or "")
-            if header is not None:
-                raise ProtocolViolation(CLOSE_VIOLATION, f"expected the utterance's audio, got {request['type']!r}")
             kind = request["type"]
-            if kind == "utterance":
-                header = parse_utterance(request)
-            elif kind == "end":
+            if kind == "end":
                 self.outcome = "completed"
                 return
-            elif kind == "start":
+            if kind == "start":
                 raise ProtocolViolation(CLOSE_VIOLATION, "duplicate start message")
-            else:
-                raise ProtocolViolation(CLOSE_VIOLATION, f"unknown message type {kind!r}")
+            raise ProtocolViolation(CLOSE_VIOLATION, f"unknown message type {kind!r}")
 
-    def _transcribe(self, header: _Header, pcm: bytes) -> None:
+    # -- utterances from the VAD ---------------------------------------------------------
+
+    def on_vad(self, utterances: list[Utterance], *, final: bool) -> None:
+        """The VAD batcher's turn took this call's audio: transcribe what ended."""
+        for utterance in utterances:
+            self._transcribe(utterance)
+        self._maybe_settle()
+        if final:
+            self._vad_done.set()
+
+    def _transcribe(self, utterance: Utterance) -> None:
         self.utterances += 1
+        utterance_id = self._next_id
+        self._next_id += 1
         if len(self._pending) >= MAX_PENDING_PER_SESSION:
             self.metrics.utterances.labels("overloaded").inc()
-            task = asyncio.create_task(self._failed(header, "overloaded"))
+            task = asyncio.create_task(self._failed(utterance_id, utterance, "overloaded"))
         else:
-            audio = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
-            task = asyncio.create_task(self._one(header, audio))
+            self._in_flight[utterance_id] = utterance
+            audio = np.frombuffer(utterance.pcm, dtype="<i2").astype(np.float32) / 32768.0
+            task = asyncio.create_task(self._one(utterance_id, utterance, audio))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    async def _one(self, header: _Header, audio: np.ndarray) -> None:
+    def settled(self) -> float:
+        """The call time before which nothing more will come from this session: every
+        utterance that began before it has been answered, and no speech is in progress."""
+        vad = self.runtime.vad
+        needed = vad.segmenter(self).needed_from if vad is not None and self._vad_open else None
+        times = [u.audio_start for u in self._in_flight.values()]
+        if needed is not None:
+            times.append(needed)
+        return min(times) if times else self._settled
+
+    def _maybe_settle(self) -> None:
+        settled = self.settled()
+        if settled - self._settled >= SETTLED_STEP_SECONDS:
+            self._settled = settled
+            task = asyncio.create_task(self._send({"type": "settled", "t": round(settled, 3)}))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def _one(self, utterance_id: int, utterance: Utterance, audio: np.ndarray) -> None:
         batcher = self.runtime.batcher
         assert batcher is not None
         try:
-            result = await batcher.submit(audio)
-        except Overloaded:
-            await self._failed(header, "overloaded")
-            return
-        if result.error is not None:
-            await self._failed(header, result.error)
-            return
-        await self._send({"type": "caller", "id": header.id, "start": header.start, "end": header.end,
-                          "text": result.text})
+            try:
+                result = await batcher.submit(audio)
+            except Overloaded:
+                await self._failed(utterance_id, utterance, "overloaded")
+                return
+            if result.error is not None:
+                await self._failed(utterance_id, utterance, result.error)
+                return
+            await self._send({"type": "caller", "id": utterance_id, "start": round(utterance.start, 3),
+                              "end": round(utterance.end, 3), "text": result.text})
+        finally:
+            self._in_flight.pop(utterance_id, None)
+            self._maybe_settle()
 
-    async def _failed(self, header: _Header, reason: str) -> None:
-        await self._send({"type": "failed", "id": header.id, "start": header.start, "end": header.end,
-                          "reason": reason})
+    async def _failed(self, utterance_id: int, utterance: Utterance, reason: str) -> None:
+        await self._send({"type": "failed", "id": utterance_id, "start": round(utterance.start, 3),
+                          "end": round(utterance.end, 3), "reason": reason})
 
     async def _send(self, message: dict) -> None:
         async with self._send_lock:

@@ -6,7 +6,9 @@ the file is located without importing the package and run on onnxruntime directl
 thread, CPU, about 0.06 ms per window (2 ms of CPU per second of a call).
 
 One ``SileroVad`` (the loaded model) is shared by every call of a process; each call keeps
-its own recurrent state in a ``VadStream``.
+its own recurrent state in a ``VadStream``. The ASR worker runs the windows of all its
+calls in batches (``batch_inputs``/``commit_batch``, ``service/asr/vad_batcher.py``): one
+model run for many streams costs far less than one per stream.
 """
 
 from __future__ import annotations
@@ -77,24 +79,74 @@ class SileroVad:
 
 
 class VadStream:
-    """One audio stream's VAD: feed 16 kHz float32 samples, get one probability per 32 ms."""
+    """One audio stream's VAD: 16 kHz float32 samples in, one probability per 32 ms out.
+
+    ``process(samples)`` runs the model at once (one stream); a worker batching many streams
+    instead ``push``es samples, takes each stream's next window with :func:`run_batch`, and
+    reads the probabilities back with ``take``.
+    """
 
     def __init__(self, model: SileroVad) -> None:
         self.model = model
-        self._state = np.zeros(STATE_SHAPE, dtype=np.float32)
+        self.state = np.zeros(STATE_SHAPE, dtype=np.float32)
         self._buffer = np.zeros(CONTEXT_SAMPLES, dtype=np.float32)  # context, then pending samples
+        self._head = 0  # where the next window's context starts in ``_buffer``
+        self._probabilities: list[float] = []
         self.windows = 0
+
+    @property
+    def pending(self) -> int:
+        """Whole windows pushed and not run yet."""
+        return (len(self._buffer) - self._head - CONTEXT_SAMPLES) // WINDOW_SAMPLES
+
+    @property
+    def pending_samples(self) -> int:
+        return len(self._buffer) - self._head - CONTEXT_SAMPLES
+
+    def push(self, samples: np.ndarray) -> None:
+        """Queue samples for the VAD (no inference)."""
+        if len(samples):
+            self._buffer = np.concatenate([self._buffer[self._head:], samples.astype(np.float32, copy=False)])
+            self._head = 0
+
+    def window(self) -> np.ndarray:
+        """The next window with its context (CONTEXT + WINDOW samples); needs ``pending``."""
+        return self._buffer[self._head:self._head + CONTEXT_SAMPLES + WINDOW_SAMPLES]
+
+    def commit(self, probability: float, state: np.ndarray) -> None:
+        """The next window was run: its probability and the model's new state."""
+        self.state = state
+        self._head += WINDOW_SAMPLES
+        self._probabilities.append(probability)
+        self.windows += 1
+
+    def take(self) -> list[float]:
+        """The probabilities computed since the last ``take``, in order."""
+        out, self._probabilities = self._probabilities, []
+        return out
+
+    def run_pending(self) -> None:
+        """Run every pending window now, one at a time (one stream, no batching)."""
+        while self.pending:
+            prob, state = self.model.run(self.window()[np.newaxis, :], self.state)
+            self.commit(float(prob[0]), state)
 
     def process(self, samples: np.ndarray) -> np.ndarray:
         """Probabilities of the windows completed by ``samples`` (in order; may be empty)."""
-        buffer = np.concatenate([self._buffer, samples.astype(np.float32, copy=False)])
-        count = (len(buffer) - CONTEXT_SAMPLES) // WINDOW_SAMPLES
-        probs = np.empty(count, dtype=np.float32)
-        for i in range(count):
-            start = i * WINDOW_SAMPLES
-            window = buffer[start:start + CONTEXT_SAMPLES + WINDOW_SAMPLES][np.newaxis, :]
-            prob, self._state = self.model.run(window, self._state)
-            probs[i] = prob[0]
-        self._buffer = buffer[count * WINDOW_SAMPLES:].copy()
-        self.windows += count
-        return probs
+        self.push(samples)
+        self.run_pending()
+        return np.asarray(self.take(), dtype=np.float32)
+
+
+def batch_inputs(streams: list[VadStream]) -> tuple[np.ndarray, np.ndarray]:
+    """The next window of each stream (each must have one pending) and their states, stacked
+    for one batched run: ``(B, CONTEXT + WINDOW)`` and ``(2, B, 128)``."""
+    windows = np.stack([stream.window() for stream in streams])
+    states = np.concatenate([stream.state for stream in streams], axis=1)
+    return windows, states
+
+
+def commit_batch(streams: list[VadStream], probabilities: np.ndarray, states: np.ndarray) -> None:
+    """Hand each stream its window's result from a batched run."""
+    for i, stream in enumerate(streams):
+        stream.commit(float(probabilities[i]), np.ascontiguousarray(states[:, i:i + 1, :]))

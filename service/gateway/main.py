@@ -25,19 +25,22 @@ from service import realtime
 from service.api.app import create_app
 from service.api.auth import ApiTokens
 from service.api.models import Readiness
+from service.asr.client import AsrWorkerFinder
 from service.config import ConfigError
 from service.gateway import metrics
 from service.gateway.banner import ready_banner
 from service.gateway.calls.call import Call
+from service.gateway.calls.capture import CallCapture
 from service.gateway.calls.lifecycle import CallLifecycle
+from service.gateway.calls.policy import CallPolicy
 from service.gateway.calls.recorder import CallRecorder
 from service.gateway.calls.refusals import WINDOW_SECONDS, RefusalLog
 from service.gateway.calls.sampler import sample_forever
 from service.gateway.calls.table import CallTable
 from service.gateway.calls.transcript import TranscriptFeed
+from service.gateway.control.commands import CallCommands
 from service.gateway.control.concurrency import ConcurrencyHistory
 from service.gateway.control.directory import CallDirectory
-from service.gateway.control.hangups import HangupChannel
 from service.gateway.control.plane import GatewayControl
 from service.gateway.control.pool_view import PoolView
 from service.gateway.control.refusal_store import RefusalStore
@@ -49,6 +52,9 @@ from service.gateway.ingress.outbound import OutboundCalls
 from service.gateway.ingress.sip import SipIngress
 from service.gateway.ingress.sip_dialer import SipDialer
 from service.gateway.ingress.webrtc import WebRtcIngress
+from service.gateway.media.announcement import load_announcement
+from service.gateway.recording.storage import LocalStorage, S3Storage, Storage
+from service.gateway.recording.writer import RecordingWriter
 from service.gateway.routes.schema import RoutesError
 from service.gateway.routes.table import RouteTable
 from service.gateway.routing.loopback import LOOPBACK_URL
@@ -66,6 +72,8 @@ log = logging.getLogger("moshimoshi.gateway")
 
 STOP_CALLS_SECONDS = 3.0
 REFUSALS_WINDOW = WINDOW_SECONDS  # how long refused calls are kept (an hour)
+RECORDING_CLOSE_SECONDS = 10.0  # at shutdown, the recordings of the last calls are written out this long
+SWEEP_MAX_SECONDS = 3600.0  # recordings past the retention are deleted at least this often
 
 
 def tls_settings(settings: GatewaySettings) -> tuple[ServerCertificates | None, ssl.SSLContext | None]:
@@ -86,6 +94,39 @@ def tls_settings(settings: GatewaySettings) -> tuple[ServerCertificates | None, 
     return certificates, verify
 
 
+def recording_storage(settings: GatewaySettings, routes: RouteTable | None = None) -> Storage | None:
+    """Where recordings are kept (None when neither this gateway's settings nor its routes
+    record, and there is no bucket); ConfigError naming the setting when it cannot be used."""
+    routed = routes is not None and any(route.recording is not None and route.recording.format != "off"
+                                        for route in routes.routes.routes)
+    if settings.recording == "off" and not routed and not settings.recording_s3_bucket:
+        return None
+    try:
+        if settings.recording_s3_bucket:
+            return S3Storage(settings.recording_s3_bucket, prefix=settings.recording_s3_prefix,
+                             endpoint_url=settings.recording_s3_endpoint_url, region=settings.recording_s3_region,
+                             spool=settings.recording_dir)
+        return LocalStorage(settings.recording_dir)
+    except OSError as exc:
+        raise ConfigError(f"MOSHIMOSHI_RECORDING_DIR={settings.recording_dir}: {exc.strerror or exc}") from None
+    except ImportError:
+        raise ConfigError("MOSHIMOSHI_RECORDING_S3_BUCKET needs boto3 (pip install boto3)") from None
+    except ValueError as exc:  # botocore refuses a region or endpoint
+        raise ConfigError(f"MOSHIMOSHI_RECORDING_S3_*: {exc}") from None
+
+
+def asr_finder(settings: GatewaySettings, registry: RegistryReader | None) -> AsrWorkerFinder | None:
+    """How calls find an ASR worker: --asr-url, else the pool's; None when there is neither
+    (or the callers' transcript is off)."""
+    if not settings.transcription:
+        return None
+    if settings.asr_url:
+        return AsrWorkerFinder(url=settings.asr_url, secret=settings.worker_secret)
+    if registry is not None:
+        return AsrWorkerFinder(registry, secret=settings.worker_secret)
+    return None
+
+
 class Gateway:
     """One gateway: answers calls, routes them to worker slots, serves the control plane."""
 
@@ -100,6 +141,7 @@ class Gateway:
         self.exit_code = 0
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
         self._http: uvicorn.Server | None = None
         self._http_socket: socket.socket | None = None
         self._announced = False  # the ready banner was printed
@@ -144,11 +186,26 @@ class Gateway:
         self.recorder = CallRecorder(self.records, self.pool.retries if self.pool is not None else None)
         self.refusal_store = RefusalStore(self.pool, window=REFUSALS_WINDOW) if self.pool is not None else None
         self.refusals = RefusalLog(self.refusal_store, window=REFUSALS_WINDOW)
+
+        # the record beyond the agent's words: the caller's words, the recording, consent, DTMF
+        consent: list[bytes] = []
+        if settings.consent_announcement:
+            try:
+                consent = load_announcement(settings.consent_announcement)
+            except ValueError as exc:
+                raise ConfigError(f"MOSHIMOSHI_CONSENT_ANNOUNCEMENT={settings.consent_announcement}: {exc}") from None
+        self.policy = CallPolicy.from_settings(settings, consent)  # what a route leaves unsaid
+        self.asr_finder = asr_finder(settings, self.registry)
+        self.recording_storage = recording_storage(settings, self.routes)
+        self.recording_writer = (RecordingWriter(self.recording_storage, on_dropped=metrics.RECORDING_DROPPED.inc)
+                                 if self.recording_storage is not None else None)
+        self.capture = CallCapture(policy=self._policy_of, asr=self.asr_finder, writer=self.recording_writer)
         self.lifecycle = CallLifecycle(router=self.router, table=self.table, recorder=self.recorder,
                                        transcripts=self.transcripts, queue_seconds=settings.queue_seconds,
                                        rtp_timeout_seconds=settings.rtp_timeout_seconds, admission=self.admission,
                                        refusals=self.refusals, transfer_ring_seconds=settings.transfer_ring_seconds,
-                                       stall_seconds=settings.worker_stall_ms / 1000, routes=self.routes)
+                                       stall_seconds=settings.worker_stall_ms / 1000, routes=self.routes,
+                                       capture=self.capture)
         self.call_stats = metrics.install_call_stats(self._live_counters)
         self.webhook = WebhookSender.from_settings(settings)
         self.lifecycle.on_end.append(self._on_call_end)
@@ -171,15 +228,16 @@ class Gateway:
 
         # control plane: API tokens, hang-ups across replicas, what the API asks of the gateway
         self.api_tokens = ApiTokens.parse(settings.api_tokens)
-        self.hangups = HangupChannel(self.pool, self.lifecycle.hang_up) if self.pool is not None else None
+        self.commands = CallCommands(self.pool, self._on_call_request) if self.pool is not None else None
         self.control = GatewayControl(
             lifecycle=self.lifecycle,
             directory=CallDirectory(self.table, self.records, self.registry, self.refusals),
             transcripts=TranscriptReader(self.table, self.transcripts, self.transcript_store, self.records),
             pool=PoolView(self.registry, worker_url=settings.worker_url, worker_secret=settings.worker_secret,
                           live_calls=lambda: len(self.table)),
-            webrtc=self.webrtc, outbound=self.outbound, hangups=self.hangups, readiness=self.readiness,
-            retry_after_seconds=settings.retry_after_seconds, concurrency=self.concurrency)
+            webrtc=self.webrtc, outbound=self.outbound, commands=self.commands, readiness=self.readiness,
+            retry_after_seconds=settings.retry_after_seconds, recordings=self.recording_storage,
+            concurrency=self.concurrency)
         # transfers across replicas: the API of one replica, the call on another
         self.transfer_channel = (TransferChannel(self.pool, self.control.start_transfer)
                                  if self.pool is not None else None)
@@ -228,12 +286,49 @@ class Gateway:
             if counters is not None:
                 yield counters
 
+    def _policy_of(self, call: Call) -> CallPolicy:
+        """What the call's record holds: its route's choices, the gateway's for the rest."""
+        route = call.route
+        consent = self.routes.prompt(route.consent_announcement) if route is not None else None
+        return self.policy.for_route(route, consent)
+
+    def _on_call_request(self, op: str, call_id: str) -> bool:
+        return self.control.on_request(op, call_id)
+
     def _on_call_end(self, call: Call) -> None:
         counters = call.pipeline.counters()
         if counters is not None:
             self.call_stats.add_ended(counters)
+        if call.recording is not None and call.recording.done is not None:
+            self._background(self._after_recording(call))
+        elif self.webhook is not None and call.stored:
+            self.webhook.submit(call.id, call_ended_payload(call.record, call.transcript))
+
+    async def _after_recording(self, call: Call) -> None:
+        """The call's recording stored: its record says where; then the webhook (with it)."""
+        if await self.capture.stored(call):
+            result = call.recording.result if call.recording is not None else None
+            metrics.RECORDINGS.labels("stored" if result is not None and result.location else "failed").inc()
+            self.recorder.update(call, "recording")
+            self.table.refresh(call)
         if self.webhook is not None and call.stored:
             self.webhook.submit(call.id, call_ended_payload(call.record, call.transcript))
+
+    async def _sweep_recordings(self) -> None:
+        """Delete recordings past the call records' retention (their records expire then too)."""
+        storage = self.recording_storage
+        assert storage is not None
+        retention = self.settings.call_retention_seconds
+        while True:
+            try:
+                removed = await asyncio.to_thread(storage.sweep, time.time() - retention)
+            except Exception as exc:  # the bucket unreachable: next time
+                log.warning("recordings past the retention not deleted: %s", type(exc).__name__)
+            else:
+                if removed:
+                    metrics.RECORDINGS_EXPIRED.inc(removed)
+                    log.info("deleted %d recordings past the retention", removed)
+            await asyncio.sleep(min(SWEEP_MAX_SECONDS, retention / 10))
 
     def _background(self, coro: tp.Coroutine[tp.Any, tp.Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -339,10 +434,16 @@ class Gateway:
             self.transcript_store.start()
         if self.refusal_store is not None:
             self.refusal_store.start()
-        if self.hangups is not None:
-            self.hangups.start()
+        if self.commands is not None:
+            self.commands.start()
         if self.transfer_channel is not None:
             self.transfer_channel.start()
+        if self.recording_writer is not None:
+            self.recording_writer.start()
+        if self.recording_storage is not None:
+            self._sweeper = asyncio.create_task(self._sweep_recordings(), name="recording-sweeper")
+        if self.settings.transcription and self.asr_finder is None:
+            log.info("callers' transcript off: no pool to find ASR workers in, and no --asr-url")
 
     async def _shutdown(self, http_task: asyncio.Task) -> None:
         for call in list(self.table.live.values()):
@@ -358,6 +459,8 @@ class Gateway:
                     await http_task
         if self._http_socket is not None:
             self._http_socket.close()
+        if self.recording_writer is not None:
+            await self.recording_writer.close(RECORDING_CLOSE_SECONDS)
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=2)
         await self.recorder.settle(timeout=2)
@@ -368,8 +471,11 @@ class Gateway:
 
     async def stop_control_plane(self) -> None:
         """After the calls: store the last transcript pieces, deliver the last webhooks."""
-        if self.hangups is not None:
-            await self.hangups.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+        if self.commands is not None:
+            await self.commands.close()
         if self.transfer_channel is not None:
             await self.transfer_channel.close()
         if self.transcript_store is not None:

@@ -124,6 +124,11 @@ REFUSALS_NOT_STORED = Counter(
     "overflowed while Redis refused writes, or the gateway stopped first; by reason. They are still "
     "counted in moshimoshi_calls_total.", ["reason"])
 DTMF_DIGITS = Counter("moshimoshi_dtmf_digits_total", "DTMF digits received (RFC 4733 or SIP INFO).")
+RECORDINGS = Counter("moshimoshi_recordings_total", "Calls' recordings by outcome: stored, failed.", ["outcome"])
+RECORDING_DROPPED = Counter("moshimoshi_recording_dropped_seconds_total",
+                            "Call audio the recording writer could not take in time (silence in its place).")
+RECORDINGS_EXPIRED = Counter("moshimoshi_recordings_expired_total",
+                             "Recordings deleted at the end of the retention.")
 SIP_INFO = Counter("moshimoshi_sip_info_requests_total",
                    "In-dialog SIP INFO requests by outcome: dtmf (a digit reported), empty (keep-alive), "
                    "bad-body (400), unsupported-type (415).", ["outcome"])

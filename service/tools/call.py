@@ -364,7 +364,7 @@ async def place_call(settings: CallSettings) -> dict:
 
 async def write_transcript(settings: CallSettings, path: str, target: SipUri, call_id: str | None,
                            summary: dict[str, tp.Any]) -> None:
-    """The transcript file, written whatever happens: the agent's words and DTMF from the
+    """The transcript file, written whatever happens: both sides' words and DTMF from the
     gateway's API, or one line saying why there are none (also said on stderr)."""
     if call_id is None:
         transcript, problem = None, "the callee named no call id (X-Moshimoshi-Call-Id): not a moshimoshi gateway"
@@ -428,9 +428,12 @@ class EarlyMedia:
 
 
 def format_transcript(transcript: dict[str, tp.Any]) -> str:
+    """Both sides' pieces in time order (the caller's words come once their utterance ended,
+    so arrival order is not time order)."""
     lines = []
-    for event in transcript.get("events", []):
-        who = "DTMF" if event.get("kind") == "dtmf" else "agent"
+    labels = {"dtmf": "DTMF", "caller": "caller", "note": "note", "transfer": "transfer"}
+    for event in sorted(transcript.get("events", []), key=lambda e: (e.get("t", 0), e.get("seq", 0))):
+        who = labels.get(event.get("kind"), "agent")
         lines.append(f"[{event.get('t', 0):8.2f}] {who}: {event.get('text', '')}")
     return "\n".join(lines) + ("\n" if lines else "")
 

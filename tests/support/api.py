@@ -19,9 +19,10 @@ from service.settings import GatewaySettings
 from sip.identity import CallerIdentity
 
 READ_TOKEN = "unit-read-token-0123456789"
+RECORDINGS_TOKEN = "unit-recordings-token-0123456789"
 ADMIN_TOKEN = "unit-admin-token-0123456789"
 CALL_TOKEN = "unit-call-token-0123456789"
-TOKENS = [f"{READ_TOKEN}:read", f"{ADMIN_TOKEN}:admin", f"{CALL_TOKEN}:call"]
+TOKENS = [f"{READ_TOKEN}:read", f"{RECORDINGS_TOKEN}:recordings", f"{ADMIN_TOKEN}:admin", f"{CALL_TOKEN}:call"]
 
 
 def auth(token: str) -> dict[str, str]:
@@ -29,6 +30,7 @@ def auth(token: str) -> dict[str, str]:
 
 
 READ = auth(READ_TOKEN)
+RECORDINGS = auth(RECORDINGS_TOKEN)
 ADMIN = auth(ADMIN_TOKEN)
 CALL = auth(CALL_TOKEN)
 
@@ -55,6 +57,7 @@ class ApiGateway:
         call = Call("sip", from_uri=from_uri, to_uri="sip:agent@gateway.test", sip_call_id="sip-1",
                     source="192.0.2.10:5060", codec="PCMU", identity=identity, gateway_id=gateway.gateway_id)
         gateway.lifecycle.begin(call)
+        gateway.lifecycle.routed(call, gateway.lifecycle.route_of(call))
         call.record.worker_id, call.record.slot, call.record.sampling = worker_id, slot, sampling
         gateway.lifecycle.answered(call)
         return call
@@ -82,6 +85,14 @@ class ApiGateway:
 
     def end_call(self, call: Call, reason: str = "remote-bye") -> None:
         call.end(reason)
+        self.gateway.lifecycle.finish(call)
+
+    async def hang_up(self, call: Call, reason: str = "remote-bye") -> None:
+        """The call ends as the lifecycle ends it: the media stopped, the caller's last words
+        and the recording closed, then the record."""
+        call.end(reason)
+        call.mark_end_time()
+        await self.gateway.capture.end(call)
         self.gateway.lifecycle.finish(call)
 
     async def settle(self, timeout: float = 5.0) -> None:
@@ -134,6 +145,10 @@ async def api_gateway(redis_url: str | None, **overrides: tp.Any) -> AsyncIterat
         for call in list(gateway.table.live.values()):
             call.end("test-over")
             gateway.lifecycle.finish(call)
+        if gateway.recording_writer is not None:
+            await gateway.recording_writer.close()
+        if gateway._tasks:
+            await asyncio.wait(list(gateway._tasks), timeout=5)
         await gateway.recorder.settle(timeout=5)
         await gateway.stop_control_plane()
         if gateway.pool is not None:

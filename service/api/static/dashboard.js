@@ -536,6 +536,20 @@
       }
       currentLine.lastChild.textContent += p.text;
       lastPieceT = p.t;
+    } else if (p.kind === "caller") {
+      // the caller's utterance (from ASR) arrives once it ended: its own line, stamped with its start
+      const line = el("p", null, "line caller");
+      line.appendChild(el("span", clock(p.t), "time"));
+      line.appendChild(el("span", "caller ", "who"));
+      line.appendChild(el("span", p.text, "words"));
+      box.appendChild(line);
+      currentLine = null;
+    } else if (p.kind === "note") {
+      const line = el("p", null, "line note");
+      line.appendChild(el("span", clock(p.t), "time"));
+      line.appendChild(el("span", p.text, "note"));
+      box.appendChild(line);
+      currentLine = null;
     } else {
       const line = el("p", null, `line ${p.kind}`);
       line.appendChild(el("span", clock(p.t), "time"));

@@ -24,6 +24,7 @@ import typing as tp
 from service.call_record import ACTIVE, ENDED, QUEUED, CallPhase, CallQuality, CallRecord
 from service.gateway import metrics
 from service.gateway.calls.frame_watch import FrameWatch
+from service.gateway.calls.policy import CallPolicy
 from service.gateway.calls.transcript import TranscriptEvent
 from service.gateway.media.pipeline import MediaPipeline
 from service.gateway.routes.schema import Route
@@ -39,6 +40,10 @@ from service.gateway.routing.router import (
 )
 from service.wire import CloseCode
 from sip.identity import CallerIdentity
+
+if tp.TYPE_CHECKING:
+    from service.gateway.calls.caller_asr import CallerAsr
+    from service.gateway.calls.recording import CallRecording
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +78,10 @@ class Call:
         self.stored = False  # kept in Redis (from its answer; an outbound call from its admission)
         self.transcript: list[TranscriptEvent] = []
         self.on_transcript: tp.Callable[[Call, TranscriptEvent], None] | None = None
+        self.policy = CallPolicy()  # the route's choices for the record (set by the lifecycle)
+        self.capture_paused = False  # a compliance pause: nothing of the call is stored meanwhile
+        self.caller_asr: CallerAsr | None = None
+        self.recording: CallRecording | None = None
         self.ended = asyncio.Event()
         self.stalled = asyncio.Event()
         self.frame_watch = FrameWatch()  # the lifecycle sets the configured threshold
@@ -130,10 +139,15 @@ class Call:
         if self.session is not None:
             self.begin_phase(CallPhase("ai", start=self.record.answered_at, worker=self.session.worker_id))
 
+    def mark_end_time(self) -> float:
+        """The call is over (its media stopped): the time its duration runs to."""
+        if self.record.ended_at is None:
+            self.record.ended_at = time.time()
+        return self.record.ended_at
+
     def mark_ended(self) -> None:
         self.record.state = ENDED
-        self.record.ended_at = time.time()
-        self.end_phase(self.record.ended_at)
+        self.end_phase(self.mark_end_time())
 
     def begin_phase(self, phase: CallPhase) -> None:
         """Who the caller talks to changed: the phase under way ends when ``phase`` starts."""
@@ -200,7 +214,8 @@ class Call:
         self.pipeline.from_model(frame)
 
     def _on_text(self, text: str, t: float) -> None:
-        self.add_transcript(TranscriptEvent(t=self.call_seconds, kind="agent", text=text))
+        if not self.capture_paused:  # a compliance pause keeps the agent's words out too
+            self.add_transcript(TranscriptEvent(t=self.call_seconds, kind="agent", text=text))
 
     def _on_worker_end(self, reason: str) -> None:
         self.end(reason or "worker-ended")

@@ -41,12 +41,11 @@ Where the next features attach (none of them touches an ingress's signalling cod
 * **Queue announcements as early media**: ``Leg.queued(call, prompt)`` (SIP: a 183 with
   SDP and the route's prompt played into the edge's pacer, ``media/prompts.py``) until the
   claim succeeds; the model's first frame ends the prompt on the same stream.
-* **Recording**: a subscriber of the pipeline's ``caller`` and ``agent`` taps attached in
-  ``begin`` (when the route asks for it), detached for a pause and attached again to
-  resume, finalised by an ``on_end`` hook.
-* **Caller ASR**: a subscriber of the ``caller`` tap that resamples to 16 kHz and streams
-  to ``service.asr.client.CallerTranscriber``; its utterances come back as transcript
-  events of kind ``caller`` through ``call.add_transcript``.
+* **Recording** and **caller ASR** (``capture.py``): subscribers of the pipeline's taps
+  attached at the answer (as the call's policy says), the recording detached for a pause
+  and attached again to resume; both closed after the media stopped (``capture.end``),
+  before the record is final. The consent announcement is queued on the pipeline in
+  ``begin``.
 * **Hung workers** are found from the frame stream (``frame_watch.py``: a session that
   owes frames for ``--worker-stall-ms``); the watchdog here (``watch_stalls``, one for
   every call, a few times per threshold) flags them and ``call.supervise`` moves the call
@@ -74,11 +73,13 @@ from service.call_record import CallRecord
 from service.gateway import metrics
 from service.gateway.calls import story
 from service.gateway.calls.call import Call, new_call_id
+from service.gateway.calls.capture import CallCapture
 from service.gateway.calls.frame_watch import DEFAULT_STALL_SECONDS, FrameWatch
+from service.gateway.calls.policy import CallPolicy
 from service.gateway.calls.recorder import CallRecorder
 from service.gateway.calls.refusals import RefusalLog, RefusedCall
 from service.gateway.calls.table import CallTable
-from service.gateway.calls.transcript import TranscriptEvent, TranscriptFeed
+from service.gateway.calls.transcript import DTMF, TranscriptEvent, TranscriptFeed
 from service.gateway.calls.transfer import (
     Dialer,
     TransferDesk,
@@ -173,7 +174,7 @@ class CallLifecycle:
                  queue_seconds: float, rtp_timeout_seconds: float, admission: tp.Callable[[], str | None],
                  refusals: RefusalLog | None = None, transfer_ring_seconds: float = 30.0,
                  dialer: Dialer | None = None, stall_seconds: float = DEFAULT_STALL_SECONDS,
-                 routes: RouteTable | None = None) -> None:
+                 routes: RouteTable | None = None, capture: CallCapture | None = None) -> None:
         self.router = router
         self.routes = routes if routes is not None else RouteTable.open(None)
         self.table = table
@@ -184,6 +185,7 @@ class CallLifecycle:
         self.queue_seconds = queue_seconds
         self.rtp_timeout_seconds = rtp_timeout_seconds  # 0: never hang up on a silent caller
         self.admission = admission  # None when new calls are taken, else why not (draining, unready)
+        self.capture = capture or CallCapture(policy=lambda call: CallPolicy(transcription=False))
         self.on_end: list[tp.Callable[[Call], None]] = []  # after a call's record is final
         # transfers: the desk runs them and owns bridged human legs (dialer: set once the UA exists)
         self.transfers = TransferDesk(recorder=recorder, dialer=dialer, ring_seconds=transfer_ring_seconds)
@@ -222,7 +224,7 @@ class CallLifecycle:
                 metrics.REJECTED_CALLS.labels(refusal.outcome.removeprefix("rejected-")).inc()
                 raise Refused(refusal)
             route = route or self.route_of(call)
-            call.take_route(route)
+            self.routed(call, route)
             await leg.prepare(call)
             if not self.routes.admit(route):
                 log.info("call %s: route %s is at its limit of %s calls", call.id, route.name, route.max_calls)
@@ -266,6 +268,9 @@ class CallLifecycle:
             await call.release()
             if counted is not None:
                 self.routes.release(counted)
+            call.mark_end_time()
+            with contextlib.suppress(Exception):
+                await self.capture.end(call)
             self.finish(call)
 
     # -- steps -------------------------------------------------------------------------
@@ -278,6 +283,11 @@ class CallLifecycle:
         call.on_transcript = self._on_transcript
         call.pipeline.taps.dtmf.attach(lambda digit: self._on_dtmf(call, digit))
         metrics.CALLS_ACTIVE.labels(call.ingress).inc()
+
+    def routed(self, call: Call, route: Route) -> None:
+        """The call's route is chosen: what its record holds (``capture.begin``) follows it."""
+        call.take_route(route)
+        self.capture.begin(call)
 
     def route_of(self, call: Call) -> Route:
         """The call's route (browsers take the ``webrtc`` route); Refused 404 when none fits."""
@@ -419,6 +429,7 @@ class CallLifecycle:
         """The call is answered: from now on it is stored (its record, and its transcript
         with the pieces that came before the answer)."""
         call.mark_answered()
+        self.capture.answered(call)  # the recording's entry is in the record from its creation
         self.store(call)
 
     def store(self, call: Call) -> None:
@@ -485,6 +496,8 @@ class CallLifecycle:
         if call.stored:
             if record.answered_at is not None and record.ended_at is not None:
                 metrics.CALL_DURATION.observe(record.ended_at - record.answered_at)
+            if record.recording is not None:
+                self.recorder.update(call, "recording")
             self.recorder.end(call)
             self.transcripts.end(call.id, record.end_reason or "unknown")
         else:  # never a call the center had: nothing stored, a short-lived entry at most
@@ -505,7 +518,7 @@ class CallLifecycle:
 
     def _on_dtmf(self, call: Call, digit: Digit) -> None:
         metrics.DTMF_DIGITS.inc()
-        call.add_transcript(TranscriptEvent(t=call.call_seconds, kind="dtmf", text=digit.digit,
+        call.add_transcript(TranscriptEvent(t=call.call_seconds, kind=DTMF, text=self.capture.dtmf_text(call, digit),
                                             duration_ms=digit.duration_ms))
         route = call.route
         action = route.dtmf.get(digit.digit.upper()) if route is not None else None

@@ -50,9 +50,10 @@ class CallRecorder:
         self._write(call.id, "record-update", self.records.update(call.id, **values))
 
     def answered(self, call: Call) -> None:
-        """An answered call's state, worker, slot, model, codec, encryption and sampling."""
+        """An answered call's state, worker, slot, model, codec, encryption, sampling and
+        recording."""
         self.update(call, "state", "answered_at", "worker_id", "slot", "model", "license", "codec",
-                    "media_encryption", "sampling")
+                    "media_encryption", "sampling", "recording")
 
     def quality(self, call: Call, quality: CallQuality) -> None:
         """Merge a live call's quality into its record."""

@@ -61,6 +61,13 @@ class CallTable:
         del self.recent[RECENT_CALLS:]
         return True
 
+    def refresh(self, call: Call) -> None:
+        """An ended call's record changed after its end (its recording was stored)."""
+        for ended in self.recent:
+            if ended.record.call_id == call.id:
+                ended.record = call.record.copy()
+                return
+
     def recent_calls(self, now: float | None = None) -> tp.Iterator[EndedCall]:
         """Ended calls within the retention, newest first."""
         cutoff = (time.time() if now is None else now) - self.retention_seconds

@@ -1,9 +1,13 @@
 """A call's transcript: its pieces, and who hears them as they come.
 
-Pieces are the agent's words (from the worker's text events) and the caller's DTMF digits
-(from the ``dtmf`` tap); the caller's words (caller ASR) will be pieces of kind ``caller``.
-Each piece goes to the call's live listeners (the API's live WebSocket, a WebRTC peer's
-data channel) and to the Redis stream behind them (``control/transcript_store.py``).
+Pieces are the agent's words (from the worker's text events), the caller's words (the
+``caller`` tap through an ASR worker: ``calls/caller_asr.py``), the caller's DTMF digits
+(the ``dtmf`` tap; masked unless the call's policy says clear) and notes (the caller's side
+unavailable, the recording paused, the consent announcement played). Each piece goes to
+the call's live listeners (the API's live WebSocket, a WebRTC peer's data channel) and to
+the Redis stream behind them (``control/transcript_store.py``). Caller pieces come a little
+after the speech they hold (the ASR needs the utterance's end), so pieces in arrival
+order are not in time order: ``t`` says when each one was said.
 """
 
 from __future__ import annotations
@@ -12,20 +16,31 @@ import asyncio
 import typing as tp
 from dataclasses import dataclass
 
+AGENT = "agent"
+CALLER = "caller"
+DTMF = "dtmf"
+NOTE = "note"
+DTMF_MASK = "*"
+
 
 @dataclass
 class TranscriptEvent:
-    """One line of a call's transcript: the agent's words, or a DTMF digit from the caller."""
+    """One line of a call's transcript: the agent's words, the caller's words (``t`` where
+    the speech began, ``end`` where it ended), a DTMF digit, or a note."""
 
     t: float  # seconds since the call was answered
-    kind: str  # "agent" or "dtmf"
+    kind: str  # agent, caller, dtmf or note
     text: str
-    duration_ms: float | None = None
+    duration_ms: float | None = None  # dtmf: how long the key was held
+    end: float | None = None  # caller: where the utterance ended
 
     def to_dict(self) -> dict[str, tp.Any]:
         out: dict[str, tp.Any] = {"t": round(self.t, 3), "kind": self.kind, "text": self.text}
         if self.duration_ms is not None:
             out["duration_ms"] = round(self.duration_ms, 1)
+        if self.end is not None:
+            out["start"] = round(self.t, 3)
+            out["end"] = round(self.end, 3)
         return out
 
 

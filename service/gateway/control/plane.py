@@ -3,12 +3,14 @@ from the call table, the Redis records and streams, the pool and the WebRTC ingr
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import typing as tp
 
 from service.api.control import (
     ControlError,
     IceServer,
+    RecordingStream,
     TranscriptEnd,
     WebRtcAnswer,
     WebRtcConfig,
@@ -23,22 +25,25 @@ from service.api.models import (
     PoolSample,
     PoolState,
     Readiness,
+    RecordingControl,
     RefusalList,
     RefusedCallInfo,
     Transcript,
     TranscriptPiece,
     TransferOutcome,
 )
+from service.gateway.calls.capture import CaptureError
 from service.gateway.calls.lifecycle import CallLifecycle
 from service.gateway.calls.transfer import TransferError, TransferResult, check_mode, check_target
+from service.gateway.control.commands import HANGUP, CallCommands
 from service.gateway.control.concurrency import ConcurrencyHistory
 from service.gateway.control.directory import CallDirectory, redis_failed, refused_fields
-from service.gateway.control.hangups import HangupChannel
 from service.gateway.control.pool_view import PoolView
 from service.gateway.control.transcript_reader import TranscriptReader
 from service.gateway.control.transfers import NoGateway, TransferChannel
 from service.gateway.ingress.outbound import OutboundCalls
 from service.gateway.ingress.webrtc import OfferRejected, WebRtcIngress
+from service.gateway.recording.storage import NotStored, Storage
 from service.pool import ENDED, PoolError
 
 log = logging.getLogger("moshimoshi.api")
@@ -48,9 +53,9 @@ class GatewayControl:
     """Implements ``service.api.control.CallControl`` for one gateway."""
 
     def __init__(self, *, lifecycle: CallLifecycle, directory: CallDirectory, transcripts: TranscriptReader,
-                 pool: PoolView, webrtc: WebRtcIngress, outbound: OutboundCalls, hangups: HangupChannel | None,
+                 pool: PoolView, webrtc: WebRtcIngress, outbound: OutboundCalls, commands: CallCommands | None,
                  readiness: tp.Callable[[], Readiness], retry_after_seconds: int,
-                 transfers: TransferChannel | None = None,
+                 transfers: TransferChannel | None = None, recordings: Storage | None = None,
                  concurrency: ConcurrencyHistory | None = None) -> None:
         self.lifecycle = lifecycle
         self.directory = directory
@@ -58,8 +63,9 @@ class GatewayControl:
         self.pool_view = pool
         self.webrtc = webrtc
         self.outbound = outbound
-        self.hangups = hangups
+        self.commands = commands
         self.transfers = transfers
+        self.recordings = recordings
         self._readiness = readiness
         self.retry_after_seconds = retry_after_seconds
         self.concurrency = concurrency or ConcurrencyHistory()
@@ -90,10 +96,10 @@ class GatewayControl:
             log.info("call %s: hang-up requested through the API", call_id)
             return HangupResult(call_id=call_id, status="hanging-up", on_this_gateway=True)
         found = await self.get_call(call_id)
-        if found.state == ENDED or self.hangups is None:
+        if found.state == ENDED or self.commands is None:
             raise ControlError(409, f"call {call_id!r} has ended")
         try:
-            await self.hangups.publish(call_id)
+            await self.commands.publish(call_id, HANGUP)
         except PoolError:
             redis_failed()
             raise ControlError(503, "cannot reach the call's gateway (Redis unreachable)") from None
@@ -152,6 +158,76 @@ class GatewayControl:
     def follow_transcript(self, call_id: str) -> tp.AsyncIterator[TranscriptPiece | TranscriptEnd]:
         return self.transcripts.follow(call_id)
 
+    # -- recordings --------------------------------------------------------------------
+
+    async def recording(self, call_id: str) -> RecordingStream:
+        found = await self.get_call(call_id)
+        info = found.recording
+        if info is None:
+            raise ControlError(404, f"call {call_id!r} was not recorded")
+        if info.state in ("recording", "paused", "storing"):
+            raise ControlError(409, f"the recording of call {call_id!r} is not stored yet ({info.state}); it is "
+                                    "once the call has ended")
+        if info.state != "stored" or not info.location:
+            raise ControlError(404, f"call {call_id!r} has no stored recording ({info.error or info.state})")
+        storage = self.recordings
+        if storage is None:
+            raise ControlError(404, "this gateway has no recording storage configured")
+        try:
+            size, chunks = await asyncio.to_thread(storage.open, info.location)
+        except NotStored as exc:
+            raise ControlError(404, str(exc)) from None
+        except Exception as exc:  # the bucket unreachable, credentials refused
+            log.warning("call %s: recording unreadable: %s", call_id, type(exc).__name__)
+            raise ControlError(503, f"the recording storage did not answer ({type(exc).__name__})") from None
+        return RecordingStream(info=info, size=size, chunks=_in_threads(chunks))
+
+    async def pause_recording(self, call_id: str) -> RecordingControl:
+        return await self._recording_request(call_id, "pause")
+
+    async def resume_recording(self, call_id: str) -> RecordingControl:
+        return await self._recording_request(call_id, "resume")
+
+    async def _recording_request(self, call_id: str, op: str) -> RecordingControl:
+        state = "paused" if op == "pause" else "recording"
+        call = self.lifecycle.table.get(call_id)
+        if call is not None:
+            try:
+                at = self.lifecycle.capture.pause(call) if op == "pause" else self.lifecycle.capture.resume(call)
+            except CaptureError as exc:
+                raise ControlError(exc.status, exc.detail) from None
+            self.lifecycle.recorder.update(call, "recording")
+            log.info("call %s: recording %s through the API", call_id, state)
+            return RecordingControl(call_id=call_id, state=state, at=round(at, 3), on_this_gateway=True)
+        found = await self.get_call(call_id)
+        if found.state == ENDED or self.commands is None:
+            raise ControlError(409, f"call {call_id!r} has ended")
+        try:
+            await self.commands.publish(call_id, op)
+        except PoolError:
+            redis_failed()
+            raise ControlError(503, "cannot reach the call's gateway (Redis unreachable)") from None
+        log.info("call %s: recording %s requested, sent to gateway %s", call_id, op, found.gateway_id or "?")
+        return RecordingControl(call_id=call_id, state=state, at=None, on_this_gateway=False)
+
+    def on_request(self, op: str, call_id: str) -> bool:
+        """A request from another replica's API (``CallCommands``): True when the call is here."""
+        if op == HANGUP:
+            return self.lifecycle.hang_up(call_id)
+        call = self.lifecycle.table.get(call_id)
+        if call is None:
+            return False
+        try:
+            if op == "pause":
+                self.lifecycle.capture.pause(call)
+            else:
+                self.lifecycle.capture.resume(call)
+        except CaptureError as exc:
+            log.info("call %s: recording %s requested by another gateway not done: %s", call_id, op, exc.detail)
+            return True
+        self.lifecycle.recorder.update(call, "recording")
+        return True
+
     # -- the pool ----------------------------------------------------------------------
 
     async def pool(self) -> PoolState:
@@ -187,3 +263,15 @@ class GatewayControl:
 def _outcome(result: TransferResult, here: bool) -> TransferOutcome:
     return TransferOutcome(**result.to_dict(), on_this_gateway=here,
                            detail=None if result.transferred else result.reason or result.outcome)
+
+
+async def _in_threads(chunks: tp.Iterator[bytes]) -> tp.AsyncIterator[bytes]:
+    """A blocking iterator (a file, an S3 body) read in threads, a chunk at a time."""
+    done = object()
+    try:
+        while (chunk := await asyncio.to_thread(next, chunks, done)) is not done:
+            yield tp.cast(bytes, chunk)
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            await asyncio.to_thread(close)

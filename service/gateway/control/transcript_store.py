@@ -11,8 +11,9 @@ entry closes the stream, so a reader on any gateway replica knows the transcript
 Each entry carries the piece's ``seq`` (its index in the call's transcript). A batch that
 is retried after a lost reply may store a piece twice; readers drop repeated seqs.
 
-Entry fields: ``seq``, ``t`` (seconds since answer), ``kind`` (``agent``/``dtmf``),
-``text`` and optionally ``duration_ms``; the end entry is ``kind=end``, ``text=<reason>``.
+Entry fields: ``seq``, ``t`` (seconds since answer), ``kind`` (``agent``, ``caller``,
+``dtmf``, ``note``), ``text`` and optionally ``duration_ms`` (dtmf) and ``end`` (caller);
+the end entry is ``kind=end``, ``text=<reason>``.
 Transcript text is personal data: nothing here logs it.
 """
 
@@ -50,6 +51,8 @@ def event_fields(seq: int, event: TranscriptEvent) -> dict[str, str]:
     fields = {"seq": str(seq), "t": repr(round(event.t, 3)), "kind": event.kind, "text": event.text}
     if event.duration_ms is not None:
         fields["duration_ms"] = repr(round(event.duration_ms, 1))
+    if event.end is not None:
+        fields["end"] = repr(round(event.end, 3))
     return fields
 
 
@@ -72,10 +75,11 @@ def parse_entry(entry_id: str, fields: dict[str, str]) -> StreamEntry | None:
         seq = int(fields["seq"])
         t = float(fields["t"])
         duration = float(fields["duration_ms"]) if "duration_ms" in fields else None
+        end = float(fields["end"]) if "end" in fields else None
     except (KeyError, ValueError):
         return None
     return StreamEntry(entry_id, seq, TranscriptEvent(t=t, kind=kind, text=fields.get("text", ""),
-                                                      duration_ms=duration))
+                                                      duration_ms=duration, end=end))
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Transfer requests across gateway replicas, over Redis pub/sub, with the outcome sent back.
 
-The API of any replica can transfer any call (as it can hang one up, ``hangups.py``); but
+The API of any replica can transfer any call (as it can hang one up, ``commands.py``); but
 a transfer has an outcome to report, so the request names a reply channel:
 
 1. the asking replica subscribes to ``{prefix}transfer-reply:{request id}`` and publishes

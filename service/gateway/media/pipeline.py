@@ -46,6 +46,13 @@ prompt: the edge drops what is left of it and starts the model's audio on a fres
 A tap with no subscriber costs one truth test of a list per emission. Subscribers are
 called synchronously on the event loop, in the media path: they must return at once
 (queue the work, never block). ``attach`` returns the function that detaches.
+
+``announce(frames)`` plays an announcement (the recording consent) before the model is
+heard: each frame from the worker is replaced by the announcement's next frame until it
+is over, so the announcement goes out on the worker's own cadence (the pacer sees one
+continuous stream) and the model's first words come right after it. The replaced frames
+of the model are counted in ``held_back_frames``; the ``agent`` tap carries the
+announcement (it is what the caller heard).
 """
 
 from __future__ import annotations
@@ -141,6 +148,10 @@ class MediaPipeline:
         self._to_model = to_model
         self.prompting = False  # a prompt is playing (until stop_prompt or the model's first frame)
         self.model_frames = 0  # frames from the model so far (the first one ends a prompt)
+        self._announcement: list[bytes] = []
+        self._announced = 0
+        self.held_back_frames = 0
+        self.on_announced: tp.Callable[[], None] | None = None
 
     def attach_edge(self, edge: MediaEdge) -> None:
         """The ingress's media, once it exists (SIP: with the answer; WebRTC: with the offer)."""
@@ -184,12 +195,24 @@ class MediaPipeline:
             if self.edge is not None:
                 self.edge.new_source()
 
+    def announce(self, frames: list[bytes]) -> None:
+        """Play these 80 ms frames (24 kHz PCM16) in place of the model's next frames."""
+        self._announcement = list(frames)
+        self._announced = 0
+
+    @property
+    def announcing(self) -> bool:
+        return self._announced < len(self._announcement)
+
     def from_model(self, frame: bytes) -> None:
         """An 80 ms frame for the caller (the model's, or a bridged human's), on its way out;
-        the first one ends a prompt."""
+        the first one ends a prompt, and the consent announcement's frames take the model's
+        place until it is over."""
         self.model_frames += 1
         if self.prompting:
             self.stop_prompt()
+        if self._announcement:
+            frame = self._announce_instead(frame)
         tap = self.taps.agent
         if tap.subscribers:
             tap.emit(frame)
@@ -198,6 +221,20 @@ class MediaPipeline:
                 self._source_changed = False
                 self.edge.new_source()
             self.edge.from_model(frame)
+
+    def _announce_instead(self, frame: bytes) -> bytes:
+        if self.edge is None:  # not answered yet: nothing reaches the caller
+            return frame
+        if self._announced >= len(self._announcement):
+            return frame
+        self.held_back_frames += 1
+        frame = self._announcement[self._announced]
+        self._announced += 1
+        if self._announced == len(self._announcement):
+            self._announcement = []
+            if self.on_announced is not None:
+                self.on_announced()
+        return frame
 
     def quality(self) -> CallQuality | None:
         return self.edge.quality() if self.edge is not None else None

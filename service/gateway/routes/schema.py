@@ -89,10 +89,10 @@ class DtmfAction:
 @dataclass(frozen=True)
 class Recording:
     """Whether calls are recorded (``off``, ``wav``, ``ogg``) and whether the human part of
-    a transferred call is too."""
+    a bridged transfer is too (None: the gateway's ``--recording-transfer``)."""
 
     format: tp.Literal["off", "wav", "ogg"] = "off"
-    human_part: bool = False
+    human_part: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -137,9 +137,9 @@ class Route:
     max_call_seconds: float | None = None
     max_calls: int | None = None
     sampling: dict[str, float | int | bool] = field(default_factory=dict)
-    recording: Recording = field(default_factory=Recording)
-    transcription: bool = False
-    dtmf_clear: bool = False
+    recording: Recording | None = None  # None: the gateway's --recording
+    transcription: bool | None = None  # None: the gateway's --transcription
+    dtmf_clear: bool | None = None  # None: the gateway's --dtmf-clear
     consent_announcement: Announcement | None = None
     line: int = 0
 
@@ -235,8 +235,8 @@ class _Reader:
             max_call_seconds=self.number(data, "max_call_seconds", where, 1.0, 86400.0),
             max_calls=self.integer(data, "max_calls", where, 1, 1_000_000),
             sampling=self.sampling(data, where), recording=self.recording(data, where),
-            transcription=self.boolean(data, "transcription", where),
-            dtmf_clear=self.boolean(data, "dtmf_clear", where),
+            transcription=self.boolean(data, "transcription", where) if "transcription" in data else None,
+            dtmf_clear=self.boolean(data, "dtmf_clear", where) if "dtmf_clear" in data else None,
             consent_announcement=self.announcement(data, "consent_announcement", where, ringing=False),
             line=data.line)
 
@@ -319,15 +319,16 @@ class _Reader:
             raise RoutesError(spec.line, f"{where}: overflow transfers, but there is no 'target' nor 'fallback'")
         return Overflow(action=action, message=message, target=target)
 
-    def recording(self, data: Mapping, where: str) -> Recording:
+    def recording(self, data: Mapping, where: str) -> Recording | None:
         if "recording" not in data:
-            return Recording()
+            return None
         value = data["recording"]
         line = data.line_of("recording")
-        human = False
+        human: bool | None = None
         if isinstance(value, Mapping):
             self.known(value, f"{where}: 'recording'", ("format", "human_part"))
-            human = self.boolean(value, "human_part", where)
+            if "human_part" in value:
+                human = self.boolean(value, "human_part", where)
             line = value.line_of("format")
             value = value.get("format", "wav")
         if value is False:  # YAML 1.1 reads a bare off as false

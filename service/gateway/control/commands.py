@@ -1,14 +1,18 @@
-"""Hang-up requests across gateway replicas, over a Redis pub/sub channel.
+"""Requests for a call across gateway replicas (hang up, pause or resume its recording),
+over a Redis pub/sub channel.
 
-The API of any replica can hang up any call: when the call is not its own, it publishes
-the call id on ``{prefix}hangup``; every gateway subscribes, and the one that has the
-call ends it (with a BYE). The subscription reconnects by itself after a Redis outage.
+The API of any replica can act on any call: when the call is not its own, it publishes
+the request on ``{prefix}hangup``; every gateway subscribes, and the one that has the
+call carries it out (a BYE; silence in the recording from now). A hang-up is the bare call
+id (what earlier versions sent); other requests are JSON ``{"op": "pause", "call_id": …}``.
+The subscription reconnects by itself after a Redis outage.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import typing as tp
 
@@ -24,11 +28,15 @@ RETRY_FIRST_SECONDS = 0.5
 RETRY_MAX_SECONDS = 5.0
 
 
-class HangupChannel:
-    """Publishes hang-up requests and hands the ones for any call to ``on_request``
+HANGUP = "hangup"
+OPERATIONS = frozenset({HANGUP, "pause", "resume"})
+
+
+class CallCommands:
+    """Publishes requests and hands the ones for any call to ``on_request(op, call_id)``
     (which returns True when it had the call)."""
 
-    def __init__(self, client: PoolClient, on_request: tp.Callable[[str], bool]) -> None:
+    def __init__(self, client: PoolClient, on_request: tp.Callable[[str, str], bool]) -> None:
         self.client = client
         self.channel = client.keys.prefix + "hangup"
         self.on_request = on_request
@@ -36,15 +44,18 @@ class HangupChannel:
         self.received = 0
         self._task: asyncio.Task | None = None
 
-    async def publish(self, call_id: str) -> int:
-        """Ask every gateway to hang up ``call_id``; returns how many gateways listened.
+    async def publish(self, call_id: str, op: str = HANGUP) -> int:
+        """Ask every gateway to do ``op`` to ``call_id``; returns how many gateways listened.
         Raises PoolError."""
-        async with self.client.guard("publish hang-up"):
-            return int(await self.client.redis.publish(self.channel, call_id))
+        if op not in OPERATIONS:
+            raise ValueError(f"unknown call request {op!r}")
+        message = call_id if op == HANGUP else json.dumps({"op": op, "call_id": call_id})
+        async with self.client.guard(f"publish {op}"):
+            return int(await self.client.redis.publish(self.channel, message))
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="hangup-subscriber")
+            self._task = asyncio.create_task(self._run(), name="call-commands")
 
     async def close(self) -> None:
         if self._task is not None:
@@ -68,7 +79,7 @@ class HangupChannel:
             except (RedisError, OSError, TimeoutError) as exc:
                 # said once per outage (the pool's check says Redis is down, loudly)
                 (log.warning if self.subscribed.is_set() else log.debug)(
-                    "hang-up channel lost (%s); resubscribing in %.1fs", exc, delay)
+                    "call request channel lost (%s); resubscribing in %.1fs", exc, delay)
                 self.subscribed.clear()
                 metrics.REDIS_ERRORS.labels("hangup-subscribe").inc()
                 await asyncio.sleep(delay)
@@ -78,7 +89,16 @@ class HangupChannel:
                     await pubsub.aclose()
 
     def _handle(self, data: tp.Any) -> None:
-        call_id = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
         self.received += 1
-        if self.on_request(call_id):
-            log.info("call %s: hang-up requested through another gateway's API", call_id)
+        op, call_id = HANGUP, text
+        if text.startswith("{"):
+            try:
+                message = json.loads(text)
+                op, call_id = str(message["op"]), str(message["call_id"])
+            except (ValueError, KeyError, TypeError):
+                return
+            if op not in OPERATIONS:
+                return
+        if self.on_request(op, call_id[:200]):
+            log.info("call %s: %s requested through another gateway's API", call_id[:200], op)
