@@ -8,6 +8,8 @@ A recording is personal data: it is served only to a token of the ``recordings``
 
 from __future__ import annotations
 
+import typing as tp
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
@@ -17,8 +19,8 @@ from service.api.control import ControlError
 from service.api.models import Problem, RecordingControl
 
 CONTENT_TYPES = {"wav": "audio/wav", "ogg": "audio/ogg"}
-CONFLICT = {409: {"model": Problem, "description": "the call is not answered yet, has ended, or is "
-                                                  "in that state already"}}
+CONFLICT: dict[int | str, dict[str, tp.Any]] = {
+    409: {"model": Problem, "description": "the call is not answered yet, has ended, or is in that state already"}}
 
 router = APIRouter(prefix="/v1/calls", tags=["recordings"], responses=AUTH_RESPONSES)
 

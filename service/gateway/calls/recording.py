@@ -138,8 +138,8 @@ class CallRecording:
     def _update(self, state: str) -> None:
         recording = dict(self.call.record.recording or {})
         recording["state"] = state
-        recording["pauses"] = [{"start": round(start, 3), "end": None if end is None else round(end, 3)}
-                               for start, end in self.pauses]
+        recording["pauses"] = [{"start": round(tp.cast(float, start), 3),
+                                "end": None if end is None else round(end, 3)} for start, end in self.pauses]
         self.call.record.recording = recording
 
     # -- the end -----------------------------------------------------------------------

@@ -8,6 +8,7 @@ naming it.
 
 from __future__ import annotations
 
+import typing as tp
 import wave
 from pathlib import Path
 
@@ -29,7 +30,8 @@ def load_announcement(path: str | Path) -> list[bytes]:
             raw = wav.readframes(wav.getnframes())
     except (OSError, EOFError, wave.Error) as exc:
         raise ValueError(f"not a readable WAV file ({exc})") from None
-    kinds = {1: (np.uint8, 128.0, 128.0), 2: ("<i2", 0.0, 32768.0), 4: ("<i4", 0.0, 2.0**31)}
+    kinds: dict[int, tuple[tp.Any, float, float]] = {1: (np.uint8, 128.0, 128.0), 2: ("<i2", 0.0, 32768.0),
+                                                      4: ("<i4", 0.0, 2.0**31)}
     if width not in kinds:
         raise ValueError(f"{8 * width}-bit samples (use 8, 16 or 32-bit PCM)")
     dtype, offset, scale = kinds[width]

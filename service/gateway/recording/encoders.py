@@ -57,7 +57,7 @@ class OggOpusEncoder:
         self._container = av.open(str(path), "w", format="ogg")
         self._stream = self._container.add_stream("libopus", rate=rate, layout="stereo")
         self._stream.bit_rate = bitrate
-        self._pending = np.zeros((0, 2), dtype=np.int16)
+        self._pending: np.ndarray = np.zeros((0, 2), dtype=np.int16)
         self._pts = 0
 
     def write(self, frames: np.ndarray) -> None:

@@ -93,10 +93,10 @@ class StereoTimeline:
                 samples = samples[ch.end - start:]
                 start = ch.end
             ch.silence(start - ch.end)
-        elif ch.clock - t > self.late_limit:
+        elif ch.clock is not None and ch.clock - t > self.late_limit:
             self.dropped_samples += len(samples)
             return
-        ch.clock += seconds
+        ch.clock = (t if ch.clock is None else ch.clock) + seconds
         ch.append(samples)
 
     def pause(self, t: float) -> None:

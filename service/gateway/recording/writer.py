@@ -185,7 +185,7 @@ class RecordingWriter:
 
             current = (rate, soxr.ResampleStream(rate, self.rate, 1, dtype="int16", quality="HQ"))
             job.resamplers[channel] = current
-        return current[1].resample_chunk(pcm)
+        return tp.cast(np.ndarray, current[1].resample_chunk(pcm))
 
     def _end_stretch(self, job: _Job, channel: int) -> None:
         """What the channel's resampler still holds, to the end of its stretch."""
