@@ -327,7 +327,9 @@ class GatewaySettings:
     recording: str = setting(
         "off", "record calls in stereo (the caller left, the agent right): off, wav, or ogg (Opus in Ogg, "
         "~1/16 the size)", choices=["off", "wav", "ogg"], group="record")
-    recording_transfer: bool = setting(True, "also record a transferred call's part with a human", group="record")
+    recording_transfer: bool = setting(
+        True, "record a bridged transfer's part with a person too, in the call's file (off: silence from the "
+        "hand-over)", group="record")
     recording_dir: str = setting(
         "recordings", "directory the recordings are kept in (with an S3 bucket: where they are written "
         "before the upload)", group="record")

@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from service.settings import CallSettings
@@ -35,6 +36,7 @@ from tests.support.services import (
 )
 from tests.support.sipp import SCENARIOS, Sipp, have_sipp
 from tests.support.tools import requires
+from tests.test_recording import decode
 
 pytestmark = pytest.mark.system
 needs_sipp = requires(have_sipp(), "sipp (sip-tester) is not installed")
@@ -46,9 +48,11 @@ CALLER_HZ = 440.0  # the caller's, and the AI's (the echo worker plays it back)
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
-    """``moshimoshi serve --model echo`` (two slots) with a short transfer ring time."""
+    """``moshimoshi serve --model echo`` (two slots) with a short transfer ring time; calls
+    recorded (WAV), the part with a person too."""
     log_dir = tmp_path_factory.mktemp("transfer-serve")
-    served = start_serve(log_dir, "echo", "--transfer-ring-seconds", "4", "--slots", "2")
+    served = start_serve(log_dir, "echo", "--transfer-ring-seconds", "4", "--slots", "2", "--recording", "wav",
+                         "--recording-dir", str(log_dir / "recordings"))
     try:
         served.wait_ready()
         yield served
@@ -90,6 +94,22 @@ def ended_call(gateway: Gateway, call_id: str) -> dict:
         return body if status == 200 and body["state"] == "ended" else None
 
     return wait_until(ended, 15, f"call {call_id} ended", gateway.proc)
+
+
+def stored_recording(gateway: Gateway, call_id: str, folder: Path) -> tuple[np.ndarray, int]:
+    """The call's recording once stored (int16 scale, stereo: the caller left, what the
+    caller heard right) and its rate."""
+    def stored() -> bool:
+        status, body = gateway.get(f"/v1/calls/{call_id}")
+        return status == 200 and (body.get("recording") or {}).get("state") == "stored"
+
+    wait_until(stored, 30, f"call {call_id}'s recording stored", gateway.proc)
+    request = urllib.request.Request(f"{gateway.api}/v1/calls/{call_id}/recording",
+                                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        (folder / "recording.wav").write_bytes(response.read())
+    frames, rate = decode(folder / "recording.wav")
+    return frames * 32768, rate
 
 
 def leases(gateway: Gateway) -> dict[str, int]:
@@ -222,6 +242,50 @@ async def test_the_caller_hears_the_person_and_gets_a_bye_when_the_person_hangs_
     assert human["quality"]["packets_received"] > 100 and human["quality"]["codec"] in ("PCMU", "PCMA")
     [attempt] = record["transfers"]
     assert (attempt["outcome"], attempt["mode"]) == ("transferred", "bridge")
+    # the recording holds the whole call, the part with the person in the same file
+    frames, rate = await asyncio.to_thread(stored_recording, gateway, call["id"], tmp_path)
+    assert abs(len(frames) / rate - record["duration_s"]) < 0.1
+    handover = human["start"] - record["answered_at"]
+    left, right = frames[:, 0], frames[:, 1]
+    with_ai = slice(int(0.5 * rate), int((handover - 0.2) * rate))
+    assert dominant_hz(left[with_ai], rate) == pytest.approx(CALLER_HZ, abs=10)
+    assert dominant_hz(right[with_ai], rate) == pytest.approx(CALLER_HZ, abs=10)  # the echo "AI"
+    person_from = first_heard(right, TONE_HZ, after_s=handover, rate=rate)
+    assert person_from is not None and person_from - handover < 1.0, "the person is not in the recording"
+    assert dominant_hz(right[int((person_from + 0.2) * rate):-int(0.5 * rate)], rate) == pytest.approx(TONE_HZ, abs=10)
+    assert dominant_hz(left[int(handover * rate):-int(0.5 * rate)], rate) == pytest.approx(CALLER_HZ, abs=10)
+
+
+@needs_baresip
+async def test_a_route_that_keeps_the_person_out_of_the_recording_gets_silence_from_the_hand_over(tmp_path):
+    served = start_serve(tmp_path, "echo", "--recording", "wav", "--recording-dir", str(tmp_path / "recordings"),
+                         "--no-recording-transfer", name="serve-no-transfer-recording")
+    person = await Person(tmp_path / "person", tone_hz=TONE_HZ, quit_after=4).start()
+    try:
+        served.wait_ready()
+        began = time.time()
+        calling = asyncio.create_task(place_call(caller_settings(served, tmp_path, seconds=15)))
+        call = await asyncio.to_thread(active_call, served, began)
+        await asyncio.sleep(1.5)
+        status, outcome = await asyncio.to_thread(transfer, served, call["id"], person.uri, "bridge")
+        assert status == 200, (outcome, person.output())
+        await asyncio.wait_for(calling, 30)
+        record = await asyncio.to_thread(ended_call, served, call["id"])
+        frames, rate = await asyncio.to_thread(stored_recording, served, call["id"], tmp_path)
+        status, transcript = served.get(f"/v1/calls/{call['id']}/transcript")
+    finally:
+        await person.stop()
+        served.proc.stop()
+    human = record["phases"][1]
+    handover = human["start"] - record["answered_at"]
+    [pause] = record["recording"]["pauses"]
+    assert abs(pause["start"] - handover) < 0.1 and pause["end"] == record["duration_s"]
+    assert abs(len(frames) / rate - record["duration_s"]) < 0.1
+    assert dominant_hz(frames[int(0.5 * rate):int((handover - 0.2) * rate), 1], rate) == pytest.approx(CALLER_HZ,
+                                                                                                      abs=10)
+    assert not frames[round(pause["start"] * rate):].any()  # neither side once the person has the call
+    notes = [e["text"] for e in transcript["events"] if e["kind"] == "note"]
+    assert "recording stopped: the part with a person is not recorded" in notes
 
 
 @needs_baresip

@@ -66,6 +66,7 @@ class CallRecording:
         self.fmt = fmt
         self.handle: RecordingHandle = writer.open(call.id, fmt, time.time())
         self.pauses: list[list[float | None]] = []
+        self.held = False  # silent to the end (``hold``): a resume does not undo it
         self._batches = (_Batch(), _Batch())
         self._detach: list[tp.Callable[[], None]] = []
         self.result: RecordingResult | None = None
@@ -126,9 +127,15 @@ class CallRecording:
         self.pauses.append([t, None])
         self._update("paused")
 
+    def hold(self, t: float) -> None:
+        """Silence from call time ``t`` to the end, with no resume (a transferred call's
+        part with a person, where the route keeps it out of the recording)."""
+        self.pause(t)
+        self.held = True
+
     def resume(self, t: float) -> None:
         """Record again from call time ``t`` (now)."""
-        if not self.paused or self.done is not None:
+        if not self.paused or self.done is not None or self.held:
             return
         self.handle.resume(t)
         self.pauses[-1][1] = t

@@ -276,6 +276,12 @@ class TransferDesk:
         session = call.detach_model()
         human.on_frame = call.pipeline.from_model
         call.pipeline.bridge(human)
+        if call.recording is not None and not call.policy.recording_transfer:
+            # the recording's right channel would carry the person from now: the route says no
+            call.recording.hold(round(call.call_seconds, 3))
+            call.add_transcript(TranscriptEvent(t=call.call_seconds, kind="note",
+                                                text="recording stopped: the part with a person is not recorded"))
+            self.recorder.update(call, "recording")
 
         def human_ended(future: asyncio.Future[str]) -> None:
             reason = future.result() if not future.cancelled() and future.exception() is None else "error"
