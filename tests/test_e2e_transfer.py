@@ -260,9 +260,10 @@ async def test_the_caller_hears_the_person_and_gets_a_bye_when_the_person_hangs_
 async def test_a_route_that_keeps_the_person_out_of_the_recording_gets_silence_from_the_hand_over(tmp_path):
     served = start_serve(tmp_path, "echo", "--recording", "wav", "--recording-dir", str(tmp_path / "recordings"),
                          "--no-recording-transfer", name="serve-no-transfer-recording")
-    person = await Person(tmp_path / "person", tone_hz=TONE_HZ, quit_after=4).start()
+    person = None
     try:
-        served.wait_ready()
+        await asyncio.to_thread(served.wait_ready)
+        person = await Person(tmp_path / "person", tone_hz=TONE_HZ, quit_after=6).start()
         began = time.time()
         calling = asyncio.create_task(place_call(caller_settings(served, tmp_path, seconds=15)))
         call = await asyncio.to_thread(active_call, served, began)
@@ -274,7 +275,8 @@ async def test_a_route_that_keeps_the_person_out_of_the_recording_gets_silence_f
         frames, rate = await asyncio.to_thread(stored_recording, served, call["id"], tmp_path)
         status, transcript = served.get(f"/v1/calls/{call['id']}/transcript")
     finally:
-        await person.stop()
+        if person is not None:
+            await person.stop()
         served.proc.stop()
     human = record["phases"][1]
     handover = human["start"] - record["answered_at"]
