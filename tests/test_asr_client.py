@@ -15,7 +15,7 @@ from service.asr.tinywhisper import build_whisper
 from service.pool import RegistryReader
 from service.pool import connect as pool_connect
 from tests.support.asr import AsrWorkerProcess
-from tests.support.pool import eventually
+from tests.support.polling import eventually
 from tests.support.procs import WORKER_SECRET
 from tests.support.speech import Speech, chunks, sentences_with_silences
 

@@ -20,7 +20,7 @@ from service.wire import FRAME_SAMPLES
 from sip.dtmf import DtmfDigit
 from tests.support.api import ADMIN, READ, RECORDINGS, ApiGateway, api_gateway
 from tests.support.http_sink import HttpSink
-from tests.support.pool import eventually
+from tests.support.polling import eventually
 from tests.test_recording import decode
 
 CALLER_RATE = 8000

@@ -22,7 +22,7 @@ from service.privacy import mask_number
 from service.settings import CallSettings
 from service.tools.call import place_call
 from tests.support.api import api_gateway, identity_of
-from tests.support.pool import eventually
+from tests.support.polling import eventually
 from tests.support.services import start_gateway, start_worker
 from tests.support.sip_peer import (
     CALLER_NUMBER,
