@@ -18,6 +18,7 @@ from service.gateway.calls.call import Call
 from service.gateway.media.pipeline import CallerAudio
 from service.wire import FRAME_SAMPLES
 from sip.dtmf import DtmfDigit
+from sip.identity import CallerIdentity
 from tests.support.api import ADMIN, READ, RECORDINGS, ApiGateway, api_gateway
 from tests.support.http_sink import HttpSink
 from tests.support.polling import eventually
@@ -209,6 +210,35 @@ async def test_dtmf_is_masked_in_the_transcript_api_and_webhook_unless_the_route
     assert [event.text for _, event in stored.pieces] == expected  # Redis holds no digit in clear
     assert [e["text"] for e in json.loads(hook.body)["transcript"]["events"]] == expected
     assert ("DTMF: 4 (120 ms)" in text) is clear and ("DTMF: * (120 ms)" in text) is not clear
+
+
+async def test_a_route_chooses_what_its_calls_record_and_the_gateways_settings_fill_in_the_rest(
+        redis_server, tmp_path):
+    routes = tmp_path / "routes.yaml"
+    routes.write_text("unmatched: plain\nroutes:\n"
+                      "  - name: cards\n    match: {number: [cards]}\n"
+                      "    recording: {format: wav, human_part: false}\n    dtmf_clear: true\n"
+                      "  - name: plain\n")
+    async with api_gateway(redis_server.url, routes=str(routes), recording="off", recording_dir=str(tmp_path / "rec"),
+                           transcription=False, recording_transfer=True) as api:
+        cards = api.start_call(identity=CallerIdentity(dialled="cards"))
+        plain = api.start_call(identity=CallerIdentity(dialled="other"))
+        for call in (cards, plain):
+            call.pipeline.taps.dtmf.emit(DtmfDigit("7", 7, 120.0, 10, 0, "end"))
+        policies = {call.record.route: call.policy for call in (cards, plain)}
+        await talk(cards, 1.0)
+        await api.hang_up(cards)
+        await api.hang_up(plain)
+        info = await recording_of(api, cards)
+        async with httpx.AsyncClient() as client:
+            other = (await client.get(f"{api.base}/v1/calls/{plain.id}", headers=READ)).json()
+    assert (policies["cards"].recording, policies["cards"].recording_transfer, policies["cards"].dtmf_clear) == (
+        "wav", False, True)
+    assert (policies["plain"].recording, policies["plain"].recording_transfer, policies["plain"].dtmf_clear) == (
+        "off", True, False)
+    assert info["recording"]["state"] == "stored" and other["recording"] is None
+    assert [e.text for e in cards.transcript if e.kind == "dtmf"] == ["7"]
+    assert [e.text for e in plain.transcript if e.kind == "dtmf"] == ["*"]
 
 
 def _debug(frames, first, last):

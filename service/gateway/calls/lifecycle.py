@@ -44,8 +44,8 @@ Where the next features attach (none of them touches an ingress's signalling cod
 * **Recording** and **caller ASR** (``capture.py``): subscribers of the pipeline's taps
   attached at the answer (as the call's policy says), the recording detached for a pause
   and attached again to resume; both closed after the media stopped (``capture.end``),
-  before the record is final. The consent announcement is queued on the pipeline in
-  ``begin``.
+  before the record is final. The call's policy (its route's choices, the gateway's
+  settings for the rest) and the consent announcement are set in ``routed``.
 * **Hung workers** are found from the frame stream (``frame_watch.py``: a session that
   owes frames for ``--worker-stall-ms``); the watchdog here (``watch_stalls``, one for
   every call, a few times per threshold) flags them and ``call.supervise`` moves the call
