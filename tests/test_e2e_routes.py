@@ -368,7 +368,7 @@ async def test_dtmf_0_hands_the_call_back_to_the_pbx_by_refer_and_frees_the_slot
     status, transcript = gateway.get(f"/v1/calls/{call['id']}/transcript")
     assert status == 200 and isinstance(transcript, dict), transcript
     assert [(e["kind"], e["text"]) for e in transcript["events"] if e["kind"] in ("dtmf", "transfer")] == [
-        ("dtmf", "0"), ("transfer", "transferred to sip:queue@pbx.example (refer)")]
+        ("dtmf", "*"), ("transfer", "transferred to sip:queue@pbx.example (refer)")]  # digits stored masked
 
 
 TRANSFER_LINES = """\
