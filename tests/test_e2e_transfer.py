@@ -202,20 +202,23 @@ async def test_transfers_that_cannot_be_tried_are_refused_and_leave_nothing(gate
 
 # -- bridged: the gateway calls the person (baresip) and relays the audio -----------------
 
-def caller_settings(gateway: Gateway, folder: Path, seconds: float) -> CallSettings:
+def caller_settings(gateway: Gateway, folder: Path, seconds: float, codec: str = "PCMU") -> CallSettings:
     """``moshimoshi call`` playing a steady 440 Hz tone (the echo worker plays it back: that
     is the AI's voice here) and recording what it hears."""
     wav = tone_wav(folder / "caller.wav", CALLER_HZ, seconds + 1)
     return CallSettings(uri=gateway.uri, play=str(wav), record=str(folder / "caller.wav.out.wav"), seconds=seconds,
-                        local_host="127.0.0.1")
+                        local_host="127.0.0.1", codec=codec)
 
 
 @needs_baresip
-async def test_the_caller_hears_the_person_and_gets_a_bye_when_the_person_hangs_up(gateway, tmp_path):
+@pytest.mark.parametrize("codec, relay", [("PCMU", "packet by packet"), ("G722", "in 80 ms frames")])
+async def test_the_caller_hears_the_person_and_gets_a_bye_when_the_person_hangs_up(gateway, tmp_path, codec, relay):
+    """PCMU: the person (baresip: G.711 only) takes the caller's codec and the legs are relayed
+    packet by packet; G.722 (16 kHz) against G.711: through the pipeline's 24 kHz frames."""
     person = await Person(tmp_path / "person", tone_hz=TONE_HZ, quit_after=9).start()
     try:
         began = time.time()
-        calling = asyncio.create_task(place_call(caller_settings(gateway, tmp_path, seconds=20)))
+        calling = asyncio.create_task(place_call(caller_settings(gateway, tmp_path, seconds=20, codec=codec)))
         call = await asyncio.to_thread(active_call, gateway, began)
         await asyncio.sleep(1.5)
         asked = time.time()
@@ -228,12 +231,15 @@ async def test_the_caller_hears_the_person_and_gets_a_bye_when_the_person_hangs_
     finally:
         await person.stop()
     assert summary["ended_by"] == "remote-bye", summary  # the person hung up: the caller got a BYE
+    rate = summary["sample_rate"]
+    assert summary["codec"] == codec and rate == (16000 if codec == "G722" else 8000)
     pcm = heard(summary["recording"])
     offset = asked - summary["recording_started_at"]
-    assert dominant_hz(pcm[int(0.5 * 8000):int((offset - 0.2) * 8000)]) == pytest.approx(CALLER_HZ, abs=10)
-    through = first_heard(pcm, TONE_HZ, after_s=offset)
+    assert dominant_hz(pcm[int(0.5 * rate):int((offset - 0.2) * rate)], rate) == pytest.approx(CALLER_HZ, abs=10)
+    through = first_heard(pcm, TONE_HZ, after_s=offset, rate=rate)
     assert through is not None, "the person's tone never reached the caller"
-    assert dominant_hz(pcm[int((through + 0.2) * 8000):-int(0.5 * 8000)]) == pytest.approx(TONE_HZ, abs=10)
+    assert dominant_hz(pcm[int((through + 0.2) * rate):-int(0.5 * rate)], rate) == pytest.approx(TONE_HZ, abs=10)
+    assert f"{call['id']}: the caller and the person are relayed {relay}" in gateway.proc.log()
     record = await asyncio.to_thread(ended_call, gateway, call["id"])
     assert record["end_reason"] == "human-bye"
     ai, human = record["phases"]

@@ -346,6 +346,39 @@ def test_pacer_restart_follows_a_new_source_at_once_without_breaking_the_tick_ca
     assert gaps.max() <= 0.0221 and sorted(gaps)[2] >= 0.0179 and gaps.min() >= 0.01
 
 
+
+@pytest.mark.parametrize("margin_ms, dropped", [(None, True), (4.0, False)])
+def test_a_relayed_stream_needs_the_relay_margin_to_go_out_whole(margin_ms, dropped):
+    """A relay pushes one packet per ptime from the other leg's playout tick, within a
+    millisecond or two of our own ticks either way (and our ticks may fire up to a
+    millisecond early). Restarted with the relay's margin, every packet goes out, within
+    the margin and a half of its push; with the model's 1 ms some miss their tick by a hair
+    and are dropped as a ptime late (the regression this margin fixes)."""
+    clock = FakeClock()
+    pacer = EgressPacer(lambda *_: None, clock=clock)
+    sent: list[tuple[float, int | None]] = []
+    pacer._send = lambda pcm, ticks: sent.append((clock.now, None if pcm is None else int(pcm[0])))
+    pacer._next_tick = clock.now
+    rng = np.random.default_rng(7)
+    pushes = [(100.0031 + 0.02 * n + rng.uniform(0.0, 0.0022), n) for n in range(200)]
+    pacer.restart(frame_ms=20, margin_ms=margin_ms)
+    while clock.now < 104.1:
+        if pushes and pushes[0][0] <= pacer._next_tick:
+            at, n = pushes.pop(0)
+            clock.now = max(clock.now, at)
+            pacer.push([np.full(160, n, np.int16)])
+            continue
+        clock.now = max(clock.now, pacer._next_tick)
+        pacer._tick()
+        pacer._next_tick -= rng.uniform(0.0, 0.001)  # the next tick may fire a little early
+    played = [v for _, v in sent if v is not None]
+    if dropped:
+        assert pacer.stats.late_dropped > 0 and len(played) < 200
+        return
+    assert played == list(range(200)) and pacer.stats.late_dropped == 0
+    pushed_at = {n: 100.0031 + 0.02 * n for n in range(200)}
+    assert all(t - pushed_at[v] < 0.0022 + 0.0045 for t, v in sent[5:] if v is not None)
+
 class RecordingEdge:
     """A MediaEdge that keeps what the pipeline hands it (the pipeline's contract, nothing more)."""
 

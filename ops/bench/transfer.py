@@ -166,7 +166,11 @@ async def bridge_round(gateway: Gateway, person: Person, folder: Path, sniffer: 
     offset = asked - summary["recording_started_at"]
     at = first_heard(heard(summary["recording"]), PERSON_HZ, after_s=max(0.0, offset))
     relay = relay_delays(sniffer.datagrams, asked)
-    return {"mode": "bridge", "status": status, "outcome": outcome.get("outcome"), "api_s": round(answered, 3),
+    spoke = [at for at, rms, share in decoded(sniffer.datagrams, asked,
+                                              lambda d: PERSON_PORTS[0] <= d.source[1] <= PERSON_PORTS[1])
+             if rms > LOUD and share > 0.6]
+    return {"person_out_s": round(spoke[0] - asked, 4) if spoke else None,
+            "mode": "bridge", "status": status, "outcome": outcome.get("outcome"), "api_s": round(answered, 3),
             "handover_s": outcome.get("seconds"), "wire_s": wire_s, "silence_s": silence_s,
             "recorded_s": None if at is None else round(at - offset, 3),
             "relay_ms": [round(d * 1000, 1) for d in relay]}
@@ -224,6 +228,8 @@ def summary(rounds: list[dict], mode: str) -> dict:
         out["relay_one_way_p50_ms"] = percentile(relay, 50)
         out["relay_one_way_p99_ms"] = percentile(relay, 99)
         out["relay_bursts"] = len(relay)
+        spoke = [r["person_out_s"] * 1000 for r in done if r.get("person_out_s") is not None]
+        out["person_first_packet_p50_ms"] = percentile(spoke, 50)
     return {k: round(v, 1) if isinstance(v, float) else v for k, v in out.items()}
 
 

@@ -12,8 +12,10 @@ the call and runs one :class:`TransferDesk` procedure at a time per call:
 * **bridge** (a B2BUA): the gateway places a call to the target itself (``Dialer``, SIP
   ingress: a second RTP leg with its own codec, jitter buffer and pacer) while the caller
   goes on talking to the AI. When the person answers, the model's slot is released and
-  the pipeline is bridged (``MediaPipeline.bridge``): the caller's frames go to the
-  person, the person's audio to the caller (and to the ``agent`` tap). Nobody answering
+  the pipeline is bridged (``MediaPipeline.bridge``): the caller's audio goes to the
+  person, the person's to the caller (and to the ``agent`` tap), packet by packet when
+  both legs are SIP with the same rate and packet time (``CallMedia.start_relay``), else in
+  the pipeline's 80 ms frames (a WebRTC caller, different rates). Nobody answering
   within the ring time leaves the caller with the AI. Then either side hanging up ends
   both: the person's BYE ends the call (``human-bye``) and the caller gets a BYE; the
   caller's BYE ends the call and the person gets one.
@@ -151,6 +153,9 @@ class HumanLeg(tp.Protocol):
     ended: asyncio.Future[str]
 
     def send_frame(self, frame: bytes) -> None: ...
+    def relay_with(self, edge: object) -> bool:
+        """Carry the audio packet by packet between this leg and the caller's media ``edge``
+        when both allow it (same rate and packet time); False: the 80 ms frames carry it."""
     def quality(self) -> CallQuality: ...
     async def hang_up(self) -> None: ...
     async def close(self) -> None: ...
@@ -274,7 +279,13 @@ class TransferDesk:
         # The person answered: the caller is theirs from now on, the model's slot goes back.
         self.humans[call.id] = human
         session = call.detach_model()
-        human.on_frame = call.pipeline.from_model
+        if human.relay_with(call.pipeline.edge):
+            human.on_frame = call.pipeline.taps.agent.emit  # the frames only feed the tap: the relay plays
+            log.info("call %s: the caller and the person are relayed packet by packet", call.id)
+        else:
+            human.on_frame = call.pipeline.from_model
+            log.info("call %s: the caller and the person are relayed in 80 ms frames (rates or packet times "
+                     "differ, or the caller is not on SIP)", call.id)
         call.pipeline.bridge(human)
         if call.recording is not None and not call.policy.recording_transfer:
             # the recording's right channel would carry the person from now: the route says no

@@ -5,7 +5,10 @@ with an offer for a fresh RTP session, rings for up to the ring time (then CANCE
 once the person answers, runs the leg's media with the same edge code as a caller's
 (``media/rtp_media.py``: jitter buffer, codec, loss concealment, resampling to 24 kHz
 model frames, pacer), so the transfer bridges two pipelines of the same shape. The leg
-measures its own quality (``SipHumanLeg.quality``).
+measures its own quality (``SipHumanLeg.quality``). The offer puts the caller's codec
+first, at the caller's packet time: a person who takes it (or another codec at the same
+rate) is relayed packet by packet (``CallMedia.start_relay``), with no resampling and no
+80 ms frame in the way.
 
 Where the INVITE goes: a ``sip:``/``sips:`` target as it is; a ``tel:`` number through
 the trunk the caller came from (``sip:<number>@<the caller's signalling source>;user=phone``,
@@ -34,7 +37,7 @@ from service.settings import GatewaySettings
 from sip.errors import CallFailed, SipParseError, TransportError
 from sip.identity import ANONYMOUS_URI
 from sip.rtpsession import PortAllocator, PortsExhausted, RtpSession
-from sip.sdp import NegotiatedMedia, build_offer
+from sip.sdp import MediaPreferences, NegotiatedMedia, build_offer
 from sip.ua import UserAgent
 from sip.uri import SipUri, format_host
 
@@ -104,7 +107,7 @@ class SipHumanLeg:
             self.rtp = await RtpSession.open(dialer.ports, host=dialer.rtp_bind_host(local_ip))
         except PortsExhausted:
             raise DialFailed(503, "no RTP port free for the transfer") from None
-        offer = build_offer(media_preferences(settings.codecs, srtp), local_ip, self.rtp.local_port)
+        offer = build_offer(self._preferences(srtp), local_ip, self.rtp.local_port)
         identity = self.call.identity
         from_uri: str | None = None
         if identity is not None and identity.withheld:
@@ -134,6 +137,16 @@ class SipHumanLeg:
         dialog.terminated.add_done_callback(self._dialog_ended)
         self._watch = asyncio.create_task(self._watch_rtp(), name=f"human-rtp-{self.call.id}")
         log.info("call %s: the person at %s answered (%s)", self.call.id, uri, media.codec)
+
+    def _preferences(self, srtp: str) -> MediaPreferences:
+        """Our codecs, the caller's first and at its packet time: a person who takes them
+        gets the caller's audio relayed packet by packet, not in 80 ms frames."""
+        prefs = media_preferences(self.dialer.settings.codecs, srtp)
+        edge = self.call.pipeline.edge
+        if isinstance(edge, CallMedia) and edge.codec in prefs.codecs:
+            prefs.codecs = [edge.codec] + [c for c in prefs.codecs if c != edge.codec]
+            prefs.order, prefs.ptime = "ours", edge.ptime_ms
+        return prefs
 
     def _start_media(self, media: NegotiatedMedia, address: str) -> None:
         assert self.rtp is not None and media.remote_address is not None
@@ -179,6 +192,17 @@ class SipHumanLeg:
         """One 80 ms frame of the caller (24 kHz) for the person."""
         if self.media is not None:
             self.media.from_model(frame)
+
+    def relay_with(self, edge: object) -> bool:
+        """Relay packet by packet between this leg and the caller's ``edge`` (both RTP, same
+        audio rate and packet time); False leaves the audio to the 80 ms frames."""
+        media = self.media
+        if (media is None or not isinstance(edge, CallMedia) or edge.spec.sample_rate != media.spec.sample_rate
+                or edge.ptime_ms != media.ptime_ms):
+            return False
+        edge.start_relay(media.relay)
+        media.start_relay(edge.relay)
+        return True
 
     def quality(self) -> CallQuality:
         return self.media.quality() if self.media is not None else CallQuality()

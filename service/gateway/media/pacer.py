@@ -114,10 +114,16 @@ class EgressPacer(tp.Generic[PacketT]):
     def queued_packets(self) -> int:
         return len(self._queue)
 
-    def restart(self) -> None:
+    def restart(self, frame_ms: float | None = None, margin_ms: float | None = None) -> None:
         """A new source (a human after a transfer): drop what is queued and learn the new
         stream's grid and cushion from scratch, as for a call's first frame. Silence goes
-        out until its first frame; the tick cadence never breaks."""
+        out until its first frame; the tick cadence never breaks. ``frame_ms``: the new
+        source's frames are this long (a relay pushes one packet at a time); ``margin_ms``:
+        the least cushion from now on."""
+        if frame_ms is not None:
+            self.frame_s = frame_ms / 1000
+        if margin_ms is not None:
+            self._margin = margin_ms / 1000
         self._queue.clear()
         self._offsets.clear()
         self._sorted_offsets.clear()

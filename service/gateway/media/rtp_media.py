@@ -15,6 +15,14 @@ ptime for the next one. Both run on the loop's shared media clock (one loop time
 calls), where egress ticks go before playout work that falls due at the same time.
 Telephone-events go to the DTMF receiver. The caller's audio and DTMF digits are offered
 on the call's taps (media/pipeline.py).
+
+Relay mode (a bridged transfer between two SIP legs with the same audio rate and packet
+time, ``start_relay``): the playout ticks every ptime, one slot each, and hands each slot's
+audio to the other leg's ``relay``, which encodes it and paces it out a packet at a time
+(its pacer learns the relayed stream's timing as it comes, like a model's frames); the 80 ms frames are still made (for the taps) but no longer carry the
+audio across, so the relay adds a jitter buffer and a pacer, not a model frame and two
+resamplers. Until the other leg's first packet, what the model said before the hand-over
+plays out; that packet starts the pacer over on the relayed stream.
 """
 
 from __future__ import annotations
@@ -38,6 +46,13 @@ from sip.jitterbuffer import CONCEAL, JitterBuffer
 from sip.plc import PacketLossConcealer
 from sip.rtpsession import RtpSession
 from sip.sdp import NegotiatedMedia
+
+# A relayed packet comes from the other leg's playout tick, on the same media clock as our
+# pacer's ticks but within a millisecond or two of them either way (millisecond loop timers,
+# playout after egress): the pacer keeps this much cushion, or a packet that misses its
+# tick by a hair would wait a whole ptime and be dropped as late.
+RELAY_MARGIN_MS = 4.0
+MAX_RELAY_CATCH_UP = 8  # slots a late relay tick plays at once; beyond, the stall is skipped
 
 
 class CallMedia:
@@ -99,6 +114,11 @@ class CallMedia:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.last_rtp_at = time.monotonic()  # the event loop's clock (monotonic) once started
         self._last_received = 0
+        # relay mode (see the module docstring): where each slot's audio goes, and our own
+        self.relay_out: tp.Callable[[np.ndarray, bool], None] | None = None
+        self._relaying = False
+        self._relay_restart = False
+        self.packets_relayed = 0
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -106,7 +126,8 @@ class CallMedia:
         self._loop = asyncio.get_running_loop()
         self._media_clock = media_clock(self._loop)
         self._next_playout = self._loop.time() + self._playout_slots * self.ptime_ms / 1000
-        self._playout_timer = self._media_clock.call_at(self._next_playout, self._playout_tick)
+        tick = self._relay_tick if self._relaying else self._playout_tick
+        self._playout_timer = self._media_clock.call_at(self._next_playout, tick)
         self.pacer.start()
 
     @property
@@ -188,6 +209,75 @@ class CallMedia:
             for p in popped:
                 self._to_bridge(self._slot_pcm(p))
 
+    def _relay_tick(self) -> None:
+        """Relay mode's playout: every slot at its own time, handed on at once (a late tick
+        plays the slots that fell due meanwhile, each at its nominal time)."""
+        loop = self._loop
+        if loop is None or self._media_clock is None:
+            return
+        now = loop.time()
+        step = self.ptime_ms / 1000
+        due = self._next_playout
+        times = [due]
+        due += step
+        while due <= now and len(times) < MAX_RELAY_CATCH_UP:
+            times.append(due)
+            due += step
+        if due <= now:  # a long stall: keep the cadence, skip what was missed
+            due = now + step - (now - due) % step
+        self._next_playout = due
+        self._playout_timer = self._media_clock.call_at(due, self._relay_tick)
+        out = self.relay_out
+        for at in times:
+            popped = self.jitter.pop(at)
+            self._after_slot(at)
+            pcm = self._slot_pcm(popped)
+            if out is not None:
+                out(pcm, popped is not None)
+            self._to_bridge(pcm)
+
+    def start_relay(self, out: tp.Callable[[np.ndarray, bool], None]) -> None:
+        """Bridge this leg to another one packet by packet (see the module docstring):
+        ``out(pcm, streaming)`` gets each slot's audio (int16 at this codec's rate) as it is
+        played out, and whether the stream has begun (False: idle, nothing received yet);
+        :meth:`relay` takes the other leg's, and ``from_model`` is ignored from now on."""
+        self.relay_out = out
+        self._relaying = True
+        self._relay_restart = True
+        if self._playout_timer is not None and self._media_clock is not None and self._loop is not None:
+            MediaClock.cancel(self._playout_timer)
+            # the pending tick would have played the slots up to _next_playout: from the
+            # first of them on, one slot per tick. Those already due are played here, not
+            # relayed: a burst would start the other leg's pacer on a grid its next packets
+            # contradict (at most the ptimes of a model frame, at the moment of hand-over)
+            step = self.ptime_ms / 1000
+            due = self._next_playout - (self._playout_slots - 1) * step
+            now = self._loop.time()
+            while due <= now:
+                popped = self.jitter.pop(due)
+                self._after_slot(due)
+                self._to_bridge(self._slot_pcm(popped))
+                due += step
+            self._next_playout = due
+            self._playout_timer = self._media_clock.call_at(due, self._relay_tick)
+        self._playout_slots = 1
+
+    def relay(self, pcm: np.ndarray, streaming: bool = True) -> None:
+        """One packet of the other leg's audio (at our rate, our packet size), played out
+        there now: encoded and paced out here, on the other leg's cadence. Before the other
+        leg's stream begins, nothing is queued (the model's last words play out)."""
+        if not self._relaying:
+            return
+        if self._relay_restart:
+            if not streaming:
+                return
+            self._relay_restart = False  # the first relayed packet: the pacer follows the new stream
+            self.pacer.restart(frame_ms=self.ptime_ms, margin_ms=RELAY_MARGIN_MS)
+        self.packets_relayed += 1
+        self._model_talking = True
+        packet: np.ndarray | bytes = self._encoder.encode(pcm) if self._g711 else pcm
+        self.pacer.push([packet])
+
     def _slot_pcm(self, popped: bytes | object | None) -> np.ndarray:
         if isinstance(popped, bytes):
             try:
@@ -220,6 +310,8 @@ class CallMedia:
 
     def from_model(self, frame: bytes) -> None:
         """One 80 ms frame of the model's voice arrived from the worker."""
+        if self._relaying:
+            return  # the relay carries the audio (start_relay)
         self.frames_from_model += 1
         self._model_talking = True
         self._to_caller(frame)
