@@ -65,6 +65,24 @@ def best_lag(a: np.ndarray, b: np.ndarray, rate: int, max_lag: float = 0.6) -> t
     return lags[best] / up, float(scores[best])
 
 
+def windows_matching(a: np.ndarray, b: np.ndarray, rate: int, lags: tuple[float, float],
+                     window: float = 0.5) -> tuple[float, list[tuple[float, float, float]]]:
+    """The share of ``window``-long stretches with sound where ``a`` matches ``b`` (correlation
+    above 0.9 at a lag within ``lags``), and each stretch's (start, lag, correlation). A
+    receiver's adaptive playout moves its timing by a packet or two early in a call, so one
+    lag for the whole call is too strict for what a caller heard; stretch by stretch, it
+    still fails for anything but the same audio."""
+    found = []
+    for k in range(int(min(len(a), len(b)) / rate / window)):
+        part = slice(int(k * window * rate), int((k + 1) * window * rate))
+        if max(np.abs(a[part]).max(), np.abs(b[part]).max()) < 0.01:
+            continue  # both silent: nothing to compare
+        lag, match = best_lag(a[part], b[part], rate, max_lag=0.3)
+        found.append((k * window, lag, match))
+    good = [f for f in found if f[2] > 0.9 and lags[0] <= f[1] <= lags[1]]
+    return len(good) / max(1, len(found)), found
+
+
 async def call_and_fetch(gateway: Gateway, tmp_path: Path, play: Path, seconds: float) -> tuple[dict, dict, bytes]:
     summary = await place_call(CallSettings(uri=gateway.uri, play=str(play), record=str(tmp_path / "client.wav"),
                                             seconds=seconds, local_host="127.0.0.1"))
@@ -106,8 +124,8 @@ async def test_the_recording_is_the_call_as_the_caller_sent_and_heard_it(tmp_pat
     right = soxr.resample(frames[:, 1], rate, client_rate)
     lag, match = best_lag(left, sent, client_rate)
     assert match > 0.8 and 0.0 <= lag <= 0.15, (lag, match)  # the caller, after the gateway's jitter buffer
-    lag, match = best_lag(received, right, client_rate)
-    assert match > 0.8 and 0.0 <= lag <= 0.15, (lag, match)  # the agent, as the caller then heard it
+    share, found = windows_matching(received, right, client_rate, (0.0, 0.15))
+    assert share >= 0.6, found  # the agent, as the caller then heard it (anything else: 0)
     lag, match = best_lag(right, sent, client_rate)
     assert match > 0.8 and abs(lag - ECHO_MS / 1000) <= 0.15, (lag, match)  # right is the echo, not the caller
 
