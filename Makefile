@@ -45,6 +45,7 @@ run: install
 
 test: install-test
 	$(VENV)/bin/ruff check sip service tests ops
+	$(VENV)/bin/ruff format --check sip service tests ops
 	$(VENV)/bin/mypy sip service
 	$(PY) -m pytest -q -rs -p no:cacheprovider
 

@@ -63,16 +63,18 @@ class CallQuality:
     packets_late: int | None = None
     srtp_suite: tp.Annotated[str | None, _doc("the SRTP crypto suite (SDES-SRTP calls)")] = None
     packets_srtp_replayed: tp.Annotated[int | None, _doc("SRTP packets dropped as replays")] = None
-    packets_srtp_auth_failed: tp.Annotated[int | None, _doc(
-        "SRTP packets dropped: authentication failed (forged or corrupted)")] = None
+    packets_srtp_auth_failed: tp.Annotated[
+        int | None, _doc("SRTP packets dropped: authentication failed (forged or corrupted)")
+    ] = None
     concealed_frames: tp.Annotated[int | None, _doc("inbound frames concealed (lost or late)")] = None
     jitter_buffer_ms: tp.Annotated[float | None, _doc("current playout delay of the jitter buffer")] = None
     jitter_buffer_target_ms: float | None = None
     egress_cushion_ms: float | None = None
     egress_underruns: tp.Annotated[int | None, _doc("20 ms ticks with no model audio while it talked")] = None
     egress_dropped: int | None = None
-    gateway_latency_ms: tp.Annotated[GatewayLatency | None, _doc(
-        "latency the gateway adds: jitter buffer, resampling, framing, pacing")] = None
+    gateway_latency_ms: tp.Annotated[
+        GatewayLatency | None, _doc("latency the gateway adds: jitter buffer, resampling, framing, pacing")
+    ] = None
     model_frames: int | None = None
     model_packets: int | None = None
     model_packets_late: int | None = None
@@ -90,8 +92,7 @@ class CallQuality:
         known = {k: v for k, v in values.items() if k in _QUALITY_FIELDS}
         latency = known.get("gateway_latency_ms")
         if isinstance(latency, dict):
-            known["gateway_latency_ms"] = GatewayLatency(**{k: v for k, v in latency.items()
-                                                            if k in _LATENCY_FIELDS})
+            known["gateway_latency_ms"] = GatewayLatency(**{k: v for k, v in latency.items() if k in _LATENCY_FIELDS})
         elif latency is not None:
             del known["gateway_latency_ms"]
         return cls(**known)
@@ -109,8 +110,9 @@ class CallPhase:
     end: tp.Annotated[float | None, _doc("epoch seconds; null while it lasts, and for a REFER's human part")] = None
     worker: tp.Annotated[str | None, _doc("ai: the worker that served it (the last one, after failovers)")] = None
     target: tp.Annotated[str | None, _doc("human: where the call went (sip:, sips: or tel: URI)")] = None
-    mode: tp.Annotated[str | None, _doc("human: refer (blind transfer by the peer) or bridge (the gateway "
-                                        "relays the media)")] = None
+    mode: tp.Annotated[
+        str | None, _doc("human: refer (blind transfer by the peer) or bridge (the gateway relays the media)")
+    ] = None
     quality: tp.Annotated[CallQuality | None, _doc("human, bridged: the human leg's media quality")] = None
 
     @classmethod
@@ -127,12 +129,18 @@ class TransferAttempt:
 
     target: str
     by: str
-    mode: tp.Annotated[str, _doc("refer or bridge: how it was tried (auto tries refer, then bridge when the "
-                                 "peer will not take a REFER)")]
+    mode: tp.Annotated[
+        str,
+        _doc("refer or bridge: how it was tried (auto tries refer, then bridge when the peer will not take a REFER)"),
+    ]
     requested_at: float
     outcome: tp.Annotated[str, _doc("pending, transferred or failed (the caller stayed with the AI)")] = "pending"
-    status: tp.Annotated[int | None, _doc("the SIP status that decided it (the REFER's, a NOTIFY's, the "
-                                          "target's answer); 408 for no answer in time")] = None
+    status: tp.Annotated[
+        int | None,
+        _doc(
+            "the SIP status that decided it (the REFER's, a NOTIFY's, the target's answer); 408 for no answer in time"
+        ),
+    ] = None
     reason: tp.Annotated[str, _doc("why it failed, or how it went, in words")] = ""
     seconds: tp.Annotated[float | None, _doc("from the request to the hand-over (or the failure)")] = None
 
@@ -157,10 +165,15 @@ class CallRecord:
     source: str = ""  # the signalling peer, host:port
     identity: dict[str, tp.Any] | None = None
     codec: str = ""
-    sip_transport: tp.Annotated[str, _doc("how the call's SIP signalling came: UDP, TCP or TLS (empty for "
-                                          "WebRTC)")] = ""
-    media_encryption: tp.Annotated[str, _doc("none, SDES-SRTP (SIP with a=crypto keys over TLS) or DTLS-SRTP "
-                                             "(WebRTC); empty until the media is agreed")] = ""
+    sip_transport: tp.Annotated[str, _doc("how the call's SIP signalling came: UDP, TCP or TLS (empty for WebRTC)")] = (
+        ""
+    )
+    media_encryption: tp.Annotated[
+        str,
+        _doc(
+            "none, SDES-SRTP (SIP with a=crypto keys over TLS) or DTLS-SRTP (WebRTC); empty until the media is agreed"
+        ),
+    ] = ""
     route: tp.Annotated[str, _doc("the route the call took (routes file; 'default' without one)")] = ""
     worker_id: str = ""
     slot: int | None = None
@@ -174,10 +187,12 @@ class CallRecord:
     end_detail: str = ""  # the end reason in words, when the reason alone does not say what went wrong
     recording: dict[str, tp.Any] | None = None  # format, state, pauses; once stored: location, bytes, duration_s
     quality: CallQuality | None = None
-    phases: tp.Annotated[list[CallPhase], _doc("the AI part and, after a transfer, the human part, with their "
-                                                "times")] = field(default_factory=list)
+    phases: tp.Annotated[
+        list[CallPhase], _doc("the AI part and, after a transfer, the human part, with their times")
+    ] = field(default_factory=list)
     transfers: tp.Annotated[list[TransferAttempt], _doc("every transfer asked for, and how it went")] = field(
-        default_factory=list)
+        default_factory=list
+    )
 
     @property
     def ended(self) -> bool:
@@ -211,8 +226,7 @@ class CallRecord:
                 out.update(quality_fields(value))
             elif name in _LIST_FIELDS:
                 if value or only is not None:
-                    out[name] = json.dumps([_measured(dataclasses.asdict(item)) for item in value],
-                                           ensure_ascii=False)
+                    out[name] = json.dumps([_measured(dataclasses.asdict(item)) for item in value], ensure_ascii=False)
             elif value is not None:
                 out[name] = _encode(value)
         return out
@@ -225,13 +239,14 @@ class CallRecord:
         for name, text in raw.items():
             if name.startswith(QUALITY_PREFIX):
                 try:
-                    quality[name[len(QUALITY_PREFIX):]] = json.loads(text)
+                    quality[name[len(QUALITY_PREFIX) :]] = json.loads(text)
                 except ValueError:
                     continue
             elif name in _LIST_FIELDS:
                 try:
-                    values[name] = [_LIST_FIELDS[name].from_dict(item) for item in json.loads(text)
-                                    if isinstance(item, dict)]
+                    values[name] = [
+                        _LIST_FIELDS[name].from_dict(item) for item in json.loads(text) if isinstance(item, dict)
+                    ]
                 except (ValueError, TypeError):
                     continue
             elif name in _PARSERS:
@@ -290,5 +305,7 @@ _PHASE_FIELDS = frozenset(f.name for f in dataclasses.fields(CallPhase))
 _TRANSFER_FIELDS = frozenset(f.name for f in dataclasses.fields(TransferAttempt))
 _LIST_FIELDS: dict[str, tp.Any] = {"phases": CallPhase, "transfers": TransferAttempt}
 _PARSERS: dict[str, tp.Callable[[str], tp.Any]] = {
-    name: _parser(hint) for name, hint in tp.get_type_hints(CallRecord).items()
-    if name != "quality" and name not in _LIST_FIELDS}
+    name: _parser(hint)
+    for name, hint in tp.get_type_hints(CallRecord).items()
+    if name != "quality" and name not in _LIST_FIELDS
+}

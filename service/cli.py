@@ -27,32 +27,51 @@ def _add_union(parser: argparse.ArgumentParser, *classes: type) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="moshimoshi",
-        description="Telephony service for full-duplex speech models (Moshi, LLM-jp-Moshi, J-Moshi).")
+        prog="moshimoshi", description="Telephony service for full-duplex speech models (Moshi, LLM-jp-Moshi, J-Moshi)."
+    )
     parser.add_argument("--version", action="version", version=f"moshimoshi {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", usage="%(prog)s [options]", help="gateway + worker + embedded Redis in one command",
-                           description="Run a gateway, one worker and (without REDIS_URL) an embedded "
-                                       "redis-server: a whole system on one machine.")
+    serve = sub.add_parser(
+        "serve",
+        usage="%(prog)s [options]",
+        help="gateway + worker + embedded Redis in one command",
+        description="Run a gateway, one worker and (without REDIS_URL) an embedded "
+        "redis-server: a whole system on one machine.",
+    )
     _add_union(serve, WorkerSettings, GatewaySettings, ServeSettings)  # --model: the worker's
 
-    gateway = sub.add_parser("gateway", usage="%(prog)s [options]", help="the SIP/WebRTC gateway and control plane",
-                             description="Answer SIP (and WebRTC) calls and route them to workers.")
+    gateway = sub.add_parser(
+        "gateway",
+        usage="%(prog)s [options]",
+        help="the SIP/WebRTC gateway and control plane",
+        description="Answer SIP (and WebRTC) calls and route them to workers.",
+    )
     add_arguments(gateway, GatewaySettings)
 
-    worker = sub.add_parser("worker", usage="%(prog)s [options]", help="an inference worker (one model, B slots)",
-                            description="Serve a model to gateways: B concurrent calls, one batched step "
-                                        "every 80 ms.")
+    worker = sub.add_parser(
+        "worker",
+        usage="%(prog)s [options]",
+        help="an inference worker (one model, B slots)",
+        description="Serve a model to gateways: B concurrent calls, one batched step every 80 ms.",
+    )
     add_arguments(worker, WorkerSettings)
 
-    asr = sub.add_parser("asr", usage="%(prog)s [options]", help="an ASR worker (the callers' transcript)",
-                         description="Transcribe callers' utterances for gateways: many calls, batched "
-                                     "(faster-whisper, or an OpenAI-compatible endpoint).")
+    asr = sub.add_parser(
+        "asr",
+        usage="%(prog)s [options]",
+        help="an ASR worker (the callers' transcript)",
+        description="Transcribe callers' utterances for gateways: many calls, batched "
+        "(faster-whisper, or an OpenAI-compatible endpoint).",
+    )
     add_arguments(asr, AsrSettings)
 
-    call = sub.add_parser("call", usage="%(prog)s URI [options]", help="place a test call and record what comes back",
-                          description="Place a SIP call (UAC), play a WAV file, record the answer.")
+    call = sub.add_parser(
+        "call",
+        usage="%(prog)s URI [options]",
+        help="place a test call and record what comes back",
+        description="Place a SIP call (UAC), play a WAV file, record the answer.",
+    )
     call.add_argument("uri", help="SIP URI to call, e.g. sip:agent@127.0.0.1:5060")
     add_arguments(call, CallSettings)
     return parser

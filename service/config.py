@@ -64,8 +64,16 @@ def setting(
     """Declare a settings field: its default, help text and validation; ``group`` is its
     section of ``--help`` (a key of :data:`GROUPS`); a ``positional`` one is a command's
     argument, not a flag."""
-    meta = {"help": help, "min": min, "max": max, "choices": choices, "env": env, "secret": secret,
-            "group": group, "positional": positional}
+    meta = {
+        "help": help,
+        "min": min,
+        "max": max,
+        "choices": choices,
+        "env": env,
+        "secret": secret,
+        "group": group,
+        "positional": positional,
+    }
     if isinstance(default, list | dict):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -177,8 +185,11 @@ def help_text(field: dataclasses.Field) -> str:
     return f"{text} [env {env_name(field)}]".replace("%", "%%")
 
 
-def add_sections(parser: argparse.ArgumentParser, classes: tp.Sequence[type],
-                 sections: dict[str, argparse._ArgumentGroup] | None = None) -> dict[str, argparse._ArgumentGroup]:
+def add_sections(
+    parser: argparse.ArgumentParser,
+    classes: tp.Sequence[type],
+    sections: dict[str, argparse._ArgumentGroup] | None = None,
+) -> dict[str, argparse._ArgumentGroup]:
     """The ``--help`` sections the fields of ``classes`` need, made in :data:`GROUPS` order."""
     sections = {} if sections is None else sections
     order = list(GROUPS)
@@ -189,8 +200,9 @@ def add_sections(parser: argparse.ArgumentParser, classes: tp.Sequence[type],
     return sections
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, *,
-                  sections: dict[str, argparse._ArgumentGroup] | None = None) -> None:
+def add_arguments(
+    parser: argparse.ArgumentParser, cls: type, *, sections: dict[str, argparse._ArgumentGroup] | None = None
+) -> None:
     """Add one CLI flag per field of ``cls`` (``sip_port`` → ``--sip-port``), each in the
     ``--help`` section its ``group`` names. ``sections`` (group → argument group) lets
     several classes share sections; new ones are made in :data:`GROUPS` order."""
@@ -200,18 +212,25 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *,
         base, _ = _base_type(_field_type(cls, field))
         target = sections[field.metadata.get("group", "")]
         if base is bool:
-            target.add_argument(flag_name(field), dest=field.name, default=None,
-                                action=argparse.BooleanOptionalAction, help=help_text(field))
+            target.add_argument(
+                flag_name(field),
+                dest=field.name,
+                default=None,
+                action=argparse.BooleanOptionalAction,
+                help=help_text(field),
+            )
         else:
-            target.add_argument(flag_name(field), dest=field.name, default=None, metavar=_metavar(field, base),
-                                help=help_text(field))
+            target.add_argument(
+                flag_name(field), dest=field.name, default=None, metavar=_metavar(field, base), help=help_text(field)
+            )
 
 
 T = tp.TypeVar("T", bound="DataclassInstance")
 
 
-def load(cls: type[T], args: argparse.Namespace | None = None,
-         environ: Mapping[str, str] | None = None, **overrides: tp.Any) -> T:
+def load(
+    cls: type[T], args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None, **overrides: tp.Any
+) -> T:
     """Build ``cls`` from defaults < environment < CLI flags < keyword overrides, validated."""
     environ = os.environ if environ is None else environ
     values: dict[str, tp.Any] = {}

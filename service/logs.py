@@ -13,9 +13,15 @@ import sys
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # uvicorn's per-connection lines (uvicorn.error at INFO): their format strings
-CONNECTION_LINES = ('%s - "WebSocket %s" [accepted]', '%s - "WebSocket %s" 403', '%s - "WebSocket %s" %d',
-                    "connection open", "connection closed", "connection rejected (%d %s)",
-                    "HTTP response sent (%d %s)")
+CONNECTION_LINES = (
+    '%s - "WebSocket %s" [accepted]',
+    '%s - "WebSocket %s" 403',
+    '%s - "WebSocket %s" %d',
+    "connection open",
+    "connection closed",
+    "connection rejected (%d %s)",
+    "HTTP response sent (%d %s)",
+)
 
 
 class _PerConnectionToDebug(logging.Filter):

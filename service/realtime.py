@@ -38,8 +38,9 @@ def loop_factory(name: str | None = None) -> Callable[[], asyncio.AbstractEventL
         try:
             import uvloop
         except ImportError as exc:
-            raise ConfigError(f"{EVENT_LOOP_ENV}=uvloop but uvloop is not installed "
-                              "(install uvicorn[standard], or set it to asyncio)") from exc
+            raise ConfigError(
+                f"{EVENT_LOOP_ENV}=uvloop but uvloop is not installed (install uvicorn[standard], or set it to asyncio)"
+            ) from exc
         return uvloop.new_event_loop
     if name == "asyncio":
         return asyncio.new_event_loop

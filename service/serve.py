@@ -86,17 +86,21 @@ def with_api_token(settings: GatewaySettings) -> GatewaySettings:
     return dataclasses.replace(settings, api_tokens=[f"{token}:admin"])
 
 
-def with_worker_secret(gateway_settings: GatewaySettings,
-                       worker_settings: WorkerSettings) -> tuple[GatewaySettings, WorkerSettings]:
+def with_worker_secret(
+    gateway_settings: GatewaySettings, worker_settings: WorkerSettings
+) -> tuple[GatewaySettings, WorkerSettings]:
     """One secret for the gateway and the workers ``serve`` starts: the configured one, or
     without one a random secret for this run (never printed: only these processes need it)."""
     secret = gateway_settings.worker_secret or worker_settings.worker_secret or secrets.token_urlsafe(32)
-    return (dataclasses.replace(gateway_settings, worker_secret=secret),
-            dataclasses.replace(worker_settings, worker_secret=secret))
+    return (
+        dataclasses.replace(gateway_settings, worker_secret=secret),
+        dataclasses.replace(worker_settings, worker_secret=secret),
+    )
 
 
-def run_serve(gateway_settings: GatewaySettings, worker_settings: WorkerSettings,
-              serve_settings: ServeSettings | None = None) -> int:
+def run_serve(
+    gateway_settings: GatewaySettings, worker_settings: WorkerSettings, serve_settings: ServeSettings | None = None
+) -> int:
     quiet_gc()
     serve_settings = serve_settings or ServeSettings()
     check_free(listeners(gateway_settings, worker_settings, serve_settings))  # before anything starts
@@ -104,8 +108,9 @@ def run_serve(gateway_settings: GatewaySettings, worker_settings: WorkerSettings
     return realtime.run(_serve(gateway_settings, worker_settings, serve_settings))
 
 
-def listeners(gateway_settings: GatewaySettings, worker_settings: WorkerSettings,
-              serve_settings: ServeSettings) -> list[Listener]:
+def listeners(
+    gateway_settings: GatewaySettings, worker_settings: WorkerSettings, serve_settings: ServeSettings
+) -> list[Listener]:
     """Every port ``serve`` and its children listen on: checked before anything starts."""
     found = [*gateway_listeners(gateway_settings), worker_listener(worker_settings)]
     if serve_settings.asr == "on":
@@ -113,13 +118,15 @@ def listeners(gateway_settings: GatewaySettings, worker_settings: WorkerSettings
             port = int(os.environ.get(ASR_ENV + "PORT", "0"))
         except ValueError:
             port = 0  # the ASR worker names its bad setting itself
-        found.append(Listener("ASR worker", os.environ.get(ASR_ENV + "HOST", "127.0.0.1"), port, ("tcp",),
-                              ASR_ENV + "PORT"))
+        found.append(
+            Listener("ASR worker", os.environ.get(ASR_ENV + "HOST", "127.0.0.1"), port, ("tcp",), ASR_ENV + "PORT")
+        )
     return found
 
 
-async def _serve(gateway_settings: GatewaySettings, worker_settings: WorkerSettings,
-                 serve_settings: ServeSettings) -> int:
+async def _serve(
+    gateway_settings: GatewaySettings, worker_settings: WorkerSettings, serve_settings: ServeSettings
+) -> int:
     embedded: EmbeddedRedis | None = None
     redis_url = gateway_settings.redis_url or worker_settings.redis_url
     if redis_url:
@@ -136,23 +143,38 @@ async def _serve(gateway_settings: GatewaySettings, worker_settings: WorkerSetti
     try:
         # --asr off with the embedded Redis: no ASR worker can ever join, so the calls'
         # transcripts hold the agent's side alone (no note, no audio kept for one)
-        transcription = gateway_settings.transcription and (serve_settings.asr == "on" or embedded is None
-                                                             or gateway_settings.asr_url is not None)
-        gateway = Gateway(dataclasses.replace(gateway_settings, redis_url=redis_url, transcription=transcription),
-                          model=gateway_settings.model)
+        transcription = gateway_settings.transcription and (
+            serve_settings.asr == "on" or embedded is None or gateway_settings.asr_url is not None
+        )
+        gateway = Gateway(
+            dataclasses.replace(gateway_settings, redis_url=redis_url, transcription=transcription),
+            model=gateway_settings.model,
+        )
 
         def failed(why: str) -> None:
             failure.append(why)
             gateway.exit_code = 1
             gateway.stop()
 
-        children.append(Supervised("worker", [sys.executable, "-m", "service", "worker"],
-                                   worker_environment(worker_settings, redis_url), required=True,
-                                   on_failed=failed))
+        children.append(
+            Supervised(
+                "worker",
+                [sys.executable, "-m", "service", "worker"],
+                worker_environment(worker_settings, redis_url),
+                required=True,
+                on_failed=failed,
+            )
+        )
         if serve_settings.asr == "on":
-            children.append(Supervised("ASR worker", [sys.executable, "-m", "service", "asr"],
-                                       asr_environment(serve_settings, redis_url, worker_settings.worker_secret),
-                                       required=False, on_failed=failed))
+            children.append(
+                Supervised(
+                    "ASR worker",
+                    [sys.executable, "-m", "service", "asr"],
+                    asr_environment(serve_settings, redis_url, worker_settings.worker_secret),
+                    required=False,
+                    on_failed=failed,
+                )
+            )
         for child in children:
             await child.start()
         loop = asyncio.get_running_loop()

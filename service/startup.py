@@ -110,8 +110,10 @@ def bind_failed(listener: Listener, protocol: str, exc: OSError) -> StartupError
         held = f"in use by {holder}" if holder else "in use by another process"
         return StartupError(f"{where} is {held}: stop it, or choose another port with {listener.setting}")
     if exc.errno == errno.EACCES:
-        return StartupError(f"{where}: permission denied (ports below 1024 need privileges): choose another "
-                            f"port with {listener.setting}")
+        return StartupError(
+            f"{where}: permission denied (ports below 1024 need privileges): choose another "
+            f"port with {listener.setting}"
+        )
     if exc.errno == errno.EADDRNOTAVAIL:
         return StartupError(f"{where}: {listener.host} is not an address of this machine")
     return StartupError(f"{where}: {exc.strerror or exc}")
@@ -183,10 +185,14 @@ def gateway_listeners(settings: GatewaySettings) -> list[Listener]:
     """SIP (UDP and TCP), SIP over TLS when it is on, and HTTP."""
     listeners = [Listener("SIP", settings.sip_host, settings.sip_port, ("udp", "tcp"), setting_of("--sip-port"))]
     if settings.sip_tls:
-        listeners.append(Listener("SIP over TLS", settings.sip_host, settings.sip_tls_port, ("tcp",),
-                                  setting_of("--sip-tls-port")))
-    listeners.append(Listener("HTTP (API and dashboard)", settings.http_host, settings.http_port, ("tcp",),
-                              setting_of("--http-port")))
+        listeners.append(
+            Listener("SIP over TLS", settings.sip_host, settings.sip_tls_port, ("tcp",), setting_of("--sip-tls-port"))
+        )
+    listeners.append(
+        Listener(
+            "HTTP (API and dashboard)", settings.http_host, settings.http_port, ("tcp",), setting_of("--http-port")
+        )
+    )
     return listeners
 
 
@@ -229,7 +235,8 @@ async def wait_for_redis(url: str, seconds: float, *, setting: str = "REDIS_URL 
                 if loop.time() >= deadline:
                     raise StartupError(
                         f"Redis at {redacted(url)} did not answer within {seconds:g} s ({detail}): start it, or "
-                        f"set {setting} to one that runs (--redis-connect-seconds waits longer)") from None
+                        f"set {setting} to one that runs (--redis-connect-seconds waits longer)"
+                    ) from None
                 if not waited:
                     log.info("waiting up to %g s for Redis at %s (%s)", seconds, redacted(url), detail)
                     waited = True

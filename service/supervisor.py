@@ -27,8 +27,9 @@ STOP_SECONDS = 10.0
 class Supervised:
     """One child role (``worker``, ``ASR worker``): started, watched, replaced, stopped."""
 
-    def __init__(self, role: str, command: list[str], env: dict[str, str], *, required: bool,
-                 on_failed: tp.Callable[[str], None]) -> None:
+    def __init__(
+        self, role: str, command: list[str], env: dict[str, str], *, required: bool, on_failed: tp.Callable[[str], None]
+    ) -> None:
         self.role = role
         self.command = command
         self.required = required

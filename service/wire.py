@@ -51,10 +51,22 @@ class StartMessage(tp.TypedDict):
 SAMPLING_KEYS = ("temp", "temp_text", "top_k", "top_k_text", "greedy")
 
 
-def start_message(call_id: str, *, slot: int | None, token: int | None, model: str | None,
-                  sampling: tp.Mapping[str, float | int | bool] | None = None) -> StartMessage:
-    message: StartMessage = {"type": "start", "version": PROTOCOL_VERSION, "call_id": call_id, "slot": slot,
-                             "token": token, "model": model}
+def start_message(
+    call_id: str,
+    *,
+    slot: int | None,
+    token: int | None,
+    model: str | None,
+    sampling: tp.Mapping[str, float | int | bool] | None = None,
+) -> StartMessage:
+    message: StartMessage = {
+        "type": "start",
+        "version": PROTOCOL_VERSION,
+        "call_id": call_id,
+        "slot": slot,
+        "token": token,
+        "model": model,
+    }
     if sampling:
         message["sampling"] = {k: v for k, v in sampling.items() if k in SAMPLING_KEYS}
     return message
@@ -74,10 +86,14 @@ class Started:
     @classmethod
     def from_message(cls, message: dict[str, tp.Any]) -> Started:
         """Raises KeyError, TypeError or ValueError for a malformed message."""
-        return cls(slot=int(message["slot"]), model=str(message.get("model", "")),
-                   license=str(message.get("license", "")),
-                   max_call_seconds=float(message.get("max_call_seconds", 0) or 0),
-                   sampling=_sampling(message.get("sampling")), raw=message)
+        return cls(
+            slot=int(message["slot"]),
+            model=str(message.get("model", "")),
+            license=str(message.get("license", "")),
+            max_call_seconds=float(message.get("max_call_seconds", 0) or 0),
+            sampling=_sampling(message.get("sampling")),
+            raw=message,
+        )
 
 
 def _sampling(value: tp.Any) -> dict[str, float | int | bool] | None:

@@ -68,8 +68,14 @@ class DigestChallenge:
         if "realm" not in params or "nonce" not in params:
             raise SipParseError(f"{where}: a Digest challenge needs realm and nonce")
         qop = [q.strip().lower() for q in params.get("qop", "").split(",") if q.strip()]
-        return cls(params["realm"], params["nonce"], params.get("algorithm", "MD5").upper(), qop,
-                   params.get("opaque"), params.get("stale", "").lower() == "true")
+        return cls(
+            params["realm"],
+            params["nonce"],
+            params.get("algorithm", "MD5").upper(),
+            qop,
+            params.get("opaque"),
+            params.get("stale", "").lower() == "true",
+        )
 
     @property
     def supported(self) -> bool:
@@ -83,8 +89,18 @@ def _hash(algorithm: str, text: str) -> str:
     return digest.hexdigest()
 
 
-def digest_response(challenge: DigestChallenge, *, method: str, uri: str, username: str, password: str,
-                    nc: int = 1, cnonce: str | None = None, body: bytes = b"", qop: str | None = None) -> str:
+def digest_response(
+    challenge: DigestChallenge,
+    *,
+    method: str,
+    uri: str,
+    username: str,
+    password: str,
+    nc: int = 1,
+    cnonce: str | None = None,
+    body: bytes = b"",
+    qop: str | None = None,
+) -> str:
     """The ``response`` value (RFC 2617 §3.2.2.1)."""
     algorithm = challenge.algorithm
     ha1 = _hash(algorithm, f"{username}:{challenge.realm}:{password}")
@@ -99,8 +115,17 @@ def digest_response(challenge: DigestChallenge, *, method: str, uri: str, userna
     return _hash(algorithm, f"{ha1}:{challenge.nonce}:{ha2}")
 
 
-def authorization(challenge: DigestChallenge, *, method: str, uri: str, username: str, password: str,
-                  nc: int = 1, cnonce: str | None = None, body: bytes = b"") -> str:
+def authorization(
+    challenge: DigestChallenge,
+    *,
+    method: str,
+    uri: str,
+    username: str,
+    password: str,
+    nc: int = 1,
+    cnonce: str | None = None,
+    body: bytes = b"",
+) -> str:
     """The Authorization / Proxy-Authorization value answering ``challenge``."""
     if not challenge.supported:
         raise SipParseError(f"Digest algorithm {challenge.algorithm} / qop {challenge.qop} not supported")
@@ -109,10 +134,25 @@ def authorization(challenge: DigestChallenge, *, method: str, uri: str, username
         qop = "auth" if "auth" in challenge.qop else "auth-int"
     if qop or challenge.algorithm.upper().endswith("-SESS"):
         cnonce = cnonce or secrets.token_hex(8)
-    response = digest_response(challenge, method=method, uri=uri, username=username, password=password,
-                               nc=nc, cnonce=cnonce, body=body, qop=qop)
-    parts = [f"username={quote(username)}", f"realm={quote(challenge.realm)}", f"nonce={quote(challenge.nonce)}",
-             f"uri={quote(uri)}", f"response={quote(response)}", f"algorithm={challenge.algorithm}"]
+    response = digest_response(
+        challenge,
+        method=method,
+        uri=uri,
+        username=username,
+        password=password,
+        nc=nc,
+        cnonce=cnonce,
+        body=body,
+        qop=qop,
+    )
+    parts = [
+        f"username={quote(username)}",
+        f"realm={quote(challenge.realm)}",
+        f"nonce={quote(challenge.nonce)}",
+        f"uri={quote(uri)}",
+        f"response={quote(response)}",
+        f"algorithm={challenge.algorithm}",
+    ]
     if qop:
         parts += [f"qop={qop}", f"nc={nc:08x}", f"cnonce={quote(cnonce or '')}"]
     if challenge.opaque is not None:
@@ -174,16 +214,25 @@ class DigestAuthenticator:
     shown; an unknown user costs the same hashing as a known one and gets the same answer.
     """
 
-    def __init__(self, credentials: Mapping[str, str], *, realm: str = "moshimoshi", nonce_seconds: float = 300.0,
-                 algorithms: tuple[str, ...] = CHALLENGE_ALGORITHMS, key: bytes | None = None,
-                 max_tracked_nonces: int = 65536, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        credentials: Mapping[str, str],
+        *,
+        realm: str = "moshimoshi",
+        nonce_seconds: float = 300.0,
+        algorithms: tuple[str, ...] = CHALLENGE_ALGORITHMS,
+        key: bytes | None = None,
+        max_tracked_nonces: int = 65536,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         if not credentials:
             raise ValueError("digest authentication needs at least one user:password")
         algorithms = tuple(dict.fromkeys(a.strip().upper() for a in algorithms if a.strip()))
         unknown = [a for a in algorithms if a not in CHALLENGE_ALGORITHMS]
         if unknown or not algorithms:
-            raise ValueError(f"digest algorithms must be among {', '.join(CHALLENGE_ALGORITHMS)}, not "
-                             f"{', '.join(unknown) or 'none'}")
+            raise ValueError(
+                f"digest algorithms must be among {', '.join(CHALLENGE_ALGORITHMS)}, not {', '.join(unknown) or 'none'}"
+            )
         self.algorithms = algorithms
         if nonce_seconds <= 0 or max_tracked_nonces < 1:
             raise ValueError("nonce_seconds and max_tracked_nonces must be positive")
@@ -192,8 +241,10 @@ class DigestAuthenticator:
         self.max_tracked_nonces = max_tracked_nonces
         self.clock = clock
         self._key = key or secrets.token_bytes(32)
-        self._ha1 = {user: {algorithm: _hash(algorithm, f"{user}:{realm}:{password}") for algorithm in algorithms}
-                     for user, password in credentials.items()}
+        self._ha1 = {
+            user: {algorithm: _hash(algorithm, f"{user}:{realm}:{password}") for algorithm in algorithms}
+            for user, password in credentials.items()
+        }
         self._decoy = {algorithm: secrets.token_hex(32) for algorithm in algorithms}
         self._used: OrderedDict[str, tuple[float, int]] = OrderedDict()  # nonce → (issued, highest nc)
         self._forgotten_before = 0.0  # nonces issued before this and no longer tracked count as stale
@@ -222,7 +273,7 @@ class DigestAuthenticator:
             return None
         if len(raw) != _NONCE.size + _NONCE_MAC_BYTES:
             return None
-        body, mac = raw[:_NONCE.size], raw[_NONCE.size:]
+        body, mac = raw[: _NONCE.size], raw[_NONCE.size :]
         if not hmac.compare_digest(mac, self._mac(body, source)):
             return None
         issued_ms: int = _NONCE.unpack(body)[0]
@@ -233,8 +284,10 @@ class DigestAuthenticator:
         given (RFC 8760: the preferred first; a client takes the first it supports)."""
         nonce = self.new_nonce(source)
         suffix = ", stale=true" if stale else ""
-        return [f'Digest realm={quote(self.realm)}, nonce="{nonce}", algorithm={algorithm}, qop="auth"{suffix}'
-                for algorithm in self.algorithms]
+        return [
+            f'Digest realm={quote(self.realm)}, nonce="{nonce}", algorithm={algorithm}, qop="auth"{suffix}'
+            for algorithm in self.algorithms
+        ]
 
     # -- verification ---------------------------------------------------------------------
 
@@ -327,5 +380,8 @@ def _same_uri(digest_uri: str, request_uri: str) -> bool:
         ours, theirs = SipUri.parse(request_uri), SipUri.parse(digest_uri)
     except SipParseError:
         return False
-    return (ours.host.lower() == theirs.host.lower() and (ours.port or 5060) == (theirs.port or 5060)
-            and theirs.user in (None, ours.user))
+    return (
+        ours.host.lower() == theirs.host.lower()
+        and (ours.port or 5060) == (theirs.port or 5060)
+        and theirs.user in (None, ours.user)
+    )

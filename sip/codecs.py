@@ -44,8 +44,11 @@ class CodecSpec:
     def matches(self, encoding: str, clock_rate: int, channels: int) -> bool:
         """Whether an ``a=rtpmap`` entry names this codec (RFC 7587 wants ``opus/48000/2``;
         ``opus/48000`` is taken too, as many stacks write it)."""
-        return (encoding.lower() == self.name.lower() and clock_rate == self.clock_rate
-                and (channels == self.channels or (self.name == "opus" and channels == 1)))
+        return (
+            encoding.lower() == self.name.lower()
+            and clock_rate == self.clock_rate
+            and (channels == self.channels or (self.name == "opus" and channels == 1))
+        )
 
     def rtpmap(self, payload_type: int) -> str:
         suffix = f"/{self.channels}" if self.channels != 1 else ""

@@ -69,19 +69,35 @@ class DialogUA(tp.Protocol):
     ack_timeouts: int
     session_refreshes: int
 
-    def response(self, request: Request, status: int, reason: str | None = None, *,
-                 headers: HeaderItems | None = None, to_tag: str | None = None) -> Response: ...
+    def response(
+        self,
+        request: Request,
+        status: int,
+        reason: str | None = None,
+        *,
+        headers: HeaderItems | None = None,
+        to_tag: str | None = None,
+    ) -> Response: ...
     def capabilities(self, request: Request) -> Response: ...
     def via(self, flow: Flow) -> str: ...
     def contact(self, flow: Flow, *, secure: bool = False) -> str: ...
-    def authorization_headers(self, request: Request, response: Response, credentials: tuple[str, str],
-                              tried_nonces: set[str]) -> list[tuple[str, str]]: ...
+    def authorization_headers(
+        self, request: Request, response: Response, credentials: tuple[str, str], tried_nonces: set[str]
+    ) -> list[tuple[str, str]]: ...
     def spawn(self, coro: Coroutine[tp.Any, tp.Any, tp.Any]) -> asyncio.Task[tp.Any]: ...
     def forget_dialog(self, dialog: Dialog) -> None: ...
 
 
-TERMINATION_REASONS = ("remote-bye", "local-bye", "ack-timeout", "session-expired", "transport-error",
-                       "ack-without-answer", "unacceptable-answer", "stopped")
+TERMINATION_REASONS = (
+    "remote-bye",
+    "local-bye",
+    "ack-timeout",
+    "session-expired",
+    "transport-error",
+    "ack-without-answer",
+    "unacceptable-answer",
+    "stopped",
+)
 
 
 def uri_ip(uri: Uri | None) -> str | None:
@@ -116,11 +132,26 @@ class Dialog:
       ACK it refuses ends the dialog ("unacceptable-answer").
     """
 
-    def __init__(self, ua: DialogUA, *, role: str, call_id: str, local_tag: str, remote_tag: str,
-                 local_header: str, remote_header: str, local_seq: int, remote_seq: int | None,
-                 remote_target: Uri, route_set: list[str], flow: Flow,
-                 local_sdp: SessionDescription | None, remote_sdp: SessionDescription | None,
-                 peer_allow: set[str] | None, credentials: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        ua: DialogUA,
+        *,
+        role: str,
+        call_id: str,
+        local_tag: str,
+        remote_tag: str,
+        local_header: str,
+        remote_header: str,
+        local_seq: int,
+        remote_seq: int | None,
+        remote_target: Uri,
+        route_set: list[str],
+        flow: Flow,
+        local_sdp: SessionDescription | None,
+        remote_sdp: SessionDescription | None,
+        peer_allow: set[str] | None,
+        credentials: tuple[str, str] | None = None,
+    ) -> None:
         self.ua = ua
         self.role = role
         self.call_id = call_id
@@ -272,9 +303,17 @@ class Dialog:
             return first.without_headers(), self._route_values[1:] + [f"<{self.remote_target}>"]
         return self.remote_target, list(self._route_values)
 
-    def _build(self, method: str, flow: Flow, *, cseq: int | None = None, body: bytes = b"",
-               content_type: str | None = None, headers: Mapping[str, str] | None = None,
-               auth: list[tuple[str, str]] | None = None) -> Request:
+    def _build(
+        self,
+        method: str,
+        flow: Flow,
+        *,
+        cseq: int | None = None,
+        body: bytes = b"",
+        content_type: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        auth: list[tuple[str, str]] | None = None,
+    ) -> Request:
         if cseq is None:
             self.local_seq += 1
             cseq = self.local_seq
@@ -302,8 +341,14 @@ class Dialog:
             out.add("Content-Type", content_type or "application/sdp")
         return Request(method, uri, out, body)
 
-    async def request(self, method: str, *, body: bytes | str = b"", content_type: str | None = None,
-                      headers: Mapping[str, str] | None = None) -> Response:
+    async def request(
+        self,
+        method: str,
+        *,
+        body: bytes | str = b"",
+        content_type: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Response:
         """Send an in-dialog request and return its final response (a local 408/503
         when the peer could not be reached). Answers a 401/407 with the dialog's
         credentials; ACKs a 2xx to INVITE."""
@@ -373,8 +418,9 @@ class Dialog:
             self._after_offer_accepted(body, response)
         return response
 
-    async def refer(self, target: str | Uri, *, referred_by: str | None = None,
-                    headers: Mapping[str, str] | None = None) -> Referral:
+    async def refer(
+        self, target: str | Uri, *, referred_by: str | None = None, headers: Mapping[str, str] | None = None
+    ) -> Referral:
         """Ask the peer to call ``target`` (a blind transfer, RFC 3515): send REFER with
         ``Refer-To`` and ``Referred-By`` (default: our URI in this dialog) and return the
         :class:`~sip.refer.Referral` once the REFER has its final response. When that is a
@@ -505,8 +551,9 @@ class Dialog:
         method = request.method
         seq = request.cseq.seq
         if self.remote_seq is not None and seq <= self.remote_seq:
-            transaction.respond(make_response(request, 500, "Server Internal Error (CSeq out of order)",
-                                              headers={"Retry-After": "1"}))
+            transaction.respond(
+                make_response(request, 500, "Server Internal Error (CSeq out of order)", headers={"Retry-After": "1"})
+            )
             return
         self.remote_seq = seq
         if method == "BYE":
@@ -531,8 +578,11 @@ class Dialog:
             transaction.respond(self.ua.capabilities(request))
         elif method == "PRACK":
             # Every reliable provisional was acknowledged before our 2xx went out.
-            transaction.respond(self.ua.response(request, 481, "Call/Transaction Does Not Exist "
-                                                  "(no unacknowledged provisional response)"))
+            transaction.respond(
+                self.ua.response(
+                    request, 481, "Call/Transaction Does Not Exist (no unacknowledged provisional response)"
+                )
+            )
         else:
             transaction.respond(self.ua.response(request, 405, headers={"Allow": self.ua.allow}))
 
@@ -566,9 +616,10 @@ class Dialog:
             raise SipError(488, f"Not Acceptable Here ({problem})"[:160])
         return text, media
 
-    async def _negotiate(self, request: Request) -> tuple[SessionTimer | None, list[tuple[str, str]], SessionDescription | None, str, NegotiatedMedia | None]:
-        timer, timer_headers = answer_session_timer(request, preferred=self.ua.session_expires,
-                                                    min_se=self.ua.min_se)
+    async def _negotiate(
+        self, request: Request
+    ) -> tuple[SessionTimer | None, list[tuple[str, str]], SessionDescription | None, str, NegotiatedMedia | None]:
+        timer, timer_headers = answer_session_timer(request, preferred=self.ua.session_expires, min_se=self.ua.min_se)
         offer = self._offer_of(request)
         answer_text, media = ("", None)
         if offer is not None:
@@ -674,14 +725,22 @@ class Dialog:
             return
         referral = self._referral
         first, last = self._referral_seqs
-        if (referral is None or referral.done
-                or (event_id is not None and not (event_id.isdigit() and first <= int(event_id) <= max(last, first)))):
+        if (
+            referral is None
+            or referral.done
+            or (event_id is not None and not (event_id.isdigit() and first <= int(event_id) <= max(last, first)))
+        ):
             transaction.respond(self.ua.response(request, 481, "Subscription Does Not Exist"))
             return
         if request.content_type != SIPFRAG:
-            transaction.respond(self.ua.response(request, 415 if request.body else 400,
-                                                  None if request.body else "Bad Request (no sipfrag body)",
-                                                  headers={"Accept": SIPFRAG}))
+            transaction.respond(
+                self.ua.response(
+                    request,
+                    415 if request.body else 400,
+                    None if request.body else "Bad Request (no sipfrag body)",
+                    headers={"Accept": SIPFRAG},
+                )
+            )
             return
         try:
             status = parse_sipfrag(request.body)
@@ -760,5 +819,8 @@ class Dialog:
             reason = "transport-error" if response.status == 503 else "session-expired"
             await self._bye(reason)
         else:
-            log.warning("dialog %s: session refresh answered %d; the session expires unless refreshed",
-                        self.call_id, response.status)
+            log.warning(
+                "dialog %s: session refresh answered %d; the session expires unless refreshed",
+                self.call_id,
+                response.status,
+            )

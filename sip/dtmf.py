@@ -90,8 +90,9 @@ class DtmfDigit:
 class DtmfReceiver:
     """Turns received telephone-event packets into digits, each reported once."""
 
-    def __init__(self, clock_rate: int = 8000, timeout_ms: float = 500.0,
-                 on_digit: Callable[[DtmfDigit], object] | None = None) -> None:
+    def __init__(
+        self, clock_rate: int = 8000, timeout_ms: float = 500.0, on_digit: Callable[[DtmfDigit], object] | None = None
+    ) -> None:
         self.clock_rate = clock_rate
         self.timeout = timeout_ms / 1000
         self.on_digit = on_digit
@@ -172,8 +173,14 @@ class DtmfSender:
     update every ``update_ms`` with the duration so far, and ``end_repeats`` end packets
     ``end_spacing_ms`` apart carrying the full duration."""
 
-    def __init__(self, clock_rate: int = 8000, update_ms: float = 50.0, end_repeats: int = 3,
-                 end_spacing_ms: float = 20.0, volume: int = 10) -> None:
+    def __init__(
+        self,
+        clock_rate: int = 8000,
+        update_ms: float = 50.0,
+        end_repeats: int = 3,
+        end_spacing_ms: float = 20.0,
+        volume: int = 10,
+    ) -> None:
         if update_ms <= 0 or end_repeats < 1:
             raise ValueError("update_ms must be positive and end_repeats at least 1")
         self.clock_rate = clock_rate
@@ -260,7 +267,8 @@ def parse_info_dtmf(content_type: str, body: bytes) -> InfoDigit:
     if "duration" in fields:
         value = fields["duration"]
         if not value.isascii() or not value.isdigit() or not 0 < int(value) <= MAX_INFO_DURATION_MS:
-            raise DtmfParseError(f"Duration {value[:16]!r} is not a whole number of milliseconds "
-                                 f"(1-{MAX_INFO_DURATION_MS})")
+            raise DtmfParseError(
+                f"Duration {value[:16]!r} is not a whole number of milliseconds (1-{MAX_INFO_DURATION_MS})"
+            )
         duration = float(int(value))
     return InfoDigit(digit, duration)

@@ -28,8 +28,7 @@ class SipError(Exception):
     """Answer the request at hand with ``status``: raise it from an application callback
     (``on_reoffer``) to reject, e.g. ``SipError(488, "Not Acceptable Here")``."""
 
-    def __init__(self, status: int, reason: str | None = None,
-                 headers: Mapping[str, str] | None = None) -> None:
+    def __init__(self, status: int, reason: str | None = None, headers: Mapping[str, str] | None = None) -> None:
         self.status = status
         self.reason = reason or reason_phrase(status)
         self.headers = dict(headers or {})

@@ -57,11 +57,11 @@ class StreamFramer:
                 match = _HEAD_END.search(buffer, max(0, self._scanned - 3), self.max_header_bytes + 4)
                 if match is None:
                     if len(buffer) > self.max_header_bytes:
-                        self.error_head = bytes(buffer[:self.max_header_bytes])  # enough to route a 513
+                        self.error_head = bytes(buffer[: self.max_header_bytes])  # enough to route a 513
                         raise SipParseError(f"header section exceeds {self.max_header_bytes} bytes", status=513)
                     self._scanned = len(buffer)
                     return messages
-                self._total = self._message_length(bytes(buffer[:match.start()]), match.end())
+                self._total = self._message_length(bytes(buffer[: match.start()]), match.end())
             total = self._total
             if len(buffer) < total:
                 return messages

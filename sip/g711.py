@@ -36,7 +36,10 @@ PCMA = G711Codec("PCMA", 8, 0xD5)
 CODECS: dict[str, G711Codec] = {PCMU.name: PCMU, PCMA.name: PCMA}
 CODECS_BY_PAYLOAD_TYPE: dict[int, G711Codec] = {PCMU.payload_type: PCMU, PCMA.payload_type: PCMA}
 
-_ENCODE: dict[str, Callable[[bytes | bytearray | memoryview, int], bytes]] = {"PCMU": audioop.lin2ulaw, "PCMA": audioop.lin2alaw}
+_ENCODE: dict[str, Callable[[bytes | bytearray | memoryview, int], bytes]] = {
+    "PCMU": audioop.lin2ulaw,
+    "PCMA": audioop.lin2alaw,
+}
 _DECODE: dict[str, Callable[[bytes, int], bytes]] = {"PCMU": audioop.ulaw2lin, "PCMA": audioop.alaw2lin}
 
 
@@ -117,8 +120,11 @@ def quiet_detector(name: str, threshold: int = 64) -> Callable[[bytes], bool]:
     through one ``bytes.translate`` call. The default threshold, 64 of 32768, is about -54 dBov.
     """
     decode_one = _DECODE[codec(name).name]
-    quiet = bytes(code for code in range(256)
-                  if abs(int.from_bytes(decode_one(bytes((code,)), 2), sys.byteorder, signed=True)) < threshold)
+    quiet = bytes(
+        code
+        for code in range(256)
+        if abs(int.from_bytes(decode_one(bytes((code,)), 2), sys.byteorder, signed=True)) < threshold
+    )
 
     def is_quiet(payload: bytes) -> bool:
         return not payload.translate(None, quiet)

@@ -221,12 +221,12 @@ class Scanner:
     def read_while(self, chars: frozenset[str]) -> str:
         start = self.pos
         self.pos = run_end(char_run(chars), self.text, start)
-        return self.text[start:self.pos]
+        return self.text[start : self.pos]
 
     def read_until(self, stops: str) -> str:
         start = self.pos
         self.pos = run_end(char_run(frozenset(stops), negate=True), self.text, start)
-        return self.text[start:self.pos]
+        return self.text[start : self.pos]
 
     def token(self, what: str = "a token") -> str:
         value = self.read_while(TOKEN_CHARS)
@@ -250,7 +250,7 @@ class Scanner:
                     raise self.error("backslash at the end of a quoted string")
                 self.pos += 1
             elif c == '"':
-                return text[start:self.pos]
+                return text[start : self.pos]
             elif c in "\r\n":
                 raise self.error("line break inside a quoted string")
 
@@ -285,4 +285,4 @@ class Scanner:
     def expect_end(self) -> None:
         self.skip_ws()
         if not self.at_end():
-            raise self.error(f"unexpected {shown(self.text[self.pos:], 30)}")
+            raise self.error(f"unexpected {shown(self.text[self.pos :], 30)}")

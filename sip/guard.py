@@ -37,15 +37,23 @@ from sip.auth import DigestAuthenticator
 from sip.message import Request
 from sip.ratelimit import RateOutcome, SourceRateLimiter
 
-SCANNER_USER_AGENTS = ("friendly-scanner", "sipvicious", "sipcli", "vaxsipuseragent", "pplsip", "iwar",
-                       "sip-scan", "sundayddr")
+SCANNER_USER_AGENTS = (
+    "friendly-scanner",
+    "sipvicious",
+    "sipcli",
+    "vaxsipuseragent",
+    "pplsip",
+    "iwar",
+    "sip-scan",
+    "sundayddr",
+)
 
 # Refusal reasons (the label of the refusal counter).
 SCANNER = "scanner"
-RATE_LIMITED = "rate-limited"   # the request that tripped the limit (answered 503)
-BANNED = "banned"               # requests from a banned source (dropped)
-NOT_ALLOWED = "not-allowed"     # source not in the allow list (403)
-NOT_PEER = "not-dialog-peer"    # in-dialog request from other than the dialog's peer (403 or dropped)
+RATE_LIMITED = "rate-limited"  # the request that tripped the limit (answered 503)
+BANNED = "banned"  # requests from a banned source (dropped)
+NOT_ALLOWED = "not-allowed"  # source not in the allow list (403)
+NOT_PEER = "not-dialog-peer"  # in-dialog request from other than the dialog's peer (403 or dropped)
 AUTH_REASONS = ("missing", "malformed", "failed", "stale", "replayed")  # 401, as "auth-<reason>"
 
 
@@ -72,9 +80,15 @@ class GuardCounters:
 class RequestGuard:
     """See the module docstring."""
 
-    def __init__(self, *, allow: AddressList | None = None, restrict_options: bool = False,
-                 authenticator: DigestAuthenticator | None = None, rate: SourceRateLimiter | None = None,
-                 scanner_agents: Iterable[str] = SCANNER_USER_AGENTS) -> None:
+    def __init__(
+        self,
+        *,
+        allow: AddressList | None = None,
+        restrict_options: bool = False,
+        authenticator: DigestAuthenticator | None = None,
+        rate: SourceRateLimiter | None = None,
+        scanner_agents: Iterable[str] = SCANNER_USER_AGENTS,
+    ) -> None:
         self.allow = allow
         self.restrict_options = restrict_options
         self.authenticator = authenticator
@@ -83,8 +97,10 @@ class RequestGuard:
         self.counters = GuardCounters()
 
     def __repr__(self) -> str:
-        return (f"<RequestGuard allow={self.allow!s} auth={self.authenticator is not None} "
-                f"rate={'off' if self.rate is None else f'{self.rate.limit}/{self.rate.window:g}s'}>")
+        return (
+            f"<RequestGuard allow={self.allow!s} auth={self.authenticator is not None} "
+            f"rate={'off' if self.rate is None else f'{self.rate.limit}/{self.rate.window:g}s'}>"
+        )
 
     def is_scanner(self, request: Request) -> bool:
         if not self.scanner_agents:
@@ -106,17 +122,14 @@ class RequestGuard:
             if outcome is RateOutcome.TRIPPED:
                 return Refusal(RATE_LIMITED, 503, (("Retry-After", str(int(rate.ban))),))
         method = request.method
-        if (self.allow is not None and source not in self.allow
-                and (method != "OPTIONS" or self.restrict_options)):
+        if self.allow is not None and source not in self.allow and (method != "OPTIONS" or self.restrict_options):
             return Refusal(NOT_ALLOWED, 403)
         if method == "INVITE" and self.authenticator is not None and request.to_addr.tag is None:
             authenticator = self.authenticator
-            result = authenticator.verify(method, str(request.uri), request.headers.get_all("Authorization"),
-                                          source)
+            result = authenticator.verify(method, str(request.uri), request.headers.get_all("Authorization"), source)
             if not result.ok:
                 challenges = authenticator.challenge(source, stale=result.stale)
-                return Refusal(f"auth-{result.reason}", 401,
-                               tuple(("WWW-Authenticate", value) for value in challenges))
+                return Refusal(f"auth-{result.reason}", 401, tuple(("WWW-Authenticate", value) for value in challenges))
             if rate is not None:
                 rate.refund(source)  # an authenticated INVITE does not count against the limit
         return None

@@ -28,43 +28,132 @@ from sip.grammar import (
 from sip.uri import AbsoluteUri, Uri, check_host, format_host, parse_port, parse_uri
 
 COMPACT_FORMS = {
-    "a": "Accept-Contact", "b": "Referred-By", "c": "Content-Type", "d": "Request-Disposition",
-    "e": "Content-Encoding", "f": "From", "i": "Call-ID", "j": "Reject-Contact", "k": "Supported",
-    "l": "Content-Length", "m": "Contact", "n": "Identity-Info", "o": "Event", "r": "Refer-To",
-    "s": "Subject", "t": "To", "u": "Allow-Events", "v": "Via", "x": "Session-Expires",
+    "a": "Accept-Contact",
+    "b": "Referred-By",
+    "c": "Content-Type",
+    "d": "Request-Disposition",
+    "e": "Content-Encoding",
+    "f": "From",
+    "i": "Call-ID",
+    "j": "Reject-Contact",
+    "k": "Supported",
+    "l": "Content-Length",
+    "m": "Contact",
+    "n": "Identity-Info",
+    "o": "Event",
+    "r": "Refer-To",
+    "s": "Subject",
+    "t": "To",
+    "u": "Allow-Events",
+    "v": "Via",
+    "x": "Session-Expires",
     "y": "Identity",
 }
 
 _KNOWN_NAMES = [
-    "Accept", "Accept-Contact", "Accept-Encoding", "Accept-Language", "Alert-Info", "Allow",
-    "Allow-Events", "Authentication-Info", "Authorization", "Call-ID", "Call-Info", "Contact",
-    "Content-Disposition", "Content-Encoding", "Content-Language", "Content-Length", "Content-Type",
-    "CSeq", "Date", "Error-Info", "Event", "Expires", "From", "Identity", "Identity-Info",
-    "In-Reply-To", "Max-Forwards", "MIME-Version", "Min-Expires", "Min-SE", "Organization",
-    "P-Asserted-Identity", "P-Preferred-Identity", "Path", "Priority", "Privacy",
-    "Proxy-Authenticate", "Proxy-Authorization", "Proxy-Require", "RAck", "Reason", "Record-Route",
-    "Refer-To", "Referred-By", "Reject-Contact", "Reply-To", "Request-Disposition", "Require",
-    "Retry-After", "Route", "RSeq", "Server", "Service-Route", "Session-Expires", "Subject",
-    "Supported", "Timestamp", "To", "Unsupported", "User-Agent", "Via", "Warning",
+    "Accept",
+    "Accept-Contact",
+    "Accept-Encoding",
+    "Accept-Language",
+    "Alert-Info",
+    "Allow",
+    "Allow-Events",
+    "Authentication-Info",
+    "Authorization",
+    "Call-ID",
+    "Call-Info",
+    "Contact",
+    "Content-Disposition",
+    "Content-Encoding",
+    "Content-Language",
+    "Content-Length",
+    "Content-Type",
+    "CSeq",
+    "Date",
+    "Error-Info",
+    "Event",
+    "Expires",
+    "From",
+    "Identity",
+    "Identity-Info",
+    "In-Reply-To",
+    "Max-Forwards",
+    "MIME-Version",
+    "Min-Expires",
+    "Min-SE",
+    "Organization",
+    "P-Asserted-Identity",
+    "P-Preferred-Identity",
+    "Path",
+    "Priority",
+    "Privacy",
+    "Proxy-Authenticate",
+    "Proxy-Authorization",
+    "Proxy-Require",
+    "RAck",
+    "Reason",
+    "Record-Route",
+    "Refer-To",
+    "Referred-By",
+    "Reject-Contact",
+    "Reply-To",
+    "Request-Disposition",
+    "Require",
+    "Retry-After",
+    "Route",
+    "RSeq",
+    "Server",
+    "Service-Route",
+    "Session-Expires",
+    "Subject",
+    "Supported",
+    "Timestamp",
+    "To",
+    "Unsupported",
+    "User-Agent",
+    "Via",
+    "Warning",
     "WWW-Authenticate",
 ]
 CANONICAL_NAMES = {name.lower(): name for name in _KNOWN_NAMES}
 
 # Headers whose value is a comma-separated list (RFC 3261 §7.3.1): split into one entry
 # per element on parsing. Authorization and friends contain commas but are not lists.
-LIST_HEADERS = frozenset(n.lower() for n in (
-    "Accept", "Accept-Encoding", "Accept-Language", "Alert-Info", "Allow", "Allow-Events",
-    "Call-Info", "Contact", "Content-Encoding", "Content-Language", "Error-Info", "In-Reply-To",
-    "P-Asserted-Identity", "P-Preferred-Identity", "Path", "Proxy-Require", "Record-Route",
-    "Require", "Route", "Service-Route", "Supported", "Unsupported", "Via", "Warning",
-))
+LIST_HEADERS = frozenset(
+    n.lower()
+    for n in (
+        "Accept",
+        "Accept-Encoding",
+        "Accept-Language",
+        "Alert-Info",
+        "Allow",
+        "Allow-Events",
+        "Call-Info",
+        "Contact",
+        "Content-Encoding",
+        "Content-Language",
+        "Error-Info",
+        "In-Reply-To",
+        "P-Asserted-Identity",
+        "P-Preferred-Identity",
+        "Path",
+        "Proxy-Require",
+        "Record-Route",
+        "Require",
+        "Route",
+        "Service-Route",
+        "Supported",
+        "Unsupported",
+        "Via",
+        "Warning",
+    )
+)
 # List headers in which an empty element is an error rather than noise.
 STRICT_LIST_HEADERS = frozenset(("via", "contact", "route", "record-route", "path", "service-route"))
 # Headers that must not appear more than once in a message.
 _T = TypeVar("_T")
 
-SINGLE_HEADERS = frozenset(("call-id", "cseq", "from", "to", "max-forwards", "content-length",
-                            "content-type"))
+SINGLE_HEADERS = frozenset(("call-id", "cseq", "from", "to", "max-forwards", "content-length", "content-type"))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -332,7 +421,8 @@ class Via:
 
 _LENIENT_VIA = re.compile(
     r"\s*[^/\s]+\s*/\s*[^/\s]+\s*/\s*([A-Za-z0-9\-.!%*_+`'~]+)\s+(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._]+)"
-    r"(?:\s*:\s*(\d{1,5}))?")
+    r"(?:\s*:\s*(\d{1,5}))?"
+)
 
 
 def lenient_via(text: str) -> Via | None:
@@ -344,7 +434,7 @@ def lenient_via(text: str) -> Via | None:
     host = match.group(2).strip("[]")
     port = int(match.group(3)) if match.group(3) and int(match.group(3)) <= 65535 else None
     params = Params()
-    if re.search(r";\s*rport\b", text[match.end():], re.IGNORECASE):
+    if re.search(r";\s*rport\b", text[match.end() :], re.IGNORECASE):
         params.set("rport")
     return Via(match.group(1).upper(), host, port, params)
 
@@ -403,7 +493,8 @@ def parse_media_type(text: str, where: str = "Content-Type") -> tuple[str, Param
 
 _DATE = re.compile(
     r"(Mon|Tue|Wed|Thu|Fri|Sat|Sun),\s+\d{2}\s+(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
-    r"\s+\d{4}\s+\d{2}:\d{2}:\d{2}\s+GMT")
+    r"\s+\d{4}\s+\d{2}:\d{2}:\d{2}\s+GMT"
+)
 
 
 def check_date(text: str) -> None:
@@ -413,7 +504,21 @@ def check_date(text: str) -> None:
 
 
 __all__ = [
-    "AbsoluteUri", "Address", "CANONICAL_NAMES", "COMPACT_FORMS", "CSeq", "Headers", "LIST_HEADERS",
-    "MAGIC_COOKIE", "SINGLE_HEADERS", "STRICT_LIST_HEADERS", "Via", "canonical_name", "check_date",
-    "lenient_via", "parse_media_type", "parse_uint", "split_list",
+    "AbsoluteUri",
+    "Address",
+    "CANONICAL_NAMES",
+    "COMPACT_FORMS",
+    "CSeq",
+    "Headers",
+    "LIST_HEADERS",
+    "MAGIC_COOKIE",
+    "SINGLE_HEADERS",
+    "STRICT_LIST_HEADERS",
+    "Via",
+    "canonical_name",
+    "check_date",
+    "lenient_via",
+    "parse_media_type",
+    "parse_uint",
+    "split_list",
 ]

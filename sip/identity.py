@@ -35,7 +35,7 @@ _IDENTITY_PRIVACY = frozenset({"id", "user", "header"})
 
 def _clean(text: str, limit: int = MAX_VALUE_CHARS) -> tuple[str, bool]:
     """``text`` without control characters, at most ``limit`` characters; and whether it was cut."""
-    cleaned = "".join(c if c.isprintable() else "?" for c in text[:limit + 1]).strip()
+    cleaned = "".join(c if c.isprintable() else "?" for c in text[: limit + 1]).strip()
     if len(cleaned) > limit:
         return cleaned[:limit], True
     return cleaned, len(text) > limit + 1
@@ -76,8 +76,12 @@ class Party:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Party:
-        return cls(str(data.get("name", "")), str(data.get("uri", "")), str(data.get("number", "")),
-                   {str(k): str(v) for k, v in (data.get("params") or {}).items()})
+        return cls(
+            str(data.get("name", "")),
+            str(data.get("uri", "")),
+            str(data.get("number", "")),
+            {str(k): str(v) for k, v in (data.get("params") or {}).items()},
+        )
 
 
 @dataclass(frozen=True)
@@ -127,9 +131,16 @@ class CallerIdentity:
                     privacy.append(_clean(token, 32)[0])
         remote = parties("Remote-Party-ID")
         calling = next((p for p in remote if p.params.get("party", "calling") == "calling"), None)
-        return cls(dialled=dialled, from_party=from_party, asserted=parties("P-Asserted-Identity"),
-                   remote_party=calling, privacy=tuple(privacy), diversion=parties("Diversion"),
-                   history_info=parties("History-Info"), truncated=cut or dialled_cut or from_cut)
+        return cls(
+            dialled=dialled,
+            from_party=from_party,
+            asserted=parties("P-Asserted-Identity"),
+            remote_party=calling,
+            privacy=tuple(privacy),
+            diversion=parties("Diversion"),
+            history_info=parties("History-Info"),
+            truncated=cut or dialled_cut or from_cut,
+        )
 
     # -- what may be shown ----------------------------------------------------------------
 

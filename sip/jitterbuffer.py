@@ -139,12 +139,12 @@ class TransitWindow:
         current = self._current
         ordered = sorted(current)
         full = self._full
-        full.append((len(current), ordered[0], ordered[-self._reach:]))
+        full.append((len(current), ordered[0], ordered[-self._reach :]))
         self._current = []
         if len(full) >= self.blocks:
             self.count -= full.popleft()[0]
             self.fastest = min((entry[1] for entry in full), default=math.inf)
-            self._top = sorted(value for entry in full for value in entry[2])[-self._reach:]
+            self._top = sorted(value for entry in full for value in entry[2])[-self._reach :]
 
     def high(self) -> float:
         """The window's ``quantile``: the value at index ``int(quantile * count)`` (at most the
@@ -156,10 +156,21 @@ class TransitWindow:
 class JitterBuffer:
     """Reorders, de-duplicates and times one RTP audio stream; see the module docstring."""
 
-    def __init__(self, *, clock_rate: int = 8000, ptime_ms: float = 20.0, min_delay_ms: float = 20.0,
-                 max_delay_ms: float = 200.0, max_depth_ms: float | None = None, quantile: float = 0.99,
-                 window: int = 500, resync_after_ms: float | None = None, shrink_patience_ms: float = 2000.0,
-                 idle_after_ms: float = 400.0, is_silent: Callable[[bytes], bool] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        clock_rate: int = 8000,
+        ptime_ms: float = 20.0,
+        min_delay_ms: float = 20.0,
+        max_delay_ms: float = 200.0,
+        max_depth_ms: float | None = None,
+        quantile: float = 0.99,
+        window: int = 500,
+        resync_after_ms: float | None = None,
+        shrink_patience_ms: float = 2000.0,
+        idle_after_ms: float = 400.0,
+        is_silent: Callable[[bytes], bool] | None = None,
+    ) -> None:
         if clock_rate <= 0:
             raise ValueError(f"clock_rate must be positive, got {clock_rate}")
         frame_samples = clock_rate * ptime_ms / 1000
@@ -265,8 +276,7 @@ class JitterBuffer:
         off = abs(transit - fastest)
         # under extreme jitter a jump must also stand out from the jitter itself (the spread
         # is only looked up for a packet off by more than resync_after: rarely)
-        if ((off > self.resync_after and off > 2 * (transits.high() - fastest))
-                or (ext - cursor) % self.frame_samples):
+        if (off > self.resync_after and off > 2 * (transits.high() - fastest)) or (ext - cursor) % self.frame_samples:
             self._on_jump(timestamp, payload, arrival)
             return
         if self._candidate is not None:
@@ -372,7 +382,10 @@ class JitterBuffer:
                     cursor += step
                     payload = following
                     self._last_shrink = now
-                elif self._silent(payload) or (now - self._last_shrink) * max(1.0, error // frame_s) >= self.shrink_patience:
+                elif (
+                    self._silent(payload)
+                    or (now - self._last_shrink) * max(1.0, error // frame_s) >= self.shrink_patience
+                ):
                     del slots[cursor]
                     self.frames_dropped += 1
                     cursor += step

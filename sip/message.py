@@ -92,6 +92,7 @@ class Message:
             if not value or any(c in " \t" for c in value):
                 raise SipParseError(f"Call-ID: {shown(value)} is empty or contains whitespace")
             return value
+
         return self.headers.cached("call-id", compute)
 
     @property
@@ -113,17 +114,18 @@ class Message:
             if values == ["*"]:
                 return []
             return [Address.parse(v, "Contact") for v in values]
+
         return self.headers.cached("contact", compute)
 
     @property
     def record_routes(self) -> list[Address]:
         return self.headers.cached(
-            "record-route", lambda: [Address.parse(v, "Record-Route") for v in self.headers.get_all("Record-Route")])
+            "record-route", lambda: [Address.parse(v, "Record-Route") for v in self.headers.get_all("Record-Route")]
+        )
 
     @property
     def routes(self) -> list[Address]:
-        return self.headers.cached(
-            "route", lambda: [Address.parse(v, "Route") for v in self.headers.get_all("Route")])
+        return self.headers.cached("route", lambda: [Address.parse(v, "Route") for v in self.headers.get_all("Route")])
 
     @property
     def content_type(self) -> str | None:
@@ -161,8 +163,14 @@ class Message:
 class Request(Message):
     """A SIP request: ``method``, Request-URI ``uri``, headers and body."""
 
-    def __init__(self, method: str, uri: Uri | str, headers: Headers | HeaderItems | None = None,
-                 body: bytes | str = b"", version: str = SIP_VERSION) -> None:
+    def __init__(
+        self,
+        method: str,
+        uri: Uri | str,
+        headers: Headers | HeaderItems | None = None,
+        body: bytes | str = b"",
+        version: str = SIP_VERSION,
+    ) -> None:
         super().__init__(headers, body)
         self.method = method
         self.uri: Uri = parse_uri(uri, "Request-URI") if isinstance(uri, str) else uri
@@ -179,8 +187,14 @@ class Response(Message):
     """A SIP response. ``local`` marks one the stack made up itself (a 408 for a timeout,
     a 503 for a transport failure) rather than one that came from the network."""
 
-    def __init__(self, status: int, reason: str | None = None, headers: Headers | HeaderItems | None = None,
-                 body: bytes | str = b"", version: str = SIP_VERSION) -> None:
+    def __init__(
+        self,
+        status: int,
+        reason: str | None = None,
+        headers: Headers | HeaderItems | None = None,
+        body: bytes | str = b"",
+        version: str = SIP_VERSION,
+    ) -> None:
         super().__init__(headers, body)
         self.status = status
         self.reason = reason if reason is not None else reason_phrase(status)
@@ -210,7 +224,7 @@ def split_head(data: bytes) -> tuple[bytes, bytes] | None:
     match = _HEAD_END.search(data)
     if match is None:
         return None
-    return data[:match.start()], data[match.end():]
+    return data[: match.start()], data[match.end() :]
 
 
 def _header_lines(head: str) -> list[tuple[str, str]]:
@@ -312,8 +326,9 @@ def _check_version(version: str) -> None:
 def _parse_request_line(line: str, headers: Headers, body: bytes) -> Request:
     parts = line.split(" ")
     if len(parts) != 3 or not all(parts):
-        raise SipParseError(f"request line: expected 'METHOD URI SIP/2.0' separated by single spaces, "
-                            f"got {shown(line)}")
+        raise SipParseError(
+            f"request line: expected 'METHOD URI SIP/2.0' separated by single spaces, got {shown(line)}"
+        )
     method, uri_text, version = parts
     if not is_token(method):
         raise SipParseError(f"request line: method {shown(method)} is not a token")
@@ -370,8 +385,15 @@ def _validate(message: Request | Response) -> None:
 # --- building responses ----------------------------------------------------------------
 
 
-def make_response(request: Request, status: int, reason: str | None = None, *, to_tag: str | None = None,
-                  headers: HeaderItems | None = None, body: bytes | str = b"") -> Response:
+def make_response(
+    request: Request,
+    status: int,
+    reason: str | None = None,
+    *,
+    to_tag: str | None = None,
+    headers: HeaderItems | None = None,
+    body: bytes | str = b"",
+) -> Response:
     """A response to ``request`` (RFC 3261 §8.2.6.2): Via, From, To, Call-ID and CSeq
     copied; ``to_tag`` added to To when it has none (never on a 100)."""
     out = Headers()

@@ -110,10 +110,14 @@ class OpusParams:
         def flag(key: str) -> bool:
             return values.get(key) == "1"
 
-        return cls(max_playback_rate=number("maxplaybackrate", 8000, 510000) or OPUS_RATE,
-                   max_average_bitrate=number("maxaveragebitrate", 6000, 510000),
-                   stereo=flag("stereo"), cbr=flag("cbr"), use_inband_fec=flag("useinbandfec"),
-                   use_dtx=flag("usedtx"))
+        return cls(
+            max_playback_rate=number("maxplaybackrate", 8000, 510000) or OPUS_RATE,
+            max_average_bitrate=number("maxaveragebitrate", 6000, 510000),
+            stereo=flag("stereo"),
+            cbr=flag("cbr"),
+            use_inband_fec=flag("useinbandfec"),
+            use_dtx=flag("usedtx"),
+        )
 
 
 # encoder bandwidth (libopus "cutoff", Hz) for the receiver's highest useful playback rate
@@ -128,8 +132,14 @@ class OpusEncoder:
     ``useinbandfec`` turns on in-band FEC, ``cbr`` constant bitrate.
     """
 
-    def __init__(self, ptime_ms: int = 20, params: OpusParams | None = None, *,
-                 bitrate: int = DEFAULT_BITRATE, max_bandwidth_hz: int = 12000) -> None:
+    def __init__(
+        self,
+        ptime_ms: int = 20,
+        params: OpusParams | None = None,
+        *,
+        bitrate: int = DEFAULT_BITRATE,
+        max_bandwidth_hz: int = 12000,
+    ) -> None:
         import av
 
         if ptime_ms not in FRAME_MS:
@@ -146,9 +156,14 @@ class OpusEncoder:
         codec.layout = "mono"
         codec.format = "s16"
         codec.bit_rate = bitrate
-        codec.options = {"application": "voip", "frame_duration": str(ptime_ms), "cutoff": str(cutoff),
-                         "vbr": "off" if params.cbr else "on", "fec": "1" if params.use_inband_fec else "0",
-                         "packet_loss": "5" if params.use_inband_fec else "0"}
+        codec.options = {
+            "application": "voip",
+            "frame_duration": str(ptime_ms),
+            "cutoff": str(cutoff),
+            "vbr": "off" if params.cbr else "on",
+            "fec": "1" if params.use_inband_fec else "0",
+            "packet_loss": "5" if params.use_inband_fec else "0",
+        }
         codec.open()
         self._codec = codec
         self._pts = 0
@@ -159,8 +174,7 @@ class OpusEncoder:
         """One packet time of audio (exactly ``samples``) → one Opus packet."""
         if len(pcm) != self.samples or pcm.dtype != np.int16:
             raise ValueError(f"Opus encodes {self.samples} int16 samples per packet, got {len(pcm)} {pcm.dtype}")
-        frame = self._av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm).reshape(1, -1), format="s16",
-                                                 layout="mono")
+        frame = self._av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm).reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate = OPUS_RATE
         frame.pts = self._pts
         self._pts += self.samples

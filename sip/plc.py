@@ -23,8 +23,7 @@ CORRELATION_MS = 20.0
 class PacketLossConcealer:
     """Conceals lost frames of one audio stream; feed it every frame in play order."""
 
-    def __init__(self, sample_rate: int = 8000, *, full_level_ms: float = 10.0,
-                 silent_after_ms: float = 60.0) -> None:
+    def __init__(self, sample_rate: int = 8000, *, full_level_ms: float = 10.0, silent_after_ms: float = 60.0) -> None:
         if silent_after_ms <= full_level_ms:
             raise ValueError("silent_after_ms must be greater than full_level_ms")
         self.sample_rate = sample_rate
@@ -38,7 +37,7 @@ class PacketLossConcealer:
         self._pitch = self._min_lag
         self._lost_samples = 0  # samples concealed in the current loss, 0 when not in a loss
         self._position = 0  # read position in the repeated pitch buffer
-        self._buffer = self._history[-3 * self._pitch:].copy()
+        self._buffer = self._history[-3 * self._pitch :].copy()
         # gain per sample since the loss began: 1, then a linear fade to 0 at silent_after
         at = np.arange(self._silent_after, dtype=np.float32)
         self._envelope = np.clip(1.0 - (at - self._full_level) / (self._silent_after - self._full_level), 0.0, 1.0)
@@ -63,7 +62,7 @@ class PacketLossConcealer:
             self._pitch = self._find_pitch()
             self._position = 0
             # frozen for the whole loss: what we synthesise must not feed back into it
-            self._buffer = self._history[-3 * self._pitch:].copy()
+            self._buffer = self._history[-3 * self._pitch :].copy()
         out = self._synthesize(samples)
         self.frames_concealed += 1
         self._remember(out)
@@ -73,7 +72,7 @@ class PacketLossConcealer:
         history = self._history
         n = len(frame)
         if n >= len(history):
-            history[:] = frame[-len(history):]
+            history[:] = frame[-len(history) :]
         else:
             history[:-n] = history[n:]
             history[-n:] = frame
@@ -86,7 +85,7 @@ class PacketLossConcealer:
         if not reference.any():
             return self._min_lag
         # candidates[k:k + window] lies max_lag - k samples before the reference
-        candidates = history[len(history) - window - self._max_lag:len(history) - self._min_lag]
+        candidates = history[len(history) - window - self._max_lag : len(history) - self._min_lag]
         products = np.correlate(candidates, reference, mode="valid")
         squares = np.concatenate(([0.0], np.cumsum(candidates.astype(np.float64) ** 2)))
         energies = squares[window:] - squares[:-window] + 1e-3
@@ -115,7 +114,7 @@ class PacketLossConcealer:
             position = (position + count) % span
             done = piece_end
         if audible:
-            out[:audible] *= self._envelope[lost:lost + audible]
+            out[:audible] *= self._envelope[lost : lost + audible]
         if advance:
             self._lost_samples = lost + samples
             self._position = position
@@ -129,8 +128,9 @@ class PacketLossConcealer:
         if overlap == 0:
             return frame
         tail = self._synthesize(overlap, advance=False)
-        ramp = (self._counting[1:overlap + 1] if overlap < len(self._counting)
-                else np.arange(1, overlap + 1)).astype(np.float32) / (overlap + 1)
+        ramp = (self._counting[1 : overlap + 1] if overlap < len(self._counting) else np.arange(1, overlap + 1)).astype(
+            np.float32
+        ) / (overlap + 1)
         out = np.array(frame, dtype=np.int16, copy=True)
         # a convex mix of two int16 signals stays within int16
         out[:overlap] = (tail + (frame[:overlap] - tail.astype(np.float32)) * ramp).astype(np.int16)

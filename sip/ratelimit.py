@@ -58,8 +58,15 @@ def source_key(host: str) -> str:
 class SourceRateLimiter:
     """See the module docstring."""
 
-    def __init__(self, limit: int = 16, window: float = 2.0, ban: float = 300.0, *, max_sources: int = 65536,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        limit: int = 16,
+        window: float = 2.0,
+        ban: float = 300.0,
+        *,
+        max_sources: int = 65536,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if limit < 1 or window <= 0 or ban <= 0 or max_sources < 1:
             raise ValueError("rate limit: limit and max_sources must be >= 1, window and ban > 0")
         self.limit = limit

@@ -157,7 +157,8 @@ def parse_compound(data: bytes) -> list[RtcpPacket]:
         end = offset + length
         if end > size:
             raise RtcpParseError(
-                f"packet type {packet_type} at offset {offset} claims {length} bytes, only {size - offset} left")
+                f"packet type {packet_type} at offset {offset} claims {length} bytes, only {size - offset} left"
+            )
         body_end = end
         if first & 0x20:
             if end != size:
@@ -195,7 +196,7 @@ def _parse_sr(data: bytes, start: int, end: int, count: int) -> SenderReport:
         raise RtcpParseError(f"SR body is {end - start} bytes, sender info needs 24")
     ssrc, ntp, rtp_ts, packets, octets = _SENDER_INFO.unpack_from(data, start)
     reports = _parse_reports(data, start + 24, end, count, "SR")
-    return SenderReport(ssrc, ntp, rtp_ts, packets, octets, reports, bytes(data[start + 24 + 24 * count:end]))
+    return SenderReport(ssrc, ntp, rtp_ts, packets, octets, reports, bytes(data[start + 24 + 24 * count : end]))
 
 
 def _parse_rr(data: bytes, start: int, end: int, count: int) -> ReceiverReport:
@@ -203,7 +204,7 @@ def _parse_rr(data: bytes, start: int, end: int, count: int) -> ReceiverReport:
         raise RtcpParseError(f"RR body is {end - start} bytes, needs at least an SSRC")
     (ssrc,) = _SSRC.unpack_from(data, start)
     reports = _parse_reports(data, start + 4, end, count, "RR")
-    return ReceiverReport(ssrc, reports, bytes(data[start + 4 + 24 * count:end]))
+    return ReceiverReport(ssrc, reports, bytes(data[start + 4 + 24 * count : end]))
 
 
 def _parse_sdes(data: bytes, start: int, end: int, count: int) -> SourceDescription:
@@ -228,7 +229,7 @@ def _parse_sdes(data: bytes, start: int, end: int, count: int) -> SourceDescript
             length = data[offset + 1]
             if offset + 2 + length > end:
                 raise RtcpParseError(f"SDES item of type {item_type} claims {length} bytes beyond the packet")
-            items.append((item_type, bytes(data[offset + 2:offset + 2 + length])))
+            items.append((item_type, bytes(data[offset + 2 : offset + 2 + length])))
             offset += 2 + length
         if offset > end:
             raise RtcpParseError("SDES chunk padding runs beyond the packet")
@@ -246,7 +247,7 @@ def _parse_bye(data: bytes, start: int, end: int, count: int) -> Bye:
         length = data[needed]
         if needed + 1 + length > end:
             raise RtcpParseError(f"BYE reason claims {length} bytes beyond the packet")
-        reason = bytes(data[needed + 1:needed + 1 + length]).decode("utf-8", "replace")
+        reason = bytes(data[needed + 1 : needed + 1 + length]).decode("utf-8", "replace")
     return Bye(ssrcs, reason)
 
 
@@ -265,8 +266,9 @@ def _with_header(count: int, packet_type: int, body: bytes) -> bytes:
 def build_packet(packet: RtcpPacket) -> bytes:
     """One RTCP packet's wire bytes."""
     if isinstance(packet, SenderReport):
-        body = _SENDER_INFO.pack(packet.ssrc, packet.ntp_timestamp, packet.rtp_timestamp,
-                                 packet.packet_count, packet.octet_count)
+        body = _SENDER_INFO.pack(
+            packet.ssrc, packet.ntp_timestamp, packet.rtp_timestamp, packet.packet_count, packet.octet_count
+        )
         body += b"".join(block._pack() for block in packet.reports) + packet.extension
         return _with_header(len(packet.reports), PT_SR, body)
     if isinstance(packet, ReceiverReport):

@@ -69,8 +69,7 @@ class RtpPacket:
         if csrc_count:
             position += 4 * csrc_count
             if position > size:
-                raise RtpParseError(
-                    f"CSRC count {csrc_count} needs {position} bytes, packet has {size}")
+                raise RtpParseError(f"CSRC count {csrc_count} needs {position} bytes, packet has {size}")
             csrc = struct.unpack_from(f"!{csrc_count}I", data, RTP_HEADER_SIZE)
         extension = None
         if first & 0x10:
@@ -80,8 +79,7 @@ class RtpPacket:
             start = position + 4
             position = start + 4 * words
             if position > size:
-                raise RtpParseError(
-                    f"header extension of {words} words ends at byte {position}, packet has {size}")
+                raise RtpParseError(f"header extension of {words} words ends at byte {position}, packet has {size}")
             extension = RtpExtension(profile, bytes(data[start:position]))
         end = size
         padding = 0
@@ -91,10 +89,20 @@ class RtpPacket:
                 raise RtpParseError("padding bit set but padding count is 0")
             if padding > size - position:
                 raise RtpParseError(
-                    f"padding of {padding} bytes is longer than the {size - position} bytes after the header")
+                    f"padding of {padding} bytes is longer than the {size - position} bytes after the header"
+                )
             end = size - padding
-        return cls(second & 0x7F, sequence, timestamp, ssrc, bytes(data[position:end]),
-                   bool(second & 0x80), csrc, extension, padding)
+        return cls(
+            second & 0x7F,
+            sequence,
+            timestamp,
+            ssrc,
+            bytes(data[position:end]),
+            bool(second & 0x80),
+            csrc,
+            extension,
+            padding,
+        )
 
     def build(self) -> bytes:
         """The packet's wire bytes; raise ``ValueError`` if a field is out of range."""
@@ -109,8 +117,11 @@ class RtpPacket:
             first |= 0x20
         if self.extension is not None:
             first |= 0x10
-        parts = [_HEADER.pack(first, (0x80 if self.marker else 0) | self.payload_type,
-                              self.sequence, self.timestamp, self.ssrc)]
+        parts = [
+            _HEADER.pack(
+                first, (0x80 if self.marker else 0) | self.payload_type, self.sequence, self.timestamp, self.ssrc
+            )
+        ]
         if self.csrc:
             parts.append(struct.pack(f"!{len(self.csrc)}I", *self.csrc))
         if self.extension is not None:
@@ -124,8 +135,9 @@ class RtpPacket:
     __bytes__ = build
 
 
-def build_rtp(payload_type: int, sequence: int, timestamp: int, ssrc: int, payload: bytes,
-              marker: bool = False) -> bytes:
+def build_rtp(
+    payload_type: int, sequence: int, timestamp: int, ssrc: int, payload: bytes, marker: bool = False
+) -> bytes:
     """Fast path for the common packet: no CSRC, no extension, no padding.
 
     Out-of-range fields raise ``struct.error`` (sequence, timestamp, ssrc) or ``ValueError``.

@@ -229,10 +229,22 @@ class RtpSessionStats:
 class RtpSession:
     """One call's RTP/RTCP endpoint; create it with :meth:`open`. See the module docstring."""
 
-    def __init__(self, *, loop: asyncio.AbstractEventLoop, ports: PortAllocator, port: int,
-                 family: socket.AddressFamily, payload_type: int, clock_rate: int, ptime_ms: float,
-                 allow_nat_any_ip: bool, rtcp_mux: bool, rtcp_interval: float, cname: str,
-                 ssrc: int) -> None:
+    def __init__(
+        self,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        ports: PortAllocator,
+        port: int,
+        family: socket.AddressFamily,
+        payload_type: int,
+        clock_rate: int,
+        ptime_ms: float,
+        allow_nat_any_ip: bool,
+        rtcp_mux: bool,
+        rtcp_interval: float,
+        cname: str,
+        ssrc: int,
+    ) -> None:
         self._loop = loop
         self._ports = ports
         self.local_port = port
@@ -299,11 +311,23 @@ class RtpSession:
     # -- life cycle ----------------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, ports: PortAllocator, *, host: str = "0.0.0.0", remote: Address | None = None,
-                   remote_rtcp: Address | None = None, rtcp_mux: bool = False, payload_type: int = 0,
-                   clock_rate: int = 8000, ptime_ms: float = 20.0, allow_nat_any_ip: bool = False,
-                   rtcp_interval: float = 5.0, cname: str | None = None, ssrc: int | None = None,
-                   bind_attempts: int = 64) -> RtpSession:
+    async def open(
+        cls,
+        ports: PortAllocator,
+        *,
+        host: str = "0.0.0.0",
+        remote: Address | None = None,
+        remote_rtcp: Address | None = None,
+        rtcp_mux: bool = False,
+        payload_type: int = 0,
+        clock_rate: int = 8000,
+        ptime_ms: float = 20.0,
+        allow_nat_any_ip: bool = False,
+        rtcp_interval: float = 5.0,
+        cname: str | None = None,
+        ssrc: int | None = None,
+        bind_attempts: int = 64,
+    ) -> RtpSession:
         """Bind a port pair from ``ports`` on ``host`` and start RTCP; the peer may follow later."""
         loop = asyncio.get_running_loop()
         try:
@@ -312,11 +336,20 @@ class RtpSession:
             raise ValueError(f"RTP bind address {host!r} is not an IP address") from None
         for _ in range(min(bind_attempts, ports.capacity)):
             port = ports.acquire()
-            session = cls(loop=loop, ports=ports, port=port, family=family, payload_type=payload_type,
-                          clock_rate=clock_rate, ptime_ms=ptime_ms, allow_nat_any_ip=allow_nat_any_ip,
-                          rtcp_mux=rtcp_mux, rtcp_interval=rtcp_interval,
-                          cname=cname or f"moshimoshi-{os.getpid()}-{secrets.token_hex(4)}",
-                          ssrc=secrets.randbits(32) if ssrc is None else ssrc)
+            session = cls(
+                loop=loop,
+                ports=ports,
+                port=port,
+                family=family,
+                payload_type=payload_type,
+                clock_rate=clock_rate,
+                ptime_ms=ptime_ms,
+                allow_nat_any_ip=allow_nat_any_ip,
+                rtcp_mux=rtcp_mux,
+                rtcp_interval=rtcp_interval,
+                cname=cname or f"moshimoshi-{os.getpid()}-{secrets.token_hex(4)}",
+                ssrc=secrets.randbits(32) if ssrc is None else ssrc,
+            )
             try:
                 await session._bind(host)
             except OSError:
@@ -327,8 +360,12 @@ class RtpSession:
                 raise
             try:
                 if remote is not None:
-                    session.update_remote(remote[0], remote[1], None if remote_rtcp is None else remote_rtcp[1],
-                                          rtcp_host=None if remote_rtcp is None else remote_rtcp[0])
+                    session.update_remote(
+                        remote[0],
+                        remote[1],
+                        None if remote_rtcp is None else remote_rtcp[1],
+                        rtcp_host=None if remote_rtcp is None else remote_rtcp[0],
+                    )
                 session._rtcp_task = loop.create_task(session._rtcp_loop(), name=f"rtcp-{port}")
             except BaseException:
                 session.close(send_bye=False)
@@ -339,11 +376,15 @@ class RtpSession:
     async def _bind(self, host: str) -> None:
         self._dual_stack = host == "::"  # '::' also reaches IPv4 peers (mapped addresses)
         self._rtp_transport, _ = await self._loop.create_datagram_endpoint(
-            lambda: _Datagrams(self._on_rtp, self._on_socket_error), local_addr=(host, self.local_port),
-            family=self._family)
+            lambda: _Datagrams(self._on_rtp, self._on_socket_error),
+            local_addr=(host, self.local_port),
+            family=self._family,
+        )
         self._rtcp_transport, _ = await self._loop.create_datagram_endpoint(
-            lambda: _Datagrams(self._on_rtcp, self._on_socket_error), local_addr=(host, self.local_rtcp_port),
-            family=self._family)
+            lambda: _Datagrams(self._on_rtcp, self._on_socket_error),
+            local_addr=(host, self.local_rtcp_port),
+            family=self._family,
+        )
 
     def close(self, reason: str | None = None, *, send_bye: bool = True) -> None:
         """Send RTCP BYE, stop RTCP, close both sockets, release the ports. Idempotent, never raises."""
@@ -380,8 +421,9 @@ class RtpSession:
         ipv6 = self._family == socket.AF_INET6
         return media_address_problem(host, ipv4=not ipv6 or self._dual_stack, ipv6=ipv6)
 
-    def update_remote(self, host: str, port: int, rtcp_port: int | None = None, *,
-                      rtcp_host: str | None = None) -> None:
+    def update_remote(
+        self, host: str, port: int, rtcp_port: int | None = None, *, rtcp_host: str | None = None
+    ) -> None:
         """The signalled peer (SDP c=/m=, a=rtcp); clears the latch, e.g. after a re-INVITE."""
         if not 0 < port <= 65535:
             raise ValueError(f"remote RTP port {port} out of range")
@@ -429,17 +471,24 @@ class RtpSession:
         if self.allow_nat_any_ip:
             return True
         remote, latched = self._remote, self._latched
-        return ((remote is not None and ip == remote[0]) or (latched is not None and ip == latched[0])
-                or (latched is None and ip in self._trusted_ips))
+        return (
+            (remote is not None and ip == remote[0])
+            or (latched is not None and ip == latched[0])
+            or (latched is None and ip in self._trusted_ips)
+        )
 
     def _try_latch(self, source: Address, ssrc: int) -> bool:
         latched, signalled = self._latched, self._remote
         if latched is None:
-            ok = (self.allow_nat_any_ip or (signalled is not None and source[0] == signalled[0])
-                  or source[0] in self._trusted_ips)
+            ok = (
+                self.allow_nat_any_ip
+                or (signalled is not None and source[0] == signalled[0])
+                or source[0] in self._trusted_ips
+            )
         else:
-            ok = source == signalled or (source[0] == latched[0] and ssrc != self._latched_ssrc
-                                         and ssrc not in self._retired_ssrcs)
+            ok = source == signalled or (
+                source[0] == latched[0] and ssrc != self._latched_ssrc and ssrc not in self._retired_ssrcs
+            )
         if ok:
             if latched is not None:
                 self.relatches += 1
@@ -547,8 +596,7 @@ class RtpSession:
                 size = len(payload)
                 self.packets_received += 1
                 self.octets_received += size
-                self._receiver.update(ssrc, sequence, timestamp, arrival, size,
-                                      (second & 0x7F) == self.payload_type)
+                self._receiver.update(ssrc, sequence, timestamp, arrival, size, (second & 0x7F) == self.payload_type)
                 try:
                     handler(ssrc, timestamp, payload, arrival)
                 except Exception:
@@ -593,8 +641,14 @@ class RtpSession:
         payload_type = packet.payload_type
         self.packets_received += 1
         self.octets_received += len(packet.payload)
-        self._receiver.update(packet.ssrc, packet.sequence, packet.timestamp, arrival, len(packet.payload),
-                              measure_jitter=payload_type == self.payload_type)
+        self._receiver.update(
+            packet.ssrc,
+            packet.sequence,
+            packet.timestamp,
+            arrival,
+            len(packet.payload),
+            measure_jitter=payload_type == self.payload_type,
+        )
         handler = self._handlers.get(payload_type)
         payload_handler = self._payload_handlers.get(payload_type) if handler is None else None
         if handler is None and payload_handler is None:
@@ -663,8 +717,15 @@ class RtpSession:
 
     # -- sending -------------------------------------------------------------------------------
 
-    def send(self, payload: bytes, *, marker: bool = False, timestamp_increment: int | None = None,
-             payload_type: int | None = None, timestamp: int | None = None) -> bool:
+    def send(
+        self,
+        payload: bytes,
+        *,
+        marker: bool = False,
+        timestamp_increment: int | None = None,
+        payload_type: int | None = None,
+        timestamp: int | None = None,
+    ) -> bool:
         """Send one RTP packet now; the caller's clock decides when. False if there is no
         verified peer yet (see the module docstring): the packet is withheld and counted, and
         a media packet still advances the media timestamp.
@@ -679,14 +740,23 @@ class RtpSession:
             if dest is None and not self._closed:  # withheld until the peer is verified
                 self.packets_withheld += 1
                 if timestamp is None:  # the media clock runs on regardless
-                    self.timestamp = (self.timestamp + (self.samples_per_packet if timestamp_increment is None
-                                                        else timestamp_increment)) & 0xFFFFFFFF
+                    self.timestamp = (
+                        self.timestamp
+                        + (self.samples_per_packet if timestamp_increment is None else timestamp_increment)
+                    ) & 0xFFFFFFFF
             return False
         media = timestamp is None
         stamp = self.timestamp if timestamp is None else timestamp
-        data = _RTP_HEADER.pack(0x80, (0x80 if marker else 0) | (self.payload_type if payload_type is None
-                                                                   else payload_type),
-                                self._sequence, stamp, self.ssrc) + payload
+        data = (
+            _RTP_HEADER.pack(
+                0x80,
+                (0x80 if marker else 0) | (self.payload_type if payload_type is None else payload_type),
+                self._sequence,
+                stamp,
+                self.ssrc,
+            )
+            + payload
+        )
         assert self._rtp_transport is not None
         try:
             if self._srtp is not None:
@@ -699,8 +769,9 @@ class RtpSession:
         now = self._loop.time()
         if media:
             self._sender.on_sent(len(payload), now, stamp)
-            self.timestamp = (stamp + (self.samples_per_packet if timestamp_increment is None
-                                       else timestamp_increment)) & 0xFFFFFFFF
+            self.timestamp = (
+                stamp + (self.samples_per_packet if timestamp_increment is None else timestamp_increment)
+            ) & 0xFFFFFFFF
         else:
             self._sender.on_sent(len(payload), now)
         return True
@@ -726,8 +797,9 @@ class RtpSession:
         self._sender.on_sent(len(payload), self._loop.time(), stamp)
         return True
 
-    async def send_dtmf(self, digit: str, duration_ms: float = 100.0, *, payload_type: int = 101,
-                        sender: DtmfSender | None = None) -> None:
+    async def send_dtmf(
+        self, digit: str, duration_ms: float = 100.0, *, payload_type: int = 101, sender: DtmfSender | None = None
+    ) -> None:
         """Send one RFC 4733 digit in real time (start, updates, three ends), stamped with the
         current media timestamp. Audio sent meanwhile continues on its own timestamps."""
         packets = (sender or DtmfSender(self.clock_rate)).packets(digit, duration_ms)
@@ -750,8 +822,14 @@ class RtpSession:
         sent = self._sender.packets
         report: RtcpPacket
         if sent != self._sent_at_reports[0]:
-            report = SenderReport(self.ssrc, self._ntp_now(now), self._sender.rtp_timestamp_at(now),
-                                  self._sender.packet_count, self._sender.octet_count, blocks)
+            report = SenderReport(
+                self.ssrc,
+                self._ntp_now(now),
+                self._sender.rtp_timestamp_at(now),
+                self._sender.packet_count,
+                self._sender.octet_count,
+                blocks,
+            )
         else:
             report = ReceiverReport(self.ssrc, blocks)
         self._sent_at_reports = [self._sent_at_reports[1], sent]

@@ -21,9 +21,23 @@ MIN_SEQUENTIAL = 2
 class SourceStatistics:
     """Reception statistics of one remote source (one SSRC)."""
 
-    __slots__ = ("ssrc", "clock_rate", "max_seq", "cycles", "base_seq", "bad_seq", "probation",
-                 "received", "expected_prior", "received_prior", "transit", "jitter",
-                 "last_sr", "last_sr_arrival", "fraction_lost")
+    __slots__ = (
+        "ssrc",
+        "clock_rate",
+        "max_seq",
+        "cycles",
+        "base_seq",
+        "bad_seq",
+        "probation",
+        "received",
+        "expected_prior",
+        "received_prior",
+        "transit",
+        "jitter",
+        "last_sr",
+        "last_sr_arrival",
+        "fraction_lost",
+    )
 
     def __init__(self, ssrc: int, sequence: int, clock_rate: int) -> None:
         self.ssrc = ssrc
@@ -161,8 +175,15 @@ class ReceiverStatistics:
         self._received_before = 0
         self.octets = 0
 
-    def update(self, ssrc: int, sequence: int, rtp_timestamp: int, arrival: float,
-               payload_size: int, measure_jitter: bool = True) -> bool:
+    def update(
+        self,
+        ssrc: int,
+        sequence: int,
+        rtp_timestamp: int,
+        arrival: float,
+        payload_size: int,
+        measure_jitter: bool = True,
+    ) -> bool:
         """Account one received packet; False when sequence validation does not accept it (yet).
 
         ``measure_jitter`` is False for packets whose timestamps do not advance with the

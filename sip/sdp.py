@@ -35,8 +35,7 @@ from sip import codecs
 from sip.srtp import DEFAULT_SUITES, SUITES, CryptoAttribute, CryptoError, SrtpKeys, new_crypto
 
 DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
-MIRRORED_DIRECTION = {"sendrecv": "sendrecv", "sendonly": "recvonly", "recvonly": "sendonly",
-                      "inactive": "inactive"}
+MIRRORED_DIRECTION = {"sendrecv": "sendrecv", "sendonly": "recvonly", "recvonly": "sendonly", "inactive": "inactive"}
 _SESSION_ORDER = {"i": 1, "u": 2, "e": 3, "p": 4, "c": 5, "b": 6, "t": 7, "r": 8, "z": 9, "k": 10, "a": 11}
 _MEDIA_ORDER = {"i": 1, "c": 2, "b": 3, "k": 4, "a": 5}
 
@@ -76,8 +75,7 @@ class Origin:
         return cls(parts[0], parts[1], int(parts[2]), parts[3], parts[4], parts[5])
 
     def __str__(self) -> str:
-        return (f"{self.username} {self.session_id} {self.session_version} {self.nettype} "
-                f"{self.addrtype} {self.address}")
+        return f"{self.username} {self.session_id} {self.session_version} {self.nettype} {self.addrtype} {self.address}"
 
 
 @dataclass
@@ -130,8 +128,12 @@ class RtpMap:
 
 
 STATIC_PAYLOAD_TYPES = {
-    0: RtpMap(0, "PCMU", 8000), 3: RtpMap(3, "GSM", 8000), 4: RtpMap(4, "G723", 8000),
-    8: RtpMap(8, "PCMA", 8000), 9: RtpMap(9, "G722", 8000), 13: RtpMap(13, "CN", 8000),
+    0: RtpMap(0, "PCMU", 8000),
+    3: RtpMap(3, "GSM", 8000),
+    4: RtpMap(4, "G723", 8000),
+    8: RtpMap(8, "PCMA", 8000),
+    9: RtpMap(9, "G722", 8000),
+    13: RtpMap(13, "CN", 8000),
     18: RtpMap(18, "G729", 8000),
 }
 
@@ -329,8 +331,7 @@ def _parse_media(value: str, number: int) -> MediaDescription:
         raise SdpError(f"line {number}: bad port {parts[1]!r} in m=")
     if count_text and not count_text.isdigit():
         raise SdpError(f"line {number}: bad port count {parts[1]!r} in m=")
-    return MediaDescription(parts[0], int(port_text), parts[2], parts[3:],
-                            int(count_text) if count_text else None)
+    return MediaDescription(parts[0], int(port_text), parts[2], parts[3:], int(count_text) if count_text else None)
 
 
 # --- offer / answer --------------------------------------------------------------------
@@ -393,8 +394,7 @@ def _session_id() -> str:
 def codec_of(rtpmap: RtpMap) -> codecs.CodecSpec | None:
     """The codec an rtpmap entry names, if we know it at that clock rate and channel count."""
     found = codecs.SPECS.get(rtpmap.encoding.upper())
-    return found if found is not None and found.matches(rtpmap.encoding, rtpmap.clock_rate,
-                                                         rtpmap.channels) else None
+    return found if found is not None and found.matches(rtpmap.encoding, rtpmap.clock_rate, rtpmap.channels) else None
 
 
 def _offered_rtpmaps(media: MediaDescription) -> list[RtpMap]:
@@ -487,10 +487,17 @@ def _srtp_keys(offered: CryptoAttribute, keep: SrtpKeys | None) -> tuple[CryptoA
     return local, SrtpKeys(offered.suite, local.key, offered.key, offered.window_size_hint)
 
 
-def answer_offer(offer: SessionDescription, prefs: MediaPreferences, local_address: str, local_port: int,
-                 *, username: str = "moshimoshi", session_id: str | None = None,
-                 session_version: int | None = None,
-                 keep_srtp: SrtpKeys | None = None) -> tuple[SessionDescription, NegotiatedMedia]:
+def answer_offer(
+    offer: SessionDescription,
+    prefs: MediaPreferences,
+    local_address: str,
+    local_port: int,
+    *,
+    username: str = "moshimoshi",
+    session_id: str | None = None,
+    session_version: int | None = None,
+    keep_srtp: SrtpKeys | None = None,
+) -> tuple[SessionDescription, NegotiatedMedia]:
     """Answer ``offer``: the first audio stream the encryption policy admits (RTP/AVP,
     RTP/SAVP with a crypto line we run) with a codec we support is accepted on
     ``local_address:local_port``; every other stream is rejected with port 0. Raises
@@ -514,8 +521,9 @@ def answer_offer(offer: SessionDescription, prefs: MediaPreferences, local_addre
         if refusal:
             raise EncryptionMismatch(refusal)
         offered = [f"{m.media} {m.proto} {' '.join(m.formats)}" for m in offer.media if m.port != 0]
-        raise NoCommonCodec(f"no audio stream offers {' or '.join(prefs.codecs)} "
-                            f"(offered: {'; '.join(offered)[:200] or 'nothing'})")
+        raise NoCommonCodec(
+            f"no audio stream offers {' or '.join(prefs.codecs)} (offered: {'; '.join(offered)[:200] or 'nothing'})"
+        )
     index, codec, spec, offered_crypto = chosen
     offered_media = offer.media[index]
     connection = offer.connection_of(offered_media)
@@ -542,14 +550,21 @@ def answer_offer(offer: SessionDescription, prefs: MediaPreferences, local_addre
     media_lines = []
     for i, media in enumerate(offer.media):
         if i == index:
-            media_lines.append(MediaDescription("audio", local_port, offered_media.proto, formats,
-                                                attributes=attributes))
+            media_lines.append(
+                MediaDescription("audio", local_port, offered_media.proto, formats, attributes=attributes)
+            )
         else:
             media_lines.append(MediaDescription(media.media, 0, media.proto, list(media.formats[:1]) or ["0"]))
     sid = session_id or _session_id()
     answer = SessionDescription(
-        origin=Origin(username, sid, session_version if session_version is not None else int(sid) % 10**9,
-                      "IN", _addrtype(local_address), local_address),
+        origin=Origin(
+            username,
+            sid,
+            session_version if session_version is not None else int(sid) % 10**9,
+            "IN",
+            _addrtype(local_address),
+            local_address,
+        ),
         session_name="-",
         connection=Connection(local_address, _addrtype(local_address)),
         timing=list(offer.timing) or ["0 0"],
@@ -579,9 +594,16 @@ def _dtmf_events(offered: str | None) -> str:
     return text if text and len(text) <= 40 and set(text) <= allowed else "0-16"
 
 
-def build_offer(prefs: MediaPreferences, local_address: str, local_port: int, *, username: str = "moshimoshi",
-                session_id: str | None = None, direction: str = "sendrecv",
-                dtmf_payload_type: int = 101) -> SessionDescription:
+def build_offer(
+    prefs: MediaPreferences,
+    local_address: str,
+    local_port: int,
+    *,
+    username: str = "moshimoshi",
+    session_id: str | None = None,
+    direction: str = "sendrecv",
+    dtmf_payload_type: int = 101,
+) -> SessionDescription:
     """An audio offer with our codecs in preference order (+ telephone-event); codecs
     without a static payload type get dynamic ones from 96 up. Unless ``prefs.srtp`` is
     "off" the stream is RTP/SAVP with a fresh key for each of ``prefs.srtp_suites``."""
@@ -651,8 +673,9 @@ def negotiated_from_answer(offer: SessionDescription, answer: SessionDescription
             continue
         offered = offer.media[index] if index < len(offer.media) else None
         offered_formats = set(offered.formats) if offered is not None else set(media.formats)
-        codec = next((rm for rm in _offered_rtpmaps(media)
-                      if rm.encoding.lower() not in ("telephone-event", "cn")), None)
+        codec = next(
+            (rm for rm in _offered_rtpmaps(media) if rm.encoding.lower() not in ("telephone-event", "cn")), None
+        )
         if codec is None:
             raise SdpError("the answer's audio stream has no usable codec")
         if str(codec.payload_type) not in offered_formats:
@@ -704,8 +727,9 @@ def _srtp_of_our_answer(offered: MediaDescription, answered: MediaDescription) -
     raise SdpError(f"the answer's crypto tag {ours.tag} ({ours.suite}) matches no usable offered line")
 
 
-def reanswer(previous: SessionDescription, offer: SessionDescription, *,
-             srtp: SrtpKeys | None = None) -> tuple[SessionDescription, NegotiatedMedia]:
+def reanswer(
+    previous: SessionDescription, offer: SessionDescription, *, srtp: SrtpKeys | None = None
+) -> tuple[SessionDescription, NegotiatedMedia]:
     """Answer a re-offer in the same dialog as ``previous`` (our last answer) did: same
     address, port and codec, direction mirrored from the new offer (hold/unhold), the
     o= version bumped only when the answer changed (RFC 3264 §8). An SRTP call stays SRTP
@@ -720,14 +744,26 @@ def reanswer(previous: SessionDescription, offer: SessionDescription, *,
     if spec is None:
         raise NoCommonCodec("the previous answer has no codec")
     secure = ours.proto.upper() == "RTP/SAVP"
-    prefs = MediaPreferences(codecs=[spec.name], telephone_event=_telephone_event(ours, spec.clock_rate) is not None,
-                             ptime=ours.ptime or 20, order="ours", srtp="required" if secure else "off",
-                             srtp_suites=tuple(SUITES))
+    prefs = MediaPreferences(
+        codecs=[spec.name],
+        telephone_event=_telephone_event(ours, spec.clock_rate) is not None,
+        ptime=ours.ptime or 20,
+        order="ours",
+        srtp="required" if secure else "off",
+        srtp_suites=tuple(SUITES),
+    )
     connection = previous.connection_of(ours)
     address = connection.host if connection is not None else previous.origin.address
-    answer, negotiated = answer_offer(offer, prefs, address, ours.port, username=previous.origin.username,
-                                      session_id=previous.origin.session_id,
-                                      session_version=previous.origin.session_version, keep_srtp=srtp)
+    answer, negotiated = answer_offer(
+        offer,
+        prefs,
+        address,
+        ours.port,
+        username=previous.origin.username,
+        session_id=previous.origin.session_id,
+        session_version=previous.origin.session_version,
+        keep_srtp=srtp,
+    )
     if str(answer) != str(previous):
         answer.origin.session_version = previous.origin.session_version + 1
     return answer, negotiated
@@ -740,8 +776,9 @@ def negotiated_as_answerer(offer: SessionDescription, answer: SessionDescription
         if media.media != "audio" or media.port == 0 or index >= len(offer.media):
             continue
         offered = offer.media[index]
-        codec = next((rm for rm in _offered_rtpmaps(media)
-                      if rm.encoding.lower() not in ("telephone-event", "cn")), None)
+        codec = next(
+            (rm for rm in _offered_rtpmaps(media) if rm.encoding.lower() not in ("telephone-event", "cn")), None
+        )
         spec = codec_of(codec) if codec is not None else None
         if codec is None or spec is None:
             raise SdpError("the answer's audio stream has no usable codec")

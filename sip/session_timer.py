@@ -71,7 +71,9 @@ def supports_timer(message: Request | Response) -> bool:
     return "timer" in message.option_tags("Supported") or "timer" in message.option_tags("Require")
 
 
-def answer_session_timer(request: Request, *, preferred: int, min_se: int) -> tuple[SessionTimer | None, list[tuple[str, str]]]:
+def answer_session_timer(
+    request: Request, *, preferred: int, min_se: int
+) -> tuple[SessionTimer | None, list[tuple[str, str]]]:
     """The UAS side (§9): the timer to run and the headers for the 2xx. Raises
     ``SipError(422)`` with our Min-SE when the requested interval is too small.
     ``preferred`` 0 means: no timer unless the UAC asks for one."""

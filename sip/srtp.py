@@ -30,8 +30,17 @@ from dataclasses import dataclass
 import pylibsrtp
 
 __all__ = [
-    "SUITES", "DEFAULT_SUITES", "CryptoAttribute", "CryptoError", "SrtpAuthFailed", "SrtpContext",
-    "SrtpError", "SrtpKeys", "SrtpReplayed", "SrtpSuite", "new_crypto",
+    "SUITES",
+    "DEFAULT_SUITES",
+    "CryptoAttribute",
+    "CryptoError",
+    "SrtpAuthFailed",
+    "SrtpContext",
+    "SrtpError",
+    "SrtpKeys",
+    "SrtpReplayed",
+    "SrtpSuite",
+    "new_crypto",
 ]
 
 
@@ -41,7 +50,7 @@ class SrtpSuite:
 
     name: str
     profile: int
-    key_length: int   # master key, bytes
+    key_length: int  # master key, bytes
     salt_length: int  # master salt, bytes
     rtp_overhead: int  # bytes SRTP adds to each RTP packet (the auth tag)
 
@@ -50,11 +59,14 @@ class SrtpSuite:
         return self.key_length + self.salt_length
 
 
-SUITES: dict[str, SrtpSuite] = {suite.name: suite for suite in (
-    SrtpSuite("AES_CM_128_HMAC_SHA1_80", pylibsrtp.Policy.SRTP_PROFILE_AES128_CM_SHA1_80, 16, 14, 10),
-    SrtpSuite("AES_CM_128_HMAC_SHA1_32", pylibsrtp.Policy.SRTP_PROFILE_AES128_CM_SHA1_32, 16, 14, 4),
-    SrtpSuite("AEAD_AES_128_GCM", pylibsrtp.Policy.SRTP_PROFILE_AEAD_AES_128_GCM, 16, 12, 16),
-)}
+SUITES: dict[str, SrtpSuite] = {
+    suite.name: suite
+    for suite in (
+        SrtpSuite("AES_CM_128_HMAC_SHA1_80", pylibsrtp.Policy.SRTP_PROFILE_AES128_CM_SHA1_80, 16, 14, 10),
+        SrtpSuite("AES_CM_128_HMAC_SHA1_32", pylibsrtp.Policy.SRTP_PROFILE_AES128_CM_SHA1_32, 16, 14, 4),
+        SrtpSuite("AEAD_AES_128_GCM", pylibsrtp.Policy.SRTP_PROFILE_AEAD_AES_128_GCM, 16, 12, 16),
+    )
+}
 # What we offer, most preferred first: the suite every SRTP peer has, then GCM, then the
 # short tag (weaker authentication: last).
 DEFAULT_SUITES = ("AES_CM_128_HMAC_SHA1_80", "AEAD_AES_128_GCM", "AES_CM_128_HMAC_SHA1_32")
@@ -101,8 +113,7 @@ class CryptoAttribute:
             raise CryptoError(f"crypto: tag {tag_text[:12]!r} is not a number of at most 9 digits")
         suite = SUITES.get(suite_name)
         if suite is None:
-            raise CryptoError(f"crypto: suite {suite_name[:40]!r} is not supported "
-                              f"(supported: {', '.join(SUITES)})")
+            raise CryptoError(f"crypto: suite {suite_name[:40]!r} is not supported (supported: {', '.join(SUITES)})")
         if ";" in key_params:
             raise CryptoError("crypto: more than one key (MKI key lists are not supported)")
         method, colon, info = key_params.partition(":")
@@ -157,8 +168,9 @@ def _decode_key(text: str, suite: SrtpSuite) -> bytes:
     except (binascii.Error, ValueError):
         raise CryptoError("crypto: the inline key is not base64") from None
     if len(key) != suite.key_material_length:
-        raise CryptoError(f"crypto: {suite.name} needs {suite.key_material_length} bytes of key and salt, "
-                          f"the line has {len(key)}")
+        raise CryptoError(
+            f"crypto: {suite.name} needs {suite.key_material_length} bytes of key and salt, the line has {len(key)}"
+        )
     return key
 
 
@@ -207,10 +219,12 @@ class SrtpContext:
         suite = SUITES[keys.suite]
         self.keys = keys
         self.suite = suite
-        outbound = pylibsrtp.Policy(key=keys.local_key, ssrc_type=pylibsrtp.Policy.SSRC_ANY_OUTBOUND,
-                                    srtp_profile=suite.profile)
-        inbound = pylibsrtp.Policy(key=keys.remote_key, ssrc_type=pylibsrtp.Policy.SSRC_ANY_INBOUND,
-                                   srtp_profile=suite.profile)
+        outbound = pylibsrtp.Policy(
+            key=keys.local_key, ssrc_type=pylibsrtp.Policy.SSRC_ANY_OUTBOUND, srtp_profile=suite.profile
+        )
+        inbound = pylibsrtp.Policy(
+            key=keys.remote_key, ssrc_type=pylibsrtp.Policy.SSRC_ANY_INBOUND, srtp_profile=suite.profile
+        )
         inbound.window_size = max(replay_window, keys.remote_window or 0)
         self._tx = pylibsrtp.Session(outbound)
         self._rx = pylibsrtp.Session(inbound)

@@ -63,8 +63,15 @@ class ConnectionClock:
     the connection (it is then never closed for idleness).
     """
 
-    def __init__(self, limits: StreamLimits, loop: asyncio.AbstractEventLoop, on_expired: Callable[[str], None],
-                 *, inbound: bool, held: Callable[[], bool] = lambda: False) -> None:
+    def __init__(
+        self,
+        limits: StreamLimits,
+        loop: asyncio.AbstractEventLoop,
+        on_expired: Callable[[str], None],
+        *,
+        inbound: bool,
+        held: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.limits = limits
         self._loop = loop
         self._on_expired = on_expired
@@ -115,9 +122,15 @@ class ConnectionClock:
         self._timer_at = float("inf")
 
     def _deadline(self) -> tuple[float, str]:
-        candidates = [(until, reason) for until, reason in ((self._handshake_until, HANDSHAKE),
-                                                             (self._first_until, FIRST_MESSAGE),
-                                                             (self._message_until, MESSAGE)) if until is not None]
+        candidates = [
+            (until, reason)
+            for until, reason in (
+                (self._handshake_until, HANDSHAKE),
+                (self._first_until, FIRST_MESSAGE),
+                (self._message_until, MESSAGE),
+            )
+            if until is not None
+        ]
         if candidates:
             return min(candidates)
         return self.last_message_at + self.limits.idle_seconds, IDLE

@@ -54,8 +54,9 @@ def server_context(cert_file: str, key_file: str, client_ca: str | None = None) 
     return context
 
 
-def client_context(ca_file: str | None = None, *, verify: bool = True, cert_file: str | None = None,
-                   key_file: str | None = None) -> ssl.SSLContext:
+def client_context(
+    ca_file: str | None = None, *, verify: bool = True, cert_file: str | None = None, key_file: str | None = None
+) -> ssl.SSLContext:
     """A client context that checks the server's certificate and name against the system's
     CAs and ``ca_file`` (``verify=False``: against nothing, for trying a test server);
     ``cert_file``/``key_file``: our certificate for servers that want mutual TLS."""
@@ -143,8 +144,9 @@ class TlsSession:
     def __init__(self, context: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None) -> None:
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
-        self._ssl = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
-                                     server_hostname=server_hostname)
+        self._ssl = context.wrap_bio(
+            self._incoming, self._outgoing, server_side=server_side, server_hostname=server_hostname
+        )
         self.established = False
         self.closed = False
         self.peer: PeerInfo | None = None
@@ -211,8 +213,11 @@ class TlsSession:
             raise TlsError(_describe(exc)) from None
         self.established = True
         cipher = self._ssl.cipher()
-        self.peer = PeerInfo(version=self._ssl.version() or "", cipher=cipher[0] if cipher else "",
-                             certificate=self._ssl.getpeercert() or None)
+        self.peer = PeerInfo(
+            version=self._ssl.version() or "",
+            cipher=cipher[0] if cipher else "",
+            certificate=self._ssl.getpeercert() or None,
+        )
 
 
 def _describe(exc: ssl.SSLError) -> str:

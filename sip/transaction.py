@@ -60,8 +60,16 @@ def server_key(request: Request, method: str | None = None) -> tuple:
         method = "INVITE"
     if via.has_rfc3261_branch:
         return (via.branch, via.sent_by_key, method)
-    return ("rfc2543", str(request.uri), request.from_addr.tag, request.call_id, request.cseq.seq,
-            via.sent_by_key, via.branch, method)
+    return (
+        "rfc2543",
+        str(request.uri),
+        request.from_addr.tag,
+        request.call_id,
+        request.cseq.seq,
+        via.sent_by_key,
+        via.branch,
+        method,
+    )
 
 
 def client_key(message: Request | Response) -> tuple:
@@ -234,8 +242,13 @@ class ClientTransaction(Transaction):
     """A request we sent. ``response`` resolves with the final response: from the peer,
     or made up locally (``Response.local``) as 408 on timeout and 503 on transport failure."""
 
-    def __init__(self, layer: TransactionLayer, request: Request, flow: Flow,
-                 on_provisional: Callable[[Response], None] | None = None) -> None:
+    def __init__(
+        self,
+        layer: TransactionLayer,
+        request: Request,
+        flow: Flow,
+        on_provisional: Callable[[Response], None] | None = None,
+    ) -> None:
         super().__init__(layer, client_key(request), request, flow)
         self.response: asyncio.Future[Response] = layer.loop.create_future()
         self.provisional = asyncio.Event()
@@ -312,8 +325,13 @@ class InviteClientTransaction(ClientTransaction):
     """§17.1.1 + RFC 6026: Calling (timers A, B) → Proceeding → Accepted (2xx, timer M)
     or Completed (non-2xx, ACK sent, timer D) → Terminated."""
 
-    def __init__(self, layer: TransactionLayer, request: Request, flow: Flow,
-                 on_provisional: Callable[[Response], None] | None = None) -> None:
+    def __init__(
+        self,
+        layer: TransactionLayer,
+        request: Request,
+        flow: Flow,
+        on_provisional: Callable[[Response], None] | None = None,
+    ) -> None:
         super().__init__(layer, request, flow, on_provisional)
         self._ack: bytes | None = None
 
@@ -419,7 +437,8 @@ class TransactionLayer:
             self.user.on_request(request, None, flow)
             return
         transaction = (InviteServerTransaction if request.method == "INVITE" else NonInviteServerTransaction)(
-            self, key, request, flow)
+            self, key, request, flow
+        )
         self.server[key] = transaction
         merged = self._merged_key(request)
         if merged is not None:
@@ -454,8 +473,9 @@ class TransactionLayer:
             return
         transaction.on_response(response)
 
-    async def send_request(self, request: Request, flow: Flow,
-                           on_provisional: Callable[[Response], None] | None = None) -> ClientTransaction:
+    async def send_request(
+        self, request: Request, flow: Flow, on_provisional: Callable[[Response], None] | None = None
+    ) -> ClientTransaction:
         """Start a client transaction for ``request`` (its top Via and branch already set).
         Await ``transaction.response`` for the final response."""
         cls = InviteClientTransaction if request.method == "INVITE" else NonInviteClientTransaction

@@ -59,22 +59,22 @@ class TransportCounters:
 
     messages_received: int = 0
     messages_sent: int = 0
-    parse_errors: int = 0          # malformed messages (answered or dropped)
+    parse_errors: int = 0  # malformed messages (answered or dropped)
     bad_requests_answered: int = 0  # malformed requests answered statelessly (400/505/513)
-    dropped: int = 0               # malformed input that no response could be formed for
-    oversized: int = 0             # messages over max_message_size
-    keepalives: int = 0            # CRLF keep-alives (and empty datagrams)
-    filtered: int = 0              # datagrams and connections from sources ``source_filter`` refused, unread
+    dropped: int = 0  # malformed input that no response could be formed for
+    oversized: int = 0  # messages over max_message_size
+    keepalives: int = 0  # CRLF keep-alives (and empty datagrams)
+    filtered: int = 0  # datagrams and connections from sources ``source_filter`` refused, unread
     send_errors: int = 0
     tcp_accepted: int = 0
-    tcp_rejected: int = 0          # refused: max_connections in all, or max_per_source from one address
+    tcp_rejected: int = 0  # refused: max_connections in all, or max_per_source from one address
     tcp_idle_closed: int = 0
-    tcp_slow_closed: int = 0       # closed for a first message, message or handshake too slow (slowloris)
-    tcp_open: int = 0              # TCP and TLS connections open now
-    tls_handshakes: int = 0        # TLS handshakes completed (either side)
+    tcp_slow_closed: int = 0  # closed for a first message, message or handshake too slow (slowloris)
+    tcp_open: int = 0  # TCP and TLS connections open now
+    tls_handshakes: int = 0  # TLS handshakes completed (either side)
     tls_handshake_failures: int = 0  # refused: protocol version, ciphers, certificates, garbage; or the peer gave up
     tls_handshake_timeouts: int = 0  # connected, but no finished handshake in time (also in tcp_slow_closed)
-    tls_errors: int = 0            # TLS record errors after the handshake
+    tls_errors: int = 0  # TLS record errors after the handshake
     responses_sent: dict[int, int] = field(default_factory=dict)  # by status, retransmissions not counted
 
     def count_response(self, status: int) -> None:
@@ -157,8 +157,14 @@ class TcpConnection(asyncio.Protocol):
     stream: a server (``inbound``) or a client checking ``server_hostname``; ``ready``
     resolves when the handshake is done (at once for TCP)."""
 
-    def __init__(self, owner: Transport, tls: ssl.SSLContext | None = None, *, inbound: bool = True,
-                 server_hostname: str | None = None) -> None:
+    def __init__(
+        self,
+        owner: Transport,
+        tls: ssl.SSLContext | None = None,
+        *,
+        inbound: bool = True,
+        server_hostname: str | None = None,
+    ) -> None:
         self.owner = owner
         self.inbound = inbound
         self.name = "TLS" if tls is not None else "TCP"
@@ -186,8 +192,9 @@ class TcpConnection(asyncio.Protocol):
             self._fail_ready(TransportError("connection refused locally (limit)"))
             return
         self._registered = True
-        self.clock = ConnectionClock(self.owner.stream_limits, self.owner._loop, self._expired,
-                                     inbound=self.inbound, held=lambda: self.holds > 0)
+        self.clock = ConnectionClock(
+            self.owner.stream_limits, self.owner._loop, self._expired, inbound=self.inbound, held=lambda: self.holds > 0
+        )
         if self.tls is None:
             self.ready.set_result(None)
             return
@@ -332,11 +339,21 @@ class Transport:
     (default: the system's CAs).
     """
 
-    def __init__(self, host: str = "0.0.0.0", port: int = 0, *, on_message: MessageHandler | None = None,
-                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, stream_limits: StreamLimits | None = None,
-                 tcp_connect_timeout: float = 5.0, force_rport: bool = False,
-                 public_host: str | None = None, tls_certificates: ServerCertificates | None = None,
-                 tls_port: int = 5061, tls_client_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        host: str = "0.0.0.0",
+        port: int = 0,
+        *,
+        on_message: MessageHandler | None = None,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        stream_limits: StreamLimits | None = None,
+        tcp_connect_timeout: float = 5.0,
+        force_rport: bool = False,
+        public_host: str | None = None,
+        tls_certificates: ServerCertificates | None = None,
+        tls_port: int = 5061,
+        tls_client_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self.on_message = on_message
@@ -370,8 +387,9 @@ class Transport:
         udp_sock, tcp_sock = self._bind()
         self.port = udp_sock.getsockname()[1]
         self._udp, _ = await self._loop.create_datagram_endpoint(lambda: _UdpProtocol(self), sock=udp_sock)
-        self._server = await self._loop.create_server(lambda: TcpConnection(self, inbound=True), sock=tcp_sock,
-                                                      backlog=LISTEN_BACKLOG)
+        self._server = await self._loop.create_server(
+            lambda: TcpConnection(self, inbound=True), sock=tcp_sock, backlog=LISTEN_BACKLOG
+        )
         log.info("SIP listening on %s port %d (UDP and TCP)", self.host, self.port)
         if self.tls_certificates is not None:
             assert self.tls_port is not None
@@ -384,8 +402,7 @@ class Transport:
                 await self.stop()
                 raise
             self.tls_port = tls_sock.getsockname()[1]
-            self._tls_server = await self._loop.create_server(self._accept_tls, sock=tls_sock,
-                                                              backlog=LISTEN_BACKLOG)
+            self._tls_server = await self._loop.create_server(self._accept_tls, sock=tls_sock, backlog=LISTEN_BACKLOG)
             log.info("SIP listening on %s port %d (TLS)", self.host, self.tls_port)
 
     def _accept_tls(self) -> TcpConnection:
@@ -501,7 +518,7 @@ class Transport:
             self.counters.oversized += 1
         else:
             self.counters.parse_errors += 1
-        salvage = stateless_response(data[:self.max_message_size], exc.status, _reason(exc)) if data else None
+        salvage = stateless_response(data[: self.max_message_size], exc.status, _reason(exc)) if data else None
         if salvage is None:
             self.counters.dropped += 1
             log.debug("dropped malformed message from %r: %s", flow, exc)
@@ -629,11 +646,13 @@ class Transport:
                 _, opened = await asyncio.wait_for(
                     self._loop.create_connection(
                         lambda: TcpConnection(self, tls, inbound=False, server_hostname=server_name),
-                        flow.host, flow.port),
-                    self.tcp_connect_timeout)
+                        flow.host,
+                        flow.port,
+                    ),
+                    self.tcp_connect_timeout,
+                )
             except (TimeoutError, OSError) as exc:
-                raise TransportError(f"cannot connect to {flow.host}:{flow.port} over {flow.transport}: "
-                                     f"{exc}") from exc
+                raise TransportError(f"cannot connect to {flow.host}:{flow.port} over {flow.transport}: {exc}") from exc
             await opened.ready  # TransportError: refused locally, handshake failed or timed out
             connection = opened
         return Flow(flow.transport, flow.host, flow.port, connection, flow.server_name)
@@ -663,8 +682,13 @@ class Transport:
     def _refuse(self, connection: TcpConnection, limit: str) -> bool:
         self.counters.tcp_rejected += 1
         if self.counters.tcp_rejected & (self.counters.tcp_rejected - 1) == 0:  # 1st, 2nd, 4th, 8th...
-            log.warning("refusing %s connection from %s:%d: %s is reached (%d refused so far)",
-                        connection.name, *connection.remote, limit, self.counters.tcp_rejected)
+            log.warning(
+                "refusing %s connection from %s:%d: %s is reached (%d refused so far)",
+                connection.name,
+                *connection.remote,
+                limit,
+                self.counters.tcp_rejected,
+            )
         return False
 
     def _unregister(self, connection: TcpConnection) -> None:

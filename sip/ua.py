@@ -59,8 +59,7 @@ from sip.uri import SipUri, format_host
 log = logging.getLogger("sip.ua")
 
 ALLOWED_METHODS = ("INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "UPDATE", "INFO", "PRACK", "NOTIFY")
-KNOWN_METHODS = frozenset(ALLOWED_METHODS) | {"REGISTER", "SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE",
-                                              "PUBLISH"}
+KNOWN_METHODS = frozenset(ALLOWED_METHODS) | {"REGISTER", "SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE", "PUBLISH"}
 SUPPORTED_OPTIONS = frozenset({"timer", "100rel"})
 # Responses copy these from the request; what we add ourselves (Contact, Allow, an SDP
 # answer...) stays well within RESPONSE_RESERVE bytes.
@@ -94,9 +93,16 @@ class IncomingCall:
     authenticated as, when the UA's guard demands digest authentication; else None).
     """
 
-    def __init__(self, ua: UserAgent, request: Request, transaction: ServerTransaction, flow: Flow,
-                 offer: SessionDescription | None, timer: SessionTimer | None,
-                 timer_headers: list[tuple[str, str]]) -> None:
+    def __init__(
+        self,
+        ua: UserAgent,
+        request: Request,
+        transaction: ServerTransaction,
+        flow: Flow,
+        offer: SessionDescription | None,
+        timer: SessionTimer | None,
+        timer_headers: list[tuple[str, str]],
+    ) -> None:
         self.ua = ua
         self.request = request
         self.transaction = transaction
@@ -122,8 +128,9 @@ class IncomingCall:
         self.reliable_provisionals = self.requires_100rel or "100rel" in request.option_tags("Supported")
         authenticator = ua.guard.authenticator if ua.guard is not None else None
         # the guard let this INVITE in only if these credentials verified
-        self.digest_user = (authenticator.username_in(request.headers.get_all("Authorization"))
-                            if authenticator is not None else None)
+        self.digest_user = (
+            authenticator.username_in(request.headers.get_all("Authorization")) if authenticator is not None else None
+        )
         self._rseq = random.randint(1, 2**31 - 1)  # RFC 3262 §3: the first RSeq is random
         self._unacked: tuple[int, bytes] | None = None  # (RSeq, bytes) of the reliable provisional in flight
         self._acked = asyncio.Event()
@@ -157,8 +164,14 @@ class IncomingCall:
         """Send 180 Ringing."""
         await self.provisional(180)
 
-    async def provisional(self, status: int = 180, reason: str | None = None, *, sdp: SdpLike | None = None,
-                          headers: Mapping[str, str] | None = None) -> None:
+    async def provisional(
+        self,
+        status: int = 180,
+        reason: str | None = None,
+        *,
+        sdp: SdpLike | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         """Send a provisional response (183 with ``sdp`` for early media). Sent reliably
         (RFC 3262) when the caller requires 100rel, or supports it and ``sdp`` is given;
         a reliable one waits for the PRACK of the one before. A no-op once the call is
@@ -195,20 +208,27 @@ class IncomingCall:
     # -- reliable provisional responses (RFC 3262) ----------------------------------------
 
     def _schedule_retransmit(self, interval: float, elapsed: float) -> None:
-        self._retransmit = self.ua.loop.call_later(interval, self._retransmit_provisional, interval,
-                                                   elapsed + interval)
+        self._retransmit = self.ua.loop.call_later(interval, self._retransmit_provisional, interval, elapsed + interval)
 
     def _retransmit_provisional(self, interval: float, elapsed: float) -> None:
         self._retransmit = None
         if self._unacked is None or not self._pending():
             return
         if elapsed >= self.ua.timers.timeout:
-            log.warning("call %s: no PRACK for reliable provisional RSeq %d within 64*T1; rejecting",
-                        self.call_id, self._unacked[0])
+            log.warning(
+                "call %s: no PRACK for reliable provisional RSeq %d within 64*T1; rejecting",
+                self.call_id,
+                self._unacked[0],
+            )
             self.ua.unacknowledged_provisionals += 1
-            self.transaction.respond(self.ua.response(
-                self.request, 500, "Server Internal Error (no PRACK for a reliable provisional response)",
-                to_tag=self.local_tag))
+            self.transaction.respond(
+                self.ua.response(
+                    self.request,
+                    500,
+                    "Server Internal Error (no PRACK for a reliable provisional response)",
+                    to_tag=self.local_tag,
+                )
+            )
             self.state = "rejected"
             self._end("no-prack")
             return
@@ -238,8 +258,12 @@ class IncomingCall:
             raise SipError(500, "Server Internal Error (CSeq out of order)", headers={"Retry-After": "1"})
         self._remote_seq = request.cseq.seq
         unacked = self._unacked
-        if (unacked is None or rseq != unacked[0] or cseq != self.request.cseq.seq
-                or method.upper() != self.request.cseq.method):
+        if (
+            unacked is None
+            or rseq != unacked[0]
+            or cseq != self.request.cseq.seq
+            or method.upper() != self.request.cseq.method
+        ):
             raise SipError(481, "Call/Transaction Does Not Exist (no unacknowledged provisional matches RAck)")
         if request.body:
             # An offer in a PRACK (RFC 3262 §5) is not supported: the 183 carried our answer.
@@ -261,8 +285,9 @@ class IncomingCall:
 
     # -- answers --------------------------------------------------------------------------
 
-    async def accept(self, answer_sdp: SdpLike, *, headers: Mapping[str, str] | None = None,
-                     check_media: MediaCheck | None = None) -> Dialog:
+    async def accept(
+        self, answer_sdp: SdpLike, *, headers: Mapping[str, str] | None = None, check_media: MediaCheck | None = None
+    ) -> Dialog:
         """Answer 200 with ``answer_sdp`` (our offer, for a delayed-offer INVITE) and
         return the dialog. The 200 waits for the PRACK of a reliable provisional still in
         flight, and is retransmitted until the ACK (``dialog.confirmed``); without one, the
@@ -291,12 +316,22 @@ class IncomingCall:
         contacts = request.contacts
         to_value = response.headers.get("To") or ""
         dialog = Dialog(
-            self.ua, role="uas", call_id=self.call_id, local_tag=self.local_tag,
-            remote_tag=self.from_addr.tag or "", local_header=to_value,
-            remote_header=request.headers.get("From") or "", local_seq=random.randint(1, 2**16),
-            remote_seq=self._remote_seq, remote_target=contacts[0].uri if contacts else self.from_uri,
-            route_set=request.headers.get_all("Record-Route"), flow=self.flow, local_sdp=local_sdp,
-            remote_sdp=self.offer, peer_allow={m.upper() for m in request.values("Allow")} or None)
+            self.ua,
+            role="uas",
+            call_id=self.call_id,
+            local_tag=self.local_tag,
+            remote_tag=self.from_addr.tag or "",
+            local_header=to_value,
+            remote_header=request.headers.get("From") or "",
+            local_seq=random.randint(1, 2**16),
+            remote_seq=self._remote_seq,
+            remote_target=contacts[0].uri if contacts else self.from_uri,
+            route_set=request.headers.get_all("Record-Route"),
+            flow=self.flow,
+            local_sdp=local_sdp,
+            remote_sdp=self.offer,
+            peer_allow={m.upper() for m in request.values("Allow")} or None,
+        )
         dialog.check_media = check_media
         if self.offer is not None:
             with contextlib.suppress(SdpError):
@@ -313,16 +348,16 @@ class IncomingCall:
         self.ua.calls_answered += 1
         return dialog
 
-    async def reject(self, status: int = 486, reason: str | None = None, *,
-                     headers: Mapping[str, str] | None = None) -> None:
+    async def reject(
+        self, status: int = 486, reason: str | None = None, *, headers: Mapping[str, str] | None = None
+    ) -> None:
         """Answer with a final error, e.g. ``reject(503, headers={"Retry-After": "30"})``.
         A no-op when the call was cancelled or already answered."""
         if not 300 <= status <= 699:
             raise ValueError(f"{status} is not a final error status (300-699)")
         if not self._pending():
             return
-        self.transaction.respond(self.ua.response(self.request, status, reason, headers=headers,
-                                                   to_tag=self.local_tag))
+        self.transaction.respond(self.ua.response(self.request, status, reason, headers=headers, to_tag=self.local_tag))
         self.state = "rejected"
         self._finish()
 
@@ -393,14 +428,27 @@ class UserAgent:
       ``tls_client_context``: how TLS servers we connect to are checked.
     """
 
-    def __init__(self, host: str = "0.0.0.0", port: int = 0, *, public_host: str | None = None,
-                 on_invite: InviteHandler | None = None, user_agent: str = "moshimoshi/0.1",
-                 session_expires: int = 1800, min_se: int = 90, timers: Timers | None = None,
-                 user: str = "moshimoshi", max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-                 stream_limits: StreamLimits | None = None, force_rport: bool = False,
-                 guard: RequestGuard | None = None, max_udp_response: int = MAX_UDP_PAYLOAD,
-                 tls_certificates: ServerCertificates | None = None, tls_port: int = 5061,
-                 tls_client_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        host: str = "0.0.0.0",
+        port: int = 0,
+        *,
+        public_host: str | None = None,
+        on_invite: InviteHandler | None = None,
+        user_agent: str = "moshimoshi/0.1",
+        session_expires: int = 1800,
+        min_se: int = 90,
+        timers: Timers | None = None,
+        user: str = "moshimoshi",
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        stream_limits: StreamLimits | None = None,
+        force_rport: bool = False,
+        guard: RequestGuard | None = None,
+        max_udp_response: int = MAX_UDP_PAYLOAD,
+        tls_certificates: ServerCertificates | None = None,
+        tls_port: int = 5061,
+        tls_client_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.on_invite = on_invite
         self.guard = guard
         self.max_udp_response = max_udp_response
@@ -415,10 +463,18 @@ class UserAgent:
         self.timers = timers or Timers()
         self.user = user
         self.allow = ", ".join(ALLOWED_METHODS)
-        self.transport = Transport(host, port, on_message=self._on_message, max_message_size=max_message_size,
-                                   stream_limits=stream_limits, force_rport=force_rport, public_host=public_host,
-                                   tls_certificates=tls_certificates, tls_port=tls_port,
-                                   tls_client_context=tls_client_context)
+        self.transport = Transport(
+            host,
+            port,
+            on_message=self._on_message,
+            max_message_size=max_message_size,
+            stream_limits=stream_limits,
+            force_rport=force_rport,
+            public_host=public_host,
+            tls_certificates=tls_certificates,
+            tls_port=tls_port,
+            tls_client_context=tls_client_context,
+        )
         self.transactions = TransactionLayer(self.transport, self.timers, self)
         # How many live dialogs and pending calls each peer address has: a banned source's
         # datagrams are dropped unread, except a peer's within its own calls.
@@ -520,8 +576,10 @@ class UserAgent:
         host = self.transport.local_host_for(flow.host)
         # RFC 5923: over TLS we offer our connection for the peer's requests back to us
         alias = ";alias" if flow.transport == "TLS" else ""
-        return (f"SIP/2.0/{flow.transport} {format_host(host)}:{self._port_for(flow.transport)};"
-                f"branch={new_branch()};rport{alias}")
+        return (
+            f"SIP/2.0/{flow.transport} {format_host(host)}:{self._port_for(flow.transport)};"
+            f"branch={new_branch()};rport{alias}"
+        )
 
     def contact(self, flow: Flow, *, secure: bool = False) -> str:
         """Our Contact toward ``flow``: ``sips:`` in a secure (sips:) dialog, else ``sip:``
@@ -533,8 +591,15 @@ class UserAgent:
         suffix = {"TCP": ";transport=tcp", "TLS": ";transport=tls"}.get(flow.transport, "")
         return f"<sip:{self.user}@{host}:{port}{suffix}>"
 
-    def response(self, request: Request, status: int, reason: str | None = None, *,
-                 headers: HeaderItems | None = None, to_tag: str | None = None) -> Response:
+    def response(
+        self,
+        request: Request,
+        status: int,
+        reason: str | None = None,
+        *,
+        headers: HeaderItems | None = None,
+        to_tag: str | None = None,
+    ) -> Response:
         """A response to ``request`` from this agent (``Server`` header, a To tag)."""
         response = make_response(request, status, reason, to_tag=to_tag or new_tag(), headers=headers)
         response.headers.add("Server", self.user_agent)
@@ -542,9 +607,16 @@ class UserAgent:
 
     def capabilities(self, request: Request) -> Response:
         """The 200 to an OPTIONS: what this agent allows, accepts and supports."""
-        return self.response(request, 200, headers={
-            "Allow": self.allow, "Accept": "application/sdp", "Accept-Encoding": "identity",
-            "Supported": SUPPORTED})
+        return self.response(
+            request,
+            200,
+            headers={
+                "Allow": self.allow,
+                "Accept": "application/sdp",
+                "Accept-Encoding": "identity",
+                "Supported": SUPPORTED,
+            },
+        )
 
     def _add_dialog(self, dialog: Dialog) -> None:
         self.dialogs[dialog.id] = dialog
@@ -575,8 +647,9 @@ class UserAgent:
             return True
         return (canonical_ip(host) or host) in self._peer_calls
 
-    def authorization_headers(self, request: Request, response: Response, credentials: tuple[str, str],
-                              tried_nonces: set[str]) -> list[tuple[str, str]]:
+    def authorization_headers(
+        self, request: Request, response: Response, credentials: tuple[str, str], tried_nonces: set[str]
+    ) -> list[tuple[str, str]]:
         """Authorization headers answering a 401/407, or [] when we cannot (unknown
         scheme, or an answer to the same realm was refused without ``stale``: wrong
         credentials)."""
@@ -595,8 +668,19 @@ class UserAgent:
                 return []  # our answer to this realm was refused, not for staleness: wrong credentials
             tried_nonces.update((challenge.nonce, realm_tried))
             username, password = credentials
-            return [(out_header, authorization(challenge, method=request.method, uri=str(request.uri),
-                                               username=username, password=password, body=request.body))]
+            return [
+                (
+                    out_header,
+                    authorization(
+                        challenge,
+                        method=request.method,
+                        uri=str(request.uri),
+                        username=username,
+                        password=password,
+                        body=request.body,
+                    ),
+                )
+            ]
         return []
 
     # -- the transaction user -----------------------------------------------------------
@@ -608,9 +692,12 @@ class UserAgent:
                 if refusal is not None:
                     self._refuse(message, flow, refusal)
                     return
-            if (flow.transport == "UDP" and message.method not in ("ACK", "CANCEL")
-                    and self._udp_response_too_big(message)
-                    and self.transactions.server.get(server_key(message)) is None):
+            if (
+                flow.transport == "UDP"
+                and message.method not in ("ACK", "CANCEL")
+                and self._udp_response_too_big(message)
+                and self.transactions.server.get(server_key(message)) is None
+            ):
                 self._answer_over_tcp(message, flow)
                 return
         self.transactions.receive(message, flow)
@@ -656,8 +743,9 @@ class UserAgent:
 
     def _reply_too_big(self, request: Request, flow: Flow) -> None:
         self.responses_too_big += 1
-        response = self.response(request, 513, "Message Too Large (the response would not fit in a UDP "
-                                                "datagram; send the request over TCP)")
+        response = self.response(
+            request, 513, "Message Too Large (the response would not fit in a UDP datagram; send the request over TCP)"
+        )
         self.transport.counters.count_response(513)
         self.transport.send(response.to_bytes(), self.transport.response_flow(request, flow))
 
@@ -824,11 +912,20 @@ class UserAgent:
 
     # -- placing calls ------------------------------------------------------------------
 
-    async def invite(self, target: str | SipUri, offer_sdp: SdpLike, *, username: str | None = None,
-                     password: str | None = None, timeout: float = 32.0,  # noqa: ASYNC109 - CANCELs on expiry
-                     on_provisional: Callable[[Response], None] | None = None,
-                     from_uri: str | SipUri | None = None, display_name: str | None = None,
-                     headers: Mapping[str, str] | None = None, from_user: str | None = None) -> Dialog:
+    async def invite(
+        self,
+        target: str | SipUri,
+        offer_sdp: SdpLike,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        timeout: float = 32.0,  # noqa: ASYNC109 - CANCELs on expiry
+        on_provisional: Callable[[Response], None] | None = None,
+        from_uri: str | SipUri | None = None,
+        display_name: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        from_user: str | None = None,
+    ) -> Dialog:
         """Call ``target`` with ``offer_sdp`` and return the dialog once answered (ACK
         sent). Answers 401/407 with digest credentials and 422 with a longer
         Session-Expires. Raises ``CallFailed(status, reason)`` for a final error, no answer
@@ -854,9 +951,15 @@ class UserAgent:
         offer_text = str(offer_sdp)
         SessionDescription.parse(offer_text)  # refuse to send an offer we could not read back
         state = _OutgoingInvite(
-            uri=uri, flow=flow, call_id=f"{secrets.token_hex(10)}@{format_host(local_host)}", local_tag=tag,
-            from_value=f"{Address(from_uri, display_name)};tag={tag}", to_value=f"<{uri.without_headers()}>",
-            offer_text=offer_text, credentials=(username, password or "") if username is not None else None)
+            uri=uri,
+            flow=flow,
+            call_id=f"{secrets.token_hex(10)}@{format_host(local_host)}",
+            local_tag=tag,
+            from_value=f"{Address(from_uri, display_name)};tag={tag}",
+            to_value=f"<{uri.without_headers()}>",
+            offer_text=offer_text,
+            credentials=(username, password or "") if username is not None else None,
+        )
         try:
             async with asyncio.timeout(timeout):
                 response = await self._invite_until_final(state, on_provisional, headers)
@@ -868,8 +971,7 @@ class UserAgent:
             raise
         return await self._dialog_from_2xx(state, response)
 
-    def _build_invite(self, state: _OutgoingInvite, session_expires: int,
-                      extra: Mapping[str, str] | None) -> Request:
+    def _build_invite(self, state: _OutgoingInvite, session_expires: int, extra: Mapping[str, str] | None) -> Request:
         out = Headers()
         out.add("Via", self.via(state.flow))
         out.add("Max-Forwards", "70")
@@ -890,8 +992,9 @@ class UserAgent:
         out.add("Content-Type", "application/sdp")
         return Request("INVITE", state.uri, out, state.offer_text)
 
-    async def _invite_until_final(self, state: _OutgoingInvite, on_provisional: Callable[[Response], None] | None,
-                                  extra: Mapping[str, str] | None) -> Response:
+    async def _invite_until_final(
+        self, state: _OutgoingInvite, on_provisional: Callable[[Response], None] | None, extra: Mapping[str, str] | None
+    ) -> Response:
         session_expires = self.session_expires
         while True:
             request = self._build_invite(state, session_expires, extra)
@@ -918,13 +1021,23 @@ class UserAgent:
         contacts = response.contacts
         offer = SessionDescription.parse(state.offer_text)
         dialog = Dialog(
-            self, role="uac", call_id=state.call_id, local_tag=state.local_tag,
-            remote_tag=response.to_addr.tag or "", local_header=state.from_value,
-            remote_header=response.headers.get("To") or state.to_value, local_seq=state.cseq, remote_seq=None,
+            self,
+            role="uac",
+            call_id=state.call_id,
+            local_tag=state.local_tag,
+            remote_tag=response.to_addr.tag or "",
+            local_header=state.from_value,
+            remote_header=response.headers.get("To") or state.to_value,
+            local_seq=state.cseq,
+            remote_seq=None,
             remote_target=contacts[0].uri if contacts else state.uri,
-            route_set=list(reversed(response.headers.get_all("Record-Route"))), flow=state.flow,
-            local_sdp=offer, remote_sdp=None,
-            peer_allow={m.upper() for m in response.values("Allow")} or None, credentials=state.credentials)
+            route_set=list(reversed(response.headers.get_all("Record-Route"))),
+            flow=state.flow,
+            local_sdp=offer,
+            remote_sdp=None,
+            peer_allow={m.upper() for m in response.values("Allow")} or None,
+            credentials=state.credentials,
+        )
         dialog.answer_response = response
         dialog.secure = state.uri.scheme == "sips" and state.flow.transport == "TLS"
         self._add_dialog(dialog)
@@ -961,8 +1074,9 @@ class UserAgent:
         if not transaction.response.done():
             waiter = self.loop.create_task(transaction.provisional.wait())
             try:
-                await asyncio.wait([waiter, transaction.response], timeout=self.timers.timeout,
-                                   return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    [waiter, transaction.response], timeout=self.timers.timeout, return_when=asyncio.FIRST_COMPLETED
+                )
             finally:
                 waiter.cancel()
             if not transaction.response.done() and transaction.provisional.is_set():

@@ -58,9 +58,9 @@ def unescape(text: str, where: str) -> str:
     while i < n:
         c = text[i]
         if c == "%":
-            pair = text[i + 1:i + 3]
+            pair = text[i + 1 : i + 3]
             if len(pair) != 2 or not all(h in HEX for h in pair):
-                raise SipParseError(f"{where}: bad escape {text[i:i + 3]!r} in {shown(text)}")
+                raise SipParseError(f"{where}: bad escape {text[i : i + 3]!r} in {shown(text)}")
             raw.append(int(pair, 16))
             i += 3
         else:
@@ -118,9 +118,18 @@ class SipUri:
 
     __slots__ = ("scheme", "user", "password", "host", "port", "_params", "_headers", "_text")
 
-    def __init__(self, host: str, *, user: str | None = None, password: str | None = None,
-                 port: int | None = None, scheme: str = "sip", params: ParamItems | None = None,
-                 headers: ParamItems | None = None, text: str | None = None) -> None:
+    def __init__(
+        self,
+        host: str,
+        *,
+        user: str | None = None,
+        password: str | None = None,
+        port: int | None = None,
+        scheme: str = "sip",
+        params: ParamItems | None = None,
+        headers: ParamItems | None = None,
+        text: str | None = None,
+    ) -> None:
         self.scheme = scheme.lower()
         self.user = user
         self.password = password
@@ -145,8 +154,9 @@ class SipUri:
             if value is not None:
                 out.append("=" + escape(value, PARAM_CHARS))
         if self._headers:
-            out.append("?" + "&".join(
-                f"{escape(k, HEADER_CHARS)}={escape(v or '', HEADER_CHARS)}" for k, v in self._headers))
+            out.append(
+                "?" + "&".join(f"{escape(k, HEADER_CHARS)}={escape(v or '', HEADER_CHARS)}" for k, v in self._headers)
+            )
         return "".join(out)
 
     @classmethod
@@ -213,8 +223,15 @@ class SipUri:
         return self if not self._headers else self._copy(headers=())
 
     def _copy(self, **changes: Any) -> SipUri:
-        fields: dict[str, Any] = dict(host=self.host, user=self.user, password=self.password, port=self.port,
-                      scheme=self.scheme, params=self._params, headers=self._headers)
+        fields: dict[str, Any] = dict(
+            host=self.host,
+            user=self.user,
+            password=self.password,
+            port=self.port,
+            scheme=self.scheme,
+            params=self._params,
+            headers=self._headers,
+        )
         fields.update(changes)
         return SipUri(**fields)
 
@@ -288,7 +305,7 @@ def parse_uri(text: str, where: str = "URI") -> Uri:
         if c in _FORBIDDEN:
             raise SipParseError(f"{where}: character {c!r} not allowed in URI {shown(text)}")
     scheme = match.group(1).lower()
-    rest = text[match.end():]
+    rest = text[match.end() :]
     if scheme not in ("sip", "sips"):
         if not rest:
             raise SipParseError(f"{where}: empty {scheme}: URI")
@@ -300,7 +317,7 @@ def _parse_sip(scheme: str, rest: str, text: str, where: str) -> SipUri:
     user = password = None
     at = rest.find("@")
     if at >= 0:
-        userinfo, hostpart = rest[:at], rest[at + 1:]
+        userinfo, hostpart = rest[:at], rest[at + 1 :]
         user_text, colon, password_text = userinfo.partition(":")
         if not user_text:
             raise SipParseError(f"{where}: empty user part in {shown(text)}")
@@ -324,11 +341,11 @@ def _parse_sip(scheme: str, rest: str, text: str, where: str) -> SipUri:
         host = hostpart[:i]
     check_host(host, where)
     port = None
-    if hostpart[i:i + 1] == ":":
+    if hostpart[i : i + 1] == ":":
         j = i + 1
         while j < len(hostpart) and hostpart[j] not in ";?":
             j += 1
-        port = parse_port(hostpart[i + 1:j], where)
+        port = parse_port(hostpart[i + 1 : j], where)
         i = j
     params: list[tuple[str, str | None]] = []
     headers: list[tuple[str, str | None]] = []
@@ -343,14 +360,23 @@ def _parse_sip(scheme: str, rest: str, text: str, where: str) -> SipUri:
             name, eq, value = item.partition("=")
             if not name:
                 raise SipParseError(f"{where}: URI parameter without a name in {shown(text)}")
-            params.append((_check_chars(name, PARAM_CHARS, "parameters", where),
-                           _check_chars(value, PARAM_CHARS, "parameters", where) if eq else None))
+            params.append(
+                (
+                    _check_chars(name, PARAM_CHARS, "parameters", where),
+                    _check_chars(value, PARAM_CHARS, "parameters", where) if eq else None,
+                )
+            )
     if question:
         for item in header_text.split("&"):
             name, eq, value = item.partition("=")
             if not name or not eq:
                 raise SipParseError(f"{where}: URI header {item!r} is not name=value in {shown(text)}")
-            headers.append((_check_chars(name, HEADER_CHARS, "headers", where),
-                            _check_chars(value, HEADER_CHARS, "headers", where)))
-    return SipUri(host, user=user, password=password, port=port, scheme=scheme, params=params,
-                  headers=headers, text=text)
+            headers.append(
+                (
+                    _check_chars(name, HEADER_CHARS, "headers", where),
+                    _check_chars(value, HEADER_CHARS, "headers", where),
+                )
+            )
+    return SipUri(
+        host, user=user, password=password, port=port, scheme=scheme, params=params, headers=headers, text=text
+    )

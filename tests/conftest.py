@@ -41,8 +41,9 @@ _popen_init = subprocess.Popen.__init__
 
 def _guarded_popen_init(self, *args, **kwargs) -> None:
     if _running_unit_test:
-        raise RuntimeError("a unit test started a process: mark the test or its module "
-                           "`pytest.mark.system` (see tests/conftest.py)")
+        raise RuntimeError(
+            "a unit test started a process: mark the test or its module `pytest.mark.system` (see tests/conftest.py)"
+        )
     _popen_init(self, *args, **kwargs)
 
 
@@ -61,8 +62,9 @@ SYSTEM_FIXTURES = frozenset({"redis_server", "small_redis_server", "demo_gateway
 def pytest_collection_modifyitems(items) -> None:
     for item in items:
         if item.get_closest_marker("system") is None and (
-                item.get_closest_marker("realtime") is not None
-                or SYSTEM_FIXTURES.intersection(getattr(item, "fixturenames", ()))):
+            item.get_closest_marker("realtime") is not None
+            or SYSTEM_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        ):
             item.add_marker(pytest.mark.system)
         if item.get_closest_marker("system") is None:
             item.add_marker(pytest.mark.unit)
@@ -108,8 +110,11 @@ def no_needless_worker_stall(request, tmp_path_factory) -> Iterator[None]:
             continue
         stalls += [f"{path.name}: {line.strip()}" for line in added.splitlines() if STALL_LOG in line]
     if stalls:
-        pytest.fail("a gateway judged a worker stalled in a test that stops none (a needless failover):\n"
-                    + "\n".join(stalls[:10]), pytrace=False)
+        pytest.fail(
+            "a gateway judged a worker stalled in a test that stops none (a needless failover):\n"
+            + "\n".join(stalls[:10]),
+            pytrace=False,
+        )
 
 
 @pytest.fixture
@@ -135,9 +140,23 @@ class RedisServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.dir), *self.extra_args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.dir),
+                *self.extra_args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_for_tcp("127.0.0.1", self.port, proc=self.proc)
 
     def stop(self) -> None:

@@ -11,8 +11,14 @@ from service.api.auth import ApiTokens, AuthError, Scope
 from service.config import ConfigError
 from tests.support.api import ADMIN, ADMIN_TOKEN, CALL, READ, READ_TOKEN, api_gateway, auth
 
-ROUTES = [("GET", "/v1/calls"), ("GET", "/v1/calls/c-x"), ("GET", "/v1/calls/c-x/transcript"),
-          ("GET", "/v1/pool"), ("POST", "/v1/calls/c-x/hangup"), ("POST", "/v1/workers/w-x/drain")]
+ROUTES = [
+    ("GET", "/v1/calls"),
+    ("GET", "/v1/calls/c-x"),
+    ("GET", "/v1/calls/c-x/transcript"),
+    ("GET", "/v1/pool"),
+    ("POST", "/v1/calls/c-x/hangup"),
+    ("POST", "/v1/workers/w-x/drain"),
+]
 ADMIN_ROUTES = [("POST", "/v1/calls/c-x/hangup"), ("POST", "/v1/workers/w-x/drain")]
 
 
@@ -29,8 +35,9 @@ def test_tokens_parse_with_scopes():
 
 
 def test_the_call_scope_places_calls_only_and_admin_may_everything():
-    tokens = ApiTokens.parse(["phone-token-0001:call", "both-token-00001:read", "both-token-00001:call",
-                              "admin-token-0001:admin"])
+    tokens = ApiTokens.parse(
+        ["phone-token-0001:call", "both-token-00001:read", "both-token-00001:call", "admin-token-0001:admin"]
+    )
     assert tokens.check("phone-token-0001", Scope.CALL) is Scope.CALL
     for needed in (Scope.READ, Scope.ADMIN):
         with pytest.raises(AuthError) as refused:
@@ -40,12 +47,15 @@ def test_the_call_scope_places_calls_only_and_admin_may_everything():
     assert all(tokens.check("admin-token-0001", s) is Scope.ADMIN for s in Scope)
 
 
-@pytest.mark.parametrize("entries, message", [
-    (["no-scope-here"], "entry 1: expected token:scope"),
-    (["good-token-0001:read", "secret-value:owner"], "entry 2: scope must be one of read, call, recordings, admin"),
-    ([":admin"], "entry 1: expected token:scope"),
-    (["has space:read"], "entry 1: the token must not contain whitespace"),
-])
+@pytest.mark.parametrize(
+    "entries, message",
+    [
+        (["no-scope-here"], "entry 1: expected token:scope"),
+        (["good-token-0001:read", "secret-value:owner"], "entry 2: scope must be one of read, call, recordings, admin"),
+        ([":admin"], "entry 1: expected token:scope"),
+        (["has space:read"], "entry 1: the token must not contain whitespace"),
+    ],
+)
 def test_bad_token_settings_are_named_without_the_secret(entries, message):
     with pytest.raises(ConfigError) as error:
         ApiTokens.parse(entries)
@@ -109,8 +119,11 @@ async def test_live_transcript_socket_needs_a_token(redis_server):
             assert '"はい"' in await ws.recv()
 
 
-WEBRTC_ROUTES = [("POST", "/v1/webrtc/offer"), ("DELETE", "/v1/webrtc/sessions/c-0000000000000000"),
-                 ("GET", "/v1/webrtc/config")]
+WEBRTC_ROUTES = [
+    ("POST", "/v1/webrtc/offer"),
+    ("DELETE", "/v1/webrtc/sessions/c-0000000000000000"),
+    ("GET", "/v1/webrtc/config"),
+]
 
 
 async def test_placing_or_ending_a_webrtc_call_needs_the_call_scope_not_read(redis_server):

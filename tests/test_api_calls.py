@@ -52,7 +52,11 @@ async def test_any_replica_lists_every_call_with_filters(redis_server):
         assert set(by_id) == {on_a.id, ended_on_b.id}
         remote = by_id[on_a.id]
         assert (remote["state"], remote["from_uri"], remote["worker_id"], remote["slot"]) == (
-            "active", "sip:alice@192.0.2.10", "w-1", 0)
+            "active",
+            "sip:alice@192.0.2.10",
+            "w-1",
+            0,
+        )
         assert (remote["gateway_id"], remote["on_this_gateway"]) == ("gw-a", False)
         assert remote["sampling"] == SAMPLING  # from A's record in Redis
         own = by_id[ended_on_b.id]
@@ -115,10 +119,20 @@ async def test_pool_shows_workers_slots_and_leases_and_readiness_follows_redis(r
     async with api_gateway(redis_server.url) as api:
         assert (await get(api.base, "/readyz", headers={})).status_code == 503  # no worker yet
         client = connect(redis_server.url)
-        registration = WorkerRegistration(client, worker("w-1", capacity=3, slots_reason="time", memory_slots=34,
-                                                         step_budget_ms=70.0, warmup_p50_ms=40.0,
-                                                         warmup_p99_ms=61.0, context_seconds=240.0),
-                                          live=lambda: {"step_p99_ms": 58.0})
+        registration = WorkerRegistration(
+            client,
+            worker(
+                "w-1",
+                capacity=3,
+                slots_reason="time",
+                memory_slots=34,
+                step_budget_ms=70.0,
+                warmup_p50_ms=40.0,
+                warmup_p99_ms=61.0,
+                context_seconds=240.0,
+            ),
+            live=lambda: {"step_p99_ms": 58.0},
+        )
         await registration.heartbeat()
         lease = await SlotLeases(client).claim(ttl_ms=30_000, owner="c-holder")
         assert lease is not None
@@ -127,14 +141,32 @@ async def test_pool_shows_workers_slots_and_leases_and_readiness_follows_redis(r
         assert ready.status_code == 200 and ready.json()["workers_ready"] == 1
 
         pool = (await get(api.base, "/v1/pool")).json()
-        assert (pool["mode"], pool["workers_ready"], pool["slots_total"], pool["slots_busy"],
-                pool["slots_free"]) == ("pool", 1, 3, 1, 2)
+        assert (pool["mode"], pool["workers_ready"], pool["slots_total"], pool["slots_busy"], pool["slots_free"]) == (
+            "pool",
+            1,
+            3,
+            1,
+            2,
+        )
         [w] = pool["workers"]
         assert (w["worker_id"], w["url"], w["http_url"], w["state"], w["alive"], w["license"]) == (
-            "w-1", "ws://w-1.test:8081", "http://w-1.test:8081", "ready", True, "Apache-2.0")
-        assert (w["capacity"], w["slots_reason"], w["memory_slots"], w["step_budget_ms"], w["warmup_p50_ms"],
-                w["warmup_p99_ms"], w["step_p99_ms"], w["context_seconds"]) == (3, "time", 34, 70.0, 40.0, 61.0,
-                                                                                58.0, 240.0)
+            "w-1",
+            "ws://w-1.test:8081",
+            "http://w-1.test:8081",
+            "ready",
+            True,
+            "Apache-2.0",
+        )
+        assert (
+            w["capacity"],
+            w["slots_reason"],
+            w["memory_slots"],
+            w["step_budget_ms"],
+            w["warmup_p50_ms"],
+            w["warmup_p99_ms"],
+            w["step_p99_ms"],
+            w["context_seconds"],
+        ) == (3, "time", 34, 70.0, 40.0, 61.0, 58.0, 240.0)
         slots = {s["slot"]: s for s in w["slots"]}
         assert slots[lease.slot]["state"] == "leased" and slots[lease.slot]["call_id"] == "c-holder"
         assert slots[lease.slot]["token"] == lease.token and 0 < slots[lease.slot]["ttl_ms"] <= 30_000
@@ -202,15 +234,35 @@ async def test_openapi_documents_every_route(redis_server):
     async with api_gateway(redis_server.url) as api:
         document = (await get(api.base, "/openapi.json", headers={})).json()
     paths = document["paths"]
-    for path in ("/v1/calls", "/v1/calls/{call_id}", "/v1/calls/{call_id}/hangup", "/v1/calls/{call_id}/transcript",
-                 "/v1/pool", "/v1/workers/{worker_id}/drain", "/healthz", "/readyz", "/metrics", "/dashboard"):
+    for path in (
+        "/v1/calls",
+        "/v1/calls/{call_id}",
+        "/v1/calls/{call_id}/hangup",
+        "/v1/calls/{call_id}/transcript",
+        "/v1/pool",
+        "/v1/workers/{worker_id}/drain",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/dashboard",
+    ):
         assert path in paths, path
         for method, operation in paths[path].items():
             assert operation.get("summary") and operation.get("tags"), (method, path)
             assert "200" in operation["responses"] or "202" in operation["responses"], (method, path)
     schemas = document["components"]["schemas"]
-    for model in ("CallInfo", "CallQuality", "CallList", "Transcript", "TranscriptPiece", "PoolState",
-                  "WorkerState", "SlotState", "HangupResult", "DrainResult"):
+    for model in (
+        "CallInfo",
+        "CallQuality",
+        "CallList",
+        "Transcript",
+        "TranscriptPiece",
+        "PoolState",
+        "WorkerState",
+        "SlotState",
+        "HangupResult",
+        "DrainResult",
+    ):
         assert model in schemas, model
     listed = paths["/v1/calls"]["get"]
     assert listed["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/CallList")
@@ -222,8 +274,10 @@ async def test_openapi_documents_every_route(redis_server):
 async def test_record_writes_reach_redis_in_order_even_back_to_back(redis_server):
     """Create, update and end of a short call are issued within microseconds: each waits
     for the previous one, so no end is lost before its create (the record staying active)."""
-    async with api_gateway(redis_server.url, gateway_id="gw-a") as a, \
-            api_gateway(redis_server.url, gateway_id="gw-b") as b:
+    async with (
+        api_gateway(redis_server.url, gateway_id="gw-a") as a,
+        api_gateway(redis_server.url, gateway_id="gw-b") as b,
+    ):
         calls = [a.start_call(from_uri=f"sip:caller{i}@192.0.2.1") for i in range(20)]
         for call in calls:
             a.end_call(call, "rejected-busy")
@@ -231,4 +285,5 @@ async def test_record_writes_reach_redis_in_order_even_back_to_back(redis_server
         assert a.gateway.recorder.writing == 0
         seen_from_b = (await get(b.base, "/v1/calls", limit=100)).json()["calls"]
         assert {c["id"]: (c["state"], c["end_reason"]) for c in seen_from_b} == {
-            call.id: ("ended", "rejected-busy") for call in calls}
+            call.id: ("ended", "rejected-busy") for call in calls
+        }

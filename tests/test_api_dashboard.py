@@ -21,8 +21,14 @@ from tests.support.system import RunningSystem, running_system
 from tests.support.tools import requires
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 pytestmark = [pytest.mark.system, requires(shutil.which(CHROMIUM) is not None, "Debian's chromium is not installed")]
 
@@ -86,8 +92,10 @@ def test_the_dashboard_shows_a_live_call_its_transcript_and_the_pool(system, bro
         listed = client.get(f"/v1/calls/{call_id}").json()
         pool = client.get("/v1/pool").json()
     assert listed["state"] == "active"
-    cells = {name: page.text_content(f"#calls tr[data-call-id='{call_id}'] td.{name}")
-             for name in ("caller", "worker", "codec", "security", "jitter", "loss", "latency", "state", "duration")}
+    cells = {
+        name: page.text_content(f"#calls tr[data-call-id='{call_id}'] td.{name}")
+        for name in ("caller", "worker", "codec", "security", "jitter", "loss", "latency", "state", "duration")
+    }
     assert cells["caller"] == "*" * len("moshimoshi")  # masked as in the logs (a name: wholly)
     assert cells["worker"] == f"{listed['worker_id']} / {listed['slot']}"
     assert cells["codec"] == "PCMU" and cells["state"] == "active"
@@ -138,8 +146,9 @@ async def test_untrusted_text_is_shown_as_text_and_japanese_renders(redis_server
         await page.fill("#token", READ_TOKEN)
         await page.click("#login-form button[type=submit]")
         await page.wait_for_selector(f"#calls tr[data-call-id='{call.id}']")
-        await until_async(page, f"document.querySelector('#transcript .words')?.textContent.endsWith("
-                                f"{json.dumps(hostile)})")
+        await until_async(
+            page, f"document.querySelector('#transcript .words')?.textContent.endsWith({json.dumps(hostile)})"
+        )
         api.dtmf(call, "5", t=0.6)
         await page.wait_for_selector("#transcript .dtmf:has-text('DTMF 5')")
         assert await page.text_content("#transcript .words") == "お電話ありがとうございます。" + hostile
@@ -162,10 +171,18 @@ async def test_the_dashboard_shows_the_asserted_caller_the_dialled_number_and_wi
     from playwright.async_api import async_playwright
 
     async with api_gateway(redis_server.url) as api, async_playwright() as playwright:
-        shown = api.start_call(from_uri="sip:anonymous@anonymous.invalid", identity=identity_of(
-            'P-Asserted-Identity: "Yamada Taro" <sip:+81312345678@trunk.example>', dialled="0501234567"))
-        private = api.start_call(from_uri="sip:+81398765432@trunk.example", identity=identity_of(
-            "P-Asserted-Identity: <sip:+81398765432@trunk.example>", "Privacy: id", dialled="0507654321"))
+        shown = api.start_call(
+            from_uri="sip:anonymous@anonymous.invalid",
+            identity=identity_of(
+                'P-Asserted-Identity: "Yamada Taro" <sip:+81312345678@trunk.example>', dialled="0501234567"
+            ),
+        )
+        private = api.start_call(
+            from_uri="sip:+81398765432@trunk.example",
+            identity=identity_of(
+                "P-Asserted-Identity: <sip:+81398765432@trunk.example>", "Privacy: id", dialled="0507654321"
+            ),
+        )
         chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = await chromium.new_page()
         await page.goto(api.base + "/dashboard")
@@ -176,8 +193,11 @@ async def test_the_dashboard_shows_the_asserted_caller_the_dialled_number_and_wi
 
         async def cells(call_id: str) -> tuple[str | None, str | None, str | None]:
             row = f"#calls tr[data-call-id='{call_id}']"
-            return (await page.text_content(f"{row} td.caller"), await page.get_attribute(f"{row} td.caller", "title"),
-                    await page.text_content(f"{row} td.dialled"))
+            return (
+                await page.text_content(f"{row} td.caller"),
+                await page.get_attribute(f"{row} td.caller", "title"),
+                await page.text_content(f"{row} td.dialled"),
+            )
 
         who, title, dialled = await cells(shown.id)
         assert (who, dialled) == ("********5678", "0501234567")  # masked as in the logs
@@ -223,12 +243,17 @@ async def test_the_page_never_scrolls_sideways_and_renders_japanese_in_a_japanes
 
     async with api_gateway(redis_server.url) as api, async_playwright() as playwright:
         client = connect(redis_server.url)
-        await WorkerRegistration(client, worker("moshimoshi-worker-0-a-long-statefulset-name", capacity=64,
-                                                model="nu-dialogue/j-moshi-ext")).heartbeat()
+        await WorkerRegistration(
+            client, worker("moshimoshi-worker-0-a-long-statefulset-name", capacity=64, model="nu-dialogue/j-moshi-ext")
+        ).heartbeat()
         for n in range(3):  # the widest rows: long names, every column filled, admin actions
-            call = api.start_call(worker_id="moshimoshi-worker-0-a-long-statefulset-name", slot=60 + n,
-                                  identity=identity_of('P-Asserted-Identity: "山田 太郎" <sip:+81312345678@t.example>',
-                                                       dialled="0120-123-456-789"))
+            call = api.start_call(
+                worker_id="moshimoshi-worker-0-a-long-statefulset-name",
+                slot=60 + n,
+                identity=identity_of(
+                    'P-Asserted-Identity: "山田 太郎" <sip:+81312345678@t.example>', dialled="0120-123-456-789"
+                ),
+            )
         api.say(call, "お電話ありがとうございます。ご用件をお伺いします。" * 4, t=0.3)
         api.refuse_call("rejected-busy")
         chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -239,12 +264,14 @@ async def test_the_page_never_scrolls_sideways_and_renders_japanese_in_a_japanes
         await page.click(f"#calls tr[data-call-id='{call.id}'] td.dialled")
         await until_async(page, "document.querySelector('#transcript .words')?.textContent.length > 0")
         assert await page.evaluate(NO_SIDEWAYS_SCROLL), await page.evaluate(
-            "[document.documentElement.scrollWidth, window.innerWidth]")
+            "[document.documentElement.scrollWidth, window.innerWidth]"
+        )
         # the transcript's kanji are drawn by a Japanese font, not a fallback's Chinese forms
         cdp = await page.context.new_cdp_session(page)
         document = await cdp.send("DOM.getDocument")
-        node = await cdp.send("DOM.querySelector", {"nodeId": document["root"]["nodeId"],
-                                                    "selector": "#transcript .words"})
+        node = await cdp.send(
+            "DOM.querySelector", {"nodeId": document["root"]["nodeId"], "selector": "#transcript .words"}
+        )
         await cdp.send("CSS.enable")
         fonts = await cdp.send("CSS.getPlatformFontsForNode", {"nodeId": node["nodeId"]})
         used = [f["familyName"] for f in fonts["fonts"]]
@@ -360,5 +387,6 @@ async def test_the_softphone_never_scrolls_sideways(redis_server, width, height)
         await page.goto(api.base + "/phone")
         await page.wait_for_selector("#levels")
         assert await page.evaluate(NO_SIDEWAYS_SCROLL), await page.evaluate(
-            "[document.documentElement.scrollWidth, window.innerWidth]")
+            "[document.documentElement.scrollWidth, window.innerWidth]"
+        )
         await chromium.close()

@@ -58,8 +58,9 @@ def webhook_sink() -> tp.Iterator[HttpSink]:
 
 @pytest.fixture(scope="module")
 def system(tmp_path_factory, webhook_sink) -> tp.Iterator[RunningSystem]:
-    with running_system(tmp_path_factory.mktemp("demo-system"), model="demo",
-                        env={"MOSHIMOSHI_WEBHOOK_URL": webhook_sink.url}) as running:
+    with running_system(
+        tmp_path_factory.mktemp("demo-system"), model="demo", env={"MOSHIMOSHI_WEBHOOK_URL": webhook_sink.url}
+    ) as running:
         yield running
 
 
@@ -88,8 +89,14 @@ def test_a_call_in_the_api_live_transcript_metrics_and_webhook(system, webhook_s
         detail = client.get(f"/v1/calls/{call_id}").json()
         quality = detail["quality"]
         assert detail["state"] == "active" and quality["codec"] == "PCMU"
-        for key in ("jitter_ms", "loss_fraction", "concealed_frames", "egress_underruns", "packets_received",
-                    "packets_sent"):
+        for key in (
+            "jitter_ms",
+            "loss_fraction",
+            "concealed_frames",
+            "egress_underruns",
+            "packets_received",
+            "packets_sent",
+        ):
             assert quality[key] is not None and quality[key] >= 0, key
         assert quality["gateway_latency_ms"]["p50"] > 0 and quality["gateway_latency_ms"]["jitter_buffer"] >= 0
         assert "rtt_ms" in quality
@@ -130,20 +137,27 @@ def test_a_call_in_the_api_live_transcript_metrics_and_webhook(system, webhook_s
     after = metric_values(system)
     assert value(after, "moshimoshi_calls_active", ingress="sip") == 0
     assert value(after, "moshimoshi_calls_total", ingress="sip", outcome="remote-bye") == 1 + value(
-        before, "moshimoshi_calls_total", ingress="sip", outcome="remote-bye")
-    assert value(after, "moshimoshi_call_duration_seconds_count") > value(before, "moshimoshi_call_duration_seconds_count")
+        before, "moshimoshi_calls_total", ingress="sip", outcome="remote-bye"
+    )
+    assert value(after, "moshimoshi_call_duration_seconds_count") > value(
+        before, "moshimoshi_call_duration_seconds_count"
+    )
     assert value(after, "moshimoshi_sip_responses_total", code="200") >= 1
     assert value(after, "moshimoshi_transcript_pieces_total") >= len(pieces)
-    assert value(after, "moshimoshi_http_requests_total", method="GET", route="/v1/calls/{call_id}/transcript",
-                 code="200") >= 2
+    assert (
+        value(after, "moshimoshi_http_requests_total", method="GET", route="/v1/calls/{call_id}/transcript", code="200")
+        >= 2
+    )
     assert value(after, "moshimoshi_gateway_added_latency_seconds_count") > 0
     # each live call's jitter and loss are sampled every 5 s: a 7 s call is sampled at least once
     assert value(after, "moshimoshi_rtp_jitter_seconds_count") > value(before, "moshimoshi_rtp_jitter_seconds_count")
     assert value(after, "moshimoshi_rtp_loss_ratio_count") > value(before, "moshimoshi_rtp_loss_ratio_count")
 
     # the webhook got the record, the quality and the same transcript
-    delivered = wait_until(lambda: [json.loads(r.body) for r in webhook_sink.received
-                                  if json.loads(r.body)["record"]["id"] == call_id], what="the webhook")
+    delivered = wait_until(
+        lambda: [json.loads(r.body) for r in webhook_sink.received if json.loads(r.body)["record"]["id"] == call_id],
+        what="the webhook",
+    )
     payload = delivered[0]
     assert payload["record"]["end_reason"] == "remote-bye" and payload["quality"]["codec"] == "PCMU"
     assert payload["record"]["sampling"] == MOSHI_SAMPLING
@@ -153,8 +167,11 @@ def test_a_call_in_the_api_live_transcript_metrics_and_webhook(system, webhook_s
     assert len(agent_words) >= 12
     output = system.output()
     assert call_id in output  # the log does name the call
-    leaks = [agent_words[i:i + 6] for i in range(len(agent_words) - 5)
-             if agent_words[i:i + 6].strip() and agent_words[i:i + 6] in output]
+    leaks = [
+        agent_words[i : i + 6]
+        for i in range(len(agent_words) - 5)
+        if agent_words[i : i + 6].strip() and agent_words[i : i + 6] in output
+    ]
     assert not leaks, f"transcript text in the logs: {leaks[:3]}"
     client.close()
 
@@ -172,8 +189,14 @@ def test_hangup_through_the_api_sends_bye(system):
     took = time.monotonic() - started
     assert summary["ended_by"] == "remote-bye", summary
     assert took < 10, f"the BYE came {took:.1f} s after the hang-up"
-    record = wait_until(lambda: (r := client.get(f"/v1/calls/{call_id}", headers=system.headers("read")).json())
-                      and r["state"] == "ended" and r, what="the call ended")
+    record = wait_until(
+        lambda: (
+            (r := client.get(f"/v1/calls/{call_id}", headers=system.headers("read")).json())
+            and r["state"] == "ended"
+            and r
+        ),
+        what="the call ended",
+    )
     assert record["end_reason"] == "api-hangup"
     client.close()
 
@@ -185,19 +208,24 @@ def test_drain_through_the_api_and_sigterm_keep_the_probes_answering(tmp_path):
         call = system.call(seconds=15)  # outlasts the drain steps below on a slow machine
         active_call(system, httpx.Client(base_url=system.api, headers=system.headers("read")))
         [worker] = client.get("/v1/pool", headers=system.headers("read")).json()["workers"]
-        assert client.post(f"/v1/workers/{worker['worker_id']}/drain", headers=system.headers("read")).status_code == 403
+        assert (
+            client.post(f"/v1/workers/{worker['worker_id']}/drain", headers=system.headers("read")).status_code == 403
+        )
         drained = client.post(f"/v1/workers/{worker['worker_id']}/drain", headers=system.headers("admin"))
         assert drained.status_code == 202
         assert drained.json()["status"] == 202 and "sessions" in drained.json()["answer"]  # the worker's own answer
-        wait_until(lambda: client.get("/v1/pool", headers=system.headers("read")).json()["workers"][0]["state"]
-                 == "draining", what="the worker draining in the pool")
+        wait_until(
+            lambda: client.get("/v1/pool", headers=system.headers("read")).json()["workers"][0]["state"] == "draining",
+            what="the worker draining in the pool",
+        )
         wait_until(lambda: client.get("/readyz").status_code == 503, what="not ready without a ready worker")
 
         system.proc.send_signal(signal.SIGTERM)  # the gateway drains too; its probes keep answering
         wait_until(lambda: client.get("/readyz").json()["draining"], what="the gateway draining")
         assert client.get("/healthz").status_code == 200
-        assert client.get("/v1/calls", params={"state": "active"},
-                          headers=system.headers("read")).json()["calls"], "the call goes on"
+        assert client.get("/v1/calls", params={"state": "active"}, headers=system.headers("read")).json()["calls"], (
+            "the call goes on"
+        )
         summary = call.result()
         assert summary["ended_by"] == "local-bye"  # the call ran its course
         system.proc.wait(30)

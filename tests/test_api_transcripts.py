@@ -43,7 +43,11 @@ async def test_pieces_are_stored_in_order_with_ttl_and_an_end_entry(store):
     stored = await store.read("c-1")
     assert stored is not None and stored.ended and stored.end_reason == "remote-bye"
     assert [(seq, e.kind, e.text) for seq, e in stored.pieces] == [
-        (0, "agent", "こん"), (1, "agent", "にち"), (2, "agent", "は"), (3, "dtmf", "5")]
+        (0, "agent", "こん"),
+        (1, "agent", "にち"),
+        (2, "agent", "は"),
+        (3, "dtmf", "5"),
+    ]
     assert stored.pieces[3][1].duration_ms == 160.0
     assert stored.pieces[1][1].t == pytest.approx(0.08)
     ttl = await store.client.redis.pttl(transcript_key(store.client, "c-1"))
@@ -54,8 +58,12 @@ async def test_pieces_are_stored_in_order_with_ttl_and_an_end_entry(store):
 
 async def test_a_piece_stored_twice_is_read_once(store):
     key = transcript_key(store.client, "c-dup")
-    for fields in (event_fields(0, piece("a")), event_fields(1, piece("b")), event_fields(1, piece("b")),
-                   {"kind": "agent", "t": "oops"}):  # a malformed entry is skipped
+    for fields in (
+        event_fields(0, piece("a")),
+        event_fields(1, piece("b")),
+        event_fields(1, piece("b")),
+        {"kind": "agent", "t": "oops"},
+    ):  # a malformed entry is skipped
         await store.client.redis.xadd(key, fields)
     stored = await store.read("c-dup")
     assert stored is not None and [e.text for _, e in stored.pieces] == ["a", "b"]
@@ -104,8 +112,11 @@ async def test_a_redis_outage_loses_no_piece_and_an_overflow_is_counted(redis_se
 
 
 async def test_transcript_endpoint_json_and_text_from_any_replica(redis_server):
-    async with api_gateway(redis_server.url, gateway_id="gw-a") as a, \
-            api_gateway(redis_server.url, gateway_id="gw-b") as b, httpx.AsyncClient(timeout=10) as http:
+    async with (
+        api_gateway(redis_server.url, gateway_id="gw-a") as a,
+        api_gateway(redis_server.url, gateway_id="gw-b") as b,
+        httpx.AsyncClient(timeout=10) as http,
+    ):
         call = a.start_call()
         a.say(call, "お電話", t=0.5)
         a.say(call, "ありがとう", t=0.7)
@@ -120,16 +131,23 @@ async def test_transcript_endpoint_json_and_text_from_any_replica(redis_server):
             body = (await http.get(f"{base}/v1/calls/{call.id}/transcript", headers=READ)).json()
             assert body["call_id"] == call.id and body["complete"] is True and body["end_reason"] == "remote-bye"
             assert [(e["seq"], e["t"], e["kind"], e["text"]) for e in body["events"]] == [
-                (0, 0.5, "agent", "お電話"), (1, 0.7, "agent", "ありがとう"), (2, 1.0, "dtmf", "3"),
-                (3, 1.2, "agent", "ございます。"), (4, 4.0, "agent", "ご用件は")]
+                (0, 0.5, "agent", "お電話"),
+                (1, 0.7, "agent", "ありがとう"),
+                (2, 1.0, "dtmf", "3"),
+                (3, 1.2, "agent", "ございます。"),
+                (4, 4.0, "agent", "ご用件は"),
+            ]
             assert body["events"][2]["duration_ms"] == 120.0
             text = await http.get(f"{base}/v1/calls/{call.id}/transcript?format=text", headers=READ)
             assert text.headers["content-type"] == "text/plain; charset=utf-8"
             assert text.text.splitlines() == [
-                f"# call {call.id}, ended: remote-bye", "[00:00.50] agent: お電話ありがとう",
-                "[00:01.00] DTMF: 3 (120 ms)", "[00:01.20] agent: ございます。", "[00:04.00] agent: ご用件は"]
-            accept = await http.get(f"{base}/v1/calls/{call.id}/transcript",
-                                    headers={**READ, "Accept": "text/plain"})
+                f"# call {call.id}, ended: remote-bye",
+                "[00:00.50] agent: お電話ありがとう",
+                "[00:01.00] DTMF: 3 (120 ms)",
+                "[00:01.20] agent: ございます。",
+                "[00:04.00] agent: ご用件は",
+            ]
+            accept = await http.get(f"{base}/v1/calls/{call.id}/transcript", headers={**READ, "Accept": "text/plain"})
             assert accept.text == text.text
         missing = await http.get(f"{b.base}/v1/calls/c-nobody/transcript", headers=READ)
         assert missing.status_code == 404
@@ -192,8 +210,10 @@ async def test_live_transcript_replays_then_follows_on_the_calls_gateway(redis_s
 
 
 async def test_live_transcript_on_another_replica_follows_the_stream(redis_server):
-    async with api_gateway(redis_server.url, gateway_id="gw-a") as a, \
-            api_gateway(redis_server.url, gateway_id="gw-b") as b:
+    async with (
+        api_gateway(redis_server.url, gateway_id="gw-a") as a,
+        api_gateway(redis_server.url, gateway_id="gw-b") as b,
+    ):
         call = a.start_call()
         await a.settle()  # its record is in Redis; it has said nothing yet: no stream
         async with ws_connect(f"{b.ws_base}/v1/calls/{call.id}/transcript/live?token={READ_TOKEN}") as ws:

@@ -78,8 +78,9 @@ def test_a_webhook_url_that_is_not_http_is_a_configuration_error():
 
 async def test_the_gateway_posts_record_quality_and_transcript_when_a_call_ends(redis_server):
     with HttpSink(statuses=[502]) as sink:
-        async with api_gateway(redis_server.url, webhook_url=sink.url, webhook_secret="s3cr3t-key",
-                               webhook_backoff_seconds=0.05) as api:
+        async with api_gateway(
+            redis_server.url, webhook_url=sink.url, webhook_secret="s3cr3t-key", webhook_backoff_seconds=0.05
+        ) as api:
             call = api.start_call(from_uri="sip:carol@192.0.2.12", worker_id="w-9", slot=2)
             api.say(call, "承知しました", t=1.5)
             api.dtmf(call, "9", t=2.0)
@@ -89,23 +90,38 @@ async def test_the_gateway_posts_record_quality_and_transcript_when_a_call_ends(
     assert body["event"] == "call.ended"
     record = body["record"]  # as GET /v1/calls/{id} shows it
     assert (record["id"], record["from_uri"], record["worker_id"], record["slot"], record["end_reason"]) == (
-        call.id, "sip:carol@192.0.2.12", "w-9", 2, "remote-bye")
+        call.id,
+        "sip:carol@192.0.2.12",
+        "w-9",
+        2,
+        "remote-bye",
+    )
     assert record["state"] == "ended" and record["ended_at"] >= record["answered_at"]
     assert record["gateway_id"] == api.gateway.gateway_id and "quality" not in record
     assert body["transcript"] == {  # as GET /v1/calls/{id}/transcript shows it
-        "call_id": call.id, "complete": True, "end_reason": "remote-bye", "text": "承知しました", "caller_text": "",
-        "events": [{"seq": 0, "t": 1.5, "kind": "agent", "text": "承知しました"},
-                   {"seq": 1, "t": 2.0, "kind": "dtmf", "text": "9", "duration_ms": 120.0}]}
+        "call_id": call.id,
+        "complete": True,
+        "end_reason": "remote-bye",
+        "text": "承知しました",
+        "caller_text": "",
+        "events": [
+            {"seq": 0, "t": 1.5, "kind": "agent", "text": "承知しました"},
+            {"seq": 1, "t": 2.0, "kind": "dtmf", "text": "9", "duration_ms": 120.0},
+        ],
+    }
     assert isinstance(body["quality"], dict)
     assert requests[1].headers[SIGNATURE_HEADER] == (
-        "sha256=" + hmac.new(b"s3cr3t-key", requests[1].body, hashlib.sha256).hexdigest())
+        "sha256=" + hmac.new(b"s3cr3t-key", requests[1].body, hashlib.sha256).hexdigest()
+    )
 
 
 @pytest.mark.parametrize("privacy", ["none", "id"])
-async def test_caller_identity_in_the_api_and_the_webhook_honours_privacy_the_record_keeps_it(
-        redis_server, privacy):
-    identity = identity_of('P-Asserted-Identity: "Yamada Taro" <sip:+81312345678@trunk.example>',
-                           f"Privacy: {privacy}", "Diversion: <sip:0312340000@pbx.example>;reason=no-answer")
+async def test_caller_identity_in_the_api_and_the_webhook_honours_privacy_the_record_keeps_it(redis_server, privacy):
+    identity = identity_of(
+        'P-Asserted-Identity: "Yamada Taro" <sip:+81312345678@trunk.example>',
+        f"Privacy: {privacy}",
+        "Diversion: <sip:0312340000@pbx.example>;reason=no-answer",
+    )
     with HttpSink() as sink:
         async with api_gateway(redis_server.url, webhook_url=sink.url) as api:
             call = api.start_call(from_uri="sip:+81312345678@trunk.example", identity=identity)
@@ -129,8 +145,9 @@ async def test_caller_identity_in_the_api_and_the_webhook_honours_privacy_the_re
         else:
             assert seen["caller"]["number"] == "+81312345678" and seen["caller"]["name"] == "Yamada Taro"
         # Privacy: id withholds who called, not where the call was diverted from (Privacy: header would)
-        assert seen["redirects"] == [{"header": "diversion", "number": "0312340000",
-                                      "uri": "sip:0312340000@pbx.example", "reason": "no-answer"}]
+        assert seen["redirects"] == [
+            {"header": "diversion", "number": "0312340000", "uri": "sip:0312340000@pbx.example", "reason": "no-answer"}
+        ]
     # the stored record keeps the identity whole (for the operator's own audit, never the API)
     assert stored.identity["asserted"][0]["number"] == "+81312345678"
     assert stored.identity["privacy"] == [privacy]

@@ -46,7 +46,7 @@ def read_ct2(path: Path) -> tuple[str, int, dict[str, tuple[tuple[int, ...], int
     def string() -> str:
         nonlocal position
         size = unpack("H")
-        value = data[position:position + size - 1].decode()
+        value = data[position : position + size - 1].decode()
         position += size
         return value
 
@@ -74,12 +74,22 @@ def test_tiny_whisper_has_exactly_the_layout_ctranslate2s_converter_writes(tmp_p
     import transformers
 
     config = transformers.WhisperConfig(
-        vocab_size=TINY.vocab_size, num_mel_bins=TINY.n_mels, d_model=TINY.d_model,
-        encoder_layers=TINY.encoder_layers, encoder_attention_heads=TINY.encoder_heads,
-        decoder_layers=TINY.decoder_layers, decoder_attention_heads=TINY.decoder_heads,
-        encoder_ffn_dim=TINY.ffn_dim, decoder_ffn_dim=TINY.ffn_dim,
-        max_source_positions=TINY.max_source_positions, max_target_positions=TINY.max_target_positions,
-        pad_token_id=0, bos_token_id=0, eos_token_id=0, decoder_start_token_id=0)
+        vocab_size=TINY.vocab_size,
+        num_mel_bins=TINY.n_mels,
+        d_model=TINY.d_model,
+        encoder_layers=TINY.encoder_layers,
+        encoder_attention_heads=TINY.encoder_heads,
+        decoder_layers=TINY.decoder_layers,
+        decoder_attention_heads=TINY.decoder_heads,
+        encoder_ffn_dim=TINY.ffn_dim,
+        decoder_ffn_dim=TINY.ffn_dim,
+        max_source_positions=TINY.max_source_positions,
+        max_target_positions=TINY.max_target_positions,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+        decoder_start_token_id=0,
+    )
     hf_dir, converted = tmp_path / "hf", tmp_path / "ct2"
     transformers.WhisperForConditionalGeneration(config).save_pretrained(hf_dir)
     build_tokenizer(TINY.vocab_size).save(str(tmp_path / "tokenizer.json"))
@@ -89,16 +99,24 @@ def test_tiny_whisper_has_exactly_the_layout_ctranslate2s_converter_writes(tmp_p
     theirs, ours = read_ct2(converted / "model.bin"), read_ct2(tiny_model / "model.bin")
     assert theirs[:2] == ours[:2] == ("WhisperSpec", 3)
     assert ours[2] == theirs[2]
-    assert set(json.loads((tiny_model / "config.json").read_text())) == \
-        set(json.loads((converted / "config.json").read_text()))
-    assert json.loads((tiny_model / "vocabulary.json").read_text()) == \
-        json.loads((converted / "vocabulary.json").read_text())
+    assert set(json.loads((tiny_model / "config.json").read_text())) == set(
+        json.loads((converted / "config.json").read_text())
+    )
+    assert json.loads((tiny_model / "vocabulary.json").read_text()) == json.loads(
+        (converted / "vocabulary.json").read_text()
+    )
 
 
 def test_tiny_whisper_files_are_those_of_a_faster_whisper_repo(tiny_model):
     names = {p.name for p in tiny_model.iterdir()}
-    assert names == {"model.bin", "config.json", "vocabulary.json", "tokenizer.json", "preprocessor_config.json",
-                     MARKER}
+    assert names == {
+        "model.bin",
+        "config.json",
+        "vocabulary.json",
+        "tokenizer.json",
+        "preprocessor_config.json",
+        MARKER,
+    }
     assert json.loads((tiny_model / "preprocessor_config.json").read_text())["feature_size"] == TINY.n_mels
 
 
@@ -151,8 +169,9 @@ async def test_openai_backend_sends_each_utterance_to_a_real_server(backend):
         # the same model behind the endpoint: the same text as locally, so the audio got through whole
         assert [r.text for r in results] == [r.text for r in backend.transcribe_sync(batch)]
         assert sorted(r["samples"] for r in app.state.requests) == sorted(len(a) for a in batch)
-        assert {(r["model"], r["language"], r["format"]) for r in app.state.requests} == \
-            {("kotoba-whisper", "ja", "json")}
+        assert {(r["model"], r["language"], r["format"]) for r in app.state.requests} == {
+            ("kotoba-whisper", "ja", "json")
+        }
 
         wrong_key = OpenAIBackend(f"http://127.0.0.1:{port}/v1", "kotoba-whisper", api_key="nope")
         broken = OpenAIBackend(f"http://127.0.0.1:{port}/v1", "broken", api_key="k-123")

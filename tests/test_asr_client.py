@@ -61,12 +61,13 @@ def finder(client) -> AsrWorkerFinder:
 
 
 def within(event: CallerEvent, span: tuple[float, float], tolerance: float = 0.3) -> bool:
-    return abs(event.start - (ANSWERED_AT + span[0])) <= tolerance and \
-        abs(event.end - (ANSWERED_AT + span[1])) <= tolerance
+    return (
+        abs(event.start - (ANSWERED_AT + span[0])) <= tolerance
+        and abs(event.end - (ANSWERED_AT + span[1])) <= tolerance
+    )
 
 
-async def test_three_sentences_become_three_caller_events_on_the_call_clock(tmp_path, tiny_model, speech,
-                                                                          redis_server):
+async def test_three_sentences_become_three_caller_events_on_the_call_clock(tmp_path, tiny_model, speech, redis_server):
     worker = AsrWorkerProcess(tmp_path, tiny_model, worker_id="asr-1", redis_url=redis_server.url)
     try:
         await worker.wait_ready()
@@ -87,8 +88,9 @@ async def test_three_sentences_become_three_caller_events_on_the_call_clock(tmp_
         worker.stop()
 
 
-async def test_without_an_asr_worker_the_transcript_says_so_and_the_call_goes_on(tmp_path, tiny_model, speech,
-                                                                              redis_server):
+async def test_without_an_asr_worker_the_transcript_says_so_and_the_call_goes_on(
+    tmp_path, tiny_model, speech, redis_server
+):
     """No ASR worker when the call starts: a note says so; a worker that comes up within
     RETAIN_SECONDS gets the audio kept meanwhile, so nothing the caller said is lost."""
     async with pool_connect(redis_server.url) as client:
@@ -115,8 +117,9 @@ async def test_without_an_asr_worker_the_transcript_says_so_and_the_call_goes_on
     assert (transcriber.transcribed, transcriber.lost_seconds) == (3, 0)
 
 
-async def test_audio_no_worker_heard_within_the_retention_is_lost_and_counted(tmp_path, tiny_model, speech,
-                                                                             redis_server, monkeypatch):
+async def test_audio_no_worker_heard_within_the_retention_is_lost_and_counted(
+    tmp_path, tiny_model, speech, redis_server, monkeypatch
+):
     monkeypatch.setattr(client_module, "RETAIN_SECONDS", 0.5)
     fed = speech.spans[1][1] + 0.9  # the silence after the second sentence: what is kept holds no speech
     async with pool_connect(redis_server.url) as client:
@@ -138,8 +141,9 @@ async def test_audio_no_worker_heard_within_the_retention_is_lost_and_counted(tm
     assert transcriber.lost_seconds == pytest.approx(fed - 0.5, abs=0.15)
 
 
-async def test_an_asr_worker_killed_mid_call_is_replaced_for_later_utterances(tmp_path, tiny_model, speech,
-                                                                             redis_server):
+async def test_an_asr_worker_killed_mid_call_is_replaced_for_later_utterances(
+    tmp_path, tiny_model, speech, redis_server
+):
     first = AsrWorkerProcess(tmp_path, tiny_model, worker_id="asr-a", redis_url=redis_server.url)
     second: AsrWorkerProcess | None = None
     try:
@@ -177,12 +181,14 @@ async def test_an_asr_worker_killed_mid_call_is_replaced_for_later_utterances(tm
     assert transcriber.sessions == 2 and transcriber.lost_seconds == 0
 
 
-async def test_an_utterance_in_flight_when_its_worker_dies_goes_to_the_next_worker(tmp_path, tiny_model, speech,
-                                                                                  redis_server):
+async def test_an_utterance_in_flight_when_its_worker_dies_goes_to_the_next_worker(
+    tmp_path, tiny_model, speech, redis_server
+):
     """Two ASR workers; the one serving the call is killed while an utterance waits for its
     text: the audio it had not settled goes to the other, and no text is lost or repeated."""
-    slow = AsrWorkerProcess(tmp_path, tiny_model, worker_id="asr-0-slow", redis_url=redis_server.url,
-                            extra=["--batch-wait-ms", "2000"])  # holds each utterance 2 s before its batch
+    slow = AsrWorkerProcess(
+        tmp_path, tiny_model, worker_id="asr-0-slow", redis_url=redis_server.url, extra=["--batch-wait-ms", "2000"]
+    )  # holds each utterance 2 s before its batch
     spare = AsrWorkerProcess(tmp_path, tiny_model, worker_id="asr-1-spare", redis_url=redis_server.url)
     try:
         await asyncio.gather(slow.wait_ready(), spare.wait_ready())
@@ -214,13 +220,15 @@ async def test_a_fixed_url_finder_and_a_worker_that_refuses(tmp_path, tiny_model
     try:
         await worker.wait_ready()
         events: list[CallerEvent] = []
-        first = CallerTranscriber("c-1", AsrWorkerFinder(url=worker.url, secret=WORKER_SECRET), events.append,
-                                  rate=RATE)
+        first = CallerTranscriber(
+            "c-1", AsrWorkerFinder(url=worker.url, secret=WORKER_SECRET), events.append, rate=RATE
+        )
         await Feeder(first, speech, speed=8.0).until(speech.spans[0][1] + 0.7)
         await eventually(lambda: first.transcribed == 1, what="the first call's sentence transcribed")
         refused: list[CallerEvent] = []
-        second = CallerTranscriber("c-2", AsrWorkerFinder(url=worker.url, secret=WORKER_SECRET), refused.append,
-                                   rate=RATE)
+        second = CallerTranscriber(
+            "c-2", AsrWorkerFinder(url=worker.url, secret=WORKER_SECRET), refused.append, rate=RATE
+        )
         await Feeder(second, speech, speed=8.0).until(speech.spans[0][1] + 0.7)
         await eventually(lambda: len(refused) == 1, what="the second call's note")
         await first.close()
@@ -251,8 +259,9 @@ async def test_a_server_that_is_not_an_asr_worker_loses_nothing_silently(speech)
     async with serve(impostor, "127.0.0.1", 0) as server:
         port = server.sockets[0].getsockname()[1]
         events: list[CallerEvent] = []
-        transcriber = CallerTranscriber("c-impostor", AsrWorkerFinder(url=f"ws://127.0.0.1:{port}"),
-                                        events.append, rate=RATE)
+        transcriber = CallerTranscriber(
+            "c-impostor", AsrWorkerFinder(url=f"ws://127.0.0.1:{port}"), events.append, rate=RATE
+        )
         feeder = Feeder(transcriber, speech, speed=8.0)
         await feeder.until(speech.spans[0][1] + 0.7)
         await eventually(lambda: len(events) == 1, what="the note")

@@ -13,8 +13,9 @@ from tests.support.speech import chunks, espeak, sentences_with_silences
 CALL_CLOCK_OFFSET = 2.5  # the caller's audio starts 2.5 s after answer on the call clock
 
 
-def segment(audio: np.ndarray, rate: int, ms: int, config: SegmenterConfig | None = None,
-            as_bytes: bool = True) -> tuple[UtteranceSegmenter, list]:
+def segment(
+    audio: np.ndarray, rate: int, ms: int, config: SegmenterConfig | None = None, as_bytes: bool = True
+) -> tuple[UtteranceSegmenter, list]:
     segmenter = UtteranceSegmenter(rate, config)
     found = []
     for t, chunk in chunks(audio, rate, ms):
@@ -31,9 +32,11 @@ def g711_round_trip(audio: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.system  # espeak-ng runs as a process
-@pytest.mark.parametrize(("rate", "ms", "codec"), [(8000, 20, "PCMU"), (24000, 80, None), (16000, 20, None),
-                                                   (48000, 20, None)],
-                         ids=["8k-20ms-g711", "24k-80ms-model-rate", "16k-20ms-g722-rate", "48k-20ms-opus-rate"])
+@pytest.mark.parametrize(
+    ("rate", "ms", "codec"),
+    [(8000, 20, "PCMU"), (24000, 80, None), (16000, 20, None), (48000, 20, None)],
+    ids=["8k-20ms-g711", "24k-80ms-model-rate", "16k-20ms-g722-rate", "48k-20ms-opus-rate"],
+)
 def test_three_sentences_make_three_utterances_on_the_call_clock(rate, ms, codec):
     speech = sentences_with_silences(rate)
     audio = g711_round_trip(speech.audio) if codec == "PCMU" else speech.audio
@@ -56,7 +59,7 @@ def test_utterance_audio_is_the_callers_speech_at_16k():
     first = found[0]
     offset = round((first.audio_start - CALL_CLOCK_OFFSET) * SAMPLE_RATE)
     got = np.frombuffer(first.pcm, dtype="<i2").astype(np.float32) / 32768.0
-    want = speech.audio[offset:offset + len(got)]
+    want = speech.audio[offset : offset + len(got)]
     assert np.max(np.abs(got - want)) < 4 / 32768  # the same samples, to two PCM16 roundings
 
 

@@ -49,8 +49,14 @@ def tiny_model(tmp_path_factory):
 
 
 def settings(model, **overrides: tp.Any) -> AsrSettings:
-    values: dict[str, tp.Any] = {"model": str(model), "host": "127.0.0.1", "port": 0, "cpu_threads": 1,
-                                 "log_level": "warning", "drain_grace_seconds": 30.0}
+    values: dict[str, tp.Any] = {
+        "model": str(model),
+        "host": "127.0.0.1",
+        "port": 0,
+        "cpu_threads": 1,
+        "log_level": "warning",
+        "drain_grace_seconds": 30.0,
+    }
     values.update(overrides)
     return AsrSettings(**values)
 
@@ -104,9 +110,18 @@ async def test_the_worker_cuts_the_callers_audio_into_utterances_on_the_call_clo
     messages follow the conversation; ``end`` closes after the last answer."""
     async with asr_worker(settings(tiny_model)) as base, connect(ws_url(base)) as ws:
         started = await start(ws)
-        assert started == {"type": "started", "version": 2, "model": str(tiny_model), "backend": "faster-whisper",
-                           "language": "ja", "sample_rate": 16000, "max_utterance_seconds": 20.0,
-                           "min_silence_ms": 400, "pad_ms": 200, "random_weights": True}
+        assert started == {
+            "type": "started",
+            "version": 2,
+            "model": str(tiny_model),
+            "backend": "faster-whisper",
+            "language": "ja",
+            "sample_rate": 16000,
+            "max_utterance_seconds": 20.0,
+            "min_silence_ms": 400,
+            "pad_ms": 200,
+            "random_weights": True,
+        }
         await send_speech(ws, speech, at=1.0)
         await ws.send(json.dumps({"type": "end"}))
         events, code, reason = await events_until_close(ws)
@@ -121,7 +136,7 @@ async def test_the_worker_cuts_the_callers_audio_into_utterances_on_the_call_clo
     # nothing is settled while its utterance waits for text: each utterance's start comes
     # after every settled time sent before its answer
     for event in callers:
-        before = [e["t"] for e in events[:events.index(event)] if e["type"] == "settled"]
+        before = [e["t"] for e in events[: events.index(event)] if e["type"] == "settled"]
         assert all(t <= event["start"] for t in before), (event, before)
 
 
@@ -147,7 +162,7 @@ async def test_the_vad_runs_the_calls_in_batches(tiny_model, speech):
         try:
             for ws in sockets:
                 await start(ws)
-            for first, samples in chunks(speech.audio[:16000 * 3], 16000, 100):
+            for first, samples in chunks(speech.audio[: 16000 * 3], 16000, 100):
                 for ws in sockets:
                     await ws.send(audio_message(first, samples * 32767))
             for ws in sockets:
@@ -160,32 +175,67 @@ async def test_the_vad_runs_the_calls_in_batches(tiny_model, speech):
                 await ws.close()
         async with httpx.AsyncClient() as client:
             metrics = (await client.get(base + "/metrics")).text
-    count = float(next(line.split()[-1] for line in metrics.splitlines()
-                       if line.startswith("moshimoshi_asr_vad_batch_windows_count")))
-    total = float(next(line.split()[-1] for line in metrics.splitlines()
-                       if line.startswith("moshimoshi_asr_vad_batch_windows_sum")))
+    count = float(
+        next(
+            line.split()[-1]
+            for line in metrics.splitlines()
+            if line.startswith("moshimoshi_asr_vad_batch_windows_count")
+        )
+    )
+    total = float(
+        next(
+            line.split()[-1] for line in metrics.splitlines() if line.startswith("moshimoshi_asr_vad_batch_windows_sum")
+        )
+    )
     assert total >= 4 * 90  # 3 s of four calls: 4 x 93 windows
     assert total / count > 2.0  # most runs held several calls' windows
 
 
-@pytest.mark.parametrize(("messages", "code", "fragment"), [
-    ([b"\x00\x00"], 4000, "audio before start"),
-    (["not json"], 4000, "bad JSON"),
-    ([{"type": "start", "version": 1, "call_id": "c"}], 4001, "version"),
-    ([{"type": "start", "version": 2, "call_id": ""}], 4000, "call_id"),
-    ([{"type": "start", "version": 2, "call_id": "c"}, b"\x00\x00\x00"], 4000, "audio message of 3 bytes"),
-    ([{"type": "start", "version": 2, "call_id": "c"}, audio_message(0.0, SECOND[:3]) + b"\x00"], 4000,
-     "even count"),
-    ([{"type": "start", "version": 2, "call_id": "c"}, audio_message(float("nan"), SECOND[:160])], 4000,
-     "time must be"),
-    ([{"type": "start", "version": 2, "call_id": "c"}, audio_message(-1.0, SECOND[:160])], 4000, "time must be"),
-    ([{"type": "start", "version": 2, "call_id": "c"}, {"type": "utterance", "id": 1, "start": 0, "end": 1}],
-     4000, "unknown message type 'utterance'"),
-    ([{"type": "start", "version": 2, "call_id": "c"}, {"type": "start", "version": 2, "call_id": "c"}],
-     4000, "duplicate start"),
-    ([{"type": "start", "version": 2, "call_id": "c"}, {"type": "hello"}], 4000, "unknown message type"),
-], ids=["audio-first", "bad-json", "version-1", "call-id", "short-audio", "odd-audio", "nan-time", "negative-time",
-        "v1-utterance", "second-start", "unknown"])
+@pytest.mark.parametrize(
+    ("messages", "code", "fragment"),
+    [
+        ([b"\x00\x00"], 4000, "audio before start"),
+        (["not json"], 4000, "bad JSON"),
+        ([{"type": "start", "version": 1, "call_id": "c"}], 4001, "version"),
+        ([{"type": "start", "version": 2, "call_id": ""}], 4000, "call_id"),
+        ([{"type": "start", "version": 2, "call_id": "c"}, b"\x00\x00\x00"], 4000, "audio message of 3 bytes"),
+        (
+            [{"type": "start", "version": 2, "call_id": "c"}, audio_message(0.0, SECOND[:3]) + b"\x00"],
+            4000,
+            "even count",
+        ),
+        (
+            [{"type": "start", "version": 2, "call_id": "c"}, audio_message(float("nan"), SECOND[:160])],
+            4000,
+            "time must be",
+        ),
+        ([{"type": "start", "version": 2, "call_id": "c"}, audio_message(-1.0, SECOND[:160])], 4000, "time must be"),
+        (
+            [{"type": "start", "version": 2, "call_id": "c"}, {"type": "utterance", "id": 1, "start": 0, "end": 1}],
+            4000,
+            "unknown message type 'utterance'",
+        ),
+        (
+            [{"type": "start", "version": 2, "call_id": "c"}, {"type": "start", "version": 2, "call_id": "c"}],
+            4000,
+            "duplicate start",
+        ),
+        ([{"type": "start", "version": 2, "call_id": "c"}, {"type": "hello"}], 4000, "unknown message type"),
+    ],
+    ids=[
+        "audio-first",
+        "bad-json",
+        "version-1",
+        "call-id",
+        "short-audio",
+        "odd-audio",
+        "nan-time",
+        "negative-time",
+        "v1-utterance",
+        "second-start",
+        "unknown",
+    ],
+)
 async def test_violations_close_the_session_with_a_clear_error(tiny_model, messages, code, fragment):
     async with asr_worker(settings(tiny_model)) as base:
         async with connect(ws_url(base)) as ws:
@@ -244,8 +294,7 @@ async def test_a_model_that_does_not_load_fails_the_worker(tmp_path):
 
 
 @pytest.mark.system
-async def test_the_asr_process_registers_as_an_asr_worker_that_no_call_is_routed_to(tmp_path, tiny_model,
-                                                                                    redis_server):
+async def test_the_asr_process_registers_as_an_asr_worker_that_no_call_is_routed_to(tmp_path, tiny_model, redis_server):
     worker = AsrWorkerProcess(tmp_path, tiny_model, worker_id="asr-1", redis_url=redis_server.url)
     try:
         await worker.wait_ready()
@@ -273,9 +322,14 @@ def test_openai_backend_needs_its_url_and_model():
     with pytest.raises(ConfigError, match="OPENAI_BASE_URL"):
         load(AsrSettings, environ={"MOSHIMOSHI_ASR_BACKEND": "openai", "MOSHIMOSHI_ASR_MODEL": "m"})
     with pytest.raises(ConfigError, match="MOSHIMOSHI_ASR_MODEL"):
-        load(AsrSettings, environ={"MOSHIMOSHI_ASR_BACKEND": "openai",
-                                   "MOSHIMOSHI_ASR_OPENAI_BASE_URL": "http://x/v1"})
-    loaded = load(AsrSettings, environ={"MOSHIMOSHI_ASR_BACKEND": "openai", "MOSHIMOSHI_ASR_MODEL": "whisper-1",
-                                        "MOSHIMOSHI_ASR_OPENAI_BASE_URL": "http://x/v1",
-                                        "MOSHIMOSHI_ASR_OPENAI_API_KEY": "s3cret"})
+        load(AsrSettings, environ={"MOSHIMOSHI_ASR_BACKEND": "openai", "MOSHIMOSHI_ASR_OPENAI_BASE_URL": "http://x/v1"})
+    loaded = load(
+        AsrSettings,
+        environ={
+            "MOSHIMOSHI_ASR_BACKEND": "openai",
+            "MOSHIMOSHI_ASR_MODEL": "whisper-1",
+            "MOSHIMOSHI_ASR_OPENAI_BASE_URL": "http://x/v1",
+            "MOSHIMOSHI_ASR_OPENAI_API_KEY": "s3cret",
+        },
+    )
     assert dataclasses.asdict(loaded)["openai_api_key"] == "s3cret"

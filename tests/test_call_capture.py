@@ -64,15 +64,25 @@ async def recording_of(api: ApiGateway, call: Call) -> dict:
 
 @pytest.mark.parametrize("fmt", ["wav", "ogg"])
 async def test_a_recorded_call_is_served_to_the_recordings_scope_and_its_location_is_in_the_webhook(
-        redis_server, tmp_path, fmt):
+    redis_server, tmp_path, fmt
+):
     with HttpSink() as sink:
-        async with api_gateway(redis_server.url, recording=fmt, recording_dir=str(tmp_path / "rec"),
-                               webhook_url=sink.url) as api:
+        async with api_gateway(
+            redis_server.url, recording=fmt, recording_dir=str(tmp_path / "rec"), webhook_url=sink.url
+        ) as api:
             call = api.start_call()
             async with httpx.AsyncClient() as client:
                 live = (await client.get(f"{api.base}/v1/calls/{call.id}", headers=READ)).json()
-                assert live["recording"] == {"format": fmt, "state": "recording", "pauses": [], "location": None,
-                                             "bytes": None, "duration_s": None, "dropped_s": None, "error": None}
+                assert live["recording"] == {
+                    "format": fmt,
+                    "state": "recording",
+                    "pauses": [],
+                    "location": None,
+                    "bytes": None,
+                    "duration_s": None,
+                    "dropped_s": None,
+                    "error": None,
+                }
                 early = await client.get(f"{api.base}/v1/calls/{call.id}/recording", headers=RECORDINGS)
                 assert early.status_code == 409 and "not stored yet" in early.json()["detail"]
             await talk(call, 2.0)
@@ -86,8 +96,10 @@ async def test_a_recorded_call_is_served_to_the_recordings_scope_and_its_locatio
             [hook] = await asyncio.to_thread(sink.wait_for, 1)
     recording = info["recording"]
     assert recording["state"] == "stored" and recording["duration_s"] == info["duration_s"]
-    assert recording["location"] == (tmp_path / "rec").resolve().as_uri() + \
-        f"/{time.strftime('%Y-%m-%d', time.gmtime())}/{call.id}.{fmt}"
+    assert (
+        recording["location"]
+        == (tmp_path / "rec").resolve().as_uri() + f"/{time.strftime('%Y-%m-%d', time.gmtime())}/{call.id}.{fmt}"
+    )
     assert refused.status_code == 403 and "recordings" in refused.json()["detail"]
     assert served.status_code == 200 and by_admin.content == served.content
     assert served.headers["content-type"] == {"wav": "audio/wav", "ogg": "audio/ogg"}[fmt]
@@ -98,7 +110,7 @@ async def test_a_recorded_call_is_served_to_the_recordings_scope_and_its_locatio
     assert abs(len(frames) / rate - info["duration_s"]) < 0.01
     left, right = frames[:, 0], frames[:, 1]
     for channel, freq in ((left, 300), (right, 700)):  # each side on its own channel
-        spectrum = np.abs(np.fft.rfft(channel[rate // 2:rate // 2 + rate]))
+        spectrum = np.abs(np.fft.rfft(channel[rate // 2 : rate // 2 + rate]))
         assert abs(np.argmax(spectrum) - freq) <= 3
     body = json.loads(hook.body)
     assert body["record"]["recording"]["location"] == recording["location"]
@@ -106,8 +118,9 @@ async def test_a_recorded_call_is_served_to_the_recordings_scope_and_its_locatio
 
 
 async def test_pause_and_resume_leave_silence_exactly_over_the_paused_span(redis_server, tmp_path):
-    async with api_gateway(redis_server.url, recording="wav", recording_dir=str(tmp_path / "rec"),
-                           transcription=False) as api:
+    async with api_gateway(
+        redis_server.url, recording="wav", recording_dir=str(tmp_path / "rec"), transcription=False
+    ) as api:
         call = api.start_call()
         answers: dict[str, httpx.Response] = {}
 
@@ -148,8 +161,8 @@ async def test_pause_and_resume_leave_silence_exactly_over_the_paused_span(redis
     assert abs(len(frames) / rate - info["duration_s"]) < 0.01
     first, last = round(start * rate), round(end * rate)
     assert not frames[first:last].any(), _debug(frames, first, last)  # both channels, exactly the span
-    assert np.abs(frames[first - rate // 10:first - rate // 20, 0]).max() > 0.1  # the caller, up to the pause
-    assert np.abs(frames[last + rate // 20:last + rate // 5, 0]).max() > 0.1  # and again from the resume
+    assert np.abs(frames[first - rate // 10 : first - rate // 20, 0]).max() > 0.1  # the caller, up to the pause
+    assert np.abs(frames[last + rate // 20 : last + rate // 5, 0]).max() > 0.1  # and again from the resume
 
 
 async def test_a_pause_keeps_the_agents_words_and_digits_out_of_the_transcript_too(redis_server):
@@ -168,14 +181,24 @@ async def test_a_pause_keeps_the_agents_words_and_digits_out_of_the_transcript_t
             missing = await client.get(f"{api.base}/v1/calls/{call.id}/recording", headers=RECORDINGS)
     assert paused.status_code == 202 and resumed.status_code == 202
     assert [(e.kind, e.text) for e in call.transcript] == [
-        ("agent", "ご用件を"), ("note", "recording paused"), ("dtmf", "*"), ("note", "recording resumed"),
-        ("agent", "ありがとうございます"), ("dtmf", "5")]
+        ("agent", "ご用件を"),
+        ("note", "recording paused"),
+        ("dtmf", "*"),
+        ("note", "recording resumed"),
+        ("agent", "ありがとうございます"),
+        ("dtmf", "5"),
+    ]
     assert missing.status_code == 404 and "not recorded" in missing.json()["detail"]
 
 
 async def test_a_recording_goes_with_its_call_record_at_the_end_of_the_retention(redis_server, tmp_path):
-    async with api_gateway(redis_server.url, recording="ogg", recording_dir=str(tmp_path / "rec"),
-                           call_retention_seconds=3.0, transcription=False) as api:
+    async with api_gateway(
+        redis_server.url,
+        recording="ogg",
+        recording_dir=str(tmp_path / "rec"),
+        call_retention_seconds=3.0,
+        transcription=False,
+    ) as api:
         call = api.start_call()
         await talk(call, 0.5)
         await api.hang_up(call)
@@ -201,8 +224,7 @@ async def test_dtmf_is_masked_in_the_transcript_api_and_webhook_unless_the_route
             await api.hang_up(call)
             await api.settle()
             async with httpx.AsyncClient() as client:
-                text = (await client.get(f"{api.base}/v1/calls/{call.id}/transcript?format=text",
-                                         headers=READ)).text
+                text = (await client.get(f"{api.base}/v1/calls/{call.id}/transcript?format=text", headers=READ)).text
             [hook] = await asyncio.to_thread(sink.wait_for, 1)
         stored = await api.gateway.transcript_store.read(call.id)
     expected = list("4111") if clear else ["*"] * 4
@@ -212,15 +234,22 @@ async def test_dtmf_is_masked_in_the_transcript_api_and_webhook_unless_the_route
     assert ("DTMF: 4 (120 ms)" in text) is clear and ("DTMF: * (120 ms)" in text) is not clear
 
 
-async def test_a_route_chooses_what_its_calls_record_and_the_gateways_settings_fill_in_the_rest(
-        redis_server, tmp_path):
+async def test_a_route_chooses_what_its_calls_record_and_the_gateways_settings_fill_in_the_rest(redis_server, tmp_path):
     routes = tmp_path / "routes.yaml"
-    routes.write_text("unmatched: plain\nroutes:\n"
-                      "  - name: cards\n    match: {number: [cards]}\n"
-                      "    recording: {format: wav, human_part: false}\n    dtmf_clear: true\n"
-                      "  - name: plain\n")
-    async with api_gateway(redis_server.url, routes=str(routes), recording="off", recording_dir=str(tmp_path / "rec"),
-                           transcription=False, recording_transfer=True) as api:
+    routes.write_text(
+        "unmatched: plain\nroutes:\n"
+        "  - name: cards\n    match: {number: [cards]}\n"
+        "    recording: {format: wav, human_part: false}\n    dtmf_clear: true\n"
+        "  - name: plain\n"
+    )
+    async with api_gateway(
+        redis_server.url,
+        routes=str(routes),
+        recording="off",
+        recording_dir=str(tmp_path / "rec"),
+        transcription=False,
+        recording_transfer=True,
+    ) as api:
         cards = api.start_call(identity=CallerIdentity(dialled="cards"))
         plain = api.start_call(identity=CallerIdentity(dialled="other"))
         for call in (cards, plain):
@@ -233,9 +262,15 @@ async def test_a_route_chooses_what_its_calls_record_and_the_gateways_settings_f
         async with httpx.AsyncClient() as client:
             other = (await client.get(f"{api.base}/v1/calls/{plain.id}", headers=READ)).json()
     assert (policies["cards"].recording, policies["cards"].recording_transfer, policies["cards"].dtmf_clear) == (
-        "wav", False, True)
+        "wav",
+        False,
+        True,
+    )
     assert (policies["plain"].recording, policies["plain"].recording_transfer, policies["plain"].dtmf_clear) == (
-        "off", True, False)
+        "off",
+        True,
+        False,
+    )
     assert info["recording"]["state"] == "stored" and other["recording"] is None
     assert [e.text for e in cards.transcript if e.kind == "dtmf"] == ["7"]
     assert [e.text for e in plain.transcript if e.kind == "dtmf"] == ["*"]

@@ -23,8 +23,12 @@ pytestmark = pytest.mark.system
 def echo_gateway(tmp_path):
     """``moshimoshi gateway --worker-url echo:`` with a one-second RTP timeout."""
     sip_port, http_port = free_port(), free_port()
-    proc = Process("gateway", ["gateway", "--worker-url", "echo:", *gateway_args(sip_port, http_port)], tmp_path,
-                   env={"MOSHIMOSHI_API_TOKENS": TOKENS, "MOSHIMOSHI_RTP_TIMEOUT_SECONDS": "1"})
+    proc = Process(
+        "gateway",
+        ["gateway", "--worker-url", "echo:", *gateway_args(sip_port, http_port)],
+        tmp_path,
+        env={"MOSHIMOSHI_API_TOKENS": TOKENS, "MOSHIMOSHI_RTP_TIMEOUT_SECONDS": "1"},
+    )
     gateway = Gateway(proc, sip_port, http_port)
     try:
         gateway.wait_ready()
@@ -35,8 +39,20 @@ def echo_gateway(tmp_path):
 
 
 def pcmu_offer(port: int) -> str:
-    return "\r\n".join(["v=0", f"o=t {secrets.randbelow(10**9)} 1 IN IP4 127.0.0.1", "s=-", "c=IN IP4 127.0.0.1",
-                        "t=0 0", f"m=audio {port} RTP/AVP 0", "a=rtpmap:0 PCMU/8000", "a=ptime:20", "a=sendrecv", ""])
+    return "\r\n".join(
+        [
+            "v=0",
+            f"o=t {secrets.randbelow(10**9)} 1 IN IP4 127.0.0.1",
+            "s=-",
+            "c=IN IP4 127.0.0.1",
+            "t=0 0",
+            f"m=audio {port} RTP/AVP 0",
+            "a=rtpmap:0 PCMU/8000",
+            "a=ptime:20",
+            "a=sendrecv",
+            "",
+        ]
+    )
 
 
 async def test_a_caller_whose_rtp_stops_is_hung_up_with_a_bye_and_the_reason_recorded(echo_gateway):
@@ -54,8 +70,10 @@ async def test_a_caller_whose_rtp_stops_is_hung_up_with_a_bye_and_the_reason_rec
         remote = (answer.connection_of(answer.media[0]).host, answer.media[0].port)
         ssrc, seq, ts = secrets.randbits(32), secrets.randbits(16), secrets.randbits(32)
         for i in range(10):  # 200 ms of speech, then the line goes dead
-            rtp.send(struct.pack("!BBHII", 0x80, 0, (seq + i) & 0xFFFF, (ts + 160 * i) & 0xFFFFFFFF, ssrc)
-                     + b"\xff" * 160, remote)
+            rtp.send(
+                struct.pack("!BBHII", 0x80, 0, (seq + i) & 0xFFFF, (ts + 160 * i) & 0xFFFFFFFF, ssrc) + b"\xff" * 160,
+                remote,
+            )
             await asyncio.sleep(0.02)
         reason = await asyncio.wait_for(asyncio.shield(dialog.terminated), 15)
         assert reason == "remote-bye", reason  # the gateway hung up

@@ -21,10 +21,18 @@ def test_the_caller_shown_is_the_asserted_number_masked_or_withheld():
 
 
 def test_the_quality_summary_says_whether_the_line_was_good():
-    quality = CallQuality(codec="PCMU", loss_fraction=0.0123, jitter_ms=3.14, rtt_ms=24.4, concealed_frames=3,
-                          gateway_latency_ms=GatewayLatency(p50=21.3), failovers=1)
-    assert quality_summary(quality) == ("PCMU, loss 1.2 %, jitter 3.1 ms, RTT 24 ms, gateway latency p50 21 ms, "
-                                        "3 frames concealed, 1 failover")
+    quality = CallQuality(
+        codec="PCMU",
+        loss_fraction=0.0123,
+        jitter_ms=3.14,
+        rtt_ms=24.4,
+        concealed_frames=3,
+        gateway_latency_ms=GatewayLatency(p50=21.3),
+        failovers=1,
+    )
+    assert quality_summary(quality) == (
+        "PCMU, loss 1.2 %, jitter 3.1 ms, RTT 24 ms, gateway latency p50 21 ms, 3 frames concealed, 1 failover"
+    )
     assert quality_summary(None) == "no media"
 
 

@@ -44,9 +44,26 @@ def sections(text: str) -> dict[str, list[str]]:
 def test_serve_help_groups_its_flags_in_sections():
     text = command_help("serve")
     shown = sections(text)
-    titles = [GROUPS[key] for key in ("sip", "sip-security", "encryption", "media", "pool", "api", "webrtc",
-                                      "webhook", "record", "model", "inference", "worker", "asr", "secrets",
-                                      "logging")]
+    titles = [
+        GROUPS[key]
+        for key in (
+            "sip",
+            "sip-security",
+            "encryption",
+            "media",
+            "pool",
+            "api",
+            "webrtc",
+            "webhook",
+            "record",
+            "model",
+            "inference",
+            "worker",
+            "asr",
+            "secrets",
+            "logging",
+        )
+    ]
     assert [t for t in shown if t in titles] == titles  # each once, in GROUPS order
     assert "--sip-port" in shown["SIP"] and "--sip-allow" in shown[GROUPS["sip-security"]]
     assert "--webhook-url" in shown[GROUPS["webhook"]] and "--model" in shown[GROUPS["model"]]
@@ -57,19 +74,22 @@ def test_serve_help_groups_its_flags_in_sections():
     assert text.startswith("usage: moshimoshi serve [options]\n")  # not 40 lines of flags
 
 
-@pytest.mark.parametrize("command, flag, shown", [
-    ("serve", "--sip-port", "(default: 5060; 0 to 65535) [env MOSHIMOSHI_SIP_PORT]"),
-    ("serve", "--dtype", "--dtype {bfloat16,float16,float32}"),
-    ("serve", "--resampler", "--resampler {fir,soxr-qq,soxr-lq,soxr-mq,soxr-hq,soxr-vhq}"),
-    ("serve", "--resampler", "(default: fir)"),
-    ("serve", "--codecs", "(opus, G722, PCMU, PCMA)"),
-    ("serve", "--srtp", "--srtp {off,optional,required}"),
-    ("gateway", "--queue-seconds", "(default: 5; 0 to 120)"),
-    ("gateway", "--sip-restrict-options", "--sip-restrict-options, --no-sip-restrict-options"),
-    ("call", "--transport", "--transport {udp,tcp,tls}"),
-    ("call", "--codec", "(default: PCMU)"),
-    ("worker", "--cuda-graphs", "(default: on)"),
-])
+@pytest.mark.parametrize(
+    "command, flag, shown",
+    [
+        ("serve", "--sip-port", "(default: 5060; 0 to 65535) [env MOSHIMOSHI_SIP_PORT]"),
+        ("serve", "--dtype", "--dtype {bfloat16,float16,float32}"),
+        ("serve", "--resampler", "--resampler {fir,soxr-qq,soxr-lq,soxr-mq,soxr-hq,soxr-vhq}"),
+        ("serve", "--resampler", "(default: fir)"),
+        ("serve", "--codecs", "(opus, G722, PCMU, PCMA)"),
+        ("serve", "--srtp", "--srtp {off,optional,required}"),
+        ("gateway", "--queue-seconds", "(default: 5; 0 to 120)"),
+        ("gateway", "--sip-restrict-options", "--sip-restrict-options, --no-sip-restrict-options"),
+        ("call", "--transport", "--transport {udp,tcp,tls}"),
+        ("call", "--codec", "(default: PCMU)"),
+        ("worker", "--cuda-graphs", "(default: on)"),
+    ],
+)
 def test_help_shows_defaults_and_allowed_values(command, flag, shown):
     text = " ".join(command_help(command).split())  # unwrapped
     assert shown in text, f"{command} --help, {flag}: {shown!r} not in the help"
@@ -89,7 +109,8 @@ def test_call_takes_the_uri_once():
 
 @pytest.mark.system
 def test_the_real_command_prints_its_help():
-    result = subprocess.run(moshimoshi_cmd("serve", "--help"), capture_output=True, text=True, timeout=60,
-                            env=python_env(COLUMNS="100"))
+    result = subprocess.run(
+        moshimoshi_cmd("serve", "--help"), capture_output=True, text=True, timeout=60, env=python_env(COLUMNS="100")
+    )
     assert result.returncode == 0 and not result.stderr
     assert "\nSIP:\n" in result.stdout and "(default: 8080; 0 to 65535)" in " ".join(result.stdout.split())

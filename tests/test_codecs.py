@@ -38,17 +38,18 @@ def level(pcm: np.ndarray) -> float:
     return float(np.sqrt(np.mean(pcm.astype(np.float64) ** 2)))
 
 
-@pytest.mark.parametrize("name, freq", [("PCMU", 1000), ("PCMA", 3000), ("G722", 6000), ("opus", 6000),
-                                        ("opus", 10000)])
+@pytest.mark.parametrize(
+    "name, freq", [("PCMU", 1000), ("PCMA", 3000), ("G722", 6000), ("opus", 6000), ("opus", 10000)]
+)
 def test_each_codec_round_trips_a_tone_in_its_band(name, freq):
     spec = codecs.spec(name)
     encoder, decoder = codecs.encoder(spec, 20), codecs.decoder(spec)
     pcm = tone(freq, spec.sample_rate, 1.0)
     step = spec.samples(20)
-    payloads = [encoder.encode(pcm[i:i + step]) for i in range(0, len(pcm), step)]
+    payloads = [encoder.encode(pcm[i : i + step]) for i in range(0, len(pcm), step)]
     out = np.concatenate([decoder.decode(p) for p in payloads])
     assert len(out) == len(pcm)
-    middle = out[len(out) // 4: 3 * len(out) // 4]
+    middle = out[len(out) // 4 : 3 * len(out) // 4]
     assert abs(peak_hz(middle, spec.sample_rate) - freq) < 10
     assert 0.7 < level(middle) / level(pcm) < 1.3
 
@@ -75,8 +76,16 @@ def test_opus_fmtp_is_read_leniently():
     params = OpusParams.parse(" useinbandfec=1; maxaveragebitrate=20000;stereo=1;cbr=1;maxplaybackrate=16000")
     assert (params.use_inband_fec, params.max_average_bitrate, params.stereo, params.cbr) == (True, 20000, True, True)
     assert params.max_playback_rate == 16000
-    for junk in ("", ";;;", "=", "maxaveragebitrate=99999999", "maxaveragebitrate=-1", "maxplaybackrate=abc",
-                 "\x00\xff=1", "a" * 5000):
+    for junk in (
+        "",
+        ";;;",
+        "=",
+        "maxaveragebitrate=99999999",
+        "maxaveragebitrate=-1",
+        "maxplaybackrate=abc",
+        "\x00\xff=1",
+        "a" * 5000,
+    ):
         assert OpusParams.parse(junk).max_average_bitrate is None
     encoder = OpusEncoder(20, OpusParams.parse("maxaveragebitrate=12000;maxplaybackrate=8000"))
     assert (encoder.bitrate, encoder.cutoff_hz) == (12000, 4000)
@@ -108,25 +117,26 @@ def test_codec_rate_to_24k_and_back_keeps_the_codec_band(rate, freq):
     up, down = make_pair("fir", rate)
     pcm = tone(freq, rate, 1.0).astype(np.float32)
     frame = rate * 80 // 1000
-    at_24k = np.concatenate([up.process(pcm[i:i + frame]) for i in range(0, len(pcm), frame)])
+    at_24k = np.concatenate([up.process(pcm[i : i + frame]) for i in range(0, len(pcm), frame)])
     assert len(at_24k) == 24000
     assert abs(peak_hz(at_24k[6000:18000], 24000) - freq) < 5
     assert 0.95 < level(at_24k[6000:18000]) / level(pcm) < 1.05
-    back = np.concatenate([down.process(at_24k[i:i + 1920]) for i in range(0, len(at_24k), 1920)])
+    back = np.concatenate([down.process(at_24k[i : i + 1920]) for i in range(0, len(at_24k), 1920)])
     assert len(back) == len(pcm)
     delay = round((up.held_back_ms + down.held_back_ms) * rate / 1000)
     assert delay == (up.held_back_ms + down.held_back_ms) * rate / 1000  # whole samples: echoes line up
     middle = slice(rate // 4, 3 * rate // 4)
-    assert np.abs(back[middle] - pcm[middle.start - delay:middle.stop - delay]).max() < 0.01 * 8000
+    assert np.abs(back[middle] - pcm[middle.start - delay : middle.stop - delay]).max() < 0.01 * 8000
 
 
 @pytest.mark.parametrize("rate, model_freq", [(8000, 5000), (16000, 9500), (16000, 11000)])
 def test_24k_to_codec_rate_filters_what_the_codec_cannot_carry(rate, model_freq):
     """The model's audio above the codec's Nyquist frequency must not fold back in."""
     _, down = make_pair("fir", rate)
-    out = np.concatenate([down.process(chunk) for chunk in np.split(tone(model_freq, 24000, 1.0)
-                                                                     .astype(np.float32), 12)])
-    assert 20 * np.log10(level(out[rate // 4:]) / 8000 * np.sqrt(2)) < -55
+    out = np.concatenate(
+        [down.process(chunk) for chunk in np.split(tone(model_freq, 24000, 1.0).astype(np.float32), 12)]
+    )
+    assert 20 * np.log10(level(out[rate // 4 :]) / 8000 * np.sqrt(2)) < -55
 
 
 def test_bridge_frames_g722_audio_at_16k_into_80ms_model_frames():
@@ -142,16 +152,26 @@ def test_bridge_frames_g722_audio_at_16k_into_80ms_model_frames():
 
 
 @realtime_test()
-@pytest.mark.parametrize("name, payload_type, ptime", [("G722", 9, 20), ("G722", 9, 10), ("opus", 111, 20),
-                                                       ("opus", 111, 40), ("PCMA", 8, 30)])
+@pytest.mark.parametrize(
+    "name, payload_type, ptime",
+    [("G722", 9, 20), ("G722", 9, 10), ("opus", 111, 20), ("opus", 111, 40), ("PCMA", 8, 30)],
+)
 async def test_call_media_sends_the_negotiated_payload_type_on_the_codecs_clock(name, payload_type, ptime, timing):
     spec = codecs.spec(name)
     rtp = await RtpSession.open(port_allocator(), host="127.0.0.1")
     peer = await UdpPeer.open()
     to_model: list[bytes] = []
-    negotiated = NegotiatedMedia(remote_address="127.0.0.1", remote_port=peer.address[1], remote_rtcp_port=None,
-                                 codec=spec.name, payload_type=payload_type, clock_rate=spec.clock_rate,
-                                 ptime=ptime, dtmf_payload_type=None, direction="sendrecv")
+    negotiated = NegotiatedMedia(
+        remote_address="127.0.0.1",
+        remote_port=peer.address[1],
+        remote_rtcp_port=None,
+        codec=spec.name,
+        payload_type=payload_type,
+        clock_rate=spec.clock_rate,
+        ptime=ptime,
+        dtmf_payload_type=None,
+        direction="sendrecv",
+    )
     rtp.update_remote("127.0.0.1", peer.address[1])
     media = CallMedia(rtp, negotiated, to_model=to_model.append)
     tapped: list[CallerAudio] = []
@@ -163,13 +183,16 @@ async def test_call_media_sends_the_negotiated_payload_type_on_the_codecs_clock(
         samples, step = spec.samples(ptime), spec.timestamp_step(ptime)
         pcm = tone(1000, spec.sample_rate, 1.2)
         for i in range(len(pcm) // samples):
-            payload = encoder.encode(pcm[i * samples:(i + 1) * samples])
+            payload = encoder.encode(pcm[i * samples : (i + 1) * samples])
             if i % 10 == 9:
                 payload = b""  # nothing to decode: counted and concealed, never a crash
             header = struct.pack("!BBHII", 0x80, payload_type, i, 1000 + i * step, 0x1234)
             peer.send(header + payload, ("127.0.0.1", rtp.local_port))
-            media.from_model(tone(6000 if spec.sample_rate > 8000 else 2000, 24000, 0.08).tobytes()
-                             if i % (80 // ptime if 80 % ptime == 0 else 3) == 0 else b"")
+            media.from_model(
+                tone(6000 if spec.sample_rate > 8000 else 2000, 24000, 0.08).tobytes()
+                if i % (80 // ptime if 80 % ptime == 0 else 3) == 0
+                else b""
+            )
             await asyncio.sleep(ptime / 1000)
         await asyncio.sleep(0.3)
     finally:
@@ -195,7 +218,7 @@ async def test_call_media_sends_the_negotiated_payload_type_on_the_codecs_clock(
     assert {a.rate for a in tapped} == {spec.sample_rate}
     caller = np.concatenate([a.pcm for a in tapped])
     assert abs(len(caller) * 24000 / spec.sample_rate - len(to_model) * 1920) < 1920  # what the frames came from
-    assert abs(peak_hz(caller[len(caller) // 4:], spec.sample_rate) - 1000) < 10
+    assert abs(peak_hz(caller[len(caller) // 4 :], spec.sample_rate) - 1000) < 10
     timing.expect(level(heard) > 3000, f"the caller's tone whole (not concealed): level {level(heard):.0f}")
 
 
@@ -216,8 +239,9 @@ def test_gateway_default_takes_the_best_offered_and_configured_codecs_override()
     assert answer_offer(both, configured, "10.0.0.2", 6000)[1].codec == "PCMU"
 
 
-@pytest.mark.parametrize("value, parsed", [("", []), ("opus,g722,pcmu", ["opus", "G722", "PCMU"]),
-                                           ("PCMA, PCMA ,pcmu", ["PCMA", "PCMU"])])
+@pytest.mark.parametrize(
+    "value, parsed", [("", []), ("opus,g722,pcmu", ["opus", "G722", "PCMU"]), ("PCMA, PCMA ,pcmu", ["PCMA", "PCMU"])]
+)
 def test_codecs_setting_is_normalised(value, parsed):
     assert load(GatewaySettings, environ={"MOSHIMOSHI_CODECS": value}).codecs == parsed
 

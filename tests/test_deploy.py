@@ -118,8 +118,7 @@ def secret_value(docs: list[dict], ref: dict) -> str:
 
 
 def test_ci_values_files_cover_the_three_setups():
-    assert {p.stem for p in CI_VALUES} >= {
-        "default-values", "external-redis-values", "loadbalancer-no-operator-values"}
+    assert {p.stem for p in CI_VALUES} >= {"default-values", "external-redis-values", "loadbalancer-no-operator-values"}
 
 
 # ----------------------------------------------------------------------------- helm lint, schemas
@@ -142,17 +141,24 @@ def test_manifests_match_kubernetes_schemas(rendered, values, k8s):
         try:
             kubernetes_validate.validate(doc, k8s, strict=True)
         except kubernetes_validate.ValidationError as exc:
-            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} (k8s {k8s}): {exc.message} "
-                        f"at {'.'.join(map(str, exc.path))}")
+            pytest.fail(
+                f"{doc['kind']}/{doc['metadata']['name']} (k8s {k8s}): {exc.message} at {'.'.join(map(str, exc.path))}"
+            )
         checked += 1
     assert checked >= 8
 
 
 def test_schema_validation_catches_a_misspelled_field():
-    deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"},
-                  "spec": {"selector": {"matchLabels": {"a": "b"}}, "replica": 2,
-                           "template": {"metadata": {"labels": {"a": "b"}},
-                                        "spec": {"containers": [{"name": "c", "image": "i"}]}}}}
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "x"},
+        "spec": {
+            "selector": {"matchLabels": {"a": "b"}},
+            "replica": 2,
+            "template": {"metadata": {"labels": {"a": "b"}}, "spec": {"containers": [{"name": "c", "image": "i"}]}},
+        },
+    }
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, K8S_VERSIONS[0], strict=True)
 
@@ -163,9 +169,12 @@ def test_service_monitors_select_a_service_port(default, external):
         assert {m["metadata"]["name"] for m in monitors} == {f"{FULLNAME}-gateway", f"{FULLNAME}-worker"}
         for monitor in monitors:
             spec = monitor["spec"]
-            services = [s for s in find(docs, "Service")
-                        if spec["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()
-                        and s["spec"].get("type") != "LoadBalancer"]
+            services = [
+                s
+                for s in find(docs, "Service")
+                if spec["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()
+                and s["spec"].get("type") != "LoadBalancer"
+            ]
             assert services, f"{monitor['metadata']['name']} selects no Service"
             assert spec["namespaceSelector"]["matchNames"] == ["tel"]
             for endpoint in spec["endpoints"]:
@@ -195,8 +204,7 @@ def test_grafana_dashboard_configmap(default, loadbalancer):
 def test_without_the_operator_no_crd_objects(loadbalancer):
     assert not find(loadbalancer, "ServiceMonitor")
     assert not find(loadbalancer, "PrometheusRule")
-    annotations = one(loadbalancer, "Deployment", f"{FULLNAME}-gateway")["spec"]["template"]["metadata"][
-        "annotations"]
+    annotations = one(loadbalancer, "Deployment", f"{FULLNAME}-gateway")["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
 
 
@@ -269,8 +277,7 @@ def test_worker_autoscaling(default, external):
     assert not find(default, "HorizontalPodAutoscaler")
     assert one(default, "StatefulSet", f"{FULLNAME}-worker")["spec"]["replicas"] == 1
     hpa = one(external, "HorizontalPodAutoscaler", f"{FULLNAME}-worker")["spec"]
-    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet",
-                                     "name": f"{FULLNAME}-worker"}
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": f"{FULLNAME}-worker"}
     assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 6)
     metric = hpa["metrics"][0]["pods"]
     assert metric["metric"]["name"] == "moshimoshi_worker_slot_utilization"
@@ -320,8 +327,9 @@ def test_gateway_load_balancer(loadbalancer):
     assert {(5060, "UDP"), (5060, "TCP"), (5061, "TCP")} <= ports  # SIP over TLS on its own port
     rtp = sorted(p["port"] for p in lb["ports"] if p["name"].startswith("rtp-"))
     assert rtp == list(range(20000, 20100))
-    assert all(p["protocol"] == "UDP" and p["targetPort"] == p["port"]
-               for p in lb["ports"] if p["name"].startswith("rtp-"))
+    assert all(
+        p["protocol"] == "UDP" and p["targetPort"] == p["port"] for p in lb["ports"] if p["name"].startswith("rtp-")
+    )
 
 
 def test_gateway_sip_allow_list_and_rate_limit_default_to_private_ranges_and_pike(default):
@@ -330,13 +338,21 @@ def test_gateway_sip_allow_list_and_rate_limit_default_to_private_ranges_and_pik
     env = env_of(gateway(default))
     assert env["MOSHIMOSHI_SIP_ALLOW"]["value"].split(",") == list(PRIVATE_NETWORKS)
     assert [env[f"MOSHIMOSHI_SIP_RATE_{k}"]["value"] for k in ("LIMIT", "WINDOW_SECONDS", "BAN_SECONDS")] == [
-        "16", "2", "300"]
+        "16",
+        "2",
+        "300",
+    ]
     assert "MOSHIMOSHI_SIP_AUTH_FILE" not in env  # no digest unless a Secret is named
 
 
 def test_load_balancer_source_ranges_leave_loopback_out():
-    docs = render(None, "gateway.networking.mode=loadBalancer", "gateway.replicas=1",
-                  "gateway.networking.publicHost=192.0.2.1", "gateway.rtp.portMax=20099")
+    docs = render(
+        None,
+        "gateway.networking.mode=loadBalancer",
+        "gateway.replicas=1",
+        "gateway.networking.publicHost=192.0.2.1",
+        "gateway.rtp.portMax=20099",
+    )
     lb = one(docs, "Service", f"{FULLNAME}-sip")["spec"]
     assert lb["loadBalancerSourceRanges"] == ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"]
 
@@ -365,10 +381,12 @@ def test_sip_over_tls_mounts_the_certificate_secret_and_sets_the_srtp_policy(def
     env = env_of(secured)
     assert env["MOSHIMOSHI_SRTP"]["value"] == "required"
     assert {name: env[name]["value"] for name in env if name.startswith("MOSHIMOSHI_SIP_TLS")} == {
-        "MOSHIMOSHI_SIP_TLS_PORT": "5061", "MOSHIMOSHI_SIP_TLS_CERT": "/etc/moshimoshi/sip-tls/tls.crt",
+        "MOSHIMOSHI_SIP_TLS_PORT": "5061",
+        "MOSHIMOSHI_SIP_TLS_CERT": "/etc/moshimoshi/sip-tls/tls.crt",
         "MOSHIMOSHI_SIP_TLS_KEY": "/etc/moshimoshi/sip-tls/tls.key",
         "MOSHIMOSHI_SIP_TLS_HANDSHAKE_SECONDS": "10",
-        "MOSHIMOSHI_SIP_TLS_CLIENT_CA": "/etc/moshimoshi/sip-tls-client-ca/ca.crt"}
+        "MOSHIMOSHI_SIP_TLS_CLIENT_CA": "/etc/moshimoshi/sip-tls-client-ca/ca.crt",
+    }
     assert {"name": "sip-tls", "containerPort": 5061, "protocol": "TCP"} in secured["ports"]
     mounts = {m["name"]: m for m in secured["volumeMounts"]}
     # a directory mount (no subPath): the kubelet swaps a renewed certificate in place
@@ -380,11 +398,14 @@ def test_sip_over_tls_mounts_the_certificate_secret_and_sets_the_srtp_policy(def
     assert volumes["sip-tls-client-ca"]["secret"]["secretName"] == "trunk-client-ca"
 
 
-@pytest.mark.parametrize("sets, message", [
-    (("gateway.sip.tls.clientCaSecretName=ca",), "needs gateway.sip.tls.secretName"),
-    (("gateway.sip.tls.secretName=s", "gateway.sip.tls.port=5060"), "must differ from gateway.sip.port"),
-    (("gateway.srtp=always",), "must be off, optional or required"),
-])
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (("gateway.sip.tls.clientCaSecretName=ca",), "needs gateway.sip.tls.secretName"),
+        (("gateway.sip.tls.secretName=s", "gateway.sip.tls.port=5060"), "must differ from gateway.sip.port"),
+        (("gateway.srtp=always",), "must be off, optional or required"),
+    ],
+)
 def test_bad_tls_and_srtp_values_stop_the_render_with_the_reason(sets, message):
     with pytest.raises(HelmError, match=message):
         render(None, *sets)
@@ -402,7 +423,9 @@ def test_gateway_reads_tokens_and_redis_from_secrets(default, external, loadbala
 
 def test_gateways_and_workers_share_one_worker_secret(default, external, loadbalancer):
     for docs in (default, external, loadbalancer):
-        refs = [env_of(c)["MOSHIMOSHI_WORKER_SECRET"]["valueFrom"]["secretKeyRef"] for c in (gateway(docs), worker(docs))]
+        refs = [
+            env_of(c)["MOSHIMOSHI_WORKER_SECRET"]["valueFrom"]["secretKeyRef"] for c in (gateway(docs), worker(docs))
+        ]
         assert refs[0] == refs[1] == {"name": f"{FULLNAME}-worker-secret", "key": "worker-secret"}
         assert re.fullmatch(r"[A-Za-z0-9]{48}", secret_value(docs, env_of(worker(docs))["MOSHIMOSHI_WORKER_SECRET"]))
     given = render(None, "workerSecret.value=0123456789abcdef-given")
@@ -410,8 +433,10 @@ def test_gateways_and_workers_share_one_worker_secret(default, external, loadbal
     existing = render(None, "workerSecret.existingSecret=moshimoshi-workers", "workerSecret.existingSecretKey=s")
     assert not find(existing, "Secret", f"{FULLNAME}-worker-secret")
     for c in (gateway(existing), worker(existing)):
-        assert env_of(c)["MOSHIMOSHI_WORKER_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": "moshimoshi-workers",
-                                                                                     "key": "s"}
+        assert env_of(c)["MOSHIMOSHI_WORKER_SECRET"]["valueFrom"]["secretKeyRef"] == {
+            "name": "moshimoshi-workers",
+            "key": "s",
+        }
 
 
 def policy_ports(policy: dict) -> list[set]:
@@ -424,10 +449,14 @@ def selects(selector: dict, labels: dict) -> bool:
 
 def test_network_policies_let_only_gateways_and_prometheus_reach_workers(loadbalancer):
     docs = loadbalancer  # gateways as pods (no hostNetwork): a pod selector finds them
-    pod_labels = {name: spec["metadata"]["labels"] for name, spec in (
-        ("gateway", one(docs, "Deployment", f"{FULLNAME}-gateway")["spec"]["template"]),
-        ("worker", one(docs, "StatefulSet", f"{FULLNAME}-worker")["spec"]["template"]),
-        ("redis", one(docs, "StatefulSet", f"{FULLNAME}-redis")["spec"]["template"]))}
+    pod_labels = {
+        name: spec["metadata"]["labels"]
+        for name, spec in (
+            ("gateway", one(docs, "Deployment", f"{FULLNAME}-gateway")["spec"]["template"]),
+            ("worker", one(docs, "StatefulSet", f"{FULLNAME}-worker")["spec"]["template"]),
+            ("redis", one(docs, "StatefulSet", f"{FULLNAME}-redis")["spec"]["template"]),
+        )
+    }
     workers = one(docs, "NetworkPolicy", f"{FULLNAME}-worker")["spec"]
     assert workers["policyTypes"] == ["Ingress"]
     assert selects(workers["podSelector"], pod_labels["worker"])
@@ -435,8 +464,12 @@ def test_network_policies_let_only_gateways_and_prometheus_reach_workers(loadbal
     gateways, prometheus = workers["ingress"]
     assert len(gateways["from"]) == 1 and selects(gateways["from"][0]["podSelector"], pod_labels["gateway"])
     assert not selects(gateways["from"][0]["podSelector"], pod_labels["worker"])  # not worker to worker
-    assert prometheus["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
-                                   "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]
+    assert prometheus["from"] == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+        }
+    ]
     # the named port is the worker's only port: sessions, drain, info and /metrics
     assert [p["name"] for p in worker(docs)["ports"]] == ["http"]
     assert policy_ports(one(docs, "NetworkPolicy", f"{FULLNAME}-worker")) == [{"http"}, {"http"}]
@@ -456,8 +489,10 @@ def test_network_policies_with_host_network_gateways(default, external):
     # them through, so none is rendered (and NOTES.txt says so) rather than cut calls off
     assert not find(default, "NetworkPolicy")
     workers = one(external, "NetworkPolicy", f"{FULLNAME}-worker")["spec"]
-    assert workers["ingress"][0]["from"][1:] == [{"ipBlock": {"cidr": "10.0.0.0/24"}},
-                                                 {"ipBlock": {"cidr": "10.0.1.0/24"}}]
+    assert workers["ingress"][0]["from"][1:] == [
+        {"ipBlock": {"cidr": "10.0.0.0/24"}},
+        {"ipBlock": {"cidr": "10.0.1.0/24"}},
+    ]
     assert workers["ingress"][1]["from"][0]["namespaceSelector"] == {}  # Prometheus in any namespace
     assert workers["ingress"][2]["from"] == [{"namespaceSelector": {"matchLabels": {"team": "telephony-ops"}}}]
     assert not find(external, "NetworkPolicy", f"{FULLNAME}-redis")  # no bundled Redis
@@ -489,8 +524,7 @@ def test_bundled_redis_with_aof(default):
 def test_bundled_redis_without_password(loadbalancer):
     args = container(loadbalancer, "StatefulSet", f"{FULLNAME}-redis")["command"]
     assert "--requirepass" not in args
-    assert secret_value(loadbalancer, env_of(gateway(loadbalancer))["REDIS_URL"]) == \
-        f"redis://{FULLNAME}-redis:6379/0"
+    assert secret_value(loadbalancer, env_of(gateway(loadbalancer))["REDIS_URL"]) == f"redis://{FULLNAME}-redis:6379/0"
 
 
 def test_external_redis(external):
@@ -505,15 +539,20 @@ def test_call_retention_and_webhook_reach_the_gateway(external, default):
     env = env_of(gateway(external))
     assert env["MOSHIMOSHI_CALL_RETENTION_SECONDS"]["value"] == "86400"
     assert env["MOSHIMOSHI_WEBHOOK_URL"].get("value") == "https://crm.example.com/hooks/calls"
-    assert env["MOSHIMOSHI_WEBHOOK_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": "crm-webhook",
-                                                                             "key": "webhook-secret"}
+    assert env["MOSHIMOSHI_WEBHOOK_SECRET"]["valueFrom"]["secretKeyRef"] == {
+        "name": "crm-webhook",
+        "key": "webhook-secret",
+    }
     assert "MOSHIMOSHI_WEBHOOK_URL" not in env_of(gateway(default))
 
 
 def test_recordings_on_a_shared_volume_or_in_a_bucket_and_the_consent_announcement(default):
     env = env_of(gateway(default))
-    assert (env["MOSHIMOSHI_RECORDING"]["value"], env["MOSHIMOSHI_TRANSCRIPTION"]["value"],
-            env["MOSHIMOSHI_DTMF_CLEAR"]["value"]) == ("off", "true", "false")
+    assert (
+        env["MOSHIMOSHI_RECORDING"]["value"],
+        env["MOSHIMOSHI_TRANSCRIPTION"]["value"],
+        env["MOSHIMOSHI_DTMF_CLEAR"]["value"],
+    ) == ("off", "true", "false")
     assert not find(default, "PersistentVolumeClaim", f"{FULLNAME}-recordings")  # nothing recorded: no volume
     docs = render(None, "gateway.record.recording=ogg", "gateway.record.consentAnnouncement.existingConfigMap=consent")
     claim = one(docs, "PersistentVolumeClaim", f"{FULLNAME}-recordings")
@@ -529,14 +568,21 @@ def test_recordings_on_a_shared_volume_or_in_a_bucket_and_the_consent_announceme
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["recordings"]["persistentVolumeClaim"]["claimName"] == f"{FULLNAME}-recordings"
     assert volumes["announcements"]["configMap"]["name"] == "consent"
-    docs = render(None, "gateway.record.recording=wav", "gateway.record.s3.bucket=calls",
-                  "gateway.record.s3.existingSecret=s3-keys", "gateway.record.persistence.enabled=false")
+    docs = render(
+        None,
+        "gateway.record.recording=wav",
+        "gateway.record.s3.bucket=calls",
+        "gateway.record.s3.existingSecret=s3-keys",
+        "gateway.record.persistence.enabled=false",
+    )
     assert not find(docs, "PersistentVolumeClaim", f"{FULLNAME}-recordings")
     env = env_of(gateway(docs))
     assert env["MOSHIMOSHI_RECORDING_S3_BUCKET"]["value"] == "calls"
     assert env["MOSHIMOSHI_RECORDING_DIR"]["value"] == "/tmp/recordings"  # only the files being written
-    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "s3-keys",
-                                                                         "key": "AWS_SECRET_ACCESS_KEY"}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "s3-keys",
+        "key": "AWS_SECRET_ACCESS_KEY",
+    }
     with pytest.raises(HelmError, match="must be off, wav or ogg"):
         render(None, "gateway.record.recording=mp3")
 
@@ -618,8 +664,10 @@ class _FakeWorker(BaseHTTPRequestHandler):
         if self.path == "/metrics" and cls.drained.is_set():
             cls.scrapes += 1
             busy = cls.busy_after_drain[min(cls.scrapes, len(cls.busy_after_drain)) - 1]
-        body = (f"# TYPE moshimoshi_worker_slots_busy gauge\nmoshimoshi_worker_slots_busy {busy}.0\n"
-                "moshimoshi_worker_slots 4.0\n").encode()
+        body = (
+            f"# TYPE moshimoshi_worker_slots_busy gauge\nmoshimoshi_worker_slots_busy {busy}.0\n"
+            "moshimoshi_worker_slots 4.0\n"
+        ).encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -630,18 +678,20 @@ class _FakeWorker(BaseHTTPRequestHandler):
 
 
 def _run_drain_hook(default, busy: list[int], grace: float) -> tuple[float, type[_FakeWorker]]:
-    handler = type("Fake", (_FakeWorker,), {"busy_after_drain": busy, "drained": threading.Event(),
-                                            "scrapes": 0})
+    handler = type("Fake", (_FakeWorker,), {"busy_after_drain": busy, "drained": threading.Event(), "scrapes": 0})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         command = worker(default)["lifecycle"]["preStop"]["exec"]["command"]
-        env = dict(os.environ, MOSHIMOSHI_PORT=str(server.server_address[1]),
-                   MOSHIMOSHI_DRAIN_GRACE_SECONDS=str(grace), MOSHIMOSHI_WORKER_SECRET=_FakeWorker.secret)
+        env = dict(
+            os.environ,
+            MOSHIMOSHI_PORT=str(server.server_address[1]),
+            MOSHIMOSHI_DRAIN_GRACE_SECONDS=str(grace),
+            MOSHIMOSHI_WORKER_SECRET=_FakeWorker.secret,
+        )
         start = time.monotonic()
-        proc = subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True, text=True,
-                              timeout=60)
+        proc = subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
         return time.monotonic() - start, handler
     finally:
@@ -677,20 +727,33 @@ def test_worker_prestop_returns_when_the_worker_is_gone(default):
 # ----------------------------------------------------------------------------- bad values
 
 
-@pytest.mark.parametrize("sets, message", [
-    (["gateway.networking.mode=loadBalancer", "gateway.networking.publicHost=192.0.2.1", "gateway.rtp.portMax=20099"],
-     "gateway.replicas to 1"),
-    (["gateway.networking.mode=loadBalancer", "gateway.replicas=1", "gateway.rtp.portMax=20099"],
-     "needs gateway.networking.publicHost"),
-    (["gateway.networking.mode=loadBalancer", "gateway.replicas=1", "gateway.networking.publicHost=192.0.2.1"],
-     "more than gateway.networking.loadBalancer.maxRtpPorts"),
-    (["gateway.networking.mode=nodePort"], "must be hostNetwork or loadBalancer"),
-    (["gateway.rtp.portMin=20001"], "must be even"),
-    (["gateway.rtp.portMin=30000", "gateway.rtp.portMax=20000"], "must be below gateway.rtp.portMax"),
-    (["redis.enabled=false"], "set redis.externalUrl or redis.existingSecret"),
-    (["redis.enabled=false", "redis.externalUrl=http://redis:6379"], "must start with redis://"),
-    (["workerSecret.value=too-short"], "workerSecret.value must have at least 16 characters"),
-])
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (
+            [
+                "gateway.networking.mode=loadBalancer",
+                "gateway.networking.publicHost=192.0.2.1",
+                "gateway.rtp.portMax=20099",
+            ],
+            "gateway.replicas to 1",
+        ),
+        (
+            ["gateway.networking.mode=loadBalancer", "gateway.replicas=1", "gateway.rtp.portMax=20099"],
+            "needs gateway.networking.publicHost",
+        ),
+        (
+            ["gateway.networking.mode=loadBalancer", "gateway.replicas=1", "gateway.networking.publicHost=192.0.2.1"],
+            "more than gateway.networking.loadBalancer.maxRtpPorts",
+        ),
+        (["gateway.networking.mode=nodePort"], "must be hostNetwork or loadBalancer"),
+        (["gateway.rtp.portMin=20001"], "must be even"),
+        (["gateway.rtp.portMin=30000", "gateway.rtp.portMax=20000"], "must be below gateway.rtp.portMax"),
+        (["redis.enabled=false"], "set redis.externalUrl or redis.existingSecret"),
+        (["redis.enabled=false", "redis.externalUrl=http://redis:6379"], "must start with redis://"),
+        (["workerSecret.value=too-short"], "workerSecret.value must have at least 16 characters"),
+    ],
+)
 def test_bad_values_fail_with_a_clear_message(sets, message):
     with pytest.raises(HelmError, match=re.escape(message)):
         render(None, *sets)
@@ -706,8 +769,9 @@ def render_notes(tmp_path: Path, values: Path) -> str:
     wrapper = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n  notes: |\n"
     wrapper += "".join("    " + line + "\n" for line in body.splitlines())
     (chart / "templates" / "zz-notes.yaml").write_text(wrapper)
-    out = run_helm("template", "t", str(chart), "-n", "tel", "-f", str(values), "--show-only",
-                   "templates/zz-notes.yaml")
+    out = run_helm(
+        "template", "t", str(chart), "-n", "tel", "-f", str(values), "--show-only", "templates/zz-notes.yaml"
+    )
     return yaml.safe_load(out)["data"]["notes"]
 
 
@@ -736,7 +800,7 @@ def undocumented_keys(text: str) -> list[str]:
         m = re.match(r"^(\s*)(- )?([A-Za-z0-9_.\-/\"']+):(\s|$)", line)
         if not m or line.lstrip().startswith("#"):
             continue
-        if re.search(r"\s#\s", line[m.end() - 1:]):
+        if re.search(r"\s#\s", line[m.end() - 1 :]):
             continue
         indent = len(m.group(1)) + (2 if m.group(2) else 0)
         j = i - 1
@@ -761,29 +825,38 @@ def test_undocumented_value_check_finds_gaps():
 # ----------------------------------------------------------------------------- chart ↔ ops copies
 
 
-@pytest.mark.parametrize("canonical, copy", [
-    (ALERTS, CHART / "files" / "prometheus" / "alerts.yaml"),
-    (DASHBOARD, CHART / "files" / "grafana" / "moshimoshi.json"),
-])
+@pytest.mark.parametrize(
+    "canonical, copy",
+    [
+        (ALERTS, CHART / "files" / "prometheus" / "alerts.yaml"),
+        (DASHBOARD, CHART / "files" / "grafana" / "moshimoshi.json"),
+    ],
+)
 def test_chart_files_are_the_ops_files(canonical, copy):
-    assert copy.read_bytes() == canonical.read_bytes(), \
+    assert copy.read_bytes() == canonical.read_bytes(), (
         f"{copy.relative_to(REPO_ROOT)} differs from {canonical.relative_to(REPO_ROOT)}: run ops/tools/sync-chart-files.sh"
+    )
 
 
 # ----------------------------------------------------------------------------- Dockerfile
 
 
 def test_dockerfile_passes_hadolint():
-    proc = subprocess.run([HADOLINT, "--config", str(REPO_ROOT / ".hadolint.yaml"), str(DOCKERFILE)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [HADOLINT, "--config", str(REPO_ROOT / ".hadolint.yaml"), str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_hadolint_rejects_a_bad_dockerfile(tmp_path):
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM python:latest\nRUN cd /tmp && pip install requests\n")
-    proc = subprocess.run([HADOLINT, "--config", str(REPO_ROOT / ".hadolint.yaml"), str(bad)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [HADOLINT, "--config", str(REPO_ROOT / ".hadolint.yaml"), str(bad)], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode != 0
     assert "DL3007" in proc.stdout  # the :latest tag
 
@@ -828,8 +901,11 @@ def test_worker_image_installs_pinned_torch_then_moshi_without_deps():
     assert torch < moshi < project
     assert "--no-deps" in build[moshi]
     assert runs
-    args = {a.split("=")[0]: a.split("=", 1)[1] for kw, a in dockerfile.instructions(DOCKERFILE.read_text())
-            if kw == "ARG" and "=" in a}
+    args = {
+        a.split("=")[0]: a.split("=", 1)[1]
+        for kw, a in dockerfile.instructions(DOCKERFILE.read_text())
+        if kw == "ARG" and "=" in a
+    }
     assert args["TORCH_VERSION"] == "2.13.0" and args["MOSHI_VERSION"] == "0.2.13"
 
 
@@ -860,8 +936,7 @@ def alert_rules() -> list[dict]:
 def dashboard_queries() -> list[tuple[str, str]]:
     """(panel title, PromQL with Grafana's variables filled in) of every query."""
     board = json.loads(DASHBOARD.read_text())
-    out = [("variable " + v["name"], v["query"]["query"]) for v in board["templating"]["list"]
-           if v["type"] == "query"]
+    out = [("variable " + v["name"], v["query"]["query"]) for v in board["templating"]["list"] if v["type"] == "query"]
     for panel in board["panels"]:
         for t in panel.get("targets", []):
             out.append((panel["title"], t["expr"]))
@@ -911,18 +986,33 @@ def test_metric_check_catches_a_typo():
     assert "moshimoshi_calls_active_total" not in index  # a gauge has no _total
     assert "moshimoshi_worker_step_duration_seconds_bucket" in index
     assert label_problems('sum by (status) (rate(moshimoshi_http_requests_total{status="500"}[5m]))', index) == [
-        "moshimoshi_http_requests_total{status}", "by (status)"]
+        "moshimoshi_http_requests_total{status}",
+        "by (status)",
+    ]
 
 
 def test_dashboard_covers_calls_capacity_latency_quality_and_workers():
     board = json.loads(DASHBOARD.read_text())
     used = set().union(*(used_metrics(expr) for _, expr in dashboard_queries()))
-    for metric in ("calls_active", "calls_total", "call_duration_seconds_bucket", "pool_slots", "pool_slots_busy",
-                   "pool_workers", "gateway_added_latency_seconds_bucket", "pool_claim_duration_seconds_bucket",
-                   "pool_queue_wait_seconds_bucket", "rtp_jitter_seconds_bucket", "rtp_packets_lost_total",
-                   "rtp_concealed_frames_total", "rtp_packets_late_total", "rtp_packets_stray_total",
-                   "rtp_pacer_lateness_seconds_bucket", "worker_step_duration_seconds_bucket",
-                   "worker_slot_underruns_total"):
+    for metric in (
+        "calls_active",
+        "calls_total",
+        "call_duration_seconds_bucket",
+        "pool_slots",
+        "pool_slots_busy",
+        "pool_workers",
+        "gateway_added_latency_seconds_bucket",
+        "pool_claim_duration_seconds_bucket",
+        "pool_queue_wait_seconds_bucket",
+        "rtp_jitter_seconds_bucket",
+        "rtp_packets_lost_total",
+        "rtp_concealed_frames_total",
+        "rtp_packets_late_total",
+        "rtp_packets_stray_total",
+        "rtp_pacer_lateness_seconds_bucket",
+        "worker_step_duration_seconds_bucket",
+        "worker_slot_underruns_total",
+    ):
         assert "moshimoshi_" + metric in used, metric
     ids = [p["id"] for p in board["panels"]]
     assert len(ids) == len(set(ids))
@@ -939,22 +1029,30 @@ def test_dashboard_covers_calls_capacity_latency_quality_and_workers():
 
 
 def test_dashboard_json_is_what_the_generator_writes():
-    proc = subprocess.run([sys.executable, str(OPS / "grafana" / "dashboard.py"), "--check"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(OPS / "grafana" / "dashboard.py"), "--check"], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
 
 
 def test_alert_rules_are_complete():
     rules = alert_rules()
     names = {r["alert"] for r in rules}
-    assert {"MoshimoshiNoReadyWorker", "MoshimoshiPoolCapacityHigh", "MoshimoshiWorkerStepSlow",
-            "MoshimoshiPacketLossHigh", "MoshimoshiApiErrorRateHigh", "MoshimoshiGatewayNotReady"} <= names
+    assert {
+        "MoshimoshiNoReadyWorker",
+        "MoshimoshiPoolCapacityHigh",
+        "MoshimoshiWorkerStepSlow",
+        "MoshimoshiPacketLossHigh",
+        "MoshimoshiApiErrorRateHigh",
+        "MoshimoshiGatewayNotReady",
+    } <= names
     for rule in rules:
         assert rule["labels"]["severity"] in ("critical", "warning", "info"), rule["alert"]
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule["alert"]
         assert re.fullmatch(r"\d+[smh]", rule["for"]), rule["alert"]
-    tested = {t["alertname"] for case in yaml.safe_load(ALERT_TESTS.read_text())["tests"]
-              for t in case["alert_rule_test"]}
+    tested = {
+        t["alertname"] for case in yaml.safe_load(ALERT_TESTS.read_text())["tests"] for t in case["alert_rule_test"]
+    }
     assert tested == names, f"alerts without a promtool unit test: {sorted(names - tested)}"
 
 
@@ -971,16 +1069,30 @@ def test_promtool_checks_the_rules():
 
 @needs_promtool
 def test_promtool_unit_tests_of_the_alerts():
-    proc = subprocess.run([PROMTOOL, "test", "rules", ALERT_TESTS.name], cwd=ALERT_TESTS.parent,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [PROMTOOL, "test", "rules", ALERT_TESTS.name],
+        cwd=ALERT_TESTS.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @needs_promtool
 def test_promtool_parses_every_dashboard_query(tmp_path):
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:query_{i}", "expr": expr}
-        for i, (_, expr) in enumerate(dashboard_queries()) if not expr.startswith("label_values(")]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard:query_{i}", "expr": expr}
+                    for i, (_, expr) in enumerate(dashboard_queries())
+                    if not expr.startswith("label_values(")
+                ],
+            }
+        ]
+    }
     path = tmp_path / "dashboard-rules.yaml"
     path.write_text(yaml.safe_dump(rules))
     proc = subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)

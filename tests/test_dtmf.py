@@ -139,10 +139,14 @@ def test_real_capture_dtmf_2833_1_yields_exactly_one_digit_1() -> None:
     assert digit.duration_ms == pytest.approx(280.0)  # 2240 samples in the end packets
 
 
-@pytest.mark.parametrize(("name", "expected"), [
-    *[(f"dtmf_2833_{d}.pcap", str(d)) for d in range(10)],
-    ("dtmf_2833_star.pcap", "*"), ("dtmf_2833_pound.pcap", "#"),
-])
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        *[(f"dtmf_2833_{d}.pcap", str(d)) for d in range(10)],
+        ("dtmf_2833_star.pcap", "*"),
+        ("dtmf_2833_pound.pcap", "#"),
+    ],
+)
 def test_every_capture_gives_its_digit_once(name: str, expected: str) -> None:
     assert [d.digit for d in capture_digits(name)] == [expected]
 
@@ -150,34 +154,40 @@ def test_every_capture_gives_its_digit_once(name: str, expected: str) -> None:
 # --- DTMF in SIP INFO ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("content_type, body, digit, duration", [
-    ("application/dtmf-relay", b"Signal=5\r\nDuration=160\r\n", "5", 160.0),
-    ("application/dtmf-relay", b"signal= *\nduration = 250", "*", 250.0),
-    ("application/dtmf-relay", b"Signal=11\r\nDuration=100", "#", 100.0),
-    ("application/dtmf-relay", b"Signal=d\r\n", "D", None),
-    ("application/dtmf-relay", b"Signal=16\r\nDuration=500\r\nVolume=10", "flash", 500.0),
-    ("application/dtmf", b"7", "7", None),
-    ("application/dtmf", b" #\r\n", "#", None),
-])
+@pytest.mark.parametrize(
+    "content_type, body, digit, duration",
+    [
+        ("application/dtmf-relay", b"Signal=5\r\nDuration=160\r\n", "5", 160.0),
+        ("application/dtmf-relay", b"signal= *\nduration = 250", "*", 250.0),
+        ("application/dtmf-relay", b"Signal=11\r\nDuration=100", "#", 100.0),
+        ("application/dtmf-relay", b"Signal=d\r\n", "D", None),
+        ("application/dtmf-relay", b"Signal=16\r\nDuration=500\r\nVolume=10", "flash", 500.0),
+        ("application/dtmf", b"7", "7", None),
+        ("application/dtmf", b" #\r\n", "#", None),
+    ],
+)
 def test_info_dtmf_bodies_give_their_digit(content_type, body, digit, duration):
     from sip.dtmf import InfoDigit, parse_info_dtmf
 
     assert parse_info_dtmf(content_type, body) == InfoDigit(digit, duration)
 
 
-@pytest.mark.parametrize("content_type, body, problem", [
-    ("application/dtmf-relay", b"", "empty"),
-    ("application/dtmf-relay", b"Duration=160", "no Signal"),
-    ("application/dtmf-relay", b"Signal=Z\r\nDuration=160", "not a DTMF digit"),
-    ("application/dtmf-relay", b"Signal=17", "not a DTMF digit"),
-    ("application/dtmf-relay", b"Signal=5\r\nDuration=-3", "Duration"),
-    ("application/dtmf-relay", b"Signal=5\r\nDuration=99999999", "Duration"),
-    ("application/dtmf-relay", b"Signal=5\r\ngarbage", "Key=value"),
-    ("application/dtmf-relay", "Signal=５".encode(), "ASCII"),
-    ("application/dtmf-relay", b"Signal=5\r\n" + b"X=" + b"y" * 300, "at most"),
-    ("application/dtmf", b"55", "not a DTMF digit"),
-    ("text/plain", b"5", "not a DTMF body type"),
-])
+@pytest.mark.parametrize(
+    "content_type, body, problem",
+    [
+        ("application/dtmf-relay", b"", "empty"),
+        ("application/dtmf-relay", b"Duration=160", "no Signal"),
+        ("application/dtmf-relay", b"Signal=Z\r\nDuration=160", "not a DTMF digit"),
+        ("application/dtmf-relay", b"Signal=17", "not a DTMF digit"),
+        ("application/dtmf-relay", b"Signal=5\r\nDuration=-3", "Duration"),
+        ("application/dtmf-relay", b"Signal=5\r\nDuration=99999999", "Duration"),
+        ("application/dtmf-relay", b"Signal=5\r\ngarbage", "Key=value"),
+        ("application/dtmf-relay", "Signal=５".encode(), "ASCII"),
+        ("application/dtmf-relay", b"Signal=5\r\n" + b"X=" + b"y" * 300, "at most"),
+        ("application/dtmf", b"55", "not a DTMF digit"),
+        ("text/plain", b"5", "not a DTMF body type"),
+    ],
+)
 def test_bad_info_dtmf_bodies_are_refused_with_the_reason(content_type, body, problem):
     from sip.dtmf import DtmfParseError, parse_info_dtmf
 

@@ -90,11 +90,22 @@ def text_lines(text: str) -> list[tuple[float, str, str]]:
     return lines
 
 
-async def run_call(gateway: Gateway, wav: Path, speech: Speech, tmp_path: Path,
-                   during: tp.Callable[[list[tuple[float, dict]]], tp.Awaitable[None]] | None = None):
-    settings = CallSettings(uri=gateway.uri, play=str(wav), record=str(tmp_path / "call.wav"),
-                            seconds=len(speech.audio) / speech.rate + 0.5, local_host="127.0.0.1",
-                            api=f"http://127.0.0.1:{gateway.http_port}", api_token=READ_TOKEN)
+async def run_call(
+    gateway: Gateway,
+    wav: Path,
+    speech: Speech,
+    tmp_path: Path,
+    during: tp.Callable[[list[tuple[float, dict]]], tp.Awaitable[None]] | None = None,
+):
+    settings = CallSettings(
+        uri=gateway.uri,
+        play=str(wav),
+        record=str(tmp_path / "call.wav"),
+        seconds=len(speech.audio) / speech.rate + 0.5,
+        local_host="127.0.0.1",
+        api=f"http://127.0.0.1:{gateway.http_port}",
+        api_token=READ_TOKEN,
+    )
     call = asyncio.create_task(place_call(settings))
     call_id = await live_call_id(gateway)
     follower = asyncio.create_task(follow(gateway, call_id))
@@ -106,8 +117,9 @@ async def run_call(gateway: Gateway, wav: Path, speech: Speech, tmp_path: Path,
     return call_id, summary, ended_at, received
 
 
-async def test_three_sentences_are_three_caller_events_live_and_in_time_order(tmp_path, redis_server, tiny_whisper,
-                                                                          speech):
+async def test_three_sentences_are_three_caller_events_live_and_in_time_order(
+    tmp_path, redis_server, tiny_whisper, speech
+):
     wav = write_wav(tmp_path / "caller.wav", speech)
     worker = start_worker(tmp_path, redis_server.url, "w-demo", "demo", 1, "--greedy")
     asr = AsrWorkerProcess(tmp_path, tiny_whisper, worker_id="asr-1", redis_url=redis_server.url)
@@ -134,6 +146,7 @@ async def test_three_sentences_are_three_caller_events_live_and_in_time_order(tm
     assert all(at < ended_at for at in arrivals)
     assert arrivals[0] < ended_at - (speech.spans[2][1] - speech.spans[0][1]) + 1.0
     assert [p for p in pieces if p["kind"] == "note"] == []  # the caller's side was never unavailable
+
     # the stored transcript has the same, and the text form interleaves both sides in time order
     def fields(piece: dict) -> tuple:
         return piece["seq"], piece["t"], piece["start"], piece["end"], piece["text"]
@@ -148,8 +161,9 @@ async def test_three_sentences_are_three_caller_events_live_and_in_time_order(tm
     first, last = who.index("caller"), len(who) - 1 - who[::-1].index("caller")
     assert "agent" in who[:first] + who[first:last] + who[last:]  # the demo babbles around the caller
     caller_lines = [(t, words) for t, w, words in lines if w == "caller"]
-    assert [round(t, 2) for t, _ in caller_lines] == [round(p["start"], 2) for p in
-                                                      sorted(callers, key=lambda p: p["start"])]
+    assert [round(t, 2) for t, _ in caller_lines] == [
+        round(p["start"], 2) for p in sorted(callers, key=lambda p: p["start"])
+    ]
     # transcripts are personal data: no process wrote what either side said to its log
     logs = "".join(path.read_text() for path in tmp_path.glob("*.log"))
     for piece in pieces:
@@ -158,7 +172,8 @@ async def test_three_sentences_are_three_caller_events_live_and_in_time_order(tm
 
 
 async def test_an_asr_worker_killed_mid_call_leaves_the_call_going_and_another_takes_over(
-        tmp_path, redis_server, tiny_whisper, speech):
+    tmp_path, redis_server, tiny_whisper, speech
+):
     wav = write_wav(tmp_path / "caller.wav", speech)
     worker = start_worker(tmp_path, redis_server.url, "w-demo", "demo", 1, "--greedy")
     first = AsrWorkerProcess(tmp_path, tiny_whisper, worker_id="asr-a", redis_url=redis_server.url)
@@ -179,8 +194,9 @@ async def test_an_asr_worker_killed_mid_call_leaves_the_call_going_and_another_t
             first.proc.kill9()  # asr-a serves the call: ties go to the smallest id
             killed_at.append(time.monotonic())
 
-        call_id, summary, ended_at, received = await run_call(gateway, wav, speech, tmp_path,
-                                                              kill_after_the_first_sentence)
+        call_id, summary, ended_at, received = await run_call(
+            gateway, wav, speech, tmp_path, kill_after_the_first_sentence
+        )
         status, record = await asyncio.to_thread(gateway.get, f"/v1/calls/{call_id}")
     finally:
         for proc in (gateway.proc, first, second, worker.proc):
@@ -195,4 +211,3 @@ async def test_an_asr_worker_killed_mid_call_leaves_the_call_going_and_another_t
     assert len(callers) == 3 and all(within(p, s) for p, s in zip(callers, speech.spans, strict=True)), callers
     assert kinds[0][0] == "caller" and kinds.index(("note", notes[0])) < kinds.index(("note", notes[1]))
     assert f"ASR session {call_id} ended" in second.proc.log_path.read_text()  # later sentences went to asr-b
-

@@ -91,29 +91,49 @@ def read_wav_native(path: Path) -> tuple[np.ndarray, int]:
     return pcm, rate
 
 
-def run_baresip(tmp_path: Path, uri: str, wav: Path, modules: list[str], codecs: str,
-                srate: int = 8000, extra: list[str] | None = None) -> tuple[str, Path | None, Path | None]:
+def run_baresip(
+    tmp_path: Path,
+    uri: str,
+    wav: Path,
+    modules: list[str],
+    codecs: str,
+    srate: int = 8000,
+    extra: list[str] | None = None,
+) -> tuple[str, Path | None, Path | None]:
     """Call ``uri`` from baresip with only ``modules`` as codecs and the account's
     ``audio_codecs`` set to ``codecs``; returns (output, what it sent, what it heard)."""
     config = tmp_path / "baresip"
     config.mkdir()
-    (config / "config").write_text("\n".join([
-        "poll_method epoll",
-        f"sip_listen 127.0.0.1:{free_port_pair()}",
-        f"audio_source aufile,{wav}",
-        f"audio_player aufile,{tmp_path / 'played.wav'}",
-        f"audio_alert aufile,{tmp_path / 'alert.wav'}",
-        f"audio_srate {srate}",
-        "audio_channels 1",
-        "rtp_ports 31000-31999",
-        f"snd_path {tmp_path}",
-        f"module_path {BARESIP_MODULES}",
-        "module stdio.so", *(f"module {m}.so" for m in modules), "module aufile.so", "module sndfile.so",
-        "module_app account.so", "module_app contact.so", "module_app menu.so", *(extra or []), ""]))
+    (config / "config").write_text(
+        "\n".join(
+            [
+                "poll_method epoll",
+                f"sip_listen 127.0.0.1:{free_port_pair()}",
+                f"audio_source aufile,{wav}",
+                f"audio_player aufile,{tmp_path / 'played.wav'}",
+                f"audio_alert aufile,{tmp_path / 'alert.wav'}",
+                f"audio_srate {srate}",
+                "audio_channels 1",
+                "rtp_ports 31000-31999",
+                f"snd_path {tmp_path}",
+                f"module_path {BARESIP_MODULES}",
+                "module stdio.so",
+                *(f"module {m}.so" for m in modules),
+                "module aufile.so",
+                "module sndfile.so",
+                "module_app account.so",
+                "module_app contact.so",
+                "module_app menu.so",
+                *(extra or []),
+                "",
+            ]
+        )
+    )
     (config / "accounts").write_text(f"<sip:baresip@127.0.0.1>;regint=0;audio_codecs={codecs}\n")
     (config / "contacts").write_text("")
-    result = subprocess.run(["baresip", "-f", str(config), "-e", f"/dial {uri}", "-t", "10"],
-                            capture_output=True, text=True, timeout=40)
+    result = subprocess.run(
+        ["baresip", "-f", str(config), "-e", f"/dial {uri}", "-t", "10"], capture_output=True, text=True, timeout=40
+    )
     output = result.stdout + result.stderr
     sent = sorted(tmp_path.glob("dump-*-enc.wav"))
     heard = sorted(tmp_path.glob("dump-*-dec.wav"))
@@ -149,16 +169,29 @@ DECODERS = {0: audioop.ulaw2lin, 8: audioop.alaw2lin}
 
 
 def offer_sdp(port: int, formats: str, rtpmaps: list[str]) -> str:
-    return "\r\n".join([
-        "v=0", f"o=raw {secrets.randbelow(10**9)} 1 IN IP4 127.0.0.1", "s=-", "c=IN IP4 127.0.0.1", "t=0 0",
-        f"m=audio {port} RTP/AVP {formats}", *(f"a={line}" for line in rtpmaps), "a=ptime:20",
-        "a=sendrecv", ""])
+    return "\r\n".join(
+        [
+            "v=0",
+            f"o=raw {secrets.randbelow(10**9)} 1 IN IP4 127.0.0.1",
+            "s=-",
+            "c=IN IP4 127.0.0.1",
+            "t=0 0",
+            f"m=audio {port} RTP/AVP {formats}",
+            *(f"a={line}" for line in rtpmaps),
+            "a=ptime:20",
+            "a=sendrecv",
+            "",
+        ]
+    )
 
 
-def rtp_packet(payload_type: int, sequence: int, timestamp: int, ssrc: int, payload: bytes,
-               marker: bool = False) -> bytes:
-    return RTP_HEADER.pack(0x80, (0x80 if marker else 0) | payload_type, sequence & 0xFFFF,
-                           timestamp & 0xFFFFFFFF, ssrc) + payload
+def rtp_packet(
+    payload_type: int, sequence: int, timestamp: int, ssrc: int, payload: bytes, marker: bool = False
+) -> bytes:
+    return (
+        RTP_HEADER.pack(0x80, (0x80 if marker else 0) | payload_type, sequence & 0xFFFF, timestamp & 0xFFFFFFFF, ssrc)
+        + payload
+    )
 
 
 def dtmf_packets(digit: int, start_ts: int, step: int, updates: int = 6) -> list[tuple[bytes, bool]]:
@@ -182,8 +215,9 @@ async def test_raw_rtp_pcma_echo_comes_back_as_pcma_and_dtmf_on_pt_96(echo_gatew
     ua = UserAgent("127.0.0.1", 0, user_agent="raw-rtp-test")
     await ua.start()
     try:
-        offer = offer_sdp(rtp.address[1], "8 96", ["rtpmap:8 PCMA/8000", "rtpmap:96 telephone-event/8000",
-                                                   "fmtp:96 0-15"])
+        offer = offer_sdp(
+            rtp.address[1], "8 96", ["rtpmap:8 PCMA/8000", "rtpmap:96 telephone-event/8000", "fmtp:96 0-15"]
+        )
         dialog = await ua.invite(echo_gateway.uri, offer)
         answer = dialog.remote_sdp
         assert answer is not None
@@ -200,7 +234,7 @@ async def test_raw_rtp_pcma_echo_comes_back_as_pcma_and_dtmf_on_pt_96(echo_gatew
             delay = start + tick * 0.02 - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            chunk = sent_pcm[tick * samples:(tick + 1) * samples]
+            chunk = sent_pcm[tick * samples : (tick + 1) * samples]
             if len(chunk) < samples:
                 chunk = np.zeros(samples, np.int16)
             rtp.send(rtp_packet(8, seq, ts, ssrc, audioop.lin2alaw(chunk.tobytes(), 2)), remote)
@@ -232,7 +266,7 @@ async def test_raw_rtp_pcma_echo_comes_back_as_pcma_and_dtmf_on_pt_96(echo_gatew
         pcm = np.frombuffer(DECODERS[pt](packet[12:], 2), "<i2")
         if at + len(pcm) > len(timeline):
             timeline = np.concatenate((timeline, np.zeros(at + len(pcm) - len(timeline), np.int16)))
-        timeline[at:at + len(pcm)] = pcm
+        timeline[at : at + len(pcm)] = pcm
     # the echo's timeline starts with the gateway's first packet, about when ours did
     delay_ms, correlation = echo_delay(sent_pcm, timeline)
     assert correlation > 0.5, (delay_ms, correlation)
@@ -263,7 +297,7 @@ def tone_sequence(pcm: np.ndarray, rate: int, tones: tuple[int, ...]) -> list[in
     """For each stretch of sound in ``pcm``: the index of the tone it is (-1: none of them)."""
     out = []
     for start, end in sound_segments(pcm, rate):
-        middle = pcm[start + (end - start) // 4:end - (end - start) // 4].astype(np.float64)
+        middle = pcm[start + (end - start) // 4 : end - (end - start) // 4].astype(np.float64)
         peak = np.argmax(np.abs(np.fft.rfft(middle))) * rate / len(middle)
         out.append(next((i for i, tone in enumerate(tones) if abs(peak - tone) < 40), -1))
     return out
@@ -274,12 +308,16 @@ WIDEBAND_TONES = (700, 2500, 5000, 6500)  # two of them above what G.711 carries
 
 @needs_baresip
 @realtime_test()
-@pytest.mark.parametrize("module, codec, baresip_codec, rate, extra", [
-    ("g722", "G722", "G722/16000/1", 16000, []),
-    ("opus", "opus", "opus/48000/1", 48000, ["opus_stereo no", "opus_sprop_stereo no"]),
-])
+@pytest.mark.parametrize(
+    "module, codec, baresip_codec, rate, extra",
+    [
+        ("g722", "G722", "G722/16000/1", 16000, []),
+        ("opus", "opus", "opus/48000/1", 48000, ["opus_stereo no", "opus_sprop_stereo no"]),
+    ],
+)
 def test_baresip_wideband_call_is_answered_with_its_codec_and_hears_the_band_back(
-        echo_gateway, tmp_path, timing, module, codec, baresip_codec, rate, extra):
+    echo_gateway, tmp_path, timing, module, codec, baresip_codec, rate, extra
+):
     """baresip offering G.722 or Opus besides G.711 gets the wideband codec and hears its own
     audio back, 5 and 6.5 kHz tones included (G.711 stops at 4 kHz): the tones come back in
     the order they were played, and noise bursts up to 7 kHz keep their 4-7 kHz share."""
@@ -289,8 +327,9 @@ def test_baresip_wideband_call_is_answered_with_its_codec_and_hears_the_band_bac
     tones_dir.mkdir()
     noise_dir.mkdir()
     wav = tone_bursts_wav(tones_dir / "tones.wav", rate, WIDEBAND_TONES)
-    output, sent, heard = run_baresip(tones_dir, echo_gateway.uri, wav, [module, "g711"],
-                                      f"{baresip_codec},PCMU,PCMA", srate=rate, extra=extra)
+    output, sent, heard = run_baresip(
+        tones_dir, echo_gateway.uri, wav, [module, "g711"], f"{baresip_codec},PCMU,PCMA", srate=rate, extra=extra
+    )
     assert "Call established" in output, output[-3000:]
     assert f"audio encoder: {codec}" in output, output[-3000:]
     assert sent and heard, output[-3000:]
@@ -301,14 +340,16 @@ def test_baresip_wideband_call_is_answered_with_its_codec_and_hears_the_band_bac
     assert len(said) >= 12 and -1 not in said, said
     # every tone came back at its frequency, 5 and 6.5 kHz included
     assert len(echo) >= 6 and {2, 3} <= set(echo) and echo.count(-1) <= 1, echo
-    timing.expect(-1 not in echo and all((b - a) % len(WIDEBAND_TONES) == 1 for a, b in zip(echo, echo[1:],
-                                                                                               strict=False)),
-                  f"the tones came back whole and in order: {echo}")
+    timing.expect(
+        -1 not in echo and all((b - a) % len(WIDEBAND_TONES) == 1 for a, b in zip(echo, echo[1:], strict=False)),
+        f"the tones came back whole and in order: {echo}",
+    )
     assert new_call(echo_gateway, before)["codec"] == codec
 
     wav = wideband_bursts_wav(noise_dir / "noise.wav", rate)
-    output, sent, heard = run_baresip(noise_dir, echo_gateway.uri, wav, [module, "g711"],
-                                      f"{baresip_codec},PCMU,PCMA", srate=rate, extra=extra)
+    output, sent, heard = run_baresip(
+        noise_dir, echo_gateway.uri, wav, [module, "g711"], f"{baresip_codec},PCMU,PCMA", srate=rate, extra=extra
+    )
     assert sent and heard, output[-3000:]
     spoken, spoken_rate = read_wav_native(sent)
     echoed, echoed_rate = read_wav_native(heard)
@@ -325,8 +366,7 @@ def test_baresip_wideband_call_is_answered_with_its_codec_and_hears_the_band_bac
 
 @realtime_test()
 @pytest.mark.parametrize("codec, rate", [("PCMA", 8000), ("G722", 16000), ("opus", 48000)])
-async def test_moshimoshi_call_offers_its_codec_first_and_hears_it_back(echo_gateway, tmp_path, timing, codec,
-                                                                        rate):
+async def test_moshimoshi_call_offers_its_codec_first_and_hears_it_back(echo_gateway, tmp_path, timing, codec, rate):
     """`moshimoshi call --codec X` offers X, then G.711: the gateway takes X, the recording is
     at X's rate, tones come back in order, and DTMF digits arrive on the negotiated type."""
     from service.settings import CallSettings
@@ -334,9 +374,17 @@ async def test_moshimoshi_call_offers_its_codec_first_and_hears_it_back(echo_gat
 
     tones = WIDEBAND_TONES if rate > 8000 else (500, 1200, 2500, 3300)
     wav = tone_bursts_wav(tmp_path / "tones.wav", rate, tones, seconds=3.0)
-    settings = CallSettings(uri=echo_gateway.uri, play=str(wav), record=str(tmp_path / "out.wav"), seconds=3.6,
-                            local_host="127.0.0.1", codec=codec, dtmf="7*", api=echo_gateway.api,
-                            api_token=ADMIN_TOKEN)
+    settings = CallSettings(
+        uri=echo_gateway.uri,
+        play=str(wav),
+        record=str(tmp_path / "out.wav"),
+        seconds=3.6,
+        local_host="127.0.0.1",
+        codec=codec,
+        dtmf="7*",
+        api=echo_gateway.api,
+        api_token=ADMIN_TOKEN,
+    )
     summary = await place_call(settings)
     assert (summary["codec"], summary["sample_rate"]) == (codec, rate)
     with wave.open(summary["recording"]) as rec:
@@ -344,8 +392,10 @@ async def test_moshimoshi_call_offers_its_codec_first_and_hears_it_back(echo_gat
         frames = np.frombuffer(rec.readframes(rec.getnframes()), "<i2").reshape(-1, 2)
     echo = tone_sequence(np.ascontiguousarray(frames[:, 1]), rate, tones)
     assert len(echo) >= 5 and {2, 3} <= set(echo) and echo.count(-1) <= 1, echo
-    timing.expect(-1 not in echo and all((b - a) % len(tones) == 1 for a, b in zip(echo, echo[1:], strict=False)),
-                  f"the tones came back whole and in order: {echo}")
+    timing.expect(
+        -1 not in echo and all((b - a) % len(tones) == 1 for a, b in zip(echo, echo[1:], strict=False)),
+        f"the tones came back whole and in order: {echo}",
+    )
     status, transcript = echo_gateway.get(f"/v1/calls/{summary['gateway_call_id']}/transcript")
     assert status == 200, transcript
     assert [e["text"] for e in transcript["events"] if e["kind"] == "dtmf"] == ["7", "*"], transcript

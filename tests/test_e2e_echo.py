@@ -67,7 +67,7 @@ def sound_segments(pcm: np.ndarray, rate: int = 8000) -> list[tuple[int, int]]:
     """(start, end) sample indices of the stretches of sound in ``pcm``: 10 ms blocks louder
     than a quiet floor, joined across gaps shorter than 30 ms, kept when at least 100 ms."""
     block = rate // 100
-    loud = [np.abs(pcm[i:i + block].astype(np.float64)).mean() > 300 for i in range(0, len(pcm) - block, block)]
+    loud = [np.abs(pcm[i : i + block].astype(np.float64)).mean() > 300 for i in range(0, len(pcm) - block, block)]
     segments: list[tuple[int, int]] = []
     for i, is_loud in enumerate(loud):
         if not is_loud:
@@ -90,13 +90,13 @@ def echo_delay(sent: np.ndarray, received: np.ndarray) -> tuple[float, float]:
     delays, found, sounds = [], 0, 0
     for start, end in sound_segments(sent):
         window = a[start:end]
-        span = b[start + lo:end + hi]
+        span = b[start + lo : end + hi]
         if len(span) < len(window) + hi - lo:
             continue  # too close to the end of the recording to be heard back in it
         sounds += 1
         scores = np.correlate(span, window, mode="valid")
         lag = int(np.argmax(scores))
-        match = span[lag:lag + len(window)]
+        match = span[lag : lag + len(window)]
         if match.std() > 0 and np.corrcoef(window, match)[0, 1] > 0.9:
             found += 1
             delays.append((lag + lo) / 8.0)
@@ -111,7 +111,9 @@ def echo_gateway(request, tmp_path_factory):
     production default, and asyncio), chosen the way an operator would: MOSHIMOSHI_EVENT_LOOP."""
     log_dir = tmp_path_factory.mktemp("echo-serve")
     # DTMF digits in clear: the tests check the digits the gateway decoded (masking: test_call_capture.py)
-    gateway = start_serve(log_dir, "echo", env={"MOSHIMOSHI_EVENT_LOOP": request.param, "MOSHIMOSHI_DTMF_CLEAR": "true"})
+    gateway = start_serve(
+        log_dir, "echo", env={"MOSHIMOSHI_EVENT_LOOP": request.param, "MOSHIMOSHI_DTMF_CLEAR": "true"}
+    )
     try:
         gateway.wait_ready()
         assert f"event loop {request.param}" in gateway.proc.log(), gateway.proc.log()[-3000:]
@@ -128,8 +130,7 @@ def ended_calls(gateway) -> list[dict]:
 
 
 async def test_sipp_builtin_uac_calls_complete(echo_gateway, tmp_path):
-    sipp = Sipp(tmp_path, "-sn", "uac", f"127.0.0.1:{echo_gateway.sip_port}", "-mp", str(free_port()),
-                "-d", "1000")
+    sipp = Sipp(tmp_path, "-sn", "uac", f"127.0.0.1:{echo_gateway.sip_port}", "-mp", str(free_port()), "-d", "1000")
     sipp.args[sipp.args.index("-m") + 1] = "3"
     await sipp.start()
     await sipp.finished(within=60)
@@ -140,12 +141,20 @@ async def test_sipp_builtin_uac_calls_complete(echo_gateway, tmp_path):
 async def test_sipp_audio_is_echoed_and_its_dtmf_digit_reported(echo_gateway, tmp_path, transport):
     # calls of earlier tests may still be ending: only a call that arrived after this one began counts
     began = time.time()
-    sipp = Sipp(tmp_path, "-sf", str(SCENARIOS / "uac_pcma_dtmf.xml"), f"127.0.0.1:{echo_gateway.sip_port}",
-                "-mp", str(media_port()), transport=transport)
+    sipp = Sipp(
+        tmp_path,
+        "-sf",
+        str(SCENARIOS / "uac_pcma_dtmf.xml"),
+        f"127.0.0.1:{echo_gateway.sip_port}",
+        "-mp",
+        str(media_port()),
+        transport=transport,
+    )
     await sipp.start()
     await sipp.finished(within=60)
-    new = wait_until(lambda: [c for c in ended_calls(echo_gateway) if c["started_at"] >= began], 10,
-                     "the sipp call's record")
+    new = wait_until(
+        lambda: [c for c in ended_calls(echo_gateway) if c["started_at"] >= began], 10, "the sipp call's record"
+    )
     call = new[0]
     assert call["codec"] == "PCMA"
     assert call["end_reason"] == "remote-bye"
@@ -167,8 +176,9 @@ async def test_sipp_audio_is_echoed_and_its_dtmf_digit_reported(echo_gateway, tm
 @realtime_test()
 async def test_moshimoshi_call_hears_its_own_audio_back(echo_gateway, tmp_path, timing):
     wav = noise_bursts_wav(tmp_path / "bursts.wav")
-    settings = CallSettings(uri=echo_gateway.uri, play=str(wav), record=str(tmp_path / "out.wav"),
-                            seconds=4.0, local_host="127.0.0.1")
+    settings = CallSettings(
+        uri=echo_gateway.uri, play=str(wav), record=str(tmp_path / "out.wav"), seconds=4.0, local_host="127.0.0.1"
+    )
     summary = await place_call(settings)
     assert summary["ended_by"] == "local-bye"
     assert summary["gateway_call_id"]
@@ -194,28 +204,43 @@ def test_baresip_calls_and_hears_the_echo(echo_gateway, tmp_path, timing, transp
     wav = noise_bursts_wav(tmp_path / "bursts.wav", seconds=4.0)
     config = tmp_path / "baresip"
     config.mkdir()
-    (config / "config").write_text("\n".join([
-        "poll_method epoll",
-        f"sip_listen 127.0.0.1:{free_port_pair()}",
-        f"audio_source aufile,{wav}",
-        f"audio_player aufile,{tmp_path / 'played.wav'}",
-        f"audio_alert aufile,{tmp_path / 'alert.wav'}",
-        "audio_srate 8000",
-        "audio_channels 1",
-        "rtp_ports 31000-31999",
-        f"snd_path {tmp_path}",
-        "module_path /usr/lib/baresip/modules",
-        "module stdio.so", "module g711.so", "module aufile.so", "module sndfile.so",
-        "module_app account.so", "module_app contact.so", "module_app menu.so", ""]))
+    (config / "config").write_text(
+        "\n".join(
+            [
+                "poll_method epoll",
+                f"sip_listen 127.0.0.1:{free_port_pair()}",
+                f"audio_source aufile,{wav}",
+                f"audio_player aufile,{tmp_path / 'played.wav'}",
+                f"audio_alert aufile,{tmp_path / 'alert.wav'}",
+                "audio_srate 8000",
+                "audio_channels 1",
+                "rtp_ports 31000-31999",
+                f"snd_path {tmp_path}",
+                "module_path /usr/lib/baresip/modules",
+                "module stdio.so",
+                "module g711.so",
+                "module aufile.so",
+                "module sndfile.so",
+                "module_app account.so",
+                "module_app contact.so",
+                "module_app menu.so",
+                "",
+            ]
+        )
+    )
     (config / "accounts").write_text("<sip:baresip@127.0.0.1>;regint=0\n")
     (config / "contacts").write_text("")
     target = echo_gateway.uri + (";transport=tcp" if transport == "tcp" else "")
-    result = subprocess.run(["baresip", "-f", str(config), "-e", f"/dial {target}", "-t", "10"],
-                            capture_output=True, text=True, timeout=40)
+    result = subprocess.run(
+        ["baresip", "-f", str(config), "-e", f"/dial {target}", "-t", "10"], capture_output=True, text=True, timeout=40
+    )
     output = result.stdout + result.stderr
     assert "Call established" in output, output[-3000:]
-    calls = wait_until(lambda: [c for c in ended_calls(echo_gateway) if "baresip@" in c["from_uri"]
-                                and c["started_at"] >= began], 10, "baresip's call record")
+    calls = wait_until(
+        lambda: [c for c in ended_calls(echo_gateway) if "baresip@" in c["from_uri"] and c["started_at"] >= began],
+        10,
+        "baresip's call record",
+    )
     assert calls[0]["end_reason"] == "remote-bye", calls[0]
     received = sorted(tmp_path.glob("dump-*-dec.wav"))
     sent = sorted(tmp_path.glob("dump-*-enc.wav"))
@@ -237,11 +262,13 @@ def sip_options(port: int) -> str:
         sock.bind(("127.0.0.1", 0))
         sock.settimeout(5)
         local = sock.getsockname()[1]
-        message = (f"OPTIONS sip:agent@127.0.0.1:{port} SIP/2.0\r\n"
-                   f"Via: SIP/2.0/UDP 127.0.0.1:{local};branch=z9hG4bK{uuid.uuid4().hex};rport\r\n"
-                   f"From: <sip:probe@127.0.0.1>;tag=p1\r\nTo: <sip:agent@127.0.0.1>\r\n"
-                   f"Call-ID: {uuid.uuid4().hex}\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\n"
-                   f"Content-Length: 0\r\n\r\n")
+        message = (
+            f"OPTIONS sip:agent@127.0.0.1:{port} SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP 127.0.0.1:{local};branch=z9hG4bK{uuid.uuid4().hex};rport\r\n"
+            f"From: <sip:probe@127.0.0.1>;tag=p1\r\nTo: <sip:agent@127.0.0.1>\r\n"
+            f"Call-ID: {uuid.uuid4().hex}\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\n"
+            f"Content-Length: 0\r\n\r\n"
+        )
         sock.sendto(message.encode(), ("127.0.0.1", port))
         return sock.recv(65536).decode().split("\r\n", 1)[0]
 
@@ -258,8 +285,15 @@ async def test_concurrent_calls_each_hear_their_own_echo(echo_gateway, tmp_path)
             wav.setsampwidth(2)
             wav.setframerate(8000)
             wav.writeframes((0.3 * np.sin(2 * np.pi * freq * t) * 32767).astype("<i2").tobytes())
-        settings.append(CallSettings(uri=echo_gateway.uri, play=str(path), record=str(tmp_path / f"out{i}.wav"),
-                                     seconds=3.0, local_host="127.0.0.1"))
+        settings.append(
+            CallSettings(
+                uri=echo_gateway.uri,
+                play=str(path),
+                record=str(tmp_path / f"out{i}.wav"),
+                seconds=3.0,
+                local_host="127.0.0.1",
+            )
+        )
     summaries = await asyncio.gather(*(place_call(s) for s in settings))
     for summary, freq in zip(summaries, (300, 500, 700, 900), strict=True):
         with wave.open(summary["recording"]) as rec:

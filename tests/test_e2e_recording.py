@@ -33,10 +33,16 @@ CONSENT = "この通話は品質向上のため録音させていただきます
 
 def start_echo_gateway(tmp_path: Path, **env: str) -> Gateway:
     sip_port, http_port = free_port(), free_port()
-    proc = Process("gateway", ["gateway", "--worker-url", "echo:", "--echo-delay-ms", str(ECHO_MS),
-                               *gateway_args(sip_port, http_port)], tmp_path,
-                   env={"MOSHIMOSHI_API_TOKENS": f"{TOKENS},{RECORDINGS_TOKEN}:recordings",
-                        "MOSHIMOSHI_TRANSCRIPTION": "false", **env})
+    proc = Process(
+        "gateway",
+        ["gateway", "--worker-url", "echo:", "--echo-delay-ms", str(ECHO_MS), *gateway_args(sip_port, http_port)],
+        tmp_path,
+        env={
+            "MOSHIMOSHI_API_TOKENS": f"{TOKENS},{RECORDINGS_TOKEN}:recordings",
+            "MOSHIMOSHI_TRANSCRIPTION": "false",
+            **env,
+        },
+    )
     gateway = Gateway(proc, sip_port, http_port)
     gateway.wait_ready()
     return gateway
@@ -65,8 +71,9 @@ def best_lag(a: np.ndarray, b: np.ndarray, rate: int, max_lag: float = 0.6) -> t
     return lags[best] / up, float(scores[best])
 
 
-def windows_matching(a: np.ndarray, b: np.ndarray, rate: int, lags: tuple[float, float],
-                     window: float = 0.5) -> tuple[float, list[tuple[float, float, float]]]:
+def windows_matching(
+    a: np.ndarray, b: np.ndarray, rate: int, lags: tuple[float, float], window: float = 0.5
+) -> tuple[float, list[tuple[float, float, float]]]:
     """The share of ``window``-long stretches with sound where ``a`` matches ``b`` (correlation
     above 0.9 at a lag within ``lags``), and each stretch's (start, lag, correlation). A
     receiver's adaptive playout moves its timing by a packet or two early in a call, so one
@@ -84,8 +91,15 @@ def windows_matching(a: np.ndarray, b: np.ndarray, rate: int, lags: tuple[float,
 
 
 async def call_and_fetch(gateway: Gateway, tmp_path: Path, play: Path, seconds: float) -> tuple[dict, dict, bytes]:
-    summary = await place_call(CallSettings(uri=gateway.uri, play=str(play), record=str(tmp_path / "client.wav"),
-                                            seconds=seconds, local_host="127.0.0.1"))
+    summary = await place_call(
+        CallSettings(
+            uri=gateway.uri,
+            play=str(play),
+            record=str(tmp_path / "client.wav"),
+            seconds=seconds,
+            local_host="127.0.0.1",
+        )
+    )
     call_id = summary["gateway_call_id"]
 
     def stored() -> dict | None:
@@ -98,16 +112,18 @@ async def call_and_fetch(gateway: Gateway, tmp_path: Path, play: Path, seconds: 
     import httpx
 
     async with httpx.AsyncClient() as client:
-        answer = await client.get(f"{gateway.api}/v1/calls/{call_id}/recording",
-                                  headers={"Authorization": f"Bearer {RECORDINGS_TOKEN}"})
+        answer = await client.get(
+            f"{gateway.api}/v1/calls/{call_id}/recording", headers={"Authorization": f"Bearer {RECORDINGS_TOKEN}"}
+        )
     assert answer.status_code == 200, answer.text
     return summary, record, answer.content
 
 
 async def test_the_recording_is_the_call_as_the_caller_sent_and_heard_it(tmp_path):
     play = noise_bursts_wav(tmp_path / "caller.wav", seconds=5.0)
-    gateway = start_echo_gateway(tmp_path, MOSHIMOSHI_RECORDING="wav",
-                                 MOSHIMOSHI_RECORDING_DIR=str(tmp_path / "recordings"))
+    gateway = start_echo_gateway(
+        tmp_path, MOSHIMOSHI_RECORDING="wav", MOSHIMOSHI_RECORDING_DIR=str(tmp_path / "recordings")
+    )
     try:
         summary, record, content = await call_and_fetch(gateway, tmp_path, play, 5.0)
     finally:
@@ -143,9 +159,14 @@ async def test_opus_recordings_in_a_bucket_with_the_consent_announcement_first(t
     with s3_server(tmp_path) as s3:
         s3.client().create_bucket(Bucket="call-recordings")
         gateway = start_echo_gateway(
-            tmp_path, MOSHIMOSHI_RECORDING="ogg", MOSHIMOSHI_RECORDING_DIR=str(tmp_path / "spool"),
-            MOSHIMOSHI_RECORDING_S3_BUCKET="call-recordings", MOSHIMOSHI_RECORDING_S3_ENDPOINT_URL=s3.url,
-            MOSHIMOSHI_CONSENT_ANNOUNCEMENT=str(announcement), **CREDENTIALS)
+            tmp_path,
+            MOSHIMOSHI_RECORDING="ogg",
+            MOSHIMOSHI_RECORDING_DIR=str(tmp_path / "spool"),
+            MOSHIMOSHI_RECORDING_S3_BUCKET="call-recordings",
+            MOSHIMOSHI_RECORDING_S3_ENDPOINT_URL=s3.url,
+            MOSHIMOSHI_CONSENT_ANNOUNCEMENT=str(announcement),
+            **CREDENTIALS,
+        )
         try:
             summary, record, content = await call_and_fetch(gateway, tmp_path, play, consent_seconds + 3.0)
             status, transcript = gateway.get(f"/v1/calls/{summary['gateway_call_id']}/transcript")
@@ -156,8 +177,7 @@ async def test_opus_recordings_in_a_bucket_with_the_consent_announcement_first(t
         stored = s3.client().get_object(Bucket="call-recordings", Key=location.removeprefix("s3://call-recordings/"))
         assert stored["Body"].read() == content and stored["ContentType"] == "audio/ogg"
     assert list((tmp_path / "spool" / ".partial").iterdir()) == []  # uploaded, then gone from the disk
-    assert [(e["kind"], e["text"]) for e in transcript["events"]] == [
-        ("note", "recording consent announcement played")]
+    assert [(e["kind"], e["text"]) for e in transcript["events"]] == [("note", "recording consent announcement played")]
     # the caller heard the announcement first (from the model's first frame: the echo's comes
     # 400 ms in), then the agent (the echo of the caller), not the other way round
     sent, received, rate = stereo(tmp_path / "client.wav")
@@ -178,9 +198,9 @@ def find(audio: np.ndarray, reference: np.ndarray, *, within: float, rate: int) 
     """Where ``reference`` begins in ``audio`` (in its first ``within`` seconds), and how well it matches."""
     from scipy.signal import correlate
 
-    head = audio[:len(reference) + round(within * rate)]
+    head = audio[: len(reference) + round(within * rate)]
     scores = correlate(head, reference, mode="valid", method="fft")
-    norms = np.sqrt(np.convolve(head ** 2, np.ones(len(reference)), mode="valid")) * np.linalg.norm(reference)
+    norms = np.sqrt(np.convolve(head**2, np.ones(len(reference)), mode="valid")) * np.linalg.norm(reference)
     scores = scores / (norms + 1e-9)
     best = int(np.argmax(scores))
     return best / rate, float(scores[best])

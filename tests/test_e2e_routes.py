@@ -33,8 +33,15 @@ from tests.support.udp import UdpPeer
 
 pytestmark = pytest.mark.system
 
-ECHO, DEMO, QUEUE, FULL, LIMITED, SHORT, SWITCH = ("0311110000", "0322220000", "0344440000", "0355550000",
-                                                  "0366660000", "0388880000", "0377770000")
+ECHO, DEMO, QUEUE, FULL, LIMITED, SHORT, SWITCH = (
+    "0311110000",
+    "0322220000",
+    "0344440000",
+    "0355550000",
+    "0366660000",
+    "0388880000",
+    "0377770000",
+)
 PBX = "0391910000"  # a PBX's line: pressing 0 hands the call back to it by REFER
 ROUTES = f"""\
 # one number per behaviour under test
@@ -100,7 +107,7 @@ def peak_hz(pcm: np.ndarray, rate: int) -> float:
 
 
 def rms(pcm: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(pcm ** 2))) if len(pcm) else 0.0
+    return float(np.sqrt(np.mean(pcm**2))) if len(pcm) else 0.0
 
 
 class Cluster(tp.NamedTuple):
@@ -154,16 +161,27 @@ def record(gateway: Gateway, call_id: str) -> dict:
 
 
 def ended(gateway: Gateway, call_id: str) -> dict:
-    return wait_until(lambda: (lambda r: r if r["state"] == "ended" else None)(record(gateway, call_id)), 15,
-                      f"call {call_id} ended", gateway.proc)
+    return wait_until(
+        lambda: (lambda r: r if r["state"] == "ended" else None)(record(gateway, call_id)),
+        15,
+        f"call {call_id} ended",
+        gateway.proc,
+    )
 
 
-def settings(cluster: Cluster, number: str, name: str, seconds: float, freq: float = 440.0,
-             **extra: tp.Any) -> CallSettings:
-    return CallSettings(uri=f"sip:{number}@127.0.0.1:{cluster.gateway.sip_port}",
-                        play=str(tone_wav(cluster.dir / f"{name}.wav", seconds, freq)),
-                        record=str(cluster.dir / f"{name}-heard.wav"), seconds=seconds, local_host="127.0.0.1",
-                        api=cluster.gateway.api, api_token=ADMIN_TOKEN, **extra)
+def settings(
+    cluster: Cluster, number: str, name: str, seconds: float, freq: float = 440.0, **extra: tp.Any
+) -> CallSettings:
+    return CallSettings(
+        uri=f"sip:{number}@127.0.0.1:{cluster.gateway.sip_port}",
+        play=str(tone_wav(cluster.dir / f"{name}.wav", seconds, freq)),
+        record=str(cluster.dir / f"{name}-heard.wav"),
+        seconds=seconds,
+        local_host="127.0.0.1",
+        api=cluster.gateway.api,
+        api_token=ADMIN_TOKEN,
+        **extra,
+    )
 
 
 def reloads(gateway: Gateway) -> int:
@@ -195,8 +213,13 @@ async def test_two_numbers_reach_two_models_and_a_third_gets_404(cluster):
     assert (echo_record["route"], echo_record["model"], echo_record["worker_id"]) == ("echo-line", "echo", "w-echo")
     assert (demo_record["route"], demo_record["model"], demo_record["worker_id"]) == ("demo-line", "demo", "w-demo")
     assert demo_record["dialled"] == DEMO  # national form, matched against the E.164 route
-    assert demo_record["sampling"] == {"greedy": False, "temp": 0.5, "temp_text": 0.7, "top_k": 10,
-                                       "top_k_text": 25}  # the route's overrides, as the worker applied them
+    assert demo_record["sampling"] == {
+        "greedy": False,
+        "temp": 0.5,
+        "temp_text": 0.7,
+        "top_k": 10,
+        "top_k_text": 25,
+    }  # the route's overrides, as the worker applied them
     assert echo_record["sampling"] is None  # the echo worker samples nothing
     pcm, rate = heard(echo["recording"])
     assert abs(peak_hz(pcm[rate:], rate) - 440) < 10  # the echo worker sent our tone back
@@ -221,7 +244,7 @@ async def test_a_queued_caller_hears_ringback_as_early_media_then_the_agent_on_t
     ringing = early[: int(0.9 * rate)]  # the first second of the cadence is tone
     assert rms(ringing) > 1000, rms(ringing)
     assert abs(peak_hz(ringing, rate) - 400) < 20, peak_hz(ringing, rate)
-    assert rms(early[int(1.2 * rate): int(2.8 * rate)]) < 100  # then two seconds of the cadence's silence
+    assert rms(early[int(1.2 * rate) : int(2.8 * rate)]) < 100  # then two seconds of the cadence's silence
     assert queued["arrivals"]["sequence_gaps"] == 0, queued["arrivals"]  # one stream, early media to the end
     pcm, rate = heard(queued["recording"])
     assert abs(peak_hz(pcm[rate:], rate) - 440) < 10  # then the agent (the echo), no more ringback
@@ -238,7 +261,7 @@ async def test_no_slot_within_the_queue_time_plays_the_routes_message_then_bye(c
     assert 1.0 < overflow["answer_seconds"] < 2.5, overflow  # a queue time of 1 s, then the answer
     assert overflow["call_seconds"] < 3.0, overflow
     pcm, rate = heard(overflow["recording"])
-    message = pcm[int(0.2 * rate): int(1.3 * rate)]
+    message = pcm[int(0.2 * rate) : int(1.3 * rate)]
     assert abs(peak_hz(message, rate) - 1000) < 10 and rms(message) > 1000
     call = ended(cluster.gateway, overflow["gateway_call_id"])
     assert call["end_reason"] == "overflow-message" and call["worker_id"] == "", call
@@ -247,9 +270,12 @@ async def test_no_slot_within_the_queue_time_plays_the_routes_message_then_bye(c
 
 async def test_a_route_at_its_limit_answers_503_and_counts_it(cluster):
     first = asyncio.create_task(place_call(settings(cluster, LIMITED, "limited1", 3.0)))
-    await asyncio.to_thread(wait_until, lambda: metric(cluster.gateway,
-                                                       'moshimoshi_route_calls_active{route="limited-line"}') == 1.0,
-                            10, "the first call on the route")
+    await asyncio.to_thread(
+        wait_until,
+        lambda: metric(cluster.gateway, 'moshimoshi_route_calls_active{route="limited-line"}') == 1.0,
+        10,
+        "the first call on the route",
+    )
     with pytest.raises(CallFailed) as refused:
         await place_call(settings(cluster, LIMITED, "limited2", 1.0))
     assert refused.value.status == 503
@@ -259,8 +285,12 @@ async def test_a_route_at_its_limit_answers_503_and_counts_it(cluster):
     summary = await first
     assert summary["received_rms"] > 1000
     assert metric(cluster.gateway, 'moshimoshi_route_limited_calls_total{route="limited-line"}') == 1.0
-    await asyncio.to_thread(wait_until, lambda: metric(
-        cluster.gateway, 'moshimoshi_route_calls_active{route="limited-line"}') == 0.0, 10, "the route idle")
+    await asyncio.to_thread(
+        wait_until,
+        lambda: metric(cluster.gateway, 'moshimoshi_route_calls_active{route="limited-line"}') == 0.0,
+        10,
+        "the route idle",
+    )
 
 
 async def test_a_dtmf_key_hangs_up_and_a_route_limits_the_call_length(cluster):
@@ -277,15 +307,18 @@ async def test_sighup_reloads_the_routes_and_a_call_in_progress_keeps_its_route(
     talking = asyncio.create_task(place_call(settings(cluster, SWITCH, "during-reload", 5.0, 440.0)))
     await asyncio.to_thread(wait_until, lambda: pool_free(gateway) == 2, 10, "the call up")
     before = reloads(gateway)
-    cluster.routes.write_text(ROUTES.replace("  - name: switch-line\n    match: {number: \"0377770000\"}\n"
-                                             "    model: echo", "  - name: switch-line\n    match: {number: "
-                                             "\"0377770000\"}\n    model: demo"))
+    cluster.routes.write_text(
+        ROUTES.replace(
+            '  - name: switch-line\n    match: {number: "0377770000"}\n    model: echo',
+            '  - name: switch-line\n    match: {number: "0377770000"}\n    model: demo',
+        )
+    )
     gateway.proc.signal(signal.SIGHUP)
     await asyncio.to_thread(wait_until, lambda: reloads(gateway) > before, 10, "the reload")
     assert "SIGHUP: reloading the routes" in gateway.proc.log()
     during = await talking
     pcm, rate = heard(during["recording"])
-    assert abs(peak_hz(pcm[3 * rate:], rate) - 440) < 10  # still the echo after the reload
+    assert abs(peak_hz(pcm[3 * rate :], rate) - 440) < 10  # still the echo after the reload
     assert ended(gateway, during["gateway_call_id"])["model"] == "echo"
     after = await place_call(settings(cluster, SWITCH, "after-reload", 2.0))
     assert ended(gateway, after["gateway_call_id"])["model"] == "demo"  # the next call: the new route
@@ -309,12 +342,17 @@ def leases(gateway: Gateway) -> dict[str, str] | None:
     assert status == 200 and isinstance(pool, dict), pool
     if not all(worker["alive"] for worker in pool["workers"]):
         return None
-    return {slot["call_id"]: worker["worker_id"] for worker in pool["workers"] for slot in worker["slots"]
-            if slot["state"] == "leased"}
+    return {
+        slot["call_id"]: worker["worker_id"]
+        for worker in pool["workers"]
+        for slot in worker["slots"]
+        if slot["state"] == "leased"
+    }
 
 
 async def listed_leases(gateway: Gateway, within: float) -> dict[str, str]:
     """:func:`leases` as soon as every worker is listed."""
+
     def listed() -> tuple[dict[str, str]] | None:
         found = leases(gateway)
         return (found,) if found is not None else None
@@ -339,11 +377,21 @@ async def test_dtmf_0_hands_the_call_back_to_the_pbx_by_refer_and_frees_the_slot
     /v1/pool while the gateway's leg is still hanging up."""
     gateway = cluster.gateway
     log_file = tmp_path / "sipp-pbx.log"
-    sipp = await Sipp(tmp_path, "-sf", str(SCENARIOS / "uac_refer_dtmf.xml"), "-s", PBX, "-trace_logs",
-                      "-log_file", str(log_file), f"127.0.0.1:{gateway.sip_port}").start()
+    sipp = await Sipp(
+        tmp_path,
+        "-sf",
+        str(SCENARIOS / "uac_refer_dtmf.xml"),
+        "-s",
+        PBX,
+        "-trace_logs",
+        "-log_file",
+        str(log_file),
+        f"127.0.0.1:{gateway.sip_port}",
+    ).start()
     try:
-        call = await asyncio.to_thread(wait_until, lambda: live_call(gateway, "pbx-line"), 10, "the call answered",
-                                       gateway.proc)
+        call = await asyncio.to_thread(
+            wait_until, lambda: live_call(gateway, "pbx-line"), 10, "the call answered", gateway.proc
+        )
         held = await listed_leases(gateway, within=5)
         assert held.get(call["id"]) == "w-echo", (call, held)
 
@@ -362,13 +410,20 @@ async def test_dtmf_0_hands_the_call_back_to_the_pbx_by_refer_and_frees_the_slot
     assert done["end_reason"] == "transferred", done
     [attempt] = done["transfers"]
     assert (attempt["by"], attempt["mode"], attempt["outcome"], attempt["status"], attempt["target"]) == (
-        "dtmf", "refer", "transferred", 200, "sip:queue@pbx.example"), attempt
+        "dtmf",
+        "refer",
+        "transferred",
+        200,
+        "sip:queue@pbx.example",
+    ), attempt
     ai, human = done["phases"]
     assert ai["end"] == human["start"] and (human["mode"], human["target"]) == ("refer", "sip:queue@pbx.example")
     status, transcript = gateway.get(f"/v1/calls/{call['id']}/transcript")
     assert status == 200 and isinstance(transcript, dict), transcript
     assert [(e["kind"], e["text"]) for e in transcript["events"] if e["kind"] in ("dtmf", "transfer")] == [
-        ("dtmf", "*"), ("transfer", "transferred to sip:queue@pbx.example (refer)")]  # digits stored masked
+        ("dtmf", "*"),
+        ("transfer", "transferred to sip:queue@pbx.example (refer)"),
+    ]  # digits stored masked
 
 
 TRANSFER_LINES = """\
@@ -398,8 +453,8 @@ async def test_dtmf_0_hands_the_caller_to_the_routes_fallback(cluster, tmp_path)
         await person.stop()
         await reload(cluster, ROUTES)
     pcm, rate = heard(summary["recording"])
-    assert abs(peak_hz(pcm[int(0.3 * rate):int(0.9 * rate)], rate) - 440) < 10  # the AI (the echo) first
-    assert abs(peak_hz(pcm[5 * rate:], rate) - 1000) < 10  # then the person
+    assert abs(peak_hz(pcm[int(0.3 * rate) : int(0.9 * rate)], rate) - 440) < 10  # the AI (the echo) first
+    assert abs(peak_hz(pcm[5 * rate :], rate) - 1000) < 10  # then the person
     call = ended(cluster.gateway, summary["gateway_call_id"])
     [attempt] = call["transfers"]
     assert (attempt["by"], attempt["outcome"], attempt["target"]) == ("dtmf", "transferred", person.uri), attempt
@@ -422,7 +477,7 @@ async def test_no_slot_hands_the_caller_to_the_humans_by_the_routes_overflow(clu
         await reload(cluster, ROUTES)
     assert summary["answer_seconds"] > 0.9, summary  # it waited its queue time first
     pcm, rate = heard(summary["recording"])
-    assert abs(peak_hz(pcm[2 * rate:], rate) - 1000) < 10  # the person
+    assert abs(peak_hz(pcm[2 * rate :], rate) - 1000) < 10  # the person
     call = ended(cluster.gateway, summary["gateway_call_id"])
     [attempt] = call["transfers"]
     assert (attempt["by"], attempt["outcome"]) == ("overflow", "transferred"), attempt
@@ -431,20 +486,27 @@ async def test_no_slot_hands_the_caller_to_the_humans_by_the_routes_overflow(clu
 
 def test_an_invalid_routes_file_stops_the_gateway_with_one_line_naming_the_line(tmp_path):
     bad = tmp_path / "routes.yaml"
-    bad.write_text("routes:\n  - name: a\n    model: echo\n    dtmf: {\"0\": transfer}\n")
-    result = subprocess.run(moshimoshi_cmd("gateway", "--worker-url", "echo:", "--routes", str(bad),
-                                           "--sip-port", "0", "--http-port", "0"),
-                            capture_output=True, text=True, timeout=60, env=python_env())
+    bad.write_text('routes:\n  - name: a\n    model: echo\n    dtmf: {"0": transfer}\n')
+    result = subprocess.run(
+        moshimoshi_cmd("gateway", "--worker-url", "echo:", "--routes", str(bad), "--sip-port", "0", "--http-port", "0"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=python_env(),
+    )
     assert result.returncode == 2, result
     lines = result.stderr.strip().splitlines()
-    assert lines == [f"moshimoshi: configuration error: MOSHIMOSHI_ROUTES: {bad}:4: route 'a': DTMF 0 transfers, "
-                     "but the route has no 'fallback' target"], result.stderr
+    assert lines == [
+        f"moshimoshi: configuration error: MOSHIMOSHI_ROUTES: {bad}:4: route 'a': DTMF 0 transfers, "
+        "but the route has no 'fallback' target"
+    ], result.stderr
     assert "Traceback" not in result.stdout + result.stderr
 
 
 def place(gateway: Gateway, body: dict) -> httpx.Response:
-    return httpx.post(gateway.api + "/v1/calls", json=body, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-                      timeout=10)
+    return httpx.post(
+        gateway.api + "/v1/calls", json=body, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10
+    )
 
 
 @requires(shutil.which("baresip") is not None, "baresip is not installed")
@@ -456,25 +518,48 @@ def test_an_outbound_call_to_baresip_is_answered_with_audio_both_ways_and_record
     port = free_port_pair()
     config = tmp_path / "baresip"
     config.mkdir()
-    (config / "config").write_text("\n".join([
-        "poll_method epoll", f"sip_listen 127.0.0.1:{port}", f"audio_source aufile,{wav}",
-        f"audio_player aufile,{tmp_path / 'played.wav'}", f"audio_alert aufile,{tmp_path / 'alert.wav'}",
-        "audio_srate 8000", "audio_channels 1", "rtp_ports 31000-31999", f"snd_path {tmp_path}",
-        "module_path /usr/lib/baresip/modules", "module stdio.so", "module g711.so", "module aufile.so",
-        "module sndfile.so", "module_app account.so", "module_app contact.so", "module_app menu.so", ""]))
+    (config / "config").write_text(
+        "\n".join(
+            [
+                "poll_method epoll",
+                f"sip_listen 127.0.0.1:{port}",
+                f"audio_source aufile,{wav}",
+                f"audio_player aufile,{tmp_path / 'played.wav'}",
+                f"audio_alert aufile,{tmp_path / 'alert.wav'}",
+                "audio_srate 8000",
+                "audio_channels 1",
+                "rtp_ports 31000-31999",
+                f"snd_path {tmp_path}",
+                "module_path /usr/lib/baresip/modules",
+                "module stdio.so",
+                "module g711.so",
+                "module aufile.so",
+                "module sndfile.so",
+                "module_app account.so",
+                "module_app contact.so",
+                "module_app menu.so",
+                "",
+            ]
+        )
+    )
     (config / "accounts").write_text("<sip:callee@127.0.0.1>;regint=0;answermode=auto;audio_codecs=PCMU\n")
     (config / "contacts").write_text("")
-    baresip = subprocess.Popen(["baresip", "-f", str(config), "-t", "20"], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    baresip = subprocess.Popen(
+        ["baresip", "-f", str(config), "-t", "20"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         wait_until(lambda: _listening(port), 10, "baresip listening")
-        response = place(cluster.gateway, {"to": f"sip:callee@127.0.0.1:{port}", "from": "+81312345678",
-                                           "route": "echo-line"})
+        response = place(
+            cluster.gateway, {"to": f"sip:callee@127.0.0.1:{port}", "from": "+81312345678", "route": "echo-line"}
+        )
         assert response.status_code == 202, response.text
         call_id = response.json()["call_id"]
         assert response.json()["route"] == "echo-line"
-        live = wait_until(lambda: (lambda r: r if r["answered_at"] else None)(record(cluster.gateway, call_id)),
-                          10, "the callee's answer")
+        live = wait_until(
+            lambda: (lambda r: r if r["answered_at"] else None)(record(cluster.gateway, call_id)),
+            10,
+            "the callee's answer",
+        )
         assert live["ingress"] == "outbound" and live["model"] == "echo" and live["to_uri"].startswith("sip:callee@")
         call = ended(cluster.gateway, call_id)  # baresip hangs up when its file ends
         output, _ = baresip.communicate(timeout=30)
@@ -488,7 +573,7 @@ def test_an_outbound_call_to_baresip_is_answered_with_audio_both_ways_and_record
     received = sorted(tmp_path.glob("dump-*-dec.wav"))
     assert received, output[-2000:]
     pcm, rate = heard(received[0], channel=0)
-    assert rms(pcm[rate:3 * rate]) > 1000 and abs(peak_hz(pcm[rate:3 * rate], rate) - 600) < 10
+    assert rms(pcm[rate : 3 * rate]) > 1000 and abs(peak_hz(pcm[rate : 3 * rate], rate) - 600) < 10
     quality = call["quality"]
     assert quality["packets_received"] > 100 and quality["packets_sent"] > 100, quality
     status, transcript = cluster.gateway.get(f"/v1/calls/{call_id}/transcript")
@@ -500,8 +585,9 @@ async def test_a_busy_callee_is_recorded_with_the_reason(cluster, tmp_path):
     sipp = await Sipp(tmp_path, "-sf", str(SCENARIOS / "uas_busy.xml")).start()
     try:
         await sipp.listening()
-        response = await asyncio.to_thread(place, cluster.gateway, {"to": f"sip:busy@127.0.0.1:{sipp.port}",
-                                                                    "route": "echo-line"})
+        response = await asyncio.to_thread(
+            place, cluster.gateway, {"to": f"sip:busy@127.0.0.1:{sipp.port}", "route": "echo-line"}
+        )
         assert response.status_code == 202, response.text
         call = await asyncio.to_thread(ended, cluster.gateway, response.json()["call_id"])
         await sipp.finished()
@@ -517,8 +603,9 @@ async def test_an_outbound_call_hung_up_while_it_rings_is_cancelled(cluster, tmp
     sipp = await Sipp(tmp_path, "-sf", str(SCENARIOS / "uas_cancel.xml")).start()
     try:
         await sipp.listening()
-        response = await asyncio.to_thread(place, cluster.gateway, {"to": f"sip:ringing@127.0.0.1:{sipp.port}",
-                                                                    "route": "echo-line"})
+        response = await asyncio.to_thread(
+            place, cluster.gateway, {"to": f"sip:ringing@127.0.0.1:{sipp.port}", "route": "echo-line"}
+        )
         assert response.status_code == 202, response.text
         call_id = response.json()["call_id"]
         await asyncio.sleep(1.0)  # ringing
@@ -538,8 +625,9 @@ async def test_an_outbound_call_without_a_free_slot_gets_503_and_sends_no_invite
     holder = asyncio.create_task(place_call(settings(cluster, DEMO, "holds-demo-2", 3.0)))
     try:
         await asyncio.to_thread(wait_until, lambda: pool_free(cluster.gateway) == 2, 10, "the demo slot taken")
-        response = await asyncio.to_thread(place, cluster.gateway, {"to": f"sip:nobody@127.0.0.1:{peer.address[1]}",
-                                                                    "route": "demo-line"})
+        response = await asyncio.to_thread(
+            place, cluster.gateway, {"to": f"sip:nobody@127.0.0.1:{peer.address[1]}", "route": "demo-line"}
+        )
         assert response.status_code == 503, response.text
         assert response.headers.get("Retry-After") == "9"
         unknown = await asyncio.to_thread(place, cluster.gateway, {"to": "sip:x@127.0.0.1", "route": "nope"})
@@ -563,4 +651,3 @@ def _listening(port: int) -> bool:
         except OSError:
             return True
     return False
-

@@ -32,17 +32,26 @@ from tests.support.tools import requires
 SIPP_AUDIO = Path("/usr/share/sip-tester/g711a.pcap")
 QUEUE_SECONDS = 8
 
-pytestmark = [pytest.mark.system, requires(have_sipp(), "sipp (sip-tester) is not installed"),
-              requires(SIPP_AUDIO.exists(), "sip-tester's pcaps are not installed")]
+pytestmark = [
+    pytest.mark.system,
+    requires(have_sipp(), "sipp (sip-tester) is not installed"),
+    requires(SIPP_AUDIO.exists(), "sip-tester's pcaps are not installed"),
+]
 
 
 @pytest.fixture(scope="module", params=EVENT_LOOPS)
 def gateway(request, tmp_path_factory):
     """One worker slot, calls wait up to QUEUE_SECONDS for it."""
     log_dir = tmp_path_factory.mktemp("interop-serve")
-    gateway = start_serve(log_dir, "echo", "--slots", "1", "--queue-seconds", str(QUEUE_SECONDS),
-                          env={"MOSHIMOSHI_EVENT_LOOP": request.param,
-                               "MOSHIMOSHI_DTMF_CLEAR": "true"})  # the digits decoded are checked
+    gateway = start_serve(
+        log_dir,
+        "echo",
+        "--slots",
+        "1",
+        "--queue-seconds",
+        str(QUEUE_SECONDS),
+        env={"MOSHIMOSHI_EVENT_LOOP": request.param, "MOSHIMOSHI_DTMF_CLEAR": "true"},
+    )  # the digits decoded are checked
     try:
         gateway.wait_ready()
         yield gateway
@@ -62,6 +71,7 @@ def new_ended_call(gateway, before: set[str], within: float = 15.0) -> dict:
         status, body = gateway.get("/v1/calls?state=ended&limit=50")
         assert status == 200, body
         return [c for c in body["calls"] if c["id"] not in before]
+
     [call] = wait_until(ended, within, "the call's record")
     status, detail = gateway.get(f"/v1/calls/{call['id']}")
     assert status == 200, detail
@@ -80,8 +90,16 @@ def metric(gateway, line_start: str) -> float:
 
 
 async def run_sipp(tmp_path: Path, gateway, scenario: str, *args: str, transport: str = "u1") -> None:
-    sipp = Sipp(tmp_path, "-sf", str(SCENARIOS / scenario), *args, f"127.0.0.1:{gateway.sip_port}",
-                "-mp", str(media_port()), transport=transport)
+    sipp = Sipp(
+        tmp_path,
+        "-sf",
+        str(SCENARIOS / scenario),
+        *args,
+        f"127.0.0.1:{gateway.sip_port}",
+        "-mp",
+        str(media_port()),
+        transport=transport,
+    )
     await sipp.start()
     try:
         await sipp.finished(within=45)
@@ -100,7 +118,8 @@ def assert_echoed(call: dict) -> None:
 
 @pytest.mark.parametrize("transport", ["u1", "t1"])
 async def test_a_delayed_offer_gets_our_offer_in_the_200_and_the_answer_in_the_ack_starts_the_echo(
-        gateway, tmp_path, transport):
+    gateway, tmp_path, transport
+):
     before = call_ids(gateway)
     await run_sipp(tmp_path, gateway, "uac_delayed_offer.xml", transport=transport)
     call = new_ended_call(gateway, before)
@@ -109,21 +128,37 @@ async def test_a_delayed_offer_gets_our_offer_in_the_200_and_the_answer_in_the_a
     assert_echoed(call)
 
 
-@pytest.mark.parametrize("keys, reason, detail", [
-    (None, "ack-without-answer", "no SDP answer"),
-    (("18", "G729", "127.0.0.1"), "unacceptable-answer", "not offered"),
-    (("8", "PCMA", "224.0.1.9"), "unacceptable-answer", "multicast"),
-    (("8", "PCMA", "localhost"), "unacceptable-answer", "not an IP address"),
-])
+@pytest.mark.parametrize(
+    "keys, reason, detail",
+    [
+        (None, "ack-without-answer", "no SDP answer"),
+        (("18", "G729", "127.0.0.1"), "unacceptable-answer", "not offered"),
+        (("8", "PCMA", "224.0.1.9"), "unacceptable-answer", "multicast"),
+        (("8", "PCMA", "localhost"), "unacceptable-answer", "not an IP address"),
+    ],
+)
 async def test_a_delayed_offer_whose_ack_brings_no_usable_answer_is_hung_up_with_the_reason(
-        gateway, tmp_path, keys, reason, detail):
+    gateway, tmp_path, keys, reason, detail
+):
     before = call_ids(gateway)
     if keys is None:
         await run_sipp(tmp_path, gateway, "uac_delayed_offer_no_answer.xml")
     else:
         pt, codec, ip = keys
-        await run_sipp(tmp_path, gateway, "uac_delayed_offer_bad_answer.xml", "-key", "answer_pt", pt,
-                       "-key", "answer_codec", codec, "-key", "answer_ip", ip)
+        await run_sipp(
+            tmp_path,
+            gateway,
+            "uac_delayed_offer_bad_answer.xml",
+            "-key",
+            "answer_pt",
+            pt,
+            "-key",
+            "answer_codec",
+            codec,
+            "-key",
+            "answer_ip",
+            ip,
+        )
     call = new_ended_call(gateway, before)
     assert call["end_reason"] == reason, call
     assert detail in call["end_detail"], call
@@ -170,8 +205,7 @@ async def test_info_dtmf_digits_are_reported_like_rfc4733_ones_and_bad_bodies_re
 @pytest.mark.parametrize("privacy", ["none", "id"])
 async def test_caller_identity_and_dialled_number_are_kept_and_privacy_honoured(gateway, tmp_path, privacy):
     before = call_ids(gateway)
-    await run_sipp(tmp_path, gateway, "uac_identity.xml", "-key", "dialled", "0501234567", "-key", "privacy",
-                   privacy)
+    await run_sipp(tmp_path, gateway, "uac_identity.xml", "-key", "dialled", "0501234567", "-key", "privacy", privacy)
     call = new_ended_call(gateway, before)
     assert call["end_reason"] == "remote-bye", call
     assert call["dialled"] == "0501234567"  # the Request-URI's user part...
@@ -185,7 +219,10 @@ async def test_caller_identity_and_dialled_number_are_kept_and_privacy_honoured(
         assert caller["number"] == "+81312345678" and caller["name"] == "Yamada Taro"
         assert not caller["withheld"]
         assert [(r["header"], r["number"]) for r in call["redirects"]] == [
-            ("diversion", "0312340000"), ("history-info", "0312340000"), ("history-info", "0501234567")]
+            ("diversion", "0312340000"),
+            ("history-info", "0312340000"),
+            ("history-info", "0501234567"),
+        ]
         assert call["redirects"][0]["reason"] == "unconditional"
     else:
         assert caller["withheld"] and caller["number"] is None and caller["name"] is None
@@ -197,12 +234,17 @@ async def test_caller_identity_and_dialled_number_are_kept_and_privacy_honoured(
 
 
 async def test_a_call_cancelled_while_queued_leaves_the_queue_at_once_and_never_takes_the_slot(gateway, tmp_path):
-    holder = asyncio.create_task(place_call(CallSettings(uri=gateway.uri, seconds=6.0, local_host="127.0.0.1",
-                                                         record=str(tmp_path / "holder.wav"))))
+    holder = asyncio.create_task(
+        place_call(
+            CallSettings(uri=gateway.uri, seconds=6.0, local_host="127.0.0.1", record=str(tmp_path / "holder.wav"))
+        )
+    )
     try:
+
         def slot_taken() -> bool:
             status, pool = gateway.get("/v1/pool")
             return status == 200 and pool["slots_busy"] == 1
+
         await asyncio.to_thread(wait_until, slot_taken, 10, "the first call holding the one slot")
         before = call_ids(gateway)
         abandoned = metric(gateway, "moshimoshi_pool_abandoned_calls_total")
@@ -230,13 +272,17 @@ async def test_a_call_cancelled_while_queued_leaves_the_queue_at_once_and_never_
 
 
 def invite(port: int, local_port: int, connection: str, call_id: str) -> bytes:
-    sdp = (f"v=0\r\no=peer 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc={connection}\r\nt=0 0\r\n"
-           f"m=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n")
-    return (f"INVITE sip:agent@127.0.0.1:{port} SIP/2.0\r\n"
-            f"Via: SIP/2.0/UDP 127.0.0.1:{local_port};branch=z9hG4bK{uuid.uuid4().hex};rport\r\n"
-            f"Max-Forwards: 70\r\nFrom: <sip:peer@127.0.0.1>;tag=p1\r\nTo: <sip:agent@127.0.0.1>\r\n"
-            f"Call-ID: {call_id}\r\nCSeq: 1 INVITE\r\nContact: <sip:peer@127.0.0.1:{local_port}>\r\n"
-            f"Content-Type: application/sdp\r\nContent-Length: {len(sdp)}\r\n\r\n{sdp}").encode()
+    sdp = (
+        f"v=0\r\no=peer 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc={connection}\r\nt=0 0\r\n"
+        f"m=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n"
+    )
+    return (
+        f"INVITE sip:agent@127.0.0.1:{port} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 127.0.0.1:{local_port};branch=z9hG4bK{uuid.uuid4().hex};rport\r\n"
+        f"Max-Forwards: 70\r\nFrom: <sip:peer@127.0.0.1>;tag=p1\r\nTo: <sip:agent@127.0.0.1>\r\n"
+        f"Call-ID: {call_id}\r\nCSeq: 1 INVITE\r\nContact: <sip:peer@127.0.0.1:{local_port}>\r\n"
+        f"Content-Type: application/sdp\r\nContent-Length: {len(sdp)}\r\n\r\n{sdp}"
+    ).encode()
 
 
 def final_status(sock: socket.socket, method: str = "INVITE") -> tuple[int, str, str]:
@@ -250,19 +296,24 @@ def final_status(sock: socket.socket, method: str = "INVITE") -> tuple[int, str,
             return status, head[0].split(" ", 2)[2], to.split("tag=")[-1]
 
 
-@pytest.mark.parametrize("connection, problem", [
-    ("IN IP6 2001:db8::7", "IPv6"),
-    ("IN IP4 localhost", "not an IP address"),
-    ("IN IP4 224.0.1.9/127", "multicast"),
-    ("IN IP4 255.255.255.255", "broadcast"),
-])
+@pytest.mark.parametrize(
+    "connection, problem",
+    [
+        ("IN IP6 2001:db8::7", "IPv6"),
+        ("IN IP4 localhost", "not an IP address"),
+        ("IN IP4 224.0.1.9/127", "multicast"),
+        ("IN IP4 255.255.255.255", "broadcast"),
+    ],
+)
 def test_sdp_naming_no_reachable_rtp_address_gets_488_with_the_reason(gateway, connection, problem):
     before = call_ids(gateway)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
         sock.settimeout(5)
-        sock.sendto(invite(gateway.sip_port, sock.getsockname()[1], connection, uuid.uuid4().hex),
-                    ("127.0.0.1", gateway.sip_port))
+        sock.sendto(
+            invite(gateway.sip_port, sock.getsockname()[1], connection, uuid.uuid4().hex),
+            ("127.0.0.1", gateway.sip_port),
+        )
         status, reason, _ = final_status(sock)
     assert status == 488 and problem in reason, reason
     call = new_ended_call(gateway, before)
@@ -281,12 +332,19 @@ def test_an_offer_on_hold_with_an_unspecified_address_is_still_answered(gateway)
         sock.sendto(invite(gateway.sip_port, local, "IN IP4 0.0.0.0", call_id), ("127.0.0.1", gateway.sip_port))
         status, _, tag = final_status(sock)
         assert status == 200
-        common = (f"Max-Forwards: 70\r\nFrom: <sip:peer@127.0.0.1>;tag=p1\r\nTo: <sip:agent@127.0.0.1>;tag={tag}\r\n"
-                  f"Call-ID: {call_id}\r\nContent-Length: 0\r\n\r\n")
+        common = (
+            f"Max-Forwards: 70\r\nFrom: <sip:peer@127.0.0.1>;tag=p1\r\nTo: <sip:agent@127.0.0.1>;tag={tag}\r\n"
+            f"Call-ID: {call_id}\r\nContent-Length: 0\r\n\r\n"
+        )
         for method, cseq in (("ACK", 1), ("BYE", 2)):
-            sock.sendto((f"{method} sip:agent@127.0.0.1:{gateway.sip_port} SIP/2.0\r\n"
-                         f"Via: SIP/2.0/UDP 127.0.0.1:{local};branch=z9hG4bK{uuid.uuid4().hex};rport\r\n"
-                         f"CSeq: {cseq} {method}\r\n" + common).encode(), ("127.0.0.1", gateway.sip_port))
+            sock.sendto(
+                (
+                    f"{method} sip:agent@127.0.0.1:{gateway.sip_port} SIP/2.0\r\n"
+                    f"Via: SIP/2.0/UDP 127.0.0.1:{local};branch=z9hG4bK{uuid.uuid4().hex};rport\r\n"
+                    f"CSeq: {cseq} {method}\r\n" + common
+                ).encode(),
+                ("127.0.0.1", gateway.sip_port),
+            )
         assert final_status(sock, "BYE")[0] == 200
 
 
@@ -296,18 +354,45 @@ def test_an_offer_on_hold_with_an_unspecified_address_is_still_answered(gateway)
 @pytest.mark.skipif(not has_ipv6(), reason="no IPv6 loopback on this machine")
 def test_moshimoshi_call_reaches_an_ipv6_gateway_from_its_own_rtp_port_range(tmp_path):
     sip_port, http_port = free_port(), free_port()
-    gateway = Process("gateway-v6", ["gateway", "--worker-url", "echo:", "--sip-host", "::", "--sip-port",
-                                     str(sip_port), "--http-host", "127.0.0.1", "--http-port", str(http_port)],
-                      tmp_path)
+    gateway = Process(
+        "gateway-v6",
+        [
+            "gateway",
+            "--worker-url",
+            "echo:",
+            "--sip-host",
+            "::",
+            "--sip-port",
+            str(sip_port),
+            "--http-host",
+            "127.0.0.1",
+            "--http-port",
+            str(http_port),
+        ],
+        tmp_path,
+    )
     try:
         wait_until(lambda: "moshimoshi ready" in gateway.log(), 60, "the gateway's banner", gateway)
         shown = format_host(outbound_address(ipv6=True))
         assert f"sip:agent@{shown}:{sip_port}\n" in gateway.log() and shown.startswith("[")  # as a URI must be
         port = media_port()
         port += port & 1
-        result = subprocess.run(moshimoshi_cmd("call", f"sip:agent@[::1]:{sip_port}", "--seconds", "2",
-                                               "--rtp-port-min", str(port), "--rtp-port-max", str(port + 1)),
-                                capture_output=True, text=True, timeout=60, env=python_env())
+        result = subprocess.run(
+            moshimoshi_cmd(
+                "call",
+                f"sip:agent@[::1]:{sip_port}",
+                "--seconds",
+                "2",
+                "--rtp-port-min",
+                str(port),
+                "--rtp-port-max",
+                str(port + 1),
+            ),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=python_env(),
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         summary = json.loads(result.stdout.strip().splitlines()[-1])
         assert summary["local_rtp_port"] == port

@@ -49,10 +49,25 @@ def secured(tmp_path_factory):
     redis_server.start()
     worker = start_worker(log_dir, redis_server.url, "sec-worker", slots=2)
     gateway = start_gateway(
-        log_dir, redis_server.url, "--sip-allow", "127.0.0.1/32,127.0.0.3/32", "--sip-auth", f"{USER}:{PASSWORD}",
-        "--sip-auth-nonce-seconds", str(NONCE_SECONDS),
-        "--sip-rate-limit", str(RATE_LIMIT), "--sip-rate-window-seconds", "2", "--sip-rate-ban-seconds", "5",
-        "--sip-tcp-first-message-seconds", "2", "--sip-tcp-message-seconds", "3")
+        log_dir,
+        redis_server.url,
+        "--sip-allow",
+        "127.0.0.1/32,127.0.0.3/32",
+        "--sip-auth",
+        f"{USER}:{PASSWORD}",
+        "--sip-auth-nonce-seconds",
+        str(NONCE_SECONDS),
+        "--sip-rate-limit",
+        str(RATE_LIMIT),
+        "--sip-rate-window-seconds",
+        "2",
+        "--sip-rate-ban-seconds",
+        "5",
+        "--sip-tcp-first-message-seconds",
+        "2",
+        "--sip-tcp-message-seconds",
+        "3",
+    )
     try:
         worker.wait_ready()
         gateway.wait_ready()
@@ -86,62 +101,107 @@ def calls_in_api(gateway) -> set[str]:
 
 
 def sdp(host: str, port: int) -> str:
-    return (f"v=0\r\no=peer 1 1 IN IP4 {host}\r\ns=-\r\nc=IN IP4 {host}\r\nt=0 0\r\n"
-            f"m=audio {port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n")
+    return (
+        f"v=0\r\no=peer 1 1 IN IP4 {host}\r\ns=-\r\nc=IN IP4 {host}\r\nt=0 0\r\n"
+        f"m=audio {port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n"
+    )
 
 
-def invite(gateway, peer: RawPeer, *, call_id: str, user: str = "agent", cseq: int = 1, body: str = "",
-           headers: str = "", via_branch: str | None = None, top_via_port: int | None = None) -> bytes:
+def invite(
+    gateway,
+    peer: RawPeer,
+    *,
+    call_id: str,
+    user: str = "agent",
+    cseq: int = 1,
+    body: str = "",
+    headers: str = "",
+    via_branch: str | None = None,
+    top_via_port: int | None = None,
+) -> bytes:
     uri = f"sip:{user}@127.0.0.1:{gateway.sip_port}"
     typed = "Content-Type: application/sdp\r\n" if body else ""
-    return (f"INVITE {uri} SIP/2.0\r\n"
-            f"Via: SIP/2.0/UDP {peer.host}:{top_via_port or peer.port};branch={via_branch or branch()};rport\r\n"
-            f"{headers}Max-Forwards: 70\r\nFrom: <sip:caller@{peer.host}>;tag=c{call_id[-6:]}\r\n"
-            f"To: <{uri}>\r\nCall-ID: {call_id}\r\nCSeq: {cseq} INVITE\r\n"
-            f"Contact: <sip:caller@{peer.host}:{peer.port}>\r\n{typed}"
-            f"Content-Length: {len(body.encode())}\r\n\r\n{body}").encode()
+    return (
+        f"INVITE {uri} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP {peer.host}:{top_via_port or peer.port};branch={via_branch or branch()};rport\r\n"
+        f"{headers}Max-Forwards: 70\r\nFrom: <sip:caller@{peer.host}>;tag=c{call_id[-6:]}\r\n"
+        f"To: <{uri}>\r\nCall-ID: {call_id}\r\nCSeq: {cseq} INVITE\r\n"
+        f"Contact: <sip:caller@{peer.host}:{peer.port}>\r\n{typed}"
+        f"Content-Length: {len(body.encode())}\r\n\r\n{body}"
+    ).encode()
 
 
 def in_dialog(method: str, gateway, peer: RawPeer, ok: Response, *, cseq: int, body: str = "") -> bytes:
     typed = "Content-Type: application/sdp\r\n" if body else ""
-    return (f"{method} sip:agent@127.0.0.1:{gateway.sip_port} SIP/2.0\r\n"
-            f"Via: SIP/2.0/UDP {peer.host}:{peer.port};branch={branch()};rport\r\nMax-Forwards: 70\r\n"
-            f"From: {ok.headers.get('From')}\r\nTo: {ok.headers.get('To')}\r\nCall-ID: {ok.call_id}\r\n"
-            f"CSeq: {cseq} {method}\r\nContact: <sip:caller@{peer.host}:{peer.port}>\r\n{typed}"
-            f"Content-Length: {len(body.encode())}\r\n\r\n{body}").encode()
+    return (
+        f"{method} sip:agent@127.0.0.1:{gateway.sip_port} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP {peer.host}:{peer.port};branch={branch()};rport\r\nMax-Forwards: 70\r\n"
+        f"From: {ok.headers.get('From')}\r\nTo: {ok.headers.get('To')}\r\nCall-ID: {ok.call_id}\r\n"
+        f"CSeq: {cseq} {method}\r\nContact: <sip:caller@{peer.host}:{peer.port}>\r\n{typed}"
+        f"Content-Length: {len(body.encode())}\r\n\r\n{body}"
+    ).encode()
 
 
 async def authenticated_call(gateway, peer: RawPeer, call_id: str, body: str) -> Response:
     """INVITE, 401, ACK, INVITE with credentials: the final response to the second."""
     first_branch = branch()
-    peer.send(invite(gateway, peer, call_id=call_id, body=body, via_branch=first_branch),
-              ("127.0.0.1", gateway.sip_port))
+    peer.send(
+        invite(gateway, peer, call_id=call_id, body=body, via_branch=first_branch), ("127.0.0.1", gateway.sip_port)
+    )
     challenge = await peer.final_response(call_id)
     assert challenge.status == 401, challenge
     peer.send(ack_for(gateway, peer, challenge, first_branch), ("127.0.0.1", gateway.sip_port))
-    peer.send(invite(gateway, peer, call_id=call_id, cseq=2, body=body,
-                     headers=f"Authorization: {credentials(gateway, challenge)}\r\n"),
-              ("127.0.0.1", gateway.sip_port))
+    peer.send(
+        invite(
+            gateway,
+            peer,
+            call_id=call_id,
+            cseq=2,
+            body=body,
+            headers=f"Authorization: {credentials(gateway, challenge)}\r\n",
+        ),
+        ("127.0.0.1", gateway.sip_port),
+    )
     return await peer.final_response(call_id, within=10)
 
 
 def credentials(gateway, challenge: Response, password: str = PASSWORD, user: str = "agent") -> str:
     value = DigestChallenge.parse(challenge.headers.get("WWW-Authenticate"))
-    return authorization(value, method="INVITE", uri=f"sip:{user}@127.0.0.1:{gateway.sip_port}", username=USER,
-                         password=password)
+    return authorization(
+        value, method="INVITE", uri=f"sip:{user}@127.0.0.1:{gateway.sip_port}", username=USER, password=password
+    )
 
 
 def ack_for(gateway, peer: RawPeer, response: Response, via_branch: str) -> bytes:
-    return (f"ACK sip:agent@127.0.0.1:{gateway.sip_port} SIP/2.0\r\n"
-            f"Via: SIP/2.0/UDP {peer.host}:{peer.port};branch={via_branch};rport\r\nMax-Forwards: 70\r\n"
-            f"From: {response.headers.get('From')}\r\nTo: {response.headers.get('To')}\r\n"
-            f"Call-ID: {response.call_id}\r\nCSeq: {response.cseq.seq} ACK\r\nContent-Length: 0\r\n\r\n").encode()
+    return (
+        f"ACK sip:agent@127.0.0.1:{gateway.sip_port} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP {peer.host}:{peer.port};branch={via_branch};rport\r\nMax-Forwards: 70\r\n"
+        f"From: {response.headers.get('From')}\r\nTo: {response.headers.get('To')}\r\n"
+        f"Call-ID: {response.call_id}\r\nCSeq: {response.cseq.seq} ACK\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
 
 
-async def sipp_call(tmp_path: Path, gateway, scenario: str, *args: str, host: str = "127.0.0.1",
-                    transport: str = "u1", within: float = 45) -> Sipp:
-    sipp = Sipp(tmp_path, "-sf", str(SCENARIOS / scenario), "-au", USER, *args,
-                f"127.0.0.1:{gateway.sip_port}", "-mp", str(media_port()), transport=transport)
+async def sipp_call(
+    tmp_path: Path,
+    gateway,
+    scenario: str,
+    *args: str,
+    host: str = "127.0.0.1",
+    transport: str = "u1",
+    within: float = 45,
+) -> Sipp:
+    sipp = Sipp(
+        tmp_path,
+        "-sf",
+        str(SCENARIOS / scenario),
+        "-au",
+        USER,
+        *args,
+        f"127.0.0.1:{gateway.sip_port}",
+        "-mp",
+        str(media_port()),
+        transport=transport,
+    )
     if host != "127.0.0.1":
         sipp.args[sipp.args.index("-i") + 1] = host
     await sipp.start()
@@ -163,8 +223,9 @@ async def test_a_scanner_sweep_from_outside_the_allow_list_gets_identical_403s_a
     try:
         for user in ("100", "1000", "admin", "agent", "test"):
             for method in ("INVITE", "REGISTER"):
-                data = invite(secured, scanner, call_id=f"scan-{secrets.token_hex(4)}", user=user,
-                              body=sdp("127.0.0.2", 40000))
+                data = invite(
+                    secured, scanner, call_id=f"scan-{secrets.token_hex(4)}", user=user, body=sdp("127.0.0.2", 40000)
+                )
                 if method != "INVITE":
                     data = data.replace(b"INVITE", method.encode())
                 scanner.send(data, ("127.0.0.1", secured.sip_port))
@@ -180,8 +241,7 @@ async def test_a_scanner_sweep_from_outside_the_allow_list_gets_identical_403s_a
 async def test_sipp_as_a_disallowed_source_gets_403(secured, tmp_path):
     """sipp (a real SIP stack) as the scanner: its INVITE gets 403, its ACK is absorbed."""
     calls_before = calls_in_api(secured)
-    sipp = Sipp(tmp_path, "-sf", str(SCENARIOS / "uac_refused.xml"), "-s", "1000",
-                f"127.0.0.1:{secured.sip_port}")
+    sipp = Sipp(tmp_path, "-sf", str(SCENARIOS / "uac_refused.xml"), "-s", "1000", f"127.0.0.1:{secured.sip_port}")
     sipp.args[sipp.args.index("-i") + 1] = "127.0.0.2"
     await sipp.start()
     try:
@@ -194,8 +254,7 @@ async def test_sipp_as_a_disallowed_source_gets_403(secured, tmp_path):
 # -- digest authentication --------------------------------------------------------------------
 
 
-async def test_sipp_with_the_right_password_calls_a_replay_a_wrong_one_and_a_stale_nonce_are_refused(
-        secured, tmp_path):
+async def test_sipp_with_the_right_password_calls_a_replay_a_wrong_one_and_a_stale_nonce_are_refused(secured, tmp_path):
     before = calls_in_api(secured)
     good = await sipp_call(tmp_path, secured, "uac_auth.xml", "-ap", PASSWORD, "-trace_msg")
     assert len(calls_in_api(secured) - before) == 1
@@ -208,9 +267,13 @@ async def test_sipp_with_the_right_password_calls_a_replay_a_wrong_one_and_a_sta
     peer = await RawPeer.udp("127.0.0.1")
     try:
         replay_uri = re.search(r'uri="([^"]+)"', used[1])[1]
-        data = invite(secured, peer, call_id="replayed", body=sdp("127.0.0.1", 40000),
-                      headers=f"Authorization: {used[1].strip()}\r\n").replace(
-            f"sip:agent@127.0.0.1:{secured.sip_port} SIP/2.0".encode(), f"{replay_uri} SIP/2.0".encode(), 1)
+        data = invite(
+            secured,
+            peer,
+            call_id="replayed",
+            body=sdp("127.0.0.1", 40000),
+            headers=f"Authorization: {used[1].strip()}\r\n",
+        ).replace(f"sip:agent@127.0.0.1:{secured.sip_port} SIP/2.0".encode(), f"{replay_uri} SIP/2.0".encode(), 1)
         peer.send(data, ("127.0.0.1", secured.sip_port))
         replayed = await peer.final_response("replayed")
     finally:
@@ -234,16 +297,35 @@ def baresip_call(tmp_path: Path, gateway, password: str) -> str:
             wav.setsampwidth(2)
             wav.setframerate(8000)
             wav.writeframes(b"\0\0" * 8000 * 3)
-    (config / "config").write_text("\n".join([
-        "poll_method epoll", f"sip_listen 127.0.0.1:{free_port()}", f"audio_source aufile,{silence}",
-        f"audio_player aufile,{tmp_path / 'played.wav'}", f"audio_alert aufile,{tmp_path / 'alert.wav'}",
-        "audio_srate 8000", "audio_channels 1", "rtp_ports 32000-32999", "module_path /usr/lib/baresip/modules",
-        "module stdio.so", "module g711.so", "module aufile.so", "module_app account.so",
-        "module_app contact.so", "module_app menu.so", ""]))
+    (config / "config").write_text(
+        "\n".join(
+            [
+                "poll_method epoll",
+                f"sip_listen 127.0.0.1:{free_port()}",
+                f"audio_source aufile,{silence}",
+                f"audio_player aufile,{tmp_path / 'played.wav'}",
+                f"audio_alert aufile,{tmp_path / 'alert.wav'}",
+                "audio_srate 8000",
+                "audio_channels 1",
+                "rtp_ports 32000-32999",
+                "module_path /usr/lib/baresip/modules",
+                "module stdio.so",
+                "module g711.so",
+                "module aufile.so",
+                "module_app account.so",
+                "module_app contact.so",
+                "module_app menu.so",
+                "",
+            ]
+        )
+    )
     (config / "accounts").write_text(f"<sip:{USER}@127.0.0.1>;auth_user={USER};auth_pass={password};regint=0\n")
     (config / "contacts").write_text("")
-    result = subprocess.run(["baresip", "-f", str(config), "-e", f"/dial sip:agent@127.0.0.1:{gateway.sip_port}",
-                             "-t", "6"], capture_output=True, timeout=40)
+    result = subprocess.run(
+        ["baresip", "-f", str(config), "-e", f"/dial sip:agent@127.0.0.1:{gateway.sip_port}", "-t", "6"],
+        capture_output=True,
+        timeout=40,
+    )
     return (result.stdout + result.stderr).decode(errors="replace")
 
 
@@ -367,8 +449,9 @@ async def test_forged_in_dialog_requests_from_another_address_end_nothing(secure
         assert ok.status == 200, ok
         caller.send(ack_for(secured, caller, ok, branch()), ("127.0.0.1", secured.sip_port))
         call_id = ok.headers.get("X-Moshimoshi-Call-Id")
-        for cseq, (method, body) in enumerate([("BYE", ""), ("INVITE", sdp("127.0.0.2", 40000)),
-                                               ("UPDATE", sdp("127.0.0.2", 40000)), ("INFO", "")], 10):
+        for cseq, (method, body) in enumerate(
+            [("BYE", ""), ("INVITE", sdp("127.0.0.2", 40000)), ("UPDATE", sdp("127.0.0.2", 40000)), ("INFO", "")], 10
+        ):
             forger.send(in_dialog(method, secured, forger, ok, cseq=cseq, body=body), ("127.0.0.1", secured.sip_port))
             assert (await forger.final_response("victim-call")).status == 403, method
         await asyncio.sleep(0.5)
@@ -376,8 +459,11 @@ async def test_forged_in_dialog_requests_from_another_address_end_nothing(secure
         assert status == 200 and record["state"] == "active", record
         caller.send(in_dialog("BYE", secured, caller, ok, cseq=3), ("127.0.0.1", secured.sip_port))
         assert (await caller.final_response("victim-call")).status == 200
-        wait_until(lambda: secured.get(f"/v1/calls/{call_id}")[1].get("end_reason") == "remote-bye", 10,
-                   "the call ended by its own caller")
+        wait_until(
+            lambda: secured.get(f"/v1/calls/{call_id}")[1].get("end_reason") == "remote-bye",
+            10,
+            "the call ended by its own caller",
+        )
     finally:
         media.close()
         await caller.close()
@@ -394,12 +480,14 @@ async def _tcp_sink(messages: asyncio.Queue) -> asyncio.Server:
             for raw in framer.feed(data):
                 messages.put_nowait(parse_message(raw))
         writer.close()
+
     return await asyncio.start_server(serve, "127.0.0.1", 0)
 
 
 def huge_vias(count: int) -> str:
-    return "".join(f"Via: SIP/2.0/UDP 192.0.2.{i % 250 + 1}:5060;branch=z9hG4bK{secrets.token_hex(8)}\r\n"
-                   for i in range(count))
+    return "".join(
+        f"Via: SIP/2.0/UDP 192.0.2.{i % 250 + 1}:5060;branch=z9hG4bK{secrets.token_hex(8)}\r\n" for i in range(count)
+    )
 
 
 async def test_a_via_list_too_big_for_a_udp_response_is_answered_over_tcp_or_with_513(secured):
@@ -413,8 +501,9 @@ async def test_a_via_list_too_big_for_a_udp_response_is_answered_over_tcp_or_wit
         challenge = await peer.final_response("nonce-for-huge")
         auth = f"Authorization: {credentials(secured, challenge)}\r\n"
         body = sdp("127.0.0.1", 40000)
-        data = invite(secured, peer, call_id="huge-tcp", body=body, headers=auth + huge_vias(960),
-                      top_via_port=sink_port)
+        data = invite(
+            secured, peer, call_id="huge-tcp", body=body, headers=auth + huge_vias(960), top_via_port=sink_port
+        )
         assert 63_000 < len(data) < 65_507
         peer.send(data, ("127.0.0.1", secured.sip_port))
         while True:
@@ -431,8 +520,10 @@ async def test_a_via_list_too_big_for_a_udp_response_is_answered_over_tcp_or_wit
         challenge = await peer.final_response("nonce-2")
         auth = f"Authorization: {credentials(secured, challenge)}\r\n"
         before = calls_in_api(secured)
-        peer.send(invite(secured, peer, call_id="huge-513", body=body, headers=auth + huge_vias(960),
-                         top_via_port=nobody), ("127.0.0.1", secured.sip_port))
+        peer.send(
+            invite(secured, peer, call_id="huge-513", body=body, headers=auth + huge_vias(960), top_via_port=nobody),
+            ("127.0.0.1", secured.sip_port),
+        )
         refused = await peer.final_response("huge-513", within=10)
         assert refused.status == 513
         assert calls_in_api(secured) == before

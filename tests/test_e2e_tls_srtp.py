@@ -48,8 +48,9 @@ needs_sniffing = requires(can_sniff(), "capturing on lo needs root (CAP_NET_RAW)
 
 
 class TlsGateway(Gateway):
-    def __init__(self, proc: Process, sip_port: int, http_port: int, tls_port: int, ca: TestCa,
-                 cert: Path, key: Path) -> None:
+    def __init__(
+        self, proc: Process, sip_port: int, http_port: int, tls_port: int, ca: TestCa, cert: Path, key: Path
+    ) -> None:
         super().__init__(proc, sip_port, http_port)
         self.tls_port, self.ca, self.cert, self.key = tls_port, ca, cert, key
 
@@ -74,12 +75,29 @@ def start_tls_gateway(folder: Path, *extra: str, name: str = "tls-gateway") -> T
     ca = TestCa(folder / "pki")
     issued = ca.issue("gateway.test", stem="gateway")
     sip_port, http_port, tls_port = free_port(), free_port(), free_port()
-    proc = Process(name, ["gateway", *gateway_args(sip_port, http_port), "--worker-url", "echo:",
-                          "--sip-tls-port", str(tls_port), "--sip-tls-cert", str(issued.cert),
-                          "--sip-tls-key", str(issued.key), "--sip-tls-handshake-seconds", "2",
-                          # the tests call from one address many times a second
-                          "--sip-rate-limit", "0", *extra],
-                   folder, env={"MOSHIMOSHI_API_TOKENS": TOKENS})
+    proc = Process(
+        name,
+        [
+            "gateway",
+            *gateway_args(sip_port, http_port),
+            "--worker-url",
+            "echo:",
+            "--sip-tls-port",
+            str(tls_port),
+            "--sip-tls-cert",
+            str(issued.cert),
+            "--sip-tls-key",
+            str(issued.key),
+            "--sip-tls-handshake-seconds",
+            "2",
+            # the tests call from one address many times a second
+            "--sip-rate-limit",
+            "0",
+            *extra,
+        ],
+        folder,
+        env={"MOSHIMOSHI_API_TOKENS": TOKENS},
+    )
     gateway = TlsGateway(proc, sip_port, http_port, tls_port, ca, issued.cert, issued.key)
     try:
         gateway.wait_ready()
@@ -99,8 +117,16 @@ def tls_gateway(tmp_path_factory):
 
 def client_settings(gateway: TlsGateway, tmp_path: Path, **overrides) -> CallSettings:
     wav = noise_bursts_wav(tmp_path / "bursts.wav", seconds=4.0)
-    values = dict(uri=gateway.tls_uri, play=str(wav), record=str(tmp_path / "out.wav"), seconds=4.0,
-                  local_host="127.0.0.1", transport="tls", srtp=True, tls_ca=str(gateway.ca.path))
+    values = dict(
+        uri=gateway.tls_uri,
+        play=str(wav),
+        record=str(tmp_path / "out.wav"),
+        seconds=4.0,
+        local_host="127.0.0.1",
+        transport="tls",
+        srtp=True,
+        tls_ca=str(gateway.ca.path),
+    )
     values.update(overrides)
     return CallSettings(**values)
 
@@ -132,6 +158,7 @@ def test_entropy_tells_g711_audio_from_ciphertext(tmp_path):
 
 # -- baresip: TLS + mandatory SRTP -----------------------------------------------------------
 
+
 def baresip_config(folder: Path, gateway: TlsGateway, wav: Path) -> Path:
     config = folder / "baresip"
     config.mkdir()
@@ -143,20 +170,32 @@ def baresip_config(folder: Path, gateway: TlsGateway, wav: Path) -> Path:
                 break
             except OSError:
                 sip_port = free_port()
-    (config / "config").write_text("\n".join([
-        "poll_method epoll",
-        f"sip_listen 127.0.0.1:{sip_port}",
-        f"sip_cafile {gateway.ca.path}",  # baresip checks the gateway's certificate against our CA
-        f"audio_source aufile,{wav}",
-        f"audio_player aufile,{folder / 'played.wav'}",
-        f"audio_alert aufile,{folder / 'alert.wav'}",
-        "audio_srate 8000",
-        "audio_channels 1",
-        f"rtp_ports {BARESIP_RTP_PORTS[0]}-{BARESIP_RTP_PORTS[1]}",
-        f"snd_path {folder}",
-        "module_path /usr/lib/baresip/modules",
-        "module stdio.so", "module g711.so", "module aufile.so", "module sndfile.so", "module srtp.so",
-        "module_app account.so", "module_app contact.so", "module_app menu.so", ""]))
+    (config / "config").write_text(
+        "\n".join(
+            [
+                "poll_method epoll",
+                f"sip_listen 127.0.0.1:{sip_port}",
+                f"sip_cafile {gateway.ca.path}",  # baresip checks the gateway's certificate against our CA
+                f"audio_source aufile,{wav}",
+                f"audio_player aufile,{folder / 'played.wav'}",
+                f"audio_alert aufile,{folder / 'alert.wav'}",
+                "audio_srate 8000",
+                "audio_channels 1",
+                f"rtp_ports {BARESIP_RTP_PORTS[0]}-{BARESIP_RTP_PORTS[1]}",
+                f"snd_path {folder}",
+                "module_path /usr/lib/baresip/modules",
+                "module stdio.so",
+                "module g711.so",
+                "module aufile.so",
+                "module sndfile.so",
+                "module srtp.so",
+                "module_app account.so",
+                "module_app contact.so",
+                "module_app menu.so",
+                "",
+            ]
+        )
+    )
     (config / "accounts").write_text("<sip:baresip@127.0.0.1;transport=tls>;regint=0;mediaenc=srtp-mand\n")
     (config / "contacts").write_text("")
     return config
@@ -165,21 +204,26 @@ def baresip_config(folder: Path, gateway: TlsGateway, wav: Path) -> Path:
 @needs_baresip
 @needs_sniffing
 @realtime_test()
-def test_baresip_over_tls_with_mandatory_srtp_hears_the_echo_and_the_wire_carries_srtp(
-        tls_gateway, tmp_path, timing):
+def test_baresip_over_tls_with_mandatory_srtp_hears_the_echo_and_the_wire_carries_srtp(tls_gateway, tmp_path, timing):
     import subprocess
+
     began = time.time()
     wav = noise_bursts_wav(tmp_path / "bursts.wav", seconds=4.0)
     config = baresip_config(tmp_path, tls_gateway, wav)
     with LoopbackSniffer(set(range(BARESIP_RTP_PORTS[0], BARESIP_RTP_PORTS[1] + 1))) as sniffer:
-        result = subprocess.run(["baresip", "-f", str(config), "-e", f"/dial sip:agent@127.0.0.1:{tls_gateway.tls_port}",
-                                 "-t", "10"], capture_output=True, text=True, timeout=40)
+        result = subprocess.run(
+            ["baresip", "-f", str(config), "-e", f"/dial sip:agent@127.0.0.1:{tls_gateway.tls_port}", "-t", "10"],
+            capture_output=True,
+            text=True,
+            timeout=40,
+        )
         captured = sniffer.stop()
     output = result.stdout + result.stderr
     assert "Call established" in output, output[-3000:]
     assert "SRTP is Enabled" in output, output[-3000:]
-    [call] = wait_until(lambda: [c for c in tls_gateway.calls_since(began) if "baresip@" in c["from_uri"]], 10,
-                        "baresip's call record")
+    [call] = wait_until(
+        lambda: [c for c in tls_gateway.calls_since(began) if "baresip@" in c["from_uri"]], 10, "baresip's call record"
+    )
     assert (call["sip_transport"], call["media_encryption"], call["end_reason"]) == ("TLS", "SDES-SRTP", "remote-bye")
     quality = tls_gateway.call(call["id"])["quality"]
     assert quality["packets_received"] > 150 and quality["srtp_suite"] == "AES_CM_128_HMAC_SHA1_80"
@@ -188,8 +232,11 @@ def test_baresip_over_tls_with_mandatory_srtp_hears_the_echo_and_the_wire_carrie
     assert quality["packets_srtp_auth_failed"] <= 2 and quality["packets_srtp_replayed"] == 0, quality
     # the call's media flow (other tests on this machine may use these ports too): the busiest
     # pair of an even baresip port and a gateway port, each way
-    flows = Counter((d.source, d.destination) for d in captured
-                    if BARESIP_RTP_PORTS[0] <= d.source[1] <= BARESIP_RTP_PORTS[1] and d.source[1] % 2 == 0)
+    flows = Counter(
+        (d.source, d.destination)
+        for d in captured
+        if BARESIP_RTP_PORTS[0] <= d.source[1] <= BARESIP_RTP_PORTS[1] and d.source[1] % 2 == 0
+    )
     (baresip, gateway), _ = flows.most_common(1)[0]
     assert_ciphertext([d for d in captured if (d.source, d.destination) == (baresip, gateway)], "baresip → gateway")
     assert_ciphertext([d for d in captured if (d.source, d.destination) == (gateway, baresip)], "gateway → baresip")
@@ -201,6 +248,7 @@ def test_baresip_over_tls_with_mandatory_srtp_hears_the_echo_and_the_wire_carrie
 
 
 # -- our own client --------------------------------------------------------------------------
+
 
 @realtime_test()
 async def test_moshimoshi_call_over_tls_with_srtp_hears_its_echo(tls_gateway, tmp_path, timing):
@@ -218,9 +266,10 @@ async def test_moshimoshi_call_over_tls_with_srtp_hears_its_echo(tls_gateway, tm
 
 async def test_plain_offers_over_tls_and_plain_calls_over_udp_are_answered_with_rtp(tls_gateway, tmp_path):
     """--srtp optional: RTP/AVP gets RTP over TLS too; over UDP the same."""
-    for settings in (client_settings(tls_gateway, tmp_path, srtp=False, seconds=1.0),
-                     client_settings(tls_gateway, tmp_path, srtp=False, seconds=1.0, transport="udp",
-                                     uri=tls_gateway.uri)):
+    for settings in (
+        client_settings(tls_gateway, tmp_path, srtp=False, seconds=1.0),
+        client_settings(tls_gateway, tmp_path, srtp=False, seconds=1.0, transport="udp", uri=tls_gateway.uri),
+    ):
         summary = await place_call(settings)
         assert summary["media_encryption"] == "none" and summary["packets_received"] > 20
         record = tls_gateway.call(summary["gateway_call_id"])
@@ -231,6 +280,7 @@ async def test_plain_offers_over_tls_and_plain_calls_over_udp_are_answered_with_
 async def test_srtp_keys_over_udp_are_refused_with_488(tls_gateway, tmp_path):
     began = time.time()
     from sip.errors import CallFailed
+
     with pytest.raises(CallFailed) as failed:
         await place_call(client_settings(tls_gateway, tmp_path, transport="udp", uri=tls_gateway.uri, seconds=1.0))
     assert failed.value.status == 488
@@ -241,24 +291,30 @@ async def test_srtp_keys_over_udp_are_refused_with_488(tls_gateway, tmp_path):
 def test_srtp_required_refuses_plain_offers_and_any_call_without_tls(tmp_path):
     gateway = start_tls_gateway(tmp_path / "required", "--srtp", "required", name="srtp-required")
     try:
+
         async def calls() -> list[int]:
             from sip.errors import CallFailed
+
             statuses = []
-            for settings in (client_settings(gateway, tmp_path, srtp=False, seconds=1.0),  # plain over TLS
-                             client_settings(gateway, tmp_path, seconds=1.0, transport="udp", uri=gateway.uri),
-                             client_settings(gateway, tmp_path, seconds=1.0)):  # TLS + SRTP: answered
+            for settings in (
+                client_settings(gateway, tmp_path, srtp=False, seconds=1.0),  # plain over TLS
+                client_settings(gateway, tmp_path, seconds=1.0, transport="udp", uri=gateway.uri),
+                client_settings(gateway, tmp_path, seconds=1.0),
+            ):  # TLS + SRTP: answered
                 try:
                     await place_call(settings)
                     statuses.append(200)
                 except CallFailed as exc:
                     statuses.append(exc.status)
             return statuses
+
         assert asyncio.run(calls()) == [488, 488, 200]
     finally:
         gateway.proc.stop()
 
 
 # -- replay, tamper, rekey ---------------------------------------------------------------------
+
 
 async def test_replayed_and_tampered_srtp_is_dropped_and_counted_and_a_rekey_goes_on(tls_gateway, tmp_path):
     """Our own SRTP caller over TLS: it replays packets and flips bits in others (counted,
@@ -331,20 +387,24 @@ async def test_replayed_and_tampered_srtp_is_dropped_and_counted_and_a_rekey_goe
 
 # -- certificates ------------------------------------------------------------------------------
 
+
 @realtime_test()
 async def test_a_certificate_renewed_during_a_call_leaves_the_call_alone_and_serves_the_next(tmp_path, timing):
     gateway = start_tls_gateway(tmp_path / "rotation", name="rotation")
     try:
-        long_call = asyncio.create_task(place_call(client_settings(gateway, tmp_path, seconds=5.0,
-                                                                   record=str(tmp_path / "long.wav"))))
+        long_call = asyncio.create_task(
+            place_call(client_settings(gateway, tmp_path, seconds=5.0, record=str(tmp_path / "long.wav")))
+        )
         await asyncio.sleep(1.5)
         assert not long_call.done()
         renewed = gateway.ca.issue("gateway.test", stem="renewed")
         os.replace(renewed.cert, gateway.cert)  # as the kubelet swaps a Secret's files
         os.replace(renewed.key, gateway.key)
         context = client_context(str(gateway.ca.path))
-        with socket.create_connection(("127.0.0.1", gateway.tls_port), timeout=5) as raw, \
-                context.wrap_socket(raw, server_hostname="localhost") as tls:
+        with (
+            socket.create_connection(("127.0.0.1", gateway.tls_port), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
             assert serial_of(tls.getpeercert(binary_form=True)) == renewed.serial
         summary = await long_call
         assert summary["ended_by"] == "local-bye" and summary["call_seconds"] >= 4.9
@@ -358,6 +418,7 @@ async def test_a_certificate_renewed_during_a_call_leaves_the_call_alone_and_ser
 
 
 # -- raw TLS probes against the gateway process -------------------------------------------------
+
 
 def probe(port: int, context: ssl.SSLContext, server_hostname: str | None = "localhost") -> ssl.SSLSocket:
     raw = socket.create_connection(("127.0.0.1", port), timeout=5)
@@ -384,9 +445,11 @@ def test_tls_probes_unknown_ca_expired_tls10_no_sni_and_silence(tls_gateway, tmp
     no_sni.check_hostname = False
     with probe(tls_gateway.tls_port, no_sni, server_hostname=None) as tls:
         assert tls.version() in ("TLSv1.2", "TLSv1.3")
-        tls.sendall(b"OPTIONS sip:agent@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TLS 127.0.0.1:5061;branch=z9hG4bKprobe1\r\n"
-                    b"From: <sip:p@127.0.0.1>;tag=1\r\nTo: <sip:agent@127.0.0.1>\r\nCall-ID: probe1\r\n"
-                    b"CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n")
+        tls.sendall(
+            b"OPTIONS sip:agent@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TLS 127.0.0.1:5061;branch=z9hG4bKprobe1\r\n"
+            b"From: <sip:p@127.0.0.1>;tag=1\r\nTo: <sip:agent@127.0.0.1>\r\nCall-ID: probe1\r\n"
+            b"CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+        )
         assert tls.recv(4096).startswith(b"SIP/2.0 200")
     with socket.create_connection(("127.0.0.1", tls_gateway.tls_port), timeout=10) as silent:
         started = time.monotonic()

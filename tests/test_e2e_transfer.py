@@ -51,8 +51,18 @@ def gateway(tmp_path_factory):
     """``moshimoshi serve --model echo`` (two slots) with a short transfer ring time; calls
     recorded (WAV), the part with a person too."""
     log_dir = tmp_path_factory.mktemp("transfer-serve")
-    served = start_serve(log_dir, "echo", "--transfer-ring-seconds", "4", "--slots", "2", "--recording", "wav",
-                         "--recording-dir", str(log_dir / "recordings"))
+    served = start_serve(
+        log_dir,
+        "echo",
+        "--transfer-ring-seconds",
+        "4",
+        "--slots",
+        "2",
+        "--recording",
+        "wav",
+        "--recording-dir",
+        str(log_dir / "recordings"),
+    )
     try:
         served.wait_ready()
         yield served
@@ -61,10 +71,12 @@ def gateway(tmp_path_factory):
         assert code in (0, -2, 130), f"serve exited {code}:\n{served.proc.log()[-3000:]}"
 
 
-def post_json(gateway: Gateway, path: str, body: dict, token: str | None = ADMIN_TOKEN,
-              timeout: float = 30.0) -> tuple[int, dict]:
-    request = urllib.request.Request(gateway.api + path, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+def post_json(
+    gateway: Gateway, path: str, body: dict, token: str | None = ADMIN_TOKEN, timeout: float = 30.0
+) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        gateway.api + path, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
@@ -99,13 +111,15 @@ def ended_call(gateway: Gateway, call_id: str) -> dict:
 def stored_recording(gateway: Gateway, call_id: str, folder: Path) -> tuple[np.ndarray, int]:
     """The call's recording once stored (int16 scale, stereo: the caller left, what the
     caller heard right) and its rate."""
+
     def stored() -> bool:
         status, body = gateway.get(f"/v1/calls/{call_id}")
         return status == 200 and (body.get("recording") or {}).get("state") == "stored"
 
     wait_until(stored, 30, f"call {call_id}'s recording stored", gateway.proc)
-    request = urllib.request.Request(f"{gateway.api}/v1/calls/{call_id}/recording",
-                                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    request = urllib.request.Request(
+        f"{gateway.api}/v1/calls/{call_id}/recording", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         (folder / "recording.wav").write_bytes(response.read())
     frames, rate = decode(folder / "recording.wav")
@@ -116,8 +130,12 @@ def leases(gateway: Gateway) -> dict[str, int]:
     """Call id → slot, for every slot leased in the pool."""
     status, pool = gateway.get("/v1/pool")
     assert status == 200, pool
-    return {slot["call_id"]: slot["slot"] for worker in pool["workers"] for slot in worker["slots"]
-            if slot["state"] == "leased"}
+    return {
+        slot["call_id"]: slot["slot"]
+        for worker in pool["workers"]
+        for slot in worker["slots"]
+        if slot["state"] == "leased"
+    }
 
 
 def transcript_kinds(gateway: Gateway, call_id: str) -> list[dict]:
@@ -128,9 +146,22 @@ def transcript_kinds(gateway: Gateway, call_id: str) -> list[dict]:
 
 # -- REFER: sipp plays the PBX -------------------------------------------------------------
 
+
 def refer_sipp(tmp_path: Path, gateway: Gateway, final: str) -> Sipp:
-    return Sipp(tmp_path, "-sf", str(SCENARIOS / "uac_refer.xml"), "-s", "agent", "-key", "notify_final", final,
-                "-trace_logs", "-log_file", str(tmp_path / "sipp-refer.log"), f"127.0.0.1:{gateway.sip_port}")
+    return Sipp(
+        tmp_path,
+        "-sf",
+        str(SCENARIOS / "uac_refer.xml"),
+        "-s",
+        "agent",
+        "-key",
+        "notify_final",
+        final,
+        "-trace_logs",
+        "-log_file",
+        str(tmp_path / "sipp-refer.log"),
+        f"127.0.0.1:{gateway.sip_port}",
+    )
 
 
 @needs_sipp
@@ -154,12 +185,20 @@ async def test_a_pbx_that_takes_the_refer_gets_the_call_and_the_slot_is_free_at_
     assert record["end_reason"] == "transferred"
     ai, human = record["phases"]
     assert ai["kind"] == "ai" and ai["worker"] == call["worker_id"] and ai["end"] is not None
-    assert (human["kind"], human["mode"], human["target"], human["end"]) == ("human", "refer",
-                                                                            "sip:queue@pbx.example", None)
+    assert (human["kind"], human["mode"], human["target"], human["end"]) == (
+        "human",
+        "refer",
+        "sip:queue@pbx.example",
+        None,
+    )
     assert ai["end"] == human["start"]
     [attempt] = record["transfers"]
-    assert (attempt["outcome"], attempt["mode"], attempt["status"], attempt["by"]) == ("transferred", "refer",
-                                                                                      200, "api")
+    assert (attempt["outcome"], attempt["mode"], attempt["status"], attempt["by"]) == (
+        "transferred",
+        "refer",
+        200,
+        "api",
+    )
     notes = await asyncio.to_thread(transcript_kinds, gateway, call["id"])
     assert [n["text"] for n in notes] == ["transferred to sip:queue@pbx.example (refer)"]
 
@@ -202,12 +241,19 @@ async def test_transfers_that_cannot_be_tried_are_refused_and_leave_nothing(gate
 
 # -- bridged: the gateway calls the person (baresip) and relays the audio -----------------
 
+
 def caller_settings(gateway: Gateway, folder: Path, seconds: float, codec: str = "PCMU") -> CallSettings:
     """``moshimoshi call`` playing a steady 440 Hz tone (the echo worker plays it back: that
     is the AI's voice here) and recording what it hears."""
     wav = tone_wav(folder / "caller.wav", CALLER_HZ, seconds + 1)
-    return CallSettings(uri=gateway.uri, play=str(wav), record=str(folder / "caller.wav.out.wav"), seconds=seconds,
-                        local_host="127.0.0.1", codec=codec)
+    return CallSettings(
+        uri=gateway.uri,
+        play=str(wav),
+        record=str(folder / "caller.wav.out.wav"),
+        seconds=seconds,
+        local_host="127.0.0.1",
+        codec=codec,
+    )
 
 
 @needs_baresip
@@ -235,10 +281,10 @@ async def test_the_caller_hears_the_person_and_gets_a_bye_when_the_person_hangs_
     assert summary["codec"] == codec and rate == (16000 if codec == "G722" else 8000)
     pcm = heard(summary["recording"])
     offset = asked - summary["recording_started_at"]
-    assert dominant_hz(pcm[int(0.5 * rate):int((offset - 0.2) * rate)], rate) == pytest.approx(CALLER_HZ, abs=10)
+    assert dominant_hz(pcm[int(0.5 * rate) : int((offset - 0.2) * rate)], rate) == pytest.approx(CALLER_HZ, abs=10)
     through = first_heard(pcm, TONE_HZ, after_s=offset, rate=rate)
     assert through is not None, "the person's tone never reached the caller"
-    assert dominant_hz(pcm[int((through + 0.2) * rate):-int(0.5 * rate)], rate) == pytest.approx(TONE_HZ, abs=10)
+    assert dominant_hz(pcm[int((through + 0.2) * rate) : -int(0.5 * rate)], rate) == pytest.approx(TONE_HZ, abs=10)
     assert f"{call['id']}: the caller and the person are relayed {relay}" in gateway.proc.log()
     record = await asyncio.to_thread(ended_call, gateway, call["id"])
     assert record["end_reason"] == "human-bye"
@@ -258,14 +304,24 @@ async def test_the_caller_hears_the_person_and_gets_a_bye_when_the_person_hangs_
     assert dominant_hz(right[with_ai], rate) == pytest.approx(CALLER_HZ, abs=10)  # the echo "AI"
     person_from = first_heard(right, TONE_HZ, after_s=handover, rate=rate)
     assert person_from is not None and person_from - handover < 1.0, "the person is not in the recording"
-    assert dominant_hz(right[int((person_from + 0.2) * rate):-int(0.5 * rate)], rate) == pytest.approx(TONE_HZ, abs=10)
-    assert dominant_hz(left[int(handover * rate):-int(0.5 * rate)], rate) == pytest.approx(CALLER_HZ, abs=10)
+    assert dominant_hz(right[int((person_from + 0.2) * rate) : -int(0.5 * rate)], rate) == pytest.approx(
+        TONE_HZ, abs=10
+    )
+    assert dominant_hz(left[int(handover * rate) : -int(0.5 * rate)], rate) == pytest.approx(CALLER_HZ, abs=10)
 
 
 @needs_baresip
 async def test_a_route_that_keeps_the_person_out_of_the_recording_gets_silence_from_the_hand_over(tmp_path):
-    served = start_serve(tmp_path, "echo", "--recording", "wav", "--recording-dir", str(tmp_path / "recordings"),
-                         "--no-recording-transfer", name="serve-no-transfer-recording")
+    served = start_serve(
+        tmp_path,
+        "echo",
+        "--recording",
+        "wav",
+        "--recording-dir",
+        str(tmp_path / "recordings"),
+        "--no-recording-transfer",
+        name="serve-no-transfer-recording",
+    )
     person = None
     try:
         await asyncio.to_thread(served.wait_ready)
@@ -289,9 +345,10 @@ async def test_a_route_that_keeps_the_person_out_of_the_recording_gets_silence_f
     [pause] = record["recording"]["pauses"]
     assert abs(pause["start"] - handover) < 0.1 and pause["end"] == record["duration_s"]
     assert abs(len(frames) / rate - record["duration_s"]) < 0.1
-    assert dominant_hz(frames[int(0.5 * rate):int((handover - 0.2) * rate), 1], rate) == pytest.approx(CALLER_HZ,
-                                                                                                      abs=10)
-    assert not frames[round(pause["start"] * rate):].any()  # neither side once the person has the call
+    assert dominant_hz(frames[int(0.5 * rate) : int((handover - 0.2) * rate), 1], rate) == pytest.approx(
+        CALLER_HZ, abs=10
+    )
+    assert not frames[round(pause["start"] * rate) :].any()  # neither side once the person has the call
     notes = [e["text"] for e in transcript["events"] if e["kind"] == "note"]
     assert "recording stopped: the part with a person is not recorded" in notes
 
@@ -319,8 +376,17 @@ async def test_the_caller_hanging_up_hangs_up_the_person(gateway, tmp_path):
 @pytest.mark.parametrize("refusal", ["603", "405"])
 async def test_a_trunk_that_refuses_the_refer_is_bridged(gateway, tmp_path, refusal):
     person = await Person(tmp_path / "person", tone_hz=TONE_HZ, quit_after=5).start()
-    sipp = await Sipp(tmp_path, "-sf", str(SCENARIOS / "uac_refer_refused.xml"), "-s", "agent", "-set",
-                      "refusal", refusal, f"127.0.0.1:{gateway.sip_port}").start()
+    sipp = await Sipp(
+        tmp_path,
+        "-sf",
+        str(SCENARIOS / "uac_refer_refused.xml"),
+        "-s",
+        "agent",
+        "-set",
+        "refusal",
+        refusal,
+        f"127.0.0.1:{gateway.sip_port}",
+    ).start()
     try:
         began = time.time()
         call = await asyncio.to_thread(active_call, gateway, began)
@@ -362,7 +428,7 @@ async def test_nobody_answering_leaves_the_caller_with_the_ai_without_dead_air(g
     offset = asked - summary["recording_started_at"]
     # the AI (the echo) went on all along: through the ringing and after it
     assert longest_silence_ms(pcm, 0.5, len(pcm) / 8000 - 0.3) < 300
-    assert dominant_hz(pcm[int((offset + 4.5) * 8000):int((offset + 6) * 8000)]) == pytest.approx(CALLER_HZ, abs=10)
+    assert dominant_hz(pcm[int((offset + 4.5) * 8000) : int((offset + 6) * 8000)]) == pytest.approx(CALLER_HZ, abs=10)
     assert "session closed" in person.output(), person.output()  # the ringing call was cancelled
     record = await asyncio.to_thread(ended_call, gateway, call["id"])
     assert [p["kind"] for p in record["phases"]] == ["ai"]
@@ -370,6 +436,7 @@ async def test_nobody_answering_leaves_the_caller_with_the_ai_without_dead_air(g
 
 
 # -- across replicas -------------------------------------------------------------------------
+
 
 @needs_sipp
 async def test_any_replica_transfers_a_call_of_another_and_answers_its_outcome(redis_server, tmp_path):

@@ -29,7 +29,7 @@ def level_db(x: np.ndarray) -> float:
 
 
 def stream(resampler, x: np.ndarray, chunk: int) -> np.ndarray:
-    return np.concatenate([resampler.process(x[i:i + chunk]) for i in range(0, len(x), chunk)])
+    return np.concatenate([resampler.process(x[i : i + chunk]) for i in range(0, len(x), chunk)])
 
 
 @pytest.mark.parametrize("freq", [300, 1000, 3000, 3400])
@@ -75,7 +75,7 @@ def test_streaming_equals_one_shot_whatever_the_chunking(chunks):
         r = make()
         parts, pos = [], 0
         for n in chunks:
-            parts.append(r.process(x[pos:pos + n]))
+            parts.append(r.process(x[pos : pos + n]))
             pos += n
         np.testing.assert_allclose(np.concatenate(parts), whole, atol=1e-5)
 
@@ -115,7 +115,7 @@ def test_unknown_resampler_is_a_clear_error():
 def test_bridge_frames_caller_audio_into_80ms_model_frames():
     bridge = MediaBridge()
     pcm = (tone(1000, 8000, 0.2) * 32767).astype(np.int16)
-    frames = [bridge.caller_audio(pcm[i:i + 160]) for i in range(0, len(pcm), 160)]
+    frames = [bridge.caller_audio(pcm[i : i + 160]) for i in range(0, len(pcm), 160)]
     produced = [f for f in frames if f is not None]
     assert [i for i, f in enumerate(frames) if f is not None] == [3, 7]
     assert all(len(f) == MODEL_FRAME_BYTES for f in produced)
@@ -252,7 +252,7 @@ def test_bridge_gives_the_same_audio_for_a_whole_frame_as_packet_by_packet():
     whole, by_packet = MediaBridge(), MediaBridge()
     for _ in range(5):
         pcm = (rng.standard_normal(640) * 8000).astype(np.int16)
-        frames = [f for f in (by_packet.caller_audio(pcm[i:i + 160]) for i in range(0, 640, 160)) if f]
+        frames = [f for f in (by_packet.caller_audio(pcm[i : i + 160]) for i in range(0, 640, 160)) if f]
         assert frames == [whole.caller_audio(pcm)]
     model = (rng.standard_normal(1920) * 8000).astype(np.int16).tobytes()
     a, b = MediaBridge(packet_samples=240), MediaBridge(packet_samples=240)
@@ -346,7 +346,6 @@ def test_pacer_restart_follows_a_new_source_at_once_without_breaking_the_tick_ca
     assert gaps.max() <= 0.0221 and sorted(gaps)[2] >= 0.0179 and gaps.min() >= 0.01
 
 
-
 @pytest.mark.parametrize("margin_ms, dropped", [(None, True), (4.0, False)])
 def test_a_relayed_stream_needs_the_relay_margin_to_go_out_whole(margin_ms, dropped):
     """A relay pushes one packet per ptime from the other leg's playout tick, within a
@@ -378,6 +377,7 @@ def test_a_relayed_stream_needs_the_relay_margin_to_go_out_whole(margin_ms, drop
     assert played == list(range(200)) and pacer.stats.late_dropped == 0
     pushed_at = {n: 100.0031 + 0.02 * n for n in range(200)}
     assert all(t - pushed_at[v] < 0.0022 + 0.0045 for t, v in sent[5:] if v is not None)
+
 
 class RecordingEdge:
     """A MediaEdge that keeps what the pipeline hands it (the pipeline's contract, nothing more)."""
@@ -432,7 +432,8 @@ def test_a_bridged_pipeline_sends_the_caller_to_the_peer_and_restarts_the_edge_w
 def test_percentiles_from_one_partial_sort_are_numpys(count: int) -> None:
     values = np.random.default_rng(count).random(count)
     assert percentiles(values, (50, 99, 100, 0)) == pytest.approx(
-        [float(np.percentile(values, q)) for q in (50, 99, 100, 0)], rel=0, abs=1e-15)
+        [float(np.percentile(values, q)) for q in (50, 99, 100, 0)], rel=0, abs=1e-15
+    )
 
 
 def test_the_latency_summary_covers_the_recent_frames_only() -> None:

@@ -20,8 +20,9 @@ STEP = 160
 
 def packet(index: int, ssrc: int = 0x1234, ts0: int = 1000, seq0: int = 0) -> RtpPacket:
     """The packet for frame ``index``; its payload names the frame so playout order is visible."""
-    return RtpPacket(0, (seq0 + index) & 0xFFFF, (ts0 + index * STEP) & 0xFFFFFFFF, ssrc,
-                     index.to_bytes(4, "big") + bytes(156))
+    return RtpPacket(
+        0, (seq0 + index) & 0xFFFF, (ts0 + index * STEP) & 0xFFFFFFFF, ssrc, index.to_bytes(4, "big") + bytes(156)
+    )
 
 
 def frame_of(payload: bytes) -> int:
@@ -53,8 +54,7 @@ class Run:
         return sum(r is CONCEAL for r in results[:last])
 
 
-def simulate(jb: JitterBuffer, arrivals: list[tuple[float, RtpPacket]], until: float,
-             pop_phase: float = 0.007) -> Run:
+def simulate(jb: JitterBuffer, arrivals: list[tuple[float, RtpPacket]], until: float, pop_phase: float = 0.007) -> Run:
     """Deliver packets at their arrival times and pop every 20 ms, in time order."""
     events = sorted(arrivals, key=lambda a: a[0])
     run = Run()
@@ -102,7 +102,7 @@ def test_a_lost_packet_is_one_concealed_frame_on_time_and_nothing_more() -> None
     run = simulate(jb, steady(200, skip=frozenset({lost})), until=4.2)
     results = run.results_after_start()
     assert results[lost] is CONCEAL  # exactly in the lost frame's slot
-    assert [frame_of(r) for r in results[lost + 1:lost + 4]] == [51, 52, 53]  # no stall after it
+    assert [frame_of(r) for r in results[lost + 1 : lost + 4]] == [51, 52, 53]  # no stall after it
     assert run.concealed_until(199) == 1 and jb.frames_played == 199
     # the frames after the loss play with the same delay as before it
     assert run.play_time(60) - run.arrivals[60] == pytest.approx(run.play_time(40) - run.arrivals[40])
@@ -264,16 +264,25 @@ def test_delay_grows_when_jitter_appears_and_shrinks_slowly_when_it_goes() -> No
     assert delay_at(9.0) > 0.070  # grown to cover the jitter within a few seconds
     assert max(d for _, d in delays) <= 0.200 + PTIME  # never beyond the ceiling (plus the grid)
     # once adapted, hardly anything is late: 10 s to 25 s
-    late_rough = late_at[round(min(late_at, key=lambda t: abs(t - 25.0)), 3)] - \
-        late_at[round(min(late_at, key=lambda t: abs(t - 10.0)), 3)]
+    late_rough = (
+        late_at[round(min(late_at, key=lambda t: abs(t - 25.0)), 3)]
+        - late_at[round(min(late_at, key=lambda t: abs(t - 10.0)), 3)]
+    )
     assert late_rough < 0.03 * 750
     assert delay_at(26.0) > 0.070  # still high right after the jitter stops: shrinking is slow
     assert delay_at(64.0) < 0.031  # and back to the floor in the end
     stats = jb.stats()
     assert stats.frames_inserted > 0 and (stats.frames_dropped + stats.slots_skipped) > 0
     # every packet is accounted for: played, late, or dropped one frame at a time to shrink
-    assert stats.frames_played + stats.packets_late + stats.frames_dropped + stats.packets_discarded \
-        + stats.packets_overflow + jb.depth == 3250
+    assert (
+        stats.frames_played
+        + stats.packets_late
+        + stats.frames_dropped
+        + stats.packets_discarded
+        + stats.packets_overflow
+        + jb.depth
+        == 3250
+    )
 
 
 def test_delay_never_exceeds_the_ceiling() -> None:
@@ -363,7 +372,7 @@ def test_a_network_stall_and_burst_raises_the_delay_for_a_while_only() -> None:
     run = simulate(jb, arrivals, until=30.2)
     # after the burst frames play in order, never later than the ceiling allows; the only
     # ones missing were dropped one at a time to bring the delay back down
-    tail = run.played[run.played.index(230):]
+    tail = run.played[run.played.index(230) :]
     assert tail == sorted(tail) and tail[-1] == 1499
     assert 1270 - len(tail) <= jb.frames_dropped and jb.packets_late == 0
     assert all(run.play_time(f) - run.arrivals[f] <= 0.200 + PTIME for f in tail)
@@ -404,8 +413,17 @@ def test_any_trace_is_played_in_order_and_every_packet_is_accounted_for(arrivals
     if jb.resyncs == 0:
         assert run.played == sorted(set(run.played))
     stats = jb.stats()
-    assert stats.frames_played + stats.packets_late + stats.packets_duplicate + stats.packets_discarded \
-        + stats.packets_overflow + stats.frames_dropped + stats.depth == stats.packets_received == len(arrivals)
+    assert (
+        stats.frames_played
+        + stats.packets_late
+        + stats.packets_duplicate
+        + stats.packets_discarded
+        + stats.packets_overflow
+        + stats.frames_dropped
+        + stats.depth
+        == stats.packets_received
+        == len(arrivals)
+    )
     assert stats.depth <= jb.max_depth + 1
     assert 0 <= stats.target_delay_ms <= 200 + 1e-6
 
@@ -423,13 +441,16 @@ def test_a_duplicated_wild_packet_does_not_count_as_confirmation() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.integers(1, 120), st.sampled_from([0.5, 0.9, 0.99, 1.0]),
-       st.lists(st.floats(-1.0, 1.0, allow_nan=False), min_size=1, max_size=400))
+@given(
+    st.integers(1, 120),
+    st.sampled_from([0.5, 0.9, 0.99, 1.0]),
+    st.lists(st.floats(-1.0, 1.0, allow_nan=False), min_size=1, max_size=400),
+)
 def test_the_transit_window_is_exact_over_the_packets_it_holds(size, quantile, transits) -> None:
     window = TransitWindow(size, quantile)
     for seen, transit in enumerate(transits, 1):
         window.add(transit)
-        held = transits[seen - window.count:seen]
+        held = transits[seen - window.count : seen]
         # the last packets, up to `size` rounded down to whole blocks, and at most a block
         # fewer once that many came
         most = window.blocks * window.block

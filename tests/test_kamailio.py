@@ -33,7 +33,9 @@ from tests.support.services import TOKENS, Gateway, Process, gateway_args, start
 from tests.support.sipp import SCENARIOS, Sipp, have_sipp
 from tests.support.tools import requires
 
-needs_tools = requires(have_kamailio() and have_sipp(), "kamailio (kamailio, kamcmd) or sipp (sip-tester) is not installed")
+needs_tools = requires(
+    have_kamailio() and have_sipp(), "kamailio (kamailio, kamcmd) or sipp (sip-tester) is not installed"
+)
 
 HAVE_SIPP_AUDIO = Path("/usr/share/sip-tester/g711a.pcap").exists()
 CALL_BUDGET_S = 10.0  # one call through the proxy, answer to BYE, on a loaded 2-core machine
@@ -44,8 +46,9 @@ CALL_BUDGET_S = 10.0  # one call through the proxy, answer to BYE, on a loaded 2
 @pytest.mark.parametrize("defines", ["as shipped", "the test's"])
 def test_the_documented_config_passes_kamailios_check(tmp_path, defines):
     if defines == "as shipped":
-        result = subprocess.run(["kamailio", "-c", "-f", str(CONFIG)], capture_output=True, text=True,
-                                timeout=30, cwd=tmp_path)
+        result = subprocess.run(
+            ["kamailio", "-c", "-f", str(CONFIG)], capture_output=True, text=True, timeout=30, cwd=tmp_path
+        )
     else:
         result = Kamailio(tmp_path, ["sip:127.0.0.1:5060"]).check()
     output = result.stdout + result.stderr
@@ -85,11 +88,26 @@ class Gateways:
             self.ports[name] = (free_port(), free_port(), 21000 + 2000 * len(self.ports))
         sip_port, http_port, rtp = self.ports[name]
         generation = sum(1 for g in self.stopped if g.proc.name.startswith(name))
-        args = ["gateway", *gateway_args(sip_port, http_port), "--rtp-port-min", str(rtp),
-                "--rtp-port-max", str(rtp + 1998), "--gateway-id", name, "--queue-seconds", "1",
-                "--drain-grace-seconds", "60"]
-        proc = Process(f"{name}-{generation}", args, self.workdir,
-                       env={"REDIS_URL": self.redis_url, "MOSHIMOSHI_API_TOKENS": TOKENS})
+        args = [
+            "gateway",
+            *gateway_args(sip_port, http_port),
+            "--rtp-port-min",
+            str(rtp),
+            "--rtp-port-max",
+            str(rtp + 1998),
+            "--gateway-id",
+            name,
+            "--queue-seconds",
+            "1",
+            "--drain-grace-seconds",
+            "60",
+        ]
+        proc = Process(
+            f"{name}-{generation}",
+            args,
+            self.workdir,
+            env={"REDIS_URL": self.redis_url, "MOSHIMOSHI_API_TOKENS": TOKENS},
+        )
         self.running[name] = Gateway(proc, sip_port, http_port)
         return self.running[name]
 
@@ -143,8 +161,21 @@ class Caller:
     def start(self, scenario: str = "uac_call.xml", hold_ms: int = 200) -> tuple[Sipp, Path]:
         self.count += 1
         log = self.workdir / f"call{self.count}-{scenario}.log"
-        sipp = Sipp(self.workdir, "-sf", str(SCENARIOS / scenario), "-s", "agent", "-d", str(hold_ms),
-                    f"127.0.0.1:{self.proxy.port}", "-mp", str(free_port()), "-trace_logs", "-log_file", str(log))
+        sipp = Sipp(
+            self.workdir,
+            "-sf",
+            str(SCENARIOS / scenario),
+            "-s",
+            "agent",
+            "-d",
+            str(hold_ms),
+            f"127.0.0.1:{self.proxy.port}",
+            "-mp",
+            str(free_port()),
+            "-trace_logs",
+            "-log_file",
+            str(log),
+        )
         return sipp, log
 
     async def finish(self, sipp: Sipp, log: Path, started: float) -> Answered:
@@ -263,8 +294,10 @@ async def test_kamailio_dispatches_round_robin_and_fails_over_on_drain_and_crash
         stalled = system.worker_lost()
         if not stalled:
             raise
-        timing.expect(False, f"the worker watchdog ended {stalled} (no audio from the echo worker for 5 s), "
-                             f"then: {str(exc)[:2000]}")
+        timing.expect(
+            False,
+            f"the worker watchdog ended {stalled} (no audio from the echo worker for 5 s), then: {str(exc)[:2000]}",
+        )
     finally:
         await ua.stop()
         system.stop()
@@ -277,8 +310,9 @@ async def no_worker_no_gateway(system: Failover) -> None:
     tm makes of a relayed 503."""
     proxy, gateways = system.proxy, system.gateways
     assert proxy is not None
-    await eventually(lambda: all(gateways.readiness(n).get("ready") is False for n in NAMES), 60,
-               "both gateways up and unready")
+    await eventually(
+        lambda: all(gateways.readiness(n).get("ready") is False for n in NAMES), 60, "both gateways up and unready"
+    )
     await eventually(lambda: system.states() == BOTH_OUT, 30, "both gateways out", system.states)
     failed = await refused(system.ua, proxy)
     assert (failed.status, failed.reason) == (503, "No moshimoshi gateway available")
@@ -297,8 +331,12 @@ async def no_worker_no_gateway(system: Failover) -> None:
 
 async def options_bring_both_up(system: Failover) -> None:
     system.worker = worker = start_worker(system.tmp_path, system.redis_url, f"w-{system.tmp_path.name}", "echo", 2)
-    await eventually(lambda: system.states() == BOTH_UP, 90, "OPTIONS to mark both gateways up",
-               lambda: f"{system.states()}\n{worker.proc.log()[-2000:]}")
+    await eventually(
+        lambda: system.states() == BOTH_UP,
+        90,
+        "OPTIONS to mark both gateways up",
+        lambda: f"{system.states()}\n{worker.proc.log()[-2000:]}",
+    )
 
 
 async def calls_alternate(system: Failover) -> None:
@@ -327,9 +365,11 @@ async def busy_pool_is_not_retried(system: Failover) -> None:
     system.picks += 1
     assert failed.status == 503 and "all agents busy" in (failed.reason or ""), (failed.status, failed.reason)
     assert failed.response.headers.get("Retry-After") == "30"
-    new = await eventually(lambda: [c for c in gateways.ended_calls()
-                              if c["id"] not in ended_before and c["end_reason"] != "remote-bye"], 10,
-                     "the busy call's record")
+    new = await eventually(
+        lambda: [c for c in gateways.ended_calls() if c["id"] not in ended_before and c["end_reason"] != "remote-bye"],
+        10,
+        "the busy call's record",
+    )
     assert [(c["end_reason"], c["gateway_id"]) for c in new] == [("rejected-busy", busy_gateway)], new
     assert system.states() == BOTH_UP
     for sipp, log, started in long_calls:
@@ -341,9 +381,11 @@ async def busy_pool_is_not_retried(system: Failover) -> None:
         finally:
             await sipp.stop()
     if HAVE_SIPP_AUDIO:  # its record is written just after the BYE
-        pcma = await eventually(lambda: [c for c in gateways.ended_calls()
-                                   if c["codec"] == "PCMA" and c["id"] not in ended_before], 10,
-                          "the PCMA call's record")
+        pcma = await eventually(
+            lambda: [c for c in gateways.ended_calls() if c["codec"] == "PCMA" and c["id"] not in ended_before],
+            10,
+            "the PCMA call's record",
+        )
         assert len(pcma) == 1 and pcma[0]["end_reason"] == "remote-bye", pcma
 
 
@@ -360,8 +402,9 @@ async def crashed_gateway_costs_one_invite_timer(system: Failover) -> None:
     system.picks += 3
     proxy.probing(True)
     assert [a.gateway for a in answered] == [survivor] * 3, answered
-    system.timing.expect(all(a.seconds < CALL_BUDGET_S for a in answered),
-                         f"each call within {CALL_BUDGET_S} s of a crash: {answered}")
+    system.timing.expect(
+        all(a.seconds < CALL_BUDGET_S for a in answered), f"each call within {CALL_BUDGET_S} s of a crash: {answered}"
+    )
     assert f"gateway {gateways.uri(victim)} failed (408 " in proxy.log(), proxy.log()[-3000:]
     assert system.states()[victim] == "IP"
     gateways.retire(victim)
@@ -379,8 +422,11 @@ async def drained_gateway_takes_no_new_call_and_finishes_its_own(system: Failove
     long_started = time.monotonic()
     await long_sipp.start()
     try:
-        holder = await eventually(lambda: next((n for n in NAMES if gateways.readiness(n).get("calls") == 1), None),
-                            20, "the long call answered")
+        holder = await eventually(
+            lambda: next((n for n in NAMES if gateways.readiness(n).get("calls") == 1), None),
+            20,
+            "the long call answered",
+        )
         other = "gw-b" if holder == "gw-a" else "gw-a"
         assert (await caller.call()).gateway == other  # the round robin now points at holder
         proxy.probing(False)
@@ -390,8 +436,10 @@ async def drained_gateway_takes_no_new_call_and_finishes_its_own(system: Failove
         answered = await caller.calls(3)
         proxy.probing(True)
         assert [a.gateway for a in answered] == [other] * 3, answered
-        system.timing.expect(all(a.seconds < CALL_BUDGET_S for a in answered),
-                             f"each call within {CALL_BUDGET_S} s of a drain: {answered}")
+        system.timing.expect(
+            all(a.seconds < CALL_BUDGET_S for a in answered),
+            f"each call within {CALL_BUDGET_S} s of a drain: {answered}",
+        )
         assert f"gateway {gateways.uri(holder)} failed (503 " in proxy.log(), proxy.log()[-3000:]
         assert system.states()[holder] == "IP"
         # the new calls were placed while the drained gateway still held its own (10 s) call
@@ -400,8 +448,12 @@ async def drained_gateway_takes_no_new_call_and_finishes_its_own(system: Failove
     finally:
         await long_sipp.stop()
     assert long_call.gateway == holder
-    await eventually(lambda: not draining.proc.alive(), 30, f"{holder} to exit once its call ended",
-               lambda: draining.proc.log()[-2000:])
+    await eventually(
+        lambda: not draining.proc.alive(),
+        30,
+        f"{holder} to exit once its call ended",
+        lambda: draining.proc.log()[-2000:],
+    )
     assert draining.proc.proc.returncode == 0, draining.proc.log()[-3000:]
     gateways.retire(holder)
     status, record = gateways.any().get(f"/v1/calls/{long_call.call_id}")
@@ -551,9 +603,13 @@ async def test_we_cancel_a_call_to_sipp_through_kamailio(tmp_path, sipps, proxie
     await ua.start()
     try:
         ringing = asyncio.Event()
-        task = asyncio.create_task(ua.invite(
-            proxy.uri, str(build_offer(MediaPreferences(), "127.0.0.1", 30000)),
-            on_provisional=lambda response: response.status == 180 and ringing.set()))
+        task = asyncio.create_task(
+            ua.invite(
+                proxy.uri,
+                str(build_offer(MediaPreferences(), "127.0.0.1", 30000)),
+                on_provisional=lambda response: response.status == 180 and ringing.set(),
+            )
+        )
         await asyncio.wait_for(ringing.wait(), 20)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

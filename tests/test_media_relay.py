@@ -32,9 +32,17 @@ async def leg(allocator, peer: UdpPeer) -> tuple[RtpSession, CallMedia]:
     rtp = await RtpSession.open(allocator, host="127.0.0.1")
     rtp.update_remote("127.0.0.1", peer.address[1])
     rtp.trust_ip("127.0.0.1")  # what the dialer does for the person it called: media may go there at once
-    negotiated = NegotiatedMedia(remote_address="127.0.0.1", remote_port=peer.address[1], remote_rtcp_port=None,
-                                 codec="PCMU", payload_type=0, clock_rate=8000, ptime=20,
-                                 dtmf_payload_type=None, direction="sendrecv")
+    negotiated = NegotiatedMedia(
+        remote_address="127.0.0.1",
+        remote_port=peer.address[1],
+        remote_rtcp_port=None,
+        codec="PCMU",
+        payload_type=0,
+        clock_rate=8000,
+        ptime=20,
+        dtmf_payload_type=None,
+        direction="sendrecv",
+    )
     frames: list[bytes] = []
     media = CallMedia(rtp, negotiated, to_model=frames.append)
     media.start()
@@ -81,8 +89,7 @@ async def test_the_relay_plays_the_models_last_words_then_the_person_packet_by_p
             person.send(packet(n, 0x5151, PERSON_HZ), ("127.0.0.1", person_rtp.local_port))
             caller.send(packet(n, 0xCA11, CALLER_HZ), ("127.0.0.1", caller_rtp.local_port))
             await asyncio.sleep(max(0.0, started + 0.02 * (n + 1) - loop.time()))
-            if first_in is None and any(abs(f - PERSON_HZ) < 60 and lv > 1000
-                                        for f, lv in audio(caller.drain())):
+            if first_in is None and any(abs(f - PERSON_HZ) < 60 and lv > 1000 for f, lv in audio(caller.drain())):
                 first_in = loop.time() - started
         await asyncio.sleep(0.2)
     finally:
@@ -99,8 +106,10 @@ async def test_the_relay_plays_the_models_last_words_then_the_person_packet_by_p
     loud = [f for f, lv in to_person if lv > 1000]
     assert len(loud) >= 36 and all(abs(f - CALLER_HZ) < 60 for f in loud)  # the caller, whole, to the person
     # a jitter buffer (20 ms at least) and a pacer, not an 80 ms frame and two resamplers
-    timing.expect(caller_media.pacer.stats.late_dropped == 0 and person_media.pacer.stats.late_dropped == 0,
-                  f"no relayed packet dropped as late: {caller_media.pacer.stats}, {person_media.pacer.stats}")
+    timing.expect(
+        caller_media.pacer.stats.late_dropped == 0 and person_media.pacer.stats.late_dropped == 0,
+        f"no relayed packet dropped as late: {caller_media.pacer.stats}, {person_media.pacer.stats}",
+    )
     timing.expect(first_in < 0.075, f"the person's first packet reached the caller after {first_in * 1000:.0f} ms")
 
 
@@ -134,5 +143,7 @@ async def test_the_model_s_queued_words_are_not_cut_before_the_person_speaks(tim
     # the pacer's own start, not the relay: a first frame that comes just after a silence
     # tick has its first packet sent up to ~9 ms past due (the next tick comes no sooner than
     # half a ptime), and dropped when that tick runs over a millisecond late (1 run in ~12)
-    timing.expect(caller_media.pacer.stats.late_dropped <= 1,
-                  f"no packet of the model's words dropped but maybe the first: {caller_media.pacer.stats}")
+    timing.expect(
+        caller_media.pacer.stats.late_dropped <= 1,
+        f"no packet of the model's words dropped but maybe the first: {caller_media.pacer.stats}",
+    )

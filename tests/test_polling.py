@@ -13,6 +13,7 @@ async def test_eventually_returns_the_first_truthy_value_and_awaits_coroutines()
 
     async def ready() -> int:
         return 7
+
     assert await eventually(ready, 5) == 7
 
 

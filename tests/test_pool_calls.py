@@ -18,9 +18,17 @@ async def client(redis_server):
 
 
 def record(call_id: str, started_at: float, worker_id: str = "w1", **extra) -> CallRecord:
-    return CallRecord(call_id=call_id, sip_call_id=f"{call_id}@pbx", from_uri="sip:0312345678@pbx",
-                      to_uri="sip:agent@moshi", codec="PCMU", worker_id=worker_id, slot=0,
-                      started_at=started_at, **extra)
+    return CallRecord(
+        call_id=call_id,
+        sip_call_id=f"{call_id}@pbx",
+        from_uri="sip:0312345678@pbx",
+        to_uri="sip:agent@moshi",
+        codec="PCMU",
+        worker_id=worker_id,
+        slot=0,
+        started_at=started_at,
+        **extra,
+    )
 
 
 async def test_create_update_end_get(client):
@@ -29,15 +37,21 @@ async def test_create_update_end_get(client):
     assert await records.create(record("c1", started, quality=CallQuality(ptime_ms=20)))
     assert not await records.create(record("c1", started))  # no overwrite
     assert await records.update("c1", state=ACTIVE, answered_at=started + 0.5, quality=CallQuality(jitter_ms=3.5))
-    assert await records.update("c1", quality=CallQuality(loss_fraction=0.01, resampler="日本語",
-                                                          gateway_latency_ms=GatewayLatency(p50=1.5)))
+    assert await records.update(
+        "c1", quality=CallQuality(loss_fraction=0.01, resampler="日本語", gateway_latency_ms=GatewayLatency(p50=1.5))
+    )
     got = await records.get("c1")
     assert got.state == ACTIVE and got.answered_at == pytest.approx(started + 0.5)
     assert got.started_at == pytest.approx(started) and got.ended_at is None and got.slot == 0
     assert (got.sip_call_id, got.from_uri, got.to_uri, got.codec) == (
-        "c1@pbx", "sip:0312345678@pbx", "sip:agent@moshi", "PCMU")
-    assert got.quality == CallQuality(ptime_ms=20, jitter_ms=3.5, loss_fraction=0.01, resampler="日本語",
-                                      gateway_latency_ms=GatewayLatency(p50=1.5))
+        "c1@pbx",
+        "sip:0312345678@pbx",
+        "sip:agent@moshi",
+        "PCMU",
+    )
+    assert got.quality == CallQuality(
+        ptime_ms=20, jitter_ms=3.5, loss_fraction=0.01, resampler="日本語", gateway_latency_ms=GatewayLatency(p50=1.5)
+    )
 
     assert await records.end("c1", "bye_caller", ended_at=started + 60)
     got = await records.get("c1")
@@ -49,10 +63,21 @@ async def test_a_record_stored_by_an_earlier_version_reads_back(client):
     """Records of earlier gateways kept ingress, gateway and sampling among the quality
     fields, and quality fields this version does not know: they read back, the unknown
     ones left out."""
-    await client.redis.hset(client.keys.call("c-old"), mapping={
-        "call_id": "c-old", "state": "active", "started_at": "1700000000.5", "slot": "2",
-        "q.ingress": '"sip"', "q.gateway": '"gw-old"', "q.sampling": '{"temp": 0.8}', "q.jitter_ms": "4.5",
-        "q.mos": "4.1", "answered_at": "not a number"})
+    await client.redis.hset(
+        client.keys.call("c-old"),
+        mapping={
+            "call_id": "c-old",
+            "state": "active",
+            "started_at": "1700000000.5",
+            "slot": "2",
+            "q.ingress": '"sip"',
+            "q.gateway": '"gw-old"',
+            "q.sampling": '{"temp": 0.8}',
+            "q.jitter_ms": "4.5",
+            "q.mos": "4.1",
+            "answered_at": "not a number",
+        },
+    )
     got = await CallRecords(client).get("c-old")
     assert (got.ingress, got.gateway_id, got.sampling, got.slot) == ("sip", "gw-old", {"temp": 0.8}, 2)
     assert got.quality == CallQuality(jitter_ms=4.5) and got.answered_at is None

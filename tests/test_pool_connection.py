@@ -42,8 +42,13 @@ def test_sentinel_url_forms():
     assert (address.service, address.db, address.password, address.sentinel_password) == ("pool", 0, "p@ss", "sp")
     address = parse_sentinel_url("redis+sentinel://app:secret@s1/mymaster")
     assert (address.username, address.password) == ("app", "secret")
-    for bad in ("redis+sentinel://s1:26379", "redis+sentinel://s1:x/m", "redis+sentinel:///m",
-                "redis+sentinel://s1/m/notadb", "redis+sentinel://s1/m/0/extra"):
+    for bad in (
+        "redis+sentinel://s1:26379",
+        "redis+sentinel://s1:x/m",
+        "redis+sentinel:///m",
+        "redis+sentinel://s1/m/notadb",
+        "redis+sentinel://s1/m/0/extra",
+    ):
         with pytest.raises(ValueError):
             parse_sentinel_url(bad)
 
@@ -83,24 +88,51 @@ def tls_redis(tmp_path):
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
     cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     port = free_port()
     proc = subprocess.Popen(
-        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
-         "--tls-cert-file", str(cert_path), "--tls-key-file", str(key_path),
-         "--tls-ca-cert-file", str(cert_path), "--tls-auth-clients", "no",
-         "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            "redis-server",
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--tls-cert-file",
+            str(cert_path),
+            "--tls-key-file",
+            str(key_path),
+            "--tls-ca-cert-file",
+            str(cert_path),
+            "--tls-auth-clients",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for_tcp("127.0.0.1", port, proc=proc)
         yield port, cert_path
@@ -125,11 +157,13 @@ def start_sentinel(tmp_path, primary_port: int, *settings: str) -> tuple[subproc
     """A real Redis Sentinel (redis-server --sentinel) watching 127.0.0.1:primary_port as mymaster."""
     port = free_port()
     conf = tmp_path / f"sentinel-{port}.conf"
-    conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
-                    f"sentinel monitor mymaster 127.0.0.1 {primary_port} 1\n"
-                    + "".join(f"{line}\n" for line in settings))
-    proc = subprocess.Popen(["redis-server", str(conf), "--sentinel"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    conf.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"sentinel monitor mymaster 127.0.0.1 {primary_port} 1\n" + "".join(f"{line}\n" for line in settings)
+    )
+    proc = subprocess.Popen(
+        ["redis-server", str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     wait_for_tcp("127.0.0.1", port, proc=proc)
     return proc, port
 
@@ -166,9 +200,24 @@ def start_redis(tmp_path, name: str, *extra: str) -> tuple[subprocess.Popen, int
     port = free_port()
     directory = tmp_path / name
     directory.mkdir()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(directory), *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(directory),
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     wait_for_tcp("127.0.0.1", port, proc=proc)
     return proc, port
 
@@ -183,9 +232,12 @@ async def test_sentinel_failover_is_followed(tmp_path):
         procs.append(replica)
         async with connect(f"redis://127.0.0.1:{replica_port}/0") as direct:
             await eventually(lambda: _link_up(direct), what="replica in sync")
-        sentinel, sentinel_port = start_sentinel(tmp_path, primary_port,
-                                                 "sentinel down-after-milliseconds mymaster 300",
-                                                 "sentinel failover-timeout mymaster 2000")
+        sentinel, sentinel_port = start_sentinel(
+            tmp_path,
+            primary_port,
+            "sentinel down-after-milliseconds mymaster 300",
+            "sentinel failover-timeout mymaster 2000",
+        )
         procs.append(sentinel)
 
         async with connect(f"redis+sentinel://127.0.0.1:{sentinel_port}/mymaster/0", prefix="f:") as client:
@@ -227,6 +279,7 @@ async def test_a_cancelled_operation_always_cancels_its_task(redis_server):
         lease = await leases.claim(ttl_ms=60_000)
         rng = random.Random(7)
         for _ in range(300):
+
             async def renew_forever() -> None:
                 while True:
                     await leases.renew(lease)

@@ -41,8 +41,16 @@ async def pool_state(redis_url: str) -> dict[str, dict]:
         workers = await RegistryReader(client).workers()
     finally:
         await client.close()
-    return {w.worker_id: {"alive": w.alive, "free": w.free_slots, "capacity": w.capacity, "state": w.state,
-                          "leases": len(w.leases)} for w in workers}
+    return {
+        w.worker_id: {
+            "alive": w.alive,
+            "free": w.free_slots,
+            "capacity": w.capacity,
+            "state": w.state,
+            "leases": len(w.leases),
+        }
+        for w in workers
+    }
 
 
 async def wait_pool(redis_url: str, predicate, timeout: float, what: str) -> dict:
@@ -51,21 +59,27 @@ async def wait_pool(redis_url: str, predicate, timeout: float, what: str) -> dic
     async def check() -> dict | None:
         seen[0] = await pool_state(redis_url)
         return seen[0] if predicate(seen[0]) else None
+
     return await eventually(check, timeout, what, lambda: f"pool is {seen[0]}", interval=0.1)
 
 
 def call_settings(gateway, tmp_path: Path, name: str, seconds: float, freq: float = 440.0) -> CallSettings:
-    return CallSettings(uri=gateway.uri, play=str(tone(tmp_path / f"{name}.wav", seconds, freq)),
-                        record=str(tmp_path / f"{name}-out.wav"), seconds=seconds, local_host="127.0.0.1")
+    return CallSettings(
+        uri=gateway.uri,
+        play=str(tone(tmp_path / f"{name}.wav", seconds, freq)),
+        record=str(tmp_path / f"{name}-out.wav"),
+        seconds=seconds,
+        local_host="127.0.0.1",
+    )
 
 
 def silent_run_ms(recording: str, after_s: float = 0.5) -> float:
     """The longest stretch of silence in what came back, after the first ``after_s``."""
     with wave.open(recording) as rec:
         heard = np.frombuffer(rec.readframes(rec.getnframes()), "<i2").reshape(-1, 2)[:, 1]
-    frames = heard[int(after_s * 8000):]
+    frames = heard[int(after_s * 8000) :]
     frames = frames[: len(frames) // 160 * 160].reshape(-1, 160).astype(np.float64)
-    loud = np.sqrt((frames ** 2).mean(axis=1)) > 300
+    loud = np.sqrt((frames**2).mean(axis=1)) > 300
     longest = run = 0
     for flag in loud:
         run = 0 if flag else run + 1
@@ -111,8 +125,9 @@ async def test_two_workers_fill_then_calls_queue_and_get_503(redis_server, tmp_p
 
     summaries = await asyncio.gather(*calls)
     assert all(s["received_rms"] > 1000 for s in summaries)
-    await wait_pool(url, lambda s: all(w["free"] == 2 and w["leases"] == 0 for w in s.values()), 10,
-                    "all slots free again")
+    await wait_pool(
+        url, lambda s: all(w["free"] == 2 and w["leases"] == 0 for w in s.values()), 10, "all slots free again"
+    )
     status, text = gateway.get("/metrics", token=None)
     assert status == 200
     assert "moshimoshi_pool_queued_calls_total 1.0" in text
@@ -128,8 +143,9 @@ async def test_worker_killed_mid_call_moves_its_call_to_the_other_worker(redis_s
     gateway.wait_ready()
     await wait_pool(url, lambda s: len(s) == 2, 10, "both workers up")
 
-    calls = [asyncio.create_task(place_call(call_settings(gateway, tmp_path, f"c{i}", 7.0, 300 + 200 * i)))
-             for i in range(2)]
+    calls = [
+        asyncio.create_task(place_call(call_settings(gateway, tmp_path, f"c{i}", 7.0, 300 + 200 * i))) for i in range(2)
+    ]
     state = await wait_pool(url, lambda s: sum(w["leases"] for w in s.values()) == 2, 15, "2 calls placed")
     assert all(w["leases"] == 1 for w in state.values()), state  # one call on each worker
     await asyncio.sleep(2.0)
@@ -145,8 +161,12 @@ async def test_worker_killed_mid_call_moves_its_call_to_the_other_worker(redis_s
         assert summary["received_rms"] > 1000
     gaps = [silent_run_ms(s["recording"]) for s in summaries]
     assert max(gaps) < 1000, gaps  # the moved call heard only a short gap
-    await wait_pool(url, lambda s: s["w1"]["free"] == 2 and s["w1"]["leases"] == 0
-                    and (not s.get("w0") or not s["w0"]["alive"]), 10, "slot counts back to full")
+    await wait_pool(
+        url,
+        lambda s: s["w1"]["free"] == 2 and s["w1"]["leases"] == 0 and (not s.get("w0") or not s["w0"]["alive"]),
+        10,
+        "slot counts back to full",
+    )
     status, text = gateway.get("/metrics", token=None)
     assert 'moshimoshi_pool_failovers_total{outcome="moved"} 1.0' in text
 
@@ -155,8 +175,8 @@ def heard_from(recording: str, start_s: float) -> float:
     """The RMS of what came back from ``start_s`` on (the caller's right channel)."""
     with wave.open(recording) as rec:
         heard = np.frombuffer(rec.readframes(rec.getnframes()), "<i2").reshape(-1, 2)[:, 1]
-    tail = heard[int(start_s * 8000):].astype(np.float64)
-    return float(np.sqrt((tail ** 2).mean())) if len(tail) else 0.0
+    tail = heard[int(start_s * 8000) :].astype(np.float64)
+    return float(np.sqrt((tail**2).mean())) if len(tail) else 0.0
 
 
 @realtime_test()
@@ -198,8 +218,7 @@ async def test_a_stopped_worker_is_left_within_a_second(redis_server, tmp_path, 
 
 
 @pytest.mark.stall_expected
-async def test_a_stalled_worker_with_no_slot_elsewhere_keeps_its_call_until_it_is_lost(redis_server, tmp_path,
-                                                                                      cluster):
+async def test_a_stalled_worker_with_no_slot_elsewhere_keeps_its_call_until_it_is_lost(redis_server, tmp_path, cluster):
     """One worker: a pause (SIGSTOP, then SIGCONT 1.5 s later) costs the call a gap, not the
     call (before: it ended after a second, "worker-lost"); a worker that stays stopped is
     given up after WORKER_LOST_SECONDS and the call ends with a BYE."""
@@ -284,5 +303,4 @@ async def test_redis_restart_keeps_calls_and_leaves_no_stuck_slot(redis_server, 
     summary = await call
     assert summary["ended_by"] == "local-bye"  # the call carried on through the outage
     assert silent_run_ms(summary["recording"]) < 300
-    await wait_pool(url, lambda s: s["w0"]["free"] == 2 and s["w0"]["leases"] == 0, 10,
-                    "no stuck slot, no ghost lease")
+    await wait_pool(url, lambda s: s["w0"]["free"] == 2 and s["w0"]["leases"] == 0, 10, "no stuck slot, no ghost lease")

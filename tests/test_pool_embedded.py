@@ -100,8 +100,9 @@ async def test_server_dies_with_its_parent():
 
         asyncio.run(main())
     """)
-    parent = await asyncio.create_subprocess_exec(sys.executable, "-c", script, stdout=subprocess.PIPE,
-                                                  env=python_env())
+    parent = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, stdout=subprocess.PIPE, env=python_env()
+    )
     try:
         line = await asyncio.wait_for(parent.stdout.readline(), 30)
         pid = int(line)

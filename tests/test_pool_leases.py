@@ -35,7 +35,8 @@ async def test_two_workers_fill_alternately_then_none(client, two_workers):
     claimed = [await leases.claim(ttl_ms=60_000, owner=f"call-{i}") for i in range(2 * B)]
     assert [lease.worker_id for lease in claimed] == ["w-a", "w-b"] * B  # least loaded first
     assert sorted((lease.worker_id, lease.slot) for lease in claimed) == sorted(
-        (w, s) for w in ("w-a", "w-b") for s in range(B))
+        (w, s) for w in ("w-a", "w-b") for s in range(B)
+    )
     tokens = [lease.token for lease in claimed]
     assert tokens == sorted(set(tokens))  # strictly increasing
     assert claimed[0].url == "ws://w-a.test:8081" and claimed[0].model == "test/model"

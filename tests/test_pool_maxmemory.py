@@ -69,8 +69,7 @@ def cluster():
         process.proc.stop()
 
 
-async def test_a_full_redis_refuses_new_calls_with_503_and_loses_no_call_end(small_redis_server, tmp_path,
-                                                                           cluster):
+async def test_a_full_redis_refuses_new_calls_with_503_and_loses_no_call_end(small_redis_server, tmp_path, cluster):
     url = small_redis_server.url
     worker = cluster(start_worker(tmp_path, url, "w0", "echo", 2))
     gateway = cluster(start_gateway(tmp_path, url, "--queue-seconds", "1", "--retry-after-seconds", "11"))
@@ -103,6 +102,7 @@ async def test_a_full_redis_refuses_new_calls_with_503_and_loses_no_call_end(sma
     await empty(url, junk)
     await eventually(gateway.ready, timeout=10, what="ready again once Redis takes writes")
     async with connect(url) as client:
+
         async def ended() -> bool:
             record = await CallRecords(client).get(summary["gateway_call_id"])
             return record is not None and record.state == "ended"
@@ -113,13 +113,16 @@ async def test_a_full_redis_refuses_new_calls_with_503_and_loses_no_call_end(sma
     assert after["received_rms"] > 1000
     # the calls refused as unready stored nothing, not even a transcript's end (they did before)
     async with connect(url) as client:
+
         async def transcripts_ended() -> bool:
             keys = {k async for k in client.redis.scan_iter("mm:transcript:*")}
             return keys == {f"mm:transcript:{summary['gateway_call_id']}", f"mm:transcript:{after['gateway_call_id']}"}
 
         await eventually(transcripts_ended, timeout=10, what="only the answered calls' transcripts in Redis")
         assert {k async for k in client.redis.scan_iter("mm:call:*")} == {
-            f"mm:call:{summary['gateway_call_id']}", f"mm:call:{after['gateway_call_id']}"}
+            f"mm:call:{summary['gateway_call_id']}",
+            f"mm:call:{after['gateway_call_id']}",
+        }
     status, text = gateway.get("/metrics", token=None)
     assert metric_sum(text, "moshimoshi_redis_writes_abandoned_total") == 0
     assert metric_sum(text, "moshimoshi_calls_total", outcome="error") == 0

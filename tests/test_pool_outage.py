@@ -180,8 +180,7 @@ async def test_a_recreated_lease_lifts_the_fence_even_before_any_worker_heartbea
 
 
 async def test_the_deadline_cuts_a_slow_reply_without_desynchronising_the_connection(redis_server):
-    async with connect(redis_server.url, prefix="o:", operation_timeout=0.3,
-                       max_connections=1) as client:
+    async with connect(redis_server.url, prefix="o:", operation_timeout=0.3, max_connections=1) as client:
         start = time.monotonic()
         with pytest.raises(PoolUnavailable, match="no answer within 0.3 s"):
             async with client.guard("slow read"):
@@ -199,8 +198,9 @@ async def test_an_empty_restart_gives_no_live_session_s_slot_away(redis_server):
     before it is claimable again, so no claim takes a live slot and no holder is fenced out."""
     async with connect(redis_server.url, prefix="o:") as client:
         live: dict[int, LiveSession] = {}
-        registration = WorkerRegistration(client, worker("w1", capacity=4), interval=30,
-                                          sessions=lambda: list(live.values()))
+        registration = WorkerRegistration(
+            client, worker("w1", capacity=4), interval=30, sessions=lambda: list(live.values())
+        )
         await registration.heartbeat()
         leases = SlotLeases(client)
         claimed = [await leases.claim(ttl_ms=15_000, owner=f"call-{i}") for i in range(4)]
@@ -245,8 +245,7 @@ async def test_a_live_session_keeps_its_lease_while_its_gateway_cannot_renew(red
     longer than the lease TTL keeps its call; once the session ends, the slot is free."""
     async with connect(redis_server.url, prefix="o:") as client:
         live: list[LiveSession] = []
-        registration = WorkerRegistration(client, worker("w1", capacity=1), interval=0.05,
-                                          sessions=lambda: list(live))
+        registration = WorkerRegistration(client, worker("w1", capacity=1), interval=0.05, sessions=lambda: list(live))
         await registration.start()
         leases = SlotLeases(client)
         lease = await leases.claim(ttl_ms=200, owner="call-1")  # never renewed by its gateway

@@ -54,8 +54,11 @@ class Model:
         best: tuple[int, str] | None = None
         for worker_id in sorted(self.workers):
             capacity, served = self.workers[worker_id]
-            if worker_id not in self.registered or worker_id in self.draining or (
-                    model is not None and served != model):
+            if (
+                worker_id not in self.registered
+                or worker_id in self.draining
+                or (model is not None and served != model)
+            ):
                 continue
             free = sum((worker_id, s) not in self.held for s in range(capacity))
             if free > 0 and (best is None or free > best[0]):
@@ -104,8 +107,9 @@ class Model:
     def end_session(self, where: tuple[str, int]) -> Lease:
         """The worker's session on ``where`` ends: it releases its lease."""
         token = self.live.pop(where)
-        lease = Lease(worker_id=where[0], url="", slot=where[1], token=token, model="", ttl_ms=1, owner="",
-                      expires_at=0.0)
+        lease = Lease(
+            worker_id=where[0], url="", slot=where[1], token=token, model="", ttl_ms=1, owner="", expires_at=0.0
+        )
         return lease
 
     def heartbeat(self, worker_id: str) -> None:
@@ -132,9 +136,8 @@ class Model:
 
 
 workers_strategy = st.dictionaries(
-    st.sampled_from(["w0", "w1", "w2"]),
-    st.tuples(st.integers(1, 3), st.sampled_from(MODELS)),
-    min_size=1, max_size=3)
+    st.sampled_from(["w0", "w1", "w2"]), st.tuples(st.integers(1, 3), st.sampled_from(MODELS)), min_size=1, max_size=3
+)
 
 op_strategy = st.one_of(
     st.tuples(st.just("claim"), st.sampled_from([None, *MODELS])),
@@ -157,12 +160,14 @@ async def run_against_model(client: PoolClient, workers: dict[str, tuple[int, st
     registrations = {}
 
     def sessions_of(worker_id: str):
-        return lambda: [LiveSession(slot, token, f"call-{token}") for (w, slot), token in model.live.items()
-                        if w == worker_id]
+        return lambda: [
+            LiveSession(slot, token, f"call-{token}") for (w, slot), token in model.live.items() if w == worker_id
+        ]
 
     for worker_id, (capacity, served) in workers.items():
-        registrations[worker_id] = WorkerRegistration(client, worker(worker_id, capacity, served), interval=60,
-                                                      sessions=sessions_of(worker_id))
+        registrations[worker_id] = WorkerRegistration(
+            client, worker(worker_id, capacity, served), interval=60, sessions=sessions_of(worker_id)
+        )
         await registrations[worker_id].heartbeat()
         model.heartbeat(worker_id)
     leases = SlotLeases(client)
@@ -270,8 +275,9 @@ class History:
         return None
 
 
-async def race(clients: list[PoolClient], claimers: int, rounds: int, ttl_ms: int, stall_every: int,
-               seed: int) -> tuple[int, History]:
+async def race(
+    clients: list[PoolClient], claimers: int, rounds: int, ttl_ms: int, stall_every: int, seed: int
+) -> tuple[int, History]:
     history = History()
     occupied: dict[tuple[str, int], int] = {}  # for claimers that never stall: slot -> token
     claims = 0

@@ -112,19 +112,36 @@ async def test_draining_worker_takes_no_new_claims(client):
 
 async def test_an_overloaded_worker_takes_no_new_claims_and_shows_its_sizing(client):
     step_p99 = {"step_p99_ms": 91.5}
-    a = WorkerRegistration(client, worker("a", capacity=2, slots_reason="time", memory_slots=34,
-                                          step_budget_ms=70.0, warmup_p50_ms=41.0, warmup_p99_ms=66.5,
-                                          context_seconds=120.0),
-                           interval=30, live=lambda: step_p99)
+    a = WorkerRegistration(
+        client,
+        worker(
+            "a",
+            capacity=2,
+            slots_reason="time",
+            memory_slots=34,
+            step_budget_ms=70.0,
+            warmup_p50_ms=41.0,
+            warmup_p99_ms=66.5,
+            context_seconds=120.0,
+        ),
+        interval=30,
+        live=lambda: step_p99,
+    )
     b = WorkerRegistration(client, worker("b", capacity=1), interval=30)
     await a.heartbeat()
     await b.heartbeat()
     await a.set_state(OVERLOADED)
     listed = await by_id(RegistryReader(client))
     assert listed["a"].state == OVERLOADED
-    assert (listed["a"].slots_reason, listed["a"].memory_slots, listed["a"].step_budget_ms,
-            listed["a"].warmup_p50_ms, listed["a"].warmup_p99_ms, listed["a"].step_p99_ms,
-            listed["a"].context_seconds) == ("time", 34, 70.0, 41.0, 66.5, 91.5, 120.0)
+    assert (
+        listed["a"].slots_reason,
+        listed["a"].memory_slots,
+        listed["a"].step_budget_ms,
+        listed["a"].warmup_p50_ms,
+        listed["a"].warmup_p99_ms,
+        listed["a"].step_p99_ms,
+        listed["a"].context_seconds,
+    ) == ("time", 34, 70.0, 41.0, 66.5, 91.5, 120.0)
     assert (listed["b"].slots_reason, listed["b"].step_p99_ms) == ("", None)  # not measured: absent
     leases = SlotLeases(client)
     claimed = [await leases.claim() for _ in range(2)]
@@ -137,10 +154,8 @@ async def test_an_overloaded_worker_takes_no_new_claims_and_shows_its_sizing(cli
 
 
 async def test_claims_respect_the_model(client):
-    await WorkerRegistration(client, worker("ja", capacity=1, model="llm-jp/llm-jp-moshi-v1"),
-                             interval=30).heartbeat()
-    await WorkerRegistration(client, worker("nu", capacity=1, model="nu-dialogue/j-moshi"),
-                             interval=30).heartbeat()
+    await WorkerRegistration(client, worker("ja", capacity=1, model="llm-jp/llm-jp-moshi-v1"), interval=30).heartbeat()
+    await WorkerRegistration(client, worker("nu", capacity=1, model="nu-dialogue/j-moshi"), interval=30).heartbeat()
     leases = SlotLeases(client)
     assert await leases.claim("kyutai/other") is None
     lease = await leases.claim("nu-dialogue/j-moshi")
@@ -152,8 +167,7 @@ async def test_claims_respect_the_model(client):
 
 async def test_asr_workers_are_listed_with_their_role_and_never_claimed(client):
     model = "test/model"
-    await WorkerRegistration(client, worker("asr-1", capacity=64, model=model, role=ASR_ROLE),
-                             interval=30).heartbeat()
+    await WorkerRegistration(client, worker("asr-1", capacity=64, model=model, role=ASR_ROLE), interval=30).heartbeat()
     leases = SlotLeases(client)
     assert await leases.claim(None) is None  # the only worker is an ASR worker
     assert await leases.claim(model) is None  # even one registered under the asked-for model name

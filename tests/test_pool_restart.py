@@ -55,8 +55,10 @@ async def test_empty_redis_restart_under_a_full_pool_loses_no_live_call(redis_se
     gateway.wait_ready()
     await wait_pool(url, lambda s: "w0" in s, 10, "worker up")
 
-    live = [asyncio.create_task(place_call(call_settings(gateway, tmp_path, f"live{i}", LIVE_SECONDS,
-                                                         300 + 100 * i))) for i in range(LIVE_CALLS)]
+    live = [
+        asyncio.create_task(place_call(call_settings(gateway, tmp_path, f"live{i}", LIVE_SECONDS, 300 + 100 * i)))
+        for i in range(LIVE_CALLS)
+    ]
     before = await wait_pool(url, lambda s: s["w0"]["leases"] == LIVE_CALLS, 20, "the pool full")
     assert before["w0"]["free"] == 0
     await asyncio.sleep(1.0)
@@ -81,8 +83,9 @@ async def test_empty_redis_restart_under_a_full_pool_loses_no_live_call(redis_se
     assert metric_sum(text, "moshimoshi_pool_failovers_total") == 0  # no live call lost its worker session
     # nothing fenced out on the worker, and no slot leaked once the calls ended
     assert metric_sum(worker_metrics(worker), "moshimoshi_worker_sessions_total", outcome="fenced") == 0
-    await wait_pool(url, lambda s: s["w0"]["free"] == LIVE_CALLS and s["w0"]["leases"] == 0, 10,
-                    "every slot free again")
+    await wait_pool(
+        url, lambda s: s["w0"]["free"] == LIVE_CALLS and s["w0"]["leases"] == 0, 10, "every slot free again"
+    )
     after = await new_call(gateway, tmp_path, "after")
     assert after[0] == "answered", after
 
@@ -91,8 +94,12 @@ def metric_sum(text: str, name: str, **labels: str) -> float:
     """The sum of the samples of ``name`` (with these labels) in a Prometheus exposition."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-               if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 def worker_metrics(worker) -> str:
@@ -103,8 +110,7 @@ def worker_metrics(worker) -> str:
     return str(text)
 
 
-async def test_claims_after_an_empty_restart_wait_only_for_the_workers_re_registration(
-        redis_server, tmp_path, cluster):
+async def test_claims_after_an_empty_restart_wait_only_for_the_workers_re_registration(redis_server, tmp_path, cluster):
     """Half the pool busy: new calls right after the restart get the free slots, never a live one."""
     url = redis_server.url
     worker = cluster(start_worker(tmp_path, url, "w0", "echo", LIVE_CALLS))
@@ -112,8 +118,10 @@ async def test_claims_after_an_empty_restart_wait_only_for_the_workers_re_regist
     worker.wait_ready()
     gateway.wait_ready()
     await wait_pool(url, lambda s: "w0" in s, 10, "worker up")
-    live = [asyncio.create_task(place_call(call_settings(gateway, tmp_path, f"live{i}", 10.0, 300 + 100 * i)))
-            for i in range(2)]
+    live = [
+        asyncio.create_task(place_call(call_settings(gateway, tmp_path, f"live{i}", 10.0, 300 + 100 * i)))
+        for i in range(2)
+    ]
     await wait_pool(url, lambda s: s["w0"]["leases"] == 2, 20, "two live calls")
     await asyncio.sleep(1.0)
 
@@ -141,5 +149,7 @@ async def test_claims_after_an_empty_restart_wait_only_for_the_workers_re_regist
     assert all(silent_run_ms(s["recording"]) < 500 for s in summaries)
     assert metric_sum(worker_metrics(worker), "moshimoshi_worker_sessions_total", outcome="fenced") == 0
     await wait_pool(url, lambda s: s["w0"]["leases"] == 0, 10, "every lease released")
-    print(f"\nfirst new call answered {answered_after:.2f} s after Redis came back empty "
-          f"({refusals} refused with 503 before)")
+    print(
+        f"\nfirst new call answered {answered_after:.2f} s after Redis came back empty "
+        f"({refusals} refused with 503 before)"
+    )

@@ -69,6 +69,9 @@ def test_the_sip_library_never_imports_the_application():
                 names = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names = [node.module]
-            offenders += [f"{path.relative_to(REPO_ROOT)}:{node.lineno} imports {n}" for n in names
-                          if n == "service" or n.startswith("service.")]
+            offenders += [
+                f"{path.relative_to(REPO_ROOT)}:{node.lineno} imports {n}"
+                for n in names
+                if n == "service" or n.startswith("service.")
+            ]
     assert not offenders, offenders

@@ -17,6 +17,7 @@ STOLEN = {"steal": 0.5, "throttled_s": 0.0, "pressure": 0.01, "lag_s": 0.002}
 def machine(monkeypatch):
     def set_measures(measures: dict[str, float]) -> None:
         monkeypatch.setattr(MachineMeter, "measures", lambda self: dict(measures))
+
     return set_measures
 
 
@@ -26,6 +27,7 @@ def counting_test(calls: list, *, functional: bool = False, late: bool = True):
         calls.append(1)
         assert not functional, "the echo never came back"
         timing.expect(not late, "late packets")
+
     return test
 
 
@@ -80,6 +82,7 @@ async def test_async_tests_are_measured_on_their_loop_and_return():
     @realtime_test()
     async def test(timing):
         return 7
+
     assert await test(timing=Timing()) == 7
 
 

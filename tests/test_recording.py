@@ -84,7 +84,7 @@ def test_a_silent_channel_is_filled_so_memory_stays_bounded():
     assert emitted >= 3 * RATE - 1280 and timeline.channels[LEFT].length <= RATE + 1280
     timeline.add(RIGHT, 3.9, tone(0.08))  # the model's first frame lands at its own time
     frames = run(timeline, 4.0)
-    assert np.array_equal(frames[round(3.9 * RATE) - emitted:][:1280, 1], tone(0.08))
+    assert np.array_equal(frames[round(3.9 * RATE) - emitted :][:1280, 1], tone(0.08))
 
 
 def test_pauses_are_silence_exactly_over_their_span_and_the_length_is_kept():
@@ -103,7 +103,7 @@ def test_pauses_are_silence_exactly_over_their_span_and_the_length_is_kept():
     assert frames.shape == (round(3.2 * RATE), 2)
     start, end = round(0.8125 * RATE), round(2.03125 * RATE)
     assert not frames[start:end].any()
-    assert frames[start - 100:start].all() and frames[end:end + 100].any(axis=0).all()
+    assert frames[start - 100 : start].all() and frames[end : end + 100].any(axis=0).all()
     assert timeline.pause_spans() == [(0.8125, 2.03125)]
 
 
@@ -141,10 +141,10 @@ async def test_the_writer_thread_makes_the_file_and_the_storage_keeps_it(tmp_pat
         handle = writer.open("c-0123456789abcdef", fmt, time.time())
         caller8k = tone(3.0, 300, rate=8000)
         for k in range(0, len(caller8k), 640):  # 80 ms chunks at 8 kHz, as a G.711 call's tap gives
-            assert handle.audio(LEFT, k / 8000, caller8k[k:k + 640], 8000)
+            assert handle.audio(LEFT, k / 8000, caller8k[k : k + 640], 8000)
         agent24k = tone(2.0, 500, rate=24000)
         for k in range(0, len(agent24k), 1920):  # the model's 80 ms frames, from 1 s on
-            handle.audio(RIGHT, 1.0 + k / 24000, agent24k[k:k + 1920], 24000)
+            handle.audio(RIGHT, 1.0 + k / 24000, agent24k[k : k + 1920], 24000)
         result = await asyncio.wait_for(handle.finish(3.0), 30)
     finally:
         await writer.close()
@@ -157,10 +157,10 @@ async def test_the_writer_thread_makes_the_file_and_the_storage_keeps_it(tmp_pat
     assert len(frames) == 3 * rate
     left, right = frames[:, 0], frames[:, 1]
     second = rate  # right: silence for 1 s, then the agent's tone
-    assert np.sqrt(np.mean(right[:second - rate // 20] ** 2)) < 0.002
-    assert np.sqrt(np.mean(right[second + rate // 10:] ** 2)) > 0.1
-    assert np.sqrt(np.mean(left ** 2)) > 0.1
-    spectrum = np.abs(np.fft.rfft(left[rate // 2:rate // 2 + rate]))
+    assert np.sqrt(np.mean(right[: second - rate // 20] ** 2)) < 0.002
+    assert np.sqrt(np.mean(right[second + rate // 10 :] ** 2)) > 0.1
+    assert np.sqrt(np.mean(left**2)) > 0.1
+    spectrum = np.abs(np.fft.rfft(left[rate // 2 : rate // 2 + rate]))
     assert abs(np.argmax(spectrum) - 300) <= 2  # the caller's 300 Hz, resampled, not another sound
 
 
@@ -190,8 +190,12 @@ def test_local_storage_serves_only_its_own_files_and_sweeps_old_ones(tmp_path):
     assert size == 8 and b"".join(chunks) == b"RIFF...."
     outside = tmp_path / "secret.txt"
     outside.write_text("not a recording")
-    for location in (outside.as_uri(), (tmp_path / "rec" / ".." / "secret.txt").as_uri(), "s3://b/k",
-                     (storage.spool / "x.wav").as_uri()):
+    for location in (
+        outside.as_uri(),
+        (tmp_path / "rec" / ".." / "secret.txt").as_uri(),
+        "s3://b/k",
+        (storage.spool / "x.wav").as_uri(),
+    ):
         with pytest.raises(NotStored):
             storage.open(location)
     old = storage.put(_file(storage.spool / "c-2.ogg"), storage.key("c-2", "ogg", time.time() - 86400 * 8))

@@ -30,8 +30,12 @@ def test_recordings_are_uploaded_read_back_and_swept_at_the_end_of_the_retention
         assert head["ContentType"] == "audio/ogg"
         size, chunks = storage.open(stored.location)
         assert size == stored.bytes and b"".join(chunks) == b"OggS" + bytes(range(256)) * 1000
-        for location in ("s3://other-bucket/recordings/x.ogg", "s3://calls/other/keep.txt",
-                         "s3://calls/recordings/../other/keep.txt", "file:///etc/passwd"):
+        for location in (
+            "s3://other-bucket/recordings/x.ogg",
+            "s3://calls/other/keep.txt",
+            "s3://calls/recordings/../other/keep.txt",
+            "file:///etc/passwd",
+        ):
             with pytest.raises(NotStored):
                 storage.open(location)
         assert storage.sweep(time.time() - 3600) == 0  # within the retention: kept

@@ -68,8 +68,7 @@ async def test_refused_calls_leave_no_record_or_transcript_only_a_masked_short_l
     url = redis_server.url
     async with api_gateway(url, gateway_id="gw-a") as a, api_gateway(url, gateway_id="gw-b") as b:
         before = await all_keys(url)
-        identity = identity_of(f"P-Asserted-Identity: <sip:{CALLER_NUMBER}@carrier.example>",
-                               dialled=DIALLED_NUMBER)
+        identity = identity_of(f"P-Asserted-Identity: <sip:{CALLER_NUMBER}@carrier.example>", dialled=DIALLED_NUMBER)
         busy = [a.refuse_call("rejected-busy", 503, identity=identity) for _ in range(20)]
         codec = [a.refuse_call("rejected-codec", 488, identity=identity, detail="") for _ in range(5)]
         unready = [a.refuse_call("rejected-unready", 503, identity=identity, detail="unready") for _ in range(3)]
@@ -82,7 +81,9 @@ async def test_refused_calls_leave_no_record_or_transcript_only_a_masked_short_l
         added = await all_keys(url) - before
         assert not [k for k in added if any(i in k for i in refused_ids)], added
         assert {k for k in added if ":call:" in k or ":transcript:" in k} == {
-            f"mm:call:{real.id}", f"mm:transcript:{real.id}"}, added
+            f"mm:call:{real.id}",
+            f"mm:transcript:{real.id}",
+        }, added
         shared = {k for k in added if ":refusals" in k}
         assert shared == added - {f"mm:call:{real.id}", f"mm:transcript:{real.id}", "mm:calls"}
         assert 1 <= len(shared) <= 3, shared  # the stream and the count of this minute (or two)
@@ -91,15 +92,35 @@ async def test_refused_calls_leave_no_record_or_transcript_only_a_masked_short_l
 
         # any replica: the counts by reason and the latest, masked
         body = (await get(b.base, "/v1/refusals")).json()
-        assert body["total"] == 28 and body["by_reason"] == {"rejected-busy": 20, "rejected-codec": 5,
-                                                             "rejected-unready": 3}, body
+        assert body["total"] == 28 and body["by_reason"] == {
+            "rejected-busy": 20,
+            "rejected-codec": 5,
+            "rejected-unready": 3,
+        }, body
         assert not body["partial"] and body["window_seconds"] == WINDOW
         assert [r["id"] for r in body["refusals"]] == [c.id for c in reversed([*busy, *codec, *unready])]
         first = body["refusals"][-1]
-        assert (first["status"], first["reason"], first["detail"], first["caller"], first["dialled"],
-                first["source"], first["gateway_id"], first["ingress"], first["sip_transport"]) == (
-            503, "rejected-busy", "all agents busy", mask_number(CALLER_NUMBER), DIALLED_NUMBER, "192.0.2.10",
-            "gw-a", "sip", "UDP")
+        assert (
+            first["status"],
+            first["reason"],
+            first["detail"],
+            first["caller"],
+            first["dialled"],
+            first["source"],
+            first["gateway_id"],
+            first["ingress"],
+            first["sip_transport"],
+        ) == (
+            503,
+            "rejected-busy",
+            "all agents busy",
+            mask_number(CALLER_NUMBER),
+            DIALLED_NUMBER,
+            "192.0.2.10",
+            "gw-a",
+            "sip",
+            "UDP",
+        )
         assert CALLER_NUMBER not in str(body) and CALLER_NUMBER[1:] not in str(body)
 
         # /v1/calls lists them among ended calls (on any replica), and one by id
@@ -157,8 +178,9 @@ async def test_refusals_older_than_the_window_are_neither_listed_nor_counted_nor
             summary = await log.summary()
             assert [r.call_id for r in summary.latest] == ["c-new"] and summary.by_reason.get("cancelled") == 1
             assert await log.get("c-old") is None and log.local()[0].call_id == "c-new"
-            assert [e for e in await client.redis.xrange("mm:refusals")
-                    if e[1]["call_id"] == "c-old"] == []  # trimmed by age
+            assert [
+                e for e in await client.redis.xrange("mm:refusals") if e[1]["call_id"] == "c-old"
+            ] == []  # trimmed by age
         finally:
             await store.close()
 
@@ -233,8 +255,10 @@ async def test_refused_invites_from_an_allowed_source_create_no_redis_state(one_
         body = counted()
         assert body["by_reason"] == {"rejected-codec": 10, "rejected-busy": 10, "cancelled": 10}, body
         added = await all_keys(url) - holding - own
-        assert added <= {"mm:refusals", *(f"mm:refusals:count:{m}" for m in range(int(time.time() // 60) - 2,
-                                                                                int(time.time() // 60) + 1))}, added
+        assert added <= {
+            "mm:refusals",
+            *(f"mm:refusals:count:{m}" for m in range(int(time.time() // 60) - 2, int(time.time() // 60) + 1)),
+        }, added
         assert not [k for k in holding - before - own if ":refusals" not in k and "transcript" in k], holding - before
         status, listed = gateway.get("/v1/calls?state=ended&limit=100")
         reasons = sorted(c["end_reason"] for c in listed["calls"])

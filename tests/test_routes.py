@@ -81,8 +81,10 @@ def test_numbers_national_and_e164_are_one_number():
     assert plan.canonical("010 1 212 555 0100") == "+12125550100"
     assert plan.canonical("110") == "110"  # a short code stays as dialled
     assert plan.canonical("Agent") == "agent"
-    assert NumberPlan(country_code="1", national_prefix="1", international_prefix="011").canonical(
-        "12125550100") == "+12125550100"
+    assert (
+        NumberPlan(country_code="1", national_prefix="1", international_prefix="011").canonical("12125550100")
+        == "+12125550100"
+    )
 
 
 def test_the_example_file_reads_with_every_field(routes_dir):
@@ -128,35 +130,38 @@ def test_unmatched_numbers_may_take_a_route(routes_dir):
 
 
 def test_digest_user_matches_only_with_digest_authentication(routes_dir):
-    text = 'routes:\n  - name: trunk-a\n    match: {digest_user: carrier-a}\n'
+    text = "routes:\n  - name: trunk-a\n    match: {digest_user: carrier-a}\n"
     assert "needs digest authentication" in error_of(routes_dir, text).message
     table = RouteTable(load_file(write(routes_dir / "routes.yaml", text), digest_users=True))
     assert table.resolve("0312345678", Trunk(digest_user="carrier-a")).name == "trunk-a"
     assert table.resolve("0312345678", Trunk(digest_user="carrier-b")) is None
 
 
-@pytest.mark.parametrize("text, line, words", [
-    ("routes:\n  - name: a\n    modle: x\n", 3, "unknown key 'modle'"),
-    ("routes:\n  - name: a\n  - name: a\n", 3, "used twice"),
-    ("routes:\n  - name: a\n    dtmf: {\"0\": dial}\n", 3, "action must be one of transfer, hangup"),
-    ("routes:\n  - name: a\n    dtmf: {\"0\": transfer}\n", 3, "no 'fallback'"),
-    ("routes:\n  - name: a\n    dtmf: {\"X\": hangup}\n", 3, "not one of 0-9"),
-    ("routes:\n  - name: a\n\n    match:\n      pattern: '(['\n", 5, "pattern '(['"),
-    ("routes:\n  - name: a\n    max_calls: 0\n", 3, "'max_calls' must be a whole number"),
-    ("routes:\n  - name: a\n    sampling: {temp: hot}\n", 3, "'temp' must be a number"),
-    ("routes:\n  - name: a\n    recording: mp3\n", 3, "recording must be one of off, wav, ogg"),
-    ("routes:\n  - name: a\n    announcement: missing.wav\n", 3, "No such file"),
-    ("routes:\n  - name: a\n    overflow: {action: message}\n", 3, "needs the message"),
-    ("routes:\n  - name: a\n    fallback: mailto:x@y\n", 3, "not a sip:, sips: or tel: URI"),
-    ("routes:\n  - name: a\n    match: {source: 300.1.1.1}\n", 3, "not an IP address"),
-    ("unmatched: nobody\nroutes:\n  - name: a\n", 1, "the name of a route"),
-    ("routes:\n  - name: a b\n", 2, "'name' must be"),
-    ("routes: [\n", 2, "expected"),
-    ("routes:\n  - name: a\n    model: &m x\n  - name: b\n    model: *m\n", 5, "aliases"),
-    ("routes:\n  - name: a\nroutes: []\n", 3, "given twice"),
-    ("", 0, "empty"),
-    ("routes: []\n", 1, "at least one route"),
-])
+@pytest.mark.parametrize(
+    "text, line, words",
+    [
+        ("routes:\n  - name: a\n    modle: x\n", 3, "unknown key 'modle'"),
+        ("routes:\n  - name: a\n  - name: a\n", 3, "used twice"),
+        ('routes:\n  - name: a\n    dtmf: {"0": dial}\n', 3, "action must be one of transfer, hangup"),
+        ('routes:\n  - name: a\n    dtmf: {"0": transfer}\n', 3, "no 'fallback'"),
+        ('routes:\n  - name: a\n    dtmf: {"X": hangup}\n', 3, "not one of 0-9"),
+        ("routes:\n  - name: a\n\n    match:\n      pattern: '(['\n", 5, "pattern '(['"),
+        ("routes:\n  - name: a\n    max_calls: 0\n", 3, "'max_calls' must be a whole number"),
+        ("routes:\n  - name: a\n    sampling: {temp: hot}\n", 3, "'temp' must be a number"),
+        ("routes:\n  - name: a\n    recording: mp3\n", 3, "recording must be one of off, wav, ogg"),
+        ("routes:\n  - name: a\n    announcement: missing.wav\n", 3, "No such file"),
+        ("routes:\n  - name: a\n    overflow: {action: message}\n", 3, "needs the message"),
+        ("routes:\n  - name: a\n    fallback: mailto:x@y\n", 3, "not a sip:, sips: or tel: URI"),
+        ("routes:\n  - name: a\n    match: {source: 300.1.1.1}\n", 3, "not an IP address"),
+        ("unmatched: nobody\nroutes:\n  - name: a\n", 1, "the name of a route"),
+        ("routes:\n  - name: a b\n", 2, "'name' must be"),
+        ("routes: [\n", 2, "expected"),
+        ("routes:\n  - name: a\n    model: &m x\n  - name: b\n    model: *m\n", 5, "aliases"),
+        ("routes:\n  - name: a\nroutes: []\n", 3, "given twice"),
+        ("", 0, "empty"),
+        ("routes: []\n", 1, "at least one route"),
+    ],
+)
 def test_a_bad_file_is_refused_naming_the_line(routes_dir, text, line, words):
     error = error_of(routes_dir, text)
     assert error.line == line, error
@@ -223,7 +228,7 @@ def test_ringback_tone_is_400_hz_one_second_in_three():
     prompt = tone("ringback")
     assert prompt.loop and abs(prompt.seconds - 3.0) < 0.1
     pcm = np.frombuffer(b"".join(prompt.frames), "<i2").astype(np.float64)
-    on, off = pcm[:SAMPLE_RATE], pcm[int(1.1 * SAMPLE_RATE):int(2.9 * SAMPLE_RATE)]
+    on, off = pcm[:SAMPLE_RATE], pcm[int(1.1 * SAMPLE_RATE) : int(2.9 * SAMPLE_RATE)]
     spectrum = np.abs(np.fft.rfft(on))
     peak = np.fft.rfftfreq(len(on), 1 / SAMPLE_RATE)[spectrum.argmax()]
     assert 380 <= peak <= 420, peak

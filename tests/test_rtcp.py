@@ -48,8 +48,14 @@ def test_parse_hand_built_receiver_report() -> None:
 
 def test_compound_sr_sdes_bye_round_trip() -> None:
     packets = [
-        SenderReport(0xCAFE, ntp_timestamp(1_700_000_000.25), 123456, 500, 80000,
-                     [ReportBlock(0xBEEF, 12, 34, 70000, 56, 0x12345678, 0x9ABC)]),
+        SenderReport(
+            0xCAFE,
+            ntp_timestamp(1_700_000_000.25),
+            123456,
+            500,
+            80000,
+            [ReportBlock(0xBEEF, 12, 34, 70000, 56, 0x12345678, 0x9ABC)],
+        ),
         sdes_cname(0xCAFE, "moshimoshi@example"),
         Bye([0xCAFE, 0xF00D], "call ended"),
     ]
@@ -61,11 +67,13 @@ def test_compound_sr_sdes_bye_round_trip() -> None:
 
 
 def test_sdes_with_several_chunks_and_items() -> None:
-    packet = SourceDescription([
-        SdesChunk(1, [(SDES_CNAME, b"a"), (2, b"Name"), (6, b"tool 1.0")]),
-        SdesChunk(2, [(SDES_CNAME, b"exactly8")]),
-        SdesChunk(3, []),
-    ])
+    packet = SourceDescription(
+        [
+            SdesChunk(1, [(SDES_CNAME, b"a"), (2, b"Name"), (6, b"tool 1.0")]),
+            SdesChunk(2, [(SDES_CNAME, b"exactly8")]),
+            SdesChunk(3, []),
+        ]
+    )
     (parsed,) = parse_compound(build_compound([packet]))
     assert parsed == packet
     assert parsed.chunks[2].cname is None
@@ -160,18 +168,44 @@ def test_parser_raises_only_its_own_error(data: bytes) -> None:
 
 
 report_blocks = st.builds(
-    ReportBlock, st.integers(0, 0xFFFFFFFF), st.integers(0, 255), st.integers(-0x800000, 0x7FFFFF),
-    st.integers(0, 0xFFFFFFFF), st.integers(0, 0xFFFFFFFF), st.integers(0, 0xFFFFFFFF), st.integers(0, 0xFFFFFFFF))
+    ReportBlock,
+    st.integers(0, 0xFFFFFFFF),
+    st.integers(0, 255),
+    st.integers(-0x800000, 0x7FFFFF),
+    st.integers(0, 0xFFFFFFFF),
+    st.integers(0, 0xFFFFFFFF),
+    st.integers(0, 0xFFFFFFFF),
+    st.integers(0, 0xFFFFFFFF),
+)
 words = st.binary(max_size=12).map(lambda b: b[: len(b) // 4 * 4])
 rtcp_packets = st.one_of(
-    st.builds(SenderReport, st.integers(0, 0xFFFFFFFF), st.integers(0, (1 << 64) - 1), st.integers(0, 0xFFFFFFFF),
-              st.integers(0, 0xFFFFFFFF), st.integers(0, 0xFFFFFFFF), st.lists(report_blocks, max_size=3), words),
+    st.builds(
+        SenderReport,
+        st.integers(0, 0xFFFFFFFF),
+        st.integers(0, (1 << 64) - 1),
+        st.integers(0, 0xFFFFFFFF),
+        st.integers(0, 0xFFFFFFFF),
+        st.integers(0, 0xFFFFFFFF),
+        st.lists(report_blocks, max_size=3),
+        words,
+    ),
     st.builds(ReceiverReport, st.integers(0, 0xFFFFFFFF), st.lists(report_blocks, max_size=3), words),
-    st.builds(SourceDescription, st.lists(st.builds(
-        SdesChunk, st.integers(0, 0xFFFFFFFF),
-        st.lists(st.tuples(st.integers(1, 255), st.binary(max_size=20)), max_size=3)), max_size=3)),
-    st.builds(Bye, st.lists(st.integers(0, 0xFFFFFFFF), max_size=4),
-              st.none() | st.text(max_size=20).filter(lambda t: len(t.encode()) <= 255)),
+    st.builds(
+        SourceDescription,
+        st.lists(
+            st.builds(
+                SdesChunk,
+                st.integers(0, 0xFFFFFFFF),
+                st.lists(st.tuples(st.integers(1, 255), st.binary(max_size=20)), max_size=3),
+            ),
+            max_size=3,
+        ),
+    ),
+    st.builds(
+        Bye,
+        st.lists(st.integers(0, 0xFFFFFFFF), max_size=4),
+        st.none() | st.text(max_size=20).filter(lambda t: len(t.encode()) <= 255),
+    ),
     st.builds(RtcpUnknown, st.integers(204, 210), st.integers(0, 31), words),
 )
 

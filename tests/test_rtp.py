@@ -34,8 +34,15 @@ def test_minimal_packet_round_trip() -> None:
 
 def test_round_trip_with_csrc_extension_padding_and_marker() -> None:
     packet = RtpPacket(
-        payload_type=101, sequence=65535, timestamp=0xFFFFFFFF, ssrc=1, payload=b"\x01\x0a\x00\xa0",
-        marker=True, csrc=(11, 22, 33), extension=RtpExtension(0xBEDE, b"\x10\xaa\x00\x00"), padding=4,
+        payload_type=101,
+        sequence=65535,
+        timestamp=0xFFFFFFFF,
+        ssrc=1,
+        payload=b"\x01\x0a\x00\xa0",
+        marker=True,
+        csrc=(11, 22, 33),
+        extension=RtpExtension(0xBEDE, b"\x10\xaa\x00\x00"),
+        padding=4,
     )
     data = packet.build()
     first, second = data[0], data[1]
@@ -142,18 +149,23 @@ def test_parser_raises_only_its_own_error(data: bytes) -> None:
     if not packet.padding:
         assert rebuilt == data
     else:
-        assert rebuilt[:-packet.padding] == data[:-packet.padding]
+        assert rebuilt[: -packet.padding] == data[: -packet.padding]
 
 
 @given(
-    payload_type=st.integers(0, 127), sequence=st.integers(0, 0xFFFF), timestamp=st.integers(0, 0xFFFFFFFF),
-    ssrc=st.integers(0, 0xFFFFFFFF), payload=st.binary(max_size=64), marker=st.booleans(),
+    payload_type=st.integers(0, 127),
+    sequence=st.integers(0, 0xFFFF),
+    timestamp=st.integers(0, 0xFFFFFFFF),
+    ssrc=st.integers(0, 0xFFFFFFFF),
+    payload=st.binary(max_size=64),
+    marker=st.booleans(),
     csrc=st.lists(st.integers(0, 0xFFFFFFFF), max_size=15).map(tuple),
-    extension=st.none() | st.builds(RtpExtension, st.integers(0, 0xFFFF),
-                                    st.binary(max_size=16).map(lambda b: b[: len(b) // 4 * 4])),
+    extension=st.none()
+    | st.builds(RtpExtension, st.integers(0, 0xFFFF), st.binary(max_size=16).map(lambda b: b[: len(b) // 4 * 4])),
     padding=st.integers(0, 255),
 )
-def test_any_packet_round_trips(payload_type, sequence, timestamp, ssrc, payload, marker, csrc, extension,
-                                padding) -> None:
+def test_any_packet_round_trips(
+    payload_type, sequence, timestamp, ssrc, payload, marker, csrc, extension, padding
+) -> None:
     packet = RtpPacket(payload_type, sequence, timestamp, ssrc, payload, marker, csrc, extension, padding)
     assert RtpPacket.parse(packet.build()) == packet

@@ -114,8 +114,10 @@ async def test_stray_packets_from_other_ports_and_ips_are_dropped_and_counted(po
 
 async def test_no_latch_onto_a_foreign_ip_unless_allowed(ports, peers) -> None:
     foreign = await peers("127.0.0.2")
-    async with await RtpSession.open(ports, host="0.0.0.0", rtcp_interval=60) as strict, \
-            await RtpSession.open(ports, host="0.0.0.0", rtcp_interval=60, allow_nat_any_ip=True) as lenient:
+    async with (
+        await RtpSession.open(ports, host="0.0.0.0", rtcp_interval=60) as strict,
+        await RtpSession.open(ports, host="0.0.0.0", rtcp_interval=60, allow_nat_any_ip=True) as lenient,
+    ):
         for session in (strict, lenient):
             session.update_remote("127.0.0.1", 4000)
             session.route(0, Collector())
@@ -171,18 +173,21 @@ async def test_every_form_of_packet_from_the_latched_peer_reaches_the_handler(po
         got = Collector()
         route(session, 0, got, delivery)
         target = ("127.0.0.1", session.local_port)
-        forms = [RtpPacket(0, 1, 160, 0xAAAA, b"\x01" * 160),
-                 RtpPacket(0, 2, 320, 0xAAAA, b"\x02" * 160, marker=True),
-                 RtpPacket(0, 3, 480, 0xAAAA, b"\x03" * 160, csrc=(5, 6)),
-                 RtpPacket(0, 4, 640, 0xAAAA, b"\x04" * 160, padding=4),
-                 RtpPacket(0, 5, 800, 0xAAAA, b"\x05" * 160),
-                 RtpPacket(0, 6, 960, 0xBBBB, b"\x06" * 160),  # the peer's media restarted
-                 RtpPacket(0, 7, 1120, 0xBBBB, b"\x07" * 160)]
+        forms = [
+            RtpPacket(0, 1, 160, 0xAAAA, b"\x01" * 160),
+            RtpPacket(0, 2, 320, 0xAAAA, b"\x02" * 160, marker=True),
+            RtpPacket(0, 3, 480, 0xAAAA, b"\x03" * 160, csrc=(5, 6)),
+            RtpPacket(0, 4, 640, 0xAAAA, b"\x04" * 160, padding=4),
+            RtpPacket(0, 5, 800, 0xAAAA, b"\x05" * 160),
+            RtpPacket(0, 6, 960, 0xBBBB, b"\x06" * 160),  # the peer's media restarted
+            RtpPacket(0, 7, 1120, 0xBBBB, b"\x07" * 160),
+        ]
         for count, form in enumerate(forms, 1):
             peer.send(form.build(), target)
             await eventually(lambda count=count: len(got.packets) == count)
-        assert [(p.ssrc, p.timestamp, p.payload) for p in got.packets] == \
-            [(p.ssrc, p.timestamp, p.payload) for p in forms]
+        assert [(p.ssrc, p.timestamp, p.payload) for p in got.packets] == [
+            (p.ssrc, p.timestamp, p.payload) for p in forms
+        ]
         stats = session.stats()
         assert stats.packets_received == 7 and stats.octets_received == 7 * 160
         assert stats.ssrc_changes == 1 and stats.packets_lost == 0 and stats.relatches == 0
@@ -212,8 +217,10 @@ async def test_malformed_and_unknown_payload_types_are_counted(ports, peers, del
 
 
 async def test_jitter_buffer_and_dtmf_routing_between_two_sessions(ports) -> None:
-    async with await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=60) as caller, \
-            await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=60) as callee:
+    async with (
+        await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=60) as caller,
+        await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=60) as callee,
+    ):
         caller.update_remote("127.0.0.1", callee.local_port)
         callee.update_remote("127.0.0.1", caller.local_port)
         caller.trust_ip("127.0.0.1")  # each is the other's signalling peer
@@ -245,8 +252,10 @@ async def test_rtcp_between_two_sessions_gives_loss_jitter_and_round_trip(ports)
             return False
         return RtpPacket.parse(data).sequence % 10 == 3
 
-    async with await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=0.3, rtcp_mux=True) as a, \
-            await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=0.3, rtcp_mux=True) as b:
+    async with (
+        await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=0.3, rtcp_mux=True) as a,
+        await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=0.3, rtcp_mux=True) as b,
+    ):
         relay = await Relay.open(delay=0.025, drop=drop, b_target=("127.0.0.1", b.local_port))
         try:
             a.update_remote(*relay.a_side)
@@ -262,8 +271,13 @@ async def test_rtcp_between_two_sessions_gives_loss_jitter_and_round_trip(ports)
 
             def both_informed() -> bool:
                 sa, sb = a.stats(), b.stats()
-                return (sa.rtt_ms is not None and sb.rtt_ms is not None and sa.remote_packets_lost is not None
-                        and sa.remote_packets_lost >= relay.dropped - 1 and sb.remote_packets_lost is not None)
+                return (
+                    sa.rtt_ms is not None
+                    and sb.rtt_ms is not None
+                    and sa.remote_packets_lost is not None
+                    and sa.remote_packets_lost >= relay.dropped - 1
+                    and sb.remote_packets_lost is not None
+                )
 
             await eventually(both_informed)
             sa, sb = a.stats(), b.stats()
@@ -282,8 +296,10 @@ async def test_rtcp_between_two_sessions_gives_loss_jitter_and_round_trip(ports)
 
 
 async def test_rtcp_on_separate_ports_reaches_the_peer_session(ports) -> None:
-    async with await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=0.2) as a, \
-            await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=0.2) as b:
+    async with (
+        await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=0.2) as a,
+        await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=0.2) as b,
+    ):
         a.update_remote("127.0.0.1", b.local_port)
         b.update_remote("127.0.0.1", a.local_port)
         a.trust_ip("127.0.0.1")
@@ -412,8 +428,10 @@ async def test_a_reinvite_to_a_third_party_moves_media_only_once_it_sends(ports,
 
 @pytest.mark.skipif(not has_ipv6(), reason="no IPv6 loopback")
 async def test_ipv6_sessions_talk(ports) -> None:
-    async with await RtpSession.open(ports, host="::1", rtcp_interval=0.2) as a, \
-            await RtpSession.open(ports, host="::1", rtcp_interval=0.2) as b:
+    async with (
+        await RtpSession.open(ports, host="::1", rtcp_interval=0.2) as a,
+        await RtpSession.open(ports, host="::1", rtcp_interval=0.2) as b,
+    ):
         a.update_remote("::1", b.local_port)
         b.update_remote("0:0:0:0:0:0:0:1", a.local_port)  # any spelling of the address
         a.trust_ip("::1")
@@ -493,19 +511,22 @@ async def test_bad_addresses_at_open_are_refused_without_leaking(ports) -> None:
     assert ports.in_use == 0
 
 
-@pytest.mark.parametrize("host, ipv4, ipv6, problem", [
-    ("192.0.2.7", True, False, None),
-    ("2001:db8::7", True, True, None),
-    ("::ffff:192.0.2.7", True, False, None),
-    ("2001:db8::7", True, False, "IPv6, but this RTP socket is IPv4-only"),
-    ("192.0.2.7", False, True, "IPv4, but this RTP socket is IPv6-only"),
-    ("localhost", True, True, "not an IP address"),
-    ("x" * 500, True, True, "not an IP address"),
-    ("224.0.1.9", True, True, "multicast"),
-    ("ff02::1", True, True, "multicast"),
-    ("255.255.255.255", True, True, "broadcast"),
-    ("0.0.0.0", True, True, "unspecified"),
-])
+@pytest.mark.parametrize(
+    "host, ipv4, ipv6, problem",
+    [
+        ("192.0.2.7", True, False, None),
+        ("2001:db8::7", True, True, None),
+        ("::ffff:192.0.2.7", True, False, None),
+        ("2001:db8::7", True, False, "IPv6, but this RTP socket is IPv4-only"),
+        ("192.0.2.7", False, True, "IPv4, but this RTP socket is IPv6-only"),
+        ("localhost", True, True, "not an IP address"),
+        ("x" * 500, True, True, "not an IP address"),
+        ("224.0.1.9", True, True, "multicast"),
+        ("ff02::1", True, True, "multicast"),
+        ("255.255.255.255", True, True, "broadcast"),
+        ("0.0.0.0", True, True, "unspecified"),
+    ],
+)
 def test_media_addresses_rtp_cannot_use_are_named(host, ipv4, ipv6, problem):
     from sip.rtpsession import media_address_problem
 
@@ -575,8 +596,10 @@ async def test_srtp_session_sends_srtp_and_drops_replayed_forged_and_plain_packe
 
 async def test_srtcp_both_ways_between_two_srtp_sessions_and_a_rekey(ports) -> None:
     ours, theirs = srtp_keys()
-    async with await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=60) as a, \
-            await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=60) as b:
+    async with (
+        await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=60) as a,
+        await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=60) as b,
+    ):
         a.set_srtp(ours)
         b.set_srtp(theirs)
         a.update_remote("127.0.0.1", b.local_port)

@@ -180,9 +180,15 @@ def test_sender_statistics_extrapolate_the_media_clock() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.one_of(st.integers(0xFFF8, 0xFFFF), st.integers(0, 0xFFFF)),
-       st.lists(st.tuples(st.sampled_from([1, 1, 1, 1, 1, 0, 2, -1, 3, -3]), st.integers(0, 19), st.booleans(),
-                          st.floats(0.0, 0.05)), max_size=150))
+@given(
+    st.one_of(st.integers(0xFFF8, 0xFFFF), st.integers(0, 0xFFFF)),
+    st.lists(
+        st.tuples(
+            st.sampled_from([1, 1, 1, 1, 1, 0, 2, -1, 3, -3]), st.integers(0, 19), st.booleans(), st.floats(0.0, 0.05)
+        ),
+        max_size=150,
+    ),
+)
 def test_the_receivers_inline_path_keeps_the_reference_accounting(first, steps) -> None:
     """ReceiverStatistics counts the usual packet (the next in sequence) inline: whatever
     comes, its state stays what A.1's update_seq and A.8's jitter make of the same packets."""
@@ -203,5 +209,6 @@ def test_the_receivers_inline_path_keeps_the_reference_accounting(first, steps) 
             reference.update_jitter(timestamp, arrival)
         source = stats.source
         assert source is not None
-        assert [getattr(source, name) for name in SourceStatistics.__slots__] == \
-            [getattr(reference, name) for name in SourceStatistics.__slots__]
+        assert [getattr(source, name) for name in SourceStatistics.__slots__] == [
+            getattr(reference, name) for name in SourceStatistics.__slots__
+        ]

@@ -25,19 +25,32 @@ LOCAL_ONLY = AddressList.parse("127.0.0.1/32")
 STATE_KEYS = ("dialogs", "pending_calls", "early_dialogs", "server_transactions", "client_transactions", "tasks")
 
 
-def request(method: str, ua: UserAgent, peer: RawPeer, *, user: str = "echo", call_id: str | None = None,
-            cseq: int = 1, to_tag: str | None = None, from_tag: str = "peer", headers: str = "", body: str = "",
-            branch_id: str | None = None) -> bytes:
+def request(
+    method: str,
+    ua: UserAgent,
+    peer: RawPeer,
+    *,
+    user: str = "echo",
+    call_id: str | None = None,
+    cseq: int = 1,
+    to_tag: str | None = None,
+    from_tag: str = "peer",
+    headers: str = "",
+    body: str = "",
+    branch_id: str | None = None,
+) -> bytes:
     """A well-formed request from ``peer`` (whatever address it is bound to)."""
     target = f"sip:{user}@127.0.0.1:{ua.port}"
     to = f"<{target}>" + (f";tag={to_tag}" if to_tag else "")
     typed = "Content-Type: application/sdp\r\n" if body else ""
-    return (f"{method} {target} SIP/2.0\r\n"
-            f"Via: SIP/2.0/UDP {peer.host}:{peer.port};branch={branch_id or branch()};rport\r\n"
-            f"Max-Forwards: 70\r\nFrom: <sip:peer@{peer.host}>;tag={from_tag}\r\nTo: {to}\r\n"
-            f"Call-ID: {call_id or secrets.token_hex(6)}\r\nCSeq: {cseq} {method}\r\n"
-            f"Contact: <sip:peer@{peer.host}:{peer.port}>\r\n"
-            f"{headers}{typed}Content-Length: {len(body.encode())}\r\n\r\n{body}").encode()
+    return (
+        f"{method} {target} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP {peer.host}:{peer.port};branch={branch_id or branch()};rport\r\n"
+        f"Max-Forwards: 70\r\nFrom: <sip:peer@{peer.host}>;tag={from_tag}\r\nTo: {to}\r\n"
+        f"Call-ID: {call_id or secrets.token_hex(6)}\r\nCSeq: {cseq} {method}\r\n"
+        f"Contact: <sip:peer@{peer.host}:{peer.port}>\r\n"
+        f"{headers}{typed}Content-Length: {len(body.encode())}\r\n\r\n{body}"
+    ).encode()
 
 
 def stateless(ua: UserAgent) -> dict[str, int]:
@@ -88,7 +101,8 @@ async def peers():
 
 
 async def test_a_scanner_sweep_from_outside_the_allow_list_gets_the_same_403_for_everything_and_no_state(
-        make_ua, peers):
+    make_ua, peers
+):
     app = AnsweringApp()
     ua = await make_ua(RequestGuard(allow=LOCAL_ONLY), on_invite=app)
     scanner = await peers("127.0.0.2")
@@ -99,12 +113,21 @@ async def test_a_scanner_sweep_from_outside_the_allow_list_gets_the_same_403_for
             data = request(method, ua, scanner, user=user, body=body)
             scanner.send(data, ("127.0.0.1", ua.port))
             response = await scanner.final_response()
-            answers.append((response.status, response.reason, sorted(
-                name for name, _ in response.headers)))
+            answers.append((response.status, response.reason, sorted(name for name, _ in response.headers)))
             if method == "INVITE":  # the ACK of a stateless 403 matches nothing and is absorbed
                 via = data.split(b"branch=")[1].split(b";")[0].decode()
-                scanner.send(request("ACK", ua, scanner, user=user, call_id=response.call_id,
-                                     to_tag=response.to_addr.tag, branch_id=via), ("127.0.0.1", ua.port))
+                scanner.send(
+                    request(
+                        "ACK",
+                        ua,
+                        scanner,
+                        user=user,
+                        call_id=response.call_id,
+                        to_tag=response.to_addr.tag,
+                        branch_id=via,
+                    ),
+                    ("127.0.0.1", ua.port),
+                )
             assert no_state(ua), stateless(ua)
     assert {answer[0] for answer in answers} == {403}
     assert len({repr(answer) for answer in answers}) == 1, answers  # nothing tells the users apart
@@ -148,19 +171,18 @@ async def test_digest_auth_lets_in_the_right_password_only(make_ua):
         await uac.invite(f"sip:echo@127.0.0.1:{ua.port}", offer(), timeout=10)
     assert refused.value.status == 401
     challenges = [DigestChallenge.parse(v) for v in refused.value.response.headers.get_all("WWW-Authenticate")]
-    assert [(c.algorithm, c.qop, c.realm) for c in challenges] == [("SHA-256", ["auth"], "moshimoshi"),
-                                                                  ("MD5", ["auth"], "moshimoshi")]
+    assert [(c.algorithm, c.qop, c.realm) for c in challenges] == [
+        ("SHA-256", ["auth"], "moshimoshi"),
+        ("MD5", ["auth"], "moshimoshi"),
+    ]
     with pytest.raises(CallFailed) as wrong:
-        await uac.invite(f"sip:echo@127.0.0.1:{ua.port}", offer(), username="alice", password="guess",
-                         timeout=10)
+        await uac.invite(f"sip:echo@127.0.0.1:{ua.port}", offer(), username="alice", password="guess", timeout=10)
     assert wrong.value.status == 401
     with pytest.raises(CallFailed) as unknown:
-        await uac.invite(f"sip:echo@127.0.0.1:{ua.port}", offer(), username="mallory", password="s3cret",
-                         timeout=10)
+        await uac.invite(f"sip:echo@127.0.0.1:{ua.port}", offer(), username="mallory", password="s3cret", timeout=10)
     assert unknown.value.status == 401
     assert app.calls == []
-    dialog = await uac.invite(f"sip:echo@127.0.0.1:{ua.port}", offer(), username="alice", password="s3cret",
-                              timeout=10)
+    dialog = await uac.invite(f"sip:echo@127.0.0.1:{ua.port}", offer(), username="alice", password="s3cret", timeout=10)
     answered = await app.dialog()
     await dialog.bye()
     assert await asyncio.wait_for(answered.terminated, 5) == "remote-bye"
@@ -169,10 +191,18 @@ async def test_digest_auth_lets_in_the_right_password_only(make_ua):
     await drained(ua, uac)
 
 
-def answer(challenge_value: str, method: str, uri: str, password: str = "s3cret", nc: int = 1,
-           cnonce: str = "c0ffee") -> str:
-    return authorization(DigestChallenge.parse(challenge_value), method=method, uri=uri, username="alice",
-                         password=password, nc=nc, cnonce=cnonce)
+def answer(
+    challenge_value: str, method: str, uri: str, password: str = "s3cret", nc: int = 1, cnonce: str = "c0ffee"
+) -> str:
+    return authorization(
+        DigestChallenge.parse(challenge_value),
+        method=method,
+        uri=uri,
+        username="alice",
+        password=password,
+        nc=nc,
+        cnonce=cnonce,
+    )
 
 
 async def test_digest_auth_refuses_a_replayed_nc_and_says_stale_for_an_expired_nonce(make_ua, peers):
@@ -217,16 +247,19 @@ async def test_a_nonce_is_bound_to_the_address_it_was_given_to(make_ua, peers):
     uri = f"sip:echo@127.0.0.1:{ua.port}"
     one.send(request("INVITE", ua, one, body=offer()), ("127.0.0.1", ua.port))
     value = (await one.final_response()).headers.get("WWW-Authenticate")
-    two.send(request("INVITE", ua, two, headers=f"Authorization: {answer(value, 'INVITE', uri)}\r\n",
-                     body=offer()), ("127.0.0.1", ua.port))
+    two.send(
+        request("INVITE", ua, two, headers=f"Authorization: {answer(value, 'INVITE', uri)}\r\n", body=offer()),
+        ("127.0.0.1", ua.port),
+    )
     stolen = await two.final_response()
     assert stolen.status == 401 and ua.guard.counters.refused["auth-failed"] == 1
 
 
 def test_the_authenticator_keeps_a_bounded_table_and_forgotten_nonces_go_stale():
     now = [0.0]
-    authenticator = DigestAuthenticator({"alice": "s3cret"}, nonce_seconds=100, max_tracked_nonces=4,
-                                        clock=lambda: now[0])
+    authenticator = DigestAuthenticator(
+        {"alice": "s3cret"}, nonce_seconds=100, max_tracked_nonces=4, clock=lambda: now[0]
+    )
     uri = "sip:echo@127.0.0.1"
 
     def use(nonce_challenge: str, nc: int = 1):
@@ -247,8 +280,7 @@ def test_the_authenticator_keeps_a_bounded_table_and_forgotten_nonces_go_stale()
 def test_credentials_are_parsed_without_ever_showing_a_password():
     from sip.auth import parse_credentials
 
-    assert parse_credentials("alice:pa:ss, bob:x\n# comment\ncarol:y") == {"alice": "pa:ss", "bob": "x",
-                                                                          "carol": "y"}
+    assert parse_credentials("alice:pa:ss, bob:x\n# comment\ncarol:y") == {"alice": "pa:ss", "bob": "x", "carol": "y"}
     for bad in ("alice", "alice:", ":pw", "alice:x,alice:y", 'al"ice:pw'):
         with pytest.raises(ValueError) as error:
             parse_credentials(bad)
@@ -297,11 +329,14 @@ async def test_authenticated_invites_do_not_count_against_the_rate_limit(make_ua
     challenged INVITE), not two, so 10 calls at once stay within 16 per window."""
     rate = SourceRateLimiter(limit=16, window=60.0, ban=300.0)
     app = AnsweringApp()
-    ua = await make_ua(RequestGuard(rate=rate, authenticator=DigestAuthenticator({"alice": "s3cret"})),
-                       on_invite=app)
+    ua = await make_ua(RequestGuard(rate=rate, authenticator=DigestAuthenticator({"alice": "s3cret"})), on_invite=app)
     uac = await make_ua(None)
-    dialogs = await asyncio.gather(*(uac.invite(f"sip:echo@127.0.0.1:{ua.port}", offer(), username="alice",
-                                                password="s3cret", timeout=10) for _ in range(10)))
+    dialogs = await asyncio.gather(
+        *(
+            uac.invite(f"sip:echo@127.0.0.1:{ua.port}", offer(), username="alice", password="s3cret", timeout=10)
+            for _ in range(10)
+        )
+    )
     assert len(app.calls) == 10 and not rate.banned("127.0.0.1")
     await asyncio.gather(*(dialog.bye() for dialog in dialogs))
 
@@ -311,8 +346,9 @@ async def test_scanner_user_agents_are_dropped_without_an_answer(make_ua, peers)
     scanner = await peers("127.0.0.1")
     for agent in ("friendly-scanner", "sipvicious 0.3.4", "SIPCLI/v1.8", "VaxSIPUserAgent/3.1", "pplsip"):
         scanner.send(request("OPTIONS", ua, scanner, headers=f"User-Agent: {agent}\r\n"), ("127.0.0.1", ua.port))
-        scanner.send(request("INVITE", ua, scanner, headers=f"User-Agent: {agent}\r\n", body=offer()),
-                     ("127.0.0.1", ua.port))
+        scanner.send(
+            request("INVITE", ua, scanner, headers=f"User-Agent: {agent}\r\n", body=offer()), ("127.0.0.1", ua.port)
+        )
     assert await silence(scanner) == []
     assert ua.guard.counters.refused == {"scanner": 10} and no_state(ua)
     scanner.send(request("OPTIONS", ua, scanner, headers="User-Agent: Asterisk PBX 20\r\n"), ("127.0.0.1", ua.port))
@@ -334,12 +370,15 @@ async def test_forged_in_dialog_requests_from_another_address_end_nothing(make_u
     tag = ok.to_addr.tag
     for cseq, method in enumerate(("BYE", "INVITE", "UPDATE", "INFO", "PRACK", "OPTIONS"), 10):
         body = offer(port=40404) if method in ("INVITE", "UPDATE") else ""
-        forger.send(request(method, ua, forger, call_id="victim", to_tag=tag, cseq=cseq, body=body),
-                    ("127.0.0.1", ua.port))
+        forger.send(
+            request(method, ua, forger, call_id="victim", to_tag=tag, cseq=cseq, body=body), ("127.0.0.1", ua.port)
+        )
         response = await forger.final_response("victim")
         assert response.status == 403, (method, response.status)
-    forger.send(request("ACK", ua, forger, call_id="victim", to_tag=tag, cseq=10, body=offer(port=40404)),
-                ("127.0.0.1", ua.port))
+    forger.send(
+        request("ACK", ua, forger, call_id="victim", to_tag=tag, cseq=10, body=offer(port=40404)),
+        ("127.0.0.1", ua.port),
+    )
     await asyncio.sleep(0.2)
     assert not dialog.is_terminated and dialog.media.remote_port == 30000 and dialog.remote_seq == 1
     assert ua.guard.counters.refused == {"not-dialog-peer": 7}
@@ -373,8 +412,9 @@ async def test_in_dialog_requests_through_the_record_route_proxy_are_the_peers(m
     ua = await make_ua(RequestGuard(), on_invite=app)
     caller, proxy = await peers("127.0.0.1"), await peers("127.0.0.3")
     record_route = f"Record-Route: <sip:127.0.0.3:{proxy.port};lr>\r\n"
-    caller.send(request("INVITE", ua, caller, call_id="routed", headers=record_route, body=offer()),
-                ("127.0.0.1", ua.port))
+    caller.send(
+        request("INVITE", ua, caller, call_id="routed", headers=record_route, body=offer()), ("127.0.0.1", ua.port)
+    )
     ok = await caller.final_response("routed")
     await app.dialog()
     proxy.send(request("BYE", ua, proxy, call_id="routed", to_tag=ok.to_addr.tag, cseq=2), ("127.0.0.1", ua.port))
@@ -388,7 +428,6 @@ async def test_without_a_guard_nothing_is_refused(make_ua, peers):
     assert (await outsider.final_response()).status == 200
 
 
-
 async def test_fuzzed_requests_through_the_guard_never_crash_or_leak(make_ua, peers, caplog):
     """The torture suite's seeded mutations, against a UA whose guard authenticates and
     limits: every one is answered or dropped, nothing is logged as an error, nothing leaks."""
@@ -398,8 +437,11 @@ async def test_fuzzed_requests_through_the_guard_never_crash_or_leak(make_ua, pe
     from tests.test_sip_torture import FUZZ_SEEDS, OWN_CASES, mutate
 
     caplog.set_level(logging.WARNING)
-    guard = RequestGuard(allow=LOCAL_ONLY, authenticator=DigestAuthenticator({"alice": "s3cret"}),
-                         rate=SourceRateLimiter(limit=10_000, window=1.0, ban=1.0))
+    guard = RequestGuard(
+        allow=LOCAL_ONLY,
+        authenticator=DigestAuthenticator({"alice": "s3cret"}),
+        rate=SourceRateLimiter(limit=10_000, window=1.0, ban=1.0),
+    )
     ua = await make_ua(guard, on_invite=AnsweringApp())
     rng = random.Random(20241206)
     seeds = [(OWN_CASES / name).read_bytes() for name in FUZZ_SEEDS]

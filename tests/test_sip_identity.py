@@ -9,16 +9,21 @@ from sip.message import parse_message
 
 
 def invite(*headers: str, uri: str = "sip:0501234567@gw.example.com;user=phone") -> CallerIdentity:
-    text = (f"INVITE {uri} SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK1\r\n"
-            "From: \"Anonymous\" <sip:anonymous@anonymous.invalid>;tag=1\r\nTo: <sip:agent@gw.example.com>\r\n"
-            "Call-ID: id-1\r\nCSeq: 1 INVITE\r\nMax-Forwards: 70\r\n" + "".join(h + "\r\n" for h in headers)
-            + "Content-Length: 0\r\n\r\n")
+    text = (
+        f"INVITE {uri} SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK1\r\n"
+        'From: "Anonymous" <sip:anonymous@anonymous.invalid>;tag=1\r\nTo: <sip:agent@gw.example.com>\r\n'
+        "Call-ID: id-1\r\nCSeq: 1 INVITE\r\nMax-Forwards: 70\r\n"
+        + "".join(h + "\r\n" for h in headers)
+        + "Content-Length: 0\r\n\r\n"
+    )
     return CallerIdentity.from_request(parse_message(text.encode()))
 
 
 def test_the_asserted_identity_is_the_caller_and_the_request_uri_the_dialled_number():
-    identity = invite('P-Asserted-Identity: "Yamada Taro" <sip:+81312345678@trunk.example;user=phone>',
-                      "P-Asserted-Identity: <tel:+81312345678>")
+    identity = invite(
+        'P-Asserted-Identity: "Yamada Taro" <sip:+81312345678@trunk.example;user=phone>',
+        "P-Asserted-Identity: <tel:+81312345678>",
+    )
     assert identity.dialled == "0501234567"
     assert identity.caller.number == "+81312345678" and identity.caller.name == "Yamada Taro"
     assert identity.caller_source == "p-asserted-identity" and not identity.withheld
@@ -50,21 +55,27 @@ def test_privacy_values_withhold_what_they_name():
 
 
 def test_diversion_and_history_info_are_kept_in_order_with_their_reason():
-    identity = invite("Diversion: <sip:0312340000@pbx.example>;reason=unconditional;counter=1, "
-                      "<sip:0312340001@pbx.example>;reason=no-answer",
-                      "History-Info: <sip:0312340000@pbx.example>;index=1,<sip:0501234567@gw.example.com>;index=1.1")
-    assert [(p.number, p.params["reason"]) for p in identity.diversion] == [("0312340000", "unconditional"),
-                                                                            ("0312340001", "no-answer")]
+    identity = invite(
+        "Diversion: <sip:0312340000@pbx.example>;reason=unconditional;counter=1, "
+        "<sip:0312340001@pbx.example>;reason=no-answer",
+        "History-Info: <sip:0312340000@pbx.example>;index=1,<sip:0501234567@gw.example.com>;index=1.1",
+    )
+    assert [(p.number, p.params["reason"]) for p in identity.diversion] == [
+        ("0312340000", "unconditional"),
+        ("0312340001", "no-answer"),
+    ]
     assert [p.params["index"] for p in identity.history_info] == ["1", "1.1"]
 
 
 def test_attacker_sized_and_malformed_headers_are_bounded_and_never_raise():
     huge_user = "9" * 5000
-    identity = invite(f'P-Asserted-Identity: "{"名" * 3000}" <sip:{huge_user}@x.example>',
-                      "Diversion: " + ", ".join(f"<sip:{i}@x.example>" for i in range(50)),
-                      "History-Info: <<<not an address>>>; \x01\x02",
-                      "Privacy: " + ";".join(["id"] * 100),
-                      uri=f"sip:{huge_user}@gw.example.com")
+    identity = invite(
+        f'P-Asserted-Identity: "{"名" * 3000}" <sip:{huge_user}@x.example>',
+        "Diversion: " + ", ".join(f"<sip:{i}@x.example>" for i in range(50)),
+        "History-Info: <<<not an address>>>; \x01\x02",
+        "Privacy: " + ";".join(["id"] * 100),
+        uri=f"sip:{huge_user}@gw.example.com",
+    )
     assert identity.truncated
     assert len(identity.dialled) <= MAX_NUMBER_CHARS and len(identity.caller.number) <= MAX_NUMBER_CHARS
     assert len(identity.asserted[0].name) <= MAX_VALUE_CHARS and len(identity.asserted[0].uri) <= MAX_VALUE_CHARS

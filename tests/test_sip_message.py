@@ -58,11 +58,22 @@ def test_compact_forms_become_full_names():
         "OPTIONS sip:a@b SIP/2.0\n"
         "v: SIP/2.0/UDP h;branch=z9hG4bKx\n"
         "f: <sip:c@d>;tag=1\nt: sip:a@b\ni: abc\n"
-        "CSeq: 1 OPTIONS\nm: <sip:c@h>\nk: timer\nx: 90\nc: text/plain\nl: 2\n\nhi")
+        "CSeq: 1 OPTIONS\nm: <sip:c@h>\nk: timer\nx: 90\nc: text/plain\nl: 2\n\nhi"
+    )
     msg = parse_message(text)
     names = [name for name, _ in msg.headers]
-    assert names == ["Via", "From", "To", "Call-ID", "CSeq", "Contact", "Supported", "Session-Expires",
-                     "Content-Type", "Content-Length"]
+    assert names == [
+        "Via",
+        "From",
+        "To",
+        "Call-ID",
+        "CSeq",
+        "Contact",
+        "Supported",
+        "Session-Expires",
+        "Content-Type",
+        "Content-Length",
+    ]
     assert msg.headers.get("call-id") == msg.headers.get("I") == "abc"
     assert canonical_name("www-authenticate") == "WWW-Authenticate"
     assert canonical_name("X-Custom") == "X-Custom"
@@ -73,7 +84,8 @@ def test_folded_header_values_are_unfolded():
         "OPTIONS sip:a@b SIP/2.0\n"
         "Via: SIP/2.0/UDP h;branch=z9hG4bKx\n"
         "From: <sip:c@d>\n ;tag=1\nTo: sip:a@b\nCall-ID: abc\nCSeq:\n\t7\n  OPTIONS\n"
-        "Subject: first\n second\n\n")
+        "Subject: first\n second\n\n"
+    )
     msg = parse_message(text)
     assert msg.from_addr.tag == "1"
     assert msg.cseq.seq == 7
@@ -89,7 +101,8 @@ def test_comma_separated_values_split_outside_quotes_and_brackets():
         "Route: <sip:p1;lr>,<sip:p2;lr>\n"
         "Record-Route: <sip:r1;lr>\n"
         "Supported: timer, 100rel,, \n"
-        "From: <sip:c@d>;tag=1\nTo: sip:a@b\nCall-ID: abc\nCSeq: 1 INVITE\n\n")
+        "From: <sip:c@d>;tag=1\nTo: sip:a@b\nCall-ID: abc\nCSeq: 1 INVITE\n\n"
+    )
     msg = parse_message(text)
     assert [v.host for v in msg.vias] == ["h1", "2001:db8::1", "h3"]
     assert msg.vias[1].port == 5070 and msg.vias[1].transport == "TCP"
@@ -99,20 +112,51 @@ def test_comma_separated_values_split_outside_quotes_and_brackets():
     assert msg.values("Supported") == ["timer", "100rel"]
 
 
-@pytest.mark.parametrize("uri, user, password, host, port, params, headers", [
-    ("sip:alice@atlanta.com", "alice", None, "atlanta.com", None, [], []),
-    ("sip:alice:secretword@atlanta.com;transport=tcp", "alice", "secretword", "atlanta.com", None,
-     [("transport", "tcp")], []),
-    ("sips:alice@atlanta.com?subject=project%20x&priority=urgent", "alice", None, "atlanta.com", None, [],
-     [("subject", "project x"), ("priority", "urgent")]),
-    ("sip:+1-212-555-1212:1234@gateway.com;user=phone", "+1-212-555-1212", "1234", "gateway.com", None,
-     [("user", "phone")], []),
-    ("sip:[2001:db8::10]:5070;maddr=239.255.255.1;ttl=15", None, None, "2001:db8::10", 5070,
-     [("maddr", "239.255.255.1"), ("ttl", "15")], []),
-    ("sip:%61lice@atlanta.com;%6C%72", "alice", None, "atlanta.com", None, [("lr", None)], []),
-    ("sip:user;par=u%40example.net@example.com", "user;par=u@example.net", None, "example.com", None, [], []),
-    ("sip:192.0.2.4:5060", None, None, "192.0.2.4", 5060, [], []),
-])
+@pytest.mark.parametrize(
+    "uri, user, password, host, port, params, headers",
+    [
+        ("sip:alice@atlanta.com", "alice", None, "atlanta.com", None, [], []),
+        (
+            "sip:alice:secretword@atlanta.com;transport=tcp",
+            "alice",
+            "secretword",
+            "atlanta.com",
+            None,
+            [("transport", "tcp")],
+            [],
+        ),
+        (
+            "sips:alice@atlanta.com?subject=project%20x&priority=urgent",
+            "alice",
+            None,
+            "atlanta.com",
+            None,
+            [],
+            [("subject", "project x"), ("priority", "urgent")],
+        ),
+        (
+            "sip:+1-212-555-1212:1234@gateway.com;user=phone",
+            "+1-212-555-1212",
+            "1234",
+            "gateway.com",
+            None,
+            [("user", "phone")],
+            [],
+        ),
+        (
+            "sip:[2001:db8::10]:5070;maddr=239.255.255.1;ttl=15",
+            None,
+            None,
+            "2001:db8::10",
+            5070,
+            [("maddr", "239.255.255.1"), ("ttl", "15")],
+            [],
+        ),
+        ("sip:%61lice@atlanta.com;%6C%72", "alice", None, "atlanta.com", None, [("lr", None)], []),
+        ("sip:user;par=u%40example.net@example.com", "user;par=u@example.net", None, "example.com", None, [], []),
+        ("sip:192.0.2.4:5060", None, None, "192.0.2.4", 5060, [], []),
+    ],
+)
 def test_sip_uri_parsing(uri, user, password, host, port, params, headers):
     parsed = parse_uri(uri)
     assert isinstance(parsed, SipUri)
@@ -135,17 +179,20 @@ def test_other_schemes_are_absolute_uris():
     assert isinstance(parse_uri("urn:service:sos"), AbsoluteUri)
 
 
-@pytest.mark.parametrize("bad, fault", [
-    ("sip:", "empty host"),
-    ("sip:@example.com", "empty user part"),
-    ("sip:a@exa mple.com", "' ' not allowed"),
-    ("sip:a@[2001:db8::1", "unterminated IPv6"),
-    ("sip:a@example.com:99999", "bad port"),
-    ("sip:a@example.com;;lr", "empty URI parameter"),
-    ("sip:a%zz@example.com", "bad escape"),
-    ("sip:a@256.1.1.1", "not an IPv4 address"),
-    ("<sip:a@b>", "no scheme"),
-])
+@pytest.mark.parametrize(
+    "bad, fault",
+    [
+        ("sip:", "empty host"),
+        ("sip:@example.com", "empty user part"),
+        ("sip:a@exa mple.com", "' ' not allowed"),
+        ("sip:a@[2001:db8::1", "unterminated IPv6"),
+        ("sip:a@example.com:99999", "bad port"),
+        ("sip:a@example.com;;lr", "empty URI parameter"),
+        ("sip:a%zz@example.com", "bad escape"),
+        ("sip:a@256.1.1.1", "not an IPv4 address"),
+        ("<sip:a@b>", "no scheme"),
+    ],
+)
 def test_bad_uris_name_the_fault(bad, fault):
     with pytest.raises(SipParseError, match=fault):
         parse_uri(bad, "Request-URI")
@@ -162,60 +209,77 @@ def test_addresses_name_addr_and_addr_spec():
     assert str(Address.parse("<tel:+8112345>;tag=1")) == "<tel:+8112345>;tag=1"
 
 
-@pytest.mark.parametrize("bad, fault", [
-    ('"unterminated <sip:a@b>', "unterminated quoted string"),
-    ("Bell, Alexander <sip:a@b>", "character ',' in an unquoted display name"),
-    ("< sip:a@b >", "whitespace inside"),
-    ("<sip:a@b", "without a closing"),
-    ("sip:a@b?subject=x", "not enclosed in <...>"),
-    ("<sip:a@b>;;tag=1", "empty parameter"),
-    ("<sip:a@b>;tag=", "empty value"),
-    ("<sip:a@b> junk", "unexpected"),
-])
+@pytest.mark.parametrize(
+    "bad, fault",
+    [
+        ('"unterminated <sip:a@b>', "unterminated quoted string"),
+        ("Bell, Alexander <sip:a@b>", "character ',' in an unquoted display name"),
+        ("< sip:a@b >", "whitespace inside"),
+        ("<sip:a@b", "without a closing"),
+        ("sip:a@b?subject=x", "not enclosed in <...>"),
+        ("<sip:a@b>;;tag=1", "empty parameter"),
+        ("<sip:a@b>;tag=", "empty value"),
+        ("<sip:a@b> junk", "unexpected"),
+    ],
+)
 def test_bad_addresses_name_the_fault(bad, fault):
     with pytest.raises(SipParseError, match=fault):
         Address.parse(bad, "To")
 
 
 def test_via_parsing_with_lws_ipv6_and_params():
-    via = Via.parse("SIP / 2.0 / udp  [2001:db8::9]:5080 ; branch = z9hG4bKabc ; rport=5090;received=2001:db8::1;maddr=10.0.0.1")
+    via = Via.parse(
+        "SIP / 2.0 / udp  [2001:db8::9]:5080 ; branch = z9hG4bKabc ; rport=5090;received=2001:db8::1;maddr=10.0.0.1"
+    )
     assert via.transport == "UDP" and via.host == "2001:db8::9" and via.port == 5080
     assert via.branch == "z9hG4bKabc" and via.rport == 5090 and via.received == "2001:db8::1"
     assert via.maddr == "10.0.0.1" and via.has_rfc3261_branch
     assert not Via.parse("SIP/2.0/UDP h;branch=z9hG4bK").has_rfc3261_branch
     assert str(Via.parse("SIP/2.0/TCP h:5;branch=z9hG4bK1;rport")) == "SIP/2.0/TCP h:5;branch=z9hG4bK1;rport"
-    for bad, fault in [("SIP/2.0/UDP", "whitespace before the sent-by"), ("SIP/2.0 UDP h", "'/'"),
-                       ("SIP/2.0/UDP h;rport=x", "bad rport"), ("SIP/2.0/UDP h:0x1", "unexpected")]:
+    for bad, fault in [
+        ("SIP/2.0/UDP", "whitespace before the sent-by"),
+        ("SIP/2.0 UDP h", "'/'"),
+        ("SIP/2.0/UDP h;rport=x", "bad rport"),
+        ("SIP/2.0/UDP h:0x1", "unexpected"),
+    ]:
         with pytest.raises(SipParseError, match=fault):
             Via.parse(bad)
 
 
-def request_with(*, start: str = "OPTIONS sip:a@b SIP/2.0", drop: tuple[str, ...] = (), add: str = "",
-                 body: str = "") -> bytes:
+def request_with(
+    *, start: str = "OPTIONS sip:a@b SIP/2.0", drop: tuple[str, ...] = (), add: str = "", body: str = ""
+) -> bytes:
     headers = {
-        "Via": "SIP/2.0/UDP h;branch=z9hG4bKx", "From": "<sip:c@d>;tag=1", "To": "<sip:a@b>",
-        "Call-ID": "abc", "CSeq": "1 OPTIONS", "Max-Forwards": "70",
+        "Via": "SIP/2.0/UDP h;branch=z9hG4bKx",
+        "From": "<sip:c@d>;tag=1",
+        "To": "<sip:a@b>",
+        "Call-ID": "abc",
+        "CSeq": "1 OPTIONS",
+        "Max-Forwards": "70",
     }
     lines = [start] + [f"{k}: {v}" for k, v in headers.items() if k not in drop] + ([add] if add else [])
     return ("\r\n".join(lines) + "\r\n\r\n" + body).encode()
 
 
-@pytest.mark.parametrize("data, status, fault", [
-    (request_with(drop=("Call-ID",)), 400, "missing Call-ID"),
-    (request_with(start="OPTIONS sip:a@b SIP/3.0"), 505, "version SIP/3.0"),
-    (request_with(start="OPTIONS  sip:a@b SIP/2.0"), 400, "single spaces"),
-    (request_with(start="OPTIONS sip:a@b?x=y SIP/2.0"), 400, "must not contain headers"),
-    (request_with(add="CSeq: 2 OPTIONS"), 400, "CSeq appears 2 times"),
-    (request_with(add="Max-Forwards: 256", drop=("Max-Forwards",)), 400, "Max-Forwards"),
-    (request_with(add="Content-Length: 10", body="short"), 400, "exceeds the 5 bytes"),
-    (request_with(add="Content-Length: -1"), 400, "Content-Length"),
-    (request_with(add="Expires: 99999999999"), 400, "Expires"),
-    (request_with(add="Date: Fri, 01 Jan 2010 16:00:00 EST"), 400, "GMT"),
-    (request_with(add="NoColonHere"), 400, "no colon"),
-    (request_with(add="Bad Name: x"), 400, "not a valid header name"),
-    (request_with(start="INVITE sip:a@b SIP/2.0"), 400, "does not match"),
-    (b"OPTIONS sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP h", 400, "no blank line"),
-])
+@pytest.mark.parametrize(
+    "data, status, fault",
+    [
+        (request_with(drop=("Call-ID",)), 400, "missing Call-ID"),
+        (request_with(start="OPTIONS sip:a@b SIP/3.0"), 505, "version SIP/3.0"),
+        (request_with(start="OPTIONS  sip:a@b SIP/2.0"), 400, "single spaces"),
+        (request_with(start="OPTIONS sip:a@b?x=y SIP/2.0"), 400, "must not contain headers"),
+        (request_with(add="CSeq: 2 OPTIONS"), 400, "CSeq appears 2 times"),
+        (request_with(add="Max-Forwards: 256", drop=("Max-Forwards",)), 400, "Max-Forwards"),
+        (request_with(add="Content-Length: 10", body="short"), 400, "exceeds the 5 bytes"),
+        (request_with(add="Content-Length: -1"), 400, "Content-Length"),
+        (request_with(add="Expires: 99999999999"), 400, "Expires"),
+        (request_with(add="Date: Fri, 01 Jan 2010 16:00:00 EST"), 400, "GMT"),
+        (request_with(add="NoColonHere"), 400, "no colon"),
+        (request_with(add="Bad Name: x"), 400, "not a valid header name"),
+        (request_with(start="INVITE sip:a@b SIP/2.0"), 400, "does not match"),
+        (b"OPTIONS sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP h", 400, "no blank line"),
+    ],
+)
 def test_malformed_requests_raise_sip_parse_error_naming_the_fault(data, status, fault):
     with pytest.raises(SipParseError, match=fault) as info:
         parse_message(data)
@@ -238,8 +302,10 @@ def test_oversized_messages_are_refused_with_513():
 
 
 def test_parses_responses():
-    text = crlf("SIP/2.0 180 Ringing\nVia: SIP/2.0/UDP h;branch=z9hG4bKx\nFrom: <sip:c@d>;tag=1\n"
-                "To: <sip:a@b>;tag=2\nCall-ID: abc\nCSeq: 1 INVITE\n\n")
+    text = crlf(
+        "SIP/2.0 180 Ringing\nVia: SIP/2.0/UDP h;branch=z9hG4bKx\nFrom: <sip:c@d>;tag=1\n"
+        "To: <sip:a@b>;tag=2\nCall-ID: abc\nCSeq: 1 INVITE\n\n"
+    )
     msg = parse_message(text)
     assert isinstance(msg, Response) and msg.status == 180 and msg.reason == "Ringing"
     with pytest.raises(SipParseError, match="not a status code"):
@@ -283,7 +349,7 @@ class TestStreamFramer:
         stream = b"\r\n\r\n" + one + b"\r\n" + two
         out = []
         for i in range(0, len(stream), 7):  # arbitrary segmentation
-            out.extend(framer.feed(stream[i:i + 7]))
+            out.extend(framer.feed(stream[i : i + 7]))
         assert out == [one, two]
         assert framer.keepalives == 1 and framer.buffered == 0
         assert parse_message(out[0]).body == b"hello"
@@ -294,9 +360,13 @@ class TestStreamFramer:
             framer.feed(request_with())
         assert framer.error_head is not None and framer.error_head.startswith(b"OPTIONS")
 
-    @pytest.mark.parametrize("add, fault", [
-        ("Content-Length: 1\r\nl: 1", "more than once"), ("Content-Length: -5", "not a non-negative"),
-    ])
+    @pytest.mark.parametrize(
+        "add, fault",
+        [
+            ("Content-Length: 1\r\nl: 1", "more than once"),
+            ("Content-Length: -5", "not a non-negative"),
+        ],
+    )
     def test_bad_lengths(self, add, fault):
         with pytest.raises(SipParseError, match=fault):
             StreamFramer().feed(request_with(add=add))

@@ -18,13 +18,16 @@ from tests.test_sip_ua import TIMERS, AnsweringApp, drained, offer
 
 def huge_invite(ua: UserAgent, peer: RawPeer, tcp_port: int, *, vias: int, call_id: str, body: str) -> bytes:
     """An INVITE whose top Via names ``tcp_port`` as sent-by, with ``vias`` more below it."""
-    more = "".join(f"Via: SIP/2.0/UDP 192.0.2.{i % 250 + 1}:5060;branch=z9hG4bK{secrets.token_hex(8)}\r\n"
-                   for i in range(vias))
-    return (f"INVITE sip:echo@127.0.0.1:{ua.port} SIP/2.0\r\n"
-            f"Via: SIP/2.0/UDP 127.0.0.1:{tcp_port};branch={branch()};rport\r\n{more}"
-            f"Max-Forwards: 70\r\nFrom: <sip:peer@127.0.0.1>;tag=huge\r\nTo: <sip:echo@127.0.0.1>\r\n"
-            f"Call-ID: {call_id}\r\nCSeq: 1 INVITE\r\nContact: <sip:peer@127.0.0.1:{peer.port}>\r\n"
-            f"Content-Type: application/sdp\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode()
+    more = "".join(
+        f"Via: SIP/2.0/UDP 192.0.2.{i % 250 + 1}:5060;branch=z9hG4bK{secrets.token_hex(8)}\r\n" for i in range(vias)
+    )
+    return (
+        f"INVITE sip:echo@127.0.0.1:{ua.port} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 127.0.0.1:{tcp_port};branch={branch()};rport\r\n{more}"
+        f"Max-Forwards: 70\r\nFrom: <sip:peer@127.0.0.1>;tag=huge\r\nTo: <sip:echo@127.0.0.1>\r\n"
+        f"Call-ID: {call_id}\r\nCSeq: 1 INVITE\r\nContact: <sip:peer@127.0.0.1:{peer.port}>\r\n"
+        f"Content-Type: application/sdp\r\nContent-Length: {len(body)}\r\n\r\n{body}"
+    ).encode()
 
 
 class TcpSink:
@@ -79,9 +82,11 @@ async def test_responses_too_big_for_udp_go_over_tcp_to_the_sender(uas):
         assert len(ok.to_bytes()) > 8000 and len(ok.vias) == 151
         dialog = await uas.app.dialog()
         assert uas.app.calls[0].transport == "TCP" and uas.counts()["responses_over_tcp"] == 1
-        ack = (f"ACK sip:echo@127.0.0.1:{uas.port} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{peer.port};branch={branch()}\r\n"
-               f"Max-Forwards: 70\r\nFrom: <sip:peer@127.0.0.1>;tag=huge\r\nTo: {ok.headers.get('To')}\r\n"
-               f"Call-ID: huge\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n").encode()
+        ack = (
+            f"ACK sip:echo@127.0.0.1:{uas.port} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{peer.port};branch={branch()}\r\n"
+            f"Max-Forwards: 70\r\nFrom: <sip:peer@127.0.0.1>;tag=huge\r\nTo: {ok.headers.get('To')}\r\n"
+            f"Call-ID: huge\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n"
+        ).encode()
         peer.send(ack, ("127.0.0.1", uas.port))
         await asyncio.wait_for(dialog.confirmed.wait(), 5)
         assert peer.drain() == []  # nothing came over UDP: it could not have fitted

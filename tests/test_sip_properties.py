@@ -15,27 +15,39 @@ from sip.sdp import MediaPreferences, SdpError, SessionDescription, answer_offer
 from sip.uri import parse_uri
 
 VALID_MESSAGES = [
-    (b"INVITE sip:bob@example.com;transport=tcp SIP/2.0\r\n"
-     b"Via: SIP/2.0/UDP [2001:db8::1]:5062;branch=z9hG4bK776;rport, SIP/2.0/TCP p.example.com\r\n"
-     b"Max-Forwards: 70\r\nTo: \"Bob \\\"B\\\"\" <sip:bob@example.com>\r\n"
-     b"f: Alice <sip:alice@example.com>;tag=19\r\ni: a84b4c76e66710\r\nCSeq: 314159 INVITE\r\n"
-     b"Contact: <sip:alice@pc33.example.com>;expires=60, sip:x@y\r\nSupported: timer\r\n"
-     b"Session-Expires: 1800;refresher=uac\r\nc: application/sdp\r\nl: 58\r\n\r\n"
-     b"v=0\r\no=- 1 1 IN IP4 1.2.3.4\r\ns=-\r\nc=IN IP4 1.2.3.4\r\nm=audio 5 RTP/AVP 0\r\n"),
-    (b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP h;branch=z9hG4bKx;received=10.0.0.1;rport=5060\r\n"
-     b"From: <sip:c@d>;tag=1\r\nTo: sip:a@b;tag=2\r\nCall-ID: abc\r\nCSeq: 1 BYE\r\n"
-     b"Record-Route: <sip:p1;lr>,<sip:p2;lr>\r\nContent-Length: 0\r\n\r\n"),
-    (b"OPTIONS sip:user;par=u%40example.net@example.com SIP/2.0\r\nVia: SIP  /  2.0 / UDP\r\n h;branch=z9hG4bKq\r\n"
-     b"From: token1 token2 <sip:c@d>;tag=1\r\nTo: <sip:a@b>\r\nCall-ID: abc\r\nCSeq: 1\r\n OPTIONS\r\n"
-     b"Accept: application/sdp, text/plain\r\n\r\n"),
+    (
+        b"INVITE sip:bob@example.com;transport=tcp SIP/2.0\r\n"
+        b"Via: SIP/2.0/UDP [2001:db8::1]:5062;branch=z9hG4bK776;rport, SIP/2.0/TCP p.example.com\r\n"
+        b'Max-Forwards: 70\r\nTo: "Bob \\"B\\"" <sip:bob@example.com>\r\n'
+        b"f: Alice <sip:alice@example.com>;tag=19\r\ni: a84b4c76e66710\r\nCSeq: 314159 INVITE\r\n"
+        b"Contact: <sip:alice@pc33.example.com>;expires=60, sip:x@y\r\nSupported: timer\r\n"
+        b"Session-Expires: 1800;refresher=uac\r\nc: application/sdp\r\nl: 58\r\n\r\n"
+        b"v=0\r\no=- 1 1 IN IP4 1.2.3.4\r\ns=-\r\nc=IN IP4 1.2.3.4\r\nm=audio 5 RTP/AVP 0\r\n"
+    ),
+    (
+        b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP h;branch=z9hG4bKx;received=10.0.0.1;rport=5060\r\n"
+        b"From: <sip:c@d>;tag=1\r\nTo: sip:a@b;tag=2\r\nCall-ID: abc\r\nCSeq: 1 BYE\r\n"
+        b"Record-Route: <sip:p1;lr>,<sip:p2;lr>\r\nContent-Length: 0\r\n\r\n"
+    ),
+    (
+        b"OPTIONS sip:user;par=u%40example.net@example.com SIP/2.0\r\nVia: SIP  /  2.0 / UDP\r\n h;branch=z9hG4bKq\r\n"
+        b"From: token1 token2 <sip:c@d>;tag=1\r\nTo: <sip:a@b>\r\nCall-ID: abc\r\nCSeq: 1\r\n OPTIONS\r\n"
+        b"Accept: application/sdp, text/plain\r\n\r\n"
+    ),
 ]
-VALID_SDP = ("v=0\r\no=alice 1 1 IN IP4 198.51.100.1\r\ns=-\r\nc=IN IP4 198.51.100.1\r\nt=0 0\r\n"
-             "m=audio 49170 RTP/AVP 8 0 101\r\na=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\n"
-             "a=ptime:20\r\na=sendonly\r\nm=video 0 RTP/AVP 31\r\n")
+VALID_SDP = (
+    "v=0\r\no=alice 1 1 IN IP4 198.51.100.1\r\ns=-\r\nc=IN IP4 198.51.100.1\r\nt=0 0\r\n"
+    "m=audio 49170 RTP/AVP 8 0 101\r\na=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\n"
+    "a=ptime:20\r\na=sendonly\r\nm=video 0 RTP/AVP 31\r\n"
+)
 
 SPECIAL = list(b'<>;,"\\:@ \t\r\n=/?%[]') + [0, 255]
-settings.register_profile("sip", max_examples=int(os.environ.get("SIP_HYPOTHESIS_EXAMPLES", "300")), deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "sip",
+    max_examples=int(os.environ.get("SIP_HYPOTHESIS_EXAMPLES", "300")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 settings.load_profile("sip")
 
 
@@ -48,7 +60,7 @@ def mutated(draw, seeds: list[bytes]) -> bytes:
             break
         at = draw(st.integers(0, len(data) - 1))
         if kind == "delete":
-            del data[at:at + draw(st.integers(1, 20))]
+            del data[at : at + draw(st.integers(1, 20))]
         elif kind == "insert":
             data[at:at] = draw(st.binary(min_size=1, max_size=8) | st.sampled_from([bytes([c]) for c in SPECIAL]))
         elif kind == "replace":
@@ -57,7 +69,7 @@ def mutated(draw, seeds: list[bytes]) -> bytes:
             end = data.find(b"\n", at)
             start = data.rfind(b"\n", 0, at) + 1
             if end > start:
-                data[end + 1:end + 1] = data[start:end + 1]
+                data[end + 1 : end + 1] = data[start : end + 1]
         else:
             del data[at:]
     return bytes(data)
@@ -89,7 +101,8 @@ def test_mutated_messages_raise_only_sip_parse_error_and_reparse_when_valid(data
     assert type(again) is type(message)
     assert again.body == message.body
     assert [h for h in again.headers if h[0] != "Content-Length"] == [
-        h for h in message.headers if h[0] != "Content-Length"]
+        h for h in message.headers if h[0] != "Content-Length"
+    ]
     if isinstance(message, Request):
         assert again.method == message.method and str(again.uri) == str(message.uri)
 
@@ -100,7 +113,7 @@ def test_stream_framer_raises_only_sip_parse_error(messages, chunk):
     framer = StreamFramer(max_size=4096)
     try:
         for i in range(0, len(stream), chunk):
-            for message in framer.feed(stream[i:i + chunk]):
+            for message in framer.feed(stream[i : i + chunk]):
                 parse_or_error(message)
     except SipParseError:
         pass

@@ -47,17 +47,30 @@ class Transferee:
         self.ua, self.peer, self.call_id, self.to_tag = ua, peer, call_id, to_tag
         self.cseq = 1
 
-    async def request(self, method: str, *, headers: str = "", body: str = "",
-                      content_type: str = "message/sipfrag") -> Response:
+    async def request(
+        self, method: str, *, headers: str = "", body: str = "", content_type: str = "message/sipfrag"
+    ) -> Response:
         self.cseq += 1
-        self.peer.send(raw(method, self.ua, self.peer, call_id=self.call_id, cseq=self.cseq, to_tag=self.to_tag,
-                           headers=headers, body=body, content_type=content_type), ("127.0.0.1", self.ua.port))
+        self.peer.send(
+            raw(
+                method,
+                self.ua,
+                self.peer,
+                call_id=self.call_id,
+                cseq=self.cseq,
+                to_tag=self.to_tag,
+                headers=headers,
+                body=body,
+                content_type=content_type,
+            ),
+            ("127.0.0.1", self.ua.port),
+        )
         return await self.peer.final_response(self.call_id)
 
-    async def notify(self, sipfrag: str, state: str = "active;expires=60", event: str = "refer",
-                     **kwargs) -> Response:
-        return await self.request("NOTIFY", headers=f"Event: {event}\r\nSubscription-State: {state}\r\n",
-                                  body=sipfrag, **kwargs)
+    async def notify(self, sipfrag: str, state: str = "active;expires=60", event: str = "refer", **kwargs) -> Response:
+        return await self.request(
+            "NOTIFY", headers=f"Event: {event}\r\nSubscription-State: {state}\r\n", body=sipfrag, **kwargs
+        )
 
     async def refer_received(self) -> Request:
         message = await self.peer.expect(lambda m: isinstance(m, Request) and m.method == "REFER", 5, "a REFER")
@@ -98,11 +111,12 @@ async def test_a_referral_accepted_reports_progress_and_success(make_ua, peer):
             seen.append(status)
 
     following = asyncio.create_task(follow())
-    assert (await transferee.notify("SIP/2.0 100 Trying\r\n",
-                                    event=f"refer;id={refer.cseq.seq}")).status == 200
+    assert (await transferee.notify("SIP/2.0 100 Trying\r\n", event=f"refer;id={refer.cseq.seq}")).status == 200
     assert (await transferee.notify("SIP/2.0 180 Ringing\r\n")).status == 200  # no id: the one referral
     assert not referral.done
-    ok = await transferee.notify("SIP/2.0 200 OK\r\nContent-Type: application/sdp\r\n", state="terminated;reason=noresource")
+    ok = await transferee.notify(
+        "SIP/2.0 200 OK\r\nContent-Type: application/sdp\r\n", state="terminated;reason=noresource"
+    )
     assert ok.status == 200
     outcome = await referral.outcome(5)
     assert outcome.success and (outcome.status, outcome.reason, outcome.local) == (200, "OK", False)
@@ -215,7 +229,9 @@ async def test_a_refer_to_our_ua_is_405_and_names_notify_in_allow(make_ua, peer)
 
 
 def test_sipfrag_event_and_subscription_state_parsing():
-    assert parse_sipfrag(b"SIP/2.0 183 Session Progress\r\nContact: <sip:x@y>\r\n") == ReferStatus(183, "Session Progress")
+    assert parse_sipfrag(b"SIP/2.0 183 Session Progress\r\nContact: <sip:x@y>\r\n") == ReferStatus(
+        183, "Session Progress"
+    )
     assert parse_sipfrag(b"SIP/2.0 200") == ReferStatus(200, "")
     assert parse_sipfrag(b"sip/2.0 503 Service\x00 Unavailable\n") == ReferStatus(503, "Service Unavailable")
     for bad in (b"", b"SIP/2.0 abc OK", b"SIP/3.0 200 OK", b"\xff\xfe", b"SIP/2.0 700 Nope"):

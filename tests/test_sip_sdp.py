@@ -55,19 +55,27 @@ def test_parse_keeps_every_line_and_round_trips():
     assert SessionDescription.parse(parsed.to_bytes()) == parsed
 
 
-@pytest.mark.parametrize("text, fault", [
-    ("", "empty"), ("o=x 1 1 IN IP4 h\n", "v=0"), ("v=0\ns=-\n", "missing o="),
-    ("v=0\no=x 1 IN IP4 h\n", "6 fields"), ("v=0\no=x 1 1 IN IP4 h\nm=audio x RTP/AVP 0\n", "bad port"),
-    ("v=0\no=x 1 1 IN IP4 h\nm =video 1 RTP/AVP 0\n", "not 'x=value'"), ("v=0\no=x 1 1 IN IP4 h\nc=IN IP4\n", "c="),
-])
+@pytest.mark.parametrize(
+    "text, fault",
+    [
+        ("", "empty"),
+        ("o=x 1 1 IN IP4 h\n", "v=0"),
+        ("v=0\ns=-\n", "missing o="),
+        ("v=0\no=x 1 IN IP4 h\n", "6 fields"),
+        ("v=0\no=x 1 1 IN IP4 h\nm=audio x RTP/AVP 0\n", "bad port"),
+        ("v=0\no=x 1 1 IN IP4 h\nm =video 1 RTP/AVP 0\n", "not 'x=value'"),
+        ("v=0\no=x 1 1 IN IP4 h\nc=IN IP4\n", "c="),
+    ],
+)
 def test_malformed_sdp_raises_sdp_error(text, fault):
     with pytest.raises(SdpError, match=fault):
         SessionDescription.parse(text)
 
 
 def test_answer_picks_our_first_preferred_codec_mirrors_dtmf_and_rejects_other_streams():
-    answer, media = answer_offer(sdp(OFFER), MediaPreferences(codecs=["PCMU", "PCMA"], order="ours"),
-                                 "192.0.2.10", 40000)
+    answer, media = answer_offer(
+        sdp(OFFER), MediaPreferences(codecs=["PCMU", "PCMA"], order="ours"), "192.0.2.10", 40000
+    )
     audio, video = answer.media
     assert audio.port == 40000 and audio.formats == ["0", "101"]
     assert audio.fmtp(101) == "0-15" and audio.ptime == 30 and audio.direction == "sendrecv"
@@ -90,10 +98,15 @@ def test_ptime_out_of_range_falls_back_to_20_and_no_dtmf_when_not_offered():
     assert media.ptime == 20 and media.dtmf_payload_type is None and answer.media[0].formats == ["0"]
 
 
-@pytest.mark.parametrize("offered, answered, ours", [
-    ("sendonly", "recvonly", "recvonly"), ("recvonly", "sendonly", "sendonly"),
-    ("inactive", "inactive", "inactive"), ("sendrecv", "sendrecv", "sendrecv"),
-])
+@pytest.mark.parametrize(
+    "offered, answered, ours",
+    [
+        ("sendonly", "recvonly", "recvonly"),
+        ("recvonly", "sendonly", "sendonly"),
+        ("inactive", "inactive", "inactive"),
+        ("sendrecv", "sendrecv", "sendrecv"),
+    ],
+)
 def test_direction_is_answered_per_rfc3264(offered, answered, ours):
     offer = sdp(f"v=0\no=- 1 1 IN IP4 h\ns=-\nc=IN IP4 10.0.0.1\nt=0 0\nm=audio 5000 RTP/AVP 0\na={offered}\n")
     answer, media = answer_offer(offer, MediaPreferences(), "10.0.0.2", 6000)
@@ -113,13 +126,16 @@ def test_session_level_direction_and_media_level_connection():
     assert media.direction == "recvonly" and media.remote_address == "10.9.9.9" and media.codec == "PCMA"
 
 
-@pytest.mark.parametrize("offer", [
-    "v=0\no=- 1 1 IN IP4 h\ns=-\nc=IN IP4 1.2.3.4\nt=0 0\nm=audio 5000 RTP/AVP 18 3\n",
-    "v=0\no=- 1 1 IN IP4 h\ns=-\nc=IN IP4 1.2.3.4\nt=0 0\nm=audio 0 RTP/AVP 0\n",
-    "v=0\no=- 1 1 IN IP4 h\ns=-\nc=IN IP4 1.2.3.4\nt=0 0\nm=audio 5000 RTP/SAVP 0\n",
-    "v=0\no=- 1 1 IN IP4 h\ns=-\nc=IN IP4 1.2.3.4\nt=0 0\nm=video 5000 RTP/AVP 31\n",
-    "v=0\no=- 1 1 IN IP4 h\ns=-\nc=IN IP4 1.2.3.4\nt=0 0\nm=audio 5000 RTP/AVP 96\na=rtpmap:96 PCMU/16000\n",
-])
+@pytest.mark.parametrize(
+    "offer",
+    [
+        "v=0\no=- 1 1 IN IP4 h\ns=-\nc=IN IP4 1.2.3.4\nt=0 0\nm=audio 5000 RTP/AVP 18 3\n",
+        "v=0\no=- 1 1 IN IP4 h\ns=-\nc=IN IP4 1.2.3.4\nt=0 0\nm=audio 0 RTP/AVP 0\n",
+        "v=0\no=- 1 1 IN IP4 h\ns=-\nc=IN IP4 1.2.3.4\nt=0 0\nm=audio 5000 RTP/SAVP 0\n",
+        "v=0\no=- 1 1 IN IP4 h\ns=-\nc=IN IP4 1.2.3.4\nt=0 0\nm=video 5000 RTP/AVP 31\n",
+        "v=0\no=- 1 1 IN IP4 h\ns=-\nc=IN IP4 1.2.3.4\nt=0 0\nm=audio 5000 RTP/AVP 96\na=rtpmap:96 PCMU/16000\n",
+    ],
+)
 def test_no_common_codec(offer):
     with pytest.raises(NoCommonCodec):
         answer_offer(sdp(offer), MediaPreferences(), "10.0.0.2", 6000)
@@ -129,10 +145,16 @@ def test_build_offer_and_read_the_answer():
     offer = build_offer(MediaPreferences(codecs=["PCMA", "PCMU"]), "192.0.2.20", 30000)
     audio = offer.media[0]
     assert audio.formats == ["8", "0", "101"] and audio.fmtp(101) == "0-16" and audio.direction == "sendrecv"
-    answer, _ = answer_offer(SessionDescription.parse(str(offer)), MediaPreferences(codecs=["PCMU"]), "192.0.2.30", 31000)
+    answer, _ = answer_offer(
+        SessionDescription.parse(str(offer)), MediaPreferences(codecs=["PCMU"]), "192.0.2.30", 31000
+    )
     media = negotiated_from_answer(offer, answer)
     assert (media.codec, media.remote_address, media.remote_port, media.dtmf_payload_type) == (
-        "PCMU", "192.0.2.30", 31000, 101)
+        "PCMU",
+        "192.0.2.30",
+        31000,
+        101,
+    )
     bogus = sdp("v=0\no=- 1 1 IN IP4 h\ns=-\nc=IN IP4 1.2.3.4\nt=0 0\nm=audio 5000 RTP/AVP 18\n")
     with pytest.raises(SdpError, match="not offered"):
         negotiated_from_answer(offer, bogus)
@@ -161,6 +183,7 @@ def test_reanswer_without_the_previous_codec_is_no_common_codec():
 
 # -- codec choice and wideband ---------------------------------------------------------------
 
+
 def audio_offer(formats: str, *lines: str, ptime: int | None = None) -> SessionDescription:
     body = "v=0\no=- 1 1 IN IP4 h\ns=-\nc=IN IP4 10.0.0.1\nt=0 0\n" + f"m=audio 5000 RTP/AVP {formats}\n"
     body += "".join(f"a={line}\n" for line in lines) + (f"a=ptime:{ptime}\n" if ptime else "")
@@ -170,14 +193,17 @@ def audio_offer(formats: str, *lines: str, ptime: int | None = None) -> SessionD
 OPUS_MAP = "rtpmap:111 opus/48000/2"
 
 
-@pytest.mark.parametrize("formats, lines, chosen", [
-    ("0 8 9 111", [OPUS_MAP], "opus"),  # the best audio, wherever it stands in the offer
-    ("111 9 0", [OPUS_MAP], "opus"),
-    ("0 8 9", [], "G722"),
-    ("8 9 0", [], "G722"),
-    ("8 0", [], "PCMA"),  # equals: the offer's order
-    ("0 8", [], "PCMU"),
-])
+@pytest.mark.parametrize(
+    "formats, lines, chosen",
+    [
+        ("0 8 9 111", [OPUS_MAP], "opus"),  # the best audio, wherever it stands in the offer
+        ("111 9 0", [OPUS_MAP], "opus"),
+        ("0 8 9", [], "G722"),
+        ("8 9 0", [], "G722"),
+        ("8 0", [], "PCMA"),  # equals: the offer's order
+        ("0 8", [], "PCMU"),
+    ],
+)
 def test_default_prefers_the_best_audio_then_the_offers_order(formats, lines, chosen):
     _, media = answer_offer(audio_offer(formats, *lines), MediaPreferences(), "10.0.0.2", 6000)
     assert media.codec == chosen
@@ -194,15 +220,22 @@ def test_a_configured_order_overrides_quality():
 
 
 def test_g722_is_answered_on_its_8000_hz_rtp_clock():
-    answer, media = answer_offer(audio_offer("9 0 101", "rtpmap:101 telephone-event/8000"), MediaPreferences(),
-                                 "10.0.0.2", 6000)
+    answer, media = answer_offer(
+        audio_offer("9 0 101", "rtpmap:101 telephone-event/8000"), MediaPreferences(), "10.0.0.2", 6000
+    )
     assert (media.codec, media.payload_type, media.clock_rate, media.dtmf_payload_type) == ("G722", 9, 8000, 101)
     assert "a=rtpmap:9 G722/8000" in str(answer) and answer.media[0].formats == ["9", "101"]
 
 
 def test_opus_answer_has_rtpmap_fmtp_ptime_and_the_matching_telephone_event():
-    offer = audio_offer("111 0 101 110", OPUS_MAP, "fmtp:111 useinbandfec=1;maxaveragebitrate=20000",
-                        "rtpmap:101 telephone-event/8000", "rtpmap:110 telephone-event/48000", ptime=30)
+    offer = audio_offer(
+        "111 0 101 110",
+        OPUS_MAP,
+        "fmtp:111 useinbandfec=1;maxaveragebitrate=20000",
+        "rtpmap:101 telephone-event/8000",
+        "rtpmap:110 telephone-event/48000",
+        ptime=30,
+    )
     answer, media = answer_offer(offer, MediaPreferences(), "10.0.0.2", 6000)
     audio = answer.media[0]
     assert audio.formats == ["111", "110"]
@@ -216,29 +249,37 @@ def test_opus_answer_has_rtpmap_fmtp_ptime_and_the_matching_telephone_event():
     SessionDescription.parse(str(answer))
 
 
-@pytest.mark.parametrize("lines, chosen", [
-    (["rtpmap:111 opus/8000/2"], "PCMU"),  # a wrong clock rate is not Opus
-    (["rtpmap:111 opus/48000/2", "fmtp:111 ;;==;maxaveragebitrate=x;stereo=7;\x00"], "opus"),  # odd fmtp
-    (["rtpmap:111 opus/48000"], "opus"),  # channels left out, as many stacks write it
-    (["rtpmap:111 opus/48000/6"], "PCMU"),
-    (["rtpmap:9 G722/16000"], "PCMU"),  # G.722 on a 16 kHz clock is not RFC 3551's
-    (["rtpmap:111 opus/48000/2", "rtpmap:111 opus/abc/2"], "opus"),  # a malformed second rtpmap is ignored
-])
+@pytest.mark.parametrize(
+    "lines, chosen",
+    [
+        (["rtpmap:111 opus/8000/2"], "PCMU"),  # a wrong clock rate is not Opus
+        (["rtpmap:111 opus/48000/2", "fmtp:111 ;;==;maxaveragebitrate=x;stereo=7;\x00"], "opus"),  # odd fmtp
+        (["rtpmap:111 opus/48000"], "opus"),  # channels left out, as many stacks write it
+        (["rtpmap:111 opus/48000/6"], "PCMU"),
+        (["rtpmap:9 G722/16000"], "PCMU"),  # G.722 on a 16 kHz clock is not RFC 3551's
+        (["rtpmap:111 opus/48000/2", "rtpmap:111 opus/abc/2"], "opus"),  # a malformed second rtpmap is ignored
+    ],
+)
 def test_malformed_codec_entries_fall_back(lines, chosen):
-    _, media = answer_offer(audio_offer("111 9 0" if "9 " in " ".join(lines) else "111 0", *lines),
-                            MediaPreferences(), "10.0.0.2", 6000)
+    _, media = answer_offer(
+        audio_offer("111 9 0" if "9 " in " ".join(lines) else "111 0", *lines), MediaPreferences(), "10.0.0.2", 6000
+    )
     assert media.codec == chosen
 
 
-@pytest.mark.parametrize("offer", [
-    "m=audio 5000 RTP/AVP 111\na=rtpmap:111 opus/16000/2\n",
-    "m=audio 5000 RTP/AVP 9\na=rtpmap:9 G722/16000\n",
-    "m=audio 5000 RTP/AVP 300\na=rtpmap:300 PCMU/8000\n",
-])
+@pytest.mark.parametrize(
+    "offer",
+    [
+        "m=audio 5000 RTP/AVP 111\na=rtpmap:111 opus/16000/2\n",
+        "m=audio 5000 RTP/AVP 9\na=rtpmap:9 G722/16000\n",
+        "m=audio 5000 RTP/AVP 300\na=rtpmap:300 PCMU/8000\n",
+    ],
+)
 def test_nothing_usable_is_no_common_codec(offer):
     with pytest.raises(NoCommonCodec):
-        answer_offer(sdp("v=0\no=- 1 1 IN IP4 h\ns=-\nc=IN IP4 1.2.3.4\nt=0 0\n" + offer), MediaPreferences(),
-                     "10.0.0.2", 6000)
+        answer_offer(
+            sdp("v=0\no=- 1 1 IN IP4 h\ns=-\nc=IN IP4 1.2.3.4\nt=0 0\n" + offer), MediaPreferences(), "10.0.0.2", 6000
+        )
 
 
 def test_offer_with_opus_and_g722_and_the_answer_read_back():
@@ -263,8 +304,10 @@ def test_the_answers_telephone_event_type_is_the_one_used_both_ways():
     """A peer that answers telephone-event on another dynamic type (96 for our 101): we send
     and receive digits on 96, at its clock."""
     offer = build_offer(MediaPreferences(codecs=["PCMU"]), "192.0.2.20", 30000)
-    answer = sdp("v=0\no=- 1 1 IN IP4 h\ns=-\nc=IN IP4 192.0.2.30\nt=0 0\nm=audio 31000 RTP/AVP 0 96\n"
-                 "a=rtpmap:96 telephone-event/8000\na=fmtp:96 0-15\n")
+    answer = sdp(
+        "v=0\no=- 1 1 IN IP4 h\ns=-\nc=IN IP4 192.0.2.30\nt=0 0\nm=audio 31000 RTP/AVP 0 96\n"
+        "a=rtpmap:96 telephone-event/8000\na=fmtp:96 0-15\n"
+    )
     media = negotiated_from_answer(offer, answer)
     assert (media.codec, media.dtmf_payload_type, media.dtmf_clock_rate) == ("PCMU", 96, 8000)
 
@@ -277,15 +320,19 @@ KEY_GCM = "MTIzNDU2Nzg5MDEyMzQ1Njc4OTAxMjM0NTY3OA"  # 28 bytes
 
 def srtp_offer(*crypto: str, proto: str = "RTP/SAVP", extra: str = "") -> SessionDescription:
     lines = "".join(f"a=crypto:{c}\n" for c in crypto)
-    return sdp("v=0\no=- 1 1 IN IP4 198.51.100.1\ns=-\nc=IN IP4 198.51.100.1\nt=0 0\n"
-               f"m=audio 5000 {proto} 0 101\na=rtpmap:101 telephone-event/8000\n{lines}{extra}")
+    return sdp(
+        "v=0\no=- 1 1 IN IP4 198.51.100.1\ns=-\nc=IN IP4 198.51.100.1\nt=0 0\n"
+        f"m=audio 5000 {proto} 0 101\na=rtpmap:101 telephone-event/8000\n{lines}{extra}"
+    )
 
 
 def test_an_srtp_offer_is_answered_with_the_first_usable_crypto_line_and_a_fresh_key():
-    offer = srtp_offer(f"1 AES_CM_128_HMAC_SHA1_80 inline:{KEY_80}|1:4",  # MKI: passed over
-                       "2 F8_128_HMAC_SHA1_80 inline:" + KEY_80,          # unknown suite
-                       f"3 AEAD_AES_128_GCM inline:{KEY_GCM}",
-                       f"4 AES_CM_128_HMAC_SHA1_32 inline:{KEY_80}")
+    offer = srtp_offer(
+        f"1 AES_CM_128_HMAC_SHA1_80 inline:{KEY_80}|1:4",  # MKI: passed over
+        "2 F8_128_HMAC_SHA1_80 inline:" + KEY_80,  # unknown suite
+        f"3 AEAD_AES_128_GCM inline:{KEY_GCM}",
+        f"4 AES_CM_128_HMAC_SHA1_32 inline:{KEY_80}",
+    )
     answer, media = answer_offer(offer, MediaPreferences(codecs=["PCMU"], srtp="optional"), "192.0.2.10", 40000)
     audio = answer.media[0]
     assert audio.proto == "RTP/SAVP"
@@ -298,12 +345,19 @@ def test_an_srtp_offer_is_answered_with_the_first_usable_crypto_line_and_a_fresh
     assert negotiated_as_answerer(offer, answer) == media
 
 
-@pytest.mark.parametrize("policy, proto, answered", [
-    ("off", "RTP/AVP", "RTP/AVP"), ("off", "RTP/SAVP", None),
-    ("optional", "RTP/AVP", "RTP/AVP"), ("optional", "RTP/SAVP", "RTP/SAVP"),
-    ("required", "RTP/AVP", None), ("required", "RTP/SAVP", "RTP/SAVP"),
-    ("optional", "RTP/SAVPF", None), ("optional", "UDP/TLS/RTP/SAVP", None),
-])
+@pytest.mark.parametrize(
+    "policy, proto, answered",
+    [
+        ("off", "RTP/AVP", "RTP/AVP"),
+        ("off", "RTP/SAVP", None),
+        ("optional", "RTP/AVP", "RTP/AVP"),
+        ("optional", "RTP/SAVP", "RTP/SAVP"),
+        ("required", "RTP/AVP", None),
+        ("required", "RTP/SAVP", "RTP/SAVP"),
+        ("optional", "RTP/SAVPF", None),
+        ("optional", "UDP/TLS/RTP/SAVP", None),
+    ],
+)
 def test_the_srtp_policy_decides_which_offers_are_answered(policy, proto, answered):
     offer = srtp_offer(f"1 AES_CM_128_HMAC_SHA1_80 inline:{KEY_80}", proto=proto)
     prefs = MediaPreferences(codecs=["PCMU"], srtp=policy)
@@ -319,9 +373,11 @@ def test_the_srtp_policy_decides_which_offers_are_answered(policy, proto, answer
 
 
 def test_an_srtp_stream_we_cannot_run_falls_to_the_plain_alternative_when_optional():
-    offer = sdp("v=0\no=- 1 1 IN IP4 198.51.100.1\ns=-\nc=IN IP4 198.51.100.1\nt=0 0\n"
-                f"m=audio 5000 RTP/SAVP 0\na=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:{KEY_80}|1:4\n"
-                "m=audio 5002 RTP/AVP 0\n")
+    offer = sdp(
+        "v=0\no=- 1 1 IN IP4 198.51.100.1\ns=-\nc=IN IP4 198.51.100.1\nt=0 0\n"
+        f"m=audio 5000 RTP/SAVP 0\na=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:{KEY_80}|1:4\n"
+        "m=audio 5002 RTP/AVP 0\n"
+    )
     answer, media = answer_offer(offer, MediaPreferences(codecs=["PCMU"], srtp="optional"), "192.0.2.10", 40000)
     assert [m.port for m in answer.media] == [0, 40000] and media.srtp is None and media.remote_port == 5002
     with pytest.raises(EncryptionMismatch, match="MKI"):
@@ -346,12 +402,15 @@ def test_our_srtp_offer_and_the_answer_to_it_agree_on_keys_both_ways():
     assert build_offer(MediaPreferences(codecs=["PCMU"]), "h", 1).media[0].proto == "RTP/AVP"
 
 
-@pytest.mark.parametrize("change, fault", [
-    (lambda a: a.replace("a=crypto:1 ", "a=crypto:9 "), "tag 9 was not offered"),
-    (lambda a: a.replace("a=crypto:1 AES_CM_128_HMAC_SHA1_80", "a=crypto:1 AES_CM_128_HMAC_SHA1_32"), "we offered"),
-    (lambda a: a.replace("RTP/SAVP", "RTP/AVP"), "not the offer's"),
-    (lambda a: "\r\n".join(line for line in a.split("\r\n") if "crypto" not in line), "0 a=crypto lines"),
-])
+@pytest.mark.parametrize(
+    "change, fault",
+    [
+        (lambda a: a.replace("a=crypto:1 ", "a=crypto:9 "), "tag 9 was not offered"),
+        (lambda a: a.replace("a=crypto:1 AES_CM_128_HMAC_SHA1_80", "a=crypto:1 AES_CM_128_HMAC_SHA1_32"), "we offered"),
+        (lambda a: a.replace("RTP/SAVP", "RTP/AVP"), "not the offer's"),
+        (lambda a: "\r\n".join(line for line in a.split("\r\n") if "crypto" not in line), "0 a=crypto lines"),
+    ],
+)
 def test_an_answer_that_does_not_match_our_srtp_offer_is_refused(change, fault):
     prefs = MediaPreferences(codecs=["PCMU"], srtp="required")
     offer = build_offer(prefs, "192.0.2.20", 30000)

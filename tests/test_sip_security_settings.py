@@ -26,14 +26,20 @@ def test_defaults_let_in_loopback_and_private_ranges_only_with_pike_like_limits(
     assert (limits.max_connections, limits.max_per_source, limits.first_message_seconds) == (1024, 32, 5.0)
 
 
-@pytest.mark.parametrize("environ, message", [
-    ({"MOSHIMOSHI_SIP_ALLOW": "203.0.113.0/24,not-an-address"}, "MOSHIMOSHI_SIP_ALLOW: 'not-an-address'"),
-    ({"MOSHIMOSHI_SIP_ALLOW": " , "}, "MOSHIMOSHI_SIP_ALLOW is empty"),
-    ({"MOSHIMOSHI_SIP_AUTH": "alice"}, "MOSHIMOSHI_SIP_AUTH: entry 1 is not user:password"),
-    ({"MOSHIMOSHI_SIP_AUTH": "alice:x", "MOSHIMOSHI_SIP_AUTH_ALGORITHMS": "SHA-1"}, "MOSHIMOSHI_SIP_AUTH_ALGORITHMS"),
-    ({"MOSHIMOSHI_SIP_AUTH_FILE": "/nonexistent/users"}, "MOSHIMOSHI_SIP_AUTH_FILE=/nonexistent/users"),
-    ({"MOSHIMOSHI_SIP_TCP_MAX_HEADER_BYTES": "100"}, "MOSHIMOSHI_SIP_TCP_MAX_HEADER_BYTES"),
-])
+@pytest.mark.parametrize(
+    "environ, message",
+    [
+        ({"MOSHIMOSHI_SIP_ALLOW": "203.0.113.0/24,not-an-address"}, "MOSHIMOSHI_SIP_ALLOW: 'not-an-address'"),
+        ({"MOSHIMOSHI_SIP_ALLOW": " , "}, "MOSHIMOSHI_SIP_ALLOW is empty"),
+        ({"MOSHIMOSHI_SIP_AUTH": "alice"}, "MOSHIMOSHI_SIP_AUTH: entry 1 is not user:password"),
+        (
+            {"MOSHIMOSHI_SIP_AUTH": "alice:x", "MOSHIMOSHI_SIP_AUTH_ALGORITHMS": "SHA-1"},
+            "MOSHIMOSHI_SIP_AUTH_ALGORITHMS",
+        ),
+        ({"MOSHIMOSHI_SIP_AUTH_FILE": "/nonexistent/users"}, "MOSHIMOSHI_SIP_AUTH_FILE=/nonexistent/users"),
+        ({"MOSHIMOSHI_SIP_TCP_MAX_HEADER_BYTES": "100"}, "MOSHIMOSHI_SIP_TCP_MAX_HEADER_BYTES"),
+    ],
+)
 def test_a_bad_setting_stops_the_start_naming_it(environ, message):
     with pytest.raises(ConfigError) as error:
         gateway_settings(**environ)

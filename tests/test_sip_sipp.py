@@ -12,8 +12,7 @@ from sip.ua import IncomingCall, UserAgent
 from tests.support.sipp import SCENARIOS, Sipp, have_sipp
 from tests.support.tools import requires
 
-pytestmark = [pytest.mark.system,
-              requires(have_sipp(), "sipp (sip-tester) is not installed")]
+pytestmark = [pytest.mark.system, requires(have_sipp(), "sipp (sip-tester) is not installed")]
 
 
 class Answering:
@@ -66,8 +65,9 @@ async def test_we_call_sipp_with_digest_auth(tmp_path, sipps):
     await ua.start()
     try:
         offer = build_offer(MediaPreferences(), "127.0.0.1", 30000)
-        dialog = await ua.invite(f"sip:service@127.0.0.1:{sipp.port}", str(offer), username="moshi",
-                                 password="s3cret", timeout=20)
+        dialog = await ua.invite(
+            f"sip:service@127.0.0.1:{sipp.port}", str(offer), username="moshi", password="s3cret", timeout=20
+        )
         assert dialog.media.codec == "PCMA" and dialog.media.dtmf_payload_type == 101
         await dialog.bye()
         await sipp.finished()
@@ -83,9 +83,13 @@ async def test_we_cancel_a_call_to_sipp_while_it_rings(tmp_path, sipps):
     await ua.start()
     try:
         ringing = asyncio.Event()
-        task = asyncio.create_task(ua.invite(
-            f"sip:service@127.0.0.1:{sipp.port}", str(build_offer(MediaPreferences(), "127.0.0.1", 30000)),
-            on_provisional=lambda response: response.status == 180 and ringing.set()))
+        task = asyncio.create_task(
+            ua.invite(
+                f"sip:service@127.0.0.1:{sipp.port}",
+                str(build_offer(MediaPreferences(), "127.0.0.1", 30000)),
+                on_provisional=lambda response: response.status == 180 and ringing.set(),
+            )
+        )
         await asyncio.wait_for(ringing.wait(), 20)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -105,6 +109,7 @@ async def test_sipp_cancels_while_we_ring(tmp_path, sipps):
             await call.accept(str(build_offer(MediaPreferences(), "127.0.0.1", 40000)))
         except CallCancelled as exc:
             outcome.set_result(exc)
+
     ua = UserAgent("127.0.0.1", 0, on_invite=ring_forever)
     await ua.start()
     try:
@@ -121,8 +126,9 @@ async def test_we_refresh_the_session_when_sipp_asks_us_to(tmp_path, sipps):
     ua = UserAgent("127.0.0.1", 0, on_invite=app, min_se=1)
     await ua.start()
     try:
-        sipp = await run_sipp(sipps, Sipp(tmp_path, "-sf", str(SCENARIOS / "uac_session_refresh.xml"),
-                                          f"127.0.0.1:{ua.port}"))
+        sipp = await run_sipp(
+            sipps, Sipp(tmp_path, "-sf", str(SCENARIOS / "uac_session_refresh.xml"), f"127.0.0.1:{ua.port}")
+        )
         dialog = await app.dialog()
         assert dialog.session_timer.interval == 2 and dialog.session_timer.refresher == "local"
         await sipp.finished()
@@ -137,8 +143,9 @@ async def test_we_hang_up_when_sipp_never_refreshes(tmp_path, sipps):
     ua = UserAgent("127.0.0.1", 0, on_invite=app, min_se=1)
     await ua.start()
     try:
-        sipp = await run_sipp(sipps, Sipp(tmp_path, "-sf", str(SCENARIOS / "uac_session_expiry.xml"),
-                                          f"127.0.0.1:{ua.port}"))
+        sipp = await run_sipp(
+            sipps, Sipp(tmp_path, "-sf", str(SCENARIOS / "uac_session_expiry.xml"), f"127.0.0.1:{ua.port}")
+        )
         dialog = await app.dialog()
         assert dialog.session_timer.refresher == "remote"
         assert await asyncio.wait_for(dialog.terminated, 15) == "session-expired"

@@ -165,8 +165,7 @@ async def test_a_slowloris_of_1024_connections_does_not_stop_a_tcp_call():
         await uas.stop()
 
 
-@pytest.mark.parametrize("field, value", [("max_per_source", 0), ("message_seconds", 0.0),
-                                          ("max_header_bytes", 100)])
+@pytest.mark.parametrize("field, value", [("max_per_source", 0), ("message_seconds", 0.0), ("max_header_bytes", 100)])
 def test_limits_are_validated(field, value):
     with pytest.raises(ValueError):
         StreamLimits(**{field: value})

@@ -55,8 +55,10 @@ async def start_transport(certificates: ServerCertificates, host: str = "127.0.0
 
 @pytest.fixture
 async def server(server_cert):
-    transport = await start_transport(ServerCertificates(str(server_cert.cert), str(server_cert.key)),
-                                      stream_limits=StreamLimits(handshake_seconds=1.0))
+    transport = await start_transport(
+        ServerCertificates(str(server_cert.cert), str(server_cert.key)),
+        stream_limits=StreamLimits(handshake_seconds=1.0),
+    )
     yield transport
     await transport.stop()
 
@@ -176,10 +178,13 @@ async def test_no_handshake_in_time_or_plain_sip_on_the_tls_port_is_cut_off_and_
 
 
 async def test_the_connection_limit_counts_tls_connections(server_cert, ca):
-    transport = await start_transport(ServerCertificates(str(server_cert.cert), str(server_cert.key)),
-                                      stream_limits=StreamLimits(max_connections=2))
-    peers = [await RawPeer.tcp("127.0.0.1", transport.port),
-             await RawPeer.tls("127.0.0.1", transport.tls_port, client_context(str(ca.path)))]
+    transport = await start_transport(
+        ServerCertificates(str(server_cert.cert), str(server_cert.key)), stream_limits=StreamLimits(max_connections=2)
+    )
+    peers = [
+        await RawPeer.tcp("127.0.0.1", transport.port),
+        await RawPeer.tls("127.0.0.1", transport.tls_port, client_context(str(ca.path))),
+    ]
     try:
         with pytest.raises((ssl.SSLError, ConnectionError, OSError, asyncio.IncompleteReadError)):
             third = await RawPeer.tls("127.0.0.1", transport.tls_port, client_context(str(ca.path)))
@@ -196,8 +201,9 @@ async def test_the_connection_limit_counts_tls_connections(server_cert, ca):
 
 async def test_mutual_tls_admits_only_clients_with_a_certificate_from_the_client_ca(server_cert, ca, tmp_path):
     trunk = ca.issue("trunk.carrier.test", stem="trunk", client=True)
-    transport = await start_transport(ServerCertificates(str(server_cert.cert), str(server_cert.key),
-                                                         client_ca=str(ca.path)))
+    transport = await start_transport(
+        ServerCertificates(str(server_cert.cert), str(server_cert.key), client_ca=str(ca.path))
+    )
     try:
         anonymous = await RawPeer.tls("127.0.0.1", transport.tls_port, client_context(str(ca.path)))
         anonymous.send(options("sip:a@b", anonymous))  # TLS 1.3: refused after the handshake
@@ -242,9 +248,17 @@ async def test_outgoing_tls_verifies_the_server_and_an_alias_makes_the_connectio
         again = await client.connect(Flow("TLS", "127.0.0.1", server.tls_port))
         assert flow.connection is again.connection and client.tcp_connections == 1
         local_port = flow.connection.transport.get_extra_info("sockname")[1]
-        request = Request("OPTIONS", f"sip:a@127.0.0.1:{server.tls_port}", [
-            ("Via", f"SIP/2.0/TLS 127.0.0.1:5061;branch={branch()};alias"), ("From", "<sip:c@d>;tag=1"),
-            ("To", "<sip:a@b>"), ("Call-ID", "out"), ("CSeq", "1 OPTIONS")])
+        request = Request(
+            "OPTIONS",
+            f"sip:a@127.0.0.1:{server.tls_port}",
+            [
+                ("Via", f"SIP/2.0/TLS 127.0.0.1:5061;branch={branch()};alias"),
+                ("From", "<sip:c@d>;tag=1"),
+                ("To", "<sip:a@b>"),
+                ("Call-ID", "out"),
+                ("CSeq", "1 OPTIONS"),
+            ],
+        )
         client.send(request.to_bytes(), flow)
         _, server_flow = await answer_once(server)
         response, response_flow = await client.received.get()
@@ -271,8 +285,11 @@ async def test_an_alias_for_another_ip_is_ignored(server, ca):
     peer = await RawPeer.tls("127.0.0.1", server.tls_port, client_context(str(ca.path)))
     try:
         honest = options("sip:a@b", peer, call_id="honest", via_port=5061).replace(b";rport", b";rport;alias")
-        forged = options("sip:a@b", peer, call_id="forged").replace(b";rport", b";rport;alias").replace(
-            f"127.0.0.1:{peer.port}".encode(), b"192.0.2.99:5061", 1)
+        forged = (
+            options("sip:a@b", peer, call_id="forged")
+            .replace(b";rport", b";rport;alias")
+            .replace(f"127.0.0.1:{peer.port}".encode(), b"192.0.2.99:5061", 1)
+        )
         peer.send(honest)
         peer.send(forged)
         await answer_once(server)
@@ -285,8 +302,10 @@ async def test_an_alias_for_another_ip_is_ignored(server, ca):
 
 # -- the user agent ------------------------------------------------------------------------
 
-SDP = ("v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
-       "m=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n")
+SDP = (
+    "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+    "m=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n"
+)
 
 
 @pytest.fixture
@@ -297,8 +316,13 @@ async def uas(server_cert):
         answered.append(call)
         await call.accept(SDP)
 
-    agent = UserAgent("127.0.0.1", 0, on_invite=on_invite, tls_port=0,
-                      tls_certificates=ServerCertificates(str(server_cert.cert), str(server_cert.key)))
+    agent = UserAgent(
+        "127.0.0.1",
+        0,
+        on_invite=on_invite,
+        tls_port=0,
+        tls_certificates=ServerCertificates(str(server_cert.cert), str(server_cert.key)),
+    )
     agent.answered = answered
     await agent.start()
     yield agent
@@ -326,15 +350,21 @@ async def test_a_call_over_tls_keeps_to_its_connection_and_names_tls_in_contact(
     caller = UserAgent("127.0.0.1", 0, tls_client_context=client_context(str(ca.path)))
     await caller.start()
     try:
-        target = (f"sips:agent@localhost:{uas.tls_port}" if scheme == "sips"
-                  else f"sip:agent@localhost:{uas.tls_port};transport=tls")
+        target = (
+            f"sips:agent@localhost:{uas.tls_port}"
+            if scheme == "sips"
+            else f"sip:agent@localhost:{uas.tls_port};transport=tls"
+        )
         dialog = await caller.invite(target, SDP)
         incoming = uas.answered[0]
         assert incoming.transport == "TLS" and incoming.secure == (scheme == "sips")
         assert "SIP/2.0/TLS" in incoming.request.headers.get("Via") and ";alias" in incoming.request.headers.get("Via")
         contact = dialog.answer_response.headers.get("Contact")
-        expected = (f"<sips:moshimoshi@127.0.0.1:{uas.tls_port}>" if scheme == "sips"
-                    else f"<sip:moshimoshi@127.0.0.1:{uas.tls_port};transport=tls>")
+        expected = (
+            f"<sips:moshimoshi@127.0.0.1:{uas.tls_port}>"
+            if scheme == "sips"
+            else f"<sip:moshimoshi@127.0.0.1:{uas.tls_port};transport=tls>"
+        )
         assert contact == expected
         # the UAS hangs up: its BYE goes over the caller's connection (there is no other way in)
         await incoming.dialog.bye()
@@ -351,6 +381,7 @@ async def test_a_caller_that_does_not_trust_the_gateway_fails_the_call(uas, tmp_
     await caller.start()
     try:
         from sip.errors import CallFailed
+
         with pytest.raises(CallFailed) as failed:
             await caller.invite(f"sip:agent@localhost:{uas.tls_port};transport=tls", SDP, timeout=5)
         assert failed.value.status == 503 and not uas.answered

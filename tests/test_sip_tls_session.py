@@ -113,8 +113,11 @@ def test_mutual_tls_requires_a_client_certificate_from_the_client_ca(ca, tmp_pat
     with pytest.raises(TlsError):
         handshake(anonymous, server)
         server.feed(anonymous.encrypt(b"x"))  # TLS 1.3: the server's verdict follows the handshake
-    client = TlsSession(client_context(str(ca.path), cert_file=str(trunk.cert), key_file=str(trunk.key)),
-                        server_side=False, server_hostname="localhost")
+    client = TlsSession(
+        client_context(str(ca.path), cert_file=str(trunk.cert), key_file=str(trunk.key)),
+        server_side=False,
+        server_hostname="localhost",
+    )
     server = TlsSession(context, server_side=True)
     handshake(client, server)
     assert certificate_subject(server.peer.certificate) == "trunk.example"

@@ -30,20 +30,57 @@ RFC4475 = SHARED_TESTDATA / "rfc4475"
 # set of acceptable ones, or None for silence (responses and undecodable input).
 RFC4475_EXPECT: dict[str, int | set[int] | None] = {
     # 3.1.1 valid messages: answered as method and dialog state require
-    "wsinv": 481, "intmeth": 501, "esc01": 200, "escnull": 405, "esc02": 501, "lwsdisp": 200,
-    "longreq": 200, "dblreq": 405, "semiuri": 200, "transports": 200, "mpart01": 405,
-    "unreason": None, "noreason": None,
+    "wsinv": 481,
+    "intmeth": 501,
+    "esc01": 200,
+    "escnull": 405,
+    "esc02": 501,
+    "lwsdisp": 200,
+    "longreq": 200,
+    "dblreq": 405,
+    "semiuri": 200,
+    "transports": 200,
+    "mpart01": 405,
+    "unreason": None,
+    "noreason": None,
     # 3.1.2 invalid messages
-    "badinv01": 400, "clerr": 400, "ncl": 400, "scalar02": 400, "scalarlg": None, "quotbal": 400,
-    "ltgtruri": 400, "lwsruri": 400, "lwsstart": 400, "trws": 400, "escruri": 400, "baddate": 400,
-    "regbadct": 400, "badaspec": 400, "baddn": 400, "badvers": 505, "mismatch01": 400, "mismatch02": 400,
+    "badinv01": 400,
+    "clerr": 400,
+    "ncl": 400,
+    "scalar02": 400,
+    "scalarlg": None,
+    "quotbal": 400,
+    "ltgtruri": 400,
+    "lwsruri": 400,
+    "lwsstart": 400,
+    "trws": 400,
+    "escruri": 400,
+    "baddate": 400,
+    "regbadct": 400,
+    "badaspec": 400,
+    "baddn": 400,
+    "badvers": 505,
+    "mismatch01": 400,
+    "mismatch02": 400,
     "bigcode": None,
     # 3.2 transaction layer: reject, or fall back to RFC 2543 matching
     "badbranch": {200, 400},
     # 3.3 application layer
-    "insuf": 400, "unkscm": 416, "novelsc": 416, "unksm2": 405, "bext01": 420, "invut": 415, "regaut01": 405,
-    "multi01": 400, "mcl01": 400, "bcast": None, "zeromf": 483, "cparam01": 405, "cparam02": 405,
-    "regescrt": 405, "sdp01": 406,
+    "insuf": 400,
+    "unkscm": 416,
+    "novelsc": 416,
+    "unksm2": 405,
+    "bext01": 420,
+    "invut": 415,
+    "regaut01": 405,
+    "multi01": 400,
+    "mcl01": 400,
+    "bcast": None,
+    "zeromf": 483,
+    "cparam01": 405,
+    "cparam02": 405,
+    "regescrt": 405,
+    "sdp01": 406,
     # 3.4 backward compatibility
     "inv2543": 200,
 }
@@ -66,7 +103,7 @@ def frames_cleanly(data: bytes) -> bool:
     head_end = re.search(rb"\r?\n\r?\n", data)  # where sip.framing sees the blank line
     if head_end is None or data[:1] in (b"\r", b"\n"):
         return False
-    lengths = re.findall(rb"^(?:content-length|l)[ \t]*:[ \t]*(\S*)", data[:head_end.start()], re.I | re.M)
+    lengths = re.findall(rb"^(?:content-length|l)[ \t]*:[ \t]*(\S*)", data[: head_end.start()], re.I | re.M)
     return len(lengths) == 1 and lengths[0].isdigit() and head_end.end() + int(lengths[0]) == len(data)
 
 
@@ -84,9 +121,15 @@ def own_cases() -> list[Case]:
     cases = []
     for entry in manifest["case"]:
         expect = entry["expect"]
-        cases.append(Case(entry["file"], (OWN_CASES / entry["file"]).read_bytes(),
-                          None if expect == "silence" else set(expect) if isinstance(expect, list) else expect,
-                          tuple(entry["transports"]), entry.get("closes", False)))
+        cases.append(
+            Case(
+                entry["file"],
+                (OWN_CASES / entry["file"]).read_bytes(),
+                None if expect == "silence" else set(expect) if isinstance(expect, list) else expect,
+                tuple(entry["transports"]),
+                entry.get("closes", False),
+            )
+        )
     return cases
 
 
@@ -137,17 +180,21 @@ async def probe(peer: RawPeer, ua: UserAgent) -> list:
 
 def in_dialog(method: str, invite: Request, ok: Response, peer: RawPeer, cseq: int) -> bytes:
     target = ok.contacts[0].uri if ok.contacts else invite.uri
-    return (f"{method} {target} SIP/2.0\r\n"
-            f"Via: SIP/2.0/{peer.transport} 127.0.0.1:{peer.port};branch={branch()};rport\r\n"
-            f"Max-Forwards: 70\r\nFrom: {invite.headers.get('From')}\r\nTo: {ok.headers.get('To')}\r\n"
-            f"Call-ID: {invite.call_id}\r\nCSeq: {cseq} {method}\r\nContent-Length: 0\r\n\r\n").encode()
+    return (
+        f"{method} {target} SIP/2.0\r\n"
+        f"Via: SIP/2.0/{peer.transport} 127.0.0.1:{peer.port};branch={branch()};rport\r\n"
+        f"Max-Forwards: 70\r\nFrom: {invite.headers.get('From')}\r\nTo: {ok.headers.get('To')}\r\n"
+        f"Call-ID: {invite.call_id}\r\nCSeq: {cseq} {method}\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
 
 
 def ack_for_failure(invite: Request, response: Response) -> bytes:
     """§17.1.1.3: ACK a non-2xx with the INVITE's top Via (same branch)."""
-    return (f"ACK {invite.uri} SIP/2.0\r\nVia: {invite.headers.get_all('Via')[0]}\r\nMax-Forwards: 70\r\n"
-            f"From: {invite.headers.get('From')}\r\nTo: {response.headers.get('To')}\r\n"
-            f"Call-ID: {invite.call_id}\r\nCSeq: {invite.cseq.seq} ACK\r\nContent-Length: 0\r\n\r\n").encode()
+    return (
+        f"ACK {invite.uri} SIP/2.0\r\nVia: {invite.headers.get_all('Via')[0]}\r\nMax-Forwards: 70\r\n"
+        f"From: {invite.headers.get('From')}\r\nTo: {response.headers.get('To')}\r\n"
+        f"Call-ID: {invite.call_id}\r\nCSeq: {invite.cseq.seq} ACK\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
 
 
 def wanted(expect: int | set[int]) -> set[int]:
@@ -186,8 +233,11 @@ async def run_case(ua: UserAgent, case: Case, transport: str) -> str | None:
             if final.is_success:
                 send(peer, ua, in_dialog("ACK", request, final, peer, request.cseq.seq))
                 send(peer, ua, in_dialog("BYE", request, final, peer, request.cseq.seq + 1))
-                bye = await peer.expect(lambda m: isinstance(m, Response) and m.headers.get("CSeq", "").endswith("BYE"),
-                                        within=10, what="the answer to our BYE")
+                bye = await peer.expect(
+                    lambda m: isinstance(m, Response) and m.headers.get("CSeq", "").endswith("BYE"),
+                    within=10,
+                    what="the answer to our BYE",
+                )
                 if bye.status != 200:
                     return f"BYE after the call answered {bye.status}"
             else:
@@ -197,8 +247,11 @@ async def run_case(ua: UserAgent, case: Case, transport: str) -> str | None:
             await peer.close()
             peer = await connect(ua, transport)
         before = await probe(peer, ua)
-        others = {m.status for m in before if isinstance(m, Response) and m.status >= 200
-                  and not m.headers.get("CSeq", "").endswith("BYE")}
+        others = {
+            m.status
+            for m in before
+            if isinstance(m, Response) and m.status >= 200 and not m.headers.get("CSeq", "").endswith("BYE")
+        }
         if others - {final.status}:
             return f"more than one final status: {sorted(others | {final.status})}"
         return None
@@ -262,9 +315,20 @@ def test_own_cases_cover_every_rfc4475_section():
     assert len(manifest["case"]) >= 40
 
 
-FUZZ_SEEDS = [name for name in ("escaped-uris.sip", "tortured-whitespace.sip", "long-everything.sip",
-                                "ipv6-everywhere.sip", "require-unknown.sip", "unknown-content-type.sip",
-                                "cancel-without-invite.sip", "bye-without-dialog.sip", "semicolon-user.sip")]
+FUZZ_SEEDS = [
+    name
+    for name in (
+        "escaped-uris.sip",
+        "tortured-whitespace.sip",
+        "long-everything.sip",
+        "ipv6-everywhere.sip",
+        "require-unknown.sip",
+        "unknown-content-type.sip",
+        "cancel-without-invite.sip",
+        "bye-without-dialog.sip",
+        "semicolon-user.sip",
+    )
+]
 SPECIAL_BYTES = b'<>;,"\\:@ \t\r\n=/?%[]\x00\xff'
 
 
@@ -276,7 +340,7 @@ def mutate(data: bytes, rng) -> bytes:
         at = rng.randrange(len(out))
         kind = rng.choice(["delete", "insert", "replace", "duplicate-line"])
         if kind == "delete":
-            del out[at:at + rng.randint(1, 12)]
+            del out[at : at + rng.randint(1, 12)]
         elif kind == "insert":
             out[at:at] = bytes(rng.choice(SPECIAL_BYTES) for _ in range(rng.randint(1, 4)))
         elif kind == "replace":
@@ -285,7 +349,7 @@ def mutate(data: bytes, rng) -> bytes:
             start = out.rfind(b"\n", 0, at) + 1
             end = out.find(b"\n", at)
             if end > start:
-                out[end + 1:end + 1] = out[start:end + 1]
+                out[end + 1 : end + 1] = out[start : end + 1]
     return bytes(out)
 
 

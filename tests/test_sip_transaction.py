@@ -65,14 +65,25 @@ async def peer():
     await peer.close()
 
 
-def request(method: str, peer: RawPeer, port: int, *, branch_id: str | None = "new", cseq: int = 1,
-            call_id: str = "tx-test", to_tag: str | None = None, from_tag: str = "f1") -> bytes:
+def request(
+    method: str,
+    peer: RawPeer,
+    port: int,
+    *,
+    branch_id: str | None = "new",
+    cseq: int = 1,
+    call_id: str = "tx-test",
+    to_tag: str | None = None,
+    from_tag: str = "f1",
+) -> bytes:
     via_branch = "" if branch_id is None else f";branch={branch() if branch_id == 'new' else branch_id}"
     to = f"<sip:ua@127.0.0.1:{port}>" + (f";tag={to_tag}" if to_tag else "")
-    return (f"{method} sip:ua@127.0.0.1:{port} SIP/2.0\r\n"
-            f"Via: SIP/2.0/UDP 127.0.0.1:{peer.port}{via_branch};rport\r\n"
-            f"From: <sip:peer@127.0.0.1>;tag={from_tag}\r\nTo: {to}\r\nCall-ID: {call_id}\r\n"
-            f"CSeq: {cseq} {method}\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode()
+    return (
+        f"{method} sip:ua@127.0.0.1:{port} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 127.0.0.1:{peer.port}{via_branch};rport\r\n"
+        f"From: <sip:peer@127.0.0.1>;tag={from_tag}\r\nTo: {to}\r\nCall-ID: {call_id}\r\n"
+        f"CSeq: {cseq} {method}\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
 
 
 def ack_for(invite: bytes, response: Response) -> bytes:
@@ -182,10 +193,18 @@ async def test_merged_requests_get_482(stack, peer):
 
 
 def outgoing(method: str, stack: TransactionLayer, peer: RawPeer, cseq: int = 1) -> Request:
-    return Request(method, f"sip:peer@127.0.0.1:{peer.port}", [
-        ("Via", f"SIP/2.0/UDP 127.0.0.1:{stack.transport.port};branch={branch()};rport"),
-        ("Max-Forwards", "70"), ("From", "<sip:ua@127.0.0.1>;tag=ours"), ("To", f"<sip:peer@127.0.0.1:{peer.port}>"),
-        ("Call-ID", f"client-{method}"), ("CSeq", f"{cseq} {method}")])
+    return Request(
+        method,
+        f"sip:peer@127.0.0.1:{peer.port}",
+        [
+            ("Via", f"SIP/2.0/UDP 127.0.0.1:{stack.transport.port};branch={branch()};rport"),
+            ("Max-Forwards", "70"),
+            ("From", "<sip:ua@127.0.0.1>;tag=ours"),
+            ("To", f"<sip:peer@127.0.0.1:{peer.port}>"),
+            ("Call-ID", f"client-{method}"),
+            ("CSeq", f"{cseq} {method}"),
+        ],
+    )
 
 
 async def test_non_invite_client_retransmits_and_times_out_with_local_408(stack, peer):
@@ -210,8 +229,9 @@ async def test_non_invite_client_completes_and_absorbs_response_retransmissions(
 
 async def test_invite_client_acks_a_non_2xx_itself(stack, peer):
     provisional = []
-    transaction = await stack.send_request(outgoing("INVITE", stack, peer), Flow("UDP", "127.0.0.1", peer.port),
-                                           on_provisional=provisional.append)
+    transaction = await stack.send_request(
+        outgoing("INVITE", stack, peer), Flow("UDP", "127.0.0.1", peer.port), on_provisional=provisional.append
+    )
     invite = await peer.receive()
     peer.send(make_response(invite, 180, to_tag="theirs"), ("127.0.0.1", stack.transport.port))
     await eventually(lambda: transaction.state == "proceeding")
@@ -242,8 +262,10 @@ async def test_invite_client_times_out_timer_b_and_hands_2xx_retransmissions_to_
 
 
 async def test_unmatched_responses_go_to_the_tu_as_strays(stack, peer):
-    data = (f"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 127.0.0.1:{stack.transport.port};branch={branch()}\r\n"
-            "From: <sip:a@b>;tag=1\r\nTo: <sip:c@d>;tag=2\r\nCall-ID: nobody\r\nCSeq: 9 BYE\r\n\r\n").encode()
+    data = (
+        f"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 127.0.0.1:{stack.transport.port};branch={branch()}\r\n"
+        "From: <sip:a@b>;tag=1\r\nTo: <sip:c@d>;tag=2\r\nCall-ID: nobody\r\nCSeq: 9 BYE\r\n\r\n"
+    ).encode()
     peer.send(data, ("127.0.0.1", stack.transport.port))
     await eventually(lambda: stack.stray_responses == 1)
     assert stack.app.stray[0].call_id == "nobody"

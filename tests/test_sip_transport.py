@@ -28,8 +28,9 @@ class Received:
 @pytest.fixture
 async def server():
     received = Received()
-    transport = Transport("127.0.0.1", 0, on_message=received, max_message_size=4096,
-                          stream_limits=StreamLimits(idle_seconds=60))
+    transport = Transport(
+        "127.0.0.1", 0, on_message=received, max_message_size=4096, stream_limits=StreamLimits(idle_seconds=60)
+    )
     await transport.start()
     transport.received = received
     yield transport
@@ -57,7 +58,8 @@ async def test_udp_response_goes_to_received_and_rport(server):
     peer = await RawPeer.udp()
     try:
         data = options("sip:a@example.com", peer).replace(
-            f"{peer.host}:{peer.port}".encode(), b"client.invalid:5999")  # sent-by we cannot reach
+            f"{peer.host}:{peer.port}".encode(), b"client.invalid:5999"
+        )  # sent-by we cannot reach
         peer.send(data, ("127.0.0.1", server.port))
         request, flow = await server.received.get()
         assert request.top_via.received == "127.0.0.1" and request.top_via.rport == peer.port
@@ -244,9 +246,17 @@ async def test_outgoing_tcp_connections_are_opened_once_and_reused(server):
         flow = await client.connect(Flow("TCP", "127.0.0.1", server.port))
         again = await client.connect(Flow("TCP", "127.0.0.1", server.port))
         assert flow.connection is again.connection and client.tcp_connections == 1
-        request = Request("OPTIONS", f"sip:a@127.0.0.1:{server.port}", [
-            ("Via", f"SIP/2.0/TCP 127.0.0.1:{client.port};branch={branch()}"), ("From", "<sip:c@d>;tag=1"),
-            ("To", "<sip:a@b>"), ("Call-ID", "out"), ("CSeq", "1 OPTIONS")])
+        request = Request(
+            "OPTIONS",
+            f"sip:a@127.0.0.1:{server.port}",
+            [
+                ("Via", f"SIP/2.0/TCP 127.0.0.1:{client.port};branch={branch()}"),
+                ("From", "<sip:c@d>;tag=1"),
+                ("To", "<sip:a@b>"),
+                ("Call-ID", "out"),
+                ("CSeq", "1 OPTIONS"),
+            ],
+        )
         client.send(request.to_bytes(), flow)
         message, server_flow = await server.received.get()
         server.send(make_response(message, 200).to_bytes(), server.response_flow(message, server_flow))

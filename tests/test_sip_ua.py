@@ -32,6 +32,7 @@ async def drained(*uas: UserAgent, within: float = 15.0, transactions: bool = Tr
 
     def idle() -> bool:
         return all(ua.counts()[key] == 0 for ua in uas for key in keys)
+
     await eventually(idle, within)
 
 
@@ -85,8 +86,9 @@ async def test_call_answered_and_hung_up_by_the_caller(make_ua, transport):
     uas = await make_ua(on_invite=app)
     uac = await make_ua()
     provisional: list[Response] = []
-    dialog = await uac.invite(f"sip:echo@127.0.0.1:{uas.port};transport={transport}", offer(),
-                              on_provisional=provisional.append)
+    dialog = await uac.invite(
+        f"sip:echo@127.0.0.1:{uas.port};transport={transport}", offer(), on_provisional=provisional.append
+    )
     answered = await app.dialog()
     assert 180 in [r.status for r in provisional]
     assert dialog.media.codec == "PCMU" and dialog.media.remote_port == 40000
@@ -116,6 +118,7 @@ async def test_callee_hangs_up(make_ua):
 async def test_reject_with_retry_after_and_no_common_codec(make_ua):
     async def busy(call: IncomingCall) -> None:
         await call.reject(503, headers={"Retry-After": "30"})
+
     uas = await make_ua(on_invite=busy)
     uac = await make_ua()
     with pytest.raises(CallFailed) as failed:
@@ -123,8 +126,11 @@ async def test_reject_with_retry_after_and_no_common_codec(make_ua):
     assert failed.value.status == 503 and failed.value.response.headers.get("Retry-After") == "30"
 
     picky = await make_ua(on_invite=AnsweringApp())
-    g729 = str(build_offer(MediaPreferences(codecs=["PCMA"]), "127.0.0.1", 30000)).replace(
-        "RTP/AVP 8 101", "RTP/AVP 18 101").replace("a=rtpmap:8 PCMA/8000", "a=rtpmap:18 G729/8000")
+    g729 = (
+        str(build_offer(MediaPreferences(codecs=["PCMA"]), "127.0.0.1", 30000))
+        .replace("RTP/AVP 8 101", "RTP/AVP 18 101")
+        .replace("a=rtpmap:8 PCMA/8000", "a=rtpmap:18 G729/8000")
+    )
     with pytest.raises(CallFailed) as failed:
         await uac.invite(f"sip:echo@127.0.0.1:{picky.port}", g729)
     assert failed.value.status == 488
@@ -141,11 +147,15 @@ async def test_caller_cancels_before_answer(make_ua):
             await call.accept(offer())
         except CallCancelled as exc:
             outcome.set_result(exc)
+
     uas = await make_ua(on_invite=slow)
     uac = await make_ua()
     ringing = asyncio.Event()
-    task = asyncio.create_task(uac.invite(f"sip:echo@127.0.0.1:{uas.port}", offer(),
-                                          on_provisional=lambda r: r.status == 180 and ringing.set()))
+    task = asyncio.create_task(
+        uac.invite(
+            f"sip:echo@127.0.0.1:{uas.port}", offer(), on_provisional=lambda r: r.status == 180 and ringing.set()
+        )
+    )
     await asyncio.wait_for(ringing.wait(), 5)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -159,6 +169,7 @@ async def test_invite_timeout_cancels_and_raises_408(make_ua):
     async def never(call: IncomingCall) -> None:
         await call.ringing()
         await asyncio.wait_for(call.cancelled.wait(), 10)
+
     uas = await make_ua(on_invite=never)
     uac = await make_ua()
     with pytest.raises(CallFailed) as failed:
@@ -200,6 +211,7 @@ async def test_reoffer_rejected_by_the_application_keeps_the_dialog(make_ua):
 
     async def refuse(sdp: SessionDescription) -> str:
         raise SipError(488, "Not Acceptable Here")
+
     answered.on_reoffer = refuse
     assert (await dialog.reinvite(offer(direction="inactive"))).status == 488
     assert not answered.is_terminated and not dialog.is_terminated
@@ -217,8 +229,7 @@ async def test_info_reaches_the_application(make_ua):
     answered = await app.dialog()
     infos: list[Request] = []
     answered.on_info = infos.append
-    response = await dialog.request("INFO", body="Signal=5\r\nDuration=160\r\n",
-                                    content_type="application/dtmf-relay")
+    response = await dialog.request("INFO", body="Signal=5\r\nDuration=160\r\n", content_type="application/dtmf-relay")
     assert response.status == 200 and infos[0].body.startswith(b"Signal=5")
     assert (await dialog.request("OPTIONS")).status == 200
     await dialog.bye()
@@ -249,8 +260,9 @@ async def test_many_concurrent_calls(make_ua):
     uas = await make_ua(on_invite=app, timers=timers)
     uac = await make_ua(timers=timers)
     count = 200
-    dialogs = await asyncio.gather(*[uac.invite(f"sip:n{i}@127.0.0.1:{uas.port}", offer(30000 + 2 * i))
-                                     for i in range(count)])
+    dialogs = await asyncio.gather(
+        *[uac.invite(f"sip:n{i}@127.0.0.1:{uas.port}", offer(30000 + 2 * i)) for i in range(count)]
+    )
     assert uas.counts()["dialogs"] == count and uac.counts()["dialogs"] == count
     assert len({d.call_id for d in dialogs}) == count
     await asyncio.gather(*[d.bye() for d in dialogs])
@@ -270,6 +282,7 @@ async def test_stop_ends_live_dialogs(make_ua):
 async def test_application_that_does_not_answer_gets_500(make_ua):
     async def forgetful(call: IncomingCall) -> None:
         await call.ringing()
+
     uas = await make_ua(on_invite=forgetful)
     uac = await make_ua()
     with pytest.raises(CallFailed) as failed:
@@ -287,16 +300,29 @@ async def peer():
     await peer.close()
 
 
-def raw(method: str, ua: UserAgent, peer: RawPeer, *, call_id: str = "raw-1", cseq: int = 1,
-        to_tag: str | None = None, headers: str = "", body: str = "", uri: str | None = None,
-        branch_id: str | None = None, content_type: str = "application/sdp") -> bytes:
+def raw(
+    method: str,
+    ua: UserAgent,
+    peer: RawPeer,
+    *,
+    call_id: str = "raw-1",
+    cseq: int = 1,
+    to_tag: str | None = None,
+    headers: str = "",
+    body: str = "",
+    uri: str | None = None,
+    branch_id: str | None = None,
+    content_type: str = "application/sdp",
+) -> bytes:
     to = f"<sip:echo@127.0.0.1:{ua.port}>" + (f";tag={to_tag}" if to_tag else "")
     typed = f"Content-Type: {content_type}\r\n" if body else ""
-    return (f"{method} {uri or f'sip:echo@127.0.0.1:{ua.port}'} SIP/2.0\r\n"
-            f"Via: SIP/2.0/UDP 127.0.0.1:{peer.port};branch={branch_id or branch()};rport\r\n"
-            f"Max-Forwards: 70\r\nFrom: <sip:peer@127.0.0.1>;tag=peer\r\nTo: {to}\r\n"
-            f"Call-ID: {call_id}\r\nCSeq: {cseq} {method}\r\nContact: <sip:peer@127.0.0.1:{peer.port}>\r\n"
-            f"{headers}{typed}Content-Length: {len(body.encode())}\r\n\r\n{body}").encode()
+    return (
+        f"{method} {uri or f'sip:echo@127.0.0.1:{ua.port}'} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 127.0.0.1:{peer.port};branch={branch_id or branch()};rport\r\n"
+        f"Max-Forwards: 70\r\nFrom: <sip:peer@127.0.0.1>;tag=peer\r\nTo: {to}\r\n"
+        f"Call-ID: {call_id}\r\nCSeq: {cseq} {method}\r\nContact: <sip:peer@127.0.0.1:{peer.port}>\r\n"
+        f"{headers}{typed}Content-Length: {len(body.encode())}\r\n\r\n{body}"
+    ).encode()
 
 
 async def ask(peer: RawPeer, ua: UserAgent, data: bytes) -> Response:
@@ -304,22 +330,25 @@ async def ask(peer: RawPeer, ua: UserAgent, data: bytes) -> Response:
     return await peer.final_response()
 
 
-@pytest.mark.parametrize("kwargs, status, header", [
-    (dict(method="BYE", to_tag="nope"), 481, None),
-    (dict(method="INFO", to_tag=None), 481, None),
-    (dict(method="REGISTER"), 405, ("Allow", "INVITE, ACK, BYE, CANCEL, OPTIONS, UPDATE, INFO, PRACK, NOTIFY")),
-    (dict(method="SUBSCRIBE"), 405, None),
-    (dict(method="FROBNICATE"), 501, None),
-    (dict(method="OPTIONS", headers="Require: foo, timer\r\n"), 420, ("Unsupported", "foo")),
-    (dict(method="OPTIONS", uri="tel:+81312345678"), 416, None),
-    (dict(method="OPTIONS", headers="Max-Forwards: 0\r\n"), 483, None),
-    (dict(method="INVITE", body="hello", content_type="text/plain"), 415, ("Accept", "application/sdp")),
-    (dict(method="INVITE", headers="Accept: text/html\r\n", body=offer()), 406, None),
-    (dict(method="INVITE", headers="Session-Expires: 30\r\n", body=offer()), 422, ("Min-SE", "90")),
-    (dict(method="INVITE", body="v=1\r\n"), 400, None),
-    (dict(method="CANCEL"), 481, None),
-    (dict(method="OPTIONS"), 200, ("Accept", "application/sdp")),
-])
+@pytest.mark.parametrize(
+    "kwargs, status, header",
+    [
+        (dict(method="BYE", to_tag="nope"), 481, None),
+        (dict(method="INFO", to_tag=None), 481, None),
+        (dict(method="REGISTER"), 405, ("Allow", "INVITE, ACK, BYE, CANCEL, OPTIONS, UPDATE, INFO, PRACK, NOTIFY")),
+        (dict(method="SUBSCRIBE"), 405, None),
+        (dict(method="FROBNICATE"), 501, None),
+        (dict(method="OPTIONS", headers="Require: foo, timer\r\n"), 420, ("Unsupported", "foo")),
+        (dict(method="OPTIONS", uri="tel:+81312345678"), 416, None),
+        (dict(method="OPTIONS", headers="Max-Forwards: 0\r\n"), 483, None),
+        (dict(method="INVITE", body="hello", content_type="text/plain"), 415, ("Accept", "application/sdp")),
+        (dict(method="INVITE", headers="Accept: text/html\r\n", body=offer()), 406, None),
+        (dict(method="INVITE", headers="Session-Expires: 30\r\n", body=offer()), 422, ("Min-SE", "90")),
+        (dict(method="INVITE", body="v=1\r\n"), 400, None),
+        (dict(method="CANCEL"), 481, None),
+        (dict(method="OPTIONS"), 200, ("Accept", "application/sdp")),
+    ],
+)
 async def test_requests_the_ua_answers_itself(make_ua, peer, kwargs, status, header):
     ua = await make_ua(on_invite=AnsweringApp())
     kwargs = dict(kwargs)  # the parameters are shared by every event loop's run
@@ -386,18 +415,19 @@ async def test_in_dialog_cseq_must_grow(make_ua, peer):
 
 async def test_digest_challenge_from_a_proxy_is_answered_once(make_ua, peer):
     uac = await make_ua()
-    task = asyncio.create_task(uac.invite(f"sip:echo@127.0.0.1:{peer.port}", offer(), username="alice",
-                                          password="wrong"))
+    task = asyncio.create_task(
+        uac.invite(f"sip:echo@127.0.0.1:{peer.port}", offer(), username="alice", password="wrong")
+    )
     challenge = 'Digest realm="proxy.example", nonce="n1", qop="auth"'
     first = await peer.expect(lambda m: isinstance(m, Request) and m.method == "INVITE")
-    peer.send(make_response(first, 407, to_tag="p", headers={"Proxy-Authenticate": challenge}),
-              ("127.0.0.1", uac.port))
+    peer.send(make_response(first, 407, to_tag="p", headers={"Proxy-Authenticate": challenge}), ("127.0.0.1", uac.port))
     second = await peer.expect(lambda m: isinstance(m, Request) and m.method == "INVITE" and m.cseq.seq == 2)
     credentials = second.headers.get("Proxy-Authorization")
     assert credentials.startswith("Digest ") and 'username="alice"' in credentials and "nc=00000001" in credentials
     assert second.call_id == first.call_id and second.from_addr.tag == first.from_addr.tag
-    peer.send(make_response(second, 407, to_tag="p", headers={"Proxy-Authenticate": challenge}),
-              ("127.0.0.1", uac.port))  # same nonce again: the password is wrong
+    peer.send(
+        make_response(second, 407, to_tag="p", headers={"Proxy-Authenticate": challenge}), ("127.0.0.1", uac.port)
+    )  # same nonce again: the password is wrong
     with pytest.raises(CallFailed) as failed:
         await asyncio.wait_for(task, 10)
     assert failed.value.status == 407
@@ -414,8 +444,9 @@ async def test_call_over_ipv6(transport):
     await uas.start()
     await uac.start()
     try:
-        dialog = await uac.invite(f"sip:echo@[::1]:{uas.port};transport={transport}",
-                                  str(build_offer(PREFS, "::1", 30000)))
+        dialog = await uac.invite(
+            f"sip:echo@[::1]:{uas.port};transport={transport}", str(build_offer(PREFS, "::1", 30000))
+        )
         answered = await app.dialog()
         assert app.calls[0].source[0] == "::1"
         assert app.calls[0].request.top_via.host == "::1"
@@ -447,21 +478,28 @@ def _not_offered_answer(ok: Response) -> str:
     return str(answer).replace("RTP/AVP 0", "RTP/AVP 18").replace("a=rtpmap:0 PCMU/8000", "a=rtpmap:18 G729/8000")
 
 
-@pytest.mark.parametrize("ack_body, content_type, reason, detail", [
-    (None, "application/sdp", "ack-without-answer", "no SDP answer"),
-    ("v=0\r\nnot sdp\r\n", "application/sdp", "unacceptable-answer", "SDP:"),
-    ("hello", "text/plain", "unacceptable-answer", "text/plain"),
-    (_not_offered_answer, "application/sdp", "unacceptable-answer", "not offered"),
-    ("checked", "application/sdp", "unacceptable-answer", "refused by the check"),
-])
+@pytest.mark.parametrize(
+    "ack_body, content_type, reason, detail",
+    [
+        (None, "application/sdp", "ack-without-answer", "no SDP answer"),
+        ("v=0\r\nnot sdp\r\n", "application/sdp", "unacceptable-answer", "SDP:"),
+        ("hello", "text/plain", "unacceptable-answer", "text/plain"),
+        (_not_offered_answer, "application/sdp", "unacceptable-answer", "not offered"),
+        ("checked", "application/sdp", "unacceptable-answer", "refused by the check"),
+    ],
+)
 async def test_a_delayed_offer_whose_ack_brings_no_usable_answer_ends_with_bye_and_a_reason(
-        make_ua, peer, ack_body, content_type, reason, detail):
+    make_ua, peer, ack_body, content_type, reason, detail
+):
     app = AnsweringApp(behaviour=None)
 
     async def accept_with_check(call: IncomingCall) -> None:
-        dialog = await call.accept(str(build_offer(PREFS, "127.0.0.1", 40000)),
-                                   check_media=lambda media: "refused by the check" if ack_body == "checked" else None)
+        dialog = await call.accept(
+            str(build_offer(PREFS, "127.0.0.1", 40000)),
+            check_media=lambda media: "refused by the check" if ack_body == "checked" else None,
+        )
         app.dialogs.put_nowait(dialog)
+
     app.behaviour = accept_with_check
     ua = await make_ua(on_invite=app)
     peer.send(raw("INVITE", ua, peer, call_id="late-bad"), ("127.0.0.1", ua.port))
@@ -473,8 +511,10 @@ async def test_a_delayed_offer_whose_ack_brings_no_usable_answer_ends_with_bye_a
         body = str(answer_offer(SessionDescription.parse(ok.body), PREFS, "127.0.0.1", 50000)[0])
     else:
         body = ack_body or ""
-    peer.send(raw("ACK", ua, peer, call_id="late-bad", to_tag=ok.to_addr.tag, body=body, content_type=content_type),
-              ("127.0.0.1", ua.port))
+    peer.send(
+        raw("ACK", ua, peer, call_id="late-bad", to_tag=ok.to_addr.tag, body=body, content_type=content_type),
+        ("127.0.0.1", ua.port),
+    )
     bye = await peer.expect(lambda m: isinstance(m, Request) and m.method == "BYE", within=5)
     assert await dialog.terminated == reason
     assert detail in dialog.end_detail
@@ -487,10 +527,18 @@ async def test_a_delayed_offer_whose_ack_brings_no_usable_answer_ends_with_bye_a
 # --- reliable provisional responses (RFC 3262) ------------------------------------------
 
 
-def prack(ua: UserAgent, peer: RawPeer, provisional: Response, *, call_id: str, cseq: int = 2,
-          rack: str | None = None) -> bytes:
-    return raw("PRACK", ua, peer, call_id=call_id, cseq=cseq, to_tag=provisional.to_addr.tag,
-               headers=f"RAck: {rack or provisional.headers.get('RSeq') + ' 1 INVITE'}\r\n")
+def prack(
+    ua: UserAgent, peer: RawPeer, provisional: Response, *, call_id: str, cseq: int = 2, rack: str | None = None
+) -> bytes:
+    return raw(
+        "PRACK",
+        ua,
+        peer,
+        call_id=call_id,
+        cseq=cseq,
+        to_tag=provisional.to_addr.tag,
+        headers=f"RAck: {rack or provisional.headers.get('RSeq') + ' 1 INVITE'}\r\n",
+    )
 
 
 async def test_required_100rel_gets_a_reliable_ringing_retransmitted_until_its_prack(make_ua, peer):
@@ -500,10 +548,12 @@ async def test_required_100rel_gets_a_reliable_ringing_retransmitted_until_its_p
         await call.ringing()
         ringing_sent.set()
         app.dialogs.put_nowait(await call.accept(str(answer_offer(call.offer, PREFS, "127.0.0.1", 40000)[0])))
+
     app = AnsweringApp(ring_then_answer)
     ua = await make_ua(on_invite=app)
-    peer.send(raw("INVITE", ua, peer, call_id="rel", body=offer(), headers="Require: 100rel\r\n"),
-              ("127.0.0.1", ua.port))
+    peer.send(
+        raw("INVITE", ua, peer, call_id="rel", body=offer(), headers="Require: 100rel\r\n"), ("127.0.0.1", ua.port)
+    )
     first = await peer.expect(lambda m: isinstance(m, Response) and m.status == 180)
     assert first.headers.get("Require") == "100rel" and "PRACK" in first.values("Allow")
     rseq = int(first.headers.get("RSeq"))
@@ -529,17 +579,21 @@ async def test_required_100rel_gets_a_reliable_ringing_retransmitted_until_its_p
 
 
 async def test_supported_100rel_makes_a_183_with_sdp_reliable_and_the_next_provisional_waits_for_its_prack(
-        make_ua, peer):
+    make_ua, peer
+):
     async def early_media(call: IncomingCall) -> None:
         assert call.reliable_provisionals and not call.requires_100rel
         answer = answer_offer(call.offer, PREFS, "127.0.0.1", 40000)[0]
         await call.provisional(183, sdp=answer)
         await call.ringing()  # unreliable (only supported, no SDP), but only after the 183's PRACK
         app.dialogs.put_nowait(await call.accept(str(answer)))
+
     app = AnsweringApp(early_media)
     ua = await make_ua(on_invite=app)
-    peer.send(raw("INVITE", ua, peer, call_id="early", body=offer(), headers="Supported: timer, 100rel\r\n"),
-              ("127.0.0.1", ua.port))
+    peer.send(
+        raw("INVITE", ua, peer, call_id="early", body=offer(), headers="Supported: timer, 100rel\r\n"),
+        ("127.0.0.1", ua.port),
+    )
     progress = await peer.expect(lambda m: isinstance(m, Response) and m.status == 183)
     assert progress.headers.get("Require") == "100rel" and progress.content_type == "application/sdp"
     await asyncio.sleep(3 * TIMERS.t1)
@@ -564,9 +618,11 @@ async def test_no_prack_for_a_reliable_provisional_rejects_the_call_with_500(mak
             await call.accept(str(answer_offer(call.offer, PREFS, "127.0.0.1", 40000)[0]))
         except CallAborted as exc:
             outcome.set_result(exc)
+
     ua = await make_ua(on_invite=ring_then_answer)
-    peer.send(raw("INVITE", ua, peer, call_id="noprack", body=offer(), headers="Require: 100rel\r\n"),
-              ("127.0.0.1", ua.port))
+    peer.send(
+        raw("INVITE", ua, peer, call_id="noprack", body=offer(), headers="Require: 100rel\r\n"), ("127.0.0.1", ua.port)
+    )
     final = await peer.final_response(call_id="noprack", within=10)
     assert final.status == 500 and "PRACK" in final.reason
     assert (await asyncio.wait_for(outcome, 5)).reason == "no-prack"
@@ -585,6 +641,7 @@ async def test_bye_in_the_early_dialog_ends_a_ringing_call_like_cancel(make_ua, 
         with pytest.raises(CallCancelled):
             await call.accept(offer())
         outcome.set_result(call.abort_reason)
+
     ua = await make_ua(on_invite=ring_forever)
     peer.send(raw("INVITE", ua, peer, call_id="earlybye", body=offer()), ("127.0.0.1", ua.port))
     ringing = await peer.expect(lambda m: isinstance(m, Response) and m.status == 180)

@@ -45,21 +45,24 @@ def test_crypto_line_of_rfc4568_parses_and_round_trips():
     assert RFC_KEY not in repr(crypto)  # logs never show key material
 
 
-@pytest.mark.parametrize("value, fault", [
-    ("1 AES_CM_128_HMAC_SHA1_80", "expected"),
-    ("x AES_CM_128_HMAC_SHA1_80 inline:" + RFC_KEY, "tag"),
-    ("1 F8_128_HMAC_SHA1_80 inline:" + RFC_KEY, "not supported"),
-    ("1 AES_CM_128_HMAC_SHA1_80 outline:" + RFC_KEY, "inline"),
-    ("1 AES_CM_128_HMAC_SHA1_80 inline:" + RFC_KEY + "|1:4", "MKI"),
-    ("1 AES_CM_128_HMAC_SHA1_80 inline:" + RFC_KEY + "|2^20|1:4", "MKI"),
-    ("1 AES_CM_128_HMAC_SHA1_80 inline:" + RFC_KEY + ";inline:" + RFC_KEY, "more than one key"),
-    ("1 AES_CM_128_HMAC_SHA1_80 inline:" + RFC_KEY[:-4], "needs 30 bytes"),
-    ("1 AEAD_AES_128_GCM inline:" + RFC_KEY, "needs 28 bytes"),
-    ("1 AES_CM_128_HMAC_SHA1_80 inline:" + "!" * 40, "base64"),
-    ("1 AES_CM_128_HMAC_SHA1_80 inline:" + RFC_KEY + "|junk", "lifetime"),
-    ("1 AES_CM_128_HMAC_SHA1_80 inline:" + RFC_KEY + " UNENCRYPTED_SRTP", "session parameter"),
-    ("1 AES_CM_128_HMAC_SHA1_80 inline:" + RFC_KEY + " KDR=3", "session parameter"),
-])
+@pytest.mark.parametrize(
+    "value, fault",
+    [
+        ("1 AES_CM_128_HMAC_SHA1_80", "expected"),
+        ("x AES_CM_128_HMAC_SHA1_80 inline:" + RFC_KEY, "tag"),
+        ("1 F8_128_HMAC_SHA1_80 inline:" + RFC_KEY, "not supported"),
+        ("1 AES_CM_128_HMAC_SHA1_80 outline:" + RFC_KEY, "inline"),
+        ("1 AES_CM_128_HMAC_SHA1_80 inline:" + RFC_KEY + "|1:4", "MKI"),
+        ("1 AES_CM_128_HMAC_SHA1_80 inline:" + RFC_KEY + "|2^20|1:4", "MKI"),
+        ("1 AES_CM_128_HMAC_SHA1_80 inline:" + RFC_KEY + ";inline:" + RFC_KEY, "more than one key"),
+        ("1 AES_CM_128_HMAC_SHA1_80 inline:" + RFC_KEY[:-4], "needs 30 bytes"),
+        ("1 AEAD_AES_128_GCM inline:" + RFC_KEY, "needs 28 bytes"),
+        ("1 AES_CM_128_HMAC_SHA1_80 inline:" + "!" * 40, "base64"),
+        ("1 AES_CM_128_HMAC_SHA1_80 inline:" + RFC_KEY + "|junk", "lifetime"),
+        ("1 AES_CM_128_HMAC_SHA1_80 inline:" + RFC_KEY + " UNENCRYPTED_SRTP", "session parameter"),
+        ("1 AES_CM_128_HMAC_SHA1_80 inline:" + RFC_KEY + " KDR=3", "session parameter"),
+    ],
+)
 def test_crypto_lines_we_cannot_run_are_refused_with_the_reason(value, fault):
     with pytest.raises(CryptoError, match=fault):
         CryptoAttribute.parse(value)
@@ -85,12 +88,14 @@ def test_each_suite_protects_and_checks_rtp_and_rtcp_both_ways(suite):
 
 def _tone():
     import numpy as np
+
     return (8000 * np.sin(np.arange(160) * 2 * np.pi * 440 / 8000)).astype(np.int16)
 
 
 def test_encrypted_g711_does_not_decode_back_to_the_audio():
     """What the wire carries under SRTP is not the caller's voice read as G.711."""
     import numpy as np
+
     alice, _ = pair("AES_CM_128_HMAC_SHA1_80")
     payload = g711.encode("PCMU", _tone())
     wire = alice.protect(RtpPacket(0, 1, 160, 0xAB, payload).build())[12:172]
@@ -170,13 +175,20 @@ def test_new_keys_are_random_and_of_the_suites_length():
     assert pylibsrtp.Policy.SRTP_PROFILE_AEAD_AES_128_GCM == SUITES["AEAD_AES_128_GCM"].profile
 
 
-@pytest.mark.parametrize("configured, transport, plaintext, policy", [
-    ("optional", "TLS", False, "optional"), ("required", "TLS", False, "required"),
-    ("optional", "UDP", False, "off"), ("optional", "TCP", False, "off"),
-    ("required", "UDP", False, None),  # no way to take the call: 488
-    ("required", "UDP", True, "required"), ("optional", "TCP", True, "optional"),
-    ("off", "TLS", False, "off"),
-])
+@pytest.mark.parametrize(
+    "configured, transport, plaintext, policy",
+    [
+        ("optional", "TLS", False, "optional"),
+        ("required", "TLS", False, "required"),
+        ("optional", "UDP", False, "off"),
+        ("optional", "TCP", False, "off"),
+        ("required", "UDP", False, None),  # no way to take the call: 488
+        ("required", "UDP", True, "required"),
+        ("optional", "TCP", True, "optional"),
+        ("off", "TLS", False, "off"),
+    ],
+)
 def test_the_gateway_exchanges_srtp_keys_only_over_tls(configured, transport, plaintext, policy):
     from service.gateway.ingress.sip import srtp_policy
+
     assert srtp_policy(configured, transport, plaintext) == policy

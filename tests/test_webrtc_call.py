@@ -54,11 +54,29 @@ class EchoSystem(tp.NamedTuple):
 def echo(tmp_path_factory) -> tp.Iterator[EchoSystem]:
     log_dir = tmp_path_factory.mktemp("webrtc-echo")
     sip_port, http_port, worker_port = free_port(), free_port(), free_port()
-    proc = Process("serve", ["serve", "--model", "echo", "--asr", "off", *gateway_args(sip_port, http_port),
-                             "--host", "127.0.0.1",
-                             "--port", str(worker_port), "--slots", "1", "--queue-seconds", str(QUEUE_SECONDS),
-                             "--webrtc-connect-seconds", str(CONNECT_SECONDS)],
-                   log_dir, env={"MOSHIMOSHI_API_TOKENS": TOKENS})
+    proc = Process(
+        "serve",
+        [
+            "serve",
+            "--model",
+            "echo",
+            "--asr",
+            "off",
+            *gateway_args(sip_port, http_port),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(worker_port),
+            "--slots",
+            "1",
+            "--queue-seconds",
+            str(QUEUE_SECONDS),
+            "--webrtc-connect-seconds",
+            str(CONNECT_SECONDS),
+        ],
+        log_dir,
+        env={"MOSHIMOSHI_API_TOKENS": TOKENS},
+    )
     gateway = Gateway(proc, sip_port, http_port)
     try:
         gateway.wait_ready()
@@ -71,8 +89,9 @@ def echo(tmp_path_factory) -> tp.Iterator[EchoSystem]:
 
 async def free_slots(system: EchoSystem) -> int:
     async with httpx.AsyncClient() as client:
-        return (await client.get(f"http://127.0.0.1:{system.worker_port}/v1/info", timeout=5,
-                                 headers=worker_headers())).json()["free"]
+        return (
+            await client.get(f"http://127.0.0.1:{system.worker_port}/v1/info", timeout=5, headers=worker_headers())
+        ).json()["free"]
 
 
 async def metric(system: EchoSystem, name: str, **labels: str) -> float:
@@ -88,8 +107,8 @@ async def metric(system: EchoSystem, name: str, **labels: str) -> float:
 
 async def slot_released(system: EchoSystem) -> None:
     async def released() -> bool:
-        return await free_slots(system) == 1 and await metric(system, "moshimoshi_calls_active",
-                                                              ingress="webrtc") == 0
+        return await free_slots(system) == 1 and await metric(system, "moshimoshi_calls_active", ingress="webrtc") == 0
+
     await eventually(released, 15, "the slot is free and no WebRTC call is active")
 
 
@@ -99,8 +118,8 @@ def echo_delay(sent: np.ndarray, received: np.ndarray) -> tuple[float, float]:
     n = len(a) + len(b)
     corr = np.fft.irfft(np.fft.rfft(b, n) * np.conj(np.fft.rfft(a, n)), n)[: len(b)]
     lag = int(np.argmax(corr))
-    overlap = b[lag:lag + len(a)]
-    norm = np.sqrt(np.sum(a[:len(overlap)] ** 2) * np.sum(overlap ** 2)) or 1.0
+    overlap = b[lag : lag + len(a)]
+    norm = np.sqrt(np.sum(a[: len(overlap)] ** 2) * np.sum(overlap**2)) or 1.0
     return lag / 48.0, float(corr[lag] / norm)
 
 
@@ -128,13 +147,16 @@ async def test_a_call_echoes_the_caller_and_hanging_up_frees_the_slot(echo, timi
 
         async def echoed() -> bool:
             return len(client.audio()) >= len(pcm) + 48000 // 2
+
         await eventually(echoed, 20, "the echo of the whole signal")
         # Each half second of the signal is found again, 40–600 ms later. (Window by window:
         # on a loaded machine a buffer may slip a frame, which would spoil one long correlation.)
-        windows = [echo_delay(pcm[s:s + 24000], client.audio()) for s in range(24000, len(pcm) - 23999, 24000)]
-        found = [(delay - s / 48, corr) for s, (delay, corr) in zip(range(24000, len(pcm), 24000), windows,
-                                                                     strict=False)
-                 if corr > 0.4 and 40 < delay - s / 48 < 600]
+        windows = [echo_delay(pcm[s : s + 24000], client.audio()) for s in range(24000, len(pcm) - 23999, 24000)]
+        found = [
+            (delay - s / 48, corr)
+            for s, (delay, corr) in zip(range(24000, len(pcm), 24000), windows, strict=False)
+            if corr > 0.4 and 40 < delay - s / 48 < 600
+        ]
         assert len(found) >= 0.4 * len(windows), windows
         timing.expect(len(found) >= 0.7 * len(windows), f"echo found in 70 % of the windows: {windows}")
 
@@ -143,8 +165,10 @@ async def test_a_call_echoes_the_caller_and_hanging_up_frees_the_slot(echo, timi
         assert kinds[0] == "call" and client.messages[0]["call_id"] == client.call_id
         quality = [m for m in client.messages if m["type"] == "quality"][-1]
         assert quality["codec"] == "opus/48000" and quality["packets_received"] > 100
-        timing.expect(quality["concealed_frames"] < 0.1 * quality["packets_received"],
-                      f"under 10 % concealed on loopback: {quality}")
+        timing.expect(
+            quality["concealed_frames"] < 0.1 * quality["packets_received"],
+            f"under 10 % concealed on loopback: {quality}",
+        )
         assert await metric(echo, "moshimoshi_calls_active", ingress="webrtc") == 1
 
         hung_up = await client.hang_up()
@@ -181,16 +205,18 @@ async def test_bad_offers_get_400_with_the_reason_and_hold_no_slot(echo):
             response = await http.post("/v1/webrtc/offer", content=offer.encode(), headers=headers)
             assert response.status_code == 400, (reason, response.text)
             assert reason in response.json()["detail"], response.text
-        wrong_type = await http.post("/v1/webrtc/offer", json={"type": "offer", "sdp": good},
-                                     headers={"Authorization": f"Bearer {CALL_TOKEN}"})
+        wrong_type = await http.post(
+            "/v1/webrtc/offer", json={"type": "offer", "sdp": good}, headers={"Authorization": f"Bearer {CALL_TOKEN}"}
+        )
         assert wrong_type.status_code == 415
         too_big = await http.post("/v1/webrtc/offer", content=b"v=0\r\n" + b"a=x\r\n" * 20000, headers=headers)
         assert too_big.status_code == 413
         not_utf8 = await http.post("/v1/webrtc/offer", content=b"v=0\r\n\xff\xfe", headers=headers)
         assert not_utf8.status_code == 400
         for auth in ({}, {"Authorization": "Bearer not-a-token"}):
-            refused = await http.post("/v1/webrtc/offer", content=good.encode(),
-                                      headers={"Content-Type": "application/sdp", **auth})
+            refused = await http.post(
+                "/v1/webrtc/offer", content=good.encode(), headers={"Content-Type": "application/sdp", **auth}
+            )
             assert refused.status_code == 401
         assert (await http.patch("/v1/webrtc/sessions/c-0", headers=headers)).status_code == 405
         config = await http.get("/v1/webrtc/config", headers=headers)
@@ -214,20 +240,24 @@ async def test_a_peer_that_never_connects_is_dropped_and_its_slot_released(echo)
         timeouts = await metric(echo, "moshimoshi_calls_total", ingress="webrtc", outcome="connect-timeout")
         async with httpx.AsyncClient(base_url=echo.api) as http:
             started = time.monotonic()
-            response = await http.post("/v1/webrtc/offer", content=sdp.encode(), timeout=10,
-                                       headers={"Authorization": f"Bearer {CALL_TOKEN}",
-                                                "Content-Type": "application/sdp"})
+            response = await http.post(
+                "/v1/webrtc/offer",
+                content=sdp.encode(),
+                timeout=10,
+                headers={"Authorization": f"Bearer {CALL_TOKEN}", "Content-Type": "application/sdp"},
+            )
             assert response.status_code == 201, response.text
             assert await free_slots(echo) == 0  # the slot is held from the answer on
 
             async def timed_out() -> bool:
-                return await metric(echo, "moshimoshi_calls_total", ingress="webrtc",
-                                    outcome="connect-timeout") > timeouts
+                return (
+                    await metric(echo, "moshimoshi_calls_total", ingress="webrtc", outcome="connect-timeout") > timeouts
+                )
+
             await eventually(timed_out, CONNECT_SECONDS + 10, "the connect timeout")
             assert time.monotonic() - started >= CONNECT_SECONDS - 0.5
             await slot_released(echo)
-            gone = await http.delete(response.headers["location"],
-                                     headers={"Authorization": f"Bearer {CALL_TOKEN}"})
+            gone = await http.delete(response.headers["location"], headers={"Authorization": f"Bearer {CALL_TOKEN}"})
             assert gone.status_code == 404
 
 

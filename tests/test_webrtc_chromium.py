@@ -20,9 +20,17 @@ from tests.support.services import CALL_TOKEN
 from tests.support.webrtc_client import speech_like, write_wav
 
 CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run", "--use-fake-ui-for-media-stream",
-        "--use-fake-device-for-media-stream", "--autoplay-policy=no-user-gesture-required"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--use-fake-ui-for-media-stream",
+    "--use-fake-device-for-media-stream",
+    "--autoplay-policy=no-user-gesture-required",
+]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +54,8 @@ async def test_the_softphone_calls_the_model_plays_its_audio_and_shows_its_words
     console: list[str] = []
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=[*ARGS, f"--use-file-for-fake-audio-capture={wav}"])
+            executable_path=str(CHROMIUM), args=[*ARGS, f"--use-file-for-fake-audio-capture={wav}"]
+        )
         try:
             page = await browser.new_page()
             page.on("console", lambda message: console.append(message.text))
@@ -79,8 +88,9 @@ async def test_the_softphone_calls_the_model_plays_its_audio_and_shows_its_words
             assert len(transcript) >= 3, transcript
             # call quality from getStats() and the gateway
             await wait_for(page, "document.getElementById('q-rtt').textContent.endsWith('ms')", 15, "round trip")
-            await wait_for(page, "document.getElementById('q-buffer').textContent.endsWith('ms')", 15,
-                           "the gateway's buffer")
+            await wait_for(
+                page, "document.getElementById('q-buffer').textContent.endsWith('ms')", 15, "the gateway's buffer"
+            )
 
             await page.click("#call")
             await wait_for(page, "window.moshimoshiPhone.state === 'idle'", 15, "hung up")

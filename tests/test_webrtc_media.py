@@ -40,7 +40,7 @@ def opus_packets(pcm: np.ndarray, frame_ms: int = 20) -> list[bytes]:
     codec.options = {"frame_duration": str(frame_ms), "application": "voip"}
     packets = []
     for start in range(0, len(pcm) - 959, 960):
-        frame = av.AudioFrame.from_ndarray(pcm[start:start + 960].reshape(1, -1), format="s16", layout="mono")
+        frame = av.AudioFrame.from_ndarray(pcm[start : start + 960].reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate = 48000
         frame.pts = start
         packets += [bytes(p) for p in codec.encode(frame)]
@@ -73,23 +73,29 @@ def test_packet_duration_from_real_libopus_packets(frame_ms, samples):
     assert len(decoder.decode(packets[0])) == samples
 
 
-@pytest.mark.parametrize(("payload", "samples"), [
-    (bytes([0 << 3]), 480),  # SILK 10 ms
-    (bytes([3 << 3]), 2880),  # SILK 60 ms
-    (bytes([16 << 3]), 120),  # CELT 2.5 ms
-    (bytes([31 << 3 | 1]), 1920),  # CELT 20 ms, two frames
-    (bytes([19 << 3 | 3, 6]), 6 * 960),  # CELT 20 ms, code 3 with six frames
-])
+@pytest.mark.parametrize(
+    ("payload", "samples"),
+    [
+        (bytes([0 << 3]), 480),  # SILK 10 ms
+        (bytes([3 << 3]), 2880),  # SILK 60 ms
+        (bytes([16 << 3]), 120),  # CELT 2.5 ms
+        (bytes([31 << 3 | 1]), 1920),  # CELT 20 ms, two frames
+        (bytes([19 << 3 | 3, 6]), 6 * 960),  # CELT 20 ms, code 3 with six frames
+    ],
+)
 def test_packet_duration_table(payload, samples):
     assert opus_packet_samples(payload) == samples
 
 
-@pytest.mark.parametrize(("payload", "reason"), [
-    (b"", "empty"),
-    (bytes([19 << 3 | 3]), "frame count"),
-    (bytes([19 << 3 | 3, 0]), "zero frames"),
-    (bytes([3 << 3 | 3, 3]), "exceeds 120 ms"),  # 3 × 60 ms
-])
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"", "empty"),
+        (bytes([19 << 3 | 3]), "frame count"),
+        (bytes([19 << 3 | 3, 0]), "zero frames"),
+        (bytes([3 << 3 | 3, 3]), "exceeds 120 ms"),  # 3 × 60 ms
+    ],
+)
 def test_malformed_packets_are_named(payload, reason):
     with pytest.raises(OpusPacketError, match=reason):
         opus_packet_samples(payload)
@@ -111,7 +117,7 @@ def tone(freq: float, rate: int, seconds: float = 0.5) -> np.ndarray:
 
 
 def rms(x: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(np.square(x[len(x) // 4:]))))  # past the filter's start-up
+    return float(np.sqrt(np.mean(np.square(x[len(x) // 4 :]))))  # past the filter's start-up
 
 
 @pytest.mark.parametrize("freq", [300.0, 3000.0, 9000.0])
@@ -128,7 +134,7 @@ def test_decimator_stops_what_would_alias(freq):
 
 def test_interpolator_keeps_the_band_and_suppresses_the_image():
     out = Interpolator24to48().process(tone(3000.0, 24000))
-    spectrum = np.abs(np.fft.rfft(out[len(out) // 4:] * np.hanning(len(out) - len(out) // 4)))
+    spectrum = np.abs(np.fft.rfft(out[len(out) // 4 :] * np.hanning(len(out) - len(out) // 4)))
     freqs = np.fft.rfftfreq(len(out) - len(out) // 4, 1 / 48000)
     wanted = spectrum[np.argmin(np.abs(freqs - 3000))]
     image = spectrum[np.argmin(np.abs(freqs - 21000))]
@@ -142,11 +148,10 @@ def test_the_matrix_filters_compute_the_plain_convolutions():
     decimated = np.convolve(np.concatenate((np.zeros(len(taps) - 1, np.float32), signal)), taps, "valid")[::2]
     np.testing.assert_allclose(Decimator48to24().process(signal), decimated, atol=1e-5)
     padded = np.zeros(len(taps) + 1, np.float32)
-    padded[:len(taps)] = taps * 2
+    padded[: len(taps)] = taps * 2
     history = np.zeros(len(padded) // 2 - 1, np.float32)
     branches = [np.convolve(np.concatenate((history, signal)), padded[phase::2], "valid") for phase in (0, 1)]
-    np.testing.assert_allclose(Interpolator24to48().process(signal), np.stack(branches, axis=1).reshape(-1),
-                               atol=1e-5)
+    np.testing.assert_allclose(Interpolator24to48().process(signal), np.stack(branches, axis=1).reshape(-1), atol=1e-5)
 
 
 @settings(max_examples=40, deadline=None)
@@ -195,10 +200,9 @@ async def test_unusable_offers_are_rejected_with_their_reason():
         no_opus: "no Opus",
         video: "video is not supported",
         good.replace("a=sendrecv", "a=inactive"): "inactive",
-        "\r\n".join(line for line in good.split("\r\n") if not line.startswith("a=fingerprint")):
-            "no DTLS fingerprint",
+        "\r\n".join(line for line in good.split("\r\n") if not line.startswith("a=fingerprint")): "no DTLS fingerprint",
         "\r\n".join(line for line in good.split("\r\n") if not line.startswith("a=ice-pwd")): "no ICE credentials",
-        good + good[good.index("m=audio"):]: "more than one audio section",
+        good + good[good.index("m=audio") :]: "more than one audio section",
         "v=0\r\nm=audio x UDP/TLS/RTP/SAVPF 96\r\n": "bad port",
     }
     for offer, reason in cases.items():
@@ -255,7 +259,7 @@ def test_receive_path_plays_on_time_conceals_a_loss_and_frames_for_the_model():
     assert quality.codec == "opus/48000" and quality.ptime_ms == 20.0
     assert {a.rate for a in heard} == {24000} and len(heard) == len(packets)
     tapped = np.concatenate([a.pcm for a in heard])
-    assert np.array_equal(tapped[:len(audio)], audio)
+    assert np.array_equal(tapped[: len(audio)], audio)
 
 
 def test_bad_packets_are_counted_and_a_ptime_change_restarts_the_buffer():
@@ -334,9 +338,14 @@ def test_ice_server_settings_are_checked_and_passed_to_aiortc():
     from service.settings import GatewaySettings
 
     assert ice_servers(load(GatewaySettings, environ={})) == []  # host candidates only, no public STUN
-    settings = load(GatewaySettings, environ={
-        "MOSHIMOSHI_WEBRTC_ICE_SERVERS": "stun:stun.example.org:3478, turn:turn.example.org?transport=tcp",
-        "MOSHIMOSHI_WEBRTC_TURN_USERNAME": "user", "MOSHIMOSHI_WEBRTC_TURN_PASSWORD": "pass"})
+    settings = load(
+        GatewaySettings,
+        environ={
+            "MOSHIMOSHI_WEBRTC_ICE_SERVERS": "stun:stun.example.org:3478, turn:turn.example.org?transport=tcp",
+            "MOSHIMOSHI_WEBRTC_TURN_USERNAME": "user",
+            "MOSHIMOSHI_WEBRTC_TURN_PASSWORD": "pass",
+        },
+    )
     stun, turn = ice_servers(settings)
     assert stun.urls == "stun:stun.example.org:3478" and stun.username is None
     assert (turn.urls, turn.username, turn.credential) == ("turn:turn.example.org?transport=tcp", "user", "pass")

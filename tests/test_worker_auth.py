@@ -83,8 +83,15 @@ async def test_the_middleware_compares_the_whole_header():
     auth = WorkerAuth(app, SECRET, on_refused=refused.append)
     transport = httpx.ASGITransport(app=auth)
     async with httpx.AsyncClient(transport=transport, base_url="http://worker") as client:
-        for headers in ({}, bearer(WRONG), bearer(SECRET[:-1]), bearer(SECRET + "x"), {"Authorization": SECRET},
-                        {"Authorization": f"bearer {SECRET}"}, {"Authorization": f"Basic {SECRET}"}):
+        for headers in (
+            {},
+            bearer(WRONG),
+            bearer(SECRET[:-1]),
+            bearer(SECRET + "x"),
+            {"Authorization": SECRET},
+            {"Authorization": f"bearer {SECRET}"},
+            {"Authorization": f"Basic {SECRET}"},
+        ):
             response = await client.get("/v1/info", headers=headers)
             assert response.status_code == 401, headers
             assert response.headers["www-authenticate"].startswith("Bearer")
@@ -155,8 +162,13 @@ async def test_the_gateway_link_presents_the_secret_and_says_why_it_was_refused(
 
 def run_worker_process(tmp_path, *args: str, env: dict[str, str], timeout: float = 60) -> tuple[int, str]:
     """``moshimoshi worker`` that is expected to exit by itself: (status, output)."""
-    proc = subprocess.run(moshimoshi_cmd("worker", "--model", "echo", "--port", str(free_port()), *args),
-                          env=python_env(**env), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        moshimoshi_cmd("worker", "--model", "echo", "--port", str(free_port()), *args),
+        env=python_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -170,8 +182,7 @@ def test_a_worker_open_to_the_network_without_a_secret_does_not_start(tmp_path):
     assert "short" not in output.replace("at least 16", "")  # the bad secret is not echoed
     secret_file = tmp_path / "secret"
     secret_file.write_text(SECRET)
-    status, output = run_worker_process(tmp_path, "--host", "0.0.0.0", "--worker-secret-file", str(secret_file),
-                                        env={})
+    status, output = run_worker_process(tmp_path, "--host", "0.0.0.0", "--worker-secret-file", str(secret_file), env={})
     assert status == 2 and "not both" in output, output  # the suite's own secret is set too
 
 
@@ -179,9 +190,13 @@ def test_a_worker_open_to_the_network_without_a_secret_does_not_start(tmp_path):
 def worker_process(tmp_path, *args: str, env: dict[str, str]) -> tp.Iterator[int]:
     port = free_port()
     log = (tmp_path / f"worker-{port}.log").open("w")
-    proc = subprocess.Popen(moshimoshi_cmd("worker", "--model", "echo", "--port", str(port), "--slots", "1",
-                                           *args), env=python_env(**env), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        moshimoshi_cmd("worker", "--model", "echo", "--port", str(port), "--slots", "1", *args),
+        env=python_env(**env),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         wait_until(lambda: _answers(port), 60, "the worker to listen")
         yield port
@@ -206,12 +221,17 @@ def _answers(port: int) -> bool:
 def test_a_worker_reads_its_secret_from_a_mounted_file_or_runs_open_only_when_told(tmp_path):
     secret_file = tmp_path / "worker-secret"
     secret_file.write_text(SECRET + "\n")
-    with worker_process(tmp_path, "--host", "0.0.0.0", env={"MOSHIMOSHI_WORKER_SECRET": "",
-                                                            "MOSHIMOSHI_WORKER_SECRET_FILE": str(secret_file)}) as port:
+    with worker_process(
+        tmp_path,
+        "--host",
+        "0.0.0.0",
+        env={"MOSHIMOSHI_WORKER_SECRET": "", "MOSHIMOSHI_WORKER_SECRET_FILE": str(secret_file)},
+    ) as port:
         assert http_json(f"http://127.0.0.1:{port}/v1/info", token=None)[0] == 401
         assert http_json(f"http://127.0.0.1:{port}/v1/info", token=SECRET)[0] == 200
-    with worker_process(tmp_path, "--host", "0.0.0.0", "--insecure-no-worker-secret",
-                        env={"MOSHIMOSHI_WORKER_SECRET": ""}) as port:
+    with worker_process(
+        tmp_path, "--host", "0.0.0.0", "--insecure-no-worker-secret", env={"MOSHIMOSHI_WORKER_SECRET": ""}
+    ) as port:
         assert http_json(f"http://127.0.0.1:{port}/v1/info", token=None)[0] == 200
 
 
@@ -222,8 +242,7 @@ async def test_a_gateway_with_the_wrong_secret_gets_no_session_and_says_so(redis
     from tests.test_pool_e2e import call_settings, wait_pool
 
     worker = start_worker(tmp_path, redis_server.url, "w0", "echo", 1)
-    gateway = start_gateway(tmp_path, redis_server.url, "--queue-seconds", "0",
-                            env={"MOSHIMOSHI_WORKER_SECRET": WRONG})
+    gateway = start_gateway(tmp_path, redis_server.url, "--queue-seconds", "0", env={"MOSHIMOSHI_WORKER_SECRET": WRONG})
     try:
         worker.wait_ready()
         gateway.wait_ready()
@@ -268,8 +287,14 @@ async def test_an_asr_worker_with_a_secret_refuses_everyone_else(tmp_path):
     from service.asr.tinywhisper import build_whisper
     from service.settings import AsrSettings
 
-    settings = AsrSettings(model=str(build_whisper(tmp_path / "whisper")), host="127.0.0.1", port=0,
-                           cpu_threads=1, log_level="warning", worker_secret=SECRET)
+    settings = AsrSettings(
+        model=str(build_whisper(tmp_path / "whisper")),
+        host="127.0.0.1",
+        port=0,
+        cpu_threads=1,
+        log_level="warning",
+        worker_secret=SECRET,
+    )
     listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(serve_asr(settings, on_listening=listening.set_result))
     port = await asyncio.wait_for(listening, 30)
@@ -303,4 +328,3 @@ async def _ready(client: httpx.AsyncClient) -> None:
         if (await client.get("/readyz")).status_code == 200:
             return
         await asyncio.sleep(0.05)
-

@@ -27,8 +27,13 @@ from service.worker.checkpoint import (
 from service.worker.tinymodel import build_tiny_checkpoint
 from tests.support.worker import lay_out_hf_cache
 
-LAYOUT = ["model.safetensors", "tokenizer_spm_32k_3.model",
-          "tokenizer-e351c8d8-checkpoint125.safetensors", "config.json", "mimi_config.json"]
+LAYOUT = [
+    "model.safetensors",
+    "tokenizer_spm_32k_3.model",
+    "tokenizer-e351c8d8-checkpoint125.safetensors",
+    "config.json",
+    "mimi_config.json",
+]
 
 
 @pytest.fixture(scope="session")
@@ -115,6 +120,7 @@ def unreachable_hub(tmp_path, monkeypatch) -> tp.Callable[[str], None]:
 
     def point_at(endpoint: str) -> None:
         monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+
     return point_at
 
 
@@ -129,9 +135,14 @@ def test_an_unreachable_hub_fails_fast_once_without_retries(unreachable_hub, hub
             listener.close()  # nothing listens: refused
         unreachable_hub(f"http://127.0.0.1:{port}")
         started = time.monotonic()
-        with caplog.at_level(logging.WARNING), pytest.raises(
-                CheckpointError, match=rf"nobody/nothing-here: cannot fetch config\.json: Hugging Face is "
-                                       rf"unreachable \(http://127\.0\.0\.1:{port}: \w+\)"):
+        with (
+            caplog.at_level(logging.WARNING),
+            pytest.raises(
+                CheckpointError,
+                match=rf"nobody/nothing-here: cannot fetch config\.json: Hugging Face is "
+                rf"unreachable \(http://127\.0\.0\.1:{port}: \w+\)",
+            ),
+        ):
             load_checkpoint("nobody/nothing-here", device="cpu")
     took = time.monotonic() - started
     assert took < checkpoint.HUB_PROBE_SECONDS + 3, took  # not huggingface_hub's ~26 s of retries
@@ -139,12 +150,21 @@ def test_an_unreachable_hub_fails_fast_once_without_retries(unreachable_hub, hub
 
 
 def test_hub_repo_not_cached_offline_is_a_clear_error(offline_hub):
-    with pytest.raises(CheckpointError, match=r"llm-jp/llm-jp-moshi-v1: cannot fetch config\.json: Hugging Face is unreachable"):
+    with pytest.raises(
+        CheckpointError, match=r"llm-jp/llm-jp-moshi-v1: cannot fetch config\.json: Hugging Face is unreachable"
+    ):
         load_checkpoint("llm-jp/llm-jp-moshi-v1", device="cpu")
 
 
-@pytest.mark.parametrize("name", ["model.safetensors", "tokenizer_spm_32k_3.model",
-                                  "tokenizer-e351c8d8-checkpoint125.safetensors", "mimi_config.json"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "model.safetensors",
+        "tokenizer_spm_32k_3.model",
+        "tokenizer-e351c8d8-checkpoint125.safetensors",
+        "mimi_config.json",
+    ],
+)
 def test_missing_file_is_named(tiny_copy, name):
     (tiny_copy / name).unlink()
     with pytest.raises(CheckpointError, match=rf"checkpoint {tiny_copy}: missing {name}"):
@@ -174,15 +194,21 @@ def test_weights_of_the_wrong_shape_are_a_clear_error(tiny_copy):
     config = json.loads((tiny_copy / "config.json").read_text())
     config["dim"] = 128
     (tiny_copy / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"model\.safetensors does not fit the LM of its config\.json: "
-                       r"tensors \d+ of another shape \(emb\.0\.weight \[65, 64\] in the file, \[65, 128\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model\.safetensors does not fit the LM of its config\.json: "
+        r"tensors \d+ of another shape \(emb\.0\.weight \[65, 64\] in the file, \[65, 128\]",
+    ):
         load_checkpoint(str(tiny_copy), device="cpu")
 
 
 def test_corrupt_weights_are_a_clear_error(tiny_copy):
     (tiny_copy / "tokenizer-e351c8d8-checkpoint125.safetensors").write_bytes(b"\x00garbage" * 10)
-    with pytest.raises(CheckpointError, match=r"tokenizer-e351c8d8-checkpoint125\.safetensors is not a "
-                       r"safetensors file"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"tokenizer-e351c8d8-checkpoint125\.safetensors is not a "
+        r"safetensors file",
+    ):
         load_checkpoint(str(tiny_copy), device="cpu")
 
 
@@ -220,8 +246,11 @@ def test_repo_without_config_is_read_as_moshi_7b(tiny_dir, offline_hub):
     files = [tiny_dir / n for n in LAYOUT if n not in ("config.json", "mimi_config.json")]
     lay_out_hf_cache(offline_hub, "someone/legacy-moshi", files)
     # The tiny weights do not fit the stock architecture: proof that it was the one built.
-    with pytest.raises(CheckpointError, match=r"^checkpoint someone/legacy-moshi: tokenizer-e351c8d8-checkpoint125"
-                       r"\.safetensors does not fit the stock Mimi: tensors \d+ missing \(.*\); \d+ of another shape"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"^checkpoint someone/legacy-moshi: tokenizer-e351c8d8-checkpoint125"
+        r"\.safetensors does not fit the stock Mimi: tensors \d+ missing \(.*\); \d+ of another shape",
+    ):
         load_checkpoint("someone/legacy-moshi", device="cpu")
 
 
@@ -255,8 +284,9 @@ def test_legacy_kwargs_are_translated_to_the_installed_moshis():
     written = {**MOSHI_7B_LM_KWARGS, "depformer_causal": True, "llama_name_or_path": None}
     kwargs, notes = lm_kwargs_from_legacy(written)
     assert kwargs == MOSHI_7B_LM_KWARGS and notes == ["ignored 'llama_name_or_path' (not a Moshi LM argument)"]
-    kwargs, notes = lm_kwargs_from_legacy({k: v for k, v in MOSHI_7B_LM_KWARGS.items()
-                                           if k != "existing_text_padding_id"})
+    kwargs, notes = lm_kwargs_from_legacy(
+        {k: v for k, v in MOSHI_7B_LM_KWARGS.items() if k != "existing_text_padding_id"}
+    )
     assert (kwargs["existing_text_padding_id"], kwargs["text_card_out"]) == (32000, 32001)
     with pytest.raises(ArchitectureError, match="depformer_causal=False"):
         lm_kwargs_from_legacy({**MOSHI_7B_LM_KWARGS, "depformer_causal": False})

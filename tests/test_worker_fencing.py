@@ -18,8 +18,9 @@ FRAME = bytes(3840)
 
 
 async def open_session(port: int, slot: int, token: int | None, call_id: str):
-    ws = await websockets.connect(f"ws://127.0.0.1:{port}/v1/session", max_size=2**20,
-                                  additional_headers=worker_headers())
+    ws = await websockets.connect(
+        f"ws://127.0.0.1:{port}/v1/session", max_size=2**20, additional_headers=worker_headers()
+    )
     await ws.send(json.dumps({"type": "start", "version": 1, "call_id": call_id, "slot": slot, "token": token}))
     return ws
 
@@ -42,8 +43,12 @@ async def pool(redis_server):
 
 
 async def wait_registered(pool_client, worker_id: str) -> None:
-    await eventually(lambda: pool_client.redis.exists(pool_client.keys.worker(worker_id)), 10,
-                     f"{worker_id} registered", interval=0.1)
+    await eventually(
+        lambda: pool_client.redis.exists(pool_client.keys.worker(worker_id)),
+        10,
+        f"{worker_id} registered",
+        interval=0.1,
+    )
 
 
 async def test_only_the_current_lease_is_admitted_and_a_newer_one_fences_out_the_old(redis_server, pool, tmp_path):

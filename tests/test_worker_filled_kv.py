@@ -71,8 +71,9 @@ def test_filled_kv_attention_gives_the_same_tokens_as_full_mask_attention(tiny_d
     np.testing.assert_array_equal(filled_text, full_text)
     np.testing.assert_array_equal(filled_pcm, full_pcm)  # the same audio tokens decode to the same PCM
     assert len(filled_logits) == len(full_logits) == STEPS
-    worst = max(float((a - b).abs().max()) for a, b in zip(full_logits, filled_logits, strict=True)
-                if torch.isfinite(a).all())
+    worst = max(
+        float((a - b).abs().max()) for a, b in zip(full_logits, filled_logits, strict=True) if torch.isfinite(a).all()
+    )
     assert worst < 1e-4, worst
     assert (full_text >= 0).sum() > STEPS  # the slots did speak: there was something to compare
 

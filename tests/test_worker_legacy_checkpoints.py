@@ -91,7 +91,9 @@ def assert_same_call(tokens: np.ndarray, pcm: np.ndarray, text: np.ndarray, ref:
     """One call's tokens [T, 9], audio [T, 1920] and text [T] against 0.2.2's."""
     assert (ref.tokens[0] == -1).all() and (tokens[0] == UNGENERATED).all(), what  # 1st step: nothing
     assert not pcm[0].any() and text[0] < 0, what
-    assert np.array_equal(tokens[1:], ref.tokens[1:]), f"{what}: first difference {first_difference(tokens, ref.tokens)}"
+    assert np.array_equal(tokens[1:], ref.tokens[1:]), (
+        f"{what}: first difference {first_difference(tokens, ref.tokens)}"
+    )
     assert np.array_equal(text[1:], ref.tokens[1:, 0]), what
     assert np.abs(pcm - ref.pcm).max() < 1e-4, f"{what}: audio differs by {np.abs(pcm - ref.pcm).max()}"
 
@@ -140,16 +142,19 @@ BATCH_STEPS = 64
 
 
 def test_four_slots_with_resets_give_each_call_moshi_022s_tokens(legacy_dir):
-    calls = {f"slot{slot}-{start}": (slot, start, caller_audio(10 + 7 * slot + start, length))
-             for slot, plan in SCHEDULE.items() for start, length in plan}
+    calls = {
+        f"slot{slot}-{start}": (slot, start, caller_audio(10 + 7 * slot + start, length))
+        for slot, plan in SCHEDULE.items()
+        for start, length in plan
+    }
     refs = reference(legacy_dir, {name: audio for name, (_, _, audio) in calls.items()})
 
     inputs = np.random.default_rng(5).standard_normal((BATCH_STEPS, SLOTS, 1920)).astype(np.float32)
     active = np.zeros((BATCH_STEPS, SLOTS), dtype=bool)
     fresh = np.zeros((BATCH_STEPS, SLOTS), dtype=bool)
     for slot, start, audio in calls.values():
-        inputs[start:start + len(audio), slot] = audio  # idle steps get noise: never heard
-        active[start:start + len(audio), slot] = True
+        inputs[start : start + len(audio), slot] = audio  # idle steps get noise: never heard
+        active[start : start + len(audio), slot] = True
         fresh[start, slot] = True
     with one_thread():
         engine = MoshiEngine(load_checkpoint(str(legacy_dir), device="cpu"), SLOTS, greedy=True)
@@ -176,8 +181,10 @@ def test_without_moshi_lm_kwargs_the_7b_defaults_apply_and_the_mismatch_is_named
             load_checkpoint(str(ckpt), device="cpu")
     message = str(caught.value)
     assert "\n" not in message and "Traceback" not in message and "state_dict" not in message
-    assert message.startswith(f"checkpoint {ckpt}: model.safetensors does not fit the LM of the Moshi 7B "
-                              "defaults (no config.json, no moshi_lm_kwargs.json): tensors ")
+    assert message.startswith(
+        f"checkpoint {ckpt}: model.safetensors does not fit the LM of the Moshi 7B "
+        "defaults (no config.json, no moshi_lm_kwargs.json): tensors "
+    )
     assert "missing (depformer.layers.1." in message  # the 7B's depformer has 6 layers, this one 1
     assert "of another shape (emb.0.weight [2049, 64] in the file, [2049, 4096] in the model" in message
     assert "applying the Moshi 7B defaults" in caplog.text
@@ -193,8 +200,7 @@ def test_the_7b_defaults_are_moshi_022s_and_the_published_size(legacy_dir):
     assert theirs.pop("depformer_causal") is True
     assert architecture.MOSHI_7B_LM_KWARGS == theirs
     with torch.device("meta"):
-        lm = loaders.get_moshi_lm(None, lm_kwargs=architecture.MOSHI_7B_LM_KWARGS, device="meta",
-                                  dtype=torch.bfloat16)
+        lm = loaders.get_moshi_lm(None, lm_kwargs=architecture.MOSHI_7B_LM_KWARGS, device="meta", dtype=torch.bfloat16)
     tensor_bytes = sum(v.numel() * v.element_size() for v in lm.state_dict().values())
     assert tensor_bytes == MOSHI_7B_BF16_TENSOR_BYTES
     # J-Moshi's page says 15.4 GB: the bf16 tensors plus a header of tens of kB.
@@ -205,8 +211,11 @@ def test_the_7b_defaults_are_moshi_022s_and_the_published_size(legacy_dir):
 def test_a_checkpoint_without_text_padding_id_gets_0_2_2s_padding(legacy_dir, tmp_path):
     """0.2.2's LMModel took a missing existing_text_padding_id as "padding is the extra token
     text_card" (and a text head of text_card + 1); 0.2.13 would default to 3 instead."""
-    ckpt = link_copy(legacy_dir, tmp_path / "no-padding-id",
-                     ["tokenizer_spm_32k_3.model", "tokenizer-e351c8d8-checkpoint125.safetensors"])
+    ckpt = link_copy(
+        legacy_dir,
+        tmp_path / "no-padding-id",
+        ["tokenizer_spm_32k_3.model", "tokenizer-e351c8d8-checkpoint125.safetensors"],
+    )
     build_legacy_checkpoint(ckpt, 1, "--lm-only", "--no-text-padding-id")
     assert "existing_text_padding_id" not in json.loads((ckpt / "moshi_lm_kwargs.json").read_text())
     steps = 30
@@ -219,8 +228,13 @@ def test_a_checkpoint_without_text_padding_id_gets_0_2_2s_padding(legacy_dir, tm
         engine = MoshiEngine(loaded, 1, greedy=True)
         seen = tap_tokens(engine)
         outputs = [engine.step(audio[t][None], np.ones(1, bool), np.array([t == 0])) for t in range(steps)]
-    assert_same_call(np.stack(seen)[:, 0], np.stack([o.pcm[0] for o in outputs]),
-                     np.array([o.text_tokens[0] for o in outputs]), ref, "no text padding id")
+    assert_same_call(
+        np.stack(seen)[:, 0],
+        np.stack([o.pcm[0] for o in outputs]),
+        np.array([o.text_tokens[0] for o in outputs]),
+        ref,
+        "no text padding id",
+    )
 
 
 async def test_the_worker_serves_the_authors_checkpoint_as_moshi_022_does(legacy_dir):
@@ -237,13 +251,17 @@ async def test_the_worker_serves_the_authors_checkpoint_as_moshi_022_does(legacy
     heard = np.stack([pcm16_to_float(frame) for frame in frames])  # what the worker decodes
     ref = reference(legacy_dir, {"call": heard})["call"]
 
-    settings = worker_settings(model=str(legacy_dir), slots=2, greedy=True, input_queue_frames=64,
-                               cpu_threads=1)
+    settings = worker_settings(model=str(legacy_dir), slots=2, greedy=True, input_queue_frames=64, cpu_threads=1)
     async with running_worker(settings) as worker:
         info = await worker.info()
         assert info["model_info"]["architecture"] == "moshi_lm_kwargs.json"
-        assert info["model_info"]["sampling"] == {"greedy": True, "temp": 0.8, "temp_text": 0.7,
-                                                  "top_k": 250, "top_k_text": 25}
+        assert info["model_info"]["sampling"] == {
+            "greedy": True,
+            "temp": 0.8,
+            "temp_text": 0.7,
+            "top_k": 250,
+            "top_k_text": 25,
+        }
         async with connect(worker.url) as ws:
             await ws.send(start_message(call_id="legacy"))
             started = json.loads(await ws.recv())
@@ -285,16 +303,30 @@ def truncated_copy(legacy_dir: Path, target: Path, name: str, keep: int) -> Path
     return target
 
 
-@pytest.mark.parametrize(("name", "keep", "expected"), [
-    ("model.safetensors", 3_000_000, r"model\.safetensors is truncated: 3,000,000 bytes on disk, its header "
-     r"describes [\d,]+ \(3\.0 MB of 6\.\d MB\): a partial download, download it again"),
-    ("tokenizer-e351c8d8-checkpoint125.safetensors", 200_000_000,
-     r"tokenizer-e351c8d8-checkpoint125\.safetensors is truncated: 200,000,000 bytes on disk, its header "
-     r"describes 384,644,900 \(200\.0 MB of 384\.6 MB\): a partial download"),
-    ("model.safetensors", 1000, r"model\.safetensors is truncated: 1,000 bytes, shorter than its own "
-     r"[\d,]+-byte header \(a partial download"),
-    ("model.safetensors", 5, r"model\.safetensors is truncated: 5 bytes, not even a safetensors header"),
-])
+@pytest.mark.parametrize(
+    ("name", "keep", "expected"),
+    [
+        (
+            "model.safetensors",
+            3_000_000,
+            r"model\.safetensors is truncated: 3,000,000 bytes on disk, its header "
+            r"describes [\d,]+ \(3\.0 MB of 6\.\d MB\): a partial download, download it again",
+        ),
+        (
+            "tokenizer-e351c8d8-checkpoint125.safetensors",
+            200_000_000,
+            r"tokenizer-e351c8d8-checkpoint125\.safetensors is truncated: 200,000,000 bytes on disk, its header "
+            r"describes 384,644,900 \(200\.0 MB of 384\.6 MB\): a partial download",
+        ),
+        (
+            "model.safetensors",
+            1000,
+            r"model\.safetensors is truncated: 1,000 bytes, shorter than its own "
+            r"[\d,]+-byte header \(a partial download",
+        ),
+        ("model.safetensors", 5, r"model\.safetensors is truncated: 5 bytes, not even a safetensors header"),
+    ],
+)
 def test_a_partial_download_is_reported_as_such(legacy_dir, tmp_path, name, keep, expected):
     ckpt = truncated_copy(legacy_dir, tmp_path / "partial", name, keep)
     with pytest.raises(CheckpointError, match=rf"^checkpoint {ckpt}: {expected}") as caught:
@@ -319,16 +351,22 @@ def test_a_known_repo_is_checked_against_its_published_sizes(legacy_dir, offline
     from tests.support.worker import lay_out_hf_cache
 
     lay_out_hf_cache(offline_hub, "llm-jp/llm-jp-moshi-v1", [legacy_dir / n for n in LEGACY_FILES])
-    with pytest.raises(CheckpointError, match=r"^checkpoint llm-jp/llm-jp-moshi-v1: model\.safetensors is "
-                       r"[\d,]+ bytes but llm-jp/llm-jp-moshi-v1's is 15\.4 GB: a partial download \(delete it "
-                       r"from the Hugging Face cache and download it again\)$"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"^checkpoint llm-jp/llm-jp-moshi-v1: model\.safetensors is "
+        r"[\d,]+ bytes but llm-jp/llm-jp-moshi-v1's is 15\.4 GB: a partial download \(delete it "
+        r"from the Hugging Face cache and download it again\)$",
+    ):
         load_checkpoint("llm-jp/llm-jp-moshi-v1", device="cpu")
     # J-Moshi's page also gives its tokenizer's size. With a weights file of the right size (a
     # sparse one: no disk used), the tokenizer a third of that size is the partial download.
     snapshot = lay_out_hf_cache(offline_hub, "nu-dialogue/j-moshi", [legacy_dir / n for n in LEGACY_FILES])
     os.truncate(snapshot / "model.safetensors", 15_400_000_000)
-    with pytest.raises(CheckpointError, match=r"^checkpoint nu-dialogue/j-moshi: tokenizer_spm_32k_3\.model is "
-                       r"[\d,]+ bytes but nu-dialogue/j-moshi's is 806 kB: a partial download"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"^checkpoint nu-dialogue/j-moshi: tokenizer_spm_32k_3\.model is "
+        r"[\d,]+ bytes but nu-dialogue/j-moshi's is 806 kB: a partial download",
+    ):
         load_checkpoint("nu-dialogue/j-moshi", device="cpu")
 
 
@@ -344,7 +382,8 @@ def test_missing_and_unexpected_tensors_are_named(legacy_dir, tmp_path):
         load_checkpoint(str(ckpt), device="cpu")
     assert str(caught.value) == (
         f"checkpoint {ckpt}: model.safetensors does not fit the LM of its moshi_lm_kwargs.json (no config.json): "
-        "tensors 1 missing (out_norm.alpha); 1 unexpected (extra_heads.0.weight)")
+        "tensors 1 missing (out_norm.alpha); 1 unexpected (extra_heads.0.weight)"
+    )
 
 
 def test_the_wrong_model_in_a_legacy_layout_is_named(legacy_dir, tmp_path):
@@ -354,28 +393,46 @@ def test_the_wrong_model_in_a_legacy_layout_is_named(legacy_dir, tmp_path):
     modern = build_tiny_checkpoint(tmp_path / "modern", seed=0)
     ckpt = link_copy(legacy_dir, tmp_path / "mixed", [n for n in LEGACY_FILES if n != "model.safetensors"])
     link_copy(modern, ckpt, ["model.safetensors"])
-    with pytest.raises(CheckpointError, match=r"model\.safetensors does not fit the LM of its moshi_lm_kwargs\.json "
-                       r"\(no config\.json\): tensors 31 of another shape \(emb\.0\.weight \[65, 64\] in the file, "
-                       r"\[2049, 64\] in the model"):  # its codebooks have 64 entries, the stock Mimi's 2048
+    with pytest.raises(
+        CheckpointError,
+        match=r"model\.safetensors does not fit the LM of its moshi_lm_kwargs\.json "
+        r"\(no config\.json\): tensors 31 of another shape \(emb\.0\.weight \[65, 64\] in the file, "
+        r"\[2049, 64\] in the model",
+    ):  # its codebooks have 64 entries, the stock Mimi's 2048
         load_checkpoint(str(ckpt), device="cpu")
     # and a modern Mimi where the stock one should be
-    ckpt = link_copy(legacy_dir, tmp_path / "mixed-mimi",
-                     [n for n in LEGACY_FILES if n != "tokenizer-e351c8d8-checkpoint125.safetensors"])
+    ckpt = link_copy(
+        legacy_dir,
+        tmp_path / "mixed-mimi",
+        [n for n in LEGACY_FILES if n != "tokenizer-e351c8d8-checkpoint125.safetensors"],
+    )
     link_copy(modern, ckpt, ["tokenizer-e351c8d8-checkpoint125.safetensors"])
-    with pytest.raises(CheckpointError, match=r"tokenizer-e351c8d8-checkpoint125\.safetensors does not fit the "
-                       r"stock Mimi: tensors .* of another shape"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"tokenizer-e351c8d8-checkpoint125\.safetensors does not fit the "
+        r"stock Mimi: tensors .* of another shape",
+    ):
         load_checkpoint(str(ckpt), device="cpu")
 
 
-@pytest.mark.parametrize(("kwargs_text", "expected"), [
-    ("{not json", r"moshi_lm_kwargs\.json is not valid JSON"),
-    ("[1, 2]", r"moshi_lm_kwargs\.json must hold a JSON object"),
-    ('{"depformer_causal": false}', r"moshi_lm_kwargs\.json: depformer_causal=False with causal=True: the "
-     r"installed moshi builds the depformer with the main model's causality"),
-    ('{"conditioners": {}}', r"moshi_lm_kwargs\.json: conditioners: a conditioned model"),
-    ('{"bogus_argument": 1}', r"moshi cannot build the LM that its moshi_lm_kwargs\.json \(no config\.json\) "
-     r"describes: .*bogus_argument"),
-])
+@pytest.mark.parametrize(
+    ("kwargs_text", "expected"),
+    [
+        ("{not json", r"moshi_lm_kwargs\.json is not valid JSON"),
+        ("[1, 2]", r"moshi_lm_kwargs\.json must hold a JSON object"),
+        (
+            '{"depformer_causal": false}',
+            r"moshi_lm_kwargs\.json: depformer_causal=False with causal=True: the "
+            r"installed moshi builds the depformer with the main model's causality",
+        ),
+        ('{"conditioners": {}}', r"moshi_lm_kwargs\.json: conditioners: a conditioned model"),
+        (
+            '{"bogus_argument": 1}',
+            r"moshi cannot build the LM that its moshi_lm_kwargs\.json \(no config\.json\) "
+            r"describes: .*bogus_argument",
+        ),
+    ],
+)
 def test_a_bad_moshi_lm_kwargs_is_a_clear_error(legacy_dir, tmp_path, kwargs_text, expected):
     ckpt = link_copy(legacy_dir, tmp_path / "bad-kwargs", [n for n in LEGACY_FILES if n != "moshi_lm_kwargs.json"])
     good = json.loads((legacy_dir / "moshi_lm_kwargs.json").read_text())

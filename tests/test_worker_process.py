@@ -39,10 +39,23 @@ async def test_demo_worker_serves_and_drains_on_sigterm(tmp_path):
     log = tmp_path / "worker.log"
     with log.open("w") as stderr:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "service.worker", "--model", "demo", "--host", "127.0.0.1",
-            "--port", str(port), "--slots", "2", "--drain-grace-seconds", "60",
+            sys.executable,
+            "-m",
+            "service.worker",
+            "--model",
+            "demo",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--slots",
+            "2",
+            "--drain-grace-seconds",
+            "60",
             env=python_env(XDG_CACHE_HOME=str(tmp_path / "cache"), MOSHIMOSHI_LOG_LEVEL="info"),
-            stdout=asyncio.subprocess.DEVNULL, stderr=stderr)
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=stderr,
+        )
     try:
         await wait_ready(port, proc)
         assert (tmp_path / "cache" / "moshimoshi" / f"demo-v{TINY_VERSION}" / "config.json").exists()
@@ -86,16 +99,23 @@ async def test_demo_worker_serves_and_drains_on_sigterm(tmp_path):
 
 async def run_to_exit(*args: str, within: float = 120.0) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service.worker", *args, env=python_env(),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "service.worker",
+        *args,
+        env=python_env(),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
     _, stderr = await asyncio.wait_for(proc.communicate(), within)
     return proc.returncode, stderr.decode()
 
 
 async def test_a_checkpoint_that_cannot_load_exits_2_naming_the_file(tmp_path):
     (tmp_path / "ckpt").mkdir()
-    status, stderr = await run_to_exit("--model", str(tmp_path / "ckpt"), "--host", "127.0.0.1",
-                                       "--port", str(free_port()))
+    status, stderr = await run_to_exit(
+        "--model", str(tmp_path / "ckpt"), "--host", "127.0.0.1", "--port", str(free_port())
+    )
     assert status == 2
     assert f"checkpoint {tmp_path / 'ckpt'}: missing model.safetensors" in stderr
 

@@ -44,9 +44,18 @@ async def test_started_message_and_echo():
     async with echo_worker() as worker:
         ws, started = await open_session(worker, slot=2, call_id="c-1")
         assert started == {
-            "type": "started", "version": 1, "slot": 2, "sample_rate": 24000, "frame_samples": 1920,
-            "frame_ms": 80, "model": "echo", "license": "n/a (no model: echoes the caller)",
-            "research_only": False, "max_call_seconds": 1800.0, "context_seconds": None, "sampling": None,
+            "type": "started",
+            "version": 1,
+            "slot": 2,
+            "sample_rate": 24000,
+            "frame_samples": 1920,
+            "frame_ms": 80,
+            "model": "echo",
+            "license": "n/a (no model: echoes the caller)",
+            "research_only": False,
+            "max_call_seconds": 1800.0,
+            "context_seconds": None,
+            "sampling": None,
         }
         frames = pcm_frames(1, 5)
         for frame in frames:
@@ -60,23 +69,26 @@ async def test_started_message_and_echo():
         assert await worker.metric("moshimoshi_worker_sessions_total", outcome="completed") == 1
 
 
-@pytest.mark.parametrize(("messages", "code", "reason"), [
-    ([b"\x00" * 3840], 4000, "media before start"),
-    (["{not json"], 4000, "bad JSON"),
-    (['"start"'], 4000, "must be a JSON object"),
-    ([json.dumps({"type": "hello"})], 4000, "expected a start message"),
-    ([start_message(version=2)], 4001, "unsupported protocol version 2"),
-    ([start_message(version="1")], 4001, "unsupported protocol version"),
-    ([start_message(call_id=None)], 4000, "'call_id' must be a non-empty string"),
-    ([start_message(slot="one")], 4000, "'slot' must be an integer"),
-    ([start_message(slot=SLOTS)], 4009, f"slot {SLOTS} is out of range"),
-    ([start_message(model="llm-jp/llm-jp-moshi-v1")], 4004, "this worker serves echo"),
-    ([start_message(sampling={"temp": "hot"})], 4000, "'sampling': bad 'temp'"),
-    ([start_message(sampling={"top_k": 0})], 4000, "'sampling': bad 'top_k'"),
-    ([start_message(sampling={"top_k": 2.5})], 4000, "'sampling': bad 'top_k'"),
-    ([start_message(sampling={"seed": 1})], 4000, "'sampling': bad 'seed'"),
-    ([start_message(sampling=[0.5])], 4000, "'sampling' must be an object"),
-])
+@pytest.mark.parametrize(
+    ("messages", "code", "reason"),
+    [
+        ([b"\x00" * 3840], 4000, "media before start"),
+        (["{not json"], 4000, "bad JSON"),
+        (['"start"'], 4000, "must be a JSON object"),
+        ([json.dumps({"type": "hello"})], 4000, "expected a start message"),
+        ([start_message(version=2)], 4001, "unsupported protocol version 2"),
+        ([start_message(version="1")], 4001, "unsupported protocol version"),
+        ([start_message(call_id=None)], 4000, "'call_id' must be a non-empty string"),
+        ([start_message(slot="one")], 4000, "'slot' must be an integer"),
+        ([start_message(slot=SLOTS)], 4009, f"slot {SLOTS} is out of range"),
+        ([start_message(model="llm-jp/llm-jp-moshi-v1")], 4004, "this worker serves echo"),
+        ([start_message(sampling={"temp": "hot"})], 4000, "'sampling': bad 'temp'"),
+        ([start_message(sampling={"top_k": 0})], 4000, "'sampling': bad 'top_k'"),
+        ([start_message(sampling={"top_k": 2.5})], 4000, "'sampling': bad 'top_k'"),
+        ([start_message(sampling={"seed": 1})], 4000, "'sampling': bad 'seed'"),
+        ([start_message(sampling=[0.5])], 4000, "'sampling' must be an object"),
+    ],
+)
 async def test_handshake_violations_close_with_the_documented_code(messages, code, reason):
     async with echo_worker() as worker:
         error, close_code, close_reason = await refused(worker, *messages)
@@ -86,12 +98,15 @@ async def test_handshake_violations_close_with_the_documented_code(messages, cod
         await worker.wait_free(SLOTS)
 
 
-@pytest.mark.parametrize(("message", "reason"), [
-    (b"\x00" * 1000, "binary frame of 1000 bytes"),
-    ("[1,", "bad JSON"),
-    (json.dumps({"type": "dance"}), "unknown message type 'dance'"),
-    (start_message(), "duplicate start"),
-])
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        (b"\x00" * 1000, "binary frame of 1000 bytes"),
+        ("[1,", "bad JSON"),
+        (json.dumps({"type": "dance"}), "unknown message type 'dance'"),
+        (start_message(), "duplicate start"),
+    ],
+)
 async def test_violation_during_a_call_closes_only_that_session(message, reason):
     async with echo_worker() as worker:
         bystander, _ = await open_session(worker, slot=0, call_id="bystander")
@@ -203,8 +218,7 @@ async def test_health_readiness_and_refusal_while_loading():
         release.wait(30)
         return EchoEngine(SLOTS)
 
-    async with running_worker(worker_settings(model="echo", slots=SLOTS), slow_factory,
-                              wait_ready=False) as worker:
+    async with running_worker(worker_settings(model="echo", slots=SLOTS), slow_factory, wait_ready=False) as worker:
         assert (await worker.get("/healthz"))[0] == 200
         assert (await worker.get("/readyz"))[0] == 503
         error, code, reason = await refused(worker, start_message())
@@ -219,9 +233,13 @@ async def test_health_readiness_and_refusal_while_loading():
 async def test_metrics_expose_the_documented_names():
     async with echo_worker(clocked=True) as worker:
         _, text = await worker.get("/metrics")
-        for name in ("moshimoshi_worker_step_duration_seconds_bucket", "moshimoshi_worker_slots ",
-                     "moshimoshi_worker_slots_busy ", "moshimoshi_worker_input_dropped_total",
-                     "moshimoshi_worker_step_overruns_total"):
+        for name in (
+            "moshimoshi_worker_step_duration_seconds_bucket",
+            "moshimoshi_worker_slots ",
+            "moshimoshi_worker_slots_busy ",
+            "moshimoshi_worker_input_dropped_total",
+            "moshimoshi_worker_step_overruns_total",
+        ):
             assert name in text, name
         assert await worker.metric("moshimoshi_worker_slots") == SLOTS
         ws, _ = await open_session(worker)
@@ -238,8 +256,7 @@ async def test_closing_while_loading_never_starts_the_clock():
         engines.append(EchoEngine(SLOTS, clocked=True))
         return engines[-1]
 
-    async with running_worker(worker_settings(model="echo", slots=SLOTS), slow_factory,
-                              wait_ready=False) as worker:
+    async with running_worker(worker_settings(model="echo", slots=SLOTS), slow_factory, wait_ready=False) as worker:
         runtime = worker.runtime
         closing = asyncio.create_task(runtime.close())
         await asyncio.sleep(0)  # close() runs up to its wait for the thread

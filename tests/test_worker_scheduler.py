@@ -160,8 +160,9 @@ async def test_ticks_are_on_absolute_deadlines_and_overruns_skip_ahead():
     # Steps of 30 ms, one of 200 ms (overruns 2 ticks), then 30 ms again.
     engine = TimedEcho(time, [0.03, 0.03, 0.2, 0.03, 0.03])
     metrics = WorkerMetrics()
-    clock = BatchClock(engine, metrics, asyncio.get_running_loop(), period=0.08, start_grace_ticks=0,
-                       clock=time, wait=time.wait)
+    clock = BatchClock(
+        engine, metrics, asyncio.get_running_loop(), period=0.08, start_grace_ticks=0, clock=time, wait=time.wait
+    )
     clock.attach(0, Recorder())
     start = time.now
     time.stop_after = start + 0.08 * 6 + 0.001
@@ -177,8 +178,15 @@ async def test_ticks_are_on_absolute_deadlines_and_overruns_skip_ahead():
 async def test_clock_keeps_no_drift_over_many_ticks():
     time = VirtualTime()
     engine = TimedEcho(time, [0.0123] * 1000)
-    clock = BatchClock(engine, WorkerMetrics(), asyncio.get_running_loop(), period=0.08,
-                       start_grace_ticks=0, clock=time, wait=time.wait)
+    clock = BatchClock(
+        engine,
+        WorkerMetrics(),
+        asyncio.get_running_loop(),
+        period=0.08,
+        start_grace_ticks=0,
+        clock=time,
+        wait=time.wait,
+    )
     clock.attach(0, Recorder())
     start = time.now
     time.stop_after = start + 0.08 * 999 + 0.001

@@ -90,18 +90,21 @@ async def call(url: str, frames: list[bytes], bound: asyncio.Event, go: asyncio.
         await ws.send(json.dumps({"type": "stop"}))
         rest = await collect(ws)
     last = (len(frames) - 1) * 0.08 + 1e-6
-    return started, audio[:len(frames)], [e for e in events if e["t"] <= last], rest
+    return started, audio[: len(frames)], [e for e in events if e["t"] <= last], rest
 
 
 async def test_concurrent_sessions_are_independent(tiny_dir):
-    settings = worker_settings(model=str(tiny_dir), slots=SLOTS, greedy=True, input_queue_frames=64,
-                               cpu_threads=THREADS)
+    settings = worker_settings(
+        model=str(tiny_dir), slots=SLOTS, greedy=True, input_queue_frames=64, cpu_threads=THREADS
+    )
     inputs = {f"call-{i}": pcm_frames(100 + i, FRAMES, amplitude=0.05 * (i + 1)) for i in range(3)}
     async with running_worker(settings) as worker:
         go = asyncio.Event()
         bound = [asyncio.Event() for _ in inputs]
-        tasks = [asyncio.create_task(call(worker.url, frames, flag, go, call_id))
-                 for (call_id, frames), flag in zip(inputs.items(), bound, strict=True)]
+        tasks = [
+            asyncio.create_task(call(worker.url, frames, flag, go, call_id))
+            for (call_id, frames), flag in zip(inputs.items(), bound, strict=True)
+        ]
         await asyncio.wait_for(asyncio.gather(*(flag.wait() for flag in bound)), 60)
         assert (await worker.info())["busy"] == len(tasks)
         go.set()
@@ -127,8 +130,7 @@ async def test_concurrent_sessions_are_independent(tiny_dir):
 async def test_a_call_runs_past_the_context_until_max_call_seconds(tmp_path):
     """Context 20 steps (1.6 s); the call goes on past it and ends cleanly at 3 s."""
     path = build_tiny_checkpoint(tmp_path / "short", seed=3, context=20)
-    settings = worker_settings(model=str(path), slots=2, greedy=True, input_queue_frames=64,
-                               max_call_seconds=3.0)
+    settings = worker_settings(model=str(path), slots=2, greedy=True, input_queue_frames=64, max_call_seconds=3.0)
     async with running_worker(settings) as worker:
         async with connect(worker.url) as ws:
             await ws.send(start_message(call_id="long"))

@@ -71,8 +71,10 @@ def test_the_chosen_b_is_the_largest_whose_p99_holds_the_budget(tiny_dir, timing
         # a B over the budget is timed twice, and stops as soon as its p99 is certainly over
         over = [t for t in sizing.trials if t.batch_size == 8]
         assert len(over) == 2 and all(t.steps == certainly_over(100) == 2 for t in over)
-        timing.expect(sizing.slots == CLIFF and held == {8: False, 4: False, 2: True, 3: True},
-                      f"B=2 and B=3 of the tiny model hold 70 ms (8, halved to 4, to 2, bisected to 3): {held}")
+        timing.expect(
+            sizing.slots == CLIFF and held == {8: False, 4: False, 2: True, 3: True},
+            f"B=2 and B=3 of the tiny model hold 70 ms (8, halved to 4, to 2, bisected to 3): {held}",
+        )
         timing.expect(sizing.p99_ms is not None and sizing.p99_ms < BUDGET_MS, f"p99 {sizing.p99_ms} ms")
     finally:
         engine.close()
@@ -129,16 +131,18 @@ def test_a_b_that_runs_out_of_device_memory_is_ruled_out_and_memory_is_the_reaso
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return MoshiEngine(loaded, batch_size, **kwargs)
 
-    engine = build_engine(worker_settings(model=str(tiny_dir), max_slots=8, step_budget_ms=BUDGET_MS),
-                          make_engine=make)
+    engine = build_engine(worker_settings(model=str(tiny_dir), max_slots=8, step_budget_ms=BUDGET_MS), make_engine=make)
     try:
         sizing = engine.sizing
         assert engine.batch_size <= 5
         assert [t.to_dict() for t in sizing.trials if t.out_of_memory][:1] == [
-            {"B": 8, "steps": 0, "over_budget": True, "out_of_memory": True}]
-        timing.expect((engine.batch_size, sizing.reason) == (5, "memory")
-                      and [t.batch_size for t in sizing.trials if t.out_of_memory] == [8, 6],
-                      f"B=4 and B=5 of the tiny model hold 70 ms: {[t.to_dict() for t in sizing.trials]}")
+            {"B": 8, "steps": 0, "over_budget": True, "out_of_memory": True}
+        ]
+        timing.expect(
+            (engine.batch_size, sizing.reason) == (5, "memory")
+            and [t.batch_size for t in sizing.trials if t.out_of_memory] == [8, 6],
+            f"B=4 and B=5 of the tiny model hold 70 ms: {[t.to_dict() for t in sizing.trials]}",
+        )
     finally:
         engine.close()
 
@@ -155,11 +159,13 @@ def test_forced_slots_are_timed_and_warn_when_over_the_budget(tiny_dir, caplog):
 
 
 def test_step_budget_and_context_settings_are_validated():
-    for env, message in [({"MOSHIMOSHI_STEP_BUDGET_MS": "90"}, "MOSHIMOSHI_STEP_BUDGET_MS=90.0: must be at most 80"),
-                         ({"MOSHIMOSHI_STEP_BUDGET_MS": "fast"}, "not a number"),
-                         ({"MOSHIMOSHI_CONTEXT_SECONDS": "0.5"}, "must be at least 1"),
-                         ({"MOSHIMOSHI_MAX_SLOTS": "0"}, "MOSHIMOSHI_MAX_SLOTS=0: must be at least 1"),
-                         ({"MOSHIMOSHI_OVERLOAD_WINDOW_SECONDS": "1"}, "must be at least 2")]:
+    for env, message in [
+        ({"MOSHIMOSHI_STEP_BUDGET_MS": "90"}, "MOSHIMOSHI_STEP_BUDGET_MS=90.0: must be at most 80"),
+        ({"MOSHIMOSHI_STEP_BUDGET_MS": "fast"}, "not a number"),
+        ({"MOSHIMOSHI_CONTEXT_SECONDS": "0.5"}, "must be at least 1"),
+        ({"MOSHIMOSHI_MAX_SLOTS": "0"}, "MOSHIMOSHI_MAX_SLOTS=0: must be at least 1"),
+        ({"MOSHIMOSHI_OVERLOAD_WINDOW_SECONDS": "1"}, "must be at least 2"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             load(WorkerSettings, environ=env)
     settings = load(WorkerSettings, environ={"MOSHIMOSHI_CONTEXT_SECONDS": "120", "MOSHIMOSHI_STEP_BUDGET_MS": "60"})
@@ -177,8 +183,11 @@ def test_context_seconds_sets_the_kv_ring_and_memory_per_slot(tiny_dir):
     try:
         assert half.info.context_steps == 1500 and half.info.context_seconds == 120
         assert kv_bytes_per_slot(half.lm) * 2 == full_bytes
-        rings = [m._streaming_state.kv_cache for m in half.lm.transformer.modules()
-                 if getattr(m, "_streaming_state", None) is not None and hasattr(m._streaming_state, "kv_cache")]
+        rings = [
+            m._streaming_state.kv_cache
+            for m in half.lm.transformer.modules()
+            if getattr(m, "_streaming_state", None) is not None and hasattr(m._streaming_state, "kv_cache")
+        ]
         assert rings and all(ring.capacity == 1500 for ring in rings)
     finally:
         half.close()
@@ -190,7 +199,9 @@ def test_context_seconds_sets_the_kv_ring_and_memory_per_slot(tiny_dir):
 
 
 def test_a_context_longer_than_the_checkpoints_is_refused_naming_the_setting(tiny_dir):
-    with pytest.raises(ContextError, match=r"MOSHIMOSHI_CONTEXT_SECONDS=300 exceeds this checkpoint's context of 240 s"):
+    with pytest.raises(
+        ContextError, match=r"MOSHIMOSHI_CONTEXT_SECONDS=300 exceeds this checkpoint's context of 240 s"
+    ):
         build_engine(worker_settings(model=str(tiny_dir), slots=1, context_seconds=300))
 
 
@@ -228,11 +239,19 @@ def test_step_watch_needs_three_slow_steps_and_forgets_after_the_window():
 
 @realtime_test()
 async def test_an_overloaded_worker_takes_no_new_calls_until_it_recovers(tiny_dir, redis_server, timing):
-    settings = worker_settings(model=str(tiny_dir), slots=2, step_budget_ms=BUDGET_MS,
-                               overload_window_seconds=2.0, redis_url=redis_server.url, worker_id="ow",
-                               heartbeat_seconds=0.2)
-    async with running_worker(settings, lambda: build_engine(settings, make_engine=delayed_engine(lambda b: 0.0))
-                              ) as worker, pool_connect(redis_server.url) as pool:
+    settings = worker_settings(
+        model=str(tiny_dir),
+        slots=2,
+        step_budget_ms=BUDGET_MS,
+        overload_window_seconds=2.0,
+        redis_url=redis_server.url,
+        worker_id="ow",
+        heartbeat_seconds=0.2,
+    )
+    async with (
+        running_worker(settings, lambda: build_engine(settings, make_engine=delayed_engine(lambda b: 0.0))) as worker,
+        pool_connect(redis_server.url) as pool,
+    ):
         leases, reader = SlotLeases(pool), RegistryReader(pool)
 
         async def registered_state() -> str:
@@ -293,7 +312,12 @@ async def test_without_a_pool_the_pool_view_reads_the_sizing_from_the_workers_in
         [w] = pool["workers"]
         sizing = (await worker.info())["sizing"]
         assert (w["state"], w["capacity"], w["slots_reason"], w["step_budget_ms"], w["context_seconds"]) == (
-            "ready", 2, "limit", BUDGET_MS, 60.0)
+            "ready",
+            2,
+            "limit",
+            BUDGET_MS,
+            60.0,
+        )
         assert (w["warmup_p50_ms"], w["warmup_p99_ms"]) == (sizing["p50_ms"], sizing["p99_ms"])
         assert w["memory_slots"] == sizing["memory_slots"] >= 2
 

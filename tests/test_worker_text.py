@@ -86,9 +86,10 @@ def test_word_spacing_survives_the_window_reset(tokenizer):
 
 
 @settings(max_examples=150, deadline=None)
-@given(text=st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs", "Cc", "Co", "Cn")),
-                    max_size=40),
-       pads=st.lists(st.integers(min_value=0, max_value=2), max_size=200))
+@given(
+    text=st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs", "Cc", "Co", "Cn")), max_size=40),
+    pads=st.lists(st.integers(min_value=0, max_value=2), max_size=200),
+)
 def test_any_text_comes_back_whole(tokenizer, text, pads):
     """Pieces concatenate to what the tokenizer decodes, never with U+FFFD, however padded."""
     ids = tokenizer.encode(text)

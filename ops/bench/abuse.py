@@ -70,15 +70,19 @@ def noise_wav(path: Path, seconds: float) -> Path:
 
 def flood_invite(source: str, port: int, target: tuple[str, int], user: str) -> bytes:
     call_id = secrets.token_hex(12)
-    body = (f"v=0\r\no=scan 1 1 IN IP4 {source}\r\ns=-\r\nc=IN IP4 {source}\r\nt=0 0\r\n"
-            "m=audio 40000 RTP/AVP 0 8 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\n"
-            "a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-16\r\n")
+    body = (
+        f"v=0\r\no=scan 1 1 IN IP4 {source}\r\ns=-\r\nc=IN IP4 {source}\r\nt=0 0\r\n"
+        "m=audio 40000 RTP/AVP 0 8 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\n"
+        "a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-16\r\n"
+    )
     uri = f"sip:{user}@{target[0]}:{target[1]}"
-    return (f"INVITE {uri} SIP/2.0\r\nVia: SIP/2.0/UDP {source}:{port};branch=z9hG4bK{secrets.token_hex(8)};rport\r\n"
-            f"Max-Forwards: 70\r\nFrom: \"{user}\" <sip:{user}@{source}>;tag={secrets.token_hex(4)}\r\n"
-            f"To: <{uri}>\r\nCall-ID: {call_id}\r\nCSeq: 1 INVITE\r\nContact: <sip:{user}@{source}:{port}>\r\n"
-            f"User-Agent: Linphone/5.2\r\nContent-Type: application/sdp\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n{body}").encode()
+    return (
+        f"INVITE {uri} SIP/2.0\r\nVia: SIP/2.0/UDP {source}:{port};branch=z9hG4bK{secrets.token_hex(8)};rport\r\n"
+        f'Max-Forwards: 70\r\nFrom: "{user}" <sip:{user}@{source}>;tag={secrets.token_hex(4)}\r\n'
+        f"To: <{uri}>\r\nCall-ID: {call_id}\r\nCSeq: 1 INVITE\r\nContact: <sip:{user}@{source}:{port}>\r\n"
+        f"User-Agent: Linphone/5.2\r\nContent-Type: application/sdp\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n{body}"
+    ).encode()
 
 
 def run_flooder(target_port: int, seconds: float, rates: dict[str, float]) -> dict:
@@ -126,9 +130,19 @@ def run_flooder(target_port: int, seconds: float, rates: dict[str, float]) -> di
 
 
 async def legitimate_calls(gateway, wav: Path, calls: int, seconds: float) -> list[dict]:
-    settings = [CallSettings(uri=gateway.uri, play=str(wav), seconds=seconds, local_host=LEGITIMATE,
-                             username=USER, password=PASSWORD, rtp_port_min=40000 + 200 * i,
-                             rtp_port_max=40000 + 200 * i + 199) for i in range(calls)]
+    settings = [
+        CallSettings(
+            uri=gateway.uri,
+            play=str(wav),
+            seconds=seconds,
+            local_host=LEGITIMATE,
+            username=USER,
+            password=PASSWORD,
+            rtp_port_min=40000 + 200 * i,
+            rtp_port_max=40000 + 200 * i + 199,
+        )
+        for i in range(calls)
+    ]
     results = await asyncio.gather(*(place_call(s) for s in settings), return_exceptions=True)
     out = []
     for result in results:
@@ -137,22 +151,31 @@ async def legitimate_calls(gateway, wav: Path, calls: int, seconds: float) -> li
             continue
         status, record = gateway.get(f"/v1/calls/{result['gateway_call_id']}")
         quality = (record.get("quality") or {}) if status == 200 and isinstance(record, dict) else {}
-        out.append({"answered": True, "gateway_call_id": result["gateway_call_id"],
-                    "sent": result["packets_sent"], "received": result["packets_received"],
-                    "lost_to_caller": result["packets_lost"] + result["arrivals"].get("sequence_gaps", 0),
-                    "lost_to_gateway": int(quality.get("packets_lost") or 0),
-                    "late_at_gateway": int(quality.get("packets_late") or 0)})
+        out.append(
+            {
+                "answered": True,
+                "gateway_call_id": result["gateway_call_id"],
+                "sent": result["packets_sent"],
+                "received": result["packets_received"],
+                "lost_to_caller": result["packets_lost"] + result["arrivals"].get("sequence_gaps", 0),
+                "lost_to_gateway": int(quality.get("packets_lost") or 0),
+                "late_at_gateway": int(quality.get("packets_late") or 0),
+            }
+        )
     return out
 
 
 def summarise(calls: list[dict]) -> dict:
     answered = [c for c in calls if c["answered"]]
-    return {"answered": len(answered), "calls": len(calls),
-            "packets_sent": sum(c["sent"] for c in answered),
-            "lost_to_caller": sum(c["lost_to_caller"] for c in answered),
-            "lost_to_gateway": sum(c["lost_to_gateway"] for c in answered),
-            "late_at_gateway": sum(c["late_at_gateway"] for c in answered),
-            "errors": [c["error"] for c in calls if not c["answered"]]}
+    return {
+        "answered": len(answered),
+        "calls": len(calls),
+        "packets_sent": sum(c["sent"] for c in answered),
+        "lost_to_caller": sum(c["lost_to_caller"] for c in answered),
+        "lost_to_gateway": sum(c["lost_to_gateway"] for c in answered),
+        "late_at_gateway": sum(c["late_at_gateway"] for c in answered),
+        "errors": [c["error"] for c in calls if not c["answered"]],
+    }
 
 
 async def phase(gateway, wav: Path, args: argparse.Namespace, attack: bool) -> dict:
@@ -161,9 +184,15 @@ async def phase(gateway, wav: Path, args: argparse.Namespace, attack: bool) -> d
     if attack:
         rates = {DISALLOWED: args.disallowed_rate, UNAUTHENTICATED: args.unauthenticated_rate}
         flooder = subprocess.Popen(  # noqa: ASYNC220 - a child for the whole phase
-            [sys.executable, __file__, "--flooder", json.dumps({"port": gateway.sip_port,
-                                                                "seconds": args.seconds, "rates": rates})],
-            stdout=subprocess.PIPE, text=True)
+            [
+                sys.executable,
+                __file__,
+                "--flooder",
+                json.dumps({"port": gateway.sip_port, "seconds": args.seconds, "rates": rates}),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
     steal = StealMeter().start()
     cpu_start, wall_start = cpu_seconds(pid), time.monotonic()
     calls = await legitimate_calls(gateway, wav, args.calls, args.seconds)
@@ -172,9 +201,14 @@ async def phase(gateway, wav: Path, args: argparse.Namespace, attack: bool) -> d
         out, _ = await asyncio.to_thread(flooder.communicate)
         flood = json.loads(out.strip().splitlines()[-1])
     cpu, wall = cpu_seconds(pid) - cpu_start, time.monotonic() - wall_start
-    return {"calls": summarise(calls), "call_ids": [c.get("gateway_call_id") for c in calls],
-            "gateway_cpu_s": round(cpu, 3), "wall_s": round(wall, 2), "steal": round(steal.share(), 4),
-            "flood": flood}
+    return {
+        "calls": summarise(calls),
+        "call_ids": [c.get("gateway_call_id") for c in calls],
+        "gateway_cpu_s": round(cpu, 3),
+        "wall_s": round(wall, 2),
+        "steal": round(steal.share(), 4),
+        "flood": flood,
+    }
 
 
 async def pool_idle(gateway, within: float = 15.0) -> None:
@@ -204,16 +238,29 @@ async def run(args: argparse.Namespace) -> dict:
         async with EmbeddedRedis() as redis_url:
             worker = start_worker(log_dir, redis_url, "abuse-worker", slots=args.calls)
             gateway = start_gateway(
-                log_dir, redis_url, "--sip-allow", f"{LEGITIMATE}/32,{UNAUTHENTICATED}/32",
-                "--sip-auth", f"{USER}:{PASSWORD}", "--sip-rate-limit", str(args.rate_limit), "--log-level", "warning")
+                log_dir,
+                redis_url,
+                "--sip-allow",
+                f"{LEGITIMATE}/32,{UNAUTHENTICATED}/32",
+                "--sip-auth",
+                f"{USER}:{PASSWORD}",
+                "--sip-rate-limit",
+                str(args.rate_limit),
+                "--log-level",
+                "warning",
+            )
             try:
                 await asyncio.to_thread(worker.wait_ready)
                 await asyncio.to_thread(gateway.wait_ready)
-                print(f"gateway pid {gateway.proc.pid}; rate limit "
-                      f"{'off' if args.rate_limit == 0 else f'{args.rate_limit} per 2 s, ban 300 s'}")
+                print(
+                    f"gateway pid {gateway.proc.pid}; rate limit "
+                    f"{'off' if args.rate_limit == 0 else f'{args.rate_limit} per 2 s, ban 300 s'}"
+                )
                 baseline = await phase(gateway, wav, args, attack=False)
-                print(f"baseline: {baseline['calls']['answered']}/{args.calls} answered, "
-                      f"gateway CPU {baseline['gateway_cpu_s']:.2f} s in {baseline['wall_s']:.1f} s")
+                print(
+                    f"baseline: {baseline['calls']['answered']}/{args.calls} answered, "
+                    f"gateway CPU {baseline['gateway_cpu_s']:.2f} s in {baseline['wall_s']:.1f} s"
+                )
                 await pool_idle(gateway)  # the calls' leases released: only lasting keys remain
                 keys_before = await asyncio.to_thread(redis_keys, redis_url)
                 attacked = await phase(gateway, wav, args, attack=True)
@@ -225,46 +272,66 @@ async def run(args: argparse.Namespace) -> dict:
                 worker.proc.stop()
     legit_ids = {i for i in attacked["call_ids"] if i}
     added = {k: v for k, v in keys_after.items() if k not in keys_before}
-    attack_keys = {k: v for k, v in added.items()
-                   if not any(call_id.encode() in k for call_id in legit_ids)}
+    attack_keys = {k: v for k, v in added.items() if not any(call_id.encode() in k for call_id in legit_ids)}
     flood = attacked["flood"]
     invites = sum(flood["sent"].values())
     attack_cpu = attacked["gateway_cpu_s"] - baseline["gateway_cpu_s"]
     calls = attacked["calls"]
     result = {
-        "benchmark": "abuse", "seconds": args.seconds, "rate_limit": args.rate_limit,
-        "legitimate_answered": calls["answered"], "legitimate_calls": calls["calls"],
+        "benchmark": "abuse",
+        "seconds": args.seconds,
+        "rate_limit": args.rate_limit,
+        "legitimate_answered": calls["answered"],
+        "legitimate_calls": calls["calls"],
         "legitimate_packets_sent": calls["packets_sent"],
         "legitimate_lost": calls["lost_to_caller"] + calls["lost_to_gateway"],
-        "legitimate_lost_to_caller": calls["lost_to_caller"], "legitimate_lost_to_gateway": calls["lost_to_gateway"],
-        "legitimate_late_at_gateway": calls["late_at_gateway"], "errors": calls["errors"],
+        "legitimate_lost_to_caller": calls["lost_to_caller"],
+        "legitimate_lost_to_gateway": calls["lost_to_gateway"],
+        "legitimate_late_at_gateway": calls["late_at_gateway"],
+        "errors": calls["errors"],
         "baseline_answered": baseline["calls"]["answered"],
         "baseline_lost": baseline["calls"]["lost_to_caller"] + baseline["calls"]["lost_to_gateway"],
-        "attack_invites": flood["sent"], "attack_answers": flood["answers"],
-        "gateway_cpu_baseline_s": baseline["gateway_cpu_s"], "gateway_cpu_attacked_s": attacked["gateway_cpu_s"],
+        "attack_invites": flood["sent"],
+        "attack_answers": flood["answers"],
+        "gateway_cpu_baseline_s": baseline["gateway_cpu_s"],
+        "gateway_cpu_attacked_s": attacked["gateway_cpu_s"],
         "gateway_cpu_attack_s": round(attack_cpu, 3),
         "gateway_cpu_per_attack_invite_us": round(1e6 * attack_cpu / max(invites, 1), 1),
         "steal": [baseline["steal"], attacked["steal"]],
-        "redis_keys_added_by_attack": len(attack_keys), "redis_bytes_added_by_attack": sum(attack_keys.values()),
+        "redis_keys_added_by_attack": len(attack_keys),
+        "redis_bytes_added_by_attack": sum(attack_keys.values()),
         "redis_attack_keys": sorted(k.decode(errors="replace") for k in attack_keys),
         "redis_keys_added_by_legitimate_calls": len(added) - len(attack_keys),
         "refused": refused_metrics,
     }
-    result["targets_met"] = bool(result["legitimate_answered"] == result["legitimate_calls"]
-                                 and result["legitimate_lost"] == 0 and result["redis_keys_added_by_attack"] == 0)
-    print(f"\nunder attack ({invites} INVITEs in {args.seconds:g} s: {flood['sent'][DISALLOWED]} from a disallowed "
-          f"address, {flood['sent'][UNAUTHENTICATED]} from an allowed one without credentials):")
-    print(f"  legitimate calls answered: {calls['answered']}/{calls['calls']} (target {calls['calls']}/{calls['calls']})")
-    print(f"  their RTP lost: {result['legitimate_lost']} of {calls['packets_sent']} sent each way "
-          f"({calls['lost_to_caller']} on the way to the callers, {calls['lost_to_gateway']} to the gateway; "
-          f"{calls['late_at_gateway']} late) (target 0)")
-    print(f"  gateway CPU: {baseline['gateway_cpu_s']:.2f} s without the attack, {attacked['gateway_cpu_s']:.2f} s "
-          f"with it: {attack_cpu:.2f} s for the attack, {result['gateway_cpu_per_attack_invite_us']:.0f} µs "
-          f"per attacking INVITE (steal {baseline['steal']:.1%} / {attacked['steal']:.1%})")
+    result["targets_met"] = bool(
+        result["legitimate_answered"] == result["legitimate_calls"]
+        and result["legitimate_lost"] == 0
+        and result["redis_keys_added_by_attack"] == 0
+    )
+    print(
+        f"\nunder attack ({invites} INVITEs in {args.seconds:g} s: {flood['sent'][DISALLOWED]} from a disallowed "
+        f"address, {flood['sent'][UNAUTHENTICATED]} from an allowed one without credentials):"
+    )
+    print(
+        f"  legitimate calls answered: {calls['answered']}/{calls['calls']} (target {calls['calls']}/{calls['calls']})"
+    )
+    print(
+        f"  their RTP lost: {result['legitimate_lost']} of {calls['packets_sent']} sent each way "
+        f"({calls['lost_to_caller']} on the way to the callers, {calls['lost_to_gateway']} to the gateway; "
+        f"{calls['late_at_gateway']} late) (target 0)"
+    )
+    print(
+        f"  gateway CPU: {baseline['gateway_cpu_s']:.2f} s without the attack, {attacked['gateway_cpu_s']:.2f} s "
+        f"with it: {attack_cpu:.2f} s for the attack, {result['gateway_cpu_per_attack_invite_us']:.0f} µs "
+        f"per attacking INVITE (steal {baseline['steal']:.1%} / {attacked['steal']:.1%})"
+    )
     print(f"  the attackers got back: {flood['answers']}")
-    print(f"  Redis keys added by the attack: {len(attack_keys)} ({sum(attack_keys.values())} bytes) (target 0)"
-          f"{' ' + str(result['redis_attack_keys']) if attack_keys else ''}; "
-          f"by the legitimate calls: {result['redis_keys_added_by_legitimate_calls']}")
+    print(
+        f"  Redis keys added by the attack: {len(attack_keys)} ({sum(attack_keys.values())} bytes) (target 0)"
+        f"{' ' + str(result['redis_attack_keys']) if attack_keys else ''}; "
+        f"by the legitimate calls: {result['redis_keys_added_by_legitimate_calls']}"
+    )
     print(f"  refusals counted by the gateway: {refused_metrics}")
     print(f"targets {'met' if result['targets_met'] else 'NOT met'}")
     return result
@@ -288,8 +355,9 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--disallowed-rate", type=float, default=200.0, help="INVITE/s from outside the allow list")
-    parser.add_argument("--unauthenticated-rate", type=float, default=50.0,
-                        help="INVITE/s from an allowed address without credentials")
+    parser.add_argument(
+        "--unauthenticated-rate", type=float, default=50.0, help="INVITE/s from an allowed address without credentials"
+    )
     parser.add_argument("--rate-limit", type=int, default=16, help="the gateway's --sip-rate-limit (0: off)")
     parser.add_argument("--flooder", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -47,14 +47,16 @@ from sip import codecs  # noqa: E402
 MODEL_RATE = 24000
 PTIME_MS = 20
 BANDS = {"0.3-3.4k": (300, 3400), "3.4-7k": (3400, 7000), "7-12k": (7000, 12000)}
-SPEECH = ("Moshi moshi. This is a test of the wideband path: fricatives such as s, sh, f and th "
-          "carry most of their energy above four kilohertz, where the telephone band stops.")
+SPEECH = (
+    "Moshi moshi. This is a test of the wideband path: fricatives such as s, sh, f and th "
+    "carry most of their energy above four kilohertz, where the telephone band stops."
+)
 
 
 def chirp(rate: int = 48000, seconds: float = 4.0) -> np.ndarray:
     t = np.arange(int(rate * seconds)) / rate
     f0, f1 = 100.0, 11900.0
-    phase = 2 * np.pi * (f0 * t + (f1 - f0) * t ** 2 / (2 * seconds))
+    phase = 2 * np.pi * (f0 * t + (f1 - f0) * t**2 / (2 * seconds))
     return (0.3 * np.sin(phase)).astype(np.float32)
 
 
@@ -92,9 +94,11 @@ def compare(received: np.ndarray, source: np.ndarray) -> dict[str, dict[str, flo
     """Per band: ``kept`` (received / source energy) and ``share`` (of the received energy)."""
     n = min(len(received), len(source))
     got, ref = band_energies(received[:n], MODEL_RATE), band_energies(source[:n], MODEL_RATE)
-    return {"kept": {band: got[band] / ref[band] for band in BANDS},
-            "share": {band: got[band] / (got["all"] or 1.0) for band in BANDS},
-            "source_share": {band: ref[band] / (ref["all"] or 1.0) for band in BANDS}}
+    return {
+        "kept": {band: got[band] / ref[band] for band in BANDS},
+        "share": {band: got[band] / (got["all"] or 1.0) for band in BANDS},
+        "source_share": {band: ref[band] / (ref["all"] or 1.0) for band in BANDS},
+    }
 
 
 def caller_to_worker(spec: codecs.CodecSpec, source: np.ndarray, source_rate: int) -> tuple[np.ndarray, int]:
@@ -106,7 +110,7 @@ def caller_to_worker(spec: codecs.CodecSpec, source: np.ndarray, source_rate: in
     bridge = MediaBridge(packet_samples=samples, rate=spec.sample_rate)
     frames, octets = [], 0
     for i in range(len(at_codec) // samples):
-        payload = encoder.encode(at_codec[i * samples:(i + 1) * samples])
+        payload = encoder.encode(at_codec[i * samples : (i + 1) * samples])
         octets += len(payload)
         frame = bridge.caller_audio(decoder.decode(payload))
         if frame is not None:
@@ -123,7 +127,7 @@ def worker_to_caller(spec: codecs.CodecSpec, model_audio: np.ndarray) -> np.ndar
     heard = []
     pcm24 = to_int16(model_audio)
     for i in range(len(pcm24) // 1920):
-        for packet in bridge.model_audio(pcm24[i * 1920:(i + 1) * 1920].tobytes()):
+        for packet in bridge.model_audio(pcm24[i * 1920 : (i + 1) * 1920].tobytes()):
             heard.append(decoder.decode(encoder.encode(packet)))
     return resample(np.concatenate(heard).astype(np.float32), spec.sample_rate, MODEL_RATE)
 
@@ -133,12 +137,13 @@ def cpu_per_20ms(spec: codecs.CodecSpec, frames: int) -> dict[str, float]:
     samples = spec.samples(PTIME_MS)
     packets_per_frame = 80 // PTIME_MS
     rng = np.random.default_rng(5)
-    caller = to_int16(resample(chirp(), 48000, spec.sample_rate) + 0.01 * rng.standard_normal(
-        int(4 * spec.sample_rate)).astype(np.float32))
+    caller = to_int16(
+        resample(chirp(), 48000, spec.sample_rate)
+        + 0.01 * rng.standard_normal(int(4 * spec.sample_rate)).astype(np.float32)
+    )
     model = to_int16(resample(chirp(), 48000, MODEL_RATE))
     peer_encoder = codecs.encoder(spec, PTIME_MS)
-    payloads = [peer_encoder.encode(caller[i * samples:(i + 1) * samples])
-                for i in range(len(caller) // samples)]
+    payloads = [peer_encoder.encode(caller[i * samples : (i + 1) * samples]) for i in range(len(caller) // samples)]
     decoder, encoder = codecs.decoder(spec), codecs.encoder(spec, PTIME_MS)
     bridge = MediaBridge(packet_samples=samples, rate=spec.sample_rate)
     parts: dict[str, list[float]] = {"decode": [], "resample_in": [], "resample_out": [], "encode": []}
@@ -153,7 +158,7 @@ def cpu_per_20ms(spec: codecs.CodecSpec, frames: int) -> dict[str, float]:
             bridge.caller_audio(pcm)
         t2 = clock()
         start = (n * 1920) % (len(model) - 1920)
-        packets = bridge.model_audio(model[start:start + 1920].tobytes())
+        packets = bridge.model_audio(model[start : start + 1920].tobytes())
         t3 = clock()
         for packet in packets:
             encoder.encode(packet)
@@ -188,16 +193,20 @@ def run(frames: int) -> dict:
         row["cpu_us_per_20ms"] = cpu_per_20ms(spec, frames)
         rows.append(row)
 
-    print(f"Caller → worker at the model's 24 kHz, {PTIME_MS} ms packets. kept: band energy received / at "
-          f"the source; share: part of the received energy in the band. CPU: the gateway's work per "
-          f"20 ms of one call, µs (median of {frames} frames, one thread).")
+    print(
+        f"Caller → worker at the model's 24 kHz, {PTIME_MS} ms packets. kept: band energy received / at "
+        f"the source; share: part of the received energy in the band. CPU: the gateway's work per "
+        f"20 ms of one call, µs (median of {frames} frames, one thread)."
+    )
     if rows:
         for signal in signals:
             ref = rows[0][signal]["source_share"]
             print(f"source {signal}: share " + ", ".join(f"{b} {ref[b] * 100:.1f} %" for b in BANDS))
-    header = (f"{'codec':<6} {'Hz':>6} {'kbit/s':>6} | {'chirp kept 3.4-7k':>17} {'7-12k':>6} | "
-              f"{'speech share 3.4-7k':>19} {'7-12k':>6} | {'back kept 3.4-7k':>16} {'7-12k':>6} | "
-              f"{'dec':>5} {'rs in':>5} {'rs out':>6} {'enc':>5} {'CPU':>6}")
+    header = (
+        f"{'codec':<6} {'Hz':>6} {'kbit/s':>6} | {'chirp kept 3.4-7k':>17} {'7-12k':>6} | "
+        f"{'speech share 3.4-7k':>19} {'7-12k':>6} | {'back kept 3.4-7k':>16} {'7-12k':>6} | "
+        f"{'dec':>5} {'rs in':>5} {'rs out':>6} {'enc':>5} {'CPU':>6}"
+    )
     print(header)
     print("-" * len(header))
 
@@ -208,17 +217,25 @@ def run(frames: int) -> dict:
         c, b, cpu = row["chirp"]["kept"], row["to_caller"]["kept"], row["cpu_us_per_20ms"]
         sp = row["speech"]["share"] if "speech" in row else None
         speech_cols = f"{pct(sp['3.4-7k']):>19} {pct(sp['7-12k']):>6}" if sp else f"{'-':>19} {'-':>6}"
-        print(f"{row['codec']:<6} {row['audio_rate']:>6} {row['kbit_s']:>6.1f} | {pct(c['3.4-7k']):>17} "
-              f"{pct(c['7-12k']):>6} | {speech_cols} | {pct(b['3.4-7k']):>16} {pct(b['7-12k']):>6} | "
-              f"{cpu['decode']:>5.1f} {cpu['resample_in']:>5.1f} {cpu['resample_out']:>6.1f} "
-              f"{cpu['encode']:>5.1f} {cpu['total']:>6.1f}")
+        print(
+            f"{row['codec']:<6} {row['audio_rate']:>6} {row['kbit_s']:>6.1f} | {pct(c['3.4-7k']):>17} "
+            f"{pct(c['7-12k']):>6} | {speech_cols} | {pct(b['3.4-7k']):>16} {pct(b['7-12k']):>6} | "
+            f"{cpu['decode']:>5.1f} {cpu['resample_in']:>5.1f} {cpu['resample_out']:>6.1f} "
+            f"{cpu['encode']:>5.1f} {cpu['total']:>6.1f}"
+        )
 
     def rounded(tree: dict) -> dict:
-        return {k: rounded(v) if isinstance(v, dict) else round(v, 4) if isinstance(v, float) else v
-                for k, v in tree.items()}
+        return {
+            k: rounded(v) if isinstance(v, dict) else round(v, 4) if isinstance(v, float) else v
+            for k, v in tree.items()
+        }
 
-    return {"benchmark": "codecs", "ptime_ms": PTIME_MS, "signals": list(signals),
-            "codecs": [rounded(row) for row in rows]}
+    return {
+        "benchmark": "codecs",
+        "ptime_ms": PTIME_MS,
+        "signals": list(signals),
+        "codecs": [rounded(row) for row in rows],
+    }
 
 
 def main() -> None:

@@ -111,7 +111,7 @@ def bucket_quantile(before: dict, after: dict, name: str, q: float) -> tuple[flo
     buckets = []
     for key, value in after.items():
         if key.startswith(name + "_bucket"):
-            le = json.loads(key[len(name + "_bucket"):])["le"]
+            le = json.loads(key[len(name + "_bucket") :])["le"]
             bound = float("inf") if le == "+Inf" else float(le)
             buckets.append((bound, value - before.get(key, 0.0)))
     buckets.sort()
@@ -144,8 +144,9 @@ class LoadCall:
 async def place(ua: UserAgent, ports: PortAllocator, uri: str, srtp: bool = False) -> LoadCall:
     rtp = await RtpSession.open(ports, host="127.0.0.1", rtcp_interval=5.0)
     call = LoadCall(rtp)
-    prefs = MediaPreferences(codecs=["PCMU"], srtp="required" if srtp else "off",
-                             srtp_suites=("AES_CM_128_HMAC_SHA1_80",))
+    prefs = MediaPreferences(
+        codecs=["PCMU"], srtp="required" if srtp else "off", srtp_suites=("AES_CM_128_HMAC_SHA1_80",)
+    )
     offer = build_offer(prefs, "127.0.0.1", rtp.local_port)
     call.dialog = await ua.invite(uri, str(offer), timeout=20)
     media = call.dialog.media
@@ -160,7 +161,7 @@ async def place(ua: UserAgent, ports: PortAllocator, uri: str, srtp: bool = Fals
 async def hang_up(calls: list[LoadCall]) -> None:
     """BYE every call (the gateway frees them), then close their RTP."""
     for start in range(0, len(calls), 50):
-        await asyncio.gather(*(c.dialog.bye() for c in calls[start:start + 50]), return_exceptions=True)
+        await asyncio.gather(*(c.dialog.bye() for c in calls[start : start + 50]), return_exceptions=True)
     for call in calls:
         call.rtp.close(send_bye=False)
     calls.clear()
@@ -208,16 +209,42 @@ async def run(args: argparse.Namespace) -> dict:
     sip_port, http_port = free_port(), free_port()
     cores = sorted(os.sched_getaffinity(0))
     gateway_core, load_cores = cores[0], cores[1:] or cores
-    command = [sys.executable, "-m", "service", "gateway", "--worker-url", "echo:", "--sip-host", "127.0.0.1",
-               "--sip-port", str(sip_port), "--http-host", "127.0.0.1", "--http-port", str(http_port),
-               "--rtp-port-min", "20000", "--rtp-port-max", "29999", "--log-level", "warning",
-               "--rtp-timeout-seconds", "0", "--sip-rate-limit", "0"]  # hundreds of calls from one address
+    command = [
+        sys.executable,
+        "-m",
+        "service",
+        "gateway",
+        "--worker-url",
+        "echo:",
+        "--sip-host",
+        "127.0.0.1",
+        "--sip-port",
+        str(sip_port),
+        "--http-host",
+        "127.0.0.1",
+        "--http-port",
+        str(http_port),
+        "--rtp-port-min",
+        "20000",
+        "--rtp-port-max",
+        "29999",
+        "--log-level",
+        "warning",
+        "--rtp-timeout-seconds",
+        "0",
+        "--sip-rate-limit",
+        "0",
+    ]  # hundreds of calls from one address
     if args.srtp:
         command += ["--srtp", "optional", "--srtp-allow-plaintext-keys"]
     checkout = args.gateway_checkout or REPO
     gateway = subprocess.Popen(  # noqa: ASYNC220 - started once, before any load
-        command, env=python_env(PYTHONPATH=str(checkout)), cwd=checkout, stdout=subprocess.DEVNULL,
-        preexec_fn=lambda: os.sched_setaffinity(0, {gateway_core}))
+        command,
+        env=python_env(PYTHONPATH=str(checkout)),
+        cwd=checkout,
+        stdout=subprocess.DEVNULL,
+        preexec_fn=lambda: os.sched_setaffinity(0, {gateway_core}),
+    )
     os.sched_setaffinity(0, set(load_cores))
     metrics_url = f"http://127.0.0.1:{http_port}/metrics"
     uri = f"sip:agent@127.0.0.1:{sip_port}"
@@ -233,11 +260,12 @@ async def run(args: argparse.Namespace) -> dict:
         await ua.start()
         lag = SendLag()
         sender = asyncio.create_task(send_loop(calls, stop, lag))
-        print(f"gateway pinned to core {gateway_core}, load generator on {load_cores}; "
-              f"{args.hold:.0f} s per step\n")
-        print(f"{'calls':>6} {'media':>5} {'gw CPU':>7} {'CPU/call':>9} {'pkt/s':>7} {'pacing p50':>11} {'p99':>7} "
-              f"{'<=2ms':>7} {'lost in':>8} {'lost out':>9} {'underruns':>10} {'steal':>6} {'gen CPU':>8} "
-              f"{'gen lag':>8}  verdict")
+        print(f"gateway pinned to core {gateway_core}, load generator on {load_cores}; {args.hold:.0f} s per step\n")
+        print(
+            f"{'calls':>6} {'media':>5} {'gw CPU':>7} {'CPU/call':>9} {'pkt/s':>7} {'pacing p50':>11} {'p99':>7} "
+            f"{'<=2ms':>7} {'lost in':>8} {'lost out':>9} {'underruns':>10} {'steal':>6} {'gen CPU':>8} "
+            f"{'gen lag':>8}  verdict"
+        )
         plan = [(n, media) for n in args.steps for media in (("rtp", "srtp") if args.srtp else ("rtp",))]
         for target, media in plan:
             if args.srtp and calls:
@@ -245,8 +273,7 @@ async def run(args: argparse.Namespace) -> dict:
                 await asyncio.sleep(1.0)
             while len(calls) < target:
                 batch = min(25, target - len(calls))
-                calls.extend(await asyncio.gather(*(place(ua, ports, uri, media == "srtp")
-                                                    for _ in range(batch))))
+                calls.extend(await asyncio.gather(*(place(ua, ports, uri, media == "srtp") for _ in range(batch))))
             await asyncio.sleep(args.settle)
             before = await asyncio.to_thread(scrape, metrics_url)
             cpu_before = cpu_seconds(gateway.pid)
@@ -264,27 +291,43 @@ async def run(args: argparse.Namespace) -> dict:
             after = await asyncio.to_thread(scrape, metrics_url)
             p50, _, _ = bucket_quantile(before, after, "moshimoshi_rtp_pacer_lateness_seconds", 0.50)
             p99, within, _ = bucket_quantile(before, after, "moshimoshi_rtp_pacer_lateness_seconds", 0.99)
-            lost_in = (counter_delta(before, after, "moshimoshi_rtp_packets_lost_total")
-                       + counter_delta(before, after, "moshimoshi_rtp_packets_late_total"))
+            lost_in = counter_delta(before, after, "moshimoshi_rtp_packets_lost_total") + counter_delta(
+                before, after, "moshimoshi_rtp_packets_late_total"
+            )
             lost_out = sum(c.gaps for c in calls) - gaps_before
             sent = counter_delta(before, after, "moshimoshi_rtp_packets_sent_total")
             underruns = counter_delta(before, after, "moshimoshi_egress_underruns_total") / max(1, sent)
             rx = sum(c.received - b for c, b in zip(calls, received_before, strict=True)) / elapsed
-            pps = (after.get("moshimoshi_rtp_packets_received_total", 0)
-                   - before.get("moshimoshi_rtp_packets_received_total", 0)) / elapsed + rx
+            pps = (
+                after.get("moshimoshi_rtp_packets_received_total", 0)
+                - before.get("moshimoshi_rtp_packets_received_total", 0)
+            ) / elapsed + rx
             ok = within >= 0.99 and lost_in == 0 and lost_out == 0 and underruns < UNDERRUN_LIMIT
-            row = {"calls": target, "media": media, "gateway_cpu": round(cpu, 3),
-                   "cpu_ms_per_call_per_s": round(1000 * cpu / target, 3),
-                   "packets_per_second": round(pps), "pacing_p50_le_s": p50, "pacing_p99_le_s": p99,
-                   "pacing_within_2ms": round(within, 5), "lost_in": int(lost_in), "lost_out": int(lost_out),
-                   "underrun_share": round(underruns, 6), "core_steal": round(steal, 3),
-                   "generator_cpu": round(generator_cpu, 3), "generator_lag_max_s": round(lag.worst, 4),
-                   "generator_lag_over_5ms": lag.over_5ms, "ok": ok}
+            row = {
+                "calls": target,
+                "media": media,
+                "gateway_cpu": round(cpu, 3),
+                "cpu_ms_per_call_per_s": round(1000 * cpu / target, 3),
+                "packets_per_second": round(pps),
+                "pacing_p50_le_s": p50,
+                "pacing_p99_le_s": p99,
+                "pacing_within_2ms": round(within, 5),
+                "lost_in": int(lost_in),
+                "lost_out": int(lost_out),
+                "underrun_share": round(underruns, 6),
+                "core_steal": round(steal, 3),
+                "generator_cpu": round(generator_cpu, 3),
+                "generator_lag_max_s": round(lag.worst, 4),
+                "generator_lag_over_5ms": lag.over_5ms,
+                "ok": ok,
+            }
             results.append(row)
-            print(f"{target:>6} {media:>5} {cpu * 100:>6.0f}% {1000 * cpu / target:>7.2f}ms {pps:>7.0f} "
-                  f"{'≤' + format(p50 * 1000, '.2g') + 'ms':>11} {'≤' + format(p99 * 1000, '.2g') + 'ms':>7} "
-                  f"{within * 100:>6.2f}% {int(lost_in):>8} {lost_out:>9} {underruns * 100:>9.3f}% {steal * 100:>5.1f}% "
-                  f"{generator_cpu * 100:>7.0f}% {lag.worst * 1000:>6.1f}ms  {verdict(ok, steal)}")
+            print(
+                f"{target:>6} {media:>5} {cpu * 100:>6.0f}% {1000 * cpu / target:>7.2f}ms {pps:>7.0f} "
+                f"{'≤' + format(p50 * 1000, '.2g') + 'ms':>11} {'≤' + format(p99 * 1000, '.2g') + 'ms':>7} "
+                f"{within * 100:>6.2f}% {int(lost_in):>8} {lost_out:>9} {underruns * 100:>9.3f}% {steal * 100:>5.1f}% "
+                f"{generator_cpu * 100:>7.0f}% {lag.worst * 1000:>6.1f}ms  {verdict(ok, steal)}"
+            )
             if media == "srtp":
                 plain = next(r for r in results if r["calls"] == target and r["media"] == "rtp")
                 row["srtp_cpu_ratio"] = round(cpu / plain["gateway_cpu"], 3) if plain["gateway_cpu"] else None
@@ -300,14 +343,20 @@ async def run(args: argparse.Namespace) -> dict:
         await ua.stop()
         gateway.send_signal(signal.SIGINT)  # SIGTERM would drain for the grace period
         await asyncio.to_thread(gateway.wait, 20)
-    summary: dict = {"benchmark": "edge_capacity", "target": TARGET_CALLS, "gateway_checkout": str(checkout),
-                     "steps": results}
-    for media in (("rtp", "srtp") if args.srtp else ("rtp",)):
+    summary: dict = {
+        "benchmark": "edge_capacity",
+        "target": TARGET_CALLS,
+        "gateway_checkout": str(checkout),
+        "steps": results,
+    }
+    for media in ("rtp", "srtp") if args.srtp else ("rtp",):
         passing = [r for r in results if r["ok"] and r["media"] == media]
         best = max(passing, key=lambda r: r["calls"]) if passing else {"calls": 0, "gateway_cpu": 0.0}
-        print(f"\n{media.upper()}: largest load meeting pacing p99 < 2 ms with no lost packet: {best['calls']} "
-              f"calls on one core at {best['gateway_cpu'] * 100:.0f}% CPU (target ≥ {TARGET_CALLS}: "
-              f"{'met' if best['calls'] >= TARGET_CALLS else 'NOT met'})")
+        print(
+            f"\n{media.upper()}: largest load meeting pacing p99 < 2 ms with no lost packet: {best['calls']} "
+            f"calls on one core at {best['gateway_cpu'] * 100:.0f}% CPU (target ≥ {TARGET_CALLS}: "
+            f"{'met' if best['calls'] >= TARGET_CALLS else 'NOT met'})"
+        )
         key = "max_calls_one_core" if media == "rtp" else "max_srtp_calls_one_core"
         summary[key] = best["calls"]
     summary["target_met"] = summary["max_calls_one_core"] >= TARGET_CALLS
@@ -320,14 +369,18 @@ async def run(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", default="50,100,150,200,250,300",
-                        type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--steps", default="50,100,150,200,250,300", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--hold", type=float, default=10.0, help="seconds measured per step")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds after adding calls")
-    parser.add_argument("--srtp", action="store_true",
-                        help="run each step with plain RTP and again with SRTP, and compare the CPU")
-    parser.add_argument("--gateway-checkout", metavar="DIR", type=lambda s: Path(s).resolve(),
-                        help="run the gateway from this checkout (default: this one), the load generator from this one")
+    parser.add_argument(
+        "--srtp", action="store_true", help="run each step with plain RTP and again with SRTP, and compare the CPU"
+    )
+    parser.add_argument(
+        "--gateway-checkout",
+        metavar="DIR",
+        type=lambda s: Path(s).resolve(),
+        help="run the gateway from this checkout (default: this one), the load generator from this one",
+    )
     args = parser.parse_args()
     try:
         import uvloop

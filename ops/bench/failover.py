@@ -55,9 +55,9 @@ def silence_after(recording: str, start_s: float) -> float:
     """Longest silent run (ms) in the returned audio from ``start_s`` on."""
     with wave.open(recording) as rec:
         heard = np.frombuffer(rec.readframes(rec.getnframes()), "<i2").reshape(-1, 2)[:, 1]
-    frames = heard[int(start_s * 8000):]
+    frames = heard[int(start_s * 8000) :]
     frames = frames[: len(frames) // 80 * 80].reshape(-1, 80).astype(np.float64)  # 10 ms
-    loud = np.sqrt((frames ** 2).mean(axis=1)) > 300
+    loud = np.sqrt((frames**2).mean(axis=1)) > 300
     longest = run = 0
     for flag in loud[:-30]:  # not the last 300 ms: the call's own end
         run = 0 if flag else run + 1
@@ -89,8 +89,13 @@ async def run(args: argparse.Namespace) -> dict:
                 await asyncio.to_thread(gateway.wait_ready)
                 wav = tone(log_dir / "tone.wav", CALL_S)
                 for round_number in range(args.rounds):
-                    settings = CallSettings(uri=gateway.uri, play=str(wav), seconds=CALL_S,
-                                            record=str(log_dir / f"out{round_number}.wav"), local_host="127.0.0.1")
+                    settings = CallSettings(
+                        uri=gateway.uri,
+                        play=str(wav),
+                        seconds=CALL_S,
+                        record=str(log_dir / f"out{round_number}.wav"),
+                        local_host="127.0.0.1",
+                    )
                     call = asyncio.create_task(place_call(settings))
                     started = time.monotonic()
                     await asyncio.sleep(KILL_AFTER_S)
@@ -105,9 +110,11 @@ async def run(args: argparse.Namespace) -> dict:
                     summary = await call
                     gap = silence_after(summary["recording"], killed_at - 0.2)
                     gaps.append(gap)
-                    print(f"round {round_number + 1}: {'stopped' if args.signal == 'stop' else 'killed'} {victim} "
-                          f"at {killed_at:.2f} s; caller heard a {gap:.0f} ms gap; call ended by "
-                          f"{summary['ended_by']}")
+                    print(
+                        f"round {round_number + 1}: {'stopped' if args.signal == 'stop' else 'killed'} {victim} "
+                        f"at {killed_at:.2f} s; caller heard a {gap:.0f} ms gap; call ended by "
+                        f"{summary['ended_by']}"
+                    )
                     if args.signal == "stop":
                         os.kill(workers[victim].proc.pid, signal.SIGCONT)
                     workers[victim].proc.stop()
@@ -118,20 +125,33 @@ async def run(args: argparse.Namespace) -> dict:
                 for worker in workers.values():
                     worker.proc.stop()
     values = np.asarray(gaps)
-    result = {"benchmark": "failover", "signal": args.signal, "rounds": len(gaps), "gap_ms": [round(g) for g in gaps],
-              "gap_p50_ms": float(np.percentile(values, 50)), "gap_max_ms": float(values.max()),
-              "target_ms": TARGET_GAP_MS, "target_met": bool(values.max() < TARGET_GAP_MS)}
-    print(f"\naudio gap after {'SIGSTOP' if args.signal == 'stop' else 'kill -9'} of the serving worker: p50 {result['gap_p50_ms']:.0f} ms, "
-          f"max {result['gap_max_ms']:.0f} ms (target < {TARGET_GAP_MS:.0f} ms: "
-          f"{'met' if result['target_met'] else 'NOT met'})")
+    result = {
+        "benchmark": "failover",
+        "signal": args.signal,
+        "rounds": len(gaps),
+        "gap_ms": [round(g) for g in gaps],
+        "gap_p50_ms": float(np.percentile(values, 50)),
+        "gap_max_ms": float(values.max()),
+        "target_ms": TARGET_GAP_MS,
+        "target_met": bool(values.max() < TARGET_GAP_MS),
+    }
+    print(
+        f"\naudio gap after {'SIGSTOP' if args.signal == 'stop' else 'kill -9'} of the serving worker: p50 {result['gap_p50_ms']:.0f} ms, "
+        f"max {result['gap_max_ms']:.0f} ms (target < {TARGET_GAP_MS:.0f} ms: "
+        f"{'met' if result['target_met'] else 'NOT met'})"
+    )
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--signal", choices=["kill", "stop"], default="kill",
-                        help="kill -9 the serving worker, or SIGSTOP it (a hung worker)")
+    parser.add_argument(
+        "--signal",
+        choices=["kill", "stop"],
+        default="kill",
+        help="kill -9 the serving worker, or SIGSTOP it (a hung worker)",
+    )
     args = parser.parse_args()
     print(json.dumps(asyncio.run(run(args))))
 

@@ -99,15 +99,16 @@ def compare_outputs(make_model, steps: int = 380) -> dict:
             set_context(model.lm, None)
         results.append((np.array(tokens), logits))
     (full_tokens, full_logits), (filled_tokens, filled_logits) = results
-    diff = max(float((a - b).abs().max()) for a, b in zip(full_logits, filled_logits, strict=True)
-               if torch.isfinite(a).all())
-    return {"steps": steps, "tokens_identical": bool((full_tokens == filled_tokens).all()),
-            "max_logit_diff": diff}
+    diff = max(
+        float((a - b).abs().max()) for a, b in zip(full_logits, filled_logits, strict=True) if torch.isfinite(a).all()
+    )
+    return {"steps": steps, "tokens_identical": bool((full_tokens == filled_tokens).all()), "max_logit_diff": diff}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", choices=["tiny", "7b"], default="tiny")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-sizes", default="16,32")
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.device == "cpu":
         from service.worker.main import default_cpu_threads
+
         torch.set_num_threads(args.threads or default_cpu_threads())
     if args.size == "tiny":
         import tempfile
@@ -132,20 +134,27 @@ def main(argv: list[str] | None = None) -> int:
             return loaded
     else:
         from ops.bench.worker import random_7b_factory
+
         make_model = random_7b_factory(args.device, "bfloat16")
     lm = make_model().lm
-    print(f"filled-KV attention vs moshi's full mask: {args.size} model on {args.device}, "
-          f"context {lm.context} steps, torch threads {torch.get_num_threads()}")
+    print(
+        f"filled-KV attention vs moshi's full mask: {args.size} model on {args.device}, "
+        f"context {lm.context} steps, torch threads {torch.get_num_threads()}"
+    )
 
     check = compare_outputs(make_model)
-    print(f"outputs over {check['steps']} greedy steps (resets, idle steps, the ring wrapping): tokens "
-          f"{'identical' if check['tokens_identical'] else 'DIFFERENT'}, text logits within "
-          f"{check['max_logit_diff']:.1e}")
+    print(
+        f"outputs over {check['steps']} greedy steps (resets, idle steps, the ring wrapping): tokens "
+        f"{'identical' if check['tokens_identical'] else 'DIFFERENT'}, text logits within "
+        f"{check['max_logit_diff']:.1e}"
+    )
 
     rng = np.random.default_rng(1)
     rows = []
-    print(f"\n{'B':>4} {'call ages':>10} {'mean fill':>10} {'full mask p50/p99 ms':>22} "
-          f"{'filled-KV p50/p99 ms':>22} {'p50 change':>11}")
+    print(
+        f"\n{'B':>4} {'call ages':>10} {'mean fill':>10} {'full mask p50/p99 ms':>22} "
+        f"{'filled-KV p50/p99 ms':>22} {'p50 change':>11}"
+    )
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         ages = {kind: call_ages(kind, batch_size, rng) for kind in ("young", "realistic", "old")}
         times: dict[tuple[str, bool], list[float]] = {(k, f): [] for k in ages for f in (False, True)}
@@ -163,19 +172,36 @@ def main(argv: list[str] | None = None) -> int:
         for kind, age in ages.items():
             full, filled = np.asarray(times[(kind, False)]), np.asarray(times[(kind, True)])
             fill = float(np.minimum(age, lm.context).mean() / lm.context)
-            row = {"B": batch_size, "ages": kind, "mean_fill": round(fill, 3),
-                   "full_p50_ms": round(float(np.median(full)), 2),
-                   "full_p99_ms": round(float(np.percentile(full, 99)), 2),
-                   "filled_p50_ms": round(float(np.median(filled)), 2),
-                   "filled_p99_ms": round(float(np.percentile(filled, 99)), 2)}
+            row = {
+                "B": batch_size,
+                "ages": kind,
+                "mean_fill": round(fill, 3),
+                "full_p50_ms": round(float(np.median(full)), 2),
+                "full_p99_ms": round(float(np.percentile(full, 99)), 2),
+                "filled_p50_ms": round(float(np.median(filled)), 2),
+                "filled_p99_ms": round(float(np.percentile(filled, 99)), 2),
+            }
             row["p50_change"] = round(row["filled_p50_ms"] / row["full_p50_ms"] - 1, 3)
             rows.append(row)
-            print(f"{batch_size:>4} {kind:>10} {fill:>9.0%} {row['full_p50_ms']:>11.1f}/{row['full_p99_ms']:<10.1f}"
-                  f" {row['filled_p50_ms']:>11.1f}/{row['filled_p99_ms']:<10.1f} {row['p50_change']:>+10.0%}",
-                  flush=True)
-    print(json.dumps({"bench": "filled_kv", "size": args.size, "device": args.device,
-                      "threads": torch.get_num_threads(), "context_steps": lm.context,
-                      "mean_call_seconds": MEAN_CALL_SECONDS, "outputs": check, "rows": rows}))
+            print(
+                f"{batch_size:>4} {kind:>10} {fill:>9.0%} {row['full_p50_ms']:>11.1f}/{row['full_p99_ms']:<10.1f}"
+                f" {row['filled_p50_ms']:>11.1f}/{row['filled_p99_ms']:<10.1f} {row['p50_change']:>+10.0%}",
+                flush=True,
+            )
+    print(
+        json.dumps(
+            {
+                "bench": "filled_kv",
+                "size": args.size,
+                "device": args.device,
+                "threads": torch.get_num_threads(),
+                "context_steps": lm.context,
+                "mean_call_seconds": MEAN_CALL_SECONDS,
+                "outputs": check,
+                "rows": rows,
+            }
+        )
+    )
     return 0
 
 

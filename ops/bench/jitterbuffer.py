@@ -123,7 +123,7 @@ class Result:
 def summarise(pops: list[int | None], play_times: dict[int, float], arrivals: list[Arrival]) -> Result:
     played_positions = [k for k, p in enumerate(pops) if p is not None]
     first, last = played_positions[0], played_positions[-1]
-    span = pops[first:last + 1]
+    span = pops[first : last + 1]
     concealed = sum(p is None for p in span)
     arrival_of = {a.index: a.time for a in arrivals}
     added = sorted(play_times[i] - arrival_of[i] for i in play_times)
@@ -139,8 +139,10 @@ def summarise(pops: list[int | None], play_times: dict[int, float], arrivals: li
 
 def run_ours(arrivals: list[Arrival], phase: float) -> tuple[Result, JitterBuffer]:
     jb = JitterBuffer()
-    packets = [(a.time, RtpPacket(0, a.index & 0xFFFF, (1000 + a.index * SAMPLES) & 0xFFFFFFFF, 0x5EED,
-                                  payload(a.index))) for a in arrivals]
+    packets = [
+        (a.time, RtpPacket(0, a.index & 0xFFFF, (1000 + a.index * SAMPLES) & 0xFFFFFFFF, 0x5EED, payload(a.index)))
+        for a in arrivals
+    ]
     pops: list[int | None] = []
     play_times: dict[int, float] = {}
     now, k = phase, 0
@@ -174,9 +176,13 @@ def run_aiortc(arrivals: list[Arrival], phase: float) -> Result:
     while now < end or head < len(fifo):
         while k < len(arrivals) and arrivals[k].time <= now:
             a = arrivals[k]
-            packet = AiortcPacket(payload_type=0, sequence_number=a.index & 0xFFFF,
-                                  timestamp=(1000 + a.index * SAMPLES) & 0xFFFFFFFF, ssrc=0x5EED,
-                                  payload=payload(a.index))
+            packet = AiortcPacket(
+                payload_type=0,
+                sequence_number=a.index & 0xFFFF,
+                timestamp=(1000 + a.index * SAMPLES) & 0xFFFFFFFF,
+                ssrc=0x5EED,
+                payload=payload(a.index),
+            )
             packet._data = packet.payload  # what aiortc's receiver does before add()
             _, frame = jb.add(packet)
             if frame is not None:
@@ -197,8 +203,10 @@ def run_aiortc(arrivals: list[Arrival], phase: float) -> Result:
 
 def per_packet_cost(iterations: int = 20000) -> dict[str, float]:
     """µs per packet for the receive path and its parts (median of 5 runs)."""
-    wire = [build_rtp(0, i & 0xFFFF, (i * SAMPLES) & 0xFFFFFFFF, 0x5EED, bytes([i & 0xFF]) * SAMPLES)
-            for i in range(iterations)]
+    wire = [
+        build_rtp(0, i & 0xFFFF, (i * SAMPLES) & 0xFFFFFFFF, 0x5EED, bytes([i & 0xFF]) * SAMPLES)
+        for i in range(iterations)
+    ]
     decoder = G711Decoder("PCMU")
 
     def full() -> float:
@@ -278,43 +286,75 @@ def per_packet_cost(iterations: int = 20000) -> dict[str, float]:
 
 def main() -> None:
     print(__doc__.split("\n\n")[0])
-    print(f"\n{DURATION:.0f} s per trace, 20 ms packets, 40 ms propagation, gamma queueing jitter and congestion"
-          " episodes (see the module docstring).")
-    print("aiortc: JitterBuffer(capacity=16, prefetch=4) as its audio receiver uses it; its output frames go"
-          " to a FIFO read by the same 20 ms playout clock (an empty FIFO = a concealed pop).\n")
-    header = (f"{'loss':>5} {'order':>7} | {'ours: concealed':>15} {'discarded':>9} {'added mean':>10} {'p99':>6}"
-              f" | {'aiortc: concealed':>17} {'discarded':>9} {'added mean':>10} {'p99':>6}")
+    print(
+        f"\n{DURATION:.0f} s per trace, 20 ms packets, 40 ms propagation, gamma queueing jitter and congestion"
+        " episodes (see the module docstring)."
+    )
+    print(
+        "aiortc: JitterBuffer(capacity=16, prefetch=4) as its audio receiver uses it; its output frames go"
+        " to a FIFO read by the same 20 ms playout clock (an empty FIFO = a concealed pop).\n"
+    )
+    header = (
+        f"{'loss':>5} {'order':>7} | {'ours: concealed':>15} {'discarded':>9} {'added mean':>10} {'p99':>6}"
+        f" | {'aiortc: concealed':>17} {'discarded':>9} {'added mean':>10} {'p99':>6}"
+    )
     print(header)
     print("-" * len(header))
     rows = []
     scenarios = [(0.0, False, True)] + [(loss, reorder, False) for loss in LOSSES for reorder in (False, True)]
     for loss, reorder, clean in scenarios:
-            seed = int(loss * 1000) * 2 + reorder
-            arrivals, sent = make_trace(loss, reorder, seed, clean)
-            phase = random.Random(seed).uniform(0, PTIME)
-            ours, jb = run_ours(arrivals, phase)
-            theirs = run_aiortc(arrivals, phase)
-            order = "clean" if clean else "reorder" if reorder else "fifo"
-            print(f"{loss * 100:4.0f}% {order:>7} | {ours.concealed_pct:14.2f}% {ours.discarded_pct:8.2f}%"
-                  f" {ours.added_mean_ms:8.1f}ms {ours.added_p99_ms:4.0f}ms"
-                  f" | {theirs.concealed_pct:16.2f}% {theirs.discarded_pct:8.2f}% {theirs.added_mean_ms:8.1f}ms"
-                  f" {theirs.added_p99_ms:4.0f}ms")
-            stats = jb.stats()
-            rows.append({
-                "loss": loss, "reorder": reorder, "clean_line": clean, "packets_sent": sent, "packets_arrived": len(arrivals),
-                "ours": {**vars(ours), "late": stats.packets_late, "overflow": stats.packets_overflow,
-                         "duplicate": stats.packets_duplicate, "dropped_to_shrink": stats.frames_dropped,
-                         "inserted_to_grow": stats.frames_inserted, "final_delay_ms": stats.delay_ms},
+        seed = int(loss * 1000) * 2 + reorder
+        arrivals, sent = make_trace(loss, reorder, seed, clean)
+        phase = random.Random(seed).uniform(0, PTIME)
+        ours, jb = run_ours(arrivals, phase)
+        theirs = run_aiortc(arrivals, phase)
+        order = "clean" if clean else "reorder" if reorder else "fifo"
+        print(
+            f"{loss * 100:4.0f}% {order:>7} | {ours.concealed_pct:14.2f}% {ours.discarded_pct:8.2f}%"
+            f" {ours.added_mean_ms:8.1f}ms {ours.added_p99_ms:4.0f}ms"
+            f" | {theirs.concealed_pct:16.2f}% {theirs.discarded_pct:8.2f}% {theirs.added_mean_ms:8.1f}ms"
+            f" {theirs.added_p99_ms:4.0f}ms"
+        )
+        stats = jb.stats()
+        rows.append(
+            {
+                "loss": loss,
+                "reorder": reorder,
+                "clean_line": clean,
+                "packets_sent": sent,
+                "packets_arrived": len(arrivals),
+                "ours": {
+                    **vars(ours),
+                    "late": stats.packets_late,
+                    "overflow": stats.packets_overflow,
+                    "duplicate": stats.packets_duplicate,
+                    "dropped_to_shrink": stats.frames_dropped,
+                    "inserted_to_grow": stats.frames_inserted,
+                    "final_delay_ms": stats.delay_ms,
+                },
                 "aiortc": vars(theirs),
-            })
-    print("\nconcealed: pops without audio between first and last frame played (includes the network's losses);"
-          "\ndiscarded: arrived but never played; added: playout time minus arrival time.")
+            }
+        )
+    print(
+        "\nconcealed: pops without audio between first and last frame played (includes the network's losses);"
+        "\ndiscarded: arrived but never played; added: playout time minus arrival time."
+    )
     cost = per_packet_cost()
     print("\nper-packet receive cost on this machine (µs, median of 5 runs):")
     for name, value in cost.items():
         print(f"  {name:28} {value:7.2f}")
-    print(json.dumps({"benchmark": "jitterbuffer", "duration_s": DURATION, "ptime_ms": PTIME * 1000,
-                      "scenarios": rows, "per_packet_cost": cost}, separators=(",", ":")))
+    print(
+        json.dumps(
+            {
+                "benchmark": "jitterbuffer",
+                "duration_s": DURATION,
+                "ptime_ms": PTIME * 1000,
+                "scenarios": rows,
+                "per_packet_cost": cost,
+            },
+            separators=(",", ":"),
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -64,8 +64,11 @@ def resampler_table() -> list[dict]:
             up.process(x8)
             down.process(x24)
         cost = (time.perf_counter() - started) / 500 * 1e6
-        row: dict = {"resampler": kind, "us_per_80ms_both_ways": round(cost, 1),
-                     "claimed_ms_each_way": round(up.held_back_ms, 2)}
+        row: dict = {
+            "resampler": kind,
+            "us_per_80ms_both_ways": round(cost, 1),
+            "claimed_ms_each_way": round(up.held_back_ms, 2),
+        }
         for chunk_ms in (20, 80):
             measured_up, measured_down = measure_pair(kind, chunk_ms)
             row[f"chunks_{chunk_ms}ms"] = {"8k_to_24k": measured_up.to_dict(), "24k_to_8k": measured_down.to_dict()}
@@ -74,20 +77,30 @@ def resampler_table() -> list[dict]:
 
 
 def print_resampler_table(table: list[dict]) -> None:
-    apart = max(abs(row[f"chunks_{ms}ms"]["8k_to_24k"][key] - row[f"chunks_{ms}ms"]["24k_to_8k"][key])
-                for row in table for ms in (20, 80) for key in ("mean_ms", "max_ms"))
+    apart = max(
+        abs(row[f"chunks_{ms}ms"]["8k_to_24k"][key] - row[f"chunks_{ms}ms"]["24k_to_8k"][key])
+        for row in table
+        for ms in (20, 80)
+        for key in ("mean_ms", "max_ms")
+    )
     print("8↔24 kHz resamplers, measured: shift = impulse out vs in; lag = input held after each chunk")
-    print(f"(min / Little's-law mean / max); a sample waits shift + lag. 8→24 kHz shown; 24→8 kHz "
-          f"differs by at most {apart:.2f} ms.")
-    print(f"  {'resampler':10} {'chunk':>6} {'shift':>7} {'lag min':>8} {'mean':>7} {'max':>7}"
-          f" {'delay mean':>11} {'worst':>7} {'CPU both ways/80 ms':>21}")
+    print(
+        f"(min / Little's-law mean / max); a sample waits shift + lag. 8→24 kHz shown; 24→8 kHz "
+        f"differs by at most {apart:.2f} ms."
+    )
+    print(
+        f"  {'resampler':10} {'chunk':>6} {'shift':>7} {'lag min':>8} {'mean':>7} {'max':>7}"
+        f" {'delay mean':>11} {'worst':>7} {'CPU both ways/80 ms':>21}"
+    )
     for row in table:
         for chunk_ms in (20, 80):
             d = row[f"chunks_{chunk_ms}ms"]["8k_to_24k"]
             marker = "  ← runs (the default)" if row["resampler"] == "fir" and chunk_ms == 80 else ""
-            print(f"  {row['resampler']:10} {chunk_ms:>4} ms {d['shift_ms']:>7.2f} {d['lag_min_ms']:>8.1f}"
-                  f" {d['lag_mean_ms']:>7.1f} {d['lag_max_ms']:>7.1f} {d['mean_ms']:>8.1f} ms {d['max_ms']:>7.1f}"
-                  f" {row['us_per_80ms_both_ways']:>18.1f} µs{marker}")
+            print(
+                f"  {row['resampler']:10} {chunk_ms:>4} ms {d['shift_ms']:>7.2f} {d['lag_min_ms']:>8.1f}"
+                f" {d['lag_mean_ms']:>7.1f} {d['lag_max_ms']:>7.1f} {d['mean_ms']:>8.1f} ms {d['max_ms']:>7.1f}"
+                f" {row['us_per_80ms_both_ways']:>18.1f} µs{marker}"
+            )
 
 
 class ClickCaller:
@@ -148,10 +161,13 @@ async def echo_latency(seconds: float, log_dir: Path) -> dict:
             rtp.close()
             await ua.stop()
         values = (np.asarray(caller.echoes) - MODEL_FRAME_PACKETS_WAIT_S) * 1000
-        return {"clicks": len(caller.sent), "echoes": len(values),
-                "p50_ms": round(float(np.percentile(values, 50)), 2),
-                "p99_ms": round(float(np.percentile(values, 99)), 2),
-                "max_ms": round(float(values.max()), 2)}
+        return {
+            "clicks": len(caller.sent),
+            "echoes": len(values),
+            "p50_ms": round(float(np.percentile(values, 50)), 2),
+            "p99_ms": round(float(np.percentile(values, 99)), 2),
+            "max_ms": round(float(values.max()), 2),
+        }
     finally:
         gateway.proc.stop()
 
@@ -164,8 +180,9 @@ async def demo_latency(seconds: float, log_dir: Path) -> dict:
     gateway = start_serve(log_dir, "demo", name="serve-demo")
     try:
         await asyncio.to_thread(gateway.wait_ready, 300)
-        settings = CallSettings(uri=gateway.uri, play=str(tone_wav(log_dir / "in.wav", seconds)),
-                                seconds=seconds, local_host="127.0.0.1")
+        settings = CallSettings(
+            uri=gateway.uri, play=str(tone_wav(log_dir / "in.wav", seconds)), seconds=seconds, local_host="127.0.0.1"
+        )
         summary = await place_call(settings)
         call_id = summary["gateway_call_id"]
 
@@ -193,26 +210,32 @@ async def run(args: argparse.Namespace) -> dict:
         echo = await echo_latency(args.seconds, Path(tmp))
         echo["steal"] = round(stolen.share(), 3)
         result["echo"] = echo
-        print(f"\n--model echo, measured outside the gateway over {echo['echoes']} clicks: "
-              f"p50 {echo['p50_ms']:.1f} ms, p99 {echo['p99_ms']:.1f} ms, max {echo['max_ms']:.1f} ms "
-              f"({echo['steal'] * 100:.1f} % of the machine stolen by the hypervisor meanwhile)")
+        print(
+            f"\n--model echo, measured outside the gateway over {echo['echoes']} clicks: "
+            f"p50 {echo['p50_ms']:.1f} ms, p99 {echo['p99_ms']:.1f} ms, max {echo['max_ms']:.1f} ms "
+            f"({echo['steal'] * 100:.1f} % of the machine stolen by the hypervisor meanwhile)"
+        )
         if not args.skip_demo:
             stolen = StealMeter().start()
             demo = await demo_latency(args.seconds, Path(tmp))
             demo["steal"] = round(stolen.share(), 3)
             result["demo"] = demo
-            print(f"--model demo, the gateway's own per-frame measurement: p50 {demo['p50']:.1f} ms, "
-                  f"p99 {demo['p99']:.1f} ms (at the end of the call: jitter buffer {demo['jitter_buffer']:.1f} ms, "
-                  f"resampling {demo['resampling']:.1f} ms, egress cushion for worker jitter "
-                  f"{demo['egress_cushion']:.1f} ms; {demo['steal'] * 100:.1f} % stolen)")
+            print(
+                f"--model demo, the gateway's own per-frame measurement: p50 {demo['p50']:.1f} ms, "
+                f"p99 {demo['p99']:.1f} ms (at the end of the call: jitter buffer {demo['jitter_buffer']:.1f} ms, "
+                f"resampling {demo['resampling']:.1f} ms, egress cushion for worker jitter "
+                f"{demo['egress_cushion']:.1f} ms; {demo['steal'] * 100:.1f} % stolen)"
+            )
     for name in ("echo", "demo"):
         if name in result:
             p50 = result[name].get("p50_ms", result[name].get("p50"))
             p99 = result[name].get("p99_ms", result[name].get("p99"))
             met = p50 <= TARGET_P50_MS and p99 <= TARGET_P99_MS
             result[name]["target_met"] = met
-            print(f"{name}: target p50 ≤ {TARGET_P50_MS:.0f} ms and p99 ≤ {TARGET_P99_MS:.0f} ms "
-                  f"{'met' if met else 'NOT met'}")
+            print(
+                f"{name}: target p50 ≤ {TARGET_P50_MS:.0f} ms and p99 ≤ {TARGET_P99_MS:.0f} ms "
+                f"{'met' if met else 'NOT met'}"
+            )
     return result
 
 

@@ -51,8 +51,13 @@ def percentile(values: list[float], q: float) -> float:
 
 def summary_ms(values: list[float]) -> dict[str, float]:
     ms = [v * 1000 for v in values]
-    return {"p50": round(percentile(ms, 50), 3), "p99": round(percentile(ms, 99), 3),
-            "mean": round(statistics.fmean(ms), 3), "max": round(max(ms), 3), "n": len(ms)}
+    return {
+        "p50": round(percentile(ms, 50), 3),
+        "p99": round(percentile(ms, 99), 3),
+        "mean": round(statistics.fmean(ms), 3),
+        "max": round(max(ms), 3),
+        "n": len(ms),
+    }
 
 
 async def sequential(leases: SlotLeases, iterations: int) -> dict[str, dict[str, float]]:
@@ -68,8 +73,11 @@ async def sequential(leases: SlotLeases, iterations: int) -> dict[str, dict[str,
         claim_s.append(t1 - t0)
         release_s.append(t2 - t1)
         both_s.append(t2 - t0)
-    return {"claim_ms": summary_ms(claim_s), "release_ms": summary_ms(release_s),
-            "claim_release_ms": summary_ms(both_s)}
+    return {
+        "claim_ms": summary_ms(claim_s),
+        "release_ms": summary_ms(release_s),
+        "claim_release_ms": summary_ms(both_s),
+    }
 
 
 async def concurrent(clients: list[PoolClient], claimers: int, seconds: float) -> dict[str, object]:
@@ -92,8 +100,13 @@ async def concurrent(clients: list[PoolClient], claimers: int, seconds: float) -
     start = time.perf_counter()
     await asyncio.gather(*(claimer(i) for i in range(claimers)))
     elapsed = time.perf_counter() - start
-    return {"claims_per_second": round(len(claim_s) / elapsed, 1), "claims": len(claim_s),
-            "no_slot_answers": none_found, "claim_ms": summary_ms(claim_s), "seconds": round(elapsed, 2)}
+    return {
+        "claims_per_second": round(len(claim_s) / elapsed, 1),
+        "claims": len(claim_s),
+        "no_slot_answers": none_found,
+        "claim_ms": summary_ms(claim_s),
+        "seconds": round(elapsed, 2),
+    }
 
 
 class ScriptTimer:
@@ -130,8 +143,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     try:
         server = await clients[0].redis.info("server")
         for i in range(args.workers):
-            info = WorkerInfo(worker_id=f"bench-w{i:02d}", url=f"ws://bench-w{i:02d}:8081", model="bench/model",
-                              capacity=args.slots)
+            info = WorkerInfo(
+                worker_id=f"bench-w{i:02d}", url=f"ws://bench-w{i:02d}:8081", model="bench/model", capacity=args.slots
+            )
             registration = WorkerRegistration(clients[0], info, interval=1.0)
             await registration.start()
             registrations.append(registration)
@@ -155,7 +169,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             "bench": "pool",
             "redis": f"{'embedded ' if embedded else ''}redis-server {server.get('redis_version')}",
             "python": platform.python_version(),
-            "workers": args.workers, "slots_per_worker": args.slots, "total_slots": total,
+            "workers": args.workers,
+            "slots_per_worker": args.slots,
+            "total_slots": total,
             "ping_ms": summary_ms(rtt),
             "claim_server_us": claim_server_us,
             "sequential_idle": idle,
@@ -181,28 +197,40 @@ def report(result: dict) -> None:
         if target:
             ok = stats["p99"] < CLAIM_P99_TARGET_MS
             verdict = f"   target p99 < {CLAIM_P99_TARGET_MS:g} ms: {'met' if ok else 'MISSED'}"
-        print(f"  {label:<22} p50 {stats['p50']:7.3f} ms   p99 {stats['p99']:7.3f} ms   "
-              f"max {stats['max']:7.3f} ms   (n={stats['n']}){verdict}")
+        print(
+            f"  {label:<22} p50 {stats['p50']:7.3f} ms   p99 {stats['p99']:7.3f} ms   "
+            f"max {stats['max']:7.3f} ms   (n={stats['n']}){verdict}"
+        )
 
     print(f"moshimoshi pool benchmark: {result['redis']}, Python {result['python']}")
-    print(f"  {result['workers']} workers x {result['slots_per_worker']} slots = {result['total_slots']} slots,"
-          " heartbeating every 1 s")
+    print(
+        f"  {result['workers']} workers x {result['slots_per_worker']} slots = {result['total_slots']} slots,"
+        " heartbeating every 1 s"
+    )
     line("Redis PING round trip", result["ping_ms"])
     if result["claim_server_us"] is not None:
-        print(f"  claim script in Redis   {result['claim_server_us']:.0f} us per call "
-              "(Redis's own time, filling the pool from 0 to 80%)")
-    for key, title in (("sequential_idle", "one client, idle pool"),
-                       ("sequential_80pct_full", "one client, pool 80% full")):
+        print(
+            f"  claim script in Redis   {result['claim_server_us']:.0f} us per call "
+            "(Redis's own time, filling the pool from 0 to 80%)"
+        )
+    for key, title in (
+        ("sequential_idle", "one client, idle pool"),
+        ("sequential_80pct_full", "one client, pool 80% full"),
+    ):
         print(f"{title} (claim then release, sequential):")
         line("claim", result[key]["claim_ms"], target=True)
         line("release", result[key]["release_ms"])
         line("claim + release", result[key]["claim_release_ms"])
     many = result["concurrent"]
-    print(f"{many['claimers']} concurrent claimers over {many['gateway_connections']} connections, "
-          f"{many['seconds']} s (claim then release, in a loop; one Python process, so the latency "
-          "includes waiting for the client's own event loop):")
-    print(f"  claims per second      {many['claims_per_second']:.0f}   "
-          f"({many['claims']} claims, {many['no_slot_answers']} answered 'no free slot')")
+    print(
+        f"{many['claimers']} concurrent claimers over {many['gateway_connections']} connections, "
+        f"{many['seconds']} s (claim then release, in a loop; one Python process, so the latency "
+        "includes waiting for the client's own event loop):"
+    )
+    print(
+        f"  claims per second      {many['claims_per_second']:.0f}   "
+        f"({many['claims']} claims, {many['no_slot_answers']} answered 'no free slot')"
+    )
     line("claim under load", many["claim_ms"])
     print(f"Redis errors: {result['redis_errors']}")
     print(json.dumps(result, separators=(",", ":")))

@@ -50,8 +50,7 @@ async def flood(port: int, kind: str, invites: int, concurrency: int) -> dict[in
 
     async def lane() -> None:
         for _ in left:
-            status = await caller.call(G729_OFFER if kind == "bad-offer" else PCMU_OFFER,
-                                       cancel=kind == "cancelled")
+            status = await caller.call(G729_OFFER if kind == "bad-offer" else PCMU_OFFER, cancel=kind == "cancelled")
             answers[status] = answers.get(status, 0) + 1
 
     try:
@@ -87,17 +86,33 @@ async def run(args: argparse.Namespace) -> dict:
         log_dir = Path(tmp)
         async with EmbeddedRedis() as redis_url:
             worker = start_worker(log_dir, redis_url, "refused-worker", slots=1)
-            gateway = start_gateway(log_dir, redis_url, "--sip-rate-limit", "0", "--queue-seconds",
-                                    str(args.queue_seconds), "--log-level", "warning")
+            gateway = start_gateway(
+                log_dir,
+                redis_url,
+                "--sip-rate-limit",
+                "0",
+                "--queue-seconds",
+                str(args.queue_seconds),
+                "--log-level",
+                "warning",
+            )
             holder: asyncio.Task | None = None
             try:
                 await asyncio.to_thread(worker.wait_ready)
                 await asyncio.to_thread(gateway.wait_ready)
                 for kind in KINDS:
                     if kind != "bad-offer" and holder is None:  # the one slot held from now on
-                        holder = asyncio.create_task(place_call(CallSettings(
-                            uri=gateway.uri, seconds=3600, local_host="127.0.0.1", rtp_port_min=45000,
-                            rtp_port_max=45099)))
+                        holder = asyncio.create_task(
+                            place_call(
+                                CallSettings(
+                                    uri=gateway.uri,
+                                    seconds=3600,
+                                    local_host="127.0.0.1",
+                                    rtp_port_min=45000,
+                                    rtp_port_max=45099,
+                                )
+                            )
+                        )
                         await busy(gateway)
                     await asyncio.sleep(SETTLE_S)
                     before = await asyncio.to_thread(redis_keys, redis_url)
@@ -111,30 +126,38 @@ async def run(args: argparse.Namespace) -> dict:
                     added = {k: v for k, v in after.items() if k not in before}
                     grown = {k: after[k] - before[k] for k in after if k in before and after[k] != before[k]}
                     results[kind] = {
-                        "invites": args.invites, "answers": answers, "seconds": round(took, 2),
-                        "keys_added": len(added), "bytes_added": sum(added.values()),
+                        "invites": args.invites,
+                        "answers": answers,
+                        "seconds": round(took, 2),
+                        "keys_added": len(added),
+                        "bytes_added": sum(added.values()),
                         "bytes_grown_in_existing_keys": sum(grown.values()),
                         "used_memory_delta": memory_after - memory_before,
                         "keys_added_per_invite": round(len(added) / args.invites, 3),
                         "bytes_per_invite": round((sum(added.values()) + sum(grown.values())) / args.invites, 1),
                         "sample_keys": sorted({pattern(k) for k in [*added, *grown]}),
                     }
-                    print(f"{kind}: {args.invites} INVITEs in {took:.1f} s answered {answers}; Redis keys added "
-                          f"{len(added)} ({sum(added.values())} bytes), existing keys grew "
-                          f"{sum(grown.values())} bytes, used_memory {memory_after - memory_before:+d} bytes; "
-                          f"keys: {results[kind]['sample_keys']}")
+                    print(
+                        f"{kind}: {args.invites} INVITEs in {took:.1f} s answered {answers}; Redis keys added "
+                        f"{len(added)} ({sum(added.values())} bytes), existing keys grew "
+                        f"{sum(grown.values())} bytes, used_memory {memory_after - memory_before:+d} bytes; "
+                        f"keys: {results[kind]['sample_keys']}"
+                    )
             finally:
                 if holder is not None:
                     holder.cancel()
                     await asyncio.gather(holder, return_exceptions=True)
                 gateway.proc.stop()
                 worker.proc.stop()
-    out = {"benchmark": "refused_state", "invites": args.invites, "queue_seconds": args.queue_seconds,
-           "kinds": results}
-    out["targets_met"] = all(r["keys_added"] <= MAX_KEYS and r["bytes_added"] + r["bytes_grown_in_existing_keys"]
-                             <= MAX_BYTES for r in results.values())
-    print(f"targets {'met' if out['targets_met'] else 'NOT met'} (no key per refused INVITE: at most {MAX_KEYS} "
-          f"keys and {MAX_BYTES // 1024} KiB added by {args.invites} of a kind, the bounded record of refusals)")
+    out = {"benchmark": "refused_state", "invites": args.invites, "queue_seconds": args.queue_seconds, "kinds": results}
+    out["targets_met"] = all(
+        r["keys_added"] <= MAX_KEYS and r["bytes_added"] + r["bytes_grown_in_existing_keys"] <= MAX_BYTES
+        for r in results.values()
+    )
+    print(
+        f"targets {'met' if out['targets_met'] else 'NOT met'} (no key per refused INVITE: at most {MAX_KEYS} "
+        f"keys and {MAX_BYTES // 1024} KiB added by {args.invites} of a kind, the bounded record of refusals)"
+    )
     return out
 
 

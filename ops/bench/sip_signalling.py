@@ -33,7 +33,7 @@ INVITE = (
     "Via: SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bK776asdhds;rport\r\n"
     "Via: SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKnashds8;received=192.0.2.1\r\n"
     "Max-Forwards: 70\r\nTo: <sip:agent@gateway.example.com>\r\n"
-    "From: \"Caller\" <sip:0312345678@pbx.example.com>;tag=1928301774\r\n"
+    'From: "Caller" <sip:0312345678@pbx.example.com>;tag=1928301774\r\n'
     "Call-ID: a84b4c76e66710@pbx.example.com\r\nCSeq: 314159 INVITE\r\n"
     "Contact: <sip:0312345678@192.0.2.10:5060>\r\nAllow: INVITE, ACK, BYE, CANCEL, OPTIONS, UPDATE\r\n"
     "Supported: timer\r\nSession-Expires: 1800\r\nContent-Type: application/sdp\r\n"
@@ -62,8 +62,7 @@ async def calls(count: int) -> dict[str, float]:
         tracemalloc.start()
         before = tracemalloc.take_snapshot()
         wall, cpu = time.perf_counter(), time.process_time()
-        dialogs = await asyncio.gather(*[uac.invite(f"sip:n{i}@127.0.0.1:{uas.port}", offers[i])
-                                         for i in range(count)])
+        dialogs = await asyncio.gather(*[uac.invite(f"sip:n{i}@127.0.0.1:{uas.port}", offers[i]) for i in range(count)])
         setup_wall, setup_cpu = time.perf_counter() - wall, time.process_time() - cpu
         after = tracemalloc.take_snapshot()
         tracemalloc.stop()
@@ -72,9 +71,14 @@ async def calls(count: int) -> dict[str, float]:
         wall, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*[d.bye() for d in dialogs])
         bye_wall, bye_cpu = time.perf_counter() - wall, time.process_time() - cpu
-        return {"setup_s": setup_wall, "setup_cpu_ms": setup_cpu / count * 1e3, "bye_s": bye_wall,
-                "bye_cpu_ms": bye_cpu / count * 1e3, "kib_per_call": held / count / 1024,
-                "send_errors": uas.transport.counters.send_errors + uac.transport.counters.send_errors}
+        return {
+            "setup_s": setup_wall,
+            "setup_cpu_ms": setup_cpu / count * 1e3,
+            "bye_s": bye_wall,
+            "bye_cpu_ms": bye_cpu / count * 1e3,
+            "kib_per_call": held / count / 1024,
+            "send_errors": uas.transport.counters.send_errors + uac.transport.counters.send_errors,
+        }
     finally:
         await uac.stop()
         await uas.stop()
@@ -87,14 +91,20 @@ def main() -> None:
 
     message = parse_message(INVITE)
     offer = SessionDescription.parse(message.body)
-    print(f"INVITE of {len(INVITE)} bytes: parse+validate {micro(lambda: parse_message(INVITE), 2000):.1f} µs, "
-          f"serialise {micro(message.to_bytes, 2000):.1f} µs")
-    print(f"SDP offer: parse {micro(lambda: SessionDescription.parse(message.body), 2000):.1f} µs, "
-          f"answer_offer {micro(lambda: answer_offer(offer, MediaPreferences(), '192.0.2.1', 4000), 2000):.1f} µs")
+    print(
+        f"INVITE of {len(INVITE)} bytes: parse+validate {micro(lambda: parse_message(INVITE), 2000):.1f} µs, "
+        f"serialise {micro(message.to_bytes, 2000):.1f} µs"
+    )
+    print(
+        f"SDP offer: parse {micro(lambda: SessionDescription.parse(message.body), 2000):.1f} µs, "
+        f"answer_offer {micro(lambda: answer_offer(offer, MediaPreferences(), '192.0.2.1', 4000), 2000):.1f} µs"
+    )
     result = asyncio.run(calls(args.calls))
     print(f"{args.calls} simultaneous calls over UDP loopback (UAC and UAS both in this process, default timers):")
-    print(f"  setup INVITE..ACK: {result['setup_s']:.2f} s = {args.calls / result['setup_s']:.0f} calls/s, "
-          f"{result['setup_cpu_ms']:.2f} ms CPU per call (both sides, tracemalloc on)")
+    print(
+        f"  setup INVITE..ACK: {result['setup_s']:.2f} s = {args.calls / result['setup_s']:.0f} calls/s, "
+        f"{result['setup_cpu_ms']:.2f} ms CPU per call (both sides, tracemalloc on)"
+    )
     print(f"  teardown BYE/200:  {result['bye_s']:.2f} s, {result['bye_cpu_ms']:.2f} ms CPU per call")
     print(f"  memory held while the calls are up: {result['kib_per_call']:.1f} KiB per call (both sides)")
     print(f"  send errors: {result['send_errors']}")

@@ -57,10 +57,12 @@ LOUD = 300.0  # RMS on the int16 scale: anything quieter is silence
 
 
 def transfer(gateway: Gateway, call_id: str, target: str, mode: str) -> tuple[int, dict, float]:
-    request = urllib.request.Request(gateway.api + f"/v1/calls/{call_id}/transfer", method="POST",
-                                     data=json.dumps({"target": target, "mode": mode}).encode(),
-                                     headers={"Content-Type": "application/json",
-                                              "Authorization": f"Bearer {ADMIN_TOKEN}"})
+    request = urllib.request.Request(
+        gateway.api + f"/v1/calls/{call_id}/transfer",
+        method="POST",
+        data=json.dumps({"target": target, "mode": mode}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {ADMIN_TOKEN}"},
+    )
     asked = time.time()
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
@@ -74,6 +76,7 @@ def active_call(gateway: Gateway, since: float) -> dict:
         _, body = gateway.get("/v1/calls?state=active")
         calls = [c for c in body["calls"] if c["started_at"] >= since and c["state"] == "active"]
         return calls[0] if calls else None
+
     return wait_until(found, 15, "the call answered", gateway.proc, interval=0.05)
 
 
@@ -82,8 +85,9 @@ def to_caller(datagrams: list[Datagram], since: float) -> list[tuple[float, floa
     return decoded(datagrams, since, lambda d: CALLER_PORTS[0] <= d.destination[1] <= CALLER_PORTS[1])
 
 
-def decoded(datagrams: list[Datagram], since: float,
-            chosen: tp.Callable[[Datagram], bool]) -> list[tuple[float, float, float]]:
+def decoded(
+    datagrams: list[Datagram], since: float, chosen: tp.Callable[[Datagram], bool]
+) -> list[tuple[float, float, float]]:
     """(arrival, RMS, share of the person's tone) of the chosen PCMU packets, in time order."""
     out = []
     for datagram in list(datagrams):
@@ -96,7 +100,7 @@ def decoded(datagrams: list[Datagram], since: float,
         if packet.payload_type != 0 or not packet.payload:
             continue
         pcm = g711.decode("PCMU", packet.payload).astype(np.float64)
-        rms = float(np.sqrt((pcm ** 2).mean()))
+        rms = float(np.sqrt((pcm**2).mean()))
         spectrum = np.abs(np.fft.rfft(pcm * np.hanning(len(pcm)))) ** 2
         freqs = np.fft.rfftfreq(len(pcm), 1 / 8000)
         band = (freqs > PERSON_HZ - 60) & (freqs < PERSON_HZ + 60)
@@ -139,7 +143,7 @@ def wire_figures(packets: list[tuple[float, float, float]], asked: float) -> tup
     tone, and the longest silence (s) before it (gaps between audible packets)."""
     heard_at = None
     for i in range(len(packets) - 2):
-        if all(p[1] > LOUD and p[2] > 0.6 for p in packets[i:i + 3]) and packets[i][0] >= asked:
+        if all(p[1] > LOUD and p[2] > 0.6 for p in packets[i : i + 3]) and packets[i][0] >= asked:
             heard_at = packets[i][0]
             break
     if heard_at is None:
@@ -153,8 +157,15 @@ def wire_figures(packets: list[tuple[float, float, float]], asked: float) -> tup
 async def bridge_round(gateway: Gateway, person: Person, folder: Path, sniffer: LoopbackSniffer) -> dict:
     seconds = TALK_BEFORE_S + 1.0 + AFTER_S + 2.0  # room for the answer; the caller then hangs up
     wav = tone_wav(folder / "caller.wav", AI_HZ, seconds + 1)
-    settings = CallSettings(uri=gateway.uri, play=str(wav), record=str(folder / "heard.wav"), seconds=seconds,
-                            local_host="127.0.0.1", rtp_port_min=CALLER_PORTS[0], rtp_port_max=CALLER_PORTS[1])
+    settings = CallSettings(
+        uri=gateway.uri,
+        play=str(wav),
+        record=str(folder / "heard.wav"),
+        seconds=seconds,
+        local_host="127.0.0.1",
+        rtp_port_min=CALLER_PORTS[0],
+        rtp_port_max=CALLER_PORTS[1],
+    )
     began = time.time()
     calling = asyncio.create_task(place_call(settings))
     call = await asyncio.to_thread(active_call, gateway, began)
@@ -166,33 +177,69 @@ async def bridge_round(gateway: Gateway, person: Person, folder: Path, sniffer: 
     offset = asked - summary["recording_started_at"]
     at = first_heard(heard(summary["recording"]), PERSON_HZ, after_s=max(0.0, offset))
     relay = relay_delays(sniffer.datagrams, asked)
-    spoke = [at for at, rms, share in decoded(sniffer.datagrams, asked,
-                                              lambda d: PERSON_PORTS[0] <= d.source[1] <= PERSON_PORTS[1])
-             if rms > LOUD and share > 0.6]
-    return {"person_out_s": round(spoke[0] - asked, 4) if spoke else None,
-            "mode": "bridge", "status": status, "outcome": outcome.get("outcome"), "api_s": round(answered, 3),
-            "handover_s": outcome.get("seconds"), "wire_s": wire_s, "silence_s": silence_s,
-            "recorded_s": None if at is None else round(at - offset, 3),
-            "relay_ms": [round(d * 1000, 1) for d in relay]}
+    spoke = [
+        at
+        for at, rms, share in decoded(
+            sniffer.datagrams, asked, lambda d: PERSON_PORTS[0] <= d.source[1] <= PERSON_PORTS[1]
+        )
+        if rms > LOUD and share > 0.6
+    ]
+    return {
+        "person_out_s": round(spoke[0] - asked, 4) if spoke else None,
+        "mode": "bridge",
+        "status": status,
+        "outcome": outcome.get("outcome"),
+        "api_s": round(answered, 3),
+        "handover_s": outcome.get("seconds"),
+        "wire_s": wire_s,
+        "silence_s": silence_s,
+        "recorded_s": None if at is None else round(at - offset, 3),
+        "relay_ms": [round(d * 1000, 1) for d in relay],
+    }
 
 
 async def refer_round(gateway: Gateway, person: Person, folder: Path, sniffer: LoopbackSniffer) -> dict:
     wav = tone_wav(folder / "caller.wav", AI_HZ, 30)
     config = folder / "baresip"
     config.mkdir(exist_ok=True)
-    (config / "config").write_text("\n".join([
-        "poll_method epoll", f"sip_listen 127.0.0.1:{free_port_pair()}", f"audio_source aufile,{wav}",
-        f"audio_player aufile,{folder / 'heard.wav'}", f"audio_alert aufile,{folder / 'alert.wav'}",
-        "audio_srate 8000", "audio_channels 1", f"rtp_ports {CALLER_PORTS[0]}-{CALLER_PORTS[1]}",
-        "module_path /usr/lib/baresip/modules", "module stdio.so", "module g711.so", "module aufile.so",
-        "module_app account.so", "module_app contact.so", "module_app menu.so", ""]))
+    (config / "config").write_text(
+        "\n".join(
+            [
+                "poll_method epoll",
+                f"sip_listen 127.0.0.1:{free_port_pair()}",
+                f"audio_source aufile,{wav}",
+                f"audio_player aufile,{folder / 'heard.wav'}",
+                f"audio_alert aufile,{folder / 'alert.wav'}",
+                "audio_srate 8000",
+                "audio_channels 1",
+                f"rtp_ports {CALLER_PORTS[0]}-{CALLER_PORTS[1]}",
+                "module_path /usr/lib/baresip/modules",
+                "module stdio.so",
+                "module g711.so",
+                "module aufile.so",
+                "module_app account.so",
+                "module_app contact.so",
+                "module_app menu.so",
+                "",
+            ]
+        )
+    )
     (config / "accounts").write_text("<sip:caller@127.0.0.1>;regint=0\n")
     (config / "contacts").write_text("")
     began = time.time()
     with (folder / "baresip.log").open("wb") as log:
         caller = await asyncio.create_subprocess_exec(
-            "baresip", "-f", str(config), "-e", f"/dial {gateway.uri}", "-t", str(int(TALK_BEFORE_S + AFTER_S + 6)),
-            stdout=log, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL)
+            "baresip",
+            "-f",
+            str(config),
+            "-e",
+            f"/dial {gateway.uri}",
+            "-t",
+            str(int(TALK_BEFORE_S + AFTER_S + 6)),
+            stdout=log,
+            stderr=asyncio.subprocess.STDOUT,
+            stdin=asyncio.subprocess.DEVNULL,
+        )
     try:
         call = await asyncio.to_thread(active_call, gateway, began)
         await asyncio.sleep(TALK_BEFORE_S)
@@ -203,8 +250,15 @@ async def refer_round(gateway: Gateway, person: Person, folder: Path, sniffer: L
         caller.terminate()
         await caller.wait()
     wire_s, silence_s = wire_figures(to_caller(sniffer.datagrams, began), asked)
-    return {"mode": "refer", "status": status, "outcome": outcome.get("outcome"), "api_s": round(answered, 3),
-            "handover_s": outcome.get("seconds"), "wire_s": wire_s, "silence_s": silence_s}
+    return {
+        "mode": "refer",
+        "status": status,
+        "outcome": outcome.get("outcome"),
+        "api_s": round(answered, 3),
+        "handover_s": outcome.get("seconds"),
+        "wire_s": wire_s,
+        "silence_s": silence_s,
+    }
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -217,10 +271,15 @@ def summary(rounds: list[dict], mode: str) -> dict:
     wire = [r["wire_s"] * 1000 for r in done]
     silence = [r["silence_s"] * 1000 for r in done]
     api = [r["api_s"] * 1000 for r in done]
-    out = {"rounds": len(mine), "transferred": len(done),
-           "heard_p50_ms": percentile(wire, 50), "heard_p99_ms": percentile(wire, 99),
-           "api_answer_p50_ms": percentile(api, 50),
-           "silence_p50_ms": percentile(silence, 50), "silence_max_ms": max(silence) if silence else None}
+    out = {
+        "rounds": len(mine),
+        "transferred": len(done),
+        "heard_p50_ms": percentile(wire, 50),
+        "heard_p99_ms": percentile(wire, 99),
+        "api_answer_p50_ms": percentile(api, 50),
+        "silence_p50_ms": percentile(silence, 50),
+        "silence_max_ms": max(silence) if silence else None,
+    }
     if mode == "bridge":
         recorded = [r["recorded_s"] * 1000 for r in done if r.get("recorded_s") is not None]
         out["heard_in_recording_p50_ms"] = percentile(recorded, 50)
@@ -236,8 +295,13 @@ def summary(rounds: list[dict], mode: str) -> dict:
 async def run(args: argparse.Namespace) -> dict:
     folder = Path(tempfile.mkdtemp(prefix="transfer-bench-"))
     gateway = start_serve(folder, "echo", "--transfer-ring-seconds", "10", "--slots", "2")
-    person = Person(folder / "person", tone_hz=PERSON_HZ, quit_after=args.rounds * 30 + 60, rtp_ports=PERSON_PORTS,
-                    bursts=(0.2, 0.3))
+    person = Person(
+        folder / "person",
+        tone_hz=PERSON_HZ,
+        quit_after=args.rounds * 30 + 60,
+        rtp_ports=PERSON_PORTS,
+        bursts=(0.2, 0.3),
+    )
     rounds: list[dict] = []
     try:
         await asyncio.to_thread(gateway.wait_ready)
@@ -252,16 +316,21 @@ async def run(args: argparse.Namespace) -> dict:
                     round_ = await (bridge_round if mode == "bridge" else refer_round)(gateway, person, where, sniffer)
                     rounds.append(round_)
                     wire = "-" if round_["wire_s"] is None else f"{round_['wire_s'] * 1000:6.0f}"
-                    print(f"{mode:6} round {i + 1:2}: {round_['status']} {round_['outcome']}, API answered in "
-                          f"{round_['api_s'] * 1000:6.0f} ms, person heard on the wire after {wire} ms, "
-                          f"silence {round_['silence_s'] * 1000:5.0f} ms", flush=True)
+                    print(
+                        f"{mode:6} round {i + 1:2}: {round_['status']} {round_['outcome']}, API answered in "
+                        f"{round_['api_s'] * 1000:6.0f} ms, person heard on the wire after {wire} ms, "
+                        f"silence {round_['silence_s'] * 1000:5.0f} ms",
+                        flush=True,
+                    )
                     sniffer.datagrams.clear()
                     await asyncio.sleep(0.5)  # the person's baresip hangs up its last call
     finally:
         await person.stop()
         gateway.proc.stop()
-    return {"rounds": rounds, "by_mode": {m: summary(rounds, m) for m in ("bridge", "refer")
-                                          if any(r["mode"] == m for r in rounds)}}
+    return {
+        "rounds": rounds,
+        "by_mode": {m: summary(rounds, m) for m in ("bridge", "refer") if any(r["mode"] == m for r in rounds)},
+    }
 
 
 def main() -> int:
@@ -275,14 +344,18 @@ def main() -> int:
     result = asyncio.run(run(args))
     print()
     for mode, figures in result["by_mode"].items():
-        print(f"{mode}: {figures['transferred']}/{figures['rounds']} transferred; the person heard on the wire "
-              f"p50 {figures['heard_p50_ms']} ms, p99 {figures['heard_p99_ms']} ms after the request (the API "
-              f"answered p50 {figures['api_answer_p50_ms']} ms); silence the caller heard p50 "
-              f"{figures['silence_p50_ms']} ms, max {figures['silence_max_ms']} ms")
+        print(
+            f"{mode}: {figures['transferred']}/{figures['rounds']} transferred; the person heard on the wire "
+            f"p50 {figures['heard_p50_ms']} ms, p99 {figures['heard_p99_ms']} ms after the request (the API "
+            f"answered p50 {figures['api_answer_p50_ms']} ms); silence the caller heard p50 "
+            f"{figures['silence_p50_ms']} ms, max {figures['silence_max_ms']} ms"
+        )
         if mode == "bridge":
-            print(f"bridge: the person's voice through the relay, one way (first packet out of the person to first "
-                  f"packet into the caller, {figures['relay_bursts']} tone bursts): p50 "
-                  f"{figures['relay_one_way_p50_ms']} ms, p99 {figures['relay_one_way_p99_ms']} ms")
+            print(
+                f"bridge: the person's voice through the relay, one way (first packet out of the person to first "
+                f"packet into the caller, {figures['relay_bursts']} tone bursts): p50 "
+                f"{figures['relay_one_way_p50_ms']} ms, p99 {figures['relay_one_way_p99_ms']} ms"
+            )
     print(json.dumps({"benchmark": "transfer", **result["by_mode"], "rounds": result["rounds"]}))
     return 0
 

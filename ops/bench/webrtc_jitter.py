@@ -103,11 +103,16 @@ class PathResult:
 
     def summary(self) -> dict:
         lat = sorted(self.latency_ms) or [float("nan")]
-        return {"frames_out": self.frames_out, "missing_pct": round(self.missing_pct, 2), "stalls": self.stalls,
-                "stall_ms": round(self.stall_ms, 1), "concealed": self.concealed,
-                "latency_p50_ms": round(statistics.median(lat), 1),
-                "latency_p95_ms": round(lat[min(len(lat) - 1, int(0.95 * len(lat)))], 1),
-                "latency_max_ms": round(lat[-1], 1)}
+        return {
+            "frames_out": self.frames_out,
+            "missing_pct": round(self.missing_pct, 2),
+            "stalls": self.stalls,
+            "stall_ms": round(self.stall_ms, 1),
+            "concealed": self.concealed,
+            "latency_p50_ms": round(statistics.median(lat), 1),
+            "latency_p95_ms": round(lat[min(len(lat) - 1, int(0.95 * len(lat)))], 1),
+            "latency_max_ms": round(lat[-1], 1),
+        }
 
 
 async def run_scenario(scenario: Scenario, seed: int) -> tuple[PathResult, PathResult, dict]:
@@ -191,8 +196,7 @@ async def run_scenario(scenario: Scenario, seed: int) -> tuple[PathResult, PathR
 
     reader = asyncio.ensure_future(read_stock())
     connected = asyncio.Event()
-    receiver.on("connectionstatechange",
-                lambda: connected.set() if receiver.connectionState == "connected" else None)
+    receiver.on("connectionstatechange", lambda: connected.set() if receiver.connectionState == "connected" else None)
     await sender.setRemoteDescription(receiver.localDescription)
     await asyncio.wait_for(connected.wait(), 20)
     start[0] = loop.time()
@@ -226,24 +230,32 @@ async def run_scenario(scenario: Scenario, seed: int) -> tuple[PathResult, PathR
 
 async def main() -> None:
     print(__doc__.split("\n\n")[0])
-    print(f"\n{SECONDS:.0f} s per scenario (first {WARMUP:.0f} s clean), 20 ms Opus packets over loopback, "
-          "both paths on the same packets\n")
-    header = (f"{'scenario':22} {'net loss':>8} | {'aiortc: missing':>15} {'stalls':>6} {'stall ms':>8} "
-              f"{'lat p50/p95/max ms':>20} | {'ingress: missing':>16} {'concealed':>9} {'lat p50/p95/max ms':>20}")
+    print(
+        f"\n{SECONDS:.0f} s per scenario (first {WARMUP:.0f} s clean), 20 ms Opus packets over loopback, "
+        "both paths on the same packets\n"
+    )
+    header = (
+        f"{'scenario':22} {'net loss':>8} | {'aiortc: missing':>15} {'stalls':>6} {'stall ms':>8} "
+        f"{'lat p50/p95/max ms':>20} | {'ingress: missing':>16} {'concealed':>9} {'lat p50/p95/max ms':>20}"
+    )
     print(header)
     print("-" * len(header))
     results = []
     for index, scenario in enumerate(SCENARIOS):
         stock, ours, network = await run_scenario(scenario, seed=1000 + index)
         s, o = stock.summary(), ours.summary()
-        print(f"{scenario.name:22} {network['loss_pct']:7.1f}% | {s['missing_pct']:14.1f}% {s['stalls']:6d} "
-              f"{s['stall_ms']:8.0f} {s['latency_p50_ms']:6.0f}/{s['latency_p95_ms']:4.0f}/{s['latency_max_ms']:5.0f}"
-              f"      | {o['missing_pct']:15.1f}% {o['concealed']:9d} "
-              f"{o['latency_p50_ms']:6.0f}/{o['latency_p95_ms']:4.0f}/{o['latency_max_ms']:5.0f}")
+        print(
+            f"{scenario.name:22} {network['loss_pct']:7.1f}% | {s['missing_pct']:14.1f}% {s['stalls']:6d} "
+            f"{s['stall_ms']:8.0f} {s['latency_p50_ms']:6.0f}/{s['latency_p95_ms']:4.0f}/{s['latency_max_ms']:5.0f}"
+            f"      | {o['missing_pct']:15.1f}% {o['concealed']:9d} "
+            f"{o['latency_p50_ms']:6.0f}/{o['latency_p95_ms']:4.0f}/{o['latency_max_ms']:5.0f}"
+        )
         results.append({"scenario": scenario.name, "network": network, "aiortc": s, "ingress": o})
-    print("\nmissing: sent packets whose audio never came out; aiortc stalls: gaps > 50 ms between frames out "
-          "of its track;\ningress concealed: playout slots filled by PLC; latency: beyond the packet's earliest "
-          "possible arrival.")
+    print(
+        "\nmissing: sent packets whose audio never came out; aiortc stalls: gaps > 50 ms between frames out "
+        "of its track;\ningress concealed: playout slots filled by PLC; latency: beyond the packet's earliest "
+        "possible arrival."
+    )
     print(json.dumps({"benchmark": "webrtc_jitter", "seconds_per_scenario": SECONDS, "results": results}))
 
 

@@ -82,6 +82,7 @@ def tiny_model_factory(checkpoint: Path, device: str):
         if not loaded:
             loaded.append(load_checkpoint(str(checkpoint), device=device))
         return loaded[0]
+
     return make
 
 
@@ -98,10 +99,10 @@ def random_7b_factory(device: str, dtype: str):
         mimi = loaders.get_mimi(None, loaders._mimi_config, device=device, num_codebooks=8)
     params = sum(p.numel() for p in lm.parameters()) / 1e9
     print(f"  {params:.2f} B LM parameters, built in {time.monotonic() - started:.0f} s", flush=True)
-    info = ModelInfo(model="random-moshi-7b", license="n/a (random weights)", source="benchmark",
-                     context_steps=lm.context)
-    model = LoadedModel(checkpoint=types.SimpleNamespace(lm_gen_config={}), mimi=mimi, lm=lm,
-                        tokenizer=None, info=info)
+    info = ModelInfo(
+        model="random-moshi-7b", license="n/a (random weights)", source="benchmark", context_steps=lm.context
+    )
+    model = LoadedModel(checkpoint=types.SimpleNamespace(lm_gen_config={}), mimi=mimi, lm=lm, tokenizer=None, info=info)
     return lambda: model  # the engine leaves streaming on close: the modules are reused
 
 
@@ -111,8 +112,12 @@ def memory_figures(model: LoadedModel, device: str) -> dict:
 
     kv = kv_bytes_per_slot(model.lm)
     measured = streaming_state_bytes(LMGen(model.lm, support_out_of_sync=True)) + streaming_state_bytes(model.mimi)
-    out = {"context_steps": model.lm.context, "context_seconds": model.lm.context / FRAME_RATE,
-           "kv_bytes_per_slot": kv, "state_bytes_per_slot_measured": measured}
+    out = {
+        "context_steps": model.lm.context,
+        "context_seconds": model.lm.context / FRAME_RATE,
+        "kv_bytes_per_slot": kv,
+        "state_bytes_per_slot_measured": measured,
+    }
     if device != "meta":
         bound = memory_slots(model.lm, device)
         out.update(memory_slots=bound.slots, free_bytes=bound.free_bytes)
@@ -121,25 +126,30 @@ def memory_figures(model: LoadedModel, device: str) -> dict:
         weights += sum(p.numel() * 4 for p in model.mimi.parameters())  # Mimi runs float32
         per_slot = kv * PER_SLOT_OVERHEAD
         out["weights_bytes"] = weights
-        out["slots_if_gpu_gib"] = {str(gib): int(max(0.0, gib * 2**30 - weights) * GPU_MEMORY_HEADROOM // per_slot)
-                                   for gib in GPU_SIZES_GIB}
+        out["slots_if_gpu_gib"] = {
+            str(gib): int(max(0.0, gib * 2**30 - weights) * GPU_MEMORY_HEADROOM // per_slot) for gib in GPU_SIZES_GIB
+        }
     return out
 
 
 def print_memory(figures: dict) -> None:
     unit, scale = ("GiB", 2**30) if figures["kv_bytes_per_slot"] > 2**30 else ("MiB", 2**20)
-    line = (f"memory per slot at context {figures['context_seconds']:.0f} s ({figures['context_steps']} steps): "
-            f"KV ring {figures['kv_bytes_per_slot'] / scale:.3f} {unit}, all streaming state (measured at B=1) "
-            f"{figures['state_bytes_per_slot_measured'] / scale:.3f} {unit}")
+    line = (
+        f"memory per slot at context {figures['context_seconds']:.0f} s ({figures['context_steps']} steps): "
+        f"KV ring {figures['kv_bytes_per_slot'] / scale:.3f} {unit}, all streaming state (measured at B=1) "
+        f"{figures['state_bytes_per_slot_measured'] / scale:.3f} {unit}"
+    )
     if "memory_slots" in figures:
         free = figures.get("free_bytes")
-        line += (f"; {figures['memory_slots']} slot(s) fit"
-                 + (f" ({free / 2**30:.1f} GiB free)" if free else ""))
+        line += f"; {figures['memory_slots']} slot(s) fit" + (f" ({free / 2**30:.1f} GiB free)" if free else "")
     print(line, flush=True)
     if "slots_if_gpu_gib" in figures:
-        print(f"  weights {figures['weights_bytes'] / 2**30:.1f} GiB; the worker's memory bound (90 % of what is "
-              "left / (KV x 1.15)): " + ", ".join(f"{n} slots on a {gib} GiB GPU"
-                                                 for gib, n in figures["slots_if_gpu_gib"].items()), flush=True)
+        print(
+            f"  weights {figures['weights_bytes'] / 2**30:.1f} GiB; the worker's memory bound (90 % of what is "
+            "left / (KV x 1.15)): "
+            + ", ".join(f"{n} slots on a {gib} GiB GPU" for gib, n in figures["slots_if_gpu_gib"].items()),
+            flush=True,
+        )
 
 
 def time_batch(make_model, batch_size: int, steps: int, cuda_graphs: bool, filled_kv: bool = False) -> dict:
@@ -161,13 +171,20 @@ def time_batch(make_model, batch_size: int, steps: int, cuda_graphs: bool, fille
     finally:
         engine.close()
     p50, p99 = percentile(durations, 50), percentile(durations, 99)
-    return {"B": batch_size, "p50_ms": round(p50, 2), "p99_ms": round(p99, 2),
-            "max_ms": round(max(durations), 2), "warm_up_s": round(warm, 2),
-            "realtime": p99 < FRAME_MS, "per_call_ms": round(p50 / batch_size, 2)}
+    return {
+        "B": batch_size,
+        "p50_ms": round(p50, 2),
+        "p99_ms": round(p99, 2),
+        "max_ms": round(max(durations), 2),
+        "warm_up_s": round(warm, 2),
+        "realtime": p99 < FRAME_MS,
+        "per_call_ms": round(p50 / batch_size, 2),
+    }
 
 
-def bench_engine(make_model, batch_sizes: list[int], steps: int, cuda_graphs: bool,
-                 filled_kv: bool = False) -> list[dict]:
+def bench_engine(
+    make_model, batch_sizes: list[int], steps: int, cuda_graphs: bool, filled_kv: bool = False
+) -> list[dict]:
     print(f"batched engine: {steps} steps per batch size after warm-up; real time = p99 < {FRAME_MS:.0f} ms")
     print(f"{'B':>5} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9} {'ms/call':>9}  real time")
     import torch
@@ -186,16 +203,20 @@ def bench_engine(make_model, batch_sizes: list[int], steps: int, cuda_graphs: bo
                 gc.collect()  # the engine's CUDA graph pools may sit in reference cycles
                 torch.cuda.empty_cache()
         rows.append(row)
-        print(f"{row['B']:>5} {row['p50_ms']:>9.1f} {row['p99_ms']:>9.1f} {row['max_ms']:>9.1f} "
-              f"{row['per_call_ms']:>9.2f}  {'yes' if row['realtime'] else 'no'}", flush=True)
+        print(
+            f"{row['B']:>5} {row['p50_ms']:>9.1f} {row['p99_ms']:>9.1f} {row['max_ms']:>9.1f} "
+            f"{row['per_call_ms']:>9.2f}  {'yes' if row['realtime'] else 'no'}",
+            flush=True,
+        )
         if row["p50_ms"] > 2 * FRAME_MS:
             print("  (p50 is past twice the frame: larger batches skipped)")
             break
     return rows
 
 
-def context_ab(make_model, contexts: list[float], batch_sizes: list[int], steps: int, rounds: int,
-               cuda_graphs: bool) -> list[dict]:
+def context_ab(
+    make_model, contexts: list[float], batch_sizes: list[int], steps: int, rounds: int, cuda_graphs: bool
+) -> list[dict]:
     """The contexts side by side: alternating rounds at each B, so that both see the same machine."""
     from service.worker.engine import MoshiEngine
 
@@ -204,15 +225,16 @@ def context_ab(make_model, contexts: list[float], batch_sizes: list[int], steps:
     for batch_size in batch_sizes:
         times: dict[float, list[float]] = {c: [] for c in contexts}
         for round_ in range(rounds):
-            for context in (contexts if round_ % 2 == 0 else contexts[::-1]):
+            for context in contexts if round_ % 2 == 0 else contexts[::-1]:
                 model = make_model()
                 set_context(model.lm, context)
                 engine = MoshiEngine(model, batch_size, greedy=False, cuda_graphs=cuda_graphs)
                 try:
                     engine.warm_up()
                     engine.fill_rings()
-                    frames = (np.random.default_rng(round_).standard_normal((4, batch_size, FRAME_SAMPLES))
-                              * 0.05).astype(np.float32)
+                    frames = (
+                        np.random.default_rng(round_).standard_normal((4, batch_size, FRAME_SAMPLES)) * 0.05
+                    ).astype(np.float32)
                     active, fresh = np.ones(batch_size, dtype=bool), np.zeros(batch_size, dtype=bool)
                     for i in range(steps):
                         started = time.perf_counter()
@@ -225,15 +247,27 @@ def context_ab(make_model, contexts: list[float], batch_sizes: list[int], steps:
             row[f"p50_ms_{context:g}s"] = round(percentile(times[context], 50), 2)
             row[f"p99_ms_{context:g}s"] = round(percentile(times[context], 99), 2)
         rows.append(row)
-        print(f"  B={batch_size:<4} " + "; ".join(
-            f"context {c:g} s: p50 {row[f'p50_ms_{c:g}s']:.1f} ms, p99 {row[f'p99_ms_{c:g}s']:.1f} ms"
-            for c in contexts), flush=True)
+        print(
+            f"  B={batch_size:<4} "
+            + "; ".join(
+                f"context {c:g} s: p50 {row[f'p50_ms_{c:g}s']:.1f} ms, p99 {row[f'p99_ms_{c:g}s']:.1f} ms"
+                for c in contexts
+            ),
+            flush=True,
+        )
     set_context(make_model().lm, None)
     return rows
 
 
-def chosen_batch(make_model, device: str, budget_ms: float, steps: int, cuda_graphs: bool,
-                 filled_kv: bool = False, max_slots: int | None = None) -> dict:
+def chosen_batch(
+    make_model,
+    device: str,
+    budget_ms: float,
+    steps: int,
+    cuda_graphs: bool,
+    filled_kv: bool = False,
+    max_slots: int | None = None,
+) -> dict:
     """The worker's own choice: service.worker.sizing from the memory bound (or ``max_slots``)."""
     import torch
 
@@ -247,16 +281,26 @@ def chosen_batch(make_model, device: str, budget_ms: float, steps: int, cuda_gra
     def build(batch_size: int):
         return MoshiEngine(model, batch_size, greedy=False, cuda_graphs=cuda_graphs, filled_kv=filled_kv)
 
-    engine, sizing = size_batch(build, budget_ms=budget_ms, upper=upper, upper_reason=reason,
-                                memory_slots=bound.slots, steps=steps)
+    engine, sizing = size_batch(
+        build, budget_ms=budget_ms, upper=upper, upper_reason=reason, memory_slots=bound.slots, steps=steps
+    )
     engine.close()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     print(f"the worker's own choice: {sizing.describe()}", flush=True)
-    print("  timing runs: " + ", ".join(
-        f"B={t.batch_size} " + ("out of memory" if t.out_of_memory else
-                                f"p99 {t.p99_ms:.1f}{' (stopped early)' if t.steps < steps else ''}")
-        for t in sizing.trials), flush=True)
+    print(
+        "  timing runs: "
+        + ", ".join(
+            f"B={t.batch_size} "
+            + (
+                "out of memory"
+                if t.out_of_memory
+                else f"p99 {t.p99_ms:.1f}{' (stopped early)' if t.steps < steps else ''}"
+            )
+            for t in sizing.trials
+        ),
+        flush=True,
+    )
     return sizing.to_dict()
 
 
@@ -284,8 +328,7 @@ async def drive_moshi_server(port: int, seconds: float) -> dict:
     writer = sphn.OpusStreamWriter(24000)
     rng = np.random.default_rng(0)
     sent = received_audio = received_text = 0
-    async with aiohttp.ClientSession() as session, session.ws_connect(
-            f"http://127.0.0.1:{port}/api/chat") as ws:
+    async with aiohttp.ClientSession() as session, session.ws_connect(f"http://127.0.0.1:{port}/api/chat") as ws:
         handshake = await ws.receive()
         assert handshake.data == b"\x00", handshake
 
@@ -322,17 +365,40 @@ def bench_moshi_server(checkpoint: Path, seconds: float, skip_frames: int, threa
     with tempfile.TemporaryDirectory(prefix="moshi-server-bench-") as tmp:
         config = moshi_server_config(checkpoint, Path(tmp) / "config.json")
         log_path = Path(tmp) / "moshi-server.log"
-        env = dict(os.environ, PYTHONUNBUFFERED="1", NO_COLOR="1",
-                   PYTHONPATH=os.pathsep.join([str(SHIM_DIR), os.environ.get("PYTHONPATH", "")]),
-                   HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads))
-        cmd = [sys.executable, "-m", "moshi.server", "--host", "127.0.0.1", "--port", str(port),
-               "--device", "cpu", "--static", "none",
-               "--moshi-weight", str(checkpoint / "model.safetensors"),
-               "--mimi-weight", str(checkpoint / "tokenizer-e351c8d8-checkpoint125.safetensors"),
-               "--tokenizer", str(checkpoint / "tokenizer_spm_32k_3.model"),
-               "--config-path", str(config)]
-        print(f"\nmoshi.server: {' '.join(cmd[1:3])} ... (one conversation per process, "
-              f"{threads} torch thread(s), {seconds:.0f} s of Opus at real time)", flush=True)
+        env = dict(
+            os.environ,
+            PYTHONUNBUFFERED="1",
+            NO_COLOR="1",
+            PYTHONPATH=os.pathsep.join([str(SHIM_DIR), os.environ.get("PYTHONPATH", "")]),
+            HF_HUB_OFFLINE="1",
+            OMP_NUM_THREADS=str(threads),
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "moshi.server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--static",
+            "none",
+            "--moshi-weight",
+            str(checkpoint / "model.safetensors"),
+            "--mimi-weight",
+            str(checkpoint / "tokenizer-e351c8d8-checkpoint125.safetensors"),
+            "--tokenizer",
+            str(checkpoint / "tokenizer_spm_32k_3.model"),
+            "--config-path",
+            str(config),
+        ]
+        print(
+            f"\nmoshi.server: {' '.join(cmd[1:3])} ... (one conversation per process, "
+            f"{threads} torch thread(s), {seconds:.0f} s of Opus at real time)",
+            flush=True,
+        )
         with log_path.open("w") as log:
             proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -356,40 +422,67 @@ def bench_moshi_server(checkpoint: Path, seconds: float, skip_frames: int, threa
         raise RuntimeError("moshi.server logged no frame timings:\n" + text[-3000:])
     p50, p99 = percentile(measured, 50), percentile(measured, 99)
     keeps_up = p99 < FRAME_MS
-    result = {"frames_handled": len(handled), "p50_ms": round(p50, 2), "p99_ms": round(p99, 2),
-              "max_ms": round(max(measured), 2), "keeps_up": keeps_up, "lm_dtype": "bfloat16",
-              "realtime_calls_per_process": 1 if keeps_up else 0, **client}
-    print(f"  per-frame handling over {len(measured)} frames (first {skip_frames} skipped): "
-          f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {max(measured):.1f} ms -> "
-          f"{'keeps up' if keeps_up else 'does NOT keep up'} with real time")
-    print(f"  client: sent {client['frames_sent']} frames, got {client['audio_messages']} Opus "
-          f"and {client['text_messages']} text messages")
+    result = {
+        "frames_handled": len(handled),
+        "p50_ms": round(p50, 2),
+        "p99_ms": round(p99, 2),
+        "max_ms": round(max(measured), 2),
+        "keeps_up": keeps_up,
+        "lm_dtype": "bfloat16",
+        "realtime_calls_per_process": 1 if keeps_up else 0,
+        **client,
+    }
+    print(
+        f"  per-frame handling over {len(measured)} frames (first {skip_frames} skipped): "
+        f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {max(measured):.1f} ms -> "
+        f"{'keeps up' if keeps_up else 'does NOT keep up'} with real time"
+    )
+    print(
+        f"  client: sent {client['frames_sent']} frames, got {client['audio_messages']} Opus "
+        f"and {client['text_messages']} text messages"
+    )
     return result
 
 
 # --- main -----------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", choices=["tiny", "7b"], default="tiny")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, or meta (7b: memory figures only)")
     parser.add_argument("--dtype", default="bfloat16", help="7B weights dtype (tiny runs float32)")
     parser.add_argument("--batch-sizes", default=None, help="comma-separated (default: see above)")
     parser.add_argument("--steps", type=int, default=100, help="timed steps per batch size")
-    parser.add_argument("--context-seconds", default="240,120",
-                        help="comma-separated contexts to measure, each a full part 1 (default: 240,120)")
-    parser.add_argument("--step-budget-ms", type=float, default=70.0,
-                        help="the budget of the worker's own choice of B (its default: 70)")
+    parser.add_argument(
+        "--context-seconds",
+        default="240,120",
+        help="comma-separated contexts to measure, each a full part 1 (default: 240,120)",
+    )
+    parser.add_argument(
+        "--step-budget-ms",
+        type=float,
+        default=70.0,
+        help="the budget of the worker's own choice of B (its default: 70)",
+    )
     parser.add_argument("--skip-choice", action="store_true", help="no search for the worker's own B")
-    parser.add_argument("--max-slots", type=int, default=None,
-                        help="where the worker's own search starts if below the memory bound (the worker's "
-                             "--max-slots; default: the memory bound on a GPU, 128 on CPU)")
+    parser.add_argument(
+        "--max-slots",
+        type=int,
+        default=None,
+        help="where the worker's own search starts if below the memory bound (the worker's "
+        "--max-slots; default: the memory bound on a GPU, 128 on CPU)",
+    )
     parser.add_argument("--no-cuda-graphs", action="store_true")
-    parser.add_argument("--filled-kv", action="store_true",
-                        help="the worker's --filled-kv attention (timed at full rings, as the worker "
-                             "sizes B; ops/bench/filled_kv.py times other call ages)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads on CPU (default: the worker's, half the cores)")
+    parser.add_argument(
+        "--filled-kv",
+        action="store_true",
+        help="the worker's --filled-kv attention (timed at full rings, as the worker "
+        "sizes B; ops/bench/filled_kv.py times other call ages)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads on CPU (default: the worker's, half the cores)"
+    )
     parser.add_argument("--moshi-server-seconds", type=float, default=20.0)
     parser.add_argument("--skip-moshi-server", action="store_true")
     args = parser.parse_args(argv)
@@ -402,15 +495,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--device meta is for --size 7b (memory figures only)")
     if args.device == "cpu":
         from service.worker.main import default_cpu_threads
+
         torch.set_num_threads(args.threads or default_cpu_threads())
     default_sizes = [1, 2, 4, 8, 16, 32, 64, 96, 128] if args.size == "tiny" else [1, 8, 16, 24, 32, 48, 64]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else default_sizes
     contexts = [float(c) for c in args.context_seconds.split(",") if c.strip()]
     timed = args.device != "meta"
 
-    device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else (
-        "meta device (shapes only)" if args.device == "meta" else
-        f"CPU, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
+    device_name = (
+        torch.cuda.get_device_name(0)
+        if args.device.startswith("cuda")
+        else (
+            "meta device (shapes only)"
+            if args.device == "meta"
+            else f"CPU, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+        )
+    )
     print(f"worker benchmark: {args.size} model on {args.device} ({device_name}), torch {torch.__version__}")
 
     tmp = tempfile.TemporaryDirectory(prefix="worker-bench-")
@@ -428,16 +528,23 @@ def main(argv: list[str] | None = None) -> int:
         part: dict = {"context_seconds": context, "memory": memory_figures(make_model(), args.device)}
         print_memory(part["memory"])
         if timed:
-            rows = bench_engine(make_model, batch_sizes, args.steps, cuda_graphs=not args.no_cuda_graphs,
-                                filled_kv=args.filled_kv)
+            rows = bench_engine(
+                make_model, batch_sizes, args.steps, cuda_graphs=not args.no_cuda_graphs, filled_kv=args.filled_kv
+            )
             realtime = [row["B"] for row in rows if row["realtime"]]
             part["batches"] = rows
             part["max_realtime_batch"] = max(realtime) if realtime else 0
             print(f"largest batch holding real time (p99 < {FRAME_MS:.0f} ms): B = {part['max_realtime_batch']}")
             if not args.skip_choice:
                 part["chosen"] = chosen_batch(
-                    make_model, args.device, args.step_budget_ms, args.steps, cuda_graphs=not args.no_cuda_graphs,
-                    filled_kv=args.filled_kv, max_slots=args.max_slots or (128 if args.device == "cpu" else None))
+                    make_model,
+                    args.device,
+                    args.step_budget_ms,
+                    args.steps,
+                    cuda_graphs=not args.no_cuda_graphs,
+                    filled_kv=args.filled_kv,
+                    max_slots=args.max_slots or (128 if args.device == "cpu" else None),
+                )
         parts.append(part)
 
     first = parts[0]
@@ -445,8 +552,14 @@ def main(argv: list[str] | None = None) -> int:
     side_by_side = None
     if timed and len(contexts) > 1 and args.device == "cpu":  # a shared CPU drifts between parts; a GPU does not
         ab_sizes = [b for b in (32, 64) if b in batch_sizes] or batch_sizes[-1:]
-        side_by_side = context_ab(make_model, contexts, ab_sizes, steps=max(20, args.steps // 2), rounds=4,
-                                  cuda_graphs=not args.no_cuda_graphs)
+        side_by_side = context_ab(
+            make_model,
+            contexts,
+            ab_sizes,
+            steps=max(20, args.steps // 2),
+            rounds=4,
+            cuda_graphs=not args.no_cuda_graphs,
+        )
     if timed:
         print_summary(parts, batch_sizes)
 
@@ -454,8 +567,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.size == "tiny" and not args.skip_moshi_server and args.device == "cpu":
         assert checkpoint is not None
         try:
-            server = bench_moshi_server(checkpoint, args.moshi_server_seconds, skip_frames=5,
-                                        threads=torch.get_num_threads())
+            server = bench_moshi_server(
+                checkpoint, args.moshi_server_seconds, skip_frames=5, threads=torch.get_num_threads()
+            )
         except Exception as exc:  # report it, keep the engine figures
             print(f"  moshi.server run failed: {exc}")
             server = {"error": str(exc)[-500:]}
@@ -466,16 +580,32 @@ def main(argv: list[str] | None = None) -> int:
     if server and "realtime_calls_per_process" in server:
         theirs = server["realtime_calls_per_process"]
         ratio = (best / theirs) if theirs else None
-        print(f"\nreal-time calls per process: worker {best}, moshi.server {theirs}"
-              + (f" -> {ratio:.0f}x" if ratio else " (moshi.server does not keep up: ratio undefined)"))
+        print(
+            f"\nreal-time calls per process: worker {best}, moshi.server {theirs}"
+            + (f" -> {ratio:.0f}x" if ratio else " (moshi.server does not keep up: ratio undefined)")
+        )
     tmp.cleanup()
-    print(json.dumps({
-        "bench": "worker", "size": args.size, "device": args.device, "device_name": device_name,
-        "torch": torch.__version__, "steps": args.steps, "step_budget_ms": args.step_budget_ms,
-        "filled_kv": args.filled_kv,
-        "contexts": parts, "contexts_side_by_side": side_by_side, "batches": first.get("batches"), "max_realtime_batch": best,
-        "realtime_calls_per_process": best, "moshi_server": server, "ratio_vs_moshi_server": ratio,
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "worker",
+                "size": args.size,
+                "device": args.device,
+                "device_name": device_name,
+                "torch": torch.__version__,
+                "steps": args.steps,
+                "step_budget_ms": args.step_budget_ms,
+                "filled_kv": args.filled_kv,
+                "contexts": parts,
+                "contexts_side_by_side": side_by_side,
+                "batches": first.get("batches"),
+                "max_realtime_batch": best,
+                "realtime_calls_per_process": best,
+                "moshi_server": server,
+                "ratio_vs_moshi_server": ratio,
+            }
+        )
+    )
     return 0
 
 

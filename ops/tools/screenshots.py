@@ -31,9 +31,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "ops" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-        "--autoplay-policy=no-user-gesture-required", "--mute-audio"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--use-fake-ui-for-media-stream",
+    "--use-fake-device-for-media-stream",
+    "--autoplay-policy=no-user-gesture-required",
+    "--mute-audio",
+]
 WIDTHS = {1280: 800, 390: 844}
 TOKEN = "screenshot-admin-token-0123456789"
 
@@ -96,10 +105,21 @@ async def shoot(api: str, sip: int, settle: float) -> list[Path]:
         await phone.click("#call")  # hang up: it is among the recent calls on the dashboard
 
         caller = await asyncio.create_subprocess_exec(  # the SIP call the dashboard follows
-            sys.executable, "-m", "service", "call", f"sip:0501234567@127.0.0.1:{sip}", "--caller",
-            "+81312345678", "--seconds", "300", "--local-host", "127.0.0.1",
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-            env={**os.environ, "PYTHONPATH": str(REPO)})
+            sys.executable,
+            "-m",
+            "service",
+            "call",
+            f"sip:0501234567@127.0.0.1:{sip}",
+            "--caller",
+            "+81312345678",
+            "--seconds",
+            "300",
+            "--local-host",
+            "127.0.0.1",
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
         try:
             board = await chromium.new_page(viewport={"width": 1280, "height": 800})
             await board.goto(api + "/dashboard")
@@ -107,8 +127,12 @@ async def shoot(api: str, sip: int, settle: float) -> list[Path]:
             await board.click("#login-form button[type=submit]")
             await board.wait_for_selector("#calls tbody tr[data-call-id] button.hangup", timeout=30_000)
             await asyncio.sleep(settle)  # words, figures and a few sparkline samples
-            await until(board, "document.querySelector('#transcript .words')?.textContent.length > 10", 90,
-                        "the dashboard's transcript")
+            await until(
+                board,
+                "document.querySelector('#transcript .words')?.textContent.length > 10",
+                90,
+                "the dashboard's transcript",
+            )
             await picture(board, "dashboard", written)
         finally:
             caller.terminate()
@@ -126,10 +150,35 @@ def main() -> int:
     env = {**os.environ, "PYTHONPATH": str(REPO), "MOSHIMOSHI_API_TOKENS": f"{TOKEN}:admin"}
     log = tempfile.NamedTemporaryFile("w+", prefix="moshimoshi-screenshots-", suffix=".log")  # noqa: SIM115
     serve = subprocess.Popen(
-        [sys.executable, "-m", "service", "serve", "--model", "demo", "--asr", "off", "--slots", "2",
-         "--sip-host", "127.0.0.1", "--sip-port", str(sip), "--http-host", "127.0.0.1", "--http-port", str(http),
-         "--host", "127.0.0.1", "--port", str(worker)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "serve",
+            "--model",
+            "demo",
+            "--asr",
+            "off",
+            "--slots",
+            "2",
+            "--sip-host",
+            "127.0.0.1",
+            "--sip-port",
+            str(sip),
+            "--http-host",
+            "127.0.0.1",
+            "--http-port",
+            str(http),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(worker),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 180
         while not ready(api):

@@ -56,8 +56,14 @@ def create_app(control: CallControl, api_tokens: ApiTokens) -> FastAPI:
     """The control plane's app, serving ``control`` to holders of ``api_tokens``."""
     # /docs serves Swagger UI from the fastapi-offline package (no CDN): the API reference
     # works in an air-gapped call center. No /redoc: ReDoc's page still asks its CDN for a logo.
-    app = FastAPIOffline(title="moshimoshi gateway", version=__version__, description=DESCRIPTION,
-                         openapi_tags=TAGS, static_url="/docs/assets", redoc_url=None)
+    app = FastAPIOffline(
+        title="moshimoshi gateway",
+        version=__version__,
+        description=DESCRIPTION,
+        openapi_tags=TAGS,
+        static_url="/docs/assets",
+        redoc_url=None,
+    )
     app.state.control = control
     app.state.api_tokens = api_tokens
     http_metrics.install(app)
@@ -67,21 +73,36 @@ def create_app(control: CallControl, api_tokens: ApiTokens) -> FastAPI:
         """Alive: the process answers."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["probes"], summary="Readiness", response_model=Readiness,
-             responses={503: {"model": Readiness, "description": "not ready"}})
+    @app.get(
+        "/readyz",
+        tags=["probes"],
+        summary="Readiness",
+        response_model=Readiness,
+        responses={503: {"model": Readiness, "description": "not ready"}},
+    )
     async def readyz() -> JSONResponse:
         """Ready to take calls: Redis reachable, a worker ready, not draining (503 otherwise)."""
         state = control.readiness()
         return JSONResponse(state.model_dump(), status_code=200 if state.ready else 503)
 
-    @app.get("/metrics", tags=["probes"], summary="Prometheus metrics", response_class=Response,
-             responses={200: {"content": {"text/plain": {}}}})
+    @app.get(
+        "/metrics",
+        tags=["probes"],
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}}},
+    )
     async def prometheus_metrics() -> Response:
         """The gateway's metrics in the Prometheus text format (workers serve their own)."""
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/token", tags=["token"], summary="The presented token's scope", response_model=TokenInfo,
-             responses={401: {"description": "no token, or an unknown one"}})
+    @app.get(
+        "/v1/token",
+        tags=["token"],
+        summary="The presented token's scope",
+        response_model=TokenInfo,
+        responses={401: {"description": "no token, or an unknown one"}},
+    )
     async def token_scope(scope: tp.Annotated[Scope, Depends(require_read)]) -> TokenInfo:
         """What the presented token may do (the dashboard shows admin actions to admin tokens only)."""
         return TokenInfo(scope=scope.name.lower())

@@ -32,8 +32,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from service.config import ConfigError
 
 SETTING = "MOSHIMOSHI_API_TOKENS"
-NO_TOKENS_MESSAGE = (f"the API has no tokens configured: set {SETTING}=<token>:admin (or <token>:read, "
-                     "<token>:call, <token>:recordings), comma-separated for several")
+NO_TOKENS_MESSAGE = (
+    f"the API has no tokens configured: set {SETTING}=<token>:admin (or <token>:read, "
+    "<token>:call, <token>:recordings), comma-separated for several"
+)
 WEAK_TOKEN_LENGTH = 16
 
 
@@ -135,8 +137,9 @@ def _tokens(request: Request) -> ApiTokens:
 
 
 def _require(needed: Scope) -> tp.Callable[..., tp.Awaitable[Scope]]:
-    async def dependency(request: Request,
-                         credentials: tp.Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Scope:
+    async def dependency(
+        request: Request, credentials: tp.Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+    ) -> Scope:
         try:
             return _tokens(request).check(credentials.credentials if credentials else None, needed)
         except AuthError as exc:

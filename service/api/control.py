@@ -89,8 +89,9 @@ class CallControl(tp.Protocol):
 
     # -- calls -------------------------------------------------------------------------
 
-    async def list_calls(self, *, state: str | None, since: float | None, worker_id: str | None,
-                         limit: int) -> CallList:
+    async def list_calls(
+        self, *, state: str | None, since: float | None, worker_id: str | None, limit: int
+    ) -> CallList:
         """Calls of every gateway replica, newest first (partial when Redis is down)."""
 
     async def get_call(self, call_id: str) -> CallInfo:

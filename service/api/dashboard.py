@@ -20,8 +20,8 @@ ASSETS = {
 # The page loads only its own script and style and talks only to this gateway.
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-                               "connect-src 'self' ws: wss:; base-uri 'none'; form-action 'none'; "
-                               "frame-ancestors 'none'",
+    "connect-src 'self' ws: wss:; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",
@@ -44,8 +44,12 @@ async def root() -> RedirectResponse:
     return RedirectResponse("/dashboard", status_code=307)
 
 
-@router.get("/dashboard", summary="The operator dashboard (HTML)", response_class=Response,
-            responses={200: {"content": {"text/html": {}}}})
+@router.get(
+    "/dashboard",
+    summary="The operator dashboard (HTML)",
+    response_class=Response,
+    responses={200: {"content": {"text/html": {}}}},
+)
 async def dashboard() -> Response:
     """Live calls, the live transcript of a selected call, and pool capacity."""
     return _serve("dashboard.html")

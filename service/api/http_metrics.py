@@ -12,8 +12,9 @@ import typing as tp
 from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-HTTP_REQUESTS = Counter("moshimoshi_http_requests_total", "API requests by route and status code.",
-                        ["method", "route", "code"])
+HTTP_REQUESTS = Counter(
+    "moshimoshi_http_requests_total", "API requests by route and status code.", ["method", "route", "code"]
+)
 UNMATCHED = "unmatched"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -46,8 +47,7 @@ class HttpMetricsMiddleware:
         finally:
             method = scope.get("method", "GET")
             code = status.get("code", 500)
-            HTTP_REQUESTS.labels(method if method in METHODS else "other", route_template(scope),
-                                         str(code)).inc()
+            HTTP_REQUESTS.labels(method if method in METHODS else "other", route_template(scope), str(code)).inc()
 
 
 def install(app: tp.Any) -> None:

@@ -48,22 +48,28 @@ class RecordingInfo(BaseModel):
     agent on the right (as sent to the caller), sample-aligned on the call's clock."""
 
     format: str = Field(description="wav (PCM16) or ogg (Opus in Ogg), 16 kHz stereo")
-    state: str = Field(description="recording, paused, storing (the call ended; being written out), stored "
-                                   "(GET /v1/calls/{id}/recording, recordings scope) or failed")
+    state: str = Field(
+        description="recording, paused, storing (the call ended; being written out), stored "
+        "(GET /v1/calls/{id}/recording, recordings scope) or failed"
+    )
     pauses: list[RecordingPause] = Field([], description="spans recorded as silence (POST …/recording/pause)")
     location: str | None = Field(None, description="where it is kept: s3://bucket/key or file:///path")
     bytes: int | None = None
     duration_s: float | None = Field(None, description="equals the call's duration")
-    dropped_s: float | None = Field(None, description="audio the gateway could not write in time (silence "
-                                                      "in its place); 0 normally")
+    dropped_s: float | None = Field(
+        None, description="audio the gateway could not write in time (silence in its place); 0 normally"
+    )
     error: str | None = Field(None, description="why it failed")
 
 
 class RecordingControl(BaseModel):
     call_id: str
     state: str = Field(description="paused or recording (requested: the call is on another gateway replica)")
-    at: float | None = Field(None, description="seconds since the answer where the pause or resume took "
-                                               "effect (null when another replica carries it out)")
+    at: float | None = Field(
+        None,
+        description="seconds since the answer where the pause or resume took "
+        "effect (null when another replica carries it out)",
+    )
     on_this_gateway: bool
 
 
@@ -73,53 +79,81 @@ class CallInfo(BaseModel):
     id: str = Field(description="the gateway's call id (X-Moshimoshi-Call-Id of the 200 OK)")
     state: str = Field(description="ringing, queued (waiting for a slot), active or ended")
     ingress: str = Field("", description="sip or webrtc")
-    from_uri: str = Field("", description="the caller (the From header); sip:anonymous@anonymous.invalid "
-                                          "when the caller's identity is withheld")
+    from_uri: str = Field(
+        "",
+        description="the caller (the From header); sip:anonymous@anonymous.invalid "
+        "when the caller's identity is withheld",
+    )
     to_uri: str = ""
-    dialled: str = Field("", description="SIP: the number dialled, the Request-URI's user part (behind a "
-                                         "proxy or trunk it differs from to_uri)")
-    caller: CallerId | None = Field(None, description="SIP: who called (P-Asserted-Identity, Remote-Party-ID "
-                                                      "or From), privacy honoured")
-    redirects: list[Redirect] = Field([], description="SIP: Diversion and History-Info entries, oldest first "
-                                                      "(empty when the caller's privacy withholds them)")
-    caller_masked: str = Field("", description="the caller's number masked but for its last four digits, as "
-                                               "the logs and the dashboard show it; withheld or unknown")
+    dialled: str = Field(
+        "",
+        description="SIP: the number dialled, the Request-URI's user part (behind a "
+        "proxy or trunk it differs from to_uri)",
+    )
+    caller: CallerId | None = Field(
+        None, description="SIP: who called (P-Asserted-Identity, Remote-Party-ID or From), privacy honoured"
+    )
+    redirects: list[Redirect] = Field(
+        [],
+        description="SIP: Diversion and History-Info entries, oldest first "
+        "(empty when the caller's privacy withholds them)",
+    )
+    caller_masked: str = Field(
+        "",
+        description="the caller's number masked but for its last four digits, as "
+        "the logs and the dashboard show it; withheld or unknown",
+    )
     codec: str = ""
-    sip_transport: str = Field("", description="how the call's SIP signalling came: UDP, TCP or TLS "
-                                               "(empty for WebRTC)")
-    media_encryption: str = Field("", description="none, SDES-SRTP (SIP with a=crypto keys over TLS) or "
-                                                  "DTLS-SRTP (WebRTC); empty until the media is agreed")
+    sip_transport: str = Field("", description="how the call's SIP signalling came: UDP, TCP or TLS (empty for WebRTC)")
+    media_encryption: str = Field(
+        "",
+        description="none, SDES-SRTP (SIP with a=crypto keys over TLS) or "
+        "DTLS-SRTP (WebRTC); empty until the media is agreed",
+    )
     route: str = Field("", description="the route the call took (routes file; default without one)")
     worker_id: str = ""
     slot: int | None = None
     model: str = ""
     license: str = ""
     sampling: dict[str, float | int | bool] | None = Field(
-        None, description="what the worker samples the model with for this call: greedy, temp, temp_text, "
-        "top_k, top_k_text")
+        None,
+        description="what the worker samples the model with for this call: greedy, temp, temp_text, top_k, top_k_text",
+    )
     gateway_id: str = Field("", description="the gateway replica that answered the call")
     started_at: float = Field(description="arrival of the INVITE, epoch seconds")
     answered_at: float | None = None
     ended_at: float | None = None
     end_reason: str = Field("", description="remote-bye, api-hangup, rtp-timeout, rejected-busy, cancelled, ...")
-    end_detail: str = Field("", description="the end reason in words, when it alone does not say what went "
-                                            "wrong (e.g. why the answer in an ACK was unusable)")
+    end_detail: str = Field(
+        "",
+        description="the end reason in words, when it alone does not say what went "
+        "wrong (e.g. why the answer in an ACK was unusable)",
+    )
     duration_s: float = Field(0.0, description="seconds since (or until the end from) the answer")
     on_this_gateway: bool = Field(False, description="the answering gateway is the one serving this request")
     recording: RecordingInfo | None = Field(None, description="the call's recording, when its route records")
     quality: CallQuality | None = None
-    phases: list[CallPhase] = Field([], description="who the caller talked to: the AI (ai: start, end, worker), "
-                                                    "then after a transfer a person (human: target, mode, start, "
-                                                    "end; a bridged leg's quality)")
-    transfers: list[TransferAttempt] = Field([], description="every transfer asked for: target, by, mode, "
-                                                             "outcome, SIP status, reason, seconds")
+    phases: list[CallPhase] = Field(
+        [],
+        description="who the caller talked to: the AI (ai: start, end, worker), "
+        "then after a transfer a person (human: target, mode, start, "
+        "end; a bridged leg's quality)",
+    )
+    transfers: list[TransferAttempt] = Field(
+        [], description="every transfer asked for: target, by, mode, outcome, SIP status, reason, seconds"
+    )
 
     @classmethod
     def of(cls, record: CallRecord, *, on_this_gateway: bool = False) -> CallInfo:
         """The record as the API shows it: the caller's privacy honoured (see ``CallerId``)."""
         shared = {name: getattr(record, name) for name in _SHARED_FIELDS}
-        return cls(id=record.call_id, **shared, duration_s=record.duration_s(),
-                   on_this_gateway=on_this_gateway, **shown_identity(record.identity, record.from_uri))
+        return cls(
+            id=record.call_id,
+            **shared,
+            duration_s=record.duration_s(),
+            on_this_gateway=on_this_gateway,
+            **shown_identity(record.identity, record.from_uri),
+        )
 
     @property
     def active(self) -> bool:
@@ -138,21 +172,38 @@ def shown_identity(identity: CallerIdentity | dict[str, tp.Any] | None, from_uri
     caller = CallerId(
         number=None if withheld else party.number or None,
         name=None if identity.name_withheld else party.name or None,
-        uri=None if withheld else party.uri or None, source=identity.caller_source, withheld=withheld,
-        privacy=list(identity.privacy))
+        uri=None if withheld else party.uri or None,
+        source=identity.caller_source,
+        withheld=withheld,
+        privacy=list(identity.privacy),
+    )
     redirects: list[Redirect] = []
     if not identity.redirects_withheld:
         for header, parties in (("diversion", identity.diversion), ("history-info", identity.history_info)):
             for entry in parties:
-                redirects.append(Redirect(header=header, number=entry.number or None, uri=entry.uri or None,
-                                          reason=entry.params.get("reason")))
-    return {"from_uri": ANONYMOUS_URI if withheld else from_uri, "dialled": identity.dialled, "caller": caller,
-            "redirects": redirects, "caller_masked": masked_caller(identity)}
+                redirects.append(
+                    Redirect(
+                        header=header,
+                        number=entry.number or None,
+                        uri=entry.uri or None,
+                        reason=entry.params.get("reason"),
+                    )
+                )
+    return {
+        "from_uri": ANONYMOUS_URI if withheld else from_uri,
+        "dialled": identity.dialled,
+        "caller": caller,
+        "redirects": redirects,
+        "caller_masked": masked_caller(identity),
+    }
 
 
 # the record's fields the API shows as they are (identity, from_uri and the id are shown above)
-_SHARED_FIELDS = tuple(name for name in CallRecord.__dataclass_fields__
-                       if name in CallInfo.model_fields and name not in ("from_uri", "identity"))
+_SHARED_FIELDS = tuple(
+    name
+    for name in CallRecord.__dataclass_fields__
+    if name in CallInfo.model_fields and name not in ("from_uri", "identity")
+)
 
 
 class CallList(BaseModel):
@@ -167,14 +218,17 @@ class RefusedCallInfo(BaseModel):
     id: str = Field(description="the gateway's call id")
     ended_at: float = Field(description="when it was refused, epoch seconds")
     started_at: float = Field(description="arrival of the INVITE (or offer), epoch seconds")
-    reason: str = Field(description="why: the call's end reason (rejected-busy, rejected-codec, rejected-sdp, "
-                                    "rejected-srtp, rejected-unready, rejected-draining, cancelled, error, ...)")
+    reason: str = Field(
+        description="why: the call's end reason (rejected-busy, rejected-codec, rejected-sdp, "
+        "rejected-srtp, rejected-unready, rejected-draining, cancelled, error, ...)"
+    )
     status: int | None = Field(None, description="the status the caller got (SIP; WebRTC: HTTP), null if none")
     detail: str = Field("", description="the reason in words, as the caller was told")
     ingress: str = Field("", description="sip or webrtc")
     sip_transport: str = ""
-    caller: str = Field("", description="the caller's number masked but for its last four digits (empty when "
-                                        "withheld or unknown)")
+    caller: str = Field(
+        "", description="the caller's number masked but for its last four digits (empty when withheld or unknown)"
+    )
     dialled: str = Field("", description="SIP: the number dialled")
     source: str = Field("", description="SIP: the address the INVITE came from (the trunk)")
     gateway_id: str = Field("", description="the gateway replica that refused it")
@@ -186,8 +240,9 @@ class RefusalList(BaseModel):
     window_seconds: float = Field(description="how far back this looks")
     total: int = Field(description="calls refused within the window, every gateway")
     by_reason: dict[str, int] = Field(description="those calls by reason")
-    refusals: list[RefusedCallInfo] = Field(description="the latest of them, newest first (the record keeps the "
-                                                        "last 1000 at most)")
+    refusals: list[RefusedCallInfo] = Field(
+        description="the latest of them, newest first (the record keeps the last 1000 at most)"
+    )
     partial: bool = Field(False, description="true when Redis could not be read: only this gateway's")
 
 
@@ -219,10 +274,15 @@ class TransferOutcome(BaseModel):
     call_id: str
     target: str = Field(description="where the call was to go, as used (sip:, sips: or tel: URI)")
     outcome: str = Field(description="transferred, or failed: the caller stays with the AI")
-    mode: str = Field(description="refer (the caller's side took the call elsewhere) or bridge (the gateway "
-                                  "called the target and relays the audio); for a failure, the last tried")
-    status: int | None = Field(None, description="the SIP status that decided it: the REFER's answer, the final "
-                                                 "NOTIFY's, the target's answer; 408 nobody answered in time")
+    mode: str = Field(
+        description="refer (the caller's side took the call elsewhere) or bridge (the gateway "
+        "called the target and relays the audio); for a failure, the last tried"
+    )
+    status: int | None = Field(
+        None,
+        description="the SIP status that decided it: the REFER's answer, the final "
+        "NOTIFY's, the target's answer; 408 nobody answered in time",
+    )
     reason: str = Field("", description="how it went, in words (the reason it failed)")
     seconds: float = Field(description="from the request to the hand-over (or the failure)")
     by: str = Field("api", description="who asked: api, dtmf or overflow")
@@ -231,14 +291,18 @@ class TransferOutcome(BaseModel):
 
 
 class TranscriptPiece(BaseModel):
-    seq: int = Field(description="index of the piece in the call's transcript (the order pieces came in: a "
-                                 "caller's words come once the utterance ended, so sort by t for time order)")
+    seq: int = Field(
+        description="index of the piece in the call's transcript (the order pieces came in: a "
+        "caller's words come once the utterance ended, so sort by t for time order)"
+    )
     t: float = Field(description="seconds since the call was answered (caller: where the speech began)")
-    kind: str = Field(description="agent (the model's words), caller (the caller's words, from ASR), dtmf (a "
-                                  "key the caller pressed: '*' unless the route stores digits in clear), transfer "
-                                  "(a transfer to a human: where, how, and whether it worked) or note (the "
-                                  "caller's transcript unavailable or resumed, the recording paused or resumed, "
-                                  "the consent announcement played)")
+    kind: str = Field(
+        description="agent (the model's words), caller (the caller's words, from ASR), dtmf (a "
+        "key the caller pressed: '*' unless the route stores digits in clear), transfer "
+        "(a transfer to a human: where, how, and whether it worked) or note (the "
+        "caller's transcript unavailable or resumed, the recording paused or resumed, "
+        "the consent announcement played)"
+    )
     text: str
     duration_ms: float | None = Field(None, description="for dtmf: how long the key was held")
     start: float | None = Field(None, description="for caller: where the utterance began (= t)")
@@ -271,18 +335,24 @@ class WorkerState(BaseModel):
     model: str = ""
     license: str = ""
     version: str = ""
-    state: str = Field("", description="ready, draining, or overloaded (its step p99 over the last minute "
-                                       "exceeds its budget: it takes no new calls until it recovers); empty "
-                                       "when no longer alive")
+    state: str = Field(
+        "",
+        description="ready, draining, or overloaded (its step p99 over the last minute "
+        "exceeds its budget: it takes no new calls until it recovers); empty "
+        "when no longer alive",
+    )
     alive: bool = Field(description="its registration has not expired (it heartbeats)")
     capacity: int = Field(0, description="B: the slots it serves")
     busy_slots: int = 0
     free_slots: int = 0
     last_seen: float | None = None
     started_at: float | None = None
-    slots_reason: str = Field("", description="why B is what it is: memory (what fits), limit (--max-slots), "
-                                              "time (lowered until the step p99 held the budget) or forced "
-                                              "(--slots)")
+    slots_reason: str = Field(
+        "",
+        description="why B is what it is: memory (what fits), limit (--max-slots), "
+        "time (lowered until the step p99 held the budget) or forced "
+        "(--slots)",
+    )
     memory_slots: int | None = Field(None, description="slots that fit its memory")
     step_budget_ms: float | None = Field(None, description="the step time budget B is sized for")
     warmup_p50_ms: float | None = Field(None, description="step time p50 measured at warm-up at B")
@@ -290,15 +360,18 @@ class WorkerState(BaseModel):
     step_p99_ms: float | None = Field(None, description="step time p99 over its last minute of serving")
     context_seconds: float | None = Field(None, description="seconds of call its model keeps in mind")
     slots: list[SlotState] = []
-    role: str = Field("model", description="model (B slots, leased to calls) or asr (transcribes callers' "
-                                           "utterances; no slots)")
+    role: str = Field(
+        "model", description="model (B slots, leased to calls) or asr (transcribes callers' utterances; no slots)"
+    )
     sessions: int = Field(0, description="an ASR worker's concurrent call sessions (0 for model workers)")
     free_sessions: int = Field(0, description="an ASR worker's sessions free, as it last reported")
 
 
 class PoolState(BaseModel):
-    mode: str = Field(description="pool (workers in Redis), single-worker (MOSHIMOSHI_WORKER_URL) or "
-                                  "loopback (--worker-url echo:, calls echoed in the gateway; no slot limit)")
+    mode: str = Field(
+        description="pool (workers in Redis), single-worker (MOSHIMOSHI_WORKER_URL) or "
+        "loopback (--worker-url echo:, calls echoed in the gateway; no slot limit)"
+    )
     workers: list[WorkerState]
     workers_ready: int = Field(description="model workers ready for calls (ASR workers not counted)")
     slots_total: int = Field(description="capacity of ready workers")

@@ -12,9 +12,13 @@ from service.api.models import DrainResult, PoolHistory, PoolState, Problem
 router = APIRouter(prefix="/v1", tags=["pool"], responses=AUTH_RESPONSES)
 
 
-@router.get("/pool", summary="Workers, slots and their state", response_model=PoolState,
-            dependencies=[Depends(require_read)],
-            responses={503: {"model": Problem, "description": "Redis unreachable"}})
+@router.get(
+    "/pool",
+    summary="Workers, slots and their state",
+    response_model=PoolState,
+    dependencies=[Depends(require_read)],
+    responses={503: {"model": Problem, "description": "Redis unreachable"}},
+)
 async def pool_state(request: Request) -> PoolState:
     """Every worker seen recently (live, or dead and not yet forgotten) with each slot's
     lease: the call holding it, its fencing token and the time left on it."""
@@ -24,8 +28,12 @@ async def pool_state(request: Request) -> PoolState:
         raise failed(exc) from None
 
 
-@router.get("/pool/history", summary="Concurrent calls over the last hour", response_model=PoolHistory,
-            dependencies=[Depends(require_read)])
+@router.get(
+    "/pool/history",
+    summary="Concurrent calls over the last hour",
+    response_model=PoolHistory,
+    dependencies=[Depends(require_read)],
+)
 async def pool_history(request: Request) -> PoolHistory:
     """Calls holding a worker slot (every gateway's) and the capacity of the ready workers,
     the busiest moment of each interval over the last hour, oldest first: what the
@@ -33,11 +41,18 @@ async def pool_history(request: Request) -> PoolHistory:
     return control_of(request).pool_history()
 
 
-@router.post("/workers/{worker_id}/drain", summary="Drain a worker", status_code=202,
-             response_model=DrainResult, dependencies=[Depends(require_admin)],
-             responses={404: {"model": Problem, "description": "no such live worker"},
-                        502: {"model": Problem, "description": "the worker did not answer"},
-                        503: {"model": Problem, "description": "Redis unreachable"}})
+@router.post(
+    "/workers/{worker_id}/drain",
+    summary="Drain a worker",
+    status_code=202,
+    response_model=DrainResult,
+    dependencies=[Depends(require_admin)],
+    responses={
+        404: {"model": Problem, "description": "no such live worker"},
+        502: {"model": Problem, "description": "the worker did not answer"},
+        503: {"model": Problem, "description": "Redis unreachable"},
+    },
+)
 async def drain_worker(request: Request, worker_id: str) -> DrainResult:
     """Ask a worker to drain (admin scope), as its SIGTERM would: it takes no new calls,
     its calls go on for up to its drain grace, then it exits. Goes to the worker's own

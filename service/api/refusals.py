@@ -13,8 +13,12 @@ MAX_LIMIT = 1000
 router = APIRouter(prefix="/v1", tags=["calls"], responses=AUTH_RESPONSES)
 
 
-@router.get("/refusals", summary="Calls refused in the last hour, and why", response_model=RefusalList,
-            dependencies=[Depends(require_read)])
+@router.get(
+    "/refusals",
+    summary="Calls refused in the last hour, and why",
+    response_model=RefusalList,
+    dependencies=[Depends(require_read)],
+)
 async def refusals(
     request: Request,
     limit: int = Query(100, ge=0, le=MAX_LIMIT, description="at most this many of the latest, newest first"),

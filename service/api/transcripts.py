@@ -71,22 +71,38 @@ def plain_text(transcript: Transcript) -> str:
             held = f" ({event.duration_ms:.0f} ms)" if event.duration_ms is not None else ""
             lines.append(f"[{_clock(event.t)}] {event.kind.upper()}: {event.text}{held}")
     flush()
-    header = f"# call {transcript.call_id}" + (f", ended: {transcript.end_reason}" if transcript.complete
-                                               else ", in progress")
+    header = f"# call {transcript.call_id}" + (
+        f", ended: {transcript.end_reason}" if transcript.complete else ", in progress"
+    )
     return "\n".join([header, *lines]) + "\n"
 
 
 @router.get(
-    "/{call_id}/transcript", summary="A call's transcript (JSON or plain text)", response_model=Transcript,
+    "/{call_id}/transcript",
+    summary="A call's transcript (JSON or plain text)",
+    response_model=Transcript,
     dependencies=[Depends(require_read)],
-    responses={**AUTH_RESPONSES, **NOT_FOUND, **UNAVAILABLE,
-               200: {"content": {"application/json": {}, "text/plain": {
-                   "example": "[00:01.20] agent: はい、お電話ありがとうございます\n[00:03.48] caller: 予約の確認をお願いします"}},
-                     "description": "the transcript; text/plain with ?format=text or Accept: text/plain"}})
+    responses={
+        **AUTH_RESPONSES,
+        **NOT_FOUND,
+        **UNAVAILABLE,
+        200: {
+            "content": {
+                "application/json": {},
+                "text/plain": {
+                    "example": "[00:01.20] agent: はい、お電話ありがとうございます\n[00:03.48] caller: 予約の確認をお願いします"
+                },
+            },
+            "description": "the transcript; text/plain with ?format=text or Accept: text/plain",
+        },
+    },
+)
 async def get_transcript(
-    request: Request, call_id: str,
+    request: Request,
+    call_id: str,
     format: tp.Literal["json", "text"] | None = Query(
-        None, description="json (default) or text; without it, Accept: text/plain asks for text"),
+        None, description="json (default) or text; without it, Accept: text/plain asks for text"
+    ),
 ) -> tp.Any:
     """Both sides' words with their timestamps (the agent's from the model, the caller's
     from ASR), the caller's DTMF digits and notes, of a live or ended call (within the
@@ -96,8 +112,11 @@ async def get_transcript(
         transcript = await control_of(request).transcript(call_id)
     except ControlError as exc:
         raise failed(exc) from None
-    wants_text = format == "text" or (format is None and "text/plain" in request.headers.get("accept", "")
-                                      and "application/json" not in request.headers.get("accept", ""))
+    wants_text = format == "text" or (
+        format is None
+        and "text/plain" in request.headers.get("accept", "")
+        and "application/json" not in request.headers.get("accept", "")
+    )
     if wants_text:
         return PlainTextResponse(plain_text(transcript), media_type="text/plain; charset=utf-8")
     return transcript

@@ -57,8 +57,7 @@ def webrtc_router(control: CallControl) -> APIRouter:
     auth = Depends(require_call)
     router = APIRouter()
 
-    @router.post("/v1/webrtc/offer", tags=["webrtc"], dependencies=[auth], status_code=201,
-                 response_class=Response)
+    @router.post("/v1/webrtc/offer", tags=["webrtc"], dependencies=[auth], status_code=201, response_class=Response)
     async def offer(request: Request, credentials: Credentials) -> Response:
         """WHIP-style: an SDP offer in, the SDP answer out (201), the session at ``Location``."""
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -80,15 +79,20 @@ def webrtc_router(control: CallControl) -> APIRouter:
         except ControlError as exc:
             headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
             return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=headers)
-        response = Response(answer.sdp, status_code=201, media_type="application/sdp",
-                            headers={"Location": SESSION_PATH + answer.session_id, CALL_ID_HEADER: answer.call_id})
+        response = Response(
+            answer.sdp,
+            status_code=201,
+            media_type="application/sdp",
+            headers={"Location": SESSION_PATH + answer.session_id, CALL_ID_HEADER: answer.call_id},
+        )
         for link in _link_headers(control.webrtc_config()):
             response.headers.append("Link", link)
         return response
 
     @router.delete(SESSION_PATH + "{session_id}", tags=["webrtc"])
-    async def hang_up(session_id: str, credentials: Credentials,
-                      scope: tp.Annotated[Scope, Depends(require_call)]) -> dict[str, str]:
+    async def hang_up(
+        session_id: str, credentials: Credentials, scope: tp.Annotated[Scope, Depends(require_call)]
+    ) -> dict[str, str]:
         """Hang up a WebRTC call: one this token placed (an admin token: any)."""
         owner = None if scope is Scope.ADMIN else owner_of(credentials)
         if not control.webrtc_hang_up(session_id, owner=owner):
@@ -98,8 +102,11 @@ def webrtc_router(control: CallControl) -> APIRouter:
     @router.patch(SESSION_PATH + "{session_id}", tags=["webrtc"], dependencies=[auth])
     async def trickle(session_id: str) -> Response:
         """Trickle ICE is not supported: put every candidate in the offer."""
-        return JSONResponse({"detail": "trickle ICE is not supported; send all candidates in the offer"},
-                            status_code=405, headers={"Allow": "DELETE"})
+        return JSONResponse(
+            {"detail": "trickle ICE is not supported; send all candidates in the offer"},
+            status_code=405,
+            headers={"Allow": "DELETE"},
+        )
 
     @router.get("/v1/webrtc/config", tags=["webrtc"], dependencies=[auth])
     async def config() -> dict[str, tp.Any]:
@@ -115,8 +122,7 @@ def webrtc_router(control: CallControl) -> APIRouter:
 
     @router.get("/phone", tags=["webrtc"], include_in_schema=False)
     async def phone() -> FileResponse:
-        return FileResponse(STATIC / "phone.html", media_type="text/html",
-                            headers={"Cache-Control": "no-cache"})
+        return FileResponse(STATIC / "phone.html", media_type="text/html", headers={"Cache-Control": "no-cache"})
 
     @router.get("/phone/{name}", include_in_schema=False)
     async def phone_asset(name: str) -> FileResponse:

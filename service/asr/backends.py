@@ -32,9 +32,11 @@ log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
 KOTOBA_MODEL = "kotoba-tech/kotoba-whisper-v2.0-faster"
-DEMO_BANNER = ("ASR model 'demo': a TINY RANDOM-WEIGHT Whisper built locally for trying the pipeline; "
-               "its text is MEANINGLESS. Use --model kotoba-tech/kotoba-whisper-v2.0-faster (with a GPU) "
-               "for real transcripts.")
+DEMO_BANNER = (
+    "ASR model 'demo': a TINY RANDOM-WEIGHT Whisper built locally for trying the pipeline; "
+    "its text is MEANINGLESS. Use --model kotoba-tech/kotoba-whisper-v2.0-faster (with a GPU) "
+    "for real transcripts."
+)
 MAX_NEW_TOKENS_BASE = 16
 MAX_NEW_TOKENS_PER_SECOND = 12  # Japanese speech is about 8 characters a second; more is a loop
 MAX_DECODER_POSITIONS = 448
@@ -73,9 +75,18 @@ def max_new_tokens(seconds: float) -> int:
 class FasterWhisperBackend:
     """A Whisper-family model on CTranslate2, batched."""
 
-    def __init__(self, model: str, *, device: str = "cpu", compute_type: str = "default",
-                 cpu_threads: int = 1, language: str = "ja", beam_size: int = 1,
-                 revision: str | None = None, download_root: str | None = None) -> None:
+    def __init__(
+        self,
+        model: str,
+        *,
+        device: str = "cpu",
+        compute_type: str = "default",
+        cpu_threads: int = 1,
+        language: str = "ja",
+        beam_size: int = 1,
+        revision: str | None = None,
+        download_root: str | None = None,
+    ) -> None:
         from faster_whisper import WhisperModel
 
         from service.asr.tinywhisper import demo_whisper, random_weights
@@ -88,13 +99,23 @@ class FasterWhisperBackend:
         elif self.random_weights:
             log.warning("ASR model %s has RANDOM WEIGHTS: its text is meaningless", model)
         self.device = device
-        self.whisper = WhisperModel(path, device=device, compute_type=compute_type, cpu_threads=cpu_threads,
-                                    revision=revision, download_root=download_root)
+        self.whisper = WhisperModel(
+            path,
+            device=device,
+            compute_type=compute_type,
+            cpu_threads=cpu_threads,
+            revision=revision,
+            download_root=download_root,
+        )
         self.beam_size = beam_size
         tokenizer = self.whisper.hf_tokenizer
         self.eot = tokenizer.token_to_id("<|endoftext|>")
-        prompt = [tokenizer.token_to_id("<|startoftranscript|>"), tokenizer.token_to_id(f"<|{language}|>"),
-                  tokenizer.token_to_id("<|transcribe|>"), tokenizer.token_to_id("<|notimestamps|>")]
+        prompt = [
+            tokenizer.token_to_id("<|startoftranscript|>"),
+            tokenizer.token_to_id(f"<|{language}|>"),
+            tokenizer.token_to_id("<|transcribe|>"),
+            tokenizer.token_to_id("<|notimestamps|>"),
+        ]
         if prompt[0] is None or self.eot is None:
             raise ValueError(f"{model}: not a Whisper tokenizer (no <|startoftranscript|> or <|endoftext|>)")
         if prompt[1] is None and self.whisper.model.is_multilingual:
@@ -126,13 +147,19 @@ class FasterWhisperBackend:
         features = np.ascontiguousarray(np.stack([self.features(audio) for audio in batch]))
         longest = max(len(audio) for audio in batch) / SAMPLE_RATE
         results = self.whisper.model.generate(
-            ctranslate2.StorageView.from_array(features), [self.prompt] * len(batch),
-            beam_size=self.beam_size, max_length=self._max_length(longest),
-            return_scores=True, return_no_speech_prob=True, suppress_blank=True, suppress_tokens=[-1])
+            ctranslate2.StorageView.from_array(features),
+            [self.prompt] * len(batch),
+            beam_size=self.beam_size,
+            max_length=self._max_length(longest),
+            return_scores=True,
+            return_no_speech_prob=True,
+            suppress_blank=True,
+            suppress_tokens=[-1],
+        )
         out = []
         for audio, result in zip(batch, results, strict=True):
             # each utterance's own bound, whatever the longest in its batch allowed
-            tokens = result.sequences_ids[0][:max_new_tokens(len(audio) / SAMPLE_RATE)]
+            tokens = result.sequences_ids[0][: max_new_tokens(len(audio) / SAMPLE_RATE)]
             tokens = [token for token in tokens if token < self.eot]
             avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1) if result.scores else 0.0
             if result.no_speech_prob > NO_SPEECH_PROBABILITY and avg_logprob < NO_SPEECH_LOGPROB:
@@ -165,8 +192,16 @@ class OpenAIBackend:
 
     random_weights = False
 
-    def __init__(self, base_url: str, model: str, *, api_key: str | None = None, language: str = "ja",
-                 timeout: float = 30.0, concurrency: int = 8) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key: str | None = None,
+        language: str = "ja",
+        timeout: float = 30.0,
+        concurrency: int = 8,
+    ) -> None:
         import httpx
 
         if not base_url.startswith(("http://", "https://")):
@@ -185,8 +220,10 @@ class OpenAIBackend:
         async with self._limit:
             try:
                 response = await self._client.post(
-                    self.url, files={"file": ("utterance.wav", wav_bytes(audio), "audio/wav")},
-                    data={"model": self.model, "language": self.language, "response_format": "json"})
+                    self.url,
+                    files={"file": ("utterance.wav", wav_bytes(audio), "audio/wav")},
+                    data={"model": self.model, "language": self.language, "response_format": "json"},
+                )
             except httpx.HTTPError as exc:
                 return Transcription(error=f"transcription endpoint unreachable: {type(exc).__name__}")
         if response.status_code != 200:

@@ -38,8 +38,15 @@ class _Item:
 class UtteranceBatcher:
     """Collects up to ``max_batch`` utterances or ``max_wait`` seconds, then runs one batch."""
 
-    def __init__(self, backend: Backend, *, max_batch: int = 8, max_wait: float = 0.02,
-                 max_queue: int = 256, metrics: AsrMetrics | None = None) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        max_batch: int = 8,
+        max_wait: float = 0.02,
+        max_queue: int = 256,
+        metrics: AsrMetrics | None = None,
+    ) -> None:
         if max_batch < 1 or max_queue < max_batch or max_wait < 0:
             raise ValueError("need max_batch >= 1, max_queue >= max_batch and max_wait >= 0")
         self.backend = backend

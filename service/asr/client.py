@@ -54,18 +54,25 @@ FAILED_WORKER_SECONDS = 5.0  # a worker that failed this call is not picked agai
 UNAVAILABLE = "caller transcript unavailable"
 RESUMED = "caller transcript resumed"
 
-UTTERANCES = Counter("moshimoshi_gateway_caller_utterances_total",
-                     "Callers' utterances by outcome: transcribed, failed (the ASR worker could not)",
-                     ["outcome"])
-AUDIO_LOST = Counter("moshimoshi_gateway_caller_audio_lost_seconds_total",
-                     "Callers' audio no ASR worker heard (none up, or lost before it settled)")
-TEXT_DELAY = Histogram("moshimoshi_gateway_caller_text_delay_seconds",
-                       "From the end of a caller's speech to its text at the gateway (includes the "
-                       "VAD's silence that ends an utterance)",
-                       buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0))
-ASR_SESSIONS = Counter("moshimoshi_gateway_asr_sessions_total",
-                       "Sessions opened to ASR workers, by outcome (opened, refused, unreachable, lost)",
-                       ["outcome"])
+UTTERANCES = Counter(
+    "moshimoshi_gateway_caller_utterances_total",
+    "Callers' utterances by outcome: transcribed, failed (the ASR worker could not)",
+    ["outcome"],
+)
+AUDIO_LOST = Counter(
+    "moshimoshi_gateway_caller_audio_lost_seconds_total",
+    "Callers' audio no ASR worker heard (none up, or lost before it settled)",
+)
+TEXT_DELAY = Histogram(
+    "moshimoshi_gateway_caller_text_delay_seconds",
+    "From the end of a caller's speech to its text at the gateway (includes the VAD's silence that ends an utterance)",
+    buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0),
+)
+ASR_SESSIONS = Counter(
+    "moshimoshi_gateway_asr_sessions_total",
+    "Sessions opened to ASR workers, by outcome (opened, refused, unreachable, lost)",
+    ["outcome"],
+)
 
 
 @dataclass
@@ -90,8 +97,7 @@ class AsrWorkerFinder:
 
     The registry is read at most once a second per finder (shared by a gateway's calls)."""
 
-    def __init__(self, registry: tp.Any | None = None, *, url: str | None = None,
-                 secret: str | None = None) -> None:
+    def __init__(self, registry: tp.Any | None = None, *, url: str | None = None, secret: str | None = None) -> None:
         if (registry is None) == (url is None):
             raise ValueError("give a registry or a url")
         self.registry = registry
@@ -113,8 +119,11 @@ class AsrWorkerFinder:
             except PoolError as exc:
                 log.warning("cannot list ASR workers: %s", exc)
                 workers = []
-            self._cache = sorted((-(w.reported_free or 0), w.worker_id, w.url) for w in workers
-                                 if w.alive and w.role == ASR_ROLE and w.state == READY and w.url)
+            self._cache = sorted(
+                (-(w.reported_free or 0), w.worker_id, w.url)
+                for w in workers
+                if w.alive and w.role == ASR_ROLE and w.state == READY and w.url
+            )
             self._read_at = time.monotonic()
             return self._cache
 
@@ -149,8 +158,15 @@ class _Lost(Exception):
 class CallerTranscriber:
     """One call's caller transcript, on an ASR worker (see the module docstring)."""
 
-    def __init__(self, call_id: str, finder: WorkerPicker, on_event: tp.Callable[[CallerEvent], None], *,
-                 rate: int = SAMPLE_RATE, clock: tp.Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        call_id: str,
+        finder: WorkerPicker,
+        on_event: tp.Callable[[CallerEvent], None],
+        *,
+        rate: int = SAMPLE_RATE,
+        clock: tp.Callable[[], float] | None = None,
+    ) -> None:
         if rate < 8000 or rate > 192000:
             raise ValueError(f"unsupported sample rate {rate}")
         self.call_id = call_id
@@ -244,7 +260,7 @@ class CallerTranscriber:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        unsent = sum(len(c.pcm) for c in list(self._audio)[self._sent:]) / 2 / SAMPLE_RATE
+        unsent = sum(len(c.pcm) for c in list(self._audio)[self._sent :]) / 2 / SAMPLE_RATE
         if unsent:
             self._lose(unsent)
         self._audio.clear()
@@ -282,8 +298,7 @@ class CallerTranscriber:
             if self._closing and not self._audio:
                 return  # closing, nothing left
             now = time.monotonic()
-            self._failed_workers = {w: at for w, at in self._failed_workers.items()
-                                    if now - at < FAILED_WORKER_SECONDS}
+            self._failed_workers = {w: at for w, at in self._failed_workers.items() if now - at < FAILED_WORKER_SECONDS}
             target = await self.finder.pick(self._failed_workers)
             if target is None:
                 self._set_available(False, self._first_unsent(), "no ASR worker")
@@ -352,9 +367,15 @@ class CallerTranscriber:
 
     async def _open(self, url: str) -> ClientConnection:
         async with asyncio.timeout(HANDSHAKE_SECONDS):
-            ws = await connect(url, max_size=2**16, compression=None, open_timeout=HANDSHAKE_SECONDS,
-                               ping_interval=5, ping_timeout=5,
-                               additional_headers=getattr(self.finder, "headers", None))
+            ws = await connect(
+                url,
+                max_size=2**16,
+                compression=None,
+                open_timeout=HANDSHAKE_SECONDS,
+                ping_interval=5,
+                ping_timeout=5,
+                additional_headers=getattr(self.finder, "headers", None),
+            )
             try:
                 await ws.send(json.dumps({"type": "start", "version": PROTOCOL_VERSION, "call_id": self.call_id}))
                 answer = await ws.recv()

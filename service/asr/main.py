@@ -59,16 +59,27 @@ def build_backend(settings: AsrSettings) -> Backend:
         from service.asr.backends import OpenAIBackend
 
         assert settings.openai_base_url and settings.model  # AsrSettings.validate
-        return OpenAIBackend(settings.openai_base_url, settings.model, api_key=settings.openai_api_key,
-                             language=settings.language, timeout=settings.openai_timeout_seconds,
-                             concurrency=settings.openai_concurrency)
+        return OpenAIBackend(
+            settings.openai_base_url,
+            settings.model,
+            api_key=settings.openai_api_key,
+            language=settings.language,
+            timeout=settings.openai_timeout_seconds,
+            concurrency=settings.openai_concurrency,
+        )
     from service.asr.backends import FasterWhisperBackend
 
     device = resolve_device(settings)
     threads = settings.cpu_threads or max(1, (_cpu_count() or 2) // 2)
-    return FasterWhisperBackend(resolve_model(settings), device=device, compute_type=settings.compute_type,
-                                cpu_threads=threads, language=settings.language, beam_size=settings.beam_size,
-                                revision=settings.hf_revision)
+    return FasterWhisperBackend(
+        resolve_model(settings),
+        device=device,
+        compute_type=settings.compute_type,
+        cpu_threads=threads,
+        language=settings.language,
+        beam_size=settings.beam_size,
+        revision=settings.hf_revision,
+    )
 
 
 def _cpu_count() -> int | None:
@@ -108,9 +119,15 @@ class AsrMembership:
         await self.runtime.ready_event.wait()
         if self.runtime.error is not None:
             return
-        info = WorkerInfo(worker_id=self.worker_id, url=self.url, model=self.runtime.model,
-                          capacity=self.settings.max_sessions, license="", started_at=time.time(),
-                          role=ASR_ROLE)
+        info = WorkerInfo(
+            worker_id=self.worker_id,
+            url=self.url,
+            model=self.runtime.model,
+            capacity=self.settings.max_sessions,
+            license="",
+            started_at=time.time(),
+            role=ASR_ROLE,
+        )
         self.registration = WorkerRegistration(self.client, info, interval=self.settings.heartbeat_seconds)
         self.registration.report_free(self.settings.max_sessions - len(self.runtime.sessions))
         if self.runtime.state == "draining":
@@ -119,8 +136,11 @@ class AsrMembership:
         if await self.registration.start():
             log.info("in the pool as ASR worker %s at %s", self.worker_id, self.url)
         else:
-            log.error("not in the pool: Redis at %s does not answer; ASR worker %s registers as soon as it does",
-                      self.client.location, self.worker_id)
+            log.error(
+                "not in the pool: Redis at %s does not answer; ASR worker %s registers as soon as it does",
+                self.client.location,
+                self.worker_id,
+            )
 
     async def wait_registered(self) -> None:
         """Returns once this ASR worker is in the pool (a heartbeat reached Redis)."""
@@ -142,8 +162,12 @@ class AsrMembership:
             await self.client.close()
 
 
-async def serve_asr(settings: AsrSettings, *, backend_factory: tp.Callable[[], Backend] | None = None,
-                    on_listening: tp.Callable[[int], None] | None = None) -> int:
+async def serve_asr(
+    settings: AsrSettings,
+    *,
+    backend_factory: tp.Callable[[], Backend] | None = None,
+    on_listening: tp.Callable[[int], None] | None = None,
+) -> int:
     """Run an ASR worker on the current event loop until it has drained; the exit status."""
     from service.asr.server import create_app
     from service.startup import asr_listener, listen, wait_for_redis
@@ -161,9 +185,15 @@ async def serve_asr(settings: AsrSettings, *, backend_factory: tp.Callable[[], B
     port = sock.getsockname()[1]
     runtime = AsrRuntime(settings, backend_factory or (lambda: build_backend(settings)))
     membership = AsrMembership(settings, runtime, port) if settings.redis_url else None
-    config = uvicorn.Config(create_app(runtime), log_level=settings.log_level, lifespan="off", access_log=False,
-                            log_config=None,
-                            timeout_graceful_shutdown=5, ws_max_size=WS_MAX_BYTES)
+    config = uvicorn.Config(
+        create_app(runtime),
+        log_level=settings.log_level,
+        lifespan="off",
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=5,
+        ws_max_size=WS_MAX_BYTES,
+    )
     server = UvicornServer(config)
     loop = asyncio.get_running_loop()
     signals = 0
@@ -171,8 +201,10 @@ async def serve_asr(settings: AsrSettings, *, backend_factory: tp.Callable[[], B
 
     def start_drain(why: str) -> None:
         log.info("%s: draining (grace %.0f s)", why, settings.drain_grace_seconds)
-        for coroutine in (runtime.drain(settings.drain_grace_seconds),
-                          *((membership.drain(),) if membership is not None else ())):
+        for coroutine in (
+            runtime.drain(settings.drain_grace_seconds),
+            *((membership.drain(),) if membership is not None else ()),
+        ):
             task = loop.create_task(coroutine)
             drains.add(task)
             task.add_done_callback(drains.discard)
@@ -202,8 +234,9 @@ async def serve_asr(settings: AsrSettings, *, backend_factory: tp.Callable[[], B
     if membership is not None:
         membership.start()
     serving = asyncio.create_task(server.serve(sockets=[sock]))
-    announce = asyncio.create_task(announce_ready(runtime.ready_event, lambda: runtime.error, membership),
-                                   name="ready-notify")
+    announce = asyncio.create_task(
+        announce_ready(runtime.ready_event, lambda: runtime.error, membership), name="ready-notify"
+    )
     log.info("ASR worker listening on %s:%d", settings.host, port)
     if on_listening is not None:
         on_listening(port)

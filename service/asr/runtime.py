@@ -72,14 +72,21 @@ class AsrRuntime:
             self.stopped_event.set()
             return
         settings = self.settings
-        self.batcher = UtteranceBatcher(self.backend, max_batch=settings.max_batch,
-                                        max_wait=settings.batch_wait_ms / 1000,
-                                        max_queue=max(settings.max_queue, settings.max_batch),
-                                        metrics=self.metrics)
+        self.batcher = UtteranceBatcher(
+            self.backend,
+            max_batch=settings.max_batch,
+            max_wait=settings.batch_wait_ms / 1000,
+            max_queue=max(settings.max_queue, settings.max_batch),
+            metrics=self.metrics,
+        )
         self.batcher.start()
         metrics = self.metrics
-        self.vad = VadBatcher(vad_model, on_dropped=metrics.vad_dropped_seconds.inc,
-                              on_round=metrics.vad_batch_windows.observe, on_cpu=metrics.vad_cpu_seconds.inc)
+        self.vad = VadBatcher(
+            vad_model,
+            on_dropped=metrics.vad_dropped_seconds.inc,
+            on_round=metrics.vad_batch_windows.observe,
+            on_cpu=metrics.vad_cpu_seconds.inc,
+        )
         self.vad.start()
         if self.state == "loading":
             self.state = "ready"
@@ -131,11 +138,17 @@ class AsrRuntime:
         self.stopped_event.set()
 
     def describe(self) -> dict[str, tp.Any]:
-        return {"role": "asr", "state": self.state, "backend": self.settings.backend, "model": self.model,
-                "random_weights": bool(self.backend is not None and self.backend.random_weights),
-                "sessions": len(self.sessions), "max_sessions": self.settings.max_sessions,
-                "queued": self.batcher.queued if self.batcher is not None else 0,
-                "max_batch": self.settings.max_batch}
+        return {
+            "role": "asr",
+            "state": self.state,
+            "backend": self.settings.backend,
+            "model": self.model,
+            "random_weights": bool(self.backend is not None and self.backend.random_weights),
+            "sessions": len(self.sessions),
+            "max_sessions": self.settings.max_sessions,
+            "queued": self.batcher.queued if self.batcher is not None else 0,
+            "max_batch": self.settings.max_batch,
+        }
 
     async def close(self) -> None:
         if self._loader is not None:

@@ -51,8 +51,9 @@ class SegmenterConfig:
         if not 0.15 < self.threshold < 1.0:
             raise ValueError("threshold must be between 0.15 and 1")
         if self.pad_ms < 0 or self.pad_ms > self.min_silence_ms:
-            raise ValueError("pad_ms must be between 0 and min_silence_ms (the end padding is "
-                             "the silence that ended the utterance)")
+            raise ValueError(
+                "pad_ms must be between 0 and min_silence_ms (the end padding is the silence that ended the utterance)"
+            )
         if self.min_speech_ms < 0 or self.min_silence_ms < 32 or self.split_silence_ms < 32:
             raise ValueError("min_speech_ms must be >= 0, min_silence_ms and split_silence_ms >= 32")
         if self.max_utterance_s < 1.0 or self.max_utterance_s > 30.0:
@@ -118,7 +119,7 @@ class _Audio:
         joined = np.concatenate(self.chunks) if len(self.chunks) > 1 else self.chunks[0]
         if len(self.chunks) > 1:
             self.chunks = collections.deque([joined])
-        return joined[begin - self.start:end - self.start]
+        return joined[begin - self.start : end - self.start]
 
 
 class UtteranceSegmenter:
@@ -284,5 +285,12 @@ class UtteranceSegmenter:
         pcm = (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
         t0 = self._t0 or 0.0
         self.utterances += 1
-        done.append(Utterance(start=t0 + start / SAMPLE_RATE, end=t0 + end / SAMPLE_RATE,
-                              audio_start=t0 + audio_begin / SAMPLE_RATE, pcm=pcm, forced=forced))
+        done.append(
+            Utterance(
+                start=t0 + start / SAMPLE_RATE,
+                end=t0 + end / SAMPLE_RATE,
+                audio_start=t0 + audio_begin / SAMPLE_RATE,
+                pcm=pcm,
+                forced=forced,
+            )
+        )

@@ -17,8 +17,11 @@ def create_app(runtime: AsrRuntime) -> FastAPI:
     """The ASR worker's ASGI app; ``runtime`` is started by the caller."""
     app = FastAPI(title="moshimoshi ASR worker", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.runtime = runtime
-    app.add_middleware(WorkerAuth, secret=runtime.settings.worker_secret,  # /v1/* only with the secret
-                       on_refused=lambda endpoint: runtime.metrics.auth_refused.labels(endpoint).inc())
+    app.add_middleware(
+        WorkerAuth,
+        secret=runtime.settings.worker_secret,  # /v1/* only with the secret
+        on_refused=lambda endpoint: runtime.metrics.auth_refused.labels(endpoint).inc(),
+    )
 
     @app.websocket(SESSION_PATH)
     async def session(ws: WebSocket) -> None:
@@ -27,8 +30,9 @@ def create_app(runtime: AsrRuntime) -> FastAPI:
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
         failed = runtime.state == "failed"
-        return JSONResponse({"status": "failed" if failed else "alive", "state": runtime.state},
-                            status_code=503 if failed else 200)
+        return JSONResponse(
+            {"status": "failed" if failed else "alive", "state": runtime.state}, status_code=503 if failed else 200
+        )
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:

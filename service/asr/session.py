@@ -75,8 +75,12 @@ def _parse_json(text: str) -> dict:
 
 def _time(message: dict, key: str) -> float:
     value = message.get(key)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
-            or not 0 <= value <= MAX_CALL_SECONDS:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not 0 <= value <= MAX_CALL_SECONDS
+    ):
         raise ProtocolViolation(CLOSE_VIOLATION, f"'{key}' must be a number of seconds >= 0, got {value!r}")
     return float(value)
 
@@ -84,9 +88,12 @@ def _time(message: dict, key: str) -> float:
 def parse_audio(data: bytes) -> tuple[float, np.ndarray]:
     """An audio message: (call time of its first sample, 16 kHz float32 samples)."""
     if len(data) < HEADER_BYTES + 2 or (len(data) - HEADER_BYTES) % 2 or len(data) > MAX_AUDIO_BYTES:
-        raise ProtocolViolation(CLOSE_VIOLATION, f"audio message of {len(data)} bytes; it is an 8-byte time, then "
-                                                 f"PCM16 at 16 kHz: {HEADER_BYTES + 2} to {MAX_AUDIO_BYTES} bytes "
-                                                 "with an even count of audio bytes")
+        raise ProtocolViolation(
+            CLOSE_VIOLATION,
+            f"audio message of {len(data)} bytes; it is an 8-byte time, then "
+            f"PCM16 at 16 kHz: {HEADER_BYTES + 2} to {MAX_AUDIO_BYTES} bytes "
+            "with an even count of audio bytes",
+        )
     t = float(np.frombuffer(data, dtype="<f8", count=1)[0])
     if not math.isfinite(t) or not 0 <= t <= MAX_CALL_SECONDS:
         raise ProtocolViolation(CLOSE_VIOLATION, f"an audio message's time must be seconds >= 0, got {t!r}")
@@ -151,8 +158,7 @@ class AsrSession:
                 self.runtime.leave(self)
             self.metrics.sessions_total.labels(self.outcome).inc()
             if self.call_id:
-                log.info("ASR session %s ended: %s after %d utterances", self.call_id, self.outcome,
-                         self.utterances)
+                log.info("ASR session %s ended: %s after %d utterances", self.call_id, self.outcome, self.utterances)
 
     async def _handshake(self) -> None:
         try:
@@ -169,8 +175,9 @@ class AsrSession:
             raise ProtocolViolation(CLOSE_VIOLATION, f"expected a start message, got {start['type']!r}")
         version = start.get("version")
         if version != PROTOCOL_VERSION or isinstance(version, bool):  # 1 sent utterances: gateways cut them
-            raise ProtocolViolation(CLOSE_VERSION, f"unsupported protocol version {version!r}; "
-                                                   f"this worker speaks {PROTOCOL_VERSION}")
+            raise ProtocolViolation(
+                CLOSE_VERSION, f"unsupported protocol version {version!r}; this worker speaks {PROTOCOL_VERSION}"
+            )
         call_id = start.get("call_id")
         if not isinstance(call_id, str) or not call_id or len(call_id) > 200 or not call_id.isprintable():
             raise ProtocolViolation(CLOSE_VIOLATION, "'call_id' must be a printable string of 1-200 characters")
@@ -190,12 +197,20 @@ class AsrSession:
         vad = runtime.vad
         assert vad is not None
         config = vad.config
-        await self._send({
-            "type": "started", "version": PROTOCOL_VERSION, "model": backend.name,
-            "backend": runtime.settings.backend, "language": runtime.settings.language,
-            "sample_rate": SAMPLE_RATE, "max_utterance_seconds": config.max_utterance_s,
-            "min_silence_ms": config.min_silence_ms, "pad_ms": config.pad_ms,
-            "random_weights": backend.random_weights})
+        await self._send(
+            {
+                "type": "started",
+                "version": PROTOCOL_VERSION,
+                "model": backend.name,
+                "backend": runtime.settings.backend,
+                "language": runtime.settings.language,
+                "sample_rate": SAMPLE_RATE,
+                "max_utterance_seconds": config.max_utterance_s,
+                "min_silence_ms": config.min_silence_ms,
+                "pad_ms": config.pad_ms,
+                "random_weights": backend.random_weights,
+            }
+        )
         vad.open(self)
         self._vad_open = True
         receiver = asyncio.create_task(self._receive_loop(), name=f"asr-recv-{self.call_id}")
@@ -306,15 +321,29 @@ class AsrSession:
             if result.error is not None:
                 await self._failed(utterance_id, utterance, result.error)
                 return
-            await self._send({"type": "caller", "id": utterance_id, "start": round(utterance.start, 3),
-                              "end": round(utterance.end, 3), "text": result.text})
+            await self._send(
+                {
+                    "type": "caller",
+                    "id": utterance_id,
+                    "start": round(utterance.start, 3),
+                    "end": round(utterance.end, 3),
+                    "text": result.text,
+                }
+            )
         finally:
             self._in_flight.pop(utterance_id, None)
             self._maybe_settle()
 
     async def _failed(self, utterance_id: int, utterance: Utterance, reason: str) -> None:
-        await self._send({"type": "failed", "id": utterance_id, "start": round(utterance.start, 3),
-                          "end": round(utterance.end, 3), "reason": reason})
+        await self._send(
+            {
+                "type": "failed",
+                "id": utterance_id,
+                "start": round(utterance.start, 3),
+                "end": round(utterance.end, 3),
+                "reason": reason,
+            }
+        )
 
     async def _send(self, message: dict) -> None:
         async with self._send_lock:

@@ -35,14 +35,21 @@ log = logging.getLogger(__name__)
 # Bump when the layout, the shapes or the tokenizer's text change: the demo cache is keyed on it.
 TINY_WHISPER_VERSION = 1
 TIMESTAMPS = 1501  # <|0.00|> .. <|30.00|>
-TASK_TOKENS = ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>",
-               "<|notimestamps|>"]
+TASK_TOKENS = [
+    "<|translate|>",
+    "<|transcribe|>",
+    "<|startoflm|>",
+    "<|startofprev|>",
+    "<|nospeech|>",
+    "<|notimestamps|>",
+]
 # Whisper's languages, in its token order (large-v3 adds "yue" last).
 LANGUAGES = (
     "en zh de es ru ko fr ja pt tr pl ca nl ar sv it id hi fi vi he uk el ms cs ro da hu ta no th ur hr "
     "bg lt la mi ml cy sk te fa lv bn sr az sl kn et mk br eu is hy ne mn bs kk sq sw gl mr pa si km sn "
     "yo so af oc ka be tg sd gu am yi lo uz fo ht ps tk nn mt sa lb my bo tl mg as tt haw ln ha ba jw su "
-    "yue").split()
+    "yue"
+).split()
 
 TRAINING_TEXT = """\
 おでんわ ありがとう ございます。 カスタマーサポート センターで ございます。
@@ -75,16 +82,22 @@ class WhisperShape:
         return 4 * self.d_model
 
 
-TINY = WhisperShape(d_model=64, encoder_layers=2, encoder_heads=4, decoder_layers=2, decoder_heads=4,
-                    n_mels=80, vocab_size=2109)
-KOTOBA_V2 = WhisperShape(d_model=1280, encoder_layers=32, encoder_heads=20, decoder_layers=2,
-                         decoder_heads=20, n_mels=128, vocab_size=51866)
+TINY = WhisperShape(
+    d_model=64, encoder_layers=2, encoder_heads=4, decoder_layers=2, decoder_heads=4, n_mels=80, vocab_size=2109
+)
+KOTOBA_V2 = WhisperShape(
+    d_model=1280, encoder_layers=32, encoder_heads=20, decoder_layers=2, decoder_heads=20, n_mels=128, vocab_size=51866
+)
 SHAPES = {"tiny": TINY, "kotoba-v2": KOTOBA_V2}
 
 
 def special_tokens() -> list[str]:
-    return (["<|endoftext|>", "<|startoftranscript|>"] + [f"<|{code}|>" for code in LANGUAGES]
-            + TASK_TOKENS + [f"<|{i * 0.02:.2f}|>" for i in range(TIMESTAMPS)])
+    return (
+        ["<|endoftext|>", "<|startoftranscript|>"]
+        + [f"<|{code}|>" for code in LANGUAGES]
+        + TASK_TOKENS
+        + [f"<|{i * 0.02:.2f}|>" for i in range(TIMESTAMPS)]
+    )
 
 
 def build_tokenizer(vocab_size: int) -> tp.Any:  # a tokenizers.Tokenizer (untyped)
@@ -100,8 +113,9 @@ def build_tokenizer(vocab_size: int) -> tp.Any:  # a tokenizers.Tokenizer (untyp
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=text_tokens, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=text_tokens, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tokenizer.train_from_iterator(TRAINING_TEXT.splitlines(), trainer)
     learned = tokenizer.get_vocab_size()
     if learned < text_tokens:  # the text is small: fill the text range as a large vocabulary would be
@@ -176,8 +190,7 @@ def whisper_spec(shape: WhisperShape, tokens: list[str], *, seed: int = 0, dtype
         raise ValueError(f"{len(tokens)} tokens for a vocabulary of {shape.vocab_size}")
     init = _Init(seed, dtype)
     d = shape.d_model
-    spec = ct2_whisper.WhisperSpec(shape.encoder_layers, shape.encoder_heads, shape.decoder_layers,
-                                   shape.decoder_heads)
+    spec = ct2_whisper.WhisperSpec(shape.encoder_layers, shape.encoder_heads, shape.decoder_layers, shape.decoder_heads)
     encoder = spec.encoder
     encoder.conv1.weight = init.normal(d, shape.n_mels, 3)
     encoder.conv1.bias = init.normal(d)
@@ -208,24 +221,38 @@ def whisper_spec(shape: WhisperShape, tokens: list[str], *, seed: int = 0, dtype
     spec.config.suppress_ids = list(range(ids["<|endoftext|>"] + 1, shape.vocab_size))
     spec.config.suppress_ids_begin = [ids["<|endoftext|>"]]
     spec.config.lang_ids = [ids[f"<|{code}|>"] for code in LANGUAGES]
-    spec.config.alignment_heads = [[layer, head] for layer in range(shape.decoder_layers // 2, shape.decoder_layers)
-                                   for head in range(shape.decoder_heads)]
+    spec.config.alignment_heads = [
+        [layer, head]
+        for layer in range(shape.decoder_layers // 2, shape.decoder_layers)
+        for head in range(shape.decoder_heads)
+    ]
     spec.validate()
     return spec
 
 
 def preprocessor_config(shape: WhisperShape) -> dict:
-    return {"chunk_length": 30, "feature_extractor_type": "WhisperFeatureExtractor",
-            "feature_size": shape.n_mels, "hop_length": 160, "n_fft": 400, "n_samples": 480000,
-            "nb_max_frames": 3000, "padding_side": "right", "padding_value": 0.0,
-            "processor_class": "WhisperProcessor", "return_attention_mask": False, "sampling_rate": 16000}
+    return {
+        "chunk_length": 30,
+        "feature_extractor_type": "WhisperFeatureExtractor",
+        "feature_size": shape.n_mels,
+        "hop_length": 160,
+        "n_fft": 400,
+        "n_samples": 480000,
+        "nb_max_frames": 3000,
+        "padding_side": "right",
+        "padding_value": 0.0,
+        "processor_class": "WhisperProcessor",
+        "return_attention_mask": False,
+        "sampling_rate": 16000,
+    }
 
 
 MARKER = "moshimoshi_random_whisper.json"
 
 
-def build_whisper(directory: str | os.PathLike, shape: WhisperShape = TINY, *, seed: int = 0,
-                  dtype: str = "float32") -> Path:
+def build_whisper(
+    directory: str | os.PathLike, shape: WhisperShape = TINY, *, seed: int = 0, dtype: str = "float32"
+) -> Path:
     """Write a random-weight Whisper of ``shape`` into ``directory``; return its path.
 
     ``dtype`` is the stored weights' type (``float16`` halves a large model's file). The
@@ -238,8 +265,18 @@ def build_whisper(directory: str | os.PathLike, shape: WhisperShape = TINY, *, s
     spec.save(str(out))
     tokenizer.save(str(out / "tokenizer.json"))
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(shape), indent=1))
-    (out / MARKER).write_text(json.dumps({"name": "moshimoshi-random-whisper", "version": TINY_WHISPER_VERSION,
-                                          "shape": asdict(shape), "seed": seed, "dtype": dtype}, indent=1))
+    (out / MARKER).write_text(
+        json.dumps(
+            {
+                "name": "moshimoshi-random-whisper",
+                "version": TINY_WHISPER_VERSION,
+                "shape": asdict(shape),
+                "seed": seed,
+                "dtype": dtype,
+            },
+            indent=1,
+        )
+    )
     return out
 
 
@@ -250,8 +287,11 @@ def random_weights(path: str | os.PathLike) -> bool:
 
 def demo_whisper(cache_root: str | os.PathLike | None = None) -> Path:
     """The ``demo`` ASR model, built once into the user's cache directory."""
-    root = Path(cache_root) if cache_root else Path(
-        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moshimoshi"
+    root = (
+        Path(cache_root)
+        if cache_root
+        else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moshimoshi"
+    )
     target = root / f"demo-whisper-v{TINY_WHISPER_VERSION}"
     if (target / MARKER).exists():
         return target

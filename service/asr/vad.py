@@ -57,7 +57,8 @@ class SileroVad:
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         self.session = onnxruntime.InferenceSession(
-            str(path or model_path()), sess_options=options, providers=["CPUExecutionProvider"])
+            str(path or model_path()), sess_options=options, providers=["CPUExecutionProvider"]
+        )
         self._sr = np.array(SAMPLE_RATE, dtype=np.int64)
 
     @classmethod
@@ -106,12 +107,12 @@ class VadStream:
     def push(self, samples: np.ndarray) -> None:
         """Queue samples for the VAD (no inference)."""
         if len(samples):
-            self._buffer = np.concatenate([self._buffer[self._head:], samples.astype(np.float32, copy=False)])
+            self._buffer = np.concatenate([self._buffer[self._head :], samples.astype(np.float32, copy=False)])
             self._head = 0
 
     def window(self) -> np.ndarray:
         """The next window with its context (CONTEXT + WINDOW samples); needs ``pending``."""
-        return self._buffer[self._head:self._head + CONTEXT_SAMPLES + WINDOW_SAMPLES]
+        return self._buffer[self._head : self._head + CONTEXT_SAMPLES + WINDOW_SAMPLES]
 
     def commit(self, probability: float, state: np.ndarray) -> None:
         """The next window was run: its probability and the model's new state."""
@@ -149,4 +150,4 @@ def batch_inputs(streams: list[VadStream]) -> tuple[np.ndarray, np.ndarray]:
 def commit_batch(streams: list[VadStream], probabilities: np.ndarray, states: np.ndarray) -> None:
     """Hand each stream its window's result from a batched run."""
     for i, stream in enumerate(streams):
-        stream.commit(float(probabilities[i]), np.ascontiguousarray(states[:, i:i + 1, :]))
+        stream.commit(float(probabilities[i]), np.ascontiguousarray(states[:, i : i + 1, :]))

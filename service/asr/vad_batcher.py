@@ -61,11 +61,17 @@ class _Stream:
 class VadBatcher:
     """Runs the VAD of every session of one ASR worker (see the module docstring)."""
 
-    def __init__(self, model: SileroVad, *, config: SegmenterConfig | None = None, max_batch: int = MAX_BATCH,
-                 gather: float = GATHER_SECONDS,
-                 on_dropped: tp.Callable[[float], None] | None = None,
-                 on_round: tp.Callable[[int], None] | None = None,
-                 on_cpu: tp.Callable[[float], None] | None = None) -> None:
+    def __init__(
+        self,
+        model: SileroVad,
+        *,
+        config: SegmenterConfig | None = None,
+        max_batch: int = MAX_BATCH,
+        gather: float = GATHER_SECONDS,
+        on_dropped: tp.Callable[[float], None] | None = None,
+        on_round: tp.Callable[[int], None] | None = None,
+        on_cpu: tp.Callable[[float], None] | None = None,
+    ) -> None:
         self.model = model
         self.config = config or SegmenterConfig()
         self.max_batch = max_batch
@@ -177,7 +183,7 @@ class VadBatcher:
         started = time.thread_time()
         while vads:
             for first in range(0, len(vads), self.max_batch):
-                batch = vads[first:first + self.max_batch]
+                batch = vads[first : first + self.max_batch]
                 windows, states = batch_inputs(batch)
                 probabilities, new_states = self.model.run(windows, states)
                 commit_batch(batch, probabilities, new_states)

@@ -20,8 +20,9 @@ LOOPBACKS = ("127.0.0.1", "::1", "localhost")
 def outbound_address(ipv6: bool = False) -> str:
     """The local address the kernel would use toward the network (no packet is sent);
     the loopback address when there is no route."""
-    family, probe, fallback = ((socket.AF_INET6, "2001:db8::1", "::1") if ipv6
-                               else (socket.AF_INET, "192.0.2.1", "127.0.0.1"))
+    family, probe, fallback = (
+        (socket.AF_INET6, "2001:db8::1", "::1") if ipv6 else (socket.AF_INET, "192.0.2.1", "127.0.0.1")
+    )
     try:
         with socket.socket(family, socket.SOCK_DGRAM) as sock:
             sock.connect((probe, 9))
@@ -40,17 +41,26 @@ def reachable_host(bind_host: str, public_host: str | None = None) -> str:
     return format_host(bind_host)
 
 
-def ready_banner(*, sip_host: str, public_host: str | None, sip_port: int, tls_port: int | None, http_host: str,
-                 http_port: int, workers: str) -> str:
+def ready_banner(
+    *,
+    sip_host: str,
+    public_host: str | None,
+    sip_port: int,
+    tls_port: int | None,
+    http_host: str,
+    http_port: int,
+    workers: str,
+) -> str:
     """``moshimoshi ready: …`` and the addresses, one per line."""
     sip = reachable_host(sip_host, public_host)
     web = reachable_host(http_host)
     phone_host = "localhost" if http_host in WILDCARDS or http_host in LOOPBACKS else web
-    lines = [f"moshimoshi ready: {workers}: calls are answered",
-             f"  call       sip:agent@{sip}:{sip_port}"]
+    lines = [f"moshimoshi ready: {workers}: calls are answered", f"  call       sip:agent@{sip}:{sip_port}"]
     if tls_port is not None:
         lines.append(f"             sips:agent@{sip}:{tls_port}")
-    lines += [f"  dashboard  http://{web}:{http_port}/dashboard",
-              f"  softphone  http://{phone_host}:{http_port}/phone",
-              f"  API        http://{web}:{http_port}/docs"]
+    lines += [
+        f"  dashboard  http://{web}:{http_port}/dashboard",
+        f"  softphone  http://{phone_host}:{http_port}/phone",
+        f"  API        http://{web}:{http_port}/docs",
+    ]
     return "\n".join(lines)

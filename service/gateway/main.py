@@ -86,26 +86,32 @@ def tls_settings(settings: GatewaySettings) -> tuple[ServerCertificates | None, 
         certificates = ServerCertificates(settings.sip_tls_cert, settings.sip_tls_key, settings.sip_tls_client_ca)
         verify = client_context(settings.sip_tls_client_ca)
     except (OSError, ssl.SSLError, ValueError) as exc:
-        raise ConfigError(f"MOSHIMOSHI_SIP_TLS_CERT={settings.sip_tls_cert}, MOSHIMOSHI_SIP_TLS_KEY="
-                          f"{settings.sip_tls_key}"
-                          + (f", MOSHIMOSHI_SIP_TLS_CLIENT_CA={settings.sip_tls_client_ca}"
-                             if settings.sip_tls_client_ca else "")
-                          + f": {exc}") from None
+        raise ConfigError(
+            f"MOSHIMOSHI_SIP_TLS_CERT={settings.sip_tls_cert}, MOSHIMOSHI_SIP_TLS_KEY="
+            f"{settings.sip_tls_key}"
+            + (f", MOSHIMOSHI_SIP_TLS_CLIENT_CA={settings.sip_tls_client_ca}" if settings.sip_tls_client_ca else "")
+            + f": {exc}"
+        ) from None
     return certificates, verify
 
 
 def recording_storage(settings: GatewaySettings, routes: RouteTable | None = None) -> Storage | None:
     """Where recordings are kept (None when neither this gateway's settings nor its routes
     record, and there is no bucket); ConfigError naming the setting when it cannot be used."""
-    routed = routes is not None and any(route.recording is not None and route.recording.format != "off"
-                                        for route in routes.routes.routes)
+    routed = routes is not None and any(
+        route.recording is not None and route.recording.format != "off" for route in routes.routes.routes
+    )
     if settings.recording == "off" and not routed and not settings.recording_s3_bucket:
         return None
     try:
         if settings.recording_s3_bucket:
-            return S3Storage(settings.recording_s3_bucket, prefix=settings.recording_s3_prefix,
-                             endpoint_url=settings.recording_s3_endpoint_url, region=settings.recording_s3_region,
-                             spool=settings.recording_dir)
+            return S3Storage(
+                settings.recording_s3_bucket,
+                prefix=settings.recording_s3_prefix,
+                endpoint_url=settings.recording_s3_endpoint_url,
+                region=settings.recording_s3_region,
+                spool=settings.recording_dir,
+            )
         return LocalStorage(settings.recording_dir)
     except OSError as exc:
         raise ConfigError(f"MOSHIMOSHI_RECORDING_DIR={settings.recording_dir}: {exc.strerror or exc}") from None
@@ -157,31 +163,43 @@ class Gateway:
             self.pool.retries.listeners.append(metrics.count_pool_retry)
             self.records = CallRecords(self.pool, retention=settings.call_retention_seconds)
             self.registry = RegistryReader(self.pool)
-            self.router = PoolRouter(SlotLeases(self.pool), model=self.model, gateway_id=self.gateway_id,
-                                     lease_ttl_ms=int(settings.lease_ttl_seconds * 1000),
-                                     secret=settings.worker_secret)
+            self.router = PoolRouter(
+                SlotLeases(self.pool),
+                model=self.model,
+                gateway_id=self.gateway_id,
+                lease_ttl_ms=int(settings.lease_ttl_seconds * 1000),
+                secret=settings.worker_secret,
+            )
         elif settings.worker_url == LOOPBACK_URL:
             self.router = LoopbackRouter(settings.echo_delay_ms)
         else:
             assert settings.worker_url
             self.router = FixedRouter(settings.worker_url, model=self.model, secret=settings.worker_secret)
-        self.pool_watch = PoolWatch(self.router, self.pool, self.registry, model=self.model,
-                                    gateway_id=self.gateway_id, accepting=self.accepting)
+        self.pool_watch = PoolWatch(
+            self.router,
+            self.pool,
+            self.registry,
+            model=self.model,
+            gateway_id=self.gateway_id,
+            accepting=self.accepting,
+        )
         self.concurrency = ConcurrencyHistory()  # the dashboard's sparkline, sampled by the pool's check
         self.pool_watch.on_sample = self.concurrency.add
 
         # routes: which model, limits and announcements each dialled number gets
         try:
-            self.routes = RouteTable.open(settings.routes, model=self.model,
-                                          digest_users=bool(settings.sip_credentials()))
+            self.routes = RouteTable.open(
+                settings.routes, model=self.model, digest_users=bool(settings.sip_credentials())
+            )
         except RoutesError as exc:
             raise ConfigError(f"MOSHIMOSHI_ROUTES: {exc.where(settings.routes or '')}") from None
 
         # calls: their table, records, transcripts and the lifecycle that runs each one
         self.table = CallTable(settings.call_retention_seconds)
         self.pool_watch.live_calls = lambda: len(self.table)
-        self.transcript_store = (TranscriptStore(self.pool, retention=settings.call_retention_seconds)
-                                 if self.pool is not None else None)
+        self.transcript_store = (
+            TranscriptStore(self.pool, retention=settings.call_retention_seconds) if self.pool is not None else None
+        )
         self.transcripts = TranscriptFeed(self.transcript_store)
         self.recorder = CallRecorder(self.records, self.pool.retries if self.pool is not None else None)
         self.refusal_store = RefusalStore(self.pool, window=REFUSALS_WINDOW) if self.pool is not None else None
@@ -197,15 +215,26 @@ class Gateway:
         self.policy = CallPolicy.from_settings(settings, consent)  # what a route leaves unsaid
         self.asr_finder = asr_finder(settings, self.registry)
         self.recording_storage = recording_storage(settings, self.routes)
-        self.recording_writer = (RecordingWriter(self.recording_storage, on_dropped=metrics.RECORDING_DROPPED.inc)
-                                 if self.recording_storage is not None else None)
+        self.recording_writer = (
+            RecordingWriter(self.recording_storage, on_dropped=metrics.RECORDING_DROPPED.inc)
+            if self.recording_storage is not None
+            else None
+        )
         self.capture = CallCapture(policy=self._policy_of, asr=self.asr_finder, writer=self.recording_writer)
-        self.lifecycle = CallLifecycle(router=self.router, table=self.table, recorder=self.recorder,
-                                       transcripts=self.transcripts, queue_seconds=settings.queue_seconds,
-                                       rtp_timeout_seconds=settings.rtp_timeout_seconds, admission=self.admission,
-                                       refusals=self.refusals, transfer_ring_seconds=settings.transfer_ring_seconds,
-                                       stall_seconds=settings.worker_stall_ms / 1000, routes=self.routes,
-                                       capture=self.capture)
+        self.lifecycle = CallLifecycle(
+            router=self.router,
+            table=self.table,
+            recorder=self.recorder,
+            transcripts=self.transcripts,
+            queue_seconds=settings.queue_seconds,
+            rtp_timeout_seconds=settings.rtp_timeout_seconds,
+            admission=self.admission,
+            refusals=self.refusals,
+            transfer_ring_seconds=settings.transfer_ring_seconds,
+            stall_seconds=settings.worker_stall_ms / 1000,
+            routes=self.routes,
+            capture=self.capture,
+        )
         self.call_stats = metrics.install_call_stats(self._live_counters)
         self.webhook = WebhookSender.from_settings(settings)
         self.lifecycle.on_end.append(self._on_call_end)
@@ -214,15 +243,24 @@ class Gateway:
         self.ports = PortAllocator(settings.rtp_port_min, settings.rtp_port_max)
         self.sip = SipIngress(self.lifecycle, settings, self.ports, gateway_id=self.gateway_id)
         tls_certificates, tls_verify = tls_settings(settings)
-        self.ua = UserAgent(settings.sip_host, settings.sip_port, public_host=settings.public_host,
-                            on_invite=self.sip.on_invite, session_expires=settings.session_expires,
-                            user_agent="moshimoshi-gateway", guard=settings.sip_guard(),
-                            stream_limits=settings.sip_stream_limits(), tls_certificates=tls_certificates,
-                            tls_port=settings.sip_tls_port, tls_client_context=tls_verify)
+        self.ua = UserAgent(
+            settings.sip_host,
+            settings.sip_port,
+            public_host=settings.public_host,
+            on_invite=self.sip.on_invite,
+            session_expires=settings.session_expires,
+            user_agent="moshimoshi-gateway",
+            guard=settings.sip_guard(),
+            stream_limits=settings.sip_stream_limits(),
+            tls_certificates=tls_certificates,
+            tls_port=settings.sip_tls_port,
+            tls_client_context=tls_verify,
+        )
         self.ua.available = self.accepting
         self.lifecycle.transfers.dialer = SipDialer(self.ua, self.ports, settings, self.sip.rtp_bind_host)
-        metrics.install_sip_stats(lambda: self.ua.transport.counters, lambda: self.ua.guard,
-                                  lambda: self.ua.transport.tls_certificates)
+        metrics.install_sip_stats(
+            lambda: self.ua.transport.counters, lambda: self.ua.guard, lambda: self.ua.transport.tls_certificates
+        )
         self.webrtc = WebRtcIngress(self.lifecycle, self.transcripts, settings, gateway_id=self.gateway_id)
         self.outbound = OutboundCalls(self.lifecycle, settings, self.ports, self.ua, gateway_id=self.gateway_id)
 
@@ -233,14 +271,24 @@ class Gateway:
             lifecycle=self.lifecycle,
             directory=CallDirectory(self.table, self.records, self.registry, self.refusals),
             transcripts=TranscriptReader(self.table, self.transcripts, self.transcript_store, self.records),
-            pool=PoolView(self.registry, worker_url=settings.worker_url, worker_secret=settings.worker_secret,
-                          live_calls=lambda: len(self.table)),
-            webrtc=self.webrtc, outbound=self.outbound, commands=self.commands, readiness=self.readiness,
-            retry_after_seconds=settings.retry_after_seconds, recordings=self.recording_storage,
-            concurrency=self.concurrency)
+            pool=PoolView(
+                self.registry,
+                worker_url=settings.worker_url,
+                worker_secret=settings.worker_secret,
+                live_calls=lambda: len(self.table),
+            ),
+            webrtc=self.webrtc,
+            outbound=self.outbound,
+            commands=self.commands,
+            readiness=self.readiness,
+            retry_after_seconds=settings.retry_after_seconds,
+            recordings=self.recording_storage,
+            concurrency=self.concurrency,
+        )
         # transfers across replicas: the API of one replica, the call on another
-        self.transfer_channel = (TransferChannel(self.pool, self.control.start_transfer)
-                                 if self.pool is not None else None)
+        self.transfer_channel = (
+            TransferChannel(self.pool, self.control.start_transfer) if self.pool is not None else None
+        )
         self.control.transfers = self.transfer_channel
 
     # -- readiness ---------------------------------------------------------------------
@@ -259,24 +307,42 @@ class Gateway:
         return None
 
     def readiness(self) -> Readiness:
-        return Readiness(ready=self.accepting(), draining=self.draining, redis=self.pool_watch.redis_ok,
-                         workers_ready=self.pool_watch.workers_ready, calls=len(self.table))
+        return Readiness(
+            ready=self.accepting(),
+            draining=self.draining,
+            redis=self.pool_watch.redis_ok,
+            workers_ready=self.pool_watch.workers_ready,
+            calls=len(self.table),
+        )
 
     def _on_workers(self, ready: int, models: list[str]) -> None:
         """The first time workers are ready the banner says where to call; later, the log."""
         if not ready:
             log.warning("no worker ready: new calls get 503 until one is")
             return
-        what = (f"{ready} worker{'s' if ready != 1 else ''} ({', '.join(models)})" if self.pool is not None
-                else "echo in the gateway" if self.settings.worker_url == LOOPBACK_URL
-                else f"the worker at {self.settings.worker_url}")
+        what = (
+            f"{ready} worker{'s' if ready != 1 else ''} ({', '.join(models)})"
+            if self.pool is not None
+            else "echo in the gateway"
+            if self.settings.worker_url == LOOPBACK_URL
+            else f"the worker at {self.settings.worker_url}"
+        )
         if self._announced:
             log.info("%s ready: calls are answered again", what)
             return
         self._announced = True
-        print(ready_banner(sip_host=self.settings.sip_host, public_host=self.settings.public_host,
-                           sip_port=self.ua.port, tls_port=self.ua.tls_port, http_host=self.settings.http_host,
-                           http_port=self.http_port, workers=what), flush=True)
+        print(
+            ready_banner(
+                sip_host=self.settings.sip_host,
+                public_host=self.settings.public_host,
+                sip_port=self.ua.port,
+                tls_port=self.ua.tls_port,
+                http_host=self.settings.http_host,
+                http_port=self.http_port,
+                workers=what,
+            ),
+            flush=True,
+        )
 
     # -- calls -------------------------------------------------------------------------
 
@@ -342,8 +408,7 @@ class Gateway:
         if self.draining:
             return
         self.draining = True
-        log.info("draining: %d calls in progress, grace %.0fs", len(self.table),
-                 self.settings.drain_grace_seconds)
+        log.info("draining: %d calls in progress, grace %.0fs", len(self.table), self.settings.drain_grace_seconds)
         self._background(self._drain())
 
     async def _drain(self) -> None:
@@ -406,9 +471,18 @@ class Gateway:
         self.start_control_plane()
         where = redacted(self.settings.redis_url) if self.settings.redis_url else self.settings.worker_url
         tls = f", TLS on {self.ua.tls_port}" if self.ua.tls_port is not None else ""
-        log.info("gateway %s: SIP on %s:%d (UDP+TCP%s), SRTP %s, HTTP on %s:%d, workers via %s, event loop %s",
-                 self.gateway_id, self.settings.sip_host, self.ua.port, tls, self.settings.srtp,
-                 self.settings.http_host, self.http_port, where, realtime.running_loop_name())
+        log.info(
+            "gateway %s: SIP on %s:%d (UDP+TCP%s), SRTP %s, HTTP on %s:%d, workers via %s, event loop %s",
+            self.gateway_id,
+            self.settings.sip_host,
+            self.ua.port,
+            tls,
+            self.settings.srtp,
+            self.settings.http_host,
+            self.http_port,
+            where,
+            realtime.running_loop_name(),
+        )
         if not self.pool_watch.workers_ready:
             log.info("calls get 503 until a worker is ready (a worker loading its model takes a while)")
         try:
@@ -428,8 +502,10 @@ class Gateway:
         if not self.api_tokens:
             log.warning("no API tokens configured: /v1 refuses every request (set MOSHIMOSHI_API_TOKENS)")
         if not self.settings.worker_secret and self.settings.worker_url != LOOPBACK_URL:
-            log.warning("no worker secret: workers that require one refuse this gateway's sessions "
-                        "(set MOSHIMOSHI_WORKER_SECRET to theirs)")
+            log.warning(
+                "no worker secret: workers that require one refuse this gateway's sessions "
+                "(set MOSHIMOSHI_WORKER_SECRET to theirs)"
+            )
         if self.transcript_store is not None:
             self.transcript_store.start()
         if self.refusal_store is not None:

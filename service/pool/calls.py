@@ -33,8 +33,13 @@ def _flat(fields: dict[str, str]) -> list[str]:
 class CallRecords:
     """Create, update, end, get and list call records. All methods raise PoolUnavailable."""
 
-    def __init__(self, client: PoolClient, *, retention: float = DEFAULT_RETENTION_SECONDS,
-                 active_ttl: float = DEFAULT_ACTIVE_TTL_SECONDS) -> None:
+    def __init__(
+        self,
+        client: PoolClient,
+        *,
+        retention: float = DEFAULT_RETENTION_SECONDS,
+        active_ttl: float = DEFAULT_ACTIVE_TTL_SECONDS,
+    ) -> None:
         if retention <= 0 or active_ttl <= 0:
             raise ValueError("retention and active_ttl must be positive")
         self.client = client
@@ -49,8 +54,17 @@ class CallRecords:
         async with self.client.guard("create call record"):
             created = await self.client.script("call_create")(
                 keys=[self.keys.call(record.call_id), self.keys.calls],
-                args=[self.keys.prefix, record.call_id, round(record.started_at * 1000), self.active_ttl_ms,
-                      self.retention_ms, cutoff_ms, TRIM_BATCH, *_flat(record.to_fields())])
+                args=[
+                    self.keys.prefix,
+                    record.call_id,
+                    round(record.started_at * 1000),
+                    self.active_ttl_ms,
+                    self.retention_ms,
+                    cutoff_ms,
+                    TRIM_BATCH,
+                    *_flat(record.to_fields()),
+                ],
+            )
         return bool(created)
 
     async def update(self, call_id: str, *, quality: CallQuality | None = None, **fields: tp.Any) -> bool:
@@ -62,16 +76,30 @@ class CallRecords:
             raise ValueError(f"not updatable call record fields: {', '.join(sorted(unknown))}")
         return await self._update(call_id, CallRecord(call_id, **fields).to_fields(only=fields), quality)
 
-    async def end(self, call_id: str, reason: str, *, ended_at: float | None = None,
-                  quality: CallQuality | None = None, detail: str = "", **fields: tp.Any) -> bool:
+    async def end(
+        self,
+        call_id: str,
+        reason: str,
+        *,
+        ended_at: float | None = None,
+        quality: CallQuality | None = None,
+        detail: str = "",
+        **fields: tp.Any,
+    ) -> bool:
         """Mark the call ended (its record then lives ``retention`` seconds); ``detail``
         says why in words when the reason alone does not; ``fields`` are set with it (as
         in ``update``)."""
         unknown = set(fields) - set(CallRecord.__dataclass_fields__) | set(fields) & NOT_UPDATABLE
         if unknown:
             raise ValueError(f"not updatable call record fields: {', '.join(sorted(unknown))}")
-        ended = CallRecord(call_id, state=ENDED, end_reason=reason, end_detail=detail,
-                           ended_at=time.time() if ended_at is None else ended_at, **fields)
+        ended = CallRecord(
+            call_id,
+            state=ENDED,
+            end_reason=reason,
+            end_detail=detail,
+            ended_at=time.time() if ended_at is None else ended_at,
+            **fields,
+        )
         names = ["state", "end_reason", "ended_at", *fields] + (["end_detail"] if detail else [])
         return await self._update(call_id, ended.to_fields(only=names), quality)
 
@@ -82,7 +110,8 @@ class CallRecords:
             return await self.get(call_id) is not None
         async with self.client.guard("update call record"):
             updated = await self.client.script("call_update")(
-                keys=[self.keys.call(call_id)], args=[self.active_ttl_ms, self.retention_ms, *flat])
+                keys=[self.keys.call(call_id)], args=[self.active_ttl_ms, self.retention_ms, *flat]
+            )
         return bool(updated)
 
     async def get(self, call_id: str) -> CallRecord | None:
@@ -91,8 +120,9 @@ class CallRecords:
             raw = await self.client.redis.hgetall(self.keys.call(call_id))
         return CallRecord.from_fields(tp.cast(dict[str, str], raw)) if raw else None  # decoded replies
 
-    async def list(self, *, state: str | None = None, since: float | None = None,
-                   worker_id: str | None = None, limit: int = 100) -> list[CallRecord]:
+    async def list(
+        self, *, state: str | None = None, since: float | None = None, worker_id: str | None = None, limit: int = 100
+    ) -> list[CallRecord]:
         """Records newest first (by start time), optionally only ``state`` (active: in
         progress, in any state but ended; ended), started at or after ``since`` (epoch
         seconds), or on ``worker_id``."""
@@ -108,8 +138,12 @@ class CallRecords:
         batch = max(limit * 2, 100)
         async with self.client.guard("list call records"):
             while len(found) < limit and offset < MAX_SCAN:
-                ids = tp.cast(list[str], await redis.zrevrangebyscore(  # decoded replies
-                    self.keys.calls, "+inf", low, start=offset, num=batch))
+                ids = tp.cast(
+                    list[str],
+                    await redis.zrevrangebyscore(  # decoded replies
+                        self.keys.calls, "+inf", low, start=offset, num=batch
+                    ),
+                )
                 if not ids:
                     break
                 offset += len(ids)

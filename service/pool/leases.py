@@ -76,8 +76,9 @@ class SlotLeases:
         self.client = client
         self.keys = client.keys
 
-    async def claim(self, model: str | None = None, *, ttl_ms: int = DEFAULT_LEASE_TTL_MS,
-                    owner: str = "") -> Lease | None:
+    async def claim(
+        self, model: str | None = None, *, ttl_ms: int = DEFAULT_LEASE_TTL_MS, owner: str = ""
+    ) -> Lease | None:
         """A lease on a free slot of the least loaded live, ready worker serving ``model``
         (any model when None), or None when no slot is free anywhere.
 
@@ -90,20 +91,33 @@ class SlotLeases:
         async with self.client.guard("claim"):
             reply = await self.client.script("claim")(
                 keys=[self.keys.workers, self.keys.fence],
-                args=[self.keys.prefix, model or "", ttl_ms, owner, BOOKKEEPING_TTL_MS])
+                args=[self.keys.prefix, model or "", ttl_ms, owner, BOOKKEEPING_TTL_MS],
+            )
         if reply is None:
             return None
         worker_id, url, slot, token, worker_model = reply
-        return Lease(worker_id=worker_id, url=url, slot=int(slot), token=int(token), model=worker_model,
-                     ttl_ms=ttl_ms, owner=owner, expires_at=time.time() + ttl_ms / 1000)
+        return Lease(
+            worker_id=worker_id,
+            url=url,
+            slot=int(slot),
+            token=int(token),
+            model=worker_model,
+            ttl_ms=ttl_ms,
+            owner=owner,
+            expires_at=time.time() + ttl_ms / 1000,
+        )
 
     async def release(self, lease: Lease) -> bool:
         """Give the slot back; False when the lease was already gone or fenced out."""
         async with self.client.guard("release"):
             released = await self.client.script("release")(
-                keys=[self.keys.lease(lease.worker_id, lease.slot), self.keys.issued(lease.worker_id),
-                      self.keys.held(lease.worker_id)],
-                args=[lease.token, lease.slot, BOOKKEEPING_TTL_MS])
+                keys=[
+                    self.keys.lease(lease.worker_id, lease.slot),
+                    self.keys.issued(lease.worker_id),
+                    self.keys.held(lease.worker_id),
+                ],
+                args=[lease.token, lease.slot, BOOKKEEPING_TTL_MS],
+            )
         return bool(released)
 
     def release_eventually(self, lease: Lease, give_up_after: float | None = None) -> None:
@@ -119,9 +133,14 @@ class SlotLeases:
             raise ValueError("ttl_ms must be at least 1")
         async with self.client.guard("renew"):
             code = await self.client.script("renew")(
-                keys=[self.keys.lease(lease.worker_id, lease.slot), self.keys.issued(lease.worker_id),
-                      self.keys.fence, self.keys.held(lease.worker_id)],
-                args=[lease.token, ttl, lease.owner, lease.slot, BOOKKEEPING_TTL_MS])
+                keys=[
+                    self.keys.lease(lease.worker_id, lease.slot),
+                    self.keys.issued(lease.worker_id),
+                    self.keys.fence,
+                    self.keys.held(lease.worker_id),
+                ],
+                args=[lease.token, ttl, lease.owner, lease.slot, BOOKKEEPING_TTL_MS],
+            )
         return _RENEW_RESULTS[int(code)]
 
     async def validate(self, worker_id: str, slot: int, token: int) -> bool:
@@ -132,8 +151,9 @@ class SlotLeases:
         return parsed is not None and parsed[0] == token
 
     @contextlib.asynccontextmanager
-    async def hold(self, lease: Lease, *, renew_every: float | None = None,
-                   on_lost: tp.Callable[[Lease], object] | None = None) -> AsyncIterator[LeaseHolder]:
+    async def hold(
+        self, lease: Lease, *, renew_every: float | None = None, on_lost: tp.Callable[[Lease], object] | None = None
+    ) -> AsyncIterator[LeaseHolder]:
         """Keep ``lease`` alive for the body (renewing every TTL/3) and release it on exit,
         however the body ends (cancellation included). ``on_lost`` runs once if the lease is
         fenced out; Redis outages are ridden out (renew re-creates the lease afterwards).
@@ -149,8 +169,14 @@ class SlotLeases:
 class LeaseHolder:
     """Renews one lease in the background until closed; then releases it."""
 
-    def __init__(self, leases: SlotLeases, lease: Lease, *, renew_every: float | None = None,
-                 on_lost: tp.Callable[[Lease], object] | None = None) -> None:
+    def __init__(
+        self,
+        leases: SlotLeases,
+        lease: Lease,
+        *,
+        renew_every: float | None = None,
+        on_lost: tp.Callable[[Lease], object] | None = None,
+    ) -> None:
         self.leases = leases
         self.lease = lease
         self.renew_every = renew_every if renew_every is not None else lease.ttl_ms / 3000
@@ -177,12 +203,18 @@ class LeaseHolder:
                 result = await self.leases.renew(self.lease)
             except PoolError as exc:
                 self.renew_failures += 1
-                log.warning("lease %s/%d (token %d) not renewed: %s", self.lease.worker_id,
-                            self.lease.slot, self.lease.token, exc)
+                log.warning(
+                    "lease %s/%d (token %d) not renewed: %s",
+                    self.lease.worker_id,
+                    self.lease.slot,
+                    self.lease.token,
+                    exc,
+                )
                 continue
             if result is RenewResult.LOST:
-                log.warning("lease %s/%d (token %d) lost: fenced out", self.lease.worker_id,
-                            self.lease.slot, self.lease.token)
+                log.warning(
+                    "lease %s/%d (token %d) lost: fenced out", self.lease.worker_id, self.lease.slot, self.lease.token
+                )
                 self.lost.set()
                 if self.on_lost is not None:
                     try:
@@ -193,8 +225,12 @@ class LeaseHolder:
             self.renewals += 1
             if result is RenewResult.RECREATED:
                 self.recreations += 1
-                log.info("lease %s/%d (token %d) re-created after it was lost from Redis",
-                         self.lease.worker_id, self.lease.slot, self.lease.token)
+                log.info(
+                    "lease %s/%d (token %d) re-created after it was lost from Redis",
+                    self.lease.worker_id,
+                    self.lease.slot,
+                    self.lease.token,
+                )
 
     async def close(self) -> None:
         """Stop renewing and release the lease. If Redis cannot take it now (down, failing
@@ -210,6 +246,11 @@ class LeaseHolder:
         try:
             self.released = await self.leases.release(self.lease)
         except PoolError as exc:
-            log.warning("lease %s/%d (token %d) not released yet, retrying: %s",
-                        self.lease.worker_id, self.lease.slot, self.lease.token, exc)
+            log.warning(
+                "lease %s/%d (token %d) not released yet, retrying: %s",
+                self.lease.worker_id,
+                self.lease.slot,
+                self.lease.token,
+                exc,
+            )
             self.leases.release_eventually(self.lease)

@@ -98,11 +98,17 @@ class WorkerRegistration:
     re-creates any that Redis lost, before the worker is claimable.
     """
 
-    def __init__(self, client: PoolClient, info: WorkerInfo, *,
-                 interval: float = DEFAULT_HEARTBEAT_SECONDS, ttl_factor: float = 3.0,
-                 forget_after: float = DEFAULT_FORGET_AFTER_SECONDS,
-                 live: tp.Callable[[], dict[str, tp.Any]] | None = None,
-                 sessions: tp.Callable[[], tp.Iterable[LiveSession]] | None = None) -> None:
+    def __init__(
+        self,
+        client: PoolClient,
+        info: WorkerInfo,
+        *,
+        interval: float = DEFAULT_HEARTBEAT_SECONDS,
+        ttl_factor: float = 3.0,
+        forget_after: float = DEFAULT_FORGET_AFTER_SECONDS,
+        live: tp.Callable[[], dict[str, tp.Any]] | None = None,
+        sessions: tp.Callable[[], tp.Iterable[LiveSession]] | None = None,
+    ) -> None:
         if interval <= 0:
             raise ValueError("interval must be positive")
         if ttl_factor < 1.5:
@@ -130,12 +136,22 @@ class WorkerRegistration:
     def _fields(self) -> list[tp.Any]:
         info = self.info
         pairs = {
-            "worker_id": info.worker_id, "url": info.url, "model": info.model, "capacity": info.slots,
-            "free_slots": self.free_slots, "state": self.state, "license": info.license,
-            "version": info.version, "started_at": repr(info.started_at), "highest_token": self.fence.highest,
-            "slots_reason": info.slots_reason, "memory_slots": info.memory_slots,
-            "step_budget_ms": info.step_budget_ms, "warmup_p50_ms": info.warmup_p50_ms,
-            "warmup_p99_ms": info.warmup_p99_ms, "context_seconds": info.context_seconds,
+            "worker_id": info.worker_id,
+            "url": info.url,
+            "model": info.model,
+            "capacity": info.slots,
+            "free_slots": self.free_slots,
+            "state": self.state,
+            "license": info.license,
+            "version": info.version,
+            "started_at": repr(info.started_at),
+            "highest_token": self.fence.highest,
+            "slots_reason": info.slots_reason,
+            "memory_slots": info.memory_slots,
+            "step_budget_ms": info.step_budget_ms,
+            "warmup_p50_ms": info.warmup_p50_ms,
+            "warmup_p99_ms": info.warmup_p99_ms,
+            "context_seconds": info.context_seconds,
             "role": info.role,
         }
         if info.role != MODEL_ROLE:
@@ -159,19 +175,38 @@ class WorkerRegistration:
         async with self.client.guard("heartbeat"):
             fence, recreated, _kept, conflicts = await self.client.script("register")(
                 keys=[keys.workers, keys.worker(self.info.worker_id), keys.fence],
-                args=[self.info.worker_id, self.ttl_ms, self.fence.highest, self.forget_after_ms,
-                      keys.prefix, self.ttl_ms, BOOKKEEPING_TTL_MS, len(sessions) // 3, *sessions,
-                      *self._fields()])
+                args=[
+                    self.info.worker_id,
+                    self.ttl_ms,
+                    self.fence.highest,
+                    self.forget_after_ms,
+                    keys.prefix,
+                    self.ttl_ms,
+                    BOOKKEEPING_TTL_MS,
+                    len(sessions) // 3,
+                    *sessions,
+                    *self._fields(),
+                ],
+            )
         if recreated:
             self.leases_recreated += int(recreated)
-            log.warning("worker %s: re-created %d lease(s) of live sessions that Redis had lost",
-                        self.info.worker_id, int(recreated))
+            log.warning(
+                "worker %s: re-created %d lease(s) of live sessions that Redis had lost",
+                self.info.worker_id,
+                int(recreated),
+            )
         self.lease_conflicts += int(conflicts)
         self.heartbeats += 1
         if not self.registered:
-            log.info("%s worker %s registered (%s, %d %s, %s)", self.info.role, self.info.worker_id,
-                     self.info.model, self.info.capacity,
-                     "slots" if self.info.role == MODEL_ROLE else "sessions", self.state)
+            log.info(
+                "%s worker %s registered (%s, %d %s, %s)",
+                self.info.role,
+                self.info.worker_id,
+                self.info.model,
+                self.info.capacity,
+                "slots" if self.info.role == MODEL_ROLE else "sessions",
+                self.state,
+            )
         self.registered = True
         self.joined.set()
         return int(fence)
@@ -193,8 +228,11 @@ class WorkerRegistration:
         except PoolError as exc:
             self.heartbeat_failures += 1
             if self.registered:
-                log.error("worker %s is out of the pool until Redis answers again (heartbeat failed: %s)",
-                          self.info.worker_id, exc)
+                log.error(
+                    "worker %s is out of the pool until Redis answers again (heartbeat failed: %s)",
+                    self.info.worker_id,
+                    exc,
+                )
             self.registered = False
             self.joined.clear()
             return False
@@ -258,8 +296,7 @@ class WorkerRegistration:
                     await pipe.execute()
             self.registered = False
         except PoolError as exc:
-            log.warning("worker %s not deregistered (its registration expires): %s",
-                        self.info.worker_id, exc)
+            log.warning("worker %s not deregistered (its registration expires): %s", self.info.worker_id, exc)
 
     async def __aenter__(self) -> WorkerRegistration:
         await self.start()
@@ -323,14 +360,18 @@ class RegistryReader:
         lease on each held slot."""
         redis = self.client.redis
         async with self.client.guard("list workers"):
-            members = tp.cast(list[tuple[str, float]],  # decoded replies
-                              await redis.zrange(self.keys.workers, 0, -1, withscores=True))
+            members = tp.cast(
+                list[tuple[str, float]],  # decoded replies
+                await redis.zrange(self.keys.workers, 0, -1, withscores=True),
+            )
             ids = sorted((str(member), float(score)) for member, score in members)
             async with redis.pipeline(transaction=False) as pipe:
                 for worker_id, _ in ids:
                     pipe.hgetall(self.keys.worker(worker_id))
                 registrations = await pipe.execute()
-            statuses = [self._status(worker_id, score, reg) for (worker_id, score), reg in zip(ids, registrations, strict=True)]
+            statuses = [
+                self._status(worker_id, score, reg) for (worker_id, score), reg in zip(ids, registrations, strict=True)
+            ]
             live = [s for s in statuses if s.alive and s.capacity > 0]
             async with redis.pipeline(transaction=False) as pipe:
                 for status in live:

@@ -103,8 +103,9 @@ class TestCall:
         self.audio = audio
         self.encoder = codecs.encoder(spec, media.ptime, media.fmtp)
         self.decoder = codecs.decoder(spec)
-        self.jitter = JitterBuffer(clock_rate=spec.clock_rate, ptime_ms=media.ptime,
-                                   is_silent=codecs.quiet_detector(spec))  # adapt in pauses, not in speech
+        self.jitter = JitterBuffer(
+            clock_rate=spec.clock_rate, ptime_ms=media.ptime, is_silent=codecs.quiet_detector(spec)
+        )  # adapt in pauses, not in speech
         self.plc = PacketLossConcealer(spec.sample_rate)
         self.digits: list[DtmfDigit] = []
         self.dtmf = DtmfReceiver(media.dtmf_clock_rate, on_digit=self.digits.append)
@@ -134,11 +135,14 @@ class TestCall:
         seqs = np.asarray(self.sequences, dtype=np.int64)
         steps = (np.diff(seqs) + 65536) % 65536
         span = times[-1] - times[0]
-        return {"packets": len(times), "packets_per_second": round((len(times) - 1) / span, 2) if span else 0.0,
-                "spacing_p50_ms": round(float(np.percentile(gaps, 50)), 2),
-                "spacing_p99_ms": round(float(np.percentile(gaps, 99)), 2),
-                "spacing_max_ms": round(float(gaps.max()), 2),
-                "sequence_gaps": int(np.sum(steps != 1))}
+        return {
+            "packets": len(times),
+            "packets_per_second": round((len(times) - 1) / span, 2) if span else 0.0,
+            "spacing_p50_ms": round(float(np.percentile(gaps, 50)), 2),
+            "spacing_p99_ms": round(float(np.percentile(gaps, 99)), 2),
+            "spacing_max_ms": round(float(gaps.max()), 2),
+            "sequence_gaps": int(np.sum(steps != 1)),
+        }
 
     async def receive_early(self, answered: asyncio.Event) -> None:
         """Before the answer: play out what the callee sends (a queue announcement, a
@@ -169,7 +173,7 @@ class TestCall:
             if delay > 0:
                 await asyncio.sleep(delay)
             offset = tick * self.samples
-            chunk = self.audio[offset:offset + self.samples]
+            chunk = self.audio[offset : offset + self.samples]
             if len(chunk) < self.samples:
                 chunk = np.concatenate((chunk, silence[: self.samples - len(chunk)]))
             self.rtp.send(self.encoder.encode(chunk))
@@ -192,8 +196,9 @@ class Unanswered(Exception):
     """Nothing answered the INVITE: no SIP response at all within ``--response-seconds``."""
 
 
-async def fetch_transcript(api: str, token: str | None, call_id: str, *,
-                           guessed: bool = False) -> tuple[dict[str, tp.Any] | None, str]:
+async def fetch_transcript(
+    api: str, token: str | None, call_id: str, *, guessed: bool = False
+) -> tuple[dict[str, tp.Any] | None, str]:
     """The call's transcript from the gateway's API, or None and why not (one line)."""
     import httpx
 
@@ -213,16 +218,24 @@ async def fetch_transcript(api: str, token: str | None, call_id: str, *,
             if status == 401 and token:
                 return None, f"the API at {api} refused the token: invalid token"
             if status == 401:
-                return None, (f"the API at {api} needs a token: pass --api-token (or MOSHIMOSHI_API_TOKEN; "
-                              "moshimoshi serve prints one at start)")
+                return None, (
+                    f"the API at {api} needs a token: pass --api-token (or MOSHIMOSHI_API_TOKEN; "
+                    "moshimoshi serve prints one at start)"
+                )
             if status == 403:
                 return None, f"the API at {api} refused the token: it may not read transcripts"
             await asyncio.sleep(0.25)  # 404: the gateway may not have written the call yet
     return None, f"the API at {api} has no transcript of call {call_id} (HTTP {status})"
 
 
-async def invite_or_give_up(ua: UserAgent, target: SipUri, offer: str, settings: CallSettings, *,
-                            on_provisional: tp.Callable[[Response], None] | None = None) -> Dialog:
+async def invite_or_give_up(
+    ua: UserAgent,
+    target: SipUri,
+    offer: str,
+    settings: CallSettings,
+    *,
+    on_provisional: tp.Callable[[Response], None] | None = None,
+) -> Dialog:
     """The answered call; Unanswered when no SIP response at all came within
     ``--response-seconds`` (nothing listens there: no need to wait out the 32 s of Timer B).
     ``on_provisional`` sees each provisional response (early media)."""
@@ -233,8 +246,9 @@ async def invite_or_give_up(ua: UserAgent, target: SipUri, offer: str, settings:
         if on_provisional is not None:
             on_provisional(response)
 
-    invite = asyncio.create_task(ua.invite(target, offer, username=settings.username, password=settings.password,
-                                           on_provisional=provisional))
+    invite = asyncio.create_task(
+        ua.invite(target, offer, username=settings.username, password=settings.password, on_provisional=provisional)
+    )
     heard = asyncio.create_task(responded.wait())
     try:
         await asyncio.wait({invite, heard}, timeout=settings.response_seconds, return_when=asyncio.FIRST_COMPLETED)
@@ -244,8 +258,10 @@ async def invite_or_give_up(ua: UserAgent, target: SipUri, offer: str, settings:
         invite.cancel()
         await asyncio.gather(invite, return_exceptions=True)
         transport = target.wire_transport or "UDP"
-        raise Unanswered(f"nothing answered at {format_host(target.host)}:{target.port_for(transport)} over "
-                         f"{transport} within {settings.response_seconds:g} s: is a gateway running there?")
+        raise Unanswered(
+            f"nothing answered at {format_host(target.host)}:{target.port_for(transport)} over "
+            f"{transport} within {settings.response_seconds:g} s: is a gateway running there?"
+        )
     return await invite
 
 
@@ -266,19 +282,26 @@ async def place_call(settings: CallSettings) -> dict:
     secure_signalling = target.wire_transport == "TLS"
     if settings.srtp and not secure_signalling:
         print("moshimoshi call: warning: --srtp without TLS: the SRTP keys travel in clear text", file=sys.stderr)
-    tls = client_context(settings.tls_ca, verify=not settings.tls_insecure, cert_file=settings.tls_cert,
-                         key_file=settings.tls_key) if secure_signalling else None
+    tls = (
+        client_context(
+            settings.tls_ca, verify=not settings.tls_insecure, cert_file=settings.tls_cert, key_file=settings.tls_key
+        )
+        if secure_signalling
+        else None
+    )
     local_host = local_host_for_target(settings.local_host, target.host)
-    ua = UserAgent(local_host, settings.local_port, user_agent="moshimoshi-call", tls_client_context=tls,
-                   user=settings.caller)
+    ua = UserAgent(
+        local_host, settings.local_port, user_agent="moshimoshi-call", tls_client_context=tls, user=settings.caller
+    )
     await ua.start()
     rtp: RtpSession | None = None
     try:
         target_ip = await ua.transport.resolve(target.host)
         local_ip = ua.transport.local_host_for(target_ip)
         ports = PortAllocator(settings.rtp_port_min, settings.rtp_port_max)
-        rtp = await RtpSession.open(ports, host=local_host if local_host not in ("0.0.0.0", "::")
-                                    else ("::" if ":" in local_ip else "0.0.0.0"))
+        rtp = await RtpSession.open(
+            ports, host=local_host if local_host not in ("0.0.0.0", "::") else ("::" if ":" in local_ip else "0.0.0.0")
+        )
         first = codecs.spec(settings.codec).name
         offered = [first] + [c for c in ("PCMU", "PCMA") if c != first]
         prefs = MediaPreferences(codecs=offered, ptime=settings.ptime, srtp="required" if settings.srtp else "off")
@@ -309,8 +332,9 @@ async def place_call(settings: CallSettings) -> dict:
         dialog.terminated.add_done_callback(lambda _f: stop.set())
         tasks = [asyncio.create_task(call.run(settings.seconds, stop))]
         if settings.dtmf and media.dtmf_payload_type is not None:
-            tasks.append(asyncio.create_task(_send_digits(rtp, settings.dtmf, media.dtmf_payload_type,
-                                                          media.dtmf_clock_rate)))
+            tasks.append(
+                asyncio.create_task(_send_digits(rtp, settings.dtmf, media.dtmf_payload_type, media.dtmf_clock_rate))
+            )
         await tasks[0]
         for task in tasks[1:]:
             task.cancel()
@@ -323,13 +347,22 @@ async def place_call(settings: CallSettings) -> dict:
         gateway_call_id = response.headers.get(CALL_ID_HEADER) if response is not None else None
         received = np.concatenate(call.received) if call.received else np.zeros(0, np.int16)
         summary = {
-            "uri": settings.uri, "codec": media.codec, "sample_rate": call.rate, "ptime_ms": media.ptime,
-            "answer_seconds": round(answered - started, 3), "call_seconds": round(call.ticks * call.period, 2),
+            "uri": settings.uri,
+            "codec": media.codec,
+            "sample_rate": call.rate,
+            "ptime_ms": media.ptime,
+            "answer_seconds": round(answered - started, 3),
+            "call_seconds": round(call.ticks * call.period, 2),
             "recording_started_at": call.started_at,
-            "ended_by": ended_by, "gateway_call_id": gateway_call_id, "local_rtp_port": rtp.local_port,
-            "packets_sent": stats.packets_sent, "packets_received": stats.packets_received,
-            "packets_lost": max(0, stats.packets_lost), "jitter_ms": round(stats.jitter_ms, 2),
-            "rtt_ms": stats.rtt_ms, "frames_concealed": call.jitter.frames_concealed,
+            "ended_by": ended_by,
+            "gateway_call_id": gateway_call_id,
+            "local_rtp_port": rtp.local_port,
+            "packets_sent": stats.packets_sent,
+            "packets_received": stats.packets_received,
+            "packets_lost": max(0, stats.packets_lost),
+            "jitter_ms": round(stats.jitter_ms, 2),
+            "rtt_ms": stats.rtt_ms,
+            "frames_concealed": call.jitter.frames_concealed,
             "sip_transport": dialog.flow.transport,
             "media_encryption": "SDES-SRTP" if media.srtp is not None else "none",
             "srtp_suite": media.srtp.suite if media.srtp is not None else None,
@@ -339,8 +372,7 @@ async def place_call(settings: CallSettings) -> dict:
             "dtmf_received": [d.digit for d in call.digits],
             "arrivals": call.arrival_stats(),
             "early_media_seconds": round(len(call.early) * call.period, 2) if early.call is call else 0.0,
-            "first_provisional_seconds": (round(early.first_at - started, 3) if early.first_at is not None
-                                          else None),
+            "first_provisional_seconds": (round(early.first_at - started, 3) if early.first_at is not None else None),
         }
         if settings.record:
             sent = np.concatenate(call.sent) if call.sent else np.zeros(0, np.int16)
@@ -352,7 +384,8 @@ async def place_call(settings: CallSettings) -> dict:
                 await asyncio.to_thread(write_stereo_wav, early_path, np.zeros(len(heard), np.int16), heard, call.rate)
                 summary["early_media_recording"] = early_path
         transcript_path = settings.transcript or (
-            str(Path(settings.record).with_suffix(".txt")) if settings.record else None)
+            str(Path(settings.record).with_suffix(".txt")) if settings.record else None
+        )
         if transcript_path:
             await write_transcript(settings, transcript_path, target, gateway_call_id, summary)
         return summary
@@ -362,8 +395,9 @@ async def place_call(settings: CallSettings) -> dict:
         await ua.stop()
 
 
-async def write_transcript(settings: CallSettings, path: str, target: SipUri, call_id: str | None,
-                           summary: dict[str, tp.Any]) -> None:
+async def write_transcript(
+    settings: CallSettings, path: str, target: SipUri, call_id: str | None, summary: dict[str, tp.Any]
+) -> None:
     """The transcript file, written whatever happens: both sides' words and DTMF from the
     gateway's API, or one line saying why there are none (also said on stderr)."""
     if call_id is None:

@@ -98,16 +98,19 @@ def lm_kwargs_from_legacy(raw: dict[str, tp.Any]) -> tuple[dict[str, tp.Any], li
         notes.append(f"ignored {key!r} (not a Moshi LM argument)")
     unservable = sorted(UNSERVABLE_LEGACY_KEYS & kwargs.keys())
     if unservable:
-        raise ArchitectureError(f"{', '.join(unservable)}: a conditioned model, not a dialogue "
-                                "model the worker can serve")
+        raise ArchitectureError(
+            f"{', '.join(unservable)}: a conditioned model, not a dialogue model the worker can serve"
+        )
     if "depformer_causal" in kwargs:
         # 0.2.2 passed it to the depformer; later moshi drops it and gives the depformer the
         # main "causal". The same model only when both agree.
         depformer_causal = kwargs.pop("depformer_causal")
         if depformer_causal != kwargs.get("causal", True):
-            raise ArchitectureError(f"depformer_causal={depformer_causal!r} with causal="
-                                    f"{kwargs.get('causal', True)!r}: the installed moshi builds "
-                                    "the depformer with the main model's causality")
+            raise ArchitectureError(
+                f"depformer_causal={depformer_causal!r} with causal="
+                f"{kwargs.get('causal', True)!r}: the installed moshi builds "
+                "the depformer with the main model's causality"
+            )
     if kwargs.get("existing_text_padding_id", "absent") in (None, "absent"):
         # 0.2.2 without it: padding is an extra text token after the vocabulary, and the
         # text head has text_card + 1 outputs. Later moshi spells this out.
@@ -123,5 +126,8 @@ def lm_kwargs_from_legacy(raw: dict[str, tp.Any]) -> tuple[dict[str, tp.Any], li
 def differences(kwargs: dict[str, tp.Any], reference: dict[str, tp.Any]) -> list[str]:
     """``key: reference -> value`` for each key that differs (for the log)."""
     keys = sorted(set(kwargs) | set(reference))
-    return [f"{k}: {reference.get(k, '-')!r} -> {kwargs.get(k, '-')!r}"
-            for k in keys if kwargs.get(k, "-") != reference.get(k, "-")]
+    return [
+        f"{k}: {reference.get(k, '-')!r} -> {kwargs.get(k, '-')!r}"
+        for k in keys
+        if kwargs.get(k, "-") != reference.get(k, "-")
+    ]

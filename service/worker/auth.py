@@ -56,11 +56,15 @@ def resolve_secret(secret: str | None, secret_file: str | None) -> str | None:
     if secret is None or secret == "":
         return None
     if len(secret) < MIN_SECRET_LENGTH:
-        raise ConfigError(f"{label}: the worker secret must have at least {MIN_SECRET_LENGTH} characters "
-                          "(e.g. `openssl rand -hex 32`)")
+        raise ConfigError(
+            f"{label}: the worker secret must have at least {MIN_SECRET_LENGTH} characters "
+            "(e.g. `openssl rand -hex 32`)"
+        )
     if len(secret) > MAX_SECRET_LENGTH or any(ch.isspace() or not ch.isprintable() for ch in secret):
-        raise ConfigError(f"{label}: the worker secret must be printable, without whitespace, and at most "
-                          f"{MAX_SECRET_LENGTH} characters")
+        raise ConfigError(
+            f"{label}: the worker secret must be printable, without whitespace, and at most "
+            f"{MAX_SECRET_LENGTH} characters"
+        )
     return secret
 
 
@@ -81,7 +85,8 @@ def check_exposure(host: str, secret: str | None, insecure: bool) -> None:
     raise ConfigError(
         f"the worker would serve its sessions and /v1/drain to anyone who can reach {host}: set "
         f"{SECRET_ENV} (or {SECRET_FILE_ENV}, a mounted secret file) to the secret its gateways use, bind "
-        "--host 127.0.0.1, or pass --insecure-no-worker-secret on a network where only gateways reach it")
+        "--host 127.0.0.1, or pass --insecure-no-worker-secret on a network where only gateways reach it"
+    )
 
 
 class WorkerAuth:
@@ -91,8 +96,7 @@ class WorkerAuth:
     ``on_refused(endpoint)`` counts each refusal.
     """
 
-    def __init__(self, app: tp.Any, secret: str | None,
-                 on_refused: tp.Callable[[str], None] | None = None) -> None:
+    def __init__(self, app: tp.Any, secret: str | None, on_refused: tp.Callable[[str], None] | None = None) -> None:
         self.app = app
         self.expected = f"Bearer {secret}".encode() if secret else None
         self.on_refused = on_refused
@@ -121,12 +125,24 @@ class WorkerAuth:
         now = time.monotonic()
         if now - self._logged_at >= LOG_EVERY_SECONDS:
             self._logged_at = now
-            log.warning("refused %s %s from %s: missing or wrong worker secret (%d refused so far)",
-                        scope["type"], endpoint, (scope.get("client") or ("?",))[0], self.refused)
-        body = json.dumps({"error": "unauthorized", "detail": "missing or wrong worker secret "
-                           f"(Authorization: Bearer <{SECRET_ENV}>)"}).encode()
-        headers = [(b"content-type", b"application/json"), (b"www-authenticate", CHALLENGE.encode()),
-                   (b"content-length", str(len(body)).encode())]
+            log.warning(
+                "refused %s %s from %s: missing or wrong worker secret (%d refused so far)",
+                scope["type"],
+                endpoint,
+                (scope.get("client") or ("?",))[0],
+                self.refused,
+            )
+        body = json.dumps(
+            {
+                "error": "unauthorized",
+                "detail": f"missing or wrong worker secret (Authorization: Bearer <{SECRET_ENV}>)",
+            }
+        ).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"www-authenticate", CHALLENGE.encode()),
+            (b"content-length", str(len(body)).encode()),
+        ]
         if scope["type"] == "http":
             await send({"type": "http.response.start", "status": 401, "headers": headers})
             await send({"type": "http.response.body", "body": body})

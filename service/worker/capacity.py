@@ -35,8 +35,7 @@ def _attentions(lm: tp.Any) -> list[tp.Any]:
     """The main transformer's self-attention modules (not the depformer's)."""
     from moshi.modules.transformer import StreamingMultiheadAttention
 
-    return [m for m in lm.transformer.modules()
-            if isinstance(m, StreamingMultiheadAttention) and not m.cross_attention]
+    return [m for m in lm.transformer.modules() if isinstance(m, StreamingMultiheadAttention) and not m.cross_attention]
 
 
 def set_context(lm: tp.Any, seconds: float | None) -> int:
@@ -51,11 +50,15 @@ def set_context(lm: tp.Any, seconds: float | None) -> int:
     lm._moshimoshi_trained_context = trained  # what the checkpoint came with, across calls
     steps = trained if seconds is None else context_steps(seconds)
     if steps is None:
-        raise ContextError('this checkpoint declares no context length (no "context" in its config.json): '
-                           "set MOSHIMOSHI_CONTEXT_SECONDS")
+        raise ContextError(
+            'this checkpoint declares no context length (no "context" in its config.json): '
+            "set MOSHIMOSHI_CONTEXT_SECONDS"
+        )
     if trained is not None and steps > trained:
-        raise ContextError(f"MOSHIMOSHI_CONTEXT_SECONDS={seconds:g} exceeds this checkpoint's context of "
-                           f"{trained / FRAME_RATE:g} s ({trained} steps); choose at most that")
+        raise ContextError(
+            f"MOSHIMOSHI_CONTEXT_SECONDS={seconds:g} exceeds this checkpoint's context of "
+            f"{trained / FRAME_RATE:g} s ({trained} steps); choose at most that"
+        )
     for attention in _attentions(lm):
         attention.context = steps
     lm.context = steps
@@ -133,8 +136,9 @@ class MemoryBound:
 
     def describe(self) -> str:
         free = f"{self.free_bytes / 2**30:.1f} GiB free" if self.free_bytes is not None else "free memory unknown"
-        return (f"{self.where.upper()}: {free}, {self.per_slot_bytes / 2**20:.1f} MiB per slot "
-                f"-> {self.slots} slot(s) fit")
+        return (
+            f"{self.where.upper()}: {free}, {self.per_slot_bytes / 2**20:.1f} MiB per slot -> {self.slots} slot(s) fit"
+        )
 
 
 def _cpu_available_bytes() -> int | None:

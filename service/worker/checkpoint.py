@@ -91,7 +91,8 @@ def check_moshi_version() -> str:
     except metadata.PackageNotFoundError:
         raise MoshiVersionError(
             "the moshi package is not installed: the worker needs moshi >= 0.2.5 "
-            "(install the [worker] extra and moshi, see the Makefile)") from None
+            "(install the [worker] extra and moshi, see the Makefile)"
+        ) from None
     return require_moshi_version(version)
 
 
@@ -101,7 +102,8 @@ def require_moshi_version(version: str) -> str:
         raise MoshiVersionError(
             f"moshi {version} is installed but the worker needs moshi >= 0.2.5: older releases "
             "cannot reset one slot of a batch (reset_streaming(reset_mask)), so a new call "
-            "would disturb every other call. Upgrade moshi.")
+            "would disturb every other call. Upgrade moshi."
+        )
     return version
 
 
@@ -136,8 +138,10 @@ class ModelInfo:
     def banner(self) -> str:
         text = f"model {self.model} ({self.source}), licence: {self.license}"
         if self.research_only:
-            text += (" -- RESEARCH USE ONLY: this checkpoint's licence forbids commercial use; "
-                     "do not put it on a production line")
+            text += (
+                " -- RESEARCH USE ONLY: this checkpoint's licence forbids commercial use; "
+                "do not put it on a production line"
+            )
         return text
 
 
@@ -211,8 +215,9 @@ class _HubSource:
 
         unreachable = hub_unreachable()
         try:
-            return Path(hf_hub_download(self.repo_id, name, revision=self.revision,
-                                        local_files_only=unreachable is not None))
+            return Path(
+                hf_hub_download(self.repo_id, name, revision=self.revision, local_files_only=unreachable is not None)
+            )
         except LocalEntryNotFoundError:
             # Offline and not cached. (A subclass of EntryNotFoundError: test it first, or an
             # unreachable Hub would read as "this repo has no such file".)
@@ -221,7 +226,8 @@ class _HubSource:
             raise CheckpointError(
                 f"checkpoint {self.label}: cannot fetch {name}: Hugging Face is unreachable "
                 f"({unreachable or 'offline'}) and the file is not in the local cache (download it "
-                "once, or set HF_HOME to a cache that has it)") from None
+                "once, or set HF_HOME to a cache that has it)"
+            ) from None
         except EntryNotFoundError:
             if required:
                 raise CheckpointError(f"checkpoint {self.label}: missing {name}") from None
@@ -246,8 +252,12 @@ class _HubSource:
 
 def _is_repo_id(text: str) -> bool:
     parts = text.split("/")
-    return (len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
-            and all(ch.isalnum() or ch in "-_." for ch in text.replace("/", "")))
+    return (
+        len(parts) == 2
+        and all(parts)
+        and not text.startswith((".", "/", "~"))
+        and all(ch.isalnum() or ch in "-_." for ch in text.replace("/", ""))
+    )
 
 
 def _read_json(source: _FileSource, path: Path, name: str) -> dict:
@@ -256,16 +266,14 @@ def _read_json(source: _FileSource, path: Path, name: str) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"checkpoint {source.label}: {name} is not valid JSON ({exc})") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"checkpoint {source.label}: {name} must hold a JSON object, "
-                              f"found {type(data).__name__}")
+        raise CheckpointError(f"checkpoint {source.label}: {name} must hold a JSON object, found {type(data).__name__}")
     return data
 
 
 def _name_in_config(source: _FileSource, config: dict, key: str, default: str | None) -> str | None:
     value = config.get(key, default)
     if value is not None and (not isinstance(value, str) or not value.strip()):
-        raise CheckpointError(f"checkpoint {source.label}: config.json: {key} must be a file name, "
-                              f"got {value!r}")
+        raise CheckpointError(f"checkpoint {source.label}: config.json: {key} must be a file name, got {value!r}")
     return value
 
 
@@ -290,9 +298,13 @@ def _architecture(source: _LocalSource | _HubSource, config_path: Path | None) -
         return Architecture(arch.FROM_CONFIG, None)
     kwargs_path = source.get(LEGACY_KWARGS_NAME, required=False)
     if kwargs_path is None:
-        log.info("checkpoint %s has no %s and no %s: applying the Moshi 7B defaults (the "
-                 "architecture moshi 0.2.2 assumed for such repos)", source.label, CONFIG_NAME,
-                 LEGACY_KWARGS_NAME)
+        log.info(
+            "checkpoint %s has no %s and no %s: applying the Moshi 7B defaults (the "
+            "architecture moshi 0.2.2 assumed for such repos)",
+            source.label,
+            CONFIG_NAME,
+            LEGACY_KWARGS_NAME,
+        )
         return arch.moshi_7b()
     raw = _read_json(source, kwargs_path, LEGACY_KWARGS_NAME)
     try:
@@ -300,9 +312,14 @@ def _architecture(source: _LocalSource | _HubSource, config_path: Path | None) -
     except ArchitectureError as exc:
         raise CheckpointError(f"checkpoint {source.label}: {LEGACY_KWARGS_NAME}: {exc}") from None
     changed = arch.differences(kwargs, arch.MOSHI_7B_LM_KWARGS)
-    log.info("checkpoint %s has no %s: LM architecture from its %s (%s)%s", source.label, CONFIG_NAME,
-             LEGACY_KWARGS_NAME, "the Moshi 7B's" if not changed else "differs from the Moshi 7B in "
-             + "; ".join(changed), "".join(f"; {note}" for note in notes))
+    log.info(
+        "checkpoint %s has no %s: LM architecture from its %s (%s)%s",
+        source.label,
+        CONFIG_NAME,
+        LEGACY_KWARGS_NAME,
+        "the Moshi 7B's" if not changed else "differs from the Moshi 7B in " + "; ".join(changed),
+        "".join(f"; {note}" for note in notes),
+    )
     return Architecture(arch.FROM_LEGACY_KWARGS, kwargs)
 
 
@@ -330,8 +347,9 @@ def _resolve(source: _LocalSource | _HubSource, revision: str | None) -> _Resolv
     lora_weights = source.get(lora_name, required=True) if lora_name else None
     assert moshi_weights and mimi_weights and tokenizer
     if isinstance(source, _HubSource):
-        problem = check_download(source.repo_id, {moshi_name: moshi_weights, mimi_name: mimi_weights,
-                                                  tokenizer_name: tokenizer})
+        problem = check_download(
+            source.repo_id, {moshi_name: moshi_weights, mimi_name: mimi_weights, tokenizer_name: tokenizer}
+        )
         if problem:
             raise CheckpointError(f"checkpoint {source.label}: {problem}")
     architecture = _architecture(source, config_path)
@@ -370,23 +388,26 @@ def _check_weights(label: str, info: tp.Any, architecture: Architecture, torch_d
     try:
         with torch.device("meta"):
             mimi = loaders.get_mimi(None, info.mimi_config, device="meta")
-            lm = None if info.lora_weights else info.get_moshi(device="meta", dtype=torch_dtype,
-                                                               load_weight=False)
+            lm = None if info.lora_weights else info.get_moshi(device="meta", dtype=torch_dtype, load_weight=False)
     except Exception as exc:  # moshi raises TypeError, AssertionError... for kwargs it cannot build
-        raise CheckpointError(f"checkpoint {label}: moshi cannot build the LM that "
-                              f"{architecture.describe()} describes: {_first_line(exc)}") from None
+        raise CheckpointError(
+            f"checkpoint {label}: moshi cannot build the LM that "
+            f"{architecture.describe()} describes: {_first_line(exc)}"
+        ) from None
     mimi_layout = "its mimi config's" if info.mimi_config else "the stock"
     try:
         match_tensors(mimi, mimi_header)
     except WeightsError as exc:
-        raise CheckpointError(f"checkpoint {label}: {info.mimi_weights.name} does not fit {mimi_layout} "
-                              f"Mimi: {exc}") from None
+        raise CheckpointError(
+            f"checkpoint {label}: {info.mimi_weights.name} does not fit {mimi_layout} Mimi: {exc}"
+        ) from None
     if lm is not None:  # (a LoRA checkpoint's adapters are in another file: loaded as moshi does)
         try:
             match_tensors(lm, lm_header)
         except WeightsError as exc:
-            raise CheckpointError(f"checkpoint {label}: {info.moshi_weights.name} does not fit the LM "
-                                  f"of {architecture.describe()}: {exc}") from None
+            raise CheckpointError(
+                f"checkpoint {label}: {info.moshi_weights.name} does not fit the LM of {architecture.describe()}: {exc}"
+            ) from None
 
 
 @dataclasses.dataclass
@@ -404,9 +425,16 @@ class LoadedModel:
         return frozenset({self.lm.text_padding_token_id, self.lm.end_of_text_padding_id})
 
 
-def load_checkpoint(model: str, *, revision: str | None = None, device: str = "cpu",
-                    dtype: str = "bfloat16", model_id: str | None = None,
-                    source_kind: str | None = None, license: str | None = None) -> LoadedModel:
+def load_checkpoint(
+    model: str,
+    *,
+    revision: str | None = None,
+    device: str = "cpu",
+    dtype: str = "bfloat16",
+    model_id: str | None = None,
+    source_kind: str | None = None,
+    license: str | None = None,
+) -> LoadedModel:
     """Resolve ``model`` and build Mimi, the LM and the tokenizer on ``device``.
 
     On CPU the weights are always float32. ``model_id``/``source_kind`` override the name and
@@ -426,31 +454,40 @@ def load_checkpoint(model: str, *, revision: str | None = None, device: str = "c
     try:
         tokenizer = info.get_text_tokenizer()
     except (OSError, RuntimeError) as exc:
-        raise CheckpointError(f"checkpoint {label}: {info.tokenizer.name} is not a SentencePiece "
-                              f"model ({exc})") from None
+        raise CheckpointError(
+            f"checkpoint {label}: {info.tokenizer.name} is not a SentencePiece model ({exc})"
+        ) from None
     try:
         mimi = info.get_mimi(device=device)
     except Exception as exc:  # safetensors, torch and moshi all raise their own kinds
-        raise CheckpointError(f"checkpoint {label}: cannot load Mimi from {info.mimi_weights.name}: "
-                              f"{_first_line(exc)}") from None
+        raise CheckpointError(
+            f"checkpoint {label}: cannot load Mimi from {info.mimi_weights.name}: {_first_line(exc)}"
+        ) from None
     try:
         lm = info.get_moshi(device=device, dtype=torch_dtype)
     except Exception as exc:
-        raise CheckpointError(f"checkpoint {label}: cannot load the LM from {info.moshi_weights.name} "
-                              f"with {resolved.architecture.describe()}: {_first_line(exc)}") from None
+        raise CheckpointError(
+            f"checkpoint {label}: cannot load the LM from {info.moshi_weights.name} "
+            f"with {resolved.architecture.describe()}: {_first_line(exc)}"
+        ) from None
 
     if info.model_type != "moshi":
-        raise CheckpointError(f"checkpoint {label}: model_type {info.model_type!r} is not a "
-                              "full-duplex dialogue model (only 'moshi' is served)")
+        raise CheckpointError(
+            f"checkpoint {label}: model_type {info.model_type!r} is not a "
+            "full-duplex dialogue model (only 'moshi' is served)"
+        )
     if lm.dep_q <= 0:
         raise CheckpointError(f"checkpoint {label}: the LM has no depformer (dep_q=0), it cannot speak")
     if tokenizer.vocab_size() < lm.text_card:
         raise CheckpointError(
             f"checkpoint {label}: {info.tokenizer.name} has {tokenizer.vocab_size()} pieces but the "
-            f"LM emits {lm.text_card} text tokens")
+            f"LM emits {lm.text_card} text tokens"
+        )
     if mimi.sample_rate != 24000 or mimi.frame_size != 1920:
-        raise CheckpointError(f"checkpoint {label}: Mimi runs at {mimi.sample_rate} Hz with "
-                              f"{mimi.frame_size}-sample frames; the worker needs 24000 Hz, 1920")
+        raise CheckpointError(
+            f"checkpoint {label}: Mimi runs at {mimi.sample_rate} Hz with "
+            f"{mimi.frame_size}-sample frames; the worker needs 24000 Hz, 1920"
+        )
 
     name = model_id or (str(Path(model).expanduser().resolve()) if local else model)
     model_info = ModelInfo(

@@ -179,7 +179,7 @@ class MoshiEngine:
         self.lm_gen.set_exec_mask(active)
         tokens = self.lm_gen.step(codes)  # [B, 1 + dep_q, 1]; -2 where nothing was generated
         assert tokens is not None  # support_out_of_sync always returns tokens
-        audio = tokens[:, 1:1 + self._codebooks, :]
+        audio = tokens[:, 1 : 1 + self._codebooks, :]
         text = tokens[:, 0, 0]
         decodable = active & (audio >= 0).all(dim=2).all(dim=1)
         self.mimi.set_exec_mask(decodable)
@@ -218,7 +218,6 @@ class MoshiEngine:
             self._filled_kv.close()
             self._filled_kv = None
         self._streaming.close()
-
 
 
 def _drop_streaming_states(*modules: torch.nn.Module) -> None:

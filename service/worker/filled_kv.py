@@ -55,8 +55,7 @@ def _flex() -> tp.Callable[..., torch.Tensor]:
 def _attentions(lm: tp.Any) -> list[tp.Any]:
     from moshi.modules.transformer import StreamingMultiheadAttention
 
-    return [m for m in lm.transformer.modules()
-            if isinstance(m, StreamingMultiheadAttention) and not m.cross_attention]
+    return [m for m in lm.transformer.modules() if isinstance(m, StreamingMultiheadAttention) and not m.cross_attention]
 
 
 def check_supported(lm: tp.Any) -> None:
@@ -65,13 +64,21 @@ def check_supported(lm: tp.Any) -> None:
 
     version = metadata.version("moshi")
     if version not in SUPPORTED_MOSHI:
-        raise FilledKVError(f"--filled-kv patches moshi {', '.join(SUPPORTED_MOSHI)}'s attention; moshi {version} "
-                            "is installed")
+        raise FilledKVError(
+            f"--filled-kv patches moshi {', '.join(SUPPORTED_MOSHI)}'s attention; moshi {version} is installed"
+        )
     for attention in _attentions(lm):
-        if (attention.kv_repeat != 1 or attention.weights_per_step or not attention.causal
-                or attention.context is None or len(attention.in_projs) != 1):
-            raise FilledKVError("--filled-kv: this model's attention has a layout the patch does not cover "
-                                "(grouped KV heads, weights per step, non-causal or no context)")
+        if (
+            attention.kv_repeat != 1
+            or attention.weights_per_step
+            or not attention.causal
+            or attention.context is None
+            or len(attention.in_projs) != 1
+        ):
+            raise FilledKVError(
+                "--filled-kv: this model's attention has a layout the patch does not cover "
+                "(grouped KV heads, weights per step, non-causal or no context)"
+            )
 
 
 class FilledBlocks:
@@ -101,9 +108,15 @@ class FilledBlocks:
         partial = (self.filled - full * self.block > 0).to(torch.int32)
         self._partial_indices[:, 0, 0, 0] = full.to(torch.int32).clamp(max=self._full_indices.shape[-1] - 1)
         return BlockMask.from_kv_blocks(
-            partial.view(-1, 1, 1), self._partial_indices, full.to(torch.int32).view(-1, 1, 1), self._full_indices,
-            BLOCK_SIZE=(self.block, self.block), mask_mod=self._mask_mod, seq_lengths=(1, self.capacity),
-            compute_q_blocks=False)
+            partial.view(-1, 1, 1),
+            self._partial_indices,
+            full.to(torch.int32).view(-1, 1, 1),
+            self._full_indices,
+            BLOCK_SIZE=(self.block, self.block),
+            mask_mod=self._mask_mod,
+            seq_lengths=(1, self.capacity),
+            compute_q_blocks=False,
+        )
 
 
 def _forward(self: tp.Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -147,8 +160,10 @@ class FilledKV:
             attention._filled_blocks = FilledBlocks(batch_size, state.kv_cache.capacity, state.kv_cache.cache.device)
             attention.forward = types.MethodType(_forward, attention)
             self._patched.append(attention)
-        log.info("filled-KV attention on %d layer(s): each slot reads only the blocks its call has filled",
-                 len(self._patched))
+        log.info(
+            "filled-KV attention on %d layer(s): each slot reads only the blocks its call has filled",
+            len(self._patched),
+        )
 
     def close(self) -> None:
         for attention in self._patched:

@@ -69,7 +69,8 @@ MOSHI_7B_BF16 = KnownFile(MOSHI_NAME, 15_400_000_000, 50_000_000, "15.4 GB")
 JMOSHI_TOKENIZER = KnownFile(TOKENIZER_NAME, 806_000, 500, "806 kB")
 
 KNOWN_REPOS: dict[str, KnownRepo] = {
-    repo.repo_id: repo for repo in (
+    repo.repo_id: repo
+    for repo in (
         KnownRepo("llm-jp/llm-jp-moshi-v1", APACHE, (MOSHI_7B_BF16, MIMI)),
         KnownRepo("nu-dialogue/j-moshi", CC_BY_NC, (MOSHI_7B_BF16, MIMI, JMOSHI_TOKENIZER)),
         KnownRepo("nu-dialogue/j-moshi-ext", CC_BY_NC, (MOSHI_7B_BF16, MIMI, JMOSHI_TOKENIZER)),
@@ -92,9 +93,16 @@ def check_download(repo_id: str, files: dict[str, Path]) -> str | None:
             continue
         actual = path.stat().st_size
         if expected.too_small(actual):
-            return (f"{name} is {actual:,} bytes but {repo_id}'s is {expected.documented}: a partial "
-                    "download (delete it from the Hugging Face cache and download it again)")
+            return (
+                f"{name} is {actual:,} bytes but {repo_id}'s is {expected.documented}: a partial "
+                "download (delete it from the Hugging Face cache and download it again)"
+            )
         if expected.too_large(actual):
-            log.warning("%s: %s is %s bytes, larger than the documented %s; loading it anyway "
-                        "(its tensors are checked)", repo_id, name, f"{actual:,}", expected.documented)
+            log.warning(
+                "%s: %s is %s bytes, larger than the documented %s; loading it anyway (its tensors are checked)",
+                repo_id,
+                name,
+                f"{actual:,}",
+                expected.documented,
+            )
     return None

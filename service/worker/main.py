@@ -33,8 +33,10 @@ from service.worker.slots import TokenValidator
 log = logging.getLogger("service.worker")
 
 CPU_DEFAULT_SLOTS = 4  # echo; and on CPU the measured B starts here (--max-slots raises it)
-DEMO_BANNER = ("model 'demo': a TINY RANDOM-WEIGHT Moshi built locally for trying the pipeline; "
-               "it babbles, it does not converse. Use --model llm-jp/llm-jp-moshi-v1 for the real one.")
+DEMO_BANNER = (
+    "model 'demo': a TINY RANDOM-WEIGHT Moshi built locally for trying the pipeline; "
+    "it babbles, it does not converse. Use --model llm-jp/llm-jp-moshi-v1 for the real one."
+)
 
 
 def cuda_available() -> bool:
@@ -72,6 +74,7 @@ def build_engine(settings: WorkerSettings, make_engine: tp.Callable[..., Engine]
     model = resolve_model(settings)
     if model == "echo":
         from service.worker.echo import EchoEngine
+
         return EchoEngine(settings.slots or CPU_DEFAULT_SLOTS, settings.echo_delay_ms)
 
     from service.worker.capacity import memory_slots, set_context
@@ -88,10 +91,16 @@ def build_engine(settings: WorkerSettings, make_engine: tp.Callable[..., Engine]
         log.info("CPU inference on %d torch thread(s)", threads)
     if model == "demo":
         from service.worker.tinymodel import demo_checkpoint
+
         log.warning(DEMO_BANNER)
-        loaded = load_checkpoint(str(demo_checkpoint()), device=device, dtype=settings.dtype,
-                                 model_id="demo", source_kind="demo",
-                                 license="n/a (random weights generated locally)")
+        loaded = load_checkpoint(
+            str(demo_checkpoint()),
+            device=device,
+            dtype=settings.dtype,
+            model_id="demo",
+            source_kind="demo",
+            license="n/a (random weights generated locally)",
+        )
     else:
         loaded = load_checkpoint(model, revision=settings.hf_revision, device=device, dtype=settings.dtype)
     banner = loaded.info.banner()
@@ -110,15 +119,31 @@ def build_engine(settings: WorkerSettings, make_engine: tp.Callable[..., Engine]
     make = make_engine or MoshiEngine
 
     def build(batch_size: int) -> Engine:
-        return make(loaded, batch_size, greedy=settings.greedy, temp=settings.temp, temp_text=settings.temp_text,
-                    top_k=settings.top_k, top_k_text=settings.top_k_text, seed=settings.seed,
-                    cuda_graphs=settings.cuda_graphs, filled_kv=settings.filled_kv)
+        return make(
+            loaded,
+            batch_size,
+            greedy=settings.greedy,
+            temp=settings.temp,
+            temp_text=settings.temp_text,
+            top_k=settings.top_k,
+            top_k_text=settings.top_k_text,
+            seed=settings.seed,
+            cuda_graphs=settings.cuda_graphs,
+            filled_kv=settings.filled_kv,
+        )
 
     if settings.slots is not None and settings.slots > bound.slots:
-        log.warning("--slots %d: only %d fit in memory by the estimate; the KV rings may not fit",
-                    settings.slots, bound.slots)
-    engine, sizing = size_batch(build, budget_ms=settings.step_budget_ms, upper=upper, upper_reason=upper_reason,
-                                memory_slots=bound.slots, forced=settings.slots)
+        log.warning(
+            "--slots %d: only %d fit in memory by the estimate; the KV rings may not fit", settings.slots, bound.slots
+        )
+    engine, sizing = size_batch(
+        build,
+        budget_ms=settings.step_budget_ms,
+        upper=upper,
+        upper_reason=upper_reason,
+        memory_slots=bound.slots,
+        forced=settings.slots,
+    )
     log.info("slots: %s", sizing.describe())
     _reseed(settings.seed)  # the timing steps drew from the RNG, as many as they took
     engine.sizing = sizing  # read by the runtime for /v1/info and the pool
@@ -142,9 +167,13 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return listen(Listener("worker", host, port, ("tcp",), setting_of("--port")))
 
 
-async def serve_worker(settings: WorkerSettings, *, validator: TokenValidator | None = None,
-                       engine_factory: tp.Callable[[], Engine] | None = None,
-                       on_listening: tp.Callable[[int], None] | None = None) -> int:
+async def serve_worker(
+    settings: WorkerSettings,
+    *,
+    validator: TokenValidator | None = None,
+    engine_factory: tp.Callable[[], Engine] | None = None,
+    on_listening: tp.Callable[[int], None] | None = None,
+) -> int:
     """Run a worker on the current event loop until it has drained; return the exit status."""
     from service.worker.auth import check_exposure, is_loopback
     from service.worker.server import create_app
@@ -155,8 +184,10 @@ async def serve_worker(settings: WorkerSettings, *, validator: TokenValidator | 
         log.error("%s", exc)
         return 2
     if not settings.worker_secret:
-        log.warning("no worker secret: /v1 (sessions, drain, info) is open to %s",
-                    "every local process" if is_loopback(settings.host) else f"anyone who can reach {settings.host}")
+        log.warning(
+            "no worker secret: /v1 (sessions, drain, info) is open to %s",
+            "every local process" if is_loopback(settings.host) else f"anyone who can reach {settings.host}",
+        )
     if settings.redis_url and validator is None:
         await wait_for_redis(settings.redis_url, settings.redis_connect_seconds)
     sock = listen(worker_listener(settings))
@@ -169,8 +200,14 @@ async def serve_worker(settings: WorkerSettings, *, validator: TokenValidator | 
         membership = PoolMembership(settings, runtime, port)
         runtime.validator = membership.validate  # read when the slot table is built
     app = create_app(runtime)
-    config = uvicorn.Config(app, log_level=settings.log_level, lifespan="off", access_log=False, log_config=None,
-                            timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app,
+        log_level=settings.log_level,
+        lifespan="off",
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=5,
+    )
     server = UvicornServer(config)
     loop = asyncio.get_running_loop()
     signals = 0
@@ -214,8 +251,9 @@ async def serve_worker(settings: WorkerSettings, *, validator: TokenValidator | 
     if membership is not None:
         membership.start()
     serving = asyncio.create_task(server.serve(sockets=[sock]))
-    announce = asyncio.create_task(announce_ready(runtime.ready_event, lambda: runtime.error, membership),
-                                   name="ready-notify")
+    announce = asyncio.create_task(
+        announce_ready(runtime.ready_event, lambda: runtime.error, membership), name="ready-notify"
+    )
     log.info("worker listening on %s:%d", settings.host, port)
     if on_listening is not None:
         on_listening(port)
@@ -247,8 +285,9 @@ class Registered(tp.Protocol):
     async def wait_registered(self) -> None: ...
 
 
-async def announce_ready(ready: asyncio.Event, error: tp.Callable[[], BaseException | None],
-                         membership: Registered | None) -> bool:
+async def announce_ready(
+    ready: asyncio.Event, error: tp.Callable[[], BaseException | None], membership: Registered | None
+) -> bool:
     """Tell a supervisor (``serve``, systemd) that the worker serves: warm, and in the pool
     when it has one (service/notify.py); True once told."""
     await ready.wait()

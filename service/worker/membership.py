@@ -96,22 +96,34 @@ class PoolMembership:
         sizing = self.runtime.sizing
         self.registration = WorkerRegistration(
             self.client,
-            WorkerInfo(worker_id=self.worker_id, url=self.url, model=info.model,
-                       capacity=self.runtime.table.size, license=info.license, started_at=time.time(),
-                       slots_reason=sizing.reason if sizing else "",
-                       memory_slots=sizing.memory_slots if sizing else None,
-                       step_budget_ms=self.settings.step_budget_ms,
-                       warmup_p50_ms=_rounded(sizing.p50_ms) if sizing else None,
-                       warmup_p99_ms=_rounded(sizing.p99_ms) if sizing else None,
-                       context_seconds=info.context_seconds),
-            interval=self.settings.heartbeat_seconds, live=self._live_fields, sessions=self._live_sessions)
+            WorkerInfo(
+                worker_id=self.worker_id,
+                url=self.url,
+                model=info.model,
+                capacity=self.runtime.table.size,
+                license=info.license,
+                started_at=time.time(),
+                slots_reason=sizing.reason if sizing else "",
+                memory_slots=sizing.memory_slots if sizing else None,
+                step_budget_ms=self.settings.step_budget_ms,
+                warmup_p50_ms=_rounded(sizing.p50_ms) if sizing else None,
+                warmup_p99_ms=_rounded(sizing.p99_ms) if sizing else None,
+                context_seconds=info.context_seconds,
+            ),
+            interval=self.settings.heartbeat_seconds,
+            live=self._live_fields,
+            sessions=self._live_sessions,
+        )
         self.registration.state = self._state()
         self._created.set()
         if await self.registration.start():
             log.info("in the pool as %s at %s", self.worker_id, self.url)
         else:
-            log.error("not in the pool: Redis at %s does not answer; %s registers as soon as it does",
-                      self.client.location, self.worker_id)
+            log.error(
+                "not in the pool: Redis at %s does not answer; %s registers as soon as it does",
+                self.client.location,
+                self.worker_id,
+            )
 
     async def wait_registered(self) -> None:
         """Returns once this worker is in the pool (a heartbeat reached Redis)."""
@@ -164,8 +176,9 @@ class PoolMembership:
             registration.report_free(self.runtime.table.free)
         if token is None:
             return
-        lease = Lease(worker_id=self.worker_id, url=self.url, slot=slot, token=token, model="",
-                      ttl_ms=1, owner="", expires_at=0.0)
+        lease = Lease(
+            worker_id=self.worker_id, url=self.url, slot=slot, token=token, model="", ttl_ms=1, owner="", expires_at=0.0
+        )
         self.leases.release_eventually(lease, give_up_after=RELEASE_RETRY_SECONDS)
 
     async def drain(self) -> None:

@@ -38,8 +38,14 @@ EngineFactory = tp.Callable[[], Engine]
 class WorkerRuntime:
     """Owns the engine and its thread, the clock, the slot table and the live sessions."""
 
-    def __init__(self, settings: WorkerSettings, engine_factory: EngineFactory, *,
-                 validator: TokenValidator | None = None, metrics: WorkerMetrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        engine_factory: EngineFactory,
+        *,
+        validator: TokenValidator | None = None,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics or WorkerMetrics()
         self._factory = engine_factory
@@ -78,8 +84,7 @@ class WorkerRuntime:
     async def start(self) -> None:
         """Start loading in the inference thread; returns at once (see :meth:`wait_ready`)."""
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._inference_thread, name="moshimoshi-inference",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._inference_thread, name="moshimoshi-inference", daemon=True)
         self._thread.start()
 
     async def wait_ready(self) -> None:
@@ -100,8 +105,14 @@ class WorkerRuntime:
             clock = None
             if engine.clocked:
                 self.watch = StepWatch(self.settings.step_budget_ms, self.settings.overload_window_seconds)
-                clock = BatchClock(engine, self.metrics, self._loop, queue_frames=self.settings.input_queue_frames,
-                                   watch=self.watch, on_overload=self._overload_changed)
+                clock = BatchClock(
+                    engine,
+                    self.metrics,
+                    self._loop,
+                    queue_frames=self.settings.input_queue_frames,
+                    watch=self.watch,
+                    on_overload=self._overload_changed,
+                )
             # close() sets _closing, then stops _thread_clock: whatever the interleaving,
             # a clock is either stopped by close() or never started.
             self._thread_clock = clock
@@ -175,13 +186,22 @@ class WorkerRuntime:
         budget = self.settings.step_budget_ms
         window = self.settings.overload_window_seconds
         if overloaded:
-            log.warning("step p99 %.1f ms over the last %.0f s exceeds the %g ms budget: taking no new "
-                        "calls until it recovers (%d call(s) go on)", p99_ms or 0.0, window, budget,
-                        len(self.sessions))
+            log.warning(
+                "step p99 %.1f ms over the last %.0f s exceeds the %g ms budget: taking no new "
+                "calls until it recovers (%d call(s) go on)",
+                p99_ms or 0.0,
+                window,
+                budget,
+                len(self.sessions),
+            )
         else:
             shown = f"{p99_ms:.1f} ms" if p99_ms is not None else "no steps"
-            log.info("step p99 over the last %.0f s is back under the %g ms budget (%s): taking calls again",
-                     window, budget, shown)
+            log.info(
+                "step p99 over the last %.0f s is back under the %g ms budget (%s): taking calls again",
+                window,
+                budget,
+                shown,
+            )
         if self.on_overload is not None:
             self.on_overload(overloaded)
 
@@ -202,8 +222,7 @@ class WorkerRuntime:
         """Stop taking sessions now (``drain`` lets the calls finish)."""
         if self.state in ("draining", "stopped"):
             return
-        log.info("draining: no new sessions; %d call(s) may go on for up to %.0f s",
-                 len(self.sessions), grace_seconds)
+        log.info("draining: no new sessions; %d call(s) may go on for up to %.0f s", len(self.sessions), grace_seconds)
         self.state = "draining"
         self.metrics.ready.set(0)
         if self.table is not None:
@@ -243,8 +262,13 @@ class WorkerRuntime:
     @property
     def accepting(self) -> bool:
         """Takes new sessions: ready, not overloaded, a slot free."""
-        return (self.state == "ready" and not self.overloaded and self.table is not None
-                and self.table.accepting and self.table.free > 0)
+        return (
+            self.state == "ready"
+            and not self.overloaded
+            and self.table is not None
+            and self.table.accepting
+            and self.table.free > 0
+        )
 
     # --- what sessions use --------------------------------------------------------------
     def serves_model(self, model: str) -> bool:
@@ -257,9 +281,11 @@ class WorkerRuntime:
             raise NotAccepting(reason)
         if self.overloaded:
             p99 = self.watch.p99_ms if self.watch is not None else None
-            raise NotAccepting(f"the worker is overloaded: its step p99 ({p99 or 0:.0f} ms over the last "
-                               f"{self.settings.overload_window_seconds:.0f} s) exceeds the "
-                               f"{self.settings.step_budget_ms:g} ms budget")
+            raise NotAccepting(
+                f"the worker is overloaded: its step p99 ({p99 or 0:.0f} ms over the last "
+                f"{self.settings.overload_window_seconds:.0f} s) exceeds the "
+                f"{self.settings.step_budget_ms:g} ms budget"
+            )
         return await self.table.bind(slot, token, call_id, owner=session)
 
     def slot_sampling(self, slot: int, overrides: dict[str, tp.Any] | None) -> dict[str, tp.Any] | None:
@@ -330,15 +356,18 @@ class WorkerRuntime:
             "accepting": self.accepting,
             "overloaded": self.overloaded,
             "step_budget_ms": self.settings.step_budget_ms,
-            "step_p99_ms": (None if self.watch is None or self.watch.p99_ms is None
-                            else round(self.watch.p99_ms, 2)),
+            "step_p99_ms": (None if self.watch is None or self.watch.p99_ms is None else round(self.watch.p99_ms, 2)),
             "step_window_seconds": self.settings.overload_window_seconds,
             "sizing": self.sizing.to_dict() if self.sizing is not None else None,
         }
         if self.clock is not None:
-            out["clock"] = {"steps": self.clock.steps, "overruns": self.clock.overruns,
-                            "skipped_ticks": self.clock.skipped_ticks, "underruns": self.clock.underruns,
-                            "input_dropped": self.clock.dropped}
+            out["clock"] = {
+                "steps": self.clock.steps,
+                "overruns": self.clock.overruns,
+                "skipped_ticks": self.clock.skipped_ticks,
+                "underruns": self.clock.underruns,
+                "input_dropped": self.clock.dropped,
+            }
         if self.error is not None:
             out["error"] = str(self.error)
         return out

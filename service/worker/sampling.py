@@ -61,9 +61,13 @@ class SlotSampling:
     """
 
     def __init__(self, defaults: dict[str, tp.Any], batch_size: int, device: torch.device) -> None:
-        self.defaults = {"temp": float(defaults["temp"]), "temp_text": float(defaults["temp_text"]),
-                         "top_k": int(defaults["top_k"]), "top_k_text": int(defaults["top_k_text"]),
-                         "greedy": False}
+        self.defaults = {
+            "temp": float(defaults["temp"]),
+            "temp_text": float(defaults["temp_text"]),
+            "top_k": int(defaults["top_k"]),
+            "top_k_text": int(defaults["top_k_text"]),
+            "greedy": False,
+        }
         self.audio = PerSlot(self.defaults["temp"], self.defaults["top_k"], batch_size, device)
         self.text = PerSlot(self.defaults["temp_text"], self.defaults["top_k_text"], batch_size, device)
         self._host = {name: np.full(batch_size, value) for name, value in self.defaults.items()}
@@ -117,8 +121,9 @@ def install() -> None:
 
     original = lm.sample_token  # type: ignore[attr-defined]  # imported there from moshi.utils.sampling
 
-    def sample_token(logits: torch.Tensor, use_sampling: bool = False, temp: tp.Any = 1.0, top_k: int = 0,
-                     top_p: float = 0.0) -> torch.Tensor:
+    def sample_token(
+        logits: torch.Tensor, use_sampling: bool = False, temp: tp.Any = 1.0, top_k: int = 0, top_p: float = 0.0
+    ) -> torch.Tensor:
         if isinstance(temp, PerSlot) and use_sampling:
             return temp.sample(logits)
         return original(logits, use_sampling, temp, top_k, top_p)

@@ -76,13 +76,20 @@ class Driver(tp.Protocol):
 class BatchClock:
     """Steps a clocked engine every ``period`` seconds; see the module docstring."""
 
-    def __init__(self, engine: Engine, metrics: WorkerMetrics, loop: asyncio.AbstractEventLoop, *,
-                 period: float = FRAME_SECONDS, queue_frames: int = DEFAULT_QUEUE_FRAMES,
-                 start_grace_ticks: int = DEFAULT_START_GRACE_TICKS,
-                 clock: tp.Callable[[], float] = time.monotonic,
-                 wait: tp.Callable[[float], bool] | None = None,
-                 watch: StepWatch | None = None,
-                 on_overload: tp.Callable[[bool, float | None], None] | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        metrics: WorkerMetrics,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        period: float = FRAME_SECONDS,
+        queue_frames: int = DEFAULT_QUEUE_FRAMES,
+        start_grace_ticks: int = DEFAULT_START_GRACE_TICKS,
+        clock: tp.Callable[[], float] = time.monotonic,
+        wait: tp.Callable[[float], bool] | None = None,
+        watch: StepWatch | None = None,
+        on_overload: tp.Callable[[bool, float | None], None] | None = None,
+    ) -> None:
         if queue_frames < 1:
             raise ValueError("queue_frames must be at least 1")
         self.start_grace_ticks = start_grace_ticks

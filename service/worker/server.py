@@ -16,8 +16,11 @@ def create_app(runtime: WorkerRuntime) -> FastAPI:
     the worker secret when one is set (service.worker.auth); probes and metrics stay open."""
     app = FastAPI(title="moshimoshi worker", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.runtime = runtime
-    app.add_middleware(WorkerAuth, secret=runtime.settings.worker_secret,
-                       on_refused=lambda endpoint: runtime.metrics.auth_refused.labels(endpoint).inc())
+    app.add_middleware(
+        WorkerAuth,
+        secret=runtime.settings.worker_secret,
+        on_refused=lambda endpoint: runtime.metrics.auth_refused.labels(endpoint).inc(),
+    )
 
     @app.websocket("/v1/session")
     async def session(ws: WebSocket) -> None:
@@ -27,8 +30,9 @@ def create_app(runtime: WorkerRuntime) -> FastAPI:
     async def healthz() -> JSONResponse:
         """Alive: the process answers (also while loading or draining)."""
         status = 503 if runtime.state == "failed" else 200
-        return JSONResponse({"status": "failed" if status == 503 else "alive", "state": runtime.state},
-                            status_code=status)
+        return JSONResponse(
+            {"status": "failed" if status == 503 else "alive", "state": runtime.state}, status_code=status
+        )
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:

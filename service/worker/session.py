@@ -37,7 +37,6 @@ OUTBOX_MESSAGES = 64  # ~5 s of output frames may wait for a slow gateway; older
 MAX_TEXT_MESSAGE = 4096
 
 
-
 class ProtocolViolation(Exception):
     """The gateway broke the protocol; ``code`` is the close code."""
 
@@ -105,7 +104,11 @@ def _parse_json(text: str) -> dict:
 
 
 SAMPLING_LIMITS: dict[str, tuple[type, float, float]] = {
-    "temp": (float, 0.0, 10.0), "temp_text": (float, 0.0, 10.0), "top_k": (int, 1, 4096), "top_k_text": (int, 1, 4096)}
+    "temp": (float, 0.0, 10.0),
+    "temp_text": (float, 0.0, 10.0),
+    "top_k": (int, 1, 4096),
+    "top_k_text": (int, 1, 4096),
+}
 
 
 def _sampling_overrides(value: tp.Any) -> dict[str, tp.Any] | None:
@@ -113,16 +116,22 @@ def _sampling_overrides(value: tp.Any) -> dict[str, tp.Any] | None:
     if value is None:
         return None
     if not isinstance(value, dict) or len(value) > len(SAMPLING_LIMITS) + 1:
-        raise ProtocolViolation(CloseCode.VIOLATION, "'sampling' must be an object of temp, temp_text, top_k, "
-                                                     "top_k_text, greedy")
+        raise ProtocolViolation(
+            CloseCode.VIOLATION, "'sampling' must be an object of temp, temp_text, top_k, top_k_text, greedy"
+        )
     out: dict[str, tp.Any] = {}
     for key, item in value.items():
         if key == "greedy" and isinstance(item, bool):
             out[key] = item
             continue
         kind, low, high = SAMPLING_LIMITS.get(key, (None, 0, 0))
-        ok = (kind is not None and not isinstance(item, bool) and isinstance(item, (int, float))
-              and (kind is float or isinstance(item, int)) and low <= item <= high)
+        ok = (
+            kind is not None
+            and not isinstance(item, bool)
+            and isinstance(item, (int, float))
+            and (kind is float or isinstance(item, int))
+            and low <= item <= high
+        )
         if not ok:
             raise ProtocolViolation(CloseCode.VIOLATION, f"'sampling': bad {str(key)[:20]!r}: {str(item)[:20]!r}")
         out[key] = kind(item) if kind is not None else item
@@ -182,8 +191,9 @@ class Session:
             self._release()
             self.metrics.sessions.labels(self.outcome).inc()
             if self.slot is not None:
-                log.info("session %s slot %d ended: %s after %d steps", self.call_id, self.slot,
-                         self.outcome, self.steps)
+                log.info(
+                    "session %s slot %d ended: %s after %d steps", self.call_id, self.slot, self.outcome, self.steps
+                )
 
     def end(self, reason: str) -> None:
         """Have the worker end the session: an ``end`` event, then close 1000."""
@@ -203,7 +213,9 @@ class Session:
             async with asyncio.timeout(START_TIMEOUT_SECONDS):
                 message = await self.ws.receive()
         except TimeoutError:
-            raise ProtocolViolation(CloseCode.VIOLATION, f"no start message within {START_TIMEOUT_SECONDS:g} s") from None
+            raise ProtocolViolation(
+                CloseCode.VIOLATION, f"no start message within {START_TIMEOUT_SECONDS:g} s"
+            ) from None
         if message["type"] == "websocket.disconnect":
             raise WebSocketDisconnect(message.get("code", 1000))
         if message.get("bytes") is not None:
@@ -213,11 +225,15 @@ class Session:
             raise ProtocolViolation(CloseCode.VIOLATION, f"expected a start message, got {start['type']!r}"[:120])
         version = start.get("version")
         if version != PROTOCOL_VERSION or isinstance(version, bool):
-            raise ProtocolViolation(CloseCode.VERSION, f"unsupported protocol version {version!r}; "
-                                                   f"this worker speaks {PROTOCOL_VERSION}"[:120])
+            raise ProtocolViolation(
+                CloseCode.VERSION,
+                f"unsupported protocol version {version!r}; this worker speaks {PROTOCOL_VERSION}"[:120],
+            )
         call_id = start.get("call_id")
         if not isinstance(call_id, str) or not call_id or len(call_id) > 200:
-            raise ProtocolViolation(CloseCode.VIOLATION, "'call_id' must be a non-empty string (at most 200 characters)")
+            raise ProtocolViolation(
+                CloseCode.VIOLATION, "'call_id' must be a non-empty string (at most 200 characters)"
+            )
         self.call_id = call_id
         _optional_int(start, "slot")
         _optional_int(start, "token")
@@ -227,8 +243,9 @@ class Session:
             if not isinstance(model, str):
                 raise ProtocolViolation(CloseCode.VIOLATION, "'model' must be a string")
             if not self.runtime.serves_model(model):
-                raise ProtocolViolation(CloseCode.MODEL, f"this worker serves {self.runtime.info.model}, "
-                                                     f"not {model}"[:120])
+                raise ProtocolViolation(
+                    CloseCode.MODEL, f"this worker serves {self.runtime.info.model}, not {model}"[:120]
+                )
         return start
 
     async def _refuse(self, code: int, reason: str, outcome: str) -> None:
@@ -247,14 +264,24 @@ class Session:
         sampling = self.runtime.slot_sampling(self.slot, self.sampling)  # before its first step
         self.runtime.attach(self.slot, self._on_output, self)
         info = self.runtime.info
-        await self.ws.send_text(json.dumps({
-            "type": "started", "version": PROTOCOL_VERSION, "slot": self.slot,
-            "sample_rate": SAMPLE_RATE, "frame_samples": FRAME_SAMPLES,
-            "frame_ms": FRAME_MS, "model": info.model, "license": info.license,
-            "research_only": info.research_only,
-            "max_call_seconds": self.runtime.settings.max_call_seconds,
-            "context_seconds": info.context_seconds, "sampling": sampling,
-        }))
+        await self.ws.send_text(
+            json.dumps(
+                {
+                    "type": "started",
+                    "version": PROTOCOL_VERSION,
+                    "slot": self.slot,
+                    "sample_rate": SAMPLE_RATE,
+                    "frame_samples": FRAME_SAMPLES,
+                    "frame_ms": FRAME_MS,
+                    "model": info.model,
+                    "license": info.license,
+                    "research_only": info.research_only,
+                    "max_call_seconds": self.runtime.settings.max_call_seconds,
+                    "context_seconds": info.context_seconds,
+                    "sampling": sampling,
+                }
+            )
+        )
         receiver = asyncio.create_task(self._receive_loop(), name=f"recv-{self.call_id}")
         sender = asyncio.create_task(self._send_loop(), name=f"send-{self.call_id}")
         try:
@@ -270,8 +297,7 @@ class Session:
         if isinstance(error, ProtocolViolation):
             self.outcome = "protocol_error"
             self.metrics.protocol_errors.labels(str(error.code)).inc()
-            log.info("session %s slot %d: protocol violation %d %s", self.call_id, self.slot,
-                     error.code, error.reason)
+            log.info("session %s slot %d: protocol violation %d %s", self.call_id, self.slot, error.code, error.reason)
             self._release()
             await self._send_error(error.code, error.reason)
             await self._close(error.code, error.reason)
@@ -295,8 +321,10 @@ class Session:
             if data is not None:
                 if len(data) != FRAME_BYTES:
                     raise ProtocolViolation(
-                        CloseCode.VIOLATION, f"binary frame of {len(data)} bytes; media frames are exactly "
-                                         f"{FRAME_BYTES} bytes (80 ms of PCM16 at 24 kHz)")
+                        CloseCode.VIOLATION,
+                        f"binary frame of {len(data)} bytes; media frames are exactly "
+                        f"{FRAME_BYTES} bytes (80 ms of PCM16 at 24 kHz)",
+                    )
                 if not self._ending:
                     self.runtime.push(self.slot, data)
                 continue
@@ -340,8 +368,7 @@ class Session:
                 self.metrics.text_bytes_dropped.inc(self._text.dropped_bytes - dropped)
             if piece is not None:
                 self.metrics.text_pieces.inc()
-                self._outbox.put(json.dumps({"type": "text", "text": piece.text, "t": piece.t},
-                                            ensure_ascii=False))
+                self._outbox.put(json.dumps({"type": "text", "text": piece.text, "t": piece.t}, ensure_ascii=False))
         if self.steps >= self._max_steps:
             self.end("max_duration")
 
@@ -353,8 +380,7 @@ class Session:
 
     async def _send_error(self, code: int, reason: str) -> None:
         try:
-            await self.ws.send_text(json.dumps({"type": "error", "code": code, "message": reason},
-                                               ensure_ascii=False))
+            await self.ws.send_text(json.dumps({"type": "error", "code": code, "message": reason}, ensure_ascii=False))
         except Exception:  # the peer may be gone already
             pass
 

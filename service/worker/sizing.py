@@ -70,19 +70,29 @@ class SlotSizing:
         return self.p99_ms is not None and self.p99_ms > self.budget_ms
 
     def to_dict(self) -> dict[str, tp.Any]:
-        return {"slots": self.slots, "reason": self.reason, "budget_ms": self.budget_ms,
-                "memory_slots": self.memory_slots,
-                "p50_ms": None if self.p50_ms is None else round(self.p50_ms, 2),
-                "p99_ms": None if self.p99_ms is None else round(self.p99_ms, 2),
-                "over_budget": self.over_budget, "seconds": round(self.seconds, 1),
-                "trials": [t.to_dict() for t in self.trials]}
+        return {
+            "slots": self.slots,
+            "reason": self.reason,
+            "budget_ms": self.budget_ms,
+            "memory_slots": self.memory_slots,
+            "p50_ms": None if self.p50_ms is None else round(self.p50_ms, 2),
+            "p99_ms": None if self.p99_ms is None else round(self.p99_ms, 2),
+            "over_budget": self.over_budget,
+            "seconds": round(self.seconds, 1),
+            "trials": [t.to_dict() for t in self.trials],
+        }
 
     def describe(self) -> str:
-        timing = (f"step p50 {self.p50_ms:.1f} ms, p99 {self.p99_ms:.1f} ms"
-                  if self.p50_ms is not None and self.p99_ms is not None else "step not timed")
+        timing = (
+            f"step p50 {self.p50_ms:.1f} ms, p99 {self.p99_ms:.1f} ms"
+            if self.p50_ms is not None and self.p99_ms is not None
+            else "step not timed"
+        )
         bound = f"memory allows {self.memory_slots}" if self.memory_slots is not None else "memory not bounded"
-        return (f"B = {self.slots} ({self.reason}: {bound}; {timing} against a {self.budget_ms:g} ms budget; "
-                f"{len(self.trials)} timing run(s) in {self.seconds:.1f} s)")
+        return (
+            f"B = {self.slots} ({self.reason}: {bound}; {timing} against a {self.budget_ms:g} ms budget; "
+            f"{len(self.trials)} timing run(s) in {self.seconds:.1f} s)"
+        )
 
 
 def certainly_over(steps: int, quantile: float = 0.99) -> int:
@@ -165,9 +175,15 @@ class _Trials:
             self.done.append(again)
             if not again.over_budget or again.p99_ms < result.p99_ms:
                 result = again
-        log.info("step time at B=%d: p50 %.1f ms, p99 %.1f ms over %d steps (%s the %g ms budget)",
-                 batch_size, result.p50_ms, result.p99_ms, result.steps,
-                 "over" if result.over_budget else "under", self.budget_ms)
+        log.info(
+            "step time at B=%d: p50 %.1f ms, p99 %.1f ms over %d steps (%s the %g ms budget)",
+            batch_size,
+            result.p50_ms,
+            result.p99_ms,
+            result.steps,
+            "over" if result.over_budget else "under",
+            self.budget_ms,
+        )
         return result
 
     def close(self) -> None:
@@ -189,9 +205,16 @@ def _release_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def size_batch(build: tp.Callable[[int], Engine], *, budget_ms: float, upper: int, upper_reason: str = MEMORY,
-               memory_slots: int | None = None, forced: int | None = None,
-               steps: int = DEFAULT_STEPS) -> tuple[Engine, SlotSizing]:
+def size_batch(
+    build: tp.Callable[[int], Engine],
+    *,
+    budget_ms: float,
+    upper: int,
+    upper_reason: str = MEMORY,
+    memory_slots: int | None = None,
+    forced: int | None = None,
+    steps: int = DEFAULT_STEPS,
+) -> tuple[Engine, SlotSizing]:
     """The engine at the chosen B, and the sizing; see the module docstring.
 
     ``upper`` is where the search starts (memory's bound, or a lower limit: ``upper_reason``
@@ -214,15 +237,30 @@ def size_batch(build: tp.Callable[[int], Engine], *, budget_ms: float, upper: in
     except BaseException:
         trials.close()
         raise
-    sizing = SlotSizing(chosen, reason, budget_ms, memory_slots, _finite(timing.p50_ms), _finite(timing.p99_ms),
-                        tuple(trials.done), time.monotonic() - started)
+    sizing = SlotSizing(
+        chosen,
+        reason,
+        budget_ms,
+        memory_slots,
+        _finite(timing.p50_ms),
+        _finite(timing.p99_ms),
+        tuple(trials.done),
+        time.monotonic() - started,
+    )
     if forced is not None and sizing.over_budget:
-        log.warning("--slots %d: the measured step p99 %.1f ms exceeds the %g ms budget: calls on this "
-                    "worker will stutter when the machine is busy; fewer slots would hold it",
-                    forced, timing.p99_ms, budget_ms)
+        log.warning(
+            "--slots %d: the measured step p99 %.1f ms exceeds the %g ms budget: calls on this "
+            "worker will stutter when the machine is busy; fewer slots would hold it",
+            forced,
+            timing.p99_ms,
+            budget_ms,
+        )
     elif reason == TIME and sizing.over_budget:
-        log.warning("even one slot takes %.1f ms at p99, over the %g ms budget: this device cannot serve "
-                    "a call in real time", timing.p99_ms, budget_ms)
+        log.warning(
+            "even one slot takes %.1f ms at p99, over the %g ms budget: this device cannot serve a call in real time",
+            timing.p99_ms,
+            budget_ms,
+        )
     return engine, sizing
 
 

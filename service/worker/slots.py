@@ -85,8 +85,7 @@ class SlotTable:
         self.accepting = False
         self.not_accepting_reason = reason
 
-    async def bind(self, slot: int | None, token: int | None, call_id: str = "",
-                   owner: object | None = None) -> int:
+    async def bind(self, slot: int | None, token: int | None, call_id: str = "", owner: object | None = None) -> int:
         """Claim ``slot`` (or any free one when None) for ``call_id``; return the slot.
 
         ``owner`` (the session) is what :meth:`release` may be given to make sure that only

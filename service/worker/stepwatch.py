@@ -20,8 +20,14 @@ CHECK_EVERY_SECONDS = 1.0
 class StepWatch:
     """Step durations in a sliding time window and the verdict on them (one thread only)."""
 
-    def __init__(self, budget_ms: float, window_seconds: float = 60.0, *, min_slow: int = MIN_SLOW_STEPS,
-                 check_every: float = CHECK_EVERY_SECONDS) -> None:
+    def __init__(
+        self,
+        budget_ms: float,
+        window_seconds: float = 60.0,
+        *,
+        min_slow: int = MIN_SLOW_STEPS,
+        check_every: float = CHECK_EVERY_SECONDS,
+    ) -> None:
         if budget_ms <= 0 or window_seconds <= 0:
             raise ValueError("budget_ms and window_seconds must be positive")
         self.budget_ms = budget_ms

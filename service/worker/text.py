@@ -44,8 +44,9 @@ def skipped_ids(tokenizer: TextTokenizer, padding_ids: frozenset[int] | set[int]
 class TextStream:
     """One slot's text decoder; create a new one for each session."""
 
-    def __init__(self, tokenizer: TextTokenizer, skip_ids: frozenset[int],
-                 frame_seconds: float = FRAME_SECONDS) -> None:
+    def __init__(
+        self, tokenizer: TextTokenizer, skip_ids: frozenset[int], frame_seconds: float = FRAME_SECONDS
+    ) -> None:
         self._tokenizer = tokenizer
         self._skip = skip_ids
         self._vocab = tokenizer.vocab_size()
@@ -64,10 +65,10 @@ class TextStream:
             return None
         self._window.append(token)
         text = self._tokenizer.decode(self._window)
-        new = text[self._consumed:]
+        new = text[self._consumed :]
         held = len(new) - len(new.rstrip(REPLACEMENT))
         held = min(held, MAX_PENDING_BYTES)
-        ready = new[:len(new) - held]
+        ready = new[: len(new) - held]
         self._consumed += len(ready)
         clean = ready.replace(REPLACEMENT, "")
         self.dropped_bytes += len(ready) - len(clean)

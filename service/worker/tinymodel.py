@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 # Bump when the architecture or the training text changes: the demo cache is keyed on it.
 TINY_VERSION = 2  # 2: built on one torch thread, so the bytes no longer depend on the caller
 
-TEXT_PADDING_ID = 3      # the tokenizer's <pad>: the model's "no word this step"
+TEXT_PADDING_ID = 3  # the tokenizer's <pad>: the model's "no word this step"
 END_OF_TEXT_PADDING_ID = 0  # the tokenizer's <unk>, never produced by encoding with byte fallback
 VOCAB_SIZE = 400
 
@@ -66,23 +66,44 @@ The weather is nice today. The meeting starts at three.
 def mimi_config() -> dict:
     """A tiny Mimi with the stock frame size (1920 samples at 24 kHz, 12.5 Hz)."""
     seanet = {
-        "channels": 1, "dimension": 32, "causal": True, "n_filters": 4, "n_residual_layers": 1,
-        "activation": "ELU", "compress": 2, "dilation_base": 2, "disable_norm_outer_blocks": 0,
-        "kernel_size": 7, "residual_kernel_size": 3, "last_kernel_size": 3, "norm": "none",
-        "pad_mode": "constant", "ratios": [8, 6, 5, 4], "true_skip": True,
+        "channels": 1,
+        "dimension": 32,
+        "causal": True,
+        "n_filters": 4,
+        "n_residual_layers": 1,
+        "activation": "ELU",
+        "compress": 2,
+        "dilation_base": 2,
+        "disable_norm_outer_blocks": 0,
+        "kernel_size": 7,
+        "residual_kernel_size": 3,
+        "last_kernel_size": 3,
+        "norm": "none",
+        "pad_mode": "constant",
+        "ratios": [8, 6, 5, 4],
+        "true_skip": True,
     }
     return {
         "sample_rate": 24000,
         "channels": 1,
         "frame_rate": 12.5,
         "seanet": seanet,
-        "quantizer": {"dimension": 16, "n_q": 8, "bins": 64,
-                      "input_dimension": 32, "output_dimension": 32},
+        "quantizer": {"dimension": 16, "n_q": 8, "bins": 64, "input_dimension": 32, "output_dimension": 32},
         "transformer": {
-            "d_model": 32, "num_heads": 4, "num_layers": 1, "causal": True, "layer_scale": 0.01,
-            "context": 250, "conv_layout": True, "max_period": 10000, "gating": "none",
-            "norm": "layer_norm", "positional_embedding": "rope", "dim_feedforward": 128,
-            "input_dimension": 32, "output_dimensions": [32],
+            "d_model": 32,
+            "num_heads": 4,
+            "num_layers": 1,
+            "causal": True,
+            "layer_scale": 0.01,
+            "context": 250,
+            "conv_layout": True,
+            "max_period": 10000,
+            "gating": "none",
+            "norm": "layer_norm",
+            "positional_embedding": "rope",
+            "dim_feedforward": 128,
+            "input_dimension": 32,
+            "output_dimensions": [32],
         },
     }
 
@@ -90,15 +111,34 @@ def mimi_config() -> dict:
 def lm_config(text_card: int, context: int) -> dict:
     """A tiny LMModel with Moshi's stream layout (1 text + 8 model + 8 user codebooks)."""
     return {
-        "dim": 64, "text_card": text_card, "existing_text_padding_id": TEXT_PADDING_ID,
+        "dim": 64,
+        "text_card": text_card,
+        "existing_text_padding_id": TEXT_PADDING_ID,
         "existing_text_end_padding_id": END_OF_TEXT_PADDING_ID,
-        "n_q": 16, "dep_q": 8, "card": 64, "num_heads": 4, "num_layers": 2, "hidden_scale": 4.125,
-        "causal": True, "layer_scale": None, "context": context, "max_period": 10000,
-        "gating": "silu", "norm": "rms_norm_f32", "positional_embedding": "rope",
-        "depformer_dim": 32, "depformer_dim_feedforward": 132, "depformer_num_heads": 2,
-        "depformer_num_layers": 1, "depformer_layer_scale": None, "depformer_multi_linear": True,
-        "depformer_context": 8, "depformer_max_period": 10000, "depformer_gating": "silu",
-        "depformer_pos_emb": "none", "depformer_weights_per_step": True,
+        "n_q": 16,
+        "dep_q": 8,
+        "card": 64,
+        "num_heads": 4,
+        "num_layers": 2,
+        "hidden_scale": 4.125,
+        "causal": True,
+        "layer_scale": None,
+        "context": context,
+        "max_period": 10000,
+        "gating": "silu",
+        "norm": "rms_norm_f32",
+        "positional_embedding": "rope",
+        "depformer_dim": 32,
+        "depformer_dim_feedforward": 132,
+        "depformer_num_heads": 2,
+        "depformer_num_layers": 1,
+        "depformer_layer_scale": None,
+        "depformer_multi_linear": True,
+        "depformer_context": 8,
+        "depformer_max_period": 10000,
+        "depformer_gating": "silu",
+        "depformer_pos_emb": "none",
+        "depformer_weights_per_step": True,
         "delays": list(DELAYS),
     }
 
@@ -115,11 +155,21 @@ def train_tokenizer(out_file: Path, vocab_size: int = VOCAB_SIZE) -> None:
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(TRAINING_TEXT.splitlines()), model_writer=model,
-        vocab_size=vocab_size, model_type="unigram", byte_fallback=True, character_coverage=0.98,
-        unk_id=END_OF_TEXT_PADDING_ID, bos_id=1, eos_id=2, pad_id=TEXT_PADDING_ID,
-        hard_vocab_limit=False, num_threads=1, minloglevel=2,
-        split_digits=True, remove_extra_whitespaces=False,
+        sentence_iterator=iter(TRAINING_TEXT.splitlines()),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        byte_fallback=True,
+        character_coverage=0.98,
+        unk_id=END_OF_TEXT_PADDING_ID,
+        bos_id=1,
+        eos_id=2,
+        pad_id=TEXT_PADDING_ID,
+        hard_vocab_limit=False,
+        num_threads=1,
+        minloglevel=2,
+        split_digits=True,
+        remove_extra_whitespaces=False,
     )
     out_file.write_bytes(model.getvalue())
 
@@ -202,22 +252,27 @@ def build_tiny_checkpoint(directory: str | os.PathLike, seed: int = 0, context: 
     save_file(tensors(lm), str(out / loaders.MOSHI_NAME))
     (out / "mimi_config.json").write_text(json.dumps(mimi_cfg, indent=1))
     config = dict(lm_cfg)
-    config.update({
-        "moshi_name": loaders.MOSHI_NAME,
-        "mimi_name": loaders.MIMI_NAME,
-        "tokenizer_name": loaders.TEXT_TOKENIZER_NAME,
-        "mimi_config_name": "mimi_config.json",
-        "model_type": "moshi",
-        "model_id": {"name": "moshimoshi-tiny-random", "version": TINY_VERSION, "seed": seed},
-    })
+    config.update(
+        {
+            "moshi_name": loaders.MOSHI_NAME,
+            "mimi_name": loaders.MIMI_NAME,
+            "tokenizer_name": loaders.TEXT_TOKENIZER_NAME,
+            "mimi_config_name": "mimi_config.json",
+            "model_type": "moshi",
+            "model_id": {"name": "moshimoshi-tiny-random", "version": TINY_VERSION, "seed": seed},
+        }
+    )
     (out / "config.json").write_text(json.dumps(config, indent=1))
     return out
 
 
 def demo_checkpoint(cache_root: str | os.PathLike | None = None) -> Path:
     """The ``--model demo`` checkpoint, built once into the user's cache directory."""
-    root = Path(cache_root) if cache_root else Path(
-        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moshimoshi"
+    root = (
+        Path(cache_root)
+        if cache_root
+        else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moshimoshi"
+    )
     target = root / f"demo-v{TINY_VERSION}"
     if (target / "config.json").exists():
         return target
@@ -231,5 +286,6 @@ def demo_checkpoint(cache_root: str | os.PathLike | None = None) -> Path:
     except OSError:
         # Another process won the race: use its copy.
         import shutil
+
         shutil.rmtree(staging, ignore_errors=True)
     return target

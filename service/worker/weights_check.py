@@ -60,14 +60,18 @@ def read_header(path: Path) -> SafetensorsHeader:
     with path.open("rb") as f:
         prefix = f.read(8)
         if len(prefix) < 8:
-            raise WeightsError(f"{path.name} is truncated: {size} bytes, not even a safetensors "
-                               "header (a partial download: download it again)")
+            raise WeightsError(
+                f"{path.name} is truncated: {size} bytes, not even a safetensors "
+                "header (a partial download: download it again)"
+            )
         (length,) = struct.unpack("<Q", prefix)
         if length > MAX_HEADER_BYTES:
             raise WeightsError(f"{path.name} is not a safetensors file (a {length}-byte header)")
         if 8 + length > size:
-            raise WeightsError(f"{path.name} is truncated: {size:,} bytes, shorter than its own "
-                               f"{length:,}-byte header (a partial download: download it again)")
+            raise WeightsError(
+                f"{path.name} is truncated: {size:,} bytes, shorter than its own "
+                f"{length:,}-byte header (a partial download: download it again)"
+            )
         raw = f.read(length)
     try:
         header = json.loads(raw)
@@ -84,8 +88,13 @@ def read_header(path: Path) -> SafetensorsHeader:
             dtype = entry["dtype"]
             shape = tuple(entry["shape"])
             begin, stop = entry["data_offsets"]
-            if not (isinstance(dtype, str) and all(isinstance(d, int) and d >= 0 for d in shape)
-                    and isinstance(begin, int) and isinstance(stop, int) and 0 <= begin <= stop):
+            if not (
+                isinstance(dtype, str)
+                and all(isinstance(d, int) and d >= 0 for d in shape)
+                and isinstance(begin, int)
+                and isinstance(stop, int)
+                and 0 <= begin <= stop
+            ):
                 raise ValueError
         except (KeyError, TypeError, ValueError):
             raise WeightsError(f"{path.name} is not a safetensors file (bad entry for {name[:80]!r})") from None
@@ -95,7 +104,8 @@ def read_header(path: Path) -> SafetensorsHeader:
         raise WeightsError(
             f"{path.name} is truncated: {size:,} bytes on disk, its header describes "
             f"{8 + length + end:,} ({human_bytes(size)} of {human_bytes(8 + length + end)}): "
-            "a partial download, download it again")
+            "a partial download, download it again"
+        )
     return SafetensorsHeader(tensors=tensors, header_bytes=8 + length, data_bytes=end)
 
 
@@ -106,9 +116,11 @@ def _names(names: tp.Sequence[str]) -> str:
     return shown
 
 
-_SIZE_MISMATCH = re.compile(r"size mismatch for ([^:\s]+): copying a param with shape "
-                            r"torch\.Size\(\[([^\]]*)\]\) from checkpoint, the shape in current "
-                            r"model is torch\.Size\(\[([^\]]*)\]\)")
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for ([^:\s]+): copying a param with shape "
+    r"torch\.Size\(\[([^\]]*)\]\) from checkpoint, the shape in current "
+    r"model is torch\.Size\(\[([^\]]*)\]\)"
+)
 
 
 def match_tensors(module: tp.Any, header: SafetensorsHeader) -> None:

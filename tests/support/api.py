@@ -50,25 +50,53 @@ class ApiGateway:
     def ws_base(self) -> str:
         return f"ws://127.0.0.1:{self.port}"
 
-    def start_call(self, *, from_uri: str = "sip:alice@192.0.2.10", worker_id: str = "w-test",
-                   slot: int = 0, sampling: dict | None = None, identity: CallerIdentity | None = None) -> Call:
+    def start_call(
+        self,
+        *,
+        from_uri: str = "sip:alice@192.0.2.10",
+        worker_id: str = "w-test",
+        slot: int = 0,
+        sampling: dict | None = None,
+        identity: CallerIdentity | None = None,
+    ) -> Call:
         """A call arriving, getting a slot and answered, as the SIP ingress runs it."""
         gateway = self.gateway
-        call = Call("sip", from_uri=from_uri, to_uri="sip:agent@gateway.test", sip_call_id="sip-1",
-                    source="192.0.2.10:5060", codec="PCMU", identity=identity, gateway_id=gateway.gateway_id)
+        call = Call(
+            "sip",
+            from_uri=from_uri,
+            to_uri="sip:agent@gateway.test",
+            sip_call_id="sip-1",
+            source="192.0.2.10:5060",
+            codec="PCMU",
+            identity=identity,
+            gateway_id=gateway.gateway_id,
+        )
         gateway.lifecycle.begin(call)
         gateway.lifecycle.routed(call, gateway.lifecycle.route_of(call))
         call.record.worker_id, call.record.slot, call.record.sampling = worker_id, slot, sampling
         gateway.lifecycle.answered(call)
         return call
 
-    def refuse_call(self, reason: str = "rejected-busy", status: int | None = 503, *,
-                    identity: CallerIdentity | None = None, detail: str = "all agents busy") -> Call:
+    def refuse_call(
+        self,
+        reason: str = "rejected-busy",
+        status: int | None = 503,
+        *,
+        identity: CallerIdentity | None = None,
+        detail: str = "all agents busy",
+    ) -> Call:
         """A call arriving and refused before its answer, as the lifecycle ends one."""
         gateway = self.gateway
-        call = Call("sip", from_uri="sip:+819012345678@192.0.2.10", to_uri="sip:agent@gateway.test",
-                    sip_call_id="sip-r", source="192.0.2.10:5060", sip_transport="UDP",
-                    identity=identity, gateway_id=gateway.gateway_id)
+        call = Call(
+            "sip",
+            from_uri="sip:+819012345678@192.0.2.10",
+            to_uri="sip:agent@gateway.test",
+            sip_call_id="sip-r",
+            source="192.0.2.10:5060",
+            sip_transport="UDP",
+            identity=identity,
+            gateway_id=gateway.gateway_id,
+        )
         gateway.lifecycle.begin(call)
         call.refused_status = status
         call.end(reason, detail)
@@ -108,16 +136,24 @@ def identity_of(*headers: str, dialled: str = "0501234567") -> CallerIdentity:
     """The identity a SIP INVITE to ``dialled`` with ``headers`` carries."""
     from sip.message import parse_message
 
-    text = (f"INVITE sip:{dialled}@gateway.test SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.10;branch=z9hG4bK1\r\n"
-            "From: <sip:anonymous@anonymous.invalid>;tag=1\r\nTo: <sip:agent@gateway.test>\r\nCall-ID: i-1\r\n"
-            "CSeq: 1 INVITE\r\n" + "".join(h + "\r\n" for h in headers) + "Content-Length: 0\r\n\r\n")
+    text = (
+        f"INVITE sip:{dialled}@gateway.test SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.10;branch=z9hG4bK1\r\n"
+        "From: <sip:anonymous@anonymous.invalid>;tag=1\r\nTo: <sip:agent@gateway.test>\r\nCall-ID: i-1\r\n"
+        "CSeq: 1 INVITE\r\n" + "".join(h + "\r\n" for h in headers) + "Content-Length: 0\r\n\r\n"
+    )
     return CallerIdentity.from_request(parse_message(text.encode()))
 
 
 def gateway_settings(redis_url: str | None, **overrides: tp.Any) -> GatewaySettings:
-    values: dict[str, tp.Any] = {"sip_host": "127.0.0.1", "sip_port": 0, "http_host": "127.0.0.1",
-                                 "http_port": 0, "redis_url": redis_url, "api_tokens": list(TOKENS),
-                                 "log_level": "warning"}
+    values: dict[str, tp.Any] = {
+        "sip_host": "127.0.0.1",
+        "sip_port": 0,
+        "http_host": "127.0.0.1",
+        "http_port": 0,
+        "redis_url": redis_url,
+        "api_tokens": list(TOKENS),
+        "log_level": "warning",
+    }
     values.update(overrides)
     return GatewaySettings(**values)
 
@@ -128,8 +164,9 @@ async def api_gateway(redis_url: str | None, **overrides: tp.Any) -> AsyncIterat
     gateway = Gateway(gateway_settings(redis_url, **overrides))
     gateway.start_control_plane()
     app = create_app(gateway.control, gateway.api_tokens)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                           lifespan="off", access_log=False))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", access_log=False)
+    )
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
     task = asyncio.create_task(server.serve())
     while not server.started:  # noqa: ASYNC110 (uvicorn has no event)

@@ -28,16 +28,21 @@ def transcription_app(backend: FasterWhisperBackend, api_key: str):
     app.state.requests = []
 
     @app.post("/v1/audio/transcriptions")
-    async def transcriptions(file: UploadFile = File(...), model: str = Form(...),  # noqa: B008
-                             language: str | None = Form(None), response_format: str = Form("json"),
-                             authorization: str | None = Header(None)) -> dict:
+    async def transcriptions(
+        file: UploadFile = File(...),
+        model: str = Form(...),
+        language: str | None = Form(None),
+        response_format: str = Form("json"),
+        authorization: str | None = Header(None),
+    ) -> dict:
         if authorization != f"Bearer {api_key}":
             raise HTTPException(401, "bad key")
         if model == "broken":
             raise HTTPException(500, "model crashed")
         audio = wav_to_float(await file.read())
-        app.state.requests.append({"model": model, "language": language, "format": response_format,
-                                   "samples": len(audio)})
+        app.state.requests.append(
+            {"model": model, "language": language, "format": response_format, "samples": len(audio)}
+        )
         [result] = await backend.transcribe([audio])
         return {"text": result.text}
 
@@ -65,8 +70,16 @@ async def serving(app: tp.Any) -> tp.AsyncIterator[int]:
 class AsrWorkerProcess:
     """``moshimoshi asr`` as a real child process on a free port."""
 
-    def __init__(self, log_dir: Path, model: str | Path, *, worker_id: str = "asr-test",
-                 redis_url: str | None = None, extra: tp.Sequence[str] = (), env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        log_dir: Path,
+        model: str | Path,
+        *,
+        worker_id: str = "asr-test",
+        redis_url: str | None = None,
+        extra: tp.Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         from tests.support.procs import free_port
         from tests.support.services import Process
 
@@ -75,9 +88,27 @@ class AsrWorkerProcess:
         environment = {"MOSHIMOSHI_ASR_LOG_LEVEL": "info", **(env or {})}
         if redis_url:
             environment["REDIS_URL"] = redis_url
-        self.proc = Process(worker_id, ["asr", "--model", str(model), "--host", "127.0.0.1", "--port",
-                                        str(self.port), "--worker-id", worker_id, "--heartbeat-seconds", "0.5",
-                                        "--cpu-threads", "1", *extra], log_dir, env=environment)
+        self.proc = Process(
+            worker_id,
+            [
+                "asr",
+                "--model",
+                str(model),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--worker-id",
+                worker_id,
+                "--heartbeat-seconds",
+                "0.5",
+                "--cpu-threads",
+                "1",
+                *extra,
+            ],
+            log_dir,
+            env=environment,
+        )
 
     @property
     def url(self) -> str:
@@ -109,8 +140,10 @@ class AsrWorkerProcess:
         from tests.support.pool import eventually
 
         async def registered() -> bool:
-            return any(w.worker_id == self.worker_id and w.alive and w.state == "ready"
-                       for w in await RegistryReader(client).workers())
+            return any(
+                w.worker_id == self.worker_id and w.alive and w.state == "ready"
+                for w in await RegistryReader(client).workers()
+            )
 
         await eventually(registered, timeout=timeout, interval=0.1, what=f"{self.worker_id} registered")
 

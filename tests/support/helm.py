@@ -58,8 +58,11 @@ def one(docs: list[dict], kind: str, name: str) -> dict:
 
 def pod_templates(docs: list[dict]) -> list[tuple[str, dict]]:
     """(kind/name, pod spec) of every workload."""
-    return [(f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"])
-            for d in docs if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job")]
+    return [
+        (f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"])
+        for d in docs
+        if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job")
+    ]
 
 
 def env_of(container: dict) -> dict[str, dict]:

@@ -39,11 +39,31 @@ class Kamailio:
         self.log_path = self.dir / "kamailio.log"
         runtime = self.dir / "run"
         runtime.mkdir()
-        self.args = ["kamailio", "-f", str(CONFIG), "-DD", "-E", "-Y", str(runtime), "-w", str(self.dir),
-                     "-m", "32", "-M", "4",
-                     "-l", f"udp:127.0.0.1:{self.port}", "-l", f"tcp:127.0.0.1:{self.port}",
-                     "-A", f'DISPATCHER_LIST="{self.list_file}"', "-A", f'CTL_SOCKET="{self.ctl}"',
-                     "-A", f"PROBE_INTERVAL={probe_interval}"]
+        self.args = [
+            "kamailio",
+            "-f",
+            str(CONFIG),
+            "-DD",
+            "-E",
+            "-Y",
+            str(runtime),
+            "-w",
+            str(self.dir),
+            "-m",
+            "32",
+            "-M",
+            "4",
+            "-l",
+            f"udp:127.0.0.1:{self.port}",
+            "-l",
+            f"tcp:127.0.0.1:{self.port}",
+            "-A",
+            f'DISPATCHER_LIST="{self.list_file}"',
+            "-A",
+            f'CTL_SOCKET="{self.ctl}"',
+            "-A",
+            f"PROBE_INTERVAL={probe_interval}",
+        ]
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -56,8 +76,9 @@ class Kamailio:
 
     def start(self, within: float = 30.0) -> Kamailio:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
         deadline = time.monotonic() + within
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -69,8 +90,7 @@ class Kamailio:
 
     def rpc_ok(self, *command: str) -> bool:
         try:
-            return subprocess.run(["kamcmd", "-s", self.ctl, *command], capture_output=True,
-                                  timeout=10).returncode == 0
+            return subprocess.run(["kamcmd", "-s", self.ctl, *command], capture_output=True, timeout=10).returncode == 0
         except subprocess.TimeoutExpired:
             return False
 

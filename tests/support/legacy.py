@@ -23,8 +23,12 @@ VENV = Path(os.environ.get("MOSHIMOSHI_MOSHI022_VENV", REPO / ".venv-moshi022"))
 SCRIPT = Path(__file__).with_name("moshi022_legacy.py")
 ENV_SCRIPT = REPO / "ops" / "tools" / "moshi022-venv.sh"
 
-LEGACY_FILES = ("model.safetensors", "tokenizer_spm_32k_3.model",
-                "tokenizer-e351c8d8-checkpoint125.safetensors", "moshi_lm_kwargs.json")
+LEGACY_FILES = (
+    "model.safetensors",
+    "tokenizer_spm_32k_3.model",
+    "tokenizer-e351c8d8-checkpoint125.safetensors",
+    "moshi_lm_kwargs.json",
+)
 
 
 def moshi022_python() -> Path:
@@ -32,11 +36,19 @@ def moshi022_python() -> Path:
     lock_path = VENV.parent / (VENV.name + ".lock")
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two test processes must not build it at once
-        result = subprocess.run(["bash", str(ENV_SCRIPT), str(VENV)], cwd=REPO, capture_output=True,
-                                text=True, timeout=900, env={**os.environ, "PYTHON": sys.executable})
+        result = subprocess.run(
+            ["bash", str(ENV_SCRIPT), str(VENV)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env={**os.environ, "PYTHON": sys.executable},
+        )
     if result.returncode != 0:
-        raise RuntimeError(f"cannot create the moshi 0.2.2 environment {VENV} "
-                           f"(ops/tools/moshi022-venv.sh):\n{result.stdout[-2000:]}{result.stderr[-4000:]}")
+        raise RuntimeError(
+            f"cannot create the moshi 0.2.2 environment {VENV} "
+            f"(ops/tools/moshi022-venv.sh):\n{result.stdout[-2000:]}{result.stderr[-4000:]}"
+        )
     return VENV / "bin" / "python"
 
 
@@ -44,8 +56,14 @@ def run_022(*args: str, timeout: float = 600) -> str:
     """Run ``moshi022_legacy.py`` under moshi 0.2.2; return its stdout."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["NO_TORCH_COMPILE"] = "1"
-    result = subprocess.run([str(moshi022_python()), str(SCRIPT), *args], capture_output=True, text=True,
-                            timeout=timeout, env=env, cwd=tempfile.gettempdir())
+    result = subprocess.run(
+        [str(moshi022_python()), str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=tempfile.gettempdir(),
+    )
     if result.returncode != 0:
         raise RuntimeError(f"moshi 0.2.2 failed: {' '.join(args[:1])}\n{result.stderr[-4000:]}")
     return result.stdout

@@ -16,10 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 METRIC_CONSTRUCTORS = {
-    "Counter": "counter", "Gauge": "gauge", "Histogram": "histogram", "Summary": "summary",
-    "Info": "info", "Enum": "stateset",
-    "CounterMetricFamily": "counter", "GaugeMetricFamily": "gauge",
-    "HistogramMetricFamily": "histogram", "SummaryMetricFamily": "summary",
+    "Counter": "counter",
+    "Gauge": "gauge",
+    "Histogram": "histogram",
+    "Summary": "summary",
+    "Info": "info",
+    "Enum": "stateset",
+    "CounterMetricFamily": "counter",
+    "GaugeMetricFamily": "gauge",
+    "HistogramMetricFamily": "histogram",
+    "SummaryMetricFamily": "summary",
     "LoopHistogram": "histogram",  # service/gateway/metrics.py: the lock-free per-packet histogram
 }
 SUFFIXES = {

@@ -48,11 +48,18 @@ def _tiny_lm_kwargs(text_card: int) -> dict:
     from moshi.models import loaders
 
     kwargs = dict(loaders._lm_kwargs)
-    kwargs.update({
-        "dim": 64, "text_card": text_card, "num_heads": 4, "num_layers": 2,
-        "depformer_dim": 32, "depformer_dim_feedforward": int(4.125 * 32),
-        "depformer_num_heads": 2, "depformer_num_layers": 1,
-    })
+    kwargs.update(
+        {
+            "dim": 64,
+            "text_card": text_card,
+            "num_heads": 4,
+            "num_layers": 2,
+            "depformer_dim": 32,
+            "depformer_dim_feedforward": int(4.125 * 32),
+            "depformer_num_heads": 2,
+            "depformer_num_layers": 1,
+        }
+    )
     return kwargs
 
 
@@ -66,9 +73,14 @@ def _stock_mimi():
     encoder = SEANetEncoder(**loaders._seanet_kwargs)
     decoder = SEANetDecoder(**loaders._seanet_kwargs)
     return MimiModel(
-        encoder, decoder, SplitResidualVectorQuantizer(**loaders._quantizer_kwargs),
-        channels=1, sample_rate=loaders.SAMPLE_RATE, frame_rate=loaders.FRAME_RATE,
-        encoder_frame_rate=loaders.SAMPLE_RATE / encoder.hop_length, causal=True,
+        encoder,
+        decoder,
+        SplitResidualVectorQuantizer(**loaders._quantizer_kwargs),
+        channels=1,
+        sample_rate=loaders.SAMPLE_RATE,
+        frame_rate=loaders.FRAME_RATE,
+        encoder_frame_rate=loaders.SAMPLE_RATE / encoder.hop_length,
+        causal=True,
         resample_method="conv",
         encoder_transformer=transformer.ProjectedTransformer(**loaders._transformer_kwargs),
         decoder_transformer=transformer.ProjectedTransformer(**loaders._transformer_kwargs),
@@ -163,8 +175,7 @@ def reference(directory: Path, inputs_path: Path, output_path: Path) -> None:
     torch.set_num_threads(1)
     kwargs = json.loads((directory / KWARGS_NAME).read_text())
     mimi = loaders.get_mimi(directory / "tokenizer-e351c8d8-checkpoint125.safetensors", device="cpu")
-    lm = loaders.get_moshi_lm(directory / "model.safetensors", lm_kwargs=kwargs, device="cpu",
-                              dtype=torch.float32)
+    lm = loaders.get_moshi_lm(directory / "model.safetensors", lm_kwargs=kwargs, device="cpu", dtype=torch.float32)
     lm_gen = LMGen(lm, use_sampling=False)  # greedy; moshi's default temps and top-ks
     frame = int(mimi.sample_rate / mimi.frame_rate)
     data = np.load(inputs_path)
@@ -186,7 +197,7 @@ def reference(directory: Path, inputs_path: Path, output_path: Path) -> None:
                     mimi.reset_streaming()
                     skip_frames -= 1
                 for c in range(codes.shape[-1]):
-                    step = lm_gen.step(codes[:, :, c: c + 1])
+                    step = lm_gen.step(codes[:, :, c : c + 1])
                     if step is None:
                         continue
                     tokens[t] = step[0, :, 0].numpy()
@@ -205,12 +216,14 @@ def main(argv: list[str]) -> int:
     command = argv[0] if argv else ""
     options = {"--lm-only", "--no-text-padding-id"}
     if command == "build" and len(argv) >= 3 and set(argv[3:]) <= options:
-        build(Path(argv[1]), int(argv[2]), lm_only="--lm-only" in argv,
-              text_padding_id="--no-text-padding-id" not in argv)
+        build(
+            Path(argv[1]), int(argv[2]), lm_only="--lm-only" in argv, text_padding_id="--no-text-padding-id" not in argv
+        )
     elif command == "reference" and len(argv) == 4:
         reference(Path(argv[1]), Path(argv[2]), Path(argv[3]))
     elif command == "lm-kwargs" and len(argv) == 1:
         from moshi.models import loaders
+
         print(json.dumps(loaders._lm_kwargs))
     else:
         print(__doc__, file=sys.stderr)

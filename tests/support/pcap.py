@@ -36,6 +36,7 @@ def _ip_text(raw: bytes) -> str:
     if len(raw) == 4:
         return ".".join(str(b) for b in raw)
     import ipaddress
+
     return str(ipaddress.IPv6Address(raw))
 
 
@@ -53,7 +54,7 @@ def _udp_from_ip(packet: bytes) -> tuple[str, str, bytes] | None:
         payload_length, next_header = struct.unpack_from("!HB", packet, 4)
         if next_header != 17:
             return None
-        return _ip_text(packet[8:24]), _ip_text(packet[24:40]), packet[40:40 + payload_length]
+        return _ip_text(packet[8:24]), _ip_text(packet[24:40]), packet[40 : 40 + payload_length]
     return None
 
 
@@ -64,7 +65,7 @@ def _ip_from_link(link_type: int, frame: bytes) -> bytes | None:
         while ethertype == 0x8100:  # 802.1Q VLAN tag
             offset += 4
             ethertype = struct.unpack_from("!H", frame, offset)[0]
-        return frame[offset + 2:] if ethertype in (0x0800, 0x86DD) else None
+        return frame[offset + 2 :] if ethertype in (0x0800, 0x86DD) else None
     if link_type == LINKTYPE_LINUX_SLL:
         return frame[16:] if struct.unpack_from("!H", frame, 14)[0] in (0x0800, 0x86DD) else None
     if link_type == LINKTYPE_NULL:
@@ -87,7 +88,7 @@ def read_udp(path: str | Path) -> list[UdpDatagram]:
     while offset + record.size <= len(data):
         seconds, fraction, captured, _original = record.unpack_from(data, offset)
         offset += record.size
-        frame = data[offset:offset + captured]
+        frame = data[offset : offset + captured]
         offset += captured
         ip = _ip_from_link(link_type, frame)
         udp = _udp_from_ip(ip) if ip is not None else None
@@ -97,6 +98,12 @@ def read_udp(path: str | Path) -> list[UdpDatagram]:
         if len(segment) < 8:
             continue
         source_port, destination_port, length = struct.unpack_from("!HHH", segment)
-        datagrams.append(UdpDatagram(seconds + fraction * resolution, (source_ip, source_port),
-                                     (destination_ip, destination_port), segment[8:length]))
+        datagrams.append(
+            UdpDatagram(
+                seconds + fraction * resolution,
+                (source_ip, source_port),
+                (destination_ip, destination_port),
+                segment[8:length],
+            )
+        )
     return datagrams

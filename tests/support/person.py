@@ -21,8 +21,14 @@ from tests.support.procs import free_port_pair
 RATE = 8000
 
 
-def tone_wav(path: Path, hz: float, seconds: float, rate: int = RATE, level: float = 0.3,
-             bursts: tuple[float, float] | None = None) -> Path:
+def tone_wav(
+    path: Path,
+    hz: float,
+    seconds: float,
+    rate: int = RATE,
+    level: float = 0.3,
+    bursts: tuple[float, float] | None = None,
+) -> Path:
     """A tone, steady or in ``bursts`` (seconds on, seconds off)."""
     t = np.arange(int(rate * seconds)) / rate
     pcm = level * np.sin(2 * np.pi * hz * t)
@@ -40,8 +46,16 @@ def tone_wav(path: Path, hz: float, seconds: float, rate: int = RATE, level: flo
 class Person:
     """baresip on 127.0.0.1 answering ``uri`` (see the module docstring)."""
 
-    def __init__(self, folder: Path, *, tone_hz: float = 1000.0, answer: bool = True, quit_after: float = 30.0,
-                 rtp_ports: tuple[int, int] = (36000, 36999), bursts: tuple[float, float] | None = None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        tone_hz: float = 1000.0,
+        answer: bool = True,
+        quit_after: float = 30.0,
+        rtp_ports: tuple[int, int] = (36000, 36999),
+        bursts: tuple[float, float] | None = None,
+    ) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
         self.port = free_port_pair()
@@ -49,18 +63,28 @@ class Person:
         wav = tone_wav(folder / "person.wav", tone_hz, quit_after + 5, bursts=bursts)
         config = folder / "baresip"
         config.mkdir(exist_ok=True)
-        (config / "config").write_text("\n".join([
-            "poll_method epoll",
-            f"sip_listen 127.0.0.1:{self.port}",
-            f"audio_source aufile,{wav}",
-            f"audio_player aufile,{folder / 'heard.wav'}",
-            f"audio_alert aufile,{folder / 'alert.wav'}",
-            "audio_srate 8000",
-            "audio_channels 1",
-            f"rtp_ports {rtp_ports[0]}-{rtp_ports[1]}",
-            "module_path /usr/lib/baresip/modules",
-            "module stdio.so", "module g711.so", "module aufile.so",
-            "module_app account.so", "module_app contact.so", "module_app menu.so", ""]))
+        (config / "config").write_text(
+            "\n".join(
+                [
+                    "poll_method epoll",
+                    f"sip_listen 127.0.0.1:{self.port}",
+                    f"audio_source aufile,{wav}",
+                    f"audio_player aufile,{folder / 'heard.wav'}",
+                    f"audio_alert aufile,{folder / 'alert.wav'}",
+                    "audio_srate 8000",
+                    "audio_channels 1",
+                    f"rtp_ports {rtp_ports[0]}-{rtp_ports[1]}",
+                    "module_path /usr/lib/baresip/modules",
+                    "module stdio.so",
+                    "module g711.so",
+                    "module aufile.so",
+                    "module_app account.so",
+                    "module_app contact.so",
+                    "module_app menu.so",
+                    "",
+                ]
+            )
+        )
         mode = "auto" if answer else "manual"
         (config / "accounts").write_text(f"<sip:human@127.0.0.1>;regint=0;answermode={mode}\n")
         (config / "contacts").write_text("")
@@ -70,8 +94,9 @@ class Person:
 
     async def start(self) -> Person:
         with self.log.open("wb") as out:  # a local file: no real blocking
-            self.proc = await asyncio.create_subprocess_exec(*self.args, stdout=out, stderr=asyncio.subprocess.STDOUT,
-                                                             stdin=asyncio.subprocess.DEVNULL)
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.args, stdout=out, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL
+            )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
@@ -99,6 +124,7 @@ class Person:
 
 # -- reading what the caller heard ------------------------------------------------------
 
+
 def heard(recording: str | Path) -> np.ndarray:
     """The far end's side (right channel) of a ``moshimoshi call`` recording."""
     with wave.open(str(recording)) as rec:
@@ -124,12 +150,14 @@ def tone_share(pcm: np.ndarray, hz: float, rate: int = RATE, block_ms: int = 20)
     return np.where(total > 0, spectra[:, band].sum(axis=1) / np.maximum(total, 1e-9), 0.0)
 
 
-def first_heard(pcm: np.ndarray, hz: float, after_s: float = 0.0, rate: int = RATE, level: float = 300.0) -> float | None:
+def first_heard(
+    pcm: np.ndarray, hz: float, after_s: float = 0.0, rate: int = RATE, level: float = 300.0
+) -> float | None:
     """When (seconds into the recording) ``hz`` is first heard, loud and dominant, for 60 ms."""
     size = rate // 50
     share = tone_share(pcm, hz, rate)
     blocks = pcm[: len(pcm) // size * size].reshape(-1, size)
-    loud = np.sqrt((blocks ** 2).mean(axis=1)) > level
+    loud = np.sqrt((blocks**2).mean(axis=1)) > level
     hit = (share > 0.6) & loud
     start = int(after_s * 50)
     for i in range(start, len(hit) - 2):
@@ -138,13 +166,14 @@ def first_heard(pcm: np.ndarray, hz: float, after_s: float = 0.0, rate: int = RA
     return None
 
 
-def longest_silence_ms(pcm: np.ndarray, start_s: float, end_s: float | None = None, rate: int = RATE,
-                       level: float = 300.0) -> float:
+def longest_silence_ms(
+    pcm: np.ndarray, start_s: float, end_s: float | None = None, rate: int = RATE, level: float = 300.0
+) -> float:
     """The longest run of 10 ms blocks quieter than ``level`` between ``start_s`` and ``end_s``."""
-    part = pcm[int(start_s * rate): None if end_s is None else int(end_s * rate)]
+    part = pcm[int(start_s * rate) : None if end_s is None else int(end_s * rate)]
     size = rate // 100
     blocks = part[: len(part) // size * size].reshape(-1, size)
-    quiet = np.sqrt((blocks ** 2).mean(axis=1)) <= level
+    quiet = np.sqrt((blocks**2).mean(axis=1)) <= level
     longest = run = 0
     for flag in quiet:
         run = run + 1 if flag else 0

@@ -17,9 +17,14 @@ def _failure(what: str, timeout: float, detail: tp.Callable[[], str] | None) -> 
     return AssertionError(f"{what}: not within {timeout} s" + (f"\n{detail()[-4000:]}" if detail is not None else ""))
 
 
-async def eventually(check: tp.Callable[[], T | tp.Awaitable[T]], timeout: float = 10.0,
-                     what: str = "the condition", detail: tp.Callable[[], str] | None = None, *,
-                     interval: float = 0.02) -> T:
+async def eventually(
+    check: tp.Callable[[], T | tp.Awaitable[T]],
+    timeout: float = 10.0,
+    what: str = "the condition",
+    detail: tp.Callable[[], str] | None = None,
+    *,
+    interval: float = 0.02,
+) -> T:
     """Await until ``check()`` (awaited if it returns an awaitable) is truthy; return it."""
     deadline = time.monotonic() + timeout
     while True:
@@ -32,8 +37,14 @@ async def eventually(check: tp.Callable[[], T | tp.Awaitable[T]], timeout: float
         await asyncio.sleep(interval)
 
 
-def wait_until(check: tp.Callable[[], T], timeout: float = 10.0, what: str = "the condition",
-               detail: tp.Callable[[], str] | None = None, *, interval: float = 0.1) -> T:
+def wait_until(
+    check: tp.Callable[[], T],
+    timeout: float = 10.0,
+    what: str = "the condition",
+    detail: tp.Callable[[], str] | None = None,
+    *,
+    interval: float = 0.1,
+) -> T:
     """Block until ``check()`` is truthy; return it (for tests outside the event loop)."""
     deadline = time.monotonic() + timeout
     while True:

@@ -9,8 +9,14 @@ from tests.support.polling import eventually
 
 
 def worker(worker_id: str, capacity: int = 4, model: str = "test/model", **extra: tp.Any) -> WorkerInfo:
-    return WorkerInfo(worker_id=worker_id, url=f"ws://{worker_id}.test:8081", model=model,
-                      capacity=capacity, license="Apache-2.0", **extra)
+    return WorkerInfo(
+        worker_id=worker_id,
+        url=f"ws://{worker_id}.test:8081",
+        model=model,
+        capacity=capacity,
+        license="Apache-2.0",
+        **extra,
+    )
 
 
 async def lease_keys(client) -> dict[str, str]:

@@ -34,8 +34,10 @@ def free_port_pair(host: str = "127.0.0.1") -> int:
     while True:
         port = free_port(host=host)
         try:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp, \
-                    socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            with (
+                socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp,
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp,
+            ):
                 tcp.bind((host, port + 1))
                 udp.bind((host, port + 1))
         except OSError:

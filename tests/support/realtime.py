@@ -140,13 +140,19 @@ class MachineMeter:
     def measures(self) -> dict[str, float]:
         self._lag.stop()
         wall = max(1e-9, time.monotonic() - self._wall)
-        return {"steal": self._steal.share(), "throttled_s": _throttled_seconds() - self._throttled,
-                "pressure": (_pressure_seconds() - self._pressure) / wall, "lag_s": self._lag.max_lag}
+        return {
+            "steal": self._steal.share(),
+            "throttled_s": _throttled_seconds() - self._throttled,
+            "pressure": (_pressure_seconds() - self._pressure) / wall,
+            "lag_s": self._lag.max_lag,
+        }
 
     @staticmethod
     def describe(measures: dict[str, float]) -> str:
-        return (f"steal {measures['steal']:.0%}, cgroup throttled {measures['throttled_s'] * 1000:.0f} ms, "
-                f"CPU pressure {measures['pressure']:.0%}, loop lag {measures['lag_s'] * 1000:.0f} ms")
+        return (
+            f"steal {measures['steal']:.0%}, cgroup throttled {measures['throttled_s'] * 1000:.0f} ms, "
+            f"CPU pressure {measures['pressure']:.0%}, loop lag {measures['lag_s'] * 1000:.0f} ms"
+        )
 
     @staticmethod
     def causes(measures: dict[str, float]) -> list[str]:
@@ -195,8 +201,10 @@ def realtime_test(tries: int = 3) -> tp.Callable:
             if attempt + 1 < tries:
                 log.warning("%s: timing missed while %s; trying again", test.__name__, ", ".join(causes))
                 return False
-            verdict = (f"INCONCLUSIVE after {tries} tries: every try ran on a disturbed machine "
-                       f"({'; '.join(causes)}; {seen}); timing missed: {missed}")
+            verdict = (
+                f"INCONCLUSIVE after {tries} tries: every try ran on a disturbed machine "
+                f"({'; '.join(causes)}; {seen}); timing missed: {missed}"
+            )
             if in_ci():
                 pytest.fail(verdict, pytrace=False)
             pytest.skip(verdict)
@@ -209,6 +217,7 @@ def realtime_test(tries: int = 3) -> tp.Callable:
             return timing
 
         if inspect.iscoroutinefunction(test):
+
             @functools.wraps(test)
             async def run_async(*args: tp.Any, **kwargs: tp.Any) -> tp.Any:
                 for attempt in range(tries):
@@ -221,6 +230,7 @@ def realtime_test(tries: int = 3) -> tp.Callable:
                     if judge(attempt, timing, measures):
                         return result
                 return None
+
             return pytest.mark.realtime(run_async)
 
         @functools.wraps(test)
@@ -235,6 +245,7 @@ def realtime_test(tries: int = 3) -> tp.Callable:
                 if judge(attempt, timing, measures):
                     return result
             return None
+
         return pytest.mark.realtime(run)
 
     return decorate

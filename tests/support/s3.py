@@ -14,8 +14,11 @@ from pathlib import Path
 
 from tests.support.procs import free_port
 
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test-recordings-key", "AWS_SECRET_ACCESS_KEY": "test-recordings-secret",
-               "AWS_DEFAULT_REGION": "us-east-1"}
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "test-recordings-key",
+    "AWS_SECRET_ACCESS_KEY": "test-recordings-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 @dataclass
@@ -26,9 +29,13 @@ class S3Server:
     def client(self):  # noqa: ANN201 - a boto3 client
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.url, region_name=CREDENTIALS["AWS_DEFAULT_REGION"],
-                            aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                            aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            region_name=CREDENTIALS["AWS_DEFAULT_REGION"],
+            aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        )
 
 
 @contextlib.contextmanager
@@ -36,9 +43,13 @@ def s3_server(log_dir: Path) -> Iterator[S3Server]:
     """``python -m moto.server`` on a free loopback port, until the block ends."""
     port = free_port()
     log = open(log_dir / "s3.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **CREDENTIALS},
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **CREDENTIALS},
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30

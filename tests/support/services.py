@@ -20,8 +20,9 @@ OTHER_CALL_TOKEN = "test-other-call-token"
 TOKENS = f"{ADMIN_TOKEN}:admin,{READ_TOKEN}:read,{CALL_TOKEN}:call,{OTHER_CALL_TOKEN}:call"
 
 
-def http_json(url: str, token: str | None = ADMIN_TOKEN, method: str = "GET",
-              timeout: float = 5.0) -> tuple[int, dict | list | str]:
+def http_json(
+    url: str, token: str | None = ADMIN_TOKEN, method: str = "GET", timeout: float = 5.0
+) -> tuple[int, dict | list | str]:
     """A request with ``Authorization: Bearer <token>`` (a worker's /v1: the worker secret)."""
     request = urllib.request.Request(url, method=method)
     if token:
@@ -45,8 +46,13 @@ class Process:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(moshimoshi_cmd(*args), stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=python_env(**(env or {})), start_new_session=True)
+        self.proc = subprocess.Popen(
+            moshimoshi_cmd(*args),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=python_env(**(env or {})),
+            start_new_session=True,
+        )
 
     @property
     def pid(self) -> int:
@@ -83,10 +89,12 @@ class Process:
 
 def wait_until(predicate, timeout: float, what: str, proc: Process | None = None, interval: float = 0.1):
     """``polling.wait_until``, failing at once, with its log, if ``proc`` exits meanwhile."""
+
     def check():
         if proc is not None and not proc.alive():
-            raise AssertionError(f"{proc.name} exited ({proc.proc.returncode}) while waiting for {what}:\n"
-                                 f"{proc.log()[-4000:]}")
+            raise AssertionError(
+                f"{proc.name} exited ({proc.proc.returncode}) while waiting for {what}:\n{proc.log()[-4000:]}"
+            )
         return predicate()
 
     detail = (lambda: f"{proc.name} log:\n{proc.log()}") if proc is not None else None
@@ -130,27 +138,61 @@ class Gateway:
 
 
 def gateway_args(sip_port: int, http_port: int) -> list[str]:
-    return ["--sip-host", "127.0.0.1", "--sip-port", str(sip_port), "--http-host", "127.0.0.1",
-            "--http-port", str(http_port), "--rtp-port-min", "21000", "--rtp-port-max", "29000"]
+    return [
+        "--sip-host",
+        "127.0.0.1",
+        "--sip-port",
+        str(sip_port),
+        "--http-host",
+        "127.0.0.1",
+        "--http-port",
+        str(http_port),
+        "--rtp-port-min",
+        "21000",
+        "--rtp-port-max",
+        "29000",
+    ]
 
 
-def start_serve(log_dir: Path, model: str = "echo", *extra: str, env: dict[str, str] | None = None,
-                name: str = "serve", asr: bool = False) -> Gateway:
+def start_serve(
+    log_dir: Path,
+    model: str = "echo",
+    *extra: str,
+    env: dict[str, str] | None = None,
+    name: str = "serve",
+    asr: bool = False,
+) -> Gateway:
     """``moshimoshi serve`` (embedded Redis, one worker, the gateway) on free ports; with
     ``asr`` also its ASR worker (off by default here: the tests that do not look at the
     callers' transcript leave the two cores to the calls)."""
     sip_port, http_port, worker_port = free_port(), free_port(), free_port()
-    args = ["serve", "--model", model, *gateway_args(sip_port, http_port), "--host", "127.0.0.1",
-            "--port", str(worker_port), "--asr", "on" if asr else "off", *extra]
+    args = [
+        "serve",
+        "--model",
+        model,
+        *gateway_args(sip_port, http_port),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(worker_port),
+        "--asr",
+        "on" if asr else "off",
+        *extra,
+    ]
     proc = Process(name, args, log_dir, env={"MOSHIMOSHI_API_TOKENS": TOKENS, **(env or {})})
     return Gateway(proc, sip_port, http_port)
 
 
-def start_gateway(log_dir: Path, redis_url: str, *extra: str, name: str = "gateway",
-                  env: dict[str, str] | None = None) -> Gateway:
+def start_gateway(
+    log_dir: Path, redis_url: str, *extra: str, name: str = "gateway", env: dict[str, str] | None = None
+) -> Gateway:
     sip_port, http_port = free_port(), free_port()
-    proc = Process(name, ["gateway", *gateway_args(sip_port, http_port), *extra], log_dir,
-                   env={"REDIS_URL": redis_url, "MOSHIMOSHI_API_TOKENS": TOKENS, **(env or {})})
+    proc = Process(
+        name,
+        ["gateway", *gateway_args(sip_port, http_port), *extra],
+        log_dir,
+        env={"REDIS_URL": redis_url, "MOSHIMOSHI_API_TOKENS": TOKENS, **(env or {})},
+    )
     return Gateway(proc, sip_port, http_port)
 
 
@@ -175,10 +217,29 @@ class Worker:
         wait_until(ready, timeout, f"{self.proc.name} ready", self.proc)
 
 
-def start_worker(log_dir: Path, redis_url: str, worker_id: str, model: str = "echo", slots: int = 2,
-                 *extra: str) -> Worker:
+def start_worker(
+    log_dir: Path, redis_url: str, worker_id: str, model: str = "echo", slots: int = 2, *extra: str
+) -> Worker:
     port = free_port()
-    proc = Process(worker_id, ["worker", "--model", model, "--slots", str(slots), "--host", "127.0.0.1",
-                               "--port", str(port), "--worker-id", worker_id, "--heartbeat-seconds", "0.5",
-                               *extra], log_dir, env={"REDIS_URL": redis_url})
+    proc = Process(
+        worker_id,
+        [
+            "worker",
+            "--model",
+            model,
+            "--slots",
+            str(slots),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--worker-id",
+            worker_id,
+            "--heartbeat-seconds",
+            "0.5",
+            *extra,
+        ],
+        log_dir,
+        env={"REDIS_URL": redis_url},
+    )
     return Worker(proc, port, worker_id)

@@ -56,12 +56,20 @@ class RawPeer:
         return peer
 
     @classmethod
-    async def tls(cls, host: str, port: int, context: ssl.SSLContext, server_hostname: str | None = "localhost",
-                  *, via_host: str | None = None) -> RawPeer:
+    async def tls(
+        cls,
+        host: str,
+        port: int,
+        context: ssl.SSLContext,
+        server_hostname: str | None = "localhost",
+        *,
+        via_host: str | None = None,
+    ) -> RawPeer:
         """A TLS client (the event loop's own TLS, not the stack under test's)."""
         peer = cls("TLS")
-        reader, writer = await asyncio.open_connection(host, port, ssl=context, server_hostname=server_hostname,
-                                                       ssl_handshake_timeout=10)
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=context, server_hostname=server_hostname, ssl_handshake_timeout=10
+        )
         peer._writer = writer
         peer.host, peer.port = writer.get_extra_info("sockname")[:2]
         peer.ssl_object = writer.get_extra_info("ssl_object")
@@ -126,6 +134,7 @@ class RawPeer:
             if not isinstance(message, Response) or message.status < 200:
                 return False
             return call_id is None or message.headers.get("Call-ID") == call_id
+
         response = await self.expect(is_final, within, f"final response for {call_id}")
         assert isinstance(response, Response)
         return response
@@ -157,8 +166,16 @@ class _Datagrams(asyncio.DatagramProtocol):
         self.peer._deliver(data)
 
 
-def options(target: str, peer: RawPeer, *, call_id: str | None = None, transport: str | None = None,
-            via_port: int | None = None, rport: bool = True, extra: str = "") -> bytes:
+def options(
+    target: str,
+    peer: RawPeer,
+    *,
+    call_id: str | None = None,
+    transport: str | None = None,
+    via_port: int | None = None,
+    rport: bool = True,
+    extra: str = "",
+) -> bytes:
     """A well-formed OPTIONS from ``peer``."""
     call_id = call_id or f"probe-{secrets.token_hex(6)}"
     host = format_host(peer.host)
@@ -172,7 +189,8 @@ def options(target: str, peer: RawPeer, *, call_id: str | None = None, transport
         f"Call-ID: {call_id}\r\n"
         f"CSeq: 1 OPTIONS\r\n"
         f"{extra}"
-        f"Content-Length: 0\r\n\r\n").encode()
+        f"Content-Length: 0\r\n\r\n"
+    ).encode()
 
 
 def _unvalidated(data: bytes) -> Response | None:
@@ -218,10 +236,12 @@ class InviteCaller:
         uri = f"sip:{DIALLED_NUMBER}@{format_host(self.target[0])}:{self.target[1]}"
         typed = "Content-Type: application/sdp\r\n" if body else ""
         to = f"<{uri}>" + (f";tag={to_tag}" if to_tag else "")
-        return (f"{method} {uri} SIP/2.0\r\nVia: SIP/2.0/UDP {peer.host}:{peer.port};branch={via};rport\r\n"
-                f"Max-Forwards: 70\r\nFrom: <sip:{CALLER_NUMBER}@{peer.host}>;tag=t{call_id[:8]}\r\nTo: {to}\r\n"
-                f"Call-ID: {call_id}\r\nCSeq: 1 {method}\r\nContact: <sip:caller@{peer.host}:{peer.port}>\r\n"
-                f"{typed}Content-Length: {len(body.encode())}\r\n\r\n{body}").encode()
+        return (
+            f"{method} {uri} SIP/2.0\r\nVia: SIP/2.0/UDP {peer.host}:{peer.port};branch={via};rport\r\n"
+            f"Max-Forwards: 70\r\nFrom: <sip:{CALLER_NUMBER}@{peer.host}>;tag=t{call_id[:8]}\r\nTo: {to}\r\n"
+            f"Call-ID: {call_id}\r\nCSeq: 1 {method}\r\nContact: <sip:caller@{peer.host}:{peer.port}>\r\n"
+            f"{typed}Content-Length: {len(body.encode())}\r\n\r\n{body}"
+        ).encode()
 
     async def _route(self) -> None:
         while True:

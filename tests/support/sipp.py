@@ -46,14 +46,34 @@ class Sipp:
         self.transport = transport
         self.errors = tmp_path / f"sipp-{self.port}-errors.log"
         self.screen = tmp_path / f"sipp-{self.port}-screen.log"
-        self.args = ["sipp", *args, "-i", "127.0.0.1", "-p", str(self.port), "-t", transport, "-m", "1",
-                     "-timeout", f"{timeout_s}s", "-timeout_error", "-nostdin", "-trace_err",
-                     "-error_file", str(self.errors), "-trace_screen", "-screen_file", str(self.screen)]
+        self.args = [
+            "sipp",
+            *args,
+            "-i",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-t",
+            transport,
+            "-m",
+            "1",
+            "-timeout",
+            f"{timeout_s}s",
+            "-timeout_error",
+            "-nostdin",
+            "-trace_err",
+            "-error_file",
+            str(self.errors),
+            "-trace_screen",
+            "-screen_file",
+            str(self.screen),
+        ]
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> Sipp:
         self.proc = await asyncio.create_subprocess_exec(
-            *self.args, cwd=self.dir, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+            *self.args, cwd=self.dir, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        )
         return self
 
     async def listening(self, within: float = 10.0) -> None:
@@ -82,8 +102,9 @@ class Sipp:
             await self.proc.wait()
             raise AssertionError(f"sipp still running after {within} s: {self.report()}") from None
         if self.proc.returncode != 0:
-            raise AssertionError(f"sipp exited {self.proc.returncode}: {stderr.decode(errors='replace')}"
-                                 f"{self.report()}")
+            raise AssertionError(
+                f"sipp exited {self.proc.returncode}: {stderr.decode(errors='replace')}{self.report()}"
+            )
 
     def report(self) -> str:
         parts = []

@@ -87,7 +87,7 @@ def _udp(packet: bytes, at: float = 0.0) -> Datagram | None:
         udp = packet[header:total]
     elif version == 6 and len(packet) >= 48 and packet[6] == 17:
         src, dst = socket.inet_ntop(socket.AF_INET6, packet[8:24]), socket.inet_ntop(socket.AF_INET6, packet[24:40])
-        udp = packet[40:40 + struct.unpack_from("!H", packet, 4)[0]]
+        udp = packet[40 : 40 + struct.unpack_from("!H", packet, 4)[0]]
     else:
         return None
     if len(udp) < 8:

@@ -10,7 +10,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SENTENCES = ("おでんわ ありがとう ございます。", "きょうは いい てんき ですね。", "あしたの ごぜんちゅうに とどきます。")
+SENTENCES = (
+    "おでんわ ありがとう ございます。",
+    "きょうは いい てんき ですね。",
+    "あしたの ごぜんちゅうに とどきます。",
+)
 LOUD = 0.01  # |x| above this is speech when finding where espeak's sentence starts and ends
 
 
@@ -36,8 +40,9 @@ class Speech:
     spans: list[tuple[float, float]]
 
 
-def sentences_with_silences(rate: int, sentences: tuple[str, ...] = SENTENCES, *, lead: float = 0.5,
-                            gap: float = 1.0, tail: float = 1.0) -> Speech:
+def sentences_with_silences(
+    rate: int, sentences: tuple[str, ...] = SENTENCES, *, lead: float = 0.5, gap: float = 1.0, tail: float = 1.0
+) -> Speech:
     """The sentences separated by ``gap`` seconds of silence (espeak's own trailing quiet is
     cut, so the gaps are exactly ``gap``)."""
     parts = [np.zeros(round(lead * rate), dtype=np.float32)]
@@ -46,7 +51,7 @@ def sentences_with_silences(rate: int, sentences: tuple[str, ...] = SENTENCES, *
     for i, text in enumerate(sentences):
         voice = espeak(text, rate)
         loud = np.flatnonzero(np.abs(voice) > LOUD)
-        voice = voice[loud[0]:loud[-1] + 1]
+        voice = voice[loud[0] : loud[-1] + 1]
         spans.append((position / rate, (position + len(voice)) / rate))
         parts.append(voice)
         position += len(voice)
@@ -60,4 +65,4 @@ def chunks(audio: np.ndarray, rate: int, ms: int) -> list[tuple[float, np.ndarra
     """(time of first sample, samples) for consecutive ``ms`` chunks (the last one whole)."""
     size = rate * ms // 1000
     padded = np.concatenate([audio, np.zeros(-len(audio) % size, dtype=np.float32)])
-    return [(i / rate, padded[i:i + size]) for i in range(0, len(padded), size)]
+    return [(i / rate, padded[i : i + size]) for i in range(0, len(padded), size)]

@@ -96,19 +96,39 @@ class RunningSystem:
         """Everything the process (gateway, worker, redis) wrote so far."""
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
-    def call(self, *, seconds: float = 5.0, play: str | Path | None = None, record: str | Path | None = None,
-             extra: tp.Sequence[str] = ()) -> TestCallProcess:
+    def call(
+        self,
+        *,
+        seconds: float = 5.0,
+        play: str | Path | None = None,
+        record: str | Path | None = None,
+        extra: tp.Sequence[str] = (),
+    ) -> TestCallProcess:
         """Place a call with ``moshimoshi call`` in the background."""
         index = len(self.calls)
-        args = [self.sip_uri, "--seconds", str(seconds), "--local-host", "127.0.0.1",
-                "--api", self.api, "--api-token", self.tokens.get("read", "")]
+        args = [
+            self.sip_uri,
+            "--seconds",
+            str(seconds),
+            "--local-host",
+            "127.0.0.1",
+            "--api",
+            self.api,
+            "--api-token",
+            self.tokens.get("read", ""),
+        ]
         if play is not None:
             args += ["--play", str(play)]
         args += ["--record", str(record if record is not None else self.workdir / f"call{index}.wav")]
         log_path = self.workdir / f"call{index}.log"
         with log_path.open("w") as stderr:
-            proc = subprocess.Popen(moshimoshi_cmd("call", *args, *extra), env=python_env(),
-                                    stdout=subprocess.PIPE, stderr=stderr, text=True)
+            proc = subprocess.Popen(
+                moshimoshi_cmd("call", *args, *extra),
+                env=python_env(),
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+            )
         call = TestCallProcess(proc, log_path)
         self.calls.append(call)
         return call
@@ -118,8 +138,9 @@ class RunningSystem:
         with httpx.Client(timeout=2.0) as client:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
-                    raise SystemFailed(f"serve exited with {self.proc.returncode} before it was ready:\n"
-                                       f"{self.output()[-4000:]}")
+                    raise SystemFailed(
+                        f"serve exited with {self.proc.returncode} before it was ready:\n{self.output()[-4000:]}"
+                    )
                 with contextlib.suppress(httpx.HTTPError):
                     if client.get(self.api + "/readyz").status_code == 200:
                         return
@@ -139,17 +160,25 @@ class RunningSystem:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-                raise SystemFailed(f"serve did not stop within {within}s after signal {sig}:\n"
-                                   f"{self.output()[-4000:]}") from None
+                raise SystemFailed(
+                    f"serve did not stop within {within}s after signal {sig}:\n{self.output()[-4000:]}"
+                ) from None
         # the worker child and redis-server go down with serve; make sure nothing is left
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         return self.proc.returncode
 
 
-def start_system(workdir: Path, *, model: str = "echo", tokens: dict[str, str] | None = None,
-                 env: dict[str, str] | None = None, args: tp.Sequence[str] = (), slots: int = 2,
-                 ready_within: float = 180.0) -> RunningSystem:
+def start_system(
+    workdir: Path,
+    *,
+    model: str = "echo",
+    tokens: dict[str, str] | None = None,
+    env: dict[str, str] | None = None,
+    args: tp.Sequence[str] = (),
+    slots: int = 2,
+    ready_within: float = 180.0,
+) -> RunningSystem:
     """Start ``moshimoshi serve`` on free loopback ports and wait until /readyz says ready."""
     workdir.mkdir(parents=True, exist_ok=True)
     tokens = dict(DEFAULT_TOKENS if tokens is None else tokens)
@@ -159,15 +188,38 @@ def start_system(workdir: Path, *, model: str = "echo", tokens: dict[str, str] |
     extra_env = {"MOSHIMOSHI_API_TOKENS": ",".join(f"{t}:{scope}" for scope, t in tokens.items())}
     extra_env.update(env or {})
     command = moshimoshi_cmd(
-        "serve", "--model", model, "--sip-host", "127.0.0.1", "--sip-port", str(sip_port),
-        "--http-host", "127.0.0.1", "--http-port", str(http_port), "--host", "127.0.0.1",
-        "--port", str(worker_port), "--slots", str(slots),
+        "serve",
+        "--model",
+        model,
+        "--sip-host",
+        "127.0.0.1",
+        "--sip-port",
+        str(sip_port),
+        "--http-host",
+        "127.0.0.1",
+        "--http-port",
+        str(http_port),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(worker_port),
+        "--slots",
+        str(slots),
         # the callers' transcript is tested in test_asr_*.py: here its worker would only take CPU
-        *(() if "--asr" in args else ("--asr", "off")), *args)
+        *(() if "--asr" in args else ("--asr", "off")),
+        *args,
+    )
     log_path = workdir / "serve.log"
     with log_path.open("w") as out:
-        proc = subprocess.Popen(command, env=python_env(**extra_env), stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, cwd=workdir, start_new_session=True)
+        proc = subprocess.Popen(
+            command,
+            env=python_env(**extra_env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=workdir,
+            start_new_session=True,
+        )
     system = RunningSystem(proc, sip_port, http_port, worker_port, log_path, workdir, tokens)
     try:
         system.wait_ready(ready_within)

@@ -82,12 +82,18 @@ class Relay:
         self._tasks: list[asyncio.Task] = []
 
     @classmethod
-    async def open(cls, delay: float = 0.0, drop: Callable[[bytes, str], bool] = lambda data, direction: False,
-                   b_target: tuple[str, int] | None = None) -> Relay:
+    async def open(
+        cls,
+        delay: float = 0.0,
+        drop: Callable[[bytes, str], bool] = lambda data, direction: False,
+        b_target: tuple[str, int] | None = None,
+    ) -> Relay:
         relay = cls(await UdpPeer.open(), await UdpPeer.open(), delay, drop)
         relay.b_peer = b_target
-        relay._tasks = [asyncio.create_task(relay._pump(relay.a, "a->b")),
-                        asyncio.create_task(relay._pump(relay.b, "b->a"))]
+        relay._tasks = [
+            asyncio.create_task(relay._pump(relay.a, "a->b")),
+            asyncio.create_task(relay._pump(relay.b, "b->a")),
+        ]
         return relay
 
     @property

@@ -35,7 +35,7 @@ def speech_like(seconds: float, seed: int = 5) -> np.ndarray:
         phase = 2 * np.pi * np.cumsum(pitch) / rate
         syllable = sum(rng.uniform(0.1, 1) * np.sin(k * phase + rng.uniform(0, 6)) / k for k in range(1, 10))
         syllable *= np.sqrt(np.clip(np.sin(np.pi * t / t[-1]), 0, 1))  # no clicks at the edges
-        out[at:at + length] = syllable[:len(out) - at]
+        out[at : at + length] = syllable[: len(out) - at]
         at += length + int(rng.uniform(0.03, 0.12) * rate)
     return (out / np.max(np.abs(out)) * 14000).astype(np.int16)
 
@@ -70,7 +70,7 @@ class PcmTrack(MediaStreamTrack):
         due = self.started_at + self.sent / RATE
         await asyncio.sleep(max(0.0, due - time.monotonic()))
         start = self.sent % len(self.pcm) if self.loop else self.sent
-        chunk = self.pcm[start:start + PACKET]
+        chunk = self.pcm[start : start + PACKET]
         if len(chunk) < PACKET:
             chunk = np.concatenate((chunk, np.zeros(PACKET - len(chunk), dtype=np.int16)))
         frame = AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
@@ -84,8 +84,9 @@ class PcmTrack(MediaStreamTrack):
 class WebRtcClient:
     """One call to the gateway's /v1/webrtc/offer; ``received`` is the decoded audio (48 kHz mono)."""
 
-    def __init__(self, base_url: str, *, token: str | None = None, pcm: np.ndarray | None = None,
-                 data_channel: bool = True) -> None:
+    def __init__(
+        self, base_url: str, *, token: str | None = None, pcm: np.ndarray | None = None, data_channel: bool = True
+    ) -> None:
         self.base_url = base_url
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.track = PcmTrack(pcm)
@@ -108,8 +109,11 @@ class WebRtcClient:
         with contextlib.suppress(MediaStreamError):
             while True:
                 frame = await track.recv()
-                pcm = frame.to_ndarray().reshape(-1, len(frame.layout.channels))[:, 0] \
-                    if frame.format.is_packed else frame.to_ndarray()[0]
+                pcm = (
+                    frame.to_ndarray().reshape(-1, len(frame.layout.channels))[:, 0]
+                    if frame.format.is_packed
+                    else frame.to_ndarray()[0]
+                )
                 self.received.append(pcm.astype(np.int16))
 
     async def offer_sdp(self) -> str:
@@ -118,8 +122,12 @@ class WebRtcClient:
 
     async def post_offer(self, sdp: str) -> httpx.Response:
         async with httpx.AsyncClient() as http:
-            return await http.post(self.base_url + "/v1/webrtc/offer", content=sdp.encode(),
-                                   headers={**self.headers, "Content-Type": "application/sdp"}, timeout=30)
+            return await http.post(
+                self.base_url + "/v1/webrtc/offer",
+                content=sdp.encode(),
+                headers={**self.headers, "Content-Type": "application/sdp"},
+                timeout=30,
+            )
 
     async def call(self) -> httpx.Response:
         """Offer, and on 201 apply the answer (the connection then comes up by itself)."""

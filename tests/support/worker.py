@@ -74,9 +74,13 @@ class RunningWorker:
 
 
 @contextlib.asynccontextmanager
-async def running_worker(settings: WorkerSettings, engine_factory: tp.Callable[[], tp.Any] | None = None,
-                         *, validator: tp.Any = None, wait_ready: bool = True
-                         ) -> tp.AsyncIterator[RunningWorker]:
+async def running_worker(
+    settings: WorkerSettings,
+    engine_factory: tp.Callable[[], tp.Any] | None = None,
+    *,
+    validator: tp.Any = None,
+    wait_ready: bool = True,
+) -> tp.AsyncIterator[RunningWorker]:
     """Serve a worker in this event loop; stop it (and its inference thread) at exit."""
     import uvicorn
 
@@ -93,8 +97,9 @@ async def running_worker(settings: WorkerSettings, engine_factory: tp.Callable[[
 
         membership = PoolMembership(settings, runtime, port)
         runtime.validator = membership.validate
-    server = UvicornServer(uvicorn.Config(create_app(runtime), log_level="warning", lifespan="off",
-                                    timeout_graceful_shutdown=2))
+    server = UvicornServer(
+        uvicorn.Config(create_app(runtime), log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
+    )
     await runtime.start()
     if membership is not None:
         membership.start()
@@ -154,8 +159,13 @@ def pcm_frames(seed: int, count: int, amplitude: float = 0.1) -> list[bytes]:
     return [(frame * 32767).astype("<i2").tobytes() for frame in samples]
 
 
-def lay_out_hf_cache(cache: Path, repo_id: str, files: tp.Iterable[Path],
-                     revision: str = "main", commit: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
+def lay_out_hf_cache(
+    cache: Path,
+    repo_id: str,
+    files: tp.Iterable[Path],
+    revision: str = "main",
+    commit: str = "0123456789abcdef0123456789abcdef01234567",
+) -> Path:
     """Put ``files`` in a Hugging Face hub cache as a snapshot of ``repo_id`` at ``revision``."""
     repo_dir = cache / ("models--" + repo_id.replace("/", "--"))
     snapshot = repo_dir / "snapshots" / commit

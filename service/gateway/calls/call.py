@@ -61,13 +61,33 @@ def new_call_id() -> str:
 class Call:
     """One call. ``record`` is kept current as the call goes (state, worker, times, end)."""
 
-    def __init__(self, ingress: str, *, from_uri: str = "", to_uri: str = "", sip_call_id: str = "",
-                 source: str = "", codec: str = "", sip_transport: str = "", media_encryption: str = "",
-                 identity: CallerIdentity | None = None, gateway_id: str = "") -> None:
-        self.record = CallRecord(call_id=new_call_id(), ingress=ingress, gateway_id=gateway_id,
-                                 sip_call_id=sip_call_id, from_uri=from_uri, to_uri=to_uri, source=source,
-                                 codec=codec, sip_transport=sip_transport, media_encryption=media_encryption,
-                                 identity=identity.to_dict() if identity is not None else None)
+    def __init__(
+        self,
+        ingress: str,
+        *,
+        from_uri: str = "",
+        to_uri: str = "",
+        sip_call_id: str = "",
+        source: str = "",
+        codec: str = "",
+        sip_transport: str = "",
+        media_encryption: str = "",
+        identity: CallerIdentity | None = None,
+        gateway_id: str = "",
+    ) -> None:
+        self.record = CallRecord(
+            call_id=new_call_id(),
+            ingress=ingress,
+            gateway_id=gateway_id,
+            sip_call_id=sip_call_id,
+            from_uri=from_uri,
+            to_uri=to_uri,
+            source=source,
+            codec=codec,
+            sip_transport=sip_transport,
+            media_encryption=media_encryption,
+            identity=identity.to_dict() if identity is not None else None,
+        )
         self.identity = identity  # SIP: the identity headers and the dialled number, as received
         self.trunk = Trunk()  # SIP: the signalling source and digest user, which routes may match
         self.route: Route | None = None  # chosen by the lifecycle; kept for the call's whole life
@@ -257,8 +277,9 @@ class Call:
         if self.phase is not None and self.phase.kind == "ai":
             self.phase.worker = session.worker_id
 
-    async def connect(self, router: Router, *, wait: float,
-                      on_queued: tp.Callable[[], tp.Awaitable[None]] | None = None) -> None:
+    async def connect(
+        self, router: Router, *, wait: float, on_queued: tp.Callable[[], tp.Awaitable[None]] | None = None
+    ) -> None:
         """Get a worker session (waiting up to ``wait`` for a slot). Raises NoCapacity or
         RoutingUnavailable."""
 
@@ -321,8 +342,12 @@ class Call:
             silent = time.monotonic() - self.last_frame_at
             if silent >= WORKER_LOST_SECONDS:
                 metrics.FAILOVERS.labels("no-slot").inc()
-                log.warning("call %s: worker %s sent nothing for %.1fs and no slot is free elsewhere; ending the call",
-                            self.id, session.worker_id, silent)
+                log.warning(
+                    "call %s: worker %s sent nothing for %.1fs and no slot is free elsewhere; ending the call",
+                    self.id,
+                    session.worker_id,
+                    silent,
+                )
                 self.end("worker-lost")
                 return
             # keep the session: it may recover (a frame clears the stall); try again soon
@@ -345,12 +370,17 @@ class Call:
         stalled = not lost.link.closed.done()
         generation = next(self._generations)  # the new session's, current once it is adopted
         try:
-            session = await router.open(self.id, self._callbacks(generation), wait=0.0, exclude={lost.worker_id},
-                                        needs=self.needs)
+            session = await router.open(
+                self.id, self._callbacks(generation), wait=0.0, exclude={lost.worker_id}, needs=self.needs
+            )
         except (NoCapacity, RoutingUnavailable) as exc:
             if not quiet:
-                log.warning("call %s: no slot to move to (%s)%s", self.id, exc,
-                            "; keeping the stalled worker for now" if stalled else "")
+                log.warning(
+                    "call %s: no slot to move to (%s)%s",
+                    self.id,
+                    exc,
+                    "; keeping the stalled worker for now" if stalled else "",
+                )
             if not stalled:
                 self.session = None
                 self._close_in_background(lost)
@@ -363,8 +393,13 @@ class Call:
         metrics.FAILOVERS.labels("moved").inc()
         self._adopt(session)
         self._close_in_background(lost)
-        log.info("call %s: moved to worker %s slot %s in %.0f ms", self.id, session.worker_id, session.slot,
-                 (time.monotonic() - started) * 1000)
+        log.info(
+            "call %s: moved to worker %s slot %s in %.0f ms",
+            self.id,
+            session.worker_id,
+            session.slot,
+            (time.monotonic() - started) * 1000,
+        )
         return True
 
     def _close_in_background(self, session: WorkerSession) -> None:

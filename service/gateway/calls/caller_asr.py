@@ -41,7 +41,8 @@ class CallerAsr:
             if transcriber is not None:  # the edge's rate changed (a new codec): a new stream
                 self._retired.append(transcriber)
             transcriber = self.transcriber = CallerTranscriber(
-                self.call.id, self.finder, self._on_event, rate=audio.rate, clock=lambda: self.call.call_seconds)
+                self.call.id, self.finder, self._on_event, rate=audio.rate, clock=lambda: self.call.call_seconds
+            )
         # the chunk just played out: it ends now on the call clock
         transcriber.feed(audio.pcm, max(0.0, self.call.call_seconds - len(audio.pcm) / audio.rate))
 

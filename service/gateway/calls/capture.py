@@ -55,8 +55,13 @@ class CaptureError(Exception):
 class CallCapture:
     """The caller's transcript, recording, consent and DTMF policy of every call (see above)."""
 
-    def __init__(self, *, policy: tp.Callable[[Call], CallPolicy], asr: WorkerPicker | None = None,
-                 writer: RecordingWriter | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        policy: tp.Callable[[Call], CallPolicy],
+        asr: WorkerPicker | None = None,
+        writer: RecordingWriter | None = None,
+    ) -> None:
         self.policy = policy
         self.asr = asr
         self.writer = writer
@@ -70,8 +75,9 @@ class CallCapture:
             seconds = len(frames) * FRAME_SECONDS
 
             def played() -> None:
-                call.add_transcript(TranscriptEvent(t=max(0.0, call.call_seconds - seconds), kind=NOTE,
-                                                    text=CONSENT_PLAYED))
+                call.add_transcript(
+                    TranscriptEvent(t=max(0.0, call.call_seconds - seconds), kind=NOTE, text=CONSENT_PLAYED)
+                )
 
             call.pipeline.on_announced = played
 
@@ -81,8 +87,11 @@ class CallCapture:
             call.caller_asr = CallerAsr(call, self.asr)
         if policy.records:
             if self.writer is None:
-                call.record.recording = {"format": policy.recording, "state": "failed",
-                                         "error": "no recording storage on this gateway"}
+                call.record.recording = {
+                    "format": policy.recording,
+                    "state": "failed",
+                    "error": "no recording storage on this gateway",
+                }
             else:
                 call.recording = CallRecording(call, self.writer, policy.recording)
 

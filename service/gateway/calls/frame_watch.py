@@ -30,8 +30,13 @@ class FrameWatch:
     """Frames sent to a worker session and frames back: whether it owes one for too long.
     Times are ``time.monotonic()`` seconds, passed in (so that it can be tested in virtual time)."""
 
-    def __init__(self, threshold: float = DEFAULT_STALL_SECONDS, *, cap: float | None = None,
-                 first_frame: float = FIRST_FRAME_SECONDS) -> None:
+    def __init__(
+        self,
+        threshold: float = DEFAULT_STALL_SECONDS,
+        *,
+        cap: float | None = None,
+        first_frame: float = FIRST_FRAME_SECONDS,
+    ) -> None:
         self.base = threshold
         self.cap = cap if cap is not None else 3 * threshold
         self.first_frame = first_frame

@@ -170,11 +170,23 @@ class Leg(tp.Protocol):
 class CallLifecycle:
     """Runs every call of this gateway (see the module docstring)."""
 
-    def __init__(self, *, router: Router, table: CallTable, recorder: CallRecorder, transcripts: TranscriptFeed,
-                 queue_seconds: float, rtp_timeout_seconds: float, admission: tp.Callable[[], str | None],
-                 refusals: RefusalLog | None = None, transfer_ring_seconds: float = 30.0,
-                 dialer: Dialer | None = None, stall_seconds: float = DEFAULT_STALL_SECONDS,
-                 routes: RouteTable | None = None, capture: CallCapture | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        router: Router,
+        table: CallTable,
+        recorder: CallRecorder,
+        transcripts: TranscriptFeed,
+        queue_seconds: float,
+        rtp_timeout_seconds: float,
+        admission: tp.Callable[[], str | None],
+        refusals: RefusalLog | None = None,
+        transfer_ring_seconds: float = 30.0,
+        dialer: Dialer | None = None,
+        stall_seconds: float = DEFAULT_STALL_SECONDS,
+        routes: RouteTable | None = None,
+        capture: CallCapture | None = None,
+    ) -> None:
         self.router = router
         self.routes = routes if routes is not None else RouteTable.open(None)
         self.table = table
@@ -205,8 +217,15 @@ class CallLifecycle:
         """An ingress refused an offer before making a call of it (``refusal()`` said no):
         counted, and kept in the record of refusals like a refused call."""
         now = time.time()
-        record = CallRecord(call_id=new_call_id(), ingress=ingress, gateway_id=gateway_id, started_at=now,
-                            ended_at=now, end_reason=refusal.outcome, end_detail=refusal.detail)
+        record = CallRecord(
+            call_id=new_call_id(),
+            ingress=ingress,
+            gateway_id=gateway_id,
+            started_at=now,
+            ended_at=now,
+            end_reason=refusal.outcome,
+            end_detail=refusal.detail,
+        )
         metrics.CALLS_TOTAL.labels(ingress, refusal.outcome).inc()
         self.refusals.add(RefusedCall.of(record, refusal.status))
 
@@ -304,8 +323,9 @@ class CallLifecycle:
         the route's announcement meanwhile). False when no slot came (NoCapacity), or the
         call ended first (it left the queue at once and holds no slot: ``call.ended`` set)."""
         prompt = self.routes.prompt(call.route.announcement) if call.route is not None else None
-        claim = asyncio.create_task(call.connect(self.router, wait=wait, on_queued=lambda: leg.queued(call, prompt)),
-                                    name=f"claim-{call.id}")
+        claim = asyncio.create_task(
+            call.connect(self.router, wait=wait, on_queued=lambda: leg.queued(call, prompt)), name=f"claim-{call.id}"
+        )
         left = asyncio.ensure_future(leg.left())
         ended = asyncio.ensure_future(call.ended.wait())
         try:
@@ -362,8 +382,11 @@ class CallLifecycle:
             return
         self.answered(call)
         prompt = self.routes.prompt(route.announcement)
-        player = PromptPlayer(prompt, call.pipeline.play, keep_going=lambda: not call.pipeline.model_frames) \
-            if prompt is not None else None
+        player = (
+            PromptPlayer(prompt, call.pipeline.play, keep_going=lambda: not call.pipeline.model_frames)
+            if prompt is not None
+            else None
+        )
         if player is not None:
             player.start()
         watch = asyncio.create_task(leg.watch(call), name=f"watch-{call.id}")
@@ -448,9 +471,11 @@ class CallLifecycle:
         self.recorder.update(call, "codec", "media_encryption")
 
     async def _converse(self, call: Call, leg: Leg) -> None:
-        tasks = [asyncio.create_task(call.supervise(self.router), name=f"supervise-{call.id}"),
-                 asyncio.create_task(leg.watch(call), name=f"watch-{call.id}"),
-                 asyncio.create_task(self._watch_rtp(call), name=f"rtp-watch-{call.id}")]
+        tasks = [
+            asyncio.create_task(call.supervise(self.router), name=f"supervise-{call.id}"),
+            asyncio.create_task(leg.watch(call), name=f"watch-{call.id}"),
+            asyncio.create_task(self._watch_rtp(call), name=f"rtp-watch-{call.id}"),
+        ]
         limit = call.route.max_call_seconds if call.route is not None else None
         if limit is not None:
             tasks.append(asyncio.create_task(self._limit_length(call, limit), name=f"max-length-{call.id}"))
@@ -518,8 +543,11 @@ class CallLifecycle:
 
     def _on_dtmf(self, call: Call, digit: Digit) -> None:
         metrics.DTMF_DIGITS.inc()
-        call.add_transcript(TranscriptEvent(t=call.call_seconds, kind=DTMF, text=self.capture.dtmf_text(call, digit),
-                                            duration_ms=digit.duration_ms))
+        call.add_transcript(
+            TranscriptEvent(
+                t=call.call_seconds, kind=DTMF, text=self.capture.dtmf_text(call, digit), duration_ms=digit.duration_ms
+            )
+        )
         route = call.route
         action = route.dtmf.get(digit.digit.upper()) if route is not None else None
         if action is None or route is None or not call.answered or call.ended.is_set():
@@ -554,8 +582,9 @@ class CallLifecycle:
 
     # -- transfer to a human (calls/transfer.py) -----------------------------------------
 
-    def start_transfer(self, call: Call, target: str, *, mode: str = "auto", by: str = "api",
-                       ring_seconds: float | None = None) -> asyncio.Task[TransferResult]:
+    def start_transfer(
+        self, call: Call, target: str, *, mode: str = "auto", by: str = "api", ring_seconds: float | None = None
+    ) -> asyncio.Task[TransferResult]:
         """Start handing ``call`` to a person at ``target`` (``sip:``, ``sips:`` or ``tel:``);
         ``mode`` auto, refer or bridge; ``by`` who asked (api, dtmf, overflow: recorded);
         ``ring_seconds`` how long the person may take to answer (default: the gateway's
@@ -578,14 +607,17 @@ class CallLifecycle:
         if leg is None:
             raise TransferError(409, f"call {call.id} has no leg to transfer")
         self.transfers.plan(leg, mode)  # a mode this call cannot use is refused now (409)
-        task = asyncio.create_task(self.transfers.run(call, leg, target, mode=mode, by=by, ring_seconds=ring_seconds),
-                                   name=f"transfer-{call.id}")
+        task = asyncio.create_task(
+            self.transfers.run(call, leg, target, mode=mode, by=by, ring_seconds=ring_seconds),
+            name=f"transfer-{call.id}",
+        )
         self._transferring[call.id] = task
         task.add_done_callback(lambda done: self._transfer_done(call.id, done))
         return task
 
-    async def transfer(self, call: Call, target: str, *, mode: str = "auto", by: str = "api",
-                       ring_seconds: float | None = None) -> TransferResult:
+    async def transfer(
+        self, call: Call, target: str, *, mode: str = "auto", by: str = "api", ring_seconds: float | None = None
+    ) -> TransferResult:
         """:meth:`start_transfer`, awaited: the transfer's result. Cancelling the caller of
         this does not stop the transfer (the call owns it)."""
         task = self.start_transfer(call, target, mode=mode, by=by, ring_seconds=ring_seconds)

@@ -36,9 +36,14 @@ class CallPolicy:
 
     @classmethod
     def from_settings(cls, settings: tp.Any, consent_frames: tp.Sequence[bytes] = ()) -> CallPolicy:
-        return cls(transcription=settings.transcription, recording=settings.recording,
-                   recording_transfer=settings.recording_transfer, dtmf_clear=settings.dtmf_clear,
-                   consent_announcement=settings.consent_announcement or None, consent_frames=tuple(consent_frames))
+        return cls(
+            transcription=settings.transcription,
+            recording=settings.recording,
+            recording_transfer=settings.recording_transfer,
+            dtmf_clear=settings.dtmf_clear,
+            consent_announcement=settings.consent_announcement or None,
+            consent_frames=tuple(consent_frames),
+        )
 
     def for_route(self, route: Route | None, consent: Prompt | None = None) -> CallPolicy:
         """This (the gateway's) policy with what ``route`` says in its place; ``consent``:
@@ -51,9 +56,12 @@ class CallPolicy:
             transcription=self.transcription if route.transcription is None else route.transcription,
             dtmf_clear=self.dtmf_clear if route.dtmf_clear is None else route.dtmf_clear,
             recording=self.recording if recording is None else recording.format,
-            recording_transfer=(self.recording_transfer if recording is None or recording.human_part is None
-                                else recording.human_part))
+            recording_transfer=(
+                self.recording_transfer if recording is None or recording.human_part is None else recording.human_part
+            ),
+        )
         if route.consent_announcement is not None and consent is not None:
-            policy = dataclasses.replace(policy, consent_announcement=route.consent_announcement.name,
-                                         consent_frames=consent.frames)
+            policy = dataclasses.replace(
+                policy, consent_announcement=route.consent_announcement.name, consent_frames=consent.frames
+            )
         return policy

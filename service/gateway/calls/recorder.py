@@ -52,8 +52,19 @@ class CallRecorder:
     def answered(self, call: Call) -> None:
         """An answered call's state, worker, slot, model, codec, encryption, sampling and
         recording."""
-        self.update(call, "state", "answered_at", "worker_id", "slot", "model", "license", "codec",
-                    "media_encryption", "sampling", "recording")
+        self.update(
+            call,
+            "state",
+            "answered_at",
+            "worker_id",
+            "slot",
+            "model",
+            "license",
+            "codec",
+            "media_encryption",
+            "sampling",
+            "recording",
+        )
 
     def quality(self, call: Call, quality: CallQuality) -> None:
         """Merge a live call's quality into its record."""
@@ -65,15 +76,22 @@ class CallRecorder:
         if records is None:
             return
         record = call.record
-        reason, ended_at, detail, quality = record.end_reason or "unknown", record.ended_at, record.end_detail, \
-            record.quality
+        reason, ended_at, detail, quality = (
+            record.end_reason or "unknown",
+            record.ended_at,
+            record.end_detail,
+            record.quality,
+        )
         phases = {"phases": list(record.phases)} if record.phases else {}
 
         async def end() -> bool:
             return await records.end(call.id, reason, ended_at=ended_at, quality=quality, detail=detail, **phases)
 
-        write = end() if self.retries is None else self.retries.run(
-            "record-end", end, give_up_after=RECORD_END_RETRY_SECONDS)
+        write = (
+            end()
+            if self.retries is None
+            else self.retries.run("record-end", end, give_up_after=RECORD_END_RETRY_SECONDS)
+        )
         self._write(call.id, "record-end", write)
 
     def _write(self, call_id: str, what: str, write: tp.Coroutine[tp.Any, tp.Any, tp.Any]) -> None:

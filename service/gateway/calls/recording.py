@@ -145,8 +145,10 @@ class CallRecording:
     def _update(self, state: str) -> None:
         recording = dict(self.call.record.recording or {})
         recording["state"] = state
-        recording["pauses"] = [{"start": round(tp.cast(float, start), 3),
-                                "end": None if end is None else round(end, 3)} for start, end in self.pauses]
+        recording["pauses"] = [
+            {"start": round(tp.cast(float, start), 3), "end": None if end is None else round(end, 3)}
+            for start, end in self.pauses
+        ]
         self.call.record.recording = recording
 
     # -- the end -----------------------------------------------------------------------
@@ -168,9 +170,13 @@ class CallRecording:
         if result.location is None:
             recording.update(state="failed", error=result.error or "not stored")
         else:
-            recording.update(state="stored", location=result.location, bytes=result.bytes,
-                             duration_s=result.duration_s,
-                             dropped_s=round(result.dropped_seconds + self.handle.dropped_seconds, 3))
+            recording.update(
+                state="stored",
+                location=result.location,
+                bytes=result.bytes,
+                duration_s=result.duration_s,
+                dropped_s=round(result.dropped_seconds + self.handle.dropped_seconds, 3),
+            )
         self.call.record.recording = recording
 
     def abort(self) -> None:

@@ -58,12 +58,20 @@ class RefusedCall:
         """From a call's record (its end reason set) and the status its caller got."""
         number = "" if identity is None or identity.withheld else identity.caller.number
         source = record.source.rpartition(":")[0].strip("[]") if record.ingress == "sip" else ""
-        return cls(call_id=record.call_id, ended_at=record.ended_at or time.time(), started_at=record.started_at,
-                   reason=record.end_reason or "unknown", status=status,
-                   detail=(record.end_detail or "")[:DETAIL_CHARS], ingress=record.ingress,
-                   sip_transport=record.sip_transport, caller=mask_number(number),
-                   dialled=identity.dialled if identity is not None else "", source=source,
-                   gateway_id=record.gateway_id)
+        return cls(
+            call_id=record.call_id,
+            ended_at=record.ended_at or time.time(),
+            started_at=record.started_at,
+            reason=record.end_reason or "unknown",
+            status=status,
+            detail=(record.end_detail or "")[:DETAIL_CHARS],
+            ingress=record.ingress,
+            sip_transport=record.sip_transport,
+            caller=mask_number(number),
+            dialled=identity.dialled if identity is not None else "",
+            source=source,
+            gateway_id=record.gateway_id,
+        )
 
     def to_fields(self) -> dict[str, str]:
         """The stored form: strings, empty fields left out."""
@@ -80,10 +88,14 @@ class RefusedCall:
         """From the stored form; None when it is not one (skipped by readers)."""
         try:
             status = stored.get("status")
-            return cls(call_id=stored["call_id"], ended_at=float(stored["ended_at"]),
-                       started_at=float(stored["started_at"]), reason=stored["reason"],
-                       status=int(status) if status else None,
-                       **{name: stored.get(name, "") for name in _TEXT_FIELDS})
+            return cls(
+                call_id=stored["call_id"],
+                ended_at=float(stored["ended_at"]),
+                started_at=float(stored["started_at"]),
+                reason=stored["reason"],
+                status=int(status) if status else None,
+                **{name: stored.get(name, "") for name in _TEXT_FIELDS},
+            )
         except (KeyError, ValueError):
             return None
 
@@ -118,8 +130,9 @@ class RefusalSummary:
 class RefusalLog:
     """This gateway's refused calls in memory, and the shared store behind them (if any)."""
 
-    def __init__(self, store: RefusalSink | None = None, *, window: float = WINDOW_SECONDS,
-                 capacity: int = MAX_KEPT) -> None:
+    def __init__(
+        self, store: RefusalSink | None = None, *, window: float = WINDOW_SECONDS, capacity: int = MAX_KEPT
+    ) -> None:
         self.store = store
         self.window = window
         self.recent: collections.deque[RefusedCall] = collections.deque(maxlen=capacity)
@@ -187,6 +200,5 @@ class RefusalLog:
             except PoolError:
                 partial = True
             else:  # this gateway's latest may not be in the store yet
-                counts = {reason: max(shared.get(reason, 0), counts.get(reason, 0))
-                          for reason in {*shared, *counts}}
+                counts = {reason: max(shared.get(reason, 0), counts.get(reason, 0)) for reason in {*shared, *counts}}
         return RefusalSummary(window_seconds=self.window, by_reason=counts, latest=latest, partial=partial)

@@ -58,5 +58,6 @@ def ended(call: Call) -> str:
     if record.answered_at is None:
         return f"call {call.id} ended: {reason} before the answer"
     detail = f" ({record.end_detail})" if record.end_detail else ""
-    return (f"call {call.id} ended: {reason}{detail} after {record.duration_s():.1f} s; "
-            f"{quality_summary(record.quality)}")
+    return (
+        f"call {call.id} ended: {reason}{detail} after {record.duration_s():.1f} s; {quality_summary(record.quality)}"
+    )

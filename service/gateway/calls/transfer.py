@@ -90,14 +90,29 @@ class TransferResult:
         return self.outcome == TRANSFERRED
 
     def to_dict(self) -> dict[str, tp.Any]:
-        return {"call_id": self.call_id, "target": self.target, "outcome": self.outcome, "mode": self.mode,
-                "status": self.status, "reason": self.reason, "seconds": self.seconds, "by": self.by}
+        return {
+            "call_id": self.call_id,
+            "target": self.target,
+            "outcome": self.outcome,
+            "mode": self.mode,
+            "status": self.status,
+            "reason": self.reason,
+            "seconds": self.seconds,
+            "by": self.by,
+        }
 
     @classmethod
     def from_dict(cls, values: dict[str, tp.Any]) -> TransferResult:
-        return cls(call_id=str(values["call_id"]), target=str(values["target"]), outcome=str(values["outcome"]),
-                   mode=str(values["mode"]), status=values.get("status"), reason=str(values.get("reason", "")),
-                   seconds=float(values.get("seconds", 0.0)), by=str(values.get("by", "api")))
+        return cls(
+            call_id=str(values["call_id"]),
+            target=str(values["target"]),
+            outcome=str(values["outcome"]),
+            mode=str(values["mode"]),
+            status=values.get("status"),
+            reason=str(values.get("reason", "")),
+            seconds=float(values.get("seconds", 0.0)),
+            by=str(values.get("by", "api")),
+        )
 
 
 def check_target(text: str) -> str:
@@ -131,6 +146,7 @@ def check_mode(mode: str) -> str:
 
 # -- what the transfer needs of the call's legs ------------------------------------------
 
+
 @tp.runtime_checkable
 class ReferringLeg(tp.Protocol):
     """A leg whose peer can be asked to transfer the call itself (SIP: REFER)."""
@@ -156,6 +172,7 @@ class HumanLeg(tp.Protocol):
     def relay_with(self, edge: object) -> bool:
         """Carry the audio packet by packet between this leg and the caller's media ``edge``
         when both allow it (same rate and packet time); False: the 80 ms frames carry it."""
+
     def quality(self) -> CallQuality: ...
     async def hang_up(self) -> None: ...
     async def close(self) -> None: ...
@@ -180,6 +197,7 @@ class Dialer(tp.Protocol):
 
 
 # -- the procedure ---------------------------------------------------------------------------
+
 
 class TransferDesk:
     """Runs transfers and owns the human legs of bridged calls (see the module docstring)."""
@@ -207,8 +225,9 @@ class TransferDesk:
             return "refer"
         return "bridge"  # the peer's Allow says it takes no REFER: do not ask
 
-    async def run(self, call: Call, leg: object, target: str, *, mode: str, by: str,
-                  ring_seconds: float | None) -> TransferResult:
+    async def run(
+        self, call: Call, leg: object, target: str, *, mode: str, by: str, ring_seconds: float | None
+    ) -> TransferResult:
         ring = self.ring_seconds if ring_seconds is None else ring_seconds
         first = self.plan(leg, mode)
         started = time.monotonic()
@@ -245,15 +264,19 @@ class TransferDesk:
         except RuntimeError as exc:
             return 481, str(exc)
         if referral.accepted:
-            log.info("call %s: REFER accepted (%d); waiting for the transfer's outcome", call.id,
-                     referral.response.status if referral.response is not None else 0)
+            log.info(
+                "call %s: REFER accepted (%d); waiting for the transfer's outcome",
+                call.id,
+                referral.response.status if referral.response is not None else 0,
+            )
         outcome = await referral.outcome(ring + 5.0)  # the peer's own ring time, and a margin
         return outcome.status, outcome.reason
 
     # -- bridge ------------------------------------------------------------------------
 
-    async def _bridge(self, call: Call, target: str, attempt: TransferAttempt, ring: float,
-                      started: float) -> TransferResult:
+    async def _bridge(
+        self, call: Call, target: str, attempt: TransferAttempt, ring: float, started: float
+    ) -> TransferResult:
         assert self.dialer is not None
         dialing = asyncio.ensure_future(self.dialer.dial(call, target, ring_seconds=ring))
         ended = asyncio.ensure_future(call.ended.wait())
@@ -284,25 +307,34 @@ class TransferDesk:
             log.info("call %s: the caller and the person are relayed packet by packet", call.id)
         else:
             human.on_frame = call.pipeline.from_model
-            log.info("call %s: the caller and the person are relayed in 80 ms frames (rates or packet times "
-                     "differ, or the caller is not on SIP)", call.id)
+            log.info(
+                "call %s: the caller and the person are relayed in 80 ms frames (rates or packet times "
+                "differ, or the caller is not on SIP)",
+                call.id,
+            )
         call.pipeline.bridge(human)
         if call.recording is not None and not call.policy.recording_transfer:
             # the recording's right channel would carry the person from now: the route says no
             call.recording.hold(round(call.call_seconds, 3))
-            call.add_transcript(TranscriptEvent(t=call.call_seconds, kind="note",
-                                                text="recording stopped: the part with a person is not recorded"))
+            call.add_transcript(
+                TranscriptEvent(
+                    t=call.call_seconds, kind="note", text="recording stopped: the part with a person is not recorded"
+                )
+            )
             self.recorder.update(call, "recording")
 
         def human_ended(future: asyncio.Future[str]) -> None:
             reason = future.result() if not future.cancelled() and future.exception() is None else "error"
-            call.end(HUMAN_BYE if reason == "remote-bye" else "human-lost",
-                     "" if reason == "remote-bye" else f"the person's leg ended: {reason}")
+            call.end(
+                HUMAN_BYE if reason == "remote-bye" else "human-lost",
+                "" if reason == "remote-bye" else f"the person's leg ended: {reason}",
+            )
 
         human.ended.add_done_callback(human_ended)
         refused = attempt.reason.partition(";")[0]
-        result = self._handed_over(call, attempt, "bridge", 200, f"answered ({refused})" if refused else "answered",
-                                   started)
+        result = self._handed_over(
+            call, attempt, "bridge", 200, f"answered ({refused})" if refused else "answered", started
+        )
         await self._release(session)
         return result
 
@@ -344,30 +376,46 @@ class TransferDesk:
 
     # -- outcomes ----------------------------------------------------------------------
 
-    def _handed_over(self, call: Call, attempt: TransferAttempt, mode: str, status: int, reason: str,
-                     started: float) -> TransferResult:
+    def _handed_over(
+        self, call: Call, attempt: TransferAttempt, mode: str, status: int, reason: str, started: float
+    ) -> TransferResult:
         seconds = round(time.monotonic() - started, 3)
         now = time.time()
         call.begin_phase(CallPhase("human", start=now, target=attempt.target, mode=mode))
         attempt.mode, attempt.outcome, attempt.status, attempt.reason, attempt.seconds = (
-            mode, TRANSFERRED, status, reason, seconds)
+            mode,
+            TRANSFERRED,
+            status,
+            reason,
+            seconds,
+        )
         metrics.TRANSFERS.labels(mode, TRANSFERRED).inc()
         metrics.TRANSFER_SECONDS.labels(mode).observe(seconds)
-        call.add_transcript(TranscriptEvent(t=call.call_seconds, kind="transfer",
-                                            text=f"transferred to {attempt.target} ({mode})"))
+        call.add_transcript(
+            TranscriptEvent(t=call.call_seconds, kind="transfer", text=f"transferred to {attempt.target} ({mode})")
+        )
         self.recorder.update(call, "transfers", "phases")
         log.info("call %s: transferred to %s by %s in %.2fs", call.id, attempt.target, mode, seconds)
         return TransferResult(call.id, attempt.target, TRANSFERRED, mode, status, reason, seconds, attempt.by)
 
-    def _failed(self, call: Call, attempt: TransferAttempt, status: int, reason: str,
-                started: float) -> TransferResult:
+    def _failed(self, call: Call, attempt: TransferAttempt, status: int, reason: str, started: float) -> TransferResult:
         seconds = round(time.monotonic() - started, 3)
         attempt.outcome, attempt.status, attempt.reason, attempt.seconds = FAILED, status, reason, seconds
         metrics.TRANSFERS.labels(attempt.mode, FAILED).inc()
-        call.add_transcript(TranscriptEvent(t=call.call_seconds, kind="transfer",
-                                            text=f"transfer to {attempt.target} failed ({attempt.mode}): "
-                                                 f"{status} {reason}".rstrip()))
+        call.add_transcript(
+            TranscriptEvent(
+                t=call.call_seconds,
+                kind="transfer",
+                text=f"transfer to {attempt.target} failed ({attempt.mode}): {status} {reason}".rstrip(),
+            )
+        )
         self.recorder.update(call, "transfers")
-        log.info("call %s: transfer to %s failed (%s): %d %s; the caller stays with the AI", call.id,
-                 attempt.target, attempt.mode, status, reason)
+        log.info(
+            "call %s: transfer to %s failed (%s): %d %s; the caller stays with the AI",
+            call.id,
+            attempt.target,
+            attempt.mode,
+            status,
+            reason,
+        )
         return TransferResult(call.id, attempt.target, FAILED, attempt.mode, status, reason, seconds, attempt.by)

@@ -79,7 +79,8 @@ class CallCommands:
             except (RedisError, OSError, TimeoutError) as exc:
                 # said once per outage (the pool's check says Redis is down, loudly)
                 (log.warning if self.subscribed.is_set() else log.debug)(
-                    "call request channel lost (%s); resubscribing in %.1fs", exc, delay)
+                    "call request channel lost (%s); resubscribing in %.1fs", exc, delay
+                )
                 self.subscribed.clear()
                 metrics.REDIS_ERRORS.labels("hangup-subscribe").inc()
                 await asyncio.sleep(delay)

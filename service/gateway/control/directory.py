@@ -33,12 +33,21 @@ def refused_fields(refused: RefusedCall) -> dict[str, tp.Any]:
 
 def refused_info(refused: RefusedCall, *, on_this_gateway: bool = False) -> CallInfo:
     """A refused call as ``/v1/calls`` lists it: ended, never answered, the caller masked."""
-    return CallInfo(id=refused.call_id, state=ENDED, ingress=refused.ingress, dialled=refused.dialled,
-                    caller=CallerId(number=refused.caller or None) if refused.caller else None,
-                    caller_masked=refused.caller or "unknown",
-                    sip_transport=refused.sip_transport, gateway_id=refused.gateway_id,
-                    started_at=refused.started_at, ended_at=refused.ended_at, end_reason=refused.reason,
-                    end_detail=refused.detail, on_this_gateway=on_this_gateway)
+    return CallInfo(
+        id=refused.call_id,
+        state=ENDED,
+        ingress=refused.ingress,
+        dialled=refused.dialled,
+        caller=CallerId(number=refused.caller or None) if refused.caller else None,
+        caller_masked=refused.caller or "unknown",
+        sip_transport=refused.sip_transport,
+        gateway_id=refused.gateway_id,
+        started_at=refused.started_at,
+        ended_at=refused.ended_at,
+        end_reason=refused.reason,
+        end_detail=refused.detail,
+        on_this_gateway=on_this_gateway,
+    )
 
 
 def redis_failed() -> None:
@@ -49,8 +58,13 @@ def redis_failed() -> None:
 class CallDirectory:
     """Looks calls up for the API (see the module docstring)."""
 
-    def __init__(self, table: CallTable, records: CallRecords | None, registry: RegistryReader | None,
-                 refusals: RefusalLog | None = None) -> None:
+    def __init__(
+        self,
+        table: CallTable,
+        records: CallRecords | None,
+        registry: RegistryReader | None,
+        refusals: RefusalLog | None = None,
+    ) -> None:
         self.table = table
         self.records = records
         self.registry = registry
@@ -83,16 +97,16 @@ class CallDirectory:
         refused = await self.refusals.get(call_id)
         return refused_info(refused) if refused is not None else None
 
-    async def list(self, *, state: str | None = None, since: float | None = None,
-                   worker_id: str | None = None, limit: int = 100) -> tuple[list[CallInfo], bool]:
+    async def list(
+        self, *, state: str | None = None, since: float | None = None, worker_id: str | None = None, limit: int = 100
+    ) -> tuple[list[CallInfo], bool]:
         """Calls newest first, and whether the list is partial (Redis could not be read)."""
         merged: dict[str, CallInfo] = {}
         partial = False
         if self.records is not None:
             try:
                 if state in (None, ENDED):
-                    for record in await self.records.list(state=state, since=since, worker_id=worker_id,
-                                                          limit=limit):
+                    for record in await self.records.list(state=state, since=since, worker_id=worker_id, limit=limit):
                         merged[record.call_id] = CallInfo.of(record)
                 if state in (None, ACTIVE):
                     merged.update(await self._remote_active(exclude=set(merged) | set(self.table.live)))
@@ -109,10 +123,13 @@ class CallDirectory:
             merged[ended.record.call_id] = CallInfo.of(ended.record, on_this_gateway=True)
         for call in list(self.table.live.values()):
             merged[call.id] = CallInfo.of(call.snapshot(), on_this_gateway=True)
-        calls = [c for c in merged.values()
-                 if (state is None or (state == ACTIVE) == c.active)
-                 and (since is None or c.started_at >= since)
-                 and (worker_id is None or c.worker_id == worker_id)]
+        calls = [
+            c
+            for c in merged.values()
+            if (state is None or (state == ACTIVE) == c.active)
+            and (since is None or c.started_at >= since)
+            and (worker_id is None or c.worker_id == worker_id)
+        ]
         calls.sort(key=lambda c: c.started_at, reverse=True)
         return calls[:limit], partial
 

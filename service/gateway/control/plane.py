@@ -52,11 +52,22 @@ log = logging.getLogger("moshimoshi.api")
 class GatewayControl:
     """Implements ``service.api.control.CallControl`` for one gateway."""
 
-    def __init__(self, *, lifecycle: CallLifecycle, directory: CallDirectory, transcripts: TranscriptReader,
-                 pool: PoolView, webrtc: WebRtcIngress, outbound: OutboundCalls, commands: CallCommands | None,
-                 readiness: tp.Callable[[], Readiness], retry_after_seconds: int,
-                 transfers: TransferChannel | None = None, recordings: Storage | None = None,
-                 concurrency: ConcurrencyHistory | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        lifecycle: CallLifecycle,
+        directory: CallDirectory,
+        transcripts: TranscriptReader,
+        pool: PoolView,
+        webrtc: WebRtcIngress,
+        outbound: OutboundCalls,
+        commands: CallCommands | None,
+        readiness: tp.Callable[[], Readiness],
+        retry_after_seconds: int,
+        transfers: TransferChannel | None = None,
+        recordings: Storage | None = None,
+        concurrency: ConcurrencyHistory | None = None,
+    ) -> None:
         self.lifecycle = lifecycle
         self.directory = directory
         self.transcripts = transcripts
@@ -75,8 +86,9 @@ class GatewayControl:
 
     # -- calls -------------------------------------------------------------------------
 
-    async def list_calls(self, *, state: str | None, since: float | None, worker_id: str | None,
-                         limit: int) -> CallList:
+    async def list_calls(
+        self, *, state: str | None, since: float | None, worker_id: str | None, limit: int
+    ) -> CallList:
         calls, partial = await self.directory.list(state=state, since=since, worker_id=worker_id, limit=limit)
         return CallList(calls=calls, partial=partial)
 
@@ -103,17 +115,22 @@ class GatewayControl:
         except PoolError:
             redis_failed()
             raise ControlError(503, "cannot reach the call's gateway (Redis unreachable)") from None
-        log.info("call %s: hang-up requested through the API, sent to gateway %s", call_id,
-                 found.gateway_id or "(unknown)")
+        log.info(
+            "call %s: hang-up requested through the API, sent to gateway %s", call_id, found.gateway_id or "(unknown)"
+        )
         return HangupResult(call_id=call_id, status="hanging-up", on_this_gateway=False)
 
     async def refusals(self, *, limit: int) -> RefusalList:
         summary = await self.directory.refusals.summary(limit=limit)
         if summary.partial:
             redis_failed()
-        return RefusalList(window_seconds=summary.window_seconds, total=summary.total, by_reason=summary.by_reason,
-                           refusals=[RefusedCallInfo(id=r.call_id, **refused_fields(r)) for r in summary.latest],
-                           partial=summary.partial)
+        return RefusalList(
+            window_seconds=summary.window_seconds,
+            total=summary.total,
+            by_reason=summary.by_reason,
+            refusals=[RefusedCallInfo(id=r.call_id, **refused_fields(r)) for r in summary.latest],
+            partial=summary.partial,
+        )
 
     async def place_call(self, to: str, caller_id: str | None, route: str | None) -> PlacedCall:
         call = await self.outbound.place(to, caller_id, route)
@@ -166,8 +183,10 @@ class GatewayControl:
         if info is None:
             raise ControlError(404, f"call {call_id!r} was not recorded")
         if info.state in ("recording", "paused", "storing"):
-            raise ControlError(409, f"the recording of call {call_id!r} is not stored yet ({info.state}); it is "
-                                    "once the call has ended")
+            raise ControlError(
+                409,
+                f"the recording of call {call_id!r} is not stored yet ({info.state}); it is once the call has ended",
+            )
         if info.state != "stored" or not info.location:
             raise ControlError(404, f"call {call_id!r} has no stored recording ({info.error or info.state})")
         storage = self.recordings
@@ -234,9 +253,10 @@ class GatewayControl:
         return await self.pool_view.state()
 
     def pool_history(self) -> PoolHistory:
-        return PoolHistory(interval_seconds=self.concurrency.bucket_seconds,
-                           samples=[PoolSample(t=s.t, calls=s.calls, capacity=s.capacity)
-                                    for s in self.concurrency.samples()])
+        return PoolHistory(
+            interval_seconds=self.concurrency.bucket_seconds,
+            samples=[PoolSample(t=s.t, calls=s.calls, capacity=s.capacity) for s in self.concurrency.samples()],
+        )
 
     async def drain_worker(self, worker_id: str) -> DrainResult:
         return await self.pool_view.drain(worker_id)
@@ -247,22 +267,25 @@ class GatewayControl:
         try:
             leg = await self.webrtc.offer(sdp, source, owner=owner)
         except OfferRejected as exc:
-            raise ControlError(exc.status, exc.reason,
-                               retry_after=self.retry_after_seconds if exc.retry_after else None) from None
+            raise ControlError(
+                exc.status, exc.reason, retry_after=self.retry_after_seconds if exc.retry_after else None
+            ) from None
         return WebRtcAnswer(session_id=leg.id, call_id=leg.call.id, sdp=leg.answer_sdp.result())
 
     def webrtc_hang_up(self, session_id: str, owner: str | None = None) -> bool:
         return self.webrtc.hangup(session_id, owner=owner)
 
     def webrtc_config(self) -> WebRtcConfig:
-        servers = [IceServer(urls=s.urls, username=s.username, credential=s.credential)
-                   for s in self.webrtc.ice_servers]
+        servers = [
+            IceServer(urls=s.urls, username=s.username, credential=s.credential) for s in self.webrtc.ice_servers
+        ]
         return WebRtcConfig(ice_servers=servers, connect_seconds=self.webrtc.settings.webrtc_connect_seconds)
 
 
 def _outcome(result: TransferResult, here: bool) -> TransferOutcome:
-    return TransferOutcome(**result.to_dict(), on_this_gateway=here,
-                           detail=None if result.transferred else result.reason or result.outcome)
+    return TransferOutcome(
+        **result.to_dict(), on_this_gateway=here, detail=None if result.transferred else result.reason or result.outcome
+    )
 
 
 async def _in_threads(chunks: tp.Iterator[bytes]) -> tp.AsyncIterator[bytes]:

@@ -39,34 +39,58 @@ def worker_state(worker: WorkerStatus) -> WorkerState:
         if lease is None:
             slots.append(SlotState(slot=slot, state="free"))
         else:
-            slots.append(SlotState(slot=slot, state="leased", call_id=lease.owner or None, token=lease.token,
-                                   ttl_ms=lease.ttl_ms))
+            slots.append(
+                SlotState(
+                    slot=slot, state="leased", call_id=lease.owner or None, token=lease.token, ttl_ms=lease.ttl_ms
+                )
+            )
     return WorkerState(
-        worker_id=worker.worker_id, url=worker.url, http_url=http_base(worker.url) if worker.url else "",
-        model=worker.model, license=worker.license, version=worker.version, state=worker.state,
-        alive=worker.alive, capacity=worker.capacity, busy_slots=len(worker.leases),
-        free_slots=worker.free_slots if worker.alive else 0, last_seen=worker.last_seen,
-        started_at=worker.started_at, slots_reason=worker.slots_reason, memory_slots=worker.memory_slots,
-        step_budget_ms=worker.step_budget_ms, warmup_p50_ms=worker.warmup_p50_ms,
-        warmup_p99_ms=worker.warmup_p99_ms, step_p99_ms=worker.step_p99_ms,
-        context_seconds=worker.context_seconds, slots=slots, role=worker.role, sessions=worker.sessions,
-        free_sessions=(worker.reported_free or 0) if worker.alive and worker.role != MODEL_ROLE else 0)
+        worker_id=worker.worker_id,
+        url=worker.url,
+        http_url=http_base(worker.url) if worker.url else "",
+        model=worker.model,
+        license=worker.license,
+        version=worker.version,
+        state=worker.state,
+        alive=worker.alive,
+        capacity=worker.capacity,
+        busy_slots=len(worker.leases),
+        free_slots=worker.free_slots if worker.alive else 0,
+        last_seen=worker.last_seen,
+        started_at=worker.started_at,
+        slots_reason=worker.slots_reason,
+        memory_slots=worker.memory_slots,
+        step_budget_ms=worker.step_budget_ms,
+        warmup_p50_ms=worker.warmup_p50_ms,
+        warmup_p99_ms=worker.warmup_p99_ms,
+        step_p99_ms=worker.step_p99_ms,
+        context_seconds=worker.context_seconds,
+        slots=slots,
+        role=worker.role,
+        sessions=worker.sessions,
+        free_sessions=(worker.reported_free or 0) if worker.alive and worker.role != MODEL_ROLE else 0,
+    )
 
 
 def _loopback(busy: int) -> PoolState:
     """``--worker-url echo:``: calls are echoed inside the gateway; no slot limit."""
-    worker = WorkerState(worker_id="loopback", url=LOOPBACK_URL, model="echo", license="n/a (loopback)",
-                         state=READY, alive=True, busy_slots=busy)
-    return PoolState(mode="loopback", workers=[worker], workers_ready=1, slots_total=0, slots_busy=busy,
-                     slots_free=0)
+    worker = WorkerState(
+        worker_id="loopback",
+        url=LOOPBACK_URL,
+        model="echo",
+        license="n/a (loopback)",
+        state=READY,
+        alive=True,
+        busy_slots=busy,
+    )
+    return PoolState(mode="loopback", workers=[worker], workers_ready=1, slots_total=0, slots_busy=busy, slots_free=0)
 
 
 async def _single_worker(url: str, secret: str | None) -> PoolState:
     """Without a pool: the one configured worker, as its /v1/info describes it."""
     worker = WorkerState(worker_id=url, url=url, http_url=http_base(url), alive=False)
     try:
-        async with httpx.AsyncClient(timeout=WORKER_HTTP_TIMEOUT,
-                                     headers=authorization(secret)) as client:
+        async with httpx.AsyncClient(timeout=WORKER_HTTP_TIMEOUT, headers=authorization(secret)) as client:
             info = (await client.get(worker.http_url + "/v1/info")).json()
         worker.alive = True
         worker.state = str(info.get("state", ""))
@@ -82,9 +106,14 @@ async def _single_worker(url: str, secret: str | None) -> PoolState:
     except (httpx.HTTPError, ValueError, TypeError, AttributeError) as exc:
         log.info("worker %s: no /v1/info (%s)", url, exc)
     ready = worker.alive and worker.state == READY
-    return PoolState(mode="single-worker", workers=[worker], workers_ready=int(ready),
-                     slots_total=worker.capacity if ready else 0, slots_busy=worker.busy_slots,
-                     slots_free=worker.free_slots if ready else 0)
+    return PoolState(
+        mode="single-worker",
+        workers=[worker],
+        workers_ready=int(ready),
+        slots_total=worker.capacity if ready else 0,
+        slots_busy=worker.busy_slots,
+        slots_free=worker.free_slots if ready else 0,
+    )
 
 
 def _number(value: tp.Any) -> float | None:
@@ -110,8 +139,14 @@ def _sizing_from_info(worker: WorkerState, info: dict) -> None:
 class PoolView:
     """The pool as the API shows it, and draining a worker (see the module docstring)."""
 
-    def __init__(self, registry: RegistryReader | None, *, worker_url: str | None, worker_secret: str | None,
-                 live_calls: tp.Callable[[], int]) -> None:
+    def __init__(
+        self,
+        registry: RegistryReader | None,
+        *,
+        worker_url: str | None,
+        worker_secret: str | None,
+        live_calls: tp.Callable[[], int],
+    ) -> None:
         self.registry = registry
         self.worker_url = worker_url or ""
         self.worker_secret = worker_secret
@@ -133,8 +168,14 @@ class PoolView:
         ready = [w for w in states if w.alive and w.state == READY and w.role == MODEL_ROLE]
         total = sum(w.capacity for w in ready)
         busy = sum(w.busy_slots for w in states if w.alive)
-        return PoolState(mode="pool", workers=states, workers_ready=len(ready), slots_total=total,
-                         slots_busy=busy, slots_free=sum(w.free_slots for w in ready))
+        return PoolState(
+            mode="pool",
+            workers=states,
+            workers_ready=len(ready),
+            slots_total=total,
+            slots_busy=busy,
+            slots_free=sum(w.free_slots for w in ready),
+        )
 
     async def drain(self, worker_id: str) -> DrainResult:
         """Ask a worker to drain, as its SIGTERM would (its own ``POST /v1/drain``)."""
@@ -154,13 +195,16 @@ class PoolView:
             url = found.url
         target = http_base(url) + "/v1/drain"
         try:
-            async with httpx.AsyncClient(timeout=WORKER_HTTP_TIMEOUT,
-                                         headers=authorization(self.worker_secret)) as client:
+            async with httpx.AsyncClient(
+                timeout=WORKER_HTTP_TIMEOUT, headers=authorization(self.worker_secret)
+            ) as client:
                 response = await client.post(target)
             answer = response.json() if response.content else {}
         except (httpx.HTTPError, ValueError) as exc:
             raise ControlError(502, f"worker {worker_id} did not answer at {target}: {exc}") from None
-        log.info("worker %s: drain requested through the API (worker answered %d)", worker_id,
-                 response.status_code)
-        return DrainResult(worker_id=worker_id, status=response.status_code,
-                           answer=answer if isinstance(answer, dict) else {"answer": answer})
+        log.info("worker %s: drain requested through the API (worker answered %d)", worker_id, response.status_code)
+        return DrainResult(
+            worker_id=worker_id,
+            status=response.status_code,
+            answer=answer if isinstance(answer, dict) else {"answer": answer},
+        )

@@ -42,8 +42,15 @@ MINUTE = 60
 class RefusalStore:
     """Write-behind appends of refused calls to Redis, and reads of them (any replica)."""
 
-    def __init__(self, client: PoolClient, *, window: float, max_len: int = STREAM_MAX_LEN,
-                 max_pending: int = MAX_PENDING, batch: int = BATCH) -> None:
+    def __init__(
+        self,
+        client: PoolClient,
+        *,
+        window: float,
+        max_len: int = STREAM_MAX_LEN,
+        max_pending: int = MAX_PENDING,
+        batch: int = BATCH,
+    ) -> None:
         if window <= 0:
             raise ValueError("window must be positive")
         self.client = client
@@ -101,8 +108,9 @@ class RefusalStore:
                 failures += 1
                 metrics.REDIS_ERRORS.labels("refusal-log").inc()
                 if failures == 1 or delay >= RETRY_MAX_SECONDS:
-                    log.warning("refused calls not stored yet (%d waiting, retry in %.2fs): %s",
-                                len(self._pending), delay, exc)
+                    log.warning(
+                        "refused calls not stored yet (%d waiting, retry in %.2fs): %s", len(self._pending), delay, exc
+                    )
                 await asyncio.sleep(delay)
                 delay = min(RETRY_MAX_SECONDS, delay * 2)
                 continue
@@ -122,8 +130,12 @@ class RefusalStore:
             async with self.client.redis.pipeline(transaction=False) as pipe:
                 for refused in batch:
                     # redis-py asks for a dict of its own key and value types (a Mapping would do)
-                    pipe.xadd(self.key, tp.cast(dict[FieldT, EncodableT], refused.to_fields()),
-                              maxlen=self.max_len, approximate=True)
+                    pipe.xadd(
+                        self.key,
+                        tp.cast(dict[FieldT, EncodableT], refused.to_fields()),
+                        maxlen=self.max_len,
+                        approximate=True,
+                    )
                 pipe.xtrim(self.key, minid=f"{max(0, oldest_ms)}-0", approximate=True)
                 pipe.pexpire(self.key, window_ms)
                 for minute, by_reason in counts.items():
@@ -173,8 +185,9 @@ class RefusalStore:
     async def find(self, call_id: str) -> RefusedCall | None:
         """One refused call by its id, among those the stream still holds. Raises PoolError."""
         async with self.client.guard("read refused calls"):
-            entries = tp.cast(StreamEntries,
-                              await self.client.redis.xrevrange(self.key, "+", "-", count=self.max_len * 2))
+            entries = tp.cast(
+                StreamEntries, await self.client.redis.xrevrange(self.key, "+", "-", count=self.max_len * 2)
+            )
         for _, fields in entries:
             if fields.get("call_id") == call_id:
                 return RefusedCall.from_fields(fields)

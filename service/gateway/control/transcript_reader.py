@@ -18,26 +18,34 @@ UNREACHABLE = "transcripts unavailable (Redis unreachable)"
 
 
 def piece(seq: int, event: TranscriptEvent) -> TranscriptPiece:
-    return TranscriptPiece(seq=seq, t=round(event.t, 3), kind=event.kind, text=event.text,
-                           duration_ms=None if event.duration_ms is None else round(event.duration_ms, 1),
-                           start=None if event.end is None else round(event.t, 3),
-                           end=None if event.end is None else round(event.end, 3))
+    return TranscriptPiece(
+        seq=seq,
+        t=round(event.t, 3),
+        kind=event.kind,
+        text=event.text,
+        duration_ms=None if event.duration_ms is None else round(event.duration_ms, 1),
+        start=None if event.end is None else round(event.t, 3),
+        end=None if event.end is None else round(event.end, 3),
+    )
 
 
-def build(call_id: str, pieces: tp.Iterable[tuple[int, TranscriptEvent]], *, complete: bool,
-          end_reason: str = "") -> Transcript:
+def build(
+    call_id: str, pieces: tp.Iterable[tuple[int, TranscriptEvent]], *, complete: bool, end_reason: str = ""
+) -> Transcript:
     events = [piece(seq, event) for seq, event in pieces]
     text = "".join(e.text for e in events if e.kind == "agent")
     caller_text = "\n".join(e.text for e in sorted((e for e in events if e.kind == "caller"), key=lambda e: e.t))
-    return Transcript(call_id=call_id, complete=complete, end_reason=end_reason, events=events, text=text,
-                      caller_text=caller_text)
+    return Transcript(
+        call_id=call_id, complete=complete, end_reason=end_reason, events=events, text=text, caller_text=caller_text
+    )
 
 
 class TranscriptReader:
     """Transcripts of any call, whole or followed live (see the module docstring)."""
 
-    def __init__(self, table: CallTable, feed: TranscriptFeed, store: TranscriptStore | None,
-                 records: CallRecords | None) -> None:
+    def __init__(
+        self, table: CallTable, feed: TranscriptFeed, store: TranscriptStore | None, records: CallRecords | None
+    ) -> None:
         self.table = table
         self.feed = feed
         self.store = store

@@ -78,8 +78,9 @@ def parse_entry(entry_id: str, fields: dict[str, str]) -> StreamEntry | None:
         end = float(fields["end"]) if "end" in fields else None
     except (KeyError, ValueError):
         return None
-    return StreamEntry(entry_id, seq, TranscriptEvent(t=t, kind=kind, text=fields.get("text", ""),
-                                                      duration_ms=duration, end=end))
+    return StreamEntry(
+        entry_id, seq, TranscriptEvent(t=t, kind=kind, text=fields.get("text", ""), duration_ms=duration, end=end)
+    )
 
 
 @dataclass
@@ -96,8 +97,15 @@ class StoredTranscript:
 class TranscriptStore:
     """Write-behind appends to per-call Redis Streams, and reads of them (any replica)."""
 
-    def __init__(self, client: PoolClient, *, retention: float, max_len: int = MAX_PIECES_PER_CALL,
-                 max_pending: int = MAX_PENDING, batch: int = BATCH) -> None:
+    def __init__(
+        self,
+        client: PoolClient,
+        *,
+        retention: float,
+        max_len: int = MAX_PIECES_PER_CALL,
+        max_pending: int = MAX_PENDING,
+        batch: int = BATCH,
+    ) -> None:
         if retention <= 0:
             raise ValueError("retention must be positive")
         self.client = client
@@ -176,8 +184,12 @@ class TranscriptStore:
                 self.write_failures += 1
                 metrics.REDIS_ERRORS.labels("transcript-append").inc()
                 if self.write_failures == 1 or delay >= RETRY_MAX_SECONDS:
-                    log.warning("transcript pieces not stored yet (%d waiting, retry in %.2fs): %s",
-                                len(self._pending), delay, failure)
+                    log.warning(
+                        "transcript pieces not stored yet (%d waiting, retry in %.2fs): %s",
+                        len(self._pending),
+                        delay,
+                        failure,
+                    )
                 await asyncio.sleep(delay)
                 delay = min(RETRY_MAX_SECONDS, delay * 2)
                 continue
@@ -193,8 +205,7 @@ class TranscriptStore:
                 for call_id, fields in batch:
                     key = transcript_key(self.client, call_id)
                     # redis-py asks for a dict of its own key and value types (a Mapping would do)
-                    pipe.xadd(key, tp.cast(dict[FieldT, EncodableT], fields), maxlen=self.max_len,
-                              approximate=True)
+                    pipe.xadd(key, tp.cast(dict[FieldT, EncodableT], fields), maxlen=self.max_len, approximate=True)
                     if key not in keys:
                         keys.append(key)
                 for key in keys:
@@ -251,9 +262,15 @@ class TranscriptStore:
             seen.add(entry.seq)
             transcript.pieces.append((entry.seq, entry.event))
 
-    async def follow(self, call_id: str, after_id: str = "0-0", *, block_ms: int = FOLLOW_BLOCK_MS,
-                     still_on: tp.Callable[[], tp.Awaitable[bool]] | None = None,
-                     check_every: float = 5.0) -> tp.AsyncIterator[StreamEntry]:
+    async def follow(
+        self,
+        call_id: str,
+        after_id: str = "0-0",
+        *,
+        block_ms: int = FOLLOW_BLOCK_MS,
+        still_on: tp.Callable[[], tp.Awaitable[bool]] | None = None,
+        check_every: float = 5.0,
+    ) -> tp.AsyncIterator[StreamEntry]:
         """Entries added after ``after_id``, as they come, until the end entry (yielded last).
 
         Without ``still_on`` it also stops when the stream disappears (expired). With it,
@@ -267,8 +284,9 @@ class TranscriptStore:
         quiet_since = loop.time()
         while True:
             async with self.client.guard("follow transcript"):
-                reply = tp.cast(list[tuple[str, StreamEntries]],
-                                await redis.xread({key: last}, count=self.batch, block=block_ms))
+                reply = tp.cast(
+                    list[tuple[str, StreamEntries]], await redis.xread({key: last}, count=self.batch, block=block_ms)
+                )
                 if not reply and still_on is None:
                     exists = await redis.exists(key)
             if not reply:

@@ -72,8 +72,7 @@ class TransferChannel:
         try:
             async with self.client.guard("transfer reply subscribe"):
                 await pubsub.subscribe(reply)
-            message = json.dumps({"id": request_id, "call_id": call_id, "target": target, "mode": mode,
-                                  "reply": reply})
+            message = json.dumps({"id": request_id, "call_id": call_id, "target": target, "mode": mode, "reply": reply})
             async with self.client.guard("publish transfer"):
                 await self.client.redis.publish(self.channel, message)
             started = await self._next(pubsub, ACK_SECONDS)
@@ -174,8 +173,9 @@ class TransferChannel:
         except asyncio.CancelledError:
             if not running.cancelled():
                 raise
-            await self._publish(reply, {"state": "refused", "status": 409, "detail": "the call ended during the "
-                                                                                    "transfer"})
+            await self._publish(
+                reply, {"state": "refused", "status": 409, "detail": "the call ended during the transfer"}
+            )
             return
         await self._publish(reply, {"state": "done", "result": result.to_dict()})
 

@@ -68,8 +68,9 @@ def sign(secret: str, body: bytes) -> str:
 class WebhookSender:
     """Delivers call-end payloads in the background; ``close()`` waits for the last ones."""
 
-    def __init__(self, url: str, *, secret: str | None = None, attempts: int = 5, backoff: float = 1.0,
-                 timeout: float = 5.0) -> None:
+    def __init__(
+        self, url: str, *, secret: str | None = None, attempts: int = 5, backoff: float = 1.0, timeout: float = 5.0
+    ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError("the webhook URL must start with http:// or https://")
         self.url = url
@@ -87,8 +88,13 @@ class WebhookSender:
         if not settings.webhook_url:
             return None
         try:
-            return cls(settings.webhook_url, secret=settings.webhook_secret, attempts=settings.webhook_attempts,
-                       backoff=settings.webhook_backoff_seconds, timeout=settings.webhook_timeout_seconds)
+            return cls(
+                settings.webhook_url,
+                secret=settings.webhook_secret,
+                attempts=settings.webhook_attempts,
+                backoff=settings.webhook_backoff_seconds,
+                timeout=settings.webhook_timeout_seconds,
+            )
         except ValueError as exc:
             raise ConfigError(f"MOSHIMOSHI_WEBHOOK_URL: {exc}") from None
 
@@ -105,8 +111,12 @@ class WebhookSender:
     async def deliver(self, call_id: str, payload: dict[str, tp.Any]) -> str:
         """POST until delivered or out of attempts; returns the outcome."""
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
-        headers = {"Content-Type": "application/json; charset=utf-8", "User-Agent": f"moshimoshi/{__version__}",
-                   EVENT_HEADER: "call.ended", DELIVERY_HEADER: str(uuid.uuid4())}
+        headers = {
+            "Content-Type": "application/json; charset=utf-8",
+            "User-Agent": f"moshimoshi/{__version__}",
+            EVENT_HEADER: "call.ended",
+            DELIVERY_HEADER: str(uuid.uuid4()),
+        }
         if self.secret:
             headers[SIGNATURE_HEADER] = sign(self.secret, body)
         try:
@@ -123,8 +133,14 @@ class WebhookSender:
                     break
                 delay = min(MAX_BACKOFF_SECONDS, max(retry_after, self.backoff * 2 ** (attempt - 1)))
                 metrics.WEBHOOK_DELIVERIES.labels("retry").inc()
-                log.info("webhook for call %s: %s (attempt %d of %d); retrying in %.2fs", call_id, problem,
-                         attempt, self.attempts, delay)
+                log.info(
+                    "webhook for call %s: %s (attempt %d of %d); retrying in %.2fs",
+                    call_id,
+                    problem,
+                    attempt,
+                    self.attempts,
+                    delay,
+                )
                 await asyncio.sleep(delay)
         except asyncio.CancelledError:
             metrics.WEBHOOK_DELIVERIES.labels("abandoned").inc()

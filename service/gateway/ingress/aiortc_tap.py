@@ -33,8 +33,12 @@ class ReceiverTap:
     buffer, kept for measuring it side by side) is given.
     """
 
-    def __init__(self, on_packet: tp.Callable[[RtpPacket, float], None], clock: tp.Callable[[], float],
-                 passthrough: tp.Any = None) -> None:
+    def __init__(
+        self,
+        on_packet: tp.Callable[[RtpPacket, float], None],
+        clock: tp.Callable[[], float],
+        passthrough: tp.Any = None,
+    ) -> None:
         self._on_packet = on_packet
         self._clock = clock
         self.passthrough = passthrough
@@ -49,12 +53,19 @@ class ReceiverTap:
         return False, None
 
 
-def tap_receiver(receiver: RTCRtpReceiver, on_packet: tp.Callable[[RtpPacket, float], None],
-                 clock: tp.Callable[[], float], *, keep_stock: bool = False) -> ReceiverTap:
+def tap_receiver(
+    receiver: RTCRtpReceiver,
+    on_packet: tp.Callable[[RtpPacket, float], None],
+    clock: tp.Callable[[], float],
+    *,
+    keep_stock: bool = False,
+) -> ReceiverTap:
     """Route ``receiver``'s packets to ``on_packet`` instead of aiortc's jitter buffer and decoder."""
     if not hasattr(receiver, _JITTER_BUFFER_ATTRIBUTE):
-        raise RuntimeError("this aiortc version has no RTCRtpReceiver jitter buffer to replace; "
-                           "the WebRTC ingress needs aiortc 1.x with that internal")
+        raise RuntimeError(
+            "this aiortc version has no RTCRtpReceiver jitter buffer to replace; "
+            "the WebRTC ingress needs aiortc 1.x with that internal"
+        )
     stock = getattr(receiver, _JITTER_BUFFER_ATTRIBUTE)
     tap = ReceiverTap(on_packet, clock, passthrough=stock if keep_stock else None)
     setattr(receiver, _JITTER_BUFFER_ATTRIBUTE, tap)

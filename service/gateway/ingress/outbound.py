@@ -72,8 +72,15 @@ def number_of(text: str) -> str | None:
 class OutboundCalls:
     """Places the calls that ``POST /v1/calls`` asks for (see the module docstring)."""
 
-    def __init__(self, lifecycle: CallLifecycle, settings: GatewaySettings, ports: PortAllocator, ua: UserAgent, *,
-                 gateway_id: str) -> None:
+    def __init__(
+        self,
+        lifecycle: CallLifecycle,
+        settings: GatewaySettings,
+        ports: PortAllocator,
+        ua: UserAgent,
+        *,
+        gateway_id: str,
+    ) -> None:
         self.lifecycle = lifecycle
         self.settings = settings
         self.ports = ports
@@ -122,13 +129,15 @@ class OutboundCalls:
         refusal = self.lifecycle.refusal()
         if refusal is not None:  # refused before any state is made
             metrics.OUTBOUND_CALLS.labels("refused").inc()
-            raise ControlError(503, f"not placing calls ({refusal.detail})",
-                               retry_after=self.settings.retry_after_seconds)
+            raise ControlError(
+                503, f"not placing calls ({refusal.detail})", retry_after=self.settings.retry_after_seconds
+            )
         identity = CallerIdentity(dialled=str(target.user or ""), from_party=Party(uri=caller, number=caller))
         call = Call("outbound", from_uri=caller, to_uri=str(target), identity=identity, gateway_id=self.gateway_id)
         leg = OutboundLeg(self, call, target, caller)
-        task = asyncio.create_task(self.lifecycle.run(call, leg, route=route, outbound=True),
-                                   name=f"outbound-{call.id}")
+        task = asyncio.create_task(
+            self.lifecycle.run(call, leg, route=route, outbound=True), name=f"outbound-{call.id}"
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         await asyncio.shield(leg.admitted)  # the slot is held (or ControlError)
@@ -151,24 +160,32 @@ class OutboundLeg(SipDialogLeg):
 
     def _refused(self, status: int, detail: str, retry: bool) -> None:
         if not self.admitted.done():
-            self.admitted.set_exception(ControlError(
-                HTTP_STATUS.get(status, 500), detail,
-                retry_after=self.settings.retry_after_seconds if retry else None))
+            self.admitted.set_exception(
+                ControlError(
+                    HTTP_STATUS.get(status, 500),
+                    detail,
+                    retry_after=self.settings.retry_after_seconds if retry else None,
+                )
+            )
 
     async def prepare(self, call: Call) -> None:
         settings = self.settings
         transport = (self.target.wire_transport or "UDP").upper()
         self.srtp = srtp_policy(settings.srtp, transport, settings.srtp_allow_plaintext_keys)
         if self.srtp is None:
-            raise Refused(Refusal(488, f"SRTP is required and its keys travel only over TLS, not {transport}",
-                                  "rejected-srtp"))
+            raise Refused(
+                Refusal(488, f"SRTP is required and its keys travel only over TLS, not {transport}", "rejected-srtp")
+            )
         try:
             self.peer_ip = await self.outbound.ua.transport.resolve(self.target.param("maddr") or self.target.host)
         except TransportError as exc:
             raise Refused(Refusal(488, str(exc), "outbound-failed")) from None
         local_ip = settings.public_host or local_address_toward(self.peer_ip)
-        bind = settings.sip_host if settings.sip_host not in ("0.0.0.0", "::") else (
-            "::" if ":" in local_ip and settings.sip_host == "::" else settings.sip_host)
+        bind = (
+            settings.sip_host
+            if settings.sip_host not in ("0.0.0.0", "::")
+            else ("::" if ":" in local_ip and settings.sip_host == "::" else settings.sip_host)
+        )
         try:
             self.rtp = await RtpSession.open(self.outbound.ports, host=bind)
         except PortsExhausted:
@@ -192,13 +209,19 @@ class OutboundLeg(SipDialogLeg):
         if not self.admitted.done():
             self.admitted.set_result(None)
         caller = self.caller
-        invite = asyncio.create_task(self.outbound.ua.invite(
-            self.target, self.local_sdp, timeout=self.settings.outbound_ring_seconds,
-            username=self.outbound.credentials[0] if self.outbound.credentials else None,
-            password=self.outbound.credentials[1] if self.outbound.credentials else None,
-            from_uri=caller if caller.startswith(("sip:", "sips:")) else None,
-            from_user=None if caller.startswith(("sip:", "sips:")) else caller or None,
-            headers={CALL_ID_HEADER: call.id}), name=f"invite-{call.id}")
+        invite = asyncio.create_task(
+            self.outbound.ua.invite(
+                self.target,
+                self.local_sdp,
+                timeout=self.settings.outbound_ring_seconds,
+                username=self.outbound.credentials[0] if self.outbound.credentials else None,
+                password=self.outbound.credentials[1] if self.outbound.credentials else None,
+                from_uri=caller if caller.startswith(("sip:", "sips:")) else None,
+                from_user=None if caller.startswith(("sip:", "sips:")) else caller or None,
+                headers={CALL_ID_HEADER: call.id},
+            ),
+            name=f"invite-{call.id}",
+        )
         ended = asyncio.ensure_future(call.ended.wait())
         try:
             await asyncio.wait({invite, ended}, return_when=asyncio.FIRST_COMPLETED)

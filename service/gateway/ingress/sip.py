@@ -59,8 +59,13 @@ from sip.ua import IncomingCall
 
 log = logging.getLogger(__name__)
 
-REASON_PHRASES = {400: "Bad Request", 404: "Not Found", 488: "Not Acceptable Here", 500: "Server Internal Error",
-                  503: "Service Unavailable"}
+REASON_PHRASES = {
+    400: "Bad Request",
+    404: "Not Found",
+    488: "Not Acceptable Here",
+    500: "Server Internal Error",
+    503: "Service Unavailable",
+}
 
 
 def local_address_toward(remote_ip: str) -> str:
@@ -100,8 +105,9 @@ def media_encryption(negotiated: NegotiatedMedia) -> str:
 class SipIngress:
     """The UserAgent's ``on_invite``: each INVITE runs as a call of the lifecycle."""
 
-    def __init__(self, lifecycle: CallLifecycle, settings: GatewaySettings, ports: PortAllocator, *,
-                 gateway_id: str) -> None:
+    def __init__(
+        self, lifecycle: CallLifecycle, settings: GatewaySettings, ports: PortAllocator, *, gateway_id: str
+    ) -> None:
         self.lifecycle = lifecycle
         self.settings = settings
         self.ports = ports
@@ -114,10 +120,16 @@ class SipIngress:
         return host
 
     async def on_invite(self, incoming: IncomingCall) -> None:
-        call = Call("sip", from_uri=str(incoming.from_uri), to_uri=str(incoming.to_uri),
-                    sip_call_id=incoming.call_id, source=f"{incoming.source[0]}:{incoming.source[1]}",
-                    sip_transport=incoming.transport, identity=CallerIdentity.from_request(incoming.request),
-                    gateway_id=self.gateway_id)
+        call = Call(
+            "sip",
+            from_uri=str(incoming.from_uri),
+            to_uri=str(incoming.to_uri),
+            sip_call_id=incoming.call_id,
+            source=f"{incoming.source[0]}:{incoming.source[1]}",
+            sip_transport=incoming.transport,
+            identity=CallerIdentity.from_request(incoming.request),
+            gateway_id=self.gateway_id,
+        )
         call.trunk = Trunk(source=incoming.source[0], digest_user=incoming.digest_user)
         await self.lifecycle.run(call, SipLeg(self, incoming))
 
@@ -194,9 +206,15 @@ class SipDialogLeg:
             self.rtp.update_remote(negotiated.remote_address, negotiated.remote_port, negotiated.remote_rtcp_port)
         self.rtp.trust_ip(self.peer_ip)
         settings = self.settings
-        self.media = CallMedia(self.rtp, negotiated, to_model=call.pipeline.to_model, taps=call.pipeline.taps,
-                               jitter_min_ms=settings.jitter_min_ms, jitter_max_ms=settings.jitter_max_ms,
-                               resampler=settings.resampler)
+        self.media = CallMedia(
+            self.rtp,
+            negotiated,
+            to_model=call.pipeline.to_model,
+            taps=call.pipeline.taps,
+            jitter_min_ms=settings.jitter_min_ms,
+            jitter_max_ms=settings.jitter_max_ms,
+            resampler=settings.resampler,
+        )
         call.pipeline.attach_edge(self.media)
         self.media.start()
 
@@ -252,8 +270,13 @@ class SipLeg(SipDialogLeg):
         incoming = self.incoming
         if self.srtp is None:
             metrics.REJECTED_CALLS.labels("srtp").inc()
-            raise Refused(Refusal(488, f"SRTP is required and its keys travel only over TLS, not {incoming.transport}",
-                                  "rejected-srtp"))
+            raise Refused(
+                Refusal(
+                    488,
+                    f"SRTP is required and its keys travel only over TLS, not {incoming.transport}",
+                    "rejected-srtp",
+                )
+            )
         local_ip = self.settings.public_host or local_address_toward(incoming.source[0])
         try:
             self.rtp = await RtpSession.open(self.ingress.ports, host=self.ingress.rtp_bind_host(local_ip))
@@ -296,8 +319,9 @@ class SipLeg(SipDialogLeg):
             self._ringing = asyncio.create_task(self.incoming.ringing(), name=f"ringing-{call.id}")
             return
         self._start_media(call, self.negotiated)
-        self._announcement = PromptPlayer(prompt, call.pipeline.play,
-                                          keep_going=lambda: not (call.answered or call.pipeline.model_frames))
+        self._announcement = PromptPlayer(
+            prompt, call.pipeline.play, keep_going=lambda: not (call.answered or call.pipeline.model_frames)
+        )
         self._ringing = asyncio.create_task(self._early_media(), name=f"early-media-{call.id}")
 
     async def _early_media(self) -> None:
@@ -325,8 +349,9 @@ class SipLeg(SipDialogLeg):
         if self.negotiated is not None and self.media is None:
             self._start_media(call, self.negotiated)
         with _peer_errors():
-            dialog = await self.incoming.accept(self.local_sdp, headers={CALL_ID_HEADER: call.id},
-                                                check_media=self._media_problem)
+            dialog = await self.incoming.accept(
+                self.local_sdp, headers={CALL_ID_HEADER: call.id}, check_media=self._media_problem
+            )
         self._attach_dialog(dialog)
         return True
 

@@ -62,8 +62,9 @@ def sip_target(call: Call, target: str) -> SipUri:
 class SipDialer:
     """Places bridged transfers' calls through the gateway's user agent."""
 
-    def __init__(self, ua: UserAgent, ports: PortAllocator, settings: GatewaySettings,
-                 rtp_bind_host: tp.Callable[[str], str]) -> None:
+    def __init__(
+        self, ua: UserAgent, ports: PortAllocator, settings: GatewaySettings, rtp_bind_host: tp.Callable[[str], str]
+    ) -> None:
         self.ua = ua
         self.ports = ports
         self.settings = settings
@@ -115,8 +116,9 @@ class SipHumanLeg:
         elif self.call.record.from_uri.startswith(("sip:", "sips:")):
             from_uri = self.call.record.from_uri
         try:
-            dialog = await dialer.ua.invite(uri, str(offer), timeout=ring_seconds, from_uri=from_uri,
-                                            headers={CALL_ID_HEADER: self.call.id})
+            dialog = await dialer.ua.invite(
+                uri, str(offer), timeout=ring_seconds, from_uri=from_uri, headers={CALL_ID_HEADER: self.call.id}
+            )
         except CallFailed as exc:
             if exc.status == 408 and "no answer" in (exc.reason or ""):
                 raise DialFailed(408, f"no answer within {ring_seconds:g} s") from None
@@ -125,9 +127,15 @@ class SipHumanLeg:
             raise DialFailed(400, f"cannot call {uri}: {exc}") from None
         self.dialog = dialog
         media = dialog.media
-        problem = None if media is None else (
-            "the answer has no address to send audio to" if media.remote_address is None
-            else self.rtp.remote_problem(media.remote_address))
+        problem = (
+            None
+            if media is None
+            else (
+                "the answer has no address to send audio to"
+                if media.remote_address is None
+                else self.rtp.remote_problem(media.remote_address)
+            )
+        )
         if media is None or problem is not None:
             with contextlib.suppress(Exception):
                 await dialog.bye()
@@ -153,9 +161,15 @@ class SipHumanLeg:
         settings = self.dialer.settings
         self.rtp.update_remote(media.remote_address, media.remote_port, media.remote_rtcp_port)
         self.rtp.trust_ip(address)
-        self.media = CallMedia(self.rtp, media, to_model=self._on_audio, taps=MediaTaps(),
-                               jitter_min_ms=settings.jitter_min_ms, jitter_max_ms=settings.jitter_max_ms,
-                               resampler=settings.resampler)
+        self.media = CallMedia(
+            self.rtp,
+            media,
+            to_model=self._on_audio,
+            taps=MediaTaps(),
+            jitter_min_ms=settings.jitter_min_ms,
+            jitter_max_ms=settings.jitter_max_ms,
+            resampler=settings.resampler,
+        )
         self.media.start()
 
     def _on_audio(self, frame: bytes) -> None:
@@ -197,8 +211,12 @@ class SipHumanLeg:
         """Relay packet by packet between this leg and the caller's ``edge`` (both RTP, same
         audio rate and packet time); False leaves the audio to the 80 ms frames."""
         media = self.media
-        if (media is None or not isinstance(edge, CallMedia) or edge.spec.sample_rate != media.spec.sample_rate
-                or edge.ptime_ms != media.ptime_ms):
+        if (
+            media is None
+            or not isinstance(edge, CallMedia)
+            or edge.spec.sample_rate != media.spec.sample_rate
+            or edge.ptime_ms != media.ptime_ms
+        ):
             return False
         edge.start_relay(media.relay)
         media.start_relay(edge.relay)

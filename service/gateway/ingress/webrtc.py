@@ -43,8 +43,13 @@ log = logging.getLogger(__name__)
 STATS_SECONDS = 1.0
 CLOSE_SECONDS = 5.0
 PENDING_MESSAGES = 200  # data channel messages kept until the channel opens
-OFFER_OUTCOMES = {"rejected-busy": "busy", "rejected-route-limit": "busy", "rejected-sdp": "bad-sdp",
-                  "rejected-no-route": "no-route", "error": "error"}  # else "unavailable"
+OFFER_OUTCOMES = {
+    "rejected-busy": "busy",
+    "rejected-route-limit": "busy",
+    "rejected-sdp": "bad-sdp",
+    "rejected-no-route": "no-route",
+    "error": "error",
+}  # else "unavailable"
 
 
 class OfferRejected(Exception):
@@ -72,8 +77,9 @@ def ice_servers(settings: GatewaySettings) -> list[RTCIceServer]:
         if parsed["scheme"] == "stun":
             servers.append(RTCIceServer(urls=url))
         else:
-            servers.append(RTCIceServer(urls=url, username=settings.webrtc_turn_username,
-                                        credential=settings.webrtc_turn_password))
+            servers.append(
+                RTCIceServer(urls=url, username=settings.webrtc_turn_username, credential=settings.webrtc_turn_password)
+            )
     return servers
 
 
@@ -85,8 +91,9 @@ def opus_codecs() -> list[tp.Any]:
 class WebRtcIngress:
     """The gateway's WebRTC sessions: offers in, answers out, hang-ups by session id."""
 
-    def __init__(self, lifecycle: CallLifecycle, transcripts: TranscriptFeed, settings: GatewaySettings, *,
-                 gateway_id: str) -> None:
+    def __init__(
+        self, lifecycle: CallLifecycle, transcripts: TranscriptFeed, settings: GatewaySettings, *, gateway_id: str
+    ) -> None:
         self.lifecycle = lifecycle
         self.transcripts = transcripts
         self.settings = settings
@@ -111,8 +118,14 @@ class WebRtcIngress:
             metrics.REJECTED_CALLS.labels(refusal.outcome.removeprefix("rejected-")).inc()
             self.lifecycle.refused_before_call("webrtc", refusal, gateway_id=self.gateway_id)
             raise OfferRejected(refusal.status, f"not taking calls ({refusal.detail})", retry_after=refusal.retry_after)
-        call = Call("webrtc", from_uri=f"webrtc:{source}", source=source, codec="opus/48000",
-                    media_encryption="DTLS-SRTP", gateway_id=self.gateway_id)  # WebRTC media: always DTLS-SRTP
+        call = Call(
+            "webrtc",
+            from_uri=f"webrtc:{source}",
+            source=source,
+            codec="opus/48000",
+            media_encryption="DTLS-SRTP",
+            gateway_id=self.gateway_id,
+        )  # WebRTC media: always DTLS-SRTP
         leg = WebRtcLeg(self, call, sdp, summary)
         leg.owner = owner
         self.sessions[leg.id] = leg
@@ -144,9 +157,13 @@ class WebRtcLeg:
         self.offer = offer
         self.id = call.id
         self.owner = ""  # who placed the call: a fingerprint of the API token
-        self.media = WebRtcMedia(to_model=call.pipeline.to_model, taps=call.pipeline.taps,
-                                 jitter_min_ms=self.settings.jitter_min_ms, jitter_max_ms=self.settings.jitter_max_ms,
-                                 receives=offer.direction in ("sendrecv", "sendonly"))
+        self.media = WebRtcMedia(
+            to_model=call.pipeline.to_model,
+            taps=call.pipeline.taps,
+            jitter_min_ms=self.settings.jitter_min_ms,
+            jitter_max_ms=self.settings.jitter_max_ms,
+            receives=offer.direction in ("sendrecv", "sendonly"),
+        )
         call.pipeline.attach_edge(self.media)
         self.answer_sdp: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.answer_sdp.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, even if unawaited
@@ -167,8 +184,9 @@ class WebRtcLeg:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=self.offer_sdp, type="offer"))
         except Exception as exc:  # aiortc's parser raises anything from AssertionError to KeyError
             detail = str(exc) or type(exc).__name__
-            raise Refused(Refusal(400, f"the WebRTC stack cannot use this offer: {detail}"[:300],
-                                  "rejected-sdp")) from None
+            raise Refused(
+                Refusal(400, f"the WebRTC stack cannot use this offer: {detail}"[:300], "rejected-sdp")
+            ) from None
         tap_receiver(transceiver.receiver, self.media.on_rtp, asyncio.get_running_loop().time)
 
     async def queued(self, call: Call, prompt: Prompt | None) -> None:
@@ -198,28 +216,39 @@ class WebRtcLeg:
         connected = asyncio.ensure_future(self.connected.wait())
         ended = asyncio.ensure_future(call.ended.wait())
         try:
-            await asyncio.wait({connected, ended}, timeout=self.settings.webrtc_connect_seconds,
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {connected, ended}, timeout=self.settings.webrtc_connect_seconds, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             connected.cancel()
             ended.cancel()
         if call.ended.is_set():
             return False
         if not self.connected.is_set():
-            log.info("webrtc call %s: the peer did not connect within %.0fs", call.id,
-                     self.settings.webrtc_connect_seconds)
+            log.info(
+                "webrtc call %s: the peer did not connect within %.0fs", call.id, self.settings.webrtc_connect_seconds
+            )
             call.end("connect-timeout")
             return False
         metrics.WEBRTC_CONNECT.observe(loop.time() - answered_at)
         self.media.start()
         record = call.record
-        self._send({"type": "call", "call_id": call.id, "model": record.model, "license": record.license,
-                    "worker_id": record.worker_id})
+        self._send(
+            {
+                "type": "call",
+                "call_id": call.id,
+                "model": record.model,
+                "license": record.license,
+                "worker_id": record.worker_id,
+            }
+        )
         return True
 
     async def watch(self, call: Call) -> None:
-        tasks = [asyncio.create_task(self._poll_stats(), name=f"stats-{call.id}"),
-                 asyncio.create_task(self._forward_transcript(call), name=f"transcript-{call.id}")]
+        tasks = [
+            asyncio.create_task(self._poll_stats(), name=f"stats-{call.id}"),
+            asyncio.create_task(self._forward_transcript(call), name=f"transcript-{call.id}"),
+        ]
         try:
             await asyncio.gather(*tasks)
         finally:

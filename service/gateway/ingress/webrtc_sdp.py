@@ -34,7 +34,7 @@ class MediaSection:
 
     def values(self, name: str) -> list[str]:
         prefix = name + ":"
-        return [a[len(prefix):] for a in self.attributes if a.startswith(prefix)]
+        return [a[len(prefix) :] for a in self.attributes if a.startswith(prefix)]
 
     def has(self, name: str) -> bool:
         return any(a == name or a.startswith(name + ":") for a in self.attributes)

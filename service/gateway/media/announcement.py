@@ -30,13 +30,16 @@ def load_announcement(path: str | Path) -> list[bytes]:
             raw = wav.readframes(wav.getnframes())
     except (OSError, EOFError, wave.Error) as exc:
         raise ValueError(f"not a readable WAV file ({exc})") from None
-    kinds: dict[int, tuple[tp.Any, float, float]] = {1: (np.uint8, 128.0, 128.0), 2: ("<i2", 0.0, 32768.0),
-                                                      4: ("<i4", 0.0, 2.0**31)}
+    kinds: dict[int, tuple[tp.Any, float, float]] = {
+        1: (np.uint8, 128.0, 128.0),
+        2: ("<i2", 0.0, 32768.0),
+        4: ("<i4", 0.0, 2.0**31),
+    }
     if width not in kinds:
         raise ValueError(f"{8 * width}-bit samples (use 8, 16 or 32-bit PCM)")
     dtype, offset, scale = kinds[width]
     samples = (np.frombuffer(raw, dtype=dtype).astype(np.float32) - offset) / scale
-    samples = samples[:len(samples) - len(samples) % channels].reshape(-1, channels).mean(axis=1)
+    samples = samples[: len(samples) - len(samples) % channels].reshape(-1, channels).mean(axis=1)
     if not len(samples):
         raise ValueError("it holds no audio")
     if rate != SAMPLE_RATE:
@@ -45,4 +48,4 @@ def load_announcement(path: str | Path) -> list[bytes]:
         samples = soxr.resample(samples, rate, SAMPLE_RATE, quality="HQ")
     pcm = np.clip(np.rint(samples * 32767), -32768, 32767).astype("<i2")
     pcm = np.concatenate([pcm, np.zeros(-len(pcm) % FRAME_SAMPLES, dtype="<i2")])
-    return [pcm[i:i + FRAME_SAMPLES].tobytes() for i in range(0, len(pcm), FRAME_SAMPLES)]
+    return [pcm[i : i + FRAME_SAMPLES].tobytes() for i in range(0, len(pcm), FRAME_SAMPLES)]

@@ -77,7 +77,7 @@ class MediaBridge:
         """
         pcm = self.model_audio_pcm(frame)
         size = self.packet_samples
-        return [pcm[i:i + size] for i in range(0, len(pcm), size)]
+        return [pcm[i : i + size] for i in range(0, len(pcm), size)]
 
     def model_audio_pcm(self, frame: bytes) -> np.ndarray:
         """Like :meth:`model_audio`, as one array of the packets' samples back to back (a

@@ -52,13 +52,17 @@ class LatencyMeter:
     @property
     def samples(self) -> np.ndarray:
         """The recent frames' added latency in seconds (in no particular order)."""
-        return self._ring[:self._count]
+        return self._ring[: self._count]
 
     def summary(self, jitter_delay: float, held_back_ms: float, cushion: float) -> GatewayLatency | None:
         """p50 and p99 over the recent frames, with the parts as they are now (None before a frame)."""
         if not self._count:
             return None
         p50, p99 = percentiles(self.samples, (50, 99))
-        return GatewayLatency(p50=round(p50 * 1000, 2), p99=round(p99 * 1000, 2),
-                              jitter_buffer=round(jitter_delay * 1000, 2), resampling=round(held_back_ms, 2),
-                              egress_cushion=round(cushion * 1000, 2))
+        return GatewayLatency(
+            p50=round(p50 * 1000, 2),
+            p99=round(p99 * 1000, 2),
+            jitter_buffer=round(jitter_delay * 1000, 2),
+            resampling=round(held_back_ms, 2),
+            egress_cushion=round(cushion * 1000, 2),
+        )

@@ -142,8 +142,9 @@ class MediaClock:
 
     def _failed(self, callback: Callback, exc: Exception) -> None:
         # one call's failure must not stop every other call's media
-        self._loop.call_exception_handler({"message": "media clock callback failed", "exception": exc,
-                                           "callback": callback})
+        self._loop.call_exception_handler(
+            {"message": "media clock callback failed", "exception": exc, "callback": callback}
+        )
 
 
 _clocks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, MediaClock] = weakref.WeakKeyDictionary()

@@ -48,9 +48,9 @@ def _frames(samples: np.ndarray) -> tuple[bytes, ...]:
     """Float samples in [-1, 1] at 24 kHz → PCM16 frames (the last one padded with silence)."""
     count = max(1, -(-len(samples) // FRAME_SAMPLES))
     padded = np.zeros(count * FRAME_SAMPLES, dtype=np.float64)
-    padded[:len(samples)] = samples
+    padded[: len(samples)] = samples
     pcm = (np.clip(padded, -1.0, 1.0) * 32767).astype("<i2").tobytes()
-    return tuple(pcm[i:i + FRAME_BYTES] for i in range(0, len(pcm), FRAME_BYTES))
+    return tuple(pcm[i : i + FRAME_BYTES] for i in range(0, len(pcm), FRAME_BYTES))
 
 
 def _cadence(seconds_on: float, seconds_off: float, signal: tp.Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
@@ -62,11 +62,13 @@ def _cadence(seconds_on: float, seconds_off: float, signal: tp.Callable[[np.ndar
 
 TONE_SHAPES: dict[str, tp.Callable[[], np.ndarray]] = {
     # Japan (NTT): 400 Hz amplitude-modulated at 16 Hz, 1 s on, 2 s off
-    "ringback": lambda: _cadence(1.0, 2.0, lambda t: TONE_LEVEL * np.sin(2 * np.pi * 400 * t)
-                                 * (0.6 + 0.4 * np.sin(2 * np.pi * 16 * t))),
+    "ringback": lambda: _cadence(
+        1.0, 2.0, lambda t: TONE_LEVEL * np.sin(2 * np.pi * 400 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 16 * t))
+    ),
     # North America: 440 + 480 Hz, 2 s on, 4 s off
-    "ringback-us": lambda: _cadence(2.0, 4.0, lambda t: TONE_LEVEL / 2 * (np.sin(2 * np.pi * 440 * t)
-                                                                            + np.sin(2 * np.pi * 480 * t))),
+    "ringback-us": lambda: _cadence(
+        2.0, 4.0, lambda t: TONE_LEVEL / 2 * (np.sin(2 * np.pi * 440 * t) + np.sin(2 * np.pi * 480 * t))
+    ),
 }
 
 
@@ -121,8 +123,9 @@ class PromptPlayer:
     player is stopped; ``keep_going()`` is asked before each frame (False stops it).
     """
 
-    def __init__(self, prompt: Prompt, sink: tp.Callable[[bytes], None],
-                 keep_going: tp.Callable[[], bool] = lambda: True) -> None:
+    def __init__(
+        self, prompt: Prompt, sink: tp.Callable[[bytes], None], keep_going: tp.Callable[[], bool] = lambda: True
+    ) -> None:
         self.prompt = prompt
         self.sink = sink
         self.keep_going = keep_going

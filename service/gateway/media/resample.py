@@ -31,8 +31,9 @@ class StreamResampler(tp.Protocol):
     def process(self, samples: np.ndarray) -> np.ndarray: ...
 
 
-def lowpass_taps(num_taps: int = 73, cutoff_hz: float = 4000.0, rate: int = MODEL_RATE,
-                 beta: float = 5.65) -> np.ndarray:
+def lowpass_taps(
+    num_taps: int = 73, cutoff_hz: float = 4000.0, rate: int = MODEL_RATE, beta: float = 5.65
+) -> np.ndarray:
     """Kaiser-windowed sinc low-pass, unity DC gain (beta 5.65 ≈ 60 dB stopband)."""
     n = np.arange(num_taps) - (num_taps - 1) / 2
     taps: np.ndarray = np.sinc(2 * cutoff_hz / rate * n) * np.kaiser(num_taps, beta)
@@ -76,7 +77,7 @@ class _StreamingFir:
     def _keep_tail(self) -> None:
         """After the chunk was filtered: its last samples become the history."""
         buffer = self._buffer
-        buffer[:self._kept] = buffer[len(buffer) - self._kept:]
+        buffer[: self._kept] = buffer[len(buffer) - self._kept :]
 
     def _resized(self) -> None:
         """The buffer changed; views of it must be rebuilt."""
@@ -137,7 +138,7 @@ class FirDownsampler(_StreamingFir):
         joined = self._join(samples)
         windows = self._windows.get(self._phase)
         if windows is None:  # views of the reused buffer, one per phase
-            usable = joined[self._phase:] if self._phase else joined
+            usable = joined[self._phase :] if self._phase else joined
             windows = self._windows[self._phase] = sliding_windows(usable, len(self._taps), self._ratio, copy=False)
         # on the strided view: a contiguous copy of the windows would be 73 times the
         # input (190 kB a frame, a fresh mapping every time) for the same result
@@ -195,7 +196,7 @@ class Decimate:
         self.held_back_ms = 0.0
 
     def process(self, samples: np.ndarray) -> np.ndarray:
-        out = samples[self._phase::self._ratio]
+        out = samples[self._phase :: self._ratio]
         self._phase = (self._phase - len(samples)) % self._ratio
         return out
 
@@ -211,7 +212,7 @@ class ZeroStuff:
 
     def process(self, samples: np.ndarray) -> np.ndarray:
         out = np.zeros(len(samples) * self._ratio, dtype=np.float32)
-        out[::self._ratio] = samples
+        out[:: self._ratio] = samples
         out *= self._ratio
         return out
 
@@ -261,8 +262,10 @@ def _fir_pair(rate: int) -> tuple[StreamResampler, StreamResampler]:
         return FirUpsampler(), FirDownsampler()
     if rate == WIDEBAND_RATE:
         taps = wideband_16k_taps()
-        return (Cascade(FirUpsampler(taps, ratio=3, rate=INTERMEDIATE_RATE), Decimate(2)),
-                Cascade(ZeroStuff(2), FirDownsampler(taps, ratio=3, rate=INTERMEDIATE_RATE)))
+        return (
+            Cascade(FirUpsampler(taps, ratio=3, rate=INTERMEDIATE_RATE), Decimate(2)),
+            Cascade(ZeroStuff(2), FirDownsampler(taps, ratio=3, rate=INTERMEDIATE_RATE)),
+        )
     if rate == WEBRTC_RATE:
         return Decimator48to24(), Interpolator24to48()
     raise ValueError(f"no resampler between {rate} Hz and the model's {MODEL_RATE} Hz")

@@ -53,8 +53,9 @@ def band_limited_click(rate: int, at: int, length: int, cutoff_hz: float = 3000.
     """A Hann-windowed sinc pulse centred on sample ``at``: an impulse that survives 24 → 8 kHz."""
     n = np.arange(length) - at
     width = int(rate * 0.004)
-    pulse: np.ndarray = np.sinc(2 * cutoff_hz / rate * n) * np.where(np.abs(n) <= width, np.hanning(2 * width + 1)[
-        np.clip(n + width, 0, 2 * width)], 0.0)
+    pulse: np.ndarray = np.sinc(2 * cutoff_hz / rate * n) * np.where(
+        np.abs(n) <= width, np.hanning(2 * width + 1)[np.clip(n + width, 0, 2 * width)], 0.0
+    )
     return (0.5 * pulse).astype(np.float32)
 
 
@@ -62,15 +63,16 @@ def _peak_seconds(signal: np.ndarray, rate: int) -> float:
     """Time of the largest sample, refined by a parabola through its neighbours."""
     k = int(np.argmax(np.abs(signal)))
     if 0 < k < len(signal) - 1:
-        a, b, c = np.abs(signal[k - 1:k + 2]).astype(np.float64)
+        a, b, c = np.abs(signal[k - 1 : k + 2]).astype(np.float64)
         denominator = a - 2 * b + c
         if denominator != 0:
             return float((k + 0.5 * (a - c) / denominator) / rate)
     return k / rate
 
 
-def measure_delay(resampler: StreamResampler, in_rate: int, out_rate: int, *, chunk_ms: float = 20.0,
-                  seconds: float = 4.0) -> ResamplerDelay:
+def measure_delay(
+    resampler: StreamResampler, in_rate: int, out_rate: int, *, chunk_ms: float = 20.0, seconds: float = 4.0
+) -> ResamplerDelay:
     """Stream ``seconds`` of a click train through ``resampler`` in ``chunk_ms`` chunks."""
     chunk = round(in_rate * chunk_ms / 1000)
     chunks = max(20, round(seconds * 1000 / chunk_ms))
@@ -81,7 +83,7 @@ def measure_delay(resampler: StreamResampler, in_rate: int, out_rate: int, *, ch
     lags: list[float] = []
     consumed = emitted = 0
     for i in range(chunks):
-        produced = resampler.process(signal[i * chunk:(i + 1) * chunk])
+        produced = resampler.process(signal[i * chunk : (i + 1) * chunk])
         out.append(np.asarray(produced, dtype=np.float32))
         consumed += chunk
         emitted += len(produced)
@@ -89,13 +91,22 @@ def measure_delay(resampler: StreamResampler, in_rate: int, out_rate: int, *, ch
             lags.append(consumed / in_rate - emitted / out_rate)
     shift = _peak_seconds(np.concatenate(out), out_rate) - _peak_seconds(signal, in_rate)
     lag = np.asarray(lags) * 1000
-    return ResamplerDelay(getattr(resampler, "name", type(resampler).__name__), in_rate, out_rate,
-                          float(chunk_ms), float(shift * 1000), float(lag.min()), float(lag.mean()),
-                          float(lag.max()))
+    return ResamplerDelay(
+        getattr(resampler, "name", type(resampler).__name__),
+        in_rate,
+        out_rate,
+        float(chunk_ms),
+        float(shift * 1000),
+        float(lag.min()),
+        float(lag.mean()),
+        float(lag.max()),
+    )
 
 
 def measure_pair(kind: str, chunk_ms: float = 20.0) -> tuple[ResamplerDelay, ResamplerDelay]:
     """(8 → 24 kHz, 24 → 8 kHz) delays of the named resampler (fresh instances)."""
     up, down = make_pair(kind)
-    return (measure_delay(up, TELEPHONE_RATE, MODEL_RATE, chunk_ms=chunk_ms),
-            measure_delay(down, MODEL_RATE, TELEPHONE_RATE, chunk_ms=chunk_ms))
+    return (
+        measure_delay(up, TELEPHONE_RATE, MODEL_RATE, chunk_ms=chunk_ms),
+        measure_delay(down, MODEL_RATE, TELEPHONE_RATE, chunk_ms=chunk_ms),
+    )

@@ -85,14 +85,22 @@ class CallMedia:
         self._g711 = not spec.stateful and spec.sample_rate == 8000
         self._silence = g711.silence(self.codec, self.packet_samples) if self._g711 else None
         self._silence_pcm = np.zeros(self.packet_samples, dtype=np.int16)
-        self.jitter = JitterBuffer(clock_rate=spec.clock_rate, ptime_ms=self.ptime_ms, min_delay_ms=jitter_min_ms,
-                                   max_delay_ms=jitter_max_ms, is_silent=codecs.quiet_detector(spec))
+        self.jitter = JitterBuffer(
+            clock_rate=spec.clock_rate,
+            ptime_ms=self.ptime_ms,
+            min_delay_ms=jitter_min_ms,
+            max_delay_ms=jitter_max_ms,
+            is_silent=codecs.quiet_detector(spec),
+        )
         self.plc = PacketLossConcealer(spec.sample_rate)
         self.bridge = MediaBridge(resampler, packet_samples=self.packet_samples, rate=spec.sample_rate)
         # G.711 payloads are encoded a frame at a time, other codecs' packets as sent (PCM queued)
-        self.pacer: EgressPacer[bytes | np.ndarray] = EgressPacer(self._send_packet, packet_ms=self.ptime_ms,
-                                 on_lateness=metrics.PACER_LATENESS.observe,
-                                 on_frame_sent=self._on_frame_sent)
+        self.pacer: EgressPacer[bytes | np.ndarray] = EgressPacer(
+            self._send_packet,
+            packet_ms=self.ptime_ms,
+            on_lateness=metrics.PACER_LATENESS.observe,
+            on_frame_sent=self._on_frame_sent,
+        )
         self.dtmf = DtmfReceiver(negotiated.dtmf_clock_rate, on_digit=self.taps.dtmf.emit)
         rtp.set_format(negotiated.payload_type, negotiated.clock_rate, self.ptime_ms)
         rtp.set_srtp(negotiated.srtp)
@@ -160,11 +168,9 @@ class CallMedia:
         self.sending = negotiated.sends
         if negotiated.srtp != previous.srtp:
             self.rtp.set_srtp(negotiated.srtp)  # a rekey (sip.sdp.reanswer keeps SRTP calls SRTP)
-        moved = (negotiated.remote_address, negotiated.remote_port) != (previous.remote_address,
-                                                                       previous.remote_port)
+        moved = (negotiated.remote_address, negotiated.remote_port) != (previous.remote_address, previous.remote_port)
         if negotiated.remote_address is not None and moved:
-            self.rtp.update_remote(negotiated.remote_address, negotiated.remote_port,
-                                   negotiated.remote_rtcp_port)
+            self.rtp.update_remote(negotiated.remote_address, negotiated.remote_port, negotiated.remote_rtcp_port)
         self.last_rtp_at = self._loop.time() if self._loop is not None else time.monotonic()
 
     # -- inbound -----------------------------------------------------------------------
@@ -200,8 +206,12 @@ class CallMedia:
             popped.append(pop(at))
             self._after_slot(at)
         size = self.packet_samples
-        if (self._g711 and len(popped) > 1 and not self.plc.in_loss
-                and all(type(p) is bytes and len(p) == size for p in popped)):
+        if (
+            self._g711
+            and len(popped) > 1
+            and not self.plc.in_loss
+            and all(type(p) is bytes and len(p) == size for p in popped)
+        ):
             # the common case, every slot's packet is here: one decode for the whole frame
             # (the concealer only remembers what was played, which is the same either way)
             self._to_bridge(self.plc.good(self._decoder.decode(b"".join(tp.cast(list[bytes], popped)))))
@@ -325,9 +335,9 @@ class CallMedia:
         size = self.packet_samples
         if self._g711:  # encoded here, once per frame: the pacer's ticks only send
             encoded = self._encoder.encode(pcm)
-            self.pacer.push([encoded[i:i + size] for i in range(0, len(encoded), size)])
+            self.pacer.push([encoded[i : i + size] for i in range(0, len(encoded), size)])
         else:  # encoded as sent, in order (see the module docstring)
-            self.pacer.push([pcm[i:i + size] for i in range(0, len(pcm), size)])
+            self.pacer.push([pcm[i : i + size] for i in range(0, len(pcm), size)])
 
     def _send_packet(self, packet: bytes | np.ndarray | None, ticks: int) -> None:
         if packet is None and self._model_talking and self.frames_from_model:
@@ -374,21 +384,33 @@ class CallMedia:
         stats = self.rtp.stats()
         jb = self.jitter.stats()
         return CallQuality(
-            codec=self.codec, sample_rate_hz=self.spec.sample_rate, ptime_ms=self.ptime_ms,
-            jitter_ms=round(stats.jitter_ms, 2), loss_fraction=round(stats.fraction_lost, 4),
+            codec=self.codec,
+            sample_rate_hz=self.spec.sample_rate,
+            ptime_ms=self.ptime_ms,
+            jitter_ms=round(stats.jitter_ms, 2),
+            loss_fraction=round(stats.fraction_lost, 4),
             packets_lost=max(0, stats.packets_lost),
             rtt_ms=None if stats.rtt_ms is None else round(stats.rtt_ms, 2),
-            remote_loss_fraction=stats.remote_fraction_lost, remote_jitter_ms=stats.remote_jitter_ms,
-            packets_received=stats.packets_received, packets_sent=stats.packets_sent,
-            packets_stray=stats.packets_stray, packets_malformed=stats.packets_malformed,
-            decode_errors=self.decode_errors, packets_late=jb.packets_late,
+            remote_loss_fraction=stats.remote_fraction_lost,
+            remote_jitter_ms=stats.remote_jitter_ms,
+            packets_received=stats.packets_received,
+            packets_sent=stats.packets_sent,
+            packets_stray=stats.packets_stray,
+            packets_malformed=stats.packets_malformed,
+            decode_errors=self.decode_errors,
+            packets_late=jb.packets_late,
             srtp_suite=self.negotiated.srtp.suite if self.negotiated.srtp is not None else None,
-            packets_srtp_replayed=stats.packets_srtp_replayed, packets_srtp_auth_failed=stats.packets_srtp_auth_failed,
+            packets_srtp_replayed=stats.packets_srtp_replayed,
+            packets_srtp_auth_failed=stats.packets_srtp_auth_failed,
             concealed_frames=jb.frames_concealed,
-            jitter_buffer_ms=round(jb.delay_ms, 1), jitter_buffer_target_ms=round(jb.target_delay_ms, 1),
-            egress_cushion_ms=round(self.pacer.cushion * 1000, 1), egress_underruns=self.egress_underruns,
+            jitter_buffer_ms=round(jb.delay_ms, 1),
+            jitter_buffer_target_ms=round(jb.target_delay_ms, 1),
+            egress_cushion_ms=round(self.pacer.cushion * 1000, 1),
+            egress_underruns=self.egress_underruns,
             gateway_latency_ms=self.latency.summary(self.jitter.delay, self.bridge.held_back_ms, self.pacer.cushion),
             model_frames=self.frames_from_model,
-            model_packets=self.pacer.stats.model_packets, model_packets_late=self.pacer.stats.late_dropped,
+            model_packets=self.pacer.stats.model_packets,
+            model_packets_late=self.pacer.stats.late_dropped,
             pacer_max_lateness_ms=round(self.pacer.stats.max_lateness_s * 1000, 2),
-            resampler=self.bridge.resampler)
+            resampler=self.bridge.resampler,
+        )

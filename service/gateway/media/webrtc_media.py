@@ -108,8 +108,8 @@ class ModelFramer:
             return []
         joined = np.concatenate(self._pending)
         count = len(joined) // MODEL_FRAME_SAMPLES
-        frames = [joined[i * MODEL_FRAME_SAMPLES:(i + 1) * MODEL_FRAME_SAMPLES].tobytes() for i in range(count)]
-        rest = joined[count * MODEL_FRAME_SAMPLES:]
+        frames = [joined[i * MODEL_FRAME_SAMPLES : (i + 1) * MODEL_FRAME_SAMPLES].tobytes() for i in range(count)]
+        rest = joined[count * MODEL_FRAME_SAMPLES :]
         self._pending = [rest] if len(rest) else []
         self._pending_len = len(rest)
         return frames
@@ -121,16 +121,27 @@ is_silent_opus = is_quiet_packet
 class WebRtcMedia:
     """Runs a WebRTC call's audio both ways between aiortc and a model session."""
 
-    def __init__(self, *, to_model: tp.Callable[[bytes], None], taps: MediaTaps | None = None,
-                 jitter_min_ms: float = 20.0, jitter_max_ms: float = 200.0, receives: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        to_model: tp.Callable[[bytes], None],
+        taps: MediaTaps | None = None,
+        jitter_min_ms: float = 20.0,
+        jitter_max_ms: float = 200.0,
+        receives: bool = True,
+    ) -> None:
         self._to_model = to_model
         self.taps = taps or MediaTaps()
         self._caller_tap = self.taps.caller
         self.jitter_min_ms = jitter_min_ms
         self.jitter_max_ms = jitter_max_ms
         self.track = ModelAudioTrack()
-        self.pacer = EgressPacer(self._send_packet, packet_ms=PACKET_MS, on_lateness=metrics.PACER_LATENESS.observe,
-                                 on_frame_sent=self._on_frame_sent)
+        self.pacer = EgressPacer(
+            self._send_packet,
+            packet_ms=PACKET_MS,
+            on_lateness=metrics.PACER_LATENESS.observe,
+            on_frame_sent=self._on_frame_sent,
+        )
         self._decoder = OpusMonoDecoder()
         self._down = Decimator48to24()
         self._up = Interpolator24to48()
@@ -209,8 +220,16 @@ class WebRtcMedia:
         jitter = self.jitter
         if jitter is None or samples != jitter.frame_samples:
             jitter = self._new_jitter_buffer(samples)
-        jitter.put(RtpPacket(payload_type=packet.payload_type, sequence=packet.sequence_number,
-                             timestamp=packet.timestamp, ssrc=packet.ssrc, payload=payload), arrival)
+        jitter.put(
+            RtpPacket(
+                payload_type=packet.payload_type,
+                sequence=packet.sequence_number,
+                timestamp=packet.timestamp,
+                ssrc=packet.ssrc,
+                payload=payload,
+            ),
+            arrival,
+        )
 
     def _new_jitter_buffer(self, samples: int) -> JitterBuffer:
         if self.jitter is not None:
@@ -219,9 +238,13 @@ class WebRtcMedia:
             for key in ("packets_late", "packets_duplicate", "frames_concealed"):
                 self._retired[key] += getattr(stats, key)
         self.ptime_ms = samples * 1000 / OPUS_RATE
-        self.jitter = JitterBuffer(clock_rate=OPUS_RATE, ptime_ms=self.ptime_ms,
-                                   min_delay_ms=self.jitter_min_ms, max_delay_ms=self.jitter_max_ms,
-                                   is_silent=is_silent_opus)
+        self.jitter = JitterBuffer(
+            clock_rate=OPUS_RATE,
+            ptime_ms=self.ptime_ms,
+            min_delay_ms=self.jitter_min_ms,
+            max_delay_ms=self.jitter_max_ms,
+            is_silent=is_silent_opus,
+        )
         return self.jitter
 
     def _tick(self) -> None:
@@ -275,7 +298,7 @@ class WebRtcMedia:
     def _to_caller(self, frame: bytes) -> None:
         pcm48 = to_pcm16(self._up.process(np.frombuffer(frame, dtype="<i2").astype(np.float32)))
         count = len(pcm48) // PACKET_SAMPLES_48K
-        self.pacer.push([pcm48[i * PACKET_SAMPLES_48K:(i + 1) * PACKET_SAMPLES_48K] for i in range(count)])
+        self.pacer.push([pcm48[i * PACKET_SAMPLES_48K : (i + 1) * PACKET_SAMPLES_48K] for i in range(count)])
 
     def _on_frame_sent(self, waited: float) -> None:
         self.latency.frame_sent(self.jitter.delay if self.jitter is not None else 0.0, waited, self.held_back_ms)
@@ -316,19 +339,33 @@ class WebRtcMedia:
         jb = self._jitter_counts()
         jitter = self.jitter
         return CallQuality(
-            codec="opus/48000", sample_rate_hz=OPUS_RATE, ptime_ms=self.ptime_ms,
+            codec="opus/48000",
+            sample_rate_hz=OPUS_RATE,
+            ptime_ms=self.ptime_ms,
             jitter_ms=round(self.rtp_stats.jitter_seconds * 1000, 2),
-            loss_fraction=round(self.rtp_stats.fraction_lost, 4), packets_lost=max(0, self.rtp_stats.packets_lost),
+            loss_fraction=round(self.rtp_stats.fraction_lost, 4),
+            packets_lost=max(0, self.rtp_stats.packets_lost),
             rtt_ms=None if self.rtt_ms is None else round(self.rtt_ms, 2),
-            remote_loss_fraction=self.remote_loss_fraction, remote_jitter_ms=self.remote_jitter_ms,
-            packets_received=self.rtp_stats.packets_received, packets_sent=self.track.frames_sent, packets_stray=0,
-            packets_malformed=self.packets_malformed, decode_errors=self.decode_errors,
-            packets_late=jb.get("packets_late", 0), concealed_frames=jb.get("frames_concealed", 0),
+            remote_loss_fraction=self.remote_loss_fraction,
+            remote_jitter_ms=self.remote_jitter_ms,
+            packets_received=self.rtp_stats.packets_received,
+            packets_sent=self.track.frames_sent,
+            packets_stray=0,
+            packets_malformed=self.packets_malformed,
+            decode_errors=self.decode_errors,
+            packets_late=jb.get("packets_late", 0),
+            concealed_frames=jb.get("frames_concealed", 0),
             jitter_buffer_ms=round(jitter.delay * 1000, 1) if jitter is not None else 0.0,
             jitter_buffer_target_ms=round(jitter.stats().target_delay_ms, 1) if jitter is not None else 0.0,
-            egress_cushion_ms=round(self.pacer.cushion * 1000, 1), egress_underruns=self.egress_underruns,
-            egress_dropped=self.track.dropped, gateway_latency_ms=self.latency.summary(
-                jitter.delay if jitter is not None else 0.0, self.held_back_ms, self.pacer.cushion),
-            model_frames=self.frames_from_model, model_packets=self.pacer.stats.model_packets,
+            egress_cushion_ms=round(self.pacer.cushion * 1000, 1),
+            egress_underruns=self.egress_underruns,
+            egress_dropped=self.track.dropped,
+            gateway_latency_ms=self.latency.summary(
+                jitter.delay if jitter is not None else 0.0, self.held_back_ms, self.pacer.cushion
+            ),
+            model_frames=self.frames_from_model,
+            model_packets=self.pacer.stats.model_packets,
             model_packets_late=self.pacer.stats.late_dropped,
-            pacer_max_lateness_ms=round(self.pacer.stats.max_lateness_s * 1000, 2), resampler=self.resampler)
+            pacer_max_lateness_ms=round(self.pacer.stats.max_lateness_s * 1000, 2),
+            resampler=self.resampler,
+        )

@@ -71,7 +71,7 @@ class OggOpusEncoder:
         import av
 
         for first in range(0, len(frames), self._frame):
-            block = np.ascontiguousarray(frames[first:first + self._frame], dtype=np.int16).reshape(1, -1)
+            block = np.ascontiguousarray(frames[first : first + self._frame], dtype=np.int16).reshape(1, -1)
             frame = av.AudioFrame.from_ndarray(block, format="s16", layout="stereo")
             frame.sample_rate = self.rate
             frame.pts = self._pts

@@ -91,8 +91,10 @@ class LocalStorage:
         try:
             handle = path.open("rb")
         except FileNotFoundError:
-            raise NotStored("the recording is not on this gateway's disk (expired, or kept by another "
-                            "replica: use an S3 bucket or a shared volume with several gateways)") from None
+            raise NotStored(
+                "the recording is not on this gateway's disk (expired, or kept by another "
+                "replica: use an S3 bucket or a shared volume with several gateways)"
+            ) from None
         size = os.fstat(handle.fileno()).st_size
 
         def chunks() -> tp.Iterator[bytes]:
@@ -131,8 +133,15 @@ class LocalStorage:
 class S3Storage:
     """Recordings in an S3-compatible bucket (AWS S3, MinIO, Ceph, GCS's S3 API...)."""
 
-    def __init__(self, bucket: str, *, prefix: str = "", endpoint_url: str | None = None,
-                 region: str | None = None, spool: str | Path) -> None:
+    def __init__(
+        self,
+        bucket: str,
+        *,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        spool: str | Path,
+    ) -> None:
         import boto3
         from botocore.config import Config
 
@@ -140,9 +149,12 @@ class S3Storage:
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.spool = Path(spool).resolve() / PARTIAL_DIR
         self.spool.mkdir(parents=True, exist_ok=True)
-        self.client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region,
-                                   config=Config(retries={"max_attempts": 5, "mode": "standard"},
-                                                 connect_timeout=5, read_timeout=30))
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=endpoint_url,
+            region_name=region,
+            config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=30),
+        )
 
     def key(self, call_id: str, ext: str, when: float) -> str:
         return self.prefix + recording_key(call_id, ext, when)
@@ -157,8 +169,12 @@ class S3Storage:
     def _key(self, location: str) -> str:
         parsed = urllib.parse.urlparse(location)
         key = parsed.path.lstrip("/")
-        if parsed.scheme != "s3" or parsed.netloc != self.bucket or not key.startswith(self.prefix) \
-                or ".." in key.split("/"):
+        if (
+            parsed.scheme != "s3"
+            or parsed.netloc != self.bucket
+            or not key.startswith(self.prefix)
+            or ".." in key.split("/")
+        ):
             raise NotStored("the location is not in this gateway's recording bucket")
         return key
 
@@ -195,10 +211,11 @@ class S3Storage:
         removed = 0
         paginator = self.client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
-            old = [{"Key": item["Key"]} for item in page.get("Contents", [])
-                   if item["LastModified"].timestamp() < cutoff]
+            old = [
+                {"Key": item["Key"]} for item in page.get("Contents", []) if item["LastModified"].timestamp() < cutoff
+            ]
             for first in range(0, len(old), 1000):
-                batch = old[first:first + 1000]
+                batch = old[first : first + 1000]
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
                 removed += len(batch)
         for path in self.spool.iterdir():  # files a crash left behind

@@ -49,8 +49,11 @@ class _Channel:
 
     def take(self, count: int) -> np.ndarray:
         """The first ``count`` pending samples (there are at least that many)."""
-        joined = np.concatenate(self.chunks) if len(self.chunks) > 1 else (
-            self.chunks[0] if self.chunks else np.zeros(0, dtype=np.int16))
+        joined = (
+            np.concatenate(self.chunks)
+            if len(self.chunks) > 1
+            else (self.chunks[0] if self.chunks else np.zeros(0, dtype=np.int16))
+        )
         out, rest = joined[:count], joined[count:]
         self.chunks = [rest] if len(rest) else []
         self.length = len(rest)
@@ -90,7 +93,7 @@ class StereoTimeline:
             start = max(0, round(t * self.rate))
             ch.clock = t
             if start < ch.end:  # already filled (with silence): what is left of the chunk goes on
-                samples = samples[ch.end - start:]
+                samples = samples[ch.end - start :]
                 start = ch.end
             ch.silence(start - ch.end)
         elif ch.clock is not None and ch.clock - t > self.late_limit:
@@ -147,11 +150,13 @@ class StereoTimeline:
             stop = end if stop is None else stop
             lo, hi = max(start, begin), min(stop, end)
             if lo < hi:
-                frames[lo - begin:hi - begin] = 0
+                frames[lo - begin : hi - begin] = 0
         self.out = end
         return frames
 
     def pause_spans(self) -> list[tuple[float, float | None]]:
         """The pauses in seconds of call (an open one's end is None)."""
-        return [(start / self.rate, None if stop is None else stop / self.rate)  # type: ignore[operator]
-                for start, stop in self.pauses]
+        return [
+            (start / self.rate, None if stop is None else stop / self.rate)  # type: ignore[operator]
+            for start, stop in self.pauses
+        ]

@@ -67,8 +67,14 @@ class _Job:
 class RecordingWriter:
     """The writer thread and its queue (see the module docstring)."""
 
-    def __init__(self, storage: Storage, *, rate: int = RECORDING_RATE, max_queued_bytes: int = MAX_QUEUED_BYTES,
-                 on_dropped: tp.Callable[[float], None] | None = None) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        rate: int = RECORDING_RATE,
+        max_queued_bytes: int = MAX_QUEUED_BYTES,
+        on_dropped: tp.Callable[[float], None] | None = None,
+    ) -> None:
         self.storage = storage
         self.rate = rate
         self.max_queued_bytes = max_queued_bytes
@@ -92,8 +98,7 @@ class RecordingWriter:
     def open(self, call_id: str, fmt: str, when: float) -> RecordingHandle:
         """A new recording of ``call_id`` in ``fmt`` (wav, ogg); ``when`` dates its key."""
         key = self.storage.key(call_id, EXTENSIONS[fmt], when)
-        job = _Job(call_id, fmt, key, self.storage.spool / f"{call_id}.{EXTENSIONS[fmt]}",
-                   StereoTimeline(self.rate))
+        job = _Job(call_id, fmt, key, self.storage.spool / f"{call_id}.{EXTENSIONS[fmt]}", StereoTimeline(self.rate))
         self._put(("open", job))
         return RecordingHandle(self, job)
 
@@ -204,8 +209,14 @@ class RecordingWriter:
         if len(frames) and job.encoder is not None:
             job.encoder.write(frames)
 
-    def _store(self, job: _Job, duration: float, dropped: float, loop: asyncio.AbstractEventLoop,
-               future: asyncio.Future[RecordingResult]) -> None:
+    def _store(
+        self,
+        job: _Job,
+        duration: float,
+        dropped: float,
+        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future[RecordingResult],
+    ) -> None:
         try:
             stored = self.storage.put(job.path, job.key)
         except Exception as exc:
@@ -216,8 +227,9 @@ class RecordingWriter:
             self._deliver(loop, future, RecordingResult(None, error=f"not stored: {type(exc).__name__}"))
             return
         self.written += 1
-        self._deliver(loop, future, RecordingResult(stored.location, stored.bytes, round(duration, 3),
-                                                    round(dropped, 3)))
+        self._deliver(
+            loop, future, RecordingResult(stored.location, stored.bytes, round(duration, 3), round(dropped, 3))
+        )
 
     def _fail(self, job: _Job, why: str) -> None:
         self.failed += 1
@@ -233,8 +245,9 @@ class RecordingWriter:
             job.path.unlink()
 
     @staticmethod
-    def _deliver(loop: asyncio.AbstractEventLoop, future: asyncio.Future[RecordingResult],
-                 result: RecordingResult) -> None:
+    def _deliver(
+        loop: asyncio.AbstractEventLoop, future: asyncio.Future[RecordingResult], result: RecordingResult
+    ) -> None:
         def settle() -> None:
             if not future.done():
                 future.set_result(result)

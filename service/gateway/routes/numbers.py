@@ -36,9 +36,9 @@ class NumberPlan:
         if stripped.startswith("+"):
             return stripped
         if self.international_prefix and stripped.startswith(self.international_prefix):
-            return "+" + stripped[len(self.international_prefix):]
+            return "+" + stripped[len(self.international_prefix) :]
         if self.national_prefix and stripped.startswith(self.national_prefix):
-            return "+" + self.country_code + stripped[len(self.national_prefix):]
+            return "+" + self.country_code + stripped[len(self.national_prefix) :]
         return stripped
 
 

@@ -113,8 +113,11 @@ class Match:
     def number_fits(self, canonical: str) -> bool:
         if self.any_number:
             return True
-        return (canonical in self.numbers or any(canonical.startswith(p) for p in self.prefixes)
-                or any(p.fullmatch(canonical) for p in self.patterns))
+        return (
+            canonical in self.numbers
+            or any(canonical.startswith(p) for p in self.prefixes)
+            or any(p.fullmatch(canonical) for p in self.patterns)
+        )
 
     def trunk_fits(self, source: str | None, digest_user: str | None) -> bool:
         if self.sources is not None and (source is None or source not in self.sources):
@@ -185,12 +188,16 @@ class _Reader:
         if data is None:
             raise RoutesError(0, "the file is empty: it needs a 'routes' list")
         top = self.mapping(data, 0, "the file")
-        self.known(top, "the file", ("routes", "country_code", "national_prefix", "international_prefix",
-                                     "unmatched", "webrtc"))
+        self.known(
+            top,
+            "the file",
+            ("routes", "country_code", "national_prefix", "international_prefix", "unmatched", "webrtc"),
+        )
         plan = NumberPlan(
             country_code=self.digits(top, "country_code", "81"),
             national_prefix=self.digits(top, "national_prefix", "0", empty=True),
-            international_prefix=self.digits(top, "international_prefix", "010", empty=True))
+            international_prefix=self.digits(top, "international_prefix", "010", empty=True),
+        )
         if "routes" not in top:
             raise RoutesError(top.line, "the file needs a 'routes' list")
         entries = top["routes"]
@@ -214,13 +221,34 @@ class _Reader:
     def route(self, entry: tp.Any, line: int, plan: NumberPlan, index: int) -> Route:
         data = self.mapping(entry, line, f"routes[{index}]")
         where = f"route {data.get('name', index)!r}"
-        self.known(data, where, ("name", "match", "model", "fallback", "dtmf", "queue_seconds", "announcement",
-                                 "overflow", "max_call_seconds", "max_calls", "sampling", "recording",
-                                 "transcription", "dtmf_clear", "consent_announcement"))
+        self.known(
+            data,
+            where,
+            (
+                "name",
+                "match",
+                "model",
+                "fallback",
+                "dtmf",
+                "queue_seconds",
+                "announcement",
+                "overflow",
+                "max_call_seconds",
+                "max_calls",
+                "sampling",
+                "recording",
+                "transcription",
+                "dtmf_clear",
+                "consent_announcement",
+            ),
+        )
         name = data.get("name")
         if not isinstance(name, str) or not ROUTE_NAME.fullmatch(name):
-            raise RoutesError(data.line_of("name"), f"routes[{index}]: 'name' must be 1-64 letters, digits, "
-                              "'_', '.' or '-' (it is the route's label in metrics)")
+            raise RoutesError(
+                data.line_of("name"),
+                f"routes[{index}]: 'name' must be 1-64 letters, digits, "
+                "'_', '.' or '-' (it is the route's label in metrics)",
+            )
         fallback = self.target(data, "fallback", where)
         dtmf = self.dtmf(data, where, fallback)
         overflow = self.overflow(data, where, fallback)
@@ -228,17 +256,23 @@ class _Reader:
         if model is not None and (not isinstance(model, str) or not model.strip() or len(model) > 1000):
             raise RoutesError(data.line_of("model"), f"{where}: 'model' must be a model id (as workers serve it)")
         return Route(
-            name=name, match=self.match(data, where, plan), model=model, fallback=fallback, dtmf=dtmf,
+            name=name,
+            match=self.match(data, where, plan),
+            model=model,
+            fallback=fallback,
+            dtmf=dtmf,
             queue_seconds=self.number(data, "queue_seconds", where, 0.0, 600.0),
             announcement=self.announcement(data, "announcement", where) or Announcement("tone", "ringback"),
             overflow=overflow,
             max_call_seconds=self.number(data, "max_call_seconds", where, 1.0, 86400.0),
             max_calls=self.integer(data, "max_calls", where, 1, 1_000_000),
-            sampling=self.sampling(data, where), recording=self.recording(data, where),
+            sampling=self.sampling(data, where),
+            recording=self.recording(data, where),
             transcription=self.boolean(data, "transcription", where) if "transcription" in data else None,
             dtmf_clear=self.boolean(data, "dtmf_clear", where) if "dtmf_clear" in data else None,
             consent_announcement=self.announcement(data, "consent_announcement", where, ringing=False),
-            line=data.line)
+            line=data.line,
+        )
 
     def match(self, data: Mapping, where: str, plan: NumberPlan) -> Match:
         if "match" not in data:
@@ -250,8 +284,9 @@ class _Reader:
         patterns = []
         for text in self.strings(spec, "pattern", where):
             if len(text) > MAX_PATTERN_CHARS:
-                raise RoutesError(spec.line_of("pattern"), f"{where}: a pattern is at most {MAX_PATTERN_CHARS} "
-                                  "characters")
+                raise RoutesError(
+                    spec.line_of("pattern"), f"{where}: a pattern is at most {MAX_PATTERN_CHARS} characters"
+                )
             try:
                 patterns.append(re.compile(text))
             except re.error as exc:
@@ -264,10 +299,12 @@ class _Reader:
                 raise RoutesError(spec.line_of("source"), f"{where}: 'source': {exc}") from None
         users = frozenset(self.strings(spec, "digest_user", where))
         if users and not self.digest_users:
-            raise RoutesError(spec.line_of("digest_user"), f"{where}: 'digest_user' needs digest authentication "
-                              "of INVITEs (MOSHIMOSHI_SIP_AUTH or MOSHIMOSHI_SIP_AUTH_FILE)")
-        return Match(numbers=numbers, prefixes=prefixes, patterns=tuple(patterns), sources=sources,
-                     digest_users=users)
+            raise RoutesError(
+                spec.line_of("digest_user"),
+                f"{where}: 'digest_user' needs digest authentication "
+                "of INVITEs (MOSHIMOSHI_SIP_AUTH or MOSHIMOSHI_SIP_AUTH_FILE)",
+            )
+        return Match(numbers=numbers, prefixes=prefixes, patterns=tuple(patterns), sources=sources, digest_users=users)
 
     def dtmf(self, data: Mapping, where: str, fallback: str | None) -> dict[str, DtmfAction]:
         if "dtmf" not in data:
@@ -300,8 +337,11 @@ class _Reader:
         line = data.line_of("overflow")
         if isinstance(value, str):
             if value not in ("reject", "transfer"):
-                raise RoutesError(line, f"{where}: 'overflow' must be reject, transfer, or a mapping with "
-                                  "action: message and the message's file")
+                raise RoutesError(
+                    line,
+                    f"{where}: 'overflow' must be reject, transfer, or a mapping with "
+                    "action: message and the message's file",
+                )
             spec = Mapping({"action": value})
             spec.line, spec.key_lines = line, {}
         else:
@@ -309,8 +349,9 @@ class _Reader:
         self.known(spec, f"{where}: 'overflow'", ("action", "message", "target"))
         action = spec.get("action")
         if action not in OVERFLOW_ACTIONS:
-            raise RoutesError(spec.line_of("action"), f"{where}: overflow action must be one of "
-                              f"{', '.join(OVERFLOW_ACTIONS)}")
+            raise RoutesError(
+                spec.line_of("action"), f"{where}: overflow action must be one of {', '.join(OVERFLOW_ACTIONS)}"
+            )
         message = self.announcement(spec, "message", where, ringing=False)
         if action == "message" and message is None:
             raise RoutesError(spec.line, f"{where}: overflow 'message' needs the message to play (a WAV file)")
@@ -361,8 +402,11 @@ class _Reader:
             return None
         line = data.line_of(key)
         if not isinstance(value, str) or not value.strip():
-            raise RoutesError(line, f"{where}: '{key}' must be a WAV file's path or one of "
-                              f"{', '.join(((RINGING,) if ringing else ()) + TONES)}")
+            raise RoutesError(
+                line,
+                f"{where}: '{key}' must be a WAV file's path or one of "
+                f"{', '.join(((RINGING,) if ringing else ()) + TONES)}",
+            )
         if value == RINGING and ringing:
             return Announcement(RINGING, RINGING)
         if value in TONES:
@@ -400,8 +444,10 @@ class _Reader:
         out = []
         for item in items:
             if isinstance(item, bool) or not isinstance(item, (str, int)) or not str(item).strip():
-                raise RoutesError(data.line_of(key), f"{where}: '{key}' takes text or a list of texts "
-                                  "(quote numbers: \"+81312345678\")")
+                raise RoutesError(
+                    data.line_of(key),
+                    f"{where}: '{key}' takes text or a list of texts (quote numbers: \"+81312345678\")",
+                )
             out.append(str(item).strip())
         return out
 
@@ -418,8 +464,12 @@ class _Reader:
         value = data.get(key)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or not low <= value <= high:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or not low <= value <= high
+        ):
             raise RoutesError(data.line_of(key), f"{where}: '{key}' must be a number from {low:g} to {high:g}")
         return float(value)
 
@@ -481,8 +531,9 @@ def target_problem(value: tp.Any) -> str | None:
     return None
 
 
-def parse(data: tp.Any, *, base: Path, check_file: tp.Callable[[str], None] | None = None,
-          digest_users: bool = True) -> RouteSet:
+def parse(
+    data: tp.Any, *, base: Path, check_file: tp.Callable[[str], None] | None = None, digest_users: bool = True
+) -> RouteSet:
     """A routes document (as ``yamlfile.load`` returns it) checked into a :class:`RouteSet`;
     raises :class:`RoutesError`. ``check_file(path)`` vets each WAV file named (raising
     OSError or ValueError); ``digest_users`` says whether INVITEs are authenticated, which

@@ -56,14 +56,15 @@ def load_file(path: str, *, digest_users: bool) -> LoadedRoutes:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise RoutesError(raw[:exc.start].count(b"\n") + 1, "not UTF-8 text") from None
+        raise RoutesError(raw[: exc.start].count(b"\n") + 1, "not UTF-8 text") from None
     try:
         data = yamlfile.load(text)
     except yamlfile.YamlError as exc:
         raise RoutesError(exc.line, exc.message) from None
     routes = parse(data, base=Path(path).resolve().parent, check_file=check_wav, digest_users=digest_users)
-    routes = RouteSet(routes=routes.routes, plan=routes.plan, unmatched=routes.unmatched, webrtc=routes.webrtc,
-                      source=path)
+    routes = RouteSet(
+        routes=routes.routes, plan=routes.plan, unmatched=routes.unmatched, webrtc=routes.webrtc, source=path
+    )
     return LoadedRoutes(routes, make_prompts(routes), hashlib.sha256(raw).hexdigest())
 
 
@@ -201,7 +202,10 @@ class RouteTable:
 
     def _log_loaded(self, how: str) -> None:
         routes = self.routes
-        log.info("routes %s from %s: %s; unmatched numbers: %s", how, self.path,
-                 ", ".join(f"{r.name} (model {r.model or 'any'})" for r in routes.routes),
-                 f"route {routes.unmatched}" if routes.unmatched else "404")
-
+        log.info(
+            "routes %s from %s: %s; unmatched numbers: %s",
+            how,
+            self.path,
+            ", ".join(f"{r.name} (model {r.model or 'any'})" for r in routes.routes),
+            f"route {routes.unmatched}" if routes.unmatched else "404",
+        )

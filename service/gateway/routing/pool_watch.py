@@ -23,8 +23,16 @@ REFRESH_SECONDS = 1.0
 class PoolWatch:
     """``workers_ready`` and ``redis_ok`` as of the last check (see the module docstring)."""
 
-    def __init__(self, router: Router, pool: PoolClient | None, registry: RegistryReader | None, *,
-                 model: str | None, gateway_id: str, accepting: tp.Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        router: Router,
+        pool: PoolClient | None,
+        registry: RegistryReader | None,
+        *,
+        model: str | None,
+        gateway_id: str,
+        accepting: tp.Callable[[], bool],
+    ) -> None:
         self.router = router
         self.pool = pool
         self.registry = registry

@@ -87,9 +87,16 @@ ANY = SessionNeeds()
 
 
 class Router(tp.Protocol):
-    async def open(self, call_id: str, callbacks: LinkCallbacks, *, wait: float,
-                   on_queued: tp.Callable[[], tp.Awaitable[None]] | None = None,
-                   exclude: tp.Collection[str] = (), needs: SessionNeeds = ANY) -> WorkerSession: ...
+    async def open(
+        self,
+        call_id: str,
+        callbacks: LinkCallbacks,
+        *,
+        wait: float,
+        on_queued: tp.Callable[[], tp.Awaitable[None]] | None = None,
+        exclude: tp.Collection[str] = (),
+        needs: SessionNeeds = ANY,
+    ) -> WorkerSession: ...
 
     def ready(self) -> bool: ...
 
@@ -104,6 +111,7 @@ async def _to_the_end(work: tp.Awaitable[WorkerSession | None]) -> WorkerSession
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
+
         def release(done: asyncio.Future) -> None:
             if done.cancelled() or done.exception() is not None:
                 return
@@ -112,6 +120,7 @@ async def _to_the_end(work: tp.Awaitable[WorkerSession | None]) -> WorkerSession
                 closing = asyncio.ensure_future(session.close())
                 _orphans.add(closing)
                 closing.add_done_callback(_orphans.discard)
+
         task.add_done_callback(release)
         raise
 
@@ -122,8 +131,9 @@ async def _opened(link: WorkerLink, **session: tp.Any) -> WorkerSession:
 
 
 def _link(url: str, call_id: str, callbacks: LinkCallbacks, **kwargs: tp.Any) -> WorkerLink:
-    return WorkerLink(url, call_id, on_frame=callbacks.on_frame, on_text=callbacks.on_text,
-                      on_end=callbacks.on_end, **kwargs)
+    return WorkerLink(
+        url, call_id, on_frame=callbacks.on_frame, on_text=callbacks.on_text, on_end=callbacks.on_end, **kwargs
+    )
 
 
 def _closing(link: WorkerLink) -> tp.Callable[[Lease], object]:
@@ -143,16 +153,29 @@ class FixedRouter:
     def ready(self) -> bool:
         return self.worker_ok
 
-    async def open(self, call_id: str, callbacks: LinkCallbacks, *, wait: float,
-                   on_queued: tp.Callable[[], tp.Awaitable[None]] | None = None,
-                   exclude: tp.Collection[str] = (), needs: SessionNeeds = ANY) -> WorkerSession:
+    async def open(
+        self,
+        call_id: str,
+        callbacks: LinkCallbacks,
+        *,
+        wait: float,
+        on_queued: tp.Callable[[], tp.Awaitable[None]] | None = None,
+        exclude: tp.Collection[str] = (),
+        needs: SessionNeeds = ANY,
+    ) -> WorkerSession:
         if self.url in exclude:
             raise NoCapacity("the only worker failed")
         deadline = time.monotonic() + wait
         queued = False
         while True:
-            link = _link(self.url, call_id, callbacks, model=needs.model or self.model, secret=self.secret,
-                         sampling=needs.sampling)
+            link = _link(
+                self.url,
+                call_id,
+                callbacks,
+                model=needs.model or self.model,
+                secret=self.secret,
+                sampling=needs.sampling,
+            )
             try:
                 session = await _to_the_end(_opened(link, worker_id=self.url))
                 assert session is not None
@@ -181,9 +204,16 @@ class LoopbackRouter:
     def ready(self) -> bool:
         return True
 
-    async def open(self, call_id: str, callbacks: LinkCallbacks, *, wait: float,
-                   on_queued: tp.Callable[[], tp.Awaitable[None]] | None = None,
-                   exclude: tp.Collection[str] = (), needs: SessionNeeds = ANY) -> WorkerSession:
+    async def open(
+        self,
+        call_id: str,
+        callbacks: LinkCallbacks,
+        *,
+        wait: float,
+        on_queued: tp.Callable[[], tp.Awaitable[None]] | None = None,
+        exclude: tp.Collection[str] = (),
+        needs: SessionNeeds = ANY,
+    ) -> WorkerSession:
         link = LoopbackLink(call_id, callbacks.on_frame, self.delay_ms)
         return WorkerSession(link=link, worker_id="loopback")
 
@@ -204,8 +234,15 @@ class PoolRouter:
     Redis, then connects. Each model has its own queue: calls for a model whose workers
     are all busy never hold up calls for another."""
 
-    def __init__(self, leases: SlotLeases, *, model: str | None, gateway_id: str,
-                 lease_ttl_ms: int = 15_000, secret: str | None = None) -> None:
+    def __init__(
+        self,
+        leases: SlotLeases,
+        *,
+        model: str | None,
+        gateway_id: str,
+        lease_ttl_ms: int = 15_000,
+        secret: str | None = None,
+    ) -> None:
         self.leases = leases
         self.model = model  # the gateway's --model: what calls whose route names none ask for
         self.secret = secret  # the workers' shared secret
@@ -226,9 +263,16 @@ class PoolRouter:
     def queued(self) -> int:
         return sum(len(q.tickets) for q in self._queues.values())
 
-    async def open(self, call_id: str, callbacks: LinkCallbacks, *, wait: float,
-                   on_queued: tp.Callable[[], tp.Awaitable[None]] | None = None,
-                   exclude: tp.Collection[str] = (), needs: SessionNeeds = ANY) -> WorkerSession:
+    async def open(
+        self,
+        call_id: str,
+        callbacks: LinkCallbacks,
+        *,
+        wait: float,
+        on_queued: tp.Callable[[], tp.Awaitable[None]] | None = None,
+        exclude: tp.Collection[str] = (),
+        needs: SessionNeeds = ANY,
+    ) -> WorkerSession:
         started = time.monotonic()
         deadline = started + wait
         model = needs.model or self.model
@@ -268,9 +312,14 @@ class PoolRouter:
             async with self._queue_changed:
                 self._queue_changed.notify_all()
 
-    async def _try_claim(self, call_id: str, callbacks: LinkCallbacks, exclude: tp.Collection[str],
-                         model: str | None, sampling: tp.Mapping[str, float | int | bool] | None,
-                         ) -> WorkerSession | None:
+    async def _try_claim(
+        self,
+        call_id: str,
+        callbacks: LinkCallbacks,
+        exclude: tp.Collection[str],
+        model: str | None,
+        sampling: tp.Mapping[str, float | int | bool] | None,
+    ) -> WorkerSession | None:
         """One claim; a worker that fails its handshake is skipped and its lease released."""
         refused: list[Lease] = []
         try:
@@ -281,13 +330,26 @@ class PoolRouter:
                 if lease.worker_id in exclude:
                     refused.append(lease)
                     continue
-                link = _link(lease.url, call_id, callbacks, slot=lease.slot, token=lease.token,
-                             model=model, secret=self.secret, sampling=sampling)
+                link = _link(
+                    lease.url,
+                    call_id,
+                    callbacks,
+                    slot=lease.slot,
+                    token=lease.token,
+                    model=model,
+                    secret=self.secret,
+                    sampling=sampling,
+                )
                 try:
                     await link.open(timeout=HANDSHAKE_SECONDS)
                 except (WorkerRefused, OSError, TimeoutError) as exc:
-                    log.warning("call %s: worker %s slot %d refused or unreachable: %s", call_id,
-                                lease.worker_id, lease.slot, exc)
+                    log.warning(
+                        "call %s: worker %s slot %d refused or unreachable: %s",
+                        call_id,
+                        lease.worker_id,
+                        lease.slot,
+                        exc,
+                    )
                     refused.append(lease)
                     continue
                 holder = LeaseHolder(self.leases, lease, on_lost=_closing(link))

@@ -73,15 +73,28 @@ class WorkerLink:
         """Connect and handshake; raises WorkerRefused or OSError/TimeoutError."""
         try:
             async with asyncio.timeout(timeout):
-                self._ws = await connect(self.url, max_size=2**20, compression=None, open_timeout=timeout,
-                                         ping_interval=5, ping_timeout=5, additional_headers=self.headers)
-                await self._ws.send(json.dumps(start_message(self.call_id, slot=self.slot, token=self.token,
-                                                             model=self.model, sampling=self.sampling)))
+                self._ws = await connect(
+                    self.url,
+                    max_size=2**20,
+                    compression=None,
+                    open_timeout=timeout,
+                    ping_interval=5,
+                    ping_timeout=5,
+                    additional_headers=self.headers,
+                )
+                await self._ws.send(
+                    json.dumps(
+                        start_message(
+                            self.call_id, slot=self.slot, token=self.token, model=self.model, sampling=self.sampling
+                        )
+                    )
+                )
                 reply = await self._ws.recv()
         except websockets.ConnectionClosed as exc:
             await self._abort()
-            raise WorkerRefused(exc.rcvd.code if exc.rcvd else None,
-                                exc.rcvd.reason if exc.rcvd else "connection closed") from None
+            raise WorkerRefused(
+                exc.rcvd.code if exc.rcvd else None, exc.rcvd.reason if exc.rcvd else "connection closed"
+            ) from None
         except InvalidStatus as exc:  # refused before the upgrade: 401/403 is a wrong or missing secret
             await self._abort()
             status = exc.response.status_code
@@ -103,8 +116,10 @@ class WorkerLink:
             await self._abort()
             raise WorkerRefused(None, f"unexpected handshake reply {str(reply)[:80]!r}") from None
         self.slot = self.info.slot
-        self._tasks = [asyncio.create_task(self._reader(), name=f"worker-read-{self.call_id}"),
-                       asyncio.create_task(self._writer(), name=f"worker-write-{self.call_id}")]
+        self._tasks = [
+            asyncio.create_task(self._reader(), name=f"worker-read-{self.call_id}"),
+            asyncio.create_task(self._writer(), name=f"worker-write-{self.call_id}"),
+        ]
         return self.info
 
     def send_frame(self, frame: bytes) -> None:
