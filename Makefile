@@ -47,7 +47,7 @@ test: install-test
 	$(VENV)/bin/ruff check sip service tests ops
 	$(VENV)/bin/ruff format --check sip service tests ops
 	$(VENV)/bin/mypy sip service
-	$(PY) -m pytest -q -rs -p no:cacheprovider
+	$(PY) -m pytest -q -rs -p no:cacheprovider --durations=25
 
 # the README's pictures of the dashboard and the softphone, from a live demo call in Chromium
 screenshots: install-test
