@@ -283,6 +283,57 @@ async def test_media_clock_run_due_sends_due_egress_between_other_work():
     assert await scenario() == ["due", "work", "later"]
 
 
+async def test_calls_started_together_play_out_on_different_phases():
+    """Calls set up in one burst used to start their playout ticks one period after the same
+    moment: every 80 ms all of them ran back to back, the last ones milliseconds late (egress
+    underruns at 300 calls on one core). Each new call now takes the quietest phase."""
+    import asyncio
+
+    from service.gateway.media.mediaclock import PHASE_RESOLUTION_S, media_clock
+    from service.gateway.media.rtp_media import CallMedia
+    from sip.rtpsession import RtpSession
+    from sip.sdp import NegotiatedMedia
+    from tests.support.udp import port_allocator
+
+    allocator = port_allocator()
+    negotiated = NegotiatedMedia(
+        remote_address="127.0.0.1",
+        remote_port=9,
+        remote_rtcp_port=None,
+        codec="PCMU",
+        payload_type=0,
+        clock_rate=8000,
+        ptime=20,
+        dtmf_payload_type=None,
+        direction="sendrecv",
+    )
+    sessions = [await RtpSession.open(allocator, host="127.0.0.1") for _ in range(30)]
+    medias = [CallMedia(rtp, negotiated, to_model=lambda frame: None) for rtp in sessions]
+    try:
+        started = asyncio.get_running_loop().time()
+        for media in medias:  # all within the same millisecond, as a burst of INVITEs would
+            media.start()
+        firsts = sorted(media._next_playout for media in medias)
+        assert started + 0.08 <= firsts[0] and firsts[-1] < started + 0.08 + 0.08
+
+        def phase(media: CallMedia) -> int:
+            return int((media._next_playout % 0.08) / PHASE_RESOLUTION_S + 1e-6) % 80
+
+        assert len({phase(media) for media in medias}) == len(medias)  # one call per phase while phases are free
+    finally:
+        for media in medias:
+            media.stop()
+            media.rtp.close(send_bye=False)
+    # beyond one call per phase, calls share phases evenly: never two more on one than another
+    clock = media_clock()
+    ticks = [clock.call_at(clock.quiet_phase(started + 0.08, 0.08), lambda: None) for _ in range(200)]
+    counts = [0] * 80
+    for entry in ticks:
+        counts[int((entry[0] % 0.08) / PHASE_RESOLUTION_S + 1e-6) % 80] += 1
+        clock.cancel(entry)
+    assert max(counts) - min(counts) <= 1, counts
+
+
 def test_pipeline_taps_attach_and_detach_at_runtime():
     sent: list[bytes] = []
     pipeline = MediaPipeline(to_model=sent.append)

@@ -28,6 +28,7 @@ import weakref
 log = logging.getLogger(__name__)
 
 EARLY_S = 0.0005  # run an entry at most half a millisecond before it is due
+PHASE_RESOLUTION_S = 0.001  # new periodic work is spread over phases this far apart
 
 Callback = tp.Callable[[], object]
 
@@ -68,6 +69,29 @@ class MediaClock:
         if not self._running and when < self._armed_at:
             self._arm(when)
         return entry
+
+    def quiet_phase(self, earliest: float, period: float, resolution: float = PHASE_RESOLUTION_S) -> float:
+        """The first time at or after ``earliest`` whose phase (modulo ``period``) the fewest
+        pending work entries share, to ``resolution``: where a new periodic tick should start.
+
+        A tick's phase is free (the jitter buffer and the pacer follow it), but calls set up
+        together would otherwise all start one period after the same moment, and their
+        playout runs back to back every period, the last ones milliseconds late (the egress
+        frames they produce then underrun, and the datagrams waiting behind them look late)."""
+        bins = max(1, round(period / resolution))
+        width = period / bins
+        counts = [0] * bins  # by phase: bin i holds the times t with i·width <= t mod period < (i+1)·width
+        for when, _, callback in self._work:
+            if callback is not None:
+                counts[int((when % period) / width + 1e-6) % bins] += 1  # a bin's start is in it, rounding aside
+        base = earliest - earliest % period
+        best = (len(self._work) + 1, earliest)
+        for i, count in enumerate(counts):
+            start = base + i * width
+            if start + width <= earliest:
+                start += period
+            best = min(best, (count, max(start, earliest)))  # the soonest of the quietest
+        return best[1]
 
     @staticmethod
     def cancel(entry: list) -> None:

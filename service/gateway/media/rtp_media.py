@@ -133,7 +133,9 @@ class CallMedia:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._media_clock = media_clock(self._loop)
-        self._next_playout = self._loop.time() + self._playout_slots * self.ptime_ms / 1000
+        period = self._playout_slots * self.ptime_ms / 1000
+        # the first tick a period from now or a little later, on the phase fewest calls use
+        self._next_playout = self._media_clock.quiet_phase(self._loop.time() + period, period)
         tick = self._relay_tick if self._relaying else self._playout_tick
         self._playout_timer = self._media_clock.call_at(self._next_playout, tick)
         self.pacer.start()
