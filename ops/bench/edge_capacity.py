@@ -14,7 +14,8 @@ over a steady window:
 * packets lost outbound (sequence gaps seen here), and egress underruns: ticks that had no
   model audio ready while the model was talking, so the caller heard 20 ms of silence;
 * the gateway's CPU use (from /proc), packets per second, and CPU per call;
-* the gateway core's steal time: on a virtual machine the hypervisor may stop the core
+* the gateway's run-queue wait ("gw wait": time it was runnable but another process, or the
+  hypervisor, had its core) and the core's steal time: on a virtual machine the hypervisor may stop the core
   for milliseconds at a time, which shows as lateness that no code change can remove;
 * the load generator's own CPU use and how late its sending ran ("gen lag", the worst
   phase): a generator that falls behind sends in bursts, and packets then reach the
@@ -59,7 +60,7 @@ sys.path.insert(0, str(REPO))
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from ops.bench.machine import StealMeter, cpu_seconds  # noqa: E402
+from ops.bench.machine import StealMeter, cpu_seconds, runqueue_wait_seconds  # noqa: E402
 from sip import g711  # noqa: E402
 from sip.rtp import RtpPacket  # noqa: E402
 from sip.rtpsession import PortAllocator, RtpSession  # noqa: E402
@@ -263,7 +264,7 @@ async def run(args: argparse.Namespace) -> dict:
         print(f"gateway pinned to core {gateway_core}, load generator on {load_cores}; {args.hold:.0f} s per step\n")
         print(
             f"{'calls':>6} {'media':>5} {'gw CPU':>7} {'CPU/call':>9} {'pkt/s':>7} {'pacing p50':>11} {'p99':>7} "
-            f"{'<=2ms':>7} {'lost in':>8} {'lost out':>9} {'underruns':>10} {'steal':>6} {'gen CPU':>8} "
+            f"{'<=2ms':>7} {'lost in':>8} {'lost out':>9} {'underruns':>10} {'steal':>6} {'gw wait':>8} {'gen CPU':>8} "
             f"{'gen lag':>8}  verdict"
         )
         plan = [(n, media) for n in args.steps for media in (("rtp", "srtp") if args.srtp else ("rtp",))]
@@ -277,6 +278,7 @@ async def run(args: argparse.Namespace) -> dict:
             await asyncio.sleep(args.settle)
             before = await asyncio.to_thread(scrape, metrics_url)
             cpu_before = cpu_seconds(gateway.pid)
+            wait_before = runqueue_wait_seconds(gateway.pid)
             stolen = StealMeter(gateway_core).start()
             own_cpu_before = cpu_seconds(os.getpid())
             lag.reset()
@@ -287,6 +289,7 @@ async def run(args: argparse.Namespace) -> dict:
             elapsed = time.monotonic() - started
             cpu = (cpu_seconds(gateway.pid) - cpu_before) / elapsed
             steal = stolen.share()
+            waited = (runqueue_wait_seconds(gateway.pid) - wait_before) / elapsed
             generator_cpu = (cpu_seconds(os.getpid()) - own_cpu_before) / elapsed
             after = await asyncio.to_thread(scrape, metrics_url)
             p50, _, _ = bucket_quantile(before, after, "moshimoshi_rtp_pacer_lateness_seconds", 0.50)
@@ -316,6 +319,7 @@ async def run(args: argparse.Namespace) -> dict:
                 "lost_out": int(lost_out),
                 "underrun_share": round(underruns, 6),
                 "core_steal": round(steal, 3),
+                "gateway_runqueue_wait": round(waited, 4),
                 "generator_cpu": round(generator_cpu, 3),
                 "generator_lag_max_s": round(lag.worst, 4),
                 "generator_lag_over_5ms": lag.over_5ms,
@@ -325,7 +329,7 @@ async def run(args: argparse.Namespace) -> dict:
             print(
                 f"{target:>6} {media:>5} {cpu * 100:>6.0f}% {1000 * cpu / target:>7.2f}ms {pps:>7.0f} "
                 f"{'≤' + format(p50 * 1000, '.2g') + 'ms':>11} {'≤' + format(p99 * 1000, '.2g') + 'ms':>7} "
-                f"{within * 100:>6.2f}% {int(lost_in):>8} {lost_out:>9} {underruns * 100:>9.3f}% {steal * 100:>5.1f}% "
+                f"{within * 100:>6.2f}% {int(lost_in):>8} {lost_out:>9} {underruns * 100:>9.3f}% {steal * 100:>5.1f}% {waited * 100:>7.2f}% "
                 f"{generator_cpu * 100:>7.0f}% {lag.worst * 1000:>6.1f}ms  {verdict(ok, steal)}"
             )
             if media == "srtp":

@@ -20,6 +20,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def runqueue_wait_seconds(pid: int) -> float:
+    """Seconds ``pid``'s main thread has waited, runnable, for a CPU (another process on its
+    core, or the hypervisor); 0 where the kernel does not say."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def steal_seconds(core: int | None = None) -> float:
     """Seconds stolen so far from ``core`` (all cores together when None); 0 where unknown."""
     prefix = "cpu " if core is None else f"cpu{core} "
