@@ -138,7 +138,11 @@ async def test_the_model_s_queued_words_are_not_cut_before_the_person_speaks(tim
     caller.close()
     person.close()
     model = [f for f, lv in heard if lv > 1000]
-    assert len(model) >= 11 and all(abs(f - MODEL_HZ) < 60 for f in model)  # 12 packets (the first may start soft)
+    assert all(abs(f - MODEL_HZ) < 60 for f in model), model
+    # 12 packets (the first may start soft), each heard or dropped by the pacer as late (a
+    # timing matter, judged below): none cut by the relay's start
+    stats = caller_media.pacer.stats
+    assert len(model) + stats.late_dropped >= 11, f"{len(model)} of the model's packets heard: {stats}"
     assert caller_media.packets_relayed == 0  # the person's leg is idle: nothing queued in place of the words
     # the pacer's own start, not the relay: a first frame that comes just after a silence
     # tick has its first packet sent up to ~9 ms past due (the next tick comes no sooner than
