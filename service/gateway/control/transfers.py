@@ -11,8 +11,8 @@ a transfer has an outcome to report, so the request names a reply channel:
 3. the asking replica waits for "started" for ``ACK_SECONDS`` (no answer: no gateway has
    the call) and for "done" for the ring time and a margin.
 
-The subscription reconnects by itself after a Redis outage; a request that arrives while
-it is down is not seen (the asking side then says no gateway answered).
+The subscription (``subscription.py``) reconnects by itself after a Redis outage; a request
+that arrives while it is down is not seen (the asking side then says no gateway answered).
 """
 
 from __future__ import annotations
@@ -29,13 +29,11 @@ from redis.exceptions import RedisError
 
 from service.gateway import metrics
 from service.gateway.calls.transfer import TransferError, TransferResult
+from service.gateway.control.subscription import POLL_SECONDS, ChannelSubscription
 from service.pool import PoolClient, PoolError
 
 log = logging.getLogger(__name__)
 
-POLL_SECONDS = 0.5  # below the pool's 1 s socket timeout
-RETRY_FIRST_SECONDS = 0.5
-RETRY_MAX_SECONDS = 5.0
 ACK_SECONDS = 3.0  # how long the owner may take to say it has the call
 DONE_MARGIN_SECONDS = 15.0  # beyond the ring time (a REFER's NOTIFY may take 5 s more)
 MAX_MESSAGE_BYTES = 4096
@@ -56,9 +54,11 @@ class TransferChannel:
         self.client = client
         self.channel = client.keys.prefix + "transfer"
         self.start_local = start
-        self.subscribed = asyncio.Event()
         self.received = 0
-        self._task: asyncio.Task[None] | None = None
+        self._subscription = ChannelSubscription(
+            client, self.channel, self._handle, what="transfer", metric="transfer-subscribe"
+        )
+        self.subscribed = self._subscription.subscribed
         self._serving: set[asyncio.Task[None]] = set()
 
     # -- the asking side ---------------------------------------------------------------
@@ -107,37 +107,14 @@ class TransferChannel:
     # -- the serving side ----------------------------------------------------------------
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="transfer-subscriber")
+        self._subscription.start("transfer-subscriber")
 
     async def close(self) -> None:
-        tasks = [t for t in (self._task, *self._serving) if t is not None]
-        for task in tasks:
+        serving = list(self._serving)
+        for task in serving:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._task = None
-
-    async def _run(self) -> None:
-        delay = RETRY_FIRST_SECONDS
-        while True:
-            pubsub = self.client.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self.channel)
-                self.subscribed.set()
-                delay = RETRY_FIRST_SECONDS
-                while True:
-                    message = await pubsub.get_message(timeout=POLL_SECONDS)
-                    if message is not None and message.get("type") == "message":
-                        self._handle(message.get("data"))
-            except (RedisError, OSError, TimeoutError) as exc:
-                self.subscribed.clear()
-                metrics.REDIS_ERRORS.labels("transfer-subscribe").inc()
-                log.warning("transfer channel lost (%s); resubscribing in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(RETRY_MAX_SECONDS, delay * 2)
-            finally:
-                with contextlib.suppress(RedisError, OSError, TimeoutError):
-                    await pubsub.aclose()
+        await asyncio.gather(*serving, return_exceptions=True)
+        await self._subscription.close()
 
     def _handle(self, data: tp.Any) -> None:
         self.received += 1
