@@ -9,17 +9,15 @@ What a flood of refused INVITEs can make Redis hold is bounded whatever its size
   expiring once its minute has left the window: at most ``window / 60 + 2`` small keys.
   These keep the counts exact when the stream holds only the latest ``max_len``.
 
-Writes are behind, batched, like the transcripts' (``transcript_store.py``): ``append``
+Writes are behind, batched, like the transcripts' (``write_behind.py``): ``append``
 returns at once; while Redis refuses writes (down, or full) entries wait in memory, at most
 ``max_pending`` of them, the oldest dropped and counted beyond that.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
-import logging
 import time
 import typing as tp
 
@@ -27,15 +25,12 @@ from redis.typing import EncodableT, FieldT
 
 from service.gateway import metrics
 from service.gateway.calls.refusals import RefusedCall
-from service.pool import PoolClient, PoolError, StreamEntries
-
-log = logging.getLogger(__name__)
+from service.gateway.control.write_behind import WriteBehind
+from service.pool import PoolClient, StreamEntries
 
 STREAM_MAX_LEN = 1000
 MAX_PENDING = 1000
 BATCH = 200
-RETRY_FIRST_SECONDS = 0.25
-RETRY_MAX_SECONDS = 5.0
 MINUTE = 60
 
 
@@ -56,16 +51,18 @@ class RefusalStore:
         self.client = client
         self.window = window
         self.max_len = max_len
-        self.max_pending = max_pending
-        self.batch = batch
         self.key = f"{client.keys.prefix}refusals"
-        self._pending: collections.deque[RefusedCall] = collections.deque()
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._task: asyncio.Task[None] | None = None
         self.stored = 0
         self.dropped = 0
+        self._queue = WriteBehind(
+            self._write,
+            what="refused calls",
+            metric="refusal-log",
+            max_pending=max_pending,
+            batch=batch,
+            on_dropped=self._drop,
+            on_stored=self._stored,
+        )
 
     def count_key(self, minute: int) -> str:
         return f"{self.key}:count:{minute}"
@@ -73,52 +70,17 @@ class RefusalStore:
     # -- writing (never blocks) --------------------------------------------------------
 
     def append(self, refused: RefusedCall) -> None:
-        self._pending.append(refused)
-        while len(self._pending) > self.max_pending:
-            self._pending.popleft()
-            self._drop("overflow")
-        self._idle.clear()
-        self._wake.set()
+        self._queue.put(refused)
 
-    def _drop(self, reason: str, count: int = 1) -> None:
-        self.dropped += count
-        metrics.REFUSALS_NOT_STORED.labels(reason).inc(count)
+    def _drop(self, refused: RefusedCall, reason: str) -> None:
+        self.dropped += 1
+        metrics.REFUSALS_NOT_STORED.labels(reason).inc()
+
+    def _stored(self, batch: list[RefusedCall]) -> None:
+        self.stored += len(batch)
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="refusal-writer")
-
-    async def _run(self) -> None:
-        delay = RETRY_FIRST_SECONDS
-        failures = 0
-        while True:
-            if not self._pending:
-                self._idle.set()
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            batch = [self._pending.popleft() for _ in range(min(self.batch, len(self._pending)))]
-            try:
-                await self._write(batch)
-            except PoolError as exc:
-                self._pending.extendleft(reversed(batch))
-                while len(self._pending) > self.max_pending:
-                    self._pending.popleft()
-                    self._drop("overflow")
-                failures += 1
-                metrics.REDIS_ERRORS.labels("refusal-log").inc()
-                if failures == 1 or delay >= RETRY_MAX_SECONDS:
-                    log.warning(
-                        "refused calls not stored yet (%d waiting, retry in %.2fs): %s", len(self._pending), delay, exc
-                    )
-                await asyncio.sleep(delay)
-                delay = min(RETRY_MAX_SECONDS, delay * 2)
-                continue
-            except asyncio.CancelledError:
-                self._pending.extendleft(reversed(batch))
-                raise
-            delay, failures = RETRY_FIRST_SECONDS, 0
-            self.stored += len(batch)
+        self._queue.start("refusal-writer")
 
     async def _write(self, batch: list[RefusedCall]) -> None:
         window_ms = round(self.window * 1000)
@@ -147,25 +109,11 @@ class RefusalStore:
 
     async def flush(self, timeout: float) -> bool:
         """Wait until every queued entry is stored; False if that took longer than ``timeout``."""
-        try:
-            async with asyncio.timeout(timeout):
-                await self._idle.wait()
-            return True
-        except TimeoutError:
-            return False
+        return await self._queue.flush(timeout)
 
     async def close(self, timeout: float = 2.0) -> None:
         """Store what is queued (for up to ``timeout``), then stop; the rest is counted dropped."""
-        if self._task is not None:
-            await self.flush(timeout)
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self._pending:
-            self._drop("shutdown", len(self._pending))
-            self._pending.clear()
-        self._idle.set()
+        await self._queue.close(timeout)
 
     # -- reading (any replica) ---------------------------------------------------------
 

@@ -1,8 +1,8 @@
 """Transcripts in Redis Streams: one stream per call, written behind the media path.
 
 The gateway appends each piece (the agent's words, or a caller's DTMF digit) as it
-arrives; ``append`` only queues it in memory, and one writer task sends the queue to Redis
-in batches (XADD with an approximate MAXLEN, then PEXPIRE: the stream lives
+arrives; ``append`` only queues it in memory, and one writer task (``write_behind.py``)
+sends the queue to Redis in batches (XADD with an approximate MAXLEN, then PEXPIRE: the stream lives
 ``retention`` seconds after its last entry). So media never waits on Redis, and a Redis
 outage loses no call: pieces wait in memory (up to ``max_pending``, the oldest dropped and
 counted beyond that) and go out when Redis answers again. When the call ends an ``end``
@@ -20,9 +20,6 @@ Transcript text is personal data: nothing here logs it.
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
-import logging
 import typing as tp
 from dataclasses import dataclass, field
 
@@ -30,16 +27,13 @@ from redis.typing import EncodableT, FieldT
 
 from service.gateway import metrics
 from service.gateway.calls.transcript import TranscriptEvent
-from service.pool import PoolClient, PoolError, StreamEntries
-
-log = logging.getLogger(__name__)
+from service.gateway.control.write_behind import WriteBehind
+from service.pool import PoolClient, StreamEntries
 
 END_KIND = "end"
 MAX_PIECES_PER_CALL = 30_000  # a 40-minute call at one piece per 80 ms step
 MAX_PENDING = 50_000
 BATCH = 256
-RETRY_FIRST_SECONDS = 0.25
-RETRY_MAX_SECONDS = 5.0
 FOLLOW_BLOCK_MS = 500  # below the pool's 1 s socket timeout
 
 
@@ -111,92 +105,51 @@ class TranscriptStore:
         self.client = client
         self.retention_ms = max(1, round(retention * 1000))
         self.max_len = max_len
-        self.max_pending = max_pending
         self.batch = batch
-        self._pending: collections.deque[tuple[str, dict[str, str]]] = collections.deque()
-        self._in_flight = 0
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._task: asyncio.Task | None = None
         self.stored = 0
         self.dropped = 0
-        self.write_failures = 0
+        self._queue: WriteBehind[tuple[str, dict[str, str]]] = WriteBehind(
+            self._write,
+            what="transcript pieces",
+            metric="transcript-append",
+            max_pending=max_pending,
+            batch=batch,
+            on_dropped=self._count_dropped,
+            on_stored=self._count_stored,
+        )
 
     # -- writing (never blocks) --------------------------------------------------------
 
     @property
     def pending(self) -> int:
         """Entries not stored yet (queued, or being written now)."""
-        return len(self._pending) + self._in_flight
+        return self._queue.pending
+
+    @property
+    def write_failures(self) -> int:
+        """Batches Redis refused (each retried)."""
+        return self._queue.write_failures
 
     def append(self, call_id: str, seq: int, event: TranscriptEvent) -> None:
         """Queue one piece for the call's stream (returns at once)."""
-        self._enqueue(call_id, event_fields(seq, event))
+        self._queue.put((call_id, event_fields(seq, event)))
 
     def end(self, call_id: str, reason: str) -> None:
         """Queue the end entry: the call is over and its transcript complete."""
-        self._enqueue(call_id, {"kind": END_KIND, "text": reason})
+        self._queue.put((call_id, {"kind": END_KIND, "text": reason}))
 
-    def _enqueue(self, call_id: str, fields: dict[str, str]) -> None:
-        self._pending.append((call_id, fields))
-        self._trim()
-        self._idle.clear()
-        self._wake.set()
-
-    def _trim(self, reason: str = "overflow") -> None:
-        while len(self._pending) > self.max_pending:
-            _, fields = self._pending.popleft()
-            self._count_dropped(fields, reason)
-
-    def _count_dropped(self, fields: dict[str, str], reason: str) -> None:
-        if fields.get("kind") != END_KIND:
+    def _count_dropped(self, entry: tuple[str, dict[str, str]], reason: str) -> None:
+        if entry[1].get("kind") != END_KIND:
             self.dropped += 1
             metrics.TRANSCRIPT_PIECES_DROPPED.labels(reason).inc()
 
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="transcript-writer")
+    def _count_stored(self, batch: list[tuple[str, dict[str, str]]]) -> None:
+        pieces = sum(1 for _, fields in batch if fields.get("kind") != END_KIND)
+        self.stored += pieces
+        metrics.TRANSCRIPT_PIECES.inc(pieces)
 
-    async def _run(self) -> None:
-        delay = RETRY_FIRST_SECONDS
-        while True:
-            if not self._pending:
-                self._idle.set()
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            batch = [self._pending.popleft() for _ in range(min(self.batch, len(self._pending)))]
-            self._in_flight = len(batch)
-            failure: PoolError | None = None
-            try:
-                await self._write(batch)
-            except PoolError as exc:
-                failure = exc
-            except asyncio.CancelledError:
-                self._pending.extendleft(reversed(batch))
-                raise
-            finally:
-                self._in_flight = 0
-            if failure is not None:
-                self._pending.extendleft(reversed(batch))
-                self._trim()
-                self.write_failures += 1
-                metrics.REDIS_ERRORS.labels("transcript-append").inc()
-                if self.write_failures == 1 or delay >= RETRY_MAX_SECONDS:
-                    log.warning(
-                        "transcript pieces not stored yet (%d waiting, retry in %.2fs): %s",
-                        len(self._pending),
-                        delay,
-                        failure,
-                    )
-                await asyncio.sleep(delay)
-                delay = min(RETRY_MAX_SECONDS, delay * 2)
-                continue
-            delay = RETRY_FIRST_SECONDS
-            pieces = sum(1 for _, fields in batch if fields.get("kind") != END_KIND)
-            self.stored += pieces
-            metrics.TRANSCRIPT_PIECES.inc(pieces)
+    def start(self) -> None:
+        self._queue.start("transcript-writer")
 
     async def _write(self, batch: list[tuple[str, dict[str, str]]]) -> None:
         keys = []
@@ -214,25 +167,11 @@ class TranscriptStore:
 
     async def flush(self, timeout: float) -> bool:
         """Wait until every queued piece is stored; False if that took longer than ``timeout``."""
-        try:
-            async with asyncio.timeout(timeout):
-                await self._idle.wait()
-            return True
-        except TimeoutError:
-            return False
+        return await self._queue.flush(timeout)
 
     async def close(self, timeout: float = 2.0) -> None:
         """Store what is queued (for up to ``timeout``), then stop; the rest is counted dropped."""
-        if self._task is not None:
-            await self.flush(timeout)
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        while self._pending:
-            _, fields = self._pending.popleft()
-            self._count_dropped(fields, "shutdown")
-        self._idle.set()
+        await self._queue.close(timeout)
 
     # -- reading (any replica) ---------------------------------------------------------
 
