@@ -11,7 +11,9 @@ happen to be due: a pacer tick can wait behind a whole cluster of playout work.
 and holds one loop timer, armed for the earliest entry. When it fires it sends every
 egress tick that is due, then runs due *work* (playout) entries one at a time, looking
 at the egress heap again after each, so an egress packet never waits for more than one
-unit of other work. Entries run at most ``EARLY_S`` before their time: the loop's timers
+unit of other work. Work that is overdue (the process was held off its core) runs a
+slice at a time, and the loop reads its sockets in between: a packet that arrived in
+time must reach its jitter buffer before the playout tick that would pop its slot. Entries run at most ``EARLY_S`` before their time: the loop's timers
 have a millisecond resolution, so a tick may run a little early as well as late, and
 each pacer measures and reports that error itself, as before.
 """
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 
 EARLY_S = 0.0005  # run an entry at most half a millisecond before it is due
 PHASE_RESOLUTION_S = 0.001  # new periodic work is spread over phases this far apart
+WORK_SLICE_S = 0.001  # overdue work runs this long at most before the loop reads its sockets again
 
 Callback = tp.Callable[[], object]
 
@@ -141,11 +144,17 @@ class MediaClock:
         self._running = True
         urgent, work, clock = self._urgent, self._work, self._clock
         heappop = heapq.heappop
+        read_first = False
         try:
+            slice_end = clock() + WORK_SLICE_S
             while True:
-                horizon = clock() + EARLY_S
+                now = clock()
+                horizon = now + EARLY_S
                 self._run_urgent(horizon)
                 if work and work[0][0] <= horizon:
+                    if now >= slice_end:
+                        read_first = True
+                        break
                     self._call(heappop(work)[2])
                     continue
                 break
@@ -156,7 +165,18 @@ class MediaClock:
                 heappop(urgent)
             while work and work[0][2] is None:
                 heappop(work)
-            self._arm_for_next()
+            if read_first:
+                self._resume_after_reading()
+            else:
+                self._arm_for_next()
+
+    def _resume_after_reading(self) -> None:
+        """Run again once the loop has polled its sockets. A packet waiting there may be
+        due in the next piece of work (its playout slot), and must not be read after it.
+        Two hops because neither loop polls between a callback and one it schedules:
+        uvloop runs ready callbacks before its poll, asyncio the ones queued before it."""
+        self._armed_at = -float("inf")  # nothing else arms the timer meanwhile
+        self._loop.call_soon(self._loop.call_soon, self._run)
 
     def _arm_for_next(self) -> None:
         urgent, work = self._urgent, self._work
