@@ -23,6 +23,7 @@ import pytest
 
 from service.tools.call import read_wav
 from sip.ua import UserAgent
+from tests.support.baresip import write_baresip_config
 from tests.support.procs import free_port_pair
 from tests.support.realtime import realtime_test
 from tests.support.services import ADMIN_TOKEN, start_serve, wait_until
@@ -31,8 +32,6 @@ from tests.support.udp import UdpPeer
 from tests.test_e2e_echo import echo_delay, noise_bursts_wav, sound_segments
 
 pytestmark = pytest.mark.system
-
-BARESIP_MODULES = Path("/usr/lib/baresip/modules")
 
 
 @pytest.fixture(scope="module")
@@ -102,35 +101,17 @@ def run_baresip(
 ) -> tuple[str, Path | None, Path | None]:
     """Call ``uri`` from baresip with only ``modules`` as codecs and the account's
     ``audio_codecs`` set to ``codecs``; returns (output, what it sent, what it heard)."""
-    config = tmp_path / "baresip"
-    config.mkdir()
-    (config / "config").write_text(
-        "\n".join(
-            [
-                "poll_method epoll",
-                f"sip_listen 127.0.0.1:{free_port_pair()}",
-                f"audio_source aufile,{wav}",
-                f"audio_player aufile,{tmp_path / 'played.wav'}",
-                f"audio_alert aufile,{tmp_path / 'alert.wav'}",
-                f"audio_srate {srate}",
-                "audio_channels 1",
-                "rtp_ports 31000-31999",
-                f"snd_path {tmp_path}",
-                f"module_path {BARESIP_MODULES}",
-                "module stdio.so",
-                *(f"module {m}.so" for m in modules),
-                "module aufile.so",
-                "module sndfile.so",
-                "module_app account.so",
-                "module_app contact.so",
-                "module_app menu.so",
-                *(extra or []),
-                "",
-            ]
-        )
+    config = write_baresip_config(
+        tmp_path / "baresip",
+        port=free_port_pair(),
+        source=wav,
+        folder=tmp_path,
+        account=f"<sip:baresip@127.0.0.1>;regint=0;audio_codecs={codecs}",
+        rtp_ports=(31000, 31999),
+        srate=srate,
+        codecs=modules,
+        extra=extra or (),
     )
-    (config / "accounts").write_text(f"<sip:baresip@127.0.0.1>;regint=0;audio_codecs={codecs}\n")
-    (config / "contacts").write_text("")
     result = subprocess.run(
         ["baresip", "-f", str(config), "-e", f"/dial {uri}", "-t", "10"], capture_output=True, text=True, timeout=40
     )

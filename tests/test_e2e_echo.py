@@ -21,6 +21,7 @@ import pytest
 from service.realtime import EVENT_LOOPS
 from service.settings import CallSettings
 from service.tools.call import place_call, read_wav
+from tests.support.baresip import write_baresip_config
 from tests.support.procs import free_port, free_port_pair
 from tests.support.realtime import realtime_test
 from tests.support.services import start_serve, wait_until
@@ -202,34 +203,14 @@ def test_baresip_calls_and_hears_the_echo(echo_gateway, tmp_path, timing, transp
     tmp_path = Path(tempfile.mkdtemp(dir=tmp_path))  # a fresh folder per attempt
     began = time.time()
     wav = noise_bursts_wav(tmp_path / "bursts.wav", seconds=4.0)
-    config = tmp_path / "baresip"
-    config.mkdir()
-    (config / "config").write_text(
-        "\n".join(
-            [
-                "poll_method epoll",
-                f"sip_listen 127.0.0.1:{free_port_pair()}",
-                f"audio_source aufile,{wav}",
-                f"audio_player aufile,{tmp_path / 'played.wav'}",
-                f"audio_alert aufile,{tmp_path / 'alert.wav'}",
-                "audio_srate 8000",
-                "audio_channels 1",
-                "rtp_ports 31000-31999",
-                f"snd_path {tmp_path}",
-                "module_path /usr/lib/baresip/modules",
-                "module stdio.so",
-                "module g711.so",
-                "module aufile.so",
-                "module sndfile.so",
-                "module_app account.so",
-                "module_app contact.so",
-                "module_app menu.so",
-                "",
-            ]
-        )
+    config = write_baresip_config(
+        tmp_path / "baresip",
+        port=free_port_pair(),
+        source=wav,
+        folder=tmp_path,
+        account="<sip:baresip@127.0.0.1>;regint=0",
+        rtp_ports=(31000, 31999),
     )
-    (config / "accounts").write_text("<sip:baresip@127.0.0.1>;regint=0\n")
-    (config / "contacts").write_text("")
     target = echo_gateway.uri + (";transport=tcp" if transport == "tcp" else "")
     result = subprocess.run(
         ["baresip", "-f", str(config), "-e", f"/dial {target}", "-t", "10"], capture_output=True, text=True, timeout=40

@@ -24,6 +24,7 @@ from service.settings import CallSettings
 from service.tools.call import place_call
 from sip.errors import CallFailed
 from tests.conftest import RedisServer
+from tests.support.baresip import write_baresip_config
 from tests.support.person import Person
 from tests.support.procs import free_port_pair, moshimoshi_cmd, python_env
 from tests.support.services import ADMIN_TOKEN, Gateway, start_gateway, start_worker, wait_until
@@ -516,34 +517,14 @@ def test_an_outbound_call_to_baresip_is_answered_with_audio_both_ways_and_record
     and its transcript are stored as for an inbound call."""
     wav = tone_wav(tmp_path / "callee.wav", 4.0, 600.0)
     port = free_port_pair()
-    config = tmp_path / "baresip"
-    config.mkdir()
-    (config / "config").write_text(
-        "\n".join(
-            [
-                "poll_method epoll",
-                f"sip_listen 127.0.0.1:{port}",
-                f"audio_source aufile,{wav}",
-                f"audio_player aufile,{tmp_path / 'played.wav'}",
-                f"audio_alert aufile,{tmp_path / 'alert.wav'}",
-                "audio_srate 8000",
-                "audio_channels 1",
-                "rtp_ports 31000-31999",
-                f"snd_path {tmp_path}",
-                "module_path /usr/lib/baresip/modules",
-                "module stdio.so",
-                "module g711.so",
-                "module aufile.so",
-                "module sndfile.so",
-                "module_app account.so",
-                "module_app contact.so",
-                "module_app menu.so",
-                "",
-            ]
-        )
+    config = write_baresip_config(
+        tmp_path / "baresip",
+        port=port,
+        source=wav,
+        folder=tmp_path,
+        account="<sip:callee@127.0.0.1>;regint=0;answermode=auto;audio_codecs=PCMU",
+        rtp_ports=(31000, 31999),
     )
-    (config / "accounts").write_text("<sip:callee@127.0.0.1>;regint=0;answermode=auto;audio_codecs=PCMU\n")
-    (config / "contacts").write_text("")
     baresip = subprocess.Popen(
         ["baresip", "-f", str(config), "-t", "20"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

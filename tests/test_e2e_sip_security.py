@@ -28,6 +28,7 @@ from sip.auth import DigestChallenge, authorization
 from sip.framing import StreamFramer
 from sip.message import Response, parse_message
 from tests.conftest import RedisServer
+from tests.support.baresip import write_baresip_config
 from tests.support.procs import free_port
 from tests.support.services import start_gateway, start_worker, wait_until
 from tests.support.sip_peer import RawPeer, branch
@@ -297,30 +298,15 @@ def baresip_call(tmp_path: Path, gateway, password: str) -> str:
             wav.setsampwidth(2)
             wav.setframerate(8000)
             wav.writeframes(b"\0\0" * 8000 * 3)
-    (config / "config").write_text(
-        "\n".join(
-            [
-                "poll_method epoll",
-                f"sip_listen 127.0.0.1:{free_port()}",
-                f"audio_source aufile,{silence}",
-                f"audio_player aufile,{tmp_path / 'played.wav'}",
-                f"audio_alert aufile,{tmp_path / 'alert.wav'}",
-                "audio_srate 8000",
-                "audio_channels 1",
-                "rtp_ports 32000-32999",
-                "module_path /usr/lib/baresip/modules",
-                "module stdio.so",
-                "module g711.so",
-                "module aufile.so",
-                "module_app account.so",
-                "module_app contact.so",
-                "module_app menu.so",
-                "",
-            ]
-        )
+    write_baresip_config(
+        config,
+        port=free_port(),
+        source=silence,
+        folder=tmp_path,
+        account=f"<sip:{USER}@127.0.0.1>;auth_user={USER};auth_pass={password};regint=0",
+        rtp_ports=(32000, 32999),
+        dumps=False,
     )
-    (config / "accounts").write_text(f"<sip:{USER}@127.0.0.1>;auth_user={USER};auth_pass={password};regint=0\n")
-    (config / "contacts").write_text("")
     result = subprocess.run(
         ["baresip", "-f", str(config), "-e", f"/dial sip:agent@127.0.0.1:{gateway.sip_port}", "-t", "6"],
         capture_output=True,

@@ -31,6 +31,7 @@ from sip.sdp import MediaPreferences, build_offer
 from sip.srtp import SrtpContext, SrtpError
 from sip.tls import client_context
 from sip.ua import UserAgent
+from tests.support.baresip import write_baresip_config
 from tests.support.certs import TestCa, serial_of
 from tests.support.procs import free_port
 from tests.support.realtime import realtime_test
@@ -170,35 +171,16 @@ def baresip_config(folder: Path, gateway: TlsGateway, wav: Path) -> Path:
                 break
             except OSError:
                 sip_port = free_port()
-    (config / "config").write_text(
-        "\n".join(
-            [
-                "poll_method epoll",
-                f"sip_listen 127.0.0.1:{sip_port}",
-                f"sip_cafile {gateway.ca.path}",  # baresip checks the gateway's certificate against our CA
-                f"audio_source aufile,{wav}",
-                f"audio_player aufile,{folder / 'played.wav'}",
-                f"audio_alert aufile,{folder / 'alert.wav'}",
-                "audio_srate 8000",
-                "audio_channels 1",
-                f"rtp_ports {BARESIP_RTP_PORTS[0]}-{BARESIP_RTP_PORTS[1]}",
-                f"snd_path {folder}",
-                "module_path /usr/lib/baresip/modules",
-                "module stdio.so",
-                "module g711.so",
-                "module aufile.so",
-                "module sndfile.so",
-                "module srtp.so",
-                "module_app account.so",
-                "module_app contact.so",
-                "module_app menu.so",
-                "",
-            ]
-        )
+    return write_baresip_config(
+        config,
+        port=sip_port,
+        source=wav,
+        folder=folder,
+        account="<sip:baresip@127.0.0.1;transport=tls>;regint=0;mediaenc=srtp-mand",
+        rtp_ports=BARESIP_RTP_PORTS,
+        modules=["srtp"],
+        extra=[f"sip_cafile {gateway.ca.path}"],  # baresip checks the gateway's certificate against our CA
     )
-    (config / "accounts").write_text("<sip:baresip@127.0.0.1;transport=tls>;regint=0;mediaenc=srtp-mand\n")
-    (config / "contacts").write_text("")
-    return config
 
 
 @needs_baresip

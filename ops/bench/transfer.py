@@ -43,6 +43,7 @@ from service.settings import CallSettings  # noqa: E402
 from service.tools.call import place_call  # noqa: E402
 from sip import g711  # noqa: E402
 from sip.rtp import RtpPacket  # noqa: E402
+from tests.support.baresip import write_baresip_config  # noqa: E402
 from tests.support.person import Person, first_heard, heard, tone_wav  # noqa: E402
 from tests.support.procs import free_port_pair  # noqa: E402
 from tests.support.services import ADMIN_TOKEN, Gateway, start_serve, wait_until  # noqa: E402
@@ -200,32 +201,16 @@ async def bridge_round(gateway: Gateway, person: Person, folder: Path, sniffer: 
 
 async def refer_round(gateway: Gateway, person: Person, folder: Path, sniffer: LoopbackSniffer) -> dict:
     wav = tone_wav(folder / "caller.wav", AI_HZ, 30)
-    config = folder / "baresip"
-    config.mkdir(exist_ok=True)
-    (config / "config").write_text(
-        "\n".join(
-            [
-                "poll_method epoll",
-                f"sip_listen 127.0.0.1:{free_port_pair()}",
-                f"audio_source aufile,{wav}",
-                f"audio_player aufile,{folder / 'heard.wav'}",
-                f"audio_alert aufile,{folder / 'alert.wav'}",
-                "audio_srate 8000",
-                "audio_channels 1",
-                f"rtp_ports {CALLER_PORTS[0]}-{CALLER_PORTS[1]}",
-                "module_path /usr/lib/baresip/modules",
-                "module stdio.so",
-                "module g711.so",
-                "module aufile.so",
-                "module_app account.so",
-                "module_app contact.so",
-                "module_app menu.so",
-                "",
-            ]
-        )
+    config = write_baresip_config(
+        folder / "baresip",
+        port=free_port_pair(),
+        source=wav,
+        folder=folder,
+        account="<sip:caller@127.0.0.1>;regint=0",
+        rtp_ports=CALLER_PORTS,
+        heard="heard.wav",
+        dumps=False,
     )
-    (config / "accounts").write_text("<sip:caller@127.0.0.1>;regint=0\n")
-    (config / "contacts").write_text("")
     began = time.time()
     with (folder / "baresip.log").open("wb") as log:
         caller = await asyncio.create_subprocess_exec(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.support.baresip import write_baresip_config
 from tests.support.procs import free_port_pair
 
 RATE = 8000
@@ -61,33 +62,17 @@ class Person:
         self.port = free_port_pair()
         self.uri = f"sip:human@127.0.0.1:{self.port}"
         wav = tone_wav(folder / "person.wav", tone_hz, quit_after + 5, bursts=bursts)
-        config = folder / "baresip"
-        config.mkdir(exist_ok=True)
-        (config / "config").write_text(
-            "\n".join(
-                [
-                    "poll_method epoll",
-                    f"sip_listen 127.0.0.1:{self.port}",
-                    f"audio_source aufile,{wav}",
-                    f"audio_player aufile,{folder / 'heard.wav'}",
-                    f"audio_alert aufile,{folder / 'alert.wav'}",
-                    "audio_srate 8000",
-                    "audio_channels 1",
-                    f"rtp_ports {rtp_ports[0]}-{rtp_ports[1]}",
-                    "module_path /usr/lib/baresip/modules",
-                    "module stdio.so",
-                    "module g711.so",
-                    "module aufile.so",
-                    "module_app account.so",
-                    "module_app contact.so",
-                    "module_app menu.so",
-                    "",
-                ]
-            )
-        )
         mode = "auto" if answer else "manual"
-        (config / "accounts").write_text(f"<sip:human@127.0.0.1>;regint=0;answermode={mode}\n")
-        (config / "contacts").write_text("")
+        config = write_baresip_config(
+            folder / "baresip",
+            port=self.port,
+            source=wav,
+            folder=folder,
+            account=f"<sip:human@127.0.0.1>;regint=0;answermode={mode}",
+            rtp_ports=rtp_ports,
+            heard="heard.wav",
+            dumps=False,
+        )
         self.args = ["baresip", "-f", str(config), "-t", str(int(quit_after))]
         self.log = folder / "baresip.log"
         self.proc: asyncio.subprocess.Process | None = None
