@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
@@ -19,6 +19,7 @@ from service.realtime import EVENT_LOOPS, event_loop_name, loop_factory
 from tests.support.procs import free_port, wait_for_tcp
 from tests.support.realtime import Timing
 from tests.support.services import Gateway, start_serve
+from tests.support.sipp import Sipp
 
 # In-process tests of the SIP and RTP stacks run on every event loop the service supports;
 # every other async test runs on the production loop (uvloop unless MOSHIMOSHI_EVENT_LOOP
@@ -181,6 +182,15 @@ def redis_server(tmp_path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+async def sipps() -> AsyncIterator[list[Sipp]]:
+    """The sipp processes a test starts (it appends them), killed at teardown."""
+    started: list[Sipp] = []
+    yield started
+    for sipp in started:
+        await sipp.stop()
 
 
 @pytest.fixture

@@ -23,14 +23,14 @@ from pathlib import Path
 import pytest
 
 from sip.errors import CallCancelled, CallFailed
-from sip.sdp import MediaPreferences, answer_offer, build_offer
-from sip.ua import IncomingCall, UserAgent
+from sip.sdp import MediaPreferences, build_offer
+from sip.ua import UserAgent
 from tests.support.kamailio import CONFIG, Kamailio, have_kamailio
 from tests.support.polling import eventually as _eventually
 from tests.support.procs import REPO_ROOT, free_port
 from tests.support.realtime import Timing, realtime_test
 from tests.support.services import TOKENS, Gateway, Process, gateway_args, start_worker
-from tests.support.sipp import SCENARIOS, Sipp, have_sipp
+from tests.support.sipp import SCENARIOS, Answering, RingingUntilCancelled, Sipp, have_sipp
 from tests.support.tools import requires
 
 needs_tools = requires(
@@ -465,29 +465,6 @@ async def drained_gateway_takes_no_new_call_and_finishes_its_own(system: Failove
 # OPTIONS for a stray request) ---------------------------------------------------------
 
 
-class Answering:
-    """Answers every call; hands out the dialogs."""
-
-    def __init__(self) -> None:
-        self.dialogs: asyncio.Queue = asyncio.Queue()
-
-    async def __call__(self, call: IncomingCall) -> None:
-        await call.ringing()
-        answer, _ = answer_offer(call.offer, MediaPreferences(), "127.0.0.1", 40000)
-        self.dialogs.put_nowait(await call.accept(str(answer)))
-
-    async def dialog(self):
-        return await asyncio.wait_for(self.dialogs.get(), 20)
-
-
-@pytest.fixture
-async def sipps():
-    started: list[Sipp] = []
-    yield started
-    for sipp in started:
-        await sipp.stop()
-
-
 @pytest.fixture
 def proxies(tmp_path):
     started: list[Kamailio] = []
@@ -546,17 +523,8 @@ async def test_sipp_caller_that_never_refreshes_works_through_kamailio(tmp_path,
 @pytest.mark.system
 @needs_tools
 async def test_sipp_cancelling_caller_works_through_kamailio(tmp_path, sipps, proxies):
-    outcome: asyncio.Future = asyncio.get_running_loop().create_future()
-
-    async def ring_forever(call: IncomingCall) -> None:
-        await call.ringing()
-        await asyncio.wait_for(call.cancelled.wait(), 20)
-        try:
-            await call.accept(str(build_offer(MediaPreferences(), "127.0.0.1", 40000)))
-        except CallCancelled as exc:
-            outcome.set_result(exc)
-
-    ua = UserAgent("127.0.0.1", 0, on_invite=ring_forever)
+    app = RingingUntilCancelled()
+    ua = UserAgent("127.0.0.1", 0, on_invite=app)
     await ua.start()
     try:
         proxy = proxies(ua.port)
@@ -564,7 +532,7 @@ async def test_sipp_cancelling_caller_works_through_kamailio(tmp_path, sipps, pr
         sipps.append(sipp)
         await sipp.start()
         await sipp.finished()
-        assert isinstance(await asyncio.wait_for(outcome, 10), CallCancelled)
+        assert isinstance(await asyncio.wait_for(app.outcome, 10), CallCancelled)
         assert ua.counts()["pending_calls"] == 0 and ua.counts()["dialogs"] == 0
     finally:
         await ua.stop()

@@ -7,35 +7,12 @@ import asyncio
 import pytest
 
 from sip.errors import CallCancelled
-from sip.sdp import MediaPreferences, answer_offer, build_offer
-from sip.ua import IncomingCall, UserAgent
-from tests.support.sipp import SCENARIOS, Sipp, have_sipp
+from sip.sdp import MediaPreferences, build_offer
+from sip.ua import UserAgent
+from tests.support.sipp import SCENARIOS, Answering, RingingUntilCancelled, Sipp, have_sipp
 from tests.support.tools import requires
 
 pytestmark = [pytest.mark.system, requires(have_sipp(), "sipp (sip-tester) is not installed")]
-
-
-class Answering:
-    """Answers every call with an SDP answer built by sip.sdp; keeps the dialogs."""
-
-    def __init__(self) -> None:
-        self.dialogs: asyncio.Queue = asyncio.Queue()
-
-    async def __call__(self, call: IncomingCall) -> None:
-        await call.ringing()
-        answer, _ = answer_offer(call.offer, MediaPreferences(), "127.0.0.1", 40000)
-        self.dialogs.put_nowait(await call.accept(str(answer)))
-
-    async def dialog(self):
-        return await asyncio.wait_for(self.dialogs.get(), 20)
-
-
-@pytest.fixture
-async def sipps():
-    started: list[Sipp] = []
-    yield started
-    for sipp in started:
-        await sipp.stop()
 
 
 async def run_sipp(sipps: list[Sipp], sipp: Sipp) -> Sipp:
@@ -100,22 +77,13 @@ async def test_we_cancel_a_call_to_sipp_while_it_rings(tmp_path, sipps):
 
 
 async def test_sipp_cancels_while_we_ring(tmp_path, sipps):
-    outcome: asyncio.Future = asyncio.get_running_loop().create_future()
-
-    async def ring_forever(call: IncomingCall) -> None:
-        await call.ringing()
-        await asyncio.wait_for(call.cancelled.wait(), 20)
-        try:
-            await call.accept(str(build_offer(MediaPreferences(), "127.0.0.1", 40000)))
-        except CallCancelled as exc:
-            outcome.set_result(exc)
-
-    ua = UserAgent("127.0.0.1", 0, on_invite=ring_forever)
+    app = RingingUntilCancelled()
+    ua = UserAgent("127.0.0.1", 0, on_invite=app)
     await ua.start()
     try:
         sipp = await run_sipp(sipps, Sipp(tmp_path, "-sf", str(SCENARIOS / "uac_cancel.xml"), f"127.0.0.1:{ua.port}"))
         await sipp.finished()
-        assert isinstance(await asyncio.wait_for(outcome, 10), CallCancelled)
+        assert isinstance(await asyncio.wait_for(app.outcome, 10), CallCancelled)
         assert ua.counts()["pending_calls"] == 0 and ua.counts()["dialogs"] == 0
     finally:
         await ua.stop()

@@ -8,6 +8,10 @@ import socket
 import time
 from pathlib import Path
 
+from sip.dialog import Dialog
+from sip.errors import CallCancelled
+from sip.sdp import MediaPreferences, answer_offer, build_offer
+from sip.ua import IncomingCall
 from tests.support.procs import REPO_ROOT, free_port
 
 SCENARIOS = REPO_ROOT / "ops" / "sipp"
@@ -117,3 +121,36 @@ class Sipp:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.kill()
             await self.proc.wait()
+
+
+class Answering:
+    """Our user agent's ``on_invite`` for sipp's calling scenarios: rings, answers every
+    call with an SDP answer built by sip.sdp, and hands out the dialogs in order."""
+
+    def __init__(self) -> None:
+        self.dialogs: asyncio.Queue[Dialog] = asyncio.Queue()
+
+    async def __call__(self, call: IncomingCall) -> None:
+        await call.ringing()
+        answer, _ = answer_offer(call.offer, MediaPreferences(), "127.0.0.1", 40000)
+        self.dialogs.put_nowait(await call.accept(str(answer)))
+
+    async def dialog(self) -> Dialog:
+        return await asyncio.wait_for(self.dialogs.get(), 20)
+
+
+class RingingUntilCancelled:
+    """Our user agent's ``on_invite`` for sipp's cancelling scenarios: rings until the
+    caller cancels, then tries to answer all the same; ``outcome`` gets the CallCancelled
+    that answer must raise."""
+
+    def __init__(self) -> None:
+        self.outcome: asyncio.Future[CallCancelled] = asyncio.get_running_loop().create_future()
+
+    async def __call__(self, call: IncomingCall) -> None:
+        await call.ringing()
+        await asyncio.wait_for(call.cancelled.wait(), 20)
+        try:
+            await call.accept(str(build_offer(MediaPreferences(), "127.0.0.1", 40000)))
+        except CallCancelled as exc:
+            self.outcome.set_result(exc)
