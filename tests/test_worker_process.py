@@ -34,11 +34,10 @@ async def wait_ready(port: int, proc: asyncio.subprocess.Process, within: float 
     raise AssertionError("the worker did not become ready")
 
 
-async def test_demo_worker_serves_and_drains_on_sigterm(tmp_path):
-    port = free_port()
-    log = tmp_path / "worker.log"
+async def start_demo_worker(tmp_path, port: int, log) -> asyncio.subprocess.Process:
+    """``--model demo`` with 2 slots and a 60 s drain grace, its log in ``log``."""
     with log.open("w") as stderr:
-        proc = await asyncio.create_subprocess_exec(
+        return await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "service.worker",
@@ -56,6 +55,22 @@ async def test_demo_worker_serves_and_drains_on_sigterm(tmp_path):
             stdout=asyncio.subprocess.DEVNULL,
             stderr=stderr,
         )
+
+
+async def sigterm_and_wait_draining(proc: asyncio.subprocess.Process, port: int) -> None:
+    proc.send_signal(signal.SIGTERM)
+    async with httpx.AsyncClient() as client:
+        for _ in range(100):
+            if (await client.get(f"http://127.0.0.1:{port}/readyz")).status_code == 503:
+                return
+            await asyncio.sleep(0.05)
+    raise AssertionError("/readyz still 200 after SIGTERM")
+
+
+async def test_demo_worker_serves_and_drains_on_sigterm(tmp_path):
+    port = free_port()
+    log = tmp_path / "worker.log"
+    proc = await start_demo_worker(tmp_path, port, log)
     try:
         await wait_ready(port, proc)
         assert (tmp_path / "cache" / "moshimoshi" / f"demo-v{TINY_VERSION}" / "config.json").exists()
@@ -68,14 +83,7 @@ async def test_demo_worker_serves_and_drains_on_sigterm(tmp_path):
                 await ws.send(frame)
             assert isinstance(await ws.recv(), bytes)
 
-            proc.send_signal(signal.SIGTERM)
-            async with httpx.AsyncClient() as client:
-                for _ in range(100):
-                    if (await client.get(f"http://127.0.0.1:{port}/readyz")).status_code == 503:
-                        break
-                    await asyncio.sleep(0.05)
-                else:
-                    raise AssertionError("/readyz still 200 after SIGTERM")
+            await sigterm_and_wait_draining(proc, port)
             async with connect(url, additional_headers=worker_headers()) as late:  # no new calls while draining
                 await late.send(start_message(call_id="after-sigterm"))
                 refused = await collect(late)
@@ -91,6 +99,28 @@ async def test_demo_worker_serves_and_drains_on_sigterm(tmp_path):
         stderr = log.read_text()
         assert status == 0, stderr
         assert "RANDOM-WEIGHT" in stderr
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_a_second_sigterm_ends_the_calls_at_once(tmp_path):
+    port = free_port()
+    log = tmp_path / "worker.log"
+    proc = await start_demo_worker(tmp_path, port, log)
+    try:
+        await wait_ready(port, proc)
+        async with connect(f"ws://127.0.0.1:{port}/v1/session", additional_headers=worker_headers()) as ws:
+            await ws.send(start_message(call_id="a-long-call"))
+            assert json.loads(await ws.recv())["type"] == "started"
+            await sigterm_and_wait_draining(proc, port)
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(collect(ws), 15)  # ended by the worker, well within the 60 s grace
+        status = await asyncio.wait_for(proc.wait(), 30)
+        stderr = log.read_text()
+        assert status == 0, stderr
+        assert "SIGTERM again: ending calls now" in stderr, stderr
     finally:
         if proc.returncode is None:
             proc.kill()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import socket
 import time
 import typing as tp
@@ -172,7 +171,8 @@ async def serve_asr(
     from service.asr.server import create_app
     from service.startup import asr_listener, listen, wait_for_redis
     from service.worker.auth import check_exposure
-    from service.worker.main import UvicornServer, announce_ready
+    from service.worker.main import UvicornServer
+    from service.worker.serving import serve_until_drained
 
     try:
         check_exposure(settings.host, settings.worker_secret, settings.insecure_no_worker_secret)
@@ -195,71 +195,29 @@ async def serve_asr(
         ws_max_size=WS_MAX_BYTES,
     )
     server = UvicornServer(config)
-    loop = asyncio.get_running_loop()
-    signals = 0
-    drains: set[asyncio.Task] = set()
 
-    def start_drain(why: str) -> None:
-        log.info("%s: draining (grace %.0f s)", why, settings.drain_grace_seconds)
-        for coroutine in (
-            runtime.drain(settings.drain_grace_seconds),
-            *((membership.drain(),) if membership is not None else ()),
-        ):
-            task = loop.create_task(coroutine)
-            drains.add(task)
-            task.add_done_callback(drains.discard)
+    def end_sessions() -> None:
+        for session in list(runtime.sessions):
+            session.shutdown()
 
-    runtime.request_drain = start_drain
+    def report_failure(error: BaseException, announce: asyncio.Task[bool]) -> None:
+        log.error("ASR worker failed: %s: %s", type(error).__name__, error)
 
-    def on_signal(sig: signal.Signals) -> None:
-        nonlocal signals
-        signals += 1
-        if signals == 1:
-            start_drain(sig.name)
-        else:
-            log.info("%s again: ending sessions now", sig.name)
-            for session in list(runtime.sessions):
-                session.shutdown()
-            task = loop.create_task(runtime.drain(0.0))
-            drains.add(task)
-            task.add_done_callback(drains.discard)
-
-    installed = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, on_signal, sig)
-            installed.append(sig)
-
-    await runtime.start()
-    if membership is not None:
-        membership.start()
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    announce = asyncio.create_task(
-        announce_ready(runtime.ready_event, lambda: runtime.error, membership), name="ready-notify"
+    return await serve_until_drained(
+        runtime,
+        membership,
+        server,
+        sock,
+        log=log,
+        what="ASR worker",
+        host=settings.host,
+        grace=settings.drain_grace_seconds,
+        begin_drain=None,
+        end_sessions=end_sessions,
+        sessions_word="sessions",
+        report_failure=report_failure,
+        on_listening=on_listening,
     )
-    log.info("ASR worker listening on %s:%d", settings.host, port)
-    if on_listening is not None:
-        on_listening(port)
-    status = 0
-    try:
-        stopped = asyncio.create_task(runtime.stopped_event.wait())
-        await asyncio.wait({serving, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        stopped.cancel()
-        if runtime.error is not None:
-            log.error("ASR worker failed: %s: %s", type(runtime.error).__name__, runtime.error)
-            status = 2
-    finally:
-        announce.cancel()
-        server.should_exit = True
-        await asyncio.gather(serving, announce, return_exceptions=True)
-        if membership is not None:
-            await membership.stop()
-        await runtime.close()
-        for sig in installed:
-            loop.remove_signal_handler(sig)
-        sock.close()
-    log.info("ASR worker stopped")
-    return status
 
 
 def run_asr(settings: AsrSettings) -> int:

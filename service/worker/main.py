@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import signal
 import socket
 import typing as tp
 
@@ -21,13 +20,14 @@ import uvicorn
 
 from service import logs, realtime
 from service.config import ConfigError
-from service.notify import notify, tell_failure
+from service.notify import tell_failure
 from service.settings import DEFAULT_MODEL, WorkerSettings
 from service.startup import Listener, listen, setting_of, wait_for_redis, worker_listener
 from service.worker.capacity import FRAME_RATE, ContextError
 from service.worker.checkpoint import CheckpointError, MoshiVersionError
 from service.worker.engine_api import Engine
 from service.worker.runtime import WorkerRuntime
+from service.worker.serving import announced_ready, serve_until_drained
 from service.worker.slots import TokenValidator
 
 log = logging.getLogger("service.worker")
@@ -209,98 +209,32 @@ async def serve_worker(
         timeout_graceful_shutdown=5,
     )
     server = UvicornServer(config)
-    loop = asyncio.get_running_loop()
-    signals = 0
-    drains: set[asyncio.Task] = set()  # referenced until done
 
-    def start_drain(why: str) -> None:
-        log.info("%s: draining (grace %.0f s)", why, settings.drain_grace_seconds)
-        runtime.begin_drain(settings.drain_grace_seconds)  # at once: the answer to POST /v1/drain says so
-        drain = loop.create_task(runtime.drain(settings.drain_grace_seconds))
-        drains.add(drain)
-        drain.add_done_callback(drains.discard)
-        if membership is not None:
-            announce = loop.create_task(membership.drain())
-            drains.add(announce)
-            announce.add_done_callback(drains.discard)
+    def end_sessions() -> None:
+        for session in list(runtime.sessions.values()):
+            session.end("shutdown")
 
-    runtime.request_drain = start_drain
+    def report_failure(error: BaseException, announce: asyncio.Task[bool]) -> None:
+        why = _describe_error(error)
+        if not tell_failure(why) or announced_ready(announce):  # else serve's last line says it
+            log.error("worker failed: %s", why)
 
-    def on_signal(sig: signal.Signals) -> None:
-        nonlocal signals
-        signals += 1
-        if signals == 1:
-            start_drain(sig.name)
-        else:
-            log.info("%s again: ending calls now", sig.name)
-            drain = loop.create_task(runtime.drain(0.0))
-            for session in list(runtime.sessions.values()):
-                session.end("shutdown")
-            drains.add(drain)
-            drain.add_done_callback(drains.discard)
-
-    installed = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, on_signal, sig)
-            installed.append(sig)
-        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
-            pass
-
-    await runtime.start()
-    if membership is not None:
-        membership.start()
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    announce = asyncio.create_task(
-        announce_ready(runtime.ready_event, lambda: runtime.error, membership), name="ready-notify"
+    return await serve_until_drained(
+        runtime,
+        membership,
+        server,
+        sock,
+        log=log,
+        what="worker",
+        host=settings.host,
+        grace=settings.drain_grace_seconds,
+        # at once: the answer to POST /v1/drain says so
+        begin_drain=lambda: runtime.begin_drain(settings.drain_grace_seconds),
+        end_sessions=end_sessions,
+        sessions_word="calls",
+        report_failure=report_failure,
+        on_listening=on_listening,
     )
-    log.info("worker listening on %s:%d", settings.host, port)
-    if on_listening is not None:
-        on_listening(port)
-    status = 0
-    try:
-        stopped = asyncio.create_task(runtime.stopped_event.wait())
-        await asyncio.wait({serving, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if runtime.error is not None:
-            why = _describe_error(runtime.error)
-            if not tell_failure(why) or announced_ready(announce):  # else serve's last line says it
-                log.error("worker failed: %s", why)
-            status = 2
-        stopped.cancel()
-    finally:
-        announce.cancel()
-        server.should_exit = True
-        await asyncio.gather(serving, announce, return_exceptions=True)
-        if membership is not None:
-            await membership.stop()
-        await runtime.close()
-        for sig in installed:
-            loop.remove_signal_handler(sig)
-        sock.close()
-    log.info("worker stopped")
-    return status
-
-
-class Registered(tp.Protocol):
-    async def wait_registered(self) -> None: ...
-
-
-async def announce_ready(
-    ready: asyncio.Event, error: tp.Callable[[], BaseException | None], membership: Registered | None
-) -> bool:
-    """Tell a supervisor (``serve``, systemd) that the worker serves: warm, and in the pool
-    when it has one (service/notify.py); True once told."""
-    await ready.wait()
-    if error() is not None:
-        return False
-    if membership is not None:
-        await membership.wait_registered()
-    notify("READY=1", "STATUS=serving")
-    return True
-
-
-def announced_ready(announce: asyncio.Task[bool]) -> bool:
-    return announce.done() and not announce.cancelled() and announce.exception() is None and announce.result()
 
 
 def _describe_error(exc: BaseException) -> str:
