@@ -49,7 +49,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 import urllib.request
@@ -61,6 +60,7 @@ sys.path.insert(0, str(REPO))
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from ops.bench.machine import StealMeter, cpu_seconds, runqueue_wait_seconds  # noqa: E402
+from ops.bench.pinned_gateway import split_cores, start_gateway  # noqa: E402
 from sip import g711  # noqa: E402
 from sip.rtp import RtpPacket  # noqa: E402
 from sip.rtpsession import PortAllocator, RtpSession  # noqa: E402
@@ -208,23 +208,8 @@ async def send_loop(calls: list[LoadCall], stop: asyncio.Event, lag: SendLag) ->
 
 async def run(args: argparse.Namespace) -> dict:
     sip_port, http_port = free_port(), free_port()
-    cores = sorted(os.sched_getaffinity(0))
-    gateway_core, load_cores = cores[0], cores[1:] or cores
-    command = [
-        sys.executable,
-        "-m",
-        "service",
-        "gateway",
-        "--worker-url",
-        "echo:",
-        "--sip-host",
-        "127.0.0.1",
-        "--sip-port",
-        str(sip_port),
-        "--http-host",
-        "127.0.0.1",
-        "--http-port",
-        str(http_port),
+    gateway_core, load_cores = split_cores()
+    gateway_args = [
         "--rtp-port-min",
         "20000",
         "--rtp-port-max",
@@ -237,16 +222,11 @@ async def run(args: argparse.Namespace) -> dict:
         "0",
     ]  # hundreds of calls from one address
     if args.srtp:
-        command += ["--srtp", "optional", "--srtp-allow-plaintext-keys"]
+        gateway_args += ["--srtp", "optional", "--srtp-allow-plaintext-keys"]
     checkout = args.gateway_checkout or REPO
-    gateway = subprocess.Popen(  # noqa: ASYNC220 - started once, before any load
-        command,
-        env=python_env(PYTHONPATH=str(checkout)),
-        cwd=checkout,
-        stdout=subprocess.DEVNULL,
-        preexec_fn=lambda: os.sched_setaffinity(0, {gateway_core}),
+    gateway = start_gateway(
+        gateway_core, sip_port, http_port, *gateway_args, env=python_env(PYTHONPATH=str(checkout)), cwd=checkout
     )
-    os.sched_setaffinity(0, set(load_cores))
     metrics_url = f"http://127.0.0.1:{http_port}/metrics"
     uri = f"sip:agent@127.0.0.1:{sip_port}"
     results = []

@@ -23,10 +23,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import ssl
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from ops.bench.machine import StealMeter, cpu_seconds  # noqa: E402
+from ops.bench.pinned_gateway import split_cores, start_gateway  # noqa: E402
 from sip.tls import client_context  # noqa: E402
 from tests.support.certs import TestCa  # noqa: E402
 from tests.support.procs import free_port, python_env, wait_for_tcp  # noqa: E402
@@ -74,21 +73,10 @@ async def measure(kind: str, args: argparse.Namespace, gateway_core: int, folder
     ca = TestCa(folder / kind)
     issued = ca.issue("bench.gateway", stem=kind, rsa_key=kind == "rsa2048")
     sip_port, http_port, tls_port = free_port(), free_port(), free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "service",
-        "gateway",
-        "--worker-url",
-        "echo:",
-        "--sip-host",
-        "127.0.0.1",
-        "--sip-port",
-        str(sip_port),
-        "--http-host",
-        "127.0.0.1",
-        "--http-port",
-        str(http_port),
+    gateway = start_gateway(
+        gateway_core,
+        sip_port,
+        http_port,
         "--sip-tls-port",
         str(tls_port),
         "--sip-tls-cert",
@@ -102,13 +90,8 @@ async def measure(kind: str, args: argparse.Namespace, gateway_core: int, folder
         "0",
         "--sip-tcp-max-per-source",
         "1000000",
-    ]
-    gateway = subprocess.Popen(  # noqa: ASYNC220 - started once, before any load
-        command,
         env=python_env(MOSHIMOSHI_API_TOKENS="bench-read-token-0123:read"),
         cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        preexec_fn=lambda: os.sched_setaffinity(0, {gateway_core}),
     )
     try:
         await asyncio.to_thread(wait_for_tcp, "127.0.0.1", http_port, 30.0, gateway)
@@ -149,9 +132,7 @@ async def measure(kind: str, args: argparse.Namespace, gateway_core: int, folder
 
 
 async def run(args: argparse.Namespace) -> dict:
-    cores = sorted(os.sched_getaffinity(0))
-    gateway_core, load_cores = cores[0], cores[1:] or cores
-    os.sched_setaffinity(0, set(load_cores))
+    gateway_core, load_cores = split_cores()
     print(
         f"gateway pinned to core {gateway_core}, clients on {load_cores}; {args.concurrency} concurrent "
         f"clients, {args.seconds:.0f} s per certificate, full handshakes{' + OPTIONS' if args.options else ''}\n"
