@@ -47,11 +47,6 @@ from sip.plc import PacketLossConcealer
 from sip.rtpsession import RtpSession
 from sip.sdp import NegotiatedMedia
 
-# A relayed packet comes from the other leg's playout tick, on the same media clock as our
-# pacer's ticks but within a millisecond or two of them either way (millisecond loop timers,
-# playout after egress): the pacer keeps this much cushion, or a packet that misses its
-# tick by a hair would wait a whole ptime and be dropped as late.
-RELAY_MARGIN_MS = 4.0
 MAX_RELAY_CATCH_UP = 8  # slots a late relay tick plays at once; beyond, the stall is skipped
 
 
@@ -284,7 +279,7 @@ class CallMedia:
             if not streaming:
                 return
             self._relay_restart = False  # the first relayed packet: the pacer follows the new stream
-            self.pacer.restart(frame_ms=self.ptime_ms, margin_ms=RELAY_MARGIN_MS)
+            self.pacer.restart(frame_ms=self.ptime_ms)
         self.packets_relayed += 1
         self._model_talking = True
         packet: np.ndarray | bytes = self._encoder.encode(pcm) if self._g711 else pcm
