@@ -339,6 +339,47 @@ async def test_media_clock_reads_sockets_between_slices_of_overdue_work():
     assert ran == ["tick-1", "read", "tick-2", "tick-3"]
 
 
+async def test_a_late_playout_tick_plays_the_frames_it_missed():
+    """A playout tick that runs more than a frame late (the loop held up ~90 ms while 25
+    calls were set up at once) used to skip the frames it missed: the model got a frame
+    fewer, and the egress pacer, which numbers frames as they come, took every later frame
+    for one 80 ms late: its cushion rose to ~85 ms for five seconds, and when the frames
+    before the gap left its window every call's egress fell silent for up to 80 ms at
+    once (traced at 300 calls). It now plays them, each slot at its own time."""
+    import asyncio
+
+    from service.gateway.media.rtp_media import CallMedia
+    from sip.rtpsession import RtpSession
+    from sip.sdp import NegotiatedMedia
+    from tests.support.udp import port_allocator
+
+    negotiated = NegotiatedMedia(
+        remote_address="127.0.0.1",
+        remote_port=9,
+        remote_rtcp_port=None,
+        codec="PCMU",
+        payload_type=0,
+        clock_rate=8000,
+        ptime=20,
+        dtmf_payload_type=None,
+        direction="sendrecv",
+    )
+    rtp = await RtpSession.open(port_allocator(), host="127.0.0.1")
+    frames: list[bytes] = []
+    media = CallMedia(rtp, negotiated, to_model=frames.append)
+    try:
+        media.start()
+        loop = asyncio.get_running_loop()
+        media._media_clock.cancel(media._playout_timer)
+        media._next_playout = loop.time() - 0.170  # due 170 ms ago: two whole frames missed
+        media._playout_tick()
+        assert len(frames) == 3
+        assert media._next_playout - loop.time() == pytest.approx(0.07, abs=0.005)  # the cadence kept
+    finally:
+        media.stop()
+        rtp.close(send_bye=False)
+
+
 async def test_calls_started_together_play_out_on_different_phases():
     """Calls set up in one burst used to start their playout ticks one period after the same
     moment: every 80 ms all of them ran back to back, the last ones milliseconds late (egress

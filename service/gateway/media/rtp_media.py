@@ -48,6 +48,7 @@ from sip.rtpsession import RtpSession
 from sip.sdp import NegotiatedMedia
 
 MAX_RELAY_CATCH_UP = 8  # slots a late relay tick plays at once; beyond, the stall is skipped
+MAX_PLAYOUT_CATCH_UP = 4  # model frames a late playout tick adds; beyond, the stall is skipped
 
 
 class CallMedia:
@@ -191,15 +192,25 @@ class CallMedia:
         now = loop.time()
         period = self._playout_slots * self.ptime_ms / 1000
         self._next_playout += period
-        if self._next_playout <= now:  # the loop stalled: keep the cadence, skip what was missed
-            self._next_playout = now + period - (now - self._next_playout) % period
+        missed = 0
+        if self._next_playout <= now:
+            # the loop was held up past whole frames: play them too (a frame the model never
+            # gets would shift every later one for the pacer), up to a limit; keep the cadence
+            behind = int((now - self._next_playout) // period) + 1
+            missed = min(behind, MAX_PLAYOUT_CATCH_UP)
+            self._next_playout += behind * period
         # ordinary work on the shared media clock: egress ticks that fall due go first
         self._playout_timer = self._media_clock.call_at(self._next_playout, self._playout_tick)
+        for frame in range(missed, -1, -1):
+            self._play_frame(now - frame * period)
+
+    def _play_frame(self, end: float) -> None:
+        """The slots of one model frame, the last of them due at ``end``, to the model."""
         step = self.ptime_ms / 1000
         pop = self.jitter.pop
         popped = []
         for slot in range(self._playout_slots - 1, -1, -1):
-            at = now - slot * step
+            at = end - slot * step
             popped.append(pop(at))
             self._after_slot(at)
         size = self.packet_samples
