@@ -107,6 +107,32 @@ def test_pauses_are_silence_exactly_over_their_span_and_the_length_is_kept():
     assert timeline.pause_spans() == [(0.8125, 2.03125)]
 
 
+def test_a_burst_laid_past_now_is_not_written_before_a_pause_that_follows_it():
+    """Chunks that come in a burst (the loop was held up) are laid end to end, so they reach
+    past the call's present. Emitted at once, the part past "now" escaped a pause that came
+    next (seen in a CI run: 214 ms of sound at the start of a paused span); the timeline
+    now writes only up to the latest call time it was told of."""
+    timeline = StereoTimeline(RATE)
+    pieces = []
+    for k in range(10):  # in time, both channels
+        timeline.add(LEFT, k * 0.08, tone(0.08))
+        timeline.add(RIGHT, k * 0.08, tone(0.08, 660))
+        timeline.reached((k + 1) * 0.08)
+        pieces.append(timeline.blocks())
+    for _ in range(3):  # a burst, all stamped at 0.8 s: laid out to 1.04 s
+        timeline.add(LEFT, 0.8, tone(0.08))
+        timeline.add(RIGHT, 0.8, tone(0.08, 660))
+    timeline.reached(0.8)
+    pieces.append(timeline.blocks())
+    timeline.pause(0.8)
+    pieces.append(timeline.finish(1.2))
+    frames = np.concatenate(pieces)
+    assert frames.shape == (round(1.2 * RATE), 2)
+    # both channels have sound up to the pause, and nothing after it
+    assert np.abs(frames[round(0.7 * RATE) : round(0.8 * RATE)]).max(axis=0).min() > 4000
+    assert not frames[round(0.8 * RATE) :].any()
+
+
 def test_finish_cuts_or_fills_to_the_calls_duration():
     timeline = StereoTimeline(RATE)
     timeline.add(LEFT, 0.0, tone(2.0))

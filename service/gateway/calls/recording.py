@@ -109,7 +109,7 @@ class CallRecording:
         batch = self._batches[channel]
         if batch.chunks:
             t, pcm, rate = batch.take()
-            self.handle.audio(channel, t, pcm, rate)
+            self.handle.audio(channel, t, pcm, rate, now=self.call.call_seconds)
 
     def _flush_all(self) -> None:
         self._flush(LEFT)

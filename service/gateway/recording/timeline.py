@@ -10,7 +10,8 @@ late for its place and is dropped (counted). So sample ``n`` of either channel i
 time ``n / rate``, within ``tolerance``, and the two channels stay aligned however their
 sources jitter.
 
-Stereo blocks go out as far as both channels reach; a channel more than ``max_skew``
+Stereo blocks go out as far as both channels reach, and no further than the call time last
+told (``reached``), so that a pause always comes before the samples past it; a channel more than ``max_skew``
 behind the other (a model that sent nothing for a while) is filled with silence up to
 there, so memory stays bounded. ``finish(duration)`` fills both to the call's duration
 and cuts anything beyond it: the recording is exactly as long as the call.
@@ -73,6 +74,7 @@ class StereoTimeline:
         self.pauses: list[list[int | None]] = []  # [start, end or None] in samples
         self.dropped_samples = 0
         self.gaps = 0
+        self.horizon: int | None = None  # the latest call time told (reached), in samples
 
     # -- input -------------------------------------------------------------------------
 
@@ -102,6 +104,12 @@ class StereoTimeline:
         ch.clock = (t if ch.clock is None else ch.clock) + seconds
         ch.append(samples)
 
+    def reached(self, now: float) -> None:
+        """The call clock has reached ``now``: :meth:`blocks` writes no further than that.
+        Chunks that came in a burst are laid end to end past the present; held back, they
+        still fall under a pause that comes next."""
+        self.horizon = max(self.horizon or 0, round(now * self.rate))
+
     def pause(self, t: float) -> None:
         """From call time ``t`` on, silence (until ``resume``)."""
         if not self.pauses or self.pauses[-1][1] is not None:
@@ -126,7 +134,10 @@ class StereoTimeline:
         for ch in self.channels:
             if ahead - ch.end > self.max_skew:
                 ch.silence(ahead - self.max_skew - ch.end)
-        return self._emit(min(left.end, right.end) - self.out)
+        reach = min(left.end, right.end)
+        if self.horizon is not None:
+            reach = min(reach, self.horizon)
+        return self._emit(reach - self.out)
 
     def finish(self, duration: float) -> np.ndarray:
         """The rest, the recording ending at exactly ``duration`` seconds of call."""

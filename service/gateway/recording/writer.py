@@ -151,11 +151,13 @@ class RecordingWriter:
             if kind == "finish":
                 self._deliver(item[3], item[4], RecordingResult(None, error=job.error))
         elif kind == "audio":
-            _, _, channel, t, rate, pcm = item
+            _, _, channel, t, rate, pcm, now = item
             samples = self._resample(job, channel, rate, pcm, t)
             before = job.timeline.dropped_samples
             job.timeline.add(channel, t, samples, len(pcm) / rate)
             job.dropped_samples += job.timeline.dropped_samples - before
+            if now is not None:
+                job.timeline.reached(now)
             self._write(job, job.timeline.blocks())
         elif kind == "pause":
             self._end_stretches(job)
@@ -265,12 +267,14 @@ class RecordingHandle:
         self.dropped_seconds = 0.0
         self._finished = False
 
-    def audio(self, channel: int, t: float, pcm: np.ndarray, rate: int) -> bool:
+    def audio(self, channel: int, t: float, pcm: np.ndarray, rate: int, now: float | None = None) -> bool:
         """``pcm`` (int16 at ``rate``; the writer owns it from now) for ``channel`` (0 caller,
-        1 agent), its first sample at call time ``t``. False when dropped (queue full)."""
+        1 agent), its first sample at call time ``t``; ``now``: the call time it is handed
+        over at (nothing past it is written before what comes next). False when dropped
+        (queue full)."""
         if self._finished:
             return False
-        if not self.writer._put(("audio", self._job, channel, t, rate, pcm), pcm.nbytes):
+        if not self.writer._put(("audio", self._job, channel, t, rate, pcm, now), pcm.nbytes):
             seconds = len(pcm) / rate
             self.dropped_seconds += seconds
             if self.writer.on_dropped is not None:
