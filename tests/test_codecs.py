@@ -19,9 +19,9 @@ from service.settings import GatewaySettings
 from sip import codecs, g722
 from sip.opus import OpusEncoder, OpusMonoDecoder, OpusParams
 from sip.rtpsession import RtpSession
-from sip.sdp import NegotiatedMedia, SessionDescription, answer_offer
+from sip.sdp import SessionDescription, answer_offer
 from tests.support.realtime import realtime_test
-from tests.support.udp import UdpPeer, port_allocator
+from tests.support.udp import UdpPeer, loopback_media, port_allocator
 
 
 def tone(freq: float, rate: int, seconds: float, level: float = 8000.0) -> np.ndarray:
@@ -161,16 +161,8 @@ async def test_call_media_sends_the_negotiated_payload_type_on_the_codecs_clock(
     rtp = await RtpSession.open(port_allocator(), host="127.0.0.1")
     peer = await UdpPeer.open()
     to_model: list[bytes] = []
-    negotiated = NegotiatedMedia(
-        remote_address="127.0.0.1",
-        remote_port=peer.address[1],
-        remote_rtcp_port=None,
-        codec=spec.name,
-        payload_type=payload_type,
-        clock_rate=spec.clock_rate,
-        ptime=ptime,
-        dtmf_payload_type=None,
-        direction="sendrecv",
+    negotiated = loopback_media(
+        peer.address[1], codec=spec.name, payload_type=payload_type, clock_rate=spec.clock_rate, ptime=ptime
     )
     rtp.update_remote("127.0.0.1", peer.address[1])
     media = CallMedia(rtp, negotiated, to_model=to_model.append)

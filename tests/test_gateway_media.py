@@ -350,20 +350,9 @@ async def test_a_late_playout_tick_plays_the_frames_it_missed():
 
     from service.gateway.media.rtp_media import CallMedia
     from sip.rtpsession import RtpSession
-    from sip.sdp import NegotiatedMedia
-    from tests.support.udp import port_allocator
+    from tests.support.udp import loopback_media, port_allocator
 
-    negotiated = NegotiatedMedia(
-        remote_address="127.0.0.1",
-        remote_port=9,
-        remote_rtcp_port=None,
-        codec="PCMU",
-        payload_type=0,
-        clock_rate=8000,
-        ptime=20,
-        dtmf_payload_type=None,
-        direction="sendrecv",
-    )
+    negotiated = loopback_media()
     rtp = await RtpSession.open(port_allocator(), host="127.0.0.1")
     frames: list[bytes] = []
     media = CallMedia(rtp, negotiated, to_model=frames.append)
@@ -389,21 +378,10 @@ async def test_calls_started_together_play_out_on_different_phases():
     from service.gateway.media.mediaclock import PHASE_RESOLUTION_S, media_clock
     from service.gateway.media.rtp_media import CallMedia
     from sip.rtpsession import RtpSession
-    from sip.sdp import NegotiatedMedia
-    from tests.support.udp import port_allocator
+    from tests.support.udp import loopback_media, port_allocator
 
     allocator = port_allocator()
-    negotiated = NegotiatedMedia(
-        remote_address="127.0.0.1",
-        remote_port=9,
-        remote_rtcp_port=None,
-        codec="PCMU",
-        payload_type=0,
-        clock_rate=8000,
-        ptime=20,
-        dtmf_payload_type=None,
-        direction="sendrecv",
-    )
+    negotiated = loopback_media()
     sessions = [await RtpSession.open(allocator, host="127.0.0.1") for _ in range(30)]
     medias = [CallMedia(rtp, negotiated, to_model=lambda frame: None) for rtp in sessions]
     try:

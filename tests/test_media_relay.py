@@ -11,9 +11,8 @@ import numpy as np
 from service.gateway.media.rtp_media import CallMedia
 from sip import codecs, g711
 from sip.rtpsession import RtpSession
-from sip.sdp import NegotiatedMedia
 from tests.support.realtime import realtime_test
-from tests.support.udp import UdpPeer, port_allocator
+from tests.support.udp import UdpPeer, loopback_media, port_allocator
 
 MODEL_HZ, PERSON_HZ, CALLER_HZ = 2000.0, 1000.0, 500.0
 
@@ -32,17 +31,7 @@ async def leg(allocator, peer: UdpPeer) -> tuple[RtpSession, CallMedia]:
     rtp = await RtpSession.open(allocator, host="127.0.0.1")
     rtp.update_remote("127.0.0.1", peer.address[1])
     rtp.trust_ip("127.0.0.1")  # what the dialer does for the person it called: media may go there at once
-    negotiated = NegotiatedMedia(
-        remote_address="127.0.0.1",
-        remote_port=peer.address[1],
-        remote_rtcp_port=None,
-        codec="PCMU",
-        payload_type=0,
-        clock_rate=8000,
-        ptime=20,
-        dtmf_payload_type=None,
-        direction="sendrecv",
-    )
+    negotiated = loopback_media(peer.address[1])
     frames: list[bytes] = []
     media = CallMedia(rtp, negotiated, to_model=frames.append)
     media.start()

@@ -7,6 +7,7 @@ import socket
 from collections.abc import Callable
 
 from sip.rtpsession import PortAllocator
+from sip.sdp import NegotiatedMedia
 from tests.support.procs import free_port
 
 
@@ -17,6 +18,23 @@ def port_allocator(pairs: int = 50) -> PortAllocator:
         base += base & 1
         if base + 2 * pairs < 65535:
             return PortAllocator(base, base + 2 * pairs - 1, start=base)
+
+
+def loopback_media(
+    remote_port: int = 9, *, codec: str = "PCMU", payload_type: int = 0, clock_rate: int = 8000, ptime: int = 20
+) -> NegotiatedMedia:
+    """What a plain sendrecv answer negotiates with a peer on 127.0.0.1 (no RTCP port, no DTMF)."""
+    return NegotiatedMedia(
+        remote_address="127.0.0.1",
+        remote_port=remote_port,
+        remote_rtcp_port=None,
+        codec=codec,
+        payload_type=payload_type,
+        clock_rate=clock_rate,
+        ptime=ptime,
+        dtmf_payload_type=None,
+        direction="sendrecv",
+    )
 
 
 class UdpPeer(asyncio.DatagramProtocol):
